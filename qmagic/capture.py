@@ -1,0 +1,129 @@
+"""Keep what a task prints and logs on the task, while it still reaches its usual place.
+
+``sys.stdout`` / ``sys.stderr`` are wrapped once (reference counted over workers) by a thin
+tee that copies writes made in a task's thread to that task, and a handler on the root
+logger copies log records emitted in a task's thread.  Outside tasks both are
+pass-through.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, TextIO
+
+from .context import _current
+
+__all__ = ["install", "uninstall"]
+
+_lock = threading.Lock()
+_users = 0
+
+
+class _TaskTee:
+    """File-like proxy: writes go to the wrapped stream and, inside a task, to the task."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._qmagic_wrapped = stream
+
+    def write(self, text: Any) -> int:
+        task = _current.get()
+        if task is not None and isinstance(text, str):
+            task._write_output(text)
+        return self._qmagic_wrapped.write(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._qmagic_wrapped, name)
+
+
+class _TaskLogHandler(logging.Handler):
+    """Copies records emitted inside a task to that task's log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        task = _current.get()
+        if task is not None:
+            try:
+                message = record.getMessage()
+                line = self.format(record) + "\n"
+            except Exception:  # noqa: BLE001 - a bad log call must not break the task
+                self.handleError(record)
+                return
+            task._add_log_record(
+                {
+                    "time": record.created,
+                    "level": record.levelname,
+                    "logger": record.name,
+                    "message": message,
+                },
+                line,
+            )
+        if self._only_handler_for(record) and logging.lastResort is not None:
+            # Adding this handler must not silence Python's last-resort stderr output.
+            if record.levelno >= logging.lastResort.level:
+                logging.lastResort.handle(record)
+
+    def _only_handler_for(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return False
+            if not logger.propagate:
+                return False
+            logger = logger.parent  # type: ignore[assignment]
+        return True
+
+
+_handler = _TaskLogHandler()
+
+
+def _wrap(name: str) -> None:
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _TaskTee):
+        setattr(sys, name, _TaskTee(stream))
+
+
+def ensure_streams() -> None:
+    """Re-wrap stdout/stderr if something replaced them since :func:`install`."""
+    if _users:
+        if not isinstance(sys.stdout, _TaskTee) or not isinstance(sys.stderr, _TaskTee):
+            with _lock:
+                if _users:
+                    _wrap("stdout")
+                    _wrap("stderr")
+
+
+def install() -> None:
+    """Start copying task output and logs (one call per worker; reference counted)."""
+    global _users
+    with _lock:
+        _users += 1
+        _wrap("stdout")
+        _wrap("stderr")
+        root = logging.getLogger()
+        if _handler not in root.handlers:
+            root.addHandler(_handler)
+
+
+def uninstall() -> None:
+    """Undo one :func:`install`; the last one restores the streams and the logger."""
+    global _users
+    with _lock:
+        if _users == 0:
+            return
+        _users -= 1
+        if _users:
+            return
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            if isinstance(stream, _TaskTee):
+                setattr(sys, name, stream._qmagic_wrapped)
+        logging.getLogger().removeHandler(_handler)

@@ -1,0 +1,69 @@
+"""What code running inside a task can ask for: the current task, progress, cancellation.
+
+Every helper is a harmless no-op outside a task, so the same measurement function works
+when called directly in a cell and when started as a tracked task.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from typing import TYPE_CHECKING
+
+from .errors import TaskCancelled
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tasks import Task
+
+__all__ = ["current_task", "report_progress", "raise_if_cancelled", "cancellable_sleep"]
+
+_current: contextvars.ContextVar[Task | None] = contextvars.ContextVar(
+    "qmagic_current_task", default=None
+)
+
+
+def current_task() -> Task | None:
+    """The :class:`qmagic.Task` whose code is running in this thread, or None."""
+    return _current.get()
+
+
+def raise_if_cancelled() -> None:
+    """Raise :class:`qmagic.TaskCancelled` if the current task was asked to stop.
+
+    Call it between steps of a long loop.  Outside a task it does nothing.
+    """
+    task = _current.get()
+    if task is not None and task._cancel_event.is_set():
+        raise TaskCancelled(task._cancel_reason)
+
+
+def report_progress(
+    value: float | None, total: float | None = None, message: str | None = None
+) -> None:
+    """Report how far the current task got (e.g. ``report_progress(i, n, "point 3 of 10")``).
+
+    Panels and subscribers see it live.  It also checks for a cancel request, raising
+    :class:`qmagic.TaskCancelled` if the task was asked to stop.  Outside a task it does
+    nothing.
+    """
+    task = _current.get()
+    if task is None:
+        return
+    from .tasks import Progress
+
+    if task._cancel_event.is_set():
+        raise TaskCancelled(task._cancel_reason)
+    task._set_progress(Progress(value, total, None if message is None else str(message)))
+
+
+def cancellable_sleep(seconds: float) -> None:
+    """Sleep ``seconds``, waking at once with :class:`qmagic.TaskCancelled` on cancel.
+
+    Outside a task it is ``time.sleep``.
+    """
+    task = _current.get()
+    if task is None:
+        time.sleep(seconds)
+        return
+    if task._cancel_event.wait(max(0.0, seconds)):
+        raise TaskCancelled(task._cancel_reason)

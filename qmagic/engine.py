@@ -1,0 +1,539 @@
+"""The task engine: runs tasks on background threads or on the foreground owner thread.
+
+It knows nothing about namespaces, protocols or IPython.  It owns
+
+- the background pool: at most ``max_background`` threads run tasks, the rest wait in a
+  FIFO as ``queued`` (bounded by ``max_queued``);
+- the foreground slot: one foreground task at a time, run inline when the caller is the
+  foreground owner thread, otherwise handed to the owner (:class:`ForegroundRunner`);
+- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``,
+  swept by a timer thread;
+- cancellation: cooperative first, escalated to an asynchronous ``TaskCancelled`` after
+  ``cancel_grace_s`` when forced.
+
+Lock order: a task's lock may be held while taking the engine lock, never the reverse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import heapq
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from contextlib import ExitStack
+from typing import Any, Callable, Iterable, Protocol
+
+from . import capture
+from .context import _current
+from .errors import RequestRefused, TaskCancelled, TaskNotFound
+from .events import EventBus
+from .tasks import Task, TaskStatus, format_exception
+
+__all__ = [
+    "Engine",
+    "ForegroundRunner",
+    "ThreadForegroundRunner",
+    "ContextHook",
+    "MSG_NOT_IDLE",
+    "MSG_KERNEL_BUSY",
+    "MIN_UID_PREFIX",
+]
+
+log = logging.getLogger("qmagic")
+
+MSG_NOT_IDLE = (
+    "Error: Failed to start the task: RE Manager must be in idle state. "
+    "Current state: 'executing_task'"
+)
+MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) is busy."
+#: Shortest uid prefix accepted by lookups (a full uid is always accepted).
+MIN_UID_PREFIX = 4
+_IDLE_THREAD_TIMEOUT_S = 30.0
+
+
+class ForegroundRunner(Protocol):
+    """Where foreground tasks run.  In a kernel: the main thread (see qmagic.extension)."""
+
+    def owns_current_thread(self) -> bool:
+        """True when called on the thread that runs foreground tasks."""
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the owner thread as soon as it is free."""
+
+    def user_busy(self) -> bool:
+        """True while a user's own code (a cell) occupies the owner thread."""
+
+    def close(self) -> None:
+        """Release the runner's resources."""
+
+
+class ThreadForegroundRunner:
+    """Foreground owner for a worker without a kernel: a thread of its own."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def owns_current_thread(self) -> bool:
+        return self._thread is not None and threading.get_ident() == self._thread.ident
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="qmagic-foreground", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(fn)
+
+    def user_busy(self) -> bool:
+        return False
+
+    def _loop(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - the owner thread must survive anything
+                log.exception("qmagic: error on the foreground thread")
+
+    def close(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(5.0)
+
+
+class ContextHook(Protocol):
+    """Carries context from the submitting thread to the thread that runs a task
+    (the kernel uses it to pin a background task's output to the cell that started it)."""
+
+    def capture(self, task: Task) -> Any:
+        """Called in the submitting thread; returns a token."""
+
+    def apply(self, task: Task, token: Any) -> Any:
+        """Called in the running thread; returns a context manager active around the call."""
+
+
+class Engine:
+    """Runs :class:`Task` objects; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        max_background: int = 32,
+        max_queued: int = 1000,
+        retention_s: float = 600.0,
+        max_finished: int = 1000,
+        output_limit: int = 100_000,
+        cancel_grace_s: float = 2.0,
+        foreground: ForegroundRunner | None = None,
+    ) -> None:
+        self.max_background = max_background
+        self.max_queued = max_queued
+        self.retention_s = retention_s
+        self.max_finished = max_finished
+        self.output_limit = output_limit
+        self.cancel_grace_s = cancel_grace_s
+        self.foreground: ForegroundRunner = foreground or ThreadForegroundRunner()
+        self.context_hooks: list[ContextHook] = []
+        self.bus = EventBus()
+        self.bus.engine = self
+        #: Changes every time a task finishes (queueserver's task_results_uid).
+        self.results_uid = str(uuid.uuid4())
+        #: Called with each task when it is dropped from memory (retention).
+        self.on_expire: Callable[[Task], None] | None = None
+
+        self._lock = threading.Condition(threading.Lock())
+        self._tasks: dict[str, Task] = {}
+        self._finished: OrderedDict[str, Task] = OrderedDict()
+        self._queue: deque[Task] = deque()
+        self._threads = 0
+        self._idle = 0
+        self._running_bg = 0
+        self._fg: Task | None = None
+        self._fg_handed_over = False
+        self._last: Task | None = None
+        self._closed = False
+
+        self._timer_heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._timer_cond = threading.Condition(threading.Lock())
+        self._timer_thread: threading.Thread | None = None
+        self._sweep_at: float | None = None
+        capture.install()
+
+    # -- creating and starting tasks --------------------------------------------------------
+    def new_task(self, call: Callable[[], Any], *, name: str, **fields: Any) -> Task:
+        """A queued Task attached to this engine (not started)."""
+        return Task(
+            uid=str(uuid.uuid4()),
+            name=name,
+            call=call,
+            output_limit=self.output_limit,
+            bus=self.bus,
+            **fields,
+        )
+
+    def start(self, task: Task) -> Task:
+        """Start ``task`` in the background or foreground (per ``task.background``).
+
+        Refusals raise :class:`RequestRefused` and leave no trace.  A foreground task
+        started on the owner thread has finished when this returns.
+        """
+        tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
+        task._hook_tokens = tokens  # type: ignore[attr-defined]
+        if task.background:
+            self._start_background(task)
+        else:
+            self._start_foreground(task)
+        return task
+
+    def _start_background(self, task: Task) -> None:
+        with self._lock:
+            self._check_open()
+            if len(self._queue) >= self.max_queued:
+                raise RequestRefused(
+                    f"Error: Failed to start the task: {len(self._queue)} background tasks are "
+                    f"already waiting to start (QMagic.max_queued_tasks = {self.max_queued}). "
+                    "Wait for some to finish or cancel queued tasks, then try again."
+                )
+            self._tasks[task.uid] = task
+            self._last = task
+            self.bus.emit(task, status="queued")
+            self._queue.append(task)
+            if self._idle >= len(self._queue):
+                self._lock.notify()
+            elif self._threads < self.max_background:
+                self._threads += 1
+                threading.Thread(
+                    target=self._worker_loop, name="qmagic-task", daemon=True
+                ).start()
+
+    def _start_foreground(self, task: Task) -> None:
+        owner = self.foreground.owns_current_thread()
+        with self._lock:
+            self._check_open()
+            if self._fg is not None:
+                raise RequestRefused(MSG_NOT_IDLE)
+            if not owner and self.foreground.user_busy():
+                raise RequestRefused(MSG_KERNEL_BUSY)
+            self._fg = task
+            self._fg_handed_over = not owner
+            self._tasks[task.uid] = task
+            self._last = task
+            self.bus.emit(task, status="queued")
+        if owner:
+            self._run(task, self._end_foreground)
+        else:
+            try:
+                self.foreground.call_soon(lambda: self._run(task, self._end_foreground))
+            except BaseException as exc:
+                self._fail_unstarted(task, exc)
+                raise
+
+    def _fail_unstarted(self, task: Task, exc: BaseException) -> None:
+        with task._lock:
+            if not task.done():
+                self._end_foreground(task)
+                task._finish_locked(TaskStatus.FAILED, exc=exc, tb=format_exception(exc))
+        task._after_finish()
+
+    def _end_foreground(self, task: Task) -> None:
+        with self._lock:
+            if self._fg is task:
+                self._fg = None
+                self._fg_handed_over = False
+
+    def _end_background(self, task: Task) -> None:
+        with self._lock:
+            self._running_bg -= 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RequestRefused(
+                "Error: Failed to start the task: the qmagic worker was closed "
+                "(extension unloaded). Load it again with %load_ext qmagic."
+            )
+
+    def _worker_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    if self._closed:
+                        self._threads -= 1
+                        return
+                    self._idle += 1
+                    woke = self._lock.wait(_IDLE_THREAD_TIMEOUT_S)
+                    self._idle -= 1
+                    if not woke and not self._queue:
+                        self._threads -= 1
+                        return
+                task = self._queue.popleft()
+                self._running_bg += 1
+            try:
+                self._run(task, self._end_background)
+            except BaseException:  # noqa: BLE001 - e.g. a forced cancel landing late
+                log.debug("qmagic: stray exception after a task ended", exc_info=True)
+
+    # -- running ---------------------------------------------------------------------------------
+    def _run(self, task: Task, on_end: Callable[[Task], None]) -> None:
+        """Run one task in the current thread and record its outcome, whatever happens."""
+        with task._lock:
+            if task.status is not TaskStatus.QUEUED:  # cancelled while waiting
+                on_end(task)
+                return
+            task._transition(
+                TaskStatus.RUNNING, started_at=time.time(), _thread_ident=threading.get_ident()
+            )
+            task._in_user_code = True
+            self.bus.emit(task, status="running")
+        capture.ensure_streams()
+        outcome: BaseException | None = None
+        result: Any = None
+        token = _current.set(task)
+        try:
+            try:
+                with ExitStack() as stack:
+                    for hook, hook_token in getattr(task, "_hook_tokens", ()):
+                        stack.enter_context(hook.apply(task, hook_token))
+                    if task._cancel_event.is_set():
+                        raise TaskCancelled(task._cancel_reason)
+                    result = task._call()
+            finally:
+                with task._lock:
+                    task._in_user_code = False
+        except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
+            outcome = exc
+        finally:
+            _current.reset(token)
+        while True:  # an interrupt landing in the bookkeeping must not lose the record
+            try:
+                self._record(task, result, outcome, on_end)
+                return
+            except KeyboardInterrupt:
+                continue
+
+    def _record(
+        self, task: Task, result: Any, outcome: BaseException | None, on_end: Callable
+    ) -> None:
+        if task.done():
+            return
+        if outcome is None and task.strict_json:
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError, OverflowError) as exc:
+                outcome = ValueError(f"Task result can not be serialized as JSON: {exc}")
+                outcome.__cause__ = exc
+        if outcome is None:
+            status, tb = TaskStatus.COMPLETED, None
+        elif isinstance(outcome, (TaskCancelled, KeyboardInterrupt)):
+            status, tb = TaskStatus.CANCELLED, format_exception(outcome)
+        else:
+            status, tb = TaskStatus.FAILED, format_exception(outcome)
+        on_end(task)
+        with task._lock:
+            task._finish_locked(status, result=result if outcome is None else None, exc=outcome, tb=tb)
+        task._after_finish()
+
+    def _task_finished(self, task: Task) -> None:
+        """Called once per task after its final transition (see Task._after_finish)."""
+        expired: list[Task] = []
+        with self._lock:
+            self.results_uid = str(uuid.uuid4())
+            if task.background and task.started_at is None and task in self._queue:
+                self._queue.remove(task)  # cancelled while queued
+            if self._tasks.get(task.uid) is task:
+                self._finished[task.uid] = task
+                while len(self._finished) > self.max_finished:
+                    _, old = self._finished.popitem(last=False)
+                    self._tasks.pop(old.uid, None)
+                    expired.append(old)
+            schedule = self._sweep_at is None
+            if schedule:
+                self._sweep_at = (task.finished_at or time.time()) + self.retention_s
+        if schedule:
+            self._schedule(self._sweep_at - time.time(), self._sweep)
+        self._notify_expired(expired)
+
+    def _sweep(self) -> None:
+        now = time.time()
+        expired: list[Task] = []
+        with self._lock:
+            while self._finished:
+                uid, task = next(iter(self._finished.items()))
+                if (task.finished_at or 0) + self.retention_s > now:
+                    break
+                self._finished.popitem(last=False)
+                self._tasks.pop(uid, None)
+                expired.append(task)
+            self._sweep_at = None
+            if self._finished:
+                first = next(iter(self._finished.values()))
+                self._sweep_at = (first.finished_at or now) + self.retention_s
+        if self._sweep_at is not None:
+            self._schedule(self._sweep_at - now, self._sweep)
+        self._notify_expired(expired)
+
+    def _notify_expired(self, expired: Iterable[Task]) -> None:
+        if self.on_expire is not None:
+            for task in expired:
+                try:
+                    self.on_expire(task)
+                except Exception:  # noqa: BLE001
+                    log.exception("qmagic: on_expire hook failed")
+
+    # -- cancellation -----------------------------------------------------------------------------
+    def cancel_task(self, task: Task, *, force: bool = False, reason: str | None = None) -> bool:
+        """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
+        status = task._request_cancel(reason or "Task was cancelled")
+        if status is None:
+            return False
+        if force and status is TaskStatus.RUNNING:
+            self._schedule(self.cancel_grace_s, lambda: self._force_stop(task))
+        return True
+
+    def _force_stop(self, task: Task) -> None:
+        with task._lock:
+            if task.status is not TaskStatus.RUNNING or not task._in_user_code:
+                return
+            ident = task._thread_ident
+            if ident is None:
+                return
+            log.warning(
+                "qmagic: task %s (%s) did not stop within %.1f s; raising TaskCancelled in its thread",
+                task.uid,
+                task.name,
+                self.cancel_grace_s,
+            )
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(ident), ctypes.py_object(TaskCancelled)
+            )
+
+    # -- timer thread -------------------------------------------------------------------------------
+    def _schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        with self._timer_cond:
+            if self._closed and self._timer_thread is None:
+                return
+            heapq.heappush(self._timer_heap, (time.monotonic() + max(0.0, delay), next(self._timer_seq), fn))
+            if self._timer_thread is None:
+                self._timer_thread = threading.Thread(
+                    target=self._timer_loop, name="qmagic-timer", daemon=True
+                )
+                self._timer_thread.start()
+            self._timer_cond.notify()
+
+    def _timer_loop(self) -> None:
+        while True:
+            with self._timer_cond:
+                while True:
+                    if self._closed:
+                        return
+                    if self._timer_heap:
+                        wait = self._timer_heap[0][0] - time.monotonic()
+                        if wait <= 0:
+                            _, _, fn = heapq.heappop(self._timer_heap)
+                            break
+                        self._timer_cond.wait(wait)
+                    else:
+                        self._timer_cond.wait()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001
+                log.exception("qmagic: timer callback failed")
+
+    # -- lookups ----------------------------------------------------------------------------------
+    def find(self, uid_or_prefix: str) -> Task:
+        """The task with this uid, or with this unique uid prefix (at least 4 characters)."""
+        if not isinstance(uid_or_prefix, str) or not uid_or_prefix:
+            raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.")
+        with self._lock:
+            task = self._tasks.get(uid_or_prefix)
+            if task is not None:
+                return task
+            if len(uid_or_prefix) < MIN_UID_PREFIX:
+                raise TaskNotFound(
+                    f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
+                    f"{MIN_UID_PREFIX} characters of the uid (see %tasks)."
+                )
+            matches = [t for uid, t in self._tasks.items() if uid.startswith(uid_or_prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise TaskNotFound(
+                f"No task with uid {uid_or_prefix!r}: it never existed here or was removed "
+                f"{self.retention_s:.0f} s after it finished (see %tasks --history)."
+            )
+        raise TaskNotFound(
+            f"Task uid prefix {uid_or_prefix!r} matches {len(matches)} tasks; give more characters."
+        )
+
+    def tasks(self) -> list[Task]:
+        """Every task in memory, oldest submission first."""
+        with self._lock:
+            items = list(self._tasks.values())
+        items.sort(key=lambda t: t.submitted_at)
+        return items
+
+    @property
+    def last_task(self) -> Task | None:
+        """The most recently started task still in memory."""
+        with self._lock:
+            last = self._last
+            return last if last is not None and last.uid in self._tasks else None
+
+    def counts(self) -> dict[str, Any]:
+        """Snapshot for the status reply."""
+        with self._lock:
+            return {
+                "running_background": self._running_bg,
+                "queued_background": len(self._queue),
+                "foreground": self._fg,
+                "foreground_handed_over": self._fg_handed_over,
+                "results_uid": self.results_uid,
+                "finished": len(self._finished),
+            }
+
+    def clear_finished(self) -> int:
+        """Forget every finished task kept in memory; returns how many."""
+        with self._lock:
+            removed = list(self._finished.values())
+            self._finished.clear()
+            for task in removed:
+                self._tasks.pop(task.uid, None)
+        self._notify_expired(removed)
+        return len(removed)
+
+    # -- shutdown -----------------------------------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel queued tasks, ask running ones to stop (forcing after the grace time),
+        stop every thread.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            queued = list(self._queue)
+            running = [t for t in self._tasks.values() if t.status is TaskStatus.RUNNING]
+        reason = "Task was cancelled: the qmagic worker was closed"
+        for task in queued + running:
+            self.cancel_task(task, force=True, reason=reason)
+        deadline = time.monotonic() + timeout
+        for task in running:
+            task.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        with self._timer_cond:
+            self._timer_cond.notify_all()
+        self.bus.close()
+        self.foreground.close()
+        capture.uninstall()

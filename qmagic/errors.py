@@ -1,0 +1,79 @@
+"""Every exception qmagic raises, in one place.
+
+Each error derives from :class:`QMagicError` and from the builtin it behaves like, so
+``except KeyError`` keeps working for a task that is not found.  Messages say what happened
+and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "QMagicError",
+    "TaskNotFound",
+    "RequestRefused",
+    "LockRefused",
+    "PermissionRefused",
+    "PermissionsFormatError",
+    "InvalidTransition",
+    "StateFileError",
+    "TaskCancelled",
+]
+
+
+class QMagicError(Exception):
+    """Base class of qmagic's errors; ``str(err)`` is the message meant for the user."""
+
+    def __str__(self) -> str:  # KeyError would otherwise show the message in quotes
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class TaskNotFound(QMagicError, KeyError):
+    """No task has this uid (or unique uid prefix): unknown, ambiguous or expired."""
+
+
+class RequestRefused(QMagicError, RuntimeError):
+    """A request was refused before anything was changed.
+
+    ``str(err)`` is the queueserver protocol's ``msg`` for the refusal, so the same text
+    reaches a notebook user, a Python caller and a remote client.
+    """
+
+
+class LockRefused(RequestRefused, PermissionError):
+    """The environment or queue is locked and the request did not present the right key."""
+
+
+class PermissionRefused(RequestRefused, PermissionError):
+    """The user group may not call this function (or the group/user is not valid)."""
+
+
+class PermissionsFormatError(QMagicError, ValueError):
+    """User group permission rules (a dict or a YAML file) are malformed.
+
+    The message names the file (if any) and the place in the rules, e.g.
+    ``user_groups.primary.allowed_functions[2]: invalid regular expression ...``;
+    fix that entry and load the rules again.
+    """
+
+
+class InvalidTransition(QMagicError, RuntimeError):
+    """A task was asked to move between two statuses that the transition table forbids."""
+
+
+class StateFileError(QMagicError, OSError):
+    """A persistent state file (lock, journal) is unreadable or corrupt."""
+
+
+class TaskCancelled(BaseException):
+    """Raised inside a task to stop it after a cancel request.
+
+    It derives from ``BaseException`` (like ``KeyboardInterrupt``) so that an
+    ``except Exception`` block in a measurement loop does not swallow the cancel.
+    Catch it only to clean up, then re-raise.
+    """
+
+    def __init__(self, message: str = "Task was cancelled") -> None:
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "Task was cancelled"
