@@ -134,6 +134,18 @@ class QMagic(Configurable):
             )
         return proposal["value"]
 
+    @validate("user_group_permissions")
+    def _check_permissions(self, proposal):
+        value = proposal["value"]
+        if value:
+            from .permissions import Permissions
+
+            try:
+                Permissions(value)
+            except ValueError as exc:
+                raise TraitError(f"Invalid user_group_permissions: {exc}") from None
+        return value
+
     @validate("cancel_grace_s")
     def _check_grace(self, proposal):
         if proposal["value"] < 0:

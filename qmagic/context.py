@@ -33,7 +33,7 @@ def raise_if_cancelled() -> None:
     Call it between steps of a long loop.  Outside a task it does nothing.
     """
     task = _current.get()
-    if task is not None and task._cancel_event.is_set():
+    if task is not None and task._cancel_requested:
         raise TaskCancelled(task._cancel_reason)
 
 
@@ -51,7 +51,7 @@ def report_progress(
         return
     from .tasks import Progress
 
-    if task._cancel_event.is_set():
+    if task._cancel_requested:
         raise TaskCancelled(task._cancel_reason)
     task._set_progress(Progress(value, total, None if message is None else str(message)))
 
@@ -65,5 +65,5 @@ def cancellable_sleep(seconds: float) -> None:
     if task is None:
         time.sleep(seconds)
         return
-    if task._cancel_event.wait(max(0.0, seconds)):
+    if task._wait_cancel(max(0.0, seconds)):
         raise TaskCancelled(task._cancel_reason)

@@ -21,11 +21,13 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import queue
+import random
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Protocol
 
@@ -55,6 +57,17 @@ MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) i
 #: Shortest uid prefix accepted by lookups (a full uid is always accepted).
 MIN_UID_PREFIX = 4
 _IDLE_THREAD_TIMEOUT_S = 30.0
+_uid_random = random.Random(os.urandom(32))
+
+
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & (1 << 128) - 1
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
+def _new_uid() -> str:
+    """A random version-4 UUID string, without a system call per uid (os.urandom seeds)."""
+    h = "%032x" % (_uid_random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ForegroundRunner(Protocol):
@@ -150,14 +163,17 @@ class Engine:
         self.bus = EventBus()
         self.bus.engine = self
         #: Changes every time a task finishes (queueserver's task_results_uid).
-        self.results_uid = str(uuid.uuid4())
+        self._uid_prefix = str(uuid.uuid4())
+        self._results_seq = itertools.count(1)
+        self.results_uid = f"{self._uid_prefix}-0"
         #: Called with each task when it is dropped from memory (retention).
         self.on_expire: Callable[[Task], None] | None = None
 
-        self._lock = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
         self._finished: OrderedDict[str, Task] = OrderedDict()
-        self._queue: deque[Task] = deque()
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0
         self._threads = 0
         self._idle = 0
         self._running_bg = 0
@@ -177,7 +193,7 @@ class Engine:
     def new_task(self, call: Callable[[], Any], *, name: str, **fields: Any) -> Task:
         """A queued Task attached to this engine (not started)."""
         return Task(
-            uid=str(uuid.uuid4()),
+            uid=_new_uid(),
             name=name,
             call=call,
             output_limit=self.output_limit,
@@ -191,8 +207,8 @@ class Engine:
         Refusals raise :class:`RequestRefused` and leave no trace.  A foreground task
         started on the owner thread has finished when this returns.
         """
-        tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
-        task._hook_tokens = tokens  # type: ignore[attr-defined]
+        if self.context_hooks:
+            task._hook_tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
         if task.background:
             self._start_background(task)
         else:
@@ -202,23 +218,25 @@ class Engine:
     def _start_background(self, task: Task) -> None:
         with self._lock:
             self._check_open()
-            if len(self._queue) >= self.max_queued:
+            # Tasks already handed to a free thread do not count as waiting.
+            waiting = max(0, self._queued + self._running_bg - self.max_background)
+            if waiting >= self.max_queued:
                 raise RequestRefused(
-                    f"Error: Failed to start the task: {len(self._queue)} background tasks are "
+                    f"Error: Failed to start the task: {waiting} background tasks are "
                     f"already waiting to start (QMagic.max_queued_tasks = {self.max_queued}). "
                     "Wait for some to finish or cancel queued tasks, then try again."
                 )
             self._tasks[task.uid] = task
             self._last = task
+            self._queued += 1
+            task._in_queue = True
             self.bus.emit(task, status="queued")
-            self._queue.append(task)
-            if self._idle >= len(self._queue):
-                self._lock.notify()
+            if self._idle > 0:
+                self._idle -= 1  # reserve an idle thread: it will take this task
             elif self._threads < self.max_background:
                 self._threads += 1
-                threading.Thread(
-                    target=self._worker_loop, name="qmagic-task", daemon=True
-                ).start()
+                threading.Thread(target=self._worker_loop, name="qmagic-task", daemon=True).start()
+            self._pending.put(task)
 
     def _start_foreground(self, task: Task) -> None:
         owner = self.foreground.owns_current_thread()
@@ -243,7 +261,7 @@ class Engine:
                 raise
 
     def _fail_unstarted(self, task: Task, exc: BaseException) -> None:
-        with task._lock:
+        with task._mutex:
             if not task.done():
                 self._end_foreground(task)
                 task._finish_locked(TaskStatus.FAILED, exc=exc, tb=format_exception(exc))
@@ -258,6 +276,7 @@ class Engine:
     def _end_background(self, task: Task) -> None:
         with self._lock:
             self._running_bg -= 1
+            self._idle += 1  # this thread goes back to waiting for work
 
     def _check_open(self) -> None:
         if self._closed:
@@ -267,19 +286,25 @@ class Engine:
             )
 
     def _worker_loop(self) -> None:
+        get = self._pending.get
         while True:
+            try:
+                task = get(timeout=_IDLE_THREAD_TIMEOUT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody reserved this thread: let it go
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            if task is None:  # close()
+                return
             with self._lock:
-                while not self._queue:
-                    if self._closed:
-                        self._threads -= 1
-                        return
+                if not task._in_queue:  # cancelled while it waited: already uncounted
                     self._idle += 1
-                    woke = self._lock.wait(_IDLE_THREAD_TIMEOUT_S)
-                    self._idle -= 1
-                    if not woke and not self._queue:
-                        self._threads -= 1
-                        return
-                task = self._queue.popleft()
+                    continue
+                task._in_queue = False
+                self._queued -= 1
                 self._running_bg += 1
             try:
                 self._run(task, self._end_background)
@@ -289,7 +314,7 @@ class Engine:
     # -- running ---------------------------------------------------------------------------------
     def _run(self, task: Task, on_end: Callable[[Task], None]) -> None:
         """Run one task in the current thread and record its outcome, whatever happens."""
-        with task._lock:
+        with task._mutex:
             if task.status is not TaskStatus.QUEUED:  # cancelled while waiting
                 on_end(task)
                 return
@@ -304,14 +329,17 @@ class Engine:
         token = _current.set(task)
         try:
             try:
-                with ExitStack() as stack:
-                    for hook, hook_token in getattr(task, "_hook_tokens", ()):
-                        stack.enter_context(hook.apply(task, hook_token))
-                    if task._cancel_event.is_set():
-                        raise TaskCancelled(task._cancel_reason)
+                if task._cancel_requested:
+                    raise TaskCancelled(task._cancel_reason)
+                if task._hook_tokens:
+                    with ExitStack() as stack:
+                        for hook, hook_token in task._hook_tokens:
+                            stack.enter_context(hook.apply(task, hook_token))
+                        result = task._call()
+                else:
                     result = task._call()
             finally:
-                with task._lock:
+                with task._mutex:
                     task._in_user_code = False
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
             outcome = exc
@@ -342,7 +370,7 @@ class Engine:
         else:
             status, tb = TaskStatus.FAILED, format_exception(outcome)
         on_end(task)
-        with task._lock:
+        with task._mutex:
             task._finish_locked(status, result=result if outcome is None else None, exc=outcome, tb=tb)
         task._after_finish()
 
@@ -350,9 +378,10 @@ class Engine:
         """Called once per task after its final transition (see Task._after_finish)."""
         expired: list[Task] = []
         with self._lock:
-            self.results_uid = str(uuid.uuid4())
-            if task.background and task.started_at is None and task in self._queue:
-                self._queue.remove(task)  # cancelled while queued
+            self.results_uid = f"{self._uid_prefix}-{next(self._results_seq)}"
+            if task._in_queue:  # cancelled while queued: no longer waiting
+                task._in_queue = False
+                self._queued -= 1
             if self._tasks.get(task.uid) is task:
                 self._finished[task.uid] = task
                 while len(self._finished) > self.max_finished:
@@ -404,7 +433,7 @@ class Engine:
         return True
 
     def _force_stop(self, task: Task) -> None:
-        with task._lock:
+        with task._mutex:
             if task.status is not TaskStatus.RUNNING or not task._in_user_code:
                 return
             ident = task._thread_ident
@@ -497,7 +526,7 @@ class Engine:
         with self._lock:
             return {
                 "running_background": self._running_bg,
-                "queued_background": len(self._queue),
+                "queued_background": self._queued,
                 "foreground": self._fg,
                 "foreground_handed_over": self._fg_handed_over,
                 "results_uid": self.results_uid,
@@ -521,7 +550,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 return
-            queued = list(self._queue)
+            queued = [t for t in self._tasks.values() if t.status is TaskStatus.QUEUED]
             running = [t for t in self._tasks.values() if t.status is TaskStatus.RUNNING]
         reason = "Task was cancelled: the qmagic worker was closed"
         for task in queued + running:
@@ -531,7 +560,9 @@ class Engine:
             task.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
+            threads = self._threads
+        for _ in range(threads):
+            self._pending.put(None)
         with self._timer_cond:
             self._timer_cond.notify_all()
         self.bus.close()

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidTransition",
     "StateFileError",
     "TaskCancelled",
+    "ControlChannelError",
 ]
 
 
@@ -62,6 +63,13 @@ class InvalidTransition(QMagicError, RuntimeError):
 
 class StateFileError(QMagicError, OSError):
     """A persistent state file (lock, journal) is unreadable or corrupt."""
+
+
+class ControlChannelError(QMagicError, RuntimeError):
+    """The remote control channel could not start (address in use or invalid, bad CurveZMQ key).
+
+    The message names the address or the setting to fix; nothing was left running.
+    """
 
 
 class TaskCancelled(BaseException):

@@ -98,8 +98,8 @@ class EventBus:
         _check_callback(callback)
         sub = Subscription(self, callback, task)
         self._ensure_thread()
-        with task._lock:
-            task._subscribers = task._subscribers + [sub]
+        with task._mutex:
+            task._subscribers = task._subscribers + (sub,)
             status = task.status
             if status.finished:
                 if status.value == "completed":
@@ -121,8 +121,8 @@ class EventBus:
             with self._lock:
                 self._global = tuple(s for s in self._global if s is not sub)
         else:
-            with sub.task._lock:
-                sub.task._subscribers = [s for s in sub.task._subscribers if s is not sub]
+            with sub.task._mutex:
+                sub.task._subscribers = tuple(s for s in sub.task._subscribers if s is not sub)
 
     # -- emitting (called with the task's lock held) ---------------------------------------
     def emit(self, task: Task, **event: Any) -> None:
@@ -156,7 +156,7 @@ class EventBus:
                     return
                 event.set()  # a flush marker
                 continue
-            subs = (only,) if only is not None else self._global + tuple(task._subscribers)
+            subs = (only,) if only is not None else self._global + task._subscribers
             for sub in subs:
                 if not sub.active:
                     continue

@@ -141,8 +141,8 @@ class Task:
     ) -> None:
         self.uid = uid
         self.name = name
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
+        self.args = args if type(args) is tuple else tuple(args)
+        self.kwargs = kwargs if type(kwargs) is dict else dict(kwargs or {})
         self.user = user
         self.user_group = user_group
         self.background = background
@@ -150,30 +150,34 @@ class Task:
         self.kind = kind
         self.strict_json = strict_json
         self.submitted_at: float = time.time()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        #: For script tasks: the names the script added, changed and removed.
-        self.namespace_changes: dict[str, list[str]] | None = None
-
         self._call = call
-        self._lock = threading.Condition(threading.Lock())
-        self._status = TaskStatus.QUEUED
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._traceback: str | None = None
-        self._progress: Progress | None = None
-        self._output = _TextBuffer(output_limit)
-        self._log = _TextBuffer(output_limit)
-        self._log_records: deque[dict] = deque(maxlen=1000)
-        self._cancel_event = threading.Event()
-        self._cancel_reason = "Task was cancelled"
-        self._force_deadline: float | None = None
-        self._thread_ident: int | None = None
-        self._in_user_code = False
-        self._done_callbacks: list[Callable[[Task], Any]] = []
+        self._mutex = threading.Lock()  # the task's one lock
+        self._output_limit = output_limit
         self._bus = bus
-        self._subscribers: list[Subscription] = []
-        self._json_checked: tuple[bool, str] | None = None
+
+    # Defaults shared by every task until a task sets its own (keeps creation cheap).
+    started_at: float | None = None
+    finished_at: float | None = None
+    #: For script tasks: the names the script added, changed and removed.
+    namespace_changes: dict[str, list[str]] | None = None
+    _cond_: threading.Condition | None = None  # waits on _mutex; made on first use
+    _status = TaskStatus.QUEUED
+    _result: Any = None
+    _exception: BaseException | None = None
+    _traceback: str | None = None
+    _progress: Progress | None = None
+    _output: _TextBuffer | None = None  # created on first write
+    _log: _TextBuffer | None = None
+    _log_records: deque[dict] | None = None
+    _cancel_requested = False
+    _cancel_reason = "Task was cancelled"
+    _thread_ident: int | None = None
+    _in_queue = False
+    _hook_tokens: list | None = None
+    _in_user_code = False
+    _done_callbacks: tuple[Callable[[Task], Any], ...] = ()
+    _subscribers: tuple[Subscription, ...] = ()
+    _json_checked: tuple[bool, str] | None = None
 
     # -- read-only views ---------------------------------------------------------------
     @property
@@ -202,25 +206,25 @@ class Task:
     @property
     def output(self) -> str:
         """Text the task printed (stdout and stderr), newest ``task_output_limit`` characters."""
-        with self._lock:
-            return self._output.getvalue()
+        with self._mutex:
+            return self._output.getvalue() if self._output is not None else ""
 
     @property
     def log(self) -> list[dict]:
         """Logging records emitted while the task ran: dicts with time, level, logger, message."""
-        with self._lock:
-            return list(self._log_records)
+        with self._mutex:
+            return list(self._log_records or ())
 
     @property
     def log_text(self) -> str:
         """The captured log records as text (bounded like ``output``)."""
-        with self._lock:
-            return self._log.getvalue()
+        with self._mutex:
+            return self._log.getvalue() if self._log is not None else ""
 
     @property
     def cancel_requested(self) -> bool:
         """True once ``cancel()`` was called (the task may still be finishing)."""
-        return self._cancel_event.is_set()
+        return self._cancel_requested
 
     # -- Future API ----------------------------------------------------------------------
     def done(self) -> bool:
@@ -237,8 +241,10 @@ class Task:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the task finishes or ``timeout`` seconds pass; True if it finished."""
-        with self._lock:
-            return self._lock.wait_for(self.done, timeout)
+        if self._status.finished:
+            return True
+        with self._mutex:
+            return self._condition().wait_for(self.done, timeout)
 
     def result(self, timeout: float | None = None) -> Any:
         """Return the function's return value, waiting up to ``timeout`` seconds.
@@ -271,9 +277,9 @@ class Task:
         Like ``Future.add_done_callback``: it runs in the thread that finished the task;
         an exception in ``fn`` is logged and ignored.
         """
-        with self._lock:
+        with self._mutex:
             if not self.done():
-                self._done_callbacks.append(fn)
+                self._done_callbacks = self._done_callbacks + (fn,)
                 return
         _call_logged(fn, self)
 
@@ -307,7 +313,7 @@ class Task:
     # -- plain data ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly snapshot (the result and exception are given as repr/text)."""
-        with self._lock:
+        with self._mutex:
             progress = self._progress._asdict() if self._progress is not None else None
             return {
                 "uid": self.uid,
@@ -331,12 +337,21 @@ class Task:
                 "namespace_changes": self.namespace_changes,
             }
 
+    def call_text(self, width: int = 60) -> str:
+        """``name(arg, ..., key=value)`` shortened to about ``width`` characters."""
+        parts = [_short_repr(a) for a in self.args]
+        parts += [f"{k}={_short_repr(v)}" for k, v in self.kwargs.items()]
+        text = f"{self.name}({', '.join(parts)})"
+        return text if len(text) <= width else text[: width - 4] + "...)"
+
     def __repr__(self) -> str:
-        return f"<Task {self.uid[:8]} {self.name} {self._status.value}>"
+        # Deterministic (no uid, no times): notebooks compare it with nbval.
+        where = "background" if self.background else "foreground"
+        return f"<Task {self.call_text()} {where} {self._status.value}>"
 
     # -- engine side (private) -------------------------------------------------------------
     def _transition(self, new: TaskStatus, **fields: Any) -> None:
-        """Change status (caller holds ``self._lock``); raises InvalidTransition if forbidden."""
+        """Change status (caller holds ``self._mutex``); raises InvalidTransition if forbidden."""
         if new not in TRANSITIONS[self._status]:
             raise InvalidTransition(
                 f"Task {self.uid} cannot go from {self._status.value} to {new.value}."
@@ -345,17 +360,18 @@ class Task:
             setattr(self, key, value)
         self._status = new
         if new.finished:
-            self._lock.notify_all()
+            self._notify()
 
     def _request_cancel(self, reason: str) -> TaskStatus | None:
         """Set the cancel flag; cancel a queued task at once.  Returns the status seen,
         or None if the task had already finished."""
-        with self._lock:
+        with self._mutex:
             if self.done():
                 return None
-            if not self._cancel_event.is_set():
+            if not self._cancel_requested:
                 self._cancel_reason = reason
-                self._cancel_event.set()
+                self._cancel_requested = True
+                self._notify()  # wakes cancellable_sleep
             status = self._status
             if status is TaskStatus.QUEUED:
                 self._finish_locked(TaskStatus.CANCELLED, exc=TaskCancelled(reason), tb=None)
@@ -392,27 +408,56 @@ class Task:
         """Bookkeeping after the final transition; called once, without the task lock."""
         if self._bus is not None and self._bus.engine is not None:
             self._bus.engine._task_finished(self)
-        with self._lock:
-            callbacks, self._done_callbacks = self._done_callbacks, []
+        # No callback can be added once the task is done (add_done_callback checks under
+        # the lock), so the list is final here.
+        callbacks, self._done_callbacks = self._done_callbacks, ()
         for fn in callbacks:
             _call_logged(fn, self)
 
     def _write_output(self, text: str) -> None:
-        with self._lock:
+        with self._mutex:
+            if self._output is None:
+                self._output = _TextBuffer(self._output_limit)
             self._output.write(text)
 
     def _add_log_record(self, record: dict, line: str) -> None:
-        with self._lock:
+        with self._mutex:
+            if self._log is None:
+                self._log = _TextBuffer(self._output_limit)
+                self._log_records = deque(maxlen=1000)
             self._log_records.append(record)
             self._log.write(line)
 
+    def _condition(self) -> threading.Condition:
+        """The condition on ``_mutex`` that waiters use (caller holds ``_mutex``)."""
+        if self._cond_ is None:
+            self._cond_ = threading.Condition(self._mutex)
+        return self._cond_
+
+    def _notify(self) -> None:
+        if self._cond_ is not None:
+            self._cond_.notify_all()
+
+    def _wait_cancel(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a cancel request; True if one came."""
+        with self._mutex:
+            return self._condition().wait_for(lambda: self._cancel_requested, timeout)
+
     def _set_progress(self, progress: Progress) -> None:
-        with self._lock:
+        with self._mutex:
             if self.done():
                 return
             self._progress = progress
             if self._bus is not None:
                 self._bus.emit(self, progress=progress)
+
+
+def _short_repr(value: Any, limit: int = 24) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not break listings
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_exception(exc: BaseException) -> str:

@@ -1,0 +1,155 @@
+"""Engine benchmark: qmagic background tasks against concurrent.futures in the same run.
+
+Prints one JSON line:
+- latency_ratio: median submit->result latency of a no-op background task (2000 runs),
+  qmagic Worker.submit(...).result() / ThreadPoolExecutor.submit(...).result()  [target <= 2.0]
+- throughput_ratio: no-op tasks per second, 20,000 submitted back to back then awaited,
+  qmagic / ThreadPoolExecutor                                                     [target >= 0.5]
+- rss_growth_mb: resident memory growth after 200,000 finished tasks with the default
+  limits (submitted in waves that respect max_queued_tasks)                       [target < 50]
+
+Usage: python benchmarks/engine.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from traitlets.config import Config  # noqa: E402
+
+from qmagic import Worker  # noqa: E402
+
+
+def noop() -> None:
+    return None
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def make_worker(**settings) -> Worker:
+    config = Config()
+    config.QMagic.journal_enabled = False  # measure the engine alone
+    for key, value in settings.items():
+        setattr(config.QMagic, key, value)
+    return Worker({"noop": noop}, config=config)
+
+
+def latency(n: int) -> tuple[float, float]:
+    base, ours = [], []
+    with ThreadPoolExecutor() as pool:
+        for _ in range(200):
+            pool.submit(noop).result()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            pool.submit(noop).result()
+            base.append(time.perf_counter() - t0)
+    worker = make_worker()
+    try:
+        for _ in range(200):
+            worker.submit("noop").result(10)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            worker.submit("noop").result(10)
+            ours.append(time.perf_counter() - t0)
+    finally:
+        worker.close()
+    return statistics.median(base), statistics.median(ours)
+
+
+def throughput(n: int) -> tuple[float, float]:
+    with ThreadPoolExecutor() as pool:
+        t0 = time.perf_counter()
+        futures = [pool.submit(noop) for _ in range(n)]
+        for f in futures:
+            f.result()
+        base = n / (time.perf_counter() - t0)
+    # All n are queued at once, so the queue limit must allow them; finished-task memory
+    # stays at the default limit.
+    worker = make_worker(max_queued_tasks=n)
+    try:
+        t0 = time.perf_counter()
+        tasks = [worker.submit("noop") for _ in range(n)]
+        for t in tasks:
+            t.result(60)
+        ours = n / (time.perf_counter() - t0)
+    finally:
+        worker.close()
+    return base, ours
+
+
+def memory(n: int) -> tuple[float, float]:
+    worker = make_worker()
+    wave = 500
+    try:
+        for _ in range(4):  # warm up: threads, retention at its limit
+            for t in [worker.submit("noop") for _ in range(wave)]:
+                t.wait(60)
+        gc.collect()
+        start = rss_mb()
+        done = 0
+        while done < n:
+            batch = [worker.submit("noop") for _ in range(wave)]
+            for t in batch:
+                t.wait(60)
+            done += wave
+        del batch, t
+        gc.collect()
+        end = rss_mb()
+    finally:
+        worker.close()
+    return start, end
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
+    opts = parser.parse_args()
+    scale = 10 if opts.quick else 1
+    os.environ.setdefault("QMAGIC_STATE_DIR", tempfile.mkdtemp(prefix="qmagic-bench-"))
+
+    lat_base, lat_ours = latency(2000 // scale)
+    thr_base, thr_ours = throughput(20_000 // scale)
+    rss_start, rss_end = memory(200_000 // scale)
+    result = {
+        "benchmark": "engine",
+        "latency_baseline_us": round(lat_base * 1e6, 1),
+        "latency_qmagic_us": round(lat_ours * 1e6, 1),
+        "latency_ratio": round(lat_ours / lat_base, 3),
+        "latency_ratio_target_max": 2.0,
+        "throughput_baseline_per_s": round(thr_base),
+        "throughput_qmagic_per_s": round(thr_ours),
+        "throughput_ratio": round(thr_ours / thr_base, 3),
+        "throughput_ratio_target_min": 0.5,
+        "rss_start_mb": round(rss_start, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_growth_mb": round(rss_end - rss_start, 1),
+        "rss_growth_target_max_mb": 50,
+        "finished_tasks": 200_000 // scale,
+        "quick": opts.quick,
+    }
+    result["targets_met"] = (
+        result["latency_ratio"] <= 2.0
+        and result["throughput_ratio"] >= 0.5
+        and result["rss_growth_mb"] < 50
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

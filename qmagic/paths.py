@@ -1,0 +1,52 @@
+"""Where qmagic keeps its persistent state, and which environment names are allowed.
+
+Shared by the lock store and the journal, so both agree on the folder and the names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["STATE_DIR_ENV", "default_state_dir", "validate_environment_name"]
+
+#: Environment variable that overrides the default state folder.
+STATE_DIR_ENV = "QMAGIC_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """The folder for qmagic's lock and journal files.
+
+    ``$QMAGIC_STATE_DIR`` when set (``~`` is expanded), else a ``qmagic`` folder in the
+    Jupyter data directory (``jupyter --data-dir``).  The folder is not created here.
+    """
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "qmagic"
+
+
+def validate_environment_name(name: object) -> str:
+    """Return ``name`` if it can name an environment's files, else raise ``ValueError``.
+
+    A valid name is a non-empty string without path separators, control characters or a
+    leading dot (``default``, ``beamline-1``, ``lab 3``), because it becomes part of file
+    names in the state folder.
+    """
+    bad = None
+    if not isinstance(name, str) or not name.strip():
+        bad = "it must be a non-empty string"
+    elif any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+        bad = "it must not contain '/' or '\\'"
+    elif name.startswith("."):
+        bad = "it must not start with '.'"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        bad = "it must not contain control characters"
+    if bad is not None:
+        raise ValueError(
+            f"Invalid environment name {name!r}: {bad}. Use a plain name such as "
+            "'default' or 'beamline-1' (QMagic.environment_name)."
+        )
+    return name

@@ -1,0 +1,47 @@
+"""Shared helpers for the engine/worker tests (plain threads, no IPython)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from traitlets.config import Config
+
+from qmagic import Worker
+
+TIMEOUT = 10.0
+
+
+class Gate:
+    """A function that blocks until released; records that it started."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self, value=None):
+        self.calls += 1
+        self.started.set()
+        assert self.release.wait(TIMEOUT), "gate never released"
+        return value
+
+
+@pytest.fixture
+def make_worker(tmp_path):
+    """Factory of isolated workers (own state dir, journal off unless asked); all closed after."""
+    workers: list[Worker] = []
+
+    def make(namespace: dict | None = None, **settings) -> Worker:
+        config = Config()
+        config.QMagic.state_dir = str(tmp_path / "state")
+        config.QMagic.journal_enabled = False
+        for key, value in settings.items():
+            setattr(config.QMagic, key, value)
+        worker = Worker({} if namespace is None else namespace, config=config)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.close(timeout=5)

@@ -1,0 +1,347 @@
+"""Engine rules on plain threads: statuses, limits, cancellation races, retention."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import pytest
+from traitlets import TraitError
+
+import qmagic
+from qmagic import TaskCancelled, TaskNotFound, TaskStatus
+from qmagic.engine import MSG_NOT_IDLE, Engine
+from qmagic.errors import InvalidTransition, RequestRefused
+from qmagic.tasks import TRANSITIONS
+
+from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+
+
+def test_transition_table_is_enforced():
+    assert TRANSITIONS[TaskStatus.COMPLETED] == frozenset()
+    engine = Engine()
+    try:
+        task = engine.new_task(lambda: 1, name="f", user="u", user_group="g", background=True)
+        with task._mutex:
+            with pytest.raises(InvalidTransition, match="cannot go from queued to completed"):
+                task._transition(TaskStatus.COMPLETED)
+    finally:
+        engine.close()
+
+
+def test_wire_status_mapping():
+    assert TaskStatus.QUEUED.wire == "running"
+    assert TaskStatus.RUNNING.wire == "running"
+    for s in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
+        assert s.wire == "completed" and s.finished
+
+
+def test_background_limit_and_queue(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate}, max_background_tasks=2, max_queued_tasks=2)
+    tasks = [w.submit("gate", (i,)) for i in range(4)]
+    deadline = time.monotonic() + TIMEOUT
+    while sum(t.status is TaskStatus.RUNNING for t in tasks) < 2:
+        assert time.monotonic() < deadline
+        gate.started.wait(0.05)
+    assert [t.status for t in tasks].count(TaskStatus.QUEUED) == 2
+    assert w.status()["worker_background_tasks"] == 2
+    with pytest.raises(RequestRefused, match=r"2 background tasks are already waiting.*max_queued_tasks = 2"):
+        w.submit("gate")
+    reply = w.function_execute({"name": "gate"}, run_in_background=True)
+    assert reply["success"] is False and "max_queued_tasks" in reply["msg"] and reply["task_uid"] is None
+    gate.release.set()
+    assert [t.result(TIMEOUT) for t in tasks] == [0, 1, 2, 3]
+    assert w.status()["worker_background_tasks"] == 0
+
+
+def test_cancel_queued_task_never_runs_and_frees_its_place(make_worker):
+    gate = Gate()
+    ran = []
+    w = make_worker({"gate": gate, "mark": lambda: ran.append(1)}, max_background_tasks=1, max_queued_tasks=1)
+    first = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    queued = w.submit("mark")
+    assert queued.status is TaskStatus.QUEUED
+    assert queued.cancel() is True
+    assert queued.status is TaskStatus.CANCELLED and queued.started_at is None
+    again = w.submit("mark")  # the cancelled task no longer counts against max_queued_tasks
+    gate.release.set()
+    assert again.result(TIMEOUT) is None
+    first.result(TIMEOUT)
+    assert ran == [1]
+    with pytest.raises(CancelledError):
+        queued.result(0)
+
+
+def test_cancel_before_start_is_never_lost(make_worker):
+    """Cancel right after submitting, many times: the function body never completes."""
+    completed = []
+
+    def work():
+        qmagic.raise_if_cancelled()
+        completed.append(1)
+
+    w = make_worker({"work": work})
+    tasks = []
+    for _ in range(300):
+        t = w.submit("work")
+        t.cancel()
+        tasks.append(t)
+    for t in tasks:
+        assert t.wait(TIMEOUT)
+    # A cancel that lands before the body's check must win; only a cancel after completion loses.
+    outcomes = {t.status for t in tasks}
+    assert outcomes <= {TaskStatus.CANCELLED, TaskStatus.COMPLETED}
+    assert len(completed) == sum(t.status is TaskStatus.COMPLETED for t in tasks)
+    assert all(t.cancel() is False for t in tasks)  # finished tasks cannot be cancelled
+
+
+def test_cancel_during_finish_is_consistent(make_worker):
+    """cancel() racing with the end of the function: True <=> the task ends cancelled."""
+    w = make_worker({"quick": lambda: 42})
+    for _ in range(300):
+        t = w.submit("quick")
+        accepted = t.cancel()
+        assert t.wait(TIMEOUT)
+        if t.status is TaskStatus.COMPLETED:
+            assert t.result() == 42
+        else:
+            assert accepted and t.status is TaskStatus.CANCELLED
+        if not accepted:
+            assert t.status is TaskStatus.COMPLETED
+
+
+def test_cooperative_cancel_of_running_task(make_worker):
+    started = threading.Event()
+
+    def scan():
+        started.set()
+        for i in range(1000):
+            qmagic.report_progress(i, 1000)
+            qmagic.cancellable_sleep(0.05)
+
+    w = make_worker({"scan": scan})
+    t = w.submit("scan")
+    assert started.wait(TIMEOUT)
+    reply = w.task_cancel(t.uid[:8])
+    assert reply["success"] is True and reply["task_uid"] == t.uid
+    assert t.wait(TIMEOUT) and t.status is TaskStatus.CANCELLED
+    assert "TaskCancelled" in t.traceback
+    result = w.task_result(t.uid)["result"]
+    assert result["success"] is False and "cancelled" in result["msg"]
+    again = w.task_cancel(t.uid)
+    assert again["success"] is False and "already finished" in again["msg"]
+
+
+def test_except_exception_does_not_swallow_cancel(make_worker):
+    started = threading.Event()
+
+    def stubborn():
+        started.set()
+        while True:
+            try:
+                qmagic.cancellable_sleep(0.05)
+            except Exception:  # noqa: BLE001 - the point of the test
+                pass
+
+    w = make_worker({"stubborn": stubborn})
+    t = w.submit("stubborn")
+    assert started.wait(TIMEOUT)
+    t.cancel()
+    assert t.wait(TIMEOUT) and t.cancelled()
+
+
+def test_force_cancel_stops_a_loop_that_ignores_cancel(make_worker):
+    started = threading.Event()
+
+    def busy():
+        started.set()
+        x = 0
+        while True:  # never checks for cancellation
+            x += 1
+
+    w = make_worker({"busy": busy}, cancel_grace_s=0.2)
+    t = w.submit("busy")
+    assert started.wait(TIMEOUT)
+    t.cancel(force=True)
+    assert t.wait(TIMEOUT), "forced cancel did not stop a pure-Python loop"
+    assert t.status is TaskStatus.CANCELLED
+    # The worker thread survives and runs the next task.
+    assert w.submit(lambda: "next").result(TIMEOUT) == "next"
+
+
+def test_sixteen_threads_submitting_at_once(make_worker):
+    w = make_worker({"ident": lambda x: x}, max_queued_tasks=1000)
+    barrier = threading.Barrier(16)
+    results: dict[int, list] = {}
+
+    def submitter(k):
+        barrier.wait(TIMEOUT)
+        results[k] = [w.submit("ident", (k * 100 + i,)) for i in range(50)]
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    tasks = [t for k in range(16) for t in results[k]]
+    assert len({t.uid for t in tasks}) == 800
+    assert sorted(t.result(TIMEOUT) for t in tasks) == sorted(k * 100 + i for k in range(16) for i in range(50))
+    counts = w.engine.counts()
+    assert counts["running_background"] == 0 and counts["queued_background"] == 0
+
+
+def test_falsy_results_are_results(make_worker):
+    values = [0, "", [], False, None, {}, 0.0]
+    w = make_worker({"ident": lambda x: x})
+    for v in values:
+        t = w.submit("ident", (v,))
+        assert t.result(TIMEOUT) == v
+        reply = w.task_result(t.uid)
+        assert reply["status"] == "completed"
+        assert reply["result"]["success"] is True and reply["result"]["msg"] == ""
+        assert reply["result"]["return_value"] == v and type(reply["result"]["return_value"]) is type(v)
+
+
+def test_future_api(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate, "boom": lambda: 1 / 0})
+    t = w.submit("gate", ("v",))
+    with pytest.raises(FutureTimeout, match="still"):
+        t.result(timeout=0.01)
+    seen = []
+    t.add_done_callback(lambda task: seen.append(("before", task.status)))
+    gate.release.set()
+    assert t.result(TIMEOUT) == "v" and t.exception() is None and t.done() and not t.running()
+    # As with concurrent.futures, callbacks run just after waiters wake: wait for it.
+    deadline = time.monotonic() + TIMEOUT
+    while not seen:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    t.add_done_callback(lambda task: seen.append(("after", task.status)))  # runs at once
+    assert seen == [("before", TaskStatus.COMPLETED), ("after", TaskStatus.COMPLETED)]
+    f = w.submit("boom")
+    assert isinstance(f.exception(TIMEOUT), ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        f.result()
+    assert "ZeroDivisionError" in f.traceback
+    assert f.elapsed >= 0 and f.finished_at >= f.started_at >= f.submitted_at
+
+
+def test_done_callback_error_does_not_break_task(make_worker, caplog):
+    w = make_worker({"f": lambda: 5})
+    t = w.submit("f")
+    t.add_done_callback(lambda task: 1 / 0)
+    assert t.result(TIMEOUT) == 5
+
+
+def test_lookup_by_prefix(make_worker):
+    w = make_worker({"f": lambda: 1})
+    t = w.submit("f")
+    t.wait(TIMEOUT)
+    assert w.get_task(t.uid) is t
+    assert w.get_task(t.uid[:6]) is t
+    with pytest.raises(TaskNotFound, match="at least 4"):
+        w.get_task(t.uid[:3])
+    with pytest.raises(TaskNotFound, match="No task"):
+        w.get_task("ffffffff-0000")
+    with pytest.raises(KeyError):  # TaskNotFound is a KeyError
+        w.get_task("nope-nope")
+
+
+def test_ambiguous_prefix(make_worker):
+    w = make_worker({"f": lambda: 1})
+    tasks = [w.submit("f") for _ in range(200)]
+    for t in tasks:
+        t.wait(TIMEOUT)
+    by_prefix: dict[str, list] = {}
+    for t in tasks:
+        by_prefix.setdefault(t.uid[:1], []).append(t)
+    # 200 uids over 16 hex digits: some first characters repeat; 4-char prefixes of those rarely do.
+    uid = next(u for u in (t.uid for t in tasks))
+    with pytest.raises(TaskNotFound, match="too short"):
+        w.get_task(uid[:1])
+
+
+def test_retention_sweep_without_new_submissions():
+    engine = Engine(retention_s=0.3)
+    expired = threading.Event()
+    engine.on_expire = lambda task: expired.set()
+    try:
+        task = engine.new_task(lambda: 1, name="f", user="u", user_group="g", background=True)
+        engine.start(task).result(TIMEOUT)
+        assert engine.find(task.uid) is task
+        assert expired.wait(TIMEOUT), "the timer never swept the finished task"
+        with pytest.raises(TaskNotFound):
+            engine.find(task.uid)
+    finally:
+        engine.close()
+
+
+def test_max_finished_tasks_drops_oldest_first(make_worker):
+    w = make_worker({"f": lambda: 1}, max_finished_tasks=5)
+    tasks = []
+    for _ in range(8):
+        t = w.submit("f")
+        t.wait(TIMEOUT)
+        tasks.append(t)
+    assert w.task_status(tasks[0].uid)["status"] == "not_found"
+    assert [w.task_status(t.uid)["status"] for t in tasks[-5:]] == ["completed"] * 5
+    assert w.task_result(tasks[0].uid) == {
+        "success": True, "msg": "", "task_uid": tasks[0].uid, "status": "not_found", "result": {}
+    }
+
+
+def test_retention_setting_never_below_120(make_worker):
+    w = make_worker()
+    with pytest.raises(TraitError, match="at least 120"):
+        w.task_retention_s = 30
+    w.task_retention_s = 300
+    assert w.engine.retention_s == 300
+
+
+def test_foreground_exclusive_and_handed_to_owner(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate, "f": lambda: 1})
+    t0 = time.monotonic()
+    reply = w.function_execute({"name": "gate"})  # this thread does not own the foreground
+    assert reply["success"] and time.monotonic() - t0 < 1.0
+    assert gate.started.wait(TIMEOUT)
+    status = w.status()
+    assert status["manager_state"] == "executing_task" and status["worker_environment_state"] == "executing_task"
+    assert status["ip_kernel_captured"] is True
+    refused = w.function_execute({"name": "f"})
+    assert refused == {"success": False, "msg": MSG_NOT_IDLE, "item": {"name": "f"}, "task_uid": None}
+    assert w.function_execute({"name": "f"}, run_in_background=True)["success"]  # background allowed
+    gate.release.set()
+    task = w.get_task(reply["task_uid"])
+    assert task.wait(TIMEOUT) and not task.background
+    assert w.status()["manager_state"] == "idle"
+    assert w.function_execute({"name": "f"})["success"]
+
+
+def test_foreground_inline_on_owner_thread(make_worker):
+    w = make_worker({"f": lambda: threading.get_ident()})
+    holder = {}
+
+    def on_owner():
+        holder["task"] = w.submit("f", background=False)
+        holder["done_when_returned"] = holder["task"].done()
+
+    w.engine.foreground.call_soon(on_owner)
+    deadline = time.monotonic() + TIMEOUT
+    while "done_when_returned" not in holder:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert holder["done_when_returned"] is True
+    assert holder["task"].result() == w.engine.foreground._thread.ident
+
+
+def test_closed_worker_refuses_clearly(make_worker):
+    w = make_worker({"f": lambda: 1})
+    w.close()
+    with pytest.raises(RequestRefused, match="load_ext qmagic"):
+        w.submit("f")

@@ -1,0 +1,201 @@
+"""Events (order, errors, subscriptions), in-task helpers and output/log capture."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import threading
+
+import pytest
+
+import qmagic
+from qmagic import TaskCancelled, TaskStatus
+
+from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+
+
+def _kinds(events, uid):
+    out = []
+    for e in events:
+        if e["task_uid"] != uid:
+            continue
+        key = next(k for k in ("status", "progress", "result", "error") if k in e)
+        out.append(e[key] if key == "status" else key)
+    return out
+
+
+def test_event_order_per_task(make_worker):
+    def scan(n):
+        for i in range(n):
+            qmagic.report_progress(i + 1, n, f"point {i + 1}")
+        return "done"
+
+    w = make_worker({"scan": scan, "bad": lambda: 1 / 0})
+    events = []
+    w.subscribe(lambda **kw: events.append(kw))
+    ok = [w.submit("scan", (5,)) for _ in range(10)]
+    bad = w.submit("bad")
+    for t in ok + [bad]:
+        t.wait(TIMEOUT)
+    assert w.engine.bus.flush(TIMEOUT)
+    for t in ok:
+        assert _kinds(events, t.uid) == ["queued", "running"] + ["progress"] * 5 + ["result", "completed"]
+    assert _kinds(events, bad.uid) == ["queued", "running", "error", "failed"]
+    last_progress = [e["progress"] for e in events if e["task_uid"] == ok[0].uid and "progress" in e][-1]
+    assert last_progress == qmagic.Progress(5, 5, "point 5") and last_progress.fraction == 1.0
+    result = [e["result"] for e in events if e["task_uid"] == ok[0].uid and "result" in e]
+    assert result == ["done"]
+
+
+def test_cancelled_queued_task_events(make_worker):
+    gate = threading.Event()
+    w = make_worker({"wait": lambda: gate.wait(TIMEOUT), "f": lambda: 1}, max_background_tasks=1)
+    events = []
+    w.subscribe(lambda **kw: events.append(kw))
+    w.submit("wait")
+    queued = w.submit("f")
+    queued.cancel()
+    gate.set()
+    assert w.engine.bus.flush(TIMEOUT)
+    assert _kinds(events, queued.uid) == ["queued", "error", "cancelled"]
+    assert isinstance(next(e["error"] for e in events if "error" in e), TaskCancelled)
+
+
+def test_callback_errors_are_logged_and_isolated(make_worker, caplog):
+    w = make_worker({"f": lambda: 1})
+    good = []
+
+    def broken(**kw):
+        raise RuntimeError("callback bug")
+
+    w.subscribe(broken)
+    w.subscribe(lambda **kw: good.append(kw))
+    t = w.submit("f")
+    assert t.result(TIMEOUT) == 1
+    assert w.engine.bus.flush(TIMEOUT)
+    assert _kinds(good, t.uid) == ["queued", "running", "result", "completed"]
+    assert "callback bug" in caplog.text
+
+
+def test_callback_without_kwargs_is_refused(make_worker):
+    w = make_worker()
+    with pytest.raises(ValueError, match=r"must accept \*\*kwargs"):
+        w.subscribe(lambda task_uid, status: None)
+    t = w.submit(lambda: 1)
+    with pytest.raises(ValueError, match="kwargs"):
+        t.subscribe(lambda x: None)
+
+
+def test_unsubscribe_and_with_block_and_dropping(make_worker):
+    w = make_worker({"f": lambda: 1})
+    got = []
+    with w.subscribe(lambda **kw: got.append(kw)) as sub:
+        w.submit("f").wait(TIMEOUT)
+        assert w.engine.bus.flush(TIMEOUT)
+    assert not sub.active
+    n = len(got)
+    w.submit("f").wait(TIMEOUT)
+    assert w.engine.bus.flush(TIMEOUT)
+    assert len(got) == n
+    # Dropping the Subscription object does not end it.
+    dropped = []
+    w.subscribe(lambda **kw: dropped.append(kw))
+    gc.collect()
+    w.submit("f").wait(TIMEOUT)
+    assert w.engine.bus.flush(TIMEOUT)
+    assert len(dropped) == 4
+
+
+def test_task_subscribe_replays_current_state(make_worker):
+    w = make_worker({"f": lambda: "r"})
+    t = w.submit("f")
+    t.wait(TIMEOUT)
+    got = []
+    sub = t.subscribe(lambda **kw: got.append(kw))
+    assert w.engine.bus.flush(TIMEOUT)
+    assert got == [{"task_uid": t.uid, "result": "r"}, {"task_uid": t.uid, "status": "completed"}]
+    sub.unsubscribe()
+
+
+def test_helpers_are_noops_outside_a_task():
+    assert qmagic.current_task() is None
+    qmagic.report_progress(1, 2, "x")
+    qmagic.raise_if_cancelled()
+    qmagic.cancellable_sleep(0)
+
+
+def test_current_task_inside(make_worker):
+    w = make_worker()
+    t = w.submit(lambda: qmagic.current_task())
+    assert t.result(TIMEOUT) is t
+
+
+def test_output_and_logs_are_captured_and_still_printed(make_worker, capsys):
+    log = logging.getLogger("beamline.motor")
+
+    def scan():
+        print("moving to 1.0")
+        sys.stderr.write("careful\n")
+        log.warning("limit switch close")
+        return 1
+
+    w = make_worker({"scan": scan})
+    outside_before = "printed outside any task"
+    print(outside_before)
+    t = w.submit("scan")
+    t.result(TIMEOUT)
+    assert t.output == "moving to 1.0\ncareful\n"
+    assert [(r["level"], r["logger"], r["message"]) for r in t.log] == [
+        ("WARNING", "beamline.motor", "limit switch close")
+    ]
+    assert "limit switch close" in t.log_text
+    captured = capsys.readouterr()
+    assert "moving to 1.0" in captured.out and "careful" in captured.err
+    assert outside_before not in t.output
+
+
+def test_output_limit_keeps_newest_with_marker(make_worker):
+    def chatty():
+        for i in range(100):
+            print(f"line {i:03d}")
+
+    w = make_worker({"chatty": chatty}, task_output_limit=100)
+    t = w.submit("chatty")
+    t.result(TIMEOUT)
+    text = t.output
+    assert text.startswith("[... ") and "earlier characters dropped" in text
+    assert text.endswith("line 099\n")
+    assert len(text.split("\n", 1)[1]) == 100
+
+
+def test_output_of_parallel_tasks_is_not_mixed(make_worker):
+    barrier = threading.Barrier(4)
+
+    def talk(k):
+        barrier.wait(TIMEOUT)
+        for i in range(50):
+            print(f"task {k} line {i}")
+
+    w = make_worker({"talk": talk})
+    tasks = [w.submit("talk", (k,)) for k in range(4)]
+    for k, t in enumerate(tasks):
+        t.result(TIMEOUT)
+        lines = t.output.splitlines()
+        assert len(lines) == 50 and all(line.startswith(f"task {k} ") for line in lines)
+
+
+def test_force_cancel_status_recorded(make_worker):
+    started = threading.Event()
+
+    def spin():
+        started.set()
+        while True:
+            pass
+
+    w = make_worker({"spin": spin}, cancel_grace_s=0.1)
+    t = w.submit("spin")
+    assert started.wait(TIMEOUT)
+    reply = w.task_cancel(t.uid, force=True)
+    assert reply["success"]
+    assert t.wait(TIMEOUT) and t.status is TaskStatus.CANCELLED
