@@ -20,6 +20,7 @@ from .errors import (
     TaskNotFound,
 )
 from .events import Subscription
+from .extension import get_worker, load_ipython_extension, unload_ipython_extension
 from .tasks import Progress, Task, TaskStatus
 from .worker import Worker
 
@@ -43,4 +44,7 @@ __all__ = [
     "InvalidTransition",
     "StateFileError",
     "TaskCancelled",
+    "get_worker",
+    "load_ipython_extension",
+    "unload_ipython_extension",
 ]

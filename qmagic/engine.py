@@ -240,32 +240,52 @@ class Engine:
 
     def _start_foreground(self, task: Task) -> None:
         owner = self.foreground.owns_current_thread()
+        if not owner:
+            self._hand_over(task)
+            return
+        reserved = False
+        try:
+            with self._lock:
+                self._check_open()
+                if self._fg is not None:
+                    raise RequestRefused(MSG_NOT_IDLE)
+                reserved = True
+                self._fg = task
+                self._fg_handed_over = False
+                self._tasks[task.uid] = task
+                self._last = task
+                self.bus.emit(task, status="queued")
+            self._run(task, self._end_foreground)
+        except BaseException as exc:
+            # An interrupt (Ctrl-C, nbval's timeout) can land on any bytecode of the owner
+            # thread, even before _run's own guard: the task still gets its record and the
+            # foreground slot is freed.
+            if reserved:
+                self._settle(task, None, exc, self._end_foreground)
+            raise
+
+    def _hand_over(self, task: Task) -> None:
+        """Reserve the foreground and hand the task to the owner thread (reply at once)."""
         with self._lock:
             self._check_open()
             if self._fg is not None:
                 raise RequestRefused(MSG_NOT_IDLE)
-            if not owner and self.foreground.user_busy():
+            if self.foreground.user_busy():
                 raise RequestRefused(MSG_KERNEL_BUSY)
             self._fg = task
-            self._fg_handed_over = not owner
-            self._tasks[task.uid] = task
-            self._last = task
-            self.bus.emit(task, status="queued")
-        if owner:
-            self._run(task, self._end_foreground)
-        else:
+            self._fg_handed_over = True
+        # The owner thread takes the task's lock before starting it, so "queued" is
+        # always announced first.
+        with task._mutex:
             try:
                 self.foreground.call_soon(lambda: self._run(task, self._end_foreground))
-            except BaseException as exc:
-                self._fail_unstarted(task, exc)
+            except BaseException:
+                self._end_foreground(task)  # refused: leave no trace
                 raise
-
-    def _fail_unstarted(self, task: Task, exc: BaseException) -> None:
-        with task._mutex:
-            if not task.done():
-                self._end_foreground(task)
-                task._finish_locked(TaskStatus.FAILED, exc=exc, tb=format_exception(exc))
-        task._after_finish()
+            with self._lock:
+                self._tasks[task.uid] = task
+                self._last = task
+            self.bus.emit(task, status="queued")
 
     def _end_foreground(self, task: Task) -> None:
         with self._lock:
@@ -314,38 +334,48 @@ class Engine:
     # -- running ---------------------------------------------------------------------------------
     def _run(self, task: Task, on_end: Callable[[Task], None]) -> None:
         """Run one task in the current thread and record its outcome, whatever happens."""
-        with task._mutex:
-            if task.status is not TaskStatus.QUEUED:  # cancelled while waiting
-                on_end(task)
-                return
-            task._transition(
-                TaskStatus.RUNNING, started_at=time.time(), _thread_ident=threading.get_ident()
-            )
-            task._in_user_code = True
-            self.bus.emit(task, status="running")
-        capture.ensure_streams()
         outcome: BaseException | None = None
         result: Any = None
-        token = _current.set(task)
+        token = None
         try:
-            try:
-                if task._cancel_requested:
-                    raise TaskCancelled(task._cancel_reason)
-                if task._hook_tokens:
-                    with ExitStack() as stack:
-                        for hook, hook_token in task._hook_tokens:
-                            stack.enter_context(hook.apply(task, hook_token))
+            with task._mutex:
+                start = task._status is TaskStatus.QUEUED  # else: cancelled while waiting
+                if start:
+                    task._transition(
+                        TaskStatus.RUNNING,
+                        started_at=time.time(),
+                        _thread_ident=threading.get_ident(),
+                    )
+                    task._in_user_code = True
+                    self.bus.emit(task, status="running")
+            if start:
+                capture.ensure_streams()
+                token = _current.set(task)
+                try:
+                    if task._cancel_requested:
+                        raise TaskCancelled(task._cancel_reason)
+                    if task._hook_tokens:
+                        with ExitStack() as stack:
+                            for hook, hook_token in task._hook_tokens:
+                                stack.enter_context(hook.apply(task, hook_token))
+                            result = task._call()
+                    else:
                         result = task._call()
-                else:
-                    result = task._call()
-            finally:
-                with task._mutex:
-                    task._in_user_code = False
+                finally:
+                    with task._mutex:
+                        task._in_user_code = False
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
             outcome = exc
         finally:
-            _current.reset(token)
-        while True:  # an interrupt landing in the bookkeeping must not lose the record
+            if token is not None:
+                _current.reset(token)
+        self._settle(task, result, outcome, on_end)
+
+    def _settle(
+        self, task: Task, result: Any, outcome: BaseException | None, on_end: Callable
+    ) -> None:
+        """Record the outcome; a second interrupt landing here must not lose the record."""
+        while True:
             try:
                 self._record(task, result, outcome, on_end)
                 return
@@ -355,23 +385,28 @@ class Engine:
     def _record(
         self, task: Task, result: Any, outcome: BaseException | None, on_end: Callable
     ) -> None:
-        if task.done():
-            return
-        if outcome is None and task.strict_json:
-            try:
-                json.dumps(result)
-            except (TypeError, ValueError, OverflowError) as exc:
-                outcome = ValueError(f"Task result can not be serialized as JSON: {exc}")
-                outcome.__cause__ = exc
-        if outcome is None:
-            status, tb = TaskStatus.COMPLETED, None
-        elif isinstance(outcome, (TaskCancelled, KeyboardInterrupt)):
-            status, tb = TaskStatus.CANCELLED, format_exception(outcome)
-        else:
-            status, tb = TaskStatus.FAILED, format_exception(outcome)
-        on_end(task)
-        with task._mutex:
-            task._finish_locked(status, result=result if outcome is None else None, exc=outcome, tb=tb)
+        """Idempotent: safe to call again after an interrupt landed inside it."""
+        if not task._ended:
+            on_end(task)  # frees the thread / foreground slot (idempotent for foreground)
+            task._ended = True
+        if not task.done():  # (a task cancelled while queued is already recorded)
+            if outcome is None and task.strict_json:
+                try:
+                    json.dumps(result)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    outcome = ValueError(f"Task result can not be serialized as JSON: {exc}")
+                    outcome.__cause__ = exc
+            if outcome is None:
+                status, tb = TaskStatus.COMPLETED, None
+            elif isinstance(outcome, (TaskCancelled, KeyboardInterrupt)):
+                status, tb = TaskStatus.CANCELLED, format_exception(outcome)
+            else:
+                status, tb = TaskStatus.FAILED, format_exception(outcome)
+            with task._mutex:
+                if not task.done():
+                    task._finish_locked(
+                        status, result=result if outcome is None else None, exc=outcome, tb=tb
+                    )
         task._after_finish()
 
     def _task_finished(self, task: Task) -> None:

@@ -1,11 +1,27 @@
 """The persistent lock of the environment and the queue (queueserver ``lock`` semantics).
 
-A :class:`LockStore` keeps one lock in ``<state_dir>/<environment_name>.lock.json``.  The
-file is read again whenever it changed (a ``stat`` per check otherwise), so every process
-that shares the folder sees one lock, and the lock survives restarts.  The key is stored
-only as a salted scrypt hash; writes are atomic (temporary file, fsync, ``os.replace``)
-and serialised between processes with ``flock`` on a sidecar file.  A damaged file counts
-as locked until it is repaired or removed with ``qmagic-clear-lock``.
+A :class:`LockStore` keeps one lock in ``<state_dir>/<environment_name>.lock.json``, so
+every process that shares the folder sees one lock, and the lock survives restarts.  The
+key is stored only as a salted scrypt hash; writes are atomic (temporary file, fsync,
+``os.replace``) and serialised between processes with ``flock`` on the sidecar file
+``<environment_name>.lock.json.flock``.  A damaged file counts as locked until it is
+repaired or removed with ``qmagic-clear-lock``.
+
+Noticing changes cheaply.  :meth:`LockStore.check` runs on every request, so it must not
+make a system call (a syscall releases the GIL, and the submitting thread then waits for
+the GIL behind the task threads).  The sidecar also holds a *generation counter*: 8 bytes
+(little-endian uint64) at offset 0, created once with a random start and never replaced.
+Every writer bumps it under the ``flock`` right after the ``os.replace`` of the JSON.
+Readers map those 8 bytes read-only (``mmap``) and compare the counter with the one their
+cached state was read at: unchanged means the cache is current, with no syscall.  Safety
+nets: at most every ``_RECHECK_SECONDS`` the JSON and the sidecar are ``stat``-ed anyway
+(this catches a writer that died between replace and bump, a hand-edited file, an older
+qmagic that does not bump, a sidecar deleted and re-created); when the sidecar cannot be
+mapped (missing, short, unreadable, a filesystem without mmap) every check ``stat``-s the
+JSON as before.  An error never reads as "unlocked".  The sidecar may be deleted at any
+time, but never truncated while kernels run (a truncated mapping kills the reading
+process with SIGBUS).  ``mmap`` is coherent between processes of one machine only; on a
+network filesystem shared by several machines the periodic ``stat`` is what notices.
 """
 
 from __future__ import annotations
@@ -14,9 +30,12 @@ import argparse
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import secrets
 import shlex
+import stat as stat_mode
+import struct
 import sys
 import tempfile
 import threading
@@ -26,7 +45,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 try:
     import fcntl
@@ -45,6 +64,11 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # about 40 ms and 16 MiB per hash
 _MAX_FILE_BYTES = 65536
 _RACY_SECONDS = 1.0  # a file changed this recently may hide a rewrite from stat: re-read it
 _FLOCK_TIMEOUT = 2.0
+_RECHECK_SECONDS = 0.5  # stat the files at least this often even when the counter is unchanged
+# (and, while the sidecar cannot be mapped, try to map it at most this often)
+_GEN = struct.Struct("<Q")  # the generation counter at offset 0 of the sidecar
+_unpack_gen = _GEN.unpack_from
+_monotonic = time.monotonic  # vDSO clock: no syscall, keeps the GIL
 
 
 def _new_uid() -> str:
@@ -138,6 +162,35 @@ def _parse(raw: bytes) -> _State:
     return _State(uid, env, queue, user, float(stamp), note, doc["key_hash"])
 
 
+class _Cache(NamedTuple):
+    """The last read of the lock file: its stat key (None: missing), state, and the counter
+    value read *before* the file (None: no counter mapped)."""
+
+    key: tuple[int, int, int] | None
+    state: _State
+    trusted: bool  # False: modified so recently that a rewrite may not change the stat key
+    gen: int | None
+
+
+def _put_counter(fd: int, value: int) -> None:
+    """Write the generation counter in place (offset 0), never truncating the file."""
+    data = _GEN.pack(value & 0xFFFF_FFFF_FFFF_FFFF)
+    if hasattr(os, "pwrite"):
+        written = os.pwrite(fd, data, 0)
+    else:  # pragma: no cover - not POSIX
+        os.lseek(fd, 0, os.SEEK_SET)
+        written = os.write(fd, data)
+    if written != len(data):
+        raise OSError(f"short write of the lock generation counter ({written} bytes)")
+
+
+def _get_counter(fd: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, _GEN.size, 0)
+    os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover - not POSIX
+    return os.read(fd, _GEN.size)  # pragma: no cover
+
+
 def _fsync_dir(path: Path) -> None:
     with suppress(OSError):  # not every platform/filesystem can fsync a directory
         fd = os.open(path, os.O_RDONLY)
@@ -174,14 +227,21 @@ class LockStore:
         self.environment_name = environment_name
         self.state_dir = Path(os.path.realpath(state_dir))
         self.path = self.state_dir / f"{environment_name}.lock.json"
+        # the sidecar: flock'ed by writers, and its first 8 bytes are the generation counter
         self._flock_path = self.state_dir / f"{environment_name}.lock.json.flock"
         self._emergency_key = emergency_key
         self._missing = _State(uid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"qmagic-lock:{self.path}")))
-        self._mutex = threading.Lock()  # guards the caches below
+        self._mutex = threading.Lock()  # guards the caches below (not taken on the fast path)
         self._writer = threading.Lock()  # serialises read-modify-write within this process
-        self._cache: tuple[tuple[int, int, int], _State, bool] | None = None
+        self._cache: _Cache | None = None
+        # (counter value, monotonic deadline, counter mapping, state): _current()'s fast path
+        self._fast: tuple[int, float, mmap.mmap, _State] | None = None
+        self._view: mmap.mmap | None = None  # the sidecar's counter, mapped read-only
+        self._view_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the mapped sidecar
+        self._next_look = 0.0  # unmapped: monotonic time of the next attempt to map the sidecar
         self._secret = secrets.token_bytes(32)
         self._verified: dict[tuple[str, str, bytes], bool] = {}
+        self._last_match: tuple[_State, str] | None = None  # see _key_matches
 
     def __repr__(self) -> str:
         return f"LockStore({str(self.state_dir)!r}, {self.environment_name!r})"
@@ -211,14 +271,14 @@ class LockStore:
         record = _hash_key(lock_key)
         self._remember(lock_key, record, True)
         try:
-            with self._exclusive():
+            with self._exclusive() as sidecar:
                 state = self._read(fresh=True)
                 if state.problem:
                     return self._fail(self._damaged_msg(state))
                 if state.locked and not self._key_matches(lock_key, state):
                     return self._fail(f"Error: RE Manager was locked with a different key: \n{self._describe(state)}")
                 new = _State(_new_uid(), environment, queue, user, time.time(), note, record)
-                self._write(new)
+                self._write(new, sidecar)
         except OSError as exc:
             return self._fail(self._write_failed_msg(exc))
         return self._reply(new)
@@ -232,7 +292,7 @@ class LockStore:
         if not isinstance(lock_key, str) or not lock_key:
             return self._fail(f"Error: Lock key must be a non-empty string: lock_key = {lock_key!r}")
         try:
-            with self._exclusive():
+            with self._exclusive() as sidecar:
                 state = self._read(fresh=True)
                 if not state.locked:
                     return self._reply(state)
@@ -241,7 +301,7 @@ class LockStore:
                     msg = self._damaged_msg(state) if state.problem else self._invalid_key_msg(state)
                     return self._fail(msg, state)
                 new = _State(_new_uid())
-                self._write(new)
+                self._write(new, sidecar)
         except OSError as exc:
             return self._fail(self._write_failed_msg(exc))
         return self._reply(new)
@@ -250,7 +310,8 @@ class LockStore:
         """The current lock (queueserver ``lock_info``); fails if ``lock_key`` is given and wrong.
 
         The emergency key is not accepted here.  A damaged lock file is reported as a failure
-        whose ``lock_info`` shows both scopes locked.
+        whose ``lock_info`` shows both scopes locked.  Always looks at the file (a ``stat``),
+        so even a hand edit that did not bump the generation counter shows at once.
         """
         state = self._read()
         if lock_key is not None and not isinstance(lock_key, str):
@@ -266,27 +327,37 @@ class LockStore:
 
         Raises :class:`~qmagic.errors.LockRefused` (its text is the protocol's ``msg``) when
         that scope is locked and the key does not match, and whenever the lock file is
-        damaged.  The emergency key does not pass.
+        damaged.  The emergency key does not pass.  Costs no system call while the lock is
+        unchanged; a change made through :class:`LockStore` in any process (or by
+        ``qmagic-clear-lock``) is seen by the next call, any other change of the file within
+        ``_RECHECK_SECONDS``.
         """
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         if lock_key is not None and not isinstance(lock_key, str):
             raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {lock_key!r}")
-        state = self._read()
+        state = self._current()
         if state.problem:
             raise LockRefused(self._damaged_msg(state))
         if getattr(state, scope) and (lock_key is None or not self._key_matches(lock_key, state)):
             raise LockRefused(self._invalid_key_msg(state))
 
+    def snapshot(self) -> tuple[dict[str, bool], str]:
+        """``({"environment": bool, "queue": bool}, lock_info_uid)`` from one read, for ``status``.
+
+        As cheap and as current as :meth:`check`; a damaged file shows both scopes locked.
+        """
+        state = self._current()
+        return {"environment": state.environment, "queue": state.queue}, state.uid
+
     def scopes(self) -> dict[str, bool]:
-        """``{"environment": bool, "queue": bool}`` for the status reply (damaged: both True)."""
-        state = self._read()
-        return {"environment": state.environment, "queue": state.queue}
+        """``{"environment": bool, "queue": bool}`` (damaged: both True); see :meth:`snapshot`."""
+        return self.snapshot()[0]
 
     @property
     def info_uid(self) -> str:
         """The ``lock_info_uid``: the same in every process, new after every change."""
-        return self._read().uid
+        return self._current().uid
 
     def clear(self) -> dict[str, Any]:
         """Remove the lock without a key (also a damaged file); return the removed lock_info.
@@ -356,7 +427,15 @@ class LockStore:
             self._verified[(record["salt"], record["hash"], tag)] = ok
 
     def _key_matches(self, key: str, state: _State) -> bool:
-        """Verify ``key`` against the stored hash; results are cached by a keyed digest."""
+        """Verify ``key`` against the stored hash; results are cached by a keyed digest.
+
+        The last success is also remembered by identity (this very state object and this
+        very key object: a kernel passes its remembered key object on every request), so
+        the common case costs no hashing at all.
+        """
+        last = self._last_match
+        if last is not None and last[0] is state and last[1] is key:
+            return True
         record = state.key_hash
         if record is None:
             return False
@@ -366,6 +445,8 @@ class LockStore:
         if known is None:
             known = hmac.compare_digest(_derive(key, record), bytes.fromhex(record["hash"]))
             self._remember(key, record, known)
+        if known:
+            self._last_match = (state, key)
         return known
 
     # ---- the file -----------------------------------------------------------------------
@@ -377,38 +458,125 @@ class LockStore:
                       f"The lock file cannot be used ({reason}). Run: {self._clear_command()}",
                       None, reason)
 
+    def _current(self) -> _State:
+        """The state for the hot paths: no system call while the counter is unchanged."""
+        fast = self._fast
+        if fast is not None and _monotonic() < fast[1] and _unpack_gen(fast[2])[0] == fast[0]:
+            return fast[3]
+        return self._read()
+
     def _read(self, fresh: bool = False) -> _State:
-        """The current state: a stat when unchanged, a re-read otherwise."""
+        """The current state from the file: reused when its stat and the counter are unchanged
+        (and it is not too recent to trust the stat); ``fresh`` always reads it."""
         with self._mutex:
+            self._fast = None  # until this read succeeds, callers come here
+            now = _monotonic()
+            if self._view is not None or now >= self._next_look:  # unmapped: retry now and then
+                self._look_at_sidecar(now)
+            view = self._view
+            gen = _unpack_gen(view)[0] if view is not None else None  # before the file, always
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
-                return self._missing
+                st = None
             except OSError as exc:
                 return self._damaged(f"it cannot be accessed ({exc})", None)
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if not fresh and self._cache is not None and self._cache[0] == key and self._cache[2]:
-                return self._cache[1]
-            try:
-                with open(self.path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    raw = f.read(_MAX_FILE_BYTES + 1)
-            except FileNotFoundError:
-                return self._missing
-            except OSError as exc:
-                return self._damaged(f"it cannot be read ({exc})", st)
-            try:
-                if len(raw) > _MAX_FILE_BYTES:
-                    raise ValueError("it is far too large")
-                state = _parse(raw)
-            except ValueError as exc:
-                state = self._damaged(str(exc), st)
-            trusted = time.time() - st.st_mtime > _RACY_SECONDS
-            self._cache = ((st.st_mtime_ns, st.st_size, st.st_ino), state, trusted)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+            cache = self._cache
+            if not fresh and cache is not None and cache.key == key and cache.trusted and cache.gen == gen:
+                state = cache.state
+            elif st is None:
+                state = self._missing
+                self._cache = _Cache(None, state, True, gen)
+            else:
+                try:
+                    with open(self.path, "rb") as f:
+                        st = os.fstat(f.fileno())
+                        raw = f.read(_MAX_FILE_BYTES + 1)
+                except FileNotFoundError:  # deleted since the stat (writers only replace it)
+                    return self._missing
+                except OSError as exc:
+                    return self._damaged(f"it cannot be read ({exc})", st)
+                try:
+                    if len(raw) > _MAX_FILE_BYTES:
+                        raise ValueError("it is far too large")
+                    state = _parse(raw)
+                except ValueError as exc:
+                    state = self._damaged(str(exc), st)
+                trusted = time.time() - st.st_mtime > _RACY_SECONDS
+                self._cache = _Cache((st.st_mtime_ns, st.st_size, st.st_ino), state, trusted, gen)
+            if view is not None:
+                self._fast = (gen, now + _RECHECK_SECONDS, view, state)
             return state
 
-    def _write(self, state: _State) -> None:
-        """Replace the lock file atomically with ``state``."""
+    def _look_at_sidecar(self, now: float) -> None:
+        """(Re)map the sidecar's counter if it is not mapped or the file was replaced/deleted."""
+        self._next_look = now + _RECHECK_SECONDS
+        try:
+            st = os.stat(self._flock_path)
+            if (self._view is not None and (st.st_dev, st.st_ino) == self._view_id
+                    and st.st_size >= _GEN.size):
+                return
+        except OSError:
+            pass
+        view, view_id = self._map_sidecar()
+        if view is not None or self._view is not None:
+            self._cache = None  # another counter: nothing read at the old one compares
+        # an old mapping is not closed: a thread on the fast path may still read it
+        self._view, self._view_id = view, view_id
+
+    def _map_sidecar(self) -> tuple[mmap.mmap | None, tuple[int, int] | None]:
+        """Map the counter read-only; (None, None) when the sidecar cannot be used."""
+        flags = getattr(os, "O_NONBLOCK", 0)  # never hang on a FIFO someone put there
+        try:
+            fd = os.open(self._flock_path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+        except OSError:
+            try:
+                fd = os.open(self._flock_path, os.O_RDONLY | flags)
+            except OSError:
+                return None, None
+        try:
+            st = os.fstat(fd)
+            if stat_mode.S_ISREG(st.st_mode) and st.st_size < _GEN.size:
+                self._start_counter(fd)
+                st = os.fstat(fd)
+            if not stat_mode.S_ISREG(st.st_mode) or st.st_size < _GEN.size:
+                return None, None
+            return mmap.mmap(fd, _GEN.size, access=mmap.ACCESS_READ), (st.st_dev, st.st_ino)
+        except (OSError, ValueError):
+            return None, None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _start_counter(fd: int) -> None:
+        """Give a new (or older qmagic's empty) sidecar a counter, unless a writer holds it."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # a writer is busy; its bump creates the counter
+        try:
+            if os.fstat(fd).st_size < _GEN.size:
+                _put_counter(fd, secrets.randbits(64))  # random: a re-created file repeats nothing
+        except OSError:
+            pass  # read-only: stay with a stat per check
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _bump(sidecar: int) -> None:
+        """Advance the generation counter (the caller holds the flock on ``sidecar``)."""
+        with suppress(OSError):  # the JSON is written; readers' periodic stat will notice
+            raw = _get_counter(sidecar)
+            _put_counter(sidecar, _GEN.unpack(raw)[0] + 1 if len(raw) == _GEN.size else secrets.randbits(64))
+
+    def _write(self, state: _State, sidecar: int) -> None:
+        """Replace the lock file atomically with ``state``, then bump the counter.
+
+        Call inside :meth:`_exclusive`; ``sidecar`` is the descriptor it yields.
+        """
         doc = {"format": "qmagic-lock", "version": 1, "environment_name": self.environment_name,
                "uid": state.uid, "environment": state.environment, "queue": state.queue,
                "user": state.user, "time": state.time, "note": state.note, "key_hash": state.key_hash}
@@ -423,20 +591,21 @@ class LockStore:
             with suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._bump(sidecar)  # after the replace: a reader never caches old JSON at a new count
+        with self._mutex:
+            self._cache = self._fast = self._last_match = None  # read our own write back
+            self._next_look = 0.0  # and map the counter now if it was not there before
         _fsync_dir(self.state_dir)
 
     @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Hold the thread lock and the inter-process ``flock`` for a read-modify-write."""
+    def _exclusive(self) -> Iterator[int]:
+        """Hold the thread lock and the inter-process ``flock``; yield the sidecar's descriptor."""
         with self._writer:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            if fcntl is None:  # pragma: no cover
-                yield
-                return
             fd = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 deadline = time.monotonic() + _FLOCK_TIMEOUT
-                while True:
+                while fcntl is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
@@ -447,17 +616,17 @@ class LockStore:
                                 "nothing was changed. Try again; if it persists, look for a stopped "
                                 "qmagic process.") from None
                         time.sleep(0.005)
-                yield
+                yield fd
             finally:
                 os.close(fd)  # releases the flock
 
     def _clear(self) -> _State:
         """Write an unlocked state if locked or damaged; return the previous state."""
         try:
-            with self._exclusive():
+            with self._exclusive() as sidecar:
                 state = self._read(fresh=True)
                 if state.locked:
-                    self._write(_State(_new_uid()))
+                    self._write(_State(_new_uid()), sidecar)
                 return state
         except StateFileError:
             raise

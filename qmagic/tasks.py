@@ -173,6 +173,8 @@ class Task:
     _cancel_reason = "Task was cancelled"
     _thread_ident: int | None = None
     _in_queue = False
+    _after_done = False
+    _ended = False  # the engine released the task's thread / foreground slot
     _hook_tokens: list | None = None
     _in_user_code = False
     _done_callbacks: tuple[Callable[[Task], Any], ...] = ()
@@ -405,7 +407,11 @@ class Task:
             self._bus.emit(self, status=status.value)
 
     def _after_finish(self) -> None:
-        """Bookkeeping after the final transition; called once, without the task lock."""
+        """Bookkeeping after the final transition, without the task lock (idempotent)."""
+        with self._mutex:
+            if self._after_done:
+                return
+            self._after_done = True
         if self._bus is not None and self._bus.engine is not None:
             self._bus.engine._task_finished(self)
         # No callback can be added once the task is done (add_done_callback checks under

@@ -705,6 +705,31 @@ class Worker(QMagic):
         return {"success": True, "msg": ""}
 
     # =====================================================================================
+    # the environment is the kernel itself
+    # =====================================================================================
+    def environment_open(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
+        """queueserver reply; the environment (this namespace) always exists (environment-lockable)."""
+        try:
+            self._check_origin(origin)
+            self._check_lock(lock_key, origin)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        return {"success": False, "msg": "RE Worker environment already exists."}
+
+    def environment_close(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
+        """queueserver reply; refused: the environment is the kernel (environment-lockable)."""
+        try:
+            self._check_origin(origin)
+            self._check_lock(lock_key, origin)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        return {
+            "success": False,
+            "msg": "The RE Worker environment is this IPython kernel: it cannot be closed "
+            "remotely. Shut the kernel down (or restart it) from Jupyter instead.",
+        }
+
+    # =====================================================================================
     # interrupt and status
     # =====================================================================================
     def kernel_interrupt(
@@ -739,8 +764,7 @@ class Worker(QMagic):
         fg: Task | None = counts["foreground"]
         busy = self.engine.foreground.user_busy()
         state = "executing_task" if fg is not None else "idle"
-        lock_scopes = self._locks.scopes()
-        lock_uid = self._locks.info_uid
+        lock_scopes, lock_uid = self._locks.snapshot()
         key = (
             state, busy, counts["running_background"], counts["results_uid"], lock_uid,
             self._catalog_uid, self._permissions_uid,

@@ -345,8 +345,11 @@ def test_two_stores_on_one_folder_see_one_lock(tmp_path):
 
 CHILD = r"""
 import json, sys
+import qmagic.locks
 from qmagic.locks import LockStore
 from qmagic.errors import LockRefused
+if len(sys.argv) > 2:
+    qmagic.locks._RECHECK_SECONDS = float(sys.argv[2])
 store = LockStore(sys.argv[1])
 print("ready", flush=True)
 for line in sys.stdin:
@@ -359,9 +362,32 @@ for line in sys.stdin:
             print("refused " + json.dumps(str(exc)), flush=True)
     elif cmd == "lock":
         print(json.dumps(store.lock(key, environment=True, user="Child")), flush=True)
+    elif cmd == "unlock":
+        print(json.dumps(store.unlock(key)), flush=True)
     elif cmd == "uid":
         print(store.info_uid, flush=True)
 """
+
+
+class Child:
+    """A second process with its own LockStore on ``state_dir``, driven line by line."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(state_dir), *extra],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=_child_env())
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer, "the child process died"
+        return answer.strip()
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=30)
 
 
 def test_a_running_second_process_sees_lock_and_unlock_without_restart(tmp_path):
@@ -466,6 +492,7 @@ def test_a_stuck_flock_gives_a_clear_failure(tmp_path, monkeypatch):
 
 
 def test_unchanged_file_costs_a_stat_but_racy_rewrites_are_seen(store):
+    """info() always looks at the file (check() trusts the counter: see the tests below)."""
     store.lock("k", environment=True, note="AAAA", user="Alice")
     path, st = store.path, os.stat(store.path)
     assert store.info()["lock_info"]["note"] == "AAAA"
@@ -481,12 +508,301 @@ def test_unchanged_file_costs_a_stat_but_racy_rewrites_are_seen(store):
     after = os.stat(path)
     assert (after.st_mtime_ns, after.st_size, after.st_ino) == (st.st_mtime_ns, st.st_size, st.st_ino)
     assert store.info()["lock_info"]["note"] == "BBBB"
-    # an old file whose stat is unchanged is served from the cache (a stat per check)
+    # an old file whose stat is unchanged is served from the cache (a stat per info())
     old = time.time_ns() - 10 * 10**9
     os.utime(path, ns=(old, old))
     assert store.info()["lock_info"]["note"] == "BBBB"
     rewrite_in_place('"BBBB"', '"CCCC"', old)
     assert store.info()["lock_info"]["note"] == "BBBB"
+
+
+# ---- the generation counter: checks without system calls ------------------------------------
+
+
+def _sidecar(store: LockStore) -> Path:
+    return store.path.with_name(store.path.name + ".flock")
+
+
+def _counter(store: LockStore) -> int:
+    raw = _sidecar(store).read_bytes()
+    assert len(raw) >= 8, raw
+    return int.from_bytes(raw[:8], "little")
+
+
+class SyscallCounter:
+    """Counts the file system calls the lock store can make (os.stat/open/fstat, open)."""
+
+    NAMES = ("stat", "open", "fstat", "lstat")
+
+    def __init__(self, monkeypatch) -> None:
+        import builtins
+
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            monkeypatch.setattr(os, name, self._counting(name, getattr(os, name)))
+        monkeypatch.setattr(builtins, "open", self._counting("builtins.open", builtins.open))
+
+    def _counting(self, name, func):
+        def wrapper(*args, **kwargs):
+            self.calls.append(name)
+            return func(*args, **kwargs)
+        return wrapper
+
+
+def _write_by_hand(target: Path, source: Path) -> None:
+    """Replace ``target`` with ``source``'s bytes the way a non-qmagic tool would (no bump)."""
+    tmp = target.with_name("by-hand.tmp")
+    tmp.write_bytes(source.read_bytes())
+    os.replace(tmp, target)
+
+
+def _eventually(condition, timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll ``condition()`` until true; return the seconds it took (fails after ``timeout``)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def _refused(store: LockStore, key: str | None = None, scope: str = "environment") -> bool:
+    try:
+        store.check(key, scope)
+    except LockRefused:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("state", ["no lock file", "unlocked", "locked, right key", "damaged"])
+def test_unchanged_lock_check_makes_no_system_call(tmp_path, monkeypatch, state):
+    import qmagic.locks
+
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 3600.0)
+    store = LockStore(tmp_path)
+    if state == "unlocked":
+        store.lock("k", environment=True, user="A")
+        store.unlock("k")
+    elif state == "locked, right key":
+        store.lock("k", environment=True, user="A")
+    elif state == "damaged":
+        store.path.write_text("{")
+    key = "k" if state == "locked, right key" else None
+    expect_refused = state == "damaged"
+    assert _refused(store, key) is expect_refused  # the first check reads the file
+    counter = SyscallCounter(monkeypatch)
+    for _ in range(2000):
+        assert _refused(store, key) is expect_refused
+        assert store.snapshot()[0]["environment"] is (state in ("damaged", "locked, right key"))
+    assert counter.calls == []
+
+
+def test_every_write_bumps_the_counter_in_place_once(tmp_path, capsys):
+    store = LockStore(tmp_path, "b", emergency_key="EK")
+    store.check(None, "environment")  # a reader creates the sidecar with a random start
+    inode, value = _sidecar(store).stat().st_ino, _counter(store)
+    writes = [
+        lambda: store.lock("k", environment=True, user="A"),
+        lambda: store.lock("k", queue=True, user="A"),  # re-lock
+        lambda: store.unlock("k"),
+        lambda: store.lock("k", queue=True, user="A"),
+        lambda: store.clear(),
+        lambda: store.path.write_text("{"),  # by hand: no bump (the periodic stat sees it)
+        lambda: store.unlock("EK"),  # the emergency reset of a damaged file
+        lambda: store.lock("k", environment=True, user="A"),
+        lambda: clear_lock_main(["--environment", "b", "--state-dir", str(tmp_path)]),
+    ]
+    expected = [1, 1, 1, 1, 1, 0, 1, 1, 1]
+    for write, bumps in zip(writes, expected):
+        write()
+        assert _counter(store) == (value + bumps) % 2**64
+        value = _counter(store)
+    # refusals and no-ops write nothing and bump nothing
+    store.lock("k", environment=True, user="A")
+    value = _counter(store)
+    assert not store.lock("other", environment=True, user="B")["success"]
+    assert not store.unlock("wrong")["success"]
+    assert _counter(store) == value
+    assert _sidecar(store).stat().st_ino == inode  # never replaced
+    capsys.readouterr()
+
+
+def test_another_process_lock_is_seen_by_the_very_next_check(tmp_path, monkeypatch):
+    import qmagic.locks
+
+    # only the counter can reveal the change: the periodic stat is an hour away
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 3600.0)
+    store = LockStore(tmp_path)
+    child = Child(tmp_path)
+    try:
+        for round_ in range(3):
+            store.check(None, "environment")
+            store.check(None, "environment")  # served from the cache
+            reply = json.loads(child.ask(f"lock child-{round_}"))
+            assert reply["success"], reply
+            with pytest.raises(LockRefused, match="locked by Child"):
+                store.check(None, "environment")
+            assert store.snapshot() == ({"environment": True, "queue": False}, reply["lock_info_uid"])
+            store.check(f"child-{round_}", "environment")
+            assert json.loads(child.ask(f"unlock child-{round_}"))["success"]
+            store.check(None, "environment")
+        # the other way round: the child trusts its counter for an hour too
+    finally:
+        assert child.close() == 0
+    child = Child(tmp_path, "3600")
+    try:
+        assert child.ask("check") == "allowed"
+        assert child.ask("check") == "allowed"
+        store.lock("parent", environment=True, user="Parent")
+        assert child.ask("check").startswith("refused ")
+        assert child.ask("check parent") == "allowed"
+        assert clear_lock_main(["--state-dir", str(tmp_path)]) == 0  # the tool, as a writer
+        assert child.ask("check") == "allowed"
+    finally:
+        assert child.close() == 0
+
+
+def test_a_write_that_did_not_bump_is_seen_within_the_recheck_interval(tmp_path, monkeypatch):
+    """A writer that died between replace and bump, a hand edit, or an older qmagic."""
+    import qmagic.locks
+
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 0.2)
+    donor = LockStore(tmp_path / "donor")
+    donor.lock("k", environment=True, user="Hand")
+    locked = tmp_path / "locked.json"
+    locked.write_bytes(donor.path.read_bytes())
+    donor.unlock("k")
+    unlocked = tmp_path / "unlocked.json"
+    unlocked.write_bytes(donor.path.read_bytes())
+
+    store = LockStore(tmp_path / "state")
+    store.check(None, "environment")
+    value = _counter(store)
+    _write_by_hand(store.path, locked)
+    took = _eventually(lambda: _refused(store), what="the hand-written lock")
+    assert took < 5
+    assert _counter(store) == value  # really nothing bumped
+    _write_by_hand(store.path, unlocked)
+    _eventually(lambda: not _refused(store), what="the hand-written unlock")
+    # an error never reads as "unlocked"
+    store.path.unlink()
+    store.path.mkdir()
+    _eventually(lambda: _refused(store), what="the unreadable lock file")
+    with pytest.raises(LockRefused, match="cannot be read"):
+        store.check(None, "queue")
+
+
+def test_a_deleted_sidecar_is_mapped_again(tmp_path, monkeypatch):
+    import qmagic.locks
+
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 3600.0)
+    reader, writer = LockStore(tmp_path), LockStore(tmp_path)
+    reader.check(None, "environment")
+    _sidecar(reader).unlink()  # e.g. someone cleaning the folder while kernels run
+    assert writer.lock("k", environment=True, user="Writer")["success"]  # a new sidecar
+    assert reader.info()["lock_info"]["user"] == "Writer"  # info() always looks at the files
+    assert _refused(reader)
+    counter = SyscallCounter(monkeypatch)
+    assert _refused(reader)
+    assert counter.calls == []  # back on the fast path...
+    monkeypatch.undo()
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 3600.0)
+    assert writer.unlock("k")["success"]
+    assert not _refused(reader)  # ...with the new sidecar's counter
+
+
+def _hold_flock_on_empty_sidecar(store, stack, monkeypatch):
+    import fcntl
+
+    sidecar = stack.enter_context(open(_sidecar(store), "a"))  # an older qmagic's empty file
+    fcntl.flock(sidecar, fcntl.LOCK_EX)  # a writer is busy: the reader cannot start the counter
+    return lambda: fcntl.flock(sidecar, fcntl.LOCK_UN)
+
+
+def _no_mmap(store, stack, monkeypatch):
+    import qmagic.locks
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device (filesystem without mmap)")
+
+    monkeypatch.setattr(qmagic.locks.mmap, "mmap", refuse)
+    return lambda: None
+
+
+def _sidecar_is_a_directory(store, stack, monkeypatch):
+    _sidecar(store).mkdir()
+    return lambda: None
+
+
+@pytest.mark.parametrize("setup", [_hold_flock_on_empty_sidecar, _no_mmap, _sidecar_is_a_directory],
+                         ids=["short sidecar", "no mmap", "sidecar is a directory"])
+def test_without_a_usable_counter_every_check_looks_at_the_file(tmp_path, monkeypatch, setup):
+    from contextlib import ExitStack
+
+    import qmagic.locks
+
+    monkeypatch.setattr(qmagic.locks, "_RECHECK_SECONDS", 3600.0)
+    donor = LockStore(tmp_path / "donor")
+    donor.lock("k", environment=True, user="Hand")
+    store = LockStore(tmp_path / "state")
+    with ExitStack() as stack:
+        release = setup(store, stack, monkeypatch)
+        store.check(None, "environment")
+        _write_by_hand(store.path, donor.path)  # no bump: only a stat per check can see it
+        with pytest.raises(LockRefused, match="locked by Hand"):
+            store.check(None, "environment")
+        store.path.unlink()
+        store.check(None, "environment")
+        release()
+    if setup is _hold_flock_on_empty_sidecar:
+        assert _sidecar(store).stat().st_size == 0  # nothing was written under a writer's flock
+        assert store.lock("mine", queue=True, user="Me")["success"]  # the bump starts the counter
+        assert len(_sidecar(store).read_bytes()) == 8
+
+
+def test_snapshot_reads_scopes_and_uid_together(store):
+    assert store.snapshot() == ({"environment": False, "queue": False}, store.info()["lock_info_uid"])
+    reply = store.lock("k", queue=True, user="A")
+    assert store.snapshot() == ({"environment": False, "queue": True}, reply["lock_info_uid"])
+    assert store.scopes() == store.snapshot()[0] and store.info_uid == store.snapshot()[1]
+    store.path.write_text("[]")
+    scopes, uid = LockStore(store.state_dir).snapshot()
+    assert scopes == {"environment": True, "queue": True}
+    assert uid == store.info()["lock_info_uid"] != reply["lock_info_uid"]
+
+
+def test_threads_checking_while_another_process_writes_never_see_a_stale_lock(tmp_path):
+    store = LockStore(tmp_path)
+    child = Child(tmp_path, "3600")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    store.check("child-key", "environment")
+                except LockRefused as exc:  # only a damaged/foreign lock would refuse this key
+                    errors.append(exc)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            assert json.loads(child.ask("lock child-key"))["success"]
+            with pytest.raises(LockRefused):
+                store.check(None, "environment")
+            assert json.loads(child.ask("unlock child-key"))["success"]
+            store.check(None, "environment")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert child.close() == 0
+    assert errors == []
 
 
 # ---- qmagic-clear-lock ---------------------------------------------------------------------

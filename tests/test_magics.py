@@ -1,0 +1,484 @@
+"""The magics and the extension on an in-process IPython shell (no kernel).
+
+Parsing, errors, delegation to the worker, text output, completion, load/unload.  What
+needs a real kernel (signals, output routing, auto-load) is in test_kernel.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+from IPython.core.error import UsageError
+
+import qmagic
+from qmagic import text
+from qmagic.engine import MSG_KERNEL_BUSY
+from qmagic.extension import get_session, load_ipython_extension, unload_ipython_extension
+from qmagic.kernel import MSG_NO_KERNEL_LOOP
+from qmagic.magics import split_words
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def qm(ip):
+    """The shell with qmagic loaded and a few functions defined; yields the worker."""
+    load_ipython_extension(ip)
+    ip.run_cell(
+        "import threading\n"
+        "import qmagic\n"
+        "def add(a, b=1):\n"
+        "    print('adding', a, b)\n"
+        "    return a + b\n"
+        "def echo(*args, **kwargs):\n"
+        "    return args, kwargs\n"
+        "def boom(x):\n"
+        "    raise ValueError(f'bad value {x}')\n"
+        "gate = threading.Event()\n"
+        "def blocked():\n"
+        "    while not gate.is_set():\n"
+        "        qmagic.cancellable_sleep(0.05)\n"
+        "    return 'released'\n"
+    ).raise_error()
+    ip.user_ns["gate"].clear()
+    yield qmagic.get_worker()
+    ip.user_ns["gate"].set()
+
+
+def line(ip, magic, arg=""):
+    return ip.run_line_magic(magic, arg)
+
+
+# =========================================================================================
+# splitting arguments
+# =========================================================================================
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("f 1 2", ["f", "1", "2"]),
+        ('f "a b" c', ["f", '"a b"', "c"]),
+        ("f [1, 2] {'k': (3, 4)}", ["f", "[1, 2]", "{'k': (3, 4)}"]),
+        ("f x=[1, 2] label='run 3'", ["f", "x=[1, 2]", "label='run 3'"]),
+        ("f 'it''s' \"q\\\"x\"", ["f", "'it''s'", '"q\\"x"']),
+        ("f '''a b''' -1", ["f", "'''a b'''", "-1"]),
+        ("  f   ", ["f"]),
+    ],
+)
+def test_split_words_keeps_quotes_and_brackets(source, words):
+    assert [w for w, _, _ in split_words(source)] == words
+
+
+@pytest.mark.parametrize("source", ["f [1, 2", "f 1)", "f 'abc", "f (]"])
+def test_split_words_rejects_unbalanced(source):
+    with pytest.raises(UsageError):
+        split_words(source)
+
+
+# =========================================================================================
+# loading
+# =========================================================================================
+def test_load_registers_and_unload_removes_everything(ip):
+    names = ["function_execute", "task_status", "task_result", "task_cancel", "tasks",
+             "script_upload", "lock", "unlock", "lock_info"]
+    events_before = {k: list(v) for k, v in ip.events.callbacks.items()}
+    matchers_before = list(ip.Completer.custom_matchers)
+    load_ipython_extension(ip)
+    worker = qmagic.get_worker()
+    load_ipython_extension(ip)  # a second load is a silent no-op
+    assert qmagic.get_worker() is worker
+    for name in names:
+        assert name in ip.magics_manager.magics["line"], name
+    assert "script_upload" in ip.magics_manager.magics["cell"]
+    assert "QMagicMagics" in ip.magics_manager.registry
+    assert len(ip.events.callbacks["pre_run_cell"]) == len(events_before["pre_run_cell"]) + 1
+    assert worker.hidden_names >= {"In", "Out", "get_ipython", "exit"}
+    assert "get_ipython" not in worker.functions_available()
+
+    unload_ipython_extension(ip)
+    for name in names:
+        assert name not in ip.magics_manager.magics["line"], name
+    assert "script_upload" not in ip.magics_manager.magics["cell"]
+    assert "QMagicMagics" not in ip.magics_manager.registry
+    assert {k: list(v) for k, v in ip.events.callbacks.items()} == events_before
+    assert ip.Completer.custom_matchers == matchers_before
+    assert qmagic.Task not in ip.display_formatter.formatters["text/plain"].type_printers
+    assert get_session(ip) is None
+    with pytest.raises(RuntimeError, match="%load_ext qmagic"):
+        qmagic.get_worker()
+    with pytest.raises(qmagic.RequestRefused, match="closed"):
+        worker.submit(lambda: 1)
+
+    load_ipython_extension(ip)  # load -> unload -> load
+    assert qmagic.get_worker() is not worker
+    assert "function_execute" in ip.magics_manager.magics["line"]
+
+
+def test_load_ext_through_the_extension_manager(ip):
+    ip.run_line_magic("load_ext", "qmagic")
+    assert "qmagic" in ip.extension_manager.loaded
+    assert get_session(ip) is not None
+    ip.run_line_magic("unload_ext", "qmagic")
+    assert get_session(ip) is None
+    assert "function_execute" not in ip.magics_manager.magics["line"]
+
+
+def test_worker_is_configured_from_the_shell_config(ip):
+    ip.config.QMagic.default_user = "Alice"
+    try:
+        load_ipython_extension(ip)
+        assert qmagic.get_worker().default_user == "Alice"
+    finally:
+        del ip.config.QMagic["default_user"]
+
+
+# =========================================================================================
+# %function_execute
+# =========================================================================================
+def test_foreground_call_returns_completed_task(qm, ip, capsys):
+    ip.user_ns["x"] = 10
+    task = line(ip, "function_execute", "add x b=[1, 2][1]")
+    assert task.status.value == "completed" and task.result() == 12
+    assert not task.background and task.origin == "magic"
+    assert task.output == "adding 10 2\n"
+    assert "adding 10 2" in capsys.readouterr().out
+    assert ip.display_formatter.format(task)[0]["text/plain"] == text.task_line(task)
+    assert text.task_line(task) == "add(10, b=2)  qmagic user  foreground  completed"
+
+
+def test_arguments_are_python_expressions(qm, ip):
+    ip.user_ns["v"] = {"k": 1}
+    task = line(ip, "function_execute", "echo 'a b' \"c\" [1, 2] (3 + 4) v -1 s='x y' d={'q': 1}")
+    args, kwargs = task.result()
+    assert args == ("a b", "c", [1, 2], 7, {"k": 1}, -1)
+    assert kwargs == {"s": "x y", "d": {"q": 1}}
+
+
+def test_options_are_parsed(qm, ip):
+    task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' --group primary echo 1")
+    assert task.background and task.done()
+    assert task.user == "Ann Lee" and task.user_group == "primary"
+    task = line(ip, "function_execute", "--background --wait echo 2")
+    assert task.result() == ((2,), {})
+
+
+def test_background_returns_at_once_and_wait_blocks(qm, ip):
+    task = line(ip, "function_execute", "-b blocked")
+    assert task.background and not task.done()
+    ip.user_ns["gate"].set()
+    assert task.wait(TIMEOUT) and task.result() == "released"
+    ip.run_cell("t = %function_execute -b --wait add 1").raise_error()
+    assert ip.user_ns["t"].result() == 2
+
+
+def test_foreground_failure_raises_the_functions_exception(qm, ip):
+    with pytest.raises(ValueError, match="bad value 3"):
+        line(ip, "function_execute", "boom 3")
+    task = qm.last_task
+    assert task.status.value == "failed" and "ValueError: bad value 3" in task.traceback
+    # with --wait, a background failure raises too
+    with pytest.raises(ValueError, match="bad value 4"):
+        line(ip, "function_execute", "-b --wait boom 4")
+
+
+def test_foreground_keyboard_interrupt_is_recorded_and_reraised(qm, ip):
+    ip.run_cell("def interrupted():\n    raise KeyboardInterrupt\n").raise_error()
+    with pytest.raises(KeyboardInterrupt, match="interrupted"):
+        line(ip, "function_execute", "interrupted")
+    task = qm.last_task
+    assert task.status.value == "cancelled"
+    assert task.traceback.strip().splitlines()[-1] == "KeyboardInterrupt"
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("", "function name"),
+        ("-b", "function name"),
+        ("--bogus add", "unrecognized"),
+        ("--user", "expected one argument"),
+        ("add [1, 2", "Missing"),
+        ("add undefined_name_xyz", "NameError"),
+        ("add b=1 2", "follows a keyword"),
+        ("add b=1 b=2", "twice"),
+        ("add b=", "Missing value"),
+        ("1add", "not a function name"),
+    ],
+)
+def test_bad_input_is_a_usage_error(qm, ip, arg, message):
+    before = len(qm.tasks())
+    with pytest.raises(UsageError, match=message):
+        line(ip, "function_execute", arg)
+    assert len(qm.tasks()) == before
+
+
+def test_help_shows_every_option(qm, ip):
+    doc = ip.find_line_magic("function_execute").__doc__
+    for option in ("--background", "--user", "--group", "--lock-key", "--wait", "KEY=VALUE"):
+        assert option in doc
+    for name in ("task_status", "task_result", "task_cancel", "tasks", "script_upload",
+                 "lock", "unlock", "lock_info"):
+        assert ip.find_line_magic(name).__doc__.strip()
+
+
+def test_refusals_are_one_line_usage_errors(qm, ip):
+    qm.user_group_permissions = {
+        "user_groups": {"root": {"allowed_functions": [None]},
+                        "primary": {"allowed_functions": ["add"]}}
+    }
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", "echo 1")
+    assert str(info.value) == "Function 'echo' is not allowed for users from 'primary' group."
+    assert line(ip, "function_execute", "add 1").result() == 2
+
+
+def test_missing_function_fails_the_task_with_a_clear_message(qm, ip):
+    with pytest.raises(NameError, match="not defined in the worker namespace"):
+        line(ip, "function_execute", "no_such_function_here")
+
+
+# =========================================================================================
+# the busy rule and foreground requests from other threads
+# =========================================================================================
+def test_foreground_request_from_a_thread_while_a_cell_runs_is_refused(qm, ip):
+    ip.run_cell(
+        "replies = {}\n"
+        "def probe():\n"
+        "    w = qmagic.get_worker()\n"
+        "    replies['state'] = w.status()['ip_kernel_state']\n"
+        "    replies['fg'] = w.function_execute({'name': 'add', 'args': [1]}, origin='remote')\n"
+        "    replies['bg'] = w.function_execute({'name': 'add', 'args': [1]},\n"
+        "                                       run_in_background=True, origin='remote')\n"
+        "th = threading.Thread(target=probe)\n"
+        "th.start(); th.join(10)\n"
+    ).raise_error()
+    replies = ip.user_ns["replies"]
+    assert replies["state"] == "busy"
+    assert replies["fg"]["success"] is False and replies["fg"]["msg"] == MSG_KERNEL_BUSY
+    assert replies["bg"]["success"] is True
+    assert qm.get_task(replies["bg"]["task_uid"]).wait(TIMEOUT)  # it prints: let it finish
+    assert qm.status()["ip_kernel_state"] == "idle"  # after the cell
+
+
+def test_without_a_kernel_loop_foreground_requests_from_threads_are_refused(qm):
+    replies = []
+    th = threading.Thread(target=lambda: replies.append(qm.function_execute({"name": "add", "args": [1]})))
+    th.start()
+    th.join(TIMEOUT)
+    assert replies[0]["success"] is False
+    assert replies[0]["msg"] == MSG_NO_KERNEL_LOOP
+
+
+def test_kernel_interrupt_is_refused_during_a_foreground_task_unless_asked(qm, ip):
+    if not hasattr(signal, "pthread_kill"):
+        pytest.skip("needs pthread_kill")
+    ip.run_cell(
+        "seen = {}\n"
+        "def selfstop():\n"
+        "    w = qmagic.get_worker()\n"
+        "    seen['plain'] = w.kernel_interrupt()\n"
+        "    seen['asking'] = True\n"
+        "    w.kernel_interrupt(interrupt_task=True)  # the interrupt lands in here\n"
+        "    threading.Event().wait(10)\n"
+        "    seen['not reached'] = True\n"
+    ).raise_error()
+    with pytest.raises(KeyboardInterrupt):
+        line(ip, "function_execute", "selfstop")
+    seen = ip.user_ns["seen"]
+    assert seen["plain"] == {
+        "success": False,
+        "msg": "Failed to interrupt IPython kernel: Not allowed to interrupt running task",
+    }
+    assert seen["asking"] and "not reached" not in seen
+    assert qm.last_task.status.value == "cancelled"
+
+
+# =========================================================================================
+# %task_status, %task_result, %task_cancel, %tasks
+# =========================================================================================
+def test_task_status_and_result(qm, ip, capsys):
+    capsys.readouterr()
+    line(ip, "task_status")
+    assert capsys.readouterr().out == "No tasks.\n"
+    task = line(ip, "function_execute", "add 1 b=5")
+    capsys.readouterr()
+    line(ip, "task_status", f"{task.uid[:6]} {task.uid} ffffffff")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{task.uid[:6]}: completed"
+    assert out[1] == f"{task.uid}: completed"
+    assert out[2].startswith("ffffffff: not found")
+    line(ip, "task_result")
+    assert capsys.readouterr().out == (
+        "add(1, b=5)  qmagic user  foreground  completed\nresult: 6\noutput:\n    adding 1 5\n"
+    )
+    with pytest.raises(UsageError, match="too short"):
+        line(ip, "task_result", task.uid[:3])
+    with pytest.raises(ValueError):
+        line(ip, "function_execute", "boom 1")
+    line(ip, "task_result")
+    detail = capsys.readouterr().out
+    assert detail.startswith("boom(1)  qmagic user  foreground  failed\ntraceback:\n")
+    assert "ValueError: bad value 1" in detail and "engine.py" not in detail
+
+
+def test_task_cancel(qm, ip, capsys):
+    task = line(ip, "function_execute", "-b blocked")
+    capsys.readouterr()
+    line(ip, "task_cancel", task.uid[:8])
+    assert capsys.readouterr().out.startswith("Cancel requested: blocked()  qmagic user  background")
+    assert task.wait(TIMEOUT) and task.status.value == "cancelled"
+    with pytest.raises(UsageError, match="already finished"):
+        line(ip, "task_cancel", task.uid)
+    with pytest.raises(UsageError, match="exactly one"):
+        line(ip, "task_cancel")
+    with pytest.raises(UsageError, match="exactly one"):
+        line(ip, "task_cancel", f"{task.uid} --all")
+    with pytest.raises(UsageError, match="No task"):
+        line(ip, "task_cancel", "ffffffff")
+    t1 = line(ip, "function_execute", "-b blocked")
+    t2 = line(ip, "function_execute", "-b blocked")
+    capsys.readouterr()
+    line(ip, "task_cancel", "--all --force")
+    assert capsys.readouterr().out == "Cancel requested for 2 tasks (forced if it does not stop).\n"
+    assert t1.wait(TIMEOUT) and t2.wait(TIMEOUT)
+    assert t1.status.value == t2.status.value == "cancelled"
+
+
+def test_tasks_table(qm, ip, capsys):
+    for i in range(12):
+        line(ip, "function_execute", f"add {i}")
+    running = line(ip, "function_execute", "-b blocked")
+    capsys.readouterr()
+    line(ip, "tasks")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["task", "user", "mode", "status", "progress"]
+    assert out[1].startswith("blocked()") and "running" in out[1] or "queued" in out[1]
+    assert out[2].startswith("add(11)")
+    assert len(out) == 1 + 10 + 1 and out[-1] == "(3 more tasks not shown; use --all)"
+    line(ip, "tasks", "--all")
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 13
+    line(ip, "tasks", "--running")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith("blocked()")
+    with pytest.raises(UsageError):
+        line(ip, "tasks", "--all --running")
+    ip.user_ns["gate"].set()
+    assert running.wait(TIMEOUT)
+
+
+# =========================================================================================
+# %script_upload
+# =========================================================================================
+def test_script_upload_file_and_cell(qm, ip, tmp_path):
+    script = tmp_path / "setup script.py"
+    script.write_text("sample_name = 'S1'\ndef measure(n):\n    return n * 2\n")
+    task = line(ip, "script_upload", f"'{script}'")
+    assert task.status.value == "completed" and task.kind == "script"
+    assert task.namespace_changes["added"] == ["measure", "sample_name"]
+    assert "measure" in qm.functions_available()
+    assert line(ip, "function_execute", "measure 4").result() == 8
+
+    result = ip.run_cell("%%script_upload\nsample_name = 'S2'\n")
+    assert result.success and result.result.namespace_changes["changed"] == ["sample_name"]
+    assert ip.user_ns["sample_name"] == "S2"
+
+    task = line(ip, "script_upload", f"-b --no-update-lists '{script}'")
+    assert task.background and task.wait(TIMEOUT) and task.status.value == "completed"
+
+
+def test_failing_script_leaves_the_namespace_unchanged(qm, ip):
+    ip.user_ns["keep"] = 1
+    before = set(ip.user_ns)
+    result = ip.run_cell("%%script_upload\nkeep = 2\nnew_name = 3\nraise RuntimeError('half way')\n")
+    assert isinstance(result.error_in_exec, RuntimeError)
+    assert ip.user_ns["keep"] == 1 and "new_name" not in ip.user_ns
+    assert set(ip.user_ns) - before <= {"_", "__", "___"} | {k for k in ip.user_ns if k.startswith("_i")}
+    assert qm.last_task.status.value == "failed"
+
+
+def test_script_upload_usage_errors(qm, ip, tmp_path):
+    with pytest.raises(UsageError, match="Give the script file"):
+        line(ip, "script_upload")
+    with pytest.raises(UsageError, match="Cannot read the script"):
+        line(ip, "script_upload", str(tmp_path / "missing.py"))
+    with pytest.raises(UsageError, match="takes no PATH"):
+        ip.run_cell_magic("script_upload", "some.py", "x = 1\n")
+
+
+# =========================================================================================
+# %lock, %unlock, %lock_info
+# =========================================================================================
+def test_lock_magics(qm, ip, capsys):
+    line(ip, "lock_info")
+    assert capsys.readouterr().out == "Not locked.\n"
+    line(ip, "lock", "--note 'Changing samples' --user Alice")
+    assert capsys.readouterr().out == "Locked by Alice: environment\nNote: Changing samples\n"
+    line(ip, "lock_info")
+    assert capsys.readouterr().out == "Locked by Alice: environment\nNote: Changing samples\n"
+    # this kernel remembers the key: its own magics keep working
+    assert line(ip, "function_execute", "add 1").result() == 2
+    capsys.readouterr()
+    line(ip, "lock", "-a")
+    assert capsys.readouterr().out == "Locked by qmagic user: environment, queue\n"
+    line(ip, "unlock")
+    assert capsys.readouterr().out == "Not locked.\n"
+
+
+def test_lock_with_another_key_refuses_tasks(qm, ip, capsys):
+    line(ip, "lock", "-e --key secret-1")
+    qm._remembered_key = None  # as another kernel without the key
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", "add 1")
+    assert str(info.value).startswith("Invalid lock key: \nRE Manager is locked by qmagic user")
+    with pytest.raises(UsageError, match="does not hold the key"):
+        line(ip, "unlock")
+    with pytest.raises(UsageError, match="Invalid lock key"):
+        line(ip, "unlock", "--key wrong")
+    assert line(ip, "function_execute", "--lock-key secret-1 add 1").result() == 2
+    line(ip, "unlock", "--key secret-1")
+    assert capsys.readouterr().out.endswith("Not locked.\n")
+    with pytest.raises(UsageError, match="no arguments"):
+        line(ip, "lock_info", "extra")
+
+
+# =========================================================================================
+# completion
+# =========================================================================================
+def _completions(ip, text):
+    from IPython.core.completer import provisionalcompleter
+
+    with provisionalcompleter():
+        return {c.text for c in ip.Completer.completions(text, len(text))}
+
+
+def test_completion_offers_namespace_functions_after_the_options(qm, ip):
+    ip.run_cell("def scan_fast(): pass\ndef scan_slow(): pass\nscan_value = 3\n").raise_error()
+    assert {"scan_fast", "scan_slow"} <= _completions(ip, "%function_execute scan_")
+    found = _completions(ip, "%function_execute -b --user Ann scan_")
+    assert {"scan_fast", "scan_slow"} <= found and "scan_value" not in found
+    # not in the option value position, nor after the name
+    assert "scan_fast" not in _completions(ip, "%function_execute --user scan_")
+    assert "scan_fast" not in _completions(ip, "%tasks scan_")
+
+
+# =========================================================================================
+# text forms (qmagic.text)
+# =========================================================================================
+def test_text_forms_show_progress_script_changes_and_no_key(qm, ip, capsys):
+    ip.run_cell("def half():\n    qmagic.report_progress(2, 4, 'half')\n").raise_error()
+    task = line(ip, "function_execute", "half")
+    assert text.task_line(task) == "half()  qmagic user  foreground  completed  2/4 half"
+    assert text.task_table([task]) == (
+        "task    user         mode        status     progress\n"
+        "half()  qmagic user  foreground  completed  2/4 half"
+    )
+    assert text.task_table([], hidden=1) == "No tasks.\n(1 more task not shown; use --all)"
+    assert ip.run_cell("%%script_upload\nzz_new = 1\n").success
+    capsys.readouterr()
+    line(ip, "task_result")
+    assert capsys.readouterr().out == "<script>  qmagic user  foreground  completed\nadded: zz_new\n"
+    info = {"environment": True, "queue": False, "user": "Bo", "time": 1.0, "time_str": "x",
+            "note": None, "emergency_lock_key_is_set": True}
+    assert text.lock_text(info) == "Locked by Bo: environment\n(An emergency unlock key is set.)"
+    assert text.lock_text({"success": True, "lock_info": info}) == text.lock_text(info)
