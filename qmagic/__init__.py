@@ -10,9 +10,11 @@ __version__ = "0.1.0"
 from .config import QMagic
 from .context import cancellable_sleep, current_task, raise_if_cancelled, report_progress
 from .errors import (
+    ControlChannelError,
     InvalidTransition,
     LockRefused,
     PermissionRefused,
+    PermissionsFormatError,
     QMagicError,
     RequestRefused,
     StateFileError,
@@ -21,8 +23,32 @@ from .errors import (
 )
 from .events import Subscription
 from .extension import get_worker, load_ipython_extension, unload_ipython_extension
+from .permissions import DEFAULT_PERMISSIONS, Permissions
 from .tasks import Progress, Task, TaskStatus
 from .worker import Worker
+
+
+def __getattr__(name: str):
+    # Imported when first asked for: panels and the control channel need ipywidgets and
+    # pyzmq, and `python -m qmagic.locks` / `-m qmagic.journal` must not find their module
+    # already imported by the package.
+    if name in ("history", "history_dataframe"):
+        from . import logbook
+
+        return getattr(logbook, name)
+    if name == "get_default_lock_key":
+        from .locks import get_default_lock_key
+
+        return get_default_lock_key
+    if name == "ControlChannel":
+        from .control import ControlChannel
+
+        return ControlChannel
+    if name in ("TaskPanel", "LockPanel"):
+        from . import panels
+
+        return getattr(panels, name)
+    raise AttributeError(f"module 'qmagic' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -36,6 +62,14 @@ __all__ = [
     "report_progress",
     "raise_if_cancelled",
     "cancellable_sleep",
+    "Permissions",
+    "DEFAULT_PERMISSIONS",
+    "ControlChannel",
+    "TaskPanel",
+    "LockPanel",
+    "history",
+    "history_dataframe",
+    "get_default_lock_key",
     "QMagicError",
     "TaskNotFound",
     "RequestRefused",
@@ -44,6 +78,8 @@ __all__ = [
     "InvalidTransition",
     "StateFileError",
     "TaskCancelled",
+    "PermissionsFormatError",
+    "ControlChannelError",
     "get_worker",
     "load_ipython_extension",
     "unload_ipython_extension",

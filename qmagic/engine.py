@@ -39,6 +39,7 @@ from .tasks import Task, TaskStatus, format_exception
 
 __all__ = [
     "Engine",
+    "TaskObserver",
     "ForegroundRunner",
     "ThreadForegroundRunner",
     "ContextHook",
@@ -138,6 +139,19 @@ class ContextHook(Protocol):
         """Called in the running thread; returns a context manager active around the call."""
 
 
+class TaskObserver(Protocol):
+    """Hears about every task synchronously, outside locks (qmagic's journal is one)."""
+
+    def task_queued(self, task: Task) -> None:
+        """A task really waits: no free thread, or handed to the busy foreground owner."""
+
+    def task_started(self, task: Task) -> None:
+        """In the task's thread, after it became running, before the function is called."""
+
+    def task_finished(self, task: Task) -> None:
+        """After the final status, result and traceback are set."""
+
+
 class Engine:
     """Runs :class:`Task` objects; see the module docstring."""
 
@@ -168,6 +182,8 @@ class Engine:
         self.results_uid = f"{self._uid_prefix}-0"
         #: Called with each task when it is dropped from memory (retention).
         self.on_expire: Callable[[Task], None] | None = None
+        #: Told about every task synchronously (the journal): see :class:`TaskObserver`.
+        self.observers: list[TaskObserver] = []
 
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
@@ -231,12 +247,21 @@ class Engine:
             self._queued += 1
             task._in_queue = True
             self.bus.emit(task, status="queued")
+            waits = False
             if self._idle > 0:
                 self._idle -= 1  # reserve an idle thread: it will take this task
             elif self._threads < self.max_background:
                 self._threads += 1
                 threading.Thread(target=self._worker_loop, name="qmagic-task", daemon=True).start()
-            self._pending.put(task)
+            else:
+                waits = True
+            if not (waits and self.observers):
+                self._pending.put(task)
+                return
+        # A task that really waits is announced before any thread can take it, so its
+        # "queued" record always comes before its "start" record.
+        self._notify("task_queued", task)
+        self._pending.put(task)
 
     def _start_foreground(self, task: Task) -> None:
         owner = self.foreground.owns_current_thread()
@@ -286,6 +311,9 @@ class Engine:
                 self._tasks[task.uid] = task
                 self._last = task
             self.bus.emit(task, status="queued")
+        # Outside the task's lock (observers take it); an observer sees the task still
+        # queued or, if the owner thread already started it, skips the queued record.
+        self._notify("task_queued", task)
 
     def _end_foreground(self, task: Task) -> None:
         with self._lock:
@@ -349,6 +377,8 @@ class Engine:
                     task._in_user_code = True
                     self.bus.emit(task, status="running")
             if start:
+                if self.observers:
+                    self._notify("task_started", task)
                 capture.ensure_streams()
                 token = _current.set(task)
                 try:
@@ -409,8 +439,17 @@ class Engine:
                     )
         task._after_finish()
 
+    def _notify(self, event: str, task: Task) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(task)
+            except Exception:  # noqa: BLE001 - an observer must never break a task
+                log.exception("qmagic: task observer %r failed on %s", observer, event)
+
     def _task_finished(self, task: Task) -> None:
         """Called once per task after its final transition (see Task._after_finish)."""
+        if self.observers:
+            self._notify("task_finished", task)
         expired: list[Task] = []
         with self._lock:
             self.results_uid = f"{self._uid_prefix}-{next(self._results_seq)}"

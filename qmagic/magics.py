@@ -376,7 +376,11 @@ class QMagicMagics(Magics):
             try:
                 task = self.worker.get_task(uid)
             except TaskNotFound as exc:
-                print(f"{uid}: not found ({exc})")
+                record = self.worker.journal_record(uid)
+                if record is None:
+                    print(f"{uid}: not found ({exc})")
+                else:
+                    print(f"{uid}: {record['status']} (from the journal)")
                 continue
             print(f"{uid}: {task.status.value}")
 
@@ -389,6 +393,14 @@ class QMagicMagics(Magics):
         Without UID: the latest task.  The value itself: ``get_worker().get_task(UID).result()``.
         """
         opts = parse_argstring(self.task_result, line)
+        if opts.uid is not None:
+            try:
+                self.worker.get_task(opts.uid)
+            except TaskNotFound:
+                record = self.worker.journal_record(opts.uid)
+                if record is not None:  # a task of an earlier kernel, or one forgotten
+                    print(text.record_detail(record))
+                    return
         task = self._task(opts.uid)
         print(text.task_detail(task) if task is not None else "No tasks.")
 
@@ -432,17 +444,32 @@ class QMagicMagics(Magics):
     @magic_arguments()
     @argument("--all", action="store_true", dest="all", help="Every task kept in memory.")
     @argument("--running", action="store_true", help="Only queued and running tasks.")
+    @argument(
+        "--history", nargs="?", const=20, type=int, default=None, metavar="N",
+        help="The newest N tasks of the persistent journal (default 20), from this and "
+        "earlier kernels, with when they were submitted.",
+    )
     @line_magic
     def tasks(self, line: str) -> None:
-        """Show tasks, newest first: the latest ones (default), --all, or only --running.
+        """Show tasks, newest first: the latest ones (default), --all, or only --running;
+        --history [N] lists the experiment log (the journal), also of earlier kernels.
 
         With widgets: a live panel with progress bars and cancel buttons; otherwise a text
-        table.  Finished tasks stay QMagic.task_retention_s seconds.
+        table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the journal
+        keeps them for QMagic.journal_max_age_s.
         """
         opts = parse_argstring(self.tasks, line)
-        if opts.all and opts.running:
-            raise UsageError("Give at most one of --all and --running.")
-        # A future --history [N] (the persistent journal) belongs here.
+        if sum(bool(x) for x in (opts.all, opts.running, opts.history is not None)) > 1:
+            raise UsageError("Give at most one of --all, --running and --history.")
+        if opts.history is not None:
+            if opts.history < 1:
+                raise UsageError("--history N needs N >= 1 (the number of tasks to list).")
+            try:
+                records = self.worker.history(limit=opts.history)
+            except RuntimeError as exc:
+                raise UsageError(str(exc)) from None
+            print(text.history_table(records))
+            return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
         if self._show_panel(lambda m: m.TaskPanel(self.worker, show=show, max_rows=max_rows)):

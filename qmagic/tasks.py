@@ -314,30 +314,45 @@ class Task:
 
     # -- plain data ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly snapshot (the result and exception are given as repr/text)."""
+        """A snapshot as plain data: the call, who, where, times, status, progress, the
+        result (the object itself), the error text and the traceback."""
         with self._mutex:
-            progress = self._progress._asdict() if self._progress is not None else None
-            return {
-                "uid": self.uid,
-                "name": self.name,
-                "kind": self.kind,
-                "args": list(self.args),
-                "kwargs": dict(self.kwargs),
-                "user": self.user,
-                "user_group": self.user_group,
-                "background": self.background,
-                "origin": self.origin,
-                "status": self._status.value,
-                "submitted_at": self.submitted_at,
-                "started_at": self.started_at,
-                "finished_at": self.finished_at,
-                "progress": progress,
-                "result": self._result,
-                "error": _exc_text(self._exception) if self._exception is not None else None,
-                "error_type": type(self._exception).__name__ if self._exception else None,
-                "traceback": self._traceback,
-                "namespace_changes": self.namespace_changes,
-            }
+            return self.to_dict_locked()
+
+    def to_dict_locked(self) -> dict[str, Any]:
+        """:meth:`to_dict` for a caller that holds the task's lock."""
+        progress = self._progress._asdict() if self._progress is not None else None
+        return {
+            "uid": self.uid,
+            "name": self.name,
+            "kind": self.kind,
+            "args": list(self.args),
+            "kwargs": dict(self.kwargs),
+            "user": self.user,
+            "user_group": self.user_group,
+            "background": self.background,
+            "origin": self.origin,
+            "status": self._status.value,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": progress,
+            "result": self._result,
+            "error": self._error_text(),
+            "error_type": (
+                type(self._exception).__name__ if self._exception is not None
+                else "TaskCancelled" if self._status is TaskStatus.CANCELLED else None
+            ),
+            "traceback": self._traceback,
+            "namespace_changes": self.namespace_changes,
+        }
+
+    def _error_text(self) -> str | None:
+        if self._exception is not None:
+            return _exc_text(self._exception)
+        if self._status is TaskStatus.CANCELLED:
+            return self._cancel_reason
+        return None
 
     def call_text(self, width: int = 60) -> str:
         """``name(arg, ..., key=value)`` shortened to about ``width`` characters."""

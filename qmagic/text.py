@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Task
 
-__all__ = ["task_line", "task_table", "task_detail", "lock_text", "progress_text", "user_traceback"]
+__all__ = [
+    "task_line", "task_table", "task_detail", "lock_text", "progress_text", "user_traceback",
+    "history_table", "record_detail",
+]
 
 #: Width of the call column in :func:`task_table`.
 CALL_WIDTH = 40
@@ -175,3 +178,78 @@ def lock_text(lock_info: dict) -> str:
     if emergency:
         text += "\n(An emergency unlock key is set.)"
     return text
+
+
+def _record_call(record: dict, width: int = CALL_WIDTH) -> str:
+    from .journal import SUMMARY_KEY
+
+    def short(value: Any) -> str:
+        if isinstance(value, dict) and SUMMARY_KEY in value:
+            value = value.get("repr") or f"<{value.get('type', 'value')}>"
+            text = str(value)
+        else:
+            text = _safe_repr(value, 24)
+        return text if len(text) <= 24 else text[:21] + "..."
+
+    if record.get("kind") == "script":
+        return "<script>"
+    parts = [short(a) for a in record.get("args") or []]
+    parts += [f"{k}={short(v)}" for k, v in (record.get("kwargs") or {}).items()]
+    call = f"{record.get('name', '?')}({', '.join(parts)})"
+    return call if len(call) <= width else call[: width - 4] + "...)"
+
+
+def record_detail(record: dict) -> str:
+    """A journal record (a task of this or an earlier kernel) in the form of
+    :func:`task_detail`: the call, who, status; the result or the traceback; no times."""
+    from .journal import SUMMARY_KEY
+
+    mode = "background" if record.get("background") else "foreground"
+    lines = ["  ".join(x for x in (_record_call(record, 60), str(record.get("user") or ""), mode,
+                                   str(record.get("status") or ""), "(from the journal)") if x)]
+    if record.get("status") == "completed":
+        value = record.get("result")
+        if isinstance(value, dict) and SUMMARY_KEY in value:
+            lines.append(f"result (summary): {value.get('repr') or value.get('type')}")
+        elif record.get("kind") != "script":
+            lines.append(f"result: {_safe_repr(value)}")
+    elif record.get("traceback"):
+        lines.append("traceback:")
+        lines.append(_indent(user_traceback(record["traceback"])))
+    elif record.get("error"):
+        lines.append(f"{record.get('status')}: {record['error']}")
+    return "\n".join(lines)
+
+
+def history_table(records: Iterable[dict]) -> str:
+    """Journal records (``qmagic.history()``) as a table, newest first.
+
+    Unlike the other forms here this one shows when each task was submitted (local time,
+    to the second): it is the experiment log.  No uids.
+    """
+    import time as _time
+
+    rows = []
+    for rec in records:
+        when = rec.get("submitted_at")
+        stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(when)) if when else "?"
+        note = ""
+        if (rec.get("journal") or {}).get("orphaned"):
+            note = "kernel stopped while the task was running"
+        elif rec.get("status") in ("failed", "cancelled") and rec.get("error"):
+            note = str(rec["error"]).splitlines()[0][:60]
+        rows.append([
+            stamp,
+            _record_call(rec),
+            str(rec.get("user") or ""),
+            str(rec.get("origin") or ""),
+            "background" if rec.get("background") else "foreground",
+            str(rec.get("status") or ""),
+            note,
+        ])
+    if not rows:
+        return "The journal holds no tasks."
+    header = ["submitted", "task", "user", "origin", "mode", "status", "note"]
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip() for row in table)

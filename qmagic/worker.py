@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from traitlets import observe
 
@@ -31,6 +31,9 @@ from .engine import Engine, ForegroundRunner
 from .errors import RequestRefused, TaskNotFound
 from .events import Subscription
 from .tasks import Task, TaskStatus
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .journal import Journal
 
 __all__ = ["Worker"]
 
@@ -47,6 +50,24 @@ def _json_ok(value: Any) -> tuple[bool, str]:
         return True, ""
     except (TypeError, ValueError, OverflowError) as exc:
         return False, str(exc)
+
+
+class _JournalObserver:
+    """Appends every task's record to the journal (the experiment log)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def task_queued(self, task: Task) -> None:
+        with task._mutex:  # never after the task's "end" record
+            if task.status is TaskStatus.QUEUED:
+                self.journal.append("queued", task.to_dict_locked())
+
+    def task_started(self, task: Task) -> None:
+        self.journal.append("start", task.to_dict())
+
+    def task_finished(self, task: Task) -> None:
+        self.journal.append("end", task.to_dict())
 
 
 class Worker(QMagic):
@@ -97,6 +118,9 @@ class Worker(QMagic):
         self._status_uid = str(uuid.uuid4())
         self._permissions = self._load_permissions()
         self._locks = self._make_lock_store()
+        self._journal: Journal | None = None
+        self._journal_observer: _JournalObserver | None = None
+        self._open_journal()
         self.refresh_catalog()
 
     # =====================================================================================
@@ -134,6 +158,58 @@ class Worker(QMagic):
     def _lock_setting_changed(self, change: Mapping[str, Any]) -> None:
         if getattr(self, "engine", None) is not None:
             self._locks = self._make_lock_store()
+            if change["name"] != "emergency_lock_key":
+                self._open_journal()
+
+    @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
+             "journal_summary_chars")
+    def _journal_setting_changed(self, change: Mapping[str, Any]) -> None:
+        if getattr(self, "engine", None) is not None:
+            self._open_journal()
+
+    def _open_journal(self) -> None:
+        """(Re)open the journal for the current settings; the old one is closed."""
+        from .journal import Journal
+        from .paths import default_state_dir
+
+        old, old_observer = self._journal, self._journal_observer
+        journal = None
+        if self.journal_enabled:
+            journal = Journal(
+                self.state_dir or default_state_dir(),
+                self.environment_name,
+                max_bytes=self.journal_max_bytes,
+                max_age_s=self.journal_max_age_s,
+                fsync=self.journal_fsync,
+                summary_chars=self.journal_summary_chars,
+            )
+        observer = _JournalObserver(journal) if journal is not None else None
+        observers = [o for o in self.engine.observers if o is not old_observer]
+        self.engine.observers = observers + ([observer] if observer is not None else [])
+        self._journal, self._journal_observer = journal, observer
+        if old is not None:
+            old.close()
+        if journal is not None:
+            threading.Thread(
+                target=self._prepare_journal, args=(journal,), name="qmagic-journal", daemon=True
+            ).start()
+
+    @staticmethod
+    def _prepare_journal(journal: Journal) -> None:
+        """Mark tasks of dead kernels as failed and index the journal (in the background)."""
+        from .errors import StateFileError
+
+        try:
+            count = journal.mark_orphans()
+            if count:
+                log.warning(
+                    "qmagic: %d task(s) were queued or running when their kernel stopped; "
+                    "they are recorded as failed (see %%tasks --history).",
+                    count,
+                )
+            journal.load()
+        except (StateFileError, OSError) as exc:
+            log.warning("qmagic: the task journal could not be read: %s", exc)
 
     def _load_permissions(self):
         from .permissions import Permissions
@@ -464,7 +540,45 @@ class Worker(QMagic):
         try:
             return self.get_task(uid).status.wire
         except TaskNotFound:
-            return "not_found"
+            record = self.journal_record(uid)
+            return "not_found" if record is None else TaskStatus(record["status"]).wire
+
+    def journal_record(self, uid: str) -> dict[str, Any] | None:
+        """The journal's record of a task, also of earlier kernels: by uid, or by a unique
+        uid prefix of at least 4 characters.
+
+        None when the journal is off, unreadable, or does not know the uid (or the prefix
+        is ambiguous).  Tasks that were queued or running when their kernel died read as
+        failed with the reason "kernel stopped while the task was running".
+        """
+        from .engine import MIN_UID_PREFIX
+        from .errors import StateFileError
+
+        if self._journal is None or not isinstance(uid, str) or not uid:
+            return None
+        try:
+            record = self._journal.get(uid)
+            if record is None and len(uid) >= MIN_UID_PREFIX:
+                matches = self._journal.records(uid=uid, limit=2)
+                record = matches[0] if len(matches) == 1 else None
+            return record
+        except StateFileError as exc:
+            log.warning("qmagic: the task journal could not be read: %s", exc)
+            return None
+
+    def history(self, **filters: Any) -> list[dict[str, Any]]:
+        """Records of past and present tasks from the journal, newest first.
+
+        Filters: ``status`` (one or several), ``user``, ``name`` (exact or glob),
+        ``since`` / ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix),
+        ``limit``.  Raises RuntimeError when the journal is off.
+        """
+        if self._journal is None:
+            raise RuntimeError(
+                "The task journal is off (QMagic.journal_enabled = False): turn it on to keep "
+                "an experiment log."
+            )
+        return self._journal.records(**filters)
 
     def task_result(self, task_uid: str) -> dict[str, Any]:
         """queueserver reply ``{"success", "msg", "task_uid", "status", "result"}``.
@@ -485,7 +599,17 @@ class Worker(QMagic):
         try:
             task = self.get_task(task_uid)
         except TaskNotFound:
-            return {"success": True, "msg": "", "task_uid": task_uid, "status": "not_found", "result": {}}
+            record = self.journal_record(task_uid)
+            if record is None:
+                return {"success": True, "msg": "", "task_uid": task_uid, "status": "not_found", "result": {}}
+            status = TaskStatus(record["status"])
+            return {
+                "success": True,
+                "msg": "",
+                "task_uid": task_uid,
+                "status": status.wire,
+                "result": self._journal_result_dict(record, status),
+            }
         return {
             "success": True,
             "msg": "",
@@ -530,6 +654,42 @@ class Worker(QMagic):
             "return_value": value,
             "time_start": time_start,
             "time_stop": task.finished_at,
+        }
+
+    @staticmethod
+    def _journal_result_dict(record: dict[str, Any], status: TaskStatus) -> dict[str, Any]:
+        """task_result's ``result`` for a task known only from the journal."""
+        from .journal import SUMMARY_KEY
+
+        time_start = record.get("started_at") or record.get("submitted_at")
+        if not status.finished:  # another live kernel's task
+            return {
+                "task_uid": record["uid"],
+                "time_start": time_start,
+                "run_in_background": bool(record.get("background")),
+            }
+        kind = _KIND_TEXT.get(record.get("kind", "function"), "Execute function")
+        success, msg, value = status is TaskStatus.COMPLETED, "", None
+        if success:
+            value = record.get("result")
+            if record.get("kind") == "script":
+                value = None
+            elif isinstance(value, dict) and SUMMARY_KEY in value:
+                value = None
+                msg = (
+                    "The result could not be kept in full: the journal holds only a summary "
+                    "of it (see qmagic.history())."
+                )
+        else:
+            msg = f"Error occurred while executing '{kind}': {record.get('error') or status.value}"
+        return {
+            "task_uid": record["uid"],
+            "success": success,
+            "msg": msg,
+            "traceback": record.get("traceback") or "",
+            "return_value": value,
+            "time_start": time_start,
+            "time_stop": record.get("finished_at"),
         }
 
     # =====================================================================================
@@ -810,8 +970,11 @@ class Worker(QMagic):
 
     # =====================================================================================
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every task and thread of this worker (queued tasks are cancelled)."""
+        """Stop every task and thread of this worker (queued tasks are cancelled) and close
+        the journal (every task's end is recorded first)."""
         self.engine.close(timeout)
+        if self._journal is not None:
+            self._journal.close()
 
     def __repr__(self) -> str:
         counts = self.engine.counts()

@@ -20,6 +20,10 @@ if str(_TESTS) not in sys.path:
 
 from kernel_utils import kernel, kernel_factory  # noqa: E402,F401 - fixtures re-exported
 
+#: pytest runs with --nbval (pyproject): the browser test's notebook is driven by that test
+#: in JupyterLab, not compared by nbval.
+collect_ignore_glob = ["browser/*.ipynb"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_qmagic_state(tmp_path, monkeypatch):
