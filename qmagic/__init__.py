@@ -44,10 +44,10 @@ def __getattr__(name: str):
         from .control import ControlChannel
 
         return ControlChannel
-    if name in ("TaskPanel", "LockPanel"):
-        from . import panels
+    if name in ("TaskPanel", "TaskRow", "LockPanel"):
+        from . import widgets
 
-        return getattr(panels, name)
+        return getattr(widgets, name)
     raise AttributeError(f"module 'qmagic' has no attribute {name!r}")
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "DEFAULT_PERMISSIONS",
     "ControlChannel",
     "TaskPanel",
+    "TaskRow",
     "LockPanel",
     "history",
     "history_dataframe",

@@ -127,6 +127,12 @@ class QMagic(Configurable):
     panel_update_hz = Float(
         10.0, help="Most widget updates per second a panel sends (changes are coalesced)."
     ).tag(config=True)
+    panel_cancel_subshell = Bool(
+        True,
+        help="Handle clicks on panel buttons (Cancel, Lock, ...) in a kernel subshell of "
+        "qmagic's own, so they work while a cell blocks the main thread (ipykernel >= 7.4; "
+        "ignored otherwise). False: clicks wait for the running cell; use ■ to interrupt.",
+    ).tag(config=True)
 
     @validate("task_retention_s")
     def _check_retention(self, proposal):

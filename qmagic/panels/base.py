@@ -1,0 +1,187 @@
+"""What every panel widget shares: owned widgets, comm routing, messages, close, text/plain."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import ipywidgets as W
+
+from . import render
+from .pump import PanelView, current_pump, get_router
+
+log = logging.getLogger("qmagic")
+
+__all__ = ["PanelBase", "set_traits", "STARVE_LIMIT"]
+
+#: Applications in a row that deferred work may wait before it gets a message anyway.
+STARVE_LIMIT = 3
+
+
+def set_traits(widget: W.Widget, **traits: Any) -> int:
+    """Assign the traits that differ inside ``hold_sync()``; returns messages sent (0 or 1)."""
+    changed = {k: v for k, v in traits.items() if getattr(widget, k) != v}
+    if not changed:
+        return 0
+    with widget.hold_sync():
+        for name, value in changed.items():
+            setattr(widget, name, value)
+    return 1
+
+
+class PanelBase(PanelView):
+    """Mix-in placed before ``ipywidgets.VBox`` in every panel class."""
+
+    def _qm_init_base(self, worker: Any) -> None:
+        self._qm_init_view(worker)
+        self._qm_owned: list[W.Widget] = []
+        self._qm_owned_ids: set[int] = set()
+        self._qm_message_state: tuple[str, str] = ("", "info")
+        self._qm_message_lock = threading.Lock()
+
+    # -- widgets this panel created ------------------------------------------------------------
+    def _qm_own(self, widget: W.Widget, *, interactive: bool = False) -> W.Widget:
+        """Remember ``widget`` and its layout and style (closed with the panel); route its
+        clicks if it takes input."""
+        for part in (widget, getattr(widget, "layout", None), getattr(widget, "style", None)):
+            if isinstance(part, W.Widget) and id(part) not in self._qm_owned_ids:
+                self._qm_owned_ids.add(id(part))
+                self._qm_owned.append(part)
+        if interactive:
+            self._qm_route(widget)
+        return widget
+
+    def _qm_route(self, widget: W.Widget) -> None:
+        if not bool(getattr(self.worker, "panel_cancel_subshell", True)):
+            return
+        router = get_router()
+        if router is not None:
+            router.route(widget)
+
+    def _qm_disown(self, widget: W.Widget) -> None:
+        """Close ``widget`` now (not its layout or style, which rows share)."""
+        if id(widget) in self._qm_owned_ids:
+            self._qm_owned_ids.discard(id(widget))
+            try:
+                self._qm_owned.remove(widget)
+            except ValueError:
+                pass
+        widget.close()
+
+    def _qm_spend(self, sent: int, budget: int, later: list[Callable[[], int]]) -> int:
+        """Run deferred work while the message budget lasts; flag the rest for later.
+
+        Work that waited :data:`STARVE_LIMIT` applications in a row gets one message even
+        without budget (the token bucket then delays the next application), so a panel
+        whose table changes at every tick still updates its buttons and details.
+        """
+        if not later:
+            self._qm_starved = 0
+            return sent
+        allow = budget - sent
+        if allow <= 0 and getattr(self, "_qm_starved", 0) >= STARVE_LIMIT:
+            allow = 1
+        done = 0
+        for work in later:
+            if allow <= 0:
+                break
+            spent = work()
+            sent += spent
+            allow -= spent
+            done += 1
+        if done < len(later):
+            self._qm_touch(flag="deferred")
+        self._qm_starved = 0 if done else getattr(self, "_qm_starved", 0) + 1
+        return sent
+
+    # -- the message line ------------------------------------------------------------------------
+    def _qm_set_message(self, text: str, kind: str = "info") -> None:
+        """Show ``text`` in the panel (any thread); ``kind`` "info", "ok" or "error"."""
+        with self._qm_message_lock:
+            self._qm_message_state = (text, kind)
+        self._qm_poke(flag="message")
+
+    @property
+    def message(self) -> str:
+        """The text of the panel's message line ("" when none)."""
+        return self._qm_message_state[0]
+
+    def _qm_message_html(self) -> str:
+        text, kind = self._qm_message_state
+        return render.message_html(text, kind)
+
+    def _qm_report_error(self, exc: BaseException) -> None:
+        """Called on the pump thread when an update failed: say so in the panel."""
+        log.error("qmagic: panel update failed", exc_info=exc)
+        with self._qm_message_lock:
+            self._qm_message_state = (
+                f"This panel could not update: {type(exc).__name__}: {exc}. "
+                "It keeps trying; if this persists, display a new panel.",
+                "error",
+            )
+        widget = getattr(self, "_message", None)
+        if widget is not None and widget.comm is not None:
+            try:
+                set_traits(widget, value=self._qm_message_html())
+                set_traits(widget.layout, display="")
+            except Exception:  # noqa: BLE001 - the log has it
+                pass
+
+    # -- closing -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close this panel: stop following the worker and close every widget it created."""
+        if getattr(self, "_qm_closed", True):
+            if getattr(self, "comm", None) is not None:
+                W.VBox.close(self)
+            return
+        pump = self._qm_pump or current_pump()
+        if pump is not None:
+            pump.unregister(self)
+        with self._qm_apply_lock:
+            self._qm_closed = True
+            try:
+                self._qm_close_widgets()
+            finally:
+                for widget in reversed(self._qm_owned):
+                    try:
+                        widget.close()
+                    except Exception:  # noqa: BLE001 - keep closing the rest
+                        log.debug("qmagic: closing a widget failed", exc_info=True)
+                self._qm_owned.clear()
+                self._qm_owned_ids.clear()
+        W.VBox.close(self)
+        with self._qm_state:
+            waiters, self._qm_waiters = self._qm_waiters, []
+        for event in waiters:
+            event.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or the extension was unloaded)."""
+        return bool(getattr(self, "_qm_closed", True))
+
+    # -- display -----------------------------------------------------------------------------------
+    def text(self) -> str:
+        """The deterministic ``text/plain`` form (no uids, no clock times)."""
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+        try:
+            text = self.text()
+        except Exception as exc:  # noqa: BLE001 - display must not fail
+            text = f"<{type(self).__name__}: {exc}>"
+        data: dict[str, Any] = {"text/plain": text}
+        if self.comm is not None and self._view_name is not None:
+            data["application/vnd.jupyter.widget-view+json"] = {
+                "version_major": 2,
+                "version_minor": 0,
+                "model_id": self._model_id,
+            }
+        return data
+
+    def __repr__(self) -> str:
+        try:
+            return self.text()
+        except Exception:  # noqa: BLE001
+            return f"<{type(self).__name__}>"

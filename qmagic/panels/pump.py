@@ -1,0 +1,382 @@
+"""The panel pump: the one thread that writes widget state, at a bounded rate.
+
+Worker events arrive on the worker's event thread (100 000 per second in a storm).  The
+pump's subscription callback only marks the interested views dirty (a set add under a
+small lock).  One pump thread per process applies pending changes view by view.
+
+Each view has a message budget: a token bucket filled at ``worker.panel_update_hz`` tokens
+per second (at most :data:`TOKEN_CAPACITY` kept).  An application needs one token, and at
+most ``panel_update_hz`` applications run per second.  A view spends its tokens first on
+what must change together (the table HTML with the counts, and the button column when rows
+come, go or move), then on what may wait for the next token (a finished row's Cancel
+button, an expanded row's output, closing widgets; they get a message anyway after a few
+applications without one).  A task reaching its final state may borrow a token, so it is
+shown at the next tick (within about ``1/panel_update_hz`` seconds) and the applications
+after it wait for the bucket to refill.  So a view sends about ``panel_update_hz`` update
+messages per second however many events arrive.
+
+Views read the current task state when applied (events only say "look again"), so the
+state shown after the last application is exact however many events were coalesced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..events import Subscription
+    from .subshell import SubshellRouter
+
+log = logging.getLogger("qmagic")
+
+__all__ = ["PanelView", "Pump", "get_pump", "current_pump", "get_router", "shutdown"]
+
+_FINAL = frozenset({"completed", "failed", "cancelled"})
+#: Seconds between applications of a view without events (elapsed time, membership, lock).
+PERIODIC_S = 1.0
+#: Most update-message tokens a view saves up (its largest burst).
+TOKEN_CAPACITY = 1.0
+#: Budget of a forced application (``flush()``): everything pending is applied.
+UNLIMITED = 1_000_000
+
+
+class PanelView:
+    """Mix-in of every panel widget: dirty marks, rate limiting, flush, close.
+
+    Subclasses implement :meth:`_qm_apply` (write widget traits within a message budget;
+    return the number of messages sent), :meth:`_qm_period` and :meth:`_qm_close_widgets`.
+    Only the pump thread calls ``_qm_apply`` after construction.
+    """
+
+    _qm_pump: Pump | None = None
+
+    def _qm_init_view(self, worker: Any) -> None:
+        self.worker = worker
+        self._qm_state = threading.Lock()
+        self._qm_apply_lock = threading.RLock()
+        self._qm_dirty: set[str] = set()
+        self._qm_flags: set[str] = set()
+        self._qm_urgent = False
+        self._qm_force = False
+        self._qm_waiters: list[threading.Event] = []
+        self._qm_last_apply = 0.0
+        self._qm_last_periodic = time.monotonic()
+        self._qm_tokens = TOKEN_CAPACITY
+        self._qm_token_time = time.monotonic()
+        self._qm_closed = False
+        #: Messages (updates and closes; not comm opens) sent by this view's applications.
+        self.messages_sent = 0
+        self.applications = 0
+
+    # -- called from any thread ------------------------------------------------------------
+    def _qm_touch(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> bool:
+        """Mark something to look at again; True if the pump should wake up."""
+        with self._qm_state:
+            was_clean = not (self._qm_dirty or self._qm_flags)
+            was_urgent = self._qm_urgent
+            if uid is not None:
+                self._qm_dirty.add(uid)
+            if flag is not None:
+                self._qm_flags.add(flag)
+            if final:
+                self._qm_urgent = True
+        return was_clean or (final and not was_urgent)
+
+    def _qm_poke(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> None:
+        """``_qm_touch`` and wake the pump (for clicks and other rare changes)."""
+        self._qm_touch(uid, final=final, flag=flag or "poke")
+        with self._qm_state:
+            self._qm_urgent = True
+        pump = self._qm_pump
+        if pump is not None:
+            pump.kick()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Deliver the worker's queued events and apply them to this panel now.
+
+        Returns True when the panel shows everything that happened before the call
+        (False on timeout or for a closed panel).  Mostly for tests and scripts.
+        """
+        worker = getattr(self, "worker", None)
+        deadline = time.monotonic() + timeout
+        engine = getattr(worker, "engine", None)
+        if engine is not None:
+            engine.bus.flush(timeout)
+        pump = self._qm_pump
+        if self._qm_closed or pump is None:
+            return False
+        if threading.current_thread() is pump.thread:
+            pump.apply_view(self, time.monotonic())
+            return True
+        done = threading.Event()
+        with self._qm_state:
+            self._qm_waiters.append(done)
+            self._qm_force = True
+        pump.kick()
+        return done.wait(max(0.0, deadline - time.monotonic()))
+
+    # -- pump side ---------------------------------------------------------------------------
+    def _qm_hz(self) -> float:
+        try:
+            hz = float(getattr(self.worker, "panel_update_hz", 10.0) or 10.0)
+        except (TypeError, ValueError):
+            hz = 10.0
+        return max(0.1, hz)
+
+    def _qm_refill(self, now: float) -> float:
+        """Tokens available at ``now`` (the bucket is not changed)."""
+        return min(TOKEN_CAPACITY, self._qm_tokens + (now - self._qm_token_time) * self._qm_hz())
+
+    def _qm_due(self, now: float) -> float | None:
+        """Monotonic time at which this view wants its next application (None: never)."""
+        with self._qm_state:
+            if self._qm_force:
+                return now
+            pending = bool(self._qm_dirty or self._qm_flags)
+            urgent = self._qm_urgent
+        hz = self._qm_hz()
+        if pending:
+            want = self._qm_last_apply + 1.0 / hz
+        else:
+            period = self._qm_period()
+            if period is None:
+                return None
+            want = self._qm_last_periodic + period
+        # a final state may borrow one token: it is shown at the next tick, and the
+        # applications after it wait for the bucket to refill
+        need = 0.0 if urgent else 1.0
+        tokens = self._qm_refill(now)
+        if tokens < need:
+            want = max(want, now + (need - tokens) / hz)
+        return want
+
+    def _qm_period(self) -> float | None:
+        """Seconds between applications without events (None: only on events)."""
+        return PERIODIC_S
+
+    def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
+        """Write pending changes; spend at most about ``budget`` messages on what can wait."""
+        raise NotImplementedError
+
+    def _qm_close_widgets(self) -> None:
+        raise NotImplementedError
+
+    def _qm_report_error(self, exc: BaseException) -> None:
+        """Show an error of the pump itself in the panel (never silent)."""
+        log.error("qmagic: panel update failed", exc_info=exc)
+
+
+class Pump:
+    """One writer thread for every panel of the process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._views: tuple[PanelView, ...] = ()
+        #: id(worker) -> views that follow every task of that worker
+        self._all: dict[int, tuple[PanelView, ...]] = {}
+        #: task uid -> views that follow that task only
+        self._by_uid: dict[str, tuple[PanelView, ...]] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._kicked = False
+        self._stopping = False
+        self.thread: threading.Thread | None = None
+
+    # -- registration ------------------------------------------------------------------------
+    def register(self, view: PanelView, uid: str | None = None, *, events: bool = True) -> None:
+        """Follow ``view``: every task of its worker (``uid`` None) or one task."""
+        worker = view.worker
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the qmagic panel pump was stopped (extension unloaded)")
+            view._qm_pump = self
+            view._qm_uid = uid
+            self._views = self._views + (view,)
+            if events and worker is not None:
+                key = id(worker)
+                if uid is None:
+                    self._all[key] = self._all.get(key, ()) + (view,)
+                else:
+                    self._by_uid[uid] = self._by_uid.get(uid, ()) + (view,)
+                if key not in self._subs:
+                    self._subs[key] = worker.subscribe(self._make_callback(key))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="qmagic-panels", daemon=True)
+                self.thread.start()
+            self._kicked = True
+            self._cond.notify()
+
+    def _make_callback(self, key: int) -> Callable[..., None]:
+        def on_event(task_uid: str, **event: Any) -> None:
+            final = event.get("status") in _FINAL
+            wake = False
+            for view in self._all.get(key, ()) + self._by_uid.get(task_uid, ()):
+                if view._qm_touch(task_uid, final=final):
+                    wake = True
+            if wake:
+                self.kick()
+
+        return on_event
+
+    def unregister(self, view: PanelView) -> None:
+        """Stop following ``view`` (its widgets are not closed here)."""
+        worker = view.worker
+        sub = None
+        with self._cond:
+            self._views = tuple(v for v in self._views if v is not view)
+            key = id(worker)
+            uid = getattr(view, "_qm_uid", None)
+            if uid is None and key in self._all:
+                self._all[key] = tuple(v for v in self._all[key] if v is not view)
+                if not self._all[key]:
+                    del self._all[key]
+            elif uid is not None and uid in self._by_uid:
+                self._by_uid[uid] = tuple(v for v in self._by_uid[uid] if v is not view)
+                if not self._by_uid[uid]:
+                    del self._by_uid[uid]
+            if not any(v.worker is worker for v in self._views):
+                sub = self._subs.pop(key, None)
+        if sub is not None:
+            sub.unsubscribe()
+
+    def views(self, worker: Any = None) -> list[PanelView]:
+        """Registered views (of ``worker`` only, if given)."""
+        return [v for v in self._views if worker is None or v.worker is worker]
+
+    def kick(self) -> None:
+        """Wake the pump thread to look at its views now."""
+        with self._cond:
+            self._kicked = True
+            self._cond.notify()
+
+    # -- the thread --------------------------------------------------------------------------
+    def apply_view(self, view: PanelView, now: float) -> None:
+        """Apply one view's pending changes (pump thread only)."""
+        with view._qm_state:
+            dirty, view._qm_dirty = view._qm_dirty, set()
+            flags, view._qm_flags = view._qm_flags, set()
+            view._qm_urgent = False
+            forced, view._qm_force = view._qm_force, False
+            waiters, view._qm_waiters = view._qm_waiters, []
+        period = view._qm_period()
+        periodic = period is not None and now - view._qm_last_periodic >= period * 0.95
+        tokens = view._qm_refill(now)
+        budget = UNLIMITED if forced else max(1, int(tokens))
+        sent = 0
+        try:
+            with view._qm_apply_lock:
+                if not view._qm_closed:
+                    sent = view._qm_apply(dirty, flags, periodic, budget)
+        except Exception as exc:  # noqa: BLE001 - one broken panel must not stop the others
+            view._qm_report_error(exc)
+        finally:
+            view._qm_tokens = tokens - sent
+            view._qm_token_time = now
+            view._qm_last_apply = now
+            if periodic:
+                view._qm_last_periodic = now
+            view.messages_sent += sent
+            view.applications += 1
+            for event in waiters:
+                event.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                self._kicked = False
+                views = self._views
+            now = time.monotonic()
+            wake = now + PERIODIC_S
+            for view in views:
+                due = view._qm_due(now)
+                if due is not None and due <= now:
+                    self.apply_view(view, now)
+                    due = view._qm_due(time.monotonic())
+                if due is not None:
+                    wake = min(wake, due)
+            with self._cond:
+                while not self._kicked and not self._stopping:
+                    left = wake - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+
+    def close_views(self, worker: Any = None) -> int:
+        """Close (widgets and comms) every view of ``worker`` (all views if None)."""
+        closed = 0
+        for view in self.views(worker):
+            try:
+                view.close()
+            except Exception:  # noqa: BLE001 - keep closing the others
+                log.exception("qmagic: closing a panel failed")
+            closed += 1
+        return closed
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every view, end the subscriptions and the thread."""
+        self.close_views()
+        with self._cond:
+            self._stopping = True
+            subs, self._subs = list(self._subs.values()), {}
+            thread = self.thread
+            self._cond.notify_all()
+        for sub in subs:
+            sub.unsubscribe()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+# -- process-wide machinery ------------------------------------------------------------------
+_lock = threading.Lock()
+_pump: Pump | None = None
+_router: SubshellRouter | None = None
+_router_checked = False
+
+
+def get_pump() -> Pump:
+    """The process's pump (created on first use; its thread starts with the first view)."""
+    global _pump
+    with _lock:
+        if _pump is None:
+            _pump = Pump()
+        return _pump
+
+
+def current_pump() -> Pump | None:
+    """The pump if one exists (does not create one)."""
+    return _pump
+
+
+def get_router() -> SubshellRouter | None:
+    """The subshell router of the running kernel, or None where routing is not supported."""
+    global _router, _router_checked
+    with _lock:
+        if not _router_checked:
+            _router_checked = True
+            from .subshell import SubshellRouter
+
+            try:
+                from IPython import get_ipython
+
+                shell = get_ipython()
+            except Exception:  # noqa: BLE001
+                shell = None
+            _router = SubshellRouter.for_shell(shell) if shell is not None else None
+        return _router
+
+
+def shutdown(timeout: float = 5.0) -> None:
+    """Stop the pump (closing every view) and delete the panel subshell."""
+    global _pump, _router, _router_checked
+    with _lock:
+        pump, _pump = _pump, None
+        router, _router = _router, None
+        _router_checked = False
+    if pump is not None:
+        pump.stop(timeout)
+    if router is not None:
+        router.stop(timeout)

@@ -1,0 +1,369 @@
+"""The panels in a real browser: JupyterLab on loopback, driven by Playwright + Debian chromium.
+
+Runs ``tests/browser/panels.ipynb`` cell by cell and checks what a user sees: rows advancing
+to 100 %, Cancel turning a row cancelled (also while a cell blocks the main thread), lock
+and unlock from the lock panel (a wrong key shown as an error), and a storm of 100 tasks x
+1000 progress updates per second that neither trips the server's IOPub rate limit nor leaves
+a row inexact.  IOPub messages are counted from the kernel websocket.  Screenshots go to
+``test-artifacts/browser/`` in the repository (the test prints the folder).
+
+Needs ``/usr/bin/chromium`` (``.ci/run`` installs it) and the ``playwright`` package: without
+them this test FAILS, it does not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = Path(__file__).resolve().parent / "browser" / "panels.ipynb"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+IOPUB_LIMIT = 1000.0  # the Jupyter server's default iopub_msg_rate_limit (msgs/s over 3 s)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _require_browser() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; "
+                    ".ci/run does it). The browser test must not be skipped.")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(f"the playwright package is missing ({exc}): pip install playwright")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Lab:
+    """A JupyterLab server on 127.0.0.1 with isolated folders, for one test."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = _free_port()
+        self.token = secrets.token_hex(16)
+        self.root = base / "root"
+        self.root.mkdir()
+        shutil.copy(NOTEBOOK, self.root / NOTEBOOK.name)
+        env = dict(os.environ)
+        for name in ("QMAGIC_NO_AUTOLOAD", "QMAGIC_EMERGENCY_LOCK_KEY", "JUPYTER_PATH"):
+            env.pop(name, None)
+        for name, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "jconfig"), ("JUPYTER_DATA_DIR", "jdata"),
+                          ("JUPYTER_RUNTIME_DIR", "jruntime"), ("IPYTHONDIR", "ipython"),
+                          ("QMAGIC_STATE_DIR", "qmagic-state")):
+            (base / sub).mkdir()
+            env[name] = str(base / sub)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        # no news toast over the panels; every cell rendered (screenshots of the whole notebook)
+        settings = base / "jconfig" / "lab" / "user-settings" / "@jupyterlab"
+        for plugin, values in (("apputils-extension/notification", {"fetchNews": "false",
+                                                                      "checkForUpdates": False}),
+                               ("notebook-extension/tracker", {"windowingMode": "none"})):
+            path = settings / f"{plugin}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
+        self.log_path = base / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+             f"--IdentityProvider.token={self.token}", "--ServerApp.allow_root=True",
+             f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+
+    def wait_ready(self, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/api/status?token={self.token}"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                threading.Event().wait(0.2)
+        raise TimeoutError(f"jupyter lab did not answer within {timeout} s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+class IOPubCounter:
+    """Counts kernel websocket messages per channel/type with their arrival times."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.frames: list[tuple[float, str, str, str]] = []  # (time, channel, msg_type, text)
+
+    def attach(self, page) -> None:
+        page.on("websocket", self._on_socket)
+
+    def _on_socket(self, ws) -> None:
+        if "/channels" in ws.url:
+            ws.on("framereceived", self._on_frame)
+
+    def _on_frame(self, payload) -> None:
+        now = time.monotonic()
+        try:
+            if isinstance(payload, (bytes, bytearray)):
+                from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
+
+                channel, parts = deserialize_msg_from_ws_v1(bytes(payload))
+                header = json.loads(parts[0])
+                content = parts[3].decode("utf-8", "replace") if len(parts) > 3 else ""
+            else:
+                msg = json.loads(payload)
+                channel, header = msg.get("channel", ""), msg.get("header", {})
+                content = json.dumps(msg.get("content", {}))
+        except Exception:  # noqa: BLE001 - count what we cannot parse as "?"
+            channel, header, content = "?", {}, ""
+        with self.lock:
+            self.frames.append((now, channel, header.get("msg_type", "?"), content))
+
+    def between(self, start: float, end: float, *, channel: str = "iopub") -> list[tuple[float, str, str, str]]:
+        with self.lock:
+            return [f for f in self.frames if start <= f[0] <= end and f[1] == channel]
+
+
+def _shot(locator_or_page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    locator_or_page.screenshot(path=str(ARTIFACTS / name))
+
+
+def _run_cell(page, index: int, attempts: int = 3) -> None:
+    """Select cell ``index`` (command mode) and run it with Ctrl+Enter; retried while the
+    notebook is still connecting (the prompt shows [*] or [n] once the run was accepted)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    prompt = cell.locator(".jp-InputPrompt")
+    before = prompt.text_content() or ""
+    for _ in range(attempts):
+        prompt.click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("Control+Enter")
+        try:
+            page.wait_for_function(
+                "([el, before]) => /\\[(\\*|\\d+)\\]/.test(el.textContent) && el.textContent !== before",
+                arg=[prompt.element_handle(), before], timeout=5_000,
+            )
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"cell {index} did not start running after {attempts} attempts")
+
+
+def _wait_cell_done(page, index: int, timeout_ms: float = 30_000) -> None:
+    prompt = page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt")
+    page.wait_for_function(
+        "([el]) => /\\[\\d+\\]/.test(el.textContent)", arg=[prompt.element_handle()], timeout=timeout_ms
+    )
+
+
+def test_panels_in_jupyterlab(tmp_path):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    print(f"\nscreenshots: {ARTIFACTS}")
+    started = time.monotonic()
+    lab = Lab(tmp_path)
+    try:
+        lab.wait_ready()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            counter = IOPubCounter()
+            counter.attach(page)
+            try:
+                _scenario(page, counter, lab)
+            except BaseException:
+                _shot(page, "failure.png")
+                print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
+                raise
+            browser.close()
+        assert "iopub messages resumed" not in lab.log()
+    finally:
+        lab.stop()
+    print(f"browser test took {time.monotonic() - started:.1f} s; screenshots in {ARTIFACTS}")
+
+
+def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
+    """The user's steps; see the module docstring."""
+    from playwright.sync_api import expect
+
+    page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=30_000)
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+        1, timeout=30_000)
+
+    # -- cell 0: set-up ------------------------------------------------------------------
+    _run_cell(page, 0)
+    _wait_cell_done(page, 0)
+    expect(page.locator(".jp-Notebook .jp-Cell").nth(0).locator(".jp-OutputArea")).to_contain_text("ready")
+
+    # -- cell 1: a task panel; three tasks with progress and one to cancel -----------------
+    _run_cell(page, 1)
+    panel = page.locator(".qmagic-task-panel").first
+    panel.wait_for(timeout=20_000)
+    row40 = panel.locator(".qmagic-task-row", has_text="measure(40)")
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = row40.locator(".qmagic-progress-text").text_content(timeout=5_000) or ""
+        seen.add(text.split(" ")[0])
+        if row40.get_attribute("data-status") == "completed":
+            break
+        page.wait_for_timeout(100)
+    for n in (20, 30, 40):
+        row = panel.locator(".qmagic-task-row", has_text=f"measure({n})")
+        expect(row).to_have_attribute("data-status", "completed", timeout=15_000)
+        expect(row.locator(".qmagic-progress-text")).to_contain_text(f"{n}/{n}")
+        expect(row.locator(".qmagic-bar-fill")).to_have_attribute("style", re.compile(r"width:100\.0%"))
+    intermediate = {s for s in seen if re.fullmatch(r"\d+/40", s) and s != "40/40"}
+    assert len(intermediate) >= 3, f"progress did not advance visibly: {sorted(seen)}"
+    _shot(panel, "01-task-panel-progress-done.png")
+
+    long_row = panel.locator(".qmagic-task-row", has_text="long_measurement")
+    expect(long_row).to_have_attribute("data-status", "running")
+    key = long_row.get_attribute("data-task")
+    cancel = panel.locator(f".qmagic-cancel.qmagic-task-{key}")
+    # the button sits on its row (the table and the controls column are aligned)
+    rb, bb = long_row.bounding_box(), cancel.bounding_box()
+    assert rb["y"] <= bb["y"] + bb["height"] / 2 <= rb["y"] + rb["height"], (rb, bb)
+    cancel.click()
+    expect(long_row).to_have_attribute("data-status", "cancelled", timeout=10_000)
+    expect(panel.locator(".qmagic-panel-message")).to_contain_text("Cancel requested")
+    expect(panel.locator(f".qmagic-cancel.qmagic-task-{key}")).to_have_count(0, timeout=5_000)
+    panel.locator(f".qmagic-details-toggle.qmagic-task-{key}").click()
+    expect(panel.locator(".qmagic-task-details")).to_contain_text("TaskCancelled", timeout=5_000)
+    _shot(panel, "02-task-panel-cancelled-details.png")
+    _wait_cell_done(page, 1)
+
+    # -- cell 2: the lock panel -----------------------------------------------------------
+    _run_cell(page, 2)
+    lock = page.locator(".qmagic-lock-panel")
+    lock.wait_for(timeout=15_000)
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-unlocked"))
+    lock.locator(".qmagic-lock-key input").fill("browser-key")
+    lock.locator(".qmagic-lock-note input").fill("aligning the beam")
+    lock.locator(".qmagic-lock-button").click()
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"), timeout=10_000)
+    expect(lock.locator(".qmagic-lock-state")).to_contain_text("aligning the beam")
+    expect(lock.locator(".qmagic-lock-key input")).to_have_value("")
+    _shot(lock, "03-lock-panel-locked.png")
+    lock.locator(".qmagic-lock-key input").fill("not-the-key")
+    lock.locator(".qmagic-unlock-button").click()
+    expect(lock.locator(".qmagic-message-error")).to_contain_text("Invalid lock key", timeout=10_000)
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"))
+    _shot(lock, "04-lock-panel-wrong-key.png")
+    lock.locator(".qmagic-lock-key input").fill("browser-key")
+    lock.locator(".qmagic-unlock-button").click()
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-unlocked"), timeout=10_000)
+    expect(lock.locator(".qmagic-message-ok")).to_contain_text("Unlocked")
+    _shot(lock, "05-lock-panel-unlocked.png")
+
+    # -- cells 3-4: the storm ---------------------------------------------------------------
+    storm_start = time.monotonic()
+    _run_cell(page, 3)
+    _wait_cell_done(page, 3)
+    _run_cell(page, 4)
+    _wait_cell_done(page, 4, timeout_ms=60_000)
+    storm_end = time.monotonic()
+    expect(page.locator(".jp-Notebook .jp-Cell").nth(4).locator(".jp-OutputArea")).to_contain_text(
+        "storm done: 100 completed, 300000 progress events")
+    storm_panel = page.locator(".qmagic-task-panel").nth(1)
+    storm_rows = storm_panel.locator(".qmagic-task-row", has_text="storm_task(")
+    expect(storm_rows).to_have_count(100, timeout=10_000)
+    expect(storm_panel.locator(".qmagic-task-row[data-status='completed']", has_text="storm_task(")
+           ).to_have_count(100, timeout=5_000)
+    texts = storm_rows.locator(".qmagic-progress-text").all_text_contents()
+    assert texts == ["3000/3000"] * 100, sorted(set(texts))
+    storm_panel.evaluate("el => el.scrollIntoView({block: 'start'})")
+    _shot(page, "06-storm-panel-final.png")
+    frames = counter.between(storm_start, storm_end)
+    counted = [f for f in frames if f[2] not in ("status", "comm_open", "execute_input")]
+    comm_msgs = [f for f in counted if f[2] == "comm_msg"]
+    seconds = storm_end - storm_start
+    worst = max((sum(1 for f in counted if s <= f[0] < s + 3.0) / 3.0 for s, *_ in counted), default=0)
+    print(f"storm: {seconds:.1f} s, {len(counted)} rate-limited IOPub messages "
+          f"({len(counted) / seconds:.1f}/s, worst 3-s window {worst:.1f}/s), "
+          f"{len(comm_msgs)} comm_msg ({len(comm_msgs) / seconds:.1f}/s)")
+    assert worst < IOPUB_LIMIT / 4, worst
+    assert not any("rate exceeded" in f[3] for f in counter.frames)
+    assert "IOPub message rate exceeded" not in page.content()
+
+    # -- cell 5: Cancel while a cell blocks the main thread (kernel subshell) ---------------
+    _run_cell(page, 5)
+    cell5 = page.locator(".jp-Notebook .jp-Cell").nth(5)
+    row = cell5.locator(".qmagic-task-row")
+    expect(row).to_have_attribute("data-status", "running", timeout=15_000)
+    expect(cell5.locator(".jp-InputPrompt")).to_contain_text("*")
+    clicked = time.monotonic()
+    cell5.locator(".qmagic-cancel").click()
+    expect(cell5.locator(".jp-OutputArea")).to_contain_text("blocking cell ended: cancelled", timeout=15_000)
+    expect(row).to_have_attribute("data-status", "cancelled", timeout=5_000)
+    assert time.monotonic() - clicked < 15
+    _shot(cell5, "07-cancel-while-cell-blocks.png")
+    _wait_cell_done(page, 5)
+
+    # -- cell 6: a foreground task holds the main thread; Cancel it from the panel ---------
+    _run_cell(page, 6)
+    cell6 = page.locator(".jp-Notebook .jp-Cell").nth(6)
+    fg_row = panel.locator(".qmagic-task-row[data-status='running']", has_text="long_measurement")
+    expect(fg_row).to_have_count(1, timeout=15_000)
+    expect(cell6.locator(".jp-InputPrompt")).to_contain_text("*")
+    fg_key = fg_row.get_attribute("data-task")
+    before = fg_row.locator(".qmagic-progress-text").text_content()
+    expect(fg_row.locator(".qmagic-progress-text")).not_to_have_text(before, timeout=5_000)
+    panel.locator(f".qmagic-cancel.qmagic-task-{fg_key}").click()
+    expect(cell6.locator(".jp-OutputArea")).to_contain_text("foreground task ended: cancelled",
+                                                              timeout=15_000)
+    expect(panel.locator(f".qmagic-task-row.qmagic-task-{fg_key}")).to_have_attribute(
+        "data-status", "cancelled", timeout=5_000)
+    panel.evaluate("el => el.scrollIntoView({block: 'start'})")
+    _shot(page, "08-foreground-task-cancelled.png")
+    _shot(page, "09-whole-notebook.png")
+
+
+def test_without_chromium_the_browser_test_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
+        _require_browser()
