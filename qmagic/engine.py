@@ -148,8 +148,10 @@ class TaskObserver(Protocol):
     def task_started(self, task: Task) -> None:
         """In the task's thread, after it became running, before the function is called."""
 
-    def task_finished(self, task: Task) -> None:
-        """After the final status, result and traceback are set."""
+    def task_finished(self, task: Task, record: dict) -> None:
+        """The task's final record (``Task.to_dict()`` form: status, result, error,
+        traceback, finished_at), told *before* waiters of the task wake, so that code which
+        waited for a task finds it finished everywhere (the journal included)."""
 
 
 class Engine:
@@ -432,24 +434,29 @@ class Engine:
                 status, tb = TaskStatus.CANCELLED, format_exception(outcome)
             else:
                 status, tb = TaskStatus.FAILED, format_exception(outcome)
+            value = result if outcome is None else None
+            finished_at = time.time()
+            if self.observers and not task._end_told:
+                record = task.final_record(status, value, outcome, tb, finished_at)
+                task._end_told = True
+                self._notify("task_finished", task, record)
             with task._mutex:
                 if not task.done():
-                    task._finish_locked(
-                        status, result=result if outcome is None else None, exc=outcome, tb=tb
-                    )
+                    task._finish_locked(status, result=value, exc=outcome, tb=tb, finished_at=finished_at)
         task._after_finish()
 
-    def _notify(self, event: str, task: Task) -> None:
+    def _notify(self, event: str, task: Task, *args: Any) -> None:
         for observer in self.observers:
             try:
-                getattr(observer, event)(task)
+                getattr(observer, event)(task, *args)
             except Exception:  # noqa: BLE001 - an observer must never break a task
                 log.exception("qmagic: task observer %r failed on %s", observer, event)
 
     def _task_finished(self, task: Task) -> None:
         """Called once per task after its final transition (see Task._after_finish)."""
-        if self.observers:
-            self._notify("task_finished", task)
+        if self.observers and not task._end_told:  # a task cancelled while it was queued
+            task._end_told = True
+            self._notify("task_finished", task, task.to_dict())
         expired: list[Task] = []
         with self._lock:
             self.results_uid = f"{self._uid_prefix}-{next(self._results_seq)}"

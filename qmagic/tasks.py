@@ -174,6 +174,7 @@ class Task:
     _thread_ident: int | None = None
     _in_queue = False
     _after_done = False
+    _end_told = False  # observers (the journal) heard the final record
     _ended = False  # the engine released the task's thread / foreground slot
     _hook_tokens: list | None = None
     _in_user_code = False
@@ -347,6 +348,27 @@ class Task:
             "namespace_changes": self.namespace_changes,
         }
 
+    def final_record(
+        self,
+        status: TaskStatus,
+        result: Any,
+        exc: BaseException | None,
+        tb: str | None,
+        finished_at: float,
+    ) -> dict[str, Any]:
+        """:meth:`to_dict` as it will read once the task ends with this outcome."""
+        record = self.to_dict()
+        if exc is None:
+            error = error_type = None
+        else:
+            error = _exc_text(exc)
+            error_type = "TaskCancelled" if status is TaskStatus.CANCELLED else type(exc).__name__
+        record.update(
+            status=status.value, result=result, error=error, error_type=error_type,
+            traceback=tb, finished_at=finished_at,
+        )
+        return record
+
     def _error_text(self) -> str | None:
         if self._exception is not None:
             return _exc_text(self._exception)
@@ -403,6 +425,7 @@ class Task:
         result: Any = None,
         exc: BaseException | None = None,
         tb: str | None = None,
+        finished_at: float | None = None,
     ) -> None:
         """Record the outcome and emit result/error then the final status (lock held)."""
         self._transition(
@@ -410,7 +433,7 @@ class Task:
             _result=result,
             _exception=None if status is TaskStatus.CANCELLED else exc,
             _traceback=tb,
-            finished_at=time.time(),
+            finished_at=finished_at or time.time(),
         )
         if status is TaskStatus.CANCELLED and exc is not None:
             self._cancel_reason = _exc_text(exc)

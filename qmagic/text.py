@@ -7,6 +7,7 @@ what a terminal, a log, or ``text/plain`` shows.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -14,7 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tasks import Task
 
 __all__ = [
-    "task_line", "task_table", "task_detail", "lock_text", "progress_text", "user_traceback",
+    "task_line", "task_table", "task_detail", "lock_text", "progress_text", "progress_amount",
+    "format_number",
+    "user_traceback",
     "history_table", "record_detail",
 ]
 
@@ -22,12 +25,26 @@ __all__ = [
 CALL_WIDTH = 40
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts)."""
     if value is None:
         return "?"
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:g}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isfinite(number) and number.is_integer():
+        return str(int(number))
+    return f"{number:.4g}"
+
+
+def progress_amount(progress: Any) -> str:
+    """``"2/5"``, ``"2"`` (no total) or ``""`` (neither value nor total) of a Progress."""
+    if progress is None or (progress.value is None and progress.total is None):
+        return ""
+    if progress.total is None:
+        return format_number(progress.value)
+    return f"{format_number(progress.value)}/{format_number(progress.total)}"
 
 
 def progress_text(task: Task) -> str:
@@ -35,14 +52,7 @@ def progress_text(task: Task) -> str:
     progress = task.progress
     if progress is None:
         return ""
-    if progress.value is None and progress.total is None:
-        amount = ""
-    elif progress.total is None:
-        amount = _number(progress.value)
-    else:
-        amount = f"{_number(progress.value)}/{_number(progress.total)}"
-    message = progress.message or ""
-    return " ".join(part for part in (amount, message) if part)
+    return " ".join(part for part in (progress_amount(progress), progress.message or "") if part)
 
 
 def _call(task: Task, width: int) -> str:

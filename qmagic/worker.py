@@ -17,9 +17,7 @@ import inspect
 import json
 import linecache
 import logging
-import os
 import threading
-import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -66,8 +64,8 @@ class _JournalObserver:
     def task_started(self, task: Task) -> None:
         self.journal.append("start", task.to_dict())
 
-    def task_finished(self, task: Task) -> None:
-        self.journal.append("end", task.to_dict())
+    def task_finished(self, task: Task, record: dict) -> None:
+        self.journal.append("end", record)
 
 
 class Worker(QMagic):
@@ -249,7 +247,17 @@ class Worker(QMagic):
         return lock_key
 
     def _check_lock(self, lock_key: Any, origin: str, scope: str = "environment") -> None:
+        """Raise LockRefused unless ``scope`` is unlocked or the key opens it."""
+        self._check_origin(origin)
         self._locks.check(self._key(lock_key, origin), scope)
+
+    def _lock_refusal(self, lock_key: Any, origin: str, scope: str = "environment") -> dict | None:
+        """The protocol's failure reply when the lock refuses the call, else None."""
+        try:
+            self._check_lock(lock_key, origin, scope)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        return None
 
     def _check_origin(self, origin: str) -> None:
         if origin not in ORIGINS:
@@ -300,7 +308,6 @@ class Worker(QMagic):
     def _start_function(
         self, name, func, args, kwargs, background, user, user_group, lock_key, strict_json, origin
     ) -> Task:
-        self._check_origin(origin)
         user, user_group = self._who(user, user_group)
         self._check_lock(lock_key, origin)
         self._permissions.check(name, user, user_group)
@@ -704,7 +711,6 @@ class Worker(QMagic):
         after ``cancel_grace_s`` (see :meth:`qmagic.Task.cancel`).  Environment-lockable.
         """
         try:
-            self._check_origin(origin)
             self._check_lock(lock_key, origin)
             task = self.get_task(task_uid)
         except (RequestRefused, TaskNotFound) as exc:
@@ -723,7 +729,6 @@ class Worker(QMagic):
         self, *, force: bool = False, lock_key: str | None = None, origin: str = "python"
     ) -> list[Task]:
         """Cancel every queued and running task; returns the tasks asked to stop."""
-        self._check_origin(origin)
         self._check_lock(lock_key, origin)
         active = [t for t in self.engine.tasks() if not t.done()]
         reason = f"Task was cancelled ({origin}, cancel all)"
@@ -783,7 +788,6 @@ class Worker(QMagic):
         from .permissions import Permissions
 
         try:
-            self._check_origin(origin)
             self._check_lock(lock_key, origin, "queue")
             Permissions(user_group_permissions)  # validate before applying
         except (RequestRefused, ValueError) as exc:
@@ -794,7 +798,6 @@ class Worker(QMagic):
     def permissions_reload(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
         """Read the permissions again from the configuration / file (queue-lockable)."""
         try:
-            self._check_origin(origin)
             self._check_lock(lock_key, origin, "queue")
             permissions = self._load_permissions()
         except (RequestRefused, ValueError, OSError) as exc:
@@ -856,11 +859,9 @@ class Worker(QMagic):
 
     def history_clear(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
         """Forget finished tasks kept in memory (queue-lockable); the journal keeps them."""
-        try:
-            self._check_origin(origin)
-            self._check_lock(lock_key, origin, "queue")
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc)}
+        refusal = self._lock_refusal(lock_key, origin, "queue")
+        if refusal is not None:
+            return refusal
         self.engine.clear_finished()
         return {"success": True, "msg": ""}
 
@@ -869,21 +870,12 @@ class Worker(QMagic):
     # =====================================================================================
     def environment_open(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
         """queueserver reply; the environment (this namespace) always exists (environment-lockable)."""
-        try:
-            self._check_origin(origin)
-            self._check_lock(lock_key, origin)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc)}
-        return {"success": False, "msg": "RE Worker environment already exists."}
+        refusal = self._lock_refusal(lock_key, origin)
+        return refusal or {"success": False, "msg": "RE Worker environment already exists."}
 
     def environment_close(self, *, lock_key: str | None = None, origin: str = "python") -> dict[str, Any]:
         """queueserver reply; refused: the environment is the kernel (environment-lockable)."""
-        try:
-            self._check_origin(origin)
-            self._check_lock(lock_key, origin)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc)}
-        return {
+        return self._lock_refusal(lock_key, origin) or {
             "success": False,
             "msg": "The RE Worker environment is this IPython kernel: it cannot be closed "
             "remotely. Shut the kernel down (or restart it) from Jupyter instead.",
@@ -905,11 +897,9 @@ class Worker(QMagic):
         Refused while a foreground task runs unless ``interrupt_task=True``.
         ``interrupt_plan`` is accepted for compatibility (there are no plans).
         """
-        try:
-            self._check_origin(origin)
-            self._check_lock(lock_key, origin)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc)}
+        refusal = self._lock_refusal(lock_key, origin)
+        if refusal is not None:
+            return refusal
         if self.engine.counts()["foreground"] is not None and not interrupt_task:
             return {
                 "success": False,

@@ -48,7 +48,8 @@ EXEC_TIMEOUT = 30.0
 def isolated_env(base: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a kernel whose every per-user folder lives under ``base``.
 
-    ``extra`` entries override; a value of ``None`` removes the variable.
+    ``extra`` entries override; a value of ``None`` removes the variable.  Auto-load is
+    off (``QMAGIC_NO_AUTOLOAD=1``) unless ``extra`` removes it.
     """
     env = dict(os.environ)
     for name in ("QMAGIC_NO_AUTOLOAD", "QMAGIC_EMERGENCY_LOCK_KEY", "JUPYTER_PATH",
@@ -68,6 +69,9 @@ def isolated_env(base: Path, extra: Mapping[str, str] | None = None) -> dict[str
     paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+    # Test kernels load qmagic only when a test asks (--ext=qmagic, %load_ext), whether or
+    # not the package's auto-load startup file is installed; auto-load tests remove this.
+    env["QMAGIC_NO_AUTOLOAD"] = "1"
     for name, value in (extra or {}).items():
         if value is None:
             env.pop(name, None)

@@ -34,16 +34,8 @@ from qmagic.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, ThreadForegroundRunner 
 from qmagic.errors import ControlChannelError  # noqa: E402
 from qmagic.worker import Worker  # noqa: E402
 
-# Every status key the protocol note lists (the client's threads read them).
-STATUS_KEYS = {
-    "msg", "time", "items_in_queue", "items_in_history", "running_item_uid", "manager_state",
-    "queue_stop_pending", "queue_autostart_enabled", "pause_pending",
-    "worker_environment_exists", "worker_environment_state", "worker_background_tasks",
-    "re_state", "ip_kernel_state", "ip_kernel_captured", "status_uid", "run_list_uid",
-    "plan_queue_uid", "plan_history_uid", "devices_existing_uid", "plans_existing_uid",
-    "devices_allowed_uid", "plans_allowed_uid", "task_results_uid", "lock_info_uid",
-    "plan_queue_mode", "lock",
-}
+from engine_helpers import STATUS_KEYS  # noqa: E402
+
 WAIT = 10.0  # generous upper bound for waits that normally take milliseconds
 
 

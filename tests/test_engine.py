@@ -11,7 +11,7 @@ import pytest
 from traitlets import TraitError
 
 import qmagic
-from qmagic import TaskCancelled, TaskNotFound, TaskStatus
+from qmagic import TaskNotFound, TaskStatus
 from qmagic.engine import MSG_NOT_IDLE, Engine
 from qmagic.errors import InvalidTransition, RequestRefused
 from qmagic.tasks import TRANSITIONS

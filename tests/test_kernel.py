@@ -267,8 +267,11 @@ LOADED = (
 )
 
 
+AUTOLOAD_ON = {"QMAGIC_NO_AUTOLOAD": None}
+
+
 def test_autoload_in_a_fresh_kernel(kernel_factory, tmp_path_factory):
-    k = kernel_factory(base=_autoload_base(tmp_path_factory))
+    k = kernel_factory(base=_autoload_base(tmp_path_factory), env=AUTOLOAD_ON)
     assert k.eval(LOADED) == (True, True, [])
     result = k.execute(
         "def triple(x):\n    return 3 * x\nt = %function_execute -b --wait triple 'ab'\nt.result()",
@@ -287,7 +290,7 @@ def test_autoload_never_breaks_kernel_start(kernel_factory, tmp_path_factory):
     broken = base / "broken" / "qmagic"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise RuntimeError('simulated broken install')\n")
-    k = kernel_factory(base=base, env={"PYTHONPATH": str(broken.parent)})
+    k = kernel_factory(base=base, env={"PYTHONPATH": str(broken.parent), **AUTOLOAD_ON})
     assert k.eval(LOADED) == (False, False, [])
 
 
@@ -296,7 +299,7 @@ def test_terminal_ipython_is_left_alone(tmp_path_factory):
     code = f"print('RESULT', {LOADED})"
     proc = subprocess.run(
         [sys.executable, "-m", "IPython", "--no-banner", "--colors=nocolor", "-c", code],
-        env=isolated_env(base),
+        env=isolated_env(base, AUTOLOAD_ON),
         capture_output=True,
         text=True,
         timeout=60,
@@ -304,3 +307,18 @@ def test_terminal_ipython_is_left_alone(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr
     assert "RESULT (False, False, [])" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_installed_startup_file_autoloads_in_every_kernel(kernel_factory, tmp_path_factory):
+    """The wheel's shared-data puts the startup file in {sys.prefix}/etc/ipython/startup
+    (pip install, also editable): a plain kernel of the environment loads qmagic."""
+    installed = Path(sys.prefix) / "etc" / "ipython" / "startup" / "50-qmagic-autoload.py"
+    assert installed.is_file(), (
+        f"{installed} is missing: install the package (pip install -e '.[test]') before "
+        "running the tests, as the README's test command does."
+    )
+    assert installed.read_text() == AUTOLOAD_SOURCE.read_text()
+    k = kernel_factory(base=tmp_path_factory.mktemp("installed"), env=AUTOLOAD_ON)
+    assert k.eval(LOADED) == (True, True, [])
+    off = kernel_factory(base=tmp_path_factory.mktemp("installed-off"))  # QMAGIC_NO_AUTOLOAD=1
+    assert off.eval(LOADED) == (False, False, [])

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
-import qmagic
-from qmagic import LockRefused, PermissionRefused, RequestRefused, TaskStatus
+from qmagic import LockRefused, PermissionRefused, TaskStatus
 
-from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from engine_helpers import STATUS_KEYS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 
-STATUS_KEYS = {
-    "msg", "time", "items_in_queue", "items_in_history", "running_item_uid", "manager_state",
-    "queue_stop_pending", "queue_autostart_enabled", "pause_pending",
-    "worker_environment_exists", "worker_environment_state", "worker_background_tasks",
-    "re_state", "ip_kernel_state", "ip_kernel_captured", "status_uid", "run_list_uid",
-    "plan_queue_uid", "plan_history_uid", "devices_existing_uid", "plans_existing_uid",
-    "devices_allowed_uid", "plans_allowed_uid", "task_results_uid", "lock_info_uid",
-    "plan_queue_mode", "lock",
-}
 
 
 def test_status_has_every_protocol_key(make_worker):

@@ -15,27 +15,15 @@ import qmagic
 from qmagic import Worker
 from qmagic.journal import ORPHAN_REASON
 
-from engine_helpers import TIMEOUT, Gate
+from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def journaled(tmp_path):
-    workers = []
-
-    def make(namespace=None, **settings):
-        config = Config()
-        config.QMagic.state_dir = str(tmp_path / "state")
-        for key, value in settings.items():
-            setattr(config.QMagic, key, value)
-        w = Worker({} if namespace is None else namespace, config=config)
-        workers.append(w)
-        return w
-
-    yield make
-    for w in workers:
-        w.close()
+def journaled(make_worker):
+    """Workers with the journal on, all on one state folder (like restarts of one kernel)."""
+    return lambda namespace=None, **settings: make_worker(namespace, journal_enabled=True, **settings)
 
 
 def test_results_survive_a_new_worker(journaled):
@@ -125,8 +113,8 @@ def test_tasks_of_a_killed_process_read_as_failed(tmp_path):
         w.close()
 
 
-def test_journal_off(journaled):
-    w = journaled({"f": lambda: 1}, journal_enabled=False)
+def test_journal_off(make_worker):
+    w = make_worker({"f": lambda: 1})  # journal off
     t = w.submit("f")
     t.wait(TIMEOUT)
     with pytest.raises(RuntimeError, match="journal is off"):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import datetime
 import html
-import math
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from ..text import format_number, progress_amount
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks import Task
@@ -62,19 +63,6 @@ _RULE = "rgba(128, 128, 128, 0.22)"
 _e = html.escape
 
 
-def format_number(value: float | None) -> str:
-    """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts)."""
-    if value is None:
-        return "?"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isfinite(number) and number.is_integer():
-        return str(int(number))
-    return f"{number:.4g}"
-
-
 def format_elapsed(seconds: float | None, exact: bool = False) -> str:
     """``"7 s"``, ``"3:05"`` (min:s), ``"1:02:03"`` (h:min:s); ``"—"`` when not started.
 
@@ -119,12 +107,7 @@ def _progress_parts(task: Task) -> tuple[float | None, str, str]:
     if progress is None:
         return (1.0 if status == "completed" else None), "", ""
     fraction = progress.fraction
-    if progress.value is None and progress.total is None:
-        amount = ""
-    elif progress.total is None:
-        amount = format_number(progress.value)
-    else:
-        amount = f"{format_number(progress.value)}/{format_number(progress.total)}"
+    amount = progress_amount(progress)
     if fraction is None and status == "completed":
         fraction = 1.0
     return fraction, amount, progress.message or ""
