@@ -14,7 +14,7 @@ import datetime
 import html
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..text import format_number, progress_amount
+from ..text import format_number, progress_amount, user_traceback
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tasks import Task
@@ -247,7 +247,8 @@ def details_html(task: Task) -> str:
         else:
             parts.append(_section("Result", _safe_repr(data["result"]), "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
-        body = task.traceback or f"{data.get('error_type') or status}: {data.get('error') or ''}"
+        body = (user_traceback(task.traceback) if task.traceback
+                else f"{data.get('error_type') or status}: {data.get('error') or ''}")
         parts.append(_section("Traceback" if task.traceback else status.title(), body,
                               "qmagic-detail-traceback"))
     output = task.output
