@@ -50,47 +50,55 @@ def make_worker(**settings) -> Worker:
     return Worker({"noop": noop}, config=config)
 
 
-def latency(n: int) -> tuple[float, float]:
+def _rounds(n: int, rounds: int) -> list[int]:
+    return [n // rounds] * rounds
+
+
+def latency(n: int, rounds: int = 10) -> tuple[float, float]:
+    """Median submit->result time; baseline and qmagic alternate in rounds (drift cancels)."""
     base, ours = [], []
-    with ThreadPoolExecutor() as pool:
-        for _ in range(200):
-            pool.submit(noop).result()
-        for _ in range(n):
-            t0 = time.perf_counter()
-            pool.submit(noop).result()
-            base.append(time.perf_counter() - t0)
     worker = make_worker()
     try:
-        for _ in range(200):
-            worker.submit("noop").result(10)
-        for _ in range(n):
-            t0 = time.perf_counter()
-            worker.submit("noop").result(10)
-            ours.append(time.perf_counter() - t0)
+        with ThreadPoolExecutor() as pool:
+            for _ in range(200):
+                pool.submit(noop).result()
+                worker.submit("noop").result(10)
+            for block in _rounds(n, rounds):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    pool.submit(noop).result()
+                    base.append(time.perf_counter() - t0)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    worker.submit("noop").result(10)
+                    ours.append(time.perf_counter() - t0)
     finally:
         worker.close()
     return statistics.median(base), statistics.median(ours)
 
 
-def throughput(n: int) -> tuple[float, float]:
-    with ThreadPoolExecutor() as pool:
-        t0 = time.perf_counter()
-        futures = [pool.submit(noop) for _ in range(n)]
-        for f in futures:
-            f.result()
-        base = n / (time.perf_counter() - t0)
-    # All n are queued at once, so the queue limit must allow them; finished-task memory
-    # stays at the default limit.
+def throughput(n: int, rounds: int = 5) -> tuple[float, float]:
+    """Tasks per second, n submitted back to back then awaited; alternating rounds, medians."""
+    base, ours = [], []
+    # All of a round are queued at once, so the queue limit must allow them; finished-task
+    # memory stays at the default limit.
     worker = make_worker(max_queued_tasks=n)
     try:
-        t0 = time.perf_counter()
-        tasks = [worker.submit("noop") for _ in range(n)]
-        for t in tasks:
-            t.result(60)
-        ours = n / (time.perf_counter() - t0)
+        with ThreadPoolExecutor() as pool:
+            for block in _rounds(n, rounds):
+                t0 = time.perf_counter()
+                futures = [pool.submit(noop) for _ in range(block)]
+                for f in futures:
+                    f.result()
+                base.append(block / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                tasks = [worker.submit("noop") for _ in range(block)]
+                for t in tasks:
+                    t.result(60)
+                ours.append(block / (time.perf_counter() - t0))
     finally:
         worker.close()
-    return base, ours
+    return statistics.median(base), statistics.median(ours)
 
 
 def memory(n: int) -> tuple[float, float]:

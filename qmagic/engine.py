@@ -58,6 +58,8 @@ MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) i
 #: Shortest uid prefix accepted by lookups (a full uid is always accepted).
 MIN_UID_PREFIX = 4
 _IDLE_THREAD_TIMEOUT_S = 30.0
+#: How long a background task may wait for a busy thread before a new thread starts.
+_SPAWN_DELAY_S = 0.001
 _uid_random = random.Random(os.urandom(32))
 
 
@@ -194,6 +196,8 @@ class Engine:
         self._queued = 0
         self._threads = 0
         self._idle = 0
+        self._spawn_check_pending = False
+        self._unreserved = 0  # queued tasks no thread is reserved for yet
         self._running_bg = 0
         self._fg: Task | None = None
         self._fg_handed_over = False
@@ -234,6 +238,7 @@ class Engine:
         return task
 
     def _start_background(self, task: Task) -> None:
+        schedule_check = False
         with self._lock:
             self._check_open()
             # Tasks already handed to a free thread do not count as waiting.
@@ -249,21 +254,53 @@ class Engine:
             self._queued += 1
             task._in_queue = True
             self.bus.emit(task, status="queued")
-            waits = False
+            waits = False  # True: no thread may start for it now (the pool is full)
             if self._idle > 0:
                 self._idle -= 1  # reserve an idle thread: it will take this task
-            elif self._threads < self.max_background:
-                self._threads += 1
-                threading.Thread(target=self._worker_loop, name="qmagic-task", daemon=True).start()
+            elif self._threads == 0:
+                self._spawn_locked()  # a thread of its own
             else:
-                waits = True
+                self._unreserved += 1  # the next thread that frees up (or starts) takes it
+                if self._threads >= self.max_background:
+                    waits = True
+                elif not self._spawn_check_pending:
+                    # Every thread is busy. Busy threads often free up within microseconds
+                    # (short tasks), and more threads would only fight over the GIL; if the
+                    # task still waits a moment later, the check starts threads (long tasks
+                    # still run in parallel, after at most ~1 ms).
+                    self._spawn_check_pending = True
+                    schedule_check = True
             if not (waits and self.observers):
                 self._pending.put(task)
+                if schedule_check:
+                    self._schedule(_SPAWN_DELAY_S, self._spawn_if_waiting)
                 return
         # A task that really waits is announced before any thread can take it, so its
         # "queued" record always comes before its "start" record.
         self._notify("task_queued", task)
         self._pending.put(task)
+
+    def _thread_free_locked(self) -> None:
+        """A thread is free again: it takes a waiting task that no thread was reserved
+        for, or counts as idle (exact accounting: every queued task has one thread)."""
+        if self._unreserved > 0:
+            self._unreserved -= 1
+        else:
+            self._idle += 1
+
+    def _spawn_locked(self) -> None:
+        self._threads += 1
+        threading.Thread(target=self._worker_loop, name="qmagic-task", daemon=True).start()
+
+    def _spawn_if_waiting(self) -> None:
+        """Timer: start threads for tasks that still wait while threads are allowed."""
+        with self._lock:
+            self._spawn_check_pending = False
+            if self._closed:
+                return
+            while self._unreserved > 0 and self._threads < self.max_background:
+                self._spawn_locked()  # the new thread takes one waiting task
+                self._unreserved -= 1
 
     def _start_foreground(self, task: Task) -> None:
         owner = self.foreground.owns_current_thread()
@@ -322,11 +359,17 @@ class Engine:
             if self._fg is task:
                 self._fg = None
                 self._fg_handed_over = False
+            if task._finish_time is not None:
+                expired, sweep_at = self._retain_locked(task)
+        if task._finish_time is not None:
+            self._after_retain(expired, sweep_at)
 
     def _end_background(self, task: Task) -> None:
         with self._lock:
             self._running_bg -= 1
-            self._idle += 1  # this thread goes back to waiting for work
+            self._thread_free_locked()
+            expired, sweep_at = self._retain_locked(task)
+        self._after_retain(expired, sweep_at)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -351,7 +394,7 @@ class Engine:
                 return
             with self._lock:
                 if not task._in_queue:  # cancelled while it waited: already uncounted
-                    self._idle += 1
+                    self._thread_free_locked()
                     continue
                 task._in_queue = False
                 self._queued -= 1
@@ -371,11 +414,9 @@ class Engine:
             with task._mutex:
                 start = task._status is TaskStatus.QUEUED  # else: cancelled while waiting
                 if start:
-                    task._transition(
-                        TaskStatus.RUNNING,
-                        started_at=time.time(),
-                        _thread_ident=threading.get_ident(),
-                    )
+                    task._transition(TaskStatus.RUNNING)
+                    task.started_at = time.time()
+                    task._thread_ident = threading.get_ident()
                     task._in_user_code = True
                     self.bus.emit(task, status="running")
             if start:
@@ -418,8 +459,10 @@ class Engine:
         self, task: Task, result: Any, outcome: BaseException | None, on_end: Callable
     ) -> None:
         """Idempotent: safe to call again after an interrupt landed inside it."""
+        if task._finish_time is None:
+            task._finish_time = time.time()
         if not task._ended:
-            on_end(task)  # frees the thread / foreground slot (idempotent for foreground)
+            on_end(task)  # frees the thread / foreground slot, keeps the task (retention)
             task._ended = True
         if not task.done():  # (a task cancelled while queued is already recorded)
             if outcome is None and task.strict_json:
@@ -435,7 +478,7 @@ class Engine:
             else:
                 status, tb = TaskStatus.FAILED, format_exception(outcome)
             value = result if outcome is None else None
-            finished_at = time.time()
+            finished_at = task._finish_time
             if self.observers and not task._end_told:
                 record = task.final_record(status, value, outcome, tb, finished_at)
                 task._end_told = True
@@ -452,29 +495,44 @@ class Engine:
             except Exception:  # noqa: BLE001 - an observer must never break a task
                 log.exception("qmagic: task observer %r failed on %s", observer, event)
 
+    def _result_added(self) -> None:
+        """A task finished: a new task_results_uid (called right after the transition)."""
+        self.results_uid = f"{self._uid_prefix}-{next(self._results_seq)}"
+
     def _task_finished(self, task: Task) -> None:
         """Called once per task after its final transition (see Task._after_finish)."""
         if self.observers and not task._end_told:  # a task cancelled while it was queued
             task._end_told = True
             self._notify("task_finished", task, task.to_dict())
-        expired: list[Task] = []
+        if task._retained:  # the thread that ran it did the bookkeeping
+            return
         with self._lock:
-            self.results_uid = f"{self._uid_prefix}-{next(self._results_seq)}"
             if task._in_queue:  # cancelled while queued: no longer waiting
                 task._in_queue = False
                 self._queued -= 1
-            if self._tasks.get(task.uid) is task:
-                self._finished[task.uid] = task
-                while len(self._finished) > self.max_finished:
-                    _, old = self._finished.popitem(last=False)
-                    self._tasks.pop(old.uid, None)
-                    expired.append(old)
-            schedule = self._sweep_at is None
-            if schedule:
-                self._sweep_at = (task.finished_at or time.time()) + self.retention_s
-        if schedule:
-            self._schedule(self._sweep_at - time.time(), self._sweep)
-        self._notify_expired(expired)
+            expired, sweep_at = self._retain_locked(task)
+        self._after_retain(expired, sweep_at)
+
+    def _retain_locked(self, task: Task) -> tuple[list[Task], float | None]:
+        """Put a finishing task on the finished list (engine lock held)."""
+        task._retained = True
+        expired: list[Task] = []
+        if self._tasks.get(task.uid) is task:
+            self._finished[task.uid] = task
+            while len(self._finished) > self.max_finished:
+                _, old = self._finished.popitem(last=False)
+                self._tasks.pop(old.uid, None)
+                expired.append(old)
+        sweep_at = None
+        if self._sweep_at is None:  # no sweep pending: schedule one for this task
+            sweep_at = self._sweep_at = (task._finish_time or time.time()) + self.retention_s
+        return expired, sweep_at
+
+    def _after_retain(self, expired: list[Task], sweep_at: float | None) -> None:
+        if sweep_at is not None:
+            self._schedule(sweep_at - time.time(), self._sweep)
+        if expired:
+            self._notify_expired(expired)
 
     def _sweep(self) -> None:
         now = time.time()
@@ -482,17 +540,18 @@ class Engine:
         with self._lock:
             while self._finished:
                 uid, task = next(iter(self._finished.items()))
-                if (task.finished_at or 0) + self.retention_s > now:
+                if (task._finish_time or task.finished_at or 0) + self.retention_s > now:
                     break
                 self._finished.popitem(last=False)
                 self._tasks.pop(uid, None)
                 expired.append(task)
-            self._sweep_at = None
+            sweep_at = None
             if self._finished:
                 first = next(iter(self._finished.values()))
-                self._sweep_at = (first.finished_at or now) + self.retention_s
-        if self._sweep_at is not None:
-            self._schedule(self._sweep_at - now, self._sweep)
+                sweep_at = (first._finish_time or first.finished_at or now) + self.retention_s
+            self._sweep_at = sweep_at
+        if sweep_at is not None:
+            self._schedule(sweep_at - now, self._sweep)
         self._notify_expired(expired)
 
     def _notify_expired(self, expired: Iterable[Task]) -> None:

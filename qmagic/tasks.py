@@ -175,6 +175,8 @@ class Task:
     _in_queue = False
     _after_done = False
     _end_told = False  # observers (the journal) heard the final record
+    _retained = False  # the engine put it on its finished list
+    _finish_time: float | None = None  # set just before the final transition
     _ended = False  # the engine released the task's thread / foreground slot
     _hook_tokens: list | None = None
     _in_user_code = False
@@ -389,14 +391,12 @@ class Task:
         return f"<Task {self.call_text()} {where} {self._status.value}>"
 
     # -- engine side (private) -------------------------------------------------------------
-    def _transition(self, new: TaskStatus, **fields: Any) -> None:
+    def _transition(self, new: TaskStatus) -> None:
         """Change status (caller holds ``self._mutex``); raises InvalidTransition if forbidden."""
         if new not in TRANSITIONS[self._status]:
             raise InvalidTransition(
                 f"Task {self.uid} cannot go from {self._status.value} to {new.value}."
             )
-        for key, value in fields.items():
-            setattr(self, key, value)
         self._status = new
         if new.finished:
             self._notify()
@@ -428,13 +428,13 @@ class Task:
         finished_at: float | None = None,
     ) -> None:
         """Record the outcome and emit result/error then the final status (lock held)."""
-        self._transition(
-            status,
-            _result=result,
-            _exception=None if status is TaskStatus.CANCELLED else exc,
-            _traceback=tb,
-            finished_at=finished_at or time.time(),
-        )
+        self._transition(status)  # checked first: nothing is set when it is refused
+        self._result = result
+        self._exception = None if status is TaskStatus.CANCELLED else exc
+        self._traceback = tb
+        self.finished_at = finished_at or time.time()
+        if self._bus is not None and self._bus.engine is not None:
+            self._bus.engine._result_added()  # after the transition: clients then see it done
         if status is TaskStatus.CANCELLED and exc is not None:
             self._cancel_reason = _exc_text(exc)
         if self._bus is not None:

@@ -345,3 +345,39 @@ def test_closed_worker_refuses_clearly(make_worker):
     w.close()
     with pytest.raises(RequestRefused, match="load_ext qmagic"):
         w.submit("f")
+
+
+def test_blocking_tasks_run_in_parallel_up_to_the_limit(make_worker):
+    """Threads start lazily (a busy pool first waits ~1 ms), but long tasks still all run."""
+    barrier = threading.Barrier(8)
+    w = make_worker({"meet": lambda: barrier.wait(TIMEOUT)}, max_background_tasks=8)
+    tasks = [w.submit("meet") for _ in range(8)]
+    assert all(isinstance(t.result(TIMEOUT), int) for t in tasks)  # no BrokenBarrierError
+    assert w.engine._threads == 8
+
+
+def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
+    """Short, long and cancelled tasks in a small pool: every queued task gets a thread,
+    and afterwards every thread is idle (no phantom idle thread that would strand a task)."""
+    gate = Gate()
+    w = make_worker({"gate": gate, "quick": lambda i: i}, max_background_tasks=3)
+    blockers = [w.submit("gate") for _ in range(2)]
+    tasks = []
+    for i in range(300):
+        t = w.submit("quick", (i,))
+        if i % 7 == 0:
+            t.cancel()
+        tasks.append(t)
+    for t in tasks:
+        assert t.wait(TIMEOUT), "a queued task never got a thread"
+    gate.release.set()
+    for t in blockers:
+        t.result(TIMEOUT)
+    last = w.submit("gate")  # a new long task still finds a thread at once
+    assert last.result(TIMEOUT) is None
+    engine = w.engine
+    deadline = time.monotonic() + TIMEOUT
+    while not (engine._queued == 0 and engine._idle == engine._threads):
+        assert time.monotonic() < deadline, (engine._queued, engine._idle, engine._threads)
+        time.sleep(0.001)
+    assert engine._unreserved == 0 and engine._threads <= 3
