@@ -454,7 +454,6 @@ class Worker(QMagic):
         origin: str = "python",
     ) -> Task:
         """Like :meth:`script_upload` but returns the :class:`Task` (raises on refusal)."""
-        self._check_origin(origin)
         if not isinstance(script, str):
             raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
         user, user_group = self._who(user, user_group)

@@ -287,11 +287,6 @@ class _TaskTable:
         row.details_sig = sig
         return set_traits(row.details, value=render.details_html(row.task))
 
-    def widgets_for(self, uid: str) -> dict[str, W.Widget | None]:
-        """The row widgets of task ``uid`` (``cancel``, ``toggle``, ``details``), for tests."""
-        row = self.rows[uid]
-        return {"cancel": row.cancel, "toggle": row.toggle, "details": row.details}
-
 
 class _TaskViewMixin(PanelBase):
     """Cancel handling shared by TaskPanel and TaskRow."""
