@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover
     _orjson = None
 
 from .errors import StateFileError
-from .paths import default_state_dir, validate_environment_name
+from .store.paths import default_state_dir, validate_environment_name
 
 __all__ = ["EVENTS", "ORPHAN_REASON", "SUMMARY_KEY", "Journal", "JournalWarning",
            "default_state_dir", "history", "history_dataframe", "history_main", "parse_time"]

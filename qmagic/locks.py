@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
     fcntl = None  # type: ignore[assignment]
 
 from .errors import LockRefused, RequestRefused, StateFileError
-from .paths import STATE_DIR_ENV, default_state_dir, validate_environment_name
+from .store.paths import STATE_DIR_ENV, default_state_dir, validate_environment_name
 
 __all__ = ["EMERGENCY_KEY_ENV", "SCOPES", "STATE_DIR_ENV", "LockStore", "clear_lock_main",
            "default_lock_key_path", "default_state_dir", "get_default_lock_key"]

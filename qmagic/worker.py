@@ -168,7 +168,7 @@ class Worker(QMagic):
     def _open_journal(self) -> None:
         """(Re)open the journal for the current settings; the old one is closed."""
         from .journal import Journal
-        from .paths import default_state_dir
+        from .store.paths import default_state_dir
 
         old, old_observer = self._journal, self._journal_observer
         journal = None

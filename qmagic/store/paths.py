@@ -1,6 +1,6 @@
 """Where qmagic keeps its persistent state, and which environment names are allowed.
 
-Shared by the lock store and the journal, so both agree on the folder and the names.
+Shared by the lock store and the experiment log, so both agree on the folder and the names.
 """
 
 from __future__ import annotations
