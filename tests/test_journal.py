@@ -28,7 +28,7 @@ from qmagic.journal import (
     history_main,
     parse_time,
 )
-from qmagic.paths import default_state_dir, validate_environment_name
+from qmagic.store.paths import default_state_dir, validate_environment_name
 
 # an unexpected skipped line or write failure fails the test
 pytestmark = pytest.mark.filterwarnings("error::qmagic.journal.JournalWarning")
