@@ -1,18 +1,28 @@
 """qmagic: a Jupyter kernel as a tracked task-execution environment for laboratory work.
 
 The kernel's namespace becomes bluesky-queueserver's "RE Worker namespace": start its
-functions as tracked foreground or background tasks, follow their progress, cancel them,
-read results and tracebacks, upload scripts, and lock the environment with a key.
+functions (also ``async def`` ones) as tracked foreground or background tasks, follow their
+progress, cancel them, read results and tracebacks, upload scripts, lock the environment
+with a key, and keep an experiment log of every task.  Magics, this Python API, live panels
+and queueserver's remote clients are doors to the same worker.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+from typing import Any
 
 from .config import QMagic
-from .context import cancellable_sleep, current_task, raise_if_cancelled, report_progress
+from .core.context import cancellable_sleep, current_task, raise_if_cancelled, report_progress
+from .core.events import Subscription
+from .core.status import Progress, TaskStatus
+from .core.task import Task
 from .errors import (
     ControlChannelError,
     InvalidTransition,
     LockRefused,
+    LogUnavailable,
     PermissionRefused,
     PermissionsFormatError,
     QMagicError,
@@ -21,34 +31,37 @@ from .errors import (
     TaskCancelled,
     TaskNotFound,
 )
-from .events import Subscription
-from .extension import get_worker, load_ipython_extension, unload_ipython_extension
-from .permissions import DEFAULT_PERMISSIONS, Permissions
-from .tasks import Progress, Task, TaskStatus
 from .worker import Worker
 
+#: Imported when first asked for: these need IPython, ipywidgets, zmq, pandas or matplotlib.
+_LAZY = {
+    "get_worker": ("qmagic.ipython.extension", "get_worker"),
+    "load_ipython_extension": ("qmagic.ipython.extension", "load_ipython_extension"),
+    "unload_ipython_extension": ("qmagic.ipython.extension", "unload_ipython_extension"),
+    "history": ("qmagic.history", "history"),
+    "history_dataframe": ("qmagic.history", "history_dataframe"),
+    "timeline": ("qmagic.timeline", "timeline"),
+    "get_default_lock_key": ("qmagic.store.keys", "get_default_lock_key"),
+    "Permissions": ("qmagic.core.permissions", "Permissions"),
+    "DEFAULT_PERMISSIONS": ("qmagic.core.permissions", "DEFAULT_PERMISSIONS"),
+    "LockState": ("qmagic.store.locks", "LockState"),
+    "ControlServer": ("qmagic.remote.server", "ControlServer"),
+    "TaskPanel": ("qmagic.panels", "TaskPanel"),
+    "TaskRow": ("qmagic.panels", "TaskRow"),
+    "LockPanel": ("qmagic.panels", "LockPanel"),
+}
 
-def __getattr__(name: str):
-    # Imported when first asked for: panels and the control channel need ipywidgets and
-    # pyzmq, and `python -m qmagic.locks` / `-m qmagic.journal` must not find their module
-    # already imported by the package.
-    if name in ("history", "history_dataframe"):
-        from . import logbook
 
-        return getattr(logbook, name)
-    if name == "get_default_lock_key":
-        from .locks import get_default_lock_key
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'qmagic' has no attribute {name!r}")
+    import importlib
 
-        return get_default_lock_key
-    if name == "ControlChannel":
-        from .control import ControlChannel
+    value = getattr(importlib.import_module(target[0]), target[1])
+    globals()[name] = value
+    return value
 
-        return ControlChannel
-    if name in ("TaskPanel", "TaskRow", "LockPanel"):
-        from . import widgets
-
-        return getattr(widgets, name)
-    raise AttributeError(f"module 'qmagic' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -62,26 +75,29 @@ __all__ = [
     "report_progress",
     "raise_if_cancelled",
     "cancellable_sleep",
+    "get_worker",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    "history",
+    "history_dataframe",
+    "timeline",
+    "get_default_lock_key",
     "Permissions",
     "DEFAULT_PERMISSIONS",
-    "ControlChannel",
+    "LockState",
+    "ControlServer",
     "TaskPanel",
     "TaskRow",
     "LockPanel",
-    "history",
-    "history_dataframe",
-    "get_default_lock_key",
     "QMagicError",
     "TaskNotFound",
     "RequestRefused",
     "LockRefused",
     "PermissionRefused",
+    "PermissionsFormatError",
     "InvalidTransition",
     "StateFileError",
-    "TaskCancelled",
-    "PermissionsFormatError",
+    "LogUnavailable",
     "ControlChannelError",
-    "get_worker",
-    "load_ipython_extension",
-    "unload_ipython_extension",
+    "TaskCancelled",
 ]

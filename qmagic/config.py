@@ -1,14 +1,15 @@
-"""The ``QMagic`` configurable: every qmagic setting, as traitlets traits.
+"""The ``QMagic`` configurable: every qmagic setting, as a traitlets trait.
 
 Set them in an IPython profile (``c.QMagic.max_background_tasks = 8``), on the kernel
 command line (``--QMagic.max_background_tasks=8``) or on a live worker
 (``get_worker().max_background_tasks = 8``).  :class:`qmagic.Worker` *is* a ``QMagic``, so
-the ``QMagic`` config section reaches it.
+the ``QMagic`` config section reaches it; each component reads its settings from the
+worker (nothing is copied by hand).  Bounds are declared with ``min=`` / ``max=``.
 """
 
 from __future__ import annotations
 
-from traitlets import Bool, Dict, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, validate
 from traitlets.config import Configurable
 
 __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
@@ -20,30 +21,41 @@ MIN_TASK_RETENTION_S = 120.0
 class QMagic(Configurable):
     """All qmagic settings (the ``QMagic`` config section)."""
 
-    # -- engine ------------------------------------------------------------------------
+    # -- tasks -----------------------------------------------------------------------------
     max_background_tasks = Int(
-        32, help="How many background tasks may run at once; further tasks wait as 'queued'."
+        32, min=1, max=1024,
+        help="How many background thread tasks may run at once; further tasks wait as 'queued'.",
     ).tag(config=True)
     max_queued_tasks = Int(
-        1000, help="How many background tasks may wait as 'queued'; further requests are refused."
+        1000, min=1, max=10_000_000,
+        help="How many background tasks may wait as 'queued'; further requests are refused.",
     ).tag(config=True)
     task_retention_s = Float(
-        600.0,
-        help="Seconds a finished task stays available to task_status/task_result "
-        f"(at least {MIN_TASK_RETENTION_S:.0f}, as queueserver clients expect).",
+        600.0, min=MIN_TASK_RETENTION_S,
+        help="Seconds a finished task stays in memory for task_status/task_result "
+        f"(at least {MIN_TASK_RETENTION_S:.0f}, as queueserver clients expect); the "
+        "experiment log keeps it afterwards.",
     ).tag(config=True)
     max_finished_tasks = Int(
-        1000, help="At most this many finished tasks are kept in memory (oldest leave first)."
+        1000, min=1, max=10_000_000,
+        help="At most this many finished tasks are kept in memory (oldest leave first).",
     ).tag(config=True)
     task_output_limit = Int(
-        100_000,
+        100_000, min=1,
         help="Characters of captured output (and of captured log text) kept per task; "
         "the oldest text is dropped first, with a marker.",
     ).tag(config=True)
     cancel_grace_s = Float(
-        2.0,
-        help="Seconds a forced cancel waits for a task to stop cooperatively before raising "
-        "TaskCancelled inside the task's thread.",
+        2.0, min=0.0,
+        help="Seconds a forced cancel (or a deadline) waits for a thread task to stop "
+        "cooperatively before raising TaskCancelled inside the task's thread.",
+    ).tag(config=True)
+    async_loop = Enum(
+        ("auto", "bluesky", "qmagic"), default_value="auto",
+        help="Event loop of coroutine (async def) tasks: 'auto' = bluesky's event loop when "
+        "bluesky is imported and its loop runs (where ophyd-async devices live), else a loop "
+        "thread of qmagic's own; 'bluesky' = bluesky's loop only (tasks fail without it); "
+        "'qmagic' = qmagic's own loop always.",
     ).tag(config=True)
     default_user = Unicode("qmagic user", help="User name of requests that do not name one.").tag(
         config=True
@@ -52,80 +64,97 @@ class QMagic(Configurable):
         "primary", help="User group of requests that do not name one."
     ).tag(config=True)
 
-    # -- permissions -------------------------------------------------------------------
+    # -- permissions -------------------------------------------------------------------------
     user_group_permissions = Dict(
-        None,
-        allow_none=True,
+        None, allow_none=True,
         help="User group permissions in queueserver's format "
         "({'user_groups': {GROUP: {'allowed_functions': [...], 'forbidden_functions': [...]}}}). "
         "Empty (the default): the rules of user_group_permissions_file, or if that is not set "
-        "either, every group may call any namespace callable whose name does not start with '_'.",
+        "either, qmagic's default rules (groups root, primary and admin; any namespace "
+        "function whose name does not start with '_').",
     ).tag(config=True)
     user_group_permissions_file = Unicode(
-        None,
-        allow_none=True,
-        help="YAML file with user group permissions (queueserver's format). "
-        "Used when user_group_permissions is not set.",
+        None, allow_none=True,
+        help="YAML file with user group permissions (queueserver's format); used when "
+        "user_group_permissions is not set, and read again by permissions_reload.",
     ).tag(config=True)
 
-    # -- persistent state (locks, journal) ----------------------------------------------
+    # -- persistent state (lock, experiment log) ------------------------------------------------
     state_dir = Unicode(
-        None,
-        allow_none=True,
-        help="Folder for the lock and the task journal. None: $QMAGIC_STATE_DIR, else a "
+        None, allow_none=True,
+        help="Folder for the lock and the experiment log. None: $QMAGIC_STATE_DIR, else a "
         "'qmagic' folder in the Jupyter data dir.",
     ).tag(config=True)
     environment_name = Unicode(
         "default",
-        help="Name of the environment: kernels with the same name share one lock and one journal.",
+        help="Name of the environment: kernels with the same name share one lock and one "
+        "experiment log.",
     ).tag(config=True)
     emergency_lock_key = Unicode(
-        None,
-        allow_none=True,
+        None, allow_none=True,
         help="Emergency key accepted by unlock only (else $QMAGIC_EMERGENCY_LOCK_KEY). "
         "Never stored on disk.",
     ).tag(config=True)
     journal_enabled = Bool(
-        True, help="Append every task's record to the persistent journal (the experiment log)."
+        True, help="Keep the experiment log: every task's record, in a database that outlives "
+        "the kernel.",
     ).tag(config=True)
     journal_max_bytes = Int(
-        50_000_000,
-        help="Size of the task journal (all its files) that is kept at least; older files "
-        "beyond it are deleted. The active file is rotated at a quarter of this.",
+        200_000_000, min=1_000_000,
+        help="Size of the experiment log database kept at least; beyond it the oldest finished "
+        "tasks are deleted in small batches.",
     ).tag(config=True)
     journal_max_age_s = Float(
-        30 * 86400.0,
-        help="Journal files last written longer ago than this many seconds are deleted. A "
-        "record is kept while it is younger than this and within journal_max_bytes; "
-        "unfinished tasks are always kept.",
+        30 * 86400.0, min=60.0,
+        help="Finished tasks older than this many seconds leave the experiment log "
+        "(unfinished tasks are always kept).",
     ).tag(config=True)
     journal_fsync = Bool(
         False,
-        help="fsync the journal after every line (task start and end): records survive a "
-        "power loss, at the cost of a disk flush per line (milliseconds instead of ~10 us).",
+        help="Make every record survive a power loss too (a disk flush per batch of records); "
+        "without it records survive a crash of the kernel, not of the machine.",
     ).tag(config=True)
     journal_summary_chars = Int(
-        2000,
-        help="Characters of repr() kept in the journal for an argument or result that JSON "
-        "cannot store (a marker says it was cut).",
+        2000, min=40, max=1_000_000,
+        help="Characters of repr() kept in the experiment log for an argument or result that "
+        "JSON cannot store (a marker says it was cut).",
     ).tag(config=True)
 
-    # -- remote control channel -----------------------------------------------------------
+    # -- remote channel ------------------------------------------------------------------------------
     zmq_control_address = Unicode(
-        None,
-        allow_none=True,
+        None, allow_none=True,
         help="Address of the 0MQ control channel (e.g. tcp://127.0.0.1:60615). None: off.",
     ).tag(config=True)
+    zmq_info_address = Unicode(
+        None, allow_none=True,
+        help="Address of the 0MQ info socket (PUB: console output and status, as queueserver's "
+        "port 60625), e.g. tcp://127.0.0.1:60625. None: off.",
+    ).tag(config=True)
+    zmq_console_all_output = Bool(
+        False,
+        help="Publish everything the kernel prints on the info socket's QS_Console topic; "
+        "False: only what tasks and uploaded scripts print.",
+    ).tag(config=True)
     zmq_max_message_bytes = Int(
-        10_000_000, help="Largest request the control channel accepts, in bytes."
+        10_000_000, min=1024, max=1_000_000_000,
+        help="Largest request the control channel accepts, in bytes.",
+    ).tag(config=True)
+    zmq_client_keys = Union(
+        [Dict(), Unicode()], default_value=None, allow_none=True,
+        help="With CurveZMQ on: the clients allowed to connect, {public_key: {'user': NAME, "
+        "'groups': [GROUP, ...]}} or a YAML file with that mapping. A client may then claim "
+        "only its own user name and groups; unknown keys are refused. None: any client with "
+        "the server's public key, and user and group are the client's claims.",
     ).tag(config=True)
 
-    # -- panels ---------------------------------------------------------------------------
+    # -- panels -------------------------------------------------------------------------------------
     panel_max_rows = Int(
-        200, help="A task panel shows at most this many tasks (newest first) and counts the rest."
+        200, min=1, max=10_000,
+        help="A task panel shows at most this many tasks (newest first) and counts the rest.",
     ).tag(config=True)
     panel_update_hz = Float(
-        10.0, help="Most widget updates per second a panel sends (changes are coalesced)."
+        10.0, min=0.5, max=50.0,
+        help="Most widget updates per second a panel sends (changes are coalesced).",
     ).tag(config=True)
     panel_cancel_subshell = Bool(
         True,
@@ -134,51 +163,14 @@ class QMagic(Configurable):
         "ignored otherwise). False: clicks wait for the running cell; use ■ to interrupt.",
     ).tag(config=True)
 
-    @validate("task_retention_s")
-    def _check_retention(self, proposal):
-        value = proposal["value"]
-        if value < MIN_TASK_RETENTION_S:
-            raise TraitError(
-                f"task_retention_s must be at least {MIN_TASK_RETENTION_S:.0f} s "
-                f"(got {value}): queueserver clients read results up to 120 s after a task ends."
-            )
-        return value
-
-    @validate(
-        "max_background_tasks",
-        "max_queued_tasks",
-        "max_finished_tasks",
-        "task_output_limit",
-        "journal_max_bytes",
-        "journal_summary_chars",
-    )
-    def _check_positive(self, proposal):
-        if proposal["value"] < 1:
-            raise TraitError(
-                f"{proposal['trait'].name} must be at least 1 (got {proposal['value']})."
-            )
-        return proposal["value"]
-
     @validate("user_group_permissions")
     def _check_permissions(self, proposal):
         value = proposal["value"]
         if value:
-            from .permissions import Permissions
+            from .core.permissions import Permissions
 
             try:
                 Permissions(value)
             except ValueError as exc:
                 raise TraitError(f"Invalid user_group_permissions: {exc}") from None
         return value
-
-    @validate("journal_max_age_s")
-    def _check_age(self, proposal):
-        if proposal["value"] <= 0:
-            raise TraitError(f"journal_max_age_s must be > 0 (got {proposal['value']}).")
-        return proposal["value"]
-
-    @validate("cancel_grace_s")
-    def _check_grace(self, proposal):
-        if proposal["value"] < 0:
-            raise TraitError(f"cancel_grace_s must be >= 0 (got {proposal['value']}).")
-        return proposal["value"]

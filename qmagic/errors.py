@@ -18,6 +18,7 @@ __all__ = [
     "StateFileError",
     "TaskCancelled",
     "ControlChannelError",
+    "LogUnavailable",
 ]
 
 
@@ -62,7 +63,8 @@ class InvalidTransition(QMagicError, RuntimeError):
 
 
 class StateFileError(QMagicError, OSError):
-    """A persistent state file (lock, journal) is unreadable or corrupt."""
+    """A persistent state file (lock, experiment log) is unusable: unreadable, corrupt, a
+    symlink, a FIFO, or another user's file.  The message names the file and what to do."""
 
 
 class ControlChannelError(QMagicError, RuntimeError):
@@ -70,6 +72,10 @@ class ControlChannelError(QMagicError, RuntimeError):
 
     The message names the address or the setting to fix; nothing was left running.
     """
+
+
+class LogUnavailable(QMagicError, RuntimeError):
+    """The experiment log is off or cannot be read (the message says which and what to do)."""
 
 
 class TaskCancelled(BaseException):
@@ -85,3 +91,10 @@ class TaskCancelled(BaseException):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "Task was cancelled"
+
+
+for _error in (QMagicError, TaskNotFound, RequestRefused, LockRefused, PermissionRefused,
+               PermissionsFormatError, InvalidTransition, StateFileError, ControlChannelError,
+               LogUnavailable, TaskCancelled):
+    _error.__module__ = "qmagic"  # tracebacks read "qmagic.TaskCancelled", where users import it
+del _error

@@ -11,16 +11,8 @@ from qmagic import Worker
 
 TIMEOUT = 10.0
 
-#: Every key of the queueserver status reply (the client's threads read them).
-STATUS_KEYS = frozenset({
-    "msg", "time", "items_in_queue", "items_in_history", "running_item_uid", "manager_state",
-    "queue_stop_pending", "queue_autostart_enabled", "pause_pending",
-    "worker_environment_exists", "worker_environment_state", "worker_background_tasks",
-    "re_state", "ip_kernel_state", "ip_kernel_captured", "status_uid", "run_list_uid",
-    "plan_queue_uid", "plan_history_uid", "devices_existing_uid", "plans_existing_uid",
-    "devices_allowed_uid", "plans_allowed_uid", "task_results_uid", "lock_info_uid",
-    "plan_queue_mode", "lock",
-})
+
+from qs_helpers import QS, STATUS_KEYS  # noqa: F401,E402 - re-exported
 
 
 class Gate:

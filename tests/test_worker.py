@@ -1,143 +1,76 @@
-"""Worker protocol replies (queueserver shapes and texts), permissions, locks, scripts."""
+"""The worker's Python API: rules (permissions, locks, names), scripts, lookups, Futures."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
+import threading
 
 import pytest
 
-from qmagic import LockRefused, PermissionRefused, TaskStatus
+import qmagic
+from qmagic import LockRefused, PermissionRefused, RequestRefused, TaskNotFound, TaskStatus
 
-from engine_helpers import STATUS_KEYS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
-
-
-
-def test_status_has_every_protocol_key(make_worker):
-    status = make_worker().status()
-    assert set(status) == STATUS_KEYS
-    assert status["manager_state"] == "idle" and status["ip_kernel_state"] == "idle"
-    assert status["worker_environment_exists"] is True
-    assert status["lock"] == {"environment": False, "queue": False}
-    assert status["plan_queue_mode"] == {"loop": False, "ignore_failures": False}
+from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 
 
-def test_task_results_uid_changes_on_every_completed_task(make_worker):
-    w = make_worker({"f": lambda: 1, "g": lambda: 1 / 0})
-    seen = {w.status()["task_results_uid"]}
-    for name in ["f", "g", "f"]:
-        w.submit(name).wait(TIMEOUT)
-        uid = w.status()["task_results_uid"]
-        assert uid not in seen
-        seen.add(uid)
+def test_task_is_a_real_future(make_worker):
+    w = make_worker({"add": lambda a, b: a + b, "boom": lambda: 1 / 0})
+    tasks = [w.submit("add", (i, i)) for i in range(20)] + [w.submit("boom")]
+    assert all(isinstance(t, cf.Future) for t in tasks)
+    done, not_done = cf.wait(tasks, timeout=TIMEOUT)
+    assert not not_done and len(done) == 21
+    assert sorted(t.result() for t in cf.as_completed(tasks[:20], timeout=TIMEOUT)) == [2 * i for i in range(20)]
+    first = cf.wait([w.submit("boom"), w.submit("add", (1, 2))], timeout=TIMEOUT,
+                    return_when=cf.FIRST_EXCEPTION)
+    assert first.done
+
+    async def main():
+        wrapped = await asyncio.wrap_future(w.submit("add", (2, 3)))
+        awaited = await w.submit("add", (4, 5))
+        with pytest.raises(ZeroDivisionError):
+            await w.submit("boom")
+        return wrapped, awaited
+
+    assert asyncio.run(main()) == (5, 9)
 
 
-def test_function_execute_reply_shape(make_worker):
-    w = make_worker({"add": lambda a, b=0: a + b})
-    item = {"item_type": "function", "name": "add", "args": [1], "kwargs": {"b": 2}}
-    reply = w.function_execute(item, run_in_background=True, user="Alice", user_group="primary")
-    assert set(reply) == {"success", "msg", "item", "task_uid"}
-    assert reply["success"] is True and reply["msg"] == ""
-    assert reply["item"] == {
-        "name": "add", "args": [1], "kwargs": {"b": 2}, "user": "Alice",
-        "user_group": "primary", "item_uid": reply["task_uid"], "item_type": "function",
-    }
-    task = w.get_task(reply["task_uid"])
-    assert task.result(TIMEOUT) == 3 and task.user == "Alice"
-
-
-@pytest.mark.parametrize(
-    "kwargs, msg",
-    [
-        ({"user": ""}, "Error: Incorrect request format: user name is not specified"),
-        ({"user_group": ""}, "Error: Incorrect request format: user group is not specified"),
-        ({"user_group": 5}, "Error: Incorrect request format: user group is not specified"),
-    ],
-)
-def test_missing_user_or_group(make_worker, kwargs, msg):
-    reply = make_worker({"f": lambda: 1}).function_execute({"name": "f"}, **kwargs)
-    assert reply["success"] is False and reply["msg"] == msg and reply["task_uid"] is None
-
-
-@pytest.mark.parametrize(
-    "item, fragment",
-    [
-        ("f", "'item' must be a dict"),
-        ({"args": []}, "function name is not specified"),
-        ({"name": "f", "args": 3}, "'args' must be a list"),
-        ({"name": "f", "kwargs": [1]}, "'kwargs' must be a dict"),
-        ({"name": "f", "item_type": "plan"}, "only 'function' items"),
-    ],
-)
-def test_bad_items_refused_without_trace(make_worker, item, fragment):
-    w = make_worker({"f": lambda: 1})
-    reply = w.function_execute(item)
-    assert reply["success"] is False and fragment in reply["msg"]
-    assert reply["msg"].startswith("Error: Incorrect request format: ")
-    assert w.tasks() == []
-
-
-def test_missing_name_is_accepted_then_fails(make_worker):
-    w = make_worker()
-    reply = w.function_execute({"name": "nowhere"}, run_in_background=True)
-    assert reply["success"] is True
-    task = w.get_task(reply["task_uid"])
-    task.wait(TIMEOUT)
-    result = w.task_result(task.uid)["result"]
-    assert result["success"] is False
-    assert result["msg"].startswith("Error occurred while executing 'Execute function': Function 'nowhere'")
-    assert "NameError" in result["traceback"] and result["return_value"] is None
-
-
-def test_failure_keeps_exception_traceback_and_msg(make_worker):
-    def scan():
-        raise ValueError("motor stalled")
-
-    w = make_worker({"scan": scan})
-    task = w.submit("scan")
-    task.wait(TIMEOUT)
-    assert task.status is TaskStatus.FAILED and isinstance(task.exception(), ValueError)
-    reply = w.task_result(task.uid)
-    assert reply["status"] == "completed"
-    res = reply["result"]
-    assert set(res) == {"task_uid", "success", "msg", "traceback", "return_value", "time_start", "time_stop"}
-    assert res["msg"] == "Error occurred while executing 'Execute function': motor stalled"
-    assert 'raise ValueError("motor stalled")' in res["traceback"]
-    assert res["time_stop"] >= res["time_start"]
-
-
-def test_task_result_while_running_and_task_status_list(make_worker):
+def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})
-    task = w.submit("gate")
-    assert gate.started.wait(TIMEOUT)
-    reply = w.task_result(task.uid)
-    assert reply["status"] == "running"
-    assert reply["result"] == {"task_uid": task.uid, "time_start": task.started_at, "run_in_background": True}
-    many = w.task_status([task.uid, "unknown-uid"])
-    assert many["success"] and many["status"] == {task.uid: "running", "unknown-uid": "not_found"}
-    gate.release.set()
-    task.wait(TIMEOUT)
-    assert w.task_status(task.uid)["status"] == "completed"
-    bad = w.task_status(42)
-    assert bad["success"] is False and "must be a string" in bad["msg"]
+
+    async def main():
+        task = w.submit("gate", ("v",))
+        ticks = 0
+        waiter = asyncio.ensure_future(_await(task))
+        while not gate.started.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+        waiter.cancel()  # stop waiting only
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert not task.done() and not task.cancel_requested
+        gate.release.set()
+        return ticks, await task
+
+    async def _await(task):
+        return await task
+
+    ticks, value = asyncio.run(main())
+    assert value == "v" and ticks >= 1
 
 
-def test_json_rule_strict_and_not_strict(make_worker):
-    w = make_worker({"obj": lambda: object(), "nan": lambda: float("nan")})
-    strict = w.function_execute({"name": "obj"}, run_in_background=True, strict_json=True)
-    t = w.get_task(strict["task_uid"])
-    t.wait(TIMEOUT)
-    res = w.task_result(t.uid)["result"]
-    assert t.status is TaskStatus.FAILED and res["success"] is False
-    assert "Task result can not be serialized as JSON: " in res["msg"]
-    loose = w.submit("obj")
-    value = loose.result(TIMEOUT)
-    res = w.task_result(loose.uid)["result"]
-    assert res["success"] is True and res["return_value"] is None
-    assert "stays in the kernel" in res["msg"] and loose.uid in res["msg"]
-    assert loose.result() is value  # the Python object stays on the Task
-    nan = w.submit("nan", strict_json=True)
-    nan.wait(TIMEOUT)
-    assert nan.status is TaskStatus.COMPLETED  # json.dumps accepts NaN, as in queueserver
+def test_cancelled_task_raises_cancelled_error_when_awaited(make_worker):
+    w = make_worker({"sleepy": lambda: qmagic.cancellable_sleep(60)})
+    task = w.submit("sleepy")
+    task.cancel()
+
+    async def main():
+        with pytest.raises(cf.CancelledError, match="was cancelled"):
+            await task
+
+    asyncio.run(main())
+    assert cf.wait([task], timeout=TIMEOUT).done == {task}
 
 
 def test_permissions_checked_on_request_and_at_start(make_worker):
@@ -150,20 +83,15 @@ def test_permissions_checked_on_request_and_at_start(make_worker):
     }
     w = make_worker({"gate": gate, "scan": lambda: "scanned", "other": lambda: 1},
                     user_group_permissions=rules, max_background_tasks=1)
-    assert w.function_execute({"name": "other"})["msg"] == (
-        "Error: Function 'other' is not allowed for users from 'primary' group."
-    )
-    assert w.function_execute({"name": "f"}, user_group="admin")["msg"] == "Error: Unknown user group: 'admin'"
-    with pytest.raises(PermissionRefused):
+    with pytest.raises(PermissionRefused, match="Function 'other' is not allowed for users from 'primary' group"):
         w.submit("other")
+    with pytest.raises(PermissionRefused, match="Unknown user group: 'admin'"):
+        w.submit("scan", user_group="admin")
     running = w.submit("gate")
     assert gate.started.wait(TIMEOUT)
     queued = w.submit("scan")  # allowed now ...
     w.user_group_permissions = {  # ... but no longer when it starts
-        "user_groups": {
-            "root": {"allowed_functions": [None]},
-            "primary": {"allowed_functions": ["gate"]},
-        }
+        "user_groups": {"root": {"allowed_functions": [None]}, "primary": {"allowed_functions": ["gate"]}}
     }
     gate.release.set()
     running.result(TIMEOUT)
@@ -172,107 +100,150 @@ def test_permissions_checked_on_request_and_at_start(make_worker):
     assert "not allowed for users from 'primary' group" in str(queued.exception())
 
 
-def test_bad_permissions_change_nothing(make_worker):
-    w = make_worker({"f": lambda: 1})
-    before = w.permissions_get()
-    reply = w.permissions_set({"user_groups": {"primary": {}}})
-    assert reply["success"] is False and "root" in reply["msg"]
-    assert w.permissions_get() == before
+def test_set_and_reload_permissions(make_worker, tmp_path):
+    path = tmp_path / "perm.yaml"
+    path.write_text("user_groups:\n  root:\n    allowed_functions: [null]\n  primary:\n"
+                    "    allowed_functions: [f]\n")
+    w = make_worker({"f": lambda: 1, "g": lambda: 2}, user_group_permissions_file=str(path))
+    with pytest.raises(PermissionRefused):
+        w.submit("g")
+    w.set_permissions({"user_groups": {"root": {"allowed_functions": [None]},
+                                       "primary": {"allowed_functions": [None]}}})
+    assert w.submit("g").result(TIMEOUT) == 2
+    w.reload_permissions()  # back to the file, as queueserver does
+    with pytest.raises(PermissionRefused):
+        w.submit("g")
+    with pytest.raises(qmagic.PermissionsFormatError, match="root"):
+        w.set_permissions({"user_groups": {"primary": {}}})
+    assert w.submit("f").result(TIMEOUT) == 1  # bad rules changed nothing
 
 
 def test_lock_rules_through_the_worker(make_worker, monkeypatch):
     monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "break-glass")
     w = make_worker({"f": lambda: 1})
-    uid0 = w.status()["lock_info_uid"]
-    reply = w.lock("hutch", environment=True, note="Changing samples", user="Alice")
-    assert reply["success"] and reply["lock_info"]["environment"] is True
-    assert w.status()["lock"] == {"environment": True, "queue": False}
-    assert w.status()["lock_info_uid"] != uid0
-    # This worker remembers the key: its own calls pass ...
-    assert w.function_execute({"name": "f"}, run_in_background=True)["success"]
-    # ... a remote caller must present it.
-    refused = w.function_execute({"name": "f"}, run_in_background=True, origin="remote")
-    assert refused["success"] is False
-    assert refused["msg"].startswith("Error: Invalid lock key: \nRE Manager is locked by Alice at ")
-    assert "Environment is locked: True\nQueue is locked:       False\nEmergency lock key:    set\nNote: Changing samples" in refused["msg"]
-    assert w.function_execute({"name": "f"}, run_in_background=True, lock_key="hutch", origin="remote")["success"]
-    with pytest.raises(LockRefused):
+    state = w.lock("hutch", environment=True, note="Changing samples", user="Alice")
+    assert state.environment and state.user == "Alice" and w.holds_lock_key
+    assert w.submit("f").result(TIMEOUT) == 1  # this kernel remembers the key
+    with pytest.raises(LockRefused, match="Invalid lock key"):
         w.submit("f", lock_key="wrong")
-    assert w.task_cancel("abcd-unknown", lock_key="wrong")["success"] is False
-    assert w.kernel_interrupt(lock_key="wrong", origin="remote")["success"] is False
-    # Read-only calls are never locked.
-    assert w.task_status("x")["success"] and w.lock_info()["success"] and "msg" in w.status()
-    # The emergency key opens the lock (unlock only).
-    assert w.function_execute({"name": "f"}, lock_key="break-glass", origin="remote")["success"] is False
-    assert w.unlock("break-glass", origin="remote")["success"]
-    assert w.status()["lock"] == {"environment": False, "queue": False}
+    with pytest.raises(LockRefused):
+        w.submit("f", origin="remote", user="u", user_group="primary")  # remote callers need it
+    with pytest.raises(LockRefused):
+        w.cancel_all(lock_key="wrong")
+    other = make_worker({"f": lambda: 1})  # another kernel of the same environment
+    with pytest.raises(RequestRefused, match="does not hold the key"):
+        other.unlock()
+    with pytest.raises(LockRefused):
+        other.submit("f")
+    assert not other.unlock("break-glass").environment
+    assert other.submit("f").result(TIMEOUT) == 1
 
 
-def test_queue_scope_locks_history_clear_and_permissions(make_worker):
-    w = make_worker({"f": lambda: 1})
-    w.submit("f").wait(TIMEOUT)
-    assert w.lock("k", queue=True, user="Bob")["success"]
-    assert w.history_clear(lock_key="bad")["success"] is False
-    assert w.permissions_reload(lock_key="bad")["success"] is False
-    assert w.function_execute({"name": "f"}, lock_key="bad", run_in_background=True)["success"]  # env free
-    assert w.status()["items_in_history"] >= 1
-    assert w.history_clear()["success"]  # remembered key
-    assert w.status()["items_in_history"] == 0
+def test_lock_without_key_uses_the_default_key(make_worker):
+    w = make_worker()
+    w.lock(environment=True)
+    assert w.lock_state().environment
+    w2 = make_worker()
+    w2.unlock(qmagic.get_default_lock_key())
+    assert not w.lock_state().environment
 
 
-def test_kernel_interrupt_rule(make_worker):
-    gate = Gate()
-    w = make_worker({"gate": gate})
-    interrupts = []
-    w.interrupt_main = lambda: interrupts.append(1)
-    assert w.kernel_interrupt() == {"success": True, "msg": ""}
-    w.function_execute({"name": "gate"})
-    assert gate.started.wait(TIMEOUT)
-    assert w.kernel_interrupt() == {
-        "success": False,
-        "msg": "Failed to interrupt IPython kernel: Not allowed to interrupt running task",
-    }
-    assert w.kernel_interrupt(interrupt_task=True)["success"]
-    assert interrupts == [1, 1]
-    gate.release.set()
-
-
-def test_script_upload_applies_names_and_reports_changes(make_worker):
+def test_scripts_apply_names_and_report_changes(make_worker):
     ns = {"keep": 1, "old": 2, "gone": 3}
     w = make_worker(ns)
-    reply = w.script_upload("def scan(n):\n    'Scan n points.'\n    return n\nold = 20\ndel gone\n")
-    assert reply["success"] and set(reply) == {"success", "msg", "task_uid"}
-    task = w.get_task(reply["task_uid"])
-    task.wait(TIMEOUT)
-    assert task.status is TaskStatus.COMPLETED, task.traceback
+    task = w.run_script("def scan(n):\n    'Scan n points.'\n    return n\nold = 20\ndel gone\n",
+                        name="calibration.py", background=True)
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, task.traceback
+    assert task.name == "calibration.py" and task.kind == "script"
     assert task.namespace_changes == {"added": ["scan"], "changed": ["old"], "removed": ["gone"]}
     assert ns["old"] == 20 and "gone" not in ns and ns["keep"] == 1
     assert w.functions_available()["scan"] == {"signature": "(n)", "doc": "Scan n points."}
-    assert w.task_result(task.uid)["result"]["return_value"] is None
     assert w.submit("scan", (7,)).result(TIMEOUT) == 7
+    with pytest.raises(RequestRefused, match="Invalid script name"):
+        w.run_script("x = 1", name="../etc")
 
 
 def test_failing_script_leaves_namespace_exactly_as_it_was(make_worker):
     ns = {"a": 1, "b": [1, 2]}
     w = make_worker(ns)
     snapshot = dict(ns)
-    task = w.start_script("a = 10\nc = 3\ndel b\nraise RuntimeError('half way')\n", background=True)
+    task = w.run_script("a = 10\nc = 3\ndel b\nraise RuntimeError('half way')\n", background=True)
     task.wait(TIMEOUT)
     assert task.status is TaskStatus.FAILED
     assert {k: v for k, v in ns.items() if k != "__builtins__"} == snapshot
     assert ns["b"] is snapshot["b"]
-    res = w.task_result(task.uid)["result"]
-    assert res["msg"] == "Error occurred while executing 'Load script': half way"
-    assert "raise RuntimeError('half way')" in res["traceback"]  # the script's line is shown
+    assert 'File "<script script>", line 4' in task.traceback
 
 
-def test_script_upload_missing_script(make_worker):
-    reply = make_worker().script_upload(None)
-    assert reply == {
-        "success": False,
-        "msg": "Error: Required 'script' parameter is is missing in API call.",
-        "task_uid": None,
-    }
+def test_a_running_script_never_stalls_the_next_upload(make_worker):
+    release = threading.Event()
+    w = make_worker({"release": release})
+    blocking = w.run_script("release.wait(60)\n", name="slow", background=True)
+    deadline = threading.Event()
+    while blocking.status is TaskStatus.QUEUED and not deadline.wait(0.001):
+        pass
+    with pytest.raises(RequestRefused, match=r"the script 'slow' \(task [0-9a-f]{8}\) is still running.*%task_cancel"):
+        w.run_script("x = 1\n", background=True)
+    release.set()
+    assert blocking.result(TIMEOUT) is None
+    assert w.run_script("x = 1\n", background=True).result(TIMEOUT) is None
+
+
+def test_plans_are_not_functions(make_worker):
+    def count():
+        yield "msg"
+
+    w = make_worker({"count": count})
+    with pytest.raises(RequestRefused, match=r"bluesky plan.*RE\(count\(\.\.\.\)\)"):
+        w.submit("count")
+    with pytest.raises(RequestRefused, match="bluesky plan"):
+        w.submit(count)
+    assert w.tasks() == []
+
+
+def test_coroutine_functions_are_awaited(make_worker):
+    async def acq(n):
+        for i in range(n):
+            qmagic.report_progress(i + 1, n)
+            await asyncio.sleep(0.001)
+        return n * 2
+
+    def returns_awaitable(n):
+        return acq(n)
+
+    w = make_worker({"acq": acq, "wrapped": returns_awaitable})
+    task = w.submit("acq", (3,))
+    assert task.result(TIMEOUT) == 6 and task.kind == "coroutine" and task.progress.value == 3
+    assert w.submit("wrapped", (2,)).result(TIMEOUT) == 4
+    fg = w.submit("acq", (1,), background=False)
+    assert fg.result(TIMEOUT) == 2
+
+
+def test_deadline_cancels_and_says_why(make_worker):
+    async def forever():
+        await asyncio.sleep(60)
+
+    w = make_worker({"slow": lambda: qmagic.cancellable_sleep(60), "forever": forever})
+    for name in ("slow", "forever"):
+        task = w.submit(name, timeout=0.05)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+        assert task.error == "deadline of 0.05 s passed" and task.timeout == 0.05
+        assert task.to_dict()["timeout"] == 0.05
+    with pytest.raises(RequestRefused, match="Invalid timeout"):
+        w.submit("slow", timeout=-1)
+
+
+def test_find_and_cancel_by_prefix(make_worker):
+    w = make_worker({"sleepy": lambda: qmagic.cancellable_sleep(60)})
+    task = w.submit("sleepy")
+    assert w.find(task.uid[:6]) is task
+    assert w.cancel(task.uid[:6]) is task
+    task.wait(TIMEOUT)
+    assert task.cancel_reason == "Task was cancelled from Python"
+    with pytest.raises(RequestRefused, match="already finished"):
+        w.cancel(task)
+    with pytest.raises(TaskNotFound):
+        w.find("ffff0000")
 
 
 def test_cancel_all(make_worker):
@@ -313,3 +284,16 @@ def test_task_repr_is_deterministic(make_worker):
     t.wait(TIMEOUT)
     assert repr(t) == "<Task add(1, b=5) background completed>"
     assert t.to_dict()["result"] == 6 and t.to_dict()["status"] == "completed"
+
+
+def test_settings_reach_the_engine_and_have_bounds(make_worker):
+    from traitlets import TraitError
+
+    w = make_worker()
+    w.max_background_tasks = 4
+    w.cancel_grace_s = 0.5
+    assert w.engine.max_background == 4 and w.engine.cancel_grace_s == 0.5
+    for name, bad in (("max_background_tasks", 0), ("task_retention_s", 30), ("cancel_grace_s", -1),
+                      ("panel_update_hz", 0), ("async_loop", "other")):
+        with pytest.raises(TraitError):
+            setattr(w, name, bad)

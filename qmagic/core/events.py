@@ -15,9 +15,10 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import TaskCancelled
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
-    from .tasks import Task
+    from .task import Task
 
 __all__ = ["Subscription", "EventBus"]
 
@@ -76,7 +77,6 @@ class EventBus:
     """Queues events under task locks and delivers them from one dispatcher thread."""
 
     def __init__(self) -> None:
-        self.engine: Engine | None = None
         self._lock = threading.Lock()
         self._global: tuple[Subscription, ...] = ()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -98,18 +98,16 @@ class EventBus:
         _check_callback(callback)
         sub = Subscription(self, callback, task)
         self._ensure_thread()
-        with task._mutex:
+        with task._condition:
             task._subscribers = task._subscribers + (sub,)
             status = task.status
             if status.finished:
                 if status.value == "completed":
                     self._queue.put((task, {"result": task._result}, sub))
                 else:
-                    error = task._exception
-                    if error is None:
-                        from .errors import TaskCancelled
-
-                        error = TaskCancelled(task._cancel_reason)
+                    error = task._error
+                    if error is None or status.value == "cancelled":
+                        error = TaskCancelled(task.cancel_reason)
                     self._queue.put((task, {"error": error}, sub))
             self._queue.put((task, {"status": status.value}, sub))
             if not status.finished and task._progress is not None:
@@ -121,7 +119,7 @@ class EventBus:
             with self._lock:
                 self._global = tuple(s for s in self._global if s is not sub)
         else:
-            with sub.task._mutex:
+            with sub.task._condition:
                 sub.task._subscribers = tuple(s for s in sub.task._subscribers if s is not sub)
 
     # -- emitting (called with the task's lock held) ---------------------------------------

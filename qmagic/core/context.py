@@ -10,10 +10,10 @@ import contextvars
 import time
 from typing import TYPE_CHECKING
 
-from .errors import TaskCancelled
+from ..errors import TaskCancelled
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .tasks import Task
+    from .task import Task
 
 __all__ = ["current_task", "report_progress", "raise_if_cancelled", "cancellable_sleep"]
 
@@ -33,8 +33,8 @@ def raise_if_cancelled() -> None:
     Call it between steps of a long loop.  Outside a task it does nothing.
     """
     task = _current.get()
-    if task is not None and task._cancel_requested:
-        raise TaskCancelled(task._cancel_reason)
+    if task is not None and task.cancel_requested:
+        raise TaskCancelled(task.cancel_reason)
 
 
 def report_progress(
@@ -49,21 +49,34 @@ def report_progress(
     task = _current.get()
     if task is None:
         return
-    from .tasks import Progress
+    from .status import Progress
 
-    if task._cancel_requested:
-        raise TaskCancelled(task._cancel_reason)
+    if task.cancel_requested:
+        raise TaskCancelled(task.cancel_reason)
     task._set_progress(Progress(value, total, None if message is None else str(message)))
 
 
 def cancellable_sleep(seconds: float) -> None:
     """Sleep ``seconds``, waking at once with :class:`qmagic.TaskCancelled` on cancel.
 
-    Outside a task it is ``time.sleep``.
+    Outside a task it is ``time.sleep``.  In a coroutine (``async def``) task use
+    ``await asyncio.sleep(seconds)`` instead: it is cancelled at once too, and does not
+    block the event loop.
     """
     task = _current.get()
     if task is None:
         time.sleep(seconds)
         return
+    if task.kind == "coroutine" and _in_event_loop():
+        raise RuntimeError(
+            "cancellable_sleep() would block the event loop of this coroutine task: "
+            "use `await asyncio.sleep(seconds)` instead (it is cancelled at once too)."
+        )
     if task._wait_cancel(max(0.0, seconds)):
-        raise TaskCancelled(task._cancel_reason)
+        raise TaskCancelled(task.cancel_reason)
+
+
+def _in_event_loop() -> bool:
+    import asyncio
+
+    return asyncio._get_running_loop() is not None

@@ -12,23 +12,19 @@ from traitlets import TraitError
 
 import qmagic
 from qmagic import TaskNotFound, TaskStatus
-from qmagic.engine import MSG_NOT_IDLE, Engine
+from qmagic.core.engine import MSG_NOT_IDLE, Engine
+from qmagic.core.status import TRANSITIONS
 from qmagic.errors import InvalidTransition, RequestRefused
-from qmagic.tasks import TRANSITIONS
 
-from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 
 
 def test_transition_table_is_enforced():
     assert TRANSITIONS[TaskStatus.COMPLETED] == frozenset()
-    engine = Engine()
-    try:
-        task = engine.new_task(lambda: 1, name="f", user="u", user_group="g", background=True)
-        with task._mutex:
-            with pytest.raises(InvalidTransition, match="cannot go from queued to completed"):
-                task._transition(TaskStatus.COMPLETED)
-    finally:
-        engine.close()
+    task = qmagic.Task("uid-1", "f", user="u", user_group="g", background=True)
+    with pytest.raises(InvalidTransition, match="cannot go from queued to completed"):
+        task._finish(TaskStatus.COMPLETED, result=1)
+    assert task.status is TaskStatus.QUEUED and not task.done()
 
 
 def test_wire_status_mapping():
@@ -47,14 +43,14 @@ def test_background_limit_and_queue(make_worker):
         assert time.monotonic() < deadline
         gate.started.wait(0.05)
     assert [t.status for t in tasks].count(TaskStatus.QUEUED) == 2
-    assert w.status()["worker_background_tasks"] == 2
+    assert QS(w).status()["worker_background_tasks"] == 2
     with pytest.raises(RequestRefused, match=r"2 background tasks are already waiting.*max_queued_tasks = 2"):
         w.submit("gate")
-    reply = w.function_execute({"name": "gate"}, run_in_background=True)
+    reply = QS(w).function_execute("gate", run_in_background=True)
     assert reply["success"] is False and "max_queued_tasks" in reply["msg"] and reply["task_uid"] is None
     gate.release.set()
     assert [t.result(TIMEOUT) for t in tasks] == [0, 1, 2, 3]
-    assert w.status()["worker_background_tasks"] == 0
+    assert QS(w).status()["worker_background_tasks"] == 0
 
 
 def test_cancel_queued_task_never_runs_and_frees_its_place(make_worker):
@@ -126,14 +122,13 @@ def test_cooperative_cancel_of_running_task(make_worker):
     w = make_worker({"scan": scan})
     t = w.submit("scan")
     assert started.wait(TIMEOUT)
-    reply = w.task_cancel(t.uid[:8])
-    assert reply["success"] is True and reply["task_uid"] == t.uid
+    assert w.cancel(t.uid[:8]) is t
     assert t.wait(TIMEOUT) and t.status is TaskStatus.CANCELLED
-    assert "TaskCancelled" in t.traceback
-    result = w.task_result(t.uid)["result"]
+    assert "TaskCancelled" in t.traceback and "qmagic/core" not in t.traceback
+    result = QS(w).task_result(task_uid=t.uid)["result"]
     assert result["success"] is False and "cancelled" in result["msg"]
-    again = w.task_cancel(t.uid)
-    assert again["success"] is False and "already finished" in again["msg"]
+    with pytest.raises(RequestRefused, match="already finished"):
+        w.cancel(t.uid)
 
 
 def test_except_exception_does_not_swallow_cancel(make_worker):
@@ -200,7 +195,7 @@ def test_falsy_results_are_results(make_worker):
     for v in values:
         t = w.submit("ident", (v,))
         assert t.result(TIMEOUT) == v
-        reply = w.task_result(t.uid)
+        reply = QS(w).task_result(task_uid=t.uid)
         assert reply["status"] == "completed"
         assert reply["result"]["success"] is True and reply["result"]["msg"] == ""
         assert reply["result"]["return_value"] == v and type(reply["result"]["return_value"]) is type(v)
@@ -269,10 +264,10 @@ def test_ambiguous_prefix(make_worker):
 def test_retention_sweep_without_new_submissions():
     engine = Engine(retention_s=0.3)
     expired = threading.Event()
-    engine.on_expire = lambda task: expired.set()
+    engine.on_expire = lambda tasks: expired.set()
     try:
-        task = engine.new_task(lambda: 1, name="f", user="u", user_group="g", background=True)
-        engine.start(task).result(TIMEOUT)
+        task = engine.submit(lambda: 1, name="f", user="u", user_group="g", background=True)
+        task.result(TIMEOUT)
         assert engine.find(task.uid) is task
         assert expired.wait(TIMEOUT), "the timer never swept the finished task"
         with pytest.raises(TaskNotFound):
@@ -288,16 +283,17 @@ def test_max_finished_tasks_drops_oldest_first(make_worker):
         t = w.submit("f")
         t.wait(TIMEOUT)
         tasks.append(t)
-    assert w.task_status(tasks[0].uid)["status"] == "not_found"
-    assert [w.task_status(t.uid)["status"] for t in tasks[-5:]] == ["completed"] * 5
-    assert w.task_result(tasks[0].uid) == {
+    qs = QS(w)
+    assert qs.task_status(task_uid=tasks[0].uid)["status"] == "not_found"
+    assert [qs.task_status(task_uid=t.uid)["status"] for t in tasks[-5:]] == ["completed"] * 5
+    assert qs.task_result(task_uid=tasks[0].uid) == {
         "success": True, "msg": "", "task_uid": tasks[0].uid, "status": "not_found", "result": {}
     }
 
 
 def test_retention_setting_never_below_120(make_worker):
     w = make_worker()
-    with pytest.raises(TraitError, match="at least 120"):
+    with pytest.raises(TraitError, match="less than 120"):
         w.task_retention_s = 30
     w.task_retention_s = 300
     assert w.engine.retention_s == 300
@@ -307,20 +303,22 @@ def test_foreground_exclusive_and_handed_to_owner(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate, "f": lambda: 1})
     t0 = time.monotonic()
-    reply = w.function_execute({"name": "gate"})  # this thread does not own the foreground
+    qs = QS(w)
+    reply = qs.function_execute("gate")  # this thread does not own the foreground
     assert reply["success"] and time.monotonic() - t0 < 1.0
     assert gate.started.wait(TIMEOUT)
-    status = w.status()
+    status = qs.status()
     assert status["manager_state"] == "executing_task" and status["worker_environment_state"] == "executing_task"
     assert status["ip_kernel_captured"] is True
-    refused = w.function_execute({"name": "f"})
-    assert refused == {"success": False, "msg": MSG_NOT_IDLE, "item": {"name": "f"}, "task_uid": None}
-    assert w.function_execute({"name": "f"}, run_in_background=True)["success"]  # background allowed
+    refused = qs.function_execute("f")
+    assert refused == {"success": False, "msg": MSG_NOT_IDLE,
+                       "item": {"item_type": "function", "name": "f"}, "task_uid": None}
+    assert qs.function_execute("f", run_in_background=True)["success"]  # background allowed
     gate.release.set()
     task = w.get_task(reply["task_uid"])
     assert task.wait(TIMEOUT) and not task.background
-    assert w.status()["manager_state"] == "idle"
-    assert w.function_execute({"name": "f"})["success"]
+    assert qs.status()["manager_state"] == "idle"
+    assert qs.function_execute("f")["success"]
 
 
 def test_foreground_inline_on_owner_thread(make_worker):
@@ -353,7 +351,7 @@ def test_blocking_tasks_run_in_parallel_up_to_the_limit(make_worker):
     w = make_worker({"meet": lambda: barrier.wait(TIMEOUT)}, max_background_tasks=8)
     tasks = [w.submit("meet") for _ in range(8)]
     assert all(isinstance(t.result(TIMEOUT), int) for t in tasks)  # no BrokenBarrierError
-    assert w.engine._threads == 8
+    assert w.engine.counts()["threads"] == 8
 
 
 def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
@@ -375,9 +373,9 @@ def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
         t.result(TIMEOUT)
     last = w.submit("gate")  # a new long task still finds a thread at once
     assert last.result(TIMEOUT) is None
-    engine = w.engine
+    pool = w.engine._pool
     deadline = time.monotonic() + TIMEOUT
-    while not (engine._queued == 0 and engine._idle == engine._threads):
-        assert time.monotonic() < deadline, (engine._queued, engine._idle, engine._threads)
+    while not (w.engine.counts()["queued_background"] == 0 and pool._idle == pool.threads):
+        assert time.monotonic() < deadline, (w.engine.counts(), pool._idle, pool.threads)
         time.sleep(0.001)
-    assert engine._unreserved == 0 and engine._threads <= 3
+    assert pool._unreserved == 0 and pool.threads <= 3

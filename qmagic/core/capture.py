@@ -11,14 +11,55 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections import deque
 from typing import Any, TextIO
 
 from .context import _current
 
-__all__ = ["install", "uninstall"]
+__all__ = ["TextBuffer", "install", "uninstall", "ensure_streams"]
 
 _lock = threading.Lock()
 _users = 0
+
+
+class TextBuffer:
+    """Bounded text: keeps the newest ``limit`` characters, marks what was dropped.
+
+    Not thread-safe by itself: the owning task guards it with its lock.
+    """
+
+    __slots__ = ("_chunks", "_size", "_dropped", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: deque[str] = deque()
+        self._size = 0
+        self._dropped = 0
+        self.limit = limit
+
+    def write(self, text: str) -> None:
+        """Append ``text``, dropping the oldest characters beyond ``limit``."""
+        if not text:
+            return
+        self._chunks.append(text)
+        self._size += len(text)
+        while self._size > self.limit and self._chunks:
+            excess = self._size - self.limit
+            head = self._chunks[0]
+            if len(head) <= excess:
+                self._chunks.popleft()
+                self._size -= len(head)
+                self._dropped += len(head)
+            else:
+                self._chunks[0] = head[excess:]
+                self._size -= excess
+                self._dropped += excess
+
+    def getvalue(self) -> str:
+        """The kept text, preceded by a marker line when older text was dropped."""
+        text = "".join(self._chunks)
+        if self._dropped:
+            return f"[... {self._dropped} earlier characters dropped ...]\n" + text
+        return text
 
 
 class _TaskTee:

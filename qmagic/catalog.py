@@ -1,0 +1,151 @@
+"""What the namespace offers: the functions, plans and devices that may be named remotely.
+
+Only the catalog's functions can run by name: callables of the namespace that the user
+defined, imported or uploaded — never the shell's own hidden names (IPython's ``exit``,
+``quit``, ``get_ipython``, ``In``, ``Out`` ...), never builtins (they are not in the
+namespace), and names starting with ``_`` only where the permission rules allow them.
+Generator functions are bluesky plans, not functions.  The catalog is rebuilt when the
+namespace changes (after each cell, after a script upload); lookups between rebuilds are
+dictionary reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+import uuid
+from typing import Any, Callable, Mapping
+
+from .errors import RequestRefused
+
+__all__ = ["Catalog", "check_name", "MAX_NAME_LENGTH"]
+
+#: Longest function name accepted in a request.
+MAX_NAME_LENGTH = 100
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def check_name(name: Any) -> str:
+    """Return ``name`` if it can name a namespace function, else raise RequestRefused."""
+    if not isinstance(name, str) or not name:
+        raise RequestRefused("Error: Incorrect request format: function name is not specified")
+    if len(name) > MAX_NAME_LENGTH or not _IDENTIFIER.match(name):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise RequestRefused(
+            f"Error: Incorrect request format: {shown!r} is not a function name: use the name of a "
+            f"function of the namespace (letters, digits and '_', at most {MAX_NAME_LENGTH} characters)"
+        )
+    return name
+
+
+def _is_plan(obj: Any) -> bool:
+    return inspect.isgeneratorfunction(obj) or inspect.isasyncgenfunction(obj)
+
+
+def _is_device(obj: Any) -> bool:
+    """An ophyd or ophyd-async device (recognised by duck typing; neither is imported)."""
+    cls = type(obj)
+    module = getattr(cls, "__module__", "") or ""
+    if not module.startswith(("ophyd", "ophyd_async")):
+        return any(getattr(base, "__module__", "").startswith(("ophyd.", "ophyd_async."))
+                   for base in cls.__mro__[1:])
+    return not isinstance(obj, type)
+
+
+def describe(obj: Any) -> dict[str, str]:
+    """``{"signature", "doc"}`` of a callable (first doc line)."""
+    try:
+        signature = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    doc = (inspect.getdoc(obj) or "").strip().splitlines()
+    return {"signature": signature, "doc": doc[0] if doc else ""}
+
+
+class Catalog:
+    """The functions, plans and devices of one namespace (see the module docstring)."""
+
+    def __init__(self, namespace: dict, hidden: Callable[[], Any] | None = None) -> None:
+        self.namespace = namespace
+        self._hidden = hidden or (lambda: ())
+        self._lock = threading.Lock()
+        self._functions: dict[str, Any] = {}
+        self._plans: dict[str, Any] = {}
+        self._devices: dict[str, Any] = {}
+        self._key: Any = None
+        #: Changes whenever the functions or plans change (queueserver's plans_existing_uid).
+        self.uid = str(uuid.uuid4())
+        #: Changes whenever the devices change (devices_existing_uid).
+        self.devices_uid = str(uuid.uuid4())
+
+    def refresh(self, force: bool = False) -> bool:
+        """Rebuild from the namespace if it changed (names or objects); True if it did."""
+        items = list(self.namespace.items())
+        key = frozenset((name, id(value)) for name, value in items)
+        if not force and key == self._key:
+            return False
+        hidden = set(self._hidden() or ())
+        functions: dict[str, Any] = {}
+        plans: dict[str, Any] = {}
+        devices: dict[str, Any] = {}
+        for name, obj in items:
+            if name in hidden or name.startswith("__") or not isinstance(name, str):
+                continue
+            try:
+                if _is_plan(obj):
+                    plans[name] = obj
+                elif callable(obj) and not isinstance(obj, type) and not _is_device(obj):
+                    functions[name] = obj
+                elif _is_device(obj):
+                    devices[name] = obj
+            except Exception:  # noqa: BLE001 - an odd object must not break the catalog
+                continue
+        with self._lock:
+            self._key = key
+            changed = functions.keys() != self._functions.keys() or plans.keys() != self._plans.keys()
+            if changed or any(functions[n] is not self._functions.get(n) for n in functions):
+                self.uid = str(uuid.uuid4())
+            if devices.keys() != self._devices.keys():
+                self.devices_uid = str(uuid.uuid4())
+            self._functions, self._plans, self._devices = functions, plans, devices
+        return True
+
+    def function(self, name: str) -> Any:
+        """The callable named ``name``, or raise with queueserver's texts: NameError when it is
+        not a function of the namespace, TypeError when it is a plan or not callable."""
+        obj = self.namespace.get(name, _MISSING)
+        hidden = name in set(self._hidden() or ())
+        if obj is _MISSING or hidden or name.startswith("__"):
+            raise NameError(f"Function {name!r} is not found in the worker namespace")
+        if _is_plan(obj):
+            raise TypeError(
+                f"Object {name!r} defined in worker namespace is a generator function: it is a "
+                f"bluesky plan, not a function. Run it with the Run Engine, RE({name}(...))."
+            )
+        if not callable(obj) or isinstance(obj, type):
+            raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
+        return obj
+
+    def functions(self) -> dict[str, Any]:
+        """{name: callable} of the namespace functions (a copy)."""
+        with self._lock:
+            return dict(self._functions)
+
+    def plans(self) -> dict[str, Any]:
+        """{name: generator function} of the namespace plans (a copy)."""
+        with self._lock:
+            return dict(self._plans)
+
+    def devices(self) -> dict[str, Any]:
+        """{name: device} of the namespace ophyd / ophyd-async devices (a copy)."""
+        with self._lock:
+            return dict(self._devices)
+
+    def describe_functions(self, names: Mapping[str, Any] | None = None) -> dict[str, dict[str, str]]:
+        """{name: {"signature", "doc"}} for the functions (sorted by name)."""
+        items = self.functions() if names is None else names
+        return {name: describe(items[name]) for name in sorted(items)}
+
+
+_MISSING = object()

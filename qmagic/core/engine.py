@@ -1,0 +1,468 @@
+"""The task engine: starts tasks on threads, on the foreground owner or on an event loop.
+
+It knows nothing about namespaces, protocols or IPython.  It owns
+
+- the background pool (:mod:`qmagic.core.pool`): at most ``max_background`` threads run
+  thread tasks; further tasks wait as ``queued`` (at most ``max_queued`` of them);
+- the foreground slot: one foreground task at a time, run inline when the caller is the
+  foreground owner thread, otherwise handed to it (:mod:`qmagic.core.foreground`);
+- coroutine tasks, run on the event loop that :mod:`qmagic.core.loops` picks;
+- cancellation (cooperative, then forced after ``cancel_grace_s``), deadlines, interrupts;
+- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``.
+
+Every task is announced to the observers (the experiment log) before its uid leaves
+:meth:`Engine.submit`, and its final record is told to them before anyone waiting for the
+task wakes up.  Per-task bookkeeping lives in a :class:`_Job` here, not in the Task.
+
+Lock order: a task's lock may be held while taking the engine lock, never the reverse.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable, ContextManager, Protocol
+
+from ..errors import RequestRefused, TaskCancelled, TaskNotFound
+from . import capture
+from .events import EventBus
+from .foreground import ForegroundRunner, ThreadForegroundRunner
+from .jobs import Job, JobRunner
+from .loops import EventLoops
+from .pool import ThreadPool
+from .status import TaskStatus
+from .task import Task
+from .timers import Timers
+
+__all__ = [
+    "Engine",
+    "TaskObserver",
+    "ContextHook",
+    "MSG_NOT_IDLE",
+    "MSG_KERNEL_BUSY",
+    "MIN_UID_PREFIX",
+]
+
+log = logging.getLogger("qmagic")
+
+MSG_NOT_IDLE = (
+    "Error: Failed to start the task: RE Manager must be in idle state. "
+    "Current state: 'executing_task'"
+)
+MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) is busy."
+MSG_CLOSED = (
+    "Error: Failed to start the task: the qmagic worker was closed (extension unloaded). "
+    "Load it again with %load_ext qmagic."
+)
+#: Shortest uid prefix accepted by lookups (a full uid is always accepted).
+MIN_UID_PREFIX = 4
+
+_uid_random = random.Random(os.urandom(32))
+_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & (1 << 128) - 1
+_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
+def new_uid() -> str:
+    """A random version-4 UUID string (seeded from os.urandom; no system call per uid)."""
+    h = "%032x" % (_uid_random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class TaskObserver(Protocol):
+    """Hears about every task synchronously, outside every lock (the experiment log)."""
+
+    def task_submitted(self, task: Task) -> None:
+        """Before the task's uid is handed to anyone (the log makes it durable here)."""
+
+    def task_started(self, task: Task) -> None:
+        """On the task's thread or loop, after it became running."""
+
+    def task_finished(self, task: Task, record: dict) -> None:
+        """The final record (``Task.to_dict()`` form), before the task's waiters wake."""
+
+
+class ContextHook(Protocol):
+    """Carries context from the submitting thread to where the task runs (the kernel pins
+    a background task's output to the cell that started it)."""
+
+    def capture(self, task: Task) -> Any:
+        """Called in the submitting thread; returns a token."""
+
+    def apply(self, task: Task, token: Any) -> ContextManager[Any]:
+        """Called where the task runs; the context manager is active around the call."""
+
+
+class Engine:
+    """Runs tasks; see the module docstring.  Settings are plain attributes that the
+    worker keeps in step with its traits."""
+
+    def __init__(
+        self,
+        *,
+        max_background: int = 32,
+        max_queued: int = 1000,
+        retention_s: float = 600.0,
+        max_finished: int = 1000,
+        output_limit: int = 100_000,
+        cancel_grace_s: float = 2.0,
+        foreground: ForegroundRunner | None = None,
+        loops: EventLoops | None = None,
+    ) -> None:
+        self.max_queued = max_queued
+        self.retention_s = retention_s
+        self.max_finished = max_finished
+        self.output_limit = output_limit
+        self.cancel_grace_s = cancel_grace_s
+        self.foreground: ForegroundRunner = foreground or ThreadForegroundRunner()
+        self.loops = loops or EventLoops()
+        self.bus = EventBus()
+        self.timers = Timers()
+        self.observers: list[TaskObserver] = []
+        self.context_hooks: list[ContextHook] = []
+        #: Called with the tasks dropped from memory (retention), outside locks.
+        self.on_expire: Callable[[list[Task]], None] | None = None
+        self._results_prefix = str(uuid.uuid4())
+        self._results_seq = itertools.count(1)
+        #: Changes every time a task finishes (queueserver's task_results_uid).
+        self.results_uid = f"{self._results_prefix}-0"
+
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._finished: OrderedDict[str, Job] = OrderedDict()
+        self._queued = 0  # background thread tasks waiting for a thread
+        self._running_bg = 0  # background tasks running (threads and coroutines)
+        self._fg: Job | None = None
+        self._last: Task | None = None
+        self._sweep_at: float | None = None
+        self._closed = False
+        self._runner = JobRunner(self)
+        self._pool = ThreadPool(self._runner.run_background, self.timers, max_background)
+        capture.install()
+
+    @property
+    def max_background(self) -> int:
+        """Most background thread tasks running at once."""
+        return self._pool.max_threads
+
+    @max_background.setter
+    def max_background(self, value: int) -> None:
+        self._pool.max_threads = value
+
+    # -- starting tasks --------------------------------------------------------------------
+    def submit(
+        self,
+        call: Callable[[], Any],
+        *,
+        name: str,
+        user: str,
+        user_group: str,
+        background: bool,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        origin: str = "python",
+        kind: str = "function",
+        timeout: float | None = None,
+        provenance: dict | None = None,
+        coroutine: bool = False,
+    ) -> Task:
+        """Start ``call()`` as a task and return it.
+
+        ``coroutine``: ``call()`` returns an awaitable that runs on the event loop.  A
+        thread task whose ``call()`` returns an awaitable is awaited on the loop too.
+        Refusals raise :class:`qmagic.RequestRefused` and leave no trace.  A foreground task
+        started on the owner thread has finished when this returns.
+        """
+        task = Task(
+            new_uid(), name, args=args, kwargs=kwargs, user=user, user_group=user_group,
+            background=background, origin=origin, kind="coroutine" if coroutine else kind,
+            timeout=timeout, provenance=provenance, output_limit=self.output_limit,
+            bus=self.bus, on_cancel=self._cancel_hook,
+        )
+        job = Job(task, call, coroutine)
+        if self.context_hooks:
+            job.tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
+        if background:
+            self._reserve_background(job)
+        else:
+            inline = self._reserve_foreground(job)
+        try:
+            self._announce(job)
+        except BaseException:
+            self._release_reservation(job)
+            raise
+        if background:
+            self._runner.start_background(job)
+        elif inline:
+            self._runner.run_foreground(job)
+        else:
+            self._runner.hand_over(job)
+        return task
+
+    def _reserve_background(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RequestRefused(MSG_CLOSED)
+            if not job.coroutine:
+                waiting = max(0, self._queued + self._running_bg - self.max_background)
+                if waiting >= self.max_queued:
+                    raise RequestRefused(
+                        f"Error: Failed to start the task: {waiting} background tasks are already "
+                        f"waiting to start (QMagic.max_queued_tasks = {self.max_queued}). Wait for "
+                        "some to finish or cancel queued tasks, then try again."
+                    )
+                self._queued += 1
+                job.queued = True
+
+    def _reserve_foreground(self, job: Job) -> bool:
+        """Take the foreground slot; True when the task runs inline (owner thread)."""
+        inline = self.foreground.owns_current_thread()
+        with self._lock:
+            if self._closed:
+                raise RequestRefused(MSG_CLOSED)
+            if self._fg is not None:
+                raise RequestRefused(MSG_NOT_IDLE)
+            if not inline:
+                if self.foreground.user_busy():
+                    raise RequestRefused(MSG_KERNEL_BUSY)
+                why = self.foreground.unavailable()
+                if why is not None:
+                    raise RequestRefused(why)
+            self._fg = job
+            job.handed_over = not inline
+        return inline
+
+    def _release_reservation(self, job: Job) -> None:
+        with self._lock:
+            if self._fg is job:
+                self._fg = None
+            if job.queued:
+                job.queued = False
+                self._queued -= 1
+
+    def _announce(self, job: Job) -> None:
+        """Tell the observers (durably), then make the task visible."""
+        task = job.task
+        for observer in self.observers:
+            observer.task_submitted(task)  # may raise: then the task never existed
+        with self._lock:
+            self._jobs[task.uid] = job
+            self._last = task
+        with task._condition:
+            self.bus.emit(task, status="queued")
+
+    # -- called by the job runner ---------------------------------------------------------
+    def _started(self, job: Job) -> None:
+        with self._lock:
+            if job.queued:
+                job.queued = False
+                self._queued -= 1
+            if job.task.background:
+                self._running_bg += 1
+                job.counted = True
+        timeout = job.task.timeout
+        if timeout is not None:
+            job.deadline = self.timers.schedule(timeout, lambda: self._deadline(job))
+
+    def _released(self, job: Job) -> None:
+        """The task's thread / slot is free again (before its waiters wake)."""
+        if job.deadline is not None:
+            job.deadline.cancel()
+        with self._lock:
+            if self._fg is job:
+                self._fg = None
+            if job.counted:
+                job.counted = False
+                self._running_bg -= 1
+            if job.queued:  # cancelled before it started
+                job.queued = False
+                self._queued -= 1
+
+    def _retain(self, job: Job) -> None:
+        """After the task finished: a new results uid; keep it for ``retention_s``."""
+        self.results_uid = f"{self._results_prefix}-{next(self._results_seq)}"
+        expired: list[Task] = []
+        schedule = None
+        with self._lock:
+            uid = job.task.uid
+            if self._jobs.get(uid) is job:
+                self._finished[uid] = job
+                while len(self._finished) > self.max_finished:
+                    _, old = self._finished.popitem(last=False)
+                    self._jobs.pop(old.task.uid, None)
+                    expired.append(old.task)
+            if self._sweep_at is None and self._finished:
+                schedule = self._sweep_at = time.time() + self.retention_s
+        if schedule is not None:
+            self.timers.schedule(schedule - time.time(), self._sweep)
+        self._expired(expired)
+
+    def notify(self, event: str, task: Task, *args: Any) -> None:
+        """Tell every observer; an observer that raises is logged, never breaks the task."""
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(task, *args)
+            except Exception:  # noqa: BLE001
+                log.exception("qmagic: task observer %r failed on %s", observer, event)
+
+    def _sweep(self) -> None:
+        now = time.time()
+        expired: list[Task] = []
+        with self._lock:
+            while self._finished:
+                uid, job = next(iter(self._finished.items()))
+                if (job.task.finished_at or 0.0) + self.retention_s > now:
+                    break
+                self._finished.popitem(last=False)
+                self._jobs.pop(uid, None)
+                expired.append(job.task)
+            nxt = None
+            if self._finished:
+                first = next(iter(self._finished.values())).task
+                nxt = (first.finished_at or now) + self.retention_s
+            self._sweep_at = nxt
+        if nxt is not None:
+            self.timers.schedule(nxt - now, self._sweep)
+        self._expired(expired)
+
+    def _expired(self, tasks: list[Task]) -> None:
+        if tasks and self.on_expire is not None:
+            try:
+                self.on_expire(tasks)
+            except Exception:  # noqa: BLE001
+                log.exception("qmagic: on_expire hook failed")
+
+    # -- cancelling and interrupting --------------------------------------------------------
+    def _cancel_hook(self, task: Task, force: bool, reason: str) -> bool:
+        return self.cancel(task, force=force, reason=reason)
+
+    def cancel(self, task: Task, *, force: bool = False, reason: str = "Task was cancelled") -> bool:
+        """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
+        with self._lock:
+            job = self._jobs.get(task.uid)
+        status = task._request_cancel(reason)
+        if status is None:
+            return False
+        if job is None:  # not (or no longer) in this engine: the flag is all we can do
+            return True
+        if status is TaskStatus.QUEUED and task._claim_end(queued_only=True):
+            self._runner.end(job, None, TaskCancelled(task.cancel_reason))
+            return True
+        self._runner.cancel_running(job, force)
+        return True
+
+    def _deadline(self, job: Job) -> None:
+        task = job.task
+        if not task.done():
+            self.cancel(task, force=not job.coroutine,
+                        reason=f"deadline of {task.timeout:g} s passed")
+
+    def interrupt_foreground(self) -> str:
+        """Interrupt the running foreground task (KeyboardInterrupt in its code).
+
+        Returns "interrupted", "pending" (an interrupt for this task is already on its way:
+        interrupts are coalesced, at most one per task) or "idle" (no foreground task).
+        """
+        with self._lock:
+            job = self._fg
+        if job is None:
+            return "idle"
+        return self._runner.interrupt(job)
+
+    def foreground_in_user_code(self) -> bool:
+        """True while the foreground task's own code runs (the interrupt guard asks)."""
+        job = self._fg
+        return job is not None and job.in_user_code
+
+    # -- lookups --------------------------------------------------------------------------
+    def find(self, uid_or_prefix: str) -> Task:
+        """The task with this uid, or with this unique uid prefix (at least 4 characters)."""
+        if not isinstance(uid_or_prefix, str) or not uid_or_prefix:
+            raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.")
+        with self._lock:
+            job = self._jobs.get(uid_or_prefix)
+            if job is not None:
+                return job.task
+            if len(uid_or_prefix) < MIN_UID_PREFIX:
+                raise TaskNotFound(
+                    f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
+                    f"{MIN_UID_PREFIX} characters of the uid (see %tasks)."
+                )
+            matches = [j.task for uid, j in self._jobs.items() if uid.startswith(uid_or_prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise TaskNotFound(f"No task with uid {uid_or_prefix!r} in this kernel's memory.")
+        raise TaskNotFound(
+            f"Task uid prefix {uid_or_prefix!r} matches {len(matches)} tasks; give more characters."
+        )
+
+    def get(self, uid: str) -> Task | None:
+        """The task with exactly this uid, or None."""
+        job = self._jobs.get(uid)
+        return job.task if job is not None else None
+
+    def tasks(self) -> list[Task]:
+        """Every task in memory, oldest submission first."""
+        with self._lock:
+            items = [job.task for job in self._jobs.values()]
+        items.sort(key=lambda t: t.submitted_at)
+        return items
+
+    @property
+    def last_task(self) -> Task | None:
+        """The most recently submitted task still in memory."""
+        with self._lock:
+            last = self._last
+            return last if last is not None and last.uid in self._jobs else None
+
+    def counts(self) -> dict[str, Any]:
+        """A consistent snapshot for status replies and panels."""
+        with self._lock:
+            fg = self._fg
+            return {
+                "running_background": self._running_bg,
+                "queued_background": self._queued,
+                "foreground": fg.task if fg is not None else None,
+                "foreground_handed_over": bool(fg is not None and fg.handed_over),
+                "results_uid": self.results_uid,
+                "finished": len(self._finished),
+                "threads": self._pool.threads,
+            }
+
+    def clear_finished(self) -> int:
+        """Forget every finished task kept in memory; returns how many."""
+        with self._lock:
+            removed = [job.task for job in self._finished.values()]
+            self._finished.clear()
+            for task in removed:
+                self._jobs.pop(task.uid, None)
+        self._expired(removed)
+        return len(removed)
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel queued tasks, stop running ones (forcing after the grace time), stop every
+        thread and qmagic's event loop.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            active = [job.task for job in self._jobs.values() if not job.task.done()]
+        reason = "Task was cancelled: the qmagic worker was closed"
+        for task in active:
+            self.cancel(task, force=True, reason=reason)
+        deadline = time.monotonic() + timeout
+        for task in active:
+            task.wait(max(0.0, deadline - time.monotonic()))
+        self._pool.close()
+        self.timers.close()
+        self.bus.close()
+        self.foreground.close()
+        self.loops.close()
+        capture.uninstall()

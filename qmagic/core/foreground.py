@@ -1,0 +1,127 @@
+"""Where foreground tasks run, and how they are interrupted.
+
+One thread owns the foreground (in a kernel: the main thread, where cells run; see
+:mod:`qmagic.ipython.runner`).  A foreground task started on the owner thread runs inline;
+one requested from any other thread is handed to the owner with :meth:`call_soon`.
+:meth:`interrupt` raises ``KeyboardInterrupt`` in the owner thread's running code, as the
+kernel's ■ button does.  :meth:`guard` protects the engine's own bookkeeping on the owner
+thread: an interrupt that arrives outside the task's code is held back until the
+bookkeeping is done, so no interrupt can lose or corrupt a task's record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+from typing import Callable, ContextManager, Protocol
+
+__all__ = ["ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "clear_async_exc"]
+
+log = logging.getLogger("qmagic")
+
+# Two prototypes of one C function (both keep the GIL): raise an exception, or clear (NULL).
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:
+    """Raise ``exc_type`` asynchronously in thread ``ident`` (at its next bytecode check).
+
+    Call it only while holding the lock that guards "the thread runs user code", so that it
+    never lands in qmagic's own code (see :func:`clear_async_exc`).
+    """
+    return _set_async_exc(ident, exc_type) == 1
+
+
+def clear_async_exc(ident: int) -> None:
+    """Drop an asynchronous exception still pending for thread ``ident``."""
+    _clear_async_exc(ident, None)
+
+
+class ForegroundRunner(Protocol):
+    """The owner of the foreground (see the module docstring)."""
+
+    def owns_current_thread(self) -> bool:
+        """True when called on the thread that runs foreground tasks."""
+
+    def unavailable(self) -> str | None:
+        """None when :meth:`call_soon` can hand work over now; else the refusal message."""
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the owner thread as soon as it is free."""
+
+    def user_busy(self) -> bool:
+        """True while a user's own code (a cell) occupies the owner thread."""
+
+    def interrupt(self) -> None:
+        """Raise KeyboardInterrupt in the code the owner thread runs now."""
+
+    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+        """While active on the owner thread, interrupts raise only when ``in_user_code()``;
+        others are held back and raised when the guard ends."""
+
+    def close(self) -> None:
+        """Release the runner's resources."""
+
+
+class ThreadForegroundRunner:
+    """Foreground owner for a worker without a kernel: a thread of its own."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def owns_current_thread(self) -> bool:
+        thread = self._thread
+        return thread is not None and threading.get_ident() == thread.ident
+
+    def unavailable(self) -> str | None:
+        if self._closed:
+            return "Error: Failed to start the task: the qmagic worker was closed."
+        return None
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="qmagic-foreground", daemon=True)
+                self._thread.start()
+        self._queue.put(fn)
+
+    def user_busy(self) -> bool:
+        return False
+
+    def interrupt(self) -> None:
+        thread = self._thread
+        if thread is not None and thread.ident is not None:
+            raise_in_thread(thread.ident, KeyboardInterrupt)
+
+    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+        # Interrupts reach this thread only through interrupt(), which the engine calls
+        # while the task's code runs: nothing to hold back.
+        return contextlib.nullcontext()
+
+    def _loop(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException:  # noqa: BLE001 - the owner thread must survive anything
+                log.exception("qmagic: error on the foreground thread")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            if thread is not threading.current_thread():
+                thread.join(5.0)

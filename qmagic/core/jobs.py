@@ -1,0 +1,329 @@
+"""Running one task: on a pool thread, on the foreground owner, or on an event loop.
+
+The :class:`JobRunner` executes a :class:`Job` (the engine's bookkeeping for one task) and
+records its outcome, whatever happens:
+
+- The task's own code runs between two marks (``job.in_user_code``), set under the task's
+  lock.  A forced cancel (an asynchronous ``TaskCancelled``) and an interrupt are aimed
+  only inside that window; one that lands just after the code returned is caught and
+  dropped (:meth:`JobRunner._leave_user_code`), so qmagic's bookkeeping never sees it.
+- On the foreground owner thread the whole run happens inside the runner's interrupt
+  guard: a ■ that arrives during bookkeeping is held back until the record is complete.
+- The final record goes to the observers (the experiment log) before the task's waiters
+  wake; the thread or slot is released before that too (exact accounting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import format as fmt
+from ..errors import TaskCancelled
+from . import capture
+from .context import _current
+from .foreground import clear_async_exc, raise_in_thread
+from .status import TaskStatus
+from .task import Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+    from .timers import TimerHandle
+
+__all__ = ["Job", "JobRunner"]
+
+log = logging.getLogger("qmagic")
+
+
+class Job:
+    """The engine's bookkeeping for one task (never shown to users)."""
+
+    __slots__ = (
+        "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
+        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "done",
+    )
+
+    def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
+        self.task = task
+        self.call = call
+        self.coroutine = coroutine
+        self.tokens: list | None = None  # context hooks' tokens (output routing)
+        self.ident: int | None = None  # thread running the task's code
+        self.in_user_code = False
+        self.queued = False  # counted as waiting for a thread
+        self.counted = False  # counted as a running background task
+        self.handed_over = False  # a foreground task requested from another thread
+        self.deadline: TimerHandle | None = None
+        self.atask: asyncio.Task | None = None  # the asyncio task awaiting the task's code
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.interrupt_sent = False
+        self.done = threading.Event()  # set once the outcome is recorded
+
+
+class JobRunner:
+    """Executes jobs for an :class:`~qmagic.core.engine.Engine` (see the module docstring)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- entry points --------------------------------------------------------------------
+    def start_background(self, job: Job) -> None:
+        if job.coroutine:
+            self._schedule_coroutine(job)
+        else:
+            self.engine._pool.submit(job)
+
+    def run_background(self, job: Job) -> None:
+        """Pool thread: run a background thread task."""
+        self._run_thread_job(job)
+
+    def run_foreground(self, job: Job) -> None:
+        """On the owner thread: run the task inside the interrupt guard."""
+        with self.engine.foreground.guard(lambda: job.in_user_code):
+            if job.coroutine:
+                self._wait_for_coroutine(job)
+            else:
+                self._run_thread_job(job)
+
+    def hand_over(self, job: Job) -> None:
+        """Another thread asked for a foreground task: the owner runs it when free."""
+        try:
+            self.engine.foreground.call_soon(lambda: self.run_foreground(job))
+        except BaseException as exc:  # noqa: BLE001 - recorded: the uid is already out
+            if job.task._claim_end():
+                self.end(job, None, exc)
+
+    # -- threads ---------------------------------------------------------------------------
+    def _run_thread_job(self, job: Job) -> None:
+        task = job.task
+        if not task._start():  # cancelled while it waited (already recorded)
+            return
+        self.engine._started(job)
+        self.engine.notify("task_started", task)
+        result, error = self._execute(job)
+        task._claim_end()
+        self.end(job, result, error)
+
+    def _execute(self, job: Job) -> tuple[Any, BaseException | None]:
+        """Run the task's code in this thread; return (result, exception)."""
+        task = job.task
+        result: Any = None
+        error: BaseException | None = None
+        capture.ensure_streams()
+        token = _current.set(task)
+        try:
+            job.ident = threading.get_ident()
+            with task._condition:
+                job.in_user_code = True
+            if task.cancel_requested:
+                raise TaskCancelled(task.cancel_reason)
+            with self._hooks(job):
+                result = job.call()
+            if _awaitable(result):
+                result = self._await_in_loop(job, result)
+        except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
+            error = exc
+        while True:
+            try:
+                self._leave_user_code(job)
+                break
+            except (TaskCancelled, KeyboardInterrupt):  # aimed at code that has returned
+                continue
+        _current.reset(token)
+        return result, error
+
+    @staticmethod
+    def _leave_user_code(job: Job) -> None:
+        """End the window in which forced cancels and interrupts may land; drop one that is
+        still pending (it was aimed at code that has returned).  Idempotent."""
+        with job.task._condition:
+            job.in_user_code = False
+        if job.ident is not None:
+            clear_async_exc(job.ident)
+
+    def _hooks(self, job: Job) -> contextlib.AbstractContextManager:
+        if not job.tokens:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for hook, token in job.tokens:
+            stack.enter_context(hook.apply(job.task, token))
+        return stack
+
+    def _await_in_loop(self, job: Job, awaitable: Any) -> Any:
+        """A thread task returned an awaitable: run it on the event loop, wait here."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        async def run() -> None:
+            try:
+                box["result"] = await awaitable
+            except BaseException as exc:  # noqa: BLE001
+                box["error"] = exc
+            finally:
+                done.set()
+
+        self._start_on_loop(job, run)
+        try:
+            while not done.wait(0.5):
+                pass
+        except BaseException:  # interrupted or forced while waiting: stop the awaitable too
+            job.loop.call_soon_threadsafe(_cancel_atask, job, job.task.cancel_reason)
+            _wait_uninterrupted(done)
+            raise
+        if "error" in box:
+            raise _cancel_error(job.task, box["error"])
+        return box.get("result")
+
+    # -- coroutines ---------------------------------------------------------------------------
+    def _start_on_loop(self, job: Job, make: Callable[[], Any]) -> None:
+        loop = self.engine.loops.loop()
+        job.loop = loop
+
+        def create() -> None:
+            job.atask = loop.create_task(make())
+            if job.task.cancel_requested:  # cancelled before the loop got to it
+                job.atask.cancel(job.task.cancel_reason)
+
+        loop.call_soon_threadsafe(create)
+
+    def _schedule_coroutine(self, job: Job) -> None:
+        try:
+            self._start_on_loop(job, lambda: self._run_coroutine_job(job))
+        except BaseException as exc:  # noqa: BLE001 - e.g. bluesky's loop required but absent
+            if job.task._claim_end():
+                self.end(job, None, exc)
+
+    async def _run_coroutine_job(self, job: Job) -> None:
+        task = job.task
+        if not task._start():
+            return
+        self.engine._started(job)
+        self.engine.notify("task_started", task)
+        result: Any = None
+        error: BaseException | None = None
+        token = _current.set(task)
+        try:
+            job.in_user_code = True
+            if task.cancel_requested:
+                raise TaskCancelled(task.cancel_reason)
+            with self._hooks(job):
+                result = await job.call()
+        except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
+            error = _cancel_error(task, exc)
+        finally:
+            job.in_user_code = False
+            _current.reset(token)
+        task._claim_end()
+        self.end(job, result, error)
+
+    def _wait_for_coroutine(self, job: Job) -> None:
+        """Owner thread: a foreground coroutine task holds the cell until it ends; an
+        interrupt (■) cancels it, and the wait goes on until it has ended."""
+        self._schedule_coroutine(job)
+        task = job.task
+        while not job.done.is_set():
+            try:
+                job.in_user_code = True  # the interrupt guard lets ■ through while waiting
+                job.done.wait(0.5)
+            except KeyboardInterrupt:
+                self.engine.cancel(task, reason="Task was interrupted (KeyboardInterrupt)")
+            finally:
+                job.in_user_code = False
+
+    # -- the end ------------------------------------------------------------------------------
+    def end(self, job: Job, result: Any, error: BaseException | None) -> None:
+        """Record the outcome (the caller holds the task's end claim)."""
+        task = job.task
+        if error is None:
+            status, tb = TaskStatus.COMPLETED, None
+        else:
+            status = (TaskStatus.CANCELLED if isinstance(error, (TaskCancelled, KeyboardInterrupt))
+                      else TaskStatus.FAILED)
+            tb = fmt.traceback_text(error)
+        finished_at = time.time()
+        if self.engine.observers:
+            record = task._final_record(status, result if error is None else None, error, tb, finished_at)
+            self.engine.notify("task_finished", task, record)
+        self.engine._released(job)
+        task._finish(status, result=result if error is None else None, error=error, tb=tb,
+                     finished_at=finished_at)
+        job.done.set()
+        self.engine._retain(job)
+
+    # -- cancel and interrupt ---------------------------------------------------------------
+    def cancel_running(self, job: Job, force: bool) -> None:
+        """The task runs (its cancel flag is set): stop its awaitable now; force a thread."""
+        if job.atask is not None and job.loop is not None:
+            reason = job.task.cancel_reason
+            job.loop.call_soon_threadsafe(_cancel_atask, job, reason)
+        elif force:
+            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._force_stop(job))
+
+    def _force_stop(self, job: Job) -> None:
+        task = job.task
+        with task._condition:
+            if not job.in_user_code or job.ident is None or task.done():
+                return
+            sent = raise_in_thread(job.ident, TaskCancelled)
+        if sent:
+            log.warning(
+                "qmagic: %s (task %s) did not stop within %.1f s; stopping it by force.",
+                task.call_text(40), task.uid[:8], self.engine.cancel_grace_s,
+            )
+
+    def interrupt(self, job: Job) -> str:
+        """KeyboardInterrupt into the foreground task's code (at most one per task)."""
+        task = job.task
+        if job.coroutine:
+            if job.interrupt_sent:
+                return "pending"
+            job.interrupt_sent = True
+            self.engine.cancel(task, reason="Task was interrupted (KeyboardInterrupt)")
+            return "interrupted"
+        with task._condition:
+            if job.interrupt_sent:
+                return "pending"
+            if not job.in_user_code:
+                return "pending" if not task.done() else "idle"
+            job.interrupt_sent = True
+            self.engine.foreground.interrupt()
+        return "interrupted"
+
+
+def _awaitable(value: Any) -> bool:
+    """A coroutine or other awaitable returned by a thread task's function (awaited on the
+    loop) — but not a Future such as another Task, which is a result like any other."""
+    return inspect.isawaitable(value) and not isinstance(value, Future)
+
+
+def _cancel_atask(job: Job, reason: str) -> None:
+    if job.atask is not None and not job.atask.done():
+        job.atask.cancel(reason)
+
+
+def _cancel_error(task: Task, exc: BaseException) -> BaseException:
+    """asyncio's cancellation of a task's coroutine is the task's cancellation."""
+    if isinstance(exc, asyncio.CancelledError):
+        reason = (task.cancel_reason if task.cancel_requested
+                  else "Task was cancelled (its event loop cancelled it)")
+        err = TaskCancelled(reason)
+        err.__traceback__ = exc.__traceback__
+        return err
+    return exc
+
+
+def _wait_uninterrupted(event: threading.Event) -> None:
+    """Wait for ``event``; further interrupts while waiting are ignored (the task is
+    already being stopped)."""
+    while True:
+        try:
+            if event.wait(0.5):
+                return
+        except BaseException:  # noqa: BLE001
+            continue

@@ -1,0 +1,107 @@
+"""The event loop that coroutine tasks run on.
+
+ophyd-async devices live on bluesky's event loop (``bluesky.run_engine``'s
+``get_bluesky_event_loop()``, which a ``RunEngine`` starts in a thread of its own); awaiting
+their signals on any other loop fails.  So by default (``"auto"``) a coroutine task runs on
+bluesky's loop when bluesky is imported and that loop is running, and otherwise on an event
+loop that qmagic runs in a thread of its own (started on first use).  ``"bluesky"`` insists
+on bluesky's loop (a task started without it fails with a clear message); ``"qmagic"``
+always uses qmagic's own loop.  bluesky is never imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+__all__ = ["EventLoops", "LOOP_POLICIES", "bluesky_loop"]
+
+#: Values of ``QMagic.async_loop``.
+LOOP_POLICIES = ("auto", "bluesky", "qmagic")
+
+MSG_NO_BLUESKY_LOOP = (
+    "Coroutine tasks are set to run on bluesky's event loop (QMagic.async_loop = 'bluesky'), "
+    "but it is not running: create the RunEngine first (RE = RunEngine()), or set "
+    "QMagic.async_loop = 'auto'."
+)
+
+
+def bluesky_loop() -> asyncio.AbstractEventLoop | None:
+    """bluesky's running event loop, or None (bluesky not imported, or its loop not running)."""
+    run_engine = sys.modules.get("bluesky.run_engine")
+    getter = getattr(run_engine, "get_bluesky_event_loop", None)
+    if getter is None:
+        return None
+    try:
+        loop = getter()
+    except Exception:  # noqa: BLE001 - a broken bluesky must not break qmagic
+        return None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return None
+    return loop
+
+
+class EventLoops:
+    """Picks the loop for each coroutine task and owns qmagic's own loop thread."""
+
+    def __init__(self, policy: str = "auto") -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop a coroutine task starting now runs on (see the module docstring).
+
+        Raises RuntimeError (with what to do) when the policy requires bluesky's loop and it
+        is not running.
+        """
+        if self.policy != "qmagic":
+            loop = bluesky_loop()
+            if loop is not None:
+                return loop
+            if self.policy == "bluesky":
+                raise RuntimeError(MSG_NO_BLUESKY_LOOP)
+        return self.own_loop()
+
+    def own_loop(self) -> asyncio.AbstractEventLoop:
+        """qmagic's own event loop, running in a daemon thread (started on first use)."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+                thread = threading.Thread(
+                    target=self._run, args=(loop, ready), name="qmagic-asyncio", daemon=True
+                )
+                thread.start()
+                ready.wait(10.0)
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop qmagic's own loop (its remaining asyncio tasks are cancelled) and its thread."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)

@@ -1,0 +1,62 @@
+"""A task's status and progress: plain values, one transition table."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+__all__ = ["TaskStatus", "Progress", "TRANSITIONS", "FINISHED"]
+
+
+class TaskStatus(str, enum.Enum):
+    """Life cycle of a task.  ``wire`` is what the queueserver protocol shows."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """True for completed, failed and cancelled."""
+        return self in FINISHED
+
+    @property
+    def wire(self) -> str:
+        """'running' for queued/running, 'completed' for every finished status."""
+        return "completed" if self in FINISHED else "running"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The statuses a task ends in.
+FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+#: The only allowed status changes.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.RUNNING: frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED}),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+class Progress(NamedTuple):
+    """Last progress reported by a task: ``value`` of ``total`` (either may be None)."""
+
+    value: float | None
+    total: float | None
+    message: str | None
+
+    @property
+    def fraction(self) -> float | None:
+        """value/total clipped to [0, 1], or None when unknown."""
+        if self.value is None or not self.total:
+            return None
+        try:
+            return max(0.0, min(1.0, float(self.value) / float(self.total)))
+        except (TypeError, ValueError, OverflowError):
+            return None

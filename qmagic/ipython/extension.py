@@ -1,0 +1,215 @@
+"""Loading and unloading qmagic in an IPython shell (``%load_ext qmagic``).
+
+Loading builds one :class:`Session` per shell: the :class:`qmagic.Worker` on
+``shell.user_ns`` (a ``QMagic`` Configurable with ``parent=shell``, so ``c.QMagic.*`` in a
+profile and ``--QMagic.*=...`` on the kernel command line apply), the kernel's foreground
+runner, output routing and provenance, the cell events, the magics, the completer, the
+text form of a Task, the panels and the remote door.  The session records every step, so
+unloading undoes each one (magics, events, formatters, threads, sockets, files); load ->
+unload -> load works, and loading twice is a silent no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Callable
+
+from .. import format as fmt
+from ..core.task import Task
+from ..worker import Worker
+from .context import CellOutputHook, cell_labeler, kernel_connection_info, provenance_source
+from .runner import KernelForegroundRunner
+
+__all__ = ["Session", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
+
+log = logging.getLogger("qmagic")
+
+_sessions: dict[int, Session] = {}
+_sessions_lock = threading.RLock()
+
+
+def _task_text(task: Task, printer: Any, cycle: bool) -> None:
+    """IPython's ``text/plain`` printer of a Task (deterministic: no uid, no times)."""
+    printer.text(fmt.task_line(task))
+
+
+class Session:
+    """Everything qmagic added to one shell, so that :meth:`unload` can undo it."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.worker: Worker | None = None
+        self.runner: KernelForegroundRunner | None = None
+        self.remote: Any = None
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    def _step(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build the worker and register everything; raises if a required step fails."""
+        shell = self.shell
+        self.runner = runner = KernelForegroundRunner(shell)
+        self._step("foreground runner", runner.close)
+        self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner)
+        self._step("worker", worker.close)
+        worker.hidden_names = set(getattr(shell, "user_ns_hidden", {}) or {})
+        worker.provenance_source = provenance_source(shell)
+        worker.catalog.refresh(force=True)
+        fmt.set_filename_labeler(cell_labeler(shell))
+        self._step("traceback labels", lambda: fmt.set_filename_labeler(None))
+        hook = CellOutputHook(shell)
+        worker.engine.context_hooks.append(hook)
+        self._step("output routing", lambda: worker.engine.context_hooks.remove(hook))
+        self._event("pre_run_cell", runner.cell_started)
+        self._event("post_run_cell", self._post_run_cell)
+        from .magics import LockMagics, RemoteMagics, TaskMagics
+
+        from ..remote.service import RemoteService
+
+        self.remote = RemoteService(worker, kernel_connection_info)
+        self._step("remote door", self.remote.close)
+        for magics in (TaskMagics(shell, worker), LockMagics(shell, worker),
+                       RemoteMagics(shell, self.remote)):
+            shell.register_magics(magics)
+            self._step("magics", lambda m=magics: _unregister_magics(shell, m))
+        self._completer()
+        self._formatter()
+        self._panels()
+
+    def _event(self, name: str, callback: Callable[..., Any]) -> None:
+        self.shell.events.register(name, callback)
+
+        def undo() -> None:
+            try:
+                self.shell.events.unregister(name, callback)
+            except ValueError:
+                pass
+
+        self._step(f"{name} event", undo)
+
+    def _post_run_cell(self, *_: Any) -> None:
+        """After each cell: the kernel is free again; the catalog follows the namespace."""
+        if self.runner is not None:
+            self.runner.cell_finished()
+        if self.worker is not None:
+            try:
+                self.worker.catalog.refresh()
+            except Exception:  # noqa: BLE001 - a cell's aftermath must not fail the cell
+                log.debug("qmagic: catalog refresh failed", exc_info=True)
+
+    def _completer(self) -> None:
+        completer = getattr(self.shell, "Completer", None)
+        if completer is None or not hasattr(completer, "custom_matchers"):
+            return
+        from .magics import function_name_matcher
+
+        matcher = function_name_matcher(self.worker)
+        completer.custom_matchers.append(matcher)
+
+        def undo() -> None:
+            if matcher in completer.custom_matchers:
+                completer.custom_matchers.remove(matcher)
+
+        self._step("completer", undo)
+
+    def _formatter(self) -> None:
+        formatters = getattr(getattr(self.shell, "display_formatter", None), "formatters", {})
+        formatter = formatters.get("text/plain")
+        if formatter is None:
+            return
+        old = formatter.for_type(Task, _task_text)
+
+        def undo() -> None:
+            formatter.type_printers.pop(Task, None)
+            if old is not None:
+                formatter.for_type(Task, old)
+
+        self._step("text form of tasks", undo)
+
+    def _panels(self) -> None:
+        """Live panels where widgets work; a failure is reported, never fatal."""
+        try:
+            from .. import panels
+
+            panels.attach(self.shell, self.worker)
+        except Exception as exc:  # noqa: BLE001 - the kernel works without panels
+            log.warning("qmagic: the panels could not start", exc_info=True)
+            print(f"qmagic: live panels are off: {exc}", file=sys.stderr)
+            return
+        self._step("panels", lambda: panels.detach(self.shell, self.worker))
+
+    # -- unloading -----------------------------------------------------------------------------------
+    def unload(self) -> None:
+        """Undo every step of :meth:`load` that happened, last first (safe after a partial load)."""
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - go on undoing the rest
+                log.warning("qmagic: undoing the %s failed", what, exc_info=True)
+
+
+def _unregister_magics(shell: Any, magics: Any) -> None:
+    """IPython has no public 'unregister': remove our names from the manager's tables."""
+    manager = shell.magics_manager
+    for kind, table in magics.magics.items():
+        registered = manager.magics.get(kind, {})
+        for name in table:
+            current = registered.get(name)
+            if current is not None and getattr(current, "__self__", None) is magics:
+                del registered[name]
+    if manager.registry.get(type(magics).__name__) is magics:
+        del manager.registry[type(magics).__name__]
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """Load qmagic into ``shell`` (``%load_ext qmagic``); a no-op if already loaded."""
+    with _sessions_lock:
+        if id(shell) in _sessions:
+            return
+        session = Session(shell)
+        try:
+            session.load()
+        except BaseException:
+            session.unload()
+            raise
+        _sessions[id(shell)] = session
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """Undo :func:`load_ipython_extension` (``%unload_ext qmagic``); a no-op if not loaded."""
+    with _sessions_lock:
+        session = _sessions.pop(id(shell), None)
+    if session is not None:
+        session.unload()
+
+
+def get_session(shell: Any = None) -> Session | None:
+    """The qmagic session of ``shell`` (default: the running IPython), or None."""
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            return None
+    with _sessions_lock:
+        return _sessions.get(id(shell))
+
+
+def get_worker(shell: Any = None) -> Worker:
+    """The :class:`qmagic.Worker` of this kernel (or of ``shell``).
+
+    Raises RuntimeError when qmagic is not loaded: run ``%load_ext qmagic`` first (outside
+    IPython, build a ``qmagic.Worker(namespace)`` yourself).
+    """
+    session = get_session(shell)
+    if session is None or session.worker is None:
+        raise RuntimeError(
+            "qmagic is not loaded in this IPython session: run %load_ext qmagic first (outside "
+            "IPython, create a qmagic.Worker(namespace) instead)."
+        )
+    return session.worker

@@ -1,0 +1,175 @@
+"""Reading a magic's line: options, a function name, Python expressions as arguments.
+
+``%function_execute [OPTIONS] NAME [ARG ...] [KEY=VALUE ...]``: the words after NAME are
+Python expressions evaluated in the namespace; quotes and brackets may contain spaces.
+Bad input raises ``UsageError`` with one line saying what to write instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from typing import Any
+
+from IPython.core.error import UsageError
+
+__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options"]
+
+_KWARG = re.compile(r"([A-Za-z_]\w*)=(?!=)(.*)\Z", re.DOTALL)
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+
+
+def split_words(line: str) -> list[tuple[str, int, int]]:
+    """Split ``line`` at whitespace outside brackets and string literals.
+
+    Returns ``(word, start, end)`` triples; quotes are kept (``"a b"`` stays one word with
+    its quotes, ``[1, 2]`` stays one word).  Unbalanced brackets or quotes raise UsageError.
+    """
+    words: list[tuple[str, int, int]] = []
+    i, n = 0, len(line)
+    start: int | None = None
+    stack: list[str] = []
+    while i < n:
+        ch = line[i]
+        if ch in "'\"":
+            if start is None:
+                start = i
+            i = _skip_string(line, i)
+            continue
+        if ch.isspace() and not stack:
+            if start is not None:
+                words.append((line[start:i], start, i))
+                start = None
+            i += 1
+            continue
+        if start is None:
+            start = i
+        if ch in _OPEN:
+            stack.append(_OPEN[ch])
+        elif ch in ")]}":
+            if not stack or stack.pop() != ch:
+                raise UsageError(f"Unbalanced {ch!r} at position {i + 1} in: {line.strip()}")
+        i += 1
+    if stack:
+        raise UsageError(f"Missing {stack[-1]!r} in: {line.strip()}")
+    if start is not None:
+        words.append((line[start:], start, n))
+    return words
+
+
+def _skip_string(line: str, i: int) -> int:
+    """Index just after the string literal starting with the quote at ``i``."""
+    quote = line[i]
+    if line.startswith(quote * 3, i):
+        end = line.find(quote * 3, i + 3)
+        while end != -1 and _escaped(line, end):
+            end = line.find(quote * 3, end + 1)
+        if end == -1:
+            raise UsageError(f"Unterminated string starting at position {i + 1}: {line[i:].strip()}")
+        return end + 3
+    j = i + 1
+    while j < len(line):
+        if line[j] == "\\":
+            j += 2
+            continue
+        if line[j] == quote:
+            return j + 1
+        j += 1
+    raise UsageError(f"Unterminated string starting at position {i + 1}: {line[i:].strip()}")
+
+
+def _escaped(line: str, index: int) -> bool:
+    backslashes = 0
+    while index > 0 and line[index - 1] == "\\":
+        backslashes += 1
+        index -= 1
+    return backslashes % 2 == 1
+
+
+def unquote(value: str | None) -> str | None:
+    """Option values keep their quotes in IPython's splitting: ``"a b"`` -> ``a b``."""
+    if value is None or len(value) < 2 or value[0] != value[-1] or value[0] not in "'\"":
+        return value
+    try:
+        result = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    return result if isinstance(result, str) else value
+
+
+def value_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """{option string: takes a value} for every option of ``parser``."""
+    return {
+        opt: action.nargs != 0
+        for action in parser._actions  # noqa: SLF001 - argparse has no public view
+        for opt in action.option_strings
+    }
+
+
+def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str | None, list[str]]:
+    """Split ``[OPTIONS] NAME [ARG ...]`` into (the options and name text, NAME, ARG words).
+
+    An option written after NAME raises UsageError saying that options come first.
+    """
+    takes_value = value_options(parser)
+    words = split_words(line)
+    i = 0
+    while i < len(words):
+        word = words[i][0]
+        if word == "--":
+            i += 1
+            break
+        if not word.startswith("-") or len(word) == 1 or word[1].isdigit() or word[1] == ".":
+            break
+        opt = word.split("=", 1)[0]
+        matches = [o for o in takes_value if o == opt] or [
+            o for o in takes_value if o.startswith("--") and o.startswith(opt) and opt.startswith("--")
+        ]
+        if len(matches) == 1 and takes_value[matches[0]] and "=" not in word:
+            i += 1  # the option's value
+        i += 1
+    if i >= len(words):
+        return line, None, []
+    name, _, end = words[i]
+    rest = [w for w, _, _ in words[i + 1:]]
+    for word in rest:
+        if word.split("=", 1)[0] in takes_value:
+            raise UsageError(
+                f"Options go before the function name: %function_execute {word} {name} ... "
+                f"({word!r} came after {name!r})."
+            )
+    return line[:end], name, rest
+
+
+def call_arguments(shell: Any, words: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Evaluate ARG and KEY=VALUE words in the shell's namespace."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for word in words:
+        match = _KWARG.match(word)
+        if match:
+            key, expr = match.groups()
+            if not expr:
+                raise UsageError(f"Missing value after {key}= (write {key}=VALUE without spaces).")
+            if key in kwargs:
+                raise UsageError(f"Keyword argument {key} is given twice.")
+            kwargs[key] = _eval(shell, expr)
+        else:
+            if kwargs:
+                raise UsageError(
+                    f"Positional argument {word!r} follows a keyword argument; put ARGs before "
+                    "KEY=VALUE pairs."
+                )
+            args.append(_eval(shell, word))
+    return args, kwargs
+
+
+def _eval(shell: Any, expr: str) -> Any:
+    try:
+        return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
+    except Exception as exc:  # noqa: BLE001 - reported as a usage error
+        raise UsageError(
+            f"Cannot evaluate argument {expr!r}: {type(exc).__name__}: {exc}. Arguments are Python "
+            "expressions (write strings in quotes; put expressions with spaces in brackets)."
+        ) from None

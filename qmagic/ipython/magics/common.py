@@ -1,0 +1,127 @@
+"""What every magic shares: one-line refusals, ending a cell like calling the function did,
+waiting, and showing a panel.
+
+- A refused request (lock, permissions, busy kernel...) stops the cell with one
+  ``UsageError`` line (the queueserver text, condensed), so Run All stops too.
+- After a foreground task the cell behaves like calling the function: the task's exception
+  is raised with the user's own frames only (``Cell In[9], line 3``); a task that failed
+  before reaching user code (unknown name, wrong arguments) ends the cell with one line; a
+  cancelled task — by ■, a panel's Cancel, ``%task_cancel`` or a deadline — ends the cell
+  with one ``TaskCancelled`` line saying how.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NoReturn
+
+from IPython.core.error import UsageError
+
+from ... import format as fmt
+from ...core.status import TaskStatus
+from ...core.task import Task, exception_text
+from ...errors import LockRefused, TaskCancelled
+
+__all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
+
+
+def _one_line_refusal(exc: BaseException | str) -> str:
+    msg = str(exc)
+    state = getattr(exc, "state", None)
+    if isinstance(exc, LockRefused) and state is not None and (state.environment or state.queue):
+        scopes = " and ".join(s for s, on in (("environment", state.environment),
+                                               ("queue", state.queue)) if on)
+        info = state.to_lock_info()
+        note = f"; note: {info['note']}" if info.get("note") else ""
+        return (f"The {scopes} is locked by {info.get('user') or 'someone'} (since "
+                f"{info.get('time_str') or '?'}{note}): give the key with --lock-key KEY, or ask "
+                "them to unlock.")
+    if msg.startswith("Error: "):
+        msg = msg[len("Error: "):]
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    return "; ".join(lines) if lines else "The request was refused."
+
+
+def refused(exc: BaseException | str) -> NoReturn:
+    """Stop the cell with the refusal as one UsageError line."""
+    raise UsageError(_one_line_refusal(exc))
+
+
+class WaitInterrupted(KeyboardInterrupt):
+    """■ while waiting for a background task: the waiting stopped, the task runs on."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+def _render_once(exc: BaseException, render: Callable[[], list[str]]) -> None:
+    def _render_traceback_() -> list[str]:
+        try:
+            del exc._render_traceback_
+        except AttributeError:
+            pass
+        return render()
+
+    try:
+        exc._render_traceback_ = _render_traceback_  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # exceptions without a __dict__: shown as they are
+        pass
+
+
+def _one_line(exc: BaseException) -> BaseException:
+    """``exc`` shown as one line, ``Type: message``."""
+    line = f"{type(exc).__name__}: {exception_text(exc)}"
+    _render_once(exc, lambda: [line])
+    return exc
+
+
+def settle(shell: Any, task: Task) -> Task:
+    """After a foreground task (or ``--wait``): end the cell as calling the function would."""
+    __tracebackhide__ = True  # noqa: F841
+    if task.status is TaskStatus.CANCELLED:
+        how = task.cancel_reason
+        if how.startswith("Task was "):
+            how = how[len("Task was "):]
+        exc = TaskCancelled(f"{task.call_text(60)} was {how}; it is recorded as cancelled.")
+        raise _one_line(exc) from None
+    if task.status is TaskStatus.FAILED:
+        error = task._error
+        if error is None:
+            return task
+        tb = fmt.user_traceback(error)
+        if tb is None or fmt.is_internal_frame(tb.tb_frame.f_code.co_filename):
+            raise _one_line(error) from None
+        formatter = getattr(shell, "InteractiveTB", None)
+        if formatter is not None:
+            _render_once(error, lambda: formatter.structured_traceback(type(error), error, tb))
+        raise error.with_traceback(tb)
+    return task
+
+
+def wait_interruptibly(task: Task) -> None:
+    """Wait for a background task; ■ stops the waiting only (one line says so)."""
+    __tracebackhide__ = True  # noqa: F841
+    try:
+        task.wait()
+    except KeyboardInterrupt:
+        raise WaitInterrupted(
+            f"stopped waiting; the background task {task.call_text(40)} keeps running "
+            f"(stop it with %task_cancel {task.uid[:8]})."
+        ) from None
+
+
+def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
+    """Display ``make(panels)`` where widgets work; False to fall back to text."""
+    try:
+        from ... import panels
+    except ImportError:
+        return False
+    try:
+        if not panels.widgets_available(shell):
+            return False
+    except Exception:  # noqa: BLE001 - no panel: the text form is shown instead
+        return False
+    from IPython.display import display
+
+    display(make(panels))
+    return True
+

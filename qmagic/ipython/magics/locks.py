@@ -1,0 +1,101 @@
+"""The lock magics: ``%lock``, ``%unlock`` and ``%lock_info``.
+
+Keys are never printed.  A key typed on the magic's line (``--key X``) is kept in IPython's
+history like anything typed in a cell; ``--prompt-key`` asks for it in a hidden prompt
+instead (nothing recorded), and without any key option this kernel's remembered key or your
+default key (``qmagic.get_default_lock_key()``) is used.
+"""
+
+from __future__ import annotations
+
+import getpass
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ... import format as fmt
+from ...errors import RequestRefused
+from .args import unquote
+from .common import refused, show_panel
+
+__all__ = ["LockMagics"]
+
+
+def _key(opts: Any) -> str | None:
+    if opts.prompt_key:
+        if opts.key is not None:
+            raise UsageError("Give --key KEY or --prompt-key, not both.")
+        key = getpass.getpass("Lock key (hidden): ")
+        if not key:
+            raise UsageError("No key typed; nothing was changed.")
+        return key
+    return unquote(opts.key)
+
+
+@magics_class
+class LockMagics(Magics):
+    """Lock magics; each delegates to ``self.worker``."""
+
+    def __init__(self, shell: Any, worker: Any) -> None:
+        super().__init__(shell)
+        self.worker = worker
+
+    @magic_arguments()
+    @argument("-e", "--environment", action="store_true", help="Lock the environment (the default).")
+    @argument("-q", "--queue", action="store_true", help="Lock the queue (permissions, history).")
+    @argument("-a", "--all", action="store_true", dest="all", help="Lock both.")
+    @argument("--key", default=None,
+              help="Lock key (kept in IPython's history like the rest of the line; see --prompt-key).")
+    @argument("--prompt-key", dest="prompt_key", action="store_true",
+              help="Type the key in a hidden prompt (not kept in any history).")
+    @argument("--user", default=None, help="Name shown to others (default: QMagic.default_user).")
+    @argument("--note", default=None, help="Why it is locked, shown to others.")
+    @line_magic
+    def lock(self, line: str) -> None:
+        """Lock the environment (and/or the queue): then only holders of the key can run tasks.
+
+        Without a key option: the key this kernel locked with last, else your default key
+        (``qmagic.get_default_lock_key()``).  This kernel remembers the key, so its own magics
+        and Python calls keep working; others must give it.  The key is never printed.
+        """
+        opts = parse_argstring(self.lock, line)
+        environment = opts.environment or opts.all or not (opts.queue or opts.all)
+        queue = opts.queue or opts.all
+        try:
+            state = self.worker.lock(_key(opts), environment=environment, queue=queue,
+                                     note=unquote(opts.note), user=unquote(opts.user), origin="magic")
+        except RequestRefused as exc:
+            refused(exc)
+        print(fmt.lock_text(state.to_lock_info()))
+
+    @magic_arguments()
+    @argument("--key", default=None,
+              help="Lock key or emergency key (kept in IPython's history; see --prompt-key).")
+    @argument("--prompt-key", dest="prompt_key", action="store_true",
+              help="Type the key in a hidden prompt (not kept in any history).")
+    @line_magic
+    def unlock(self, line: str) -> None:
+        """Unlock the environment and queue: with this kernel's remembered key, or the lock key or
+        emergency key given."""
+        opts = parse_argstring(self.unlock, line)
+        try:
+            state = self.worker.unlock(_key(opts), origin="magic")
+        except RequestRefused as exc:
+            refused(exc)
+        print(fmt.lock_text(state.to_lock_info()))
+
+    @line_magic
+    def lock_info(self, line: str) -> None:
+        """Show the lock: who locked what, since when, and the note (a live panel with widgets,
+        where the lock can also be taken and released)."""
+        if line.strip():
+            raise UsageError("%lock_info takes no arguments.")
+        if show_panel(self.shell, lambda p: p.LockPanel(self.worker)):
+            return
+        try:
+            state = self.worker.lock_state(origin="magic")
+        except RequestRefused as exc:
+            refused(exc)
+        print(fmt.lock_text(state.to_lock_info()))

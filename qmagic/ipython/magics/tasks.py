@@ -1,0 +1,265 @@
+"""The task magics: ``%function_execute``, ``%task_status``, ``%task_result``,
+``%task_cancel``, ``%tasks`` and ``%script_upload``.  Each reads its line, calls the worker's
+Python API (``origin="magic"``) and shows the answer; text never shows clock times, and
+uids only as the short prefixes you can type back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from ... import format as fmt
+from ...core.task import Task
+from ...errors import LogUnavailable, RequestRefused, TaskNotFound
+from .args import call_arguments, split_options, unquote
+from .common import refused, settle, show_panel, wait_interruptibly
+
+__all__ = ["TaskMagics", "DEFAULT_TASK_ROWS"]
+
+#: Tasks shown by ``%tasks`` without ``--all`` (newest first).
+DEFAULT_TASK_ROWS = 10
+
+
+@magics_class
+class TaskMagics(Magics):
+    """Task magics; each delegates to ``self.worker``."""
+
+    def __init__(self, shell: Any, worker: Any) -> None:
+        super().__init__(shell)
+        self.worker = worker
+
+    # -- %function_execute ----------------------------------------------------------------------
+    @magic_arguments()
+    @argument("-b", "--background", action="store_true",
+              help="Run in a background thread and return at once (default: foreground, in this cell).")
+    @argument("--wait", action="store_true", help="With -b: block until the task ends.")
+    @argument("--timeout", type=float, default=None, metavar="SECONDS",
+              help="Deadline: cancel the task if it runs longer than this many seconds.")
+    @argument("--user", default=None, help="User name of the request (default: QMagic.default_user).")
+    @argument("--group", default=None,
+              help="User group whose permissions apply (default: QMagic.default_user_group).")
+    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
+    @argument("name", help="Name of a function in the namespace.")
+    @argument("args", nargs="*", metavar="ARG | KEY=VALUE",
+              help="Arguments: Python expressions evaluated in the namespace (variables and literals; "
+              "quotes and brackets may contain spaces; KEY=VALUE without spaces around =).")
+    @line_magic
+    def function_execute(self, line: str) -> Task:
+        """Start a namespace function as a tracked task and return its Task.
+
+        Foreground (default): the function runs in this cell, on the kernel's main thread, with
+        a live row (status, progress, elapsed, Cancel); its output appears here; an exception it
+        raises stops the cell with its traceback; ■ or Cancel stop it (the cell then ends with
+        one TaskCancelled line). Background (-b): it runs in a thread and the Task is returned at
+        once; output still appears under this cell. Options come before NAME.
+
+        Examples:
+
+            %function_execute count_to 5
+            t = %function_execute -b scan 1 2 step=0.1 label="run 3"
+            %function_execute -b --wait --timeout 60 scan start stop
+        """
+        __tracebackhide__ = True  # noqa: F841
+        prefix, name, words = split_options(self.function_execute.parser, line)
+        if name is None:
+            raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
+        opts = parse_argstring(self.function_execute, prefix)
+        if opts.wait and not opts.background:
+            raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
+        args, kwargs = call_arguments(self.shell, words)
+        try:
+            task = self.worker.submit(
+                name, args, kwargs, background=opts.background, user=unquote(opts.user),
+                user_group=unquote(opts.group), lock_key=unquote(opts.lock_key),
+                timeout=opts.timeout, origin="magic",
+            )
+        except RequestRefused as exc:
+            refused(exc)
+        if not task.background:
+            return settle(self.shell, task)
+        if opts.wait:
+            wait_interruptibly(task)
+            return settle(self.shell, task)
+        return task
+
+    # -- looking at tasks ------------------------------------------------------------------------
+    def _find(self, uid: str | None) -> Task | dict:
+        if uid is None:
+            task = self.worker.last_task
+            if task is None:
+                raise UsageError("No tasks yet: start one with %function_execute NAME.")
+            return task
+        try:
+            return self.worker.find(uid)
+        except TaskNotFound as exc:
+            raise UsageError(str(exc)) from None
+
+    @magic_arguments()
+    @argument("uids", nargs="*", metavar="UID", help="Task uids or unique prefixes (>= 4 characters).")
+    @line_magic
+    def task_status(self, line: str) -> None:
+        """Print the status of tasks: queued, running, completed, failed or cancelled.
+
+        Without UID: the latest task.  A UID may be any unique prefix of at least 4 characters;
+        tasks no longer in memory are looked up in the experiment log.
+        """
+        opts = parse_argstring(self.task_status, line)
+        if not opts.uids:
+            task = self.worker.last_task
+            print(fmt.task_line(task) if task is not None else "No tasks.")
+            return
+        for uid in opts.uids:
+            try:
+                found = self.worker.find(uid)
+            except TaskNotFound:
+                print(f"{uid}: not found")
+                continue
+            if isinstance(found, Task):
+                print(f"{uid}: {found.status.value}")
+            else:
+                print(f"{uid}: {found.get('status')} (from the experiment log)")
+
+    @magic_arguments()
+    @argument("uid", nargs="?", default=None, metavar="UID",
+              help="Task uid or unique prefix (default: the latest task).")
+    @line_magic
+    def task_result(self, line: str) -> None:
+        """Print a task's outcome: status, result (or traceback), output and log.
+
+        Without UID: the latest task.  The value itself: ``get_worker().get_task(UID).result()``.
+        """
+        opts = parse_argstring(self.task_result, line)
+        found = self._find(opts.uid)
+        if isinstance(found, Task):
+            print(fmt.task_detail(found))
+        else:
+            print(fmt.record_detail(found, source="from the experiment log"))
+
+    # -- %task_cancel ------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("uid", nargs="?", default=None, metavar="UID",
+              help="Task uid or unique prefix (default: the latest task).")
+    @argument("--all", action="store_true", dest="all", help="Cancel every queued and running task.")
+    @argument("--force", action="store_true",
+              help="If the task has not stopped after QMagic.cancel_grace_s seconds, raise "
+              "TaskCancelled inside its thread.")
+    @line_magic
+    def task_cancel(self, line: str) -> None:
+        """Ask a task (the latest one without UID, or --all tasks) to stop.
+
+        Cancelling is cooperative: a running task stops at its next ``qmagic.report_progress``,
+        ``raise_if_cancelled`` or ``cancellable_sleep`` (a coroutine task at its next ``await``);
+        --force also interrupts a thread task after ``QMagic.cancel_grace_s`` seconds.  This is
+        how to stop background tasks (■ stops the foreground task only).
+        """
+        opts = parse_argstring(self.task_cancel, line)
+        if opts.all and opts.uid is not None:
+            raise UsageError("Give a UID or --all, not both: %task_cancel [UID|--all] [--force]")
+        forced = " (forced if it does not stop)" if opts.force else ""
+        try:
+            if opts.all:
+                tasks = self.worker.cancel_all(force=opts.force, origin="magic")
+                print(f"Cancel requested for {len(tasks)} {'task' if len(tasks) == 1 else 'tasks'}{forced}.")
+                return
+            target = self.worker.last_task if opts.uid is None else opts.uid
+            if target is None:
+                raise UsageError("No tasks to cancel.")
+            task = self.worker.cancel(target, force=opts.force, origin="magic")
+        except (RequestRefused, TaskNotFound) as exc:
+            refused(exc)
+        print(f"Cancel requested{forced}: {fmt.task_line(task)}")
+
+    # -- %tasks ---------------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--all", action="store_true", dest="all", help="Every task kept in memory.")
+    @argument("--running", action="store_true", help="Only queued and running tasks.")
+    @argument("--history", nargs="?", const=20, type=int, default=None, metavar="N",
+              help="The newest N tasks of the experiment log (default 20), also of earlier "
+              "kernels, with when and from which notebook cell they were started.")
+    @line_magic
+    def tasks(self, line: str) -> None:
+        """Show tasks, newest first: the latest ones (default), --all, or only --running;
+        --history [N] lists the experiment log, also of earlier kernels.
+
+        With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
+        table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
+        log keeps them for QMagic.journal_max_age_s.
+        """
+        opts = parse_argstring(self.tasks, line)
+        if sum(bool(x) for x in (opts.all, opts.running, opts.history is not None)) > 1:
+            raise UsageError("Give at most one of --all, --running and --history.")
+        if opts.history is not None:
+            if opts.history < 1:
+                raise UsageError("--history N needs N >= 1 (the number of tasks to list).")
+            try:
+                records = self.worker.history(limit=opts.history)
+                health = self.worker.log_health()
+            except LogUnavailable as exc:
+                raise UsageError(str(exc)) from None
+            print(fmt.history_table(records))
+            if health.get("pending") or health.get("dropped"):
+                print(f"({health.get('pending', 0)} records not yet written, "
+                      f"{health.get('dropped', 0)} dropped: {health.get('last_error') or 'see the log'})")
+            return
+        show = "running" if opts.running else "all"
+        max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
+        if show_panel(self.shell, lambda p: p.TaskPanel(self.worker, show=show, max_rows=max_rows)):
+            return
+        items = list(reversed(self.worker.tasks()))
+        if opts.running:
+            items = [t for t in items if not t.done()]
+        hidden = 0
+        if max_rows is not None and len(items) > max_rows:
+            hidden, items = len(items) - max_rows, items[:max_rows]
+        print(fmt.task_table(items, hidden=hidden))
+
+    # -- %script_upload ----------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("-b", "--background", action="store_true", help="Run the script in a background thread.")
+    @argument("--name", default=None,
+              help="Name shown for this script in tables, panels and the log (default: the file "
+              "name, or 'script').")
+    @argument("--no-update-lists", dest="no_update_lists", action="store_true",
+              help="Do not refresh the list of available functions afterwards.")
+    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
+    @argument("path", nargs="?", default=None, metavar="PATH", help="Script file (line magic only).")
+    @line_cell_magic
+    def script_upload(self, line: str, cell: str | None = None) -> Task:
+        """Run a script in the namespace as a tracked task; returns its Task.
+
+        ``%script_upload [-b] [--name N] PATH`` runs a file (named by its file name);
+        ``%%script_upload [-b] [--name N]`` runs the cell body.  If the script raises, every
+        name it added, changed or removed is restored (the namespace is unchanged) and the cell
+        stops with the traceback; on success ``task.namespace_changes`` lists the names added,
+        changed and removed.  One script runs at a time: another upload meanwhile is refused
+        at once, saying which script runs.
+        """
+        __tracebackhide__ = True  # noqa: F841
+        opts = parse_argstring(self.script_upload, line)
+        name = unquote(opts.name)
+        if cell is None:
+            if opts.path is None:
+                raise UsageError("Give the script file: %script_upload [-b] PATH (or use %%script_upload).")
+            path = Path(os.path.expanduser(unquote(opts.path)))
+            try:
+                script = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"Cannot read the script {str(path)!r}: {exc}") from None
+            name = name or path.name
+        else:
+            if opts.path is not None:
+                raise UsageError("%%script_upload runs the cell body; it takes no PATH.")
+            script = cell
+        try:
+            task = self.worker.run_script(
+                script, name=name, update_lists=not opts.no_update_lists,
+                background=opts.background, lock_key=unquote(opts.lock_key), origin="magic",
+            )
+        except RequestRefused as exc:
+            refused(exc)
+        return task if task.background else settle(self.shell, task)

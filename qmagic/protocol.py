@@ -1,0 +1,392 @@
+"""bluesky-queueserver's replies, over the worker: the protocol's dicts and texts.
+
+Each method takes the request's ``params`` (already checked for unsupported names by
+:mod:`qmagic.remote.dispatch`) and returns queueserver's reply dict.  Parameter types are
+checked here with queueserver-style messages (``"run_in_background": "false"`` is refused,
+not read as true); every rule is the worker's.  Refusals are in-band:
+``{"success": False, "msg": ...}`` plus the method's other keys.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable, Mapping
+
+from . import __version__
+from .core.status import TaskStatus
+from .core.task import Task
+from .errors import PermissionsFormatError, RequestRefused
+from .format import SUMMARY_KEY
+
+__all__ = ["QueueserverProtocol", "MAX_REQUEST_ITEMS", "status_reply"]
+
+#: Most uids one task_status request may ask about.
+MAX_REQUEST_ITEMS = 50_000
+_KIND_TEXT = {"function": "Execute function", "script": "Load script", "coroutine": "Execute function"}
+
+
+def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestRefused(
+            f"Error: Incorrect request format: parameter {name!r} must be true or false, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _optional_str(params: Mapping[str, Any], name: str, what: str) -> str | None:
+    value = params.get(name)
+    if value is not None and not isinstance(value, str):
+        raise RequestRefused(f"Error: {what} must be a non-empty string or None: {name} = {value!r}")
+    return value
+
+
+def _lock_key(params: Mapping[str, Any]) -> str | None:
+    key = params.get("lock_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {key!r}")
+    return key
+
+
+def status_reply(worker: Any) -> dict[str, Any]:
+    """The queueserver ``status`` dict (every key the clients read)."""
+    counts = worker.engine.counts()
+    fg: Task | None = counts["foreground"]
+    busy = worker.engine.foreground.user_busy()
+    state = "executing_task" if fg is not None else "idle"
+    lock = worker._locks.state()
+    if fg is not None:
+        kernel_state, captured = "busy", bool(counts["foreground_handed_over"])
+    else:
+        kernel_state, captured = ("busy" if busy else "idle"), False
+    env_open = worker.environment_is_open
+    status_key = (state, kernel_state, counts["running_background"], counts["results_uid"], lock.uid,
+                  worker.catalog.uid, worker.catalog.devices_uid, worker.permissions_uid,
+                  worker.environment_uid)
+    return {
+        "msg": f"RE Manager v{__version__} (qmagic)",
+        "time": datetime.datetime.now().isoformat(),
+        "items_in_queue": 0,
+        "items_in_history": 0,
+        "running_item_uid": None,
+        "manager_state": state,
+        "queue_stop_pending": False,
+        "queue_autostart_enabled": False,
+        "pause_pending": False,
+        "worker_environment_exists": env_open,
+        "worker_environment_state": (state if env_open else "closed"),
+        "worker_background_tasks": counts["running_background"],
+        "re_state": None,
+        "ip_kernel_state": kernel_state if env_open else None,
+        "ip_kernel_captured": captured,
+        "status_uid": _uid_of(status_key),
+        "run_list_uid": worker.static_uid,
+        "plan_queue_uid": worker.static_uid,
+        "plan_history_uid": worker.static_uid,
+        "devices_existing_uid": worker.catalog.devices_uid,
+        "plans_existing_uid": worker.catalog.uid,
+        "devices_allowed_uid": _uid_of((worker.catalog.devices_uid, worker.permissions_uid)),
+        "plans_allowed_uid": _uid_of((worker.catalog.uid, worker.permissions_uid)),
+        "task_results_uid": counts["results_uid"],
+        "lock_info_uid": lock.uid,
+        "plan_queue_mode": {"loop": False, "ignore_failures": False},
+        "lock": {"environment": bool(lock.environment), "queue": bool(lock.queue)},
+    }
+
+
+_uid_cache: dict[Any, str] = {}
+
+
+def _uid_of(key: Any) -> str:
+    """A stable uid for a state key (the same state gives the same uid)."""
+    import uuid
+
+    uid = _uid_cache.get(key)
+    if uid is None:
+        if len(_uid_cache) > 256:
+            _uid_cache.clear()
+        uid = _uid_cache[key] = str(uuid.uuid4())
+    return uid
+
+
+class QueueserverProtocol:
+    """queueserver's methods for one worker (see the module docstring).
+
+    ``identity`` and ``client`` of each call say who sent it (an authenticated CurveZMQ
+    identity, and a name for per-client throttling of wrong lock keys).
+    """
+
+    def __init__(self, worker: Any, connection_info: Callable[[], dict] | None = None) -> None:
+        self.worker = worker
+        self.connection_info = connection_info or (lambda: {})
+
+    # -- status ---------------------------------------------------------------------------------
+    def status(self, params: dict, **who: Any) -> dict:
+        return status_reply(self.worker)
+
+    def config_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "config": {"ip_connect_info": self.connection_info()}}
+
+    # -- tasks -------------------------------------------------------------------------------------
+    def function_execute(self, params: dict, *, identity: Any = None, client: str | None = None) -> dict:
+        item = params.get("item")
+        try:
+            lock_key = _lock_key(params)
+            name, args, kwargs = _function_item(params)
+            if "user_group" not in params:
+                raise RequestRefused("Error: Incorrect request format: user group is not specified")
+            if "user" not in params and identity is None:
+                raise RequestRefused("Error: Incorrect request format: user name is not specified")
+            task = self.worker.submit(
+                name, args, kwargs, background=_flag(params, "run_in_background", False),
+                user=params.get("user"), user_group=params.get("user_group"), lock_key=lock_key,
+                origin="remote", strict_json=True, identity=identity, client=client,
+            )
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "item": item, "task_uid": None}
+        reply_item = {"name": task.name, "args": list(task.args), "kwargs": dict(task.kwargs),
+                      "user": task.user, "user_group": task.user_group, "item_uid": task.uid}
+        if isinstance(item, dict) and "item_type" in item:
+            reply_item = {"item_type": item["item_type"], **reply_item}
+        return {"success": True, "msg": "", "item": reply_item, "task_uid": task.uid}
+
+    def script_upload(self, params: dict, *, identity: Any = None, client: str | None = None) -> dict:
+        try:
+            lock_key = _lock_key(params)
+            script = params.get("script")
+            if script is None:
+                raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
+            if not isinstance(script, str):
+                raise RequestRefused("Error: Type of the 'script' parameter in API call is incorrect.")
+            _flag(params, "update_re", False)
+            task = self.worker.run_script(
+                script, update_lists=_flag(params, "update_lists", True),
+                background=_flag(params, "run_in_background", False), lock_key=lock_key,
+                user=params.get("user"), user_group=params.get("user_group"),
+                origin="remote", identity=identity, client=client,
+            )
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "task_uid": None}
+        return {"success": True, "msg": "", "task_uid": task.uid}
+
+    def task_status(self, params: dict, **who: Any) -> dict:
+        uids = params.get("task_uid")
+        if uids is None:
+            return _task_error("Error: Required 'task_uid' parameter is missing in the API call.", None)
+        if isinstance(uids, str):
+            status = self.worker.statuses([uids])[uids]
+            return {"success": True, "msg": "", "task_uid": uids, "status": _wire(status)}
+        if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+            return _task_error(
+                f"Error: 'task_uid' must be a string or a list of strings: type(task_uid)={type(uids)!r}",
+                uids)
+        if len(uids) > MAX_REQUEST_ITEMS:
+            return _task_error(
+                f"Error: Too many task uids in one request ({len(uids)}); ask for at most "
+                f"{MAX_REQUEST_ITEMS} per request.", None)
+        found = self.worker.statuses(uids)
+        return {"success": True, "msg": "", "task_uid": uids,
+                "status": {uid: _wire(found.get(uid)) for uid in uids}}
+
+    def task_result(self, params: dict, **who: Any) -> dict:
+        uid = params.get("task_uid")
+        if uid is None:
+            return {**_task_error("Error: Required 'task_uid' parameter is missing in the API call.",
+                                  None), "result": None}
+        if not isinstance(uid, str):
+            return {**_task_error(f"Error: 'task_uid' must be a string: type(task_uid)={type(uid)!r}",
+                                  uid), "result": None}
+        task = self.worker.engine.get(uid)
+        record = None if task is not None else self.worker._log_find(uid) if len(uid) >= 36 else None
+        if task is None and record is None:
+            return {"success": True, "msg": "", "task_uid": uid, "status": "not_found", "result": {}}
+        rec = task.to_dict() if task is not None else record
+        status = TaskStatus(rec["status"])
+        return {"success": True, "msg": "", "task_uid": uid, "status": status.wire,
+                "result": _result_dict(rec, status, task)}
+
+    # -- locks --------------------------------------------------------------------------------------
+    def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            if "lock_key" not in params:
+                raise RequestRefused("Error: Lock key is not specified: 'lock_key' is a required parameter")
+            if "user" not in params:
+                raise RequestRefused("Error: User name is not specified: 'user' is a required parameter")
+            state = self.worker.lock(
+                params["lock_key"], environment=params.get("environment", False),
+                queue=params.get("queue", False), note=params.get("note"), user=params["user"],
+                origin="remote", client=client,
+            )
+        except RequestRefused as exc:
+            return _lock_reply(self.worker, False, str(exc))
+        return _lock_reply(self.worker, True, "", state)
+
+    def unlock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            if "lock_key" not in params:
+                raise RequestRefused("Error: Request contains no lock key: 'lock_key' parameter is required")
+            state = self.worker.unlock(params["lock_key"], origin="remote", client=client)
+        except RequestRefused as exc:
+            return _lock_reply(self.worker, False, str(exc))
+        return _lock_reply(self.worker, True, "", state)
+
+    def lock_info(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            state = self.worker.lock_state(_lock_key(params), origin="remote", client=client)
+        except RequestRefused as exc:
+            return _lock_reply(self.worker, False, str(exc))
+        return _lock_reply(self.worker, True, "", state)
+
+    # -- control ---------------------------------------------------------------------------------------
+    def kernel_interrupt(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            _flag(params, "interrupt_plan", False)
+            self.worker.interrupt(interrupt_task=_flag(params, "interrupt_task", False),
+                                  lock_key=_lock_key(params), origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        return {"success": True, "msg": ""}
+
+    def environment_open(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        return self._simple(self.worker.environment_open, params, client)
+
+    def environment_close(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        return self._simple(self.worker.environment_close, params, client)
+
+    def environment_destroy(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        return self._simple(self.worker.environment_destroy, params, client)
+
+    def _simple(self, method: Callable[..., Any], params: dict, client: str | None,
+                **kwargs: Any) -> dict:
+        try:
+            method(lock_key=_lock_key(params), origin="remote", client=client, **kwargs)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        return {"success": True, "msg": ""}
+
+    # -- permissions ------------------------------------------------------------------------------------
+    def permissions_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "user_group_permissions": self.worker.permissions.to_dict()}
+
+    def permissions_set(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        if "user_group_permissions" not in params:
+            return {"success": False, "msg": "Error: Parameter 'user_group_permissions' is missing"}
+        try:
+            self.worker.set_permissions(params["user_group_permissions"], lock_key=_lock_key(params),
+                                        origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        except PermissionsFormatError as exc:
+            return {"success": False, "msg": f"Error: {exc}"}
+        return {"success": True, "msg": ""}
+
+    def permissions_reload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            _flag(params, "restore_plans_devices", False)
+            _flag(params, "restore_permissions", True)
+            self.worker.reload_permissions(lock_key=_lock_key(params), origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        except PermissionsFormatError as exc:
+            return {"success": False, "msg": f"Error: {exc}"}
+        return {"success": True, "msg": ""}
+
+    # -- what GUIs ask for -------------------------------------------------------------------------------
+    def history_clear(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        if params.get("size") is not None or params.get("item_uid") is not None:
+            return {"success": False, "msg": (
+                "Error: qmagic has no plan history to trim: call history_clear without 'size' and "
+                "'item_uid' (finished tasks in memory are forgotten; the experiment log keeps them).")}
+        try:
+            self.worker.check_lock(_lock_key(params), "queue", origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        self.worker.engine.clear_finished()
+        return {"success": True, "msg": ""}
+
+    def queue_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "items": [], "running_item": {},
+                "plan_queue_uid": self.worker.static_uid}
+
+    def history_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
+
+
+def _function_item(params: Mapping[str, Any]) -> tuple[str, list, dict]:
+    """Validate a function item with queueserver's texts; (name, args, kwargs)."""
+    prefix = "Error: Incorrect request format: "
+    if "item" not in params:
+        raise RequestRefused(prefix + "request contains no item info")
+    item = params["item"]
+    if not isinstance(item, dict):
+        raise RequestRefused(prefix + f"incorrect type ('{type(item)}') of item parameter: item "
+                             "parameter must have type 'dict'")
+    item_type = item.get("item_type")
+    if item_type is None:
+        raise RequestRefused(prefix + "'item_type' key is not found")
+    if item_type != "function":
+        raise RequestRefused(prefix + f"unsupported 'item_type' value: '{item_type}', supported "
+                             "item types ('function',)")
+    if "name" not in item:
+        raise RequestRefused(f"Error: Function name is not specified: {item}")
+    if "args" in item and not isinstance(item["args"], (list, tuple)):
+        raise RequestRefused(f"Error: Parameter 'args' is not a tuple or a list: {type(item['args'])}")
+    if "kwargs" in item and not isinstance(item["kwargs"], dict):
+        raise RequestRefused(f"Error: Parameter 'kwargs' is not a dictionary: {type(item['kwargs'])}")
+    return item["name"], list(item.get("args") or []), dict(item.get("kwargs") or {})
+
+
+def _wire(status: TaskStatus | None) -> str:
+    return "not_found" if status is None else status.wire
+
+
+def _task_error(msg: str, uid: Any) -> dict:
+    return {"success": False, "msg": msg, "task_uid": uid, "status": None}
+
+
+def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict:
+    if state is None:
+        state = worker._locks.state()
+    return {"success": success, "msg": msg, "lock_info": state.to_lock_info(),
+            "lock_info_uid": state.uid}
+
+
+def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) -> dict[str, Any]:
+    """task_result's ``result`` from a task's record (live or from the experiment log)."""
+    time_start = rec.get("started_at") or rec.get("submitted_at")
+    if not status.finished:
+        return {"task_uid": rec["uid"], "time_start": time_start,
+                "run_in_background": bool(rec.get("background"))}
+    success, msg, value = status is TaskStatus.COMPLETED, "", None
+    if success and rec.get("kind") != "script":
+        value = rec.get("result")
+        if isinstance(value, dict) and SUMMARY_KEY in value:
+            value = None
+            msg = ("The result could not be kept in full: the experiment log holds only a summary "
+                   "of it (see qmagic.history()).")
+        else:
+            why = _json_problem(value)
+            if why:
+                value = None
+                msg = (f"The result can not be serialized as JSON ({why}); it stays in the kernel: "
+                       f"get_worker().get_task('{rec['uid']}').result()")
+    elif not success:
+        kind = _KIND_TEXT.get(str(rec.get("kind")), "Execute function")
+        msg = f"Error occurred while executing '{kind}': {rec.get('error') or status.value}"
+    return {"task_uid": rec["uid"], "success": success, "msg": msg,
+            "traceback": rec.get("traceback") or "", "return_value": value,
+            "time_start": time_start, "time_stop": rec.get("finished_at")}
+
+
+def _json_problem(value: Any) -> str:
+    import json
+
+    try:
+        json.dumps(value)
+        return ""
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+

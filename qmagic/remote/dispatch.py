@@ -1,0 +1,113 @@
+"""The method table: which queueserver methods a qmagic kernel answers, with which
+parameters, and the envelope checks every request goes through.
+
+:func:`dispatch` takes one decoded request (``{"method": str, "params": dict}``) and
+returns the reply dict; it never raises for bad input.  The methods themselves are
+:class:`qmagic.protocol.QueueserverProtocol`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import RequestRefused
+from ..protocol import QueueserverProtocol
+
+__all__ = ["METHODS", "Method", "dispatch"]
+
+log = logging.getLogger("qmagic")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One served method: its parameter names (None: any, ignored) and the reply keys an
+    error reply sets to empty values."""
+
+    params: tuple[str, ...] | None
+    error_keys: Mapping[str, Any] = field(default_factory=dict)
+    handler: str = ""
+
+
+_LOCK_KEYS = {"lock_info": {}, "lock_info_uid": None}
+
+#: Every method the channel serves.
+METHODS: dict[str, Method] = {
+    "status": Method(None, handler="status"),
+    "ping": Method(None, handler="status"),
+    "config_get": Method((), {"config": {}}),
+    "function_execute": Method(("item", "user_group", "user", "run_in_background", "lock_key"),
+                               {"item": None, "task_uid": None}),
+    "script_upload": Method(("script", "update_lists", "update_re", "run_in_background", "lock_key"),
+                            {"task_uid": None}),
+    "task_status": Method(("task_uid",), {"task_uid": None, "status": None}),
+    "task_result": Method(("task_uid",), {"task_uid": None, "status": None, "result": None}),
+    "lock": Method(("lock_key", "note", "environment", "queue", "user"), _LOCK_KEYS),
+    "unlock": Method(("lock_key",), _LOCK_KEYS),
+    "lock_info": Method(("lock_key",), _LOCK_KEYS),
+    "kernel_interrupt": Method(("lock_key", "interrupt_task", "interrupt_plan")),
+    "environment_open": Method(("lock_key",)),
+    "environment_close": Method(("lock_key",)),
+    "environment_destroy": Method(("lock_key",)),
+    "permissions_get": Method((), {"user_group_permissions": {}}),
+    "permissions_set": Method(("user_group_permissions", "lock_key")),
+    "permissions_reload": Method(("restore_plans_devices", "restore_permissions", "lock_key")),
+    "history_clear": Method(("lock_key", "size", "item_uid")),
+    "queue_get": Method(()),
+    "history_get": Method(()),
+}
+
+
+def _unsupported_msg(names: list[str], supported: tuple[str, ...]) -> str:
+    shown = f"{names[0]!r}" if len(names) == 1 else f"{names}"
+    return (f"Error: API request contains unsupported parameters: {shown}. "
+            f"Supported parameters: {list(supported)}")
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dispatch(protocol: QueueserverProtocol, request: Any, *, identity: Any = None,
+             client: str | None = None) -> dict:
+    """Process one decoded request; returns the reply dict (errors in-band, never raises)."""
+    if not isinstance(request, dict):
+        return {"success": False, "msg": (
+            f"Incorrect request type: {type(request).__name__}. Dictionary is expected "
+            "(a JSON object {\"method\": ..., \"params\": {...}}).")}
+    if "method" not in request:
+        return {"success": False,
+                "msg": f"Invalid request format: method is not specified: {_short(request)}"}
+    extra = [key for key in request if key not in ("method", "params")]
+    if extra:
+        return {"success": False, "msg": (
+            f"Request contains unexpected keys {_short(extra)}. Allowed keys: ('method', 'params')")}
+    name = request["method"]
+    spec = METHODS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        return {"success": False, "msg": f"Unknown method {_short(name)}"}
+    params = request.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return {"success": False, "msg": (
+            "Error: Incorrect request format: 'params' must be a dictionary (JSON object), "
+            f"got {type(params).__name__}"), **spec.error_keys}
+    if spec.params is not None:
+        unsupported = [key for key in params if key not in spec.params]
+        if unsupported:
+            return {"success": False, "msg": _unsupported_msg(unsupported, spec.params),
+                    **spec.error_keys}
+    handler = getattr(protocol, spec.handler or name)
+    try:
+        return handler(params, identity=identity, client=client)
+    except RequestRefused as exc:
+        return {"success": False, "msg": str(exc), **spec.error_keys}
+    except Exception as exc:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug
+        log.warning("qmagic: control request %r failed", name, exc_info=True)
+        return {"success": False, "msg": f"Error: {type(exc).__name__}: {exc}", **spec.error_keys}

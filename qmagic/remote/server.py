@@ -1,0 +1,341 @@
+"""The control channel's transport: one 0MQ REP socket served by a thread of its own.
+
+It moves bytes only: decode each request (size limit, one frame, JSON), hand it to
+:func:`qmagic.remote.dispatch.dispatch` with who sent it, encode the reply.  The serving
+thread never runs user code and never waits for the kernel's main thread, so every reply
+leaves within milliseconds whatever a cell is doing (queueserver's client gives up after
+2 s).  Nothing a client sends stops the channel.
+
+CurveZMQ is on when a secret key is given (``$QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER``, as
+queueserver); with a client key list (:mod:`qmagic.remote.auth`) only known clients get
+through, each with its authenticated identity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from ..errors import ControlChannelError
+
+__all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "is_loopback", "server_secret_key"]
+
+log = logging.getLogger("qmagic")
+
+#: Address used when none is given (queueserver's port, on loopback only).
+DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
+#: Environment variable with the server's CurveZMQ secret key (same name as queueserver).
+PRIVATE_KEY_ENV = "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"
+
+_POLL_MS = 100  # how often the serving thread looks at the stop flag
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 5.0
+_HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
+_Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+#: ``dispatch(request, identity=..., client=...) -> reply dict``
+Dispatcher = Callable[..., dict]
+
+
+def is_loopback(address: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// addresses on the loopback interface."""
+    if not address.startswith("tcp://"):
+        return True
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name
+
+
+def server_secret_key(secret_key: str | None = None) -> str | None:
+    """The CurveZMQ secret key to use (the argument, else the environment), or None."""
+    key = secret_key if secret_key is not None else os.environ.get(PRIVATE_KEY_ENV) or None
+    if key is None:
+        return None
+    key = key.strip()
+    if not _Z85_KEY.match(key):
+        source = "secret_key" if secret_key is not None else f"${PRIVATE_KEY_ENV}"
+        raise ControlChannelError(
+            f"The CurveZMQ secret key in {source} is not a z85 key of 40 characters (got "
+            f"{len(key)} characters). Make a key pair with `python -c \"import zmq; "
+            "print(zmq.curve_keypair())\"` (or queueserver's `qserver-zmq-keys`), give the secret "
+            "key to the kernel and the public key to clients."
+        )
+    if not zmq.has("curve"):
+        raise ControlChannelError(
+            "CurveZMQ was requested but this pyzmq/libzmq has no CURVE support: unset "
+            f"{PRIVATE_KEY_ENV} or install a pyzmq wheel built with libsodium."
+        )
+    return key
+
+
+class _StatusJSON:
+    """Encodes status replies, reusing the JSON of everything but ``time`` while unchanged
+    (clients poll status; between changes only its ``time`` differs).  Serving thread only."""
+
+    def __init__(self) -> None:
+        self._last: dict | None = None
+        self._body = b""
+
+    def encode(self, status: dict) -> bytes:
+        rest = dict(status)
+        stamp = rest.pop("time")
+        if rest != self._last or not rest:
+            body = json.dumps(rest).encode("utf-8")
+            self._last, self._body = rest, (b", " + body[1:] if rest else b"}")
+        return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
+
+
+class ControlServer:
+    """Serves requests on ``address`` with ``dispatch`` (see the module docstring).
+
+    ``start()`` binds (errors raise :class:`qmagic.ControlChannelError`) and starts the
+    thread; ``stop()`` closes the socket and its 0MQ context.  ``address`` may end in
+    ``:*`` for a free port: :attr:`address` then tells the bound endpoint.
+    """
+
+    def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
+                 secret_key: str | None = None, authenticator: Any = None) -> None:
+        if not isinstance(address, str) or "://" not in address:
+            raise ControlChannelError(
+                f"Invalid control channel address {address!r}: use a 0MQ endpoint such as "
+                f"{DEFAULT_ADDRESS!r}."
+            )
+        self._dispatch = dispatch
+        self.requested_address = address
+        #: Largest request accepted, in bytes; larger ones get an error reply.
+        self.max_message_bytes = max_message_bytes
+        self._secret_key = server_secret_key(secret_key)
+        self._authenticator = authenticator
+        self._endpoint: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._state_lock = threading.Lock()
+        self._started_at: float | None = None
+        self.requests = 0
+        self.errors = 0
+        self.malformed = 0
+        self.last_error: str | None = None
+        self._status_json = _StatusJSON()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True while the serving thread is up."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def address(self) -> str:
+        """The bound endpoint while running (the real port for ``:*``), else the requested one."""
+        return self._endpoint if self._endpoint and self.running else self.requested_address
+
+    @property
+    def curve(self) -> bool:
+        """True when CurveZMQ encryption is on."""
+        return self._secret_key is not None
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the channel started (0 when stopped)."""
+        return time.time() - self._started_at if self._started_at and self.running else 0.0
+
+    # -- start / stop -------------------------------------------------------------------------
+    def start(self) -> ControlServer:
+        """Bind and start serving; returns self.  Raises ControlChannelError on failure."""
+        with self._state_lock:
+            if self.running:
+                return self
+            self._stop = threading.Event()
+            ready = threading.Event()
+            outcome: dict[str, Any] = {}
+            thread = threading.Thread(target=self._serve, args=(self._stop, ready, outcome),
+                                      name="qmagic-control", daemon=True)
+            thread.start()
+            if not ready.wait(_START_TIMEOUT_S):
+                self._stop.set()
+                raise ControlChannelError(
+                    f"The control channel did not start within {_START_TIMEOUT_S:.0f} s on "
+                    f"{self.requested_address}."
+                )
+            if "error" in outcome:
+                thread.join(_STOP_TIMEOUT_S)
+                raise ControlChannelError(outcome["error"])
+            self._thread = thread
+            self._endpoint = outcome.get("endpoint")
+            self._started_at = time.time()
+        if not is_loopback(self.requested_address):
+            log.warning("qmagic: the control channel listens on %s (not loopback)%s", self.address,
+                        "" if self.curve else " WITHOUT encryption: anyone who can reach it can "
+                        "run code here")
+        return self
+
+    def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
+        """Stop serving; close the socket and its context (idempotent)."""
+        with self._state_lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("qmagic: the control channel thread did not stop within %.1f s", timeout)
+
+    # -- the serving thread ----------------------------------------------------------------------
+    def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
+        # A hard cap far above the configured limit: only absurd frames drop the connection.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.max_message_bytes, _HARD_CAP_MIN))
+        if self._secret_key is not None:
+            if self._authenticator is not None:
+                sock.setsockopt(zmq.ZAP_DOMAIN, b"qmagic")
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+        return sock
+
+    def _serve(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
+        ctx = zmq.Context()
+        sock: zmq.Socket | None = None
+        auth_started = False
+        try:
+            try:
+                if self._authenticator is not None and self._secret_key is not None:
+                    self._authenticator.start(ctx)
+                    auth_started = True
+                sock = self._new_socket(ctx)
+                sock.bind(self.requested_address)
+                outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            except zmq.ZMQError as exc:
+                outcome["error"] = self._bind_error(exc)
+                return
+            except Exception as exc:  # noqa: BLE001
+                outcome["error"] = f"The control channel could not start: {exc}"
+                return
+            finally:
+                ready.set()
+            while not stop.is_set():
+                try:
+                    frames = [sock.recv(copy=False)]
+                    while sock.getsockopt(zmq.RCVMORE):
+                        frames.append(sock.recv(copy=False))
+                except zmq.Again:
+                    continue
+                except zmq.ZMQError as exc:
+                    sock = self._recover(ctx, sock, exc, stop)
+                    continue
+                reply = self._reply_bytes(frames)
+                try:
+                    sock.send(reply)
+                except zmq.ZMQError as exc:
+                    sock = self._recover(ctx, sock, exc, stop)
+        except BaseException:  # noqa: BLE001 - never let the thread die with a traceback
+            log.exception("qmagic: the control channel stopped on an unexpected error")
+        finally:
+            if sock is not None:
+                sock.close(0)
+            if auth_started:
+                self._authenticator.stop()
+            ctx.term()
+
+    def _recover(self, ctx: zmq.Context, sock: zmq.Socket, exc: zmq.ZMQError,
+                 stop: threading.Event) -> zmq.Socket:
+        """A socket error (should not happen): rebuild the socket on the same endpoint."""
+        self.last_error = f"0MQ error: {exc}"
+        log.warning("qmagic: control channel socket error (%s); rebuilding the socket", exc)
+        sock.close(0)
+        endpoint = self._endpoint or self.requested_address
+        while not stop.is_set():
+            new = self._new_socket(ctx)
+            try:
+                new.bind(endpoint)
+                return new
+            except zmq.ZMQError:
+                new.close(0)
+                stop.wait(0.1)
+        return ctx.socket(zmq.REP)  # stopping: a dummy that the loop will close
+
+    def _bind_error(self, exc: zmq.ZMQError) -> str:
+        address = self.requested_address
+        if exc.errno == zmq.EADDRINUSE:
+            return (
+                f"Cannot start the control channel on {address}: the address is already in use "
+                "(another kernel or a queueserver RE Manager listens there). Choose another port: "
+                "%control_channel start tcp://127.0.0.1:PORT, or stop the other program."
+            )
+        return (f"Cannot start the control channel on {address}: {exc}. Use a 0MQ endpoint such "
+                f"as {DEFAULT_ADDRESS!r} (a local address and a free port).")
+
+    # -- one request ------------------------------------------------------------------------------
+    def _reply_bytes(self, frames: list) -> bytes:
+        """Decode, dispatch and encode one request; never raises."""
+        self.requests += 1
+        try:
+            reply = self._handle(frames)
+        except BaseException as exc:  # noqa: BLE001 - a bug must not cost the client its reply
+            log.exception("qmagic: control channel failed to process a request")
+            reply = {"success": False, "msg": (
+                f"Error: qmagic failed to process the request ({type(exc).__name__}: {exc}). The "
+                "kernel is fine; please report this as a qmagic bug.")}
+        if not isinstance(reply, dict):
+            reply = {"success": False, "msg": f"Error: qmagic produced an invalid reply: {reply!r}"}
+        if reply.get("success") is False:
+            self.errors += 1
+            self.last_error = str(reply.get("msg", ""))[:300]
+        try:
+            if "success" not in reply and "time" in reply:
+                return self._status_json.encode(reply)
+            return json.dumps(reply).encode("utf-8")
+        except Exception as exc:  # noqa: BLE001 - e.g. a value JSON cannot encode
+            self.errors += 1
+            return json.dumps({"success": False, "msg": (
+                f"Error: qmagic could not encode its reply as JSON ({exc}).")}).encode("utf-8")
+
+    def _malformed(self, msg: str) -> dict:
+        self.malformed += 1
+        return {"success": False, "msg": msg}
+
+    def _handle(self, frames: list) -> dict:
+        size = sum(len(f) for f in frames)
+        if size > self.max_message_bytes:
+            return self._malformed(
+                f"Error: The request is too large: {size} bytes, the limit is "
+                f"{self.max_message_bytes} (QMagic.zmq_max_message_bytes). Send less data per "
+                "request (e.g. pass file names instead of data, split long scripts).")
+        if len(frames) != 1:
+            return self._malformed(
+                "Error: Invalid request format: expected one message frame with a JSON object, "
+                f"got {len(frames)} frames.")
+        frame = frames[0]
+        raw = frame.bytes
+        try:
+            request = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            preview = raw[:80].decode("utf-8", "replace")
+            return self._malformed(f"Failed to decode the request: it is not valid JSON ({exc}): "
+                                   f"{preview!r}")
+        identity = self._authenticator.identity(frame) if self._authenticator is not None else None
+        client = _client_of(frame, identity)
+        return self._dispatch(request, identity=identity, client=client)
+
+
+def _client_of(frame: Any, identity: Any) -> str:
+    """Who sent a request, for per-client throttling of wrong lock keys."""
+    if identity is not None:
+        return f"user:{getattr(identity, 'user', identity)}"
+    try:
+        peer = frame.get("Peer-Address")
+    except Exception:  # noqa: BLE001 - not every transport has one
+        peer = None
+    return f"peer:{peer}" if peer else "peer:local"

@@ -1,0 +1,170 @@
+"""The remote door of one worker: its control channel (and info socket) following the traits.
+
+``QMagic.zmq_control_address`` starts, moves or stops the control channel;
+``zmq_max_message_bytes`` applies at once.  :meth:`RemoteService.start` /
+:meth:`RemoteService.stop` (``%control_channel``) keep the trait in step.  No IPython here:
+the kernel passes its connection info (for ``config_get``) as a callable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Mapping
+
+from ..errors import ControlChannelError
+from ..protocol import QueueserverProtocol
+from .dispatch import dispatch
+from .server import DEFAULT_ADDRESS, ControlServer, is_loopback
+
+__all__ = ["RemoteService"]
+
+log = logging.getLogger("qmagic")
+
+
+class RemoteService:
+    """Owns the control channel of ``worker`` (see the module docstring)."""
+
+    def __init__(self, worker: Any, connection_info: Callable[[], dict] | None = None) -> None:
+        self.worker = worker
+        self.protocol = QueueserverProtocol(worker, connection_info)
+        self.server: ControlServer | None = None
+        #: The address of the last channel started (``start()`` without address reuses it).
+        self.last_address: str | None = None
+        self._lock = threading.RLock()
+        self._syncing = False
+        worker.observe(self._on_address, names="zmq_control_address")
+        worker.observe(self._on_limit, names="zmq_max_message_bytes")
+        if worker.zmq_control_address:
+            try:
+                self.start(worker.zmq_control_address)
+            except ControlChannelError as exc:
+                log.error("qmagic: the control channel is off. %s", exc)
+
+    def _dispatch(self, request: Any, *, identity: Any = None, client: str | None = None) -> dict:
+        return dispatch(self.protocol, request, identity=identity, client=client)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, address: str | None = None) -> ControlServer:
+        """Start (or move to a new address) the channel; the trait follows.
+
+        Raises :class:`qmagic.ControlChannelError` (nothing left running) on failure."""
+        with self._lock:
+            address = address or self.worker.zmq_control_address or self.last_address or DEFAULT_ADDRESS
+            current = self.server
+            if current is not None and current.running and address in (current.requested_address,
+                                                                         current.address):
+                return current
+            self._stop_server()
+            try:
+                server = ControlServer(self._dispatch, address,
+                                       max_message_bytes=self.worker.zmq_max_message_bytes,
+                                       authenticator=self._authenticator())
+                server.start()
+            except ControlChannelError:
+                self._set_trait(None)
+                raise
+            self.server = server
+            if address.endswith((":*", ":0")):
+                address = server.address  # keep the port the system chose
+            self.last_address = address
+            self._set_trait(address)
+            return server
+
+    def _authenticator(self) -> Any:
+        keys = self.worker.zmq_client_keys
+        if not keys:
+            return None
+        from .auth import ChannelAuthenticator
+
+        return ChannelAuthenticator.from_config(keys)
+
+    def stop(self) -> bool:
+        """Stop the channel; False if it was not running."""
+        with self._lock:
+            was_running = self._stop_server()
+            self._set_trait(None)
+            return was_running
+
+    def _stop_server(self) -> bool:
+        server, self.server = self.server, None
+        if server is None:
+            return False
+        running = server.running
+        server.stop()
+        return running
+
+    def close(self) -> None:
+        """Stop the channel and stop following the traits (the trait keeps its value, so a
+        new service starts the channel again)."""
+        for handler, name in ((self._on_address, "zmq_control_address"),
+                              (self._on_limit, "zmq_max_message_bytes")):
+            try:
+                self.worker.unobserve(handler, names=name)
+            except ValueError:
+                pass
+        with self._lock:
+            self._stop_server()
+
+    # -- traits ---------------------------------------------------------------------------------
+    def _set_trait(self, value: str | None) -> None:
+        if self.worker.zmq_control_address == value:
+            return
+        self._syncing = True
+        try:
+            self.worker.zmq_control_address = value
+        finally:
+            self._syncing = False
+
+    def _on_address(self, change: Mapping[str, Any]) -> None:
+        if self._syncing:
+            return
+        if change["new"] is None:
+            self.stop()
+        else:
+            self.start(change["new"])  # errors reach whoever set the trait
+
+    def _on_limit(self, change: Mapping[str, Any]) -> None:
+        server = self.server
+        if server is not None:
+            server.max_message_bytes = change["new"]
+
+    # -- text for %control_channel ------------------------------------------------------------------
+    def describe(self) -> str:
+        """A few lines: address, encryption, counters, warnings, how a client connects."""
+        server = self.server
+        if server is None or not server.running:
+            return ("Control channel: off. Start it with %control_channel start [ADDRESS] "
+                    f"(default {DEFAULT_ADDRESS}), or set QMagic.zmq_control_address.")
+        lines = [
+            f"Control channel: serving bluesky-queueserver clients on {server.address}",
+            f"  encryption: {'CurveZMQ' if server.curve else 'none'}; largest request: "
+            f"{server.max_message_bytes} bytes",
+            f"  up {server.uptime:.0f} s; {server.requests} requests, {server.errors} error "
+            f"replies, {server.malformed} malformed",
+        ]
+        if not is_loopback(server.requested_address) and not server.curve:
+            lines.append("  WARNING: reachable from other machines without encryption: anyone who "
+                         "can reach this port can run code in this kernel.")
+        if server.last_error:
+            lines.append(f"  last error: {server.last_error}")
+        health = self._log_line()
+        if health:
+            lines.append(health)
+        address = server.address
+        if address.startswith(("tcp://0.0.0.0:", "tcp://*:")):
+            address = "tcp://localhost:" + address.rsplit(":", 1)[1]
+        lines.append(f"  client: REManagerAPI(zmq_control_addr={address!r}"
+                     + (", zmq_public_key=<server public key>)" if server.curve else ")"))
+        return "\n".join(lines)
+
+    def _log_line(self) -> str:
+        try:
+            health = self.worker.log_health()
+        except Exception:  # noqa: BLE001 - the log is off
+            return ""
+        if health.get("ok") and not health.get("pending") and not health.get("dropped"):
+            return ""
+        return (f"  experiment log: {health.get('pending', 0)} records pending, "
+                f"{health.get('dropped', 0)} dropped"
+                + (f" ({health['last_error']})" if health.get("last_error") else ""))

@@ -1,0 +1,302 @@
+"""The worker's shared state: permissions, the environment lock, the experiment log, and
+whether the environment is open.  A mix-in of :class:`qmagic.Worker` (the rules live in one
+class; this module keeps worker.py to one screenful per job).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import uuid
+from typing import Any, Mapping
+
+from traitlets import HasTraits, observe
+
+from .core.permissions import Permissions
+from .core.status import TaskStatus
+from .core.task import Task
+from .errors import LogUnavailable, RequestRefused, StateFileError
+from .store.paths import default_state_dir
+
+__all__ = ["StateMixin", "MSG_ENV_CLOSED"]
+
+log = logging.getLogger("qmagic")
+
+#: queueserver's text when a request needs the environment and it is closed.
+MSG_ENV_CLOSED = "Error: RE Worker environment is not open"
+
+
+class _LogObserver:
+    """Feeds the experiment log from the engine (records are plain dicts)."""
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+
+    def task_submitted(self, task: Task) -> None:
+        self.journal.submitted(task.to_dict())
+
+    def task_started(self, task: Task) -> None:
+        self.journal.started(task.uid, task.started_at)
+
+    def task_finished(self, task: Task, record: dict) -> None:
+        self.journal.finished(record)
+
+
+class StateMixin(HasTraits):
+    """Permissions, lock, experiment log and environment state of a worker."""
+
+    # -- set up and tear down ------------------------------------------------------------------
+    def _init_state(self) -> None:
+        self._state_lock = threading.RLock()
+        self._permissions = self._load_permissions()
+        self.permissions_uid = str(uuid.uuid4())
+        self._locks = self._open_locks()
+        self._journal: Any = None
+        self._log_observer: _LogObserver | None = None
+        self._open_journal()
+        self._environment_open = True
+        self.environment_uid = str(uuid.uuid4())
+        #: For queueserver uids of things a kernel does not have (plan queue, plan history).
+        self.static_uid = str(uuid.uuid4())
+
+    def _close_state(self) -> None:
+        with self._state_lock:
+            journal, self._journal = self._journal, None
+            locks = self._locks
+        if journal is not None:
+            journal.close()
+        locks.close()
+
+    def _state_dir(self) -> Any:
+        return self.state_dir or default_state_dir()
+
+    def _open_locks(self) -> Any:
+        from .store.locks import LockStore
+
+        return LockStore(self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key)
+
+    def _open_journal(self) -> None:
+        """(Re)open the experiment log for the current settings; the old one is closed."""
+        from . import __version__
+
+        old, old_observer = self._journal, self._log_observer
+        journal = None
+        if self.journal_enabled:
+            from .store.journal import Journal
+
+            try:
+                journal = Journal(
+                    self._state_dir(), self.environment_name,
+                    max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
+                    summary_chars=self.journal_summary_chars, fsync=self.journal_fsync,
+                    session_info={"qmagic_version": __version__,
+                                  "python_version": platform.python_version()},
+                )
+            except (StateFileError, OSError) as exc:
+                log.warning("qmagic: the experiment log is off: %s", exc)
+        observer = _LogObserver(journal) if journal is not None else None
+        engine = self.engine
+        engine.observers = [o for o in engine.observers if o is not old_observer]
+        if observer is not None:
+            engine.observers.append(observer)
+        self._journal, self._log_observer = journal, observer
+        if old is not None:
+            old.close()
+
+    # -- settings follow the traits ---------------------------------------------------------------
+    @observe("user_group_permissions", "user_group_permissions_file")
+    def _permissions_setting(self, change: Mapping[str, Any]) -> None:
+        if getattr(self, "_locks", None) is not None:
+            self._set_rules(self._load_permissions())
+
+    @observe("state_dir", "environment_name", "emergency_lock_key")
+    def _lock_setting(self, change: Mapping[str, Any]) -> None:
+        if getattr(self, "_locks", None) is None:
+            return
+        new = self._open_locks()
+        with self._state_lock:
+            old, self._locks = self._locks, new
+        old.close()
+        if change["name"] != "emergency_lock_key":
+            self._open_journal()
+
+    @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
+             "journal_summary_chars")
+    def _journal_setting(self, change: Mapping[str, Any]) -> None:
+        if getattr(self, "_locks", None) is not None:
+            self._open_journal()
+
+    # -- permissions -------------------------------------------------------------------------------
+    def _load_permissions(self) -> Permissions:
+        if self.user_group_permissions:  # {} and None both mean "not set"
+            return Permissions(self.user_group_permissions)
+        if self.user_group_permissions_file:
+            return Permissions.from_file(self.user_group_permissions_file)
+        return Permissions(None)
+
+    def _set_rules(self, rules: Permissions) -> None:
+        self._permissions = rules
+        self.permissions_uid = str(uuid.uuid4())
+
+    @property
+    def permissions(self) -> Permissions:
+        """The permission rules in force (immutable; replace them with :meth:`set_permissions`)."""
+        return self._permissions
+
+    def set_permissions(self, rules: dict, *, lock_key: str | None = None, origin: str = "python",
+                        client: str | None = None) -> Permissions:
+        """Replace the permission rules (queue-lockable); invalid rules change nothing."""
+        self.check_lock(lock_key, "queue", origin=origin, client=client)
+        new = Permissions(rules)  # validates before anything changes
+        self._set_rules(new)
+        return new
+
+    def reload_permissions(self, *, lock_key: str | None = None, origin: str = "python",
+                           client: str | None = None) -> Permissions:
+        """Read the rules again from the configuration (the YAML file, if one is set);
+        rules set with :meth:`set_permissions` are replaced (queue-lockable)."""
+        self.check_lock(lock_key, "queue", origin=origin, client=client)
+        if self.user_group_permissions_file:
+            new = Permissions.from_file(self.user_group_permissions_file)
+        elif self.user_group_permissions:
+            new = Permissions(self.user_group_permissions)
+        else:
+            new = Permissions(None)
+        self._set_rules(new)
+        return new
+
+    # -- the lock ----------------------------------------------------------------------------------
+    def lock(self, lock_key: str | None = None, *, environment: bool = False, queue: bool = False,
+             note: str | None = None, user: str | None = None, origin: str = "python",
+             client: str | None = None) -> Any:
+        """Lock the environment and/or the queue with a key; returns the new LockState.
+
+        From this kernel (not remote) a missing key means the key of this kernel's earlier
+        lock, else :func:`qmagic.get_default_lock_key`; a missing user means
+        ``QMagic.default_user``.  The kernel remembers the key, so its own magics and
+        Python calls keep working while others need it.  Refusals raise LockRefused.
+        """
+        if origin != "remote":
+            if lock_key is None:
+                lock_key = self._remembered_key
+            if lock_key is None:
+                from .store.keys import get_default_lock_key
+
+                lock_key = get_default_lock_key()
+            user = self.default_user if user is None else user
+        state = self._locks.lock(lock_key, environment=environment, queue=queue, note=note,
+                                 user=user, client=client)
+        if origin != "remote":
+            self._remembered_key = lock_key
+        return state
+
+    def unlock(self, lock_key: str | None = None, *, origin: str = "python",
+               client: str | None = None) -> Any:
+        """Unlock with the lock key or the emergency key; returns the new LockState.
+
+        Without a key, this kernel's remembered key is used; if it holds none while the
+        environment is locked, the request is refused with what to do."""
+        key = self._key(lock_key, origin)
+        if key is None:
+            state = self._locks.state()
+            if state.environment or state.queue:
+                raise RequestRefused(
+                    "This kernel does not hold the key of the current lock: give the lock key "
+                    "or the emergency key (%unlock --key KEY)."
+                )
+            return state
+        state = self._locks.unlock(key, client=client)
+        if origin != "remote":
+            self._remembered_key = None
+        return state
+
+    def lock_state(self, lock_key: str | None = None, *, origin: str = "python",
+                   client: str | None = None) -> Any:
+        """The current LockState; with ``lock_key`` given, LockRefused if it is wrong."""
+        return self._locks.info(lock_key, client=client)
+
+    @property
+    def holds_lock_key(self) -> bool:
+        """True when this kernel remembers a lock key (it never shows the key)."""
+        return self._remembered_key is not None
+
+    # -- the environment -----------------------------------------------------------------------------
+    @property
+    def environment_is_open(self) -> bool:
+        """False after environment_close/destroy: remote tasks and scripts are refused."""
+        return self._environment_open
+
+    def _check_open(self, origin: str) -> None:
+        if origin == "remote" and not self._environment_open:
+            raise RequestRefused(MSG_ENV_CLOSED)
+
+    def environment_open(self, *, lock_key: str | None = None, origin: str = "python",
+                         client: str | None = None) -> None:
+        """Open the environment for remote tasks (it is open when qmagic loads)."""
+        self.check_lock(lock_key, origin=origin, client=client)
+        if self._environment_open:
+            raise RequestRefused("Error: RE Worker environment already exists.")
+        self._environment_open = True
+        self.environment_uid = str(uuid.uuid4())
+
+    def environment_close(self, *, lock_key: str | None = None, origin: str = "python",
+                          client: str | None = None) -> None:
+        """Close the environment: remote tasks and scripts are refused until it is opened
+        again (the kernel, its namespace and running tasks are untouched)."""
+        self.check_lock(lock_key, origin=origin, client=client)
+        if not self._environment_open:
+            raise RequestRefused("Error: RE Worker environment does not exist.")
+        if self.engine.counts()["foreground"] is not None:
+            raise RequestRefused(
+                "Error: Failed to close the environment: a foreground task is running. Wait for "
+                "it to end (or interrupt it with kernel_interrupt), then try again."
+            )
+        self._environment_open = False
+        self.environment_uid = str(uuid.uuid4())
+
+    def environment_destroy(self, *, lock_key: str | None = None, origin: str = "python",
+                            client: str | None = None) -> list[Task]:
+        """Cancel every task (forced after the grace time), then close the environment."""
+        self.check_lock(lock_key, origin=origin, client=client)
+        cancelled = [t for t in self.engine.tasks() if not t.done()
+                     and self.engine.cancel(t, force=True, reason="Task was cancelled: the "
+                                            "environment was destroyed")]
+        self._environment_open = False
+        self.environment_uid = str(uuid.uuid4())
+        return cancelled
+
+    # -- the experiment log ----------------------------------------------------------------------------
+    def _log_find(self, uid: str) -> dict[str, Any] | None:
+        journal = self._journal
+        if journal is None or not isinstance(uid, str) or not uid:
+            return None
+        try:
+            return journal.find(uid)
+        except (StateFileError, OSError) as exc:
+            log.warning("qmagic: the experiment log could not be read: %s", exc)
+            return None
+
+    def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
+        journal = self._journal
+        if journal is None:
+            return {}
+        try:
+            found = journal.statuses(uids)
+        except (StateFileError, OSError) as exc:
+            log.warning("qmagic: the experiment log could not be read: %s", exc)
+            return {}
+        out: dict[str, TaskStatus | None] = {}
+        for uid, status in found.items():
+            try:
+                out[uid] = TaskStatus(status) if status is not None else None
+            except ValueError:
+                out[uid] = None
+        return out
+
+    def log_health(self) -> dict[str, Any]:
+        """The experiment log's state: ok, pending and dropped records, last error."""
+        journal = self._journal
+        if journal is None:
+            raise LogUnavailable("The experiment log is off (QMagic.journal_enabled = False).")
+        return journal.health()

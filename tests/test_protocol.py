@@ -1,0 +1,342 @@
+"""queueserver's replies and texts over a worker: shapes, validation, locks, results."""
+
+from __future__ import annotations
+
+import pytest
+
+from qmagic import TaskStatus
+
+from engine_helpers import QS, STATUS_KEYS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+
+
+def test_status_has_every_protocol_key(make_worker):
+    status = QS(make_worker()).status()
+    assert set(status) == STATUS_KEYS
+    assert status["manager_state"] == "idle" and status["ip_kernel_state"] == "idle"
+    assert status["worker_environment_exists"] is True
+    assert status["lock"] == {"environment": False, "queue": False}
+    assert status["plan_queue_mode"] == {"loop": False, "ignore_failures": False}
+    assert status["items_in_history"] == 0  # no plan history in a kernel
+
+
+def test_task_results_uid_changes_on_every_completed_task(make_worker):
+    w = make_worker({"f": lambda: 1, "g": lambda: 1 / 0})
+    qs = QS(w)
+    seen = {qs.status()["task_results_uid"]}
+    for name in ["f", "g", "f"]:
+        w.submit(name).wait(TIMEOUT)
+        uid = qs.status()["task_results_uid"]
+        assert uid not in seen
+        seen.add(uid)
+
+
+def test_function_execute_reply_shape(make_worker):
+    w = make_worker({"add": lambda a, b=0: a + b})
+    item = {"item_type": "function", "name": "add", "args": [1], "kwargs": {"b": 2}}
+    reply = QS(w).call("function_execute", item=item, run_in_background=True, user="Alice",
+                       user_group="primary")
+    assert set(reply) == {"success", "msg", "item", "task_uid"}
+    assert reply["success"] is True and reply["msg"] == ""
+    assert reply["item"] == {
+        "name": "add", "args": [1], "kwargs": {"b": 2}, "user": "Alice",
+        "user_group": "primary", "item_uid": reply["task_uid"], "item_type": "function",
+    }
+    task = w.get_task(reply["task_uid"])
+    assert task.result(TIMEOUT) == 3 and task.user == "Alice" and task.origin == "remote"
+
+
+@pytest.mark.parametrize(
+    "params, msg",
+    [
+        ({"user": ""}, "Error: Incorrect request format: user name is not specified"),
+        ({"user_group": ""}, "Error: Incorrect request format: user group is not specified"),
+        ({"user_group": 5}, "Error: Incorrect request format: user group is not specified"),
+        ({"user_group": "nobody"}, "Error: Unknown user group: 'nobody'"),
+    ],
+)
+def test_user_and_group_are_checked(make_worker, params, msg):
+    reply = QS(make_worker({"f": lambda: 1})).function_execute("f", **params)
+    assert reply["success"] is False and reply["msg"] == msg and reply["task_uid"] is None
+
+
+def test_missing_user_or_group_parameter(make_worker):
+    qs = QS(make_worker({"f": lambda: 1}))
+    item = {"item_type": "function", "name": "f"}
+    assert qs.call("function_execute", item=item, user="u")["msg"] == (
+        "Error: Incorrect request format: user group is not specified")
+    assert qs.call("function_execute", item=item, user_group="primary")["msg"] == (
+        "Error: Incorrect request format: user name is not specified")
+
+
+@pytest.mark.parametrize(
+    "item, msg",
+    [
+        ("f", "Error: Incorrect request format: incorrect type ('<class 'str'>') of item parameter: "
+              "item parameter must have type 'dict'"),
+        ({"name": "f"}, "Error: Incorrect request format: 'item_type' key is not found"),
+        ({"item_type": "plan", "name": "f"}, "Error: Incorrect request format: unsupported "
+         "'item_type' value: 'plan', supported item types ('function',)"),
+        ({"item_type": "function", "args": []}, "Error: Function name is not specified: "
+         "{'item_type': 'function', 'args': []}"),
+        ({"item_type": "function", "name": "f", "args": 3},
+         "Error: Parameter 'args' is not a tuple or a list: <class 'int'>"),
+        ({"item_type": "function", "name": "f", "kwargs": [1]},
+         "Error: Parameter 'kwargs' is not a dictionary: <class 'list'>"),
+    ],
+)
+def test_bad_items_refused_without_trace(make_worker, item, msg):
+    w = make_worker({"f": lambda: 1})
+    reply = QS(w).call("function_execute", item=item, user="u", user_group="primary")
+    assert reply["success"] is False and reply["msg"] == msg and reply["task_uid"] is None
+    assert w.tasks() == []
+
+
+@pytest.mark.parametrize("name", ["f g", "x" * 101, "a\udcff", "1abc", "", "os.system"])
+def test_names_must_be_identifiers(make_worker, name):
+    w = make_worker({"f": lambda: 1})
+    reply = QS(w).function_execute({"name": name})
+    assert reply["success"] is False and w.tasks() == []
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1, "true", [], None.__class__])
+def test_flags_must_be_booleans(make_worker, value):
+    w = make_worker({"f": lambda: 1})
+    if value is type(None):
+        value = {"a": 1}
+    reply = QS(w).function_execute("f", run_in_background=value)
+    assert reply["success"] is False and "'run_in_background' must be true or false" in reply["msg"]
+    assert w.tasks() == []
+
+
+def test_unsupported_parameters_and_unknown_methods(make_worker):
+    qs = QS(make_worker())
+    reply = qs.call("task_status", task_uid="x", bogus=1)
+    assert reply["success"] is False and reply["msg"] == (
+        "Error: API request contains unsupported parameters: 'bogus'. Supported parameters: ['task_uid']")
+    assert reply["status"] is None
+    assert qs.call("queue_item_add")["msg"] == "Unknown method 'queue_item_add'"
+
+
+def test_missing_name_is_accepted_then_fails(make_worker):
+    w = make_worker()
+    qs = QS(w)
+    reply = qs.function_execute("nowhere", run_in_background=True)
+    assert reply["success"] is True
+    task = w.get_task(reply["task_uid"])
+    task.wait(TIMEOUT)
+    result = qs.task_result(task_uid=task.uid)["result"]
+    assert result["success"] is False
+    assert result["msg"] == ("Error occurred while executing 'Execute function': Function 'nowhere' "
+                             "is not found in the worker namespace")
+    assert "NameError" in result["traceback"] and result["return_value"] is None
+
+
+@pytest.mark.parametrize("name", ["exit", "quit", "get_ipython", "In"])
+def test_hidden_names_never_run(make_worker, name):
+    ran = []
+    w = make_worker({name: lambda *a: ran.append(1)})
+    w.hidden_names = {name}
+    qs = QS(w)
+    for background in (True, False):
+        reply = qs.function_execute(name, run_in_background=background)
+        if reply["success"]:
+            task = w.get_task(reply["task_uid"])
+            assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+            assert "not found in the worker namespace" in task.error
+    assert ran == []
+
+
+def test_private_names_need_explicit_permission(make_worker):
+    ran = []
+    w = make_worker({"_private": lambda: ran.append(1) or 1})
+    reply = QS(w).function_execute("_private", run_in_background=True)
+    assert reply["success"] is False and "not allowed" in reply["msg"]
+    w.user_group_permissions = {"user_groups": {"root": {"allowed_functions": [None]},
+                                                "primary": {"allowed_functions": ["_private"]}}}
+    reply = QS(w).function_execute("_private", run_in_background=True)
+    assert reply["success"] and w.get_task(reply["task_uid"]).result(TIMEOUT) == 1
+
+
+def test_failure_keeps_exception_traceback_and_msg(make_worker):
+    def scan():
+        raise ValueError("motor stalled")
+
+    w = make_worker({"scan": scan})
+    task = w.submit("scan")
+    task.wait(TIMEOUT)
+    assert task.status is TaskStatus.FAILED and isinstance(task.exception(), ValueError)
+    reply = QS(w).task_result(task_uid=task.uid)
+    assert reply["status"] == "completed"
+    res = reply["result"]
+    assert set(res) == {"task_uid", "success", "msg", "traceback", "return_value", "time_start", "time_stop"}
+    assert res["msg"] == "Error occurred while executing 'Execute function': motor stalled"
+    assert 'raise ValueError("motor stalled")' in res["traceback"]
+    assert "qmagic/" not in res["traceback"] and "threading.py" not in res["traceback"]
+    assert res["time_stop"] >= res["time_start"]
+
+
+def test_task_result_while_running_and_task_status_list(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate})
+    qs = QS(w)
+    task = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    reply = qs.task_result(task_uid=task.uid)
+    assert reply["status"] == "running"
+    assert reply["result"] == {"task_uid": task.uid, "time_start": task.started_at, "run_in_background": True}
+    many = qs.task_status(task_uid=[task.uid, "unknown-uid"])
+    assert many["success"] and many["status"] == {task.uid: "running", "unknown-uid": "not_found"}
+    gate.release.set()
+    task.wait(TIMEOUT)
+    assert qs.task_status(task_uid=task.uid)["status"] == "completed"
+    bad = qs.task_status(task_uid=42)
+    assert bad["success"] is False and "must be a string" in bad["msg"]
+
+
+def test_request_lists_have_a_maximum(make_worker):
+    from qmagic.protocol import MAX_REQUEST_ITEMS
+
+    reply = QS(make_worker()).task_status(task_uid=["u"] * (MAX_REQUEST_ITEMS + 1))
+    assert reply["success"] is False and f"at most {MAX_REQUEST_ITEMS}" in reply["msg"]
+
+
+def test_json_rule_for_remote_tasks(make_worker):
+    w = make_worker({"obj": lambda: object(), "nan": lambda: float("nan")})
+    qs = QS(w)
+    strict = qs.function_execute("obj", run_in_background=True)
+    t = w.get_task(strict["task_uid"])
+    t.wait(TIMEOUT)
+    res = qs.task_result(task_uid=t.uid)["result"]
+    assert t.status is TaskStatus.FAILED and res["success"] is False
+    assert "Task result can not be serialized as JSON: " in res["msg"]
+    loose = w.submit("obj")  # from Python: the value stays on the Task
+    value = loose.result(TIMEOUT)
+    res = qs.task_result(task_uid=loose.uid)["result"]
+    assert res["success"] is True and res["return_value"] is None
+    assert "stays in the kernel" in res["msg"] and loose.uid in res["msg"]
+    assert loose.result() is value
+    nan = w.get_task(qs.function_execute("nan", run_in_background=True)["task_uid"])
+    nan.wait(TIMEOUT)
+    assert nan.status is TaskStatus.COMPLETED  # json.dumps accepts NaN, as in queueserver
+
+
+def test_lock_replies_and_texts(make_worker, monkeypatch):
+    monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "break-glass")
+    w = make_worker({"f": lambda: 1})
+    qs = QS(w)
+    uid0 = qs.status()["lock_info_uid"]
+    reply = qs.lock(lock_key="hutch", environment=True, note="Changing samples", user="Alice")
+    assert reply["success"] and reply["lock_info"]["environment"] is True
+    assert set(reply) == {"success", "msg", "lock_info", "lock_info_uid"}
+    assert qs.status()["lock"] == {"environment": True, "queue": False}
+    assert qs.status()["lock_info_uid"] != uid0
+    refused = qs.function_execute("f", run_in_background=True)
+    assert refused["success"] is False
+    assert refused["msg"].startswith("Error: Invalid lock key: \nRE Manager is locked by Alice at ")
+    assert ("Environment is locked: True\nQueue is locked:       False\nEmergency lock key:    set\n"
+            "Note: Changing samples") in refused["msg"]
+    assert qs.function_execute("f", run_in_background=True, lock_key="hutch")["success"]
+    assert qs.kernel_interrupt(lock_key="wrong")["success"] is False
+    assert qs.task_status(task_uid="x")["success"] and qs.lock_info(lock_key=None)["success"]
+    assert qs.function_execute("f", lock_key="break-glass")["success"] is False  # unlock only
+    assert qs.unlock(lock_key="break-glass")["success"]
+    assert qs.status()["lock"] == {"environment": False, "queue": False}
+    assert qs.lock(lock_key="k", user="Bob")["msg"].startswith("Error: Invalid option")
+
+
+def test_queue_scope_locks_history_clear_and_permissions(make_worker):
+    w = make_worker({"f": lambda: 1})
+    qs = QS(w)
+    w.submit("f").wait(TIMEOUT)
+    assert qs.lock(lock_key="k", queue=True, user="Bob")["success"]
+    assert qs.history_clear(lock_key="bad")["success"] is False
+    assert qs.permissions_reload(lock_key="bad")["success"] is False
+    assert qs.function_execute("f", lock_key="bad", run_in_background=True)["success"]  # env free
+    assert len(w.tasks("completed")) >= 1
+    assert qs.history_clear(lock_key="k")["success"]
+    assert w.tasks("completed") == []
+
+
+def test_kernel_interrupt_rule(make_worker):
+    gate = Gate()
+
+    def polling():  # an asynchronous KeyboardInterrupt lands between bytecodes
+        gate.calls += 1
+        gate.started.set()
+        while not gate.release.wait(0.005):
+            pass
+
+    w = make_worker({"gate": polling})
+    qs = QS(w)
+    assert qs.kernel_interrupt() == {"success": True, "msg": ""}  # idle: nothing to do
+    qs.function_execute("gate")
+    assert gate.started.wait(TIMEOUT)
+    assert qs.kernel_interrupt() == {
+        "success": False,
+        "msg": "Failed to interrupt IPython kernel: Not allowed to interrupt running task",
+    }
+    task = w.last_task
+    assert qs.kernel_interrupt(interrupt_task=True)["success"]
+    assert qs.kernel_interrupt(interrupt_task=True)["success"]  # coalesced: still one interrupt
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+    assert gate.calls == 1 and "KeyboardInterrupt" in task.traceback
+
+
+def test_script_upload_reply_and_missing_script(make_worker):
+    ns = {"keep": 1}
+    w = make_worker(ns)
+    qs = QS(w)
+    reply = qs.script_upload(script="def scan(n):\n    return n\n", run_in_background=True)
+    assert reply["success"] and set(reply) == {"success", "msg", "task_uid"}
+    task = w.get_task(reply["task_uid"])
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, task.traceback
+    assert qs.task_result(task_uid=task.uid)["result"]["return_value"] is None
+    assert qs.script_upload(script=None) == {
+        "success": False, "msg": "Error: Required 'script' parameter is is missing in API call.",
+        "task_uid": None}
+    assert qs.script_upload(script=5)["msg"] == "Error: Type of the 'script' parameter in API call is incorrect."
+
+
+def test_failing_script_message(make_worker):
+    w = make_worker({})
+    qs = QS(w)
+    reply = qs.script_upload(script="a = 10\nraise RuntimeError('half way')\n", run_in_background=True)
+    task = w.get_task(reply["task_uid"])
+    task.wait(TIMEOUT)
+    res = qs.task_result(task_uid=task.uid)["result"]
+    assert res["msg"] == "Error occurred while executing 'Load script': half way"
+    assert "raise RuntimeError('half way')" in res["traceback"]
+
+
+def test_bad_permissions_change_nothing(make_worker):
+    qs = QS(make_worker({"f": lambda: 1}))
+    before = qs.permissions_get()
+    reply = qs.permissions_set(user_group_permissions={"user_groups": {"primary": {}}})
+    assert reply["success"] is False and "root" in reply["msg"]
+    assert qs.permissions_get() == before
+
+
+def test_environment_close_open_destroy(make_worker):
+    import qmagic
+
+    gate = Gate()
+
+    def waiting():
+        gate.started.set()
+        qmagic.cancellable_sleep(60)
+
+    w = make_worker({"gate": waiting, "f": lambda: 1})
+    qs = QS(w)
+    assert qs.environment_open()["msg"] == "Error: RE Worker environment already exists."
+    running = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    assert qs.environment_close()["success"]
+    assert qs.status()["worker_environment_exists"] is False
+    assert qs.function_execute("f")["msg"] == "Error: RE Worker environment is not open"
+    assert qs.script_upload(script="x = 1")["msg"] == "Error: RE Worker environment is not open"
+    assert w.submit("f").result(TIMEOUT) == 1  # the notebook keeps working
+    assert qs.environment_close()["msg"] == "Error: RE Worker environment does not exist."
+    assert qs.environment_open()["success"] and qs.status()["worker_environment_exists"]
+    assert qs.environment_destroy()["success"]
+    assert running.wait(TIMEOUT) and running.status is TaskStatus.CANCELLED
+    assert qs.status()["worker_environment_exists"] is False
