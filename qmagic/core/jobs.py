@@ -232,7 +232,7 @@ class JobRunner:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 job.done.wait(0.5)
             except KeyboardInterrupt:
-                self.engine.cancel(task, reason="Task was interrupted (KeyboardInterrupt)")
+                self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
             finally:
                 job.in_user_code = False
 
@@ -284,7 +284,7 @@ class JobRunner:
             if job.interrupt_sent:
                 return "pending"
             job.interrupt_sent = True
-            self.engine.cancel(task, reason="Task was interrupted (KeyboardInterrupt)")
+            self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
             return "interrupted"
         with task._condition:
             if job.interrupt_sent:

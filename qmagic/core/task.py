@@ -345,7 +345,9 @@ class Task(Future):
             self.finished_at = finished_at or time.time()
             if status is TaskStatus.CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
-                if error is not None and not self._cancel_requested:
+                if isinstance(error, KeyboardInterrupt) and not self._cancel_requested:
+                    self._cancel_reason = "Task was interrupted (■ or KeyboardInterrupt)"
+                elif error is not None and not self._cancel_requested:
                     self._cancel_reason = exception_text(error)
                 self._error = error
                 for waiter in self._waiters:
