@@ -46,7 +46,7 @@ class Job:
 
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
-        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "done",
+        "handed_over", "deadline", "atask", "loop", "interrupt_sent",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -63,7 +63,6 @@ class Job:
         self.atask: asyncio.Task | None = None  # the asyncio task awaiting the task's code
         self.loop: asyncio.AbstractEventLoop | None = None
         self.interrupt_sent = False
-        self.done = threading.Event()  # set once the outcome is recorded
 
 
 class JobRunner:
@@ -227,10 +226,10 @@ class JobRunner:
         interrupt (■) cancels it, and the wait goes on until it has ended."""
         self._schedule_coroutine(job)
         task = job.task
-        while not job.done.is_set():
+        while not task.done():
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
-                job.done.wait(0.5)
+                task.wait(0.5)
             except KeyboardInterrupt:
                 self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
             finally:
@@ -253,7 +252,6 @@ class JobRunner:
         self.engine._released(job)
         task._finish(status, result=result if error is None else None, error=error, tb=tb,
                      finished_at=finished_at)
-        job.done.set()
         self.engine._retain(job)
 
     # -- cancel and interrupt ---------------------------------------------------------------
@@ -268,7 +266,7 @@ class JobRunner:
     def _force_stop(self, job: Job) -> None:
         task = job.task
         with task._condition:
-            if not job.in_user_code or job.ident is None or task.done():
+            if not job.in_user_code or job.ident is None or task._status.finished:
                 return
             sent = raise_in_thread(job.ident, TaskCancelled)
         if sent:
@@ -290,7 +288,7 @@ class JobRunner:
             if job.interrupt_sent:
                 return "pending"
             if not job.in_user_code:
-                return "pending" if not task.done() else "idle"
+                return "pending" if not task._status.finished else "idle"
             job.interrupt_sent = True
             self.engine.foreground.interrupt()
         return "interrupted"

@@ -11,11 +11,12 @@ or event loop, and what it costs, is the engine's business (:mod:`qmagic.core.en
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InvalidTransition, TaskCancelled
@@ -68,7 +69,13 @@ class Task(Future):
         bus: EventBus | None = None,
         on_cancel: CancelHook | None = None,
     ) -> None:
-        super().__init__()
+        # Future.__init__'s fields, with a plain Lock (nothing here re-enters the lock).
+        self._condition = threading.Condition(threading.Lock())
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self.uid = uid
         self.name = name
         self.args = args if type(args) is tuple else tuple(args)
