@@ -95,6 +95,24 @@ class QMagic(Configurable):
         help="Emergency key accepted by unlock only (else $QMAGIC_EMERGENCY_LOCK_KEY). "
         "Never stored on disk.",
     ).tag(config=True)
+    lock_wrong_keys_allowed = Int(
+        3, min=0, max=1000,
+        help="Wrong lock keys a client may present before each further one makes it wait "
+        "(other clients are not slowed down).",
+    ).tag(config=True)
+    lock_backoff_s = Float(
+        1.0, min=0.01, max=3600.0,
+        help="First wait after too many wrong lock keys from one client; each further wrong "
+        "key doubles it.",
+    ).tag(config=True)
+    lock_backoff_max_s = Float(
+        300.0, min=1.0, max=86400.0, help="Longest wait after wrong lock keys from one client.",
+    ).tag(config=True)
+    lock_recheck_s = Float(
+        0.5, min=0.05, max=60.0,
+        help="Seconds between safety checks of the lock file (changes are normally seen at once "
+        "through a file watcher; this catches network filesystems).",
+    ).tag(config=True)
     journal_enabled = Bool(
         True, help="Keep the experiment log: every task's record, in a database that outlives "
         "the kernel.",

@@ -13,6 +13,7 @@ import datetime
 from typing import Any, Callable, Mapping
 
 from . import __version__
+from .catalog import check_name
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
@@ -22,6 +23,8 @@ __all__ = ["QueueserverProtocol", "MAX_REQUEST_ITEMS", "status_reply"]
 
 #: Most uids one task_status request may ask about.
 MAX_REQUEST_ITEMS = 50_000
+#: Longest user name accepted in a request (as for the lock's user).
+MAX_USER_CHARS = 1000
 _KIND_TEXT = {"function": "Execute function", "script": "Load script", "coroutine": "Execute function"}
 
 
@@ -42,6 +45,25 @@ def _optional_str(params: Mapping[str, Any], name: str, what: str) -> str | None
     if value is not None and not isinstance(value, str):
         raise RequestRefused(f"Error: {what} must be a non-empty string or None: {name} = {value!r}")
     return value
+
+
+def _user_name(params: Mapping[str, Any]) -> None:
+    """A user name in a request is text that can be stored and shown: the same bound as the
+    lock's user (qmagic.store.lockfile.MAX_USER_CHARS), and no lone surrogates (a JSON
+    ``"\\udcff"`` escape decodes to one; it cannot be written to the log or a terminal)."""
+    user = params.get("user")
+    if not isinstance(user, str) or not user:
+        return  # missing or not a string: the worker refuses it ("user name is not specified")
+    try:
+        user.encode("utf-8")
+        ok = len(user) <= MAX_USER_CHARS
+    except UnicodeEncodeError:
+        ok = False
+    if not ok:
+        shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
+        raise RequestRefused(
+            "Error: Incorrect request format: user name must be text of at most "
+            f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
 
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:
@@ -140,6 +162,7 @@ class QueueserverProtocol:
                 raise RequestRefused("Error: Incorrect request format: user group is not specified")
             if "user" not in params and identity is None:
                 raise RequestRefused("Error: Incorrect request format: user name is not specified")
+            _user_name(params)
             task = self.worker.submit(
                 name, args, kwargs, background=_flag(params, "run_in_background", False),
                 user=params.get("user"), user_group=params.get("user_group"), lock_key=lock_key,
@@ -220,8 +243,8 @@ class QueueserverProtocol:
                 queue=params.get("queue", False), note=params.get("note"), user=params["user"],
                 origin="remote", client=client,
             )
-        except RequestRefused as exc:
-            return _lock_reply(self.worker, False, str(exc))
+        except RequestRefused as exc:  # queueserver: no lock info with a refused lock
+            return {"success": False, "msg": str(exc), "lock_info": {}, "lock_info_uid": None}
         return _lock_reply(self.worker, True, "", state)
 
     def unlock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
@@ -238,6 +261,8 @@ class QueueserverProtocol:
             state = self.worker.lock_state(_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:
             return _lock_reply(self.worker, False, str(exc))
+        if state.damaged:  # unusable lock file: counts as locked, and says how to reset it
+            return _lock_reply(self.worker, False, state.damaged, state)
         return _lock_reply(self.worker, True, "", state)
 
     # -- control ---------------------------------------------------------------------------------------
@@ -336,7 +361,8 @@ def _function_item(params: Mapping[str, Any]) -> tuple[str, list, dict]:
         raise RequestRefused(f"Error: Parameter 'args' is not a tuple or a list: {type(item['args'])}")
     if "kwargs" in item and not isinstance(item["kwargs"], dict):
         raise RequestRefused(f"Error: Parameter 'kwargs' is not a dictionary: {type(item['kwargs'])}")
-    return item["name"], list(item.get("args") or []), dict(item.get("kwargs") or {})
+    name = check_name(item["name"])  # a string naming a function, with queueserver's texts
+    return name, list(item.get("args") or []), dict(item.get("kwargs") or {})
 
 
 def _wire(status: TaskStatus | None) -> str:

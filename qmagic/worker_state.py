@@ -72,9 +72,15 @@ class StateMixin(HasTraits):
         return self.state_dir or default_state_dir()
 
     def _open_locks(self) -> Any:
+        from .store.keys import Throttle
         from .store.locks import LockStore
 
-        return LockStore(self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key)
+        return LockStore(
+            self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key,
+            throttle=Throttle(self.lock_wrong_keys_allowed, self.lock_backoff_s,
+                              self.lock_backoff_max_s),
+            recheck_s=self.lock_recheck_s,
+        )
 
     def _open_journal(self) -> None:
         """(Re)open the experiment log for the current settings; the old one is closed."""
@@ -110,7 +116,8 @@ class StateMixin(HasTraits):
         if getattr(self, "_locks", None) is not None:
             self._set_rules(self._load_permissions())
 
-    @observe("state_dir", "environment_name", "emergency_lock_key")
+    @observe("state_dir", "environment_name", "emergency_lock_key", "lock_wrong_keys_allowed",
+             "lock_backoff_s", "lock_backoff_max_s", "lock_recheck_s")
     def _lock_setting(self, change: Mapping[str, Any]) -> None:
         if getattr(self, "_locks", None) is None:
             return
@@ -118,7 +125,7 @@ class StateMixin(HasTraits):
         with self._state_lock:
             old, self._locks = self._locks, new
         old.close()
-        if change["name"] != "emergency_lock_key":
+        if change["name"] in ("state_dir", "environment_name"):
             self._open_journal()
 
     @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
