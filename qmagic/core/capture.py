@@ -16,10 +16,27 @@ from typing import Any, TextIO
 
 from .context import _current
 
-__all__ = ["TextBuffer", "install", "uninstall", "ensure_streams"]
+__all__ = ["TextBuffer", "install", "uninstall", "ensure_streams", "add_listener", "remove_listener"]
 
 _lock = threading.Lock()
 _users = 0
+#: Called as ``listener(task or None, text)`` for every text written to stdout/stderr
+#: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
+_listeners: tuple = ()
+
+
+def add_listener(listener: Any) -> None:
+    """Also hand every write to ``listener(task, text)`` (``task`` None outside tasks)."""
+    global _listeners
+    with _lock:
+        _listeners = _listeners + (listener,)
+
+
+def remove_listener(listener: Any) -> None:
+    """Undo :func:`add_listener` (idempotent)."""
+    global _listeners
+    with _lock:
+        _listeners = tuple(x for x in _listeners if x is not listener)
 
 
 class TextBuffer:
@@ -70,8 +87,11 @@ class _TaskTee:
 
     def write(self, text: Any) -> int:
         task = _current.get()
-        if task is not None and isinstance(text, str):
-            task._write_output(text)
+        if isinstance(text, str):
+            if task is not None:
+                task._write_output(text)
+            for listener in _listeners:
+                listener(task, text)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:

@@ -1,9 +1,11 @@
-"""The remote door of one worker: its control channel (and info socket) following the traits.
+"""The remote door of one worker: its control channel and info socket following the traits.
 
 ``QMagic.zmq_control_address`` starts, moves or stops the control channel;
-``zmq_max_message_bytes`` applies at once.  :meth:`RemoteService.start` /
-:meth:`RemoteService.stop` (``%control_channel``) keep the trait in step.  No IPython here:
-the kernel passes its connection info (for ``config_get``) as a callable.
+``zmq_max_message_bytes`` applies at once; ``zmq_info_address`` does the same for the info
+socket (PUB: console output, status, task events) and ``zmq_console_all_output`` chooses
+what its console carries.  :meth:`RemoteService.start` / :meth:`RemoteService.stop`
+(``%control_channel``) keep the trait in step.  No IPython here: the kernel passes its
+connection info (for ``config_get``) as a callable.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import threading
 from typing import Any, Callable, Mapping
 
 from ..errors import ControlChannelError
-from ..protocol import QueueserverProtocol
+from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
+from .info import InfoPublisher
 from .server import DEFAULT_ADDRESS, ControlServer, is_loopback
 
 __all__ = ["RemoteService"]
@@ -29,17 +32,24 @@ class RemoteService:
         self.worker = worker
         self.protocol = QueueserverProtocol(worker, connection_info)
         self.server: ControlServer | None = None
+        self.info: InfoPublisher | None = None
         #: The address of the last channel started (``start()`` without address reuses it).
         self.last_address: str | None = None
         self._lock = threading.RLock()
         self._syncing = False
         worker.observe(self._on_address, names="zmq_control_address")
         worker.observe(self._on_limit, names="zmq_max_message_bytes")
+        worker.observe(self._on_info, names=["zmq_info_address", "zmq_console_all_output"])
         if worker.zmq_control_address:
             try:
                 self.start(worker.zmq_control_address)
             except ControlChannelError as exc:
                 log.error("qmagic: the control channel is off. %s", exc)
+        if worker.zmq_info_address:
+            try:
+                self.start_info(worker.zmq_info_address)
+            except ControlChannelError as exc:
+                log.error("qmagic: the info socket is off. %s", exc)
 
     def _dispatch(self, request: Any, *, identity: Any = None, client: str | None = None) -> dict:
         return dispatch(self.protocol, request, identity=identity, client=client)
@@ -94,17 +104,48 @@ class RemoteService:
         server.stop()
         return running
 
+    def start_info(self, address: str | None = None) -> InfoPublisher:
+        """Start (or move) the info socket; raises ControlChannelError on failure."""
+        with self._lock:
+            address = address or self.worker.zmq_info_address
+            self.stop_info()
+            publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
+                                      all_output=self.worker.zmq_console_all_output)
+            publisher.start()
+            self.info = publisher
+            return publisher
+
+    def stop_info(self) -> bool:
+        """Stop the info socket; False if it was not running."""
+        with self._lock:
+            publisher, self.info = self.info, None
+        if publisher is None:
+            return False
+        publisher.stop()
+        return True
+
+    def _on_info(self, change: Mapping[str, Any]) -> None:
+        if change["name"] == "zmq_console_all_output":
+            if self.info is not None:
+                self.info.all_output = bool(change["new"])
+        elif change["new"] is None:
+            self.stop_info()
+        else:
+            self.start_info(change["new"])
+
     def close(self) -> None:
-        """Stop the channel and stop following the traits (the trait keeps its value, so a
-        new service starts the channel again)."""
-        for handler, name in ((self._on_address, "zmq_control_address"),
-                              (self._on_limit, "zmq_max_message_bytes")):
+        """Stop the channel and the info socket and stop following the traits (the traits
+        keep their values, so a new service starts them again)."""
+        for handler, names in ((self._on_address, "zmq_control_address"),
+                               (self._on_limit, "zmq_max_message_bytes"),
+                               (self._on_info, ["zmq_info_address", "zmq_console_all_output"])):
             try:
-                self.worker.unobserve(handler, names=name)
+                self.worker.unobserve(handler, names=names)
             except ValueError:
                 pass
         with self._lock:
             self._stop_server()
+        self.stop_info()
 
     # -- traits ---------------------------------------------------------------------------------
     def _set_trait(self, value: str | None) -> None:
@@ -148,6 +189,9 @@ class RemoteService:
                          "can reach this port can run code in this kernel.")
         if server.last_error:
             lines.append(f"  last error: {server.last_error}")
+        info = self.info
+        if info is not None and info.running:
+            lines.append(f"  info socket (console output, status, task events): {info.address}")
         health = self._log_line()
         if health:
             lines.append(health)

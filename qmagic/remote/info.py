@@ -1,0 +1,233 @@
+"""The info socket: bluesky-queueserver's live streams, published by this kernel.
+
+One ``zmq.PUB`` socket (queueserver's default port is 60625; qmagic binds loopback), two
+topics, each message two frames ``[topic, JSON payload]`` with the payload
+``{"time": <epoch s>, "msg": ...}``, as queueserver's ``output_streaming.py``:
+
+- ``QS_Console``: text a remote operator would see on the worker's console — what tasks and
+  uploaded scripts print (``QMagic.zmq_console_all_output``: everything the kernel prints).
+- ``QS_Info``: ``{"status": {...the status reply...}}`` about once a second and at once on
+  every change; and, beyond queueserver, ``{"task": {...}}`` for task events (queued,
+  running, progress, result or error, final status), coalesced to at most
+  :data:`TASK_EVENTS_HZ` per second per task, the final state always sent.
+
+Subscribers: ``REManagerAPI.console_monitor`` and ``system_info_monitor``,
+``qserver monitor``, bluesky-httpserver's ``/api/console_output`` and websockets.  Producers
+(any thread) only put items on a queue; one thread owns the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import zmq
+
+from .. import format as fmt
+from ..core import capture
+from ..errors import ControlChannelError
+from .server import is_loopback, server_secret_key
+
+__all__ = ["InfoPublisher", "DEFAULT_INFO_ADDRESS", "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
+
+log = logging.getLogger("qmagic")
+
+DEFAULT_INFO_ADDRESS = "tcp://127.0.0.1:60625"
+TOPIC_CONSOLE = b"QS_Console"
+TOPIC_INFO = b"QS_Info"
+#: Most task event messages per second per task (the final state is always sent).
+TASK_EVENTS_HZ = 10.0
+_STATUS_PERIOD_S = 1.0
+_FINAL = ("completed", "failed", "cancelled")
+
+
+class InfoPublisher:
+    """Publishes console text, status and task events on ``address`` (module docstring).
+
+    ``status`` returns the current status dict; ``worker`` gives the task events.
+    """
+
+    def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
+                 all_output: bool = False, secret_key: str | None = None) -> None:
+        if not isinstance(address, str) or "://" not in address:
+            raise ControlChannelError(
+                f"Invalid info socket address {address!r}: use a 0MQ endpoint such as "
+                f"{DEFAULT_INFO_ADDRESS!r}."
+            )
+        self.worker = worker
+        self.requested_address = address
+        self.all_output = all_output
+        self._status = status
+        self._secret_key = server_secret_key(secret_key)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._endpoint: str | None = None
+        self._subscription: Any = None
+        self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
+        self._sent_at: dict[str, float] = {}
+        self._tasks_lock = threading.Lock()
+        self.messages = 0
+
+    @property
+    def running(self) -> bool:
+        """True while the publishing thread runs."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def address(self) -> str:
+        """The bound endpoint while running (the real port for ``:*``)."""
+        return self._endpoint if self._endpoint and self.running else self.requested_address
+
+    # -- start / stop ------------------------------------------------------------------------
+    def start(self) -> InfoPublisher:
+        """Bind and start publishing; ControlChannelError (nothing left running) on failure."""
+        if self.running:
+            return self
+        self._stop = threading.Event()
+        ready = threading.Event()
+        outcome: dict[str, Any] = {}
+        thread = threading.Thread(target=self._run, args=(self._stop, ready, outcome),
+                                  name="qmagic-info", daemon=True)
+        thread.start()
+        ready.wait(10.0)
+        if "error" in outcome or not ready.is_set():
+            self._stop.set()
+            thread.join(5.0)
+            raise ControlChannelError(outcome.get("error", "The info socket did not start."))
+        self._endpoint = outcome.get("endpoint")
+        self._thread = thread
+        capture.add_listener(self._on_output)
+        self._subscription = self.worker.subscribe(self._on_event)
+        if not is_loopback(self.requested_address) and self._secret_key is None:
+            log.warning("qmagic: the info socket publishes on %s without encryption", self.address)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop publishing and close the socket (idempotent)."""
+        capture.remove_listener(self._on_output)
+        if self._subscription is not None:
+            self._subscription.unsubscribe()
+            self._subscription = None
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        self._queue.put(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- producers (any thread) -----------------------------------------------------------------
+    def _on_output(self, task: Any, text: str) -> None:
+        if task is not None or self.all_output:
+            self._queue.put(("console", text))
+
+    def _on_event(self, task_uid: str, **event: Any) -> None:
+        """Worker events: merge into the task's pending state; wake the thread."""
+        with self._tasks_lock:
+            state = self._tasks.get(task_uid)
+            if state is None:
+                task = self.worker.engine.get(task_uid)
+                state = self._tasks[task_uid] = {"task_uid": task_uid}
+                if task is not None:
+                    state.update(name=task.name, call=task.call_text(80), user=task.user,
+                                 background=task.background, origin=task.origin)
+            if "status" in event:
+                state["status"] = event["status"]
+            if "progress" in event and event["progress"] is not None:
+                state["progress"] = event["progress"]._asdict()
+            if "result" in event:
+                state["result"] = fmt.safe_repr(event["result"], 200)
+            if "error" in event:
+                state["error"] = fmt.one_line(event["error"], 200) or type(event["error"]).__name__
+        self._queue.put(("event", task_uid))
+
+    # -- the publishing thread ---------------------------------------------------------------------
+    def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        try:
+            if self._secret_key is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+            sock.bind(self.requested_address)
+            outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            outcome["error"] = (f"Cannot start the info socket on {self.requested_address}: {exc}. "
+                                "Choose another address (QMagic.zmq_info_address).")
+            sock.close(0)
+            ctx.term()
+            ready.set()
+            return
+        ready.set()
+        last_status: dict | None = None
+        next_status = 0.0
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_status:
+                    last_status = self._publish_status(sock, last_status, force=True)
+                    next_status = now + _STATUS_PERIOD_S
+                wait = max(0.0, min(next_status, self._next_task_due(now)) - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = ("tick", None)
+                if item is None:
+                    break
+                kind, value = item
+                if kind == "console":
+                    self._send(sock, TOPIC_CONSOLE, value)
+                elif kind == "event":
+                    last_status = self._publish_status(sock, last_status, force=False)
+                self._publish_tasks(sock, time.monotonic())
+        except Exception:  # noqa: BLE001 - never let the thread die with a traceback
+            log.exception("qmagic: the info socket stopped on an unexpected error")
+        finally:
+            sock.close(0)
+            ctx.term()
+
+    def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
+        payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
+        try:
+            sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
+            self.messages += 1
+        except zmq.Again:  # a slow subscriber: PUB drops, as queueserver's does
+            pass
+
+    def _publish_status(self, sock: zmq.Socket, last: dict | None, *, force: bool) -> dict | None:
+        try:
+            status = self._status()
+        except Exception:  # noqa: BLE001 - a broken status must not stop the stream
+            log.debug("qmagic: status for the info socket failed", exc_info=True)
+            return last
+        key = {k: v for k, v in status.items() if k != "time"}
+        if force or key != last:
+            self._send(sock, TOPIC_INFO, {"status": status})
+        return key
+
+    def _next_task_due(self, now: float) -> float:
+        with self._tasks_lock:
+            if not self._tasks:
+                return now + _STATUS_PERIOD_S
+            return min(self._sent_at.get(uid, 0.0) + 1.0 / TASK_EVENTS_HZ for uid in self._tasks)
+
+    def _publish_tasks(self, sock: zmq.Socket, now: float) -> None:
+        due: list[dict] = []
+        with self._tasks_lock:
+            for uid in list(self._tasks):
+                state = self._tasks[uid]
+                final = state.get("status") in _FINAL
+                if final or now >= self._sent_at.get(uid, 0.0) + 1.0 / TASK_EVENTS_HZ:
+                    due.append(self._tasks.pop(uid))
+                    if final:
+                        self._sent_at.pop(uid, None)
+                    else:
+                        self._sent_at[uid] = now
+        for state in due:
+            self._send(sock, TOPIC_INFO, {"task": state})
