@@ -1,0 +1,97 @@
+"""A picture of the shift: the experiment log's tasks on a timeline (matplotlib).
+
+``qmagic.timeline(since="-8h", notebook="scan.ipynb")`` draws one lane per function (or per
+user), a bar per task from its start to its end coloured by how it ended, a hatched bar for
+a task still running (or one whose kernel died), and a marker where its progress stopped
+when it did not complete.  It needs matplotlib (``pip install qmagic[timeline]``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any, Iterable, Mapping
+
+__all__ = ["timeline", "STATUS_COLOURS"]
+
+#: Bar colour per final status (colour-blind-safe palette; legible on light and dark).
+STATUS_COLOURS = {
+    "completed": "#2e8b57",
+    "failed": "#d1495b",
+    "cancelled": "#edae49",
+    "running": "#00798c",
+    "queued": "#8d99ae",
+}
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def timeline(
+    records: Iterable[Mapping[str, Any]] | None = None,
+    *,
+    since: Any = "-12h",
+    until: Any = None,
+    notebook: str | None = None,
+    lanes: str = "name",
+    title: str | None = None,
+    ax: Any = None,
+    **filters: Any,
+) -> Any:
+    """Draw tasks of the experiment log as a timeline; returns the matplotlib Figure.
+
+    ``records``: task records (``qmagic.history()`` form); None reads the experiment log with
+    ``since``, ``until``, ``notebook`` and the other ``qmagic.history`` filters.  ``lanes``:
+    "name" (one lane per function) or "user".  ``ax``: draw into these axes.
+    """
+    if lanes not in ("name", "user"):
+        raise ValueError(f"lanes must be 'name' or 'user', not {lanes!r}.")
+    try:
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError as exc:
+        raise ImportError("qmagic.timeline() needs matplotlib: pip install matplotlib "
+                          "(or qmagic[timeline]).") from exc
+    if records is None:
+        from .history import history
+
+        records = history(since=since, until=until, notebook=notebook, **filters)
+    rows = [r for r in records if _num(r.get("started_at") or r.get("submitted_at")) is not None]
+    now = time.time()
+    lane_names = sorted({str(r.get(lanes) or "?") for r in rows})
+    lane_of = {name: i for i, name in enumerate(lane_names)}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(lane_names))), layout="constrained")
+    else:
+        fig = ax.figure
+    for rec in rows:
+        start = _num(rec.get("started_at")) or _num(rec.get("submitted_at"))
+        end = _num(rec.get("finished_at"))
+        status = str(rec.get("status") or "queued")
+        unfinished = end is None
+        end = end if end is not None else now
+        y = lane_of[str(rec.get(lanes) or "?")]
+        left = datetime.fromtimestamp(start)
+        width = datetime.fromtimestamp(max(end, start + 0.05)) - left
+        ax.barh(y, width, left=left, height=0.6, color=STATUS_COLOURS.get(status, "#8d99ae"),
+                edgecolor="none", hatch="//" if unfinished else None, alpha=0.9)
+        progress = rec.get("progress") or {}
+        value, total = _num(progress.get("value")), _num(progress.get("total"))
+        if status != "completed" and value is not None and total:
+            x = datetime.fromtimestamp(start + (end - start) * max(0.0, min(1.0, value / total)))
+            ax.plot([x], [y], marker="|", markersize=14, color="black", alpha=0.7)
+    ax.set_yticks(range(len(lane_names)), lane_names)
+    ax.invert_yaxis()
+    ax.set_xlabel("time")
+    ax.grid(axis="x", alpha=0.3)
+    shown = [s for s in STATUS_COLOURS if any(r.get("status") == s for r in rows)]
+    if shown:
+        ax.legend(handles=[Patch(color=STATUS_COLOURS[s], label=s) for s in shown],
+                  loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.set_title(title or f"{len(rows)} task{'s' if len(rows) != 1 else ''}"
+                 + (f" from {notebook}" if notebook else ""))
+    if not rows:
+        ax.text(0.5, 0.5, "No tasks in this period.", transform=ax.transAxes, ha="center")
+    fig.autofmt_xdate()
+    return fig

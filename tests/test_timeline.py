@@ -1,0 +1,49 @@
+"""qmagic.timeline(): the experiment log as a picture (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import matplotlib  # noqa: E402 - a test dependency (qmagic[timeline])
+matplotlib.use("Agg")
+
+from qmagic.timeline import STATUS_COLOURS, timeline  # noqa: E402
+
+
+def _rec(name, status, start, end, user="alice", progress=None):
+    return {"uid": f"{name}-{start}", "name": name, "user": user, "status": status,
+            "submitted_at": start, "started_at": start, "finished_at": end, "progress": progress}
+
+
+def test_timeline_draws_one_lane_per_function_and_colours_by_status(tmp_path):
+    t0 = time.time() - 3600
+    records = [
+        _rec("scan", "completed", t0, t0 + 600),
+        _rec("scan", "cancelled", t0 + 700, t0 + 800, progress={"value": 4, "total": 10, "message": None}),
+        _rec("align", "failed", t0 + 100, t0 + 120, user="bob"),
+        _rec("count", "running", t0 + 3000, None),
+    ]
+    fig = timeline(records, title="beamtime")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["align", "count", "scan"]
+    colours = {tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in ax.patches}
+    expected = {tuple(round(int(STATUS_COLOURS[s][i:i + 2], 16) / 255, 3) for i in (1, 3, 5))
+                for s in ("completed", "cancelled", "failed", "running")}
+    assert expected <= colours
+    assert any(line.get_marker() == "|" for line in ax.lines)  # where the cancelled scan stopped
+    assert ax.get_title() == "beamtime"
+    fig.savefig(tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
+
+
+def test_timeline_by_user_and_empty():
+    t0 = time.time() - 60
+    fig = timeline([_rec("scan", "completed", t0, t0 + 5), _rec("scan", "failed", t0, t0 + 5, user="bob")],
+                   lanes="user")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["alice", "bob"]
+    empty = timeline([])
+    assert "0 tasks" in empty.axes[0].get_title()
+    with pytest.raises(ValueError, match="lanes"):
+        timeline([], lanes="colour")
