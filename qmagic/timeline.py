@@ -83,7 +83,12 @@ def timeline(
             ax.plot([x], [y], marker="|", markersize=14, color="black", alpha=0.7)
     ax.set_yticks(range(len(lane_names)), lane_names)
     ax.invert_yaxis()
-    ax.set_xlabel("time")
+    if rows:
+        from matplotlib.dates import DateFormatter
+
+        first = min(_num(r.get("started_at")) or _num(r.get("submitted_at")) for r in rows)
+        ax.xaxis.set_major_formatter(DateFormatter("%H:%M"))
+        ax.set_xlabel(f"local time, {datetime.fromtimestamp(first):%Y-%m-%d}")
     ax.grid(axis="x", alpha=0.3)
     shown = [s for s in STATUS_COLOURS if any(r.get("status") == s for r in rows)]
     if shown:
@@ -93,5 +98,4 @@ def timeline(
                  + (f" from {notebook}" if notebook else ""))
     if not rows:
         ax.text(0.5, 0.5, "No tasks in this period.", transform=ax.transAxes, ha="center")
-    fig.autofmt_xdate()
     return fig
