@@ -176,7 +176,7 @@ class Worker(StateMixin, QMagic):
                 func = None  # queueserver: accepted; the task fails if it is still missing
             except TypeError as exc:  # a plan, or not callable
                 raise RequestRefused(f"Error: {exc}") from None
-        elif inspect.isgeneratorfunction(func):
+        elif inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):  # as by name
             raise RequestRefused(
                 f"Error: {name!r} is a generator function (a bluesky plan), not a function: run it "
                 f"with the Run Engine, RE({name}(...))."

@@ -11,6 +11,7 @@ or event loop, and what it costs, is the engine's business (:mod:`qmagic.core.en
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -100,6 +101,7 @@ class Task(Future):
     _status = TaskStatus.QUEUED
     _traceback: str | None = None
     _error: BaseException | None = None  # what ended a failed or cancelled task
+    _exception_tb: Any = None  # a failed task's traceback from the user's first frame on
     _progress: Progress | None = None
     _output: TextBuffer | None = None
     _log: TextBuffer | None = None
@@ -187,9 +189,12 @@ class Task(Future):
         Raises ``TimeoutError`` if it is still running, ``concurrent.futures.CancelledError``
         if it was cancelled, or the function's own exception if it failed.
         """
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the task's own frames only
         self._wait_or_raise(timeout)
         if self._exception is not None:
-            raise self._exception
+            # Raised from the task's own frames each time (raising the same object again
+            # would otherwise pile up every earlier caller's frames in its traceback).
+            raise self._exception.with_traceback(self._exception_tb)
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -198,13 +203,14 @@ class Task(Future):
         return self._exception
 
     def _wait_or_raise(self, timeout: float | None) -> None:
+        __tracebackhide__ = True  # noqa: F841
         if not self.wait(timeout):
-            raise FutureTimeout(
+            raise _one_line(FutureTimeout(
                 f"{self.call_text()} is still {self._status.value} after {timeout} s; "
                 "wait longer, or cancel it with task.cancel()."
-            )
+            ))
         if self._status is TaskStatus.CANCELLED:
-            raise CancelledError(f"{self.call_text()} was cancelled: {self._cancel_reason}")
+            raise _one_line(CancelledError(f"{self.call_text()} was cancelled: {self._cancel_reason}"))
 
     def cancel(self, force: bool = False) -> bool:
         """Ask the task to stop.  Returns False if it had already finished.
@@ -227,17 +233,24 @@ class Task(Future):
         Cancelling the awaiting coroutine stops the waiting only, never the task
         (``task.cancel()`` does that).
         """
-        import asyncio
+        __tracebackhide__ = True  # noqa: F841 - IPython shows the task's own frames only
+        if not self._status.finished:
+            import asyncio
 
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
 
-        def copy_state(_: Task) -> None:  # any thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(_settle_waiter, waiter, self)
+            def wake(_: Task) -> None:  # any thread
+                if not loop.is_closed():
+                    try:
+                        loop.call_soon_threadsafe(_wake_waiter, waiter)
+                    except RuntimeError:  # the loop closed meanwhile: nobody waits
+                        pass
 
-        self.add_done_callback(copy_state)
-        return (yield from waiter.__await__())
+            self.add_done_callback(wake)
+            yield from waiter.__await__()
+        # The outcome is raised here, not through the waiter: no asyncio frames in the way.
+        return self.result(0)
 
     # -- subscriptions -------------------------------------------------------------------
     def subscribe(self, callback: Callable[..., Any]) -> Subscription:
@@ -345,6 +358,7 @@ class Task(Future):
                 tb: str | None = None, finished_at: float | None = None) -> None:
         """Record the outcome, wake waiters, emit result/error and the final status, then
         run the done callbacks (the claimant calls this once)."""
+        user_tb = _user_traceback(error) if error is not None and status is TaskStatus.FAILED else None
         with self._condition:
             self._check(status)
             self._status = status
@@ -363,6 +377,7 @@ class Task(Future):
                 self._state = FINISHED
                 self._result = result
                 self._exception = self._error = error
+                self._exception_tb = user_tb
                 for waiter in self._waiters:
                     if error is None:
                         waiter.add_result(self)
@@ -432,13 +447,24 @@ class Task(Future):
         raise RuntimeError("qmagic tasks are finished by the qmagic engine only.")
 
 
-def _settle_waiter(waiter: Any, task: Task) -> None:
-    """Copy a finished task's outcome into an asyncio future (on its loop)."""
-    if waiter.done():  # the awaiting coroutine was cancelled: nothing to deliver
-        return
-    if task.cancelled():
-        waiter.set_exception(CancelledError(f"{task.call_text()} was cancelled: {task.cancel_reason}"))
-    elif task._exception is not None:
-        waiter.set_exception(task._exception)
-    else:
-        waiter.set_result(task._result)
+def _wake_waiter(waiter: Any) -> None:
+    """The task finished: wake ``await task`` (on the waiter's loop)."""
+    if not waiter.done():  # else the awaiting coroutine was cancelled: nobody waits
+        waiter.set_result(None)
+
+
+def _one_line(exc: BaseException) -> BaseException:
+    """``exc``, shown by IPython as one line (its traceback holds qmagic's frames only).
+    A partial of a module function, not a lambda: the exception stays picklable."""
+    exc._render_traceback_ = functools.partial(_lines, f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+    return exc
+
+
+def _lines(*lines: str) -> list[str]:
+    return list(lines)
+
+
+def _user_traceback(error: BaseException) -> Any:
+    from ..format import user_traceback
+
+    return user_traceback(error)

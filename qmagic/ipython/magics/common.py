@@ -79,8 +79,7 @@ def settle(shell: Any, task: Task) -> Task:
     __tracebackhide__ = True  # noqa: F841
     if task.status is TaskStatus.CANCELLED:
         how = task.cancel_reason
-        if how.startswith("Task was "):
-            how = how[len("Task was "):]
+        how = how[len("Task was "):] if how.startswith("Task was ") else f"cancelled: {how}"
         exc = TaskCancelled(f"{task.call_text(60)} was {how}; it is recorded as cancelled.")
         raise _one_line(exc) from None
     if task.status is TaskStatus.FAILED:

@@ -1,0 +1,52 @@
+"""The experiment log for notebook users: ``qmagic.history()`` and ``history_dataframe()``.
+
+Thin wrappers over :mod:`qmagic.store.history` that read the log of the kernel's worker
+(its ``state_dir`` and ``environment_name``) when qmagic is loaded, else the defaults
+(``$QMAGIC_STATE_DIR`` or the Jupyter data dir, environment "default").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from .store import history as _store
+
+__all__ = ["history", "history_dataframe"]
+
+
+def _where(state_dir: Any, environment_name: str | None) -> tuple[Any, str]:
+    worker = None
+    if "IPython" in sys.modules:  # a loaded extension can only exist under IPython
+        from .ipython.extension import get_session
+
+        session = get_session()
+        worker = session.worker if session is not None else None
+    if state_dir is None and worker is not None:
+        state_dir = worker.state_dir
+    if environment_name is None:
+        environment_name = worker.environment_name if worker is not None else "default"
+    return state_dir, environment_name
+
+
+def history(*, state_dir: str | os.PathLike[str] | None = None,
+            environment_name: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+    """Records of past and present tasks from the experiment log, newest first.
+
+    Filters: ``status`` (one or several), ``user``, ``name`` (exact or glob like
+    ``"scan_*"``), ``notebook`` (path or file name of the notebook that started them),
+    ``since`` / ``until`` (epoch, datetime, ISO text, ``"-2h"``, ``"-7d"``), ``uid`` (a
+    prefix), ``limit`` (the newest N).  Tasks of a kernel that died while they ran read as
+    failed ("kernel stopped while the task was running").
+    """
+    state_dir, environment_name = _where(state_dir, environment_name)
+    return _store.history(state_dir=state_dir, environment_name=environment_name, **filters)
+
+
+def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
+                      environment_name: str | None = None, **filters: Any) -> Any:
+    """:func:`history` as a pandas DataFrame (one row per task, times as datetimes,
+    ``duration_s``, provenance columns, ``orphaned``).  Needs pandas."""
+    state_dir, environment_name = _where(state_dir, environment_name)
+    return _store.history_dataframe(state_dir=state_dir, environment_name=environment_name, **filters)

@@ -1,0 +1,749 @@
+"""Coroutine (``async def``) tasks through every door, on the right event loop.
+
+- Python API: qmagic's own loop without bluesky, bluesky's loop once a RunEngine runs it,
+  the ``async_loop`` policies, status / events / progress / output / log of coroutine tasks,
+  per-task context of concurrent coroutines on one loop, functions returning awaitables.
+- Cancel is asyncio cancellation (CancelledError at the next await, ``finally`` runs),
+  deadlines for coroutine and thread tasks, cancel before the loop started the task.
+- ``await task`` inside coroutine tasks never blocks their loop; plans are refused.
+- The queueserver protocol (method table), uploaded scripts, and one real
+  ``REManagerAPI`` client over a ControlServer.
+- A real kernel: ``%function_execute`` foreground and ``-b``, ``await task`` in a cell, ■ on
+  a foreground coroutine task, deadlines, what a failed or cancelled ``await`` shows.
+
+Every wait is on an event, a condition or a kernel message, with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import functools
+import logging
+import threading
+import time
+
+import pytest
+from async_helpers import TIMEOUT, EventLog, no_bluesky_loop, run_engine  # noqa: F401 - fixtures
+from engine_helpers import Gate, make_worker  # noqa: F401 - fixture
+from qs_helpers import QS
+
+import qmagic
+from qmagic import Progress, RequestRefused, TaskCancelled, TaskStatus
+from qmagic.core.loops import MSG_NO_BLUESKY_LOOP
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# =========================================================================================
+# functions the tests start
+# =========================================================================================
+def make_acq(seen: dict | None = None):
+    """``acq(n, label)``: prints, logs, reports progress at each of n awaits, returns 2n."""
+
+    async def acq(n, label="x"):
+        """Acquire n points (a coroutine task)."""
+        if seen is not None:
+            seen["loop"] = asyncio.get_running_loop()
+            seen["thread"] = threading.current_thread().name
+            seen["task"] = qmagic.current_task()
+        print(f"acq {label} started")
+        logging.getLogger("beamline").warning("exposing %s", label)
+        for i in range(n):
+            qmagic.report_progress(i + 1, n, f"point {i + 1} of {n}")
+            await asyncio.sleep(0)
+        print(f"acq {label} done")
+        return 2 * n
+
+    return acq
+
+
+def make_wait_forever(started: threading.Event, inside: list):
+    """``wait_forever(label)``: waits on an event nobody sets; records what cancelling did."""
+
+    async def wait_forever(label="w"):
+        never = asyncio.Event()
+        started.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError as exc:
+            inside.append(("CancelledError", exc.args))
+            raise
+        finally:
+            print(f"{label}: cleanup ran")
+            inside.append("finally")
+
+    return wait_forever
+
+
+def statuses(events: list[dict]) -> list[str]:
+    return [e["status"] for e in events if "status" in e]
+
+
+# =========================================================================================
+# Python API on qmagic's own loop
+# =========================================================================================
+def test_coroutine_task_runs_on_qmagics_loop_with_status_events_progress_output(make_worker,
+                                                                                 no_bluesky_loop):
+    seen: dict = {}
+    w = make_worker({"acq": make_acq(seen)})
+    log = EventLog()
+    w.subscribe(log)
+    task = w.submit("acq", (3,), {"label": "s1"})
+    assert task.result(TIMEOUT) == 6
+    assert seen["loop"] is w.engine.loops.own_loop() and seen["thread"] == "qmagic-asyncio"
+    assert seen["task"] is task
+    assert task.kind == "coroutine" and task.status is TaskStatus.COMPLETED and task.done()
+    assert task.progress == Progress(3, 3, "point 3 of 3")
+    assert task.output == "acq s1 started\nacq s1 done\n"
+    assert [(r["level"], r["logger"], r["message"]) for r in task.log] == [
+        ("WARNING", "beamline", "exposing s1")]
+    events = log.wait_final(task.uid)
+    assert statuses(events) == ["queued", "running", "completed"]
+    assert [e["progress"] for e in events if "progress" in e] == [
+        Progress(i, 3, f"point {i} of 3") for i in (1, 2, 3)]
+    assert {"result": 6} in events
+    record = task.to_dict()
+    assert (record["kind"], record["status"], record["result"], record["error"]) == (
+        "coroutine", "completed", 6, None)
+    assert record["progress"] == {"value": 3, "total": 3, "message": "point 3 of 3"}
+
+
+def test_foreground_coroutine_task_from_another_thread_runs_on_the_loop(make_worker, no_bluesky_loop):
+    seen: dict = {}
+    w = make_worker({"acq": make_acq(seen)})
+    task = w.submit("acq", (2,), background=False)  # handed to the foreground owner
+    assert task.result(TIMEOUT) == 4 and not task.background
+    assert seen["thread"] == "qmagic-asyncio" and seen["task"] is task
+    assert w.engine.counts()["foreground"] is None  # the slot is free again
+
+
+def test_concurrent_coroutine_tasks_on_one_loop_each_see_their_own_task(make_worker, no_bluesky_loop):
+    barrier = asyncio.Barrier(3)
+    seen: dict = {}
+
+    async def step(name):
+        me = qmagic.current_task()
+        print(f"{name} before")
+        await barrier.wait()  # all three are suspended on the loop at once
+        seen[name] = (me, qmagic.current_task(), asyncio.get_running_loop())
+        qmagic.report_progress(1, 1, name)
+        print(f"{name} after")
+        return name
+
+    w = make_worker({"step": step})
+    tasks = {name: w.submit("step", (name,)) for name in "abc"}
+    for name, task in tasks.items():
+        assert task.result(TIMEOUT) == name
+        me, later, loop = seen[name]
+        assert me is task and later is task and loop is seen["a"][2]
+        assert task.output == f"{name} before\n{name} after\n"
+        assert task.progress.message == name
+
+
+def test_a_function_returning_an_awaitable_is_awaited_on_the_loop(make_worker, no_bluesky_loop):
+    seen: dict = {}
+
+    async def inner(n):
+        seen["loop"] = asyncio.get_running_loop()
+        seen["task"] = qmagic.current_task()
+        print("inner ran")
+        qmagic.report_progress(1, 1, "inner")
+        await asyncio.sleep(0)
+        return n + 1
+
+    def wrapper(n):
+        return inner(n)
+
+    class AsyncCallable:
+        async def __call__(self, n):
+            return n * 10
+
+    w = make_worker({"wrapper": wrapper})
+    task = w.submit("wrapper", (1,))
+    assert task.result(TIMEOUT) == 2
+    assert seen["loop"] is w.engine.loops.own_loop() and seen["task"] is task
+    assert task.output == "inner ran\n" and task.progress == Progress(1, 1, "inner")
+    assert w.submit(AsyncCallable(), (5,)).result(TIMEOUT) == 50
+
+
+# =========================================================================================
+# cancel and deadlines
+# =========================================================================================
+def test_cancel_is_asyncio_cancellation_at_the_next_await(make_worker, no_bluesky_loop):
+    started, inside = threading.Event(), []
+    w = make_worker({"wait_forever": make_wait_forever(started, inside), "acq": make_acq()})
+    log = EventLog()
+    w.subscribe(log)
+    task = w.submit("wait_forever", ("m1",))
+    assert started.wait(TIMEOUT) and task.status is TaskStatus.RUNNING
+    assert w.cancel(task) is task  # only a cancellation can end an await on a never-set event
+    assert task.wait(TIMEOUT)
+    assert task.status is TaskStatus.CANCELLED and task.cancelled()
+    assert task.error == "Task was cancelled from Python"
+    assert inside == [("CancelledError", ("Task was cancelled from Python",)), "finally"]
+    assert task.output == "m1: cleanup ran\n"
+    with pytest.raises(cf.CancelledError, match="was cancelled: Task was cancelled from Python"):
+        task.result()
+    events = log.wait_final(task.uid)
+    assert statuses(events) == ["queued", "running", "cancelled"]
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and isinstance(errors[0], TaskCancelled)
+    record = task.to_dict()
+    assert (record["status"], record["error"], record["error_type"]) == (
+        "cancelled", "Task was cancelled from Python", "TaskCancelled")
+    # the loop is fine afterwards, and Task.cancel() says so in its own words
+    assert w.submit("acq", (1,)).result(TIMEOUT) == 2
+    started.clear()
+    again = w.submit("wait_forever", ("m2",))
+    assert started.wait(TIMEOUT)
+    assert again.cancel() is True and again.wait(TIMEOUT)
+    assert again.error == "Task was cancelled" and again.cancel() is False
+
+
+def test_cancel_before_the_loop_starts_the_task(make_worker, no_bluesky_loop):
+    holding, hold = threading.Event(), threading.Event()
+    ran: list = []
+
+    async def block_the_loop():
+        holding.set()
+        hold.wait(TIMEOUT)  # a blocking call: the loop runs nothing else meanwhile
+        return "released"
+
+    async def later():
+        ran.append("later")
+
+    async def noop():
+        return None
+
+    w = make_worker({"block_the_loop": block_the_loop, "later": later, "noop": noop})
+    blocker = w.submit("block_the_loop")
+    assert holding.wait(TIMEOUT)
+    queued = w.submit("later")
+    assert queued.status is TaskStatus.QUEUED
+    w.cancel(queued)
+    assert queued.status is TaskStatus.CANCELLED  # at once: it had not started
+    hold.set()
+    assert blocker.result(TIMEOUT) == "released"
+    assert w.submit("noop").result(TIMEOUT) is None  # the loop has passed the cancelled task
+    assert ran == [] and queued.started_at is None
+
+
+def test_deadlines_cancel_coroutine_and_thread_tasks_and_say_why(make_worker, no_bluesky_loop):
+    cleanup: list = []
+
+    async def forever():
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleanup.append("coroutine")
+
+    def cooperative():
+        try:
+            qmagic.cancellable_sleep(60)
+        finally:
+            cleanup.append("thread")
+
+    def stubborn():
+        """Never asks whether it was cancelled: forced after the grace period."""
+        end = time.monotonic() + 60
+        try:
+            while time.monotonic() < end:
+                pass
+        except TaskCancelled:
+            cleanup.append("forced")
+            raise
+
+    async def quick():
+        return "in time"
+
+    w = make_worker({"forever": forever, "cooperative": cooperative, "stubborn": stubborn,
+                     "quick": quick}, cancel_grace_s=0.1)
+    fast = w.submit("quick", timeout=0.2)
+    tasks = {name: w.submit(name, timeout=0.2) for name in ("forever", "cooperative", "stubborn")}
+    for name, task in tasks.items():
+        assert task.wait(TIMEOUT), name
+        assert task.status is TaskStatus.CANCELLED, name
+        assert task.error == "deadline of 0.2 s passed", name
+        assert task.elapsed >= 0.15, (name, task.elapsed)
+        record = task.to_dict()
+        assert (record["timeout"], record["error"]) == (0.2, "deadline of 0.2 s passed")
+    assert tasks["forever"].kind == "coroutine" and tasks["stubborn"].kind == "function"
+    assert sorted(cleanup) == ["coroutine", "forced", "thread"]
+    assert fast.result(TIMEOUT) == "in time" and fast.status is TaskStatus.COMPLETED
+
+
+def test_interrupting_a_foreground_coroutine_task_cancels_it(make_worker, no_bluesky_loop):
+    started, inside = threading.Event(), []
+    w = make_worker({"wait_forever": make_wait_forever(started, inside)})
+    qs = QS(w)
+    uid = qs.function_execute({"name": "wait_forever", "args": ["fg"]})["task_uid"]
+    assert started.wait(TIMEOUT)
+    task = w.get_task(uid)
+    assert qs.kernel_interrupt()["success"] is False  # a running task needs interrupt_task
+    assert qs.kernel_interrupt(interrupt_task=True)["success"] is True
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+    assert task.error == "Task was interrupted (■ or KeyboardInterrupt)"
+    assert inside[-1] == "finally" and task.output == "fg: cleanup ran\n"
+    assert w.engine.counts()["foreground"] is None
+
+
+# =========================================================================================
+# the loop choice
+# =========================================================================================
+def test_bluesky_policy_without_its_loop_fails_with_what_to_do(make_worker, no_bluesky_loop):
+    ran: list = []
+
+    async def acq():
+        ran.append(asyncio.get_running_loop())
+        return "ran"
+
+    w = make_worker({"acq": acq}, async_loop="bluesky")
+    for background in (True, False):
+        task = w.submit("acq", background=background)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+        assert task.error == MSG_NO_BLUESKY_LOOP
+        assert "RE = RunEngine()" in task.error and "QMagic.async_loop = 'auto'" in task.error
+    reply = QS(w).function_execute("acq", run_in_background=True)
+    result = QS(w).task_result(task_uid=reply["task_uid"])["result"]
+    assert result["success"] is False and MSG_NO_BLUESKY_LOOP in result["msg"]
+    assert ran == [] and w.engine.counts()["foreground"] is None
+    w.async_loop = "auto"  # the policy applies to the next task
+    assert w.submit("acq").result(TIMEOUT) == "ran"
+    assert ran == [w.engine.loops.own_loop()]
+
+
+def test_with_a_run_engine_coroutine_tasks_run_on_bluesky_loop(run_engine, make_worker):
+    from bluesky.run_engine import get_bluesky_event_loop
+
+    async def where():
+        return (asyncio.get_running_loop() is get_bluesky_event_loop(),
+                threading.current_thread().name)
+
+    w = make_worker({"where": where})
+    assert w.async_loop == "auto"
+    assert w.submit("where").result(TIMEOUT) == (True, "bluesky-run-engine")
+    assert w.submit("where", background=False).result(TIMEOUT) == (True, "bluesky-run-engine")
+    assert w.engine.loops._loop is None  # qmagic's own loop was never needed
+    w.async_loop = "qmagic"
+    assert w.submit("where").result(TIMEOUT) == (False, "qmagic-asyncio")
+    w.async_loop = "bluesky"
+    assert w.submit("where").result(TIMEOUT) == (True, "bluesky-run-engine")
+
+
+def test_the_run_engine_keeps_working_next_to_coroutine_tasks(run_engine, make_worker):
+    import bluesky.plan_stubs as bps
+
+    RE = run_engine
+    ticks = [0]
+
+    async def ticker():
+        while True:
+            ticks[0] += 1
+            qmagic.report_progress(ticks[0])
+            await asyncio.sleep(0.002)
+
+    async def fails():
+        await asyncio.sleep(0)
+        raise ValueError("sample stage refused")
+
+    def plan():
+        yield from bps.sleep(0.05)
+        return "plan done"
+
+    w = make_worker({"ticker": ticker, "fails": fails})
+    log = EventLog()
+    w.subscribe(log)
+    assert RE(plan()).plan_result == "plan done"
+    task = w.submit("ticker")
+    log.wait_for(lambda evs: any(e["task_uid"] == task.uid and "progress" in e for e in evs))
+    before = ticks[0]
+    result = RE(plan())  # on the same loop as the ticker
+    assert result.plan_result == "plan done" and result.exit_status == "success"
+    assert ticks[0] > before  # the task ran while the plan did
+    failed = w.submit("fails")
+    assert failed.wait(TIMEOUT) and failed.status is TaskStatus.FAILED
+    task.cancel()
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+    assert RE(plan()).plan_result == "plan done" and RE.state == "idle"
+    assert qmagic.core.loops.bluesky_loop() is not None
+
+
+# =========================================================================================
+# awaiting tasks
+# =========================================================================================
+def test_awaiting_a_task_inside_a_coroutine_task_never_blocks_the_loop(make_worker, no_bluesky_loop):
+    gate = Gate()
+    waiting, ticked = threading.Event(), threading.Event()
+
+    async def ticker():
+        count = 0
+        while True:
+            if waiting.is_set():
+                count += 1
+                if count >= 3:
+                    ticked.set()
+            await asyncio.sleep(0.001)
+
+    async def waits_for(uid):
+        task = w.get_task(uid)
+        waiting.set()
+        return await task
+
+    async def double(n):
+        await asyncio.sleep(0)
+        return 2 * n
+
+    async def chain(n):
+        inner = w.submit("double", (n,))  # a coroutine task on this same loop
+        wrapped = await asyncio.wrap_future(w.submit("double", (n + 1,)))
+        return await inner, wrapped
+
+    w = make_worker({"gate": gate, "ticker": ticker, "waits_for": waits_for, "double": double,
+                     "chain": chain})
+    tick = w.submit("ticker")
+    slow = w.submit("gate", ("opened",))  # a thread task
+    assert gate.started.wait(TIMEOUT)
+    waiter = w.submit("waits_for", (slow.uid,))
+    assert ticked.wait(TIMEOUT)  # the loop ran the ticker while waits_for awaited
+    assert not waiter.done()
+    gate.release.set()
+    assert waiter.result(TIMEOUT) == "opened"
+    assert w.submit("chain", (3,)).result(TIMEOUT) == (6, 8)
+    tick.cancel()
+    assert tick.wait(TIMEOUT)
+
+
+def test_awaiting_failed_or_cancelled_tasks_in_a_coroutine_task(make_worker, no_bluesky_loop):
+    started, inside = threading.Event(), []
+
+    def boom():
+        raise ValueError("bad value")
+
+    async def awaits(uid):
+        return await w.get_task(uid)
+
+    w = make_worker({"boom": boom, "awaits": awaits,
+                     "wait_forever": make_wait_forever(started, inside)})
+    failed = w.submit("boom")
+    assert failed.wait(TIMEOUT)
+    task = w.submit("awaits", (failed.uid,))
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+    assert task.error == "bad value" and task.to_dict()["error_type"] == "ValueError"
+    # awaiting a cancelled task fails the awaiting task; it is not cancelled itself
+    forever = w.submit("wait_forever")
+    assert started.wait(TIMEOUT)
+    awaiting = w.submit("awaits", (forever.uid,))
+    forever.cancel()
+    assert awaiting.wait(TIMEOUT) and awaiting.status is TaskStatus.FAILED
+    assert awaiting.error == "wait_forever() was cancelled: Task was cancelled"
+    # cancelling the awaiting task stops the waiting only
+    started.clear()
+    forever = w.submit("wait_forever")
+    assert started.wait(TIMEOUT)
+    awaiting = w.submit("awaits", (forever.uid,))
+    awaiting.cancel()
+    assert awaiting.wait(TIMEOUT) and awaiting.status is TaskStatus.CANCELLED
+    assert not forever.done() and not forever.cancel_requested
+    forever.cancel()
+    assert forever.wait(TIMEOUT)
+
+
+def test_await_task_in_plain_asyncio_code_shows_the_task_outcome(make_worker, no_bluesky_loop):
+    async def acq(n):
+        await asyncio.sleep(0)
+        return n
+
+    def boom():
+        raise ValueError("bad value")
+
+    w = make_worker({"acq": acq, "boom": boom})
+
+    async def main():
+        done = w.submit("acq", (7,))
+        value = await done
+        again = await done  # a finished task: at once, the same value
+        failed = w.submit("boom")
+        with pytest.raises(ValueError, match="bad value") as first:
+            await failed
+        with pytest.raises(ValueError, match="bad value") as second:
+            failed.result()
+        return value, again, first.value, second.value
+
+    value, again, first, second = asyncio.run(main())
+    assert (value, again) == (7, 7) and first is second
+    # raising the same exception twice did not pile up the first caller's frames
+    names = []
+    tb = second.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert names == ["main", "result", "boom"], names  # this raise only, then the task's own
+
+
+# =========================================================================================
+# plans
+# =========================================================================================
+def test_plans_are_refused_with_how_to_run_them(make_worker):
+    def count_plan(detectors=()):
+        yield ("trigger", detectors)
+
+    async def agen():
+        yield 1
+
+    w = make_worker({"count_plan": count_plan, "agen": agen})
+    for target in ("count_plan", count_plan):
+        with pytest.raises(RequestRefused, match=r"bluesky plan.*RE\(count_plan\(\.\.\.\)\)"):
+            w.submit(target)
+    for target in ("agen", agen):  # not a function either, by name or as a callable
+        with pytest.raises(RequestRefused, match=r"generator function.*RE\(agen\(\.\.\.\)\)"):
+            w.submit(target)
+    reply = QS(w).function_execute({"name": "count_plan", "args": [[]]}, run_in_background=True)
+    assert reply["success"] is False and reply["task_uid"] is None
+    assert "bluesky plan" in reply["msg"] and "RE(count_plan(...))" in reply["msg"]
+    assert w.tasks() == []
+
+
+# =========================================================================================
+# the queueserver protocol, uploaded scripts, a real client
+# =========================================================================================
+def test_coroutine_tasks_through_the_queueserver_protocol(make_worker, no_bluesky_loop):
+    async def not_json():
+        return object()
+
+    w = make_worker({"acq": make_acq(), "not_json": not_json})
+    qs = QS(w)
+    for background in (True, False):
+        reply = qs.function_execute({"name": "acq", "args": [3], "kwargs": {"label": "qs"}},
+                                    run_in_background=background)
+        assert reply["success"] is True, reply
+        task = w.get_task(reply["task_uid"])
+        assert task.wait(TIMEOUT) and task.kind == "coroutine" and task.origin == "remote"
+        assert qs.task_status(task_uid=task.uid)["status"] == "completed"
+        result = qs.task_result(task_uid=task.uid)
+        assert result["status"] == "completed"
+        assert result["result"]["success"] is True and result["result"]["return_value"] == 6
+    reply = qs.function_execute("not_json", run_in_background=True)
+    assert w.get_task(reply["task_uid"]).wait(TIMEOUT)
+    result = qs.task_result(task_uid=reply["task_uid"])["result"]
+    assert result["success"] is False and "can not be serialized as JSON" in result["msg"]
+
+
+SCRIPT = '''\
+import asyncio
+import qmagic
+
+async def acquire(n, exposure=0.0):
+    """Acquire n frames."""
+    for i in range(n):
+        qmagic.report_progress(i + 1, n)
+        await asyncio.sleep(exposure)
+    return {"frames": n, "loop": type(asyncio.get_running_loop()).__name__}
+
+def grid_plan(points):
+    yield ("set", points)
+'''
+
+
+def test_uploaded_scripts_define_coroutine_functions(make_worker, no_bluesky_loop):
+    w = make_worker()
+    qs = QS(w)
+    reply = qs.script_upload(script=SCRIPT, run_in_background=True)
+    assert reply["success"] is True, reply
+    upload = w.get_task(reply["task_uid"])
+    assert upload.wait(TIMEOUT) and upload.status is TaskStatus.COMPLETED, upload.traceback
+    assert {"acquire", "grid_plan"} <= set(upload.namespace_changes["added"])
+    assert "acquire" in w.functions_available() and "grid_plan" not in w.functions_available()
+    assert w.functions_available()["acquire"] == {"signature": "(n, exposure=0.0)",
+                                                  "doc": "Acquire n frames."}
+    reply = qs.function_execute({"name": "acquire", "args": [4]}, run_in_background=True)
+    task = w.get_task(reply["task_uid"])
+    assert task.result(TIMEOUT) == {"frames": 4, "loop": "_UnixSelectorEventLoop"}
+    assert task.kind == "coroutine" and task.progress.value == 4
+    refused = qs.function_execute({"name": "grid_plan", "args": [3]}, run_in_background=True)
+    assert refused["success"] is False and "RE(grid_plan(...))" in refused["msg"]
+    # the Python door runs the same script's functions the same way
+    w.run_script(SCRIPT.replace("acquire", "acquire2"), background=True).result(TIMEOUT)
+    assert w.submit("acquire2", (2,)).result(TIMEOUT)["frames"] == 2
+
+
+def test_a_real_remote_client_runs_coroutine_tasks(make_worker, no_bluesky_loop):
+    pytest.importorskip("bluesky_queueserver_api")
+    from bluesky_queueserver_api import BFunc
+    from bluesky_queueserver_api.zmq import REManagerAPI
+
+    from qmagic.protocol import QueueserverProtocol
+    from qmagic.remote.dispatch import dispatch
+    from qmagic.remote.server import ControlServer
+
+    def count_plan():
+        yield "msg"
+
+    w = make_worker({"acq": make_acq(), "count_plan": count_plan})
+    server = ControlServer(functools.partial(dispatch, QueueserverProtocol(w)),
+                           "tcp://127.0.0.1:*").start()
+    RM = REManagerAPI(zmq_control_addr=server.address, status_polling_period=0.05,
+                      timeout_recv=TIMEOUT)
+    try:
+        for background in (True, False):
+            reply = RM.function_execute(BFunc("acq", 3, label="remote"), run_in_background=background)
+            uid = reply["task_uid"]
+            assert RM.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+            result = RM.task_result(uid)["result"]
+            assert result["success"] is True and result["return_value"] == 6
+            assert w.get_task(uid).output == "acq remote started\nacq remote done\n"
+        with pytest.raises(RM.RequestFailedError) as info:
+            RM.function_execute(BFunc("count_plan"), run_in_background=True)
+        assert "RE(count_plan(...))" in info.value.response["msg"]
+    finally:
+        RM.close()
+        server.stop()
+
+
+# =========================================================================================
+# a real kernel
+# =========================================================================================
+KERNEL_HELPERS = r'''
+import asyncio, concurrent.futures as cf
+
+gates = {}
+
+def gate(name):
+    """A threading.Event a coroutine awaits without blocking its loop."""
+    return gates.setdefault(name, threading.Event())
+
+async def acq(n, label="x"):
+    print(f"acq {label} started", flush=True)
+    for i in range(n):
+        qmagic.report_progress(i + 1, n)
+        await asyncio.sleep(0)
+    print(f"acq {label} done", flush=True)
+    return 2 * n
+
+async def gated(name):
+    print(f"{name} started", flush=True)
+    while not gate(name).is_set():
+        await asyncio.sleep(0.002)
+    print(f"{name} finished", flush=True)
+    return name
+
+async def forever(label="f"):
+    print(f"{label} started", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        print(f"{label} cleanup ran", flush=True)
+
+async def abad(x):
+    await asyncio.sleep(0)
+    raise ValueError(f"bad value {x}")
+
+def count_plan():
+    yield "msg"
+'''
+
+
+@pytest.fixture(scope="module")
+def ak(tmp_path_factory):
+    from kernel_helpers import start_kernel
+
+    session = start_kernel(tmp_path_factory.mktemp("async-kernel"))
+    session.execute(KERNEL_HELPERS, check=True)
+    yield session
+    session.shutdown()
+
+
+def test_kernel_foreground_coroutine_task_holds_the_cell(ak):
+    result = ak.execute("%function_execute acq 3 label='fg'", check=True)
+    assert result.stdout == "acq fg started\nacq fg done\n"
+    assert ak.eval("(w.last_task.kind, w.last_task.status.value, w.last_task.result(),"
+                   " w.last_task.background, w.last_task.output)") == (
+        "coroutine", "completed", 6, False, "acq fg started\nacq fg done\n")
+
+
+def test_kernel_background_coroutine_task_returns_at_once_and_await_works(ak):
+    first = ak.execute("t = %function_execute -b gated 'bg1'\nprint(t.status.value != 'completed')",
+                       check=True)
+    ak.wait_for_output(first.msg_id, "bg1 started")
+    assert "True" in first.stdout  # the cell did not wait for the task
+    second = ak.execute(
+        "async def opener():\n"
+        "    print('open while awaiting:', not t.done(), flush=True)\n"
+        "    gate('bg1').set()\n"
+        "asyncio.ensure_future(opener())  # runs on the kernel's loop while the cell awaits\n"
+        "print(await t)\n",
+        check=True,
+    )
+    assert second.stdout == "open while awaiting: True\nbg1\n"
+    ak.wait_for_output(first.msg_id, "bg1 finished")  # its output goes to the cell that started it
+    assert "bg1 finished" not in second.stdout
+    assert ak.eval("t.output") == "bg1 started\nbg1 finished\n"
+
+
+def test_kernel_interrupt_cancels_a_foreground_coroutine_task(ak):
+    from kernel_helpers import assert_no_internals, one_line
+
+    cell = ak.execute_async("%function_execute forever 'k1'")
+    ak.wait_for_output(cell, "k1 started")
+    ak.interrupt()
+    result = ak.wait(cell)
+    assert one_line(result) == (
+        "TaskCancelled: forever('k1') was interrupted (■ or KeyboardInterrupt); it is recorded "
+        "as cancelled.")
+    assert result.stdout == "k1 started\nk1 cleanup ran\n"
+    assert ak.eval("(w.last_task.status.value, w.last_task.error, w.last_task.kind)") == (
+        "cancelled", "Task was interrupted (■ or KeyboardInterrupt)", "coroutine")
+    assert_no_internals(ak.eval("w.last_task.traceback"))
+    assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
+
+
+def test_kernel_deadlines_of_coroutine_tasks(ak):
+    from kernel_helpers import one_line
+
+    result = ak.execute("%function_execute --timeout 0.2 forever 'd1'")
+    line = one_line(result)
+    assert line.startswith("TaskCancelled: forever('d1') was ") and "deadline of 0.2 s passed" in line
+    assert line.endswith("it is recorded as cancelled.")
+    assert result.stdout == "d1 started\nd1 cleanup ran\n"
+    result = ak.execute("t2 = %function_execute -b --timeout 0.2 forever 'd2'\nawait t2")
+    assert one_line(result) == "CancelledError: forever('d2') was cancelled: deadline of 0.2 s passed"
+    result = ak.execute("t2.result()")  # the same line, from the Future API
+    assert one_line(result) == "CancelledError: forever('d2') was cancelled: deadline of 0.2 s passed"
+    started = ak.execute("t4 = %function_execute -b forever 'd4'", check=True)
+    ak.wait_for_output(started.msg_id, "d4 started")
+    result = ak.execute("t4.result(timeout=0.05)")
+    assert one_line(result) == (
+        "TimeoutError: forever('d4') is still running after 0.05 s; wait longer, or cancel it "
+        "with task.cancel().")
+    assert ak.eval("t4.cancel() and t4.wait(10)") is True
+    assert ak.eval("(t2.status.value, t2.error, t2.timeout)") == (
+        "cancelled", "deadline of 0.2 s passed", 0.2)
+
+
+def test_kernel_await_of_a_failed_task_shows_the_users_frames_only(ak):
+    from kernel_helpers import assert_no_internals, error_text
+
+    result = ak.execute("t3 = %function_execute -b abad 7\nawait t3")
+    lines = error_text(result)
+    assert lines[-1] == "ValueError: bad value 7"
+    assert any("await t3" in line for line in lines)
+    assert any('raise ValueError(f"bad value {x}")' in line for line in lines)
+    assert_no_internals("\n".join(lines))
+    # raised again, the traceback does not pile up the earlier cell's frames
+    again = error_text(ak.execute("t3.result()"))
+    assert again[-1] == "ValueError: bad value 7"
+    assert not any("await t3" in line for line in again)
+    assert_no_internals("\n".join(again))
+
+
+def test_kernel_plans_and_the_bluesky_policy_give_one_line(ak):
+    from kernel_helpers import one_line
+
+    line = one_line(ak.execute("%function_execute count_plan"))
+    assert line.startswith("UsageError: ") and "RE(count_plan(...))" in line
+    ak.execute("w.async_loop = 'bluesky'", check=True)
+    try:
+        line = one_line(ak.execute("%function_execute acq 1"))
+    finally:
+        ak.execute("w.async_loop = 'auto'", check=True)
+    assert line == f"RuntimeError: {MSG_NO_BLUESKY_LOOP}"
