@@ -4,14 +4,18 @@ Prints ONE JSON line.  With ``bluesky_queueserver_api.zmq.REManagerAPI`` against
 kernel (``--ext=qmagic --QMagic.zmq_control_address=...``), medians over N runs of
 
 (a) a ``status`` round trip, as a ratio to a bare pyzmq REQ/REP echo round trip measured
-    in the same run against an echo server in its own process (target: at most 3);
+    in the same run against an echo server in its own process, in alternating blocks
+    (target: at most 3);
 (b) ``function_execute`` of a trivial function until ``task_result`` reports it
     completed, polling as fast as the client allows (target: under 2 ms; a queueserver
-    RE Manager takes about 500 ms, since it collects results every 0.5 s).
+    RE Manager takes about 500 ms, since it collects results every 0.5 s); also as a ratio
+    to the echo round trip;
+(c) ``task_status`` for a list of 20,000 unknown uids (issue 13: target under 200 ms).
 
-Usage: ``python benchmarks/remote.py [-n 500] [--in-process]``.  Without a working
-``qmagic.extension`` (or with ``--in-process``) the worker runs in this process and the
-output says ``"mode": "in-process"``.
+The experiment log is off unless ``--journal`` is given (its cost is measured by
+benchmarks/journal.py).  Usage: ``python benchmarks/remote.py [-n 500] [--in-process]
+[--journal]``.  Without a working kernel extension (or with ``--in-process``) the worker
+runs in this process behind a ``ControlServer`` and the output says ``"mode": "in-process"``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +39,8 @@ if str(REPO) not in sys.path:
 
 STATUS_RATIO_TARGET = 3.0
 TASK_E2E_TARGET_MS = 2.0
+LOOKUP_TARGET_MS = 200.0
+LOOKUP_UIDS = 20_000
 QUEUESERVER_TASK_E2E_MS = 500.0  # RE Manager 0.0.25 on this class of machine (notes)
 
 ECHO_SERVER = r"""
@@ -133,7 +140,7 @@ class KernelTarget:
 
     mode = "kernel"
 
-    def __init__(self) -> None:
+    def __init__(self, journal: bool = False) -> None:
         from jupyter_client import KernelManager
 
         self.tmp = tempfile.TemporaryDirectory(prefix="qmagic-bench-")
@@ -148,7 +155,8 @@ class KernelTarget:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.km = KernelManager(kernel_name="python3")
         self.km.start_kernel(
-            extra_arguments=["--ext=qmagic", f"--QMagic.zmq_control_address={self.address}"],
+            extra_arguments=["--ext=qmagic", f"--QMagic.zmq_control_address={self.address}",
+                             f"--QMagic.journal_enabled={journal}"],
             env=env,
             cwd=str(base),
         )
@@ -166,19 +174,30 @@ class KernelTarget:
 
 
 class InProcessTarget:
-    """A Worker in this process (no kernel): foreground tasks run on a thread of their own."""
+    """A Worker in this process behind a ControlServer (no kernel): foreground tasks run on
+    a thread of their own."""
 
     mode = "in-process"
 
-    def __init__(self) -> None:
-        from qmagic.control import ControlChannel
-        from qmagic.worker import Worker
+    def __init__(self, journal: bool = False) -> None:
+        import functools
+
+        from traitlets.config import Config
+
+        from qmagic import Worker
+        from qmagic.protocol import QueueserverProtocol
+        from qmagic.remote.dispatch import dispatch
+        from qmagic.remote.server import ControlServer
 
         self.tmp = tempfile.TemporaryDirectory(prefix="qmagic-bench-")
         namespace: dict[str, Any] = {}
         exec(TRIVIAL, namespace)  # noqa: S102 - the benchmark's own function
-        self.worker = Worker(namespace, state_dir=self.tmp.name)
-        self.channel = ControlChannel(self.worker, "tcp://127.0.0.1:*").start()
+        config = Config()
+        config.QMagic.state_dir = self.tmp.name
+        config.QMagic.journal_enabled = journal
+        self.worker = Worker(namespace, config=config)
+        protocol = QueueserverProtocol(self.worker)
+        self.channel = ControlServer(functools.partial(dispatch, protocol), "tcp://127.0.0.1:*").start()
         self.address = self.channel.address
 
     def close(self) -> None:
@@ -219,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=500, help="iterations per measurement")
     parser.add_argument("--in-process", action="store_true", help="no kernel: a Worker here")
+    parser.add_argument("--journal", action="store_true", help="with the experiment log on")
     args = parser.parse_args(argv)
 
     from bluesky_queueserver_api.zmq import REManagerAPI
@@ -226,17 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     note = ""
     target: Any
     if args.in_process:
-        target = InProcessTarget()
+        target = InProcessTarget(args.journal)
     else:
         try:
-            import qmagic.extension  # noqa: F401
+            import qmagic.ipython.extension  # noqa: F401
 
-            target = KernelTarget()
+            target = KernelTarget(args.journal)
         except Exception as exc:  # noqa: BLE001 - fall back, and say so
             note = f"kernel unavailable ({type(exc).__name__}: {exc}); measured in-process"
-            target = InProcessTarget()
-    rm = REManagerAPI(zmq_control_addr=target.address)
+            target = InProcessTarget(args.journal)
+    rm = REManagerAPI(zmq_control_addr=target.address, timeout_recv=30.0)
     echo = EchoServer()
+    unknown = [str(uuid.uuid4()) for _ in range(LOOKUP_UIDS)]
     try:
         rm.status(reload=True)
         echo_samples, status = alternating_blocks(
@@ -244,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         status_api = timed(args.n, lambda: rm.status(reload=True))
         bg, bg_submit, bg_polls = task_e2e(rm, args.n, background=True)
-        fg, fg_submit, fg_polls = task_e2e(rm, args.n, background=False)
+        fg, fg_submit, _ = task_e2e(rm, args.n, background=False)
+        lookup = timed(7, lambda: rm.task_status(unknown), warmup=1)
     finally:
         echo.close()
         rm.close()
@@ -269,10 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         "task_e2e_foreground_ms": median_ms(fg),
         "task_e2e_foreground_p90_ms": p90_ms(fg),
         "function_execute_foreground_ms": median_ms(fg_submit),
+        "task_e2e_ratio_to_echo": round(median_ms(bg) / echo_ms, 3),
         "queueserver_task_e2e_ms": QUEUESERVER_TASK_E2E_MS,
+        "lookup_uids": LOOKUP_UIDS,
+        "lookup_ms": median_ms(lookup),
+        "lookup_target_ms": LOOKUP_TARGET_MS,
+        "journal": args.journal,
     }
     result["status_ratio_ok"] = result["status_ratio"] <= STATUS_RATIO_TARGET
     result["task_e2e_ok"] = result["task_e2e_ms"] < TASK_E2E_TARGET_MS
+    result["lookup_ok"] = result["lookup_ms"] < LOOKUP_TARGET_MS
+    result["targets_met"] = result["status_ratio_ok"] and result["task_e2e_ok"] and result["lookup_ok"]
     if note:
         result["note"] = note
     print(json.dumps(result))

@@ -137,8 +137,7 @@ def _uid_of(key: Any) -> str:
 class QueueserverProtocol:
     """queueserver's methods for one worker (see the module docstring).
 
-    ``identity`` and ``client`` of each call say who sent it (an authenticated CurveZMQ
-    identity, and a name for per-client throttling of wrong lock keys).
+    ``client`` names who sent a request (for per-client throttling of wrong lock keys).
     """
 
     def __init__(self, worker: Any, connection_info: Callable[[], dict] | None = None) -> None:
@@ -153,20 +152,20 @@ class QueueserverProtocol:
         return {"success": True, "msg": "", "config": {"ip_connect_info": self.connection_info()}}
 
     # -- tasks -------------------------------------------------------------------------------------
-    def function_execute(self, params: dict, *, identity: Any = None, client: str | None = None) -> dict:
+    def function_execute(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         item = params.get("item")
         try:
             lock_key = _lock_key(params)
             name, args, kwargs = _function_item(params)
             if "user_group" not in params:
                 raise RequestRefused("Error: Incorrect request format: user group is not specified")
-            if "user" not in params and identity is None:
+            if "user" not in params:
                 raise RequestRefused("Error: Incorrect request format: user name is not specified")
             _user_name(params)
             task = self.worker.submit(
                 name, args, kwargs, background=_flag(params, "run_in_background", False),
                 user=params.get("user"), user_group=params.get("user_group"), lock_key=lock_key,
-                origin="remote", strict_json=True, identity=identity, client=client,
+                origin="remote", strict_json=True, client=client,
             )
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), "item": item, "task_uid": None}
@@ -176,7 +175,7 @@ class QueueserverProtocol:
             reply_item = {"item_type": item["item_type"], **reply_item}
         return {"success": True, "msg": "", "item": reply_item, "task_uid": task.uid}
 
-    def script_upload(self, params: dict, *, identity: Any = None, client: str | None = None) -> dict:
+    def script_upload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         try:
             lock_key = _lock_key(params)
             script = params.get("script")
@@ -189,7 +188,7 @@ class QueueserverProtocol:
                 script, update_lists=_flag(params, "update_lists", True),
                 background=_flag(params, "run_in_background", False), lock_key=lock_key,
                 user=params.get("user"), user_group=params.get("user_group"),
-                origin="remote", identity=identity, client=client,
+                origin="remote", client=client,
             )
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), "task_uid": None}

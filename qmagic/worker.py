@@ -1,7 +1,7 @@
 """The worker: the Python API over one namespace, and the one place of every rule.
 
 Magics, panels, the queueserver protocol and Python code all call these methods, so each
-rule exists once: who is asking (user, group, authenticated identity), the lock, the
+rule exists once: who is asking (user and group), the lock, the
 permissions, which names may run, the foreground/idle rule, the JSON rule for remote
 results, the environment being open.  Methods raise typed errors
 (:class:`qmagic.RequestRefused` and its subclasses carry queueserver's text) and return
@@ -96,15 +96,14 @@ class Worker(StateMixin, QMagic):
             self.engine.loops.policy = change["new"]
 
     # -- who is asking -------------------------------------------------------------------------
-    def _who(self, user: Any, user_group: Any, origin: str, identity: Any = None,
+    def _who(self, user: Any, user_group: Any, origin: str,
              defaults: bool = False) -> tuple[str, str]:
         """The request's user and group: defaults for None (for remote requests only with
-        ``defaults``: queueserver's script_upload names no user), an authenticated identity's
-        rules, the protocol's errors for missing values."""
+        ``defaults``: queueserver's script_upload names no user), the protocol's errors for
+        missing values.  (An authenticated CurveZMQ client's claims are checked by the remote
+        door before the request gets here.)"""
         if origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}.")
-        if identity is not None:
-            user, user_group = identity.check_claim(user, user_group)
         if origin != "remote" or defaults:
             user = self.default_user if user is None else user
             user_group = self.default_user_group if user_group is None else user_group
@@ -139,7 +138,6 @@ class Worker(StateMixin, QMagic):
         timeout: float | None = None,
         origin: str = "python",
         strict_json: bool = False,
-        identity: Any = None,
         client: str | None = None,
     ) -> Task:
         """Start ``target(*args, **kwargs)`` as a tracked task and return its :class:`Task`.
@@ -166,7 +164,7 @@ class Worker(StateMixin, QMagic):
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not timeout > 0):
             raise RequestRefused(f"Error: Invalid timeout {timeout!r}: give a number of seconds > 0.")
-        user, user_group = self._who(user, user_group, origin, identity)
+        user, user_group = self._who(user, user_group, origin)
         self.check_lock(lock_key, origin=origin, client=client)
         if func is None:  # permissions are about names; a callable is run as given
             self._permissions.check(name, user, user_group)
@@ -236,7 +234,6 @@ class Worker(StateMixin, QMagic):
         user: str | None = None,
         user_group: str | None = None,
         origin: str = "python",
-        identity: Any = None,
         client: str | None = None,
     ) -> Task:
         """Run ``script`` in the namespace as a task (all or nothing; see
@@ -247,7 +244,7 @@ class Worker(StateMixin, QMagic):
         if not isinstance(script, str):
             raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
         name = check_script_name(name)
-        user, user_group = self._who(user, user_group, origin, identity, defaults=True)
+        user, user_group = self._who(user, user_group, origin, defaults=True)
         self.check_lock(lock_key, origin=origin, client=client)
         self.scripts.check_free()
 

@@ -100,7 +100,7 @@ def no_bluesky_loop():
 @pytest.fixture
 def run_engine():
     """A real RunEngine (bluesky's loop runs in its thread); stopped after the test."""
-    pytest.importorskip("bluesky")
+    import bluesky  # noqa: F401 - a test dependency
     from bluesky import RunEngine
 
     assert bluesky_loop() is None, "a bluesky event loop leaked from another test"

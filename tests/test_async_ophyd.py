@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("bluesky")
-pytest.importorskip("ophyd_async")
+import bluesky  # noqa: F401 - a test dependency
+import ophyd_async  # noqa: F401 - a test dependency
 
 from async_helpers import TIMEOUT, EventLog, in_loop, run_engine  # noqa: E402,F401 - fixture
 from engine_helpers import make_worker  # noqa: E402,F401 - fixture
@@ -161,7 +161,7 @@ def test_a_deadline_stops_a_move_too(beamline, make_worker):
 
 
 def test_a_remote_client_reads_the_result_of_a_move(beamline, make_worker):
-    pytest.importorskip("bluesky_queueserver_api")
+    import bluesky_queueserver_api  # noqa: F401 - a test dependency
     from bluesky_queueserver_api import BFunc
     from bluesky_queueserver_api.zmq import REManagerAPI
 

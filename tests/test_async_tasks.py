@@ -568,7 +568,7 @@ def test_uploaded_scripts_define_coroutine_functions(make_worker, no_bluesky_loo
 
 
 def test_a_real_remote_client_runs_coroutine_tasks(make_worker, no_bluesky_loop):
-    pytest.importorskip("bluesky_queueserver_api")
+    import bluesky_queueserver_api  # noqa: F401 - a test dependency
     from bluesky_queueserver_api import BFunc
     from bluesky_queueserver_api.zmq import REManagerAPI
 

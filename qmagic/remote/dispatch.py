@@ -59,6 +59,20 @@ METHODS: dict[str, Method] = {
 }
 
 
+def _authenticated(method: str, params: dict, identity: Any) -> dict:
+    """The request's claims checked against the sender's client key (RequestRefused if not)."""
+    from .auth import check_claim, check_method
+
+    check_method(identity, method)
+    if method == "function_execute":
+        user, group = check_claim(identity, params.get("user"), params.get("user_group"))
+        return {**params, "user": user, "user_group": group}
+    if method == "lock":
+        user, _ = check_claim(identity, params.get("user"), None)
+        return {**params, "user": user}
+    return params
+
+
 def _unsupported_msg(names: list[str], supported: tuple[str, ...]) -> str:
     shown = f"{names[0]!r}" if len(names) == 1 else f"{names}"
     return (f"Error: API request contains unsupported parameters: {shown}. "
@@ -73,9 +87,14 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def dispatch(protocol: QueueserverProtocol, request: Any, *, identity: Any = None,
-             client: str | None = None) -> dict:
-    """Process one decoded request; returns the reply dict (errors in-band, never raises)."""
+def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None = None,
+             keys: Any = None, identity: Any = None) -> dict:
+    """Process one decoded request; returns the reply dict (errors in-band, never raises).
+
+    ``keys``: the CurveZMQ client key list when one is configured; then ``identity`` is
+    the sender's (None: not listed) and the request may only claim that identity's user
+    and groups (:mod:`qmagic.remote.auth`).
+    """
     if not isinstance(request, dict):
         return {"success": False, "msg": (
             f"Incorrect request type: {type(request).__name__}. Dictionary is expected "
@@ -105,7 +124,9 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, identity: Any = Non
                     **spec.error_keys}
     handler = getattr(protocol, spec.handler or name)
     try:
-        return handler(params, identity=identity, client=client)
+        if keys is not None:
+            params = _authenticated(name, params, identity)
+        return handler(params, client=client)
     except RequestRefused as exc:
         return {"success": False, "msg": str(exc), **spec.error_keys}
     except Exception as exc:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug

@@ -7,8 +7,9 @@ leaves within milliseconds whatever a cell is doing (queueserver's client gives 
 2 s).  Nothing a client sends stops the channel.
 
 CurveZMQ is on when a secret key is given (``$QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER``, as
-queueserver); with a client key list (:mod:`qmagic.remote.auth`) only known clients get
-through, each with its authenticated identity.
+queueserver); with a client key list (:mod:`qmagic.remote.auth`) only listed clients get
+through (a ZAP handler in the channel's own 0MQ context), and each request may claim only
+its key's user and groups.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _STOP_TIMEOUT_S = 5.0
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
-#: ``dispatch(request, identity=..., client=...) -> reply dict``
+#: ``dispatch(request, client=..., keys=..., identity=...) -> reply dict``
 Dispatcher = Callable[..., dict]
 
 
@@ -106,7 +107,7 @@ class ControlServer:
     """
 
     def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
-                 secret_key: str | None = None, authenticator: Any = None) -> None:
+                 secret_key: str | None = None, client_keys: Any = None) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ControlChannelError(
                 f"Invalid control channel address {address!r}: use a 0MQ endpoint such as "
@@ -117,7 +118,12 @@ class ControlServer:
         #: Largest request accepted, in bytes; larger ones get an error reply.
         self.max_message_bytes = max_message_bytes
         self._secret_key = server_secret_key(secret_key)
-        self._authenticator = authenticator
+        self._client_keys = client_keys
+        if client_keys is not None and self._secret_key is None:
+            raise ControlChannelError(
+                "QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
+                f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys."
+            )
         self._endpoint: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -198,9 +204,11 @@ class ControlServer:
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
         sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.max_message_bytes, _HARD_CAP_MIN))
-        if self._secret_key is not None:
-            if self._authenticator is not None:
-                sock.setsockopt(zmq.ZAP_DOMAIN, b"qmagic")
+        if self._client_keys is not None:
+            from .auth import secure_server_socket
+
+            secure_server_socket(sock, self._secret_key)  # only listed client keys get in
+        elif self._secret_key is not None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
         return sock
@@ -208,12 +216,14 @@ class ControlServer:
     def _serve(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         ctx = zmq.Context()
         sock: zmq.Socket | None = None
-        auth_started = False
+        auth = None
         try:
             try:
-                if self._authenticator is not None and self._secret_key is not None:
-                    self._authenticator.start(ctx)
-                    auth_started = True
+                if self._client_keys is not None:
+                    from .auth import CurveAuthenticator
+
+                    auth = CurveAuthenticator(ctx, self._client_keys)
+                    auth.start()
                 sock = self._new_socket(ctx)
                 sock.bind(self.requested_address)
                 outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -245,8 +255,8 @@ class ControlServer:
         finally:
             if sock is not None:
                 sock.close(0)
-            if auth_started:
-                self._authenticator.stop()
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
     def _recover(self, ctx: zmq.Context, sock: zmq.Socket, exc: zmq.ZMQError,
@@ -325,9 +335,14 @@ class ControlServer:
             preview = raw[:80].decode("utf-8", "replace")
             return self._malformed(f"Failed to decode the request: it is not valid JSON ({exc}): "
                                    f"{preview!r}")
-        identity = self._authenticator.identity(frame) if self._authenticator is not None else None
-        client = _client_of(frame, identity)
-        return self._dispatch(request, identity=identity, client=client)
+        keys = self._client_keys
+        identity = None
+        if keys is not None:
+            from .auth import identity_of
+
+            identity = identity_of(frame, keys)
+        return self._dispatch(request, client=_client_of(frame, identity), keys=keys,
+                              identity=identity)
 
 
 def _client_of(frame: Any, identity: Any) -> str:

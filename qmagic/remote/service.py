@@ -51,8 +51,8 @@ class RemoteService:
             except ControlChannelError as exc:
                 log.error("qmagic: the info socket is off. %s", exc)
 
-    def _dispatch(self, request: Any, *, identity: Any = None, client: str | None = None) -> dict:
-        return dispatch(self.protocol, request, identity=identity, client=client)
+    def _dispatch(self, request: Any, **who: Any) -> dict:
+        return dispatch(self.protocol, request, **who)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, address: str | None = None) -> ControlServer:
@@ -69,7 +69,7 @@ class RemoteService:
             try:
                 server = ControlServer(self._dispatch, address,
                                        max_message_bytes=self.worker.zmq_max_message_bytes,
-                                       authenticator=self._authenticator())
+                                       client_keys=self._client_keys())
                 server.start()
             except ControlChannelError:
                 self._set_trait(None)
@@ -81,13 +81,10 @@ class RemoteService:
             self._set_trait(address)
             return server
 
-    def _authenticator(self) -> Any:
-        keys = self.worker.zmq_client_keys
-        if not keys:
-            return None
-        from .auth import ChannelAuthenticator
+    def _client_keys(self) -> Any:
+        from .auth import ClientKeys
 
-        return ChannelAuthenticator.from_config(keys)
+        return ClientKeys.from_config(self.worker.zmq_client_keys or None)
 
     def stop(self) -> bool:
         """Stop the channel; False if it was not running."""

@@ -1,0 +1,94 @@
+"""The control channel with CurveZMQ client keys: only listed clients get through, and each
+may claim only its own user and groups — end to end, with the real REManagerAPI."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+from bluesky_queueserver.manager import comms
+from bluesky_queueserver_api import BFunc
+from bluesky_queueserver_api.comm_base import RequestFailedError
+from bluesky_queueserver_api.zmq import REManagerAPI
+
+from qmagic.remote.service import RemoteService
+
+from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+
+SERVER_PUBLIC, SERVER_SECRET = (k.decode() for k in zmq.curve_keypair())
+ALICE = tuple(k.decode() for k in zmq.curve_keypair())
+ROBOT = tuple(k.decode() for k in zmq.curve_keypair())
+
+
+@pytest.fixture
+def channel(make_worker, monkeypatch):
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    keys = {"clients": [
+        {"public_key": ALICE[0], "user": "alice", "groups": ["root", "primary"]},
+        {"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]},
+    ]}
+    worker = make_worker({"add": lambda a, b: a + b}, zmq_client_keys=keys)
+    service = RemoteService(worker)
+    service.start("tcp://127.0.0.1:*")
+    yield worker, service.server.address
+    service.close()
+
+
+def _client(address, pair, monkeypatch, **kwargs):
+    monkeypatch.setattr(comms, "_fixed_public_key", pair[0])
+    monkeypatch.setattr(comms, "_fixed_private_key", pair[1])
+    return REManagerAPI(zmq_control_addr=address, zmq_public_key=SERVER_PUBLIC, **kwargs)
+
+
+def test_listed_clients_act_as_themselves(channel, monkeypatch):
+    worker, address = channel
+    RM = _client(address, ROBOT, monkeypatch)
+    try:
+        RM.user, RM.user_group = "robot", "primary"
+        reply = RM.function_execute(BFunc("add", 2, 3), run_in_background=True)
+        task = worker.get_task(reply["task_uid"])
+        assert task.result(TIMEOUT) == 5 and task.user == "robot"
+        RM.user_group = "root"
+        with pytest.raises(RequestFailedError, match="User group 'root' is not allowed for the client key of user 'robot'"):
+            RM.function_execute(BFunc("add", 2, 3), run_in_background=True)
+        RM.user, RM.user_group = "alice", "primary"
+        with pytest.raises(RequestFailedError, match="does not match the client key"):
+            RM.function_execute(BFunc("add", 2, 3), run_in_background=True)
+        with pytest.raises(RequestFailedError, match="allowed only for client keys that may claim the user group 'root'"):
+            RM.permissions_reload()
+    finally:
+        RM.close()
+    admin = _client(address, ALICE, monkeypatch)
+    try:
+        admin.user, admin.user_group = "alice", "root"
+        assert admin.permissions_reload()["success"]
+        assert admin.function_execute(BFunc("add", 1, 1), run_in_background=True)["success"]
+    finally:
+        admin.close()
+
+
+def test_unlisted_and_stock_keys_get_no_answer(channel, monkeypatch):
+    worker, address = channel
+    stranger = tuple(k.decode() for k in zmq.curve_keypair())
+    for pair in (stranger, (comms._fixed_public_key, comms._fixed_private_key)):
+        RM = _client(address, pair, monkeypatch, timeout_recv=0.3)
+        try:
+            with pytest.raises(Exception, match="(?i)timeout"):
+                RM.status()
+        finally:
+            RM.close()
+    assert worker.tasks() == []
+
+
+def test_client_keys_without_curve_refuse_to_start(make_worker, monkeypatch):
+    from qmagic import ControlChannelError
+
+    monkeypatch.delenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", raising=False)
+    worker = make_worker({}, zmq_client_keys={"clients": [
+        {"public_key": ALICE[0], "user": "alice", "groups": ["primary"]}]})
+    service = RemoteService(worker)
+    try:
+        with pytest.raises(ControlChannelError, match="needs CurveZMQ"):
+            service.start("tcp://127.0.0.1:*")
+        assert worker.zmq_control_address is None
+    finally:
+        service.close()
