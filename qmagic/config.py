@@ -79,6 +79,12 @@ class QMagic(Configurable):
         "user_group_permissions is not set, and read again by permissions_reload.",
     ).tag(config=True)
 
+    permissions_match_timeout = Float(
+        0.05, min=0.001, max=10.0,
+        help="CPU seconds that deciding whether one function name is allowed may take; a slower "
+        "decision (a pathological ':regex' pattern) refuses the call and names the pattern.",
+    ).tag(config=True)
+
     # -- persistent state (lock, experiment log) ------------------------------------------------
     state_dir = Unicode(
         None, allow_none=True,

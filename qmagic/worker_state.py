@@ -111,7 +111,7 @@ class StateMixin(HasTraits):
             old.close()
 
     # -- settings follow the traits ---------------------------------------------------------------
-    @observe("user_group_permissions", "user_group_permissions_file")
+    @observe("user_group_permissions", "user_group_permissions_file", "permissions_match_timeout")
     def _permissions_setting(self, change: Mapping[str, Any]) -> None:
         if getattr(self, "_locks", None) is not None:
             self._set_rules(self._load_permissions())
@@ -135,12 +135,13 @@ class StateMixin(HasTraits):
             self._open_journal()
 
     # -- permissions -------------------------------------------------------------------------------
-    def _load_permissions(self) -> Permissions:
-        if self.user_group_permissions:  # {} and None both mean "not set"
-            return Permissions(self.user_group_permissions)
-        if self.user_group_permissions_file:
-            return Permissions.from_file(self.user_group_permissions_file)
-        return Permissions(None)
+    def _load_permissions(self, *, file_first: bool = False) -> Permissions:
+        """The configured rules: the dict trait, else the YAML file, else the defaults
+        (``file_first``: the file wins, as queueserver's permissions_reload reads it)."""
+        timeout = self.permissions_match_timeout
+        if self.user_group_permissions_file and (file_first or not self.user_group_permissions):
+            return Permissions.from_file(self.user_group_permissions_file, match_timeout=timeout)
+        return Permissions(self.user_group_permissions or None, match_timeout=timeout)
 
     def _set_rules(self, rules: Permissions) -> None:
         self._permissions = rules
@@ -155,7 +156,7 @@ class StateMixin(HasTraits):
                         client: str | None = None) -> Permissions:
         """Replace the permission rules (queue-lockable); invalid rules change nothing."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
-        new = Permissions(rules)  # validates before anything changes
+        new = Permissions(rules, match_timeout=self.permissions_match_timeout)  # validates first
         self._set_rules(new)
         return new
 
@@ -164,12 +165,7 @@ class StateMixin(HasTraits):
         """Read the rules again from the configuration (the YAML file, if one is set);
         rules set with :meth:`set_permissions` are replaced (queue-lockable)."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
-        if self.user_group_permissions_file:
-            new = Permissions.from_file(self.user_group_permissions_file)
-        elif self.user_group_permissions:
-            new = Permissions(self.user_group_permissions)
-        else:
-            new = Permissions(None)
+        new = self._load_permissions(file_first=True)
         self._set_rules(new)
         return new
 
