@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import RequestRefused
 
-__all__ = ["Catalog", "check_name", "MAX_NAME_LENGTH"]
+__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "MAX_NAME_LENGTH"]
 
 #: Longest function name accepted in a request.
 MAX_NAME_LENGTH = 100
@@ -51,6 +51,44 @@ def _is_device(obj: Any) -> bool:
         return any(getattr(base, "__module__", "").startswith(("ophyd.", "ophyd_async."))
                    for base in cls.__mro__[1:])
     return not isinstance(obj, type)
+
+
+def describe_plan(name: str, plan: Any) -> dict[str, Any]:
+    """queueserver's description of a plan (``plans_existing`` format): name, module,
+    description, properties and parameters (kind, default, annotation as text)."""
+    out: dict[str, Any] = {"name": name, "properties": {"is_generator": True}, "parameters": []}
+    module = getattr(plan, "__module__", None)
+    if isinstance(module, str):
+        out["module"] = module
+    doc = inspect.getdoc(plan)
+    if doc:
+        out["description"] = doc
+    try:
+        parameters = inspect.signature(plan).parameters.values()
+    except (TypeError, ValueError):
+        parameters = ()
+    for p in parameters:
+        item: dict[str, Any] = {"name": p.name, "kind": {"name": p.kind.name, "value": int(p.kind)}}
+        if p.default is not inspect.Parameter.empty:
+            item["default"] = repr(p.default)
+        if p.annotation is not inspect.Parameter.empty:
+            annotation = p.annotation
+            item["annotation"] = {"type": annotation if isinstance(annotation, str)
+                                  else getattr(annotation, "__name__", repr(annotation))}
+        out["parameters"].append(item)
+    return out
+
+
+def describe_device(device: Any) -> dict[str, Any]:
+    """queueserver's description of a device (``devices_existing`` format; no components)."""
+    cls = type(device)
+    return {
+        "is_readable": callable(getattr(device, "read", None)) and callable(getattr(device, "describe", None)),
+        "is_movable": callable(getattr(device, "set", None)),
+        "is_flyable": callable(getattr(device, "kickoff", None)) and callable(getattr(device, "complete", None)),
+        "classname": cls.__name__,
+        "module": cls.__module__,
+    }
 
 
 def describe(obj: Any) -> dict[str, str]:

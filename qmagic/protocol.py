@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from . import __version__
 from .catalog import check_name
+from .catalog import describe_device, describe_plan
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
@@ -330,6 +331,46 @@ class QueueserverProtocol:
             return {"success": False, "msg": str(exc)}
         self.worker.engine.clear_finished()
         return {"success": True, "msg": ""}
+
+    def _group(self, params: dict) -> str:
+        if "user_group" not in params:
+            raise RequestRefused("Incorrect request format: user group is not specified")
+        group = params["user_group"]
+        if not isinstance(group, str) or group not in self.worker.permissions.groups():
+            raise RequestRefused(f"Unknown user group: '{group}'")
+        return group
+
+    def plans_existing(self, params: dict, **who: Any) -> dict:
+        catalog = self.worker.catalog
+        plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
+        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.uid}
+
+    def plans_allowed(self, params: dict, **who: Any) -> dict:
+        """Every plan of the namespace, for any known group: a kernel has no plan queue, so
+        the rules' plan lists are not applied (they are kept for queueserver files)."""
+        try:
+            self._group(params)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "plans_allowed": {}, "plans_allowed_uid": None}
+        reply = self.plans_existing(params)
+        return {"success": True, "msg": "", "plans_allowed": reply["plans_existing"],
+                "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
+
+    def devices_existing(self, params: dict, **who: Any) -> dict:
+        catalog = self.worker.catalog
+        devices = {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
+        return {"success": True, "msg": "", "devices_existing": devices,
+                "devices_existing_uid": catalog.devices_uid}
+
+    def devices_allowed(self, params: dict, **who: Any) -> dict:
+        """Every device of the namespace, for any known group (see :meth:`plans_allowed`)."""
+        try:
+            self._group(params)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "devices_allowed": {}, "devices_allowed_uid": None}
+        reply = self.devices_existing(params)
+        return {"success": True, "msg": "", "devices_allowed": reply["devices_existing"],
+                "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
 
     def queue_get(self, params: dict, **who: Any) -> dict:
         return {"success": True, "msg": "", "items": [], "running_item": {},

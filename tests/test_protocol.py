@@ -340,3 +340,33 @@ def test_environment_close_open_destroy(make_worker):
     assert qs.environment_destroy()["success"]
     assert running.wait(TIMEOUT) and running.status is TaskStatus.CANCELLED
     assert qs.status()["worker_environment_exists"] is False
+
+
+def test_what_guis_ask_for(make_worker):
+    from ophyd.sim import SynAxis
+
+    def count(detectors: list, num: int = 1, *, md=None):
+        """Take readings."""
+        yield from ()
+
+    w = make_worker({"count": count, "motor": SynAxis(name="motor"), "f": lambda: 1})
+    w.catalog.refresh(force=True)
+    qs = QS(w)
+    plans = qs.plans_existing()
+    assert plans["success"] and set(plans["plans_existing"]) == {"count"}
+    desc = plans["plans_existing"]["count"]
+    assert desc["description"] == "Take readings." and desc["properties"] == {"is_generator": True}
+    assert [p["name"] for p in desc["parameters"]] == ["detectors", "num", "md"]
+    assert desc["parameters"][1]["default"] == "1" and desc["parameters"][2]["kind"]["name"] == "KEYWORD_ONLY"
+    assert qs.plans_allowed(user_group="primary")["plans_allowed"] == plans["plans_existing"]
+    assert qs.plans_allowed(user_group="nobody")["msg"] == "Unknown user group: 'nobody'"
+    assert qs.plans_allowed()["msg"] == "Incorrect request format: user group is not specified"
+    devices = qs.devices_existing()["devices_existing"]
+    assert devices["motor"]["is_movable"] and devices["motor"]["is_readable"]
+    assert devices["motor"]["classname"] == "SynAxis"
+    assert qs.devices_allowed(user_group="primary")["devices_allowed"] == devices
+    assert qs.queue_get() == {"success": True, "msg": "", "items": [], "running_item": {},
+                              "plan_queue_uid": qs.status()["plan_queue_uid"]}
+    assert qs.history_get()["items"] == []
+    status = qs.status()
+    assert status["plans_existing_uid"] == plans["plans_existing_uid"]

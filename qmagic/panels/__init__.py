@@ -1,13 +1,54 @@
-"""Live widget panels for qmagic (task table, single task row, lock panel).
+"""Live ipywidgets panels: :class:`TaskPanel` (``%tasks``), :class:`TaskRow` (one task; how a
+:class:`qmagic.Task` displays, and a foreground task's row in its cell) and
+:class:`LockPanel` (``%lock_info``).
 
-Public entry points live in :mod:`qmagic.widgets`; this package holds the parts:
-``render`` (HTML/text, no widgets), ``pump`` (the one writer thread), ``subshell`` (clicks
-while a cell blocks), ``base`` (shared widget plumbing), ``task_panel`` and ``lock_panel``.
+Panels are compositions of stock ipywidgets that follow a :class:`qmagic.Worker` through
+its public API (events, ``cancel``, ``lock`` ...).  One writer thread per process (the
+*pump*) applies widget changes, coalesced to ``QMagic.panel_update_hz`` updates per second
+per panel, always showing the final state of every task.  Without a widget frontend every
+panel has a deterministic ``text/plain`` form (no uids, no clock times).
+
+Parts: ``display`` (attach / detach, the Task formatter), ``cell_rows`` (the in-cell row
+hook), ``render`` (HTML, no widgets), ``pump`` (the writer thread), ``subshell`` (clicks
+while a cell blocks), ``base`` (shared widget plumbing), ``task_table``, ``task_panel`` and
+``lock_panel``.  Importing this package does not import ipywidgets; the widget classes load
+when first asked for.
 """
 
 from __future__ import annotations
 
-from .lock_panel import LockPanel
-from .task_panel import TaskPanel, TaskRow
+from typing import Any
 
-__all__ = ["TaskPanel", "TaskRow", "LockPanel"]
+from .display import (
+    attach,
+    cell_row_hook,
+    detach,
+    is_attached,
+    subshell_cancel_available,
+    widgets_available,
+)
+
+__all__ = [
+    "attach",
+    "detach",
+    "cell_row_hook",
+    "is_attached",
+    "widgets_available",
+    "subshell_cancel_available",
+    "TaskPanel",
+    "TaskRow",
+    "LockPanel",
+]
+
+_WIDGETS = {"TaskPanel": "task_panel", "TaskRow": "task_panel", "LockPanel": "lock_panel"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WIDGETS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qmagic.panels' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,11 +1,15 @@
-"""The lock panel (what ``%lock_info`` shows): state per scope, Lock and Unlock controls."""
+"""The lock panel (what ``%lock_info`` shows): the lock when its cell ran and now, with
+Lock and Unlock controls."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ipywidgets as W
 
+from .. import format as fmt
+from ..errors import RequestRefused
 from . import render
 from .base import PanelBase, set_traits
 from .pump import get_pump
@@ -14,23 +18,34 @@ __all__ = ["LockPanel"]
 
 
 class LockPanel(PanelBase, W.VBox):
-    """Live lock state of the worker's environment and queue, with Lock / Unlock controls.
+    """The environment's lock: what it was when the panel's cell ran, and live now.
 
-    Shows, per scope, locked or unlocked; who locked, since when, the note; whether an
-    emergency unlock key is set and whether this kernel holds the key.  The key field is a
-    password field; left empty, Lock and Unlock use the key this kernel remembers (or the
-    user's default key for a first lock).  Every refusal (wrong key, locked by another key,
-    nothing selected) is shown in the panel.  The state follows changes made anywhere
-    (magics, remote clients, other kernels) within about a second.
+    A notebook run from top to bottom may change the lock after this panel's cell: the
+    panel then shows both truths, clearly labelled — "When this cell ran (time): Locked by
+    Alice ..." (fixed; also the panel's ``text/plain``) above "Now (live) — changed since
+    this cell ran" (follows changes made anywhere, magics, remote clients, other kernels,
+    within about a second).  While nothing changed, only the live state shows.
+
+    The live state shows, per scope, locked or unlocked; who locked, since when, the note;
+    whether an emergency unlock key is set and whether this kernel holds the key.  The key
+    field is a password field; left empty, Lock and Unlock use the key this kernel
+    remembers (or the user's default key for a first lock).  Every refusal (wrong key,
+    locked by another key, nothing selected, no key held) is the worker's message, shown
+    in the panel.
     """
 
     def __init__(self, worker: Any) -> None:
         self._qm_init_base(worker)
         own = self._qm_own
-        self._reply: dict[str, Any] = self._read()
+        self._state_now, self._problem = self._read()
+        #: The lock when the panel was made (its cell ran), and when that was.
+        self._state_then, self._problem_then, self._then_at = self._state_now, self._problem, time.time()
+        self._text = self._plain(self._state_then, self._problem_then)
         self._sig: tuple | None = None
         self._clear_key = False
-        self._state = own(W.HTML(value=self._state_html(), layout=own(W.Layout(margin="0 0 6px 0")),
+        self._then = own(W.HTML(value="", layout=own(W.Layout(display="none", margin="0")),
+                                _dom_classes=("qmagic-lock-then-box",)))
+        self._state = own(W.HTML(value="", layout=own(W.Layout(margin="0 0 6px 0")),
                                  _dom_classes=("qmagic-lock-state-box",)))
         small = own(W.Layout(width="auto", margin="0 8px 0 0"))
         self._key = own(W.Password(
@@ -64,83 +79,89 @@ class LockPanel(PanelBase, W.VBox):
         row1 = own(W.HBox((self._key, self._note), layout=own(W.Layout(align_items="center", margin="0 0 4px 0"))))
         row2 = own(W.HBox((self._environment, self._queue, self._lock_button, self._unlock_button),
                           layout=own(W.Layout(align_items="center"))))
-        title = own(W.HTML(value='<span style="font-weight:600;font-size:13px">qmagic lock</span>'))
+        title = own(W.HTML(value=f'<span style="font-weight:600;font-size:13px;color:{render.FONT1}">'
+                                 "qmagic lock</span>"))
         W.VBox.__init__(
             self,
-            children=(title, self._state, row1, row2, self._message),
-            layout=W.Layout(border="1px solid rgba(128,128,128,0.35)", padding="6px", width="auto"),
+            children=(title, self._then, self._state, row1, row2, self._message),
+            layout=W.Layout(border=f"1px solid {render.BORDER2}", padding="6px", width="auto"),
             _dom_classes=("qmagic-lock-panel",),
         )
         self._qm_own(self.layout)
+        self._draw()
         get_pump().register(self, events=False)
 
     # -- reading the lock ----------------------------------------------------------------------
-    def _read(self) -> dict[str, Any]:
+    def _read(self) -> tuple[Any, str]:
+        """(the current LockState or None, a problem to show or "")."""
         try:
-            return self.worker.lock_info(origin="panel")
+            return self.worker.lock_state(origin="panel"), ""
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return {"success": False, "msg": f"Could not read the lock: {type(exc).__name__}: {exc}",
-                    "lock_info": {}, "lock_info_uid": None}
+            return None, f"Could not read the lock: {type(exc).__name__}: {exc}"
 
-    def _holds_key(self) -> bool:
-        return bool(getattr(self.worker, "remembered_lock_key", False))
-
-    def _state_html(self) -> str:
-        return render.lock_html(self._reply, self._holds_key())
+    @staticmethod
+    def _plain(state: Any, problem: str) -> str:
+        return fmt.lock_text(state.to_lock_info()) if state is not None else problem
 
     @property
     def lock_info(self) -> dict[str, Any]:
-        """The last lock_info reply shown."""
-        return dict(self._reply)
+        """queueserver's ``lock_info`` dict of the state shown now ({} if it could not be read)."""
+        return self._state_now.to_lock_info() if self._state_now is not None else {}
+
+    @property
+    def changed(self) -> bool:
+        """True when the lock differs from what it was when this panel's cell ran."""
+        then, now = self._state_then, self._state_now
+        return (then.uid if then is not None else None) != (now.uid if now is not None else None)
 
     # -- clicks (any thread) --------------------------------------------------------------------
     def _on_lock(self) -> None:
-        key = self._key.value or None
-        note = self._note.value or None
         environment, queue = bool(self._environment.value), bool(self._queue.value)
         try:
-            if not (environment or queue):
-                reply = {"success": False, "msg": "Select what to lock: environment, queue or both."}
-            else:
-                reply = self.worker.lock(key, environment=environment, queue=queue, note=note, origin="panel")
+            self.worker.lock(self._key.value or None, environment=environment, queue=queue,
+                             note=self._note.value or None, origin="panel")
+        except RequestRefused as exc:
+            self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            reply = {"success": False, "msg": f"Could not lock: {type(exc).__name__}: {exc}"}
-        if reply.get("success"):
+            self._qm_set_message(f"Could not lock: {type(exc).__name__}: {exc}", "error")
+        else:
             scopes = " and ".join(s for s, on in (("environment", environment), ("queue", queue)) if on)
             self._clear_key = True
             self._qm_set_message(f"Locked: {scopes}.", "ok")
-        else:
-            self._qm_set_message(str(reply.get("msg") or "Lock refused."), "error")
         self._qm_poke(flag="lock")
 
     def _on_unlock(self) -> None:
-        key = self._key.value or None
         try:
-            if key is None and not self._holds_key():
-                reply = {"success": False, "msg": (
-                    "Type the lock key (or the emergency key) to unlock: this kernel does not "
-                    "hold the key of the current lock.")}
-            else:
-                reply = self.worker.unlock(key, origin="panel")
+            self.worker.unlock(self._key.value or None, origin="panel")
+        except RequestRefused as exc:
+            self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            reply = {"success": False, "msg": f"Could not unlock: {type(exc).__name__}: {exc}"}
-        if reply.get("success"):
+            self._qm_set_message(f"Could not unlock: {type(exc).__name__}: {exc}", "error")
+        else:
             self._clear_key = True
             self._qm_set_message("Unlocked.", "ok")
-        else:
-            self._qm_set_message(str(reply.get("msg") or "Unlock refused."), "error")
         self._qm_poke(flag="lock")
 
     # -- pump side --------------------------------------------------------------------------------
+    def _draw(self) -> int:
+        now = self._state_now
+        holds = bool(self.worker.holds_lock_key)
+        sig = (now, self._problem, holds, self._state_then, self._problem_then)
+        if sig == self._sig:
+            return 0
+        self._sig = sig
+        changed = self.changed
+        sent = set_traits(self._state, value=render.lock_html(now, holds, self._problem, changed))
+        if changed:
+            sent += set_traits(self._then, value=render.lock_then_html(self._state_then, self._then_at,
+                                                                        self._problem_then))
+        sent += set_traits(self._then.layout, display="" if changed else "none")
+        return sent
+
     def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
-        sent = 0
-        if periodic or "lock" in flags or "poke" in flags:
-            self._reply = self._read()
-        sig = (self._reply.get("lock_info_uid"), self._reply.get("success"), self._reply.get("msg"),
-               self._holds_key(), repr(self._reply.get("lock_info")))
-        if sig != self._sig:
-            self._sig = sig
-            sent += set_traits(self._state, value=self._state_html())
+        if periodic or flags & {"lock", "poke", "force"}:
+            self._state_now, self._problem = self._read()
+        sent = self._draw()
         if self._clear_key:
             self._clear_key = False
             sent += set_traits(self._key, value="")
@@ -151,5 +172,5 @@ class LockPanel(PanelBase, W.VBox):
         pass
 
     def text(self) -> str:
-        """Deterministic text of the lock (no key, no time)."""
-        return render.lock_plain_text(self._read())
+        """Deterministic text of the lock when this panel's cell ran (no key, no time)."""
+        return self._text

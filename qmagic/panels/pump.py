@@ -1,8 +1,10 @@
 """The panel pump: the one thread that writes widget state, at a bounded rate.
 
 Worker events arrive on the worker's event thread (100 000 per second in a storm).  The
-pump's subscription callback only marks the interested views dirty (a set add under a
-small lock).  One pump thread per process applies pending changes view by view.
+pump's subscription callbacks only mark the interested views dirty (a set add under a
+small lock): a panel of every task follows the worker (``worker.subscribe``), a single
+task's row follows that task only (``task.subscribe``).  One pump thread per process applies
+pending changes view by view.
 
 Each view has a message budget: a token bucket filled at ``worker.panel_update_hz`` tokens
 per second (at most :data:`TOKEN_CAPACITY` kept).  An application needs one token, and at
@@ -27,7 +29,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..events import Subscription
+    from ..core.events import Subscription
+    from ..core.task import Task
     from .subshell import SubshellRouter
 
 log = logging.getLogger("qmagic")
@@ -95,20 +98,18 @@ class PanelView:
             pump.kick()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Deliver the worker's queued events and apply them to this panel now.
+        """Apply everything now (membership, every row, messages), without waiting for a tick.
 
-        Returns True when the panel shows everything that happened before the call
-        (False on timeout or for a closed panel).  Mostly for tests and scripts.
+        Views read the tasks' current state when applied, so after ``flush()`` the panel
+        shows everything that happened before the call.  Returns False on timeout or for a
+        closed panel.  Mostly for tests and scripts.
         """
-        worker = getattr(self, "worker", None)
-        deadline = time.monotonic() + timeout
-        engine = getattr(worker, "engine", None)
-        if engine is not None:
-            engine.bus.flush(timeout)
         pump = self._qm_pump
         if self._qm_closed or pump is None:
             return False
         if threading.current_thread() is pump.thread:
+            with self._qm_state:
+                self._qm_force = True
             pump.apply_view(self, time.monotonic())
             return True
         done = threading.Event()
@@ -116,7 +117,7 @@ class PanelView:
             self._qm_waiters.append(done)
             self._qm_force = True
         pump.kick()
-        return done.wait(max(0.0, deadline - time.monotonic()))
+        return done.wait(timeout)
 
     # -- pump side ---------------------------------------------------------------------------
     def _qm_hz(self) -> float:
@@ -158,7 +159,9 @@ class PanelView:
         return PERIODIC_S
 
     def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
-        """Write pending changes; spend at most about ``budget`` messages on what can wait."""
+        """Write pending changes; spend at most about ``budget`` messages on what can wait.
+
+        ``flags`` holds "force" for a :meth:`flush` (look at everything again)."""
         raise NotImplementedError
 
     def _qm_close_widgets(self) -> None:
@@ -179,46 +182,72 @@ class Pump:
         self._all: dict[int, tuple[PanelView, ...]] = {}
         #: task uid -> views that follow that task only
         self._by_uid: dict[str, tuple[PanelView, ...]] = {}
-        self._subs: dict[int, Subscription] = {}
+        #: id(worker) or task uid -> the event subscription that feeds those views
+        self._subs: dict[Any, Subscription] = {}
         self._kicked = False
         self._stopping = False
         self.thread: threading.Thread | None = None
 
     # -- registration ------------------------------------------------------------------------
-    def register(self, view: PanelView, uid: str | None = None, *, events: bool = True) -> None:
-        """Follow ``view``: every task of its worker (``uid`` None) or one task."""
+    def register(self, view: PanelView, task: Task | None = None, *, events: bool = True) -> None:
+        """Follow ``view``: every task of its worker (``task`` None) or that one task.
+
+        ``events=False``: no events at all (the view updates on its period and on pokes).
+        """
         worker = view.worker
+        subscribe: Callable[[], Subscription] | None = None
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the qmagic panel pump was stopped (extension unloaded)")
             view._qm_pump = self
-            view._qm_uid = uid
+            view._qm_uid = task.uid if task is not None else None
             self._views = self._views + (view,)
-            if events and worker is not None:
-                key = id(worker)
-                if uid is None:
-                    self._all[key] = self._all.get(key, ()) + (view,)
-                else:
-                    self._by_uid[uid] = self._by_uid.get(uid, ()) + (view,)
+            if events and task is not None:
+                key: Any = task.uid
+                self._by_uid[key] = self._by_uid.get(key, ()) + (view,)
                 if key not in self._subs:
-                    self._subs[key] = worker.subscribe(self._make_callback(key))
+                    subscribe = lambda: task.subscribe(self._task_callback(task.uid))
+            elif events and worker is not None:
+                key = id(worker)
+                self._all[key] = self._all.get(key, ()) + (view,)
+                if key not in self._subs:
+                    subscribe = lambda: worker.subscribe(self._worker_callback(key))
+            if subscribe is not None:
+                self._subs[key] = _PENDING
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="qmagic-panels", daemon=True)
                 self.thread.start()
             self._kicked = True
             self._cond.notify()
+        if subscribe is not None:  # outside the pump's lock: subscribing takes the task's lock
+            sub = subscribe()
+            with self._cond:
+                if self._subs.get(key) is _PENDING:
+                    self._subs[key] = sub
+                    sub = None
+            if sub is not None:  # the views left meanwhile
+                sub.unsubscribe()
 
-    def _make_callback(self, key: int) -> Callable[..., None]:
+    def _worker_callback(self, key: int) -> Callable[..., None]:
         def on_event(task_uid: str, **event: Any) -> None:
-            final = event.get("status") in _FINAL
-            wake = False
-            for view in self._all.get(key, ()) + self._by_uid.get(task_uid, ()):
-                if view._qm_touch(task_uid, final=final):
-                    wake = True
-            if wake:
-                self.kick()
+            self._touch(self._all.get(key, ()), task_uid, event)
 
         return on_event
+
+    def _task_callback(self, uid: str) -> Callable[..., None]:
+        def on_event(task_uid: str, **event: Any) -> None:
+            self._touch(self._by_uid.get(uid, ()), task_uid, event)
+
+        return on_event
+
+    def _touch(self, views: tuple[PanelView, ...], task_uid: str, event: dict) -> None:
+        final = event.get("status") in _FINAL
+        wake = False
+        for view in views:
+            if view._qm_touch(task_uid, final=final):
+                wake = True
+        if wake:
+            self.kick()
 
     def unregister(self, view: PanelView) -> None:
         """Stop following ``view`` (its widgets are not closed here)."""
@@ -226,20 +255,16 @@ class Pump:
         sub = None
         with self._cond:
             self._views = tuple(v for v in self._views if v is not view)
-            key = id(worker)
             uid = getattr(view, "_qm_uid", None)
-            if uid is None and key in self._all:
-                self._all[key] = tuple(v for v in self._all[key] if v is not view)
-                if not self._all[key]:
-                    del self._all[key]
-            elif uid is not None and uid in self._by_uid:
-                self._by_uid[uid] = tuple(v for v in self._by_uid[uid] if v is not view)
-                if not self._by_uid[uid]:
-                    del self._by_uid[uid]
-            if not any(v.worker is worker for v in self._views):
-                sub = self._subs.pop(key, None)
-        if sub is not None:
-            sub.unsubscribe()
+            table, key = (self._by_uid, uid) if uid is not None else (self._all, id(worker))
+            if key in table:
+                table[key] = tuple(v for v in table[key] if v is not view)
+                if not table[key]:
+                    del table[key]
+                    sub = self._subs.pop(key, None)
+        if isinstance(sub, _Pending) or sub is None:
+            return
+        sub.unsubscribe()
 
     def views(self, worker: Any = None) -> list[PanelView]:
         """Registered views (of ``worker`` only, if given)."""
@@ -260,6 +285,8 @@ class Pump:
             view._qm_urgent = False
             forced, view._qm_force = view._qm_force, False
             waiters, view._qm_waiters = view._qm_waiters, []
+        if forced:
+            flags.add("force")
         period = view._qm_period()
         periodic = period is not None and now - view._qm_last_periodic >= period * 0.95
         tokens = view._qm_refill(now)
@@ -325,9 +352,17 @@ class Pump:
             thread = self.thread
             self._cond.notify_all()
         for sub in subs:
-            sub.unsubscribe()
+            if not isinstance(sub, _Pending):
+                sub.unsubscribe()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+
+class _Pending:
+    """Stands for a subscription being made (outside the pump's lock)."""
+
+
+_PENDING = _Pending()
 
 
 # -- process-wide machinery ------------------------------------------------------------------

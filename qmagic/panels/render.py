@@ -1,188 +1,234 @@
-"""HTML and text for the panels: pure functions of tasks and lock info (no widgets here).
+"""HTML for the panels: pure functions of tasks and lock states (no widgets, no text forms).
 
-The widget side (:mod:`qmagic.panels.task_panel`, :mod:`qmagic.panels.lock_panel`) puts
+The widget side (:mod:`qmagic.panels.task_table`, :mod:`qmagic.panels.lock_panel`) puts
 these strings into stock ipywidgets ``HTML`` widgets.  Every element carries a stable CSS
-class (``qmagic-task-row``, ``qmagic-status-<status>``, ``qmagic-badge`` ...) and inline
-styles, so panels look the same without any stylesheet and tests can find them.
+class (``qmagic-task-row``, ``qmagic-status-<status>``, ``qmagic-badge``,
+``qmagic-progress-text``...) and inline styles, so panels look right without a stylesheet
+and tests can find them.
 
-The ``text/plain`` forms come from :mod:`qmagic.text` (no uids, no clock times).
+Colours come from JupyterLab's theme variables (``--jp-ui-font-color1``,
+``--jp-border-color2``, ``--jp-brand-color1``, ``--jp-success-color1``...), each with a
+light-theme fallback for frontends without them, so a panel reads well in the light and the
+dark theme: text always uses the theme's font colours; a status colour marks borders, dots
+and bars, and tints backgrounds only lightly (``color-mix``).
+
+Every text a user reads here (calls, numbers, elapsed times, tracebacks) comes from
+:mod:`qmagic.format`; the ``text/plain`` forms of the panels are that module's too.
 """
 
 from __future__ import annotations
 
 import datetime
 import html
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from ..text import format_number, progress_amount, user_traceback
+from .. import format as fmt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..tasks import Task
+    from ..core.task import Task
 
 __all__ = [
     "ROW_HEIGHT_PX",
     "HEADER_PX",
+    "BUTTON_WIDTH_PX",
+    "TOGGLE_WIDTH_PX",
+    "CONTROLS_GAP_PX",
     "CONTROLS_WIDTH_PX",
+    "CONTROLS_MARGIN_PX",
     "STATUS_COLOURS",
+    "task_key",
     "row_signature",
     "row_html",
+    "rows_html",
     "header_html",
-    "details_html",
+    "empty_html",
     "details_signature",
-    "lock_html",
+    "details_html",
     "message_html",
-    "format_elapsed",
-    "format_number",
-    "panel_text",
-    "row_text",
-    "lock_plain_text",
+    "lock_html",
+    "lock_then_html",
+    "footer_html",
 ]
 
 #: Height of one task row, in the table and in the controls column (they must agree).
-ROW_HEIGHT_PX = 32
-#: Height of the counts line plus the column titles on top of a task table.
-HEADER_PX = 48
-SUMMARY_PX = 22
-#: Width of the controls column (Cancel + Details buttons) next to the table.
-CONTROLS_WIDTH_PX = 128
+ROW_HEIGHT_PX = 48
+#: Height of the counts line on top of a task table (the controls column is padded by as much).
+HEADER_PX = 26
+#: The controls drawn over the right end of every row: Cancel / Force stop, then Details.
+BUTTON_WIDTH_PX = 80
+TOGGLE_WIDTH_PX = 64
+CONTROLS_GAP_PX = 6
+CONTROLS_WIDTH_PX = BUTTON_WIDTH_PX + CONTROLS_GAP_PX + TOGGLE_WIDTH_PX
+#: Space between the controls and the row's right edge.
+CONTROLS_MARGIN_PX = 8
 #: Most characters of output / log shown in an expanded row (the newest ones).
 DETAIL_TEXT_LIMIT = 20_000
 
-#: Badge text colour and background, bar colour, per status: calm, legible, readable on a
-#: light and on a dark theme (the badge carries its own background).
-STATUS_COLOURS: dict[str, tuple[str, str, str]] = {
-    "queued": ("#374151", "#e5e7eb", "#9ca3af"),
-    "running": ("#1e3a8a", "#dbeafe", "#3b82f6"),
-    "completed": ("#14532d", "#dcfce7", "#22c55e"),
-    "failed": ("#7f1d1d", "#fee2e2", "#ef4444"),
-    "cancelled": ("#78350f", "#fef3c7", "#f59e0b"),
+# Theme colours, with JupyterLab's light values as fallbacks.
+FONT1 = "var(--jp-ui-font-color1, rgba(0, 0, 0, 0.87))"
+FONT2 = "var(--jp-ui-font-color2, rgba(0, 0, 0, 0.54))"
+BORDER1 = "var(--jp-border-color1, #bdbdbd)"
+BORDER2 = "var(--jp-border-color2, #e0e0e0)"
+LAYOUT2 = "var(--jp-layout-color2, #eeeeee)"
+CODE_FONT = "var(--jp-code-font-family, monospace)"
+UI_FONT_SIZE = "var(--jp-ui-font-size1, 13px)"
+
+#: The colour that marks each status (badge border and tint, progress bar, details rule).
+STATUS_COLOURS: dict[str, str] = {
+    "queued": "var(--jp-layout-color4, #757575)",
+    "running": "var(--jp-brand-color1, #1976d2)",
+    "completed": "var(--jp-success-color1, #388e3c)",
+    "failed": "var(--jp-error-color1, #d32f2f)",
+    "cancelled": "var(--jp-warn-color1, #f57c00)",
 }
-_TRACK = "rgba(128, 128, 128, 0.22)"
-_RULE = "rgba(128, 128, 128, 0.22)"
+_MESSAGE_COLOURS = {
+    "error": "var(--jp-error-color1, #d32f2f)",
+    "ok": "var(--jp-success-color1, #388e3c)",
+    "info": "var(--jp-brand-color1, #1976d2)",
+}
 
 _e = html.escape
 
 
-def format_elapsed(seconds: float | None, exact: bool = False) -> str:
-    """``"7 s"``, ``"3:05"`` (min:s), ``"1:02:03"`` (h:min:s); ``"—"`` when not started.
-
-    ``exact`` (for finished tasks) shows tenths below 10 s: ``"0.8 s"``.
-    """
-    if seconds is None:
-        return "—"
-    if exact and seconds < 9.95:
-        return f"{max(0.0, seconds):.1f} s"
-    whole = int(max(0.0, seconds))
-    if whole < 60:
-        return f"{whole} s"
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{minutes}:{secs:02d}"
+def _tint(colour: str, percent: int) -> str:
+    """A background tinted with ``colour``: transparent where color-mix is unknown."""
+    return f"background:transparent;background:color-mix(in srgb, {colour} {percent}%, transparent)"
 
 
-def _elapsed_of(task: Task) -> float | None:
-    return None if task.started_at is None else task.elapsed
-
-
-def _elapsed_text(task: Task) -> str:
-    return format_elapsed(_elapsed_of(task), exact=task.done())
-
-
-def row_signature(task: Task) -> tuple:
-    """Everything a row shows; the row is re-rendered only when this changes."""
+def _badge(text: str, colour: str, cls: str = "") -> str:
     return (
-        task.status.value,
-        task.progress,
-        _elapsed_text(task),
-        task.cancel_requested and not task.done(),
+        f'<span class="qmagic-badge {cls}" style="flex:0 0 auto;display:inline-block;'
+        f"box-sizing:border-box;min-width:86px;text-align:center;border-radius:10px;padding:1px 8px;"
+        f"font-size:11.5px;font-weight:600;letter-spacing:0.02em;color:{FONT1};"
+        f'border:1px solid {colour};{_tint(colour, 18)}">{_e(text)}</span>'
     )
 
 
-def _progress_parts(task: Task) -> tuple[float | None, str, str]:
-    """(bar fraction or None, amount text, message text)."""
-    progress = task.progress
-    status = task.status.value
-    if progress is None:
-        return (1.0 if status == "completed" else None), "", ""
-    fraction = progress.fraction
-    amount = progress_amount(progress)
-    if fraction is None and status == "completed":
-        fraction = 1.0
-    return fraction, amount, progress.message or ""
-
-
+# -- task rows ---------------------------------------------------------------------------------
 def task_key(task: Task) -> str:
     """Short stable key of a task used in CSS classes (``qmagic-task-<key>``)."""
     return task.uid[:8]
 
 
-def row_html(task: Task) -> str:
-    """One table row: call, user, status badge, progress bar + value/total + message, elapsed."""
+def _elapsed(task: Task) -> str:
+    return fmt.format_elapsed(None if task.started_at is None else task.elapsed)
+
+
+def _ending(task: Task) -> str:
+    """One line saying why a failed or cancelled task ended ("" otherwise)."""
     status = task.status.value
-    fg, bg, bar = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
+    if status == "cancelled":
+        reason = task.cancel_reason
+        return reason[len("Task was "):] if reason.startswith("Task was ") else f"cancelled: {reason}"
+    if status == "failed":
+        try:
+            error = task.exception(timeout=0)
+        except BaseException:  # noqa: BLE001 - a display must never fail
+            error = None
+        name = type(error).__name__ if error is not None else "Error"
+        return f"{name}: {fmt.one_line(task.error or '', 300)}"
+    return ""
+
+
+def row_signature(task: Task) -> tuple:
+    """Everything a row shows that can change; the row is re-rendered only when it does."""
+    return (task.status.value, task.progress, _elapsed(task), task.cancel_requested and not task.done())
+
+
+def row_html(task: Task) -> str:
+    """One task row, two lines, :data:`ROW_HEIGHT_PX` tall.
+
+    Line 1: status badge, the call (a script reads ``calibration.py (script)``), foreground
+    or background, user and cell, elapsed time.  Line 2: progress bar, value/total and the
+    last message (never cut short by a fixed column), and why a task failed or was cancelled.
+    The right end is kept free for the row's buttons (drawn over it).
+    """
+    status = task.status.value
+    colour = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
     cancelling = task.cancel_requested and not task.done()
-    badge = "cancelling" if cancelling else status
-    fraction, amount, message = _progress_parts(task)
-    call = task.call_text(48)
-    where = "background" if task.background else "foreground"
-    tooltip = f"{task.call_text(400)}\n{where} task, user {task.user} ({task.user_group}), from {task.origin}"
+    key = task_key(task)
+    mode = "background" if task.background else "foreground"
+    where = fmt.cell_label(task.provenance)
+    who = " · ".join(p for p in (task.user, where) if p)
+    tooltip = f"{task.call_text(400)}\n{mode} task of {task.user} ({task.user_group}), from {task.origin}"
+    if where:
+        tooltip += f", cell {where}"
+    progress = task.progress
+    fraction = progress.fraction if progress is not None else None
+    if fraction is None and status == "completed":
+        fraction = 1.0
     width = 0.0 if fraction is None else round(100.0 * fraction, 1)
-    progress_title = " · ".join(p for p in (amount, message) if p)
-    progress_text = _e(amount)
+    amount = fmt.progress_amount(progress)
+    message = (progress.message or "") if progress is not None else ""
+    progress_inner = _e(amount)
     if message:
-        sep = " · " if amount else ""
-        progress_text += f'{sep}<span class="qmagic-progress-message">{_e(message)}</span>'
-    classes = f"qmagic-task-row qmagic-status-{status} qmagic-task-{task_key(task)}"
+        progress_inner += (" · " if amount else "") + f'<span class="qmagic-progress-message">{_e(message)}</span>'
+    ending = _ending(task)
+    classes = f"qmagic-task-row qmagic-status-{status} qmagic-mode-{mode} qmagic-task-{key}"
     if cancelling:
         classes += " qmagic-cancel-requested"
+    right = CONTROLS_WIDTH_PX + 2 * CONTROLS_MARGIN_PX
+    line = "display:flex;align-items:center;gap:8px;min-width:0;white-space:nowrap"
     return (
-        f'<div class="{classes}" data-task="{task_key(task)}" data-status="{status}" '
-        f'style="display:flex;align-items:center;gap:10px;height:{ROW_HEIGHT_PX}px;'
-        f"box-sizing:border-box;padding:0 8px;border-bottom:1px solid {_RULE};"
-        f'white-space:nowrap;overflow:hidden;line-height:normal;font-size:13px">'
-        f'<span class="qmagic-call" title="{_e(tooltip)}" style="flex:1 1 auto;min-width:60px;'
-        f"overflow:hidden;text-overflow:ellipsis;font-family:var(--jp-code-font-family,monospace);"
-        f'font-size:12.5px">{_e(call)}</span>'
-        f'<span class="qmagic-user" title="{_e(task.user)}" style="flex:0 0 110px;overflow:hidden;'
-        f'text-overflow:ellipsis;opacity:0.8">{_e(task.user)}</span>'
-        f'<span class="qmagic-badge" style="flex:0 0 84px;text-align:center;border-radius:10px;'
-        f"padding:2px 0;font-size:11.5px;font-weight:600;letter-spacing:0.02em;color:{fg};"
-        f'background:{bg}">{_e(badge)}</span>'
-        f'<span class="qmagic-progress" title="{_e(progress_title)}" style="flex:0 0 250px;'
-        f'display:flex;align-items:center;gap:8px;overflow:hidden">'
-        f'<span class="qmagic-bar" style="flex:0 0 96px;height:8px;border-radius:4px;'
-        f'background:{_TRACK};overflow:hidden"><span class="qmagic-bar-fill" style="display:block;'
-        f'height:100%;width:{width}%;background:{bar}"></span></span>'
-        f'<span class="qmagic-progress-text" style="overflow:hidden;text-overflow:ellipsis">'
-        f"{progress_text}</span></span>"
-        f'<span class="qmagic-elapsed" style="flex:0 0 64px;text-align:right;'
-        f'font-variant-numeric:tabular-nums;opacity:0.85">{_e(_elapsed_text(task))}'
-        f"</span></div>"
+        f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}" '
+        f'style="box-sizing:border-box;height:{ROW_HEIGHT_PX}px;padding:3px {right}px 3px 8px;'
+        f"display:flex;flex-direction:column;justify-content:center;gap:4px;overflow:hidden;"
+        f'border-bottom:1px solid {BORDER2};line-height:normal;font-size:{UI_FONT_SIZE};color:{FONT1}">'
+        f'<div class="qmagic-row-head" style="{line}">'
+        + _badge("cancelling" if cancelling else status, colour, f"qmagic-status-badge qmagic-status-{status}")
+        + f'<span class="qmagic-call" title="{_e(tooltip)}" style="flex:0 0 auto;max-width:50%;'
+        f"overflow:hidden;text-overflow:ellipsis;font-family:{CODE_FONT};font-size:12.5px;"
+        f'font-weight:600">{_e(task.call_text(80))}</span>'
+        f'<span class="qmagic-mode" style="flex:0 0 auto;font-size:11px;padding:0 6px;border-radius:8px;'
+        f'border:1px solid {BORDER1};color:{FONT2}">{mode}</span>'
+        f'<span class="qmagic-user" title="{_e(who)}" style="flex:0 100 auto;min-width:0;overflow:hidden;'
+        f'text-overflow:ellipsis;color:{FONT2}">{_e(who)}</span>'
+        f'<span style="flex:1 1 0"></span>'
+        f'<span class="qmagic-elapsed" title="time running" style="flex:0 0 auto;'
+        f'font-variant-numeric:tabular-nums;color:{FONT2}">{_e(_elapsed(task))}</span></div>'
+        f'<div class="qmagic-row-progress" style="{line}">'
+        f'<span class="qmagic-bar" style="flex:0 0 150px;height:6px;border-radius:3px;'
+        f'background:{LAYOUT2};overflow:hidden"><span class="qmagic-bar-fill" style="display:block;'
+        f'height:100%;width:{width}%;background:{colour}"></span></span>'
+        f'<span class="qmagic-progress-text" title="{_e(fmt.progress_text(progress))}" '
+        f'style="flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis">{progress_inner}</span>'
+        + (f'<span class="qmagic-row-ending" title="{_e(ending)}" style="flex:0 100 auto;min-width:0;'
+           f'overflow:hidden;text-overflow:ellipsis;color:{FONT2}">{_e(ending)}</span>' if ending else "")
+        + "</div></div>"
     )
 
 
-def header_html(summary: str = "") -> str:
-    """Counts line and column titles on top of a task table: exactly :data:`HEADER_PX` tall
-    (the controls column next to it is padded by as much)."""
-    cell = "overflow:hidden;text-overflow:ellipsis"
+def rows_html(inner: str) -> str:
+    """The rows (and the counts line) of one segment, in a box whose minimum width is 0, so
+    that long texts are cut with an ellipsis inside their row instead of widening the table
+    under the buttons."""
+    return f'<div class="qmagic-rows" style="display:grid;grid-template-columns:minmax(0, 1fr)">{inner}</div>'
+
+
+def header_html(summary: str) -> str:
+    """The counts line on top of a task table, exactly :data:`HEADER_PX` tall."""
     return (
-        f'<div class="qmagic-task-summary" style="height:{SUMMARY_PX}px;box-sizing:border-box;'
-        f"padding:3px 8px 0 8px;font-size:12px;opacity:0.8;white-space:nowrap;overflow:hidden;"
-        f'text-overflow:ellipsis;line-height:normal">{_e(summary)}</div>'
-        f'<div class="qmagic-task-header" style="display:flex;align-items:center;gap:10px;'
-        f"box-sizing:border-box;padding:0 8px;height:{HEADER_PX - SUMMARY_PX}px;font-size:11.5px;"
-        f"font-weight:600;text-transform:uppercase;letter-spacing:0.04em;opacity:0.65;"
-        f'line-height:normal;white-space:nowrap;border-bottom:1px solid {_RULE}">'
-        f'<span style="flex:1 1 auto;min-width:60px;{cell}">task</span>'
-        f'<span style="flex:0 0 110px;{cell}">user</span>'
-        f'<span style="flex:0 0 84px;text-align:center">status</span>'
-        f'<span style="flex:0 0 250px;{cell}">progress</span>'
-        f'<span style="flex:0 0 64px;text-align:right">elapsed</span></div>'
+        f'<div class="qmagic-task-summary" style="box-sizing:border-box;height:{HEADER_PX}px;'
+        f"padding:4px 8px 0 8px;font-size:12px;color:{FONT2};white-space:nowrap;overflow:hidden;"
+        f'text-overflow:ellipsis;line-height:normal;border-bottom:1px solid {BORDER2}">{_e(summary)}</div>'
     )
 
 
+def empty_html() -> str:
+    """What a task table shows without rows."""
+    return (f'<div class="qmagic-empty" style="padding:8px;line-height:normal;color:{FONT2}">'
+            "No tasks to show.</div>")
+
+
+def footer_html(notes: list[str]) -> str:
+    """Lines under a task table (how many tasks are not shown, and why)."""
+    if not notes:
+        return ""
+    return (f'<div class="qmagic-hidden-count" style="font-size:12px;color:{FONT2};padding:2px 8px;'
+            f'line-height:1.4">' + "<br>".join(_e(n) for n in notes) + "</div>")
+
+
+# -- details ------------------------------------------------------------------------------------
 def _clock(epoch: float | None) -> str:
     if epoch is None:
         return "—"
@@ -195,14 +241,6 @@ def _tail(text: str, limit: int = DETAIL_TEXT_LIMIT) -> str:
     return f"[... {len(text) - limit} earlier characters not shown here; see task.output ...]\n" + text[-limit:]
 
 
-def _safe_repr(value: Any, limit: int = 5000) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not break the panel
-        text = f"<{type(value).__name__} with a failing repr>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def details_signature(task: Task) -> tuple:
     """What an expanded row shows; re-rendered only when this changes."""
     output = task.output
@@ -212,43 +250,43 @@ def details_signature(task: Task) -> tuple:
 
 _PRE = (
     "margin:2px 0 8px 0;padding:6px 8px;max-height:220px;overflow:auto;white-space:pre-wrap;"
-    "word-break:break-word;font-family:var(--jp-code-font-family,monospace);font-size:12px;"
-    "line-height:1.35;background:rgba(128,128,128,0.08);border-radius:4px"
+    f"word-break:break-word;font-family:{CODE_FONT};font-size:12px;line-height:1.35;"
+    f"background:{LAYOUT2};color:{FONT1};border-radius:4px"
 )
 
 
 def _section(title: str, body: str, cls: str) -> str:
     return (
-        f'<div class="qmagic-detail {cls}"><div style="font-weight:600;font-size:12px;'
-        f'opacity:0.75">{_e(title)}</div><pre style="{_PRE}">{_e(body)}</pre></div>'
+        f'<div class="qmagic-detail {cls}"><div style="font-weight:600;font-size:12px;color:{FONT2}">'
+        f'{_e(title)}</div><pre style="{_PRE}">{_e(body)}</pre></div>'
     )
 
 
 def details_html(task: Task) -> str:
-    """An expanded row: who/when, the full call, result or traceback, output and log."""
+    """An expanded row: who, where and when, the full call, result or traceback, output, log."""
     status = task.status.value
-    _, _, bar = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
-    where = "background" if task.background else "foreground"
-    facts = (
-        f"uid {_e(task.uid)} · {_e(task.user)} ({_e(task.user_group)}) · from {_e(task.origin)} · "
-        f"{where} · submitted {_clock(task.submitted_at)} · started {_clock(task.started_at)} · "
-        f"finished {_clock(task.finished_at)}"
-    )
+    colour = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
+    mode = "background" if task.background else "foreground"
+    where = fmt.cell_label(task.provenance)
+    facts = [f"uid {task.uid}", f"{task.user} ({task.user_group})", f"from {task.origin}", mode]
+    if where:
+        facts.append(f"cell {where}")
+    facts += [f"submitted {_clock(task.submitted_at)}", f"started {_clock(task.started_at)}",
+              f"finished {_clock(task.finished_at)}", f"elapsed {_elapsed(task)}"]
     parts = [
-        f'<div style="font-size:12px;opacity:0.8;margin-bottom:6px">{facts}</div>',
+        f'<div style="font-size:12px;color:{FONT2};margin-bottom:6px">{_e(" · ".join(facts))}</div>',
         _section("Call", task.call_text(4000), "qmagic-detail-call"),
     ]
-    data = task.to_dict()
     if status == "completed":
         if task.kind == "script":
             changes = task.namespace_changes or {}
             lines = [f"{k}: {', '.join(v)}" for k, v in changes.items() if v] or ["(no names changed)"]
             parts.append(_section("Namespace changes", "\n".join(lines), "qmagic-detail-result"))
         else:
-            parts.append(_section("Result", _safe_repr(data["result"]), "qmagic-detail-result"))
+            parts.append(_section("Result", fmt.safe_repr(task.result(timeout=0), 5000),
+                                  "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
-        body = (user_traceback(task.traceback) if task.traceback
-                else f"{data.get('error_type') or status}: {data.get('error') or ''}")
+        body = task.traceback or _ending(task)
         parts.append(_section("Traceback" if task.traceback else status.title(), body,
                               "qmagic-detail-traceback"))
     output = task.output
@@ -257,94 +295,86 @@ def details_html(task: Task) -> str:
     parts.append(_section("Log", _tail(log) if log else "(no log records)", "qmagic-detail-log"))
     return (
         f'<div class="qmagic-task-details qmagic-status-{status}" data-task="{task_key(task)}" '
-        f'style="padding:6px 10px 2px 10px;margin:0 0 4px 0;border-left:3px solid {bar};'
-        f'line-height:normal">{"".join(parts)}</div>'
+        f'style="padding:6px 10px 2px 10px;border-left:3px solid {colour};'
+        f'border-bottom:1px solid {BORDER2};line-height:normal;color:{FONT1}">{"".join(parts)}</div>'
     )
 
 
+# -- messages -----------------------------------------------------------------------------------
 def message_html(text: str, kind: str = "info") -> str:
     """A panel message: ``kind`` is "info", "ok" or "error" (errors are never silent)."""
     if not text:
         return ""
-    colour = {"error": "#b91c1c", "ok": "#15803d"}.get(kind, "inherit")
-    bg = {"error": "rgba(239,68,68,0.10)", "ok": "rgba(34,197,94,0.10)"}.get(kind, "transparent")
+    colour = _MESSAGE_COLOURS.get(kind, _MESSAGE_COLOURS["info"])
     return (
         f'<div class="qmagic-message qmagic-message-{kind}" style="white-space:pre-wrap;'
-        f"font-size:12.5px;line-height:1.35;padding:4px 8px;border-radius:4px;color:{colour};"
-        f'background:{bg}">{_e(text)}</div>'
+        f"font-size:12.5px;line-height:1.35;padding:4px 8px;border-radius:3px;color:{FONT1};"
+        f'border-left:3px solid {colour};{_tint(colour, 12)}">{_e(text)}</div>'
     )
 
 
-def _badge(text: str, locked: bool) -> str:
-    fg, bg = ("#7f1d1d", "#fee2e2") if locked else ("#14532d", "#dcfce7")
-    return (
-        f'<span class="qmagic-badge" style="display:inline-block;border-radius:10px;padding:2px 10px;'
-        f'font-size:12px;font-weight:600;margin-right:8px;color:{fg};background:{bg}">{_e(text)}</span>'
-    )
+# -- the lock -----------------------------------------------------------------------------------
+_LOCKED = STATUS_COLOURS["failed"]
+_UNLOCKED = STATUS_COLOURS["completed"]
 
 
-def lock_html(reply: Mapping[str, Any], holds_key: bool) -> str:
-    """The lock panel's state: per scope locked/unlocked, who, since when, note, emergency key."""
-    info = reply.get("lock_info") or {}
-    problem = "" if reply.get("success", True) else str(reply.get("msg") or "")
-    env, queue = bool(info.get("environment")), bool(info.get("queue"))
-    locked = env or queue
-    scopes = (
-        f'<span class="qmagic-lock-scope qmagic-lock-environment-{"locked" if env else "unlocked"}">'
-        f'{_badge("Environment: " + ("locked" if env else "unlocked"), env)}</span>'
-        f'<span class="qmagic-lock-scope qmagic-lock-queue-{"locked" if queue else "unlocked"}">'
-        f'{_badge("Queue: " + ("locked" if queue else "unlocked"), queue)}</span>'
-    )
-    lines = []
-    if locked:
-        since = info.get("time_str") or "?"
-        lines.append(
-            f"Locked by <b>{_e(str(info.get('user') or '?'))}</b> since {_e(since)}"
-            + (" · this kernel holds the key" if holds_key else " · this kernel does not hold the key")
+def _scope_badges(state: Any) -> str:
+    out = []
+    for scope in ("environment", "queue"):
+        on = bool(getattr(state, scope))
+        word = "locked" if on else "unlocked"
+        out.append(
+            f'<span class="qmagic-lock-scope qmagic-lock-{scope}-{word}" style="margin-right:6px">'
+            + _badge(f"{scope.title()}: {word}", _LOCKED if on else _UNLOCKED) + "</span>"
         )
-        lines.append(f"Note: {_e(info.get('note') or '—')}")
+    return "".join(out)
+
+
+def _holder(state: Any) -> str:
+    info = state.to_lock_info()
+    return (f"Locked by <b>{_e(str(info.get('user') or '?'))}</b> since "
+            f"{_e(info.get('time_str') or '?')}")
+
+
+def lock_html(state: Any, holds_key: bool, problem: str = "", changed: bool = False) -> str:
+    """The live lock ("Now"): per scope locked/unlocked, who, since when, the note, whether
+    this kernel holds the key and whether an emergency key is set.  ``state`` is a
+    :class:`qmagic.LockState` (None when it could not be read: ``problem`` says why);
+    ``changed``: it differs from what the panel showed when its cell ran."""
+    label = "Now (live)" + (" — changed since this cell ran" if changed else "")
+    head = (f'<div class="qmagic-lock-label" style="font-size:11.5px;font-weight:600;'
+            f'color:{FONT2};margin-bottom:3px">{_e(label)}</div>')
+    if state is None:
+        return (f'<div class="qmagic-lock-state qmagic-lock-unknown" style="line-height:1.4;color:{FONT1}">'
+                f"{head}{message_html(problem or 'The lock could not be read.', 'error')}</div>")
+    lines = []
+    if state.locked:
+        lines.append(_holder(state) + (" · this kernel holds the key" if holds_key
+                                       else " · this kernel does not hold the key"))
+        lines.append(f"Note: {_e(state.note or '—')}")
     else:
         lines.append("Not locked: anyone may start tasks.")
-    emergency = "set" if info.get("emergency_lock_key_is_set") else "not set"
-    lines.append(f"Emergency unlock key: {emergency}")
+    lines.append(f"Emergency unlock key: {'set' if state.emergency_key_set else 'not set'}")
     body = "".join(f'<div style="margin-top:3px">{line}</div>' for line in lines)
-    warn = message_html(problem, "error") if problem else ""
-    state = "locked" if locked else "unlocked"
+    warn = message_html(state.damaged, "error") if state.damaged else ""
+    warn += message_html(problem, "error") if problem else ""
+    word = "locked" if state.locked else "unlocked"
+    return (f'<div class="qmagic-lock-state qmagic-lock-{word}" style="font-size:13px;line-height:1.4;'
+            f'color:{FONT1}">{head}{_scope_badges(state)}{body}{warn}</div>')
+
+
+def lock_then_html(state: Any, when: float, problem: str = "") -> str:
+    """What the lock was when the panel's cell ran (it does not change afterwards)."""
+    stamp = _clock(when)
+    if state is None:
+        text = _e(problem or "The lock could not be read.")
+    elif state.locked:
+        scopes = " and ".join(s for s in ("environment", "queue") if getattr(state, s))
+        text = f"{_holder(state)} ({_e(scopes)})" + (f" · note: {_e(state.note)}" if state.note else "")
+    else:
+        text = "Not locked."
     return (
-        f'<div class="qmagic-lock-state qmagic-lock-{state}" style="font-size:13px;'
-        f'line-height:1.4;padding:4px 2px">{scopes}{body}{warn}</div>'
+        f'<div class="qmagic-lock-then" style="font-size:12.5px;line-height:1.4;color:{FONT1};'
+        f'padding:4px 8px;margin-bottom:6px;border-left:3px solid {BORDER1};{_tint(BORDER1, 15)}">'
+        f'<span style="font-weight:600;color:{FONT2}">When this cell ran ({stamp}):</span> {text}</div>'
     )
-
-
-# -- text/plain -------------------------------------------------------------------------
-try:  # qmagic.text is the shared deterministic text; keep a fallback while it is missing
-    from .. import text as _text
-except ImportError:  # pragma: no cover - only before qmagic/text.py exists
-    _text = None
-
-
-def row_text(task: Task) -> str:
-    """Deterministic one-line text of a task (no uid, no times)."""
-    if _text is not None:
-        return _text.task_line(task)
-    return repr(task)  # pragma: no cover
-
-
-def panel_text(tasks: Iterable[Task], hidden: int = 0) -> str:
-    """Deterministic table of tasks plus the hidden count (no uids, no times)."""
-    tasks = list(tasks)
-    if _text is not None:
-        return _text.task_table(tasks, hidden)
-    lines = [repr(t) for t in tasks] or ["No tasks."]  # pragma: no cover
-    if hidden:  # pragma: no cover
-        lines.append(f"({hidden} more tasks not shown)")
-    return "\n".join(lines)  # pragma: no cover
-
-
-def lock_plain_text(reply: Mapping[str, Any]) -> str:
-    """Deterministic lock text (no key, no time)."""
-    if _text is not None:
-        return _text.lock_text(dict(reply))
-    info = reply.get("lock_info") or {}  # pragma: no cover
-    scopes = [s for s in ("environment", "queue") if info.get(s)]  # pragma: no cover
-    return f"Locked by {info.get('user')}: {', '.join(scopes)}" if scopes else "Not locked."  # pragma: no cover

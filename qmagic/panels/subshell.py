@@ -21,10 +21,11 @@ from typing import Any
 
 log = logging.getLogger("qmagic")
 
-__all__ = ["SubshellRouter", "routing_supported"]
+__all__ = ["SubshellRouter", "routing_supported", "kernel_of"]
 
 
-def _kernel_of(shell: Any) -> Any:
+def kernel_of(shell: Any) -> Any:
+    """The ipykernel Kernel of ``shell`` (or of this process), or None."""
     kernel = getattr(shell, "kernel", None)
     if kernel is not None:
         return kernel
@@ -77,7 +78,7 @@ class SubshellRouter:
     @classmethod
     def for_shell(cls, shell: Any) -> SubshellRouter | None:
         """A router for ``shell``'s kernel, or None when routing is not supported."""
-        kernel = _kernel_of(shell)
+        kernel = kernel_of(shell)
         return cls(kernel) if routing_supported(kernel) else None
 
     def _in_channel_thread(self, fn: Any, timeout: float) -> Any:

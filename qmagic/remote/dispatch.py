@@ -54,8 +54,12 @@ METHODS: dict[str, Method] = {
     "permissions_set": Method(("user_group_permissions", "lock_key")),
     "permissions_reload": Method(("restore_plans_devices", "restore_permissions", "lock_key")),
     "history_clear": Method(("lock_key", "size", "item_uid")),
-    "queue_get": Method(()),
-    "history_get": Method(()),
+    "queue_get": Method((), {"items": [], "running_item": {}, "plan_queue_uid": None}),
+    "history_get": Method((), {"items": [], "plan_history_uid": None}),
+    "plans_existing": Method((), {"plans_existing": {}, "plans_existing_uid": None}),
+    "plans_allowed": Method(("user_group",), {"plans_allowed": {}, "plans_allowed_uid": None}),
+    "devices_existing": Method((), {"devices_existing": {}, "devices_existing_uid": None}),
+    "devices_allowed": Method(("user_group",), {"devices_allowed": {}, "devices_allowed_uid": None}),
 }
 
 

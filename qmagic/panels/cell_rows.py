@@ -1,0 +1,124 @@
+"""A foreground task's live row in the cell that runs it (an engine context hook).
+
+``%function_execute scan 100`` runs ``scan`` in the cell, on the kernel's main thread.
+:class:`CellRows` is a :class:`qmagic.core.engine.ContextHook`: when a foreground task is
+submitted from a cell (on the main thread, in a kernel where widgets work), ``capture``
+notes the cell's request; ``apply`` — where the task's code is about to run — displays a
+live :class:`~qmagic.panels.TaskRow` (status, progress, elapsed, Cancel) in that cell.  The
+pump thread keeps the row up to date while the main thread runs the task, and shows its
+final state when it ends; Cancel works during the blocking cell through the panel
+subshell (ipykernel >= 7.4).
+
+The row's ``text/plain`` is the task's line when the row appears (``scan(100)  user
+foreground  running``: no uid, no time, no live value), so a terminal or nbval sees the
+same text on every run.  The Task the magic then returns displays as text only in that
+cell (:meth:`CellRows.shown_here`), never as a second live widget.
+
+At most :data:`MAX_ROWS_PER_CELL` rows per cell execution: a loop of foreground tasks in
+one cell shows rows for the first ones only (``%tasks`` shows them all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("qmagic")
+
+__all__ = ["CellRows", "MAX_ROWS_PER_CELL"]
+
+#: Most live rows one cell execution shows (one per foreground task it starts).
+MAX_ROWS_PER_CELL = 10
+
+
+def _execute_request(shell: Any) -> dict | None:
+    """The shell's current parent message when it is a cell's execute_request."""
+    try:
+        parent = shell.get_parent()
+    except Exception:  # noqa: BLE001
+        return None
+    if isinstance(parent, dict) and (parent.get("header") or {}).get("msg_type") == "execute_request":
+        return parent
+    return None
+
+
+def _msg_id(parent: dict | None) -> str | None:
+    return (parent.get("header") or {}).get("msg_id") if parent is not None else None
+
+
+class CellRows:
+    """The engine context hook of one worker in one kernel shell (see the module docstring).
+
+    ``active()`` says whether panels are still attached (rows are shown only then).
+    """
+
+    def __init__(self, shell: Any, worker: Any, active: Callable[[], bool]) -> None:
+        self.shell = shell
+        self.worker = worker
+        self._active = active
+        self._lock = threading.Lock()
+        self._cell: str | None = None  # msg_id of the cell execution the uids belong to
+        self._uids: set[str] = set()
+
+    # -- the ContextHook protocol ---------------------------------------------------------------
+    def capture(self, task: Any) -> dict | None:
+        """In the submitting thread: the cell's request for a foreground task submitted from
+        a cell on the main thread (None otherwise: no row)."""
+        if task.background or threading.current_thread() is not threading.main_thread():
+            return None
+        parent = _execute_request(self.shell)
+        msg_id = _msg_id(parent)
+        if msg_id is None or not self._active():
+            return None
+        with self._lock:
+            if msg_id != self._cell:
+                self._cell, self._uids = msg_id, set()
+            if len(self._uids) >= MAX_ROWS_PER_CELL:
+                return None
+            self._uids.add(task.uid)
+        return parent
+
+    def apply(self, task: Any, token: dict | None) -> contextlib.AbstractContextManager:
+        """Where the task runs: show its live row in the cell (nothing when ``token`` is None)."""
+        if token is None:
+            return contextlib.nullcontext()
+        return self._showing(task, token)
+
+    # -- the formatter asks -------------------------------------------------------------------------
+    def shown_here(self, task: Any) -> bool:
+        """True when ``task``'s live row is already in the cell that runs now."""
+        msg_id = _msg_id(_execute_request(self.shell))
+        with self._lock:
+            return msg_id is not None and msg_id == self._cell and task.uid in self._uids
+
+    # -- internals ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _showing(self, task: Any, parent: dict) -> Iterator[None]:
+        try:
+            self._display(task, parent)
+        except Exception:  # noqa: BLE001 - a row must never fail the task
+            log.warning("qmagic: could not show the live row of %s", task.call_text(40), exc_info=True)
+        yield  # the pump shows the final state once the task has ended
+
+    def _display(self, task: Any, parent: dict) -> None:
+        from IPython.display import display
+
+        from .task_panel import TaskRow
+
+        row = TaskRow(self.worker, task)
+        if threading.current_thread() is threading.main_thread():
+            display(row)
+            return
+        # a coroutine task runs on an event loop thread: pin the display to the cell
+        setter = getattr(self.shell, "set_thread_parent", None)
+        resetter = getattr(self.shell, "reset_thread_parent", None)
+        if setter is None or resetter is None:
+            display(row)
+            return
+        tokens = setter(parent)
+        try:
+            display(row)
+        finally:
+            resetter(tokens)

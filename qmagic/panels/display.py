@@ -1,0 +1,176 @@
+"""How panels join a shell: :func:`attach` / :func:`detach`, the Task display formatter and
+the in-cell rows of foreground tasks.
+
+The extension calls :func:`attach` when it loads (a :class:`qmagic.Task` then displays as a
+live :class:`~qmagic.panels.TaskRow`, bound to the worker that runs it), installs the hook
+from :func:`cell_row_hook` in the worker's engine (a foreground task started from a cell
+shows its live row in that cell), and calls :func:`detach` when it unloads (every panel of
+the worker closed; with the last worker gone, the pump thread stopped and the panel
+subshell deleted).  Nothing here reaches into the engine: the worker is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from ..core.task import Task
+from .cell_rows import CellRows
+
+log = logging.getLogger("qmagic")
+
+__all__ = ["widgets_available", "subshell_cancel_available", "attach", "detach", "cell_row_hook",
+           "is_attached"]
+
+
+class _Attachment:
+    """What :func:`attach` added to one shell (None for a worker without a shell)."""
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.workers: list[Any] = []
+        #: id(worker) -> the in-cell rows of that worker's foreground tasks
+        self.cells: dict[int, CellRows] = {}
+        self.formatter: Any = None  # the mimebundle formatter we registered with
+        self.previous: Any = None  # the Task printer we replaced there
+
+
+_lock = threading.Lock()
+_attachments: dict[int, _Attachment] = {}
+
+
+def widgets_available(shell: Any) -> bool:
+    """True when ``shell`` is a Jupyter (ZMQ) kernel shell and ipywidgets can be imported."""
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return False
+    try:
+        from ipykernel.zmqshell import ZMQInteractiveShell
+    except ImportError:
+        return False
+    if not isinstance(shell, ZMQInteractiveShell):
+        return False
+    try:
+        import ipywidgets
+    except ImportError:
+        return False
+    return True
+
+
+def subshell_cancel_available(shell: Any = None) -> bool:
+    """True when panel clicks are handled even while a cell blocks the main thread.
+
+    Needs ipykernel >= 7.4 (kernel subshells and per-comm routing).  Otherwise a click on
+    Cancel waits for the running cell to end; interrupt the kernel (■) to stop a foreground
+    task sooner.
+    """
+    from .subshell import kernel_of, routing_supported
+
+    if shell is None:
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+        except Exception:  # noqa: BLE001
+            return False
+    return routing_supported(kernel_of(shell))
+
+
+def is_attached(shell: Any, worker: Any) -> bool:
+    """True while ``worker`` is attached to ``shell``."""
+    with _lock:
+        entry = _attachments.get(id(shell))
+        return entry is not None and any(w is worker for w in entry.workers)
+
+
+def _owner(workers: list[Any], task: Task) -> Any:
+    """The worker among ``workers`` that runs ``task`` (None if none of them knows it)."""
+    for worker in workers:
+        try:
+            if worker.get_task(task.uid) is task:
+                return worker
+        except Exception:  # noqa: BLE001 - unknown or expired there: ask the next worker
+            log.debug("qmagic: %r does not run task %s", worker, task.uid[:8], exc_info=True)
+    return None
+
+
+def _bundle_printer(entry: _Attachment) -> Any:
+    def task_bundle(task: Task) -> dict | None:
+        """A live TaskRow plus deterministic text/plain; text only (None: the text/plain
+        printer answers) when the task's live row is already in this cell, when no
+        attached worker runs the task, or when the row cannot be built."""
+        try:
+            with _lock:
+                cells, workers = list(entry.cells.values()), list(entry.workers)
+            if any(rows.shown_here(task) for rows in cells):
+                return None
+            worker = _owner(workers, task)
+            if worker is None:
+                return None
+            from .task_panel import TaskRow
+
+            return TaskRow(worker, task)._repr_mimebundle_()
+        except Exception:  # noqa: BLE001 - a display must never fail
+            log.exception("qmagic: could not build the live row of %r", task)
+            return None
+
+    return task_bundle
+
+
+def attach(shell: Any, worker: Any) -> None:
+    """Let panels follow ``worker`` in ``shell``; a Task of it then displays as a live row.
+
+    Starts nothing yet: the pump thread starts with the first panel.  Idempotent.
+    """
+    with _lock:
+        entry = _attachments.get(id(shell))
+        if entry is None:
+            entry = _attachments[id(shell)] = _Attachment(shell)
+        if any(w is worker for w in entry.workers):
+            return
+        entry.workers.append(worker)
+        if not widgets_available(shell):
+            return
+        entry.cells[id(worker)] = CellRows(shell, worker, lambda: is_attached(shell, worker))
+        if entry.formatter is None:
+            formatter = shell.display_formatter.mimebundle_formatter
+            entry.previous = formatter.type_printers.get(Task)
+            formatter.for_type(Task, _bundle_printer(entry))
+            entry.formatter = formatter
+
+
+def cell_row_hook(shell: Any, worker: Any) -> CellRows | None:
+    """The engine context hook that shows a foreground task's live row in the cell that
+    runs it (see :class:`~qmagic.panels.cell_rows.CellRows`), or None where widgets do not
+    work or ``worker`` is not attached.  The caller adds it to the worker's engine and
+    removes it before :func:`detach`."""
+    with _lock:
+        entry = _attachments.get(id(shell))
+        return entry.cells.get(id(worker)) if entry is not None else None
+
+
+def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
+    """Undo :func:`attach`: close every panel of ``worker`` (widgets and comms), end their
+    subscriptions, restore how a Task displays, and when no panel or worker is left stop
+    the pump thread and delete the panel subshell."""
+    from . import pump as _pump
+
+    with _lock:
+        entry = _attachments.get(id(shell))
+        if entry is not None:
+            entry.workers = [w for w in entry.workers if w is not worker]
+            entry.cells.pop(id(worker), None)
+            if not entry.workers:
+                del _attachments[id(shell)]
+                if entry.formatter is not None:
+                    entry.formatter.type_printers.pop(Task, None)
+                    if entry.previous is not None:
+                        entry.formatter.for_type(Task, entry.previous)
+        last_worker = not any(e.workers for e in _attachments.values())
+    pump = _pump.current_pump()
+    if pump is not None:
+        pump.close_views(worker)
+        if last_worker or not pump.views():
+            _pump.shutdown(timeout)
+    elif last_worker:
+        _pump.shutdown(timeout)  # a router may exist without a pump

@@ -1,0 +1,492 @@
+"""The panels as a user sees them: JupyterLab on loopback, Playwright + Debian chromium.
+
+One notebook, generated here, run cell by cell with the qmagic extension loaded:
+
+- a lock taken "by Alice", ``%lock_info``, then unlocked by a later cell: the lock panel tells
+  both truths (what it was when its cell ran, and "Now (live)");
+- ``%tasks --all`` with completed, failed, cancelled, running and script rows;
+- ``%function_execute scan ...`` in the foreground: its live row appears in its own cell,
+  advances, ends completed, and the returned Task adds no second widget; a second one is
+  cancelled with the row's Cancel button while it holds the cell: the cell ends with the one
+  ``TaskCancelled`` line (as with ■);
+- the same panels in JupyterLab's dark theme (switched with the theme command).
+
+In both themes it checks what makes a panel legible: the text contrast of the rows, badges,
+lock panel and messages (WCAG ratio >= 4.5, computed from the browser's own colours), the
+buttons inside their row's borders, and progress and call texts not cut.  Screenshots of
+both themes and of a running foreground task go to ``test-artifacts/panels-browser/`` (the
+test prints the folder); with ``QMAGIC_REFRESH_DOCS=1`` the light ones also refresh
+``docs/task-panel.png`` and ``docs/lock-panel.png``.
+
+Needs ``/usr/bin/chromium`` and the ``playwright`` package: without them this test FAILS,
+it does not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "panels-browser"
+DOCS = REPO_ROOT / "docs"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+NOTEBOOK = "panels-experience.ipynb"
+#: Least WCAG contrast ratio of any text in a panel (AA for normal text).
+MIN_CONTRAST = 4.5
+
+pytestmark = pytest.mark.timeout(180)
+
+CELLS = [
+    # 0: set-up
+    '%load_ext qmagic\n'
+    'import qmagic\n'
+    'def scan(n, dt=0.05):\n'
+    '    """A measurement with n points."""\n'
+    '    for i in range(n):\n'
+    '        qmagic.report_progress(i + 1, n, f"point {i + 1} of {n}")\n'
+    '        qmagic.cancellable_sleep(dt)\n'
+    '    return n\n'
+    'def broken():\n'
+    '    raise ValueError("the sample holder is empty")\n'
+    'print("ready")',
+    # 1-3: tutorial 04's story: Alice's lock, the lock panel, a later unlock
+    '%lock --user Alice --note "beam time until 18:00"',
+    '%lock_info',
+    '%unlock',
+    # 4: the task panel, then tasks of every kind
+    '%tasks --all',
+    '%%script_upload -b --name calibration.py\ncalibrated = True',
+    'w = qmagic.get_worker()\n'
+    'done = w.submit("scan", (20, 0.01))\n'
+    'bad = w.submit("broken")\n'
+    'stopped = w.submit("scan", (100_000,))\n'
+    'running = w.submit("scan", (100_000, 0.2))\n'
+    'w.cancel(stopped)\n'
+    'done.wait(10), bad.wait(10), stopped.wait(10)\n'
+    'print("tasks started")',
+    # 7: a foreground task with its live row in its cell
+    '%function_execute scan 50 0.1',
+    # 8: a foreground task cancelled from its row (dark theme run re-uses cell 7)
+    '%function_execute scan 100000',
+]
+
+
+def _require_browser() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium). "
+                    "The browser test must not be skipped.")
+    try:
+        import playwright.sync_api
+    except ImportError as exc:
+        pytest.fail(f"the playwright package is missing ({exc}): pip install playwright")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook() -> dict:
+    return {
+        "nbformat": 4, "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "cells": [{"cell_type": "code", "id": f"cell-{i}", "metadata": {}, "execution_count": None,
+                   "outputs": [], "source": source} for i, source in enumerate(CELLS)],
+    }
+
+
+class Lab:
+    """JupyterLab on 127.0.0.1 with isolated folders and the app exposed for theme commands."""
+
+    def __init__(self, base: Path) -> None:
+        self.port = _free_port()
+        self.token = secrets.token_hex(16)
+        self.root = base / "root"
+        self.root.mkdir()
+        (self.root / NOTEBOOK).write_text(json.dumps(_notebook()))
+        env = dict(os.environ)
+        env.pop("QMAGIC_EMERGENCY_LOCK_KEY", None)
+        env.pop("JUPYTER_PATH", None)
+        env["QMAGIC_NO_AUTOLOAD"] = "1"  # the notebook loads qmagic itself
+        for name, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "jconfig"), ("JUPYTER_DATA_DIR", "jdata"),
+                          ("JUPYTER_RUNTIME_DIR", "jruntime"), ("IPYTHONDIR", "ipython"),
+                          ("QMAGIC_STATE_DIR", "qmagic-state"), ("XDG_CONFIG_HOME", "xdg")):
+            (base / sub).mkdir()
+            env[name] = str(base / sub)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        profile = base / "ipython" / "profile_default"
+        profile.mkdir(parents=True)
+        # the panels are under test, not the experiment log
+        (profile / "ipython_kernel_config.py").write_text("c.QMagic.journal_enabled = False\n")
+        settings = base / "jconfig" / "lab" / "user-settings" / "@jupyterlab"
+        for plugin, values in (("apputils-extension/notification", {"fetchNews": "false",
+                                                                      "checkForUpdates": False}),
+                               ("notebook-extension/tracker", {"windowingMode": "none"})):
+            path = settings / f"{plugin}.jupyterlab-settings"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(values))
+        self.log_path = base / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+             f"--IdentityProvider.token={self.token}", "--ServerApp.allow_root=True",
+             f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             "--LabApp.expose_app_in_browser=True"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+
+    def wait_ready(self, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/api/status?token={self.token}"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                threading.Event().wait(0.2)  # polling a server that is starting
+        raise TimeoutError(f"jupyter lab did not answer within {timeout} s: {self.log()[-3000:]}")
+
+    def start_kernel(self) -> None:
+        """Start the notebook's kernel session through the REST API (as opening it would),
+        so the page never asks which kernel to use."""
+        body = json.dumps({"path": NOTEBOOK, "name": NOTEBOOK, "type": "notebook",
+                           "kernel": {"name": "python3"}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/api/sessions?token={self.token}", data=body, method="POST",
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status == 201, reply.status
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+# -- the page -----------------------------------------------------------------------------------
+def _cell(page, index: int):
+    return page.locator(".jp-Notebook .jp-Cell").nth(index)
+
+
+def _run_cell(page, index: int, attempts: int = 3) -> None:
+    """Select cell ``index`` (command mode) and run it with Ctrl+Enter; retried while the
+    notebook is still connecting (the prompt shows [*] or [n] once the run was accepted)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
+    prompt = _cell(page, index).locator(".jp-InputPrompt")
+    expect(prompt).to_be_visible()
+    before = prompt.text_content() or ""
+    for _ in range(attempts):
+        prompt.click()
+        page.keyboard.press("Escape")
+        page.keyboard.press("Control+Enter")
+        try:
+            expect(prompt).not_to_have_text(before, timeout=5_000)
+            expect(prompt).to_have_text(re.compile(r"\[(\*|\d+)\]"), timeout=5_000)
+            return
+        except (AssertionError, PlaywrightTimeout):
+            continue
+    raise AssertionError(f"cell {index} did not start running after {attempts} attempts")
+
+
+def _wait_done(page, index: int, timeout_ms: float = 30_000) -> None:
+    from playwright.sync_api import expect
+
+    expect(_cell(page, index).locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=timeout_ms)
+
+
+def _shot(locator, name: str) -> Path:
+    path = ARTIFACTS / name
+    locator.screenshot(path=str(path))
+    return path
+
+
+_CONTRAST_JS = """
+(scope, selector) => [...scope.querySelectorAll(selector)].slice(0, 8).map((el) => {
+  const parse = (c) => {
+    if (c === '' || c === 'transparent') return [0, 0, 0, 0];
+    let m = c.match(/^rgba?\\(([^)]+)\\)$/);
+    if (m) { const p = m[1].split(/[\\s,\\/]+/).filter(Boolean).map(Number);
+             return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1]; }
+    m = c.match(/^color\\(srgb ([^)]+)\\)$/);
+    if (m) { const p = m[1].split(/[\\s\\/]+/).filter(Boolean).map(Number);
+             return [p[0] * 255, p[1] * 255, p[2] * 255, p.length > 3 ? p[3] : 1]; }
+    return null;
+  };
+  const over = (top, bottom) => {
+    const a = top[3] + bottom[3] * (1 - top[3]);
+    return [0, 1, 2].map(i => (top[i] * top[3] + bottom[i] * bottom[3] * (1 - top[3])) / a).concat([a]);
+  };
+  const chain = [];
+  for (let n = el; n; n = n.parentElement) chain.unshift(n);
+  let bg = [255, 255, 255, 1];
+  for (const n of chain) {
+    const c = parse(getComputedStyle(n).backgroundColor);
+    if (c === null) return {error: 'unparsed background ' + getComputedStyle(n).backgroundColor};
+    if (c[3] > 0) bg = over(c, bg);
+  }
+  const f = parse(getComputedStyle(el).color);
+  if (f === null) return {error: 'unparsed colour ' + getComputedStyle(el).color};
+  const fg = over(f, bg);
+  const lum = (c) => { const [r, g, b] = c.slice(0, 3).map(v => { v /= 255;
+    return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const [l1, l2] = [lum(fg), lum(bg)];
+  return {ratio: (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05), text: el.textContent.trim().slice(0, 40),
+          fg: fg.map(Math.round), bg: bg.map(Math.round), colour: getComputedStyle(el).color};
+})
+"""
+
+_LEGIBLE = (".qmagic-call", ".qmagic-user", ".qmagic-mode", ".qmagic-elapsed", ".qmagic-badge",
+            ".qmagic-progress-text", ".qmagic-row-ending", ".qmagic-task-summary")
+
+
+def _check_legible(page, theme: str) -> list[str]:
+    """Contrast of every panel text kind, in this theme; returns "selector: ratio" lines."""
+    from playwright.sync_api import expect
+
+    report = []
+    checks = [(page.locator(".qmagic-task-panel").first, sel) for sel in _LEGIBLE]
+    lock = page.locator(".qmagic-lock-panel")
+    checks += [(lock, ".qmagic-lock-state div"), (lock, ".qmagic-lock-then"), (lock, ".qmagic-lock-label")]
+    for scope, selector in checks:
+        expect(scope.locator(selector).first).to_be_visible()
+        results = scope.evaluate(_CONTRAST_JS, selector)  # one go: rows are redrawn at every update
+        assert results, selector
+        for result in results:
+            assert "error" not in result, result
+            assert result["ratio"] >= MIN_CONTRAST, (
+                f"{theme}: {selector} {result['text']!r} has contrast {result['ratio']:.2f} < {MIN_CONTRAST}: {result}")
+        report.append(f"{theme} {selector}: contrast >= {min(r['ratio'] for r in results):.1f}")
+    return report
+
+
+def _check_not_cut(panel) -> None:
+    """No call and no progress text of the panel is cut short (an ellipsis hides nothing)."""
+    cut = panel.evaluate("""(p) => [...p.querySelectorAll('.qmagic-call, .qmagic-progress-text')]
+        .filter(el => el.scrollWidth > el.clientWidth).map(el => el.textContent)""")
+    assert cut == [], f"texts cut short in the task panel: {cut}"
+
+
+_GEOMETRY_JS = """
+(segment, key) => {
+  const rect = (el) => { const r = el.getBoundingClientRect();
+                         return {x: r.x, y: r.y, right: r.right, bottom: r.bottom}; };
+  const row = segment.querySelector(`.qmagic-task-row.qmagic-task-${key}`);
+  const buttons = [...segment.querySelectorAll(`.qmagic-task-controls .qmagic-task-${key}`)];
+  const cut = (sel) => { const el = row.querySelector(sel); return el.scrollWidth > el.clientWidth; };
+  const under = [...row.querySelectorAll('.qmagic-row-head > *, .qmagic-row-progress > *')].map(rect);
+  return {row: rect(row), buttons: buttons.map(b => ({text: b.textContent.trim(), ...rect(b)})),
+          textRight: Math.max(...under.map(r => r.right)),
+          progressCut: cut('.qmagic-progress-text'), callCut: cut('.qmagic-call')};
+}
+"""
+
+
+def _check_row_geometry(row) -> None:
+    """The running row's two buttons sit inside the row's box; its call and progress text
+    are not cut (measured in one go: the rows' HTML is redrawn at every update)."""
+    from playwright.sync_api import expect
+
+    expect(row).to_be_visible()
+    key = row.get_attribute("data-task")
+    segment = row.locator("xpath=ancestor::div[contains(@class,'qmagic-task-segment')][1]")
+    buttons = segment.locator(f".qmagic-task-controls .qmagic-task-{key}")
+    expect(buttons).to_have_count(2)  # Cancel and Details
+    expect(buttons.first).to_have_text("Cancel")
+    expect(buttons.last).to_be_visible()
+    found = segment.evaluate(_GEOMETRY_JS, key)
+    box = found["row"]
+    assert [b["text"] for b in found["buttons"]] == ["Cancel", "Details"], found
+    assert found["textRight"] <= min(b["x"] for b in found["buttons"]), f"text under the buttons: {found}"
+    for b in found["buttons"]:
+        assert box["x"] <= b["x"] and b["right"] <= box["right"], found
+        assert box["y"] <= b["y"] and b["bottom"] <= box["bottom"], found
+    assert not found["progressCut"], f"the progress text is cut: {row.locator('.qmagic-progress-text').text_content()!r}"
+    assert not found["callCut"], f"the call is cut: {row.locator('.qmagic-call').text_content()!r}"
+
+
+# -- the test ------------------------------------------------------------------------------------
+def test_panels_light_and_dark_in_jupyterlab(tmp_path):
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    print(f"\nscreenshots: {ARTIFACTS}")
+    started = time.monotonic()
+    lab = Lab(tmp_path)
+    try:
+        lab.wait_ready()
+        lab.start_kernel()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            try:
+                report = _scenario(page, lab)
+            except BaseException:  # noqa: BLE001
+                page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
+                print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
+                raise
+            browser.close()
+    finally:
+        lab.stop()
+    print("\n".join(report))
+    print(f"browser test took {time.monotonic() - started:.1f} s; screenshots in {ARTIFACTS}")
+
+
+def _scenario(page, lab: Lab) -> list[str]:
+    from playwright.sync_api import expect
+
+    # Open the notebook once JupyterLab knows its kernel specs and sessions: opened any
+    # earlier (a /lab/tree/... address) it may ask which kernel to use.
+    page.goto(f"http://127.0.0.1:{lab.port}/lab?token={lab.token}")
+    page.wait_for_function("() => window.jupyterapp !== undefined", timeout=30_000)
+    page.evaluate("""async (path) => {
+        const app = window.jupyterapp;
+        await app.restored;
+        await app.serviceManager.ready;
+        await app.serviceManager.kernelspecs.ready;
+        await app.serviceManager.sessions.ready;
+        await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
+    }""", NOTEBOOK)
+    expect(page.locator(".jp-Notebook .jp-Cell").first).to_be_visible(timeout=30_000)
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(1, timeout=30_000)
+    expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "true")
+
+    _run_cell(page, 0)
+    expect(_cell(page, 0).locator(".jp-OutputArea")).to_contain_text("ready", timeout=30_000)
+
+    # -- tutorial 04: the lock panel under %lock_info after a later cell unlocked --------------
+    for index in (1, 2, 3):
+        _run_cell(page, index)
+        _wait_done(page, index)
+    lock = _cell(page, 2).locator(".qmagic-lock-panel")
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-unlocked"), timeout=10_000)
+    expect(lock.locator(".qmagic-lock-label")).to_contain_text("Now (live) — changed since this cell ran")
+    expect(lock.locator(".qmagic-lock-then")).to_contain_text("When this cell ran")
+    expect(lock.locator(".qmagic-lock-then")).to_contain_text("Alice")
+    expect(lock.locator(".qmagic-lock-then")).to_contain_text("beam time until 18:00")
+
+    # -- the task panel with every kind of row ---------------------------------------------------
+    for index in (4, 5, 6):
+        _run_cell(page, index)
+        _wait_done(page, index)
+    expect(_cell(page, 6).locator(".jp-OutputArea")).to_contain_text("tasks started")
+    panel = _cell(page, 4).locator(".qmagic-task-panel")
+    for call, status in (("scan(20, 0.01)", "completed"), ("broken()", "failed"),
+                         ("scan(100000)", "cancelled"), ("scan(100000, 0.2)", "running")):
+        row = panel.locator(".qmagic-task-row", has=page.locator(".qmagic-call", has_text=re.compile(
+            "^" + re.escape(call) + "$")))
+        expect(row).to_have_attribute("data-status", status, timeout=10_000)
+    script = panel.locator(".qmagic-task-row", has_text="calibration.py (script)")
+    expect(script).to_have_attribute("data-status", "completed")
+    expect(panel.locator(".qmagic-task-row[data-status='failed'] .qmagic-row-ending")).to_have_text(
+        "ValueError: the sample holder is empty")
+    _check_not_cut(panel)
+    running = panel.locator(".qmagic-task-row[data-status='running']", has_text="scan(100000, 0.2)")
+    expect(running.locator(".qmagic-progress-text")).to_contain_text("point")
+    _check_row_geometry(running)
+
+    # -- a foreground task: its live row in its own cell ----------------------------------------
+    report = _foreground(page, 7, "light")
+    _run_cell(page, 8)
+    cell8 = _cell(page, 8)
+    row8 = cell8.locator(".qmagic-task-row")
+    expect(row8).to_have_attribute("data-status", "running", timeout=15_000)
+    expect(row8.locator(".qmagic-progress-text")).to_contain_text("point")
+    cell8.locator(".qmagic-cancel").click()
+    expect(cell8.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")).to_have_text(
+        "TaskCancelled: scan(100000) was cancelled from the panel (Cancel button); it is recorded as cancelled.",
+        timeout=15_000)
+    expect(row8).to_have_attribute("data-status", "cancelled", timeout=5_000)
+    _wait_done(page, 8)
+    expect(row8).to_have_count(1)
+    _shot(cell8, "light-3-foreground-cancelled.png")
+
+    report += _check_legible(page, "light")
+    panel.scroll_into_view_if_needed()
+    _shot(panel, "light-1-task-panel.png")
+    _shot(lock, "light-2-lock-panel.png")
+    if os.environ.get("QMAGIC_REFRESH_DOCS") == "1":
+        shutil.copy(ARTIFACTS / "light-1-task-panel.png", DOCS / "task-panel.png")
+        shutil.copy(ARTIFACTS / "light-2-lock-panel.png", DOCS / "lock-panel.png")
+
+    # -- the dark theme ----------------------------------------------------------------------------
+    page.evaluate("() => window.jupyterapp.commands.execute('apputils:change-theme', "
+                  "{theme: 'JupyterLab Dark'})")
+    expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false", timeout=15_000)
+    expect(page.locator("body")).to_have_attribute("data-jp-theme-name", "JupyterLab Dark")
+    report += _foreground(page, 7, "dark")
+    report += _check_legible(page, "dark")
+    _check_not_cut(panel)
+    panel.scroll_into_view_if_needed()
+    _shot(panel, "dark-1-task-panel.png")
+    _shot(lock, "dark-2-lock-panel.png")
+    _shot(cell8, "dark-3-foreground-cancelled.png")
+    return report
+
+
+def _foreground(page, index: int, theme: str) -> list[str]:
+    """Run the foreground cell: a live row in it while it runs, its final state, no second
+    widget from the returned Task."""
+    from playwright.sync_api import expect
+
+    _run_cell(page, index)
+    cell = _cell(page, index)
+    row = cell.locator(".qmagic-task-row")
+    expect(row).to_have_attribute("data-status", "running", timeout=15_000)
+    expect(row).to_have_attribute("data-mode", "foreground")
+    expect(row.locator(".qmagic-mode")).to_have_text("foreground")
+    expect(row.locator(".qmagic-progress-text")).to_contain_text(re.compile(r"\d+/50 · point \d+ of 50"))
+    expect(cell.locator(".jp-InputPrompt")).to_have_text("[*]:")
+    _check_row_geometry(row)
+    _shot(cell, f"{theme}-0-foreground-running.png")
+    _wait_done(page, index)
+    expect(row).to_have_attribute("data-status", "completed", timeout=5_000)
+    expect(row.locator(".qmagic-progress-text")).to_have_text("50/50 · point 50 of 50")
+    expect(row.locator(".qmagic-elapsed")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
+    expect(cell.locator(".qmagic-task-row")).to_have_count(1)  # the returned Task: text only
+    expect(cell.locator(".jp-OutputArea-output").last).to_have_text(
+        "scan(50, 0.1)  qmagic user  foreground  completed  50/50 point 50 of 50")
+    _shot(cell, f"{theme}-0-foreground-completed.png")
+    return [f"{theme} foreground row ok"]
+
+
+def test_without_chromium_the_panel_browser_test_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
+        _require_browser()
