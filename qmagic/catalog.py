@@ -112,8 +112,10 @@ class Catalog:
         self._plans: dict[str, Any] = {}
         self._devices: dict[str, Any] = {}
         self._key: Any = None
-        #: Changes whenever the functions or plans change (queueserver's plans_existing_uid).
+        #: Changes whenever the functions change.
         self.uid = str(uuid.uuid4())
+        #: Changes whenever the plans change (queueserver's plans_existing_uid).
+        self.plans_uid = str(uuid.uuid4())
         #: Changes whenever the devices change (devices_existing_uid).
         self.devices_uid = str(uuid.uuid4())
 
@@ -141,11 +143,10 @@ class Catalog:
                 continue
         with self._lock:
             self._key = key
-            changed = functions.keys() != self._functions.keys() or plans.keys() != self._plans.keys()
-            if changed or any(functions[n] is not self._functions.get(n) for n in functions):
-                self.uid = str(uuid.uuid4())
-            if devices.keys() != self._devices.keys():
-                self.devices_uid = str(uuid.uuid4())
+            for attr, new, old in (("uid", functions, self._functions), ("plans_uid", plans, self._plans),
+                                   ("devices_uid", devices, self._devices)):
+                if new.keys() != old.keys() or any(new[n] is not old.get(n) for n in new):
+                    setattr(self, attr, str(uuid.uuid4()))
             self._functions, self._plans, self._devices = functions, plans, devices
         return True
 

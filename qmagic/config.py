@@ -57,6 +57,12 @@ class QMagic(Configurable):
         "thread of qmagic's own; 'bluesky' = bluesky's loop only (tasks fail without it); "
         "'qmagic' = qmagic's own loop always.",
     ).tag(config=True)
+    environment_open_on_load = Bool(
+        True,
+        help="Open the environment for remote clients when qmagic loads. False: remote tasks "
+        "and scripts are refused until a client sends environment_open, as an RE Manager "
+        "starts (the notebook itself works either way).",
+    ).tag(config=True)
     default_user = Unicode("qmagic user", help="User name of requests that do not name one.").tag(
         config=True
     )

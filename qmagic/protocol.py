@@ -81,14 +81,20 @@ def status_reply(worker: Any) -> dict[str, Any]:
     busy = worker.engine.foreground.user_busy()
     state = "executing_task" if fg is not None else "idle"
     lock = worker._locks.state()
-    if fg is not None:
+    env_open = worker.environment_is_open
+    if not env_open:  # as an RE Manager without a worker
+        kernel_state, captured, background = None, None, 0
+    elif fg is not None:
         kernel_state, captured = "busy", bool(counts["foreground_handed_over"])
+        background = counts["running_background"]
     else:
         kernel_state, captured = ("busy" if busy else "idle"), False
-    env_open = worker.environment_is_open
-    status_key = (state, kernel_state, counts["running_background"], counts["results_uid"], lock.uid,
-                  worker.catalog.uid, worker.catalog.devices_uid, worker.permissions_uid,
-                  worker.environment_uid)
+        background = counts["running_background"]
+    re_state = getattr(worker.namespace.get("RE"), "state", None) if env_open else None
+    re_state = re_state if isinstance(re_state, str) else None
+    catalog = worker.catalog
+    status_key = (state, kernel_state, background, counts["results_uid"], lock.uid, catalog.plans_uid,
+                  catalog.devices_uid, worker.permissions_uid, worker.environment_uid, re_state)
     return {
         "msg": f"RE Manager v{__version__} (qmagic)",
         "time": datetime.datetime.now().isoformat(),
@@ -101,18 +107,18 @@ def status_reply(worker: Any) -> dict[str, Any]:
         "pause_pending": False,
         "worker_environment_exists": env_open,
         "worker_environment_state": (state if env_open else "closed"),
-        "worker_background_tasks": counts["running_background"],
-        "re_state": None,
-        "ip_kernel_state": kernel_state if env_open else None,
+        "worker_background_tasks": background,
+        "re_state": re_state,
+        "ip_kernel_state": kernel_state,
         "ip_kernel_captured": captured,
         "status_uid": _uid_of(status_key),
         "run_list_uid": worker.static_uid,
         "plan_queue_uid": worker.static_uid,
         "plan_history_uid": worker.static_uid,
-        "devices_existing_uid": worker.catalog.devices_uid,
-        "plans_existing_uid": worker.catalog.uid,
-        "devices_allowed_uid": _uid_of((worker.catalog.devices_uid, worker.permissions_uid)),
-        "plans_allowed_uid": _uid_of((worker.catalog.uid, worker.permissions_uid)),
+        "devices_existing_uid": catalog.devices_uid,
+        "plans_existing_uid": catalog.plans_uid,
+        "devices_allowed_uid": _uid_of((catalog.devices_uid, worker.permissions_uid)),
+        "plans_allowed_uid": _uid_of((catalog.plans_uid, worker.permissions_uid)),
         "task_results_uid": counts["results_uid"],
         "lock_info_uid": lock.uid,
         "plan_queue_mode": {"loop": False, "ignore_failures": False},
@@ -150,7 +156,8 @@ class QueueserverProtocol:
         return status_reply(self.worker)
 
     def config_get(self, params: dict, **who: Any) -> dict:
-        return {"success": True, "msg": "", "config": {"ip_connect_info": self.connection_info()}}
+        info = self.connection_info() if self.worker.environment_is_open else {}
+        return {"success": True, "msg": "", "config": {"ip_connect_info": info}}
 
     # -- tasks -------------------------------------------------------------------------------------
     def function_execute(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
@@ -169,7 +176,9 @@ class QueueserverProtocol:
                 origin="remote", strict_json=True, client=client,
             )
         except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "item": item, "task_uid": None}
+            msg = str(exc)  # queueserver's handler prefixes every refusal of this method
+            msg = msg if msg.startswith("Error: ") else f"Error: {msg}"
+            return {"success": False, "msg": msg, "item": item, "task_uid": None}
         reply_item = {"name": task.name, "args": list(task.args), "kwargs": dict(task.kwargs),
                       "user": task.user, "user_group": task.user_group, "item_uid": task.uid}
         if isinstance(item, dict) and "item_type" in item:
@@ -184,9 +193,9 @@ class QueueserverProtocol:
                 raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
             if not isinstance(script, str):
                 raise RequestRefused("Error: Type of the 'script' parameter in API call is incorrect.")
-            _flag(params, "update_re", False)
             task = self.worker.run_script(
                 script, update_lists=_flag(params, "update_lists", True),
+                update_re=_flag(params, "update_re", False),
                 background=_flag(params, "run_in_background", False), lock_key=lock_key,
                 user=params.get("user"), user_group=params.get("user_group"),
                 origin="remote", client=client,
@@ -284,6 +293,22 @@ class QueueserverProtocol:
     def environment_destroy(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         return self._simple(self.worker.environment_destroy, params, client)
 
+    def environment_update(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        try:
+            task = self.worker.update_environment(
+                background=_flag(params, "run_in_background", False), lock_key=_lock_key(params),
+                origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "task_uid": None}
+        return {"success": True, "msg": "", "task_uid": task.uid}
+
+    def unavailable(self, method: str) -> dict:
+        """A queueserver method that needs the plan queue or a Run Engine worker."""
+        return {"success": False, "msg": (
+            f"Error: {method!r} is not available: this RE Worker is a qmagic kernel, without a plan "
+            "queue or Run Engine manager. Run functions with function_execute; run plans in the "
+            "notebook with RE(plan(...)).")}
+
     def _simple(self, method: Callable[..., Any], params: dict, client: str | None,
                 **kwargs: Any) -> dict:
         try:
@@ -311,8 +336,8 @@ class QueueserverProtocol:
     def permissions_reload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         try:
             _flag(params, "restore_plans_devices", False)
-            _flag(params, "restore_permissions", True)
-            self.worker.reload_permissions(lock_key=_lock_key(params), origin="remote", client=client)
+            self.worker.reload_permissions(restore=_flag(params, "restore_permissions", True),
+                                           lock_key=_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc)}
         except PermissionsFormatError as exc:
@@ -321,11 +346,16 @@ class QueueserverProtocol:
 
     # -- what GUIs ask for -------------------------------------------------------------------------------
     def history_clear(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
-        if params.get("size") is not None or params.get("item_uid") is not None:
-            return {"success": False, "msg": (
-                "Error: qmagic has no plan history to trim: call history_clear without 'size' and "
-                "'item_uid' (finished tasks in memory are forgotten; the experiment log keeps them).")}
+        """Forget the finished tasks kept in memory (the experiment log keeps them); ``size``
+        and ``item_uid`` are checked as queueserver does (there is no plan history to trim)."""
+        size, item_uid = params.get("size"), params.get("item_uid")
         try:
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+                raise RequestRefused(f"Error: The 'size' parameter must be an integer: size={size!r}")
+            if item_uid is not None and not isinstance(item_uid, str):
+                raise RequestRefused(f"Error: The 'item_uid' parameter must be a string: item_uid={item_uid!r}")
+            if size is not None and item_uid is not None:
+                raise RequestRefused("Error: Parameters 'size' and 'item_uid' are mutually exclusive.")
             self.worker.check_lock(_lock_key(params), "queue", origin="remote", client=client)
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc)}
@@ -343,7 +373,7 @@ class QueueserverProtocol:
     def plans_existing(self, params: dict, **who: Any) -> dict:
         catalog = self.worker.catalog
         plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
-        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.uid}
+        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
 
     def plans_allowed(self, params: dict, **who: Any) -> dict:
         """Every plan of the namespace, for any known group: a kernel has no plan queue, so

@@ -4,17 +4,16 @@ If the script raises, every name it added, changed or removed is restored, so th
 is exactly as before (objects it mutated in place cannot be restored).  On success the
 names it added, changed and removed are reported.
 
-Scripts run one at a time.  A script requested while another one runs is refused at once
-with a message that names the running script and how to stop it — nothing ever waits for
-a script that may never end (``time.sleep(3600)`` in a background upload must not stall
-every later upload or hang a cell).
+Scripts never wait for each other: a background script runs while a foreground one does, as
+in queueserver, so a script that never ends (``time.sleep(3600)``) stalls no later upload
+and hangs no cell.  (Two scripts failing at the same moment may each restore the names the
+other changed: run scripts that change the same names one after the other.)
 """
 
 from __future__ import annotations
 
 import linecache
 import re
-import threading
 from typing import Any
 
 from .errors import RequestRefused
@@ -43,40 +42,14 @@ class ScriptRunner:
 
     def __init__(self, namespace: dict) -> None:
         self.namespace = namespace
-        self._lock = threading.Lock()
-        self._running: tuple[str, str] | None = None  # (name, task uid) of the running script
 
-    def check_free(self) -> None:
-        """Raise RequestRefused (at once) while a script runs."""
-        running = self._running
-        if running is not None:
-            raise RequestRefused(self._busy_msg(running))
-
-    @staticmethod
-    def _busy_msg(running: tuple[str, str]) -> str:
-        name, uid = running
-        return (
-            f"Error: Failed to start the task: the script {name!r} (task {uid[:8]}) is still "
-            f"running. Wait for it to end, or stop it with %task_cancel {uid[:8]} "
-            f"(remotely: kernel_interrupt, or wait), then upload again."
-        )
-
-    def run(self, script: str, *, name: str, uid: str) -> dict[str, list[str]]:
+    def run(self, script: str, *, name: str, keep: tuple[str, ...] = ()) -> dict[str, list[str]]:
         """Execute ``script``; returns {"added", "changed", "removed"} name lists.
 
-        Raises what the script raised (the namespace restored), or RequestRefused at once
-        when another script is running.
+        Raises what the script raised, the namespace restored.  Names in ``keep`` are put
+        back as they were even when the script succeeds (queueserver's ``update_re=False``
+        keeps ``RE`` and ``db``).
         """
-        if not self._lock.acquire(blocking=False):
-            raise RequestRefused(self._busy_msg(self._running or (name, uid)))
-        try:
-            self._running = (name, uid)
-            return self._exec(script, name, uid)
-        finally:
-            self._running = None
-            self._lock.release()
-
-    def _exec(self, script: str, name: str, uid: str) -> dict[str, list[str]]:
         filename = f"<script {name}>"
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
         ns = self.namespace
@@ -91,6 +64,9 @@ class ScriptRunner:
                 if ns.get(key, _MISSING) is not value:
                     ns[key] = value
             raise
+        for key in keep:
+            if key in before:
+                ns[key] = before[key]
         added = sorted(k for k in ns if k not in before and k != "__builtins__")
         removed = sorted(k for k in before if k not in ns)
         changed = sorted(k for k in before if k in ns and ns[k] is not before[k])

@@ -150,7 +150,6 @@ class Worker(StateMixin, QMagic):
         then it is cancelled ("deadline of N s passed").  Refusals raise
         :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
         """
-        self._check_open(origin)
         if isinstance(target, str):
             name, func = check_name(target), None
         elif callable(target):
@@ -179,6 +178,7 @@ class Worker(StateMixin, QMagic):
                 f"Error: {name!r} is a generator function (a bluesky plan), not a function: run it "
                 f"with the Run Engine, RE({name}(...))."
             )
+        self._check_open(origin)
         coroutine = func is not None and inspect.iscoroutinefunction(func)
         call = self._call(name, func, args, kwargs, user, user_group, strict_json,
                           by_name=isinstance(target, str))
@@ -230,6 +230,7 @@ class Worker(StateMixin, QMagic):
         name: str | None = None,
         background: bool = False,
         update_lists: bool = True,
+        update_re: bool = False,
         lock_key: str | None = None,
         user: str | None = None,
         user_group: str | None = None,
@@ -239,18 +240,19 @@ class Worker(StateMixin, QMagic):
         """Run ``script`` in the namespace as a task (all or nothing; see
         :mod:`qmagic.scripts`).  ``name`` labels it everywhere (e.g. its file name).
         On success ``task.namespace_changes`` lists the names added, changed and removed;
-        the function catalog is refreshed unless ``update_lists`` is False."""
-        self._check_open(origin)
+        the function catalog is refreshed unless ``update_lists`` is False.  Unless
+        ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver)."""
         if not isinstance(script, str):
             raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
         name = check_script_name(name)
         user, user_group = self._who(user, user_group, origin, defaults=True)
         self.check_lock(lock_key, origin=origin, client=client)
-        self.scripts.check_free()
+        self._check_open(origin)
+        keep = () if update_re else ("RE", "db")
 
         def call() -> None:
             task = current_task()  # this task: its uid and name label the script
-            task.namespace_changes = self.scripts.run(script, name=name, uid=task.uid)
+            task.namespace_changes = self.scripts.run(script, name=name, keep=keep)
             if update_lists:
                 self.catalog.refresh()
 
@@ -258,6 +260,17 @@ class Worker(StateMixin, QMagic):
             call, name=name, kind="script", user=user, user_group=user_group,
             background=bool(background), origin=origin, provenance=self.provenance_source(),
         )
+
+    def update_environment(self, *, background: bool = False, lock_key: str | None = None,
+                           origin: str = "python", client: str | None = None) -> Task:
+        """Refresh the lists of functions, plans and devices as a task (queueserver's
+        environment_update)."""
+        self.check_lock(lock_key, origin=origin, client=client)
+        self._check_open(origin)
+        user, group = self._who(None, None, origin, defaults=True)
+        return self.engine.submit(lambda: self.catalog.refresh(force=True) and None,
+                                  name="environment_update", kind="script", user=user,
+                                  user_group=group, background=bool(background), origin=origin)
 
     # -- looking at tasks -------------------------------------------------------------------------
     def get_task(self, uid_or_prefix: str) -> Task:
@@ -354,6 +367,8 @@ class Worker(StateMixin, QMagic):
         or in the running foreground task when ``interrupt_task`` (else that is refused).
         Interrupts of one task are coalesced.  Returns "interrupted", "pending" or "idle"."""
         self.check_lock(lock_key, origin=origin, client=client)
+        if origin == "remote" and not self.environment_is_open:
+            raise RequestRefused("Failed to interrupt IPython kernel: Worker environment does not exist")
         if self.engine.counts()["foreground"] is not None:
             if not interrupt_task:
                 raise RequestRefused(

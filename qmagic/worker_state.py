@@ -23,8 +23,8 @@ __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
 
 log = logging.getLogger("qmagic")
 
-#: queueserver's text when a request needs the environment and it is closed.
-MSG_ENV_CLOSED = "Error: RE Worker environment is not open"
+#: queueserver's text when a remote request needs the environment and it is closed.
+MSG_ENV_CLOSED = "RE Worker environment is not open"
 
 
 class _LogObserver:
@@ -55,7 +55,7 @@ class StateMixin(HasTraits):
         self._journal: Any = None
         self._log_observer: _LogObserver | None = None
         self._open_journal()
-        self._environment_open = True
+        self._environment_open = bool(self.environment_open_on_load)
         self.environment_uid = str(uuid.uuid4())
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
         self.static_uid = str(uuid.uuid4())
@@ -72,11 +72,17 @@ class StateMixin(HasTraits):
         return self.state_dir or default_state_dir()
 
     def _open_locks(self) -> Any:
+        import os
+
         from .store.keys import Throttle
         from .store.locks import LockStore
 
+        emergency = self.emergency_lock_key
+        if emergency is None:  # qmagic's variable first, then queueserver's
+            emergency = (os.environ.get("QMAGIC_EMERGENCY_LOCK_KEY")
+                         or os.environ.get("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER") or "")
         return LockStore(
-            self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key,
+            self._state_dir(), self.environment_name, emergency_key=emergency,
             throttle=Throttle(self.lock_wrong_keys_allowed, self.lock_backoff_s,
                               self.lock_backoff_max_s),
             recheck_s=self.lock_recheck_s,
@@ -157,17 +163,18 @@ class StateMixin(HasTraits):
         """Replace the permission rules (queue-lockable); invalid rules change nothing."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
         new = Permissions(rules, match_timeout=self.permissions_match_timeout)  # validates first
-        self._set_rules(new)
-        return new
+        if new.to_dict() != self._permissions.to_dict():  # the same rules change nothing
+            self._set_rules(new)
+        return self._permissions
 
-    def reload_permissions(self, *, lock_key: str | None = None, origin: str = "python",
-                           client: str | None = None) -> Permissions:
-        """Read the rules again from the configuration (the YAML file, if one is set);
-        rules set with :meth:`set_permissions` are replaced (queue-lockable)."""
+    def reload_permissions(self, *, restore: bool = True, lock_key: str | None = None,
+                           origin: str = "python", client: str | None = None) -> Permissions:
+        """Read the rules again from the configuration (the YAML file, if one is set),
+        replacing rules set with :meth:`set_permissions`; ``restore=False`` keeps the rules
+        in force (queueserver's ``restore_permissions``).  Queue-lockable."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
-        new = self._load_permissions(file_first=True)
-        self._set_rules(new)
-        return new
+        self._set_rules(self._load_permissions(file_first=True) if restore else self._permissions)
+        return self._permissions
 
     # -- the lock ----------------------------------------------------------------------------------
     def lock(self, lock_key: str | None = None, *, environment: bool = False, queue: bool = False,
@@ -236,38 +243,45 @@ class StateMixin(HasTraits):
 
     def environment_open(self, *, lock_key: str | None = None, origin: str = "python",
                          client: str | None = None) -> None:
-        """Open the environment for remote tasks (it is open when qmagic loads)."""
+        """Open the environment for remote tasks (``QMagic.environment_open_on_load``)."""
         self.check_lock(lock_key, origin=origin, client=client)
         if self._environment_open:
-            raise RequestRefused("Error: RE Worker environment already exists.")
+            raise RequestRefused("RE Worker environment already exists.")
         self._environment_open = True
         self.environment_uid = str(uuid.uuid4())
 
     def environment_close(self, *, lock_key: str | None = None, origin: str = "python",
                           client: str | None = None) -> None:
         """Close the environment: remote tasks and scripts are refused until it is opened
-        again (the kernel, its namespace and running tasks are untouched)."""
+        again; running remote background tasks are asked to stop.  The notebook, its
+        namespace and its own tasks are untouched (the kernel is the user's)."""
         self.check_lock(lock_key, origin=origin, client=client)
         if not self._environment_open:
-            raise RequestRefused("Error: RE Worker environment does not exist.")
+            raise RequestRefused("RE Worker environment does not exist.")
         if self.engine.counts()["foreground"] is not None:
-            raise RequestRefused(
-                "Error: Failed to close the environment: a foreground task is running. Wait for "
-                "it to end (or interrupt it with kernel_interrupt), then try again."
-            )
+            raise RequestRefused("Foreground task execution is in progress.")
+        if self.engine.foreground.user_busy():
+            raise RequestRefused("Worker IPython kernel is busy")
         self._environment_open = False
         self.environment_uid = str(uuid.uuid4())
+        for task in self.engine.tasks():
+            if task.origin == "remote" and not task.done():
+                self.engine.cancel(task, reason="Task was cancelled: the environment was closed")
 
     def environment_destroy(self, *, lock_key: str | None = None, origin: str = "python",
                             client: str | None = None) -> list[Task]:
-        """Cancel every task (forced after the grace time), then close the environment."""
+        """Stop every task — cancelled and forced after the grace time; a foreground task is
+        interrupted like ■ — then close the environment."""
         self.check_lock(lock_key, origin=origin, client=client)
-        cancelled = [t for t in self.engine.tasks() if not t.done()
-                     and self.engine.cancel(t, force=True, reason="Task was cancelled: the "
-                                            "environment was destroyed")]
+        if not self._environment_open:
+            raise RequestRefused("RE environment does not exist")
         self._environment_open = False
         self.environment_uid = str(uuid.uuid4())
-        return cancelled
+        if self.engine.counts()["foreground"] is not None:
+            self.engine.interrupt_foreground()
+        reason = "Task was cancelled: the environment was destroyed"
+        return [t for t in self.engine.tasks()
+                if not t.done() and self.engine.cancel(t, force=True, reason=reason)]
 
     # -- the experiment log ----------------------------------------------------------------------------
     def _log_find(self, uid: str) -> dict[str, Any] | None:

@@ -114,7 +114,8 @@ def test_unsupported_parameters_and_unknown_methods(make_worker):
     assert reply["success"] is False and reply["msg"] == (
         "Error: API request contains unsupported parameters: 'bogus'. Supported parameters: ['task_uid']")
     assert reply["status"] is None
-    assert qs.call("queue_item_add")["msg"] == "Unknown method 'queue_item_add'"
+    assert qs.call("no_such_method")["msg"] == "Unknown method 'no_such_method'"
+    assert "'queue_item_add' is not available" in qs.call("queue_item_add")["msg"]
 
 
 def test_missing_name_is_accepted_then_fails(make_worker):
@@ -327,15 +328,17 @@ def test_environment_close_open_destroy(make_worker):
 
     w = make_worker({"gate": waiting, "f": lambda: 1})
     qs = QS(w)
-    assert qs.environment_open()["msg"] == "Error: RE Worker environment already exists."
+    assert qs.environment_open()["msg"] == "RE Worker environment already exists."
     running = w.submit("gate")
     assert gate.started.wait(TIMEOUT)
     assert qs.environment_close()["success"]
     assert qs.status()["worker_environment_exists"] is False
     assert qs.function_execute("f")["msg"] == "Error: RE Worker environment is not open"
-    assert qs.script_upload(script="x = 1")["msg"] == "Error: RE Worker environment is not open"
+    assert qs.script_upload(script="x = 1")["msg"] == "RE Worker environment is not open"
+    assert qs.config_get()["config"] == {"ip_connect_info": {}}
+    assert qs.kernel_interrupt()["msg"] == "Failed to interrupt IPython kernel: Worker environment does not exist"
     assert w.submit("f").result(TIMEOUT) == 1  # the notebook keeps working
-    assert qs.environment_close()["msg"] == "Error: RE Worker environment does not exist."
+    assert qs.environment_close()["msg"] == "RE Worker environment does not exist."
     assert qs.environment_open()["success"] and qs.status()["worker_environment_exists"]
     assert qs.environment_destroy()["success"]
     assert running.wait(TIMEOUT) and running.status is TaskStatus.CANCELLED

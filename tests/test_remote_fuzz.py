@@ -234,7 +234,7 @@ class Target:
         new = {t.uid for t in self.worker.tasks()} - tasks_before
         if reply.get("success") is True and isinstance(uid, str) and isinstance(request, dict) \
                 and request.get("method") in (
-                "function_execute", "script_upload"):
+                "function_execute", "script_upload", "environment_update"):
             assert new == {uid}, (request, reply, new)
             self.promised.add(uid)
         else:

@@ -50,6 +50,7 @@ METHODS: dict[str, Method] = {
     "environment_open": Method(("lock_key",)),
     "environment_close": Method(("lock_key",)),
     "environment_destroy": Method(("lock_key",)),
+    "environment_update": Method(("run_in_background", "lock_key"), {"task_uid": None}),
     "permissions_get": Method((), {"user_group_permissions": {}}),
     "permissions_set": Method(("user_group_permissions", "lock_key")),
     "permissions_reload": Method(("restore_plans_devices", "restore_permissions", "lock_key")),
@@ -61,6 +62,18 @@ METHODS: dict[str, Method] = {
     "devices_existing": Method((), {"devices_existing": {}, "devices_existing_uid": None}),
     "devices_allowed": Method(("user_group",), {"devices_allowed": {}, "devices_allowed_uid": None}),
 }
+
+
+#: queueserver methods that need its plan queue or Run Engine: a clear refusal, not
+#: "Unknown method" (parameters are not checked: nothing runs).
+UNAVAILABLE = frozenset({
+    "queue_mode_set", "queue_item_add", "queue_item_add_batch", "queue_item_update",
+    "queue_item_get", "queue_item_remove", "queue_item_remove_batch", "queue_item_move",
+    "queue_item_move_batch", "queue_item_execute", "queue_clear", "queue_start", "queue_stop",
+    "queue_stop_cancel", "queue_autostart", "re_pause", "re_resume", "re_stop", "re_abort",
+    "re_halt", "re_runs", "manager_stop", "manager_kill", "manager_test", "kernel_interrupt_plan",
+    "function_execute_plan",
+})
 
 
 def _authenticated(method: str, params: dict, identity: Any) -> dict:
@@ -99,10 +112,8 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
     the sender's (None: not listed) and the request may only claim that identity's user
     and groups (:mod:`qmagic.remote.auth`).
     """
-    if not isinstance(request, dict):
-        return {"success": False, "msg": (
-            f"Incorrect request type: {type(request).__name__}. Dictionary is expected "
-            "(a JSON object {\"method\": ..., \"params\": {...}}).")}
+    if not isinstance(request, dict):  # queueserver's text
+        return {"success": False, "msg": f"Incorrect request type: {type(request)}. Dictionary is expected"}
     if "method" not in request:
         return {"success": False,
                 "msg": f"Invalid request format: method is not specified: {_short(request)}"}
@@ -113,6 +124,8 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
     name = request["method"]
     spec = METHODS.get(name) if isinstance(name, str) else None
     if spec is None:
+        if isinstance(name, str) and name in UNAVAILABLE:
+            return protocol.unavailable(name)
         return {"success": False, "msg": f"Unknown method {_short(name)}"}
     params = request.get("params")
     if params is None:

@@ -332,9 +332,7 @@ class ControlServer:
         try:
             request = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            preview = raw[:80].decode("utf-8", "replace")
-            return self._malformed(f"Failed to decode the request: it is not valid JSON ({exc}): "
-                                   f"{preview!r}")
+            return self._malformed(f"Failed to decode the request: JSON decode error: {exc}")
         keys = self._client_keys
         identity = None
         if keys is not None:
