@@ -373,10 +373,10 @@ def test_to_dict_round_trip_and_isolation(qs):
 
 @pytest.mark.parametrize("data, message", [
     ([], "must be a mapping with the key 'user_groups', not list"),
-    ({}, "missing the required top-level key 'user_groups'"),
+    ({}, "'user_groups' is a required property"),
     ({"user_groups": {}, "extra": 1}, "unsupported top-level key 'extra'"),
     ({"user_groups": []}, "user_groups: must be a mapping of group name to rules, not list"),
-    ({"user_groups": {"primary": {}}}, "user_groups: missing required user group 'root'"),
+    ({"user_groups": {"primary": {}}}, "user_groups: Missing required user group: 'root'"),
     (rules(g=None), "user_groups.g: must be a mapping with 'allowed_functions'"),
     (rules(**{"": {}}), "user_groups: group name '' must be a non-empty string"),
     ({"user_groups": {"root": {}, 5: {}}}, "user_groups: group name 5 must be a non-empty string"),

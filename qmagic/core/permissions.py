@@ -169,12 +169,13 @@ class _Compiler:
                 raise _error("", f"unsupported top-level key {_quote(repr(key))}: the only top-level "
                                  "key is 'user_groups'")
         if "user_groups" not in rules:
-            raise _error("", "missing the required top-level key 'user_groups'")
+            raise _error("", "'user_groups' is a required property: write the rules as "
+                             "{'user_groups': {GROUP: {...}}}")
         groups = rules["user_groups"]
         if not isinstance(groups, dict):
             raise _error("user_groups", f"must be a mapping of group name to rules, not {type(groups).__name__}")
         if "root" not in groups:
-            raise _error("user_groups", "missing required user group 'root' (its lists filter the names "
+            raise _error("user_groups", "Missing required user group: 'root' (its lists filter the names "
                                         "for every group; use allowed_functions: [null] to allow all)")
         if len(groups) > _MAX_GROUPS:
             raise _error("user_groups", f"{len(groups)} groups, more than {_MAX_GROUPS}")
