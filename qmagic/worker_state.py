@@ -208,6 +208,8 @@ class StateMixin(HasTraits):
         Without a key, this kernel's remembered key is used; if it holds none while the
         environment is locked, the request is refused with what to do."""
         key = self._key(lock_key, origin)
+        if origin == "remote" and (not isinstance(key, str) or not key):
+            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {key!r}")
         if key is None:
             state = self._locks.state()
             if state.environment or state.queue:

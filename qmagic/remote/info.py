@@ -52,7 +52,8 @@ class InfoPublisher:
     """
 
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
-                 all_output: bool = False, secret_key: str | None = None) -> None:
+                 all_output: bool = False, secret_key: str | None = None,
+                 status_period: float = _STATUS_PERIOD_S) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ControlChannelError(
                 f"Invalid info socket address {address!r}: use a 0MQ endpoint such as "
@@ -61,6 +62,7 @@ class InfoPublisher:
         self.worker = worker
         self.requested_address = address
         self.all_output = all_output
+        self.status_period = status_period
         self._status = status
         self._secret_key = server_secret_key(secret_key)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -172,7 +174,7 @@ class InfoPublisher:
                 now = time.monotonic()
                 if now >= next_status:
                     last_status = self._publish_status(sock, last_status, force=True)
-                    next_status = now + _STATUS_PERIOD_S
+                    next_status = now + self.status_period
                 wait = max(0.0, min(next_status, self._next_task_due(now)) - time.monotonic())
                 try:
                     item = self._queue.get(timeout=wait)
@@ -214,7 +216,7 @@ class InfoPublisher:
     def _next_task_due(self, now: float) -> float:
         with self._tasks_lock:
             if not self._tasks:
-                return now + _STATUS_PERIOD_S
+                return now + self.status_period
             return min(self._sent_at.get(uid, 0.0) + 1.0 / TASK_EVENTS_HZ for uid in self._tasks)
 
     def _publish_tasks(self, sock: zmq.Socket, now: float) -> None:

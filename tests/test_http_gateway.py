@@ -1,0 +1,144 @@
+"""bluesky-httpserver (uvicorn, loopback, single-user API key) in front of a real qmagic
+kernel — its control channel and info socket — driven with bluesky-queueserver-api's HTTP
+REManagerAPI and the gateway's websockets.  Start and stop times are printed (``-s``)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from bluesky_queueserver_api import BFunc
+from bluesky_queueserver_api.http import REManagerAPI
+from websockets.sync.client import connect
+
+from gateway import free_port, start_gateway
+from kernel_utils import KernelSession
+
+API_KEY = "qmagicTestApiKey0123"  # bluesky-httpserver refuses keys that are not alphanumeric
+WAIT = 30.0
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gateway")
+    control = f"tcp://127.0.0.1:{free_port()}"
+    info = f"tcp://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    kernel = KernelSession(base / "kernel", argv=[
+        "--ext=qmagic", f"--QMagic.zmq_control_address={control}",
+        f"--QMagic.zmq_info_address={info}", "--QMagic.journal_enabled=False"]).start()
+    try:
+        kernel.execute("def add(a, b):\n    print('adding', a, b)\n    return a + b\n", check=True)
+        t_kernel = time.monotonic() - t0
+        gw = start_gateway(control, info, API_KEY, base)
+        print(f"\nkernel start {t_kernel:.2f} s, gateway start {gw.start_seconds:.2f} s")
+        try:
+            yield gw
+        finally:
+            print(f"\ngateway stop {gw.stop():.2f} s")
+    finally:
+        kernel.shutdown()
+
+
+@pytest.fixture
+def rm(gateway):
+    api = REManagerAPI(http_server_uri=gateway.uri)
+    api.set_authorization_key(api_key=API_KEY)
+    yield api
+    api.close()
+
+
+def _headers() -> dict:
+    return {"Authorization": f"ApiKey {API_KEY}"}
+
+
+def test_no_key_is_401(gateway):
+    assert httpx.get(f"{gateway.uri}/api/status").status_code == 401
+    assert httpx.get(f"{gateway.uri}/api/status", headers={"Authorization": "ApiKey wrong"}).status_code == 401
+    r = httpx.get(f"{gateway.uri}/api/status", headers=_headers())
+    assert r.status_code == 200 and r.json()["manager_state"] == "idle"
+
+
+def test_function_execute_and_result(rm):
+    assert rm.status()["worker_environment_exists"] is True
+    reply = rm.function_execute(BFunc("add", 2, 3), run_in_background=True)
+    assert reply["success"] is True, reply
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    result = rm.task_result(reply["task_uid"])
+    assert result["status"] == "completed" and result["result"]["return_value"] == 5
+    assert rm.task_status(reply["task_uid"])["status"] == "completed"
+
+
+def test_script_upload(rm):
+    reply = rm.script_upload("qs_http_value = 41 + 1\ndef get_value():\n    return qs_http_value\n")
+    assert reply["success"] is True, reply
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    reply = rm.function_execute(BFunc("get_value"), run_in_background=True)
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    assert rm.task_result(reply["task_uid"])["result"]["return_value"] == 42
+
+
+def test_lock_unlock(rm, gateway):
+    rm.lock_key = "http-key"
+    reply = rm.lock(environment=True, note="gateway test")
+    assert reply["success"] is True and reply["lock_info"]["environment"] is True
+    other = REManagerAPI(http_server_uri=gateway.uri)
+    other.set_authorization_key(api_key=API_KEY)
+    try:
+        with pytest.raises(other.RequestFailedError, match="Invalid lock key"):
+            other.function_execute(BFunc("add", 1, 1), run_in_background=True)
+    finally:
+        other.close()
+    assert rm.unlock()["success"] is True
+    assert rm.status()["lock"] == {"environment": False, "queue": False}
+
+
+def _ws_messages(gateway, path: str, until, timeout: float = WAIT) -> list:
+    uri = gateway.uri.replace("http://", "ws://") + path
+    got = []
+    with connect(uri, additional_headers=_headers()) as ws:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got.append(json.loads(ws.recv(timeout=0.5)))
+            except TimeoutError:
+                continue
+            if until(got):
+                return got
+    raise AssertionError(f"{path}: condition not met; got {got[-5:]}")
+
+
+def test_status_and_info_websockets(gateway, rm):
+    msgs = _ws_messages(gateway, "/api/status/ws", lambda g: len(g) >= 2)
+    assert all(set(m["msg"]) == {"status"} for m in msgs)
+    assert msgs[-1]["msg"]["status"]["manager_state"] == "idle"
+    uri = gateway.uri.replace("http://", "ws://") + "/api/info/ws"
+    with connect(uri, additional_headers=_headers()) as ws:
+        json.loads(ws.recv(timeout=WAIT))  # subscribed: the periodic status arrives
+        uid = rm.function_execute(BFunc("add", 3, 4), run_in_background=True)["task_uid"]
+        deadline, final = time.monotonic() + WAIT, None
+        while final is None:
+            assert time.monotonic() < deadline
+            task = json.loads(ws.recv(timeout=WAIT))["msg"].get("task", {})
+            if task.get("task_uid") == uid and task.get("status") == "completed":
+                final = task
+    assert final["result"] == "7" and final["name"] == "add"
+
+
+def test_console_output_websocket_and_buffer(gateway, rm):
+    uri = gateway.uri.replace("http://", "ws://") + "/api/console_output/ws"
+    with connect(uri, additional_headers=_headers()) as ws:
+        text, marker, deadline = "", 0, time.monotonic() + WAIT
+        while "adding 20 22" not in text:  # the route may start listening a moment later:
+            assert time.monotonic() < deadline, text  # print again until a line arrives
+            marker += 1
+            rm.function_execute(BFunc("add", 20, 22), run_in_background=True)
+            try:
+                while "adding 20 22" not in text:
+                    text += json.loads(ws.recv(timeout=1.0))["msg"]
+            except TimeoutError:
+                continue
+    buffer = httpx.get(f"{gateway.uri}/api/console_output", headers=_headers()).json()
+    assert "adding 20 22" in buffer["text"]

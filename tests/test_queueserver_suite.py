@@ -1,0 +1,41 @@
+"""bluesky-queueserver's own tests, run against qmagic kernels.
+
+The selection ``fast`` of tests/queueserver/run_qs_tests.py (one parametrisation per
+behaviour of function_execute, task_status/task_result, lock, script_upload, the
+environment, permissions, config_get, invalid requests, the IPython-kernel worker mode and
+the qserver command line) runs in a subprocess with tests/queueserver/plugin.py, which only
+replaces queueserver's manager start/stop fixtures by real qmagic kernels (never a reply).
+Every selected test must pass, and the selection may not shrink silently.
+
+queueserver's helpers hard-code 127.0.0.1:60615: nothing else may use that port meanwhile.
+``QMAGIC_QS_SELECTION=suite`` runs all in-scope tests (about half an hour).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "queueserver"))
+
+import run_qs_tests  # noqa: E402
+
+#: How many tests the `fast` selection holds (a shrinking selection is a failure too).
+FAST_COUNT = 55
+
+
+def test_queueserver_selection_passes(monkeypatch):
+    name = os.environ.get("QMAGIC_QS_SELECTION", "fast")
+    monkeypatch.setenv("QMAGIC_QS_PROFILE", "lean" if name == "fast" else "full")
+    # An RE Manager starts with its environment closed: so do these kernels (fixture only).
+    monkeypatch.setenv("QMAGIC_QS_KERNEL_ARGS", "--QMagic.environment_open_on_load=False")
+    result = run_qs_tests.run_selection(name, ["-o", "timeout=120"], timeout=900)
+    assert result["tests"], f"no test ran (rc {result['returncode']}):\n{result['tail']}"
+    failed = [t for t in result["tests"] if t["outcome"] != "PASS"]
+    report = "\n".join(f"{t['outcome']} {t['id']}: {t['reason']}" for t in failed)
+    assert not failed, (f"{len(failed)} of {len(result['tests'])} queueserver tests failed "
+                        f"against qmagic ({result['seconds']} s):\n{report}")
+    if name == "fast":
+        assert len(result["tests"]) == FAST_COUNT, [t["id"] for t in result["tests"]]
+    print(f"\nqueueserver's own tests: {len(result['tests'])} passed in {result['seconds']} s")

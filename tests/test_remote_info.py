@@ -1,0 +1,142 @@
+"""The info socket (PUB) with the real queueserver clients: console text in order, status
+on change and periodically, coalesced task events with the final state always sent."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import pytest
+from bluesky_queueserver import ReceiveSystemInfo
+from bluesky_queueserver_api.zmq import REManagerAPI
+
+import qmagic
+from qmagic.protocol import status_reply
+from qmagic.remote.info import InfoPublisher
+
+from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def setup(make_worker):
+    release = threading.Event()
+
+    def scan(n):
+        for i in range(n):
+            print(f"point {i}")
+            qmagic.report_progress(i + 1, n, f"point {i + 1}")
+        release.wait(TIMEOUT)
+        return n
+
+    worker = make_worker({"scan": scan})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker),
+                        status_period=0.2).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      console_monitor_poll_timeout=0.05, system_info_monitor_poll_timeout=0.05)
+    yield worker, pub, rm, release
+    release.set()
+    rm.console_monitor.disable_wait(timeout=2)
+    rm.system_info_monitor.disable_wait(timeout=2)
+    rm.close()
+    pub.stop()
+
+
+def _subscribed(monitor, worker) -> None:
+    """PUB drops what is sent before a subscription arrives: print markers from a task until
+    one reaches the monitor, then empty it."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        worker.submit(lambda: print("sync")).wait(TIMEOUT)
+        try:
+            monitor.next_msg(timeout=0.1)
+        except TimeoutError:
+            continue
+        while True:
+            try:
+                monitor.next_msg(timeout=0.3)
+            except TimeoutError:
+                break
+        monitor.clear()
+        return
+    raise TimeoutError("the console monitor never received a message")
+
+
+def test_console_monitor_receives_what_tasks_print_in_order(setup):
+    worker, pub, rm, release = setup
+    rm.console_monitor.enable()
+    _subscribed(rm.console_monitor, worker)
+    print("printed outside any task: not published")  # only tasks' output by default
+    release.set()
+    worker.submit("scan", (30,)).result(TIMEOUT)
+    got = []
+    while "".join(got).count("\n") < 30:  # print() writes the text and the newline apart
+        got.append(rm.console_monitor.next_msg(timeout=TIMEOUT)["msg"])
+    assert "".join(got) == "".join(f"point {i}\n" for i in range(30))
+    assert rm.console_monitor.text().endswith("point 29")
+    assert "outside" not in rm.console_monitor.text()
+
+
+def test_all_output_option_and_progress_bars(setup):
+    worker, pub, rm, release = setup
+    rm.console_monitor.enable()
+    _subscribed(rm.console_monitor, worker)
+    pub.all_output = True
+    print("progress 10%\rprogress 50%\rprogress 100%\ndone")
+    deadline = time.monotonic() + TIMEOUT
+    while "done" not in rm.console_monitor.text():
+        rm.console_monitor.next_msg(timeout=TIMEOUT)
+        assert time.monotonic() < deadline
+    assert rm.console_monitor.text().endswith("progress 100%\ndone")
+
+
+def test_system_info_monitor_receives_status_and_task_events(setup):
+    worker, pub, rm, release = setup
+    rm.system_info_monitor.enable()
+    first = rm.system_info_monitor.next_msg(timeout=TIMEOUT)
+    assert set(first) == {"time", "msg"}
+    assert "status" in first["msg"] or "task" in first["msg"]
+    task = worker.submit("scan", (200,))
+    seen = []
+    deadline = time.monotonic() + TIMEOUT
+    while not any(m.get("status", {}).get("worker_background_tasks") == 1 for m in seen):
+        seen.append(rm.system_info_monitor.next_msg(timeout=TIMEOUT)["msg"])
+        assert time.monotonic() < deadline
+    release.set()
+    assert task.result(TIMEOUT) == 200
+    events = [m["task"] for m in seen if "task" in m]
+    while not events or events[-1].get("status") != "completed":
+        msg = rm.system_info_monitor.next_msg(timeout=TIMEOUT)["msg"]
+        if "task" in msg:
+            events.append(msg["task"])
+    mine = [e for e in events if e["task_uid"] == task.uid]
+    assert mine[-1]["status"] == "completed" and mine[-1]["result"] == "200"
+    assert mine[-1]["progress"] == {"value": 200, "total": 200, "message": "point 200"}
+    assert mine[0]["name"] == "scan" and mine[0]["call"] == "scan(200)"
+    assert len(mine) < 20  # 200 progress events coalesced (at most ~10/s per task)
+
+
+def test_queueserver_receiver_reads_the_periodic_status(setup):
+    worker, pub, rm, release = setup
+    rsi = ReceiveSystemInfo(zmq_subscribe_addr=pub.address, timeout=5000)
+    try:
+        msgs = [rsi.recv() for _ in range(4)]
+    finally:
+        rsi._socket.close(0)
+    assert all("status" in m["msg"] for m in msgs)
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(msgs)]
+    assert all(0.05 < gap < 2.0 for gap in gaps), gaps
+
+
+def test_bad_address_is_a_clear_error(make_worker):
+    from qmagic import ControlChannelError
+
+    worker = make_worker()
+    with pytest.raises(ControlChannelError, match="Invalid info socket address"):
+        InfoPublisher(worker, "nowhere", lambda: {})
+    first = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    try:
+        with pytest.raises(ControlChannelError, match="Cannot start the info socket"):
+            InfoPublisher(worker, first.address, lambda: {}).start()
+    finally:
+        first.stop()
