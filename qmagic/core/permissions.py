@@ -34,15 +34,13 @@ from __future__ import annotations
 import copy
 import keyword
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import yaml
-
 from ..errors import PermissionRefused, PermissionsFormatError
+from ..yamlfile import load_yaml_file
 from .patterns import FAST_SLICE, MAX_NAME_LENGTH, compile_pattern, timed_search
 
 __all__ = [
@@ -80,7 +78,6 @@ _MAX_ITEMS = 10_000  # list items in all groups together
 _MAX_PATTERNS = 1000  # ':regex' function items in all groups together
 _MAX_ITEM_LENGTH = 1000
 _MAX_GROUP_NAME = 100
-_MAX_FILE_BYTES = 1 << 20
 _CACHE_LIMIT = 4096  # (name, group) results kept, the oldest dropped first
 _LISTING_FACTOR = 10  # allowed_names(): total budget, in units of the per-name timeout
 
@@ -291,30 +288,7 @@ class Permissions:
         """
         path = os.fspath(path)
         what = f"User group permissions file '{path}'"
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise PermissionsFormatError(f"{what} does not exist: check the path.") from None
-        except OSError as exc:
-            raise PermissionsFormatError(f"{what} cannot be read: {exc.strerror or exc}.") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise PermissionsFormatError(f"{what} cannot be read: it is not a regular file.")
-            if st.st_size > _MAX_FILE_BYTES:
-                raise PermissionsFormatError(f"{what} is larger than 1 MiB: is it the right file?")
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                raw = stream.read(_MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise PermissionsFormatError(f"{what} cannot be read: {exc.strerror or exc}.") from None
-        finally:
-            os.close(fd)
-        try:
-            data = yaml.load(raw.decode("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except UnicodeDecodeError as exc:
-            raise PermissionsFormatError(f"{what} is not UTF-8 text: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise PermissionsFormatError(f"{what} is not valid YAML: {exc}") from None
+        data = load_yaml_file(path, what, PermissionsFormatError)
         if data is None:
             raise PermissionsFormatError(f"{what} is empty: it must contain a 'user_groups' mapping.")
         try:

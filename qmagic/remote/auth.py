@@ -44,20 +44,19 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 import zmq
 from zmq.auth.base import Authenticator
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from ..errors import ControlChannelError, RequestRefused
+from ..yamlfile import load_yaml_file
 
 __all__ = [
     "QUEUESERVER_CLIENT_PUBLIC_KEY",
@@ -85,7 +84,6 @@ ROOT_METHODS = frozenset({"permissions_set", "permissions_reload", "config_get"}
 
 _MAX_CLIENTS = 1000
 _MAX_NAME = 100
-_MAX_FILE_BYTES = 1 << 20
 _ENTRY_KEYS = ("public_key", "user", "groups")
 _KEYGEN = "python -c \"import zmq; print(zmq.curve_keypair())\""
 
@@ -136,37 +134,8 @@ class ClientKeys:
         root and writable by nobody else (whoever can write it can give themselves any group)."""
         path = os.fspath(path)
         what = f"Client key file '{path}'"
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise ControlChannelError(f"{what} does not exist: check the path.") from None
-        except OSError as exc:
-            raise ControlChannelError(f"{what} cannot be read: {exc.strerror or exc}.") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ControlChannelError(f"{what} cannot be read: it is not a regular file.")
-            if hasattr(os, "geteuid") and st.st_uid not in (0, os.geteuid()):
-                raise ControlChannelError(f"{what} belongs to another user, who could give themselves "
-                                          "any group: keep the file in your own account.")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise ControlChannelError(f"{what} is writable by other users, who could give themselves "
-                                          f"any group: run  chmod go-w '{path}'")
-            if st.st_size > _MAX_FILE_BYTES:
-                raise ControlChannelError(f"{what} is larger than 1 MiB: is it the right file?")
-            with os.fdopen(fd, "rb", closefd=False) as stream:
-                raw = stream.read(_MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise ControlChannelError(f"{what} cannot be read: {exc.strerror or exc}.") from None
-        finally:
-            os.close(fd)
-        try:
-            data = yaml.load(raw.decode("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except UnicodeDecodeError as exc:
-            raise ControlChannelError(f"{what} is not UTF-8 text: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise ControlChannelError(f"{what} is not valid YAML (quote the keys: z85 uses characters "
-                                      f"that YAML reads as syntax): {exc}") from None
+        data = load_yaml_file(path, what, ControlChannelError, private=True,
+                              hint=" (quote the keys: z85 uses characters that YAML reads as syntax)")
         return cls._parse(data, what)
 
     @classmethod
