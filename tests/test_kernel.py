@@ -1,8 +1,8 @@
 """qmagic in real kernels (jupyter_client): interrupts, output routing, the busy rule,
-unload/reload, script rollback, configuration and auto-load.
+handed-over foreground tasks, unload/reload, script rollback, configuration and auto-load.
 
 One kernel is shared by the tests that do not disturb each other; every wait is on a
-kernel message (or, inside the kernel, on a condition) with a timeout.
+kernel message (or, inside the kernel, on an event or condition) with a timeout.
 """
 
 from __future__ import annotations
@@ -14,65 +14,38 @@ from pathlib import Path
 
 import pytest
 
-from kernel_utils import REPO_ROOT, KernelSession, isolated_env
+from kernel_helpers import JOURNAL_ARGV, QMAGIC_ARGV, SETUP, assert_no_internals, one_line, start_kernel
+from kernel_utils import REPO_ROOT, isolated_env
+
+pytestmark = pytest.mark.timeout(120)
 
 AUTOLOAD_SOURCE = REPO_ROOT / "jupyter-config" / "qmagic-autoload.py"
 
-SETUP = r'''
-import threading, time
-import qmagic
-w = qmagic.get_worker()
-events = {}
-
-def bg_wait(name):
-    """Background helper: announce, wait to be released, announce again."""
-    ev = events.setdefault(name, threading.Event())
-    print(f"{name} started", flush=True)
-    if not ev.wait(30):
-        raise TimeoutError(name)
-    print(f"{name} finished", flush=True)
-    return name
-
-def fg_block():
-    print("fg started", flush=True)
-    threading.Event().wait(60)
-    return "not interrupted"
-
-def add(a, b=1):
-    return a + b
-
-def main_thread_in_task_wait():
-    import sys
+#: Extra helpers of this module's kernel.
+MORE = r'''
+def main_thread_waits_for(task):
+    """True once the main thread blocks in the wait for ``task`` (a --wait cell)."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     while frame is not None:
-        if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("tasks.py"):
+        if frame.f_code.co_name == "wait" and frame.f_locals.get("self") is task:
             return True
         frame = frame.f_back
     return False
 
 def bg_after_main_waits(name):
-    """Background helper: announce once the main thread blocks in Task.wait (--wait)."""
-    wait_until(main_thread_in_task_wait)
+    """Background helper: announce once the main thread blocks waiting for this task."""
+    me = qmagic.current_task()
+    wait_until(lambda: main_thread_waits_for(me))
     print(f"{name} main waits", flush=True)
     return bg_wait(name)
-
-def wait_until(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.005)
 '''
 
 
 @pytest.fixture(scope="module")
 def qk(tmp_path_factory):
     """The shared kernel: qmagic from --ext, a QMagic setting from the command line."""
-    session = KernelSession(
-        tmp_path_factory.mktemp("qk"),
-        argv=["--ext=qmagic", "--QMagic.default_user=Kernel User"],
-    ).start()
-    session.execute(SETUP, check=True)
+    session = start_kernel(tmp_path_factory.mktemp("qk"), "--QMagic.default_user=Kernel User")
+    session.execute(MORE, check=True)
     yield session
     session.shutdown()
 
@@ -92,13 +65,20 @@ def test_interrupt_stops_the_foreground_task_and_spares_background_tasks(qk):
     qk.wait_for_output(fg, "fg started")
     qk.interrupt()
     result = qk.wait(fg)
-    assert result.status == "error" and result.error["ename"] == "KeyboardInterrupt"
-    state = qk.eval(
-        "(w.last_task.name, w.last_task.status.value,"
-        " w.last_task.traceback.strip().splitlines()[-1], bg_a.status.value,"
-        " w.status()['manager_state'])"
+    assert result.error["ename"] == "TaskCancelled"
+    assert one_line(result) == (
+        "TaskCancelled: fg_block() was interrupted (■ or KeyboardInterrupt); it is recorded as "
+        "cancelled."
     )
-    assert state == ("fg_block", "cancelled", "KeyboardInterrupt", "running", "idle")
+    state = qk.eval(
+        "(w.last_task.name, w.last_task.status.value, w.last_task.traceback.strip().splitlines(),"
+        " bg_a.status.value, qs.status()['manager_state'])"
+    )
+    name, status, traceback, bg_status, manager = state
+    assert (name, status, bg_status, manager) == ("fg_block", "cancelled", "running", "idle")
+    assert traceback[-1] == "KeyboardInterrupt"
+    assert any(line.strip().startswith('File "Cell In[') for line in traceback), traceback
+    assert_no_internals("\n".join(traceback))
     assert qk.eval("events['a'].set() or bg_a.result(10)") == "a"
 
 
@@ -116,8 +96,11 @@ def test_interrupting_wait_leaves_the_background_task_running(qk):
     qk.wait_for_output(cell, "e main waits")
     qk.interrupt()
     result = qk.wait(cell)
-    assert result.status == "error" and result.error["ename"] == "KeyboardInterrupt"
-    assert "Stopped waiting; the background task bg_after_main_waits('e') keeps running" in result.stderr
+    uid = qk.eval("w.last_task.uid")
+    assert one_line(result) == (
+        "KeyboardInterrupt: stopped waiting; the background task bg_after_main_waits('e') keeps "
+        f"running (stop it with %task_cancel {uid[:8]})."
+    )
     assert qk.eval("w.last_task.status.value") == "running"
     assert qk.eval("events.setdefault('e', threading.Event()).set() or w.last_task.result(10)") == "e"
 
@@ -125,6 +108,7 @@ def test_interrupting_wait_leaves_the_background_task_running(qk):
 def test_completion_offers_function_names(qk):
     assert {"add", "bg_wait", "bg_after_main_waits"} <= set(qk.complete("%function_execute -b "))
     assert qk.complete("%function_execute --wait bg_w") == ["bg_wait"]
+    assert "bg_wait" not in qk.complete("%function_execute --user bg_w")
 
 
 def test_background_output_goes_to_the_cell_that_started_it(qk):
@@ -143,16 +127,21 @@ def test_foreground_requests_from_threads_follow_the_busy_rule(qk):
     result = qk.execute(
         "res = {}\n"
         "def probe():\n"
-        "    res['state'] = w.status()['ip_kernel_state']\n"
-        "    res['fg'] = w.function_execute({'name': 'add', 'args': [1]}, origin='remote')\n"
-        "    res['bg'] = w.function_execute({'name': 'add', 'args': [1]},\n"
-        "                                   run_in_background=True, origin='remote')\n"
+        "    res['state'] = qs.status()['ip_kernel_state']\n"
+        "    res['fg'] = qs.function_execute({'name': 'add', 'args': [1]})\n"
+        "    res['bg'] = qs.function_execute({'name': 'add', 'args': [1]}, run_in_background=True)\n"
+        "    try:\n"
+        "        w.submit('add', (1,), background=False)\n"
+        "    except qmagic.RequestRefused as exc:\n"
+        "        res['python'] = str(exc)\n"
         "th = threading.Thread(target=probe); th.start(); th.join(10)\n"
-        "print(res['state'], res['fg']['success'], res['fg']['msg'], res['bg']['success'])\n",
+        "print(res['state'], res['fg']['success'], res['fg']['msg'], res['bg']['success'])\n"
+        "print(res['python'])\n",
         check=True,
     )
     assert result.stdout == (
         "busy False Error: Failed to start the task: IPython kernel (RE Worker) is busy. True\n"
+        "Error: Failed to start the task: IPython kernel (RE Worker) is busy.\n"
     )
 
 
@@ -160,8 +149,8 @@ def test_handed_over_foreground_task_runs_when_idle_and_stops_on_interrupt(qk):
     cell = qk.execute(
         "replies = []\n"
         "def requester():\n"
-        "    wait_until(lambda: w.status()['ip_kernel_state'] == 'idle')\n"
-        "    replies.append(w.function_execute({'name': 'fg_block'}, origin='remote'))\n"
+        "    wait_until(lambda: qs.status()['ip_kernel_state'] == 'idle')\n"
+        "    replies.append(qs.function_execute('fg_block'))\n"
         "threading.Thread(target=requester, daemon=True).start()\n",
         check=True,
     )
@@ -169,18 +158,18 @@ def test_handed_over_foreground_task_runs_when_idle_and_stops_on_interrupt(qk):
     qk.wait_for_output(cell.msg_id, "fg started")
     qk.interrupt()
     state = qk.eval(
-        "(replies[0]['success'], w.last_task.name, w.last_task.status.value,"
-        " w.last_task.traceback.strip().splitlines()[-1], w.status()['manager_state'])"
+        "(replies[0]['success'], w.last_task.name, w.last_task.status.value, w.last_task.origin,"
+        " w.last_task.traceback.strip().splitlines()[-1], qs.status()['manager_state'])"
     )
-    assert state == (True, "fg_block", "cancelled", "KeyboardInterrupt", "idle")
+    assert state == (True, "fg_block", "cancelled", "remote", "KeyboardInterrupt", "idle")
     # The idle kernel ignores SIGINT again (an interrupt now must not kill the kernel).
     qk.interrupt()
     assert qk.eval("1 + 1") == 2
     # And a handed-over task that is not interrupted completes.
     cell = qk.execute(
         "def requester2():\n"
-        "    wait_until(lambda: w.status()['ip_kernel_state'] == 'idle')\n"
-        "    r = w.function_execute({'name': 'add', 'args': [40, 2]}, origin='remote')\n"
+        "    wait_until(lambda: qs.status()['ip_kernel_state'] == 'idle')\n"
+        "    r = qs.function_execute({'name': 'add', 'args': [40, 2]})\n"
         "    t = w.get_task(r['task_uid']); t.wait(10)\n"
         "    print('handed-over result', t.result(), flush=True)\n"
         "threading.Thread(target=requester2, daemon=True).start()\n",
@@ -189,34 +178,52 @@ def test_handed_over_foreground_task_runs_when_idle_and_stops_on_interrupt(qk):
     qk.wait_for_output(cell.msg_id, "handed-over result 42")
 
 
-def test_kernel_interrupt_needs_interrupt_task_while_a_foreground_task_runs(qk):
+def test_kernel_interrupt_stops_only_the_foreground_task(qk):
+    """Issue 12: the worker's interrupt(interrupt_task=True) stops the foreground task of a
+    cell (and only that task), in and out of the protocol; a plain interrupt is refused."""
     qk.execute(
         "def interrupter():\n"
-        "    wait_until(lambda: w.status()['manager_state'] == 'executing_task')\n"
-        "    return w.kernel_interrupt(), w.kernel_interrupt(interrupt_task=True)\n",
+        "    wait_until(lambda: qs.status()['manager_state'] == 'executing_task')\n"
+        "    return (qs.kernel_interrupt(), qs.kernel_interrupt(interrupt_task=True),\n"
+        "            qs.kernel_interrupt(interrupt_task=True))\n"
+        "def py_interrupter():\n"
+        "    wait_until(lambda: qs.status()['manager_state'] == 'executing_task')\n"
+        "    return w.interrupt(interrupt_task=True)\n",
         check=True,
     )
+    started = qk.execute("keep = %function_execute -b bg_wait 'k'", check=True)
+    qk.wait_for_output(started.msg_id, "k started")
     result = qk.execute("it = %function_execute -b interrupter\n%function_execute fg_block")
-    assert result.status == "error" and result.error["ename"] == "KeyboardInterrupt"
-    assert qk.eval("it.result(10)") == (
-        {"success": False,
-         "msg": "Failed to interrupt IPython kernel: Not allowed to interrupt running task"},
-        {"success": True, "msg": ""},
-    )
+    assert one_line(result).startswith("TaskCancelled: fg_block() was interrupted")
+    replies = qk.eval("it.result(10)")
+    assert replies[0] == {
+        "success": False,
+        "msg": "Failed to interrupt IPython kernel: Not allowed to interrupt running task",
+    }
+    assert replies[1] == replies[2] == {"success": True, "msg": ""}  # the second is coalesced
     assert qk.eval("w.last_task.name, w.last_task.status.value") == ("fg_block", "cancelled")
+
+    result = qk.execute("it = %function_execute -b py_interrupter\n%function_execute spin")
+    assert one_line(result).startswith("TaskCancelled: spin() was interrupted")
+    assert qk.eval("it.result(10)") == "interrupted"
+    # Only the foreground task: the background task runs on, the kernel answers.
+    assert qk.eval("keep.status.value") == "running"
+    assert qk.execute("%function_execute add 1 2", check=True).result.startswith("add(1, 2)")
+    assert qk.eval("events['k'].set() or keep.result(10)") == "k"
 
 
 def test_failing_script_leaves_the_namespace_unchanged(qk):
-    qk.execute("keep = 1", check=True)
-    result = qk.execute("%%script_upload\nkeep = 2\nnew_name = 3\nraise RuntimeError('half way')\n")
+    qk.execute("keep_me = 1", check=True)
+    result = qk.execute("%%script_upload\nkeep_me = 2\nnew_name = 3\nraise RuntimeError('half way')\n")
     assert result.status == "error" and result.error["ename"] == "RuntimeError"
-    assert qk.eval("(keep, 'new_name' in globals(), w.last_task.status.value)") == (1, False, "failed")
+    assert qk.eval("(keep_me, 'new_name' in globals(), w.last_task.status.value)") == (1, False, "failed")
     ok = qk.execute("%%script_upload\nnew_name = 3\n", check=True)
-    assert ok.result == "<script>  Kernel User  foreground  completed"
+    assert ok.result == "script (script)  Kernel User  foreground  completed"
     assert qk.eval("new_name") == 3
 
 
 def test_unload_removes_everything_and_reload_works(qk):
+    assert qk.eval("bool([t for t in threading.enumerate() if t.name.startswith('qmagic')])") is True
     qk.execute("%unload_ext qmagic", check=True)
     gone = qk.execute("%function_execute add 1")
     assert gone.status == "error" and "not found" in gone.error["evalue"]
@@ -226,12 +233,12 @@ def test_unload_removes_everything_and_reload_works(qk):
         " or [t.name for t in threading.enumerate() if t.name.startswith('qmagic')]"
     )
     assert threads == []
-    assert qk.eval("type(__import__('sys').stdout).__name__") == "OutStream"
+    assert qk.eval("type(sys.stdout).__name__") == "OutStream"
     refused = qk.execute("w.submit('add', (1,))")
     assert refused.error["ename"] == "RequestRefused"
 
     qk.execute("%load_ext qmagic", check=True)
-    again = qk.execute("w = qmagic.get_worker()\n%function_execute add 5", check=True)
+    again = qk.execute("w = qmagic.get_worker(); qs = QS(w)\n%function_execute add 5", check=True)
     assert again.result.startswith("add(5)")
     bg = qk.execute("bg_d = %function_execute -b bg_wait 'd'", check=True)
     qk.wait_for_output(bg.msg_id, "d started")
@@ -239,13 +246,13 @@ def test_unload_removes_everything_and_reload_works(qk):
 
 
 def test_interrupt_in_message_mode(kernel_factory):
-    k = kernel_factory(argv=["--ext=qmagic"], interrupt_mode="message")
+    k = kernel_factory(argv=QMAGIC_ARGV, interrupt_mode="message")
     k.execute(SETUP, check=True)
     fg = k.execute_async("%function_execute fg_block")
     k.wait_for_output(fg, "fg started")
     k.interrupt()
     result = k.wait(fg)
-    assert result.error["ename"] == "KeyboardInterrupt"
+    assert one_line(result).startswith("TaskCancelled: fg_block() was interrupted")
     assert k.eval("w.last_task.status.value") == "cancelled"
 
 
@@ -271,17 +278,19 @@ AUTOLOAD_ON = {"QMAGIC_NO_AUTOLOAD": None}
 
 
 def test_autoload_in_a_fresh_kernel(kernel_factory, tmp_path_factory):
-    k = kernel_factory(base=_autoload_base(tmp_path_factory), env=AUTOLOAD_ON)
+    k = kernel_factory(argv=JOURNAL_ARGV, base=_autoload_base(tmp_path_factory), env=AUTOLOAD_ON)
     assert k.eval(LOADED) == (True, True, [])
     result = k.execute(
         "def triple(x):\n    return 3 * x\nt = %function_execute -b --wait triple 'ab'\nt.result()",
         check=True,
     )
     assert result.result == "'ababab'"
+    assert result.stderr == ""
 
 
 def test_autoload_can_be_turned_off(kernel_factory, tmp_path_factory):
-    k = kernel_factory(base=_autoload_base(tmp_path_factory), env={"QMAGIC_NO_AUTOLOAD": "1"})
+    k = kernel_factory(argv=JOURNAL_ARGV, base=_autoload_base(tmp_path_factory),
+                       env={"QMAGIC_NO_AUTOLOAD": "1"})
     assert k.eval(LOADED) == (False, False, [])
 
 
@@ -318,7 +327,7 @@ def test_the_installed_startup_file_autoloads_in_every_kernel(kernel_factory, tm
         "running the tests, as the README's test command does."
     )
     assert installed.read_text() == AUTOLOAD_SOURCE.read_text()
-    k = kernel_factory(base=tmp_path_factory.mktemp("installed"), env=AUTOLOAD_ON)
+    k = kernel_factory(argv=JOURNAL_ARGV, base=tmp_path_factory.mktemp("installed"), env=AUTOLOAD_ON)
     assert k.eval(LOADED) == (True, True, [])
-    off = kernel_factory(base=tmp_path_factory.mktemp("installed-off"))  # QMAGIC_NO_AUTOLOAD=1
+    off = kernel_factory(argv=JOURNAL_ARGV, base=tmp_path_factory.mktemp("installed-off"))
     assert off.eval(LOADED) == (False, False, [])

@@ -1,10 +1,10 @@
-"""The lock against real kernels (issue 4): it survives a restart, a wrong key is refused
-with the protocol's full message, the emergency key unlocks, two kernels share one
-environment, and ``qmagic-clear-lock`` frees a running kernel without a restart.
+"""The lock against real kernels: it survives a restart, a wrong key is refused with the
+protocol's full message (and a magic with one line), the emergency key unlocks, two kernels
+share one environment, and ``qmagic-clear-lock`` frees a running kernel without a restart.
 
 Kernels start with ``--ext=qmagic`` and share an isolated ``QMAGIC_STATE_DIR`` per test;
-they are driven through the Python API (``qmagic.get_worker()``) and the magics.  Every
-wait is on a kernel message or a subprocess, with a timeout.
+they are driven through the queueserver protocol (``QS(get_worker())``), the Python API and
+the magics.  Every wait is on a kernel message or a subprocess, with a timeout.
 """
 
 from __future__ import annotations
@@ -17,32 +17,38 @@ from pathlib import Path
 
 import pytest
 
+from kernel_helpers import QMAGIC_ARGV, SETUP, one_line
 from kernel_utils import REPO_ROOT, ExecResult, KernelSession
 
 pytestmark = pytest.mark.timeout(120)
 
 EMERGENCY_KEY = "EMERG-7f3a"
 
-#: Run in every kernel (again after a restart): a function to start, and two helpers.
-SETUP = '''
-import qmagic
-w = qmagic.get_worker()
-
+#: Run in every kernel (again after a restart), after SETUP.
+HELPERS = '''
 def double(x):
     return 2 * x
 
 def run(key=None):
-    """function_execute through the protocol door: the task's result, or the refusal msg."""
-    reply = w.function_execute({"item_type": "function", "name": "double", "args": [21]},
-                               run_in_background=True, lock_key=key)
+    """A task started from this kernel's Python API (without a key: the key this kernel
+    locked with); the result, or the refusal text."""
+    try:
+        return w.submit("double", (21,), lock_key=key).result(10)
+    except qmagic.RequestRefused as exc:
+        return str(exc)
+
+def remote(key=None):
+    """function_execute as a remote client sends it: the task's result, or the refusal msg
+    (a remote client never gets this kernel's key)."""
+    reply = qs.function_execute({"name": "double", "args": [21]}, run_in_background=True,
+                                lock_key=key)
     return w.get_task(reply["task_uid"]).result(10) if reply["success"] else reply["msg"]
 
 def info():
-    return w.lock_info()["lock_info"]
+    return qs.lock_info()["lock_info"]
 
 def refusal_within(seconds):
     """Poll run() until it is refused; the refusal msg, or None after ``seconds``."""
-    import time
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         result = run()
@@ -53,11 +59,16 @@ def refusal_within(seconds):
 '''
 
 
-def _start(kernel_factory, state_dir: Path, user: str, **env: str) -> KernelSession:
-    k = kernel_factory(argv=["--ext=qmagic", f"--QMagic.default_user={user}"],
+def _start(kernel_factory, state_dir: Path, user: str, *argv: str, **env: str) -> KernelSession:
+    k = kernel_factory(argv=[*QMAGIC_ARGV, f"--QMagic.default_user={user}", *argv],
                        env={"QMAGIC_STATE_DIR": str(state_dir), **env})
-    k.execute(SETUP, check=True)
+    _setup(k)
     return k
+
+
+def _setup(k: KernelSession) -> None:
+    k.execute(SETUP, check=True)
+    k.execute(HELPERS, check=True)
 
 
 def _invalid_key(info: dict, emergency: bool = False) -> str:
@@ -76,18 +87,23 @@ def _shown(result: ExecResult) -> str:
     return result.stdout + "".join(d.get("text/plain", "") for d in result.displayed)
 
 
-def _usage_error(result: ExecResult) -> str:
-    """The one-line UsageError a refused magic raised (its message)."""
-    assert result.status == "error", (result.stdout, result.stderr)
-    assert result.error["ename"] == "UsageError", result.error
-    return result.error["evalue"]
+def _refusal(result: ExecResult, *parts: str, key: str | None = None) -> str:
+    """The one UsageError line a refused magic showed; it names ``parts``, never the key."""
+    line = one_line(result)
+    assert line.startswith("UsageError: "), line
+    for part in parts:
+        assert part in line, (part, line)
+    if key is not None:
+        assert key not in line
+    return line
 
 
 def _clear_lock_tool(state_dir: Path, environment: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run(
-        [sys.executable, "-m", "qmagic.locks", "--state-dir", str(state_dir), "--environment", environment],
+        [sys.executable, "-m", "qmagic.store.clear_lock", "--state-dir", str(state_dir),
+         "--environment", environment],
         capture_output=True, text=True, env=env, timeout=60, cwd=state_dir)
 
 
@@ -102,18 +118,20 @@ def test_lock_survives_a_restart_and_a_wrong_key_gets_the_full_message(kernel_fa
         True, False, "Alice", "Changing samples")
     expected = _invalid_key(locked)
     assert k.eval("run('wrong')") == expected
+    assert k.eval("remote()") == expected  # a remote client must give the key
+    assert k.eval("remote('K')") == 42
 
     k.restart()
-    k.execute(SETUP, check=True)
+    _setup(k)
     assert k.eval("info()") == locked  # still locked, same holder, time and note
-    assert k.eval("w.status()['lock']") == {"environment": True, "queue": False}
+    assert k.eval("qs.status()['lock']") == {"environment": True, "queue": False}
     # the restarted kernel no longer holds the key: refused with the protocol's full text
     assert k.eval("run()") == expected
     assert k.eval("run('wrong')") == expected
-    assert _usage_error(k.execute("%function_execute double 21")) == expected[len("Error: "):]
+    _refusal(k.execute("%function_execute double 21"), "Alice", "Changing samples")
     assert "Changing samples" in _shown(k.execute("%lock_info"))
-    assert _usage_error(k.execute("%unlock")).startswith("This kernel does not hold the key")
-    assert _usage_error(k.execute("%unlock --key wrong")) == expected[len("Error: "):]
+    _refusal(k.execute("%unlock"), "does not hold the key")
+    _refusal(k.execute("%unlock --key wrong"), "Alice", key="wrong")
     assert k.eval("run('K')") == 42  # the right key passes without unlocking
     assert k.eval("run()") == expected
     assert _shown(k.execute("%unlock --key K")) == "Not locked.\n"
@@ -134,8 +152,8 @@ def test_emergency_key_unlocks_from_another_kernel(kernel_factory, tmp_path):
     expected = _invalid_key(locked, emergency=True)
     assert b.eval("run()") == expected
     assert b.eval(f"run({EMERGENCY_KEY!r})") == expected  # the emergency key only unlocks
-    assert b.eval("w.history_clear()['msg']") == expected  # the queue scope is locked too
-    assert _usage_error(b.execute("%unlock --key wrong")) == expected[len("Error: "):]
+    assert b.eval("qs.history_clear()['msg']") == expected  # the queue scope is locked too
+    _refusal(b.execute("%unlock --key wrong"), "Alice", key="wrong")
     assert _shown(b.execute(f"%unlock --key {EMERGENCY_KEY}")) == (
         "Not locked.\n(An emergency unlock key is set.)\n")
     assert b.eval("run()") == 42
@@ -149,45 +167,39 @@ def test_two_kernels_share_one_environment(kernel_factory, tmp_path):
     state = tmp_path / "state"
     a = _start(kernel_factory, state, "Alice")
     b = _start(kernel_factory, state, "Bob")
-    assert a.eval("w.lock('KA', environment=True, note='Changing samples')['success']") is True
+    assert a.eval("qs.lock(lock_key='KA', environment=True, note='Changing samples',"
+                  " user='Alice')['success']") is True
     locked = b.eval("info()")
     assert locked["user"] == "Alice"
     expected = _invalid_key(locked)
     # B sees A's lock at its very next request: no restart, no waiting
     assert b.eval("run()") == expected
     assert b.eval("run('KA')") == 42
-    assert a.eval("run()") == 42
-    assert b.eval("w.status()['lock_info_uid']") == a.eval("w.status()['lock_info_uid']")
-    refused = b.eval("w.lock('KB', environment=True)")
+    assert a.eval("run('KA')") == 42
+    assert b.eval("qs.status()['lock_info_uid']") == a.eval("qs.status()['lock_info_uid']")
+    refused = b.eval("qs.lock(lock_key='KB', environment=True, user='Bob')")
     assert refused["success"] is False
     assert refused["msg"].startswith("Error: RE Manager was locked with a different key: \n"
                                      "RE Manager is locked by Alice at ")
-    assert _usage_error(b.execute("%lock --key KB")).startswith("RE Manager was locked with a different key")
+    _refusal(b.execute("%lock --key KB"), "Alice", key="KB")
 
-    assert a.eval("w.unlock()['success']") is True  # A's remembered key
+    assert _shown(a.execute("%unlock --key KA")) == "Not locked.\n"
     assert b.eval("run()") == 42
     assert _shown(b.execute("%lock --key KB -e --note 'Bob aligns the laser'")) == (
         "Locked by Bob: environment\nNote: Bob aligns the laser\n")
     assert a.eval("run()") == _invalid_key(a.eval("info()"))
     assert "Bob aligns the laser" in a.eval("run()")
-    assert _usage_error(a.execute("%function_execute double 21")).startswith("Invalid lock key: \n"
-                                                                             "RE Manager is locked by Bob")
-    assert _shown(b.execute("%unlock")) == "Not locked.\n"
+    _refusal(a.execute("%function_execute double 21"), "Bob", "Bob aligns the laser", key="KB")
+    assert _shown(b.execute("%unlock")) == "Not locked.\n"  # B's remembered key
     assert a.eval("run()") == 42
-    assert a.eval("w.status()['lock']") == {"environment": False, "queue": False}
+    assert a.eval("qs.status()['lock']") == {"environment": False, "queue": False}
 
 
 def test_clear_lock_tool_frees_running_kernels(kernel_factory, tmp_path):
     state = tmp_path / "state"
     env = "bench-2"
-    holder = kernel_factory(argv=["--ext=qmagic", "--QMagic.default_user=Alice",
-                                  f"--QMagic.environment_name={env}"],
-                            env={"QMAGIC_STATE_DIR": str(state)})
-    holder.execute(SETUP, check=True)
-    other = kernel_factory(argv=["--ext=qmagic", "--QMagic.default_user=Bob",
-                                 f"--QMagic.environment_name={env}"],
-                           env={"QMAGIC_STATE_DIR": str(state)})
-    other.execute(SETUP, check=True)
+    holder = _start(kernel_factory, state, "Alice", f"--QMagic.environment_name={env}")
+    other = _start(kernel_factory, state, "Bob", f"--QMagic.environment_name={env}")
     assert _shown(holder.execute("%lock --key lost-key-42 -e --note 'Changing samples'")).startswith(
         "Locked by Alice")
     assert other.eval("run()").startswith("Error: Invalid lock key: \n")
@@ -205,13 +217,11 @@ def test_clear_lock_tool_frees_running_kernels(kernel_factory, tmp_path):
 
     # a damaged lock file counts as locked in the running kernels; the tool resets it
     (state / f"{env}.lock.json").write_text("{ not json")
-    info_msg = other.eval("w.lock_info()['msg']")  # lock_info always looks at the file
-    assert "cannot be used" in info_msg and "LOCKED" in info_msg
-    # a hand edit does not bump the generation counter: requests notice it at the
-    # periodic look (every 0.5 s), never later
     msg = other.eval("refusal_within(5)")
-    assert msg == info_msg
-    assert f"qmagic-clear-lock --environment {env} --state-dir" in msg
+    assert msg is not None and "qmagic-clear-lock" in msg, msg
+    assert f"--environment {env}" in msg
+    assert other.eval("qs.lock_info()['msg']") == msg
+    _refusal(other.execute("%function_execute double 21"), "qmagic-clear-lock")
     done = _clear_lock_tool(state, env)
     assert done.returncode == 0 and "was damaged" in done.stdout, done.stdout + done.stderr
     assert other.eval("run()") == 42

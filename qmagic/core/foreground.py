@@ -15,32 +15,49 @@ import contextlib
 import ctypes
 import logging
 import queue
+import sys
 import threading
 from typing import Callable, ContextManager, Protocol
 
-__all__ = ["ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "clear_async_exc"]
+__all__ = [
+    "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "LOCK_FRAMES",
+]
 
 log = logging.getLogger("qmagic")
 
-# Two prototypes of one C function (both keep the GIL): raise an exception, or clear (NULL).
+# PyThreadState_SetAsyncExc keeps the GIL.  Never call it with NULL to "clear" a pending
+# exception: on CPython 3.11 that leaves the interpreter's async-exception flag set for
+# good, and cProfile (%prun) then hangs in every later call.
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+#: Code of the frames in which an exception would leave a lock held for good: Python's
+#: ``threading.Condition`` takes and gives back its lock in Python code around C calls
+#: (``with condition:`` in a task's bookkeeping, behind every ``print`` and
+#: ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...).
+LOCK_FRAMES = frozenset(
+    getattr(threading.Condition, name).__code__
+    for name in ("__enter__", "__exit__", "_release_save", "_acquire_restore")
+    if hasattr(getattr(threading.Condition, name, None), "__code__")
+)
+
+
+def in_lock_frame(ident: int) -> bool:
+    """True while thread ``ident`` runs one of :data:`LOCK_FRAMES` (an asynchronous
+    exception raised in it now could leave a lock held)."""
+    frame = sys._current_frames().get(ident)
+    return frame is not None and frame.f_code in LOCK_FRAMES
 
 
 def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:
     """Raise ``exc_type`` asynchronously in thread ``ident`` (at its next bytecode check).
 
-    Call it only while holding the lock that guards "the thread runs user code", so that it
-    never lands in qmagic's own code (see :func:`clear_async_exc`).
+    Call it only while holding the lock that guards "the thread runs user code" (a job's
+    gate), so that it never lands in qmagic's own code: one still pending when the code has
+    returned is raised — and dropped — when the runner leaves that window.
     """
     return _set_async_exc(ident, exc_type) == 1
-
-
-def clear_async_exc(ident: int) -> None:
-    """Drop an asynchronous exception still pending for thread ``ident``."""
-    _clear_async_exc(ident, None)
 
 
 class ForegroundRunner(Protocol):

@@ -3,10 +3,11 @@
 The :class:`JobRunner` executes a :class:`Job` (the engine's bookkeeping for one task) and
 records its outcome, whatever happens:
 
-- The task's own code runs between two marks (``job.in_user_code``), set under the task's
-  lock.  A forced cancel (an asynchronous ``TaskCancelled``) and an interrupt are aimed
-  only inside that window; one that lands just after the code returned is caught and
-  dropped (:meth:`JobRunner._leave_user_code`), so qmagic's bookkeeping never sees it.
+- The task's own code runs between two marks (``job.in_user_code``), set under the job's
+  gate (a C lock).  A forced cancel (an asynchronous ``TaskCancelled``) and an interrupt
+  are aimed only inside that window; one that lands just after the code returned is
+  caught and dropped (:meth:`JobRunner._leave_user_code`), so qmagic's bookkeeping never
+  sees it.
 - On the foreground owner thread the whole run happens inside the runner's interrupt
   guard: a ■ that arrives during bookkeeping is held back until the record is complete.
 - The final record goes to the observers (the experiment log) before the task's waiters
@@ -28,7 +29,7 @@ from .. import format as fmt
 from ..errors import TaskCancelled
 from . import capture
 from .context import _current
-from .foreground import clear_async_exc, raise_in_thread
+from .foreground import in_lock_frame, raise_in_thread
 from .status import TaskStatus
 from .task import Task
 
@@ -40,13 +41,16 @@ __all__ = ["Job", "JobRunner"]
 
 log = logging.getLogger("qmagic")
 
+#: A forced cancel that finds its thread in a lock's Python code tries again this much later.
+FORCE_RETRY_S = 0.001
+
 
 class Job:
     """The engine's bookkeeping for one task (never shown to users)."""
 
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
-        "handed_over", "deadline", "atask", "loop", "interrupt_sent",
+        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -63,6 +67,11 @@ class Job:
         self.atask: asyncio.Task | None = None  # the asyncio task awaiting the task's code
         self.loop: asyncio.AbstractEventLoop | None = None
         self.interrupt_sent = False
+        #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
+        #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
+        #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
+        #: lock held for good).
+        self.gate = threading.Lock()
 
 
 class JobRunner:
@@ -118,7 +127,7 @@ class JobRunner:
         token = _current.set(task)
         try:
             job.ident = threading.get_ident()
-            with task._condition:
+            with job.gate:
                 job.in_user_code = True
             if task.cancel_requested:
                 raise TaskCancelled(task.cancel_reason)
@@ -139,12 +148,17 @@ class JobRunner:
 
     @staticmethod
     def _leave_user_code(job: Job) -> None:
-        """End the window in which forced cancels and interrupts may land; drop one that is
-        still pending (it was aimed at code that has returned).  Idempotent."""
-        with job.task._condition:
+        """End the window in which forced cancels and interrupts may land.  Idempotent.
+
+        A forced cancel still pending (sent while the code ran, aimed at code that has
+        returned) is raised when the ``with`` below ends — the call to the gate's C
+        ``__exit__`` checks for it — i.e. inside the caller's retry loop, which drops it.
+        (It must not be cleared with ``PyThreadState_SetAsyncExc(ident, NULL)``: on CPython
+        3.11 that leaves the interpreter's asynchronous-exception flag set for good, and the
+        next ``cProfile`` / ``%prun`` in the kernel hangs.)
+        """
+        with job.gate:
             job.in_user_code = False
-        if job.ident is not None:
-            clear_async_exc(job.ident)
 
     def _hooks(self, job: Job) -> contextlib.AbstractContextManager:
         if not job.tokens:
@@ -265,10 +279,17 @@ class JobRunner:
 
     def _force_stop(self, job: Job) -> None:
         task = job.task
-        with task._condition:
+        with job.gate:
             if not job.in_user_code or job.ident is None or task._status.finished:
                 return
-            sent = raise_in_thread(job.ident, TaskCancelled)
+            # Not while the thread takes or gives back a Condition's lock (its own print or
+            # report_progress, a queue...): the lock would stay held and freeze whoever
+            # waits for it.  A moment later it is elsewhere.
+            busy = in_lock_frame(job.ident)
+            sent = not busy and raise_in_thread(job.ident, TaskCancelled)
+        if busy:
+            self.engine.timers.schedule(FORCE_RETRY_S, lambda: self._force_stop(job))
+            return
         if sent:
             log.warning(
                 "qmagic: %s (task %s) did not stop within %.1f s; stopping it by force.",
@@ -284,7 +305,7 @@ class JobRunner:
             job.interrupt_sent = True
             self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
             return "interrupted"
-        with task._condition:
+        with job.gate:
             if job.interrupt_sent:
                 return "pending"
             if not job.in_user_code:

@@ -141,6 +141,11 @@ class Session:
             print(f"qmagic: live panels are off: {exc}", file=sys.stderr)
             return
         self._step("panels", lambda: panels.detach(self.shell, self.worker))
+        hook = panels.cell_row_hook(self.shell, self.worker)
+        if hook is not None:  # a foreground task's live row in the cell that runs it
+            hooks = self.worker.engine.context_hooks
+            hooks.append(hook)
+            self._step("live rows in cells", lambda: hooks.remove(hook) if hook in hooks else None)
 
     # -- unloading -----------------------------------------------------------------------------------
     def unload(self) -> None:

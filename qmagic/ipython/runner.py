@@ -6,10 +6,16 @@
 - ``interrupt()`` sends the main thread the same SIGINT as ■.
 - ``guard()`` is the interrupt guard around every foreground task: while it is active a
   SIGINT raises KeyboardInterrupt only inside the task's own code; one that arrives during
-  qmagic's bookkeeping is held back and raised when the guard ends, so an interrupt —
-  even a storm of them — can never break a task's record or escape into the kernel's own
-  loop.  (An idle kernel ignores SIGINT; the guard also arms SIGINT for a handed-over
-  task, and restores the kernel's handler afterwards.)
+  qmagic's bookkeeping is held back and raised when the guard ends (as one line, only if
+  the task itself was not interrupted), so an interrupt can never break a task's record;
+  one that lands just as a ``threading.Condition`` takes or gives back its lock (behind
+  every ``print`` of a task) is delivered again a moment later, never leaving a lock held.
+  A storm is one interrupt: SIGINTs that follow the previous one within
+  :data:`COALESCE_S` are dropped, inside the task and — in a cell — after it, until the
+  storm is over, so that no late SIGINT lands in IPython's or ipykernel's own code (where
+  it would lose the cell's reply or end the kernel).  (An idle kernel ignores SIGINT; the
+  guard also arms SIGINT for a handed-over task, and restores the kernel's handler
+  afterwards.)
 
 Without a kernel loop (a terminal IPython) foreground requests from other threads are
 refused with a clear message; foreground tasks started in a cell still run.
@@ -23,9 +29,12 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator
 
-__all__ = ["KernelForegroundRunner", "MSG_NO_KERNEL_LOOP"]
+from ..core.foreground import LOCK_FRAMES
+
+__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S"]
 
 log = logging.getLogger("qmagic")
 
@@ -34,6 +43,26 @@ MSG_NO_KERNEL_LOOP = (
     "foreground task cannot be started from another thread (only from a cell). Start it in "
     "the background (run_in_background=True), or use a Jupyter kernel."
 )
+
+#: SIGINTs closer than this (seconds) to the previous one are one interrupt (a storm of ■
+#: or of remote kernel_interrupt requests); a person pressing ■ again is slower than this.
+COALESCE_S = 0.5
+
+
+#: A SIGINT that lands where raising would leave a lock held is delivered again this many
+#: seconds later.
+REDELIVER_S = 0.001
+
+#: Code of the guard's SIGINT handler (see :func:`_interrupted_frame`).
+_HANDLER_CODES: set[Any] = set()
+
+
+class HeldInterrupt(KeyboardInterrupt):
+    """An interrupt that arrived while qmagic recorded a foreground task's end; raised
+    once the record is complete (shown as one line)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
 
 
 class KernelForegroundRunner:
@@ -86,20 +115,52 @@ class KernelForegroundRunner:
         if threading.get_ident() != self._owner:
             yield
             return
-        pending = [False]
+        raised = pending = redelivering = False
+        last: list[float] = []  # time of the last SIGINT seen (shared with the storm absorber)
+        active = [True]  # a redelivery still may be sent
 
         def handler(signum: int, frame: Any) -> None:
+            nonlocal raised, pending, redelivering
+            if redelivering:
+                redelivering = False
+                last[:] = [time.monotonic()]
+            elif _in_storm(last):
+                return  # the same interrupt as the previous SIGINT
             if in_user_code():
+                origin = _interrupted_frame(frame)
+                if origin is not None and origin.f_code in LOCK_FRAMES:
+                    # Raising there would leave a lock held for good: deliver it again once
+                    # that frame is left (or, should the task end first, when the guard ends).
+                    redelivering = pending = True
+                    _thread.start_new_thread(self._redeliver, (active,))
+                    return
+                raised = True
                 raise KeyboardInterrupt
-            pending[0] = True  # raised when the guard ends
+            pending = True  # raised when the guard ends
 
+        _HANDLER_CODES.add(handler.__code__)
         previous = signal.signal(signal.SIGINT, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
-        if pending[0]:
-            raise KeyboardInterrupt
+            active[0] = False
+            if last and previous is signal.default_int_handler and self._kernel_loop() is not None:
+                # In a kernel's cell: the rest of a storm must not land in the kernel's own
+                # code.  (The kernel restores its own handler when the request ends.)
+                signal.signal(signal.SIGINT, _storm_absorber(last, previous))
+            else:
+                signal.signal(signal.SIGINT, previous)
+        if pending and not raised:
+            raise HeldInterrupt(
+                "the interrupt came as the foreground task was ending; its record is complete "
+                "(see %task_result)."
+            ) from None
+
+    def _redeliver(self, active: list[bool]) -> None:
+        """Helper thread: the deferred SIGINT, a moment later (see :meth:`guard`)."""
+        time.sleep(REDELIVER_S)
+        if active[0]:
+            self.interrupt()
 
     def close(self) -> None:
         """Stop accepting handed-over calls (already scheduled ones still run)."""
@@ -143,3 +204,40 @@ class KernelForegroundRunner:
             log.debug("qmagic: an interrupt after a handed-over foreground task was dropped")
         except BaseException:  # noqa: BLE001 - the kernel's loop must survive anything
             log.exception("qmagic: error while running a foreground task on the main thread")
+
+
+def _interrupted_frame(frame: Any) -> Any:
+    """The frame a SIGINT interrupted.  Usually ``frame``; but in a storm a handler can run
+    nested inside the guard's own handler (at any call it makes), and what it raises then
+    surfaces in the frame the outer handler interrupted."""
+    origin = frame
+    probe = frame
+    for _ in range(16):
+        if probe is None:
+            break
+        if probe.f_code in _HANDLER_CODES:
+            origin = probe.f_back
+        probe = probe.f_back
+    return origin if origin is not None else frame
+
+
+def _in_storm(last: list[float]) -> bool:
+    """Note a SIGINT now; True when it follows the previous one within COALESCE_S."""
+    now = time.monotonic()
+    storm = bool(last) and now - last[0] < COALESCE_S
+    last[:] = [now]
+    return storm
+
+
+def _storm_absorber(last: list[float], previous: Any) -> Callable[[int, Any], None]:
+    """SIGINT handler for the rest of a cell after an interrupted foreground task: drops
+    the SIGINTs of the same storm, then hands the next interrupt to ``previous`` (and
+    re-installs it).  The kernel restores its own handler when the request ends anyway."""
+
+    def absorb(signum: int, frame: Any) -> None:
+        if _in_storm(last):
+            return
+        signal.signal(signal.SIGINT, previous)
+        previous(signum, frame)
+
+    return absorb

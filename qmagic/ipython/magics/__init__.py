@@ -11,12 +11,16 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .args import split_words, value_options
+from .args import split_words, tidy_help, value_options
 from .locks import LockMagics
 from .remote import RemoteMagics
 from .tasks import DEFAULT_TASK_ROWS, TaskMagics
 
 __all__ = ["TaskMagics", "LockMagics", "RemoteMagics", "DEFAULT_TASK_ROWS", "function_name_matcher"]
+
+for _magics in (TaskMagics, LockMagics, RemoteMagics):
+    tidy_help(_magics)  # %magic? without the stray '::' line
+del _magics
 
 
 def function_name_matcher(worker: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options"]
+__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help"]
 
 _KWARG = re.compile(r"([A-Za-z_]\w*)=(?!=)(.*)\Z", re.DOTALL)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
@@ -173,3 +173,13 @@ def _eval(shell: Any, expr: str) -> Any:
             f"Cannot evaluate argument {expr!r}: {type(exc).__name__}: {exc}. Arguments are Python "
             "expressions (write strings in quotes; put expressions with spaces in brackets)."
         ) from None
+
+
+def tidy_help(magics_class: type) -> type:
+    """``%magic?`` shows each magic's ``__doc__``, which IPython's ``magic_arguments`` starts
+    with a reStructuredText ``::`` line before the usage; drop that line."""
+    for func in vars(magics_class).values():
+        doc = getattr(func, "__doc__", None)
+        if getattr(func, "parser", None) is not None and isinstance(doc, str) and doc.startswith("::"):
+            func.__doc__ = doc[2:].lstrip("\n")
+    return magics_class

@@ -12,6 +12,7 @@ waiting, and showing a panel.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NoReturn
 
 from IPython.core.error import UsageError
@@ -37,7 +38,9 @@ def _one_line_refusal(exc: BaseException | str) -> str:
                 "them to unlock.")
     if msg.startswith("Error: "):
         msg = msg[len("Error: "):]
-    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    # queueserver's multi-line texts ("Invalid lock key: \nRE Manager is locked by ...\n
+    # Queue is locked:       False") as one line: "Invalid lock key; ...; Queue is locked: False"
+    lines = [" ".join(line.split()).rstrip(":") for line in msg.splitlines() if line.strip()]
     return "; ".join(lines) if lines else "The request was refused."
 
 
@@ -96,11 +99,17 @@ def settle(shell: Any, task: Task) -> Task:
     return task
 
 
-def wait_interruptibly(task: Task) -> None:
-    """Wait for a background task; ■ stops the waiting only (one line says so)."""
+def wait_interruptibly(task: Task, runner: Any = None) -> None:
+    """Wait for a background task; ■ stops the waiting only (one line says so).
+
+    ``runner``: the kernel's foreground runner; its interrupt guard makes a storm of ■ one
+    interrupt (the rest must not land in the kernel's own code while the cell ends).
+    """
     __tracebackhide__ = True  # noqa: F841
+    guard = getattr(runner, "guard", None)
     try:
-        task.wait()
+        with guard(lambda: True) if guard is not None else contextlib.nullcontext():
+            task.wait()
     except KeyboardInterrupt:
         raise WaitInterrupted(
             f"stopped waiting; the background task {task.call_text(40)} keeps running "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
-from IPython.core.error import UsageError
+from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -27,7 +27,13 @@ def _key(opts: Any) -> str | None:
     if opts.prompt_key:
         if opts.key is not None:
             raise UsageError("Give --key KEY or --prompt-key, not both.")
-        key = getpass.getpass("Lock key (hidden): ")
+        try:
+            key = getpass.getpass("Lock key (hidden): ")
+        except StdinNotImplementedError:
+            raise UsageError(
+                "This frontend cannot show a hidden prompt: run the magic in JupyterLab or a "
+                "notebook, or give --key KEY (kept in IPython's history)."
+            ) from None
         if not key:
             raise UsageError("No key typed; nothing was changed.")
         return key

@@ -6,6 +6,7 @@ uids only as the short prefixes you can type back."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ __all__ = ["TaskMagics", "DEFAULT_TASK_ROWS"]
 
 #: Tasks shown by ``%tasks`` without ``--all`` (newest first).
 DEFAULT_TASK_ROWS = 10
+
+
+def _file_label(file_name: str) -> str:
+    """A script's name from its file name: characters a script name may not hold become
+    ``_`` (``setup script.py`` -> ``setup_script.py``), at most 100 of them."""
+    return re.sub(r"[^\w.\-]", "_", file_name)[:100] or "script"
 
 
 @magics_class
@@ -83,7 +90,7 @@ class TaskMagics(Magics):
         if not task.background:
             return settle(self.shell, task)
         if opts.wait:
-            wait_interruptibly(task)
+            wait_interruptibly(task, self.worker.engine.foreground)
             return settle(self.shell, task)
         return task
 
@@ -250,7 +257,7 @@ class TaskMagics(Magics):
                 script = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(f"Cannot read the script {str(path)!r}: {exc}") from None
-            name = name or path.name
+            name = name or _file_label(path.name)
         else:
             if opts.path is not None:
                 raise UsageError("%%script_upload runs the cell body; it takes no PATH.")

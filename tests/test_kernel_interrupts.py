@@ -1,0 +1,372 @@
+"""Interrupt storms against real kernels (issue 14, item 3; issue 17's one-line cancel).
+
+A storm of interrupts during a foreground task — remote ``kernel_interrupt(interrupt_task=True)``
+requests sent as fast as a thread can, and ■ (``KernelManager.interrupt_kernel``) many times
+— must leave the kernel alive and healthy every time, and every task with a correct record.
+What makes it hold is the interrupt guard of ``qmagic/ipython/runner.py``.  The first two
+tests show how, deterministically: an interrupt landing where a lock is half taken is
+delivered again later, one landing in qmagic's bookkeeping is held until the record is
+complete (and, in the control experiment without the guard, the same interrupt breaks the
+record and blocks the foreground for good).  The others storm at every moment of a task's
+life: inside its code, in its bookkeeping, in the cell's aftermath, between tasks.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from kernel_helpers import assert_no_internals, one_line, start_kernel
+
+pytestmark = pytest.mark.timeout(120)
+
+ROUNDS = 7
+SHORT_TASKS = 1500
+#: ■ presses per storm (sent back to back: far faster than a person).
+PRESSES = 50
+
+HELPERS = r'''
+import contextlib, signal
+from concurrent.futures import CancelledError
+from qmagic.ipython.runner import KernelForegroundRunner
+
+class SigintWhileRecording:
+    """Engine observer: a SIGINT reaches the main thread while qmagic records the end of a
+    foreground task (after the task's code returned)."""
+    def __init__(self):
+        self.seen = []
+    def task_submitted(self, task):
+        pass
+    def task_started(self, task):
+        pass
+    def task_finished(self, task, record):
+        if threading.current_thread() is threading.main_thread():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            self.seen.append(record["status"])  # reached only if the interrupt is held back
+
+class Unguarded(KernelForegroundRunner):
+    """The kernel's runner without its interrupt guard (the control experiment)."""
+    def guard(self, in_user_code):
+        return contextlib.nullcontext()
+
+def start_storm():
+    """A thread sending kernel_interrupt(interrupt_task=True) as fast as it can from the
+    moment spin() runs until its cell has ended."""
+    out = {"sent": 0, "failed": []}
+    spinning.clear()
+    def storm():
+        try:
+            if not spinning.wait(20):
+                return
+            while w.engine.counts()["foreground"] is not None or w.engine.foreground.user_busy():
+                reply = qs.kernel_interrupt(interrupt_task=True)
+                out["sent"] += 1
+                if not reply["success"]:
+                    out["failed"].append(reply["msg"])
+                if out["sent"] == 1:
+                    print("storm started", flush=True)
+        finally:
+            print(f"storm done after {out['sent']} requests", flush=True)
+    threading.Thread(target=storm, daemon=True).start()
+    return out
+
+def short(i):
+    """A short task; every third one sleeps a little (the GIL goes to other threads), every
+    fifth one prints (its task's lock is taken inside the task)."""
+    if i % 3 == 0:
+        time.sleep(0.0002)
+    if i % 5 == 0:
+        print("short", i)
+    s = 0
+    for j in range(500):
+        s += j
+    return i
+
+def patient_wait():
+    """Background task that waits (cancellable) once the main thread blocks waiting for it."""
+    me = qmagic.current_task()
+    print("waiting task started", flush=True)
+    wait_until(lambda: any(f.f_code.co_name == "wait" and f.f_locals.get("self") is me
+                           for f in _stack(threading.main_thread())))
+    print("main waits", flush=True)
+    qmagic.cancellable_sleep(60)
+
+def _stack(thread):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+INTERRUPTED = "Task was interrupted (■ or KeyboardInterrupt)"
+
+def check(task, i):
+    """None if the task's record is right (completed with its result, or interrupted)."""
+    if task.status.value == "completed":
+        return None if task.result() == i and task.error is None else ("completed", i, task.result())
+    if task.status.value == "cancelled":
+        try:
+            task.result()
+        except CancelledError:
+            pass
+        else:
+            return ("cancelled with a result", i)
+        ok = (task.error == INTERRUPTED and task.traceback.strip().splitlines()[-1] == "KeyboardInterrupt"
+              and task.finished_at is not None)
+        return None if ok else ("cancelled", i, task.error, task.traceback)
+    return (task.status.value, i)
+
+def run_short_tasks(n, remote_storm):
+    """Thread: once the kernel is idle, n foreground tasks requested as a remote client does
+    (each runs on the main thread), optionally under a remote interrupt storm."""
+    result = {"bad": [], "counts": {}}
+    def driver():
+        stop = threading.Event()
+        sent = [0]
+        def storm():
+            while not stop.is_set():
+                qs.kernel_interrupt(interrupt_task=True)
+                sent[0] += 1
+        stormer = threading.Thread(target=storm, daemon=True)
+        try:
+            wait_until(lambda: not w.engine.foreground.user_busy())
+            if remote_storm:
+                stormer.start()
+            print("DRIVER START", flush=True)
+            for i in range(n):
+                reply = qs.function_execute({"name": "short", "args": [i]})
+                if not reply["success"]:
+                    result["bad"].append(("refused", i, reply["msg"]))
+                    continue
+                task = w.get_task(reply["task_uid"])
+                if not task.wait(20):
+                    result["bad"].append(("stuck", i, task.status.value))
+                    break
+                problem = check(task, i)
+                if problem is not None:
+                    result["bad"].append(problem)
+                key = task.status.value
+                result["counts"][key] = result["counts"].get(key, 0) + 1
+        finally:
+            stop.set()
+            if stormer.is_alive():
+                stormer.join(10)  # no interrupt may reach the next cell
+            result["sent"] = sent[0]
+            print("DRIVER DONE", flush=True)
+    threading.Thread(target=driver, daemon=True).start()
+    return result
+'''
+
+
+def _condition_enter_frame():
+    """A real frame of ``threading.Condition.__enter__`` (caught by a spying lock)."""
+    frames = []
+
+    class SpyLock:
+        def __init__(self):
+            self._lock = threading.Lock()
+            self.acquire, self.release = self._lock.acquire, self._lock.release
+
+        def __enter__(self):
+            frames.append(sys._getframe(1))
+            return self._lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self._lock.__exit__(*exc)
+
+    with threading.Condition(SpyLock()):
+        pass
+    assert frames[0].f_code is threading.Condition.__enter__.__code__
+    return frames[0]
+
+
+def test_the_guard_never_raises_where_a_lock_would_stay_held(_shell):
+    """In-process, handler called directly: a SIGINT landing in ``Condition.__enter__`` (the
+    lock taken, its ``with`` not yet entered) is delivered again later instead of raised;
+    one landing in the task's own code raises; one landing in qmagic's bookkeeping is held
+    and raised as one line when the guard ends."""
+    from qmagic.ipython.runner import HeldInterrupt, KernelForegroundRunner
+
+    runner = KernelForegroundRunner(_shell)
+    redeliveries = []
+    redelivery = threading.Event()
+    # the helper thread only records (no SIGINT into the test process)
+    runner._redeliver = lambda active: (redeliveries.append(active), redelivery.set())
+    in_user_code = [True]
+    with pytest.raises(HeldInterrupt) as held:
+        with runner.guard(lambda: in_user_code[0]):
+            handler = signal.getsignal(signal.SIGINT)
+            try:
+                handler(signal.SIGINT, _condition_enter_frame())  # deferred: returns
+            except KeyboardInterrupt:
+                pytest.fail("KeyboardInterrupt raised where a lock would stay held")
+            assert redelivery.wait(10) and len(redeliveries) == 1
+    assert held.value._render_traceback_() == [
+        "KeyboardInterrupt: the interrupt came as the foreground task was ending; its record "
+        "is complete (see %task_result)."]
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with runner.guard(lambda: in_user_code[0]):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, sys._getframe())
+    assert type(raised.value) is KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.fixture(scope="module")
+def sk(tmp_path_factory):
+    session = start_kernel(tmp_path_factory.mktemp("storm"))
+    session.execute(HELPERS, check=True)
+    yield session
+    session.shutdown()
+
+
+def _healthy(k) -> None:
+    """The kernel answers, runs a foreground task, and holds no foreground task."""
+    assert k.eval("1 + 1") == 2
+    assert k.execute("%function_execute add 20 22", check=True).result.startswith("add(20, 22)")
+    assert k.eval("w.last_task.result()") == 42
+    assert k.eval("w.engine.counts()['foreground'] is None") is True
+
+
+def test_an_interrupt_during_qmagics_bookkeeping_waits_for_the_record(sk):
+    """The guard holds a SIGINT that lands after the task's code returned until the record
+    is complete, then ends the cell with one line; without the guard the same SIGINT breaks
+    the record and blocks the foreground for good."""
+    sk.execute("probe = SigintWhileRecording(); w.engine.observers.append(probe)", check=True)
+    result = sk.execute("%function_execute add 1 2")
+    sk.execute("w.engine.observers.remove(probe)", check=True)
+    assert one_line(result) == (
+        "KeyboardInterrupt: the interrupt came as the foreground task was ending; its record is "
+        "complete (see %task_result)."
+    )
+    assert sk.eval("(probe.seen, w.last_task.status.value, w.last_task.result(),"
+                   " w.engine.counts()['foreground'] is None)") == (["completed"], "completed", 3, True)
+    _healthy(sk)
+
+    # The control: the same interrupt against a worker whose runner has no guard.
+    control = sk.execute(
+        "from traitlets.config import Config\n"
+        "cfg = Config(); cfg.QMagic.journal_enabled = False\n"
+        "w2 = qmagic.Worker({'add': add}, config=cfg, foreground=Unguarded(get_ipython()))\n"
+        "probe2 = SigintWhileRecording(); w2.engine.observers.append(probe2)\n"
+        "escaped = False\n"
+        "try:\n"
+        "    w2.submit('add', (1, 2), background=False)\n"
+        "except KeyboardInterrupt:\n"
+        "    escaped = True\n"
+        "try:\n"
+        "    w2.submit('add', (3, 4), background=False)\n"
+        "except qmagic.RequestRefused as exc:\n"
+        "    refusal = str(exc)\n"
+        "print(escaped, probe2.seen, w2.tasks()[0].status.value, refusal)\n"
+        "w2.close(timeout=0.1)\n",
+        check=True,
+    )
+    assert control.stdout == (
+        "True [] running Error: Failed to start the task: RE Manager must be in idle state. "
+        "Current state: 'executing_task'\n"
+    )
+    _healthy(sk)
+
+
+def test_storms_of_remote_interrupts_and_presses_during_a_foreground_task(sk):
+    """7 rounds: a remote storm (from the task's start until its cell has ended) and 50 ■
+    presses at once — the presses first, or once the remote storm has begun; each time the
+    cell ends with one TaskCancelled line, the task is recorded as interrupted, and the
+    kernel stays healthy."""
+    for round_ in range(ROUNDS):
+        busy = ("spin", "chatter")[round_ % 2]  # chatter takes its task's lock all the time
+        remote_first = round_ % 3 != 1
+        cell = sk.execute_async(f"storm = start_storm()\n%function_execute {busy}")
+        sk.wait_for_output(cell, "spin started")
+        if remote_first:
+            sk.wait_for_output(cell, "storm started")
+        for _ in range(PRESSES):
+            sk.interrupt()
+        result = sk.wait(cell)
+        sk.wait_for_output(cell, "storm done")
+        assert sk.is_alive(), f"round {round_}: the kernel died"
+        assert one_line(result) == (
+            f"TaskCancelled: {busy}() was interrupted (■ or KeyboardInterrupt); it is recorded "
+            "as cancelled."
+        ), f"round {round_}"
+        record = sk.eval("(w.last_task.name, w.last_task.status.value, w.last_task.error,"
+                         " w.last_task.traceback.strip().splitlines()[-1], storm['failed'])")
+        assert record == (busy, "cancelled", "Task was interrupted (■ or KeyboardInterrupt)",
+                          "KeyboardInterrupt", []), f"round {round_}"
+        assert_no_internals(sk.eval("w.last_task.traceback"))
+        _healthy(sk)
+
+
+def test_a_storm_of_presses_while_a_cell_waits_for_a_background_task(sk):
+    """■ many times during ``-b --wait``: each time one line says the waiting stopped (and
+    how to cancel), the background task runs on, and the kernel stays healthy."""
+    for round_ in range(3):
+        cell = sk.execute_async("%function_execute -b --wait patient_wait")
+        sk.wait_for_output(cell, "waiting task started")
+        sk.wait_for_output(cell, "main waits")
+        for _ in range(PRESSES):
+            sk.interrupt()
+        result = sk.wait(cell)
+        uid = sk.eval("w.last_task.uid")
+        assert one_line(result) == (
+            "KeyboardInterrupt: stopped waiting; the background task patient_wait() keeps "
+            f"running (stop it with %task_cancel {uid[:8]})."
+        ), f"round {round_}"
+        assert sk.eval("w.last_task.status.value") == "running"
+        sk.execute(f"%task_cancel {uid[:8]}", check=True)
+        assert sk.eval("w.last_task.wait(10), w.last_task.status.value") == (True, "cancelled")
+        _healthy(sk)
+
+
+def test_forced_cancels_of_busy_background_tasks_never_freeze_the_kernel(sk):
+    """A forced cancel lands at any moment of a background task that prints and reports
+    progress all the time (its lock is taken and given back constantly): the task always
+    ends cancelled and nothing stays locked."""
+    sk.execute(
+        "w.cancel_grace_s = 0.0\n"
+        "def force_round():\n"
+        "    spinning.clear()\n"
+        "    t = w.submit(chatter)\n"
+        "    assert spinning.wait(10)\n"
+        "    time.sleep(0.002)  # let it print and report for a moment\n"
+        "    t.cancel(force=True)\n"
+        "    return t.wait(10), t.status.value\n"
+        "outcomes = [force_round() for _ in range(40)]\n"
+        "w.cancel_grace_s = 2.0\n",
+        timeout=30,
+        check=True,
+    )
+    assert sk.eval("sorted(set(outcomes))") == [(True, "cancelled")]
+    _healthy(sk)
+
+
+@pytest.mark.parametrize("storm", ["remote", "presses"])
+def test_a_storm_across_thousands_of_short_foreground_tasks(sk, storm):
+    """Interrupts land at random moments of 1500 short foreground tasks (before, inside and
+    after their code): every task gets a correct record, and the kernel stays healthy."""
+    cell = sk.execute(
+        "sys.setswitchinterval(1e-4)\n"
+        f"run = run_short_tasks({SHORT_TASKS}, remote_storm={storm == 'remote'})\n",
+        check=True,
+    )
+    sk.wait_for_output(cell.msg_id, "DRIVER START")
+    presses = 0
+    deadline = time.monotonic() + 60
+    while storm == "presses" and "DRIVER DONE" not in sk.stream_text(cell.msg_id):
+        assert time.monotonic() < deadline, f"the tasks did not end ({presses} presses)"
+        sk.interrupt()
+        presses += 1
+    sk.wait_for_output(cell.msg_id, "DRIVER DONE", timeout=60)
+    assert sk.is_alive()
+    sk.execute("sys.setswitchinterval(0.005)", check=True)
+    bad, counts, sent = sk.eval("run['bad'][:5], run['counts'], run['sent']")
+    assert bad == []
+    assert sum(counts.values()) == SHORT_TASKS
+    assert set(counts) <= {"completed", "cancelled"}
+    # The storm did land inside tasks (else this test would prove nothing).
+    assert counts.get("cancelled", 0) > 0, (counts, sent, presses)
+    assert counts.get("completed", 0) > 0, counts
+    _healthy(sk)
