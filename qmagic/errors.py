@@ -42,7 +42,12 @@ class RequestRefused(QMagicError, RuntimeError):
 
 
 class LockRefused(RequestRefused, PermissionError):
-    """The environment or queue is locked and the request did not present the right key."""
+    """The environment or queue is locked and the request did not present the right key.
+
+    ``state`` (when known) is the lock that refused: who locked what, since when, the note.
+    """
+
+    state = None
 
 
 class PermissionRefused(RequestRefused, PermissionError):

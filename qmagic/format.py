@@ -79,7 +79,7 @@ def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | N
     """``name(arg, ..., key=value)`` shortened to about ``width`` characters; a script
     reads ``name (script)``."""
     if kind == "script":
-        text = f"{name} (script)"
+        text = name if name == "script" else f"{name} (script)"
         return text if len(text) <= width else text[: width - 3] + "..."
     parts = [short_repr(a) for a in args or ()]
     parts += [f"{k}={short_repr(v)}" for k, v in (kwargs or {}).items()]

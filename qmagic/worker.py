@@ -29,7 +29,7 @@ from .core.foreground import ForegroundRunner
 from .core.loops import EventLoops
 from .core.status import TaskStatus
 from .core.task import Task
-from .errors import LogUnavailable, RequestRefused, TaskNotFound
+from .errors import LockRefused, LogUnavailable, RequestRefused, TaskNotFound
 from .scripts import ScriptRunner, check_script_name
 from .worker_state import StateMixin
 
@@ -121,8 +121,14 @@ class Worker(StateMixin, QMagic):
 
     def check_lock(self, lock_key: Any = None, scope: str = "environment", *,
                    origin: str = "python", client: str | None = None) -> None:
-        """Raise :class:`qmagic.LockRefused` unless ``scope`` is unlocked or the key opens it."""
-        self._locks.check(self._key(lock_key, origin), scope, client=client)
+        """Raise :class:`qmagic.LockRefused` unless ``scope`` is unlocked or the key opens it
+        (the error's ``state`` is the lock that refused)."""
+        try:
+            self._locks.check(self._key(lock_key, origin), scope, client=client)
+        except LockRefused as exc:
+            if getattr(exc, "state", None) is None:
+                exc.state = self._locks.state()
+            raise
 
     # -- starting tasks ------------------------------------------------------------------------
     def submit(

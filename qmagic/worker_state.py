@@ -95,9 +95,9 @@ class StateMixin(HasTraits):
         old, old_observer = self._journal, self._log_observer
         journal = None
         if self.journal_enabled:
-            from .store.journal import Journal
-
             try:
+                from .store.journal import Journal
+
                 journal = Journal(
                     self._state_dir(), self.environment_name,
                     max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
@@ -105,7 +105,7 @@ class StateMixin(HasTraits):
                     session_info={"qmagic_version": __version__,
                                   "python_version": platform.python_version()},
                 )
-            except (StateFileError, OSError) as exc:
+            except (StateFileError, OSError, ImportError) as exc:
                 log.warning("qmagic: the experiment log is off: %s", exc)
         observer = _LogObserver(journal) if journal is not None else None
         engine = self.engine

@@ -253,7 +253,7 @@ class Engine:
         with self._lock:
             self._jobs[task.uid] = job
             self._last = task
-        with task._condition:
+        with task._mutex:
             self.bus.emit(task, status="queued")
 
     # -- called by the job runner ---------------------------------------------------------

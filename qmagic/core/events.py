@@ -98,7 +98,7 @@ class EventBus:
         _check_callback(callback)
         sub = Subscription(self, callback, task)
         self._ensure_thread()
-        with task._condition:
+        with task._mutex:
             task._subscribers = task._subscribers + (sub,)
             status = task.status
             if status.finished:
@@ -119,7 +119,7 @@ class EventBus:
             with self._lock:
                 self._global = tuple(s for s in self._global if s is not sub)
         else:
-            with sub.task._condition:
+            with sub.task._mutex:
                 sub.task._subscribers = tuple(s for s in sub.task._subscribers if s is not sub)
 
     # -- emitting (called with the task's lock held) ---------------------------------------

@@ -253,6 +253,9 @@ class JobRunner:
     def end(self, job: Job, result: Any, error: BaseException | None) -> None:
         """Record the outcome (the caller holds the task's end claim)."""
         task = job.task
+        if (isinstance(error, TaskCancelled) and task.cancel_requested
+                and str(error) != task.cancel_reason):  # a forced stop raised the bare class
+            error = TaskCancelled(task.cancel_reason).with_traceback(error.__traceback__)
         if error is None:
             status, tb = TaskStatus.COMPLETED, None
         else:

@@ -5,7 +5,9 @@ A :class:`Task` *is* a ``concurrent.futures.Future`` (``concurrent.futures.wait`
 and in coroutines).  As in CPython's executors, the state lives in the future: the runner
 that executes a task moves it along the transition table (:data:`TRANSITIONS`) through a
 small protocol (:meth:`Task._start`, :meth:`Task._claim_end`, :meth:`Task._finish`), always
-under the task's one lock (the Future's ``_condition``).  Who runs a task, on which thread
+under the task's one lock (``_mutex``, the lock of the Future's ``_condition``; critical
+sections take the C-level lock itself, so an interrupt or a forced cancel landing on any
+bytecode can never leave it held).  Who runs a task, on which thread
 or event loop, and what it costs, is the engine's business (:mod:`qmagic.core.engine`).
 """
 
@@ -71,7 +73,8 @@ class Task(Future):
         on_cancel: CancelHook | None = None,
     ) -> None:
         # Future.__init__'s fields, with a plain Lock (nothing here re-enters the lock).
-        self._condition = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._condition = threading.Condition(self._mutex)
         self._state = PENDING
         self._result = None
         self._exception = None
@@ -147,19 +150,19 @@ class Task(Future):
     @property
     def output(self) -> str:
         """Text the task printed (stdout and stderr), newest ``task_output_limit`` characters."""
-        with self._condition:
+        with self._mutex:
             return self._output.getvalue() if self._output is not None else ""
 
     @property
     def log(self) -> list[dict]:
         """Logging records emitted while the task ran: dicts with time, level, logger, message."""
-        with self._condition:
+        with self._mutex:
             return list(self._log_records or ())
 
     @property
     def log_text(self) -> str:
         """The captured log records as text (bounded like ``output``)."""
-        with self._condition:
+        with self._mutex:
             return self._log.getvalue() if self._log is not None else ""
 
     @property
@@ -177,7 +180,7 @@ class Task(Future):
         """Block until the task finishes or ``timeout`` seconds pass; True if it finished."""
         if self._status.finished:
             return True
-        with self._condition:
+        with self._mutex:
             return self._condition.wait_for(self._is_done, timeout)
 
     def _is_done(self) -> bool:
@@ -268,7 +271,7 @@ class Task(Future):
     def to_dict(self) -> dict[str, Any]:
         """A snapshot as plain data: the call, who, where, times, status, progress, the
         result (the object itself), the error text and the traceback."""
-        with self._condition:
+        with self._mutex:
             return self._record(self._status, self._result, self._error, self._traceback,
                                 self.finished_at)
 
@@ -322,7 +325,7 @@ class Task(Future):
     # =====================================================================================
     def _start(self) -> bool:
         """queued -> running; False when the task was cancelled (or claimed) meanwhile."""
-        with self._condition:
+        with self._mutex:
             if self._status is not TaskStatus.QUEUED or self._ending:
                 return False
             self._check(TaskStatus.RUNNING)
@@ -340,7 +343,7 @@ class Task(Future):
         lock: claim, write, then :meth:`_finish`.  ``queued_only``: only while queued
         (a cancel of a task that has not started).
         """
-        with self._condition:
+        with self._mutex:
             if self._ending or self._status.finished:
                 return False
             if queued_only and self._status is not TaskStatus.QUEUED:
@@ -351,7 +354,7 @@ class Task(Future):
     def _final_record(self, status: TaskStatus, result: Any, error: BaseException | None,
                       tb: str | None, finished_at: float) -> dict[str, Any]:
         """The record as it will read once :meth:`_finish` ran with these values."""
-        with self._condition:
+        with self._mutex:
             return self._record(status, result, error, tb, finished_at)
 
     def _finish(self, status: TaskStatus, *, result: Any = None, error: BaseException | None = None,
@@ -359,7 +362,7 @@ class Task(Future):
         """Record the outcome, wake waiters, emit result/error and the final status, then
         run the done callbacks (the claimant calls this once)."""
         user_tb = _user_traceback(error) if error is not None and status is TaskStatus.FAILED else None
-        with self._condition:
+        with self._mutex:
             self._check(status)
             self._status = status
             self._traceback = tb
@@ -396,7 +399,7 @@ class Task(Future):
     def _request_cancel(self, reason: str) -> TaskStatus | None:
         """Set the cancel flag (first reason wins); returns the status seen, None if the task
         had already finished.  Ending a queued task is the caller's job (:meth:`_claim_end`)."""
-        with self._condition:
+        with self._mutex:
             if self._status.finished:
                 return None
             if not self._cancel_requested:
@@ -411,11 +414,11 @@ class Task(Future):
 
     def _wait_cancel(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a cancel request; True if one came."""
-        with self._condition:
+        with self._mutex:
             return self._condition.wait_for(lambda: self._cancel_requested, timeout)
 
     def _set_progress(self, progress: Progress) -> None:
-        with self._condition:
+        with self._mutex:
             if self._status.finished:
                 return
             self._progress = progress
@@ -423,13 +426,13 @@ class Task(Future):
                 self._bus.emit(self, progress=progress)
 
     def _write_output(self, text: str) -> None:
-        with self._condition:
+        with self._mutex:
             if self._output is None:
                 self._output = TextBuffer(self._output_limit)
             self._output.write(text)
 
     def _add_log_record(self, record: dict, line: str) -> None:
-        with self._condition:
+        with self._mutex:
             if self._log is None:
                 self._log = TextBuffer(self._output_limit)
                 self._log_records = deque(maxlen=1000)

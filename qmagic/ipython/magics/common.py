@@ -28,7 +28,8 @@ __all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterru
 def _one_line_refusal(exc: BaseException | str) -> str:
     msg = str(exc)
     state = getattr(exc, "state", None)
-    if isinstance(exc, LockRefused) and state is not None and (state.environment or state.queue):
+    if (isinstance(exc, LockRefused) and "Invalid lock key" in msg and state is not None
+            and (state.environment or state.queue) and not getattr(state, "damaged", None)):
         scopes = " and ".join(s for s, on in (("environment", state.environment),
                                                ("queue", state.queue)) if on)
         info = state.to_lock_info()
