@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -33,18 +34,17 @@ REPO = HERE.parent
 SETUP = """\
 get_ipython().extension_manager.load_extension("qmagic")  # only needed where qmagic is not auto-loaded
 import qmagic
-import tempfile
+import _scratch  # a helper next to the tutorials
 
 w = qmagic.get_worker()
-scratch = tempfile.TemporaryDirectory(prefix="qmagic-tutorial-")  # removed when the kernel stops
-w.state_dir = scratch.name  # this tutorial's lock and log go to the scratch folder"""
+w.state_dir = _scratch.scratch_folder()  # this tutorial's lock and log go to a scratch folder"""
 
 SETUP_TEXT = """\
 **Setup.** qmagic loads by itself in the Jupyter kernels of the environment it is installed
 in; the first line only matters elsewhere and does nothing otherwise. `w` is the kernel's
-*worker*, the object behind every magic. The last two lines keep this tutorial's lock
-and experiment log in a scratch folder, away from your real ones (you would not do this
-in your own notebooks); the folder is removed when the kernel stops."""
+*worker*, the object behind every magic. The last line keeps this tutorial's lock and
+experiment log in a scratch folder, away from your real ones (you would not do this in
+your own notebooks); the folder is removed when the kernel stops, however it stops."""
 
 
 def md(text: str) -> nbformat.NotebookNode:
@@ -100,14 +100,15 @@ GETTING_STARTED = [
     """),
     md("""
     qmagic keeps the environment's lock and its experiment log in a state folder shared by
-    your kernels. So that this tutorial does not touch yours, it uses a scratch folder,
-    removed when the kernel stops (you would not do this in your own notebooks):
+    your kernels. So that this tutorial does not touch yours, it uses a scratch folder
+    (you would not do this in your own notebooks). `scratch_folder()`, from the small file
+    `_scratch.py` next to the tutorials, makes one that is removed when the kernel stops,
+    however it stops (shut down, restarted, or killed):
     """),
     code("""
-    import tempfile
+    import _scratch
 
-    scratch = tempfile.TemporaryDirectory(prefix="qmagic-tutorial-")
-    w.state_dir = scratch.name
+    w.state_dir = _scratch.scratch_folder()
     """),
     md("""
     ## A function to run
@@ -1056,12 +1057,16 @@ def main(argv: list[str]) -> int:
         print(f"No notebook matches {argv}; names: {', '.join(notebooks)}", file=sys.stderr)
         return 2
     kernel_environment()
-    for name in wanted:
-        nb = new_notebook(name, notebooks[name])
-        seconds = execute(nb)
-        nbformat.validate(nb)
-        nbformat.write(nb, HERE / name)
-        print(f"{name}: executed in {seconds:.1f} s")
+    # The kernels' default state folder (touched by get_worker() before the tutorial
+    # switches to its scratch folder) is a temporary one: building leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix="qmagic-build-") as state:
+        os.environ["QMAGIC_STATE_DIR"] = state
+        for name in wanted:
+            nb = new_notebook(name, notebooks[name])
+            seconds = execute(nb)
+            nbformat.validate(nb)
+            nbformat.write(nb, HERE / name)
+            print(f"{name}: executed in {seconds:.1f} s")
     return 0
 
 

@@ -1,5 +1,10 @@
-"""Shared fixtures.  Keep this file generic: module-specific fixtures live in the test files.
+"""Session set-up and shared fixtures.  Keep this file generic: module-specific fixtures
+live in the test files.
 
+- the whole session runs in one folder that is removed at the end (``tests/session_sandbox.py``):
+  HOME, IPYTHONDIR, XDG_*, JUPYTER_*_DIR, QMAGIC_STATE_DIR, TMPDIR and pytest's basetemp
+  point into it from ``pytest_configure`` on, so kernels, nbval, JupyterLab and chromium
+  write there; what the session leaves behind is listed and fails it (``--leak-check``);
 - every test gets its own ``QMAGIC_STATE_DIR`` (locks, journal) under ``tmp_path``;
 - ``ip``: an in-process IPython shell (no kernel), with qmagic unloaded after the test;
 - ``kernel`` / ``kernel_factory``: real kernels, see ``tests/kernel_utils.py``.
@@ -7,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,11 +25,85 @@ if str(_TESTS.parent) not in sys.path:  # the package is not installed while dev
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from kernel_utils import kernel, kernel_factory  # noqa: E402,F401 - fixtures re-exported
+from kernel_utils import kernel, kernel_factory  # noqa: F401 - fixtures re-exported
+from session_sandbox import LeakReport, SessionSandbox
 
 #: pytest runs with --nbval (pyproject): the browser test's notebook is driven by that test
 #: in JupyterLab, not compared by nbval.
 collect_ignore_glob = ["browser/*.ipynb"]
+
+_SANDBOX_KEY = pytest.StashKey[SessionSandbox]()
+_MAX_LISTED = 25  # paths listed per section
+_LEAKS_KEY = pytest.StashKey[LeakReport]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--leak-check",
+        choices=("auto", "fail", "warn", "off"),
+        default="auto",
+        help="what to do with files the session left outside its own folder (in /tmp, the "
+        "home folder, the checkout): fail, warn, or off; auto (default) fails under CI "
+        "(CI set) and warns elsewhere.  Leftovers inside the session folder always fail.",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Move every per-user folder into the session folder before anything starts."""
+    if hasattr(config, "workerinput"):  # pragma: no cover - an xdist worker: its controller did it
+        return
+    sandbox = SessionSandbox()
+    sandbox.start()
+    config.stash[_SANDBOX_KEY] = sandbox
+    if config.option.basetemp is None:  # read by pytest's tmpdir plugin, configured after us
+        config.option.basetemp = str(sandbox.basetemp)
+
+
+def _check_outside(config: pytest.Config) -> str:
+    mode = config.getoption("--leak-check", "auto")
+    if mode == "auto":
+        mode = "fail" if os.environ.get("CI") else "warn"
+    return mode
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Check what the session left, remove its folder; leftovers fail the run."""
+    sandbox = session.config.stash.get(_SANDBOX_KEY, None)
+    if sandbox is None or sandbox.root is None:
+        return
+    mode = _check_outside(session.config)
+    report = sandbox.finish(check_outside=mode != "off")
+    session.config.stash[_LEAKS_KEY] = report
+    if report.inside or (report.outside and mode == "fail"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    report = config.stash.get(_LEAKS_KEY, None)
+    if report is None or not (report.inside or report.outside):
+        return
+    tr = terminalreporter
+    if report.inside:
+        tr.section("LEFT BEHIND by this test session (the run fails)", sep="!", red=True, bold=True)
+        for path in report.inside:
+            tr.line(f"  {path}", red=True)
+        tr.line("Left in the session's TMPDIR or JUPYTER_RUNTIME_DIR, or still running with its "
+                "environment (then killed), when it ended: a temporary file, a tutorial scratch "
+                "folder, a kernel connection file or a process that nobody removed or stopped.")
+    if report.outside:
+        fails = _check_outside(config) == "fail"
+        tr.section("NEW in /tmp, the home folder or the checkout during this session"
+                   + (" (the run fails)" if fails else " (warning)"), sep="!", red=fails, yellow=not fails,
+                   bold=True)
+        for path in report.outside[:_MAX_LISTED]:
+            tr.line(f"  {path}", red=fails, yellow=not fails)
+        if len(report.outside) > _MAX_LISTED:
+            tr.line(f"  ... and {len(report.outside) - _MAX_LISTED} more", red=fails, yellow=not fails)
+        tr.line("Written outside the session folder by the tests, or by another program on this "
+                "machine meanwhile (QMAGIC_TEST_LEAK_IGNORE='glob ...' names those; "
+                "--leak-check=fail|warn|off).")
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +130,20 @@ def _shell():
 
 @pytest.fixture
 def ip(_shell):
-    """An in-process IPython shell; qmagic (if a test loaded it) is unloaded afterwards."""
-    yield _shell
+    """An in-process IPython shell; qmagic (if a test loaded it) is unloaded afterwards.
+
+    SIGINT raises KeyboardInterrupt meanwhile, as in a kernel running a cell, even when
+    pytest inherited it ignored (a background job of a non-interactive shell starts with
+    SIGINT ignored, and Python then keeps it so).
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        from qmagic.extension import unload_ipython_extension
-    except ImportError:  # pragma: no cover - before the extension exists
-        return
-    unload_ipython_extension(_shell)
-    _shell.extension_manager.loaded.discard("qmagic")
+        yield _shell
+        try:
+            from qmagic.extension import unload_ipython_extension
+        except ImportError:  # pragma: no cover - before the extension exists
+            return
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")
+    finally:
+        signal.signal(signal.SIGINT, previous)

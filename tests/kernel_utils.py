@@ -13,18 +13,21 @@ control channel.  Everything synchronises on kernel messages with timeouts; noth
 
 Every kernel gets isolated HOME, IPYTHONDIR, JUPYTER_{CONFIG,DATA,RUNTIME}_DIR and
 QMAGIC_STATE_DIR under a temporary folder, and the repository on PYTHONPATH (the package
-does not need to be installed).
+does not need to be installed).  Kernels listen on Unix sockets in that folder, not on TCP
+ports (a free port can be taken by another process before the kernel binds it).
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import secrets
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import pytest
 
@@ -33,12 +36,15 @@ __all__ = [
     "ExecResult",
     "KernelSession",
     "isolated_env",
-    "kernel_factory",
     "kernel",
+    "kernel_factory",
 ]
 
 #: The repository root (holds the ``qmagic`` package).
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Longest Unix socket path (sun_path is 108 bytes on Linux, 104 on macOS), with a margin.
+_MAX_UNIX_SOCKET_PATH = 100
 
 #: Default seconds to wait for a kernel to start / a cell to finish.
 START_TIMEOUT = 60.0
@@ -114,7 +120,7 @@ class ExecResult:
             if out["msg_type"] in ("display_data", "execute_result")
         ]
 
-    def check(self) -> "ExecResult":
+    def check(self) -> ExecResult:
         """Raise AssertionError with the kernel's traceback unless the cell succeeded."""
         if self.status != "ok":
             tb = "\n".join((self.error or {}).get("traceback", []))
@@ -156,11 +162,11 @@ class KernelSession:
         self._replies: dict[str, dict] = {}
 
     # -- life cycle ----------------------------------------------------------------------
-    def start(self, timeout: float = START_TIMEOUT) -> "KernelSession":
+    def start(self, timeout: float = START_TIMEOUT) -> KernelSession:
         """Start the kernel and wait until it answers."""
         from jupyter_client import KernelManager
 
-        self.km = KernelManager(kernel_name=self.kernel_name)
+        self.km = KernelManager(kernel_name=self.kernel_name, **self._transport())
         if self.interrupt_mode is not None:
             self.km.kernel_spec.interrupt_mode = self.interrupt_mode
         workdir = self.base / "work"
@@ -168,6 +174,20 @@ class KernelSession:
         self.km.start_kernel(extra_arguments=self.argv, env=self.env, cwd=str(workdir))
         self._connect(timeout)
         return self
+
+    def _transport(self) -> dict[str, str]:
+        """IPC (Unix sockets in ``base``) where the paths fit, else TCP on loopback.
+
+        With TCP the client picks free ports, closes them, and the kernel binds them a moment
+        later: any process of the machine may take one meanwhile ("Address already in use",
+        the kernel dies at start).  Unix socket paths cannot be taken that way.
+        """
+        if os.name != "posix":  # pragma: no cover - no Unix sockets
+            return {}
+        prefix = str(self.base / f"ipc-{secrets.token_hex(3)}")
+        if len(prefix) + len("-65535") >= _MAX_UNIX_SOCKET_PATH:
+            return {}
+        return {"transport": "ipc", "ip": prefix}
 
     def _connect(self, timeout: float) -> None:
         self.kc = self.km.blocking_client()
@@ -333,10 +353,10 @@ class KernelSession:
         result = self.execute(f"print(repr(({expression})))", timeout, check=True)
         return ast.literal_eval(result.stdout.strip())
 
-    def __enter__(self) -> "KernelSession":
+    def __enter__(self) -> KernelSession:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
 

@@ -141,7 +141,9 @@ class IOPubCounter:
         now = time.monotonic()
         try:
             if isinstance(payload, (bytes, bytearray)):
-                from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
+                from jupyter_server.services.kernels.connection.base import (
+                    deserialize_msg_from_ws_v1,
+                )
 
                 channel, parts = deserialize_msg_from_ws_v1(bytes(payload))
                 header = json.loads(parts[0])
@@ -165,27 +167,24 @@ def _shot(locator_or_page, name: str) -> None:
     locator_or_page.screenshot(path=str(ARTIFACTS / name))
 
 
-def _run_cell(page, index: int, attempts: int = 3) -> None:
-    """Select cell ``index`` (command mode) and run it with Ctrl+Enter; retried while the
-    notebook is still connecting (the prompt shows [*] or [n] once the run was accepted)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+def _run_cell(page, index: int, timeout_ms: float = 30_000) -> None:
+    """Select cell ``index`` in command mode and run it with Ctrl+Enter, once; returns when its
+    prompt shows that the run was accepted ([*], or a new [n] for a quick cell)."""
+    from playwright.sync_api import expect
 
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     prompt = cell.locator(".jp-InputPrompt")
     before = prompt.text_content() or ""
-    for _ in range(attempts):
-        prompt.click()
-        page.keyboard.press("Escape")
-        page.keyboard.press("Control+Enter")
-        try:
-            page.wait_for_function(
-                "([el, before]) => /\\[(\\*|\\d+)\\]/.test(el.textContent) && el.textContent !== before",
-                arg=[prompt.element_handle(), before], timeout=5_000,
-            )
-            return
-        except PlaywrightTimeout:
-            continue
-    raise AssertionError(f"cell {index} did not start running after {attempts} attempts")
+    prompt.click()
+    page.keyboard.press("Escape")
+    expect(cell).to_have_class(re.compile(r"\bjp-mod-selected\b"))
+    # the key press goes where the focus is: wait until it is in the notebook (command mode)
+    expect(page.locator(".jp-Notebook.jp-mod-commandMode:focus-within")).to_have_count(1)
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function(
+        "([el, before]) => /\\[(\\*|\\d+)\\]/.test(el.textContent) && el.textContent !== before",
+        arg=[prompt.element_handle(), before], timeout=timeout_ms,
+    )
 
 
 def _wait_cell_done(page, index: int, timeout_ms: float = 30_000) -> None:
@@ -193,6 +192,46 @@ def _wait_cell_done(page, index: int, timeout_ms: float = 30_000) -> None:
     page.wait_for_function(
         "([el]) => /\\[\\d+\\]/.test(el.textContent)", arg=[prompt.element_handle()], timeout=timeout_ms
     )
+
+
+#: Installs a MutationObserver that records, in ``window.__qmagicProgressTexts``, every
+#: progress text shown by the task row whose text contains the given call, until it completes.
+_RECORD_PROGRESS_TEXTS = """(call) => {
+    const seen = window.__qmagicProgressTexts = [];
+    const observer = new MutationObserver(() => {
+        for (const row of document.querySelectorAll('.qmagic-task-row')) {
+            if (!row.textContent.includes(call)) continue;
+            const text = row.querySelector('.qmagic-progress-text');
+            if (text && seen[seen.length - 1] !== text.textContent) seen.push(text.textContent);
+            if (row.dataset.status === 'completed') observer.disconnect();
+        }
+    });
+    observer.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+#: True when the task row and its Cancel button (found by task key) are both laid out and the
+#: button's middle is within the row's height.
+_BUTTON_ON_ROW = """(key) => {
+    const row = document.querySelector(`.qmagic-task-row.qmagic-task-${key}`);
+    const button = document.querySelector(`.qmagic-cancel.qmagic-task-${key}`);
+    if (!row || !button) return null;
+    const r = row.getBoundingClientRect(), b = button.getBoundingClientRect();
+    const middle = b.top + b.height / 2;
+    return {aligned: r.height > 0 && b.height > 0 && r.top <= middle && middle <= r.bottom,
+            row: [r.top, r.bottom], button: [b.top, b.bottom]};
+}"""
+
+
+def _expect_button_on_row(page, key: str, timeout_ms: float = 10_000) -> None:
+    """Wait until the Cancel button of task ``key`` sits on its row; fail with the positions."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"(key) => ({_BUTTON_ON_ROW})(key)?.aligned", arg=key, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        raise AssertionError(
+            f"the Cancel button of task {key} is not on its row: {page.evaluate(_BUTTON_ON_ROW, key)}"
+        ) from None
 
 
 def test_panels_in_jupyterlab(tmp_path):
@@ -229,10 +268,17 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     """The user's steps; see the module docstring."""
     from playwright.sync_api import expect
 
+    # Every wait below is for a state the page must reach; on a loaded 2-core machine the
+    # kernel -> server -> browser round trips of a panel update can take seconds.
+    expect.set_options(timeout=15_000)
+    page.set_default_timeout(30_000)
     page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=30_000)
-    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
-        1, timeout=30_000)
+    # The kernel is connected once the status bar says so.  (The toolbar's execution indicator
+    # says "idle" from the start, while the status bar still shows "No Kernel | Initializing",
+    # then "Connecting": a cell run before that is dropped.)
+    expect(page.locator("#jp-main-statusbar").get_by_text(
+        re.compile(r"\(ipykernel\) \| Idle"))).to_be_visible(timeout=60_000)
 
     # -- cell 0: set-up ------------------------------------------------------------------
     _run_cell(page, 0)
@@ -240,18 +286,14 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(page.locator(".jp-Notebook .jp-Cell").nth(0).locator(".jp-OutputArea")).to_contain_text("ready")
 
     # -- cell 1: a task panel; three tasks with progress and one to cancel -----------------
+    # Every text the measure(40) row shows is recorded in the page as it changes (no sampling).
+    page.evaluate(_RECORD_PROGRESS_TEXTS, "measure(40)")
     _run_cell(page, 1)
     panel = page.locator(".qmagic-task-panel").first
     panel.wait_for(timeout=20_000)
     row40 = panel.locator(".qmagic-task-row", has_text="measure(40)")
-    seen: set[str] = set()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = row40.locator(".qmagic-progress-text").text_content(timeout=5_000) or ""
-        seen.add(text.split(" ")[0])
-        if row40.get_attribute("data-status") == "completed":
-            break
-        page.wait_for_timeout(100)
+    expect(row40).to_have_attribute("data-status", "completed", timeout=20_000)
+    seen = {text.split(" ")[0] for text in page.evaluate("() => window.__qmagicProgressTexts")}
     for n in (20, 30, 40):
         row = panel.locator(".qmagic-task-row", has_text=f"measure({n})")
         expect(row).to_have_attribute("data-status", "completed", timeout=15_000)
@@ -265,9 +307,11 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(long_row).to_have_attribute("data-status", "running")
     key = long_row.get_attribute("data-task")
     cancel = panel.locator(f".qmagic-cancel.qmagic-task-{key}")
-    # the button sits on its row (the table and the controls column are aligned)
-    rb, bb = long_row.bounding_box(), cancel.bounding_box()
-    assert rb["y"] <= bb["y"] + bb["height"] / 2 <= rb["y"] + rb["height"], (rb, bb)
+    # the button sits on its row (the table and the controls column are aligned); both are
+    # re-rendered as the panel updates, so the check waits for a laid-out, aligned state
+    expect(long_row).to_be_visible()
+    expect(cancel).to_be_visible()
+    _expect_button_on_row(page, key)
     cancel.click()
     expect(long_row).to_have_attribute("data-status", "cancelled", timeout=10_000)
     expect(panel.locator(".qmagic-panel-message")).to_contain_text("Cancel requested")

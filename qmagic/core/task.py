@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Task", "exception_text"]
 
+#: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
+MAIN_THREAD_WAIT_SLICE = 0.05
+
 #: Called by :meth:`Task.cancel`: ``(task, force, reason) -> bool`` (set by the engine).
 CancelHook = Callable[["Task", bool, str], bool]
 
@@ -180,11 +183,29 @@ class Task(Future):
         """Block until the task finishes or ``timeout`` seconds pass; True if it finished."""
         if self._status.finished:
             return True
-        with self._mutex:
-            return self._condition.wait_for(self._is_done, timeout)
+        return self._wait_until(self._is_done, timeout)
 
     def _is_done(self) -> bool:
         return self._status.finished
+
+    def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait on the task's condition until ``predicate()`` or ``timeout``.
+
+        On the main thread the wait is cut into slices of :data:`MAIN_THREAD_WAIT_SLICE`:
+        CPython can record a SIGINT (■) while the main thread goes to sleep on a lock and
+        then not act on it until the lock wait returns; a short slice acts on it at once.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        on_main = threading.current_thread() is threading.main_thread()
+        with self._mutex:
+            while not predicate():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if on_main:
+                    left = MAIN_THREAD_WAIT_SLICE if left is None else min(left, MAIN_THREAD_WAIT_SLICE)
+                self._condition.wait(left)
+            return True
 
     def result(self, timeout: float | None = None) -> Any:
         """Return the function's return value, waiting up to ``timeout`` seconds.
@@ -414,8 +435,7 @@ class Task(Future):
 
     def _wait_cancel(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a cancel request; True if one came."""
-        with self._mutex:
-            return self._condition.wait_for(lambda: self._cancel_requested, timeout)
+        return self._wait_until(lambda: self._cancel_requested, timeout)
 
     def _set_progress(self, progress: Progress) -> None:
         with self._mutex:

@@ -74,6 +74,7 @@ class SubshellRouter:
         self.subshell_id: str | None = None
         self._lock = threading.Lock()
         self._failed = False
+        self._creating: threading.Event | None = None
 
     @classmethod
     def for_shell(cls, shell: Any) -> SubshellRouter | None:
@@ -102,25 +103,38 @@ class SubshellRouter:
             raise box["error"]
         return box.get("value")
 
-    def start(self, timeout: float = 5.0) -> bool:
-        """Create the subshell once; False (and a logged warning) if that fails."""
+    def start(self, timeout: float = 30.0) -> bool:
+        """Create the subshell once (in the shell-channel thread); True once it exists.
+
+        The creation is not abandoned when ``timeout`` passes (a loaded kernel may take
+        long): routed comms use the subshell from the moment it exists.
+        """
         with self._lock:
             if self.subshell_id is not None:
                 return True
             if self._failed:
                 return False
-            manager = self.kernel.shell_channel_thread._manager
-            try:
-                self.subshell_id = self._in_channel_thread(manager._create_subshell, timeout)
-            except Exception as exc:  # noqa: BLE001 - fall back to main-shell clicks
-                self._failed = True
-                log.warning(
-                    "qmagic: could not create a kernel subshell for panel clicks (%s); Cancel "
-                    "buttons will wait while a cell runs, use the kernel's interrupt (■) instead.",
-                    exc,
-                )
-                return False
-            return True
+            if self._creating is None:
+                self._creating = threading.Event()
+                manager = self.kernel.shell_channel_thread._manager
+                creating = self._creating
+
+                def create() -> None:
+                    try:
+                        self.subshell_id = manager._create_subshell()
+                    except BaseException as exc:  # noqa: BLE001 - fall back to main-shell clicks
+                        self._failed = True
+                        log.warning(
+                            "qmagic: could not create a kernel subshell for panel clicks (%s); "
+                            "Cancel buttons will wait while a cell runs, use the kernel's "
+                            "interrupt (■) instead.", exc)
+                    finally:
+                        creating.set()
+
+                self.kernel.shell_channel_thread.io_loop.add_callback(create)
+            creating = self._creating
+        creating.wait(timeout)
+        return self.subshell_id is not None
 
     def _route(self, data: Any, default: Any) -> Any:
         return self.subshell_id if self.subshell_id is not None else default
@@ -128,10 +142,10 @@ class SubshellRouter:
     def route(self, widget: Any) -> bool:
         """Handle ``widget``'s incoming comm messages in the subshell; True if routed."""
         comm = getattr(widget, "comm", None)
-        if comm is None or not hasattr(comm, "_reply_subshell_for"):
+        if comm is None or not hasattr(comm, "_reply_subshell_for") or self._failed:
             return False
-        if not self.start():
-            return False
+        # Decided for each incoming message: the subshell as soon as it exists, so no click
+        # can slip through to the (maybe busy) main shell while it is being created.
         comm._reply_subshell_for = self._route
 
         def handle_msg(msg: dict, _comm: Any = comm) -> None:
@@ -143,10 +157,13 @@ class SubshellRouter:
                 callback(msg)
 
         comm.handle_msg = handle_msg
-        return True
+        return self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Delete the subshell (its thread ends); routed comms fall back to the main shell."""
+        creating = self._creating
+        if creating is not None:  # a creation under way must finish first, or it would leak
+            creating.wait(timeout)
         with self._lock:
             subshell_id, self.subshell_id = self.subshell_id, None
         if subshell_id is None:

@@ -1,0 +1,107 @@
+"""The test session leaves nothing behind, and neither do the tutorials' scratch folders.
+
+- the session folder (``tests/session_sandbox.py``) holds every per-user location;
+- its end-of-session check finds files, kernel connection files and processes left behind;
+- ``notebooks/_scratch.py``: a tutorial's scratch folder is removed when its kernel stops,
+  whether it is shut down (JupyterLab) or killed with its process group (nbval, a crash).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from kernel_utils import REPO_ROOT
+from session_sandbox import SessionSandbox
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+
+
+def _gone(path: Path, timeout: float = 10.0) -> bool:
+    """Wait (bounded) until ``path`` no longer exists; True if it went."""
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling a condition (the folder is gone), bounded by ``timeout``
+    return True
+
+
+def test_every_per_user_folder_is_inside_the_session_folder(tmp_path):
+    root = Path(os.environ[SessionSandbox.MARKER])
+    assert root.name.startswith("qmagic-tests-") and root.is_dir()
+    for name in SessionSandbox.FOLDERS:
+        if name in ("QMAGIC_STATE_DIR", "XDG_CONFIG_HOME"):  # each test has its own (conftest)
+            assert Path(os.environ[name]).is_relative_to(tmp_path)
+        else:
+            assert Path(os.environ[name]).parent == root, name
+    assert Path(tempfile.gettempdir()) == root / "tmp"
+    assert tmp_path.is_relative_to(root)
+    assert Path.home() == root / "home"
+
+
+def test_the_end_of_session_check_lists_and_stops_what_was_left(tmp_path):
+    # A session inside this one: its "outside" is this session's TMPDIR and HOME.
+    inner = SessionSandbox(cleanup_grace=0.5)
+    root = inner.start()
+    try:
+        (root / "tmp" / "forgotten.txt").write_text("x")
+        (root / "jupyter-runtime" / "kernel-123.json").write_text("{}")
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        outside = Path(inner.outer_tmp) / "left-outside-by-a-test"
+        outside.mkdir()
+    finally:
+        report = inner.finish(check_outside=True)
+    try:
+        assert sleeper.wait(10) != 0  # killed by the check
+        assert any(p.endswith("forgotten.txt") for p in report.inside), report
+        assert any(p.endswith("kernel-123.json") for p in report.inside), report
+        assert any(p.startswith(f"process {sleeper.pid}:") for p in report.inside), report
+        assert str(outside) in report.outside
+        assert not root.exists()
+        assert os.environ[SessionSandbox.MARKER] != str(root)  # the environment is restored
+    finally:
+        outside.rmdir()
+
+
+def _scratch_in_kernel(kernel_factory) -> tuple[object, Path]:
+    k = kernel_factory()
+    path = k.eval(f"__import__('sys').path.insert(0, {str(NOTEBOOKS)!r}) or "
+                  "__import__('_scratch').scratch_folder()")
+    path = Path(path)
+    assert path.is_dir() and path.name.startswith("qmagic-tutorial-")
+    assert path.is_relative_to(tempfile.gettempdir())
+    return k, path
+
+
+def test_scratch_folder_goes_when_the_kernel_is_killed_with_its_group(kernel_factory):
+    k, path = _scratch_in_kernel(kernel_factory)
+    k.km.shutdown_kernel(now=True)  # what nbval does: SIGKILL to the kernel's process group
+    assert _gone(path), f"{path} outlived its killed kernel"
+
+
+def test_scratch_folder_goes_when_the_kernel_shuts_down(kernel_factory):
+    k, path = _scratch_in_kernel(kernel_factory)
+    k.kc.stop_channels()
+    k.kc = None
+    k.km.shutdown_kernel(now=False)  # what JupyterLab does: a shutdown request
+    assert _gone(path), f"{path} outlived its kernel"
+
+
+def test_scratch_folder_stays_while_the_kernel_runs(kernel_factory):
+    k, path = _scratch_in_kernel(kernel_factory)
+    k.execute("import subprocess, sys; subprocess.run([sys.executable, '-c', 'pass'])", check=True)
+    assert k.eval(f"__import__('os').path.isdir({str(path)!r})") is True  # a child's exit is not the kernel's
+    k.shutdown()
+    assert _gone(path)
+
+
+@pytest.mark.parametrize("tutorial", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_every_tutorial_uses_the_scratch_helper(tutorial):
+    text = (NOTEBOOKS / tutorial).read_text()
+    assert "_scratch.scratch_folder()" in text and "TemporaryDirectory" not in text
