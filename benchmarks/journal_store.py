@@ -1,157 +1,195 @@
-"""Cost of journaling one task (a "start" and an "end" line) in qmagic.journal.
+"""Store-level cost of the experiment log (qmagic.store.journal.Journal).
 
-Prints ONE JSON line.  Baselines, measured interleaved in the same run:
+Prints ONE JSON line.  Every figure compares the same work with the log on and off, in
+alternating rounds of one run (medians over rounds):
 
-- ``engine``: a no-op background task through ``qmagic.engine.Engine`` (new_task, start,
-  wait); the journaled run adds ``task.to_dict()`` + ``append("start")`` before the start
-  and ``to_dict()`` + ``append("end")`` after the end, as the worker will.
-  ``ratio`` = journaled / baseline (issue 7's target for the end-to-end benchmark,
-  ``benchmarks/journal.py`` with the whole worker: <= 1.5).
-- ``pool``: the bare minimum of a background task (hand a no-op to a pool thread, wait).
+- ``latency``: submit -> result of a no-op task on a ``ThreadPoolExecutor``, one at a time;
+  with the log, ``submitted()`` runs before the future is returned, ``started()`` when the
+  task starts and ``finished()`` before its result is set (and the two record dicts are
+  built).  The modes alternate task by task (so that the writer's commits, every 2 s under
+  such a load, fall on both alike); median of all samples.  ratio = on / off (target <= 1.2).
+- ``burst``: 20,000 such tasks back to back, time until the last result.  ratio = throughput
+  on / off (target >= 0.8).  The writer stores a burst after it (group commit); its cost is
+  reported separately (``writer_cpu_us_per_task``) and in ``sustained_ratio`` (the burst
+  plus ``flush()``, until every record is in SQLite).
+- ``rss_growth_mb``: resident memory after 300,000 tasks through the log (and flush) minus
+  before (target < 50 MB); ``peak_rss_growth_mb`` the high-water mark.
+- ``caller_cpu_us_per_task``: CPU of the three journal calls on the calling threads, per
+  task (records built beforehand), measured in one thread.
+- ``burst_cpu_ratio``: process CPU per task of the burst, off / on (what the throughput
+  ratio is on a machine that no other program loads; ``load_average`` tells how loaded
+  this one was).
 
-    python benchmarks/journal_store.py [--tasks N] [--fsync-tasks N] [--no-orjson]
+    python benchmarks/journal_store.py [--rounds 5] [--burst 20000] [--latency 5000] [--rss-tasks 300000]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import queue
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import qmagic.journal  # noqa: E402
-from qmagic.journal import Journal  # noqa: E402
+from qmagic.store.journal import Journal
+
+TEMPLATE = {"uid": "", "name": "noop", "kind": "function", "args": [], "kwargs": {}, "user": "alice",
+            "user_group": "primary", "background": True, "origin": "python", "status": "queued",
+            "submitted_at": 0.0, "started_at": None, "finished_at": None, "progress": None,
+            "result": None, "error": None, "error_type": None, "traceback": None, "timeout": None,
+            "namespace_changes": None,
+            "provenance": {"notebook": "/home/alice/01-getting-started.ipynb", "cell_id": "9a1f",
+                           "execution_count": 12, "cell_hash": "5d41402abc"}}
 
 
-def task_dict(uid: str, status: str, now: float) -> dict:
-    """A record shaped like the worker's Task.to_dict() for a small function call."""
-    done = status != "running"
-    return {"uid": uid, "name": "noop", "kind": "function", "args": [1, 2.5, "sample-A"],
-            "kwargs": {"exposure": 0.1}, "user": "alice", "user_group": "primary",
-            "background": True, "origin": "magic", "status": status, "submitted_at": now,
-            "started_at": now, "finished_at": now if done else None,
-            "progress": {"value": 1, "total": 1, "message": None} if done else None,
-            "result": None, "error": None, "error_type": None, "traceback": None,
-            "namespace_changes": None}
+def noop() -> None:
+    return None
+
+
+def make_task(journal: Journal | None, pool: ThreadPoolExecutor, uid: str):
+    """Submit one no-op task; with a journal, log it the way the engine will (without, the
+    same wrapper runs, minus the journal calls and the record dicts)."""
+    if journal is None:
+        def bare() -> None:
+            time.time()
+            result = noop()
+            time.time()
+            return result
+        time.time()
+        return pool.submit(bare)
+    now = time.time()
+    journal.submitted(dict(TEMPLATE, uid=uid, submitted_at=now))
+
+    def run() -> None:
+        started = time.time()
+        journal.started(uid, started)
+        result = noop()
+        journal.finished(dict(TEMPLATE, uid=uid, submitted_at=now, started_at=started,
+                              finished_at=time.time(), status="completed", result=result))
+        return result
+    return pool.submit(run)
+
+
+def latency_samples(journal: Journal | None, pool: ThreadPoolExecutor, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        uid = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        make_task(journal, pool, uid).result()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def burst_round(journal: Journal | None, pool: ThreadPoolExecutor, uids: list[str]) -> tuple[float, float, float]:
+    """(seconds until the last result, CPU seconds of the process meanwhile, seconds until
+    every record is in SQLite)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    futures = [make_task(journal, pool, uid) for uid in uids]
+    for f in futures:
+        f.result()
+    burst, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if journal is not None:
+        assert journal.flush(120), journal.health()
+    return burst, cpu, time.perf_counter() - t0
+
+
+def rss_mb() -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def caller_cpu(journal: Journal, n: int) -> float:
+    """CPU per task of submitted() + started() + finished() alone (records built beforehand)."""
+    now = time.time()
+    work = [(uid, dict(TEMPLATE, uid=uid, submitted_at=now),
+             dict(TEMPLATE, uid=uid, submitted_at=now, started_at=now, finished_at=now, status="completed"))
+            for uid in (str(uuid.uuid4()) for _ in range(n))]
+    t0 = time.thread_time()
+    for uid, first, last in work:
+        journal.submitted(first)
+        journal.started(uid, now)
+        journal.finished(last)
+    cpu = time.thread_time() - t0
+    journal.flush(120)
+    return cpu / n * 1e6
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=3000)
-    parser.add_argument("--fsync-tasks", type=int, default=200)
-    parser.add_argument("--no-orjson", action="store_true", help="encode with the json module only")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--burst", type=int, default=20_000)
+    parser.add_argument("--latency", type=int, default=5_000)
+    parser.add_argument("--rss-tasks", type=int, default=300_000)
     args = parser.parse_args()
-    if args.no_orjson:
-        qmagic.journal._orjson = None
-
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-
-    def pool_thread() -> None:
-        while (job := jobs.get()) is not None:
-            job.set()  # the no-op task, then "finished"
-
-    worker = threading.Thread(target=pool_thread, daemon=True)
-    worker.start()
-
-    try:
-        from qmagic.engine import Engine
-
-        engine = Engine()
-    except Exception as exc:  # noqa: BLE001 - the engine is optional here
-        engine, engine_error = None, f"{type(exc).__name__}: {exc}"
-    else:
-        engine_error = None
-
-    def noop() -> None:
-        return None
-
-    def run_engine_task(journal: Journal | None) -> int:
-        t0 = time.perf_counter_ns()
-        task = engine.new_task(noop, name="noop", background=True, user="alice",
-                               user_group="primary")
-        if journal is not None:
-            journal.append("start", task.to_dict())
-        engine.start(task)
-        task.wait(10)
-        if journal is not None:
-            journal.append("end", task.to_dict())
-        return time.perf_counter_ns() - t0
-
-    def run_task(journal: Journal | None, n: int) -> int:
-        t0 = time.perf_counter_ns()
-        uid = f"task-{n}"
-        if journal is not None:
-            journal.append("start", task_dict(uid, "running", time.time()))
-        done = threading.Event()
-        jobs.put(done)
-        done.wait()
-        if journal is not None:
-            journal.append("end", task_dict(uid, "completed", time.time()))
-        return time.perf_counter_ns() - t0
-
-    with tempfile.TemporaryDirectory() as tmp:
-        journal = Journal(tmp, "bench")
-        synced = Journal(tmp, "bench-fsync", fsync=True)
-        pair, base, with_journal, fsync_pair, e_base, e_journal = [], [], [], [], [], []
-        for n in range(200):  # warm up (file creation, caches, engine threads)
-            run_task(journal, -n)
-            run_task(None, -n)
-            if engine is not None:
-                run_engine_task(journal)
-                run_engine_task(None)
-        for n in range(args.tasks):  # interleaved, so drift hits all alike
-            base.append(run_task(None, n))
-            with_journal.append(run_task(journal, n))
-            if engine is not None:
-                e_base.append(run_engine_task(None))
-                e_journal.append(run_engine_task(journal))
-            t0 = time.perf_counter_ns()
-            journal.append("start", task_dict(f"p{n}", "running", time.time()))
-            journal.append("end", task_dict(f"p{n}", "completed", time.time()))
-            pair.append(time.perf_counter_ns() - t0)
-        for n in range(args.fsync_tasks):
-            t0 = time.perf_counter_ns()
-            synced.append("start", task_dict(f"s{n}", "running", time.time()))
-            synced.append("end", task_dict(f"s{n}", "completed", time.time()))
-            fsync_pair.append(time.perf_counter_ns() - t0)
-        lines = journal.path.read_bytes().splitlines()
-        bytes_per_task = sum(len(line) + 1 for line in lines[-2:])
-        errors = journal.errors + synced.errors
+    with tempfile.TemporaryDirectory(prefix="qmagic-bench-") as folder:
+        journal = Journal(folder, "bench")
+        pool = ThreadPoolExecutor()
+        burst_round(journal, pool, [str(uuid.uuid4()) for _ in range(2000)])  # warm up
+        burst_round(None, pool, [str(uuid.uuid4()) for _ in range(2000)])
+        lat = {"on": [], "off": []}
+        burst = {"on": [], "off": []}
+        burst_cpu = {"on": [], "off": []}
+        sustained = []
+        writer_cpu = []
+        for rnd in range(args.rounds):
+            order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
+            for _ in range(args.latency):  # latency: the modes alternate task by task
+                for mode in order:
+                    lat[mode] += latency_samples(journal if mode == "on" else None, pool, 1)
+            journal.flush(120)
+            for mode in order:
+                j = journal if mode == "on" else None
+                cpu0 = journal._writer.cpu
+                b, cpu, s = burst_round(j, pool, [str(uuid.uuid4()) for _ in range(args.burst)])
+                burst[mode].append(args.burst / b)
+                burst_cpu[mode].append(cpu / args.burst)
+                if j is not None:
+                    sustained.append(args.burst / s)
+                    writer_cpu.append((journal._writer.cpu - cpu0) / args.burst * 1e6)
+        cpu_per_task = caller_cpu(journal, 20_000)
+        # resident memory over many tasks through the log
+        rss0, _ = rss_mb()
+        done = 0
+        while done < args.rss_tasks:
+            n = min(20_000, args.rss_tasks - done)
+            futures = [make_task(journal, pool, str(uuid.uuid4())) for _ in range(n)]
+            for f in futures:
+                f.result()
+            done += n
+        assert journal.flush(300), journal.health()
+        rss1, peak = rss_mb()
+        health = journal.health()
         journal.close()
-        synced.close()
-    jobs.put(None)
-    if engine is not None:
-        engine.close()
-
-    def med_us(values: list[int]) -> float:
-        return round(statistics.median(values) / 1000, 2)
-
-    print(json.dumps({
+        pool.shutdown()
+    med = {k: statistics.median(v) for k, v in lat.items()}
+    thr = {k: statistics.median(v) for k, v in burst.items()}
+    result = {
         "benchmark": "journal_store",
-        "tasks": args.tasks,
-        "encoder": "json" if qmagic.journal._orjson is None else "orjson",
-        "append_start_end_median_us": med_us(pair),
-        "append_start_end_p90_us": round(statistics.quantiles(pair, n=10)[-1] / 1000, 2),
-        "append_start_end_fsync_median_us": med_us(fsync_pair),
-        "baseline_noop_engine_task_median_us": med_us(e_base) if e_base else None,
-        "journaled_noop_engine_task_median_us": med_us(e_journal) if e_journal else None,
-        "ratio": round(statistics.median(e_journal) / statistics.median(e_base), 2)
-        if e_base else None,
-        "target_ratio": 1.5,
-        "engine_error": engine_error,
-        "baseline_noop_pool_task_median_us": med_us(base),
-        "journaled_noop_pool_task_median_us": med_us(with_journal),
-        "pool_ratio": round(statistics.median(with_journal) / statistics.median(base), 2),
-        "bytes_per_task": bytes_per_task,
-        "errors": errors,
-    }))
+        "latency_us": {"off": round(med["off"] * 1e6, 1), "on": round(med["on"] * 1e6, 1),
+                       "ratio": round(med["on"] / med["off"], 3)},
+        "burst_tasks_per_s": {"off": round(thr["off"]), "on": round(thr["on"]),
+                              "ratio": round(thr["on"] / thr["off"], 3)},
+        "burst_cpu_us_per_task": {k: round(statistics.median(v) * 1e6, 2) for k, v in burst_cpu.items()},
+        "burst_cpu_ratio": round(statistics.median(burst_cpu["off"]) / statistics.median(burst_cpu["on"]), 3),
+        "sustained_ratio": round(statistics.median(sustained) / thr["off"], 3),
+        "load_average": round(os.getloadavg()[0], 1),
+        "rss_growth_mb": round(rss1 - rss0, 1),
+        "peak_rss_growth_mb": round(peak - rss0, 1),
+        "caller_cpu_us_per_task": round(cpu_per_task, 2),
+        "writer_cpu_us_per_task": round(statistics.median(writer_cpu), 2),
+        "health": {k: health[k] for k in ("ok", "pending", "dropped")},
+        "targets": {"latency_ratio_max": 1.2, "burst_ratio_min": 0.8, "rss_growth_mb_max": 50},
+    }
+    result["targets_met"] = (result["latency_us"]["ratio"] <= 1.2 and result["burst_tasks_per_s"]["ratio"] >= 0.8
+                             and result["rss_growth_mb"] < 50 and health["dropped"] == 0)
+    print(json.dumps(result))
     return 0
 
 

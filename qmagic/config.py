@@ -144,6 +144,11 @@ class QMagic(Configurable):
         help="Make every record survive a power loss too (a disk flush per batch of records); "
         "without it records survive a crash of the kernel, not of the machine.",
     ).tag(config=True)
+    journal_pending_limit = Int(
+        100_000, min=100, max=100_000_000,
+        help="Records the experiment log keeps in memory while it cannot write to disk (disk "
+        "full, read-only folder); beyond that they are dropped and counted (see %tasks --history).",
+    ).tag(config=True)
     journal_summary_chars = Int(
         2000, min=40, max=1_000_000,
         help="Characters of repr() kept in the experiment log for an argument or result that "

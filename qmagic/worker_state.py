@@ -102,6 +102,7 @@ class StateMixin(HasTraits):
                     self._state_dir(), self.environment_name,
                     max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
                     summary_chars=self.journal_summary_chars, fsync=self.journal_fsync,
+                    pending_limit=self.journal_pending_limit,
                     session_info={"qmagic_version": __version__,
                                   "python_version": platform.python_version()},
                 )
@@ -135,7 +136,7 @@ class StateMixin(HasTraits):
             self._open_journal()
 
     @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
-             "journal_summary_chars")
+             "journal_summary_chars", "journal_pending_limit")
     def _journal_setting(self, change: Mapping[str, Any]) -> None:
         if getattr(self, "_locks", None) is not None:
             self._open_journal()

@@ -1,0 +1,319 @@
+"""Reading the experiment log: ``history()``, ``history_dataframe()`` and ``qmagic-history``.
+
+Any process can read an environment's log while kernels write it.  Opening it first stores
+what kernels that died left in their spools (:mod:`qmagic.store.recovery`) and imports a
+journal of qmagic 0.1; a Journal open in this process on the same log answers itself, so
+its newest records show too.  ``render_table`` and ``render_csv`` are the pure text forms (the table
+is the one ``%tasks --history`` shows: which notebook cell ran what, e.g.
+``01-getting-started.ipynb [12]``).
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import StateFileError
+from .database import connect, database_path, ensure_schema
+from .legacy import import_legacy, legacy_files
+from .paths import default_state_dir, validate_environment_name
+from .reader import Filters, LogReader
+from .records import ORPHAN_REASON, SUMMARY_KEY, JournalWarning, clean_name, parse_time
+from .recovery import list_sessions, recover
+
+__all__ = ["cell_text", "history", "history_dataframe", "history_main", "render_csv", "render_table"]
+
+_TIME_COLUMNS = ("submitted_at", "started_at", "finished_at")
+_FIRST_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin",
+                  *_TIME_COLUMNS, "duration_s", "error", "notebook", "cell_id", "execution_count",
+                  "cell_hash", "cell")
+_CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin", *_TIME_COLUMNS,
+                "duration_s", "notebook", "cell_id", "execution_count", "cell_hash", "call", "error",
+                "error_type", "host", "pid", "session", "orphaned")
+
+
+def _open_journal(state_dir: Path, env: str) -> Any:
+    """A Journal of this process that writes this log (its reads include what it has not
+    stored yet), or None."""
+    from .journal import _OPEN  # (a cycle at import time otherwise)
+
+    path = database_path(state_dir, env)
+    return next((j for j in list(_OPEN) if j.path == path), None)
+
+
+def _prepare(state_dir: Path, env: str) -> Path | None:
+    """Recover dead sessions, import an old journal; return the database path, or None
+    when nothing was ever logged there."""
+    path = database_path(state_dir, env)
+    sessions = list_sessions(state_dir, env)
+    legacy = legacy_files(state_dir, env)
+    if not path.exists() and not sessions and not legacy:
+        return None
+    if sessions or legacy:
+        conn = None
+        try:
+            conn = connect(path, create=True)
+            ensure_schema(conn)
+            import_legacy(conn, state_dir, env, time.time())
+            recover(conn, state_dir, env, None, time.time())
+        except Exception as exc:  # noqa: BLE001 - read what is there
+            warnings.warn(f"qmagic could not store what earlier kernels left in {state_dir} ({exc}); "
+                          "showing what the experiment log holds.", JournalWarning, stacklevel=3)
+        finally:
+            if conn is not None:
+                conn.close()
+    return path
+
+
+def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name: str = "default",
+            **filters: Any) -> list[dict[str, Any]]:
+    """Task records of an environment's experiment log, newest first.
+
+    ``filters`` are those of :meth:`qmagic.store.journal.Journal.records`: ``status``,
+    ``user``, ``name``, ``notebook``, ``since``, ``until``, ``uid``, ``limit``.
+    ``state_dir`` defaults to :func:`~qmagic.store.paths.default_state_dir`.  Raises
+    StateFileError when the log cannot be read, ValueError for a bad filter.
+    """
+    folder = Path(default_state_dir() if state_dir is None else state_dir).expanduser()
+    return _read(folder, validate_environment_name(environment_name), filters) or []
+
+
+def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Records of the log (None when nothing was ever logged there)."""
+    chosen = Filters(**filters)  # (checked before anything is opened)
+    journal = _open_journal(folder, env)
+    if journal is not None:
+        return journal.records(**filters)
+    path = _prepare(folder, env)
+    if path is None:
+        return None
+    reader = LogReader(path)
+    try:
+        return reader.records(chosen)
+    finally:
+        reader.close()
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
+    prov = rec.get("provenance")
+    return prov if isinstance(prov, dict) else {}
+
+
+def cell_text(rec: Mapping[str, Any]) -> str:
+    """Which cell started a task: ``"01-getting-started.ipynb [12]"``, or "-"."""
+    prov = _provenance(rec)
+    nb, count = prov.get("notebook"), prov.get("execution_count")
+    name = nb.replace("\\", "/").rsplit("/", 1)[-1] if isinstance(nb, str) and nb else None
+    count_text = f"[{count}]" if isinstance(count, int) and not isinstance(count, bool) else None
+    text = " ".join(t for t in (name, count_text) if t)
+    return _safe(text) if text else "-"
+
+
+def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
+                      environment_name: str = "default", **filters: Any) -> Any:
+    """:func:`history` as a pandas DataFrame, one row per task, newest first.
+
+    Times are local ``datetime64`` columns, ``duration_s`` is finished - started; the
+    provenance (``notebook``, ``cell_id``, ``execution_count``, ``cell_hash`` and ``cell``
+    as ``"01-getting-started.ipynb [12]"``) and the writer's ``host``, ``pid``,
+    ``session`` and an ``orphaned`` flag replace the nested entries.
+    """
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        raise ImportError("qmagic.history_dataframe() needs pandas, which is not installed: "
+                          "`pip install pandas` (or `pip install qmagic[pandas]`), or use "
+                          "qmagic.history() for a list of dicts.") from exc
+    rows = []
+    for rec in history(state_dir=state_dir, environment_name=environment_name, **filters):
+        meta = rec.pop("journal")
+        prov = _provenance(rec)
+        rec["cell"] = cell_text(rec)
+        rec.pop("provenance", None)
+        rec.update({k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")})
+        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
+        rec["duration_s"] = stop - start if start is not None and stop is not None else None
+        for column in _TIME_COLUMNS:
+            t = _num(rec.get(column))
+            rec[column] = datetime.fromtimestamp(t) if t is not None else None
+        rec.update(host=meta.get("host"), pid=meta.get("pid"), session=meta.get("session"),
+                   orphaned=bool(meta.get("orphaned")))
+        rows.append(rec)
+    frame = pd.DataFrame(rows)
+    columns = [c for c in _FIRST_COLUMNS if c in frame.columns or not rows]
+    frame = frame.reindex(columns=columns + [c for c in frame.columns if c not in columns])
+    for column in _TIME_COLUMNS:
+        frame[column] = pd.to_datetime(frame[column])
+    return frame
+
+
+# ---- text forms ---------------------------------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _safe(text: Any, limit: int | None = None) -> str:
+    """Printable text: lone surrogates and control characters escaped, cut to ``limit``."""
+    s = clean_name(text if isinstance(text, str) else str(text), limit or 10**9) or ""
+    return s
+
+
+def _when(t: Any) -> str:
+    v = _num(t)
+    return datetime.fromtimestamp(v).strftime("%Y-%m-%d %H:%M:%S") if v is not None else "-"
+
+
+def _iso(t: Any) -> str:
+    v = _num(t)
+    return datetime.fromtimestamp(v).isoformat(timespec="milliseconds") if v is not None else ""
+
+
+def call_text(rec: Mapping[str, Any], width: int = 48) -> str:
+    """``name(arg, key=value)`` of a record, each value cut to 20 characters."""
+    def short(v: Any) -> str:
+        if isinstance(v, dict) and SUMMARY_KEY in v:
+            return _safe(v.get("repr", "?"))[:20]
+        return orjson.dumps(v).decode()[:20] if _jsonable(v) else _safe(repr(v))[:20]
+    args = rec.get("args") if isinstance(rec.get("args"), list) else []
+    kwargs = rec.get("kwargs") if isinstance(rec.get("kwargs"), dict) else {}
+    inner = ", ".join([short(a) for a in args] + [f"{_safe(k)}={short(v)}" for k, v in kwargs.items()])
+    text = f"{_safe(rec.get('name'))}({inner})"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        orjson.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def render_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The records as a text table (in the order given), with the last line of each error."""
+    head = ("SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID")
+    rows, notes = [], []
+    for rec in records:
+        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
+        duration = f"{stop - start:.3f} s" if start is not None and stop is not None else "-"
+        where = f"{'bg' if rec.get('background') else 'fg'}/{_safe(rec.get('origin') or '?', 12)}"
+        rows.append((_when(rec.get("submitted_at") or rec.get("started_at")), _safe(rec.get("status"), 12),
+                     duration, _safe(rec.get("user"), 24), where, cell_text(rec)[:40], call_text(rec),
+                     _safe(rec.get("uid"), 64)))
+        error = rec.get("error") if isinstance(rec.get("error"), str) else ""
+        notes.append(_safe(error.strip().splitlines()[-1], 100) if error.strip() else "")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
+    for row, note in zip(rows, notes):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if note:
+            lines.append(f"    error: {note}")
+    return "\n".join(lines)
+
+
+def render_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    """The records as CSV (header line first; times in local ISO format)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    for rec in records:
+        meta = rec.get("journal") if isinstance(rec.get("journal"), dict) else {}
+        prov = _provenance(rec)
+        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
+        values = {**{k: rec.get(k) for k in ("uid", "name", "status", "user", "user_group", "background",
+                                              "origin", "error", "error_type")},
+                  **{k: _iso(rec.get(k)) for k in _TIME_COLUMNS},
+                  **{k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")},
+                  "duration_s": f"{stop - start:.6f}" if start is not None and stop is not None else "",
+                  "call": call_text(rec, 200), "host": meta.get("host"), "pid": meta.get("pid"),
+                  "session": meta.get("session"), "orphaned": bool(meta.get("orphaned"))}
+        writer.writerow(["" if values[c] is None else _safe(values[c]) for c in _CSV_COLUMNS])
+    return out.getvalue()
+
+
+# ---- the qmagic-history command -----------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmagic-history",
+        description="Print the experiment log of a qmagic environment, oldest first; --limit keeps "
+                    "the newest N. Unfinished tasks of kernels that stopped show as failed "
+                    f"('{ORPHAN_REASON}').")
+    parser.add_argument("--environment", "-e", default="default", help="environment name (default: %(default)s)")
+    parser.add_argument("--state-dir", help="state folder (default: $QMAGIC_STATE_DIR or <jupyter data dir>/qmagic)")
+    parser.add_argument("--since", help="only tasks active since: ISO date/time, or -30m, -2h, -7d")
+    parser.add_argument("--until", help="only tasks active until: same formats as --since")
+    parser.add_argument("--status", action="append", help="only this status (repeatable): "
+                        "queued, running, completed, failed, cancelled")
+    parser.add_argument("--user", help="only tasks of this user")
+    parser.add_argument("--name", help="only this function name (glob patterns allowed)")
+    parser.add_argument("--notebook", help="only tasks started from this notebook (path, file name or glob)")
+    parser.add_argument("--uid", help="only the task with this uid (or uid prefix)")
+    parser.add_argument("--limit", type=int, help="show only the newest N tasks")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON object per line")
+    form.add_argument("--csv", action="store_true", help="CSV with a header line")
+    return parser
+
+
+def history_main(argv: list[str] | None = None) -> int:
+    """Console script ``qmagic-history``: print an environment's experiment log."""
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # let "--since -2h" mean "--since=-2h"
+        if arg in ("--since", "--until") and re.match(r"-\d", argv[i + 1]):
+            argv[i:i + 2] = [f"{arg}={argv[i + 1]}", ""]
+    args = parser.parse_args([a for a in argv if a])
+    try:
+        validate_environment_name(args.environment)
+        filters = {"status": args.status, "user": args.user, "name": args.name,
+                   "notebook": args.notebook, "since": parse_time(args.since),
+                   "until": parse_time(args.until), "uid": args.uid, "limit": args.limit}
+        Filters(**filters)
+    except ValueError as exc:
+        parser.error(str(exc))
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", JournalWarning)
+        try:
+            found = _read(state_dir, args.environment, filters)
+        except StateFileError as exc:
+            print(f"qmagic-history: {exc}", file=sys.stderr)
+            return 1
+    for warning in caught:
+        print(f"warning: {_safe(warning.message)}", file=sys.stderr)
+    if found is None:
+        print(f"No experiment log for environment {args.environment!r} in {state_dir}: nothing was "
+              "recorded there yet (check --environment and --state-dir).", file=sys.stderr)
+        return 0
+    records = found[::-1]
+    if args.json:
+        for rec in records:
+            sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode())
+    elif args.csv:
+        sys.stdout.write(render_csv(records))
+    elif records:
+        print(render_table(records))
+    if not records and not args.csv:
+        print("No task matches.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(history_main())

@@ -1,0 +1,264 @@
+"""Queries of the experiment log: task records by uid, uid prefix, status list or filters.
+
+:class:`LogReader` answers from the SQLite database alone (indexed queries; rows that do not
+validate are skipped with one warning); :class:`~qmagic.store.journal.Journal` adds what its
+own session has not committed yet.  :func:`merge_state` is the merge rule of the database
+(see :mod:`qmagic.store.database`) in Python, for those pending records.
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import StateFileError
+from .database import connect, select_rows, uid_bounds
+from .records import RANKS, parse_time, record_from_row, warn_once
+
+__all__ = ["Filters", "LogReader", "merge_state", "state_record"]
+
+_GLOB = frozenset("*?[")
+
+
+class Filters:
+    """The filters of :meth:`LogReader.records`, checked and turned into SQL."""
+
+    def __init__(self, *, status: str | Iterable[str] | None = None, user: str | None = None,
+                 name: str | None = None, notebook: str | None = None, since: Any = None,
+                 until: Any = None, uid: str | None = None, limit: int | None = None) -> None:
+        self.statuses = ({status} if isinstance(status, str) else set(status)) if status is not None else None
+        if self.statuses is not None and not self.statuses <= set(RANKS):
+            bad = sorted(str(s) for s in self.statuses - set(RANKS))
+            raise ValueError(f"Unknown task status {', '.join(bad)}: use queued, running, completed, "
+                             "failed or cancelled.")
+        self.user, self.name, self.notebook, self.uid = user, name, notebook, uid
+        self.since, self.until = parse_time(since), parse_time(until)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise ValueError(f"limit must be a whole number (got {limit!r}).")
+        self.limit = None if limit is None else max(0, limit)
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """WHERE clause and parameters."""
+        terms, params = ["t.record IS NOT NULL"], []
+        if self.statuses is not None:
+            terms.append(f"t.status IN ({', '.join('?' * len(self.statuses))})")
+            params += sorted(self.statuses)
+        if self.user is not None:
+            terms.append("t.user = ?")
+            params.append(self.user)
+        if self.name is not None:
+            terms.append("t.name GLOB ?" if _GLOB & set(self.name) else "t.name = ?")
+            params.append(_glob(self.name) if _GLOB & set(self.name) else self.name)
+        if self.notebook is not None:
+            if _GLOB & set(self.notebook):
+                terms.append("(t.notebook GLOB ? OR t.notebook_name GLOB ?)")
+                params += [_glob(self.notebook)] * 2
+            elif "/" in self.notebook.replace("\\", "/"):
+                terms.append("t.notebook_name = ? AND t.notebook = ?")
+                params += [self.notebook.replace("\\", "/").rsplit("/", 1)[-1], self.notebook]
+            else:
+                terms.append("t.notebook_name = ?")
+                params.append(self.notebook)
+        if self.uid is not None:
+            low, high = uid_bounds(self.uid) if self.uid else ("", "\U0010ffff")
+            terms.append("t.uid >= ? AND t.uid < ?")
+            params += [low, high]
+        if self.until is not None:
+            terms.append("t.sort_time <= ?")
+            params.append(self.until)
+        if self.since is not None:  # active at some time after `since` (three index lookups)
+            terms.append("t.id IN (SELECT id FROM tasks WHERE sort_time >= ? UNION SELECT id FROM "
+                         "tasks WHERE finished_at >= ? UNION SELECT id FROM tasks WHERE rank < 3)")
+            params += [self.since, self.since]
+        return "WHERE " + " AND ".join(terms), params
+
+    def match(self, rec: Mapping[str, Any], now: float) -> bool:
+        """The same filters in Python, for records not in the database yet."""
+        if self.statuses is not None and rec.get("status") not in self.statuses:
+            return False
+        if self.user is not None and rec.get("user") != self.user:
+            return False
+        if self.name is not None and not fnmatch.fnmatchcase(str(rec.get("name")), self.name):
+            return False
+        if self.notebook is not None:
+            nb = (rec.get("provenance") or {}).get("notebook") if isinstance(rec.get("provenance"), dict) else None
+            if not isinstance(nb, str):
+                return False
+            base = nb.replace("\\", "/").rsplit("/", 1)[-1]
+            if not (fnmatch.fnmatchcase(nb, self.notebook) or fnmatch.fnmatchcase(base, self.notebook)):
+                return False
+        if self.uid is not None and not str(rec.get("uid")).startswith(self.uid):
+            return False
+        begin = sort_time(rec)
+        if self.until is not None and begin > self.until:
+            return False
+        if self.since is not None:
+            end = rec.get("finished_at")
+            if rec.get("status") not in ("completed", "failed", "cancelled"):
+                end = now
+            if begin < self.since and not (isinstance(end, (int, float)) and end >= self.since):
+                return False
+        return True
+
+
+def _glob(pattern: str) -> str:
+    return pattern.replace("[!", "[^")
+
+
+def sort_time(rec: Mapping[str, Any]) -> float:
+    """The time a record is sorted by: submitted, else started, else finished."""
+    for key in ("submitted_at", "started_at", "finished_at"):
+        v = rec.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return 0.0
+
+
+# ---- merging pending records --------------------------------------------------------------------
+def merge_state(old: dict[str, Any] | None, row: tuple) -> dict[str, Any]:
+    """A task's state after one folded spool row (the upsert parameters of
+    :func:`qmagic.store.database.rows_from_lines`) or a started item ``(uid, time)``."""
+    if len(row) == 2:  # started
+        uid, t = row
+        if old is None:
+            return {"uid": uid, "rank": 2, "status": "running", "started_at": t, "finished_at": None,
+                    "orphaned": 0, "record": None, "session": None}
+        if old["rank"] < 2:
+            return dict(old, rank=2, status="running", started_at=t)
+        return old
+    rank, status, sta, fin, session, line = row[1], row[2], row[9], row[10], row[11], row[12]
+    if old is None or rank >= old["rank"]:
+        started = sta if sta is not None else (old or {}).get("started_at")
+        return {"uid": row[0], "rank": rank, "status": status, "started_at": started,
+                "finished_at": fin, "orphaned": 0, "record": line, "session": session}
+    if old["record"] is None:
+        return dict(old, record=line, started_at=old["started_at"] if old["started_at"] is not None else sta)
+    return old
+
+
+def state_record(state: Mapping[str, Any], journal: dict[str, Any]) -> dict[str, Any] | None:
+    """The task dict of a merged state (None if it has no record yet or does not validate)."""
+    if state.get("record") is None:
+        return None
+    return record_from_row(state["uid"], state["status"], state["started_at"], state["finished_at"],
+                           state["orphaned"], state["record"], journal)
+
+
+# ---- the database -----------------------------------------------------------------------------------
+class LogReader:
+    """Read access to one environment's database (thread-safe; one connection, opened on
+    first use).  Missing database: no records.  Unreadable: StateFileError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the connection (a later query opens a new one)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _query(self, fn: Any) -> Any:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    try:
+                        self._conn = connect(self.path, readonly=True)
+                    except FileNotFoundError:
+                        return fn(None)
+                return fn(self._conn)
+            except sqlite3.Error as exc:
+                if "no such table" in str(exc):
+                    return fn(None)  # a new database whose tables are being created
+                raise StateFileError(f"Cannot read the experiment log {str(self.path)!r} ({exc}). "
+                                     "Check the file and the folder (QMagic.state_dir).") from exc
+
+    @staticmethod
+    def _records(rows: Iterable[tuple], limit: int | None = None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        infos: dict[Any, Any] = {}
+        for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
+            if session not in infos:
+                try:
+                    infos[session] = orjson.loads(info) if info is not None else None
+                except orjson.JSONDecodeError:
+                    infos[session] = None
+            meta = {"session": session, "host": host, "pid": pid, "orphaned": bool(orphaned),
+                    "pending": False, "info": dict(infos[session]) if isinstance(infos[session], dict) else None}
+            rec = record_from_row(uid, status, started, finished, orphaned, record, meta)
+            if rec is not None:
+                out.append(rec)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def states(self, uids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Raw states (as :func:`merge_state` uses them) and journal entries of ``uids``."""
+        def run(conn: sqlite3.Connection | None) -> dict[str, dict[str, Any]]:
+            if conn is None or not uids:
+                return {}
+            rows = conn.execute(
+                "SELECT t.uid, t.rank, t.status, t.started_at, t.finished_at, t.orphaned, t.record, "
+                "t.session, s.host, s.pid FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session "
+                "WHERE t.uid IN (SELECT value FROM json_each(?))", (orjson.dumps(list(uids)).decode(),))
+            return {r[0]: {"uid": r[0], "rank": r[1] if r[1] in (1, 2, 3) else 0, "status": r[2],
+                           "started_at": r[3], "finished_at": r[4], "orphaned": r[5], "record": r[6],
+                           "session": r[7], "host": r[8], "pid": r[9]} for r in rows}
+        return self._query(run)
+
+    def get(self, uid: str) -> dict[str, Any] | None:
+        """The record of task ``uid`` (exact), or None."""
+        if not isinstance(uid, str):
+            return None
+        found = self._query(lambda c: [] if c is None else self._records(
+            select_rows(c, "WHERE t.uid = ? AND t.record IS NOT NULL", (uid,))))
+        return found[0] if found else None
+
+    def find_prefix(self, prefix: str, limit: int = 2) -> list[dict[str, Any]]:
+        """Up to ``limit`` records whose uid starts with ``prefix`` (an index range)."""
+        low, high = uid_bounds(prefix)
+        return self._query(lambda c: [] if c is None else self._records(
+            select_rows(c, "WHERE t.uid >= ? AND t.uid < ? AND t.record IS NOT NULL",
+                        (low, high, int(limit) + 5), "ORDER BY t.uid LIMIT ?"), limit))
+
+    def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
+        """Status of each uid (None: unknown), in one indexed query."""
+        wanted = [u for u in dict.fromkeys(uids) if isinstance(u, str)]
+
+        def run(conn: sqlite3.Connection | None) -> dict[str, str | None]:
+            found: dict[str, str | None] = {}
+            if conn is None or not wanted:
+                return found
+            rows = conn.execute("SELECT uid, status, orphaned FROM tasks WHERE uid IN "
+                                "(SELECT value FROM json_each(?))", (orjson.dumps(wanted).decode(),))
+            for uid, status, orphaned in rows:
+                if status not in RANKS:
+                    warn_once("row-status", f"qmagic experiment log: task {uid!r} has the status "
+                              f"{str(status)[:40]!r}, which is not a task status; it is reported as "
+                              "unknown (further such records silently).", stacklevel=5)
+                    continue
+                found[uid] = "failed" if orphaned else status
+            return found
+        return self._query(run)
+
+    def records(self, filters: Filters, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Records matching ``filters``, newest first (at most ``filters.limit``); uids in
+        ``exclude`` are left out."""
+        where, params = filters.sql()
+        skip = list(exclude)
+        if skip:
+            where += " AND t.uid NOT IN (SELECT value FROM json_each(?))"
+            params.append(orjson.dumps(skip).decode())
+        return self._query(lambda c: [] if c is None else self._records(
+            select_rows(c, where, params, "ORDER BY t.sort_time DESC, t.id DESC"), filters.limit))

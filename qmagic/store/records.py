@@ -1,0 +1,421 @@
+"""Making task records storable, and checking the records read back.
+
+A task record (PLAN.md: a plain dict) may hold anything in ``args``, ``kwargs`` and
+``result``: numpy arrays, objects whose ``__repr__`` raises, huge lists, NaN, lone
+surrogates.  :class:`RecordEncoder` turns it into ONE line of strict JSON (UTF-8, ending in
+``\\n``) for the spool of the experiment log, ``[rank, "uid", {record}]`` (so the writer
+can fold a task's lines without parsing them), keeping every value it can and replacing the
+others by a summary marked with :data:`SUMMARY_KEY`::
+
+    {"__qmagic_summary__": "repr" | "json", "type": "numpy.ndarray", "repr": "array([...",
+     "truncated": true, "length": 5008, "items": 3, "shape": [3], "dtype": "float64"}
+
+("repr": not JSON — NaN, a datetime, your own object; "json": JSON but larger than
+``max_value_chars``, the start of its JSON kept).  Over-long ``error``/``traceback`` texts
+keep their head and tail around a marker.  Names (``name``, ``user``, ``user_group`` ...)
+are validated before they are stored: a lone surrogate or a control character is escaped,
+an over-long name is cut, so no view can fail on them later.
+
+The common record (small plain arguments and result) takes a fast path: a few type checks
+and one ``orjson.dumps``, 0.6-1.5 µs here.
+
+:func:`record_from_row` is the other direction: a row of the log, checked field by field;
+a row that does not validate (status "bogus", ``submitted_at`` "yesterday", a record that
+is not a JSON object) is skipped with ONE :class:`JournalWarning` per process and kind.
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "FINAL_STATUSES",
+    "ORPHAN_REASON",
+    "RANKS",
+    "STATUSES",
+    "SUMMARY_KEY",
+    "JournalWarning",
+    "RecordEncoder",
+    "clean_name",
+    "parse_time",
+    "record_from_row",
+    "warn_once",
+]
+
+#: Task statuses, in the order a task goes through them.
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+FINAL_STATUSES = frozenset(("completed", "failed", "cancelled"))
+#: How far along a task is: a later rank always wins when records of one task are merged.
+RANKS = {"queued": 1, "running": 2, "completed": 3, "failed": 3, "cancelled": 3}
+#: ``error`` of a task whose kernel died (or whose log was closed) before the task ended.
+ORPHAN_REASON = "kernel stopped while the task was running"
+#: Key that marks a value the log replaced by a summary.
+from ..format import SUMMARY_KEY  # noqa: E402 - one definition, shared with the text forms
+
+_TEXT_KEYS = ("error", "traceback")
+_NAME_KEYS = ("name", "user", "user_group")
+_OTHER_NAME_KEYS = ("kind", "origin", "error_type")
+_TIME_KEYS = ("submitted_at", "started_at", "finished_at", "timeout")
+_NAME_CHARS = 500  # longer names are cut (with a marker)
+_UID_CHARS = 128
+_WALK_ITEMS = 100  # containers up to this size are summarised item by item
+_FAST_ITEMS = 64  # ... and checked by the fast path up to this size
+_I64, _U64 = -(2**63), 2**64
+_SCALARS = frozenset((type(None), str, int, bool))
+#: A spool line is never longer than this (a quarter of a spool segment).
+MAX_LINE = 1 << 20
+_FAST_OPTIONS = (orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
+                 | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class JournalWarning(UserWarning):
+    """A row of the experiment log was skipped, or a file of it could not be used."""
+
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(kind: str, message: str, stacklevel: int = 3) -> None:
+    """Issue ``message`` as a :class:`JournalWarning`, once per process and ``kind``."""
+    with _warned_lock:
+        if kind in _warned:
+            return
+        _warned.add(kind)
+    warnings.warn(message, JournalWarning, stacklevel=stacklevel)
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def clean_name(value: Any, limit: int = _NAME_CHARS) -> str | None:
+    """A name fit to store and print: None stays None, anything else becomes a str without
+    lone surrogates or control characters (escaped as ``\\udcff``, ``\\n``), cut to ``limit``."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else _safe_repr(value)
+    if not text.isprintable():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
+        return f"<{_type_name(value)} object; repr() failed: {exc!r}>"
+
+
+def _no_surrogates(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    """True if ``v`` is small strict JSON made of builtin types (orjson may still refuse a
+    lone surrogate: the caller falls back to the careful path then)."""
+    cls = v.__class__
+    if cls is str or cls is bool or v is None:
+        return True
+    if cls is int:
+        return _I64 <= v < _U64
+    if cls is float:
+        return v - v == 0.0  # False for NaN and +-inf
+    if depth < 3:
+        if cls is list or cls is tuple:
+            if len(v) > _FAST_ITEMS:
+                return False
+            for x in v:
+                if not _plain(x, depth + 1):
+                    return False
+            return True
+        if cls is dict:
+            if len(v) > _FAST_ITEMS:
+                return False
+            for k, x in v.items():
+                if k.__class__ is not str or not _plain(x, depth + 1):
+                    return False
+            return True
+    return False
+
+
+class RecordEncoder:
+    """Turns task records into lines of strict JSON for the log (see the module docstring).
+
+    ``summary_chars``: length of the ``repr`` kept for a value that is not JSON;
+    ``max_value_chars``: a JSON value longer than this is summarised; ``max_text_chars``:
+    longer tracebacks/errors keep their head and tail.
+    """
+
+    def __init__(self, summary_chars: int = 2000, max_value_chars: int = 100_000,
+                 max_text_chars: int = 20_000) -> None:
+        for label, limit in (("summary_chars", summary_chars), ("max_value_chars", max_value_chars),
+                             ("max_text_chars", max_text_chars)):
+            if not isinstance(limit, int) or limit <= 0:
+                raise ValueError(f"The experiment log's {label} must be a positive integer (got {limit!r}).")
+        self.summary_chars, self.max_value_chars = summary_chars, max_value_chars
+        self.max_text_chars = max_text_chars
+        # a record up to this size cannot hold a value or text over its limit: fast path
+        self._fast_limit = min(max_value_chars, max_text_chars)
+        self._reprlib = reprlib.Repr()
+        self._reprlib.maxstring = self._reprlib.maxother = summary_chars
+        self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
+        self._reprlib.maxset = self._reprlib.maxfrozenset = 50
+
+    def encode(self, record: Mapping[str, Any], final: bool = False) -> bytes:
+        """The spool line of ``record``: ``[rank, "uid", {record}]`` as strict JSON, ending
+        in a newline (rank 1 queued, 2 running, 3 ended: the writer folds a task's lines by
+        uid without parsing them).
+
+        Raises ValueError for a programming error: not a dict, a ``uid`` that is not a
+        string of 1-128 printable characters without ``"`` and ``\\``, a ``status`` that is
+        not a task status (with ``final``: not completed, failed or cancelled).
+        """
+        if record.__class__ is not dict:
+            if not isinstance(record, Mapping):
+                raise ValueError("A task record must be a dict.")
+            record = dict(record)
+        get = record.get
+        uid, status = get("uid"), get("status")
+        if (uid.__class__ is not str or not 0 < len(uid) <= _UID_CHARS or not uid.isprintable()
+                or '"' in uid or "\\" in uid):
+            raise ValueError(f"A task record needs a 'uid' of 1 to {_UID_CHARS} printable characters "
+                             f"without quotes or backslashes (got {_safe_repr(uid)[:80]}).")
+        rank = RANKS.get(status) if status.__class__ is str else None
+        if rank is None or (final and rank != 3):
+            raise ValueError(f"A task record's status must be one of "
+                             f"{'completed, failed, cancelled' if final else ', '.join(STATUSES)} "
+                             f"(got {_safe_repr(status)[:80]}).")
+        # Fast path: orjson refuses (with these options) lone surrogates, datetimes,
+        # dataclasses, subclasses, huge ints and non-str keys; what it would change silently
+        # is NaN/infinity (written as null), so the values that may hold floats are checked.
+        n, u, g = get("name"), get("user"), get("user_group")
+        a, k, r, p = get("args"), get("kwargs"), get("result"), get("progress")
+        if ((n is None or n.__class__ is str and n.isprintable())
+                and (u is None or u.__class__ is str and u.isprintable())
+                and (g is None or g.__class__ is str and g.isprintable())
+                and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
+                and (k.__class__ is dict and not k or k is None or _plain(k))
+                and (r.__class__ in _SCALARS or _plain(r)) and (p is None or _plain(p))):
+            try:
+                line = orjson.dumps([rank, uid, record], option=_FAST_OPTIONS)
+            except (TypeError, ValueError):  # a lone surrogate, a datetime, a non-str key ...
+                pass
+            else:
+                if len(line) <= self._fast_limit:
+                    return line
+        line = orjson.dumps([rank, uid, self.clean(record)], option=orjson.OPT_APPEND_NEWLINE)
+        if len(line) > MAX_LINE:
+            line = orjson.dumps([rank, uid, self.clean(record, small=True)], option=orjson.OPT_APPEND_NEWLINE)
+        return line
+
+    # ---- the careful path ---------------------------------------------------------------
+    def clean(self, record: Mapping[str, Any], small: bool = False) -> dict[str, Any]:
+        """A copy of ``record`` that encodes as strict JSON of bounded size (``small``: every
+        value and text summarised to ``summary_chars``, for a record still too large)."""
+        out: dict[str, Any] = {}
+        for key, v in record.items():
+            key = clean_name(key)
+            if key in ("uid", "status"):
+                out[key] = v
+            elif small and key in _TEXT_KEYS and isinstance(v, str):
+                out[key] = self.text(v)[: self.summary_chars]
+            elif small and key not in _NAME_KEYS and key not in _OTHER_NAME_KEYS and key not in _TIME_KEYS \
+                    and key != "provenance" and v is not None:
+                value = self.value(v)
+                out[key] = value if len(orjson.dumps(value)) <= self.summary_chars else self.summary(v, "repr")
+            elif key in _NAME_KEYS or key in _OTHER_NAME_KEYS:
+                out[key] = clean_name(v)
+            elif key in _TEXT_KEYS:
+                out[key] = self.text(v) if isinstance(v, str) else clean_name(v)
+            elif key in _TIME_KEYS:
+                out[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and math.isfinite(v) else None
+            elif key == "provenance":
+                out[key] = self._provenance(v)
+            else:
+                out[key] = self.value(v)
+        return out
+
+    def _provenance(self, v: Any) -> dict[str, Any] | None:
+        if not isinstance(v, Mapping):
+            return None
+        count = v.get("execution_count")
+        return {"notebook": clean_name(v.get("notebook"), 4096),
+                "cell_id": clean_name(v.get("cell_id")),
+                "execution_count": count if type(count) is int and _I64 <= count < _U64 else None,
+                "cell_hash": clean_name(v.get("cell_hash"))}
+
+    def text(self, s: str) -> str:
+        """``s`` without lone surrogates, or its head and tail around a marker when longer
+        than max_text_chars."""
+        s = _no_surrogates(s)
+        if len(s) <= self.max_text_chars:
+            return s
+        head = self.max_text_chars // 4
+        tail = self.max_text_chars - head
+        return (f"{s[:head]}\n... [qmagic log: {len(s) - head - tail} characters "
+                f"omitted] ...\n{s[-tail:]}")
+
+    def value(self, v: Any, outer: tuple[int, ...] = ()) -> Any:
+        """``v`` if it is small strict JSON, else its items made safe (small containers, not
+        too deep, no cycles), else a summary.  ``outer``: ids of the enclosing containers."""
+        cls = v.__class__
+        if v is None or cls is bool:
+            return v
+        if isinstance(v, str):
+            v = _no_surrogates(str(v))
+            return v if len(v) + 2 <= self.max_value_chars else self.summary(v, "json", orjson.dumps(v).decode())
+        if isinstance(v, float):
+            return float(v) if math.isfinite(v) else self.summary(v, "repr")
+        if isinstance(v, int):
+            return int(v) if _I64 <= v < _U64 else self.summary(v, "repr")
+        if _plain(v):
+            try:
+                text = orjson.dumps(v).decode()
+            except (TypeError, ValueError):
+                text = None
+            if text is not None:
+                return v if len(text) <= self.max_value_chars else self.summary(v, "json", text)
+        if (len(outer) < 3 and id(v) not in outer and isinstance(v, (list, tuple, dict))
+                and len(v) <= _WALK_ITEMS):
+            inner = (*outer, id(v))
+            if isinstance(v, dict):
+                out: Any = {(_no_surrogates(k) if isinstance(k, str) else _safe_repr(k)): self.value(x, inner)
+                            for k, x in v.items()}
+            else:
+                out = [self.value(x, inner) for x in v]
+            text = orjson.dumps(out).decode()
+            return out if len(text) <= self.max_value_chars else self.summary(v, "json", text)
+        if isinstance(v, (list, tuple, dict)) and len(v) > _WALK_ITEMS:
+            try:  # a large container of plain values: summarised as JSON (with its length)
+                text = orjson.dumps(v).decode()
+            except (TypeError, ValueError, RecursionError):
+                text = None
+            if text is not None:
+                return v if len(text) <= self.max_value_chars else self.summary(v, "json", text)
+        return self.summary(v, "repr")
+
+    def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
+        """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
+        items = len(v) if isinstance(v, (list, tuple, dict, set, frozenset)) else None
+        big = text is None and items is not None and items > _WALK_ITEMS
+        if text is None:
+            try:  # reprlib keeps the repr of a huge container short (and fast)
+                text = self._reprlib.repr(v) if big else repr(v)
+            except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
+                text = f"<{_type_name(v)} object; repr() failed: {exc!r}>"
+            text = _no_surrogates(text) if isinstance(text, str) else _safe_repr(text)
+        out: dict[str, Any] = {SUMMARY_KEY: kind, "type": _type_name(v), "repr": text[: self.summary_chars],
+                               "truncated": big or len(text) > self.summary_chars,
+                               "length": None if big else len(text)}
+        if items is not None:
+            out["items"] = items
+        try:
+            shape, dtype = getattr(v, "shape", None), getattr(v, "dtype", None)
+            if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
+                out["shape"] = list(shape)
+            if dtype is not None:
+                out["dtype"] = _no_surrogates(str(dtype))[:200]
+        except Exception:  # noqa: BLE001, S110 - attributes of odd objects may raise anything
+            pass
+        return out
+
+
+# ---- reading back ---------------------------------------------------------------------------
+def _time_ok(v: Any) -> bool:
+    return v is None or (v.__class__ in (float, int) and v - v == 0)
+
+
+def record_from_row(uid: Any, status: Any, started_at: Any, finished_at: Any, orphaned: Any,
+                    record_text: Any, journal: dict[str, Any]) -> dict[str, Any] | None:
+    """The task dict of one row (its columns override the stored record: status, start and
+    end times, orphan mark), with ``journal`` as its "journal" entry; None (and one warning
+    per process and kind) when the row does not validate."""
+    problem = kind = None
+    rec = None
+    if status not in RANKS:
+        kind, problem = "status", f"status {str(status)[:40]!r} is not a task status"
+    elif not (_time_ok(started_at) and _time_ok(finished_at)):
+        kind, problem = "time", "a start or end time is not a number"
+    else:
+        try:
+            rec = orjson.loads(record_text) if isinstance(record_text, (str, bytes)) else None
+        except orjson.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or rec.get("uid") != uid:
+            kind, problem = "record", "its record is not a JSON object of that task"
+        elif not _time_ok(rec.get("submitted_at")):
+            kind, problem = "time", "its submission time is not a number"
+        elif not all(rec.get(k) is None or isinstance(rec.get(k), str) for k in ("name", "user")):
+            kind, problem = "name", "its name or user is not text"
+    if problem is not None:
+        warn_once(f"row-{kind}", f"qmagic experiment log: skipped a task record that does not "
+                  f"validate (task {clean_name(uid, 60)!r}: {problem}); further such records are "
+                  "skipped silently.", stacklevel=4)
+        return None
+    rec["status"] = status
+    if started_at is not None:
+        rec["started_at"] = started_at
+    if orphaned:
+        rec.update(status="failed", error=ORPHAN_REASON, finished_at=finished_at)
+    rec["journal"] = journal
+    return rec
+
+
+# ---- times ----------------------------------------------------------------------------------
+_RELATIVE = re.compile(r"-?\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min|h|d|w)", re.IGNORECASE)
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(value: Any, now: float | None = None) -> float | None:
+    """Epoch seconds from None, a number (epoch), a ``datetime`` (naive = local time), an ISO
+    string (``2026-11-21``, ``2026-11-21T14:30``) or a relative time (``-30m``, ``-2h``,
+    ``-7d``, ``-1w``, "now").  Raises ValueError with a hint for anything else."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else _bad_time(value)
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else _bad_time(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        text = value.strip()
+        now = time.time() if now is None else now
+        if text.lower() == "now":
+            return now
+        match = _RELATIVE.fullmatch(text)
+        if match:
+            return now - float(match.group(1)) * _UNITS[match.group(2).lower()]
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return _bad_time(value)
+
+
+def _bad_time(value: Any) -> float:
+    raise ValueError(f"Cannot read the time {clean_name(value, 60)!r}: use an ISO date or date-time "
+                     "such as 2026-11-21 or 2026-11-21T14:30, or a time ago such as -30m, -2h, -7d.")

@@ -1,0 +1,199 @@
+"""Recovering what sessions that are gone left behind (see :mod:`qmagic.store.spool`).
+
+A session is gone when its lock file's flock can be taken (its process died, or it closed
+without finishing), or when it left spool segments but no lock file.  Its segments are
+replayed into SQLite, its unfinished tasks become failed with
+:data:`~qmagic.store.records.ORPHAN_REASON` (ended when the session was last seen), its
+session row is marked dead — all in one transaction — and only then are its files deleted.
+A process killed in the middle leaves the files; the next one does it again (every write
+is an idempotent upsert).  Sessions whose row says "live" but that have no lock file any
+more are gone too; imported writers of the earlier journal are checked by pid.
+
+Any process that opens the store (a kernel's writer thread at start and every minute,
+``qmagic.history()``, ``qmagic-history``) runs :func:`recover`.
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+import orjson
+
+from ..errors import StateFileError
+from .database import mark_orphans, rows_from_lines, upsert_session, write_rows
+from .files import open_state_file
+from .legacy import check_legacy_sessions
+from .records import warn_once
+from .spool import read_whole
+
+__all__ = ["SessionOnDisk", "list_sessions", "recover"]
+
+_log = logging.getLogger(__name__)
+_MAX_SEGMENT = 1 << 30
+
+
+@dataclass
+class SessionOnDisk:
+    """What the state folder holds of one session."""
+
+    session: str
+    lock: Path | None = None
+    spools: list[tuple[int, Path]] = field(default_factory=list)
+    stale_tmp: Path | None = None
+
+
+def list_sessions(folder: Path, env: str) -> dict[str, SessionOnDisk]:
+    """Sessions that have a lock file or spool segments in ``folder``."""
+    pattern = re.compile(r"(\.)?" + re.escape(env) + r"\.journal\.([0-9a-f]{32})\.(?:lock(\.tmp)?|(\d+)\.spool)")
+    found: dict[str, SessionOnDisk] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        m = pattern.fullmatch(name)
+        if not m or bool(m.group(1)) != bool(m.group(3)):
+            continue
+        entry = found.setdefault(m.group(2), SessionOnDisk(m.group(2)))
+        if m.group(3):
+            entry.stale_tmp = folder / name
+        elif m.group(4) is None:
+            entry.lock = folder / name
+        else:
+            entry.spools.append((int(m.group(4)), folder / name))
+    for entry in found.values():
+        entry.spools.sort()
+    return found
+
+
+def _claim(path: Path) -> int | None:
+    """A descriptor holding the flock of ``path`` if it is free (the owner is gone), else None."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fd = open_state_file(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        a, b = os.lstat(path), os.fstat(fd)  # still the file under that name?
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
+    """Replay a dead session's segments and mark its unfinished tasks; one transaction."""
+    rows: dict[str, tuple] = {}
+    bad: list[int] = []
+    header: dict = {}
+    for _, path in entry.spools:
+        data = read_whole(path, _MAX_SEGMENT) or b""
+        nul = data.find(b"\0")
+        data = data[: nul if nul >= 0 else len(data)]
+        data = data[: data.rfind(b"\n") + 1]  # not a line cut short by the death
+        if not header and data.startswith(b'{"spool"'):
+            with suppress(orjson.JSONDecodeError, TypeError):
+                header = orjson.loads(data[: data.index(b"\n")]) or {}
+        rows_from_lines(data, entry.session, now, rows, bad)
+    seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        write_rows(conn, rows.values())
+        upsert_session(conn, entry.session, host=header.get("host"), pid=header.get("pid"),
+                       started_at=header.get("started_at"), last_seen=max(seen) if seen else None,
+                       state="dead", info=header.get("info") if isinstance(header.get("info"), dict) else None)
+        last = conn.execute("SELECT last_seen FROM sessions WHERE session = ?", (entry.session,)).fetchone()
+        count = mark_orphans(conn, entry.session, last[0] if last and last[0] is not None else now)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if bad:
+        warn_once("spool-lines", f"qmagic experiment log: skipped {len(bad)} damaged line(s) in the "
+                  f"spool of an earlier session ({entry.session}).")
+    return count
+
+
+def recover(conn: sqlite3.Connection, folder: Path, env: str, own_session: str | None, now: float) -> int:
+    """Recover every session that is gone (see the module docstring); return how many.
+    Raises sqlite3.Error when the database cannot be written (files are kept then)."""
+    recovered = 0
+    for entry in list_sessions(folder, env).values():
+        if entry.session == own_session:
+            continue
+        if entry.stale_tmp is not None:  # a lock that died before it was renamed into place
+            fd = _claim(entry.stale_tmp)
+            if fd is not None:
+                with suppress(OSError):
+                    os.unlink(entry.stale_tmp)
+                os.close(fd)
+        if entry.lock is None and not entry.spools:
+            continue
+        try:
+            fd = _claim(entry.lock) if entry.lock is not None else None
+        except StateFileError as exc:
+            warn_once(f"lock-{entry.session}", f"qmagic experiment log: {exc}")
+            continue
+        if entry.lock is not None and fd is None:
+            continue  # alive (or being recovered by another process right now)
+        try:
+            _replay(conn, entry, now)
+            for _, path in entry.spools:
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+            if entry.lock is not None:
+                with suppress(FileNotFoundError):
+                    os.unlink(entry.lock)
+            recovered += 1
+        except StateFileError as exc:  # a segment that is a symlink, FIFO, another user's ...
+            warn_once(f"spool-{entry.session}", f"qmagic experiment log: {exc}")
+        finally:
+            if fd is not None:
+                os.close(fd)
+    recovered += _lost_sessions(conn, folder, env, own_session, now)
+    return recovered
+
+
+def _lost_sessions(conn: sqlite3.Connection, folder: Path, env: str, own: str | None, now: float) -> int:
+    """Sessions marked live whose lock file is gone, and imported writers that are gone."""
+    live = conn.execute("SELECT session, last_seen FROM sessions WHERE state = 'live'").fetchall()
+    lost = [(s, seen) for s, seen in live
+            if s != own and re.fullmatch(r"[0-9a-f]{32}", s or "")
+            and not (folder / f"{env}.journal.{s}.lock").exists()]
+    has_legacy = conn.execute("SELECT 1 FROM sessions WHERE state = 'legacy' LIMIT 1").fetchone()
+    if not lost and not has_legacy:
+        return 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for session, seen in lost:
+            # (re-checked inside the transaction: a closing session marks itself closed first)
+            row = conn.execute("SELECT state FROM sessions WHERE session = ?", (session,)).fetchone()
+            if row and row[0] == "live" and not (folder / f"{env}.journal.{session}.lock").exists():
+                mark_orphans(conn, session, seen if seen is not None else now)
+                conn.execute("UPDATE sessions SET state = 'dead' WHERE session = ?", (session,))
+        if has_legacy:
+            check_legacy_sessions(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(lost)

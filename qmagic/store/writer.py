@@ -1,0 +1,382 @@
+"""The writer thread of a :class:`~qmagic.store.journal.Journal`: spool to SQLite.
+
+It owns the session's write connection and does all the slow work off the task path:
+
+- prepares the next spool segment before the current one is full, moves lines that waited
+  in memory (a fault) into the spool, keeps the session's lock file in place;
+- moves spooled events into SQLite in *group commits*: when the spool has been quiet for
+  :data:`QUIET_S`, at the latest :data:`MAX_DELAY_S` after the first uncommitted event,
+  or at once for :meth:`Writer.flush`.  A burst of tasks is therefore stored after the
+  burst, in a few large transactions, with the events of each task folded into one row;
+- retention (by age and size, :data:`RETENTION_BATCH` tasks per transaction) and the scan
+  for sessions of dead kernels (:mod:`qmagic.store.recovery`), now and then.
+
+**Faults** (disk full, read-only folder, the database locked by another process, a file
+that is not ours) never reach the callers: the first failure of an episode logs ONE
+warning, retries back off from 50 ms to 5 s, the first success logs that the log caught
+up.  Events wait in the spool (or, when even the spool cannot be written, in the bounded
+``held`` queue).  Nothing here ever lets an exception end the thread.
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import StateFileError
+from .database import (
+    SCHEMA_VERSION,
+    connect,
+    ensure_schema,
+    mark_orphans,
+    retention,
+    rows_from_lines,
+    upsert_session,
+    write_rows,
+    write_started,
+)
+from .files import ensure_state_dir
+from .legacy import import_legacy
+from .records import warn_once
+from .recovery import recover
+from .spool import Spool, Waker
+
+__all__ = ["MAX_DELAY_S", "QUIET_S", "Faults", "Writer"]
+
+_log = logging.getLogger("qmagic.store.journal")
+
+QUIET_S = 0.02  # commit once the spool has not grown for this long ...
+MAX_DELAY_S = 2.0  # ... or this long after the first uncommitted event
+IDLE_POLL_S = 0.25  # how often an idle writer looks at the spool
+BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks for other kernels)
+RETENTION_EVERY_S = 10.0
+RETENTION_BATCH = 500
+RECOVERY_EVERY_S = 60.0
+CLOSE_TIMEOUT_S = 5.0
+_BACKOFF = (0.05, 5.0)
+_ERRORS = (sqlite3.Error, OSError, StateFileError)
+
+
+class Faults:
+    """Fault episodes of one log: ONE warning when an episode of a kind ("spool" or
+    "database") starts, one info line when it ends, back-off between retries meanwhile."""
+
+    def __init__(self, path: Path, pending_limit: int) -> None:
+        self.path, self.pending_limit = path, pending_limit
+        self.kinds: dict[str, float] = {}  # kind -> since (monotonic)
+        self.last_error: str | None = None
+        self.retry_at = 0.0
+        self._backoff = 0.0
+
+    def failed(self, kind: str, exc: BaseException) -> None:
+        """Note a failure: a warning if it starts an episode; back off."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if kind not in self.kinds:
+            self.kinds[kind] = time.monotonic()
+            if kind == "spool":
+                _log.warning("qmagic could not write the experiment log's spool in %s (%s). Tasks run "
+                             "at normal speed; their records wait in memory (at most %d) until the "
+                             "folder can be written again: check disk space and permissions "
+                             "(QMagic.state_dir).", self.path.parent, self.last_error, self.pending_limit)
+            else:
+                _log.warning("qmagic could not write the experiment log %s (%s). Tasks run at normal "
+                             "speed; their records are kept and written when the database can be "
+                             "written again (disk full? read-only folder? another program holding "
+                             "the database?).", self.path, self.last_error)
+        else:
+            _log.debug("experiment log: %s still failing: %s", kind, self.last_error)
+        self._backoff = min(max(self._backoff * 2, _BACKOFF[0]), _BACKOFF[1])
+        self.retry_at = time.monotonic() + self._backoff
+
+    def fixed(self, kind: str) -> None:
+        """Note a success: ends an episode of ``kind``."""
+        if self.kinds.pop(kind, None) is not None:
+            _log.info("qmagic's experiment log works again (%s); what waited is being stored.", kind)
+        if not self.kinds:
+            self._backoff = 0.0
+
+
+class Writer:
+    """See the module docstring.  ``identity`` has host, pid, started_at and info."""
+
+    def __init__(self, spool: Spool, path: Path, env: str, session: str,
+                 identity: dict[str, Any], *, max_age_s: float, max_bytes: int, fsync: bool) -> None:
+        self.spool, self.path, self.env, self.session = spool, path, env, session
+        self.identity, self.max_age_s, self.max_bytes, self.fsync = identity, max_age_s, max_bytes, fsync
+        self.conn: sqlite3.Connection | None = None
+        self.wake = Waker()
+        self.ready = threading.Event()
+        self.cycles = 0  # commit cycles started
+        self.clean = 0  # the latest cycle that left nothing behind
+        self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
+        self._flush_served = 0.0
+        self.stopping = False
+        self.faults = Faults(path, spool.pending_limit)
+        self.lost = 0  # lines that were only in memory when the log closed
+        self.rows_written = 0
+        self.cpu = 0.0  # CPU seconds this thread used
+        self._dirty_since: float | None = None
+        self._last_pos: Any = None
+        self._last_change = 0.0  # when the spool last grew (monotonic)
+        self._committed_pos: Any = None
+        self._next_retention = time.monotonic() + 1.0
+        self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
+        self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
+
+    def failed(self, kind: str, exc: BaseException) -> None:
+        """Note a failure of ``kind`` (see :class:`Faults`)."""
+        self.faults.failed(kind, exc)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread."""
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        try:
+            self._open_db()
+        except BaseException as exc:  # noqa: BLE001 - the thread must live on
+            self.failed("database", exc)
+        finally:
+            self.ready.set()
+        while True:
+            stopping = self.stopping
+            if stopping:
+                break
+            try:
+                self._step()
+            except BaseException as exc:  # noqa: BLE001 - never let the thread die
+                self.failed("database", exc)
+            self.cpu = time.thread_time() - t0
+            self.wake.wait(self._timeout())
+        try:
+            self._finish()
+        except BaseException as exc:  # noqa: BLE001
+            _log.error("qmagic: closing the experiment log failed: %s", exc)
+        self.cpu = time.thread_time() - t0
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        if self.faults.kinds:
+            return max(0.005, min(self.faults.retry_at - now, IDLE_POLL_S))
+        return QUIET_S if self._dirty_since is not None or self.flush_wanted > self._flush_served else IDLE_POLL_S
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        flush = self._take_flush()
+        retry = now >= self.faults.retry_at or flush
+        if retry or "spool" not in self.faults.kinds:
+            try:
+                self.spool.prepare()
+                self.faults.fixed("spool")
+            except _ERRORS as exc:
+                self.failed("spool", exc)
+        if self.conn is None:
+            if retry:
+                self._open_db()
+            return
+        if "database" in self.faults.kinds and not retry:
+            return
+        if flush or self._due(now):
+            try:
+                while not self._commit() and not self.stopping:
+                    pass
+                self.faults.fixed("database")
+            except _ERRORS as exc:
+                self.failed("database", exc)
+                return
+        if now >= self._next_retention:
+            deleted = retention(self.conn, self.max_age_s, self.max_bytes, RETENTION_BATCH)
+            self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
+        if now >= self._next_recovery:  # other kernels that died; and our heartbeat
+            self._next_recovery = now + RECOVERY_EVERY_S
+            recover(self.conn, self.path.parent, self.env, self.session, time.time())
+            self.conn.execute("BEGIN IMMEDIATE")
+            upsert_session(self.conn, self.session, last_seen=time.time())
+            self.conn.execute("COMMIT")
+
+    def _position(self) -> Any:
+        seg, mm = self.spool.current, self.spool.mm
+        try:
+            return (seg.number if seg else None, mm.tell() if mm is not None else None)
+        except ValueError:  # closed meanwhile
+            return (seg.number if seg else None, None)
+
+    def _due(self, now: float) -> bool:
+        pos = self._position()
+        pending = pos != self._committed_pos or self.spool.held
+        if not pending:
+            self._dirty_since = None
+            self._last_pos = pos
+            return False
+        if self._dirty_since is None:
+            self._dirty_since = now
+        if pos != self._last_pos:
+            self._last_pos, self._last_change = pos, now
+        return now - self._last_change >= QUIET_S or now - self._dirty_since >= MAX_DELAY_S
+
+    # ---- database -------------------------------------------------------------------------------
+    def _open_db(self) -> None:
+        conn = None
+        try:
+            ensure_state_dir(self.path.parent)
+            conn = connect(self.path, create=True, fsync=self.fsync)
+            version = ensure_schema(conn)
+            if version > SCHEMA_VERSION:
+                raise StateFileError(f"The experiment log {str(self.path)!r} was made by a newer qmagic "
+                                     f"(schema {version}); upgrade qmagic to write to it.")
+            now = time.time()
+            import_legacy(conn, self.path.parent, self.env, now)
+            recover(conn, self.path.parent, self.env, self.session, now)
+            conn.execute("BEGIN IMMEDIATE")
+            upsert_session(conn, self.session, last_seen=now, state="live", **self.identity)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, _ERRORS):
+                self.failed("database", exc)
+                return
+            raise
+        self.conn = conn
+        self.faults.fixed("database")
+
+    def _commit(self) -> bool:
+        """One transaction of what is uncommitted (at most BATCH_BYTES of the spool); True if
+        it left nothing behind.  Raises on failure (everything stays to be retried)."""
+        assert self.conn is not None
+        self.cycles += 1
+        cycle, pos, now = self.cycles, self._position(), time.time()
+        segments = self.spool.close_full()
+        # (a copy: what waits stays visible to readers until it is committed)
+        held = list(itertools.islice(self.spool.held, len(self.spool.held)))
+        rows: dict[str, tuple] = {}
+        started: dict[str, float] = {}
+        bad: list[int] = []
+        reads, budget = [], BATCH_BYTES
+        for seg in segments:
+            data = seg.read_new(budget)
+            if data:
+                rows_from_lines(data, self.session, now, rows, bad, started)
+                reads.append((seg, len(data)))
+                budget -= len(data)
+            if budget <= 0:
+                break
+        if held:
+            rows_from_lines(b"".join(held), self.session, now, rows, bad, started)
+        late = list(started.items())  # tasks already in the database that started meanwhile
+        conn = self.conn
+        try:
+            if rows or late or reads:
+                conn.execute("BEGIN IMMEDIATE")
+                write_rows(conn, rows.values())
+                write_started(conn, late, self.session)
+                upsert_session(conn, self.session, last_seen=now, state="live")
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        for _ in range(len(held)):  # only this thread removes from the left
+            self.spool.held.popleft()
+        for seg, n in reads:
+            seg.consumed += n
+        for seg in segments:
+            if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
+                self.spool.retire(seg)
+        self.rows_written += len(rows)
+        if bad:
+            warn_once("spool-lines", f"qmagic experiment log: skipped {len(bad)} damaged spool line(s).")
+        self.faults.fixed("database")
+        complete = budget > 0
+        if complete:
+            self._committed_pos, self._dirty_since = pos, None
+            self.clean = cycle
+        return complete
+
+    # ---- flush and close ----------------------------------------------------------------------
+    def _take_flush(self) -> bool:
+        """True (once per request) when flush() asked for a commit."""
+        requested = self.flush_wanted
+        if requested > self._flush_served:
+            self._flush_served = requested
+            return True
+        return False
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything written before this call is in SQLite (or ``timeout``).
+        (Polls: no Condition whose lock an interrupt could leave held.)"""
+        if not self.thread.is_alive():
+            return not (self.spool.held or self.spool.segments)
+        target = self.cycles + 1
+        self.flush_wanted = time.monotonic()
+        self.wake.set()
+        deadline, delay = time.monotonic() + timeout, 0.0005
+        while self.clean < target:
+            if time.monotonic() >= deadline or not self.thread.is_alive():
+                return self.clean >= target
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+            if self._flush_served < self.flush_wanted:
+                self.wake.set()
+        return True
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish (store what is left, mark this session closed) and end the thread."""
+        self.stopping = True
+        self.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                _log.error("qmagic: the experiment log's writer did not stop within %.0f s.", timeout)
+
+    def _finish(self) -> None:
+        """Last commits (retried for CLOSE_TIMEOUT_S during a fault), then: everything stored
+        -> unfinished tasks of this session marked as failed, the session closed, its files
+        deleted; else the spool stays for the next process that opens the log."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        drained = False
+        while True:
+            try:
+                if self.conn is None:
+                    self._open_db()
+                if self.conn is not None:
+                    while not self._commit():
+                        pass
+                    drained = not self.spool.held
+                    if drained:
+                        self.conn.execute("BEGIN IMMEDIATE")
+                        mark_orphans(self.conn, self.session, time.time())
+                        upsert_session(self.conn, self.session, last_seen=time.time(), state="closed")
+                        self.conn.execute("COMMIT")
+                        break
+            except _ERRORS as exc:
+                if self.conn is not None and self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                self.failed("database", exc)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(max(self.faults.retry_at - time.monotonic(), 0.05), max(0.0, deadline - time.monotonic())))
+        files = self.spool.files
+        self.lost = len(self.spool.held)
+        self.spool.close()
+        if drained:
+            files.remove_segments()
+        elif files.lock_fd is not None:
+            _log.warning("qmagic: the experiment log could not store everything before closing (%s); "
+                         "the next kernel that opens it will.", self.faults.last_error)
+        if self.lost:
+            _log.error("qmagic: %d task records that could not be written anywhere are lost "
+                       "(%s).", self.lost, self.faults.last_error)
+        files.unlock(remove=drained)
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

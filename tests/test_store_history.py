@@ -1,0 +1,248 @@
+"""Tests of qmagic.store.history: history(), history_dataframe() and qmagic-history."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qmagic.store import records as records_module
+from qmagic.store.database import database_path
+from qmagic.store.history import (
+    cell_text,
+    history,
+    history_dataframe,
+    history_main,
+    render_csv,
+    render_table,
+)
+from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal
+from qmagic.store.records import JournalWarning
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = "bench-1"
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "Opaque(" + "x" * 5000 + ")"
+
+
+def task(uid: str, status: str = "completed", **fields) -> dict:
+    now = time.time()
+    rec = {"uid": uid, "name": "measure", "kind": "function", "args": [1], "kwargs": {"n": 2},
+           "user": "alice", "user_group": "primary", "background": True, "origin": "magic",
+           "status": status, "submitted_at": now, "started_at": now,
+           "finished_at": now + 0.001 if status in ("completed", "failed", "cancelled") else None,
+           "progress": None, "result": None, "error": None, "error_type": None, "traceback": None,
+           "timeout": None, "namespace_changes": None,
+           "provenance": {"notebook": "/home/alice/01-getting-started.ipynb", "cell_id": "c-1",
+                          "execution_count": 12, "cell_hash": "5d41402a"}}
+    rec.update(fields)
+    return rec
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings():
+    records_module._warned.clear()
+    yield
+    records_module._warned.clear()
+
+
+@pytest.fixture
+def populated(tmp_path):
+    t0 = time.time() - 7200
+    with Journal(tmp_path, ENV, session_info={"qmagic": "0.2.0"}) as j:
+        j.finished(task("uid-old", name="calibrate", submitted_at=t0, started_at=t0, finished_at=t0 + 2.5,
+                        result=42, provenance={"notebook": "/lab/calib.ipynb", "cell_id": "a",
+                                               "execution_count": 3, "cell_hash": "ff"}))
+        j.finished(task("uid-bad", "failed", name="scan", args=[1, Opaque()],
+                        error="ZeroDivisionError: division by zero",
+                        traceback="Traceback...\nZeroDivisionError: division by zero"))
+        j.submitted(task("uid-run", "running", name="scan", user="bob", background=False))
+        # a kernel that is still running (this one) when the others read: flushed first
+        yield tmp_path, j
+
+
+def test_history_and_dataframe(populated, monkeypatch):
+    folder, _ = populated
+    assert [r["uid"] for r in history(state_dir=folder, environment_name=ENV)] == ["uid-run", "uid-bad", "uid-old"]
+    monkeypatch.setenv("QMAGIC_STATE_DIR", str(folder))
+    assert [r["uid"] for r in history(environment_name=ENV, user="bob")] == ["uid-run"]
+    assert [r["uid"] for r in history(environment_name=ENV, notebook="calib.ipynb")] == ["uid-old"]
+    pd = pytest.importorskip("pandas")
+    frame = history_dataframe(environment_name=ENV, since="-1h")
+    assert list(frame["uid"]) == ["uid-run", "uid-bad"]
+    assert list(frame.columns[:4]) == ["uid", "name", "status", "user"]
+    assert pd.api.types.is_datetime64_any_dtype(frame["submitted_at"])
+    assert pd.isna(frame.loc[0, "finished_at"]) and pd.isna(frame.loc[0, "duration_s"])
+    assert frame.loc[1, "error"].startswith("ZeroDivisionError")
+    assert frame.loc[0, "host"] == socket.gethostname() and not frame["orphaned"].any()
+    assert frame.loc[0, "cell"] == "01-getting-started.ipynb [12]" and frame.loc[0, "execution_count"] == 12
+    assert frame.loc[0, "notebook"] == "/home/alice/01-getting-started.ipynb"
+    old = history_dataframe(environment_name=ENV, name="calibrate")
+    assert old.loc[0, "duration_s"] == pytest.approx(2.5) and old.loc[0, "result"] == 42
+    assert old.loc[0, "cell"] == "calib.ipynb [3]"
+    assert len(history_dataframe(environment_name=ENV, status="cancelled")) == 0
+    with pytest.raises(ValueError, match="Unknown task status"):
+        history(environment_name=ENV, status="done")
+
+
+def test_history_dataframe_without_pandas(populated, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail
+    with pytest.raises(ImportError, match=r"pip install qmagic\[pandas\]"):
+        history_dataframe(state_dir=populated[0], environment_name=ENV)
+
+
+def cli(*args: str) -> int:
+    return history_main(["--state-dir", str(args[0]), "-e", ENV, *args[1:]])
+
+
+def test_cli_json(populated, capsys):
+    folder, _ = populated
+    assert cli(folder, "--json") == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["uid"] for r in recs] == ["uid-old", "uid-bad", "uid-run"]  # oldest first
+    assert recs[0]["result"] == 42 and recs[1]["args"][1][SUMMARY_KEY] == "repr"
+    assert recs[0]["journal"]["info"] == {"qmagic": "0.2.0"}
+    assert cli(folder, "--json", "--status", "failed", "--status", "completed", "--since", "-1h") == 0
+    assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == ["uid-bad"]
+    assert cli(folder, "--json", "--limit", "1") == 0
+    assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == ["uid-run"]
+    for option, value, expected in (("--user", "bob", ["uid-run"]), ("--name", "sc*", ["uid-bad", "uid-run"]),
+                                    ("--uid", "uid-o", ["uid-old"]), ("--notebook", "calib.ipynb", ["uid-old"]),
+                                    ("--notebook", "/home/alice/*", ["uid-bad", "uid-run"]),
+                                    ("--until", "-1h", ["uid-old"])):
+        assert cli(folder, "--json", option, value) == 0
+        assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == expected, option
+
+
+def test_cli_table_shows_which_cell_ran_what(populated, capsys):
+    folder, _ = populated
+    assert cli(folder) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+    assert "completed" in lines[1] and "2.500 s" in lines[1] and "calibrate(1, n=2)" in lines[1]
+    assert "calib.ipynb [3]" in lines[1]
+    assert "failed" in lines[2] and "bg/magic" in lines[2] and "scan(1, Opaque(xxx" in lines[2]
+    assert "01-getting-started.ipynb [12]" in lines[2]
+    assert lines[3].strip() == "error: ZeroDivisionError: division by zero"
+    assert "running" in lines[4] and "bob" in lines[4] and "fg/magic" in lines[4]
+    assert lines[4].rstrip().endswith("uid-run")
+
+
+def test_cli_csv(populated, capsys):
+    folder, _ = populated
+    assert cli(folder, "--csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["uid"] for r in rows] == ["uid-old", "uid-bad", "uid-run"]
+    assert rows[0]["duration_s"] == "2.500000" and rows[0]["notebook"] == "/lab/calib.ipynb"
+    assert rows[0]["execution_count"] == "3" and rows[1]["error"].startswith("ZeroDivisionError")
+    assert rows[2]["finished_at"] == "" and rows[2]["host"] == socket.gethostname()
+    assert rows[1]["call"].startswith("scan(1, Opaque(")
+    with pytest.raises(SystemExit):
+        cli(folder, "--csv", "--json")
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_cli_errors_and_empty(tmp_path, capsys):
+    assert history_main(["--state-dir", str(tmp_path), "--environment", "nothing"]) == 0
+    assert "No experiment log for environment 'nothing'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # reading created nothing
+    with pytest.raises(SystemExit) as exit_info:
+        history_main(["--state-dir", str(tmp_path), "--since", "last week"])
+    assert exit_info.value.code == 2
+    assert "Cannot read the time 'last week'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        history_main(["--state-dir", str(tmp_path), "--environment", "../etc"])
+    assert "Invalid environment name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        history_main(["--state-dir", str(tmp_path), "--status", "bogus"])
+    assert "Unknown task status bogus" in capsys.readouterr().err
+
+
+def test_cli_unreadable_log_exits_1(tmp_path, capsys):
+    database_path(tmp_path, ENV).write_bytes(b"this is not a database" * 100)
+    assert history_main(["--state-dir", str(tmp_path), "-e", ENV]) == 1
+    assert "Cannot read the experiment log" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_program_with_bad_rows_and_odd_names(populated):
+    folder, j = populated
+    j.finished(task("uid-odd", name="remote\udcffname\n", user="\udc80"))
+    assert j.flush()
+    conn = sqlite3.connect(database_path(folder, ENV), isolation_level=None)
+    conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, record) VALUES ('x1', 3, 'bogus', ?, '{}')",
+                 (time.time(),))  # (recent: retention would delete it)
+    conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, submitted_at, record) VALUES "
+                 "('x2', 3, 'completed', 'yesterday', 'yesterday', ?)",
+                 (json.dumps(task("x2", submitted_at="yesterday")),))
+    conn.close()
+    env = dict(os.environ, PYTHONPATH=str(REPO), QMAGIC_STATE_DIR=str(folder), PYTHONIOENCODING="ascii")
+    for form in ([], ["--json"], ["--csv"]):
+        done = subprocess.run([sys.executable, "-m", "qmagic.store.history", "-e", ENV, *form],
+                              capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "x1" not in done.stdout and "x2" not in done.stdout and "uid-odd" in done.stdout
+        assert done.stderr.count("warning: qmagic experiment log: skipped") == 2  # once per kind
+    assert "remote\\udcffname\\n" in done.stdout
+
+
+DIES = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from qmagic.store.journal import Journal
+j = Journal(sys.argv[1], "bench-1")
+j.submitted({"uid": "died", "name": "scan", "status": "running", "submitted_at": time.time()})
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_reading_stores_what_dead_kernels_left(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", DIES, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    [rec] = history(state_dir=tmp_path, environment_name=ENV)
+    assert rec["uid"] == "died" and rec["status"] == "failed" and rec["error"] == ORPHAN_REASON
+    assert not list(tmp_path.glob("*.spool")) and not list(tmp_path.glob("*.lock"))
+
+
+def test_render_functions_are_pure_and_safe():
+    recs = [task("a", name="x\ud800", args=[{SUMMARY_KEY: "repr", "repr": "Big(\n1)"}], error="E\x00rr"),
+            task("b", "running", provenance=None, user=None)]
+    table = render_table(recs).splitlines()
+    assert "x\\ud800(Big(\\n1), n=2)" in table[1] and "error: E\\x00rr" in table[2] and "-" in table[3]
+    assert cell_text(recs[0]) == "01-getting-started.ipynb [12]" and cell_text(recs[1]) == "-"
+    assert cell_text({"provenance": {"notebook": None, "execution_count": 4}}) == "[4]"
+    rows = list(csv.reader(io.StringIO(render_csv(recs))))
+    assert rows[0][:3] == ["uid", "name", "status"] and len(rows) == 3
+    assert render_table([]).split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+
+
+def test_warnings_are_issued_once(populated):
+    folder, j = populated
+    assert j.flush()
+    conn = sqlite3.connect(database_path(folder, ENV), isolation_level=None)
+    conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, record) VALUES ('x1', 3, 'bogus', ?, '{}')",
+                 (time.time(),))
+    conn.close()
+    with pytest.warns(JournalWarning):
+        assert len(history(state_dir=folder, environment_name=ENV)) == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(history(state_dir=folder, environment_name=ENV)) == 3
