@@ -39,6 +39,9 @@ def check_name(name: Any) -> str:
     return name
 
 
+_CHECKED_MAX = 10_000
+
+
 def _is_plan(obj: Any) -> bool:
     return inspect.isgeneratorfunction(obj) or inspect.isasyncgenfunction(obj)
 
@@ -111,6 +114,9 @@ class Catalog:
         self._functions: dict[str, Any] = {}
         self._plans: dict[str, Any] = {}
         self._devices: dict[str, Any] = {}
+        #: name -> the object that last passed :meth:`function` (saves the inspection of
+        #: the same function on every request; an object rebound to the name is checked anew).
+        self._checked: dict[str, Any] = {}
         self._key: Any = None
         #: Changes whenever the functions change.
         self.uid = str(uuid.uuid4())
@@ -148,15 +154,17 @@ class Catalog:
                 if new.keys() != old.keys() or any(new[n] is not old.get(n) for n in new):
                     setattr(self, attr, str(uuid.uuid4()))
             self._functions, self._plans, self._devices = functions, plans, devices
+        self._checked.clear()  # drop references to objects the namespace let go
         return True
 
     def function(self, name: str) -> Any:
         """The callable named ``name``, or raise with queueserver's texts: NameError when it is
         not a function of the namespace, TypeError when it is a plan or not callable."""
         obj = self.namespace.get(name, _MISSING)
-        hidden = name in set(self._hidden() or ())
-        if obj is _MISSING or hidden or name.startswith("__"):
+        if obj is _MISSING or name.startswith("__") or name in (self._hidden() or ()):
             raise NameError(f"Function {name!r} is not found in the worker namespace")
+        if self._checked.get(name) is obj:  # this very object passed before
+            return obj
         if _is_plan(obj):
             raise TypeError(
                 f"Object {name!r} defined in worker namespace is a generator function: it is a "
@@ -164,6 +172,9 @@ class Catalog:
             )
         if not callable(obj) or isinstance(obj, type):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
+        if len(self._checked) >= _CHECKED_MAX:
+            self._checked.clear()
+        self._checked[name] = obj
         return obj
 
     def functions(self) -> dict[str, Any]:

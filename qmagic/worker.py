@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import threading
-from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Mapping
 
 from traitlets import observe
@@ -26,6 +25,7 @@ from .core.context import current_task
 from .core.engine import Engine
 from .core.events import Subscription
 from .core.foreground import ForegroundRunner
+from .core.jobs import awaitable_result
 from .core.loops import EventLoops
 from .core.status import TaskStatus
 from .core.task import Task
@@ -49,6 +49,49 @@ _ENGINE_SETTINGS = {
     "task_output_limit": "output_limit",
     "cancel_grace_s": "cancel_grace_s",
 }
+
+
+class _TaskCall:
+    """A task's code: permissions checked again for names (rules may have changed since the
+    request), the name resolved if it was missing, the JSON rule for remote results.  One
+    slotted object rather than closures: every object a task allocates is work for the
+    garbage collector, which dominates the cost of a burst of small tasks."""
+
+    __slots__ = ("worker", "name", "func", "args", "kwargs", "user", "group", "strict_json",
+                 "by_name", "coroutine")
+
+    def __init__(self, worker: Worker, name: str, func: Any, args: tuple, kwargs: dict, user: str,
+                 group: str, strict_json: bool, by_name: bool, coroutine: bool) -> None:
+        self.worker, self.name, self.func, self.args, self.kwargs = worker, name, func, args, kwargs
+        self.user, self.group, self.strict_json = user, group, strict_json
+        self.by_name, self.coroutine = by_name, coroutine
+
+    def __call__(self) -> Any:
+        if self.coroutine:  # everything happens on the event loop
+            return self._run_coroutine()
+        if self.by_name:
+            self.worker._permissions.check(self.name, self.user, self.group)
+        func = self.func if self.func is not None else self.worker.catalog.function(self.name)
+        result = func(*self.args, **self.kwargs)
+        if not self.strict_json:
+            return result  # an awaitable is awaited on the loop by the engine
+        return self._awaited(result) if awaitable_result(result) else self._checked(result)
+
+    async def _run_coroutine(self) -> Any:
+        if self.by_name:
+            self.worker._permissions.check(self.name, self.user, self.group)
+        return self._checked(await self.func(*self.args, **self.kwargs))
+
+    async def _awaited(self, awaitable: Any) -> Any:
+        return self._checked(await awaitable)
+
+    def _checked(self, result: Any) -> Any:
+        if self.strict_json:
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise ValueError(f"Task result can not be serialized as JSON: {exc}") from exc
+        return result
 
 
 class Worker(StateMixin, QMagic):
@@ -186,48 +229,13 @@ class Worker(StateMixin, QMagic):
             )
         self._check_open(origin)
         coroutine = func is not None and inspect.iscoroutinefunction(func)
-        call = self._call(name, func, args, kwargs, user, user_group, strict_json,
-                          by_name=isinstance(target, str))
+        call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
+                         isinstance(target, str), coroutine)
         return self.engine.submit(
             call, name=name, args=args, kwargs=kwargs, user=user, user_group=user_group,
             background=bool(background), origin=origin, timeout=timeout,
             provenance=self.provenance_source(), coroutine=coroutine,
         )
-
-    def _call(self, name: str, func: Any, args: tuple, kwargs: dict, user: str, group: str,
-              strict_json: bool, by_name: bool) -> Callable[[], Any]:
-        """The task's code: permissions checked again for names (rules may have changed since
-        the request), the name resolved if it was missing, the JSON rule for remote results."""
-        catalog = self.catalog
-
-        def check_permissions() -> None:
-            if by_name:
-                self._permissions.check(name, user, group)
-
-        def check_json(result: Any) -> Any:
-            if strict_json:
-                try:
-                    json.dumps(result)
-                except (TypeError, ValueError, OverflowError) as exc:
-                    raise ValueError(f"Task result can not be serialized as JSON: {exc}") from exc
-            return result
-
-        if func is not None and inspect.iscoroutinefunction(func):
-            async def run_coroutine() -> Any:
-                check_permissions()
-                return check_json(await func(*args, **kwargs))
-            return run_coroutine
-
-        def run() -> Any:
-            check_permissions()
-            target = func if func is not None else catalog.function(name)
-            result = target(*args, **kwargs)
-            if inspect.isawaitable(result) and not isinstance(result, Future):
-                async def awaited() -> Any:
-                    return check_json(await result)
-                return awaited()
-            return check_json(result)
-        return run
 
     def run_script(
         self,

@@ -346,13 +346,13 @@ def test_environment_close_open_destroy(make_worker):
 
 
 def test_what_guis_ask_for(make_worker):
-    from ophyd.sim import SynAxis
+    from ophyd.positioner import SoftPositioner  # (ophyd.sim makes a temporary folder on import)
 
     def count(detectors: list, num: int = 1, *, md=None):
         """Take readings."""
         yield from ()
 
-    w = make_worker({"count": count, "motor": SynAxis(name="motor"), "f": lambda: 1})
+    w = make_worker({"count": count, "motor": SoftPositioner(name="motor", init_pos=0), "f": lambda: 1})
     w.catalog.refresh(force=True)
     qs = QS(w)
     plans = qs.plans_existing()
@@ -366,7 +366,7 @@ def test_what_guis_ask_for(make_worker):
     assert qs.plans_allowed()["msg"] == "Incorrect request format: user group is not specified"
     devices = qs.devices_existing()["devices_existing"]
     assert devices["motor"]["is_movable"] and devices["motor"]["is_readable"]
-    assert devices["motor"]["classname"] == "SynAxis"
+    assert devices["motor"]["classname"] == "SoftPositioner"
     assert qs.devices_allowed(user_group="primary")["devices_allowed"] == devices
     assert qs.queue_get() == {"success": True, "msg": "", "items": [], "running_item": {},
                               "plan_queue_uid": qs.status()["plan_queue_uid"]}

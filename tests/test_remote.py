@@ -125,7 +125,6 @@ def make_namespace(gate: threading.Event, entered: threading.Event) -> dict:
 def worker_config(tmp_path: Path, **settings) -> Config:
     config = Config()
     config.QMagic.state_dir = str(tmp_path / "state")
-    config.QMagic.journal_enabled = False
     for key, value in settings.items():
         setattr(config.QMagic, key, value)
     return config
@@ -621,10 +620,6 @@ def test_kernel_interrupt_rules(RM, runner, worker, gate, entered):
     assert result_of(RM, uid)["return_value"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug (qmagic/core/jobs.py, Runner.interrupt): an interrupt that arrives after the "
-    "foreground task is reserved but before its code starts returns 'pending' without being "
-    "sent or remembered, so it is lost; the remote client was told success"))
 def test_kernel_interrupt_before_the_task_code_starts_is_not_lost(RM, worker, runner, gate,
                                                                    entered):
     blocker = threading.Event()
@@ -1380,12 +1375,8 @@ def test_service_with_a_busy_port_leaves_the_channel_off(worker, server, caplog)
 def loaded(ip):
     from qmagic.ipython.extension import get_session, load_ipython_extension
 
-    ip.config.QMagic.journal_enabled = False
-    try:
-        load_ipython_extension(ip)
-        yield get_session(ip)
-    finally:
-        ip.config.QMagic.pop("journal_enabled", None)
+    load_ipython_extension(ip)
+    yield get_session(ip)
 
 
 def test_magic_start_status_stop(ip, loaded, capsys):
@@ -1471,8 +1462,7 @@ def remote_kernel(tmp_path_factory):
 
     address = f"tcp://127.0.0.1:{free_port()}"
     session = KernelSession(tmp_path_factory.mktemp("remote-kernel"), argv=[
-        "--ext=qmagic", "--QMagic.journal_enabled=False",
-        f"--QMagic.zmq_control_address={address}"])
+        "--ext=qmagic", f"--QMagic.zmq_control_address={address}"])
     session.start()
     try:
         session.execute(KERNEL_CODE, check=True)

@@ -125,12 +125,11 @@ class Engine:
         self.timers = Timers()
         self.observers: list[TaskObserver] = []
         self.context_hooks: list[ContextHook] = []
-        #: Called with the tasks dropped from memory (retention), outside locks.
-        self.on_expire: Callable[[list[Task]], None] | None = None
         self._results_prefix = str(uuid.uuid4())
         self._results_seq = itertools.count(1)
-        #: Changes every time a task finishes (queueserver's task_results_uid).
-        self.results_uid = f"{self._results_prefix}-0"
+        #: Called with the tasks dropped from memory (retention), outside locks.
+        self.on_expire: Callable[[list[Task]], None] | None = None
+        self._results_count = 0  # tasks finished so far (read without the lock: one int)
 
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -142,8 +141,14 @@ class Engine:
         self._sweep_at: float | None = None
         self._closed = False
         self._runner = JobRunner(self)
+        self._on_cancel = self._cancel_hook  # one bound method for every task
         self._pool = ThreadPool(self._runner.run_background, self.timers, max_background)
         capture.install()
+
+    @property
+    def results_uid(self) -> str:
+        """Changes every time a task finishes (queueserver's ``task_results_uid``)."""
+        return f"{self._results_prefix}-{self._results_count}"
 
     @property
     def max_background(self) -> int:
@@ -182,7 +187,7 @@ class Engine:
             new_uid(), name, args=args, kwargs=kwargs, user=user, user_group=user_group,
             background=background, origin=origin, kind="coroutine" if coroutine else kind,
             timeout=timeout, provenance=provenance, output_limit=self.output_limit,
-            bus=self.bus, on_cancel=self._cancel_hook,
+            bus=self.bus, on_cancel=self._on_cancel,
         )
         job = Job(task, call, coroutine)
         if self.context_hooks:
@@ -269,10 +274,14 @@ class Engine:
         if timeout is not None:
             job.deadline = self.timers.schedule(timeout, lambda: self._deadline(job))
 
-    def _released(self, job: Job) -> None:
-        """The task's thread / slot is free again (before its waiters wake)."""
+    def _settle(self, job: Job) -> None:
+        """The task is about to finish (its record is written, its waiters not yet awake):
+        free its thread or slot and keep it for ``retention_s`` — one critical section, so
+        a waiter that wakes sees exact counts and can look the task up."""
         if job.deadline is not None:
             job.deadline.cancel()
+        schedule = None
+        expired: list[Task] = []
         with self._lock:
             if self._fg is job:
                 self._fg = None
@@ -282,13 +291,6 @@ class Engine:
             if job.queued:  # cancelled before it started
                 job.queued = False
                 self._queued -= 1
-
-    def _retain(self, job: Job) -> None:
-        """After the task finished: a new results uid; keep it for ``retention_s``."""
-        self.results_uid = f"{self._results_prefix}-{next(self._results_seq)}"
-        expired: list[Task] = []
-        schedule = None
-        with self._lock:
             uid = job.task.uid
             if self._jobs.get(uid) is job:
                 self._finished[uid] = job
@@ -300,7 +302,13 @@ class Engine:
                 schedule = self._sweep_at = time.time() + self.retention_s
         if schedule is not None:
             self.timers.schedule(schedule - time.time(), self._sweep)
-        self._expired(expired)
+        if expired:
+            self._expired(expired)
+
+    def _finished_one(self) -> None:
+        """After the task finished: a new results uid (queueserver clients poll it, then
+        read the result, so it changes only once the result can be read)."""
+        self._results_count = next(self._results_seq)
 
     def notify(self, event: str, task: Task, *args: Any) -> None:
         """Tell every observer; an observer that raises is logged, never breaks the task."""
@@ -316,8 +324,9 @@ class Engine:
         with self._lock:
             while self._finished:
                 uid, job = next(iter(self._finished.items()))
-                if (job.task.finished_at or 0.0) + self.retention_s > now:
-                    break
+                finished_at = job.task.finished_at
+                if finished_at is None or finished_at + self.retention_s > now:
+                    break  # (None: settled, its waiters about to wake)
                 self._finished.popitem(last=False)
                 self._jobs.pop(uid, None)
                 expired.append(job.task)

@@ -31,13 +31,13 @@ from . import capture
 from .context import _current
 from .foreground import in_lock_frame, raise_in_thread
 from .status import TaskStatus
-from .task import Task
+from .task import INTERRUPTED, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["Job", "JobRunner"]
+__all__ = ["Job", "JobRunner", "awaitable_result"]
 
 log = logging.getLogger("qmagic")
 
@@ -50,7 +50,7 @@ class Job:
 
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
-        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate",
+        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -67,6 +67,7 @@ class Job:
         self.atask: asyncio.Task | None = None  # the asyncio task awaiting the task's code
         self.loop: asyncio.AbstractEventLoop | None = None
         self.interrupt_sent = False
+        self.code_done = False  # the task's own code has run (set with in_user_code = False)
         #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
         #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
         #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
@@ -113,7 +114,8 @@ class JobRunner:
         if not task._start():  # cancelled while it waited (already recorded)
             return
         self.engine._started(job)
-        self.engine.notify("task_started", task)
+        if self.engine.observers:
+            self.engine.notify("task_started", task)
         result, error = self._execute(job)
         task._claim_end()
         self.end(job, result, error)
@@ -133,7 +135,7 @@ class JobRunner:
                 raise TaskCancelled(task.cancel_reason)
             with self._hooks(job):
                 result = job.call()
-            if _awaitable(result):
+            if awaitable_result(result):
                 result = self._await_in_loop(job, result)
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
             error = exc
@@ -159,10 +161,11 @@ class JobRunner:
         """
         with job.gate:
             job.in_user_code = False
+            job.code_done = True
 
     def _hooks(self, job: Job) -> contextlib.AbstractContextManager:
         if not job.tokens:
-            return contextlib.nullcontext()
+            return _NO_HOOKS
         stack = contextlib.ExitStack()
         for hook, token in job.tokens:
             stack.enter_context(hook.apply(job.task, token))
@@ -245,7 +248,7 @@ class JobRunner:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
             except KeyboardInterrupt:
-                self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
+                self.engine.cancel(task, reason=INTERRUPTED)
             finally:
                 job.in_user_code = False
 
@@ -266,10 +269,10 @@ class JobRunner:
         if self.engine.observers:
             record = task._final_record(status, result if error is None else None, error, tb, finished_at)
             self.engine.notify("task_finished", task, record)
-        self.engine._released(job)
+        self.engine._settle(job)
         task._finish(status, result=result if error is None else None, error=error, tb=tb,
                      finished_at=finished_at)
-        self.engine._retain(job)
+        self.engine._finished_one()
 
     # -- cancel and interrupt ---------------------------------------------------------------
     def cancel_running(self, job: Job, force: bool) -> None:
@@ -306,21 +309,36 @@ class JobRunner:
             if job.interrupt_sent:
                 return "pending"
             job.interrupt_sent = True
-            self.engine.cancel(task, reason="Task was interrupted (■ or KeyboardInterrupt)")
+            self.engine.cancel(task, reason=INTERRUPTED)
             return "interrupted"
         with job.gate:
             if job.interrupt_sent:
                 return "pending"
-            if not job.in_user_code:
-                return "pending" if not task._status.finished else "idle"
+            if task._status.finished:
+                return "idle"
+            if job.code_done:
+                return "pending"  # its code has returned: the task ends now
             job.interrupt_sent = True
-            self.engine.foreground.interrupt()
+            if job.in_user_code:
+                self.engine.foreground.interrupt()
+                return "interrupted"
+            # Its code has not started yet: it never will (the flag is read as it starts).
+            task._request_cancel(INTERRUPTED)
+        self.engine.cancel(task, reason=INTERRUPTED)  # ends it now if it still waits
         return "interrupted"
 
 
-def _awaitable(value: Any) -> bool:
+_NO_HOOKS = contextlib.nullcontext()  # reusable
+
+#: Result types that are never awaitable (checked first: ``isawaitable`` is an ABC check).
+_PLAIN_RESULTS = frozenset({type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set})
+
+
+def awaitable_result(value: Any) -> bool:
     """A coroutine or other awaitable returned by a thread task's function (awaited on the
     loop) — but not a Future such as another Task, which is a result like any other."""
+    if type(value) in _PLAIN_RESULTS:
+        return False
     return inspect.isawaitable(value) and not isinstance(value, Future)
 
 

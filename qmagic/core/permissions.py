@@ -300,6 +300,9 @@ class Permissions:
     def check(self, name: object, user: object, user_group: object) -> None:
         """Raise :class:`~qmagic.errors.PermissionRefused` (with the queueserver protocol's
         message) unless ``user`` of ``user_group`` may call function ``name``."""
+        if (type(name) is str and type(user_group) is str and type(user) is str and user
+                and self._cache.get((name, user_group)) is True):
+            return  # allowed before (only valid names of known groups are ever cached)
         problem = function_name_error(name)
         if problem:
             raise PermissionRefused(problem)

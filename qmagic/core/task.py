@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from concurrent.futures._base import LOGGER as _futures_log
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InvalidTransition, TaskCancelled
@@ -33,6 +34,9 @@ __all__ = ["Task", "exception_text"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
+
+#: Why a task stopped by ■ / KeyboardInterrupt was cancelled.
+INTERRUPTED = "Task was interrupted (■ or KeyboardInterrupt)"
 
 #: Called by :meth:`Task.cancel`: ``(task, force, reason) -> bool`` (set by the engine).
 CancelHook = Callable[["Task", bool, str], bool]
@@ -75,14 +79,13 @@ class Task(Future):
         bus: EventBus | None = None,
         on_cancel: CancelHook | None = None,
     ) -> None:
-        # Future.__init__'s fields, with a plain Lock (nothing here re-enters the lock).
+        # Future.__init__'s fields, with a plain Lock (nothing here re-enters the lock); the
+        # Condition over it is made on first use (most tasks are never waited on while they
+        # run, and every object a task allocates is work for the garbage collector).
         self._mutex = threading.Lock()
-        self._condition = threading.Condition(self._mutex)
         self._state = PENDING
         self._result = None
         self._exception = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
         self.uid = uid
         self.name = name
         self.args = args if type(args) is tuple else tuple(args)
@@ -116,6 +119,41 @@ class Task(Future):
     _cancel_reason = "Task was cancelled"
     _ending = False  # a runner claimed the right to finish the task
     _subscribers: tuple[Subscription, ...] = ()
+
+    @property
+    def _condition(self) -> threading.Condition:
+        """The Future's condition (over ``_mutex``), made by the first thread that needs it;
+        ``setdefault`` is atomic, so racing threads all get the same one."""
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            cond = self.__dict__.setdefault("_cond", threading.Condition(self._mutex))
+        return cond
+
+    # Future's lists of ``concurrent.futures.wait`` waiters and done callbacks, made on
+    # first use too.
+    @property
+    def _waiters(self) -> list:
+        lst = self.__dict__.get("_waiter_list")
+        return lst if lst is not None else self.__dict__.setdefault("_waiter_list", [])
+
+    @property
+    def _done_callbacks(self) -> list:
+        lst = self.__dict__.get("_callback_list")
+        return lst if lst is not None else self.__dict__.setdefault("_callback_list", [])
+
+    def _invoke_callbacks(self) -> None:
+        for callback in self.__dict__.get("_callback_list", ()):
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - as Future does: log, never break the task
+                _futures_log.exception("exception calling callback for %r", self)
+
+    def _notify_waiters(self) -> None:
+        """Wake every thread waiting on the condition (caller holds ``_mutex``).  A waiter
+        makes the condition before it takes ``_mutex``, so none is missed."""
+        cond = self.__dict__.get("_cond")
+        if cond is not None:
+            cond.notify_all()
 
     # -- read-only views -----------------------------------------------------------------
     @property
@@ -391,23 +429,23 @@ class Task(Future):
             if status is TaskStatus.CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
                 if isinstance(error, KeyboardInterrupt) and not self._cancel_requested:
-                    self._cancel_reason = "Task was interrupted (■ or KeyboardInterrupt)"
+                    self._cancel_reason = INTERRUPTED
                 elif error is not None and not self._cancel_requested:
                     self._cancel_reason = exception_text(error)
                 self._error = error
-                for waiter in self._waiters:
+                for waiter in self.__dict__.get("_waiter_list", ()):
                     waiter.add_cancelled(self)
             else:
                 self._state = FINISHED
                 self._result = result
                 self._exception = self._error = error
                 self._exception_tb = user_tb
-                for waiter in self._waiters:
+                for waiter in self.__dict__.get("_waiter_list", ()):
                     if error is None:
                         waiter.add_result(self)
                     else:
                         waiter.add_exception(self)
-            self._condition.notify_all()
+            self._notify_waiters()
             bus = self._bus
             if bus is not None:
                 if status is TaskStatus.COMPLETED:
@@ -426,7 +464,7 @@ class Task(Future):
             if not self._cancel_requested:
                 self._cancel_reason = reason
                 self._cancel_requested = True
-                self._condition.notify_all()  # wakes cancellable_sleep
+                self._notify_waiters()  # wakes cancellable_sleep
             return self._status
 
     def _check(self, new: TaskStatus) -> None:
