@@ -14,7 +14,12 @@ __version__ = "0.2.0"
 from typing import Any
 
 from .config import QMagic
-from .core.context import cancellable_sleep, current_task, raise_if_cancelled, report_progress
+from .core.context import (
+    cancellable_sleep,
+    current_task,
+    raise_if_cancelled,
+    report_progress,
+)
 from .core.events import Subscription
 from .core.status import Progress, TaskStatus
 from .core.task import Task

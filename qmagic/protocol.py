@@ -13,8 +13,7 @@ import datetime
 from typing import Any, Callable, Mapping
 
 from . import __version__
-from .catalog import check_name
-from .catalog import describe_device, describe_plan
+from .catalog import check_name, describe_device, describe_plan
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused

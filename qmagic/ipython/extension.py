@@ -19,7 +19,12 @@ from typing import Any, Callable
 from .. import format as fmt
 from ..core.task import Task
 from ..worker import Worker
-from .context import CellOutputHook, cell_labeler, kernel_connection_info, provenance_source
+from .context import (
+    CellOutputHook,
+    cell_labeler,
+    kernel_connection_info,
+    provenance_source,
+)
 from .runner import KernelForegroundRunner
 
 __all__ = ["Session", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
@@ -66,9 +71,8 @@ class Session:
         self._step("output routing", lambda: worker.engine.context_hooks.remove(hook))
         self._event("pre_run_cell", runner.cell_started)
         self._event("post_run_cell", self._post_run_cell)
-        from .magics import LockMagics, RemoteMagics, TaskMagics
-
         from ..remote.service import RemoteService
+        from .magics import LockMagics, RemoteMagics, TaskMagics
 
         self.remote = RemoteService(worker, kernel_connection_info)
         self._step("remote door", self.remote.close)

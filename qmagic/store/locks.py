@@ -60,7 +60,17 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
 from ..errors import LockRefused, RequestRefused, StateFileError
 from .files import ensure_state_dir, open_state_file, replace_state_file
 from .keys import MAX_KEY_CHARS, KeyChecker, KeyRecord, Throttle, hash_key
-from .lockfile import MAX_NOTE_CHARS, MAX_USER_CHARS, LockFile, LockState, Snapshot, identity, note_ok, short, text_ok
+from .lockfile import (
+    MAX_NOTE_CHARS,
+    MAX_USER_CHARS,
+    LockFile,
+    LockState,
+    Snapshot,
+    identity,
+    note_ok,
+    short,
+    text_ok,
+)
 from .paths import validate_environment_name
 from .watch import ChangeSignal, DirectoryWatcher
 
