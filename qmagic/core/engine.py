@@ -8,7 +8,8 @@ It knows nothing about namespaces, protocols or IPython.  It owns
   foreground owner thread, otherwise handed to it (:mod:`qmagic.core.foreground`);
 - coroutine tasks, run on the event loop that :mod:`qmagic.core.loops` picks;
 - cancellation (cooperative, then forced after ``cancel_grace_s``), deadlines, interrupts;
-- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``.
+- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``
+  (:mod:`qmagic.core.registry`, which also answers lookups by uid).
 
 Every task is announced to the observers (the experiment log) before its uid leaves
 :meth:`Engine.submit`, and its final record is told to them before anyone waiting for the
@@ -21,21 +22,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import random
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any, Callable, ContextManager, Protocol
 
-from ..errors import RequestRefused, TaskCancelled, TaskNotFound
+from ..errors import RequestRefused, TaskCancelled
 from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
 from .jobs import Job, JobRunner
 from .loops import EventLoops
 from .pool import ThreadPool
+from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
 from .task import Task
 from .timers import Timers
@@ -60,20 +58,6 @@ MSG_CLOSED = (
     "Error: Failed to start the task: the qmagic worker was closed (extension unloaded). "
     "Load it again with %load_ext qmagic."
 )
-#: Shortest uid prefix accepted by lookups (a full uid is always accepted).
-MIN_UID_PREFIX = 4
-
-_uid_random = random.Random(os.urandom(32))
-_UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & (1 << 128) - 1
-_UUID4_SET = 0x4000 << 64 | 0x8000 << 48
-
-
-def new_uid() -> str:
-    """A random version-4 UUID string (seeded from os.urandom; no system call per uid)."""
-    h = "%032x" % (_uid_random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 class TaskObserver(Protocol):
     """Hears about every task synchronously, outside every lock (the experiment log)."""
 
@@ -98,7 +82,7 @@ class ContextHook(Protocol):
         """Called where the task runs; the context manager is active around the call."""
 
 
-class Engine:
+class Engine(TaskRegistry):
     """Runs tasks; see the module docstring.  Settings are plain attributes that the
     worker keeps in step with its traits."""
 
@@ -127,18 +111,12 @@ class Engine:
         self.context_hooks: list[ContextHook] = []
         self._results_prefix = str(uuid.uuid4())
         self._results_seq = itertools.count(1)
-        #: Called with the tasks dropped from memory (retention), outside locks.
-        self.on_expire: Callable[[list[Task]], None] | None = None
         self._results_count = 0  # tasks finished so far (read without the lock: one int)
+        self._init_registry()
 
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._finished: OrderedDict[str, Job] = OrderedDict()
         self._queued = 0  # background thread tasks waiting for a thread
         self._running_bg = 0  # background tasks running (threads and coroutines)
         self._fg: Job | None = None
-        self._last: Task | None = None
-        self._sweep_at: float | None = None
         self._closed = False
         self._runner = JobRunner(self)
         self._on_cancel = self._cancel_hook  # one bound method for every task
@@ -280,7 +258,6 @@ class Engine:
         a waiter that wakes sees exact counts and can look the task up."""
         if job.deadline is not None:
             job.deadline.cancel()
-        schedule = None
         expired: list[Task] = []
         with self._lock:
             if self._fg is job:
@@ -291,19 +268,8 @@ class Engine:
             if job.queued:  # cancelled before it started
                 job.queued = False
                 self._queued -= 1
-            uid = job.task.uid
-            if self._jobs.get(uid) is job:
-                self._finished[uid] = job
-                while len(self._finished) > self.max_finished:
-                    _, old = self._finished.popitem(last=False)
-                    self._jobs.pop(old.task.uid, None)
-                    expired.append(old.task)
-            if self._sweep_at is None and self._finished:
-                schedule = self._sweep_at = time.time() + self.retention_s
-        if schedule is not None:
-            self.timers.schedule(schedule - time.time(), self._sweep)
-        if expired:
-            self._expired(expired)
+            schedule = self._retain_locked(job, expired)
+        self._after_retain(schedule, expired)
 
     def _finished_one(self) -> None:
         """After the task finished: a new results uid (queueserver clients poll it, then
@@ -317,34 +283,6 @@ class Engine:
                 getattr(observer, event)(task, *args)
             except Exception:  # noqa: BLE001
                 log.exception("qmagic: task observer %r failed on %s", observer, event)
-
-    def _sweep(self) -> None:
-        now = time.time()
-        expired: list[Task] = []
-        with self._lock:
-            while self._finished:
-                uid, job = next(iter(self._finished.items()))
-                finished_at = job.task.finished_at
-                if finished_at is None or finished_at + self.retention_s > now:
-                    break  # (None: settled, its waiters about to wake)
-                self._finished.popitem(last=False)
-                self._jobs.pop(uid, None)
-                expired.append(job.task)
-            nxt = None
-            if self._finished:
-                first = next(iter(self._finished.values())).task
-                nxt = (first.finished_at or now) + self.retention_s
-            self._sweep_at = nxt
-        if nxt is not None:
-            self.timers.schedule(nxt - now, self._sweep)
-        self._expired(expired)
-
-    def _expired(self, tasks: list[Task]) -> None:
-        if tasks and self.on_expire is not None:
-            try:
-                self.on_expire(tasks)
-            except Exception:  # noqa: BLE001
-                log.exception("qmagic: on_expire hook failed")
 
     # -- cancelling and interrupting --------------------------------------------------------
     def _cancel_hook(self, task: Task, force: bool, reason: str) -> bool:
@@ -388,48 +326,6 @@ class Engine:
         job = self._fg
         return job is not None and job.in_user_code
 
-    # -- lookups --------------------------------------------------------------------------
-    def find(self, uid_or_prefix: str) -> Task:
-        """The task with this uid, or with this unique uid prefix (at least 4 characters)."""
-        if not isinstance(uid_or_prefix, str) or not uid_or_prefix:
-            raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.")
-        with self._lock:
-            job = self._jobs.get(uid_or_prefix)
-            if job is not None:
-                return job.task
-            if len(uid_or_prefix) < MIN_UID_PREFIX:
-                raise TaskNotFound(
-                    f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
-                    f"{MIN_UID_PREFIX} characters of the uid (see %tasks)."
-                )
-            matches = [j.task for uid, j in self._jobs.items() if uid.startswith(uid_or_prefix)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise TaskNotFound(f"No task with uid {uid_or_prefix!r} in this kernel's memory.")
-        raise TaskNotFound(
-            f"Task uid prefix {uid_or_prefix!r} matches {len(matches)} tasks; give more characters."
-        )
-
-    def get(self, uid: str) -> Task | None:
-        """The task with exactly this uid, or None."""
-        job = self._jobs.get(uid)
-        return job.task if job is not None else None
-
-    def tasks(self) -> list[Task]:
-        """Every task in memory, oldest submission first."""
-        with self._lock:
-            items = [job.task for job in self._jobs.values()]
-        items.sort(key=lambda t: t.submitted_at)
-        return items
-
-    @property
-    def last_task(self) -> Task | None:
-        """The most recently submitted task still in memory."""
-        with self._lock:
-            last = self._last
-            return last if last is not None and last.uid in self._jobs else None
-
     def counts(self) -> dict[str, Any]:
         """A consistent snapshot for status replies and panels."""
         with self._lock:
@@ -443,16 +339,6 @@ class Engine:
                 "finished": len(self._finished),
                 "threads": self._pool.threads,
             }
-
-    def clear_finished(self) -> int:
-        """Forget every finished task kept in memory; returns how many."""
-        with self._lock:
-            removed = [job.task for job in self._finished.values()]
-            self._finished.clear()
-            for task in removed:
-                self._jobs.pop(task.uid, None)
-        self._expired(removed)
-        return len(removed)
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
