@@ -9,138 +9,24 @@ not read as true); every rule is the worker's.  Refusals are in-band:
 
 from __future__ import annotations
 
-import datetime
 from typing import Any, Callable, Mapping
 
-from . import __version__
-from .catalog import check_name, describe_device, describe_plan
+from .catalog import check_name
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
 from .format import SUMMARY_KEY
+from .protocol_common import MAX_USER_CHARS, _flag, _lock_key, _user_name, status_reply
+from .protocol_gui import GuiMethods
 
-__all__ = ["QueueserverProtocol", "MAX_REQUEST_ITEMS", "status_reply"]
+__all__ = ["MAX_REQUEST_ITEMS", "MAX_USER_CHARS", "QueueserverProtocol", "status_reply"]
 
 #: Most uids one task_status request may ask about.
 MAX_REQUEST_ITEMS = 50_000
-#: Longest user name accepted in a request (as for the lock's user).
-MAX_USER_CHARS = 1000
 _KIND_TEXT = {"function": "Execute function", "script": "Load script", "coroutine": "Execute function"}
 
 
-def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = params.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestRefused(
-            f"Error: Incorrect request format: parameter {name!r} must be true or false, "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    return value
-
-
-def _optional_str(params: Mapping[str, Any], name: str, what: str) -> str | None:
-    value = params.get(name)
-    if value is not None and not isinstance(value, str):
-        raise RequestRefused(f"Error: {what} must be a non-empty string or None: {name} = {value!r}")
-    return value
-
-
-def _user_name(params: Mapping[str, Any]) -> None:
-    """A user name in a request is text that can be stored and shown: the same bound as the
-    lock's user (qmagic.store.lockfile.MAX_USER_CHARS), and no lone surrogates (a JSON
-    ``"\\udcff"`` escape decodes to one; it cannot be written to the log or a terminal)."""
-    user = params.get("user")
-    if not isinstance(user, str) or not user:
-        return  # missing or not a string: the worker refuses it ("user name is not specified")
-    try:
-        user.encode("utf-8")
-        ok = len(user) <= MAX_USER_CHARS
-    except UnicodeEncodeError:
-        ok = False
-    if not ok:
-        shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
-        raise RequestRefused(
-            "Error: Incorrect request format: user name must be text of at most "
-            f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
-
-
-def _lock_key(params: Mapping[str, Any]) -> str | None:
-    key = params.get("lock_key")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {key!r}")
-    return key
-
-
-def status_reply(worker: Any) -> dict[str, Any]:
-    """The queueserver ``status`` dict (every key the clients read)."""
-    counts = worker.engine.counts()
-    fg: Task | None = counts["foreground"]
-    busy = worker.engine.foreground.user_busy()
-    state = "executing_task" if fg is not None else "idle"
-    lock = worker._locks.state()
-    env_open = worker.environment_is_open
-    if not env_open:  # as an RE Manager without a worker
-        kernel_state, captured, background = None, None, 0
-    elif fg is not None:
-        kernel_state, captured = "busy", bool(counts["foreground_handed_over"])
-        background = counts["running_background"]
-    else:
-        kernel_state, captured = ("busy" if busy else "idle"), False
-        background = counts["running_background"]
-    re_state = getattr(worker.namespace.get("RE"), "state", None) if env_open else None
-    re_state = re_state if isinstance(re_state, str) else None
-    catalog = worker.catalog
-    status_key = (state, kernel_state, background, counts["results_uid"], lock.uid, catalog.plans_uid,
-                  catalog.devices_uid, worker.permissions_uid, worker.environment_uid, re_state)
-    return {
-        "msg": f"RE Manager v{__version__} (qmagic)",
-        "time": datetime.datetime.now().isoformat(),
-        "items_in_queue": 0,
-        "items_in_history": 0,
-        "running_item_uid": None,
-        "manager_state": state,
-        "queue_stop_pending": False,
-        "queue_autostart_enabled": False,
-        "pause_pending": False,
-        "worker_environment_exists": env_open,
-        "worker_environment_state": (state if env_open else "closed"),
-        "worker_background_tasks": background,
-        "re_state": re_state,
-        "ip_kernel_state": kernel_state,
-        "ip_kernel_captured": captured,
-        "status_uid": _uid_of(status_key),
-        "run_list_uid": worker.static_uid,
-        "plan_queue_uid": worker.static_uid,
-        "plan_history_uid": worker.static_uid,
-        "devices_existing_uid": catalog.devices_uid,
-        "plans_existing_uid": catalog.plans_uid,
-        "devices_allowed_uid": _uid_of((catalog.devices_uid, worker.permissions_uid)),
-        "plans_allowed_uid": _uid_of((catalog.plans_uid, worker.permissions_uid)),
-        "task_results_uid": counts["results_uid"],
-        "lock_info_uid": lock.uid,
-        "plan_queue_mode": {"loop": False, "ignore_failures": False},
-        "lock": {"environment": bool(lock.environment), "queue": bool(lock.queue)},
-    }
-
-
-_uid_cache: dict[Any, str] = {}
-
-
-def _uid_of(key: Any) -> str:
-    """A stable uid for a state key (the same state gives the same uid)."""
-    import uuid
-
-    uid = _uid_cache.get(key)
-    if uid is None:
-        if len(_uid_cache) > 256:
-            _uid_cache.clear()
-        uid = _uid_cache[key] = str(uuid.uuid4())
-    return uid
-
-
-class QueueserverProtocol:
+class QueueserverProtocol(GuiMethods):
     """queueserver's methods for one worker (see the module docstring).
 
     ``client`` names who sent a request (for per-client throttling of wrong lock keys).
@@ -342,72 +228,6 @@ class QueueserverProtocol:
         except PermissionsFormatError as exc:
             return {"success": False, "msg": f"Error: {exc}"}
         return {"success": True, "msg": ""}
-
-    # -- what GUIs ask for -------------------------------------------------------------------------------
-    def history_clear(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
-        """Forget the finished tasks kept in memory (the experiment log keeps them); ``size``
-        and ``item_uid`` are checked as queueserver does (there is no plan history to trim)."""
-        size, item_uid = params.get("size"), params.get("item_uid")
-        try:
-            if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
-                raise RequestRefused(f"Error: The 'size' parameter must be an integer: size={size!r}")
-            if item_uid is not None and not isinstance(item_uid, str):
-                raise RequestRefused(f"Error: The 'item_uid' parameter must be a string: item_uid={item_uid!r}")
-            if size is not None and item_uid is not None:
-                raise RequestRefused("Error: Parameters 'size' and 'item_uid' are mutually exclusive.")
-            self.worker.check_lock(_lock_key(params), "queue", origin="remote", client=client)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc)}
-        self.worker.engine.clear_finished()
-        return {"success": True, "msg": ""}
-
-    def _group(self, params: dict) -> str:
-        if "user_group" not in params:
-            raise RequestRefused("Incorrect request format: user group is not specified")
-        group = params["user_group"]
-        if not isinstance(group, str) or group not in self.worker.permissions.groups():
-            raise RequestRefused(f"Unknown user group: '{group}'")
-        return group
-
-    def plans_existing(self, params: dict, **who: Any) -> dict:
-        catalog = self.worker.catalog
-        plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
-        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
-
-    def plans_allowed(self, params: dict, **who: Any) -> dict:
-        """Every plan of the namespace, for any known group: a kernel has no plan queue, so
-        the rules' plan lists are not applied (they are kept for queueserver files)."""
-        try:
-            self._group(params)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "plans_allowed": {}, "plans_allowed_uid": None}
-        reply = self.plans_existing(params)
-        return {"success": True, "msg": "", "plans_allowed": reply["plans_existing"],
-                "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
-
-    def devices_existing(self, params: dict, **who: Any) -> dict:
-        catalog = self.worker.catalog
-        devices = {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
-        return {"success": True, "msg": "", "devices_existing": devices,
-                "devices_existing_uid": catalog.devices_uid}
-
-    def devices_allowed(self, params: dict, **who: Any) -> dict:
-        """Every device of the namespace, for any known group (see :meth:`plans_allowed`)."""
-        try:
-            self._group(params)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "devices_allowed": {}, "devices_allowed_uid": None}
-        reply = self.devices_existing(params)
-        return {"success": True, "msg": "", "devices_allowed": reply["devices_existing"],
-                "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
-
-    def queue_get(self, params: dict, **who: Any) -> dict:
-        return {"success": True, "msg": "", "items": [], "running_item": {},
-                "plan_queue_uid": self.worker.static_uid}
-
-    def history_get(self, params: dict, **who: Any) -> dict:
-        return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
-
 
 def _function_item(params: Mapping[str, Any]) -> tuple[str, list, dict]:
     """Validate a function item with queueserver's texts; (name, args, kwargs)."""

@@ -27,10 +27,10 @@ from .core.events import Subscription
 from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
 from .core.loops import EventLoops
-from .core.status import TaskStatus
 from .core.task import Task
-from .errors import LockRefused, LogUnavailable, RequestRefused, TaskNotFound
+from .errors import LockRefused, RequestRefused
 from .scripts import ScriptRunner, check_script_name
+from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
 
 __all__ = ["Worker", "ORIGINS"]
@@ -94,7 +94,7 @@ class _TaskCall:
         return result
 
 
-class Worker(StateMixin, QMagic):
+class Worker(StateMixin, LookupMixin, QMagic):
     """Runs the functions of ``namespace`` as tracked tasks.
 
     ``Worker(namespace, parent=None, config=None)``: settings come from the ``QMagic``
@@ -285,67 +285,6 @@ class Worker(StateMixin, QMagic):
         return self.engine.submit(lambda: self.catalog.refresh(force=True) and None,
                                   name="environment_update", kind="script", user=user,
                                   user_group=group, background=bool(background), origin=origin)
-
-    # -- looking at tasks -------------------------------------------------------------------------
-    def get_task(self, uid_or_prefix: str) -> Task:
-        """The live :class:`Task` with this uid or unique uid prefix (>= 4 characters).
-
-        Raises :class:`qmagic.TaskNotFound` (a KeyError) for unknown, ambiguous or
-        expired uids; :meth:`find` also looks in the experiment log."""
-        return self.engine.find(uid_or_prefix)
-
-    def find(self, uid_or_prefix: str) -> Task | dict[str, Any]:
-        """The task in memory, else its record in the experiment log (also of earlier
-        kernels; tasks of a kernel that died read as failed).  Raises TaskNotFound."""
-        try:
-            return self.engine.find(uid_or_prefix)
-        except TaskNotFound as exc:
-            record = self._log_find(uid_or_prefix)
-            if record is None:
-                raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
-            return record
-
-    def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
-        """Status of each uid (exact uids): memory first, then the experiment log (batched);
-        None for unknown uids."""
-        out: dict[str, TaskStatus | None] = {}
-        missing = []
-        get = self.engine.get
-        for uid in uids:
-            task = get(uid)
-            out[uid] = task.status if task is not None else None
-            if task is None:
-                missing.append(uid)
-        if missing and self._journal is not None:
-            for uid, status in self._log_statuses(missing).items():
-                out[uid] = status
-        return out
-
-    def tasks(self, status: str | TaskStatus | Iterable[str | TaskStatus] | None = None) -> list[Task]:
-        """Tasks in memory, oldest first; ``status`` filters by one status or several."""
-        items = self.engine.tasks()
-        if status is None:
-            return items
-        wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
-        return [t for t in items if t.status in wanted]
-
-    @property
-    def last_task(self) -> Task | None:
-        """The most recently submitted task still in memory (None if none)."""
-        return self.engine.last_task
-
-    def history(self, **filters: Any) -> list[dict[str, Any]]:
-        """Records of past and present tasks from the experiment log, newest first.
-
-        Filters: ``status``, ``user``, ``name`` (exact or glob), ``notebook``, ``since`` /
-        ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
-        """
-        if self._journal is None:
-            raise LogUnavailable(
-                "The experiment log is off (QMagic.journal_enabled = False): turn it on to keep "
-                "a record of every task."
-            )
-        return self._journal.records(**filters)
 
     # -- cancelling and interrupting ---------------------------------------------------------------
     def cancel(self, task: Task | str, *, force: bool = False, lock_key: str | None = None,

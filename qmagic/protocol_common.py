@@ -1,0 +1,125 @@
+"""What the queueserver methods share: the ``status`` reply and checks of request parameters
+(queueserver-style messages; a string "false" is refused, not read as true).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from . import __version__
+from .core.task import Task
+from .errors import RequestRefused
+
+__all__ = ["MAX_USER_CHARS", "status_reply"]
+
+#: Longest user name accepted in a request (as for the lock's user).
+MAX_USER_CHARS = 1000
+
+
+def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestRefused(
+            f"Error: Incorrect request format: parameter {name!r} must be true or false, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def _user_name(params: Mapping[str, Any]) -> None:
+    """A user name in a request is text that can be stored and shown: the same bound as the
+    lock's user (qmagic.store.lockfile.MAX_USER_CHARS), and no lone surrogates (a JSON
+    ``"\\udcff"`` escape decodes to one; it cannot be written to the log or a terminal)."""
+    user = params.get("user")
+    if not isinstance(user, str) or not user:
+        return  # missing or not a string: the worker refuses it ("user name is not specified")
+    try:
+        user.encode("utf-8")
+        ok = len(user) <= MAX_USER_CHARS
+    except UnicodeEncodeError:
+        ok = False
+    if not ok:
+        shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
+        raise RequestRefused(
+            "Error: Incorrect request format: user name must be text of at most "
+            f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
+
+
+def _lock_key(params: Mapping[str, Any]) -> str | None:
+    key = params.get("lock_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {key!r}")
+    return key
+
+
+def status_reply(worker: Any) -> dict[str, Any]:
+    """The queueserver ``status`` dict (every key the clients read)."""
+    counts = worker.engine.counts()
+    fg: Task | None = counts["foreground"]
+    busy = worker.engine.foreground.user_busy()
+    state = "executing_task" if fg is not None else "idle"
+    lock = worker._locks.state()
+    env_open = worker.environment_is_open
+    if not env_open:  # as an RE Manager without a worker
+        kernel_state, captured, background = None, None, 0
+    elif fg is not None:
+        kernel_state, captured = "busy", bool(counts["foreground_handed_over"])
+        background = counts["running_background"]
+    else:
+        kernel_state, captured = ("busy" if busy else "idle"), False
+        background = counts["running_background"]
+    re_state = getattr(worker.namespace.get("RE"), "state", None) if env_open else None
+    re_state = re_state if isinstance(re_state, str) else None
+    catalog = worker.catalog
+    status_key = (state, kernel_state, background, counts["results_uid"], lock.uid, catalog.plans_uid,
+                  catalog.devices_uid, worker.permissions_uid, worker.environment_uid, re_state)
+    return {
+        "msg": f"RE Manager v{__version__} (qmagic)",
+        "time": datetime.datetime.now().isoformat(),
+        "items_in_queue": 0,
+        "items_in_history": 0,
+        "running_item_uid": None,
+        "manager_state": state,
+        "queue_stop_pending": False,
+        "queue_autostart_enabled": False,
+        "pause_pending": False,
+        "worker_environment_exists": env_open,
+        "worker_environment_state": (state if env_open else "closed"),
+        "worker_background_tasks": background,
+        "re_state": re_state,
+        "ip_kernel_state": kernel_state,
+        "ip_kernel_captured": captured,
+        "status_uid": _uid_of(status_key),
+        "run_list_uid": worker.static_uid,
+        "plan_queue_uid": worker.static_uid,
+        "plan_history_uid": worker.static_uid,
+        "devices_existing_uid": catalog.devices_uid,
+        "plans_existing_uid": catalog.plans_uid,
+        "devices_allowed_uid": _uid_of((catalog.devices_uid, worker.permissions_uid)),
+        "plans_allowed_uid": _uid_of((catalog.plans_uid, worker.permissions_uid)),
+        "task_results_uid": counts["results_uid"],
+        "lock_info_uid": lock.uid,
+        "plan_queue_mode": {"loop": False, "ignore_failures": False},
+        "lock": {"environment": bool(lock.environment), "queue": bool(lock.queue)},
+    }
+
+
+_uid_cache: dict[Any, str] = {}
+_uid_lock = threading.Lock()
+
+
+def _uid_of(key: Any) -> str:
+    """A stable uid for a state key (the same state gives the same uid)."""
+    with _uid_lock:
+        uid = _uid_cache.get(key)
+        if uid is None:
+            if len(_uid_cache) > 256:
+                _uid_cache.clear()
+            uid = _uid_cache[key] = str(uuid.uuid4())
+        return uid

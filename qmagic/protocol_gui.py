@@ -1,0 +1,85 @@
+"""The queueserver methods GUIs ask for (plans, devices, queue, history), answered for a
+kernel: it has no plan queue, so queue and history are empty, and plans and devices are
+those of the namespace.  A mix-in of :class:`qmagic.protocol.QueueserverProtocol`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .catalog import describe_device, describe_plan
+from .errors import RequestRefused
+from .protocol_common import _lock_key, status_reply
+
+__all__ = ["GuiMethods"]
+
+
+class GuiMethods:
+    """``history_clear``, ``plans_existing``/``allowed``, ``devices_existing``/``allowed``,
+    ``queue_get`` and ``history_get``."""
+
+    worker: Any
+
+    def history_clear(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """Forget the finished tasks kept in memory (the experiment log keeps them); ``size``
+        and ``item_uid`` are checked as queueserver does (there is no plan history to trim)."""
+        size, item_uid = params.get("size"), params.get("item_uid")
+        try:
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+                raise RequestRefused(f"Error: The 'size' parameter must be an integer: size={size!r}")
+            if item_uid is not None and not isinstance(item_uid, str):
+                raise RequestRefused(f"Error: The 'item_uid' parameter must be a string: item_uid={item_uid!r}")
+            if size is not None and item_uid is not None:
+                raise RequestRefused("Error: Parameters 'size' and 'item_uid' are mutually exclusive.")
+            self.worker.check_lock(_lock_key(params), "queue", origin="remote", client=client)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc)}
+        self.worker.engine.clear_finished()
+        return {"success": True, "msg": ""}
+
+    def _group(self, params: dict) -> str:
+        if "user_group" not in params:
+            raise RequestRefused("Incorrect request format: user group is not specified")
+        group = params["user_group"]
+        if not isinstance(group, str) or group not in self.worker.permissions.groups():
+            raise RequestRefused(f"Unknown user group: '{group}'")
+        return group
+
+    def plans_existing(self, params: dict, **who: Any) -> dict:
+        catalog = self.worker.catalog
+        plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
+        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
+
+    def plans_allowed(self, params: dict, **who: Any) -> dict:
+        """Every plan of the namespace, for any known group: a kernel has no plan queue, so
+        the rules' plan lists are not applied (they are kept for queueserver files)."""
+        try:
+            self._group(params)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "plans_allowed": {}, "plans_allowed_uid": None}
+        reply = self.plans_existing(params)
+        return {"success": True, "msg": "", "plans_allowed": reply["plans_existing"],
+                "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
+
+    def devices_existing(self, params: dict, **who: Any) -> dict:
+        catalog = self.worker.catalog
+        devices = {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
+        return {"success": True, "msg": "", "devices_existing": devices,
+                "devices_existing_uid": catalog.devices_uid}
+
+    def devices_allowed(self, params: dict, **who: Any) -> dict:
+        """Every device of the namespace, for any known group (see :meth:`plans_allowed`)."""
+        try:
+            self._group(params)
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "devices_allowed": {}, "devices_allowed_uid": None}
+        reply = self.devices_existing(params)
+        return {"success": True, "msg": "", "devices_allowed": reply["devices_existing"],
+                "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
+
+    def queue_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "items": [], "running_item": {},
+                "plan_queue_uid": self.worker.static_uid}
+
+    def history_get(self, params: dict, **who: Any) -> dict:
+        return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}

@@ -1,0 +1,84 @@
+"""Looking at tasks: live ones in the engine's memory, past ones in the experiment log.
+A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from .core.status import TaskStatus
+from .core.task import Task
+from .errors import LogUnavailable, TaskNotFound
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core.engine import Engine
+
+__all__ = ["LookupMixin"]
+
+
+class LookupMixin:
+    """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task`` and ``history``."""
+
+    engine: Engine
+    _journal: Any
+
+    def get_task(self, uid_or_prefix: str) -> Task:
+        """The live :class:`Task` with this uid or unique uid prefix (>= 4 characters).
+
+        Raises :class:`qmagic.TaskNotFound` (a KeyError) for unknown, ambiguous or
+        expired uids; :meth:`find` also looks in the experiment log."""
+        return self.engine.find(uid_or_prefix)
+
+    def find(self, uid_or_prefix: str) -> Task | dict[str, Any]:
+        """The task in memory, else its record in the experiment log (also of earlier
+        kernels; tasks of a kernel that died read as failed).  Raises TaskNotFound."""
+        try:
+            return self.engine.find(uid_or_prefix)
+        except TaskNotFound as exc:
+            record = self._log_find(uid_or_prefix)
+            if record is None:
+                raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
+            return record
+
+    def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
+        """Status of each uid (exact uids): memory first, then the experiment log (batched);
+        None for unknown uids."""
+        out: dict[str, TaskStatus | None] = {}
+        missing = []
+        get = self.engine.get
+        for uid in uids:
+            task = get(uid)
+            out[uid] = task.status if task is not None else None
+            if task is None:
+                missing.append(uid)
+        if missing and self._journal is not None:
+            for uid, status in self._log_statuses(missing).items():
+                out[uid] = status
+        return out
+
+    def tasks(self, status: str | TaskStatus | Iterable[str | TaskStatus] | None = None) -> list[Task]:
+        """Tasks in memory, oldest first; ``status`` filters by one status or several."""
+        items = self.engine.tasks()
+        if status is None:
+            return items
+        wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
+        return [t for t in items if t.status in wanted]
+
+    @property
+    def last_task(self) -> Task | None:
+        """The most recently submitted task still in memory (None if none)."""
+        return self.engine.last_task
+
+    def history(self, **filters: Any) -> list[dict[str, Any]]:
+        """Records of past and present tasks from the experiment log, newest first.
+
+        Filters: ``status``, ``user``, ``name`` (exact or glob), ``notebook``, ``since`` /
+        ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
+        """
+        if self._journal is None:
+            raise LogUnavailable(
+                "The experiment log is off (QMagic.journal_enabled = False): turn it on to keep "
+                "a record of every task."
+            )
+        return self._journal.records(**filters)
