@@ -51,7 +51,7 @@ def widgets_available(shell: Any) -> bool:
     if not isinstance(shell, ZMQInteractiveShell):
         return False
     try:
-        import ipywidgets
+        import ipywidgets  # noqa: F401 - is it installed?
     except ImportError:
         return False
     return True

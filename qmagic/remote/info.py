@@ -29,8 +29,8 @@ import zmq
 
 from .. import format as fmt
 from ..core import capture
-from ..errors import ControlChannelError
 from .server import is_loopback, server_secret_key
+from .socket_thread import SocketThread
 
 __all__ = ["InfoPublisher", "DEFAULT_INFO_ADDRESS", "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
 
@@ -45,82 +45,46 @@ _STATUS_PERIOD_S = 1.0
 _FINAL = ("completed", "failed", "cancelled")
 
 
-class InfoPublisher:
+class InfoPublisher(SocketThread):
     """Publishes console text, status and task events on ``address`` (module docstring).
 
     ``status`` returns the current status dict; ``worker`` gives the task events.
     """
 
+    what = "info socket"
+    thread_name = "qmagic-info"
+
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
                  all_output: bool = False, secret_key: str | None = None,
                  status_period: float = _STATUS_PERIOD_S) -> None:
-        if not isinstance(address, str) or "://" not in address:
-            raise ControlChannelError(
-                f"Invalid info socket address {address!r}: use a 0MQ endpoint such as "
-                f"{DEFAULT_INFO_ADDRESS!r}."
-            )
+        super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address")
         self.worker = worker
-        self.requested_address = address
         self.all_output = all_output
         self.status_period = status_period
         self._status = status
         self._secret_key = server_secret_key(secret_key)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._endpoint: str | None = None
         self._subscription: Any = None
         self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
         self._sent_at: dict[str, float] = {}
         self._tasks_lock = threading.Lock()
         self.messages = 0
 
-    @property
-    def running(self) -> bool:
-        """True while the publishing thread runs."""
-        thread = self._thread
-        return thread is not None and thread.is_alive() and not self._stop.is_set()
-
-    @property
-    def address(self) -> str:
-        """The bound endpoint while running (the real port for ``:*``)."""
-        return self._endpoint if self._endpoint and self.running else self.requested_address
-
-    # -- start / stop ------------------------------------------------------------------------
-    def start(self) -> InfoPublisher:
-        """Bind and start publishing; ControlChannelError (nothing left running) on failure."""
-        if self.running:
-            return self
-        self._stop = threading.Event()
-        ready = threading.Event()
-        outcome: dict[str, Any] = {}
-        thread = threading.Thread(target=self._run, args=(self._stop, ready, outcome),
-                                  name="qmagic-info", daemon=True)
-        thread.start()
-        ready.wait(10.0)
-        if "error" in outcome or not ready.is_set():
-            self._stop.set()
-            thread.join(5.0)
-            raise ControlChannelError(outcome.get("error", "The info socket did not start."))
-        self._endpoint = outcome.get("endpoint")
-        self._thread = thread
+    # -- start / stop (see SocketThread) ----------------------------------------------------------
+    def _started(self) -> None:
         capture.add_listener(self._on_output)
         self._subscription = self.worker.subscribe(self._on_event)
         if not is_loopback(self.requested_address) and self._secret_key is None:
             log.warning("qmagic: the info socket publishes on %s without encryption", self.address)
-        return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop publishing and close the socket (idempotent)."""
+    def _stopping(self) -> None:
         capture.remove_listener(self._on_output)
         if self._subscription is not None:
             self._subscription.unsubscribe()
             self._subscription = None
-        thread, self._thread = self._thread, None
-        self._stop.set()
+
+    def _wake(self) -> None:
         self._queue.put(None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
 
     # -- producers (any thread) -----------------------------------------------------------------
     def _on_output(self, task: Any, text: str) -> None:

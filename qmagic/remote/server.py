@@ -26,6 +26,7 @@ from typing import Any, Callable
 import zmq
 
 from ..errors import ControlChannelError
+from .socket_thread import SocketThread
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "is_loopback", "server_secret_key"]
 
@@ -37,8 +38,6 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
 PRIVATE_KEY_ENV = "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"
 
 _POLL_MS = 100  # how often the serving thread looks at the stop flag
-_START_TIMEOUT_S = 10.0
-_STOP_TIMEOUT_S = 5.0
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
@@ -98,7 +97,7 @@ class _StatusJSON:
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
 
 
-class ControlServer:
+class ControlServer(SocketThread):
     """Serves requests on ``address`` with ``dispatch`` (see the module docstring).
 
     ``start()`` binds (errors raise :class:`qmagic.ControlChannelError`) and starts the
@@ -106,15 +105,13 @@ class ControlServer:
     ``:*`` for a free port: :attr:`address` then tells the bound endpoint.
     """
 
+    what = "control channel"
+    thread_name = "qmagic-control"
+
     def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
                  secret_key: str | None = None, client_keys: Any = None) -> None:
-        if not isinstance(address, str) or "://" not in address:
-            raise ControlChannelError(
-                f"Invalid control channel address {address!r}: use a 0MQ endpoint such as "
-                f"{DEFAULT_ADDRESS!r}."
-            )
+        super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address")
         self._dispatch = dispatch
-        self.requested_address = address
         #: Largest request accepted, in bytes; larger ones get an error reply.
         self.max_message_bytes = max_message_bytes
         self._secret_key = server_secret_key(secret_key)
@@ -124,10 +121,6 @@ class ControlServer:
                 "QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
                 f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys."
             )
-        self._endpoint: str | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._state_lock = threading.Lock()
         self._started_at: float | None = None
         self.requests = 0
         self.errors = 0
@@ -136,17 +129,6 @@ class ControlServer:
         self._status_json = _StatusJSON()
 
     # -- state ------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        """True while the serving thread is up."""
-        thread = self._thread
-        return thread is not None and thread.is_alive() and not self._stop.is_set()
-
-    @property
-    def address(self) -> str:
-        """The bound endpoint while running (the real port for ``:*``), else the requested one."""
-        return self._endpoint if self._endpoint and self.running else self.requested_address
-
     @property
     def curve(self) -> bool:
         """True when CurveZMQ encryption is on."""
@@ -158,44 +140,12 @@ class ControlServer:
         return time.time() - self._started_at if self._started_at and self.running else 0.0
 
     # -- start / stop -------------------------------------------------------------------------
-    def start(self) -> ControlServer:
-        """Bind and start serving; returns self.  Raises ControlChannelError on failure."""
-        with self._state_lock:
-            if self.running:
-                return self
-            self._stop = threading.Event()
-            ready = threading.Event()
-            outcome: dict[str, Any] = {}
-            thread = threading.Thread(target=self._serve, args=(self._stop, ready, outcome),
-                                      name="qmagic-control", daemon=True)
-            thread.start()
-            if not ready.wait(_START_TIMEOUT_S):
-                self._stop.set()
-                raise ControlChannelError(
-                    f"The control channel did not start within {_START_TIMEOUT_S:.0f} s on "
-                    f"{self.requested_address}."
-                )
-            if "error" in outcome:
-                thread.join(_STOP_TIMEOUT_S)
-                raise ControlChannelError(outcome["error"])
-            self._thread = thread
-            self._endpoint = outcome.get("endpoint")
-            self._started_at = time.time()
+    def _started(self) -> None:
+        self._started_at = time.time()
         if not is_loopback(self.requested_address):
             log.warning("qmagic: the control channel listens on %s (not loopback)%s", self.address,
                         "" if self.curve else " WITHOUT encryption: anyone who can reach it can "
                         "run code here")
-        return self
-
-    def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
-        """Stop serving; close the socket and its context (idempotent)."""
-        with self._state_lock:
-            thread, self._thread = self._thread, None
-            self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("qmagic: the control channel thread did not stop within %.1f s", timeout)
 
     # -- the serving thread ----------------------------------------------------------------------
     def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
@@ -213,7 +163,7 @@ class ControlServer:
             sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
         return sock
 
-    def _serve(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
+    def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         ctx = zmq.Context()
         sock: zmq.Socket | None = None
         auth = None

@@ -1,0 +1,105 @@
+"""One 0MQ socket owned by one daemon thread: the life cycle the control channel and the
+info socket share.
+
+:meth:`SocketThread.start` starts the thread, which binds and reports the bound endpoint (or
+the error) before it serves; a failure raises :class:`qmagic.ControlChannelError` and leaves
+nothing running.  :meth:`SocketThread.stop` asks the thread to end and joins it
+(idempotent).  Subclasses implement ``_run(stop, ready, outcome)``: bind, put ``endpoint`` or
+``error`` in ``outcome``, set ``ready``, then serve until ``stop`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from ..errors import ControlChannelError
+
+__all__ = ["SocketThread"]
+
+log = logging.getLogger("qmagic")
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+
+
+class SocketThread:
+    """Start/stop of a socket-owning thread (see the module docstring)."""
+
+    #: Named in messages ("control channel").
+    what = "socket"
+    thread_name = "qmagic-socket"
+
+    def __init__(self, address: Any, example: str, setting: str) -> None:
+        if not isinstance(address, str) or "://" not in address:
+            raise ControlChannelError(
+                f"Invalid {self.what} address {address!r}: use a 0MQ endpoint such as "
+                f"{example!r} (QMagic.{setting})."
+            )
+        self.requested_address = address
+        self._endpoint: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._state_lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """True while the thread serves."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def address(self) -> str:
+        """The bound endpoint while running (the real port for ``:*``), else the requested one."""
+        return self._endpoint if self._endpoint and self.running else self.requested_address
+
+    def start(self) -> Any:
+        """Bind and start; returns self.  Raises ControlChannelError (nothing left running)."""
+        with self._state_lock:
+            if self.running:
+                return self
+            self._stop = threading.Event()
+            ready = threading.Event()
+            outcome: dict[str, Any] = {}
+            thread = threading.Thread(target=self._run, args=(self._stop, ready, outcome),
+                                      name=self.thread_name, daemon=True)
+            thread.start()
+            if not ready.wait(START_TIMEOUT_S):
+                self._stop.set()
+                raise ControlChannelError(
+                    f"The {self.what} did not start within {START_TIMEOUT_S:.0f} s on "
+                    f"{self.requested_address}."
+                )
+            if "error" in outcome:
+                thread.join(STOP_TIMEOUT_S)
+                raise ControlChannelError(outcome["error"])
+            self._thread = thread
+            self._endpoint = outcome.get("endpoint")
+        self._started()
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop the thread and close its socket (idempotent)."""
+        self._stopping()
+        with self._state_lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("qmagic: the %s thread did not stop within %.1f s", self.what, timeout)
+
+    # -- for subclasses ---------------------------------------------------------------------
+    def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
+        raise NotImplementedError
+
+    def _started(self) -> None:
+        """After a successful start (outside the state lock)."""
+
+    def _stopping(self) -> None:
+        """Before the thread is told to stop."""
+
+    def _wake(self) -> None:
+        """Wake the thread if it may be waiting on something other than its socket."""
