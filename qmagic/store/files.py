@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import StateFileError
 
 __all__ = [
+    "read_fd",
     "ensure_state_dir",
     "open_state_file",
     "read_state_file",
@@ -127,6 +128,18 @@ def open_state_file(path: str | os.PathLike[str], flags: int, mode: int = 0o600)
     return fd
 
 
+def read_fd(fd: int, most: int, chunk: int = 16 << 20) -> bytes:
+    """Up to ``most`` bytes from ``fd`` (fewer at the end of the file), read in chunks."""
+    chunks, got = [], 0
+    while got < most:
+        data = os.read(fd, min(most - got, chunk))
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
 def read_state_file(path: str | os.PathLike[str], limit: int) -> bytes | None:
     """The content of a state file (at most ``limit`` + 1 bytes, so callers can tell "too
     large"), or None when it does not exist."""
@@ -135,14 +148,7 @@ def read_state_file(path: str | os.PathLike[str], limit: int) -> bytes | None:
     except FileNotFoundError:
         return None
     try:
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        return read_fd(fd, limit + 1)
     except OSError as exc:
         raise StateFileError(f"Cannot read the qmagic state file {str(path)!r}: {exc}.") from exc
     finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StateFileError
-from .files import open_state_file
+from .files import open_state_file, read_fd
 from .keys import KeyRecord
 
 __all__ = ["MAX_NOTE_CHARS", "MAX_USER_CHARS", "LockFile", "LockState", "Snapshot"]
@@ -223,21 +223,15 @@ class LockFile:
             return Snapshot(token, identity(lst), _racy(lst), self.damaged(_problem(lst), lst), None)
         try:
             st = os.fstat(fd)
-            chunks, size = [], 0
-            while size <= MAX_FILE_BYTES:
-                chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
+            data = read_fd(fd, MAX_FILE_BYTES + 1)
         except OSError as exc:
             return Snapshot(token, None, True, self.damaged(f"it cannot be read ({exc.strerror})", lst), None)
         finally:
             os.close(fd)
         try:
-            if size > MAX_FILE_BYTES:
+            if len(data) > MAX_FILE_BYTES:
                 raise ValueError("it is far too large")
-            state, record = self.parse(b"".join(chunks))
+            state, record = self.parse(data)
         except ValueError as exc:
             state, record = self.damaged(str(exc), st), None
         return Snapshot(token, identity(st), _racy(st), state, record)
