@@ -229,6 +229,7 @@ class QueueserverProtocol(GuiMethods):
             return {"success": False, "msg": f"Error: {exc}"}
         return {"success": True, "msg": ""}
 
+
 def _function_item(params: Mapping[str, Any]) -> tuple[str, list, dict]:
     """Validate a function item with queueserver's texts; (name, args, kwargs)."""
     prefix = "Error: Incorrect request format: "
