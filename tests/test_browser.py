@@ -5,7 +5,8 @@ to 100 %, Cancel turning a row cancelled (also while a cell blocks the main thre
 and unlock from the lock panel (a wrong key shown as an error), and a storm of 100 tasks x
 1000 progress updates per second that neither trips the server's IOPub rate limit nor leaves
 a row inexact.  IOPub messages are counted from the kernel websocket.  Screenshots go to
-``test-artifacts/browser/`` in the repository (the test prints the folder).
+the folder ``tests/browser_lab.py`` chooses (the test prints it; set
+``QMAGIC_TEST_ARTIFACTS`` to keep them).
 
 Needs ``/usr/bin/chromium`` (``.ci/run`` installs it) and the ``playwright`` package: without
 them this test FAILS, it does not skip.
@@ -14,113 +15,18 @@ them this test FAILS, it does not skip.
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_lab import CHROMIUM, CHROMIUM_ARGS, Lab, artifacts_dir, require_browser
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(__file__).resolve().parent / "browser" / "panels.ipynb"
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
 IOPUB_LIMIT = 1000.0  # the Jupyter server's default iopub_msg_rate_limit (msgs/s over 3 s)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _require_browser() -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium; "
-                    ".ci/run does it). The browser test must not be skipped.")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError as exc:
-        pytest.fail(f"the playwright package is missing ({exc}): pip install playwright")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Lab:
-    """A JupyterLab server on 127.0.0.1 with isolated folders, for one test."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.port = _free_port()
-        self.token = secrets.token_hex(16)
-        self.root = base / "root"
-        self.root.mkdir()
-        shutil.copy(NOTEBOOK, self.root / NOTEBOOK.name)
-        env = dict(os.environ)
-        for name in ("QMAGIC_NO_AUTOLOAD", "QMAGIC_EMERGENCY_LOCK_KEY", "JUPYTER_PATH"):
-            env.pop(name, None)
-        for name, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "jconfig"), ("JUPYTER_DATA_DIR", "jdata"),
-                          ("JUPYTER_RUNTIME_DIR", "jruntime"), ("IPYTHONDIR", "ipython"),
-                          ("QMAGIC_STATE_DIR", "qmagic-state")):
-            (base / sub).mkdir()
-            env[name] = str(base / sub)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        # no news toast over the panels; every cell rendered (screenshots of the whole notebook)
-        settings = base / "jconfig" / "lab" / "user-settings" / "@jupyterlab"
-        for plugin, values in (("apputils-extension/notification", {"fetchNews": "false",
-                                                                      "checkForUpdates": False}),
-                               ("notebook-extension/tracker", {"windowingMode": "none"})):
-            path = settings / f"{plugin}.jupyterlab-settings"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(values))
-        self.log_path = base / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-             f"--IdentityProvider.token={self.token}", "--ServerApp.allow_root=True",
-             f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=None",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
-        )
-
-    def wait_ready(self, timeout: float = 40.0) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/api/status?token={self.token}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited: {self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                threading.Event().wait(0.2)
-        raise TimeoutError(f"jupyter lab did not answer within {timeout} s: {self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
 
 
 class IOPubCounter:
@@ -162,8 +68,11 @@ class IOPubCounter:
             return [f for f in self.frames if start <= f[0] <= end and f[1] == channel]
 
 
+ARTIFACTS: Path | None = None  # set by the test (browser_lab.artifacts_dir)
+
+
 def _shot(locator_or_page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert ARTIFACTS is not None
     locator_or_page.screenshot(path=str(ARTIFACTS / name))
 
 
@@ -235,15 +144,14 @@ def _expect_button_on_row(page, key: str, timeout_ms: float = 10_000) -> None:
 
 
 def test_panels_in_jupyterlab(tmp_path):
-    _require_browser()
+    global ARTIFACTS
+    require_browser()
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):
-        old.unlink()
+    ARTIFACTS = artifacts_dir("browser")
     print(f"\nscreenshots: {ARTIFACTS}")
     started = time.monotonic()
-    lab = Lab(tmp_path)
+    lab = Lab(tmp_path, (NOTEBOOK.name, NOTEBOOK.read_text()), autoload=True)
     try:
         lab.wait_ready()
         with sync_playwright() as pw:
@@ -272,7 +180,7 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     # kernel -> server -> browser round trips of a panel update can take seconds.
     expect.set_options(timeout=15_000)
     page.set_default_timeout(30_000)
-    page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/{NOTEBOOK.name}?token={lab.token}")
+    page.goto(lab.url)
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=30_000)
     # The kernel is connected once the status bar says so.  (The toolbar's execution indicator
     # says "idle" from the start, while the status bar still shows "No Kernel | Initializing",
@@ -407,7 +315,6 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     _shot(page, "09-whole-notebook.png")
 
 
-def test_without_chromium_the_browser_test_fails_instead_of_skipping(monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+def test_without_chromium_the_browser_tests_fail_instead_of_skipping():
     with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
-        _require_browser()
+        require_browser("/nonexistent/chromium")

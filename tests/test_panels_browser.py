@@ -14,8 +14,8 @@ One notebook, generated here, run cell by cell with the qmagic extension loaded:
 In both themes it checks what makes a panel legible: the text contrast of the rows, badges,
 lock panel and messages (WCAG ratio >= 4.5, computed from the browser's own colours), the
 buttons inside their row's borders, and progress and call texts not cut.  Screenshots of
-both themes and of a running foreground task go to ``test-artifacts/panels-browser/`` (the
-test prints the folder); with ``QMAGIC_REFRESH_DOCS=1`` the light ones also refresh
+both themes and of a running foreground task go to the folder ``tests/browser_lab.py``
+chooses (the test prints it; set ``QMAGIC_TEST_ARTIFACTS`` to keep them); with ``QMAGIC_REFRESH_DOCS=1`` the light ones also refresh
 ``docs/task-panel.png`` and ``docs/lock-panel.png``.
 
 Needs ``/usr/bin/chromium`` and the ``playwright`` package: without them this test FAILS,
@@ -27,26 +27,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_lab import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO_ROOT,
+    Lab,
+    artifacts_dir,
+    require_browser,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "panels-browser"
 DOCS = REPO_ROOT / "docs"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
+ARTIFACTS: Path | None = None  # set by the test (browser_lab.artifacts_dir)
 NOTEBOOK = "panels-experience.ipynb"
 #: Least WCAG contrast ratio of any text in a panel (AA for normal text).
 MIN_CONTRAST = 4.5
@@ -88,22 +84,6 @@ CELLS = [
 ]
 
 
-def _require_browser() -> None:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium). "
-                    "The browser test must not be skipped.")
-    try:
-        import playwright.sync_api
-    except ImportError as exc:
-        pytest.fail(f"the playwright package is missing ({exc}): pip install playwright")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _notebook() -> dict:
     return {
         "nbformat": 4, "nbformat_minor": 5,
@@ -111,87 +91,6 @@ def _notebook() -> dict:
         "cells": [{"cell_type": "code", "id": f"cell-{i}", "metadata": {}, "execution_count": None,
                    "outputs": [], "source": source} for i, source in enumerate(CELLS)],
     }
-
-
-class Lab:
-    """JupyterLab on 127.0.0.1 with isolated folders and the app exposed for theme commands."""
-
-    def __init__(self, base: Path) -> None:
-        self.port = _free_port()
-        self.token = secrets.token_hex(16)
-        self.root = base / "root"
-        self.root.mkdir()
-        (self.root / NOTEBOOK).write_text(json.dumps(_notebook()))
-        env = dict(os.environ)
-        env.pop("QMAGIC_EMERGENCY_LOCK_KEY", None)
-        env.pop("JUPYTER_PATH", None)
-        env["QMAGIC_NO_AUTOLOAD"] = "1"  # the notebook loads qmagic itself
-        for name, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "jconfig"), ("JUPYTER_DATA_DIR", "jdata"),
-                          ("JUPYTER_RUNTIME_DIR", "jruntime"), ("IPYTHONDIR", "ipython"),
-                          ("QMAGIC_STATE_DIR", "qmagic-state"), ("XDG_CONFIG_HOME", "xdg")):
-            (base / sub).mkdir()
-            env[name] = str(base / sub)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        profile = base / "ipython" / "profile_default"
-        profile.mkdir(parents=True)
-        # the panels are under test, not the experiment log
-        (profile / "ipython_kernel_config.py").write_text("c.QMagic.journal_enabled = False\n")
-        settings = base / "jconfig" / "lab" / "user-settings" / "@jupyterlab"
-        for plugin, values in (("apputils-extension/notification", {"fetchNews": "false",
-                                                                      "checkForUpdates": False}),
-                               ("notebook-extension/tracker", {"windowingMode": "none"})):
-            path = settings / f"{plugin}.jupyterlab-settings"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(values))
-        self.log_path = base / "server.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-             f"--IdentityProvider.token={self.token}", "--ServerApp.allow_root=True",
-             f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=None",
-             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-             "--LabApp.expose_app_in_browser=True"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root,
-        )
-
-    def wait_ready(self, timeout: float = 40.0) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/api/status?token={self.token}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited: {self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                threading.Event().wait(0.2)  # polling a server that is starting
-        raise TimeoutError(f"jupyter lab did not answer within {timeout} s: {self.log()[-3000:]}")
-
-    def start_kernel(self) -> None:
-        """Start the notebook's kernel session through the REST API (as opening it would),
-        so the page never asks which kernel to use."""
-        body = json.dumps({"path": NOTEBOOK, "name": NOTEBOOK, "type": "notebook",
-                           "kernel": {"name": "python3"}}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/api/sessions?token={self.token}", data=body, method="POST",
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            assert reply.status == 201, reply.status
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._log.close()
 
 
 # -- the page -----------------------------------------------------------------------------------
@@ -228,6 +127,7 @@ def _wait_done(page, index: int, timeout_ms: float = 30_000) -> None:
 
 
 def _shot(locator, name: str) -> Path:
+    assert ARTIFACTS is not None
     path = ARTIFACTS / name
     locator.screenshot(path=str(path))
     return path
@@ -340,15 +240,14 @@ def _check_row_geometry(row) -> None:
 
 # -- the test ------------------------------------------------------------------------------------
 def test_panels_light_and_dark_in_jupyterlab(tmp_path):
-    _require_browser()
+    global ARTIFACTS
+    require_browser()
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for old in ARTIFACTS.glob("*.png"):
-        old.unlink()
+    ARTIFACTS = artifacts_dir("panels-browser")
     print(f"\nscreenshots: {ARTIFACTS}")
     started = time.monotonic()
-    lab = Lab(tmp_path)
+    lab = Lab(tmp_path, (NOTEBOOK, json.dumps(_notebook())), autoload=False)
     try:
         lab.wait_ready()
         lab.start_kernel()
@@ -484,9 +383,3 @@ def _foreground(page, index: int, theme: str) -> list[str]:
         "scan(50, 0.1)  qmagic user  foreground  completed  50/50 point 50 of 50")
     _shot(cell, f"{theme}-0-foreground-completed.png")
     return [f"{theme} foreground row ok"]
-
-
-def test_without_chromium_the_panel_browser_test_fails_instead_of_skipping(monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
-    with pytest.raises(pytest.fail.Exception, match="must not be skipped"):
-        _require_browser()
