@@ -76,7 +76,7 @@ class QMagic(Configurable):
         help="User group permissions in queueserver's format "
         "({'user_groups': {GROUP: {'allowed_functions': [...], 'forbidden_functions': [...]}}}). "
         "Empty (the default): the rules of user_group_permissions_file, or if that is not set "
-        "either, qmagic's default rules (groups root, primary and admin; any namespace "
+        "either, qmagic's default rules (groups root and primary; any namespace "
         "function whose name does not start with '_').",
     ).tag(config=True)
     user_group_permissions_file = Unicode(
@@ -176,10 +176,11 @@ class QMagic(Configurable):
     ).tag(config=True)
     zmq_client_keys = Union(
         [Dict(), Unicode()], default_value=None, allow_none=True,
-        help="With CurveZMQ on: the clients allowed to connect, {public_key: {'user': NAME, "
-        "'groups': [GROUP, ...]}} or a YAML file with that mapping. A client may then claim "
-        "only its own user name and groups; unknown keys are refused. None: any client with "
-        "the server's public key, and user and group are the client's claims.",
+        help="With CurveZMQ on: the clients allowed to connect to the control channel and the "
+        "info socket, {'clients': [{'public_key': KEY, 'user': NAME, 'groups': [GROUP, ...]}, "
+        "...]} or a YAML file with that mapping. A client may then claim only its own user name "
+        "and groups; unknown keys are refused. None: any client with the server's public key, "
+        "and user and group are the client's claims.",
     ).tag(config=True)
 
     # -- panels -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Running an uploaded script in the namespace: all or nothing, one at a time.
+"""Running an uploaded script in the namespace: all or nothing; scripts never wait for each other.
 
 If the script raises, every name it added, changed or removed is restored, so the namespace
 is exactly as before (objects it mutated in place cannot be restored).  On success the

@@ -12,6 +12,8 @@ import time
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
+from .store.records import ORPHAN_REASON
+
 __all__ = ["timeline", "STATUS_COLOURS"]
 
 #: Bar colour per final status (colour-blind-safe palette; legible on light and dark).
@@ -69,7 +71,7 @@ def timeline(
         start = _num(rec.get("started_at")) or _num(rec.get("submitted_at"))
         end = _num(rec.get("finished_at"))
         status = str(rec.get("status") or "queued")
-        unfinished = end is None
+        unfinished = end is None or rec.get("error") == ORPHAN_REASON  # its kernel died
         end = end if end is not None else now
         y = lane_of[str(rec.get(lanes) or "?")]
         left = datetime.fromtimestamp(start)

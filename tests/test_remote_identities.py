@@ -92,3 +92,34 @@ def test_client_keys_without_curve_refuse_to_start(make_worker, monkeypatch):
         assert worker.zmq_control_address is None
     finally:
         service.close()
+
+
+def test_the_info_socket_admits_only_listed_clients(make_worker, monkeypatch):
+    """With client keys, the live streams are as private as the control channel: a listed
+    key receives the status, a stranger's subscription gets nothing (the handshake fails)."""
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    keys = {"clients": [{"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+    worker = make_worker({}, zmq_client_keys=keys)
+    service = RemoteService(worker)
+    publisher = service.start_info("tcp://127.0.0.1:*")
+    ctx = zmq.Context()
+    subs = []
+    try:
+        for public, secret in (ROBOT, tuple(k.decode() for k in zmq.curve_keypair())):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.curve_serverkey, sub.curve_publickey, sub.curve_secretkey = (
+                SERVER_PUBLIC.encode(), public.encode(), secret.encode())
+            sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+            sub.connect(publisher.address)
+            subs.append(sub)
+        listed, stranger = subs
+        assert listed.poll(10_000), "the listed client received no status within 10 s"
+        assert listed.recv_multipart()[0] == b"QS_Info"
+        # the status goes out about once a second: two periods without a message for the stranger
+        assert not stranger.poll(int(2.5 * 1000 * publisher.status_period))
+    finally:
+        for sub in subs:
+            sub.close(0)
+        ctx.term()
+        service.close()

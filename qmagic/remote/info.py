@@ -12,7 +12,7 @@ topics, each message two frames ``[topic, JSON payload]`` with the payload
   :data:`TASK_EVENTS_HZ` per second per task, the final state always sent.
 
 Subscribers: ``REManagerAPI.console_monitor`` and ``system_info_monitor``,
-``qserver monitor``, bluesky-httpserver's ``/api/console_output`` and websockets.  Producers
+``qserver-console-monitor``, bluesky-httpserver's ``/api/console_output`` and websockets.  Producers
 (any thread) only put items on a queue; one thread owns the socket.
 """
 
@@ -55,14 +55,14 @@ class InfoPublisher(SocketThread):
     thread_name = "qmagic-info"
 
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
-                 all_output: bool = False, secret_key: str | None = None,
+                 all_output: bool = False, secret_key: str | None = None, client_keys: Any = None,
                  status_period: float = _STATUS_PERIOD_S) -> None:
-        super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address")
+        super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address",
+                         secret_key=server_secret_key(secret_key), client_keys=client_keys)
         self.worker = worker
         self.all_output = all_output
         self.status_period = status_period
         self._status = status
-        self._secret_key = server_secret_key(secret_key)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._subscription: Any = None
         self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
@@ -117,16 +117,18 @@ class InfoPublisher(SocketThread):
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
+        auth = None
         try:
-            if self._secret_key is not None:
-                sock.setsockopt(zmq.CURVE_SERVER, 1)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+            auth = self._authenticator(ctx)  # with client keys: only listed clients subscribe
+            self._secure(sock)
             sock.bind(self.requested_address)
             outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to start(), nothing left running
             outcome["error"] = (f"Cannot start the info socket on {self.requested_address}: {exc}. "
                                 "Choose another address (QMagic.zmq_info_address).")
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             ready.set()
             return
@@ -156,6 +158,8 @@ class InfoPublisher(SocketThread):
             log.exception("qmagic: the info socket stopped on an unexpected error")
         finally:
             sock.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import zmq
 
 from ..errors import ControlChannelError
-from .socket_thread import SocketThread
+from .socket_thread import PRIVATE_KEY_ENV, SocketThread
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "is_loopback", "server_secret_key"]
 
@@ -35,7 +35,6 @@ log = logging.getLogger("qmagic")
 #: Address used when none is given (queueserver's port, on loopback only).
 DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
 #: Environment variable with the server's CurveZMQ secret key (same name as queueserver).
-PRIVATE_KEY_ENV = "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"
 
 _POLL_MS = 100  # how often the serving thread looks at the stop flag
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
@@ -110,17 +109,11 @@ class ControlServer(SocketThread):
 
     def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
                  secret_key: str | None = None, client_keys: Any = None) -> None:
-        super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address")
+        super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address",
+                         secret_key=server_secret_key(secret_key), client_keys=client_keys)
         self._dispatch = dispatch
         #: Largest request accepted, in bytes; larger ones get an error reply.
         self.max_message_bytes = max_message_bytes
-        self._secret_key = server_secret_key(secret_key)
-        self._client_keys = client_keys
-        if client_keys is not None and self._secret_key is None:
-            raise ControlChannelError(
-                "QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
-                f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys."
-            )
         self._started_at: float | None = None
         self.requests = 0
         self.errors = 0
@@ -129,11 +122,6 @@ class ControlServer(SocketThread):
         self._status_json = _StatusJSON()
 
     # -- state ------------------------------------------------------------------------------
-    @property
-    def curve(self) -> bool:
-        """True when CurveZMQ encryption is on."""
-        return self._secret_key is not None
-
     @property
     def uptime(self) -> float:
         """Seconds since the channel started (0 when stopped)."""
@@ -154,13 +142,7 @@ class ControlServer(SocketThread):
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
         sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.max_message_bytes, _HARD_CAP_MIN))
-        if self._client_keys is not None:
-            from .auth import secure_server_socket
-
-            secure_server_socket(sock, self._secret_key)  # only listed client keys get in
-        elif self._secret_key is not None:
-            sock.setsockopt(zmq.CURVE_SERVER, 1)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+        self._secure(sock)
         return sock
 
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
@@ -169,11 +151,7 @@ class ControlServer(SocketThread):
         auth = None
         try:
             try:
-                if self._client_keys is not None:
-                    from .auth import CurveAuthenticator
-
-                    auth = CurveAuthenticator(ctx, self._client_keys)
-                    auth.start()
+                auth = self._authenticator(ctx)
                 sock = self._new_socket(ctx)
                 sock.bind(self.requested_address)
                 outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -107,7 +107,8 @@ class RemoteService:
             address = address or self.worker.zmq_info_address
             self.stop_info()
             publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
-                                      all_output=self.worker.zmq_console_all_output)
+                                      all_output=self.worker.zmq_console_all_output,
+                                      client_keys=self._client_keys())
             publisher.start()
             self.info = publisher
             return publisher

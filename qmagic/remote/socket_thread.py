@@ -16,10 +16,12 @@ from typing import Any
 
 from ..errors import ControlChannelError
 
-__all__ = ["SocketThread"]
+__all__ = ["PRIVATE_KEY_ENV", "SocketThread"]
 
 log = logging.getLogger("qmagic")
 
+#: The kernel's CurveZMQ secret key (queueserver's variable).
+PRIVATE_KEY_ENV = "QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER"
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 
@@ -31,13 +33,21 @@ class SocketThread:
     what = "socket"
     thread_name = "qmagic-socket"
 
-    def __init__(self, address: Any, example: str, setting: str) -> None:
+    def __init__(self, address: Any, example: str, setting: str, *, secret_key: str | None,
+                 client_keys: Any = None) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ControlChannelError(
                 f"Invalid {self.what} address {address!r}: use a 0MQ endpoint such as "
                 f"{example!r} (QMagic.{setting})."
             )
+        if client_keys is not None and secret_key is None:
+            raise ControlChannelError(
+                "QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
+                f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys."
+            )
         self.requested_address = address
+        self._secret_key = secret_key
+        self._client_keys = client_keys
         self._endpoint: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -91,7 +101,35 @@ class SocketThread:
             if thread.is_alive():
                 log.warning("qmagic: the %s thread did not stop within %.1f s", self.what, timeout)
 
+    @property
+    def curve(self) -> bool:
+        """True when CurveZMQ encryption is on."""
+        return self._secret_key is not None
+
     # -- for subclasses ---------------------------------------------------------------------
+    def _authenticator(self, ctx: Any) -> Any:
+        """With a client key list: start the ZAP handler of ``ctx`` (before binding) and
+        return it (stop it after closing the socket); else None."""
+        if self._client_keys is None:
+            return None
+        from .auth import CurveAuthenticator
+
+        auth = CurveAuthenticator(ctx, self._client_keys)
+        auth.start()
+        return auth
+
+    def _secure(self, sock: Any) -> None:
+        """Before binding: CurveZMQ as configured — only listed client keys with a list."""
+        if self._client_keys is not None:
+            from .auth import secure_server_socket
+
+            secure_server_socket(sock, self._secret_key)
+        elif self._secret_key is not None:
+            import zmq
+
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         raise NotImplementedError
 

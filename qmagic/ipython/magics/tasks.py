@@ -243,8 +243,8 @@ class TaskMagics(Magics):
         ``%%script_upload [-b] [--name N]`` runs the cell body.  If the script raises, every
         name it added, changed or removed is restored (the namespace is unchanged) and the cell
         stops with the traceback; on success ``task.namespace_changes`` lists the names added,
-        changed and removed.  One script runs at a time: another upload meanwhile is refused
-        at once, saying which script runs.
+        changed and removed.  Scripts never wait for each other: a background script runs
+        while another script runs, so a script that never ends stalls no later upload.
         """
         __tracebackhide__ = True  # noqa: F841
         opts = parse_argstring(self.script_upload, line)
