@@ -1,12 +1,13 @@
-"""Cells of the tutorial notebook ``07-async-tasks-and-ophyd-async.ipynb``.
+"""Cells of the tutorial notebook ``07-async-tasks.ipynb`` (``notebooks/_build.py`` makes it).
 
-``CELLS`` is a list of ``(kind, source)`` pairs, kind ``"markdown"`` or ``"code"``, in
-notebook order; ``notebooks/_build.py`` turns them into the notebook and runs it.  The
-notebook is deterministic for nbval (``notebooks/sanitize.cfg``): no uids, clock times or
-durations in its outputs (a deadline's "0.2 s" is sanitized), and background tasks print
-only while the cell that started them still runs.  It needs bluesky and ophyd-async
-(``ophyd_async.sim``), and runs top to bottom in a few seconds (most of it importing them).
-No cell raises.
+``CELLS`` is a list of ``(kind, source)`` pairs in notebook order.  ``kind`` is
+``"markdown"``, ``"code"``, ``"code-raises"`` (a code cell whose error is the lesson: tagged
+``raises-exception``) or ``"setup"`` (``_build.py`` puts the tutorials' common setup text
+and cell there; its source is empty).  The notebook is deterministic for nbval
+(``notebooks/sanitize.cfg``): no uids, clock times or durations in its outputs (a
+deadline's "0.2 s" is sanitized), and background tasks print only while the cell that
+started them still runs.  It needs bluesky and ophyd-async (``ophyd_async.sim``), and runs
+top to bottom in a few seconds (most of it importing them).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import textwrap
 __all__ = ["CELLS", "NOTEBOOK_NAME"]
 
 #: File name of the notebook these cells make.
-NOTEBOOK_NAME = "07-async-tasks-and-ophyd-async.ipynb"
+NOTEBOOK_NAME = "07-async-tasks.ipynb"
 
 
 def _md(text: str) -> tuple[str, str]:
     return ("markdown", textwrap.dedent(text).strip("\n"))
 
 
-def _code(text: str) -> tuple[str, str]:
-    return ("code", textwrap.dedent(text).strip("\n"))
+def _code(text: str, *, raises: bool = False) -> tuple[str, str]:
+    return ("code-raises" if raises else "code", textwrap.dedent(text).strip("\n"))
 
 
 CELLS: list[tuple[str, str]] = [
@@ -44,32 +45,18 @@ CELLS: list[tuple[str, str]] = [
     Tutorials: [1 getting started](01-getting-started.ipynb) ·
     [2 progress, cancel, output](02-progress-cancel-output.ipynb) ·
     [3 scripts and permissions](03-scripts-and-permissions.ipynb) ·
-    [4 locking](04-locking-for-hutch-entry.ipynb) ·
+    [4 locking for a hutch entry](04-locking-for-hutch-entry.ipynb) ·
     [5 remote control](05-remote-control.ipynb) ·
-    [6 experiment log](06-experiment-log.ipynb) · **7 async tasks and ophyd-async**
+    [6 the experiment log](06-experiment-log.ipynb) · **7 async tasks and ophyd-async**
     """),
-    _md("""
-    **Setup.** qmagic loads by itself in the Jupyter kernels of the environment it is
-    installed in. `w` is the kernel's *worker*, the object behind every magic. The last two
-    lines keep this tutorial's lock and experiment log in a scratch folder, away from your
-    real ones (you would not do this in your own notebooks); the folder is removed when the
-    kernel stops.
-    """),
-    _code("""
-    import qmagic
-    import tempfile
-
-    w = qmagic.get_worker()
-    scratch = tempfile.TemporaryDirectory(prefix="qmagic-tutorial-")  # removed when the kernel stops
-    w.state_dir = scratch.name  # this tutorial's lock and log go to the scratch folder
-    """),
+    ("setup", ""),
     _md("""
     ## `async def` functions are tasks
 
     Start an `async def` function like any other. qmagic runs it on an event loop: here,
     without bluesky, on a loop that qmagic runs in a thread of its own. A foreground task
-    holds the cell until it ends (■ cancels it); `report_progress`, `print` and logging
-    work as in any task.
+    holds the cell until it ends, with its live row (■ or the row's *Cancel* stop it);
+    `report_progress`, `print` and logging work as in any task.
     """),
     _code("""
     import asyncio
@@ -103,6 +90,47 @@ CELLS: list[tuple[str, str]] = [
     frames.kind, frames.status.value, frames.progress
     """),
     _md("""
+    ## Foreground and background together
+
+    Coroutine tasks share their event loop, so a background task can wait for something
+    a foreground task does. `wait_for_beam` waits in the background until the beam is on
+    (the cell waits until it reports that it is waiting: `subscribe` delivers a task's
+    events, the same ones the panels follow); the foreground task `open_shutters` then
+    switches the beam on, in its own cell, while the background task waits on the same
+    loop.
+    """),
+    _code("""
+    import threading
+
+    beam_on = asyncio.Event()
+
+
+    async def wait_for_beam():
+        \"\"\"Wait until the beam is on, then take one frame.\"\"\"
+        qmagic.report_progress(None, None, "waiting for beam")
+        await beam_on.wait()
+        return await count_frames(1)
+
+
+    async def open_shutters():
+        \"\"\"Open the beam shutters.\"\"\"
+        beam_on.set()
+        return "beam on"
+
+
+    waiting = %function_execute -b wait_for_beam
+    reported = threading.Event()
+    with waiting.subscribe(lambda **event: "progress" in event and reported.set()):
+        reported.wait(timeout=10)
+    waiting.status.value, waiting.progress.message
+    """),
+    _code("""
+    %function_execute open_shutters
+    """),
+    _code("""
+    await waiting
+    """),
+    _md("""
     ## Cancel is asyncio cancellation
 
     Cancelling a coroutine task is immediate: `asyncio.CancelledError` is raised at the
@@ -112,8 +140,6 @@ CELLS: list[tuple[str, str]] = [
     This cell starts an exposure in the background, waits until it runs, then cancels it.
     """),
     _code("""
-    import threading
-
     shutter = {"open": False}
 
 
@@ -152,6 +178,14 @@ CELLS: list[tuple[str, str]] = [
     late.wait(timeout=10)
     print(late.status.value, "|", late.error, "| shutter open:", shutter["open"])
     """),
+    _md("""
+    A **foreground** task whose deadline passes ends its cell like ■ does: with one
+    `TaskCancelled` line saying why, so *Run All* stops there. (This cell carries the
+    `raises-exception` tag, so that *Run All* carries on.)
+    """),
+    _code("""
+    %function_execute --timeout 0.2 expose 30
+    """, raises=True),
     _md("""
     ## Plans are not functions
 
@@ -295,10 +329,15 @@ CELLS: list[tuple[str, str]] = [
     - `async def` functions (and functions returning an awaitable) run as tasks, on
       bluesky's event loop once a RunEngine runs it, else on qmagic's own loop
       (`QMagic.async_loop`).
-    - Cancel — `task.cancel()`, ■, a panel's Cancel, `%task_cancel` — is asyncio
+    - Foreground and background coroutine tasks share the loop; the cell waits for a
+      foreground one, never for a background one.
+    - Cancel — `task.cancel()`, ■, a panel's *Cancel*, `%task_cancel` — is asyncio
       cancellation: immediate at the next `await`, with `finally` cleanup.
     - `--timeout` / `timeout=` set deadlines, for every kind of task.
     - `await task` works in cells and in coroutines and never blocks a loop.
     - Plans go to the RunEngine: `RE(plan(...))`.
+
+    That is the end of the tutorials. The repository's README lists every magic, setting
+    and Python function; every magic also has its help: `%function_execute?`.
     """),
 ]

@@ -3,26 +3,31 @@
     python notebooks/_build.py              # every notebook
     python notebooks/_build.py 02 05        # the notebooks whose names start with 02 and 05
 
-The cells of every tutorial are defined below (the single source of the notebooks: edit
-them here, not in JupyterLab, then run this script).  Each notebook is written with
-nbformat and executed top to bottom with nbclient in a fresh ``python3`` kernel started in
-``notebooks/``, so the committed outputs are real.  Afterwards check them with
+The cells of every tutorial are defined below, those of tutorial 7 in
+``_async_tutorial.py`` (the single source of the notebooks: edit them there, not in
+JupyterLab, then run this script).  Each notebook is written with nbformat and executed
+top to bottom with nbclient in a fresh ``python3`` kernel started in ``notebooks/``, so the
+committed outputs are real.  Afterwards check them with
 
-    python -m pytest --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg
+    python -m pytest notebooks/        # nbval, options from pyproject.toml
 
-The kernel gets the repository on ``PYTHONPATH`` (qmagic need not be installed) and no
-auto-load: the notebooks print the same text whether qmagic is auto-loaded or not.
+The kernel gets the repository on ``PYTHONPATH`` (qmagic need not be installed), no
+auto-load (the notebooks print the same text whether qmagic is auto-loaded or not), and
+the notebook's path in ``JPY_SESSION_NAME``, as JupyterLab gives it (``conftest.py`` does
+the same for nbval), so the experiment log knows which notebook started each task.
 Cells marked ``raises=True`` are meant to stop with an error (tag ``raises-exception``:
 JupyterLab's Run All goes on after them, nbclient and nbval accept the error).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
-import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -81,7 +86,8 @@ GETTING_STARTED = [
     [3 scripts and permissions](03-scripts-and-permissions.ipynb) ·
     [4 locking for a hutch entry](04-locking-for-hutch-entry.ipynb) ·
     [5 remote control](05-remote-control.ipynb) ·
-    [6 the experiment log](06-experiment-log.ipynb)
+    [6 the experiment log](06-experiment-log.ipynb) ·
+    [7 async tasks and ophyd-async](07-async-tasks.ipynb)
     """),
     md("""
     ## Load qmagic
@@ -130,13 +136,16 @@ GETTING_STARTED = [
     md("""
     ## A foreground task
 
-    `%function_execute NAME ARG ... KEY=VALUE ...` starts a function as a task. Without
-    options it runs in the **foreground**: here, in this cell, exactly like calling
-    `measure("silicon")` would — its output appears below, ■ (interrupt) stops it. The
-    arguments are Python expressions (strings need quotes).
+    `%function_execute [OPTIONS] NAME ARG ... KEY=VALUE ...` starts a function as a task.
+    Without options it runs in the **foreground**: here, in this cell, exactly like calling
+    `measure("silicon")` would — its output appears below, and ■ (interrupt) stops it. The
+    arguments are Python expressions (strings need quotes); options such as `-b` go before
+    the function's name.
 
-    The cell's value is the **task**. Its line reads: the call, who started it, where it
-    ran, and its status.
+    While the task runs, the cell shows its **live row**: status, progress, elapsed time and
+    a *Cancel* button. The cell's value is the **task**; its line reads: the call, who
+    started it, where it ran (foreground or background), and its status. (Where widgets
+    are not available, as in a terminal, both are plain text lines.)
     """),
     code("""
     %function_execute measure "silicon"
@@ -212,12 +221,14 @@ GETTING_STARTED = [
     md("""
     ## The task panel
 
-    `%tasks` shows the latest tasks, newest first. In JupyterLab it is a **live panel**:
+    `%tasks` shows the latest 10 tasks, newest first. In JupyterLab it is a **live panel**:
     the status, progress bar and elapsed time of every task update as they change;
-    *Cancel* stops a queued or running task; *Details* shows a task's result or
-    traceback, its output and its log; *Running* / *All* choose the tasks listed. Where
-    widgets are not available (a terminal IPython) `%tasks` prints the same table as text.
-    `%tasks --running` lists only unfinished tasks, `%tasks --all` every task kept.
+    *Cancel* asks a queued or running task to stop (once asked, it turns into
+    *Force stop* until the task has stopped); *Details* shows a task's result or
+    traceback, its output and its log; *Running* / *All* choose the tasks listed. Where widgets are not available
+    (a terminal IPython) `%tasks` prints the same table as text. `%tasks --running` lists
+    only unfinished tasks, `%tasks --all` every task kept in memory, and
+    `%tasks --history` the experiment log (tutorial 6).
     """),
     code("""
     %tasks
@@ -352,8 +363,8 @@ PROGRESS = [
     """),
     md("""
     `%task_cancel UID` asks a task to stop (`{second.uid}` puts the uid into the line; a
-    unique prefix of 4 or more characters would do too). A queued task is cancelled
-    before it ever starts:
+    unique prefix of 4 or more characters would do too; without a UID it cancels the
+    latest task). A queued task is cancelled before it ever starts:
     """),
     code("""
     %task_cancel {second.uid}
@@ -373,9 +384,31 @@ PROGRESS = [
     """),
     md("""
     In the task panel, a task's *Cancel* button does the same; `%task_cancel --all`
-    cancels every queued and running task. A **foreground** task is stopped with ■
-    (interrupt the kernel), like any cell.
+    cancels every queued and running task.
 
+    ## Stopping a foreground task, and deadlines
+
+    A **foreground** task is stopped with ■ (interrupt the kernel), like any cell, or with
+    the *Cancel* button of its live row. Either way the cell ends with one `TaskCancelled`
+    line that says how the task was stopped, so *Run All* stops there too, as after any
+    error.
+
+    A **deadline** stops a task that runs too long: `%function_execute --timeout SECONDS`
+    (or `w.submit(..., timeout=SECONDS)`, for background tasks too). This exposure would
+    take 30 s; its deadline stops it after 0.3 s, and the shutter is closed. (The cell
+    carries the `raises-exception` tag, so that *Run All* carries on.)
+    """),
+    code("""
+    %function_execute --timeout 0.3 expose 30
+    """, raises=True),
+    md("""
+    The task is recorded as cancelled, with the reason:
+    """),
+    code("""
+    late = w.last_task
+    print(late.status.value, "|", late.error)
+    """),
+    md("""
     ## When a task ignores the cancel
 
     Code that never calls a helper cannot notice a cancel request. `cancel(force=True)`
@@ -443,12 +476,13 @@ SCRIPTS = [
     md("""
     ## Uploading a script
 
-    `%%script_upload` runs the body of the cell as a script. Its task's `namespace_changes`
+    `%%script_upload` runs the body of the cell as a script; `--name` labels it in task
+    tables, panels, tracebacks and the experiment log. Its task's `namespace_changes`
     lists what the script added, changed and removed; the new functions are ready to run
     as tasks.
     """),
     code("""
-    %%script_upload
+    %%script_upload --name peak_tools
     import math
 
 
@@ -481,7 +515,7 @@ SCRIPTS = [
     The cell stops with the traceback...
     """),
     code("""
-    %%script_upload
+    %%script_upload --name wide_scans
     def scan_peak(start, stop, points=9):
         return [0.0] * points
 
@@ -508,8 +542,8 @@ SCRIPTS = [
     md("""
     ## Scripts from files
 
-    `%script_upload PATH` runs a file. (This tutorial writes one into its scratch folder;
-    yours would be in your beamline's code folder.)
+    `%script_upload PATH` runs a file; the task is named after the file. (This tutorial
+    writes one into its scratch folder; yours would be in your beamline's code folder.)
     """),
     code("""
     import pathlib
@@ -525,13 +559,12 @@ SCRIPTS = [
     uploaded.namespace_changes
     """),
     md("""
-    From Python (and over the remote channel) the same is `w.script_upload(text)`; it
-    answers with bluesky-queueserver's reply: a dict with `success`, `msg` and the task's
-    uid.
+    From Python the same is `w.run_script(text, name=...)`, which returns the script's
+    task (remote clients send bluesky-queueserver's `script_upload`, tutorial 5):
     """),
     code("""
-    reply = w.script_upload("def park():\\n    return 'all motors parked'\\n")
-    print("uploaded:", reply["success"])
+    parking = w.run_script("def park():\\n    return 'all motors parked'\\n", name="parking")
+    print(parking.call_text(), "|", parking.status.value, "| added:", parking.namespace_changes["added"])
     parked = %function_execute park
     parked.result()
     """),
@@ -547,10 +580,11 @@ SCRIPTS = [
 
     Every request comes with a **user** and a **user group** (the magics use
     `QMagic.default_user` / `default_user_group` unless you pass `--user` / `--group`).
-    Without rules, every group may run every function whose name does not start with `_`.
-    Rules use the format of bluesky-queueserver's `user_group_permissions.yaml`: a function
-    must pass the `root` group's lists *and* the caller's group's lists; `null` first means
-    "everything"; names starting with `:` are regular expressions.
+    Without rules of your own, qmagic's default rules apply: the groups `root` and
+    `primary` may run every function whose name does not start with `_`. Rules use the
+    format of bluesky-queueserver's `user_group_permissions.yaml`: a function must pass the
+    `root` group's lists *and* the caller's group's lists; `null` in `allowed_functions`
+    means "everything"; names starting with `:` are regular expressions.
 
     In the lab you would point `c.QMagic.user_group_permissions_file` at the facility's
     file in your IPython profile. Here we write one and set it on the live worker:
@@ -586,11 +620,14 @@ SCRIPTS = [
     """, raises=True),
     md("""
     The same rules apply to the Python API (`w.submit(..., user_group="students")`) and to
-    remote clients. Remove the rules again:
+    remote clients. Remove the rules again: qmagic's default rules apply, which know the
+    groups `root` and `primary` only — so the `students` group may run nothing, and
+    `primary` runs every function again:
     """),
     code("""
     w.user_group_permissions_file = None
-    sorted(w.functions_available("students"))
+    print("students:", sorted(w.functions_available("students")))
+    print("primary: ", sorted(w.functions_available("primary")))
     """),
     md("""
     Next: [4 locking for a hutch entry](04-locking-for-hutch-entry.ipynb).
@@ -608,7 +645,8 @@ LOCKING = [
     environment with a key. While it is locked, only requests that carry the key may start
     tasks — from any notebook, Python code, panel or remote client. The lock is kept in a
     file, so it survives kernel restarts and holds for every kernel that shares the
-    environment. The key itself is never stored or shown, only who locked, when, and why.
+    environment. The key itself is never shown, and stored only as a salted hash: others
+    see who locked, when, and why.
     """),
     md("""
     **Setup.** As in the other tutorials: load qmagic (automatic in this environment's
@@ -627,18 +665,30 @@ LOCKING = [
     md("""
     ## Lock
 
-    `%lock` locks the environment (`--queue` or `--all` also lock the permissions and the
-    history). Without `--key` it uses your personal default key
-    (`qmagic.locks.get_default_lock_key()`); here we give one. The note tells the others
-    why.
+    `%lock` locks the environment. (`--queue` locks bluesky-queueserver's *queue* instead:
+    the permissions and the task history; `--all` locks both.) `--note` tells the others
+    why, `--user` who you are (default: `QMagic.default_user`).
+
+    The key: `--key KEY`, as here, or `--prompt-key` to type it into a hidden prompt — a key
+    written on the line stays in IPython's history, like everything you type. With neither,
+    `%lock` uses the key this kernel locked with last, else your personal default key
+    (`qmagic.get_default_lock_key()`, kept in your home folder and shared by your
+    sessions, as in bluesky-queueserver-api).
     """),
     code("""
     %lock --key hutch-entry-42 --user Alice --note "In the hutch changing samples, back at 15:00"
     """),
     md("""
     `%lock_info` shows the lock. In JupyterLab it is a live **lock panel**: it follows
-    every change, made anywhere (magics, remote clients, other kernels), within about a
-    second, and has *Key* and *Note* fields with *Lock* and *Unlock* buttons.
+    every change, made anywhere (magics, panels, remote clients, other kernels), within
+    about a second; it says whether this kernel holds the key and whether an emergency key
+    is set; and it has a *Key* field (left empty: this kernel's key), a *Note* field,
+    *environment* and *queue* boxes, and *Lock* and *Unlock* buttons.
+
+    The lock changes further down this notebook. The panel then keeps what it showed when
+    its cell ran, under *When this cell ran (time)*, above the live state under
+    *Now (live) — changed since this cell ran*. The text below the cell (what a terminal
+    or a notebook viewer shows) is the lock when the cell ran.
     """),
     code("""
     %lock_info
@@ -653,8 +703,9 @@ LOCKING = [
     md("""
     ## Everybody else is refused
 
-    A request with a wrong key (or none, from anywhere else) is refused with the message
-    bluesky-queueserver clients know: who locked, when, and the note.
+    A request with a wrong key (or none, from anywhere else) is refused. The cell stops
+    with one line: who locked, since when, the note, and what to do. (The cell carries the
+    `raises-exception` tag, so that *Run All* carries on.)
     """),
     code("""
     %function_execute --lock-key wrong-key move_sample 20
@@ -662,36 +713,45 @@ LOCKING = [
     md("""
     The lock lives in the state folder, so another kernel that uses the same folder sees
     it at its very next request. A second worker in this notebook stands in for a
-    colleague's kernel:
+    colleague's kernel (configured with the facility's emergency key, like every kernel).
+    In Python a refusal is a `qmagic.LockRefused` error; its text is bluesky-queueserver's
+    message, the one remote clients get:
     """),
     code("""
-    colleague = qmagic.Worker({"move_sample": move_sample}, state_dir=w.state_dir)
-    reply = colleague.function_execute({"name": "move_sample", "args": [30]}, run_in_background=True)
-    print(reply["success"])
-    print(reply["msg"])
+    colleague = qmagic.Worker({"move_sample": move_sample}, state_dir=w.state_dir,
+                              emergency_lock_key="facility-emergency-key")
+    try:
+        colleague.submit("move_sample", (30,))
+    except qmagic.LockRefused as exc:
+        print(exc)
     """),
     md("""
     ## Unlock
 
     Back from the hutch, `%unlock` (this kernel holds the key). Elsewhere:
-    `%unlock --key KEY`.
+    `%unlock --key KEY` or `%unlock --prompt-key`.
     """),
     code("""
     %unlock
     """),
     code("""
-    reply = colleague.function_execute({"name": "move_sample", "args": [30]}, run_in_background=True)
-    colleague.get_task(reply["task_uid"]).result(timeout=10)
+    colleague.submit("move_sample", (30,)).result(timeout=10)
     """),
     md("""
     ## When the key is lost: the emergency key
 
     Your colleague Bob locks the environment from his kernel for an overnight scan, and
-    goes home with the key. The emergency key opens his lock (it only unlocks; it never
-    locks):
+    goes home with the key. This kernel does not hold his key, so a plain `%unlock` is
+    refused, saying what to do:
     """),
     code("""
     colleague.lock("bobs-key", environment=True, note="Overnight scan, do not touch", user="Bob")
+    %unlock
+    """, raises=True),
+    md("""
+    The emergency key opens his lock (it only unlocks; it never locks):
+    """),
+    code("""
     %unlock --key facility-emergency-key
     """),
     md("""
@@ -705,18 +765,23 @@ LOCKING = [
     qmagic-clear-lock --environment beamline-1 --state-dir /path/to/state
     ```
 
-    Bob locks once more, and this time we clear his lock with the tool. From a notebook,
-    the command is the function `qmagic.locks.clear_lock_main` (given this tutorial's
-    scratch folder):
+    Bob locks once more, and this time we clear his lock with the tool. The notebook runs
+    it as `python -m qmagic.store.clear_lock` (the same program) on this tutorial's scratch
+    folder:
     """),
     code("""
-    from qmagic.locks import clear_lock_main
+    import subprocess
+    import sys
 
     colleague.lock("bobs-key", environment=True, note="Overnight scan, do not touch", user="Bob")
-    exit_code = clear_lock_main(["--state-dir", w.state_dir])
+    tool = subprocess.run(
+        [sys.executable, "-m", "qmagic.store.clear_lock", "--state-dir", w.state_dir],
+        capture_output=True, text=True, timeout=60,
+    )
+    print(tool.stdout + tool.stderr)
     """),
     md("""
-    Running kernels notice at their next request; no restart is needed:
+    Running kernels see the change at once; no restart is needed:
     """),
     code("""
     %lock_info
@@ -856,14 +921,13 @@ EXPERIMENT_LOG = [
     # 6. The experiment log
 
     Every task — started by a magic, by Python code, by a remote client or from a panel —
-    is written to a **journal** on disk when it starts and when it ends: who ran which
-    function with which arguments, from where, when, and how it ended (result, or error
-    and traceback). The journal outlives the kernel: it is the experiment log of the
-    environment, shared by its kernels.
-
-    It is a plain text file, `<state folder>/<environment>.journal.jsonl`, one JSON object
-    per line, so `tail -f`, `grep` and `jq` work on it too. Old records are removed after
-    30 days or beyond 50 MB (`QMagic.journal_max_age_s`, `journal_max_bytes`).
+    is recorded in the environment's **experiment log**: who ran which function with which
+    arguments, from which notebook cell, when, and how it ended (result, or error and
+    traceback). The log is a database in the state folder,
+    `<state folder>/<environment>.journal.sqlite3` (SQLite), shared by every kernel of the
+    environment. It outlives the kernels, also those that crash. Finished tasks leave it
+    after 30 days, or when it grows beyond 200 MB (`QMagic.journal_max_age_s`,
+    `QMagic.journal_max_bytes`).
     """),
     md(SETUP_TEXT),
     code(SETUP),
@@ -876,7 +940,7 @@ EXPERIMENT_LOG = [
 
     def measure(sample, exposure=0.2):
         \"\"\"Expose one sample and return its counts.\"\"\"
-        time.sleep(exposure)
+        time.sleep(exposure)  # the detector would be busy here
         return {"sample": sample, "counts": 1000 * len(sample)}
 
 
@@ -896,9 +960,10 @@ EXPERIMENT_LOG = [
     ## `%tasks --history`
 
     `%tasks` shows the tasks the kernel keeps in memory (finished ones for 10 minutes).
-    `%tasks --history N` reads the newest N tasks from the journal (default 20), from this
-    kernel and from earlier ones. It is the one place where qmagic prints clock times: the
-    time each task was submitted.
+    `%tasks --history N` reads the newest N tasks of the experiment log (default 20), from
+    this kernel and from earlier ones. It is the one place where qmagic prints clock
+    times: when each task was submitted. The *cell* column says which notebook cell started
+    the task: the notebook's name and the cell's number (`In [3]`).
     """),
     code("""
     %tasks --history
@@ -907,8 +972,9 @@ EXPERIMENT_LOG = [
     ## From Python: `qmagic.history()`
 
     `qmagic.history()` returns the records as dicts, newest first. It filters by `status`,
-    `user`, `name` (exact or a pattern like `"scan_*"`), `since` / `until` (a datetime, an
-    ISO date, or `"-30m"`, `"-2h"`, `"-7d"`), `uid` and `limit`.
+    `user`, `name` (exact or a pattern like `"scan_*"`), `notebook` (a path, a file name or
+    a pattern), `since` / `until` (a datetime, an ISO date, or `"-30m"`, `"-2h"`, `"-7d"`),
+    `uid` and `limit`.
     """),
     code("""
     for record in qmagic.history():
@@ -921,41 +987,30 @@ EXPERIMENT_LOG = [
     qmagic.history(name="meas*", user="Alice")[0]["result"]
     """),
     md("""
+    Each record also says where it came from (`provenance`): the notebook, the cell's id
+    and number, and a short hash of the cell's code — so that after a beamtime you can
+    tell which cell launched which scan:
+    """),
+    code("""
+    [(record["name"], record["provenance"]["execution_count"])
+     for record in qmagic.history(notebook="06-experiment-log.ipynb")]
+    """),
+    md("""
     `qmagic.history_dataframe()` gives the same as a pandas DataFrame (with times as
-    datetimes and a `duration_s` column), ready for plots and reports:
+    datetimes, a `duration_s` column and the provenance in columns of its own), ready for
+    plots and reports:
     """),
     code("""
     df = qmagic.history_dataframe()
-    df[["name", "args", "user", "origin", "background", "status"]]
-    """),
-    md("""
-    ## The log outlives the kernel
-
-    Forgetting the finished tasks in memory (`history_clear`, what queueserver clients
-    call) empties the task panel, but not the journal:
-    """),
-    code("""
-    w.history_clear()
-    %tasks
-    """),
-    md("""
-    After a kernel restart, `task_result` still answers for journaled tasks, so remote
-    clients that wait for a result are not left hanging. A new worker on the same state
-    folder stands in for the restarted kernel here:
-    """),
-    code("""
-    restarted = qmagic.Worker({}, state_dir=w.state_dir)
-    reply = restarted.task_result(quartz.uid)
-    print(reply["status"], reply["result"]["success"], reply["result"]["return_value"])
-    restarted.close()
+    df[["name", "args", "user", "origin", "background", "status", "cell"]]
     """),
     md("""
     ## When a kernel dies during a task
 
     A task that was running when its kernel died (a power cut, a crash in a driver, the
-    out-of-memory killer) cannot write its end. The journal notices that the kernel is
-    gone and reports the task as **failed**, with the reason. This second Python process
-    plays a kernel that dies at the third point of a scan:
+    out-of-memory killer) cannot record its end. The log notices that the kernel is gone
+    and reports the task as **failed**, with the reason. This second Python process plays
+    Carol's kernel, which dies at the third point of a scan:
     """),
     code('''
     import subprocess
@@ -977,24 +1032,125 @@ EXPERIMENT_LOG = [
     crash = subprocess.run([sys.executable, "-c", CRASHING_KERNEL, w.state_dir], timeout=60)
     print("exit code:", crash.returncode)
     '''),
-    code("""
-    %tasks --history 2
-    """),
     md("""
-    ## From a terminal
+    ## From a terminal: `qmagic-history`
 
-    The same table, without Jupyter (oldest first; `--json` prints one record per line):
+    Any program can read the log while kernels write it — no Jupyter needed. The
+    `qmagic-history` command prints it (oldest first) and settles what dead kernels left
+    behind:
 
     ```
     qmagic-history --since -2h
     qmagic-history --status failed --user Carol
+    qmagic-history --notebook 06-experiment-log.ipynb --csv > shift.csv
     qmagic-history --environment beamline-1 --json
     ```
 
-    That is the end of the tutorials. The repository's README lists every magic, setting
-    and Python function; every magic also has its help: `%tasks?`.
+    The notebook runs it as `python -m qmagic.store.history` (the same program) on this
+    tutorial's scratch folder. Carol's scan is there, failed:
+    """),
+    code("""
+    def qmagic_history(*options):
+        \"\"\"Run `qmagic-history OPTIONS` on this tutorial's state folder; return its output.\"\"\"
+        done = subprocess.run(
+            [sys.executable, "-m", "qmagic.store.history", "--state-dir", w.state_dir, *options],
+            capture_output=True, text=True, timeout=60,
+        )
+        return done.stdout + done.stderr
+
+
+    print(qmagic_history("--user", "Carol"))
+    """),
+    md("""
+    `--csv` writes one row per task for spreadsheets and pandas: times in ISO format, the
+    notebook, cell id, cell number and cell hash, the host and process that ran the task.
+    The tasks this notebook started:
+    """),
+    code("""
+    import io
+
+    import pandas as pd
+
+    shift = pd.read_csv(io.StringIO(qmagic_history("--notebook", "06-experiment-log.ipynb", "--csv")))
+    shift[["call", "status", "user", "notebook", "execution_count"]]
+    """),
+    md("""
+    ## Tasks that are no longer in memory
+
+    `%task_result` and `%task_status` look a uid up in the log when this kernel does not
+    know it (a task of another kernel, or one that left memory). Carol's scan:
+    """),
+    code("""
+    carol = qmagic.history(user="Carol")[0]
+    %task_result {carol["uid"]}
+    """),
+    md("""
+    ## A picture of the shift: `qmagic.timeline()`
+
+    `qmagic.timeline()` draws the tasks of the log on a time axis: one lane per function
+    (`lanes="user"`: one per user), a bar from each task's start to its end coloured by how
+    it ended, and a mark where the progress of a task that did not complete stopped. It
+    takes the filters of `qmagic.history()` (`since="-8h"`, `notebook=...`, ...) and needs
+    matplotlib.
+    """),
+    code("""
+    qmagic.timeline(since="-1h", title="This tutorial's tasks")
+    """),
+    md("""
+    ## Is the log healthy?
+
+    When the disk is full, the folder read-only, or the database locked by another
+    program, tasks go on at full speed: their records wait (in a spool file next to the
+    database, or in memory), are stored when writing works again, and qmagic warns once in
+    the kernel's log. `w.log_health()` says how things stand: `ok`, the records `pending`
+    (not in the database yet — normally none a fraction of a second after a task
+    changes), those `dropped` (lost), and the `last_error`. `%tasks --history` and
+    `%control_channel status` add a line when records are pending or were lost.
+    """),
+    code("""
+    health = w.log_health()
+    print("ok:", health["ok"], "| dropped:", health["dropped"], "| last error:", health["last_error"])
+    """),
+    md("""
+    Next: [7 async tasks and ophyd-async](07-async-tasks.ipynb) — `async def` functions as
+    tasks, on the event loop where ophyd-async devices live. The repository's README lists
+    every magic, setting and Python function; every magic also has its help: `%tasks?`.
     """),
 ]
+
+# =========================================================================================
+# 07 async tasks and ophyd-async: the cells are in _async_tutorial.py (kept apart for length)
+# =========================================================================================
+def _load(name: str):
+    """The module ``notebooks/<name>.py`` (loaded by path: no sys.path changes)."""
+    spec = importlib.util.spec_from_file_location(f"_qmagic_notebooks_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_scratch():
+    """``notebooks/_scratch.py``: folders removed when this process ends, however it ends."""
+    return _load("_scratch")
+
+
+def cells_from_pairs(pairs: list[tuple[str, str]]) -> list:
+    """Notebook cells from ``(kind, source)`` pairs (see ``_async_tutorial.py``)."""
+    cells = []
+    for kind, source in pairs:
+        if kind == "setup":
+            cells += [md(SETUP_TEXT), code(SETUP)]
+        elif kind == "markdown":
+            cells.append(md(source))
+        elif kind in ("code", "code-raises"):
+            cells.append(code(source, raises=kind == "code-raises"))
+        else:
+            raise ValueError(f"unknown cell kind {kind!r}")
+    return cells
+
+
+_ASYNC = _load("_async_tutorial")
+ASYNC_TASKS = cells_from_pairs(_ASYNC.CELLS)
 
 NOTEBOOKS: dict[str, list] = {
     "01-getting-started.ipynb": GETTING_STARTED,
@@ -1003,6 +1159,7 @@ NOTEBOOKS: dict[str, list] = {
     "04-locking-for-hutch-entry.ipynb": LOCKING,
     "05-remote-control.ipynb": REMOTE,
     "06-experiment-log.ipynb": EXPERIMENT_LOG,
+    _ASYNC.NOTEBOOK_NAME: ASYNC_TASKS,
 }
 
 # =========================================================================================
@@ -1021,13 +1178,52 @@ def new_notebook(name: str, cells: list) -> nbformat.NotebookNode:
     return nb
 
 
-def kernel_environment() -> None:
-    """Environment of the kernels started here: the repo importable, no auto-load state."""
+def session_name(name: str) -> str:
+    """The notebook's path as JupyterLab started from the repository root tells its kernel
+    (``JPY_SESSION_NAME``; qmagic records it as the tasks' notebook)."""
+    return f"{HERE.name}/{name}"
+
+
+def kernel_env(name: str, run_folder: str) -> dict[str, str | None]:
+    """Environment changes for the kernel of tutorial ``name`` (None: unset), the same for
+    this script and for nbval (``conftest.py``), so both produce the same outputs:
+
+    - the repository first on ``PYTHONPATH`` (the checkout's qmagic, installed or not);
+    - ``JPY_SESSION_NAME`` as JupyterLab sets it (nbval does not);
+    - ``QMAGIC_STATE_DIR`` and ``IPYTHONDIR`` inside ``run_folder``, a temporary folder of
+      the run: the default state folder (opened by ``get_worker()`` before a tutorial
+      switches to its scratch folder) and IPython's history database leave nothing behind;
+    - no emergency lock key from the caller's environment.
+    """
     paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    for name in ("QMAGIC_STATE_DIR", "QMAGIC_EMERGENCY_LOCK_KEY"):
-        os.environ.pop(name, None)
-    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return {
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+        "JPY_SESSION_NAME": session_name(name),
+        "QMAGIC_STATE_DIR": os.path.join(run_folder, "state"),
+        "IPYTHONDIR": os.path.join(run_folder, "ipython"),
+        "QMAGIC_EMERGENCY_LOCK_KEY": None,
+        "QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER": None,
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    }
+
+
+@contextlib.contextmanager
+def environment(changes: dict[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` applied (None: unset), restored afterwards."""
+    old = {key: os.environ.get(key) for key in changes}
+    try:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def execute(nb: nbformat.NotebookNode) -> float:
@@ -1056,17 +1252,20 @@ def main(argv: list[str]) -> int:
     if not wanted:
         print(f"No notebook matches {argv}; names: {', '.join(notebooks)}", file=sys.stderr)
         return 2
-    kernel_environment()
-    # The kernels' default state folder (touched by get_worker() before the tutorial
-    # switches to its scratch folder) is a temporary one: building leaves nothing behind.
-    with tempfile.TemporaryDirectory(prefix="qmagic-build-") as state:
-        os.environ["QMAGIC_STATE_DIR"] = state
+    # The kernels' run folder: removed at the end, or when this process ends however it
+    # ends (a scratch folder: _scratch.py), so building leaves nothing behind.
+    scratch = load_scratch()
+    run_folder = scratch.scratch_folder(prefix="qmagic-build-")
+    try:
         for name in wanted:
             nb = new_notebook(name, notebooks[name])
-            seconds = execute(nb)
+            with environment(kernel_env(name, run_folder)):
+                seconds = execute(nb)
             nbformat.validate(nb)
             nbformat.write(nb, HERE / name)
             print(f"{name}: executed in {seconds:.1f} s")
+    finally:
+        scratch.remove_scratch_folder(run_folder)
     return 0
 
 

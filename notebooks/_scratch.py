@@ -3,6 +3,9 @@
     from _scratch import scratch_folder
     w.state_dir = scratch_folder()
 
+(``remove_scratch_folder(path)`` removes one earlier, as ``_build.py`` and ``conftest.py``
+do with the folder of their kernels.)
+
 A kernel cannot clean up after itself in every case: JupyterLab's shutdown lets it exit
 normally, but nbval and a crash kill it outright (SIGKILL, to its whole process group), so
 no ``atexit`` handler or ``TemporaryDirectory`` finaliser runs.  So each folder gets a tiny
@@ -14,11 +17,12 @@ way, the kernel's end closes, the watcher reads end-of-file, removes the folder 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
-__all__ = ["scratch_folder"]
+__all__ = ["remove_scratch_folder", "scratch_folder"]
 
 _WATCHER = (
     "import shutil, sys\n"
@@ -26,8 +30,8 @@ _WATCHER = (
     "shutil.rmtree(sys.argv[1], ignore_errors=True)\n"
 )
 
-#: (watcher, write end) for each folder of this process: kept open until the process ends.
-_watchers: list[tuple[subprocess.Popen, int]] = []
+#: {folder: (watcher, write end)} of this process: kept open until the process ends.
+_watchers: dict[str, tuple[subprocess.Popen, int]] = {}
 
 
 def scratch_folder(prefix: str = "qmagic-tutorial-") -> str:
@@ -49,5 +53,19 @@ def scratch_folder(prefix: str = "qmagic-tutorial-") -> str:
         raise
     finally:
         os.close(read_end)
-    _watchers.append((watcher, write_end))
+    _watchers[path] = (watcher, write_end)
     return path
+
+
+def remove_scratch_folder(path: str, timeout: float = 10.0) -> None:
+    """Remove a folder made by :func:`scratch_folder` now, and let its watcher end."""
+    watcher, write_end = _watchers.pop(path, (None, None))
+    if write_end is not None:
+        os.close(write_end)  # the watcher reads end-of-file, removes the folder and exits
+    if watcher is not None:
+        try:
+            watcher.wait(timeout)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            watcher.wait()
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Sanity checks of the tutorial notebooks that need no kernel (nbval runs them).
 
-- the committed notebooks are exactly what ``notebooks/_build.py`` defines, and were run
-  (so an edit made in only one of the two places is caught);
+- the committed notebooks are exactly what ``notebooks/_build.py`` (and
+  ``notebooks/_async_tutorial.py``) define, and were run (so an edit made in only one of the
+  two places is caught);
 - they follow the rules that keep them comparable by nbval: the silent load line first,
   no ignored outputs, errors only in cells tagged ``raises-exception``;
 - ``python -m pytest`` from the repository root collects them with the sanitize file.
@@ -31,6 +32,7 @@ EXPECTED = [
     "04-locking-for-hutch-entry.ipynb",
     "05-remote-control.ipynb",
     "06-experiment-log.ipynb",
+    "07-async-tasks.ipynb",
 ]
 LOAD_LINE = 'get_ipython().extension_manager.load_extension("qmagic")'
 
@@ -51,7 +53,7 @@ def build():
     return _build_module()
 
 
-def test_the_six_tutorials_exist_in_learning_order(build):
+def test_the_seven_tutorials_exist_in_learning_order(build):
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == EXPECTED
     assert list(build.NOTEBOOKS) == EXPECTED
 
@@ -99,15 +101,35 @@ def test_sanitize_file_is_read_by_nbval():
     sample = (
         "RE Manager is locked by Alice at 11/21/2026 16:39:40\n"
         '  File "/tmp/ipykernel_123/456.py", line 3, in f\n    return 1 / x\n           ~~^~~\n'
-        "task 893078a0-3ca5-45c1-855f-f89ee2117567 on tcp://127.0.0.1:42771"
+        "task 893078a0-3ca5-45c1-855f-f89ee2117567 on tcp://127.0.0.1:42771\n"
+        "qmagic: busy_loop() (task 8c993a10) did not stop within 0.5 s; stopping it by force.\n"
+        "2026-11-21 16:39:33  calibrate(0)\n(3 records not yet written, 0 dropped: see the log)\n"
+        "Control channel: serving on tcp://127.0.0.1:1\n  experiment log: 2 records pending, 0 dropped\n"
+        "  client: REManagerAPI()\n"
+        "kept: (1 records not yet written, 2 dropped: disk full)"
     )
     for regex, replace in table.items():
         sample = re.sub(regex, replace, sample)
     assert sample == (
         "RE Manager is locked by Alice at <time>\n"
         '  File "<cell>", line 3, in f\n    return 1 / x\n'
-        "task <uid> on tcp://127.0.0.1:<port>"
+        "task <uid> on tcp://127.0.0.1:<port>\n"
+        "qmagic: busy_loop() (task <uid>) did not stop within <duration>; stopping it by force.\n"
+        "<time>  calibrate(0)\n"
+        "Control channel: serving on tcp://127.0.0.1:<port>\n"
+        "  client: REManagerAPI()\n"
+        "kept: (1 records not yet written, 2 dropped: disk full)"
     )
+
+
+def test_nbval_kernels_know_their_notebook_as_when_built(build):
+    """``notebooks/conftest.py`` gives nbval's kernels the JPY_SESSION_NAME _build.py used
+    (the experiment log's notebook column is in the stored outputs)."""
+    spec = importlib.util.spec_from_file_location("qmagic_notebooks_conftest", NOTEBOOKS / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    for name in EXPECTED:
+        assert conftest.session_name(NOTEBOOKS / name) == build.session_name(name) == f"notebooks/{name}"
 
 
 def test_plain_pytest_collects_the_notebooks_with_nbval():

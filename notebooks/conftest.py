@@ -1,0 +1,98 @@
+"""nbval runs each tutorial's kernel as ``_build.py`` (and JupyterLab) would.
+
+The stored outputs were made by ``notebooks/_build.py`` with nbclient; nbval must run the
+cells the same way, or the outputs differ for reasons that have nothing to do with qmagic:
+
+- **The kernel's environment** (``_build.kernel_env``): the checkout first on
+  ``PYTHONPATH``; ``JPY_SESSION_NAME``, the notebook's path that JupyterLab gives its
+  kernels (qmagic records it with every task: ``%tasks --history``'s cell column, the
+  ``notebook=`` filters); the default state folder and ``IPYTHONDIR`` in a folder of the
+  run, removed at the end (or by ``_scratch.py``'s watcher when pytest ends however it
+  ends), so that running the tutorials leaves nothing behind.  Set only while
+  nbval starts a notebook's kernel; the previous values are put back right after.
+- **Counted cells**: JupyterLab and nbclient run cells with ``store_history=True`` (the
+  cell becomes ``In [n]``, tracebacks say ``Cell In[n]``, the experiment log records the
+  cell's number); nbval 0.11 runs them with ``store_history=False``, so every cell would
+  be ``In [1]``.  Its ``RunningKernel.execute_cell_input`` is replaced by one that counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+_run_folder: str | None = None  # made when the first notebook's kernel starts
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("_qmagic_notebooks_build", _HERE / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+_build = _load_build()
+_scratch = _build.load_scratch()
+
+
+def session_name(notebook: Path) -> str:
+    """``JPY_SESSION_NAME`` of a tutorial's kernel (``_build.session_name``)."""
+    return _build.session_name(notebook.name)
+
+
+def _count_cells() -> None:
+    try:
+        from nbval.kernel import RunningKernel
+    except ImportError:  # nbval not installed: nothing runs notebooks
+        return
+    if getattr(RunningKernel.execute_cell_input, "_qmagic_counted", False):
+        return
+
+    def execute_cell_input(self, cell_input, allow_stdin=None):
+        """Run a cell as JupyterLab does: counted (``In [n]``), in the kernel's history."""
+        return self.kc.execute(cell_input, store_history=True, allow_stdin=allow_stdin,
+                               stop_on_error=False)
+
+    execute_cell_input._qmagic_counted = True
+    RunningKernel.execute_cell_input = execute_cell_input
+
+
+_count_cells()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    """Around the setup of a tutorial's first cell, when nbval starts its kernel."""
+    global _run_folder
+    notebook = getattr(item, "parent", None)
+    path = getattr(notebook, "path", None)
+    starting = (
+        path is not None
+        and path.suffix == ".ipynb"
+        and path.parent == _HERE
+        and hasattr(notebook, "kernel")  # nbval's IPyNbFile
+        and notebook.kernel is None
+    )
+    if not starting:
+        yield
+        return
+    if _run_folder is None:  # removed at the end, or when pytest ends however it ends
+        _run_folder = _scratch.scratch_folder(prefix="qmagic-nbval-")
+    with _build.environment(_build.kernel_env(path.name, _run_folder)):
+        yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the run's folder (every kernel has stopped by now)."""
+    global _run_folder
+    if _run_folder is not None:
+        _scratch.remove_scratch_folder(_run_folder)
+        _run_folder = None
