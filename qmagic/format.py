@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
 
 __all__ = [
+    "log_health_note",
     "SUMMARY_KEY",
     "call_text",
     "short_repr",
@@ -260,6 +261,26 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
     if not rows:
         return "The experiment log holds no tasks."
     return "\n".join(_table(["submitted", "task", "user", "cell", "mode", "status", "note"], rows))
+
+
+def log_health_note(health: Mapping[str, Any]) -> str | None:
+    """One line when the experiment log needs attention (a fault, or records lost); None
+    while it is healthy — records waiting a moment for the writer are normal."""
+    ok, pending, dropped = health.get("ok", True), int(health.get("pending") or 0), int(health.get("dropped") or 0)
+    if ok and not dropped:
+        return None
+
+    def records(n: int) -> str:
+        return f"{n} record{'s' if n != 1 else ''}"
+
+    parts = []
+    if not ok:
+        parts.append("cannot write" + (f" ({records(pending)} waiting)" if pending else ""))
+    if dropped:
+        parts.append(f"lost {records(dropped)}")
+    why = health.get("last_error")
+    return (f"Note: the experiment log {' and '.join(parts)}" + (f": {why}" if why else "")
+            + ". See worker.log_health().")
 
 
 def lock_text(info: Mapping[str, Any]) -> str:

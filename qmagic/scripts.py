@@ -50,7 +50,7 @@ class ScriptRunner:
         back as they were even when the script succeeds (queueserver's ``update_re=False``
         keeps ``RE`` and ``db``).
         """
-        filename = f"<script {name}>"
+        filename = "<script>" if name == DEFAULT_SCRIPT_NAME else f"<script {name}>"
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
         ns = self.namespace
         before = dict(ns)

@@ -50,7 +50,7 @@ def timeline(
     if lanes not in ("name", "user"):
         raise ValueError(f"lanes must be 'name' or 'user', not {lanes!r}.")
     try:
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise ImportError("qmagic.timeline() needs matplotlib: pip install matplotlib "
@@ -64,7 +64,9 @@ def timeline(
     lane_names = sorted({str(r.get(lanes) or "?") for r in rows})
     lane_of = {name: i for i, name in enumerate(lane_names)}
     if ax is None:
-        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(lane_names))), layout="constrained")
+        # A Figure of its own, not pyplot's: Jupyter shows the returned figure once.
+        fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(lane_names))), layout="constrained")
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
     for rec in rows:
@@ -86,10 +88,12 @@ def timeline(
     ax.set_yticks(range(len(lane_names)), lane_names)
     ax.invert_yaxis()
     if rows:
-        from matplotlib.dates import DateFormatter
+        from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 
         first = min(_num(r.get("started_at")) or _num(r.get("submitted_at")) for r in rows)
-        ax.xaxis.set_major_formatter(DateFormatter("%H:%M"))
+        locator = AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
         ax.set_xlabel(f"local time, {datetime.fromtimestamp(first):%Y-%m-%d}")
     ax.grid(axis="x", alpha=0.3)
     shown = [s for s in STATUS_COLOURS if any(r.get("status") == s for r in rows)]

@@ -198,7 +198,7 @@ def test_cancel_is_asyncio_cancellation_at_the_next_await(make_worker, no_bluesk
     again = w.submit("wait_forever", ("m2",))
     assert started.wait(TIMEOUT)
     assert again.cancel() is True and again.wait(TIMEOUT)
-    assert again.error == "Task was cancelled" and again.cancel() is False
+    assert again.error == "Task was cancelled from Python" and again.cancel() is False
 
 
 def test_cancel_before_the_loop_starts_the_task(make_worker, no_bluesky_loop):
@@ -436,7 +436,7 @@ def test_awaiting_failed_or_cancelled_tasks_in_a_coroutine_task(make_worker, no_
     awaiting = w.submit("awaits", (forever.uid,))
     forever.cancel()
     assert awaiting.wait(TIMEOUT) and awaiting.status is TaskStatus.FAILED
-    assert awaiting.error == "wait_forever() was cancelled: Task was cancelled"
+    assert awaiting.error == "wait_forever() was cancelled: Task was cancelled from Python"
     # cancelling the awaiting task stops the waiting only
     started.clear()
     forever = w.submit("wait_forever")

@@ -172,7 +172,7 @@ def test_failing_script_leaves_namespace_exactly_as_it_was(make_worker):
     assert task.status is TaskStatus.FAILED
     assert {k: v for k, v in ns.items() if k != "__builtins__"} == snapshot
     assert ns["b"] is snapshot["b"]
-    assert 'File "<script script>", line 4' in task.traceback
+    assert 'File "<script>", line 4' in task.traceback
 
 
 def test_a_running_script_never_stalls_the_next_upload(make_worker):

@@ -171,9 +171,10 @@ class Task(TaskState):
         call blocked in C (``time.sleep`` ends first; ``lock.acquire()`` without timeout
         never returns).
         """
+        reason = "Task was cancelled from Python"  # as Worker.cancel says it
         if self._on_cancel is not None:
-            return self._on_cancel(self, force, "Task was cancelled")
-        return self._request_cancel("Task was cancelled") is not None
+            return self._on_cancel(self, force, reason)
+        return self._request_cancel(reason) is not None
 
     def __await__(self):
         """``await task``: wait without blocking the event loop; like ``task.result()``.

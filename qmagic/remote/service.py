@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
+from .. import format as fmt
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
@@ -205,8 +206,5 @@ class RemoteService:
             health = self.worker.log_health()
         except Exception:  # noqa: BLE001 - the log is off
             return ""
-        if health.get("ok") and not health.get("pending") and not health.get("dropped"):
-            return ""
-        return (f"  experiment log: {health.get('pending', 0)} records pending, "
-                f"{health.get('dropped', 0)} dropped"
-                + (f" ({health['last_error']})" if health.get("last_error") else ""))
+        note = fmt.log_health_note(health)
+        return f"  {note}" if note else ""

@@ -209,9 +209,9 @@ class TaskMagics(Magics):
             except LogUnavailable as exc:
                 raise UsageError(str(exc)) from None
             print(fmt.history_table(records))
-            if health.get("pending") or health.get("dropped"):
-                print(f"({health.get('pending', 0)} records not yet written, "
-                      f"{health.get('dropped', 0)} dropped: {health.get('last_error') or 'see the log'})")
+            note = fmt.log_health_note(health)
+            if note:
+                print(note)
             return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
