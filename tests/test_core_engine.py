@@ -18,6 +18,11 @@ from qmagic.errors import InvalidTransition, RequestRefused
 
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 
+#: These tests are about the engine alone (its rules, races and timings): the experiment log
+#: stays off here (make_worker reads this); it is tested in test_worker_journal.py and
+#: test_kernel_journal.py, and on in every other worker and kernel test.
+ENGINE_ALONE = True
+
 
 def test_transition_table_is_enforced():
     assert TRANSITIONS[TaskStatus.COMPLETED] == frozenset()
@@ -166,6 +171,35 @@ def test_force_cancel_stops_a_loop_that_ignores_cancel(make_worker):
     assert t.status is TaskStatus.CANCELLED
     # The worker thread survives and runs the next task.
     assert w.submit(lambda: "next").result(TIMEOUT) == "next"
+
+
+def test_repeated_forced_cancels_leave_the_cleanup_alone(make_worker):
+    """Two force requests (two Force stop clicks, a force cancel then cancel_all(force)) send
+    one TaskCancelled, ever: the task's own cleanup (a motor parked in ``finally:``) runs to
+    the end, even when a request comes while it runs."""
+    started, cleanup_started, parked = threading.Event(), threading.Event(), threading.Event()
+
+    def move():
+        try:
+            started.set()
+            while True:
+                time.sleep(0.01)
+        finally:
+            cleanup_started.set()
+            end = time.monotonic() + 0.5  # longer than the grace period; busy, not sleeping
+            while time.monotonic() < end:
+                pass
+            parked.set()
+
+    w = make_worker({"move": move}, cancel_grace_s=0.2)
+    t = w.submit("move")
+    assert started.wait(TIMEOUT)
+    t.cancel(force=True)
+    w.cancel_all(force=True)
+    assert cleanup_started.wait(TIMEOUT)
+    w.cancel(t, force=True)  # pressed again while the cleanup runs
+    assert t.wait(TIMEOUT) and parked.is_set(), "a second forced stop cut the cleanup short"
+    assert t.status is TaskStatus.CANCELLED
 
 
 def test_sixteen_threads_submitting_at_once(make_worker):

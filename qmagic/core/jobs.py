@@ -51,6 +51,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
         "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done",
+        "force_planned", "exception_sent",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -68,6 +69,11 @@ class Job:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.interrupt_sent = False
         self.code_done = False  # the task's own code has run (set with in_user_code = False)
+        self.force_planned = False  # a forced stop is scheduled (at most one at a time)
+        #: An asynchronous exception (forced stop or interrupt) went to the task's thread.
+        #: Never a second one: it would land in the task's own cleanup (``finally:`` parking
+        #: a motor) and cut it short.
+        self.exception_sent = False
         #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
         #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
         #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
@@ -281,22 +287,29 @@ class JobRunner:
             reason = job.task.cancel_reason
             job.loop.call_soon_threadsafe(_cancel_atask, job, reason)
         elif force:
-            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._force_stop(job))
+            with job.gate:
+                planned, job.force_planned = job.force_planned, True
+            if not planned:
+                self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._force_stop(job))
 
     def _force_stop(self, job: Job) -> None:
         task = job.task
+        retry = sent = False
         with job.gate:
-            if not job.in_user_code or job.ident is None or task._status.finished:
+            job.force_planned = False
+            if (not job.in_user_code or job.ident is None or task._status.finished
+                    or job.exception_sent):
                 return
-            # Not while the thread takes or gives back a Condition's lock (its own print or
-            # report_progress, a queue...): the lock would stay held and freeze whoever
-            # waits for it.  A moment later it is elsewhere.
-            busy = in_lock_frame(job.ident)
-            sent = not busy and raise_in_thread(job.ident, TaskCancelled)
-        if busy:
+            if in_lock_frame(job.ident):
+                # Not while the thread takes or gives back a Condition's lock (its own print
+                # or report_progress, a queue...): the lock would stay held and freeze whoever
+                # waits for it.  A moment later it is elsewhere.
+                retry = job.force_planned = True
+            else:
+                sent = job.exception_sent = raise_in_thread(job.ident, TaskCancelled)
+        if retry:
             self.engine.timers.schedule(FORCE_RETRY_S, lambda: self._force_stop(job))
-            return
-        if sent:
+        elif sent:
             log.warning(
                 "qmagic: %s (task %s) did not stop within %.1f s; stopping it by force.",
                 task.call_text(40), task.uid[:8], self.engine.cancel_grace_s,
@@ -320,6 +333,9 @@ class JobRunner:
                 return "pending"  # its code has returned: the task ends now
             job.interrupt_sent = True
             if job.in_user_code:
+                if job.exception_sent:  # a forced stop got there first
+                    return "pending"
+                job.exception_sent = True
                 self.engine.foreground.interrupt()
                 return "interrupted"
             # Its code has not started yet: it never will (the flag is read as it starts).

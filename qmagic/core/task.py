@@ -167,9 +167,15 @@ class Task(TaskState):
         next ``qmagic.report_progress()``, ``raise_if_cancelled()`` or
         ``cancellable_sleep()`` (a coroutine task at its next ``await``).  With
         ``force=True``, a thread task still running ``cancel_grace_s`` seconds later gets
-        :class:`qmagic.TaskCancelled` raised inside its thread; that cannot interrupt a
-        call blocked in C (``time.sleep`` ends first; ``lock.acquire()`` without timeout
-        never returns).
+        :class:`qmagic.TaskCancelled` raised inside its thread — once: a second one would
+        land in the task's own cleanup (``finally:``).  That cannot interrupt a call blocked
+        in C (``time.sleep`` ends first; ``lock.acquire()`` without timeout never returns).
+
+        Unlike a plain ``Future``, a running task is asked to stop too; so is one awaited
+        through ``asyncio.wrap_future(task)`` when that wrapper is cancelled (asyncio passes
+        the cancel on).  To wait with a timeout without stopping the task, use
+        ``task.result(timeout)``, ``await asyncio.wait_for(asyncio.shield(...), t)`` or
+        ``await task`` inside ``asyncio.wait``.
         """
         reason = "Task was cancelled from Python"  # as Worker.cancel says it
         if self._on_cancel is not None:
