@@ -747,3 +747,27 @@ def test_kernel_plans_and_the_bluesky_policy_give_one_line(ak):
     finally:
         ak.execute("w.async_loop = 'auto'", check=True)
     assert line == f"RuntimeError: {MSG_NO_BLUESKY_LOOP}"
+
+
+def test_running_coroutines_take_no_thread_slot(make_worker):
+    """Coroutine tasks run on the loop, not on pool threads: many long-running monitors never
+    make thread tasks look queued (nor get them refused by max_queued_tasks)."""
+    started = threading.Semaphore(0)
+    stop = threading.Event()
+
+    async def monitor():
+        started.release()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+
+    w = make_worker({"monitor": monitor}, max_background_tasks=2, max_queued_tasks=1)
+    monitors = [w.submit("monitor") for _ in range(4)]
+    try:
+        for _ in monitors:
+            assert started.acquire(timeout=TIMEOUT)
+        assert w.submit(lambda: "measured").result(TIMEOUT) == "measured"
+        assert w.engine.counts()["queued_background"] == 0
+    finally:
+        stop.set()
+    for m in monitors:
+        assert m.wait(TIMEOUT) and m.status is TaskStatus.COMPLETED

@@ -116,6 +116,7 @@ class Engine(TaskRegistry):
 
         self._queued = 0  # background thread tasks waiting for a thread
         self._running_bg = 0  # background tasks running (threads and coroutines)
+        self._running_threads = 0  # of those, the ones on pool threads
         self._fg: Job | None = None
         self._closed = False
         self._runner = JobRunner(self)
@@ -192,7 +193,7 @@ class Engine(TaskRegistry):
             if self._closed:
                 raise RequestRefused(MSG_CLOSED)
             if not job.coroutine:
-                waiting = max(0, self._queued + self._running_bg - self.max_background)
+                waiting = max(0, self._queued + self._running_threads - self.max_background)
                 if waiting >= self.max_queued:
                     raise RequestRefused(
                         f"Error: Failed to start the task: {waiting} background tasks are already "
@@ -247,6 +248,7 @@ class Engine(TaskRegistry):
                 self._queued -= 1
             if job.task.background:
                 self._running_bg += 1
+                self._running_threads += not job.coroutine
                 job.counted = True
         timeout = job.task.timeout
         if timeout is not None:
@@ -265,6 +267,7 @@ class Engine(TaskRegistry):
             if job.counted:
                 job.counted = False
                 self._running_bg -= 1
+                self._running_threads -= not job.coroutine
             if job.queued:  # cancelled before it started
                 job.queued = False
                 self._queued -= 1
