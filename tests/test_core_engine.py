@@ -413,3 +413,26 @@ def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
         assert time.monotonic() < deadline, (w.engine.counts(), pool._idle, pool.threads)
         time.sleep(0.001)
     assert pool._unreserved == 0 and pool.threads <= 3
+
+
+def test_finished_tasks_with_deadlines_are_not_kept_by_their_timers(make_worker):
+    """A deadline far away does not keep a finished task (and its result) in memory beyond
+    max_finished_tasks, and cancelled deadlines do not pile up in the timer heap."""
+    import gc
+    import weakref
+
+    class Result:
+        pass
+
+    def make():
+        return Result()
+
+    w = make_worker({"make": make}, max_finished_tasks=1)
+    refs = []
+    for _ in range(5000):
+        t = w.submit("make", timeout=3600)
+        refs.append(weakref.ref(t.result(TIMEOUT)))
+    del t
+    gc.collect()
+    assert sum(r() is not None for r in refs) <= 2, "finished tasks' results are still alive"
+    assert len(w.engine.timers._heap) < 4096 + 1024

@@ -13,6 +13,9 @@ __all__ = ["Timers", "TimerHandle"]
 
 log = logging.getLogger("qmagic")
 
+#: Heap size from which cancelled entries are dropped (checked every 1024 schedules).
+_COMPACT_AT = 4096
+
 
 class TimerHandle:
     """A scheduled callback; :meth:`cancel` keeps it from running (idempotent)."""
@@ -25,8 +28,10 @@ class TimerHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Do not run the callback (if it has not run yet)."""
+        """Do not run the callback (if it has not run yet); drops the reference to it, so
+        what it would have used (a finished task) is freed at once."""
         self.cancelled = True
+        self.fn = None
 
 
 class Timers:
@@ -49,8 +54,10 @@ class Timers:
         handle = TimerHandle(time.monotonic() + max(0.0, delay), fn)
         with self._cond:
             if self._closed:
-                handle.cancelled = True
+                handle.cancel()
                 return handle
+            if len(self._heap) >= _COMPACT_AT and len(self._heap) & 1023 == 0:
+                self._compact_locked()
             heapq.heappush(self._heap, (handle.when, next(self._seq), handle))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
@@ -58,6 +65,14 @@ class Timers:
             elif self._heap[0][2] is handle:
                 self._cond.notify()
         return handle
+
+    def _compact_locked(self) -> None:
+        """Drop cancelled entries (deadlines of tasks that ended long before them) when they
+        are most of the heap: it never grows with finished tasks."""
+        live = [entry for entry in self._heap if not entry[2].cancelled]
+        if len(live) * 2 < len(self._heap):
+            heapq.heapify(live)
+            self._heap[:] = live
 
     def _loop(self) -> None:
         while True:
@@ -73,10 +88,11 @@ class Timers:
                         self._cond.wait(wait)
                     else:
                         self._cond.wait()
-            if handle.cancelled:
+            fn = handle.fn
+            if handle.cancelled or fn is None:
                 continue
             try:
-                handle.fn()
+                fn()
             except Exception:  # noqa: BLE001 - a failing callback must not stop the others
                 log.exception("qmagic: a scheduled callback failed")
 
