@@ -136,7 +136,7 @@ class Catalog:
         plans: dict[str, Any] = {}
         devices: dict[str, Any] = {}
         for name, obj in items:
-            if name in hidden or name.startswith("__") or not isinstance(name, str):
+            if not isinstance(name, str) or name in hidden or name.startswith("__"):
                 continue
             try:
                 if _is_plan(obj):

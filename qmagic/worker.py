@@ -119,12 +119,19 @@ class Worker(StateMixin, LookupMixin, QMagic):
             output_limit=self.task_output_limit, cancel_grace_s=self.cancel_grace_s,
             foreground=foreground, loops=EventLoops(self.async_loop),
         )
-        self.catalog = Catalog(namespace, hidden=lambda: self.hidden_names)
-        self.scripts = ScriptRunner(namespace)
-        self._remembered_key: str | None = None
-        self._key_lock = threading.Lock()
-        self._init_state()  # permissions, lock store, experiment log (worker_state.py)
-        self.catalog.refresh()
+        try:  # the engine wraps stdout/stderr: a failure from here on must undo that
+            self.catalog = Catalog(namespace, hidden=lambda: self.hidden_names)
+            self.scripts = ScriptRunner(namespace)
+            self._remembered_key: str | None = None
+            self._key_lock = threading.Lock()
+            self._init_state()  # permissions, lock store, experiment log (worker_state.py)
+            self.catalog.refresh()
+        except BaseException:
+            locks = self.__dict__.get("_locks")
+            if locks is not None:
+                locks.close()
+            self.engine.close()
+            raise
 
     # -- settings follow the traits ------------------------------------------------------------
     @observe(*_ENGINE_SETTINGS)

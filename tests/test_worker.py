@@ -304,3 +304,27 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
                       ("panel_update_hz", 0), ("async_loop", "other")):
         with pytest.raises(TraitError):
             setattr(w, name, bad)
+
+
+def test_a_worker_that_cannot_start_leaves_the_streams_as_they_were(tmp_path):
+    """A bad setting refuses the worker with one clear error, and undoes what it had set up:
+    stdout/stderr are not left wrapped by a worker that never existed."""
+    import sys
+
+    from qmagic import PermissionsFormatError
+
+    bad = tmp_path / "permissions.yaml"
+    bad.write_text("user_groups: [not, a, mapping]\n")
+    before = (sys.stdout, sys.stderr)
+    for _ in range(3):
+        with pytest.raises(PermissionsFormatError):
+            qmagic.Worker({}, user_group_permissions_file=str(bad), state_dir=str(tmp_path / "state"))
+    assert (sys.stdout, sys.stderr) == before
+
+
+def test_the_catalog_ignores_names_that_are_not_text(make_worker):
+    w = make_worker({"f": lambda: 1})
+    w.namespace[1] = "not a name"
+    task = w.update_environment()
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, task.error
+    assert "f" in w.catalog.functions()
