@@ -28,7 +28,7 @@ from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
 from .core.loops import EventLoops
 from .core.task import Task
-from .errors import LockRefused, RequestRefused
+from .errors import LockRefused, PermissionRefused, RequestRefused
 from .scripts import ScriptRunner, check_script_name
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
@@ -198,8 +198,9 @@ class Worker(StateMixin, LookupMixin, QMagic):
     ) -> Task:
         """Start ``target(*args, **kwargs)`` as a tracked task and return its :class:`Task`.
 
-        ``target`` is the name of a function of the namespace or a callable (its
-        ``__name__`` goes through the permissions).  ``background=True`` runs it on a
+        ``target`` is the name of a function of the namespace (checked against the
+        permissions) or a callable (your own code, run as given; its ``__name__`` labels the
+        task, and ``user_group`` must still be a known group).  ``background=True`` runs it on a
         worker thread; ``False`` in the foreground (inline when called on the foreground
         owner thread, i.e. in a cell; otherwise handed to it).  ``async def`` functions run
         on the event loop (``QMagic.async_loop``).  ``timeout``: seconds the task may run;
@@ -229,6 +230,8 @@ class Worker(StateMixin, LookupMixin, QMagic):
                 func = None  # queueserver: accepted; the task fails if it is still missing
             except TypeError as exc:  # a plan, or not callable
                 raise RequestRefused(f"Error: {exc}") from None
+        elif user_group not in self._permissions.groups():  # recorded as given: it must exist
+            raise PermissionRefused(f"Error: Unknown user group: '{user_group}'")
         elif inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):  # as by name
             raise RequestRefused(
                 f"Error: {name!r} is a generator function (a bluesky plan), not a function: run it "

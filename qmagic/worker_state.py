@@ -178,28 +178,33 @@ class StateMixin(HasTraits):
         return self._permissions
 
     # -- the lock ----------------------------------------------------------------------------------
-    def lock(self, lock_key: str | None = None, *, environment: bool = False, queue: bool = False,
-             note: str | None = None, user: str | None = None, origin: str = "python",
-             client: str | None = None) -> Any:
+    def lock(self, lock_key: str | None = None, *, environment: bool | None = None,
+             queue: bool | None = None, note: str | None = None, user: str | None = None,
+             origin: str = "python", client: str | None = None) -> Any:
         """Lock the environment and/or the queue with a key; returns the new LockState.
 
-        From this kernel (not remote) a missing key means the key of this kernel's earlier
-        lock, else :func:`qmagic.get_default_lock_key`; a missing user means
-        ``QMagic.default_user``.  The kernel remembers the key, so its own magics and
-        Python calls keep working while others need it.  Refusals raise LockRefused.
+        From this kernel (not remote): neither scope given means the environment; a missing
+        key means the key of this kernel's earlier lock, else
+        :func:`qmagic.get_default_lock_key`; a missing user means ``QMagic.default_user``.
+        The kernel remembers the key, so its own magics and Python calls keep working while
+        others need it.  Refusals raise LockRefused.
         """
         if origin != "remote":
-            if lock_key is None:
-                lock_key = self._remembered_key
-            if lock_key is None:
-                from .store.keys import get_default_lock_key
-
-                lock_key = get_default_lock_key()
+            if environment is None and queue is None:
+                environment = True
             user = self.default_user if user is None else user
-        state = self._locks.lock(lock_key, environment=environment, queue=queue, note=note,
-                                 user=user, client=client)
-        if origin != "remote":
-            self._remembered_key = lock_key
+        with self._key_lock:  # the remembered key follows the lock store, click or cell
+            if origin != "remote":
+                if lock_key is None:
+                    lock_key = self._remembered_key
+                if lock_key is None:
+                    from .store.keys import get_default_lock_key
+
+                    lock_key = get_default_lock_key()
+            state = self._locks.lock(lock_key, environment=bool(environment), queue=bool(queue),
+                                     note=note, user=user, client=client)
+            if origin != "remote":
+                self._remembered_key = lock_key
         return state
 
     def unlock(self, lock_key: str | None = None, *, origin: str = "python",
@@ -219,9 +224,10 @@ class StateMixin(HasTraits):
                     "or the emergency key (%unlock --key KEY)."
                 )
             return state
-        state = self._locks.unlock(key, client=client)
-        if origin != "remote":
-            self._remembered_key = None
+        with self._key_lock:
+            state = self._locks.unlock(key, client=client)
+            if origin != "remote":
+                self._remembered_key = None
         return state
 
     def lock_state(self, lock_key: str | None = None, *, origin: str = "python",

@@ -328,3 +328,25 @@ def test_the_catalog_ignores_names_that_are_not_text(make_worker):
     task = w.update_environment()
     assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, task.error
     assert "f" in w.catalog.functions()
+
+
+def test_lock_from_python_locks_the_environment_by_default(make_worker):
+    w = make_worker({"f": lambda: 1})
+    state = w.lock("hutch-key", note="sample change")
+    assert state.environment and not state.queue
+    assert w.submit("f").result(TIMEOUT) == 1  # this kernel remembers its key
+    w.unlock()
+    assert not w.lock_state().environment
+
+
+def test_a_callable_runs_as_given_but_only_for_a_known_group(make_worker):
+    w = make_worker({})
+
+    def _private():
+        return "ok"
+
+    assert w.submit(_private).result(TIMEOUT) == "ok"  # not a name: no name rule applies
+    with pytest.raises(PermissionRefused, match="Unknown user group: 'nonexistent-group'"):
+        w.submit(_private, user_group="nonexistent-group")
+    with pytest.raises(PermissionRefused):
+        w.submit("_private")

@@ -67,8 +67,9 @@ class LockMagics(Magics):
         and Python calls keep working; others must give it.  The key is never printed.
         """
         opts = parse_argstring(self.lock, line)
-        environment = opts.environment or opts.all or not (opts.queue or opts.all)
-        queue = opts.queue or opts.all
+        chosen = opts.environment or opts.queue or opts.all  # else the worker's default
+        environment = (opts.environment or opts.all) if chosen else None
+        queue = (opts.queue or opts.all) if chosen else None
         try:
             state = self.worker.lock(_key(opts), environment=environment, queue=queue,
                                      note=unquote(opts.note), user=unquote(opts.user), origin="magic")
