@@ -118,28 +118,43 @@ class StateMixin(HasTraits):
             old.close()
 
     # -- settings follow the traits ---------------------------------------------------------------
+    # Each change builds the new objects first and swaps them in; if that fails, the setting
+    # goes back to its old value (the error propagates): never a trait that says one thing
+    # while the worker does another.
+    def _apply_setting(self, change: Mapping[str, Any], apply: Any) -> None:
+        if getattr(self, "_locks", None) is None or self.__dict__.get("_reverting"):
+            return
+        try:
+            apply()
+        except BaseException:
+            self._reverting = True
+            try:
+                self.set_trait(change["name"], change["old"])
+            finally:
+                self._reverting = False
+            raise
+
     @observe("user_group_permissions", "user_group_permissions_file", "permissions_match_timeout")
     def _permissions_setting(self, change: Mapping[str, Any]) -> None:
-        if getattr(self, "_locks", None) is not None:
-            self._set_rules(self._load_permissions())
+        self._apply_setting(change, lambda: self._set_rules(self._load_permissions()))
 
     @observe("state_dir", "environment_name", "emergency_lock_key", "lock_wrong_keys_allowed",
              "lock_backoff_s", "lock_backoff_max_s", "lock_recheck_s")
     def _lock_setting(self, change: Mapping[str, Any]) -> None:
-        if getattr(self, "_locks", None) is None:
-            return
-        new = self._open_locks()
-        with self._state_lock:
-            old, self._locks = self._locks, new
-        old.close()
-        if change["name"] in ("state_dir", "environment_name"):
-            self._open_journal()
+        def apply() -> None:
+            new = self._open_locks()
+            with self._state_lock:
+                old, self._locks = self._locks, new
+            old.close()
+            if change["name"] in ("state_dir", "environment_name"):
+                self._open_journal()
+
+        self._apply_setting(change, apply)
 
     @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
              "journal_summary_chars", "journal_pending_limit")
     def _journal_setting(self, change: Mapping[str, Any]) -> None:
-        if getattr(self, "_locks", None) is not None:
-            self._open_journal()
+        self._apply_setting(change, self._open_journal)
 
     # -- permissions -------------------------------------------------------------------------------
     def _load_permissions(self, *, file_first: bool = False) -> Permissions:

@@ -350,3 +350,17 @@ def test_a_callable_runs_as_given_but_only_for_a_known_group(make_worker):
         w.submit(_private, user_group="nonexistent-group")
     with pytest.raises(PermissionRefused):
         w.submit("_private")
+
+
+def test_a_refused_setting_keeps_its_old_value(make_worker, tmp_path):
+    w = make_worker({"f": lambda: 1})
+    name, folder = w.environment_name, w.state_dir
+    with pytest.raises(ValueError):
+        w.environment_name = "../evil"
+    assert w.environment_name == name
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("user_groups: 3\n")
+    with pytest.raises(qmagic.PermissionsFormatError):
+        w.user_group_permissions_file = str(bad)
+    assert w.user_group_permissions_file != str(bad)
+    assert w.submit("f").result(TIMEOUT) == 1 and w.state_dir == folder
