@@ -1,8 +1,10 @@
 """Running an uploaded script in the namespace: all or nothing; scripts never wait for each other.
 
 If the script raises, every name it added, changed or removed is restored, so the namespace
-is exactly as before (objects it mutated in place cannot be restored).  On success the
-names it added, changed and removed are reported.
+is as before (objects it mutated in place cannot be restored); names it cannot bind — what
+cells or other tasks set meanwhile — are left alone (:func:`bound_names`; a star import
+makes every name the script's).  On success the names it added, changed and removed are
+reported.
 
 Scripts never wait for each other: a background script runs while a foreground one does, as
 in queueserver, so a script that never ends (``time.sleep(3600)``) stalls no later upload
@@ -12,8 +14,10 @@ other changed: run scripts that change the same names one after the other.)
 
 from __future__ import annotations
 
+import dis
 import linecache
 import re
+from types import CodeType
 from typing import Any
 
 from .errors import RequestRefused
@@ -37,6 +41,27 @@ def check_script_name(name: Any) -> str:
     return name
 
 
+_BINDING_OPS = {"STORE_NAME", "DELETE_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
+
+
+def bound_names(code: CodeType) -> set[str] | None:
+    """The namespace names a script's code can bind or delete: its module-level assignments,
+    definitions and imports, and ``global`` statements in its functions.  None when a star
+    import may bind any name."""
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        co = stack.pop()
+        for ins in dis.get_instructions(co):
+            if ins.opname in _BINDING_OPS:
+                names.add(ins.argval)
+            elif ins.opname == "IMPORT_STAR" or (ins.opname == "CALL_INTRINSIC_1"
+                                                 and "IMPORT_STAR" in str(ins.argrepr)):
+                return None
+        stack.extend(c for c in co.co_consts if isinstance(c, CodeType))
+    return names
+
+
 class ScriptRunner:
     """Executes scripts in ``namespace`` (see the module docstring)."""
 
@@ -53,21 +78,25 @@ class ScriptRunner:
         filename = "<script>" if name == DEFAULT_SCRIPT_NAME else f"<script {name}>"
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
         ns = self.namespace
-        before = dict(ns)
+        code = compile(script, filename, "exec")  # a SyntaxError changes nothing
+        names = bound_names(code)  # None: a star import, any name may change
+        before = dict(ns) if names is None else {k: ns[k] for k in names if k in ns}
+        touched = (lambda: set(ns) | set(before)) if names is None else (lambda: names)
         try:
-            code = compile(script, filename, "exec")
             exec(code, ns)  # noqa: S102 - running the user's script is the purpose
         except BaseException:
-            for key in [k for k in ns if k not in before]:
-                del ns[key]
-            for key, value in before.items():
-                if ns.get(key, _MISSING) is not value:
-                    ns[key] = value
+            for key in touched():  # only what the script can bind: others' work stays
+                old = before.get(key, _MISSING)
+                if old is _MISSING:
+                    ns.pop(key, None)
+                elif ns.get(key, _MISSING) is not old:
+                    ns[key] = old
             raise
         for key in keep:
             if key in before:
                 ns[key] = before[key]
-        added = sorted(k for k in ns if k not in before and k != "__builtins__")
-        removed = sorted(k for k in before if k not in ns)
-        changed = sorted(k for k in before if k in ns and ns[k] is not before[k])
+        keys = touched() - {"__builtins__"}
+        added = sorted(k for k in keys if k in ns and k not in before)
+        removed = sorted(k for k in keys if k in before and k not in ns)
+        changed = sorted(k for k in keys if k in before and k in ns and ns[k] is not before[k])
         return {"added": added, "changed": changed, "removed": removed}

@@ -216,7 +216,8 @@ class StateMixin(HasTraits):
                     from .store.keys import get_default_lock_key
 
                     lock_key = get_default_lock_key()
-            state = self._locks.lock(lock_key, environment=bool(environment), queue=bool(queue),
+            state = self._locks.lock(lock_key, environment=False if environment is None else environment,
+                                     queue=False if queue is None else queue,  # (types checked there)
                                      note=note, user=user, client=client)
             if origin != "remote":
                 self._remembered_key = lock_key

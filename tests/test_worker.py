@@ -364,3 +364,27 @@ def test_a_refused_setting_keeps_its_old_value(make_worker, tmp_path):
         w.user_group_permissions_file = str(bad)
     assert w.user_group_permissions_file != str(bad)
     assert w.submit("f").result(TIMEOUT) == 1 and w.state_dir == folder
+
+
+def test_a_failing_script_restores_only_its_own_names(make_worker):
+    """While a background script runs, a cell sets a name: the script fails, its own names
+    are restored, and the cell's work stays."""
+    inside, go_on = threading.Event(), threading.Event()
+    w = make_worker({"inside": inside, "go_on": go_on, "calibration": 1.0})
+    task = w.run_script(
+        "calibration = 2.0\nscratch = []\ninside.set()\ngo_on.wait(10)\nraise RuntimeError('bad fit')",
+        background=True)
+    assert inside.wait(TIMEOUT)
+    w.namespace["measurement"] = [1, 2, 3]  # a cell, meanwhile
+    go_on.set()
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+    assert w.namespace["calibration"] == 1.0 and "scratch" not in w.namespace
+    assert w.namespace["measurement"] == [1, 2, 3]
+
+
+def test_a_script_reports_only_what_it_changed(make_worker):
+    w = make_worker({"a": 1, "b": 2})
+    w.namespace["c"] = 3
+    task = w.run_script("a = 10\ndel b\nimport math\ndef helper():\n    global made\n    made = 1\n")
+    task.result(TIMEOUT)
+    assert task.namespace_changes == {"added": ["helper", "math"], "changed": ["a"], "removed": ["b"]}
