@@ -82,6 +82,10 @@ class ContextHook(Protocol):
         """Called where the task runs; the context manager is active around the call."""
 
 
+def _never() -> bool:
+    return False
+
+
 class Engine(TaskRegistry):
     """Runs tasks; see the module docstring.  Settings are plain attributes that the
     worker keeps in step with its traits."""
@@ -171,21 +175,31 @@ class Engine(TaskRegistry):
         job = Job(task, call, coroutine)
         if self.context_hooks:
             job.tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
+        inline = False
         if background:
             self._reserve_background(job)
         else:
             inline = self._reserve_foreground(job)
+        announced = False
         try:
-            self._announce(job)
-        except BaseException:
-            self._release_reservation(job)
+            # On the owner thread a ■ is held back until the task is announced (recorded) and
+            # handed on, then raised: never a record of a task that was never started.
+            with self.foreground.guard(_never):
+                self._announce(job)
+                announced = True
+                if background:
+                    self._runner.start_background(job)
+                elif not inline:
+                    self._runner.hand_over(job)
+        except BaseException as exc:
+            if not announced:
+                self._release_reservation(job)
+            elif inline and task._claim_end():  # ■ before its code ran
+                with self.foreground.guard(_never):
+                    self._runner.end(job, None, exc)
             raise
-        if background:
-            self._runner.start_background(job)
-        elif inline:
+        if inline:
             self._runner.run_foreground(job)
-        else:
-            self._runner.hand_over(job)
         return task
 
     def _reserve_background(self, job: Job) -> None:

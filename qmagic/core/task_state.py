@@ -151,7 +151,7 @@ class TaskState(Future):
                 tb: str | None, finished_at: float | None) -> dict[str, Any]:
         progress = self._progress
         if status is TaskStatus.CANCELLED:
-            error_text, error_type = self._cancel_reason, "TaskCancelled"
+            error_text, error_type = self._reason_for(error), "TaskCancelled"
         elif error is not None:
             error_text, error_type = exception_text(error), type(error).__name__
         else:
@@ -230,10 +230,7 @@ class TaskState(Future):
             self.finished_at = finished_at or time.time()
             if status is TaskStatus.CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
-                if isinstance(error, KeyboardInterrupt) and not self._cancel_requested:
-                    self._cancel_reason = INTERRUPTED
-                elif error is not None and not self._cancel_requested:
-                    self._cancel_reason = exception_text(error)
+                self._cancel_reason = self._reason_for(error)
                 self._error = error
                 for waiter in self.__dict__.get("_waiter_list", ()):
                     waiter.add_cancelled(self)
@@ -268,6 +265,13 @@ class TaskState(Future):
                 self._cancel_requested = True
                 self._notify_waiters()  # wakes cancellable_sleep
             return self._status
+
+    def _reason_for(self, error: BaseException | None) -> str:
+        """Why a task ending with ``error`` was cancelled: the reason asked for, else ■ (a
+        KeyboardInterrupt), else what stopped it (the record and the task agree)."""
+        if self._cancel_requested or error is None:
+            return self._cancel_reason
+        return INTERRUPTED if isinstance(error, KeyboardInterrupt) else exception_text(error)
 
     def _check(self, new: TaskStatus) -> None:
         if new not in TRANSITIONS[self._status]:
