@@ -127,20 +127,33 @@ class JobRunner:
         self.end(job, result, error)
 
     def _execute(self, job: Job) -> tuple[Any, BaseException | None]:
-        """Run the task's code in this thread; return (result, exception)."""
-        task = job.task
+        """Run the task's code in this thread; return (result, exception).  The context
+        hooks (output routing) are entered and left outside the window in which forced
+        cancels and interrupts may land."""
         result: Any = None
         error: BaseException | None = None
         capture.ensure_streams()
-        token = _current.set(task)
+        token = _current.set(job.task)
+        job.ident = threading.get_ident()
         try:
-            job.ident = threading.get_ident()
+            with self._hooks(job):
+                result, error = self._run_user_code(job)
+        except BaseException as exc:  # noqa: BLE001 - a hook failed: recorded, never lost
+            if error is None:
+                result, error = None, exc
+        _current.reset(token)
+        return result, error
+
+    def _run_user_code(self, job: Job) -> tuple[Any, BaseException | None]:
+        task = job.task
+        result: Any = None
+        error: BaseException | None = None
+        try:
             with job.gate:
                 job.in_user_code = True
             if task.cancel_requested:
                 raise TaskCancelled(task.cancel_reason)
-            with self._hooks(job):
-                result = job.call()
+            result = job.call()
             if awaitable_result(result):
                 result = self._await_in_loop(job, result)
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
@@ -151,7 +164,6 @@ class JobRunner:
                 break
             except (TaskCancelled, KeyboardInterrupt):  # aimed at code that has returned
                 continue
-        _current.reset(token)
         return result, error
 
     @staticmethod
