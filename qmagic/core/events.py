@@ -160,7 +160,7 @@ class EventBus:
                     continue
                 try:
                     sub.callback(task_uid=task.uid, **event)
-                except Exception:  # noqa: BLE001 - never let a callback break others
+                except BaseException:  # noqa: BLE001 - never let a callback stop the others
                     log.exception(
                         "qmagic: event callback %r raised; the task and other callbacks "
                         "are not affected.",

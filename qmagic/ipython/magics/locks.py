@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ... import format as fmt
-from ...errors import RequestRefused
+from ...errors import RequestRefused, StateFileError
 from .args import unquote
 from .common import refused, show_panel
 
@@ -73,7 +73,7 @@ class LockMagics(Magics):
         try:
             state = self.worker.lock(_key(opts), environment=environment, queue=queue,
                                      note=unquote(opts.note), user=unquote(opts.user), origin="magic")
-        except RequestRefused as exc:
+        except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc)
         print(fmt.lock_text(state.to_lock_info()))
 
@@ -89,7 +89,7 @@ class LockMagics(Magics):
         opts = parse_argstring(self.unlock, line)
         try:
             state = self.worker.unlock(_key(opts), origin="magic")
-        except RequestRefused as exc:
+        except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc)
         print(fmt.lock_text(state.to_lock_info()))
 
@@ -103,6 +103,6 @@ class LockMagics(Magics):
             return
         try:
             state = self.worker.lock_state(origin="magic")
-        except RequestRefused as exc:
+        except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc)
         print(fmt.lock_text(state.to_lock_info()))
