@@ -12,6 +12,8 @@ from __future__ import annotations
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, validate
 from traitlets.config import Configurable
 
+from .core.loops import LOOP_POLICIES
+
 __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
 
 #: Queueserver clients rely on results staying at least this long after a task ends.
@@ -51,7 +53,7 @@ class QMagic(Configurable):
         "cooperatively before raising TaskCancelled inside the task's thread.",
     ).tag(config=True)
     async_loop = Enum(
-        ("auto", "bluesky", "qmagic"), default_value="auto",
+        LOOP_POLICIES, default_value="auto",
         help="Event loop of coroutine (async def) tasks: 'auto' = bluesky's event loop when "
         "bluesky is imported and its loop runs (where ophyd-async devices live), else a loop "
         "thread of qmagic's own; 'bluesky' = bluesky's loop only (tasks fail without it); "

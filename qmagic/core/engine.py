@@ -338,11 +338,6 @@ class Engine(TaskRegistry):
             return "idle"
         return self._runner.interrupt(job)
 
-    def foreground_in_user_code(self) -> bool:
-        """True while the foreground task's own code runs (the interrupt guard asks)."""
-        job = self._fg
-        return job is not None and job.in_user_code
-
     def counts(self) -> dict[str, Any]:
         """A consistent snapshot for status replies and panels."""
         with self._lock:

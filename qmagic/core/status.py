@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["TaskStatus", "Progress", "TRANSITIONS", "FINISHED"]
+__all__ = ["FINISHED", "FINISHED_VALUES", "TRANSITIONS", "Progress", "TaskStatus"]
 
 
 class TaskStatus(str, enum.Enum):
@@ -33,6 +33,8 @@ class TaskStatus(str, enum.Enum):
 
 #: The statuses a task ends in.
 FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+#: The same as wire texts ("completed", ...), for events and records.
+FINISHED_VALUES = frozenset(s.value for s in FINISHED)
 
 #: The only allowed status changes.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..core.status import FINISHED_VALUES
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.events import Subscription
     from ..core.task import Task
@@ -37,7 +39,6 @@ log = logging.getLogger("qmagic")
 
 __all__ = ["PanelView", "Pump", "get_pump", "current_pump", "get_router", "shutdown"]
 
-_FINAL = frozenset({"completed", "failed", "cancelled"})
 #: Seconds between applications of a view without events (elapsed time, membership, lock).
 PERIODIC_S = 1.0
 #: Most update-message tokens a view saves up (its largest burst).
@@ -241,7 +242,7 @@ class Pump:
         return on_event
 
     def _touch(self, views: tuple[PanelView, ...], task_uid: str, event: dict) -> None:
-        final = event.get("status") in _FINAL
+        final = event.get("status") in FINISHED_VALUES
         wake = False
         for view in views:
             if view._qm_touch(task_uid, final=final):

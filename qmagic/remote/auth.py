@@ -331,10 +331,6 @@ class CurveAuthenticator:
         """The z85 public key of the last refused client (to add it to the list if wanted)."""
         return self._last_refused
 
-    def identify(self, frame: zmq.Frame) -> ClientIdentity | None:
-        """:func:`identity_of` with the current key list."""
-        return identity_of(frame, self.keys)
-
     def _admit(self, key: bytes) -> bool:
         if self.keys.lookup(key) is not None:
             return True

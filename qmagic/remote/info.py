@@ -29,6 +29,7 @@ import zmq
 
 from .. import format as fmt
 from ..core import capture
+from ..core.status import FINISHED_VALUES
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -42,7 +43,6 @@ TOPIC_INFO = b"QS_Info"
 #: Most task event messages per second per task (the final state is always sent).
 TASK_EVENTS_HZ = 10.0
 _STATUS_PERIOD_S = 1.0
-_FINAL = ("completed", "failed", "cancelled")
 
 
 class InfoPublisher(SocketThread):
@@ -192,7 +192,7 @@ class InfoPublisher(SocketThread):
         with self._tasks_lock:
             for uid in list(self._tasks):
                 state = self._tasks[uid]
-                final = state.get("status") in _FINAL
+                final = state.get("status") in FINISHED_VALUES
                 if final or now >= self._sent_at.get(uid, 0.0) + 1.0 / TASK_EVENTS_HZ:
                     due.append(self._tasks.pop(uid))
                     if final:
