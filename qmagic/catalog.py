@@ -12,34 +12,34 @@ dictionary reads.
 from __future__ import annotations
 
 import inspect
-import re
 import threading
 import uuid
 from typing import Any, Callable, Mapping
 
+from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
 
 __all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "MAX_NAME_LENGTH"]
 
 #: Longest function name accepted in a request.
-MAX_NAME_LENGTH = 100
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def check_name(name: Any) -> str:
-    """Return ``name`` if it can name a namespace function, else raise RequestRefused."""
+    """Return ``name`` if it can name a namespace function, else raise RequestRefused.
+    (The rule is the permissions' one: a Python identifier, not a keyword, at most
+    :data:`MAX_NAME_LENGTH` characters.)"""
     if not isinstance(name, str) or not name:
         raise RequestRefused("Error: Incorrect request format: function name is not specified")
-    if len(name) > MAX_NAME_LENGTH or not _IDENTIFIER.match(name):
-        shown = name if len(name) <= 40 else name[:37] + "..."
+    if function_name_error(name) is not None:
+        shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
         raise RequestRefused(
-            f"Error: Incorrect request format: {shown!r} is not a function name: use the name of a "
-            f"function of the namespace (letters, digits and '_', at most {MAX_NAME_LENGTH} characters)"
+            f"Error: Incorrect request format: {shown} is not a function name: use the name of a "
+            f"function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} characters)"
         )
     return name
 
 
-_CHECKED_MAX = 10_000
+_CHECKED_MAX = 10_000  # entries of Catalog._checked
 
 
 def _is_plan(obj: Any) -> bool:
