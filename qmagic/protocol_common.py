@@ -13,11 +13,10 @@ from typing import Any
 from . import __version__
 from .core.task import Task
 from .errors import RequestRefused
+from .store.lockfile import MAX_USER_CHARS  # the lock's bound: one for every user name
 
 __all__ = ["MAX_USER_CHARS", "status_reply"]
 
-#: Longest user name accepted in a request (as for the lock's user).
-MAX_USER_CHARS = 1000
 
 
 def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:

@@ -123,3 +123,15 @@ def test_the_info_socket_admits_only_listed_clients(make_worker, monkeypatch):
             sub.close(0)
         ctx.term()
         service.close()
+
+
+def test_a_script_runs_as_its_clients_user(channel, monkeypatch):
+    worker, address = channel
+    RM = _client(address, ROBOT, monkeypatch)
+    try:
+        uid = RM.script_upload("uploaded = True\n")["task_uid"]
+    finally:
+        RM.close()
+    task = worker.get_task(uid)
+    assert task.wait(TIMEOUT) and task.status.value == "completed"
+    assert (task.user, task.user_group) == ("robot", "primary")

@@ -81,7 +81,7 @@ def _authenticated(method: str, params: dict, identity: Any) -> dict:
     from .auth import check_claim, check_method
 
     check_method(identity, method)
-    if method == "function_execute":
+    if method in ("function_execute", "script_upload"):  # a script runs as its key's user
         user, group = check_claim(identity, params.get("user"), params.get("user_group"))
         return {**params, "user": user, "user_group": group}
     if method == "lock":
