@@ -22,7 +22,7 @@ from traitlets import observe
 from .catalog import Catalog, check_name
 from .config import QMagic
 from .core.context import current_task
-from .core.engine import Engine
+from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
 from .core.events import Subscription
 from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
@@ -241,7 +241,7 @@ class Worker(StateMixin, LookupMixin, QMagic):
         coroutine = func is not None and inspect.iscoroutinefunction(func)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
                          isinstance(target, str), coroutine)
-        return self.engine.submit(
+        return self._start(
             call, name=name, args=args, kwargs=kwargs, user=user, user_group=user_group,
             background=bool(background), origin=origin, timeout=timeout,
             provenance=self.provenance_source(), coroutine=coroutine,
@@ -280,7 +280,7 @@ class Worker(StateMixin, LookupMixin, QMagic):
             if update_lists:
                 self.catalog.refresh()
 
-        return self.engine.submit(
+        return self._start(
             call, name=name, kind="script", user=user, user_group=user_group,
             background=bool(background), origin=origin, provenance=self.provenance_source(),
         )
@@ -292,9 +292,28 @@ class Worker(StateMixin, LookupMixin, QMagic):
         self.check_lock(lock_key, origin=origin, client=client)
         self._check_open(origin)
         user, group = self._who(None, None, origin, defaults=True)
-        return self.engine.submit(lambda: self.catalog.refresh(force=True) and None,
-                                  name="environment_update", kind="script", user=user,
-                                  user_group=group, background=bool(background), origin=origin)
+        return self._start(lambda: self.catalog.refresh(force=True) and None,
+                           name="environment_update", kind="script", user=user,
+                           user_group=group, background=bool(background), origin=origin)
+
+    def _start(self, call: Callable[[], Any], *, origin: str, **task: Any) -> Task:
+        """The engine starts the task; a busy foreground is explained to notebook users in
+        their terms (remote clients get queueserver's texts)."""
+        try:
+            return self.engine.submit(call, origin=origin, **task)
+        except RequestRefused as exc:
+            if origin == "remote" or str(exc) not in (MSG_NOT_IDLE, MSG_KERNEL_BUSY):
+                raise
+            if str(exc) == MSG_NOT_IDLE:
+                running = self.engine.counts()["foreground"]
+                what = f" ({running.call_text(40)})" if running is not None else ""
+                text = (f"Error: A foreground task is running{what}: wait for it to end, start this "
+                        "one in the background (-b, or background=True), or cancel the running "
+                        "one (%task_cancel).")
+            else:
+                text = ("Error: The kernel is running a cell: a foreground task can start once it "
+                        "ends; start this one in the background instead (-b, or background=True).")
+        raise RequestRefused(text)
 
     # -- cancelling and interrupting ---------------------------------------------------------------
     def cancel(self, task: Task | str, *, force: bool = False, lock_key: str | None = None,

@@ -388,3 +388,20 @@ def test_a_script_reports_only_what_it_changed(make_worker):
     task = w.run_script("a = 10\ndel b\nimport math\ndef helper():\n    global made\n    made = 1\n")
     task.result(TIMEOUT)
     assert task.namespace_changes == {"added": ["helper", "math"], "changed": ["a"], "removed": ["b"]}
+
+
+def test_a_busy_foreground_is_explained_in_notebook_terms(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate, "f": lambda: 1})
+    running = w.submit("gate", background=False)
+    assert gate.started.wait(TIMEOUT)
+    try:
+        with pytest.raises(RequestRefused) as info:
+            w.submit("f", background=False)
+        assert str(info.value) == (
+            "Error: A foreground task is running (gate()): wait for it to end, start this one in "
+            "the background (-b, or background=True), or cancel the running one (%task_cancel).")
+        assert w.submit("f").result(TIMEOUT) == 1  # the background is free
+    finally:
+        gate.release.set()
+    assert running.wait(TIMEOUT)
