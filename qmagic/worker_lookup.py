@@ -62,7 +62,11 @@ class LookupMixin:
         items = self.engine.tasks()
         if status is None:
             return items
-        wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
+        try:
+            wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
+        except ValueError:
+            names = ", ".join(repr(s.value) for s in TaskStatus)
+            raise ValueError(f"Unknown task status {status!r}: use one of {names}.") from None
         return [t for t in items if t.status in wanted]
 
     @property
