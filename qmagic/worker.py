@@ -97,20 +97,22 @@ class _TaskCall:
 class Worker(StateMixin, LookupMixin, QMagic):
     """Runs the functions of ``namespace`` as tracked tasks.
 
-    ``Worker(namespace, parent=None, config=None)``: settings come from the ``QMagic``
-    config section (see :class:`qmagic.QMagic`).  In a kernel, ``%load_ext qmagic`` builds
+    ``Worker(namespace, parent=None, config=None, hidden_names=None, **settings)``: settings
+    come from the ``QMagic`` config section (see :class:`qmagic.QMagic`) or keywords;
+    ``hidden_names`` are never offered as functions (the shell's own: ``exit``, ``In``...).  In a kernel, ``%load_ext qmagic`` builds
     one on the kernel's namespace; get it with :func:`qmagic.get_worker`.  Without a kernel
     the worker owns a foreground thread of its own.  Call :meth:`close` when done.
     """
 
     def __init__(self, namespace: dict, *, parent: Any = None, config: Any = None,
-                 foreground: ForegroundRunner | None = None, **kwargs: Any) -> None:
+                 foreground: ForegroundRunner | None = None, hidden_names: Iterable[str] | None = None,
+                 **kwargs: Any) -> None:
         if not isinstance(namespace, dict):
             raise TypeError(f"Worker needs a dict as its namespace (got {type(namespace).__name__}).")
         super().__init__(parent=parent, config=config, **kwargs)
         self.namespace = namespace
         #: Names never offered as functions (the shell's own: exit, quit, In, Out, ...).
-        self.hidden_names: set[str] = set()
+        self.hidden_names: set[str] = set(hidden_names or ())
         #: Returns the provenance of a request made now (the kernel sets it: notebook, cell).
         self.provenance_source: Callable[[], dict | None] = lambda: None
         self.engine = Engine(

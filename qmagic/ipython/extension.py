@@ -59,11 +59,10 @@ class Session:
         shell = self.shell
         self.runner = runner = KernelForegroundRunner(shell)
         self._step("foreground runner", runner.close)
-        self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner)
+        self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner,
+                                      hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
-        worker.hidden_names = set(getattr(shell, "user_ns_hidden", {}) or {})
         worker.provenance_source = provenance_source(shell)
-        worker.catalog.refresh(force=True)
         fmt.set_filename_labeler(cell_labeler(shell))
         self._step("traceback labels", lambda: fmt.set_filename_labeler(None))
         hook = CellOutputHook(shell)
