@@ -116,11 +116,11 @@ class QueueserverProtocol(GuiMethods):
         if not isinstance(uid, str):
             return {**_task_error(f"Error: 'task_uid' must be a string: type(task_uid)={type(uid)!r}",
                                   uid), "result": None}
-        task = self.worker.engine.get(uid)
-        record = None if task is not None else self.worker._log_find(uid) if len(uid) >= 36 else None
-        if task is None and record is None:
+        found = self.worker.lookup(uid)
+        if found is None:
             return {"success": True, "msg": "", "task_uid": uid, "status": "not_found", "result": {}}
-        rec = task.to_dict() if task is not None else record
+        task = found if isinstance(found, Task) else None
+        rec = found.to_dict() if task is not None else found
         status = TaskStatus(rec["status"])
         return {"success": True, "msg": "", "task_uid": uid, "status": status.wire,
                 "result": _result_dict(rec, status, task)}
@@ -265,7 +265,7 @@ def _task_error(msg: str, uid: Any) -> dict:
 
 def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict:
     if state is None:
-        state = worker._locks.state()
+        state = worker.current_lock()
     return {"success": success, "msg": msg, "lock_info": state.to_lock_info(),
             "lock_info_uid": state.uid}
 

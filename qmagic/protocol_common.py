@@ -63,7 +63,7 @@ def status_reply(worker: Any) -> dict[str, Any]:
     fg: Task | None = counts["foreground"]
     busy = worker.engine.foreground.user_busy()
     state = "executing_task" if fg is not None else "idle"
-    lock = worker._locks.state()
+    lock = worker.current_lock()
     env_open = worker.environment_is_open
     if not env_open:  # as an RE Manager without a worker
         kernel_state, captured, background = None, None, 0

@@ -41,6 +41,14 @@ class LookupMixin:
                 raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
             return record
 
+    def lookup(self, uid: str) -> Task | dict[str, Any] | None:
+        """The task with exactly this uid: in memory, else its record in the experiment log
+        (full uids only); None when neither knows it."""
+        task = self.engine.get(uid)
+        if task is not None:
+            return task
+        return self._log_find(uid) if len(uid) >= 36 else None
+
     def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         """Status of each uid (exact uids): memory first, then the experiment log (batched);
         None for unknown uids."""

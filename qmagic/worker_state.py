@@ -251,6 +251,11 @@ class StateMixin(HasTraits):
         """The current LockState; with ``lock_key`` given, LockRefused if it is wrong."""
         return self._locks.info(lock_key, client=client)
 
+    def current_lock(self) -> Any:
+        """The current LockState, cheaply (no system call while the lock file is unchanged;
+        :meth:`lock_state` reads the file now)."""
+        return self._locks.state()
+
     @property
     def holds_lock_key(self) -> bool:
         """True when this kernel remembers a lock key (it never shows the key)."""
@@ -311,8 +316,8 @@ class StateMixin(HasTraits):
     # -- the experiment log ----------------------------------------------------------------------------
     def _log_find(self, uid: str) -> dict[str, Any] | None:
         journal = self._journal
-        if journal is None or not isinstance(uid, str) or not uid:
-            return None
+        if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
+            return None  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
         try:
             return journal.find(uid)
         except (StateFileError, OSError) as exc:
@@ -321,7 +326,8 @@ class StateMixin(HasTraits):
 
     def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         journal = self._journal
-        if journal is None:
+        uids = [u for u in uids if isinstance(u, str) and u.isascii()]  # (as in _log_find)
+        if journal is None or not uids:
             return {}
         try:
             found = journal.statuses(uids)

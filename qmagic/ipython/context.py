@@ -22,10 +22,10 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["CellOutputHook", "provenance_source", "cell_labeler", "kernel_connection_info"]
+__all__ = ["CellOutputHook", "cell_labeler", "execute_request", "kernel_connection_info", "provenance_source"]
 
 
-def _execute_request(shell: Any) -> dict | None:
+def execute_request(shell: Any) -> dict | None:
     """The shell's current parent message when it is a cell's execute_request."""
     get_parent = getattr(shell, "get_parent", None)
     if get_parent is None:
@@ -49,7 +49,7 @@ class CellOutputHook:
         """The submitting cell's request (only for background tasks started in a cell)."""
         if not getattr(task, "background", False) or threading.current_thread() is not threading.main_thread():
             return None
-        return _execute_request(self.shell)
+        return execute_request(self.shell)
 
     def apply(self, task: Any, token: Any) -> contextlib.AbstractContextManager:
         """Context manager active around the task's code (its thread or asyncio task)."""
@@ -105,7 +105,7 @@ def provenance_source(shell: Any) -> Callable[[], dict | None]:
         info: dict[str, Any] = {"notebook": notebook if isinstance(notebook, str) else None,
                                 "cell_id": None, "execution_count": None, "cell_hash": None}
         if threading.current_thread() is threading.main_thread():
-            request = _execute_request(shell)
+            request = execute_request(shell)
             if request is not None:
                 cell_id = (request.get("metadata") or {}).get("cellId")
                 code = (request.get("content") or {}).get("code")

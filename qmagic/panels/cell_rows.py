@@ -25,23 +25,14 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
+from ..ipython.context import execute_request
+
 log = logging.getLogger("qmagic")
 
 __all__ = ["CellRows", "MAX_ROWS_PER_CELL"]
 
 #: Most live rows one cell execution shows (one per foreground task it starts).
 MAX_ROWS_PER_CELL = 10
-
-
-def _execute_request(shell: Any) -> dict | None:
-    """The shell's current parent message when it is a cell's execute_request."""
-    try:
-        parent = shell.get_parent()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(parent, dict) and (parent.get("header") or {}).get("msg_type") == "execute_request":
-        return parent
-    return None
 
 
 def _msg_id(parent: dict | None) -> str | None:
@@ -68,7 +59,7 @@ class CellRows:
         a cell on the main thread (None otherwise: no row)."""
         if task.background or threading.current_thread() is not threading.main_thread():
             return None
-        parent = _execute_request(self.shell)
+        parent = execute_request(self.shell)
         msg_id = _msg_id(parent)
         if msg_id is None or not self._active():
             return None
@@ -89,7 +80,7 @@ class CellRows:
     # -- the formatter asks -------------------------------------------------------------------------
     def shown_here(self, task: Any) -> bool:
         """True when ``task``'s live row is already in the cell that runs now."""
-        msg_id = _msg_id(_execute_request(self.shell))
+        msg_id = _msg_id(execute_request(self.shell))
         with self._lock:
             return msg_id is not None and msg_id == self._cell and task.uid in self._uids
 
