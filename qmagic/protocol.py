@@ -38,14 +38,17 @@ class QueueserverProtocol(GuiMethods):
 
     # -- status ---------------------------------------------------------------------------------
     def status(self, params: dict, **who: Any) -> dict:
+        """queueserver ``status``: the manager, kernel and lock state (see :func:`status_reply`)."""
         return status_reply(self.worker)
 
     def config_get(self, params: dict, **who: Any) -> dict:
+        """queueserver ``config_get``: the kernel's connection info (for ``qserver``/GUIs)."""
         info = self.connection_info() if self.worker.environment_is_open else {}
         return {"success": True, "msg": "", "config": {"ip_connect_info": info}}
 
     # -- tasks -------------------------------------------------------------------------------------
     def function_execute(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``function_execute``: start a namespace function as a task; returns its uid."""
         item = params.get("item")
         try:
             lock_key = _lock_key(params)
@@ -71,6 +74,7 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": "", "item": reply_item, "task_uid": task.uid}
 
     def script_upload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``script_upload``: run a script in the namespace as a task (all or nothing)."""
         try:
             lock_key = _lock_key(params)
             script = params.get("script")
@@ -90,6 +94,7 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": "", "task_uid": task.uid}
 
     def task_status(self, params: dict, **who: Any) -> dict:
+        """queueserver ``task_status``: the status of one uid or a list of uids (memory, then the log)."""
         uids = params.get("task_uid")
         if uids is None:
             return _task_error("Error: Required 'task_uid' parameter is missing in the API call.", None)
@@ -109,6 +114,7 @@ class QueueserverProtocol(GuiMethods):
                 "status": {uid: _wire(found.get(uid)) for uid in uids}}
 
     def task_result(self, params: dict, **who: Any) -> dict:
+        """queueserver ``task_result``: a task's status and result dict (memory, then the log)."""
         uid = params.get("task_uid")
         if uid is None:
             return {**_task_error("Error: Required 'task_uid' parameter is missing in the API call.",
@@ -127,6 +133,7 @@ class QueueserverProtocol(GuiMethods):
 
     # -- locks --------------------------------------------------------------------------------------
     def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``lock``: lock the environment and/or the queue with a key."""
         try:
             if "lock_key" not in params:
                 raise RequestRefused("Error: Lock key is not specified: 'lock_key' is a required parameter")
@@ -142,6 +149,7 @@ class QueueserverProtocol(GuiMethods):
         return _lock_reply(self.worker, True, "", state)
 
     def unlock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``unlock``: unlock with the lock key or the emergency key."""
         try:
             if "lock_key" not in params:
                 raise RequestRefused("Error: Request contains no lock key: 'lock_key' parameter is required")
@@ -151,6 +159,7 @@ class QueueserverProtocol(GuiMethods):
         return _lock_reply(self.worker, True, "", state)
 
     def lock_info(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``lock_info``: the current lock (with ``lock_key``: checks it)."""
         try:
             state = self.worker.lock_state(_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:
@@ -161,6 +170,7 @@ class QueueserverProtocol(GuiMethods):
 
     # -- control ---------------------------------------------------------------------------------------
     def kernel_interrupt(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``kernel_interrupt``: ■ for the kernel (the foreground task with ``interrupt_task``)."""
         try:
             _flag(params, "interrupt_plan", False)
             self.worker.interrupt(interrupt_task=_flag(params, "interrupt_task", False),
@@ -170,15 +180,19 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": ""}
 
     def environment_open(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``environment_open``: accept remote tasks again."""
         return self._simple(self.worker.environment_open, params, client)
 
     def environment_close(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``environment_close``: refuse remote tasks (the notebook keeps working)."""
         return self._simple(self.worker.environment_close, params, client)
 
     def environment_destroy(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``environment_destroy``: stop running tasks, then close the environment."""
         return self._simple(self.worker.environment_destroy, params, client)
 
     def environment_update(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``environment_update``: rescan the namespace for functions, plans and devices."""
         try:
             task = self.worker.update_environment(
                 background=_flag(params, "run_in_background", False), lock_key=_lock_key(params),
@@ -204,9 +218,11 @@ class QueueserverProtocol(GuiMethods):
 
     # -- permissions ------------------------------------------------------------------------------------
     def permissions_get(self, params: dict, **who: Any) -> dict:
+        """queueserver ``permissions_get``: the user group permissions in force."""
         return {"success": True, "msg": "", "user_group_permissions": self.worker.permissions.to_dict()}
 
     def permissions_set(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``permissions_set``: replace the user group permissions (checked first)."""
         if "user_group_permissions" not in params:
             return {"success": False, "msg": "Error: Parameter 'user_group_permissions' is missing"}
         try:
@@ -219,6 +235,7 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": ""}
 
     def permissions_reload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+        """queueserver ``permissions_reload``: read the permissions file (or the defaults) again."""
         try:
             _flag(params, "restore_plans_devices", False)
             self.worker.reload_permissions(restore=_flag(params, "restore_permissions", True),

@@ -46,6 +46,7 @@ class GuiMethods:
         return group
 
     def plans_existing(self, params: dict, **who: Any) -> dict:
+        """queueserver ``plans_existing``: the plans (generator functions) of the namespace."""
         catalog = self.worker.catalog
         plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
         return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
@@ -62,6 +63,7 @@ class GuiMethods:
                 "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
 
     def devices_existing(self, params: dict, **who: Any) -> dict:
+        """queueserver ``devices_existing``: the ophyd / ophyd-async devices of the namespace."""
         catalog = self.worker.catalog
         devices = {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
         return {"success": True, "msg": "", "devices_existing": devices,
@@ -78,8 +80,10 @@ class GuiMethods:
                 "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
 
     def queue_get(self, params: dict, **who: Any) -> dict:
+        """queueserver ``queue_get``: a kernel has no plan queue (always empty)."""
         return {"success": True, "msg": "", "items": [], "running_item": {},
                 "plan_queue_uid": self.worker.static_uid}
 
     def history_get(self, params: dict, **who: Any) -> dict:
+        """queueserver ``history_get``: a kernel has no plan history (always empty)."""
         return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}

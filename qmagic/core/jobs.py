@@ -89,6 +89,7 @@ class JobRunner:
 
     # -- entry points --------------------------------------------------------------------
     def start_background(self, job: Job) -> None:
+        """Start a background job: a coroutine on its loop, a thread task on the pool."""
         if job.coroutine:
             self._schedule_coroutine(job)
         else:

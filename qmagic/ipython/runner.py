@@ -87,6 +87,7 @@ class KernelForegroundRunner:
         return self._busy > 0
 
     def unavailable(self) -> str | None:
+        """Why a foreground task cannot be handed to the kernel now (None: it can)."""
         if self._closed:
             return "Error: Failed to start the task: the qmagic extension was unloaded."
         if self._kernel_loop() is None:

@@ -143,6 +143,7 @@ class AppendFile:
         self.closed = False
 
     def write(self, line: bytes) -> None:
+        """Append ``data`` (one write, holding the GIL); raises OSError on failure."""
         if self.closed:
             raise ValueError("the spool segment is closed")
         if self.written + len(line) > self.size:
