@@ -51,8 +51,10 @@ def _user_name(params: Mapping[str, Any]) -> None:
 
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:
+    """The request's ``lock_key``: None or text, as queueserver accepts (an empty key opens
+    nothing, but is no error while nothing is locked)."""
     key = params.get("lock_key")
-    if key is not None and (not isinstance(key, str) or not key):
+    if key is not None and not isinstance(key, str):
         raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {key!r}")
     return key
 
