@@ -373,3 +373,18 @@ def test_what_guis_ask_for(make_worker):
     assert qs.history_get()["items"] == []
     status = qs.status()
     assert status["plans_existing_uid"] == plans["plans_existing_uid"]
+
+
+def test_an_empty_lock_key_opens_nothing_but_is_no_error(make_worker):
+    """As queueserver: lock_key "" is accepted while nothing is locked, refused as a wrong
+    key when locked."""
+    w = make_worker({"f": lambda: 1})
+    qs = QS(w)
+    assert qs.function_execute("f", lock_key="", run_in_background=True)["success"] is True
+    w.lock("hutch")
+    try:
+        reply = QS(make_worker({"f": lambda: 1}, state_dir=w.state_dir)).function_execute(
+            "f", lock_key="", run_in_background=True)  # another kernel, without the key
+        assert reply["success"] is False and reply["msg"].startswith("Error: Invalid lock key")
+    finally:
+        w.unlock()
