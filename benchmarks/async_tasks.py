@@ -146,7 +146,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
     opts = parser.parse_args()
     scale = 10 if opts.quick else 1
-    os.environ.setdefault("QMAGIC_STATE_DIR", tempfile.mkdtemp(prefix="qmagic-bench-"))
+    state = tempfile.TemporaryDirectory(prefix="qmagic-bench-")  # removed at exit
+    os.environ.setdefault("QMAGIC_STATE_DIR", state.name)
 
     lat_base, lat_ours = latency(2000 // scale)
     cancel_base, cancel_ours = cancel(300 // scale)

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each kind (alternating)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("QMAGIC_STATE_DIR", tempfile.mkdtemp(prefix="qmagic-bench-"))
+    state = tempfile.TemporaryDirectory(prefix="qmagic-bench-")  # removed at exit
+    os.environ.setdefault("QMAGIC_STATE_DIR", state.name)
 
     recorder = install_probe()
     import qmagic
