@@ -31,14 +31,21 @@ class Gate:
 
 
 @pytest.fixture
-def make_worker(tmp_path):
-    """Factory of isolated workers (own state dir, journal off unless asked); all closed after."""
+def make_worker(tmp_path, request):
+    """Factory of isolated workers, all closed after the test.
+
+    Each writes its lock and experiment log into the test's own state folder.  The log is
+    on, as in real use, unless the test module sets ``ENGINE_ALONE = True`` (tests of the
+    engine's own rules: the log is tested in test_worker_journal.py and
+    test_kernel_journal.py) or a test passes ``journal_enabled=False``.
+    """
     workers: list[Worker] = []
+    log_on = not getattr(request.module, "ENGINE_ALONE", False)
 
     def make(namespace: dict | None = None, **settings) -> Worker:
         config = Config()
         config.QMagic.state_dir = str(tmp_path / "state")
-        config.QMagic.journal_enabled = False
+        config.QMagic.journal_enabled = log_on
         for key, value in settings.items():
             setattr(config.QMagic, key, value)
         worker = Worker({} if namespace is None else namespace, config=config)

@@ -7,7 +7,6 @@ kernel message, or inside the kernel on an event or condition, with a timeout.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,13 @@ from typing import Any
 from kernel_utils import REPO_ROOT, ExecResult, KernelSession
 
 __all__ = [
-    "QMAGIC_ARGV", "JOURNAL_ARGV", "SETUP", "start_kernel", "plain", "error_text", "one_line",
+    "QMAGIC_ARGV", "SETUP", "start_kernel", "plain", "error_text", "one_line",
     "assert_no_internals", "INTERNALS",
 ]
 
-#: The experiment log is on by default; while its module is not in the tree yet, test kernels
-#: turn it off (so these tests exercise the log as soon as it exists).
-JOURNAL_ARGV: list[str] = (
-    [] if importlib.util.find_spec("qmagic.store.journal") is not None
-    else ["--QMagic.journal_enabled=False"]
-)
-QMAGIC_ARGV: list[str] = ["--ext=qmagic", *JOURNAL_ARGV]
+#: Test kernels load qmagic as a user does; the experiment log is on (its default), in the
+#: kernel's own state folder.
+QMAGIC_ARGV: list[str] = ["--ext=qmagic"]
 
 TESTS_DIR = Path(__file__).resolve().parent
 

@@ -14,6 +14,11 @@ from qmagic import TaskCancelled, TaskStatus
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 
+#: These tests are about the engine alone (its rules, races and timings): the experiment log
+#: stays off here (make_worker reads this); it is tested in test_worker_journal.py and
+#: test_kernel_journal.py, and on in every other worker and kernel test.
+ENGINE_ALONE = True
+
 
 def _kinds(events, uid):
     out = []

@@ -28,7 +28,7 @@ def gateway(tmp_path_factory):
     t0 = time.monotonic()
     kernel = KernelSession(base / "kernel", argv=[
         "--ext=qmagic", f"--QMagic.zmq_control_address={control}",
-        f"--QMagic.zmq_info_address={info}", "--QMagic.journal_enabled=False"]).start()
+        f"--QMagic.zmq_info_address={info}"]).start()
     try:
         kernel.execute("def add(a, b):\n    print('adding', a, b)\n    return a + b\n", check=True)
         t_kernel = time.monotonic() - t0

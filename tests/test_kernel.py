@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_helpers import JOURNAL_ARGV, QMAGIC_ARGV, SETUP, assert_no_internals, one_line, start_kernel
+from kernel_helpers import QMAGIC_ARGV, SETUP, assert_no_internals, one_line, start_kernel
 from kernel_utils import REPO_ROOT, isolated_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -141,8 +141,9 @@ def test_foreground_requests_from_threads_follow_the_busy_rule(qk):
     )
     assert result.stdout == (
         "busy False Error: Failed to start the task: IPython kernel (RE Worker) is busy. True\n"
-        "Error: Failed to start the task: IPython kernel (RE Worker) is busy.\n"
-    )
+        "Error: The kernel is running a cell: a foreground task can start once it ends; start this "
+        "one in the background instead (-b, or background=True).\n"
+    )  # the remote client gets queueserver's text; Python code is told what to do
 
 
 def test_handed_over_foreground_task_runs_when_idle_and_stops_on_interrupt(qk):
@@ -218,7 +219,7 @@ def test_failing_script_leaves_the_namespace_unchanged(qk):
     assert result.status == "error" and result.error["ename"] == "RuntimeError"
     assert qk.eval("(keep_me, 'new_name' in globals(), w.last_task.status.value)") == (1, False, "failed")
     ok = qk.execute("%%script_upload\nnew_name = 3\n", check=True)
-    assert ok.result == "script (script)  Kernel User  foreground  completed"
+    assert ok.result == "script  Kernel User  foreground  completed"
     assert qk.eval("new_name") == 3
 
 
@@ -278,7 +279,7 @@ AUTOLOAD_ON = {"QMAGIC_NO_AUTOLOAD": None}
 
 
 def test_autoload_in_a_fresh_kernel(kernel_factory, tmp_path_factory):
-    k = kernel_factory(argv=JOURNAL_ARGV, base=_autoload_base(tmp_path_factory), env=AUTOLOAD_ON)
+    k = kernel_factory(base=_autoload_base(tmp_path_factory), env=AUTOLOAD_ON)
     assert k.eval(LOADED) == (True, True, [])
     result = k.execute(
         "def triple(x):\n    return 3 * x\nt = %function_execute -b --wait triple 'ab'\nt.result()",
@@ -289,7 +290,7 @@ def test_autoload_in_a_fresh_kernel(kernel_factory, tmp_path_factory):
 
 
 def test_autoload_can_be_turned_off(kernel_factory, tmp_path_factory):
-    k = kernel_factory(argv=JOURNAL_ARGV, base=_autoload_base(tmp_path_factory),
+    k = kernel_factory(base=_autoload_base(tmp_path_factory),
                        env={"QMAGIC_NO_AUTOLOAD": "1"})
     assert k.eval(LOADED) == (False, False, [])
 
@@ -327,7 +328,7 @@ def test_the_installed_startup_file_autoloads_in_every_kernel(kernel_factory, tm
         "running the tests, as the README's test command does."
     )
     assert installed.read_text() == AUTOLOAD_SOURCE.read_text()
-    k = kernel_factory(argv=JOURNAL_ARGV, base=tmp_path_factory.mktemp("installed"), env=AUTOLOAD_ON)
+    k = kernel_factory(base=tmp_path_factory.mktemp("installed"), env=AUTOLOAD_ON)
     assert k.eval(LOADED) == (True, True, [])
-    off = kernel_factory(argv=JOURNAL_ARGV, base=tmp_path_factory.mktemp("installed-off"))
+    off = kernel_factory(base=tmp_path_factory.mktemp("installed-off"))
     assert off.eval(LOADED) == (False, False, [])

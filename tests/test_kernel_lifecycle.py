@@ -17,7 +17,7 @@ import time
 import pytest
 import zmq
 
-from kernel_helpers import JOURNAL_ARGV, one_line, start_kernel
+from kernel_helpers import one_line, start_kernel
 from kernel_utils import KernelSession
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,7 +172,7 @@ def test_unload_load_cycles_leave_nothing_behind(tmp_path):
     """50 cycles of %load_ext, tasks (foreground, background, a script; every fifth cycle the
     control channel), %unload_ext: file descriptors, qmagic mappings and threads come back to
     where they were."""
-    k = KernelSession(tmp_path / "kernel", argv=JOURNAL_ARGV).start()
+    k = KernelSession(tmp_path / "kernel").start()
     try:
         k.execute(PROBE, check=True)
 

@@ -21,7 +21,6 @@ from qmagic.ipython.extension import get_session, load_ipython_extension, unload
 from qmagic.ipython.magics.args import split_words
 from qmagic.ipython.runner import MSG_NO_KERNEL_LOOP
 
-from kernel_helpers import JOURNAL_ARGV
 
 TIMEOUT = 10.0
 
@@ -33,8 +32,6 @@ MAGIC_NAMES = ["function_execute", "task_status", "task_result", "task_cancel", 
 def ip(_shell):
     """The in-process shell; qmagic (if a test loaded it) is unloaded afterwards."""
     saved = Config(_shell.config.get("QMagic", {}))
-    if JOURNAL_ARGV:  # the experiment log's module is not in the tree yet
-        _shell.config.QMagic.journal_enabled = False
     yield _shell
     unload_ipython_extension(_shell)
     _shell.extension_manager.loaded.discard("qmagic")

@@ -208,7 +208,6 @@ class Target:
         namespace["raises"] = raises
         config = Config()
         config.QMagic.state_dir = str(tmp_path / "state")
-        config.QMagic.journal_enabled = False
         config.QMagic.emergency_lock_key = EMERGENCY_KEY
         self.worker = Worker(namespace, config=config)
         self.worker.hidden_names = set(HIDDEN)

@@ -109,8 +109,7 @@ def worker():
 
     ns = {"job": _job, "burst": _burst, "fail": _fail, "chatty": _chatty, "wait_gate": wait_gate,
           "stubborn": stubborn}
-    w = qmagic.Worker(ns, max_finished_tasks=20_000, max_queued_tasks=20_000, cancel_grace_s=0.2,
-                      journal_enabled=False)
+    w = qmagic.Worker(ns, max_finished_tasks=20_000, max_queued_tasks=20_000, cancel_grace_s=0.2)
     w.test_gates = gates
     w.test_started = started
     yield w
@@ -328,7 +327,7 @@ def test_cancel_refused_by_lock_is_shown_in_the_panel(probe, worker):
     w = worker
     task = w.submit("wait_gate", ("d",))
     started(w, "d")
-    other_kernel = qmagic.Worker({}, journal_enabled=False)  # same state dir: shares the lock
+    other_kernel = qmagic.Worker({})  # same state dir: shares the lock
     try:
         other_kernel.lock("another-key", environment=True, note="alignment")
         assert w.lock_state().environment  # this worker has seen the lock (read from the file)
@@ -524,7 +523,7 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
     unlocked; the panel shows both, labelled, and its text stays what it was."""
     w = worker
     w.emergency_lock_key = "EMERGENCY"
-    other = qmagic.Worker({}, emergency_lock_key="EMERGENCY", journal_enabled=False)
+    other = qmagic.Worker({}, emergency_lock_key="EMERGENCY")
     try:
         other.lock("their-key", environment=True, user="Alice", note="beam time")
         panel = panels.LockPanel(w)
@@ -606,7 +605,6 @@ def test_widgets_need_a_kernel_and_a_terminal_shows_text_only(ip):
     assert panels.widgets_available(None) is False
     assert panels.widgets_available(ip) is False  # a terminal shell has no widget frontend
     assert panels.subshell_cancel_available(ip) is False
-    ip.config.QMagic.journal_enabled = False  # this test is not about the experiment log
     load_ipython_extension(ip)
     try:
         w = get_worker(ip)
@@ -622,7 +620,6 @@ def test_widgets_need_a_kernel_and_a_terminal_shows_text_only(ip):
     finally:
         unload_ipython_extension(ip)
         ip.extension_manager.loaded.discard("qmagic")
-        del ip.config.QMagic["journal_enabled"]
 
 
 # -- a real kernel ----------------------------------------------------------------------------------
@@ -630,7 +627,7 @@ SETUP = """
 import time, threading
 import qmagic
 from qmagic import panels
-w = qmagic.Worker({}, journal_enabled=False)
+w = qmagic.Worker({})
 def long_measurement(n):
     for i in range(n):
         qmagic.report_progress(i + 1, n, "point")
@@ -638,8 +635,8 @@ def long_measurement(n):
     return n
 w.namespace["long_measurement"] = long_measurement
 """
-#: Kernels with the extension; the experiment log is not what these tests are about.
-EXT = ["--ext=qmagic", "--QMagic.journal_enabled=False"]
+#: Kernels with the extension (the experiment log on, in each kernel's own state folder).
+EXT = ["--ext=qmagic"]
 FUNCTIONS = """
 import asyncio, threading
 import qmagic

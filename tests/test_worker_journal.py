@@ -1,4 +1,5 @@
-"""The worker's experiment log: records outlive the worker, dead workers' tasks fail."""
+"""The worker's experiment log (qmagic.store.journal): records outlive the worker, the
+tasks of a worker that died read as failed, the log can be switched on while running."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ import sys
 import textwrap
 
 import pytest
+from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 from traitlets.config import Config
 
 import qmagic
 from qmagic import Worker
-from qmagic.journal import ORPHAN_REASON
-
-from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from qmagic.errors import LogUnavailable
+from qmagic.store.journal import ORPHAN_REASON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
 def journaled(make_worker):
-    """Workers with the journal on, all on one state folder (like restarts of one kernel)."""
+    """Workers with the log on, all on one state folder (like restarts of one kernel)."""
     return lambda namespace=None, **settings: make_worker(namespace, journal_enabled=True, **settings)
 
 
@@ -40,19 +41,23 @@ def test_results_survive_a_new_worker(journaled):
     first.close()
 
     second = journaled()  # like a kernel restart: nothing in memory
-    assert second.task_status([ok.uid, bad.uid])["status"] == {ok.uid: "completed", bad.uid: "completed"}
-    res = second.task_result(ok.uid)["result"]
+    qs = QS(second)
+    assert second.engine.get(ok.uid) is None
+    assert qs.task_status(task_uid=[ok.uid, bad.uid])["status"] == {ok.uid: "completed", bad.uid: "completed"}
+    res = qs.task_result(task_uid=ok.uid)["result"]
     assert res["success"] is True and res["return_value"] == {"points": 3}
     assert res["time_stop"] == ok.finished_at
-    res = second.task_result(bad.uid)["result"]
+    res = qs.task_result(task_uid=bad.uid)["result"]
     assert res["success"] is False and "ZeroDivisionError" in res["traceback"]
     assert res["msg"] == "Error occurred while executing 'Execute function': division by zero"
-    res = second.task_result(obj.uid)["result"]  # a non-JSON result: summarised, not lost
+    res = qs.task_result(task_uid=obj.uid)["result"]  # a non-JSON result: summarised, not lost
     assert res["success"] is True and res["return_value"] is None and "summary" in res["msg"]
+    assert second.find(ok.uid[:8])["uid"] == ok.uid  # a uid prefix finds the record too
     records = second.history(user="Alice")
     assert [r["uid"] for r in records] == [ok.uid]
     assert records[0]["progress"] == {"value": 3, "total": 3, "message": "done"}
     assert records[0]["origin"] == "python" and records[0]["background"] is True
+    assert records[0]["journal"]["orphaned"] is False
 
 
 def test_queued_and_cancelled_tasks_are_journaled(journaled):
@@ -62,12 +67,14 @@ def test_queued_and_cancelled_tasks_are_journaled(journaled):
     assert gate.started.wait(TIMEOUT)
     waiting = w.submit("f")
     assert w.history(uid=waiting.uid)[0]["status"] == "queued"
+    assert w.history(uid=running.uid)[0]["status"] == "running"
     waiting.cancel()
     gate.release.set()
     running.wait(TIMEOUT)
     statuses = {r["uid"]: r["status"] for r in w.history()}
     assert statuses == {running.uid: "completed", waiting.uid: "cancelled"}
-    assert w.history(uid=waiting.uid)[0]["error"] == "Task was cancelled"
+    error = w.history(uid=waiting.uid)[0]["error"]
+    assert error == waiting.error and error.startswith("Task was cancelled")
 
 
 def test_tasks_of_a_killed_process_read_as_failed(tmp_path):
@@ -97,31 +104,45 @@ def test_tasks_of_a_killed_process_read_as_failed(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(TIMEOUT)
+        proc.stdout.close()
     config = Config()
     config.QMagic.state_dir = str(state)
     w = Worker({}, config=config)
     try:
-        assert w.task_result(done_uid)["result"]["return_value"] == 7
+        qs = QS(w)
+        assert qs.task_result(task_uid=done_uid)["result"]["return_value"] == 7
         for uid in (running_uid, queued_uid):
-            reply = w.task_result(uid)
+            reply = qs.task_result(task_uid=uid)
             assert reply["status"] == "completed"
             assert reply["result"]["success"] is False
             assert reply["result"]["msg"].endswith(ORPHAN_REASON)
-        failed = {r["uid"] for r in w.history(status="failed")}
-        assert failed == {running_uid, queued_uid}
+        failed = {r["uid"]: r for r in w.history(status="failed")}
+        assert set(failed) == {running_uid, queued_uid}
+        assert all(r["journal"]["orphaned"] and r["error"] == ORPHAN_REASON for r in failed.values())
+        assert w.statuses([running_uid, done_uid]) == {running_uid: qmagic.TaskStatus.FAILED,
+                                                       done_uid: qmagic.TaskStatus.COMPLETED}
     finally:
         w.close()
+    # the dead process's spool and lock file were stored and removed by the recovery
+    assert not list(state.glob("*.spool")) and not list(state.glob("*.lock"))
 
 
-def test_journal_off(make_worker):
-    w = make_worker({"f": lambda: 1})  # journal off
+def test_journal_off_then_switched_on(make_worker):
+    w = make_worker({"f": lambda: 1}, journal_enabled=False)
     t = w.submit("f")
     t.wait(TIMEOUT)
-    with pytest.raises(RuntimeError, match="journal is off"):
+    with pytest.raises(LogUnavailable, match="experiment log is off"):
         w.history()
-    w.journal_enabled = True  # live switch on: the journal opens
+    with pytest.raises(LogUnavailable, match="experiment log is off"):
+        w.log_health()
+    w.journal_enabled = True  # live switch on: the log opens
     t2 = w.submit("f")
     t2.wait(TIMEOUT)
+    assert [r["uid"] for r in w.history()] == [t2.uid]
+    assert w.log_health()["ok"] is True and w.log_health()["dropped"] == 0
+    w.journal_enabled = False  # and off again: closed, nothing recorded meanwhile
+    w.submit("f").wait(TIMEOUT)
+    w.journal_enabled = True
     assert [r["uid"] for r in w.history()] == [t2.uid]
 
 
@@ -131,5 +152,6 @@ def test_module_history_reads_a_given_state_dir(journaled, tmp_path):
     t.wait(TIMEOUT)
     records = qmagic.history(state_dir=str(tmp_path / "state"), user="Bob")
     assert [r["uid"] for r in records] == [t.uid]
+    assert qmagic.history(state_dir=str(tmp_path / "state"), user="Alice") == []
     frame = qmagic.history_dataframe(state_dir=str(tmp_path / "state"))
     assert list(frame["uid"]) == [t.uid] and frame["status"][0] == "completed"

@@ -3,7 +3,7 @@
     .venv/bin/python tests/queueserver/run_qs_tests.py SELECTION... [--json OUT] [-- PYTEST ARGS]
 
 SELECTION is a name of :data:`SELECTIONS` (or ``all``): a module of
-``bluesky_queueserver.manager.tests`` plus a ``-k`` expression; ``fast`` (56 tests, one
+``bluesky_queueserver.manager.tests`` plus a ``-k`` expression; ``fast`` (55 tests, one
 parametrisation per behaviour, for our suite) and ``suite`` (161 in-scope tests) span three
 modules in one pytest process.  pytest runs in a subprocess from a temporary folder (from the
 repository root it would load our ``tests/conftest.py``) with :mod:`tests.queueserver.plugin`;
@@ -84,7 +84,7 @@ SELECTIONS: dict[str, tuple[str, str | None]] = {
     # a qmagic kernel says "RE Manager v<qmagic version> (qmagic)") and script_upload_01
     # (it adds plans to the plan queue, which a kernel does not have) ---
     "fast_base": ("test_zmq_api_base", (
-        "function_execute_1[False-True-True] or function_execute_1[True-False-False] "
+        "function_execute_1[False-True-False] or function_execute_1[True-False-False] "
         "or function_execute_2[True-with_function] or function_execute_3[False] "
         "or function_execute_4 or (function_execute_5 and (args0 or args6 or args7 or args8)) "
         "or function_execute_6 or function_execute_7_fail or function_execute_8_fail "
