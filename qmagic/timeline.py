@@ -50,7 +50,7 @@ def timeline(
     if lanes not in ("name", "user"):
         raise ValueError(f"lanes must be 'name' or 'user', not {lanes!r}.")
     try:
-        from matplotlib.figure import Figure
+        import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise ImportError("qmagic.timeline() needs matplotlib: pip install matplotlib "
@@ -64,9 +64,10 @@ def timeline(
     lane_names = sorted({str(r.get(lanes) or "?") for r in rows})
     lane_of = {name: i for i, name in enumerate(lane_names)}
     if ax is None:
-        # A Figure of its own, not pyplot's: Jupyter shows the returned figure once.
-        fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(lane_names))), layout="constrained")
-        ax = fig.add_subplot()
+        fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * max(1, len(lane_names))), layout="constrained")
+        # Closed for pyplot: Jupyter shows the returned figure once (not again at the cell's
+        # end), and a script's plt.show() does not pick it up.
+        plt.close(fig)
     else:
         fig = ax.figure
     for rec in rows:
@@ -97,9 +98,12 @@ def timeline(
         ax.set_xlabel(f"local time, {datetime.fromtimestamp(first):%Y-%m-%d}")
     ax.grid(axis="x", alpha=0.3)
     shown = [s for s in STATUS_COLOURS if any(r.get("status") == s for r in rows)]
-    if shown:
-        ax.legend(handles=[Patch(color=STATUS_COLOURS[s], label=s) for s in shown],
-                  loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    handles = [Patch(color=STATUS_COLOURS[s], label=s) for s in shown]
+    if any(_num(r.get("finished_at")) is None or r.get("error") == ORPHAN_REASON for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
+                             label="still running, or\nits kernel died"))
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_title(title or f"{len(rows)} task{'s' if len(rows) != 1 else ''}"
                  + (f" from {notebook}" if notebook else ""))
     if not rows:
