@@ -186,17 +186,14 @@ class Segment:
     mm: AppendFile | None
     size: int
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
+    cut: bool = False  # the last read_new stopped at its limit with more lines after it
 
     def read_new(self, limit: int, start: int | None = None) -> bytes:
         """Complete lines from ``start`` (default: ``consumed``), about ``limit`` bytes at most."""
         begin = self.consumed if start is None else start
-        end = self.size
-        mm = self.mm
-        if mm is not None:
-            try:  # while the segment is being written, its end is the file's size
-                end = mm.tell()
-            except ValueError:  # (closed meanwhile)
-                pass
+        # The file's size, not the nominal one: appends from several threads may pass the
+        # "segment full" check together and end a segment a little past ``size``.
+        end = os.fstat(self.fd).st_size
         out, offset, chunk_size = [], begin, 64 << 10
         while offset < end and offset - begin < limit:
             chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
@@ -211,11 +208,12 @@ class Segment:
                 break
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
         data = b"".join(out)
+        self.cut = offset < end and offset - begin >= limit
         return data[: data.rfind(b"\n") + 1]
 
     def at_end(self) -> bool:
         """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""
-        return self.consumed >= self.size or os.pread(self.fd, 1, self.consumed) in (b"", b"\0")
+        return os.pread(self.fd, 1, self.consumed) in (b"", b"\0")
 
     def close(self) -> None:
         """Stop writing and close the descriptor (the file stays)."""

@@ -268,6 +268,8 @@ class Writer:
                 rows_from_lines(data, self.session, now, rows, bad, started)
                 reads.append((seg, len(data)))
                 budget -= len(data)
+            if seg.cut:  # more lines wait in this segment: this cycle is not complete
+                budget = 0
             if budget <= 0:
                 break
         if held:
