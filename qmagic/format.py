@@ -270,14 +270,14 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
     if ok and not dropped:
         return None
 
-    def records(n: int) -> str:
-        return f"{n} record{'s' if n != 1 else ''}"
+    def entries(n: int) -> str:  # (a task makes about three: submitted, started, finished)
+        return f"{n} entr{'ies' if n != 1 else 'y'}"
 
     parts = []
     if not ok:
-        parts.append("cannot write" + (f" ({records(pending)} waiting)" if pending else ""))
+        parts.append("cannot write" + (f" ({entries(pending)} waiting)" if pending else ""))
     if dropped:
-        parts.append(f"lost {records(dropped)}")
+        parts.append(f"lost {entries(dropped)}")
     why = health.get("last_error")
     return (f"Note: the experiment log {' and '.join(parts)}" + (f": {why}" if why else "")
             + ". See worker.log_health().")

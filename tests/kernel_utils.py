@@ -218,6 +218,8 @@ class KernelSession:
             try:
                 if self.km.is_alive():
                     self.km.shutdown_kernel(now=True)
+                else:  # killed (SIGKILL in a test): its connection file is still ours to remove
+                    self.km.cleanup_resources()
             finally:
                 self.km = None
 

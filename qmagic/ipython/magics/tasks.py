@@ -215,6 +215,7 @@ class TaskMagics(Magics):
             return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
+        self._log_note()  # above the panel or table: the log needs attention
         if show_panel(self.shell, lambda p: p.TaskPanel(self.worker, show=show, max_rows=max_rows)):
             return
         items = list(reversed(self.worker.tasks()))
@@ -224,6 +225,14 @@ class TaskMagics(Magics):
         if max_rows is not None and len(items) > max_rows:
             hidden, items = len(items) - max_rows, items[:max_rows]
         print(fmt.task_table(items, hidden=hidden))
+
+    def _log_note(self) -> None:
+        try:
+            note = fmt.log_health_note(self.worker.log_health())
+        except Exception:  # noqa: BLE001 - the log is off
+            return
+        if note:
+            print(note)
 
     # -- %script_upload ----------------------------------------------------------------------------------
     @magic_arguments()
