@@ -30,7 +30,7 @@ import pytest
 
 from qmagic.errors import StateFileError
 from qmagic.store import records as records_module
-from qmagic.store import spool as spool_module
+from qmagic.store import segments as segments_module
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal
 from qmagic.store.records import JournalWarning
@@ -401,7 +401,7 @@ def test_async_exceptions_anywhere_corrupt_nothing(tmp_path, monkeypatch):
     """Invariant 4: thousands of exceptions raised into a thread that loops over the calls
     (retrying a call that was interrupted, and going over every task again and again) leave
     every record right, the writer thread alive and the in-memory state clean."""
-    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 32 * 1024)  # rotations on the task path too
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)  # rotations on the task path too
     n = 1000
     uids = [f"storm-{i:05d}" for i in range(n)]
     recs = [(task(u), task(u, "completed", result=i)) for i, u in enumerate(uids)]

@@ -147,8 +147,8 @@ def read_state_file(path: str | os.PathLike[str], limit: int) -> bytes | None:
         fd = open_state_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
-    try:
-        return read_fd(fd, limit + 1)
+    try:  # (never asks for more than the file holds: no huge buffer for a small file)
+        return read_fd(fd, min(os.fstat(fd).st_size + 1, limit + 1))
     except OSError as exc:
         raise StateFileError(f"Cannot read the qmagic state file {str(path)!r}: {exc}.") from exc
     finally:

@@ -166,9 +166,6 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
 
 
 # ---- text forms ---------------------------------------------------------------------------------
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _safe(text: Any, limit: int | None = None) -> str:
     """Printable text: lone surrogates and control characters escaped, cut to ``limit``."""
     s = clean_name(text if isinstance(text, str) else str(text), limit or 10**9) or ""

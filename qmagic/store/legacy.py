@@ -34,7 +34,7 @@ import orjson
 
 from ..errors import StateFileError
 from .database import mark_orphans, rows_from_lines, upsert_session, write_rows
-from .records import RANKS, RecordEncoder
+from .records import FINAL_STATUSES, RANKS, RecordEncoder
 from .spool import read_whole
 
 __all__ = ["import_legacy", "legacy_files", "legacy_writer_alive"]
@@ -136,7 +136,7 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
         session = f"legacy-{writer.get('session') if isinstance(writer.get('session'), str) else 'unknown'}"
         writers.setdefault(session, writer)
         task = obj["task"]
-        if obj["event"] != "end" and task["status"] in ("completed", "failed", "cancelled"):
+        if obj["event"] != "end" and task["status"] in FINAL_STATUSES:
             task["status"] = "running"  # (an old "start" line never carries a final status)
         by_session.setdefault(session, []).append(orjson.dumps([RANKS[task["status"]], task["uid"], task]))
     conn.execute("BEGIN IMMEDIATE")

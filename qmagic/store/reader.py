@@ -21,7 +21,7 @@ import orjson
 
 from ..errors import StateFileError
 from .database import connect, select_rows, uid_bounds
-from .records import RANKS, parse_time, record_from_row, warn_once
+from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
 __all__ = ["Filters", "LogReader", "merge_state", "state_record"]
 
@@ -102,7 +102,7 @@ class Filters:
             return False
         if self.since is not None:
             end = rec.get("finished_at")
-            if rec.get("status") not in ("completed", "failed", "cancelled"):
+            if rec.get("status") not in FINAL_STATUSES:
                 end = now
             if begin < self.since and not (isinstance(end, (int, float)) and end >= self.since):
                 return False

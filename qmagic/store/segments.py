@@ -1,0 +1,223 @@
+"""Spool segment files: appending lines, reading them back, and one session's files.
+
+**Segments.**  A segment is a file opened ``O_APPEND`` that takes up to
+:data:`SEGMENT_BYTES`.  Appending a line is one ``write(2)`` made through ``ctypes.PyDLL``
+(:class:`AppendFile`): one C call that keeps the GIL (no convoy of threads waiting for it
+in a burst) — so appends of several threads never interleave, the kernel places each one
+at the end, and an asynchronous exception lands before or after a line, never inside one.
+Once ``write`` returned, the line is in the page cache and survives the death of the
+process (not a power cut: ``fsync=True`` adds an ``fsync``).  Nothing is memory-mapped: a
+spool file truncated or changed by another process can never crash the kernel (SIGBUS);
+lines then go missing from that file at worst.  A short write (disk full) is followed by a
+newline, so the next line starts clean; readers skip what does not parse.  The first line
+of each segment is a header naming the session (host, pid, versions).
+
+:class:`SessionFiles` holds the session's lock file (its flock says the session is alive)
+and creates and removes its segment files.  Used by :mod:`qmagic.store.spool`.
+
+This module does not import IPython, ipykernel, ipywidgets or zmq.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+from .files import fsync_dir, open_state_file
+
+__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles"]
+
+#: Size of one spool segment.  A line is at most a quarter of it (the encoder's limits).
+SEGMENT_BYTES = 4 << 20
+_READ_CHUNK = 1 << 20
+
+
+_libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the GIL
+_c_write = _libc.write
+_c_write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+_c_write.restype = ctypes.c_ssize_t
+
+
+class AppendFile:
+    """Appends lines to a segment file with one GIL-holding ``write(2)`` each.
+
+    ``write`` raises ValueError when the segment is closed or full (the spool then rotates)
+    and OSError when the disk refuses (the line then waits in memory).
+    """
+
+    __slots__ = ("fd", "size", "written", "torn", "closed")
+
+    def __init__(self, fd: int, size: int, written: int) -> None:
+        self.fd, self.size, self.written = fd, size, written
+        self.torn = False  # the last write was short: start the next line on a new line
+        self.closed = False
+
+    def write(self, line: bytes) -> None:
+        """Append ``data`` (one write, holding the GIL); raises OSError on failure."""
+        if self.closed:
+            raise ValueError("the spool segment is closed")
+        if self.written + len(line) > self.size:
+            raise ValueError("the spool segment is full")
+        if self.torn:
+            line = b"\n" + line
+        n = _c_write(self.fd, line, len(line))
+        if n != len(line):
+            self.torn = True
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            raise OSError("short write to the spool (disk full?)")
+        self.torn = False
+        self.written += n
+
+    def tell(self) -> int:
+        """Bytes in the file now (the written lines end here)."""
+        if self.closed:
+            raise ValueError("the spool segment is closed")
+        return os.fstat(self.fd).st_size
+
+    def flush(self) -> None:
+        """Make the written lines survive a power cut too."""
+        if not self.closed:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Refuse further writes (the descriptor belongs to the Segment)."""
+        self.closed = True
+
+
+@dataclass(eq=False)
+class Segment:
+    """One spool segment; ``mm`` (its writer) is None once it is closed for writing."""
+
+    number: int
+    path: Path
+    fd: int
+    mm: AppendFile | None
+    size: int
+    consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
+    cut: bool = False  # the last read_new stopped at its limit with more lines after it
+
+    def read_new(self, limit: int, start: int | None = None) -> bytes:
+        """Complete lines from ``start`` (default: ``consumed``), about ``limit`` bytes at most."""
+        begin = self.consumed if start is None else start
+        # The file's size, not the nominal one: appends from several threads may pass the
+        # "segment full" check together and end a segment a little past ``size``.
+        end = os.fstat(self.fd).st_size
+        out, offset, chunk_size = [], begin, 64 << 10
+        while offset < end and offset - begin < limit:
+            chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
+            if not chunk:
+                break
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                chunk = chunk[:nul]
+            out.append(chunk)
+            offset += len(chunk)
+            if nul >= 0:
+                break
+            chunk_size = min(chunk_size * 2, _READ_CHUNK)
+        data = b"".join(out)
+        self.cut = offset < end and offset - begin >= limit
+        return data[: data.rfind(b"\n") + 1]
+
+    def at_end(self) -> bool:
+        """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""
+        return os.pread(self.fd, 1, self.consumed) in (b"", b"\0")
+
+    def close(self) -> None:
+        """Stop writing and close the descriptor (the file stays)."""
+        mm, self.mm = self.mm, None
+        if mm is not None:
+            mm.close()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
+
+
+class SessionFiles:
+    """The lock file and the segment files of one session (see the module docstring).
+    Methods raise OSError or StateFileError when the folder cannot be used."""
+
+    def __init__(self, folder: Path, env: str, session: str, header: bytes,
+                 segment_bytes: int | None = None, fsync: bool = False) -> None:
+        self.folder, self.env, self.session, self.header = folder, env, session, header
+        self.fsync = fsync  # new files reach the disk's folder entry too
+        self.segment_bytes = segment_bytes or SEGMENT_BYTES
+        self.lock_path = folder / f"{env}.journal.{session}.lock"
+        self.lock_fd: int | None = None
+        self._next = itertools.count()
+
+    def lock(self) -> None:
+        """Create and lock the lock file (locked before it is visible under its name)."""
+        if self.lock_fd is not None or fcntl is None:
+            return
+        tmp = self.folder / f".{self.lock_path.name}.tmp"
+        fd = open_state_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(tmp, self.lock_path)
+        except BaseException:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.lock_fd = fd
+
+    def lock_intact(self) -> bool:
+        """True if the file under the lock's name is the one this session holds."""
+        if self.lock_fd is None:
+            return False
+        try:
+            a, b = os.lstat(self.lock_path), os.fstat(self.lock_fd)
+        except OSError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+    def unlock(self, remove: bool) -> None:
+        """Release the lock, deleting the lock file first when ``remove``."""
+        intact = remove and self.lock_intact()
+        fd, self.lock_fd = self.lock_fd, None
+        if fd is None:
+            return
+        if intact:
+            with suppress(OSError):
+                os.unlink(self.lock_path)
+        os.close(fd)
+
+    def new_segment(self) -> Segment:
+        """A new segment file, open for appending, starting with the header line."""
+        number = next(self._next)
+        path = self.folder / f"{self.env}.journal.{self.session}.{number}.spool"
+        fd = open_state_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        try:
+            mm = AppendFile(fd, self.segment_bytes, 0)
+            mm.write(self.header)
+            if self.fsync:
+                mm.flush()
+                fsync_dir(self.folder)
+        except BaseException:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(path)
+            raise
+        return Segment(number, path, fd, mm, self.segment_bytes)
+
+    def remove_segments(self) -> None:
+        """Delete every segment file of this session (after a clean close)."""
+        prefix = f"{self.env}.journal.{self.session}."
+        with suppress(OSError):
+            for name in os.listdir(self.folder):
+                if name.startswith(prefix) and name.endswith(".spool"):
+                    with suppress(FileNotFoundError):
+                        os.unlink(self.folder / name)
