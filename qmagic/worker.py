@@ -94,6 +94,16 @@ class _TaskCall:
         return result
 
 
+def _busy_text(refusal: str, running: Task | None) -> str:
+    """A busy foreground explained to notebook users (what runs, what to do)."""
+    if refusal == MSG_NOT_IDLE:
+        what = f" ({running.call_text(40)})" if running is not None else ""
+        return (f"Error: A foreground task is running{what}: wait for it to end, start this one in "
+                "the background (-b, or background=True), or cancel the running one (%task_cancel).")
+    return ("Error: The kernel is running a cell: a foreground task can start once it ends; start "
+            "this one in the background instead (-b, or background=True).")
+
+
 class Worker(StateMixin, LookupMixin, QMagic):
     """Runs the functions of ``namespace`` as tracked tasks.
 
@@ -306,15 +316,7 @@ class Worker(StateMixin, LookupMixin, QMagic):
         except RequestRefused as exc:
             if origin == "remote" or str(exc) not in (MSG_NOT_IDLE, MSG_KERNEL_BUSY):
                 raise
-            if str(exc) == MSG_NOT_IDLE:
-                running = self.engine.counts()["foreground"]
-                what = f" ({running.call_text(40)})" if running is not None else ""
-                text = (f"Error: A foreground task is running{what}: wait for it to end, start this "
-                        "one in the background (-b, or background=True), or cancel the running "
-                        "one (%task_cancel).")
-            else:
-                text = ("Error: The kernel is running a cell: a foreground task can start once it "
-                        "ends; start this one in the background instead (-b, or background=True).")
+            text = _busy_text(str(exc), self.engine.counts()["foreground"])
         raise RequestRefused(text)
 
     # -- cancelling and interrupting ---------------------------------------------------------------

@@ -4,17 +4,20 @@ A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in wor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .core.status import TaskStatus
 from .core.task import Task
-from .errors import LogUnavailable, TaskNotFound
+from .errors import LogUnavailable, StateFileError, TaskNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
 
 __all__ = ["LookupMixin"]
+
+log = logging.getLogger("qmagic")
 
 
 class LookupMixin:
@@ -94,3 +97,32 @@ class LookupMixin:
                 "a record of every task."
             )
         return self._journal.records(**filters)
+
+    # -- the experiment log's side --------------------------------------------------------------
+    def _log_find(self, uid: str) -> dict[str, Any] | None:
+        journal = self._journal
+        if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
+            return None  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
+        try:
+            return journal.find(uid)
+        except (StateFileError, OSError) as exc:
+            log.warning("qmagic: the experiment log could not be read: %s", exc)
+            return None
+
+    def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
+        journal = self._journal
+        uids = [u for u in uids if isinstance(u, str) and u.isascii()]  # (as in _log_find)
+        if journal is None or not uids:
+            return {}
+        try:
+            found = journal.statuses(uids)
+        except (StateFileError, OSError) as exc:
+            log.warning("qmagic: the experiment log could not be read: %s", exc)
+            return {}
+        out: dict[str, TaskStatus | None] = {}
+        for uid, status in found.items():
+            try:
+                out[uid] = TaskStatus(status) if status is not None else None
+            except ValueError:
+                out[uid] = None
+        return out

@@ -14,7 +14,6 @@ from typing import Any, Mapping
 from traitlets import HasTraits, observe
 
 from .core.permissions import Permissions
-from .core.status import TaskStatus
 from .core.task import Task
 from .errors import LogUnavailable, RequestRefused, StateFileError
 from .store.paths import default_state_dir
@@ -314,34 +313,6 @@ class StateMixin(HasTraits):
                 if not t.done() and self.engine.cancel(t, force=True, reason=reason)]
 
     # -- the experiment log ----------------------------------------------------------------------------
-    def _log_find(self, uid: str) -> dict[str, Any] | None:
-        journal = self._journal
-        if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
-            return None  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
-        try:
-            return journal.find(uid)
-        except (StateFileError, OSError) as exc:
-            log.warning("qmagic: the experiment log could not be read: %s", exc)
-            return None
-
-    def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
-        journal = self._journal
-        uids = [u for u in uids if isinstance(u, str) and u.isascii()]  # (as in _log_find)
-        if journal is None or not uids:
-            return {}
-        try:
-            found = journal.statuses(uids)
-        except (StateFileError, OSError) as exc:
-            log.warning("qmagic: the experiment log could not be read: %s", exc)
-            return {}
-        out: dict[str, TaskStatus | None] = {}
-        for uid, status in found.items():
-            try:
-                out[uid] = TaskStatus(status) if status is not None else None
-            except ValueError:
-                out[uid] = None
-        return out
-
     def log_health(self) -> dict[str, Any]:
         """The experiment log's state: ok, pending and dropped records, last error."""
         journal = self._journal
