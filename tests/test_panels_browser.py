@@ -98,6 +98,18 @@ def _cell(page, index: int):
     return page.locator(".jp-Notebook .jp-Cell").nth(index)
 
 
+def _accept_dialogs(page) -> None:
+    """A loaded machine may let JupyterLab ask which kernel to use (the session started by
+    the REST call was not seen yet): accept its default (Python 3), as a user would."""
+    from playwright.sync_api import expect
+
+    dialogs = page.locator(".jp-Dialog")
+    if dialogs.count():
+        print(f"accepting a JupyterLab dialog: {dialogs.first.inner_text()[:200]!r}")
+        dialogs.first.locator(".jp-mod-accept").first.click()
+        expect(dialogs).to_have_count(0, timeout=10_000)
+
+
 def _run_cell(page, index: int, attempts: int = 3) -> None:
     """Select cell ``index`` (command mode) and run it with Ctrl+Enter; retried while the
     notebook is still connecting (the prompt shows [*] or [n] once the run was accepted)."""
@@ -108,6 +120,7 @@ def _run_cell(page, index: int, attempts: int = 3) -> None:
     expect(prompt).to_be_visible()
     before = prompt.text_content() or ""
     for _ in range(attempts):
+        _accept_dialogs(page)
         prompt.click()
         page.keyboard.press("Escape")
         page.keyboard.press("Control+Enter")
