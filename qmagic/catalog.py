@@ -114,9 +114,10 @@ class Catalog:
         self._functions: dict[str, Any] = {}
         self._plans: dict[str, Any] = {}
         self._devices: dict[str, Any] = {}
-        #: name -> the object that last passed :meth:`function` (saves the inspection of
-        #: the same function on every request; an object rebound to the name is checked anew).
-        self._checked: dict[str, Any] = {}
+        #: name -> (the object that last passed :meth:`function`, whether it is a coroutine
+        #: function): saves inspecting the same function on every request; an object rebound
+        #: to the name is checked anew.
+        self._checked: dict[str, tuple[Any, bool]] = {}
         self._key: Any = None
         #: Changes whenever the functions change.
         self.uid = str(uuid.uuid4())
@@ -160,11 +161,16 @@ class Catalog:
     def function(self, name: str) -> Any:
         """The callable named ``name``, or raise with queueserver's texts: NameError when it is
         not a function of the namespace, TypeError when it is a plan or not callable."""
+        return self.resolve(name)[0]
+
+    def resolve(self, name: str) -> tuple[Any, bool]:
+        """:meth:`function`'s callable and whether it is an ``async def`` function."""
         obj = self.namespace.get(name, _MISSING)
         if obj is _MISSING or name.startswith("__") or name in (self._hidden() or ()):
             raise NameError(f"Function {name!r} is not found in the worker namespace")
-        if self._checked.get(name) is obj:  # this very object passed before
-            return obj
+        checked = self._checked.get(name)
+        if checked is not None and checked[0] is obj:  # this very object passed before
+            return checked
         if _is_plan(obj):
             raise TypeError(
                 f"Object {name!r} defined in worker namespace is a generator function: it is a "
@@ -174,8 +180,8 @@ class Catalog:
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
         if len(self._checked) >= _CHECKED_MAX:
             self._checked.clear()
-        self._checked[name] = obj
-        return obj
+        checked = self._checked[name] = (obj, inspect.iscoroutinefunction(obj))
+        return checked
 
     def functions(self) -> dict[str, Any]:
         """{name: callable} of the namespace functions (a copy)."""

@@ -234,10 +234,11 @@ class Worker(StateMixin, LookupMixin, QMagic):
             raise RequestRefused(f"Error: Invalid timeout {timeout!r}: give a number of seconds > 0.")
         user, user_group = self._who(user, user_group, origin)
         self.check_lock(lock_key, origin=origin, client=client)
+        coroutine = False
         if func is None:  # permissions are about names; a callable is run as given
             self._permissions.check(name, user, user_group)
             try:
-                func = self.catalog.function(name)
+                func, coroutine = self.catalog.resolve(name)
             except NameError:
                 func = None  # queueserver: accepted; the task fails if it is still missing
             except TypeError as exc:  # a plan, or not callable
@@ -249,8 +250,9 @@ class Worker(StateMixin, LookupMixin, QMagic):
                 f"Error: {name!r} is a generator function (a bluesky plan), not a function: run it "
                 f"with the Run Engine, RE({name}(...))."
             )
+        else:
+            coroutine = inspect.iscoroutinefunction(func)
         self._check_open(origin)
-        coroutine = func is not None and inspect.iscoroutinefunction(func)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
                          isinstance(target, str), coroutine)
         return self._start(

@@ -42,6 +42,9 @@ LOCK_FRAMES = frozenset(
     if hasattr(getattr(threading.Condition, name, None), "__code__")
 )
 
+#: The guard of a thread that needs none (shared: a ``nullcontext`` is reusable).
+NO_GUARD: ContextManager[None] = contextlib.nullcontext()
+
 
 def in_lock_frame(ident: int) -> bool:
     """True while thread ``ident`` runs one of :data:`LOCK_FRAMES` (an asynchronous
@@ -122,7 +125,7 @@ class ThreadForegroundRunner:
     def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
         # Interrupts reach this thread only through interrupt(), which the engine calls
         # while the task's code runs: nothing to hold back.
-        return contextlib.nullcontext()
+        return NO_GUARD
 
     def _loop(self) -> None:
         while True:

@@ -30,9 +30,9 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
-from ..core.foreground import LOCK_FRAMES
+from ..core.foreground import LOCK_FRAMES, NO_GUARD
 
 __all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S"]
 
@@ -110,12 +110,15 @@ class KernelForegroundRunner:
         else:  # pragma: no cover - not POSIX
             _thread.interrupt_main()
 
-    @contextlib.contextmanager
-    def guard(self, in_user_code: Callable[[], bool]) -> Iterator[None]:
-        """The interrupt guard (see the module docstring); main thread only."""
+    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+        """The interrupt guard (see the module docstring); main thread only (elsewhere a
+        shared no-op: background tasks are submitted from many threads)."""
         if threading.get_ident() != self._owner:
-            yield
-            return
+            return NO_GUARD
+        return self._guard(in_user_code)
+
+    @contextlib.contextmanager
+    def _guard(self, in_user_code: Callable[[], bool]) -> Iterator[None]:
         raised = pending = redelivering = False
         last: list[float] = []  # time of the last SIGINT seen (shared with the storm absorber)
         active = [True]  # a redelivery still may be sent
