@@ -251,8 +251,9 @@ class Engine(TaskRegistry):
         with self._lock:
             self._jobs[task.uid] = job
             self._last = task
-        with task._mutex:
-            self.bus.emit(task, status="queued")
+        if self.bus.listening(task):  # (a subscriber that comes later is told "queued" anyway)
+            with task._mutex:
+                self.bus.emit(task, status="queued")
 
     # -- called by the job runner ---------------------------------------------------------
     def _started(self, job: Job) -> None:

@@ -123,6 +123,10 @@ class EventBus:
                 sub.task._subscribers = tuple(s for s in sub.task._subscribers if s is not sub)
 
     # -- emitting (called with the task's lock held) ---------------------------------------
+    def listening(self, task: Task) -> bool:
+        """Whether anyone would receive an event of ``task`` now."""
+        return bool(self._global or task._subscribers)
+
     def emit(self, task: Task, **event: Any) -> None:
         """Queue one event of ``task`` for every current subscriber (cheap if none)."""
         if self._global or task._subscribers:

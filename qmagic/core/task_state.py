@@ -189,7 +189,6 @@ class TaskState(Future):
         with self._mutex:
             if self._status is not TaskStatus.QUEUED or self._ending:
                 return False
-            self._check(TaskStatus.RUNNING)
             self._status = TaskStatus.RUNNING
             self._state = RUNNING
             self.started_at = time.time()
