@@ -129,21 +129,25 @@ def _shell():
 
 
 @pytest.fixture
-def ip(_shell):
-    """An in-process IPython shell; qmagic (if a test loaded it) is unloaded afterwards.
-
-    SIGINT raises KeyboardInterrupt meanwhile, as in a kernel running a cell, even when
-    pytest inherited it ignored (a background job of a non-interactive shell starts with
-    SIGINT ignored, and Python then keeps it so).
-    """
+def sigint_as_in_a_cell():
+    """SIGINT raises KeyboardInterrupt meanwhile, as in a kernel running a cell, even when
+    pytest inherited it ignored (a background job of a non-interactive shell, ``cmd &`` in
+    a script, starts with SIGINT ignored, and Python then keeps it so)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        yield _shell
-        try:
-            from qmagic.extension import unload_ipython_extension
-        except ImportError:  # pragma: no cover - before the extension exists
-            return
-        unload_ipython_extension(_shell)
-        _shell.extension_manager.loaded.discard("qmagic")
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def ip(_shell, sigint_as_in_a_cell):
+    """An in-process IPython shell, SIGINT as in a cell; qmagic (if a test loaded it) is
+    unloaded afterwards."""
+    yield _shell
+    try:
+        from qmagic.extension import unload_ipython_extension
+    except ImportError:  # pragma: no cover - before the extension exists
+        return
+    unload_ipython_extension(_shell)
+    _shell.extension_manager.loaded.discard("qmagic")

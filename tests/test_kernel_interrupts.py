@@ -203,7 +203,7 @@ def _condition_enter_frame():
     return frames[0]
 
 
-def test_the_guard_never_raises_where_a_lock_would_stay_held(_shell):
+def test_the_guard_never_raises_where_a_lock_would_stay_held(_shell, sigint_as_in_a_cell):
     """In-process, handler called directly: a SIGINT landing in ``Condition.__enter__`` (the
     lock taken, its ``with`` not yet entered) is delivered again later instead of raised;
     one landing in the task's own code raises; one landing in qmagic's bookkeeping is held

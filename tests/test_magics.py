@@ -29,8 +29,9 @@ MAGIC_NAMES = ["function_execute", "task_status", "task_result", "task_cancel", 
 
 
 @pytest.fixture
-def ip(_shell):
-    """The in-process shell; qmagic (if a test loaded it) is unloaded afterwards."""
+def ip(_shell, sigint_as_in_a_cell):
+    """The in-process shell, SIGINT as in a cell; qmagic (if a test loaded it) is unloaded
+    afterwards."""
     saved = Config(_shell.config.get("QMagic", {}))
     yield _shell
     unload_ipython_extension(_shell)
