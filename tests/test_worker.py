@@ -35,6 +35,41 @@ def test_task_is_a_real_future(make_worker):
     assert asyncio.run(main()) == (5, 9)
 
 
+def test_futures_wait_returns_when_some_tasks_already_finished(make_worker):
+    """concurrent.futures.wait asks finished futures cancelled() and exception() while it
+    holds every future's lock: a task must answer without taking its lock again (it once
+    hung for good when a task had failed before wait() was called)."""
+    gate = Gate()
+    w = make_worker({"boom": lambda: 1 / 0, "gate": gate, "add": lambda a, b: a + b,
+                     "nap": lambda: qmagic.cancellable_sleep(TIMEOUT)})
+    failed, completed, cancelled = w.submit("boom"), w.submit("add", (1, 2)), w.submit("nap")
+    running = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    cancelled.cancel()
+    for task in (failed, completed, cancelled):
+        assert task.wait(TIMEOUT)
+    outcomes: dict[str, object] = {}
+
+    def waits() -> None:
+        outcomes["exception"] = cf.wait([cancelled, completed, failed, running],
+                                        return_when=cf.FIRST_EXCEPTION)
+        outcomes["completed"] = cf.wait([completed, running], return_when=cf.FIRST_COMPLETED)
+        outcomes["answers"] = [(t.done(), t.cancelled(), t.running())
+                               for t in (failed, cancelled, running)]
+
+    waiter = threading.Thread(target=waits, daemon=True)
+    waiter.start()
+    waiter.join(TIMEOUT)
+    try:
+        assert not waiter.is_alive(), "concurrent.futures.wait never returned"
+        assert outcomes["exception"].done == {cancelled, completed, failed}
+        assert outcomes["completed"].not_done == {running}
+        assert outcomes["answers"] == [(True, False, False), (True, True, False), (False, False, True)]
+    finally:
+        gate.release.set()
+    assert running.result(TIMEOUT) is None and not running.cancelled()
+
+
 def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})

@@ -224,20 +224,23 @@ class TaskState(Future):
         user_tb = _user_traceback(error) if error is not None and status is TaskStatus.FAILED else None
         with self._mutex:
             self._check(status)
-            self._status = status
             self._traceback = tb
             self.finished_at = finished_at or time.time()
+            # The outcome first, the status last: readers that skip the lock once the status
+            # is final (wait, result, done...) find everything in place.
             if status is TaskStatus.CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
                 self._cancel_reason = self._reason_for(error)
                 self._error = error
+                self._state = CANCELLED_AND_NOTIFIED
+                self._status = status
                 for waiter in self.__dict__.get("_waiter_list", ()):
                     waiter.add_cancelled(self)
             else:
-                self._state = FINISHED
                 self._result = result
                 self._exception = self._error = error
                 self._exception_tb = user_tb
+                self._state = FINISHED
+                self._status = status
                 for waiter in self.__dict__.get("_waiter_list", ()):
                     if error is None:
                         waiter.add_result(self)
@@ -301,6 +304,22 @@ class TaskState(Future):
                 self._log_records = deque(maxlen=1000)
             self._log_records.append(record)
             self._log.write(line)
+
+    # Future's state questions, without the lock: one read of the status, which _finish sets
+    # last.  (Future's own take the lock, and concurrent.futures.wait(...,
+    # return_when=FIRST_EXCEPTION) asks cancelled() while it holds every future's lock: with
+    # a lock that is not re-entrant, that would never return.)
+    def cancelled(self) -> bool:
+        """True if the task was cancelled."""
+        return self._status is TaskStatus.CANCELLED
+
+    def running(self) -> bool:
+        """True while the task's code runs."""
+        return self._status is TaskStatus.RUNNING
+
+    def done(self) -> bool:
+        """True once the task has finished (completed, failed or cancelled)."""
+        return self._status.finished
 
     # Future's own state setters would bypass the status table: runners use the protocol above.
     def set_running_or_notify_cancel(self) -> bool:  # noqa: D102
