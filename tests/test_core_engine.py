@@ -389,10 +389,12 @@ def test_blocking_tasks_run_in_parallel_up_to_the_limit(make_worker):
 
 
 def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
-    """Short, long and cancelled tasks in a small pool: every queued task gets a thread,
-    and afterwards every thread is idle (no phantom idle thread that would strand a task)."""
+    """Short, long and cancelled tasks in a small pool: every queued task gets a thread, and
+    afterwards every thread is free again (three long tasks run at once in a pool of three)."""
     gate = Gate()
-    w = make_worker({"gate": gate, "quick": lambda i: i}, max_background_tasks=3)
+    meet = threading.Barrier(3)
+    w = make_worker({"gate": gate, "quick": lambda i: i, "meet": lambda: meet.wait(TIMEOUT)},
+                    max_background_tasks=3)
     blockers = [w.submit("gate") for _ in range(2)]
     tasks = []
     for i in range(300):
@@ -407,12 +409,12 @@ def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
         t.result(TIMEOUT)
     last = w.submit("gate")  # a new long task still finds a thread at once
     assert last.result(TIMEOUT) is None
+    meetings = [w.submit("meet") for _ in range(3)]
+    assert all(isinstance(t.result(TIMEOUT), int) for t in meetings), "a thread was lost"
+    counts = w.engine.counts()
+    assert counts["queued_background"] == 0 and counts["running_background"] == 0
     pool = w.engine._pool
-    deadline = time.monotonic() + TIMEOUT
-    while not (w.engine.counts()["queued_background"] == 0 and pool._idle == pool.threads):
-        assert time.monotonic() < deadline, (w.engine.counts(), pool._idle, pool.threads)
-        time.sleep(0.001)
-    assert pool._unreserved == 0 and pool.threads <= 3
+    assert pool.waiting == 0 and pool.threads <= 3 and pool.idle <= pool.threads
 
 
 def test_finished_tasks_with_deadlines_are_not_kept_by_their_timers(make_worker):

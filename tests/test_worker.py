@@ -78,9 +78,10 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
         task = w.submit("gate", ("v",))
         ticks = 0
         waiter = asyncio.ensure_future(_await(task))
-        while not gate.started.is_set():
+        while not gate.started.is_set() or ticks < 3:  # the loop runs while it awaits
             ticks += 1
             await asyncio.sleep(0.001)
+            assert not waiter.done()
         waiter.cancel()  # stop waiting only
         with pytest.raises(asyncio.CancelledError):
             await waiter
@@ -92,7 +93,7 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
         return await task
 
     ticks, value = asyncio.run(main())
-    assert value == "v" and ticks >= 1
+    assert value == "v" and ticks >= 3
 
 
 def test_cancelled_task_raises_cancelled_error_when_awaited(make_worker):

@@ -15,7 +15,13 @@ Every task is announced to the observers (the experiment log) before its uid lea
 :meth:`Engine.submit`, and its final record is told to them before anyone waiting for the
 task wakes up.  Per-task bookkeeping lives in a :class:`_Job` here, not in the Task.
 
-Lock order: a task's lock may be held while taking the engine lock, never the reverse.
+Locks.  The engine lock guards the foreground slot, closing and the registry's sweeps; a
+background task never waits for it.  Submitters and pool threads share no lock on a
+task's way: its counts are sets of jobs changed by single dict operations (atomic under
+the GIL).  A lock taken for every task by a submitter and a pool thread alike turns into a
+convoy under the GIL (each acquisition a hand-over between threads, with two context
+switches) and costs more than a short task.  A task's lock may be held while taking the
+engine lock, never the reverse.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ..errors import RequestRefused, TaskCancelled
 from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
-from .jobs import Job, JobRunner
+from .jobs import CLOSED_REASON, Job, JobRunner
 from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
@@ -118,9 +124,11 @@ class Engine(TaskRegistry):
         self._results_count = 0  # tasks finished so far (read without the lock: one int)
         self._init_registry()
 
-        self._queued = 0  # background thread tasks waiting for a thread
-        self._running_bg = 0  # background tasks running (threads and coroutines)
-        self._running_threads = 0  # of those, the ones on pool threads
+        # Background accounting, as sets of jobs changed by single dict operations (atomic
+        # under the GIL), never under a lock: see "Locks" in the module docstring.
+        self._waiting: dict[Job, bool] = {}  # thread tasks waiting for a thread
+        self._running_threads: dict[Job, bool] = {}  # background tasks on pool threads
+        self._running_coros: dict[Job, bool] = {}  # background coroutine tasks running
         self._fg: Job | None = None
         self._closed = False
         self._runner = JobRunner(self)
@@ -203,19 +211,20 @@ class Engine(TaskRegistry):
         return task
 
     def _reserve_background(self, job: Job) -> None:
-        with self._lock:
-            if self._closed:
-                raise RequestRefused(MSG_CLOSED)
-            if not job.coroutine:
-                waiting = max(0, self._queued + self._running_threads - self.max_background)
-                if waiting >= self.max_queued:
-                    raise RequestRefused(
-                        f"Error: Failed to start the task: {waiting} background tasks are already "
-                        f"waiting to start (QMagic.max_queued_tasks = {self.max_queued}). Wait for "
-                        "some to finish or cancel queued tasks, then try again."
-                    )
-                self._queued += 1
-                job.queued = True
+        """Count a thread task as waiting, unless ``max_queued`` already wait: first counted,
+        then checked, so that racing submitters can never exceed the limit together."""
+        if self._closed:
+            raise RequestRefused(MSG_CLOSED)
+        if not job.coroutine:
+            self._waiting[job] = True
+            waiting = len(self._waiting) + len(self._running_threads) - self.max_background
+            if waiting > self.max_queued:
+                self._waiting.pop(job, None)
+                raise RequestRefused(
+                    f"Error: Failed to start the task: {waiting - 1} background tasks are already "
+                    f"waiting to start (QMagic.max_queued_tasks = {self.max_queued}). Wait for "
+                    "some to finish or cancel queued tasks, then try again."
+                )
 
     def _reserve_foreground(self, job: Job) -> bool:
         """Take the foreground slot; True when the task runs inline (owner thread)."""
@@ -236,35 +245,31 @@ class Engine(TaskRegistry):
         return inline
 
     def _release_reservation(self, job: Job) -> None:
-        with self._lock:
-            if self._fg is job:
-                self._fg = None
-            if job.queued:
-                job.queued = False
-                self._queued -= 1
+        self._free_foreground(job)
+        self._waiting.pop(job, None)
+
+    def _free_foreground(self, job: Job) -> None:
+        if self._fg is job:
+            with self._lock:
+                if self._fg is job:
+                    self._fg = None
 
     def _announce(self, job: Job) -> None:
         """Tell the observers (durably), then make the task visible."""
         task = job.task
         for observer in self.observers:
             observer.task_submitted(task)  # may raise: then the task never existed
-        with self._lock:
-            self._jobs[task.uid] = job
-            self._last = task
+        self._jobs[task.uid] = job
+        self._last = task
         if self.bus.listening(task):  # (a subscriber that comes later is told "queued" anyway)
             with task._mutex:
                 self.bus.emit(task, status="queued")
 
     # -- called by the job runner ---------------------------------------------------------
     def _started(self, job: Job) -> None:
-        with self._lock:
-            if job.queued:
-                job.queued = False
-                self._queued -= 1
-            if job.task.background:
-                self._running_bg += 1
-                self._running_threads += not job.coroutine
-                job.counted = True
+        if job.task.background:  # (counted running first: the counts never miss it)
+            (self._running_coros if job.coroutine else self._running_threads)[job] = True
+        self._waiting.pop(job, None)
         timeout = job.task.timeout
         if timeout is not None:
             job.deadline = self.timers.schedule(timeout, lambda: self._deadline(job))
@@ -275,19 +280,11 @@ class Engine(TaskRegistry):
         a waiter that wakes sees exact counts and can look the task up."""
         if job.deadline is not None:
             job.deadline.cancel()
-        expired: list[Task] = []
-        with self._lock:
-            if self._fg is job:
-                self._fg = None
-            if job.counted:
-                job.counted = False
-                self._running_bg -= 1
-                self._running_threads -= not job.coroutine
-            if job.queued:  # cancelled before it started
-                job.queued = False
-                self._queued -= 1
-            schedule = self._retain_locked(job, expired)
-        self._after_retain(schedule, expired)
+        self._free_foreground(job)
+        self._running_threads.pop(job, None)
+        self._running_coros.pop(job, None)
+        self._waiting.pop(job, None)  # cancelled before it started
+        self._retain(job)
 
     def _finished_one(self) -> None:
         """After the task finished: a new results uid (queueserver clients poll it, then
@@ -308,8 +305,7 @@ class Engine(TaskRegistry):
 
     def cancel(self, task: Task, *, force: bool = False, reason: str = "Task was cancelled") -> bool:
         """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
-        with self._lock:
-            job = self._jobs.get(task.uid)
+        job = self._jobs.get(task.uid)
         status = task._request_cancel(reason)
         if status is None:
             return False
@@ -333,25 +329,24 @@ class Engine(TaskRegistry):
         Returns "interrupted", "pending" (an interrupt for this task is already on its way:
         interrupts are coalesced, at most one per task) or "idle" (no foreground task).
         """
-        with self._lock:
-            job = self._fg
+        job = self._fg
         if job is None:
             return "idle"
         return self._runner.interrupt(job)
 
     def counts(self) -> dict[str, Any]:
-        """A consistent snapshot for status replies and panels."""
-        with self._lock:
-            fg = self._fg
-            return {
-                "running_background": self._running_bg,
-                "queued_background": self._queued,
-                "foreground": fg.task if fg is not None else None,
-                "foreground_handed_over": bool(fg is not None and fg.handed_over),
-                "results_uid": self.results_uid,
-                "finished": len(self._finished),
-                "threads": self._pool.threads,
-            }
+        """The counts for status replies and panels (each exact when read; a task that is
+        starting right now may be counted both waiting and running for a moment)."""
+        fg = self._fg
+        return {
+            "running_background": len(self._running_threads) + len(self._running_coros),
+            "queued_background": len(self._waiting),
+            "foreground": fg.task if fg is not None else None,
+            "foreground_handed_over": bool(fg is not None and fg.handed_over),
+            "results_uid": self.results_uid,
+            "finished": len(self._finished),
+            "threads": self._pool.threads,
+        }
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
@@ -361,10 +356,9 @@ class Engine(TaskRegistry):
             if self._closed:
                 return
             self._closed = True
-            active = [job.task for job in self._jobs.values() if not job.task.done()]
-        reason = "Task was cancelled: the qmagic worker was closed"
+            active = [job.task for job in list(self._jobs.values()) if not job.task.done()]
         for task in active:
-            self.cancel(task, force=True, reason=reason)
+            self.cancel(task, force=True, reason=CLOSED_REASON)
         deadline = time.monotonic() + timeout
         for task in active:
             task.wait(max(0.0, deadline - time.monotonic()))

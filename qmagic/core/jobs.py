@@ -37,9 +37,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["Job", "JobRunner", "awaitable_result"]
+__all__ = ["CLOSED_REASON", "Job", "JobRunner", "awaitable_result"]
 
 log = logging.getLogger("qmagic")
+
+#: Why the tasks still queued or running when the worker closes are cancelled.
+CLOSED_REASON = "Task was cancelled: the qmagic worker was closed"
 
 #: A forced cancel that finds its thread in a lock's Python code tries again this much later.
 FORCE_RETRY_S = 0.001
@@ -49,8 +52,7 @@ class Job:
     """The engine's bookkeeping for one task (never shown to users)."""
 
     __slots__ = (
-        "task", "call", "coroutine", "tokens", "ident", "in_user_code", "queued", "counted",
-        "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done",
+        "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done",
         "force_planned", "exception_sent",
     )
 
@@ -61,8 +63,6 @@ class Job:
         self.tokens: list | None = None  # context hooks' tokens (output routing)
         self.ident: int | None = None  # thread running the task's code
         self.in_user_code = False
-        self.queued = False  # counted as waiting for a thread
-        self.counted = False  # counted as a running background task
         self.handed_over = False  # a foreground task requested from another thread
         self.deadline: TimerHandle | None = None
         self.atask: asyncio.Task | None = None  # the asyncio task awaiting the task's code
@@ -92,8 +92,13 @@ class JobRunner:
         """Start a background job: a coroutine on its loop, a thread task on the pool."""
         if job.coroutine:
             self._schedule_coroutine(job)
-        else:
+            return
+        try:
             self.engine._pool.submit(job)
+        except BaseException as exc:  # noqa: BLE001 - closed meanwhile: recorded, never lost
+            if job.task._claim_end():
+                closed = self.engine._closed and isinstance(exc, RuntimeError)
+                self.end(job, None, TaskCancelled(CLOSED_REASON) if closed else exc)
 
     def run_background(self, job: Job) -> None:
         """Pool thread: run a background thread task."""

@@ -1,17 +1,23 @@
 """The background threads: at most ``max_threads`` run jobs; the rest wait in FIFO order.
 
-Threads start lazily.  When every thread is busy a new one starts only if the job is still
+Threads start lazily.  When no thread is idle, a new one starts only if the job is still
 waiting ``spawn_delay`` seconds later: short jobs free a thread within microseconds, and
 more threads would only fight over the GIL; long jobs still run in parallel after about a
-millisecond.  Idle threads leave after ``idle_timeout`` seconds.
+millisecond.  Idle threads leave after ``idle_timeout`` seconds, except the last one.
 
-Accounting is exact, under one lock: every waiting job has exactly one thread that will
-take it (an idle thread reserved for it, a thread being started for it, or the next busy
-thread that frees up), so a job never waits while a thread idles.
+No lock on the way of a job: a submitter and the threads share only the queue (C code,
+whose ``put`` never blocks) and single dictionary operations, which the GIL makes atomic.
+A lock that a submitter and a thread both took for every job would turn into a convoy
+under the GIL — every acquisition a hand-over between threads, two context switches each —
+and cost more than the job.  The pool's lock is taken only to start and stop threads.
+
+No job is ever stranded: the first thread never leaves, so a queued job always has a thread
+that will take it (an idle one, woken by ``put``, or a busy one, when it comes back).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -43,11 +49,14 @@ class ThreadPool:
         self._name = name
         self._spawn_delay = spawn_delay
         self._idle_timeout = idle_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # starting and stopping threads only
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
-        self._idle = 0  # idle threads nobody reserved
-        self._unreserved = 0  # waiting jobs no thread is reserved for yet
+        self._idle: dict[int, bool] = {}  # threads waiting for a job nobody claimed, by ident
+        self._put_seq = itertools.count(1)  # numbers the queued jobs (next() is atomic)
+        self._last_put = 0
+        self._taken_seq = itertools.count(1)
+        self._taken = 0  # jobs taken by threads so far (never runs ahead of the truth)
         self._check_pending = False
         self._closed = False
 
@@ -56,65 +65,98 @@ class ThreadPool:
         """Threads alive now."""
         return self._threads
 
+    @property
+    def idle(self) -> int:
+        """Threads waiting for a job that no submitter has claimed yet."""
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued that no thread has taken yet."""
+        return self._jobs.qsize()
+
     def submit(self, job: Any) -> None:
         """Queue ``job``; a thread runs it as soon as one is free (FIFO)."""
-        check = False
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the thread pool is closed")
-            if self._idle > 0:
-                self._idle -= 1  # an idle thread will take it
-            elif self._threads == 0:
-                self._spawn_locked()
-            else:
-                self._unreserved += 1
-                if self._threads < self.max_threads and not self._check_pending:
-                    self._check_pending = check = True
+        if self._closed:
+            raise RuntimeError("the thread pool is closed")
+        self._last_put = seq = next(self._put_seq)
         self._jobs.put(job)
-        if check:
-            self._timers.schedule(self._spawn_delay, self._spawn_if_waiting)
+        if self._idle:
+            try:
+                self._idle.popitem()  # claim an idle thread: woken by this put, it is busy
+                return
+            except KeyError:  # claimed by another submitter meanwhile
+                pass
+        if self._threads == 0:
+            with self._lock:
+                if self._threads == 0 and not self._closed:
+                    self._spawn_locked()
+            return
+        if not self._check_pending and self._threads < self.max_threads:
+            with self._lock:
+                arm = not self._check_pending
+                self._check_pending = True
+            if arm:
+                self._timers.schedule(self._spawn_delay, lambda: self._spawn_if_waiting(seq))
 
     def _spawn_locked(self) -> None:
         self._threads += 1
         threading.Thread(target=self._loop, name=self._name, daemon=True).start()
 
-    def _spawn_if_waiting(self) -> None:
-        """Timer: start threads for jobs that still wait, within ``max_threads``."""
+    def _spawn_if_waiting(self, seq: int) -> None:
+        """Timer: if job number ``seq`` is still waiting, start threads for the jobs that
+        wait, within ``max_threads``; if it was taken but others wait, look again later."""
+        rearm = None
         with self._lock:
             self._check_pending = False
-            if self._closed:
+            waiting = self._jobs.qsize() - len(self._idle)
+            if self._closed or waiting <= 0:
                 return
-            while self._unreserved > 0 and self._threads < self.max_threads:
-                self._spawn_locked()
-                self._unreserved -= 1
-
-    def _free_locked(self) -> None:
-        """A thread is free: it takes a waiting job nobody was reserved for, or idles."""
-        if self._unreserved > 0:
-            self._unreserved -= 1
-        else:
-            self._idle += 1
+            if self._taken < seq:
+                for _ in range(min(waiting, self.max_threads - self._threads)):
+                    self._spawn_locked()
+            if self._threads < self.max_threads:
+                self._check_pending = True
+                rearm = self._last_put  # the newest job queued so far
+        if rearm is not None:
+            self._timers.schedule(self._spawn_delay, lambda: self._spawn_if_waiting(rearm))
 
     def _loop(self) -> None:
-        get = self._jobs.get
+        get_nowait = self._jobs.get_nowait
+        me = threading.get_ident()
+        taken = self._taken_seq
         while True:
             try:
-                job = get(timeout=self._idle_timeout)
+                job = get_nowait()
             except queue.Empty:
-                with self._lock:
-                    if self._idle > 0:  # nobody counts on this thread: let it go
-                        self._idle -= 1
-                        self._threads -= 1
-                        return
-                continue
+                job = self._wait_for_job(me)
+                if job is _LEAVE:
+                    return
             if job is None:  # close()
                 return
+            self._taken = next(taken)
             try:
                 self._run(job)
             except BaseException:  # noqa: BLE001 - e.g. a forced cancel landing late
                 log.debug("qmagic: stray exception after a job ended", exc_info=True)
-            with self._lock:
-                self._free_locked()
+            del job
+
+    def _wait_for_job(self, me: int) -> Any:
+        """Idle: wait for the next job; after ``idle_timeout`` leave, unless this is the
+        last thread or a job came meanwhile."""
+        idle = self._idle
+        while True:
+            idle[me] = True
+            try:
+                return self._jobs.get(timeout=self._idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    if self._threads > 1 and self._jobs.empty():
+                        self._threads -= 1
+                        idle.pop(me, None)
+                        return _LEAVE
+            finally:
+                idle.pop(me, None)
 
     def close(self) -> None:
         """Stop every thread once it finishes its current job; waiting jobs are dropped
@@ -126,3 +168,6 @@ class ThreadPool:
             threads = self._threads
         for _ in range(threads):
             self._jobs.put(None)
+
+
+_LEAVE = object()

@@ -1,8 +1,9 @@
 """The tasks an engine knows: lookups by uid or prefix, listing, retention of finished ones.
 
 :class:`TaskRegistry` is the part of :class:`~qmagic.core.engine.Engine` that holds the jobs
-by uid.  It shares the engine's lock (``_lock``), so settling a finished task — freeing its
-thread and keeping it for lookups — is one critical section.  Finished tasks stay
+by uid.  Jobs are added and looked up by single dict operations (atomic under the GIL);
+the engine's lock (``_lock``) serialises only the trimming, sweeps and lookups by prefix,
+and a finishing task never waits for it.  Finished tasks stay
 ``retention_s`` seconds and at most ``max_finished`` of them (the oldest go first); a timer
 sweeps them even when no new task arrives.
 """
@@ -58,45 +59,56 @@ class TaskRegistry:
         #: Called with the tasks dropped from memory (retention), outside locks.
         self.on_expire: Callable[[list[Task]], None] | None = None
 
-    def _retain_locked(self, job: Job, expired: list[Task]) -> float | None:
-        """Keep a finished job (caller holds ``_lock``); the oldest beyond ``max_finished``
-        go to ``expired``.  Returns when a sweep must run, if none is planned yet."""
-        uid = job.task.uid
-        if self._jobs.get(uid) is job:
-            self._finished[uid] = job
-            while len(self._finished) > self.max_finished:
-                _, old = self._finished.popitem(last=False)
-                self._jobs.pop(old.task.uid, None)
-                expired.append(old.task)
-        if self._sweep_at is None and self._finished:
-            self._sweep_at = time.time() + self.retention_s
-            return self._sweep_at
-        return None
+    def _retain(self, job: Job) -> None:
+        """Keep a finished job; the oldest beyond ``max_finished`` leave memory.
 
-    def _after_retain(self, schedule: float | None, expired: list[Task]) -> None:
-        """Outside the lock: plan the sweep, tell ``on_expire``."""
-        if schedule is not None:
-            self.timers.schedule(schedule - time.time(), self._sweep)
-        if expired:
+        Called for every task by the thread that ran it, so it never waits for the lock
+        (see "Locks" in :mod:`qmagic.core.engine`): the job is added by one atomic dict
+        operation, and the trimming is done by whoever gets the lock without waiting
+        (a thread that does not get it leaves the trimming to the one that has it, or to
+        the next task).
+        """
+        uid = job.task.uid
+        if self._jobs.get(uid) is not job:
+            return
+        self._finished[uid] = job
+        if self._sweep_at is None:
+            self._sweep_at = time.time() + self.retention_s
+            self.timers.schedule(self.retention_s, self._sweep)
+        if len(self._finished) > self.max_finished and self._lock.acquire(False):
+            expired: list[Task] = []
+            try:
+                while len(self._finished) > self.max_finished:
+                    _, old = self._finished.popitem(last=False)
+                    self._jobs.pop(old.task.uid, None)
+                    expired.append(old.task)
+            finally:
+                self._lock.release()
             self._expired(expired)
 
     def _sweep(self) -> None:
+        """Timer: forget the jobs finished more than ``retention_s`` ago."""
         now = time.time()
         expired: list[Task] = []
+        nxt = None
         with self._lock:
-            while self._finished:
-                uid, job = next(iter(self._finished.items()))
+            self._sweep_at = None
+            while True:
+                try:  # (popitem, not iteration: finished jobs are added without the lock)
+                    uid, job = self._finished.popitem(last=False)
+                except KeyError:
+                    break
                 finished_at = job.task.finished_at
                 if finished_at is None or finished_at + self.retention_s > now:
-                    break  # (None: settled, its waiters about to wake)
-                self._finished.popitem(last=False)
+                    # (None: settled, its waiters about to wake)  Back to the front.
+                    self._finished[uid] = job
+                    self._finished.move_to_end(uid, last=False)
+                    nxt = (finished_at or now) + self.retention_s
+                    break
                 self._jobs.pop(uid, None)
                 expired.append(job.task)
-            nxt = None
-            if self._finished:
-                first = next(iter(self._finished.values())).task
-                nxt = (first.finished_at or now) + self.retention_s
-            self._sweep_at = nxt
+            if nxt is not None:
+                self._sweep_at = nxt
         if nxt is not None:
             self.timers.schedule(nxt - now, self._sweep)
         self._expired(expired)
@@ -122,7 +134,7 @@ class TaskRegistry:
                     f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
                     f"{MIN_UID_PREFIX} characters of the uid (see %tasks)."
                 )
-            matches = [j.task for uid, j in self._jobs.items() if uid.startswith(uid_or_prefix)]
+            matches = [j.task for uid, j in list(self._jobs.items()) if uid.startswith(uid_or_prefix)]
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -138,24 +150,26 @@ class TaskRegistry:
 
     def tasks(self) -> list[Task]:
         """Every task in memory, oldest submission first."""
-        with self._lock:
-            items = [job.task for job in self._jobs.values()]
+        items = [job.task for job in list(self._jobs.values())]  # (one atomic copy)
         items.sort(key=lambda t: t.submitted_at)
         return items
 
     @property
     def last_task(self) -> Task | None:
         """The most recently submitted task still in memory."""
-        with self._lock:
-            last = self._last
-            return last if last is not None and last.uid in self._jobs else None
+        last = self._last
+        return last if last is not None and last.uid in self._jobs else None
 
     def clear_finished(self) -> int:
         """Forget every finished task kept in memory; returns how many."""
+        removed: list[Task] = []
         with self._lock:
-            removed = [job.task for job in self._finished.values()]
-            self._finished.clear()
-            for task in removed:
-                self._jobs.pop(task.uid, None)
+            while True:
+                try:
+                    uid, job = self._finished.popitem(last=False)
+                except KeyError:
+                    break
+                self._jobs.pop(uid, None)
+                removed.append(job.task)
         self._expired(removed)
         return len(removed)

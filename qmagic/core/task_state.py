@@ -246,14 +246,14 @@ class TaskState(Future):
                         waiter.add_result(self)
                     else:
                         waiter.add_exception(self)
-            self._notify_waiters()
             bus = self._bus
-            if bus is not None:
+            if bus is not None and bus.listening(self):
                 if status is TaskStatus.COMPLETED:
                     bus.emit(self, result=result)
                 else:
                     bus.emit(self, error=error if error is not None else TaskCancelled(self._cancel_reason))
                 bus.emit(self, status=status.value)
+            self._notify_waiters()  # last: a woken waiter finds the lock free at once
         self._invoke_callbacks()
 
     def _request_cancel(self, reason: str) -> TaskStatus | None:
