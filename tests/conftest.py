@@ -81,6 +81,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    sandbox = config.stash.get(_SANDBOX_KEY, None)
+    if sandbox is not None and sandbox.removed_stale:
+        terminalreporter.line(
+            f"Removed {len(sandbox.removed_stale)} session folder(s) of earlier test runs that were "
+            f"killed: {', '.join(sandbox.removed_stale)}")
     report = config.stash.get(_LEAKS_KEY, None)
     if report is None or not (report.inside or report.outside):
         return

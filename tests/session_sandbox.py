@@ -8,6 +8,10 @@ While it runs, ``HOME``, ``IPYTHONDIR``, ``XDG_{CONFIG,CACHE,DATA,STATE,RUNTIME}
 ``tempfile.tempdir`` and pytest's ``--basetemp``) point into one folder
 ``$TMPDIR/qmagic-tests-XXXXXXXX``; every process the tests start inherits them.
 
+The folder holds a lock file (``flock``) for the session's life.  A session that was killed
+cannot remove its folder; the next session that starts removes every ``qmagic-tests-*``
+folder whose lock nobody holds any more (and those without a lock file older than an hour).
+
 At the end it checks, then removes the folder:
 
 - **inside the folder** (certainly this session's doing, so always a failure): files left in
@@ -24,6 +28,7 @@ At the end it checks, then removes the folder:
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import shutil
@@ -35,7 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-__all__ = ["LeakReport", "SessionSandbox", "snapshot"]
+__all__ = ["LeakReport", "SessionSandbox", "remove_stale_sandboxes", "snapshot"]
+
+PREFIX = "qmagic-tests-"
+LOCK_NAME = ".session.lock"
+#: A session folder without a lock file is left alone this long (it may be starting).
+UNLOCKED_GRACE_S = 3600.0
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,12 +126,18 @@ class SessionSandbox:
         self._saved_env: dict[str, str | None] = {}
         self._saved_tempdir: str | None = None
         self._before: dict[str, set[str]] = {}
+        self._lock_fd: int | None = None
+        #: names of the folders of dead sessions removed by :meth:`start`
+        self.removed_stale: list[str] = []
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> Path:
-        """Snapshot the outside, make the session folder and point the environment into it."""
+        """Remove the folders of dead sessions, snapshot the outside, make the session folder
+        (locked) and point the environment into it."""
+        self.removed_stale = remove_stale_sandboxes(self.outer_tmp)
         self._before = self._outside()
-        self.root = Path(tempfile.mkdtemp(prefix="qmagic-tests-", dir=self.outer_tmp))
+        self.root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.outer_tmp))
+        self._lock_fd = _hold_lock(self.root)
         for name, sub in self.FOLDERS.items():
             path = self.root / sub
             path.mkdir(mode=0o700)
@@ -144,6 +160,9 @@ class SessionSandbox:
         assert self.root is not None
         report = LeakReport(inside=self._inside())
         _remove_tree(self.root)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -221,6 +240,52 @@ class SessionSandbox:
                     new.append(path)
         # a folder that is new is listed once, not with everything inside it
         return [p for p in new if not any(p.startswith(q + os.sep) for q in new)]
+
+
+def _hold_lock(root: Path) -> int:
+    """Lock ``root``'s lock file for as long as the returned descriptor is open.  Made under
+    a temporary name and renamed once locked: a lock file that can be locked is never a
+    session that is only starting."""
+    tmp = root / (LOCK_NAME + ".new")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp, root / LOCK_NAME)
+    return fd
+
+
+def _lock_is_free(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone meanwhile: its session is ending by itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_sandboxes(outer: Path) -> list[str]:
+    """Remove the session folders in ``outer`` that no live session holds (sessions that
+    were killed); returns their names."""
+    removed = []
+    for entry in sorted(outer.glob(PREFIX + "*")):
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            lock = entry / LOCK_NAME
+            if lock.exists():
+                if not _lock_is_free(lock):
+                    continue  # a session that runs now
+            elif time.time() - entry.stat().st_mtime < UNLOCKED_GRACE_S:
+                continue  # starting right now, or not ours to judge yet
+        except OSError:
+            continue
+        _remove_tree(entry)
+        removed.append(entry.name)
+    return removed
 
 
 def _remove_tree(root: Path) -> None:

@@ -105,3 +105,39 @@ def test_scratch_folder_stays_while_the_kernel_runs(kernel_factory):
 def test_every_tutorial_uses_the_scratch_helper(tutorial):
     text = (NOTEBOOKS / tutorial).read_text()
     assert "_scratch.scratch_folder()" in text and "TemporaryDirectory" not in text
+
+
+def test_session_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    """A killed test run cannot remove its session folder: the next run removes it, and
+    never the folder of a run that is still going (or only starting)."""
+    import fcntl
+    import session_sandbox
+
+    def folder(name: str, lock: bool) -> Path:
+        path = tmp_path / (session_sandbox.PREFIX + name)
+        (path / "tmp").mkdir(parents=True)
+        (path / "tmp" / "left.txt").write_text("x")
+        if lock:
+            (path / session_sandbox.LOCK_NAME).write_text("")
+        return path
+
+    dead = folder("dead", lock=True)  # its lock file is there, nobody holds it
+    live = folder("live", lock=True)
+    starting = folder("starting", lock=False)  # made a moment ago, not locked yet
+    old = folder("old", lock=False)
+    an_hour_ago = time.time() - session_sandbox.UNLOCKED_GRACE_S - 60
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    other = tmp_path / "someone-else"
+    other.mkdir()
+    held = os.open(live / session_sandbox.LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the live session's process holds it
+        removed = session_sandbox.remove_stale_sandboxes(tmp_path)
+    finally:
+        os.close(held)
+    assert sorted(removed) == [dead.name, old.name]
+    assert not dead.exists() and not old.exists()
+    assert live.is_dir() and starting.is_dir() and other.is_dir()
+    # and this session's own folder is locked: a run starting now would leave it alone
+    own = Path(os.environ[SessionSandbox.MARKER])
+    assert own.is_dir() and not session_sandbox._lock_is_free(own / session_sandbox.LOCK_NAME)
