@@ -122,13 +122,14 @@ class EventBus:
             with sub.task._mutex:
                 sub.task._subscribers = tuple(s for s in sub.task._subscribers if s is not sub)
 
-    # -- emitting (called with the task's lock held) ---------------------------------------
+    # -- emitting ---------------------------------------------------------------------------
     def listening(self, task: Task) -> bool:
-        """Whether anyone would receive an event of ``task`` now."""
+        """Whether anyone would receive an event of ``task`` now (any thread, no lock)."""
         return bool(self._global or task._subscribers)
 
     def emit(self, task: Task, **event: Any) -> None:
-        """Queue one event of ``task`` for every current subscriber (cheap if none)."""
+        """Queue one event of ``task`` for every current subscriber (cheap if none); called
+        with the task's lock held, so that its events keep their order."""
         if self._global or task._subscribers:
             self._queue.put((task, event, None))
 
