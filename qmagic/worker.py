@@ -130,6 +130,7 @@ class Worker(StateMixin, LookupMixin, QMagic):
             retention_s=self.task_retention_s, max_finished=self.max_finished_tasks,
             output_limit=self.task_output_limit, cancel_grace_s=self.cancel_grace_s,
             foreground=foreground, loops=EventLoops(self.async_loop),
+            on_cancel=self._cancel_from_handle,
         )
         try:  # the engine wraps stdout/stderr: a failure from here on must undo that
             self.catalog = Catalog(namespace, hidden=lambda: self.hidden_names)
@@ -346,6 +347,12 @@ class Worker(StateMixin, LookupMixin, QMagic):
                 "nothing to cancel."
             )
         return task
+
+    def _cancel_from_handle(self, task: Task, force: bool, reason: str) -> bool:
+        """``task.cancel()``: the lock rule of :meth:`cancel` (this kernel's key stands in),
+        then the engine; False if the task had already finished."""
+        self.check_lock()
+        return self.engine.cancel(task, force=force, reason=reason)
 
     def cancel_all(self, *, force: bool = False, lock_key: str | None = None,
                    origin: str = "python", client: str | None = None) -> list[Task]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import threading
+import time
 
 import pytest
 
@@ -173,6 +174,38 @@ def test_lock_rules_through_the_worker(make_worker, monkeypatch):
         other.submit("f")
     assert not other.unlock("break-glass").environment
     assert other.submit("f").result(TIMEOUT) == 1
+
+
+def test_task_cancel_follows_the_lock_rule_of_worker_cancel(make_worker):
+    """A Task handle is one more door to the worker: while another kernel has locked the
+    environment, task.cancel() is refused exactly as worker.cancel(task) is."""
+    nap = {"nap": lambda: qmagic.cancellable_sleep(TIMEOUT)}
+    w = make_worker(nap)
+    other = make_worker(nap)  # another kernel of the same environment
+    mine, theirs = w.submit("nap"), other.submit("nap")
+    w.lock("hutch", environment=True, note="Changing samples", user="Alice")
+    deadline = time.monotonic() + TIMEOUT
+    while not other.current_lock().environment:  # the other kernel sees it (a file watcher)
+        assert time.monotonic() < deadline, "the other worker never saw the lock"
+        time.sleep(0.001)
+    try:
+        with pytest.raises(LockRefused, match="Invalid lock key"):
+            theirs.cancel()
+        with pytest.raises(LockRefused, match="Invalid lock key"):
+            other.cancel(theirs)
+        assert not theirs.cancel_requested and not theirs.done()
+        assert mine.cancel() is True  # the kernel that locked remembers its key
+        assert mine.wait(TIMEOUT) and mine.status is TaskStatus.CANCELLED
+        assert mine.error == "Task was cancelled from Python"
+    finally:
+        w.unlock()
+    deadline = time.monotonic() + TIMEOUT
+    while other.current_lock().environment:
+        assert time.monotonic() < deadline, "the other worker never saw the unlock"
+        time.sleep(0.001)
+    assert theirs.cancel() is True and theirs.wait(TIMEOUT)
+    assert theirs.status is TaskStatus.CANCELLED
+    assert theirs.cancel() is False  # already finished: nothing to do, as a Future says
 
 
 def test_lock_without_key_uses_the_default_key(make_worker):

@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import Task
+from .task import CancelHook, Task
 from .timers import Timers
 
 __all__ = [
@@ -107,6 +107,7 @@ class Engine(TaskRegistry):
         cancel_grace_s: float = 2.0,
         foreground: ForegroundRunner | None = None,
         loops: EventLoops | None = None,
+        on_cancel: CancelHook | None = None,
     ) -> None:
         self.max_queued = max_queued
         self.retention_s = retention_s
@@ -132,7 +133,8 @@ class Engine(TaskRegistry):
         self._fg: Job | None = None
         self._closed = False
         self._runner = JobRunner(self)
-        self._on_cancel = self._cancel_hook  # one bound method for every task
+        #: What ``Task.cancel()`` calls (the worker's: its lock rule first); one for every task.
+        self._on_cancel: CancelHook = on_cancel or self._cancel_hook
         self._pool = ThreadPool(self._runner.run_background, self.timers, max_background)
         capture.install()
 

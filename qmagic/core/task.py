@@ -171,6 +171,9 @@ class Task(TaskState):
         land in the task's own cleanup (``finally:``).  That cannot interrupt a call blocked
         in C (``time.sleep`` ends first; ``lock.acquire()`` without timeout never returns).
 
+        A task of a worker follows the worker's rules, as ``Worker.cancel(task)`` does: while
+        another kernel has locked the environment, this raises :class:`qmagic.LockRefused`.
+
         Unlike a plain ``Future``, a running task is asked to stop too; so is one awaited
         through ``asyncio.wrap_future(task)`` when that wrapper is cancelled (asyncio passes
         the cancel on).  To wait with a timeout without stopping the task, use

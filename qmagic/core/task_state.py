@@ -36,7 +36,8 @@ __all__ = ["INTERRUPTED", "CancelHook", "TaskState", "exception_text"]
 #: Why a task stopped by ■ / KeyboardInterrupt was cancelled.
 INTERRUPTED = "Task was interrupted (■ or KeyboardInterrupt)"
 
-#: Called by :meth:`Task.cancel`: ``(task, force, reason) -> bool`` (set by the engine).
+#: Called by :meth:`Task.cancel`: ``(task, force, reason) -> bool`` (the engine's, or the
+#: worker's, which applies the lock rule first).
 CancelHook = Callable[["Task", bool, str], bool]
 
 
