@@ -278,8 +278,8 @@ class Engine(TaskRegistry):
 
     def _settle(self, job: Job) -> None:
         """The task is about to finish (its record is written, its waiters not yet awake):
-        free its thread or slot and keep it for ``retention_s`` — one critical section, so
-        a waiter that wakes sees exact counts and can look the task up."""
+        free its thread or slot and keep it for ``retention_s``, all before its waiters wake,
+        so that a waiter sees exact counts and can look the task up."""
         if job.deadline is not None:
             job.deadline.cancel()
         self._free_foreground(job)

@@ -52,8 +52,9 @@ class Job:
     """The engine's bookkeeping for one task (never shown to users)."""
 
     __slots__ = (
-        "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over", "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done",
-        "force_planned", "exception_sent",
+        "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
+        "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
+        "exception_sent",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:

@@ -97,7 +97,7 @@ class ThreadPool:
                 arm = not self._check_pending
                 self._check_pending = True
             if arm:
-                self._timers.schedule(self._spawn_delay, lambda: self._spawn_if_waiting(seq))
+                self._schedule_check(seq)
 
     def _spawn_locked(self) -> None:
         self._threads += 1
@@ -119,7 +119,12 @@ class ThreadPool:
                 self._check_pending = True
                 rearm = self._last_put  # the newest job queued so far
         if rearm is not None:
-            self._timers.schedule(self._spawn_delay, lambda: self._spawn_if_waiting(rearm))
+            self._schedule_check(rearm)
+
+    def _schedule_check(self, seq: int) -> None:
+        """In ``spawn_delay``: is job number ``seq`` still waiting?  (The caller set
+        ``_check_pending``: one check planned at a time.)"""
+        self._timers.schedule(self._spawn_delay, lambda: self._spawn_if_waiting(seq))
 
     def _loop(self) -> None:
         get_nowait = self._jobs.get_nowait
@@ -153,7 +158,6 @@ class ThreadPool:
                 with self._lock:
                     if self._threads > 1 and self._jobs.empty():
                         self._threads -= 1
-                        idle.pop(me, None)
                         return _LEAVE
             finally:
                 idle.pop(me, None)

@@ -79,12 +79,20 @@ class TaskRegistry:
             expired: list[Task] = []
             try:
                 while len(self._finished) > self.max_finished:
-                    _, old = self._finished.popitem(last=False)
-                    self._jobs.pop(old.task.uid, None)
+                    uid, old = self._finished.popitem(last=False)
+                    self._jobs.pop(uid, None)
                     expired.append(old.task)
             finally:
                 self._lock.release()
             self._expired(expired)
+
+    def _take_oldest(self) -> tuple[str, Job] | None:
+        """Take the oldest finished job out, or None (caller holds ``_lock``).  ``popitem``,
+        never iteration: finished jobs are added without the lock."""
+        try:
+            return self._finished.popitem(last=False)
+        except KeyError:
+            return None
 
     def _sweep(self) -> None:
         """Timer: forget the jobs finished more than ``retention_s`` ago."""
@@ -93,11 +101,8 @@ class TaskRegistry:
         nxt = None
         with self._lock:
             self._sweep_at = None
-            while True:
-                try:  # (popitem, not iteration: finished jobs are added without the lock)
-                    uid, job = self._finished.popitem(last=False)
-                except KeyError:
-                    break
+            while (oldest := self._take_oldest()) is not None:
+                uid, job = oldest
                 finished_at = job.task.finished_at
                 if finished_at is None or finished_at + self.retention_s > now:
                     # (None: settled, its waiters about to wake)  Back to the front.
@@ -164,11 +169,8 @@ class TaskRegistry:
         """Forget every finished task kept in memory; returns how many."""
         removed: list[Task] = []
         with self._lock:
-            while True:
-                try:
-                    uid, job = self._finished.popitem(last=False)
-                except KeyError:
-                    break
+            while (oldest := self._take_oldest()) is not None:
+                uid, job = oldest
                 self._jobs.pop(uid, None)
                 removed.append(job.task)
         self._expired(removed)
