@@ -18,9 +18,9 @@ cells the same way, or the outputs differ for reasons that have nothing to do wi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,18 +28,8 @@ _HERE = Path(__file__).resolve().parent
 _run_folder: str | None = None  # made when the first notebook's kernel starts
 
 
-def _load_build():
-    spec = importlib.util.spec_from_file_location("_qmagic_notebooks_build", _HERE / "_build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
-
-
-_build = _load_build()
+# (run as a module of its own: its dataclasses find it in sys.modules while it runs)
+_build = SimpleNamespace(**runpy.run_path(str(_HERE / "_build.py"), run_name="_qmagic_notebooks_build"))
 _scratch = _build.load_scratch()
 
 

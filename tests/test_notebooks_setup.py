@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -37,20 +37,9 @@ EXPECTED = [
 LOAD_LINE = 'get_ipython().extension_manager.load_extension("qmagic")'
 
 
-def _build_module():
-    spec = importlib.util.spec_from_file_location("qmagic_notebooks_build", NOTEBOOKS / "_build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
-
-
 @pytest.fixture(scope="module")
 def build():
-    return _build_module()
+    return SimpleNamespace(**runpy.run_path(str(NOTEBOOKS / "_build.py"), run_name="qmagic_notebooks_build"))
 
 
 def test_the_seven_tutorials_exist_in_learning_order(build):
@@ -123,9 +112,7 @@ def test_sanitize_file_is_read_by_nbval():
 def test_nbval_kernels_know_their_notebook_as_when_built(build):
     """``notebooks/conftest.py`` gives nbval's kernels the JPY_SESSION_NAME _build.py used
     (the experiment log's notebook column is in the stored outputs)."""
-    spec = importlib.util.spec_from_file_location("qmagic_notebooks_conftest", NOTEBOOKS / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
+    conftest = SimpleNamespace(**runpy.run_path(str(NOTEBOOKS / "conftest.py")))
     for name in EXPECTED:
         assert conftest.session_name(NOTEBOOKS / name) == build.session_name(name) == f"notebooks/{name}"
 

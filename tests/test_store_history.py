@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from store_helpers import fresh_warnings  # noqa: F401 - a fixture
+from store_helpers import task as record
 
-from qmagic.store import records as records_module
 from qmagic.store.database import database_path
 from qmagic.store.history import (
     cell_text,
@@ -38,24 +39,8 @@ class Opaque:
 
 
 def task(uid: str, status: str = "completed", **fields) -> dict:
-    now = time.time()
-    rec = {"uid": uid, "name": "measure", "kind": "function", "args": [1], "kwargs": {"n": 2},
-           "user": "alice", "user_group": "primary", "background": True, "origin": "magic",
-           "status": status, "submitted_at": now, "started_at": now,
-           "finished_at": now + 0.001 if status in ("completed", "failed", "cancelled") else None,
-           "progress": None, "result": None, "error": None, "error_type": None, "traceback": None,
-           "timeout": None, "namespace_changes": None,
-           "provenance": {"notebook": "/home/alice/01-getting-started.ipynb", "cell_id": "c-1",
-                          "execution_count": 12, "cell_hash": "5d41402a"}}
-    rec.update(fields)
-    return rec
-
-
-@pytest.fixture(autouse=True)
-def fresh_warnings():
-    records_module._warned.clear()
-    yield
-    records_module._warned.clear()
+    """A finished task's record, unless ``status`` says otherwise."""
+    return record(uid, status, **fields)
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.errors import StateFileError
-from qmagic.store import records as records_module
 from qmagic.store import segments as segments_module
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal
@@ -40,36 +40,10 @@ ENV = "lab-1"
 LOG = "qmagic.store.journal"
 
 
-def task(uid: str, status: str = "queued", **fields) -> dict:
-    """A record shaped like PLAN.md's task record."""
-    now = time.time()
-    rec = {"uid": uid, "name": "measure", "kind": "function", "args": [1], "kwargs": {"n": 2},
-           "user": "alice", "user_group": "primary", "background": True, "origin": "magic",
-           "status": status, "submitted_at": now, "started_at": None, "finished_at": None,
-           "progress": None, "result": None, "error": None, "error_type": None, "traceback": None,
-           "timeout": None, "namespace_changes": None,
-           "provenance": {"notebook": "/home/alice/01-getting-started.ipynb", "cell_id": "c-1",
-                          "execution_count": 12, "cell_hash": "5d41402a"}}
-    if status in ("running", "completed", "failed", "cancelled"):
-        rec["started_at"] = now
-    if status in ("completed", "failed", "cancelled"):
-        rec["finished_at"] = now + 0.001
-    rec.update(fields)
-    return rec
-
-
 def run_task(journal: Journal, uid: str, status: str = "completed", **fields) -> None:
     journal.submitted(task(uid, **{k: v for k, v in fields.items() if k in ("name", "user", "submitted_at")}))
     journal.started(uid, time.time())
     journal.finished(task(uid, status, **fields))
-
-
-@pytest.fixture(autouse=True)
-def fresh_warnings():
-    """Warnings are once per process and kind: each test starts afresh."""
-    records_module._warned.clear()
-    yield
-    records_module._warned.clear()
 
 
 @pytest.fixture
