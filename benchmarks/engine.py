@@ -3,6 +3,10 @@
 Prints one JSON line:
 - latency_ratio: median submit->result latency of a no-op background task (2000 runs),
   qmagic Worker.submit(...).result() / ThreadPoolExecutor.submit(...).result()  [target <= 2.0]
+- latency_one_cpu: the same with every thread of both on one CPU (a diagnostic, no target).
+  On a virtual machine whose idle vCPUs halt, a wake-up that crosses CPUs costs 10-30 µs
+  and either side may land in that mode from one run to the next, so latency_ratio swings
+  (1.2 to 3 measured here); on one CPU both pay only their own work and a context switch.
 - throughput_ratio: no-op tasks per second, 20,000 submitted back to back then awaited,
   qmagic / ThreadPoolExecutor, median of 5 paired rounds                         [target >= 0.5]
 - rss_growth_mb: resident memory growth after 200,000 finished tasks with the default
@@ -77,6 +81,18 @@ def latency(n: int, rounds: int = 10) -> tuple[float, float]:
     return statistics.median(base), statistics.median(ours)
 
 
+def one_cpu_latency(n: int) -> tuple[float, float] | None:
+    """:func:`latency` with this process (and the threads it starts) on one CPU."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        return latency(n)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def throughput(n: int, rounds: int = 5) -> tuple[float, float, float]:
     """Tasks per second, n submitted back to back then awaited; alternating rounds, medians.
     Each round starts from a collected heap (garbage collection hits both sides alike)."""
@@ -143,6 +159,7 @@ def main() -> None:
 def run(quick: bool) -> dict:
     scale = 10 if quick else 1
     lat_base, lat_ours = latency(2000 // scale)
+    one_cpu = one_cpu_latency(2000 // scale)
     thr_base, thr_ours, thr_ratio = throughput(20_000 // scale)
     rss_start, rss_end = memory(200_000 // scale)
     result = {
@@ -151,6 +168,9 @@ def run(quick: bool) -> dict:
         "latency_qmagic_us": round(lat_ours * 1e6, 1),
         "latency_ratio": round(lat_ours / lat_base, 3),
         "latency_ratio_target_max": 2.0,
+        "latency_one_cpu": None if one_cpu is None else {
+            "baseline_us": round(one_cpu[0] * 1e6, 1), "qmagic_us": round(one_cpu[1] * 1e6, 1),
+            "ratio": round(one_cpu[1] / one_cpu[0], 3)},
         "throughput_baseline_per_s": round(thr_base),
         "throughput_qmagic_per_s": round(thr_ours),
         "throughput_ratio": round(thr_ratio, 3),
