@@ -66,7 +66,7 @@ class AppendFile:
         if self.closed or self.written + size > self.size:
             raise ValueError(f"the spool segment is {'closed' if self.closed else 'full'}")
         if self.torn:
-            line, size, self.torn = b"\n" + line, size + 1, False
+            line, size = b"\n" + line, size + 1
         n = _c_write(self.fd, line, size)
         if n != size:
             self.torn = True
@@ -74,6 +74,7 @@ class AppendFile:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
             raise OSError("short write to the spool (disk full?)")
+        self.torn = False  # (only now: an exception before the write leaves it set)
         self.written += n
 
     def tell(self) -> int:
