@@ -103,14 +103,24 @@ class Segment:
     mm: AppendFile | None
     size: int
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
-    cut: bool = False  # the last read_new stopped at its limit with more lines after it
 
-    def read_new(self, limit: int, start: int | None = None) -> bytes:
-        """Complete lines from ``start`` (default: ``consumed``), about ``limit`` bytes at most."""
-        begin = self.consumed if start is None else start
+    def read_new(self, limit: int) -> tuple[bytes, int, bool]:
+        """Complete lines not in SQLite yet, about ``limit`` bytes at most, as ``(lines,
+        begin, more)``: where they start in the file, and whether more lines follow them.
+
+        A file that another process cut (``truncate``) below what was stored or written
+        is read again from its start: what is left in it was written after the cut, or is
+        in SQLite already (storing a line twice changes nothing)."""
+        mm = self.mm
+        # The count before the size: a line reaches the file before it is counted, so a file
+        # smaller than the count was cut (never an append still in flight).
+        written = mm.written if isinstance(mm, AppendFile) else None
+        end = os.fstat(self.fd).st_size
+        begin = self.consumed
+        if end < begin or (written is not None and end < written):
+            begin = 0
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
-        end = os.fstat(self.fd).st_size
         out, offset, chunk_size = [], begin, 64 << 10
         while offset < end and offset - begin < limit:
             chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
@@ -125,8 +135,19 @@ class Segment:
                 break
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
         data = b"".join(out)
-        self.cut = offset < end and offset - begin >= limit
-        return data[: data.rfind(b"\n") + 1]
+        more = offset < end and offset - begin >= limit
+        return data[: data.rfind(b"\n") + 1], begin, more
+
+    def advance(self, begin: int, n: int) -> None:
+        """The writer thread stored the ``n`` bytes of lines read from ``begin``.  After a
+        cut, what this process wrote is counted from the file's size again."""
+        self.consumed = begin + n
+        mm = self.mm
+        if isinstance(mm, AppendFile):
+            written = mm.written
+            end = os.fstat(self.fd).st_size
+            if end < written:
+                mm.written = end  # (appends racing this store are under-counted: harmless)
 
     def at_end(self) -> bool:
         """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""

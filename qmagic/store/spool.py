@@ -263,7 +263,7 @@ class Spool:
         with self.lock:
             for seg in self.segments:
                 if seg.fd >= 0:
-                    data = seg.read_new(seg.size)
+                    data = seg.read_new(seg.size)[0]
                     if data and (needle is None or needle in data):
                         out.append(data)
             held = list(self.held)

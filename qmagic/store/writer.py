@@ -263,12 +263,12 @@ class Writer:
         bad: list[int] = []
         reads, budget = [], BATCH_BYTES
         for seg in segments:
-            data = seg.read_new(budget)
+            data, begin, more = seg.read_new(budget)
             if data:
                 rows_from_lines(data, self.session, now, rows, bad, started)
-                reads.append((seg, len(data)))
+                reads.append((seg, begin, len(data)))
                 budget -= len(data)
-            if seg.cut:  # more lines wait in this segment: this cycle is not complete
+            if more:  # more lines wait in this segment: this cycle is not complete
                 budget = 0
             if budget <= 0:
                 break
@@ -289,8 +289,8 @@ class Writer:
             raise
         for _ in range(len(held)):  # only this thread removes from the left
             self.spool.held.popleft()
-        for seg, n in reads:
-            seg.consumed += n
+        for seg, begin, n in reads:
+            seg.advance(begin, n)
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)
