@@ -8,7 +8,8 @@ Each run is the README's test command (``python -m pytest`` from the repository 
 this interpreter) plus the arguments after ``--``.  It stops at the first failing run and
 shows the end of its output; every run's full output is kept in
 ``test-artifacts/repeat/run-N.log``.  ``--busy`` starts one CPU-bound process per core
-(``python -c "while 1: pass"``) for the whole time and stops them at the end.  The last
+for the whole time and stops them at the end; each also stops by itself once this script is
+gone (killed), so none is left spinning.  The last
 line is a one-line summary with the times; the exit status is 0 only if every run passed.
 """
 
@@ -26,11 +27,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOGS = REPO_ROOT / "test-artifacts" / "repeat"
 
 
+#: Spins while the process that started it lives (a killed parent leaves no spinner behind).
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
 def _busy_processes(count: int) -> list[subprocess.Popen]:
-    return [
-        subprocess.Popen([sys.executable, "-c", "while 1: pass"], stdin=subprocess.DEVNULL)
-        for _ in range(count)
-    ]
+    return [subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL) for _ in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
