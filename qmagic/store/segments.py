@@ -8,9 +8,10 @@ at the end, and an asynchronous exception lands before or after a line, never in
 Once ``write`` returned, the line is in the page cache and survives the death of the
 process (not a power cut: ``fsync=True`` adds an ``fsync``).  Nothing is memory-mapped: a
 spool file truncated or changed by another process can never crash the kernel (SIGBUS);
-lines then go missing from that file at worst.  A short write (disk full) is followed by a
-newline, so the next line starts clean; readers skip what does not parse.  The first line
-of each segment is a header naming the session (host, pid, versions).
+what was cut away is lost at worst, and lines written after a cut are still read
+(:meth:`Segment.read_new` starts again from the file's start).  A short write (disk full)
+is followed by a newline, so the next line starts clean; readers skip what does not parse.
+The first line of each segment is a header naming the session (host, pid, versions).
 
 :class:`SessionFiles` holds the session's lock file (its flock says the session is alive)
 and creates and removes its segment files.  Used by :mod:`qmagic.store.spool`.
