@@ -112,14 +112,8 @@ class Segment:
         A file that another process cut (``truncate``) below what was stored or written
         is read again from its start: what is left in it was written after the cut, or is
         in SQLite already (storing a line twice changes nothing)."""
-        mm = self.mm
-        # The count before the size: a line reaches the file before it is counted, so a file
-        # smaller than the count was cut (never an append still in flight).
-        written = mm.written if isinstance(mm, AppendFile) else None
-        end = os.fstat(self.fd).st_size
-        begin = self.consumed
-        if end < begin or (written is not None and end < written):
-            begin = 0
+        end, cut = self._size()
+        begin = 0 if cut is not None or end < self.consumed else self.consumed
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
         out, offset, chunk_size = [], begin, 64 << 10
@@ -143,12 +137,18 @@ class Segment:
         """The writer thread stored the ``n`` bytes of lines read from ``begin``.  After a
         cut, what this process wrote is counted from the file's size again."""
         self.consumed = begin + n
+        end, cut = self._size()
+        if cut is not None:
+            cut.written = end  # (appends racing this store are under-counted: harmless)
+
+    def _size(self) -> tuple[int, AppendFile | None]:
+        """The file's size, and this segment's writer if another process cut the file below
+        what the writer wrote.  The count is read before the size: a line reaches the file
+        before it is counted, so a smaller file was cut, never an append still in flight."""
         mm = self.mm
-        if isinstance(mm, AppendFile):
-            written = mm.written
-            end = os.fstat(self.fd).st_size
-            if end < written:
-                mm.written = end  # (appends racing this store are under-counted: harmless)
+        written = mm.written if mm is not None else -1
+        end = os.fstat(self.fd).st_size
+        return end, (mm if end < written else None)
 
     def at_end(self) -> bool:
         """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""
