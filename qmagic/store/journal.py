@@ -90,10 +90,10 @@ def _shutdown(spool: Spool, writer: Writer, reader: LogReader) -> None:
     """Close a Journal's spool for callers, let the writer store what is left, close all."""
     with spool.lock:
         spool.closed = True
-        spool.mm = None
-        if spool.current is not None and spool.current.mm is not None:
-            mm, spool.current.mm = spool.current.mm, None
-            mm.close()
+        spool.out = None
+        if spool.current is not None and spool.current.out is not None:
+            out, spool.current.out = spool.current.out, None
+            out.close()
     writer.stop()
     writer.wake.close()
     reader.close()
@@ -169,7 +169,7 @@ class Journal:
         Calling it again with the same record changes nothing."""
         line = self._encoder.encode(record)
         try:
-            self._spool.mm.write(line)  # type: ignore[union-attr]
+            self._spool.out.write(line)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - full, closed, missing: the slow path sorts it out
             self._spool.put_slow(line)
         if self.fsync:
@@ -184,7 +184,7 @@ class Journal:
         except TypeError:  # not a number: now
             line = orjson.dumps([2, uid, time.time()], option=orjson.OPT_APPEND_NEWLINE)
         try:
-            self._spool.mm.write(line)  # type: ignore[union-attr]
+            self._spool.out.write(line)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             self._spool.put_slow(line)
 
@@ -193,17 +193,17 @@ class Journal:
         it survives a SIGKILL; calling it again with the same record changes nothing."""
         line = self._encoder.encode(record, final=True)
         try:
-            self._spool.mm.write(line)  # type: ignore[union-attr]
+            self._spool.out.write(line)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             self._spool.put_slow(line)
         if self.fsync:
             self._sync()
 
     def _sync(self) -> None:
-        mm = self._spool.mm
-        if mm is not None:
+        out = self._spool.out
+        if out is not None:
             try:
-                mm.flush()
+                out.flush()
             except (ValueError, OSError):
                 pass
 
@@ -338,7 +338,7 @@ class Journal:
         self._closed = True
         spool = self._spool
         spool.lock = threading.Lock()
-        spool.closed, spool.mm = True, None
+        spool.closed, spool.out = True, None
         for seg in [*spool.segments, spool.spare]:
             if seg is not None:
                 seg.close()  # (our copies of the mapping and descriptor only)

@@ -96,12 +96,12 @@ class AppendFile:
 
 @dataclass(eq=False)
 class Segment:
-    """One spool segment; ``mm`` (its writer) is None once it is closed for writing."""
+    """One spool segment; ``out`` (its writer) is None once it is closed for writing."""
 
     number: int
     path: Path
     fd: int
-    mm: AppendFile | None
+    out: AppendFile | None
     size: int
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
 
@@ -116,7 +116,7 @@ class Segment:
         begin = 0 if cut is not None or end < self.consumed else self.consumed
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
-        out, offset, chunk_size = [], begin, 64 << 10
+        chunks, offset, chunk_size = [], begin, 64 << 10
         while offset < end and offset - begin < limit:
             chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
             if not chunk:
@@ -124,12 +124,12 @@ class Segment:
             nul = chunk.find(b"\0")
             if nul >= 0:
                 chunk = chunk[:nul]
-            out.append(chunk)
+            chunks.append(chunk)
             offset += len(chunk)
             if nul >= 0:
                 break
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        data = b"".join(out)
+        data = b"".join(chunks)
         more = offset < end and offset - begin >= limit
         return data[: data.rfind(b"\n") + 1], begin, more
 
@@ -145,10 +145,10 @@ class Segment:
         """The file's size, and this segment's writer if another process cut the file below
         what the writer wrote.  The count is read before the size: a line reaches the file
         before it is counted, so a smaller file was cut, never an append still in flight."""
-        mm = self.mm
-        written = mm.written if mm is not None else -1
+        out = self.out
+        written = out.written if out is not None else -1
         end = os.fstat(self.fd).st_size
-        return end, (mm if end < written else None)
+        return end, (out if end < written else None)
 
     def at_end(self) -> bool:
         """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""
@@ -156,9 +156,9 @@ class Segment:
 
     def close(self) -> None:
         """Stop writing and close the descriptor (the file stays)."""
-        mm, self.mm = self.mm, None
-        if mm is not None:
-            mm.close()
+        out, self.out = self.out, None
+        if out is not None:
+            out.close()
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with suppress(OSError):
@@ -221,17 +221,17 @@ class SessionFiles:
         path = self.folder / f"{self.env}.journal.{self.session}.{number}.spool"
         fd = open_state_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND)
         try:
-            mm = AppendFile(fd, self.segment_bytes, 0)
-            mm.write(self.header)
+            out = AppendFile(fd, self.segment_bytes, 0)
+            out.write(self.header)
             if self.fsync:
-                mm.flush()
+                out.flush()
                 fsync_dir(self.folder)
         except BaseException:
             os.close(fd)
             with suppress(OSError):
                 os.unlink(path)
             raise
-        return Segment(number, path, fd, mm, self.segment_bytes)
+        return Segment(number, path, fd, out, self.segment_bytes)
 
     def remove_segments(self) -> None:
         """Delete every segment file of this session (after a clean close)."""

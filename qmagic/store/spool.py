@@ -88,7 +88,7 @@ class Waker:
 
 
 class Spool:
-    """The live spool of a session: the current segment (``mm``, written by callers), the
+    """The live spool of a session: the current segment (``out``, written by callers), the
     next one (``spare``), segments not yet in SQLite, and the ``held`` queue.
 
     ``lock`` guards the segment bookkeeping; callers take it only when the current segment
@@ -99,7 +99,7 @@ class Spool:
     def __init__(self, files: SessionFiles, pending_limit: int) -> None:
         self.files = files
         self.lock = threading.Lock()
-        self.mm: AppendFile | None = None
+        self.out: AppendFile | None = None
         self.current: Segment | None = None
         self.spare: Segment | None = None
         self.segments: list[Segment] = []  # oldest first, the current one last
@@ -127,13 +127,13 @@ class Spool:
         old = self.current
         self.segments.append(seg)
         self.current = seg
-        self.mm = seg.mm
-        if old is not None and old.mm is not None:
-            mm, old.mm = old.mm, None
-            mm.close()
+        self.out = seg.out
+        if old is not None and old.out is not None:
+            out, old.out = old.out, None
+            out.close()
 
     def put_slow(self, line: bytes) -> None:
-        """Append ``line`` when the fast ``mm.write`` failed: rotate to the next segment (the
+        """Append ``line`` when the fast ``out.write`` failed: rotate to the next segment (the
         line goes into it before other threads can fill it), or keep it in ``held`` when no
         segment can be made (or drop it when ``held`` is full)."""
         with self.lock:
@@ -142,18 +142,18 @@ class Spool:
                 warn_once("closed", "qmagic: the experiment log is closed (or belongs to the parent "
                           "of this forked process); task records are not logged.")
                 return
-            mm = self.mm
+            out = self.out
             disk_refused = False
-            if mm is not None:
+            if out is not None:
                 try:
-                    mm.write(line)
+                    out.write(line)
                     return
                 except ValueError:  # full (or closed by a rotation that raced us)
                     pass
                 except OSError as exc:  # disk full, I/O error: hold lines until the writer
                     self.fault = f"{type(exc).__name__}: {exc}"  # has a segment that takes them
                     self.retry_at = time.monotonic() + _SPOOL_RETRY_S
-                    self.mm = None  # (callers no longer try the disk meanwhile)
+                    self.out = None  # (callers no longer try the disk meanwhile)
                     disk_refused = True
             if not disk_refused and self._rotate(line):
                 return
@@ -173,23 +173,23 @@ class Spool:
         spare, self.spare = self.spare, None
         if spare is None:
             if time.monotonic() < self.retry_at and not force:
-                self.mm = None
+                self.out = None
                 return False
             try:
                 spare = self.files.new_segment()
             except (OSError, StateFileError) as exc:
                 self.fault = f"{type(exc).__name__}: {exc}"
                 self.retry_at = time.monotonic() + _SPOOL_RETRY_S
-                self.mm = None  # (the writer installs a segment when it can)
+                self.out = None  # (the writer installs a segment when it can)
                 return False
         self._install(spare)
         if line is not None:
             try:
-                spare.mm.write(line)  # type: ignore[union-attr]  (a line is at most a quarter of it)
+                spare.out.write(line)  # type: ignore[union-attr]  (a line is at most a quarter of it)
             except OSError as exc:  # the new segment is there, but the disk refuses the line
                 self.fault = f"{type(exc).__name__}: {exc}"
                 self.retry_at = time.monotonic() + _SPOOL_RETRY_S
-                self.mm = None
+                self.out = None
                 return False
         if self.wake is not None:
             self.wake.set()  # (prepare the next spare)
@@ -208,9 +208,9 @@ class Spool:
         current = self.current
         if current is not None and current.fd >= 0 and os.fstat(current.fd).st_nlink == 0:
             with self.lock:  # its file was deleted (by hand?): what is written there would not
-                self.mm = None  # survive a crash; the next lines go to a new segment
+                self.out = None  # survive a crash; the next lines go to a new segment
         need_spare = self.spare is None and (
-            self.current is None or self.mm is None or self.mm.tell() > self.current.size // 2)
+            self.current is None or self.out is None or self.out.tell() > self.current.size // 2)
         if need_spare:
             seg = self.files.new_segment()
             with self.lock:
@@ -218,7 +218,7 @@ class Spool:
                     seg.close()
                     os.unlink(seg.path)
                     return
-                if self.current is None or self.mm is None:
+                if self.current is None or self.out is None:
                     self._install(seg)
                 elif self.spare is None:
                     self.spare = seg
@@ -230,7 +230,7 @@ class Spool:
                 for _ in range(min(len(self.held), 1000)):
                     line = self.held[0]
                     try:
-                        self.mm.write(line)  # type: ignore[union-attr]
+                        self.out.write(line)  # type: ignore[union-attr]
                     except (ValueError, AttributeError):
                         if not self._rotate(line, force=True):
                             raise OSError(f"cannot write the spool: {self.fault}") from None
@@ -241,9 +241,9 @@ class Spool:
         """Close every segment that is not current for writing; return all segments."""
         with self.lock:
             for seg in self.segments:
-                if seg is not self.current and seg.mm is not None:
-                    mm, seg.mm = seg.mm, None
-                    mm.close()
+                if seg is not self.current and seg.out is not None:
+                    out, seg.out = seg.out, None
+                    out.close()
             return list(self.segments)
 
     def retire(self, seg: Segment) -> None:
@@ -259,26 +259,26 @@ class Spool:
     def uncommitted(self, needle: bytes | None = None) -> list[bytes]:
         """Lines not yet in SQLite (spool and held); with ``needle``, only chunks that
         contain it.  Reads under the lock (segments are closed under it too)."""
-        out = []
+        chunks = []
         with self.lock:
             for seg in self.segments:
                 if seg.fd >= 0:
                     data = seg.read_new(seg.size)[0]
                     if data and (needle is None or needle in data):
-                        out.append(data)
+                        chunks.append(data)
             held = list(self.held)
         if held:
             data = b"".join(held)
             if needle is None or needle in data:
-                out.append(data)
-        return out
+                chunks.append(data)
+        return chunks
 
     def close(self, unlink_spare: bool = True) -> None:
         """Close every segment (files stay) and the spare (deleted)."""
         with self.lock:
             segs, self.segments = self.segments, []
             spare, self.spare = self.spare, None
-            self.current, self.mm = None, None
+            self.current, self.out = None, None
         for seg in segs + ([spare] if spare is not None else []):
             seg.close()
         if spare is not None and unlink_spare:

@@ -204,9 +204,9 @@ class Writer:
             self.conn.execute("COMMIT")
 
     def _position(self) -> Any:
-        seg, mm = self.spool.current, self.spool.mm
+        seg, out = self.spool.current, self.spool.out
         try:
-            return (seg.number if seg else None, mm.tell() if mm is not None else None)
+            return (seg.number if seg else None, out.tell() if out is not None else None)
         except ValueError:  # closed meanwhile
             return (seg.number if seg else None, None)
 
