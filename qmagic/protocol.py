@@ -16,8 +16,10 @@ from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
 from .format import SUMMARY_KEY
-from .protocol_common import MAX_USER_CHARS, _flag, _lock_key, _user_name, status_reply
+from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
+from .store.lockfile import MAX_USER_CHARS
+from .worker import json_problem
 
 __all__ = ["MAX_REQUEST_ITEMS", "MAX_USER_CHARS", "QueueserverProtocol", "status_reply"]
 
@@ -53,11 +55,6 @@ class QueueserverProtocol(GuiMethods):
         try:
             lock_key = _lock_key(params)
             name, args, kwargs = _function_item(params)
-            if "user_group" not in params:
-                raise RequestRefused("Error: Incorrect request format: user group is not specified")
-            if "user" not in params:
-                raise RequestRefused("Error: Incorrect request format: user name is not specified")
-            _user_name(params)
             task = self.worker.submit(
                 name, args, kwargs, background=_flag(params, "run_in_background", False),
                 user=params.get("user"), user_group=params.get("user_group"), lock_key=lock_key,
@@ -301,7 +298,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) 
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            why = _json_problem(value)
+            why = json_problem(value)
             if why:
                 value = None
                 msg = (f"The result can not be serialized as JSON ({why}); it stays in the kernel: "
@@ -312,14 +309,3 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) 
     return {"task_uid": rec["uid"], "success": success, "msg": msg,
             "traceback": rec.get("traceback") or "", "return_value": value,
             "time_start": time_start, "time_stop": rec.get("finished_at")}
-
-
-def _json_problem(value: Any) -> str:
-    import json
-
-    try:
-        json.dumps(value)
-        return ""
-    except (TypeError, ValueError, OverflowError) as exc:
-        return str(exc)
-

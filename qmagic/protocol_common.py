@@ -13,10 +13,8 @@ from typing import Any
 from . import __version__
 from .core.task import Task
 from .errors import RequestRefused
-from .store.lockfile import MAX_USER_CHARS  # the lock's bound: one for every user name
 
-__all__ = ["MAX_USER_CHARS", "status_reply"]
-
+__all__ = ["status_reply"]
 
 
 def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -29,25 +27,6 @@ def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
             f"got {value!r} ({type(value).__name__})"
         )
     return value
-
-
-def _user_name(params: Mapping[str, Any]) -> None:
-    """A user name in a request is text that can be stored and shown: the same bound as the
-    lock's user (qmagic.store.lockfile.MAX_USER_CHARS), and no lone surrogates (a JSON
-    ``"\\udcff"`` escape decodes to one; it cannot be written to the log or a terminal)."""
-    user = params.get("user")
-    if not isinstance(user, str) or not user:
-        return  # missing or not a string: the worker refuses it ("user name is not specified")
-    try:
-        user.encode("utf-8")
-        ok = len(user) <= MAX_USER_CHARS
-    except UnicodeEncodeError:
-        ok = False
-    if not ok:
-        shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
-        raise RequestRefused(
-            "Error: Incorrect request format: user name must be text of at most "
-            f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
 
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from .catalog import describe_device, describe_plan
-from .errors import RequestRefused
+from .core.permissions import MSG_NO_GROUP
+from .errors import PermissionRefused, RequestRefused
 from .protocol_common import _lock_key, status_reply
 
 __all__ = ["GuiMethods"]
@@ -38,12 +39,15 @@ class GuiMethods:
         return {"success": True, "msg": ""}
 
     def _group(self, params: dict) -> str:
+        """The request's user group, one of the rules' (queueserver words these refusals
+        without its usual "Error: ")."""
         if "user_group" not in params:
-            raise RequestRefused("Incorrect request format: user group is not specified")
-        group = params["user_group"]
-        if not isinstance(group, str) or group not in self.worker.permissions.groups():
-            raise RequestRefused(f"Unknown user group: '{group}'")
-        return group
+            raise RequestRefused(MSG_NO_GROUP)
+        try:
+            self.worker.permissions.check_group(params["user_group"])
+        except PermissionRefused as exc:
+            raise RequestRefused(str(exc).removeprefix("Error: ")) from None
+        return params["user_group"]
 
     def plans_existing(self, params: dict, **who: Any) -> dict:
         """queueserver ``plans_existing``: the plans (generator functions) of the namespace."""

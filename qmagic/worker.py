@@ -27,9 +27,11 @@ from .core.events import Subscription
 from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
 from .core.loops import EventLoops
+from .core.permissions import require_caller
 from .core.task import Task
-from .errors import LockRefused, PermissionRefused, RequestRefused
+from .errors import RequestRefused
 from .scripts import ScriptRunner, check_script_name
+from .store.lockfile import MAX_USER_CHARS, text_ok
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
 
@@ -86,12 +88,19 @@ class _TaskCall:
         return self._checked(await awaitable)
 
     def _checked(self, result: Any) -> Any:
-        if self.strict_json:
-            try:
-                json.dumps(result)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise ValueError(f"Task result can not be serialized as JSON: {exc}") from exc
+        why = json_problem(result) if self.strict_json else ""
+        if why:
+            raise ValueError(f"Task result can not be serialized as JSON: {why}")
         return result
+
+
+def json_problem(value: Any) -> str:
+    """Why ``value`` cannot be sent as JSON ("" if it can): the rule for remote results."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return ""
 
 
 def _busy_text(refusal: str, running: Task | None) -> str:
@@ -170,28 +179,13 @@ class Worker(StateMixin, LookupMixin, QMagic):
         if origin != "remote" or defaults:
             user = self.default_user if user is None else user
             user_group = self.default_user_group if user_group is None else user_group
-        if not isinstance(user_group, str) or not user_group:
-            raise RequestRefused("Error: Incorrect request format: user group is not specified")
-        if not isinstance(user, str) or not user:
-            raise RequestRefused("Error: Incorrect request format: user name is not specified")
+        require_caller(user, user_group)
+        if not text_ok(user, MAX_USER_CHARS):  # (stored in the log and the lock, shown everywhere)
+            shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
+            raise RequestRefused(
+                "Error: Incorrect request format: user name must be text of at most "
+                f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
         return user, user_group
-
-    def _key(self, lock_key: Any, origin: str) -> Any:
-        """This kernel's remembered key stands in for a missing one, except for remote callers."""
-        if lock_key is None and origin != "remote":
-            return self._remembered_key
-        return lock_key
-
-    def check_lock(self, lock_key: Any = None, scope: str = "environment", *,
-                   origin: str = "python", client: str | None = None) -> None:
-        """Raise :class:`qmagic.LockRefused` unless ``scope`` is unlocked or the key opens it
-        (the error's ``state`` is the lock that refused)."""
-        try:
-            self._locks.check(self._key(lock_key, origin), scope, client=client)
-        except LockRefused as exc:
-            if getattr(exc, "state", None) is None:
-                exc.state = self._locks.state()
-            raise
 
     # -- starting tasks ------------------------------------------------------------------------
     def submit(
@@ -244,14 +238,13 @@ class Worker(StateMixin, LookupMixin, QMagic):
                 func = None  # queueserver: accepted; the task fails if it is still missing
             except TypeError as exc:  # a plan, or not callable
                 raise RequestRefused(f"Error: {exc}") from None
-        elif user_group not in self._permissions.groups():  # recorded as given: it must exist
-            raise PermissionRefused(f"Error: Unknown user group: '{user_group}'")
-        elif inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):  # as by name
-            raise RequestRefused(
-                f"Error: {name!r} is a generator function (a bluesky plan), not a function: run it "
-                f"with the Run Engine, RE({name}(...))."
-            )
         else:
+            self._permissions.check_group(user_group)  # recorded as given: it must exist
+            if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):  # as by name
+                raise RequestRefused(
+                    f"Error: {name!r} is a generator function (a bluesky plan), not a function: run "
+                    f"it with the Run Engine, RE({name}(...))."
+                )
             coroutine = inspect.iscoroutinefunction(func)
         self._check_open(origin)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,

@@ -15,7 +15,7 @@ from traitlets import HasTraits, observe
 
 from .core.permissions import Permissions
 from .core.task import Task
-from .errors import LogUnavailable, RequestRefused, StateFileError
+from .errors import LockRefused, LogUnavailable, RequestRefused, StateFileError
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
@@ -192,6 +192,23 @@ class StateMixin(HasTraits):
         return self._permissions
 
     # -- the lock ----------------------------------------------------------------------------------
+    def _key(self, lock_key: Any, origin: str) -> Any:
+        """This kernel's remembered key stands in for a missing one, except for remote callers."""
+        if lock_key is None and origin != "remote":
+            return self._remembered_key
+        return lock_key
+
+    def check_lock(self, lock_key: Any = None, scope: str = "environment", *,
+                   origin: str = "python", client: str | None = None) -> None:
+        """Raise :class:`qmagic.LockRefused` unless ``scope`` is unlocked or the key opens it
+        (the error's ``state`` is the lock that refused)."""
+        try:
+            self._locks.check(self._key(lock_key, origin), scope, client=client)
+        except LockRefused as exc:
+            if getattr(exc, "state", None) is None:
+                exc.state = self._locks.state()
+            raise
+
     def lock(self, lock_key: str | None = None, *, environment: bool | None = None,
              queue: bool | None = None, note: str | None = None, user: str | None = None,
              origin: str = "python", client: str | None = None) -> Any:

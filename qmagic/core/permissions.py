@@ -47,8 +47,10 @@ __all__ = [
     "DEFAULT_MATCH_TIMEOUT",
     "DEFAULT_PERMISSIONS",
     "MAX_NAME_LENGTH",
+    "MSG_NO_GROUP",
     "Permissions",
     "function_name_error",
+    "require_caller",
 ]
 
 DEFAULT_PERMISSIONS: dict = {
@@ -103,6 +105,20 @@ def function_name_error(name: object) -> str | None:
         shown = f"of type {type(name).__name__}"
     return (f"Error: Invalid function name {shown}: a function name is a Python identifier "
             f"of at most {MAX_NAME_LENGTH} characters.")
+
+
+#: queueserver's words for a request without a user group (most methods prefix "Error: ").
+MSG_NO_GROUP = "Incorrect request format: user group is not specified"
+
+
+def require_caller(user: object, user_group: object) -> None:
+    """Raise :class:`~qmagic.errors.PermissionRefused` with queueserver's text unless the
+    request names a user group and a user (non-empty strings; the group is checked first,
+    as queueserver does)."""
+    if not isinstance(user_group, str) or not user_group:
+        raise PermissionRefused(f"Error: {MSG_NO_GROUP}")
+    if not isinstance(user, str) or not user:
+        raise PermissionRefused("Error: Incorrect request format: user name is not specified")
 
 
 def _error(where: str, what: str) -> PermissionsFormatError:
@@ -306,12 +322,8 @@ class Permissions:
         problem = function_name_error(name)
         if problem:
             raise PermissionRefused(problem)
-        if not isinstance(user_group, str) or not user_group:  # queueserver checks the group first
-            raise PermissionRefused("Error: Incorrect request format: user group is not specified")
-        if not isinstance(user, str) or not user:
-            raise PermissionRefused("Error: Incorrect request format: user name is not specified")
-        if user_group not in self._groups:
-            raise PermissionRefused(f"Error: Unknown user group: '{_quote(user_group)}'")
+        require_caller(user, user_group)
+        self.check_group(user_group)
         outcome = self._decide(name, user_group, _Run(self._timeout))
         if isinstance(outcome, _Pattern):
             raise PermissionRefused(
@@ -321,6 +333,12 @@ class Permissions:
             )
         if not outcome:
             raise PermissionRefused(f"Error: Function {name!r} is not allowed for users from {user_group!r} group.")
+
+    def check_group(self, user_group: object) -> None:
+        """Raise :class:`~qmagic.errors.PermissionRefused` (queueserver's text) unless
+        ``user_group`` is a group of these rules."""
+        if not isinstance(user_group, str) or user_group not in self._groups:
+            raise PermissionRefused(f"Error: Unknown user group: '{_quote(str(user_group))}'")
 
     def is_allowed(self, name: object, user_group: object) -> bool:
         """Whether ``user_group`` may call ``name``: False for an unknown group, an invalid
