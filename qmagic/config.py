@@ -33,7 +33,7 @@ class QMagic(Configurable):
         help="How many background tasks may wait as 'queued'; further requests are refused.",
     ).tag(config=True)
     task_retention_s = Float(
-        600.0, min=MIN_TASK_RETENTION_S,
+        600.0, min=MIN_TASK_RETENTION_S, max=365 * 86400.0,
         help="Seconds a finished task stays in memory for task_status/task_result "
         f"(at least {MIN_TASK_RETENTION_S:.0f}, as queueserver clients expect); the "
         "experiment log keeps it afterwards.",
@@ -43,12 +43,12 @@ class QMagic(Configurable):
         help="At most this many finished tasks are kept in memory (oldest leave first).",
     ).tag(config=True)
     task_output_limit = Int(
-        100_000, min=1,
+        100_000, min=1, max=100_000_000,
         help="Characters of captured output (and of captured log text) kept per task; "
         "the oldest text is dropped first, with a marker.",
     ).tag(config=True)
     cancel_grace_s = Float(
-        2.0, min=0.0,
+        2.0, min=0.0, max=3600.0,
         help="Seconds a forced cancel (or a deadline) waits for a thread task to stop "
         "cooperatively before raising TaskCancelled inside the task's thread.",
     ).tag(config=True)
@@ -132,12 +132,12 @@ class QMagic(Configurable):
         "the kernel.",
     ).tag(config=True)
     journal_max_bytes = Int(
-        200_000_000, min=1_000_000,
+        200_000_000, min=1_000_000, max=10**15,
         help="Size of the experiment log database kept at least; beyond it the oldest finished "
         "tasks are deleted in small batches.",
     ).tag(config=True)
     journal_max_age_s = Float(
-        30 * 86400.0, min=60.0,
+        30 * 86400.0, min=60.0, max=100 * 365 * 86400.0,
         help="Finished tasks older than this many seconds leave the experiment log "
         "(unfinished tasks are always kept).",
     ).tag(config=True)

@@ -32,10 +32,9 @@ class GuiMethods:
                 raise RequestRefused(f"Error: The 'item_uid' parameter must be a string: item_uid={item_uid!r}")
             if size is not None and item_uid is not None:
                 raise RequestRefused("Error: Parameters 'size' and 'item_uid' are mutually exclusive.")
-            self.worker.check_lock(_lock_key(params), "queue", origin="remote", client=client)
+            self.worker.clear_finished(lock_key=_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc)}
-        self.worker.engine.clear_finished()
         return {"success": True, "msg": ""}
 
     def _group(self, params: dict) -> str:

@@ -21,10 +21,20 @@ log = logging.getLogger("qmagic")
 
 
 class LookupMixin:
-    """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task`` and ``history``."""
+    """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task``, ``history`` and
+    ``clear_finished``."""
 
     engine: Engine
     _journal: Any
+    check_lock: Any  # (StateMixin)
+
+    def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
+                       client: str | None = None) -> None:
+        """Forget the finished tasks kept in memory; the experiment log keeps their records
+        (queueserver's ``history_clear``).  Raises :class:`qmagic.LockRefused` while the
+        queue is locked and ``lock_key`` does not open it."""
+        self.check_lock(lock_key, "queue", origin=origin, client=client)
+        self.engine.clear_finished()
 
     def get_task(self, uid_or_prefix: str) -> Task:
         """The live :class:`Task` with this uid or unique uid prefix (>= 4 characters).

@@ -91,7 +91,6 @@ class StateMixin(HasTraits):
         """(Re)open the experiment log for the current settings; the old one is closed."""
         from . import __version__
 
-        old, old_observer = self._journal, self._log_observer
         journal = None
         if self.journal_enabled:
             try:
@@ -109,10 +108,11 @@ class StateMixin(HasTraits):
                 log.warning("qmagic: the experiment log is off: %s", exc)
         observer = _LogObserver(journal) if journal is not None else None
         engine = self.engine
-        engine.observers = [o for o in engine.observers if o is not old_observer]
-        if observer is not None:
-            engine.observers.append(observer)
-        self._journal, self._log_observer = journal, observer
+        with self._state_lock:  # (one swap: a task submitted meanwhile is logged by one of them)
+            old, old_observer = self._journal, self._log_observer
+            engine.observers = [o for o in engine.observers if o is not old_observer] + (
+                [observer] if observer is not None else [])
+            self._journal, self._log_observer = journal, observer
         if old is not None:
             old.close()
 

@@ -176,6 +176,27 @@ def test_lock_rules_through_the_worker(make_worker, monkeypatch):
     assert other.submit("f").result(TIMEOUT) == 1
 
 
+def test_clear_finished_follows_the_queue_lock_and_the_log_keeps_the_tasks(make_worker):
+    """queueserver's history_clear through the Python API: a locked queue refuses it without
+    the key; it forgets finished tasks kept in memory, never running ones or their records."""
+    w = make_worker({"f": lambda: 1, "nap": lambda: qmagic.cancellable_sleep(TIMEOUT)})
+    done, running = w.submit("f"), w.submit("nap")
+    assert done.result(TIMEOUT) == 1
+    w.lock("hutch", queue=True, note="Changing samples", user="Alice")
+    with pytest.raises(LockRefused, match="Invalid lock key"):
+        w.clear_finished(lock_key="wrong")
+    with pytest.raises(LockRefused):
+        w.clear_finished(origin="remote")  # remote callers must present the key
+    assert w.get_task(done.uid) is done  # refused: nothing was forgotten
+    w.clear_finished()  # this kernel remembers its key
+    with pytest.raises(TaskNotFound):
+        w.get_task(done.uid)
+    assert w.get_task(running.uid) is running
+    assert w.find(done.uid)["status"] == "completed"  # the experiment log keeps it
+    running.cancel()
+    assert running.wait(TIMEOUT)
+
+
 def test_task_cancel_follows_the_lock_rule_of_worker_cancel(make_worker):
     """A Task handle is one more door to the worker: while another kernel has locked the
     environment, task.cancel() is refused exactly as worker.cancel(task) is."""
@@ -370,9 +391,15 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
     w.cancel_grace_s = 0.5
     assert w.engine.max_background == 4 and w.engine.cancel_grace_s == 0.5
     for name, bad in (("max_background_tasks", 0), ("task_retention_s", 30), ("cancel_grace_s", -1),
+                      ("cancel_grace_s", 3601), ("task_output_limit", 10**9),
                       ("panel_update_hz", 0), ("async_loop", "other")):
         with pytest.raises(TraitError):
             setattr(w, name, bad)
+    from traitlets import Float, Int
+
+    for name, trait in type(w).class_traits(config=True).items():  # every number is bounded
+        if isinstance(trait, (Int, Float)):
+            assert trait.min is not None and trait.max is not None, name
 
 
 def test_a_worker_that_cannot_start_leaves_the_streams_as_they_were(tmp_path):

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import RequestRefused
 from ..protocol import QueueserverProtocol
+from .server import failure_text
 
 __all__ = ["METHODS", "Method", "dispatch"]
 
@@ -148,4 +149,4 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
         return {"success": False, "msg": str(exc), **spec.error_keys}
     except Exception as exc:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug
         log.warning("qmagic: control request %r failed", name, exc_info=True)
-        return {"success": False, "msg": f"Error: {type(exc).__name__}: {exc}", **spec.error_keys}
+        return {"success": False, "msg": failure_text(exc), **spec.error_keys}

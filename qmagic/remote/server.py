@@ -34,7 +34,6 @@ log = logging.getLogger("qmagic")
 
 #: Address used when none is given (queueserver's port, on loopback only).
 DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
-#: Environment variable with the server's CurveZMQ secret key (same name as queueserver).
 
 _POLL_MS = 100  # how often the serving thread looks at the stop flag
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
@@ -94,6 +93,14 @@ class _StatusJSON:
             body = json.dumps(rest).encode("utf-8")
             self._last, self._body = rest, (b", " + body[1:] if rest else b"}")
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
+
+
+def failure_text(exc: BaseException) -> str:
+    """The reply's message when qmagic itself failed on a request (a bug, or a parameter of
+    a kind nothing checked): what failed, and that the kernel is fine."""
+    return (f"Error: qmagic failed to process the request ({type(exc).__name__}: {exc}). The "
+            "kernel is fine; check the request's parameters, and report a qmagic bug if they "
+            "are right.")
 
 
 class ControlServer(SocketThread):
@@ -223,9 +230,7 @@ class ControlServer(SocketThread):
             reply = self._handle(frames)
         except BaseException as exc:  # noqa: BLE001 - a bug must not cost the client its reply
             log.exception("qmagic: control channel failed to process a request")
-            reply = {"success": False, "msg": (
-                f"Error: qmagic failed to process the request ({type(exc).__name__}: {exc}). The "
-                "kernel is fine; please report this as a qmagic bug.")}
+            reply = {"success": False, "msg": failure_text(exc)}
         if not isinstance(reply, dict):
             reply = {"success": False, "msg": f"Error: qmagic produced an invalid reply: {reply!r}"}
         if reply.get("success") is False:
