@@ -135,3 +135,40 @@ def test_a_script_runs_as_its_clients_user(channel, monkeypatch):
     task = worker.get_task(uid)
     assert task.wait(TIMEOUT) and task.status.value == "completed"
     assert (task.user, task.user_group) == ("robot", "primary")
+
+
+def test_a_key_taken_out_of_the_list_is_refused_at_once(channel, monkeypatch):
+    """Changing QMagic.zmq_client_keys on a live kernel applies at once: a revoked key gets
+    no answer from its next request on; a list that cannot be read is refused with a clear
+    error and changes nothing; turning the list off starts the channel again without it."""
+    from qmagic import ControlChannelError
+
+    worker, address = channel
+    RM = _client(address, ROBOT, monkeypatch, timeout_recv=0.5)
+    try:
+        RM.user, RM.user_group = "robot", "primary"
+        assert RM.status()["manager_state"] == "idle"
+        old = worker.zmq_client_keys
+        with pytest.raises(ControlChannelError, match="public_key"):
+            worker.zmq_client_keys = {"clients": [{"user": "robot", "groups": ["primary"]}]}
+        assert worker.zmq_client_keys == old  # refused: the setting and the channel as they were
+        assert RM.status()["manager_state"] == "idle"
+        worker.zmq_client_keys = {"clients": [
+            {"public_key": ALICE[0], "user": "alice", "groups": ["root", "primary"]}]}  # robot out
+        with pytest.raises(RequestFailedError, match="not in the kernel's list of client keys"):
+            RM.function_execute(BFunc("add", 2, 3), run_in_background=True)  # open connection
+    finally:
+        RM.close()
+    admin = _client(address, ALICE, monkeypatch)
+    try:
+        assert admin.status()["manager_state"] == "idle"  # the listed key still gets through
+    finally:
+        admin.close()
+    worker.zmq_client_keys = None  # no list: user and group are claims again
+    assert worker.zmq_control_address == address  # same address, started again
+    RM = _client(address, ROBOT, monkeypatch)
+    try:
+        RM.user, RM.user_group = "anyone", "primary"
+        assert RM.function_execute(BFunc("add", 1, 2), run_in_background=True)["success"]
+    finally:
+        RM.close()

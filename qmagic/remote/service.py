@@ -20,6 +20,7 @@ from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
 from .info import InfoPublisher
 from .server import DEFAULT_ADDRESS, ControlServer, is_loopback
+from .socket_thread import keys_problem
 
 __all__ = ["RemoteService"]
 
@@ -41,6 +42,7 @@ class RemoteService:
         worker.observe(self._on_address, names="zmq_control_address")
         worker.observe(self._on_limit, names="zmq_max_message_bytes")
         worker.observe(self._on_info, names=["zmq_info_address", "zmq_console_all_output"])
+        worker.observe(self._on_keys, names="zmq_client_keys")
         if worker.zmq_control_address:
             try:
                 self.start(worker.zmq_control_address)
@@ -137,7 +139,8 @@ class RemoteService:
         keep their values, so a new service starts them again)."""
         for handler, names in ((self._on_address, "zmq_control_address"),
                                (self._on_limit, "zmq_max_message_bytes"),
-                               (self._on_info, ["zmq_info_address", "zmq_console_all_output"])):
+                               (self._on_info, ["zmq_info_address", "zmq_console_all_output"]),
+                               (self._on_keys, "zmq_client_keys")):
             try:
                 self.worker.unobserve(handler, names=names)
             except ValueError:
@@ -163,6 +166,35 @@ class RemoteService:
             self.stop()
         else:
             self.start(change["new"])  # errors reach whoever set the trait
+
+    def _on_keys(self, change: Mapping[str, Any]) -> None:
+        """A new client key list applies at once: a key taken out of it is refused from the
+        next message on.  A list turned on or off starts the channel and the info socket
+        again.  A list that cannot be read or used is refused (ControlChannelError) and the
+        setting keeps its old value: nothing changes."""
+        if self._syncing:
+            return
+        with self._lock:
+            server = self.server if self.server is not None and self.server.running else None
+            info = self.info if self.info is not None and self.info.running else None
+            try:
+                keys = self._client_keys()
+                for sock in (server, info):
+                    problem = keys_problem(keys, curve=sock.curve) if sock is not None else None
+                    if problem:
+                        raise ControlChannelError(problem)
+            except ControlChannelError:
+                self._syncing = True
+                try:
+                    self.worker.zmq_client_keys = change["old"]
+                finally:
+                    self._syncing = False
+                raise
+            if server is not None and not server.replace_client_keys(keys):
+                self._stop_server()
+                self.start(self.last_address)
+            if info is not None and not info.replace_client_keys(keys):
+                self.start_info(info.address)
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         server = self.server

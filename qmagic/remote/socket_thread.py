@@ -26,6 +26,14 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 
 
+def keys_problem(client_keys: Any, *, curve: bool) -> str | None:
+    """Why a socket with (or without) CurveZMQ cannot use ``client_keys``; None if it can."""
+    if client_keys is not None and not curve:
+        return ("QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
+                f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys.")
+    return None
+
+
 class SocketThread:
     """Start/stop of a socket-owning thread (see the module docstring)."""
 
@@ -40,14 +48,13 @@ class SocketThread:
                 f"Invalid {self.what} address {address!r}: use a 0MQ endpoint such as "
                 f"{example!r} (QMagic.{setting})."
             )
-        if client_keys is not None and secret_key is None:
-            raise ControlChannelError(
-                "QMagic.zmq_client_keys needs CurveZMQ: give the kernel a secret key "
-                f"(${PRIVATE_KEY_ENV}), or unset zmq_client_keys."
-            )
+        problem = keys_problem(client_keys, curve=secret_key is not None)
+        if problem:
+            raise ControlChannelError(problem)
         self.requested_address = address
         self._secret_key = secret_key
         self._client_keys = client_keys
+        self._auth: Any = None  # the running ZAP handler (with a key list)
         self._endpoint: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -116,7 +123,20 @@ class SocketThread:
 
         auth = CurveAuthenticator(ctx, self._client_keys)
         auth.start()
+        self._auth = auth
         return auth
+
+    def replace_client_keys(self, keys: Any) -> bool:
+        """Use the key list ``keys`` from the next connection and the next message on (a
+        client removed from it is refused at once); False, changing nothing, when a list is
+        turned on or off: the socket must then start again (its security is set at bind)."""
+        if (keys is None) != (self._client_keys is None):
+            return False
+        self._client_keys = keys
+        auth = self._auth
+        if auth is not None:
+            auth.keys = keys
+        return True
 
     def _secure(self, sock: Any) -> None:
         """Before binding: CurveZMQ as configured — only listed client keys with a list."""
