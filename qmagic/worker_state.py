@@ -16,6 +16,7 @@ from traitlets import HasTraits, observe
 from .core.permissions import Permissions
 from .core.task import Task
 from .errors import LogUnavailable, RequestRefused, StateFileError
+from .store.lockfile import check_key
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
@@ -229,8 +230,8 @@ class StateMixin(HasTraits):
         Without a key, this kernel's remembered key is used; if it holds none while the
         environment is locked, the request is refused with what to do."""
         key = self._key(lock_key, origin)
-        if origin == "remote" and (not isinstance(key, str) or not key):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {key!r}")
+        if origin == "remote":  # queueserver requires a key: none remembered stands in
+            check_key(key)
         if key is None:
             state = self._locks.state()
             if state.environment or state.queue:

@@ -59,13 +59,14 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
 
 from ..errors import LockRefused, RequestRefused, StateFileError
 from .files import ensure_state_dir, open_state_file, replace_state_file
-from .keys import MAX_KEY_CHARS, KeyChecker, KeyRecord, Throttle, hash_key
+from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (
     MAX_NOTE_CHARS,
     MAX_USER_CHARS,
     LockFile,
     LockState,
     Snapshot,
+    check_key,
     identity,
     note_ok,
     short,
@@ -195,7 +196,7 @@ class LockStore:
         else:
             raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         if key is not None and key.__class__ is not str and not isinstance(key, str):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+            check_key(key, allow_none=True)  # refuses it (a str costs no call here)
         if open_ or (key is snap.verified and key is not None
                      and (client is None or not self._keys.throttle.active)):
             return
@@ -204,8 +205,7 @@ class LockStore:
             raise LockRefused(state.damaged)
         if key is None:
             raise LockRefused(self._file.invalid_key_msg(state))
-        if len(key) > MAX_KEY_CHARS:
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+        check_key(key, allow_none=True)  # the length, before a key derivation
         if not self._keys.matches(key, snap.record, client=client):
             raise LockRefused(self._file.invalid_key_msg(state))
         snap.verified = key
@@ -216,8 +216,7 @@ class LockStore:
         Raises :class:`~qmagic.errors.LockRefused` if ``key`` is given, the lock is healthy
         and locked, and ``key`` does not open it (the emergency key does not).
         """
-        if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_CHARS):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+        check_key(key, allow_none=True)
         snap = self._refresh()
         state = snap.state
         if key is None or not state.locked or state.damaged is not None:
@@ -239,8 +238,7 @@ class LockStore:
         """
         if not text_ok(user, MAX_USER_CHARS):
             raise RequestRefused(f"Error: User name must be a non-empty string: user = {short(user)}")
-        if not text_ok(key, MAX_KEY_CHARS):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {short(key)}")
+        check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
                                  f"characters): note = {short(note)}")
@@ -274,8 +272,7 @@ class LockStore:
         Unlocking an unlocked store succeeds and changes nothing.  The emergency key also
         resets a damaged lock file.
         """
-        if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {short(key)}")
+        check_key(key)
         pre = self._refresh()
         if not pre.state.locked:
             return pre.state
