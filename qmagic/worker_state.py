@@ -72,17 +72,13 @@ class StateMixin(HasTraits):
         return self.state_dir or default_state_dir()
 
     def _open_locks(self) -> Any:
-        import os
-
+        """The lock store for the current settings (an unset emergency key: the store reads
+        the environment variables)."""
         from .store.keys import Throttle
         from .store.locks import LockStore
 
-        emergency = self.emergency_lock_key
-        if emergency is None:  # qmagic's variable first, then queueserver's
-            emergency = (os.environ.get("QMAGIC_EMERGENCY_LOCK_KEY")
-                         or os.environ.get("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER") or "")
         return LockStore(
-            self._state_dir(), self.environment_name, emergency_key=emergency,
+            self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key,
             throttle=Throttle(self.lock_wrong_keys_allowed, self.lock_backoff_s,
                               self.lock_backoff_max_s),
             recheck_s=self.lock_recheck_s,

@@ -395,6 +395,7 @@ def test_a_too_long_key_is_refused_with_the_length_rule(store):
 
 
 def test_emergency_key_only_unlocks(tmp_path, monkeypatch, stores):
+    monkeypatch.delenv("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER", raising=False)
     monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "EK")
     store = stores(tmp_path)
     store.lock("k", environment=True, queue=True, user="Alice")
@@ -412,6 +413,23 @@ def test_emergency_key_only_unlocks(tmp_path, monkeypatch, stores):
     assert stores(tmp_path).info().emergency_key_set is False
     with pytest.raises(TypeError):
         LockStore(tmp_path, emergency_key=5)
+
+
+def test_the_emergency_key_falls_back_to_queueservers_variable(tmp_path, monkeypatch, stores):
+    """LockStore(emergency_key=None) reads $QMAGIC_EMERGENCY_LOCK_KEY, else queueserver's
+    $QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER; qmagic's variable wins when both are set."""
+    monkeypatch.delenv("QMAGIC_EMERGENCY_LOCK_KEY", raising=False)
+    monkeypatch.setenv("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER", "QS-EK")
+    store = stores(tmp_path)
+    assert store.lock("k", environment=True, user="Alice").emergency_key_set
+    assert not store.unlock("QS-EK").locked
+    monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "QM-EK")
+    store = stores(tmp_path)
+    store.lock("k", environment=True, user="Alice")
+    with pytest.raises(LockRefused):
+        store.unlock("QS-EK")
+    assert not store.unlock("QM-EK").locked
+    assert stores(tmp_path, emergency_key="").info().emergency_key_set is False  # given: no variable
 
 
 # ---- sharing between stores, threads and processes -------------------------------------------

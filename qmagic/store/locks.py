@@ -75,9 +75,11 @@ from .lockfile import (
 from .paths import validate_environment_name
 from .watch import ChangeSignal, DirectoryWatcher
 
-__all__ = ["EMERGENCY_KEY_ENV", "SCOPES", "LockState", "LockStore"]
+__all__ = ["EMERGENCY_KEY_ENVS", "SCOPES", "LockState", "LockStore", "emergency_key_from_env"]
 
-EMERGENCY_KEY_ENV = "QMAGIC_EMERGENCY_LOCK_KEY"
+#: Where the emergency key is read when none is given, first set wins: qmagic's variable,
+#: then queueserver's.
+EMERGENCY_KEY_ENVS = ("QMAGIC_EMERGENCY_LOCK_KEY", "QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER")
 SCOPES = ("environment", "queue")
 _MAX_TRIES = 5
 
@@ -90,6 +92,16 @@ class _Shared(ChangeSignal):
     def __init__(self) -> None:
         super().__init__()
         self.snap: Snapshot | None = None
+
+
+def emergency_key_from_env() -> str:
+    """The emergency key from the first non-empty variable of :data:`EMERGENCY_KEY_ENVS`;
+    "" (not set) when none is."""
+    for name in EMERGENCY_KEY_ENVS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return ""
 
 
 def _safety_net(path: str, shared: _Shared) -> None:
@@ -111,7 +123,8 @@ class LockStore:
     """The lock of one environment, shared by every process that uses the same folder.
 
     ``emergency_key`` unlocks (only unlocks) whatever key was used, also a damaged file;
-    ``None`` reads ``$QMAGIC_EMERGENCY_LOCK_KEY`` ("" means not set).  It is never written.
+    ``None`` reads ``$QMAGIC_EMERGENCY_LOCK_KEY``, else queueserver's
+    ``$QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER`` ("" means not set).  It is never written.
     ``throttle`` slows down repeated wrong keys per client (default: 3 free, then 1 s
     doubling up to 300 s).  ``watch`` False (or no inotify): every check ``lstat``-s.
     Call :meth:`close` (or use ``with``) to stop the watcher thread.
@@ -122,7 +135,7 @@ class LockStore:
                  watch: bool = True, recheck_s: float = 0.5, flock_timeout_s: float = 2.0) -> None:
         validate_environment_name(environment_name)
         if emergency_key is None:
-            emergency_key = os.environ.get(EMERGENCY_KEY_ENV, "")
+            emergency_key = emergency_key_from_env()
         if not isinstance(emergency_key, str):
             raise TypeError(f"emergency_key must be a string or None, not {type(emergency_key).__name__}")
         self.environment_name = environment_name
