@@ -242,9 +242,11 @@ class StateMixin(HasTraits):
                 self._remembered_key = None
         return state
 
-    def lock_state(self, lock_key: str | None = None, *, origin: str = "python",
-                   client: str | None = None) -> Any:
-        """The current LockState; with ``lock_key`` given, LockRefused if it is wrong."""
+    def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:
+        """The current LockState, read now; with ``lock_key`` given, LockRefused if it is wrong.
+
+        No remembered key stands in for a missing one: showing the lock never fails because
+        this kernel's key no longer opens it."""
         return self._locks.info(lock_key, client=client)
 
     def current_lock(self) -> Any:

@@ -95,7 +95,7 @@ class LockPanel(PanelBase, W.VBox):
     def _read(self) -> tuple[Any, str]:
         """(the current LockState or None, a problem to show or "")."""
         try:
-            return self.worker.lock_state(origin="panel"), ""
+            return self.worker.lock_state(), ""
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return None, f"Could not read the lock: {type(exc).__name__}: {exc}"
 
