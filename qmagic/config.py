@@ -106,7 +106,8 @@ class QMagic(Configurable):
     ).tag(config=True)
     emergency_lock_key = Unicode(
         None, allow_none=True,
-        help="Emergency key accepted by unlock only (else $QMAGIC_EMERGENCY_LOCK_KEY). "
+        help="Emergency key accepted by unlock only (else $QMAGIC_EMERGENCY_LOCK_KEY, else "
+        "queueserver's $QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER). "
         "Never stored on disk.",
     ).tag(config=True)
     lock_wrong_keys_allowed = Int(

@@ -22,6 +22,8 @@ import time
 import traceback as _tb
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from .errors import LockRefused
+
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
 
@@ -43,6 +45,7 @@ __all__ = [
     "history_table",
     "cell_label",
     "lock_text",
+    "refusal_line",
     "traceback_text",
     "user_traceback",
     "set_filename_labeler",
@@ -298,6 +301,33 @@ def lock_text(info: Mapping[str, Any]) -> str:
     if info.get("emergency_lock_key_is_set"):
         text += "\n(An emergency unlock key is set.)"
     return text
+
+
+def refusal_line(exc: BaseException | str, give_key: str) -> str:
+    """A refused request (``RequestRefused``, ``StateFileError``, or its text) as one calm line.
+
+    A wrong or missing key for a healthy lock reads ``The environment is locked by Alice
+    (since ...; note: ...): GIVE_KEY, or ask them to unlock.`` — ``give_key`` says how the
+    key is given where the line is shown (a magic's option, a panel's field).  Any other
+    refusal is its own text without the protocol's ``Error:`` prefix, queueserver's
+    multi-line texts joined with ``; ``.  Never shows a key.
+    """
+    msg = str(exc)
+    state = getattr(exc, "state", None)
+    if (isinstance(exc, LockRefused) and "Invalid lock key" in msg and state is not None
+            and (state.environment or state.queue) and not getattr(state, "damaged", None)):
+        scopes = " and ".join(s for s, on in (("environment", state.environment),
+                                               ("queue", state.queue)) if on)
+        info = state.to_lock_info()
+        note = f"; note: {info['note']}" if info.get("note") else ""
+        return (f"The {scopes} is locked by {info.get('user') or 'someone'} (since "
+                f"{info.get('time_str') or '?'}{note}): {give_key}, or ask them to unlock.")
+    if msg.startswith("Error: "):
+        msg = msg[len("Error: "):]
+    # queueserver's multi-line texts ("Invalid lock key: \nRE Manager is locked by ...\n
+    # Queue is locked:       False") as one line: "Invalid lock key; ...; Queue is locked: False"
+    lines = [" ".join(line.split()).rstrip(":") for line in msg.splitlines() if line.strip()]
+    return "; ".join(lines) if lines else "The request was refused."
 
 
 # -- tracebacks --------------------------------------------------------------------------------

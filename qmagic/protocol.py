@@ -158,7 +158,7 @@ class QueueserverProtocol(GuiMethods):
     def lock_info(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """queueserver ``lock_info``: the current lock (with ``lock_key``: checks it)."""
         try:
-            state = self.worker.lock_state(_lock_key(params), origin="remote", client=client)
+            state = self.worker.lock_state(_lock_key(params), client=client)
         except RequestRefused as exc:
             return _lock_reply(self.worker, False, str(exc))
         if state.damaged:  # unusable lock file: counts as locked, and says how to reset it

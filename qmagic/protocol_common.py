@@ -13,6 +13,7 @@ from typing import Any
 from . import __version__
 from .core.task import Task
 from .errors import RequestRefused
+from .store.lockfile import check_key
 
 __all__ = ["status_reply"]
 
@@ -31,10 +32,11 @@ def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:
     """The request's ``lock_key``: None or text, as queueserver accepts (an empty key opens
-    nothing, but is no error while nothing is locked)."""
+    nothing, but is no error while nothing is locked).  Its type is refused here, before the
+    other parameters, as queueserver does; its length when the lock checks it."""
     key = params.get("lock_key")
     if key is not None and not isinstance(key, str):
-        raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {key!r}")
+        check_key(key, allow_none=True)  # refuses it with queueserver's text
     return key
 
 

@@ -16,6 +16,7 @@ from traitlets import HasTraits, observe
 from .core.permissions import Permissions
 from .core.task import Task
 from .errors import LockRefused, LogUnavailable, RequestRefused, StateFileError
+from .store.lockfile import check_key
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
@@ -71,17 +72,13 @@ class StateMixin(HasTraits):
         return self.state_dir or default_state_dir()
 
     def _open_locks(self) -> Any:
-        import os
-
+        """The lock store for the current settings (an unset emergency key: the store reads
+        the environment variables)."""
         from .store.keys import Throttle
         from .store.locks import LockStore
 
-        emergency = self.emergency_lock_key
-        if emergency is None:  # qmagic's variable first, then queueserver's
-            emergency = (os.environ.get("QMAGIC_EMERGENCY_LOCK_KEY")
-                         or os.environ.get("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER") or "")
         return LockStore(
-            self._state_dir(), self.environment_name, emergency_key=emergency,
+            self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key,
             throttle=Throttle(self.lock_wrong_keys_allowed, self.lock_backoff_s,
                               self.lock_backoff_max_s),
             recheck_s=self.lock_recheck_s,
@@ -246,8 +243,8 @@ class StateMixin(HasTraits):
         Without a key, this kernel's remembered key is used; if it holds none while the
         environment is locked, the request is refused with what to do."""
         key = self._key(lock_key, origin)
-        if origin == "remote" and (not isinstance(key, str) or not key):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {key!r}")
+        if origin == "remote":  # queueserver requires a key: none remembered stands in
+            check_key(key)
         if key is None:
             state = self._locks.state()
             if state.environment or state.queue:
@@ -262,9 +259,11 @@ class StateMixin(HasTraits):
                 self._remembered_key = None
         return state
 
-    def lock_state(self, lock_key: str | None = None, *, origin: str = "python",
-                   client: str | None = None) -> Any:
-        """The current LockState; with ``lock_key`` given, LockRefused if it is wrong."""
+    def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:
+        """The current LockState, read now; with ``lock_key`` given, LockRefused if it is wrong.
+
+        No remembered key stands in for a missing one: showing the lock never fails because
+        this kernel's key no longer opens it."""
         return self._locks.info(lock_key, client=client)
 
     def current_lock(self) -> Any:

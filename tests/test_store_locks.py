@@ -374,7 +374,28 @@ def test_check_respects_scopes_and_validates_arguments(store):
         store.check("\udc80", "queue")  # ...and a wrong key, never a crash
 
 
+def test_a_too_long_key_is_refused_with_the_length_rule(store):
+    """A key over 1024 characters is refused with the whole rule, in every call that needs it."""
+    long = "k" * 1025
+    assert _message(lambda: store.lock(long, queue=True, user="A")).startswith(
+        "Error: Lock key must be a non-empty string of at most 1024 characters that encodes as "
+        "UTF-8: lock_key = 'kkk")
+    assert _message(lambda: store.lock("\udc80", queue=True, user="A")).startswith(
+        "Error: Lock key must be a non-empty string of at most 1024 characters that encodes as UTF-8")
+    assert _message(lambda: store.info(long)).startswith(
+        "Error: Lock key must be a string of at most 1024 characters or None: lock_key = 'kkk")
+    store.check(long, "queue")  # unlocked: the key is not looked at (as queueserver)
+    store.lock("k", queue=True, user="Alice")
+    assert _message(lambda: store.check(long, "queue")).startswith(
+        "Error: Lock key must be a string of at most 1024 characters or None: ")
+    assert _message(lambda: store.unlock(long)).startswith(
+        "Error: Lock key must be a non-empty string of at most 1024 characters: ")
+    assert all(len(_message(f)) < 200 for f in (lambda: store.info(long), lambda: store.unlock(long)))
+    assert store.state().queue  # nothing changed
+
+
 def test_emergency_key_only_unlocks(tmp_path, monkeypatch, stores):
+    monkeypatch.delenv("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER", raising=False)
     monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "EK")
     store = stores(tmp_path)
     store.lock("k", environment=True, queue=True, user="Alice")
@@ -392,6 +413,23 @@ def test_emergency_key_only_unlocks(tmp_path, monkeypatch, stores):
     assert stores(tmp_path).info().emergency_key_set is False
     with pytest.raises(TypeError):
         LockStore(tmp_path, emergency_key=5)
+
+
+def test_the_emergency_key_falls_back_to_queueservers_variable(tmp_path, monkeypatch, stores):
+    """LockStore(emergency_key=None) reads $QMAGIC_EMERGENCY_LOCK_KEY, else queueserver's
+    $QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER; qmagic's variable wins when both are set."""
+    monkeypatch.delenv("QMAGIC_EMERGENCY_LOCK_KEY", raising=False)
+    monkeypatch.setenv("QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER", "QS-EK")
+    store = stores(tmp_path)
+    assert store.lock("k", environment=True, user="Alice").emergency_key_set
+    assert not store.unlock("QS-EK").locked
+    monkeypatch.setenv("QMAGIC_EMERGENCY_LOCK_KEY", "QM-EK")
+    store = stores(tmp_path)
+    store.lock("k", environment=True, user="Alice")
+    with pytest.raises(LockRefused):
+        store.unlock("QS-EK")
+    assert not store.unlock("QM-EK").locked
+    assert stores(tmp_path, emergency_key="").info().emergency_key_set is False  # given: no variable
 
 
 # ---- sharing between stores, threads and processes -------------------------------------------

@@ -503,7 +503,8 @@ def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     # a wrong key is refused, visibly
     panel._key.value = "wrong"
     panel._unlock_button.click()
-    assert panel.message.startswith("Error: Invalid lock key")
+    assert panel.message.startswith("Invalid lock key; RE Manager is locked by qmagic user at ")
+    assert "\n" not in panel.message and "Queue is locked: True" in panel.message  # one line
     assert w.lock_state().environment
     assert panel.flush() and "qmagic-message-error" in panel._message.value
     # nothing selected: the worker's refusal
@@ -516,6 +517,19 @@ def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     panel._unlock_button.click()
     assert panel.message == "Unlocked." and not w.lock_state().environment
     assert panel.flush() and "qmagic-lock-unlocked" in panel._state.value
+
+
+def test_lock_panel_shows_an_unexpected_error_as_one_line_that_says_what_to_do(probe, worker, monkeypatch):
+    """No exception type name, no traceback in the panel: what failed and what to do."""
+    panel = panels.LockPanel(worker)
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(worker, "unlock", broken)
+    panel._unlock_button.click()
+    assert panel.message == ("Could not unlock: an unexpected error (logged by the kernel). Try "
+                             "again; if it persists, run %unlock in a cell to see the error.")
 
 
 def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe, worker):

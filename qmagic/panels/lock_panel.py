@@ -3,18 +3,37 @@ Lock and Unlock controls."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import ipywidgets as W
 
 from .. import format as fmt
-from ..errors import RequestRefused
+from ..errors import RequestRefused, StateFileError
 from . import render
 from .base import PanelBase, set_traits
 from .pump import get_pump
 
 __all__ = ["LockPanel"]
+
+log = logging.getLogger("qmagic")
+
+#: How this panel takes a key (the end of a refusal's "give the key" hint).
+_GIVE_KEY = "type the key in the Key field"
+
+
+def _failed(what: str, exc: BaseException, instead: str) -> str:
+    """One line for ``what`` (a click, a read) that raised ``exc``.
+
+    A refusal or a state-file problem is the worker's own text as one line (it says what to
+    do); anything else is logged with its traceback, and the line says how to see it.
+    """
+    if isinstance(exc, (RequestRefused, StateFileError)):
+        return fmt.refusal_line(exc, _GIVE_KEY)
+    log.error("qmagic: the lock panel could not %s", what, exc_info=exc)
+    return (f"Could not {what}: an unexpected error (logged by the kernel). Try again; if it "
+            f"persists, run {instead} in a cell to see the error.")
 
 
 class LockPanel(PanelBase, W.VBox):
@@ -31,7 +50,7 @@ class LockPanel(PanelBase, W.VBox):
     field is a password field; left empty, Lock and Unlock use the key this kernel
     remembers (or the user's default key for a first lock).  Every refusal (wrong key,
     locked by another key, nothing selected, no key held) is the worker's message, shown
-    in the panel.
+    in the panel as one line (:func:`qmagic.format.refusal_line`).
     """
 
     def __init__(self, worker: Any) -> None:
@@ -95,9 +114,9 @@ class LockPanel(PanelBase, W.VBox):
     def _read(self) -> tuple[Any, str]:
         """(the current LockState or None, a problem to show or "")."""
         try:
-            return self.worker.lock_state(origin="panel"), ""
+            return self.worker.lock_state(), ""
         except Exception as exc:  # noqa: BLE001 - shown in the panel
-            return None, f"Could not read the lock: {type(exc).__name__}: {exc}"
+            return None, _failed("read the lock", exc, "qmagic.get_worker().lock_state()")
 
     @staticmethod
     def _plain(state: Any, problem: str) -> str:
@@ -120,10 +139,8 @@ class LockPanel(PanelBase, W.VBox):
         try:
             self.worker.lock(self._key.value or None, environment=environment, queue=queue,
                              note=self._note.value or None, origin="panel")
-        except RequestRefused as exc:
-            self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            self._qm_set_message(f"Could not lock: {type(exc).__name__}: {exc}", "error")
+            self._qm_set_message(_failed("lock", exc, "%lock"), "error")
         else:
             scopes = " and ".join(s for s, on in (("environment", environment), ("queue", queue)) if on)
             self._clear_key = True
@@ -133,10 +150,8 @@ class LockPanel(PanelBase, W.VBox):
     def _on_unlock(self) -> None:
         try:
             self.worker.unlock(self._key.value or None, origin="panel")
-        except RequestRefused as exc:
-            self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            self._qm_set_message(f"Could not unlock: {type(exc).__name__}: {exc}", "error")
+            self._qm_set_message(_failed("unlock", exc, "%unlock"), "error")
         else:
             self._clear_key = True
             self._qm_set_message("Unlocked.", "ok")

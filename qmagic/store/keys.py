@@ -54,7 +54,6 @@ from ..errors import LockRefused, StateFileError
 from .files import fsync_dir, read_state_file, replace_state_file
 
 __all__ = [
-    "MAX_KEY_CHARS",
     "KeyChecker",
     "KeyRecord",
     "Throttle",
@@ -68,8 +67,6 @@ __all__ = [
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 HASH_BYTES = 32
 SALT_BYTES = 16
-#: Longest lock key accepted (characters).
-MAX_KEY_CHARS = 1024
 _MAXMEM = 128 * SCRYPT_R * (SCRYPT_N + SCRYPT_P + 2) + (1 << 20)
 _CACHE_SIZE = 256
 _MAX_CLIENTS = 4096

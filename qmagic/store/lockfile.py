@@ -27,12 +27,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import StateFileError
+from ..errors import RequestRefused, StateFileError
 from .files import open_state_file, read_fd
 from .keys import KeyRecord
 
-__all__ = ["MAX_NOTE_CHARS", "MAX_USER_CHARS", "LockFile", "LockState", "Snapshot"]
+__all__ = ["MAX_KEY_CHARS", "MAX_NOTE_CHARS", "MAX_USER_CHARS", "LockFile", "LockState", "Snapshot",
+           "check_key"]
 
+#: Longest lock key accepted (characters): bounds what a key check hashes.
+MAX_KEY_CHARS = 1024
 MAX_USER_CHARS = 1000
 MAX_NOTE_CHARS = 10000
 MAX_FILE_BYTES = 65536
@@ -137,6 +140,27 @@ def short(value: Any) -> str:
     """``repr`` for messages, cut to a readable length."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_key(key: Any, *, allow_none: bool = False, new: bool = False) -> None:
+    """Refuse a lock key that breaks the rules, with :class:`~qmagic.errors.RequestRefused`.
+
+    A lock key is a ``str`` of at most :data:`MAX_KEY_CHARS` characters; it must not be
+    empty unless ``allow_none`` (a key presented with a request, where ``None`` means no key
+    and "" opens nothing); a ``new`` key (one that locks) must also encode as UTF-8.  The
+    type and emptiness refusals are queueserver's own texts (its remote replies must match);
+    the length and encoding rules are qmagic's, and their text states the whole rule.
+    """
+    if key is None and allow_none:
+        return
+    if not isinstance(key, str) or not (key or allow_none):
+        rule = "a non-empty string or None" if allow_none else "a non-empty string"
+        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {short(key)}")
+    if len(key) > MAX_KEY_CHARS or (new and not text_ok(key, MAX_KEY_CHARS)):
+        rule = f"{'a' if allow_none else 'a non-empty'} string of at most {MAX_KEY_CHARS} characters"
+        rule += " that encodes as UTF-8" if new else ""
+        rule += " or None" if allow_none else ""
+        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {short(key)}")
 
 
 def _problem(st: os.stat_result) -> str:

@@ -59,13 +59,14 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
 
 from ..errors import LockRefused, RequestRefused, StateFileError
 from .files import ensure_state_dir, open_state_file, replace_state_file
-from .keys import MAX_KEY_CHARS, KeyChecker, KeyRecord, Throttle, hash_key
+from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (
     MAX_NOTE_CHARS,
     MAX_USER_CHARS,
     LockFile,
     LockState,
     Snapshot,
+    check_key,
     identity,
     note_ok,
     short,
@@ -74,9 +75,11 @@ from .lockfile import (
 from .paths import validate_environment_name
 from .watch import ChangeSignal, DirectoryWatcher
 
-__all__ = ["EMERGENCY_KEY_ENV", "SCOPES", "LockState", "LockStore"]
+__all__ = ["EMERGENCY_KEY_ENVS", "SCOPES", "LockState", "LockStore", "emergency_key_from_env"]
 
-EMERGENCY_KEY_ENV = "QMAGIC_EMERGENCY_LOCK_KEY"
+#: Where the emergency key is read when none is given, first set wins: qmagic's variable,
+#: then queueserver's.
+EMERGENCY_KEY_ENVS = ("QMAGIC_EMERGENCY_LOCK_KEY", "QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER")
 SCOPES = ("environment", "queue")
 _MAX_TRIES = 5
 
@@ -89,6 +92,16 @@ class _Shared(ChangeSignal):
     def __init__(self) -> None:
         super().__init__()
         self.snap: Snapshot | None = None
+
+
+def emergency_key_from_env() -> str:
+    """The emergency key from the first non-empty variable of :data:`EMERGENCY_KEY_ENVS`;
+    "" (not set) when none is."""
+    for name in EMERGENCY_KEY_ENVS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return ""
 
 
 def _safety_net(path: str, shared: _Shared) -> None:
@@ -110,7 +123,8 @@ class LockStore:
     """The lock of one environment, shared by every process that uses the same folder.
 
     ``emergency_key`` unlocks (only unlocks) whatever key was used, also a damaged file;
-    ``None`` reads ``$QMAGIC_EMERGENCY_LOCK_KEY`` ("" means not set).  It is never written.
+    ``None`` reads ``$QMAGIC_EMERGENCY_LOCK_KEY``, else queueserver's
+    ``$QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER`` ("" means not set).  It is never written.
     ``throttle`` slows down repeated wrong keys per client (default: 3 free, then 1 s
     doubling up to 300 s).  ``watch`` False (or no inotify): every check ``lstat``-s.
     Call :meth:`close` (or use ``with``) to stop the watcher thread.
@@ -121,7 +135,7 @@ class LockStore:
                  watch: bool = True, recheck_s: float = 0.5, flock_timeout_s: float = 2.0) -> None:
         validate_environment_name(environment_name)
         if emergency_key is None:
-            emergency_key = os.environ.get(EMERGENCY_KEY_ENV, "")
+            emergency_key = emergency_key_from_env()
         if not isinstance(emergency_key, str):
             raise TypeError(f"emergency_key must be a string or None, not {type(emergency_key).__name__}")
         self.environment_name = environment_name
@@ -195,7 +209,7 @@ class LockStore:
         else:
             raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         if key is not None and key.__class__ is not str and not isinstance(key, str):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+            check_key(key, allow_none=True)  # refuses it (a str costs no call here)
         if open_ or (key is snap.verified and key is not None
                      and (client is None or not self._keys.throttle.active)):
             return
@@ -204,8 +218,7 @@ class LockStore:
             raise LockRefused(state.damaged)
         if key is None:
             raise LockRefused(self._file.invalid_key_msg(state))
-        if len(key) > MAX_KEY_CHARS:
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+        check_key(key, allow_none=True)  # the length, before a key derivation
         if not self._keys.matches(key, snap.record, client=client):
             raise LockRefused(self._file.invalid_key_msg(state))
         snap.verified = key
@@ -216,8 +229,7 @@ class LockStore:
         Raises :class:`~qmagic.errors.LockRefused` if ``key`` is given, the lock is healthy
         and locked, and ``key`` does not open it (the emergency key does not).
         """
-        if key is not None and (not isinstance(key, str) or len(key) > MAX_KEY_CHARS):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string or None: lock_key = {short(key)}")
+        check_key(key, allow_none=True)
         snap = self._refresh()
         state = snap.state
         if key is None or not state.locked or state.damaged is not None:
@@ -239,8 +251,7 @@ class LockStore:
         """
         if not text_ok(user, MAX_USER_CHARS):
             raise RequestRefused(f"Error: User name must be a non-empty string: user = {short(user)}")
-        if not text_ok(key, MAX_KEY_CHARS):
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {short(key)}")
+        check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
                                  f"characters): note = {short(note)}")
@@ -274,8 +285,7 @@ class LockStore:
         Unlocking an unlocked store succeeds and changes nothing.  The emergency key also
         resets a damaged lock file.
         """
-        if not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS:
-            raise RequestRefused(f"Error: Lock key must be a non-empty string: lock_key = {short(key)}")
+        check_key(key)
         pre = self._refresh()
         if not pre.state.locked:
             return pre.state

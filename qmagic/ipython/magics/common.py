@@ -20,34 +20,14 @@ from IPython.core.error import UsageError
 from ... import format as fmt
 from ...core.status import TaskStatus
 from ...core.task import Task, exception_text
-from ...errors import LockRefused, TaskCancelled
+from ...errors import TaskCancelled
 
 __all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
 
 
-def _one_line_refusal(exc: BaseException | str) -> str:
-    msg = str(exc)
-    state = getattr(exc, "state", None)
-    if (isinstance(exc, LockRefused) and "Invalid lock key" in msg and state is not None
-            and (state.environment or state.queue) and not getattr(state, "damaged", None)):
-        scopes = " and ".join(s for s, on in (("environment", state.environment),
-                                               ("queue", state.queue)) if on)
-        info = state.to_lock_info()
-        note = f"; note: {info['note']}" if info.get("note") else ""
-        return (f"The {scopes} is locked by {info.get('user') or 'someone'} (since "
-                f"{info.get('time_str') or '?'}{note}): give the key with --lock-key KEY, or ask "
-                "them to unlock.")
-    if msg.startswith("Error: "):
-        msg = msg[len("Error: "):]
-    # queueserver's multi-line texts ("Invalid lock key: \nRE Manager is locked by ...\n
-    # Queue is locked:       False") as one line: "Invalid lock key; ...; Queue is locked: False"
-    lines = [" ".join(line.split()).rstrip(":") for line in msg.splitlines() if line.strip()]
-    return "; ".join(lines) if lines else "The request was refused."
-
-
 def refused(exc: BaseException | str) -> NoReturn:
     """Stop the cell with the refusal as one UsageError line."""
-    raise UsageError(_one_line_refusal(exc))
+    raise UsageError(fmt.refusal_line(exc, "give the key with --lock-key KEY"))
 
 
 class WaitInterrupted(KeyboardInterrupt):

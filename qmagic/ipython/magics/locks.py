@@ -102,7 +102,7 @@ class LockMagics(Magics):
         if show_panel(self.shell, lambda p: p.LockPanel(self.worker)):
             return
         try:
-            state = self.worker.lock_state(origin="magic")
+            state = self.worker.lock_state()
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc)
         print(fmt.lock_text(state.to_lock_info()))
