@@ -320,7 +320,8 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
                                                ("queue", state.queue)) if on)
         info = state.to_lock_info()
         note = f"; note: {info['note']}" if info.get("note") else ""
-        return (f"The {scopes} is locked by {info.get('user') or 'someone'} (since "
+        verb = "are" if state.environment and state.queue else "is"
+        return (f"The {scopes} {verb} locked by {info.get('user') or 'someone'} (since "
                 f"{info.get('time_str') or '?'}{note}): {give_key}, or ask them to unlock.")
     if msg.startswith("Error: "):
         msg = msg[len("Error: "):]

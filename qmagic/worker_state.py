@@ -202,9 +202,13 @@ class StateMixin(HasTraits):
         try:
             self._locks.check(self._key(lock_key, origin), scope, client=client)
         except LockRefused as exc:
-            if getattr(exc, "state", None) is None:
-                exc.state = self._locks.state()
-            raise
+            raise self._with_state(exc) from None
+
+    def _with_state(self, exc: LockRefused) -> LockRefused:
+        """``exc`` with the lock that refused as its ``state`` (the doors word it from that)."""
+        if getattr(exc, "state", None) is None:
+            exc.state = self._locks.state()
+        return exc
 
     def lock(self, lock_key: str | None = None, *, environment: bool | None = None,
              queue: bool | None = None, note: str | None = None, user: str | None = None,
@@ -253,10 +257,13 @@ class StateMixin(HasTraits):
                     "or the emergency key (%unlock --key KEY)."
                 )
             return state
-        with self._key_lock:
-            state = self._locks.unlock(key, client=client)
-            if origin != "remote":
-                self._remembered_key = None
+        try:
+            with self._key_lock:
+                state = self._locks.unlock(key, client=client)
+                if origin != "remote":
+                    self._remembered_key = None
+        except LockRefused as exc:
+            raise self._with_state(exc) from None
         return state
 
     def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:

@@ -243,7 +243,7 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     _shot(lock, "03-lock-panel-locked.png")
     lock.locator(".qmagic-lock-key input").fill("not-the-key")
     lock.locator(".qmagic-unlock-button").click()
-    expect(lock.locator(".qmagic-message-error")).to_contain_text("Invalid lock key", timeout=10_000)
+    expect(lock.locator(".qmagic-message-error")).to_contain_text("or ask them to unlock", timeout=10_000)
     expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"))
     _shot(lock, "04-lock-panel-wrong-key.png")
     lock.locator(".qmagic-lock-key input").fill("browser-key")

@@ -490,12 +490,13 @@ def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     with pytest.raises(UsageError) as info:
         line(ip, "function_execute", "add 1")
     assert "\n" not in str(info.value) and "secret-1" not in str(info.value)
-    assert "locked by qmagic user" in str(info.value)
+    assert "locked by qmagic user" in str(info.value) and "--lock-key KEY" in str(info.value)
     with pytest.raises(UsageError, match="does not hold the key"):
         line(ip, "unlock")
     with pytest.raises(UsageError) as info:
         line(ip, "unlock", "--key wrong")
     assert "\n" not in str(info.value)
+    assert "--lock-key" not in str(info.value) and "--key KEY" in str(info.value)  # its own option
     assert line(ip, "function_execute", "--lock-key secret-1 add 1").result() == 2
     line(ip, "unlock", "--key secret-1")
     assert capsys.readouterr().out.endswith("Not locked.\n")

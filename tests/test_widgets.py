@@ -503,8 +503,9 @@ def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     # a wrong key is refused, visibly
     panel._key.value = "wrong"
     panel._unlock_button.click()
-    assert panel.message.startswith("Invalid lock key; RE Manager is locked by qmagic user at ")
-    assert "\n" not in panel.message and "Queue is locked: True" in panel.message  # one line
+    assert panel.message.startswith("The environment and queue are locked by qmagic user (since ")
+    assert panel.message.endswith("note: changing samples): type the key in the Key field, or ask "
+                                  "them to unlock.")  # one calm line that says what to do
     assert w.lock_state().environment
     assert panel.flush() and "qmagic-message-error" in panel._message.value
     # nothing selected: the worker's refusal

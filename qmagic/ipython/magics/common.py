@@ -25,9 +25,10 @@ from ...errors import TaskCancelled
 __all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
 
 
-def refused(exc: BaseException | str) -> NoReturn:
-    """Stop the cell with the refusal as one UsageError line."""
-    raise UsageError(fmt.refusal_line(exc, "give the key with --lock-key KEY"))
+def refused(exc: BaseException | str, key_option: str = "--lock-key KEY") -> NoReturn:
+    """Stop the cell with the refusal as one UsageError line; ``key_option`` is how this
+    magic takes a key."""
+    raise UsageError(fmt.refusal_line(exc, f"give the key with {key_option}"))
 
 
 class WaitInterrupted(KeyboardInterrupt):

@@ -22,6 +22,8 @@ from .common import refused, show_panel
 
 __all__ = ["LockMagics"]
 
+_KEY_OPTIONS = "--key KEY (or --prompt-key)"  # how %lock and %unlock take a key
+
 
 def _key(opts: Any) -> str | None:
     if opts.prompt_key:
@@ -74,7 +76,7 @@ class LockMagics(Magics):
             state = self.worker.lock(_key(opts), environment=environment, queue=queue,
                                      note=unquote(opts.note), user=unquote(opts.user), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
-            refused(exc)
+            refused(exc, _KEY_OPTIONS)
         print(fmt.lock_text(state.to_lock_info()))
 
     @magic_arguments()
@@ -90,7 +92,7 @@ class LockMagics(Magics):
         try:
             state = self.worker.unlock(_key(opts), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
-            refused(exc)
+            refused(exc, _KEY_OPTIONS)
         print(fmt.lock_text(state.to_lock_info()))
 
     @line_magic
@@ -104,5 +106,5 @@ class LockMagics(Magics):
         try:
             state = self.worker.lock_state()
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
-            refused(exc)
+            refused(exc, _KEY_OPTIONS)
         print(fmt.lock_text(state.to_lock_info()))
