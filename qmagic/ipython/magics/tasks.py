@@ -205,13 +205,10 @@ class TaskMagics(Magics):
                 raise UsageError("--history N needs N >= 1 (the number of tasks to list).")
             try:
                 records = self.worker.history(limit=opts.history)
-                health = self.worker.log_health()
             except LogUnavailable as exc:
                 raise UsageError(str(exc)) from None
             print(fmt.history_table(records))
-            note = fmt.log_health_note(health)
-            if note:
-                print(note)
+            self._log_note()
             return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
@@ -227,10 +224,7 @@ class TaskMagics(Magics):
         print(fmt.task_table(items, hidden=hidden))
 
     def _log_note(self) -> None:
-        try:
-            note = fmt.log_health_note(self.worker.log_health())
-        except Exception:  # noqa: BLE001 - the log is off
-            return
+        note = self.worker.log_note()
         if note:
             print(note)
 
