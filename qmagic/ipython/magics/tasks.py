@@ -187,7 +187,8 @@ class TaskMagics(Magics):
     @argument("--running", action="store_true", help="Only queued and running tasks.")
     @argument("--history", nargs="?", const=20, type=int, default=None, metavar="N",
               help="The newest N tasks of the experiment log (default 20), also of earlier "
-              "kernels, with when and from which notebook cell they were started.")
+              "kernels, as qmagic-history prints them: when, how long, from which notebook "
+              "cell, the call and the uid.")
     @line_magic
     def tasks(self, line: str) -> None:
         """Show tasks, newest first: the latest ones (default), --all, or only --running;
