@@ -299,7 +299,14 @@ _CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "or
 
 
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number as float, else None (a time or duration that cannot be shown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _clock(t: Any, iso: bool = False) -> str | None:

@@ -203,7 +203,7 @@ def test_render_functions_are_pure_and_safe():
     """qmagic-history's text forms (qmagic.format's, shared with %tasks --history) never
     fail on odd records."""
     recs = [task("a", name="x\ud800", args=[{SUMMARY_KEY: "repr", "repr": "Big(\n1)"}], error="E\x00rr"),
-            task("b", "running", provenance=None, user=None),
+            task("b", "running", provenance=None, user=None, started_at=float("inf"), finished_at=10**400),
             {"uid": None, "name": 7, "args": "not a list", "kwargs": [1], "submitted_at": 1e300,
              "error": ["not text"], "provenance": "nope", "journal": "nope", "user": "\udc80" * 10**4}]
     table = history_table(recs).splitlines()
