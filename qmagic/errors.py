@@ -83,6 +83,11 @@ class LogUnavailable(QMagicError, RuntimeError):
     """The experiment log is off or cannot be read (the message says which and what to do)."""
 
 
+#: The message of :class:`LogUnavailable` when the experiment log is off.
+LOG_OFF = ("The experiment log is off (QMagic.journal_enabled = False): turn it on to keep a record "
+           "of every task.")
+
+
 class TaskCancelled(BaseException):
     """Raised inside a task to stop it after a cancel request.
 

@@ -1,11 +1,16 @@
 """Every text form a user sees: calls, values, progress, tables, details, locks, tracebacks.
 
 One module, so each form exists once: magics, reprs, panels (for their plain-text form),
-the history views and the stored tracebacks all come from here.
+the history views (``%tasks --history`` and ``qmagic-history`` print the same table) and the
+stored tracebacks all come from here (tracebacks from :mod:`qmagic.tracebacks`, whose names
+this module re-exports).
 
 - Task lines, tables and details show no uid, clock time or duration: the same run of a
-  notebook gives the same text, so nbval can compare it.  (History tables are the
-  exception: they are the experiment log and say when each task was submitted.)
+  notebook gives the same text, so nbval can compare it.  (The history table is the
+  exception: it is the experiment log and says when each task was submitted, how long it
+  ran and its uid.)
+- Every text is one printable line per field: lone surrogates and control characters are
+  escaped (:func:`printable`), so odd values in the log never break a view.
 - Tracebacks show the user's own frames only: never qmagic's, never ``threading`` or
   ``asyncio`` internals; a cell's code reads ``Cell In[12]`` instead of a temporary path.
 
@@ -14,15 +19,20 @@ Pure functions of plain data and Task objects; no IPython, widgets or zmq here.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-import os
-import sys
-import threading
-import time
-import traceback as _tb
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+import re
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
+from .tracebacks import (
+    is_internal_frame,
+    set_filename_labeler,
+    traceback_text,
+    user_traceback,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -30,7 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "log_health_note",
     "SUMMARY_KEY",
+    "printable",
     "call_text",
+    "record_call",
     "short_repr",
     "safe_repr",
     "format_number",
@@ -43,6 +55,7 @@ __all__ = [
     "record_line",
     "record_detail",
     "history_table",
+    "history_csv",
     "cell_label",
     "lock_text",
     "refusal_line",
@@ -55,8 +68,35 @@ __all__ = [
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
 SUMMARY_KEY = "__qmagic_summary__"
-#: Width of the call column in tables.
+#: Width of the call column in tables (the history table's is wider: no progress column).
 CALL_WIDTH = 40
+HISTORY_CALL_WIDTH = 48
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(value: Any, limit: int | None = None) -> str:
+    """``value`` as text fit to print anywhere: lone surrogates and control characters
+    escaped (``\\udcff``, ``\\n``), cut to ``limit`` characters (ending in ``...``).
+
+    None reads ``""``, anything else but a str its ``str()``; never raises."""
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    else:
+        try:
+            text = str(value)
+        except Exception:  # noqa: BLE001
+            text = f"<{type(value).__name__} with a failing str>"
+    cut = limit is not None and len(text) > limit
+    if cut:  # (escaping only lengthens: a huge text is cut first)
+        text = text[:limit]
+    if not text.isprintable():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if limit is not None and (cut or len(text) > limit):
+        text = text[: max(0, limit - 3)] + "..."
+    return text
 
 
 # -- values ----------------------------------------------------------------------------------
@@ -80,15 +120,30 @@ def short_repr(value: Any, limit: int = 24) -> str:
 
 def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
               width: int = 60, *, kind: str = "function") -> str:
-    """``name(arg, ..., key=value)`` shortened to about ``width`` characters; a script
-    reads ``name (script)``."""
+    """``name(arg, ..., key=value)`` (Python reprs, each cut to 24 characters) shortened to
+    about ``width`` characters; a script reads ``name (script)``.  One printable line."""
     if kind == "script":
-        text = name if name == "script" else f"{name} (script)"
-        return text if len(text) <= width else text[: width - 3] + "..."
-    parts = [short_repr(a) for a in args or ()]
-    parts += [f"{k}={short_repr(v)}" for k, v in (kwargs or {}).items()]
-    text = f"{name}({', '.join(parts)})"
+        text = printable(name if name == "script" else f"{name} (script)")
+        return text if len(text) <= width else text[: max(0, width - 3)] + "..."
+    parts, size = [], len(name)
+    items = [*((None, a) for a in args or ()), *((kwargs or {}).items())]
+    for key, value in items:
+        parts.append(short_repr(value) if key is None else f"{key}={short_repr(value)}")
+        size += len(parts[-1]) + 2
+        if size > width:  # (the rest would be cut anyway: a huge call costs no time)
+            break
+    text = printable(f"{name}({', '.join(parts)})")
     return text if len(text) <= width else text[: max(0, width - 4)] + "...)"
+
+
+def record_call(record: Mapping[str, Any], width: int = 60) -> str:
+    """:func:`call_text` of a task record (from the log or ``Task.to_dict()``); fields of
+    the wrong type (args that are not a list, no name) read as missing."""
+    args, kwargs, name = record.get("args"), record.get("kwargs"), record.get("name")
+    return call_text("?" if name is None else printable(name),
+                     args if isinstance(args, (list, tuple)) else (),
+                     kwargs if isinstance(kwargs, Mapping) else {},
+                     width, kind=str(record.get("kind") or "function"))
 
 
 def format_number(value: Any) -> str:
@@ -154,15 +209,15 @@ def one_line(text: Any, limit: int = 200) -> str:
 
 
 def cell_label(provenance: Mapping[str, Any] | None) -> str:
-    """``01-getting-started.ipynb [12]``, ``[12]`` or ``""`` from a task's provenance."""
-    if not provenance:
+    """Which notebook cell started a task: ``01-getting-started.ipynb [12]``, ``[12]`` or
+    ``""`` from its provenance (the notebook's file name, also of a Windows path)."""
+    if not isinstance(provenance, Mapping):
         return ""
-    notebook = provenance.get("notebook")
-    count = provenance.get("execution_count")
-    parts = [os.path.basename(str(notebook))] if notebook else []
-    if isinstance(count, int):
+    notebook, count = provenance.get("notebook"), provenance.get("execution_count")
+    parts = [printable(notebook.replace("\\", "/").rsplit("/", 1)[-1], 60)] if isinstance(notebook, str) else []
+    if isinstance(count, int) and not isinstance(count, bool):
         parts.append(f"[{count}]")
-    return " ".join(parts)
+    return " ".join(p for p in parts if p)
 
 
 # -- tasks and records (one rendering: a Task is shown through its record) --------------------
@@ -172,11 +227,10 @@ def _record_of(item: Any) -> dict:
 
 def _record_fields(rec: Mapping[str, Any], width: int) -> list[str]:
     return [
-        call_text(str(rec.get("name", "?")), rec.get("args") or (), rec.get("kwargs") or {},
-                  width, kind=str(rec.get("kind") or "function")),
-        str(rec.get("user") or ""),
+        record_call(rec, width),
+        printable(rec.get("user")),
         "background" if rec.get("background") else "foreground",
-        str(rec.get("status") or ""),
+        printable(rec.get("status")),
         progress_text(rec.get("progress")),
     ]
 
@@ -245,25 +299,90 @@ def task_detail(task: Task) -> str:
     return record_detail(task.to_dict(), output=task.output, log=task.log_text)
 
 
+# -- the experiment log ------------------------------------------------------------------------
+_CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin", "submitted_at",
+                "started_at", "finished_at", "duration_s", "notebook", "cell_id", "execution_count",
+                "cell_hash", "call", "error", "error_type", "host", "pid", "session", "orphaned")
+
+
+def _num(value: Any) -> float | None:
+    """A finite number as float, else None (a time or duration that cannot be shown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _clock(t: Any, iso: bool = False) -> str | None:
+    """Local time of an epoch; None for a missing or impossible one."""
+    value = _num(t)
+    try:
+        stamp = datetime.fromtimestamp(value) if value is not None else None
+    except (OverflowError, OSError, ValueError):
+        return None
+    if stamp is None:
+        return None
+    return stamp.isoformat(timespec="milliseconds") if iso else stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(rec: Mapping[str, Any]) -> float | None:
+    start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
+    return stop - start if start is not None and stop is not None else None
+
+
 def history_table(records: Iterable[Mapping[str, Any]]) -> str:
-    """Experiment-log records as a table, newest first: when submitted (local time), the
-    call, who, from where (notebook and cell), mode, status and a note.  No uids."""
-    rows = []
+    """Experiment-log records as a table, in the order given (``%tasks --history``: newest
+    first; ``qmagic-history``: oldest first): when submitted (local time), status, duration,
+    user, where (``bg``/``fg`` and origin), the notebook cell, the call and the uid; the
+    first line of an error follows its row as ``    error: ...`` (a task of a kernel that
+    died reads "kernel stopped while the task was running").
+
+    Odd values (lone surrogates, control characters, None, huge texts, wrong types) are
+    escaped, cut or read as missing: a bad record never breaks the table."""
+    head = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+    rows, notes = [], []
     for rec in records:
-        when = rec.get("submitted_at")
-        stamp = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-                 if isinstance(when, (int, float)) else "?")
-        note = ""
-        if (rec.get("journal") or {}).get("orphaned"):
-            note = "kernel stopped while the task was running"
-        elif rec.get("status") in ("failed", "cancelled") and rec.get("error"):
-            note = one_line(rec["error"], 60)
-        fields = _record_fields(rec, CALL_WIDTH)
-        rows.append([stamp, fields[0], fields[1], cell_label(rec.get("provenance")) or str(rec.get("origin") or ""),
-                     fields[2], fields[3], note])
-    if not rows:
-        return "The experiment log holds no tasks."
-    return "\n".join(_table(["submitted", "task", "user", "cell", "mode", "status", "note"], rows))
+        duration = _duration(rec)
+        rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
+                     printable(rec.get("status"), 12),
+                     "-" if duration is None else format_elapsed(duration),
+                     printable(rec.get("user"), 24),
+                     f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
+                     cell_label(rec.get("provenance")) or "-",
+                     record_call(rec, HISTORY_CALL_WIDTH),
+                     printable(rec.get("uid"), 64)])
+        error = rec.get("error")
+        notes.append(printable(one_line(error, 100), 100) if isinstance(error, str) else "")
+    table = _table(head, rows)
+    lines = table[:1]
+    for line, note in zip(table[1:], notes):
+        lines += [line, f"    error: {note}"] if note else [line]
+    return "\n".join(lines)
+
+
+def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
+    """Experiment-log records as CSV, in the order given: a header line, then one row each
+    (times in local ISO format, ``duration_s``, provenance, the call as in the table, the
+    writer's host, pid and session, ``orphaned``); every value printable."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    for rec in records:
+        meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
+        prov = rec.get("provenance") if isinstance(rec.get("provenance"), Mapping) else {}
+        duration = _duration(rec)
+        values = {**{k: rec.get(k) for k in ("uid", "name", "status", "user", "user_group", "background",
+                                              "origin", "error", "error_type")},
+                  **{k: _clock(rec.get(k), iso=True) for k in ("submitted_at", "started_at", "finished_at")},
+                  **{k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")},
+                  "duration_s": None if duration is None else f"{duration:.6f}",
+                  "call": record_call(rec, 200), "host": meta.get("host"), "pid": meta.get("pid"),
+                  "session": meta.get("session"), "orphaned": bool(meta.get("orphaned"))}
+        writer.writerow([printable(values[c]) for c in _CSV_COLUMNS])
+    return out.getvalue()
 
 
 def log_health_note(health: Mapping[str, Any]) -> str | None:
@@ -331,66 +450,3 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
     return "; ".join(lines) if lines else "The request was refused."
 
 
-# -- tracebacks --------------------------------------------------------------------------------
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_INTERNAL_FILES = {os.path.abspath(m.__file__) for m in (threading,) if getattr(m, "__file__", None)}
-_INTERNAL_DIRS = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules.get("asyncio"), sys.modules.get("concurrent.futures"))
-    if m is not None and getattr(m, "__file__", None)
-)
-_labeler: Callable[[str], str | None] | None = None
-
-
-def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
-    """Install how code file names read in tracebacks (the kernel maps its temporary cell
-    files to ``Cell In[12]``); None removes it."""
-    global _labeler
-    _labeler = labeler
-
-
-def is_internal_frame(filename: str) -> bool:
-    """True for frames of qmagic itself and of ``threading`` / ``asyncio`` /
-    ``concurrent.futures`` internals (never shown to users)."""
-    path = os.path.abspath(filename) if filename and not filename.startswith("<") else filename
-    return (path.startswith(_PACKAGE_DIR) or path in _INTERNAL_FILES
-            or path.startswith(_INTERNAL_DIRS) or "/asyncio/" in path
-            or path.endswith(("/threading.py", "/concurrent/futures/_base.py")))
-
-
-def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
-    if id(te) in seen:
-        return
-    seen.add(id(te))
-    frames = [f for f in te.stack if not is_internal_frame(f.filename)]
-    labeler = _labeler
-    if labeler is not None:
-        for frame in frames:
-            label = labeler(frame.filename)
-            if label:
-                frame.filename = label
-    te.stack[:] = frames
-    for nxt in (te.__cause__, te.__context__):
-        if nxt is not None:
-            _clean(nxt, seen)
-
-
-def traceback_text(exc: BaseException) -> str:
-    """The traceback of ``exc`` as text, with the user's frames only (see the module
-    docstring); the exception line(s) at the end, chained exceptions kept."""
-    try:
-        te = _tb.TracebackException(type(exc), exc, exc.__traceback__, capture_locals=False)
-        _clean(te, set())
-        return "".join(te.format())
-    except Exception:  # noqa: BLE001 - never lose the error itself
-        return f"{type(exc).__name__}: {exc!r}\n"
-
-
-def user_traceback(exc: BaseException) -> Any:
-    """``exc.__traceback__`` from the first user frame on (for re-raising in a cell), or
-    the last frame when every frame is qmagic's."""
-    tb = last = exc.__traceback__
-    while tb is not None and is_internal_frame(tb.tb_frame.f_code.co_filename):
-        last = tb
-        tb = tb.tb_next
-    return tb if tb is not None else last

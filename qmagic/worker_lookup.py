@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.status import TaskStatus
 from .core.task import Task
-from .errors import LogUnavailable, StateFileError, TaskNotFound
+from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
@@ -102,10 +102,7 @@ class LookupMixin:
         ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
         """
         if self._journal is None:
-            raise LogUnavailable(
-                "The experiment log is off (QMagic.journal_enabled = False): turn it on to keep "
-                "a record of every task."
-            )
+            raise LogUnavailable(LOG_OFF)
         return self._journal.records(**filters)
 
     # -- the experiment log's side --------------------------------------------------------------

@@ -13,9 +13,10 @@ from typing import Any, Mapping
 
 from traitlets import HasTraits, observe
 
+from . import format as fmt
 from .core.permissions import Permissions
 from .core.task import Task
-from .errors import LockRefused, LogUnavailable, RequestRefused, StateFileError
+from .errors import LOG_OFF, LockRefused, LogUnavailable, RequestRefused, StateFileError
 from .store.lockfile import check_key
 from .store.paths import default_state_dir
 
@@ -340,5 +341,15 @@ class StateMixin(HasTraits):
         """The experiment log's state: ok, pending and dropped records, last error."""
         journal = self._journal
         if journal is None:
-            raise LogUnavailable("The experiment log is off (QMagic.journal_enabled = False).")
+            raise LogUnavailable(LOG_OFF)
         return journal.health()
+
+    def log_note(self) -> str | None:
+        """One line when the experiment log needs attention (a fault, or records lost; see
+        :func:`qmagic.format.log_health_note`), for the views that mention it; None while it
+        is healthy or off."""
+        try:
+            health = self.log_health()
+        except Exception:  # noqa: BLE001 - the log is off: nothing to say
+            return None
+        return fmt.log_health_note(health)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qmagic.format import log_health_note
+from qmagic.format import SUMMARY_KEY, call_text, log_health_note, printable, record_call
 
 
 def test_a_healthy_log_says_nothing_even_with_records_waiting_for_the_writer():
@@ -16,3 +16,26 @@ def test_a_faulty_or_lossy_log_says_so_in_one_line():
     note = log_health_note({"ok": True, "pending": 0, "dropped": 2, "last_error": "disk full"})
     assert note == "Note: the experiment log lost 2 entries: disk full. See worker.log_health()."
     assert "\n" not in note
+
+
+def test_printable_escapes_and_cuts_without_failing():
+    assert printable("plain text") == "plain text" and printable(None) == "" and printable(3) == "3"
+    assert printable("a\ud800b\n\x00") == "a\\ud800b\\n\\x00"
+    assert printable("x" * 10**7, 10) == "xxxxxxx..." and printable("\n" * 10**6, 5) == "\\n..."
+
+    class BadStr:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    assert printable(BadStr()) == "<BadStr with a failing str>"
+
+
+def test_one_call_text_for_tasks_and_records():
+    record = {"name": "scan\n", "args": [1, {SUMMARY_KEY: "repr", "repr": "array([1, 2])"}],
+              "kwargs": {"label": "run 3"}, "kind": "function"}
+    assert record_call(record) == call_text("scan\n", record["args"], record["kwargs"])
+    assert record_call(record) == "scan\\n(1, array([1, 2]), label='run 3')"
+    assert record_call({"name": None, "args": "abc", "kwargs": [1]}) == "?()"
+    assert record_call({"name": "s.py", "kind": "script"}) == "s.py (script)"
+    huge = call_text("f", range(10**7), width=30)  # (stops early: no ten million reprs)
+    assert huge == "f(0, 1, 2, 3, 4, 5, 6, 7, ...)" and len(huge) <= 30

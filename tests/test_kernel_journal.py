@@ -209,11 +209,13 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     assert f"failed: {ORPHAN_REASON}" in detail
     assert k2.execute(f"%task_result {done_uid[:8]}", check=True).stdout.endswith("result: 0\n")
     lines = k2.execute("%tasks --history 3", check=True).stdout.splitlines()
-    assert lines[0].split() == ["submitted", "task", "user", "cell", "mode", "status", "note"]
+    assert lines[0].split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
     newest = sorted(records.values(), key=lambda r: r["submitted_at"])[-3:]
     orphans = sum(r["journal"]["orphaned"] for r in newest)
-    assert sum(ORPHAN_REASON in line and "failed" in line for line in lines[1:]) == orphans, (lines, newest)
-    assert len(lines) == 4 and orphans > 0
+    errors = [i for i, line in enumerate(lines) if line.startswith("    error: ")]  # (under its task's row)
+    assert [lines[i].strip() for i in errors] == [f"error: {ORPHAN_REASON}"] * orphans, (lines, newest)
+    assert all("  failed  " in lines[i - 1] for i in errors), lines
+    assert len(lines) == 4 + orphans and orphans > 0
 
 
 # -- invariant 2 while the kernel lives ------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_which_notebook_cell_started_each_task(kernel_factory, tmp_path):
     assert k.eval("[r['uid'] for r in qmagic.history(notebook='elsewhere/02-align.ipynb')]") == [other]
     assert k.eval("[r['uid'] for r in qmagic.history(notebook='03-none.ipynb')]") == []
     table = k.execute("%tasks --history 5", check=True).stdout.splitlines()
-    assert table[0].split()[:4] == ["submitted", "task", "user", "cell"]
+    assert table[0].split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
     cell_column = [line for line in table if "add(1)" in line or "add(2)" in line or "add(3)" in line]
     assert len(cell_column) == 3 and all(f"01-scan.ipynb [{count}]" in line for line in cell_column), table
     assert "02-align.ipynb [" in next(line for line in table if "add(4)" in line), table

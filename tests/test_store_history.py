@@ -17,15 +17,9 @@ import pytest
 from store_helpers import fresh_warnings  # noqa: F401 - a fixture
 from store_helpers import task as record
 
+from qmagic.format import cell_label, history_csv, history_table
 from qmagic.store.database import database_path
-from qmagic.store.history import (
-    cell_text,
-    history,
-    history_dataframe,
-    history_main,
-    render_csv,
-    render_table,
-)
+from qmagic.store.history import history, history_dataframe, history_main
 from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal
 from qmagic.store.records import JournalWarning
 
@@ -116,7 +110,7 @@ def test_cli_table_shows_which_cell_ran_what(populated, capsys):
     assert cli(folder) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
-    assert "completed" in lines[1] and "2.500 s" in lines[1] and "calibrate(1, n=2)" in lines[1]
+    assert "completed" in lines[1] and "2.5 s" in lines[1] and "calibrate(1, n=2)" in lines[1]
     assert "calib.ipynb [3]" in lines[1]
     assert "failed" in lines[2] and "bg/magic" in lines[2] and "scan(1, Opaque(xxx" in lines[2]
     assert "01-getting-started.ipynb [12]" in lines[2]
@@ -206,15 +200,21 @@ def test_reading_stores_what_dead_kernels_left(tmp_path):
 
 
 def test_render_functions_are_pure_and_safe():
+    """qmagic-history's text forms (qmagic.format's, shared with %tasks --history) never
+    fail on odd records."""
     recs = [task("a", name="x\ud800", args=[{SUMMARY_KEY: "repr", "repr": "Big(\n1)"}], error="E\x00rr"),
-            task("b", "running", provenance=None, user=None)]
-    table = render_table(recs).splitlines()
+            task("b", "running", provenance=None, user=None, started_at=float("inf"), finished_at=10**400),
+            {"uid": None, "name": 7, "args": "not a list", "kwargs": [1], "submitted_at": 1e300,
+             "error": ["not text"], "provenance": "nope", "journal": "nope", "user": "\udc80" * 10**4}]
+    table = history_table(recs).splitlines()
     assert "x\\ud800(Big(\\n1), n=2)" in table[1] and "error: E\\x00rr" in table[2] and "-" in table[3]
-    assert cell_text(recs[0]) == "01-getting-started.ipynb [12]" and cell_text(recs[1]) == "-"
-    assert cell_text({"provenance": {"notebook": None, "execution_count": 4}}) == "[4]"
-    rows = list(csv.reader(io.StringIO(render_csv(recs))))
-    assert rows[0][:3] == ["uid", "name", "status"] and len(rows) == 3
-    assert render_table([]).split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+    assert table[4].startswith("-") and "7()" in table[4] and len(table) == 5 and len(table[4]) < 300
+    assert cell_label(recs[0]["provenance"]) == "01-getting-started.ipynb [12]" and cell_label(None) == ""
+    assert cell_label({"notebook": None, "execution_count": 4}) == "[4]"
+    assert cell_label({"notebook": "C:\\lab\\calib.ipynb", "execution_count": True}) == "calib.ipynb"
+    rows = list(csv.reader(io.StringIO(history_csv(recs))))
+    assert rows[0][:3] == ["uid", "name", "status"] and len(rows) == 4
+    assert history_table([]).split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
 
 
 def test_warnings_are_issued_once(populated):

@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
-from .. import format as fmt
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
@@ -223,20 +222,12 @@ class RemoteService:
         info = self.info
         if info is not None and info.running:
             lines.append(f"  info socket (console output, status, task events): {info.address}")
-        health = self._log_line()
-        if health:
-            lines.append(health)
+        note = self.worker.log_note()
+        if note:
+            lines.append(f"  {note}")
         address = server.address
         if address.startswith(("tcp://0.0.0.0:", "tcp://*:")):
             address = "tcp://localhost:" + address.rsplit(":", 1)[1]
         lines.append(f"  client: REManagerAPI(zmq_control_addr={address!r}"
                      + (", zmq_public_key=<server public key>)" if server.curve else ")"))
         return "\n".join(lines)
-
-    def _log_line(self) -> str:
-        try:
-            health = self.worker.log_health()
-        except Exception:  # noqa: BLE001 - the log is off
-            return ""
-        note = fmt.log_health_note(health)
-        return f"  {note}" if note else ""

@@ -3,9 +3,10 @@
 Any process can read an environment's log while kernels write it.  Opening it first stores
 what kernels that died left in their spools (:mod:`qmagic.store.recovery`) and imports a
 journal of qmagic 0.1; a Journal open in this process on the same log answers itself, so
-its newest records show too.  ``render_table`` and ``render_csv`` are the pure text forms (the table
-is the one ``%tasks --history`` shows: which notebook cell ran what, e.g.
-``01-getting-started.ipynb [12]``).
+its newest records show too.  The text forms are those of :mod:`qmagic.format`:
+``qmagic-history`` prints :func:`~qmagic.format.history_table` (the table ``%tasks --history``
+shows: when, how long, which notebook cell ran what, e.g. ``01-getting-started.ipynb [12]``)
+and :func:`~qmagic.format.history_csv`.
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
 """
@@ -13,14 +14,12 @@ This module does not import IPython, ipykernel, ipywidgets or zmq.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,20 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
+from ..format import cell_label, history_csv, history_table, printable
 from .database import connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
 from .reader import Filters, LogReader
-from .records import ORPHAN_REASON, SUMMARY_KEY, JournalWarning, clean_name, parse_time
+from .records import ORPHAN_REASON, JournalWarning, parse_time
 from .recovery import list_sessions, recover
 
-__all__ = ["cell_text", "history", "history_dataframe", "history_main", "render_csv", "render_table"]
+__all__ = ["history", "history_dataframe", "history_main"]
 
 _TIME_COLUMNS = ("submitted_at", "started_at", "finished_at")
 _FIRST_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin",
                   *_TIME_COLUMNS, "duration_s", "error", "notebook", "cell_id", "execution_count",
                   "cell_hash", "cell")
-_CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin", *_TIME_COLUMNS,
-                "duration_s", "notebook", "cell_id", "execution_count", "cell_hash", "call", "error",
-                "error_type", "host", "pid", "session", "orphaned")
 
 
 def _open_journal(state_dir: Path, env: str) -> Any:
@@ -117,16 +114,6 @@ def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
     return prov if isinstance(prov, dict) else {}
 
 
-def cell_text(rec: Mapping[str, Any]) -> str:
-    """Which cell started a task: ``"01-getting-started.ipynb [12]"``, or "-"."""
-    prov = _provenance(rec)
-    nb, count = prov.get("notebook"), prov.get("execution_count")
-    name = nb.replace("\\", "/").rsplit("/", 1)[-1] if isinstance(nb, str) and nb else None
-    count_text = f"[{count}]" if isinstance(count, int) and not isinstance(count, bool) else None
-    text = " ".join(t for t in (name, count_text) if t)
-    return _safe(text) if text else "-"
-
-
 def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
                       environment_name: str = "default", **filters: Any) -> Any:
     """:func:`history` as a pandas DataFrame, one row per task, newest first.
@@ -146,7 +133,7 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
     for rec in history(state_dir=state_dir, environment_name=environment_name, **filters):
         meta = rec.pop("journal")
         prov = _provenance(rec)
-        rec["cell"] = cell_text(rec)
+        rec["cell"] = cell_label(prov) or "-"
         rec.pop("provenance", None)
         rec.update({k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")})
         start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
@@ -163,86 +150,6 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
     for column in _TIME_COLUMNS:
         frame[column] = pd.to_datetime(frame[column])
     return frame
-
-
-# ---- text forms ---------------------------------------------------------------------------------
-def _safe(text: Any, limit: int | None = None) -> str:
-    """Printable text: lone surrogates and control characters escaped, cut to ``limit``."""
-    s = clean_name(text if isinstance(text, str) else str(text), limit or 10**9) or ""
-    return s
-
-
-def _when(t: Any) -> str:
-    v = _num(t)
-    return datetime.fromtimestamp(v).strftime("%Y-%m-%d %H:%M:%S") if v is not None else "-"
-
-
-def _iso(t: Any) -> str:
-    v = _num(t)
-    return datetime.fromtimestamp(v).isoformat(timespec="milliseconds") if v is not None else ""
-
-
-def call_text(rec: Mapping[str, Any], width: int = 48) -> str:
-    """``name(arg, key=value)`` of a record, each value cut to 20 characters."""
-    def short(v: Any) -> str:
-        if isinstance(v, dict) and SUMMARY_KEY in v:
-            return _safe(v.get("repr", "?"))[:20]
-        return orjson.dumps(v).decode()[:20] if _jsonable(v) else _safe(repr(v))[:20]
-    args = rec.get("args") if isinstance(rec.get("args"), list) else []
-    kwargs = rec.get("kwargs") if isinstance(rec.get("kwargs"), dict) else {}
-    inner = ", ".join([short(a) for a in args] + [f"{_safe(k)}={short(v)}" for k, v in kwargs.items()])
-    text = f"{_safe(rec.get('name'))}({inner})"
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        orjson.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def render_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """The records as a text table (in the order given), with the last line of each error."""
-    head = ("SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID")
-    rows, notes = [], []
-    for rec in records:
-        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
-        duration = f"{stop - start:.3f} s" if start is not None and stop is not None else "-"
-        where = f"{'bg' if rec.get('background') else 'fg'}/{_safe(rec.get('origin') or '?', 12)}"
-        rows.append((_when(rec.get("submitted_at") or rec.get("started_at")), _safe(rec.get("status"), 12),
-                     duration, _safe(rec.get("user"), 24), where, cell_text(rec)[:40], call_text(rec),
-                     _safe(rec.get("uid"), 64)))
-        error = rec.get("error") if isinstance(rec.get("error"), str) else ""
-        notes.append(_safe(error.strip().splitlines()[-1], 100) if error.strip() else "")
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)).rstrip()]
-    for row, note in zip(rows, notes):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if note:
-            lines.append(f"    error: {note}")
-    return "\n".join(lines)
-
-
-def render_csv(records: Sequence[Mapping[str, Any]]) -> str:
-    """The records as CSV (header line first; times in local ISO format)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_CSV_COLUMNS)
-    for rec in records:
-        meta = rec.get("journal") if isinstance(rec.get("journal"), dict) else {}
-        prov = _provenance(rec)
-        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
-        values = {**{k: rec.get(k) for k in ("uid", "name", "status", "user", "user_group", "background",
-                                              "origin", "error", "error_type")},
-                  **{k: _iso(rec.get(k)) for k in _TIME_COLUMNS},
-                  **{k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")},
-                  "duration_s": f"{stop - start:.6f}" if start is not None and stop is not None else "",
-                  "call": call_text(rec, 200), "host": meta.get("host"), "pid": meta.get("pid"),
-                  "session": meta.get("session"), "orphaned": bool(meta.get("orphaned"))}
-        writer.writerow(["" if values[c] is None else _safe(values[c]) for c in _CSV_COLUMNS])
-    return out.getvalue()
 
 
 # ---- the qmagic-history command -----------------------------------------------------------------
@@ -294,7 +201,7 @@ def history_main(argv: list[str] | None = None) -> int:
             print(f"qmagic-history: {exc}", file=sys.stderr)
             return 1
     for warning in caught:
-        print(f"warning: {_safe(warning.message)}", file=sys.stderr)
+        print(f"warning: {printable(warning.message)}", file=sys.stderr)
     if found is None:
         print(f"No experiment log for environment {args.environment!r} in {state_dir}: nothing was "
               "recorded there yet (check --environment and --state-dir).", file=sys.stderr)
@@ -304,9 +211,9 @@ def history_main(argv: list[str] | None = None) -> int:
         for rec in records:
             sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode())
     elif args.csv:
-        sys.stdout.write(render_csv(records))
+        sys.stdout.write(history_csv(records))
     elif records:
-        print(render_table(records))
+        print(history_table(records))
     if not records and not args.csv:
         print("No task matches.", file=sys.stderr)
     return 0

@@ -62,7 +62,7 @@ RANKS = {"queued": 1, "running": 2, "completed": 3, "failed": 3, "cancelled": 3}
 #: ``error`` of a task whose kernel died (or whose log was closed) before the task ended.
 ORPHAN_REASON = "kernel stopped while the task was running"
 #: Key that marks a value the log replaced by a summary.
-from ..format import SUMMARY_KEY  # noqa: E402 - one definition, shared with the text forms
+from ..format import SUMMARY_KEY, printable  # noqa: E402 - one definition, shared with the text forms
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")
@@ -78,7 +78,6 @@ _SCALARS = frozenset((type(None), str, int, bool))
 MAX_LINE = 1 << 20
 _FAST_OPTIONS = (orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
                  | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class JournalWarning(UserWarning):
@@ -108,13 +107,7 @@ def clean_name(value: Any, limit: int = _NAME_CHARS) -> str | None:
     lone surrogates or control characters (escaped as ``\\udcff``, ``\\n``), cut to ``limit``."""
     if value is None:
         return None
-    text = value if isinstance(value, str) else _safe_repr(value)
-    if not text.isprintable():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
+    return printable(value if isinstance(value, str) else _safe_repr(value), limit)
 
 
 def _safe_repr(value: Any) -> str:

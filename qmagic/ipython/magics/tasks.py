@@ -187,7 +187,8 @@ class TaskMagics(Magics):
     @argument("--running", action="store_true", help="Only queued and running tasks.")
     @argument("--history", nargs="?", const=20, type=int, default=None, metavar="N",
               help="The newest N tasks of the experiment log (default 20), also of earlier "
-              "kernels, with when and from which notebook cell they were started.")
+              "kernels, as qmagic-history prints them: when, how long, from which notebook "
+              "cell, the call and the uid.")
     @line_magic
     def tasks(self, line: str) -> None:
         """Show tasks, newest first: the latest ones (default), --all, or only --running;
@@ -205,13 +206,10 @@ class TaskMagics(Magics):
                 raise UsageError("--history N needs N >= 1 (the number of tasks to list).")
             try:
                 records = self.worker.history(limit=opts.history)
-                health = self.worker.log_health()
             except LogUnavailable as exc:
                 raise UsageError(str(exc)) from None
             print(fmt.history_table(records))
-            note = fmt.log_health_note(health)
-            if note:
-                print(note)
+            self._log_note()
             return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
@@ -227,10 +225,7 @@ class TaskMagics(Magics):
         print(fmt.task_table(items, hidden=hidden))
 
     def _log_note(self) -> None:
-        try:
-            note = fmt.log_health_note(self.worker.log_health())
-        except Exception:  # noqa: BLE001 - the log is off
-            return
+        note = self.worker.log_note()
         if note:
             print(note)
 

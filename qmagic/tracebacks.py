@@ -1,0 +1,80 @@
+"""Tracebacks as users see them: their own frames only, ``Cell In[12]`` for a cell's code.
+
+Part of the formatting layer (:mod:`qmagic.format` re-exports every name here): a
+traceback never shows qmagic's frames, nor ``threading``, ``asyncio`` or
+``concurrent.futures`` internals; the kernel installs how its temporary cell files read
+(:func:`set_filename_labeler`).  No IPython, widgets or zmq here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback as _tb
+from typing import Any, Callable
+
+__all__ = ["is_internal_frame", "set_filename_labeler", "traceback_text", "user_traceback"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_INTERNAL_FILES = {os.path.abspath(m.__file__) for m in (threading,) if getattr(m, "__file__", None)}
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules.get("asyncio"), sys.modules.get("concurrent.futures"))
+    if m is not None and getattr(m, "__file__", None)
+)
+_labeler: Callable[[str], str | None] | None = None
+
+
+def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
+    """Install how code file names read in tracebacks (the kernel maps its temporary cell
+    files to ``Cell In[12]``); None removes it."""
+    global _labeler
+    _labeler = labeler
+
+
+def is_internal_frame(filename: str) -> bool:
+    """True for frames of qmagic itself and of ``threading`` / ``asyncio`` /
+    ``concurrent.futures`` internals (never shown to users)."""
+    path = os.path.abspath(filename) if filename and not filename.startswith("<") else filename
+    return (path.startswith(_PACKAGE_DIR) or path in _INTERNAL_FILES
+            or path.startswith(_INTERNAL_DIRS) or "/asyncio/" in path
+            or path.endswith(("/threading.py", "/concurrent/futures/_base.py")))
+
+
+def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
+    if id(te) in seen:
+        return
+    seen.add(id(te))
+    frames = [f for f in te.stack if not is_internal_frame(f.filename)]
+    labeler = _labeler
+    if labeler is not None:
+        for frame in frames:
+            label = labeler(frame.filename)
+            if label:
+                frame.filename = label
+    te.stack[:] = frames
+    for nxt in (te.__cause__, te.__context__):
+        if nxt is not None:
+            _clean(nxt, seen)
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The traceback of ``exc`` as text, with the user's frames only (see the module
+    docstring); the exception line(s) at the end, chained exceptions kept."""
+    try:
+        te = _tb.TracebackException(type(exc), exc, exc.__traceback__, capture_locals=False)
+        _clean(te, set())
+        return "".join(te.format())
+    except Exception:  # noqa: BLE001 - never lose the error itself
+        return f"{type(exc).__name__}: {exc!r}\n"
+
+
+def user_traceback(exc: BaseException) -> Any:
+    """``exc.__traceback__`` from the first user frame on (for re-raising in a cell), or
+    the last frame when every frame is qmagic's."""
+    tb = last = exc.__traceback__
+    while tb is not None and is_internal_frame(tb.tb_frame.f_code.co_filename):
+        last = tb
+        tb = tb.tb_next
+    return tb if tb is not None else last
