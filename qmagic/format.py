@@ -1,9 +1,8 @@
-"""Every text form a user sees: calls, values, progress, tables, details, locks, tracebacks.
+"""Every text form a user sees: calls, values, progress, tables, details, locks, refusals.
 
-One module, so each form exists once: magics, reprs, panels (for their plain-text form),
-the history views (``%tasks --history`` and ``qmagic-history`` print the same table) and the
-stored tracebacks all come from here (tracebacks from :mod:`qmagic.tracebacks`, whose names
-this module re-exports).
+One module, so each form exists once: magics, reprs, panels (for their plain-text form) and
+the history views (``%tasks --history`` and ``qmagic-history`` print the same table) all
+come from here; tracebacks from :mod:`qmagic.tracebacks`.
 
 - Task lines, tables and details show no uid, clock time or duration: the same run of a
   notebook gives the same text, so nbval can compare it.  (The history table is the
@@ -11,8 +10,6 @@ this module re-exports).
   ran and its uid.)
 - Every text is one printable line per field: lone surrogates and control characters are
   escaped (:func:`printable`), so odd values in the log never break a view.
-- Tracebacks show the user's own frames only: never qmagic's, never ``threading`` or
-  ``asyncio`` internals; a cell's code reads ``Cell In[12]`` instead of a temporary path.
 
 Pure functions of plain data and Task objects; no IPython, widgets or zmq here.
 """
@@ -27,12 +24,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
-from .tracebacks import (
-    is_internal_frame,
-    set_filename_labeler,
-    traceback_text,
-    user_traceback,
-)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -59,11 +50,7 @@ __all__ = [
     "cell_label",
     "lock_text",
     "refusal_line",
-    "traceback_text",
-    "user_traceback",
-    "set_filename_labeler",
     "one_line",
-    "is_internal_frame",
 ]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).

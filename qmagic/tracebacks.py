@@ -1,7 +1,6 @@
 """Tracebacks as users see them: their own frames only, ``Cell In[12]`` for a cell's code.
 
-Part of the formatting layer (:mod:`qmagic.format` re-exports every name here): a
-traceback never shows qmagic's frames, nor ``threading``, ``asyncio`` or
+Part of the formatting layer, beside :mod:`qmagic.format`: a traceback never shows qmagic's frames, nor ``threading``, ``asyncio`` or
 ``concurrent.futures`` internals; the kernel installs how its temporary cell files read
 (:func:`set_filename_labeler`).  No IPython, widgets or zmq here.
 """

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import format as fmt
+from .. import tracebacks
 from ..errors import TaskCancelled
 from . import capture
 from .context import _current
@@ -289,7 +289,7 @@ class JobRunner:
         else:
             status = (TaskStatus.CANCELLED if isinstance(error, (TaskCancelled, KeyboardInterrupt))
                       else TaskStatus.FAILED)
-            tb = fmt.traceback_text(error)
+            tb = tracebacks.traceback_text(error)
         finished_at = time.time()
         if self.engine.observers:
             record = task._final_record(status, result if error is None else None, error, tb, finished_at)

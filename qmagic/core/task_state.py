@@ -334,6 +334,6 @@ class TaskState(Future):
 
 
 def _user_traceback(error: BaseException) -> Any:
-    from ..format import user_traceback
+    from ..tracebacks import user_traceback
 
     return user_traceback(error)

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 from .. import format as fmt
+from .. import tracebacks
 from ..core.task import Task
 from ..worker import Worker
 from .context import (
@@ -63,8 +64,8 @@ class Session:
                                       hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
         worker.provenance_source = provenance_source(shell)
-        fmt.set_filename_labeler(cell_labeler(shell))
-        self._step("traceback labels", lambda: fmt.set_filename_labeler(None))
+        tracebacks.set_filename_labeler(cell_labeler(shell))
+        self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
         hook = CellOutputHook(shell)
         worker.engine.context_hooks.append(hook)
         self._step("output routing", lambda: worker.engine.context_hooks.remove(hook))

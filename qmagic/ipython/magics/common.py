@@ -18,6 +18,7 @@ from typing import Any, Callable, NoReturn
 from IPython.core.error import UsageError
 
 from ... import format as fmt
+from ... import tracebacks
 from ...core.status import TaskStatus
 from ...core.task import Task, exception_text
 from ...errors import TaskCancelled
@@ -71,8 +72,8 @@ def settle(shell: Any, task: Task) -> Task:
         error = task._error
         if error is None:
             return task
-        tb = fmt.user_traceback(error)
-        if tb is None or fmt.is_internal_frame(tb.tb_frame.f_code.co_filename):
+        tb = tracebacks.user_traceback(error)
+        if tb is None or tracebacks.is_internal_frame(tb.tb_frame.f_code.co_filename):
             raise _one_line(error) from None
         formatter = getattr(shell, "InteractiveTB", None)
         if formatter is not None:
