@@ -17,6 +17,7 @@ from qmagic.core.status import TRANSITIONS
 from qmagic.errors import InvalidTransition, RequestRefused
 
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from polling import eventually
 
 #: These tests are about the engine alone (its rules, races and timings): the experiment log
 #: stays off here (make_worker reads this); it is tested in test_worker_journal.py and
@@ -246,10 +247,7 @@ def test_future_api(make_worker):
     gate.release.set()
     assert t.result(TIMEOUT) == "v" and t.exception() is None and t.done() and not t.running()
     # As with concurrent.futures, callbacks run just after waiters wake: wait for it.
-    deadline = time.monotonic() + TIMEOUT
-    while not seen:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    eventually(lambda: seen, TIMEOUT, "the done callback")
     t.add_done_callback(lambda task: seen.append(("after", task.status)))  # runs at once
     assert seen == [("before", TaskStatus.COMPLETED), ("after", TaskStatus.COMPLETED)]
     f = w.submit("boom")
@@ -364,10 +362,7 @@ def test_foreground_inline_on_owner_thread(make_worker):
         holder["done_when_returned"] = holder["task"].done()
 
     w.engine.foreground.call_soon(on_owner)
-    deadline = time.monotonic() + TIMEOUT
-    while "done_when_returned" not in holder:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    eventually(lambda: "done_when_returned" in holder, TIMEOUT, "the owner thread's call")
     assert holder["done_when_returned"] is True
     assert holder["task"].result() == w.engine.foreground._thread.ident
 

@@ -26,6 +26,8 @@ from qmagic.remote.auth import (
     secure_server_socket,
 )
 
+from polling import eventually
+
 SERVER_PUBLIC, SERVER_SECRET = (k.decode() for k in zmq.curve_keypair())
 ALICE = tuple(k.decode() for k in zmq.curve_keypair())  # (public, secret)
 ROBOT = tuple(k.decode() for k in zmq.curve_keypair())
@@ -39,16 +41,6 @@ CONFIG = {"clients": [
 ]}
 REPLY_WAIT_MS = 3000  # a reply that comes, comes in milliseconds
 SILENCE_MS = 500  # how long a refused client is watched for a reply that must not come
-
-
-def wait_for(condition, timeout=10.0):
-    """Wait until condition() is true (a condition with a deadline, polled)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 class Server:
@@ -157,7 +149,7 @@ def test_unknown_key_never_gets_through(server, client):
     srv = server()
     sock = client(srv.address, STRANGER)
     assert ask(sock, {"user": "root", "user_group": "root"}, wait_ms=SILENCE_MS) is None
-    assert wait_for(lambda: srv.auth.refused >= 1)
+    eventually(lambda: srv.auth.refused >= 1)
     assert srv.auth.last_refused_key == STRANGER[0]
     assert srv.requests == []  # the request never reached the server
     # the same outcome as a wrong server key: the client only sees a timeout
@@ -174,7 +166,7 @@ def test_the_stock_queueserver_key_is_not_let_in(server, client):
     stock = (comms._fixed_public_key, comms._fixed_private_key)
     assert stock[0] == QUEUESERVER_CLIENT_PUBLIC_KEY
     assert ask(client(srv.address, stock), {}, wait_ms=SILENCE_MS) is None
-    assert wait_for(lambda: srv.auth.last_refused_key == QUEUESERVER_CLIENT_PUBLIC_KEY)
+    eventually(lambda: srv.auth.last_refused_key == QUEUESERVER_CLIENT_PUBLIC_KEY)
 
 
 def test_a_key_cannot_claim_another_group_or_user(server, client):
@@ -212,7 +204,7 @@ def test_replacing_the_key_list(server, client):
                             "client keys; ask the kernel's administrator to add your public key.")
     refused = srv.auth.refused
     assert ask(client(srv.address, ALICE), {}, wait_ms=SILENCE_MS) is None  # a new connection: refused
-    assert wait_for(lambda: srv.auth.refused > refused)
+    eventually(lambda: srv.auth.refused > refused)
     assert ask(client(srv.address, ROBOT), {})["user"] == "robot"
 
 
@@ -276,9 +268,9 @@ def test_stop_releases_thread_and_sockets_over_50_cycles():
             sock.close(0)
             srv.close()
     assert _term_within(client_ctx)
-    assert wait_for(lambda: threading.active_count() <= threads)
-    assert wait_for(lambda: _os_threads() <= os_threads)
-    assert wait_for(lambda: _fds() <= fds), (fds, _fds())
+    eventually(lambda: threading.active_count() <= threads)
+    eventually(lambda: _os_threads() <= os_threads)
+    eventually(lambda: _fds() <= fds, what="the sockets' descriptors to close")
 
 
 def test_one_zap_handler_per_context():

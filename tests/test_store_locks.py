@@ -21,6 +21,8 @@ from qmagic.store.clear_lock import clear_lock_main
 from qmagic.store.locks import LockState, LockStore
 from qmagic.store.watch import inotify_available
 
+from polling import eventually
+
 REPO = Path(__file__).resolve().parents[1]
 INFO_KEYS = {"environment", "queue", "user", "time", "time_str", "note", "emergency_lock_key_is_set"}
 needs_inotify = pytest.mark.skipif(not inotify_available(), reason="needs Linux inotify")
@@ -63,16 +65,6 @@ def _message(action) -> str:
     with pytest.raises(RequestRefused) as err:
         action()
     return str(err.value)
-
-
-def _eventually(condition, timeout: float = 10.0, what: str = "condition") -> float:
-    """Poll ``condition()`` until true; return the seconds it took (fails after ``timeout``)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.001)
-    return time.monotonic() - start
 
 
 def _in_thread(func, timeout: float = 10.0):
@@ -447,7 +439,7 @@ def test_two_stores_on_one_folder_see_one_lock(tmp_path, stores):
     b.check("ka")
     a.unlock("ka")
     b.check(None)
-    _eventually(lambda: not _refused(a), what="a's own unlock")
+    eventually(lambda: not _refused(a), what="a's own unlock")
     assert b.state().uid == a.state().uid
 
 
@@ -510,13 +502,13 @@ def test_another_process_lock_is_seen_at_once_by_the_watcher(tmp_path, stores):
             store.check(None)
             store.check(None)  # served from the cache
             assert json.loads(child.ask(f"lock child-{round_}"))["user"] == "Child"
-            latencies.append(_eventually(lambda: _refused(store), timeout=5, what="the child's lock"))
+            latencies.append(eventually(lambda: _refused(store), timeout=5, what="the child's lock"))
             with pytest.raises(LockRefused, match="locked by Child"):
                 store.check(None)
             assert store.state().uid == child.ask("uid")
             store.check(f"child-{round_}")
             child.ask(f"unlock child-{round_}")
-            latencies.append(_eventually(lambda: not _refused(store), timeout=5, what="the unlock"))
+            latencies.append(eventually(lambda: not _refused(store), timeout=5, what="the unlock"))
         # and the other way round
         assert child.ask("check") == "allowed"
         store.lock("parent", environment=True, user="Parent")
@@ -753,7 +745,7 @@ def test_the_safety_net_sees_changes_that_raise_no_watched_event(tmp_path, store
     store.lock("k", environment=True, user="A")
     store.check("k")
     os.truncate(store.path, 0)  # IN_MODIFY only: not watched on purpose
-    _eventually(lambda: _refused(store, "k"), timeout=10, what="the truncated (damaged) file")
+    eventually(lambda: _refused(store, "k"), timeout=10, what="the truncated (damaged) file")
     assert "not valid JSON" in store.state().damaged
 
 
@@ -767,7 +759,7 @@ def test_a_lost_state_folder_is_watched_again_when_it_is_back(tmp_path, stores, 
         shutil.rmtree(folder)
     else:
         folder.rename(tmp_path / "elsewhere")
-    _eventually(lambda: not store.watching, what="the watcher to notice the folder is gone")
+    eventually(lambda: not store.watching, what="the watcher to notice the folder is gone")
     if how == "moved away":  # what happens in the old folder is not this store's concern
         with LockStore(tmp_path / "elsewhere", watch=False) as writer:
             writer.lock("other", environment=True, user="Elsewhere")
@@ -778,11 +770,11 @@ def test_a_lost_state_folder_is_watched_again_when_it_is_back(tmp_path, stores, 
     else:
         store.lock("k", environment=True, user="Writer")  # the store makes the folder again
     assert _refused(store)  # not watched meanwhile: every check looks at the file
-    _eventually(lambda: store.watching, what="the folder to be watched again")
+    eventually(lambda: store.watching, what="the folder to be watched again")
     store.check("k")
     with LockStore(folder, watch=False) as writer:
         writer.unlock("k")
-    _eventually(lambda: not _refused(store), timeout=5, what="the unlock")
+    eventually(lambda: not _refused(store), timeout=5, what="the unlock")
 
 
 def test_a_store_without_watcher_sees_hand_written_changes_at_the_next_check(tmp_path, stores):
@@ -815,9 +807,9 @@ def test_threads_checking_while_another_process_writes_never_see_a_foreign_lock(
     try:
         for _ in range(3):
             assert json.loads(child.ask("lock child-key"))["user"] == "Child"
-            _eventually(lambda: _refused(store), timeout=5, what="the child's lock")
+            eventually(lambda: _refused(store), timeout=5, what="the child's lock")
             child.ask("unlock child-key")
-            _eventually(lambda: not _refused(store), timeout=5, what="the child's unlock")
+            eventually(lambda: not _refused(store), timeout=5, what="the child's unlock")
     finally:
         stop.set()
         for t in threads:
@@ -1054,7 +1046,7 @@ def test_a_forgotten_store_stops_its_watcher_when_collected(tmp_path):
     assert len(set(threading.enumerate()) - before) == (1 if store.watching else 0)
     del store
     gc.collect()
-    _eventually(lambda: set(threading.enumerate()) <= before, timeout=10, what="the watcher to stop")
+    eventually(lambda: set(threading.enumerate()) <= before, timeout=10, what="the watcher to stop")
 
 
 # ---- qmagic-clear-lock -----------------------------------------------------------------------
@@ -1069,7 +1061,7 @@ def test_clear_lock_cli_prints_and_removes_the_lock(tmp_path, capsys, stores):
     assert "Alice" in out and "Changing samples" in out and "environment: locked" in out
     assert "queue:       not locked" in out
     assert "secret-key-123" not in out and record["hash"] not in out and record["salt"] not in out
-    _eventually(lambda: not _refused(running), timeout=5, what="the running store to notice")
+    eventually(lambda: not _refused(running), timeout=5, what="the running store to notice")
     assert clear_lock_main(["--environment", "lab", "--state-dir", str(tmp_path)]) == 0
     assert "Nothing to do: environment 'lab' is not locked" in capsys.readouterr().out
 
@@ -1080,7 +1072,7 @@ def test_clear_lock_cli_resets_a_damaged_file(tmp_path, capsys, stores):
     assert clear_lock_main(["--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "was damaged" in out and "not valid JSON" in out and "now unlocked" in out
-    _eventually(lambda: not _refused(store), timeout=5, what="the reset")
+    eventually(lambda: not _refused(store), timeout=5, what="the reset")
 
 
 def test_clear_lock_cli_errors_and_defaults(tmp_path, capsys, monkeypatch):
@@ -1117,7 +1109,7 @@ def test_clear_lock_cli_as_a_separate_process(tmp_path, stores):
                           capture_output=True, text=True, env=_child_env(), timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Removed the lock of environment 'b1'" in done.stdout
-    _eventually(lambda: not _refused(store, None, "queue"), timeout=5, what="the removal")
+    eventually(lambda: not _refused(store, None, "queue"), timeout=5, what="the removal")
     done = subprocess.run([sys.executable, "-m", "qmagic.store.clear_lock", "--help"], capture_output=True,
                           text=True, env=_child_env(), timeout=60, cwd=tmp_path)
     assert done.returncode == 0 and "qmagic-clear-lock" in done.stdout

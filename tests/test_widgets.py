@@ -23,6 +23,8 @@ from qmagic import format as fmt
 from qmagic import panels
 from qmagic.panels import pump as pump_module
 
+from polling import eventually
+
 pytestmark = pytest.mark.timeout(120)
 
 UID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -118,16 +120,6 @@ def worker():
     panels.detach(None, w)
     w.close()
     pump_module.shutdown()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Wait for ``predicate()`` (checked every 10 ms) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.01)
 
 
 def started(w, name: str, timeout: float = 5.0) -> None:
@@ -292,7 +284,7 @@ def test_elapsed_reads_the_same_running_and_finished(probe, worker):
     row = panels.TaskRow(w, task)
     first = row_field(row.row_html(), task, "qmagic-elapsed")
     assert re.fullmatch(r"\d\.\d s", first), first
-    wait_until(lambda: row_field(row.row_html(), task, "qmagic-elapsed") != first,
+    eventually(lambda: row_field(row.row_html(), task, "qmagic-elapsed") != first,
                timeout=3.5, what="the elapsed time to advance")
     w.test_gates["e"].set()
     assert task.wait(5) and row.flush()
@@ -373,7 +365,7 @@ def test_storm_is_coalesced_and_every_row_ends_exact(probe, worker):
         assert task.wait(30)
     end = time.time()
     # the final state reaches the panel by itself, without flush()
-    wait_until(lambda: all(row_status(panel.row_html(), t) == "completed" for t in tasks),
+    eventually(lambda: all(row_status(panel.row_html(), t) == "completed" for t in tasks),
                timeout=2.0, what="every row completed")
     html = panel.row_html()
     assert all(row_progress(html, t) == f"{updates}/{updates}" for t in tasks)
@@ -397,7 +389,7 @@ def test_final_state_is_shown_within_a_tick(probe, worker):
     task = w.submit("burst", (20_000,))
     assert task.wait(30)
     key = task.uid[:8]
-    wait_until(lambda: row_status(panel.row_html(), task) == "completed", timeout=2.0)
+    eventually(lambda: row_status(panel.row_html(), task) == "completed", timeout=2.0)
     shown = [m[0] for m in probe.updates()
              if f'data-task="{key}" data-status="completed"' in str((m[3] or {}).get("state", {}))]
     assert shown, "no update message carried the final state"
@@ -432,7 +424,7 @@ def test_ten_thousand_finished_tasks_show_the_newest_200_and_count_the_rest(prob
     assert len(re.findall(r'data-status=', small.row_html())) == 5 and small.hidden == 9995
     w.panel_max_rows = 50
     assert panel.flush(), "flush"
-    wait_until(lambda: len(re.findall(r'data-status=', panel.row_html())) == 50, 3.0, "50 rows")
+    eventually(lambda: len(re.findall(r'data-status=', panel.row_html())) == 50, 3.0, "50 rows")
 
 
 def test_running_filter_keeps_finished_tasks_in_the_worker(probe, worker):
@@ -550,7 +542,7 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
         panel._unlock_button.click()  # no key typed, none held: the worker says what to do
         assert panel.message.startswith("This kernel does not hold the key of the current lock")
         other.unlock("their-key")  # e.g. a later cell of the notebook
-        wait_until(lambda: panel.changed and "qmagic-lock-unlocked" in panel._state.value, timeout=3.0,
+        eventually(lambda: panel.changed and "qmagic-lock-unlocked" in panel._state.value, timeout=3.0,
                    what="the panel to see the unlock")
         assert panel.flush()
         assert "Now (live) — changed since this cell ran" in panel._state.value
@@ -561,7 +553,7 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
         assert panel.text() == text  # the text/plain is what the cell showed
         # the other kernel locks again: seen within about a second, and the emergency key opens it
         other.lock("their-key", environment=True, user="Bob")
-        wait_until(lambda: "Bob" in panel._state.value, timeout=3.0, what="Bob's lock")
+        eventually(lambda: "Bob" in panel._state.value, timeout=3.0, what="Bob's lock")
         panel._key.value = "EMERGENCY"
         panel._unlock_button.click()
         assert panel.message == "Unlocked." and not w.lock_state().locked
@@ -576,10 +568,10 @@ def test_task_row_follows_its_task_only(probe, worker):
     row = panels.TaskRow(w, task)
     assert not w.engine.bus._global, "a row subscribes to its task, not to every task"
     assert task.wait(10)
-    wait_until(lambda: row_status(row.row_html(), task) == "completed", 2.0, "the row to complete")
+    eventually(lambda: row_status(row.row_html(), task) == "completed", 2.0, "the row to complete")
     assert row_progress(row.row_html(), task) == "40/40 · step 40"
     # the Cancel button leaves with the next spare message (the table HTML goes first)
-    wait_until(lambda: row.cancel_button(task) is None, 2.0, "the Cancel button to go")
+    eventually(lambda: row.cancel_button(task) is None, 2.0, "the Cancel button to go")
     assert row._table.segments[0].grid.children == (row._table._spacer, row.details_toggle(task))
     assert row._qm_period() is None  # finished: no more periodic work
     assert "qmagic-task-single" in row._dom_classes

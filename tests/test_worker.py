@@ -13,6 +13,7 @@ import qmagic
 from qmagic import LockRefused, PermissionRefused, RequestRefused, TaskNotFound, TaskStatus
 
 from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from polling import eventually
 
 
 def test_task_is_a_real_future(make_worker):
@@ -205,10 +206,7 @@ def test_task_cancel_follows_the_lock_rule_of_worker_cancel(make_worker):
     other = make_worker(nap)  # another kernel of the same environment
     mine, theirs = w.submit("nap"), other.submit("nap")
     w.lock("hutch", environment=True, note="Changing samples", user="Alice")
-    deadline = time.monotonic() + TIMEOUT
-    while not other.current_lock().environment:  # the other kernel sees it (a file watcher)
-        assert time.monotonic() < deadline, "the other worker never saw the lock"
-        time.sleep(0.001)
+    eventually(lambda: other.current_lock().environment, TIMEOUT, "the other kernel to see the lock")
     try:
         with pytest.raises(LockRefused, match="Invalid lock key"):
             theirs.cancel()
@@ -220,10 +218,7 @@ def test_task_cancel_follows_the_lock_rule_of_worker_cancel(make_worker):
         assert mine.error == "Task was cancelled from Python"
     finally:
         w.unlock()
-    deadline = time.monotonic() + TIMEOUT
-    while other.current_lock().environment:
-        assert time.monotonic() < deadline, "the other worker never saw the unlock"
-        time.sleep(0.001)
+    eventually(lambda: not other.current_lock().environment, TIMEOUT, "the other kernel to see the unlock")
     assert theirs.cancel() is True and theirs.wait(TIMEOUT)
     assert theirs.status is TaskStatus.CANCELLED
     assert theirs.cancel() is False  # already finished: nothing to do, as a Future says
