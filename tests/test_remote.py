@@ -1371,6 +1371,20 @@ def test_service_with_a_busy_port_leaves_the_channel_off(worker, server, caplog)
         service.close()
 
 
+def test_an_info_address_that_cannot_be_used_leaves_the_setting_off(worker, server):
+    """The setting says what runs: an info socket that cannot start is refused with the
+    reason, and zmq_info_address goes back to None (as zmq_control_address does)."""
+    service = RemoteService(worker)
+    try:
+        with pytest.raises(ControlChannelError, match="already in use"):
+            worker.zmq_info_address = server.address  # the port is taken
+        assert worker.zmq_info_address is None and service.info is None
+        worker.zmq_info_address = LOCAL
+        assert service.info is not None and service.info.running
+    finally:
+        service.close()
+
+
 # =========================================================================================
 # the magic, on an in-process IPython shell with the extension loaded
 # =========================================================================================

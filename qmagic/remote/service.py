@@ -125,13 +125,19 @@ class RemoteService:
         return True
 
     def _on_info(self, change: Mapping[str, Any]) -> None:
+        if self._syncing:
+            return
         if change["name"] == "zmq_console_all_output":
             if self.info is not None:
                 self.info.all_output = bool(change["new"])
         elif change["new"] is None:
             self.stop_info()
         else:
-            self.start_info(change["new"])
+            try:
+                self.start_info(change["new"])
+            except ControlChannelError:  # the setting says what runs: nothing
+                self._set_quietly("zmq_info_address", None)
+                raise
 
     def close(self) -> None:
         """Stop the channel and the info socket and stop following the traits (the traits
@@ -150,11 +156,15 @@ class RemoteService:
 
     # -- traits ---------------------------------------------------------------------------------
     def _set_trait(self, value: str | None) -> None:
-        if self.worker.zmq_control_address == value:
+        self._set_quietly("zmq_control_address", value)
+
+    def _set_quietly(self, name: str, value: Any) -> None:
+        """Set the worker's trait ``name`` to what runs, without reacting to the change."""
+        if getattr(self.worker, name) == value:
             return
         self._syncing = True
         try:
-            self.worker.zmq_control_address = value
+            setattr(self.worker, name, value)
         finally:
             self._syncing = False
 
@@ -183,11 +193,7 @@ class RemoteService:
                     if problem:
                         raise ControlChannelError(problem)
             except ControlChannelError:
-                self._syncing = True
-                try:
-                    self.worker.zmq_client_keys = change["old"]
-                finally:
-                    self._syncing = False
+                self._set_quietly("zmq_client_keys", change["old"])
                 raise
             if server is not None and not server.replace_client_keys(keys):
                 self._stop_server()
