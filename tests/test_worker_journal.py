@@ -60,6 +60,40 @@ def test_results_survive_a_new_worker(journaled):
     assert records[0]["journal"]["orphaned"] is False
 
 
+class _NoLen(list):
+    def __len__(self):
+        raise RuntimeError("no len")
+
+
+class _NoStr(str):
+    def __str__(self):
+        raise RuntimeError("no str")
+
+
+class _NoFloat(float):
+    def __float__(self):
+        raise RuntimeError("no float")
+
+
+def test_values_that_cannot_be_read_are_summarised_never_lost(journaled):
+    """A result or argument whose len(), str() or float() raises still gets its record: the
+    value becomes a summary that says so (found by a hostile test: such a result used to
+    leave the task "running" in the log, then an orphan)."""
+    odd = {"list": _NoLen([1, 2]), "str": _NoStr("x"), "float": _NoFloat(1.5)}
+    w = journaled({"make": lambda kind: odd[kind], "echo": lambda value: "ok"})
+    tasks = [w.submit("make", (kind,)) for kind in odd] + [w.submit("echo", (value,)) for value in odd.values()]
+    for t in tasks:
+        t.wait(TIMEOUT)
+    w.close()
+    after = journaled()
+    for t in tasks:
+        record = after.find(t.uid)
+        assert record["status"] == "completed", record
+    made = after.find(tasks[0].uid)["result"]
+    assert made["__qmagic_summary__"] == "repr" and "could not be read" in made["repr"]
+    assert "could not be read" in after.find(tasks[3].uid)["args"][0]["repr"]
+
+
 def test_queued_and_cancelled_tasks_are_journaled(journaled):
     gate = Gate()
     w = journaled({"gate": gate, "f": lambda: 1}, max_background_tasks=1)

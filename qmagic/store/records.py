@@ -275,7 +275,15 @@ class RecordEncoder:
 
     def value(self, v: Any, outer: tuple[int, ...] = ()) -> Any:
         """``v`` if it is small strict JSON, else its items made safe (small containers, not
-        too deep, no cycles), else a summary.  ``outer``: ids of the enclosing containers."""
+        too deep, no cycles), else a summary.  ``outer``: ids of the enclosing containers.
+        Never raises: a value that cannot even be read (its ``len``, ``str`` or ``float``
+        raises) becomes a summary that says so."""
+        try:
+            return self._value(v, outer)
+        except Exception as exc:  # noqa: BLE001 - odd objects may raise anything
+            return self.summary(v, "repr", f"<{_type_name(v)} object that could not be read: {exc!r}>")
+
+    def _value(self, v: Any, outer: tuple[int, ...]) -> Any:
         cls = v.__class__
         if v is None or cls is bool:
             return v
@@ -314,7 +322,10 @@ class RecordEncoder:
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
-        items = len(v) if isinstance(v, (list, tuple, dict, set, frozenset)) else None
+        try:
+            items = len(v) if isinstance(v, (list, tuple, dict, set, frozenset)) else None
+        except Exception:  # noqa: BLE001 - a container whose __len__ raises
+            items = None
         big = text is None and items is not None and items > _WALK_ITEMS
         if text is None:
             try:  # reprlib keeps the repr of a huge container short (and fast)
