@@ -36,7 +36,7 @@ from ..errors import RequestRefused, TaskCancelled
 from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
-from .jobs import CLOSED_REASON, Job, JobRunner
+from .jobs import CLOSED_REASON, STOPPED_BEFORE_START, Job, JobRunner
 from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
@@ -185,32 +185,42 @@ class Engine(TaskRegistry):
         job = Job(task, call, coroutine)
         if self.context_hooks:
             job.tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
-        inline = False
-        if background:
-            self._reserve_background(job)
-        else:
-            inline = self._reserve_foreground(job)
-        announced = False
+        inline = entered = handed = False
         try:
+            if background:
+                self._reserve_background(job)
+            else:
+                inline = self._reserve_foreground(job)
             # On the owner thread a ■ is held back until the task is announced (recorded) and
-            # handed on, then raised: never a record of a task that was never started.
+            # handed on, then raised.  Elsewhere an interrupt or a forced cancel may land at
+            # any point: the task then ends with a record if the log may have seen it.
             with self.foreground.guard(_never):
+                entered = True
                 self._announce(job)
-                announced = True
                 if background:
                     self._runner.start_background(job)
                 elif not inline:
                     self._runner.hand_over(job)
+                handed = not inline  # (an inline task is handed on by running it, below)
         except BaseException as exc:
-            if not announced:
-                self._release_reservation(job)
-            elif inline and task._claim_end():  # ■ before its code ran
-                with self.foreground.guard(_never):
-                    self._runner.end(job, None, exc)
+            if not handed:
+                self._abandon(job, exc, entered)
             raise
         if inline:
             self._runner.run_foreground(job)
         return task
+
+    def _abandon(self, job: Job, exc: BaseException, entered: bool) -> None:
+        """``submit`` failed before the task was handed on.  No trace when the log cannot
+        have seen it (a refusal, or the log's own error); else (the log recorded it, or an
+        interrupt or forced cancel landed while it did) the task ends cancelled, with a
+        record, and is never run: nothing the log saw stays "queued"."""
+        if (job.recorded or (entered and not isinstance(exc, Exception))) and job.task._claim_end():
+            reason = exc if isinstance(exc, KeyboardInterrupt) else TaskCancelled(STOPPED_BEFORE_START)
+            with self.foreground.guard(_never):
+                self._runner.end(job, None, reason)
+        else:
+            self._release_reservation(job)
 
     def _reserve_background(self, job: Job) -> None:
         """Count a thread task as waiting, unless ``max_queued`` already wait: first counted,
@@ -261,6 +271,7 @@ class Engine(TaskRegistry):
         task = job.task
         for observer in self.observers:
             observer.task_submitted(task)  # may raise: then the task never existed
+        job.recorded = True
         self._jobs[task.uid] = job
         self._last = task
         if self.bus.listening(task):  # (a subscriber that comes later is told "queued" anyway)

@@ -37,12 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["CLOSED_REASON", "Job", "JobRunner", "awaitable_result"]
+__all__ = ["CLOSED_REASON", "STOPPED_BEFORE_START", "Job", "JobRunner", "awaitable_result"]
 
 log = logging.getLogger("qmagic")
 
 #: Why the tasks still queued or running when the worker closes are cancelled.
 CLOSED_REASON = "Task was cancelled: the qmagic worker was closed"
+#: Why a task ends when the call that started it was stopped (a forced cancel of the task
+#: that called ``submit``, or an interrupt) after the log may have recorded it.
+STOPPED_BEFORE_START = "Task was cancelled: the call that started it was stopped before it could start"
 
 #: A forced cancel that finds its thread in a lock's Python code tries again this much later.
 FORCE_RETRY_S = 0.001
@@ -54,7 +57,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
-        "exception_sent",
+        "exception_sent", "recorded",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -75,6 +78,7 @@ class Job:
         #: Never a second one: it would land in the task's own cleanup (``finally:`` parking
         #: a motor) and cut it short.
         self.exception_sent = False
+        self.recorded = False  # every observer (the log) was told of the submit
         #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
         #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
         #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
@@ -96,10 +100,11 @@ class JobRunner:
             return
         try:
             self.engine._pool.submit(job)
-        except BaseException as exc:  # noqa: BLE001 - closed meanwhile: recorded, never lost
+        except RuntimeError:  # closed meanwhile: recorded, never lost
+            if not self.engine._closed:
+                raise
             if job.task._claim_end():
-                closed = self.engine._closed and isinstance(exc, RuntimeError)
-                self.end(job, None, TaskCancelled(CLOSED_REASON) if closed else exc)
+                self.end(job, None, TaskCancelled(CLOSED_REASON))
 
     def run_background(self, job: Job) -> None:
         """Pool thread: run a background thread task."""
@@ -117,7 +122,7 @@ class JobRunner:
         """Another thread asked for a foreground task: the owner runs it when free."""
         try:
             self.engine.foreground.call_soon(lambda: self.run_foreground(job))
-        except BaseException as exc:  # noqa: BLE001 - recorded: the uid is already out
+        except Exception as exc:  # noqa: BLE001 - recorded: the uid is already out
             if job.task._claim_end():
                 self.end(job, None, exc)
 

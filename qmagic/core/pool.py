@@ -100,8 +100,12 @@ class ThreadPool:
                 self._schedule_check(seq)
 
     def _spawn_locked(self) -> None:
-        self._threads += 1
-        threading.Thread(target=self._loop, name=self._name, daemon=True).start()
+        thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        try:
+            thread.start()
+        finally:  # counted only if it exists, even when an interrupt cut start() short
+            if thread.ident is not None:
+                self._threads += 1
 
     def _spawn_if_waiting(self, seq: int) -> None:
         """Timer: if job number ``seq`` is still waiting, start threads for the jobs that
