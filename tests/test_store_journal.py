@@ -959,6 +959,23 @@ def test_spool_and_lock_files_deleted_by_hand_are_made_again(journal, tmp_path):
     assert journal.health()["ok"]
 
 
+def test_a_database_deleted_by_hand_is_started_again_and_said_so(journal, tmp_path, caplog):
+    """Someone deletes the log while a kernel writes it: what is stored from then on goes to a
+    new database (not into the deleted file, lost with it), with one warning; another
+    process, and this one's reads, see it (found by the hostile tester)."""
+    run_task(journal, "before")
+    assert journal.flush() and journal.get("before") is not None
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{journal.path}{suffix}").unlink(missing_ok=True)
+    with caplog.at_level("WARNING", logger="qmagic.store.journal"):
+        run_task(journal, "after")
+        assert journal.flush()
+    assert caplog.text.count("was deleted or replaced while this kernel ran") == 1
+    assert journal.get("after")["status"] == "completed" and journal.get("before") is None
+    assert db_rows(tmp_path, "SELECT uid, status FROM tasks") == [("after", "completed")]
+    assert journal.health()["ok"]
+
+
 def test_fsync_option(tmp_path):
     with Journal(tmp_path, ENV, fsync=True) as j:
         run_task(j, "durable")

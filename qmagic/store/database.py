@@ -43,6 +43,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "connect",
     "database_path",
+    "file_id",
     "ensure_schema",
     "mark_orphans",
     "retention",
@@ -124,6 +125,16 @@ WHERE rank < 2
 def database_path(state_dir: Path, env: str) -> Path:
     """Where the database of environment ``env`` lives."""
     return state_dir / f"{env}.journal.sqlite3"
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names now (device, inode); None if there is none.  A connection
+    opened on another id writes to a file that was deleted or replaced: its rows are lost."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _check_paths(path: Path) -> None:

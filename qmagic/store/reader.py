@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from .database import connect, select_rows, uid_bounds
+from .database import connect, file_id, select_rows, uid_bounds
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
 __all__ = ["Filters", "LogReader", "merge_state", "state_record"]
@@ -160,6 +160,7 @@ class LogReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._conn_id: tuple[int, int] | None = None  # the file self._conn reads
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -172,11 +173,16 @@ class LogReader:
     def _query(self, fn: Any) -> Any:
         with self._lock:
             try:
+                now = file_id(self.path)
+                if self._conn is not None and now != self._conn_id:  # deleted or replaced
+                    self._conn.close()
+                    self._conn = None
                 if self._conn is None:
                     try:
                         self._conn = connect(self.path, readonly=True)
                     except FileNotFoundError:
                         return fn(None)
+                    self._conn_id = now
                 return fn(self._conn)
             except sqlite3.Error as exc:
                 if "no such table" in str(exc):

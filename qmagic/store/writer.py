@@ -35,6 +35,7 @@ from .database import (
     SCHEMA_VERSION,
     connect,
     ensure_schema,
+    file_id,
     mark_orphans,
     retention,
     rows_from_lines,
@@ -111,6 +112,7 @@ class Writer:
         self.spool, self.path, self.env, self.session = spool, path, env, session
         self.identity, self.max_age_s, self.max_bytes, self.fsync = identity, max_age_s, max_bytes, fsync
         self.conn: sqlite3.Connection | None = None
+        self._db_id: tuple[int, int] | None = None  # the file self.conn writes to
         self.wake = Waker()
         self.ready = threading.Event()
         self.cycles = 0  # commit cycles started
@@ -229,6 +231,7 @@ class Writer:
         try:
             ensure_state_dir(self.path.parent)
             conn = connect(self.path, create=True, fsync=self.fsync)
+            db_id = file_id(self.path)
             version = ensure_schema(conn)
             if version > SCHEMA_VERSION:
                 raise StateFileError(f"The experiment log {str(self.path)!r} was made by a newer qmagic "
@@ -246,12 +249,28 @@ class Writer:
                 self.failed("database", exc)
                 return
             raise
-        self.conn = conn
+        self.conn, self._db_id = conn, db_id
         self.faults.fixed("database")
+
+    def _same_database(self) -> None:
+        """Reopen (a new database) when the file was deleted or replaced since it was opened:
+        rows written to the old one would be lost with it.  Raises StateFileError if the new
+        one cannot be opened (a fault: retried with back-off)."""
+        if self.conn is None or file_id(self.path) == self._db_id:
+            return
+        _log.warning("qmagic: the experiment log %s was deleted or replaced while this kernel ran; "
+                     "a new one is started (records stored before that went with the old file).",
+                     self.path)
+        conn, self.conn = self.conn, None
+        conn.close()
+        self._open_db()
+        if self.conn is None:
+            raise StateFileError(f"Cannot start a new experiment log at {str(self.path)!r}.")
 
     def _commit(self) -> bool:
         """One transaction of what is uncommitted (at most BATCH_BYTES of the spool); True if
         it left nothing behind.  Raises on failure (everything stays to be retried)."""
+        self._same_database()
         assert self.conn is not None
         self.cycles += 1
         cycle, pos, now = self.cycles, self._position(), time.time()
