@@ -962,8 +962,10 @@ EXPERIMENT_LOG = [
     `%tasks` shows the tasks the kernel keeps in memory (finished ones for 10 minutes).
     `%tasks --history N` reads the newest N tasks of the experiment log (default 20), from
     this kernel and from earlier ones. It is the one place where qmagic prints clock
-    times: when each task was submitted. The *cell* column says which notebook cell started
-    the task: the notebook's name and the cell's number (`In [3]`).
+    times: when each task was submitted, how long it ran, and its full uid. The *cell* column
+    says which notebook cell started the task: the notebook's name and the cell's number
+    (`In [3]`); an error follows its task's row. The `qmagic-history` command prints the
+    same table (below).
     """),
     code("""
     %tasks --history
@@ -1047,7 +1049,8 @@ EXPERIMENT_LOG = [
     ```
 
     The notebook runs it as `python -m qmagic.store.history` (the same program) on this
-    tutorial's scratch folder. Carol's scan is there, failed:
+    tutorial's scratch folder. Carol's scan is there, failed; its duration reads `≥`: the
+    scan ran at least that long, up to the last thing her kernel wrote before it died:
     """),
     code("""
     def qmagic_history(*options):

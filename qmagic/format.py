@@ -325,7 +325,8 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
     first; ``qmagic-history``: oldest first): when submitted (local time), status, duration,
     user, where (``bg``/``fg`` and origin), the notebook cell, the call and the uid; the
     first line of an error follows its row as ``    error: ...`` (a task of a kernel that
-    died reads "kernel stopped while the task was running").
+    died reads "kernel stopped while the task was running", its duration ``≥ 2.5 s``: up to
+    the kernel's last sign of life).
 
     Odd values (lone surrogates, control characters, None, huge texts, wrong types) are
     escaped, cut or read as missing: a bad record never breaks the table."""
@@ -333,9 +334,10 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
     rows, notes = [], []
     for rec in records:
         duration = _duration(rec)
+        meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
         rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
                      printable(rec.get("status"), 12),
-                     "-" if duration is None else format_elapsed(duration),
+                     "-" if duration is None else ("≥ " if meta.get("orphaned") else "") + format_elapsed(duration),
                      printable(rec.get("user"), 24),
                      f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
                      cell_label(rec.get("provenance")) or "-",

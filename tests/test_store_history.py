@@ -215,6 +215,10 @@ def test_render_functions_are_pure_and_safe():
     rows = list(csv.reader(io.StringIO(history_csv(recs))))
     assert rows[0][:3] == ["uid", "name", "status"] and len(rows) == 4
     assert history_table([]).split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+    died = task("c", "failed", error=ORPHAN_REASON, journal={"orphaned": True})  # its kernel died:
+    died["finished_at"] = died["started_at"] + 2.5  # the last sign of life, a lower bound
+    assert "failed  ≥ 2.5 s" in history_table([died]).splitlines()[1]
+    assert "failed  2.5 s" in history_table([{**died, "journal": {"orphaned": False}}]).splitlines()[1]
 
 
 def test_warnings_are_issued_once(populated):
