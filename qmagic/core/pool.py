@@ -101,11 +101,16 @@ class ThreadPool:
 
     def _spawn_locked(self) -> None:
         thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        counted = False
         try:
+            # Counted before it starts (readers never see a running thread uncounted), in
+            # one statement with the flag: an interrupt lands before both or after both.
+            self._threads, counted = self._threads + 1, True
             thread.start()
-        finally:  # counted only if it exists, even when an interrupt cut start() short
-            if thread.ident is not None:
-                self._threads += 1
+        except BaseException:  # an interrupt (or no thread could start): count what exists
+            if counted and thread.ident is None:
+                self._threads -= 1
+            raise
 
     def _spawn_if_waiting(self, seq: int) -> None:
         """Timer: if job number ``seq`` is still waiting, start threads for the jobs that
