@@ -19,7 +19,7 @@ from .format import SUMMARY_KEY
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
 from .store.lockfile import MAX_USER_CHARS
-from .worker import json_problem
+from .worker import json_error
 
 __all__ = ["MAX_REQUEST_ITEMS", "MAX_USER_CHARS", "QueueserverProtocol", "status_reply"]
 
@@ -298,8 +298,8 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) 
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            why = json_problem(value)
-            if why:
+            why = json_error(value)
+            if why is not None:
                 value = None
                 msg = (f"The result can not be serialized as JSON ({why}); it stays in the kernel: "
                        f"get_worker().get_task('{rec['uid']}').result()")

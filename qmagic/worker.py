@@ -88,19 +88,22 @@ class _TaskCall:
         return self._checked(await awaitable)
 
     def _checked(self, result: Any) -> Any:
-        why = json_problem(result) if self.strict_json else ""
-        if why:
-            raise ValueError(f"Task result can not be serialized as JSON: {why}")
+        error = json_error(result) if self.strict_json else None
+        if error is not None:  # (chained: queueserver's traceback shows json's own error)
+            raise ValueError(f"Task result can not be serialized as JSON: {error}") from error
         return result
 
 
-def json_problem(value: Any) -> str:
-    """Why ``value`` cannot be sent as JSON ("" if it can): the rule for remote results."""
+def json_error(value: Any) -> Exception | None:
+    """Why ``value`` cannot be sent as JSON (what ``json.dumps`` raises), None if it can:
+    the rule for remote results.  A value nested too deeply says so."""
     try:
         json.dumps(value)
     except (TypeError, ValueError, OverflowError) as exc:
-        return str(exc)
-    return ""
+        return exc
+    except RecursionError:
+        return ValueError("it is nested too deeply")
+    return None
 
 
 def _busy_text(refusal: str, running: Task | None) -> str:

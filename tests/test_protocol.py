@@ -201,6 +201,24 @@ def test_request_lists_have_a_maximum(make_worker):
     assert reply["success"] is False and f"at most {MAX_REQUEST_ITEMS}" in reply["msg"]
 
 
+def test_a_result_nested_too_deeply_is_refused_with_the_reason(make_worker):
+    """json.dumps raises RecursionError for such a value: remote task_result answers as for
+    any value JSON cannot hold (found by a hostile test: it failed with "a qmagic bug")."""
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    w = make_worker({"deep": lambda: deep})
+    qs = QS(w)
+    mine = w.submit("deep")  # from Python: the value stays on the Task
+    assert mine.result(TIMEOUT) is deep
+    res = qs.task_result(task_uid=mine.uid)
+    assert res["success"] is True and res["task_uid"] == mine.uid
+    assert res["result"]["return_value"] is None and "nested too deeply" in res["result"]["msg"]
+    remote = w.get_task(qs.function_execute("deep", run_in_background=True)["task_uid"])
+    assert remote.wait(TIMEOUT) and remote.status is TaskStatus.FAILED
+    assert remote.error == "Task result can not be serialized as JSON: it is nested too deeply"
+
+
 def test_json_rule_for_remote_tasks(make_worker):
     w = make_worker({"obj": lambda: object(), "nan": lambda: float("nan")})
     qs = QS(w)
