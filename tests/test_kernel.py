@@ -123,6 +123,23 @@ def test_background_output_goes_to_the_cell_that_started_it(qk):
     assert qk.eval("bg_c.output") == "c started\nc finished\n"
 
 
+def test_output_of_a_background_task_no_cell_started_goes_to_no_cell(qk):
+    """A remote client's background task (started on another thread, as the control channel
+    does) prints while a scientist runs a cell: none of it lands in that cell; the task
+    keeps it (found by a hostile test: most of the lines did)."""
+    qk.execute(
+        "remote = {}\n"
+        "th = threading.Thread(target=lambda: remote.update(qs.function_execute(\n"
+        "    {'name': 'bg_wait', 'args': ['r']}, run_in_background=True)))\n"
+        "th.start(); th.join(10); rt = w.get_task(remote['task_uid'])\n"
+        "wait_until(lambda: 'r started' in rt.output)",
+        check=True,
+    )
+    cell = qk.execute("print('my cell'); events['r'].set(); rt.wait(10); print(rt.status.value)", check=True)
+    assert qk.stream_text(cell.msg_id) == "my cell\ncompleted\n"
+    assert qk.eval("rt.output") == "r started\nr finished\n"
+
+
 def test_foreground_requests_from_threads_follow_the_busy_rule(qk):
     result = qk.execute(
         "res = {}\n"

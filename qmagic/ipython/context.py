@@ -3,8 +3,10 @@ it, how cell file names read, and the kernel's connection info.
 
 - :class:`CellOutputHook` (an engine context hook) pins a background task's output to the
   cell that started it (ipykernel >= 7.4 ``set_thread_parent``; the same per-context
-  variables on older 7.x).  Output written at the file-descriptor level (C code,
-  subprocesses) still goes to whatever cell runs at that moment.
+  variables on older 7.x).  A background task no cell started (a remote client's, a panel
+  click's) prints into no cell: its output stays on the task (``%task_output``, the info
+  socket's console), never in a cell the scientist happens to be running.  Output written at
+  the file-descriptor level (C code, subprocesses) still goes to whatever cell runs then.
 - :func:`provenance` reads the running request: the notebook (``JPY_SESSION_NAME`` /
   ``__session__``), the cell id and execution count, a short hash of the cell's source.
 - :func:`cell_labeler` turns the kernel's temporary cell file names into ``Cell In[12]``.
@@ -31,9 +33,13 @@ def execute_request(shell: Any) -> dict | None:
     if get_parent is None:
         return None
     try:
-        parent = get_parent()
+        return _if_execute(get_parent())
     except Exception:  # noqa: BLE001
         return None
+
+
+def _if_execute(parent: Any) -> dict | None:
+    """``parent`` if it is a cell's execute_request."""
     if isinstance(parent, dict) and (parent.get("header") or {}).get("msg_type") == "execute_request":
         return parent
     return None
@@ -46,16 +52,29 @@ class CellOutputHook:
         self.shell = shell
 
     def capture(self, task: Any) -> Any:
-        """The submitting cell's request (only for background tasks started in a cell)."""
-        if not getattr(task, "background", False) or threading.current_thread() is not threading.main_thread():
+        """For a background task: the request of the cell that started it (on the main thread,
+        the running cell; on a task's thread, that task's cell), else no cell (``{}``)."""
+        if not getattr(task, "background", False):
             return None
-        return execute_request(self.shell)
+        if threading.current_thread() is threading.main_thread():
+            request = execute_request(self.shell)
+        else:  # this thread's own cell only: the kernel's current one is another request's
+            own = getattr(self.shell, "_parent_header", None)
+            try:
+                request = _if_execute(own.get()) if isinstance(own, contextvars.ContextVar) else None
+            except LookupError:
+                request = None
+        return request if request is not None else _NO_CELL
 
     def apply(self, task: Any, token: Any) -> contextlib.AbstractContextManager:
         """Context manager active around the task's code (its thread or asyncio task)."""
         if token is None:
             return contextlib.nullcontext()
         return _thread_parent(self.shell, token)
+
+
+#: The parent of a background task's output when no cell started it: no cell shows it.
+_NO_CELL: dict = {}
 
 
 @contextlib.contextmanager
