@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from . import __version__
+from . import __version__, probe
 from .core.task import Task
 from .errors import RequestRefused
 from .store.lockfile import check_key
@@ -40,6 +40,18 @@ def _lock_key(params: Mapping[str, Any]) -> str | None:
     return key
 
 
+def _re_state(run_engine: Any) -> str | None:
+    """``RE.state`` read with a deadline (the property is the namespace's code); None when
+    there is no Run Engine, or it does not answer at once: status always answers."""
+    if run_engine is None:
+        return None
+    try:
+        state = probe.read(lambda: getattr(run_engine, "state", None))
+    except Exception:  # noqa: BLE001 - ProbeTimeout, or the property raised
+        return None
+    return state if isinstance(state, str) else None
+
+
 def status_reply(worker: Any) -> dict[str, Any]:
     """The queueserver ``status`` dict (every key the clients read)."""
     counts = worker.engine.counts()
@@ -56,8 +68,7 @@ def status_reply(worker: Any) -> dict[str, Any]:
     else:
         kernel_state, captured = ("busy" if busy else "idle"), False
         background = counts["running_background"]
-    re_state = getattr(worker.namespace.get("RE"), "state", None) if env_open else None
-    re_state = re_state if isinstance(re_state, str) else None
+    re_state = _re_state(worker.namespace.get("RE")) if env_open else None
     catalog = worker.catalog
     status_key = (state, kernel_state, background, counts["results_uid"], lock.uid, catalog.plans_uid,
                   catalog.devices_uid, worker.permissions_uid, worker.environment_uid, re_state)

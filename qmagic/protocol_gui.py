@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import probe
 from .catalog import describe_device, describe_plan
 from .core.permissions import MSG_NO_GROUP
 from .errors import PermissionRefused, RequestRefused
@@ -51,7 +52,11 @@ class GuiMethods:
     def plans_existing(self, params: dict, **who: Any) -> dict:
         """queueserver ``plans_existing``: the plans (generator functions) of the namespace."""
         catalog = self.worker.catalog
-        plans = {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
+        try:
+            plans = _described("plans", lambda: {n: describe_plan(n, p)
+                                                 for n, p in sorted(catalog.plans().items())})
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "plans_existing": {}, "plans_existing_uid": None}
         return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
 
     def plans_allowed(self, params: dict, **who: Any) -> dict:
@@ -62,13 +67,19 @@ class GuiMethods:
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), "plans_allowed": {}, "plans_allowed_uid": None}
         reply = self.plans_existing(params)
+        if not reply["success"]:
+            return {"success": False, "msg": reply["msg"], "plans_allowed": {}, "plans_allowed_uid": None}
         return {"success": True, "msg": "", "plans_allowed": reply["plans_existing"],
                 "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
 
     def devices_existing(self, params: dict, **who: Any) -> dict:
         """queueserver ``devices_existing``: the ophyd / ophyd-async devices of the namespace."""
         catalog = self.worker.catalog
-        devices = {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
+        try:
+            devices = _described("devices", lambda: {n: describe_device(d)
+                                                     for n, d in sorted(catalog.devices().items())})
+        except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "devices_existing": {}, "devices_existing_uid": None}
         return {"success": True, "msg": "", "devices_existing": devices,
                 "devices_existing_uid": catalog.devices_uid}
 
@@ -79,6 +90,8 @@ class GuiMethods:
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), "devices_allowed": {}, "devices_allowed_uid": None}
         reply = self.devices_existing(params)
+        if not reply["success"]:
+            return {"success": False, "msg": reply["msg"], "devices_allowed": {}, "devices_allowed_uid": None}
         return {"success": True, "msg": "", "devices_allowed": reply["devices_existing"],
                 "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
 
@@ -90,3 +103,19 @@ class GuiMethods:
     def history_get(self, params: dict, **who: Any) -> dict:
         """queueserver ``history_get``: a kernel has no plan history (always empty)."""
         return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
+
+
+#: How long describing the namespace's plans or devices may take (seconds).
+DESCRIBE_TIMEOUT_S = 5.0
+
+
+def _described(what: str, describe: Any) -> dict:
+    """``describe()`` read with a deadline (it runs the objects' own code: reprs,
+    attributes); RequestRefused, saying what to do, when an object blocks."""
+    try:
+        return probe.read(describe, DESCRIBE_TIMEOUT_S)
+    except probe.ProbeTimeout:
+        raise RequestRefused(
+            f"Error: Listing the namespace's {what} did not finish: an object's repr or attribute "
+            f"blocks (waited {DESCRIBE_TIMEOUT_S:g} s; the kernel is fine). Fix or remove that object."
+        ) from None

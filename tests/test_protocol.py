@@ -7,6 +7,7 @@ import pytest
 from qmagic import TaskStatus
 
 from engine_helpers import QS, STATUS_KEYS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from polling import eventually
 
 
 def test_status_has_every_protocol_key(make_worker):
@@ -406,3 +407,41 @@ def test_an_empty_lock_key_opens_nothing_but_is_no_error(make_worker):
         assert reply["success"] is False and reply["msg"].startswith("Error: Invalid lock key")
     finally:
         w.unlock()
+
+
+def test_an_object_that_blocks_when_read_never_holds_up_a_reply(make_worker):
+    """The namespace's own code (a property, a repr) may block; status and the plan list
+    answer anyway, and everything works again once it returns (found by a hostile test: a
+    blocking RE.state froze the control channel for good)."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    class StuckRE:
+        @property
+        def state(self):
+            release.wait(TIMEOUT)
+            return "idle"
+
+    class StuckDefault:
+        def __repr__(self):
+            release.wait(TIMEOUT)
+            return "StuckDefault()"
+
+    def scan(detector=StuckDefault()):
+        yield detector
+
+    w = make_worker({"RE": StuckRE(), "scan": scan})
+    qs = QS(w)
+    try:
+        t0 = time.monotonic()
+        assert qs.status()["re_state"] is None  # after the deadline: no state, but a reply
+        assert qs.status()["re_state"] is None  # still stuck: gives up at once
+        plans = qs.plans_existing()
+        assert plans["success"] is False and "an object's repr or attribute blocks" in plans["msg"]
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        release.set()
+    eventually(lambda: qs.status()["re_state"] == "idle", TIMEOUT, "RE.state to answer again")
+    assert qs.plans_existing()["plans_existing"]["scan"]["parameters"][0]["default"] == "StuckDefault()"
