@@ -140,3 +140,29 @@ def test_bad_address_is_a_clear_error(make_worker):
             InfoPublisher(worker, first.address, lambda: {}).start()
     finally:
         first.stop()
+
+
+def test_a_flood_keeps_memory_bounded_and_says_what_was_dropped(make_worker):
+    """Producers only note what is new (one wake-up waits at a time); console text waiting to
+    be sent is bounded, the oldest dropped first, with a note saying how much (found by a
+    hostile test: a progress flood queued 2 million items, +650 MB)."""
+    from qmagic.remote.info import CONSOLE_BACKLOG_CHARS, TOPIC_CONSOLE
+
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    task = qmagic.Task("uid-1", "f", user="u", user_group="g", background=True)
+    line = "x" * 999 + "\n"
+    for _ in range(3000):
+        pub._on_output(task, line)
+        pub._on_event("uid-1", progress=None)
+    assert pub._queue.qsize() == 1  # one wake-up, whatever came
+    assert CONSOLE_BACKLOG_CHARS - len(line) < pub._console_chars <= CONSOLE_BACKLOG_CHARS
+    assert pub._console_dropped == 3000 * len(line) - pub._console_chars
+    dropped = pub._console_dropped
+    sent: list = []
+    pub._send = lambda sock, topic, msg: sent.append((topic, msg))
+    pub._publish_console(None)
+    assert sent[0] == (TOPIC_CONSOLE, f"\n[qmagic: {dropped} characters of console output were "
+                                      "dropped: they came faster than they could be sent]\n")
+    assert [m for _, m in sent[1:]] == [line] * (CONSOLE_BACKLOG_CHARS // len(line))
+    assert pub._console_chars == pub._console_dropped == 0 and not pub._wake_pending

@@ -13,7 +13,10 @@ topics, each message two frames ``[topic, JSON payload]`` with the payload
 
 Subscribers: ``REManagerAPI.console_monitor`` and ``system_info_monitor``,
 ``qserver-console-monitor``, bluesky-httpserver's ``/api/console_output`` and websockets.  Producers
-(any thread) only put items on a queue; one thread owns the socket.
+(any thread) only note what is new and wake the publishing thread (one wake-up waits at a
+time); one thread owns the socket.  Memory stays bounded whatever the producers do: task
+events merge per task, and console text waiting to be sent is kept up to
+:data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import zmq
@@ -33,7 +37,8 @@ from ..core.status import FINISHED_VALUES
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
-__all__ = ["InfoPublisher", "DEFAULT_INFO_ADDRESS", "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
+__all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "DEFAULT_INFO_ADDRESS", "TOPIC_CONSOLE", "TOPIC_INFO",
+           "TASK_EVENTS_HZ"]
 
 log = logging.getLogger("qmagic")
 
@@ -42,6 +47,8 @@ TOPIC_CONSOLE = b"QS_Console"
 TOPIC_INFO = b"QS_Info"
 #: Most task event messages per second per task (the final state is always sent).
 TASK_EVENTS_HZ = 10.0
+#: Console text kept while it waits to be sent (characters); older text is dropped first.
+CONSOLE_BACKLOG_CHARS = 1_000_000
 _STATUS_PERIOD_S = 1.0
 
 
@@ -63,11 +70,15 @@ class InfoPublisher(SocketThread):
         self.all_output = all_output
         self.status_period = status_period
         self._status = status
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups (None: stop)
         self._subscription: Any = None
         self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
         self._sent_at: dict[str, float] = {}
-        self._tasks_lock = threading.Lock()
+        self._tasks_lock = threading.Lock()  # the pending state below, and the wake-up flag
+        self._console: deque[str] = deque()  # console text waiting to be sent
+        self._console_chars = 0
+        self._console_dropped = 0  # characters dropped since the last send
+        self._wake_pending = False
         self.messages = 0
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
@@ -88,8 +99,18 @@ class InfoPublisher(SocketThread):
 
     # -- producers (any thread) -----------------------------------------------------------------
     def _on_output(self, task: Any, text: str) -> None:
-        if task is not None or self.all_output:
-            self._queue.put(("console", text))
+        if task is None and not self.all_output:
+            return
+        with self._tasks_lock:
+            self._console.append(text)
+            self._console_chars += len(text)
+            while self._console_chars > CONSOLE_BACKLOG_CHARS and len(self._console) > 1:
+                old = self._console.popleft()
+                self._console_chars -= len(old)
+                self._console_dropped += len(old)
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:
+            self._queue.put("new")
 
     def _on_event(self, task_uid: str, **event: Any) -> None:
         """Worker events: merge into the task's pending state; wake the thread."""
@@ -109,7 +130,9 @@ class InfoPublisher(SocketThread):
                 state["result"] = fmt.safe_repr(event["result"], 200)
             if "error" in event:
                 state["error"] = fmt.one_line(event["error"], 200) or type(event["error"]).__name__
-        self._queue.put(("event", task_uid))
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:
+            self._queue.put("new")
 
     # -- the publishing thread ---------------------------------------------------------------------
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
@@ -145,13 +168,11 @@ class InfoPublisher(SocketThread):
                 try:
                     item = self._queue.get(timeout=wait)
                 except queue.Empty:
-                    item = ("tick", None)
+                    item = "tick"
                 if item is None:
                     break
-                kind, value = item
-                if kind == "console":
-                    self._send(sock, TOPIC_CONSOLE, value)
-                elif kind == "event":
+                if item == "new":
+                    self._publish_console(sock)
                     last_status = self._publish_status(sock, last_status, force=False)
                 self._publish_tasks(sock, time.monotonic())
         except Exception:  # noqa: BLE001 - never let the thread die with a traceback
@@ -161,6 +182,18 @@ class InfoPublisher(SocketThread):
             if auth is not None:
                 auth.stop()
             ctx.term()
+
+    def _publish_console(self, sock: zmq.Socket) -> None:
+        """Send the console text that waits (after a note of what was dropped, if any)."""
+        with self._tasks_lock:
+            self._wake_pending = False  # (from here on, new text wakes the thread again)
+            texts, self._console = self._console, deque()
+            dropped, self._console_chars, self._console_dropped = self._console_dropped, 0, 0
+        if dropped:
+            self._send(sock, TOPIC_CONSOLE, f"\n[qmagic: {dropped} characters of console output were "
+                                            "dropped: they came faster than they could be sent]\n")
+        for text in texts:
+            self._send(sock, TOPIC_CONSOLE, text)
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
         payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
