@@ -4,7 +4,10 @@ Events follow the Tango long-running-command convention: each callback is called
 ``callback(task_uid=..., <one of> status=/progress=/result=/error=)``.  Events are put on a
 queue under the task's lock at the moment the state changes, so per task they arrive in the
 order the changes happened; one dispatcher thread calls the callbacks, so a slow or failing
-callback never slows or breaks a task.
+callback never slows or breaks a task.  Progress reported faster than the callbacks take it
+is merged: while a task's latest queued event is a progress that was not delivered yet, a new
+progress replaces its value (at most one waits per task between other events, so a tight
+``report_progress`` loop never piles up the queue; the order stays as it was).
 """
 
 from __future__ import annotations
@@ -129,9 +132,20 @@ class EventBus:
 
     def emit(self, task: Task, **event: Any) -> None:
         """Queue one event of ``task`` for every current subscriber (cheap if none); called
-        with the task's lock held, so that its events keep their order."""
-        if self._global or task._subscribers:
-            self._queue.put((task, event, None))
+        with the task's lock held, so that its events keep their order (a progress merges
+        into one still waiting: see the module docstring)."""
+        if not (self._global or task._subscribers):
+            return
+        if "progress" in event:
+            waiting = task._progress_waiting
+            if waiting is not None:
+                waiting[0] = event["progress"]
+                return
+            task._progress_waiting = waiting = [event["progress"]]
+            self._queue.put((task, waiting, None))
+            return
+        task._progress_waiting = None  # (a later progress queues behind this event)
+        self._queue.put((task, event, None))
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until every event queued so far has been delivered; True on success."""
@@ -159,6 +173,11 @@ class EventBus:
                     return
                 event.set()  # a flush marker
                 continue
+            if isinstance(event, list):  # a progress, perhaps merged: its latest value
+                with task._mutex:
+                    if task._progress_waiting is event:
+                        task._progress_waiting = None
+                    event = {"progress": event[0]}
             subs = (only,) if only is not None else self._global + task._subscribers
             for sub in subs:
                 if not sub.active:

@@ -112,6 +112,7 @@ class TaskState(Future):
     _cancel_reason = "Task was cancelled"
     _ending = False  # a runner claimed the right to finish the task
     _subscribers: tuple[Subscription, ...] = ()
+    _progress_waiting: list | None = None  # the bus's undelivered progress, if it is the last event
 
     @property
     def _condition(self) -> threading.Condition:
