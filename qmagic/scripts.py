@@ -2,9 +2,10 @@
 
 If the script raises, every name it added, changed or removed is restored, so the namespace
 is as before (objects it mutated in place cannot be restored); names it cannot bind — what
-cells or other tasks set meanwhile — are left alone (:func:`bound_names`; a star import
-makes every name the script's).  On success the names it added, changed and removed are
-reported.
+cells or other tasks set meanwhile — are left alone (:func:`bound_names`; a star import, or
+code that reaches the namespace itself — ``globals()``, ``vars()``, ``locals()``, ``exec``,
+``eval``, a ``__dict__`` — makes every name the script's).  On success the names it added,
+changed and removed are reported.
 
 Scripts never wait for each other: a background script runs while a foreground one does, as
 in queueserver, so a script that never ends (``time.sleep(3600)``) stalls no later upload
@@ -42,12 +43,14 @@ def check_script_name(name: Any) -> str:
 
 
 _BINDING_OPS = {"STORE_NAME", "DELETE_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
+#: Names through which code can bind any name of the namespace (``globals()["x"] = 1``).
+_DYNAMIC_NAMES = {"globals", "vars", "locals", "exec", "eval"}
 
 
 def bound_names(code: CodeType) -> set[str] | None:
     """The namespace names a script's code can bind or delete: its module-level assignments,
-    definitions and imports, and ``global`` statements in its functions.  None when a star
-    import may bind any name."""
+    definitions and imports, and ``global`` statements in its functions.  None when any name
+    may change: a star import, or code that reaches the namespace dict itself."""
     names: set[str] = set()
     stack = [code]
     while stack:
@@ -55,6 +58,9 @@ def bound_names(code: CodeType) -> set[str] | None:
         for ins in dis.get_instructions(co):
             if ins.opname in _BINDING_OPS:
                 names.add(ins.argval)
+            elif ((ins.opname in ("LOAD_NAME", "LOAD_GLOBAL") and ins.argval in _DYNAMIC_NAMES)
+                  or (ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval == "__dict__")):
+                return None
             elif ins.opname == "IMPORT_STAR" or (ins.opname == "CALL_INTRINSIC_1"
                                                  and "IMPORT_STAR" in str(ins.argrepr)):
                 return None
@@ -81,6 +87,7 @@ class ScriptRunner:
         code = compile(script, filename, "exec")  # a SyntaxError changes nothing
         names = bound_names(code)  # None: a star import, any name may change
         before = dict(ns) if names is None else {k: ns[k] for k in names if k in ns}
+        kept = {k: ns.get(k, _MISSING) for k in keep}  # (however the script reaches them)
         touched = (lambda: set(ns) | set(before)) if names is None else (lambda: names)
         try:
             exec(code, ns)  # noqa: S102 - running the user's script is the purpose
@@ -92,9 +99,11 @@ class ScriptRunner:
                 elif ns.get(key, _MISSING) is not old:
                     ns[key] = old
             raise
-        for key in keep:
-            if key in before:
-                ns[key] = before[key]
+        for key, old in kept.items():
+            if old is _MISSING:
+                ns.pop(key, None)
+            else:
+                ns[key] = old
         keys = touched() - {"__builtins__"}
         added = sorted(k for k in keys if k in ns and k not in before)
         removed = sorted(k for k in keys if k in before and k not in ns)

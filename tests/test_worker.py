@@ -473,6 +473,23 @@ def test_a_failing_script_restores_only_its_own_names(make_worker):
     assert w.namespace["measurement"] == [1, 2, 3]
 
 
+def test_a_failing_script_that_writes_through_globals_is_rolled_back_too(make_worker):
+    """Names written with globals()[...], globals().update(...) or exec(...) are the script's
+    too (found by a hostile test: they stayed after the script raised)."""
+    w = make_worker({"calibration": 1.0, "RE": "the run engine"})
+    before = dict(w.namespace)
+    for script in ("globals()['calibration'] = 999.0\nraise RuntimeError('bad fit')",
+                   "globals().update(injected=1, calibration=2.0)\nraise RuntimeError('bad fit')",
+                   "exec('also = 1; calibration = 3.0')\nraise RuntimeError('bad fit')"):
+        task = w.run_script(script)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+        assert {k: v for k, v in w.namespace.items() if k != "__builtins__"} == before, script
+    # queueserver's update_re=False: RE and db stay as they were, however the script reaches them
+    task = w.run_script("globals()['RE'] = 'replaced'\ndb = 'a new catalog'\nx = 1")
+    task.result(TIMEOUT)
+    assert w.namespace["RE"] == "the run engine" and "db" not in w.namespace and w.namespace["x"] == 1
+
+
 def test_a_script_reports_only_what_it_changed(make_worker):
     w = make_worker({"a": 1, "b": 2})
     w.namespace["c"] = 3
