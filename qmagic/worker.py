@@ -31,7 +31,7 @@ from .core.permissions import require_caller
 from .core.task import Task
 from .errors import RequestRefused
 from .scripts import ScriptRunner, check_script_name
-from .store.lockfile import MAX_USER_CHARS, text_ok
+from .store.lockfile import MAX_USER_CHARS, USER_RULE, text_ok
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
 
@@ -185,9 +185,8 @@ class Worker(StateMixin, LookupMixin, QMagic):
         require_caller(user, user_group)
         if not text_ok(user, MAX_USER_CHARS):  # (stored in the log and the lock, shown everywhere)
             shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
-            raise RequestRefused(
-                "Error: Incorrect request format: user name must be text of at most "
-                f"{MAX_USER_CHARS} characters without lone surrogates: user = {shown}")
+            raise RequestRefused(f"Error: Incorrect request format: user name must be {USER_RULE}: "
+                                 f"user = {shown}")
         return user, user_group
 
     # -- starting tasks ------------------------------------------------------------------------

@@ -1017,7 +1017,7 @@ LOOSE = [
      "Note must be a string"),
     ("lock", {"lock_key": "k", "user": 5, "environment": True}, "User name must be a non-empty string"),
     ("lock", {"lock_key": "k", "user": "\udcff", "environment": True},
-     "User name must be a non-empty string"),
+     "User name must be text of at most 1000 characters without lone surrogates"),
     ("lock", {"lock_key": 5, "user": "u", "environment": True}, "Lock key must be a non-empty string"),
     ("lock", {"lock_key": True, "user": "u", "environment": True}, "Lock key must be a non-empty string"),
     ("lock", {"lock_key": "", "user": "u", "environment": True}, "Lock key must be a non-empty string"),

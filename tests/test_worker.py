@@ -490,6 +490,18 @@ def test_a_failing_script_that_writes_through_globals_is_rolled_back_too(make_wo
     assert w.namespace["RE"] == "the run engine" and "db" not in w.namespace and w.namespace["x"] == 1
 
 
+def test_sys_exit_in_a_script_says_what_the_code_did(make_worker):
+    w = make_worker({})
+    for script, error in (("import sys\nsys.exit(3)", "the code called sys.exit(3)"),
+                          ("raise SystemExit", "the code called sys.exit()")):
+        task = w.run_script(script)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED and task.error == error
+    with pytest.raises(RequestRefused, match="user name must be text of at most 1000 characters"):
+        w.submit(lambda: 1, user="u" * 1001)
+    with pytest.raises(RequestRefused, match="User name must be text of at most 1000 characters"):
+        w.lock("k", user="\udcff")
+
+
 def test_a_script_reports_only_what_it_changed(make_worker):
     w = make_worker({"a": 1, "b": 2})
     w.namespace["c"] = 3

@@ -42,7 +42,11 @@ CancelHook = Callable[["Task", bool, str], bool]
 
 
 def exception_text(exc: BaseException) -> str:
-    """``str(exc)``, or the exception's class name when that is empty."""
+    """``str(exc)``, or the exception's class name when that is empty; for ``SystemExit``
+    what the code did (``str`` of ``sys.exit(3)`` is a bare "3")."""
+    if isinstance(exc, SystemExit):
+        code = getattr(exc, "code", None)
+        return "the code called sys.exit()" if code is None else f"the code called sys.exit({code!r})"
     try:
         text = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not lose the record

@@ -37,6 +37,8 @@ __all__ = ["MAX_KEY_CHARS", "MAX_NOTE_CHARS", "MAX_USER_CHARS", "LockFile", "Loc
 #: Longest lock key accepted (characters): bounds what a key check hashes.
 MAX_KEY_CHARS = 1024
 MAX_USER_CHARS = 1000
+#: What a user name must be, for messages.
+USER_RULE = f"text of at most {MAX_USER_CHARS} characters without lone surrogates"
 MAX_NOTE_CHARS = 10000
 MAX_FILE_BYTES = 65536
 RACY_SECONDS = 1.0  # a file changed this recently may hide a rewrite from its identity

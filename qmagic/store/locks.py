@@ -63,6 +63,7 @@ from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (
     MAX_NOTE_CHARS,
     MAX_USER_CHARS,
+    USER_RULE,
     LockFile,
     LockState,
     Snapshot,
@@ -250,7 +251,8 @@ class LockStore:
         file cannot be written (nothing changed).
         """
         if not text_ok(user, MAX_USER_CHARS):
-            raise RequestRefused(f"Error: User name must be a non-empty string: user = {short(user)}")
+            rule = USER_RULE if isinstance(user, str) and user else "a non-empty string"
+            raise RequestRefused(f"Error: User name must be {rule}: user = {short(user)}")
         check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
