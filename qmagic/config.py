@@ -113,7 +113,8 @@ class QMagic(Configurable):
     lock_wrong_keys_allowed = Int(
         3, min=0, max=1000,
         help="Wrong lock keys a client may present before each further one makes it wait "
-        "(other clients are not slowed down).",
+        "(other clients are not slowed down; without client keys, clients are told apart by "
+        "address only).",
     ).tag(config=True)
     lock_backoff_s = Float(
         1.0, min=0.01, max=3600.0,

@@ -338,3 +338,13 @@ def _try(func):
         return func()
     except Exception as exc:  # noqa: BLE001 - returned to the test
         return exc
+
+
+def test_the_back_off_text_says_when_clients_share_it():
+    """Without client keys a remote client is known by its address only: the refusal says
+    that clients on one machine share the wait (found by a hostile test)."""
+    from qmagic.store.keys import throttled_text
+
+    assert "share this wait" in throttled_text("peer:127.0.0.1", 2.0)
+    assert "share this wait" not in throttled_text("user:alice", 2.0)
+    assert "share this wait" not in throttled_text(None, 2.0)

@@ -186,8 +186,10 @@ class Throttle:
 def throttled_text(client: Any, wait_s: float) -> str:
     """The refusal shown to a client in back-off."""
     who = "this kernel" if client is None else "this client"
+    shared = (" Clients without a client key are told apart by address only: those on one "
+              "machine share this wait." if isinstance(client, str) and client.startswith("peer:") else "")
     return (f"Error: Too many wrong lock keys from {who}: wait {math.ceil(wait_s * 10) / 10:.1f} s "
-            "before trying again (each further wrong key doubles the wait).")
+            f"before trying again (each further wrong key doubles the wait).{shared}")
 
 
 class KeyChecker:
