@@ -32,6 +32,7 @@ from .core.task import Task
 from .errors import RequestRefused
 from .scripts import ScriptRunner, check_script_name
 from .store.lockfile import MAX_USER_CHARS, USER_RULE, text_ok
+from .worker_locks import LockMixin
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
 
@@ -116,7 +117,7 @@ def _busy_text(refusal: str, running: Task | None) -> str:
             "this one in the background instead (-b, or background=True).")
 
 
-class Worker(StateMixin, LookupMixin, QMagic):
+class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
     """Runs the functions of ``namespace`` as tracked tasks.
 
     ``Worker(namespace, parent=None, config=None, hidden_names=None, **settings)``: settings

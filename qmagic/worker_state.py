@@ -1,6 +1,7 @@
-"""The worker's shared state: permissions, the environment lock, the experiment log, and
-whether the environment is open.  A mix-in of :class:`qmagic.Worker` (the rules live in one
-class; this module keeps worker.py to one screenful per job).
+"""The worker's shared state: permissions, the lock store (opened and replaced here; its
+rules are :mod:`qmagic.worker_locks`), the experiment log, and whether the environment is
+open.  A mix-in of :class:`qmagic.Worker` (the rules live in one class; this module keeps
+worker.py to one screenful per job).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from traitlets import HasTraits, observe
 from . import format as fmt
 from .core.permissions import Permissions
 from .core.task import Task
-from .errors import LOG_OFF, LockRefused, LogUnavailable, RequestRefused, StateFileError
-from .store.lockfile import check_key
+from .errors import LOG_OFF, LogUnavailable, RequestRefused, StateFileError
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
@@ -45,7 +45,7 @@ class _LogObserver:
 
 
 class StateMixin(HasTraits):
-    """Permissions, lock, experiment log and environment state of a worker."""
+    """Permissions, the lock store, experiment log and environment state of a worker."""
 
     # -- set up and tear down ------------------------------------------------------------------
     def _init_state(self) -> None:
@@ -188,101 +188,6 @@ class StateMixin(HasTraits):
         self.check_lock(lock_key, "queue", origin=origin, client=client)
         self._set_rules(self._load_permissions(file_first=True) if restore else self._permissions)
         return self._permissions
-
-    # -- the lock ----------------------------------------------------------------------------------
-    def _key(self, lock_key: Any, origin: str) -> Any:
-        """This kernel's remembered key stands in for a missing one, except for remote callers."""
-        if lock_key is None and origin != "remote":
-            return self._remembered_key
-        return lock_key
-
-    def check_lock(self, lock_key: Any = None, scope: str = "environment", *,
-                   origin: str = "python", client: str | None = None) -> None:
-        """Raise :class:`qmagic.LockRefused` unless ``scope`` is unlocked or the key opens it
-        (the error's ``state`` is the lock that refused)."""
-        try:
-            self._locks.check(self._key(lock_key, origin), scope, client=client)
-        except LockRefused as exc:
-            raise self._with_state(exc) from None
-
-    def _with_state(self, exc: LockRefused) -> LockRefused:
-        """``exc`` with the lock that refused as its ``state`` (the doors word it from that)."""
-        if getattr(exc, "state", None) is None:
-            exc.state = self._locks.state()
-        return exc
-
-    def lock(self, lock_key: str | None = None, *, environment: bool | None = None,
-             queue: bool | None = None, note: str | None = None, user: str | None = None,
-             origin: str = "python", client: str | None = None) -> Any:
-        """Lock the environment and/or the queue with a key; returns the new LockState.
-
-        From this kernel (not remote): neither scope given means the environment; a missing
-        key means the key of this kernel's earlier lock, else
-        :func:`qmagic.get_default_lock_key`; a missing user means ``QMagic.default_user``.
-        The kernel remembers the key, so its own magics and Python calls keep working while
-        others need it.  Refusals raise LockRefused.
-        """
-        if origin != "remote":
-            if environment is None and queue is None:
-                environment = True
-            user = self.default_user if user is None else user
-        with self._key_lock:  # the remembered key follows the lock store, click or cell
-            if origin != "remote":
-                if lock_key is None:
-                    lock_key = self._remembered_key
-                if lock_key is None:
-                    from .store.keys import get_default_lock_key
-
-                    lock_key = get_default_lock_key()
-            state = self._locks.lock(lock_key, environment=False if environment is None else environment,
-                                     queue=False if queue is None else queue,  # (types checked there)
-                                     note=note, user=user, client=client)
-            if origin != "remote":
-                self._remembered_key = lock_key
-        return state
-
-    def unlock(self, lock_key: str | None = None, *, origin: str = "python",
-               client: str | None = None) -> Any:
-        """Unlock with the lock key or the emergency key; returns the new LockState.
-
-        Without a key, this kernel's remembered key is used; if it holds none while the
-        environment is locked, the request is refused with what to do."""
-        key = self._key(lock_key, origin)
-        if origin == "remote":  # queueserver requires a key: none remembered stands in
-            check_key(key)
-        if key is None:
-            state = self._locks.state()
-            if state.environment or state.queue:
-                raise RequestRefused(
-                    "This kernel does not hold the key of the current lock: give the lock key "
-                    "or the emergency key (%unlock --key KEY)."
-                )
-            return state
-        try:
-            with self._key_lock:
-                state = self._locks.unlock(key, client=client)
-                if origin != "remote":
-                    self._remembered_key = None
-        except LockRefused as exc:
-            raise self._with_state(exc) from None
-        return state
-
-    def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:
-        """The current LockState, read now; with ``lock_key`` given, LockRefused if it is wrong.
-
-        No remembered key stands in for a missing one: showing the lock never fails because
-        this kernel's key no longer opens it."""
-        return self._locks.info(lock_key, client=client)
-
-    def current_lock(self) -> Any:
-        """The current LockState, cheaply (no system call while the lock file is unchanged;
-        :meth:`lock_state` reads the file now)."""
-        return self._locks.state()
-
-    @property
-    def holds_lock_key(self) -> bool:
-        """True when this kernel remembers a lock key (it never shows the key)."""
-        return self._remembered_key is not None
 
     # -- the environment -----------------------------------------------------------------------------
     @property
