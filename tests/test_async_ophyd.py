@@ -124,7 +124,7 @@ def test_a_coroutine_task_moves_the_motor_reports_progress_and_reads_the_detecto
     assert task.progress.message == "stage_x at 2.00"
     events = log.wait_final(task.uid)
     values = [e["progress"].value for e in events if "progress" in e]
-    assert len(values) >= 2 and values == sorted(values)  # moving, step by step
+    assert values and values == sorted(values) and values[-1] == 2.0  # moving, step by step
     assert in_loop(beamline.loop, beamline.motor.locate()) == {"setpoint": 2.0, "readback": 2.0}
     assert beamline.cleanup == [2.0]
 

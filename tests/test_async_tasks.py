@@ -100,8 +100,10 @@ def test_coroutine_task_runs_on_qmagics_loop_with_status_events_progress_output(
         ("WARNING", "beamline", "exposing s1")]
     events = log.wait_final(task.uid)
     assert statuses(events) == ["queued", "running", "completed"]
-    assert [e["progress"] for e in events if "progress" in e] == [
-        Progress(i, 3, f"point {i} of 3") for i in (1, 2, 3)]
+    reported = [e["progress"] for e in events if "progress" in e]  # (what a busy subscriber
+    everything = [Progress(i, 3, f"point {i} of 3") for i in (1, 2, 3)]  # had not taken merges)
+    assert reported and reported[-1] == everything[-1] and all(p in everything for p in reported)
+    assert reported == sorted(reported, key=everything.index)
     assert {"result": 6} in events
     record = task.to_dict()
     assert (record["kind"], record["status"], record["result"], record["error"]) == (
