@@ -100,6 +100,8 @@ class ScriptRunner:
                     ns[key] = old
             raise
         for key, old in kept.items():
+            if names is not None and key not in names:
+                continue  # the script cannot have bound it: a cell's change meanwhile stays
             if old is _MISSING:
                 ns.pop(key, None)
             else:

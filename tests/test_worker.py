@@ -488,6 +488,15 @@ def test_a_failing_script_that_writes_through_globals_is_rolled_back_too(make_wo
     task = w.run_script("globals()['RE'] = 'replaced'\ndb = 'a new catalog'\nx = 1")
     task.result(TIMEOUT)
     assert w.namespace["RE"] == "the run engine" and "db" not in w.namespace and w.namespace["x"] == 1
+    # ... and a script that cannot bind them leaves a cell's RE and db of the meantime alone
+    inside, go_on = threading.Event(), threading.Event()
+    w.namespace.update(inside=inside, go_on=go_on)
+    task = w.run_script("inside.set()\ngo_on.wait(10)\ny = 2", background=True)
+    assert inside.wait(TIMEOUT)
+    w.namespace.update(RE="a cell's new run engine", db="a cell's catalog")
+    go_on.set()
+    task.result(TIMEOUT)
+    assert (w.namespace["RE"], w.namespace["db"]) == ("a cell's new run engine", "a cell's catalog")
 
 
 def test_sys_exit_in_a_script_says_what_the_code_did(make_worker):
