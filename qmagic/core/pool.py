@@ -21,6 +21,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from .timers import Timers
@@ -108,7 +109,7 @@ class ThreadPool:
             self._threads, counted = self._threads + 1, True
             thread.start()
         except BaseException:  # an interrupt (or no thread could start): count what exists
-            if counted and thread.ident is None:
+            if counted and not _exists(thread):
                 self._threads -= 1
             raise
 
@@ -184,3 +185,12 @@ class ThreadPool:
 
 
 _LEAVE = object()
+
+
+def _exists(thread: threading.Thread, wait_s: float = 0.05) -> bool:
+    """Whether ``thread`` runs, after its ``start()`` was cut short: a thread the system made
+    names itself within moments (an interrupt may land after it was made, before it did)."""
+    deadline = time.monotonic() + wait_s
+    while thread.ident is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return thread.ident is not None
