@@ -102,3 +102,30 @@ def test_an_exception_on_any_line_of_submit_is_raised_and_leaves_nothing_behind(
                 assert status == "completed", (where, status, error)
         assert w.submit("quick").result(TIMEOUT) == 1, where  # the pool still has its thread
     assert fired_lines, f"no line of {func.__qualname__} ran"
+
+
+def test_an_interrupt_inside_thread_start_keeps_the_count_true(make_worker):
+    """The interrupt lands in Thread.start() after the system made the thread, before the
+    thread named itself: it runs, so it is counted (and close() stops it)."""
+    w = make_worker({"quick": lambda: 1})
+    pool = w.engine._pool
+    fired: list = []
+
+    def tracer(frame, event, arg):
+        if (event == "call" and frame.f_code.co_name == "wait" and frame.f_back is not None
+                and frame.f_back.f_code.co_name == "start" and not fired):
+            fired.append(1)
+            raise KeyboardInterrupt
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            w.submit("quick")
+    finally:
+        sys.settrace(None)
+    assert fired
+    live = lambda: sum(getattr(t, "_target", None) == pool._loop for t in threading.enumerate())  # noqa: E731
+    eventually(lambda: pool.threads == live() == 1, TIMEOUT, "the pool to count its one thread")
+    assert w.submit("quick").result(TIMEOUT) == 1
+
