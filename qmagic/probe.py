@@ -61,12 +61,13 @@ def read(fn: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
     :class:`ProbeTimeout` after ``timeout`` seconds (``fn`` goes on; its value is dropped),
     or at once, without running ``fn``, while an earlier read is still stuck."""
     global _thread, _stuck
-    if _stuck:
-        raise ProbeTimeout("an earlier read is still blocked")
     with _lock:
-        if _thread is None or not _thread.is_alive():  # (first use, or after a fork)
-            _thread = threading.Thread(target=_serve, name="qmagic-probe", daemon=True)
+        if _thread is None or not _thread.is_alive():  # first use, after a fork, or it died
+            _thread, _stuck = threading.Thread(target=_serve, name="qmagic-probe", daemon=True), False
             _thread.start()
+        stuck = _stuck
+    if stuck:
+        raise ProbeTimeout("an earlier read is still blocked")
     box: list = []
     done = threading.Event()
     _jobs.put((fn, box, done))

@@ -3,9 +3,11 @@
 If the script raises, every name it added, changed or removed is restored, so the namespace
 is as before (objects it mutated in place cannot be restored); names it cannot bind — what
 cells or other tasks set meanwhile — are left alone (:func:`bound_names`; a star import, or
-code that reaches the namespace itself — ``globals()``, ``vars()``, ``locals()``, ``exec``,
-``eval``, a ``__dict__`` — makes every name the script's).  On success the names it added,
-changed and removed are reported.
+code that reaches the namespace itself in the usual ways — ``globals()``, ``vars()``,
+``locals()``, ``exec``, ``eval``, a ``__dict__``, ``__globals__``, ``sys._getframe`` — makes
+every name the script's, even when it only reads; a name built at run time,
+``getattr(builtins, "glo" + "bals")``, is beyond what can be seen).  On success the names it
+added, changed and removed are reported.
 
 Scripts never wait for each other: a background script runs while a foreground one does, as
 in queueserver, so a script that never ends (``time.sleep(3600)``) stalls no later upload
@@ -43,8 +45,10 @@ def check_script_name(name: Any) -> str:
 
 
 _BINDING_OPS = {"STORE_NAME", "DELETE_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
-#: Names through which code can bind any name of the namespace (``globals()["x"] = 1``).
+#: Names through which code can bind any name of the namespace (``globals()["x"] = 1``,
+#: ``builtins.exec``, ``sys._getframe().f_globals``, ``func.__globals__``).
 _DYNAMIC_NAMES = {"globals", "vars", "locals", "exec", "eval"}
+_DYNAMIC_ATTRS = _DYNAMIC_NAMES | {"__dict__", "__globals__", "f_globals", "f_locals", "_getframe"}
 
 
 def bound_names(code: CodeType) -> set[str] | None:
@@ -59,7 +63,8 @@ def bound_names(code: CodeType) -> set[str] | None:
             if ins.opname in _BINDING_OPS:
                 names.add(ins.argval)
             elif ((ins.opname in ("LOAD_NAME", "LOAD_GLOBAL") and ins.argval in _DYNAMIC_NAMES)
-                  or (ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval == "__dict__")):
+                  or (ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM")
+                      and ins.argval in _DYNAMIC_ATTRS)):
                 return None
             elif ins.opname == "IMPORT_STAR" or (ins.opname == "CALL_INTRINSIC_1"
                                                  and "IMPORT_STAR" in str(ins.argrepr)):

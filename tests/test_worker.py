@@ -480,7 +480,9 @@ def test_a_failing_script_that_writes_through_globals_is_rolled_back_too(make_wo
     before = dict(w.namespace)
     for script in ("globals()['calibration'] = 999.0\nraise RuntimeError('bad fit')",
                    "globals().update(injected=1, calibration=2.0)\nraise RuntimeError('bad fit')",
-                   "exec('also = 1; calibration = 3.0')\nraise RuntimeError('bad fit')"):
+                   "exec('also = 1; calibration = 3.0')\nraise RuntimeError('bad fit')",
+                   "import sys\nsys._getframe().f_globals['calibration'] = 4.0\nraise RuntimeError('x')",
+                   "def f(): pass\nf.__globals__['leak'] = 1\nraise RuntimeError('bad fit')"):
         task = w.run_script(script)
         assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
         assert {k: v for k, v in w.namespace.items() if k != "__builtins__"} == before, script
