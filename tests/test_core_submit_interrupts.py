@@ -129,3 +129,37 @@ def test_an_interrupt_inside_thread_start_keeps_the_count_true(make_worker):
     eventually(lambda: pool.threads == live() == 1, TIMEOUT, "the pool to count its one thread")
     assert w.submit("quick").result(TIMEOUT) == 1
 
+
+
+def test_a_second_interrupt_while_the_first_is_handled_leaves_nothing_queued(make_worker, monkeypatch):
+    """A storm of interrupts: the second lands while the task of the first is being ended.
+    The task still ends, with its record, by the engine's timer (found by a hostile test:
+    two tasks stayed "queued" for good)."""
+    from qmagic.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ABANDONED_CHECK_S", 0.05)
+    w = make_worker({"quick": lambda: 1}, max_background_tasks=1)
+    log = LogStandIn()
+    w.engine.observers.append(log)
+    runner = w.engine._runner
+    real_end, ends = runner.end, []
+
+    def end_cut_short(*args):  # the second interrupt lands as the task's end begins
+        ends.append(1)
+        if len(ends) == 1:
+            raise KeyboardInterrupt
+        real_end(*args)
+
+    monkeypatch.setattr(runner, "end", end_cut_short)
+    code, line = JobRunner.start_background.__code__, _lines(JobRunner.start_background)[0]
+    fired: list = []
+    sys.settrace(_raise_once_at(code, line, KeyboardInterrupt, fired))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            w.submit("quick")
+    finally:
+        sys.settrace(None)
+    assert fired and ends  # both landed: in the submit, then in the end of its task
+    eventually(lambda: all(t.done() for t in w.tasks()), TIMEOUT, "the abandoned task to end")
+    eventually(lambda: log.submitted <= set(log.finished), TIMEOUT, "its end record")
+    assert w.submit("quick").result(TIMEOUT) == 1

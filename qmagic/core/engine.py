@@ -92,6 +92,10 @@ def _never() -> bool:
     return False
 
 
+#: How long after an abandoned submit a timer makes sure its task has ended (seconds).
+ABANDONED_CHECK_S = 1.0
+
+
 class Engine(TaskRegistry):
     """Runs tasks; see the module docstring.  Settings are plain attributes that the
     worker keeps in step with its traits."""
@@ -214,13 +218,24 @@ class Engine(TaskRegistry):
         """``submit`` failed before the task was handed on.  No trace when the log cannot
         have seen it (a refusal, or the log's own error); else (the log recorded it, or an
         interrupt or forced cancel landed while it did) the task ends cancelled, with a
-        record, and is never run: nothing the log saw stays "queued"."""
-        if (job.recorded or (entered and not isinstance(exc, Exception))) and job.task._claim_end():
-            reason = exc if isinstance(exc, KeyboardInterrupt) else TaskCancelled(STOPPED_BEFORE_START)
+        record, and is never run: nothing the log saw stays "queued".  A timer ends it too
+        if a second interrupt cuts this short."""
+        if not (job.recorded or (entered and not isinstance(exc, Exception))):
+            self._release_reservation(job)
+            return
+        reason = exc if isinstance(exc, KeyboardInterrupt) else TaskCancelled(STOPPED_BEFORE_START)
+        self.timers.schedule(ABANDONED_CHECK_S, lambda: self._end_unstarted(job, reason, overdue=True))
+        self._end_unstarted(job, reason)
+
+    def _end_unstarted(self, job: Job, reason: BaseException, *, overdue: bool = False) -> None:
+        """End a task that will never start, with ``reason``, unless it has ended.  ``overdue``
+        (the timer): also when its end was claimed but never finished (cut short)."""
+        task = job.task
+        if task.done():
+            return
+        if task._claim_end() or (overdue and task._ending and task._status is TaskStatus.QUEUED):
             with self.foreground.guard(_never):
                 self._runner.end(job, None, reason)
-        else:
-            self._release_reservation(job)
 
     def _reserve_background(self, job: Job) -> None:
         """Count a thread task as waiting, unless ``max_queued`` already wait: first counted,
