@@ -48,6 +48,8 @@ __all__ = [
     "history_table",
     "history_csv",
     "cell_label",
+    "local_time",
+    "record_duration",
     "lock_text",
     "refusal_line",
     "one_line",
@@ -303,19 +305,24 @@ def _num(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _clock(t: Any, iso: bool = False) -> str | None:
-    """Local time of an epoch; None for a missing or impossible one."""
+def local_time(t: Any) -> datetime | None:
+    """The local time of an epoch in a record; None for a missing or impossible one."""
     value = _num(t)
     try:
-        stamp = datetime.fromtimestamp(value) if value is not None else None
+        return datetime.fromtimestamp(value) if value is not None else None
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _clock(t: Any, iso: bool = False) -> str | None:
+    stamp = local_time(t)
     if stamp is None:
         return None
     return stamp.isoformat(timespec="milliseconds") if iso else stamp.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _duration(rec: Mapping[str, Any]) -> float | None:
+def record_duration(rec: Mapping[str, Any]) -> float | None:
+    """Seconds from a record's start to its end; None when either is missing or impossible."""
     start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
     return stop - start if start is not None and stop is not None else None
 
@@ -333,7 +340,7 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
     head = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
     rows, notes = [], []
     for rec in records:
-        duration = _duration(rec)
+        duration = record_duration(rec)
         meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
         rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
                      printable(rec.get("status"), 12),
@@ -362,7 +369,7 @@ def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
     for rec in records:
         meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
         prov = rec.get("provenance") if isinstance(rec.get("provenance"), Mapping) else {}
-        duration = _duration(rec)
+        duration = record_duration(rec)
         values = {**{k: rec.get(k) for k in ("uid", "name", "status", "user", "user_group", "background",
                                               "origin", "error", "error_type")},
                   **{k: _clock(rec.get(k), iso=True) for k in ("submitted_at", "started_at", "finished_at")},

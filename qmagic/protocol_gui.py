@@ -51,49 +51,34 @@ class GuiMethods:
 
     def plans_existing(self, params: dict, **who: Any) -> dict:
         """queueserver ``plans_existing``: the plans (generator functions) of the namespace."""
-        catalog = self.worker.catalog
-        try:
-            plans = _described("plans", lambda: {n: describe_plan(n, p)
-                                                 for n, p in sorted(catalog.plans().items())})
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "plans_existing": {}, "plans_existing_uid": None}
-        return {"success": True, "msg": "", "plans_existing": plans, "plans_existing_uid": catalog.plans_uid}
+        return self._listing("plans", "existing", params)
 
     def plans_allowed(self, params: dict, **who: Any) -> dict:
         """Every plan of the namespace, for any known group: a kernel has no plan queue, so
         the rules' plan lists are not applied (they are kept for queueserver files)."""
-        try:
-            self._group(params)
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "plans_allowed": {}, "plans_allowed_uid": None}
-        reply = self.plans_existing(params)
-        if not reply["success"]:
-            return {"success": False, "msg": reply["msg"], "plans_allowed": {}, "plans_allowed_uid": None}
-        return {"success": True, "msg": "", "plans_allowed": reply["plans_existing"],
-                "plans_allowed_uid": status_reply(self.worker)["plans_allowed_uid"]}
+        return self._listing("plans", "allowed", params)
 
     def devices_existing(self, params: dict, **who: Any) -> dict:
         """queueserver ``devices_existing``: the ophyd / ophyd-async devices of the namespace."""
-        catalog = self.worker.catalog
-        try:
-            devices = _described("devices", lambda: {n: describe_device(d)
-                                                     for n, d in sorted(catalog.devices().items())})
-        except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "devices_existing": {}, "devices_existing_uid": None}
-        return {"success": True, "msg": "", "devices_existing": devices,
-                "devices_existing_uid": catalog.devices_uid}
+        return self._listing("devices", "existing", params)
 
     def devices_allowed(self, params: dict, **who: Any) -> dict:
         """Every device of the namespace, for any known group (see :meth:`plans_allowed`)."""
+        return self._listing("devices", "allowed", params)
+
+    def _listing(self, kind: str, which: str, params: dict) -> dict:
+        """The reply of ``{kind}_{which}``: the namespace's plans or devices, described with a
+        deadline; ``allowed`` first checks the request's group."""
+        key, uid_key = f"{kind}_{which}", f"{kind}_{which}_uid"
+        catalog = self.worker.catalog
         try:
-            self._group(params)
+            if which == "allowed":
+                self._group(params)
+            items = _described(kind, lambda: _describe_all(catalog, kind))
         except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "devices_allowed": {}, "devices_allowed_uid": None}
-        reply = self.devices_existing(params)
-        if not reply["success"]:
-            return {"success": False, "msg": reply["msg"], "devices_allowed": {}, "devices_allowed_uid": None}
-        return {"success": True, "msg": "", "devices_allowed": reply["devices_existing"],
-                "devices_allowed_uid": status_reply(self.worker)["devices_allowed_uid"]}
+            return {"success": False, "msg": str(exc), key: {}, uid_key: None}
+        uid = getattr(catalog, f"{kind}_uid") if which == "existing" else status_reply(self.worker)[uid_key]
+        return {"success": True, "msg": "", key: items, uid_key: uid}
 
     def queue_get(self, params: dict, **who: Any) -> dict:
         """queueserver ``queue_get``: a kernel has no plan queue (always empty)."""
@@ -107,6 +92,13 @@ class GuiMethods:
 
 #: How long describing the namespace's plans or devices may take (seconds).
 DESCRIBE_TIMEOUT_S = 5.0
+
+
+def _describe_all(catalog: Any, kind: str) -> dict:
+    """queueserver's descriptions of the catalog's ``plans`` or ``devices``, by name."""
+    if kind == "plans":
+        return {n: describe_plan(n, p) for n, p in sorted(catalog.plans().items())}
+    return {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
 
 
 def _described(what: str, describe: Any) -> dict:

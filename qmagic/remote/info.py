@@ -74,7 +74,7 @@ class InfoPublisher(SocketThread):
         self._subscription: Any = None
         self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
         self._sent_at: dict[str, float] = {}
-        self._tasks_lock = threading.Lock()  # the pending state below, and the wake-up flag
+        self._pending_lock = threading.Lock()  # the pending state below, and the wake-up flag
         self._console: deque[str] = deque()  # console text waiting to be sent
         self._console_chars = 0
         self._console_dropped = 0  # characters dropped since the last send
@@ -101,7 +101,7 @@ class InfoPublisher(SocketThread):
     def _on_output(self, task: Any, text: str) -> None:
         if task is None and not self.all_output:
             return
-        with self._tasks_lock:
+        with self._pending_lock:
             self._console.append(text)
             self._console_chars += len(text)
             while self._console_chars > CONSOLE_BACKLOG_CHARS and len(self._console) > 1:
@@ -114,7 +114,7 @@ class InfoPublisher(SocketThread):
 
     def _on_event(self, task_uid: str, **event: Any) -> None:
         """Worker events: merge into the task's pending state; wake the thread."""
-        with self._tasks_lock:
+        with self._pending_lock:
             state = self._tasks.get(task_uid)
             if state is None:
                 task = self.worker.engine.get(task_uid)
@@ -185,7 +185,7 @@ class InfoPublisher(SocketThread):
 
     def _publish_console(self, sock: zmq.Socket) -> None:
         """Send the console text that waits (after a note of what was dropped, if any)."""
-        with self._tasks_lock:
+        with self._pending_lock:
             self._wake_pending = False  # (from here on, new text wakes the thread again)
             texts, self._console = self._console, deque()
             dropped, self._console_chars, self._console_dropped = self._console_dropped, 0, 0
@@ -215,14 +215,14 @@ class InfoPublisher(SocketThread):
         return key
 
     def _next_task_due(self, now: float) -> float:
-        with self._tasks_lock:
+        with self._pending_lock:
             if not self._tasks:
                 return now + self.status_period
             return min(self._sent_at.get(uid, 0.0) + 1.0 / TASK_EVENTS_HZ for uid in self._tasks)
 
     def _publish_tasks(self, sock: zmq.Socket, now: float) -> None:
         due: list[dict] = []
-        with self._tasks_lock:
+        with self._pending_lock:
             for uid in list(self._tasks):
                 state = self._tasks[uid]
                 final = state.get("status") in FINISHED_VALUES

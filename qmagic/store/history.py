@@ -20,14 +20,20 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..errors import StateFileError
-from ..format import cell_label, history_csv, history_table, printable
+from ..format import (
+    cell_label,
+    history_csv,
+    history_table,
+    local_time,
+    printable,
+    record_duration,
+)
 from .database import connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
@@ -105,10 +111,6 @@ def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any
         reader.close()
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
     prov = rec.get("provenance")
     return prov if isinstance(prov, dict) else {}
@@ -136,11 +138,9 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
         rec["cell"] = cell_label(prov) or "-"
         rec.pop("provenance", None)
         rec.update({k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")})
-        start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
-        rec["duration_s"] = stop - start if start is not None and stop is not None else None
+        rec["duration_s"] = record_duration(rec)
         for column in _TIME_COLUMNS:
-            t = _num(rec.get(column))
-            rec[column] = datetime.fromtimestamp(t) if t is not None else None
+            rec[column] = local_time(rec.get(column))
         rec.update(host=meta.get("host"), pid=meta.get("pid"), session=meta.get("session"),
                    orphaned=bool(meta.get("orphaned")))
         rows.append(rec)
