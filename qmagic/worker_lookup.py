@@ -26,7 +26,7 @@ class LookupMixin:
 
     engine: Engine
     _journal: Any
-    check_lock: Any  # (StateMixin)
+    check_lock: Any  # (LockMixin)
 
     def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
                        client: str | None = None) -> None:

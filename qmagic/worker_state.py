@@ -255,6 +255,6 @@ class StateMixin(HasTraits):
         is healthy or off."""
         try:
             health = self.log_health()
-        except Exception:  # noqa: BLE001 - the log is off: nothing to say
+        except LogUnavailable:  # the log is off: nothing to say
             return None
         return fmt.log_health_note(health)
