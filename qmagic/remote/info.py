@@ -124,6 +124,11 @@ class InfoPublisher(SocketThread):
                                  background=task.background, origin=task.origin)
             if "status" in event:
                 state["status"] = event["status"]
+                if event["status"] in FINISHED_VALUES and "progress" not in state:
+                    task = self.worker.engine.get(task_uid)  # the final message: the whole end
+                    progress = task.progress if task is not None else None  # state, progress too
+                    if progress is not None:
+                        state["progress"] = progress._asdict()
             if "progress" in event and event["progress"] is not None:
                 state["progress"] = event["progress"]._asdict()
             if "result" in event:
