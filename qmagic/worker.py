@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
@@ -228,8 +229,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
             raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}.")
         kwargs = dict(kwargs or {})
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
-                                    or not timeout > 0):
-            raise RequestRefused(f"Error: Invalid timeout {timeout!r}: give a number of seconds > 0.")
+                                    or not 0 < timeout < math.inf):
+            raise RequestRefused(f"Error: Invalid timeout {timeout!r}: give a finite number of seconds > 0, "
+                                 "or none for no deadline.")
         user, user_group = self._who(user, user_group, origin)
         self.check_lock(lock_key, origin=origin, client=client)
         coroutine = False

@@ -321,8 +321,21 @@ def test_deadline_cancels_and_says_why(make_worker):
         assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
         assert task.error == "deadline of 0.05 s passed" and task.timeout == 0.05
         assert task.to_dict()["timeout"] == 0.05
-    with pytest.raises(RequestRefused, match="Invalid timeout"):
-        w.submit("slow", timeout=-1)
+    for bad in (-1, 0, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(RequestRefused, match="Invalid timeout .*finite number of seconds"):
+            w.submit("slow", timeout=bad)
+
+
+def test_a_deadline_beyond_the_clock_leaves_the_timer_thread_alive(make_worker):
+    """A deadline further away than a lock wait can take (about 9.2e9 s) once killed the
+    timer thread, and with it every later deadline and forced cancel."""
+    w = make_worker({"slow": lambda: qmagic.cancellable_sleep(60)})
+    far = w.submit("slow", timeout=1e12)
+    near = w.submit("slow", timeout=0.05)
+    assert near.wait(TIMEOUT) and near.error == "deadline of 0.05 s passed"
+    assert not far.done()
+    far.cancel()
+    assert far.wait(TIMEOUT)
 
 
 def test_find_and_cancel_by_prefix(make_worker):

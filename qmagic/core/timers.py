@@ -13,6 +13,9 @@ __all__ = ["Timers", "TimerHandle"]
 
 log = logging.getLogger("qmagic")
 
+#: Longest single wait of the timer thread (seconds): a later deadline (or ``inf``, never)
+#: is waited for in steps, below ``threading.TIMEOUT_MAX``.
+_LONGEST_WAIT_S = 3600.0
 #: Heap size from which cancelled entries are dropped (checked every 1024 schedules).
 _COMPACT_AT = 4096
 
@@ -50,7 +53,10 @@ class Timers:
         self._closed = False
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
-        """Run ``fn()`` after ``delay`` seconds (at once if <= 0); returns its handle."""
+        """Run ``fn()`` after ``delay`` seconds (at once if <= 0, never if ``inf``); returns
+        its handle.  Raises ValueError for NaN (it would break the heap's order)."""
+        if delay != delay:
+            raise ValueError("A timer's delay must be a number of seconds, not NaN.")
         handle = TimerHandle(time.monotonic() + max(0.0, delay), fn)
         with self._cond:
             if self._closed:
@@ -85,7 +91,7 @@ class Timers:
                         if wait <= 0:
                             handle = heapq.heappop(self._heap)[2]
                             break
-                        self._cond.wait(wait)
+                        self._cond.wait(min(wait, _LONGEST_WAIT_S))  # (inf: never due)
                     else:
                         self._cond.wait()
             fn = handle.fn
