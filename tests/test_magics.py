@@ -498,6 +498,13 @@ def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     assert "\n" not in str(info.value)
     assert "--lock-key" not in str(info.value) and "--key KEY" in str(info.value)  # its own option
     assert line(ip, "function_execute", "--lock-key secret-1 add 1").result() == 2
+    # %task_cancel takes the key the refusal asks for
+    task = qm.submit(lambda: qmagic.cancellable_sleep(60), lock_key="secret-1")
+    with pytest.raises(UsageError, match="--lock-key KEY"):
+        line(ip, "task_cancel", task.uid)
+    line(ip, "task_cancel", f"{task.uid} --lock-key secret-1")
+    assert task.wait(10) and task.status.value == "cancelled"
+    line(ip, "task_cancel", "--all --lock-key secret-1")
     line(ip, "unlock", "--key secret-1")
     assert capsys.readouterr().out.endswith("Not locked.\n")
     with pytest.raises(UsageError, match="no arguments"):

@@ -325,7 +325,10 @@ def test_cancel_refused_by_lock_is_shown_in_the_panel(probe, worker):
         assert w.lock_state().environment  # this worker has seen the lock (read from the file)
         row = panels.TaskRow(w, task)
         row.cancel_button(task).click()
-        assert "Invalid lock key" in row.message and "alignment" in row.message
+        # one line that says what to do (not queueserver's multi-line text)
+        assert row.message.startswith("The environment is locked by ") and "\n" not in row.message
+        assert "note: alignment" in row.message
+        assert f"give the key with %task_cancel {task.uid[:8]} --lock-key KEY" in row.message
         assert not task.done()
         assert row.flush()
         assert "qmagic-message-error" in row._message.value and row._message in row.children

@@ -8,12 +8,14 @@ from typing import Any, Callable
 
 import ipywidgets as W
 
+from .. import format as fmt
+from ..errors import RequestRefused, StateFileError
 from . import render
 from .pump import PanelView, current_pump, get_router
 
 log = logging.getLogger("qmagic")
 
-__all__ = ["PanelBase", "set_traits", "STARVE_LIMIT"]
+__all__ = ["PanelBase", "set_traits", "failed_line", "STARVE_LIMIT"]
 
 #: Applications in a row that deferred work may wait before it gets a message anyway.
 STARVE_LIMIT = 3
@@ -28,6 +30,20 @@ def set_traits(widget: W.Widget, **traits: Any) -> int:
         for name, value in changed.items():
             setattr(widget, name, value)
     return 1
+
+
+def failed_line(what: str, exc: BaseException, instead: str, give_key: str) -> str:
+    """One line for ``what`` (a click, a read) that raised ``exc``, shown in a panel.
+
+    A refusal or a state-file problem is the worker's own text as one line (it says what to
+    do; ``give_key`` says how to give a lock key from this panel); anything else is logged
+    with its traceback, and the line says how to see it (``instead``: the same in a cell).
+    """
+    if isinstance(exc, (RequestRefused, StateFileError)):
+        return fmt.refusal_line(exc, give_key)
+    log.error("qmagic: a panel could not %s", what, exc_info=exc)
+    return (f"Could not {what}: an unexpected error (logged by the kernel). Try again; if it "
+            f"persists, run {instead} in a cell to see the error.")
 
 
 class PanelBase(PanelView):

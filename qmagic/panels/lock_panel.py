@@ -10,9 +10,8 @@ from typing import Any
 import ipywidgets as W
 
 from .. import format as fmt
-from ..errors import RequestRefused, StateFileError
 from . import render
-from .base import PanelBase, set_traits
+from .base import PanelBase, failed_line, set_traits
 from .pump import get_pump
 
 __all__ = ["LockPanel"]
@@ -24,16 +23,7 @@ _GIVE_KEY = "type the key in the Key field"
 
 
 def _failed(what: str, exc: BaseException, instead: str) -> str:
-    """One line for ``what`` (a click, a read) that raised ``exc``.
-
-    A refusal or a state-file problem is the worker's own text as one line (it says what to
-    do); anything else is logged with its traceback, and the line says how to see it.
-    """
-    if isinstance(exc, (RequestRefused, StateFileError)):
-        return fmt.refusal_line(exc, _GIVE_KEY)
-    log.error("qmagic: the lock panel could not %s", what, exc_info=exc)
-    return (f"Could not {what}: an unexpected error (logged by the kernel). Try again; if it "
-            f"persists, run {instead} in a cell to see the error.")
+    return failed_line(what, exc, instead, _GIVE_KEY)
 
 
 class LockPanel(PanelBase, W.VBox):

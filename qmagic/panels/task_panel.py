@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import ipywidgets as W
 
 from .. import format as fmt
-from ..errors import RequestRefused, TaskNotFound
+from ..errors import TaskNotFound
 from . import render
-from .base import PanelBase, set_traits
+from .base import PanelBase, failed_line, set_traits
 from .pump import UNLIMITED, get_pump
 from .task_table import TaskTable
 
@@ -38,12 +38,14 @@ class _TaskViewMixin(PanelBase):
     def _qm_cancel(self, task: Task, force: bool = False) -> None:
         """Cancel ``task`` for a click (runs in the thread that handles the click)."""
         what = task.call_text(60)
+        magic = f"%task_cancel {task.uid[:8]}{' --force' if force else ''}"
         try:
             self.worker.cancel(task, force=force, origin="panel")
-        except (RequestRefused, TaskNotFound) as exc:
+        except TaskNotFound as exc:
             self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never silent
-            self._qm_set_message(f"Could not cancel {what}: {type(exc).__name__}: {exc}", "error")
+            self._qm_set_message(failed_line(f"cancel {what}", exc, magic,
+                                             f"give the key with {magic} --lock-key KEY"), "error")
         else:
             self._qm_set_message(f"{'Force stop' if force else 'Cancel'} requested: {what}", "info")
         self._qm_poke(task.uid)

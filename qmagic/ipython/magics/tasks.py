@@ -155,6 +155,7 @@ class TaskMagics(Magics):
     @argument("--force", action="store_true",
               help="If the task has not stopped after QMagic.cancel_grace_s seconds, raise "
               "TaskCancelled inside its thread.")
+    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
     @line_magic
     def task_cancel(self, line: str) -> None:
         """Ask a task (the latest one without UID, or --all tasks) to stop.
@@ -170,13 +171,13 @@ class TaskMagics(Magics):
         forced = " (forced if it does not stop)" if opts.force else ""
         try:
             if opts.all:
-                tasks = self.worker.cancel_all(force=opts.force, origin="magic")
+                tasks = self.worker.cancel_all(force=opts.force, lock_key=opts.lock_key, origin="magic")
                 print(f"Cancel requested for {len(tasks)} {'task' if len(tasks) == 1 else 'tasks'}{forced}.")
                 return
             target = self.worker.last_task if opts.uid is None else opts.uid
             if target is None:
                 raise UsageError("No tasks to cancel.")
-            task = self.worker.cancel(target, force=opts.force, origin="magic")
+            task = self.worker.cancel(target, force=opts.force, lock_key=opts.lock_key, origin="magic")
         except (RequestRefused, TaskNotFound) as exc:
             refused(exc)
         print(f"Cancel requested{forced}: {fmt.task_line(task)}")
