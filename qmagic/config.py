@@ -13,6 +13,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, 
 from traitlets.config import Configurable
 
 from .core.loops import LOOP_POLICIES
+from .store.lockfile import user_problem
 
 __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
 
@@ -118,8 +119,8 @@ class QMagic(Configurable):
     ).tag(config=True)
     lock_backoff_s = Float(
         1.0, min=0.01, max=3600.0,
-        help="First wait after too many wrong lock keys from one client; each further wrong "
-        "key doubles it.",
+        help="First wait after too many wrong lock keys from one client (at most "
+        "lock_backoff_max_s); each further wrong key doubles it.",
     ).tag(config=True)
     lock_backoff_max_s = Float(
         300.0, min=1.0, max=86400.0, help="Longest wait after wrong lock keys from one client.",
@@ -202,6 +203,19 @@ class QMagic(Configurable):
         "qmagic's own, so they work while a cell blocks the main thread (ipykernel >= 7.4; "
         "ignored otherwise). False: clicks wait for the running cell; use ■ to interrupt.",
     ).tag(config=True)
+
+    @validate("default_user")
+    def _check_default_user(self, proposal):
+        problem = user_problem(proposal["value"])
+        if problem is not None:
+            raise TraitError(f"QMagic.default_user {problem}")
+        return proposal["value"]
+
+    @validate("default_user_group")
+    def _check_default_group(self, proposal):
+        if not proposal["value"]:
+            raise TraitError("QMagic.default_user_group must be the name of a user group, not empty.")
+        return proposal["value"]
 
     @validate("user_group_permissions")
     def _check_permissions(self, proposal):

@@ -32,7 +32,7 @@ from .core.permissions import require_caller
 from .core.task import Task
 from .errors import RequestRefused
 from .scripts import ScriptRunner, check_script_name
-from .store.lockfile import MAX_USER_CHARS, USER_RULE, text_ok
+from .store.lockfile import user_problem
 from .worker_locks import LockMixin
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
@@ -185,10 +185,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
             user = self.default_user if user is None else user
             user_group = self.default_user_group if user_group is None else user_group
         require_caller(user, user_group)
-        if not text_ok(user, MAX_USER_CHARS):  # (stored in the log and the lock, shown everywhere)
-            shown = repr(user) if len(user) <= 40 else repr(user[:37]) + "..."
-            raise RequestRefused(f"Error: Incorrect request format: user name must be {USER_RULE}: "
-                                 f"user = {shown}")
+        problem = user_problem(user)
+        if problem is not None:
+            raise RequestRefused(f"Error: Incorrect request format: user name {problem}")
         return user, user_group
 
     # -- starting tasks ------------------------------------------------------------------------

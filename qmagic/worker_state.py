@@ -80,8 +80,8 @@ class StateMixin(HasTraits):
 
         return LockStore(
             self._state_dir(), self.environment_name, emergency_key=self.emergency_lock_key,
-            throttle=Throttle(self.lock_wrong_keys_allowed, self.lock_backoff_s,
-                              self.lock_backoff_max_s),
+            throttle=Throttle(self.lock_wrong_keys_allowed,  # (the first wait is a wait too)
+                              min(self.lock_backoff_s, self.lock_backoff_max_s), self.lock_backoff_max_s),
             recheck_s=self.lock_recheck_s,
         )
 

@@ -403,6 +403,14 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
                       ("panel_update_hz", 0), ("async_loop", "other")):
         with pytest.raises(TraitError):
             setattr(w, name, bad)
+    for name, bad, says in (("default_user", "", "QMagic.default_user must be a non-empty string"),
+                            ("default_user", "\udcff", "without lone surrogates"),
+                            ("default_user_group", "", "QMagic.default_user_group must be the name")):
+        with pytest.raises(TraitError, match=says):
+            setattr(w, name, bad)
+    # settings each within bounds always combine: a first wait above the longest is the longest
+    w.lock_backoff_s = 600
+    assert w.lock_backoff_s == 600 and w._locks._keys.throttle.base_s == w.lock_backoff_max_s == 300
     from traitlets import Float, Int
 
     for name, trait in type(w).class_traits(config=True).items():  # every number is bounded

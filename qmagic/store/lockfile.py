@@ -133,6 +133,16 @@ def text_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def user_problem(user: Any) -> str | None:
+    """What is wrong with ``user`` as a user name (stored in the log and the lock, shown
+    everywhere): "must be ...: user = ...", or None if it is fine.  One rule for every door;
+    each door puts its protocol's words before it."""
+    if text_ok(user, MAX_USER_CHARS):
+        return None
+    rule = USER_RULE if isinstance(user, str) and user else "a non-empty string"
+    return f"must be {rule}: user = {short(user)}"
+
+
 def note_ok(note: Any) -> bool:
     """None, "" or valid text of at most MAX_NOTE_CHARS characters."""
     return note is None or note == "" or text_ok(note, MAX_NOTE_CHARS)

@@ -62,8 +62,6 @@ from .files import ensure_state_dir, open_state_file, replace_state_file
 from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (
     MAX_NOTE_CHARS,
-    MAX_USER_CHARS,
-    USER_RULE,
     LockFile,
     LockState,
     Snapshot,
@@ -71,7 +69,7 @@ from .lockfile import (
     identity,
     note_ok,
     short,
-    text_ok,
+    user_problem,
 )
 from .paths import validate_environment_name
 from .watch import ChangeSignal, DirectoryWatcher
@@ -250,9 +248,9 @@ class LockStore:
         LockRefused when locked with another key (or damaged), StateFileError when the
         file cannot be written (nothing changed).
         """
-        if not text_ok(user, MAX_USER_CHARS):
-            rule = USER_RULE if isinstance(user, str) and user else "a non-empty string"
-            raise RequestRefused(f"Error: User name must be {rule}: user = {short(user)}")
+        problem = user_problem(user)
+        if problem is not None:
+            raise RequestRefused(f"Error: User name {problem}")
         check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
