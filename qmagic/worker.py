@@ -282,7 +282,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         the function catalog is refreshed unless ``update_lists`` is False.  Unless
         ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver)."""
         if not isinstance(script, str):
-            raise RequestRefused("Error: Required 'script' parameter is is missing in API call.")
+            raise TypeError(f"run_script() needs the script's Python code as a str, got "
+                            f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes) else "."))
         name = check_script_name(name)
         user, user_group = self._who(user, user_group, origin, defaults=True)
         self.check_lock(lock_key, origin=origin, client=client)

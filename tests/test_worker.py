@@ -534,6 +534,15 @@ def test_sys_exit_in_a_script_says_what_the_code_did(make_worker):
         w.lock("k", user="\udcff")
 
 
+def test_run_script_says_what_it_needs(make_worker):
+    w = make_worker({})
+    with pytest.raises(TypeError, match=r"Python code as a str, got bytes \(decode it first\)"):
+        w.run_script(b"x = 1")
+    with pytest.raises(TypeError, match="got NoneType"):
+        w.run_script(None)
+    assert w.tasks() == []
+
+
 def test_a_script_reports_only_what_it_changed(make_worker):
     w = make_worker({"a": 1, "b": 2})
     w.namespace["c"] = 3
