@@ -163,8 +163,9 @@ class StateMixin(HasTraits):
         return Permissions(self.user_group_permissions or None, match_timeout=timeout)
 
     def _set_rules(self, rules: Permissions) -> None:
-        self._permissions = rules
-        self.permissions_uid = str(uuid.uuid4())
+        with self._state_lock:  # (one writer at a time: rules and uid always change together)
+            self._permissions = rules
+            self.permissions_uid = str(uuid.uuid4())
 
     @property
     def permissions(self) -> Permissions:
@@ -203,10 +204,11 @@ class StateMixin(HasTraits):
                          client: str | None = None) -> None:
         """Open the environment for remote tasks (``QMagic.environment_open_on_load``)."""
         self.check_lock(lock_key, origin=origin, client=client)
-        if self._environment_open:
-            raise RequestRefused("RE Worker environment already exists.")
-        self._environment_open = True
-        self.environment_uid = str(uuid.uuid4())
+        with self._state_lock:  # (checked and changed at once: two doors never both succeed)
+            if self._environment_open:
+                raise RequestRefused("RE Worker environment already exists.")
+            self._environment_open = True
+            self.environment_uid = str(uuid.uuid4())
 
     def environment_close(self, *, lock_key: str | None = None, origin: str = "python",
                           client: str | None = None) -> None:
@@ -214,14 +216,15 @@ class StateMixin(HasTraits):
         again; running remote background tasks are asked to stop.  The notebook, its
         namespace and its own tasks are untouched (the kernel is the user's)."""
         self.check_lock(lock_key, origin=origin, client=client)
-        if not self._environment_open:
-            raise RequestRefused("RE Worker environment does not exist.")
-        if self.engine.counts()["foreground"] is not None:
-            raise RequestRefused("Foreground task execution is in progress.")
-        if self.engine.foreground.user_busy():
-            raise RequestRefused("Worker IPython kernel is busy")
-        self._environment_open = False
-        self.environment_uid = str(uuid.uuid4())
+        with self._state_lock:
+            if not self._environment_open:
+                raise RequestRefused("RE Worker environment does not exist.")
+            if self.engine.counts()["foreground"] is not None:
+                raise RequestRefused("Foreground task execution is in progress.")
+            if self.engine.foreground.user_busy():
+                raise RequestRefused("Worker IPython kernel is busy")
+            self._environment_open = False
+            self.environment_uid = str(uuid.uuid4())
         for task in self.engine.tasks():
             if task.origin == "remote" and not task.done():
                 self.engine.cancel(task, reason="Task was cancelled: the environment was closed")
@@ -231,10 +234,11 @@ class StateMixin(HasTraits):
         """Stop every task — cancelled and forced after the grace time; a foreground task is
         interrupted like ■ — then close the environment."""
         self.check_lock(lock_key, origin=origin, client=client)
-        if not self._environment_open:
-            raise RequestRefused("RE environment does not exist")
-        self._environment_open = False
-        self.environment_uid = str(uuid.uuid4())
+        with self._state_lock:
+            if not self._environment_open:
+                raise RequestRefused("RE environment does not exist")
+            self._environment_open = False
+            self.environment_uid = str(uuid.uuid4())
         if self.engine.counts()["foreground"] is not None:
             self.engine.interrupt_foreground()
         reason = "Task was cancelled: the environment was destroyed"
