@@ -1048,3 +1048,22 @@ def test_truncating_the_spool_under_a_writing_process_never_crashes_it(tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, f"the writing process died (exit code {proc.returncode})"
     assert out.strip().splitlines()[-1] == "alive True True True True"
+
+
+def test_every_write_transaction_rolls_back_on_any_error(tmp_path):
+    """One helper holds the transaction rule (a heartbeat without it once left the writer's
+    connection inside a transaction after an error, and the next commit failed too)."""
+    from qmagic.store.database import transaction
+
+    conn = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    conn.execute("CREATE TABLE t (x)")
+    for exc in (sqlite3.OperationalError("disk I/O error"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with transaction(conn):
+                conn.execute("INSERT INTO t VALUES (1)")
+                raise exc
+        assert not conn.in_transaction
+    with transaction(conn):
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert conn.execute("SELECT x FROM t").fetchall() == [(2,)] and not conn.in_transaction
+    conn.close()

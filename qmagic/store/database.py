@@ -29,6 +29,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -184,6 +185,22 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False,
     return conn
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; on any exception ``ROLLBACK`` (the connection is
+    never left inside a transaction) and the exception goes on.  Every write of the log
+    goes through this."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with suppress(sqlite3.Error):  # (the first error is the one to report)
+                conn.execute("ROLLBACK")
+        raise
+
+
 def ensure_schema(conn: sqlite3.Connection) -> int:
     """Create the tables of a new database (WAL mode, incremental vacuum); return the
     database's schema version.  Raises sqlite3.Error (busy, read-only, disk full)."""
@@ -191,8 +208,7 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
     if version == 0:
         if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only before the first table
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 for statement in _SCHEMA.split(";"):
@@ -200,11 +216,6 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
         conn.execute("PRAGMA journal_mode = WAL")
     return version
@@ -334,8 +345,7 @@ def retention(conn: sqlite3.Connection, max_age_s: float, max_bytes: int, batch:
     return how many.  Unfinished tasks are never deleted."""
     now = time.time() if now is None else now
     cutoff = now - max_age_s
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         deleted = conn.execute(
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE sort_time < ? AND rank = 3 "
             "AND coalesce(finished_at, sort_time) < ? ORDER BY sort_time LIMIT ?)",
@@ -348,11 +358,6 @@ def retention(conn: sqlite3.Connection, max_age_s: float, max_bytes: int, batch:
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE rank = 3 "
                     "ORDER BY sort_time LIMIT ?)", (batch - deleted,)).rowcount
         conn.execute("DELETE FROM sessions WHERE state IN ('closed', 'dead') AND last_seen < ?", (cutoff,))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     if deleted:
         conn.executescript(f"PRAGMA incremental_vacuum({batch * 2});")  # (execute() frees one page)
     return deleted

@@ -33,7 +33,13 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from .database import mark_orphans, rows_from_lines, upsert_session, write_rows
+from .database import (
+    mark_orphans,
+    rows_from_lines,
+    transaction,
+    upsert_session,
+    write_rows,
+)
 from .records import FINAL_STATUSES, RANKS, RecordEncoder
 from .spool import read_whole
 
@@ -139,8 +145,7 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
         if obj["event"] != "end" and task["status"] in FINAL_STATUSES:
             task["status"] = "running"  # (an old "start" line never carries a final status)
         by_session.setdefault(session, []).append(orjson.dumps([RANKS[task["status"]], task["uid"], task]))
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for session, lines in by_session.items():
             rows: dict[str, tuple] = {}
             rows_from_lines(b"\n".join(lines), session, now, rows, [])
@@ -156,11 +161,6 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_import', ?)",
                      (orjson.dumps({"time": now, "files": [p.name for p in files],
                                     "tasks": len(latest)}).decode(),))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     for path in files:
         target = path.with_name(path.name + ".imported")
         n = 1

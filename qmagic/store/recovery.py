@@ -33,7 +33,13 @@ except ImportError:  # pragma: no cover - not POSIX
 import orjson
 
 from ..errors import StateFileError
-from .database import mark_orphans, rows_from_lines, upsert_session, write_rows
+from .database import (
+    mark_orphans,
+    rows_from_lines,
+    transaction,
+    upsert_session,
+    write_rows,
+)
 from .files import open_state_file
 from .legacy import check_legacy_sessions
 from .records import warn_once
@@ -113,19 +119,13 @@ def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
                 header = orjson.loads(data[: data.index(b"\n")]) or {}
         rows_from_lines(data, entry.session, now, rows, bad)
     seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         write_rows(conn, rows.values())
         upsert_session(conn, entry.session, host=header.get("host"), pid=header.get("pid"),
                        started_at=header.get("started_at"), last_seen=max(seen) if seen else None,
                        state="dead", info=header.get("info") if isinstance(header.get("info"), dict) else None)
         last = conn.execute("SELECT last_seen FROM sessions WHERE session = ?", (entry.session,)).fetchone()
         count = mark_orphans(conn, entry.session, last[0] if last and last[0] is not None else now)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     if bad:
         warn_once("spool-lines", f"qmagic experiment log: skipped {len(bad)} damaged line(s) in the "
                   f"spool of an earlier session ({entry.session}).")
@@ -181,8 +181,7 @@ def _lost_sessions(conn: sqlite3.Connection, folder: Path, env: str, own: str | 
     has_legacy = conn.execute("SELECT 1 FROM sessions WHERE state = 'legacy' LIMIT 1").fetchone()
     if not lost and not has_legacy:
         return 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for session, seen in lost:
             # (re-checked inside the transaction: a closing session marks itself closed first)
             row = conn.execute("SELECT state FROM sessions WHERE session = ?", (session,)).fetchone()
@@ -191,9 +190,4 @@ def _lost_sessions(conn: sqlite3.Connection, folder: Path, env: str, own: str | 
                 conn.execute("UPDATE sessions SET state = 'dead' WHERE session = ?", (session,))
         if has_legacy:
             check_legacy_sessions(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return len(lost)

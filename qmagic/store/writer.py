@@ -39,6 +39,7 @@ from .database import (
     mark_orphans,
     retention,
     rows_from_lines,
+    transaction,
     upsert_session,
     write_rows,
     write_started,
@@ -201,9 +202,8 @@ class Writer:
         if now >= self._next_recovery:  # other kernels that died; and our heartbeat
             self._next_recovery = now + RECOVERY_EVERY_S
             recover(self.conn, self.path.parent, self.env, self.session, time.time())
-            self.conn.execute("BEGIN IMMEDIATE")
-            upsert_session(self.conn, self.session, last_seen=time.time())
-            self.conn.execute("COMMIT")
+            with transaction(self.conn):
+                upsert_session(self.conn, self.session, last_seen=time.time())
 
     def _position(self) -> Any:
         seg, out = self.spool.current, self.spool.out
@@ -239,9 +239,8 @@ class Writer:
             now = time.time()
             import_legacy(conn, self.path.parent, self.env, now)
             recover(conn, self.path.parent, self.env, self.session, now)
-            conn.execute("BEGIN IMMEDIATE")
-            upsert_session(conn, self.session, last_seen=now, state="live", **self.identity)
-            conn.execute("COMMIT")
+            with transaction(conn):
+                upsert_session(conn, self.session, last_seen=now, state="live", **self.identity)
         except BaseException as exc:
             if conn is not None:
                 conn.close()
@@ -294,18 +293,11 @@ class Writer:
         if held:
             rows_from_lines(b"".join(held), self.session, now, rows, bad, started)
         late = list(started.items())  # tasks already in the database that started meanwhile
-        conn = self.conn
-        try:
-            if rows or late or reads:
-                conn.execute("BEGIN IMMEDIATE")
+        if rows or late or reads:
+            with transaction(self.conn) as conn:
                 write_rows(conn, rows.values())
                 write_started(conn, late, self.session)
                 upsert_session(conn, self.session, last_seen=now, state="live")
-                conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         for _ in range(len(held)):  # only this thread removes from the left
             self.spool.held.popleft()
         for seg, begin, n in reads:
@@ -374,14 +366,11 @@ class Writer:
                         pass
                     drained = not self.spool.held
                     if drained:
-                        self.conn.execute("BEGIN IMMEDIATE")
-                        mark_orphans(self.conn, self.session, time.time())
-                        upsert_session(self.conn, self.session, last_seen=time.time(), state="closed")
-                        self.conn.execute("COMMIT")
+                        with transaction(self.conn) as conn:
+                            mark_orphans(conn, self.session, time.time())
+                            upsert_session(conn, self.session, last_seen=time.time(), state="closed")
                         break
             except _ERRORS as exc:
-                if self.conn is not None and self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
                 self.failed("database", exc)
             if time.monotonic() >= deadline:
                 break
