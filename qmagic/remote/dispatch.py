@@ -147,6 +147,6 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
         return handler(params, client=client)
     except RequestRefused as exc:
         return {"success": False, "msg": str(exc), **spec.error_keys}
-    except Exception as exc:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug
+    except Exception:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug
         log.warning("qmagic: control request %r failed", name, exc_info=True)
-        return {"success": False, "msg": failure_text(exc), **spec.error_keys}
+        return {"success": False, "msg": failure_text(), **spec.error_keys}

@@ -95,12 +95,13 @@ class _StatusJSON:
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
 
 
-def failure_text(exc: BaseException) -> str:
+def failure_text() -> str:
     """The reply's message when qmagic itself failed on a request (a bug, or a parameter of
-    a kind nothing checked): what failed, and that the kernel is fine."""
-    return (f"Error: qmagic failed to process the request ({type(exc).__name__}: {exc}). The "
-            "kernel is fine; check the request's parameters, and report a qmagic bug if they "
-            "are right.")
+    a kind nothing checked): that the kernel is fine, what to do, and where the details are
+    (the kernel's log has the traceback; the reply shows no internals)."""
+    return ("Error: qmagic could not process this request (an unexpected error; the kernel's "
+            "log has the details). The kernel is fine: check the request's parameters and try "
+            "again.")
 
 
 class ControlServer(SocketThread):
@@ -228,9 +229,9 @@ class ControlServer(SocketThread):
         self.requests += 1
         try:
             reply = self._handle(frames)
-        except BaseException as exc:  # noqa: BLE001 - a bug must not cost the client its reply
+        except BaseException:  # noqa: BLE001 - a bug must not cost the client its reply
             log.exception("qmagic: control channel failed to process a request")
-            reply = {"success": False, "msg": failure_text(exc)}
+            reply = {"success": False, "msg": failure_text()}
         if not isinstance(reply, dict):
             reply = {"success": False, "msg": f"Error: qmagic produced an invalid reply: {reply!r}"}
         if reply.get("success") is False:
