@@ -36,6 +36,7 @@ __all__ = [
     "record_call",
     "short_repr",
     "safe_repr",
+    "finite",
     "format_number",
     "format_elapsed",
     "progress_amount",
@@ -294,7 +295,7 @@ _CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "or
                 "cell_hash", "call", "error", "error_type", "host", "pid", "session", "orphaned")
 
 
-def _num(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     """A finite number as float, else None (a time or duration that cannot be shown)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -307,7 +308,7 @@ def _num(value: Any) -> float | None:
 
 def local_time(t: Any) -> datetime | None:
     """The local time of an epoch in a record; None for a missing or impossible one."""
-    value = _num(t)
+    value = finite(t)
     try:
         return datetime.fromtimestamp(value) if value is not None else None
     except (OverflowError, OSError, ValueError):
@@ -323,7 +324,7 @@ def _clock(t: Any, iso: bool = False) -> str | None:
 
 def record_duration(rec: Mapping[str, Any]) -> float | None:
     """Seconds from a record's start to its end; None when either is missing or impossible."""
-    start, stop = _num(rec.get("started_at")), _num(rec.get("finished_at"))
+    start, stop = finite(rec.get("started_at")), finite(rec.get("finished_at"))
     return stop - start if start is not None and stop is not None else None
 
 

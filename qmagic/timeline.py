@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
+from .format import finite, local_time
 from .store.records import ORPHAN_REASON
 
 __all__ = ["timeline", "STATUS_COLOURS"]
@@ -26,8 +27,32 @@ STATUS_COLOURS = {
 }
 
 
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+class _Bar(NamedTuple):
+    rec: Mapping[str, Any]
+    start: float  # epoch seconds
+    end: float  # epoch seconds (now for a task still running)
+    left: datetime
+    right: datetime
+    unfinished: bool  # still running, or its kernel died
+
+
+def _bar(rec: Any, now: float) -> _Bar | None:
+    """Where a record's bar goes; None for a record whose times cannot be drawn (a bad row
+    never breaks the view: it is left out)."""
+    if not isinstance(rec, Mapping):
+        return None
+    start = finite(rec.get("started_at"))
+    if start is None:
+        start = finite(rec.get("submitted_at"))
+    end = finite(rec.get("finished_at"))
+    unfinished = end is None or rec.get("error") == ORPHAN_REASON  # (its kernel died)
+    if start is None:
+        return None
+    end = now if end is None else end
+    left, right = local_time(start), local_time(max(end, start + 0.05))
+    if left is None or right is None:
+        return None
+    return _Bar(rec, start, end, left, right, unfinished)
 
 
 def timeline(
@@ -59,8 +84,9 @@ def timeline(
         from .history import history
 
         records = history(since=since, until=until, notebook=notebook, **filters)
-    rows = [r for r in records if _num(r.get("started_at") or r.get("submitted_at")) is not None]
     now = time.time()
+    bars = [bar for bar in (_bar(r, now) for r in records) if bar is not None]
+    rows = [bar.rec for bar in bars]
     lane_names = sorted({str(r.get(lanes) or "?") for r in rows})
     lane_of = {name: i for i, name in enumerate(lane_names)}
     if ax is None:
@@ -70,36 +96,34 @@ def timeline(
         plt.close(fig)
     else:
         fig = ax.figure
-    for rec in rows:
-        start = _num(rec.get("started_at")) or _num(rec.get("submitted_at"))
-        end = _num(rec.get("finished_at"))
+    for bar in bars:
+        rec = bar.rec
         status = str(rec.get("status") or "queued")
-        unfinished = end is None or rec.get("error") == ORPHAN_REASON  # its kernel died
-        end = end if end is not None else now
         y = lane_of[str(rec.get(lanes) or "?")]
-        left = datetime.fromtimestamp(start)
-        width = datetime.fromtimestamp(max(end, start + 0.05)) - left
-        ax.barh(y, width, left=left, height=0.6, color=STATUS_COLOURS.get(status, "#8d99ae"),
-                edgecolor="none", hatch="//" if unfinished else None, alpha=0.9)
-        progress = rec.get("progress") or {}
-        value, total = _num(progress.get("value")), _num(progress.get("total"))
-        if status != "completed" and value is not None and total:
-            x = datetime.fromtimestamp(start + (end - start) * max(0.0, min(1.0, value / total)))
-            ax.plot([x], [y], marker="|", markersize=14, color="black", alpha=0.7)
+        ax.barh(y, bar.right - bar.left, left=bar.left, height=0.6,
+                color=STATUS_COLOURS.get(status, "#8d99ae"), edgecolor="none",
+                hatch="//" if bar.unfinished else None, alpha=0.9)
+        progress = rec.get("progress")
+        if status != "completed" and isinstance(progress, Mapping):
+            value, total = finite(progress.get("value")), finite(progress.get("total"))
+            if value is not None and total:
+                x = local_time(bar.start + (bar.end - bar.start) * max(0.0, min(1.0, value / total)))
+                if x is not None:
+                    ax.plot([x], [y], marker="|", markersize=14, color="black", alpha=0.7)
     ax.set_yticks(range(len(lane_names)), lane_names)
     ax.invert_yaxis()
     if rows:
         from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 
-        first = min(_num(r.get("started_at")) or _num(r.get("submitted_at")) for r in rows)
+        first = min(bar.left for bar in bars)
         locator = AutoDateLocator()
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
-        ax.set_xlabel(f"local time, {datetime.fromtimestamp(first):%Y-%m-%d}")
+        ax.set_xlabel(f"local time, {first:%Y-%m-%d}")
     ax.grid(axis="x", alpha=0.3)
     shown = [s for s in STATUS_COLOURS if any(r.get("status") == s for r in rows)]
     handles = [Patch(color=STATUS_COLOURS[s], label=s) for s in shown]
-    if any(_num(r.get("finished_at")) is None or r.get("error") == ORPHAN_REASON for r in rows):
+    if any(bar.unfinished for bar in bars):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
                              label="still running, or\nits kernel died"))
     if handles:

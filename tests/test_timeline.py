@@ -47,3 +47,23 @@ def test_timeline_by_user_and_empty():
     assert "0 tasks" in empty.axes[0].get_title()
     with pytest.raises(ValueError, match="lanes"):
         timeline([], lanes="colour")
+
+
+def test_a_bad_record_never_breaks_the_timeline():
+    """Impossible times, a progress that is not a dict and rows that are not dicts are left
+    out or drawn without the marker; a start time of 0 (1970) is a time, not a missing one."""
+    t0 = time.time() - 60
+    records = [
+        _rec("good", "completed", t0, t0 + 5),
+        _rec("huge", "completed", 1e20, None),
+        _rec("inf", "failed", float("inf"), t0),
+        _rec("text", "failed", "yesterday", t0),
+        _rec("end", "cancelled", t0, 1e20, progress={"value": 1, "total": 2}),
+        _rec("progress", "cancelled", t0, t0 + 1, progress=[1, 2]),
+        "not a record",
+        _rec("epoch", "completed", 0, 5),
+    ]
+    fig = timeline(records)
+    names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert names == ["epoch", "good", "progress"]
+    assert fig.axes[0].get_title() == "3 tasks"
