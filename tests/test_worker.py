@@ -98,6 +98,24 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
     assert value == "v" and ticks >= 3
 
 
+def test_polling_a_task_with_a_timeout_leaves_no_callback_behind(make_worker):
+    """``await asyncio.wait_for(task, t)`` in a loop (a dashboard polling a long scan): each
+    abandoned wait takes its done callback back, the task is never stopped."""
+    gate = Gate()
+    w = make_worker({"gate": gate})
+
+    async def main():
+        task = w.submit("gate", ("v",))
+        for _ in range(200):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(task, 0.001)
+        assert len(task._done_callbacks) == 0 and not task.done() and not task.cancel_requested
+        gate.release.set()
+        return await task
+
+    assert asyncio.run(main()) == "v"
+
+
 def test_cancelled_task_raises_cancelled_error_when_awaited(make_worker):
     w = make_worker({"sleepy": lambda: qmagic.cancellable_sleep(60)})
     task = w.submit("sleepy")

@@ -206,7 +206,10 @@ class Task(TaskState):
                         pass
 
             self.add_done_callback(wake)
-            yield from waiter.__await__()
+            try:
+                yield from waiter.__await__()
+            finally:  # the awaiting coroutine was cancelled: no callback left behind per wait
+                self._forget_done_callback(wake)
         # The outcome is raised here, not through the waiter: no asyncio frames in the way.
         return self.result(0)
 

@@ -139,6 +139,15 @@ class TaskState(Future):
         lst = self.__dict__.get("_callback_list")
         return lst if lst is not None else self.__dict__.setdefault("_callback_list", [])
 
+    def _forget_done_callback(self, fn: Callable[..., Any]) -> None:
+        """Take back a done callback of a task that has not finished (else it has run or is
+        running: the list is left alone while the task's end goes through it)."""
+        with self._mutex:
+            if not self._status.finished:
+                lst = self.__dict__.get("_callback_list")
+                if lst is not None and fn in lst:
+                    lst.remove(fn)
+
     def _invoke_callbacks(self) -> None:
         for callback in self.__dict__.get("_callback_list", ()):
             try:
