@@ -119,6 +119,8 @@ class Catalog:
         #: to the name is checked anew.
         self._checked: dict[str, tuple[Any, bool]] = {}
         self._key: Any = None
+        self._refreshes = 0  # refreshes begun (numbered under the lock)
+        self._installed = 0  # the number of the refresh whose tables are in place
         #: Changes whenever the functions change.
         self.uid = str(uuid.uuid4())
         #: Changes whenever the plans change (queueserver's plans_existing_uid).
@@ -128,7 +130,10 @@ class Catalog:
 
     def refresh(self, force: bool = False) -> bool:
         """Rebuild from the namespace if it changed (names or objects); True if it did."""
-        items = list(self.namespace.items())
+        with self._lock:  # (numbered with the read: a later number saw a newer namespace)
+            self._refreshes += 1
+            mine = self._refreshes
+            items = list(self.namespace.items())
         key = frozenset((name, id(value)) for name, value in items)
         if not force and key == self._key:
             return False
@@ -149,13 +154,16 @@ class Catalog:
             except Exception:  # noqa: BLE001 - an odd object must not break the catalog
                 continue
         with self._lock:
+            if mine < self._installed:  # a refresh that read the namespace later got here first
+                return False
+            self._installed = mine
             self._key = key
             for attr, new, old in (("uid", functions, self._functions), ("plans_uid", plans, self._plans),
                                    ("devices_uid", devices, self._devices)):
                 if new.keys() != old.keys() or any(new[n] is not old.get(n) for n in new):
                     setattr(self, attr, str(uuid.uuid4()))
             self._functions, self._plans, self._devices = functions, plans, devices
-        self._checked.clear()  # drop references to objects the namespace let go
+            self._checked.clear()  # drop references to objects the namespace let go
         return True
 
     def function(self, name: str) -> Any:

@@ -460,6 +460,42 @@ def test_the_catalog_ignores_names_that_are_not_text(make_worker):
     assert "f" in w.catalog.functions()
 
 
+def test_a_slow_refresh_never_puts_back_an_older_catalog(make_worker, monkeypatch):
+    """Two refreshes at once (a cell's end and a background script): the one that read the
+    namespace first but finished last leaves the newer tables in place."""
+    from qmagic import catalog as catalog_module
+
+    entered, release = threading.Event(), threading.Event()
+    is_plan = catalog_module._is_plan
+
+    def slow_is_plan(obj):
+        if getattr(obj, "__name__", "") == "old" and threading.current_thread().name == "slow":
+            entered.set()
+            release.wait(TIMEOUT)
+        return is_plan(obj)
+
+    def old():
+        return 1
+
+    def new():
+        return 2
+
+    monkeypatch.setattr(catalog_module, "_is_plan", slow_is_plan)
+    w = make_worker({"old": old})
+    cat = w.catalog
+    results = []
+    slow = threading.Thread(target=lambda: results.append(cat.refresh(force=True)), name="slow")
+    slow.start()
+    assert entered.wait(TIMEOUT)
+    del w.namespace["old"]
+    w.namespace["new"] = new
+    assert cat.refresh(force=True) is True
+    release.set()
+    slow.join(TIMEOUT)
+    assert results == [False]
+    assert "new" in cat.functions() and "old" not in cat.functions()
+
+
 def test_lock_from_python_locks_the_environment_by_default(make_worker):
     w = make_worker({"f": lambda: 1})
     state = w.lock("hutch-key", note="sample change")
