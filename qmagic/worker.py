@@ -366,8 +366,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         or in the running foreground task when ``interrupt_task`` (else that is refused).
         Interrupts of one task are coalesced.  Returns "interrupted", "pending" or "idle"."""
         self.check_lock(lock_key, origin=origin, client=client)
-        if origin == "remote" and not self.environment_is_open:
-            raise RequestRefused("Failed to interrupt IPython kernel: Worker environment does not exist")
+        self._check_open(origin, "Failed to interrupt IPython kernel: Worker environment does not exist")
         if self.engine.counts()["foreground"] is not None:
             if not interrupt_task:
                 raise RequestRefused(
@@ -391,8 +390,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         return self.engine.bus.subscribe(callback)
 
     def functions_available(self, user_group: str | None = None) -> dict[str, dict[str, str]]:
-        """{name: {signature, doc}} of the namespace functions ``user_group`` may call."""
-        group = user_group or self.default_user_group
+        """{name: {signature, doc}} of the namespace functions ``user_group`` (default:
+        ``QMagic.default_user_group``) may call; an unknown group is refused as by submit."""
+        group = self.default_user_group if user_group is None else user_group
+        self._permissions.check_group(group)
         functions = self.catalog.functions()
         allowed = set(self._permissions.allowed_names(functions, group))
         return self.catalog.describe_functions({n: f for n, f in functions.items() if n in allowed})

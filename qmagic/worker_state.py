@@ -196,9 +196,10 @@ class StateMixin(HasTraits):
         """False after environment_close/destroy: remote tasks and scripts are refused."""
         return self._environment_open
 
-    def _check_open(self, origin: str) -> None:
+    def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:
+        """The environment rule: a remote request needs it open (``refusal`` otherwise)."""
         if origin == "remote" and not self._environment_open:
-            raise RequestRefused(MSG_ENV_CLOSED)
+            raise RequestRefused(refusal)
 
     def environment_open(self, *, lock_key: str | None = None, origin: str = "python",
                          client: str | None = None) -> None:

@@ -261,6 +261,8 @@ def test_scripts_apply_names_and_report_changes(make_worker):
     assert task.namespace_changes == {"added": ["scan"], "changed": ["old"], "removed": ["gone"]}
     assert ns["old"] == 20 and "gone" not in ns and ns["keep"] == 1
     assert w.functions_available()["scan"] == {"signature": "(n)", "doc": "Scan n points."}
+    with pytest.raises(RequestRefused, match="Unknown user group: 'students'"):
+        w.functions_available("students")
     assert w.submit("scan", (7,)).result(TIMEOUT) == 7
     with pytest.raises(RequestRefused, match="Invalid script name"):
         w.run_script("x = 1", name="../etc")
