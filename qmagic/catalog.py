@@ -19,9 +19,7 @@ from typing import Any, Callable, Mapping
 from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
 
-__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "MAX_NAME_LENGTH"]
-
-#: Longest function name accepted in a request.
+__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device"]
 
 
 def check_name(name: Any) -> str:
@@ -50,7 +48,7 @@ def _is_device(obj: Any) -> bool:
     """An ophyd or ophyd-async device (recognised by duck typing; neither is imported)."""
     cls = type(obj)
     module = getattr(cls, "__module__", "") or ""
-    if not module.startswith(("ophyd", "ophyd_async")):
+    if not (module == "ophyd" or module.startswith(("ophyd.", "ophyd_async"))):
         return any(getattr(base, "__module__", "").startswith(("ophyd.", "ophyd_async."))
                    for base in cls.__mro__[1:])
     return not isinstance(obj, type)

@@ -308,9 +308,12 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self.check_lock(lock_key, origin=origin, client=client)
         self._check_open(origin)
         user, group = self._who(None, None, origin, defaults=True)
-        return self._start(lambda: self.catalog.refresh(force=True) and None,
+        return self._start(self._refresh_catalog,
                            name="environment_update", kind="script", user=user,
                            user_group=group, background=bool(background), origin=origin)
+
+    def _refresh_catalog(self) -> None:  # (environment_update's task: its result is None)
+        self.catalog.refresh(force=True)
 
     def _start(self, call: Callable[[], Any], *, origin: str, **task: Any) -> Task:
         """The engine starts the task (refusals as :meth:`_refusal` words them)."""

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .core.registry import UID_LENGTH
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
@@ -60,7 +61,7 @@ class LookupMixin:
         task = self.engine.get(uid)
         if task is not None:
             return task
-        return self._log_find(uid) if len(uid) >= 36 else None
+        return self._log_find(uid) if len(uid) >= UID_LENGTH else None
 
     def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         """Status of each uid (exact uids): memory first, then the experiment log (batched);

@@ -64,6 +64,8 @@ MSG_CLOSED = (
     "Error: Failed to start the task: the qmagic worker was closed (extension unloaded). "
     "Load it again with %load_ext qmagic."
 )
+
+
 class TaskObserver(Protocol):
     """Hears about every task synchronously, outside every lock (the experiment log)."""
 

@@ -25,12 +25,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .task import Task
     from .timers import Timers
 
-__all__ = ["MIN_UID_PREFIX", "TaskRegistry", "new_uid"]
+__all__ = ["MIN_UID_PREFIX", "UID_LENGTH", "TaskRegistry", "new_uid"]
 
 log = logging.getLogger("qmagic")
 
 #: Shortest uid prefix accepted by lookups (a full uid is always accepted).
 MIN_UID_PREFIX = 4
+#: Length of a uid made by :func:`new_uid` (a UUID string); shorter strings are prefixes.
+UID_LENGTH = 36
 
 _uid_random = random.Random(os.urandom(32))
 _UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & (1 << 128) - 1

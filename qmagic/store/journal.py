@@ -61,6 +61,7 @@ from typing import Any
 
 import orjson
 
+from ..core.registry import MIN_UID_PREFIX
 from ..errors import StateFileError
 from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
@@ -260,10 +261,10 @@ class Journal:
         return self._reader.get(uid)
 
     def find(self, uid_or_prefix: str) -> dict[str, Any] | None:
-        """The record of the task with this uid, or with this uid prefix (at least 4
-        characters) if exactly one task has it; else None."""
+        """The record of the task with this uid, or with this uid prefix (at least
+        ``MIN_UID_PREFIX`` characters) if exactly one task has it; else None."""
         found = self.get(uid_or_prefix)
-        if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < 4:
+        if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
             return found
         uids = {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
         uids |= {u for u in self._pending(uid_or_prefix) if u.startswith(uid_or_prefix)}
@@ -341,7 +342,7 @@ class Journal:
         spool.closed, spool.out = True, None
         for seg in [*spool.segments, spool.spare]:
             if seg is not None:
-                seg.close()  # (our copies of the mapping and descriptor only)
+                seg.close()  # (our copy of the descriptor only)
         spool.segments, spool.spare, spool.current = [], None, None
         spool.files.lock_fd = None  # inherited descriptor: leaving it open keeps nothing locked
         _FORK_LEFTOVERS.extend([self._reader, self._writer.conn])  # never closed by the child
