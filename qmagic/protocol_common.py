@@ -54,9 +54,9 @@ def _re_state(run_engine: Any) -> str | None:
 
 def status_reply(worker: Any) -> dict[str, Any]:
     """The queueserver ``status`` dict (every key the clients read)."""
-    counts = worker.engine.counts()
+    counts = worker.counts()
     fg: Task | None = counts["foreground"]
-    busy = worker.engine.foreground.user_busy()
+    busy = counts["kernel_busy"]
     state = "executing_task" if fg is not None else "idle"
     lock = worker.current_lock()
     env_open = worker.environment_is_open

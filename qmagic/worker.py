@@ -24,7 +24,6 @@ from .catalog import Catalog, check_name
 from .config import QMagic
 from .core.context import current_task
 from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
-from .core.events import Subscription
 from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
 from .core.loops import EventLoops
@@ -381,16 +380,17 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
             return "interrupted"
         return "idle"
 
-    def subscribe(self, callback: Callable[..., Any]) -> Subscription:
-        """Receive events of every task as ``callback(**kwargs)``.
+    @property
+    def foreground_runner(self) -> ForegroundRunner:
+        """The runner of foreground tasks (in a kernel: the kernel's, whose interrupt guard
+        the magics use while a cell waits for a task)."""
+        return self.engine.foreground
 
-        Keywords: ``task_uid`` always, plus one of ``status`` (str), ``progress``
-        (:class:`qmagic.Progress`), ``result`` (the return value) or ``error`` (the
-        exception).  Per task: queued, running, progress..., result or error, final status.
-        Callbacks run on one dispatcher thread; one that raises is logged and ignored.
-        A callback without ``**kwargs`` is refused with ValueError.
-        """
-        return self.engine.bus.subscribe(callback)
+    def add_context_hook(self, hook: Any) -> Callable[[], None]:
+        """Carry context from the thread that submits a task to where it runs (a
+        :class:`qmagic.core.hooks.ContextHook`; the kernel pins a task's output to the cell
+        that started it).  Returns the function that removes the hook."""
+        return self.engine.context_hooks.add(hook)
 
     def functions_available(self, user_group: str | None = None) -> dict[str, dict[str, str]]:
         """{name: {signature, doc}} of the namespace functions ``user_group`` (default:

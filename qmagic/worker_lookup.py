@@ -1,12 +1,12 @@
-"""Looking at tasks: live ones in the engine's memory, past ones in the experiment log.
-A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
+"""Looking at tasks: live ones in the engine's memory, past ones in the experiment log,
+what runs now, and their events.  A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .core.registry import UID_LENGTH
 from .core.status import TaskStatus
@@ -15,6 +15,7 @@ from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
+    from .core.events import Subscription
 
 __all__ = ["LookupMixin"]
 
@@ -22,8 +23,8 @@ log = logging.getLogger("qmagic")
 
 
 class LookupMixin:
-    """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task``, ``history`` and
-    ``clear_finished``."""
+    """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task``, ``history``,
+    ``clear_finished``, ``counts`` and ``subscribe``."""
 
     engine: Engine
     _journal: Any
@@ -134,3 +135,23 @@ class LookupMixin:
             except ValueError:
                 out[uid] = None
         return out
+
+    def subscribe(self, callback: Callable[..., Any]) -> Subscription:
+        """Receive events of every task as ``callback(**kwargs)``.
+
+        Keywords: ``task_uid`` always, plus one of ``status`` (str), ``progress``
+        (:class:`qmagic.Progress`), ``result`` (the return value) or ``error`` (the
+        exception).  Per task: queued, running, progress..., result or error, final status.
+        Callbacks run on one dispatcher thread; one that raises is logged and ignored.
+        A callback without ``**kwargs`` is refused with ValueError.
+        """
+        return self.engine.bus.subscribe(callback)
+
+    def counts(self) -> dict[str, Any]:
+        """What runs now (for status replies and panels): ``running_background``,
+        ``queued_background``, ``foreground`` (the running foreground Task or None),
+        ``foreground_handed_over``, ``kernel_busy`` (the kernel runs a cell), ``finished``
+        (finished tasks kept in memory), ``threads`` and ``results_uid``."""
+        counts = self.engine.counts()
+        counts["kernel_busy"] = self.engine.foreground.user_busy()
+        return counts

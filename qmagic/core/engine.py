@@ -30,12 +30,13 @@ import itertools
 import logging
 import time
 import uuid
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, Protocol
 
 from ..errors import RequestRefused, TaskCancelled
 from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
+from .hooks import ContextHook, ContextHooks
 from .jobs import CLOSED_REASON, STOPPED_BEFORE_START, Job, JobRunner
 from .loops import EventLoops
 from .pool import ThreadPool
@@ -79,17 +80,6 @@ class TaskObserver(Protocol):
         """The final record (``Task.to_dict()`` form), before the task's waiters wake."""
 
 
-class ContextHook(Protocol):
-    """Carries context from the submitting thread to where the task runs (the kernel pins
-    a background task's output to the cell that started it)."""
-
-    def capture(self, task: Task) -> Any:
-        """Called in the submitting thread; returns a token."""
-
-    def apply(self, task: Task, token: Any) -> ContextManager[Any]:
-        """Called where the task runs; the context manager is active around the call."""
-
-
 def _never() -> bool:
     return False
 
@@ -125,7 +115,7 @@ class Engine(TaskRegistry):
         self.bus = EventBus()
         self.timers = Timers()
         self.observers: list[TaskObserver] = []
-        self.context_hooks: list[ContextHook] = []
+        self.context_hooks = ContextHooks()
         self._results_prefix = str(uuid.uuid4())
         self._results_seq = itertools.count(1)
         self._results_count = 0  # tasks finished so far (read without the lock: one int)
@@ -189,8 +179,7 @@ class Engine(TaskRegistry):
             bus=self.bus, on_cancel=self._on_cancel,
         )
         job = Job(task, call, coroutine)
-        if self.context_hooks:
-            job.tokens = [(hook, hook.capture(task)) for hook in self.context_hooks]
+        job.tokens = self.context_hooks.capture(task)
         inline = entered = handed = False
         try:
             if background:

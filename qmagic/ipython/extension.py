@@ -67,8 +67,7 @@ class Session:
         tracebacks.set_filename_labeler(cell_labeler(shell))
         self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
         hook = CellOutputHook(shell)
-        worker.engine.context_hooks.append(hook)
-        self._step("output routing", lambda: worker.engine.context_hooks.remove(hook))
+        self._step("output routing", worker.add_context_hook(hook))
         self._event("pre_run_cell", runner.cell_started)
         self._event("post_run_cell", self._post_run_cell)
         from ..remote.service import RemoteService
@@ -147,9 +146,7 @@ class Session:
         self._step("panels", lambda: panels.detach(self.shell, self.worker))
         hook = panels.cell_row_hook(self.shell, self.worker)
         if hook is not None:  # a foreground task's live row in the cell that runs it
-            hooks = self.worker.engine.context_hooks
-            hooks.append(hook)
-            self._step("live rows in cells", lambda: hooks.remove(hook) if hook in hooks else None)
+            self._step("live rows in cells", self.worker.add_context_hook(hook))
 
     # -- unloading -----------------------------------------------------------------------------------
     def unload(self) -> None:

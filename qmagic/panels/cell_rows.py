@@ -1,7 +1,7 @@
 """A foreground task's live row in the cell that runs it (an engine context hook).
 
 ``%function_execute scan 100`` runs ``scan`` in the cell, on the kernel's main thread.
-:class:`CellRows` is a :class:`qmagic.core.engine.ContextHook`: when a foreground task is
+:class:`CellRows` is a :class:`qmagic.core.hooks.ContextHook`: when a foreground task is
 submitted from a cell (on the main thread, in a kernel where widgets work), ``capture``
 notes the cell's request; ``apply`` — where the task's code is about to run — displays a
 live :class:`~qmagic.panels.TaskRow` (status, progress, elapsed, Cancel) in that cell.  The

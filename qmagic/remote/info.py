@@ -34,6 +34,7 @@ import zmq
 from .. import format as fmt
 from ..core import capture
 from ..core.status import FINISHED_VALUES
+from ..errors import TaskNotFound
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -112,12 +113,19 @@ class InfoPublisher(SocketThread):
         if wake:
             self._queue.put("new")
 
+    def _task(self, uid: str) -> Any:
+        """The task in this kernel's memory, or None."""
+        try:
+            return self.worker.get_task(uid)
+        except TaskNotFound:
+            return None
+
     def _on_event(self, task_uid: str, **event: Any) -> None:
         """Worker events: merge into the task's pending state; wake the thread."""
         with self._pending_lock:
             state = self._tasks.get(task_uid)
             if state is None:
-                task = self.worker.engine.get(task_uid)
+                task = self._task(task_uid)
                 state = self._tasks[task_uid] = {"task_uid": task_uid}
                 if task is not None:
                     state.update(name=task.name, call=task.call_text(80), user=task.user,
@@ -125,7 +133,7 @@ class InfoPublisher(SocketThread):
             if "status" in event:
                 state["status"] = event["status"]
                 if event["status"] in FINISHED_VALUES and "progress" not in state:
-                    task = self.worker.engine.get(task_uid)  # the final message: the whole end
+                    task = self._task(task_uid)  # the final message: the whole end
                     progress = task.progress if task is not None else None  # state, progress too
                     if progress is not None:
                         state["progress"] = progress._asdict()

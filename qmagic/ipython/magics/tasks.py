@@ -90,7 +90,7 @@ class TaskMagics(Magics):
         if not task.background:
             return settle(self.shell, task)
         if opts.wait:
-            wait_interruptibly(task, self.worker.engine.foreground)
+            wait_interruptibly(task, self.worker.foreground_runner)
             return settle(self.shell, task)
         return task
 
