@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from .format import finite, local_time
-from .store.records import ORPHAN_REASON
+from .store.records import ORPHAN_REASONS
 
 __all__ = ["timeline", "STATUS_COLOURS"]
 
@@ -45,7 +45,7 @@ def _bar(rec: Any, now: float) -> _Bar | None:
     if start is None:
         start = finite(rec.get("submitted_at"))
     end = finite(rec.get("finished_at"))
-    unfinished = end is None or rec.get("error") == ORPHAN_REASON  # (its kernel died)
+    unfinished = end is None or rec.get("error") in ORPHAN_REASONS  # (its kernel died)
     if start is None:
         return None
     end = now if end is None else end

@@ -35,7 +35,7 @@ from kernel_helpers import QMAGIC_ARGV, SETUP
 from kernel_utils import REPO_ROOT
 
 from qmagic.store.database import database_path
-from qmagic.store.journal import ORPHAN_REASON
+from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,6 +45,11 @@ ORPHAN_MSG = f"Error occurred while executing 'Execute function': {ORPHAN_REASON
 LOAD = r'''
 import os
 hold = threading.Event()
+
+def _orphan_reason(rec):
+    """What a task a killed kernel left unfinished reads: running, or still queued."""
+    return ORPHAN_REASON if rec["started_at"] is not None else ORPHAN_QUEUED_REASON
+
 def hang(*args):
     hold.wait()
 def ok(x):
@@ -189,7 +194,7 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     # every other task ended (an "ok" one, perhaps just before the kill) or is an orphan
     wrong = [r for r in records.values() if not (
         (r["status"] == "completed" and r["name"] == "ok" and r["result"] == r["args"][0] * 10)
-        or (r["status"] == "failed" and r["error"] == ORPHAN_REASON and r["journal"]["orphaned"] is True))]
+        or (r["status"] == "failed" and r["error"] == _orphan_reason(r) and r["journal"]["orphaned"] is True))]
     assert wrong == []
     assert {r["origin"] for r in records.values()} == {"python", "magic", "remote"}
     assert not list(state.glob("default.journal.*.spool")) and not list(state.glob("default.journal.*.lock"))
@@ -213,7 +218,8 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     newest = sorted(records.values(), key=lambda r: r["submitted_at"])[-3:]
     orphans = sum(r["journal"]["orphaned"] for r in newest)
     errors = [i for i, line in enumerate(lines) if line.startswith("    error: ")]  # (under its task's row)
-    assert [lines[i].strip() for i in errors] == [f"error: {ORPHAN_REASON}"] * orphans, (lines, newest)
+    expected = [f"error: {_orphan_reason(r)}" for r in reversed(newest) if r["journal"]["orphaned"]]
+    assert [lines[i].strip() for i in errors] == expected, (lines, newest)
     assert all("  failed  " in lines[i - 1] for i in errors), lines
     assert len(lines) == 4 + orphans and orphans > 0
 

@@ -165,6 +165,11 @@ def test_cli_runs_as_a_program_with_bad_rows_and_odd_names(populated):
     conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, submitted_at, record) VALUES "
                  "('x2', 3, 'completed', 'yesterday', 'yesterday', ?)",
                  (json.dumps(task("x2", submitted_at="yesterday")),))
+    # text that is not UTF-8 (edited by another tool): in a record, in a status
+    conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, record) VALUES "
+                 "('x3', 3, 'completed', ?, CAST(X'7B22756964223A22FF227D' AS TEXT))", (time.time(),))
+    conn.execute("INSERT INTO tasks (uid, rank, status, sort_time, record) VALUES "
+                 "('x4', 3, CAST(X'FF' AS TEXT), ?, '{}')", (time.time(),))
     conn.close()
     env = dict(os.environ, PYTHONPATH=str(REPO), QMAGIC_STATE_DIR=str(folder), PYTHONIOENCODING="ascii")
     for form in ([], ["--json"], ["--csv"]):
@@ -172,7 +177,8 @@ def test_cli_runs_as_a_program_with_bad_rows_and_odd_names(populated):
                               capture_output=True, text=True, env=env, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert "x1" not in done.stdout and "x2" not in done.stdout and "uid-odd" in done.stdout
-        assert done.stderr.count("warning: qmagic experiment log: skipped") == 2  # once per kind
+        assert "x3" not in done.stdout and "x4" not in done.stdout and "uid-old" in done.stdout
+        assert done.stderr.count("warning: qmagic experiment log: skipped") == 3  # once per kind
     assert "remote\\udcffname\\n" in done.stdout
 
 

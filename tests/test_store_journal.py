@@ -32,7 +32,7 @@ from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
 from qmagic.store.database import database_path
-from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal
+from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, Journal
 from qmagic.store.records import JournalWarning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,7 +328,8 @@ def test_sigkill_at_any_moment_loses_no_uid(tmp_path):
         assert set(status.values()) <= {"completed", "failed"}
         for uid in orphans:
             rec = j.get(uid)
-            assert rec["error"] == ORPHAN_REASON and rec["journal"]["orphaned"] is True
+            assert rec["journal"]["orphaned"] is True
+            assert rec["error"] == (ORPHAN_REASON if rec["started_at"] is not None else ORPHAN_QUEUED_REASON)
         assert j.health()["ok"]
     assert not list(tmp_path.glob("*.spool")) and len(list(tmp_path.glob("*.lock"))) == 0
     states = db_rows(tmp_path, "SELECT state, count(*) FROM sessions GROUP BY state")
@@ -356,7 +357,7 @@ def test_a_kernel_that_dies_idle_or_closes_with_running_tasks(tmp_path):
         proc.wait(30)
     with Journal(tmp_path, ENV) as j:
         assert j.statuses(["q1", "r1", "d1"]) == {"q1": "failed", "r1": "failed", "d1": "completed"}
-        assert j.get("r1")["error"] == ORPHAN_REASON
+        assert j.get("r1")["error"] == ORPHAN_REASON and j.get("q1")["error"] == ORPHAN_QUEUED_REASON
         j.submitted(task("mine", "running"))
     with Journal(tmp_path, ENV) as j:  # closing with a running task: it cannot end any more
         assert j.get("mine")["status"] == "failed" and j.get("mine")["error"] == ORPHAN_REASON

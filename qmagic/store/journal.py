@@ -67,11 +67,11 @@ from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
 from .paths import validate_environment_name
 from .reader import Filters, LogReader, merge_state, sort_time, state_record
-from .records import ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
+from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
 from .writer import Writer
 
-__all__ = ["ORPHAN_REASON", "SUMMARY_KEY", "Journal"]
+__all__ = ["ORPHAN_REASON", "ORPHAN_QUEUED_REASON", "SUMMARY_KEY", "Journal"]
 
 _READY_WAIT_S = 10.0  # reads wait this long for the first open (recovery of dead kernels)
 _OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()

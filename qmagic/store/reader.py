@@ -28,6 +28,11 @@ __all__ = ["Filters", "LogReader", "merge_state", "state_record"]
 _GLOB = frozenset("*?[")
 
 
+
+def _lenient_text(value: bytes) -> str:
+    """A TEXT value of the database as str, invalid UTF-8 replaced (U+FFFD)."""
+    return value.decode("utf-8", "replace")
+
 class Filters:
     """The filters of :meth:`LogReader.records`, checked and turned into SQL."""
 
@@ -183,6 +188,15 @@ class LogReader:
                     except FileNotFoundError:
                         return fn(None)
                     self._conn_id = now
+                try:
+                    return fn(self._conn)
+                except sqlite3.OperationalError as exc:
+                    if "decode" not in str(exc) or self._conn.text_factory is _lenient_text:
+                        raise
+                # Text that is not UTF-8 (a row edited by hand, another tool): read it with
+                # replacement characters from now on; such a row then fails to validate and
+                # is skipped with a warning, the others are shown.
+                self._conn.text_factory = _lenient_text
                 return fn(self._conn)
             except sqlite3.Error as exc:
                 if "no such table" in str(exc):

@@ -43,6 +43,8 @@ import orjson
 __all__ = [
     "FINAL_STATUSES",
     "ORPHAN_REASON",
+    "ORPHAN_QUEUED_REASON",
+    "ORPHAN_REASONS",
     "RANKS",
     "STATUSES",
     "SUMMARY_KEY",
@@ -61,6 +63,10 @@ FINAL_STATUSES = frozenset(("completed", "failed", "cancelled"))
 RANKS = {"queued": 1, "running": 2, "completed": 3, "failed": 3, "cancelled": 3}
 #: ``error`` of a task whose kernel died (or whose log was closed) before the task ended.
 ORPHAN_REASON = "kernel stopped while the task was running"
+#: The same for a task that was still queued (it never started).
+ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
+#: Both: the errors of the tasks a stopped kernel left unfinished.
+ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
 from ..format import SUMMARY_KEY, printable  # noqa: E402 - one definition, shared with the text forms
 
@@ -381,11 +387,13 @@ def record_from_row(uid: Any, status: Any, started_at: Any, finished_at: Any, or
                   f"validate (task {clean_name(uid, 60)!r}: {problem}); further such records are "
                   "skipped silently.", stacklevel=4)
         return None
+    started = started_at is not None or rec.get("started_at") is not None or rec.get("status") == "running"
     rec["status"] = status
     if started_at is not None:
         rec["started_at"] = started_at
     if orphaned:
-        rec.update(status="failed", error=ORPHAN_REASON, finished_at=finished_at)
+        rec.update(status="failed", error=ORPHAN_REASON if started else ORPHAN_QUEUED_REASON,
+                   finished_at=finished_at)
     rec["journal"] = journal
     return rec
 
