@@ -67,8 +67,9 @@ _ERRORS = (sqlite3.Error, OSError, StateFileError)
 
 
 class Faults:
-    """Fault episodes of one log: ONE warning when an episode of a kind ("spool" or
-    "database") starts, one info line when it ends, back-off between retries meanwhile."""
+    """Fault episodes of one log: ONE warning when an episode starts (whichever of the
+    spool or the database fails first; a disk-full usually stops both), one info line when
+    everything works again, back-off between retries meanwhile."""
 
     def __init__(self, path: Path, pending_limit: int) -> None:
         self.path, self.pending_limit = path, pending_limit
@@ -81,8 +82,11 @@ class Faults:
         """Note a failure: a warning if it starts an episode; back off."""
         self.last_error = f"{type(exc).__name__}: {exc}"
         if kind not in self.kinds:
+            first = not self.kinds
             self.kinds[kind] = time.monotonic()
-            if kind == "spool":
+            if not first:
+                _log.info("experiment log: the %s cannot be written either (%s).", kind, self.last_error)
+            elif kind == "spool":
                 _log.warning("qmagic could not write the experiment log's spool in %s (%s). Tasks run "
                              "at normal speed; their records wait in memory (at most %d) until the "
                              "folder can be written again: check disk space and permissions "
@@ -98,9 +102,10 @@ class Faults:
         self.retry_at = time.monotonic() + self._backoff
 
     def fixed(self, kind: str) -> None:
-        """Note a success: ends an episode of ``kind``."""
-        if self.kinds.pop(kind, None) is not None:
-            _log.info("qmagic's experiment log works again (%s); what waited is being stored.", kind)
+        """Note a success of ``kind``; the episode ends when nothing fails any more."""
+        if self.kinds.pop(kind, None) is not None and not self.kinds:
+            _log.info("qmagic's experiment log works again; what waited is being stored.")
+            self.last_error = None
         if not self.kinds:
             self._backoff = 0.0
 
