@@ -323,9 +323,10 @@ def _clock(t: Any, iso: bool = False) -> str | None:
 
 
 def record_duration(rec: Mapping[str, Any]) -> float | None:
-    """Seconds from a record's start to its end; None when either is missing or impossible."""
+    """Seconds from a record's start to its end; None when either is missing or impossible
+    (also an end before the start: the clock was set back while the task ran)."""
     start, stop = finite(rec.get("started_at")), finite(rec.get("finished_at"))
-    return stop - start if start is not None and stop is not None else None
+    return stop - start if start is not None and stop is not None and stop >= start else None
 
 
 def history_table(records: Iterable[Mapping[str, Any]]) -> str:

@@ -39,3 +39,13 @@ def test_one_call_text_for_tasks_and_records():
     assert record_call({"name": "s.py", "kind": "script"}) == "s.py (script)"
     huge = call_text("f", range(10**7), width=30)  # (stops early: no ten million reprs)
     assert huge == "f(0, 1, 2, 3, 4, 5, 6, 7, ...)" and len(huge) <= 30
+
+
+def test_a_duration_is_shown_only_when_it_can_be_true():
+    from qmagic.format import record_duration
+
+    assert record_duration({"started_at": 10.0, "finished_at": 12.5}) == 2.5
+    for rec in ({"started_at": 10.0}, {"started_at": 10.0, "finished_at": float("inf")},
+                {"started_at": 10.0, "finished_at": 9.0},  # the clock was set back meanwhile
+                {"started_at": True, "finished_at": 12.0}, {"started_at": "10", "finished_at": 12.0}):
+        assert record_duration(rec) is None, rec
