@@ -776,6 +776,26 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
         assert os.path.getsize(conn_path) < 1_500_000  # pages were given back to the system
 
 
+def test_a_log_just_over_its_size_loses_only_about_the_excess(tmp_path, monkeypatch):
+    """Size retention deleted up to a whole batch (500 tasks) whatever the excess: a log
+    10 % over its size lost all of its 400 tasks (found by a hostile test)."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
+    old, big = time.time() - 600, "z" * 20_000
+    with Journal(tmp_path, ENV) as j:
+        for i in range(400):
+            j.finished(task(f"t-{i:03d}", "completed", result=big, submitted_at=old + i))
+        assert j.flush()
+    conn = sqlite3.connect(database_path(tmp_path, ENV))
+    used = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    with Journal(tmp_path, ENV, max_bytes=int(used * 0.9)) as j:
+        wait_for(lambda: j.flush(0.1) and len(j.records()) < 400, j)
+        kept = [r["uid"] for r in j.records()]
+        assert 330 <= len(kept) < 400 and "t-399" in kept and "t-000" not in kept, len(kept)
+
+
 # ---- the journal of qmagic 0.1 ------------------------------------------------------------------------
 def proc_start(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])

@@ -338,6 +338,13 @@ def upsert_session(conn: sqlite3.Connection, session: str, *, host: Any = None, 
          _num(started_at), last_seen, state, blob))
 
 
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database in use (its pages minus the free ones)."""
+    page_size, pages, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                              for p in ("page_size", "page_count", "freelist_count"))
+    return (pages - free) * page_size
+
+
 def retention(conn: sqlite3.Connection, max_age_s: float, max_bytes: int, batch: int = 500,
               now: float | None = None) -> int:
     """Delete at most ``batch`` ended tasks outside the window (older than ``max_age_s``,
@@ -350,13 +357,16 @@ def retention(conn: sqlite3.Connection, max_age_s: float, max_bytes: int, batch:
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE sort_time < ? AND rank = 3 "
             "AND coalesce(finished_at, sort_time) < ? ORDER BY sort_time LIMIT ?)",
             (cutoff, cutoff, batch)).rowcount
-        if deleted < batch:
-            page_size, pages, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
-                                      for p in ("page_size", "page_count", "freelist_count"))
-            if (pages - free) * page_size > max_bytes:
-                deleted += conn.execute(
-                    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE rank = 3 "
-                    "ORDER BY sort_time LIMIT ?)", (batch - deleted,)).rowcount
+        # Over the size: the oldest ended tasks, a few at a time, until it fits (all at once,
+        # a log just over its size lost far more than the excess).
+        step = max(1, batch // 20)
+        while deleted < batch and _used_bytes(conn) > max_bytes:
+            gone = conn.execute(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE rank = 3 "
+                "ORDER BY sort_time LIMIT ?)", (min(step, batch - deleted),)).rowcount
+            if not gone:
+                break
+            deleted += gone
         conn.execute("DELETE FROM sessions WHERE state IN ('closed', 'dead') AND last_seen < ?", (cutoff,))
     if deleted:
         conn.executescript(f"PRAGMA incremental_vacuum({batch * 2});")  # (execute() frees one page)
