@@ -40,16 +40,16 @@ from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 pytestmark = pytest.mark.timeout(120)
 
 WAIT = 30.0
-ORPHAN_MSG = f"Error occurred while executing 'Execute function': {ORPHAN_REASON}"
 
-LOAD = r'''
-import os
-hold = threading.Event()
 
 def _orphan_reason(rec):
     """What a task a killed kernel left unfinished reads: running, or still queued."""
     return ORPHAN_REASON if rec["started_at"] is not None else ORPHAN_QUEUED_REASON
 
+
+LOAD = r'''
+import os
+hold = threading.Event()
 def hang(*args):
     hold.wait()
 def ok(x):
@@ -206,12 +206,13 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     assert status == {magic_uid: "completed", done_uid: "completed"}  # (queueserver's word for ended)
     result = k2.eval(f"[(r['success'], r['return_value'], r['msg']) for r in "
                      f"(qs.task_result(task_uid=u)['result'] for u in {[magic_uid, done_uid]!r})]")
-    assert result == [(False, None, ORPHAN_MSG), (True, 0, "")]
+    orphan_msg = f"Error occurred while executing 'Execute function': {_orphan_reason(records[magic_uid])}"
+    assert result == [(False, None, orphan_msg), (True, 0, "")]
     assert k2.execute(f"%task_status {magic_uid[:8]}", check=True).stdout == (
         f"{magic_uid[:8]}: failed (from the experiment log)\n")
     detail = k2.execute(f"%task_result {magic_uid[:8]}", check=True).stdout
     assert detail.startswith("hang()") and "(from the experiment log)" in detail
-    assert f"failed: {ORPHAN_REASON}" in detail
+    assert f"failed: {_orphan_reason(records[magic_uid])}" in detail
     assert k2.execute(f"%task_result {done_uid[:8]}", check=True).stdout.endswith("result: 0\n")
     lines = k2.execute("%tasks --history 3", check=True).stdout.splitlines()
     assert lines[0].split() == ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]

@@ -152,7 +152,7 @@ def test_cli_errors_and_empty(tmp_path, capsys):
 def test_cli_unreadable_log_exits_1(tmp_path, capsys):
     database_path(tmp_path, ENV).write_bytes(b"this is not a database" * 100)
     assert history_main(["--state-dir", str(tmp_path), "-e", ENV]) == 1
-    assert "Cannot read the experiment log" in capsys.readouterr().err
+    assert "is damaged (file is not a database)" in capsys.readouterr().err
 
 
 def test_cli_runs_as_a_program_with_bad_rows_and_odd_names(populated):

@@ -32,6 +32,7 @@ from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
 from qmagic.store.database import database_path
+from qmagic.store.history import history_main
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, Journal
 from qmagic.store.records import JournalWarning
 
@@ -467,6 +468,54 @@ def median(values: list[float]) -> float:
 def fault_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOG and r.levelno == logging.WARNING
             and "could not" in r.getMessage()]
+
+
+def damage_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOG and r.levelno == logging.WARNING
+            and "is damaged" in r.getMessage()]
+
+
+def test_a_database_cut_short_is_moved_aside_and_a_new_one_started(tmp_path, caplog):
+    """A database file cut short under a running kernel (``> file``): it never heals, and
+    SQLite went on committing into it (records lost for good, then ~100 warnings at close
+    and no later kernel could write). It is moved aside (kept: its records are there), one
+    warning names it, and the records from then on go to a new database (found by a hostile
+    test)."""
+    caplog.set_level(logging.INFO, logger=LOG)
+    path = database_path(tmp_path, ENV)
+    with Journal(tmp_path, ENV) as j:
+        for i in range(300):
+            run_task(j, f"before-{i}", result="x" * 500)
+        assert j.flush()
+        os.truncate(path, 0)
+        for i in range(100):
+            run_task(j, f"after-{i}")
+        wait_for(lambda: bool(damage_warnings(caplog)) and j.flush(0.1)
+                 and j.statuses(["after-99"]) == {"after-99": "completed"}, j)
+        assert j.health()["ok"] and j.health()["last_error"] is None
+    [warning] = damage_warnings(caplog)
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith(path.name + ".damaged-")
+               and not p.name.endswith(("-wal", "-shm"))]
+    assert aside.name in warning and "moved aside" in warning
+    assert fault_warnings(caplog) == []
+    with Journal(tmp_path, ENV) as j:  # the next kernel reads and writes the new one
+        statuses = j.statuses([f"after-{i}" for i in range(100)])
+        assert set(statuses.values()) == {"completed"}
+        run_task(j, "later")
+        assert j.flush() and j.get("later")["status"] == "completed"
+
+
+def test_a_database_damaged_while_no_kernel_ran_is_moved_aside_by_the_next(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger=LOG)
+    path = database_path(tmp_path, ENV)
+    path.write_bytes(b"this is not a database" * 100)
+    assert history_main(["--state-dir", str(tmp_path), "-e", ENV]) == 1  # a view says what will happen
+    assert "is damaged" in capsys.readouterr().err
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "first")
+        assert j.flush() and j.get("first")["status"] == "completed" and j.health()["ok"]
+    assert len(damage_warnings(caplog)) == 1 and fault_warnings(caplog) == []
+    assert [p.name for p in tmp_path.glob("*.damaged-*")][0].startswith(path.name)
 
 
 LOCKER = """

@@ -16,7 +16,7 @@ from traitlets.config import Config
 import qmagic
 from qmagic import Worker
 from qmagic.errors import LogUnavailable
-from qmagic.store.journal import ORPHAN_REASON
+from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,14 +145,16 @@ def test_tasks_of_a_killed_process_read_as_failed(tmp_path):
     try:
         qs = QS(w)
         assert qs.task_result(task_uid=done_uid)["result"]["return_value"] == 7
-        for uid in (running_uid, queued_uid):
+        for uid, reason in ((running_uid, ORPHAN_REASON), (queued_uid, ORPHAN_QUEUED_REASON)):
             reply = qs.task_result(task_uid=uid)
             assert reply["status"] == "completed"
             assert reply["result"]["success"] is False
-            assert reply["result"]["msg"].endswith(ORPHAN_REASON)
+            assert reply["result"]["msg"].endswith(reason)
         failed = {r["uid"]: r for r in w.history(status="failed")}
         assert set(failed) == {running_uid, queued_uid}
-        assert all(r["journal"]["orphaned"] and r["error"] == ORPHAN_REASON for r in failed.values())
+        assert all(r["journal"]["orphaned"] for r in failed.values())
+        assert failed[running_uid]["error"] == ORPHAN_REASON
+        assert failed[queued_uid]["error"] == ORPHAN_QUEUED_REASON  # (it never started)
         assert w.statuses([running_uid, done_uid]) == {running_uid: qmagic.TaskStatus.FAILED,
                                                        done_uid: qmagic.TaskStatus.COMPLETED}
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from .database import connect, file_id, select_rows, uid_bounds
+from .database import connect, damaged, file_id, select_rows, uid_bounds
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
 __all__ = ["Filters", "LogReader", "merge_state", "state_record"]
@@ -201,6 +201,11 @@ class LogReader:
             except sqlite3.Error as exc:
                 if "no such table" in str(exc):
                     return fn(None)  # a new database whose tables are being created
+                if damaged(exc):
+                    raise StateFileError(
+                        f"The experiment log {str(self.path)!r} is damaged ({exc}). The next kernel "
+                        "that writes to it moves it aside (its records stay in that file) and "
+                        "starts a new one.") from exc
                 raise StateFileError(f"Cannot read the experiment log {str(self.path)!r} ({exc}). "
                                      "Check the file and the folder (QMagic.state_dir).") from exc
 

@@ -27,18 +27,22 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from ..errors import StateFileError
 from .database import (
     SCHEMA_VERSION,
+    check_intact,
     connect,
+    damaged,
     ensure_schema,
     file_id,
     mark_orphans,
     retention,
     rows_from_lines,
+    set_aside,
     transaction,
     upsert_session,
     write_rows,
@@ -110,6 +114,15 @@ class Faults:
             self._backoff = 0.0
 
 
+def _moved_aside(path: Path, db_id: tuple[int, int] | None, exc: BaseException) -> bool:
+    """Move the damaged database aside, with one warning; False if it was not moved."""
+    moved = set_aside(path, db_id)
+    if moved is not None:
+        _log.warning("qmagic: the experiment log %s is damaged (%s); it was moved aside to %s "
+                     "(the records it held are there) and a new one is started.", path, exc, moved.name)
+    return moved is not None
+
+
 class Writer:
     """See the module docstring.  ``identity`` has host, pid, started_at and info."""
 
@@ -138,8 +151,18 @@ class Writer:
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
-    def failed(self, kind: str, exc: BaseException) -> None:
-        """Note a failure of ``kind`` (see :class:`Faults`)."""
+    def failed(self, kind: str, exc: BaseException, db_id: tuple[int, int] | None = None) -> None:
+        """Note a failure of ``kind`` (see :class:`Faults`).  A damaged database (``db_id``:
+        the file found damaged, default the one this writer has open) is moved aside and a
+        new one started at once, with one warning: a damaged file never heals, and every
+        later kernel would fail on it too."""
+        if kind == "database" and damaged(exc):
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                with suppress(sqlite3.Error):
+                    conn.close()
+            if _moved_aside(self.path, db_id or self._db_id, exc):
+                return  # (reopened by the next step, at once)
         self.faults.failed(kind, exc)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -232,9 +255,10 @@ class Writer:
 
     # ---- database -------------------------------------------------------------------------------
     def _open_db(self) -> None:
-        conn = None
+        conn = db_id = None
         try:
             ensure_state_dir(self.path.parent)
+            db_id = file_id(self.path)  # (the file a failure is about, if it exists)
             conn = connect(self.path, create=True, fsync=self.fsync)
             db_id = file_id(self.path)
             version = ensure_schema(conn)
@@ -250,7 +274,7 @@ class Writer:
             if conn is not None:
                 conn.close()
             if isinstance(exc, _ERRORS):
-                self.failed("database", exc)
+                self.failed("database", exc, db_id)
                 return
             raise
         self.conn, self._db_id = conn, db_id
@@ -260,7 +284,10 @@ class Writer:
         """Reopen (a new database) when the file was deleted or replaced since it was opened:
         rows written to the old one would be lost with it.  Raises StateFileError if the new
         one cannot be opened (a fault: retried with back-off)."""
-        if self.conn is None or file_id(self.path) == self._db_id:
+        if self.conn is None:
+            return
+        if file_id(self.path) == self._db_id:
+            check_intact(self.path)  # (raises DatabaseDamaged: moved aside, a new one started)
             return
         _log.warning("qmagic: the experiment log %s was deleted or replaced while this kernel ran; "
                      "a new one is started (records stored before that went with the old file).",
@@ -303,6 +330,7 @@ class Writer:
                 write_rows(conn, rows.values())
                 write_started(conn, late, self.session)
                 upsert_session(conn, self.session, last_seen=now, state="live")
+            self.faults.fixed("database")  # (only a write ends a fault: an empty cycle proves nothing)
         for _ in range(len(held)):  # only this thread removes from the left
             self.spool.held.popleft()
         for seg, begin, n in reads:
@@ -313,7 +341,6 @@ class Writer:
         self.rows_written += len(rows)
         if bad:
             warn_once("spool-lines", f"qmagic experiment log: skipped {len(bad)} damaged spool line(s).")
-        self.faults.fixed("database")
         complete = budget > 0
         if complete:
             self._committed_pos, self._dirty_since = pos, None
