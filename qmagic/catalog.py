@@ -11,15 +11,18 @@ dictionary reads.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
+import types
 import uuid
 from typing import Any, Callable, Mapping
 
 from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
 
-__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device"]
+__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "is_plan",
+           "is_coroutine_function"]
 
 
 def check_name(name: Any) -> str:
@@ -40,8 +43,28 @@ def check_name(name: Any) -> str:
 _CHECKED_MAX = 10_000  # entries of Catalog._checked
 
 
-def _is_plan(obj: Any) -> bool:
-    return inspect.isgeneratorfunction(obj) or inspect.isasyncgenfunction(obj)
+#: What ``inspect`` may look into: plain functions and their wrappers.  Anything else (a
+#: callable object, a network proxy) is judged by its type alone: reading an instance's
+#: attributes may run its code (a proxy's ``__getattr__`` asks a remote server), and the
+#: catalog runs after every cell and on the control thread.
+_FUNCTION_TYPES = (types.FunctionType, types.MethodType, functools.partial,
+                   types.BuiltinFunctionType, types.BuiltinMethodType)
+
+
+def _is_function(obj: Any) -> bool:
+    return issubclass(type(obj), _FUNCTION_TYPES)
+
+
+def _is_class(obj: Any) -> bool:
+    return issubclass(type(obj), type)  # (not isinstance: that reads obj.__class__)
+
+
+def is_plan(obj: Any) -> bool:
+    return _is_function(obj) and (inspect.isgeneratorfunction(obj) or inspect.isasyncgenfunction(obj))
+
+
+def is_coroutine_function(obj: Any) -> bool:
+    return _is_function(obj) and inspect.iscoroutinefunction(obj)
 
 
 def _is_device(obj: Any) -> bool:
@@ -51,7 +74,7 @@ def _is_device(obj: Any) -> bool:
     if not (module == "ophyd" or module.startswith(("ophyd.", "ophyd_async"))):
         return any(getattr(base, "__module__", "").startswith(("ophyd.", "ophyd_async."))
                    for base in cls.__mro__[1:])
-    return not isinstance(obj, type)
+    return not _is_class(obj)
 
 
 def describe_plan(name: str, plan: Any) -> dict[str, Any]:
@@ -143,9 +166,9 @@ class Catalog:
             if not isinstance(name, str) or name in hidden or name.startswith("__"):
                 continue
             try:
-                if _is_plan(obj):
+                if is_plan(obj):
                     plans[name] = obj
-                elif callable(obj) and not isinstance(obj, type) and not _is_device(obj):
+                elif callable(obj) and not _is_class(obj) and not _is_device(obj):
                     functions[name] = obj
                 elif _is_device(obj):
                     devices[name] = obj
@@ -177,16 +200,16 @@ class Catalog:
         checked = self._checked.get(name)
         if checked is not None and checked[0] is obj:  # this very object passed before
             return checked
-        if _is_plan(obj):
+        if is_plan(obj):
             raise TypeError(
                 f"Object {name!r} defined in worker namespace is a generator function: it is a "
                 f"bluesky plan, not a function. Run it with the Run Engine, RE({name}(...))."
             )
-        if not callable(obj) or isinstance(obj, type):
+        if not callable(obj) or _is_class(obj):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
         if len(self._checked) >= _CHECKED_MAX:
             self._checked.clear()
-        checked = self._checked[name] = (obj, inspect.iscoroutinefunction(obj))
+        checked = self._checked[name] = (obj, is_coroutine_function(obj))
         return checked
 
     def functions(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ queueserver's reply dicts.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from traitlets import observe
 
-from .catalog import Catalog, check_name
+from .catalog import Catalog, check_name, is_coroutine_function, is_plan
 from .config import QMagic
 from .core.context import current_task
 from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
@@ -243,12 +242,12 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
                 raise RequestRefused(f"Error: {exc}") from None
         else:
             self._permissions.check_group(user_group)  # recorded as given: it must exist
-            if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):  # as by name
+            if is_plan(func):  # (the catalog's rule, as by name)
                 raise RequestRefused(
                     f"Error: {name!r} is a generator function (a bluesky plan), not a function: run "
                     f"it with the Run Engine, RE({name}(...))."
                 )
-            coroutine = inspect.iscoroutinefunction(func)
+            coroutine = is_coroutine_function(func)
         self._check_open(origin)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
                          isinstance(target, str), coroutine)

@@ -462,13 +462,35 @@ def test_the_catalog_ignores_names_that_are_not_text(make_worker):
     assert "f" in w.catalog.functions()
 
 
+def test_the_catalog_never_reads_a_callable_objects_attributes(make_worker):
+    """A callable proxy whose attribute reads go over the network (an rpyc netref): the
+    catalog (after every cell, and on the control thread for a request) judges it by its
+    type; it made every cell 10 s slower and froze the channel (found by a hostile test)."""
+    reads = []
+
+    class RemoteProxy:
+        def __call__(self, x):
+            return x + 1
+
+        def __getattr__(self, name):
+            reads.append(name)
+            raise AttributeError(name)
+
+    w = make_worker({"motor_server": RemoteProxy()})
+    w.namespace["other"] = lambda: 1
+    w.catalog.refresh(force=True)
+    assert "motor_server" in w.catalog.functions()
+    assert w.submit("motor_server", (1,)).result(TIMEOUT) == 2
+    assert reads == []
+
+
 def test_a_slow_refresh_never_puts_back_an_older_catalog(make_worker, monkeypatch):
     """Two refreshes at once (a cell's end and a background script): the one that read the
     namespace first but finished last leaves the newer tables in place."""
     from qmagic import catalog as catalog_module
 
     entered, release = threading.Event(), threading.Event()
-    is_plan = catalog_module._is_plan
+    is_plan = catalog_module.is_plan
 
     def slow_is_plan(obj):
         if getattr(obj, "__name__", "") == "old" and threading.current_thread().name == "slow":
@@ -482,7 +504,7 @@ def test_a_slow_refresh_never_puts_back_an_older_catalog(make_worker, monkeypatc
     def new():
         return 2
 
-    monkeypatch.setattr(catalog_module, "_is_plan", slow_is_plan)
+    monkeypatch.setattr(catalog_module, "is_plan", slow_is_plan)
     w = make_worker({"old": old})
     cat = w.catalog
     results = []
