@@ -27,8 +27,9 @@ from .core.foreground import ForegroundRunner
 from .core.jobs import awaitable_result
 from .core.loops import EventLoops
 from .core.permissions import require_caller
-from .core.task import Task
-from .errors import RequestRefused
+from .core.status import TaskStatus
+from .core.task import INTERRUPTED, Task, one_line
+from .errors import RequestRefused, TaskCancelled
 from .scripts import ScriptRunner, check_script_name
 from .store.lockfile import user_problem
 from .worker_locks import LockMixin
@@ -104,6 +105,23 @@ def json_error(value: Any) -> Exception | None:
     except RecursionError:
         return ValueError("it is nested too deeply")
     return None
+
+
+def cancelled_line(task: Task) -> str:
+    """How a cancelled foreground task ends the call that ran it (a cell): one line that says
+    how it was cancelled (■, a panel's Cancel, ``%task_cancel``, a deadline)."""
+    how = task.cancel_reason
+    how = how[len("Task was "):] if how.startswith("Task was ") else f"cancelled: {how}"
+    return f"{task.call_text(60)} was {how}; it is recorded as cancelled."
+
+
+def _raise_if_interrupted(task: Task) -> Task:
+    """A foreground task that ■ stopped while this very call ran it: the call was
+    interrupted, so it raises (a cell stops there, and Run All stops) — the task's record is
+    complete.  Any other outcome returns the task."""
+    if task.status is TaskStatus.CANCELLED and task.cancel_reason == INTERRUPTED:
+        raise one_line(TaskCancelled(cancelled_line(task)))
+    return task
 
 
 def _busy_text(refusal: str, running: Task | None) -> str:
@@ -251,14 +269,16 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self._check_open(origin)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
                          isinstance(target, str), coroutine)
+        inline = not background and self.engine.foreground.owns_current_thread()
         try:  # (not through _start: one keyword repacking less per task)
-            return self.engine.submit(
+            task = self.engine.submit(
                 call, name=name, args=args, kwargs=kwargs, user=user, user_group=user_group,
                 background=bool(background), origin=origin, timeout=timeout,
                 provenance=self.provenance_source(), coroutine=coroutine,
             )
         except RequestRefused as exc:
             raise self._refusal(exc, origin) from None
+        return _raise_if_interrupted(task) if inline else task
 
     def run_script(
         self,
@@ -314,11 +334,14 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self.catalog.refresh(force=True)
 
     def _start(self, call: Callable[[], Any], *, origin: str, **task: Any) -> Task:
-        """The engine starts the task (refusals as :meth:`_refusal` words them)."""
+        """The engine starts the task (refusals as :meth:`_refusal` words them; a foreground
+        task run here and stopped by ■ raises, as in :meth:`submit`)."""
+        inline = not task["background"] and self.engine.foreground.owns_current_thread()
         try:
-            return self.engine.submit(call, origin=origin, **task)
+            started = self.engine.submit(call, origin=origin, **task)
         except RequestRefused as exc:
             raise self._refusal(exc, origin) from None
+        return _raise_if_interrupted(started) if inline else started
 
     def _refusal(self, exc: RequestRefused, origin: str) -> RequestRefused:
         """The engine's refusal as the caller should read it: a busy foreground explained to

@@ -289,6 +289,24 @@ def test_an_interrupt_during_qmagics_bookkeeping_waits_for_the_record(sk):
     _healthy(sk)
 
 
+def test_a_press_during_a_foreground_task_started_from_python_stops_the_cell(sk):
+    """``w.submit(..., background=False)`` and ``w.run_script(...)`` in a cell: ■ stops the
+    task and the cell (nothing after it runs, Run All stops), with the same one line as the
+    magic; the cell went on with its next line (found by the notebook tester)."""
+    for call, shown in (("w.submit('spin', background=False)", "spin()"),
+                        ("w.run_script('spin()', name='spin-script')", "spin-script (script)")):
+        cell = sk.execute_async(f"{call}\nprint('NEXT LINE RAN')")
+        sk.wait_for_output(cell, "spin started")
+        sk.interrupt()
+        result = sk.wait(cell)
+        assert "NEXT LINE RAN" not in result.stdout
+        assert one_line(result) == (f"TaskCancelled: {shown} was interrupted (■ or KeyboardInterrupt); "
+                                    "it is recorded as cancelled.")
+        assert sk.eval("(w.last_task.status.value, w.last_task.error)") == (
+            "cancelled", "Task was interrupted (■ or KeyboardInterrupt)")
+        _healthy(sk)
+
+
 def test_storms_of_remote_interrupts_and_presses_during_a_foreground_task(sk):
     """7 rounds: a remote storm (from the task's start until its cell has ended) and 50 ■
     presses at once — the presses first, or once the remote storm has begun; each time the

@@ -25,7 +25,7 @@ from .task_state import INTERRUPTED, CancelHook, TaskState, exception_text
 if TYPE_CHECKING:  # pragma: no cover
     from .events import Subscription
 
-__all__ = ["INTERRUPTED", "CancelHook", "Task", "exception_text"]
+__all__ = ["INTERRUPTED", "CancelHook", "Task", "exception_text", "one_line"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
@@ -153,12 +153,12 @@ class Task(TaskState):
     def _wait_or_raise(self, timeout: float | None) -> None:
         __tracebackhide__ = True  # noqa: F841
         if not self.wait(timeout):
-            raise _one_line(FutureTimeout(
+            raise one_line(FutureTimeout(
                 f"{self.call_text()} is still {self._status.value} after {timeout} s; "
                 "wait longer, or cancel it with task.cancel()."
             ))
         if self._status is TaskStatus.CANCELLED:
-            raise _one_line(CancelledError(f"{self.call_text()} was cancelled: {self._cancel_reason}"))
+            raise one_line(CancelledError(f"{self.call_text()} was cancelled: {self._cancel_reason}"))
 
     def cancel(self, force: bool = False) -> bool:
         """Ask the task to stop.  Returns False if it had already finished.
@@ -251,7 +251,7 @@ def _wake_waiter(waiter: Any) -> None:
         waiter.set_result(None)
 
 
-def _one_line(exc: BaseException) -> BaseException:
+def one_line(exc: BaseException) -> BaseException:
     """``exc``, shown by IPython as one line (its traceback holds qmagic's frames only).
     A partial of a module function, not a lambda: the exception stays picklable."""
     exc._render_traceback_ = functools.partial(_lines, f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from ... import tracebacks
 from ...core.status import TaskStatus
 from ...core.task import Task, exception_text
 from ...errors import TaskCancelled
+from ...worker import cancelled_line
 
 __all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
 
@@ -64,10 +65,7 @@ def settle(shell: Any, task: Task) -> Task:
     """After a foreground task (or ``--wait``): end the cell as calling the function would."""
     __tracebackhide__ = True  # noqa: F841
     if task.status is TaskStatus.CANCELLED:
-        how = task.cancel_reason
-        how = how[len("Task was "):] if how.startswith("Task was ") else f"cancelled: {how}"
-        exc = TaskCancelled(f"{task.call_text(60)} was {how}; it is recorded as cancelled.")
-        raise _one_line(exc) from None
+        raise _one_line(TaskCancelled(cancelled_line(task))) from None
     if task.status is TaskStatus.FAILED:
         error = task._error
         if error is None:
