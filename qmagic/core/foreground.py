@@ -81,9 +81,12 @@ class ForegroundRunner(Protocol):
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code the owner thread runs now."""
 
-    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+    def guard(self, in_user_code: Callable[[], bool],
+              before_code: Callable[[], bool] | None = None) -> ContextManager[None]:
         """While active on the owner thread, interrupts raise only when ``in_user_code()``;
-        others are held back and raised when the guard ends."""
+        others are held back and raised when the guard ends — except one that
+        ``before_code()`` takes (returns True: the task's code has not started, and will
+        not)."""
 
     def close(self) -> None:
         """Release the runner's resources."""
@@ -122,7 +125,8 @@ class ThreadForegroundRunner:
         if thread is not None and thread.ident is not None:
             raise_in_thread(thread.ident, KeyboardInterrupt)
 
-    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+    def guard(self, in_user_code: Callable[[], bool],
+              before_code: Callable[[], bool] | None = None) -> ContextManager[None]:
         # Interrupts reach this thread only through interrupt(), which the engine calls
         # while the task's code runs: nothing to hold back.
         return NO_GUARD

@@ -57,7 +57,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
-        "exception_sent", "recorded",
+        "exception_sent", "recorded", "interrupted_early",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -79,6 +79,8 @@ class Job:
         #: a motor) and cut it short.
         self.exception_sent = False
         self.recorded = False  # every observer (the log) was told of the submit
+        #: ■ came before the task's code started: it never starts (read as it would).
+        self.interrupted_early = False
         #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
         #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
         #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
@@ -112,7 +114,7 @@ class JobRunner:
 
     def run_foreground(self, job: Job) -> None:
         """On the owner thread: run the task inside the interrupt guard."""
-        with self.engine.foreground.guard(lambda: job.in_user_code):
+        with self.engine.foreground.guard(lambda: job.in_user_code, lambda: _interrupt_early(job)):
             if job.coroutine:
                 self._wait_for_coroutine(job)
             else:
@@ -165,6 +167,8 @@ class JobRunner:
                 job.in_user_code = True
             if task.cancel_requested:
                 raise TaskCancelled(task.cancel_reason)
+            if job.interrupted_early:
+                raise TaskCancelled(INTERRUPTED)
             result = job.call()
             if awaitable_result(result):
                 result = self._await_in_loop(job, result)
@@ -264,6 +268,7 @@ class JobRunner:
             error = _cancel_error(task, exc)
         finally:
             job.in_user_code = False
+            job.code_done = True
             _current.reset(token)
         task._claim_end()
         self.end(job, result, error)
@@ -274,6 +279,9 @@ class JobRunner:
         self._schedule_coroutine(job)
         task = job.task
         while not task.done():
+            if job.interrupted_early:  # (■ before the wait began: taken by the guard)
+                job.interrupted_early = False
+                self.engine.cancel(task, reason=INTERRUPTED)
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
@@ -369,6 +377,16 @@ class JobRunner:
 
 
 _NO_HOOKS = contextlib.nullcontext()  # reusable
+
+
+def _interrupt_early(job: Job) -> bool:
+    """The guard's ``before_code``: an interrupt before the task's code started takes the
+    task (it is read as the code would start).  Runs in a signal handler on the owner
+    thread, which may hold any lock: it only sets a flag."""
+    if job.code_done or job.in_user_code:
+        return False
+    job.interrupted_early = True
+    return True
 
 #: Result types that are never awaitable (checked first: ``isawaitable`` is an ABC check).
 _PLAIN_RESULTS = frozenset({type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set})

@@ -110,15 +110,19 @@ class KernelForegroundRunner:
         else:  # pragma: no cover - not POSIX
             _thread.interrupt_main()
 
-    def guard(self, in_user_code: Callable[[], bool]) -> ContextManager[None]:
+    def guard(self, in_user_code: Callable[[], bool],
+              before_code: Callable[[], bool] | None = None) -> ContextManager[None]:
         """The interrupt guard (see the module docstring); main thread only (elsewhere a
-        shared no-op: background tasks are submitted from many threads)."""
+        shared no-op: background tasks are submitted from many threads).  ``before_code``:
+        takes an interrupt that comes before the task's code started (it then never
+        starts, and is recorded as interrupted)."""
         if threading.get_ident() != self._owner:
             return NO_GUARD
-        return self._guard(in_user_code)
+        return self._guard(in_user_code, before_code)
 
     @contextlib.contextmanager
-    def _guard(self, in_user_code: Callable[[], bool]) -> Iterator[None]:
+    def _guard(self, in_user_code: Callable[[], bool],
+               before_code: Callable[[], bool] | None) -> Iterator[None]:
         raised = pending = redelivering = False
         last: list[float] = []  # time of the last SIGINT seen (shared with the storm absorber)
         active = [True]  # a redelivery still may be sent
@@ -140,6 +144,9 @@ class KernelForegroundRunner:
                     return
                 raised = True
                 raise KeyboardInterrupt
+            if before_code is not None and before_code():
+                raised = True  # (the task ends interrupted before its code starts)
+                return
             pending = True  # raised when the guard ends
 
         _HANDLER_CODES.add(handler.__code__)
