@@ -9,8 +9,10 @@ not read as true); every rule is the worker's.  Refusals are in-band:
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Mapping
 
+from . import probe
 from .catalog import check_name
 from .core.status import TaskStatus
 from .core.task import Task
@@ -284,6 +286,25 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
             "lock_info_uid": state.uid}
 
 
+#: How long task_result may spend reading a live result (its own code: a mapping's items(),
+#: a subclass's methods) before it answers without it (seconds).
+RESULT_READ_S = 1.0
+
+
+def _plain_json(value: Any) -> tuple[Any, str | None]:
+    """A live task's result as plain JSON data (a copy: encoding the reply then runs none of
+    the result's own code), or (None, why not).  Read through :mod:`qmagic.probe`, with a
+    deadline: the control thread never runs the result's code itself."""
+    def convert() -> tuple[Any, str | None]:
+        why = json_error(value)
+        return (None, f"can not be serialized as JSON ({why})") if why is not None else (
+            json.loads(json.dumps(value)), None)
+    try:
+        return probe.read(convert, RESULT_READ_S)
+    except probe.ProbeTimeout:
+        return None, f"could not be read within {RESULT_READ_S:g} s (its own code is slow or blocked)"
+
+
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log)."""
     time_start = rec.get("started_at") or rec.get("submitted_at")
@@ -298,10 +319,9 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None) 
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            why = json_error(value)
+            value, why = _plain_json(value) if task is not None else (value, None)
             if why is not None:
-                value = None
-                msg = (f"The result can not be serialized as JSON ({why}); it stays in the kernel: "
+                msg = (f"The result {why}; it stays in the kernel: "
                        f"get_worker().get_task('{rec['uid']}').result()")
     elif not success:
         kind = _KIND_TEXT.get(str(rec.get("kind")), "Execute function")

@@ -414,15 +414,6 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         that started it).  Returns the function that removes the hook."""
         return self.engine.context_hooks.add(hook)
 
-    def functions_available(self, user_group: str | None = None) -> dict[str, dict[str, str]]:
-        """{name: {signature, doc}} of the namespace functions ``user_group`` (default:
-        ``QMagic.default_user_group``) may call; an unknown group is refused as by submit."""
-        group = self.default_user_group if user_group is None else user_group
-        self._permissions.check_group(group)
-        functions = self.catalog.functions()
-        allowed = set(self._permissions.allowed_names(functions, group))
-        return self.catalog.describe_functions({n: f for n, f in functions.items() if n in allowed})
-
     # -- the end ------------------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
         """Stop every task and thread of this worker (queued tasks are cancelled), then close

@@ -1,5 +1,5 @@
 """Looking at tasks: live ones in the engine's memory, past ones in the experiment log,
-what runs now, and their events.  A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
+what runs now, their events, and the functions a group may call.  A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ log = logging.getLogger("qmagic")
 
 class LookupMixin:
     """``get_task``, ``find``, ``statuses``, ``tasks``, ``last_task``, ``history``,
-    ``clear_finished``, ``counts`` and ``subscribe``."""
+    ``clear_finished``, ``counts``, ``subscribe`` and ``functions_available``."""
 
     engine: Engine
     _journal: Any
     check_lock: Any  # (LockMixin)
+    catalog: Any  # (the worker's)
+    _permissions: Any  # (StateMixin)
+    default_user_group: str  # (QMagic)
 
     def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
                        client: str | None = None) -> None:
@@ -155,3 +158,12 @@ class LookupMixin:
         counts = self.engine.counts()
         counts["kernel_busy"] = self.engine.foreground.user_busy()
         return counts
+
+    def functions_available(self, user_group: str | None = None) -> dict[str, dict[str, str]]:
+        """{name: {signature, doc}} of the namespace functions ``user_group`` (default:
+        ``QMagic.default_user_group``) may call; an unknown group is refused as by submit."""
+        group = self.default_user_group if user_group is None else user_group
+        self._permissions.check_group(group)
+        functions = self.catalog.functions()
+        allowed = set(self._permissions.allowed_names(functions, group))
+        return self.catalog.describe_functions({n: f for n, f in functions.items() if n in allowed})

@@ -177,6 +177,49 @@ def test_failure_keeps_exception_traceback_and_msg(make_worker):
     assert res["time_stop"] >= res["time_start"]
 
 
+def test_task_result_never_runs_the_results_own_code_on_the_callers_thread(make_worker, monkeypatch):
+    """A result whose own code is slow (a mapping's items() asking a device), an exception
+    whose __str__ is: task_result read them on the control thread, with no time limit, and
+    every client waited (found by the remote tester).  The error text is made once as the
+    task ends; the result is read through the probe thread with a deadline."""
+    import threading
+
+    from qmagic import protocol
+
+    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.2)
+    calls = []
+    release = threading.Event()
+
+    class Lazy(dict):
+        def items(self):
+            calls.append(threading.current_thread().name)
+            if threading.current_thread().name == "qmagic-probe":  # (blocks when read for a reply)
+                release.wait(TIMEOUT)
+            return super().items()
+
+    class DeviceError(Exception):
+        def __str__(self):
+            calls.append(threading.current_thread().name)
+            return "the shutter did not answer"
+
+    def fails():
+        raise DeviceError()
+
+    w = make_worker({"lazy": lambda: Lazy(a=1), "fails": fails})
+    qs = QS(w)
+    lazy, failed = w.submit("lazy"), w.submit("fails")
+    assert lazy.wait(TIMEOUT) and failed.wait(TIMEOUT)
+    before = list(calls)
+    res = qs.task_result(task_uid=lazy.uid)["result"]
+    assert res["return_value"] is None and "could not be read within 0.2 s" in res["msg"]
+    release.set()
+    assert eventually(lambda: qs.task_result(task_uid=lazy.uid)["result"]["return_value"] == {"a": 1})
+    for _ in range(3):
+        msg = qs.task_result(task_uid=failed.uid)["result"]["msg"]
+        assert msg == "Error occurred while executing 'Execute function': the shutter did not answer"
+    assert threading.current_thread().name not in calls[len(before):]  # (the channel's place)
+
+
 def test_task_result_while_running_and_task_status_list(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})

@@ -71,7 +71,7 @@ class Task(TaskState):
         if self._status is TaskStatus.CANCELLED:
             return self._cancel_reason
         if self._error is not None:
-            return exception_text(self._error)
+            return self._error_text or exception_text(self._error)
         return None
 
     @property

@@ -107,6 +107,9 @@ class TaskState(Future):
     _status = TaskStatus.QUEUED
     _traceback: str | None = None
     _error: BaseException | None = None  # what ended a failed or cancelled task
+    #: A failed task's error text, made once as it ended, on its own thread: ``str()`` of
+    #: its exception is its own code, which readers (the control channel) must not run.
+    _error_text: str | None = None
     _exception_tb: Any = None  # a failed task's traceback from the user's first frame on
     _progress: Progress | None = None
     _output: TextBuffer | None = None
@@ -168,7 +171,8 @@ class TaskState(Future):
         if status is TaskStatus.CANCELLED:
             error_text, error_type = self._reason_for(error), "TaskCancelled"
         elif error is not None:
-            error_text, error_type = exception_text(error), type(error).__name__
+            text = self._error_text if error is self._error else None
+            error_text, error_type = text or exception_text(error), type(error).__name__
         else:
             error_text = error_type = None
         return {
@@ -236,7 +240,9 @@ class TaskState(Future):
                 tb: str | None = None, finished_at: float | None = None) -> None:
         """Record the outcome, wake waiters, emit result/error and the final status, then
         run the done callbacks (the claimant calls this once)."""
-        user_tb = _user_traceback(error) if error is not None and status is TaskStatus.FAILED else None
+        failed = error is not None and status is TaskStatus.FAILED
+        user_tb = _user_traceback(error) if failed else None
+        error_text = exception_text(error) if failed else None  # (the task's code: outside the lock)
         with self._mutex:
             self._check(status)
             self._traceback = tb
@@ -253,6 +259,7 @@ class TaskState(Future):
             else:
                 self._result = result
                 self._exception = self._error = error
+                self._error_text = error_text
                 self._exception_tb = user_tb
                 self._state = FINISHED
                 self._status = status
