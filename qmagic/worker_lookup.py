@@ -1,5 +1,6 @@
 """Looking at tasks: live ones in the engine's memory, past ones in the experiment log,
-what runs now, their events, and the functions a group may call.  A mix-in of :class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
+what runs now, their events, and the functions a group may call.  A mix-in of
+:class:`qmagic.Worker` (one screenful per job; the rules stay in worker.py).
 """
 
 from __future__ import annotations
