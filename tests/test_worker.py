@@ -358,6 +358,31 @@ def test_a_deadline_beyond_the_clock_leaves_the_timer_thread_alive(make_worker):
     assert far.wait(TIMEOUT)
 
 
+def test_a_task_that_survives_an_interrupt_can_still_be_forced(make_worker):
+    """Code that catches KeyboardInterrupt and goes on: after ■ a forced cancel still stops it
+    once the grace time passed (the interrupt used up the one forced exception, so
+    environment_destroy could never stop such a foreground task) (found by the remote tester)."""
+    import time
+
+    caught = []
+
+    def stubborn():
+        while True:
+            try:
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                caught.append(1)
+
+    w = make_worker({"stubborn": stubborn}, cancel_grace_s=0.1)
+    task = w.submit("stubborn", background=False)  # (the worker's own foreground thread)
+    eventually(lambda: task.status is TaskStatus.RUNNING)
+    assert w.interrupt(interrupt_task=True) == "interrupted"
+    eventually(lambda: caught, what="the task caught the interrupt")
+    assert w.interrupt(interrupt_task=True) == "pending"  # (still at most one interrupt)
+    w.cancel(task, force=True)
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED and caught == [1]
+
+
 def test_find_and_cancel_by_prefix(make_worker):
     w = make_worker({"sleepy": lambda: qmagic.cancellable_sleep(60)})
     task = w.submit("sleepy")

@@ -74,9 +74,10 @@ class Job:
         self.interrupt_sent = False
         self.code_done = False  # the task's own code has run (set with in_user_code = False)
         self.force_planned = False  # a forced stop is scheduled (at most one at a time)
-        #: An asynchronous exception (forced stop or interrupt) went to the task's thread.
-        #: Never a second one: it would land in the task's own cleanup (``finally:`` parking
-        #: a motor) and cut it short.
+        #: A forced ``TaskCancelled`` went to the task's thread.  Never a second one: it would
+        #: land in the task's own cleanup (``finally:`` parking a motor) and cut it short.
+        #: An interrupt (■, at most one too) may come before it: code that survives ■ can
+        #: still be forced after the grace time (``environment_destroy`` does both).
         self.exception_sent = False
         self.recorded = False  # every observer (the log) was told of the submit
         #: ■ came before the task's code started: it never starts (read as it would).
@@ -367,7 +368,6 @@ class JobRunner:
             if job.in_user_code:
                 if job.exception_sent:  # a forced stop got there first
                     return "pending"
-                job.exception_sent = True
                 self.engine.foreground.interrupt()
                 return "interrupted"
             # Its code has not started yet: it never will (the flag is read as it starts).
