@@ -406,15 +406,15 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
 def lock_text(info: Mapping[str, Any]) -> str:
     """Text of a queueserver ``lock_info`` dict; never a key, no time.
 
-    Locked: ``"Locked by USER: environment, queue\\nNote: NOTE"``; else ``"Not locked."``.
-    """
+    Locked: ``"Locked by USER: environment, queue\\nNote: NOTE"`` (both :func:`printable`:
+    anyone's text adds no line or colour); else ``"Not locked."``."""
     scopes = [name for name in ("environment", "queue") if info.get(name)]
     if not scopes:
         text = "Not locked."
     else:
-        text = f"Locked by {info.get('user') or '?'}: {', '.join(scopes)}"
+        text = f"Locked by {printable(info.get('user')) or '?'}: {', '.join(scopes)}"
         if info.get("note"):
-            text += f"\nNote: {info['note']}"
+            text += f"\nNote: {printable(info['note'])}"
     if info.get("emergency_lock_key_is_set"):
         text += "\n(An emergency unlock key is set.)"
     return text
@@ -427,7 +427,7 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
     (since ...; note: ...): GIVE_KEY, or ask them to unlock.`` — ``give_key`` says how the
     key is given where the line is shown (a magic's option, a panel's field).  Any other
     refusal is its own text without the protocol's ``Error:`` prefix, queueserver's
-    multi-line texts joined with ``; ``.  Never shows a key.
+    multi-line texts joined with ``; ``; all of it :func:`printable`.  Never shows a key.
     """
     msg = str(exc)
     state = getattr(exc, "state", None)
@@ -436,15 +436,15 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
         scopes = " and ".join(s for s, on in (("environment", state.environment),
                                                ("queue", state.queue)) if on)
         info = state.to_lock_info()
-        note = f"; note: {info['note']}" if info.get("note") else ""
+        note = f"; note: {printable(info['note'])}" if info.get("note") else ""
         verb = "are" if state.environment and state.queue else "is"
-        return (f"The {scopes} {verb} locked by {info.get('user') or 'someone'} (since "
+        return (f"The {scopes} {verb} locked by {printable(info.get('user')) or 'someone'} (since "
                 f"{info.get('time_str') or '?'}{note}): {give_key}, or ask them to unlock.")
     if msg.startswith("Error: "):
         msg = msg[len("Error: "):]
     # queueserver's multi-line texts ("Invalid lock key: \nRE Manager is locked by ...\n
     # Queue is locked:       False") as one line: "Invalid lock key; ...; Queue is locked: False"
-    lines = [" ".join(line.split()).rstrip(":") for line in msg.splitlines() if line.strip()]
+    lines = [printable(" ".join(line.split()).rstrip(":")) for line in msg.splitlines() if line.strip()]
     return "; ".join(lines) if lines else "The request was refused."
 
 

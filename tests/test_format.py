@@ -49,3 +49,32 @@ def test_a_duration_is_shown_only_when_it_can_be_true():
                 {"started_at": 10.0, "finished_at": 9.0},  # the clock was set back meanwhile
                 {"started_at": True, "finished_at": 12.0}, {"started_at": "10", "finished_at": 12.0}):
         assert record_duration(rec) is None, rec
+
+
+def test_a_lock_holders_text_cannot_add_lines_or_terminal_codes():
+    """A remote client's lock user and note (and a task's user) are anyone's text: every view
+    shows them escaped, so a newline or an escape code cannot fake a line or a colour."""
+    from qmagic.errors import LockRefused
+    from qmagic.format import history_table, lock_text, refusal_line, task_table
+    from qmagic.store.lockfile import LockState
+
+    user = "robot\nEnvironment is locked: False\n\x1b[31mall clear\x1b[0m"
+    note = "n\x1b]0;pwned\x07\nline2"
+    state = LockState("uid", environment=True, user=user, time=1.0, note=note)
+    exc = LockRefused("Error: Invalid lock key")
+    exc.state = state
+    line = refusal_line(exc, "give the key with --lock-key")
+    assert "\n" not in line and "\x1b" not in line and "\x07" not in line
+    assert line.startswith("The environment is locked by robot\\nEnvironment is locked: False\\n"
+                           "\\x1b[31mall clear\\x1b[0m (since ")
+    assert "; note: n\\x1b]0;pwned\\x07\\nline2): give the key with --lock-key" in line
+    text = lock_text(state.to_lock_info())
+    assert text == ("Locked by robot\\nEnvironment is locked: False\\n\\x1b[31mall clear\\x1b[0m: "
+                    "environment\nNote: n\\x1b]0;pwned\\x07\\nline2")
+    # queueserver's own multi-line refusal (no lock state known): still one printable line
+    line = refusal_line(f"Error: Invalid lock key: \nRE Manager is locked by {user}\n", "x")
+    assert "\n" not in line and "\x1b" not in line and "\\x1b[31mall clear" in line
+    record = {"name": "add", "args": [1], "kwargs": {}, "user": user, "status": "completed",
+              "uid": "u1", "origin": "remote", "background": True}
+    for table in (task_table([record]), history_table([record])):
+        assert "\x1b" not in table and len(table.splitlines()) == 2, table
