@@ -119,6 +119,26 @@ def test_unsupported_parameters_and_unknown_methods(make_worker):
     assert "'queue_item_add' is not available" in qs.call("queue_item_add")["msg"]
 
 
+def test_unsupported_parameter_texts_are_queueserver_handlers_own(make_worker):
+    """queueserver's config_get, plans_/devices_existing/allowed reply ``str(ex)``, the other
+    handlers ``f"Error: {ex}"``: the same text per method (manager.py's own check)."""
+    from bluesky_queueserver.manager.manager import RunEngineManager
+
+    from qmagic.remote.dispatch import METHODS
+
+    bare = {"config_get", "plans_existing", "plans_allowed", "devices_existing", "devices_allowed"}
+    qs = QS(make_worker())
+    for name, spec in METHODS.items():
+        if spec.params is None:
+            continue
+        with pytest.raises(ValueError) as info:
+            RunEngineManager._check_request_for_unsupported_params(
+                request={"bogus": 1}, param_names=list(spec.params))
+        reply = qs.call(name, bogus=1)
+        assert reply["success"] is False, name
+        assert reply["msg"] == ("" if name in bare else "Error: ") + str(info.value), name
+
+
 def test_missing_name_is_accepted_then_fails(make_worker):
     w = make_worker()
     qs = QS(w)

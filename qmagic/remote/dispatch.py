@@ -23,12 +23,14 @@ log = logging.getLogger("qmagic")
 
 @dataclass(frozen=True)
 class Method:
-    """One served method: its parameter names (None: any, ignored) and the reply keys an
-    error reply sets to empty values."""
+    """One served method: its parameter names (None: any, ignored), the reply keys an
+    error reply sets to empty values, and ``prefix``: what its handler in queueserver puts
+    before an error text (``"Error: "``; ``""`` for the handlers that reply ``str(ex)``)."""
 
     params: tuple[str, ...] | None
     error_keys: Mapping[str, Any] = field(default_factory=dict)
     handler: str = ""
+    prefix: str = "Error: "
 
 
 _LOCK_KEYS = {"lock_info": {}, "lock_info_uid": None}
@@ -37,7 +39,7 @@ _LOCK_KEYS = {"lock_info": {}, "lock_info_uid": None}
 METHODS: dict[str, Method] = {
     "status": Method(None, handler="status"),
     "ping": Method(None, handler="status"),
-    "config_get": Method((), {"config": {}}),
+    "config_get": Method((), {"config": {}}, prefix=""),
     "function_execute": Method(("item", "user_group", "user", "run_in_background", "lock_key"),
                                {"item": None, "task_uid": None}),
     "script_upload": Method(("script", "update_lists", "update_re", "run_in_background", "lock_key"),
@@ -58,10 +60,10 @@ METHODS: dict[str, Method] = {
     "history_clear": Method(("lock_key", "size", "item_uid")),
     "queue_get": Method((), {"items": [], "running_item": {}, "plan_queue_uid": None}),
     "history_get": Method((), {"items": [], "plan_history_uid": None}),
-    "plans_existing": Method((), {"plans_existing": {}, "plans_existing_uid": None}),
-    "plans_allowed": Method(("user_group",), {"plans_allowed": {}, "plans_allowed_uid": None}),
-    "devices_existing": Method((), {"devices_existing": {}, "devices_existing_uid": None}),
-    "devices_allowed": Method(("user_group",), {"devices_allowed": {}, "devices_allowed_uid": None}),
+    "plans_existing": Method((), {"plans_existing": {}, "plans_existing_uid": None}, prefix=""),
+    "plans_allowed": Method(("user_group",), {"plans_allowed": {}, "plans_allowed_uid": None}, prefix=""),
+    "devices_existing": Method((), {"devices_existing": {}, "devices_existing_uid": None}, prefix=""),
+    "devices_allowed": Method(("user_group",), {"devices_allowed": {}, "devices_allowed_uid": None}, prefix=""),
 }
 
 
@@ -91,10 +93,11 @@ def _authenticated(method: str, params: dict, identity: Any) -> dict:
     return params
 
 
-def _unsupported_msg(names: list[str], supported: tuple[str, ...]) -> str:
+def _unsupported_msg(names: list[str], spec: Method) -> str:
+    """queueserver's text for parameters ``spec`` does not take, with its handler's prefix."""
     shown = f"{names[0]!r}" if len(names) == 1 else f"{names}"
-    return (f"Error: API request contains unsupported parameters: {shown}. "
-            f"Supported parameters: {list(supported)}")
+    return (f"{spec.prefix}API request contains unsupported parameters: {shown}. "
+            f"Supported parameters: {list(spec.params or ())}")
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -133,12 +136,12 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
         params = {}
     if not isinstance(params, dict):
         return {"success": False, "msg": (
-            "Error: Incorrect request format: 'params' must be a dictionary (JSON object), "
+            f"{spec.prefix}Incorrect request format: 'params' must be a dictionary (JSON object), "
             f"got {type(params).__name__}"), **spec.error_keys}
     if spec.params is not None:
         unsupported = [key for key in params if key not in spec.params]
         if unsupported:
-            return {"success": False, "msg": _unsupported_msg(unsupported, spec.params),
+            return {"success": False, "msg": _unsupported_msg(unsupported, spec),
                     **spec.error_keys}
     handler = getattr(protocol, spec.handler or name)
     try:
