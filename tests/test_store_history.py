@@ -76,6 +76,26 @@ def test_history_and_dataframe(populated, monkeypatch):
         history(environment_name=ENV, status="done")
 
 
+@pytest.mark.parametrize("key", ["uid", "name", "user", "notebook"])
+def test_a_text_filter_sqlite_cannot_take_is_a_one_line_value_error(populated, key, capsys):
+    """A lone surrogate (or a non-str) in a text filter: one ValueError that says what to
+    give, from the open log, from the file alone and from the command line."""
+    folder, journal = populated
+    for value, shown in (("\ud800", "'\\ud800'"), ("a\udcff" * 50, "'a\\udcffa\\udcff"), (5, "5")):
+        with pytest.raises(ValueError) as info:
+            history(state_dir=folder, environment_name=ENV, **{key: value})
+        assert str(info.value).startswith(f"The {key} filter must be text without lone surrogates (got {shown}")
+        assert "\n" not in str(info.value) and len(str(info.value)) < 140
+        with pytest.raises(ValueError, match=f"The {key} filter must be text"):
+            journal.records(**{key: value})
+    journal.close()
+    with pytest.raises(ValueError, match=f"The {key} filter must be text"):
+        history(state_dir=folder, environment_name=ENV, **{key: "\ud800"})
+    with pytest.raises(SystemExit):
+        history_main(["--state-dir", str(folder), "--environment", ENV, f"--{key}", "\udcff"])
+    assert f"The {key} filter must be text without lone surrogates" in capsys.readouterr().err
+
+
 def test_history_dataframe_without_pandas(populated, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail
     with pytest.raises(ImportError, match=r"pip install qmagic\[pandas\]"):

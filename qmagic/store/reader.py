@@ -33,8 +33,26 @@ def _lenient_text(value: bytes) -> str:
     """A TEXT value of the database as str, invalid UTF-8 replaced (U+FFFD)."""
     return value.decode("utf-8", "replace")
 
+
+def _check_text(key: str, value: Any) -> None:
+    """A text filter must be a str SQLite can store (UTF-8: no lone surrogates); else a
+    one-line ValueError that says so."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return
+        except UnicodeEncodeError:
+            pass
+    shown = repr(value[:60] if isinstance(value, str) else value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"The {key} filter must be text without lone surrogates (got {shown}).")
+
+
 class Filters:
-    """The filters of :meth:`LogReader.records`, checked and turned into SQL."""
+    """The filters of :meth:`LogReader.records`, checked and turned into SQL (a bad one
+    raises a one-line ValueError before anything is read)."""
 
     def __init__(self, *, status: str | Iterable[str] | None = None, user: str | None = None,
                  name: str | None = None, notebook: str | None = None, since: Any = None,
@@ -44,6 +62,8 @@ class Filters:
             bad = sorted(str(s) for s in self.statuses - set(RANKS))
             raise ValueError(f"Unknown task status {', '.join(bad)}: use queued, running, completed, "
                              "failed or cancelled.")
+        for key, value in (("user", user), ("name", name), ("notebook", notebook), ("uid", uid)):
+            _check_text(key, value)
         self.user, self.name, self.notebook, self.uid = user, name, notebook, uid
         self.since, self.until = parse_time(since), parse_time(until)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
