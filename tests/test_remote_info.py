@@ -166,3 +166,25 @@ def test_a_flood_keeps_memory_bounded_and_says_what_was_dropped(make_worker):
                                       "dropped: they came faster than they could be sent]\n")
     assert [m for _, m in sent[1:]] == [line] * (CONSOLE_BACKLOG_CHARS // len(line))
     assert pub._console_chars == pub._console_dropped == 0 and not pub._wake_pending
+
+
+def test_one_huge_print_is_cut_to_its_tail_and_keeps_the_lines_before_it(make_worker):
+    """A write longer than CONSOLE_CHUNK_CHARS is sent as its tail after a marker saying how
+    much was dropped because it was too long; the lines before and after it still go out,
+    and no note blames speed (found by a hostile test: one 3 MB print dropped itself and
+    the line before it, 'they came faster than they could be sent')."""
+    from qmagic.remote.info import CONSOLE_CHUNK_CHARS
+
+    pub = InfoPublisher(make_worker({}), "tcp://127.0.0.1:0", lambda: {})  # not started
+    task = qmagic.Task("uid-1", "f", user="u", user_group="g", background=True)
+    big = "s" + "x" * 3_000_000 + "e"
+    for text in ("big start", "\n", big, "\n", "big end", "\n"):
+        pub._on_output(task, text)
+    assert pub._console_dropped == 0 and pub._console_chars < CONSOLE_CHUNK_CHARS + 200
+    sent: list = []
+    pub._send = lambda sock, topic, msg: sent.append(msg)
+    pub._publish_console(None)
+    marker = (f"[... {len(big) - CONSOLE_CHUNK_CHARS} earlier characters dropped: the text was too "
+              "long to send whole ...]\n")
+    assert sent == ["big start", "\n", marker + big[-CONSOLE_CHUNK_CHARS:], "\n", "big end", "\n"]
+    assert not any("faster" in m for m in sent)

@@ -15,8 +15,10 @@ Subscribers: ``REManagerAPI.console_monitor`` and ``system_info_monitor``,
 ``qserver-console-monitor``, bluesky-httpserver's ``/api/console_output`` and websockets.  Producers
 (any thread) only note what is new and wake the publishing thread (one wake-up waits at a
 time); one thread owns the socket.  Memory stays bounded whatever the producers do: task
-events merge per task, and console text waiting to be sent is kept up to
-:data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much.
+events merge per task; one write longer than :data:`CONSOLE_CHUNK_CHARS` is cut to its
+tail, after a marker as a task's own output has (``[... N earlier characters dropped:
+the text was too long to send whole ...]``); and console text waiting to be sent is kept
+up to :data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from ..errors import TaskNotFound
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
-__all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "DEFAULT_INFO_ADDRESS", "TOPIC_CONSOLE", "TOPIC_INFO",
-           "TASK_EVENTS_HZ"]
+__all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "CONSOLE_CHUNK_CHARS", "DEFAULT_INFO_ADDRESS",
+           "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
 
 log = logging.getLogger("qmagic")
 
@@ -50,6 +52,9 @@ TOPIC_INFO = b"QS_Info"
 TASK_EVENTS_HZ = 10.0
 #: Console text kept while it waits to be sent (characters); older text is dropped first.
 CONSOLE_BACKLOG_CHARS = 1_000_000
+#: Longest text of one write sent whole (characters); a longer one is cut to its tail, so
+#: one huge print neither fills the backlog nor pushes out the lines before it.
+CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
 
 
@@ -100,8 +105,12 @@ class InfoPublisher(SocketThread):
 
     # -- producers (any thread) -----------------------------------------------------------------
     def _on_output(self, task: Any, text: str) -> None:
+        """Queue console text (any thread); the oldest queued text goes first when too much waits."""
         if task is None and not self.all_output:
             return
+        if len(text) > CONSOLE_CHUNK_CHARS:  # (a task's output buffer's marker, with the reason)
+            text = (f"[... {len(text) - CONSOLE_CHUNK_CHARS} earlier characters dropped: the text "
+                    f"was too long to send whole ...]\n{text[-CONSOLE_CHUNK_CHARS:]}")
         with self._pending_lock:
             self._console.append(text)
             self._console_chars += len(text)
