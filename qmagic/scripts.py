@@ -1,8 +1,11 @@
 """Running an uploaded script in the namespace: all or nothing; scripts never wait for each other.
 
 If the script raises, every name it added, changed or removed is restored, so the namespace
-is as before (objects it mutated in place cannot be restored); names it cannot bind — what
-cells or other tasks set meanwhile — are left alone (:func:`bound_names`; a star import, or
+is as before (objects it mutated in place cannot be restored); what cells or other tasks set
+meanwhile is left alone: the script's module-level writes are recorded as they happen
+(:class:`_Writes`, ``exec``'s locals) and a name is put back only while it still holds what
+the script stored; names bound through ``global`` statements are judged by their values
+(:func:`bound_names`); a star import, or
 code that reaches the namespace itself in the usual ways — ``globals()``, ``vars()``,
 ``locals()``, ``exec``, ``eval``, a ``__dict__``, ``__globals__``, ``sys._getframe`` — makes
 every name the script's, even when it only reads; a name built at run time,
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dis
 import linecache
 import re
+from collections.abc import Iterator, MutableMapping
 from types import CodeType
 from typing import Any
 
@@ -55,13 +59,24 @@ def bound_names(code: CodeType) -> set[str] | None:
     """The namespace names a script's code can bind or delete: its module-level assignments,
     definitions and imports, and ``global`` statements in its functions.  None when any name
     may change: a star import, or code that reaches the namespace dict itself."""
-    names: set[str] = set()
-    stack = [code]
+    found = _binding_names(code)
+    return None if found is None else found[0] | found[1]
+
+
+def _binding_names(code: CodeType) -> tuple[set[str], set[str]] | None:
+    """(names bound by the module's own code, names bound through ``global`` statements), or
+    None (see :func:`bound_names`)."""
+    local: set[str] = set()
+    global_: set[str] = set()
+    stack = [(code, True)]
     while stack:
-        co = stack.pop()
+        co, top = stack.pop()
         for ins in dis.get_instructions(co):
-            if ins.opname in _BINDING_OPS:
-                names.add(ins.argval)
+            if ins.opname in ("STORE_NAME", "DELETE_NAME"):
+                if top:
+                    local.add(ins.argval)  # (in a class body: the class's own namespace)
+            elif ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                global_.add(ins.argval)
             elif ((ins.opname in ("LOAD_NAME", "LOAD_GLOBAL") and ins.argval in _DYNAMIC_NAMES)
                   or (ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM")
                       and ins.argval in _DYNAMIC_ATTRS)):
@@ -69,8 +84,51 @@ def bound_names(code: CodeType) -> set[str] | None:
             elif ins.opname == "IMPORT_STAR" or (ins.opname == "CALL_INTRINSIC_1"
                                                  and "IMPORT_STAR" in str(ins.argrepr)):
                 return None
-        stack.extend(c for c in co.co_consts if isinstance(c, CodeType))
-    return names
+        stack.extend((c, False) for c in co.co_consts if isinstance(c, CodeType))
+    return local, global_
+
+
+class _Writes(MutableMapping):
+    """The module-level namespace of a running script (``exec``'s locals): a view of the
+    namespace in which every name the script stores or deletes is remembered with the object
+    it stored and what the name held just before, so a failure undoes exactly the script's
+    own writes — never what a cell set meanwhile.  (A mapping: tracebacks and debuggers read
+    a frame's locals as one.)"""
+
+    def __init__(self, ns: dict) -> None:
+        self.ns = ns
+        self.before: dict[str, Any] = {}  # name -> what it held before the script's first write
+        self.last: dict[str, Any] = {}  # name -> the object the script stored last (or _MISSING)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.ns[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.before.setdefault(name, self.ns.get(name, _MISSING))
+        self.ns[name] = value
+        self.last[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        self.before.setdefault(name, self.ns.get(name, _MISSING))
+        del self.ns[name]  # (KeyError: Python raises NameError, as for any del)
+        self.last[name] = _MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ns)
+
+    def __len__(self) -> int:
+        return len(self.ns)
+
+    def undo(self) -> None:
+        """Put back every name whose value is still the script's own."""
+        for name, mine in self.last.items():
+            now = self.ns.get(name, _MISSING)
+            if now is mine:  # (a cell's value meanwhile stays)
+                old = self.before[name]
+                if old is _MISSING:
+                    self.ns.pop(name, None)
+                else:
+                    self.ns[name] = old
 
 
 class ScriptRunner:
@@ -90,29 +148,37 @@ class ScriptRunner:
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
         ns = self.namespace
         code = compile(script, filename, "exec")  # a SyntaxError changes nothing
-        names = bound_names(code)  # None: a star import, any name may change
-        before = dict(ns) if names is None else {k: ns[k] for k in names if k in ns}
+        found = _binding_names(code)  # None: a star import, any name may change
+        by_global = set(ns) if found is None else found[1]  # (seen only by their values)
+        before = {k: ns[k] for k in by_global if k in ns}
         kept = {k: ns.get(k, _MISSING) for k in keep}  # (however the script reaches them)
-        touched = (lambda: set(ns) | set(before)) if names is None else (lambda: names)
+        writes = _Writes(ns)
         try:
-            exec(code, ns)  # noqa: S102 - running the user's script is the purpose
+            if found is None:
+                exec(code, ns)  # noqa: S102 - running the user's script is the purpose
+            else:
+                exec(code, ns, writes)  # noqa: S102
         except BaseException:
-            for key in touched():  # only what the script can bind: others' work stays
-                old = before.get(key, _MISSING)
+            writes.undo()
+            for key in (set(ns) | set(before)) if found is None else by_global:
+                old = before.get(key, _MISSING)  # (what it can bind: others' work stays)
                 if old is _MISSING:
                     ns.pop(key, None)
                 elif ns.get(key, _MISSING) is not old:
                     ns[key] = old
             raise
+        touched = (set(ns) | set(before)) if found is None else by_global | set(writes.last)
+        before = {**before, **writes.before}
         for key, old in kept.items():
-            if names is not None and key not in names:
-                continue  # the script cannot have bound it: a cell's change meanwhile stays
+            if key not in touched:
+                continue  # the script did not bind it: a cell's change meanwhile stays
             if old is _MISSING:
                 ns.pop(key, None)
             else:
                 ns[key] = old
-        keys = touched() - {"__builtins__"}
-        added = sorted(k for k in keys if k in ns and k not in before)
-        removed = sorted(k for k in keys if k in before and k not in ns)
-        changed = sorted(k for k in keys if k in before and k in ns and ns[k] is not before[k])
+        keys = touched - {"__builtins__"}
+        added = sorted(k for k in keys if k in ns and before.get(k, _MISSING) is _MISSING)
+        removed = sorted(k for k in keys if before.get(k, _MISSING) is not _MISSING and k not in ns)
+        changed = sorted(k for k in keys if k in ns and before.get(k, _MISSING) is not _MISSING
+                         and ns[k] is not before[k])
         return {"added": added, "changed": changed, "removed": removed}

@@ -209,7 +209,7 @@ def test_scripts_show_their_names(ck, tmp_path):
     assert "calibration" in shown
     failed = ck.execute("%%script_upload --name calibration\nx_cal = 1\nraise RuntimeError('half way')\n")
     lines = error_text(failed)
-    assert lines[-1] == "RuntimeError: half way"
+    assert lines and lines[-1] == "RuntimeError: half way", (failed.status, failed.stdout, failed.stderr, failed.reply)
     assert_no_internals("\n".join(lines))
     assert 'File "<script calibration>", line 2' in _last_traceback(ck)
     script = tmp_path / "align beam.py"

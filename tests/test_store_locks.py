@@ -4,6 +4,7 @@ change watcher, hostile files in the state folder, and qmagic-clear-lock."""
 from __future__ import annotations
 
 import json
+import gc
 import os
 import shutil
 import stat
@@ -1016,11 +1017,13 @@ def test_close_releases_every_descriptor_thread_and_mapping(tmp_path):
 
     for i in range(3):
         cycle(i)  # warm-up: imports, thread stacks, malloc arenas
+    gc.collect()  # (earlier tests' objects close their own descriptors now, not meanwhile)
     before = _resources(folder)
     for i in range(50):
         cycle(i, probe=i == 1)
     after = _resources(folder)
-    assert after["fds"] == before["fds"]  # no inotify, eventfd or state file left open
+    # no inotify, eventfd or state file left open (one of an earlier test's objects may close)
+    assert after["fds"].items() <= before["fds"].items(), (before["fds"], after["fds"])
     assert after["threads"] == before["threads"] == set()
     assert after["mapped"] == before["mapped"] == []  # nothing in the state folder is mapped
     # the whole process (slack: malloc may map or unmap an arena meanwhile)

@@ -654,6 +654,31 @@ def test_a_script_reports_only_what_it_changed(make_worker):
     assert task.namespace_changes == {"added": ["helper", "math"], "changed": ["a"], "removed": ["b"]}
 
 
+def test_a_failing_script_undoes_only_its_own_writes(make_worker):
+    """A background script that fails after a cell set names meanwhile: the cell's values stay,
+    also for names the script could bind but never reached, and for a name the script set
+    first and the cell set afterwards; the script's own writes are undone (it wiped the
+    cell's work: found by the remote tester)."""
+    import threading
+
+    ready, release = threading.Event(), threading.Event()
+    w = make_worker({"ready": ready, "release": release, "calib": "v1", "long1": "old"})
+    task = w.run_script(
+        "mine = 1\nlong1 = 'script'\nready.set()\nrelease.wait(10)\n"
+        "raise RuntimeError('motor not found')\ncalib = 'v3'\nresults = []\n", background=True)
+    assert ready.wait(TIMEOUT)
+    w.namespace.update(calib="v2", results=[1, 2, 3], long1="from cell")  # a cell meanwhile
+    release.set()
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+    ns = w.namespace
+    assert (ns["calib"], ns["results"], ns["long1"]) == ("v2", [1, 2, 3], "from cell")
+    assert "mine" not in ns
+    # and what the script alone set is put back
+    task = w.run_script("calib = 'v9'\ndel long1\nraise ValueError('no')\n")
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+    assert (ns["calib"], ns["long1"]) == ("v2", "from cell")
+
+
 def test_a_busy_foreground_is_explained_in_notebook_terms(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate, "f": lambda: 1})
