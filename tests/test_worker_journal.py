@@ -14,7 +14,7 @@ from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixtur
 from traitlets.config import Config
 
 import qmagic
-from qmagic import Worker
+from qmagic import TaskStatus, Worker
 from qmagic.errors import LogUnavailable
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 
@@ -161,6 +161,41 @@ def test_tasks_of_a_killed_process_read_as_failed(tmp_path):
         w.close()
     # the dead process's spool and lock file were stored and removed by the recovery
     assert not list(state.glob("*.spool")) and not list(state.glob("*.lock"))
+
+
+def test_closing_with_a_task_blocked_where_nothing_stops_it_records_it_truly(tmp_path):
+    """Unload/close while a task is blocked in C: the worker cannot stop it; its record and
+    the Task agree — cancelled, the worker was closed, its code left to end — written before
+    the log closes (the log said 'kernel stopped while the task was running' although the
+    kernel lived on, and the Task said something else) (found by the notebook tester)."""
+    import threading
+
+    from qmagic.core.jobs import CLOSED_REASON
+
+    blocked, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def stuck():
+        blocked.set()
+        try:
+            release.wait()  # (a lock wait in C: no forced cancel reaches it)
+        finally:  # (the forced cancel lands as the wait returns)
+            returned.set()
+        return "late"
+
+    config = Config()
+    config.QMagic.state_dir = str(tmp_path)
+    config.QMagic.cancel_grace_s = 0.1
+    w = Worker({"stuck": stuck}, config=config)
+    task = w.submit("stuck")
+    assert blocked.wait(TIMEOUT)
+    w.close(timeout=0.5)
+    assert task.status is TaskStatus.CANCELLED and task.error == CLOSED_REASON
+    [rec] = qmagic.history(state_dir=tmp_path)
+    assert rec["uid"] == task.uid and rec["status"] == "cancelled" and rec["error"] == CLOSED_REASON
+    assert not rec["journal"]["orphaned"]
+    release.set()  # its code ends later: nothing changes, nothing breaks
+    assert returned.wait(TIMEOUT)
+    assert task.status is TaskStatus.CANCELLED and task.error == CLOSED_REASON
 
 
 def test_journal_off_then_switched_on(make_worker):

@@ -215,12 +215,13 @@ class Engine(TaskRegistry):
             self._release_reservation(job)
             return
         reason = exc if isinstance(exc, KeyboardInterrupt) else TaskCancelled(STOPPED_BEFORE_START)
-        self.timers.schedule(ABANDONED_CHECK_S, lambda: self._end_unstarted(job, reason, overdue=True))
-        self._end_unstarted(job, reason)
+        self.timers.schedule(ABANDONED_CHECK_S, lambda: self._end_now(job, reason, overdue=True))
+        self._end_now(job, reason)
 
-    def _end_unstarted(self, job: Job, reason: BaseException, *, overdue: bool = False) -> None:
-        """End a task that will never start, with ``reason``, unless it has ended.  ``overdue``
-        (the timer): also when its end was claimed but never finished (cut short)."""
+    def _end_now(self, job: Job, reason: BaseException, *, overdue: bool = False) -> None:
+        """End a task now, with ``reason``, unless it has ended (one that will never start, or
+        whose code cannot be stopped).  ``overdue`` (the timer): also when its end was claimed
+        but never finished (cut short)."""
         task = job.task
         if task.done():
             return
@@ -353,20 +354,6 @@ class Engine(TaskRegistry):
             return "idle"
         return self._runner.interrupt(job)
 
-    def counts(self) -> dict[str, Any]:
-        """The counts for status replies and panels (each exact when read; a task that is
-        starting right now may be counted both waiting and running for a moment)."""
-        fg = self._fg
-        return {
-            "running_background": len(self._running_threads) + len(self._running_coros),
-            "queued_background": len(self._waiting),
-            "foreground": fg.task if fg is not None else None,
-            "foreground_handed_over": bool(fg is not None and fg.handed_over),
-            "results_uid": self.results_uid,
-            "finished": len(self._finished),
-            "threads": self._pool.threads,
-        }
-
     # -- shutdown ---------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
         """Cancel queued tasks, stop running ones (forcing after the grace time), stop every
@@ -381,6 +368,11 @@ class Engine(TaskRegistry):
         deadline = time.monotonic() + timeout
         for task in active:
             task.wait(max(0.0, deadline - time.monotonic()))
+        for task in [t for t in active if not t.done()]:  # blocked where nothing stops it:
+            log.warning("qmagic: %s (task %s) still runs (blocked where it cannot be stopped); it "
+                        "is recorded as cancelled and left to end on its own.", task.call_text(40),
+                        task.uid[:8])  # (recorded now, while the log is open; Task and log agree)
+            self._end_now(self._jobs[task.uid], TaskCancelled(CLOSED_REASON))
         self._pool.close()
         self.timers.close()
         self.bus.close()

@@ -138,8 +138,8 @@ class JobRunner:
         if self.engine.observers:
             self.engine.notify("task_started", task)
         result, error = self._execute(job)
-        task._claim_end()
-        self.end(job, result, error)
+        if task._claim_end():  # (else the worker closed and ended it meanwhile: Engine.close)
+            self.end(job, result, error)
 
     def _execute(self, job: Job) -> tuple[Any, BaseException | None]:
         """Run the task's code in this thread; return (result, exception).  The context
@@ -271,8 +271,8 @@ class JobRunner:
             job.in_user_code = False
             job.code_done = True
             _current.reset(token)
-        task._claim_end()
-        self.end(job, result, error)
+        if task._claim_end():
+            self.end(job, result, error)
 
     def _wait_for_coroutine(self, job: Job) -> None:
         """Owner thread: a foreground coroutine task holds the cell until it ends; an

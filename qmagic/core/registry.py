@@ -1,4 +1,4 @@
-"""The tasks an engine knows: lookups by uid or prefix, listing, retention of finished ones.
+"""The tasks an engine knows: lookups by uid or prefix, listing, counts, retention of finished ones.
 
 :class:`TaskRegistry` is the part of :class:`~qmagic.core.engine.Engine` that holds the jobs
 by uid.  Jobs are added and looked up by single dict operations (atomic under the GIL);
@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import TaskNotFound
 
@@ -51,6 +51,13 @@ class TaskRegistry:
     retention_s: float
     max_finished: int
     timers: Timers
+    # (the engine's, read by counts())
+    _fg: Any
+    _waiting: dict
+    _running_threads: dict
+    _running_coros: dict
+    _pool: Any
+    results_uid: str
 
     def _init_registry(self) -> None:
         self._lock = threading.Lock()
@@ -126,6 +133,21 @@ class TaskRegistry:
                 self.on_expire(tasks)
             except Exception:  # noqa: BLE001
                 log.exception("qmagic: on_expire hook failed")
+
+    def counts(self) -> dict[str, Any]:
+        """The counts for status replies and panels (each exact when read; a task that is
+        starting right now may be counted both waiting and running for a moment)."""
+        fg = self._fg
+        return {
+            "running_background": len(self._running_threads) + len(self._running_coros),
+            "queued_background": len(self._waiting),
+            "foreground": fg.task if fg is not None else None,
+            "foreground_handed_over": bool(fg is not None and fg.handed_over),
+            "results_uid": self.results_uid,
+            "finished": len(self._finished),
+            "threads": self._pool.threads,
+        }
+
 
     # -- lookups --------------------------------------------------------------------------
     def find(self, uid_or_prefix: str) -> Task:
