@@ -39,13 +39,16 @@ from .errors import (
 from .worker import Worker
 
 #: Imported when first asked for: these need IPython, ipywidgets, zmq, pandas or matplotlib.
+#: No module of the package may share a name here: importing ``qmagic.<name>`` binds the
+#: module as the package attribute, so ``qmagic.history()`` would become a module after any
+#: import of it (by qmagic or by a user).  Hence ``_history`` and ``_timeline``.
 _LAZY = {
     "get_worker": ("qmagic.ipython.extension", "get_worker"),
     "load_ipython_extension": ("qmagic.ipython.extension", "load_ipython_extension"),
     "unload_ipython_extension": ("qmagic.ipython.extension", "unload_ipython_extension"),
-    "history": ("qmagic.history", "history"),
-    "history_dataframe": ("qmagic.history", "history_dataframe"),
-    "timeline": ("qmagic.timeline", "timeline"),
+    "history": ("qmagic._history", "history"),
+    "history_dataframe": ("qmagic._history", "history_dataframe"),
+    "timeline": ("qmagic._timeline", "timeline"),
     "get_default_lock_key": ("qmagic.store.keys", "get_default_lock_key"),
     "Permissions": ("qmagic.core.permissions", "Permissions"),
     "DEFAULT_PERMISSIONS": ("qmagic.core.permissions", "DEFAULT_PERMISSIONS"),
@@ -58,6 +61,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    """Import a lazy public name (see ``_LAZY``) when first asked for and keep it."""
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'qmagic' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import pytest
 import matplotlib  # noqa: E402 - a test dependency (qmagic[timeline])
 matplotlib.use("Agg")
 
-from qmagic.timeline import STATUS_COLOURS, timeline  # noqa: E402
+from qmagic._timeline import STATUS_COLOURS, timeline  # noqa: E402
 
 
 def _rec(name, status, start, end, user="alice", progress=None):

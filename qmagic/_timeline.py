@@ -81,7 +81,7 @@ def timeline(
         raise ImportError("qmagic.timeline() needs matplotlib: pip install matplotlib "
                           "(or qmagic[timeline]).") from exc
     if records is None:
-        from .history import history
+        from ._history import history
 
         records = history(since=since, until=until, notebook=notebook, **filters)
     now = time.time()
