@@ -142,6 +142,23 @@ def test_load_ext_through_the_extension_manager(ip):
     assert "function_execute" not in ip.magics_manager.magics["line"]
 
 
+def test_unload_releases_the_worker(ip):
+    """Nothing of an unloaded worker stays reachable (IPython keeps each registered Magics
+    instance in ``shell.configurables``, and the magics hold the worker)."""
+    import gc
+    import weakref
+
+    ip.run_line_magic("load_ext", "qmagic")
+    worker = weakref.ref(qmagic.get_worker())
+    configurables = len(ip.configurables)
+    ip.run_line_magic("reload_ext", "qmagic")
+    ip.run_line_magic("unload_ext", "qmagic")
+    gc.collect()
+    assert worker() is None
+    assert len(ip.configurables) == configurables - 3
+    assert not [c for c in ip.configurables if type(c).__module__.startswith("qmagic.")]
+
+
 def test_worker_is_configured_from_the_shell_config(ip):
     ip.config.QMagic.default_user = "Alice"
     load_ipython_extension(ip)

@@ -160,7 +160,12 @@ class Session:
 
 
 def _unregister_magics(shell: Any, magics: Any) -> None:
-    """IPython has no public 'unregister': remove our names from the manager's tables."""
+    """IPython has no public 'unregister': remove our names from the manager's tables, and
+    the instance from ``shell.configurables`` (``register_magics`` appends it there; it
+    holds the worker, which would otherwise live as long as the kernel)."""
+    configurables = getattr(shell, "configurables", None)
+    if isinstance(configurables, list):
+        configurables[:] = [c for c in configurables if c is not magics]
     manager = shell.magics_manager
     for kind, table in magics.magics.items():
         registered = manager.magics.get(kind, {})
