@@ -159,6 +159,54 @@ def test_unload_releases_the_worker(ip):
     assert not [c for c in ip.configurables if type(c).__module__.startswith("qmagic.")]
 
 
+@pytest.mark.parametrize("how", ["sigint", "raised"])
+def test_interrupted_unload_still_undoes_everything(ip, how):
+    """■ during %unload_ext: every step is still undone, the cell ends with one line, and
+    %load_ext works again."""
+    from qmagic.ipython.extension import UnloadInterrupted
+
+    def qmagic_threads():
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("qmagic"))
+
+    before = qmagic_threads()
+    ip.run_line_magic("load_ext", "qmagic")
+    worker = qmagic.get_worker()
+    worker.submit(lambda: 1).result(TIMEOUT)  # the pool's threads exist
+
+    def interrupt():  # the first step undone: ■ lands as the unload starts
+        if how == "sigint":
+            signal.raise_signal(signal.SIGINT)
+        else:
+            raise KeyboardInterrupt
+
+    get_session(ip)._step("probe", interrupt)
+    with pytest.raises(UnloadInterrupted) as info:
+        ip.run_line_magic("unload_ext", "qmagic")
+    assert info.value._render_traceback_() == [
+        "KeyboardInterrupt: qmagic finished unloading before the interrupt took effect; "
+        "load it again with %load_ext qmagic."]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert get_session(ip) is None
+    assert "function_execute" not in ip.magics_manager.magics["line"]
+    with pytest.raises(qmagic.RequestRefused, match="closed"):
+        worker.submit(lambda: 1)
+    assert qmagic_threads() == before
+    assert "qmagic" not in ip.extension_manager.loaded  # as after an unload that returned
+    ip.run_line_magic("load_ext", "qmagic")
+    assert qmagic.get_worker() is not worker
+
+
+def test_get_worker_names_reload_ext_when_ipython_still_lists_qmagic(ip):
+    """IPython lists qmagic as loaded but no session exists (e.g. ■ as IPython ended the
+    unload): %load_ext would refuse ("already loaded"), so the text names %reload_ext."""
+    ip.extension_manager.loaded.add("qmagic")
+    with pytest.raises(RuntimeError, match=r"qmagic is not loaded in this IPython session: "
+                                           r"run %reload_ext qmagic\.$"):
+        qmagic.get_worker()
+    ip.run_line_magic("reload_ext", "qmagic")
+    assert get_session(ip) is not None
+
+
 def test_worker_is_configured_from_the_shell_config(ip):
     ip.config.QMagic.default_user = "Alice"
     load_ipython_extension(ip)

@@ -6,15 +6,18 @@ profile and ``--QMagic.*=...`` on the kernel command line apply), the kernel's f
 runner, output routing and provenance, the cell events, the magics, the completer, the
 text form of a Task, the panels and the remote door.  The session records every step, so
 unloading undoes each one (magics, events, formatters, threads, sockets, files); load ->
-unload -> load works, and loading twice is a silent no-op.
+unload -> load works, and loading twice is a silent no-op.  An unload always finishes: ■
+(SIGINT) is held meanwhile and raised as one line at its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import format as fmt
 from .. import tracebacks
@@ -28,12 +31,44 @@ from .context import (
 )
 from .runner import KernelForegroundRunner
 
-__all__ = ["Session", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["Session", "UnloadInterrupted", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
 
 log = logging.getLogger("qmagic")
 
 _sessions: dict[int, Session] = {}
 _sessions_lock = threading.RLock()
+
+
+MSG_UNLOAD_INTERRUPTED = ("qmagic finished unloading before the interrupt took effect; load it "
+                          "again with %load_ext qmagic.")
+
+
+class UnloadInterrupted(KeyboardInterrupt):
+    """■ during an unload: raised once every step is undone (shown as one line)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Hold SIGINT (■) on the main thread: the yielded list gets one entry per SIGINT that
+    came meanwhile, and the previous handler is back afterwards.  Elsewhere (or when the
+    handler is not Python's) nothing is held."""
+    held: list[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None:
+                signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except (ValueError, OSError):  # pragma: no cover - no signals here
+            previous = None
+    try:
+        yield held
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _task_text(task: Task, printer: Any, cycle: bool) -> None:
@@ -150,13 +185,28 @@ class Session:
 
     # -- unloading -----------------------------------------------------------------------------------
     def unload(self) -> None:
-        """Undo every step of :meth:`load` that happened, last first (safe after a partial load)."""
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                undo()
-            except Exception:  # noqa: BLE001 - go on undoing the rest
-                log.warning("qmagic: undoing the %s failed", what, exc_info=True)
+        """Undo every step of :meth:`load` that happened, last first (safe after a partial load).
+
+        Every step runs whatever happens in another: SIGINT is held meanwhile (main thread),
+        and a step that fails or is interrupted anyway is logged and the rest still run.  An
+        interrupt then raises :class:`UnloadInterrupted` (one line) at the end; another
+        BaseException (SystemExit) is raised again as it was.
+        """
+        first: BaseException | None = None
+        with _interrupts_held() as held:
+            while self._undo:
+                what, undo = self._undo.pop()
+                try:
+                    undo()
+                except Exception:  # noqa: BLE001 - go on undoing the rest
+                    log.warning("qmagic: undoing the %s failed", what, exc_info=True)
+                except BaseException as exc:  # ■ must not leave qmagic half unloaded
+                    log.warning("qmagic: undoing the %s was interrupted", what, exc_info=True)
+                    first = first or exc
+        if first is not None and not isinstance(first, KeyboardInterrupt):
+            raise first
+        if first is not None or held:
+            raise UnloadInterrupted(MSG_UNLOAD_INTERRUPTED) from None
 
 
 def _unregister_magics(shell: Any, magics: Any) -> None:
@@ -186,17 +236,35 @@ def load_ipython_extension(shell: Any) -> None:
         try:
             session.load()
         except BaseException:
-            session.unload()
+            try:
+                session.unload()
+            except KeyboardInterrupt:  # the load's own error is the one to show
+                pass
             raise
         _sessions[id(shell)] = session
 
 
 def unload_ipython_extension(shell: Any) -> None:
-    """Undo :func:`load_ipython_extension` (``%unload_ext qmagic``); a no-op if not loaded."""
-    with _sessions_lock:
-        session = _sessions.pop(id(shell), None)
-    if session is not None:
-        session.unload()
+    """Undo :func:`load_ipython_extension` (``%unload_ext qmagic``); a no-op if not loaded.
+
+    It always finishes; ■ meanwhile raises :class:`UnloadInterrupted` at the end, and
+    IPython's list of loaded extensions then no longer names qmagic (IPython drops it only
+    when this returns), so ``%load_ext qmagic`` works again.
+    """
+    interrupted = False
+    with _interrupts_held() as held:  # ■ between the pop and the unload would undo nothing
+        with _sessions_lock:
+            session = _sessions.pop(id(shell), None)
+        if session is not None:
+            try:
+                session.unload()
+            except UnloadInterrupted:
+                interrupted = True
+    if interrupted or held:
+        loaded = getattr(getattr(shell, "extension_manager", None), "loaded", None)
+        if isinstance(loaded, set):
+            loaded.discard("qmagic")
+        raise UnloadInterrupted(MSG_UNLOAD_INTERRUPTED) from None
 
 
 def get_session(shell: Any = None) -> Session | None:
@@ -214,11 +282,20 @@ def get_session(shell: Any = None) -> Session | None:
 def get_worker(shell: Any = None) -> Worker:
     """The :class:`qmagic.Worker` of this kernel (or of ``shell``).
 
-    Raises RuntimeError when qmagic is not loaded: run ``%load_ext qmagic`` first (outside
-    IPython, build a ``qmagic.Worker(namespace)`` yourself).
+    Raises RuntimeError when qmagic is not loaded: run ``%load_ext qmagic`` first, or
+    ``%reload_ext qmagic`` when IPython still lists it as loaded (an unload that raised);
+    outside IPython, build a ``qmagic.Worker(namespace)`` yourself.
     """
-    session = get_session(shell)
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    session = get_session(shell) if shell is not None else None
     if session is None or session.worker is None:
+        manager = getattr(shell, "extension_manager", None)
+        if "qmagic" in getattr(manager, "loaded", ()):
+            raise RuntimeError("qmagic is not loaded in this IPython session: run "
+                               "%reload_ext qmagic.")
         raise RuntimeError(
             "qmagic is not loaded in this IPython session: run %load_ext qmagic first (outside "
             "IPython, create a qmagic.Worker(namespace) instead)."
