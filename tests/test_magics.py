@@ -515,6 +515,38 @@ def test_failing_script_leaves_the_namespace_unchanged(qm, ip):
     assert qm.last_task.status.value == "failed"
 
 
+@pytest.mark.parametrize("source, kind, shown", [
+    ("x = 1\ndef f(:\n", "SyntaxError", "def f(:"),
+    ("x = 1\n  y = 2\n", "IndentationError", "y = 2"),
+    ("file", "SyntaxError", "def f(:"),
+    ("function", "SyntaxError", "compile('def f(:'"),
+])
+def test_syntax_error_shows_only_the_users_error(qm, ip, capsys, tmp_path, source, kind, shown):
+    """IPython shows a SyntaxError with every frame it passed, ignoring _render_traceback_:
+    the cell must show the script's line and caret (and the user's frames), nothing of
+    IPython or qmagic."""
+    import re
+
+    if source == "file":
+        (tmp_path / "bad.py").write_text("x = 1\ndef f(:\n")
+        cell = f"%script_upload '{tmp_path / 'bad.py'}'"
+    elif source == "function":
+        ip.run_cell("def broken():\n    return compile('def f(:', '<made>', 'exec')\n").raise_error()
+        cell = "%function_execute broken"
+    else:
+        cell = "%%script_upload\n" + source
+    capsys.readouterr()
+    result = ip.run_cell(cell)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    error = result.error_in_exec
+    assert type(error).__name__ == kind and isinstance(error.error, SyntaxError)
+    assert str(error) == str(error.error)
+    assert shown in out and f"{kind}: " in out, out
+    for internal in ("qmagic", "interactiveshell", "run_cell_magic", "run_line_magic", "settle"):
+        assert internal not in out, out
+    assert qm.last_task.status.value == "failed"
+
+
 def test_script_upload_usage_errors(qm, ip, tmp_path):
     with pytest.raises(UsageError, match="Give the script file"):
         line(ip, "script_upload")

@@ -8,11 +8,14 @@ waiting, and showing a panel.
   before reaching user code (unknown name, wrong arguments) ends the cell with one line; a
   cancelled task — by ■, a panel's Cancel, ``%task_cancel`` or a deadline — ends the cell
   with one ``TaskCancelled`` line saying how.
+- A SyntaxError (a script with a typo) shows the script's line and caret, and the user's
+  own frames if any; never IPython's or qmagic's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Any, Callable, NoReturn
 
 from IPython.core.error import UsageError
@@ -24,7 +27,7 @@ from ...core.task import Task, exception_text
 from ...errors import TaskCancelled
 from ...worker import cancelled_line
 
-__all__ = ["refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
+__all__ = ["ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
 
 
 def refused(exc: BaseException | str, key_option: str = "--lock-key KEY") -> NoReturn:
@@ -61,6 +64,36 @@ def _one_line(exc: BaseException) -> BaseException:
     return exc
 
 
+class ShownSyntaxError(Exception):
+    """Stands in for a task's SyntaxError (IndentationError, ...) in the cell: IPython shows a
+    SyntaxError with every frame it passed (IPython's and qmagic's) and ignores
+    ``_render_traceback_``.  Each stand-in class is named as the error's type, so the kernel's
+    reply says ``SyntaxError``; ``error`` is the original exception."""
+
+    error: SyntaxError
+
+
+_stand_ins: dict[type, type] = {}
+
+
+def _syntax_error(shell: Any, error: SyntaxError, tb: Any) -> ShownSyntaxError:
+    """The stand-in of ``error``, shown as the script's error after the user's frames in
+    ``tb`` (none for a script that did not compile)."""
+    kind = type(error)
+    cls = _stand_ins.get(kind)
+    if cls is None:
+        cls = _stand_ins[kind] = type(kind.__name__, (ShownSyntaxError,), {"__qualname__": kind.__name__})
+    shown = cls(str(error))  # the kernel's reply: as the error's own
+    shown.error = error
+    frames = [f for f in traceback.extract_tb(tb) if not tracebacks.is_internal_frame(f.filename)]
+    formatter = getattr(shell, "SyntaxTB", None)
+    if formatter is not None:
+        _render_once(shown, lambda: formatter.structured_traceback(kind, error, frames))
+    else:
+        _render_once(shown, lambda: traceback.format_list(frames) + traceback.format_exception_only(error))
+    return shown
+
+
 def settle(shell: Any, task: Task) -> Task:
     """After a foreground task (or ``--wait``): end the cell as calling the function would."""
     __tracebackhide__ = True  # noqa: F841
@@ -71,6 +104,8 @@ def settle(shell: Any, task: Task) -> Task:
         if error is None:
             return task
         tb = tracebacks.user_traceback(error)
+        if isinstance(error, SyntaxError):
+            raise _syntax_error(shell, error, tb) from None
         if tb is None or tracebacks.is_internal_frame(tb.tb_frame.f_code.co_filename):
             raise _one_line(error) from None
         formatter = getattr(shell, "InteractiveTB", None)
