@@ -547,6 +547,14 @@ def test_syntax_error_shows_only_the_users_error(qm, ip, capsys, tmp_path, sourc
     assert qm.last_task.status.value == "failed"
 
 
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_control_channel_refuses_a_port_out_of_range(qm, ip, port):
+    with pytest.raises(UsageError, match=r"^Invalid control channel address 'tcp://127\.0\.0\.1:"
+                                         + port + r"': the port must be a number from 1 to 65535"):
+        line(ip, "control_channel", f"start tcp://127.0.0.1:{port}")
+    assert get_session(ip).remote.server is None
+
+
 def test_script_upload_usage_errors(qm, ip, tmp_path):
     with pytest.raises(UsageError, match="Give the script file"):
         line(ip, "script_upload")

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -1273,6 +1274,35 @@ def test_curve_explicit_key_and_bad_keys(protocol, rm_factory, monkeypatch):
 # =========================================================================================
 def _serving_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "qmagic-control" and t.is_alive()]
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-5", "+5", "5x", "", "\u0665"])
+def test_a_port_out_of_range_is_refused_before_binding(protocol, worker, port):
+    """0MQ takes a port modulo 65536 (99999 served 34463, -5 served 65531) and reports that
+    endpoint as if asked for: both sockets refuse such a port with one line."""
+    from qmagic.remote.info import InfoPublisher
+
+    address = f"tcp://127.0.0.1:{port}"
+    expected = f"Invalid control channel address {address!r}: the port must be a number from 1 to 65535"
+    with pytest.raises(ControlChannelError, match=re.escape(expected)) as info:
+        ControlServer(functools.partial(dispatch, protocol), address)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ControlChannelError, match="Invalid info socket address .* from 1 to 65535"):
+        InfoPublisher(worker, address, lambda: {})
+    service = RemoteService(worker, lambda: None)
+    try:
+        with pytest.raises(ControlChannelError, match="from 1 to 65535"):
+            service.start(address)
+        assert service.server is None and worker.zmq_control_address is None
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", "tcp://127.0.0.1:65535", "tcp://127.0.0.1:0",
+                                     "tcp://127.0.0.1:*", "tcp://[::1]:5", "tcp://eth0:60615",
+                                     "ipc:///tmp/x", "inproc://x"])
+def test_valid_ports_are_accepted(protocol, address):
+    ControlServer(functools.partial(dispatch, protocol), address)  # not started: nothing bound
 
 
 def test_start_stop_restart_and_bind_errors(protocol, server):

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ControlChannelError
 
-__all__ = ["PRIVATE_KEY_ENV", "SocketThread"]
+__all__ = ["PRIVATE_KEY_ENV", "SocketThread", "port_is_valid"]
 
 log = logging.getLogger("qmagic")
 
@@ -34,6 +34,21 @@ def keys_problem(client_keys: Any, *, curve: bool) -> str | None:
     return None
 
 
+def port_is_valid(address: str) -> bool:
+    """False for a ``tcp://`` endpoint whose port is not ``*`` or a number from 0 to 65535 (0
+    and ``*``: any free port).  0MQ takes other numbers modulo 65536 (99999 serves 34463,
+    -5 serves 65531), so they must be refused before binding.  Other transports: True."""
+    scheme, _, rest = address.partition("://")
+    if scheme.lower() != "tcp":
+        return True
+    host, sep, port = rest.rpartition(":")
+    if not (sep and host):
+        return False
+    if port == "*":
+        return True
+    return port.isascii() and port.isdigit() and int(port) <= 65535
+
+
 class SocketThread:
     """Start/stop of a socket-owning thread (see the module docstring)."""
 
@@ -47,6 +62,11 @@ class SocketThread:
             raise ControlChannelError(
                 f"Invalid {self.what} address {address!r}: use a 0MQ endpoint such as "
                 f"{example!r} (QMagic.{setting})."
+            )
+        if not port_is_valid(address):
+            raise ControlChannelError(
+                f"Invalid {self.what} address {address!r}: the port must be a number from 1 to "
+                f"65535 (or * for any free port), e.g. {example!r}."
             )
         problem = keys_problem(client_keys, curve=secret_key is not None)
         if problem:
