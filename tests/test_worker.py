@@ -85,7 +85,7 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
             await asyncio.sleep(0.001)
             assert not waiter.done()
         waiter.cancel()  # stop waiting only
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(asyncio.CancelledError, match=r"stopped waiting; the task gate\('v'\) keeps running"):
             await waiter
         assert not task.done() and not task.cancel_requested
         gate.release.set()
@@ -96,6 +96,31 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
 
     ticks, value = asyncio.run(main())
     assert value == "v" and ticks >= 3
+
+
+def test_a_press_while_the_main_thread_waits_for_a_task_says_the_task_goes_on(make_worker, sigint_as_in_a_cell):
+    """■ during ``task.result()`` / ``task.wait()`` in a cell: one line that says the waiting
+    stopped and how to stop the task, not frames of qmagic and threading (found by the
+    notebook tester)."""
+    import signal
+    import threading
+
+    gate = Gate()
+    w = make_worker({"gate": gate})
+    task = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    press = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    press.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            task.result()
+    finally:
+        press.join()
+        gate.release.set()
+    assert info.value._render_traceback_() == [
+        f"KeyboardInterrupt: stopped waiting; the task gate() keeps running (stop it with "
+        f"task.cancel(), or %task_cancel {task.uid[:8]})."]
+    assert task.result(TIMEOUT) is None  # (it went on)
 
 
 def test_polling_a_task_with_a_timeout_leaves_no_callback_behind(make_worker):

@@ -126,10 +126,19 @@ class Task(TaskState):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                if on_main:
-                    left = MAIN_THREAD_WAIT_SLICE if left is None else min(left, MAIN_THREAD_WAIT_SLICE)
-                self._condition.wait(left)
+                if not on_main:
+                    self._condition.wait(left)
+                    continue
+                try:
+                    self._condition.wait(MAIN_THREAD_WAIT_SLICE if left is None
+                                         else min(left, MAIN_THREAD_WAIT_SLICE))
+                except KeyboardInterrupt:  # ■: one line that says the task goes on
+                    raise one_line(KeyboardInterrupt(self._stopped_waiting())) from None
             return True
+
+    def _stopped_waiting(self) -> str:
+        return (f"stopped waiting; the task {self.call_text(40)} keeps running (stop it with "
+                f"task.cancel(), or %task_cancel {self.uid[:8]}).")
 
     def result(self, timeout: float | None = None) -> Any:
         """Return the function's return value, waiting up to ``timeout`` seconds.
@@ -208,6 +217,8 @@ class Task(TaskState):
             self.add_done_callback(wake)
             try:
                 yield from waiter.__await__()
+            except asyncio.CancelledError:  # (■ in a cell, a timeout): the waiting only
+                raise one_line(asyncio.CancelledError(self._stopped_waiting())) from None
             finally:  # the awaiting coroutine was cancelled: no callback left behind per wait
                 self._forget_done_callback(wake)
         # The outcome is raised here, not through the waiter: no asyncio frames in the way.
