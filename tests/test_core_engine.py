@@ -433,3 +433,29 @@ def test_finished_tasks_with_deadlines_are_not_kept_by_their_timers(make_worker)
     gc.collect()
     assert sum(r() is not None for r in refs) <= 2, "finished tasks' results are still alive"
     assert len(w.engine.timers._heap) < 4096 + 1024
+
+
+def test_a_thread_blocked_where_a_forced_cancel_cannot_reach_is_left_to_it(make_worker):
+    """A background task blocked in C (a lock wait without timeout): a forced cancel cannot
+    land, and its thread stayed taken for good — with every thread taken so, later tasks
+    waited for ever, also after environment_destroy (found by the remote tester).  Its
+    thread is left to it and the others get another one; it counts again when it returns."""
+    release, returned = threading.Event(), threading.Event()
+
+    def blocked():
+        try:
+            release.wait()
+        finally:
+            returned.set()
+
+    w = make_worker({"blocked": blocked, "add": lambda a, b: a + b},
+                    max_background_tasks=1, cancel_grace_s=0.05)
+    stuck = w.submit("blocked")
+    eventually(lambda: stuck.status is TaskStatus.RUNNING)
+    w.cancel(stuck, force=True)
+    assert w.submit("add", (1, 2)).result(TIMEOUT) == 3  # (another thread)
+    assert not stuck.done()
+    release.set()
+    assert returned.wait(TIMEOUT) and stuck.wait(TIMEOUT) and stuck.status is TaskStatus.CANCELLED
+    eventually(lambda: not w.engine._pool._stuck, what="the thread counts again")
+    assert w.submit("add", (2, 3)).result(TIMEOUT) == 5

@@ -347,6 +347,16 @@ class JobRunner:
                 "qmagic: %s (task %s) did not stop within %.1f s; stopping it by force.",
                 task.call_text(40), task.uid[:8], self.engine.cancel_grace_s,
             )
+            if task.background and not job.coroutine:
+                self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._left_to(job))
+
+    def _left_to(self, job: Job) -> None:
+        """A forced cancel did not land (the code is blocked in C): its thread is left to it."""
+        if not job.task.done():
+            log.warning("qmagic: %s (task %s) is blocked where it cannot be stopped; its thread is "
+                        "left to it and other tasks get another one.", job.task.call_text(40),
+                        job.task.uid[:8])
+            self.engine._pool.leave_to(job)
 
     def interrupt(self, job: Job) -> str:
         """KeyboardInterrupt into the foreground task's code (at most one per task)."""

@@ -60,6 +60,9 @@ class ThreadPool:
         self._taken = 0  # jobs taken by threads so far (never runs ahead of the truth)
         self._check_pending = False
         self._closed = False
+        #: Jobs whose thread is blocked where nothing stops it (see :meth:`leave_to`): their
+        #: threads are not counted against ``max_threads`` until they come back.
+        self._stuck: dict[Any, bool] = {}
 
     @property
     def threads(self) -> int:
@@ -93,7 +96,7 @@ class ThreadPool:
                 if self._threads == 0 and not self._closed:
                     self._spawn_locked()
             return
-        if not self._check_pending and self._threads < self.max_threads:
+        if not self._check_pending and self._threads - len(self._stuck) < self.max_threads:
             with self._lock:
                 arm = not self._check_pending
                 self._check_pending = True
@@ -123,9 +126,9 @@ class ThreadPool:
             if self._closed or waiting <= 0:
                 return
             if self._taken < seq:
-                for _ in range(min(waiting, self.max_threads - self._threads)):
+                for _ in range(min(waiting, self.max_threads - self._threads + len(self._stuck))):
                     self._spawn_locked()
-            if self._threads < self.max_threads:
+            if self._threads - len(self._stuck) < self.max_threads:
                 self._check_pending = True
                 rearm = self._last_put  # the newest job queued so far
         if rearm is not None:
@@ -154,7 +157,22 @@ class ThreadPool:
                 self._run(job)
             except BaseException:  # noqa: BLE001 - e.g. a forced cancel landing late
                 log.debug("qmagic: stray exception after a job ended", exc_info=True)
+            if self._stuck:
+                self._stuck.pop(job, None)  # (back: counted again)
             del job
+
+    def leave_to(self, job: Any) -> None:
+        """``job``'s thread is blocked where nothing can stop it (a forced cancel did not
+        land): leave the thread to it and let the jobs that wait have another one; it counts
+        again once its job returns."""
+        with self._lock:
+            if job in self._stuck or self._closed:
+                return
+            self._stuck[job] = True
+            arm = not self._check_pending and self._jobs.qsize() > 0
+            self._check_pending = self._check_pending or arm
+        if arm:
+            self._schedule_check(self._last_put)
 
     def _wait_for_job(self, me: int) -> Any:
         """Idle: wait for the next job; after ``idle_timeout`` leave, unless this is the
