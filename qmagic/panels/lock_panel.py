@@ -104,7 +104,7 @@ class LockPanel(PanelBase, W.VBox):
     def _read(self) -> tuple[Any, str]:
         """(the current LockState or None, a problem to show or "")."""
         try:
-            return self.worker.lock_state(), ""
+            return self.worker.current_lock(), ""  # (no system call while the file is unchanged)
         except Exception as exc:  # noqa: BLE001 - shown in the panel
             return None, _failed("read the lock", exc, "qmagic.get_worker().lock_state()")
 
