@@ -8,6 +8,7 @@ test_kernel*.py files.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import pytest
@@ -264,6 +265,18 @@ def test_foreground_failure_raises_the_functions_exception(qm, ip):
     # with --wait, a background failure raises too
     with pytest.raises(ValueError, match="bad value 4"):
         line(ip, "function_execute", "-b --wait boom 4")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are Python 3.11+")
+def test_an_exception_group_shows_the_users_frames_only(qm, ip):
+    """IPython cannot format an exception group and falls back to every frame (qmagic's and
+    /tmp/ipykernel paths): the cell shows what %task_result shows (found by the notebook tester)."""
+    ip.run_cell("def grouped():\n    raise ExceptionGroup('grp', [ValueError('a'), TypeError('b')])\n").raise_error()
+    with pytest.raises(ExceptionGroup) as info:  # noqa: F821 - Python 3.11+
+        line(ip, "function_execute", "grouped")
+    shown = "\n".join(info.value._render_traceback_())
+    assert "ExceptionGroup: grp" in shown and "ValueError: a" in shown and "TypeError: b" in shown
+    assert "qmagic" not in shown and "interactiveshell" not in shown
 
 
 def test_foreground_keyboard_interrupt_is_recorded_and_ends_the_cell(qm, ip):

@@ -14,6 +14,7 @@ waiting, and showing a panel.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import traceback
 from typing import Any, Callable, NoReturn
@@ -94,6 +95,10 @@ def _syntax_error(shell: Any, error: SyntaxError, tb: Any) -> ShownSyntaxError:
     return shown
 
 
+#: Exception groups (Python 3.11+), which IPython's formatter cannot show.
+_GROUPS: tuple[type, ...] = tuple(t for t in (getattr(builtins, "BaseExceptionGroup", None),) if t)
+
+
 def settle(shell: Any, task: Task) -> Task:
     """After a foreground task (or ``--wait``): end the cell as calling the function would."""
     __tracebackhide__ = True  # noqa: F841
@@ -109,7 +114,10 @@ def settle(shell: Any, task: Task) -> Task:
         if tb is None or tracebacks.is_internal_frame(tb.tb_frame.f_code.co_filename):
             raise _one_line(error) from None
         formatter = getattr(shell, "InteractiveTB", None)
-        if formatter is not None:
+        if isinstance(error, _GROUPS):  # (IPython falls back to showing every frame)
+            text = tracebacks.traceback_text(error)  # (the user's frames, as %task_result)
+            _render_once(error, lambda: text.rstrip("\n").split("\n"))
+        elif formatter is not None:
             _render_once(error, lambda: formatter.structured_traceback(type(error), error, tb))
         raise error.with_traceback(tb)
     return task
