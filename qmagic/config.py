@@ -152,8 +152,8 @@ class QMagic(Configurable):
     journal_pending_limit = Int(
         100_000, min=100, max=100_000_000,
         help="Events (about 3 per task: queued, started, ended) the experiment log keeps in memory "
-        "while it cannot write to disk (disk full, read-only folder); beyond that they are "
-        "dropped and counted (see %tasks --history).",
+        "while it cannot write to disk (disk full, read-only folder), and as many again for "
+        "tasks' ends; beyond that they are dropped and counted (see %tasks --history).",
     ).tag(config=True)
     journal_summary_chars = Int(
         2000, min=40, max=1_000_000,

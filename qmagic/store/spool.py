@@ -135,7 +135,8 @@ class Spool:
     def put_slow(self, line: bytes) -> None:
         """Append ``line`` when the fast ``out.write`` failed: rotate to the next segment (the
         line goes into it before other threads can fill it), or keep it in ``held`` when no
-        segment can be made (or drop it when ``held`` is full)."""
+        segment can be made (or drop it when ``held`` is full: ``pending_limit`` lines, and
+        as many again for tasks' ends)."""
         with self.lock:
             if self.closed:
                 next(self.dropped)
@@ -157,7 +158,10 @@ class Spool:
                     disk_refused = True
             if not disk_refused and self._rotate(line):
                 return
-            if len(self.held) < self.pending_limit:
+            # A task's end may use as much room again: it completes a record whose earlier
+            # lines are kept (dropping it turned a task that ended into one "the kernel
+            # stopped while it ran"), and alone it is a whole record.
+            if len(self.held) < self.pending_limit * (2 if line.startswith(b"[3,") else 1):
                 self.held.append(line)
             else:
                 next(self.dropped)
