@@ -621,13 +621,16 @@ SCRIPTS = [
     md("""
     The same rules apply to the Python API (`w.submit(..., user_group="students")`) and to
     remote clients. Remove the rules again: qmagic's default rules apply, which know the
-    groups `root` and `primary` only — so the `students` group may run nothing, and
+    groups `root` and `primary` only — so the `students` group is refused as unknown, and
     `primary` runs every function again:
     """),
     code("""
     w.user_group_permissions_file = None
-    print("students:", sorted(w.functions_available("students")))
     print("primary: ", sorted(w.functions_available("primary")))
+    try:
+        w.functions_available("students")
+    except qmagic.RequestRefused as exc:
+        print("students:", exc)
     """),
     md("""
     Next: [4 locking for a hutch entry](04-locking-for-hutch-entry.ipynb).
