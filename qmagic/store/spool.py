@@ -200,17 +200,22 @@ class Spool:
         return True
 
     # ---- for the writer thread ------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self) -> bool:
         """Make sure a segment is current and a spare is ready when the current one is half
-        full; move held lines into the spool.  Raises OSError/StateFileError on failure."""
+        full; move held lines into the spool.  True when the spool's files were found deleted
+        (by hand?): what they hold survives no crash, so the caller stores it at once.
+        Raises OSError/StateFileError on failure."""
         if self.closed:
-            return
+            return False
+        deleted = False
         if not self.files.lock_intact():
+            deleted = self.files.lock_fd is not None  # (held, and its file is gone)
             self.files.unlock(remove=False)
             ensure_state_dir(self.files.folder)
             self.files.lock()
         current = self.current
         if current is not None and current.fd >= 0 and os.fstat(current.fd).st_nlink == 0:
+            deleted = True
             with self.lock:  # its file was deleted (by hand?): what is written there would not
                 self.out = None  # survive a crash; the next lines go to a new segment
         need_spare = self.spare is None and (
@@ -221,7 +226,7 @@ class Spool:
                 if self.closed:
                     seg.close()
                     os.unlink(seg.path)
-                    return
+                    return deleted
                 if self.current is None or self.out is None:
                     self._install(seg)
                 elif self.spare is None:
@@ -240,6 +245,7 @@ class Spool:
                             raise OSError(f"cannot write the spool: {self.fault}") from None
                     self.held.popleft()
         self.fault, self.retry_at = None, 0.0
+        return deleted
 
     def close_full(self) -> list[Segment]:
         """Close every segment that is not current for writing; return all segments."""

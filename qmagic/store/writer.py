@@ -206,7 +206,11 @@ class Writer:
         retry = now >= self.faults.retry_at or flush
         if retry or "spool" not in self.faults.kinds:
             try:
-                self.spool.prepare()
+                if self.spool.prepare():  # (its files were deleted: store what they hold now)
+                    flush = True
+                    _log.warning("qmagic: the experiment log's spool files in %s were deleted while "
+                                 "this kernel ran; what they held is being stored now and new "
+                                 "ones are made.", self.path.parent)
                 self.faults.fixed("spool")
             except _ERRORS as exc:
                 self.failed("spool", exc)
