@@ -114,6 +114,13 @@ class Faults:
             self._backoff = 0.0
 
 
+def _spool_deleted(folder: Path) -> bool:
+    """Say that the spool's files were deleted (one warning); True: store what they held now."""
+    _log.warning("qmagic: the experiment log's spool files in %s were deleted while this kernel "
+                 "ran; what they held is being stored now and new ones are made.", folder)
+    return True
+
+
 def _moved_aside(path: Path, db_id: tuple[int, int] | None, exc: BaseException) -> bool:
     """Move the damaged database aside, with one warning; False if it was not moved."""
     moved = set_aside(path, db_id)
@@ -207,10 +214,7 @@ class Writer:
         if retry or "spool" not in self.faults.kinds:
             try:
                 if self.spool.prepare():  # (its files were deleted: store what they hold now)
-                    flush = True
-                    _log.warning("qmagic: the experiment log's spool files in %s were deleted while "
-                                 "this kernel ran; what they held is being stored now and new "
-                                 "ones are made.", self.path.parent)
+                    flush = _spool_deleted(self.path.parent)
                 self.faults.fixed("spool")
             except _ERRORS as exc:
                 self.failed("spool", exc)
