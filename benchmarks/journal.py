@@ -18,6 +18,14 @@ order alternates from round to round; medians over rounds):
   per 100k tasks, the mean of two measurements per worker (order off, on, on, off);
   ``log_mb`` = on - off is what the log adds                        [target: log_mb <= 15]
 
+``floor``: what the task path must pay at the least for the log's invariants with
+``write(2)``: a worker with the log off and, through the engine's observer hook, an observer
+that only appends three pre-encoded lines per task (queued, started, ended: uid durable
+before the caller sees it, the start before the code runs, the end before waiters wake)
+with the log's own one-``write`` append, and nothing else (no encoding, no SQLite).  Its
+latency and burst ratios against the same baseline bound what any log that writes that way
+can reach on this machine; they are reported, not targets.
+
 The log of the "on" worker must hold every task, completed, once it is closed (``records``:
 nothing else, nothing dropped), and an idle log must store what waits within 10 s
 (``log_stalls`` counts the times it did not), or ``targets_met`` is false.  Another benchmark,
@@ -42,11 +50,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import orjson  # noqa: E402
 import placement  # noqa: E402  (benchmarks/placement.py)
 from traitlets.config import Config
 
 from qmagic import Worker
 from qmagic.store.database import database_path
+from qmagic.store.records import RecordEncoder
+from qmagic.store.segments import AppendFile
 
 THREADS = 32
 TARGETS = {"latency_ratio_max": 1.2, "burst_ratio_min": 0.8, "log_rss_mb_per_100k_max": 15.0}
@@ -67,13 +78,61 @@ def make_worker(state_dir: str, log_on: bool, queue: int, **settings) -> Worker:
     return Worker({"noop": noop}, config=config)
 
 
-def latency_side(root: str, log_on: bool) -> placement.Side:
-    """A worker with one background thread and its own state folder, for placement.compare."""
+class AppendsOnly:
+    """The floor (see the module docstring): one durable append per task event, no more.
+    An observer of the engine (``qmagic.core.engine.TaskObserver``)."""
+
+    def __init__(self, path: str, lines: tuple[bytes, bytes, bytes]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.out = AppendFile(fd, 1 << 40, 0)
+        self.queued, self.started, self.ended = lines
+
+    def task_submitted(self, task) -> None:
+        self.out.write(self.queued)
+
+    def task_started(self, task) -> None:
+        self.out.write(self.started)
+
+    def task_finished(self, task, record) -> None:
+        self.out.write(self.ended)
+
+    def close(self) -> None:
+        os.close(self.out.fd)
+
+
+def record_lines(worker: Worker) -> tuple[bytes, bytes, bytes]:
+    """The log's three lines of a real no-op task (queued, started, ended)."""
+    task = worker.submit("noop")
+    task.result(30)
+    encoder, record = RecordEncoder(), task.to_dict()
+    queued = encoder.encode(dict(record, status="queued", started_at=None, finished_at=None))
+    started = orjson.dumps([2, task.uid, task.started_at], option=orjson.OPT_APPEND_NEWLINE)
+    return queued, started, encoder.encode(record, final=True)
+
+
+def with_floor(worker: Worker, path: str) -> Worker:
+    """``worker`` (log off) with an :class:`AppendsOnly` observer; it closes with the worker."""
+    observer = AppendsOnly(path, record_lines(worker))
+    worker.engine.observers.append(observer)
+    close = worker.close
+
+    def close_both() -> None:
+        close()
+        observer.close()
+    worker.close = close_both  # type: ignore[method-assign]
+    return worker
+
+
+def latency_side(root: str, mode: str) -> placement.Side:
+    """A worker with one background thread and its own state folder, for placement.compare;
+    ``mode``: "off", "on" or "floor"."""
     made = iter(range(10**6))
 
     def make():
-        worker = make_worker(os.path.join(root, f"{'on' if log_on else 'off'}-{next(made)}"),
-                             log_on, 1000, max_background_tasks=1)
+        folder = os.path.join(root, f"{mode}-{next(made)}")
+        worker = make_worker(folder, mode == "on", 1000, max_background_tasks=1)
+        if mode == "floor":
+            with_floor(worker, folder + ".floor")
         return (lambda: worker.submit("noop").result(30)), worker.close
     return make
 
@@ -160,17 +219,20 @@ def main() -> int:
     queue = max(args.burst, 10_000) + 1000
     with tempfile.TemporaryDirectory(prefix="qmagic-bench-") as tmp:
         workers = {"off": make_worker(os.path.join(tmp, "off"), False, queue),
-                   "on": make_worker(os.path.join(tmp, "on"), True, queue)}
+                   "on": make_worker(os.path.join(tmp, "on"), True, queue),
+                   "floor": with_floor(make_worker(os.path.join(tmp, "floor"), False, queue),
+                                       os.path.join(tmp, "floor.lines"))}
         ran = 0  # tasks run by the "on" worker
         try:
-            lat = placement.compare(latency_side(tmp, False), latency_side(tmp, True),
-                                    args.latency)
+            lat = placement.compare(latency_side(tmp, "off"), latency_side(tmp, "on"), args.latency)
+            floor_lat = placement.compare(latency_side(tmp, "off"), latency_side(tmp, "floor"),
+                                          args.latency, aa=False)
             for w in workers.values():  # warm up: threads, caches, the database
                 burst(w, 4 * THREADS * 20)
             ran += 4 * THREADS * 20
-            rate: dict[str, list[float]] = {"off": [], "on": []}
+            rate: dict[str, list[float]] = {"off": [], "on": [], "floor": []}
             for rnd in range(args.rounds):
-                order = ("off", "on") if rnd % 2 == 0 else ("on", "off")
+                order = ("off", "on", "floor") if rnd % 2 == 0 else ("floor", "on", "off")
                 for mode in order:
                     settle(workers[mode])  # (the previous burst's records stored first)
                     rate[mode].append(burst(workers[mode], args.burst))
@@ -206,6 +268,9 @@ def main() -> int:
         "records": {"ran": ran, "completed_in_log": records.get("completed", 0),
                     "other_in_log": sum(records.values()) - records.get("completed", 0),
                     "pending_before_close": health["pending"], "dropped": health["dropped"]},
+        "floor": {"latency_ratio": floor_lat.pop("ratio"),
+                  "latency": {p: floor_lat[p] for p in placement.PLACEMENTS},
+                  "burst_ratio": round(med_rate["floor"] / med_rate["off"], 3)},
         "log_stalls": STALLS[0],
         "rounds": args.rounds,
         "load_average": round(os.getloadavg()[0], 1),

@@ -623,6 +623,32 @@ out["count"] = len(j.records())
 j.close()
 """
 
+DISK_FREED_IN_PART = """
+j = Journal(folder, "lab-1", pending_limit=1_000_000)
+calls(j, "before", 100)
+out["stored_before"] = j.flush(10)
+filler = os.path.join(folder, "filler")
+with open(filler, "wb") as f:
+    try:
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    except OSError as exc:
+        out["fill_error"] = exc.errno
+calls(j, "during", 6000)
+out["health_during"] = wait_unhealthy(j)
+os.truncate(filler, os.path.getsize(filler) - (1 << 20))  # 1 MB freed: less than what waits
+deadline = time.monotonic() + 30
+while j.health()["pending"] >= out["health_during"]["pending"] and time.monotonic() < deadline:
+    j.flush(0.2)
+out["health_part"] = j.health()
+os.remove(filler)
+out["stored_after"] = j.flush(30)
+out["health_after"] = j.health()
+out["count"] = len(j.records())
+j.close()
+"""
+
 READ_ONLY = """
 subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
 j = Journal(folder, "lab-1")
@@ -679,6 +705,22 @@ def test_disk_full_keeps_calls_fast_then_stores_everything(tmp_path):
     assert len(warnings_) == 1, out["messages"]  # one per episode (spool and database both fail)
     assert out["health_after"]["last_error"] is None
     assert any("works again" in m for _, m in out["messages"])
+
+
+def test_room_freed_during_a_disk_full_goes_to_the_database_first(tmp_path):
+    # Found by a hostile test: the writer moved the records waiting in memory back into
+    # spool files first, which took all the room freed, so the database never got any and
+    # the log stayed stuck until more than the whole backlog was freed.
+    out = in_namespace(tmp_path, DISK_FREED_IN_PART, "8m")
+    assert out["stored_before"] and out["fill_error"] == 28, out
+    during, part = out["health_during"], out["health_part"]
+    assert not during["ok"] and during["pending"] >= 3 * 6000 * 0.9, during
+    assert part["pending"] < during["pending"], (during, part)  # stored with the room freed
+    assert not part["ok"]  # (still catching up: the episode goes on)
+    assert out["stored_after"] and out["health_after"]["pending"] == 0, out
+    assert out["count"] == 6100 and out["health_after"]["dropped"] == 0
+    warnings_ = [m for level, m in out["messages"] if level == "WARNING" and "could not" in m]
+    assert len(warnings_) == 1, out["messages"]  # one episode, however many small commits
 
 
 def test_read_only_folder_keeps_calls_fast_then_stores_everything(tmp_path):

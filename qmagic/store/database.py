@@ -21,7 +21,7 @@ ignored), so the database, ``-wal`` and ``-shm`` paths are checked with
 by :func:`~qmagic.store.files.open_state_file` (mode 0600), never by SQLite.
 
 A damaged database (SQLite's "malformed" or "not a database", or a file cut short under a
-running kernel) never heals: the writer moves it aside (:func:`set_aside`, kept with its
+running kernel) never heals: the writer moves it aside (:func:`~qmagic.store.faults.set_aside`, kept with its
 records) and starts a new one.  Nothing here opens the database file other than through
 SQLite: closing another descriptor of it would drop this process's POSIX locks on it.
 SQLite maps the WAL index (``-shm``) into memory, shared by the kernels of the log: a
@@ -144,58 +144,6 @@ def file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
-
-
-class DatabaseDamaged(StateFileError):
-    """The database file was cut short under a running kernel."""
-
-
-def check_intact(path: Path) -> None:
-    """Raise :class:`DatabaseDamaged` when the database file at ``path`` was cut short (a
-    database with tables is never smaller than one page).  SQLite itself notices only when
-    it reads a page it lost, and meanwhile commits into a file that cannot be read back.
-
-    Only ``stat``: opening and closing the file here would release this process's POSIX locks
-    on it, which SQLite's connections rely on (other writers would then corrupt it)."""
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StateFileError(f"Cannot read the experiment log {str(path)!r}: {exc}.") from exc
-    if size < 512:
-        raise DatabaseDamaged(f"the file {str(path)!r} was cut short ({size} bytes)")
-
-
-def damaged(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database file is damaged (SQLite's CORRUPT or NOTADB: "database
-    disk image is malformed", "file is not a database", or :class:`DatabaseDamaged`), not
-    merely busy or unwritable."""
-    if isinstance(exc, DatabaseDamaged):
-        return True
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and isinstance(code, int) and code & 0xFF in (11, 26)
-
-
-def set_aside(path: Path, expected: tuple[int, int] | None) -> Path | None:
-    """Move a damaged database (and its ``-wal`` and ``-shm``) aside as
-    ``<name>.damaged-<time>``; return the new path, or None when the file there is no longer
-    the one found damaged (another kernel moved it and started a new one) or cannot be moved."""
-    if expected is None or file_id(path) != expected:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = path.with_name(f"{path.name}.damaged-{stamp}"), 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
-    try:
-        os.rename(path, target)
-    except OSError:
-        return None
-    for suffix in ("-wal", "-shm"):  # (never to be applied to the new database)
-        with suppress(OSError):
-            os.rename(f"{path}{suffix}", f"{target}{suffix}")
-    return target
 
 
 def _check_paths(path: Path) -> None:

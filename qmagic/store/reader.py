@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from .database import connect, damaged, file_id, select_rows, uid_bounds
+from .database import connect, file_id, select_rows, uid_bounds
+from .faults import damaged
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
 __all__ = ["Filters", "LogReader", "merge_state", "state_record"]

@@ -24,37 +24,37 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sqlite3
 import threading
 import time
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import StateFileError
 from .database import (
     SCHEMA_VERSION,
-    check_intact,
     connect,
-    damaged,
     ensure_schema,
     file_id,
     mark_orphans,
     retention,
     rows_from_lines,
-    set_aside,
     transaction,
     upsert_session,
     write_rows,
     write_started,
 )
+from .faults import Faults, check_intact, damaged, disk_full, moved_aside, spool_deleted
 from .files import ensure_state_dir
 from .legacy import import_legacy
 from .records import warn_once
 from .recovery import recover
 from .spool import Spool, Waker
 
-__all__ = ["MAX_DELAY_S", "QUIET_S", "Faults", "Writer"]
+__all__ = ["MAX_DELAY_S", "QUIET_S", "Writer"]
 
 _log = logging.getLogger("qmagic.store.journal")
 
@@ -62,72 +62,66 @@ QUIET_S = 0.02  # commit once the spool has not grown for this long ...
 MAX_DELAY_S = 2.0  # ... or this long after the first uncommitted event
 IDLE_POLL_S = 0.25  # how often an idle writer looks at the spool
 BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks for other kernels)
+MIN_BATCH_BYTES = 64 << 10  # ... down to this after the database found the disk full
 RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
-_BACKOFF = (0.05, 5.0)
 _ERRORS = (sqlite3.Error, OSError, StateFileError)
 
 
-class Faults:
-    """Fault episodes of one log: ONE warning when an episode starts (whichever of the
-    spool or the database fails first; a disk-full usually stops both), one info line when
-    everything works again, back-off between retries meanwhile."""
-
-    def __init__(self, path: Path, pending_limit: int) -> None:
-        self.path, self.pending_limit = path, pending_limit
-        self.kinds: dict[str, float] = {}  # kind -> since (monotonic)
-        self.last_error: str | None = None
-        self.retry_at = 0.0
-        self._backoff = 0.0
-
-    def failed(self, kind: str, exc: BaseException) -> None:
-        """Note a failure: a warning if it starts an episode; back off."""
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if kind not in self.kinds:
-            first = not self.kinds
-            self.kinds[kind] = time.monotonic()
-            if not first:
-                _log.info("experiment log: the %s cannot be written either (%s).", kind, self.last_error)
-            elif kind == "spool":
-                _log.warning("qmagic could not write the experiment log's spool in %s (%s). Tasks run "
-                             "at normal speed; their records wait in memory (at most %d) until the "
-                             "folder can be written again: check disk space and permissions "
-                             "(QMagic.state_dir).", self.path.parent, self.last_error, self.pending_limit)
-            else:
-                _log.warning("qmagic could not write the experiment log %s (%s). Tasks run at normal "
-                             "speed; their records are kept and written when the database can be "
-                             "written again (disk full? read-only folder? another program holding "
-                             "the database?).", self.path, self.last_error)
-        else:
-            _log.debug("experiment log: %s still failing: %s", kind, self.last_error)
-        self._backoff = min(max(self._backoff * 2, _BACKOFF[0]), _BACKOFF[1])
-        self.retry_at = time.monotonic() + self._backoff
-
-    def fixed(self, kind: str) -> None:
-        """Note a success of ``kind``; the episode ends when nothing fails any more."""
-        if self.kinds.pop(kind, None) is not None and not self.kinds:
-            _log.info("qmagic's experiment log works again; what waited is being stored.")
-            self.last_error = None
-        if not self.kinds:
-            self._backoff = 0.0
+def _room_for(spool: Spool, folder: Path) -> bool:
+    """Whether the disk has room for the lines waiting in memory and as much again, plus
+    BATCH_BYTES: only then may they go back through the spool while the database finds the
+    disk full (else its files would take the room the database needs)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    waiting = sum(map(len, list(itertools.islice(spool.held, len(spool.held)))))
+    return st.f_bavail * st.f_frsize > 2 * waiting + BATCH_BYTES
 
 
-def _spool_deleted(folder: Path) -> bool:
-    """Say that the spool's files were deleted (one warning); True: store what they held now."""
-    _log.warning("qmagic: the experiment log's spool files in %s were deleted while this kernel "
-                 "ran; what they held is being stored now and new ones are made.", folder)
-    return True
+@dataclass
+class _Batch:
+    """What one transaction stores (see :func:`_gather`)."""
+
+    rows: dict[str, tuple] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    bad: list[int] = field(default_factory=list)
+    reads: list[tuple[Any, int, int]] = field(default_factory=list)  # (segment, begin, bytes)
+    held: int = 0  # lines taken from the left of the spool's ``held`` queue
+    complete: bool = True  # nothing uncommitted is left out
 
 
-def _moved_aside(path: Path, db_id: tuple[int, int] | None, exc: BaseException) -> bool:
-    """Move the damaged database aside, with one warning; False if it was not moved."""
-    moved = set_aside(path, db_id)
-    if moved is not None:
-        _log.warning("qmagic: the experiment log %s is damaged (%s); it was moved aside to %s "
-                     "(the records it held are there) and a new one is started.", path, exc, moved.name)
-    return moved is not None
+def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget: int) -> _Batch:
+    """Fold about ``budget`` bytes of uncommitted lines into rows: first the lines waiting
+    in memory (``held``: a SIGKILL would lose them, and during a disk-full they go straight
+    to the database, never back through the spool, whose files would take the room the
+    database needs), then the spool's segments, oldest first."""
+    out = _Batch()
+    # (a copy, in one C call: what waits stays visible to readers until it is committed)
+    waiting = list(itertools.islice(spool.held, len(spool.held)))
+    for line in waiting:
+        if budget <= 0:
+            out.complete = False
+            break
+        out.held += 1
+        budget -= len(line)
+    if out.held:
+        rows_from_lines(b"".join(waiting[:out.held]), session, now, out.rows, out.bad, out.started)
+    for seg in segments:
+        if budget <= 0:
+            out.complete = False
+            break
+        data, begin, more = seg.read_new(budget)
+        if data:
+            rows_from_lines(data, session, now, out.rows, out.bad, out.started)
+            out.reads.append((seg, begin, len(data)))
+            budget -= len(data)
+        if more:  # more lines wait in this segment: this cycle is not complete
+            out.complete, budget = False, 0
+    return out
 
 
 class Writer:
@@ -142,6 +136,8 @@ class Writer:
         self.wake = Waker()
         self.ready = threading.Event()
         self.cycles = 0  # commit cycles started
+        self.batch = BATCH_BYTES  # bytes per transaction now (less after a disk-full)
+        self.db_full = False  # the database's last write failed for lack of space
         self.clean = 0  # the latest cycle that left nothing behind
         self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
         self._flush_served = 0.0
@@ -168,8 +164,10 @@ class Writer:
             if conn is not None:
                 with suppress(sqlite3.Error):
                     conn.close()
-            if _moved_aside(self.path, db_id or self._db_id, exc):
+            if moved_aside(self.path, db_id or self._db_id, exc):
                 return  # (reopened by the next step, at once)
+        if kind == "database" and disk_full(exc):  # smaller transactions fit in freed room
+            self.db_full, self.batch = True, max(self.batch // 4, MIN_BATCH_BYTES)
         self.faults.failed(kind, exc)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -213,8 +211,9 @@ class Writer:
         retry = now >= self.faults.retry_at or flush
         if retry or "spool" not in self.faults.kinds:
             try:
-                if self.spool.prepare():  # (its files were deleted: store what they hold now)
-                    flush = _spool_deleted(self.path.parent)
+                move = not self.db_full or _room_for(self.spool, self.path.parent)
+                if self.spool.prepare(move_held=move):  # (its files were deleted: store them now)
+                    flush = spool_deleted(self.path.parent)
                 self.faults.fixed("spool")
             except _ERRORS as exc:
                 self.failed("spool", exc)
@@ -307,53 +306,40 @@ class Writer:
             raise StateFileError(f"Cannot start a new experiment log at {str(self.path)!r}.")
 
     def _commit(self) -> bool:
-        """One transaction of what is uncommitted (at most BATCH_BYTES of the spool); True if
-        it left nothing behind.  Raises on failure (everything stays to be retried)."""
+        """One transaction of what is uncommitted (at most ``batch`` bytes); True if it left
+        nothing behind.  Raises on failure (everything stays to be retried)."""
         self._same_database()
         assert self.conn is not None
         self.cycles += 1
         cycle, pos, now = self.cycles, self._position(), time.time()
         segments = self.spool.close_full()
-        # (a copy: what waits stays visible to readers until it is committed)
-        held = list(itertools.islice(self.spool.held, len(self.spool.held)))
-        rows: dict[str, tuple] = {}
-        started: dict[str, float] = {}
-        bad: list[int] = []
-        reads, budget = [], BATCH_BYTES
-        for seg in segments:
-            data, begin, more = seg.read_new(budget)
-            if data:
-                rows_from_lines(data, self.session, now, rows, bad, started)
-                reads.append((seg, begin, len(data)))
-                budget -= len(data)
-            if more:  # more lines wait in this segment: this cycle is not complete
-                budget = 0
-            if budget <= 0:
-                break
-        if held:
-            rows_from_lines(b"".join(held), self.session, now, rows, bad, started)
-        late = list(started.items())  # tasks already in the database that started meanwhile
-        if rows or late or reads:
+        batch = _gather(self.spool, segments, self.session, now, self.batch)
+        rows, late = batch.rows, list(batch.started.items())  # (late: rows stored already)
+        if rows or late or batch.reads:
             with transaction(self.conn) as conn:
                 write_rows(conn, rows.values())
                 write_started(conn, late, self.session)
                 upsert_session(conn, self.session, last_seen=now, state="live")
-            self.faults.fixed("database")  # (only a write ends a fault: an empty cycle proves nothing)
-        for _ in range(len(held)):  # only this thread removes from the left
+            # Only a write ends a fault (an empty cycle proves nothing); after a disk-full,
+            # only once nothing waits (the room freed may be less than what waited).
+            self.batch = min(self.batch * 2, BATCH_BYTES)
+            if batch.complete or not self.db_full:
+                self.db_full = False
+                self.faults.fixed("database")
+        for _ in range(batch.held):  # only this thread removes from the left
             self.spool.held.popleft()
-        for seg, begin, n in reads:
+        for seg, begin, n in batch.reads:
             seg.advance(begin, n)
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)
         self.rows_written += len(rows)
-        if bad:
-            warn_once("spool-lines", f"qmagic experiment log: skipped {len(bad)} damaged spool line(s).")
-        complete = budget > 0
-        if complete:
+        if batch.bad:
+            warn_once("spool-lines", f"qmagic experiment log: skipped {len(batch.bad)} damaged spool line(s).")
+        if batch.complete:
             self._committed_pos, self._dirty_since = pos, None
             self.clean = cycle
-        return complete
+        return batch.complete
 
     # ---- flush and close ----------------------------------------------------------------------
     def _take_flush(self) -> bool:
