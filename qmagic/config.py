@@ -43,6 +43,14 @@ class QMagic(Configurable):
         1000, min=1, max=10_000_000,
         help="At most this many finished tasks are kept in memory (oldest leave first).",
     ).tag(config=True)
+    max_finished_task_bytes = Int(
+        256_000_000, min=0, max=1_000_000_000_000,
+        help="Bytes of remote requests (function_execute arguments, script_upload scripts) that "
+        "finished tasks may hold in memory in all: beyond, the oldest of those tasks leave "
+        "memory (the experiment log keeps them); the newest always stays, so they hold at most "
+        "about this plus one request. The objects decoded from a request may take a few times "
+        "its bytes.",
+    ).tag(config=True)
     task_output_limit = Int(
         100_000, min=1, max=100_000_000,
         help="Characters of captured output (and of captured log text) kept per task; "

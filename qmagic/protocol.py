@@ -51,8 +51,10 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": "", "config": {"ip_connect_info": info}}
 
     # -- tasks -------------------------------------------------------------------------------------
-    def function_execute(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
-        """queueserver ``function_execute``: start a namespace function as a task; returns its uid."""
+    def function_execute(self, params: dict, *, client: str | None = None, request_bytes: int = 0,
+                         **who: Any) -> dict:
+        """queueserver ``function_execute``: start a namespace function as a task; returns its
+        uid.  ``request_bytes``: the request's size (finished tasks' memory is bounded by it)."""
         item = params.get("item")
         try:
             lock_key = _lock_key(params)
@@ -60,7 +62,7 @@ class QueueserverProtocol(GuiMethods):
             task = self.worker.submit(
                 name, args, kwargs, background=_flag(params, "run_in_background", False),
                 user=params.get("user"), user_group=params.get("user_group"), lock_key=lock_key,
-                origin="remote", strict_json=True, client=client,
+                origin="remote", strict_json=True, client=client, payload_bytes=request_bytes,
             )
         except RequestRefused as exc:
             msg = str(exc)  # queueserver's handler prefixes every refusal of this method
@@ -72,7 +74,8 @@ class QueueserverProtocol(GuiMethods):
             reply_item = {"item_type": item["item_type"], **reply_item}
         return {"success": True, "msg": "", "item": reply_item, "task_uid": task.uid}
 
-    def script_upload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
+    def script_upload(self, params: dict, *, client: str | None = None, request_bytes: int = 0,
+                      **who: Any) -> dict:
         """queueserver ``script_upload``: run a script in the namespace as a task (all or nothing)."""
         try:
             lock_key = _lock_key(params)
@@ -86,7 +89,7 @@ class QueueserverProtocol(GuiMethods):
                 update_re=_flag(params, "update_re", False),
                 background=_flag(params, "run_in_background", False), lock_key=lock_key,
                 user=params.get("user"), user_group=params.get("user_group"),
-                origin="remote", client=client,
+                origin="remote", client=client, payload_bytes=request_bytes,
             )
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), "task_uid": None}

@@ -49,6 +49,7 @@ _ENGINE_SETTINGS = {
     "max_queued_tasks": "max_queued",
     "task_retention_s": "retention_s",
     "max_finished_tasks": "max_finished",
+    "max_finished_task_bytes": "max_finished_bytes",
     "task_output_limit": "output_limit",
     "cancel_grace_s": "cancel_grace_s",
 }
@@ -158,6 +159,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self.engine = Engine(
             max_background=self.max_background_tasks, max_queued=self.max_queued_tasks,
             retention_s=self.task_retention_s, max_finished=self.max_finished_tasks,
+            max_finished_bytes=self.max_finished_task_bytes,
             output_limit=self.task_output_limit, cancel_grace_s=self.cancel_grace_s,
             foreground=foreground, loops=EventLoops(self.async_loop),
             on_cancel=self._cancel_from_handle,
@@ -220,7 +222,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         timeout: float | None = None,
         origin: str = "python",
         strict_json: bool = False,
-        client: str | None = None,
+        client: str | None = None, payload_bytes: int = 0,
     ) -> Task:
         """Start ``target(*args, **kwargs)`` as a tracked task and return its :class:`Task`.
 
@@ -230,7 +232,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         worker thread; ``False`` in the foreground (inline when called on the foreground
         owner thread, i.e. in a cell; otherwise handed to it).  ``async def`` functions run
         on the event loop (``QMagic.async_loop``).  ``timeout``: seconds the task may run;
-        then it is cancelled ("deadline of N s passed").  Refusals raise
+        then it is cancelled ("deadline of N s passed").  ``payload_bytes``: the remote
+        request's size (see ``Task.payload_bytes``).  Refusals raise
         :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
         """
         if isinstance(target, str):
@@ -275,6 +278,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
                 call, name=name, args=args, kwargs=kwargs, user=user, user_group=user_group,
                 background=bool(background), origin=origin, timeout=timeout,
                 provenance=self.provenance_source(), coroutine=coroutine,
+                payload_bytes=payload_bytes,
             )
         except RequestRefused as exc:
             raise self._refusal(exc, origin) from None
@@ -292,13 +296,14 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         user: str | None = None,
         user_group: str | None = None,
         origin: str = "python",
-        client: str | None = None,
+        client: str | None = None, payload_bytes: int = 0,
     ) -> Task:
         """Run ``script`` in the namespace as a task (all or nothing; see
         :mod:`qmagic.scripts`).  ``name`` labels it everywhere (e.g. its file name).
         On success ``task.namespace_changes`` lists the names added, changed and removed;
         the function catalog is refreshed unless ``update_lists`` is False.  Unless
-        ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver)."""
+        ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver).
+        ``payload_bytes``: the size of the remote request that sent the script."""
         if not isinstance(script, str):
             raise TypeError(f"run_script() needs the script's Python code as a str, got "
                             f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes) else "."))
@@ -317,6 +322,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         return self._start(
             call, name=name, kind="script", user=user, user_group=user_group,
             background=bool(background), origin=origin, provenance=self.provenance_source(),
+            payload_bytes=payload_bytes,
         )
 
     def update_environment(self, *, background: bool = False, lock_key: str | None = None,

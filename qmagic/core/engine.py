@@ -8,7 +8,8 @@ It knows nothing about namespaces, protocols or IPython.  It owns
   foreground owner thread, otherwise handed to it (:mod:`qmagic.core.foreground`);
 - coroutine tasks, run on the event loop that :mod:`qmagic.core.loops` picks;
 - cancellation (cooperative, then forced after ``cancel_grace_s``), deadlines, interrupts;
-- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``
+- retention: finished tasks stay ``retention_s`` seconds and at most ``max_finished``, and
+  those carrying a request's size at most ``max_finished_bytes`` in all
   (:mod:`qmagic.core.registry`, which also answers lookups by uid).
 
 Every task is announced to the observers (the experiment log) before its uid leaves
@@ -99,6 +100,7 @@ class Engine(TaskRegistry):
         max_queued: int = 1000,
         retention_s: float = 600.0,
         max_finished: int = 1000,
+        max_finished_bytes: int = 256_000_000,
         output_limit: int = 100_000,
         cancel_grace_s: float = 2.0,
         foreground: ForegroundRunner | None = None,
@@ -108,6 +110,7 @@ class Engine(TaskRegistry):
         self.max_queued = max_queued
         self.retention_s = retention_s
         self.max_finished = max_finished
+        self.max_finished_bytes = max_finished_bytes
         self.output_limit = output_limit
         self.cancel_grace_s = cancel_grace_s
         self.foreground: ForegroundRunner = foreground or ThreadForegroundRunner()
@@ -164,11 +167,14 @@ class Engine(TaskRegistry):
         timeout: float | None = None,
         provenance: dict | None = None,
         coroutine: bool = False,
+        payload_bytes: int = 0,
     ) -> Task:
         """Start ``call()`` as a task and return it.
 
         ``coroutine``: ``call()`` returns an awaitable that runs on the event loop.  A
         thread task whose ``call()`` returns an awaitable is awaited on the loop too.
+        ``payload_bytes``: the size of the remote request that sent the arguments (0: none);
+        finished tasks that carry one hold at most about ``max_finished_bytes`` in all.
         Refusals raise :class:`qmagic.RequestRefused` and leave no trace.  A foreground task
         started on the owner thread has finished when this returns.
         """
@@ -178,6 +184,8 @@ class Engine(TaskRegistry):
             timeout=timeout, provenance=provenance, output_limit=self.output_limit,
             bus=self.bus, on_cancel=self._on_cancel,
         )
+        if payload_bytes:
+            task.payload_bytes = payload_bytes
         job = Job(task, call, coroutine)
         job.tokens = self.context_hooks.capture(task)
         inline = entered = handed = False

@@ -6,6 +6,14 @@ the engine's lock (``_lock``) serialises only the trimming, sweeps and lookups b
 and a finishing task never waits for it.  Finished tasks stay
 ``retention_s`` seconds and at most ``max_finished`` of them (the oldest go first); a timer
 sweeps them even when no new task arrives.
+
+Finished tasks that carry a size (``Task.payload_bytes``: the bytes of the remote request
+that sent their arguments) also leave memory, oldest first, while their sizes sum above
+``max_finished_bytes``; the newest of them always stays (its client may be about to read
+the result), so what they hold is bounded by about the budget plus one request.  The sizes
+are added up without a blocking lock: a finishing task appends ``(uid, size)`` to a deque
+(an atomic append), and whoever holds the lock drains it into the total (``_sized`` and
+``_retained_bytes`` change only under the lock).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import os
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import TaskNotFound
@@ -50,6 +58,7 @@ class TaskRegistry:
 
     retention_s: float
     max_finished: int
+    max_finished_bytes: int
     timers: Timers
     # (the engine's, read by counts())
     _fg: Any
@@ -63,37 +72,91 @@ class TaskRegistry:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()
+        #: Sizes of finished sized tasks not yet counted: appended without the lock.
+        self._sized_inbox: deque[tuple[str, int]] = deque()
+        #: Counted sizes of the sized tasks in ``_finished``, oldest first, and their sum
+        #: (both changed only under ``_lock``).
+        self._sized: OrderedDict[str, int] = OrderedDict()
+        self._retained_bytes = 0
         self._last: Task | None = None
         self._sweep_at: float | None = None
         #: Called with the tasks dropped from memory (retention), outside locks.
         self.on_expire: Callable[[list[Task]], None] | None = None
 
     def _retain(self, job: Job) -> None:
-        """Keep a finished job; the oldest beyond ``max_finished`` leave memory.
+        """Keep a finished job; the oldest beyond ``max_finished`` (and the oldest sized ones
+        beyond ``max_finished_bytes``) leave memory.
 
         Called for every task by the thread that ran it, so it never waits for the lock
         (see "Locks" in :mod:`qmagic.core.engine`): the job is added by one atomic dict
-        operation, and the trimming is done by whoever gets the lock without waiting
-        (a thread that does not get it leaves the trimming to the one that has it, or to
-        the next task).
+        operation (its size by one deque append), and the trimming is done by whoever gets
+        the lock without waiting (a thread that does not get it leaves the trimming to the
+        one that has it, which looks again after releasing it, or to the next task).
         """
         uid = job.task.uid
         if self._jobs.get(uid) is not job:
             return
         self._finished[uid] = job
+        size = job.task.payload_bytes
+        if size:
+            self._sized_inbox.append((uid, size))  # after the job: a drain finds it retained
         if self._sweep_at is None:
             self._sweep_at = time.time() + self.retention_s
             self.timers.schedule(self.retention_s, self._sweep)
-        if len(self._finished) > self.max_finished and self._lock.acquire(False):
-            expired: list[Task] = []
+        while self._over_limits() and self._lock.acquire(False):
             try:
-                while len(self._finished) > self.max_finished:
-                    uid, old = self._finished.popitem(last=False)
-                    self._jobs.pop(uid, None)
-                    expired.append(old.task)
+                expired = self._trim()
             finally:
                 self._lock.release()
             self._expired(expired)
+
+    def _over_limits(self) -> bool:
+        """Whether a trim has work (read without the lock; each read is atomic)."""
+        return (len(self._finished) > self.max_finished or bool(self._sized_inbox)
+                or (self._retained_bytes > self.max_finished_bytes and len(self._sized) > 1))
+
+    def _count_sizes(self) -> None:
+        """Add the sizes appended since the last call to the total (caller holds ``_lock``).
+        A job that already left memory is skipped: it was retained before its size was
+        appended, so its absence means it was dropped (and nothing was subtracted)."""
+        inbox, finished = self._sized_inbox, self._finished
+        while inbox:
+            uid, size = inbox.popleft()
+            if uid in finished:
+                self._sized[uid] = size
+                self._retained_bytes += size
+
+    def _drop(self, uid: str) -> None:
+        """A finished job leaves memory (caller holds ``_lock`` and took it out of
+        ``_finished``)."""
+        self._jobs.pop(uid, None)
+        size = self._sized.pop(uid, 0)
+        if size:
+            self._retained_bytes -= size
+
+    def _trim(self) -> list[Task]:
+        """Apply ``max_finished`` then ``max_finished_bytes`` (caller holds ``_lock``);
+        returns the tasks that left memory."""
+        expired: list[Task] = []
+        self._count_sizes()
+        while len(self._finished) > self.max_finished:
+            uid, old = self._finished.popitem(last=False)
+            self._drop(uid)
+            expired.append(old.task)
+        while self._retained_bytes > self.max_finished_bytes and len(self._sized) > 1:
+            uid = next(iter(self._sized))  # (the oldest; _sized changes only under the lock)
+            old = self._finished.pop(uid, None)
+            self._drop(uid)
+            if old is not None:
+                expired.append(old.task)
+        return expired
+
+    def finished_bytes(self) -> int:
+        """The summed sizes of the finished tasks in memory that carry one (see the module
+        docstring); exact once the tasks counted have finished."""
+        with self._lock:
+            self._count_sizes()
+            return self._retained_bytes
 
     def _take_oldest(self) -> tuple[str, Job] | None:
         """Take the oldest finished job out, or None (caller holds ``_lock``).  ``popitem``,
@@ -110,6 +173,7 @@ class TaskRegistry:
         nxt = None
         with self._lock:
             self._sweep_at = None
+            self._count_sizes()
             while (oldest := self._take_oldest()) is not None:
                 uid, job = oldest
                 finished_at = job.task.finished_at
@@ -119,7 +183,7 @@ class TaskRegistry:
                     self._finished.move_to_end(uid, last=False)
                     nxt = (finished_at or now) + self.retention_s
                     break
-                self._jobs.pop(uid, None)
+                self._drop(uid)
                 expired.append(job.task)
             if nxt is not None:
                 self._sweep_at = nxt
@@ -193,9 +257,10 @@ class TaskRegistry:
         """Forget every finished task kept in memory; returns how many."""
         removed: list[Task] = []
         with self._lock:
+            self._count_sizes()
             while (oldest := self._take_oldest()) is not None:
                 uid, job = oldest
-                self._jobs.pop(uid, None)
+                self._drop(uid)
                 removed.append(job.task)
         self._expired(removed)
         return len(removed)

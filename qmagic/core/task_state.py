@@ -102,6 +102,8 @@ class TaskState(Future):
     # Class-level defaults: shared until a task sets its own (keeps creation cheap).
     started_at: float | None = None
     finished_at: float | None = None
+    #: Bytes of the remote request that sent the arguments (0 from Python, magics, panels).
+    payload_bytes: int = 0
     #: For script tasks: the names the script added, changed and removed.
     namespace_changes: dict[str, list[str]] | None = None
     _status = TaskStatus.QUEUED

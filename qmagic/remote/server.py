@@ -39,7 +39,7 @@ _POLL_MS = 100  # how often the serving thread looks at the stop flag
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
-#: ``dispatch(request, client=..., keys=..., identity=...) -> reply dict``
+#: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=...) -> reply dict``
 Dispatcher = Callable[..., dict]
 
 
@@ -274,7 +274,7 @@ class ControlServer(SocketThread):
 
             identity = identity_of(frame, keys)
         return self._dispatch(request, client=_client_of(frame, identity), keys=keys,
-                              identity=identity)
+                              identity=identity, request_bytes=size)
 
 
 def _client_of(frame: Any, identity: Any) -> str:

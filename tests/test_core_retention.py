@@ -1,0 +1,194 @@
+"""Retention of finished tasks by bytes (``max_finished_bytes``), on an engine alone: tasks
+that carry the size of the request that sent their arguments leave memory, oldest first,
+once the sizes sum above the budget; the newest always stays; tasks without a size are left
+to the count and the age limits.  The sizes are counted without a blocking lock (a deque
+drained by the lock holder): a race test checks that the total stays exact."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+
+import pytest
+
+from qmagic.core.engine import Engine
+
+from engine_helpers import TIMEOUT
+
+
+@pytest.fixture
+def engine_factory():
+    engines: list[Engine] = []
+
+    def make(**settings) -> tuple[Engine, list]:
+        engine = Engine(**settings)
+        expired: list = []
+        engine.on_expire = expired.extend
+        engines.append(engine)
+        return engine, expired
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def run(engine: Engine, size: int = 0, value=None, background: bool = True):
+    """One task carrying ``size`` bytes, finished when this returns (its retention done)."""
+    task = engine.submit(lambda: value, name="f", user="u", user_group="g",
+                         background=background, payload_bytes=size)
+    task.result(TIMEOUT)
+    return task
+
+
+def retained(engine: Engine) -> list:
+    """The finished tasks in memory, oldest first."""
+    return [job.task for job in list(engine._finished.values())]
+
+
+def accounting_exact(engine: Engine, ordered: bool = True) -> int:
+    """The counted total equals the sizes of the sized tasks in memory (returns it);
+    ``ordered``: counted in the order they finished (tasks finishing one at a time)."""
+    total = engine.finished_bytes()
+    with engine._lock:
+        sized = [t for t in retained(engine) if t.payload_bytes]
+        if ordered:
+            assert list(engine._sized) == [t.uid for t in sized]
+        assert set(engine._sized) == {t.uid for t in sized}
+        assert total == engine._retained_bytes == sum(t.payload_bytes for t in sized)
+    return total
+
+
+def test_sized_tasks_leave_memory_oldest_first_within_the_budget(engine_factory):
+    engine, expired = engine_factory(max_finished_bytes=1000)
+    tasks = []
+    for i in range(10):
+        tasks.append(run(engine, 300, value=i))
+        assert accounting_exact(engine) <= 1000
+    assert retained(engine) == tasks[-3:]  # 900 bytes; a fourth would be 1200
+    assert expired == tasks[:-3]  # oldest first, each told once
+    assert engine.get(tasks[0].uid) is None and engine.get(tasks[-1].uid) is tasks[-1]
+    assert tasks[0].result(0) == 0  # (the handle a caller holds still works)
+
+
+def test_tasks_without_a_size_are_not_counted_nor_dropped_for_bytes(engine_factory):
+    engine, expired = engine_factory(max_finished_bytes=500)
+    plain = [run(engine) for _ in range(5)]
+    sized = [run(engine, 400) for _ in range(3)]
+    plain += [run(engine) for _ in range(5)]
+    assert accounting_exact(engine) == 400
+    assert retained(engine) == plain[:5] + sized[-1:] + plain[5:]
+    assert expired == sized[:2]
+    assert engine.counts()["finished"] == 11
+
+
+def test_the_newest_sized_task_stays_even_when_it_alone_is_over_the_budget(engine_factory):
+    engine, expired = engine_factory(max_finished_bytes=100)
+    first = run(engine, 5000)
+    assert retained(engine) == [first] and accounting_exact(engine) == 5000
+    second = run(engine, 7000)
+    assert retained(engine) == [second] and accounting_exact(engine) == 7000
+    assert expired == [first]
+    # foreground tasks are retained the same way
+    third = run(engine, 50, background=False)
+    assert retained(engine) == [third] and accounting_exact(engine) == 50
+
+
+def test_count_and_byte_limits_together(engine_factory):
+    engine, expired = engine_factory(max_finished=4, max_finished_bytes=1000)
+    a = run(engine, 600)
+    b = run(engine)
+    c = run(engine, 300)
+    d = run(engine)
+    assert retained(engine) == [a, b, c, d] and accounting_exact(engine) == 900
+    e = run(engine, 200)  # count: a leaves first (and its bytes with it); then 500 <= 1000
+    assert retained(engine) == [b, c, d, e] and accounting_exact(engine) == 500
+    f = run(engine, 900)  # count: b leaves; bytes 1400 > 1000: c, then e leave
+    assert retained(engine) == [d, f] and accounting_exact(engine) == 900
+    assert expired == [a, b, c, e]
+
+
+def test_budget_lowered_on_a_live_engine_applies_at_the_next_finish(engine_factory):
+    engine, expired = engine_factory(max_finished_bytes=10_000)
+    tasks = [run(engine, 1000) for _ in range(5)]
+    engine.max_finished_bytes = 1500
+    new = run(engine)  # (a task without a size also trims)
+    assert retained(engine) == [tasks[-1], new] and accounting_exact(engine) == 1000
+    assert expired == tasks[:-1]
+
+
+def test_clear_and_the_age_sweep_take_their_bytes_with_them(engine_factory):
+    engine, _ = engine_factory(max_finished_bytes=10_000)
+    for _ in range(3):
+        run(engine, 1000)
+    assert engine.clear_finished() == 3 and accounting_exact(engine) == 0
+
+    engine, expired = engine_factory(max_finished_bytes=10_000, retention_s=0.2)
+    swept = threading.Event()
+    engine.on_expire = lambda tasks: (expired.extend(tasks), swept.set())
+    tasks = [run(engine, 1000) for _ in range(3)]
+    assert swept.wait(TIMEOUT), "the timer never swept the finished tasks"
+    for _ in range(100):  # (a sweep may take them in two rounds)
+        if len(expired) == 3:
+            break
+        swept.clear()
+        assert swept.wait(TIMEOUT)
+    assert expired == tasks and retained(engine) == [] and accounting_exact(engine) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("max_finished, clearing", [(10_000, False), (30, False), (10_000, True)])
+def test_sizes_counted_by_racing_threads_stay_exact(engine_factory, seed, max_finished, clearing):
+    """Eight pool threads finish sized (and unsized) tasks at once, over and over, with the
+    interpreter switching threads as often as it can (with a small ``max_finished`` the
+    count limit drops tasks too; ``clearing``: another thread forgets every finished task
+    again and again, also those whose sizes are not counted yet): no size is lost or counted
+    twice, and after the last task both limits hold."""
+    rng = random.Random(seed)
+    budget = 50_000
+    engine, expired = engine_factory(max_background=8, max_queued=10_000,
+                                     max_finished=max_finished, max_finished_bytes=budget)
+    barrier = threading.Barrier(8)
+
+    def together():
+        try:
+            barrier.wait(TIMEOUT)
+        except threading.BrokenBarrierError:
+            pass  # (the last round may have fewer than eight tasks)
+
+    stop = threading.Event()
+
+    def clear():
+        while not stop.is_set():
+            engine.clear_finished()
+
+    clearer = threading.Thread(target=clear, daemon=True)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        if clearing:
+            clearer.start()
+        tasks = []
+        for _ in range(800):
+            size = rng.choice([0, 1, 100, 999, 5000])
+            tasks.append(engine.submit(together, name="f", user="u", user_group="g",
+                                       background=True, payload_bytes=size))
+        for task in tasks:
+            task.wait(TIMEOUT)
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        barrier.abort()
+    if clearing:
+        clearer.join(TIMEOUT)
+    assert all(t.done() for t in tasks)
+    total = accounting_exact(engine, ordered=False)
+    with engine._lock:
+        assert total <= budget or len(engine._sized) == 1
+    kept = retained(engine)
+    assert len(kept) <= max_finished
+    assert len(kept) + len(expired) == len(tasks)
+    assert {t.uid for t in kept} | {t.uid for t in expired} == {t.uid for t in tasks}
+    if max_finished > len(tasks) and not clearing:  # only sized tasks leave (for bytes)
+        assert all(t.payload_bytes for t in expired)
+        assert {t for t in tasks if not t.payload_bytes} <= set(kept)

@@ -1,0 +1,90 @@
+"""What remote requests may pin in the kernel's memory: a client allowed one function sent
+it a ~9 MB argument again and again, and each finished task kept its arguments for
+``task_retention_s`` (up to ``max_finished_tasks``), ~9 GB at the defaults (found by the
+remote tester).  Finished tasks now carry their request's size and leave memory, oldest
+first, beyond ``max_finished_task_bytes``; the experiment log still answers for them.
+Driven with queueserver's real client over the control channel (a worker in this process,
+the log on)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from bluesky_queueserver_api import BFunc
+from bluesky_queueserver_api.zmq import REManagerAPI
+
+from qmagic.protocol import QueueserverProtocol
+from qmagic.remote.dispatch import dispatch
+from qmagic.remote.server import ControlServer
+
+from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.timeout(120)
+
+MB = 1_000_000
+
+
+@pytest.fixture
+def remote(make_worker):
+    def measure(data):
+        return len(data)
+
+    worker = make_worker({"measure": measure}, max_finished_task_bytes=20 * MB)
+    server = ControlServer(functools.partial(dispatch, QueueserverProtocol(worker)),
+                           "tcp://127.0.0.1:*").start()
+    rm = REManagerAPI(zmq_control_addr=server.address, status_polling_period=0.05,
+                      timeout_recv=TIMEOUT)
+    yield worker, rm
+    rm.close()
+    server.stop()
+
+
+def test_large_remote_arguments_stay_within_the_byte_budget(remote):
+    worker, rm = remote
+    engine = worker.engine
+    uids, sent = [], 0
+    for i in range(10):
+        data = chr(ord("a") + i) * (5 * MB)
+        reply = rm.function_execute(BFunc("measure", data), run_in_background=bool(i % 2))
+        uid = reply["task_uid"]
+        assert reply["success"] is True, reply
+        assert rm.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+        uids.append(uid)
+        size = engine.get(uid).payload_bytes  # the request's bytes: the argument and the envelope
+        assert 5 * MB < size < 5 * MB + 1000
+        sent += size
+        assert engine.finished_bytes() <= 20 * MB + size
+    kept = [uid for uid in uids if engine.get(uid) is not None]
+    assert kept == uids[-3:]  # 3 x 5 MB <= 20 MB < 4 x 5 MB
+    assert 15 * MB < engine.finished_bytes() == sum(engine.get(u).payload_bytes for u in kept)
+    assert sent > 50 * MB
+
+    # the tasks that left memory still answer, from the experiment log
+    evicted = uids[0]
+    assert worker.get_task(uids[-1]).result(0) == 5 * MB
+    assert rm.task_status(evicted)["status"] == "completed"
+    assert rm.task_status(uids)["status"] == dict.fromkeys(uids, "completed")
+    reply = rm.task_result(evicted)
+    assert reply["status"] == "completed", reply
+    assert reply["result"]["success"] is True and reply["result"]["return_value"] == 5 * MB
+    assert reply["result"]["task_uid"] == evicted
+
+
+def test_uploaded_scripts_count_too_and_python_tasks_do_not(remote):
+    worker, rm = remote
+    engine = worker.engine
+    script = "big = " + repr("s" * (8 * MB)) + "\n"
+    uids = []
+    for _ in range(3):
+        uid = rm.script_upload(script, run_in_background=True)["task_uid"]
+        assert rm.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+        uids.append(uid)
+    assert [engine.get(u) is not None for u in uids] == [False, True, True]
+    assert engine.finished_bytes() == sum(engine.get(u).payload_bytes for u in uids[1:])
+    assert rm.task_status(uids[0])["status"] == "completed"
+
+    # the user's own tasks carry no size (their arguments are the user's objects anyway)
+    own = worker.submit("measure", ("x" * (30 * MB),))
+    assert own.result(TIMEOUT) == 30 * MB and own.payload_bytes == 0
+    assert engine.get(own.uid) is own and engine.get(uids[-1]) is not None
