@@ -222,7 +222,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         timeout: float | None = None,
         origin: str = "python",
         strict_json: bool = False,
-        client: str | None = None, payload_bytes: int = 0,
+        client: str | None = None,
+        payload_bytes: int = 0,
     ) -> Task:
         """Start ``target(*args, **kwargs)`` as a tracked task and return its :class:`Task`.
 
@@ -232,9 +233,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         worker thread; ``False`` in the foreground (inline when called on the foreground
         owner thread, i.e. in a cell; otherwise handed to it).  ``async def`` functions run
         on the event loop (``QMagic.async_loop``).  ``timeout``: seconds the task may run;
-        then it is cancelled ("deadline of N s passed").  ``payload_bytes``: the remote
-        request's size (see ``Task.payload_bytes``).  Refusals raise
-        :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
+        then it is cancelled ("deadline of N s passed").  ``payload_bytes``: the remote request's
+        size.  Refusals raise :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
         """
         if isinstance(target, str):
             name, func = check_name(target), None
@@ -296,7 +296,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         user: str | None = None,
         user_group: str | None = None,
         origin: str = "python",
-        client: str | None = None, payload_bytes: int = 0,
+        client: str | None = None,
+        payload_bytes: int = 0,
     ) -> Task:
         """Run ``script`` in the namespace as a task (all or nothing; see
         :mod:`qmagic.scripts`).  ``name`` labels it everywhere (e.g. its file name).
