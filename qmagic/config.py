@@ -51,6 +51,12 @@ class QMagic(Configurable):
         "about this plus one request. The objects decoded from a request may take a few times "
         "its bytes.",
     ).tag(config=True)
+    max_queued_task_bytes = Int(
+        512_000_000, min=0, max=1_000_000_000_000,
+        help="Bytes of remote requests (function_execute arguments, script_upload scripts) that "
+        "tasks waiting or running may hold in memory in all: beyond, remote requests that send "
+        "data are refused (the first one always passes).",
+    ).tag(config=True)
     task_output_limit = Int(
         100_000, min=1, max=100_000_000,
         help="Characters of captured output (and of captured log text) kept per task; "

@@ -50,6 +50,7 @@ _ENGINE_SETTINGS = {
     "task_retention_s": "retention_s",
     "max_finished_tasks": "max_finished",
     "max_finished_task_bytes": "max_finished_bytes",
+    "max_queued_task_bytes": "max_queued_bytes",
     "task_output_limit": "output_limit",
     "cancel_grace_s": "cancel_grace_s",
 }
@@ -159,7 +160,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self.engine = Engine(
             max_background=self.max_background_tasks, max_queued=self.max_queued_tasks,
             retention_s=self.task_retention_s, max_finished=self.max_finished_tasks,
-            max_finished_bytes=self.max_finished_task_bytes,
+            max_finished_bytes=self.max_finished_task_bytes, max_queued_bytes=self.max_queued_task_bytes,
             output_limit=self.task_output_limit, cancel_grace_s=self.cancel_grace_s,
             foreground=foreground, loops=EventLoops(self.async_loop),
             on_cancel=self._cancel_from_handle,

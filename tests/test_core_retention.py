@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from qmagic.core.engine import Engine
+from qmagic.errors import RequestRefused
 
 from engine_helpers import TIMEOUT
 
@@ -192,3 +193,88 @@ def test_sizes_counted_by_racing_threads_stay_exact(engine_factory, seed, max_fi
     if max_finished > len(tasks) and not clearing:  # only sized tasks leave (for bytes)
         assert all(t.payload_bytes for t in expired)
         assert {t for t in tasks if not t.payload_bytes} <= set(kept)
+
+
+# ---- waiting and running: max_queued_bytes -------------------------------------------------------
+def held(engine: Engine, size: int, gate: threading.Event, background: bool = True):
+    """A sized task that runs until ``gate`` is set."""
+    return engine.submit(lambda: gate.wait(TIMEOUT), name="hold", user="u", user_group="g",
+                         background=background, payload_bytes=size)
+
+
+def test_live_sized_tasks_are_refused_beyond_the_budget_and_admitted_again(engine_factory):
+    engine, _ = engine_factory(max_queued_bytes=10, max_background=1)
+    gate = threading.Event()
+    first = held(engine, 6, gate)
+    second = held(engine, 4, gate)  # 6 + 4 <= 10 (this one waits for the only thread)
+    with pytest.raises(RequestRefused) as refused:
+        held(engine, 1, gate)
+    text = str(refused.value)
+    assert "\n" not in text and "hold 10 bytes of request data already" in text, text
+    assert "QMagic.max_queued_task_bytes = 10" in text and "send less data" in text
+    assert list(engine._live_sizes.values()) == [6, 4]  # the refused one left no trace
+    assert [t.uid for t in engine.tasks()] == [first.uid, second.uid]
+    own = engine.submit(lambda: "mine", name="own", user="u", user_group="g", background=False)
+    assert own.result(TIMEOUT) == "mine"  # tasks without a size are never refused for bytes
+    gate.set()
+    assert first.result(TIMEOUT) and second.result(TIMEOUT)
+    assert engine._live_sizes == {}
+    assert held(engine, 10, gate).result(TIMEOUT)  # room again
+
+
+def test_the_first_sized_task_always_passes(engine_factory):
+    engine, _ = engine_factory(max_queued_bytes=0)
+    gate = threading.Event()
+    big = held(engine, 10**9, gate)  # alone: it passes, however large
+    with pytest.raises(RequestRefused):
+        held(engine, 1, gate)
+    gate.set()
+    assert big.result(TIMEOUT) and engine._live_sizes == {}
+
+
+def test_a_cancelled_waiting_task_gives_its_bytes_back(engine_factory):
+    engine, _ = engine_factory(max_queued_bytes=10, max_background=1)
+    gate = threading.Event()
+    running = held(engine, 5, gate)
+    waiting = held(engine, 5, gate)
+    assert waiting.cancel()
+    assert list(engine._live_sizes.values()) == [5]
+    again = held(engine, 5, gate)
+    gate.set()
+    assert running.result(TIMEOUT) and again.result(TIMEOUT)
+    assert engine._live_sizes == {}
+
+
+def test_racing_sized_submits_never_pass_the_budget_together(engine_factory):
+    engine, _ = engine_factory(max_queued_bytes=10, max_background=32)
+    gate = threading.Event()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            barrier, passed, lock = threading.Barrier(8), [], threading.Lock()
+
+            def submit() -> None:
+                barrier.wait(TIMEOUT)
+                try:
+                    task = held(engine, 6, gate)
+                except RequestRefused:
+                    return
+                with lock:
+                    passed.append(task)
+
+            threads = [threading.Thread(target=submit) for _ in range(8)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(TIMEOUT)
+            assert len(passed) <= 1, passed  # 6 + 6 > 10: never two at once
+            assert sorted(engine._live_sizes.values()) == [6] * len(passed)
+            gate.set()
+            for task in passed:
+                assert task.result(TIMEOUT)
+            gate.clear()
+            assert engine._live_sizes == {}
+    finally:
+        sys.setswitchinterval(old)
+        gate.set()

@@ -9,6 +9,7 @@ the log on)."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import pytest
 from bluesky_queueserver_api import BFunc
@@ -88,3 +89,38 @@ def test_uploaded_scripts_count_too_and_python_tasks_do_not(remote):
     own = worker.submit("measure", ("x" * (30 * MB),))
     assert own.result(TIMEOUT) == 30 * MB and own.payload_bytes == 0
     assert engine.get(own.uid) is own and engine.get(uids[-1]) is not None
+
+
+def test_requests_waiting_or_running_are_bounded_too(make_worker):
+    gate = threading.Event()
+
+    def wait_here(data):
+        gate.wait(TIMEOUT)
+        return len(data)
+
+    worker = make_worker({"wait_here": wait_here}, max_queued_task_bytes=12 * MB)
+    server = ControlServer(functools.partial(dispatch, QueueserverProtocol(worker)),
+                           "tcp://127.0.0.1:*").start()
+    rm = REManagerAPI(zmq_control_addr=server.address, timeout_recv=TIMEOUT)
+    try:
+        data = "d" * (5 * MB)
+        uids = [rm.function_execute(BFunc("wait_here", data), run_in_background=True)["task_uid"]
+                for _ in range(2)]  # 10 MB held
+        with pytest.raises(rm.RequestFailedError) as refused:
+            rm.function_execute(BFunc("wait_here", data), run_in_background=True)
+        reply = refused.value.response
+        assert reply["success"] is False and reply["task_uid"] is None, reply
+        assert "of request data already (QMagic.max_queued_task_bytes = 12,000,000)" in reply["msg"]
+        assert "send less data" in reply["msg"] and "\n" not in reply["msg"]
+        assert len(worker.engine.tasks()) == 2  # the refused one left no trace
+        assert rm.function_execute(BFunc("wait_here", "small"), run_in_background=True)["success"]
+        gate.set()
+        for uid in uids:
+            assert rm.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+        again = rm.function_execute(BFunc("wait_here", data), run_in_background=True)
+        assert again["success"] is True, again
+        assert rm.wait_for_completed_task(again["task_uid"], timeout=TIMEOUT)
+    finally:
+        gate.set()
+        rm.close()
+        server.stop()

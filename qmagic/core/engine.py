@@ -27,10 +27,8 @@ engine lock, never the reverse.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-import uuid
 from typing import Any, Callable, Protocol
 
 from ..errors import RequestRefused, TaskCancelled
@@ -101,6 +99,7 @@ class Engine(TaskRegistry):
         retention_s: float = 600.0,
         max_finished: int = 1000,
         max_finished_bytes: int = 256_000_000,
+        max_queued_bytes: int = 512_000_000,
         output_limit: int = 100_000,
         cancel_grace_s: float = 2.0,
         foreground: ForegroundRunner | None = None,
@@ -110,7 +109,7 @@ class Engine(TaskRegistry):
         self.max_queued = max_queued
         self.retention_s = retention_s
         self.max_finished = max_finished
-        self.max_finished_bytes = max_finished_bytes
+        self.max_finished_bytes, self.max_queued_bytes = max_finished_bytes, max_queued_bytes
         self.output_limit = output_limit
         self.cancel_grace_s = cancel_grace_s
         self.foreground: ForegroundRunner = foreground or ThreadForegroundRunner()
@@ -119,9 +118,6 @@ class Engine(TaskRegistry):
         self.timers = Timers()
         self.observers: list[TaskObserver] = []
         self.context_hooks = ContextHooks()
-        self._results_prefix = str(uuid.uuid4())
-        self._results_seq = itertools.count(1)
-        self._results_count = 0  # tasks finished so far (read without the lock: one int)
         self._init_registry()
 
         # Background accounting, as sets of jobs changed by single dict operations (atomic
@@ -136,11 +132,6 @@ class Engine(TaskRegistry):
         self._on_cancel: CancelHook = on_cancel or self._cancel_hook
         self._pool = ThreadPool(self._runner.run_background, self.timers, max_background)
         capture.install()
-
-    @property
-    def results_uid(self) -> str:
-        """Changes every time a task finishes (queueserver's ``task_results_uid``)."""
-        return f"{self._results_prefix}-{self._results_count}"
 
     @property
     def max_background(self) -> int:
@@ -184,9 +175,9 @@ class Engine(TaskRegistry):
             timeout=timeout, provenance=provenance, output_limit=self.output_limit,
             bus=self.bus, on_cancel=self._on_cancel,
         )
-        if payload_bytes:
-            task.payload_bytes = payload_bytes
         job = Job(task, call, coroutine)
+        if payload_bytes:  # (refused here if waiting and running tasks hold too much already)
+            self._hold_size(job, payload_bytes)
         job.tokens = self.context_hooks.capture(task)
         inline = entered = handed = False
         try:
@@ -274,6 +265,7 @@ class Engine(TaskRegistry):
     def _release_reservation(self, job: Job) -> None:
         self._free_foreground(job)
         self._waiting.pop(job, None)
+        self._live_sizes.pop(job, None)
 
     def _free_foreground(self, job: Job) -> None:
         if self._fg is job:
@@ -312,12 +304,8 @@ class Engine(TaskRegistry):
         self._running_threads.pop(job, None)
         self._running_coros.pop(job, None)
         self._waiting.pop(job, None)  # cancelled before it started
+        self._live_sizes.pop(job, None)  # (its size now counts among the finished ones)
         self._retain(job)
-
-    def _finished_one(self) -> None:
-        """After the task finished: a new results uid (queueserver clients poll it, then
-        read the result, so it changes only once the result can be read)."""
-        self._results_count = next(self._results_seq)
 
     def notify(self, event: str, task: Task, *args: Any) -> None:
         """Tell every observer; an observer that raises is logged, never breaks the task."""

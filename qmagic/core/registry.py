@@ -13,20 +13,25 @@ that sent their arguments) also leave memory, oldest first, while their sizes su
 the result), so what they hold is bounded by about the budget plus one request.  The sizes
 are added up without a blocking lock: a finishing task appends ``(uid, size)`` to a deque
 (an atomic append), and whoever holds the lock drains it into the total (``_sized`` and
-``_retained_bytes`` change only under the lock).
+``_retained_bytes`` change only under the lock).  Sized tasks waiting or running are
+counted too: a new one is refused while the others hold ``max_queued_bytes``.
+
+It also keeps the results uid (queueserver's ``task_results_uid``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import TaskNotFound
+from ..errors import RequestRefused, TaskNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
     from .jobs import Job
@@ -59,6 +64,7 @@ class TaskRegistry:
     retention_s: float
     max_finished: int
     max_finished_bytes: int
+    max_queued_bytes: int
     timers: Timers
     # (the engine's, read by counts())
     _fg: Any
@@ -66,7 +72,6 @@ class TaskRegistry:
     _running_threads: dict
     _running_coros: dict
     _pool: Any
-    results_uid: str
 
     def _init_registry(self) -> None:
         self._lock = threading.Lock()
@@ -78,10 +83,44 @@ class TaskRegistry:
         #: (both changed only under ``_lock``).
         self._sized: OrderedDict[str, int] = OrderedDict()
         self._retained_bytes = 0
+        #: Sizes of the sized tasks waiting or running (single dict operations, no lock).
+        self._live_sizes: dict[Job, int] = {}
+        self._results_prefix = str(uuid.uuid4())
+        self._results_seq = itertools.count(1)
+        self._results_count = 0  # tasks finished so far (read without the lock: one int)
         self._last: Task | None = None
         self._sweep_at: float | None = None
         #: Called with the tasks dropped from memory (retention), outside locks.
         self.on_expire: Callable[[list[Task]], None] | None = None
+
+    @property
+    def results_uid(self) -> str:
+        """Changes every time a task finishes (queueserver's ``task_results_uid``)."""
+        return f"{self._results_prefix}-{self._results_count}"
+
+    def _finished_one(self) -> None:
+        """After the task finished: a new results uid (queueserver clients poll it, then
+        read the result, so it changes only once the result can be read)."""
+        self._results_count = next(self._results_seq)
+
+    def _hold_size(self, job: Job, size: int) -> None:
+        """Count a sized task's request bytes while it waits or runs, or refuse it when the
+        others hold ``max_queued_bytes`` already (the first one always passes).  First
+        counted, then checked, like ``max_queued``: racing submitters never pass together."""
+        job.task.payload_bytes = size
+        self._live_sizes[job] = size
+        while True:
+            try:
+                held = sum(list(self._live_sizes.values())) - size
+                break
+            except RuntimeError:  # (changed by another thread while copied: look again)
+                continue
+        if held and held + size > self.max_queued_bytes:
+            self._live_sizes.pop(job, None)
+            raise RequestRefused(
+                f"Error: Failed to start the task: the tasks waiting or running hold {held:,} bytes of "
+                f"request data already (QMagic.max_queued_task_bytes = {self.max_queued_bytes:,}). "
+                "Wait for some to finish or cancel some, or send less data, then try again.")
 
     def _retain(self, job: Job) -> None:
         """Keep a finished job; the oldest beyond ``max_finished`` (and the oldest sized ones
