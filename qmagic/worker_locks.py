@@ -1,7 +1,7 @@
 """The worker's lock: lock, unlock, read it, and check a request's key against it.  A mix-in
 of :class:`qmagic.Worker` over its :class:`~qmagic.store.locks.LockStore` (``_locks``, made
 and replaced by :class:`~qmagic.worker_state.StateMixin`); this kernel remembers the key it
-locked with (``_remembered_key``, under ``_key_lock``).
+locked with (``_remembered_key``, written under ``_key_lock``).
 """
 
 from __future__ import annotations
@@ -59,20 +59,27 @@ class LockMixin:
             if environment is None and queue is None:
                 environment = True
             user = self.default_user if user is None else user
-        with self._key_lock:  # the remembered key follows the lock store, click or cell
-            if origin != "remote":
-                if lock_key is None:
-                    lock_key = self._remembered_key
-                if lock_key is None:
-                    from .store.keys import get_default_lock_key
+            if lock_key is None:
+                lock_key = self._remembered_key
+            if lock_key is None:
+                from .store.keys import get_default_lock_key
 
-                    lock_key = get_default_lock_key()
-            state = self._locks.lock(lock_key, environment=False if environment is None else environment,
-                                     queue=False if queue is None else queue,  # (types checked there)
-                                     note=note, user=user, client=client)
-            if origin != "remote":
-                self._remembered_key = lock_key
+                lock_key = get_default_lock_key()
+        state = self._locks.lock(lock_key, environment=False if environment is None else environment,
+                                 queue=False if queue is None else queue,  # (types checked there)
+                                 note=note, user=user, client=client)
+        if origin != "remote":
+            self._remember(lock_key, state)
         return state
+
+    def _remember(self, key: str | None, state: Any) -> None:
+        """Remember ``key`` (None: forget it) as this kernel's, unless the lock changed again
+        after ``state`` was made (that later change decides).  ``_key_lock`` is held only
+        here, never across the store's key derivation or file I/O: a click, a cell and a
+        remote request never wait for each other's disk."""
+        with self._key_lock:
+            if self._locks.state().uid == state.uid:
+                self._remembered_key = key
 
     def unlock(self, lock_key: str | None = None, *, origin: str = "python",
                client: str | None = None) -> Any:
@@ -92,12 +99,11 @@ class LockMixin:
                 )
             return state
         try:
-            with self._key_lock:
-                state = self._locks.unlock(key, client=client)
-                if origin != "remote":
-                    self._remembered_key = None
+            state = self._locks.unlock(key, client=client)
         except LockRefused as exc:
             raise self._with_state(exc) from None
+        if origin != "remote":
+            self._remember(None, state)
         return state
 
     def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:

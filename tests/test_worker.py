@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import sys
 import threading
 import time
 
@@ -719,3 +720,82 @@ def test_a_busy_foreground_is_explained_in_notebook_terms(make_worker):
     finally:
         gate.release.set()
     assert running.wait(TIMEOUT)
+
+
+def test_lock_calls_never_wait_for_each_other_s_key_derivation(make_worker, monkeypatch):
+    # Found by a review: the worker held its key lock across the store's key derivation
+    # (tens of ms) and file I/O (up to flock_timeout_s), so a remote lock request on the
+    # control thread waited for a click's or a cell's disk.
+    import qmagic.store.locks as locks_module
+
+    w = make_worker({})
+    inside, release = threading.Event(), threading.Event()
+    derive = locks_module.hash_key
+    local_thread: list[int] = []
+
+    def slow_hash(key):
+        if local_thread and threading.get_ident() == local_thread[0]:
+            inside.set()
+            release.wait(TIMEOUT)
+        return derive(key)
+
+    monkeypatch.setattr(locks_module, "hash_key", slow_hash)
+    outcome: list = []
+
+    def local_lock() -> None:
+        local_thread.append(threading.get_ident())
+        try:
+            outcome.append(w.lock("cell-key"))
+        except LockRefused as exc:
+            outcome.append(exc)
+
+    th = threading.Thread(target=local_lock)
+    th.start()
+    try:
+        assert inside.wait(TIMEOUT)  # the cell's lock is deriving its key now
+        remote = w.lock("remote-key", environment=True, user="op", origin="remote")
+        assert remote.environment  # done meanwhile
+        assert w.unlock("remote-key", origin="remote").locked is False
+        assert w.lock("remote-key", environment=True, user="op", origin="remote").environment
+    finally:
+        release.set()
+        th.join(TIMEOUT)
+    assert isinstance(outcome[0], LockRefused)  # locked with another key meanwhile
+    assert not w.holds_lock_key  # and the kernel remembers no key it does not hold
+    assert w.unlock("remote-key", origin="remote").locked is False
+    state = w.lock()
+    assert w.holds_lock_key and w.current_lock().uid == state.uid
+    w.lock()  # again: the remembered key
+    assert w.unlock().locked is False and not w.holds_lock_key
+
+
+def test_the_remembered_key_follows_the_last_change_of_racing_lock_calls(make_worker):
+    w = make_worker({})
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(10):
+            barrier = threading.Barrier(2)
+
+            def locker() -> None:
+                barrier.wait(TIMEOUT)
+                w.lock("k1")
+
+            def unlocker() -> None:
+                barrier.wait(TIMEOUT)
+                try:
+                    w.unlock("k1")
+                except (LockRefused, RequestRefused):
+                    pass
+
+            threads = [threading.Thread(target=locker), threading.Thread(target=unlocker)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(TIMEOUT)
+            # the kernel remembers the key exactly when the environment is locked (with it)
+            assert w.holds_lock_key == w.current_lock().environment
+            if w.holds_lock_key:
+                w.unlock()
+    finally:
+        sys.setswitchinterval(old)
