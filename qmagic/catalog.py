@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
+from .format import safe_repr
 
 __all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "is_plan",
            "is_coroutine_function"]
@@ -32,10 +33,10 @@ def check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise RequestRefused("Error: Incorrect request format: function name is not specified")
     if function_name_error(name) is not None:
-        shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
         raise RequestRefused(
-            f"Error: Incorrect request format: {shown} is not a function name: use the name of a "
-            f"function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} characters)"
+            f"Error: Incorrect request format: {safe_repr(name, 40)} is not a function name: use the "
+            f"name of a function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} "
+            "characters)"
         )
     return name
 

@@ -9,7 +9,8 @@ come from here; tracebacks from :mod:`qmagic.tracebacks`.
   exception: it is the experiment log and says when each task was submitted, how long it
   ran and its uid.)
 - Every text is one printable line per field: lone surrogates and control characters are
-  escaped (:func:`printable`), so odd values in the log never break a view.
+  escaped (:func:`printable`; it and :func:`safe_repr` live in :mod:`qmagic.texts`), so odd
+  values in the log never break a view.
 
 Pure functions of plain data and Task objects; no IPython, widgets or zmq here.
 """
@@ -19,11 +20,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
+from .texts import SUMMARY_KEY, printable, safe_repr
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -34,7 +35,6 @@ __all__ = [
     "printable",
     "call_text",
     "record_call",
-    "short_repr",
     "safe_repr",
     "finite",
     "format_number",
@@ -56,56 +56,9 @@ __all__ = [
     "one_line",
 ]
 
-#: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
-SUMMARY_KEY = "__qmagic_summary__"
 #: Width of the call column in tables (the history table's is wider: no progress column).
 CALL_WIDTH = 40
 HISTORY_CALL_WIDTH = 48
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def printable(value: Any, limit: int | None = None) -> str:
-    """``value`` as text fit to print anywhere: lone surrogates and control characters
-    escaped (``\\udcff``, ``\\n``), cut to ``limit`` characters (ending in ``...``).
-
-    None reads ``""``, anything else but a str its ``str()``; never raises."""
-    if isinstance(value, str):
-        text = value
-    elif value is None:
-        text = ""
-    else:
-        try:
-            text = str(value)
-        except Exception:  # noqa: BLE001
-            text = f"<{type(value).__name__} with a failing str>"
-    cut = limit is not None and len(text) > limit
-    if cut:  # (escaping only lengthens: a huge text is cut first)
-        text = text[:limit]
-    if not text.isprintable():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-    if limit is not None and (cut or len(text) > limit):
-        text = text[: max(0, limit - 3)] + "..."
-    return text
-
-
-# -- values ----------------------------------------------------------------------------------
-def safe_repr(value: Any, limit: int = 2000) -> str:
-    """``repr(value)`` cut to ``limit`` characters; never raises (a broken ``__repr__`` shows
-    as ``<Type with a failing repr>``); summaries from the log show their kept repr."""
-    if isinstance(value, dict) and SUMMARY_KEY in value:
-        text = str(value.get("repr") or f"<{value.get('type', 'value')}>")
-    else:
-        try:
-            text = repr(value)
-        except Exception:  # noqa: BLE001
-            text = f"<{type(value).__name__} with a failing repr>"
-    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
-
-
-def short_repr(value: Any, limit: int = 24) -> str:
-    """A short :func:`safe_repr` for call texts."""
-    return safe_repr(value, limit)
 
 
 def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
@@ -118,7 +71,7 @@ def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | N
     parts, size = [], len(name)
     items = [*((None, a) for a in args or ()), *((kwargs or {}).items())]
     for key, value in items:
-        parts.append(short_repr(value) if key is None else f"{key}={short_repr(value)}")
+        parts.append(safe_repr(value, 24) if key is None else f"{key}={safe_repr(value, 24)}")
         size += len(parts[-1]) + 2
         if size > width:  # (the rest would be cut anyway: a huge call costs no time)
             break
@@ -271,7 +224,7 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
                 if changes.get(key):
                     lines.append(f"{key}: {', '.join(changes[key])}")
         else:
-            lines.append(f"result: {safe_repr(record.get('result'))}")
+            lines.append(f"result: {safe_repr(record.get('result'), lines=True)}")
     elif status in ("failed", "cancelled"):
         if record.get("traceback"):
             lines += ["traceback:", _indent(str(record["traceback"]))]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qmagic.format import SUMMARY_KEY, call_text, log_health_note, printable, record_call
+from qmagic.format import SUMMARY_KEY, call_text, log_health_note, printable, record_call, safe_repr
 
 
 def test_a_healthy_log_says_nothing_even_with_records_waiting_for_the_writer():
@@ -78,3 +78,31 @@ def test_a_lock_holders_text_cannot_add_lines_or_terminal_codes():
               "uid": "u1", "origin": "remote", "background": True}
     for table in (task_table([record]), history_table([record])):
         assert "\x1b" not in table and len(table.splitlines()) == 2, table
+
+
+def test_safe_repr_is_one_printable_line_of_at_most_limit_characters_and_never_fails():
+    class Raising:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    class NotText:
+        def __repr__(self):
+            return 42
+
+    class Odd:
+        def __repr__(self):
+            return "a\nb\x1b[31m\udcff\u2028c"
+
+    assert safe_repr(Raising()) == "<Raising with a failing repr>"
+    assert safe_repr(NotText(), 10) == "<NotTex..."
+    assert safe_repr(Odd()) == "a\\nb\\x1b[31m\\udcff\\u2028c"
+    assert safe_repr("x\udcff") == "'x\\udcff'"
+    assert safe_repr("a" * 50, 10) == "'aaaaaa..." and safe_repr("a" * 8, 10) == "'aaaaaaaa'"
+    assert safe_repr("a" * 10_000_000, 10) == "'aaaaaa..."  # (not the repr of all of it)
+    assert safe_repr(list(range(100)), 12) == "[0, 1, 2,..."
+    assert safe_repr(Odd(), lines=True) == "a\nb\\x1b[31m\\udcff\\u2028c"  # (a block keeps its lines)
+    # a right-to-left override would reorder the line, a zero-width space hides; emoji joiners stay
+    assert printable("a\u202eb\u200bc\U0001f469\u200d\U0001f52c") == "a\\u202eb\\u200bc\U0001f469\u200d\U0001f52c"
+    for value in (Raising(), NotText(), Odd(), "\n" * 100, b"\x00" * 100):
+        text = safe_repr(value, 20)
+        assert len(text) <= 20 and text.isprintable() and len(text.splitlines()) == 1

@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import PermissionRefused, PermissionsFormatError
+from ..format import printable, safe_repr
 from ..yamlfile import load_yaml_file
 from .patterns import FAST_SLICE, MAX_NAME_LENGTH, compile_pattern, timed_search
 
@@ -84,13 +85,6 @@ _CACHE_LIMIT = 4096  # (name, group) results kept, the oldest dropped first
 _LISTING_FACTOR = 10  # allowed_names(): total budget, in units of the per-name timeout
 
 
-def _quote(text: str, limit: int = 100) -> str:
-    """``text`` for a message: as is if printable and short, else escaped and cut."""
-    if len(text) <= limit and text.isprintable():
-        return text
-    return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
-
-
 def function_name_error(name: object) -> str | None:
     """None if ``name`` may be checked; else the refusal message (queueserver style).
 
@@ -100,7 +94,7 @@ def function_name_error(name: object) -> str | None:
     if isinstance(name, str):
         if len(name) <= MAX_NAME_LENGTH and name.isidentifier() and not keyword.iskeyword(name):
             return None
-        shown = repr(name[:60]) + (f"... ({len(name)} characters)" if len(name) > 60 else "")
+        shown = safe_repr(name[:60]) + (f"... ({len(name)} characters)" if len(name) > 60 else "")
     else:
         shown = f"of type {type(name).__name__}"
     return (f"Error: Invalid function name {shown}: a function name is a Python identifier "
@@ -179,7 +173,7 @@ class _Compiler:
                              f"not {type(rules).__name__}")
         for key in rules:
             if key != "user_groups":
-                raise _error("", f"unsupported top-level key {_quote(repr(key))}: the only top-level "
+                raise _error("", f"unsupported top-level key {safe_repr(key, 100)}: the only top-level "
                                  "key is 'user_groups'")
         if "user_groups" not in rules:
             raise _error("", "'user_groups' is a required property: write the rules as "
@@ -197,7 +191,7 @@ class _Compiler:
     @staticmethod
     def _group_name(group: Any) -> str:
         if not (isinstance(group, str) and group and len(group) <= _MAX_GROUP_NAME and group.isprintable()):
-            raise _error("user_groups", f"group name {_quote(repr(group))} must be a non-empty string "
+            raise _error("user_groups", f"group name {safe_repr(group, 100)} must be a non-empty string "
                                         f"of at most {_MAX_GROUP_NAME} printable characters")
         return group
 
@@ -208,7 +202,7 @@ class _Compiler:
                                 f"lists, not {type(spec).__name__}")
         for key in spec:
             if key not in _GROUP_KEYS:
-                raise _error(where, f"unsupported key {_quote(repr(key))}; supported keys: "
+                raise _error(where, f"unsupported key {safe_repr(key, 100)}; supported keys: "
                                     f"{', '.join(_GROUP_KEYS)}")
         lists = {key: self.list(spec[key], f"{where}.{key}", key) for key in spec}
         empty = _Matcher()
@@ -229,7 +223,7 @@ class _Compiler:
                     raise _error(at, "null is only allowed as the first item (null first means "
                                      "'everything' in allowed lists and 'nothing' in forbidden lists)")
             elif not isinstance(item, str):
-                raise _error(at, f"{_quote(repr(item))} must be a string or null, not {type(item).__name__}")
+                raise _error(at, f"{safe_repr(item, 100)} must be a string or null, not {type(item).__name__}")
             elif len(item) > _MAX_ITEM_LENGTH:
                 raise _error(at, f"the item is {len(item)} characters long, more than {_MAX_ITEM_LENGTH}")
             elif key.endswith("_functions"):
@@ -338,7 +332,8 @@ class Permissions:
         """Raise :class:`~qmagic.errors.PermissionRefused` (queueserver's text) unless
         ``user_group`` is a group of these rules."""
         if not isinstance(user_group, str) or user_group not in self._groups:
-            raise PermissionRefused(f"Error: Unknown user group: '{_quote(str(user_group))}'")
+            shown = printable("None" if user_group is None else user_group, 103)  # (100 and "...")
+            raise PermissionRefused(f"Error: Unknown user group: '{shown}'")
 
     def is_allowed(self, name: object, user_group: object) -> bool:
         """Whether ``user_group`` may call ``name``: False for an unknown group, an invalid

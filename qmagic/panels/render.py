@@ -283,7 +283,7 @@ def details_html(task: Task) -> str:
             lines = [f"{k}: {', '.join(v)}" for k, v in changes.items() if v] or ["(no names changed)"]
             parts.append(_section("Namespace changes", "\n".join(lines), "qmagic-detail-result"))
         else:
-            parts.append(_section("Result", fmt.safe_repr(task.result(timeout=0), 5000),
+            parts.append(_section("Result", fmt.safe_repr(task.result(timeout=0), 5000, lines=True),
                                   "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
         body = task.traceback or _ending(task)

@@ -56,6 +56,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from ..errors import ControlChannelError, RequestRefused
+from ..format import safe_repr
 from ..yamlfile import load_yaml_file
 
 __all__ = [
@@ -86,12 +87,6 @@ _MAX_CLIENTS = 1000
 _MAX_NAME = 100
 _ENTRY_KEYS = ("public_key", "user", "groups")
 _KEYGEN = "python -c \"import zmq; print(zmq.curve_keypair())\""
-
-
-def _quote(value: object, limit: int = 60) -> str:
-    """A value for a message: ``'text'`` (escaped, cut) or the repr of a non-string."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -159,7 +154,7 @@ class ClientKeys:
                 raise fail(at, f"must be a mapping with {', '.join(_ENTRY_KEYS)}, not {type(entry).__name__}")
             for key in entry:
                 if key not in _ENTRY_KEYS:
-                    raise fail(at, f"unsupported key {_quote(key)}; supported keys: {', '.join(_ENTRY_KEYS)}")
+                    raise fail(at, f"unsupported key {safe_repr(key, 60)}; supported keys: {', '.join(_ENTRY_KEYS)}")
             for key in _ENTRY_KEYS:
                 if key not in entry:
                     raise fail(at, f"missing {key!r}")
@@ -172,14 +167,14 @@ class ClientKeys:
             seen[key] = i
             user = entry["user"]
             if user is not None and not cls._is_name(user):
-                raise fail(f"{at}.user", f"{_quote(user)} must be a user name (a non-empty string of at most "
+                raise fail(f"{at}.user", f"{safe_repr(user, 60)} must be a user name (a non-empty string of at most "
                                          f"{_MAX_NAME} printable characters) or null (any user name)")
             groups = entry["groups"]
             if not isinstance(groups, list) or not groups:
-                raise fail(f"{at}.groups", f"must be a non-empty list of user group names, not {_quote(groups)}")
+                raise fail(f"{at}.groups", f"must be a non-empty list of user group names, not {safe_repr(groups, 60)}")
             for j, group in enumerate(groups):
                 if not cls._is_name(group):
-                    raise fail(f"{at}.groups[{j}]", f"{_quote(group)} must be a group name (a non-empty "
+                    raise fail(f"{at}.groups[{j}]", f"{safe_repr(group, 60)} must be a group name (a non-empty "
                                                     f"string of at most {_MAX_NAME} printable characters)")
             identities.append(ClientIdentity(key, user, tuple(dict.fromkeys(groups))))
         return cls(identities)
@@ -190,14 +185,14 @@ class ClientKeys:
         if isinstance(value, bytes):
             value = value.decode("ascii", "replace")
         if not isinstance(value, str) or len(value) != 40:
-            raise ValueError(f"{_quote(value)} is not a CurveZMQ public key (40 characters of z85 text, "
+            raise ValueError(f"{safe_repr(value, 60)} is not a CurveZMQ public key (40 characters of z85 text, "
                              f"as printed by  {_KEYGEN}  or qserver-zmq-keys; quote it in YAML)")
         try:
             canonical = z85.encode(z85.decode(value.encode("ascii"))).decode("ascii") == value
         except Exception:  # noqa: BLE001 - z85 raises KeyError, ValueError, struct.error
             canonical = False
         if not canonical:
-            raise ValueError(f"{_quote(value)} is not valid z85 text: copy the public key exactly, in quotes")
+            raise ValueError(f"{safe_repr(value, 60)} is not valid z85 text: copy the public key exactly, in quotes")
         if value == QUEUESERVER_CLIENT_PUBLIC_KEY:
             raise ValueError("this is the key pair built into bluesky-queueserver's clients, whose secret key "
                              "is published with their source code: anybody can present it. Generate a key "
@@ -386,7 +381,7 @@ def check_claim(identity: ClientIdentity | None, user: object, user_group: objec
         user = identity.user
     elif identity.user is not None and user != identity.user:
         raise RequestRefused(
-            f"Error: User name {_quote(user)} does not match the client key, which belongs to "
+            f"Error: User name {safe_repr(user, 60)} does not match the client key, which belongs to "
             f"{identity.user!r}: send the user name {identity.user!r} or none "
             f"(REManagerAPI: RM.user = {identity.user!r})."
         )
@@ -396,7 +391,7 @@ def check_claim(identity: ClientIdentity | None, user: object, user_group: objec
         who = f"user {identity.user!r}" if identity.user is not None else "a front end"
         allowed = ", ".join(repr(g) for g in identity.groups)
         raise RequestRefused(
-            f"Error: User group {_quote(user_group)} is not allowed for the client key of {who}; "
+            f"Error: User group {safe_repr(user_group, 60)} is not allowed for the client key of {who}; "
             f"allowed groups: {allowed} (REManagerAPI: RM.user_group = {identity.groups[0]!r})."
         )
     return user, user_group

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import RequestRefused
+from ..format import safe_repr
 from ..protocol import QueueserverProtocol
 from .server import failure_text
 
@@ -104,14 +105,6 @@ def _unsupported_msg(names: list[str], spec: Method) -> str:
             f"Supported parameters: {list(spec.params or ())}")
 
 
-def _short(value: Any, limit: int = 200) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None = None,
              keys: Any = None, identity: Any = None, request_bytes: int = 0) -> dict:
     """Process one decoded request; returns the reply dict (errors in-band, never raises).
@@ -125,17 +118,17 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
         return {"success": False, "msg": f"Incorrect request type: {type(request)}. Dictionary is expected"}
     if "method" not in request:
         return {"success": False,
-                "msg": f"Invalid request format: method is not specified: {_short(request)}"}
+                "msg": f"Invalid request format: method is not specified: {safe_repr(request, 200)}"}
     extra = [key for key in request if key not in ("method", "params")]
     if extra:
         return {"success": False, "msg": (
-            f"Request contains unexpected keys {_short(extra)}. Allowed keys: ('method', 'params')")}
+            f"Request contains unexpected keys {safe_repr(extra, 200)}. Allowed keys: ('method', 'params')")}
     name = request["method"]
     spec = METHODS.get(name) if isinstance(name, str) else None
     if spec is None:
         if isinstance(name, str) and name in UNAVAILABLE:
             return protocol.unavailable(name)
-        return {"success": False, "msg": f"Unknown method {_short(name)}"}
+        return {"success": False, "msg": f"Unknown method {safe_repr(name, 200)}"}
     params = request.get("params")
     if params is None:
         params = {}

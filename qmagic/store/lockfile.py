@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RequestRefused, StateFileError
+from ..format import safe_repr
 from .files import open_state_file, read_fd
 from .keys import KeyRecord
 
@@ -140,18 +141,12 @@ def user_problem(user: Any) -> str | None:
     if text_ok(user, MAX_USER_CHARS):
         return None
     rule = USER_RULE if isinstance(user, str) and user else "a non-empty string"
-    return f"must be {rule}: user = {short(user)}"
+    return f"must be {rule}: user = {safe_repr(user, 80)}"
 
 
 def note_ok(note: Any) -> bool:
     """None, "" or valid text of at most MAX_NOTE_CHARS characters."""
     return note is None or note == "" or text_ok(note, MAX_NOTE_CHARS)
-
-
-def short(value: Any) -> str:
-    """``repr`` for messages, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_key(key: Any, *, allow_none: bool = False, new: bool = False) -> None:
@@ -167,12 +162,12 @@ def check_key(key: Any, *, allow_none: bool = False, new: bool = False) -> None:
         return
     if not isinstance(key, str) or not (key or allow_none):
         rule = "a non-empty string or None" if allow_none else "a non-empty string"
-        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {short(key)}")
+        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {safe_repr(key, 80)}")
     if len(key) > MAX_KEY_CHARS or (new and not text_ok(key, MAX_KEY_CHARS)):
         rule = f"{'a' if allow_none else 'a non-empty'} string of at most {MAX_KEY_CHARS} characters"
         rule += " that encodes as UTF-8" if new else ""
         rule += " or None" if allow_none else ""
-        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {short(key)}")
+        raise RequestRefused(f"Error: Lock key must be {rule}: lock_key = {safe_repr(key, 80)}")
 
 
 def _problem(st: os.stat_result) -> str:
@@ -281,7 +276,7 @@ class LockFile:
         if not isinstance(doc, dict) or doc.get("format") != "qmagic-lock":
             raise ValueError("it is not a qmagic lock file")
         if doc.get("version") != 1:
-            raise ValueError(f"unknown format version {short(doc.get('version'))} (written by a newer qmagic?)")
+            raise ValueError(f"unknown format version {safe_repr(doc.get('version'), 80)} (written by a newer qmagic?)")
         uid, env, queue = doc.get("uid"), doc.get("environment"), doc.get("queue")
         if not text_ok(uid, 200):
             raise ValueError("its 'uid' is missing")

@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import LockRefused, RequestRefused, StateFileError
+from ..format import safe_repr
 from .files import ensure_state_dir, open_state_file, replace_state_file
 from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (
@@ -68,7 +69,6 @@ from .lockfile import (
     check_key,
     identity,
     note_ok,
-    short,
     user_problem,
 )
 from .paths import validate_environment_name
@@ -254,10 +254,10 @@ class LockStore:
         check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
-                                 f"characters): note = {short(note)}")
+                                 f"characters): note = {safe_repr(note, 80)}")
         if not all(isinstance(v, (bool, type(None))) for v in (environment, queue)):
             raise RequestRefused("Error: Invalid option: 'environment' and 'queue' must be True or False: "
-                                 f"environment={short(environment)} queue={short(queue)}")
+                                 f"environment={safe_repr(environment, 80)} queue={safe_repr(queue, 80)}")
         environment, queue = bool(environment), bool(queue)
         if not (environment or queue):
             raise RequestRefused("Error: Invalid option: environment and/or queue must be selected: "

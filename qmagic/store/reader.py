@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
+from ..format import safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
@@ -46,9 +47,7 @@ def _check_text(key: str, value: Any) -> None:
             return
         except UnicodeEncodeError:
             pass
-    shown = repr(value[:60] if isinstance(value, str) else value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise ValueError(f"The {key} filter must be text without lone surrogates (got {shown}).")
+    raise ValueError(f"The {key} filter must be text without lone surrogates (got {safe_repr(value, 60)}).")
 
 
 class Filters:

@@ -68,7 +68,7 @@ ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
 #: Both: the errors of the tasks a stopped kernel left unfinished.
 ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
-from ..format import SUMMARY_KEY, printable  # noqa: E402 - one definition, shared with the text forms
+from ..format import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")
@@ -113,14 +113,7 @@ def clean_name(value: Any, limit: int = _NAME_CHARS) -> str | None:
     lone surrogates or control characters (escaped as ``\\udcff``, ``\\n``), cut to ``limit``."""
     if value is None:
         return None
-    return printable(value if isinstance(value, str) else _safe_repr(value), limit)
-
-
-def _safe_repr(value: Any) -> str:
-    try:
-        return repr(value)
-    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
-        return f"<{_type_name(value)} object; repr() failed: {exc!r}>"
+    return printable(value, limit) if isinstance(value, str) else safe_repr(value, limit)
 
 
 def _no_surrogates(text: str) -> str:
@@ -202,12 +195,12 @@ class RecordEncoder:
         if (uid.__class__ is not str or not 0 < len(uid) <= _UID_CHARS or not uid.isprintable()
                 or '"' in uid or "\\" in uid):
             raise ValueError(f"A task record needs a 'uid' of 1 to {_UID_CHARS} printable characters "
-                             f"without quotes or backslashes (got {_safe_repr(uid)[:80]}).")
+                             f"without quotes or backslashes (got {safe_repr(uid, 80)}).")
         rank = RANKS.get(status) if status.__class__ is str else None
         if rank is None or (final and rank != 3):
             raise ValueError(f"A task record's status must be one of "
                              f"{'completed, failed, cancelled' if final else ', '.join(STATUSES)} "
-                             f"(got {_safe_repr(status)[:80]}).")
+                             f"(got {safe_repr(status, 80)}).")
         # Fast path: orjson refuses (with these options) lone surrogates, datetimes,
         # dataclasses, subclasses, huge ints and non-str keys; what it would change silently
         # is NaN/infinity (written as null), so the values that may hold floats are checked.
@@ -311,7 +304,8 @@ class RecordEncoder:
                 and len(v) <= _WALK_ITEMS):
             inner = (*outer, id(v))
             if isinstance(v, dict):
-                out: Any = {(_no_surrogates(k) if isinstance(k, str) else _safe_repr(k)): self.value(x, inner)
+                keep = self.max_value_chars  # (a longer key makes the whole a summary anyway)
+                out: Any = {(_no_surrogates(k) if isinstance(k, str) else safe_repr(k, keep)): self.value(x, inner)
                             for k, x in v.items()}
             else:
                 out = [self.value(x, inner) for x in v]
@@ -337,8 +331,8 @@ class RecordEncoder:
             try:  # reprlib keeps the repr of a huge container short (and fast)
                 text = self._reprlib.repr(v) if big else repr(v)
             except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
-                text = f"<{_type_name(v)} object; repr() failed: {exc!r}>"
-            text = _no_surrogates(text) if isinstance(text, str) else _safe_repr(text)
+                text = f"<{_type_name(v)} object; repr() failed: {safe_repr(exc, 200)}>"
+            text = _no_surrogates(str.__str__(text))
         out: dict[str, Any] = {SUMMARY_KEY: kind, "type": _type_name(v), "repr": text[: self.summary_chars],
                                "truncated": big or len(text) > self.summary_chars,
                                "length": None if big else len(text)}

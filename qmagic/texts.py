@@ -1,0 +1,67 @@
+"""Any value as text fit to print: :func:`printable` and :func:`safe_repr`.
+
+The one place that escapes and cuts a value for a message, a table or a panel, with one cut
+marker (``...``).  Only the standard library here, so every layer may use it (core/ and
+store/ too); :mod:`qmagic.format` re-exports both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["SUMMARY_KEY", "printable", "safe_repr"]
+
+#: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
+SUMMARY_KEY = "__qmagic_summary__"
+# Escaped: control characters, line separators, and the invisible format characters that
+# hide or reorder text (zero-width space, direction marks and overrides, word joiners, BOM);
+# not the joiners that emoji and scripts need (U+200C, U+200D).
+_FORMAT = r"\u2028\u2029\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+_CONTROL = re.compile(rf"[\x00-\x1f\x7f-\x9f{_FORMAT}]")
+_CONTROL_BUT_NEWLINE = re.compile(rf"[\x00-\x09\x0b-\x1f\x7f-\x9f{_FORMAT}]")
+
+
+def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> str:
+    """``value`` as text fit to print anywhere: lone surrogates and control characters
+    escaped (``\\udcff``, ``\\n``), cut to ``limit`` characters (ending in ``...``).
+    With ``lines``, newlines stay (a block of text, e.g. a multi-line repr in a panel).
+
+    None reads ``""``, anything else but a str its ``str()``; never raises."""
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    else:
+        try:
+            text = str(value)
+        except Exception:  # noqa: BLE001
+            text = f"<{type(value).__name__} with a failing str>"
+    cut = limit is not None and len(text) > limit
+    if cut:  # (escaping only lengthens: a huge text is cut first)
+        text = text[:limit]
+    if not text.isprintable():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        control = _CONTROL_BUT_NEWLINE if lines else _CONTROL
+        text = control.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if limit is not None and (cut or len(text) > limit):
+        text = text[: max(0, limit - 3)] + "..."
+    return text
+
+
+def safe_repr(value: Any, limit: int = 2000, *, lines: bool = False) -> str:
+    """``repr(value)`` as one printable line (:func:`printable`; with ``lines``, newlines
+    stay) of at most ``limit`` characters, cut ending in ``...``.  Never raises: a
+    ``__repr__`` that raises or returns no str shows as ``<Type with a failing repr>``.
+    Summaries from the log show their kept repr.  The one helper for a value in a message:
+    each message passes its own ``limit``."""
+    try:
+        if isinstance(value, dict) and SUMMARY_KEY in value:
+            text = value.get("repr") or f"<{value.get('type', 'value')}>"
+        elif type(value) is str and len(value) > limit:  # (a huge text is cut before its repr)
+            text = repr(value[:limit])
+        else:
+            text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__} with a failing repr>"
+    return printable(str.__str__(text) if isinstance(text, str) else text, limit, lines=lines)
