@@ -346,9 +346,10 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
     def entries(n: int) -> str:  # (a task makes about three: submitted, started, finished)
         return f"{n} entr{'ies' if n != 1 else 'y'}"
 
-    parts = []
+    parts, held = [], int(health.get("in_memory") or 0)  # (held: a SIGKILL would lose them)
     if not ok:
-        parts.append("cannot write" + (f" ({entries(pending)} waiting)" if pending else ""))
+        held_text = f", {held} only in memory" if held else ""
+        parts.append("cannot write" + (f" ({entries(pending)} waiting{held_text})" if pending else ""))
     if dropped:
         parts.append(f"lost {entries(dropped)}")
     why = health.get("last_error")

@@ -2,8 +2,8 @@
 
 - :func:`damaged` / :func:`check_intact`: the database file is damaged or was cut short (it
   never heals: :func:`moved_aside` moves it aside, with its records, and a new one starts);
-- :func:`disk_full`: no room left (the writer then stores in smaller transactions and keeps
-  what waits in memory for the database rather than the spool);
+- :func:`disk_full`: no room left (the fault episode then lasts until all that waited is
+  stored: room freed goes to the spool first, see :meth:`~qmagic.store.spool.Spool.prepare`);
 - :class:`Faults`: fault episodes, back-off between retries, ONE warning per episode.
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.

@@ -305,12 +305,14 @@ class Journal:
 
     # ---- state ---------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """``{"ok", "pending", "dropped", "last_error", "path"}``: ok is False during a fault;
-        pending counts records not in SQLite yet; dropped those lost (memory queue full, or
-        only in memory when the log closed)."""
+        """``{"ok", "pending", "in_memory", "dropped", "last_error", "path"}``: ok is False
+        during a fault; pending counts events (about 3 per task) not in SQLite yet, in_memory
+        those of them only in memory (a fault: a SIGKILL would lose them; the others are in
+        the spool); dropped those lost (memory queue full, or only in memory when the log
+        closed)."""
         w = self._writer
         lines = sum(d.count(b"\n") - d.startswith(b'{"spool"') for d in self._spool.uncommitted())
-        return {"ok": not w.faults.kinds, "pending": lines,
+        return {"ok": not w.faults.kinds, "pending": lines, "in_memory": len(self._spool.held),
                 "dropped": self._spool.dropped_count() + w.lost, "last_error": w.faults.last_error,
                 "path": str(self.path)}
 

@@ -200,12 +200,12 @@ class Spool:
         return True
 
     # ---- for the writer thread ------------------------------------------------------------------
-    def prepare(self, move_held: bool = True) -> bool:
+    def prepare(self) -> bool:
         """Make sure a segment is current and a spare is ready when the current one is half
-        full; move held lines into the spool (unless ``move_held`` is false: the writer
-        stores them from memory).  True when the spool's files were found deleted (by
-        hand?): what they hold survives no crash, so the caller stores it at once.
-        Raises OSError/StateFileError on failure."""
+        full; move held lines into the spool (where a SIGKILL cannot lose them; a line takes
+        less room there than in the database).  True when the spool's files were found
+        deleted (by hand?): what they hold survives no crash, so the caller stores it at
+        once.  Raises OSError/StateFileError on failure."""
         if self.closed:
             return False
         deleted = False
@@ -235,7 +235,7 @@ class Spool:
                 else:
                     seg.close()
                     os.unlink(seg.path)
-        while self.held and move_held:
+        while self.held:
             with self.lock:
                 for _ in range(min(len(self.held), 1000)):
                     line = self.held[0]

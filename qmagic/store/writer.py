@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -62,24 +61,11 @@ QUIET_S = 0.02  # commit once the spool has not grown for this long ...
 MAX_DELAY_S = 2.0  # ... or this long after the first uncommitted event
 IDLE_POLL_S = 0.25  # how often an idle writer looks at the spool
 BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks for other kernels)
-MIN_BATCH_BYTES = 64 << 10  # ... down to this after the database found the disk full
 RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
 _ERRORS = (sqlite3.Error, OSError, StateFileError)
-
-
-def _room_for(spool: Spool, folder: Path) -> bool:
-    """Whether the disk has room for the lines waiting in memory and as much again, plus
-    BATCH_BYTES: only then may they go back through the spool while the database finds the
-    disk full (else its files would take the room the database needs)."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    waiting = sum(map(len, list(itertools.islice(spool.held, len(spool.held)))))
-    return st.f_bavail * st.f_frsize > 2 * waiting + BATCH_BYTES
 
 
 @dataclass
@@ -96,9 +82,8 @@ class _Batch:
 
 def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget: int) -> _Batch:
     """Fold about ``budget`` bytes of uncommitted lines into rows: first the lines waiting
-    in memory (``held``: a SIGKILL would lose them, and during a disk-full they go straight
-    to the database, never back through the spool, whose files would take the room the
-    database needs), then the spool's segments, oldest first."""
+    in memory (``held``: a SIGKILL would lose them; those the spool had no room for), then
+    the spool's segments, oldest first."""
     out = _Batch()
     # (a copy, in one C call: what waits stays visible to readers until it is committed)
     waiting = list(itertools.islice(spool.held, len(spool.held)))
@@ -136,7 +121,6 @@ class Writer:
         self.wake = Waker()
         self.ready = threading.Event()
         self.cycles = 0  # commit cycles started
-        self.batch = BATCH_BYTES  # bytes per transaction now (less after a disk-full)
         self.db_full = False  # the database's last write failed for lack of space
         self.clean = 0  # the latest cycle that left nothing behind
         self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
@@ -166,8 +150,8 @@ class Writer:
                     conn.close()
             if moved_aside(self.path, db_id or self._db_id, exc):
                 return  # (reopened by the next step, at once)
-        if kind == "database" and disk_full(exc):  # smaller transactions fit in freed room
-            self.db_full, self.batch = True, max(self.batch // 4, MIN_BATCH_BYTES)
+        if kind == "database" and disk_full(exc):
+            self.db_full = True
         self.faults.failed(kind, exc)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -211,8 +195,7 @@ class Writer:
         retry = now >= self.faults.retry_at or flush
         if retry or "spool" not in self.faults.kinds:
             try:
-                move = not self.db_full or _room_for(self.spool, self.path.parent)
-                if self.spool.prepare(move_held=move):  # (its files were deleted: store them now)
+                if self.spool.prepare():  # (its files were deleted: store what they hold now)
                     flush = spool_deleted(self.path.parent)
                 self.faults.fixed("spool")
             except _ERRORS as exc:
@@ -306,14 +289,14 @@ class Writer:
             raise StateFileError(f"Cannot start a new experiment log at {str(self.path)!r}.")
 
     def _commit(self) -> bool:
-        """One transaction of what is uncommitted (at most ``batch`` bytes); True if it left
+        """One transaction of what is uncommitted (at most BATCH_BYTES); True if it left
         nothing behind.  Raises on failure (everything stays to be retried)."""
         self._same_database()
         assert self.conn is not None
         self.cycles += 1
         cycle, pos, now = self.cycles, self._position(), time.time()
         segments = self.spool.close_full()
-        batch = _gather(self.spool, segments, self.session, now, self.batch)
+        batch = _gather(self.spool, segments, self.session, now, BATCH_BYTES)
         rows, late = batch.rows, list(batch.started.items())  # (late: rows stored already)
         if rows or late or batch.reads:
             with transaction(self.conn) as conn:
@@ -321,8 +304,7 @@ class Writer:
                 write_started(conn, late, self.session)
                 upsert_session(conn, self.session, last_seen=now, state="live")
             # Only a write ends a fault (an empty cycle proves nothing); after a disk-full,
-            # only once nothing waits (the room freed may be less than what waited).
-            self.batch = min(self.batch * 2, BATCH_BYTES)
+            # only once nothing waits (one episode, one warning, however many commits).
             if batch.complete or not self.db_full:
                 self.db_full = False
                 self.faults.fixed("database")
