@@ -588,6 +588,14 @@ def calls(j, prefix, n):
                     "started_at": now, "finished_at": now, "args": [i], "result": "x" * 100})
         out.append(time.perf_counter() - t0)
     return sorted(out)
+def fill(path):
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        except OSError as exc:
+            return exc.errno
 def wait_unhealthy(j):
     deadline = time.monotonic() + 20
     while j.health()["ok"] and time.monotonic() < deadline:
@@ -604,13 +612,7 @@ DISK_FULL = """
 j = Journal(folder, "lab-1")
 before = calls(j, "before", 200)
 out["stored_before"] = j.flush(10)
-with open(os.path.join(folder, "filler"), "wb") as f:
-    try:
-        while True:
-            f.write(b"x" * 65536)
-            f.flush()
-    except OSError as exc:
-        out["fill_error"] = exc.errno
+out["fill_error"] = fill(os.path.join(folder, "filler"))
 during = calls(j, "during", 3000)
 out["median_before"], out["median_during"] = before[len(before) // 2], during[len(during) // 2]
 out["slowest_during"] = during[-10]
@@ -628,16 +630,10 @@ j = Journal(folder, "lab-1", pending_limit=1_000_000)
 calls(j, "before", 100)
 out["stored_before"] = j.flush(10)
 filler = os.path.join(folder, "filler")
-with open(filler, "wb") as f:
-    try:
-        while True:
-            f.write(b"x" * 65536)
-            f.flush()
-    except OSError as exc:
-        out["fill_error"] = exc.errno
-calls(j, "during", %(tasks)d)
+out["fill_error"] = fill(filler)
+calls(j, "during", 6000)
 out["health_during"] = wait_unhealthy(j)
-os.truncate(filler, os.path.getsize(filler) - %(freed)d)  # less room than what waits
+os.truncate(filler, os.path.getsize(filler) - (1 << 20))  # 1 MB: less room than what waits
 deadline = time.monotonic() + 30
 while j.health()["in_memory"] >= out["health_during"]["in_memory"] and time.monotonic() < deadline:
     j.flush(0.2)
@@ -711,7 +707,7 @@ def test_room_freed_during_a_disk_full_goes_first_to_what_only_memory_holds(tmp_
     # Records waiting in memory go into the spool first (a SIGKILL cannot lose them there,
     # and a record takes less room there than in the database), and health() says how many
     # are still only in memory; the episode (one warning) lasts until all is stored.
-    out = in_namespace(tmp_path, DISK_FREED_IN_PART % {"tasks": 6000, "freed": 1 << 20}, "8m")
+    out = in_namespace(tmp_path, DISK_FREED_IN_PART, "8m")
     assert out["stored_before"] and out["fill_error"] == 28, out
     during, part = out["health_during"], out["health_part"]
     assert not during["ok"] and during["in_memory"] >= 3 * 6000 * 0.9, during
