@@ -278,3 +278,17 @@ def test_racing_sized_submits_never_pass_the_budget_together(engine_factory):
     finally:
         sys.setswitchinterval(old)
         gate.set()
+
+
+def test_an_interrupt_inside_the_size_check_takes_the_size_back(engine_factory, monkeypatch):
+    engine, _ = engine_factory(max_queued_bytes=10)
+    real = engine._hold_size
+
+    def interrupted(job, size):
+        real(job, size)
+        raise KeyboardInterrupt  # (lands after the size was counted)
+
+    monkeypatch.setattr(engine, "_hold_size", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        held(engine, 6, threading.Event())
+    assert engine._live_sizes == {} and engine.tasks() == []

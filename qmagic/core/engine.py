@@ -176,11 +176,11 @@ class Engine(TaskRegistry):
             bus=self.bus, on_cancel=self._on_cancel,
         )
         job = Job(task, call, coroutine)
-        if payload_bytes:  # (refused here if waiting and running tasks hold too much already)
-            self._hold_size(job, payload_bytes)
         job.tokens = self.context_hooks.capture(task)
         inline = entered = handed = False
         try:
+            if payload_bytes:  # (refused if the tasks waiting and running hold too much already)
+                self._hold_size(job, payload_bytes)
             if background:
                 self._reserve_background(job)
             else:

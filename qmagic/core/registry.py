@@ -106,7 +106,8 @@ class TaskRegistry:
     def _hold_size(self, job: Job, size: int) -> None:
         """Count a sized task's request bytes while it waits or runs, or refuse it when the
         others hold ``max_queued_bytes`` already (the first one always passes).  First
-        counted, then checked, like ``max_queued``: racing submitters never pass together."""
+        counted, then checked, like ``max_queued``: racing submitters never pass together.
+        (Called inside submit's ``try``: whatever stops it, the size is taken back.)"""
         job.task.payload_bytes = size
         self._live_sizes[job] = size
         while True:
