@@ -799,3 +799,25 @@ def test_the_remembered_key_follows_the_last_change_of_racing_lock_calls(make_wo
                 w.unlock()
     finally:
         sys.setswitchinterval(old)
+
+
+def test_a_remote_change_right_after_the_kernel_s_own_does_not_make_it_forget(make_worker, monkeypatch):
+    # Found by a review: the kernel remembered its key only if the lock was still the one
+    # its own change made, so a remote re-lock (same key) landing just after made it forget
+    # the key of a lock it held, and its next cell was refused.
+    w = make_worker({"f": lambda: 1})
+    store = w._locks
+    real = store.lock
+
+    def then_remote(key, **kw):
+        state = real(key, **kw)
+        if kw.get("client") is None:  # the kernel's own change: a remote one lands right after
+            real(key, environment=True, queue=False, note="remote", user="op", client="op-client")
+        return state
+
+    monkeypatch.setattr(store, "lock", then_remote)
+    w.lock("mine")
+    assert w.current_lock().note == "remote" and w.holds_lock_key
+    assert w.submit("f").result(TIMEOUT) == 1  # the kernel still opens its lock
+    monkeypatch.setattr(store, "lock", real)
+    assert w.unlock().locked is False and not w.holds_lock_key
