@@ -210,8 +210,8 @@ def test_live_sized_tasks_are_refused_beyond_the_budget_and_admitted_again(engin
     with pytest.raises(RequestRefused) as refused:
         held(engine, 1, gate)
     text = str(refused.value)
-    assert "\n" not in text and "hold 10 bytes of request data already" in text, text
-    assert "QMagic.max_queued_task_bytes = 10" in text and "send less data" in text
+    assert "\n" not in text and "its 1 bytes of request data and the 10 that tasks" in text, text
+    assert "pass QMagic.max_queued_task_bytes (10)" in text and "send less data" in text
     assert list(engine._live_sizes.values()) == [6, 4]  # the refused one left no trace
     assert [t.uid for t in engine.tasks()] == [first.uid, second.uid]
     own = engine.submit(lambda: "mine", name="own", user="u", user_group="g", background=False)
@@ -278,6 +278,14 @@ def test_racing_sized_submits_never_pass_the_budget_together(engine_factory):
     finally:
         sys.setswitchinterval(old)
         gate.set()
+
+
+def test_a_size_that_is_not_a_count_of_bytes_is_refused(engine_factory):
+    engine, _ = engine_factory()
+    for bad in (-5, 1.5, True):
+        with pytest.raises(ValueError, match="payload_bytes must be an int >= 0"):
+            held(engine, bad, threading.Event())
+    assert engine._live_sizes == {} and engine.tasks() == []
 
 
 def test_an_interrupt_inside_the_size_check_takes_the_size_back(engine_factory, monkeypatch):

@@ -110,7 +110,8 @@ def test_requests_waiting_or_running_are_bounded_too(make_worker):
             rm.function_execute(BFunc("wait_here", data), run_in_background=True)
         reply = refused.value.response
         assert reply["success"] is False and reply["task_uid"] is None, reply
-        assert "of request data already (QMagic.max_queued_task_bytes = 12,000,000)" in reply["msg"]
+        assert "that tasks waiting or running hold already pass QMagic.max_queued_task_bytes " \
+            "(12,000,000)" in reply["msg"], reply
         assert "send less data" in reply["msg"] and "\n" not in reply["msg"]
         assert len(worker.engine.tasks()) == 2  # the refused one left no trace
         assert rm.function_execute(BFunc("wait_here", "small"), run_in_background=True)["success"]

@@ -14,7 +14,8 @@ the result), so what they hold is bounded by about the budget plus one request. 
 are added up without a blocking lock: a finishing task appends ``(uid, size)`` to a deque
 (an atomic append), and whoever holds the lock drains it into the total (``_sized`` and
 ``_retained_bytes`` change only under the lock).  Sized tasks waiting or running are
-counted too: a new one is refused while the others hold ``max_queued_bytes``.
+counted too: a new one is refused when with it they would hold more than
+``max_queued_bytes`` (alone, it passes).
 
 It also keeps the results uid (queueserver's ``task_results_uid``).
 """
@@ -104,24 +105,23 @@ class TaskRegistry:
         self._results_count = next(self._results_seq)
 
     def _hold_size(self, job: Job, size: int) -> None:
-        """Count a sized task's request bytes while it waits or runs, or refuse it when the
-        others hold ``max_queued_bytes`` already (the first one always passes).  First
-        counted, then checked, like ``max_queued``: racing submitters never pass together.
-        (Called inside submit's ``try``: whatever stops it, the size is taken back.)"""
+        """Count a sized task's request bytes while it waits or runs, or refuse it when they
+        would take the bytes that tasks waiting or running hold above ``max_queued_bytes``
+        (a task alone always passes).  First counted, then checked, like ``max_queued``:
+        racing submitters never pass together.  (Called inside submit's ``try``: whatever
+        stops it, the size is taken back.)"""
+        if size.__class__ is not int or size < 0:
+            raise ValueError(f"payload_bytes must be an int >= 0 (got {size!r}).")
         job.task.payload_bytes = size
         self._live_sizes[job] = size
-        while True:
-            try:
-                held = sum(list(self._live_sizes.values())) - size
-                break
-            except RuntimeError:  # (changed by another thread while copied: look again)
-                continue
+        held = sum(list(self._live_sizes.values())) - size  # (one C call: an atomic copy)
         if held and held + size > self.max_queued_bytes:
             self._live_sizes.pop(job, None)
             raise RequestRefused(
-                f"Error: Failed to start the task: the tasks waiting or running hold {held:,} bytes of "
-                f"request data already (QMagic.max_queued_task_bytes = {self.max_queued_bytes:,}). "
-                "Wait for some to finish or cancel some, or send less data, then try again.")
+                f"Error: Failed to start the task: its {size:,} bytes of request data and the "
+                f"{held:,} that tasks waiting or running hold already pass "
+                f"QMagic.max_queued_task_bytes ({self.max_queued_bytes:,}). Wait for some to "
+                "finish or cancel some, or send less data, then try again.")
 
     def _retain(self, job: Job) -> None:
         """Keep a finished job; the oldest beyond ``max_finished`` (and the oldest sized ones
