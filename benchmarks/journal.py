@@ -19,12 +19,13 @@ order alternates from round to round; medians over rounds):
   ``log_mb`` = on - off is what the log adds                        [target: log_mb <= 15]
 
 ``floor``: what the task path must pay at the least for the log's invariants with
-``write(2)``: a worker with the log off and, through the engine's observer hook, an observer
-that only appends three pre-encoded lines per task (queued, started, ended: uid durable
-before the caller sees it, the start before the code runs, the end before waiters wake)
-with the log's own one-``write`` append, and nothing else (no encoding, no SQLite).  Its
-latency and burst ratios against the same baseline bound what any log that writes that way
-can reach on this machine; they are reported, not targets.
+``write(2)``: a worker with the log off and, through the engine's observer hook (the engine
+then builds each task's final record), an observer that only appends three pre-encoded lines
+per task (queued, started, ended: uid durable before the caller sees it, the start before
+the code runs, the end before waiters wake) with the log's own one-``write`` append, and
+nothing else (no encoding, no SQLite).  Its latency and burst ratios against the same
+baseline bound what a log behind that hook that writes that way can reach on this machine;
+they are reported, not targets.
 
 The log of the "on" worker must hold every task, completed, once it is closed (``records``:
 nothing else, nothing dropped), and an idle log must store what waits within 10 s

@@ -34,7 +34,7 @@ def check_name(name: Any) -> str:
         raise RequestRefused("Error: Incorrect request format: function name is not specified")
     if function_name_error(name) is not None:
         raise RequestRefused(
-            f"Error: Incorrect request format: {safe_repr(name, 40)} is not a function name: use the "
+            f"Error: Incorrect request format: {safe_repr(name, 42)} is not a function name: use the "
             f"name of a function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} "
             "characters)"
         )

@@ -19,13 +19,14 @@ SUMMARY_KEY = "__qmagic_summary__"
 # not the joiners that emoji and scripts need (U+200C, U+200D).
 _FORMAT = r"\u2028\u2029\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f-\x9f{_FORMAT}]")
-_CONTROL_BUT_NEWLINE = re.compile(rf"[\x00-\x09\x0b-\x1f\x7f-\x9f{_FORMAT}]")
+_CONTROL_BUT_LINES = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_FORMAT}]")  # (tabs, newlines stay)
 
 
 def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> str:
     """``value`` as text fit to print anywhere: lone surrogates and control characters
     escaped (``\\udcff``, ``\\n``), cut to ``limit`` characters (ending in ``...``).
-    With ``lines``, newlines stay (a block of text, e.g. a multi-line repr in a panel).
+    With ``lines``, newlines and tabs stay (a block of text, e.g. a multi-line repr in a
+    panel; ``\\r\\n`` reads as a newline).
 
     None reads ``""``, anything else but a str its ``str()``; never raises."""
     if isinstance(value, str):
@@ -42,7 +43,9 @@ def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> s
         text = text[:limit]
     if not text.isprintable():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-        control = _CONTROL_BUT_NEWLINE if lines else _CONTROL
+        if lines:
+            text = text.replace("\r\n", "\n")
+        control = _CONTROL_BUT_LINES if lines else _CONTROL
         text = control.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
     if limit is not None and (cut or len(text) > limit):
         text = text[: max(0, limit - 3)] + "..."

@@ -105,6 +105,7 @@ def test_safe_repr_is_one_printable_line_of_at_most_limit_characters_and_never_f
     assert safe_repr("a" * 10_000_000, 10) == "'aaaaaa..."  # (not the repr of all of it)
     assert safe_repr(list(range(100)), 12) == "[0, 1, 2,..."
     assert safe_repr(Odd(), lines=True) == "a\nb\\x1b[31m\\udcff\\u2028c"  # (a block keeps its lines)
+    assert printable("col\tcol\r\nrow\rx", lines=True) == "col\tcol\nrow\\rx"  # (tabs too; CRLF a line)
     # a right-to-left override would reorder the line, a zero-width space hides; emoji joiners stay
     assert printable("a\u202eb\u200bc\U0001f469\u200d\U0001f52c") == "a\\u202eb\\u200bc\U0001f469\u200d\U0001f52c"
     for value in (Raising(), NotText(), Odd(), "\n" * 100, b"\x00" * 100):

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import PermissionRefused, PermissionsFormatError
-from ..format import printable, safe_repr
+from ..texts import printable, safe_repr
 from ..yamlfile import load_yaml_file
 from .patterns import FAST_SLICE, MAX_NAME_LENGTH, compile_pattern, timed_search
 

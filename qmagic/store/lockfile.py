@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RequestRefused, StateFileError
-from ..format import safe_repr
+from ..texts import safe_repr
 from .files import open_state_file, read_fd
 from .keys import KeyRecord
 

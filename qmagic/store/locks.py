@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import LockRefused, RequestRefused, StateFileError
-from ..format import safe_repr
+from ..texts import safe_repr
 from .files import ensure_state_dir, open_state_file, replace_state_file
 from .keys import KeyChecker, KeyRecord, Throttle, hash_key
 from .lockfile import (

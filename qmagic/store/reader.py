@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from ..format import safe_repr
+from ..texts import safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once

@@ -68,7 +68,7 @@ ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
 #: Both: the errors of the tasks a stopped kernel left unfinished.
 ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
-from ..format import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
+from ..texts import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")

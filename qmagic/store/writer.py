@@ -210,6 +210,7 @@ class Writer:
             try:
                 while not self._commit() and not self.stopping:
                     pass
+                self.db_full = False  # (nothing waits: whatever the episode, it is over)
                 self.faults.fixed("database")
             except _ERRORS as exc:
                 self.failed("database", exc)
@@ -268,7 +269,8 @@ class Writer:
                 return
             raise
         self.conn, self._db_id = conn, db_id
-        self.faults.fixed("database")
+        if not self.db_full:  # (after a disk-full, the episode ends once what waits is stored)
+            self.faults.fixed("database")
 
     def _same_database(self) -> None:
         """Reopen (a new database) when the file was deleted or replaced since it was opened:
