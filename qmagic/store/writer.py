@@ -206,6 +206,8 @@ class Writer:
             return
         if "database" in self.faults.kinds and not retry:
             return
+        if self.db_full and self.spool.held:  # room freed goes to the spool first: a failing
+            return  # transaction would grow the WAL into it and keep it (found by a busy run)
         if flush or self._due(now):
             try:
                 while not self._commit() and not self.stopping:
