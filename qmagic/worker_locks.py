@@ -1,8 +1,10 @@
 """The worker's lock: lock, unlock, read it, and check a request's key against it.  A mix-in
 of :class:`qmagic.Worker` over its :class:`~qmagic.store.locks.LockStore` (``_locks``, made
 and replaced by :class:`~qmagic.worker_state.StateMixin`); this kernel remembers the key it
-locked with (``_remembered_key``; the kernel's own lock changes go one at a time under
-``_key_lock``, remote ones never take it).
+locked with (``_remembered_key``).  The kernel's own lock changes (a cell, a click) go one
+at a time under ``_key_lock`` and each sets the remembered key, so it is that of the latest
+one; remote changes never take ``_key_lock`` (a remote lock never waits for a cell's key
+derivation or disk) and never change what the kernel remembers.
 """
 
 from __future__ import annotations
@@ -60,29 +62,19 @@ class LockMixin:
             if environment is None and queue is None:
                 environment = True
             user = self.default_user if user is None else user
-
-        def change(key: Any) -> Any:
-            return self._locks.lock(key, environment=False if environment is None else environment,
-                                    queue=False if queue is None else queue,  # (types checked there)
-                                    note=note, user=user, client=client)
+        # (the scopes' types are checked by the store)
+        scopes = {"environment": False if environment is None else environment,
+                  "queue": False if queue is None else queue}
         if origin == "remote":
-            return change(lock_key)
-        with self._key_lock:  # (this kernel's own changes, one at a time: see _own_change)
+            return self._locks.lock(lock_key, **scopes, note=note, user=user, client=client)
+        with self._key_lock:  # (this kernel's own changes: one at a time, see the module doc)
             key = self._remembered_key if lock_key is None else lock_key
             if key is None:
                 from .store.keys import get_default_lock_key
 
                 key = get_default_lock_key()
-            return self._own_change(lambda: change(key), key)
-
-    def _own_change(self, change: Any, key: str | None) -> Any:
-        """Make a change of this kernel's own (a cell, a click; caller holds ``_key_lock``)
-        and remember ``key`` (None: forget it) if it succeeds.  The kernel's own changes go
-        one at a time, so the key remembered is that of its latest change; remote requests
-        never take ``_key_lock`` (a remote lock never waits for a cell's key derivation or
-        disk) and never change what the kernel remembers."""
-        state = change()
-        self._remembered_key = key
+            state = self._locks.lock(key, **scopes, note=note, user=user, client=client)
+            self._remembered_key = key
         return state
 
     def unlock(self, lock_key: str | None = None, *, origin: str = "python",
@@ -106,9 +98,11 @@ class LockMixin:
             if origin == "remote":
                 return self._locks.unlock(key, client=client)
             with self._key_lock:
-                return self._own_change(lambda: self._locks.unlock(key, client=client), None)
+                state = self._locks.unlock(key, client=client)
+                self._remembered_key = None
         except LockRefused as exc:
             raise self._with_state(exc) from None
+        return state
 
     def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:
         """The current LockState, read now; with ``lock_key`` given, LockRefused if it is wrong.

@@ -80,10 +80,6 @@ UNAVAILABLE = frozenset({
 })
 
 
-#: Methods whose task holds what the client sent (its size bounds finished tasks' memory).
-_SIZED = frozenset({"function_execute", "script_upload"})
-
-
 def _authenticated(method: str, params: dict, identity: Any) -> dict:
     """The request's claims checked against the sender's client key (RequestRefused if not)."""
     from .auth import check_claim, check_method
@@ -112,7 +108,7 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
     ``keys``: the CurveZMQ client key list when one is configured; then ``identity`` is
     the sender's (None: not listed) and the request may only claim that identity's user
     and groups (:mod:`qmagic.remote.auth`).  ``request_bytes``: the request's size, passed to
-    the methods that start a task with what the client sent (their tasks carry it).
+    every method (those that start a task with what the client sent give it to the task).
     """
     if not isinstance(request, dict):  # queueserver's text
         return {"success": False, "msg": f"Incorrect request type: {type(request)}. Dictionary is expected"}
@@ -145,9 +141,9 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
     try:
         if keys is not None:
             params = _authenticated(name, params, identity)
-        if name in _SIZED:
-            return handler(params, client=client, request_bytes=request_bytes)
-        return handler(params, client=client)
+        # (request_bytes: used by the methods whose task holds what the client sent; the
+        # others take it in **who)
+        return handler(params, client=client, request_bytes=request_bytes)
     except RequestRefused as exc:
         return {"success": False, "msg": str(exc), **spec.error_keys}
     except Exception:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug

@@ -206,8 +206,10 @@ class Writer:
             return
         if "database" in self.faults.kinds and not retry:
             return
-        if self.db_full and self.spool.held:  # room freed goes to the spool first: a failing
-            return  # transaction would grow the WAL into it and keep it (found by a busy run)
+        # After a disk-full, room freed goes to the spool first: while records wait in memory,
+        # a transaction that fails for lack of room would grow the WAL into it, and keep it.
+        if self.db_full and self.spool.held:
+            return
         if flush or self._due(now):
             try:
                 while not self._commit() and not self.stopping:
