@@ -234,6 +234,100 @@ def test_the_guard_never_raises_where_a_lock_would_stay_held(_shell, sigint_as_i
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def _tstate_wait_frame(blocking: bool):
+    """A real frame of ``Thread._wait_for_tstate_lock`` for a live thread, as ``is_alive()``
+    (or, ``blocking``, ``join()``) runs it (caught by a spying lock)."""
+    frames = []
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, args=(10,), daemon=True)
+    thread.start()
+    real = thread._tstate_lock
+
+    class SpyLock:
+        def acquire(self, *args):
+            frames.append(sys._getframe(1))
+            return real.acquire(*args)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    thread._tstate_lock = SpyLock()
+    try:
+        if blocking:
+            thread.join(0.001)
+        else:
+            assert thread.is_alive()
+    finally:
+        thread._tstate_lock = real
+        release.set()
+        thread.join(10)
+    assert frames[0].f_code is threading.Thread._wait_for_tstate_lock.__code__
+    return frames[0]
+
+
+def test_an_interrupt_never_lands_where_is_alive_looks_at_a_threads_lock(_shell, sigint_as_in_a_cell):
+    """In-process: ipykernel asks whether its IOPub thread is alive at every output (every
+    ``print`` of a task).  A SIGINT raised inside that look (``Thread._wait_for_tstate_lock``
+    under ``is_alive``) releases the live thread's lock and marks it dead for good
+    (python/cpython#90882, CPython up to 3.12); every thread then sends its own output, the
+    messages interleave and the frontend rejects them ("Invalid Signature": the storm test
+    below met it about once in 30 runs of the suite).  The guard delivers such an interrupt
+    again a moment later, and a forced cancel waits likewise; one that lands in a ``join()``
+    still raises, so ■ still stops a task that waits for a thread."""
+    from qmagic.core.foreground import breaks_a_lock
+    from qmagic.ipython.runner import HeldInterrupt, KernelForegroundRunner
+
+    if not hasattr(threading.Thread, "_wait_for_tstate_lock"):  # CPython 3.13+: nothing to guard
+        assert not breaks_a_lock(sys._getframe())
+        return
+    looking, joining = _tstate_wait_frame(blocking=False), _tstate_wait_frame(blocking=True)
+    assert (breaks_a_lock(looking), breaks_a_lock(joining), breaks_a_lock(sys._getframe())) == (
+        True, False, False)
+
+    runner = KernelForegroundRunner(_shell)
+    redelivery = threading.Event()
+    runner._redeliver = lambda window: redelivery.set()  # records only (no SIGINT here)
+    with pytest.raises(HeldInterrupt):
+        with runner.guard(lambda: True):
+            try:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, looking)  # deferred: returns
+            except KeyboardInterrupt:
+                pytest.fail("KeyboardInterrupt raised inside Thread.is_alive()")
+            assert redelivery.wait(10)
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with runner.guard(lambda: True):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, joining)
+    assert type(raised.value) is KeyboardInterrupt
+
+
+def test_a_redelivered_interrupt_never_outlives_its_guard(_shell, sigint_as_in_a_cell):
+    """In-process: the redelivery thread decides to send as the guard ends.  The guard's end
+    waits for that send, so no redelivered SIGINT can reach the next task or cell (it was
+    checked and sent without a lock: a thread descheduled in between sent it later)."""
+    from qmagic.ipython.runner import HeldInterrupt, KernelForegroundRunner
+
+    runner = KernelForegroundRunner(_shell)
+    order: list[str] = []
+    sending, proceed = threading.Event(), threading.Event()
+
+    def interrupt():  # the redelivery, stopped between its decision and the send
+        sending.set()
+        assert proceed.wait(10)
+        order.append("sent")
+
+    runner.interrupt = interrupt
+    release = threading.Timer(0.05, proceed.set)  # lets the send finish while the guard ends
+    with pytest.raises(HeldInterrupt):
+        with runner.guard(lambda: True):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, _condition_enter_frame())
+            assert sending.wait(10)
+            release.start()
+    order.append("guard ended")
+    release.join(10)
+    assert proceed.wait(10)
+    assert order == ["sent", "guard ended"]
+
+
 def test_a_press_before_the_tasks_code_started_stops_the_task(_shell, sigint_as_in_a_cell, tmp_path):
     """In-process: ■ lands in qmagic's bookkeeping before the task's code started (here while
     its context hooks are entered): the task never starts, is recorded as interrupted, and
@@ -279,8 +373,10 @@ def sk(tmp_path_factory):
 
 
 def _healthy(k) -> None:
-    """The kernel answers, runs a foreground task, and holds no foreground task."""
+    """The kernel answers, runs a foreground task, holds no foreground task, and its output
+    thread is still seen alive (see the is_alive test above)."""
     assert k.eval("1 + 1") == 2
+    assert k.eval("get_ipython().kernel.iopub_thread.thread.is_alive()") is True
     assert k.execute("%function_execute add 20 22", check=True).result.startswith("add(20, 22)")
     assert k.eval("w.last_task.result()") == 42
     assert k.eval("w.engine.counts()['foreground'] is None") is True

@@ -20,7 +20,8 @@ import threading
 from typing import Callable, ContextManager, Protocol
 
 __all__ = [
-    "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "LOCK_FRAMES",
+    "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock",
+    "LOCK_FRAMES",
 ]
 
 log = logging.getLogger("qmagic")
@@ -46,11 +47,35 @@ LOCK_FRAMES = frozenset(
 NO_GUARD: ContextManager[None] = contextlib.nullcontext()
 
 
+#: ``Thread.is_alive()`` looks at the thread's lock in ``Thread._wait_for_tstate_lock``
+#: (CPython up to 3.12).  An exception raised there while that thread is alive releases the
+#: thread's lock and marks it dead for good (python/cpython#90882).  ipykernel asks whether
+#: its IOPub thread is alive at every output; once it seems dead, every thread sends its
+#: output itself, the messages interleave and the frontend rejects them ("Invalid
+#: Signature").  Only the non-blocking look (``is_alive``) is guarded: an interrupt must
+#: still stop a ``join()`` that waits for a thread.
+_IS_ALIVE = getattr(threading.Thread.is_alive, "__code__", None)
+_TSTATE_WAIT = getattr(getattr(threading.Thread, "_wait_for_tstate_lock", None), "__code__", None)
+
+
+def breaks_a_lock(frame) -> bool:
+    """True when an exception raised in ``frame`` now could break a lock: a Condition
+    taking or giving back its lock (:data:`LOCK_FRAMES`), or ``Thread.is_alive()`` looking
+    at a thread's lock."""
+    code = frame.f_code
+    if code in LOCK_FRAMES:
+        return True
+    if _TSTATE_WAIT is None or code is not _TSTATE_WAIT:
+        return False
+    caller = frame.f_back
+    return caller is not None and caller.f_code is _IS_ALIVE
+
+
 def in_lock_frame(ident: int) -> bool:
-    """True while thread ``ident`` runs one of :data:`LOCK_FRAMES` (an asynchronous
-    exception raised in it now could leave a lock held)."""
+    """True while thread ``ident`` runs code where an asynchronous exception raised now
+    could break a lock (see :func:`breaks_a_lock`)."""
     frame = sys._current_frames().get(ident)
-    return frame is not None and frame.f_code in LOCK_FRAMES
+    return frame is not None and breaks_a_lock(frame)
 
 
 def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:

@@ -8,8 +8,10 @@
   SIGINT raises KeyboardInterrupt only inside the task's own code; one that arrives during
   qmagic's bookkeeping is held back and raised when the guard ends (as one line, only if
   the task itself was not interrupted), so an interrupt can never break a task's record;
-  one that lands just as a ``threading.Condition`` takes or gives back its lock (behind
-  every ``print`` of a task) is delivered again a moment later, never leaving a lock held.
+  one that lands where raising would break a lock — a ``threading.Condition`` taking or
+  giving back its lock, ``Thread.is_alive()`` looking at a thread's lock (behind every
+  ``print`` of a task) — is delivered again a moment later (see
+  :func:`qmagic.core.foreground.breaks_a_lock`).
   A storm is one interrupt: SIGINTs that follow the previous one within
   :data:`COALESCE_S` are dropped, inside the task and — in a cell — after it, until the
   storm is over, so that no late SIGINT lands in IPython's or ipykernel's own code (where
@@ -32,7 +34,7 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Iterator
 
-from ..core.foreground import LOCK_FRAMES, NO_GUARD
+from ..core.foreground import NO_GUARD, breaks_a_lock
 
 __all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S"]
 
@@ -55,6 +57,16 @@ REDELIVER_S = 0.001
 
 #: Code of the guard's SIGINT handler (see :func:`_interrupted_frame`).
 _HANDLER_CODES: set[Any] = set()
+
+
+class _RedeliveryWindow:
+    """Whether a guard still takes a redelivered SIGINT (closed under ``lock`` as it ends)."""
+
+    __slots__ = ("lock", "open")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = True
 
 
 class HeldInterrupt(KeyboardInterrupt):
@@ -125,7 +137,7 @@ class KernelForegroundRunner:
                before_code: Callable[[], bool] | None) -> Iterator[None]:
         raised = pending = redelivering = False
         last: list[float] = []  # time of the last SIGINT seen (shared with the storm absorber)
-        active = [True]  # a redelivery still may be sent
+        window = _RedeliveryWindow()
 
         def handler(signum: int, frame: Any) -> None:
             nonlocal raised, pending, redelivering
@@ -136,11 +148,11 @@ class KernelForegroundRunner:
                 return  # the same interrupt as the previous SIGINT
             if in_user_code():
                 origin = _interrupted_frame(frame)
-                if origin is not None and origin.f_code in LOCK_FRAMES:
-                    # Raising there would leave a lock held for good: deliver it again once
-                    # that frame is left (or, should the task end first, when the guard ends).
+                if origin is not None and breaks_a_lock(origin):
+                    # Raising there would break a lock for good: deliver it again once that
+                    # frame is left (or, should the task end first, when the guard ends).
                     redelivering = pending = True
-                    _thread.start_new_thread(self._redeliver, (active,))
+                    _thread.start_new_thread(self._redeliver, (window,))
                     return
                 raised = True
                 raise KeyboardInterrupt
@@ -154,7 +166,8 @@ class KernelForegroundRunner:
         try:
             yield
         finally:
-            active[0] = False
+            with window.lock:
+                window.open = False
             if last and previous is signal.default_int_handler and self._kernel_loop() is not None:
                 # In a kernel's cell: the rest of a storm must not land in the kernel's own
                 # code.  (The kernel restores its own handler when the request ends.)
@@ -167,11 +180,14 @@ class KernelForegroundRunner:
                 "(see %task_result)."
             ) from None
 
-    def _redeliver(self, active: list[bool]) -> None:
-        """Helper thread: the deferred SIGINT, a moment later (see :meth:`guard`)."""
+    def _redeliver(self, window: _RedeliveryWindow) -> None:
+        """Helper thread: the deferred SIGINT, a moment later (see :meth:`guard`), only
+        while that guard is still active: checked and sent under the window's lock, so a
+        late redelivery never reaches the next task or cell."""
         time.sleep(REDELIVER_S)
-        if active[0]:
-            self.interrupt()
+        with window.lock:
+            if window.open:
+                self.interrupt()
 
     def close(self) -> None:
         """Stop accepting handed-over calls (already scheduled ones still run)."""
