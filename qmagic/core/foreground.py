@@ -36,11 +36,20 @@ _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_objec
 #: Code of the frames in which an exception would leave a lock held for good: Python's
 #: ``threading.Condition`` takes and gives back its lock in Python code around C calls
 #: (``with condition:`` in a task's bookkeeping, behind every ``print`` and
-#: ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...).
+#: ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...), and
+#: so does ``logging`` (``Handler.acquire``/``release`` around every record a handler
+#: emits: qmagic's own handler on the root logger and ``logging.lastResort`` see every
+#: warning of a task).  A handler's lock left held by the main thread froze the kernel:
+#: the next warning of a background task waited for it for good while holding qmagic's
+#: handler lock, and the next log call of a cell waited for that one.
 LOCK_FRAMES = frozenset(
-    getattr(threading.Condition, name).__code__
-    for name in ("__enter__", "__exit__", "_release_save", "_acquire_restore")
-    if hasattr(getattr(threading.Condition, name, None), "__code__")
+    [getattr(threading.Condition, name).__code__
+     for name in ("__enter__", "__exit__", "_release_save", "_acquire_restore")
+     if hasattr(getattr(threading.Condition, name, None), "__code__")]
+    + [getattr(owner, name).__code__
+       for owner, name in ((logging.Handler, "acquire"), (logging.Handler, "release"),
+                           (logging, "_acquireLock"), (logging, "_releaseLock"))
+       if hasattr(getattr(owner, name, None), "__code__")]
 )
 
 #: The guard of a thread that needs none (shared: a ``nullcontext`` is reusable).

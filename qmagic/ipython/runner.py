@@ -8,9 +8,10 @@
   SIGINT raises KeyboardInterrupt only inside the task's own code; one that arrives during
   qmagic's bookkeeping is held back and raised when the guard ends (as one line, only if
   the task itself was not interrupted), so an interrupt can never break a task's record;
-  one that lands where raising would break a lock — a ``threading.Condition`` taking or
-  giving back its lock, ``Thread.is_alive()`` looking at a thread's lock (behind every
-  ``print`` of a task) — is delivered again a moment later (see
+  one that lands where raising would break a lock — a ``threading.Condition`` or a
+  ``logging`` handler taking or giving back its lock, ``Thread.is_alive()`` looking at a
+  thread's lock (behind every ``print`` and log call of a task) — is delivered again a
+  moment later (see
   :func:`qmagic.core.foreground.breaks_a_lock`).
   A storm is one interrupt: SIGINTs that follow the previous one within
   :data:`COALESCE_S` are dropped, inside the task and — in a cell — after it, until the
