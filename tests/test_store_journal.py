@@ -767,6 +767,29 @@ def test_rows_that_do_not_validate_are_skipped_with_one_warning_per_kind(journal
                                                                    "nothing": None}
 
 
+def test_lines_cut_short_by_a_full_disk_never_break_a_read_nor_hide_a_task():
+    """A write cut short by a full disk leaves part of a line in the spool (the next line
+    starts on a new line).  Cut just after its uid, such a line made every read of the log
+    raise IndexError (seen in a run of the disk-full test); cut inside a task's final
+    record, it hid the task's earlier, durable lines, so after a SIGKILL the task was lost.
+    Now it counts as damage and the task's best other line stands."""
+    from qmagic.store.database import rows_from_lines
+    from qmagic.store.records import RecordEncoder
+
+    encoder = RecordEncoder(2000)
+    queued = encoder.encode(task("t-1"))
+    ended = encoder.encode(task("t-1", "completed", result=5), final=True)
+    started = orjson.dumps([2, "t-1", time.time()], option=orjson.OPT_APPEND_NEWLINE)
+    after_uid = ended.index(b'"', 4) + 1
+    for cut in (after_uid, after_uid + 1, after_uid + 2, len(ended) // 2, len(ended) - 2):
+        rows, bad, starts = {}, [], {}
+        rows_from_lines(queued + started + ended[:cut] + b"\n", "s", time.time(), rows, bad, starts)
+        assert (rows["t-1"][2], len(bad), starts) == ("running", 1, {}), cut
+    rows, bad = {}, []
+    rows_from_lines(queued + ended[: len(ended) // 2] + b"\n" + ended, "s", time.time(), rows, bad)
+    assert (rows["t-1"][2], len(bad)) == ("completed", 0)  # (a later whole line wins anyway)
+
+
 def test_names_are_validated_before_they_are_stored(journal):
     journal.submitted(task("n0", name="tab\there", user="bob\n"))  # (the fast path)
     journal.submitted(task("n1", name="remote\udcffname", user="bob\n", user_group=7))

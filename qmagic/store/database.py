@@ -249,13 +249,15 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
     rank: the later line), and only the winning line is parsed.  Start lines
     ``[2, "uid", time]`` make a queued row running; those of uids without a record line
     here go to ``started`` (uid -> time).  Other lines (segment headers, damage) are
-    skipped; ``bad`` gets one item per damaged line."""
+    skipped; ``bad`` gets one item per damaged line.  A winning line that does not parse
+    (cut short by a full disk) gives way to the task's best other line."""
     latest: dict[bytes, bytes] = {}
     starts: dict[bytes, bytes] = {}
     for line in data.split(b"\n"):
         q = line.find(b'"', 4)
         # b"[", b"1".."3", b",", b'"' ... b'"', b",": indexing bytes gives ints (no copies)
-        if q < 0 or line[0] != 91 or not 49 <= line[1] <= 51 or line[2] != 44 or line[3] != 34:
+        if (q < 0 or len(line) < q + 3 or line[0] != 91 or not 49 <= line[1] <= 51
+                or line[2] != 44 or line[3] != 34):
             if line and not line.startswith(b'{"spool"'):
                 bad.append(1)
             continue
@@ -267,6 +269,7 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
         if old is None or old[1] <= line[1]:
             latest[uid] = line
     loads = orjson.loads
+    torn: list[tuple[bytes, bytes]] = []
     for raw_uid, line in latest.items():
         try:
             rank, uid, rec = loads(line)
@@ -275,6 +278,7 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
                 raise ValueError
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError):
             bad.append(1)
+            torn.append((raw_uid, line))
             continue
         old = rows.get(uid)
         if old is not None and old[1] > rank:
@@ -291,9 +295,19 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
         rows[uid] = (uid, rank, status, name if name.__class__ is str else None,
                      user if user.__class__ is str else None, notebook, _basename(notebook),
                      sort_time, sub, sta, fin, session, body)
+    if torn:  # the tasks' other record lines compete again, without the damaged winners
+        winners = {raw_uid + b'",{': line for raw_uid, line in torn}
+        others = []
+        for line in data.split(b"\n"):
+            key = line[4:line.find(b'"', 4) + 3]
+            if key in winners and line != winners[key]:
+                others.append(line)
+        if others:
+            rows_from_lines(b"\n".join(others), session, now, rows, bad)
+    damaged = {raw_uid for raw_uid, _ in torn}
     for raw_uid, line in starts.items():
         final = latest.get(raw_uid)
-        if final is not None and final[1] >= 50:  # running or ended: it has its start time
+        if final is not None and final[1] >= 50 and raw_uid not in damaged:  # it has its start
             continue
         try:
             _, uid, t = loads(line)
