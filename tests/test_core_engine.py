@@ -435,6 +435,36 @@ def test_finished_tasks_with_deadlines_are_not_kept_by_their_timers(make_worker)
     assert len(w.engine.timers._heap) < 4096 + 1024
 
 
+def test_a_thread_waiting_for_a_condition_is_left_to_it_not_forced(make_worker):
+    """A background task waits in ``with condition:`` for a lock another thread holds.  A
+    forced cancel raised there would land just as the lock is taken and leave it held for
+    good, so it is not sent: it tried again every millisecond for ever, and the thread
+    stayed taken (found by the reviewer).  After FORCE_GIVE_UP_S of tries the thread is
+    left to it, the other tasks get another one, and the lock works afterwards."""
+    from qmagic.core.jobs import FORCE_GIVE_UP_S
+
+    condition = threading.Condition()
+    inside = threading.Event()
+
+    def waits():
+        with condition:
+            inside.set()
+
+    w = make_worker({"waits": waits, "add": lambda a, b: a + b},
+                    max_background_tasks=1, cancel_grace_s=0.05)
+    with condition:
+        stuck = w.submit("waits")
+        eventually(lambda: stuck.status is TaskStatus.RUNNING)
+        w.cancel(stuck, force=True)
+        started = time.monotonic()
+        assert w.submit("add", (1, 2)).result(TIMEOUT) == 3  # (another thread)
+        assert time.monotonic() - started >= FORCE_GIVE_UP_S * 0.9
+        assert not stuck.done() and not inside.is_set()
+    assert inside.wait(TIMEOUT) and stuck.wait(TIMEOUT)
+    assert condition.acquire(timeout=TIMEOUT)  # not left held by a forced exception
+    condition.release()
+
+
 def test_a_thread_blocked_where_a_forced_cancel_cannot_reach_is_left_to_it(make_worker):
     """A background task blocked in C (a lock wait without timeout): a forced cancel cannot
     land, and its thread stayed taken for good — with every thread taken so, later tasks

@@ -300,13 +300,11 @@ def test_an_interrupt_never_lands_where_is_alive_looks_at_a_threads_lock(_shell,
     assert type(raised.value) is KeyboardInterrupt
 
 
-def _logging_lock_frames():
-    """Real frames of ``logging.Handler.acquire`` and ``release`` as a handler emits a
-    record (caught by a spying lock)."""
-    import logging
-
+def _logging_lock_frames(handler):
+    """Real frames of ``logging.Handler.acquire`` and ``release`` (caught by a spying lock
+    around the handler's own RLock, which it then gets back)."""
     frames = {}
-    real = threading.RLock()
+    real = handler.lock
 
     class SpyLock:
         def acquire(self, *args):
@@ -317,18 +315,15 @@ def _logging_lock_frames():
             frames["release"] = sys._getframe(1)
             return real.release()
 
-    class Quiet(logging.Handler):
-        def emit(self, record):
-            pass
-
-    handler = Quiet()
     handler.lock = SpyLock()
-    handler.handle(logging.makeLogRecord({"msg": "x"}))
+    handler.acquire()
+    handler.release()
+    handler.lock = real
     assert not real._is_owned()
     return frames["acquire"], frames["release"]
 
 
-def test_an_interrupt_never_lands_where_a_logging_handler_takes_its_lock(_shell, sigint_as_in_a_cell):
+def test_an_interrupt_never_lands_where_a_logging_handler_took_its_lock(_shell, sigint_as_in_a_cell):
     """In-process: ``logging.Handler.handle`` takes the handler's lock in Python code
     (``acquire()``, then ``try``).  A SIGINT raised inside ``acquire`` once the lock is
     taken, or inside ``release`` before it is given back, leaves the lock held for good by
@@ -337,24 +332,54 @@ def test_an_interrupt_never_lands_where_a_logging_handler_takes_its_lock(_shell,
     it for good while holding qmagic's handler lock, and the next log call of a cell waited
     for that: the kernel froze (found by the hostile storm tester: 2 of 14 rounds of 300
     logging tasks under a remote storm).  The guard delivers such an interrupt again a
-    moment later, and a forced cancel waits likewise."""
+    moment later — by one helper at a time, however many SIGINTs come meanwhile — and a
+    forced cancel waits likewise.  But one that lands while ``acquire`` *waits* for a lock
+    another thread holds still raises: ■ stops a task stuck on a log call."""
+    import logging
+
     from qmagic.core.foreground import breaks_a_lock
     from qmagic.ipython.runner import HeldInterrupt, KernelForegroundRunner
 
-    acquiring, releasing = _logging_lock_frames()
-    assert (breaks_a_lock(acquiring), breaks_a_lock(releasing)) == (True, True)
+    handler = logging.Handler()
+    acquiring, releasing = _logging_lock_frames(handler)
+    assert (breaks_a_lock(acquiring), breaks_a_lock(releasing)) == (True, True)  # from a thread
     runner = KernelForegroundRunner(_shell)
     redelivered = []
     redelivery = threading.Event()
     runner._redeliver = lambda window: (redelivered.append(window), redelivery.set())  # records only
-    with pytest.raises(HeldInterrupt):
-        with runner.guard(lambda: True):
-            for frame in (acquiring, releasing):
-                try:
-                    signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)  # deferred: returns
-                except KeyboardInterrupt:
-                    pytest.fail(f"KeyboardInterrupt raised in logging's {frame.f_code.co_name}")
-            assert redelivery.wait(10) and len(redelivered) >= 1
+    handler.lock.acquire()  # taken by this thread, as just after acquire() took it
+    try:
+        with pytest.raises(HeldInterrupt):
+            with runner.guard(lambda: True):
+                for frame in (acquiring, releasing, acquiring, releasing):
+                    try:
+                        signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)  # deferred: returns
+                    except KeyboardInterrupt:
+                        pytest.fail(f"KeyboardInterrupt raised in logging's {frame.f_code.co_name}")
+                assert redelivery.wait(10)
+        assert len(redelivered) == 1
+    finally:
+        handler.lock.release()
+
+    taken, release = threading.Event(), threading.Event()
+
+    def holder():  # another thread holds the lock: acquire() would be waiting for it
+        with handler.lock:
+            taken.set()
+            release.wait(10)
+
+    other = threading.Thread(target=holder, daemon=True)
+    other.start()
+    try:
+        assert taken.wait(10)
+        with pytest.raises(KeyboardInterrupt) as raised:
+            with runner.guard(lambda: True):
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, acquiring)
+        assert type(raised.value) is KeyboardInterrupt
+        assert breaks_a_lock(acquiring)  # (from another thread this cannot be told)
+    finally:
+        release.set()
+        other.join(10)
 
 
 def test_a_redelivered_interrupt_never_outlives_its_guard(_shell, sigint_as_in_a_cell):
@@ -373,7 +398,7 @@ def test_a_redelivered_interrupt_never_outlives_its_guard(_shell, sigint_as_in_a
         order.append("sent")
 
     runner.interrupt = interrupt
-    release = threading.Timer(0.05, proceed.set)  # lets the send finish while the guard ends
+    release = threading.Timer(0.3, proceed.set)  # lets the send finish while the guard ends
     with pytest.raises(HeldInterrupt):
         with runner.guard(lambda: True):
             signal.getsignal(signal.SIGINT)(signal.SIGINT, _condition_enter_frame())

@@ -17,11 +17,12 @@ import logging
 import queue
 import sys
 import threading
-from typing import Callable, ContextManager, Protocol
+import time
+from typing import Any, Callable, ContextManager, Protocol
 
 __all__ = [
     "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock",
-    "LOCK_FRAMES",
+    "force_step", "LOCK_FRAMES",
 ]
 
 log = logging.getLogger("qmagic")
@@ -33,24 +34,29 @@ _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_objec
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
 
 
-#: Code of the frames in which an exception would leave a lock held for good: Python's
-#: ``threading.Condition`` takes and gives back its lock in Python code around C calls
-#: (``with condition:`` in a task's bookkeeping, behind every ``print`` and
-#: ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...), and
-#: so does ``logging`` (``Handler.acquire``/``release`` around every record a handler
-#: emits: qmagic's own handler on the root logger and ``logging.lastResort`` see every
-#: warning of a task).  A handler's lock left held by the main thread froze the kernel:
-#: the next warning of a background task waited for it for good while holding qmagic's
-#: handler lock, and the next log call of a cell waited for that one.
-LOCK_FRAMES = frozenset(
-    [getattr(threading.Condition, name).__code__
-     for name in ("__enter__", "__exit__", "_release_save", "_acquire_restore")
-     if hasattr(getattr(threading.Condition, name, None), "__code__")]
-    + [getattr(owner, name).__code__
-       for owner, name in ((logging.Handler, "acquire"), (logging.Handler, "release"),
-                           (logging, "_acquireLock"), (logging, "_releaseLock"))
-       if hasattr(getattr(owner, name, None), "__code__")]
-)
+def _codes(*pairs: tuple[object, str]) -> frozenset:
+    return frozenset(getattr(owner, name).__code__ for owner, name in pairs
+                     if hasattr(getattr(owner, name, None), "__code__"))
+
+
+#: Frames that take a lock (they may wait for it): raising in one breaks the lock only once
+#: the lock is taken (see :func:`breaks_a_lock`).
+_TAKING = _codes((threading.Condition, "__enter__"), (threading.Condition, "_acquire_restore"),
+                 (logging.Handler, "acquire"), (logging, "_acquireLock"))
+
+#: Code of the frames in which an exception could break a lock for good.  Python's
+#: ``threading.Condition`` takes and gives back its lock, and wakes its waiters, in Python
+#: code around C calls (``with condition:`` in a task's bookkeeping, behind every ``print``
+#: and ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...);
+#: ``logging`` takes and gives back a handler's lock around every record (qmagic's handler
+#: on the root logger and ``logging.lastResort`` see every warning of a task).  A handler's
+#: lock left held by the main thread froze the kernel: the next warning of a background task
+#: waited for it for good while holding qmagic's handler lock, and the next log call of a
+#: cell waited for that one.  A wake-up lost in ``notify`` leaves a waiter asleep for good.
+LOCK_FRAMES = _TAKING | _codes(
+    (threading.Condition, "__exit__"), (threading.Condition, "_release_save"),
+    (threading.Condition, "notify"), (threading.Condition, "notify_all"),
+    (logging.Handler, "release"), (logging, "_releaseLock"))
 
 #: The guard of a thread that needs none (shared: a ``nullcontext`` is reusable).
 NO_GUARD: ContextManager[None] = contextlib.nullcontext()
@@ -67,17 +73,42 @@ _IS_ALIVE = getattr(threading.Thread.is_alive, "__code__", None)
 _TSTATE_WAIT = getattr(getattr(threading.Thread, "_wait_for_tstate_lock", None), "__code__", None)
 
 
-def breaks_a_lock(frame) -> bool:
-    """True when an exception raised in ``frame`` now could break a lock: a Condition
-    taking or giving back its lock (:data:`LOCK_FRAMES`), or ``Thread.is_alive()`` looking
-    at a thread's lock."""
+def breaks_a_lock(frame: Any, *, here: bool = False) -> bool:
+    """True when an exception raised in ``frame`` now could break a lock: a Condition or a
+    logging handler taking, giving back or signalling its lock (:data:`LOCK_FRAMES`), or
+    ``Thread.is_alive()`` looking at a thread's lock.
+
+    ``here``: ``frame`` runs on the calling thread (a signal handler's frame).  A frame that
+    takes a lock then counts only once the lock is taken, so an interrupt still stops code
+    that waits for a lock another thread holds.  (From another thread that cannot be told:
+    every such frame counts.)
+    """
     code = frame.f_code
     if code in LOCK_FRAMES:
-        return True
+        return not (here and code in _TAKING) or _taken_here(frame)
     if _TSTATE_WAIT is None or code is not _TSTATE_WAIT:
         return False
     caller = frame.f_back
     return caller is not None and caller.f_code is _IS_ALIVE
+
+
+def _taken_here(frame: Any) -> bool:
+    """Whether the lock that ``frame`` (one of :data:`_TAKING`) takes is held by this thread
+    (a plain lock cannot tell who holds it: held at all)."""
+    owner = frame.f_locals.get("self")
+    if isinstance(owner, threading.Condition):
+        lock = owner._lock
+    elif isinstance(owner, logging.Handler):
+        lock = owner.lock
+    else:  # logging's module lock
+        lock = getattr(logging, "_lock", None)
+    if lock is None:
+        return False
+    owned = getattr(lock, "_is_owned", None)
+    if owned is not None:
+        return bool(owned())
+    locked = getattr(lock, "locked", None)
+    return bool(locked()) if locked is not None else True
 
 
 def in_lock_frame(ident: int) -> bool:
@@ -85,6 +116,20 @@ def in_lock_frame(ident: int) -> bool:
     could break a lock (see :func:`breaks_a_lock`)."""
     frame = sys._current_frames().get(ident)
     return frame is not None and breaks_a_lock(frame)
+
+
+def force_step(ident: int, since: float | None, patience: float) -> tuple[str, float | None]:
+    """What a forced cancel of thread ``ident`` does now, and since when its tries found
+    the thread in a lock's code (``since``, None: not): "send"; "retry" while the thread
+    takes, gives back or signals a lock (its own print, log call or report_progress, a
+    queue...: raised there, the lock would stay held and freeze whoever waits for it; a
+    moment later it is elsewhere); "blocked" once every try for ``patience`` seconds found
+    it there: it waits for a lock and cannot be stopped safely."""
+    if not in_lock_frame(ident):
+        return "send", None
+    now = time.monotonic()
+    since = now if since is None else since
+    return ("retry", since) if now - since < patience else ("blocked", None)
 
 
 def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:

@@ -29,7 +29,7 @@ from .. import tracebacks
 from ..errors import TaskCancelled
 from . import capture
 from .context import _current
-from .foreground import in_lock_frame, raise_in_thread
+from .foreground import force_step, raise_in_thread
 from .status import TaskStatus
 from .task import INTERRUPTED, Task
 
@@ -47,8 +47,10 @@ CLOSED_REASON = "Task was cancelled: the qmagic worker was closed"
 #: that called ``submit``, or an interrupt) after the log may have recorded it.
 STOPPED_BEFORE_START = "Task was cancelled: the call that started it was stopped before it could start"
 
-#: A forced cancel that finds its thread in a lock's Python code tries again this much later.
-FORCE_RETRY_S = 0.001
+#: A forced cancel that finds its thread in a lock's Python code tries again this much later,
+#: and after this long (or the grace time) there on every try, the thread waits for a lock:
+#: it is left to it, like code blocked in C.
+FORCE_RETRY_S, FORCE_GIVE_UP_S = 0.001, 0.5
 
 
 class Job:
@@ -57,7 +59,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
-        "exception_sent", "recorded", "interrupted_early",
+        "exception_sent", "recorded", "interrupted_early", "lock_wait_since",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -82,6 +84,8 @@ class Job:
         self.recorded = False  # every observer (the log) was told of the submit
         #: ■ came before the task's code started: it never starts (read as it would).
         self.interrupted_early = False
+        #: Since when every forced-cancel try found the thread in a lock's code (or None).
+        self.lock_wait_since: float | None = None
         #: Guards ``in_user_code`` against the interrupter and the forcer.  A C lock: a
         #: ``with`` on it cannot be split by an interrupt or a forced cancel landing between
         #: taking and entering (a Condition's Python-level ``__enter__`` can, and leaves the
@@ -327,21 +331,22 @@ class JobRunner:
 
     def _force_stop(self, job: Job) -> None:
         task = job.task
-        retry = sent = False
+        sent = False
         with job.gate:
             job.force_planned = False
             if (not job.in_user_code or job.ident is None or task._status.finished
                     or job.exception_sent):
                 return
-            if in_lock_frame(job.ident):
-                # Not while the thread takes or gives back a Condition's lock (its own print
-                # or report_progress, a queue...): the lock would stay held and freeze whoever
-                # waits for it.  A moment later it is elsewhere.
-                retry = job.force_planned = True
-            else:
+            step, job.lock_wait_since = force_step(
+                job.ident, job.lock_wait_since, max(FORCE_GIVE_UP_S, self.engine.cancel_grace_s))
+            if step == "retry":
+                job.force_planned = True
+            elif step == "send":
                 sent = job.exception_sent = raise_in_thread(job.ident, TaskCancelled)
-        if retry:
+        if step == "retry":
             self.engine.timers.schedule(FORCE_RETRY_S, lambda: self._force_stop(job))
+        elif step == "blocked" and task.background and not job.coroutine:
+            self._left_to(job)
         elif sent:
             log.warning(
                 "qmagic: %s (task %s) did not stop within %.1f s; stopping it by force.",
@@ -351,7 +356,8 @@ class JobRunner:
                 self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._left_to(job))
 
     def _left_to(self, job: Job) -> None:
-        """A forced cancel did not land (the code is blocked in C): its thread is left to it."""
+        """A forced cancel did not land (the code is blocked in C, or waits for a lock): its
+        thread is left to it."""
         if not job.task.done():
             log.warning("qmagic: %s (task %s) is blocked where it cannot be stopped; its thread is "
                         "left to it and other tasks get another one.", job.task.call_text(40),

@@ -9,10 +9,10 @@
   qmagic's bookkeeping is held back and raised when the guard ends (as one line, only if
   the task itself was not interrupted), so an interrupt can never break a task's record;
   one that lands where raising would break a lock — a ``threading.Condition`` or a
-  ``logging`` handler taking or giving back its lock, ``Thread.is_alive()`` looking at a
-  thread's lock (behind every ``print`` and log call of a task) — is delivered again a
-  moment later (see
-  :func:`qmagic.core.foreground.breaks_a_lock`).
+  ``logging`` handler that took, gives back or signals its lock, ``Thread.is_alive()``
+  looking at a thread's lock (behind every ``print`` and log call of a task) — is
+  delivered again a moment later, by one helper thread at a time, with a growing delay
+  while it keeps landing there (:func:`qmagic.core.foreground.breaks_a_lock`).
   A storm is one interrupt: SIGINTs that follow the previous one within
   :data:`COALESCE_S` are dropped, inside the task and — in a cell — after it, until the
   storm is over, so that no late SIGINT lands in IPython's or ipykernel's own code (where
@@ -52,22 +52,29 @@ MSG_NO_KERNEL_LOOP = (
 COALESCE_S = 0.5
 
 
-#: A SIGINT that lands where raising would leave a lock held is delivered again this many
-#: seconds later.
+#: A SIGINT that lands where raising would break a lock is delivered again this many
+#: seconds later; while it keeps landing there (code waiting for a lock it took), twice as
+#: late each time, up to REDELIVER_MAX_S.
 REDELIVER_S = 0.001
+REDELIVER_MAX_S = 0.05
 
 #: Code of the guard's SIGINT handler (see :func:`_interrupted_frame`).
 _HANDLER_CODES: set[Any] = set()
 
 
 class _RedeliveryWindow:
-    """Whether a guard still takes a redelivered SIGINT (closed under ``lock`` as it ends)."""
+    """A guard's redelivery: whether the guard still takes a redelivered SIGINT (``open``,
+    closed as it ends; checked and sent under ``lock``), whether a helper thread is on its
+    way (``scheduled``: one at a time, however many SIGINTs arrive meanwhile), and its
+    next delay."""
 
-    __slots__ = ("lock", "open")
+    __slots__ = ("lock", "open", "scheduled", "delay")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.open = True
+        self.scheduled = False
+        self.delay = REDELIVER_S
 
 
 class HeldInterrupt(KeyboardInterrupt):
@@ -149,11 +156,16 @@ class KernelForegroundRunner:
                 return  # the same interrupt as the previous SIGINT
             if in_user_code():
                 origin = _interrupted_frame(frame)
-                if origin is not None and breaks_a_lock(origin):
+                if origin is not None and breaks_a_lock(origin, here=True):
                     # Raising there would break a lock for good: deliver it again once that
                     # frame is left (or, should the task end first, when the guard ends).
                     redelivering = pending = True
-                    _thread.start_new_thread(self._redeliver, (window,))
+                    if not window.scheduled:
+                        window.scheduled = True
+                        try:
+                            _thread.start_new_thread(self._redeliver, (window,))
+                        except RuntimeError:  # no thread to be had: raised as the guard ends
+                            window.scheduled = False
                     return
                 raised = True
                 raise KeyboardInterrupt
@@ -167,8 +179,9 @@ class KernelForegroundRunner:
         try:
             yield
         finally:
-            with window.lock:
-                window.open = False
+            window.open = False
+            with window.lock:  # (waits for a redelivery being sent now)
+                pass
             if last and previous is signal.default_int_handler and self._kernel_loop() is not None:
                 # In a kernel's cell: the rest of a storm must not land in the kernel's own
                 # code.  (The kernel restores its own handler when the request ends.)
@@ -185,8 +198,11 @@ class KernelForegroundRunner:
         """Helper thread: the deferred SIGINT, a moment later (see :meth:`guard`), only
         while that guard is still active: checked and sent under the window's lock, so a
         late redelivery never reaches the next task or cell."""
-        time.sleep(REDELIVER_S)
+        delay = window.delay
+        window.delay = min(2 * delay, REDELIVER_MAX_S)
+        time.sleep(delay)
         with window.lock:
+            window.scheduled = False
             if window.open:
                 self.interrupt()
 
