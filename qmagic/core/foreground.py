@@ -44,15 +44,12 @@ def _codes(*pairs: tuple[object, str]) -> frozenset:
 _TAKING = _codes((threading.Condition, "__enter__"), (threading.Condition, "_acquire_restore"),
                  (logging.Handler, "acquire"), (logging, "_acquireLock"))
 
-#: Code of the frames in which an exception could break a lock for good.  Python's
-#: ``threading.Condition`` takes and gives back its lock, and wakes its waiters, in Python
-#: code around C calls (``with condition:`` in a task's bookkeeping, behind every ``print``
-#: and ``report_progress`` of a task, ``Event.set``, ``queue.Queue``, ``Future.done``...);
-#: ``logging`` takes and gives back a handler's lock around every record (qmagic's handler
-#: on the root logger and ``logging.lastResort`` see every warning of a task).  A handler's
-#: lock left held by the main thread froze the kernel: the next warning of a background task
-#: waited for it for good while holding qmagic's handler lock, and the next log call of a
-#: cell waited for that one.  A wake-up lost in ``notify`` leaves a waiter asleep for good.
+#: Code of the frames in which an exception could leave a lock held or a waiter asleep for
+#: good.  Python's ``threading.Condition`` takes and gives back its lock, and wakes its
+#: waiters, in Python code around C calls (``with condition:`` in a task's bookkeeping,
+#: behind every ``print`` and ``report_progress`` of a task, ``Event.set``, ``queue.Queue``,
+#: ``Future.done``...); ``logging`` takes and gives back a handler's lock around every
+#: record (a handler's lock left held freezes every later log call of every thread).
 LOCK_FRAMES = _TAKING | _codes(
     (threading.Condition, "__exit__"), (threading.Condition, "_release_save"),
     (threading.Condition, "notify"), (threading.Condition, "notify_all"),
@@ -74,9 +71,10 @@ _TSTATE_WAIT = getattr(getattr(threading.Thread, "_wait_for_tstate_lock", None),
 
 
 def breaks_a_lock(frame: Any, *, here: bool = False) -> bool:
-    """True when an exception raised in ``frame`` now could break a lock: a Condition or a
-    logging handler taking, giving back or signalling its lock (:data:`LOCK_FRAMES`), or
-    ``Thread.is_alive()`` looking at a thread's lock.
+    """True when an exception raised in ``frame`` now could leave a lock held, release
+    another thread's lock, or lose a wake-up: a Condition or a logging handler taking,
+    giving back or signalling its lock (:data:`LOCK_FRAMES`), or ``Thread.is_alive()``
+    looking at a thread's lock.
 
     ``here``: ``frame`` runs on the calling thread (a signal handler's frame).  A frame that
     takes a lock then counts only once the lock is taken, so an interrupt still stops code
@@ -86,7 +84,7 @@ def breaks_a_lock(frame: Any, *, here: bool = False) -> bool:
     code = frame.f_code
     if code in LOCK_FRAMES:
         return not (here and code in _TAKING) or _taken_here(frame)
-    if _TSTATE_WAIT is None or code is not _TSTATE_WAIT:
+    if code is not _TSTATE_WAIT:
         return False
     caller = frame.f_back
     return caller is not None and caller.f_code is _IS_ALIVE
