@@ -58,15 +58,14 @@ class LockMixin:
         The kernel remembers the key, so its own magics and Python calls keep working while
         others need it.  Refusals raise LockRefused.
         """
-        if origin != "remote":
-            if environment is None and queue is None:
-                environment = True
-            user = self.default_user if user is None else user
+        if origin != "remote" and environment is None and queue is None:
+            environment = True
         # (the scopes' types are checked by the store)
         scopes = {"environment": False if environment is None else environment,
                   "queue": False if queue is None else queue}
         if origin == "remote":
             return self._locks.lock(lock_key, **scopes, note=note, user=user, client=client)
+        user = self.default_user if user is None else user
         with self._key_lock:  # (this kernel's own changes: one at a time, see the module doc)
             key = self._remembered_key if lock_key is None else lock_key
             if key is None:
