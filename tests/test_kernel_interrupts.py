@@ -382,6 +382,56 @@ def test_an_interrupt_never_lands_where_a_logging_handler_took_its_lock(_shell, 
         other.join(10)
 
 
+def test_a_wake_up_is_never_lost_to_an_interrupt_in_notify(_shell, sigint_as_in_a_cell):
+    """In-process: ``Condition.notify``/``notify_all`` wake waiters in Python code; an
+    interrupt raised there left a waiter asleep (a queue's consumer with an item waiting).
+    Their frames are guarded like the lock frames, from any thread."""
+    from qmagic.core.foreground import breaks_a_lock
+
+    frames = {}
+
+    class SpyWaiters(list):  # Condition._waiters: notify looks at it first
+        def __len__(self):
+            frames[sys._getframe(1).f_code.co_name] = sys._getframe(1)
+            return 0
+
+    condition = threading.Condition()
+    condition._waiters = SpyWaiters()
+    with condition:
+        condition.notify()
+        condition.notify_all()
+    assert set(frames) == {"notify", "notify_all"}
+    assert all(breaks_a_lock(f) and breaks_a_lock(f, here=True) for f in frames.values())
+
+
+def test_redeliveries_come_later_each_time_and_none_without_a_thread(_shell, sigint_as_in_a_cell,
+                                                                  monkeypatch):
+    """In-process: an interrupt that keeps landing where it would break a lock is sent again
+    1, 2, 4... ms later, at most REDELIVER_MAX_S apart; and if no helper thread can be
+    started, it is held and raised as the guard ends (one line), never lost."""
+    from qmagic.ipython import runner as runner_module
+    from qmagic.ipython.runner import HeldInterrupt, KernelForegroundRunner
+
+    runner = KernelForegroundRunner(_shell)
+    sent = []
+    runner.interrupt = lambda: sent.append(1)
+    window = runner_module._RedeliveryWindow()
+    delays = []
+    for _ in range(10):
+        delays.append(window.delay)
+        runner._redeliver(window)
+    assert delays[:3] == [0.001, 0.002, 0.004] and max(delays) == runner_module.REDELIVER_MAX_S
+    assert len(sent) == 10 and not window.scheduled
+
+    def no_thread(*args):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(runner_module._thread, "start_new_thread", no_thread)
+    with pytest.raises(HeldInterrupt):
+        with runner.guard(lambda: True):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, _condition_enter_frame())  # held
+
+
 def test_a_redelivered_interrupt_never_outlives_its_guard(_shell, sigint_as_in_a_cell):
     """In-process: the redelivery thread decides to send as the guard ends.  The guard's end
     waits for that send, so no redelivered SIGINT can reach the next task or cell (it was
