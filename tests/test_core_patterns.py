@@ -74,10 +74,10 @@ def test_accepted_patterns(body):
 
 @pytest.mark.parametrize("body, reason", REFUSED)
 def test_refused_patterns(body, reason):
-    start = time.perf_counter()
+    start = time.thread_time()  # (this thread's CPU: other load on the machine does not count)
     with pytest.raises(PermissionsFormatError) as info:
         compile_pattern(body)
-    assert time.perf_counter() - start < 1.0  # refused before anything expensive is built
+    assert time.thread_time() - start < 1.0  # refused before anything expensive is built
     assert reason in str(info.value)
     assert isinstance(info.value, (QMagicError, ValueError))
 

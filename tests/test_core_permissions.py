@@ -260,10 +260,10 @@ def test_concurrent_checks_agree():
 def test_catastrophic_pattern_is_refused_when_set():
     """Issue 14, item 2: ':^(a+)+$' froze the kernel for 5 s on a 27-letter name."""
     data = rules(students={"allowed_functions": ["f", ":^(a+)+$"]})
-    start = time.perf_counter()
+    start = time.thread_time()  # (this thread's CPU: other load on the machine does not count)
     with pytest.raises(PermissionsFormatError) as info:
         Permissions(data)
-    assert time.perf_counter() - start < 1.0
+    assert time.thread_time() - start < 1.0
     assert str(info.value).startswith(
         "user_groups.students.allowed_functions[1]: ':^(a+)+$': a repetition inside a repetition"
     )

