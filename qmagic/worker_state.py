@@ -17,7 +17,7 @@ from traitlets import HasTraits, observe
 from . import format as fmt
 from .core.permissions import Permissions
 from .core.task import Task
-from .errors import LOG_OFF, LogUnavailable, RequestRefused, StateFileError
+from .errors import LOG_OFF, LogUnavailable, PermissionsFormatError, RequestRefused, StateFileError
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
@@ -174,8 +174,13 @@ class StateMixin(HasTraits):
 
     def set_permissions(self, rules: dict, *, lock_key: str | None = None, origin: str = "python",
                         client: str | None = None) -> Permissions:
-        """Replace the permission rules (queue-lockable); invalid rules change nothing."""
+        """Replace the permission rules (queue-lockable); invalid rules change nothing.
+        ``rules`` must be a dict (None is refused: :meth:`reload_permissions` goes back to
+        the configured rules)."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
+        if not isinstance(rules, dict):  # (Permissions(None) means the defaults: never silently)
+            raise PermissionsFormatError(f"User group permissions: Invalid type '{type(rules)}', "
+                                         "must be 'dict'")  # (queueserver's text)
         new = Permissions(rules, match_timeout=self.permissions_match_timeout)  # validates first
         if new.to_dict() != self._permissions.to_dict():  # the same rules change nothing
             self._set_rules(new)

@@ -397,6 +397,13 @@ def test_bad_permissions_change_nothing(make_worker):
     reply = qs.permissions_set(user_group_permissions={"user_groups": {"primary": {}}})
     assert reply["success"] is False and "root" in reply["msg"]
     assert qs.permissions_get() == before
+    qs.permissions_set(user_group_permissions={"user_groups": {
+        "root": {"allowed_functions": [None]}, "primary": {"allowed_functions": ["f"]}}})
+    restricted = qs.permissions_get()
+    # None is refused with queueserver's text (it reset the rules to the permissive defaults)
+    assert qs.permissions_set(user_group_permissions=None) == {
+        "success": False, "msg": "Error: User group permissions: Invalid type '<class 'NoneType'>', must be 'dict'"}
+    assert qs.permissions_get() == restricted
 
 
 def test_environment_close_open_destroy(make_worker):
@@ -508,3 +515,17 @@ def test_an_object_that_blocks_when_read_never_holds_up_a_reply(make_worker):
         release.set()
     eventually(lambda: qs.status()["re_state"] == "idle", TIMEOUT, "RE.state to answer again")
     assert qs.plans_existing()["plans_existing"]["scan"]["parameters"][0]["default"] == "StuckDefault()"
+
+
+def test_a_state_folder_failure_reaches_the_client_as_its_own_text(make_worker):
+    """A lock that failed on the state file answered the generic "check the request's
+    parameters" (found by a hostile test): the reply now says what failed and what to do."""
+    w = make_worker({"f": lambda: 1})
+    qs = QS(w)
+    flock = w._locks.path.with_name(w._locks.path.name + ".flock")
+    flock.mkdir()  # (the file the lock store must open is a folder)
+    reply = qs.call("lock", lock_key="k", user="u", environment=True)
+    assert reply["success"] is False and reply["msg"].startswith("Error: ")
+    assert str(flock) in reply["msg"] and "could not process this request" not in reply["msg"]
+    flock.rmdir()
+    assert qs.call("lock", lock_key="k", user="u", environment=True)["success"] is True

@@ -9,9 +9,14 @@ the log on)."""
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
+import zmq
 from bluesky_queueserver_api import BFunc
 from bluesky_queueserver_api.zmq import REManagerAPI
 
@@ -125,3 +130,79 @@ def test_requests_waiting_or_running_are_bounded_too(make_worker):
         gate.set()
         rm.close()
         server.stop()
+
+
+SERVER = r"""
+import functools, sys
+from traitlets.config import Config
+from qmagic import Worker
+from qmagic.protocol import QueueserverProtocol
+from qmagic.remote import dispatch as dispatch_module
+from qmagic.remote.server import ControlServer
+
+handled = [0]  # the big requests handled so far
+def counting(protocol, request, **kw):
+    if len(str(request.get("params", {}).get("task_uid", ""))) > 1000:
+        handled[0] += 1
+    return dispatch_module.dispatch(protocol, request, **kw)
+config = Config()
+config.QMagic.state_dir = sys.argv[1]
+config.QMagic.journal_enabled = False
+worker = Worker({"handled": lambda: handled[0]}, config=config)
+server = ControlServer(functools.partial(counting, QueueserverProtocol(worker)), "tcp://127.0.0.1:*").start()
+print(server.address, flush=True)
+sys.stdin.read()
+server.stop()
+worker.close()
+"""
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
+    """A client sent 9 MB requests (echoed in the replies) and never read: the kernel kept
+    every reply, +9.5 MB per request up to a thousand of them (found by a hostile test).
+    Now two messages wait per client each way; the rest wait in the client's connection or
+    are dropped.  (The kernel is a child process: its memory is read from /proc.)"""
+    child = subprocess.Popen([sys.executable, "-c", SERVER, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    try:
+        address = child.stdout.readline().strip()
+        rm = REManagerAPI(zmq_control_addr=address, timeout_recv=TIMEOUT)
+
+        def handled() -> int:
+            """The big requests the child has handled so far."""
+            uid = rm.function_execute(BFunc("handled"), run_in_background=True)["task_uid"]
+            assert rm.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+            return rm.task_result(uid)["result"]["return_value"]
+
+        assert handled() == 0
+        before = _memory_kb(child.pid, "VmRSS")
+        greedy = ctx.socket(zmq.DEALER)  # sends, never reads
+        greedy.setsockopt(zmq.RCVHWM, 1)
+        greedy.setsockopt(zmq.RCVBUF, 4096)
+        greedy.setsockopt(zmq.LINGER, 0)
+        greedy.connect(address)
+        body = json.dumps({"method": "task_status", "params": {"task_uid": "x" * (8 * MB)}}).encode()
+        n = 40
+        for _ in range(n):
+            greedy.send_multipart([b"", body])
+        deadline = time.monotonic() + 4 * TIMEOUT
+        while (done := handled()) < n:
+            assert time.monotonic() < deadline, f"the kernel handled {done} of {n} requests"
+        grown_mb = (_memory_kb(child.pid, "VmHWM") - before) / 1024
+        print(f"\n{n} unread replies of 8 MB: the kernel's peak memory grew {grown_mb:.0f} MB")
+        assert grown_mb < 150, grown_mb  # (the old code: over 300 MB)
+        assert rm.status()["manager_state"] == "idle"  # still serving everyone else
+        greedy.close(0)
+        rm.close()
+    finally:
+        ctx.term()
+        child.stdin.close()
+        child.wait(TIMEOUT)

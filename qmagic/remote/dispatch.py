@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import RequestRefused
+from ..errors import QMagicError, RequestRefused
 from ..format import safe_repr
 from ..protocol import QueueserverProtocol
 from .server import failure_text
@@ -146,6 +146,9 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
         return handler(params, client=client, request_bytes=request_bytes)
     except RequestRefused as exc:
         return {"success": False, "msg": str(exc), **spec.error_keys}
+    except QMagicError as exc:  # the state folder failed, the log is unavailable ...: its text
+        log.warning("qmagic: control request %r failed: %s", name, exc)  # says what to do
+        return {"success": False, "msg": f"Error: {exc}", **spec.error_keys}
     except Exception:  # noqa: BLE001 - a wrong parameter type deep inside, or a bug
         log.warning("qmagic: control request %r failed", name, exc_info=True)
         return {"success": False, "msg": failure_text(), **spec.error_keys}

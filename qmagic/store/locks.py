@@ -243,8 +243,9 @@ class LockStore:
              note: str | None = None, user: str | None, client: str | None = None) -> LockState:
         """Lock the environment and/or the queue with ``key``; return the new state.
 
-        Locking again with the same key replaces scopes, note, user and time (new uid).
-        A scope of ``None`` counts as False.  Raises RequestRefused for invalid arguments,
+        Locking again with the same key replaces scopes, note, user and time (new uid) and
+        keeps the key's stored hash (no new derivation: a client that locks again and again
+        costs no key hashing).  A scope of ``None`` counts as False.  Raises RequestRefused for invalid arguments,
         LockRefused when locked with another key (or damaged), StateFileError when the
         file cannot be written (nothing changed).
         """
@@ -266,8 +267,9 @@ class LockStore:
 
         def verify(snap: Snapshot) -> None:
             self._refuse_relock(key, snap, client)
-            if not records:
-                records.append(hash_key(key))
+            if not records:  # (locked: this key was just found to open snap.record)
+                records.append(snap.record if snap.state.locked and snap.record is not None
+                               else hash_key(key))
 
         def change(now: Snapshot) -> LockState:
             new = LockState(str(uuid.uuid4()), environment, queue, user, time.time(), note,
