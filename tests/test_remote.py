@@ -1036,8 +1036,9 @@ LOOSE = [
     ("environment_close", {"lock_key": [1]}, "Lock key must be a non-empty string or None"),
     ("environment_destroy", {"lock_key": {"k": 1}}, "Lock key must be a non-empty string or None"),
     # permissions
-    ("permissions_set", {"user_group_permissions": 5}, "must be a mapping with the key 'user_groups'"),
-    ("permissions_set", {"user_group_permissions": "root"}, "must be a mapping with the key 'user_groups'"),
+    ("permissions_set", {"user_group_permissions": 5}, "User group permissions: Invalid type '<class 'int'>', must be 'dict'"),
+    ("permissions_set", {"user_group_permissions": "root"}, "User group permissions: Invalid type '<class 'str'>', must be 'dict'"),
+    ("permissions_set", {"user_group_permissions": None}, "User group permissions: Invalid type '<class 'NoneType'>', must be 'dict'"),
     ("permissions_set", {"user_group_permissions": {"user_groups": []}}, "user_groups: must be a mapping"),
     ("permissions_set", {"user_group_permissions": {"user_groups": {
         "root": {"allowed_functions": [None]}, "\udcff": {"allowed_functions": [None]}}}},

@@ -37,12 +37,14 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
 
 _POLL_MS = 100  # how often the serving thread looks at the stop flag
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
-#: Messages queued per client, each way.  A client that sent requests and never read the
+#: Requests and replies queued per client.  A client that sent requests and never read the
 #: replies made the kernel hold a thousand of each (libzmq's default: gigabytes for 9 MB
-#: requests, found by a hostile test).  A client of queueserver's waits for each reply;
-#: beyond this, further requests wait in the client's connection and replies to a client
-#: that does not read are dropped.
-_PER_CLIENT = 2
+#: requests, found by a hostile test).  Further requests wait in the client's connection;
+#: replies beyond the bound, to a client that does not read, are dropped.  (Not lower: a
+#: REP socket learns late that replies were read, and with a bound of 2 it dropped replies
+#: to clients that waited for each one.)
+_REQUESTS_PER_CLIENT = 2
+_REPLIES_PER_CLIENT = 16
 #: A connection that has not finished its handshake after this long is closed (libzmq's
 #: default, 30 s, let idle raw connections pile up until the kernel ran out of files).
 _HANDSHAKE_MS = 10_000
@@ -157,8 +159,8 @@ class ControlServer(SocketThread):
         sock = ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
-        sock.setsockopt(zmq.SNDHWM, _PER_CLIENT)
-        sock.setsockopt(zmq.RCVHWM, _PER_CLIENT)
+        sock.setsockopt(zmq.SNDHWM, _REPLIES_PER_CLIENT)
+        sock.setsockopt(zmq.RCVHWM, _REQUESTS_PER_CLIENT)
         sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
         sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.max_message_bytes, _HARD_CAP_MIN))
