@@ -17,7 +17,13 @@ from traitlets import HasTraits, observe
 from . import format as fmt
 from .core.permissions import Permissions
 from .core.task import Task
-from .errors import LOG_OFF, LogUnavailable, PermissionsFormatError, RequestRefused, StateFileError
+from .errors import (
+    LOG_OFF,
+    LogUnavailable,
+    PermissionsFormatError,
+    RequestRefused,
+    StateFileError,
+)
 from .store.paths import default_state_dir
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]

@@ -163,3 +163,52 @@ def test_a_second_interrupt_while_the_first_is_handled_leaves_nothing_queued(mak
     eventually(lambda: all(t.done() for t in w.tasks()), TIMEOUT, "the abandoned task to end")
     eventually(lambda: log.submitted <= set(log.finished), TIMEOUT, "its end record")
     assert w.submit("quick").result(TIMEOUT) == 1
+
+
+def test_an_interrupt_anywhere_in_a_timer_schedule_never_blocks_the_timers():
+    """The engine schedules a timer on the main thread when an interrupted submit ends its
+    task; a second interrupt landing inside ``threading.Condition.__enter__`` (a Python
+    frame, after the lock was taken) left the timers' lock held, and ``submit`` or
+    ``Worker.close`` then waited for ever (found by a hostile test: 7 hangs in 12 storms).
+    Here the interrupt is raised at each line of ``schedule`` and as each function it calls
+    returns, in turn (the first time a line runs: its second run is the exit of a ``with``,
+    where CPython checks for interrupts only after the lock is released); each time the
+    timers still run callbacks and close at once."""
+    from qmagic.core.timers import Timers
+
+    schedule = Timers.schedule.__code__
+    k = 0
+    while True:
+        timers = Timers()
+        points, fired = [], []
+
+        def local(frame, event, arg):
+            point = (frame.f_code, event, frame.f_lineno)
+            if event == "return" and frame.f_code is not schedule or event == "line" and point not in points:
+                if len(points) == k and not fired:
+                    fired.append(point[1:])
+                    raise KeyboardInterrupt
+                points.append(point)
+            return local
+
+        def tracer(frame, event, arg):
+            inside = frame.f_code is schedule or (frame.f_back is not None and frame.f_back.f_code is schedule)
+            return local if inside else None
+
+        sys.settrace(tracer)
+        try:
+            timers.schedule(0.0, lambda: None)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        ran = threading.Event()  # (scheduled from a thread: a lock left held would block it)
+        threading.Thread(target=lambda: timers.schedule(0.0, ran.set), daemon=True).start()
+        assert ran.wait(TIMEOUT), f"no callback ran after an interrupt at {fired}"
+        thread = timers._thread
+        timers.close(timeout=TIMEOUT)
+        assert not thread.is_alive(), f"close() did not stop the thread after an interrupt at {fired}"
+        if not fired:
+            break
+        k += 1
+    assert k > 5  # (every point was tried)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from typing import Callable
@@ -38,19 +39,28 @@ class TimerHandle:
 
 
 class Timers:
-    """Runs callbacks at monotonic times on one lazily started daemon thread.
+    """Runs callbacks at monotonic times on one daemon thread (started with the object).
 
     A callback that raises is logged and never stops the thread.  :meth:`close` stops the
     thread; callbacks not yet run are dropped.
+
+    Interrupts may land anywhere in :meth:`schedule` (it runs on the main thread when an
+    interrupted ``submit`` ends its task).  So the heap is guarded by a plain lock taken
+    only with ``with`` (a ``threading.Condition`` takes its lock in a Python frame: an
+    interrupt landing there left the lock held, and every later ``schedule`` and
+    ``close`` waited for ever; found by a hostile test), and the thread is woken through a
+    ``queue.SimpleQueue`` (one C call).
     """
 
     def __init__(self, name: str = "qmagic-timer") -> None:
-        self._name = name
         self._heap: list[tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
-        self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._closed = False
+        # (started here, not by the first schedule(): no interrupt can leave it unstarted)
+        self._thread: threading.Thread | None = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
         """Run ``fn()`` after ``delay`` seconds (at once if <= 0, never if ``inf``); returns
@@ -58,18 +68,20 @@ class Timers:
         if delay != delay:
             raise ValueError("A timer's delay must be a number of seconds, not NaN.")
         handle = TimerHandle(time.monotonic() + max(0.0, delay), fn)
-        with self._cond:
-            if self._closed:
-                handle.cancel()
-                return handle
-            if len(self._heap) >= _COMPACT_AT and len(self._heap) & 1023 == 0:
-                self._compact_locked()
-            heapq.heappush(self._heap, (handle.when, next(self._seq), handle))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is handle:
-                self._cond.notify()
+        wake = True  # (an interrupt before the decision below wakes the thread: harmless)
+        try:
+            with self._lock:
+                if self._closed:
+                    handle.cancel()
+                    return handle
+                if len(self._heap) >= _COMPACT_AT and len(self._heap) & 1023 == 0:
+                    self._compact_locked()
+                heapq.heappush(self._heap, (handle.when, next(self._seq), handle))
+                # (also when the first is overdue: a wake-up lost to an interrupt is made up)
+                wake = self._heap[0][2] is handle or self._heap[0][0] <= time.monotonic()
+        finally:
+            if wake:
+                self._wakeups.put(None)
         return handle
 
     def _compact_locked(self) -> None:
@@ -82,18 +94,21 @@ class Timers:
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    if self._heap:
-                        wait = self._heap[0][0] - time.monotonic()
-                        if wait <= 0:
-                            handle = heapq.heappop(self._heap)[2]
-                            break
-                        self._cond.wait(min(wait, _LONGEST_WAIT_S))  # (inf: never due)
-                    else:
-                        self._cond.wait()
+            handle = None
+            with self._lock:
+                if self._closed:
+                    return
+                wait = _LONGEST_WAIT_S
+                if self._heap:
+                    wait = min(self._heap[0][0] - time.monotonic(), _LONGEST_WAIT_S)  # (inf: never due)
+                    if wait <= 0:
+                        handle = heapq.heappop(self._heap)[2]
+            if handle is None:
+                try:
+                    self._wakeups.get(timeout=wait)
+                except queue.Empty:
+                    pass
+                continue
             fn = handle.fn
             if handle.cancelled or fn is None:
                 continue
@@ -104,10 +119,10 @@ class Timers:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread (pending callbacks are dropped); idempotent."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._heap.clear()
             thread, self._thread = self._thread, None
-            self._cond.notify_all()
+        self._wakeups.put(None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
