@@ -1062,6 +1062,49 @@ def test_a_forked_child_cannot_write_its_parents_log(journal):
     assert {r["uid"] for r in journal.records()} == {"parent-1", "parent-2"}
 
 
+def test_a_forked_child_does_not_keep_a_killed_parents_session_alive(tmp_path):
+    """The session's flock belongs to the open file description the forked child inherited:
+    the child closes its copy (the parent keeps its lock), so once the parent is SIGKILLed its
+    running task reads as failed at once, even while the child lives on."""
+    proc = child(tmp_path, """
+        j.submitted({"uid": "r1", "name": "measure", "status": "running", "submitted_at": time.time()})
+        j.flush()
+        if os.fork() == 0:  # (after-fork handlers have run once fork returns here)
+            print("child", os.getpid(), flush=True)
+            sys.stdin.readline()  # lives until the test closes stdin
+            os._exit(0)
+        j.submitted({"uid": "r2", "name": "measure", "status": "running", "submitted_at": time.time()})
+        j.flush()
+        print("ready", flush=True)
+        import threading
+        threading.Event().wait()
+    """)
+    forked = None
+    try:
+        first, second = proc.stdout.readline().split(), proc.stdout.readline().split()
+        said = {line[0]: line[1:] for line in (first, second) if line}
+        assert set(said) == {"child", "ready"}, said
+        forked = int(said["child"][0])
+        with Journal(tmp_path, ENV) as j:  # the parent lives: its session is alive, its tasks run
+            assert j.statuses(["r1", "r2"]) == {"r1": "running", "r2": "running"}
+        proc.kill()
+        proc.wait(30)
+        os.kill(forked, 0)  # the forked child still lives
+        with Journal(tmp_path, ENV) as j:
+            assert j.statuses(["r1", "r2"]) == {"r1": "failed", "r2": "failed"}
+            assert j.get("r1")["error"] == ORPHAN_REASON
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdin.close()
+        proc.stdout.close()
+        if forked is not None:
+            try:
+                os.kill(forked, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_database_of_a_newer_qmagic_is_not_written(tmp_path, caplog, short_close):
     caplog.set_level(logging.WARNING, logger=LOG)
     with Journal(tmp_path, ENV) as j:

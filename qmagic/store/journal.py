@@ -346,7 +346,10 @@ class Journal:
             if seg is not None:
                 seg.close()  # (our copy of the descriptor only)
         spool.segments, spool.spare, spool.current = [], None, None
-        spool.files.lock_fd = None  # inherited descriptor: leaving it open keeps nothing locked
+        fd, spool.files.lock_fd = spool.files.lock_fd, None
+        if fd is not None:  # the flock belongs to the open file description, shared with the
+            with contextlib.suppress(OSError):  # parent: our copy open would keep the session
+                os.close(fd)  # "alive" after the parent dies (closing it keeps the parent's lock)
         _FORK_LEFTOVERS.extend([self._reader, self._writer.conn])  # never closed by the child
         self._reader = LogReader(self.path)
         self._writer.stopping = True
