@@ -202,6 +202,43 @@ def test_cli_runs_as_a_program_with_bad_rows_and_odd_names(populated):
     assert "remote\\udcffname\\n" in done.stdout
 
 
+def test_every_view_survives_session_metadata_of_another_type(tmp_path, capsys):
+    """A BLOB (or a number) written by another tool into sessions.host / sessions.pid or a
+    task's session column reads as text / int / None: --json used to crash on the bytes."""
+    with Journal(tmp_path, ENV) as j:
+        for uid in ("m1", "m2", "m3"):
+            j.finished(task(uid))
+    conn = sqlite3.connect(database_path(tmp_path, ENV), isolation_level=None)
+    conn.execute("UPDATE sessions SET host = CAST('lab-pc' AS BLOB), pid = CAST('12' AS BLOB)")
+    conn.execute("INSERT INTO sessions (session, host, pid) VALUES (X'FF00', X'FF', 3.5)")
+    conn.execute("UPDATE tasks SET session = X'FF00' WHERE uid = 'm2'")
+    conn.execute("UPDATE tasks SET session = CAST(session AS BLOB) WHERE uid = 'm3'")
+    conn.close()
+    assert cli(tmp_path, "--json") == 0
+    metas = {r["uid"]: r["journal"] for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert sorted(metas) == ["m1", "m2", "m3"]
+    assert metas["m1"]["host"] == "lab-pc" and metas["m1"]["pid"] is None
+    assert metas["m2"] == {**metas["m2"], "session": "\ufffd\x00", "host": "\ufffd", "pid": None}
+    assert isinstance(metas["m3"]["session"], str) and metas["m3"]["host"] is None
+    for form in ([], ["--csv"]):
+        assert cli(tmp_path, *form) == 0
+        out = capsys.readouterr().out
+        assert all(uid in out for uid in ("m1", "m2", "m3")), out
+    hosts = [r["journal"]["host"] for r in history(state_dir=tmp_path, environment_name=ENV)]
+    assert hosts == [None, "\ufffd", "lab-pc"]
+    with Journal(tmp_path, ENV) as j:  # a record still pending merges over the database's row
+        j.finished(task("m2", finished_at=time.time()))
+        assert j.get("m2")["journal"]["host"] in ("\ufffd", socket.gethostname())
+        from qmagic.store.reader import LogReader
+
+        reader = LogReader(database_path(tmp_path, ENV))
+        try:
+            state = reader.states(["m1"])["m1"]
+        finally:
+            reader.close()
+        assert (state["host"], state["pid"]) == ("lab-pc", None)
+
+
 DIES = """
 import sys, time
 sys.path.insert(0, sys.argv[2])

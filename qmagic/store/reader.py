@@ -36,6 +36,25 @@ def _lenient_text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
+def _meta_text(value: Any) -> str | None:
+    """A session's host or a task's session column as str or None, whatever the row holds
+    (a BLOB written by another tool must not break a view, e.g. ``--json``)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return _lenient_text(value)
+    return str(value) if isinstance(value, (int, float)) else None
+
+
+def _meta_pid(value: Any) -> int | None:
+    """A session's pid as int or None, whatever the row holds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _check_text(key: str, value: Any) -> None:
     """A text filter must be a str SQLite can store (UTF-8: no lone surrogates); else a
     one-line ValueError that says so."""
@@ -234,6 +253,7 @@ class LogReader:
         out: list[dict[str, Any]] = []
         infos: dict[Any, Any] = {}
         for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
+            session, host, pid = _meta_text(session), _meta_text(host), _meta_pid(pid)
             if session not in infos:
                 try:
                     infos[session] = orjson.loads(info) if info is not None else None
@@ -259,7 +279,8 @@ class LogReader:
                 "WHERE t.uid IN (SELECT value FROM json_each(?))", (orjson.dumps(list(uids)).decode(),))
             return {r[0]: {"uid": r[0], "rank": r[1] if r[1] in (1, 2, 3) else 0, "status": r[2],
                            "started_at": r[3], "finished_at": r[4], "orphaned": r[5], "record": r[6],
-                           "session": r[7], "host": r[8], "pid": r[9]} for r in rows}
+                           "session": _meta_text(r[7]), "host": _meta_text(r[8]), "pid": _meta_pid(r[9])}
+                    for r in rows}
         return self._query(run)
 
     def get(self, uid: str) -> dict[str, Any] | None:
