@@ -125,6 +125,29 @@ def test_cli_json(populated, capsys):
         assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == expected, option
 
 
+def test_limit_zero_gives_no_record_and_a_negative_limit_is_refused(populated, capsys):
+    folder, j = populated
+    assert j.records(limit=0) == [] and len(j.records(limit=1)) == 1
+    assert j.flush()
+    assert j.records(limit=0) == [] and [r["uid"] for r in j.records(limit=1)] == ["uid-run"]
+    assert history(state_dir=folder, environment_name=ENV, limit=0) == []
+    assert len(history(state_dir=folder, environment_name=ENV, limit=2)) == 2
+    assert cli(folder, "--json", "--limit", "0") == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "No task matches." in out.err
+    for bad in (-1, -5):
+        with pytest.raises(ValueError, match=rf"^limit must be 0 or more: .*\(got {bad}\)\.$"):
+            history(state_dir=folder, environment_name=ENV, limit=bad)
+        with pytest.raises(ValueError, match="limit must be 0 or more"):
+            j.records(limit=bad)
+        with pytest.raises(SystemExit) as exit_info:
+            cli(folder, "--json", "--limit", str(bad))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1] == ("qmagic-history: error: argument --limit: must be 0 or more: the number of "
+                           f"newest tasks to show (got {bad})")
+
+
 def test_cli_table_shows_which_cell_ran_what(populated, capsys):
     folder, _ = populated
     assert cli(folder) == 0

@@ -153,6 +153,17 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
 
 
 # ---- the qmagic-history command -----------------------------------------------------------------
+def _limit(text: str) -> int:
+    """--limit's value: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: the number of newest tasks to show (got {value})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmagic-history",
@@ -169,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="only this function name (glob patterns allowed)")
     parser.add_argument("--notebook", help="only tasks started from this notebook (path, file name or glob)")
     parser.add_argument("--uid", help="only the task with this uid (or uid prefix)")
-    parser.add_argument("--limit", type=int, help="show only the newest N tasks")
+    parser.add_argument("--limit", type=_limit, help="show only the newest N tasks (N >= 0)")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="one JSON object per line")
     form.add_argument("--csv", action="store_true", help="CSV with a header line")

@@ -87,7 +87,9 @@ class Filters:
         self.since, self.until = parse_time(since), parse_time(until)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
             raise ValueError(f"limit must be a whole number (got {limit!r}).")
-        self.limit = None if limit is None else max(0, limit)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be 0 or more: the number of newest tasks to keep (got {limit}).")
+        self.limit = limit
 
     def sql(self) -> tuple[str, list[Any]]:
         """WHERE clause and parameters."""
@@ -253,6 +255,8 @@ class LogReader:
         out: list[dict[str, Any]] = []
         infos: dict[Any, Any] = {}
         for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
+            if limit is not None and len(out) >= limit:
+                break  # (checked before a record is added: limit=0 gives none)
             session, host, pid = _meta_text(session), _meta_text(host), _meta_pid(pid)
             if session not in infos:
                 try:
@@ -264,8 +268,6 @@ class LogReader:
             rec = record_from_row(uid, status, started, finished, orphaned, record, meta)
             if rec is not None:
                 out.append(rec)
-                if limit is not None and len(out) >= limit:
-                    break
         return out
 
     def states(self, uids: Sequence[str]) -> dict[str, dict[str, Any]]:
