@@ -802,6 +802,19 @@ def test_names_are_validated_before_they_are_stored(journal):
     assert [r["uid"] for r in journal.records(name="remote*")] == ["n1"]
 
 
+def test_long_names_of_a_small_clean_record_are_cut_too(journal):
+    """The encoder's fast path (a small record of printable names) cut nothing: names of
+    5,000 characters were stored whole although names are cut at 500."""
+    journal.finished(task("long", "completed", name="n" * 5000, user="U" * 5000, user_group="g" * 501))
+    journal.finished(task("edge", "completed", name="e" * 500, user="u" * 500, user_group="g" * 500))
+    assert journal.flush()
+    long, edge = journal.get("long"), journal.get("edge")
+    for key in ("name", "user", "user_group"):
+        assert len(long[key]) == 500 and long[key].endswith("..."), key
+        assert edge[key] == edge[key][0] * 500, key  # (500 is kept whole)
+    assert [r["uid"] for r in journal.records(user="U" * 497 + "...")] == ["long"]
+
+
 # ---- lookups ---------------------------------------------------------------------------------------------
 def test_lookups_are_indexed_and_fast(journal, tmp_path):
     for i in range(3000):

@@ -203,12 +203,13 @@ class RecordEncoder:
                              f"(got {safe_repr(status, 80)}).")
         # Fast path: orjson refuses (with these options) lone surrogates, datetimes,
         # dataclasses, subclasses, huge ints and non-str keys; what it would change silently
-        # is NaN/infinity (written as null), so the values that may hold floats are checked.
+        # is NaN/infinity (written as null), so the values that may hold floats are checked;
+        # names longer than _NAME_CHARS take the careful path, which cuts them.
         n, u, g = get("name"), get("user"), get("user_group")
         a, k, r, p = get("args"), get("kwargs"), get("result"), get("progress")
-        if ((n is None or n.__class__ is str and n.isprintable())
-                and (u is None or u.__class__ is str and u.isprintable())
-                and (g is None or g.__class__ is str and g.isprintable())
+        if ((n is None or n.__class__ is str and len(n) <= _NAME_CHARS and n.isprintable())
+                and (u is None or u.__class__ is str and len(u) <= _NAME_CHARS and u.isprintable())
+                and (g is None or g.__class__ is str and len(g) <= _NAME_CHARS and g.isprintable())
                 and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
                 and (k.__class__ is dict and not k or k is None or _plain(k))
                 and (r.__class__ in _SCALARS or _plain(r)) and (p is None or _plain(p))):
