@@ -917,6 +917,29 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
         wait_for(lambda: checkpointed_size() < 1_500_000, j)  # pages were given back to the system
 
 
+def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
+    """A system clock set a month ahead for a few seconds made age retention delete the
+    whole log (found by a hostile test).  While the wall clock is far from where the
+    elapsed time puts it, nothing is deleted by age (one warning); once it is right again,
+    age retention goes on."""
+    from qmagic.store import writer as writer_module
+    from qmagic.store.records import JournalWarning
+
+    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
+    old = time.time() - 7200
+    with Journal(tmp_path, ENV, max_age_s=3600) as j:
+        wall, elapsed = j._writer._clock_start
+        j._writer._clock_start = (wall - 40 * 86400, elapsed)  # the clock now reads 40 days ahead
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", JournalWarning)
+            for i in range(50):
+                j.finished(task(f"old-{i}", "completed", submitted_at=old, started_at=old, finished_at=old + 1))
+            wait_for(lambda: any("the system clock moved by +960.0 h" in str(w.message) for w in caught), j)
+            assert j.flush() and len(j.records()) == 50  # (retention ran: it warned)
+        j._writer._clock_start = (wall, elapsed)  # right again
+        wait_for(lambda: len(j.records()) == 0, j)
+
+
 def test_a_log_just_over_its_size_loses_only_about_the_excess(tmp_path, monkeypatch):
     """Size retention deleted up to a whole batch (500 tasks) whatever the excess: a log
     10 % over its size lost all of its 400 tasks (found by a hostile test)."""

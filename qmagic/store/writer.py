@@ -65,6 +65,11 @@ RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
+#: A wall clock that moved this much more (or less) than the time elapsed since the writer
+#: started stops deletion by age: a clock set a month ahead for a few seconds deleted the
+#: whole log (found by a hostile test).  Elapsed time counts suspend (CLOCK_BOOTTIME).
+CLOCK_JUMP_S = 3600.0
+_ELAPSED_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 _ERRORS = (sqlite3.Error, OSError, StateFileError)
 
 
@@ -109,6 +114,20 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
     return out
 
 
+def _age_limit(max_age_s: float, clock_start: tuple[float, float]) -> float:
+    """``max_age_s``, or infinity (nothing deleted by age) while the wall clock is more than
+    CLOCK_JUMP_S away from where the time elapsed since ``clock_start`` (wall, elapsed)
+    says it should be."""
+    wall, elapsed = clock_start
+    jump = (time.time() - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
+    if abs(jump) <= CLOCK_JUMP_S:
+        return max_age_s
+    warn_once("clock", f"qmagic: the system clock moved by {jump / 3600:+.1f} h while this kernel ran; "
+              "the experiment log deletes nothing by age until the clock is right again or the "
+              "kernel restarts (a wrong clock would delete the records it holds).")
+    return float("inf")
+
+
 class Writer:
     """See the module docstring.  ``identity`` has host, pid, started_at and info."""
 
@@ -136,6 +155,7 @@ class Writer:
         self._committed_pos: Any = None
         self._next_retention = time.monotonic() + 1.0
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
+        self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
     def failed(self, kind: str, exc: BaseException, db_id: tuple[int, int] | None = None) -> None:
@@ -220,7 +240,8 @@ class Writer:
                 self.failed("database", exc)
                 return
         if now >= self._next_retention:
-            deleted = retention(self.conn, self.max_age_s, self.max_bytes, RETENTION_BATCH)
+            deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start),
+                                self.max_bytes, RETENTION_BATCH)
             self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
         if now >= self._next_recovery:  # other kernels that died; and our heartbeat
             self._next_recovery = now + RECOVERY_EVERY_S
