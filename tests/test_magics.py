@@ -623,6 +623,13 @@ def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     line(ip, "task_cancel", f"{task.uid} --lock-key secret-1")
     assert task.wait(10) and task.status.value == "cancelled"
     line(ip, "task_cancel", "--all --lock-key secret-1")
+    # a quoted key is the key (as in every other magic), in both forms of %task_cancel
+    task = qm.submit(lambda: qmagic.cancellable_sleep(60), lock_key="secret-1")
+    line(ip, "task_cancel", f'{task.uid} --lock-key "secret-1"')
+    assert task.wait(10) and task.status.value == "cancelled"
+    task = qm.submit(lambda: qmagic.cancellable_sleep(60), lock_key="secret-1")
+    line(ip, "task_cancel", "--all --lock-key 'secret-1'")
+    assert task.wait(10) and task.status.value == "cancelled"
     line(ip, "unlock", "--key secret-1")
     assert capsys.readouterr().out.endswith("Not locked.\n")
     with pytest.raises(UsageError, match="no arguments"):

@@ -169,15 +169,16 @@ class TaskMagics(Magics):
         if opts.all and opts.uid is not None:
             raise UsageError("Give a UID or --all, not both: %task_cancel [UID|--all] [--force]")
         forced = " (forced if it does not stop)" if opts.force else ""
+        lock_key = unquote(opts.lock_key)
         try:
             if opts.all:
-                tasks = self.worker.cancel_all(force=opts.force, lock_key=opts.lock_key, origin="magic")
+                tasks = self.worker.cancel_all(force=opts.force, lock_key=lock_key, origin="magic")
                 print(f"Cancel requested for {len(tasks)} {'task' if len(tasks) == 1 else 'tasks'}{forced}.")
                 return
             target = self.worker.last_task if opts.uid is None else opts.uid
             if target is None:
                 raise UsageError("No tasks to cancel.")
-            task = self.worker.cancel(target, force=opts.force, lock_key=opts.lock_key, origin="magic")
+            task = self.worker.cancel(target, force=opts.force, lock_key=lock_key, origin="magic")
         except (RequestRefused, TaskNotFound) as exc:
             refused(exc)
         print(f"Cancel requested{forced}: {fmt.task_line(task)}")
