@@ -90,13 +90,23 @@ def record_call(record: Mapping[str, Any], width: int = 60) -> str:
 
 
 def format_number(value: Any) -> str:
-    """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts)."""
+    """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts).
+
+    Never raises: an int beyond float range reads ``1e+400``, anything that is no number
+    its :func:`printable` text (``<BadValue with a failing str>`` if ``str()`` fails)."""
     if value is None:
         return "?"
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
+    except OverflowError:  # an int beyond float range
+        try:
+            log = math.log10(abs(value))  # (exact enough for ints of any size)
+            sign = "-" if value < 0 else ""
+            return f"{sign}{10 ** (log - math.floor(log)):.4g}e+{math.floor(log)}"
+        except Exception:  # noqa: BLE001
+            return printable(value, 40)
+    except Exception:  # noqa: BLE001  (not a number, or a failing __float__)
+        return printable(value, 40)
     if math.isfinite(number) and number.is_integer():
         return str(int(number))
     return f"{number:.4g}"

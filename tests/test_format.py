@@ -111,3 +111,20 @@ def test_safe_repr_is_one_printable_line_of_at_most_limit_characters_and_never_f
     for value in (Raising(), NotText(), Odd(), "\n" * 100, b"\x00" * 100):
         text = safe_repr(value, 20)
         assert len(text) <= 20 and text.isprintable() and len(text.splitlines()) == 1
+
+
+def test_progress_numbers_never_fail_to_format():
+    from qmagic.format import format_number, progress_text
+
+    class BadNumber:
+        def __str__(self):
+            raise RuntimeError("no str")
+
+        def __float__(self):
+            raise RuntimeError("no float")
+
+    assert format_number(10**400) == "1e+400" and format_number(-3 * 10**5000) == "-3e+5000"
+    assert format_number(BadNumber()) == "<BadNumber with a failing str>"
+    assert format_number("x") == "x" and format_number(2.5) == "2.5" and format_number(4.0) == "4"
+    assert progress_text({"value": 10**400, "total": BadNumber(), "message": "m"}) == (
+        "1e+400/<BadNumber with a failing str> m")

@@ -675,3 +675,28 @@ def test_text_forms_show_progress_script_changes_and_no_key(qm, ip, capsys):
     info = {"environment": True, "queue": False, "user": "Bo", "time": 1.0, "time_str": "x",
             "note": None, "emergency_lock_key_is_set": True}
     assert fmt.lock_text(info) == "Locked by Bo: environment\n(An emergency unlock key is set.)"
+
+
+def test_progress_values_qmagic_cannot_format_never_break_the_views(qm, ip, capsys):
+    from qmagic.panels import render
+
+    ip.run_cell(
+        "class BadStr:\n"
+        "    def __str__(self): raise RuntimeError('no str')\n"
+        "    def __repr__(self): raise RuntimeError('no repr')\n"
+        "    def __float__(self): raise RuntimeError('no float')\n"
+        "def count(n, total=None):\n"
+        "    qmagic.report_progress(n, total, 'events')\n"
+    ).raise_error()
+    huge = line(ip, "function_execute", "count (10**400) (-2 * 10**5000)")
+    bad = line(ip, "function_execute", "count (BadStr())")
+    bad_total = line(ip, "function_execute", "count 1 (BadStr())")
+    assert huge.status.value == "completed" and bad.status.value == "completed"
+    assert bad_total.progress.fraction is None and "1/&lt;BadStr" in render.row_html(bad_total)
+    assert fmt.task_line(huge).endswith("completed  1e+400/-2e+5000 events")
+    assert fmt.task_line(bad).endswith("completed  <BadStr with a failing str> events")
+    capsys.readouterr()
+    line(ip, "tasks")
+    out = capsys.readouterr().out
+    assert "1e+400/-2e+5000 events" in out and "<BadStr with a failing str> events" in out
+    assert "1e+400/-2e+5000" in render.row_html(huge) and "failing str" in render.row_html(bad)

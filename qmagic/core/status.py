@@ -56,9 +56,9 @@ class Progress(NamedTuple):
     @property
     def fraction(self) -> float | None:
         """value/total clipped to [0, 1], or None when unknown."""
-        if self.value is None or not self.total:
-            return None
-        try:
+        try:  # (any value a task reported: never raises)
+            if self.value is None or not self.total:
+                return None
             return max(0.0, min(1.0, float(self.value) / float(self.total)))
-        except (TypeError, ValueError, OverflowError):
+        except Exception:  # noqa: BLE001
             return None
