@@ -240,6 +240,21 @@ def test_failing_script_leaves_the_namespace_unchanged(qk):
     assert qk.eval("new_name") == 3
 
 
+def test_a_task_cannot_unload_qmagic_under_itself(qk):
+    """%unload_ext / %reload_ext qmagic called by a task's code is refused in one line; qmagic
+    stays whole (the task is not force-cancelled by its own unload)."""
+    qk.execute("def unload_self(what='unload_ext'):\n"
+               "    get_ipython().run_line_magic(what, 'qmagic')\n    return 'unloaded'\n", check=True)
+    said = ("qmagic cannot be unloaded from inside a task: run %unload_ext qmagic in a cell of its own.")
+    fg = qk.execute("%function_execute unload_self")
+    assert fg.status == "error" and (fg.error["ename"], fg.error["evalue"]) == ("UsageError", said)
+    assert qk.eval("w.last_task.status.value, w.last_task.error") == ("failed", said)
+    qk.execute("t = %function_execute -b unload_self 'reload_ext'", check=True)
+    assert qk.eval("t.wait(30) and (t.status.value, t.error)") == ("failed", said)
+    assert qk.eval("'qmagic' in get_ipython().extension_manager.loaded and qmagic.get_worker() is w")
+    assert qk.execute("%function_execute add 1", check=True).result.startswith("add(1)")
+
+
 def test_unload_removes_everything_and_reload_works(qk):
     assert qk.eval("bool([t for t in threading.enumerate() if t.name.startswith('qmagic')])") is True
     qk.execute("%unload_ext qmagic", check=True)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from .. import format as fmt
 from .. import tracebacks
+from ..core.context import current_task
 from ..core.task import Task
 from ..worker import Worker
 from .context import (
@@ -41,6 +42,8 @@ _sessions_lock = threading.RLock()
 
 MSG_UNLOAD_INTERRUPTED = ("qmagic finished unloading before the interrupt took effect; load it "
                           "again with %load_ext qmagic.")
+MSG_UNLOAD_IN_TASK = ("qmagic cannot be unloaded from inside a task: run %unload_ext qmagic "
+                      "in a cell of its own.")
 
 
 class UnloadInterrupted(KeyboardInterrupt):
@@ -251,6 +254,10 @@ def unload_ipython_extension(shell: Any) -> None:
     IPython's list of loaded extensions then no longer names qmagic (IPython drops it only
     when this returns), so ``%load_ext qmagic`` works again.
     """
+    if current_task() is not None and get_session(shell) is not None:
+        from IPython.core.error import UsageError
+
+        raise UsageError(MSG_UNLOAD_IN_TASK)
     interrupted = False
     with _interrupts_held() as held:  # ■ between the pop and the unload would undo nothing
         with _sessions_lock:
