@@ -314,6 +314,21 @@ def test_bad_input_is_a_one_line_usage_error(qm, ip, arg, message):
     assert len(qm.tasks()) == before
 
 
+def test_an_argument_raising_an_exception_with_a_broken_str_is_one_usage_error(qm, ip):
+    ip.run_cell(
+        "class DeviceError(Exception):\n"
+        "    def __str__(self): return self.device.name  # no .device\n"
+        "def read_setpoint(): raise DeviceError()\n"
+        "def two_lines(): raise ValueError('first\\nsecond')\n"
+    ).raise_error()
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", "add (read_setpoint())")
+    assert str(info.value).startswith("Cannot evaluate argument '(read_setpoint())': DeviceError. ")
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", "add (two_lines())")
+    assert "ValueError: first\\nsecond. " in str(info.value) and "\n" not in str(info.value)
+
+
 def test_help_shows_every_option_without_rst_markup(qm, ip):
     doc = ip.find_line_magic("function_execute").__doc__
     for option in ("--background", "--user", "--group", "--lock-key", "--wait", "--timeout", "KEY=VALUE"):

@@ -14,6 +14,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
+from ...core.task import exception_text
+from ...texts import printable
+
 __all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help"]
 
 _KWARG = re.compile(r"([A-Za-z_]\w*)=(?!=)(.*)\Z", re.DOTALL)
@@ -169,8 +172,11 @@ def _eval(shell: Any, expr: str) -> Any:
     try:
         return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
+        name = type(exc).__name__
+        text = exception_text(exc)  # (never raises: a broken __str__ reads as the class name)
+        what = name if text == name else f"{name}: {printable(text, 300)}"
         raise UsageError(
-            f"Cannot evaluate argument {expr!r}: {type(exc).__name__}: {exc}. Arguments are Python "
+            f"Cannot evaluate argument {expr!r}: {what}. Arguments are Python "
             "expressions (write strings in quotes; put expressions with spaces in brackets)."
         ) from None
 
