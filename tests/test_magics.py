@@ -715,3 +715,25 @@ def test_progress_values_qmagic_cannot_format_never_break_the_views(qm, ip, caps
     out = capsys.readouterr().out
     assert "1e+400/-2e+5000 events" in out and "<BadStr with a failing str> events" in out
     assert "1e+400/-2e+5000" in render.row_html(huge) and "failing str" in render.row_html(bad)
+
+
+def test_a_press_as_a_waited_background_task_ends_says_it_ended(qm):
+    """■ lands as the background task a cell waits for (``-b --wait``) has just ended: the
+    line says it ended, not that it keeps running."""
+    import contextlib
+
+    from qmagic.ipython.magics.common import wait_interruptibly
+
+    class Pressed:  # the kernel runner's guard, with ■ landing in it
+        @staticmethod
+        @contextlib.contextmanager
+        def guard(_):
+            raise KeyboardInterrupt
+            yield
+
+    task = qm.submit(lambda: 7)
+    assert task.result(TIMEOUT) == 7
+    with pytest.raises(KeyboardInterrupt) as info:
+        wait_interruptibly(task, Pressed())
+    assert str(info.value) == (f"stopped waiting; the background task <lambda>() had already ended "
+                               f"(completed): see %task_result {task.uid[:8]}.")

@@ -99,6 +99,46 @@ def test_await_does_not_block_the_loop_and_cancelling_the_waiter_spares_the_task
     assert value == "v" and ticks >= 3
 
 
+def test_cancelling_the_waiter_after_the_task_ended_says_it_ended(make_worker):
+    """The task ends and, before the waiting coroutine wakes, ■ cancels it: the line says the
+    task had already ended (not that it keeps running)."""
+    gate = Gate()
+    w = make_worker({"gate": gate})
+
+    async def main():
+        task = w.submit("gate", ("v",))
+        waiter = asyncio.ensure_future(_await(task))
+        await asyncio.sleep(0)  # (the waiter's first step runs: it awaits the task)
+        assert gate.started.wait(TIMEOUT) and not waiter.done()
+        gate.release.set()
+        assert task.wait(TIMEOUT)  # (blocks the loop: the waiter's wake-up waits behind it)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError) as info:
+            await waiter
+        return task, str(info.value)
+
+    async def _await(task):
+        return await task
+
+    task, said = asyncio.run(main())
+    assert said == (f"stopped waiting; the task gate('v') had already ended (completed): see "
+                    f"task.result(), or %task_result {task.uid[:8]}.")
+    assert task.result(0) == "v"
+
+
+def test_cancel_reason_is_none_unless_a_cancel_was_asked_for(make_worker):
+    gate = Gate()
+    w = make_worker({"gate": gate, "sleepy": lambda: qmagic.cancellable_sleep(60)})
+    running = w.submit("gate")
+    assert gate.started.wait(TIMEOUT) and running.cancel_reason is None
+    gate.release.set()
+    assert running.result(TIMEOUT) is None and running.cancel_reason is None
+    sleepy = w.submit("sleepy")
+    w.cancel(sleepy)
+    assert sleepy.cancel_reason == "Task was cancelled from Python"  # (at once, while it stops)
+    assert sleepy.wait(TIMEOUT) and sleepy.cancel_reason == "Task was cancelled from Python"
+
+
 def test_a_press_while_the_main_thread_waits_for_a_task_says_the_task_goes_on(make_worker, sigint_as_in_a_cell):
     """■ during ``task.result()`` / ``task.wait()`` in a cell: one line that says the waiting
     stopped and how to stop the task, not frames of qmagic and threading (found by the

@@ -98,9 +98,12 @@ class Task(TaskState):
         return self._cancel_requested
 
     @property
-    def cancel_reason(self) -> str:
-        """Why the task was (or is being) cancelled."""
-        return self._cancel_reason
+    def cancel_reason(self) -> str | None:
+        """Why the task was (or is being) cancelled; None if it never was (no cancel was
+        requested and it did not end cancelled)."""
+        if self._cancel_requested or self._status is TaskStatus.CANCELLED:
+            return self._cancel_reason
+        return None
 
     # -- Future API ------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
@@ -137,6 +140,10 @@ class Task(TaskState):
             return True
 
     def _stopped_waiting(self) -> str:
+        status = self._status
+        if status.finished:  # (it ended as the waiting was stopped)
+            return (f"stopped waiting; the task {self.call_text(40)} had already ended "
+                    f"({status.value}): see task.result(), or %task_result {self.uid[:8]}.")
         return (f"stopped waiting; the task {self.call_text(40)} keeps running (stop it with "
                 f"task.cancel(), or %task_cancel {self.uid[:8]}).")
 
