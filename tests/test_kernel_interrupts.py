@@ -621,6 +621,27 @@ def test_a_storm_of_presses_while_a_cell_waits_for_a_background_task(sk):
         _healthy(sk)
 
 
+def test_a_press_while_a_cell_awaits_a_background_task_ends_the_cell_at_once(sk):
+    """■ during ``await t`` in a cell: the cell ends within a moment with one line (the
+    kernel's ■ handler only schedules the cell's cancellation: the loop must wake for it),
+    and the task runs on."""
+    sk.execute("def long_wait():\n    qmagic.cancellable_sleep(60)\n", check=True)
+    for round_ in range(2):
+        cell = sk.execute_async("t = %function_execute -b long_wait\nprint('awaiting', flush=True)\nawait t")
+        sk.wait_for_output(cell, "awaiting")
+        sk.interrupt()
+        result = sk.wait(cell, timeout=10)  # (it ended only with the task: 60 s)
+        uid = sk.eval("t.uid")
+        assert one_line(result) == (
+            "CancelledError: stopped waiting; the task long_wait() keeps running (stop it with "
+            f"task.cancel(), or %task_cancel {uid[:8]})."
+        ), f"round {round_}"
+        assert sk.eval("t.status.value, t.cancel_reason") == ("running", None)
+        sk.execute("t.cancel()", check=True)
+        assert sk.eval("t.wait(10), t.status.value") == (True, "cancelled")
+        _healthy(sk)
+
+
 def test_forced_cancels_of_busy_background_tasks_never_freeze_the_kernel(sk):
     """A forced cancel lands at any moment of a background task that prints and reports
     progress all the time (its lock is taken and given back constantly): the task always

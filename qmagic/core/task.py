@@ -29,6 +29,9 @@ __all__ = ["INTERRUPTED", "CancelHook", "Task", "exception_text", "one_line"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
+#: Longest sleep of a main-thread event loop while ``await task`` waits (see
+#: :func:`_beat_on_main_thread`).
+AWAIT_BEAT_S = 0.1
 
 
 class Task(TaskState):
@@ -222,12 +225,15 @@ class Task(TaskState):
                         pass
 
             self.add_done_callback(wake)
+            beat = _beat_on_main_thread(loop)
             try:
                 yield from waiter.__await__()
             except asyncio.CancelledError:  # (■ in a cell, a timeout): the waiting only
                 raise one_line(asyncio.CancelledError(self._stopped_waiting())) from None
             finally:  # the awaiting coroutine was cancelled: no callback left behind per wait
                 self._forget_done_callback(wake)
+                if beat is not None:
+                    beat.cancel()
         # The outcome is raised here, not through the waiter: no asyncio frames in the way.
         return self.result(0)
 
@@ -278,3 +284,26 @@ def one_line(exc: BaseException) -> BaseException:
 
 def _lines(*lines: str) -> list[str]:
     return list(lines)
+
+
+def _beat_on_main_thread(loop: Any) -> Any:
+    """While ``await task`` waits on the main thread's loop (a cell), wake that loop every
+    :data:`AWAIT_BEAT_S`: the kernel's ■ handler schedules the cell's cancellation with a
+    plain ``call_soon``, which does not wake a loop asleep in ``select`` (the cell would end
+    only when the task did).  The returned handle stops the beat (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    class Beat:
+        handle = None
+
+        def __call__(self) -> None:
+            self.handle = loop.call_later(AWAIT_BEAT_S, self)
+
+        def cancel(self) -> None:
+            if self.handle is not None:
+                self.handle.cancel()
+
+    beat = Beat()
+    beat()
+    return beat
