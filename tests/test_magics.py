@@ -715,6 +715,7 @@ def test_progress_values_qmagic_cannot_format_never_break_the_views(qm, ip, caps
     out = capsys.readouterr().out
     assert "1e+400/-2e+5000 events" in out and "<BadStr with a failing str> events" in out
     assert "1e+400/-2e+5000" in render.row_html(huge) and "failing str" in render.row_html(bad)
+    assert repr(bad.progress) == "Progress(value=<BadStr with a failing repr>, total=None, message='events')"
 
 
 def test_a_press_as_a_waited_background_task_ends_says_it_ended(qm):

@@ -53,6 +53,12 @@ class Progress(NamedTuple):
     total: float | None
     message: str | None
 
+    def __repr__(self) -> str:  # (a value the task reported may have a failing repr)
+        from ..texts import safe_repr
+
+        return (f"Progress(value={safe_repr(self.value, 200)}, total={safe_repr(self.total, 200)}, "
+                f"message={safe_repr(self.message, 200)})")
+
     @property
     def fraction(self) -> float | None:
         """value/total clipped to [0, 1], or None when unknown."""
