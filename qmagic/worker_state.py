@@ -118,7 +118,20 @@ class StateMixin(HasTraits):
                 [observer] if observer is not None else [])
             self._journal, self._log_observer = journal, observer
         if old is not None:
+            if journal is not None:
+                self._carry_over(old, journal)
             old.close()
+
+    def _carry_over(self, old: Any, new: Any) -> None:
+        """Tasks still queued or running go on in the new log: closing the old one marks
+        its unfinished tasks "kernel stopped" (a changed log setting did that to the tasks
+        that ran, found by a hostile test).  The old log stores what it holds first, then
+        the new one takes the tasks over (their rows move to its session)."""
+        old.flush()
+        for task in self.engine.tasks():
+            if not task.done():  # (one that ends meanwhile: its end record wins anyway)
+                new.submitted(task.to_dict())
+        new.flush()
 
     # -- settings follow the traits ---------------------------------------------------------------
     # Each change builds the new objects first and swaps them in; if that fails, the setting

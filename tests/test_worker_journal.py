@@ -217,6 +217,29 @@ def test_journal_off_then_switched_on(make_worker):
     assert [r["uid"] for r in w.history()] == [t2.uid]
 
 
+def test_a_log_setting_changed_while_tasks_run_leaves_them_running(journaled):
+    """A log setting changed while a task ran reopened the log, and closing the old one
+    marked the task failed, "kernel stopped while the task was running", until it ended
+    (found by a hostile test).  The new log takes the unfinished tasks over."""
+    gate = Gate()
+    w = journaled({"hold": gate, "quick": lambda: 1}, max_background_tasks=1)
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    queued = w.submit("quick")  # (waits for the one thread)
+    w.journal_max_age_s = 7 * 86400.0
+    reader = journaled()  # another session's view: what the database holds
+    try:
+        statuses = {r["uid"]: (r["status"], r["journal"]["orphaned"]) for r in reader.history()}
+        assert statuses == {running.uid: ("running", False), queued.uid: ("queued", False)}
+        gate.release.set()
+        assert queued.result(TIMEOUT) == 1 and running.wait(TIMEOUT)
+        w.close()
+        statuses = {r["uid"]: r["status"] for r in reader.history()}
+        assert statuses == {running.uid: "completed", queued.uid: "completed"}
+    finally:
+        gate.release.set()
+
+
 def test_module_history_reads_a_given_state_dir(journaled, tmp_path):
     w = journaled({"f": lambda: 1})
     t = w.submit("f", user="Bob")
