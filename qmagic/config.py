@@ -45,17 +45,18 @@ class QMagic(Configurable):
     ).tag(config=True)
     max_finished_task_bytes = Int(
         256_000_000, min=0, max=1_000_000_000_000,
-        help="Bytes of remote requests (function_execute arguments, script_upload scripts) that "
-        "finished tasks may hold in memory in all: beyond, the oldest of those tasks leave "
-        "memory (the experiment log keeps them, large results as a summary); the newest always "
-        "stays, so they hold at most about this plus one request. The objects decoded from a "
-        "request may take a few times its bytes.",
+        help="Memory that the data of remote requests (function_execute arguments, "
+        "script_upload scripts) held by finished tasks may take in all, counted from each "
+        "request (its bytes and, conservatively, the objects decoded from it): beyond, the "
+        "oldest of those tasks leave memory (the experiment log keeps them, large results as a "
+        "summary); the newest always stays, so they hold at most about this plus one request.",
     ).tag(config=True)
     max_queued_task_bytes = Int(
         512_000_000, min=0, max=1_000_000_000_000,
-        help="Bytes of remote requests (function_execute arguments, script_upload scripts) that "
-        "tasks waiting or running may hold in memory in all: a remote request that sends "
-        "data is refused when with it they would hold more (a request alone always passes).",
+        help="Memory that the data of remote requests (function_execute arguments, "
+        "script_upload scripts) held by tasks waiting or running may take in all, counted as "
+        "for max_finished_task_bytes: a remote request that sends data is refused when with it "
+        "they would hold more (a request alone always passes).",
     ).tag(config=True)
     task_output_limit = Int(
         100_000, min=1, max=100_000_000,

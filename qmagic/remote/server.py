@@ -288,7 +288,22 @@ class ControlServer(SocketThread):
 
             identity = identity_of(frame, keys)
         return self._dispatch(request, client=_client_of(frame, identity), keys=keys,
-                              identity=identity, request_bytes=size)
+                              identity=identity, request_bytes=decoded_bytes(raw))
+
+
+#: What the objects decoded from a JSON request take at most, per list, per dict and per item
+#: (CPython, 64-bit): an empty list is 56 bytes, a small dict 184-232, an item a pointer plus
+#: a number or a string of ~30-50 bytes (conservative: small numbers are shared).
+_LIST_BYTES, _DICT_BYTES, _ITEM_BYTES = 64, 240, 48
+
+
+def decoded_bytes(raw: bytes) -> int:
+    """About how much memory the objects decoded from the JSON request ``raw`` take (never
+    less than its bytes): memory budgets count this, not the request's bytes (a 9 MB request
+    of 3 million empty lists decodes to ~215 MB; found by a hostile test).  A few C-level
+    passes over the bytes (~1 ms per MB)."""
+    return (len(raw) + _LIST_BYTES * raw.count(b"[") + _DICT_BYTES * raw.count(b"{")
+            + _ITEM_BYTES * (raw.count(b",") + raw.count(b":")))
 
 
 def _client_of(frame: Any, identity: Any) -> str:
