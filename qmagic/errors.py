@@ -28,6 +28,11 @@ class QMagicError(Exception):
     def __str__(self) -> str:  # KeyError would otherwise show the message in quotes
         return str(self.args[0]) if self.args else self.__class__.__name__
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for it in a cell: one line, ``Type: message`` (the message
+        says what to do; qmagic's own frames would only hide it)."""
+        return [f"{type(self).__name__}: {self}"]
+
 
 class TaskNotFound(QMagicError, KeyError):
     """No task has this uid (or unique uid prefix): unknown, ambiguous or expired."""

@@ -255,6 +255,25 @@ def test_a_task_cannot_unload_qmagic_under_itself(qk):
     assert qk.execute("%function_execute add 1", check=True).result.startswith("add(1)")
 
 
+def test_refusals_of_the_python_api_show_one_line_in_a_cell(qk):
+    """A refusal of the Python API in a cell (an unknown task, a wrong user group, a bad
+    timeout) showed 13 to 40 lines of qmagic's frames (found by a hostile test)."""
+    cases = {
+        "w.get_task('zzzz')": "TaskNotFound",
+        "w.submit('add', (1,), user_group='nobody-here')": "PermissionRefused",
+        "w.unlock('wrong-key')": None,  # (not locked: nothing to refuse)
+    }
+    for code, ename in cases.items():
+        result = qk.execute(code)
+        if ename is None:
+            assert result.status == "ok", code
+            continue
+        assert result.status == "error" and result.error["ename"] == ename, (code, result.error)
+        shown = result.error["traceback"]
+        assert len(shown) == 1 and shown[0].startswith(f"{ename}: "), (code, shown)
+        assert_no_internals("\n".join(shown))
+
+
 def test_unload_removes_everything_and_reload_works(qk):
     assert qk.eval("bool([t for t in threading.enumerate() if t.name.startswith('qmagic')])") is True
     qk.execute("%unload_ext qmagic", check=True)

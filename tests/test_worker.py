@@ -126,6 +126,27 @@ def test_cancelling_the_waiter_after_the_task_ended_says_it_ended(make_worker):
     assert task.result(0) == "v"
 
 
+def test_a_slow_argument_repr_is_made_once_per_width(make_worker):
+    """A device whose repr takes long: it was called 8 times for one foreground call (the
+    cell held 2.5 s for a task of no time; found by a hostile test)."""
+    class Device:
+        reprs = 0
+
+        def __repr__(self) -> str:
+            Device.reprs += 1
+            return "<Device x>"
+
+    w = make_worker({"move": lambda device: None})
+    task = w.submit("move", (Device(),), background=False)
+    assert task.result(TIMEOUT) is None
+    task.call_text(30), task.call_text()
+    made = Device.reprs
+    for _ in range(5):  # (each width's text was made: no more repr)
+        assert task.call_text() == "move(<Device x>)" and repr(task).startswith("<Task move(<Device x>)")
+        task.call_text(30)
+    assert Device.reprs == made <= 4, made
+
+
 def test_cancel_reason_is_none_unless_a_cancel_was_asked_for(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate, "sleepy": lambda: qmagic.cancellable_sleep(60)})

@@ -258,10 +258,18 @@ class Task(TaskState):
                                 self.finished_at)
 
     def call_text(self, width: int = 60) -> str:
-        """``name(arg, ..., key=value)`` shortened to about ``width`` characters."""
-        from ..format import call_text
+        """``name(arg, ..., key=value)`` shortened to about ``width`` characters; made once
+        per width (an argument's ``repr`` may be slow: a device's was called 8 times per
+        foreground call, and the time partly counted as the task's; found by a hostile test)."""
+        texts = self.__dict__.get("_call_texts")
+        if texts is None:
+            texts = self.__dict__.setdefault("_call_texts", {})  # (atomic: racing threads share it)
+        text = texts.get(width)
+        if text is None:
+            from ..format import call_text
 
-        return call_text(self.name, self.args, self.kwargs, width, kind=self.kind)
+            text = texts[width] = call_text(self.name, self.args, self.kwargs, width, kind=self.kind)
+        return text
 
     def __repr__(self) -> str:
         # Deterministic (no uid, no times): notebooks compare it with nbval.
