@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import traceback as _tb
+import types
 from typing import Any, Callable
 
 __all__ = ["is_internal_frame", "set_filename_labeler", "traceback_text", "user_traceback"]
@@ -70,10 +71,18 @@ def traceback_text(exc: BaseException) -> str:
 
 
 def user_traceback(exc: BaseException) -> Any:
-    """``exc.__traceback__`` from the first user frame on (for re-raising in a cell), or
-    the last frame when every frame is qmagic's."""
+    """``exc.__traceback__`` with the user's frames only (for re-raising in a cell: a task's
+    code that called qmagic and got its error showed qmagic's frames after its own), or the
+    last frame when every frame is qmagic's."""
+    kept = []
     tb = last = exc.__traceback__
-    while tb is not None and is_internal_frame(tb.tb_frame.f_code.co_filename):
-        last = tb
-        tb = tb.tb_next
-    return tb if tb is not None else last
+    while tb is not None:
+        if not is_internal_frame(tb.tb_frame.f_code.co_filename):
+            kept.append(tb)
+        last, tb = tb, tb.tb_next
+    if not kept:
+        return last
+    out = None
+    for item in reversed(kept):  # (a new chain: the exception's own traceback is not changed)
+        out = types.TracebackType(out, item.tb_frame, item.tb_lasti, item.tb_lineno)
+    return out

@@ -274,6 +274,22 @@ def test_refusals_of_the_python_api_show_one_line_in_a_cell(qk):
         assert_no_internals("\n".join(shown))
 
 
+def test_a_task_that_gets_qmagics_error_shows_its_own_frames_only(qk):
+    """A foreground task whose code waited on another task and timed out showed qmagic's
+    frames after its own (core/task.py; found by a hostile test)."""
+    qk.execute("def wait_other(uid):\n    return w.get_task(uid).result(timeout=0.05)\n", check=True)
+    qk.execute("t = %function_execute -b bg_wait 'frames'", check=True)
+    try:
+        for code in ("%function_execute wait_other t.uid", "%function_execute -b --wait wait_other t.uid"):
+            result = qk.execute(code)
+            assert result.status == "error" and result.error["ename"] == "TimeoutError", (code, result.error)
+            shown = "\n".join(result.error["traceback"])
+            assert "wait_other" in shown, shown  # (the task's own frame)
+            assert_no_internals(shown)
+    finally:
+        qk.execute("events.setdefault('frames', threading.Event()).set()", check=True)
+
+
 def test_unload_removes_everything_and_reload_works(qk):
     assert qk.eval("bool([t for t in threading.enumerate() if t.name.startswith('qmagic')])") is True
     qk.execute("%unload_ext qmagic", check=True)
