@@ -245,9 +245,9 @@ class LockStore:
 
         Locking again with the same key replaces scopes, note, user and time (new uid) and
         keeps the key's stored hash (no new derivation: a client that locks again and again
-        costs no key hashing).  A scope of ``None`` counts as False.  Raises RequestRefused for invalid arguments,
-        LockRefused when locked with another key (or damaged), StateFileError when the
-        file cannot be written (nothing changed).
+        costs no key hashing).  A scope of ``None`` counts as False.  Raises RequestRefused
+        for invalid arguments, LockRefused when locked with another key (or damaged),
+        StateFileError when the file cannot be written (nothing changed).
         """
         problem = user_problem(user)
         if problem is not None:
