@@ -1106,12 +1106,12 @@ def test_a_forked_child_does_not_keep_a_killed_parents_session_alive(tmp_path):
         j.submitted({"uid": "r1", "name": "measure", "status": "running", "submitted_at": time.time()})
         j.flush()
         if os.fork() == 0:  # (after-fork handlers have run once fork returns here)
-            print("child", os.getpid(), flush=True)
+            os.write(1, f"child {os.getpid()}\\n".encode())  # (one write: lines never interleave)
             sys.stdin.readline()  # lives until the test closes stdin
             os._exit(0)
         j.submitted({"uid": "r2", "name": "measure", "status": "running", "submitted_at": time.time()})
         j.flush()
-        print("ready", flush=True)
+        os.write(1, b"ready\\n")
         import threading
         threading.Event().wait()
     """)
