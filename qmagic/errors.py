@@ -7,6 +7,8 @@ and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "QMagicError",
     "TaskNotFound",
@@ -22,16 +24,37 @@ __all__ = [
 ]
 
 
+class _OneLineInCell:
+    """``QMagicError._render_traceback_``: what IPython shows for a qmagic error in a cell.
+    One line, ``Type: message``, when qmagic raised it for a call made at the top level of
+    a cell (the message says what to do; qmagic's frames would only hide it); when the
+    innermost code of the user's was a function (a task's code, a helper), no such
+    attribute: IPython's usual traceback then shows where.  A non-data descriptor: an
+    instance may still set its own."""
+
+    def __get__(self, exc: BaseException | None, owner: type | None = None) -> Any:
+        if exc is None:
+            return self
+        from .tracebacks import is_internal_frame
+
+        tb, innermost = exc.__traceback__, None
+        while tb is not None:
+            if not is_internal_frame(tb.tb_frame.f_code.co_filename):
+                innermost = tb.tb_frame.f_code.co_name
+            tb = tb.tb_next
+        if innermost not in (None, "<module>"):
+            raise AttributeError("_render_traceback_")
+        line = f"{type(exc).__name__}: {exc}"
+        return lambda: [line]
+
+
 class QMagicError(Exception):
     """Base class of qmagic's errors; ``str(err)`` is the message meant for the user."""
 
+    _render_traceback_ = _OneLineInCell()
+
     def __str__(self) -> str:  # KeyError would otherwise show the message in quotes
         return str(self.args[0]) if self.args else self.__class__.__name__
-
-    def _render_traceback_(self) -> list[str]:
-        """What IPython shows for it in a cell: one line, ``Type: message`` (the message
-        says what to do; qmagic's own frames would only hide it)."""
-        return [f"{type(self).__name__}: {self}"]
 
 
 class TaskNotFound(QMagicError, KeyError):

@@ -54,7 +54,8 @@ class QueueserverProtocol(GuiMethods):
     def function_execute(self, params: dict, *, client: str | None = None, request_bytes: int = 0,
                          **who: Any) -> dict:
         """queueserver ``function_execute``: start a namespace function as a task; returns its
-        uid.  ``request_bytes``: the request's size (finished tasks' memory is bounded by it)."""
+        uid.  ``request_bytes``: what the request's data takes in memory (finished tasks'
+        memory is bounded by it)."""
         item = params.get("item")
         try:
             lock_key = _lock_key(params)

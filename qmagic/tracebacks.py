@@ -83,6 +83,9 @@ def user_traceback(exc: BaseException) -> Any:
     if not kept:
         return last
     out = None
-    for item in reversed(kept):  # (a new chain: the exception's own traceback is not changed)
-        out = types.TracebackType(out, item.tb_frame, item.tb_lasti, item.tb_lineno)
+    try:
+        for item in reversed(kept):  # (a new chain: the exception's own traceback is not changed)
+            out = types.TracebackType(out, item.tb_frame, item.tb_lasti, item.tb_lineno or 0)
+    except Exception:  # noqa: BLE001 - never fail a task's end over its traceback's display
+        return kept[0]
     return out

@@ -212,3 +212,34 @@ def test_an_interrupt_anywhere_in_a_timer_schedule_never_blocks_the_timers():
             break
         k += 1
     assert k > 5  # (every point was tried)
+
+
+def test_timers_work_in_a_forked_child_and_drop_the_parents():
+    """A forked child has no timer thread: its timers never ran (and a fork while the
+    thread held the lock would deadlock the child's first schedule).  The child starts
+    again with an empty heap, a new lock and a new thread."""
+    import os
+
+    from qmagic.core.timers import Timers
+
+    timers = Timers()
+    parents = threading.Event()
+    timers.schedule(3600, parents.set)  # (the parent's: not the child's to run)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only os-level calls after the test, then _exit
+        try:
+            ran = threading.Event()
+            timers.schedule(0.0, ran.set)
+            ok = ran.wait(10) and not timers._heap
+            os.write(w, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            said = pipe.read()
+        assert said == b"ok", said
+    finally:
+        os.waitpid(pid, 0)
+        timers.close()

@@ -272,6 +272,10 @@ def test_refusals_of_the_python_api_show_one_line_in_a_cell(qk):
         shown = result.error["traceback"]
         assert len(shown) == 1 and shown[0].startswith(f"{ename}: "), (code, shown)
         assert_no_internals("\n".join(shown))
+    # raised through a function of the user's: the usual traceback says where
+    qk.execute("def look_up(uid):\n    return w.get_task(uid)\n", check=True)
+    result = qk.execute("look_up('zzzz')")
+    assert result.error["ename"] == "TaskNotFound" and "look_up" in "\n".join(result.error["traceback"])
 
 
 def test_a_task_that_gets_qmagics_error_shows_its_own_frames_only(qk):

@@ -90,6 +90,11 @@ def test_arguments_count_by_the_memory_their_objects_take(remote):
     decoded = sys.getsizeof(args) + sum(sys.getsizeof(a) for a in args)  # what the kernel holds
     size = worker.engine.get(uid).payload_bytes
     assert decoded < size < 3 * decoded, (decoded, size)  # (the request itself: ~300 kB)
+    # what a string holds is its bytes: a CSV text is one string, not a million items
+    csv = ",".join(map(str, range(200_000)))
+    uid = rm.function_execute(BFunc("measure", csv), run_in_background=True)["task_uid"]
+    assert rm.wait_for_completed_task(uid, timeout=TIMEOUT) == {uid: "completed"}
+    assert len(csv) < worker.engine.get(uid).payload_bytes < len(csv) + 5000
 
 
 def test_uploaded_scripts_count_too_and_python_tasks_do_not(remote):

@@ -7,8 +7,8 @@ and a finishing task never waits for it.  Finished tasks stay
 ``retention_s`` seconds and at most ``max_finished`` of them (the oldest go first); a timer
 sweeps them even when no new task arrives.
 
-Finished tasks that carry a size (``Task.payload_bytes``: the bytes of the remote request
-that sent their arguments) also leave memory, oldest first, while their sizes sum above
+Finished tasks that carry a size (``Task.payload_bytes``: the memory the data of the remote
+request that sent their arguments takes, as the control channel counts it) also leave memory, oldest first, while their sizes sum above
 ``max_finished_bytes``; the newest of them always stays (its client may be about to read
 the result), so what they hold is bounded by about the budget plus one request.  The sizes
 are added up without a blocking lock: a finishing task appends ``(uid, size)`` to a deque

@@ -29,8 +29,7 @@ __all__ = ["INTERRUPTED", "CancelHook", "Task", "exception_text", "one_line"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
-#: Longest sleep of a main-thread event loop while ``await task`` waits (see
-#: :func:`_beat_on_main_thread`).
+#: Longest sleep of a main-thread event loop while ``await task`` waits (see :class:`_Beat`).
 AWAIT_BEAT_S = 0.1
 
 
@@ -224,16 +223,20 @@ class Task(TaskState):
                     except RuntimeError:  # the loop closed meanwhile: nobody waits
                         pass
 
-            self.add_done_callback(wake)
-            beat = _beat_on_main_thread(loop)
+            # (on the main thread: see _Beat; started inside the try, stopped by a flag, so
+            # that an interrupt anywhere here leaves neither a callback nor a beat behind)
+            beat = _Beat(loop) if threading.current_thread() is threading.main_thread() else None
             try:
+                self.add_done_callback(wake)
+                if beat is not None:
+                    beat()
                 yield from waiter.__await__()
             except asyncio.CancelledError:  # (■ in a cell, a timeout): the waiting only
                 raise one_line(asyncio.CancelledError(self._stopped_waiting())) from None
             finally:  # the awaiting coroutine was cancelled: no callback left behind per wait
                 self._forget_done_callback(wake)
                 if beat is not None:
-                    beat.cancel()
+                    beat.stop()
         # The outcome is raised here, not through the waiter: no asyncio frames in the way.
         return self.result(0)
 
@@ -294,24 +297,23 @@ def _lines(*lines: str) -> list[str]:
     return list(lines)
 
 
-def _beat_on_main_thread(loop: Any) -> Any:
-    """While ``await task`` waits on the main thread's loop (a cell), wake that loop every
+class _Beat:
+    """While ``await task`` waits on the main thread's loop (a cell), wakes that loop every
     :data:`AWAIT_BEAT_S`: the kernel's ■ handler schedules the cell's cancellation with a
     plain ``call_soon``, which does not wake a loop asleep in ``select`` (the cell would end
-    only when the task did).  The returned handle stops the beat (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    only when the task did).  Call it to start; :meth:`stop` ends it (also a tick already
+    scheduled: it sees the flag)."""
 
-    class Beat:
-        handle = None
+    __slots__ = ("loop", "handle", "stopped")
 
-        def __call__(self) -> None:
-            self.handle = loop.call_later(AWAIT_BEAT_S, self)
+    def __init__(self, loop: Any) -> None:
+        self.loop, self.handle, self.stopped = loop, None, False
 
-        def cancel(self) -> None:
-            if self.handle is not None:
-                self.handle.cancel()
+    def __call__(self) -> None:
+        if not self.stopped:
+            self.handle = self.loop.call_later(AWAIT_BEAT_S, self)
 
-    beat = Beat()
-    beat()
-    return beat
+    def stop(self) -> None:
+        self.stopped = True
+        if self.handle is not None:
+            self.handle.cancel()

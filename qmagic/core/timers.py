@@ -5,9 +5,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from typing import Callable
 
 __all__ = ["Timers", "TimerHandle"]
@@ -17,8 +19,23 @@ log = logging.getLogger("qmagic")
 #: Longest single wait of the timer thread (seconds): a later deadline (or ``inf``, never)
 #: is waited for in steps, below ``threading.TIMEOUT_MAX``.
 _LONGEST_WAIT_S = 3600.0
+#: Longest wait while timers are pending: a wake-up lost to an interrupt (Python 3.10 acts on
+#: signals between almost any two instructions) delays a timer by this at most.
+_PENDING_RECHECK_S = 1.0
 #: Heap size from which cancelled entries are dropped (checked every 1024 schedules).
 _COMPACT_AT = 4096
+_ALL: weakref.WeakSet[Timers] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads, and the parent's timers are the
+    parent's: each Timers starts again empty, with a new lock and thread."""
+    for timers in list(_ALL):
+        timers._restart_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class TimerHandle:
@@ -58,9 +75,20 @@ class Timers:
         self._lock = threading.Lock()
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._closed = False
+        self._name = name
         # (started here, not by the first schedule(): no interrupt can leave it unstarted)
         self._thread: threading.Thread | None = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _ALL.add(self)
+
+    def _restart_in_child(self) -> None:
+        self._heap = []
+        self._lock = threading.Lock()
+        self._wakeups = queue.SimpleQueue()
+        self._thread = None
+        if not self._closed:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
         """Run ``fn()`` after ``delay`` seconds (at once if <= 0, never if ``inf``); returns
@@ -100,7 +128,7 @@ class Timers:
                     return
                 wait = _LONGEST_WAIT_S
                 if self._heap:
-                    wait = min(self._heap[0][0] - time.monotonic(), _LONGEST_WAIT_S)  # (inf: never due)
+                    wait = min(self._heap[0][0] - time.monotonic(), _PENDING_RECHECK_S)
                     if wait <= 0:
                         handle = heapq.heappop(self._heap)[2]
             if handle is None:

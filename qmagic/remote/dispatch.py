@@ -107,8 +107,9 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
 
     ``keys``: the CurveZMQ client key list when one is configured; then ``identity`` is
     the sender's (None: not listed) and the request may only claim that identity's user
-    and groups (:mod:`qmagic.remote.auth`).  ``request_bytes``: the request's size, passed to
-    every method (those that start a task with what the client sent give it to the task).
+    and groups (:mod:`qmagic.remote.auth`).  ``request_bytes``: what the request's data
+    takes in memory, passed to every method (those that start a task with what the client
+    sent give it to the task).
     """
     if not isinstance(request, dict):  # queueserver's text
         return {"success": False, "msg": f"Incorrect request type: {type(request)}. Dictionary is expected"}
