@@ -141,13 +141,16 @@ class Task(TaskState):
                     raise one_line(KeyboardInterrupt(self._stopped_waiting())) from None
             return True
 
-    def _stopped_waiting(self) -> str:
+    def _stopped_waiting(self, *, magic: bool = False) -> str:
+        """The line shown when ■ stopped a wait for this task (the task itself goes on, or
+        had just ended); ``magic``: worded for a magic's ``--wait`` (magic hints only)."""
+        what, call, uid = ("the background task" if magic else "the task"), self.call_text(40), self.uid[:8]
         status = self._status
         if status.finished:  # (it ended as the waiting was stopped)
-            return (f"stopped waiting; the task {self.call_text(40)} had already ended "
-                    f"({status.value}): see task.result(), or %task_result {self.uid[:8]}.")
-        return (f"stopped waiting; the task {self.call_text(40)} keeps running (stop it with "
-                f"task.cancel(), or %task_cancel {self.uid[:8]}).")
+            see = f"%task_result {uid}" if magic else f"task.result(), or %task_result {uid}"
+            return f"stopped waiting; {what} {call} had already ended ({status.value}): see {see}."
+        stop = f"%task_cancel {uid}" if magic else f"task.cancel(), or %task_cancel {uid}"
+        return f"stopped waiting; {what} {call} keeps running (stop it with {stop})."
 
     def result(self, timeout: float | None = None) -> Any:
         """Return the function's return value, waiting up to ``timeout`` seconds.

@@ -76,10 +76,13 @@ class Timers:
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._closed = False
         self._name = name
-        # (started here, not by the first schedule(): no interrupt can leave it unstarted)
-        self._thread: threading.Thread | None = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._start_thread()  # (here, not in the first schedule(): no interrupt can leave it unstarted)
         _ALL.add(self)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
 
     def _restart_in_child(self) -> None:
         self._heap = []
@@ -87,8 +90,7 @@ class Timers:
         self._wakeups = queue.SimpleQueue()
         self._thread = None
         if not self._closed:
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
+            self._start_thread()
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
         """Run ``fn()`` after ``delay`` seconds (at once if <= 0, never if ``inf``); returns

@@ -135,15 +135,7 @@ def wait_interruptibly(task: Task, runner: Any = None) -> None:
         with guard(lambda: True) if guard is not None else contextlib.nullcontext():
             task.wait()
     except KeyboardInterrupt:
-        if task.done():  # (it ended as ■ stopped the waiting)
-            raise WaitInterrupted(
-                f"stopped waiting; the background task {task.call_text(40)} had already ended "
-                f"({task.status.value}): see %task_result {task.uid[:8]}."
-            ) from None
-        raise WaitInterrupted(
-            f"stopped waiting; the background task {task.call_text(40)} keeps running "
-            f"(stop it with %task_cancel {task.uid[:8]})."
-        ) from None
+        raise WaitInterrupted(task._stopped_waiting(magic=True)) from None
 
 
 def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
