@@ -163,7 +163,7 @@ def test_a_deadline_stops_a_move_too(beamline, make_worker):
 def test_a_remote_client_reads_the_result_of_a_move(beamline, make_worker):
     import bluesky_queueserver_api  # noqa: F401 - a test dependency
     from bluesky_queueserver_api import BFunc
-    from bluesky_queueserver_api.zmq import REManagerAPI
+    from remote_client import LoopClient
 
     from qmagic.protocol import QueueserverProtocol
     from qmagic.remote.dispatch import dispatch
@@ -172,8 +172,8 @@ def test_a_remote_client_reads_the_result_of_a_move(beamline, make_worker):
     w = make_worker(beamline.namespace)
     server = ControlServer(functools.partial(dispatch, QueueserverProtocol(w)),
                            "tcp://127.0.0.1:*").start()
-    RM = REManagerAPI(zmq_control_addr=server.address, status_polling_period=0.05,
-                      timeout_recv=TIMEOUT)
+    RM = LoopClient(zmq_control_addr=server.address, status_polling_period=0.05,
+                    timeout_recv=TIMEOUT)  # remote_client.py: why not the threads client
     try:
         for target, background in ((2.0, True), (0.5, False)):
             reply = RM.function_execute(BFunc("scan_to", target), run_in_background=background)

@@ -572,7 +572,7 @@ def test_uploaded_scripts_define_coroutine_functions(make_worker, no_bluesky_loo
 def test_a_real_remote_client_runs_coroutine_tasks(make_worker, no_bluesky_loop):
     import bluesky_queueserver_api  # noqa: F401 - a test dependency
     from bluesky_queueserver_api import BFunc
-    from bluesky_queueserver_api.zmq import REManagerAPI
+    from remote_client import LoopClient
 
     from qmagic.protocol import QueueserverProtocol
     from qmagic.remote.dispatch import dispatch
@@ -584,8 +584,8 @@ def test_a_real_remote_client_runs_coroutine_tasks(make_worker, no_bluesky_loop)
     w = make_worker({"acq": make_acq(), "count_plan": count_plan})
     server = ControlServer(functools.partial(dispatch, QueueserverProtocol(w)),
                            "tcp://127.0.0.1:*").start()
-    RM = REManagerAPI(zmq_control_addr=server.address, status_polling_period=0.05,
-                      timeout_recv=TIMEOUT)
+    RM = LoopClient(zmq_control_addr=server.address, status_polling_period=0.05,
+                    timeout_recv=TIMEOUT)  # remote_client.py: why not the threads client
     try:
         for background in (True, False):
             reply = RM.function_execute(BFunc("acq", 3, label="remote"), run_in_background=background)

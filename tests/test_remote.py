@@ -1,8 +1,10 @@
 """The remote door (qmagic.protocol, qmagic.remote), driven by queueserver's real clients.
 
 Part 1 runs a Worker in this process (no kernel) behind a ControlServer on a free loopback
-port and drives it with ``bluesky_queueserver_api.zmq.REManagerAPI`` (sync and async), the
-``qserver`` command line, and a bare REQ socket for what no client sends.  Part 2 starts one
+port and drives it with queueserver's clients: ``bluesky_queueserver_api.zmq.aio.REManagerAPI``
+(most tests call it through ``remote_client.LoopClient``, which runs its coroutines on a
+private loop: remote_client.py says why the threads client is not used for them), the
+threads ``REManagerAPI`` where a test is about it, the ``qserver`` command line, and a bare REQ socket for what no client sends.  Part 2 starts one
 real kernel (``--ext=qmagic --QMagic.zmq_control_address=...``) for what only a kernel
 shows: the main thread, the busy rule while a cell runs, interrupts, IPython's hidden
 names, config_get's connection info, the %control_channel magic.
@@ -54,6 +56,7 @@ from qmagic.remote.service import RemoteService  # noqa: E402
 from qmagic.worker_state import MSG_ENV_CLOSED  # noqa: E402
 
 from qs_helpers import STATUS_KEYS  # noqa: E402
+from remote_client import LoopClient  # noqa: E402
 
 WAIT = 10.0  # generous upper bound for waits that normally take milliseconds
 LOCAL = "tcp://127.0.0.1:*"
@@ -181,12 +184,12 @@ def server(protocol):
 
 @pytest.fixture
 def rm_factory():
-    clients: list[REManagerAPI] = []
+    clients: list[LoopClient] = []
 
-    def make(address: str, **kwargs) -> REManagerAPI:
+    def make(address: str, **kwargs) -> LoopClient:
         kwargs.setdefault("status_polling_period", 0.05)
         kwargs.setdefault("timeout_recv", WAIT)  # the machine may be loaded; replies are fast
-        rm = REManagerAPI(zmq_control_addr=address, **kwargs)
+        rm = LoopClient(zmq_control_addr=address, **kwargs)
         clients.append(rm)
         return rm
 
@@ -235,7 +238,7 @@ def raw(server):
     client.close()
 
 
-def result_of(rm: REManagerAPI, task_uid: str, timeout: float = WAIT) -> dict:
+def result_of(rm: LoopClient | REManagerAPI, task_uid: str, timeout: float = WAIT) -> dict:
     """Wait (the client's own way: status polling) until the task completed; its result."""
     assert rm.wait_for_completed_task(task_uid, timeout=timeout) == {task_uid: "completed"}
     reply = rm.task_result(task_uid)
@@ -835,7 +838,7 @@ def test_several_clients_at_once(server, rm_factory):
     clients = [rm_factory(server.address) for _ in range(4)]
     errors: list[BaseException] = []
 
-    def drive(rm: REManagerAPI, k: int) -> None:
+    def drive(rm: LoopClient, k: int) -> None:
         try:
             for i in range(25):
                 status = rm.send_request(method="status")
@@ -1634,7 +1637,7 @@ def test_kernel_survives_an_interrupt_storm_on_a_foreground_task(kernel_rm, rm_f
     k, RM, address = kernel_rm
     clients = [rm_factory(address) for _ in range(4)]
 
-    def storm(rm: REManagerAPI, stop: threading.Event, counter: list, errors: list,
+    def storm(rm: LoopClient, stop: threading.Event, counter: list, errors: list,
               progress: threading.Condition) -> None:
         try:
             while not stop.is_set():

@@ -3,8 +3,8 @@ it a ~9 MB argument again and again, and each finished task kept its arguments f
 ``task_retention_s`` (up to ``max_finished_tasks``), ~9 GB at the defaults (found by the
 remote tester).  Finished tasks now carry their request's size and leave memory, oldest
 first, beyond ``max_finished_task_bytes``; the experiment log still answers for them.
-Driven with queueserver's real client over the control channel (a worker in this process,
-the log on)."""
+Driven with queueserver's real client (the asyncio one, through remote_client.LoopClient)
+over the control channel (a worker in this process, the log on)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ import time
 import pytest
 import zmq
 from bluesky_queueserver_api import BFunc
-from bluesky_queueserver_api.zmq import REManagerAPI
 
 from qmagic.protocol import QueueserverProtocol
 from qmagic.remote.dispatch import dispatch
 from qmagic.remote.server import ControlServer
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+from remote_client import LoopClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,8 +39,8 @@ def remote(make_worker):
     worker = make_worker({"measure": measure}, max_finished_task_bytes=20 * MB)
     server = ControlServer(functools.partial(dispatch, QueueserverProtocol(worker)),
                            "tcp://127.0.0.1:*").start()
-    rm = REManagerAPI(zmq_control_addr=server.address, status_polling_period=0.05,
-                      timeout_recv=TIMEOUT)
+    rm = LoopClient(zmq_control_addr=server.address, status_polling_period=0.05,
+                    timeout_recv=TIMEOUT)
     yield worker, rm
     rm.close()
     server.stop()
@@ -126,7 +126,7 @@ def test_requests_waiting_or_running_are_bounded_too(make_worker):
     worker = make_worker({"wait_here": wait_here}, max_queued_task_bytes=12 * MB)
     server = ControlServer(functools.partial(dispatch, QueueserverProtocol(worker)),
                            "tcp://127.0.0.1:*").start()
-    rm = REManagerAPI(zmq_control_addr=server.address, timeout_recv=TIMEOUT)
+    rm = LoopClient(zmq_control_addr=server.address, timeout_recv=TIMEOUT)
     try:
         data = "d" * (5 * MB)
         uids = [rm.function_execute(BFunc("wait_here", data), run_in_background=True)["task_uid"]
@@ -195,7 +195,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
     ctx = zmq.Context()
     try:
         address = child.stdout.readline().strip()
-        rm = REManagerAPI(zmq_control_addr=address, timeout_recv=TIMEOUT)
+        rm = LoopClient(zmq_control_addr=address, timeout_recv=TIMEOUT)
 
         def handled() -> int:
             """The big requests the child has handled so far."""
