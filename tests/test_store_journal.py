@@ -921,24 +921,31 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
 
 def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
     """A system clock set a month ahead for a few seconds made age retention delete the
-    whole log (found by a hostile test).  While the wall clock is far from where the
-    elapsed time puts it, nothing is deleted by age (one warning); once it is right again,
-    age retention goes on."""
+    whole log (found by a hostile test).  A wall clock that runs ahead of the elapsed time
+    lengthens the age limit by as much (one warning): nothing is deleted early, and age
+    retention goes on after a real correction, late by at most its size (it stopped for the
+    rest of the kernel's life before)."""
     from qmagic.store import writer as writer_module
     from qmagic.store.records import JournalWarning
 
     monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
-    old = time.time() - 7200
+    now = time.time()
     with Journal(tmp_path, ENV, max_age_s=3600) as j:
         wall, elapsed = j._writer._clock_start
         j._writer._clock_start = (wall - 40 * 86400, elapsed)  # the clock now reads 40 days ahead
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", JournalWarning)
             for i in range(50):
+                old = now - 7200 - i * 86400  # 2 h to 51 days old by the wall clock
                 j.finished(task(f"old-{i}", "completed", submitted_at=old, started_at=old, finished_at=old + 1))
-            wait_for(lambda: any("the system clock moved by +960.0 h" in str(w.message) for w in caught), j)
-            assert j.flush() and len(j.records()) == 50  # (retention ran: it warned)
-        j._writer._clock_start = (wall, elapsed)  # right again
+            wait_for(lambda: any("the system clock moved 960.0 h ahead" in str(w.message) for w in caught), j)
+            assert j.flush()
+            wait_for(lambda: len(j.records()) == 40, j)  # older than 40 days and 1 h: gone
+        assert {r["uid"] for r in j.records()} == {f"old-{i}" for i in range(40)}
+        # a real correction of 1.5 h: age counts by the elapsed time, and retention goes on
+        j._writer._clock_start = (wall - 5400, elapsed)
+        wait_for(lambda: {r["uid"] for r in j.records()} == {"old-0"}, j)  # (2 h old by the clock)
+        j._writer._clock_start = (wall, elapsed)  # the clock is right again
         wait_for(lambda: len(j.records()) == 0, j)
 
 

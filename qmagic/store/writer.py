@@ -65,9 +65,10 @@ RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
-#: A wall clock that moved this much more (or less) than the time elapsed since the writer
-#: started stops deletion by age: a clock set a month ahead for a few seconds deleted the
-#: whole log (found by a hostile test).  Elapsed time counts suspend (CLOCK_BOOTTIME).
+#: A wall clock that ran this much ahead of the time elapsed since the writer started is
+#: warned about (once); deletion by age then counts by the elapsed time: a clock set a month
+#: ahead for a few seconds deleted the whole log (found by a hostile test).  Elapsed time
+#: counts suspend (CLOCK_BOOTTIME).
 CLOCK_JUMP_S = 3600.0
 _ELAPSED_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 _ERRORS = (sqlite3.Error, OSError, StateFileError)
@@ -115,17 +116,17 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
 
 
 def _age_limit(max_age_s: float, clock_start: tuple[float, float]) -> float:
-    """``max_age_s``, or infinity (nothing deleted by age) while the wall clock is more than
-    CLOCK_JUMP_S away from where the time elapsed since ``clock_start`` (wall, elapsed)
-    says it should be."""
+    """``max_age_s``, lengthened by how far the wall clock ran ahead of the time elapsed since
+    ``clock_start`` (wall, elapsed): a clock set ahead deletes nothing early, and deletion by
+    age goes on after a real correction, late by at most its size.  A clock set back needs
+    nothing: it makes every record younger."""
     wall, elapsed = clock_start
-    jump = (time.time() - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
-    if abs(jump) <= CLOCK_JUMP_S:
-        return max_age_s
-    warn_once("clock", f"qmagic: the system clock moved by {jump / 3600:+.1f} h while this kernel ran; "
-              "the experiment log deletes nothing by age until the clock is right again or the "
-              "kernel restarts (a wrong clock would delete the records it holds).")
-    return float("inf")
+    ahead = (time.time() - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
+    if ahead > CLOCK_JUMP_S:
+        warn_once("clock", f"qmagic: the system clock moved {ahead / 3600:.1f} h ahead while this kernel "
+                  "ran; the experiment log counts its records' age by the time elapsed instead "
+                  "(a wrong clock would delete the records it holds).")
+    return max_age_s + max(0.0, ahead)
 
 
 class Writer:
