@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 import pytest
 from polling import eventually
-from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
+from store_helpers import LOCKER, expect, fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
@@ -69,11 +69,6 @@ def child(state_dir: Path, body: str, env: dict | None = None) -> subprocess.Pop
             + textwrap.dedent(body))
     return subprocess.Popen([sys.executable, "-c", code, str(state_dir)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
-
-
-def expect(proc: subprocess.Popen, expected: str) -> None:
-    line = proc.stdout.readline().strip()  # pytest-timeout guards a hung child
-    assert line == expected, f"child said {line!r} (exit code {proc.poll()})"
 
 
 def db_rows(tmp_path: Path, sql: str, params=()) -> list:
@@ -519,16 +514,6 @@ def test_a_database_damaged_while_no_kernel_ran_is_moved_aside_by_the_next(tmp_p
         assert j.flush() and j.get("first")["status"] == "completed" and j.health()["ok"]
     assert len(damage_warnings(caplog)) == 1 and fault_warnings(caplog) == []
     assert [p.name for p in tmp_path.glob("*.damaged-*")][0].startswith(path.name)
-
-
-LOCKER = """
-import sqlite3, sys
-c = sqlite3.connect(sys.argv[1], isolation_level=None)
-c.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-c.execute("COMMIT")
-"""
 
 
 def test_database_locked_by_another_process(tmp_path, caplog):
