@@ -40,6 +40,7 @@ __all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "read_lines
 #: Size of one spool segment.  A line is at most a quarter of it (the encoder's limits).
 SEGMENT_BYTES = 4 << 20
 _READ_CHUNK = 1 << 20
+_LOCK_ATTEMPTS = 5  # a session's lock file is made this many times at most (see SessionFiles.lock)
 
 
 _libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the GIL
@@ -191,19 +192,27 @@ class SessionFiles:
         self._next = itertools.count()
 
     def lock(self) -> None:
-        """Create and lock the lock file (locked before it is visible under its name)."""
+        """Create and lock the lock file (locked before it is visible under its name).
+
+        Another process's recovery can take the temporary file, before it is locked, for
+        that of a session that died before renaming it, and lock or delete it: then again,
+        with a new one (it found two kernels that started at once)."""
         if self.lock_fd is not None or fcntl is None:
             return
         tmp = self.folder / f".{self.lock_path.name}.tmp"
-        fd = open_state_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.replace(tmp, self.lock_path)
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
+        for attempt in itertools.count(1):
+            fd = open_state_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.replace(tmp, self.lock_path)
+                break
+            except BaseException as exc:
+                os.close(fd)
+                with suppress(OSError):
+                    os.unlink(tmp)
+                taken = isinstance(exc, (BlockingIOError, FileNotFoundError))  # (by a recovery)
+                if not taken or attempt == _LOCK_ATTEMPTS:
+                    raise
         self.lock_fd = fd
 
     def lock_intact(self) -> bool:
