@@ -34,8 +34,10 @@ def history(*, state_dir: str | os.PathLike[str] | None = None,
             environment_name: str | None = None, **filters: Any) -> list[dict[str, Any]]:
     """Records of past and present tasks from the experiment log, newest first.
 
-    Filters: ``status`` (one or several), ``user``, ``name`` (exact or glob like
-    ``"scan_*"``), ``notebook`` (path or file name of the notebook that started them),
+    Filters: ``status`` (one or several), ``user``, ``name`` (exact or a pattern like
+    ``"scan_*"``), ``notebook`` (path or file name of the notebook that started them, or a
+    pattern; in patterns ``*`` and ``?`` are wildcards and brackets match themselves, so
+    ``"scan[2].ipynb"`` is that file),
     ``since`` / ``until`` (epoch, datetime, ISO text, ``"-2h"``, ``"-7d"``), ``uid`` (a
     prefix), ``limit`` (the newest N).  Tasks of a kernel that died while they ran read as
     failed ("kernel stopped while the task was running").

@@ -104,7 +104,8 @@ class LookupMixin:
     def history(self, **filters: Any) -> list[dict[str, Any]]:
         """Records of past and present tasks from the experiment log, newest first.
 
-        Filters: ``status``, ``user``, ``name`` (exact or glob), ``notebook``, ``since`` /
+        Filters: ``status``, ``user``, ``name`` and ``notebook`` (exact, or with the
+        wildcards ``*`` and ``?``; brackets match themselves), ``since`` /
         ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
         """
         if self._journal is None:

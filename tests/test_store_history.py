@@ -321,3 +321,33 @@ def test_warnings_are_issued_once(populated):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(history(state_dir=folder, environment_name=ENV)) == 3
+
+
+def test_brackets_in_a_notebook_or_name_filter_match_themselves(tmp_path, capsys):
+    """``scan[2].ipynb`` is that notebook, not ``scan2.ipynb`` (brackets were read as a
+    glob's character class); ``*`` and ``?`` stay wildcards.  The same answers pending, from
+    the database, from the file alone and from the command line."""
+    names = {"u-br": ("/lab/scan[2].ipynb", "fit[a]"), "u-2": ("/lab/scan2.ipynb", "fita"),
+             "u-b3": ("/lab/scan[3].ipynb", "fit[b]")}
+    with Journal(tmp_path, ENV) as j:
+        for uid, (nb, name) in names.items():
+            j.finished(task(uid, name=name, provenance={"notebook": nb, "execution_count": 1}))
+        cases = [({"notebook": "scan[2].ipynb"}, ["u-br"]), ({"notebook": "/lab/scan[2].ipynb"}, ["u-br"]),
+                 ({"notebook": "scan[23].ipynb"}, []), ({"notebook": "scan[?].ipynb"}, ["u-b3", "u-br"]),
+                 ({"notebook": "/lab/scan[*"}, ["u-b3", "u-br"]), ({"notebook": "scan?.ipynb"}, ["u-2"]),
+                 ({"name": "fit[a]"}, ["u-br"]), ({"name": "fit[ab]"}, []), ({"name": "fit[*]"}, ["u-b3", "u-br"])]
+
+        def check(read):
+            for filters, expected in cases:
+                assert sorted(r["uid"] for r in read(**filters)) == expected, filters
+
+        check(j.records)  # pending
+        assert j.flush()
+        check(j.records)  # from the database
+    check(lambda **f: history(state_dir=tmp_path, environment_name=ENV, **f))  # the file alone
+    for option, value, expected in (("--notebook", "scan[2].ipynb", ["u-br"]), ("--name", "fit[a]", ["u-br"])):
+        assert cli(tmp_path, "--json", option, value) == 0
+        assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == expected
+    with pytest.raises(SystemExit):
+        history_main(["--help"])
+    assert "brackets match themselves" in " ".join(capsys.readouterr().out.split())

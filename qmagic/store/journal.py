@@ -277,8 +277,9 @@ class Journal:
                 notebook: str | None = None, since: Any = None, until: Any = None,
                 uid: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Task records, newest first.  ``status``: one or several; ``user``: exact;
-        ``name``: exact or a glob (``"scan_*"``); ``notebook``: a path, a file name or a
-        glob; ``uid``: a uid prefix; ``since``/``until``: anything
+        ``name``: exact or a pattern (``"scan_*"``); ``notebook``: a path, a file name or a
+        pattern (in patterns ``*`` and ``?`` are wildcards, brackets are literal:
+        :data:`~qmagic.store.reader.WILDCARDS`); ``uid``: a uid prefix; ``since``/``until``: anything
         :func:`~qmagic.store.records.parse_time` reads — a task matches if it was active at
         some time in [since, until]; ``limit``: at most this many (the newest)."""
         filters = Filters(status=status, user=user, name=name, notebook=notebook, since=since,

@@ -25,10 +25,12 @@ from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
-__all__ = ["Filters", "LogReader", "merge_state", "state_record"]
+__all__ = ["WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
 
-_GLOB = frozenset("*?[")
-
+#: The wildcards of the ``name`` and ``notebook`` filters: ``*`` matches any run of
+#: characters, ``?`` one character; every other character matches itself, brackets
+#: included (a notebook named ``scan[2].ipynb``).  A filter without them is an exact match.
+WILDCARDS = frozenset("*?")
 
 
 def _lenient_text(value: bytes) -> str:
@@ -71,7 +73,10 @@ def _check_text(key: str, value: Any) -> None:
 
 class Filters:
     """The filters of :meth:`LogReader.records`, checked and turned into SQL (a bad one
-    raises a one-line ValueError before anything is read)."""
+    raises a one-line ValueError before anything is read), and matched in Python for
+    records not in the database yet.  Every door (``Journal.records``, ``Worker.history``,
+    ``qmagic.history``, ``qmagic.timeline``, ``qmagic-history``) reads ``name`` and
+    ``notebook`` here, by one rule: :data:`WILDCARDS`."""
 
     def __init__(self, *, status: str | Iterable[str] | None = None, user: str | None = None,
                  name: str | None = None, notebook: str | None = None, since: Any = None,
@@ -101,10 +106,11 @@ class Filters:
             terms.append("t.user = ?")
             params.append(self.user)
         if self.name is not None:
-            terms.append("t.name GLOB ?" if _GLOB & set(self.name) else "t.name = ?")
-            params.append(_glob(self.name) if _GLOB & set(self.name) else self.name)
+            wild = _wild(self.name)
+            terms.append("t.name GLOB ?" if wild else "t.name = ?")
+            params.append(_glob(self.name) if wild else self.name)
         if self.notebook is not None:
-            if _GLOB & set(self.notebook):
+            if _wild(self.notebook):
                 terms.append("(t.notebook GLOB ? OR t.notebook_name GLOB ?)")
                 params += [_glob(self.notebook)] * 2
             elif "/" in self.notebook.replace("\\", "/"):
@@ -132,14 +138,14 @@ class Filters:
             return False
         if self.user is not None and rec.get("user") != self.user:
             return False
-        if self.name is not None and not fnmatch.fnmatchcase(str(rec.get("name")), self.name):
+        if self.name is not None and not _matches(str(rec.get("name")), self.name):
             return False
         if self.notebook is not None:
             nb = (rec.get("provenance") or {}).get("notebook") if isinstance(rec.get("provenance"), dict) else None
             if not isinstance(nb, str):
                 return False
             base = nb.replace("\\", "/").rsplit("/", 1)[-1]
-            if not (fnmatch.fnmatchcase(nb, self.notebook) or fnmatch.fnmatchcase(base, self.notebook)):
+            if not (_matches(nb, self.notebook) or _matches(base, self.notebook)):
                 return False
         if self.uid is not None and not str(rec.get("uid")).startswith(self.uid):
             return False
@@ -155,8 +161,20 @@ class Filters:
         return True
 
 
+def _wild(pattern: str) -> bool:
+    """True if ``pattern`` has a wildcard (see :data:`WILDCARDS`)."""
+    return not WILDCARDS.isdisjoint(pattern)
+
+
 def _glob(pattern: str) -> str:
-    return pattern.replace("[!", "[^")
+    """``pattern`` for SQLite's GLOB and :func:`fnmatch.fnmatchcase` alike (both read
+    ``[[]`` as a literal ``[``; a lone ``]`` is literal in both)."""
+    return pattern.replace("[", "[[]")
+
+
+def _matches(value: str, pattern: str) -> bool:
+    """``value`` matches a ``name`` or ``notebook`` filter (exact, or with wildcards)."""
+    return fnmatch.fnmatchcase(value, _glob(pattern)) if _wild(pattern) else value == pattern
 
 
 def sort_time(rec: Mapping[str, Any]) -> float:
