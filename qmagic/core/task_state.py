@@ -187,7 +187,7 @@ class TaskState(Future):
             "user_group": self.user_group,
             "background": self.background,
             "origin": self.origin,
-            "status": status.value,
+            "status": status._value_,  # (``.value`` is a property: two Python calls)
             "submitted_at": self.submitted_at,
             "started_at": self.started_at,
             "finished_at": finished_at,

@@ -29,6 +29,7 @@ This module does not import IPython, ipykernel, ipywidgets or zmq.
 from __future__ import annotations
 
 import math
+import operator
 import re
 import reprlib
 import threading
@@ -75,6 +76,9 @@ _NAME_KEYS = ("name", "user", "user_group")
 _OTHER_NAME_KEYS = ("kind", "origin", "error_type")
 _TIME_KEYS = ("submitted_at", "started_at", "finished_at", "timeout")
 _NAME_CHARS = 500  # longer names are cut (with a marker)
+_NAMES_KEPT = 256  # name triples the encoder remembers as checked
+_FIELD_KEYS = ("uid", "status", "name", "user", "user_group", "args", "kwargs", "result", "progress")
+_FIELDS = operator.itemgetter(*_FIELD_KEYS)
 _UID_CHARS = 128
 _WALK_ITEMS = 100  # containers up to this size are summarised item by item
 _FAST_ITEMS = 64  # ... and checked by the fast path up to this size
@@ -172,6 +176,7 @@ class RecordEncoder:
         self.max_text_chars = max_text_chars
         # a record up to this size cannot hold a value or text over its limit: fast path
         self._fast_limit = min(max_value_chars, max_text_chars)
+        self._names_ok: set[tuple[Any, Any, Any]] = set()  # (name, user, user_group) that passed
         self._reprlib = reprlib.Repr()
         self._reprlib.maxstring = self._reprlib.maxother = summary_chars
         self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
@@ -190,13 +195,15 @@ class RecordEncoder:
             if not isinstance(record, Mapping):
                 raise ValueError("A task record must be a dict.")
             record = dict(record)
-        get = record.get
-        uid, status = get("uid"), get("status")
+        try:  # (one call for the usual record, where every field is present)
+            uid, status, n, u, g, a, k, r, p = _FIELDS(record)
+        except KeyError:
+            uid, status, n, u, g, a, k, r, p = map(record.get, _FIELD_KEYS)
         if (uid.__class__ is not str or not 0 < len(uid) <= _UID_CHARS or not uid.isprintable()
                 or '"' in uid or "\\" in uid):
             raise ValueError(f"A task record needs a 'uid' of 1 to {_UID_CHARS} printable characters "
                              f"without quotes or backslashes (got {safe_repr(uid, 80)}).")
-        rank = RANKS.get(status) if status.__class__ is str else None
+        rank = RANKS[status] if status.__class__ is str and status in RANKS else None
         if rank is None or (final and rank != 3):
             raise ValueError(f"A task record's status must be one of "
                              f"{'completed, failed, cancelled' if final else ', '.join(STATUSES)} "
@@ -204,12 +211,14 @@ class RecordEncoder:
         # Fast path: orjson refuses (with these options) lone surrogates, datetimes,
         # dataclasses, subclasses, huge ints and non-str keys; what it would change silently
         # is NaN/infinity (written as null), so the values that may hold floats are checked;
-        # names longer than _NAME_CHARS take the careful path, which cuts them.
-        n, u, g = get("name"), get("user"), get("user_group")
-        a, k, r, p = get("args"), get("kwargs"), get("result"), get("progress")
-        if ((n is None or n.__class__ is str and len(n) <= _NAME_CHARS and n.isprintable())
-                and (u is None or u.__class__ is str and len(u) <= _NAME_CHARS and u.isprintable())
-                and (g is None or g.__class__ is str and len(g) <= _NAME_CHARS and g.isprintable())
+        # names longer than _NAME_CHARS take the careful path, which cuts them (names that
+        # passed are remembered: a handful of them recur in every record).
+        names = (n, u, g)
+        try:
+            known = names in self._names_ok
+        except TypeError:  # (not names: the careful path)
+            known = False
+        if ((known or self._check_names(names))
                 and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
                 and (k.__class__ is dict and not k or k is None or _plain(k))
                 and (r.__class__ in _SCALARS or _plain(r)) and (p is None or _plain(p))):
@@ -224,6 +233,16 @@ class RecordEncoder:
         if len(line) > MAX_LINE:
             line = orjson.dumps([rank, uid, self.clean(record, small=True)], option=orjson.OPT_APPEND_NEWLINE)
         return line
+
+    def _check_names(self, names: tuple[Any, Any, Any]) -> bool:
+        """True if name, user and user_group are None or short printable strings (then
+        remembered, up to _NAMES_KEPT triples)."""
+        for v in names:
+            if not (v is None or v.__class__ is str and len(v) <= _NAME_CHARS and v.isprintable()):
+                return False
+        if len(self._names_ok) < _NAMES_KEPT:
+            self._names_ok.add(names)
+        return True
 
     # ---- the careful path ---------------------------------------------------------------
     def clean(self, record: Mapping[str, Any], small: bool = False) -> dict[str, Any]:
