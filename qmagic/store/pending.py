@@ -46,7 +46,6 @@ class PendingIndex:
     _held: int  # lines of ``held`` folded
     _rows: dict[str, tuple]  # uid -> folded row (see rows_from_lines)
     _started: dict[str, float]  # uid -> start time, of starts without a row
-    _lines: int  # event lines folded
 
     def __init__(self, spool: Spool, session: str) -> None:
         self._spool, self._session = spool, session
@@ -75,15 +74,29 @@ class PendingIndex:
             return out
 
     def count(self) -> int:
-        """How many event lines are pending (about 3 per task)."""
-        with self._lock:
-            self._refresh()
-            return self._lines
+        """How many event lines are pending (about 3 per task).  Counted, not folded:
+        ``health()`` is polled, and folding all that a burst left on every poll was Python
+        work that starved the writer (benchmarks/journal.py counted stalls of over 10 s)."""
+        spool, reads = self._spool, []
+        with spool.lock:  # (a snapshot: no disk I/O under it)
+            for seg in spool.segments:
+                if seg.fd >= 0:
+                    begin, end = seg.unread()
+                    if end > begin:
+                        reads.append((os.dup(seg.fd), begin, end))
+            lines = len(spool.held)
+        for fd, begin, end in reads:
+            try:
+                data = read_lines(fd, begin, end, end - begin)[0]
+            finally:
+                os.close(fd)
+            lines += data.count(b"\n") - data.startswith(_SPOOL_HEADER)
+        return lines
 
     def _forget(self) -> None:
         """Drop what was folded (the next refresh folds everything pending)."""
         self._rows, self._started, self._marks = {}, {}, {}
-        self._head, self._held, self._lines = None, 0, 0
+        self._head, self._held = None, 0
 
     def _refresh(self) -> None:
         """Fold what was appended since the last call, or everything again (see the module
@@ -131,4 +144,3 @@ class PendingIndex:
     def _fold(self, data: bytes) -> None:
         if data:
             rows_from_lines(data, self._session, time.time(), self._rows, [], self._started)
-            self._lines += data.count(b"\n") - data.startswith(_SPOOL_HEADER)
