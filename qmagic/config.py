@@ -147,8 +147,7 @@ class QMagic(Configurable):
     ).tag(config=True)
     journal_enabled = Bool(
         True, help="Keep the experiment log: every task's record, in a database that outlives "
-        "the kernel.  Switched off (or a log setting changed) while tasks run, they are still "
-        "logged to their end; tasks started after it are not (or go to the new log).",
+        "the kernel.",
     ).tag(config=True)
     journal_max_bytes = Int(
         200_000_000, min=1_000_000, max=10**15,

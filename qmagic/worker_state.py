@@ -33,111 +33,21 @@ log = logging.getLogger("qmagic")
 #: queueserver's text when a remote request needs the environment and it is closed.
 MSG_ENV_CLOSED = "RE Worker environment is not open"
 
-#: How long a log switch waits for the old log to close (a faulty one closes on its own
-#: thread meanwhile: its writer retries for seconds; nothing it holds is lost).
-_CLOSE_WAIT_S = 1.0
-
 
 class _LogObserver:
-    """Feeds the experiment log from the engine (records are plain dicts).
+    """Feeds the experiment log from the engine (records are plain dicts)."""
 
-    A task's events go to the log that was on when it was submitted, to its end (a task
-    submitted while the log was off: to the log on at the time of the event).  A log switched
-    off or replaced (a changed setting) stays open for the tasks it holds and is closed once
-    the last of them ended — closing it at once marked them "kernel stopped while the task
-    was running" although they went on.  Closing happens on a thread of its own (it waits
-    for the writer: seconds during a fault), never on a task's.  A SIGKILL
-    meanwhile leaves the old log's tasks to the next process, which finds them failed.
-    ``idle`` is called (on that thread) when no log is on and none is open any more.
-    """
-
-    def __init__(self, idle: Any) -> None:
-        self.journal: Any = None  # the log new tasks go to (None: off)
-        self._idle = idle
-        self._lock = threading.Lock()  # a switch against submissions (no I/O under it)
-        self._owner: dict[str, Any] = {}  # uid -> the log of a task that has not ended
-        self._retiring: dict[Any, bool] = {}  # logs switched away from, open for their tasks
-        self._closers: list[threading.Thread] = []
-
-    def active(self) -> bool:
-        """True while a log is on or open for its tasks."""
-        return self.journal is not None or bool(self._retiring)
-
-    def switch(self, journal: Any) -> None:
-        """New tasks go to ``journal`` (None: the log is off); the old log is closed once
-        its tasks ended.  One that holds none is closed now: the caller waits up to
-        :data:`_CLOSE_WAIT_S` (a healthy log stores what it holds in milliseconds, and a
-        read right after sees it), not for a faulty one."""
-        with self._lock:
-            old, self.journal = self.journal, journal
-            keep = old is not None and old in list(self._owner.values())  # (one C call: a copy)
-            if keep:
-                self._retiring[old] = True
-        if old is not None and not keep:
-            self._close_later(old).join(_CLOSE_WAIT_S)
-
-    def close(self) -> None:
-        """Stop logging: close every log still open and wait for those being closed."""
-        with self._lock:
-            logs = [j for j in (self.journal, *self._retiring) if j is not None]
-            self.journal = None
-            self._retiring.clear()
-            self._owner.clear()
-            closers, self._closers = self._closers, []
-        for journal in logs:
-            journal.close()
-        for thread in closers:
-            thread.join()
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
 
     def task_submitted(self, task: Task) -> None:
-        with self._lock:
-            journal = self.journal
-            if journal is None:
-                return
-            self._owner[task.uid] = journal
-        try:
-            journal.submitted(task.to_dict())
-        except BaseException:  # (then the task never existed)
-            self._ended(task.uid)
-            raise
+        self.journal.submitted(task.to_dict())
 
     def task_started(self, task: Task) -> None:
-        journal = self._owner.get(task.uid, self.journal)
-        if journal is not None:
-            journal.started(task.uid, task.started_at)
+        self.journal.started(task.uid, task.started_at)
 
     def task_finished(self, task: Task, record: dict) -> None:
-        journal = self._owner.get(task.uid, self.journal)
-        try:
-            if journal is not None:
-                journal.finished(record)
-        finally:  # (a record the log refused must not keep an old log open)
-            self._ended(task.uid)
-
-    def _ended(self, uid: str) -> None:
-        """The task ``uid`` has its last record: close its log if it was the last task an
-        old log held."""
-        journal = self._owner.pop(uid, None)
-        if journal is None or journal not in self._retiring:
-            return
-        with self._lock:
-            last = journal in self._retiring and journal not in list(self._owner.values())
-            if last:
-                del self._retiring[journal]
-        if last:
-            self._close_later(journal)
-
-    def _close_later(self, journal: Any) -> threading.Thread:
-        thread = threading.Thread(target=self._close, args=(journal,), name="qmagic-log-close", daemon=True)
-        with self._lock:
-            self._closers = [t for t in self._closers if t.is_alive()] + [thread]
-        thread.start()
-        return thread
-
-    def _close(self, journal: Any) -> None:
-        journal.close()
-        if not self.active():
-            self._idle()
+        self.journal.finished(record)
 
 
 class StateMixin(HasTraits):
@@ -150,7 +60,7 @@ class StateMixin(HasTraits):
         self.permissions_uid = str(uuid.uuid4())
         self._locks = self._open_locks()
         self._journal: Any = None
-        self._log_observer = _LogObserver(self._log_idle)
+        self._log_observer: _LogObserver | None = None
         self._open_journal()
         self._environment_open = bool(self.environment_open_on_load)
         self.environment_uid = str(uuid.uuid4())
@@ -159,9 +69,10 @@ class StateMixin(HasTraits):
 
     def _close_state(self) -> None:
         with self._state_lock:
-            self._journal = None
+            journal, self._journal = self._journal, None
             locks = self._locks
-        self._log_observer.close()
+        if journal is not None:
+            journal.close()
         locks.close()
 
     def _state_dir(self) -> Any:
@@ -181,8 +92,7 @@ class StateMixin(HasTraits):
         )
 
     def _open_journal(self) -> None:
-        """(Re)open the experiment log for the current settings; the old one is closed once
-        the tasks it holds ended (see :class:`_LogObserver`)."""
+        """(Re)open the experiment log for the current settings; the old one is closed."""
         from . import __version__
 
         journal = None
@@ -200,20 +110,28 @@ class StateMixin(HasTraits):
                 )
             except (StateFileError, OSError, ImportError) as exc:
                 log.warning("qmagic: the experiment log is off: %s", exc)
-        engine, router = self.engine, self._log_observer
-        with self._state_lock:
-            self._journal = journal
-            if journal is not None and router not in engine.observers:
-                engine.observers = [*engine.observers, router]
-        router.switch(journal)
-        self._log_idle()
+        observer = _LogObserver(journal) if journal is not None else None
+        engine = self.engine
+        with self._state_lock:  # (one swap: a task submitted meanwhile is logged by one of them)
+            old, old_observer = self._journal, self._log_observer
+            engine.observers = [o for o in engine.observers if o is not old_observer] + (
+                [observer] if observer is not None else [])
+            self._journal, self._log_observer = journal, observer
+        if old is not None:
+            if journal is not None:
+                self._carry_over(old, journal)
+            old.close()
 
-    def _log_idle(self) -> None:
-        """When no log is on or open any more, the engine stops making records for it."""
-        engine, router = self.engine, self._log_observer
-        with self._state_lock:
-            if not router.active():
-                engine.observers = [o for o in engine.observers if o is not router]
+    def _carry_over(self, old: Any, new: Any) -> None:
+        """Tasks still queued or running go on in the new log: closing the old one marks
+        its unfinished tasks "kernel stopped" (a changed log setting did that to the tasks
+        that ran, found by a hostile test).  The old log stores what it holds first, then
+        the new one takes the tasks over (their rows move to its session)."""
+        old.flush()
+        for task in self.engine.tasks():
+            if not task.done():  # (one that ends meanwhile: its end record wins anyway)
+                new.submitted(task.to_dict())
+        new.flush()
 
     # -- settings follow the traits ---------------------------------------------------------------
     # Each change builds the new objects first and swaps them in; if that fails, the setting

@@ -1,9 +1,8 @@
-"""Helpers of the experiment-log tests (tests/test_store_*.py, test_worker_journal.py): task
-records, a fresh warning state per test, a database locked by another process."""
+"""Helpers of the experiment-log tests (tests/test_store_*.py): task records and a fresh
+warning state per test."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -35,21 +34,3 @@ def fresh_warnings():
     records_module._warned.clear()
     yield
     records_module._warned.clear()
-
-
-#: A process that locks the database given as argv[1], says "locked", and lets go when a
-#: line arrives on its stdin (a fault: the database locked by another process).
-LOCKER = """
-import sqlite3, sys
-c = sqlite3.connect(sys.argv[1], isolation_level=None)
-c.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-c.execute("COMMIT")
-"""
-
-
-def expect(proc: subprocess.Popen, expected: str) -> None:
-    """The next line of ``proc``'s stdout is ``expected``."""
-    line = proc.stdout.readline().strip()  # pytest-timeout guards a hung child
-    assert line == expected, f"child said {line!r} (exit code {proc.poll()})"

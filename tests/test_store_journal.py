@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 import pytest
 from polling import eventually
-from store_helpers import LOCKER, expect, fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
+from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
@@ -69,6 +69,11 @@ def child(state_dir: Path, body: str, env: dict | None = None) -> subprocess.Pop
             + textwrap.dedent(body))
     return subprocess.Popen([sys.executable, "-c", code, str(state_dir)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
+
+
+def expect(proc: subprocess.Popen, expected: str) -> None:
+    line = proc.stdout.readline().strip()  # pytest-timeout guards a hung child
+    assert line == expected, f"child said {line!r} (exit code {proc.poll()})"
 
 
 def db_rows(tmp_path: Path, sql: str, params=()) -> list:
@@ -517,6 +522,16 @@ def test_a_database_damaged_while_no_kernel_ran_is_moved_aside_by_the_next(tmp_p
     assert [p.name for p in tmp_path.glob("*.damaged-*")][0].startswith(path.name)
 
 
+LOCKER = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+c.execute("COMMIT")
+"""
+
+
 def test_database_locked_by_another_process(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOG)
     with Journal(tmp_path, ENV) as j:
@@ -847,156 +862,6 @@ def test_find_by_prefix_sees_pending_records_and_refuses_ambiguity(journal):
     assert journal.flush()
     assert journal.find("abcd") is None and journal.find("abcd-1")["uid"] == "abcd-1111"
     assert journal.find("abcd-1111")["uid"] == "abcd-1111" and journal.find(42) is None
-
-
-def test_lookups_during_a_long_fault_fold_only_what_was_appended_since(tmp_path, monkeypatch):
-    """Reads merge what is pending over the database.  During a fault nothing is stored and
-    the spool only grows: a lookup re-read and re-parsed all of it (70 ms per get() with
-    30,000 tasks waiting).  Now a lookup folds only the lines appended since the last one.
-    The cost: this thread's CPU for get() with 50 or 5,000 tasks waiting (a ratio), and the
-    bytes parsed (a count)."""
-    with Journal(tmp_path, ENV) as j:
-        assert j.flush()
-        locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(database_path(tmp_path, ENV))],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            expect(locker, "locked")
-
-            def lookups() -> list[float]:
-                out = []
-                for i in range(30):
-                    t0 = time.thread_time()
-                    assert j.get(f"t-{i}")["status"] == "completed"
-                    out.append(time.thread_time() - t0)
-                return out
-
-            for i in range(50):
-                run_task(j, f"t-{i}", result=i)
-            assert not j.flush(0.3)  # (the writer cannot store)
-            j.get("t-0")
-            few = lookups()
-            for i in range(50, 5000):
-                run_task(j, f"t-{i}", result=i)
-            j.get("t-0")  # (folds what was appended since)
-            many = lookups()
-            assert median(many) < 3 * median(few), (median(few), median(many))
-
-            from qmagic.store import pending as pending_module
-
-            folded = [0]
-            real_fold = pending_module.rows_from_lines
-
-            def counting(data, *args):
-                folded[0] += len(data)
-                return real_fold(data, *args)
-
-            monkeypatch.setattr(pending_module, "rows_from_lines", counting)
-            assert j.statuses(["t-1", "t-4999", "nope"]) == {"t-1": "completed", "t-4999": "completed", "nope": None}
-            assert j.find("t-4998")["uid"] == "t-4998" and len(j.records(since="-1h")) == 5000
-            assert j.health()["pending"] == 3 * 5000
-            assert folded[0] == 0  # nothing folded twice
-            run_task(j, "late", result=-1)
-            assert j.get("late")["result"] == -1  # appended since: seen, and only it folded
-            assert 0 < folded[0] < 2000
-        finally:
-            locker.communicate("\n", timeout=30)
-        assert j.flush(30)
-        assert j.statuses(["t-1", "late"]) == {"t-1": "completed", "late": "completed"}
-        assert j.health()["pending"] == 0
-
-
-@pytest.mark.parametrize("fault", ["none", "spool"])
-def test_lookups_racing_appends_see_every_returned_call(tmp_path, monkeypatch, fault):
-    """Plain threads append tasks while others look them up: a task whose submitted()
-    returned is found, one whose finished() returned reads completed — whatever the writer
-    does meanwhile (storing, rotating and retiring small segments: "none"; or, when no
-    segment can be made, lines waiting in memory, which a flush halfway moves into the
-    spool and stores: "spool")."""
-    from qmagic.store import writer as writer_module
-
-    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
-    if fault == "spool":  # the writer stores on flush() only: what waits in memory stays there
-        monkeypatch.setattr(writer_module, "QUIET_S", 600.0)
-        monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
-    real_new_segment = segments_module.SessionFiles.new_segment
-    refuse = threading.Event()
-
-    def new_segment(files):
-        if refuse.is_set():
-            raise OSError(28, "No space left on device")
-        return real_new_segment(files)
-
-    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
-    n, writers, readers = 600, 2, 2
-    submitted: list[list[str]] = [[] for _ in range(writers)]  # uids whose submitted() returned
-    finished: list[list[str]] = [[] for _ in range(writers)]  # ... whose finished() returned
-    done, checked = threading.Event(), threading.Event()
-    problems: list[str] = []
-    checks = [0]
-    with Journal(tmp_path, ENV) as j:
-        assert j.flush()
-        if fault == "spool":
-            refuse.set()
-        start = threading.Barrier(writers + readers, timeout=30)
-
-        def write(k: int) -> None:
-            start.wait()
-            for i in range(n):
-                uid = f"w{k}-{i}"
-                j.submitted(task(uid, result=None))
-                submitted[k].append(uid)
-                j.started(uid, time.time())
-                j.finished(task(uid, "completed", result=i))
-                finished[k].append(uid)
-                if i % 20 == 0:  # (the lookups keep up: a check of each stage)
-                    checked.clear()
-                    checked.wait(10)
-                if k == 0 and i == n // 2 and fault == "spool":
-                    if not j.health()["in_memory"]:
-                        problems.append("nothing waited in memory")
-                    refuse.clear()  # the writer moves what waits into the spool, then stores it
-                    if not j.flush(30):
-                        problems.append("not stored")
-
-        def read(k: int) -> None:
-            start.wait()
-            rnd = random.Random(k)
-            while not done.is_set():
-                w = rnd.randrange(writers)
-                ended, begun = list(finished[w]), list(submitted[w])
-                if not begun:
-                    continue
-                some_ended = [rnd.choice(ended)] if ended else []
-                for uid in some_ended:
-                    rec = j.get(uid)
-                    if rec is None or rec["status"] != "completed" or rec["result"] != int(uid.split("-")[1]):
-                        problems.append(f"get({uid}) = {rec and rec['status']}")
-                last = begun[-1]
-                if j.get(last) is None or j.find(last) is None:
-                    problems.append(f"{last} not found")
-                statuses = j.statuses(ended[-50:])
-                if set(statuses.values()) - {"completed"}:
-                    problems.append(f"statuses {statuses}")
-                checks[0] += 1
-                checked.set()
-
-        threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
-        threads += [threading.Thread(target=read, args=(k,)) for k in range(readers)]
-        for t in threads:
-            t.start()
-        for t in threads[:writers]:
-            t.join(120)
-        done.set()
-        for t in threads[writers:]:
-            t.join(120)
-        assert not any(t.is_alive() for t in threads)
-        assert problems == [] and checks[0] >= n // 20, (problems[:5], checks)
-        refuse.clear()
-        assert j.flush(30)
-        health = j.health()
-        assert health["pending"] == 0 and health["dropped"] == 0, health
-        got = {r["uid"]: r["status"] for r in j.records()}
-        assert got == {f"w{k}-{i}": "completed" for k in range(writers) for i in range(n)}
 
 
 # ---- retention ---------------------------------------------------------------------------------------------

@@ -36,9 +36,7 @@ folding a task's lines into one row and committing after a burst matter most.
 ``statuses`` and ``records`` merge what this session has not committed yet (the spool
 after the committed offset, lines waiting in memory) over the database, with the
 database's merge rule: a record is visible from the moment ``submitted()`` returns, so the
-engine may forget a task as soon as ``finished()`` returned.  What is pending is folded
-incrementally (:mod:`qmagic.store.pending`): a lookup during a long fault costs what was
-appended since the last one, not everything that waits.
+engine may forget a task as soon as ``finished()`` returned.
 
 **Faults** never slow the calls (see :mod:`qmagic.store.writer`): during a fault lines
 wait in the spool or, if even the spool cannot be written, in memory (at most
@@ -65,10 +63,9 @@ import orjson
 
 from ..core.registry import MIN_UID_PREFIX
 from ..errors import StateFileError
-from .database import database_path
+from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
 from .paths import validate_environment_name
-from .pending import PendingIndex
 from .reader import Filters, LogReader, merge_state, sort_time, state_record
 from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
@@ -142,7 +139,6 @@ class Journal:
                               option=orjson.OPT_APPEND_NEWLINE)
         files = SessionFiles(self.state_dir, self.environment_name, self.session, header, fsync=self.fsync)
         self._spool = Spool(files, int(pending_limit))
-        self._index = PendingIndex(self._spool, self.session)
         self._reader = LogReader(self.path)
         self._writer = Writer(self._spool, self.path, self.environment_name, self.session,
                               identity, max_age_s=float(max_age_s), max_bytes=int(max_bytes), fsync=self.fsync)
@@ -213,10 +209,23 @@ class Journal:
                 pass
 
     # ---- reading -------------------------------------------------------------------------------
-    def _pending(self, uids: Sequence[str] | None = None, prefix: str | None = None) -> dict[str, list[tuple]]:
-        """Events of this session not in SQLite yet, per uid: of ``uids``, else of uids
-        starting with ``prefix``, else all."""
-        return {} if self._closed else self._index.events(uids, prefix)
+    def _pending(self, needle: str | None = None) -> dict[str, list[tuple]]:
+        """Events of this session not in SQLite yet, per uid (only uids containing
+        ``needle``, if given)."""
+        if self._closed:
+            return {}
+        raw = needle.encode("utf-8", "backslashreplace") if needle is not None else None
+        rows: dict[str, tuple] = {}
+        started: dict[str, float] = {}
+        for data in self._spool.uncommitted(raw):
+            if raw is not None:
+                data = b"\n".join(line for line in data.split(b"\n") if raw in line)
+            rows_from_lines(data, self.session, time.time(), rows, [], started)
+        out = {uid: [row] for uid, row in rows.items() if needle is None or needle in uid}
+        for uid, t in started.items():
+            if needle is None or needle in uid:
+                out.setdefault(uid, []).append((uid, t))
+        return out
 
     def _merged(self, pending: dict[str, list[tuple]]) -> dict[str, dict[str, Any]]:
         """Records (or None) of pending uids, merged over their rows in the database."""
@@ -246,9 +255,9 @@ class Journal:
         if not isinstance(uid, str) or not uid:
             return None
         self._wait_ready()
-        pending = self._pending([uid])
-        if pending:
-            return self._merged(pending)[uid]
+        pending = self._pending(uid)
+        if uid in pending:
+            return self._merged({uid: pending[uid]})[uid]
         return self._reader.get(uid)
 
     def find(self, uid_or_prefix: str) -> dict[str, Any] | None:
@@ -257,18 +266,19 @@ class Journal:
         found = self.get(uid_or_prefix)
         if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
             return found
-        uids = set(self._pending(prefix=uid_or_prefix))  # (first, as in statuses())
-        uids |= {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
+        uids = {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
+        uids |= {u for u in self._pending(uid_or_prefix) if u.startswith(uid_or_prefix)}
         return self.get(uids.pop()) if len(uids) == 1 else None
 
     def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
         """``{uid: status or None}`` for every uid asked (one indexed query)."""
         self._wait_ready()
         wanted = [u for u in uids if isinstance(u, str)]
-        pending = self._pending(wanted)  # (first: what the writer stores meanwhile is then in SQLite)
         found = self._reader.statuses(wanted)
+        pending = self._pending()
         if pending:
-            for uid, rec in self._merged(pending).items():
+            mine = {u: pending[u] for u in wanted if u in pending}
+            for uid, rec in self._merged(mine).items():
                 if rec is not None:
                     found[uid] = rec["status"]
         return {u: found.get(u) if isinstance(u, str) else None for u in uids}
@@ -302,7 +312,8 @@ class Journal:
         the spool); dropped those lost (memory queue full, or only in memory when the log
         closed)."""
         w = self._writer
-        return {"ok": not w.faults.kinds, "pending": self._index.count(), "in_memory": len(self._spool.held),
+        lines = sum(d.count(b"\n") - d.startswith(b'{"spool"') for d in self._spool.uncommitted())
+        return {"ok": not w.faults.kinds, "pending": lines, "in_memory": len(self._spool.held),
                 "dropped": self._spool.dropped_count() + w.lost, "last_error": w.faults.last_error,
                 "path": str(self.path)}
 
@@ -342,7 +353,6 @@ class Journal:
                 os.close(fd)  # "alive" after the parent dies (closing it keeps the parent's lock)
         _FORK_LEFTOVERS.extend([self._reader, self._writer.conn])  # never closed by the child
         self._reader = LogReader(self.path)
-        self._index = PendingIndex(spool, self.session)  # (its lock too)
         self._writer.stopping = True
         wake = self._writer.wake  # (its lock may be held by a thread of the parent: none here)
         wake._lock = threading.Lock()

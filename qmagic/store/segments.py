@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 from .files import fsync_dir, open_state_file
 
-__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "read_lines"]
+__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles"]
 
 #: Size of one spool segment.  A line is at most a quarter of it (the encoder's limits).
 SEGMENT_BYTES = 4 << 20
@@ -46,26 +46,6 @@ _LOCK_ATTEMPTS = 5  # a session's lock file is made this many times at most (see
 _libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the GIL
 _c_write = _libc.write  # write(int fd, bytes, int length): ctypes converts these itself
 _c_write.restype = ctypes.c_ssize_t  # (declared argtypes would cost 0.3 µs more per call)
-
-
-def read_lines(fd: int, begin: int, end: int, limit: int) -> tuple[bytes, int]:
-    """The complete lines of a spool file from ``begin`` (about ``limit`` bytes at most,
-    never past ``end`` nor a NUL byte), and the offset the reading stopped at."""
-    chunks, offset, chunk_size = [], begin, 64 << 10
-    while offset < end and offset - begin < limit:
-        chunk = os.pread(fd, min(chunk_size, end - offset), offset)
-        if not chunk:
-            break
-        nul = chunk.find(b"\0")
-        if nul >= 0:
-            chunk = chunk[:nul]
-        chunks.append(chunk)
-        offset += len(chunk)
-        if nul >= 0:
-            break
-        chunk_size = min(chunk_size * 2, _READ_CHUNK)
-    data = b"".join(chunks)
-    return data[: data.rfind(b"\n") + 1], offset
 
 
 class AppendFile:
@@ -130,21 +110,29 @@ class Segment:
         """Complete lines not in SQLite yet, about ``limit`` bytes at most, as ``(lines,
         begin, more)``: where they start in the file, and whether more lines follow them.
 
-        See :meth:`unread` for where they begin."""
-        begin, end = self.unread()
-        data, offset = read_lines(self.fd, begin, end, limit)
-        return data, begin, offset < end and offset - begin >= limit
-
-    def unread(self) -> tuple[int, int]:
-        """Where the lines not in SQLite yet begin, and where the file ends now.
-
         A file that another process cut (``truncate``) below what was stored or written
         is read again from its start: what is left in it was written after the cut, or is
-        in SQLite already (storing a line twice changes nothing).  The end is the file's
-        size, not the nominal one: appends from several threads may pass the "segment
-        full" check together and end a segment a little past ``size``."""
+        in SQLite already (storing a line twice changes nothing)."""
         end, cut = self._size()
-        return (0 if cut is not None or end < self.consumed else self.consumed), end
+        begin = 0 if cut is not None or end < self.consumed else self.consumed
+        # The file's size, not the nominal one: appends from several threads may pass the
+        # "segment full" check together and end a segment a little past ``size``.
+        chunks, offset, chunk_size = [], begin, 64 << 10
+        while offset < end and offset - begin < limit:
+            chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
+            if not chunk:
+                break
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                chunk = chunk[:nul]
+            chunks.append(chunk)
+            offset += len(chunk)
+            if nul >= 0:
+                break
+            chunk_size = min(chunk_size * 2, _READ_CHUNK)
+        data = b"".join(chunks)
+        more = offset < end and offset - begin >= limit
+        return data[: data.rfind(b"\n") + 1], begin, more
 
     def advance(self, begin: int, n: int) -> None:
         """The writer thread stored the ``n`` bytes of lines read from ``begin``.  After a

@@ -271,6 +271,23 @@ class Spool:
                 os.unlink(seg.path)
             seg.close()
 
+    def uncommitted(self, needle: bytes | None = None) -> list[bytes]:
+        """Lines not yet in SQLite (spool and held); with ``needle``, only chunks that
+        contain it.  Reads under the lock (segments are closed under it too)."""
+        chunks = []
+        with self.lock:
+            for seg in self.segments:
+                if seg.fd >= 0:
+                    data = seg.read_new(seg.size)[0]
+                    if data and (needle is None or needle in data):
+                        chunks.append(data)
+            held = list(self.held)
+        if held:
+            data = b"".join(held)
+            if needle is None or needle in data:
+                chunks.append(data)
+        return chunks
+
     def close(self, unlink_spare: bool = True) -> None:
         """Close every segment (files stay) and the spare (deleted)."""
         with self.lock:
