@@ -12,8 +12,8 @@ that thread loses the CPU in between (the test process also runs the worker's th
 caller's next request is woken by the late event with no reply: ``CommTimeoutError: No received
 data was found``.  That is a client-side race (a reply dropped by the server reads "timeout
 occurred"); it failed these tests about once per run with both cores busy.  The asyncio client
-waits for its reply in one coroutine and has no such thread.  Tests that are about the threads
-client itself keep it, with few requests.
+waits for its reply in one coroutine and has no such thread.  The threads client keeps the
+tests where only it belongs (the README's recipe, single requests), with few requests.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class LoopClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(CALL_TIMEOUT)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # (not the client's: e.g. ``_api`` before __init__ set it)
+            raise AttributeError(name)
         attr = getattr(self._api, name)
         if inspect.iscoroutinefunction(attr):
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -62,8 +64,15 @@ class LoopClient:
         """Close the client, then its loop and thread (idempotent)."""
         if self._loop.is_closed():
             return
+        async def shut() -> None:  # the client, then what it left waiting on the loop
+            await self._api.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
         try:
-            self._run(self._api.close())
+            self._run(shut())
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(CALL_TIMEOUT)

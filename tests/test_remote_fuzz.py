@@ -373,9 +373,9 @@ def test_live_server_answers_every_frame(target, live):
     assert server.running
     # a real client is still served, and nothing that was refused ran
     from bluesky_queueserver_api import BFunc
-    from bluesky_queueserver_api.zmq import REManagerAPI
+    from remote_client import LoopClient  # (queueserver's asyncio client: that file says why)
 
-    rm = REManagerAPI(zmq_control_addr=server.address, timeout_recv=10.0)
+    rm = LoopClient(zmq_control_addr=server.address, timeout_recv=10.0)
     try:
         assert rm.status(reload=True)["manager_state"] in ("idle", "executing_task")
         uid = rm.function_execute(BFunc("add", 1, 2), run_in_background=True)["task_uid"]

@@ -1,5 +1,6 @@
 """The control channel with CurveZMQ client keys: only listed clients get through, and each
-may claim only its own user and groups — end to end, with the real REManagerAPI."""
+may claim only its own user and groups — end to end, with queueserver's real client (its
+asyncio REManagerAPI through remote_client.LoopClient: that file says why)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import zmq
 from bluesky_queueserver.manager import comms
 from bluesky_queueserver_api import BFunc
 from bluesky_queueserver_api.comm_base import RequestFailedError
-from bluesky_queueserver_api.zmq import REManagerAPI
 
 from qmagic.remote.service import RemoteService
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+from remote_client import LoopClient
 
 SERVER_PUBLIC, SERVER_SECRET = (k.decode() for k in zmq.curve_keypair())
 ALICE = tuple(k.decode() for k in zmq.curve_keypair())
@@ -36,7 +37,7 @@ def channel(make_worker, monkeypatch):
 def _client(address, pair, monkeypatch, **kwargs):
     monkeypatch.setattr(comms, "_fixed_public_key", pair[0])
     monkeypatch.setattr(comms, "_fixed_private_key", pair[1])
-    return REManagerAPI(zmq_control_addr=address, zmq_public_key=SERVER_PUBLIC, **kwargs)
+    return LoopClient(zmq_control_addr=address, zmq_public_key=SERVER_PUBLIC, **kwargs)
 
 
 def test_listed_clients_act_as_themselves(channel, monkeypatch):

@@ -639,6 +639,7 @@ out["health_during"] = wait_unhealthy(j)
 deadline = time.monotonic() + 20  # the database met the full disk too (a commit under way when
 while not j._writer.db_full and time.monotonic() < deadline:  # room is freed takes it for its
     j.flush(0.2)  # WAL, and then nothing is left for the spool: seen once the writer woke less)
+out["db_full"] = j._writer.db_full
 out["health_during"] = j.health()
 os.truncate(filler, os.path.getsize(filler) - (1 << 20))  # 1 MB: less room than what waits
 deadline = time.monotonic() + 30
@@ -715,7 +716,7 @@ def test_room_freed_during_a_disk_full_goes_first_to_what_only_memory_holds(tmp_
     # and a record takes less room there than in the database), and health() says how many
     # are still only in memory; the episode (one warning) lasts until all is stored.
     out = in_namespace(tmp_path, DISK_FREED_IN_PART, "8m")
-    assert out["stored_before"] and out["fill_error"] == 28, out
+    assert out["stored_before"] and out["fill_error"] == 28 and out["db_full"], out
     during, part = out["health_during"], out["health_part"]
     assert not during["ok"] and during["in_memory"] >= 3 * 6000 * 0.9, during
     assert part["in_memory"] < during["in_memory"] - 3000, (during, part)  # now in the spool
@@ -862,6 +863,100 @@ def test_find_by_prefix_sees_pending_records_and_refuses_ambiguity(journal):
     assert journal.flush()
     assert journal.find("abcd") is None and journal.find("abcd-1")["uid"] == "abcd-1111"
     assert journal.find("abcd-1111")["uid"] == "abcd-1111" and journal.find(42) is None
+
+
+@pytest.mark.parametrize("fault", ["none", "spool"])
+def test_lookups_racing_appends_see_every_returned_call(tmp_path, monkeypatch, fault):
+    """Plain threads append tasks while others look them up: a task whose submitted()
+    returned is found, one whose finished() returned reads completed — whatever the writer
+    does meanwhile (storing, rotating and retiring small segments: "none"; or, when no
+    segment can be made, lines waiting in memory, which a flush halfway moves into the
+    spool and stores: "spool")."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
+    if fault == "spool":  # the writer stores on flush() only: what waits in memory stays there
+        monkeypatch.setattr(writer_module, "QUIET_S", 600.0)
+        monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    real_new_segment = segments_module.SessionFiles.new_segment
+    refuse = threading.Event()
+
+    def new_segment(files):
+        if refuse.is_set():
+            raise OSError(28, "No space left on device")
+        return real_new_segment(files)
+
+    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    n, writers, readers = 600, 2, 2
+    submitted: list[list[str]] = [[] for _ in range(writers)]  # uids whose submitted() returned
+    finished: list[list[str]] = [[] for _ in range(writers)]  # ... whose finished() returned
+    done, checked = threading.Event(), threading.Event()
+    problems: list[str] = []
+    checks = [0]
+    with Journal(tmp_path, ENV) as j:
+        assert j.flush()
+        if fault == "spool":
+            refuse.set()
+        start = threading.Barrier(writers + readers, timeout=30)
+
+        def write(k: int) -> None:
+            start.wait()
+            for i in range(n):
+                uid = f"w{k}-{i}"
+                j.submitted(task(uid, result=None))
+                submitted[k].append(uid)
+                j.started(uid, time.time())
+                j.finished(task(uid, "completed", result=i))
+                finished[k].append(uid)
+                if i % 20 == 0:  # (the lookups keep up: a check of each stage)
+                    checked.clear()
+                    checked.wait(10)
+                if k == 0 and i == n // 2 and fault == "spool":
+                    if not j.health()["in_memory"]:
+                        problems.append("nothing waited in memory")
+                    refuse.clear()  # the writer moves what waits into the spool, then stores it
+                    if not j.flush(30):
+                        problems.append("not stored")
+
+        def read(k: int) -> None:
+            start.wait()
+            rnd = random.Random(k)
+            while not done.is_set():
+                w = rnd.randrange(writers)
+                ended, begun = list(finished[w]), list(submitted[w])
+                if not begun:
+                    continue
+                some_ended = [rnd.choice(ended)] if ended else []
+                for uid in some_ended:
+                    rec = j.get(uid)
+                    if rec is None or rec["status"] != "completed" or rec["result"] != int(uid.split("-")[1]):
+                        problems.append(f"get({uid}) = {rec and rec['status']}")
+                last = begun[-1]
+                if j.get(last) is None or j.find(last) is None:
+                    problems.append(f"{last} not found")
+                statuses = j.statuses(ended[-50:])
+                if set(statuses.values()) - {"completed"}:
+                    problems.append(f"statuses {statuses}")
+                checks[0] += 1
+                checked.set()
+
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
+        threads += [threading.Thread(target=read, args=(k,)) for k in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads[:writers]:
+            t.join(120)
+        done.set()
+        for t in threads[writers:]:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert problems == [] and checks[0] >= n // 20, (problems[:5], checks)
+        refuse.clear()
+        assert j.flush(30)
+        health = j.health()
+        assert health["pending"] == 0 and health["dropped"] == 0, health
+        got = {r["uid"]: r["status"] for r in j.records()}
+        assert got == {f"w{k}-{i}": "completed" for k in range(writers) for i in range(n)}
 
 
 # ---- retention ---------------------------------------------------------------------------------------------

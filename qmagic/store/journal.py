@@ -266,16 +266,17 @@ class Journal:
         found = self.get(uid_or_prefix)
         if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
             return found
-        uids = {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
-        uids |= {u for u in self._pending(uid_or_prefix) if u.startswith(uid_or_prefix)}
+        # (what is pending first: a batch the writer stores meanwhile is then in the database)
+        uids = {u for u in self._pending(uid_or_prefix) if u.startswith(uid_or_prefix)}
+        uids |= {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
         return self.get(uids.pop()) if len(uids) == 1 else None
 
     def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
         """``{uid: status or None}`` for every uid asked (one indexed query)."""
         self._wait_ready()
         wanted = [u for u in uids if isinstance(u, str)]
-        found = self._reader.statuses(wanted)
-        pending = self._pending()
+        pending = self._pending()  # (first, as in find(): read after the database, a batch
+        found = self._reader.statuses(wanted)  # stored between the two was in neither)
         if pending:
             mine = {u: pending[u] for u in wanted if u in pending}
             for uid, rec in self._merged(mine).items():
