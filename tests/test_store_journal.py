@@ -9,6 +9,7 @@ the calls corrupts nothing and a repeated call is harmless.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import random
@@ -823,6 +824,38 @@ def test_long_names_of_a_small_clean_record_are_cut_too(journal):
     assert [r["uid"] for r in journal.records(user="U" * 497 + "...")] == ["long"]
 
 
+def test_a_name_equal_to_one_that_passed_is_still_checked(journal):
+    """The encoder remembers name triples that passed its checks.  An object equal to one of
+    them (an Enum with that name's hash and equality) skipped the checks, and orjson stored
+    its value: 2,013 characters with control characters; one whose hash raised made
+    submitted() raise (found by a hostile test).  Only exact str or None is looked up."""
+    import enum
+
+    class Sneaky(str, enum.Enum):
+        NAME = "\x07" * 2000
+
+        def __eq__(self, other):
+            return other == "measure" or other is self
+
+        def __hash__(self):
+            return hash("measure")
+
+    class BadHash:
+        def __hash__(self):
+            raise RuntimeError("no hash")
+
+        def __repr__(self):
+            return "BadHash()"
+
+    journal.finished(task("plain", "completed"))  # ("measure", "alice", "primary") passes
+    journal.finished(task("sneaky", "completed", name=Sneaky.NAME))
+    journal.submitted(task("badhash", name=BadHash()))
+    assert journal.flush()
+    name = journal.get("sneaky")["name"]
+    assert len(name) <= 500 and name.isprintable(), name[:80]
+    assert journal.get("badhash")["name"] == "BadHash()"
+
+
 # ---- lookups ---------------------------------------------------------------------------------------------
 def test_lookups_are_indexed_and_fast(journal, tmp_path):
     for i in range(3000):
@@ -1047,6 +1080,49 @@ def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
         wait_for(lambda: {r["uid"] for r in j.records()} == {"old-0"}, j)  # (2 h old by the clock)
         j._writer._clock_start = (wall, elapsed)  # the clock is right again
         wait_for(lambda: len(j.records()) == 0, j)
+
+
+def test_retention_reads_the_wall_clock_once_per_pass(tmp_path, monkeypatch):
+    """The age limit (lengthened by how far the wall clock ran ahead) and the deletion's
+    cutoff came from two readings of the clock: a jump between them deleted records early,
+    a task 10 days old with a limit of 30 (found by a hostile test).  Here every reading
+    of the wall clock is 25 days ahead of the one before; one reading serves both, so
+    nothing under 30 days old goes."""
+    from qmagic.store import writer as writer_module
+
+    jumps = itertools.count()
+
+    class JumpingClock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def time():
+            return time.time() + 25 * 86400 * next(jumps)
+
+    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
+    passes = []
+    real_retention = writer_module.retention
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return real_retention(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "retention", counted)
+    from qmagic.store import database as database_module
+
+    clock = JumpingClock()
+    monkeypatch.setattr(writer_module, "time", clock)
+    monkeypatch.setattr(database_module, "time", clock)
+    old = time.time() - 10 * 86400
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the clock moved ahead: warned once)
+        with Journal(tmp_path, ENV, max_age_s=30 * 86400) as j:
+            for i in range(20):
+                j.finished(task(f"old-{i}", "completed", submitted_at=old, started_at=old, finished_at=old))
+            assert j.flush()
+            wait_for(lambda: len(passes) >= 5, j)
+            assert len(j.records()) == 20
 
 
 def test_a_log_just_over_its_size_loses_only_about_the_excess(tmp_path, monkeypatch):

@@ -57,18 +57,25 @@ def _meta_pid(value: Any) -> int | None:
     return None
 
 
+#: Longest text filter, in characters (a notebook path; SQLite refuses GLOB patterns over
+#: 50,000 bytes, and a bracket takes 3 once escaped).
+FILTER_CHARS = 4096
+
+
 def _check_text(key: str, value: Any) -> None:
-    """A text filter must be a str SQLite can store (UTF-8: no lone surrogates); else a
-    one-line ValueError that says so."""
+    """A text filter must be a str SQLite can store and match like Python: UTF-8 (no lone
+    surrogates), no NUL (GLOB stops there: it matched everything), at most FILTER_CHARS;
+    else a one-line ValueError that says so."""
     if value is None:
         return
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= FILTER_CHARS and "\0" not in value:
         try:
             value.encode("utf-8")
             return
         except UnicodeEncodeError:
             pass
-    raise ValueError(f"The {key} filter must be text without lone surrogates (got {safe_repr(value, 60)}).")
+    raise ValueError(f"The {key} filter must be text: up to {FILTER_CHARS:,} characters, no NUL or "
+                     f"lone surrogates (got {safe_repr(value, 40)}).")
 
 
 class Filters:
@@ -138,8 +145,10 @@ class Filters:
             return False
         if self.user is not None and rec.get("user") != self.user:
             return False
-        if self.name is not None and not _matches(str(rec.get("name")), self.name):
-            return False
+        if self.name is not None:
+            name = rec.get("name")  # (a record without a name matches none: NULL in SQL)
+            if not isinstance(name, str) or not _matches(name, self.name):
+                return False
         if self.notebook is not None:
             nb = (rec.get("provenance") or {}).get("notebook") if isinstance(rec.get("provenance"), dict) else None
             if not isinstance(nb, str):

@@ -213,12 +213,10 @@ class RecordEncoder:
         # is NaN/infinity (written as null), so the values that may hold floats are checked;
         # names longer than _NAME_CHARS take the careful path, which cuts them (names that
         # passed are remembered: a handful of them recur in every record).
-        names = (n, u, g)
-        try:
-            known = names in self._names_ok
-        except TypeError:  # (not names: the careful path)
-            known = False
-        if ((known or self._check_names(names))
+        names = (n, u, g)  # (only exact str or None is looked up: a subclass or an Enum
+        if ((n is None or n.__class__ is str) and (u is None or u.__class__ is str)  # equal to
+                and (g is None or g.__class__ is str)  # a name that passed must not pass)
+                and (names in self._names_ok or self._check_names(names))
                 and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
                 and (k.__class__ is dict and not k or k is None or _plain(k))
                 and (r.__class__ in _SCALARS or _plain(r)) and (p is None or _plain(p))):
@@ -234,11 +232,11 @@ class RecordEncoder:
             line = orjson.dumps([rank, uid, self.clean(record, small=True)], option=orjson.OPT_APPEND_NEWLINE)
         return line
 
-    def _check_names(self, names: tuple[Any, Any, Any]) -> bool:
-        """True if name, user and user_group are None or short printable strings (then
-        remembered, up to _NAMES_KEPT triples)."""
+    def _check_names(self, names: tuple[str | None, str | None, str | None]) -> bool:
+        """True if name, user and user_group (each a str or None) are short and printable
+        (then remembered, up to _NAMES_KEPT triples)."""
         for v in names:
-            if not (v is None or v.__class__ is str and len(v) <= _NAME_CHARS and v.isprintable()):
+            if v is not None and not (len(v) <= _NAME_CHARS and v.isprintable()):
                 return False
         if len(self._names_ok) < _NAMES_KEPT:
             self._names_ok.add(names)

@@ -115,13 +115,14 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
     return out
 
 
-def _age_limit(max_age_s: float, clock_start: tuple[float, float]) -> float:
+def _age_limit(max_age_s: float, clock_start: tuple[float, float], now: float) -> float:
     """``max_age_s``, lengthened by how far the wall clock ran ahead of the time elapsed since
     ``clock_start`` (wall, elapsed): a clock set ahead deletes nothing early, and deletion by
     age goes on after a real correction, late by at most its size.  A clock set back needs
-    nothing: it makes every record younger."""
+    nothing: it makes every record younger.  ``now`` is the wall time the deletion's cutoff
+    counts from (one reading: a jump between two readings deleted records early)."""
     wall, elapsed = clock_start
-    ahead = (time.time() - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
+    ahead = (now - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
     if ahead > CLOCK_JUMP_S:
         warn_once("clock", f"qmagic: the system clock moved {ahead / 3600:.1f} h ahead while this kernel "
                   "ran; the experiment log counts its records' age by the time elapsed instead "
@@ -241,8 +242,9 @@ class Writer:
                 self.failed("database", exc)
                 return
         if now >= self._next_retention:
-            deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start),
-                                self.max_bytes, RETENTION_BATCH)
+            wall = time.time()
+            deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start, wall),
+                                self.max_bytes, RETENTION_BATCH, now=wall)
             self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
         if now >= self._next_recovery:  # other kernels that died; and our heartbeat
             self._next_recovery = now + RECOVERY_EVERY_S
