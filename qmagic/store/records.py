@@ -211,11 +211,12 @@ class RecordEncoder:
         # Fast path: orjson refuses (with these options) lone surrogates, datetimes,
         # dataclasses, subclasses, huge ints and non-str keys; what it would change silently
         # is NaN/infinity (written as null), so the values that may hold floats are checked;
-        # names longer than _NAME_CHARS take the careful path, which cuts them (names that
-        # passed are remembered: a handful of them recur in every record).
-        names = (n, u, g)  # (only exact str or None is looked up: a subclass or an Enum
-        if ((n is None or n.__class__ is str) and (u is None or u.__class__ is str)  # equal to
-                and (g is None or g.__class__ is str)  # a name that passed must not pass)
+        # names longer than _NAME_CHARS take the careful path, which cuts them.  Name triples
+        # that passed are remembered (a handful recur in every record); only exact str or
+        # None is looked up among them: an object equal to one (an Enum) must not pass.
+        names = (n, u, g)
+        if ((n is None or n.__class__ is str) and (u is None or u.__class__ is str)
+                and (g is None or g.__class__ is str)
                 and (names in self._names_ok or self._check_names(names))
                 and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
                 and (k.__class__ is dict and not k or k is None or _plain(k))
