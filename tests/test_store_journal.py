@@ -1220,36 +1220,63 @@ def test_symlinked_database_is_refused_never_followed(tmp_path, caplog, short_cl
     assert target.read_bytes() == b"precious"
 
 
-def test_a_recovery_racing_a_new_session_does_not_take_its_lock_for_a_dead_ones(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("clock", ["right", "jumped"])
+def test_a_recovery_racing_a_new_session_does_not_take_its_lock_for_a_dead_ones(tmp_path, monkeypatch, caplog, clock):
     """Two kernels start at once: the first one's recovery saw the second's lock file while
     it was still a temporary file not yet locked, took it for a session that died before
     renaming it, and deleted it; the second's log then started in a fault ("could not write
-    the experiment log's spool ... check disk space") until its writer retried.  The new
-    session makes its lock file again."""
+    the experiment log's spool ... check disk space") until its writer retried.  A recovery
+    now leaves a temporary lock file younger than a minute alone; and should it take one
+    anyway (a clock that jumped makes the file look old), the new session makes its lock
+    file again."""
     from qmagic.store.database import connect, ensure_schema
     from qmagic.store.recovery import recover
 
     caplog.set_level(logging.WARNING, logger=LOG)
     conn = connect(database_path(tmp_path, ENV), create=True)
     ensure_schema(conn)
-    real_flock, raced = segments_module.fcntl.flock, []
+    real_flock, raced, attempts = segments_module.fcntl.flock, [], []
 
     def flock(fd, op):
         if not raced:  # the other kernel's recovery runs between the file's creation and its lock
             raced.append(True)  # (its own flock calls come here too)
+            [tmp] = tmp_path.glob(".*.lock.tmp")
+            if clock == "jumped":
+                os.utime(tmp, (time.time() - 3600, time.time() - 3600))
             recover(conn, tmp_path, ENV, None, time.time())
+            attempts.append(tmp.exists())  # (left alone, or taken)
         return real_flock(fd, op)
 
     monkeypatch.setattr(segments_module.fcntl, "flock", flock)
     try:
         with Journal(tmp_path, ENV) as j:
             assert raced and not list(tmp_path.glob(".*.tmp"))
+            assert attempts == [clock == "right"]
             assert (tmp_path / f"{ENV}.journal.{j.session}.lock").exists()
             run_task(j, "a")
             assert j.health()["ok"] and j.flush() and j.get("a")["status"] == "completed"
     finally:
         conn.close()
     assert fault_warnings(caplog) == []
+
+
+def test_a_dead_sessions_temporary_lock_file_is_removed_once_old(tmp_path):
+    """A session that died between making its lock file and renaming it left a temporary
+    file; recovery removes it once it is over a minute old, not before."""
+    from qmagic.store.database import connect, ensure_schema
+    from qmagic.store.recovery import STALE_TMP_S, recover
+
+    conn = connect(database_path(tmp_path, ENV), create=True)
+    ensure_schema(conn)
+    tmp = tmp_path / f".{ENV}.journal.{uuid.uuid4().hex}.lock.tmp"
+    tmp.write_bytes(b"")
+    try:
+        recover(conn, tmp_path, ENV, None, time.time())
+        assert tmp.exists()  # young: maybe a session starting now
+        recover(conn, tmp_path, ENV, None, time.time() + STALE_TMP_S + 1)
+        assert not tmp.exists()
+    finally:
+        conn.close()
 
 
 def test_odd_files_of_dead_sessions_do_not_hang_or_redirect(tmp_path):

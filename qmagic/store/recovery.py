@@ -49,6 +49,11 @@ __all__ = ["SessionOnDisk", "list_sessions", "recover"]
 
 _log = logging.getLogger(__name__)
 _MAX_SEGMENT = 1 << 30
+#: A temporary lock file younger than this may be a starting session's, not locked yet: it is
+#: left alone (taking one made that session start in a false fault; it makes its lock file
+#: again if its clock jumped and one is taken anyway).  An older one is a session's that died
+#: before renaming it; it holds nothing.
+STALE_TMP_S = 60.0
 
 
 @dataclass
@@ -83,6 +88,14 @@ def list_sessions(folder: Path, env: str) -> dict[str, SessionOnDisk]:
     for entry in found.values():
         entry.spools.sort()
     return found
+
+
+def _older_than(path: Path, when: float) -> bool:
+    """True if ``path`` was last modified before ``when`` (False if it is gone)."""
+    try:
+        return os.lstat(path).st_mtime < when
+    except OSError:
+        return False
 
 
 def _claim(path: Path) -> int | None:
@@ -139,8 +152,8 @@ def recover(conn: sqlite3.Connection, folder: Path, env: str, own_session: str |
     for entry in list_sessions(folder, env).values():
         if entry.session == own_session:
             continue
-        if entry.stale_tmp is not None:  # a lock that died before it was renamed into place
-            fd = _claim(entry.stale_tmp)
+        if entry.stale_tmp is not None and _older_than(entry.stale_tmp, now - STALE_TMP_S):
+            fd = _claim(entry.stale_tmp)  # (a lock that died before it was renamed into place)
             if fd is not None:
                 with suppress(OSError):
                     os.unlink(entry.stale_tmp)
