@@ -8,14 +8,14 @@ and a finishing task never waits for it.  Finished tasks stay
 sweeps them even when no new task arrives.
 
 Finished tasks that carry a size (``Task.payload_bytes``: the memory the data of the remote
-request that sent their arguments takes, as the control channel counts it) also leave memory, oldest first, while their sizes sum above
-``max_finished_bytes``; the newest of them always stays (its client may be about to read
-the result), so what they hold is bounded by about the budget plus one request.  The sizes
-are added up without a blocking lock: a finishing task appends ``(uid, size)`` to a deque
-(an atomic append), and whoever holds the lock drains it into the total (``_sized`` and
-``_retained_bytes`` change only under the lock).  Sized tasks waiting or running are
-counted too: a new one is refused when with it they would hold more than
-``max_queued_bytes`` (alone, it passes).
+request that sent their arguments takes, as the control channel counts it) also leave
+memory, oldest first, while their sizes sum above ``max_finished_bytes``; the newest of
+them always stays (its client may be about to read the result), so what they hold is
+bounded by about the budget plus one request. The sizes are added up without a blocking
+lock: a finishing task appends ``(uid, size)`` to a deque (an atomic append), and whoever
+holds the lock drains it into the total (``_sized`` and ``_retained_bytes`` change only
+under the lock). Sized tasks waiting or running are counted too: a new one is refused when
+with it they would hold more than ``max_queued_bytes`` (alone, it passes).
 
 It also keeps the results uid (queueserver's ``task_results_uid``).
 """

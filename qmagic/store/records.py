@@ -176,7 +176,7 @@ class RecordEncoder:
         self.max_text_chars = max_text_chars
         # a record up to this size cannot hold a value or text over its limit: fast path
         self._fast_limit = min(max_value_chars, max_text_chars)
-        self._names_ok: set[tuple[Any, Any, Any]] = set()  # (name, user, user_group) that passed
+        self._names_ok: set[tuple[str | None, str | None, str | None]] = set()  # (name, user, group) that passed
         self._reprlib = reprlib.Repr()
         self._reprlib.maxstring = self._reprlib.maxother = summary_chars
         self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
