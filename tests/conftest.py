@@ -25,8 +25,12 @@ if str(_TESTS.parent) not in sys.path:  # the package is not installed while dev
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from kernel_utils import kernel, kernel_factory  # noqa: F401 - fixtures re-exported
-from session_sandbox import LeakReport, SessionSandbox
+if str(_TESTS / "queueserver") not in sys.path:
+    sys.path.insert(0, str(_TESTS / "queueserver"))
+
+import qs_background  # noqa: E402
+from kernel_utils import kernel, kernel_factory  # noqa: E402, F401 - fixtures re-exported
+from session_sandbox import LeakReport, SessionSandbox  # noqa: E402
 
 #: pytest runs with --nbval (pyproject): the browser test's notebook is driven by that test
 #: in JupyterLab, not compared by nbval.
@@ -67,9 +71,17 @@ def _check_outside(config: pytest.Config) -> str:
     return mode
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """bluesky-queueserver's selection starts now if its test was collected, and goes on
+    while the other tests run (tests/queueserver/qs_background.py)."""
+    qs_background.start_if_collected(session)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Check what the session left, remove its folder; leftovers fail the run."""
+    """Check what the session left, remove its folder; leftovers fail the run (a
+    queueserver run nobody took is stopped first)."""
+    qs_background.stop_unclaimed(session)
     sandbox = session.config.stash.get(_SANDBOX_KEY, None)
     if sandbox is None or sandbox.root is None:
         return

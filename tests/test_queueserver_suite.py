@@ -7,30 +7,31 @@ the qserver command line) runs in a subprocess with tests/queueserver/plugin.py,
 replaces queueserver's manager start/stop fixtures by real qmagic kernels (never a reply).
 Every selected test must pass, and the selection may not shrink silently.
 
-queueserver's helpers hard-code 127.0.0.1:60615: nothing else may use that port meanwhile.
+queueserver's helpers hard-code 127.0.0.1:60615.  Where a private network namespace is
+available, the run starts in one as soon as this test is collected and goes on while the
+rest of the suite runs (tests/queueserver/qs_background.py); otherwise it runs here, and
+nothing else may use that port meanwhile.
 ``QMAGIC_QS_SELECTION=suite`` runs all in-scope tests (about half an hour).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "queueserver"))
 
+import qs_background  # noqa: E402
 import run_qs_tests  # noqa: E402
 
 #: How many tests the `fast` selection holds (a shrinking selection is a failure too).
 FAST_COUNT = 53
 
 
-def test_queueserver_selection_passes(monkeypatch):
-    name = os.environ.get("QMAGIC_QS_SELECTION", "fast")
-    monkeypatch.setenv("QMAGIC_QS_PROFILE", "lean" if name == "fast" else "full")
-    # An RE Manager starts with its environment closed: so do these kernels (fixture only).
-    monkeypatch.setenv("QMAGIC_QS_KERNEL_ARGS", "--QMagic.environment_open_on_load=False")
-    result = run_qs_tests.run_selection(name, ["-o", "timeout=120"], timeout=900)
+def test_queueserver_selection_passes(request):
+    name, env = qs_background.selection()
+    run = qs_background.take(request.config) or run_qs_tests.start_selection(name, env=env)
+    result = run.finish(timeout=900)
     assert result["tests"], f"no test ran (rc {result['returncode']}):\n{result['tail']}"
     failed = [t for t in result["tests"] if t["outcome"] != "PASS"]
     report = "\n".join(f"{t['outcome']} {t['id']}: {t['reason']}" for t in failed)

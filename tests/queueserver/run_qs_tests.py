@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,11 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-__all__ = ["EXTRA_MODULES", "SELECTIONS", "run_selection"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns  # noqa: E402
+
+__all__ = ["EXTRA_MODULES", "SELECTIONS", "SelectionRun", "run_selection", "start_selection"]
 
 REPO = Path(__file__).resolve().parents[2]
 PKG = "bluesky_queueserver.manager.tests"
@@ -130,45 +136,102 @@ _combine("fast", ("fast_base", "fast_ipkernel", "fast_cli"))
 _combine("suite", ("suite_base", "suite_ipkernel", "suite_cli"))
 
 
+class SelectionRun:
+    """A selection's pytest process, started by :func:`start_selection`; :meth:`finish`
+    waits for it and reads its report, :meth:`kill` stops it (its folder goes either way)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], tmp: str) -> None:
+        self.name, self._tmp = name, tmp
+        self.started = time.monotonic()
+        # its output goes to a file, not a pipe: nobody reads it before it ends (and this
+        # process holds no descriptor meanwhile)
+        with open(Path(tmp) / "output.txt", "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finish(self, timeout: float) -> dict:
+        """Wait (at most ``timeout`` s from now) and summarise:
+        {"name", "seconds", "returncode", "tests": [{"id", "outcome", "reason", "seconds"}], "tail"}."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        seconds = time.monotonic() - self.started
+        try:
+            tests = _read_report(Path(self._tmp) / "report.xml")
+            output = (Path(self._tmp) / "output.txt").read_text(errors="replace")
+        finally:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return {"name": self.name, "seconds": round(seconds, 1), "returncode": self.proc.returncode,
+                "tests": tests, "tail": output[-6000:] if not tests else ""}
+
+    def kill(self) -> None:
+        """Stop the run and everything it started (its session), remove its folder."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(30)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def start_selection(name: str, extra: list[str] | None = None, *,
+                    env: dict[str, str] | None = None, isolated: bool = False) -> SelectionRun:
+    """Start one selection in a subprocess (``env``: extra environment variables;
+    ``isolated``: in a network namespace of its own, see tests/queueserver/netns.py --
+    the caller checks :func:`netns.command_prefix` first)."""
+    module, expr = SELECTIONS[name]
+    tmp = tempfile.mkdtemp(prefix="qs-run-")
+    cmd = [
+        sys.executable, "-m", "pytest", "-p", "tests.queueserver.plugin",
+        "-o", "addopts=", "-p", "no:cacheprovider", "--rootdir", tmp,
+        "--basetemp", str(Path(tmp) / "base"), "-q", "--junitxml", str(Path(tmp) / "report.xml"),
+        "-o", "junit_family=xunit1", "-o", "timeout=120", "--pyargs", f"{PKG}.{module}",
+    ]
+    if expr:
+        cmd += ["-k", expr]
+    for extra_module in EXTRA_MODULES.get(name, ()):
+        cmd.append(f"{PKG}.{extra_module}")
+    cmd += list(extra or [])
+    # Not from the repository: pytest would load tests/conftest.py (our suite's) for
+    # --pyargs runs started there.
+    run_env = dict(os.environ, **(env or {}))
+    run_env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [
+        p for p in run_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if isolated:
+        prefix = netns.command_prefix()
+        if prefix is None:
+            raise RuntimeError("no private network namespace here (see tests/queueserver/netns.py)")
+        cmd = [*prefix, *cmd]
+        run_env[netns.ENV_FLAG] = "1"
+    try:
+        return SelectionRun(name, cmd, run_env, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def run_selection(name: str, extra: list[str] | None = None, timeout: float = 3600) -> dict:
     """Run one selection; returns {"name", "seconds", "tests": [{"id", "outcome", "reason"}]}."""
-    module, expr = SELECTIONS[name]
-    with tempfile.TemporaryDirectory(prefix="qs-run-") as tmp:
-        xml_path = Path(tmp) / "report.xml"
-        cmd = [
-            sys.executable, "-m", "pytest", "-p", "tests.queueserver.plugin",
-            "-o", "addopts=", "-p", "no:cacheprovider", "--rootdir", tmp,
-            "--basetemp", str(Path(tmp) / "base"), "-q", "--junitxml", str(xml_path),
-            "-o", "junit_family=xunit1", "-o", "timeout=120", "--pyargs", f"{PKG}.{module}",
-        ]
-        if expr:
-            cmd += ["-k", expr]
-        for extra_module in EXTRA_MODULES.get(name, ()):
-            cmd.append(f"{PKG}.{extra_module}")
-        cmd += list(extra or [])
-        start = time.monotonic()
-        # Not from the repository: pytest would load tests/conftest.py (our suite's) for
-        # --pyargs runs started there.
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [
-            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=timeout, check=False)
-        seconds = time.monotonic() - start
-        tests = []
-        if xml_path.exists():
-            for case in ET.parse(xml_path).getroot().iter("testcase"):
-                outcome, reason = "PASS", ""
-                for tag, label in (("failure", "FAIL"), ("error", "ERROR"), ("skipped", "SKIP")):
-                    node = case.find(tag)
-                    if node is not None:
-                        outcome = label
-                        reason = _reason(node)
-                        break
-                tests.append({"id": case.get("name"), "outcome": outcome, "reason": reason,
-                              "seconds": float(case.get("time") or 0.0)})
-        return {"name": name, "seconds": round(seconds, 1), "returncode": proc.returncode,
-                "tests": tests, "tail": (proc.stdout[-3000:] + proc.stderr[-3000:]) if not tests else ""}
+    return start_selection(name, extra).finish(timeout)
+
+
+def _read_report(xml_path: Path) -> list[dict]:
+    tests = []
+    if xml_path.exists():
+        for case in ET.parse(xml_path).getroot().iter("testcase"):
+            outcome, reason = "PASS", ""
+            for tag, label in (("failure", "FAIL"), ("error", "ERROR"), ("skipped", "SKIP")):
+                node = case.find(tag)
+                if node is not None:
+                    outcome = label
+                    reason = _reason(node)
+                    break
+            tests.append({"id": case.get("name"), "outcome": outcome, "reason": reason,
+                          "seconds": float(case.get("time") or 0.0)})
+    return tests
 
 
 def _reason(node: ET.Element) -> str:
