@@ -147,7 +147,8 @@ class QMagic(Configurable):
     ).tag(config=True)
     journal_enabled = Bool(
         True, help="Keep the experiment log: every task's record, in a database that outlives "
-        "the kernel.",
+        "the kernel.  Switched off while tasks run, the log still records those tasks to their "
+        "end, then closes.",
     ).tag(config=True)
     journal_max_bytes = Int(
         200_000_000, min=1_000_000, max=10**15,

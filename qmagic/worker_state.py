@@ -25,6 +25,7 @@ from .errors import (
     StateFileError,
 )
 from .store.paths import default_state_dir
+from .worker_log import LogObserver
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
 
@@ -32,22 +33,6 @@ log = logging.getLogger("qmagic")
 
 #: queueserver's text when a remote request needs the environment and it is closed.
 MSG_ENV_CLOSED = "RE Worker environment is not open"
-
-
-class _LogObserver:
-    """Feeds the experiment log from the engine (records are plain dicts)."""
-
-    def __init__(self, journal: Any) -> None:
-        self.journal = journal
-
-    def task_submitted(self, task: Task) -> None:
-        self.journal.submitted(task.to_dict())
-
-    def task_started(self, task: Task) -> None:
-        self.journal.started(task.uid, task.started_at)
-
-    def task_finished(self, task: Task, record: dict) -> None:
-        self.journal.finished(record)
 
 
 class StateMixin(HasTraits):
@@ -60,7 +45,8 @@ class StateMixin(HasTraits):
         self.permissions_uid = str(uuid.uuid4())
         self._locks = self._open_locks()
         self._journal: Any = None
-        self._log_observer: _LogObserver | None = None
+        self._log_observer: LogObserver | None = None
+        self._draining: set[LogObserver] = set()  # logs switched off, closing once their tasks end
         self._open_journal()
         self._environment_open = bool(self.environment_open_on_load)
         self.environment_uid = str(uuid.uuid4())
@@ -70,9 +56,12 @@ class StateMixin(HasTraits):
     def _close_state(self) -> None:
         with self._state_lock:
             journal, self._journal = self._journal, None
+            draining, self._draining = list(self._draining), set()
             locks = self._locks
         if journal is not None:
             journal.close()
+        for observer in draining:
+            observer.close()
         locks.close()
 
     def _state_dir(self) -> Any:
@@ -92,7 +81,10 @@ class StateMixin(HasTraits):
         )
 
     def _open_journal(self) -> None:
-        """(Re)open the experiment log for the current settings; the old one is closed."""
+        """(Re)open the experiment log for the current settings.  The old one drains
+        (:mod:`qmagic.worker_log`): it logs no new task, its tasks' records end as the tasks
+        do (never "kernel stopped" because a setting changed or the log was switched off),
+        then it closes."""
         from . import __version__
 
         journal = None
@@ -110,28 +102,22 @@ class StateMixin(HasTraits):
                 )
             except (StateFileError, OSError, ImportError) as exc:
                 log.warning("qmagic: the experiment log is off: %s", exc)
-        observer = _LogObserver(journal) if journal is not None else None
-        engine = self.engine
+        observer = LogObserver(journal) if journal is not None else None
         with self._state_lock:  # (one swap: a task submitted meanwhile is logged by one of them)
-            old, old_observer = self._journal, self._log_observer
-            engine.observers = [o for o in engine.observers if o is not old_observer] + (
-                [observer] if observer is not None else [])
+            old = self._log_observer
+            if old is not None:
+                self._draining.add(old)  # (stays with the engine until it has drained)
+            if observer is not None:
+                self.engine.observers = [*self.engine.observers, observer]
             self._journal, self._log_observer = journal, observer
         if old is not None:
-            if journal is not None:
-                self._carry_over(old, journal)
-            old.close()
+            old.drain(self._drained)
 
-    def _carry_over(self, old: Any, new: Any) -> None:
-        """Tasks still queued or running go on in the new log: closing the old one marks
-        its unfinished tasks "kernel stopped" (a changed log setting did that to the tasks
-        that ran, found by a hostile test).  The old log stores what it holds first, then
-        the new one takes the tasks over (their rows move to its session)."""
-        old.flush()
-        for task in self.engine.tasks():
-            if not task.done():  # (one that ends meanwhile: its end record wins anyway)
-                new.submitted(task.to_dict())
-        new.flush()
+    def _drained(self, observer: LogObserver) -> None:
+        """A drained log has closed: the engine forgets its observer."""
+        with self._state_lock:
+            self._draining.discard(observer)
+            self.engine.observers = [o for o in self.engine.observers if o is not observer]
 
     # -- settings follow the traits ---------------------------------------------------------------
     # Each change builds the new objects first and swaps them in; if that fails, the setting

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from polling import eventually
 from traitlets.config import Config
 
 import qmagic
@@ -238,6 +240,141 @@ def test_a_log_setting_changed_while_tasks_run_leaves_them_running(journaled):
         assert statuses == {running.uid: "completed", queued.uid: "completed"}
     finally:
         gate.release.set()
+
+
+def _drained(w) -> bool:
+    """The worker has no log observer left but its current log's (every drained log closed)."""
+    return list(w.engine.observers) == ([w._log_observer] if w._log_observer else [])
+
+
+def test_the_log_switched_off_while_tasks_run_records_how_they_end(journaled):
+    """Switching the log off closed it at once, and closing marked its unfinished tasks
+    "kernel stopped while the task was running" although they ran on and completed.  The
+    log now drains: tasks it logged are logged to their end, new ones are not, then it
+    closes."""
+    gate = Gate()
+    w = journaled({"hold": gate, "quick": lambda: 1}, max_background_tasks=1)
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    queued = w.submit("quick")  # (waits for the one thread)
+    w.journal_enabled = False
+    unlogged = w.submit("quick")  # submitted while the log is off
+    reader = journaled()  # another session's view: what the database holds
+    try:
+        expected = {running.uid: ("running", False), queued.uid: ("queued", False)}
+        eventually(lambda: {r["uid"]: (r["status"], r["journal"]["orphaned"])
+                            for r in reader.history()} == expected, TIMEOUT, "the records stored")
+        gate.release.set()
+        assert queued.result(TIMEOUT) == 1 and unlogged.result(TIMEOUT) == 1
+        eventually(lambda: _drained(w), TIMEOUT, "the switched-off log to close")
+        records = {r["uid"]: r for r in reader.history()}
+        assert {uid: (r["status"], r["error"], r["journal"]["orphaned"]) for uid, r in records.items()} == {
+            running.uid: ("completed", None, False), queued.uid: ("completed", None, False)}
+        assert records[queued.uid]["finished_at"] == queued.finished_at
+    finally:
+        gate.release.set()
+    assert not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
+
+
+def test_the_log_switched_off_and_on_again_while_a_task_runs(journaled):
+    gate = Gate()
+    w = journaled({"hold": gate})
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    w.journal_enabled = False
+    w.journal_enabled = True  # the first log drains; the second logs new tasks
+    assert len(w._draining) == 1
+    later = w.submit("hold")
+    gate.release.set()
+    assert running.wait(TIMEOUT) and later.wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "the first log to close")
+    w.close()
+    statuses = {r["uid"]: (r["status"], r["journal"]["orphaned"]) for r in journaled().history()}
+    assert statuses == {running.uid: ("completed", False), later.uid: ("completed", False)}
+
+
+def test_a_log_setting_changed_twice_while_a_task_runs(journaled):
+    gate = Gate()
+    w = journaled({"hold": gate})
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    w.journal_max_age_s = 7 * 86400.0
+    w.journal_max_age_s = 8 * 86400.0
+    gate.release.set()
+    assert running.wait(TIMEOUT)
+    w.close()
+    (record,) = journaled().history()
+    assert (record["uid"], record["status"], record["journal"]["orphaned"]) == (running.uid, "completed", False)
+
+
+def test_a_new_state_folder_while_a_task_runs_leaves_its_record_true_in_the_old(journaled, tmp_path):
+    gate = Gate()
+    w = journaled({"hold": gate})
+    old_folder = str(tmp_path / "state")
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    w.state_dir = str(tmp_path / "elsewhere")  # another database: the old log drains
+    gate.release.set()
+    assert running.wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "the old folder's log to close")
+    (record,) = qmagic.history(state_dir=old_folder)
+    assert (record["uid"], record["status"], record["journal"]["orphaned"]) == (running.uid, "completed", False)
+    w.close()
+
+
+def test_a_worker_closed_while_a_switched_off_log_drains_closes_it(journaled):
+    gate = Gate()
+    w = journaled({"hold": gate})
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    w.journal_enabled = False
+    (draining,) = w._draining
+    gate.release.set()  # (it may end before the worker closes, or be stopped by the close)
+    w.close()
+    assert draining.journal._closed
+    (record,) = journaled().history()
+    assert record["uid"] == running.uid
+    assert (record["status"], record["error"]) in (("completed", None), ("failed", ORPHAN_REASON))
+
+
+def test_switching_the_log_off_and_on_while_tasks_stream_never_writes_a_wrong_record(journaled):
+    """Submitting threads race a thread that switches the log off and on: every record in
+    the log ends as its task did (none "kernel stopped"), and every drained log closes."""
+    w = journaled({"f": lambda i: i}, max_background_tasks=4)
+    stop = threading.Event()
+    tasks: list = []
+
+    def submit() -> None:
+        while not stop.is_set():
+            task = w.submit("f", (len(tasks),))
+            tasks.append(task)
+            task.wait(TIMEOUT)
+
+    def toggle() -> None:
+        for _ in range(30):
+            w.journal_enabled = not w.journal_enabled
+
+    submitters = [threading.Thread(target=submit) for _ in range(3)]
+    for th in submitters:
+        th.start()
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    toggler.join(60)
+    stop.set()
+    for th in submitters:
+        th.join(60)
+    assert not toggler.is_alive() and w.journal_enabled  # (30 switches: back on)
+    for t in tasks:
+        assert t.wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "every switched-off log to close")
+    w.close()
+    records = journaled().history(limit=None)
+    by_uid = {t.uid: t for t in tasks}
+    assert records and len(records) < len(tasks)  # (some were submitted while it was off)
+    wrong = [(r["uid"], r["status"], r["error"]) for r in records
+             if r["status"] != "completed" or r["result"] != by_uid[r["uid"]].result()]
+    assert wrong == []
+    assert not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
 
 
 def test_module_history_reads_a_given_state_dir(journaled, tmp_path):

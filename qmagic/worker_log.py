@@ -1,0 +1,109 @@
+"""The experiment log's observer of the engine: it feeds the log with every task's records,
+and lets a log that is switched off (or replaced by one in another state folder) finish the
+records of its tasks before it closes.
+
+Closing a log marks its unfinished tasks "kernel stopped while the task was running" --
+right when the kernel stops, wrong when the scientist only switched the log off, or changed
+one of its settings, while a scan ran.  So the worker does not close the old log at once: it
+*drains* it.  Its observer stays with the engine; new tasks are no longer logged there (the
+new log, if any, takes them), the tasks it logged go on being logged there until they end,
+then it closes (on a thread of its own: never on a task's thread before its waiters wake).
+A worker that closes meanwhile closes it too.  (The new log records their ends as well: in
+one database the two records of a task agree.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .core.task import Task
+
+__all__ = ["LogObserver"]
+
+#: how long :meth:`LogObserver.close` waits for a close already under way (a log's close
+#: waits at most 5 s for a disk in a fault, then leaves what is spooled to the next process)
+CLOSE_WAIT_S = 30.0
+
+
+class LogObserver:
+    """Feeds ``journal`` (a :class:`qmagic.store.journal.Journal`) from the engine; an
+    observer of :class:`qmagic.core.engine.Engine` (records are plain dicts).
+
+    ``live`` holds the uids of the tasks it logged that have not ended (set operations are
+    atomic: no lock on the task path).  Each method adds before it checks ``draining`` and
+    :meth:`drain` sets it before it checks ``live``: a task submitted while the drain begins
+    is either logged to its end or not logged at all."""
+
+    def __init__(self, journal: Any) -> None:
+        self.journal = journal
+        self.live: set[str] = set()
+        self.draining = False
+        self._once = threading.Lock()  # taken by the one close
+        self._done = threading.Event()  # set once it is over
+        self._closed: Callable[[LogObserver], None] | None = None
+
+    # -- the engine's observer interface ------------------------------------------------------
+    def task_submitted(self, task: Task) -> None:
+        uid = task.uid
+        self.live.add(uid)  # (first: a drain that begins now waits for this task)
+        if self.draining:  # switched off: not logged
+            self._forget(uid)
+            return
+        try:
+            self.journal.submitted(task.to_dict())
+        except BaseException:  # (then the task never existed)
+            self._forget(uid)
+            raise
+
+    def task_started(self, task: Task) -> None:
+        if not self.draining or task.uid in self.live:
+            self.journal.started(task.uid, task.started_at)
+
+    def task_finished(self, task: Task, record: dict) -> None:
+        uid = task.uid
+        try:
+            if not self.draining or uid in self.live:
+                self.journal.finished(record)
+        finally:
+            self._forget(uid)
+
+    # -- draining -----------------------------------------------------------------------------
+    def drain(self, closed: Callable[[LogObserver], None]) -> None:
+        """Stop logging new tasks; close the log once the tasks it logged have ended, then
+        call ``closed(self)`` (the worker takes the observer off the engine).  What the log
+        holds is stored first (at most 5 s during a fault): other kernels see those tasks."""
+        self._closed = closed
+        self.draining = True
+        if not self.live:
+            self._close()
+            return
+        self.journal.flush()
+        if not self.live:  # (they ended meanwhile; the last one's close may have run already)
+            self._close()
+
+    def close(self) -> None:
+        """Close the log now (its tasks still running end "kernel stopped": the worker is
+        closing); returns once it is closed, by this call or by the drain's own thread."""
+        self._close()
+        self._done.wait(CLOSE_WAIT_S)
+
+    def _forget(self, uid: str) -> None:
+        self.live.discard(uid)
+        if self.draining and not self.live:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        if not self._once.locked():  # (a task's thread: the close may wait on the disk)
+            threading.Thread(target=self._close, name="qmagic-log-drain", daemon=True).start()
+
+    def _close(self) -> None:
+        if self._once.acquire(blocking=False):
+            try:
+                self.journal.close()
+            finally:
+                self._done.set()
+            closed = self._closed
+            if closed is not None:
+                closed(self)
