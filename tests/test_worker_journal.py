@@ -242,6 +242,15 @@ def test_a_log_setting_changed_while_tasks_run_leaves_them_running(journaled):
         gate.release.set()
 
 
+def _holding(journaled):
+    """A logged worker, a task running ``hold`` (a :class:`Gate`) until released."""
+    gate = Gate()
+    w = journaled({"hold": gate})
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    return w, gate, running
+
+
 def _drained(w) -> bool:
     """The worker has no log observer left but its current log's (every drained log closed)."""
     return list(w.engine.observers) == ([w._log_observer] if w._log_observer else [])
@@ -277,10 +286,7 @@ def test_the_log_switched_off_while_tasks_run_records_how_they_end(journaled):
 
 
 def test_the_log_switched_off_and_on_again_while_a_task_runs(journaled):
-    gate = Gate()
-    w = journaled({"hold": gate})
-    running = w.submit("hold")
-    assert gate.started.wait(TIMEOUT)
+    w, gate, running = _holding(journaled)
     w.journal_enabled = False
     w.journal_enabled = True  # the first log drains; the second logs new tasks
     assert len(w._draining) == 1
@@ -294,10 +300,7 @@ def test_the_log_switched_off_and_on_again_while_a_task_runs(journaled):
 
 
 def test_a_log_setting_changed_twice_while_a_task_runs(journaled):
-    gate = Gate()
-    w = journaled({"hold": gate})
-    running = w.submit("hold")
-    assert gate.started.wait(TIMEOUT)
+    w, gate, running = _holding(journaled)
     w.journal_max_age_s = 7 * 86400.0
     w.journal_max_age_s = 8 * 86400.0
     gate.release.set()
@@ -323,10 +326,7 @@ def test_a_new_state_folder_while_a_task_runs_leaves_its_record_true_in_the_old(
 
 
 def test_a_worker_closed_while_a_switched_off_log_drains_closes_it(journaled):
-    gate = Gate()
-    w = journaled({"hold": gate})
-    running = w.submit("hold")
-    assert gate.started.wait(TIMEOUT)
+    w, gate, running = _holding(journaled)
     w.journal_enabled = False
     (draining,) = w._draining
     gate.release.set()  # (it may end before the worker closes, or be stopped by the close)
