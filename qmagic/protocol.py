@@ -39,6 +39,7 @@ class QueueserverProtocol(GuiMethods):
     def __init__(self, worker: Any, connection_info: Callable[[], dict] | None = None) -> None:
         self.worker = worker
         self.connection_info = connection_info or (lambda: {})
+        self.described: dict[str, tuple[str, dict]] = {}
 
     # -- status ---------------------------------------------------------------------------------
     def status(self, params: dict, **who: Any) -> dict:

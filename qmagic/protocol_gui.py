@@ -21,6 +21,8 @@ class GuiMethods:
     ``queue_get`` and ``history_get``."""
 
     worker: Any
+    #: kind ("plans"/"devices") -> (the catalog's uid, descriptions) last made
+    described: dict[str, tuple[str, dict]]
 
     def history_clear(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """Forget the finished tasks kept in memory (the experiment log keeps them); ``size``
@@ -70,15 +72,31 @@ class GuiMethods:
         """The reply of ``{kind}_{which}``: the namespace's plans or devices, described with a
         deadline; ``allowed`` first checks the request's group."""
         key, uid_key = f"{kind}_{which}", f"{kind}_{which}_uid"
-        catalog = self.worker.catalog
         try:
             if which == "allowed":
                 self._group(params)
-            items = _described(kind, lambda: _describe_all(catalog, kind))
+            uid, items = self._descriptions(kind)
         except RequestRefused as exc:
             return {"success": False, "msg": str(exc), key: {}, uid_key: None}
-        uid = getattr(catalog, f"{kind}_uid") if which == "existing" else status_reply(self.worker)[uid_key]
+        if which == "allowed":
+            uid = status_reply(self.worker)[uid_key]
         return {"success": True, "msg": "", key: items, uid_key: uid}
+
+    def _descriptions(self, kind: str) -> tuple[str, dict]:
+        """(the catalog's uid of ``kind``, the descriptions): kept per uid, as queueserver
+        keeps its lists until they change.  Described on the probe thread with a deadline;
+        a description that finishes after it is kept all the same, for the next request."""
+        catalog = self.worker.catalog
+        uid = getattr(catalog, f"{kind}_uid")
+        kept = self.described.get(kind)
+        if kept is not None and kept[0] == uid:
+            return kept
+
+        def describe() -> tuple[str, dict]:
+            self.described[kind] = found = (uid, _describe_all(catalog, kind))
+            return found
+
+        return _described(kind, describe)
 
     def queue_get(self, params: dict, **who: Any) -> dict:
         """queueserver ``queue_get``: a kernel has no plan queue (always empty)."""
@@ -90,8 +108,9 @@ class GuiMethods:
         return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
 
 
-#: How long describing the namespace's plans or devices may take (seconds).
-DESCRIBE_TIMEOUT_S = 5.0
+#: How long a request waits for the namespace's plans or devices to be described (seconds):
+#: well within a client's patience (2 s), as every request waits on the serving thread.
+DESCRIBE_TIMEOUT_S = 1.0
 
 
 def _describe_all(catalog: Any, kind: str) -> dict:
@@ -101,13 +120,14 @@ def _describe_all(catalog: Any, kind: str) -> dict:
     return {n: describe_device(d) for n, d in sorted(catalog.devices().items())}
 
 
-def _described(what: str, describe: Any) -> dict:
+def _described(what: str, describe: Any) -> Any:
     """``describe()`` read with a deadline (it runs the objects' own code: reprs,
-    attributes); RequestRefused, saying what to do, when an object blocks."""
+    attributes); RequestRefused, saying what to do, when it is slow or an object blocks."""
     try:
         return probe.read(describe, DESCRIBE_TIMEOUT_S)
     except probe.ProbeTimeout:
         raise RequestRefused(
-            f"Error: Listing the namespace's {what} did not finish: an object's repr or attribute "
-            f"blocks (waited {DESCRIBE_TIMEOUT_S:g} s; the kernel is fine). Fix or remove that object."
+            f"Error: Listing the namespace's {what} did not finish within {DESCRIBE_TIMEOUT_S:g} s: "
+            "an object's repr or attribute is slow or blocks (the kernel is fine). Ask again in a "
+            "moment; if this persists, fix or remove that object."
         ) from None

@@ -895,6 +895,60 @@ def test_replies_are_immediate_while_the_foreground_is_blocked(RM, gate, entered
     result_of(RM, uid)
 
 
+def test_a_plan_list_that_blocks_never_holds_up_other_clients(tmp_path, rm_factory):
+    """Describing the namespace's plans runs their own code (a default's repr): one that
+    blocks costs that one answer, never the channel.  It waited 5 s on the serving thread,
+    and every other client's request meanwhile timed out (queueserver's clients give up
+    after 2 s; found by a hostile test).  The description finished later is kept for the
+    next request."""
+    from bluesky_queueserver_api._defaults import default_zmq_request_timeout_recv
+
+    release, entered = threading.Event(), threading.Event()
+
+    class SlowDefault:
+        def __repr__(self):
+            entered.set()
+            release.wait(WAIT)
+            return "SlowDefault()"
+
+    def scan(detector=SlowDefault()):
+        yield detector
+
+    w = Worker({"scan": scan}, config=worker_config(tmp_path), foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    try:
+        asking = rm_factory(srv.address)
+        other = rm_factory(srv.address, timeout_recv=default_zmq_request_timeout_recv)
+        refused: list = []
+
+        def ask() -> None:
+            with pytest.raises(asking.RequestFailedError) as info:
+                asking.send_request(method="plans_existing")
+            refused.append(info.value.response)
+
+        thread = threading.Thread(target=ask)
+        thread.start()
+        assert entered.wait(WAIT)
+        assert other.send_request(method="status")["manager_state"] == "idle"
+        thread.join(WAIT)
+        assert refused and "Ask again in a moment" in refused[0]["msg"], refused
+        release.set()
+        deadline = time.monotonic() + WAIT
+        while True:  # (the description finishes on its own thread, then is kept)
+            try:
+                reply = other.send_request(method="plans_existing")
+                break
+            except other.RequestFailedError:
+                assert time.monotonic() < deadline, "the description was never kept"
+            time.sleep(0.01)  # polling a remote reply: nothing to wait on but the next one
+        assert reply["plans_existing"]["scan"]["parameters"][0]["default"] == "SlowDefault()"
+        assert reply["plans_existing_uid"] == other.status(reload=True)["plans_existing_uid"]
+    finally:
+        release.set()
+        srv.stop()
+        w.close()
+
+
 # =========================================================================================
 # malformed input, size limit (the channel never stops)
 # =========================================================================================
