@@ -188,3 +188,29 @@ def test_one_huge_print_is_cut_to_its_tail_and_keeps_the_lines_before_it(make_wo
               "long to send whole ...]\n")
     assert sent == ["big start", "\n", marker + big[-CONSOLE_CHUNK_CHARS:], "\n", "big end", "\n"]
     assert not any("faster" in m for m in sent)
+
+
+def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(make_worker):
+    """A task event's text runs the task's own code (its result's repr, its arguments',
+    its error's str).  It ran while the publisher held the lock that every print of every
+    task takes: a result whose repr blocked froze every task that printed meanwhile (and a
+    foreground task's print froze the kernel; found by a hostile test)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRepr:
+        def __repr__(self):
+            entered.set()
+            release.wait(TIMEOUT)
+            return "SlowRepr()"
+
+    worker = make_worker({}, journal_enabled=False)  # (the log describes results too)
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    try:
+        worker.submit(SlowRepr).result(TIMEOUT)
+        assert entered.wait(TIMEOUT)  # the publisher is describing the result now
+        printer = worker.submit(lambda: print("still printing"))
+        assert printer.wait(TIMEOUT / 4) and printer.result() is None
+        release.set()
+    finally:
+        release.set()
+        pub.stop()

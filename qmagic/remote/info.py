@@ -79,6 +79,7 @@ class InfoPublisher(SocketThread):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups (None: stop)
         self._subscription: Any = None
         self._tasks: dict[str, dict] = {}  # task uid -> pending event state (coalesced)
+        self._infos: dict[str, dict] = {}  # task uid -> name, call, user... (until it ends)
         self._sent_at: dict[str, float] = {}
         self._pending_lock = threading.Lock()  # the pending state below, and the wake-up flag
         self._console: deque[str] = deque()  # console text waiting to be sent
@@ -130,31 +131,49 @@ class InfoPublisher(SocketThread):
             return None
 
     def _on_event(self, task_uid: str, **event: Any) -> None:
-        """Worker events: merge into the task's pending state; wake the thread."""
+        """Worker events: merge into the task's pending state; wake the thread.  The texts
+        that run the task's own code (its arguments' and result's repr, its error's str) are
+        made before the lock: every print of every task takes it (_on_output), and a slow or
+        blocking repr must never hold them up."""
+        info = self._infos.get(task_uid)
+        if info is None:
+            info = self._infos[task_uid] = self._task_info(task_uid)
+        texts: dict[str, Any] = {}
+        status = event.get("status")
+        if status in FINISHED_VALUES:  # the final message: the whole end state, progress too
+            self._infos.pop(task_uid, None)
+            task = self._task(task_uid)
+            progress = task.progress if task is not None else None
+            if progress is not None:
+                texts["final_progress"] = progress._asdict()
+        if "result" in event:
+            texts["result"] = fmt.safe_repr(event["result"], 200)
+        if "error" in event:
+            texts["error"] = fmt.one_line(event["error"], 200) or type(event["error"]).__name__
         with self._pending_lock:
             state = self._tasks.get(task_uid)
             if state is None:
-                task = self._task(task_uid)
-                state = self._tasks[task_uid] = {"task_uid": task_uid}
-                if task is not None:
-                    state.update(name=task.name, call=task.call_text(80), user=task.user,
-                                 background=task.background, origin=task.origin)
-            if "status" in event:
-                state["status"] = event["status"]
-                if event["status"] in FINISHED_VALUES and "progress" not in state:
-                    task = self._task(task_uid)  # the final message: the whole end
-                    progress = task.progress if task is not None else None  # state, progress too
-                    if progress is not None:
-                        state["progress"] = progress._asdict()
+                state = self._tasks[task_uid] = {"task_uid": task_uid, **info}
+            if status is not None:
+                state["status"] = status
+                if "final_progress" in texts and "progress" not in state:
+                    state["progress"] = texts["final_progress"]
             if "progress" in event and event["progress"] is not None:
                 state["progress"] = event["progress"]._asdict()
-            if "result" in event:
-                state["result"] = fmt.safe_repr(event["result"], 200)
-            if "error" in event:
-                state["error"] = fmt.one_line(event["error"], 200) or type(event["error"]).__name__
+            for key in ("result", "error"):
+                if key in texts:
+                    state[key] = texts[key]
             wake, self._wake_pending = not self._wake_pending, True
         if wake:
             self._queue.put("new")
+
+    def _task_info(self, task_uid: str) -> dict[str, Any]:
+        """What task messages say of a task besides its state (made once per task)."""
+        task = self._task(task_uid)
+        if task is None:
+            return {}
+        return {"name": task.name, "call": task.call_text(80), "user": task.user,
+                "background": task.background, "origin": task.origin}
 
     # -- the publishing thread ---------------------------------------------------------------------
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
