@@ -139,10 +139,10 @@ class QueueserverProtocol(GuiMethods):
     def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """queueserver ``lock``: lock the environment and/or the queue with a key."""
         try:
+            if "user" not in params:  # (the user first, as queueserver)
+                raise RequestRefused("Error: User name is not specified: 'user' is a required parameter")
             if "lock_key" not in params:
                 raise RequestRefused("Error: Lock key is not specified: 'lock_key' is a required parameter")
-            if "user" not in params:
-                raise RequestRefused("Error: User name is not specified: 'user' is a required parameter")
             state = self.worker.lock(
                 params["lock_key"], environment=params.get("environment", False),
                 queue=params.get("queue", False), note=params.get("note"), user=params["user"],

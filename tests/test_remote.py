@@ -583,6 +583,9 @@ def test_lock_all_lock_info_and_queue_scope(RM):
 
 
 def test_lock_request_format(raw, worker):
+    # queueserver checks the user first: a request naming neither is refused for the user
+    assert raw.request("lock", {"environment": True})["msg"] == (
+        "Error: User name is not specified: 'user' is a required parameter")
     assert raw.request("lock", {"lock_key": "k", "environment": True})["msg"] == (
         "Error: User name is not specified: 'user' is a required parameter")
     assert raw.request("lock", {"user": "A", "environment": True})["msg"] == (
