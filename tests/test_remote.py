@@ -386,6 +386,30 @@ def test_non_json_result_fails_the_remote_task(RM):
     assert "Task result can not be serialized as JSON" in r["msg"]
 
 
+def test_a_large_result_is_readable_on_a_later_request(RM, worker, monkeypatch):
+    """A result that takes longer to copy for the reply than task_result may wait (1 s: a
+    list of a million or so numbers on this class of machine) is kept when its copy is
+    ready, and the next request answers with it; it could never be read remotely before
+    (each request began the copy anew and gave up; found by a hostile test)."""
+    from qmagic import protocol
+
+    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.001)  # (any result large for the deadline)
+    worker.namespace["data"] = lambda n: [i * 0.5 for i in range(n)]
+    uid = RM.function_execute(BFunc("data", 300_000), run_in_background=True)["task_uid"]
+    assert RM.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
+    first = RM.task_result(uid)["result"]
+    assert first["return_value"] is None and "ask again in a moment" in first["msg"], first["msg"]
+    deadline = time.monotonic() + WAIT
+    while True:
+        result = RM.task_result(uid)["result"]
+        if result["return_value"] is not None:
+            break
+        assert time.monotonic() < deadline, result["msg"]
+        time.sleep(0.01)  # polling a remote reply: nothing to wait on but the next one
+    assert result["success"] is True and result["msg"] == ""
+    assert result["return_value"] == [i * 0.5 for i in range(300_000)]
+
+
 def test_python_task_with_non_json_result_is_readable_remotely(RM, worker):
     task = worker.submit("not_json")  # a notebook user's task: not held to the JSON rule
     assert task.wait(WAIT)
