@@ -1033,6 +1033,30 @@ def test_size_limit_follows_max_message_bytes(raw, server):
     assert raw.request("task_status", {"task_uid": "x" * 100})["success"] is True
 
 
+def test_a_raised_size_limit_applies_to_the_largest_frames_at_once(worker):
+    """0MQ drops, unread, frames above its hard cap (four times the limit, at least 64 MiB).
+    The cap was set when the socket was made: a limit raised at once (the setting "applies
+    at once") still dropped requests between 64 MiB and the new limit, and their clients only
+    timed out (found by a hostile test).  The channel now starts again with the new cap."""
+    service = RemoteService(worker)
+    client = None
+    try:
+        service.start(LOCAL)
+        worker.zmq_max_message_bytes = 100_000_000
+        client = Raw(service.server.address, timeout=20)
+        request = json.dumps({"method": "status", "params": {"data": "x" * 70_000_000}}).encode()
+        assert client.send(request)["manager_state"] == "idle"
+        worker.zmq_max_message_bytes = 60_000_000  # (below: an error reply, not a drop)
+        client.close()
+        client = Raw(service.server.address, timeout=20)
+        reply = client.send(request)
+        assert reply["success"] is False and "the limit is 60000000" in reply["msg"]
+    finally:
+        if client is not None:
+            client.close()
+        service.close()
+
+
 # =========================================================================================
 # issue 14 item 4: loose request types are refused, with queueserver-style messages
 # =========================================================================================

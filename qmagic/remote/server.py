@@ -28,7 +28,8 @@ import zmq
 from ..errors import ControlChannelError
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread
 
-__all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "is_loopback", "server_secret_key"]
+__all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
+           "server_secret_key"]
 
 log = logging.getLogger("qmagic")
 
@@ -52,6 +53,12 @@ _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
 #: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=...) -> reply dict``
 Dispatcher = Callable[..., dict]
+
+
+def hard_cap(max_message_bytes: int) -> int:
+    """0MQ's MAXMSGSIZE for a request limit: far above it, so only absurd frames drop the
+    connection (unread) instead of getting an error reply."""
+    return max(4 * max_message_bytes, _HARD_CAP_MIN)
 
 
 def is_loopback(address: str) -> bool:
@@ -131,8 +138,10 @@ class ControlServer(SocketThread):
         super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address",
                          secret_key=server_secret_key(secret_key), client_keys=client_keys)
         self._dispatch = dispatch
-        #: Largest request accepted, in bytes; larger ones get an error reply.
+        #: Largest request accepted, in bytes; larger ones get an error reply (up to
+        #: :attr:`socket_cap`, set as the socket is made: larger frames are dropped unread).
         self.max_message_bytes = max_message_bytes
+        self.socket_cap = hard_cap(max_message_bytes)
         self._started_at: float | None = None
         self.requests = 0
         self.errors = 0
@@ -163,7 +172,8 @@ class ControlServer(SocketThread):
         sock.setsockopt(zmq.RCVHWM, _REQUESTS_PER_CLIENT)
         sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(4 * self.max_message_bytes, _HARD_CAP_MIN))
+        self.socket_cap = hard_cap(self.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.socket_cap)
         self._secure(sock)
         return sock
 

@@ -18,7 +18,7 @@ from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
 from .info import InfoPublisher
-from .server import DEFAULT_ADDRESS, ControlServer, is_loopback
+from .server import DEFAULT_ADDRESS, ControlServer, hard_cap, is_loopback
 from .socket_thread import keys_problem
 
 __all__ = ["RemoteService"]
@@ -202,9 +202,16 @@ class RemoteService:
                 self.start_info(info.address)
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
-        server = self.server
-        if server is not None:
+        """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's
+        own, set as it is made), the channel starts again with the new one."""
+        with self._lock:
+            server = self.server
+            if server is None:
+                return
             server.max_message_bytes = change["new"]
+            if server.running and server.socket_cap != hard_cap(change["new"]):
+                self._stop_server()
+                self.start(self.last_address)
 
     # -- text for %control_channel ------------------------------------------------------------------
     def describe(self) -> str:
