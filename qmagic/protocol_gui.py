@@ -1,10 +1,12 @@
-"""The queueserver methods GUIs ask for (plans, devices, queue, history), answered for a
-kernel: it has no plan queue, so queue and history are empty, and plans and devices are
-those of the namespace.  A mix-in of :class:`qmagic.protocol.QueueserverProtocol`.
+"""The queueserver methods GUIs ask for (plans, devices, RE metadata, queue, history),
+answered for a kernel: it has no plan queue, so queue and history are empty; plans, devices
+and the Run Engine's metadata are those of the namespace.  A mix-in of
+:class:`qmagic.protocol.QueueserverProtocol`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import probe
@@ -18,7 +20,7 @@ __all__ = ["GuiMethods"]
 
 class GuiMethods:
     """``history_clear``, ``plans_existing``/``allowed``, ``devices_existing``/``allowed``,
-    ``queue_get`` and ``history_get``."""
+    ``re_metadata``, ``queue_get`` and ``history_get``."""
 
     worker: Any
     #: kind ("plans"/"devices") -> (the catalog's uid, descriptions) last made
@@ -98,6 +100,36 @@ class GuiMethods:
 
         return _described(kind, describe)
 
+    def re_metadata(self, params: dict, **who: Any) -> dict:
+        """queueserver ``re_metadata``: the namespace's ``RE.md`` as JSON data (read with a
+        deadline: it is the namespace's own object)."""
+        def reply(msg: str, md: dict | None = None) -> dict:
+            return {"success": md is not None, "msg": msg, "re_metadata": md or {}}
+
+        if not self.worker.environment_is_open:
+            return reply("Environment does not exist. Cannot retrieve RE metadata.")
+        run_engine = self.worker.namespace.get("RE")
+        if run_engine is None:
+            return reply("Error: Run Engine does not exist in worker environment")
+
+        def read() -> tuple[dict | None, str]:
+            try:
+                md = dict(run_engine.md)
+            except AttributeError:
+                return None, "Error: Run Engine does not have a metadata attribute"
+            except Exception as exc:  # noqa: BLE001 - its own code
+                return None, f"Error: Failed to convert Run Engine metadata to dictionary: {exc}"
+            try:
+                return json.loads(json.dumps(md)), ""
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                return None, f"Failed to serialize RE metadata with JSON: {exc}"
+        try:
+            md, msg = probe.read(read, METADATA_READ_S)
+        except probe.ProbeTimeout:
+            return reply(f"Error: Reading RE.md did not finish within {METADATA_READ_S:g} s: its own "
+                         "code is slow or blocks (the kernel is fine). Ask again in a moment.")
+        return reply(msg, md)
+
     def queue_get(self, params: dict, **who: Any) -> dict:
         """queueserver ``queue_get``: a kernel has no plan queue (always empty)."""
         return {"success": True, "msg": "", "items": [], "running_item": {},
@@ -108,6 +140,8 @@ class GuiMethods:
         return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
 
 
+#: How long re_metadata waits for ``RE.md`` (seconds).
+METADATA_READ_S = 1.0
 #: How long a request waits for the namespace's plans or devices to be described (seconds):
 #: well within a client's patience (2 s), as every request waits on the serving thread.
 DESCRIBE_TIMEOUT_S = 1.0

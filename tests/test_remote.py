@@ -723,6 +723,29 @@ def test_history_clear_and_config_get(RM, worker, connection_info):
 # =========================================================================================
 # the other clients: the async API and the qserver command line
 # =========================================================================================
+def test_re_metadata_is_the_namespace_run_engines(RM, raw, worker):
+    """queueserver's re_metadata (the qserver CLI's `re metadata`) answered "Unknown method"
+    (found by a hostile test); it is RE.md of the namespace, with queueserver's texts."""
+    assert raw.request("re_metadata")["msg"] == "Error: Run Engine does not exist in worker environment"
+
+    class FakeRE:
+        md = {"beamline_id": "TST", "scan_id": 7}
+
+    worker.namespace["RE"] = FakeRE()
+    reply = RM.send_request(method="re_metadata")
+    assert reply == {"success": True, "msg": "", "re_metadata": {"beamline_id": "TST", "scan_id": 7}}
+    FakeRE.md = {"detector": object()}
+    reply = raw.request("re_metadata")
+    assert reply["success"] is False and reply["re_metadata"] == {}
+    assert reply["msg"].startswith("Failed to serialize RE metadata with JSON: ")
+    assert raw.request("re_metadata", {"x": 1})["msg"].startswith(
+        "Error: API request contains unsupported parameters: 'x'")
+    assert raw.request("environment_close")["success"] is True
+    assert raw.request("re_metadata") == {
+        "success": False, "msg": "Environment does not exist. Cannot retrieve RE metadata.",
+        "re_metadata": {}}
+
+
 def test_async_client(server, worker):
     from bluesky_queueserver_api.zmq.aio import REManagerAPI as AsyncREManagerAPI
 

@@ -59,6 +59,7 @@ METHODS: dict[str, Method] = {
     "permissions_set": Method(("user_group_permissions", "lock_key")),
     "permissions_reload": Method(("restore_plans_devices", "restore_permissions", "lock_key")),
     "history_clear": Method(("lock_key", "size", "item_uid")),
+    "re_metadata": Method((), {"re_metadata": {}}),
     "queue_get": Method((), {"items": [], "running_item": {}, "plan_queue_uid": None}),
     "history_get": Method((), {"items": [], "plan_history_uid": None}),
     "plans_existing": Method((), {"plans_existing": {}, "plans_existing_uid": None}, prefix=""),
