@@ -323,9 +323,9 @@ def _plain_json(value: Any, uid: str, late: dict[str, Any]) -> tuple[Any, str | 
     """A live task's result as plain JSON data (a copy: encoding the reply then runs none of
     the result's own code), or (None, why not).  Read through :mod:`qmagic.probe`, with a
     deadline: the control thread never runs the result's code itself.  A copy that was not
-    ready in time is kept in ``late`` when it is (the last one only), for the next request:
-    else a large result could never be read."""
-    kept = late.get(uid, _NOT_KEPT)  # (one read: the probe thread may replace it meanwhile)
+    ready in time is kept in ``late`` when it is (the last one only), for the next request,
+    which takes it: else a large result could never be read."""
+    kept = late.pop(uid, _NOT_KEPT)  # (answered once: the copy is not held for ever)
     if kept is not _NOT_KEPT:
         return kept, None
     gave_up = threading.Event()

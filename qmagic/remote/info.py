@@ -58,6 +58,10 @@ CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
 
 
+#: task descriptions the publisher keeps at most (a task's is dropped when it ends)
+_INFOS_KEPT = 10_000
+
+
 class InfoPublisher(SocketThread):
     """Publishes console text, status and task events on ``address`` (module docstring).
 
@@ -137,6 +141,8 @@ class InfoPublisher(SocketThread):
         blocking repr must never hold them up."""
         info = self._infos.get(task_uid)
         if info is None:
+            if len(self._infos) >= _INFOS_KEPT:  # (tasks whose end it never saw: made again if needed)
+                self._infos.clear()
             info = self._infos[task_uid] = self._task_info(task_uid)
         texts: dict[str, Any] = {}
         status = event.get("status")
