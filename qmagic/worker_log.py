@@ -18,9 +18,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import probe
 from .core.task import Task
 
-__all__ = ["LogObserver"]
+__all__ = ["LogObserver", "VALUE_REPR_S", "run_value_code"]
+
+#: How long the log waits for a value's repr (a result JSON cannot hold) before it records
+#: that it did not finish: a repr that blocks (an object asking a device) must not hold up
+#: the task's end, nor the kernel whose cell runs a foreground task (■ waits for the record).
+VALUE_REPR_S = 1.0
+
+
+def run_value_code(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with a deadline (on the probe thread, :mod:`qmagic.probe`): the experiment
+    log's way to run a value's own code.  Raises TimeoutError past :data:`VALUE_REPR_S`."""
+    try:
+        return probe.read(fn, VALUE_REPR_S)
+    except probe.ProbeTimeout as exc:
+        raise TimeoutError(str(exc)) from None
 
 #: how long :meth:`LogObserver.close` waits for a close already under way (a log's close
 #: waits at most 5 s for a disk in a fault, then leaves what is spooled to the next process)

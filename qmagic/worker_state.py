@@ -25,7 +25,7 @@ from .errors import (
     StateFileError,
 )
 from .store.paths import default_state_dir
-from .worker_log import LogObserver
+from .worker_log import LogObserver, run_value_code
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED"]
 
@@ -99,6 +99,7 @@ class StateMixin(HasTraits):
                     pending_limit=self.journal_pending_limit,
                     session_info={"qmagic_version": __version__,
                                   "python_version": platform.python_version()},
+                    run_value_code=run_value_code,
                 )
             except (StateFileError, OSError, ImportError) as exc:
                 log.warning("qmagic: the experiment log is off: %s", exc)

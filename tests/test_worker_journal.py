@@ -19,6 +19,7 @@ import qmagic
 from qmagic import TaskStatus, Worker
 from qmagic.errors import LogUnavailable
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
+from qmagic.worker_log import VALUE_REPR_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -375,6 +376,31 @@ def test_switching_the_log_off_and_on_while_tasks_stream_never_writes_a_wrong_re
              if r["status"] != "completed" or r["result"] != by_uid[r["uid"]].result()]
     assert wrong == []
     assert not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
+
+
+def test_a_result_whose_repr_blocks_never_holds_up_the_task_end(journaled):
+    """The log summarises a result JSON cannot hold with its repr, made before the task ends
+    (its record first).  A repr that blocked held the task's waiters -- and, for a foreground
+    task, the kernel, ■ held back -- until it returned (found by a hostile test).  The repr
+    now runs with a deadline; the record says it did not finish."""
+    release = threading.Event()
+
+    class Blocking:
+        def __repr__(self) -> str:
+            release.wait(60)
+            return "Blocking()"
+
+    w = journaled({"make": lambda: Blocking()})
+    try:
+        task = w.submit("make")
+        assert task.wait(VALUE_REPR_S + 10), "the task's end waited for its result's repr"
+        assert isinstance(task.result(), Blocking)
+        (record,) = w.history()
+        assert record["status"] == "completed"
+        assert record["result"]["repr"].endswith(
+            ".<locals>.Blocking object; repr() failed: TimeoutError('it did not finish within 1 s')>")
+    finally:
+        release.set()
 
 
 def test_module_history_reads_a_given_state_dir(journaled, tmp_path):

@@ -57,7 +57,7 @@ import uuid
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -108,7 +108,9 @@ class Journal:
     while the database is larger); ``summary_chars``: ``repr`` length kept of values JSON
     cannot hold; ``fsync``: survive power loss too (an fsync per call, synchronous commits);
     ``pending_limit``: records kept in memory at most while the spool cannot be written;
-    ``session_info``: stored once with the session (qmagic and Python versions ...).
+    ``session_info``: stored once with the session (qmagic and Python versions ...);
+    ``run_value_code(fn)``: runs ``fn`` (a value's repr, for a value JSON cannot hold) and
+    returns its result -- the worker's has a deadline (default: ``fn()`` here).
 
     Thread-safe.  Never raises for I/O trouble (see :meth:`health`); raises ValueError for
     a record that is not a task record.  Use as a context manager or call :meth:`close`.
@@ -117,7 +119,8 @@ class Journal:
     def __init__(self, state_dir: str | os.PathLike[str], environment_name: str = "default", *,
                  max_age_s: float = 30 * 86400.0, max_bytes: int = 200_000_000,
                  summary_chars: int = 2000, fsync: bool = False, pending_limit: int = 100_000,
-                 session_info: dict | None = None) -> None:
+                 session_info: dict | None = None,
+                 run_value_code: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         self.environment_name = validate_environment_name(environment_name)
         for label, value in (("max_age_s", max_age_s), ("max_bytes", max_bytes),
                              ("pending_limit", pending_limit)):
@@ -129,7 +132,7 @@ class Journal:
         #: Id of this writer session.
         self.session = uuid.uuid4().hex
         self.fsync = bool(fsync)
-        self._encoder = RecordEncoder(summary_chars)
+        self._encoder = RecordEncoder(summary_chars, run_value_code=run_value_code)
         info = self._encoder.value(dict(session_info or {}))
         identity = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
                     "info": info if isinstance(info, dict) else {}}

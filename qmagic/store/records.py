@@ -35,7 +35,7 @@ import reprlib
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -163,11 +163,12 @@ class RecordEncoder:
 
     ``summary_chars``: length of the ``repr`` kept for a value that is not JSON;
     ``max_value_chars``: a JSON value longer than this is summarised; ``max_text_chars``:
-    longer tracebacks/errors keep their head and tail.
+    longer tracebacks/errors keep their head and tail; ``run_value_code(fn)`` runs a repr.
     """
 
     def __init__(self, summary_chars: int = 2000, max_value_chars: int = 100_000,
-                 max_text_chars: int = 20_000) -> None:
+                 max_text_chars: int = 20_000,
+                 run_value_code: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         for label, limit in (("summary_chars", summary_chars), ("max_value_chars", max_value_chars),
                              ("max_text_chars", max_text_chars)):
             if not isinstance(limit, int) or limit <= 0:
@@ -177,6 +178,9 @@ class RecordEncoder:
         # a record up to this size cannot hold a value or text over its limit: fast path
         self._fast_limit = min(max_value_chars, max_text_chars)
         self._names_ok: set[tuple[str | None, str | None, str | None]] = set()  # (name, user, group) that passed
+        #: runs a value's own code (its repr) for a summary; the worker gives one with a
+        #: deadline, so that a repr that blocks cannot hold up a task's end (and the kernel)
+        self._run_value_code = run_value_code or (lambda fn: fn())
         self._reprlib = reprlib.Repr()
         self._reprlib.maxstring = self._reprlib.maxother = summary_chars
         self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
@@ -348,7 +352,7 @@ class RecordEncoder:
         big = text is None and items is not None and items > _WALK_ITEMS
         if text is None:
             try:  # reprlib keeps the repr of a huge container short (and fast)
-                text = self._reprlib.repr(v) if big else repr(v)
+                text = self._run_value_code((lambda: self._reprlib.repr(v)) if big else (lambda: repr(v)))
             except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
                 text = f"<{_type_name(v)} object; repr() failed: {safe_repr(exc, 200)}>"
             text = _no_surrogates(str.__str__(text))
