@@ -190,6 +190,34 @@ def test_one_huge_print_is_cut_to_its_tail_and_keeps_the_lines_before_it(make_wo
     assert not any("faster" in m for m in sent)
 
 
+def test_a_result_with_a_slow_repr_never_holds_up_other_tasks_events(make_worker):
+    """Made outside the publisher's lock, the result's text still ran on the thread that
+    delivers every task's events (to the panels too): a repr that blocked held up every
+    other task's events until it returned.  Texts that run a task's own code now have a
+    deadline (0.2 s; past it the message says the repr did not finish)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRepr:
+        def __repr__(self):
+            entered.set()
+            release.wait(TIMEOUT)
+            return "SlowRepr()"
+
+    worker = make_worker({}, journal_enabled=False)  # (the log describes results too)
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    try:
+        worker.submit(SlowRepr).result(TIMEOUT)
+        assert entered.wait(TIMEOUT)  # the publisher is describing the result now
+        other = worker.submit(lambda: 2)
+        other.result(TIMEOUT)
+        told = threading.Event()
+        other.subscribe(lambda **event: told.set())  # (its current status comes first)
+        assert told.wait(TIMEOUT / 4), "another task's events waited for a result's repr"
+    finally:
+        release.set()
+        pub.stop()
+
+
 def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(make_worker):
     """A task event's text runs the task's own code (its result's repr, its arguments',
     its error's str).  It ran while the publisher held the lock that every print of every

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import format as fmt
+from .. import probe
 from ..core import capture
 from ..core.status import FINISHED_VALUES
 from ..errors import TaskNotFound
@@ -60,6 +61,23 @@ _STATUS_PERIOD_S = 1.0
 
 #: task descriptions the publisher keeps at most (a task's is dropped when it ends)
 _INFOS_KEPT = 10_000
+#: How long a task event's text that runs the task's own code (a repr of its arguments or
+#: result, its error's str) may take on the thread that delivers every task's events
+_TEXT_READ_S = 0.2
+_NOT_READ = "<repr did not finish>"
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
+    """``make()``, which reads ``values``: directly when they are plain (no code of theirs
+    runs), else on the probe thread with a deadline (``fallback`` past it): a repr that
+    blocks must not hold up the delivery of every task's events."""
+    if all(type(v) in _PLAIN for v in values):
+        return make()
+    try:
+        return probe.read(make, _TEXT_READ_S)
+    except probe.ProbeTimeout:
+        return fallback
 
 
 class InfoPublisher(SocketThread):
@@ -138,7 +156,8 @@ class InfoPublisher(SocketThread):
         """Worker events: merge into the task's pending state; wake the thread.  The texts
         that run the task's own code (its arguments' and result's repr, its error's str) are
         made before the lock: every print of every task takes it (_on_output), and a slow or
-        blocking repr must never hold them up."""
+        blocking repr must never hold them up; and with a deadline (:func:`_bounded`): this
+        thread delivers every task's events."""
         info = self._infos.get(task_uid)
         if info is None:
             if len(self._infos) >= _INFOS_KEPT:  # (tasks whose end it never saw: made again if needed)
@@ -153,9 +172,11 @@ class InfoPublisher(SocketThread):
             if progress is not None:
                 texts["final_progress"] = progress._asdict()
         if "result" in event:
-            texts["result"] = fmt.safe_repr(event["result"], 200)
+            result = event["result"]
+            texts["result"] = _bounded(lambda: fmt.safe_repr(result, 200), (result,), _NOT_READ)
         if "error" in event:
-            texts["error"] = fmt.one_line(event["error"], 200) or type(event["error"]).__name__
+            error = event["error"]
+            texts["error"] = _bounded(lambda: fmt.one_line(error, 200), (error,), None) or type(error).__name__
         with self._pending_lock:
             state = self._tasks.get(task_uid)
             if state is None:
@@ -178,7 +199,8 @@ class InfoPublisher(SocketThread):
         task = self._task(task_uid)
         if task is None:
             return {}
-        return {"name": task.name, "call": task.call_text(80), "user": task.user,
+        call = _bounded(lambda: task.call_text(80), (*task.args, *task.kwargs.values()), f"{task.name}(...)")
+        return {"name": task.name, "call": call, "user": task.user,
                 "background": task.background, "origin": task.origin}
 
     # -- the publishing thread ---------------------------------------------------------------------
