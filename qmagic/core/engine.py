@@ -36,7 +36,7 @@ from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
 from .hooks import ContextHook, ContextHooks
-from .jobs import CLOSED_REASON, STOPPED_BEFORE_START, Job, JobRunner
+from .jobs import CLOSED_REASON, STOPPED_BEFORE_START, Job, JobRunner, task_guard
 from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
@@ -186,22 +186,26 @@ class Engine(TaskRegistry):
             else:
                 inline = self._reserve_foreground(job)
             # On the owner thread a ■ is held back until the task is announced (recorded) and
-            # handed on, then raised.  Elsewhere an interrupt or a forced cancel may land at
-            # any point: the task then ends with a record if the log may have seen it.
-            with self.foreground.guard(_never):
+            # handed on, then raised; an inline task runs inside the same guard, which gives a
+            # ■ before its code to the task (it ends interrupted, its code never runs): no
+            # moment between its record and its run lets a ■ leave it queued, holding the
+            # foreground.
+            # Elsewhere an interrupt or a forced cancel may land at any point: the task then
+            # ends with a record if the log may have seen it.
+            with task_guard(self.foreground, job) if inline else self.foreground.guard(_never):
                 entered = True
                 self._announce(job)
                 if background:
                     self._runner.start_background(job)
                 elif not inline:
                     self._runner.hand_over(job)
-                handed = not inline  # (an inline task is handed on by running it, below)
+                handed = True
+                if inline:
+                    self._runner.run_foreground(job, guarded=False)
         except BaseException as exc:
             if not handed:
                 self._abandon(job, exc, entered)
             raise
-        if inline:
-            self._runner.run_foreground(job)
         return task
 
     def _abandon(self, job: Job, exc: BaseException, entered: bool) -> None:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from .. import tracebacks
 from ..errors import TaskCancelled
@@ -117,9 +117,9 @@ class JobRunner:
         """Pool thread: run a background thread task."""
         self._run_thread_job(job)
 
-    def run_foreground(self, job: Job) -> None:
-        """On the owner thread: run the task inside the interrupt guard."""
-        with self.engine.foreground.guard(lambda: job.in_user_code, lambda: _interrupt_early(job)):
+    def run_foreground(self, job: Job, guarded: bool = True) -> None:
+        """On the owner thread: run the task inside its guard (False: the caller's)."""
+        with task_guard(self.engine.foreground, job) if guarded else _NO_HOOKS:
             if job.coroutine:
                 self._wait_for_coroutine(job)
             else:
@@ -393,6 +393,12 @@ class JobRunner:
 
 
 _NO_HOOKS = contextlib.nullcontext()  # reusable
+
+
+def task_guard(foreground: Any, job: Job) -> ContextManager[None]:
+    """A foreground task's interrupt guard: ■ reaches its code only; one before it started
+    takes the task (it ends interrupted, its code never runs)."""
+    return foreground.guard(lambda: job.in_user_code, lambda: _interrupt_early(job))
 
 
 def _interrupt_early(job: Job) -> bool:

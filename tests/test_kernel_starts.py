@@ -1,0 +1,122 @@
+"""■ landing while a magic or ``submit`` starts a task, in a real kernel.
+
+A SIGINT (the kernel's ■) is raised at each line of qmagic's start path in turn: a trace
+hook calls ``signal.raise_signal`` there, so the kernel's real handler (or qmagic's
+interrupt guard) takes it exactly as it would take ■ at that moment.  Each time the call
+must raise (a cell, and Run All, stops), and nothing may stay behind: no task left
+"queued" for good, the foreground free for the next task.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kernel_helpers import one_line, start_kernel
+
+pytestmark = pytest.mark.timeout(180)
+
+HELPERS = r'''
+import signal
+from qmagic.core.engine import Engine
+from qmagic.core.jobs import JobRunner
+from qmagic.ipython import runner as _runner
+
+# Each line's SIGINT is a separate ■ here, not the same storm as the previous line's (the
+# guard drops SIGINTs closer than COALESCE_S to the previous one).
+_runner.COALESCE_S = 0.0
+
+def _lines(func):
+    code = func.__code__
+    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
+
+def sigint_at(code, line, fired):
+    """Trace hook: ■ (a real SIGINT, taken by whatever handler is in place) the first time
+    ``line`` of ``code`` runs on this thread."""
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            sys.settrace(None)
+            signal.raise_signal(signal.SIGINT)
+        return local
+    return lambda frame, event, arg: local if frame.f_code is code and not fired else None
+
+def interrupt_each_line(funcs, start):
+    """``start()`` once per line of ``funcs``, ■ at that line; what went wrong, as a list."""
+    bad, fired_any = [], []
+    for func in funcs:
+        for line in _lines(func):
+            fired = []
+            before = set(t.uid for t in w.tasks())
+            sys.settrace(sigint_at(func.__code__, line, fired))
+            raised = None
+            try:
+                start()
+            except BaseException as exc:
+                raised = exc
+            finally:
+                sys.settrace(None)
+            where = f"{func.__qualname__} line {line}"
+            if not fired:
+                continue
+            fired_any.append(where)
+            if not isinstance(raised, (KeyboardInterrupt, qmagic.TaskCancelled)):
+                bad.append((where, "call did not raise", repr(raised)))
+            new = [t for t in w.tasks() if t.uid not in before]
+            try:
+                wait_until(lambda: all(t.done() for t in new), 10)
+            except TimeoutError:
+                bad.append((where, "left behind", [(t.call_text(), t.status.value) for t in new if not t.done()]))
+                for t in new:
+                    t.cancel()
+                continue
+            try:
+                if w.submit("add", (1,), background=False).result(10) != 2:
+                    bad.append((where, "next foreground task failed"))
+            except BaseException as exc:
+                bad.append((where, "next foreground task refused", str(exc)))
+    return bad, len(fired_any)
+'''
+
+
+@pytest.fixture(scope="module")
+def k(tmp_path_factory):
+    session = start_kernel(tmp_path_factory.mktemp("starts"))
+    session.execute(HELPERS, check=True)
+    yield session
+    session.shutdown()
+
+
+def test_an_interrupt_at_any_line_of_a_foreground_start_leaves_nothing_behind(k):
+    """■ between the start's bookkeeping and the task's own run left the task "queued" for
+    good, holding the foreground: every later foreground task was refused ("A foreground
+    task is running") and remote clients read ``executing_task`` until a manual cancel."""
+    bad, fired = k.eval(
+        "interrupt_each_line([Engine.submit, JobRunner.run_foreground],"
+        " lambda: w.submit('add', (1,), background=False))", timeout=120)
+    assert fired >= 5, fired
+    assert bad == [], bad
+
+
+def test_an_interrupt_as_a_foreground_task_is_recorded_ends_the_cell_like_one_in_its_code(k):
+    """■ while qmagic records a foreground task's start (before its code runs): the task is
+    recorded as interrupted and never runs, and the cell ends with the line ■ gives during
+    the task, not "the interrupt came as the foreground task was ending"."""
+    k.execute(
+        "class SigintAtSubmit:\n"
+        "    def task_submitted(self, task):\n"
+        "        if threading.current_thread() is threading.main_thread():\n"
+        "            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
+        "    def task_started(self, task): pass\n"
+        "    def task_finished(self, task, record): pass\n"
+        "_observer = SigintAtSubmit()\n"
+        "w.engine.observers.append(_observer)\n", check=True)
+    try:
+        r = k.execute("%function_execute add 1")
+    finally:
+        k.execute("w.engine.observers.remove(_observer)", check=True)
+    line = one_line(r)
+    assert line == ("TaskCancelled: add(1) was interrupted (■ or KeyboardInterrupt); it is "
+                    "recorded as cancelled."), line
+    assert k.eval("(w.last_task.status.value, w.last_task.error)") == (
+        "cancelled", "Task was interrupted (■ or KeyboardInterrupt)")
+    assert k.execute("%function_execute add 2").check().result == "add(2)  qmagic user  foreground  completed"
