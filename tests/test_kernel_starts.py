@@ -120,3 +120,33 @@ def test_an_interrupt_as_a_foreground_task_is_recorded_ends_the_cell_like_one_in
     assert k.eval("(w.last_task.status.value, w.last_task.error)") == (
         "cancelled", "Task was interrupted (■ or KeyboardInterrupt)")
     assert k.execute("%function_execute add 2").check().result == "add(2)  qmagic user  foreground  completed"
+
+
+def test_an_interrupt_as_a_background_task_starts_says_that_it_runs_on(k):
+    """■ while qmagic records a background task's start from a cell: the cell stops, the
+    task runs on, and the one line says so with the uid to stop it by (it said "the
+    interrupt came as the foreground task was ending", and the task's handle was lost)."""
+    k.execute(
+        "class SigintAtSubmit:\n"
+        "    def task_submitted(self, task):\n"
+        "        if threading.current_thread() is threading.main_thread():\n"
+        "            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
+        "    def task_started(self, task): pass\n"
+        "    def task_finished(self, task, record): pass\n"
+        "_observer = SigintAtSubmit()\n"
+        "w.engine.observers.append(_observer)\n", check=True)
+    try:
+        by_magic = k.execute('t = %function_execute -b bg_wait "s1"')
+        by_python = k.execute('t = w.submit("bg_wait", ("s2",))')
+    finally:
+        k.execute("w.engine.observers.remove(_observer)", check=True)
+    uids = k.eval("[t.uid[:8] for t in w.tasks() if t.name == 'bg_wait']")
+    assert len(uids) == 2, uids
+    for result, arg, uid in ((by_magic, "s1", uids[0]), (by_python, "s2", uids[1])):
+        line = one_line(result)
+        assert line == (f"KeyboardInterrupt: the interrupt came as bg_wait('{arg}') was starting in the "
+                        f"background; it runs on (stop it with %task_cancel {uid})."), line
+    assert k.eval("[t.status.value for t in w.tasks() if t.name == 'bg_wait']") == ["running", "running"]
+    k.execute("events['s1'].set(); events['s2'].set()\n"
+              "wait_until(lambda: all(t.done() for t in w.tasks()))", check=True)
+    assert k.eval("[t.status.value for t in w.tasks() if t.name == 'bg_wait']") == ["completed", "completed"]

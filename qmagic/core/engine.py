@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import CancelHook, Task
+from .task import CancelHook, Task, one_line
 from .timers import Timers
 
 __all__ = [
@@ -77,6 +77,17 @@ class TaskObserver(Protocol):
 
     def task_finished(self, task: Task, record: dict) -> None:
         """The final record (``Task.to_dict()`` form), before the task's waiters wake."""
+
+
+def _started_anyway(task: Task) -> str:
+    """The line shown when ■ came as a background task was starting: the call that started
+    it stops, the task goes on (or has ended already)."""
+    call, uid, status = task.call_text(40), task.uid[:8], task.status
+    if status.finished:
+        return (f"the interrupt came as {call} was starting in the background; it has ended "
+                f"({status.value}): see %task_result {uid}.")
+    return (f"the interrupt came as {call} was starting in the background; it runs on (stop it "
+            f"with %task_cancel {uid}).")
 
 
 def _never() -> bool:
@@ -205,6 +216,8 @@ class Engine(TaskRegistry):
         except BaseException as exc:
             if not handed:
                 self._abandon(job, exc, entered)
+            elif background and isinstance(exc, KeyboardInterrupt):  # (held while it started)
+                raise one_line(KeyboardInterrupt(_started_anyway(task))) from None
             raise
         return task
 
