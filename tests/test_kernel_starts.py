@@ -150,3 +150,23 @@ def test_an_interrupt_as_a_background_task_starts_says_that_it_runs_on(k):
     k.execute("events['s1'].set(); events['s2'].set()\n"
               "wait_until(lambda: all(t.done() for t in w.tasks()))", check=True)
     assert k.eval("[t.status.value for t in w.tasks() if t.name == 'bg_wait']") == ["completed", "completed"]
+
+
+def test_an_interrupt_while_the_arguments_are_evaluated_is_one_line_and_starts_nothing(k):
+    """■ while ``%function_execute`` evaluates a slow argument: the cell ends with one line
+    that says no task was started (it showed a traceback through qmagic's argument code)."""
+    k.execute(
+        "def slow_value():\n"
+        "    print('evaluating', flush=True)\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while time.monotonic() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    return 1\n"
+        "_before = len(w.tasks())\n", check=True)
+    msg_id = k.execute_async("%function_execute -b add 1 b=(slow_value())")
+    k.wait_for_output(msg_id, "evaluating")
+    k.interrupt()
+    line = one_line(k.wait(msg_id))
+    assert line == ("KeyboardInterrupt: stopped evaluating the argument b=(slow_value()) of add; no "
+                    "task was started."), line
+    assert k.eval("len(w.tasks()) - _before") == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from ...core.task import exception_text
+from ...core.task import exception_text, one_line
 from ...texts import printable
 
 __all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help"]
@@ -145,8 +145,9 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
     return line[:end], name, rest
 
 
-def call_arguments(shell: Any, words: list[str]) -> tuple[list[Any], dict[str, Any]]:
-    """Evaluate ARG and KEY=VALUE words in the shell's namespace."""
+def call_arguments(shell: Any, words: list[str], name: str) -> tuple[list[Any], dict[str, Any]]:
+    """Evaluate the ARG and KEY=VALUE words of a call of ``name`` in the shell's namespace
+    (■ meanwhile: one line saying that no task was started)."""
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for word in words:
@@ -157,20 +158,23 @@ def call_arguments(shell: Any, words: list[str]) -> tuple[list[Any], dict[str, A
                 raise UsageError(f"Missing value after {key}= (write {key}=VALUE without spaces).")
             if key in kwargs:
                 raise UsageError(f"Keyword argument {key} is given twice.")
-            kwargs[key] = _eval(shell, expr)
+            kwargs[key] = _eval(shell, expr, word, name)
         else:
             if kwargs:
                 raise UsageError(
                     f"Positional argument {word!r} follows a keyword argument; put ARGs before "
                     "KEY=VALUE pairs."
                 )
-            args.append(_eval(shell, word))
+            args.append(_eval(shell, word, word, name))
     return args, kwargs
 
 
-def _eval(shell: Any, expr: str) -> Any:
+def _eval(shell: Any, expr: str, word: str, name: str) -> Any:
     try:
         return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
+    except KeyboardInterrupt:
+        raise one_line(KeyboardInterrupt(f"stopped evaluating the argument {printable(word, 100)} of "
+                                         f"{name}; no task was started.")) from None
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
         name = type(exc).__name__
         text = exception_text(exc)  # (never raises: a broken __str__ reads as the class name)

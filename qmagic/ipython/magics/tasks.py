@@ -78,7 +78,7 @@ class TaskMagics(Magics):
         opts = parse_argstring(self.function_execute, prefix)
         if opts.wait and not opts.background:
             raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
-        args, kwargs = call_arguments(self.shell, words)
+        args, kwargs = call_arguments(self.shell, words, name)
         try:
             task = self.worker.submit(
                 name, args, kwargs, background=opts.background, user=unquote(opts.user),
