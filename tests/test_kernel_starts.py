@@ -170,3 +170,24 @@ def test_an_interrupt_while_the_arguments_are_evaluated_is_one_line_and_starts_n
     assert line == ("KeyboardInterrupt: stopped evaluating the argument b=(slow_value()) of add; no "
                     "task was started."), line
     assert k.eval("len(w.tasks()) - _before") == 0
+
+
+def test_an_interrupt_while_a_task_row_is_built_is_one_line_and_the_task_runs_on(k):
+    """■ while the cell shows the live row of the background task it started (ipywidgets
+    build it, tens of milliseconds): the cell ended with a traceback through qmagic's panels
+    and ipywidgets, the row half built.  Now: one line, the task runs on."""
+    code = (
+        "from qmagic.panels.task_panel import TaskRow\n"
+        "_fired = []\n"
+        "sys.settrace(sigint_at(TaskRow.__init__.__code__, _lines(TaskRow.__init__)[2], _fired))\n"
+        '%function_execute -b bg_wait "r1"\n'
+    )
+    r = k.execute(code)
+    k.execute("sys.settrace(None)", check=True)
+    assert k.eval("_fired") != []
+    uid = k.eval("w.last_task.uid[:8]")
+    line = one_line(r)
+    assert line == f"KeyboardInterrupt: stopped showing bg_wait('r1'); it runs on (stop it with %task_cancel {uid}).", line
+    assert k.eval("w.last_task.status.value") == "running"
+    k.execute("events['r1'].set(); w.last_task.wait(10)", check=True)
+    assert k.eval("w.last_task.status.value") == "completed"

@@ -12,12 +12,10 @@ unload -> load works, and loading twice is a silent no-op.  An unload always fin
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .. import format as fmt
 from .. import tracebacks
@@ -30,7 +28,7 @@ from .context import (
     kernel_connection_info,
     provenance_source,
 )
-from .runner import KernelForegroundRunner
+from .runner import KernelForegroundRunner, interrupts_held
 
 __all__ = ["Session", "UnloadInterrupted", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -51,27 +49,6 @@ class UnloadInterrupted(KeyboardInterrupt):
 
     def _render_traceback_(self) -> list[str]:
         return [f"KeyboardInterrupt: {self}"]
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[list[int]]:
-    """Hold SIGINT (■) on the main thread: the yielded list gets one entry per SIGINT that
-    came meanwhile, and the previous handler is back afterwards.  Elsewhere (or when the
-    handler is not Python's) nothing is held."""
-    held: list[int] = []
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        try:
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not None:
-                signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        except (ValueError, OSError):  # pragma: no cover - no signals here
-            previous = None
-    try:
-        yield held
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _task_text(task: Task, printer: Any, cycle: bool) -> None:
@@ -196,7 +173,7 @@ class Session:
         BaseException (SystemExit) is raised again as it was.
         """
         first: BaseException | None = None
-        with _interrupts_held() as held:
+        with interrupts_held() as held:
             while self._undo:
                 what, undo = self._undo.pop()
                 try:
@@ -259,7 +236,7 @@ def unload_ipython_extension(shell: Any) -> None:
 
         raise UsageError(MSG_UNLOAD_IN_TASK)
     interrupted = False
-    with _interrupts_held() as held:  # ■ between the pop and the unload would undo nothing
+    with interrupts_held() as held:  # ■ between the pop and the unload would undo nothing
         with _sessions_lock:
             session = _sessions.pop(id(shell), None)
         if session is not None:

@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Any
 
-from ..core.task import Task
+from ..core.task import Task, one_line
 from .cell_rows import CellRows
 
 log = logging.getLogger("qmagic")
@@ -94,6 +94,13 @@ def _owner(workers: list[Any], task: Task) -> Any:
     return None
 
 
+def _stopped_showing(task: Task) -> str:
+    call, uid, status = task.call_text(40), task.uid[:8], task.status
+    if status.finished:
+        return f"stopped showing {call} ({status.value}): see %task_result {uid}."
+    return f"stopped showing {call}; it runs on (stop it with %task_cancel {uid})."
+
+
 def _bundle_printer(entry: _Attachment) -> Any:
     def task_bundle(task: Task) -> dict | None:
         """A live TaskRow plus deterministic text/plain; text only (None: the text/plain
@@ -107,9 +114,17 @@ def _bundle_printer(entry: _Attachment) -> Any:
             worker = _owner(workers, task)
             if worker is None:
                 return None
+            from ..ipython.runner import interrupts_held
             from .task_panel import TaskRow
 
-            return TaskRow(worker, task)._repr_mimebundle_()
+            with interrupts_held() as held:  # (■ amid the widgets would leave a half-built row)
+                row = TaskRow(worker, task)
+                bundle = row._repr_mimebundle_()
+            if held:  # the cell stops, as ■ asked: no row
+                with interrupts_held():
+                    row.close()
+                raise one_line(KeyboardInterrupt(_stopped_showing(task)))
+            return bundle
         except Exception:  # noqa: BLE001 - a display must never fail
             log.exception("qmagic: could not build the live row of %r", task)
             return None
