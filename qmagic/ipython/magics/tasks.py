@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,57 @@ from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from .args import call_arguments, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
 
-__all__ = ["TaskMagics", "DEFAULT_TASK_ROWS"]
+__all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_SCRIPT_BYTES"]
 
 #: Tasks shown by ``%tasks`` without ``--all`` (newest first).
 DEFAULT_TASK_ROWS = 10
+
+#: Largest script file ``%script_upload PATH`` reads (a larger file is refused unread).
+MAX_SCRIPT_BYTES = 10_000_000
 
 
 def _file_label(file_name: str) -> str:
     """A script's name from its file name: characters a script name may not hold become
     ``_`` (``setup script.py`` -> ``setup_script.py``), at most 100 of them."""
     return re.sub(r"[^\w.\-]", "_", file_name)[:100] or "script"
+
+
+def _read_script(path: Path) -> str:
+    """The text of the script file ``path``; UsageError (one line) for anything else: a FIFO
+    or a device is never read (it would block the kernel, or fill its memory), nor a file
+    larger than :data:`MAX_SCRIPT_BYTES` (a data file given by mistake)."""
+    def cannot(why: str) -> UsageError:
+        return UsageError(f"Cannot read the script {str(path)!r}: {why}")
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        where = "" if path.is_absolute() else f" (relative paths start in the kernel's folder, {os.getcwd()})"
+        raise cannot(f"no such file{where}.") from None
+    except OSError as exc:
+        raise cannot(f"{(exc.strerror or str(exc)).lower()}.") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise cannot("it is a folder.")
+        if not stat.S_ISREG(st.st_mode):
+            raise cannot("it is not a regular file.")
+        if st.st_size > MAX_SCRIPT_BYTES:
+            raise cannot(f"it holds {st.st_size:,} bytes, more than a script (at most "
+                         f"{MAX_SCRIPT_BYTES:,}): is it the right file?")
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            raw = stream.read(MAX_SCRIPT_BYTES + 1)
+    except OSError as exc:
+        raise cannot(f"{(exc.strerror or str(exc)).lower()}.") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SCRIPT_BYTES:  # (it grew since)
+        raise cannot(f"it holds more than {MAX_SCRIPT_BYTES:,} bytes: is it the right file?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise cannot(f"it is not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start}): "
+                     "save it as UTF-8.") from None
 
 
 @magics_class
@@ -245,7 +287,8 @@ class TaskMagics(Magics):
     def script_upload(self, line: str, cell: str | None = None) -> Task:
         """Run a script in the namespace as a tracked task; returns its Task.
 
-        ``%script_upload [-b] [--name N] PATH`` runs a file (named by its file name);
+        ``%script_upload [-b] [--name N] PATH`` runs a file (named by its file name; UTF-8
+        text of at most 10 MB, never a FIFO or device);
         ``%%script_upload [-b] [--name N]`` runs the cell body.  If the script raises, every
         name it added, changed or removed is restored (the namespace is unchanged) and the cell
         stops with the traceback; on success ``task.namespace_changes`` lists the names added,
@@ -259,10 +302,7 @@ class TaskMagics(Magics):
             if opts.path is None:
                 raise UsageError("Give the script file: %script_upload [-b] PATH (or use %%script_upload).")
             path = Path(os.path.expanduser(unquote(opts.path)))
-            try:
-                script = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(f"Cannot read the script {str(path)!r}: {exc}") from None
+            script = _read_script(path)
             name = name or _file_label(path.name)
         else:
             if opts.path is not None:
