@@ -395,15 +395,19 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
     """
     msg = str(exc)
     state = getattr(exc, "state", None)
-    if (isinstance(exc, LockRefused) and "Invalid lock key" in msg and state is not None
-            and (state.environment or state.queue) and not getattr(state, "damaged", None)):
+    if (isinstance(exc, LockRefused) and state is not None and (state.environment or state.queue)
+            and not getattr(state, "damaged", None)):
         scopes = " and ".join(s for s, on in (("environment", state.environment),
                                                ("queue", state.queue)) if on)
         info = state.to_lock_info()
         note = f"; note: {printable(info['note'])}" if info.get("note") else ""
         verb = "are" if state.environment and state.queue else "is"
-        return (f"The {scopes} {verb} locked by {printable(info.get('user')) or 'someone'} (since "
-                f"{info.get('time_str') or '?'}{note}): {give_key}, or ask them to unlock.")
+        who = f"locked by {printable(info.get('user')) or 'someone'} (since {info.get('time_str') or '?'}{note})"
+        if "Invalid lock key" in msg:
+            return f"The {scopes} {verb} {who}: {give_key}, or ask them to unlock."
+        if "locked with a different key" in msg:  # (a lock asked for with another key)
+            return (f"The {scopes} {verb} already {who} with another key: to change the lock, "
+                    f"{give_key}; to lock with a new key, unlock first.")
     if msg.startswith("Error: "):
         msg = msg[len("Error: "):]
     # queueserver's multi-line texts ("Invalid lock key: \nRE Manager is locked by ...\n

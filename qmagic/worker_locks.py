@@ -72,7 +72,10 @@ class LockMixin:
                 from .store.keys import get_default_lock_key
 
                 key = get_default_lock_key()
-            state = self._locks.lock(key, **scopes, note=note, user=user, client=client)
+            try:
+                state = self._locks.lock(key, **scopes, note=note, user=user, client=client)
+            except LockRefused as exc:
+                raise self._with_state(exc) from None
             self._remembered_key = key
         return state
 

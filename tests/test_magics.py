@@ -617,6 +617,25 @@ def test_lock_magics(qm, ip, capsys):
         line(ip, "lock", "--key K --prompt-key")
 
 
+def test_lock_again_with_another_key_says_what_to_do(qm, ip, capsys):
+    """``%lock --key B`` while locked with key A: one line that says who locked, and what
+    to do (it was queueserver's text joined by semicolons: "RE Manager was locked with a
+    different key; RE Manager is locked by ...; Environment is locked: True; ...; Note: ---")."""
+    line(ip, "lock", "--key K1 --note 'Changing samples' --user Alice")
+    capsys.readouterr()
+    with pytest.raises(UsageError) as info:
+        line(ip, "lock", "-q --key K2")
+    text = str(info.value)
+    assert text.startswith("The environment is already locked by Alice (since "), text
+    assert text.endswith("; note: Changing samples) with another key: to change the lock, give the "
+                         "key with --key KEY (or --prompt-key); to lock with a new key, unlock "
+                         "first."), text
+    assert "RE Manager" not in text and "K1" not in text and "K2" not in text
+    assert line(ip, "lock_info") is None and capsys.readouterr().out == (
+        "Locked by Alice: environment\nNote: Changing samples\n")  # unchanged
+    line(ip, "unlock")
+
+
 def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     line(ip, "lock", "-e --key secret-1")
     qm._remembered_key = None  # as another kernel without the key
