@@ -140,6 +140,28 @@ def test_lock_survives_a_restart_and_a_wrong_key_gets_the_full_message(kernel_fa
     assert "Not locked." in _shown(k.execute("%lock_info"))
 
 
+def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory, tmp_path):
+    """``%lock`` without a key takes your default key, which you never saw; after a restart
+    (the lock survives it) ``%unlock`` said only "give the lock key or the emergency key".
+    Now it says that your default key opens it, and how to give it without ever showing it."""
+    k = _start(kernel_factory, tmp_path / "state", "Alice")
+    _shown(k.execute("%lock --note 'Changing samples'"))
+    key = k.eval("qmagic.get_default_lock_key()")
+    k.restart()
+    _setup(k)
+    line = _refusal(k.execute("%unlock"), "does not hold the key", key=key)
+    hint = "%unlock --key {qmagic.get_default_lock_key()}"
+    assert line.endswith(f"It was locked with your default key: {hint}"), line
+    assert _shown(k.execute(hint)) == "Not locked.\n"  # the line works as written
+    # a lock with another key gets no such hint
+    _shown(k.execute("%lock --key K2"))
+    k.restart()
+    _setup(k)
+    line = _refusal(k.execute("%unlock"), "does not hold the key", key="K2")
+    assert "default key" not in line, line
+    assert _shown(k.execute("%unlock --key K2")) == "Not locked.\n"
+
+
 def test_emergency_key_unlocks_from_another_kernel(kernel_factory, tmp_path):
     state = tmp_path / "state"
     a = _start(kernel_factory, state, "Alice", QMAGIC_EMERGENCY_LOCK_KEY=EMERGENCY_KEY)

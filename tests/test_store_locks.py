@@ -1141,3 +1141,21 @@ def test_clear_lock_cli_as_a_separate_process(tmp_path, stores):
     done = subprocess.run([sys.executable, "-m", "qmagic.store.clear_lock", "--help"], capture_output=True,
                           text=True, env=_child_env(), timeout=60, cwd=tmp_path)
     assert done.returncode == 0 and "qmagic-clear-lock" in done.stdout
+
+
+def test_trying_the_default_key_never_counts_as_a_wrong_key(store, tmp_path, monkeypatch):
+    """``%unlock`` without a key asks whether your default key opens the lock (to say so):
+    that try must never count towards the back-off of wrong keys."""
+    from qmagic.store.keys import get_default_lock_key
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert store.opens_with_default_key() is False  # not locked (and no default key made)
+    assert not (tmp_path / "xdg").exists()
+    store.lock("another-key", environment=True, user="Alice")
+    get_default_lock_key()
+    for _ in range(10):
+        assert store.opens_with_default_key() is False
+    assert not store._keys.throttle.active
+    store.unlock("another-key")
+    store.lock(get_default_lock_key(), environment=True, user="Alice")
+    assert store.opens_with_default_key() is True

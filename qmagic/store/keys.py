@@ -61,6 +61,7 @@ __all__ = [
     "derive",
     "get_default_lock_key",
     "hash_key",
+    "read_default_lock_key",
 ]
 
 #: scrypt parameters: fixed by the code, never read from a file.
@@ -237,14 +238,19 @@ class KeyChecker:
             raise LockRefused(throttled_text(client, wait))
 
     def matches(self, key: str, record: KeyRecord | None, *, client: Any = None,
-                emergency: bool = False) -> bool:
+                emergency: bool = False, counted: bool = True) -> bool:
         """True when ``key`` opens ``record`` (or, with ``emergency``, is the emergency key).
 
         ``record`` None means the lock file is damaged: only the emergency key can match,
         at the same cost.  Raises :class:`LockRefused` while ``client`` is in back-off; a
         wrong key counts against ``client`` unless the same key was already found wrong.
+        ``counted=False`` (a key qmagic itself tries, never a caller's): no back-off, no count.
         """
         slot, known = (None, None) if record is None else self._cached(key, record)
+        if not counted:
+            ok = known if known is not None else hmac.compare_digest(derive(key, record.salt), record.digest)
+            self._store(slot, ok)
+            return ok
         if known and client is None:  # this kernel's own verified key: no back-off (see docstring)
             self.throttle.succeeded(client)
             return True
@@ -290,6 +296,11 @@ def _read_key_file(path: Path) -> str | None:
         raise StateFileError(f"The default lock key file {path} is empty. Delete it, or call "
                              "get_default_lock_key(new_key=True) to make a new key.")
     return key
+
+
+def read_default_lock_key() -> str | None:
+    """This user's default lock key, or None when there is none yet (none is made)."""
+    return _read_key_file(default_lock_key_path())
 
 
 def get_default_lock_key(new_key: bool = False) -> str:

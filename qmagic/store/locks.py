@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
 from ..errors import LockRefused, RequestRefused, StateFileError
 from ..texts import safe_repr
 from .files import ensure_state_dir, open_state_file, replace_state_file
-from .keys import KeyChecker, KeyRecord, Throttle, hash_key
+from .keys import KeyChecker, KeyRecord, Throttle, hash_key, read_default_lock_key
 from .lockfile import (
     MAX_NOTE_CHARS,
     LockFile,
@@ -236,6 +236,19 @@ class LockStore:
         if not self._keys.matches(key, snap.record, client=client):
             raise LockRefused(self._file.invalid_key_msg(state))
         return state
+
+    def opens_with_default_key(self) -> bool:
+        """True when the lock is healthy and locked, and this user's default lock key (if
+        there is one) opens it.  The key is qmagic's own try: it never counts as wrong."""
+        snap = self._refresh()
+        state, record = snap.state, snap.record
+        if not state.locked or state.damaged is not None or record is None:
+            return False
+        try:
+            key = read_default_lock_key()
+        except StateFileError:
+            return False
+        return key is not None and self._keys.matches(key, record, counted=False)
 
     # ---- changing --------------------------------------------------------------------
 
