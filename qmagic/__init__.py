@@ -28,6 +28,7 @@ from .errors import (
     InvalidTransition,
     LockRefused,
     LogUnavailable,
+    NotLoaded,
     PermissionRefused,
     PermissionsFormatError,
     QMagicError,
@@ -108,5 +109,6 @@ __all__ = [
     "StateFileError",
     "LogUnavailable",
     "ControlChannelError",
+    "NotLoaded",
     "TaskCancelled",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "TaskCancelled",
     "ControlChannelError",
     "LogUnavailable",
+    "NotLoaded",
 ]
 
 
@@ -111,6 +112,11 @@ class LogUnavailable(QMagicError, RuntimeError):
     """The experiment log is off or cannot be read (the message says which and what to do)."""
 
 
+class NotLoaded(QMagicError, RuntimeError):
+    """``qmagic.get_worker()`` in an IPython session where qmagic is not loaded (the message
+    says how to load it)."""
+
+
 #: The message of :class:`LogUnavailable` when the experiment log is off.
 LOG_OFF = ("The experiment log is off (QMagic.journal_enabled = False): turn it on to keep a record "
            "of every task.")
@@ -133,6 +139,6 @@ class TaskCancelled(BaseException):
 
 for _error in (QMagicError, TaskNotFound, RequestRefused, LockRefused, PermissionRefused,
                PermissionsFormatError, InvalidTransition, StateFileError, ControlChannelError,
-               LogUnavailable, TaskCancelled):
+               LogUnavailable, NotLoaded, TaskCancelled):
     _error.__module__ = "qmagic"  # tracebacks read "qmagic.TaskCancelled", where users import it
 del _error

@@ -299,7 +299,7 @@ def test_unload_removes_everything_and_reload_works(qk):
     qk.execute("%unload_ext qmagic", check=True)
     gone = qk.execute("%function_execute add 1")
     assert gone.status == "error" and "not found" in gone.error["evalue"]
-    assert qk.execute("qmagic.get_worker()").error["ename"] == "RuntimeError"
+    assert qk.execute("qmagic.get_worker()").error["ename"] == "NotLoaded"  # (a RuntimeError)
     threads = qk.eval(
         "wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith('qmagic')])"
         " or [t.name for t in threading.enumerate() if t.name.startswith('qmagic')]"

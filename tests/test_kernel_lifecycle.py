@@ -279,3 +279,18 @@ def test_lock_help_says_which_forms_are_recorded(tmp_path):
             assert "hidden prompt (not kept in any history)" in flat, magic
     finally:
         k.shutdown()
+
+
+def test_the_worker_asked_for_after_an_unload_is_one_line(tmp_path):
+    """``qmagic.get_worker()`` after ``%unload_ext qmagic`` ended the cell with a traceback
+    into qmagic's extension module; the error says what to do, in one line."""
+    with start_kernel(tmp_path) as k:
+        k.execute("%unload_ext qmagic", check=True)
+        k.execute("def _get_err():\n    try:\n        qmagic.get_worker()\n    except Exception as exc:\n"
+                  "        return exc\n", check=True)
+        line = one_line(k.execute("qmagic.get_worker()"))
+        assert line == ("NotLoaded: qmagic is not loaded in this IPython session: run %load_ext "
+                        "qmagic first (outside IPython, create a qmagic.Worker(namespace) instead)."), line
+        assert k.eval("isinstance(_get_err(), RuntimeError)") is True  # what it was
+        k.execute("%load_ext qmagic", check=True)
+        assert k.eval("type(qmagic.get_worker()).__name__") == "Worker"

@@ -21,6 +21,7 @@ from .. import format as fmt
 from .. import tracebacks
 from ..core.context import current_task
 from ..core.task import Task
+from ..errors import NotLoaded
 from ..worker import Worker
 from .context import (
     CellOutputHook,
@@ -266,9 +267,10 @@ def get_session(shell: Any = None) -> Session | None:
 def get_worker(shell: Any = None) -> Worker:
     """The :class:`qmagic.Worker` of this kernel (or of ``shell``).
 
-    Raises RuntimeError when qmagic is not loaded: run ``%load_ext qmagic`` first, or
-    ``%reload_ext qmagic`` when IPython still lists it as loaded (an unload that raised);
-    outside IPython, build a ``qmagic.Worker(namespace)`` yourself.
+    Raises :class:`qmagic.NotLoaded` (a RuntimeError) when qmagic is not loaded: run
+    ``%load_ext qmagic`` first, or ``%reload_ext qmagic`` when IPython still lists it as
+    loaded (an unload that raised); outside IPython, build a ``qmagic.Worker(namespace)``
+    yourself.
     """
     if shell is None:
         from IPython import get_ipython
@@ -278,9 +280,9 @@ def get_worker(shell: Any = None) -> Worker:
     if session is None or session.worker is None:
         manager = getattr(shell, "extension_manager", None)
         if "qmagic" in getattr(manager, "loaded", ()):
-            raise RuntimeError("qmagic is not loaded in this IPython session: run "
-                               "%reload_ext qmagic.")
-        raise RuntimeError(
+            raise NotLoaded("qmagic is not loaded in this IPython session: run "
+                            "%reload_ext qmagic.")
+        raise NotLoaded(
             "qmagic is not loaded in this IPython session: run %load_ext qmagic first (outside "
             "IPython, create a qmagic.Worker(namespace) instead)."
         )
