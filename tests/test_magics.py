@@ -575,6 +575,18 @@ def test_syntax_error_shows_only_the_users_error(qm, ip, capsys, tmp_path, sourc
     assert qm.last_task.status.value == "failed"
 
 
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_control_channel_takes_a_quoted_address(qm, ip, capsys, tmp_path, quote):
+    """Quotes around the address (as every other magic's values take them) were kept: 0MQ
+    was asked for '"ipc://..."' and answered "Protocol not supported (addr=...)"."""
+    address = f"ipc://{tmp_path}/qmagic-cc"
+    try:
+        line(ip, "control_channel", f"start {quote}{address}{quote}")
+        assert f"serving bluesky-queueserver clients on {address}\n" in capsys.readouterr().out
+    finally:
+        line(ip, "control_channel", "stop")
+
+
 @pytest.mark.parametrize("port", ["99999", "-5"])
 def test_control_channel_refuses_a_port_out_of_range(qm, ip, port):
     with pytest.raises(UsageError, match=r"^Invalid control channel address 'tcp://127\.0\.0\.1:"

@@ -9,6 +9,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ...errors import ControlChannelError
+from .args import unquote
 
 __all__ = ["RemoteMagics"]
 
@@ -58,7 +59,7 @@ class RemoteMagics(Magics):
             raise UsageError(f"%control_channel {args.action} takes no address.")
         if args.action == "start":
             try:
-                self.service.start(args.address)
+                self.service.start(unquote(args.address))
             except ControlChannelError as exc:
                 raise UsageError(str(exc)) from None
             print(self.service.describe())
