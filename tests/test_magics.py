@@ -595,6 +595,23 @@ def test_control_channel_refuses_a_port_out_of_range(qm, ip, port):
     assert get_session(ip).remote.server is None
 
 
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_task_magics_take_quoted_uids(qm, ip, capsys, quote):
+    """A uid in quotes (as the other magics' values take them) was looked up with its
+    quotes: 'No task with uid '"1a2b3c4d"' in this kernel's memory'."""
+    done = qm.submit("add", (1,))
+    assert done.result(TIMEOUT) == 2
+    capsys.readouterr()  # (what add printed)
+    uid = f"{quote}{done.uid[:8]}{quote}"
+    line(ip, "task_status", uid)
+    assert capsys.readouterr().out == f"{done.uid[:8]}: completed\n"
+    line(ip, "task_result", uid)
+    assert "result: 2" in capsys.readouterr().out
+    running = qm.submit("blocked")
+    line(ip, "task_cancel", f"{quote}{running.uid[:8]}{quote}")
+    assert running.wait(TIMEOUT) and running.status.value == "cancelled"
+
+
 def test_script_upload_usage_errors(qm, ip, tmp_path):
     with pytest.raises(UsageError, match="Give the script file"):
         line(ip, "script_upload")

@@ -162,7 +162,7 @@ class TaskMagics(Magics):
             task = self.worker.last_task
             print(fmt.task_line(task) if task is not None else "No tasks.")
             return
-        for uid in opts.uids:
+        for uid in map(unquote, opts.uids):
             try:
                 found = self.worker.find(uid)
             except TaskNotFound:
@@ -183,7 +183,7 @@ class TaskMagics(Magics):
         Without UID: the latest task.  The value itself: ``get_worker().get_task(UID).result()``.
         """
         opts = parse_argstring(self.task_result, line)
-        found = self._find(opts.uid)
+        found = self._find(unquote(opts.uid))
         if isinstance(found, Task):
             print(fmt.task_detail(found))
         else:
@@ -217,7 +217,7 @@ class TaskMagics(Magics):
                 tasks = self.worker.cancel_all(force=opts.force, lock_key=lock_key, origin="magic")
                 print(f"Cancel requested for {len(tasks)} {'task' if len(tasks) == 1 else 'tasks'}{forced}.")
                 return
-            target = self.worker.last_task if opts.uid is None else opts.uid
+            target = self.worker.last_task if opts.uid is None else unquote(opts.uid)
             if target is None:
                 raise UsageError("No tasks to cancel.")
             task = self.worker.cancel(target, force=opts.force, lock_key=lock_key, origin="magic")
