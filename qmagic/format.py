@@ -53,6 +53,7 @@ __all__ = [
     "record_duration",
     "lock_text",
     "refusal_line",
+    "no_tasks_line",
     "one_line",
 ]
 
@@ -202,6 +203,14 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
+
+
+def no_tasks_line(log_on: bool, start: bool = False) -> str:
+    """What a view of the tasks in memory says when there are none: where earlier ones are
+    (a restart, a reload or the retention took them from memory, never from the log)."""
+    text = "No tasks in this kernel's memory" + (" (start one with %function_execute NAME)" if start else "")
+    return text + ("; earlier ones, also of restarted kernels, are in the experiment log: "
+                   "%tasks --history." if log_on else ".")
 
 
 def task_table(tasks: Iterable[Any], hidden: int = 0) -> str:

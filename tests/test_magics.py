@@ -435,7 +435,7 @@ def test_kernel_interrupt_is_refused_during_a_foreground_task_unless_asked(qm, i
 def test_task_status_and_result(qm, ip, capsys):
     capsys.readouterr()
     line(ip, "task_status")
-    assert capsys.readouterr().out == "No tasks.\n"
+    assert capsys.readouterr().out == fmt.no_tasks_line(qm.journal_enabled) + "\n"
     task = line(ip, "function_execute", "add 1 b=5")
     capsys.readouterr()
     line(ip, "task_status", f"{task.uid[:6]} {task.uid} ffffffff")

@@ -74,10 +74,10 @@ class _TaskViewMixin(PanelBase):
         return "".join(r.details.value for r in self._table.rows.values() if r.details is not None)
 
 
-def _summary(tasks: Iterable[Task]) -> str:
+def _summary(tasks: Iterable[Task], log_on: bool) -> str:
     counts = Counter(t.status.value for t in tasks)
     parts = [f"{counts[s]} {s}" for s in ("running", "queued", "completed", "failed", "cancelled") if counts[s]]
-    return " · ".join(parts) if parts else "No tasks yet."
+    return " · ".join(parts) if parts else fmt.no_tasks_line(log_on)
 
 
 class TaskPanel(_TaskViewMixin, W.VBox):
@@ -157,6 +157,9 @@ class TaskPanel(_TaskViewMixin, W.VBox):
             raise ValueError(f"show must be 'running' or 'all', got {value!r}.")
         self._filter.value = value
 
+    def _log_on(self) -> bool:
+        return bool(getattr(self.worker, "journal_enabled", False))
+
     def _limit(self) -> int:
         limit = self.max_rows if self.max_rows is not None else getattr(self.worker, "panel_max_rows", 200)
         return max(1, int(limit))
@@ -181,7 +184,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         if finished_hidden:
             notes.append(f"{finished_hidden} finished task{'s' if finished_hidden != 1 else ''} not "
                          "shown: choose “All” to see them.")
-        return visible, _summary(tasks), render.footer_html(notes)
+        return visible, _summary(tasks, self._log_on()), render.footer_html(notes)
 
     @property
     def hidden(self) -> int:
@@ -215,6 +218,8 @@ class TaskPanel(_TaskViewMixin, W.VBox):
     def text(self) -> str:
         """Deterministic text: the table of the tasks this filter shows (running: active only)."""
         tasks = self.worker.tasks()
+        if not tasks:
+            return fmt.no_tasks_line(self._log_on())
         shown = tasks if self._filter.value == "all" else [t for t in tasks if not t.done()]
         shown = list(reversed(shown))[: self._limit()]
         return fmt.task_table(shown, len(tasks) - len(shown))

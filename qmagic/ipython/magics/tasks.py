@@ -141,7 +141,7 @@ class TaskMagics(Magics):
         if uid is None:
             task = self.worker.last_task
             if task is None:
-                raise UsageError("No tasks yet: start one with %function_execute NAME.")
+                raise UsageError(fmt.no_tasks_line(self.worker.journal_enabled, start=True))
             return task
         try:
             return self.worker.find(uid)
@@ -160,7 +160,7 @@ class TaskMagics(Magics):
         opts = parse_argstring(self.task_status, line)
         if not opts.uids:
             task = self.worker.last_task
-            print(fmt.task_line(task) if task is not None else "No tasks.")
+            print(fmt.task_line(task) if task is not None else fmt.no_tasks_line(self.worker.journal_enabled))
             return
         for uid in map(unquote, opts.uids):
             try:
@@ -261,6 +261,9 @@ class TaskMagics(Magics):
         if show_panel(self.shell, lambda p: p.TaskPanel(self.worker, show=show, max_rows=max_rows)):
             return
         items = list(reversed(self.worker.tasks()))
+        if not items:
+            print(fmt.no_tasks_line(self.worker.journal_enabled))
+            return
         if opts.running:
             items = [t for t in items if not t.done()]
         hidden = 0
