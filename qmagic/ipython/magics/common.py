@@ -24,7 +24,7 @@ from IPython.core.error import UsageError
 from ... import format as fmt
 from ... import tracebacks
 from ...core.status import TaskStatus
-from ...core.task import Task, exception_text
+from ...core.task import Task, exception_text, one_line
 from ...errors import TaskCancelled
 from ...worker import cancelled_line
 
@@ -151,6 +151,14 @@ def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
         return False
     from IPython.display import display
 
-    display(make(panels))
+    from ..runner import interrupts_held
+
+    with interrupts_held() as held:  # (■ amid the widgets would leave a half-built panel)
+        panel = make(panels)
+    if held:  # the cell stops, as ■ asked: no panel
+        with interrupts_held():
+            panel.close()
+        raise one_line(KeyboardInterrupt("stopped showing the panel; nothing else was changed."))
+    display(panel)
     return True
 
