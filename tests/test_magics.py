@@ -314,6 +314,14 @@ def test_bad_input_is_a_one_line_usage_error(qm, ip, arg, message):
     assert len(qm.tasks()) == before
 
 
+def test_keyword_arguments_may_have_non_ascii_names(qm, ip):
+    """``KEY=VALUE`` took ASCII names only: ``énergie=3`` was evaluated as an expression and
+    refused as "Cannot evaluate argument 'énergie=3': SyntaxError", although the function's
+    own name may be ``größe`` and Python takes both."""
+    ip.run_cell("def größe(énergie=1, **kw):\n    return énergie, kw\n").raise_error()
+    assert line(ip, "function_execute", "größe énergie=3 Δt=0.5").result(TIMEOUT) == (3, {"Δt": 0.5})
+
+
 def test_an_argument_raising_an_exception_with_a_broken_str_is_one_usage_error(qm, ip):
     ip.run_cell(
         "class DeviceError(Exception):\n"

@@ -19,7 +19,7 @@ from ...texts import printable
 
 __all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help"]
 
-_KWARG = re.compile(r"([A-Za-z_]\w*)=(?!=)(.*)\Z", re.DOTALL)
+_KWARG = re.compile(r"([^\W\d]\w*)=(?!=)(.*)\Z", re.DOTALL)  # (any identifier, énergie=3 too)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 
 
@@ -152,7 +152,7 @@ def call_arguments(shell: Any, words: list[str], name: str) -> tuple[list[Any], 
     kwargs: dict[str, Any] = {}
     for word in words:
         match = _KWARG.match(word)
-        if match:
+        if match and match.group(1).isidentifier():
             key, expr = match.groups()
             if not expr:
                 raise UsageError(f"Missing value after {key}= (write {key}=VALUE without spaces).")
