@@ -58,6 +58,7 @@ class LogObserver:
         self._once = threading.Lock()  # taken by the one close
         self._done = threading.Event()  # set once it is over
         self._closed: Callable[[LogObserver], None] | None = None
+        self._thread: threading.Thread | None = None  # the drain's, once it closes the log
 
     # -- the engine's observer interface ------------------------------------------------------
     def task_submitted(self, task: Task) -> None:
@@ -86,23 +87,23 @@ class LogObserver:
 
     # -- draining -----------------------------------------------------------------------------
     def drain(self, closed: Callable[[LogObserver], None]) -> None:
-        """Stop logging new tasks; close the log once the tasks it logged have ended, then
-        call ``closed(self)`` (the worker takes the observer off the engine).  What the log
-        holds is stored first (at most 5 s during a fault): other kernels see those tasks."""
+        """Stop logging new tasks; once the tasks it logged have ended, close the log on a
+        thread of its own, then call ``closed(self)`` (the worker takes the observer off the
+        engine).  Never waits: the caller has swapped logs, and an interrupt (■) landing in a
+        wait here undid the setting although the swap was done."""
         self._closed = closed
         self.draining = True
         if not self.live:
-            self._close()
-            return
-        self.journal.flush()
-        if not self.live:  # (they ended meanwhile; the last one's close may have run already)
-            self._close()
+            self._close_soon()
 
     def close(self) -> None:
         """Close the log now (its tasks still running end "kernel stopped": the worker is
         closing); returns once it is closed, by this call or by the drain's own thread."""
         self._close()
         self._done.wait(CLOSE_WAIT_S)
+        thread = self._thread
+        if thread is not None:  # (it has closed the log; it ends once the worker forgot it)
+            thread.join(CLOSE_WAIT_S)
 
     def _forget(self, uid: str) -> None:
         self.live.discard(uid)
@@ -110,15 +111,25 @@ class LogObserver:
             self._close_soon()
 
     def _close_soon(self) -> None:
-        if not self._once.locked():  # (a task's thread: the close may wait on the disk)
-            threading.Thread(target=self._close, name="qmagic-log-drain", daemon=True).start()
+        """Close on a thread of its own (a task's thread: the close may wait on the disk)."""
+        if self._once.acquire(blocking=False):  # (one thread, for the one close)
+            self._thread = threading.Thread(target=self._shut, name="qmagic-log-drain", daemon=True)
+            try:
+                self._thread.start()
+            except BaseException:
+                self._once.release()
+                raise
 
     def _close(self) -> None:
         if self._once.acquire(blocking=False):
-            try:
-                self.journal.close()
-            finally:
-                self._done.set()
-            closed = self._closed
-            if closed is not None:
-                closed(self)
+            self._shut()
+
+    def _shut(self) -> None:
+        """The one close (the caller holds ``_once``, for good)."""
+        try:
+            self.journal.close()
+        finally:
+            self._done.set()
+        closed = self._closed
+        if closed is not None:
+            closed(self)

@@ -87,6 +87,9 @@ class StateMixin(HasTraits):
         then it closes."""
         from . import __version__
 
+        current = self._journal
+        if current is not None:  # (what it holds is stored first: other kernels see those
+            current.flush()  # tasks; before the swap, so that an interrupt here changes nothing)
         journal = None
         if self.journal_enabled:
             try:

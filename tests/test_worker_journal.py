@@ -412,3 +412,48 @@ def test_module_history_reads_a_given_state_dir(journaled, tmp_path):
     assert qmagic.history(state_dir=str(tmp_path / "state"), user="Alice") == []
     frame = qmagic.history_dataframe(state_dir=str(tmp_path / "state"))
     assert list(frame["uid"]) == [t.uid] and frame["status"][0] == "completed"
+
+
+def test_an_interrupt_while_the_log_is_switched_off_leaves_setting_and_log_in_step(journaled):
+    """■ pressed while the switched-off log stored what it held (up to 5 s during a fault)
+    or closed: the setting went back to "on" although the log was off (no log, nothing
+    recorded from then on) and the old log drained -- the trait said one thing, the worker
+    did another."""
+    gate = Gate()
+    w = journaled({"hold": gate, "quick": lambda: 1})
+    setter = threading.current_thread()
+
+    def interrupted(real):
+        def call(*args, **kwargs):
+            if threading.current_thread() is setter:  # (■ lands where the setter waits)
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return call
+
+    for busy in (True, False):  # a task running (the log stores what it holds), none (it closes)
+        running = w.submit("hold") if busy else None
+        if busy:
+            assert gate.started.wait(TIMEOUT)
+        journal = w._journal
+        journal.flush, journal.close = interrupted(journal.flush), interrupted(journal.close)
+        try:
+            w.journal_enabled = False
+        except KeyboardInterrupt:
+            pass
+        assert w.journal_enabled == (w._journal is not None)
+        if w.journal_enabled:  # (nothing changed: the old log still logs new tasks)
+            assert w._log_observer.journal is journal and not w._log_observer.draining
+            assert w._log_observer not in w._draining
+        del journal.flush, journal.close
+        w.journal_enabled = False
+        w.journal_enabled = True
+        later = w.submit("quick")
+        assert later.result(TIMEOUT) == 1
+        assert [r["uid"] for r in w.history(uid=later.uid)] == [later.uid]
+        if busy:
+            gate.release.set()
+            assert running.wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "the switched-off logs to close")
+    w.close()
+    assert all(r["status"] == "completed" for r in journaled().history())
+
