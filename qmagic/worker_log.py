@@ -69,9 +69,11 @@ class LogObserver:
             return
         try:
             self.journal.submitted(task.to_dict())
-        except BaseException:  # (then the task never existed)
+        except Exception:  # the engine leaves no trace of the task: nor does the log
             self._forget(uid)
             raise
+        # (An interrupt or a forced cancel, which may land after the record was written, keeps
+        # the uid: the engine ends that task with a record, logged here too, draining or not.)
 
     def task_started(self, task: Task) -> None:
         if not self.draining or task.uid in self.live:

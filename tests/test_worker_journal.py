@@ -457,3 +457,50 @@ def test_an_interrupt_while_the_log_is_switched_off_leaves_setting_and_log_in_st
     w.close()
     assert all(r["status"] == "completed" for r in journaled().history())
 
+
+def test_a_forced_cancel_of_a_submitter_while_the_log_drains_never_marks_its_task_stopped(journaled):
+    """A forced cancel (or ■) landing in a submitting thread just after the draining log
+    wrote the task's first record: the observer forgot the task, so its end (cancelled,
+    never run) was not logged there and the log's close marked it failed, "kernel stopped
+    while the task was running"."""
+    from qmagic.errors import TaskCancelled
+
+    gate = Gate()
+    w = journaled({"hold": gate, "quick": lambda: 1})
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    journal = w._journal
+    written, go_on = threading.Event(), threading.Event()
+    real_submitted = journal.submitted
+
+    def submitted(record):
+        real_submitted(record)
+        if record["name"] == "quick":
+            box["uid"] = record["uid"]
+            written.set()
+            assert go_on.wait(TIMEOUT)
+            raise TaskCancelled  # (a forced cancel landing as the call returns)
+    box: dict = {}
+    journal.submitted = submitted
+
+    def submit() -> None:
+        try:
+            w.submit("quick")
+        except TaskCancelled as exc:
+            box["error"] = exc
+
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    try:
+        assert written.wait(TIMEOUT)
+        w.journal_enabled = False  # the log drains while the submit is under way
+        go_on.set()
+        submitter.join(TIMEOUT)
+        assert "error" in box  # (the task ends cancelled, never run: the engine's rule)
+    finally:
+        go_on.set()
+        gate.release.set()
+    assert running.wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "the switched-off log to close")
+    records = {r["uid"]: (r["status"], r["journal"]["orphaned"]) for r in journaled().history()}
+    assert records == {running.uid: ("completed", False), box["uid"]: ("cancelled", False)}
