@@ -9,7 +9,8 @@ one of its settings, while a scan ran.  So the worker does not close the old log
 new log, if any, takes them), the tasks it logged go on being logged there until they end,
 then it closes (on a thread of its own: never on a task's thread before its waiters wake).
 A worker that closes meanwhile closes it too.  (The new log records their ends as well: in
-one database the two records of a task agree.)
+one database the two records of a task agree.  Not their starts: a start alone makes a row of
+the new log's session, which its close would mark "kernel stopped".)
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ class LogObserver:
         # the uid: the engine ends that task with a record, logged here too, draining or not.)
 
     def task_started(self, task: Task) -> None:
-        if not self.draining or task.uid in self.live:
-            self.journal.started(task.uid, task.started_at)
+        if task.uid in self.live:  # (a start alone makes a row of this session, without a
+            self.journal.started(task.uid, task.started_at)  # record, that its close fails)
 
     def task_finished(self, task: Task, record: dict) -> None:
         uid = task.uid

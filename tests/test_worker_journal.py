@@ -504,3 +504,31 @@ def test_a_forced_cancel_of_a_submitter_while_the_log_drains_never_marks_its_tas
     eventually(lambda: _drained(w), TIMEOUT, "the switched-off log to close")
     records = {r["uid"]: (r["status"], r["journal"]["orphaned"]) for r in journaled().history()}
     assert records == {running.uid: ("completed", False), box["uid"]: ("cancelled", False)}
+
+
+def test_a_task_the_log_never_had_leaves_no_status_behind_when_the_log_closes(journaled):
+    """A task submitted while the log was off that started once it was on: the new log
+    noted the start of a task it never logged (a row without a record, of its session),
+    switching the log off again closed it and marked that row failed, and the log then
+    answered "failed" for a task that completed (queueserver's task_status, a restarted
+    kernel)."""
+    gate, gate2 = Gate(), Gate()
+    w = journaled({"hold": gate, "hold2": gate2}, max_background_tasks=1)
+    w.journal_enabled = False
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    later = w.submit("hold2")  # (waits for the one thread)
+    w.journal_enabled = True
+    try:
+        gate.release.set()
+        assert gate2.started.wait(TIMEOUT)  # it starts while the new log is on
+        assert w._journal.flush(TIMEOUT)
+        w.journal_enabled = False  # the new log logged no task of its own: it closes
+        eventually(lambda: _drained(w), TIMEOUT, "the log to close")
+    finally:
+        gate.release.set()
+        gate2.release.set()
+    assert running.wait(TIMEOUT) and later.result(TIMEOUT) is None
+    assert later.status is TaskStatus.COMPLETED
+    statuses = journaled().statuses([running.uid, later.uid])
+    assert statuses[later.uid] in (None, TaskStatus.COMPLETED), statuses
