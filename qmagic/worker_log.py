@@ -48,9 +48,10 @@ class LogObserver:
     observer of :class:`qmagic.core.engine.Engine` (records are plain dicts).
 
     ``live`` holds the uids of the tasks it logged that have not ended (set operations are
-    atomic: no lock on the task path).  Each method adds before it checks ``draining`` and
-    :meth:`drain` sets it before it checks ``live``: a task submitted while the drain begins
-    is either logged to its end or not logged at all."""
+    atomic: no lock on the task path).  :meth:`task_submitted` adds before it checks
+    ``draining`` and :meth:`drain` sets it before it checks ``live``: a task submitted while
+    the drain begins is either logged here to its end or goes to the log in force (none when
+    the log was switched off)."""
 
     def __init__(self, journal: Any) -> None:
         self.journal = journal
@@ -59,14 +60,18 @@ class LogObserver:
         self._once = threading.Lock()  # taken by the one close
         self._done = threading.Event()  # set once it is over
         self._closed: Callable[[LogObserver], None] | None = None
+        self._newest: Callable[[], LogObserver | None] = lambda: None  # the log in force
         self._thread: threading.Thread | None = None  # the drain's, once it closes the log
 
     # -- the engine's observer interface ------------------------------------------------------
     def task_submitted(self, task: Task) -> None:
         uid = task.uid
         self.live.add(uid)  # (first: a drain that begins now waits for this task)
-        if self.draining:  # switched off: not logged
+        if self.draining:  # not logged here: by the log in force, if any
             self._forget(uid)
+            newest = self._newest()
+            if newest is not None and uid not in newest.live:  # it was not told: the engine's
+                newest.task_submitted(task)  # list was read before the swap (it comes first)
             return
         try:
             self.journal.submitted(task.to_dict())
@@ -89,12 +94,16 @@ class LogObserver:
             self._forget(uid)
 
     # -- draining -----------------------------------------------------------------------------
-    def drain(self, closed: Callable[[LogObserver], None]) -> None:
+    def drain(self, closed: Callable[[LogObserver], None],
+              newest: Callable[[], LogObserver | None]) -> None:
         """Stop logging new tasks; once the tasks it logged have ended, close the log on a
         thread of its own, then call ``closed(self)`` (the worker takes the observer off the
-        engine).  Never waits: the caller has swapped logs, and an interrupt (■) landing in a
-        wait here undid the setting although the swap was done."""
-        self._closed = closed
+        engine).  ``newest()``: the observer of the log in force (None: off), which comes
+        before this one in the engine's observers; a task announced to this one alone (from
+        the list of before the swap) goes to it.  Never waits: the caller has swapped logs,
+        and an interrupt (■) landing in a wait here undid the setting although the swap was
+        done."""
+        self._closed, self._newest = closed, newest
         self.draining = True
         if not self.live:
             self._close_soon()

@@ -111,11 +111,11 @@ class StateMixin(HasTraits):
             old = self._log_observer
             if old is not None:
                 self._draining.add(old)  # (stays with the engine until it has drained)
-            if observer is not None:
-                self.engine.observers = [*self.engine.observers, observer]
+            if observer is not None:  # (newest first: see LogObserver.drain)
+                self.engine.observers = [observer, *self.engine.observers]
             self._journal, self._log_observer = journal, observer
         if old is not None:
-            old.drain(self._drained)
+            old.drain(self._drained, lambda: self._log_observer)
 
     def _drained(self, observer: LogObserver) -> None:
         """A drained log has closed: the engine forgets its observer."""

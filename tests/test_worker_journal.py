@@ -532,3 +532,45 @@ def test_a_task_the_log_never_had_leaves_no_status_behind_when_the_log_closes(jo
     assert later.status is TaskStatus.COMPLETED
     statuses = journaled().statuses([running.uid, later.uid])
     assert statuses[later.uid] in (None, TaskStatus.COMPLETED), statuses
+
+
+def test_a_task_announced_while_a_log_setting_changes_is_logged_while_it_runs(journaled):
+    """A submitter that read the engine's observers (the old log alone) just before a log
+    setting changed, and reached the old log once it drained: the old log took it for a task
+    submitted after the switch, the new log was never told, and the task went unlogged
+    while it ran although the log was on all along (a SIGKILL then left no trace of it)."""
+    gate = Gate()
+    w = journaled({"hold": gate})
+    old = w._log_observer
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Paused(set):  # the submitter loses the GIL right after the old log noted the task
+        def add(self, uid):
+            super().add(uid)
+            if not inside.is_set():
+                inside.set()
+                assert go_on.wait(TIMEOUT)
+
+    old.live = Paused()
+    box: dict = {}
+
+    def submit() -> None:
+        box["task"] = w.submit("hold")
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        w.journal_max_age_s = 7 * 86400.0  # the old log drains, a new one logs new tasks
+        go_on.set()
+        thread.join(TIMEOUT)
+        task = box["task"]
+        assert gate.started.wait(TIMEOUT)
+        for observer in [*w._draining, w._log_observer]:
+            assert observer.journal.flush(TIMEOUT)
+        records = {r["uid"]: r["status"] for r in journaled().history()}
+        assert records == {task.uid: "running"}
+    finally:
+        go_on.set()
+        gate.release.set()
+    assert task.wait(TIMEOUT)
