@@ -1,6 +1,6 @@
 """The experiment log's observer of the engine: it feeds the log with every task's records,
-and lets a log that is switched off (or replaced by one in another state folder) finish the
-records of its tasks before it closes.
+and lets a log that is switched off (or replaced after a change of one of its settings)
+finish the records of its tasks before it closes.
 
 Closing a log marks its unfinished tasks "kernel stopped while the task was running" --
 right when the kernel stops, wrong when the scientist only switched the log off, or changed

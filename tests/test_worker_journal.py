@@ -223,7 +223,7 @@ def test_journal_off_then_switched_on(make_worker):
 def test_a_log_setting_changed_while_tasks_run_leaves_them_running(journaled):
     """A log setting changed while a task ran reopened the log, and closing the old one
     marked the task failed, "kernel stopped while the task was running", until it ended
-    (found by a hostile test).  The new log takes the unfinished tasks over."""
+    (found by a hostile test).  The old log now records them to their end (it drains)."""
     gate = Gate()
     w = journaled({"hold": gate, "quick": lambda: 1}, max_background_tasks=1)
     running = w.submit("hold")
