@@ -87,8 +87,9 @@ class LogObserver:
 
     def task_finished(self, task: Task, record: dict) -> None:
         uid = task.uid
-        try:
-            if not self.draining or uid in self.live:
+        try:  # (a closing log has none of its tasks left: the task's uid was noted for the
+            # drain's race by a submit cut short, and the log never had it)
+            if (not self.draining or uid in self.live) and not self._once.locked():
                 self.journal.finished(record)
         finally:
             self._forget(uid)

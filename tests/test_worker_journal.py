@@ -574,3 +574,47 @@ def test_a_task_announced_while_a_log_setting_changes_is_logged_while_it_runs(jo
         go_on.set()
         gate.release.set()
     assert task.wait(TIMEOUT)
+
+
+def test_the_end_of_a_task_a_closed_log_never_had_is_not_written_to_it(journaled):
+    """A forced cancel landing just after a draining log noted a task (for the drain's race),
+    once that log had begun to close: the engine's end record of the task (never run, never
+    logged there) went to the closed log, dropped with a warning 'task records are not
+    logged'."""
+    from qmagic.errors import TaskCancelled
+
+    w = journaled({"quick": lambda: 1})
+    old = w._log_observer
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Paused(set):  # the submitter loses the GIL just before the old log notes the task
+        def add(self, uid):
+            if not inside.is_set():
+                inside.set()
+                assert go_on.wait(TIMEOUT)
+                super().add(uid)
+                raise TaskCancelled  # (a forced cancel landing right after)
+            super().add(uid)
+
+    old.live = Paused()
+    box: dict = {}
+
+    def submit() -> None:
+        try:
+            w.submit("quick")
+        except TaskCancelled as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    try:
+        assert inside.wait(TIMEOUT)
+        with w._state_lock:  # (a setting change elsewhere: the closed log stays with the engine)
+            w.journal_enabled = False  # nothing logged there runs: it closes on its thread
+            eventually(lambda: old.journal._closed, TIMEOUT, "the old log to close")
+            go_on.set()
+            thread.join(TIMEOUT)
+    finally:
+        go_on.set()
+    assert "error" in box
+    assert old.journal.health()["dropped"] == 0
