@@ -149,11 +149,15 @@ class StateMixin(HasTraits):
     def _lock_setting(self, change: Mapping[str, Any]) -> None:
         def apply() -> None:
             new = self._open_locks()
+            try:  # the log first: its wait (the old log stores what it holds) comes before
+                if change["name"] in ("state_dir", "environment_name"):  # any swap, so that
+                    self._open_journal()  # an interrupt there leaves locks and log in step
+            except BaseException:
+                new.close()
+                raise
             with self._state_lock:
                 old, self._locks = self._locks, new
             old.close()
-            if change["name"] in ("state_dir", "environment_name"):
-                self._open_journal()
 
         self._apply_setting(change, apply)
 

@@ -252,6 +252,11 @@ def _holding(journaled):
     return w, gate, running
 
 
+def _no_drain_thread() -> bool:
+    """No log's drain thread is running (one may end just after its log is forgotten)."""
+    return not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
+
+
 def _drained(w) -> bool:
     """The worker has no log observer left but its current log's (every drained log closed)."""
     return list(w.engine.observers) == ([w._log_observer] if w._log_observer else [])
@@ -283,7 +288,7 @@ def test_the_log_switched_off_while_tasks_run_records_how_they_end(journaled):
         assert records[queued.uid]["finished_at"] == queued.finished_at
     finally:
         gate.release.set()
-    assert not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
+    eventually(_no_drain_thread, TIMEOUT, "the drain threads to end")  # (none left running)
 
 
 def test_the_log_switched_off_and_on_again_while_a_task_runs(journaled):
@@ -375,7 +380,7 @@ def test_switching_the_log_off_and_on_while_tasks_stream_never_writes_a_wrong_re
     wrong = [(r["uid"], r["status"], r["error"]) for r in records
              if r["status"] != "completed" or r["result"] != by_uid[r["uid"]].result()]
     assert wrong == []
-    assert not [t for t in threading.enumerate() if t.name == "qmagic-log-drain"]
+    eventually(_no_drain_thread, TIMEOUT, "the drain threads to end")  # (none left running)
 
 
 def test_a_result_whose_repr_blocks_never_holds_up_the_task_end(journaled):
@@ -412,6 +417,30 @@ def test_module_history_reads_a_given_state_dir(journaled, tmp_path):
     assert qmagic.history(state_dir=str(tmp_path / "state"), user="Alice") == []
     frame = qmagic.history_dataframe(state_dir=str(tmp_path / "state"))
     assert list(frame["uid"]) == [t.uid] and frame["status"][0] == "completed"
+
+
+def test_an_interrupt_while_the_state_folder_changes_leaves_locks_and_log_in_step(journaled, tmp_path):
+    """■ while the old log stored what it held (a state folder change): the setting went
+    back, the log stayed, but the lock store had already moved to the new folder."""
+    w = journaled({})
+    journal, locks = w._journal, w._locks
+    setter = threading.current_thread()
+    real_flush = journal.flush
+
+    def flush(*args, **kwargs):
+        if threading.current_thread() is setter:  # (■ lands where the setter waits)
+            raise KeyboardInterrupt
+        return real_flush(*args, **kwargs)
+
+    journal.flush = flush
+    old_folder = w.state_dir
+    with pytest.raises(KeyboardInterrupt):
+        w.state_dir = str(tmp_path / "elsewhere")
+    assert w.state_dir == old_folder and w._journal is journal and w._locks is locks
+    del journal.flush
+    w.state_dir = str(tmp_path / "elsewhere")  # (once more, uninterrupted: both move)
+    assert w._journal is not journal and w._locks is not locks
+    w.close()
 
 
 def test_an_interrupt_while_the_log_is_switched_off_leaves_setting_and_log_in_step(journaled):
