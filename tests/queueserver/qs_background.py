@@ -43,8 +43,8 @@ def selection() -> tuple[str, dict[str, str]]:
 def start_if_collected(session: pytest.Session) -> None:
     """Start the run in the background if the test is among the session's items and a
     private network namespace is available."""
-    if not any(item.nodeid == NODE_ID for item in session.items):
-        return
+    if session.config.option.collectonly or not any(item.nodeid == NODE_ID for item in session.items):
+        return  # (--collect-only runs no test: nothing would take the run)
     if netns.command_prefix() is None:
         return
     name, env = selection()

@@ -154,7 +154,7 @@ class SelectionRun:
         {"name", "seconds", "returncode", "tests": [{"id", "outcome", "reason", "seconds"}], "tail"}."""
         try:
             self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # its timeout, pytest-timeout's, ■: nothing of the run stays behind
             self.kill()
             raise
         seconds = time.monotonic() - self.started
