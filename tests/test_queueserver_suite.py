@@ -19,6 +19,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "queueserver"))
 
 import qs_background  # noqa: E402
@@ -28,6 +30,7 @@ import run_qs_tests  # noqa: E402
 FAST_COUNT = 53
 
 
+@pytest.mark.timeout(960)  # (the run's own limit is 900 s; the suite's default, 300 s)
 def test_queueserver_selection_passes(request):
     name, env = qs_background.selection()
     run = qs_background.take(request.config) or run_qs_tests.start_selection(name, env=env)

@@ -167,7 +167,9 @@ class SelectionRun:
                 "tests": tests, "tail": output[-6000:] if not tests else ""}
 
     def kill(self) -> None:
-        """Stop the run and everything it started (its session), remove its folder."""
+        """Stop the run (its process group), remove its folder.  The kernels it started have
+        sessions of their own: each ends by itself within a second once its parent is gone
+        (ipykernel's parent poller); the session sandbox checks that none is left."""
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
