@@ -30,13 +30,21 @@ __all__ = ["LogObserver", "VALUE_REPR_S", "run_value_code"]
 VALUE_REPR_S = 1.0
 
 
+#: The log's own deadline thread: a read stuck in the doors' (``qmagic-probe``) never makes
+#: it give up, nor the other way round.
+_REPRS = probe.Prober("qmagic-log-repr")
+
+
 def run_value_code(fn: Callable[[], Any]) -> Any:
-    """``fn()`` with a deadline (on the probe thread, :mod:`qmagic.probe`): the experiment
-    log's way to run a value's own code.  Raises TimeoutError past :data:`VALUE_REPR_S`."""
+    """``fn()`` with a deadline (on the log's own probe thread, :mod:`qmagic.probe`): the
+    experiment log's way to run a value's own code.  Raises TimeoutError past
+    :data:`VALUE_REPR_S`, or at once while the repr of an earlier value is still blocked."""
     try:
-        return probe.read(fn, VALUE_REPR_S)
+        return _REPRS.read(fn, VALUE_REPR_S)
     except probe.ProbeTimeout as exc:
-        raise TimeoutError(str(exc)) from None
+        raise TimeoutError(str(exc) if exc.tried else
+                           "not tried: an earlier value's repr is still blocked") from None
+
 
 #: how long :meth:`LogObserver.close` waits for a close already under way (a log's close
 #: waits at most 5 s for a disk in a fault, then leaves what is spooled to the next process)

@@ -16,7 +16,7 @@ from polling import eventually
 from traitlets.config import Config
 
 import qmagic
-from qmagic import TaskStatus, Worker
+from qmagic import TaskStatus, Worker, probe
 from qmagic.errors import LogUnavailable
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import VALUE_REPR_S
@@ -404,6 +404,22 @@ def test_a_result_whose_repr_blocks_never_holds_up_the_task_end(journaled):
         assert record["status"] == "completed"
         assert record["result"]["repr"].endswith(
             ".<locals>.Blocking object; repr() failed: TimeoutError('it did not finish within 1 s')>")
+    finally:
+        release.set()
+
+
+def test_a_read_stuck_in_the_remote_door_never_empties_a_logged_repr(journaled):
+    """The log's reprs ran on the doors' probe thread: while a remote read was stuck there
+    (a plan's default that blocks), every result JSON cannot hold was logged as "repr()
+    failed: an earlier read is still blocked" although its repr works (found by review)."""
+    release = threading.Event()
+    with pytest.raises(probe.ProbeTimeout):
+        probe.read(lambda: release.wait(TIMEOUT), 0.01)  # the doors' probe is stuck now
+    try:
+        w = journaled({"make": lambda: {1, 2}})  # (a set: JSON cannot hold it)
+        assert w.submit("make").result(TIMEOUT) == {1, 2}
+        (record,) = w.history()
+        assert record["result"]["repr"] == "{1, 2}"
     finally:
         release.set()
 
