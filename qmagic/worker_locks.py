@@ -91,8 +91,8 @@ class LockMixin:
         if key is None:
             state = self._locks.state()
             if state.environment or state.queue:
-                hint = (" It was locked with your default key: %unlock --key "
-                        "{qmagic.get_default_lock_key()}" if self._locks.opens_with_default_key() else "")
+                hint = (" It was locked with your default key: %unlock --default-key"
+                        if self._locks.opens_with_default_key() else "")
                 raise RequestRefused(
                     "This kernel does not hold the key of the current lock: give the lock key "
                     f"or the emergency key (%unlock --key KEY).{hint}"

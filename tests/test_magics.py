@@ -652,6 +652,14 @@ def test_lock_magics(qm, ip, capsys):
     assert capsys.readouterr().out == "Not locked.\n"
     with pytest.raises(UsageError, match="not both"):
         line(ip, "lock", "--key K --prompt-key")
+    with pytest.raises(UsageError, match="Give one of --key KEY, --prompt-key or --default-key"):
+        line(ip, "unlock", "--key K --default-key")
+    with pytest.raises(UsageError, match="no default lock key .* give --key KEY"):
+        line(ip, "unlock", "--default-key")  # (none made yet in this test's folders)
+    line(ip, "lock")  # without a key: the default key (made now)
+    capsys.readouterr()
+    line(ip, "unlock", "--default-key")
+    assert capsys.readouterr().out == "Not locked.\n"
 
 
 def test_lock_again_with_another_key_says_what_to_do(qm, ip, capsys):

@@ -17,6 +17,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ... import format as fmt
 from ...errors import RequestRefused, StateFileError
+from ...store.keys import read_default_lock_key
 from .args import unquote
 from .common import refused, show_panel
 
@@ -26,6 +27,13 @@ _KEY_OPTIONS = "--key KEY (or --prompt-key)"  # how %lock and %unlock take a key
 
 
 def _key(opts: Any) -> str | None:
+    if getattr(opts, "default_key", False):  # (%unlock only)
+        if opts.key is not None or opts.prompt_key:
+            raise UsageError("Give one of --key KEY, --prompt-key or --default-key.")
+        key = read_default_lock_key()
+        if key is None:
+            raise UsageError("You have no default lock key (none was ever made): give --key KEY.")
+        return key
     if opts.prompt_key:
         if opts.key is not None:
             raise UsageError("Give --key KEY or --prompt-key, not both.")
@@ -84,6 +92,9 @@ class LockMagics(Magics):
               help="Lock key or emergency key (kept in IPython's history; see --prompt-key).")
     @argument("--prompt-key", dest="prompt_key", action="store_true",
               help="Type the key in a hidden prompt (not kept in any history).")
+    @argument("--default-key", dest="default_key", action="store_true",
+              help="Use your default lock key (qmagic.get_default_lock_key(), never shown): the "
+              "key of a lock taken with %%lock without a key, after this kernel restarted.")
     @line_magic
     def unlock(self, line: str) -> None:
         """Unlock the environment and queue: with this kernel's remembered key, or the lock key or
