@@ -82,12 +82,7 @@ class TaskObserver(Protocol):
 def _started_anyway(task: Task) -> str:
     """The line shown when ■ came as a background task was starting: the call that started
     it stops, the task goes on (or has ended already)."""
-    call, uid, status = task.call_text(40), task.uid[:8], task.status
-    if status.finished:
-        return (f"the interrupt came as {call} was starting in the background; it has ended "
-                f"({status.value}): see %task_result {uid}.")
-    return (f"the interrupt came as {call} was starting in the background; it runs on (stop it "
-            f"with %task_cancel {uid}).")
+    return task._goes_on(f"the interrupt came as {task.call_text(40)} was starting in the background")
 
 
 def _never() -> bool:

@@ -152,6 +152,14 @@ class Task(TaskState):
         stop = f"%task_cancel {uid}" if magic else f"task.cancel(), or %task_cancel {uid}"
         return f"stopped waiting; {what} {call} keeps running (stop it with {stop})."
 
+    def _goes_on(self, lead: str) -> str:
+        """``lead`` (what ■ stopped: showing the task, the call that started it), then
+        what became of the task: ended (where to see it) or running on (how to stop it)."""
+        uid, status = self.uid[:8], self._status
+        if status.finished:
+            return f"{lead}; it has ended ({status.value}): see %task_result {uid}."
+        return f"{lead}; it runs on (stop it with %task_cancel {uid})."
+
     def result(self, timeout: float | None = None) -> Any:
         """Return the function's return value, waiting up to ``timeout`` seconds.
 

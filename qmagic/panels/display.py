@@ -95,10 +95,7 @@ def _owner(workers: list[Any], task: Task) -> Any:
 
 
 def _stopped_showing(task: Task) -> str:
-    call, uid, status = task.call_text(40), task.uid[:8], task.status
-    if status.finished:
-        return f"stopped showing {call} ({status.value}): see %task_result {uid}."
-    return f"stopped showing {call}; it runs on (stop it with %task_cancel {uid})."
+    return task._goes_on(f"stopped showing {task.call_text(40)}")
 
 
 def _bundle_printer(entry: _Attachment) -> Any:
