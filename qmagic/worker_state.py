@@ -265,6 +265,12 @@ class StateMixin(HasTraits):
                 if not t.done() and self.engine.cancel(t, force=True, reason=reason)]
 
     # -- the experiment log ----------------------------------------------------------------------------
+    @property
+    def log_open(self) -> bool:
+        """True while the experiment log is open: ``journal_enabled``, and it could be
+        opened (else a warning said why: a read-only state folder...)."""
+        return self._journal is not None
+
     def log_health(self) -> dict[str, Any]:
         """The experiment log's state: ok, pending and dropped records, last error."""
         journal = self._journal

@@ -209,7 +209,9 @@ def test_journal_off_then_switched_on(make_worker):
         w.history()
     with pytest.raises(LogUnavailable, match="experiment log is off"):
         w.log_health()
+    assert w.log_open is False
     w.journal_enabled = True  # live switch on: the log opens
+    assert w.log_open is True
     t2 = w.submit("f")
     t2.wait(TIMEOUT)
     assert [r["uid"] for r in w.history()] == [t2.uid]

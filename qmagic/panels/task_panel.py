@@ -158,7 +158,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         self._filter.value = value
 
     def _log_on(self) -> bool:
-        return bool(getattr(self.worker, "journal_enabled", False))
+        return bool(getattr(self.worker, "log_open", False))
 
     def _limit(self) -> int:
         limit = self.max_rows if self.max_rows is not None else getattr(self.worker, "panel_max_rows", 200)

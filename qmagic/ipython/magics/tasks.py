@@ -141,7 +141,7 @@ class TaskMagics(Magics):
         if uid is None:
             task = self.worker.last_task
             if task is None:
-                raise UsageError(fmt.no_tasks_line(self.worker.journal_enabled, start=True))
+                raise UsageError(fmt.no_tasks_line(self.worker.log_open, start=True))
             return task
         try:
             return self.worker.find(uid)
@@ -160,7 +160,7 @@ class TaskMagics(Magics):
         opts = parse_argstring(self.task_status, line)
         if not opts.uids:
             task = self.worker.last_task
-            print(fmt.task_line(task) if task is not None else fmt.no_tasks_line(self.worker.journal_enabled))
+            print(fmt.task_line(task) if task is not None else fmt.no_tasks_line(self.worker.log_open))
             return
         for uid in map(unquote, opts.uids):
             try:
@@ -262,7 +262,7 @@ class TaskMagics(Magics):
             return
         items = list(reversed(self.worker.tasks()))
         if not items:
-            print(fmt.no_tasks_line(self.worker.journal_enabled))
+            print(fmt.no_tasks_line(self.worker.log_open))
             return
         if opts.running:
             items = [t for t in items if not t.done()]
