@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ... import format as fmt
 from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
+from ...yamlfile import read_small_file
 from .args import call_arguments, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
 
@@ -43,30 +43,18 @@ def _read_script(path: Path) -> str:
     def cannot(why: str) -> UsageError:
         return UsageError(f"Cannot read the script {str(path)!r}: {why}")
 
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        where = "" if path.is_absolute() else f" (relative paths start in the kernel's folder, {os.getcwd()})"
-        raise cannot(f"no such file{where}.") from None
-    except OSError as exc:
-        raise cannot(f"{(exc.strerror or str(exc)).lower()}.") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise cannot("it is a folder.")
-        if not stat.S_ISREG(st.st_mode):
-            raise cannot("it is not a regular file.")
-        if st.st_size > MAX_SCRIPT_BYTES:
-            raise cannot(f"it holds {st.st_size:,} bytes, more than a script (at most "
-                         f"{MAX_SCRIPT_BYTES:,}): is it the right file?")
-        with os.fdopen(fd, "rb", closefd=False) as stream:
-            raw = stream.read(MAX_SCRIPT_BYTES + 1)
-    except OSError as exc:
-        raise cannot(f"{(exc.strerror or str(exc)).lower()}.") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SCRIPT_BYTES:  # (it grew since)
-        raise cannot(f"it holds more than {MAX_SCRIPT_BYTES:,} bytes: is it the right file?")
+    def refuse(kind: str, detail: str) -> UsageError:
+        if kind == "missing":
+            where = "" if path.is_absolute() else f" (relative paths start in the kernel's folder, {os.getcwd()})"
+            return cannot(f"no such file{where}.")
+        if kind == "too_large":
+            size = f"{detail} bytes" if detail else f"more than {MAX_SCRIPT_BYTES:,} bytes"
+            return cannot(f"it holds {size}, more than a script (at most {MAX_SCRIPT_BYTES:,}): "
+                          "is it the right file?")
+        return cannot({"unreadable": f"{detail.lower()}.", "folder": "it is a folder."}.get(
+            kind, "it is not a regular file."))
+
+    raw = read_small_file(path, MAX_SCRIPT_BYTES, refuse)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
