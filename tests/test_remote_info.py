@@ -190,55 +190,45 @@ def test_one_huge_print_is_cut_to_its_tail_and_keeps_the_lines_before_it(make_wo
     assert not any("faster" in m for m in sent)
 
 
-def test_a_result_with_a_slow_repr_never_holds_up_other_tasks_events(make_worker):
+@pytest.fixture
+def describing_a_slow_result(make_worker):
+    """A worker with an info socket, whose publisher is now describing a result whose repr
+    blocks (until the test ends)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRepr:
+        def __repr__(self):
+            entered.set()
+            release.wait(TIMEOUT)
+            return "SlowRepr()"
+
+    worker = make_worker({}, journal_enabled=False)  # (the log describes results too)
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    try:
+        worker.submit(SlowRepr).result(TIMEOUT)
+        assert entered.wait(TIMEOUT)  # the publisher is describing the result now
+        yield worker
+    finally:
+        release.set()
+        pub.stop()
+
+
+def test_a_result_with_a_slow_repr_never_holds_up_other_tasks_events(describing_a_slow_result):
     """Made outside the publisher's lock, the result's text still ran on the thread that
     delivers every task's events (to the panels too): a repr that blocked held up every
     other task's events until it returned.  Texts that run a task's own code now have a
     deadline (0.2 s; past it the message says the repr did not finish)."""
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowRepr:
-        def __repr__(self):
-            entered.set()
-            release.wait(TIMEOUT)
-            return "SlowRepr()"
-
-    worker = make_worker({}, journal_enabled=False)  # (the log describes results too)
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
-    try:
-        worker.submit(SlowRepr).result(TIMEOUT)
-        assert entered.wait(TIMEOUT)  # the publisher is describing the result now
-        other = worker.submit(lambda: 2)
-        other.result(TIMEOUT)
-        told = threading.Event()
-        other.subscribe(lambda **event: told.set())  # (its current status comes first)
-        assert told.wait(TIMEOUT / 4), "another task's events waited for a result's repr"
-    finally:
-        release.set()
-        pub.stop()
+    other = describing_a_slow_result.submit(lambda: 2)
+    other.result(TIMEOUT)
+    told = threading.Event()
+    other.subscribe(lambda **event: told.set())  # (its current status comes first)
+    assert told.wait(TIMEOUT / 4), "another task's events waited for a result's repr"
 
 
-def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(make_worker):
+def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(describing_a_slow_result):
     """A task event's text runs the task's own code (its result's repr, its arguments',
     its error's str).  It ran while the publisher held the lock that every print of every
     task takes: a result whose repr blocked froze every task that printed meanwhile (and a
     foreground task's print froze the kernel; found by a hostile test)."""
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowRepr:
-        def __repr__(self):
-            entered.set()
-            release.wait(TIMEOUT)
-            return "SlowRepr()"
-
-    worker = make_worker({}, journal_enabled=False)  # (the log describes results too)
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
-    try:
-        worker.submit(SlowRepr).result(TIMEOUT)
-        assert entered.wait(TIMEOUT)  # the publisher is describing the result now
-        printer = worker.submit(lambda: print("still printing"))
-        assert printer.wait(TIMEOUT / 4) and printer.result() is None
-        release.set()
-    finally:
-        release.set()
-        pub.stop()
+    printer = describing_a_slow_result.submit(lambda: print("still printing"))
+    assert printer.wait(TIMEOUT / 4) and printer.result() is None
