@@ -9,8 +9,9 @@ must raise (a cell, and Run All, stops), and nothing may stay behind: no task le
 
 from __future__ import annotations
 
-import pytest
+import contextlib
 
+import pytest
 from kernel_helpers import one_line, start_kernel
 
 pytestmark = pytest.mark.timeout(180)
@@ -86,6 +87,25 @@ def k(tmp_path_factory):
     session.shutdown()
 
 
+@contextlib.contextmanager
+def _sigint_at_submit(k):
+    """Meanwhile, a ■ (a real SIGINT) lands on the kernel's main thread as qmagic records a
+    task it starts there (an engine observer)."""
+    k.execute(
+        "class SigintAtSubmit:\n"
+        "    def task_submitted(self, task):\n"
+        "        if threading.current_thread() is threading.main_thread():\n"
+        "            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
+        "    def task_started(self, task): pass\n"
+        "    def task_finished(self, task, record): pass\n"
+        "_observer = SigintAtSubmit()\n"
+        "w.engine.observers.append(_observer)\n", check=True)
+    try:
+        yield
+    finally:
+        k.execute("w.engine.observers.remove(_observer)", check=True)
+
+
 def test_an_interrupt_at_any_line_of_a_foreground_start_leaves_nothing_behind(k):
     """■ between the start's bookkeeping and the task's own run left the task "queued" for
     good, holding the foreground: every later foreground task was refused ("A foreground
@@ -101,19 +121,8 @@ def test_an_interrupt_as_a_foreground_task_is_recorded_ends_the_cell_like_one_in
     """■ while qmagic records a foreground task's start (before its code runs): the task is
     recorded as interrupted and never runs, and the cell ends with the line ■ gives during
     the task, not "the interrupt came as the foreground task was ending"."""
-    k.execute(
-        "class SigintAtSubmit:\n"
-        "    def task_submitted(self, task):\n"
-        "        if threading.current_thread() is threading.main_thread():\n"
-        "            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
-        "    def task_started(self, task): pass\n"
-        "    def task_finished(self, task, record): pass\n"
-        "_observer = SigintAtSubmit()\n"
-        "w.engine.observers.append(_observer)\n", check=True)
-    try:
+    with _sigint_at_submit(k):
         r = k.execute("%function_execute add 1")
-    finally:
-        k.execute("w.engine.observers.remove(_observer)", check=True)
     line = one_line(r)
     assert line == ("TaskCancelled: add(1) was interrupted (■ or KeyboardInterrupt); it is "
                     "recorded as cancelled."), line
@@ -126,20 +135,9 @@ def test_an_interrupt_as_a_background_task_starts_says_that_it_runs_on(k):
     """■ while qmagic records a background task's start from a cell: the cell stops, the
     task runs on, and the one line says so with the uid to stop it by (it said "the
     interrupt came as the foreground task was ending", and the task's handle was lost)."""
-    k.execute(
-        "class SigintAtSubmit:\n"
-        "    def task_submitted(self, task):\n"
-        "        if threading.current_thread() is threading.main_thread():\n"
-        "            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)\n"
-        "    def task_started(self, task): pass\n"
-        "    def task_finished(self, task, record): pass\n"
-        "_observer = SigintAtSubmit()\n"
-        "w.engine.observers.append(_observer)\n", check=True)
-    try:
+    with _sigint_at_submit(k):
         by_magic = k.execute('t = %function_execute -b bg_wait "s1"')
         by_python = k.execute('t = w.submit("bg_wait", ("s2",))')
-    finally:
-        k.execute("w.engine.observers.remove(_observer)", check=True)
     uids = k.eval("[t.uid[:8] for t in w.tasks() if t.name == 'bg_wait']")
     assert len(uids) == 2, uids
     for result, arg, uid in ((by_magic, "s1", uids[0]), (by_python, "s2", uids[1])):

@@ -17,7 +17,7 @@ from traitlets.config import Config
 
 import qmagic
 from qmagic import TaskStatus, Worker, probe
-from qmagic.errors import LogUnavailable
+from qmagic.errors import LogUnavailable, TaskCancelled
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import VALUE_REPR_S
 
@@ -252,6 +252,19 @@ def _holding(journaled):
     running = w.submit("hold")
     assert gate.started.wait(TIMEOUT)
     return w, gate, running
+
+
+def _submitting(w, name: str, box: dict) -> threading.Thread:
+    """A started thread submitting ``name``; a TaskCancelled it gets goes to ``box["error"]``."""
+    def submit() -> None:
+        try:
+            w.submit(name)
+        except TaskCancelled as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    return thread
 
 
 def _no_drain_thread() -> bool:
@@ -510,7 +523,6 @@ def test_a_forced_cancel_of_a_submitter_while_the_log_drains_never_marks_its_tas
     wrote the task's first record: the observer forgot the task, so its end (cancelled,
     never run) was not logged there and the log's close marked it failed, "kernel stopped
     while the task was running"."""
-    from qmagic.errors import TaskCancelled
 
     gate = Gate()
     w = journaled({"hold": gate, "quick": lambda: 1})
@@ -529,15 +541,7 @@ def test_a_forced_cancel_of_a_submitter_while_the_log_drains_never_marks_its_tas
             raise TaskCancelled  # (a forced cancel landing as the call returns)
     box: dict = {}
     journal.submitted = submitted
-
-    def submit() -> None:
-        try:
-            w.submit("quick")
-        except TaskCancelled as exc:
-            box["error"] = exc
-
-    submitter = threading.Thread(target=submit)
-    submitter.start()
+    submitter = _submitting(w, "quick", box)
     try:
         assert written.wait(TIMEOUT)
         w.journal_enabled = False  # the log drains while the submit is under way
@@ -628,7 +632,6 @@ def test_the_end_of_a_task_a_closed_log_never_had_is_not_written_to_it(journaled
     once that log had begun to close: the engine's end record of the task (never run, never
     logged there) went to the closed log, dropped with a warning 'task records are not
     logged'."""
-    from qmagic.errors import TaskCancelled
 
     w = journaled({"quick": lambda: 1})
     old = w._log_observer
@@ -645,15 +648,7 @@ def test_the_end_of_a_task_a_closed_log_never_had_is_not_written_to_it(journaled
 
     old.live = Paused()
     box: dict = {}
-
-    def submit() -> None:
-        try:
-            w.submit("quick")
-        except TaskCancelled as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=submit)
-    thread.start()
+    thread = _submitting(w, "quick", box)
     try:
         assert inside.wait(TIMEOUT)
         with w._state_lock:  # (a setting change elsewhere: the closed log stays with the engine)
