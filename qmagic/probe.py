@@ -20,10 +20,13 @@ import queue
 import threading
 from typing import Any, Callable
 
-__all__ = ["ProbeTimeout", "Prober", "read"]
+__all__ = ["PLAIN_TYPES", "ProbeTimeout", "Prober", "read"]
 
 #: Deadline of a read unless the caller gives one (seconds).
 DEFAULT_TIMEOUT_S = 0.5
+
+#: Exact types whose values run no code of their own when read (repr, JSON): no deadline needed.
+PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class ProbeTimeout(Exception):

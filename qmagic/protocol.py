@@ -297,7 +297,6 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
 #: How long task_result may spend reading a live result (its own code: a mapping's items(),
 #: a subclass's methods) before it answers without it (seconds).
 RESULT_READ_S = 1.0
-_SCALARS = frozenset({str, int, float, bool, type(None)})
 _WALK_DEPTH = 100
 _NOT_KEPT = object()
 
@@ -309,7 +308,7 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
     anything else goes through ``json`` (its own code runs here, on the probe thread).
     Raises what ``json.dumps`` raises."""
     cls = type(value)
-    if cls in _SCALARS and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
+    if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
         return value
     if depth < _WALK_DEPTH:
         if cls is list or cls is tuple:

@@ -120,7 +120,8 @@ class LogObserver:
     def close(self) -> None:
         """Close the log now (its tasks still running end "kernel stopped": the worker is
         closing); returns once it is closed, by this call or by the drain's own thread."""
-        self._close()
+        if self._once.acquire(blocking=False):  # (else the drain's thread has it)
+            self._shut()
         self._done.wait(CLOSE_WAIT_S)
         thread = self._thread
         if thread is not None:  # (it has closed the log; it ends once the worker forgot it)
@@ -140,10 +141,6 @@ class LogObserver:
             except BaseException:
                 self._once.release()
                 raise
-
-    def _close(self) -> None:
-        if self._once.acquire(blocking=False):
-            self._shut()
 
     def _shut(self) -> None:
         """The one close (the caller holds ``_once``, for good)."""

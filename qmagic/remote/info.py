@@ -65,14 +65,13 @@ _INFOS_KEPT = 10_000
 #: result, its error's str) may take on the thread that delivers every task's events
 _TEXT_READ_S = 0.2
 _NOT_READ = "<repr did not finish>"
-_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
     """``make()``, which reads ``values``: directly when they are plain (no code of theirs
     runs), else on the probe thread with a deadline (``fallback`` past it): a repr that
     blocks must not hold up the delivery of every task's events."""
-    if all(type(v) in _PLAIN for v in values):
+    if all(type(v) in probe.PLAIN_TYPES for v in values):
         return make()
     try:
         return probe.read(make, _TEXT_READ_S)
