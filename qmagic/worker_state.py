@@ -6,15 +6,17 @@ worker.py to one screenful per job).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import threading
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from traitlets import HasTraits, observe
 
 from . import format as fmt
+from .core.foreground import interrupts_held
 from .core.permissions import Permissions
 from .core.task import Task
 from .errors import (
@@ -47,7 +49,7 @@ class StateMixin(HasTraits):
         self._journal: Any = None
         self._log_observer: LogObserver | None = None
         self._draining: set[LogObserver] = set()  # logs switched off, closing once their tasks end
-        self._open_journal()
+        self._swap_log(self._new_log())
         self._environment_open = bool(self.environment_open_on_load)
         self.environment_uid = str(uuid.uuid4())
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
@@ -80,40 +82,47 @@ class StateMixin(HasTraits):
             recheck_s=self.lock_recheck_s,
         )
 
-    def _open_journal(self) -> None:
-        """(Re)open the experiment log for the current settings.  The old one drains
-        (:mod:`qmagic.worker_log`): it logs no new task, its tasks' records end as the tasks
-        do (never "kernel stopped" because a setting changed or the log was switched off),
-        then it closes."""
+    def _new_log(self) -> LogObserver | None:
+        """Store what the log in force holds (other kernels see those tasks; an interrupt in
+        this wait changes nothing yet), then open a log for the current settings: its
+        observer, or None when the log is off or cannot be opened (a warning says why)."""
         from . import __version__
 
         current = self._journal
-        if current is not None:  # (what it holds is stored first: other kernels see those
-            current.flush()  # tasks; before the swap, so that an interrupt here changes nothing)
-        journal = None
-        if self.journal_enabled:
-            try:
-                from .store.journal import Journal
+        if current is not None:
+            current.flush()
+        if not self.journal_enabled:
+            return None
+        try:
+            from .store.journal import Journal
 
-                journal = Journal(
-                    self._state_dir(), self.environment_name,
-                    max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
-                    summary_chars=self.journal_summary_chars, fsync=self.journal_fsync,
-                    pending_limit=self.journal_pending_limit,
-                    session_info={"qmagic_version": __version__,
-                                  "python_version": platform.python_version()},
-                    run_value_code=run_value_code,
-                )
-            except (StateFileError, OSError, ImportError) as exc:
-                log.warning("qmagic: the experiment log is off: %s", exc)
-        observer = LogObserver(journal) if journal is not None else None
+            journal = Journal(
+                self._state_dir(), self.environment_name,
+                max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
+                summary_chars=self.journal_summary_chars, fsync=self.journal_fsync,
+                pending_limit=self.journal_pending_limit,
+                session_info={"qmagic_version": __version__,
+                              "python_version": platform.python_version()},
+                run_value_code=run_value_code,
+            )
+        except (StateFileError, OSError, ImportError) as exc:
+            log.warning("qmagic: the experiment log is off: %s", exc)
+            return None
+        return LogObserver(journal)
+
+    def _swap_log(self, observer: LogObserver | None) -> None:
+        """Put ``observer``'s log in force (None: no log).  The old one drains
+        (:mod:`qmagic.worker_log`): it logs no new task, its tasks' records end as the tasks
+        do (never "kernel stopped" because a setting changed or the log was switched off),
+        then it closes.  Never waits."""
         with self._state_lock:  # (one swap: a task submitted meanwhile is logged by one of them)
             old = self._log_observer
             if old is not None:
                 self._draining.add(old)  # (stays with the engine until it has drained)
             if observer is not None:  # (newest first: see LogObserver.drain)
                 self.engine.observers = [observer, *self.engine.observers]
-            self._journal, self._log_observer = journal, observer
+            self._journal = observer.journal if observer is not None else None
+            self._log_observer = observer
         if old is not None:
             old.drain(self._drained, lambda: self._log_observer)
 
@@ -124,47 +133,86 @@ class StateMixin(HasTraits):
             self.engine.observers = [o for o in self.engine.observers if o is not observer]
 
     # -- settings follow the traits ---------------------------------------------------------------
-    # Each change builds the new objects first and swaps them in; if that fails, the setting
-    # goes back to its old value (the error propagates): never a trait that says one thing
-    # while the worker does another.
-    def _apply_setting(self, change: Mapping[str, Any], apply: Any) -> None:
-        if getattr(self, "_locks", None) is None or self.__dict__.get("_reverting"):
-            return
-        try:
-            apply()
+    # Each change builds the new objects first, then swaps them in within ``commit()``; if
+    # anything before the swap fails, the setting goes back to its old value (the error
+    # propagates): never a trait that says one thing while the worker does another.  ■ is
+    # held during the swap (a few statements, no wait) and delivered right after it: the
+    # change then stands.
+    def _apply_setting(self, change: Mapping[str, Any],
+                       apply: Callable[[Callable[[], ContextManager[None]]], None]) -> None:
+        try:  # (first: ■ on any line of this method reverts the setting, up to the swap)
+            if getattr(self, "_locks", None) is None or self.__dict__.get("_reverting"):
+                return
+            committed: list[bool] = []
+
+            @contextlib.contextmanager
+            def commit() -> Iterator[None]:
+                with interrupts_held() as held:
+                    yield
+                    committed.append(True)
+                if held:
+                    raise KeyboardInterrupt
+
+            apply(commit)
         except BaseException:
-            self._reverting = True
-            try:
-                self.set_trait(change["name"], change["old"])
-            finally:
-                self._reverting = False
+            if not locals().get("committed"):  # (unbound: ■ came before it was)
+                self._reverting = True
+                try:
+                    self.set_trait(change["name"], change["old"])
+                finally:
+                    self._reverting = False
             raise
 
     @observe("user_group_permissions", "user_group_permissions_file", "permissions_match_timeout")
     def _permissions_setting(self, change: Mapping[str, Any]) -> None:
-        self._apply_setting(change, lambda: self._set_rules(self._load_permissions()))
+        def apply(commit: Callable[[], ContextManager[None]]) -> None:
+            rules = self._load_permissions()
+            with commit():
+                self._set_rules(rules)
+
+        self._apply_setting(change, apply)
 
     @observe("state_dir", "environment_name", "emergency_lock_key", "lock_wrong_keys_allowed",
              "lock_backoff_s", "lock_backoff_max_s", "lock_recheck_s")
     def _lock_setting(self, change: Mapping[str, Any]) -> None:
-        def apply() -> None:
+        moves_log = change["name"] in ("state_dir", "environment_name")
+
+        def apply(commit: Callable[[], ContextManager[None]]) -> None:
             new = self._open_locks()
-            try:  # the log first: its wait (the old log stores what it holds) comes before
-                if change["name"] in ("state_dir", "environment_name"):  # any swap, so that
-                    self._open_journal()  # an interrupt there leaves locks and log in step
+            observer = old = None
+            try:  # (the log's wait, the old log storing what it holds, comes before any swap)
+                observer = self._new_log() if moves_log else None
+                with commit():
+                    if moves_log:
+                        self._swap_log(observer)
+                    with self._state_lock:
+                        old, self._locks = self._locks, new
             except BaseException:
-                new.close()
+                if old is None:  # (not swapped in: nothing of it stays)
+                    new.close()
+                    if observer is not None:
+                        observer.journal.close()
                 raise
-            with self._state_lock:
-                old, self._locks = self._locks, new
-            old.close()
+            finally:
+                if old is not None:
+                    old.close()
 
         self._apply_setting(change, apply)
 
     @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
              "journal_summary_chars", "journal_pending_limit")
     def _journal_setting(self, change: Mapping[str, Any]) -> None:
-        self._apply_setting(change, self._open_journal)
+        def apply(commit: Callable[[], ContextManager[None]]) -> None:
+            observer = self._new_log()
+            try:
+                with commit():
+                    self._swap_log(observer)
+            except BaseException:
+                if observer is not None and self._log_observer is not observer:
+                    observer.journal.close()
+                raise
+
+        self._apply_setting(change, apply)
 
     # -- permissions -------------------------------------------------------------------------------
     def _load_permissions(self, *, file_first: bool = False) -> Permissions:

@@ -660,3 +660,91 @@ def test_the_end_of_a_task_a_closed_log_never_had_is_not_written_to_it(journaled
         go_on.set()
     assert "error" in box
     assert old.journal.health()["dropped"] == 0
+
+
+def _code_lines(code) -> list[int]:
+    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
+
+
+def _nested(func, name):
+    func = getattr(func, "func", func)  # (an observer: traitlets' handler of the method)
+    return next(c for c in func.__code__.co_consts if getattr(c, "co_name", None) == name)
+
+
+def _sigint_at(code, line, fired):
+    """Trace hook: a real SIGINT (■, taken by whatever handler is in place) the first time
+    ``line`` of ``code`` runs on this thread."""
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and not fired:
+            fired.append(line)
+            sys.settrace(None)
+            signal.raise_signal(signal.SIGINT)
+        return local
+    return lambda frame, event, arg: local if frame.f_code is code and not fired else None
+
+
+def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_in_step(journaled, tmp_path):
+    """■ at every line of a log or lock setting change, in turn (a real SIGINT on the main
+    thread).  Between the log's swap and the old log's drain it used to leave the old log
+    neither in force nor draining (it went on logging new tasks and never closed) while the
+    setting went back; now the swap holds ■ and delivers it once done, and the change stands.
+    (■ before the observer's body -- in traitlets, or on its first line -- is out of reach.)"""
+    from qmagic.core.foreground import interrupts_held
+    from qmagic.worker_log import LogObserver
+    from qmagic.worker_state import StateMixin
+
+    assert threading.current_thread() is threading.main_thread()
+    w = journaled({"quick": lambda: 1})
+    codes = [StateMixin._apply_setting.__code__, _nested(StateMixin._apply_setting, "commit"),
+             StateMixin._new_log.__code__, StateMixin._swap_log.__code__,
+             _nested(StateMixin._journal_setting, "apply"), _nested(StateMixin._lock_setting, "apply"),
+             LogObserver.drain.__code__, interrupts_held.__wrapped__.__code__]
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    changes = [("journal_enabled", lambda: not w.journal_enabled),
+               ("journal_summary_chars", lambda: 3000 - w.journal_summary_chars),
+               ("state_dir", lambda: folders[w.state_dir == folders[0]])]
+    bad, fired_any = [], 0
+    for code in codes:
+        lines = _code_lines(code)
+        for line in lines[1:] if code is codes[0] else lines:
+            for name, value in changes:
+                before = getattr(w, name)
+                fired: list[int] = []
+                sys.settrace(_sigint_at(code, line, fired))
+                try:
+                    setattr(w, name, value())
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                fired_any += bool(fired)
+                where = f"{code.co_name} line {line - code.co_firstlineno} ({name})"
+                observer = w._log_observer
+                if w.journal_enabled != (w._journal is not None):
+                    bad.append((where, "setting and log disagree", w.journal_enabled))
+                if observer is not None and (observer.journal is not w._journal or observer.draining
+                                             or observer not in w.engine.observers):
+                    bad.append((where, "the log in force is not the observer's"))
+                stray = [o for o in w.engine.observers if isinstance(o, LogObserver)
+                         and o is not observer and not (o.draining and o in w._draining)]
+                if stray:
+                    bad.append((where, "an old log neither in force nor draining", len(stray)))
+                if w._journal is not None and str(w._journal.state_dir) != str(w._state_dir()):
+                    bad.append((where, "the log is in another folder than the setting says"))
+                if str(w._locks.state_dir) != str(w._state_dir()):
+                    bad.append((where, "the lock store is in another folder than the setting says"))
+                if getattr(w, name) == before and not fired:
+                    bad.append((where, "an uninterrupted change did not apply"))
+                if bad and bad[-1][0] == where:  # (a fresh worker: one wrong state, one report)
+                    w.close()
+                    w = journaled({"quick": lambda: 1})
+                if not w.journal_enabled:
+                    w.journal_enabled = True
+                later = w.submit("quick")
+                assert later.result(TIMEOUT) == 1
+                if not w.history(uid=later.uid):
+                    bad.append((where, "a task after the change was not logged"))
+    assert fired_any > 100
+    assert bad == [], "\n".join(map(str, bad))
+    eventually(lambda: _drained(w), TIMEOUT, "the old logs to close")
+    w.close()

@@ -15,14 +15,15 @@ import contextlib
 import ctypes
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 __all__ = [
     "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock",
-    "force_step", "LOCK_FRAMES",
+    "force_step", "LOCK_FRAMES", "interrupts_held",
 ]
 
 log = logging.getLogger("qmagic")
@@ -226,3 +227,24 @@ class ThreadForegroundRunner:
             self._queue.put(None)
             if thread is not threading.current_thread():
                 thread.join(5.0)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[list[int]]:
+    """Hold SIGINT (■) on the main thread: the yielded list gets one entry per SIGINT that
+    came meanwhile, and the previous handler is back afterwards.  Elsewhere (or when the
+    handler is not Python's) nothing is held."""
+    held: list[int] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None:
+                signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except (ValueError, OSError):  # pragma: no cover - no signals here
+            previous = None
+    try:
+        yield held
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Iterator
 
-from ..core.foreground import NO_GUARD, breaks_a_lock
+from ..core.foreground import NO_GUARD, breaks_a_lock, interrupts_held
 
 __all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "interrupts_held"]
 
@@ -248,27 +248,6 @@ class KernelForegroundRunner:
             log.debug("qmagic: an interrupt after a handed-over foreground task was dropped")
         except BaseException:  # noqa: BLE001 - the kernel's loop must survive anything
             log.exception("qmagic: error while running a foreground task on the main thread")
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[list[int]]:
-    """Hold SIGINT (■) on the main thread: the yielded list gets one entry per SIGINT that
-    came meanwhile, and the previous handler is back afterwards.  Elsewhere (or when the
-    handler is not Python's) nothing is held."""
-    held: list[int] = []
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        try:
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not None:
-                signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        except (ValueError, OSError):  # pragma: no cover - no signals here
-            previous = None
-    try:
-        yield held
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted_frame(frame: Any) -> Any:
