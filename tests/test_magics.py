@@ -19,7 +19,7 @@ import qmagic
 from qmagic import format as fmt
 from qmagic.core.engine import MSG_KERNEL_BUSY
 from qmagic.ipython.extension import get_session, load_ipython_extension, unload_ipython_extension
-from qmagic.ipython.magics.args import split_words
+from qmagic.ipython.magics.args import split_words, strip_comment
 from qmagic.ipython.runner import MSG_NO_KERNEL_LOOP
 
 
@@ -92,6 +92,21 @@ def test_split_words_keeps_quotes_and_brackets(source, words):
 def test_split_words_rejects_unbalanced(source):
     with pytest.raises(UsageError):
         split_words(source)
+
+
+@pytest.mark.parametrize(
+    "source, kept",
+    [
+        ("f 1  # move to the edge", "f 1"),
+        ("# only a comment", ""),
+        ("f\t#tab", "f"),
+        ("f '# text' \"a # b\" #c", "f '# text' \"a # b\""),
+        ("--key k#1 x=a#b", "--key k#1 x=a#b"),
+        ("--note 'unclosed # text", "--note 'unclosed # text"),
+    ],
+)
+def test_strip_comment_drops_a_hash_that_begins_a_word_outside_quotes(source, kept):
+    assert strip_comment(source) == kept
 
 
 # =========================================================================================
@@ -320,6 +335,40 @@ def test_keyword_arguments_may_have_non_ascii_names(qm, ip):
     own name may be ``größe`` and Python takes both."""
     ip.run_cell("def größe(énergie=1, **kw):\n    return énergie, kw\n").raise_error()
     assert line(ip, "function_execute", "größe énergie=3 Δt=0.5").result(TIMEOUT) == (3, {"Δt": 0.5})
+
+
+def test_a_trailing_comment_is_ignored_by_every_magic(qm, ip, capsys, tmp_path):
+    """``%function_execute add 1  # move to the edge`` read the comment as arguments (a
+    NameError on 'move'); every magic's line may end with ``# ...``.  A ``#`` inside quotes or
+    inside a word is text; inside a Python-expression argument it is refused (Python would
+    drop the rest)."""
+    assert line(ip, "function_execute", "add 1 b=2  # move to the edge").result() == 3
+    assert line(ip, "function_execute", "-b --wait add 1 #b=5").result() == 2
+    task = line(ip, "function_execute", "echo '# kept' x=\"a # b\"  # dropped")
+    assert task.result() == (("# kept",), {"x": "a # b"})
+    with pytest.raises(UsageError, match=r"^'#' inside the argument 'x=a#b' would start a Python comment"):
+        line(ip, "function_execute", "echo x=a#b")
+    capsys.readouterr()
+    line(ip, "task_status", f"{task.uid[:8]}  # the echo")
+    assert capsys.readouterr().out == f"{task.uid[:8]}: completed\n"
+    line(ip, "task_result", "# the latest")
+    assert "result: (('# kept',), " in capsys.readouterr().out
+    line(ip, "tasks", "--all # every one")
+    line(ip, "task_cancel", "--all  # nothing runs")
+    assert "Cancel requested for 0 tasks." in capsys.readouterr().out
+    script = tmp_path / "s.py"
+    script.write_text("from_file = 1\n")
+    assert line(ip, "script_upload", f"--name run3 '{script}'  # the file").name == "run3"
+    result = ip.run_cell("%%script_upload --name cell  # the body\nfrom_cell = 2\n")
+    assert result.success and result.result.name == "cell" and ip.user_ns["from_cell"] == 2
+    capsys.readouterr()
+    line(ip, "lock", "--key K#1 --note 'see # 3' # before the move")
+    assert capsys.readouterr().out == "Locked by qmagic user: environment\nNote: see # 3\n"
+    line(ip, "lock_info", "# who?")
+    line(ip, "control_channel", "status  # is it on?")
+    capsys.readouterr()
+    line(ip, "unlock", "--key K#1  # the key holds its '#'")
+    assert capsys.readouterr().out == "Not locked.\n"
 
 
 def test_an_argument_raising_an_exception_with_a_broken_str_is_one_usage_error(qm, ip):

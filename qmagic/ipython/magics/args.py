@@ -3,6 +3,9 @@
 ``%function_execute [OPTIONS] NAME [ARG ...] [KEY=VALUE ...]``: the words after NAME are
 Python expressions evaluated in the namespace; quotes and brackets may contain spaces.
 Bad input raises ``UsageError`` with one line saying what to write instead.
+
+Every magic's line may end with a comment: a ``#`` that begins a word outside quotes starts
+it (:func:`strip_comment`); a ``#`` inside quotes or inside a word (``--key k#1``) is text.
 """
 
 from __future__ import annotations
@@ -10,14 +13,17 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import parse_argstring
 
 from ...core.task import exception_text, one_line
 from ...texts import printable
 
-__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help"]
+__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help",
+           "strip_comment", "parse_line"]
 
 _KWARG = re.compile(r"([^\W\d]\w*)=(?!=)(.*)\Z", re.DOTALL)  # (any identifier, énergie=3 too)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
@@ -82,6 +88,37 @@ def _skip_string(line: str, i: int) -> int:
     raise UsageError(f"Unterminated string starting at position {i + 1}: {line[i:].strip()}")
 
 
+def _unquoted_hashes(text: str) -> Iterator[int]:
+    """Indices of the ``#`` characters of ``text`` outside string literals (an unclosed
+    quote runs to the end of the text)."""
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in "'\"":
+            try:
+                i = _skip_string(text, i)
+            except UsageError:
+                return
+            continue
+        if text[i] == "#":
+            yield i
+        i += 1
+
+
+def strip_comment(line: str) -> str:
+    """``line`` without its trailing comment: from a ``#`` that begins a word (at the start
+    or after whitespace) outside quotes.  ``#`` inside quotes or inside a word is kept."""
+    for i in _unquoted_hashes(line):
+        if i == 0 or line[i - 1].isspace():
+            return line[:i].rstrip()
+    return line
+
+
+def parse_line(magic: Any, line: str) -> Any:
+    """The options and arguments of ``magic``'s line (IPython's ``magic_arguments``), its
+    trailing comment ignored."""
+    return parse_argstring(magic, strip_comment(line))
+
+
 def _escaped(line: str, index: int) -> bool:
     backslashes = 0
     while index > 0 and line[index - 1] == "\\":
@@ -113,9 +150,11 @@ def value_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
 def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str | None, list[str]]:
     """Split ``[OPTIONS] NAME [ARG ...]`` into (the options and name text, NAME, ARG words).
 
-    An option written after NAME raises UsageError saying that options come first.
+    A trailing comment is dropped first.  An option written after NAME raises UsageError
+    saying that options come first.
     """
     takes_value = value_options(parser)
+    line = strip_comment(line)
     words = split_words(line)
     i = 0
     while i < len(words):
@@ -151,6 +190,11 @@ def call_arguments(shell: Any, words: list[str], name: str) -> tuple[list[Any], 
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for word in words:
+        if next(_unquoted_hashes(word), None) is not None:  # (Python would drop the rest)
+            raise UsageError(
+                f"'#' inside the argument {word!r} would start a Python comment: put a space "
+                "before a comment (# ...), or write the text in quotes."
+            )
         match = _KWARG.match(word)
         if match and match.group(1).isidentifier():
             key, expr = match.groups()

@@ -13,12 +13,12 @@ from typing import Any
 
 from IPython.core.error import StdinNotImplementedError, UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ... import format as fmt
 from ...errors import RequestRefused, StateFileError
 from ...store.keys import read_default_lock_key
-from .args import unquote
+from .args import parse_line, strip_comment, unquote
 from .common import refused, show_panel
 
 __all__ = ["LockMagics"]
@@ -76,7 +76,7 @@ class LockMagics(Magics):
         (``qmagic.get_default_lock_key()``).  This kernel remembers the key, so its own magics
         and Python calls keep working; others must give it.  The key is never printed.
         """
-        opts = parse_argstring(self.lock, line)
+        opts = parse_line(self.lock, line)
         chosen = opts.environment or opts.queue or opts.all  # else the worker's default
         environment = (opts.environment or opts.all) if chosen else None
         queue = (opts.queue or opts.all) if chosen else None
@@ -99,7 +99,7 @@ class LockMagics(Magics):
     def unlock(self, line: str) -> None:
         """Unlock the environment and queue: with this kernel's remembered key, or the lock key or
         emergency key given."""
-        opts = parse_argstring(self.unlock, line)
+        opts = parse_line(self.unlock, line)
         try:
             state = self.worker.unlock(_key(opts), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
@@ -110,7 +110,7 @@ class LockMagics(Magics):
     def lock_info(self, line: str) -> None:
         """Show the lock: who locked what, since when, and the note (a live panel with widgets,
         where the lock can also be taken and released)."""
-        if line.strip():
+        if strip_comment(line).strip():
             raise UsageError("%lock_info takes no arguments.")
         if show_panel(self.shell, lambda p: p.LockPanel(self.worker)):
             return

@@ -6,10 +6,10 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ...errors import ControlChannelError
-from .args import unquote
+from .args import parse_line, unquote
 
 __all__ = ["RemoteMagics"]
 
@@ -54,7 +54,7 @@ class RemoteMagics(Magics):
             %control_channel status
             %control_channel stop
         """
-        args = parse_argstring(self.control_channel, line)
+        args = parse_line(self.control_channel, line)
         if args.action != "start" and args.address is not None:
             raise UsageError(f"%control_channel {args.action} takes no address.")
         if args.action == "start":

@@ -12,13 +12,13 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ... import format as fmt
 from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from ...yamlfile import read_small_file
-from .args import call_arguments, split_options, unquote
+from .args import call_arguments, parse_line, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
 
 __all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_SCRIPT_BYTES"]
@@ -105,7 +105,7 @@ class TaskMagics(Magics):
         prefix, name, words = split_options(self.function_execute.parser, line)
         if name is None:
             raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
-        opts = parse_argstring(self.function_execute, prefix)
+        opts = parse_line(self.function_execute, prefix)
         if opts.wait and not opts.background:
             raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
         args, kwargs = call_arguments(self.shell, words, name)
@@ -145,7 +145,7 @@ class TaskMagics(Magics):
         Without UID: the latest task.  A UID may be any unique prefix of at least 4 characters;
         tasks no longer in memory are looked up in the experiment log.
         """
-        opts = parse_argstring(self.task_status, line)
+        opts = parse_line(self.task_status, line)
         if not opts.uids:
             task = self.worker.last_task
             print(fmt.task_line(task) if task is not None else fmt.no_tasks_line(self.worker.log_open))
@@ -170,7 +170,7 @@ class TaskMagics(Magics):
 
         Without UID: the latest task.  The value itself: ``get_worker().get_task(UID).result()``.
         """
-        opts = parse_argstring(self.task_result, line)
+        opts = parse_line(self.task_result, line)
         found = self._find(unquote(opts.uid))
         if isinstance(found, Task):
             print(fmt.task_detail(found))
@@ -195,7 +195,7 @@ class TaskMagics(Magics):
         --force also interrupts a thread task after ``QMagic.cancel_grace_s`` seconds.  This is
         how to stop background tasks (■ stops the foreground task only).
         """
-        opts = parse_argstring(self.task_cancel, line)
+        opts = parse_line(self.task_cancel, line)
         if opts.all and opts.uid is not None:
             raise UsageError("Give a UID or --all, not both: %task_cancel [UID|--all] [--force]")
         forced = " (forced if it does not stop)" if opts.force else ""
@@ -230,7 +230,7 @@ class TaskMagics(Magics):
         table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
         log keeps them for QMagic.journal_max_age_s.
         """
-        opts = parse_argstring(self.tasks, line)
+        opts = parse_line(self.tasks, line)
         if sum(bool(x) for x in (opts.all, opts.running, opts.history is not None)) > 1:
             raise UsageError("Give at most one of --all, --running and --history.")
         if opts.history is not None:
@@ -287,7 +287,7 @@ class TaskMagics(Magics):
         while another script runs, so a script that never ends stalls no later upload.
         """
         __tracebackhide__ = True  # noqa: F841
-        opts = parse_argstring(self.script_upload, line)
+        opts = parse_line(self.script_upload, line)
         name = unquote(opts.name)
         if cell is None:
             if opts.path is None:
