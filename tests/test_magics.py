@@ -309,7 +309,13 @@ def test_foreground_keyboard_interrupt_is_recorded_and_ends_the_cell(qm, ip):
         ("", "Give the function name"),
         ("-b", "Give the function name"),
         ("--bogus add", "unrecognized"),
-        ("--user", "Give the function name"),
+        ("--user", "^--user needs a value: write --user USER[.]$"),
+        ("--timeout", "^--timeout needs a value: write --timeout SECONDS[.]$"),
+        ("-b --timeout= add", "^--timeout needs a value"),
+        ("--timeout --wait add", "^--timeout needs a value"),
+        ("add --timeout", "^--timeout needs a value: write it before the function name, "
+                          "%function_execute --timeout SECONDS add ...$"),
+        ("add 1 --lock-key  # the key", "^--lock-key needs a value"),
         ("add [1, 2", "Missing"),
         ("add undefined_name_xyz", "NameError"),
         ("add b=1 2", "follows a keyword"),
@@ -327,6 +333,20 @@ def test_bad_input_is_a_one_line_usage_error(qm, ip, arg, message):
         line(ip, "function_execute", arg)
     assert "\n" not in str(info.value).strip()
     assert len(qm.tasks()) == before
+
+
+@pytest.mark.parametrize(
+    "magic, arg",
+    [("task_cancel", "--lock-key"), ("script_upload", "--name"), ("script_upload", "--lock-key --name x"),
+     ("lock", "--key"), ("lock", "--note --key K"), ("lock", "--user=  # who"), ("unlock", "--key")],
+)
+def test_an_option_without_its_value_says_it_needs_one(qm, ip, magic, arg):
+    """Argparse's "argument --key: expected one argument" (and %function_execute's "Give the
+    function name" for ``--timeout``): every option that takes a value says so alike."""
+    option = arg.split()[0].split("=")[0]
+    with pytest.raises(UsageError, match=f"^{option} needs a value: write {option} [A-Z]+[.]$"):
+        line(ip, magic, arg)
+    assert get_session(ip).worker.lock_state().to_lock_info()["environment"] is False
 
 
 def test_keyword_arguments_may_have_non_ascii_names(qm, ip):

@@ -18,6 +18,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
+from IPython.utils.process import arg_split
 
 from ...core.task import exception_text, one_line
 from ...texts import printable
@@ -115,8 +116,54 @@ def strip_comment(line: str) -> str:
 
 def parse_line(magic: Any, line: str) -> Any:
     """The options and arguments of ``magic``'s line (IPython's ``magic_arguments``), its
-    trailing comment ignored."""
-    return parse_argstring(magic, strip_comment(line))
+    trailing comment ignored; an option given without its value raises one UsageError line
+    saying so."""
+    line = strip_comment(line)
+    options = _options(magic.parser)
+    words = arg_split(line, strict=False)  # (as IPython splits it)
+    for i in range(len(words)):
+        _check_value(options, words, i)
+    return parse_argstring(magic, line)
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """{option string: its action} for every option of ``parser``."""
+    return {
+        opt: action
+        for action in parser._actions  # noqa: SLF001 - argparse has no public view
+        for opt in action.option_strings
+    }
+
+
+def _resolve(options: dict[str, Any], word: str) -> str | None:
+    """The option ``word`` names (``--opt`` or ``--opt=VALUE``; a unique prefix of a long
+    option, as argparse takes it), else None."""
+    opt = word.split("=", 1)[0]
+    if opt in options:
+        return opt
+    if len(opt) <= 2 or not opt.startswith("--"):
+        return None
+    matches = [o for o in options if o.startswith(opt)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _check_value(options: dict[str, argparse.Action], words: list[str], i: int, after: str = "") -> None:
+    """UsageError if ``words[i]`` is an option that takes one value and has none: at the end,
+    before another option, or ``--opt=``.  ``after``: the function name it was written after."""
+    opt = _resolve(options, words[i])
+    if opt is None or options[opt].nargs is not None:  # (no value, or an optional one)
+        return
+    if "=" in words[i]:
+        missing = not words[i].split("=", 1)[1]
+    else:
+        missing = i + 1 >= len(words) or _resolve(options, words[i + 1]) is not None
+    if missing:
+        action = options[opt]
+        usage = f"{opt} {action.metavar or action.dest.upper()}"
+        if after:
+            raise UsageError(f"{opt} needs a value: write it before the function name, "
+                             f"%function_execute {usage} {after} ...")
+        raise UsageError(f"{opt} needs a value: write {usage}.")
 
 
 def _escaped(line: str, index: int) -> bool:
@@ -151,32 +198,32 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
     """Split ``[OPTIONS] NAME [ARG ...]`` into (the options and name text, NAME, ARG words).
 
     A trailing comment is dropped first.  An option written after NAME raises UsageError
-    saying that options come first.
+    saying that options come first; one without its value, that it needs one.
     """
-    takes_value = value_options(parser)
+    options = _options(parser)
     line = strip_comment(line)
     words = split_words(line)
+    texts = [w for w, _, _ in words]
     i = 0
     while i < len(words):
-        word = words[i][0]
+        word = texts[i]
         if word == "--":
             i += 1
             break
         if not word.startswith("-") or len(word) == 1 or word[1].isdigit() or word[1] == ".":
             break
-        opt = word.split("=", 1)[0]
-        matches = [o for o in takes_value if o == opt] or [
-            o for o in takes_value if o.startswith("--") and o.startswith(opt) and opt.startswith("--")
-        ]
-        if len(matches) == 1 and takes_value[matches[0]] and "=" not in word:
+        _check_value(options, texts, i)
+        opt = _resolve(options, word)
+        if opt is not None and options[opt].nargs != 0 and "=" not in word:
             i += 1  # the option's value
         i += 1
     if i >= len(words):
         return line, None, []
     name, _, end = words[i]
-    rest = [w for w, _, _ in words[i + 1:]]
-    for word in rest:
-        if word.split("=", 1)[0] in takes_value:
+    rest = texts[i + 1:]
+    for j, word in enumerate(rest):
+        if word.split("=", 1)[0] in options:
+            _check_value(options, rest, j, after=name)
             raise UsageError(
                 f"Options go before the function name: %function_execute {word} {name} ... "
                 f"({word!r} came after {name!r})."

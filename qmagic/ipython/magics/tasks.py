@@ -80,7 +80,7 @@ class TaskMagics(Magics):
     @argument("--user", default=None, help="User name of the request (default: QMagic.default_user).")
     @argument("--group", default=None,
               help="User group whose permissions apply (default: QMagic.default_user_group).")
-    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
+    @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
     @argument("name", help="Name of a function in the namespace.")
     @argument("args", nargs="*", metavar="ARG | KEY=VALUE",
               help="Arguments: Python expressions evaluated in the namespace (variables and literals; "
@@ -185,7 +185,7 @@ class TaskMagics(Magics):
     @argument("--force", action="store_true",
               help="If the task has not stopped after QMagic.cancel_grace_s seconds, raise "
               "TaskCancelled inside its thread.")
-    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
+    @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
     @line_magic
     def task_cancel(self, line: str) -> None:
         """Ask a task (the latest one without UID, or --all tasks) to stop.
@@ -272,7 +272,7 @@ class TaskMagics(Magics):
               "name, or 'script').")
     @argument("--no-update-lists", dest="no_update_lists", action="store_true",
               help="Do not refresh the list of available functions afterwards.")
-    @argument("--lock-key", dest="lock_key", default=None, help="Key of a locked environment.")
+    @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
     @argument("path", nargs="?", default=None, metavar="PATH", help="Script file (line magic only).")
     @line_cell_magic
     def script_upload(self, line: str, cell: str | None = None) -> Task:
