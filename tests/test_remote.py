@@ -50,6 +50,7 @@ from qmagic.remote.server import (  # noqa: E402
     DEFAULT_ADDRESS,
     PRIVATE_KEY_ENV,
     ControlServer,
+    hard_cap,
     is_loopback,
 )
 from qmagic.remote.service import RemoteService  # noqa: E402
@@ -1077,6 +1078,87 @@ def test_a_raised_size_limit_applies_to_the_largest_frames_at_once(worker):
     finally:
         if client is not None:
             client.close()
+        service.close()
+
+
+KEPT = "QMagic.zmq_max_message_bytes stays 10000000"
+
+
+def _serves(address: str) -> bool:
+    client = Raw(address)
+    try:
+        return "manager_state" in client.request("status")
+    finally:
+        client.close()
+
+
+def test_a_limit_the_channel_cannot_take_keeps_the_old_one_and_the_old_socket(worker, monkeypatch):
+    """A limit whose hard cap needs a new socket started the channel again; when it could
+    not (here the kernel's secret key no longer reads), the channel stayed off and the
+    setting kept the new value.  All or nothing: checked before the old socket closes."""
+    service = RemoteService(worker)
+    try:
+        server = service.start(LOCAL)
+        monkeypatch.setenv(PRIVATE_KEY_ENV, "not a key")
+        with pytest.raises(ControlChannelError) as info:
+            worker.zmq_max_message_bytes = 100_000_000
+        message = str(info.value)
+        assert message.startswith(f"{KEPT} and the control channel serves on with it on {server.address}: ")
+        assert "secret key" in message and "\n" not in message
+        assert worker.zmq_max_message_bytes == 10_000_000
+        assert service.server is server and server.running and worker.zmq_control_address == server.address
+        assert _serves(server.address)
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("freed", [True, False], ids=["port-freed-again", "port-kept"])
+def test_a_limit_whose_restart_finds_the_port_taken_is_all_or_nothing(worker, monkeypatch, freed):
+    """The port taken by another program while the channel starts again with a new limit:
+    the channel stayed off and the setting kept the new value.  Now the setting keeps the
+    old one and the channel serves on with it (or, the port still taken, says it is off)."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    real_stop, real_start = ControlServer.stop, ControlServer.start
+    taken = []
+
+    def stop(self, *args, **kwargs):  # the old socket closed: another program takes the port
+        real_stop(self, *args, **kwargs)
+        if not taken:
+            taken.append(port)
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+
+    def start(self):
+        try:
+            return real_start(self)
+        except ControlChannelError:
+            if freed:
+                squatter.close()
+            raise
+
+    service = RemoteService(worker)
+    try:
+        service.start(address)
+        monkeypatch.setattr(ControlServer, "stop", stop)
+        monkeypatch.setattr(ControlServer, "start", start)
+        with pytest.raises(ControlChannelError) as info:
+            worker.zmq_max_message_bytes = 100_000_000
+        message = str(info.value)
+        assert "already in use" in message and "\n" not in message
+        assert worker.zmq_max_message_bytes == 10_000_000
+        if freed:
+            assert message.startswith(f"{KEPT} and the control channel serves on with it on {address}: ")
+            assert service.server.running and service.server.socket_cap == hard_cap(10_000_000)
+            assert worker.zmq_control_address == address and _serves(address)
+        else:
+            assert message.startswith(f"The control channel is off and {KEPT}: it could not start again on "
+                                      f"{address} (") and message.endswith("%control_channel start ADDRESS.")
+            assert service.server is None and worker.zmq_control_address is None
+    finally:
+        squatter.close()
         service.close()
 
 

@@ -1,7 +1,7 @@
 """The remote door of one worker: its control channel and info socket following the traits.
 
 ``QMagic.zmq_control_address`` starts, moves or stops the control channel;
-``zmq_max_message_bytes`` applies at once; ``zmq_info_address`` does the same for the info
+``zmq_max_message_bytes`` applies at once, or not at all; ``zmq_info_address`` does the same for the info
 socket (PUB: console output, status, task events) and ``zmq_console_all_output`` chooses
 what its console carries.  :meth:`RemoteService.start` / :meth:`RemoteService.stop`
 (``%control_channel``) keep the trait in step.  No IPython here: the kernel passes its
@@ -69,10 +69,7 @@ class RemoteService:
                 return current
             self._stop_server()
             try:
-                server = ControlServer(self._dispatch, address,
-                                       max_message_bytes=self.worker.zmq_max_message_bytes,
-                                       client_keys=self._client_keys())
-                server.start()
+                server = self._new_server(address).start()
             except ControlChannelError:
                 self._set_trait(None)
                 raise
@@ -82,6 +79,12 @@ class RemoteService:
             self.last_address = address
             self._set_trait(address)
             return server
+
+    def _new_server(self, address: str) -> ControlServer:
+        """A channel for ``address`` with the settings in force, not started (raises
+        ControlChannelError for an address or keys it cannot use)."""
+        return ControlServer(self._dispatch, address, max_message_bytes=self.worker.zmq_max_message_bytes,
+                             client_keys=self._client_keys())
 
     def _client_keys(self) -> Any:
         from .auth import ClientKeys
@@ -203,15 +206,45 @@ class RemoteService:
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's
-        own, set as it is made), the channel starts again with the new one."""
+        own, set as it is made), the channel starts again with the new one.  All or nothing:
+        if it cannot (keys that no longer read, its port taken meanwhile), the setting keeps
+        its old value, the channel serves on with it (the old socket, or a new one with the
+        old cap) and ControlChannelError says what happened."""
+        if self._syncing:
+            return
         with self._lock:
             server = self.server
             if server is None:
                 return
-            server.max_message_bytes = change["new"]
-            if server.running and server.socket_cap != hard_cap(change["new"]):
+            if not server.running or server.socket_cap == hard_cap(change["new"]):
+                server.max_message_bytes = change["new"]
+                return
+            address = self.last_address or server.address
+            try:
+                replacement = self._new_server(address)  # (checked before the old one stops)
                 self._stop_server()
-                self.start(self.last_address)
+                self.server = replacement.start()
+            except ControlChannelError as exc:
+                self._set_quietly("zmq_max_message_bytes", change["old"])
+                self._limit_refused(address, change["old"], exc)
+
+    def _limit_refused(self, address: str, old: int, exc: ControlChannelError) -> None:
+        """Raise the one line for a limit that could not apply: the channel serves on with
+        ``old`` (started again with it if it had stopped), or it is off."""
+        kept = f"QMagic.zmq_max_message_bytes stays {old}"
+        if self.server is None:
+            try:
+                self.start(address)
+            except ControlChannelError as again:
+                raise ControlChannelError(
+                    f"The control channel is off and {kept}: it could not start again on {address} "
+                    f"({str(again).rstrip('.')}). Start it with %control_channel start ADDRESS."
+                ) from None
+        raise ControlChannelError(
+            f"{kept} and the control channel serves on with it on {address}: the new limit needs "
+            f"the channel started again, which failed ({str(exc).rstrip('.')}). Set the limit again "
+            "once that is fixed."
+        ) from None
 
     # -- text for %control_channel ------------------------------------------------------------------
     def describe(self) -> str:
