@@ -210,3 +210,48 @@ def test_an_interrupt_while_a_panel_is_built_is_one_line(k, magic, panel):
     line = one_line(r)
     assert line == "KeyboardInterrupt: stopped showing the panel; nothing else was changed.", line
     assert k.eval("len(_get_pump().views()) - _views_before") == 0
+
+
+def test_an_interrupt_while_a_panel_that_fails_is_built_shows_the_error_then_stops(k):
+    """■ while ``%tasks`` builds its panel, and the panel then raises: the error was shown
+    and the ■ lost (the cell went on as if it had never been pressed).  Now both: the
+    panel's error, then the one line of the interrupt."""
+    k.execute(
+        "import qmagic.panels as _panels\n"
+        "_RealTaskPanel = _panels.TaskPanel\n"
+        "def _failing_panel(*args, **kwargs):\n"
+        "    signal.raise_signal(signal.SIGINT)  # ■ while the panel is built\n"
+        "    raise ValueError('the panel broke')\n"
+        "_panels.TaskPanel = _failing_panel\n", check=True)
+    try:
+        r = k.execute("%tasks --all\n")
+    finally:
+        k.execute("_panels.TaskPanel = _RealTaskPanel", check=True)
+    errors = [out["content"] for out in r.outputs if out["msg_type"] == "error"]
+    assert [(e["ename"], e["evalue"]) for e in errors] == [
+        ("ValueError", "the panel broke"),
+        ("KeyboardInterrupt", "stopped showing the panel; nothing else was changed."),
+    ], errors
+    assert one_line(r) == "KeyboardInterrupt: stopped showing the panel; nothing else was changed."
+
+
+def test_an_interrupt_while_a_task_row_that_fails_is_built_still_stops_the_cell(k):
+    """The same for the live row of a background task: its error was logged and the ■
+    lost (the cell went on).  Now the error is logged and the cell stops with one line."""
+    k.execute(
+        "import qmagic.panels.task_panel as _task_panel\n"
+        "_RealTaskRow = _task_panel.TaskRow\n"
+        "def _failing_row(*args, **kwargs):\n"
+        "    signal.raise_signal(signal.SIGINT)  # ■ while the row is built\n"
+        "    raise ValueError('the row broke')\n"
+        "_task_panel.TaskRow = _failing_row\n", check=True)
+    try:
+        r = k.execute('%function_execute -b bg_wait "r3"\n')
+    finally:
+        k.execute("_task_panel.TaskRow = _RealTaskRow", check=True)
+    uid = k.eval("w.last_task.uid[:8]")
+    line = one_line(r)
+    assert line == f"KeyboardInterrupt: stopped showing bg_wait('r3'); it runs on (stop it with %task_cancel {uid}).", line
+    assert "ValueError: the row broke" in r.stderr  # (logged, as a row that cannot be built is)
+    k.execute("events['r3'].set(); w.last_task.wait(10)", check=True)
+    assert k.eval("w.last_task.status.value") == "completed"

@@ -114,12 +114,21 @@ def _bundle_printer(entry: _Attachment) -> Any:
             from ..ipython.runner import interrupts_held
             from .task_panel import TaskRow
 
+            row = error = None
             with interrupts_held() as held:  # (■ amid the widgets would leave a half-built row)
-                row = TaskRow(worker, task)
-                bundle = row._repr_mimebundle_()
+                try:
+                    row = TaskRow(worker, task)
+                    bundle = row._repr_mimebundle_()
+                except Exception as exc:  # noqa: BLE001 - logged below; a held ■ still counts
+                    error = exc
+            if error is not None:
+                log.error("qmagic: could not build the live row of %r", task, exc_info=error)
+                if not held:
+                    return None
             if held:  # the cell stops, as ■ asked: no row
-                with interrupts_held():
-                    row.close()
+                if row is not None:
+                    with interrupts_held():
+                        row.close()
                 raise one_line(KeyboardInterrupt(_stopped_showing(task)))
             return bundle
         except Exception:  # noqa: BLE001 - a display must never fail

@@ -139,7 +139,10 @@ def wait_interruptibly(task: Task, runner: Any = None) -> None:
 
 
 def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
-    """Display ``make(panels)`` where widgets work; False to fall back to text."""
+    """Display ``make(panels)`` where widgets work; False to fall back to text.
+
+    ■ while the panel is built stops the cell with one line, and no panel is left; if
+    ``make`` also raised, its error is shown first, then the cell stops all the same."""
     try:
         from ... import panels
     except ImportError:
@@ -153,11 +156,20 @@ def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
 
     from ..runner import interrupts_held
 
+    error: Exception | None = None
     with interrupts_held() as held:  # (■ amid the widgets would leave a half-built panel)
-        panel = make(panels)
-    if held:  # the cell stops, as ■ asked: no panel
-        with interrupts_held():
-            panel.close()
+        try:
+            panel = make(panels)
+        except Exception as exc:  # noqa: BLE001 - raised below, after a held ■ is seen
+            error, panel = exc, None
+    if error is not None and not held:
+        raise error.with_traceback(error.__traceback__.tb_next if error.__traceback__ else None)
+    if held:  # the cell stops, as ■ asked: no panel (the builder's error shown first)
+        if error is not None:
+            shell.showtraceback((type(error), error, error.__traceback__))
+        else:
+            with interrupts_held():
+                panel.close()
         raise one_line(KeyboardInterrupt("stopped showing the panel; nothing else was changed."))
     display(panel)
     return True
