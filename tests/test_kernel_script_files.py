@@ -52,14 +52,19 @@ def test_a_folder_is_refused(k, tmp_path):
     assert line == f"UsageError: Cannot read the script {str(tmp_path)!r}: it is a folder.", line
 
 
+_TASKS = "sorted(t.uid for t in w.tasks())"
+
+
 def test_a_huge_file_is_refused_unread(k, tmp_path):
+    """...and starts no task (this kernel is shared: its own tasks, not every task, count)."""
     data = tmp_path / "scan.h5"
     with open(data, "wb") as f:
         f.truncate(3 << 30)  # sparse: takes no disk space, but 3 GiB to read
+    before = k.eval(_TASKS)
     line = one_line(_upload(k, str(data)))
     assert line == (f"UsageError: Cannot read the script {str(data)!r}: it holds 3,221,225,472 bytes, "
                     "more than a script (at most 10,000,000): is it the right file?"), line
-    assert k.eval("w.last_task") is None
+    assert set(k.eval(_TASKS)) - set(before) == set()
 
 
 def test_a_missing_file_says_where_relative_paths_start(k):
