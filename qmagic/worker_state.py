@@ -320,11 +320,27 @@ class StateMixin(HasTraits):
         return self._journal is not None
 
     def log_health(self) -> dict[str, Any]:
-        """The experiment log's state: ok, pending and dropped records, last error."""
-        journal = self._journal
-        if journal is None:
+        """The experiment log's state: ok, pending and dropped records, last error.  A log
+        switched off or replaced while its tasks run counts too until it closes (its faults,
+        its records waiting or lost); ``draining`` says how many such logs there are."""
+        with self._state_lock:
+            journal = self._journal
+            draining = [observer.journal for observer in self._draining]
+        healths = [journal.health()] if journal is not None else []
+        for old in draining:
+            try:
+                healths.append(old.health())
+            except Exception:  # noqa: BLE001 - it closed meanwhile: nothing of it to count
+                continue
+        if not healths:
             raise LogUnavailable(LOG_OFF)
-        return journal.health()
+        health = dict(healths[0], draining=len(draining))
+        for other in healths[1:]:
+            health["ok"] = health["ok"] and other["ok"]
+            for key in ("pending", "in_memory", "dropped"):
+                health[key] += other[key]
+            health["last_error"] = health["last_error"] or other["last_error"]
+        return health
 
     def log_note(self) -> str | None:
         """One line when the experiment log needs attention (a fault, or records lost; see

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from traitlets.config import Config
 import qmagic
 from qmagic import TaskStatus, Worker, probe
 from qmagic.errors import LogUnavailable, TaskCancelled
+from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import VALUE_REPR_S
 
@@ -344,6 +346,38 @@ def test_a_new_state_folder_while_a_task_runs_leaves_its_record_true_in_the_old(
     (record,) = qmagic.history(state_dir=old_folder)
     assert (record["uid"], record["status"], record["journal"]["orphaned"]) == (running.uid, "completed", False)
     w.close()
+
+
+def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tmp_path):
+    """A log switched off while its tasks ran, whose records could not be written, said so
+    only in a warning: log_health() raised "the log is off" and log_note() (the %tasks and
+    %control_channel line) said nothing, records waiting.  Now they count until it closes."""
+    first, second = Gate(), Gate()
+    w = journaled({"first": first, "second": second}, max_background_tasks=2)
+    tasks = [w.submit("first"), w.submit("second")]
+    assert first.started.wait(TIMEOUT) and second.started.wait(TIMEOUT)
+    w.journal_enabled = False  # the log drains: both tasks are still logged there
+    locker = sqlite3.connect(database_path(tmp_path / "state", "default"), isolation_level=None,
+                             timeout=TIMEOUT)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        first.release.set()  # its end waits to be written; `second` keeps the log draining
+        assert tasks[0].wait(TIMEOUT)
+        eventually(lambda: not w.log_health()["ok"], TIMEOUT, "the draining log's fault")
+        health = w.log_health()
+        assert health["pending"] > 0 and health["draining"] == 1 and "locked" in health["last_error"]
+        note = w.log_note()
+        assert note.startswith("Note: the experiment log cannot write (") and "locked" in note, note
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        first.release.set()
+        second.release.set()
+    assert tasks[1].wait(TIMEOUT)
+    eventually(lambda: _drained(w), TIMEOUT, "the switched-off log to close")
+    with pytest.raises(LogUnavailable, match="experiment log is off"):
+        w.log_health()
+    assert w.log_note() is None
 
 
 def test_a_worker_closed_while_a_switched_off_log_drains_closes_it(journaled):
