@@ -1,6 +1,7 @@
-"""The experiment log's observer of the engine: it feeds the log with every task's records,
-and lets a log that is switched off (or replaced after a change of one of its settings)
-finish the records of its tasks before it closes.
+"""The worker's experiment log: the engine's observer that feeds the log with every task's
+records and lets a log that is switched off (or replaced after a change of one of its
+settings) finish the records of its tasks before it closes; and the worker's side of it
+(:class:`LogMixin`: opening, swapping, health).
 
 Closing a log marks its unfinished tasks "kernel stopped while the task was running" --
 right when the kernel stops, wrong when the scientist only switched the log off, or changed
@@ -15,14 +16,22 @@ the new log's session, which its close would mark "kernel stopped".)
 
 from __future__ import annotations
 
+import logging
+import platform
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager, Mapping
 
+from traitlets import HasTraits, observe
+
+from . import format as fmt
 from . import probe
 from .core.task import Task
+from .errors import LOG_OFF, LogUnavailable, StateFileError
 
-__all__ = ["LogObserver", "VALUE_REPR_S", "run_value_code"]
+__all__ = ["LogMixin", "LogObserver", "VALUE_REPR_S", "run_value_code"]
+
+log = logging.getLogger("qmagic")
 
 #: How long the log waits for a value's repr (a result JSON cannot hold) before it records
 #: that it did not finish: a repr that blocks (an object asking a device) must not hold up
@@ -151,3 +160,116 @@ class LogObserver:
         closed = self._closed
         if closed is not None:
             closed(self)
+
+
+class LogMixin(HasTraits):
+    """The experiment log of :class:`qmagic.Worker`: opened for the settings, swapped when
+    they change (the old log drains), and its health for the views.  A mix-in (with
+    :class:`qmagic.worker_state.StateMixin`, whose ``_apply_setting`` and ``_state_lock``
+    it uses)."""
+
+    # -- opening and swapping ----------------------------------------------------------------------
+    def _new_log(self) -> LogObserver | None:
+        """Store what the log in force holds (other kernels see those tasks; an interrupt in
+        this wait changes nothing yet), then open a log for the current settings: its
+        observer, or None when the log is off or cannot be opened (a warning says why)."""
+        from . import __version__
+
+        current = self._journal
+        if current is not None:
+            current.flush()
+        if not self.journal_enabled:
+            return None
+        try:
+            from .store.journal import Journal
+
+            journal = Journal(
+                self._state_dir(), self.environment_name,
+                max_age_s=self.journal_max_age_s, max_bytes=self.journal_max_bytes,
+                summary_chars=self.journal_summary_chars, fsync=self.journal_fsync,
+                pending_limit=self.journal_pending_limit,
+                session_info={"qmagic_version": __version__,
+                              "python_version": platform.python_version()},
+                run_value_code=run_value_code,
+            )
+        except (StateFileError, OSError, ImportError) as exc:
+            log.warning("qmagic: the experiment log is off: %s", exc)
+            return None
+        return LogObserver(journal)
+
+    def _swap_log(self, observer: LogObserver | None) -> None:
+        """Put ``observer``'s log in force (None: no log).  The old one drains
+        (:mod:`qmagic.worker_log`): it logs no new task, its tasks' records end as the tasks
+        do (never "kernel stopped" because a setting changed or the log was switched off),
+        then it closes.  Never waits."""
+        with self._state_lock:  # (one swap: a task submitted meanwhile is logged by one of them)
+            old = self._log_observer
+            if old is not None:
+                self._draining.add(old)  # (stays with the engine until it has drained)
+            if observer is not None:  # (newest first: see LogObserver.drain)
+                self.engine.observers = [observer, *self.engine.observers]
+            self._journal = observer.journal if observer is not None else None
+            self._log_observer = observer
+        if old is not None:
+            old.drain(self._drained, lambda: self._log_observer)
+
+    def _drained(self, observer: LogObserver) -> None:
+        """A drained log has closed: the engine forgets its observer."""
+        with self._state_lock:
+            self._draining.discard(observer)
+            self.engine.observers = [o for o in self.engine.observers if o is not observer]
+
+    @observe("journal_enabled", "journal_max_bytes", "journal_max_age_s", "journal_fsync",
+             "journal_summary_chars", "journal_pending_limit")
+    def _journal_setting(self, change: Mapping[str, Any]) -> None:
+        def apply(commit: Callable[[], ContextManager[None]]) -> None:
+            observer = self._new_log()
+            try:
+                with commit():
+                    self._swap_log(observer)
+            except BaseException:
+                if observer is not None and self._log_observer is not observer:
+                    observer.journal.close()
+                raise
+
+        self._apply_setting(change, apply)
+
+    # -- its state, for the views ----------------------------------------------------------------
+    @property
+    def log_open(self) -> bool:
+        """True while the experiment log is open: ``journal_enabled``, and it could be
+        opened (else a warning said why: a read-only state folder...)."""
+        return self._journal is not None
+
+    def log_health(self) -> dict[str, Any]:
+        """The experiment log's state: ok, pending and dropped records, last error.  A log
+        switched off or replaced while its tasks run counts too until it closes (its faults,
+        its records waiting or lost); ``draining`` says how many such logs there are."""
+        with self._state_lock:
+            journal = self._journal
+            draining = [observer.journal for observer in self._draining]
+        healths = [journal.health()] if journal is not None else []
+        for old in draining:
+            try:
+                healths.append(old.health())
+            except Exception:  # noqa: BLE001 - it closed meanwhile: nothing of it to count
+                continue
+        if not healths:
+            raise LogUnavailable(LOG_OFF)
+        health = dict(healths[0], draining=len(draining))
+        for other in healths[1:]:
+            health["ok"] = health["ok"] and other["ok"]
+            for key in ("pending", "in_memory", "dropped"):
+                health[key] += other[key]
+            health["last_error"] = health["last_error"] or other["last_error"]
+        return health
+
+    def log_note(self) -> str | None:
+        """One line when the experiment log needs attention (a fault, or records lost; see
+        :func:`qmagic.format.log_health_note`), for the views that mention it; None while it
+        is healthy or off."""
+        try:
+            health = self.log_health()
+        except LogUnavailable:  # the log is off: nothing to say
+            return None
+        return fmt.log_health_note(health)
