@@ -21,10 +21,10 @@ from traitlets import observe
 
 from .catalog import Catalog, check_name, is_coroutine_function, is_plan
 from .config import QMagic
+from .core.awaiting import awaitable_result
 from .core.context import current_task
 from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
 from .core.foreground import ForegroundRunner
-from .core.jobs import awaitable_result
 from .core.loops import EventLoops
 from .core.permissions import require_caller
 from .core.status import TaskStatus

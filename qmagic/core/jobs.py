@@ -12,22 +12,24 @@ records its outcome, whatever happens:
   guard: a ■ that arrives during bookkeeping is held back until the record is complete.
 - The final record goes to the observers (the experiment log) before the task's waiters
   wake; the thread or slot is released before that too (exact accounting).
+
+Coroutine jobs, and the awaitables thread tasks return, are run by its mixin
+:class:`~qmagic.core.awaiting.CoroutineJobs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from .. import tracebacks
 from ..errors import TaskCancelled
 from . import capture
+from .awaiting import CoroutineJobs, awaitable_result, cancel_atask
 from .context import _current
 from .foreground import force_step, raise_in_thread
 from .status import TaskStatus
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["CLOSED_REASON", "STOPPED_BEFORE_START", "Job", "JobRunner", "awaitable_result"]
+__all__ = ["CLOSED_REASON", "STOPPED_BEFORE_START", "Job", "JobRunner"]
 
 log = logging.getLogger("qmagic")
 
@@ -93,7 +95,7 @@ class Job:
         self.gate = threading.Lock()
 
 
-class JobRunner:
+class JobRunner(CoroutineJobs):
     """Executes jobs for an :class:`~qmagic.core.engine.Engine` (see the module docstring)."""
 
     def __init__(self, engine: Engine) -> None:
@@ -210,91 +212,6 @@ class JobRunner:
             stack.enter_context(hook.apply(job.task, token))
         return stack
 
-    def _await_in_loop(self, job: Job, awaitable: Any) -> Any:
-        """A thread task returned an awaitable: run it on the event loop, wait here."""
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        async def run() -> None:
-            try:
-                box["result"] = await awaitable
-            except BaseException as exc:  # noqa: BLE001
-                box["error"] = exc
-            finally:
-                done.set()
-
-        self._start_on_loop(job, run)
-        try:
-            while not done.wait(0.5):
-                pass
-        except BaseException:  # interrupted or forced while waiting: stop the awaitable too
-            job.loop.call_soon_threadsafe(_cancel_atask, job, job.task.cancel_reason)
-            _wait_uninterrupted(done)
-            raise
-        if "error" in box:
-            raise _cancel_error(job.task, box["error"])
-        return box.get("result")
-
-    # -- coroutines ---------------------------------------------------------------------------
-    def _start_on_loop(self, job: Job, make: Callable[[], Any]) -> None:
-        loop = self.engine.loops.loop()
-        job.loop = loop
-
-        def create() -> None:
-            job.atask = loop.create_task(make())
-            if job.task.cancel_requested:  # cancelled before the loop got to it
-                job.atask.cancel(job.task.cancel_reason)
-
-        loop.call_soon_threadsafe(create)
-
-    def _schedule_coroutine(self, job: Job) -> None:
-        try:
-            self._start_on_loop(job, lambda: self._run_coroutine_job(job))
-        except BaseException as exc:  # noqa: BLE001 - e.g. bluesky's loop required but absent
-            if job.task._claim_end():
-                self.end(job, None, exc)
-
-    async def _run_coroutine_job(self, job: Job) -> None:
-        task = job.task
-        if not task._start():
-            return
-        self.engine._started(job)
-        self.engine.notify("task_started", task)
-        result: Any = None
-        error: BaseException | None = None
-        token = _current.set(task)
-        try:
-            job.in_user_code = True
-            if task.cancel_requested:
-                raise TaskCancelled(task.cancel_reason)
-            with self._hooks(job):
-                result = await job.call()
-        except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
-            error = _cancel_error(task, exc)
-        finally:
-            job.in_user_code = False
-            job.code_done = True
-            _current.reset(token)
-        if task._claim_end():
-            self.end(job, result, error)
-
-    def _wait_for_coroutine(self, job: Job) -> None:
-        """Owner thread: a foreground coroutine task holds the cell until it ends; an
-        interrupt (■) cancels it, and the wait goes on until it has ended."""
-        self._schedule_coroutine(job)
-        task = job.task
-        while not task.done():
-            if job.interrupted_early:  # (■ before the wait began: taken by the guard)
-                job.interrupted_early = False
-                self.engine.cancel(task, reason=INTERRUPTED)
-            try:
-                job.in_user_code = True  # the interrupt guard lets ■ through while waiting
-                task.wait(0.5)
-            except KeyboardInterrupt:
-                self.engine.cancel(task, reason=INTERRUPTED)
-            finally:
-                job.in_user_code = False
-
     # -- the end ------------------------------------------------------------------------------
     def end(self, job: Job, result: Any, error: BaseException | None) -> None:
         """Record the outcome (the caller holds the task's end claim)."""
@@ -322,7 +239,7 @@ class JobRunner:
         """The task runs (its cancel flag is set): stop its awaitable now; force a thread."""
         if job.atask is not None and job.loop is not None:
             reason = job.task.cancel_reason
-            job.loop.call_soon_threadsafe(_cancel_atask, job, reason)
+            job.loop.call_soon_threadsafe(cancel_atask, job, reason)
         elif force:
             with job.gate:
                 planned, job.force_planned = job.force_planned, True
@@ -410,40 +327,3 @@ def _interrupt_early(job: Job) -> bool:
     job.interrupted_early = True
     return True
 
-#: Result types that are never awaitable (checked first: ``isawaitable`` is an ABC check).
-_PLAIN_RESULTS = frozenset({type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set})
-
-
-def awaitable_result(value: Any) -> bool:
-    """A coroutine or other awaitable returned by a thread task's function (awaited on the
-    loop) — but not a Future such as another Task, which is a result like any other."""
-    if type(value) in _PLAIN_RESULTS:
-        return False
-    return inspect.isawaitable(value) and not isinstance(value, Future)
-
-
-def _cancel_atask(job: Job, reason: str) -> None:
-    if job.atask is not None and not job.atask.done():
-        job.atask.cancel(reason)
-
-
-def _cancel_error(task: Task, exc: BaseException) -> BaseException:
-    """asyncio's cancellation of a task's coroutine is the task's cancellation."""
-    if isinstance(exc, asyncio.CancelledError):
-        reason = (task.cancel_reason if task.cancel_requested
-                  else "Task was cancelled (its event loop cancelled it)")
-        err = TaskCancelled(reason)
-        err.__traceback__ = exc.__traceback__
-        return err
-    return exc
-
-
-def _wait_uninterrupted(event: threading.Event) -> None:
-    """Wait for ``event``; further interrupts while waiting are ignored (the task is
-    already being stopped)."""
-    while True:
-        try:
-            if event.wait(0.5):
-                return
-        except BaseException:  # noqa: BLE001
-            continue
