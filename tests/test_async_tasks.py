@@ -231,6 +231,41 @@ def test_cancel_before_the_loop_starts_the_task(make_worker, no_bluesky_loop):
     assert ran == [] and queued.started_at is None
 
 
+def test_cancel_while_a_function_prepares_the_coroutine_it_returns(make_worker, no_bluesky_loop):
+    """A plain function that returns a coroutine, cancelled (or its deadline passed) while it
+    still ran: the coroutine never runs and the task ends cancelled.  (The coroutine was
+    cancelled before the loop started it, so its wrapper never ran: the task stayed
+    "running" for good, its thread taken, and a foreground one held the kernel.)"""
+    preparing, go = threading.Event(), threading.Event()
+    ran: list = []
+
+    async def scan(label):
+        ran.append(label)
+        return label
+
+    def start_scan(label):
+        preparing.set()
+        assert go.wait(TIMEOUT)
+        return scan(label)
+
+    def slow_start(label):
+        assert qmagic.current_task()._wait_cancel(TIMEOUT)  # until its deadline passed
+        return scan(label)
+
+    w = make_worker({"start_scan": start_scan, "slow_start": slow_start})
+    task = w.submit("start_scan", ("c1",))
+    assert preparing.wait(TIMEOUT)
+    assert task.cancel()
+    go.set()
+    assert task.wait(TIMEOUT), "the task never ended"
+    assert (task.status, task.error) == (TaskStatus.CANCELLED, "Task was cancelled from Python")
+    late = w.submit("slow_start", ("c2",), timeout=0.05, background=False)
+    assert late.wait(TIMEOUT), "the task never ended"
+    assert (late.status, late.error) == (TaskStatus.CANCELLED, "deadline of 0.05 s passed")
+    assert ran == [] and w.engine.counts()["running_background"] == 0
+    assert w.submit("start_scan", ("c3",)).result(TIMEOUT) == "c3"  # the loop is fine
+
+
 def test_deadlines_cancel_coroutine_and_thread_tasks_and_say_why(make_worker, no_bluesky_loop):
     cleanup: list = []
 

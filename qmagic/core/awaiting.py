@@ -34,6 +34,9 @@ class CoroutineJobs:
 
         async def run() -> None:
             try:
+                if job.task.cancel_requested:  # cancelled while its function ran
+                    _close(awaitable)
+                    raise TaskCancelled(job.task.cancel_reason)
                 box["result"] = await awaitable
             except BaseException as exc:  # noqa: BLE001
                 box["error"] = exc
@@ -54,13 +57,14 @@ class CoroutineJobs:
 
     # -- coroutines ---------------------------------------------------------------------------
     def _start_on_loop(self, job: Job, make: Callable[[], Any]) -> None:
+        """Start ``make()`` (a coroutine that reads the task's cancel flag first and records
+        every outcome) as an asyncio task on the loop.  It is never cancelled before it
+        starts: asyncio would then skip its body, and the task would never end."""
         loop = self.engine.loops.loop()
         job.loop = loop
 
         def create() -> None:
-            job.atask = loop.create_task(make())
-            if job.task.cancel_requested:  # cancelled before the loop got to it
-                job.atask.cancel(job.task.cancel_reason)
+            job.atask = loop.create_task(make())  # (its first step runs before any cancel)
 
         loop.call_soon_threadsafe(create)
 
@@ -123,6 +127,13 @@ def awaitable_result(value: Any) -> bool:
     if type(value) in _PLAIN_RESULTS:
         return False
     return inspect.isawaitable(value) and not isinstance(value, Future)
+
+
+def _close(awaitable: Any) -> None:
+    """An awaitable that will never be awaited: a coroutine is closed (no "never awaited"
+    warning, its ``finally`` runs)."""
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 def cancel_atask(job: Job, reason: str) -> None:
