@@ -66,7 +66,8 @@ class QMagic(Configurable):
     cancel_grace_s = Float(
         2.0, min=0.0, max=3600.0,
         help="Seconds a forced cancel (or a deadline) waits for a thread task to stop "
-        "cooperatively before raising TaskCancelled inside the task's thread.",
+        "cooperatively before raising TaskCancelled inside the task's thread (a coroutine "
+        "task still running then gets a second CancelledError).",
     ).tag(config=True)
     async_loop = Enum(
         LOOP_POLICIES, default_value="auto",

@@ -24,7 +24,7 @@ import threading
 import time
 
 import pytest
-from async_helpers import TIMEOUT, EventLog, no_bluesky_loop, run_engine  # noqa: F401 - fixtures
+from async_helpers import TIMEOUT, EventLog, in_loop, no_bluesky_loop, run_engine  # noqa: F401 - fixtures
 from engine_helpers import Gate, make_worker  # noqa: F401 - fixture
 from qs_helpers import QS
 
@@ -264,6 +264,69 @@ def test_cancel_while_a_function_prepares_the_coroutine_it_returns(make_worker, 
     assert (late.status, late.error) == (TaskStatus.CANCELLED, "deadline of 0.05 s passed")
     assert ran == [] and w.engine.counts()["running_background"] == 0
     assert w.submit("start_scan", ("c3",)).result(TIMEOUT) == "c3"  # the loop is fine
+
+
+def test_a_second_cancel_never_cuts_the_cleanup_of_a_coroutine_short(make_worker, no_bluesky_loop):
+    """A coroutine's ``finally:`` that awaits (parking a motor) runs to its end however often
+    the task is cancelled again meanwhile (a double click on Cancel, ``%task_cancel`` twice, a
+    client that retries).  Each cancel used to be a new CancelledError, which landed in the
+    cleanup and cut it short."""
+    started, parking, parked = threading.Event(), threading.Event(), threading.Event()
+    steps: list = []
+
+    async def move():
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            parking.set()
+            try:
+                while not parked.is_set():
+                    await asyncio.sleep(0.002)
+                steps.append("parked")
+            except asyncio.CancelledError:
+                steps.append("parking cut short")
+                raise
+
+    w = make_worker({"move": move})
+    task = w.submit("move")
+    assert started.wait(TIMEOUT)
+    assert task.cancel()
+    assert parking.wait(TIMEOUT)
+    assert task.cancel() and w.cancel(task) is task and w.engine.cancel(task)
+    in_loop(w.engine.loops.own_loop(), asyncio.sleep(0))  # (any cancel sent has landed)
+    assert steps == [] and not task.done()
+    parked.set()
+    assert task.wait(TIMEOUT)
+    assert steps == ["parked"]
+    assert (task.status, task.error) == (TaskStatus.CANCELLED, "Task was cancelled from Python")
+
+
+def test_a_forced_cancel_stops_a_coroutine_that_swallowed_the_first(make_worker, no_bluesky_loop):
+    """``cancel(force=True)``: a coroutine that caught the CancelledError and awaits on gets a
+    second one after ``cancel_grace_s`` (it used to run on for good), and only one."""
+    started, swallowed = threading.Event(), threading.Event()
+
+    async def stubborn():
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            print("stopped at last")
+            raise
+
+    w = make_worker({"stubborn": stubborn}, cancel_grace_s=0.1)
+    task = w.submit("stubborn")
+    assert started.wait(TIMEOUT)
+    assert task.cancel(force=True)
+    assert swallowed.wait(TIMEOUT)
+    assert task.wait(TIMEOUT), "the forced cancel never came"
+    assert (task.status, task.error, task.output) == (
+        TaskStatus.CANCELLED, "Task was cancelled from Python", "stopped at last\n")
 
 
 def test_deadlines_cancel_coroutine_and_thread_tasks_and_say_why(make_worker, no_bluesky_loop):

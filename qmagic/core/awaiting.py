@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
@@ -20,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jobs import Job
 
 __all__ = ["CoroutineJobs", "awaitable_result", "cancel_atask", "cancel_error", "wait_uninterrupted"]
+
+log = logging.getLogger("qmagic")
 
 
 class CoroutineJobs:
@@ -48,7 +51,8 @@ class CoroutineJobs:
             while not done.wait(0.5):
                 pass
         except BaseException:  # interrupted or forced while waiting: stop the awaitable too
-            job.loop.call_soon_threadsafe(cancel_atask, job, job.task.cancel_reason)
+            job.cancel_sent = True
+            self._send_cancel(job)
             wait_uninterrupted(done)
             raise
         if "error" in box:
@@ -112,9 +116,44 @@ class CoroutineJobs:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
             except KeyboardInterrupt:
+                again = job.cancel_sent
                 self.engine.cancel(task, reason=INTERRUPTED)
+                if again:  # ■ again reaches the code, as in a thread task (its cleanup too)
+                    self._send_cancel(job)
             finally:
                 job.in_user_code = False
+
+    # -- cancelling ------------------------------------------------------------------------------
+    def cancel_awaitable(self, job: Job, force: bool) -> None:
+        """asyncio's cancel of the running task's awaitable, once: a second CancelledError
+        would land in its cleanup (``finally:`` parking a motor) and cut it short.
+        ``force``: one more after ``cancel_grace_s`` if it has not ended by then (code that
+        swallowed the first)."""
+        with job.gate:
+            first, job.cancel_sent = not job.cancel_sent, True
+            plan = force and not job.force_planned and not job.exception_sent
+            if plan:
+                job.force_planned = True
+        if first:
+            self._send_cancel(job)
+        if plan:
+            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._cancel_again(job))
+
+    def _cancel_again(self, job: Job) -> None:
+        """Timer: the forced cancel of an awaitable (see :meth:`cancel_awaitable`)."""
+        with job.gate:
+            job.force_planned = False
+            if job.task.done() or job.exception_sent:
+                return
+            job.exception_sent = True
+        log.warning("qmagic: %s (task %s) did not stop within %.1f s; cancelling it again.",
+                    job.task.call_text(40), job.task.uid[:8], self.engine.cancel_grace_s)
+        self._send_cancel(job)
+
+    @staticmethod
+    def _send_cancel(job: Job) -> None:
+        if job.loop is not None:
+            job.loop.call_soon_threadsafe(cancel_atask, job, job.task.cancel_reason)
 
 
 #: Result types that are never awaitable (checked first: ``isawaitable`` is an ABC check).

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 from .. import tracebacks
 from ..errors import TaskCancelled
 from . import capture
-from .awaiting import CoroutineJobs, awaitable_result, cancel_atask
+from .awaiting import CoroutineJobs, awaitable_result
 from .context import _current
 from .foreground import force_step, raise_in_thread
 from .status import TaskStatus
@@ -61,7 +61,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
-        "exception_sent", "recorded", "interrupted_early", "lock_wait_since",
+        "exception_sent", "recorded", "interrupted_early", "lock_wait_since", "cancel_sent",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -83,6 +83,9 @@ class Job:
         #: An interrupt (■, at most one too) may come before it: code that survives ■ can
         #: still be forced after the grace time (``environment_destroy`` does both).
         self.exception_sent = False
+        #: asyncio's cancel went to the task's awaitable (a coroutine): a cancel request sends
+        #: it once; only a forced cancel (or ■ again) sends another (``CoroutineJobs``).
+        self.cancel_sent = False
         self.recorded = False  # every observer (the log) was told of the submit
         #: ■ came before the task's code started: it never starts (read as it would).
         self.interrupted_early = False
@@ -238,8 +241,7 @@ class JobRunner(CoroutineJobs):
     def cancel_running(self, job: Job, force: bool) -> None:
         """The task runs (its cancel flag is set): stop its awaitable now; force a thread."""
         if job.atask is not None and job.loop is not None:
-            reason = job.task.cancel_reason
-            job.loop.call_soon_threadsafe(cancel_atask, job, reason)
+            self.cancel_awaitable(job, force)
         elif force:
             with job.gate:
                 planned, job.force_planned = job.force_planned, True

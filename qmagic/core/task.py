@@ -199,6 +199,9 @@ class Task(TaskState):
         :class:`qmagic.TaskCancelled` raised inside its thread — once: a second one would
         land in the task's own cleanup (``finally:``).  That cannot interrupt a call blocked
         in C (``time.sleep`` ends first; ``lock.acquire()`` without timeout never returns).
+        A coroutine task gets one ``CancelledError`` however often it is cancelled (its
+        cleanup is never cut short); with ``force=True`` a second one after
+        ``cancel_grace_s`` if it still runs.
 
         A task of a worker follows the worker's rules, as ``Worker.cancel(task)`` does: while
         another kernel has locked the environment, this raises :class:`qmagic.LockRefused`.
