@@ -797,6 +797,38 @@ def test_kernel_interrupt_cancels_a_foreground_coroutine_task(ak):
     assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
 
 
+SHRUG = r'''
+async def shrug():
+    """Catches the cancel and completes anyway."""
+    print("shrug started", flush=True)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        print("shrug ignored the cancel", flush=True)
+    return "done anyway"
+'''
+
+
+def test_kernel_interrupt_stops_the_cell_even_if_the_coroutine_completes(ak):
+    """■ on a foreground coroutine task stops the cell (a Run All stops) also when the task
+    completes anyway (it caught the CancelledError).  The ■ used to be dropped, and the cell
+    ran on."""
+    from kernel_helpers import one_line
+
+    ak.execute(SHRUG, check=True)
+    cell = ak.execute_async("%function_execute shrug\nprint('the cell ran on')")
+    ak.wait_for_output(cell, "shrug started")
+    ak.interrupt()
+    result = ak.wait(cell)
+    assert "the cell ran on" not in result.stdout
+    assert one_line(result) == (
+        "KeyboardInterrupt: shrug() did not stop for the interrupt: it completed and is "
+        "recorded so (see %task_result).")
+    assert result.stdout == "shrug started\nshrug ignored the cancel\n"
+    assert ak.eval("(w.last_task.status.value, w.last_task.result())") == ("completed", "done anyway")
+    assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
+
+
 def test_kernel_deadlines_of_coroutine_tasks(ak):
     from kernel_helpers import one_line
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import TaskCancelled
 from .context import _current
-from .task import INTERRUPTED, Task
+from .status import TaskStatus
+from .task import INTERRUPTED, Task, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
@@ -105,23 +106,30 @@ class CoroutineJobs:
 
     def _wait_for_coroutine(self, job: Job) -> None:
         """Owner thread: a foreground coroutine task holds the cell until it ends; an
-        interrupt (■) cancels it, and the wait goes on until it has ended."""
+        interrupt (■) cancels it, and the wait goes on until it has ended.  A task that
+        completes or fails anyway (it caught the CancelledError, or ■ came as it ended) still
+        stops the call: raises a one-line KeyboardInterrupt (so a cell stops there)."""
         self._schedule_coroutine(job)
         task = job.task
+        interrupted = False
         while not task.done():
             if job.interrupted_early:  # (■ before the wait began: taken by the guard)
-                job.interrupted_early = False
+                job.interrupted_early = interrupted = False
                 self.engine.cancel(task, reason=INTERRUPTED)
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
             except KeyboardInterrupt:
-                again = job.cancel_sent
+                interrupted, again = True, job.cancel_sent
                 self.engine.cancel(task, reason=INTERRUPTED)
                 if again:  # ■ again reaches the code, as in a thread task (its cleanup too)
                     self._send_cancel(job)
             finally:
                 job.in_user_code = False
+        if interrupted and task.status is not TaskStatus.CANCELLED:
+            raise one_line(KeyboardInterrupt(
+                f"{task.call_text(60)} did not stop for the interrupt: it {task.status.value} "
+                "and is recorded so (see %task_result)."))
 
     # -- cancelling ------------------------------------------------------------------------------
     def cancel_awaitable(self, job: Job, force: bool) -> None:
