@@ -514,6 +514,40 @@ def test_awaiting_a_task_inside_a_coroutine_task_never_blocks_the_loop(make_work
     assert tick.wait(TIMEOUT)
 
 
+def test_blocking_on_a_task_of_the_same_loop_says_to_await_it(make_worker, no_bluesky_loop):
+    """``task.result()`` / ``wait()`` inside a coroutine task, on a task that runs on the same
+    event loop, can never return: the loop that would run it waits.  It used to freeze the
+    loop (every coroutine task, bluesky's RunEngine and devices on bluesky's loop) for good,
+    or, with a timeout, say "still queued after 10 s; wait longer"; now it says at once to
+    use ``await task``."""
+    seen: dict = {}
+
+    async def step(n):
+        await asyncio.sleep(0)
+        return n
+
+    async def scan():
+        sub = w.submit("step", (3,))
+        for wait in (sub.result, sub.wait, sub.exception, qmagic.current_task().result):
+            try:
+                wait(TIMEOUT)
+            except RuntimeError as exc:
+                seen.setdefault("errors", []).append(str(exc))
+        return await sub
+
+    def thread_side():
+        sub = w.submit("step", (4,))  # (a thread may block on it: the loop runs on)
+        return sub.result(TIMEOUT)
+
+    w = make_worker({"step": step, "scan": scan, "thread_side": thread_side})
+    task = w.submit("scan")
+    assert task.result(TIMEOUT) == 3
+    line = ("step(3) runs on the event loop that called task.result() or wait(), which would "
+            "block it for good: use `await task` there instead.")
+    assert seen["errors"][:3] == [line] * 3 and seen["errors"][3].startswith("scan() runs on")
+    assert w.submit("thread_side").result(TIMEOUT) == 4
+
+
 def test_awaiting_failed_or_cancelled_tasks_in_a_coroutine_task(make_worker, no_bluesky_loop):
     started, inside = threading.Event(), []
 

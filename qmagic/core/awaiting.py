@@ -66,7 +66,7 @@ class CoroutineJobs:
         every outcome) as an asyncio task on the loop.  It is never cancelled before it
         starts: asyncio would then skip its body, and the task would never end."""
         loop = self.engine.loops.loop()
-        job.loop = loop
+        job.loop = job.task._loop = loop  # (the task refuses blocking waits on that loop)
 
         def create() -> None:
             job.atask = loop.create_task(make())  # (its first step runs before any cancel)

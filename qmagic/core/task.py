@@ -43,6 +43,8 @@ class Task(TaskState):
     blocking the event loop.
     """
 
+    _loop: Any = None  # the event loop its coroutine (or awaited result) runs on
+
     # -- read-only views -----------------------------------------------------------------
     @property
     def status(self) -> TaskStatus:
@@ -109,9 +111,16 @@ class Task(TaskState):
 
     # -- Future API ------------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the task finishes or ``timeout`` seconds pass; True if it finished."""
+        """Block until the task finishes or ``timeout`` seconds pass; True if it finished.
+
+        Raises RuntimeError when called on the event loop the task runs on (from a coroutine
+        task): that loop would wait for good; ``await task`` there instead."""
         if self._status.finished:
             return True
+        if self._loop is not None and _running_loop() is self._loop:
+            raise one_line(RuntimeError(
+                f"{self.call_text()} runs on the event loop that called task.result() or wait(), "
+                "which would block it for good: use `await task` there instead."))
         return self._wait_until(self._is_done, timeout)
 
     def _is_done(self) -> bool:
@@ -298,6 +307,12 @@ def _wake_waiter(waiter: Any) -> None:
     """The task finished: wake ``await task`` (on the waiter's loop)."""
     if not waiter.done():  # else the awaiting coroutine was cancelled: nobody waits
         waiter.set_result(None)
+
+
+def _running_loop() -> Any:
+    import asyncio
+
+    return asyncio._get_running_loop()
 
 
 def one_line(exc: BaseException) -> BaseException:
