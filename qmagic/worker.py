@@ -423,10 +423,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         return self.engine.context_hooks.add(hook)
 
     # -- the end ------------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop every task and thread of this worker (queued tasks are cancelled), then close
-        the experiment log (every task's end recorded first) and the lock store."""
-        self.engine.close(timeout)
+    def close(self, timeout: float = 5.0, *, reason: str | None = None) -> None:
+        """Stop every task and thread (queued tasks are cancelled; ``reason``: the cancel
+        reason), then close the experiment log (every task's end recorded first) and locks."""
+        self.engine.close(timeout, *(() if reason is None else (reason,)))
         self._close_state()
 
     def __repr__(self) -> str:

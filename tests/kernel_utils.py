@@ -203,10 +203,11 @@ class KernelSession:
         self._replies.clear()
         # wait_for_ready leaves its kernel_info traffic on IOPub; it is filed when read.
 
-    def restart(self, timeout: float = START_TIMEOUT) -> None:
-        """Restart the kernel (same argv and env) and wait until it answers."""
+    def restart(self, timeout: float = START_TIMEOUT, *, now: bool = True) -> None:
+        """Restart the kernel (same argv and env) and wait until it answers.  ``now=False``:
+        as JupyterLab's Restart Kernel, a shutdown request first (the kernel exits itself)."""
         self.kc.stop_channels()
-        self.km.restart_kernel(now=True)
+        self.km.restart_kernel(now=now)
         self._connect(timeout)
 
     def shutdown(self) -> None:

@@ -915,6 +915,37 @@ def test_kernel_plans_and_the_bluesky_policy_give_one_line(ak):
     assert line == f"RuntimeError: {MSG_NO_BLUESKY_LOOP}"
 
 
+def test_kernel_restart_cancels_running_coroutine_tasks_and_runs_their_cleanup(tmp_path):
+    """JupyterLab's Restart Kernel (a shutdown request) with coroutine tasks running: each is
+    cancelled, its ``finally:`` runs (parks the motor) and the log records it cancelled.
+    Their cleanup used to be skipped, and the log said "failed: kernel stopped while the
+    task was running"."""
+    from kernel_helpers import SETUP, start_kernel
+
+    parked = tmp_path / "parked.txt"
+    with start_kernel(tmp_path / "k") as k:
+        k.execute(KERNEL_HELPERS + f"""
+async def move(label):
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.sleep(0)
+        with open({str(parked)!r}, "a") as f:
+            f.write(label + " parked\\n")
+""", check=True)
+        k.execute("m1 = %function_execute -b move 'm1'\nm2 = %function_execute -b move 'm2'\n"
+                  "wait_until(lambda: m1.running() and m2.running())", check=True)
+        uids = k.eval("[m1.uid, m2.uid]")
+        k.restart(now=False)
+        k.execute(SETUP, check=True)
+        history = k.execute("%tasks --history").check().stdout
+    assert sorted(parked.read_text().splitlines()) == ["m1 parked", "m2 parked"]
+    rows = [line for line in history.splitlines() if any(uid in line for uid in uids)]
+    assert len(rows) == 2 and all(" cancelled " in row for row in rows), history
+    assert "kernel stopped while the task was running" not in history
+    assert history.count("error: Task was cancelled: the kernel was shut down") == 2, history
+
+
 def test_running_coroutines_take_no_thread_slot(make_worker):
     """Coroutine tasks run on the loop, not on pool threads: many long-running monitors never
     make thread tasks look queued (nor get them refused by max_queued_tasks)."""

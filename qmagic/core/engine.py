@@ -363,16 +363,16 @@ class Engine(TaskRegistry):
         return self._runner.interrupt(job)
 
     # -- shutdown ---------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, reason: str = CLOSED_REASON) -> None:
         """Cancel queued tasks, stop running ones (forcing after the grace time), stop every
-        thread and qmagic's event loop.  Idempotent."""
+        thread and qmagic's event loop; ``reason``: the tasks' cancel reason.  Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             active = [job.task for job in list(self._jobs.values()) if not job.task.done()]
         for task in active:
-            self.cancel(task, force=True, reason=CLOSED_REASON)
+            self.cancel(task, force=True, reason=reason)
         deadline = time.monotonic() + timeout
         for task in active:
             task.wait(max(0.0, deadline - time.monotonic()))
@@ -380,10 +380,10 @@ class Engine(TaskRegistry):
             log.warning("qmagic: %s (task %s) still runs (blocked where it cannot be stopped); it "
                         "is recorded as cancelled and left to end on its own.", task.call_text(40),
                         task.uid[:8])  # (recorded now, while the log is open; Task and log agree)
-            self._end_now(self._jobs[task.uid], TaskCancelled(CLOSED_REASON))
+            self._end_now(self._jobs[task.uid], TaskCancelled(reason))
         self._pool.close()
         self.timers.close()
         self.bus.close()
         self.foreground.close()
-        self.loops.close()
+        self.loops.close(timeout)
         capture.uninstall()

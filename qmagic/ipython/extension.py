@@ -12,6 +12,7 @@ unload -> load works, and loading twice is a silent no-op.  An unload always fin
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import threading
@@ -34,6 +35,11 @@ from .runner import KernelForegroundRunner, interrupts_held
 __all__ = ["Session", "UnloadInterrupted", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
 
 log = logging.getLogger("qmagic")
+
+#: Why the tasks still running when the kernel shuts down (or restarts) are cancelled, and
+#: how long the exit waits for them (the kernel's manager kills a kernel after 5 s).
+MSG_SHUT_DOWN = "Task was cancelled: the kernel was shut down"
+EXIT_CLOSE_S = 2.0
 
 _sessions: dict[int, Session] = {}
 _sessions_lock = threading.RLock()
@@ -79,6 +85,8 @@ class Session:
         self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner,
                                       hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
+        atexit.register(self._close_at_exit)  # (before IPython's own exit operations)
+        self._step("close at exit", lambda: atexit.unregister(self._close_at_exit))
         worker.provenance_source = provenance_source(shell)
         tracebacks.set_filename_labeler(cell_labeler(shell))
         self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
@@ -98,6 +106,15 @@ class Session:
         self._completer()
         self._formatter()
         self._panels()
+
+    def _close_at_exit(self) -> None:
+        """The kernel is shutting down (a restart too): running tasks are cancelled — a
+        coroutine's ``finally:`` runs — and recorded so, within the time the kernel's
+        manager waits for a kernel to exit (it kills it after 5 s)."""
+        try:
+            self.worker.close(EXIT_CLOSE_S, reason=MSG_SHUT_DOWN)
+        except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
+            log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
 
     def _event(self, name: str, callback: Callable[..., Any]) -> None:
         self.shell.events.register(name, callback)
