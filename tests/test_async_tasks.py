@@ -840,6 +840,14 @@ async def shrug():
     except asyncio.CancelledError:
         print("shrug ignored the cancel", flush=True)
     return "done anyway"
+
+async def grumble():
+    """Fails as it is cancelled: its own error shows, not the interrupt."""
+    print("grumble started", flush=True)
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        raise ValueError("motor stuck") from None
 '''
 
 
@@ -860,6 +868,12 @@ def test_kernel_interrupt_stops_the_cell_even_if_the_coroutine_completes(ak):
         "recorded so (see %task_result).")
     assert result.stdout == "shrug started\nshrug ignored the cancel\n"
     assert ak.eval("(w.last_task.status.value, w.last_task.result())") == ("completed", "done anyway")
+    cell = ak.execute_async("%function_execute grumble\nprint('the cell ran on')")
+    ak.wait_for_output(cell, "grumble started")
+    ak.interrupt()
+    result = ak.wait(cell)
+    assert "the cell ran on" not in result.stdout and result.error["ename"] == "ValueError"
+    assert ak.eval("(w.last_task.status.value, w.last_task.error)") == ("failed", "motor stuck")
     assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
 
 

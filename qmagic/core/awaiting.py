@@ -107,14 +107,14 @@ class CoroutineJobs:
     def _wait_for_coroutine(self, job: Job) -> None:
         """Owner thread: a foreground coroutine task holds the cell until it ends; an
         interrupt (■) cancels it, and the wait goes on until it has ended.  A task that
-        completes or fails anyway (it caught the CancelledError, or ■ came as it ended) still
-        stops the call: raises a one-line KeyboardInterrupt (so a cell stops there)."""
+        completes anyway (it caught the CancelledError, or ■ came as it ended) still stops
+        the call: raises a one-line KeyboardInterrupt (so a cell stops there)."""
         self._schedule_coroutine(job)
         task = job.task
         interrupted = False
         while not task.done():
             if job.interrupted_early:  # (■ before the wait began: taken by the guard)
-                job.interrupted_early = interrupted = False
+                job.interrupted_early, interrupted = False, True
                 self.engine.cancel(task, reason=INTERRUPTED)
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
@@ -126,10 +126,10 @@ class CoroutineJobs:
                     self._send_cancel(job)
             finally:
                 job.in_user_code = False
-        if interrupted and task.status is not TaskStatus.CANCELLED:
+        if interrupted and task.status is TaskStatus.COMPLETED:  # (a failure shows itself)
             raise one_line(KeyboardInterrupt(
-                f"{task.call_text(60)} did not stop for the interrupt: it {task.status.value} "
-                "and is recorded so (see %task_result)."))
+                f"{task.call_text(60)} did not stop for the interrupt: it completed and is "
+                "recorded so (see %task_result)."))
 
     # -- cancelling ------------------------------------------------------------------------------
     def cancel_awaitable(self, job: Job, force: bool) -> None:
