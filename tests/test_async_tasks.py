@@ -877,6 +877,30 @@ def test_kernel_interrupt_stops_the_cell_even_if_the_coroutine_completes(ak):
     assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
 
 
+def test_kernel_an_interrupt_at_any_line_of_a_foreground_coroutine_start(tmp_path):
+    """■ at each line of qmagic's start of a foreground coroutine task (a real SIGINT there):
+    the call always raises (a cell, and Run All, stops) and nothing stays behind.  A ■
+    taken before the coroutine started was read only once the wait had begun, and by then
+    the coroutine could have run and completed: the ■ was dropped and the cell ran on; and
+    the loop thread's mark "its code runs" let a ■ through outside the wait."""
+    from kernel_helpers import start_kernel
+    from test_kernel_starts import HELPERS as START_HELPERS
+
+    with start_kernel(tmp_path) as k:
+        k.execute(START_HELPERS + KERNEL_HELPERS + (
+            "from qmagic.core.awaiting import CoroutineJobs\n"
+            "async def aadd(a):\n"
+            "    await asyncio.sleep(0)\n"
+            "    return a + 1\n"), check=True)
+        bad, fired = k.eval(
+            "interrupt_each_line([Engine.submit, JobRunner.run_foreground, "
+            "CoroutineJobs._wait_for_coroutine, CoroutineJobs._schedule_coroutine, "
+            "CoroutineJobs._start_on_loop], lambda: w.submit('aadd', (1,), background=False))",
+            timeout=150)
+    assert fired >= 20, fired
+    assert bad == [], bad
+
+
 def test_kernel_deadlines_of_coroutine_tasks(ak):
     from kernel_helpers import one_line
 

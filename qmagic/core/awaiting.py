@@ -89,16 +89,18 @@ class CoroutineJobs:
         result: Any = None
         error: BaseException | None = None
         token = _current.set(task)
+        # (``job.in_user_code`` is the owner thread's alone: it marks its wait, where ■ may
+        # land; the loop thread only says when the code is done.)
         try:
-            job.in_user_code = True
             if task.cancel_requested:
                 raise TaskCancelled(task.cancel_reason)
+            if job.interrupted_early:  # ■ before it started: it never starts
+                raise TaskCancelled(INTERRUPTED)
             with self._hooks(job):
                 result = await job.call()
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
             error = cancel_error(task, exc)
         finally:
-            job.in_user_code = False
             job.code_done = True
             _current.reset(token)
         if task._claim_end():
@@ -126,6 +128,8 @@ class CoroutineJobs:
                     self._send_cancel(job)
             finally:
                 job.in_user_code = False
+        if job.interrupted_early:  # (■ taken before it started, but it had ended by then)
+            job.interrupted_early, interrupted = False, True
         if interrupted and task.status is TaskStatus.COMPLETED:  # (a failure shows itself)
             raise one_line(KeyboardInterrupt(
                 f"{task.call_text(60)} did not stop for the interrupt: it completed and is "
