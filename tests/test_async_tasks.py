@@ -266,6 +266,43 @@ def test_cancel_while_a_function_prepares_the_coroutine_it_returns(make_worker, 
     assert w.submit("start_scan", ("c3",)).result(TIMEOUT) == "c3"  # the loop is fine
 
 
+def test_a_forced_cancel_while_the_loop_is_busy_never_hangs_the_waiting_thread(make_worker,
+                                                                                   no_bluesky_loop):
+    """A thread task whose function returned a coroutine, stopped (forced, or ■ in the
+    foreground) before the busy loop had started that coroutine: asyncio's cancel then came
+    before its first step, skipped its body, and the thread waited for its end for good (a
+    foreground one froze the kernel, deaf to ■)."""
+    from polling import eventually
+
+    holding, hold = threading.Event(), threading.Event()
+    ran: list = []
+
+    async def block_the_loop():
+        holding.set()
+        hold.wait(TIMEOUT)  # a blocking call: the loop runs nothing else meanwhile
+        return "released"
+
+    async def scan():
+        ran.append("scan")
+
+    def start_scan():
+        return scan()
+
+    w = make_worker({"block_the_loop": block_the_loop, "start_scan": start_scan},
+                    cancel_grace_s=0.01)
+    blocker = w.submit("block_the_loop")
+    assert holding.wait(TIMEOUT)
+    task = w.submit("start_scan")
+    eventually(lambda: w.engine._jobs[task.uid].loop is not None, what="the coroutine handed to the loop")
+    assert task.cancel(force=True)
+    eventually(lambda: w.engine._jobs[task.uid].cancel_sent, what="the forced cancel landed")
+    hold.set()
+    assert blocker.result(TIMEOUT) == "released"
+    assert task.wait(TIMEOUT), "the task never ended"
+    assert (task.status, task.error) == (TaskStatus.CANCELLED, "Task was cancelled from Python")
+    assert ran == []
+
+
 def test_a_second_cancel_never_cuts_the_cleanup_of_a_coroutine_short(make_worker, no_bluesky_loop):
     """A coroutine's ``finally:`` that awaits (parking a motor) runs to its end however often
     the task is cancelled again meanwhile (a double click on Cancel, ``%task_cancel`` twice, a

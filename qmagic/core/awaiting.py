@@ -38,23 +38,28 @@ class CoroutineJobs:
 
         async def run() -> None:
             try:
-                if job.task.cancel_requested:  # cancelled while its function ran
+                if job.task.cancel_requested or "stopped" in box:  # (before it could start)
                     _close(awaitable)
-                    raise TaskCancelled(job.task.cancel_reason)
+                    raise TaskCancelled(job.task.cancel_reason or INTERRUPTED)
                 box["result"] = await awaitable
             except BaseException as exc:  # noqa: BLE001
                 box["error"] = exc
             finally:
                 done.set()
 
-        self._start_on_loop(job, run)
+        handed = False
         try:
+            self._start_on_loop(job, run)
+            handed = True
             while not done.wait(0.5):
                 pass
-        except BaseException:  # interrupted or forced while waiting: stop the awaitable too
-            job.cancel_sent = True
-            self._send_cancel(job)
-            wait_uninterrupted(done)
+        except BaseException:  # interrupted or forced: stop the awaitable too
+            box["stopped"] = True  # (run() still to start never awaits the awaitable)
+            if job.loop is not None:
+                job.cancel_sent = True
+                self._send_cancel(job)
+            if handed:  # (then run() ends, whatever happens)
+                wait_uninterrupted(done)
             raise
         if "error" in box:
             raise cancel_error(job.task, box["error"])
@@ -64,12 +69,13 @@ class CoroutineJobs:
     def _start_on_loop(self, job: Job, make: Callable[[], Any]) -> None:
         """Start ``make()`` (a coroutine that reads the task's cancel flag first and records
         every outcome) as an asyncio task on the loop.  It is never cancelled before it
-        starts: asyncio would then skip its body, and the task would never end."""
+        starts (:func:`cancel_atask`): asyncio would then skip its body, and the task would
+        never end."""
         loop = self.engine.loops.loop()
         job.loop = job.task._loop = loop  # (the task refuses blocking waits on that loop)
 
         def create() -> None:
-            job.atask = loop.create_task(make())  # (its first step runs before any cancel)
+            job.atask = loop.create_task(make())
 
         loop.call_soon_threadsafe(create)
 
@@ -188,8 +194,16 @@ def _close(awaitable: Any) -> None:
 
 
 def cancel_atask(job: Job, reason: str) -> None:
-    if job.atask is not None and not job.atask.done():
-        job.atask.cancel(reason)
+    """On the loop: asyncio's cancel of the job's asyncio task, once its coroutine has
+    started (a cancel before its first step would skip its body, which records the end:
+    then it comes again after that step)."""
+    atask = job.atask
+    if atask is None or atask.done():
+        return
+    if inspect.getcoroutinestate(atask.get_coro()) == inspect.CORO_CREATED:
+        asyncio.get_running_loop().call_soon(cancel_atask, job, reason)
+        return
+    atask.cancel(reason)
 
 
 def cancel_error(task: Task, exc: BaseException) -> BaseException:
