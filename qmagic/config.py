@@ -191,7 +191,7 @@ class QMagic(Configurable):
     zmq_console_all_output = Bool(
         False,
         help="Publish everything the kernel prints on the info socket's QS_Console topic; "
-        "False: only what tasks and uploaded scripts print.",
+        "False: only what tasks and uploaded scripts print (and the threads they start).",
     ).tag(config=True)
     zmq_max_message_bytes = Int(
         10_000_000, min=1024, max=1_000_000_000,

@@ -232,3 +232,57 @@ def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(describing_a_
     foreground task's print froze the kernel; found by a hostile test)."""
     printer = describing_a_slow_result.submit(lambda: print("still printing"))
     assert printer.wait(TIMEOUT / 4) and printer.result() is None
+
+
+def _console_until(monitor, needle: str) -> str:
+    """The monitor's text once ``needle`` arrived (TimeoutError if it never does)."""
+    deadline = time.monotonic() + TIMEOUT
+    while needle not in monitor.text():
+        try:
+            monitor.next_msg(timeout=0.2)
+        except TimeoutError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{needle!r} never reached the console monitor: {monitor.text()!r}")
+    return monitor.text()
+
+
+def test_prints_of_threads_a_task_starts_reach_the_console(make_worker):
+    """queueserver publishes everything its worker prints; a task that prints from threads
+    of its own (a thread pool, a helper thread, one started by that thread) showed the
+    operator nothing: only the task's own thread was published, unless
+    zmq_console_all_output.  Threads a task starts now count as the task's work; a thread
+    started outside tasks still does not (the scientist's own output stays private)."""
+    def fan_out():
+        def inner():
+            print("from the helper's own thread")
+
+        def helper():
+            print("from a thread the task started")
+            nested = threading.Thread(target=inner)
+            nested.start()
+            nested.join()
+
+        thread = threading.Thread(target=helper)
+        thread.start()
+        thread.join()
+        print("task done")
+
+    worker = make_worker({"fan_out": fan_out})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      console_monitor_poll_timeout=0.05)
+    try:
+        rm.console_monitor.enable()
+        _subscribed(rm.console_monitor, worker)
+        outside = threading.Thread(target=lambda: print("a thread of the notebook's own"))
+        outside.start()
+        outside.join()
+        worker.submit("fan_out").result(TIMEOUT)
+        text = _console_until(rm.console_monitor, "task done")
+        assert text.splitlines() == ["from a thread the task started", "from the helper's own thread",
+                                     "task done"]
+    finally:
+        rm.console_monitor.disable_wait(timeout=2)
+        rm.close()
+        pub.stop()

@@ -4,6 +4,11 @@
 tee that copies writes made in a task's thread to that task, and a handler on the root
 logger copies log records emitted in a task's thread.  Outside tasks both are
 pass-through.
+
+Listeners (the info socket) are told which task's work wrote a text: the task running in
+the writing thread, else the task whose work started that thread (or the thread that
+started it ...): while installed, ``threading.Thread.start`` notes it on the new thread, as
+a queueserver worker publishes whatever its threads print.
 """
 
 from __future__ import annotations
@@ -16,13 +21,32 @@ from typing import Any, TextIO
 
 from .context import _current
 
-__all__ = ["TextBuffer", "install", "uninstall", "ensure_streams", "add_listener", "remove_listener"]
+__all__ = ["TextBuffer", "install", "uninstall", "ensure_streams", "add_listener", "remove_listener",
+           "work_of"]
 
 _lock = threading.Lock()
 _users = 0
 #: Called as ``listener(task or None, text)`` for every text written to stdout/stderr
 #: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
 _listeners: tuple = ()
+_thread_start = threading.Thread.start
+
+
+def work_of() -> Any:
+    """The task whose work runs in this thread: the current task, else the one whose work
+    started this thread (see the module docstring), else None."""
+    task = _current.get()
+    if task is None:
+        task = getattr(threading.current_thread(), "_qmagic_started_by", None)
+    return task
+
+
+def _start_noting_the_task(thread: threading.Thread) -> None:
+    """``threading.Thread.start`` that first notes on the thread whose work starts it."""
+    task = work_of()
+    if task is not None:
+        thread._qmagic_started_by = task  # type: ignore[attr-defined]
+    _thread_start(thread)
 
 
 def add_listener(listener: Any) -> None:
@@ -86,12 +110,14 @@ class _TaskTee:
         self._qmagic_wrapped = stream
 
     def write(self, text: Any) -> int:
-        task = _current.get()
         if isinstance(text, str):
+            task = _current.get()
             if task is not None:
                 task._write_output(text)
-            for listener in _listeners:
-                listener(task, text)
+            if _listeners:
+                origin = task if task is not None else work_of()
+                for listener in _listeners:
+                    listener(origin, text)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:
@@ -169,6 +195,7 @@ def install() -> None:
         _users += 1
         _wrap("stdout")
         _wrap("stderr")
+        threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]
         root = logging.getLogger()
         if _handler not in root.handlers:
             root.addHandler(_handler)
@@ -187,4 +214,6 @@ def uninstall() -> None:
             stream = getattr(sys, name)
             if isinstance(stream, _TaskTee):
                 setattr(sys, name, stream._qmagic_wrapped)
+        if threading.Thread.start is _start_noting_the_task:  # (unless replaced since)
+            threading.Thread.start = _thread_start  # type: ignore[method-assign]
         logging.getLogger().removeHandler(_handler)

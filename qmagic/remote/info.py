@@ -5,7 +5,8 @@ topics, each message two frames ``[topic, JSON payload]`` with the payload
 ``{"time": <epoch s>, "msg": ...}``, as queueserver's ``output_streaming.py``:
 
 - ``QS_Console``: text a remote operator would see on the worker's console — what tasks and
-  uploaded scripts print (``QMagic.zmq_console_all_output``: everything the kernel prints).
+  uploaded scripts print, and the threads they start (:func:`qmagic.core.capture.work_of`;
+  ``QMagic.zmq_console_all_output``: everything the kernel prints).
 - ``QS_Info``: ``{"status": {...the status reply...}}`` about once a second and at once on
   every change; and, beyond queueserver, ``{"task": {...}}`` for task events (queued,
   running, progress, result or error, final status), coalesced to at most
