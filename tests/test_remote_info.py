@@ -4,6 +4,7 @@ on change and periodically, coalesced task events with the final state always se
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 
@@ -146,7 +147,7 @@ def test_a_flood_keeps_memory_bounded_and_says_what_was_dropped(make_worker):
     """Producers only note what is new (one wake-up waits at a time); console text waiting to
     be sent is bounded, the oldest dropped first, with a note saying how much (found by a
     hostile test: a progress flood queued 2 million items, +650 MB)."""
-    from qmagic.remote.info import CONSOLE_BACKLOG_CHARS, TOPIC_CONSOLE
+    from qmagic.remote.info import CONSOLE_BACKLOG_CHARS, CONSOLE_CHUNK_CHARS, TOPIC_CONSOLE
 
     worker = make_worker({})
     pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
@@ -162,9 +163,11 @@ def test_a_flood_keeps_memory_bounded_and_says_what_was_dropped(make_worker):
     sent: list = []
     pub._send = lambda sock, topic, msg: sent.append((topic, msg))
     pub._publish_console(None)
-    assert sent[0] == (TOPIC_CONSOLE, f"\n[qmagic: {dropped} characters of console output were "
-                                      "dropped: they came faster than they could be sent]\n")
-    assert [m for _, m in sent[1:]] == [line] * (CONSOLE_BACKLOG_CHARS // len(line))
+    note = (f"\n[qmagic: {dropped} characters of console output were "
+            "dropped: they came faster than they could be sent]\n")
+    assert {topic for topic, _ in sent} == {TOPIC_CONSOLE}
+    assert "".join(m for _, m in sent) == note + line * (CONSOLE_BACKLOG_CHARS // len(line))
+    assert all(len(m) <= CONSOLE_CHUNK_CHARS for _, m in sent)
     assert pub._console_chars == pub._console_dropped == 0 and not pub._wake_pending
 
 
@@ -186,7 +189,7 @@ def test_one_huge_print_is_cut_to_its_tail_and_keeps_the_lines_before_it(make_wo
     pub._publish_console(None)
     marker = (f"[... {len(big) - CONSOLE_CHUNK_CHARS} earlier characters dropped: the text was too "
               "long to send whole ...]\n")
-    assert sent == ["big start", "\n", marker + big[-CONSOLE_CHUNK_CHARS:], "\n", "big end", "\n"]
+    assert sent == ["big start\n", marker + big[-CONSOLE_CHUNK_CHARS:], "\nbig end\n"]  # (joined)
     assert not any("faster" in m for m in sent)
 
 
@@ -285,4 +288,46 @@ def test_prints_of_threads_a_task_starts_reach_the_console(make_worker):
     finally:
         rm.console_monitor.disable_wait(timeout=2)
         rm.close()
+        pub.stop()
+
+
+def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
+    """Every write went out as a message of its own (print() makes two): a task printing
+    30,000 lines in a burst sent 60,000 messages, and a subscriber that did not read them at
+    once (a busy gateway, a GUI) lost all but the ~11,000 0MQ queues, silently — PUB drops
+    at its high-water mark, no note.  Text waiting when the publisher wakes now goes out
+    together (up to CONSOLE_CHUNK_CHARS a message)."""
+    import zmq
+
+    def burst(n):
+        for i in range(n):
+            print(f"line {i:<6} " + "." * 70)
+        print("end of burst")
+
+    worker = make_worker({"burst": burst})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: {}).start()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Console")
+    sub.connect(pub.address)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not sub.poll(100):  # subscribed once a marker arrives
+            worker.submit(lambda: print("sync")).wait(TIMEOUT)
+            assert time.monotonic() < deadline, "never subscribed"
+        while sub.poll(300):
+            sub.recv_multipart()
+        worker.submit("burst", (30_000,)).result(TIMEOUT * 3)  # nothing is read meanwhile
+        text = []
+        while not "".join(text[-2:]).endswith("end of burst\n"):
+            assert sub.poll(TIMEOUT * 1000), "the end of the burst never arrived"
+            topic, payload = sub.recv_multipart()
+            text.append(json.loads(payload)["msg"])
+        lines = "".join(text).splitlines()
+        assert len(lines) == 30_001, f"{30_001 - len(lines)} lines lost"
+        assert lines == [f"line {i:<6} " + "." * 70 for i in range(30_000)] + ["end of burst"]
+    finally:
+        sub.close(0)
+        ctx.term()
         pub.stop()

@@ -18,8 +18,9 @@ Subscribers: ``REManagerAPI.console_monitor`` and ``system_info_monitor``,
 time); one thread owns the socket.  Memory stays bounded whatever the producers do: task
 events merge per task; one write longer than :data:`CONSOLE_CHUNK_CHARS` is cut to its
 tail, after a marker as a task's own output has (``[... N earlier characters dropped:
-the text was too long to send whole ...]``); and console text waiting to be sent is kept
-up to :data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much.
+the text was too long to send whole ...]``); console text waiting to be sent is kept
+up to :data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much,
+and goes out joined, up to :data:`CONSOLE_CHUNK_CHARS` a message.
 """
 
 from __future__ import annotations
@@ -78,6 +79,25 @@ def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
         return probe.read(make, _TEXT_READ_S)
     except probe.ProbeTimeout:
         return fallback
+
+
+def _joined(texts: deque[str], limit: int) -> list[str]:
+    """``texts`` in order, joined into as few messages as hold at most ``limit`` characters
+    each (one text longer than that is a message of its own): a write per message made a
+    burst of prints many thousands of messages, which a subscriber that did not read them
+    at once lost silently (PUB drops at its high-water mark)."""
+    messages: list[str] = []
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if group and size + len(text) > limit:
+            messages.append("".join(group))
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        messages.append("".join(group))
+    return messages
 
 
 class InfoPublisher(SocketThread):
@@ -259,9 +279,9 @@ class InfoPublisher(SocketThread):
             texts, self._console = self._console, deque()
             dropped, self._console_chars, self._console_dropped = self._console_dropped, 0, 0
         if dropped:
-            self._send(sock, TOPIC_CONSOLE, f"\n[qmagic: {dropped} characters of console output were "
-                                            "dropped: they came faster than they could be sent]\n")
-        for text in texts:
+            texts.appendleft(f"\n[qmagic: {dropped} characters of console output were dropped: "
+                             "they came faster than they could be sent]\n")
+        for text in _joined(texts, CONSOLE_CHUNK_CHARS):
             self._send(sock, TOPIC_CONSOLE, text)
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
