@@ -347,6 +347,14 @@ def _plain_json(value: Any, uid: str, late: dict[str, Any]) -> tuple[Any, str | 
                       "is slow or blocked): ask again in a moment")
 
 
+def failure_message(rec: Mapping[str, Any], status: TaskStatus) -> str:
+    """queueserver's text for a task that did not complete (task_result's ``msg``, and the
+    line the info socket's console shows before a failed task's traceback); ``rec``: the
+    task's record (:meth:`qmagic.Task.to_dict`, or the experiment log's)."""
+    kind = _KIND_TEXT.get(str(rec.get("kind")), "Execute function")
+    return f"Error occurred while executing '{kind}': {rec.get('error') or status.value}"
+
+
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
                  late: dict[str, Any]) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log);
@@ -368,8 +376,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
                 msg = (f"The result {why}; it stays in the kernel: "
                        f"get_worker().get_task('{rec['uid']}').result()")
     elif not success:
-        kind = _KIND_TEXT.get(str(rec.get("kind")), "Execute function")
-        msg = f"Error occurred while executing '{kind}': {rec.get('error') or status.value}"
+        msg = failure_message(rec, status)
     return {"task_uid": rec["uid"], "success": success, "msg": msg,
             "traceback": rec.get("traceback") or "", "return_value": value,
             "time_start": time_start, "time_stop": rec.get("finished_at")}

@@ -331,3 +331,33 @@ def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
         sub.close(0)
         ctx.term()
         pub.stop()
+
+
+def test_a_failed_task_says_so_on_the_console(make_worker):
+    """A queueserver worker logs a failed task's error and traceback to its console
+    ("Error occurred while executing 'Execute function': ...", then the traceback), so an
+    operator watching qserver-console-monitor or the gateway's console sees why the task
+    stopped; qmagic's console showed the task's prints and then nothing.  It now follows a
+    failed task's prints with queueserver's line (task_result's msg) and the traceback."""
+    def measure(x):
+        print("measuring")
+        raise ValueError(f"bad value {x}")
+
+    worker = make_worker({"measure": measure})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      console_monitor_poll_timeout=0.05)
+    try:
+        rm.console_monitor.enable()
+        _subscribed(rm.console_monitor, worker)
+        task = worker.submit("measure", (3,))
+        assert task.wait(TIMEOUT) and task.status.value == "failed"
+        text = _console_until(rm.console_monitor, "ValueError: bad value 3")
+        lines = text.splitlines()
+        assert lines[:3] == ["measuring", "Error occurred while executing 'Execute function': bad value 3:",
+                             "Traceback (most recent call last):"]
+        assert 'raise ValueError(f"bad value {x}")' in text
+    finally:
+        rm.console_monitor.disable_wait(timeout=2)
+        rm.close()
+        pub.stop()

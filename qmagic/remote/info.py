@@ -5,8 +5,9 @@ topics, each message two frames ``[topic, JSON payload]`` with the payload
 ``{"time": <epoch s>, "msg": ...}``, as queueserver's ``output_streaming.py``:
 
 - ``QS_Console``: text a remote operator would see on the worker's console — what tasks and
-  uploaded scripts print, and the threads they start (:func:`qmagic.core.capture.work_of`;
-  ``QMagic.zmq_console_all_output``: everything the kernel prints).
+  uploaded scripts print, and the threads they start (:func:`qmagic.core.capture.work_of`);
+  a failed task's error line (task_result's ``msg``) and traceback, as a queueserver
+  worker logs them (``QMagic.zmq_console_all_output``: everything the kernel prints).
 - ``QS_Info``: ``{"status": {...the status reply...}}`` about once a second and at once on
   every change; and, beyond queueserver, ``{"task": {...}}`` for task events (queued,
   running, progress, result or error, final status), coalesced to at most
@@ -38,8 +39,9 @@ import zmq
 from .. import format as fmt
 from .. import probe
 from ..core import capture
-from ..core.status import FINISHED_VALUES
+from ..core.status import FINISHED_VALUES, TaskStatus
 from ..errors import TaskNotFound
+from ..protocol import failure_message
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -191,6 +193,10 @@ class InfoPublisher(SocketThread):
             progress = task.progress if task is not None else None
             if progress is not None:
                 texts["final_progress"] = progress._asdict()
+            if status == TaskStatus.FAILED.value and task is not None:  # as a queueserver worker logs it
+                record = task.to_dict()
+                self._on_output(task, f"{failure_message(record, TaskStatus.FAILED)}:\n"
+                                      f"{record.get('traceback') or ''}\n")
         if "result" in event:
             result = event["result"]
             texts["result"] = _bounded(lambda: fmt.safe_repr(result, 200), (result,), _NOT_READ)
