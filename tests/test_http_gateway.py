@@ -142,3 +142,38 @@ def test_console_output_websocket_and_buffer(gateway, rm):
                 continue
     buffer = httpx.get(f"{gateway.uri}/api/console_output", headers=_headers()).json()
     assert "adding 20 22" in buffer["text"]
+
+
+def test_console_monitor_over_http_gets_a_burst_of_prints_whole(rm):
+    """The HTTP client's console monitor polls /api/console_output_update, which holds the
+    last 2,000 messages of the info socket; a write per message made 3,000 printed lines
+    6,000 messages, the monitor's place fell out of that buffer and it got nothing of the
+    burst (the gateway answers an empty list then).  Text is now sent joined."""
+    reply = rm.script_upload("def qs_burst(n):\n    for i in range(n):\n        print(f'burst line {i}')\n"
+                             "    print('burst over')\n"
+                             "def qs_say(text):\n    print(text)\n")
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    rm.console_monitor.enable()
+    try:
+        deadline, text = time.monotonic() + WAIT, ""
+        while "monitor ready" not in text:  # the gateway may subscribe a moment later
+            assert time.monotonic() < deadline, "the console monitor never received a line"
+            rm.function_execute(BFunc("qs_say", "monitor ready"), run_in_background=True)
+            try:
+                while "monitor ready" not in text:
+                    text += rm.console_monitor.next_msg(timeout=1.0)["msg"]
+            except rm.RequestTimeoutError:
+                continue
+        reply = rm.function_execute(BFunc("qs_burst", 3000), run_in_background=True)
+        rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+        text, deadline = "", time.monotonic() + WAIT
+        while "burst over" not in text:
+            assert time.monotonic() < deadline, f"the end of the burst never arrived: {text[-200:]!r}"
+            try:
+                text += rm.console_monitor.next_msg(timeout=1.0)["msg"]
+            except rm.RequestTimeoutError:
+                continue
+        lines = [line for line in text.splitlines() if line.startswith("burst")]
+        assert lines == [f"burst line {i}" for i in range(3000)] + ["burst over"]
+    finally:
+        rm.console_monitor.disable()
