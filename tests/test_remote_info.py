@@ -361,3 +361,32 @@ def test_a_failed_task_says_so_on_the_console(make_worker):
         rm.console_monitor.disable_wait(timeout=2)
         rm.close()
         pub.stop()
+
+
+def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
+    """A thread started by a task's work (a pool's, which lives on) notes the task weakly:
+    the task and its result go when the worker forgets them."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    started, release = threading.Event(), threading.Event()
+
+    def start_a_long_thread():
+        threading.Thread(target=lambda: (started.set(), release.wait(TIMEOUT)), daemon=True).start()
+        return Big()
+
+    worker = make_worker({"start_a_long_thread": start_a_long_thread}, journal_enabled=False)
+    task = worker.submit("start_a_long_thread")
+    result = weakref.ref(task.result(TIMEOUT))
+    assert started.wait(TIMEOUT)
+    try:
+        worker.submit(lambda: None).result(TIMEOUT)  # (the engine keeps its last task)
+        worker.clear_finished()
+        del task
+        gc.collect()
+        assert result() is None, "the thread the task started keeps its result alive"
+    finally:
+        release.set()

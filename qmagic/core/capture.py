@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from collections import deque
 from typing import Any, TextIO
 
@@ -37,15 +38,16 @@ def work_of() -> Any:
     started this thread (see the module docstring), else None."""
     task = _current.get()
     if task is None:
-        task = getattr(threading.current_thread(), "_qmagic_started_by", None)
+        started_by = getattr(threading.current_thread(), "_qmagic_started_by", None)
+        task = started_by() if started_by is not None else None
     return task
 
 
 def _start_noting_the_task(thread: threading.Thread) -> None:
     """``threading.Thread.start`` that first notes on the thread whose work starts it."""
     task = work_of()
-    if task is not None:
-        thread._qmagic_started_by = task  # type: ignore[attr-defined]
+    if task is not None:  # (weakly: a pool's thread lives on, the task and its result need not)
+        thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
     _thread_start(thread)
 
 
