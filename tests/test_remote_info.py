@@ -390,3 +390,41 @@ def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
         assert result() is None, "the thread the task started keeps its result alive"
     finally:
         release.set()
+
+
+def test_a_status_change_without_task_events_is_published_at_once(make_worker):
+    """queueserver publishes its status on every change; qmagic re-read it only after a
+    print or a task event, else once per period: a lock taken (or the environment closed,
+    a cell started) reached system_info_monitor and the gateway's /api/status/ws up to a
+    period later.  The status is now compared every 0.1 s and published when it changed."""
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker), status_period=60).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      system_info_monitor_poll_timeout=0.05)
+    try:
+        rm.system_info_monitor.enable()
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # subscribed once a message arrives (a task's events publish its status)
+            assert time.monotonic() < deadline, "never subscribed"
+            worker.submit(lambda: None).result(TIMEOUT)
+            try:
+                rm.system_info_monitor.next_msg(timeout=0.3)
+                break
+            except TimeoutError:
+                continue
+        worker.lock("status-key", environment=True)
+        deadline = time.monotonic() + 2.0  # (the period is 60 s)
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "the new lock was not published"
+            try:
+                msg = rm.system_info_monitor.next_msg(timeout=remaining)["msg"]
+            except TimeoutError:
+                continue
+            if msg.get("status", {}).get("lock", {}).get("environment"):
+                break
+    finally:
+        worker.unlock("status-key")
+        rm.system_info_monitor.disable_wait(timeout=2)
+        rm.close()
+        pub.stop()

@@ -8,8 +8,8 @@ topics, each message two frames ``[topic, JSON payload]`` with the payload
   uploaded scripts print, and the threads they start (:func:`qmagic.core.capture.work_of`);
   a failed task's error line (task_result's ``msg``) and traceback, as a queueserver
   worker logs them (``QMagic.zmq_console_all_output``: everything the kernel prints).
-- ``QS_Info``: ``{"status": {...the status reply...}}`` about once a second and at once on
-  every change; and, beyond queueserver, ``{"task": {...}}`` for task events (queued,
+- ``QS_Info``: ``{"status": {...the status reply...}}`` about once a second and on every
+  change (at once after a task event or a print, else within :data:`_STATUS_CHECK_S`); and, beyond queueserver, ``{"task": {...}}`` for task events (queued,
   running, progress, result or error, final status), coalesced to at most
   :data:`TASK_EVENTS_HZ` per second per task, the final state always sent.
 
@@ -61,6 +61,9 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
+#: How often the status is compared with the last one sent, and sent when it changed (a
+#: status reply takes some 20 microseconds); queueserver publishes on every change
+_STATUS_CHECK_S = 0.1
 
 
 #: task descriptions the publisher keeps at most (a task's is dropped when it ends)
@@ -252,14 +255,19 @@ class InfoPublisher(SocketThread):
             return
         ready.set()
         last_status: dict | None = None
-        next_status = 0.0
+        next_status = next_check = 0.0
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 if now >= next_status:
                     last_status = self._publish_status(sock, last_status, force=True)
                     next_status = now + self.status_period
-                wait = max(0.0, min(next_status, self._next_task_due(now)) - time.monotonic())
+                    next_check = now + _STATUS_CHECK_S
+                elif now >= next_check:  # (a lock, the environment, a cell: no event says so)
+                    last_status = self._publish_status(sock, last_status, force=False)
+                    next_check = now + _STATUS_CHECK_S
+                due = min(next_status, next_check, self._next_task_due(now))
+                wait = max(0.0, due - time.monotonic())
                 try:
                     item = self._queue.get(timeout=wait)
                 except queue.Empty:
