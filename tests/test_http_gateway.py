@@ -177,3 +177,29 @@ def test_console_monitor_over_http_gets_a_burst_of_prints_whole(rm):
         assert lines == [f"burst line {i}" for i in range(3000)] + ["burst over"]
     finally:
         rm.console_monitor.disable()
+
+
+def test_a_file_name_that_is_not_utf8_does_not_break_the_console_routes(gateway, rm):
+    """Python hands out a file name that is not UTF-8 with its bytes as lone surrogates
+    (os.listdir, surrogateescape); a task that printed one sent them as they were, and the
+    gateway, which must encode its replies as UTF-8, answered /api/console_output and
+    /api/console_output_update with 500 (Internal Server Error) for everyone until the line
+    scrolled out.  Such characters are now sent as U+FFFD, as a terminal shows them."""
+    reply = rm.script_upload("def qs_list_odd_name():\n"
+                             "    print('file:', b'caf\\xe9.dat'.decode('utf-8', 'surrogateescape'))\n"
+                             "    print('listed')\n")
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    uid = rm.function_execute(BFunc("qs_list_odd_name"), run_in_background=True)["task_uid"]
+    rm.wait_for_completed_task(uid, timeout=WAIT)
+    assert rm.task_result(uid)["result"]["success"] is True
+    deadline = time.monotonic() + WAIT
+    while True:  # (the gateway's monitor receives the line a moment later)
+        r = httpx.request("GET", f"{gateway.uri}/api/console_output", json={"nlines": 50}, headers=_headers())
+        assert r.status_code == 200, r.text
+        if "listed" in r.json()["text"]:
+            break
+        assert time.monotonic() < deadline, r.json()["text"]
+    assert "file: caf\ufffd.dat" in r.json()["text"]
+    r = httpx.request("GET", f"{gateway.uri}/api/console_output_update", json={"last_msg_uid": "ALL"},
+                      headers=_headers())
+    assert r.status_code == 200, r.text

@@ -428,3 +428,21 @@ def test_a_status_change_without_task_events_is_published_at_once(make_worker):
         rm.system_info_monitor.disable_wait(timeout=2)
         rm.close()
         pub.stop()
+
+
+def test_an_error_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make_worker):
+    """A task's error text (str(exc)) may hold a file name that is not UTF-8 (its bytes as
+    lone surrogates); the task message carried them as they were, which a subscriber that
+    encodes as UTF-8 (the gateway's /api/info/ws) cannot send.  They read U+FFFD now."""
+    name = b"caf\xe9.dat".decode("utf-8", "surrogateescape")
+
+    def open_odd():
+        raise ValueError(f"cannot read {name}")
+
+    worker = make_worker({"open_odd": open_odd})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    task = worker.submit("open_odd")
+    assert task.wait(TIMEOUT)
+    pub._on_event(task.uid, error=task.exception(), status="failed")
+    assert pub._tasks[task.uid]["error"] == "cannot read caf\ufffd.dat"
+    pub._tasks[task.uid]["error"].encode("utf-8")
