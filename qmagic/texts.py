@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["SUMMARY_KEY", "printable", "safe_repr"]
+__all__ = ["SUMMARY_KEY", "printable", "safe_repr", "valid_unicode"]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
 SUMMARY_KEY = "__qmagic_summary__"
@@ -20,6 +20,15 @@ SUMMARY_KEY = "__qmagic_summary__"
 _FORMAT = r"\u2028\u2029\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f-\x9f{_FORMAT}]")
 _CONTROL_BUT_LINES = re.compile(rf"[\x00-\x08\x0b-\x1f\x7f-\x9f{_FORMAT}]")  # (tabs, newlines stay)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with every lone surrogate -- Python's stand-in for a byte it could not
+    decode, e.g. of a file name that is not UTF-8 (os.listdir: surrogateescape) -- read as
+    U+FFFD, as a terminal shows it: for text handed to other programs as it is (console
+    output, the control channel's replies), which must encode it as UTF-8."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> str:

@@ -203,3 +203,22 @@ def test_a_file_name_that_is_not_utf8_does_not_break_the_console_routes(gateway,
     r = httpx.request("GET", f"{gateway.uri}/api/console_output_update", json={"last_msg_uid": "ALL"},
                       headers=_headers())
     assert r.status_code == 200, r.text
+
+
+def test_a_result_naming_a_file_that_is_not_utf8_reaches_the_gateway(rm):
+    """A task returning (or failing with) a file name that is not UTF-8: the control
+    channel's reply carried its lone surrogates as JSON escapes, which bluesky-httpserver
+    cannot encode as UTF-8: /api/task/result answered 500 for that task for good (and the
+    client's next request found its connection reset).  Replies carry U+FFFD for them."""
+    reply = rm.script_upload("qs_odd = b'caf\\xe9.dat'.decode('utf-8', 'surrogateescape')\n"
+                             "def qs_odd_name():\n    return qs_odd\n"
+                             "def qs_odd_failure():\n    raise ValueError('cannot read ' + qs_odd)\n")
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    uid = rm.function_execute(BFunc("qs_odd_name"), run_in_background=True)["task_uid"]
+    rm.wait_for_completed_task(uid, timeout=WAIT)
+    assert rm.task_result(uid)["result"]["return_value"] == "caf\ufffd.dat"
+    uid = rm.function_execute(BFunc("qs_odd_failure"), run_in_background=True)["task_uid"]
+    rm.wait_for_completed_task(uid, timeout=WAIT)
+    result = rm.task_result(uid)["result"]
+    assert result["msg"] == "Error occurred while executing 'Execute function': cannot read caf\ufffd.dat"
+    assert "ValueError: cannot read caf\ufffd.dat" in result["traceback"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -43,6 +42,7 @@ from ..core import capture
 from ..core.status import FINISHED_VALUES, TaskStatus
 from ..errors import TaskNotFound
 from ..protocol import failure_message
+from ..texts import valid_unicode
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -85,13 +85,6 @@ def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
         return probe.read(make, _TEXT_READ_S)
     except probe.ProbeTimeout:
         return fallback
-
-
-#: A character no UTF-8 text holds: Python's stand-in for a byte it could not decode (a file
-#: name that is not UTF-8, from os.listdir: surrogateescape).  Sent as U+FFFD, as a terminal
-#: shows it: a subscriber that encodes the text as UTF-8 (bluesky-httpserver's replies and
-#: websockets) failed on it (500 on /api/console_output until the line scrolled out).
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _joined(texts: deque[str], limit: int) -> list[str]:
@@ -214,7 +207,7 @@ class InfoPublisher(SocketThread):
         if "error" in event:
             error = event["error"]
             text = _bounded(lambda: fmt.one_line(error, 200), (error,), None) or type(error).__name__
-            texts["error"] = _LONE_SURROGATE.sub("\ufffd", text)  # (str(exc) may hold a file name)
+            texts["error"] = valid_unicode(text)  # (str(exc) may hold a file name)
         with self._pending_lock:
             state = self._tasks.get(task_uid)
             if state is None:
@@ -305,7 +298,9 @@ class InfoPublisher(SocketThread):
             texts.appendleft(f"\n[qmagic: {dropped} characters of console output were dropped: "
                              "they came faster than they could be sent]\n")
         for text in _joined(texts, CONSOLE_CHUNK_CHARS):
-            self._send(sock, TOPIC_CONSOLE, _LONE_SURROGATE.sub("\ufffd", text))
+            # (valid_unicode: a subscriber that encodes as UTF-8, bluesky-httpserver's
+            # replies and websockets, failed on a lone surrogate: 500 until it scrolled out)
+            self._send(sock, TOPIC_CONSOLE, valid_unicode(text))
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
         payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
