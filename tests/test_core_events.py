@@ -236,3 +236,35 @@ def test_force_cancel_status_recorded(make_worker):
     assert started.wait(TIMEOUT)
     w.cancel(t.uid, force=True)
     assert t.wait(TIMEOUT) and t.status is TaskStatus.CANCELLED
+
+
+def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_worker):
+    """Keeping a task's output takes the task's lock (and the info socket's); code that runs
+    in the same thread meanwhile -- a finalizer the garbage collector runs, a signal
+    handler -- and prints or logs wanted that lock again: the lock is not re-entrant, and
+    the task's thread froze, with every thread that asked about the task (found with a
+    hostile stress: cyclic garbage whose __del__ printed, collected during a print, froze a
+    task and the main thread waiting for it).  Such a write is now kept just after the one
+    in progress.  Here the code that runs meanwhile is the written text's own __len__
+    (deterministic; the collector's moment is not)."""
+    class Loud(str):
+        said = False
+
+        def __len__(self):
+            if not Loud.said:  # (first asked while the task's output keeps the text)
+                Loud.said = True
+                print("said meanwhile")
+            return str.__len__(self)
+
+    def task():
+        sys.stdout.write(Loud("loud text\n"))
+        return "done"
+
+    worker = make_worker({"task": task})
+    submitted = worker.submit("task")
+    waiter = threading.Thread(target=submitted.wait, args=(TIMEOUT,), daemon=True)
+    waiter.start()
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive() and submitted.done(), "the task froze"
+    assert submitted.result() == "done"
+    assert submitted.output == "loud text\nsaid meanwhile\n"  # (kept just after the write)

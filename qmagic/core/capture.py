@@ -105,6 +105,38 @@ class TextBuffer:
         return text
 
 
+_in_thread = threading.local()  # .pending: what this thread keeps now, and what waits for it
+
+
+def _kept(keep: Any, *args: Any) -> None:
+    """``keep(*args)`` (which takes a task's lock, or a listener's); or, when this thread is
+    already keeping text, just after it: code that runs meanwhile in the same thread -- a
+    finalizer the garbage collector runs, a signal handler -- may print or log, and the
+    locks are not re-entrant (the thread froze)."""
+    pending = getattr(_in_thread, "pending", None)
+    if pending is not None:
+        pending.append((keep, args))
+        return
+    _in_thread.pending = pending = deque([(keep, args)])
+    try:
+        while pending:
+            keep, args = pending.popleft()
+            keep(*args)
+    finally:
+        _in_thread.pending = None
+
+
+def _keep_text(text: str) -> None:
+    """A write to stdout/stderr: to the current task's output, and to the listeners."""
+    task = _current.get()
+    if task is not None:
+        task._write_output(text)
+    if _listeners:
+        origin = task if task is not None else work_of()
+        for listener in _listeners:
+            listener(origin, text)
+
+
 class _TaskTee:
     """File-like proxy: writes go to the wrapped stream and, inside a task, to the task."""
 
@@ -113,13 +145,7 @@ class _TaskTee:
 
     def write(self, text: Any) -> int:
         if isinstance(text, str):
-            task = _current.get()
-            if task is not None:
-                task._write_output(text)
-            if _listeners:
-                origin = task if task is not None else work_of()
-                for listener in _listeners:
-                    listener(origin, text)
+            _kept(_keep_text, text)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:
@@ -146,15 +172,9 @@ class _TaskLogHandler(logging.Handler):
             except Exception:  # noqa: BLE001 - a bad log call must not break the task
                 self.handleError(record)
                 return
-            task._add_log_record(
-                {
-                    "time": record.created,
-                    "level": record.levelname,
-                    "logger": record.name,
-                    "message": message,
-                },
-                line,
-            )
+            entry = {"time": record.created, "level": record.levelname, "logger": record.name,
+                     "message": message}
+            _kept(task._add_log_record, entry, line)
         if self._only_handler_for(record) and logging.lastResort is not None:
             # Adding this handler must not silence Python's last-resort stderr output.
             if record.levelno >= logging.lastResort.level:
