@@ -30,7 +30,7 @@ _users = 0
 #: Called as ``listener(task or None, text)`` for every text written to stdout/stderr
 #: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
 _listeners: tuple = ()
-_thread_start = threading.Thread.start
+_thread_start: Any = None  # ``threading.Thread.start`` as install() found it
 
 
 def work_of() -> Any:
@@ -212,12 +212,14 @@ def ensure_streams() -> None:
 
 def install() -> None:
     """Start copying task output and logs (one call per worker; reference counted)."""
-    global _users
+    global _users, _thread_start
     with _lock:
         _users += 1
         _wrap("stdout")
         _wrap("stderr")
-        threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]
+        if threading.Thread.start is not _start_noting_the_task:  # (as found: another
+            _thread_start = threading.Thread.start  # library's patch keeps working)
+            threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]
         root = logging.getLogger()
         if _handler not in root.handlers:
             root.addHandler(_handler)
