@@ -1,10 +1,13 @@
 """The rows of a task view: HTML segments with their buttons drawn over them.
 
-Layout, chosen so that a panel sends about one update message per tick however many tasks
-change (every widget is its own comm, every trait change one message):
+Layout, chosen so that a panel sends a few update messages per tick (one per changed segment)
+however many tasks change (every widget is its own comm, every trait change one message):
 
 - the rows of a view are drawn as HTML in one ``HTML`` widget per *segment*; a segment is
-  a run of rows between expanded rows;
+  a run of at most :data:`SEGMENT_ROWS` rows, ended early by an expanded row (a tick sends
+  only the segments whose rows changed: a running scan's row among a hundred finished ones
+  sent the whole table, ~250 kB, ten times a second, and JupyterLab fell seconds behind on a
+  loaded machine);
 - each segment is a one-cell ``GridBox``: the HTML fills the cell, and a ``GridBox`` of
   buttons (Cancel / Force stop for queued and running tasks, Details for every row; one line
   per row, exactly as tall as a row) sits in the same cell at its right end, over the part
@@ -31,10 +34,12 @@ from .base import PanelBase, set_traits
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
 
-__all__ = ["TaskTable", "CLOSE_BUDGET"]
+__all__ = ["TaskTable", "CLOSE_BUDGET", "SEGMENT_ROWS"]
 
 #: Widgets closed per application at most (closing is a message too); the rest wait.
 CLOSE_BUDGET = 10
+#: Most rows drawn in one segment (one HTML widget; a row is about 2.5 kB of HTML).
+SEGMENT_ROWS = 20
 _FORCE_TIP = ("The task has not stopped yet: raise TaskCancelled inside it "
               "(after QMagic.cancel_grace_s seconds)")
 
@@ -198,7 +203,7 @@ class TaskTable:
                 row.sig = sig
                 row.html = render.row_html(task)
             runs[-1].append(row)
-            if row.toggle is not None and row.toggle.value:
+            if (row.toggle is not None and row.toggle.value) or len(runs[-1]) >= SEGMENT_ROWS:
                 runs.append([])
         if len(runs) > 1 and not runs[-1]:
             runs.pop()
