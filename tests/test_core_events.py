@@ -268,3 +268,31 @@ def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_w
     assert not waiter.is_alive() and submitted.done(), "the task froze"
     assert submitted.result() == "done"
     assert submitted.output == "loud text\nsaid meanwhile\n"  # (kept just after the write)
+
+
+def test_a_thread_start_wrapped_by_another_library_survives_unload_and_load():
+    """A library that wraps ``threading.Thread.start`` while qmagic is installed (sentry-sdk's
+    ThreadingIntegration, opentelemetry, ddtrace do) keeps qmagic's function inside its
+    wrapper; uninstall cannot take it out then.  Installing again (%reload_ext qmagic) took
+    that wrapper as "the original", and every Thread.start of the kernel recursed for good."""
+    from qmagic.core import capture
+
+    original = threading.Thread.start
+    capture.install()
+    try:
+        inner = threading.Thread.start
+
+        def library_start(self):
+            return inner(self)
+
+        threading.Thread.start = library_start
+        capture.uninstall()
+        capture.install()
+        ran = threading.Event()
+        thread = threading.Thread(target=ran.set)
+        thread.start()
+        thread.join(TIMEOUT)
+        assert ran.is_set()
+    finally:
+        capture.uninstall()
+        threading.Thread.start = original

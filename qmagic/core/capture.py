@@ -31,6 +31,9 @@ _users = 0
 #: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
 _listeners: tuple = ()
 _thread_start: Any = None  # ``threading.Thread.start`` as install() found it
+#: uninstall() found another library's wrapper around ours (it calls ours): ours stays in
+#: that chain, passing through while not installed, and is never wrapped around it again
+_left_in_chain = False
 
 
 def work_of() -> Any:
@@ -45,7 +48,7 @@ def work_of() -> Any:
 
 def _start_noting_the_task(thread: threading.Thread) -> None:
     """``threading.Thread.start`` that first notes on the thread whose work starts it."""
-    task = work_of()
+    task = work_of() if _users else None
     if task is not None:  # (weakly: a pool's thread lives on, the task and its result need not)
         thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
     _thread_start(thread)
@@ -217,7 +220,7 @@ def install() -> None:
         _users += 1
         _wrap("stdout")
         _wrap("stderr")
-        if threading.Thread.start is not _start_noting_the_task:  # (as found: another
+        if not _left_in_chain and threading.Thread.start is not _start_noting_the_task:  # (as found: another
             _thread_start = threading.Thread.start  # library's patch keeps working)
             threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]
         root = logging.getLogger()
@@ -227,7 +230,7 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo one :func:`install`; the last one restores the streams and the logger."""
-    global _users
+    global _users, _left_in_chain
     with _lock:
         if _users == 0:
             return
@@ -240,4 +243,6 @@ def uninstall() -> None:
                 setattr(sys, name, stream._qmagic_wrapped)
         if threading.Thread.start is _start_noting_the_task:  # (unless replaced since)
             threading.Thread.start = _thread_start  # type: ignore[method-assign]
+        else:  # (a wrapper around ours: taking that as "the original" would recurse)
+            _left_in_chain = True
         logging.getLogger().removeHandler(_handler)
