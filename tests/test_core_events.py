@@ -296,3 +296,21 @@ def test_a_thread_start_wrapped_by_another_library_survives_unload_and_load():
     finally:
         capture.uninstall()
         threading.Thread.start = original
+
+
+def test_a_pool_thread_a_finished_task_started_is_not_that_tasks_work(make_worker):
+    """A pool created outside tasks whose thread happens to start inside a task (its first
+    submit) lives on; what the notebook later runs in it, outside any task, is not the
+    task's work (the info socket publishes a task's work to remote operators)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qmagic.core import capture
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        worker = make_worker({"uses_pool": lambda: pool.submit(lambda: 1).result(TIMEOUT)})
+        task = worker.submit("uses_pool")
+        assert task.result(TIMEOUT) == 1
+        assert pool.submit(capture.work_of).result(TIMEOUT) is None
+    finally:
+        pool.shutdown()
