@@ -1043,3 +1043,42 @@ def test_running_coroutines_take_no_thread_slot(make_worker):
         stop.set()
     for m in monitors:
         assert m.wait(TIMEOUT) and m.status is TaskStatus.COMPLETED
+
+
+def test_an_early_interrupt_is_read_by_the_coroutine_whenever_the_owner_takes_it(make_worker,
+                                                                                 no_bluesky_loop):
+    """■ before a foreground coroutine task's coroutine started: the owner thread cleared the
+    early mark before it set the cancel flag, so a coroutine starting in between read
+    neither and ran its first step (a move command sent).  The flag now comes first.  (The
+    loop is kept busy until the owner took the ■, and the owner's cancel slowed, to make
+    that moment certain.)"""
+    ran = threading.Event()
+
+    async def move():
+        ran.set()
+        await asyncio.sleep(TIMEOUT)
+
+    w = make_worker({"move": move})
+    runner, cancel = w.engine._runner, w.engine.cancel
+    schedule = runner._schedule_coroutine
+
+    def interrupted_then_scheduled(job):
+        job.interrupted_early = True  # (as the interrupt guard marks a ■ before the start)
+
+        def busy_loop():  # (the coroutine starts once the owner has taken the ■, or after 1 s)
+            deadline = time.monotonic() + 1.0
+            while job.interrupted_early and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        w.engine.loops.loop().call_soon_threadsafe(busy_loop)
+        schedule(job)
+
+    def slow_cancel(task, **kwargs):
+        ran.wait(1.0)
+        return cancel(task, **kwargs)
+
+    runner._schedule_coroutine, w.engine.cancel = interrupted_then_scheduled, slow_cancel
+    task = w.submit("move", background=False)
+    with pytest.raises(BaseException):
+        task.result(TIMEOUT)
+    assert task.status is TaskStatus.CANCELLED and not ran.is_set()

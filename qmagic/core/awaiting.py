@@ -122,8 +122,9 @@ class CoroutineJobs:
         interrupted = False
         while not task.done():
             if job.interrupted_early:  # (■ before the wait began: taken by the guard)
-                job.interrupted_early, interrupted = False, True
+                interrupted = True  # (the cancel flag first: the coroutine reads one as it starts)
                 self.engine.cancel(task, reason=INTERRUPTED)
+                job.interrupted_early = False
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
