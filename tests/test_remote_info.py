@@ -446,3 +446,29 @@ def test_an_error_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make
     pub._on_event(task.uid, error=task.exception(), status="failed")
     assert pub._tasks[task.uid]["error"] == "cannot read caf\ufffd.dat"
     pub._tasks[task.uid]["error"].encode("utf-8")
+
+
+def test_a_progress_message_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make_worker):
+    """As the error text above, for the message of report_progress (``f"reading {name}"``
+    with a name from os.listdir): it went out with its lone surrogates."""
+    import qmagic
+
+    name = b"caf\xe9.dat".decode("utf-8", "surrogateescape")
+
+    def read_odd():
+        qmagic.report_progress(1, 2, f"reading {name}")
+
+    worker = make_worker({"read_odd": read_odd})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    task = worker.submit("read_odd")
+    assert task.wait(TIMEOUT)
+    pub._on_event(task.uid, progress=task.progress)
+    sent = []
+
+    class Socket:  # (what the publishing thread's socket is given)
+        def send_multipart(self, frames, flags=0):
+            sent.append(frames)
+
+    pub._send(Socket(), b"QS_Info", {"task": pub._tasks[task.uid]})
+    received = json.loads(sent[0][1])  # as a subscriber reads it, and passes it on as UTF-8
+    assert received["msg"]["task"]["progress"]["message"] == "reading caf\ufffd.dat"

@@ -304,6 +304,10 @@ class InfoPublisher(SocketThread):
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
         payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
+        if "\\ud" in payload:  # (rare) perhaps a lone surrogate (a progress message naming a
+            # file that is not UTF-8...), which a subscriber passing it on as UTF-8 cannot send
+            payload = valid_unicode(json.dumps({"time": time.time(), "msg": msg}, default=str,
+                                               ensure_ascii=False))
         try:
             sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
             self.messages += 1
