@@ -7,7 +7,7 @@ pass-through.
 
 Listeners (the info socket) are told which task's work wrote a text: the task running in
 the writing thread, else the task whose work started that thread (or the thread that
-started it ...): while installed, ``threading.Thread.start`` notes it on the new thread, as
+started it ...) while that task runs: while installed, ``threading.Thread.start`` notes it on the new thread, as
 a queueserver worker publishes whatever its threads print.
 """
 
@@ -38,11 +38,15 @@ _left_in_chain = False
 
 def work_of() -> Any:
     """The task whose work runs in this thread: the current task, else the one whose work
-    started this thread (see the module docstring), else None."""
+    started this thread while that one runs (see the module docstring), else None.  (Once
+    it has ended, a thread it happened to start -- a pool's, an event loop's -- runs other
+    work: the notebook's, the next task's.)"""
     task = _current.get()
     if task is None:
         started_by = getattr(threading.current_thread(), "_qmagic_started_by", None)
         task = started_by() if started_by is not None else None
+        if task is not None and task.done():
+            return None
     return task
 
 
@@ -215,14 +219,16 @@ def ensure_streams() -> None:
 
 def install() -> None:
     """Start copying task output and logs (one call per worker; reference counted)."""
-    global _users, _thread_start
+    global _users, _thread_start, _left_in_chain
     with _lock:
         _users += 1
         _wrap("stdout")
         _wrap("stderr")
-        if not _left_in_chain and threading.Thread.start is not _start_noting_the_task:  # (as found: another
-            _thread_start = threading.Thread.start  # library's patch keeps working)
-            threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]
+        if _left_in_chain and threading.Thread.start is _thread_start:
+            _left_in_chain = False  # (the wrapper that held ours is gone: ours is in no chain)
+        if not _left_in_chain and threading.Thread.start is not _start_noting_the_task:
+            _thread_start = threading.Thread.start  # (as found: another library's patch keeps
+            threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]  working)
         root = logging.getLogger()
         if _handler not in root.handlers:
             root.addHandler(_handler)
