@@ -60,6 +60,8 @@ class CoroutineJobs:
                 self._send_cancel(job)
             if handed:  # (then run() ends, whatever happens)
                 wait_uninterrupted(done)
+            elif job.loop is None:  # (no loop to run it: no "never awaited" warning)
+                _close(awaitable)
             raise
         if "error" in box:
             raise cancel_error(job.task, box["error"])
