@@ -243,3 +243,19 @@ def test_timers_work_in_a_forked_child_and_drop_the_parents():
     finally:
         os.waitpid(pid, 0)
         timers.close()
+
+
+def test_interrupts_held_holds_nothing_where_sigint_is_ignored():
+    """Where SIGINT is ignored (a kernel between cells), a SIGINT must stay ignored: holding
+    it would turn it into a KeyboardInterrupt afterwards."""
+    import signal
+
+    from qmagic.core.foreground import interrupts_held
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_held() as held:
+            signal.raise_signal(signal.SIGINT)
+        assert held == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -239,7 +239,9 @@ def interrupts_held() -> Iterator[list[int]]:
     if threading.current_thread() is threading.main_thread():
         try:
             previous = signal.getsignal(signal.SIGINT)
-            if previous is not None:
+            if not callable(previous):  # (ignored, the default, or not Python's: as it is)
+                previous = None
+            else:
                 signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
         except (ValueError, OSError):  # pragma: no cover - no signals here
             previous = None
