@@ -54,7 +54,10 @@ def _start_noting_the_task(thread: threading.Thread) -> None:
     """``threading.Thread.start`` that first notes on the thread whose work starts it."""
     task = work_of() if _users else None
     if task is not None:  # (weakly: a pool's thread lives on, the task and its result need not)
-        thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
+        try:
+            thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
+        except AttributeError:  # (a Thread subclass with __slots__: it starts all the same)
+            pass
     _thread_start(thread)
 
 
