@@ -29,6 +29,7 @@ from qmagic.core.task_state import INTERRUPTED
 from qmagic.errors import TaskCancelled
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+from interrupt_points import lines_of
 from polling import eventually
 
 ENGINE_ALONE = True  # the observer below stands for the log
@@ -58,11 +59,6 @@ class LogStandIn:
             self.finished[task.uid] = (record["status"], record["error"])
 
 
-def _lines(func) -> list[int]:
-    code = func.__code__
-    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
-
-
 def _raise_once_at(code, line: int, exc_type: type[BaseException], fired: list) -> object:
     def local(frame, event, arg):
         if event == "line" and frame.f_lineno == line and not fired:
@@ -77,7 +73,7 @@ def _raise_once_at(code, line: int, exc_type: type[BaseException], fired: list) 
 @pytest.mark.parametrize("func", PATH, ids=lambda f: f.__qualname__)
 def test_an_exception_on_any_line_of_submit_is_raised_and_leaves_nothing_behind(make_worker, func, exc_type):
     fired_lines = []
-    for line in _lines(func):
+    for line in lines_of(func):
         w = make_worker({"quick": lambda: 1}, max_background_tasks=1)
         log = LogStandIn()
         w.engine.observers.append(log)
@@ -151,7 +147,7 @@ def test_a_second_interrupt_while_the_first_is_handled_leaves_nothing_queued(mak
         real_end(*args)
 
     monkeypatch.setattr(runner, "end", end_cut_short)
-    code, line = JobRunner.start_background.__code__, _lines(JobRunner.start_background)[0]
+    code, line = JobRunner.start_background.__code__, lines_of(JobRunner.start_background)[0]
     fired: list = []
     sys.settrace(_raise_once_at(code, line, KeyboardInterrupt, fired))
     try:

@@ -10,14 +10,15 @@ must raise (a cell, and Run All, stops), and nothing may stay behind: no task le
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
+import interrupt_points
 import pytest
 from kernel_helpers import one_line, start_kernel
 
 pytestmark = pytest.mark.timeout(180)
 
-HELPERS = r'''
-import signal
+HELPERS = Path(interrupt_points.__file__).read_text() + r'''
 from qmagic.core.engine import Engine
 from qmagic.core.jobs import JobRunner
 from qmagic.ipython import runner as _runner
@@ -26,26 +27,11 @@ from qmagic.ipython import runner as _runner
 # guard drops SIGINTs closer than COALESCE_S to the previous one).
 _runner.COALESCE_S = 0.0
 
-def _lines(func):
-    code = func.__code__
-    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
-
-def sigint_at(code, line, fired):
-    """Trace hook: ■ (a real SIGINT, taken by whatever handler is in place) the first time
-    ``line`` of ``code`` runs on this thread."""
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno == line and not fired:
-            fired.append(line)
-            sys.settrace(None)
-            signal.raise_signal(signal.SIGINT)
-        return local
-    return lambda frame, event, arg: local if frame.f_code is code and not fired else None
-
 def interrupt_each_line(funcs, start):
     """``start()`` once per line of ``funcs``, ■ at that line; what went wrong, as a list."""
     bad, fired_any = [], []
     for func in funcs:
-        for line in _lines(func):
+        for line in lines_of(func):
             fired = []
             before = set(t.uid for t in w.tasks())
             sys.settrace(sigint_at(func.__code__, line, fired))
@@ -177,7 +163,7 @@ def test_an_interrupt_while_a_task_row_is_built_is_one_line_and_the_task_runs_on
     code = (
         "from qmagic.panels.task_panel import TaskRow\n"
         "_fired = []\n"
-        "sys.settrace(sigint_at(TaskRow.__init__.__code__, _lines(TaskRow.__init__)[2], _fired))\n"
+        "sys.settrace(sigint_at(TaskRow.__init__.__code__, lines_of(TaskRow.__init__)[2], _fired))\n"
         '%function_execute -b bg_wait "r1"\n'
     )
     r = k.execute(code)
@@ -201,7 +187,7 @@ def test_an_interrupt_while_a_panel_is_built_is_one_line(k, magic, panel):
         "from qmagic.panels.pump import get_pump as _get_pump\n"
         "_views_before = len(_get_pump().views())\n"
         "_fired = []\n"
-        "sys.settrace(sigint_at(_Panel.__init__.__code__, _lines(_Panel.__init__)[4], _fired))\n"
+        "sys.settrace(sigint_at(_Panel.__init__.__code__, lines_of(_Panel.__init__)[4], _fired))\n"
         f"{magic}\n"
     )
     r = k.execute(code)

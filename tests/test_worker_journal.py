@@ -13,6 +13,7 @@ import threading
 
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
+from interrupt_points import lines_of, sigint_at
 from polling import eventually
 from traitlets.config import Config
 
@@ -696,25 +697,9 @@ def test_the_end_of_a_task_a_closed_log_never_had_is_not_written_to_it(journaled
     assert old.journal.health()["dropped"] == 0
 
 
-def _code_lines(code) -> list[int]:
-    return sorted({line for _, _, line in code.co_lines() if line and line > code.co_firstlineno})
-
-
 def _nested(func, name):
     func = getattr(func, "func", func)  # (an observer: traitlets' handler of the method)
     return next(c for c in func.__code__.co_consts if getattr(c, "co_name", None) == name)
-
-
-def _sigint_at(code, line, fired):
-    """Trace hook: a real SIGINT (■, taken by whatever handler is in place) the first time
-    ``line`` of ``code`` runs on this thread."""
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno == line and not fired:
-            fired.append(line)
-            sys.settrace(None)
-            signal.raise_signal(signal.SIGINT)
-        return local
-    return lambda frame, event, arg: local if frame.f_code is code and not fired else None
 
 
 def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_in_step(journaled, tmp_path):
@@ -739,12 +724,12 @@ def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_
                ("state_dir", lambda: folders[w.state_dir == folders[0]])]
     bad, fired_any = [], 0
     for code in codes:
-        lines = _code_lines(code)
+        lines = lines_of(code)
         for line in lines[1:] if code is codes[0] else lines:
             for name, value in changes:
                 before = getattr(w, name)
                 fired: list[int] = []
-                sys.settrace(_sigint_at(code, line, fired))
+                sys.settrace(sigint_at(code, line, fired))
                 try:
                     setattr(w, name, value())
                 except KeyboardInterrupt:

@@ -298,14 +298,13 @@ class InfoPublisher(SocketThread):
             texts.appendleft(f"\n[qmagic: {dropped} characters of console output were dropped: "
                              "they came faster than they could be sent]\n")
         for text in _joined(texts, CONSOLE_CHUNK_CHARS):
-            # (valid_unicode: a subscriber that encodes as UTF-8, bluesky-httpserver's
-            # replies and websockets, failed on a lone surrogate: 500 until it scrolled out)
-            self._send(sock, TOPIC_CONSOLE, valid_unicode(text))
+            self._send(sock, TOPIC_CONSOLE, text)  # (lone surrogates: see _send)
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
         payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
-        if "\\ud" in payload:  # (rare) perhaps a lone surrogate (a progress message naming a
-            # file that is not UTF-8...), which a subscriber passing it on as UTF-8 cannot send
+        if "\\ud" in payload:  # (rare) perhaps a lone surrogate (a print, an error or a progress
+            # message naming a file that is not UTF-8): a subscriber that passes it on as UTF-8,
+            # bluesky-httpserver's replies and websockets, failed on it (500 until it scrolled out)
             payload = valid_unicode(json.dumps({"time": time.time(), "msg": msg}, default=str,
                                                ensure_ascii=False))
         try:

@@ -187,11 +187,7 @@ def unquote(value: str | None) -> str | None:
 
 def value_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
     """{option string: takes a value} for every option of ``parser``."""
-    return {
-        opt: action.nargs != 0
-        for action in parser._actions  # noqa: SLF001 - argparse has no public view
-        for opt in action.option_strings
-    }
+    return {opt: action.nargs != 0 for opt, action in _options(parser).items()}
 
 
 def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str | None, list[str]]:
