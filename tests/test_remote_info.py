@@ -3,6 +3,7 @@ on change and periodically, coalesced task events with the final state always se
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -41,6 +42,22 @@ def setup(make_worker):
     rm.system_info_monitor.disable_wait(timeout=2)
     rm.close()
     pub.stop()
+
+
+@contextlib.contextmanager
+def _console_of(worker):
+    """REManagerAPI's console monitor on an info socket of ``worker``, subscribed and empty."""
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      console_monitor_poll_timeout=0.05)
+    try:
+        rm.console_monitor.enable()
+        _subscribed(rm.console_monitor, worker)
+        yield rm.console_monitor
+    finally:
+        rm.console_monitor.disable_wait(timeout=2)
+        rm.close()
+        pub.stop()
 
 
 def _subscribed(monitor, worker) -> None:
@@ -272,23 +289,14 @@ def test_prints_of_threads_a_task_starts_reach_the_console(make_worker):
         print("task done")
 
     worker = make_worker({"fan_out": fan_out})
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
-    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
-                      console_monitor_poll_timeout=0.05)
-    try:
-        rm.console_monitor.enable()
-        _subscribed(rm.console_monitor, worker)
+    with _console_of(worker) as console:
         outside = threading.Thread(target=lambda: print("a thread of the notebook's own"))
         outside.start()
         outside.join()
         worker.submit("fan_out").result(TIMEOUT)
-        text = _console_until(rm.console_monitor, "task done")
+        text = _console_until(console, "task done")
         assert text.splitlines() == ["from a thread the task started", "from the helper's own thread",
                                      "task done"]
-    finally:
-        rm.console_monitor.disable_wait(timeout=2)
-        rm.close()
-        pub.stop()
 
 
 def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
@@ -344,23 +352,14 @@ def test_a_failed_task_says_so_on_the_console(make_worker):
         raise ValueError(f"bad value {x}")
 
     worker = make_worker({"measure": measure})
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker)).start()
-    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
-                      console_monitor_poll_timeout=0.05)
-    try:
-        rm.console_monitor.enable()
-        _subscribed(rm.console_monitor, worker)
+    with _console_of(worker) as console:
         task = worker.submit("measure", (3,))
         assert task.wait(TIMEOUT) and task.status.value == "failed"
-        text = _console_until(rm.console_monitor, "ValueError: bad value 3")
+        text = _console_until(console, "ValueError: bad value 3")
         lines = text.splitlines()
         assert lines[:3] == ["measuring", "Error occurred while executing 'Execute function': bad value 3:",
                              "Traceback (most recent call last):"]
         assert 'raise ValueError(f"bad value {x}")' in text
-    finally:
-        rm.console_monitor.disable_wait(timeout=2)
-        rm.close()
-        pub.stop()
 
 
 def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
