@@ -56,6 +56,7 @@ from qmagic.remote.server import (  # noqa: E402
 from qmagic.remote.service import RemoteService  # noqa: E402
 from qmagic.worker_state import MSG_ENV_CLOSED  # noqa: E402
 
+from polling import eventually  # noqa: E402
 from qs_helpers import STATUS_KEYS  # noqa: E402
 from remote_client import LoopClient  # noqa: E402
 
@@ -998,6 +999,57 @@ def test_a_plan_list_that_blocks_never_holds_up_other_clients(tmp_path, rm_facto
         release.set()
         srv.stop()
         w.close()
+
+
+def test_a_flood_of_large_lookups_never_holds_up_other_clients(tmp_path, rm_factory):
+    """Twelve clients repeating ``task_status`` with 50,000 uids (the most one request may
+    ask; ~0.2 s each) while a queueserver client polls status with its default timeout
+    (2 s): every status is answered.  Before, the one serving thread answered the lookups in
+    turn and the other client waited 1-3.6 s (found by a hostile test).  Large requests now
+    get at most half of the serving thread's time; the rest are refused at once, saying to
+    ask again."""
+    from bluesky_queueserver_api._defaults import default_zmq_request_timeout_recv
+
+    w = Worker({}, config=worker_config(tmp_path), foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    lookup = json.dumps({"method": "task_status", "params": {
+        "task_uid": [f"{i:032x}" for i in range(MAX_REQUEST_ITEMS)]}}).encode()
+    stop = threading.Event()
+    answers: list[bytes] = []  # the start of each flood reply
+    failures: list[BaseException] = []
+
+    def flood() -> None:
+        client = Raw(srv.address, timeout=60)
+        try:
+            while not stop.is_set():
+                client.sock.send(lookup)
+                answers.append(client.sock.recv()[:200])  # (not decoded: the test's CPU is the kernel's)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=flood) for _ in range(12)]
+    try:
+        other = rm_factory(srv.address, timeout_recv=default_zmq_request_timeout_recv)
+        assert other.send_request(method="status")["manager_state"] == "idle"
+        for t in threads:
+            t.start()
+        eventually(lambda: len(answers) >= 12, timeout=WAIT, what="the flood under way")
+        for _ in range(8):
+            assert other.send_request(method="status")["manager_state"] == "idle"
+            assert other.task_status("0" * 32)["task_uid"] == "0" * 32  # (small: served)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT * 6)
+        srv.stop()
+        w.close()
+    assert not failures, failures
+    served = [a for a in answers if a.startswith(b'{"success": true')]
+    refused = [a for a in answers if b"busy answering other large requests" in a]
+    assert served and refused and len(served) + len(refused) == len(answers), answers[:3]
+    assert srv.refused_busy == len(refused)
 
 
 # =========================================================================================

@@ -50,6 +50,16 @@ _REPLIES_PER_CLIENT = 16
 #: A connection that has not finished its handshake after this long is closed (libzmq's
 #: default, 30 s, let idle raw connections pile up until the kernel ran out of files).
 _HANDSHAKE_MS = 10_000
+#: A request larger than this (bytes) is *large*: decoding and answering it may take a
+#: while (a 50,000-uid ``task_status``: ~0.2 s).  Large requests may use at most
+#: ``_LARGE_SHARE`` of the serving thread's time (with bursts of ``_LARGE_BURST_S``) while
+#: other requests wait; beyond that they are refused at once, undecoded.  Ten clients repeating such lookups made every
+#: other client wait 1-3.6 s, past the 2 s after which queueserver's clients give up (found
+#: by a hostile test); small requests (status, a task's result, starting a task) are never
+#: refused for this.
+_LARGE_REQUEST_BYTES = 64 * 1024
+_LARGE_SHARE = 0.5
+_LARGE_BURST_S = 0.25
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
 #: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=...) -> reply dict``
@@ -114,6 +124,33 @@ class _StatusJSON:
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
 
 
+class _LargeBudget:
+    """How much serving time large requests may still use (see ``_LARGE_SHARE``): a token
+    bucket in seconds, refilled at ``_LARGE_SHARE`` seconds per second up to
+    ``_LARGE_BURST_S``.  Serving thread only."""
+
+    def __init__(self) -> None:
+        self.allowance = _LARGE_BURST_S
+        self._at = time.monotonic()
+
+    def admit(self) -> bool:
+        """True if a large request may be served now."""
+        now = time.monotonic()
+        self.allowance = min(_LARGE_BURST_S, self.allowance + (now - self._at) * _LARGE_SHARE)
+        self._at = now
+        return self.allowance > 0
+
+    def spend(self, seconds: float) -> None:
+        """A large request took ``seconds`` of serving time."""
+        self.allowance -= seconds
+
+
+def busy_text(size: int) -> str:
+    """The reply to a large request refused because large requests took their share."""
+    return (f"Error: The kernel is busy answering other large requests; this one ({size} bytes) "
+            "was not processed. Ask again in a second, or ask about fewer items per request.")
+
+
 def failure_text() -> str:
     """The reply's message when qmagic itself failed on a request (a bug, or a parameter of
     a kind nothing checked): that the kernel is fine, what to do, and where the details are
@@ -149,6 +186,9 @@ class ControlServer(SocketThread):
         self.malformed = 0
         self.last_error: str | None = None
         self._status_json = _StatusJSON()
+        self._large = _LargeBudget()
+        #: Large requests refused because large requests had used their share of time.
+        self.refused_busy = 0
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -196,17 +236,22 @@ class ControlServer(SocketThread):
                 return
             finally:
                 ready.set()
+            waiting = True  # a request may be waiting: look first without blocking
             while not stop.is_set():
                 try:
-                    frames = [sock.recv(copy=False)]
+                    frames = [sock.recv(zmq.NOBLOCK if waiting else 0, copy=False)]
                     while sock.getsockopt(zmq.RCVMORE):
                         frames.append(sock.recv(copy=False))
                 except zmq.Again:
+                    waiting = False  # (then a blocking receive, RCVTIMEO at most)
                     continue
                 except zmq.ZMQError as exc:
                     sock = self._recover(ctx, sock, exc, stop)
                     continue
-                reply = self._reply_bytes(frames)
+                # A request already waiting when the last one was answered came while the
+                # thread was busy: others are asking too (a lone client waits for its reply)
+                reply = self._reply_bytes(frames, contended=waiting)
+                waiting = True
                 try:
                     sock.send(reply)
                 except zmq.ZMQError as exc:
@@ -249,9 +294,25 @@ class ControlServer(SocketThread):
                 f"as {DEFAULT_ADDRESS!r} (a local address and a free port).")
 
     # -- one request ------------------------------------------------------------------------------
-    def _reply_bytes(self, frames: list) -> bytes:
-        """Decode, dispatch and encode one request; never raises."""
+    def _reply_bytes(self, frames: list, contended: bool = False) -> bytes:
+        """Decode, dispatch and encode one request; never raises.  A large request that
+        waited behind others (``contended``) is refused undecoded when large requests used
+        their share of time (``_LARGE_SHARE``); a lone client's are always served."""
         self.requests += 1
+        size = sum(len(f) for f in frames)
+        large = _LARGE_REQUEST_BYTES < size <= self.max_message_bytes  # (larger: refused anyway)
+        if large and not self._large.admit() and contended:
+            self.refused_busy += 1
+            return self._encoded({"success": False, "msg": busy_text(size)})
+        started = time.monotonic()
+        try:
+            return self._encoded(self._processed(frames))
+        finally:
+            if large:
+                self._large.spend(time.monotonic() - started)
+
+    def _processed(self, frames: list) -> dict:
+        """The reply dict of one request (errors as replies)."""
         try:
             reply = self._handle(frames)
         except BaseException:  # noqa: BLE001 - a bug must not cost the client its reply
@@ -259,6 +320,10 @@ class ControlServer(SocketThread):
             reply = {"success": False, "msg": failure_text()}
         if not isinstance(reply, dict):
             reply = {"success": False, "msg": f"Error: qmagic produced an invalid reply: {reply!r}"}
+        return reply
+
+    def _encoded(self, reply: dict) -> bytes:
+        """``reply`` as the bytes sent back (never raises)."""
         if reply.get("success") is False:
             self.errors += 1
             self.last_error = str(reply.get("msg", ""))[:300]

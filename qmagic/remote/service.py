@@ -260,6 +260,9 @@ class RemoteService:
             f"  up {server.uptime:.0f} s; {server.requests} requests, {server.errors} error "
             f"replies, {server.malformed} malformed",
         ]
+        if server.refused_busy:
+            lines.append(f"  {server.refused_busy} large requests refused while large requests "
+                         "used half of the channel's time (clients were told to ask again)")
         if not is_loopback(server.requested_address) and not server.curve:
             lines.append("  WARNING: reachable from other machines without encryption: anyone who "
                          "can reach this port can run code in this kernel.")
