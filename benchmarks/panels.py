@@ -121,10 +121,10 @@ class NaiveView:
 def rows(html: str) -> dict[str, tuple[str, str]]:
     """{task key: (status, progress text)} of every row in a panel's HTML."""
     out = {}
-    for chunk in html.split('<div class="qmagic-task-row')[1:]:
+    for chunk in html.split('<div class="qm-row')[1:]:
         key = re.search(r'data-task="(\w+)"', chunk).group(1)
         status = re.search(r'data-status="(\w+)"', chunk).group(1)
-        progress = re.search(r'class="qmagic-progress-text"[^>]*>(.*?)</span>', chunk, re.S)
+        progress = re.search(r'class="qm-pt"[^>]*>(.*?)</span>', chunk, re.S)
         out[key] = (status, re.sub(r"<[^>]+>", "", progress.group(1)) if progress else "")
     return out
 

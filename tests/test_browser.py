@@ -108,9 +108,9 @@ def _wait_cell_done(page, index: int, timeout_ms: float = 30_000) -> None:
 _RECORD_PROGRESS_TEXTS = """(call) => {
     const seen = window.__qmagicProgressTexts = [];
     const observer = new MutationObserver(() => {
-        for (const row of document.querySelectorAll('.qmagic-task-row')) {
+        for (const row of document.querySelectorAll('.qm-row')) {
             if (!row.textContent.includes(call)) continue;
-            const text = row.querySelector('.qmagic-progress-text');
+            const text = row.querySelector('.qm-pt');
             if (text && seen[seen.length - 1] !== text.textContent) seen.push(text.textContent);
             if (row.dataset.status === 'completed') observer.disconnect();
         }
@@ -121,7 +121,7 @@ _RECORD_PROGRESS_TEXTS = """(call) => {
 #: True when the task row and its Cancel button (found by task key) are both laid out and the
 #: button's middle is within the row's height.
 _BUTTON_ON_ROW = """(key) => {
-    const row = document.querySelector(`.qmagic-task-row.qmagic-task-${key}`);
+    const row = document.querySelector(`.qm-row[data-task="${key}"]`);
     const button = document.querySelector(`.qmagic-cancel.qmagic-task-${key}`);
     if (!row || !button) return null;
     const r = row.getBoundingClientRect(), b = button.getBoundingClientRect();
@@ -199,19 +199,19 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     _run_cell(page, 1)
     panel = page.locator(".qmagic-task-panel").first
     panel.wait_for(timeout=20_000)
-    row40 = panel.locator(".qmagic-task-row", has_text="measure(40)")
+    row40 = panel.locator(".qm-row", has_text="measure(40)")
     expect(row40).to_have_attribute("data-status", "completed", timeout=20_000)
     seen = {text.split(" ")[0] for text in page.evaluate("() => window.__qmagicProgressTexts")}
     for n in (20, 30, 40):
-        row = panel.locator(".qmagic-task-row", has_text=f"measure({n})")
+        row = panel.locator(".qm-row", has_text=f"measure({n})")
         expect(row).to_have_attribute("data-status", "completed", timeout=15_000)
-        expect(row.locator(".qmagic-progress-text")).to_contain_text(f"{n}/{n}")
-        expect(row.locator(".qmagic-bar-fill")).to_have_attribute("style", re.compile(r"width:100\.0%"))
+        expect(row.locator(".qm-pt")).to_contain_text(f"{n}/{n}")
+        expect(row.locator(".qm-fill")).to_have_attribute("style", re.compile(r"width:100\.0%"))
     intermediate = {s for s in seen if re.fullmatch(r"\d+/40", s) and s != "40/40"}
     assert len(intermediate) >= 3, f"progress did not advance visibly: {sorted(seen)}"
     _shot(panel, "01-task-panel-progress-done.png")
 
-    long_row = panel.locator(".qmagic-task-row", has_text="long_measurement")
+    long_row = panel.locator(".qm-row", has_text="long_measurement")
     expect(long_row).to_have_attribute("data-status", "running")
     key = long_row.get_attribute("data-task")
     cancel = panel.locator(f".qmagic-cancel.qmagic-task-{key}")
@@ -262,11 +262,11 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(page.locator(".jp-Notebook .jp-Cell").nth(4).locator(".jp-OutputArea")).to_contain_text(
         "storm done: 100 completed, 300000 progress events")
     storm_panel = page.locator(".qmagic-task-panel").nth(1)
-    storm_rows = storm_panel.locator(".qmagic-task-row", has_text="storm_task(")
+    storm_rows = storm_panel.locator(".qm-row", has_text="storm_task(")
     expect(storm_rows).to_have_count(100, timeout=10_000)
-    expect(storm_panel.locator(".qmagic-task-row[data-status='completed']", has_text="storm_task(")
+    expect(storm_panel.locator(".qm-row[data-status='completed']", has_text="storm_task(")
            ).to_have_count(100, timeout=5_000)
-    texts = storm_rows.locator(".qmagic-progress-text").all_text_contents()
+    texts = storm_rows.locator(".qm-pt").all_text_contents()
     assert texts == ["3000/3000"] * 100, sorted(set(texts))
     storm_panel.evaluate("el => el.scrollIntoView({block: 'start'})")
     _shot(page, "06-storm-panel-final.png")
@@ -285,7 +285,7 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     # -- cell 5: Cancel while a cell blocks the main thread (kernel subshell) ---------------
     _run_cell(page, 5)
     cell5 = page.locator(".jp-Notebook .jp-Cell").nth(5)
-    row = cell5.locator(".qmagic-task-row")
+    row = cell5.locator(".qm-row")
     expect(row).to_have_attribute("data-status", "running", timeout=15_000)
     expect(cell5.locator(".jp-InputPrompt")).to_contain_text("*")
     clicked = time.monotonic()
@@ -299,16 +299,16 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     # -- cell 6: a foreground task holds the main thread; Cancel it from the panel ---------
     _run_cell(page, 6)
     cell6 = page.locator(".jp-Notebook .jp-Cell").nth(6)
-    fg_row = panel.locator(".qmagic-task-row[data-status='running']", has_text="long_measurement")
+    fg_row = panel.locator(".qm-row[data-status='running']", has_text="long_measurement")
     expect(fg_row).to_have_count(1, timeout=15_000)
     expect(cell6.locator(".jp-InputPrompt")).to_contain_text("*")
     fg_key = fg_row.get_attribute("data-task")
-    before = fg_row.locator(".qmagic-progress-text").text_content()
-    expect(fg_row.locator(".qmagic-progress-text")).not_to_have_text(before, timeout=5_000)
+    before = fg_row.locator(".qm-pt").text_content()
+    expect(fg_row.locator(".qm-pt")).not_to_have_text(before, timeout=5_000)
     panel.locator(f".qmagic-cancel.qmagic-task-{fg_key}").click()
     expect(cell6.locator(".jp-OutputArea")).to_contain_text("foreground task ended: cancelled",
                                                               timeout=15_000)
-    expect(panel.locator(f".qmagic-task-row.qmagic-task-{fg_key}")).to_have_attribute(
+    expect(panel.locator(f".qm-row[data-task='{fg_key}']")).to_have_attribute(
         "data-status", "cancelled", timeout=5_000)
     panel.evaluate("el => el.scrollIntoView({block: 'start'})")
     _shot(page, "08-foreground-task-cancelled.png")

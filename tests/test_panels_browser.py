@@ -182,8 +182,8 @@ _CONTRAST_JS = """
 })
 """
 
-_LEGIBLE = (".qmagic-call", ".qmagic-user", ".qmagic-mode", ".qmagic-elapsed", ".qmagic-badge",
-            ".qmagic-progress-text", ".qmagic-row-ending", ".qmagic-task-summary")
+_LEGIBLE = (".qm-call", ".qm-user", ".qm-mode", ".qm-el", ".qm-b",
+            ".qm-pt", ".qm-end", ".qmagic-task-summary")
 
 
 def _check_legible(page, theme: str) -> list[str]:
@@ -208,7 +208,7 @@ def _check_legible(page, theme: str) -> list[str]:
 
 def _check_not_cut(panel) -> None:
     """No call and no progress text of the panel is cut short (an ellipsis hides nothing)."""
-    cut = panel.evaluate("""(p) => [...p.querySelectorAll('.qmagic-call, .qmagic-progress-text')]
+    cut = panel.evaluate("""(p) => [...p.querySelectorAll('.qm-call, .qm-pt')]
         .filter(el => el.scrollWidth > el.clientWidth).map(el => el.textContent)""")
     assert cut == [], f"texts cut short in the task panel: {cut}"
 
@@ -217,13 +217,13 @@ _GEOMETRY_JS = """
 (segment, key) => {
   const rect = (el) => { const r = el.getBoundingClientRect();
                          return {x: r.x, y: r.y, right: r.right, bottom: r.bottom}; };
-  const row = segment.querySelector(`.qmagic-task-row.qmagic-task-${key}`);
+  const row = segment.querySelector(`.qm-row[data-task="${key}"]`);
   const buttons = [...segment.querySelectorAll(`.qmagic-task-controls .qmagic-task-${key}`)];
   const cut = (sel) => { const el = row.querySelector(sel); return el.scrollWidth > el.clientWidth; };
-  const under = [...row.querySelectorAll('.qmagic-row-head > *, .qmagic-row-progress > *')].map(rect);
+  const under = [...row.querySelectorAll('.qm-h > *, .qm-p > *')].map(rect);
   return {row: rect(row), buttons: buttons.map(b => ({text: b.textContent.trim(), ...rect(b)})),
           textRight: Math.max(...under.map(r => r.right)),
-          progressCut: cut('.qmagic-progress-text'), callCut: cut('.qmagic-call')};
+          progressCut: cut('.qm-pt'), callCut: cut('.qm-call')};
 }
 """
 
@@ -247,8 +247,8 @@ def _check_row_geometry(row) -> None:
     for b in found["buttons"]:
         assert box["x"] <= b["x"] and b["right"] <= box["right"], found
         assert box["y"] <= b["y"] and b["bottom"] <= box["bottom"], found
-    assert not found["progressCut"], f"the progress text is cut: {row.locator('.qmagic-progress-text').text_content()!r}"
-    assert not found["callCut"], f"the call is cut: {row.locator('.qmagic-call').text_content()!r}"
+    assert not found["progressCut"], f"the progress text is cut: {row.locator('.qm-pt').text_content()!r}"
+    assert not found["callCut"], f"the call is cut: {row.locator('.qm-call').text_content()!r}"
 
 
 # -- the test ------------------------------------------------------------------------------------
@@ -321,25 +321,25 @@ def _scenario(page, lab: Lab) -> list[str]:
     panel = _cell(page, 4).locator(".qmagic-task-panel")
     for call, status in (("scan(20, 0.01)", "completed"), ("broken()", "failed"),
                          ("scan(100000)", "cancelled"), ("scan(100000, 0.2)", "running")):
-        row = panel.locator(".qmagic-task-row", has=page.locator(".qmagic-call", has_text=re.compile(
+        row = panel.locator(".qm-row", has=page.locator(".qm-call", has_text=re.compile(
             "^" + re.escape(call) + "$")))
         expect(row).to_have_attribute("data-status", status, timeout=10_000)
-    script = panel.locator(".qmagic-task-row", has_text="calibration.py (script)")
+    script = panel.locator(".qm-row", has_text="calibration.py (script)")
     expect(script).to_have_attribute("data-status", "completed")
-    expect(panel.locator(".qmagic-task-row[data-status='failed'] .qmagic-row-ending")).to_have_text(
+    expect(panel.locator(".qm-row[data-status='failed'] .qm-end")).to_have_text(
         "ValueError: the sample holder is empty")
     _check_not_cut(panel)
-    running = panel.locator(".qmagic-task-row[data-status='running']", has_text="scan(100000, 0.2)")
-    expect(running.locator(".qmagic-progress-text")).to_contain_text("point")
+    running = panel.locator(".qm-row[data-status='running']", has_text="scan(100000, 0.2)")
+    expect(running.locator(".qm-pt")).to_contain_text("point")
     _check_row_geometry(running)
 
     # -- a foreground task: its live row in its own cell ----------------------------------------
     report = _foreground(page, 7, "light")
     _run_cell(page, 8)
     cell8 = _cell(page, 8)
-    row8 = cell8.locator(".qmagic-task-row")
+    row8 = cell8.locator(".qm-row")
     expect(row8).to_have_attribute("data-status", "running", timeout=15_000)
-    expect(row8.locator(".qmagic-progress-text")).to_contain_text("point")
+    expect(row8.locator(".qm-pt")).to_contain_text("point")
     cell8.locator(".qmagic-cancel").click()
     expect(cell8.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")).to_have_text(
         "TaskCancelled: scan(100000) was cancelled from the panel (Cancel button); it is recorded as cancelled.",
@@ -379,19 +379,19 @@ def _foreground(page, index: int, theme: str) -> list[str]:
 
     _run_cell(page, index)
     cell = _cell(page, index)
-    row = cell.locator(".qmagic-task-row")
+    row = cell.locator(".qm-row")
     expect(row).to_have_attribute("data-status", "running", timeout=15_000)
     expect(row).to_have_attribute("data-mode", "foreground")
-    expect(row.locator(".qmagic-mode")).to_have_text("foreground")
-    expect(row.locator(".qmagic-progress-text")).to_contain_text(re.compile(r"\d+/50 · point \d+ of 50"))
+    expect(row.locator(".qm-mode")).to_have_text("foreground")
+    expect(row.locator(".qm-pt")).to_contain_text(re.compile(r"\d+/50 · point \d+ of 50"))
     expect(cell.locator(".jp-InputPrompt")).to_have_text("[*]:")
     _check_row_geometry(row)
     _shot(cell, f"{theme}-0-foreground-running.png")
     _wait_done(page, index)
     expect(row).to_have_attribute("data-status", "completed", timeout=5_000)
-    expect(row.locator(".qmagic-progress-text")).to_have_text("50/50 · point 50 of 50")
-    expect(row.locator(".qmagic-elapsed")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
-    expect(cell.locator(".qmagic-task-row")).to_have_count(1)  # the returned Task: text only
+    expect(row.locator(".qm-pt")).to_have_text("50/50 · point 50 of 50")
+    expect(row.locator(".qm-el")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
+    expect(cell.locator(".qm-row")).to_have_count(1)  # the returned Task: text only
     expect(cell.locator(".jp-OutputArea-output").last).to_have_text(
         "scan(50, 0.1)  qmagic user  foreground  completed  50/50 point 50 of 50")
     _shot(cell, f"{theme}-0-foreground-completed.png")

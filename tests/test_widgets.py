@@ -127,13 +127,13 @@ def started(w, name: str, timeout: float = 5.0) -> None:
 
 
 def _row(html: str, task) -> str:
-    start = html.rindex('<div class="qmagic-task-row', 0, html.index(f'data-task="{task.uid[:8]}" data-status'))
-    end = html.find('<div class="qmagic-task-row', start + 1)
+    start = html.rindex('<div class="qm-row', 0, html.index(f'data-task="{task.uid[:8]}" data-status'))
+    end = html.find('<div class="qm-row', start + 1)
     return html[start:end if end > 0 else None]
 
 
 def row_status(html: str, task) -> str | None:
-    m = re.search(rf'qmagic-task-{task.uid[:8]}" data-task="{task.uid[:8]}" data-status="(\w+)"', html)
+    m = re.search(rf'data-task="{task.uid[:8]}" data-status="(\w+)"', html)
     return m.group(1) if m else None
 
 
@@ -168,7 +168,7 @@ def row_field(html: str, task, cls: str) -> str:
 
 
 def row_progress(html: str, task) -> str:
-    return row_field(html, task, "qmagic-progress-text")
+    return row_field(html, task, "qm-pt")
 
 
 # -- statuses, progress, cancel buttons ---------------------------------------------------------
@@ -198,10 +198,10 @@ def test_rows_show_status_mode_progress_and_cancel_only_for_active_tasks(probe, 
     assert row_progress(html, running) == "3/10 · point 3"
     assert 'width:30.0%' in _row(html, running)
     # why a task ended, in its row
-    assert row_field(html, failed, "qmagic-row-ending") == "ValueError: the sample holder is empty"
-    assert row_field(html, cancelled, "qmagic-row-ending") == "cancelled from Python"
+    assert row_field(html, failed, "qm-end") == "ValueError: the sample holder is empty"
+    assert row_field(html, cancelled, "qm-end") == "cancelled from Python"
     assert all('data-mode="background"' in _row(html, t) for t in (done, running, queued))
-    assert row_field(html, done, "qmagic-mode") == "background"
+    assert row_field(html, done, "qm-mode") == "background"
     # newest first
     keys = re.findall(r'data-task="(\w+)" data-status', html)
     assert keys == [t.uid[:8] for t in (cancelled, queued, other, running, failed, done)]
@@ -240,7 +240,8 @@ def test_buttons_are_drawn_over_their_rows(probe, worker):
     assert controls.layout.grid_auto_rows == f"{panels.render.ROW_HEIGHT_PX}px"
     assert controls.layout.padding.startswith(f"{panels.render.HEADER_PX}px")
     width = panels.render.CONTROLS_WIDTH_PX + 2 * panels.render.CONTROLS_MARGIN_PX
-    assert f"height:{panels.render.ROW_HEIGHT_PX}px;padding:3px {width}px 3px 8px" in _row(panel.row_html(), task)
+    row_rule = f".qmagic-panel .qm-row{{box-sizing:border-box;height:{panels.render.ROW_HEIGHT_PX}px;padding:3px {width}px 3px 8px;"
+    assert 'class="qm-row"' in _row(panel.row_html(), task) and row_rule in panel._style.value
 
 
 def test_scripts_show_their_name_and_foreground_rows_say_so(probe, worker):
@@ -251,8 +252,8 @@ def test_scripts_show_their_name_and_foreground_rows_say_so(probe, worker):
     assert fg.wait(5)
     panel = panels.TaskPanel(w, show="all")
     html = panel.row_html()
-    assert row_field(html, script, "qmagic-call") == "calibration.py (script)"
-    assert row_field(html, fg, "qmagic-mode") == "foreground" and 'data-mode="foreground"' in _row(html, fg)
+    assert row_field(html, script, "qm-call") == "calibration.py (script)"
+    assert row_field(html, fg, "qm-mode") == "foreground" and 'data-mode="foreground"' in _row(html, fg)
     panel.details_toggle(script).value = True
     assert panel.flush()
     assert "calibrated" in panel.details_html()  # the names the script added
@@ -282,13 +283,13 @@ def test_elapsed_reads_the_same_running_and_finished(probe, worker):
     task = w.submit("wait_gate", ("e",))
     started(w, "e")
     row = panels.TaskRow(w, task)
-    first = row_field(row.row_html(), task, "qmagic-elapsed")
+    first = row_field(row.row_html(), task, "qm-el")
     assert re.fullmatch(r"\d\.\d s", first), first
-    eventually(lambda: row_field(row.row_html(), task, "qmagic-elapsed") != first,
+    eventually(lambda: row_field(row.row_html(), task, "qm-el") != first,
                timeout=3.5, what="the elapsed time to advance")
     w.test_gates["e"].set()
     assert task.wait(5) and row.flush()
-    shown = row_field(row.row_html(), task, "qmagic-elapsed")
+    shown = row_field(row.row_html(), task, "qm-el")
     assert shown == fmt.format_elapsed(task.elapsed) and re.fullmatch(r"\d\.\d s", shown)
 
 
@@ -305,7 +306,7 @@ def test_cancel_button_cancels_through_the_worker_and_refusals_are_shown(probe, 
     assert panel.message == "Cancel requested: wait_gate('c')"
     assert panel.flush()
     assert row_status(panel.row_html(), task) == "cancelled"
-    assert row_field(panel.row_html(), task, "qmagic-row-ending") == "cancelled from the panel (Cancel button)"
+    assert row_field(panel.row_html(), task, "qm-end") == "cancelled from the panel (Cancel button)"
     assert panel.cancel_button(task) is None
     assert "Cancel requested" in panel._message.value and panel._message.layout.display == ""
     # a stale button (clicked before the panel hid it): the worker's one rule, shown
@@ -345,7 +346,7 @@ def test_cancel_becomes_force_stop_for_a_task_that_ignores_it(probe, worker):
     row.cancel_button(task).click()
     assert row.flush()
     html = row.row_html()
-    assert 'data-status="running"' in html and row_field(html, task, "qmagic-status-badge") == "cancelling"
+    assert 'data-status="running"' in html and row_field(html, task, "qm-b") == "cancelling"
     button = row.cancel_button(task)
     assert button.description == "Force stop"
     button.click()
@@ -427,6 +428,45 @@ def test_a_tick_sends_only_the_segments_whose_rows_changed(probe, worker):
     others = {s.html.comm.comm_id for s in segments[1:]}
     assert sent and not [m for m in sent if m[2] in others], "finished rows were sent again"
     assert max(len(m[3]["state"]["value"]) for m in sent) * 4 < total
+
+
+#: Most bytes of a finished task's row (how rows look is the panel's stylesheet, sent once).
+ROW_BYTES = 600
+
+
+def test_rows_are_small_and_a_tick_sends_one_small_segment(probe, worker):
+    """Every row carried its styles inline: about 2.5 kB a row, so a tick re-sent about 50 kB
+    for each block of rows with a running task in it.  Rows now carry class names and per-row
+    data only; the stylesheet goes once, with the panel, in a widget of its own."""
+    from qmagic.panels.task_table import SEGMENT_ROWS
+
+    w = worker
+    finished = [w.submit("job", (1,)) for _ in range(2 * SEGMENT_ROWS)]
+    for task in finished:
+        assert task.wait(30)
+    since_open = time.time()
+    w.submit("wait_gate", ("small",))
+    started(w, "small")
+    panel = panels.TaskPanel(w, show="all")
+    assert panel.flush()
+    html = panel.row_html()
+    for task in finished:
+        row = _row(html, task)
+        assert row_status(html, task) == "completed" and row_progress(html, task) == "1/1 · step 1"
+        assert len(row.encode()) <= ROW_BYTES, f"a finished row is {len(row.encode())} bytes: {row}"
+    assert "style=" not in _row(html, finished[0]).replace('style="width:100.0%"', "")
+    sheets = [m for m in probe.of("comm_open", since_open) if "<style" in str(m[3])]
+    assert len(sheets) == 1 and panel._style.value.startswith("<style")
+
+    first = panel._table.segments[0].html
+    before, since = first.value, time.time()
+    eventually(lambda: panel.flush() and first.value != before, 5.0,
+               "the running row's elapsed time to move on")
+    sent = [m for m in probe.updates(since) if "value" in ((m[3] or {}).get("state") or {})]
+    assert sent and {m[2] for m in sent} == {first.comm.comm_id}, "only the running row's segment is sent"
+    size = max(len(m[3]["state"]["value"].encode()) for m in sent)
+    assert size <= SEGMENT_ROWS * ROW_BYTES + 400, f"a tick sent {size} bytes for one changed row"
+    assert not [m for m in probe.updates(since_open) if "<style" in str(m[3])], "the stylesheet was sent again"
 
 
 # -- bounds, filters, details ---------------------------------------------------------------------

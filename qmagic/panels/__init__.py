@@ -9,8 +9,8 @@ per panel, always showing the final state of every task.  Without a widget front
 panel has a deterministic ``text/plain`` form (no uids, no clock times).
 
 Parts: ``display`` (attach / detach, the Task formatter), ``cell_rows`` (the in-cell row
-hook), ``render`` (HTML, no widgets), ``pump`` (the writer thread), ``subshell`` (clicks
-while a cell blocks), ``base`` (shared widget plumbing), ``task_table``, ``task_panel`` and
+hook), ``render`` (HTML, no widgets), ``styles`` (its stylesheet, sent once per panel),
+``pump`` (the writer thread), ``subshell`` (clicks while a cell blocks), ``base`` (shared widget plumbing), ``task_table``, ``task_panel`` and
 ``lock_panel``.  Importing this package does not import ipywidgets; the widget classes load
 when first asked for.
 """

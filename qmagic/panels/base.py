@@ -10,7 +10,7 @@ import ipywidgets as W
 
 from .. import format as fmt
 from ..errors import RequestRefused, StateFileError
-from . import render
+from . import render, styles
 from .pump import PanelView, current_pump, get_router
 
 log = logging.getLogger("qmagic")
@@ -57,6 +57,12 @@ class PanelBase(PanelView):
         self._qm_message_lock = threading.Lock()
 
     # -- widgets this panel created ------------------------------------------------------------
+    def _qm_style_widget(self) -> W.HTML:
+        """A hidden ``HTML`` widget holding the panels' stylesheet: the first child of every
+        panel (sent once, with the panel; its rows then carry class names only)."""
+        return self._qm_own(W.HTML(value=styles.style_html(), layout=self._qm_own(W.Layout(display="none")),
+                                   _dom_classes=("qmagic-style",)))
+
     def _qm_own(self, widget: W.Widget, *, interactive: bool = False) -> W.Widget:
         """Remember ``widget`` and its layout and style (closed with the panel); route its
         clicks if it takes input."""

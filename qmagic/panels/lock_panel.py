@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as W
 
 from .. import format as fmt
-from . import render
+from . import render, styles
 from .base import PanelBase, failed_line, set_traits
 from .pump import get_pump
 
@@ -88,13 +88,12 @@ class LockPanel(PanelBase, W.VBox):
         row1 = own(W.HBox((self._key, self._note), layout=own(W.Layout(align_items="center", margin="0 0 4px 0"))))
         row2 = own(W.HBox((self._environment, self._queue, self._lock_button, self._unlock_button),
                           layout=own(W.Layout(align_items="center"))))
-        title = own(W.HTML(value=f'<span style="font-weight:600;font-size:13px;color:{render.FONT1}">'
-                                 "qmagic lock</span>"))
+        title = own(W.HTML(value='<span class="qm-title">qmagic lock</span>'))
         W.VBox.__init__(
             self,
-            children=(title, self._then, self._state, row1, row2, self._message),
-            layout=W.Layout(border=f"1px solid {render.BORDER2}", padding="6px", width="auto"),
-            _dom_classes=("qmagic-lock-panel",),
+            children=(self._qm_style_widget(), title, self._then, self._state, row1, row2, self._message),
+            layout=W.Layout(border=f"1px solid {styles.BORDER2}", padding="6px", width="auto"),
+            _dom_classes=(styles.PANEL_CLASS, "qmagic-lock-panel"),
         )
         self._qm_own(self.layout)
         self._draw()

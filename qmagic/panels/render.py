@@ -2,15 +2,11 @@
 
 The widget side (:mod:`qmagic.panels.task_table`, :mod:`qmagic.panels.lock_panel`) puts
 these strings into stock ipywidgets ``HTML`` widgets.  Every element carries a stable CSS
-class (``qmagic-task-row``, ``qmagic-status-<status>``, ``qmagic-badge``,
-``qmagic-progress-text``...) and inline styles, so panels look right without a stylesheet
-and tests can find them.
-
-Colours come from JupyterLab's theme variables (``--jp-ui-font-color1``,
-``--jp-border-color2``, ``--jp-brand-color1``, ``--jp-success-color1``...), each with a
-light-theme fallback for frontends without them, so a panel reads well in the light and the
-dark theme: text always uses the theme's font colours; a status colour marks borders, dots
-and bars, and tints backgrounds only lightly (``color-mix``).
+class (a row: ``qm-row`` with ``data-task``, ``data-status`` and ``data-mode``; in it
+``qm-b`` (badge), ``qm-call``, ``qm-mode``, ``qm-user``, ``qm-el`` (elapsed), ``qm-bar`` /
+``qm-fill``, ``qm-pt`` (progress text), ``qm-end`` (why it ended)); how they look is the
+panel's stylesheet (:mod:`qmagic.panels.styles`, sent once per panel), so the HTML carries
+inline only per-row data (a progress bar's width) and a row is about 0.5 kB.
 
 Every text a user reads here (calls, numbers, elapsed times, tracebacks) comes from
 :mod:`qmagic.format`; the ``text/plain`` forms of the panels are that module's too.
@@ -23,6 +19,16 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
+from .styles import (
+    BUTTON_WIDTH_PX,
+    CONTROLS_GAP_PX,
+    CONTROLS_MARGIN_PX,
+    CONTROLS_WIDTH_PX,
+    HEADER_PX,
+    ROW_HEIGHT_PX,
+    STATUS_COLOURS,
+    TOGGLE_WIDTH_PX,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
@@ -50,58 +56,15 @@ __all__ = [
     "footer_html",
 ]
 
-#: Height of one task row, in the table and in the controls column (they must agree).
-ROW_HEIGHT_PX = 48
-#: Height of the counts line on top of a task table (the controls column is padded by as much).
-HEADER_PX = 26
-#: The controls drawn over the right end of every row: Cancel / Force stop, then Details.
-BUTTON_WIDTH_PX = 80
-TOGGLE_WIDTH_PX = 64
-CONTROLS_GAP_PX = 6
-CONTROLS_WIDTH_PX = BUTTON_WIDTH_PX + CONTROLS_GAP_PX + TOGGLE_WIDTH_PX
-#: Space between the controls and the row's right edge.
-CONTROLS_MARGIN_PX = 8
 #: Most characters of output / log shown in an expanded row (the newest ones).
 DETAIL_TEXT_LIMIT = 20_000
-
-# Theme colours, with JupyterLab's light values as fallbacks.
-FONT1 = "var(--jp-ui-font-color1, rgba(0, 0, 0, 0.87))"
-FONT2 = "var(--jp-ui-font-color2, rgba(0, 0, 0, 0.54))"
-BORDER1 = "var(--jp-border-color1, #bdbdbd)"
-BORDER2 = "var(--jp-border-color2, #e0e0e0)"
-LAYOUT2 = "var(--jp-layout-color2, #eeeeee)"
-CODE_FONT = "var(--jp-code-font-family, monospace)"
-UI_FONT_SIZE = "var(--jp-ui-font-size1, 13px)"
-
-#: The colour that marks each status (badge border and tint, progress bar, details rule).
-STATUS_COLOURS: dict[str, str] = {
-    "queued": "var(--jp-layout-color4, #757575)",
-    "running": "var(--jp-brand-color1, #1976d2)",
-    "completed": "var(--jp-success-color1, #388e3c)",
-    "failed": "var(--jp-error-color1, #d32f2f)",
-    "cancelled": "var(--jp-warn-color1, #f57c00)",
-}
-_MESSAGE_COLOURS = {
-    "error": "var(--jp-error-color1, #d32f2f)",
-    "ok": "var(--jp-success-color1, #388e3c)",
-    "info": "var(--jp-brand-color1, #1976d2)",
-}
 
 _e = html.escape
 
 
-def _tint(colour: str, percent: int) -> str:
-    """A background tinted with ``colour``: transparent where color-mix is unknown."""
-    return f"background:transparent;background:color-mix(in srgb, {colour} {percent}%, transparent)"
-
-
-def _badge(text: str, colour: str, cls: str = "") -> str:
-    return (
-        f'<span class="qmagic-badge {cls}" style="flex:0 0 auto;display:inline-block;'
-        f"box-sizing:border-box;min-width:86px;text-align:center;border-radius:10px;padding:1px 8px;"
-        f"font-size:11.5px;font-weight:600;letter-spacing:0.02em;color:{FONT1};"
-        f'border:1px solid {colour};{_tint(colour, 18)}">{_e(text)}</span>'
-    )
+def _badge(text: str, cls: str = "") -> str:
+    """A status badge; its colour is its row's status (or ``cls``: ``qm-locked``...)."""
+    return f'<span class="qm-b{" " + cls if cls else ""}">{_e(text)}</span>'
 
 
 # -- task rows ---------------------------------------------------------------------------------
@@ -144,7 +107,6 @@ def row_html(task: Task) -> str:
     The right end is kept free for the row's buttons (drawn over it).
     """
     status = task.status.value
-    colour = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
     cancelling = task.cancel_requested and not task.done()
     key = task_key(task)
     mode = "background" if task.background else "foreground"
@@ -162,38 +124,22 @@ def row_html(task: Task) -> str:
     message = (progress.message or "") if progress is not None else ""
     progress_inner = _e(amount)
     if message:
-        progress_inner += (" · " if amount else "") + f'<span class="qmagic-progress-message">{_e(message)}</span>'
+        progress_inner += (" · " if amount else "") + _e(message)
     ending = _ending(task)
-    classes = f"qmagic-task-row qmagic-status-{status} qmagic-mode-{mode} qmagic-task-{key}"
-    if cancelling:
-        classes += " qmagic-cancel-requested"
-    right = CONTROLS_WIDTH_PX + 2 * CONTROLS_MARGIN_PX
-    line = "display:flex;align-items:center;gap:8px;min-width:0;white-space:nowrap"
+    classes = "qm-row qm-cr" if cancelling else "qm-row"
+    progress_title = fmt.progress_text(progress)
     return (
-        f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}" '
-        f'style="box-sizing:border-box;height:{ROW_HEIGHT_PX}px;padding:3px {right}px 3px 8px;'
-        f"display:flex;flex-direction:column;justify-content:center;gap:4px;overflow:hidden;"
-        f'border-bottom:1px solid {BORDER2};line-height:normal;font-size:{UI_FONT_SIZE};color:{FONT1}">'
-        f'<div class="qmagic-row-head" style="{line}">'
-        + _badge("cancelling" if cancelling else status, colour, f"qmagic-status-badge qmagic-status-{status}")
-        + f'<span class="qmagic-call" title="{_e(tooltip)}" style="flex:0 0 auto;max-width:50%;'
-        f"overflow:hidden;text-overflow:ellipsis;font-family:{CODE_FONT};font-size:12.5px;"
-        f'font-weight:600">{_e(task.call_text(80))}</span>'
-        f'<span class="qmagic-mode" style="flex:0 0 auto;font-size:11px;padding:0 6px;border-radius:8px;'
-        f'border:1px solid {BORDER1};color:{FONT2}">{mode}</span>'
-        f'<span class="qmagic-user" title="{_e(who)}" style="flex:0 100 auto;min-width:0;overflow:hidden;'
-        f'text-overflow:ellipsis;color:{FONT2}">{_e(who)}</span>'
-        f'<span style="flex:1 1 0"></span>'
-        f'<span class="qmagic-elapsed" title="time running" style="flex:0 0 auto;'
-        f'font-variant-numeric:tabular-nums;color:{FONT2}">{_e(_elapsed(task))}</span></div>'
-        f'<div class="qmagic-row-progress" style="{line}">'
-        f'<span class="qmagic-bar" style="flex:0 0 150px;height:6px;border-radius:3px;'
-        f'background:{LAYOUT2};overflow:hidden"><span class="qmagic-bar-fill" style="display:block;'
-        f'height:100%;width:{width}%;background:{colour}"></span></span>'
-        f'<span class="qmagic-progress-text" title="{_e(fmt.progress_text(progress))}" '
-        f'style="flex:0 1 auto;min-width:0;overflow:hidden;text-overflow:ellipsis">{progress_inner}</span>'
-        + (f'<span class="qmagic-row-ending" title="{_e(ending)}" style="flex:0 100 auto;min-width:0;'
-           f'overflow:hidden;text-overflow:ellipsis;color:{FONT2}">{_e(ending)}</span>' if ending else "")
+        f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}">'
+        '<div class="qm-h">'
+        + _badge("cancelling" if cancelling else status)
+        + f'<span class="qm-call" title="{_e(tooltip)}">{_e(task.call_text(80))}</span>'
+        f'<span class="qm-mode">{mode}</span>'
+        f'<span class="qm-user" title="{_e(who)}">{_e(who)}</span>'
+        f'<span class="qm-el" title="time running">{_e(_elapsed(task))}</span></div>'
+        f'<div class="qm-p"><span class="qm-bar"><span class="qm-fill" style="width:{width}%"></span></span>'
+        + (f'<span class="qm-pt" title="{_e(progress_title)}">' if progress_title else '<span class="qm-pt">')
+        + f'{progress_inner}</span>'
+        + (f'<span class="qm-end" title="{_e(ending)}">{_e(ending)}</span>' if ending else "")
         + "</div></div>"
     )
 
@@ -202,30 +148,24 @@ def rows_html(inner: str) -> str:
     """The rows (and the counts line) of one segment, in a box whose minimum width is 0, so
     that long texts are cut with an ellipsis inside their row instead of widening the table
     under the buttons."""
-    return f'<div class="qmagic-rows" style="display:grid;grid-template-columns:minmax(0, 1fr)">{inner}</div>'
+    return f'<div class="qm-tbl">{inner}</div>'
 
 
 def header_html(summary: str) -> str:
     """The counts line on top of a task table, exactly :data:`HEADER_PX` tall."""
-    return (
-        f'<div class="qmagic-task-summary" style="box-sizing:border-box;height:{HEADER_PX}px;'
-        f"padding:4px 8px 0 8px;font-size:12px;color:{FONT2};white-space:nowrap;overflow:hidden;"
-        f'text-overflow:ellipsis;line-height:normal;border-bottom:1px solid {BORDER2}">{_e(summary)}</div>'
-    )
+    return f'<div class="qmagic-task-summary">{_e(summary)}</div>'
 
 
 def empty_html() -> str:
     """What a task table shows without rows."""
-    return (f'<div class="qmagic-empty" style="padding:8px;line-height:normal;color:{FONT2}">'
-            "No tasks to show.</div>")
+    return '<div class="qmagic-empty">No tasks to show.</div>'
 
 
 def footer_html(notes: list[str]) -> str:
     """Lines under a task table (how many tasks are not shown, and why)."""
     if not notes:
         return ""
-    return (f'<div class="qmagic-hidden-count" style="font-size:12px;color:{FONT2};padding:2px 8px;'
-            f'line-height:1.4">' + "<br>".join(_e(n) for n in notes) + "</div>")
+    return '<div class="qmagic-hidden-count">' + "<br>".join(_e(n) for n in notes) + "</div>"
 
 
 # -- details ------------------------------------------------------------------------------------
@@ -248,24 +188,15 @@ def details_signature(task: Task) -> tuple:
     return (task.status.value, task.progress, len(output), output[-64:], len(log), log[-64:])
 
 
-_PRE = (
-    "margin:2px 0 8px 0;padding:6px 8px;max-height:220px;overflow:auto;white-space:pre-wrap;"
-    f"word-break:break-word;font-family:{CODE_FONT};font-size:12px;line-height:1.35;"
-    f"background:{LAYOUT2};color:{FONT1};border-radius:4px"
-)
-
-
 def _section(title: str, body: str, cls: str) -> str:
     return (
-        f'<div class="qmagic-detail {cls}"><div style="font-weight:600;font-size:12px;color:{FONT2}">'
-        f'{_e(title)}</div><pre style="{_PRE}">{_e(body)}</pre></div>'
+        f'<div class="qmagic-detail {cls}"><div class="qm-dt">{_e(title)}</div><pre>{_e(body)}</pre></div>'
     )
 
 
 def details_html(task: Task) -> str:
     """An expanded row: who, where and when, the full call, result or traceback, output, log."""
     status = task.status.value
-    colour = STATUS_COLOURS.get(status, STATUS_COLOURS["queued"])
     mode = "background" if task.background else "foreground"
     where = fmt.cell_label(task.provenance)
     facts = [f"uid {task.uid}", f"{task.user} ({task.user_group})", f"from {task.origin}", mode]
@@ -274,7 +205,7 @@ def details_html(task: Task) -> str:
     facts += [f"submitted {_clock(task.submitted_at)}", f"started {_clock(task.started_at)}",
               f"finished {_clock(task.finished_at)}", f"elapsed {_elapsed(task)}"]
     parts = [
-        f'<div style="font-size:12px;color:{FONT2};margin-bottom:6px">{_e(" · ".join(facts))}</div>',
+        f'<div class="qm-facts">{_e(" · ".join(facts))}</div>',
         _section("Call", task.call_text(4000), "qmagic-detail-call"),
     ]
     if status == "completed":
@@ -294,9 +225,8 @@ def details_html(task: Task) -> str:
     log = task.log_text
     parts.append(_section("Log", _tail(log) if log else "(no log records)", "qmagic-detail-log"))
     return (
-        f'<div class="qmagic-task-details qmagic-status-{status}" data-task="{task_key(task)}" '
-        f'style="padding:6px 10px 2px 10px;border-left:3px solid {colour};'
-        f'border-bottom:1px solid {BORDER2};line-height:normal;color:{FONT1}">{"".join(parts)}</div>'
+        f'<div class="qmagic-task-details" data-task="{task_key(task)}" data-status="{status}">'
+        f'{"".join(parts)}</div>'
     )
 
 
@@ -305,27 +235,19 @@ def message_html(text: str, kind: str = "info") -> str:
     """A panel message: ``kind`` is "info", "ok" or "error" (errors are never silent)."""
     if not text:
         return ""
-    colour = _MESSAGE_COLOURS.get(kind, _MESSAGE_COLOURS["info"])
-    return (
-        f'<div class="qmagic-message qmagic-message-{kind}" style="white-space:pre-wrap;'
-        f"font-size:12.5px;line-height:1.35;padding:4px 8px;border-radius:3px;color:{FONT1};"
-        f'border-left:3px solid {colour};{_tint(colour, 12)}">{_e(text)}</div>'
-    )
+    kind = kind if kind in ("info", "ok", "error") else "info"
+    return f'<div class="qmagic-message qmagic-message-{kind}">{_e(text)}</div>'
 
 
 # -- the lock -----------------------------------------------------------------------------------
-_LOCKED = STATUS_COLOURS["failed"]
-_UNLOCKED = STATUS_COLOURS["completed"]
-
-
 def _scope_badges(state: Any) -> str:
     out = []
     for scope in ("environment", "queue"):
         on = bool(getattr(state, scope))
         word = "locked" if on else "unlocked"
         out.append(
-            f'<span class="qmagic-lock-scope qmagic-lock-{scope}-{word}" style="margin-right:6px">'
-            + _badge(f"{scope.title()}: {word}", _LOCKED if on else _UNLOCKED) + "</span>"
+            f'<span class="qmagic-lock-scope qmagic-lock-{scope}-{word}">'
+            + _badge(f"{scope.title()}: {word}", f"qm-{word}") + "</span>"
         )
     return "".join(out)
 
@@ -342,10 +264,9 @@ def lock_html(state: Any, holds_key: bool, problem: str = "", changed: bool = Fa
     :class:`qmagic.LockState` (None when it could not be read: ``problem`` says why);
     ``changed``: it differs from what the panel showed when its cell ran."""
     label = "Now (live)" + (" — changed since this cell ran" if changed else "")
-    head = (f'<div class="qmagic-lock-label" style="font-size:11.5px;font-weight:600;'
-            f'color:{FONT2};margin-bottom:3px">{_e(label)}</div>')
+    head = f'<div class="qmagic-lock-label">{_e(label)}</div>'
     if state is None:
-        return (f'<div class="qmagic-lock-state qmagic-lock-unknown" style="line-height:1.4;color:{FONT1}">'
+        return (f'<div class="qmagic-lock-state qmagic-lock-unknown">'
                 f"{head}{message_html(problem or 'The lock could not be read.', 'error')}</div>")
     lines = []
     if state.locked:
@@ -355,12 +276,11 @@ def lock_html(state: Any, holds_key: bool, problem: str = "", changed: bool = Fa
     else:
         lines.append("Not locked: anyone may start tasks.")
     lines.append(f"Emergency unlock key: {'set' if state.emergency_key_set else 'not set'}")
-    body = "".join(f'<div style="margin-top:3px">{line}</div>' for line in lines)
+    body = "".join(f'<div class="qm-line">{line}</div>' for line in lines)
     warn = message_html(state.damaged, "error") if state.damaged else ""
     warn += message_html(problem, "error") if problem else ""
     word = "locked" if state.locked else "unlocked"
-    return (f'<div class="qmagic-lock-state qmagic-lock-{word}" style="font-size:13px;line-height:1.4;'
-            f'color:{FONT1}">{head}{_scope_badges(state)}{body}{warn}</div>')
+    return f'<div class="qmagic-lock-state qmagic-lock-{word}">{head}{_scope_badges(state)}{body}{warn}</div>'
 
 
 def lock_then_html(state: Any, when: float, problem: str = "") -> str:
@@ -374,7 +294,6 @@ def lock_then_html(state: Any, when: float, problem: str = "") -> str:
     else:
         text = "Not locked."
     return (
-        f'<div class="qmagic-lock-then" style="font-size:12.5px;line-height:1.4;color:{FONT1};'
-        f'padding:4px 8px;margin-bottom:6px;border-left:3px solid {BORDER1};{_tint(BORDER1, 15)}">'
-        f'<span style="font-weight:600;color:{FONT2}">When this cell ran ({stamp}):</span> {text}</div>'
+        f'<div class="qmagic-lock-then"><span class="qm-dt">When this cell ran ({stamp}):</span> '
+        f"{text}</div>"
     )

@@ -16,7 +16,7 @@ import ipywidgets as W
 
 from .. import format as fmt
 from ..errors import TaskNotFound
-from . import render
+from . import render, styles
 from .base import PanelBase, failed_line, set_traits
 from .pump import UNLIMITED, get_pump
 from .task_table import TaskTable
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["TaskPanel", "TaskRow"]
 
 _SHOW = ("running", "all")
-_BORDER = f"1px solid {render.BORDER2}"
+_BORDER = f"1px solid {styles.BORDER2}"
 
 
 class _TaskViewMixin(PanelBase):
@@ -118,7 +118,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         )
         self._filter.observe(lambda change: self._qm_poke(flag="members"), "value")
         self._title = own(W.HTML(
-            value=f'<span style="font-weight:600;font-size:13px;color:{render.FONT1}">qmagic tasks</span>',
+            value='<span class="qm-title">qmagic tasks</span>',
             layout=own(W.Layout(margin="0 12px 0 4px")),
         ))
         self._toolbar = own(W.HBox(
@@ -133,12 +133,13 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         self._footer = own(W.HTML(value="", layout=own(W.Layout(margin="2px 0 0 0")),
                                   _dom_classes=("qmagic-task-footer",)))
         self._table = TaskTable(self, self._qm_cancel, header=True)
+        self._style = self._qm_style_widget()
         self._listing: tuple[list[Task], str, str] | None = None
         W.VBox.__init__(
             self,
-            children=(self._toolbar, self._message, self._body, self._footer),
+            children=(self._style, self._toolbar, self._message, self._body, self._footer),
             layout=W.Layout(border=_BORDER, padding="6px", width="100%"),
-            _dom_classes=("qmagic-task-panel",),
+            _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel"),
         )
         self._qm_own(self.layout)
         with self._qm_apply_lock:
@@ -239,6 +240,7 @@ class TaskRow(_TaskViewMixin, W.VBox):
         self._qm_init_base(worker)
         self.task = task
         self._table = TaskTable(self, self._qm_cancel)
+        self._style = self._qm_style_widget()
         self._message = self._qm_own(W.HTML(
             value="", layout=self._qm_own(W.Layout(margin="0", padding="4px", border_bottom=_BORDER)),
             _dom_classes=("qmagic-panel-message",)))
@@ -247,7 +249,7 @@ class TaskRow(_TaskViewMixin, W.VBox):
             children=(),
             layout=W.Layout(width="100%", margin="2px 0", border_top=_BORDER, border_left=_BORDER,
                             border_right=_BORDER),
-            _dom_classes=("qmagic-task-panel", "qmagic-task-single"),
+            _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel", "qmagic-task-single"),
         )
         self._qm_own(self.layout)
         with self._qm_apply_lock:
@@ -262,7 +264,7 @@ class TaskRow(_TaskViewMixin, W.VBox):
         sent, body = self._table.update([self.task], later)
         message = self._qm_message_html()
         sent += set_traits(self._message, value=message)
-        sent += set_traits(self, children=body + ((self._message,) if message else ()))
+        sent += set_traits(self, children=(self._style, *body) + ((self._message,) if message else ()))
         self._table.closing_work(later)
         return self._qm_spend(sent, budget, later)
 

@@ -38,7 +38,7 @@ __all__ = ["TaskTable", "CLOSE_BUDGET", "SEGMENT_ROWS"]
 
 #: Widgets closed per application at most (closing is a message too); the rest wait.
 CLOSE_BUDGET = 10
-#: Most rows drawn in one segment (one HTML widget; a row is about 2.5 kB of HTML).
+#: Most rows drawn in one segment (one HTML widget; a row is about 0.5 kB of HTML).
 SEGMENT_ROWS = 20
 _FORCE_TIP = ("The task has not stopped yet: raise TaskCancelled inside it "
               "(after QMagic.cancel_grace_s seconds)")
