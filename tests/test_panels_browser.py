@@ -251,6 +251,34 @@ def _check_row_geometry(row) -> None:
     assert not found["callCut"], f"the call is cut: {row.locator('.qm-call').text_content()!r}"
 
 
+_STYLED_JS = """
+(scope) => {
+  const css = (el) => getComputedStyle(el);
+  const probe = document.createElement('span');
+  probe.style.color = 'var(--jp-success-color1, #388e3c)';
+  scope.appendChild(probe);
+  const success = css(probe).color;
+  probe.remove();
+  const row = scope.querySelector('.qm-row[data-status="completed"]');
+  return {sheets: scope.querySelectorAll('style').length, success, height: css(row).height,
+          fill: css(row.querySelector('.qm-fill')).backgroundColor,
+          badge: css(row.querySelector('.qm-b')).borderTopColor,
+          styled: [...row.querySelectorAll('[style]')].map(el => el.getAttribute('style'))};
+}
+"""
+
+
+def _check_styled(scope, theme: str) -> str:
+    """The panel's stylesheet (a <style> set as an HTML widget's innerHTML) applies in
+    JupyterLab: a completed row is ROW_HEIGHT_PX tall, its bar and badge in the theme's
+    success colour, and only the bar's width is inline."""
+    found = scope.evaluate(_STYLED_JS)
+    assert found["sheets"] == 1, found
+    assert found["height"] == "48px" and found["fill"] == found["success"] == found["badge"], found
+    assert found["styled"] == ["width:100.0%"], found
+    return f"{theme}: the stylesheet applies ({found['success']} for completed)"
+
+
 # -- the test ------------------------------------------------------------------------------------
 def test_panels_light_and_dark_in_jupyterlab(tmp_path):
     global ARTIFACTS
@@ -350,6 +378,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     _shot(cell8, "light-3-foreground-cancelled.png")
 
     report += _check_legible(page, "light")
+    report += [_check_styled(panel, "light"), _check_styled(_cell(page, 7), "light")]
     panel.scroll_into_view_if_needed()
     _shot(panel, "light-1-task-panel.png")
     _shot(lock, "light-2-lock-panel.png")
@@ -364,6 +393,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     expect(page.locator("body")).to_have_attribute("data-jp-theme-name", "JupyterLab Dark")
     report += _foreground(page, 7, "dark")
     report += _check_legible(page, "dark")
+    report += [_check_styled(panel, "dark"), _check_styled(_cell(page, 7), "dark")]
     _check_not_cut(panel)
     panel.scroll_into_view_if_needed()
     _shot(panel, "dark-1-task-panel.png")
