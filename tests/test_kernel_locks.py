@@ -164,6 +164,19 @@ def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory
     assert _shown(k.execute("%unlock --key K2")) == "Not locked.\n"
 
 
+def test_a_key_that_starts_with_a_hash_is_typed_in_a_cell_as_it_is(kernel_factory, tmp_path):
+    """A remote client locked with ``#secret``; in a cell, ``--lock-key #secret`` was read as
+    a comment ("--lock-key needs a value").  The word after the option is its value."""
+    k = _start(kernel_factory, tmp_path / "state", "Alice")
+    assert k.eval("qs.lock(lock_key='#secret', environment=True, user='Bob')['success']") is True
+    _refusal(k.execute("%task_cancel --all"), "Bob")
+    assert _shown(k.execute("%task_cancel --all --lock-key #secret  # Bob's key")) == (
+        "Cancel requested for 0 tasks.\n")
+    k.execute("t = %function_execute --lock-key #secret double 21 # as Bob", check=True)
+    assert k.eval("t.result()") == 42
+    assert _shown(k.execute("%unlock --key #secret")) == "Not locked.\n"
+
+
 def test_emergency_key_unlocks_from_another_kernel(kernel_factory, tmp_path):
     state = tmp_path / "state"
     a = _start(kernel_factory, state, "Alice", QMAGIC_EMERGENCY_LOCK_KEY=EMERGENCY_KEY)

@@ -391,6 +391,31 @@ def test_a_trailing_comment_is_ignored_by_every_magic(qm, ip, capsys, tmp_path):
     assert capsys.readouterr().out == "Not locked.\n"
 
 
+def test_a_key_that_starts_with_a_hash_is_the_options_value_not_a_comment(qm, ip, capsys):
+    """``%task_cancel UID --lock-key #secret`` said "--lock-key needs a value": ``#secret``
+    was read as a comment, though a lock key may start with ``#`` (a remote client may lock
+    with one).  The word right after an option that needs a value is its value; a lone ``#``
+    there, or a ``#`` word anywhere else, still starts a comment."""
+    task = line(ip, "function_execute", "-b blocked")
+    qm.lock("#secret", environment=True, user="Alice", origin="remote")  # (not this kernel's key)
+    with pytest.raises(UsageError, match="^The environment is locked by Alice"):
+        line(ip, "task_cancel", task.uid[:8])
+    capsys.readouterr()
+    line(ip, "task_cancel", f"{task.uid[:8]} --lock-key #secret  # the key starts with #")
+    assert capsys.readouterr().out.startswith("Cancel requested: blocked()")
+    assert task.wait(TIMEOUT) and task.status.value == "cancelled"
+    assert line(ip, "function_execute", "--lock-key #secret add 1 #b=5").result(TIMEOUT) == 2
+    assert line(ip, "function_execute", "--lock-key=#secret add 2").result(TIMEOUT) == 3
+    with pytest.raises(UsageError, match="^--lock-key needs a value: write --lock-key KEY[.]$"):
+        line(ip, "task_cancel", "--all --lock-key # the key")
+    line(ip, "unlock", "--key #secret # released")
+    assert capsys.readouterr().out.endswith("Not locked.\n")
+    line(ip, "lock", "--note #3 --key #k#2 # a note and a key, both with '#'")
+    assert capsys.readouterr().out == "Locked by qmagic user: environment\nNote: #3\n"
+    line(ip, "unlock", "--key #k#2")
+    assert qm.lock_state().to_lock_info()["environment"] is False
+
+
 def test_an_argument_raising_an_exception_with_a_broken_str_is_one_usage_error(qm, ip):
     ip.run_cell(
         "class DeviceError(Exception):\n"

@@ -5,7 +5,10 @@ Python expressions evaluated in the namespace; quotes and brackets may contain s
 Bad input raises ``UsageError`` with one line saying what to write instead.
 
 Every magic's line may end with a comment: a ``#`` that begins a word outside quotes starts
-it (:func:`strip_comment`); a ``#`` inside quotes or inside a word (``--key k#1``) is text.
+it (:func:`strip_comment`); a ``#`` inside quotes or inside a word (``--key k#1``) is text,
+and so is the word right after an option that needs a value (``--lock-key #secret``: a lock
+key may start with ``#``) unless it is a lone ``#`` (``--key  # note`` is a comment, and
+``--key`` then says it needs a value).
 """
 
 from __future__ import annotations
@@ -105,21 +108,53 @@ def _unquoted_hashes(text: str) -> Iterator[int]:
         i += 1
 
 
-def strip_comment(line: str) -> str:
-    """``line`` without its trailing comment: from a ``#`` that begins a word (at the start
-    or after whitespace) outside quotes.  ``#`` inside quotes or inside a word is kept."""
-    for i in _unquoted_hashes(line):
-        if i == 0 or line[i - 1].isspace():
-            return line[:i].rstrip()
+def _word_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each word of ``text``: split at whitespace outside string literals
+    (an unclosed quote runs to the end of the text).  Lazy: a word is read only when asked
+    for, so a quote in a comment never matters."""
+    i, n = 0, len(text)
+    start: int | None = None
+    while i < n:
+        if text[i] in "'\"":
+            start = i if start is None else start
+            try:
+                i = _skip_string(text, i)
+            except UsageError:
+                i = n
+            continue
+        if text[i].isspace():
+            if start is not None:
+                yield start, i
+                start = None
+        elif start is None:
+            start = i
+        i += 1
+    if start is not None:
+        yield start, n
+
+
+def strip_comment(line: str, options: dict[str, argparse.Action] | None = None) -> str:
+    """``line`` without its trailing comment: from a word outside quotes that begins with
+    ``#``.  ``#`` inside quotes or inside a word is kept, and so is the value of an option of
+    ``options`` (:func:`_options`) that needs one: the word right after it, unless that word
+    is a lone ``#``."""
+    options = options or {}
+    value_next = False  # the word after an option that needs a value
+    for start, end in _word_spans(line):
+        word = line[start:end]
+        if word.startswith("#") and not (value_next and word != "#"):
+            return line[:start].rstrip()
+        opt = _resolve(options, word)
+        value_next = opt is not None and options[opt].nargs is None and "=" not in word
     return line
 
 
 def parse_line(magic: Any, line: str) -> Any:
     """The options and arguments of ``magic``'s line (IPython's ``magic_arguments``), its
-    trailing comment ignored; an option given without its value raises one UsageError line
-    saying so."""
-    line = strip_comment(line)
+    trailing comment ignored (:func:`strip_comment`); an option given without its value
+    raises one UsageError line saying so."""
     options = _options(magic.parser)
+    line = strip_comment(line, options)
     words = arg_split(line, strict=False)  # (as IPython splits it)
     for i in range(len(words)):
         _check_value(options, words, i)
@@ -197,7 +232,7 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
     saying that options come first; one without its value, that it needs one.
     """
     options = _options(parser)
-    line = strip_comment(line)
+    line = strip_comment(line, options)
     words = split_words(line)
     texts = [w for w, _, _ in words]
     i = 0
