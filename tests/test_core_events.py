@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
@@ -238,7 +239,7 @@ def test_force_cancel_status_recorded(make_worker):
     assert t.wait(TIMEOUT) and t.status is TaskStatus.CANCELLED
 
 
-def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_worker):
+def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_worker, capsys):
     """Keeping a task's output takes the task's lock (and the info socket's); code that runs
     in the same thread meanwhile -- a finalizer the garbage collector runs, a signal
     handler -- and prints or logs wanted that lock again: the lock is not re-entrant, and
@@ -246,7 +247,8 @@ def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_w
     hostile stress: cyclic garbage whose __del__ printed, collected during a print, froze a
     task and the main thread waiting for it).  Such a write is now kept just after the one
     in progress.  Here the code that runs meanwhile is the written text's own __len__
-    (deterministic; the collector's moment is not)."""
+    (deterministic; the collector's moment is not).  The notebook shows both in the same
+    order as the task's record (the write made meanwhile reached the stream first)."""
     class Loud(str):
         said = False
 
@@ -268,6 +270,32 @@ def test_a_print_made_while_output_is_being_kept_does_not_freeze_the_task(make_w
     assert not waiter.is_alive() and submitted.done(), "the task froze"
     assert submitted.result() == "done"
     assert submitted.output == "loud text\nsaid meanwhile\n"  # (kept just after the write)
+    assert capsys.readouterr().out == "loud text\nsaid meanwhile\n"  # (and shown so)
+
+
+def test_a_print_made_while_a_write_fails_is_still_kept_and_shown(make_worker, capsys):
+    """A write made meanwhile (see above) waits for the one in progress; when that one
+    raised, the waiting ones were dropped from the task's record.  Now they are kept and
+    shown all the same, and the failure reaches the code that wrote; a waiting write that
+    fails (its writer has returned) drops no other."""
+    class Broken(str):
+        def __len__(self):  # (asked while the task's output keeps the text)
+            if str.__eq__(self, "broken text\n"):
+                print("said meanwhile")
+                with contextlib.suppress(RuntimeError):  # (write() returns its length)
+                    sys.stdout.write(Broken("broken too\n"))
+                print("and after")
+            raise RuntimeError("no length")
+
+    def task():
+        sys.stdout.write(Broken("broken text\n"))
+
+    worker = make_worker({"task": task})
+    failed = worker.submit("task")
+    assert failed.wait(TIMEOUT) and failed.status is TaskStatus.FAILED
+    assert "RuntimeError: no length" in failed.traceback
+    assert failed.output == "said meanwhile\nand after\n"
+    assert capsys.readouterr().out == "said meanwhile\nand after\n"
 
 
 def test_a_thread_start_wrapped_by_another_library_survives_unload_and_load():

@@ -118,22 +118,43 @@ class TextBuffer:
 _in_thread = threading.local()  # .pending: what this thread keeps now, and what waits for it
 
 
-def _kept(keep: Any, *args: Any) -> None:
-    """``keep(*args)`` (which takes a task's lock, or a listener's); or, when this thread is
-    already keeping text, just after it: code that runs meanwhile in the same thread -- a
-    finalizer the garbage collector runs, a signal handler -- may print or log, and the
-    locks are not re-entrant (the thread froze)."""
+def _kept(keep: Any, *args: Any) -> Any:
+    """``keep(*args)`` (which takes a task's lock, or a listener's) and its result; or, when
+    this thread is already keeping text, None and ``keep(*args)`` just after that: code that
+    runs meanwhile in the same thread -- a finalizer the garbage collector runs, a signal
+    handler -- may print or log, and the locks are not re-entrant (the thread froze).
+
+    What waits is run even if the one in progress raises (its exception then propagates).
+    Its writer has returned, so nobody can be told if it fails: an exception of it is
+    ignored, as Python ignores one raised in a finalizer; ■ meanwhile is raised once all
+    are done."""
     pending = getattr(_in_thread, "pending", None)
     if pending is not None:
         pending.append((keep, args))
-        return
-    _in_thread.pending = pending = deque([(keep, args)])
+        return None
+    _in_thread.pending = pending = deque()
+    try:
+        return keep(*args)
+    finally:
+        _run_waiting(pending)
+
+
+def _run_waiting(pending: deque) -> None:
+    """Run what waited for the keep in progress (see :func:`_kept`), in order."""
+    interrupt: BaseException | None = None
     try:
         while pending:
             keep, args = pending.popleft()
-            keep(*args)
+            try:
+                keep(*args)
+            except Exception:  # noqa: BLE001 - its writer has returned (see _kept)
+                pass
+            except BaseException as exc:  # noqa: BLE001 - ■: the rest are still kept, then it is raised
+                interrupt = interrupt or exc
     finally:
         _in_thread.pending = None
+    if interrupt is not None:
+        raise interrupt
 
 
 def _keep_text(text: str) -> None:
@@ -154,8 +175,14 @@ class _TaskTee:
         self._qmagic_wrapped = stream
 
     def write(self, text: Any) -> int:
-        if isinstance(text, str):
-            _kept(_keep_text, text)
+        if not isinstance(text, str):
+            return self._qmagic_wrapped.write(text)
+        # (kept and written as one: a write made meanwhile goes after this one, in both)
+        written = _kept(self._keep_and_write, text)
+        return len(text) if written is None else written
+
+    def _keep_and_write(self, text: str) -> int:
+        _keep_text(text)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:
