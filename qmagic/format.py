@@ -357,7 +357,8 @@ def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
 
 def log_health_note(health: Mapping[str, Any]) -> str | None:
     """One line when the experiment log needs attention (a fault, or records lost); None
-    while it is healthy — records waiting a moment for the writer are normal."""
+    while it is healthy — records waiting a moment for the writer are normal.  A log that
+    logs no new task (``open`` False) but still records how earlier ones end says so."""
     ok, pending, dropped = health.get("ok", True), int(health.get("pending") or 0), int(health.get("dropped") or 0)
     if ok and not dropped:
         return None
@@ -372,7 +373,8 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
     if dropped:
         parts.append(f"lost {entries(dropped)}")
     why = health.get("last_error")
-    return (f"Note: the experiment log {' and '.join(parts)}" + (f": {why}" if why else "")
+    which = ", off for new tasks but still recording earlier ones," if health.get("open") is False else ""
+    return (f"Note: the experiment log{which} {' and '.join(parts)}" + (f": {why}" if why else "")
             + ". See worker.log_health().")
 
 

@@ -237,15 +237,19 @@ class LogMixin(HasTraits):
     # -- its state, for the views ----------------------------------------------------------------
     @property
     def log_open(self) -> bool:
-        """True while the experiment log is open: ``journal_enabled``, and it could be
-        opened (else a warning said why: a read-only state folder...)."""
+        """True while new tasks are logged: ``journal_enabled``, and the log could be opened
+        (else a warning said why: a read-only state folder...).  A log switched off or
+        replaced while its tasks run still records how they end (see :meth:`log_health`),
+        but no new task."""
         return self._journal is not None
 
     def log_health(self) -> dict[str, Any]:
-        """The experiment log's state: ok, pending and dropped records, last error.  A log
-        switched off or replaced while its tasks run counts too until it closes (its faults,
-        its records waiting or lost); ``draining`` says how many such logs there are."""
-        with self._state_lock:
+        """The experiment log's state: ok, pending and dropped records, last error, path.
+        A log switched off or replaced while its tasks run counts too until it closes (its
+        faults, its records waiting or lost are real); ``draining`` says how many such logs
+        there are, and ``open`` whether new tasks are logged (:attr:`log_open`): False when
+        only such logs are left.  Raises LogUnavailable when no log is open at all."""
+        with self._state_lock:  # (one moment: ``open`` and the logs counted agree)
             journal = self._journal
             draining = [observer.journal for observer in self._draining]
         healths = [journal.health()] if journal is not None else []
@@ -256,7 +260,7 @@ class LogMixin(HasTraits):
                 continue
         if not healths:
             raise LogUnavailable(LOG_OFF)
-        health = dict(healths[0], draining=len(draining))
+        health = dict(healths[0], draining=len(draining), open=journal is not None)
         for other in healths[1:]:
             health["ok"] = health["ok"] and other["ok"]
             for key in ("pending", "in_memory", "dropped"):

@@ -17,6 +17,10 @@ def test_a_faulty_or_lossy_log_says_so_in_one_line():
                             "last_error": "disk full"})
     assert note == ("Note: the experiment log cannot write (30 entries waiting, 12 only in memory): "
                     "disk full. See worker.log_health().")
+    note = log_health_note({"ok": False, "pending": 1, "dropped": 0, "last_error": "disk full",
+                            "open": False})
+    assert note == ("Note: the experiment log, off for new tasks but still recording earlier ones, "
+                    "cannot write (1 entry waiting): disk full. See worker.log_health().")
     note = log_health_note({"ok": True, "pending": 0, "dropped": 2, "last_error": "disk full"})
     assert note == "Note: the experiment log lost 2 entries: disk full. See worker.log_health()."
     assert "\n" not in note

@@ -219,6 +219,7 @@ def test_journal_off_then_switched_on(make_worker):
     t2.wait(TIMEOUT)
     assert [r["uid"] for r in w.history()] == [t2.uid]
     assert w.log_health()["ok"] is True and w.log_health()["dropped"] == 0
+    assert w.log_health()["open"] is True
     w.journal_enabled = False  # and off again: closed, nothing recorded meanwhile
     w.submit("f").wait(TIMEOUT)
     w.journal_enabled = True
@@ -352,7 +353,9 @@ def test_a_new_state_folder_while_a_task_runs_leaves_its_record_true_in_the_old(
 def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tmp_path):
     """A log switched off while its tasks ran, whose records could not be written, said so
     only in a warning: log_health() raised "the log is off" and log_note() (the %tasks and
-    %control_channel line) said nothing, records waiting.  Now they count until it closes."""
+    %control_channel line) said nothing, records waiting.  Now they count until it closes.
+    Then log_health() answered while log_open was False, and its note read as if the log were
+    on: ``open`` (= log_open) says no new task is logged, and the note says so."""
     first, second = Gate(), Gate()
     w = journaled({"first": first, "second": second}, max_background_tasks=2)
     tasks = [w.submit("first"), w.submit("second")]
@@ -367,8 +370,10 @@ def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tm
         eventually(lambda: not w.log_health()["ok"], TIMEOUT, "the draining log's fault")
         health = w.log_health()
         assert health["pending"] > 0 and health["draining"] == 1 and "locked" in health["last_error"]
+        assert health["open"] is False and w.log_open is False
         note = w.log_note()
-        assert note.startswith("Note: the experiment log cannot write (") and "locked" in note, note
+        assert note.startswith("Note: the experiment log, off for new tasks but still recording "
+                               "earlier ones, cannot write (") and "locked" in note, note
     finally:
         locker.execute("ROLLBACK")
         locker.close()
