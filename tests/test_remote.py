@@ -1214,6 +1214,64 @@ def test_a_limit_whose_restart_finds_the_port_taken_is_all_or_nothing(worker, mo
         service.close()
 
 
+def test_an_interrupt_anywhere_in_a_limit_change_leaves_the_channel_as_the_setting_says(worker):
+    """■ at every line of a limit change that starts the channel again, in turn (a real
+    SIGINT on the main thread).  Between the old socket's close and the new one's bind it
+    left the channel off while zmq_control_address still named it (and the setting said the
+    new limit); now ■ is held over the close and the bind and delivered once the channel
+    serves again (the change stands), and before that the setting goes back.  (■ in
+    traitlets, on the observer's first line or on that of the worker's rule is out of reach.)"""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic.core.foreground import interrupts_held
+    from qmagic.remote.socket_thread import SocketThread
+    from qmagic.worker_state import StateMixin
+
+    assert threading.current_thread() is threading.main_thread()
+    commit = next(c for c in StateMixin._apply_setting.__code__.co_consts
+                  if getattr(c, "co_name", None) == "commit")
+    codes = [RemoteService._on_limit.__code__, RemoteService._apply_limit.__code__,
+             RemoteService._new_server.__code__, RemoteService._stop_server.__code__,
+             SocketThread.start.__code__, SocketThread.stop.__code__,
+             StateMixin._apply_setting.__code__, commit, interrupts_held.__wrapped__.__code__]
+    out_of_reach = (codes[0], StateMixin._apply_setting.__code__)  # (their first lines)
+    limits = (10_000_000, 100_000_000)  # (two hard caps: each change starts the channel again)
+    service = RemoteService(worker)
+    bad, fired_any = [], 0
+    try:
+        service.start(LOCAL)
+        for code in codes:
+            for line in lines_of(code)[1:] if code in out_of_reach else lines_of(code):
+                before = worker.zmq_max_message_bytes
+                fired: list[int] = []
+                sys.settrace(sigint_at(code, line, fired))
+                try:
+                    worker.zmq_max_message_bytes = limits[before == limits[0]]
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                fired_any += bool(fired)
+                where = f"{code.co_name} line {line - code.co_firstlineno}"
+                server, limit = service.server, worker.zmq_max_message_bytes
+                if server is None or not server.running:
+                    bad.append((where, "the channel is off", worker.zmq_control_address))
+                elif worker.zmq_control_address != server.address:
+                    bad.append((where, "the setting names another address", worker.zmq_control_address))
+                elif server.socket_cap != hard_cap(limit) or server.max_message_bytes != limit:
+                    bad.append((where, "the channel's limit is not the setting's", limit))
+                if limit == before and not fired:
+                    bad.append((where, "an uninterrupted change did not apply"))
+                if bad and bad[-1][0] == where:  # (a channel as the setting says: one report)
+                    service.stop()
+                    service.start(LOCAL)
+        assert fired_any > 30
+        assert bad == [], "\n".join(map(str, bad))
+        assert _serves(service.server.address)
+    finally:
+        service.close()
+
+
 # =========================================================================================
 # issue 14 item 4: loose request types are refused, with queueserver-style messages
 # =========================================================================================

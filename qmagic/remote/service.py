@@ -10,9 +10,10 @@ connection info (for ``config_get``) as a callable.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
@@ -209,7 +210,13 @@ class RemoteService:
         own, set as it is made), the channel starts again with the new one.  All or nothing:
         if it cannot (keys that no longer read, its port taken meanwhile), the setting keeps
         its old value, the channel serves on with it (the old socket, or a new one with the
-        old cap) and ControlChannelError says what happened."""
+        old cap) and ControlChannelError says what happened.  ■ is the worker's setting rule
+        (``_apply_setting``): before the change the setting goes back; from the old socket's
+        close to the new one's bind it is held and delivered once the channel serves again
+        (the change stands): never a channel off while ``zmq_control_address`` names it."""
+        self.worker._apply_setting(change, functools.partial(self._apply_limit, change))
+
+    def _apply_limit(self, change: Mapping[str, Any], commit: Callable[[], ContextManager[None]]) -> None:
         if self._syncing:
             return
         with self._lock:
@@ -217,20 +224,26 @@ class RemoteService:
             if server is None:
                 return
             if not server.running or server.socket_cap == hard_cap(change["new"]):
-                server.max_message_bytes = change["new"]
+                with commit():
+                    server.max_message_bytes = change["new"]
                 return
             address = self.last_address or server.address
             try:
                 replacement = self._new_server(address)  # (checked before the old one stops)
-                self._stop_server()
-                self.server = replacement.start()
             except ControlChannelError as exc:
-                self._set_quietly("zmq_max_message_bytes", change["old"])
                 self._limit_refused(address, change["old"], exc)
+            with commit():
+                try:
+                    self._stop_server()
+                    self.server = replacement.start()
+                except ControlChannelError as exc:
+                    self._limit_refused(address, change["old"], exc)
 
     def _limit_refused(self, address: str, old: int, exc: ControlChannelError) -> None:
-        """Raise the one line for a limit that could not apply: the channel serves on with
-        ``old`` (started again with it if it had stopped), or it is off."""
+        """The setting back to ``old``, and the one line for a limit that could not apply:
+        the channel serves on with ``old`` (started again with it if it had stopped), or it
+        is off."""
+        self._set_quietly("zmq_max_message_bytes", old)
         kept = f"QMagic.zmq_max_message_bytes stays {old}"
         if self.server is None:
             try:
