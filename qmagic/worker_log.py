@@ -171,13 +171,16 @@ class LogMixin(HasTraits):
     # -- opening and swapping ----------------------------------------------------------------------
     def _new_log(self) -> LogObserver | None:
         """Store what the log in force holds (other kernels see those tasks; an interrupt in
-        this wait changes nothing yet), then open a log for the current settings: its
-        observer, or None when the log is off or cannot be opened (a warning says why)."""
+        this wait changes nothing yet) -- unless it is in a fault: the cell does not wait
+        then; the old log, draining, stores it once the fault clears (or, if the fault
+        outlasts its close, the next log to open the folder does) -- then open a log
+        for the current settings: its observer, or None when the log is off or cannot be
+        opened (a warning says why)."""
         from . import __version__
 
         current = self._journal
         if current is not None:
-            current.flush()
+            current.flush(stop_at_fault=True)
         if not self.journal_enabled:
             return None
         try:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
@@ -384,6 +385,32 @@ def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tm
     with pytest.raises(LogUnavailable, match="experiment log is off"):
         w.log_health()
     assert w.log_note() is None
+
+
+def test_a_log_setting_changed_during_a_fault_of_the_log_does_not_wait_for_it(journaled, tmp_path):
+    """A log setting changed while the log could not write (here another program holds the
+    database) held the cell up to 5 s: the old log first stored what it held, which it
+    could not.  Now the cell does not wait for a log in a fault; the old log, draining,
+    stores those records once the fault clears."""
+    w = journaled({"quick": lambda: 1})
+    locker = sqlite3.connect(database_path(tmp_path / "state", "default"), isolation_level=None,
+                             timeout=TIMEOUT)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        task = w.submit("quick")
+        assert task.result(TIMEOUT) == 1
+        eventually(lambda: not w.log_health()["ok"], TIMEOUT, "the log's fault")
+        started = time.monotonic()
+        w.journal_summary_chars = 3000 - w.journal_summary_chars  # a new log, the old drains
+        waited = time.monotonic() - started
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert waited < 2.0, f"the setting change waited {waited:.1f} s for the log in a fault"
+    assert w.log_open
+    eventually(lambda: [r["status"] for r in w.history(uid=task.uid)] == ["completed"], TIMEOUT,
+               "the old log to store the task's record once the fault cleared")
+    eventually(lambda: _drained(w), TIMEOUT, "the old log to close")
 
 
 def test_a_worker_closed_while_a_switched_off_log_drains_closes_it(journaled):

@@ -336,12 +336,12 @@ class Journal:
                 "dropped": self._spool.dropped_count() + w.lost, "last_error": w.faults.last_error,
                 "path": str(self.path)}
 
-    def flush(self, timeout: float = 5.0) -> bool:
+    def flush(self, timeout: float = 5.0, *, stop_at_fault: bool = False) -> bool:
         """Wait until everything logged before this call is in SQLite; False on timeout
-        (a fault: see :meth:`health`)."""
+        (a fault: see :meth:`health`), or at once during a fault with ``stop_at_fault``."""
         if self._closed:
             return not self._spool.held
-        return self._writer.flush(timeout)
+        return self._writer.flush(timeout, stop_at_fault)
 
     def close(self) -> None:
         """Store what is pending (waiting up to 5 s during a fault; what is still spooled

@@ -362,9 +362,10 @@ class Writer:
             return True
         return False
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything written before this call is in SQLite (or ``timeout``).
-        (Polls: no Condition whose lock an interrupt could leave held.)"""
+    def flush(self, timeout: float, stop_at_fault: bool = False) -> bool:
+        """Wait until everything written before this call is in SQLite (or ``timeout``; or,
+        with ``stop_at_fault``, a fault: it would only wait out the timeout).  (Polls: no
+        Condition whose lock an interrupt could leave held.)"""
         if not self.thread.is_alive():
             return not (self.spool.held or self.spool.segments)
         target = self.cycles + 1
@@ -372,7 +373,8 @@ class Writer:
         self.wake.set()
         deadline, delay = time.monotonic() + timeout, 0.0005
         while self.clean < target:
-            if time.monotonic() >= deadline or not self.thread.is_alive():
+            if (time.monotonic() >= deadline or not self.thread.is_alive()
+                    or (stop_at_fault and self.faults.kinds)):
                 return self.clean >= target
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
