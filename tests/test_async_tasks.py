@@ -20,12 +20,14 @@ import asyncio
 import concurrent.futures as cf
 import functools
 import logging
+import sys
 import threading
 import time
 
 import pytest
 from async_helpers import TIMEOUT, EventLog, in_loop, no_bluesky_loop, run_engine  # noqa: F401 - fixtures
 from engine_helpers import Gate, make_worker  # noqa: F401 - fixture
+from polling import eventually
 from qs_helpers import QS
 
 import qmagic
@@ -583,6 +585,50 @@ def test_blocking_on_a_task_of_the_same_loop_says_to_await_it(make_worker, no_bl
             "block it for good: use `await task` there instead.")
     assert seen["errors"][:3] == [line] * 3 and seen["errors"][3].startswith("scan() runs on")
     assert w.submit("thread_side").result(TIMEOUT) == 4
+
+
+def test_blocking_on_a_thread_task_that_hands_its_coroutine_to_the_same_loop(make_worker,
+                                                                           no_bluesky_loop):
+    """A coroutine task waits with ``task.result()`` on a *thread* task whose function has not
+    yet returned the coroutine that goes to this same loop.  The wait used to hold the loop
+    that should run that coroutine: it froze for good (no timeout) or said "still running
+    after 10 s; wait longer"; now the wait gives up as the coroutine is handed over, with the
+    same-loop line, and the loop runs on (``await`` then gets the result)."""
+    seen: dict = {}
+
+    async def finish(n):
+        await asyncio.sleep(0)
+        return n + 1
+
+    def prepare(n):  # a thread task: returns once the coroutine task blocks waiting for it
+        me = qmagic.current_task()
+        loop_thread = w.engine.loops._thread
+        eventually(lambda: any(f.f_code.co_name == "_wait_until" and f.f_locals.get("self") is me
+                               for f in _stack(loop_thread)), TIMEOUT, "the loop blocked on me")
+        return finish(n)
+
+    async def scan(n):
+        sub = w.submit("prepare", (n,))
+        try:
+            sub.result(TIMEOUT)
+        except (RuntimeError, cf.TimeoutError) as exc:
+            seen["error"] = f"{type(exc).__name__}: {exc}"
+        return await sub
+
+    w = make_worker({"prepare": prepare, "scan": scan})
+    started = time.monotonic()
+    assert w.submit("scan", (1,)).result(3 * TIMEOUT) == 2
+    assert seen["error"] == (
+        "RuntimeError: prepare(1) runs on the event loop that called task.result() or wait(), "
+        "which would block it for good: use `await task` there instead.")
+    assert time.monotonic() - started < TIMEOUT / 2  # (it never waited out the timeout)
+
+
+def _stack(thread):
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 def test_awaiting_failed_or_cancelled_tasks_in_a_coroutine_task(make_worker, no_bluesky_loop):

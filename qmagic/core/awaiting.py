@@ -74,7 +74,8 @@ class CoroutineJobs:
         starts (:func:`cancel_atask`): asyncio would then skip its body, and the task would
         never end."""
         loop = self.engine.loops.loop()
-        job.loop = job.task._loop = loop  # (the task refuses blocking waits on that loop)
+        job.loop = loop
+        job.task._run_on(loop)  # (the task refuses blocking waits on that loop, from now on)
 
         def create() -> None:
             job.atask = loop.create_task(make())

@@ -114,14 +114,30 @@ class Task(TaskState):
         """Block until the task finishes or ``timeout`` seconds pass; True if it finished.
 
         Raises RuntimeError when called on the event loop the task runs on (from a coroutine
-        task): that loop would wait for good; ``await task`` there instead."""
+        task): that loop would wait for good; ``await task`` there instead.  So too, the
+        moment a thread task waited for there hands the coroutine it returned to that loop
+        (:meth:`_run_on`)."""
         if self._status.finished:
             return True
-        if self._loop is not None and _running_loop() is self._loop:
+        here = _running_loop()
+        if here is None:
+            return self._wait_until(self._is_done, timeout)
+        if self._loop is not here:
+            done = self._wait_until(lambda: self._status.finished or self._loop is here, timeout)
+            if done and self._status.finished:
+                return True
+        if self._loop is here:
             raise one_line(RuntimeError(
                 f"{self.call_text()} runs on the event loop that called task.result() or wait(), "
                 "which would block it for good: use `await task` there instead."))
-        return self._wait_until(self._is_done, timeout)
+        return False
+
+    def _run_on(self, loop: Any) -> None:
+        """The runner: the task's coroutine (or a thread task's awaitable result) is about
+        to run on ``loop``; a blocking wait on that very loop gives up now (:meth:`wait`)."""
+        with self._mutex:
+            self._loop = loop
+            self._condition.notify_all()
 
     def _is_done(self) -> bool:
         return self._status.finished
