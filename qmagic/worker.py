@@ -423,11 +423,15 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         return self.engine.context_hooks.add(hook)
 
     # -- the end ------------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0, *, reason: str | None = None) -> None:
-        """Stop every task and thread (queued tasks are cancelled; ``reason``: the cancel
-        reason), then close the experiment log (every task's end recorded first) and locks."""
+    def close(self, timeout: float = 5.0, *, reason: str | None = None,
+              log_timeout: float | None = None) -> None:
+        """Stop every task and thread within ``timeout`` (queued tasks are cancelled;
+        ``reason``: the cancel reason), then close the experiment log (every task's end
+        recorded first) and locks.  ``log_timeout``: how long the log may take (default: up
+        to 5 s while it cannot be written); what it could not store by then stays in its
+        spool for the next kernel that opens it."""
         self.engine.close(timeout, *(() if reason is None else (reason,)))
-        self._close_state()
+        self._close_state(log_timeout)
 
     def __repr__(self) -> str:
         counts = self.engine.counts()

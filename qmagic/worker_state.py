@@ -51,13 +51,13 @@ class StateMixin(LogMixin):
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
         self.static_uid = str(uuid.uuid4())
 
-    def _close_state(self) -> None:
+    def _close_state(self, log_timeout: float | None = None) -> None:
         with self._state_lock:
             journal, self._journal = self._journal, None
             draining, self._draining = list(self._draining), set()
             locks = self._locks
         if journal is not None:
-            journal.close()
+            journal.close(log_timeout)
         for observer in draining:
             observer.close()
         locks.close()

@@ -397,3 +397,68 @@ def test_two_kernels_write_one_log_at_once(kernel_factory, tmp_path):
         "len({r['journal']['session'] for r in qmagic.history()}))"
     )
     assert counts == (600, ["completed"], ["user0", "user1"], 2)
+
+
+STUBBORN = r'''
+import asyncio
+async def stubborn(path):
+    """Swallows the first cancel (code that catches CancelledError by mistake); the second
+    one (the forced cancel) stops it, and its cleanup runs."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        pass
+    try:
+        await asyncio.Event().wait()
+    finally:
+        with open(path, "a") as f:
+            f.write("parked\n")
+'''
+
+#: Another process holding the log's write lock (as another kernel in a long transaction).
+HOLD_WRITE_LOCK = r'''
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+conn.rollback()
+'''
+
+
+def test_the_exit_close_ends_before_jupyter_kills_the_kernel_while_the_log_is_locked(kernel_factory,
+                                                                                     tmp_path):
+    """A shutdown request (JupyterLab's shut down / restart) with a coroutine task that
+    swallows the first cancel, while another process holds the log's write lock.  The exit
+    close used to wait 2 s for the tasks (the forced cancel due after the same 2 s) and then
+    up to 5 s more to store the log: jupyter_client's SIGTERM (2.5 s after the request)
+    ended the kernel half-way.  Now it fits its budget: the kernel exits on its own, the
+    task's cleanup ran after the forced cancel, and the next kernel to open the log stores
+    what the locked database could not take (the task: cancelled, "the kernel was shut
+    down")."""
+    from qmagic.ipython.extension import MSG_SHUT_DOWN
+
+    state, parked = tmp_path / "shared-state", tmp_path / "parked.txt"
+    k = _start(kernel_factory, state)
+    k.execute(STUBBORN + f"t = %function_execute -b stubborn {str(parked)!r}\n"
+              "wait_until(lambda: t.running())\n"
+              "wait_until(lambda: w.log_health()['pending'] == 0)", check=True)
+    uid = k.eval("t.uid")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK,
+                               str(database_path(state, k.eval("w.environment_name")))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        kernel = k.km.provisioner.process
+        k.kc.stop_channels()
+        k.kc = None
+        k.km.shutdown_kernel(now=False)  # a shutdown request; SIGTERM after 2.5 s, SIGKILL after 5
+        assert kernel.wait(WAIT) == 0, "the kernel did not exit on its own in time"
+    finally:
+        holder.stdin.close()
+        holder.wait(WAIT)
+    assert parked.read_text() == "parked\n"
+    k2 = _start(kernel_factory, state)
+    rec = k2.eval(f"wait_until(lambda: [r for r in qmagic.history(uid={uid!r}) "
+                  "if r['status'] != 'running'], 30) or qmagic.history(uid=" + repr(uid) + ")[0]")
+    assert (rec["status"], rec["error"]) == ("cancelled", MSG_SHUT_DOWN), rec

@@ -364,13 +364,17 @@ class Engine(TaskRegistry):
 
     # -- shutdown ---------------------------------------------------------------------------
     def close(self, timeout: float = 5.0, reason: str = CLOSED_REASON) -> None:
-        """Cancel queued tasks, stop running ones (forcing after the grace time), stop every
-        thread and qmagic's event loop; ``reason``: the tasks' cancel reason.  Idempotent."""
+        """Cancel queued tasks, stop running ones (forcing after the grace time, at most half
+        of ``timeout``: the cleanup the forced cancel starts gets the other half), stop every
+        thread and qmagic's event loop, all within ``timeout``; a task still running then is
+        recorded cancelled and left to end on its own.  ``reason``: the tasks' cancel
+        reason.  Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             active = [job.task for job in list(self._jobs.values()) if not job.task.done()]
+            self.cancel_grace_s = min(self.cancel_grace_s, timeout / 2)
         for task in active:
             self.cancel(task, force=True, reason=reason)
         deadline = time.monotonic() + timeout
@@ -385,5 +389,5 @@ class Engine(TaskRegistry):
         self.timers.close()
         self.bus.close()
         self.foreground.close()
-        self.loops.close(timeout)
+        self.loops.close(max(0.0, deadline - time.monotonic()))
         capture.uninstall()

@@ -13,10 +13,12 @@ unload -> load works, and loading twice is a silent no-op.  An unload always fin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import format as fmt
 from .. import tracebacks
@@ -36,10 +38,16 @@ __all__ = ["Session", "UnloadInterrupted", "get_session", "get_worker", "load_ip
 
 log = logging.getLogger("qmagic")
 
-#: Why the tasks still running when the kernel shuts down (or restarts) are cancelled, and
-#: how long the exit waits for them (the kernel's manager kills a kernel after 5 s).
+#: Why the tasks still running when the kernel shuts down (or restarts) are cancelled.
 MSG_SHUT_DOWN = "Task was cancelled: the kernel was shut down"
-EXIT_CLOSE_S = 2.0
+#: The close at exit fits before jupyter_client kills the kernel (SIGKILL 5 s after its
+#: shutdown request; its SIGTERM at 2.5 s is ignored while qmagic closes).  Tasks get
+#: EXIT_TASKS_S: cancelled at once, cancelled again by force after half of it (code that
+#: swallowed the first), recorded cancelled at its end if still running; then the
+#: experiment log gets EXIT_LOG_S to store what is pending.  What it could not store by then
+#: (another kernel holds the database) stays in its spool, and the next kernel that opens
+#: the log stores it.  The rest (threads, locks) takes well under the remaining second.
+EXIT_TASKS_S, EXIT_LOG_S = 2.0, 1.0
 
 _sessions: dict[int, Session] = {}
 _sessions_lock = threading.RLock()
@@ -56,6 +64,21 @@ class UnloadInterrupted(KeyboardInterrupt):
 
     def _render_traceback_(self) -> list[str]:
         return [f"KeyboardInterrupt: {self}"]
+
+
+@contextlib.contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    """SIGTERM is ignored meanwhile (the close at exit is bounded; jupyter_client sends one
+    half-way to its kill), where this thread may set signal handlers."""
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _task_text(task: Task, printer: Any, cycle: bool) -> None:
@@ -110,11 +133,12 @@ class Session:
     def _close_at_exit(self) -> None:
         """The kernel is shutting down (a restart too): running tasks are cancelled — a
         coroutine's ``finally:`` runs — and recorded so, within the time the kernel's
-        manager waits for a kernel to exit (it kills it after 5 s)."""
-        try:
-            self.worker.close(EXIT_CLOSE_S, reason=MSG_SHUT_DOWN)
-        except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
-            log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
+        manager waits for a kernel to exit (see :data:`EXIT_TASKS_S`)."""
+        with _sigterm_ignored():
+            try:
+                self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S)
+            except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
+                log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
 
     def _event(self, name: str, callback: Callable[..., Any]) -> None:
         self.shell.events.register(name, callback)

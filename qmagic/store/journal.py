@@ -101,7 +101,7 @@ def _shutdown(spool: Spool, writer: Writer, reader: LogReader) -> None:
         if spool.current is not None and spool.current.out is not None:
             out, spool.current.out = spool.current.out, None
             out.close()
-    writer.stop()
+    writer.stop(writer.stop_timeout)
     writer.wake.close()
     reader.close()
 
@@ -343,14 +343,16 @@ class Journal:
             return not self._spool.held
         return self._writer.flush(timeout, stop_at_fault)
 
-    def close(self) -> None:
-        """Store what is pending (waiting up to 5 s during a fault; what is still spooled
-        then is stored by the next process that opens the log), mark this session's
-        unfinished tasks as failed (:data:`ORPHAN_REASON`), stop the writer thread and
-        close every file.  Later calls are dropped (counted in health()["dropped"])."""
+    def close(self, timeout: float | None = None) -> None:
+        """Store what is pending (waiting up to 5 s during a fault, or returning within
+        ``timeout`` seconds; what is still spooled then is stored by the next process that
+        opens the log), mark this session's unfinished tasks as failed
+        (:data:`ORPHAN_REASON`), stop the writer thread and close every file.  Later calls
+        are dropped (counted in health()["dropped"])."""
         if self._closed:
             return
         self._closed = True
+        self._writer.stop_timeout = timeout
         _OPEN.discard(self)
         self._finalizer()
 

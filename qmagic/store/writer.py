@@ -65,6 +65,7 @@ RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
+FINISH_MARGIN_S = 0.2  # a bounded stop's last commits end this long before it returns
 #: A wall clock that ran this much ahead of the time elapsed since the writer started is
 #: warned about (once); deletion by age then counts by the elapsed time: a clock set a month
 #: ahead for a few seconds deleted the whole log (found by a hostile test).  Elapsed time
@@ -147,6 +148,7 @@ class Writer:
         self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
         self._flush_served = 0.0
         self.stopping = False
+        self.stop_timeout: float | None = None  # the close's bound (None: see stop)
         self.faults = Faults(path, spool.pending_limit)
         self.lost = 0  # lines that were only in memory when the log closed
         self.rows_written = 0
@@ -158,6 +160,7 @@ class Writer:
         self._next_retention = time.monotonic() + 1.0
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
         self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
+        self._store_by = float("inf")  # a bounded stop's last commits end by then (monotonic)
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
     def failed(self, kind: str, exc: BaseException, db_id: tuple[int, int] | None = None) -> None:
@@ -382,26 +385,34 @@ class Writer:
                 self.wake.set()
         return True
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Finish (store what is left, mark this session closed) and end the thread."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish (store what is left, mark this session closed) and end the thread, waiting
+        up to 60 s for it; ``timeout``: return within it (the last commits are tried until
+        shortly before), the thread left to end on its own (what it has not stored stays in
+        the spool for the next process that opens the log)."""
+        if timeout is not None:
+            self._store_by = time.monotonic() + max(0.0, timeout - FINISH_MARGIN_S)
         self.stopping = True
         self.wake.set()
         if self.thread.is_alive():
-            self.thread.join(timeout)
+            self.thread.join(60.0 if timeout is None else timeout)
             if self.thread.is_alive():
-                _log.error("qmagic: the experiment log's writer did not stop within %.0f s.", timeout)
+                _log.error("qmagic: the experiment log could not be closed in time; the next "
+                           "kernel that opens it stores what this one could not.")
 
     def _finish(self) -> None:
         """Last commits (retried for CLOSE_TIMEOUT_S during a fault), then: everything stored
         -> unfinished tasks of this session marked as failed, the session closed, its files
         deleted; else the spool stays for the next process that opens the log."""
-        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        deadline = min(time.monotonic() + CLOSE_TIMEOUT_S, self._store_by)
         drained = False
         while True:
             try:
                 if self.conn is None:
                     self._open_db()
-                if self.conn is not None:
+                if self.conn is not None:  # (another kernel's write lock: waited for until then)
+                    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                    self.conn.execute(f"PRAGMA busy_timeout = {left_ms}")
                     while not self._commit():
                         pass
                     drained = not self.spool.held
