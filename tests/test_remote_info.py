@@ -362,6 +362,42 @@ def test_a_failed_task_says_so_on_the_console(make_worker):
         assert 'raise ValueError(f"bad value {x}")' in text
 
 
+def test_cancelled_and_interrupted_tasks_say_so_on_the_console(make_worker):
+    """A queueserver worker logs a function stopped by an exception — ``KeyboardInterrupt``
+    too — with its "Error occurred while executing ..." line and the traceback.  qmagic's
+    console said so for failed tasks only: a cancelled or interrupted task's prints were
+    followed by nothing.  Each now ends with queueserver's line (task_result's msg, which
+    gives the reason) and the traceback where the task's code was stopped."""
+    started = threading.Event()
+
+    def wait_long():
+        print("waiting")
+        started.set()
+        qmagic.cancellable_sleep(3 * TIMEOUT)
+
+    def stopped_by_hand():
+        print("moving")
+        raise KeyboardInterrupt  # (what ■ raises in a task's code)
+
+    worker = make_worker({"wait_long": wait_long, "stopped_by_hand": stopped_by_hand})
+    with _console_of(worker) as console:
+        task = worker.submit("wait_long")
+        assert started.wait(TIMEOUT)
+        task.cancel()
+        assert task.wait(TIMEOUT) and task.status.value == "cancelled"
+        needle = "Error occurred while executing 'Execute function': Task was cancelled from Python:"
+        lines = _console_until(console, needle).splitlines()
+        assert lines[:3] == ["waiting", needle, "Traceback (most recent call last):"], lines
+        console.clear()
+        task = worker.submit("stopped_by_hand")
+        assert task.wait(TIMEOUT) and task.status.value == "cancelled"
+        needle = ("Error occurred while executing 'Execute function': Task was interrupted "
+                  "(■ or KeyboardInterrupt):")
+        text = _console_until(console, needle)
+        assert text.splitlines()[:3] == ["moving", needle, "Traceback (most recent call last):"], text
+        assert "raise KeyboardInterrupt" in text
+
+
 def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
     """A thread started by a task's work (a pool's, which lives on) notes the task weakly:
     the task and its result go when the worker forgets them."""

@@ -197,10 +197,10 @@ class InfoPublisher(SocketThread):
             progress = task.progress if task is not None else None
             if progress is not None:
                 texts["final_progress"] = progress._asdict()
-            if status == TaskStatus.FAILED.value and task is not None:  # as a queueserver worker logs it
-                record = task.to_dict()
-                self._on_output(task, f"{failure_message(record, TaskStatus.FAILED)}:\n"
-                                      f"{record.get('traceback') or ''}\n")
+            if status != TaskStatus.COMPLETED.value and task is not None:  # as a queueserver
+                record = task.to_dict()  # worker logs a function stopped by an exception
+                line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
+                self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
         if "result" in event:
             result = event["result"]
             texts["result"] = _bounded(lambda: fmt.safe_repr(result, 200), (result,), _NOT_READ)
