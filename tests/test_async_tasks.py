@@ -470,6 +470,43 @@ def test_with_a_run_engine_coroutine_tasks_run_on_bluesky_loop(run_engine, make_
     assert w.submit("where").result(TIMEOUT) == (True, "bluesky-run-engine")
 
 
+def test_a_coroutine_task_whose_loop_was_stopped_under_it_ends_failed(run_engine, make_worker):
+    """bluesky's event loop stopped (not closed) while a coroutine task ran on it: nothing
+    would ever run the task again, and it stayed ``running`` for good (in %tasks, the panel,
+    the remote status; a foreground one held its cell).  It now ends failed with one line;
+    should the loop run again, its coroutine is cancelled there (its ``finally`` runs)."""
+    from bluesky import run_engine as bre
+
+    from qmagic.core.awaiting import MSG_LOOP_STOPPED
+
+    started, cleaned = threading.Event(), threading.Event()
+
+    async def watch():
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    w = make_worker({"watch": watch})
+    task = w.submit("watch")
+    assert started.wait(TIMEOUT)
+    loop = bre.get_bluesky_event_loop()
+    loop.call_soon_threadsafe(loop.stop)  # stopped, not closed
+    bre._ensure_event_loop_running.loop_to_thread[loop].join(TIMEOUT)
+    assert not loop.is_running() and not loop.is_closed()
+    assert task.wait(TIMEOUT), "the task stayed running on a stopped loop"
+    assert (task.status, task.error) == (TaskStatus.FAILED, MSG_LOOP_STOPPED)
+    again = threading.Thread(target=loop.run_forever, name="loop-again")
+    again.start()
+    try:
+        assert cleaned.wait(TIMEOUT)  # cancelled as soon as the loop ran again
+        assert task.status is TaskStatus.FAILED  # (recorded once)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        again.join(TIMEOUT)
+
+
 def test_the_run_engine_keeps_working_next_to_coroutine_tasks(run_engine, make_worker):
     import bluesky.plan_stubs as bps
 

@@ -6,6 +6,7 @@ there; asyncio's cancellation of them is the task's cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -21,9 +22,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .jobs import Job
 
-__all__ = ["CoroutineJobs", "awaitable_result", "cancel_atask", "cancel_error", "wait_uninterrupted"]
+__all__ = ["LOOP_CHECK_S", "MSG_LOOP_STOPPED", "CoroutineJobs", "awaitable_result", "cancel_atask",
+           "cancel_error", "wait_uninterrupted"]
 
 log = logging.getLogger("qmagic")
+
+#: How often the event loop of a running coroutine task (or awaited result) is looked at:
+#: found stopped at two looks in a row, the task ends failed (:meth:`CoroutineJobs._watch_loop`).
+LOOP_CHECK_S = 1.0
+MSG_LOOP_STOPPED = "The event loop this task ran on was stopped, so it could not go on: run it again."
 
 
 class CoroutineJobs:
@@ -52,7 +59,8 @@ class CoroutineJobs:
             self._start_on_loop(job, run)
             handed = True
             while not done.wait(0.5):
-                pass
+                if job.task.done():  # (ended meanwhile: its loop stopped, or the worker closed)
+                    return None
         except BaseException:  # interrupted or forced: stop the awaitable too
             box["stopped"] = True  # (run() still to start never awaits the awaitable)
             if job.loop is not None:
@@ -81,6 +89,24 @@ class CoroutineJobs:
             job.atask = loop.create_task(make())
 
         loop.call_soon_threadsafe(create)
+        self.engine.timers.schedule(LOOP_CHECK_S, lambda: self._watch_loop(job, False))
+
+    def _watch_loop(self, job: Job, stopped_before: bool) -> None:
+        """Timer: an event loop stopped (not closed: bluesky's) under a running task would
+        leave it running for good.  Found stopped at two looks in a row, the task ends
+        failed (:data:`MSG_LOOP_STOPPED`), and its coroutine is cancelled should that loop
+        ever run again."""
+        task, loop = job.task, job.loop
+        if task.done() or loop is None:
+            return
+        stopped = loop.is_closed() or not loop.is_running()
+        if not (stopped and stopped_before):
+            self.engine.timers.schedule(LOOP_CHECK_S, lambda: self._watch_loop(job, stopped))
+            return
+        if task._claim_end():
+            with contextlib.suppress(RuntimeError):  # (closed: nothing runs it again)
+                loop.call_soon_threadsafe(cancel_atask, job, MSG_LOOP_STOPPED)
+            self.end(job, None, RuntimeError(MSG_LOOP_STOPPED))
 
     def _schedule_coroutine(self, job: Job) -> None:
         try:
