@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ContextManager, Mapping
 
@@ -126,15 +127,18 @@ class LogObserver:
         if not self.live:
             self._close_soon()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Close the log now (its tasks still running end "kernel stopped": the worker is
-        closing); returns once it is closed, by this call or by the drain's own thread."""
+        closing); returns once it is closed, by this call or by the drain's own thread, or
+        within ``timeout`` (see :meth:`qmagic.store.journal.Journal.close`)."""
+        wait = CLOSE_WAIT_S if timeout is None else timeout
+        deadline = time.monotonic() + wait
         if self._once.acquire(blocking=False):  # (else the drain's thread has it)
-            self._shut()
-        self._done.wait(CLOSE_WAIT_S)
+            self._shut(timeout)
+        self._done.wait(max(0.0, deadline - time.monotonic()))
         thread = self._thread
         if thread is not None:  # (it has closed the log; it ends once the worker forgot it)
-            thread.join(CLOSE_WAIT_S)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _forget(self, uid: str) -> None:
         self.live.discard(uid)
@@ -151,10 +155,10 @@ class LogObserver:
                 self._once.release()
                 raise
 
-    def _shut(self) -> None:
+    def _shut(self, timeout: float | None = None) -> None:
         """The one close (the caller holds ``_once``, for good)."""
         try:
-            self.journal.close()
+            self.journal.close(timeout)
         finally:
             self._done.set()
         closed = self._closed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
@@ -56,10 +57,11 @@ class StateMixin(LogMixin):
             journal, self._journal = self._journal, None
             draining, self._draining = list(self._draining), set()
             locks = self._locks
+        deadline = None if log_timeout is None else time.monotonic() + log_timeout
         if journal is not None:
             journal.close(log_timeout)
-        for observer in draining:
-            observer.close()
+        for observer in draining:  # (logs switched off while tasks ran: the time that is left)
+            observer.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         locks.close()
 
     def _state_dir(self) -> Any:

@@ -425,6 +425,37 @@ def test_a_worker_closed_while_a_switched_off_log_drains_closes_it(journaled):
     assert (record["status"], record["error"]) in (("completed", None), ("failed", ORPHAN_REASON))
 
 
+def test_a_bounded_close_bounds_a_draining_log_too_while_the_database_is_locked(journaled, tmp_path):
+    """``close(log_timeout=...)`` (the close at kernel exit, which must end before
+    jupyter_client kills the kernel) bounded the log in force only: a log switched off while
+    a task ran still took up to 5 s more (and a busy wait of 2 s on top) to store its
+    records while another process held its database.  Every log the close closes now
+    shares the bound; what the locked database kept out stays in the spool, and the next
+    worker that opens the log stores it."""
+    from qmagic.core.jobs import CLOSED_REASON
+
+    w, gate, running = _holding(journaled)
+    w.journal_enabled = False
+    (draining,) = w._draining
+    locker = sqlite3.connect(database_path(tmp_path / "state", "default"), isolation_level=None,
+                             timeout=TIMEOUT)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        began = time.monotonic()
+        w.close(1.0, log_timeout=1.0)
+        took = time.monotonic() - began
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        gate.release.set()
+    assert took < 3.5, f"the close took {took:.1f} s"
+    writer = draining.journal._writer.thread  # (left to end on its own: it does at once)
+    writer.join(TIMEOUT)
+    assert not writer.is_alive()
+    (record,) = journaled().history()
+    assert (record["uid"], record["status"], record["error"]) == (running.uid, "cancelled", CLOSED_REASON)
+
+
 def test_switching_the_log_off_and_on_while_tasks_stream_never_writes_a_wrong_record(journaled):
     """Submitting threads race a thread that switches the log off and on: every record in
     the log ends as its task did (none "kernel stopped"), and every drained log closes."""
