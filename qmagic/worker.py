@@ -423,13 +423,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         return self.engine.context_hooks.add(hook)
 
     # -- the end ------------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0, *, reason: str | None = None,
-              log_timeout: float | None = None) -> None:
-        """Stop every task and thread within ``timeout`` (queued tasks are cancelled;
-        ``reason``: the cancel reason), then close the experiment log (every task's end
-        recorded first) and locks.  ``log_timeout``: how long the log may take (default: up
-        to 5 s while it cannot be written); what it could not store by then stays in its
-        spool for the next kernel that opens it."""
+    def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
+        """Stop every task and thread within ``timeout`` (queued ones cancelled; ``reason``: the cancel reason), then
+        close the experiment log (every task's end recorded first; within ``log_timeout``: see Journal.close) and locks."""
         self.engine.close(timeout, *(() if reason is None else (reason,)))
         self._close_state(log_timeout)
 

@@ -93,15 +93,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _shutdown(spool: Spool, writer: Writer, reader: LogReader) -> None:
-    """Close a Journal's spool for callers, let the writer store what is left, close all."""
+def _shutdown(spool: Spool, writer: Writer, reader: LogReader, timeout: float | None = None) -> None:
+    """Close a Journal's spool for callers, let the writer store what is left (returning
+    within ``timeout``: see :meth:`Journal.close`), close all."""
     with spool.lock:
         spool.closed = True
         spool.out = None
         if spool.current is not None and spool.current.out is not None:
             out, spool.current.out = spool.current.out, None
             out.close()
-    writer.stop(writer.stop_timeout)
+    writer.stop(timeout)
     writer.wake.close()
     reader.close()
 
@@ -352,9 +353,10 @@ class Journal:
         if self._closed:
             return
         self._closed = True
-        self._writer.stop_timeout = timeout
         _OPEN.discard(self)
-        self._finalizer()
+        found = self._finalizer.detach()  # (None: it ran already)
+        if found is not None:
+            _shutdown(*found[2], timeout)
 
     def _forked(self) -> None:
         """In a forked child (other threads' locks may be held forever there): this session

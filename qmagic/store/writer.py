@@ -148,7 +148,6 @@ class Writer:
         self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
         self._flush_served = 0.0
         self.stopping = False
-        self.stop_timeout: float | None = None  # the close's bound (None: see stop)
         self.faults = Faults(path, spool.pending_limit)
         self.lost = 0  # lines that were only in memory when the log closed
         self.rows_written = 0
@@ -160,7 +159,6 @@ class Writer:
         self._next_retention = time.monotonic() + 1.0
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
         self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
-        self._store_by = float("inf")  # a bounded stop's last commits end by then (monotonic)
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
     def failed(self, kind: str, exc: BaseException, db_id: tuple[int, int] | None = None) -> None:
@@ -386,19 +384,14 @@ class Writer:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish (store what is left, mark this session closed) and end the thread, waiting
-        up to 60 s for it; ``timeout``: return within it (the last commits are tried until
-        shortly before), the thread left to end on its own (what it has not stored stays in
-        the spool for the next process that opens the log)."""
-        if timeout is not None:
-            self._store_by = time.monotonic() + max(0.0, timeout - FINISH_MARGIN_S)
+        """Finish (store what is left, mark this session closed) and end the thread; returns within ``timeout`` (default 60 s)."""
+        self._store_by = time.monotonic() + (60.0 if timeout is None else max(0.0, timeout - FINISH_MARGIN_S))
         self.stopping = True
         self.wake.set()
         if self.thread.is_alive():
             self.thread.join(60.0 if timeout is None else timeout)
             if self.thread.is_alive():
-                _log.error("qmagic: the experiment log could not be closed in time; the next "
-                           "kernel that opens it stores what this one could not.")
+                _log.error("qmagic: the experiment log was not closed in time; the next kernel that opens it stores the rest.")
 
     def _finish(self) -> None:
         """Last commits (retried for CLOSE_TIMEOUT_S during a fault), then: everything stored
@@ -410,9 +403,8 @@ class Writer:
             try:
                 if self.conn is None:
                     self._open_db()
-                if self.conn is not None:  # (another kernel's write lock: waited for until then)
-                    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                    self.conn.execute(f"PRAGMA busy_timeout = {left_ms}")
+                if self.conn is not None:  # (another kernel's write lock: waited for until the deadline)
+                    self.conn.execute(f"PRAGMA busy_timeout = {max(1, int((deadline - time.monotonic()) * 1000))}")
                     while not self._commit():
                         pass
                     drained = not self.spool.held
