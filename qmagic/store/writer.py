@@ -65,6 +65,8 @@ RETENTION_EVERY_S = 10.0
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
+_NOT_CLOSED = ("qmagic: the experiment log was not closed in time; the next kernel that opens it "
+               "stores the rest.")
 FINISH_MARGIN_S = 0.2  # a bounded stop's last commits end this long before it returns
 #: A wall clock that ran this much ahead of the time elapsed since the writer started is
 #: warned about (once); deletion by age then counts by the elapsed time: a clock set a month
@@ -142,7 +144,7 @@ class Writer:
         self._db_id: tuple[int, int] | None = None  # the file self.conn writes to
         self.wake = Waker()
         self.ready = threading.Event()
-        self.cycles = 0  # commit cycles started
+        self.cycles, self._store_by = 0, float("inf")  # commit cycles started; a stop's deadline
         self.db_full = False  # the database's last write failed for lack of space
         self.clean = 0  # the latest cycle that left nothing behind
         self.flush_wanted = 0.0  # time of the latest flush() request (monotonic)
@@ -384,14 +386,12 @@ class Writer:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish (store what is left, mark this session closed) and end the thread; returns within ``timeout`` (default 60 s)."""
-        self._store_by = time.monotonic() + (60.0 if timeout is None else max(0.0, timeout - FINISH_MARGIN_S))
-        self.stopping = True
+        """Finish (store what is left, close the session), end the thread: within ``timeout`` s."""
+        wait = 60.0 if timeout is None else timeout
+        self._store_by, self.stopping = time.monotonic() + max(0.0, wait - FINISH_MARGIN_S), True
         self.wake.set()
-        if self.thread.is_alive():
-            self.thread.join(60.0 if timeout is None else timeout)
-            if self.thread.is_alive():
-                _log.error("qmagic: the experiment log was not closed in time; the next kernel that opens it stores the rest.")
+        if self.thread.is_alive() and (self.thread.join(wait) or self.thread.is_alive()):
+            _log.error(_NOT_CLOSED)
 
     def _finish(self) -> None:
         """Last commits (retried for CLOSE_TIMEOUT_S during a fault), then: everything stored
