@@ -1214,6 +1214,67 @@ def test_a_limit_whose_restart_finds_the_port_taken_is_all_or_nothing(worker, mo
         service.close()
 
 
+def test_an_interrupt_anywhere_in_a_move_of_the_channel_leaves_it_as_the_setting_says(worker):
+    """■ at every line of moving the channel to another address (``%control_channel start
+    ADDRESS``), and of starting it again for new client keys, in turn (a real SIGINT on
+    the main thread).  Between the old socket's close and the new one's start it left the
+    channel off while zmq_control_address still named the old address, or a new channel
+    serving that qmagic no longer knew (its port taken for good).  Now the channel is
+    always the one the setting names, and exactly one serves."""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic.core.foreground import interrupts_held
+    from qmagic.remote.socket_thread import SocketThread
+
+    assert threading.current_thread() is threading.main_thread()
+    codes = [RemoteService.start.__code__, RemoteService._stop_server.__code__,
+             RemoteService._new_server.__code__, SocketThread.start.__code__,
+             SocketThread.stop.__code__, interrupts_held.__wrapped__.__code__]
+    ports = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    service = RemoteService(worker)
+    bad, fired_any = [], 0
+
+    def serving() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "qmagic-control" and t.is_alive()]
+
+    try:
+        service.start(ports[0])
+        for again in (False, True):
+            for code in codes:
+                for line in lines_of(code):
+                    before = service.server.address
+                    target = before if again else ports[before == ports[0]]
+                    fired: list[int] = []
+                    sys.settrace(sigint_at(code, line, fired))
+                    try:
+                        service.start(target, again=again)
+                    except KeyboardInterrupt:
+                        pass
+                    finally:
+                        sys.settrace(None)
+                    fired_any += bool(fired)
+                    where = f"{code.co_name} line {line - code.co_firstlineno} (again={again})"
+                    server = service.server
+                    if server is None or not server.running:
+                        bad.append((where, "the channel is off", worker.zmq_control_address))
+                    elif worker.zmq_control_address != server.address:
+                        bad.append((where, "the setting names another address", worker.zmq_control_address))
+                    elif len(serving()) != 1:
+                        bad.append((where, f"{len(serving())} channels serve"))
+                    elif not fired and server.address != target:
+                        bad.append((where, "an uninterrupted move did not apply"))
+                    if bad and bad[-1][0] == where:  # (one report a point: start afresh)
+                        service.stop()
+                        for leaked in serving():
+                            leaked.join(0)
+                        service.start(ports[0])
+        assert fired_any > 20
+        assert bad == [], "\n".join(map(str, bad))
+        assert _serves(service.server.address)
+    finally:
+        service.close()
+
+
 def test_an_interrupt_anywhere_in_a_limit_change_leaves_the_channel_as_the_setting_says(worker):
     """■ at every line of a limit change that starts the channel again, in turn (a real
     SIGINT on the main thread).  Between the old socket's close and the new one's bind it

@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any, Callable, ContextManager, Mapping
 
+from ..core.foreground import interrupts_held
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
 from .dispatch import dispatch
@@ -58,27 +59,34 @@ class RemoteService:
         return dispatch(self.protocol, request, **who)
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self, address: str | None = None) -> ControlServer:
-        """Start (or move to a new address) the channel; the trait follows.
+    def start(self, address: str | None = None, *, again: bool = False) -> ControlServer:
+        """Start (or move to a new address) the channel; the trait follows.  ``again``:
+        start it again even where it already serves (new client keys).
 
-        Raises :class:`qmagic.ControlChannelError` (nothing left running) on failure."""
+        Raises :class:`qmagic.ControlChannelError` (nothing left running) on failure.  ■
+        while the old channel stops and the new one starts is held until the new one
+        serves (or failed), then raised: never a channel off while the trait names it, or a
+        new one left serving unknown to qmagic."""
         with self._lock:
             address = address or self.worker.zmq_control_address or self.last_address or DEFAULT_ADDRESS
             current = self.server
-            if current is not None and current.running and address in (current.requested_address,
-                                                                         current.address):
+            if not again and current is not None and current.running and address in (
+                    current.requested_address, current.address):
                 return current
-            self._stop_server()
-            try:
-                server = self._new_server(address).start()
-            except ControlChannelError:
-                self._set_trait(None)
-                raise
-            self.server = server
-            if address.endswith((":*", ":0")):
-                address = server.address  # keep the port the system chose
-            self.last_address = address
-            self._set_trait(address)
+            with interrupts_held() as held:
+                self._stop_server()
+                try:
+                    server = self._new_server(address).start()
+                except ControlChannelError:
+                    self._set_trait(None)
+                    raise
+                self.server = server
+                if address.endswith((":*", ":0")):
+                    address = server.address  # keep the port the system chose
+                self.last_address = address
+                self._set_trait(address)
+            if held:
+                raise KeyboardInterrupt
             return server
 
     def _new_server(self, address: str) -> ControlServer:
@@ -108,15 +116,19 @@ class RemoteService:
         return running
 
     def start_info(self, address: str | None = None) -> InfoPublisher:
-        """Start (or move) the info socket; raises ControlChannelError on failure."""
+        """Start (or move) the info socket; raises ControlChannelError on failure (■ as in
+        :meth:`start`)."""
         with self._lock:
             address = address or self.worker.zmq_info_address
-            self.stop_info()
-            publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
-                                      all_output=self.worker.zmq_console_all_output,
-                                      client_keys=self._client_keys())
-            publisher.start()
-            self.info = publisher
+            with interrupts_held() as held:  # (as in start())
+                self.stop_info()
+                publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
+                                          all_output=self.worker.zmq_console_all_output,
+                                          client_keys=self._client_keys())
+                publisher.start()
+                self.info = publisher
+            if held:
+                raise KeyboardInterrupt
             return publisher
 
     def stop_info(self) -> bool:
@@ -200,8 +212,7 @@ class RemoteService:
                 self._set_quietly("zmq_client_keys", change["old"])
                 raise
             if server is not None and not server.replace_client_keys(keys):
-                self._stop_server()
-                self.start(self.last_address)
+                self.start(self.last_address, again=True)
             if info is not None and not info.replace_client_keys(keys):
                 self.start_info(info.address)
 
