@@ -374,6 +374,37 @@ def test_closed_worker_refuses_clearly(make_worker):
         w.submit("f")
 
 
+def test_a_close_returns_in_its_time_whatever_a_subscriber_or_a_timer_does(make_worker):
+    """A subscriber that blocks in its callback (a dashboard's) and a timer callback that
+    blocks held the close 5 s each past its timeout: at a kernel's exit that pushed the
+    experiment log's close past jupyter_client's kill.  The close now keeps to its time (the
+    events already queued get at least BUS_DRAIN_S)."""
+    from qmagic.core.engine import BUS_DRAIN_S
+
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def hold(**_: object) -> None:
+        blocked.set()
+        release.wait(TIMEOUT)
+
+    w = make_worker({"f": lambda: 1})
+    try:
+        w.subscribe(hold)
+        w.submit("f").result(TIMEOUT)
+        assert blocked.wait(TIMEOUT)
+        timer_ran = threading.Event()
+        w.engine.timers.schedule(0, lambda: (timer_ran.set(), release.wait(TIMEOUT)))
+        assert timer_ran.wait(TIMEOUT)
+        t0 = time.monotonic()
+        w.engine.close(timeout=0.5)
+        took = time.monotonic() - t0
+        assert took < 0.5 + BUS_DRAIN_S + 1.0, f"the close took {took:.1f} s"
+    finally:
+        release.set()
+        w.close()
+
+
 def test_blocking_tasks_run_in_parallel_up_to_the_limit(make_worker):
     """Threads start lazily (a busy pool first waits ~1 ms), but long tasks still all run."""
     barrier = threading.Barrier(8)

@@ -60,6 +60,9 @@ MSG_NOT_IDLE = (
     "Current state: 'executing_task'"
 )
 MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) is busy."
+#: At a close, events already queued (the tasks' last statuses) get at least this long to
+#: reach subscribers, even when the tasks took the whole close time.
+BUS_DRAIN_S = 0.5
 MSG_CLOSED = (
     "Error: Failed to start the task: the qmagic worker was closed (extension unloaded). "
     "Load it again with %load_ext qmagic."
@@ -386,8 +389,9 @@ class Engine(TaskRegistry):
                         task.uid[:8])  # (recorded now, while the log is open; Task and log agree)
             self._end_now(self._jobs[task.uid], TaskCancelled(reason))
         self._pool.close()
-        self.timers.close()
-        self.bus.close()
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        self.timers.close(left())  # (a timer callback or a subscriber that blocks is left behind:
+        self.bus.close(max(BUS_DRAIN_S, left()))  # their threads are daemons)
         self.foreground.close()
-        self.loops.close(max(0.0, deadline - time.monotonic()))
+        self.loops.close(left())
         capture.uninstall()
