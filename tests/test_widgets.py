@@ -237,10 +237,10 @@ def test_buttons_are_drawn_over_their_rows(probe, worker):
     html_widget, controls = segment.box.children
     assert html_widget is segment.html and controls is segment.grid
     assert html_widget.layout.grid_area == controls.layout.grid_area
-    assert controls.layout.grid_auto_rows == f"{panels.render.ROW_HEIGHT_PX}px"
-    assert controls.layout.padding.startswith(f"{panels.render.HEADER_PX}px")
-    width = panels.render.CONTROLS_WIDTH_PX + 2 * panels.render.CONTROLS_MARGIN_PX
-    row_rule = f".qmagic-panel .qm-row{{box-sizing:border-box;height:{panels.render.ROW_HEIGHT_PX}px;padding:3px {width}px 3px 8px;"
+    assert controls.layout.grid_auto_rows == f"{panels.styles.ROW_HEIGHT_PX}px"
+    assert controls.layout.padding.startswith(f"{panels.styles.HEADER_PX}px")
+    width = panels.styles.CONTROLS_WIDTH_PX + 2 * panels.styles.CONTROLS_MARGIN_PX
+    row_rule = f".qmagic-panel .qm-row{{box-sizing:border-box;height:{panels.styles.ROW_HEIGHT_PX}px;padding:3px {width}px 3px 8px;"
     assert 'class="qm-row"' in _row(panel.row_html(), task) and row_rule in panel._style.value
 
 

@@ -19,29 +19,11 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
-from .styles import (
-    BUTTON_WIDTH_PX,
-    CONTROLS_GAP_PX,
-    CONTROLS_MARGIN_PX,
-    CONTROLS_WIDTH_PX,
-    HEADER_PX,
-    ROW_HEIGHT_PX,
-    STATUS_COLOURS,
-    TOGGLE_WIDTH_PX,
-)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
 
 __all__ = [
-    "ROW_HEIGHT_PX",
-    "HEADER_PX",
-    "BUTTON_WIDTH_PX",
-    "TOGGLE_WIDTH_PX",
-    "CONTROLS_GAP_PX",
-    "CONTROLS_WIDTH_PX",
-    "CONTROLS_MARGIN_PX",
-    "STATUS_COLOURS",
     "task_key",
     "row_signature",
     "row_html",
@@ -99,7 +81,7 @@ def row_signature(task: Task) -> tuple:
 
 
 def row_html(task: Task) -> str:
-    """One task row, two lines, :data:`ROW_HEIGHT_PX` tall.
+    """One task row, two lines, :data:`~qmagic.panels.styles.ROW_HEIGHT_PX` tall.
 
     Line 1: status badge, the call (a script reads ``calibration.py (script)``), foreground
     or background, user and cell, elapsed time.  Line 2: progress bar, value/total and the
@@ -152,7 +134,7 @@ def rows_html(inner: str) -> str:
 
 
 def header_html(summary: str) -> str:
-    """The counts line on top of a task table, exactly :data:`HEADER_PX` tall."""
+    """The counts line on top of a task table, exactly :data:`~qmagic.panels.styles.HEADER_PX` tall."""
     return f'<div class="qmagic-task-summary">{_e(summary)}</div>'
 
 

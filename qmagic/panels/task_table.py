@@ -28,7 +28,7 @@ import ipywidgets as W
 from ipywidgets.widgets.widget_bool import ToggleButtonStyle
 from ipywidgets.widgets.widget_string import HTMLStyle
 
-from . import render
+from . import render, styles
 from .base import PanelBase, set_traits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,19 +86,19 @@ class TaskTable:
         self.segments: list[_Segment] = []
         self._closing: list[W.Widget] = []
         own = view._qm_own
-        h = f"{render.ROW_HEIGHT_PX - 16}px"
-        self._button_layout = own(W.Layout(width=f"{render.BUTTON_WIDTH_PX}px", height=h, margin="0",
+        h = f"{styles.ROW_HEIGHT_PX - 16}px"
+        self._button_layout = own(W.Layout(width=f"{styles.BUTTON_WIDTH_PX}px", height=h, margin="0",
                                            padding="0 2px"))
-        self._toggle_layout = own(W.Layout(width=f"{render.TOGGLE_WIDTH_PX}px", height=h, margin="0",
+        self._toggle_layout = own(W.Layout(width=f"{styles.TOGGLE_WIDTH_PX}px", height=h, margin="0",
                                            padding="0 2px"))
         self._button_style = own(W.ButtonStyle(font_size="12px"))
         self._toggle_style = own(ToggleButtonStyle(font_size="12px"))
-        self._spacer = own(W.Box(layout=own(W.Layout(width=f"{render.BUTTON_WIDTH_PX}px", height=h))))
+        self._spacer = own(W.Box(layout=own(W.Layout(width=f"{styles.BUTTON_WIDTH_PX}px", height=h))))
         cell = "1 / 1 / 2 / 2"
         self._html_layout = own(W.Layout(grid_area=cell, width="100%", min_width="0", margin="0", padding="0"))
         self._html_style = own(HTMLStyle())
         self._grid_layout = own(self._controls_layout(cell, top=0))
-        self._first_grid_layout = (own(self._controls_layout(cell, top=render.HEADER_PX)) if header
+        self._first_grid_layout = (own(self._controls_layout(cell, top=styles.HEADER_PX)) if header
                                    else self._grid_layout)
         self._segment_layout = own(W.Layout(width="100%", margin="0", grid_template_columns="minmax(0, 1fr)",
                                             grid_template_rows="auto"))
@@ -109,14 +109,14 @@ class TaskTable:
         """The button column: at the right end of the segment's cell, one line per row."""
         return W.Layout(
             grid_area=cell,
-            width=f"{render.CONTROLS_WIDTH_PX}px",
-            min_width=f"{render.CONTROLS_WIDTH_PX}px",
+            width=f"{styles.CONTROLS_WIDTH_PX}px",
+            min_width=f"{styles.CONTROLS_WIDTH_PX}px",
             align_self="flex-start",
-            grid_template_columns=f"{render.BUTTON_WIDTH_PX}px {render.TOGGLE_WIDTH_PX}px",
-            grid_auto_rows=f"{render.ROW_HEIGHT_PX}px",
-            grid_gap=f"0px {render.CONTROLS_GAP_PX}px",
+            grid_template_columns=f"{styles.BUTTON_WIDTH_PX}px {styles.TOGGLE_WIDTH_PX}px",
+            grid_auto_rows=f"{styles.ROW_HEIGHT_PX}px",
+            grid_gap=f"0px {styles.CONTROLS_GAP_PX}px",
             align_items="center",
-            margin=f"0 {render.CONTROLS_MARGIN_PX}px 0 auto",
+            margin=f"0 {styles.CONTROLS_MARGIN_PX}px 0 auto",
             padding=f"{top}px 0 0 0",
         )
 
