@@ -1052,6 +1052,53 @@ def test_a_flood_of_large_lookups_never_holds_up_other_clients(tmp_path, rm_fact
     assert srv.refused_busy == len(refused)
 
 
+_LONE_CLIENT = """
+import sys, zmq
+lookup = sys.stdin.buffer.read()
+ctx = zmq.Context()
+sock = ctx.socket(zmq.REQ)
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.RCVTIMEO, 60_000)
+sock.connect(sys.argv[1])
+refused = 0
+for _ in range(int(sys.argv[2])):
+    sock.send(lookup)
+    refused += b"busy answering" in sock.recv()[:200]
+print(refused)
+"""
+
+
+def test_a_lone_clients_large_lookups_are_served_and_leave_no_debt(tmp_path):
+    """A lone client (a script in a process of its own) asking large lookups one after
+    another is always served, and that time is owed to nobody: when two clients then ask
+    at the same moment, the one that waited behind the other is served too (within the
+    share).  Before, every large request counted against the share, a lone client's too,
+    without bound: the lone script was refused whenever its next request came before the
+    serving thread looked (most of them, in a busy kernel), and the waiting client was
+    refused for about as long again as the script had asked."""
+    w = Worker({}, config=worker_config(tmp_path), foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    lookup = json.dumps({"method": "task_status", "params": {
+        "task_uid": [f"{i:032x}" for i in range(MAX_REQUEST_ITEMS // 2)]}}).encode()
+    clients = [Raw(srv.address, timeout=60) for _ in range(2)]
+    served = b'{"success": true'  # (replies not decoded: the test's CPU is the kernel's)
+    try:
+        lone = subprocess.run([sys.executable, "-c", _LONE_CLIENT, srv.address, "30"], input=lookup,
+                              capture_output=True, timeout=120, check=True)
+        assert lone.stdout.split() == [b"0"], lone  # (none refused)
+        for _ in range(3):  # both at once: the second waits behind the first
+            for client in clients:
+                client.sock.send(lookup)
+            replies = [client.sock.recv()[:200] for client in clients]
+            assert all(r.startswith(served) for r in replies), replies
+        assert srv.refused_busy == 0
+    finally:
+        for client in clients:
+            client.close()
+        srv.stop()
+        w.close()
+
+
 # =========================================================================================
 # malformed input, size limit (the channel never stops)
 # =========================================================================================

@@ -127,11 +127,17 @@ class _StatusJSON:
 class _LargeBudget:
     """How much serving time large requests may still use (see ``_LARGE_SHARE``): a token
     bucket in seconds, refilled at ``_LARGE_SHARE`` seconds per second up to
-    ``_LARGE_BURST_S``.  Serving thread only."""
+    ``_LARGE_BURST_S``, and full again whenever no request waits (:meth:`idle`).  Serving
+    thread only."""
 
     def __init__(self) -> None:
         self.allowance = _LARGE_BURST_S
         self._at = time.monotonic()
+
+    def idle(self) -> None:
+        """A request came while none waited: nobody waits behind the time large requests
+        took so far (a lone client's, served whatever they take), so none of it is owed."""
+        self.allowance, self._at = _LARGE_BURST_S, time.monotonic()
 
     def admit(self) -> bool:
         """True if a large request may be served now."""
@@ -237,6 +243,7 @@ class ControlServer(SocketThread):
             finally:
                 ready.set()
             waiting = True  # a request may be waiting: look first without blocking
+            last: int | None = None  # the connection of the request answered last
             while not stop.is_set():
                 try:
                     frames = [sock.recv(zmq.NOBLOCK if waiting else 0, copy=False)]
@@ -249,9 +256,14 @@ class ControlServer(SocketThread):
                     sock = self._recover(ctx, sock, exc, stop)
                     continue
                 # A request already waiting when the last one was answered came while the
-                # thread was busy: others are asking too (a lone client waits for its reply)
-                reply = self._reply_bytes(frames, contended=waiting)
-                waiting = True
+                # thread was busy: others are asking too.  Not if it is the same client's
+                # (its connection): a client sends its next request once it has its reply
+                # (which may be before this thread looks), and 0MQ takes waiting
+                # connections in turn, so nobody else was waiting then.
+                source = _connection_of(frames[0])
+                contended = waiting and (source is None or source != last)
+                reply = self._reply_bytes(frames, contended=contended)
+                waiting, last = True, source
                 try:
                     sock.send(reply)
                 except zmq.ZMQError as exc:
@@ -301,7 +313,9 @@ class ControlServer(SocketThread):
         self.requests += 1
         size = sum(len(f) for f in frames)
         large = _LARGE_REQUEST_BYTES < size <= self.max_message_bytes  # (larger: refused anyway)
-        if large and not self._large.admit() and contended:
+        if not contended:
+            self._large.idle()
+        elif large and not self._large.admit():
             self.refused_busy += 1
             return self._encoded({"success": False, "msg": busy_text(size)})
         started = time.monotonic()
@@ -386,6 +400,16 @@ def decoded_bytes(raw: bytes) -> int:
     bare = _JSON_STRING.sub(b'""', raw)
     return (len(raw) + _LIST_BYTES * bare.count(b"[") + _DICT_BYTES * bare.count(b"{")
             + _ITEM_BYTES * (bare.count(b",") + bare.count(b":")))
+
+
+def _connection_of(frame: Any) -> int | None:
+    """The connection (its file descriptor) a request came on, or None where 0MQ cannot
+    tell (inproc)."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _client_of(frame: Any, identity: Any) -> str:
