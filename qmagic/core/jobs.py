@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 from .. import tracebacks
 from ..errors import TaskCancelled
 from . import capture
-from .awaiting import CoroutineJobs, awaitable_result
+from .awaiting import CoroutineJobs, LoopWatch, awaitable_result
 from .context import _current
 from .foreground import force_step, raise_in_thread
 from .status import TaskStatus
@@ -103,6 +103,7 @@ class JobRunner(CoroutineJobs):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.loop_watch = LoopWatch(engine.timers, self._loop_stopped)
 
     # -- entry points --------------------------------------------------------------------
     def start_background(self, job: Job) -> None:
