@@ -1180,6 +1180,36 @@ def test_a_raised_size_limit_applies_to_the_largest_frames_at_once(worker):
         service.close()
 
 
+def test_requests_refused_unread_get_their_methods_reply_keys(worker, rm_factory):
+    """A request refused before it is read (over the size limit; a large one while large
+    requests have used their share) still gets the keys its method's replies carry, set to
+    empty values (``function_execute``: ``item`` and ``task_uid``; ``task_status``:
+    ``task_uid`` and ``status``), as every other refusal: a client that reads them without
+    raising (bluesky-httpserver's REManagerAPI, request_fail_exceptions=False) got a
+    KeyError instead.  The method is read from the start of the request, where queueserver's
+    clients write it."""
+    worker.zmq_max_message_bytes = 100_000
+    service = RemoteService(worker)
+    try:
+        service.start(LOCAL)
+        rm = rm_factory(service.server.address, request_fail_exceptions=False)
+        reply = rm.send_request(method="function_execute", params={
+            "item": {"name": "f", "args": ["x" * 200_000], "item_type": "function"},
+            "user": "u", "user_group": "primary"})
+        assert (reply["success"], reply["item"], reply["task_uid"]) == (False, None, None), reply
+        assert "The request is too large" in reply["msg"]
+        reply = rm.send_request(method="task_status", params={"task_uid": ["0" * 32] * 5000})
+        assert (reply["success"], reply["task_uid"], reply["status"]) == (False, None, None), reply
+        client = Raw(service.server.address)
+        try:  # (a request that does not start with its method: the bare refusal)
+            reply = client.send(b'{"params": {"task_uid": "' + b"0" * 200_000 + b'"}, "method": "task_status"}')
+        finally:
+            client.close()
+        assert reply == {"success": False, "msg": reply["msg"]} and "too large" in reply["msg"]
+    finally:
+        service.close()
+
+
 KEPT = "QMagic.zmq_max_message_bytes stays 10000000"
 
 

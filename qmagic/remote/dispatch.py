@@ -9,6 +9,7 @@ returns the reply dict; it never raises for bad input.  The methods themselves a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,7 +18,7 @@ from ..format import safe_repr
 from ..protocol import QueueserverProtocol
 from .server import failure_text
 
-__all__ = ["METHODS", "Method", "dispatch"]
+__all__ = ["METHODS", "Method", "dispatch", "unread_refusal"]
 
 log = logging.getLogger("qmagic")
 
@@ -79,6 +80,19 @@ UNAVAILABLE = frozenset({
     "re_halt", "re_runs", "manager_stop", "manager_kill", "manager_test", "kernel_interrupt_plan",
     "function_execute_plan",
 })
+
+
+#: The method named at the start of a request, as queueserver's clients write it.
+_METHOD_FIRST = re.compile(rb'\A\s*\{\s*"method"\s*:\s*"([A-Za-z_]{1,40})"')
+
+
+def unread_refusal(head: bytes, msg: str) -> dict:
+    """The reply to a request refused before it was read (too large; large while the kernel
+    is busy): ``msg`` with the reply keys of its method set to empty values, as in every
+    other refusal, when ``head`` (the request's first bytes) names the method first."""
+    found = _METHOD_FIRST.match(head)
+    spec = METHODS.get(found.group(1).decode()) if found else None
+    return {"success": False, "msg": msg, **(spec.error_keys if spec is not None else {})}
 
 
 def _authenticated(method: str, params: dict, identity: Any) -> dict:

@@ -64,6 +64,14 @@ _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
 #: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=...) -> reply dict``
 Dispatcher = Callable[..., dict]
+#: ``refusal(head, msg) -> reply dict``: the reply to a request refused unread (``head``: its
+#: first bytes), e.g. :func:`qmagic.remote.dispatch.unread_refusal`.
+Refusal = Callable[[bytes, str], dict]
+_HEAD_BYTES = 200  # what a refusal may read of a request refused unread
+
+
+def _bare_refusal(head: bytes, msg: str) -> dict:
+    return {"success": False, "msg": msg}
 
 
 def hard_cap(max_message_bytes: int) -> int:
@@ -178,10 +186,12 @@ class ControlServer(SocketThread):
     thread_name = "qmagic-control"
 
     def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
-                 secret_key: str | None = None, client_keys: Any = None) -> None:
+                 secret_key: str | None = None, client_keys: Any = None,
+                 refusal: Refusal | None = None) -> None:
         super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address",
                          secret_key=server_secret_key(secret_key), client_keys=client_keys)
         self._dispatch = dispatch
+        self._refusal = refusal or _bare_refusal
         #: Largest request accepted, in bytes; larger ones get an error reply (up to
         #: :attr:`socket_cap`, set as the socket is made: larger frames are dropped unread).
         self.max_message_bytes = max_message_bytes
@@ -317,7 +327,7 @@ class ControlServer(SocketThread):
             self._large.idle()
         elif large and not self._large.admit():
             self.refused_busy += 1
-            return self._encoded({"success": False, "msg": busy_text(size)})
+            return self._encoded(self._refused_unread(frames, busy_text(size)))
         started = time.monotonic()
         try:
             return self._encoded(self._processed(frames))
@@ -357,13 +367,19 @@ class ControlServer(SocketThread):
         self.malformed += 1
         return {"success": False, "msg": msg}
 
+    def _refused_unread(self, frames: list, msg: str) -> dict:
+        """The refusal of a request not read (its method's reply keys, see ``refusal``)."""
+        head = frames[0].buffer[:_HEAD_BYTES].tobytes() if len(frames) == 1 else b""
+        return self._refusal(head, msg)
+
     def _handle(self, frames: list) -> dict:
         size = sum(len(f) for f in frames)
         if size > self.max_message_bytes:
-            return self._malformed(
+            self.malformed += 1
+            return self._refused_unread(frames, (
                 f"Error: The request is too large: {size} bytes, the limit is "
                 f"{self.max_message_bytes} (QMagic.zmq_max_message_bytes). Send less data per "
-                "request (e.g. pass file names instead of data, split long scripts).")
+                "request (e.g. pass file names instead of data, split long scripts)."))
         if len(frames) != 1:
             return self._malformed(
                 "Error: Invalid request format: expected one message frame with a JSON object, "

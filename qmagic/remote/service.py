@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Mapping
 from ..core.foreground import interrupts_held
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
-from .dispatch import dispatch
+from .dispatch import dispatch, unread_refusal
 from .info import InfoPublisher
 from .server import DEFAULT_ADDRESS, ControlServer, hard_cap, is_loopback
 from .socket_thread import keys_problem
@@ -93,7 +93,7 @@ class RemoteService:
         """A channel for ``address`` with the settings in force, not started (raises
         ControlChannelError for an address or keys it cannot use)."""
         return ControlServer(self._dispatch, address, max_message_bytes=self.worker.zmq_max_message_bytes,
-                             client_keys=self._client_keys())
+                             client_keys=self._client_keys(), refusal=unread_refusal)
 
     def _client_keys(self) -> Any:
         from .auth import ClientKeys
