@@ -324,6 +324,12 @@ def test_foreground_keyboard_interrupt_is_recorded_and_ends_the_cell(qm, ip):
         ("1add", "not a function name"),
         ("add 1 -b", "Options go before the function name"),
         ("add 1 --wait", "Options go before the function name"),
+        # (the option's value is never shown back: it may be a lock key)
+        ("add 1 --lock-key #secret", r"^Options go before the function name: %function_execute "
+                                     r"--lock-key KEY add \.\.\. \('--lock-key' came after 'add'\)\.$"),
+        ("add 1 --lock-key=s3cret", r"^Options go before the function name: %function_execute "
+                                    r"--lock-key KEY add \.\.\. \('--lock-key' came after 'add'\)\.$"),
+        ("add 1 --timeout 5", "^Options go before the function name: %function_execute --timeout SECONDS add"),
         ("--wait add 1", "--wait goes with -b"),
     ],
 )

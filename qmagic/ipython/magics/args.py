@@ -193,12 +193,18 @@ def _check_value(options: dict[str, argparse.Action], words: list[str], i: int, 
     else:
         missing = i + 1 >= len(words) or _resolve(options, words[i + 1]) is not None
     if missing:
-        action = options[opt]
-        usage = f"{opt} {action.metavar or action.dest.upper()}"
+        usage = _usage(options, opt)
         if after:
             raise UsageError(f"{opt} needs a value: write it before the function name, "
                              f"%function_execute {usage} {after} ...")
         raise UsageError(f"{opt} needs a value: write {usage}.")
+
+
+def _usage(options: dict[str, argparse.Action], opt: str) -> str:
+    """How option ``opt`` is written: with the name of its value if it takes one (never a
+    value typed on the line: it may be a lock key)."""
+    action = options[opt]
+    return opt if action.nargs == 0 else f"{opt} {action.metavar or action.dest.upper()}"
 
 
 def _escaped(line: str, index: int) -> bool:
@@ -253,11 +259,12 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
     name, _, end = words[i]
     rest = texts[i + 1:]
     for j, word in enumerate(rest):
-        if word.split("=", 1)[0] in options:
+        opt = word.split("=", 1)[0]
+        if opt in options:
             _check_value(options, rest, j, after=name)
             raise UsageError(
-                f"Options go before the function name: %function_execute {word} {name} ... "
-                f"({word!r} came after {name!r})."
+                f"Options go before the function name: %function_execute {_usage(options, opt)} "
+                f"{name} ... ({opt!r} came after {name!r})."
             )
     return line[:end], name, rest
 
