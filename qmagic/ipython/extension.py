@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .. import format as fmt
 from .. import tracebacks
@@ -41,7 +41,7 @@ log = logging.getLogger("qmagic")
 #: Why the tasks still running when the kernel shuts down (or restarts) are cancelled.
 MSG_SHUT_DOWN = "Task was cancelled: the kernel was shut down"
 #: The close at exit fits before jupyter_client kills the kernel (SIGKILL 5 s after its
-#: shutdown request; its SIGTERM at 2.5 s is ignored while qmagic closes).  Tasks get
+#: shutdown request; its SIGTERM at 2.5 s is ignored from the close on).  Tasks get
 #: EXIT_TASKS_S: cancelled at once, cancelled again by force after half of it (code that
 #: swallowed the first), recorded cancelled at its end if still running; then the
 #: experiment log gets EXIT_LOG_S to store what is pending.  What it could not store by then
@@ -66,19 +66,13 @@ class UnloadInterrupted(KeyboardInterrupt):
         return [f"KeyboardInterrupt: {self}"]
 
 
-@contextlib.contextmanager
-def _sigterm_ignored() -> Iterator[None]:
-    """SIGTERM is ignored meanwhile (the close at exit is bounded; jupyter_client sends one
-    half-way to its kill), where this thread may set signal handlers."""
-    try:
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+def _ignore_sigterm() -> None:
+    """Ignore SIGTERM for the rest of the process's life (from the main thread only): the
+    kernel is exiting, and jupyter_client's SIGTERM, sent half-way to its SIGKILL, would only
+    cut short the bounded close and the exit after it (IPython's own; daemon threads left by
+    tasks that ignored their cancel can hold Python's finalisation a second or two)."""
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # not the main thread, no SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _task_text(task: Task, printer: Any, cycle: bool) -> None:
@@ -134,11 +128,11 @@ class Session:
         """The kernel is shutting down (a restart too): running tasks are cancelled — a
         coroutine's ``finally:`` runs — and recorded so, within the time the kernel's
         manager waits for a kernel to exit (see :data:`EXIT_TASKS_S`)."""
-        with _sigterm_ignored():
-            try:
-                self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S)
-            except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
-                log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
+        _ignore_sigterm()
+        try:
+            self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S)
+        except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
+            log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
 
     def _event(self, name: str, callback: Callable[..., Any]) -> None:
         self.shell.events.register(name, callback)
