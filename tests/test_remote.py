@@ -1304,7 +1304,10 @@ def test_an_interrupt_anywhere_in_a_move_of_the_channel_leaves_it_as_the_setting
     from qmagic.remote.socket_thread import SocketThread
 
     assert threading.current_thread() is threading.main_thread()
-    codes = [RemoteService.start.__code__, RemoteService._stop_server.__code__,
+    from qmagic.remote.service import _interrupt_after
+
+    codes = [RemoteService.start.__code__, RemoteService._start.__code__,
+             _interrupt_after.__wrapped__.__code__, RemoteService._stop_server.__code__,
              RemoteService._new_server.__code__, SocketThread.start.__code__,
              SocketThread.stop.__code__, interrupts_held.__wrapped__.__code__]
     ports = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]

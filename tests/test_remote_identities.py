@@ -173,3 +173,46 @@ def test_a_key_taken_out_of_the_list_is_refused_at_once(channel, monkeypatch):
         assert RM.function_execute(BFunc("add", 1, 2), run_in_background=True)["success"]
     finally:
         RM.close()
+
+
+def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket(make_worker, monkeypatch):
+    """A key list turned on starts the control channel and the info socket again (their
+    security is set at bind).  A ■ while the channel started again was raised as soon as it
+    served, before the info socket's restart: the live streams stayed open to any client
+    while the setting said listed clients only.  Now both restart, then ■ is raised."""
+    import sys
+
+    from interrupt_points import lines_of, sigint_at
+
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    worker = make_worker({})
+    service = RemoteService(worker)
+    ctx = zmq.Context()
+    stranger = ctx.socket(zmq.SUB)
+    try:
+        service.start("tcp://127.0.0.1:*")
+        publisher = service.start_info("tcp://127.0.0.1:*")
+        address, period = publisher.address, publisher.status_period
+        code = RemoteService._stop_server.__code__  # (as the channel moves)
+        fired: list[int] = []
+        sys.settrace(sigint_at(code, lines_of(code)[0], fired))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                worker.zmq_client_keys = {"clients": [
+                    {"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+        finally:
+            sys.settrace(None)
+        assert fired
+        assert service.info is not None and service.info.address == address
+        public, secret = (k.decode() for k in zmq.curve_keypair())
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = (
+            SERVER_PUBLIC.encode(), public.encode(), secret.encode())
+        stranger.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+        stranger.connect(address)
+        # the status goes out about once a second: two periods without a message for the stranger
+        assert not stranger.poll(int(2.5 * 1000 * period))
+    finally:
+        stranger.close(0)
+        ctx.term()
+        service.close()

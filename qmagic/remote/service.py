@@ -10,10 +10,11 @@ connection info (for ``config_get``) as a callable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from ..core.foreground import interrupts_held
 from ..errors import ControlChannelError
@@ -26,6 +27,16 @@ from .socket_thread import keys_problem
 __all__ = ["RemoteService"]
 
 log = logging.getLogger("qmagic")
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """■ meanwhile is held, and raised once the block is done (the sockets are as the
+    settings say by then)."""
+    with interrupts_held() as held:
+        yield
+    if held:
+        raise KeyboardInterrupt
 
 
 class RemoteService:
@@ -67,27 +78,28 @@ class RemoteService:
         while the old channel stops and the new one starts is held until the new one
         serves (or failed), then raised: never a channel off while the trait names it, or a
         new one left serving unknown to qmagic."""
-        with self._lock:
-            address = address or self.worker.zmq_control_address or self.last_address or DEFAULT_ADDRESS
-            current = self.server
-            if not again and current is not None and current.running and address in (
-                    current.requested_address, current.address):
-                return current
-            with interrupts_held() as held:
-                self._stop_server()
-                try:
-                    server = self._new_server(address).start()
-                except ControlChannelError:
-                    self._set_trait(None)
-                    raise
-                self.server = server
-                if address.endswith((":*", ":0")):
-                    address = server.address  # keep the port the system chose
-                self.last_address = address
-                self._set_trait(address)
-            if held:
-                raise KeyboardInterrupt
-            return server
+        with self._lock, _interrupt_after():
+            return self._start(address, again)
+
+    def _start(self, address: str | None, again: bool) -> ControlServer:
+        """:meth:`start`, with the lock held and ■ held by the caller."""
+        address = address or self.worker.zmq_control_address or self.last_address or DEFAULT_ADDRESS
+        current = self.server
+        if not again and current is not None and current.running and address in (
+                current.requested_address, current.address):
+            return current
+        self._stop_server()
+        try:
+            server = self._new_server(address).start()
+        except ControlChannelError:
+            self._set_trait(None)
+            raise
+        self.server = server
+        if address.endswith((":*", ":0")):
+            address = server.address  # keep the port the system chose
+        self.last_address = address
+        self._set_trait(address)
+        return server
 
     def _new_server(self, address: str) -> ControlServer:
         """A channel for ``address`` with the settings in force, not started (raises
@@ -118,18 +130,19 @@ class RemoteService:
     def start_info(self, address: str | None = None) -> InfoPublisher:
         """Start (or move) the info socket; raises ControlChannelError on failure (■ as in
         :meth:`start`)."""
-        with self._lock:
-            address = address or self.worker.zmq_info_address
-            with interrupts_held() as held:  # (as in start())
-                self.stop_info()
-                publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
-                                          all_output=self.worker.zmq_console_all_output,
-                                          client_keys=self._client_keys())
-                publisher.start()
-                self.info = publisher
-            if held:
-                raise KeyboardInterrupt
-            return publisher
+        with self._lock, _interrupt_after():
+            return self._start_info(address)
+
+    def _start_info(self, address: str | None) -> InfoPublisher:
+        """:meth:`start_info`, with the lock held and ■ held by the caller."""
+        address = address or self.worker.zmq_info_address
+        self.stop_info()
+        publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
+                                  all_output=self.worker.zmq_console_all_output,
+                                  client_keys=self._client_keys())
+        publisher.start()
+        self.info = publisher
+        return publisher
 
     def stop_info(self) -> bool:
         """Stop the info socket; False if it was not running."""
@@ -199,7 +212,7 @@ class RemoteService:
         setting keeps its old value: nothing changes."""
         if self._syncing:
             return
-        with self._lock:
+        with self._lock, _interrupt_after():  # (■ in a restart: the other restarts too)
             server = self.server if self.server is not None and self.server.running else None
             info = self.info if self.info is not None and self.info.running else None
             try:
@@ -212,9 +225,9 @@ class RemoteService:
                 self._set_quietly("zmq_client_keys", change["old"])
                 raise
             if server is not None and not server.replace_client_keys(keys):
-                self.start(self.last_address, again=True)
+                self._start(self.last_address, again=True)
             if info is not None and not info.replace_client_keys(keys):
-                self.start_info(info.address)
+                self._start_info(info.address)
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's
