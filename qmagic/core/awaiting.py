@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import TaskCancelled
 from .context import _current
 from .status import TaskStatus
-from .task import INTERRUPTED, Task, one_line
+from .task import INTERRUPTED, Task, call_texts, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .jobs import Job
 
 __all__ = ["LOOP_CHECK_S", "MSG_LOOP_STOPPED", "CoroutineJobs", "LoopWatch", "awaitable_result", "cancel_atask",
-           "cancel_error", "wait_uninterrupted"]
+           "cancel_atasks", "cancel_error", "wait_uninterrupted"]
 
 log = logging.getLogger("qmagic")
 
@@ -213,36 +213,85 @@ class CoroutineJobs:
                 "recorded so (see %task_result)."))
 
     # -- cancelling ------------------------------------------------------------------------------
-    def cancel_awaitable(self, job: Job, force: bool) -> None:
-        """asyncio's cancel of the running task's awaitable, once: a second CancelledError
-        would land in its cleanup (``finally:`` parking a motor) and cut it short.
-        ``force``: one more after ``cancel_grace_s`` if it has not ended by then (code that
-        swallowed the first)."""
-        with job.gate:
-            first, job.cancel_sent = not job.cancel_sent, True
-            plan = force and not job.force_planned and not job.exception_sent
+    def cancel_awaitables(self, jobs: list[Job], force: bool) -> None:
+        """asyncio's cancel of the running tasks' awaitables, once each: a second
+        CancelledError would land in its cleanup (``finally:`` parking a motor) and cut it
+        short.  The jobs of one loop go there in one hop (a close with thousands of waiting
+        tasks sent one hop each, and fell behind its timeout).  ``force``: one more after
+        ``cancel_grace_s`` to those that have not ended by then (code that swallowed the
+        first), in one batch too (:meth:`_cancel_again`)."""
+        first: dict[Any, list[Job]] = {}
+        planned: list[Job] = []
+        for job in jobs:
+            with job.gate:
+                send, job.cancel_sent = not job.cancel_sent, True
+                plan = force and not job.force_planned and not job.exception_sent
+                if plan:
+                    job.force_planned = True
+            if send and job.loop is not None:
+                first.setdefault(job.loop, []).append(job)
             if plan:
-                job.force_planned = True
-        if first:
-            self._send_cancel(job)
-        if plan:
-            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._cancel_again(job))
+                planned.append(job)
+        for loop, batch in first.items():
+            _send(loop, cancel_atasks, batch)
+        if planned:  # (one timer for them all)
+            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._cancel_again(planned))
 
-    def _cancel_again(self, job: Job) -> None:
-        """Timer: the forced cancel of an awaitable (see :meth:`cancel_awaitable`)."""
-        with job.gate:
-            job.force_planned = False
-            if job.task.done() or job.exception_sent:
-                return
-            job.exception_sent = True
-        log.warning("qmagic: %s (task %s) did not stop within %.1f s; cancelling it again.",
-                    job.task.call_text(40), job.task.uid[:8], self.engine.cancel_grace_s)
-        self._send_cancel(job)
+    def _cancel_again(self, jobs: list[Job]) -> None:
+        """Timer: the forced cancel of awaitables (see :meth:`cancel_awaitables`), decided on
+        their loop, in one hop per loop: there, every first cancel sent before has been
+        delivered and its task has had its step (no warning about a task the loop had not yet
+        reached: :meth:`_cancel_again_on_loop`)."""
+        by_loop: dict[Any, list[Job]] = {}
+        for job in jobs:
+            with job.gate:
+                job.force_planned = False
+                if job.task.done() or job.exception_sent or job.loop is None:
+                    continue
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, batch in by_loop.items():
+            _send(loop, self._cancel_again_on_loop, batch)
+
+    def _cancel_again_on_loop(self, jobs: list[Job]) -> None:
+        """On the loop: one step later (a first cancel delivered just now, by a hop queued
+        before this one, has then had its task's step), :meth:`_cancel_stubborn`."""
+        asyncio.get_running_loop().call_soon(self._cancel_stubborn, jobs)
+
+    def _cancel_stubborn(self, jobs: list[Job]) -> None:
+        """On the loop: cancel again the tasks that did not stop at their first cancel, with
+        one warning for them all; a task whose first cancel has not reached its coroutine yet
+        (it had not started) is looked at again after another grace time."""
+        again: list[Job] = []
+        later: list[Job] = []
+        for job in jobs:
+            with job.gate:
+                if job.task.done() or job.exception_sent:
+                    continue
+                if not job.cancel_delivered:
+                    if not job.force_planned:
+                        job.force_planned = True
+                        later.append(job)
+                    continue
+                job.exception_sent = True
+            again.append(job)
+        if later:
+            self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._cancel_again(later))
+        if not again:
+            return
+        log.warning("qmagic: %s did not stop within %.1f s; cancelling again.",
+                    call_texts([job.task for job in again]), self.engine.cancel_grace_s)
+        cancel_atasks(again)
 
     @staticmethod
     def _send_cancel(job: Job) -> None:
         if job.loop is not None:
             job.loop.call_soon_threadsafe(cancel_atask, job, job.task.cancel_reason)
+
+
+def _send(loop: Any, fn: Callable[[list[Job]], None], jobs: list[Job]) -> None:
+    """``fn(jobs)`` on ``loop``; nothing if the loop is closed (nothing runs there again)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, jobs)
 
 
 #: Result types that are never awaitable (checked first: ``isawaitable`` is an ABC check).
@@ -274,7 +323,14 @@ def cancel_atask(job: Job, reason: str) -> None:
     if inspect.getcoroutinestate(atask.get_coro()) == inspect.CORO_CREATED:
         asyncio.get_running_loop().call_soon(cancel_atask, job, reason)
         return
+    job.cancel_delivered = True
     atask.cancel(reason)
+
+
+def cancel_atasks(jobs: list[Job]) -> None:
+    """On the loop: :func:`cancel_atask` of each job, with its task's cancel reason."""
+    for job in jobs:
+        cancel_atask(job, job.task.cancel_reason)
 
 
 def cancel_error(task: Task, exc: BaseException) -> BaseException:

@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import CancelHook, Task, one_line
+from .task import CancelHook, Task, call_texts, one_line
 from .timers import Timers
 
 __all__ = [
@@ -336,17 +336,7 @@ class Engine(TaskRegistry):
 
     def cancel(self, task: Task, *, force: bool = False, reason: str = "Task was cancelled") -> bool:
         """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
-        job = self._jobs.get(task.uid)
-        status = task._request_cancel(reason)
-        if status is None:
-            return False
-        if job is None:  # not (or no longer) in this engine: the flag is all we can do
-            return True
-        if status is TaskStatus.QUEUED and task._claim_end(queued_only=True):
-            self._runner.end(job, None, TaskCancelled(task.cancel_reason))
-            return True
-        self._runner.cancel_running(job, force)
-        return True
+        return self._runner.cancel([task], force, reason)[0]
 
     def _deadline(self, job: Job) -> None:
         task = job.task
@@ -378,15 +368,15 @@ class Engine(TaskRegistry):
             self._closed = True
             active = [job.task for job in list(self._jobs.values()) if not job.task.done()]
             self.cancel_grace_s = min(self.cancel_grace_s, timeout / 2)
-        for task in active:
-            self.cancel(task, force=True, reason=reason)
         deadline = time.monotonic() + timeout
+        self._runner.cancel(active, True, reason)  # (together: one hop per event loop)
         for task in active:
             task.wait(max(0.0, deadline - time.monotonic()))
-        for task in [t for t in active if not t.done()]:  # blocked where nothing stops it:
-            log.warning("qmagic: %s (task %s) still runs (blocked where it cannot be stopped); it "
-                        "is recorded as cancelled and left to end on its own.", task.call_text(40),
-                        task.uid[:8])  # (recorded now, while the log is open; Task and log agree)
+        stuck = [t for t in active if not t.done()]  # blocked where nothing stops them:
+        if stuck:  # (recorded now, while the log is open; Task and log agree)
+            log.warning("qmagic: %s still run (blocked where they cannot be stopped); they are "
+                        "recorded as cancelled and left to end on their own.", call_texts(stuck))
+        for task in stuck:
             self._end_now(self._jobs[task.uid], TaskCancelled(reason))
         self._pool.close()
         left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731

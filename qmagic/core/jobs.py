@@ -61,7 +61,7 @@ class Job:
     __slots__ = (
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
-        "exception_sent", "recorded", "interrupted_early", "lock_wait_since", "cancel_sent",
+        "exception_sent", "recorded", "interrupted_early", "lock_wait_since", "cancel_sent", "cancel_delivered",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -86,6 +86,8 @@ class Job:
         #: asyncio's cancel went to the task's awaitable (a coroutine): a cancel request sends
         #: it once; only a forced cancel (or ■ again) sends another (``CoroutineJobs``).
         self.cancel_sent = False
+        #: asyncio's first cancel reached the task's coroutine (on its loop; ``CoroutineJobs``).
+        self.cancel_delivered = False
         self.recorded = False  # every observer (the log) was told of the submit
         #: ■ came before the task's code started: it never starts (read as it would).
         self.interrupted_early = False
@@ -239,15 +241,36 @@ class JobRunner(CoroutineJobs):
         self.engine._finished_one()
 
     # -- cancel and interrupt ---------------------------------------------------------------
-    def cancel_running(self, job: Job, force: bool) -> None:
-        """The task runs (its cancel flag is set): stop its awaitable now; force a thread."""
-        if job.atask is not None and job.loop is not None:
-            self.cancel_awaitable(job, force)
-        elif force:
+    def cancel(self, tasks: list[Task], force: bool, reason: str) -> list[bool]:
+        """:meth:`Engine.cancel` of each task (False: it had already finished); the running ones
+        are stopped together (one hop per event loop: a close with thousands of coroutine tasks
+        fell behind its timeout)."""
+        cancelled, running = [], []
+        for task in tasks:
+            job = self.engine._jobs.get(task.uid)
+            status = task._request_cancel(reason)
+            cancelled.append(status is not None)
+            if status is None or job is None:  # (not, or no longer, in this engine: the flag is all)
+                continue
+            if status is TaskStatus.QUEUED and task._claim_end(queued_only=True):
+                self.end(job, None, TaskCancelled(task.cancel_reason))
+            else:
+                running.append(job)
+        self.cancel_running(running, force)
+        return cancelled
+
+    def cancel_running(self, jobs: list[Job], force: bool) -> None:
+        """The tasks run (their cancel flags are set): stop their awaitables now (one hop
+        per loop: :meth:`cancel_awaitables`); force threads."""
+        awaiting = [job.atask is not None and job.loop is not None for job in jobs]
+        self.cancel_awaitables([job for job, aw in zip(jobs, awaiting) if aw], force)
+        for job, aw in zip(jobs, awaiting):
+            if aw or not force:
+                continue
             with job.gate:
                 planned, job.force_planned = job.force_planned, True
             if not planned:
-                self.engine.timers.schedule(self.engine.cancel_grace_s, lambda: self._force_stop(job))
+                self.engine.timers.schedule(self.engine.cancel_grace_s, lambda job=job: self._force_stop(job))
 
     def _force_stop(self, job: Job) -> None:
         task = job.task

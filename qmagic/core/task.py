@@ -25,7 +25,7 @@ from .task_state import INTERRUPTED, CancelHook, TaskState, exception_text
 if TYPE_CHECKING:  # pragma: no cover
     from .events import Subscription
 
-__all__ = ["INTERRUPTED", "CancelHook", "Task", "exception_text", "one_line"]
+__all__ = ["INTERRUPTED", "CancelHook", "Task", "call_texts", "exception_text", "one_line"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
@@ -329,6 +329,14 @@ def _running_loop() -> Any:
     import asyncio
 
     return asyncio._get_running_loop()
+
+
+def call_texts(tasks: list[Task], shown: int = 3) -> str:
+    """How many tasks, and the first ``shown`` of them, for one warning about many:
+    "2 tasks: f() (task 1a2b3c4d), g() (task 5e6f7a8b)", "... and 3 more"."""
+    names = ", ".join(f"{task.call_text(40)} (task {task.uid[:8]})" for task in tasks[:shown])
+    more = f" and {len(tasks) - shown} more" if len(tasks) > shown else ""
+    return f"{len(tasks)} task{'s' if len(tasks) != 1 else ''}: {names}{more}"
 
 
 def one_line(exc: BaseException) -> BaseException:
