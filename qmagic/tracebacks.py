@@ -7,6 +7,7 @@ Part of the formatting layer, beside :mod:`qmagic.format`: a traceback never sho
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 import threading
@@ -24,6 +25,12 @@ _INTERNAL_DIRS = tuple(
     if m is not None and getattr(m, "__file__", None)
 )
 _labeler: Callable[[str], str | None] | None = None
+#: Texts of recent plain tracebacks, by what they show (:func:`_shown_as`): thousands of tasks
+#: cancelled at one ``await`` (a worker's close) format one (0.5 ms each: a close of 10,000
+#: fell seconds behind its timeout).  Emptied when full.
+_TEXTS: dict[tuple, str] = {}
+_TEXTS_MAX = 256
+_GROUPS = getattr(builtins, "BaseExceptionGroup", ())  # (Python 3.11 on)
 
 
 def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
@@ -31,6 +38,7 @@ def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
     files to ``Cell In[12]``); None removes it."""
     global _labeler
     _labeler = labeler
+    _TEXTS.clear()
 
 
 def is_internal_frame(filename: str) -> bool:
@@ -62,12 +70,40 @@ def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
 def traceback_text(exc: BaseException) -> str:
     """The traceback of ``exc`` as text, with the user's frames only (see the module
     docstring); the exception line(s) at the end, chained exceptions kept."""
+    key = _shown_as(exc)
+    text = _TEXTS.get(key) if key is not None else None
+    if text is not None:
+        return text
     try:
         te = _tb.TracebackException(type(exc), exc, exc.__traceback__, capture_locals=False)
         _clean(te, set())
-        return "".join(te.format())
+        text = "".join(te.format())
     except Exception:  # noqa: BLE001 - never lose the error itself
         return f"{type(exc).__name__}: {exc!r}\n"
+    if key is not None:
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        _TEXTS[key] = text
+    return text
+
+
+def _shown_as(exc: BaseException) -> tuple | None:
+    """What the traceback text of ``exc`` shows: its type, its message and the code position of
+    each frame, (the texts are forgotten when the file labels change); None (not kept) for a chained exception, one with
+    notes, a group, or one whose message cannot be read."""
+    if (exc.__cause__ is not None or exc.__context__ is not None or getattr(exc, "__notes__", None)
+            or isinstance(exc, _GROUPS)):
+        return None
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - formatted (and shown broken) by the slow way
+        return None
+    positions = []
+    tb = exc.__traceback__
+    while tb is not None:
+        positions.append((tb.tb_frame.f_code, tb.tb_lasti))
+        tb = tb.tb_next
+    return type(exc), message, tuple(positions)
 
 
 def user_traceback(exc: BaseException) -> Any:

@@ -1250,3 +1250,40 @@ def test_close_with_thousands_of_waiting_coroutine_tasks_keeps_to_its_timeout(
     assert len(cleaned) == len(tasks)
     warnings = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) <= 3, f"{len(warnings)} warnings: {warnings[:3]}"
+
+
+def test_tasks_cancelled_at_one_await_format_their_traceback_once(make_worker, no_bluesky_loop,
+                                                                   monkeypatch):
+    """Each of thousands of tasks cancelled by a close formatted its traceback (0.5 ms each,
+    most of a cancel's cost on the loop: a close of 10,000 fell seconds behind its timeout).
+    The tasks cancelled at one ``await`` share one text (counted, not timed); tasks cancelled
+    elsewhere still show where they were."""
+    import traceback
+
+    never = asyncio.Event()
+
+    async def wait_here():
+        await never.wait()
+
+    async def wait_there():
+        await asyncio.wait_for(never.wait(), None)
+
+    formatted = []
+
+    class Counting(traceback.TracebackException):
+        def __init__(self, *args, **kwargs):
+            formatted.append(1)
+            super().__init__(*args, **kwargs)
+
+    w = make_worker({"wait_here": wait_here, "wait_there": wait_there}, journal_enabled=False,
+                    async_loop="qmagic")
+    here = [w.submit("wait_here") for _ in range(300)]
+    there = [w.submit("wait_there") for _ in range(3)]
+    eventually(lambda: all(t.running() for t in here + there), timeout=60, what="tasks running")
+    monkeypatch.setattr(traceback, "TracebackException", Counting)
+    w.close(timeout=5)
+    assert all(t.status is TaskStatus.CANCELLED for t in here + there)
+    assert len({t.traceback for t in here}) == 1 and len({t.traceback for t in there}) == 1
+    assert "await never.wait()" in here[0].traceback
+    assert "await asyncio.wait_for(never.wait(), None)" in there[0].traceback
+    assert len(formatted) < 10, f"{len(formatted)} tracebacks formatted for {len(here) + 3} tasks"
