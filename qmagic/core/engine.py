@@ -359,7 +359,8 @@ class Engine(TaskRegistry):
     def close(self, timeout: float = 5.0, reason: str = CLOSED_REASON) -> None:
         """Cancel queued tasks, stop running ones (forcing after the grace time, at most half
         of ``timeout``: the cleanup the forced cancel starts gets the other half), stop every
-        thread and qmagic's event loop, all within ``timeout``; a task still running then is
+        thread and qmagic's event loop, within ``timeout`` (events already queued get at
+        least :data:`BUS_DRAIN_S` to reach subscribers); a task still running then is
         recorded cancelled and left to end on its own.  ``reason``: the tasks' cancel
         reason.  Idempotent."""
         with self._lock:
