@@ -53,10 +53,10 @@ _HANDSHAKE_MS = 10_000
 #: A request larger than this (bytes) is *large*: decoding and answering it may take a
 #: while (a 50,000-uid ``task_status``: ~0.2 s).  Large requests may use at most
 #: ``_LARGE_SHARE`` of the serving thread's time (with bursts of ``_LARGE_BURST_S``) while
-#: other requests wait; beyond that they are refused at once, undecoded.  Ten clients repeating such lookups made every
-#: other client wait 1-3.6 s, past the 2 s after which queueserver's clients give up (found
-#: by a hostile test); small requests (status, a task's result, starting a task) are never
-#: refused for this.
+#: other requests wait; beyond that they are refused at once, undecoded.  Ten clients
+#: repeating such lookups made every other client wait 1-3.6 s, past the 2 s after which
+#: queueserver's clients give up (found by a hostile test); small requests (status, a
+#: task's result, starting a task) are never refused for this.
 _LARGE_REQUEST_BYTES = 64 * 1024
 _LARGE_SHARE = 0.5
 _LARGE_BURST_S = 0.25
