@@ -298,6 +298,42 @@ def test_a_print_made_while_a_write_fails_is_still_kept_and_shown(make_worker, c
     assert capsys.readouterr().out == "said meanwhile\nand after\n"
 
 
+def test_an_interrupt_as_a_write_ends_never_silences_the_thread(make_worker, capsys):
+    """■ lands where CPython checks for it: a function's start, before its first line, is
+    one such place.  Landing as a write ended, at the start of the function that runs the
+    writes waiting for it, it left the thread marked "keeping text" for good: every later
+    print of that thread waited for ever, unseen (found by a full run: a cell's prints
+    vanished after a storm of ■ over short tasks).  The interrupt goes on; the thread's
+    next print is shown and kept."""
+    from qmagic.core import capture
+
+    fired: list[int] = []
+
+    def at_start(frame, event, arg):  # (raises as the interpreter would at that point)
+        if event == "call" and frame.f_code is capture._run_waiting.__code__ and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt
+        return None
+
+    def task():
+        sys.settrace(at_start)
+        try:
+            print("first")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        print("after")
+        return "done"
+
+    worker = make_worker({"task": task})
+    submitted = worker.submit("task")
+    assert submitted.result(TIMEOUT) == "done" and fired
+    # (■ cut the first print short, after its text and before its newline)
+    assert submitted.output == "firstafter\n"  # (before: "first", the rest never written)
+    assert capsys.readouterr().out == "firstafter\n"
+
+
 def test_a_thread_start_wrapped_by_another_library_survives_unload_and_load():
     """A library that wraps ``threading.Thread.start`` while qmagic is installed (sentry-sdk's
     ThreadingIntegration, opentelemetry, ddtrace do) keeps qmagic's function inside its

@@ -136,23 +136,23 @@ def _kept(keep: Any, *args: Any) -> Any:
     try:
         return keep(*args)
     finally:
-        _run_waiting(pending)
+        try:
+            _run_waiting(pending)
+        finally:  # (here, not in _run_waiting: ■ as a function starts, before its first line,
+            _in_thread.pending = None  # left every later write of this thread waiting for good)
 
 
 def _run_waiting(pending: deque) -> None:
     """Run what waited for the keep in progress (see :func:`_kept`), in order."""
     interrupt: BaseException | None = None
-    try:
-        while pending:
-            keep, args = pending.popleft()
-            try:
-                keep(*args)
-            except Exception:  # noqa: BLE001 - its writer has returned (see _kept)
-                pass
-            except BaseException as exc:  # noqa: BLE001 - ■: the rest are still kept, then it is raised
-                interrupt = interrupt or exc
-    finally:
-        _in_thread.pending = None
+    while pending:
+        keep, args = pending.popleft()
+        try:
+            keep(*args)
+        except Exception:  # noqa: BLE001 - its writer has returned (see _kept)
+            pass
+        except BaseException as exc:  # noqa: BLE001 - ■: the rest are still kept, then it is raised
+            interrupt = interrupt or exc
     if interrupt is not None:
         raise interrupt
 
