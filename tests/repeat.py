@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,13 @@ LOGS = REPO_ROOT / "test-artifacts" / "repeat"
 
 #: Spins while the process that started it lives (a killed parent leaves no spinner behind).
 _SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In the child before it starts: SIGINT's default action, as a terminal gives it.  A
+    shell that starts this script in the background (``&``) makes it ignored, and the child
+    Python then keeps it ignored: tests that press ■ in this process would see nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _busy_processes(count: int) -> list[subprocess.Popen]:
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             with open(log, "wb") as out:
                 code = subprocess.call(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, preexec_fn=_sigint_as_in_a_terminal)
             times.append(time.monotonic() - started)
             lines = log.read_text(errors="replace").splitlines()
             last = lines[-1].strip("= ") if lines else "(no output)"
