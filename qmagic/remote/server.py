@@ -143,8 +143,9 @@ class _LargeBudget:
         self._at = time.monotonic()
 
     def idle(self) -> None:
-        """A request came while none waited: nobody waits behind the time large requests
-        took so far (a lone client's, served whatever they take), so none of it is owed."""
+        """A request came while none waited: nobody waited behind the time large requests
+        took so far, so none of it is owed (a request served while none waits costs
+        nothing: :meth:`ControlServer._reply_bytes`)."""
         self.allowance, self._at = _LARGE_BURST_S, time.monotonic()
 
     def admit(self) -> bool:
@@ -332,7 +333,7 @@ class ControlServer(SocketThread):
         try:
             return self._encoded(self._processed(frames))
         finally:
-            if large:
+            if large and contended:  # (a request nobody waited behind is owed to nobody)
                 self._large.spend(time.monotonic() - started)
 
     def _processed(self, frames: list) -> dict:
