@@ -175,19 +175,16 @@ def test_a_key_taken_out_of_the_list_is_refused_at_once(channel, monkeypatch):
         RM.close()
 
 
-def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket(make_worker, monkeypatch):
+def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket(make_worker, monkeypatch,
+                                                                                   sigint_as_in_a_cell):
     """A key list turned on starts the control channel and the info socket again (their
     security is set at bind).  A ■ while the channel started again was raised as soon as it
     served, before the info socket's restart: the live streams stayed open to any client
     while the setting said listed clients only.  Now both restart, then ■ is raised."""
-    import signal
     import sys
 
     from interrupt_points import lines_of, sigint_at
 
-    # (■ as in a cell: Python's handler, whatever this process inherited -- a shell that
-    # starts it in the background leaves SIGINT ignored, and then nothing is raised)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
     worker = make_worker({})
     service = RemoteService(worker)
@@ -220,4 +217,3 @@ def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket
         stranger.close(0)
         ctx.term()
         service.close()
-        signal.signal(signal.SIGINT, previous)

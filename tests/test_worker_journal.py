@@ -765,7 +765,8 @@ def _nested(func, name):
     return next(c for c in func.__code__.co_consts if getattr(c, "co_name", None) == name)
 
 
-def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_in_step(journaled, tmp_path):
+def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_in_step(journaled, tmp_path,
+                                                                                         sigint_as_in_a_cell):
     """■ at every line of a log or lock setting change, in turn (a real SIGINT on the main
     thread).  Between the log's swap and the old log's drain it used to leave the old log
     neither in force nor draining (it went on logging new tasks and never closed) while the
