@@ -330,6 +330,10 @@ def test_foreground_keyboard_interrupt_is_recorded_and_ends_the_cell(qm, ip):
         ("add 1 --lock-key=s3cret", r"^Options go before the function name: %function_execute "
                                     r"--lock-key KEY add \.\.\. \('--lock-key' came after 'add'\)\.$"),
         ("add 1 --timeout 5", "^Options go before the function name: %function_execute --timeout SECONDS add"),
+        # (a unique prefix of an option, as before the name: not an argument to evaluate)
+        ("add 1 --lock s3cret", r"^Options go before the function name: %function_execute "
+                                r"--lock-key KEY add \.\.\. \('--lock' came after 'add'\)\.$"),
+        ("add 1 --back", "^Options go before the function name: %function_execute --background add"),
         ("--wait add 1", "--wait goes with -b"),
     ],
 )

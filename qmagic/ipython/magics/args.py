@@ -259,12 +259,12 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
     name, _, end = words[i]
     rest = texts[i + 1:]
     for j, word in enumerate(rest):
-        opt = word.split("=", 1)[0]
-        if opt in options:
+        opt = _resolve(options, word)  # (a unique prefix too, as before the name: ``--lock``
+        if opt is not None:  # read as an argument would evaluate a lock key as Python)
             _check_value(options, rest, j, after=name)
             raise UsageError(
                 f"Options go before the function name: %function_execute {_usage(options, opt)} "
-                f"{name} ... ({opt!r} came after {name!r})."
+                f"{name} ... ({word.split('=', 1)[0]!r} came after {name!r})."
             )
     return line[:end], name, rest
 
