@@ -355,6 +355,13 @@ def failure_message(rec: Mapping[str, Any], status: TaskStatus) -> str:
     return f"Error occurred while executing '{kind}': {rec.get('error') or status.value}"
 
 
+def not_started_message(rec: Mapping[str, Any]) -> str:
+    """The console's line for a task cancelled while it waited in the queue (it never ran:
+    nothing failed, there is no traceback); ``rec``: the task's record."""
+    what = "Script" if rec.get("kind") == "script" else "Function"
+    return f"{what} {rec.get('name')!r} was cancelled before it started: {rec.get('error') or 'cancelled'}"
+
+
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
                  late: dict[str, Any]) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log);

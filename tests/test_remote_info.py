@@ -398,6 +398,28 @@ def test_cancelled_and_interrupted_tasks_say_so_on_the_console(make_worker):
         assert "raise KeyboardInterrupt" in text
 
 
+def test_a_task_cancelled_in_the_queue_says_it_never_started(make_worker):
+    """A task cancelled while it waited for a free thread never ran: the console wrote
+    queueserver's "Error occurred while executing ..." for it, as if its code had failed.
+    It now says that the task was cancelled before it started, and why (no traceback)."""
+    release = threading.Event()
+    worker = make_worker({"hold": lambda: release.wait(TIMEOUT), "scan": lambda: print("scanning")},
+                         max_background_tasks=1)
+    with _console_of(worker) as console:
+        holding = worker.submit("hold")
+        try:
+            waiting = worker.submit("scan")
+            assert waiting.status.value == "queued"
+            waiting.cancel()
+            assert waiting.wait(TIMEOUT) and waiting.status.value == "cancelled"
+            text = _console_until(console, "Function 'scan' was cancelled before it started: "
+                                  "Task was cancelled from Python")
+            assert "Error occurred" not in text and "Traceback" not in text, text
+        finally:
+            release.set()
+        assert holding.wait(TIMEOUT) and holding.status.value == "completed"
+
+
 def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
     """A thread started by a task's work (a pool's, which lives on) notes the task weakly:
     the task and its result go when the worker forgets them."""

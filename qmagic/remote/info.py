@@ -41,7 +41,7 @@ from .. import probe
 from ..core import capture
 from ..core.status import FINISHED_VALUES, TaskStatus
 from ..errors import TaskNotFound
-from ..protocol import failure_message
+from ..protocol import failure_message, not_started_message
 from ..texts import valid_unicode
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
@@ -199,8 +199,11 @@ class InfoPublisher(SocketThread):
                 texts["final_progress"] = progress._asdict()
             if status != TaskStatus.COMPLETED.value and task is not None:  # as a queueserver
                 record = task.to_dict()  # worker logs a function stopped by an exception
-                line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
-                self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
+                if record.get("started_at") is None:  # (cancelled in the queue: it never ran)
+                    self._on_output(task, f"{not_started_message(record)}\n")
+                else:
+                    line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
+                    self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
         if "result" in event:
             result = event["result"]
             texts["result"] = _bounded(lambda: fmt.safe_repr(result, 200), (result,), _NOT_READ)
