@@ -86,6 +86,44 @@ def db_rows(tmp_path: Path, sql: str, params=()) -> list:
 
 
 # ---- round trip, visibility, filters ----------------------------------------------------------------
+def test_health_counts_waiting_records_without_reading_them_again(tmp_path, monkeypatch):
+    """``health()["pending"]`` read every waiting spool line at each call (0.28 s with
+    100,000 tasks waiting in a long database fault, for every ``%tasks`` footer).  It now
+    counts only what was appended since it last looked, and the count stays exact across
+    segments, partial stores and new appends."""
+    from qmagic.store import segments as segments_module
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 64 << 10)  # (several segments)
+    read = [0]
+    pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        data = pread(fd, n, offset)
+        read[0] += len(data)
+        return data
+
+    with Journal(tmp_path, ENV) as j:
+        for i in range(300):
+            run_task(j, f"t-{i}")
+        assert len(j._spool.segments) >= 3
+        assert j.health()["pending"] == 900  # (three lines per task)
+        monkeypatch.setattr(os, "pread", counting_pread)
+        assert j.health()["pending"] == 900
+        assert read[0] < 1000, f"{read[0]} bytes read again"
+        run_task(j, "one-more")
+        assert j.health()["pending"] == 903
+        assert read[0] < 3000, f"{read[0]} bytes read for three new lines"
+        monkeypatch.setattr(os, "pread", pread)
+        assert j.flush() and j.health()["pending"] == 0
+        for i in range(5):
+            run_task(j, f"u-{i}")
+        assert j.health()["pending"] == 15
+        assert j.flush() and j.health()["pending"] == 0
+
+
 def test_round_trip_pending_then_stored_then_seen_by_another_process(journal, tmp_path, monkeypatch):
     from qmagic.store import writer as writer_module
 

@@ -332,8 +332,7 @@ class Journal:
         the spool); dropped those lost (memory queue full, or only in memory when the log
         closed)."""
         w = self._writer
-        lines = sum(d.count(b"\n") - d.startswith(b'{"spool"') for d in self._spool.uncommitted())
-        return {"ok": not w.faults.kinds, "pending": lines, "in_memory": len(self._spool.held),
+        return {"ok": not w.faults.kinds, "pending": self._spool.unstored_lines(), "in_memory": len(self._spool.held),
                 "dropped": self._spool.dropped_count() + w.lost, "last_error": w.faults.last_error,
                 "path": str(self.path)}
 

@@ -105,6 +105,8 @@ class Segment:
     out: AppendFile | None
     size: int
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
+    consumed_lines: int = 0  # the lines (newlines) in those bytes (the writer thread's too)
+    counted: tuple[int, int] = (0, 0)  # (offset, lines before it): unstored_lines()' count so far
 
     def read_new(self, limit: int) -> tuple[bytes, int, bool]:
         """Complete lines not in SQLite yet, about ``limit`` bytes at most, as ``(lines,
@@ -134,13 +136,33 @@ class Segment:
         more = offset < end and offset - begin >= limit
         return data[: data.rfind(b"\n") + 1], begin, more
 
-    def advance(self, begin: int, n: int) -> None:
-        """The writer thread stored the ``n`` bytes of lines read from ``begin``.  After a
-        cut, what this process wrote is counted from the file's size again."""
+    def advance(self, begin: int, n: int, lines: int) -> None:
+        """The writer thread stored the ``n`` bytes (``lines`` lines) read from ``begin``.
+        After a cut, what this process wrote is counted from the file's size again."""
+        self.consumed_lines = (self.consumed_lines if begin else 0) + lines
         self.consumed = begin + n
         end, cut = self._size()
         if cut is not None:
             cut.written = end  # (appends racing this store are under-counted: harmless)
+
+    def unstored_lines(self) -> int:
+        """How many complete lines are not in SQLite yet (the header line not counted).
+        Counts only what was appended since the last call (a view asking during a long
+        fault read every waiting line each time: 0.28 s with 100,000 tasks waiting).  The
+        caller holds the spool's lock (one counter per segment)."""
+        offset, lines = self.counted
+        end, cut = self._size()
+        if cut is not None or end < offset:  # (cut by another process: count it again)
+            offset, lines = 0, 0
+        if offset < end:
+            data = os.pread(self.fd, end - offset, offset)
+            nul = data.find(b"\0")
+            data = data[: data.rfind(b"\n", 0, nul if nul >= 0 else len(data)) + 1]
+            offset, lines = offset + len(data), lines + data.count(b"\n")
+            self.counted = (offset, lines)
+        stored = self.consumed_lines
+        header = stored == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
+        return max(0, lines - stored - header)
 
     def _size(self) -> tuple[int, AppendFile | None]:
         """The file's size, and this segment's writer if another process cut the file below

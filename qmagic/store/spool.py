@@ -271,6 +271,12 @@ class Spool:
                 os.unlink(seg.path)
             seg.close()
 
+    def unstored_lines(self) -> int:
+        """How many lines are not in SQLite yet: in the spool (counted incrementally, see
+        :meth:`Segment.unstored_lines`) and in ``held``."""
+        with self.lock:
+            return sum(seg.unstored_lines() for seg in self.segments if seg.fd >= 0) + len(self.held)
+
     def uncommitted(self, needle: bytes | None = None) -> list[bytes]:
         """Lines not yet in SQLite (spool and held); with ``needle``, only chunks that
         contain it.  Reads under the lock (segments are closed under it too)."""

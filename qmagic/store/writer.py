@@ -84,7 +84,7 @@ class _Batch:
     rows: dict[str, tuple] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     bad: list[int] = field(default_factory=list)
-    reads: list[tuple[Any, int, int]] = field(default_factory=list)  # (segment, begin, bytes)
+    reads: list[tuple[Any, int, int, int]] = field(default_factory=list)  # (segment, begin, bytes, lines)
     held: int = 0  # lines taken from the left of the spool's ``held`` queue
     complete: bool = True  # nothing uncommitted is left out
 
@@ -111,7 +111,7 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
         data, begin, more = seg.read_new(budget)
         if data:
             rows_from_lines(data, session, now, out.rows, out.bad, out.started)
-            out.reads.append((seg, begin, len(data)))
+            out.reads.append((seg, begin, len(data), data.count(b"\n")))
             budget -= len(data)
         if more:  # more lines wait in this segment: this cycle is not complete
             out.complete, budget = False, 0
@@ -343,8 +343,8 @@ class Writer:
                 self.faults.fixed("database")
         for _ in range(batch.held):  # only this thread removes from the left
             self.spool.held.popleft()
-        for seg, begin, n in batch.reads:
-            seg.advance(begin, n)
+        for seg, begin, n, lines in batch.reads:
+            seg.advance(begin, n, lines)
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)
