@@ -175,6 +175,45 @@ def test_a_key_taken_out_of_the_list_is_refused_at_once(channel, monkeypatch):
         RM.close()
 
 
+def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_socket(make_worker, monkeypatch):
+    """A key list turned on starts the channel and the info socket again.  When the channel
+    could not start again (its port taken meanwhile), the info socket was not restarted
+    either: its streams stayed open to any client while the setting said listed clients
+    only.  The info socket now restarts with the list, and the channel's error is raised."""
+    from qmagic.errors import ControlChannelError
+
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    worker = make_worker({})
+    service = RemoteService(worker)
+    ctx = zmq.Context()
+    stranger = ctx.socket(zmq.SUB)
+    try:
+        service.start("tcp://127.0.0.1:*")
+        publisher = service.start_info("tcp://127.0.0.1:*")
+        address, period = publisher.address, publisher.status_period
+
+        def port_taken(address):
+            raise ControlChannelError(f"Cannot listen on {address}: the port is taken.")
+        monkeypatch.setattr(service, "_new_server", port_taken)
+        with pytest.raises(ControlChannelError, match="the port is taken"):
+            worker.zmq_client_keys = {"clients": [
+                {"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+        assert service.server is None or not service.server.running
+        assert service.info is not None and service.info.running and service.info is not publisher
+        public, secret = (k.decode() for k in zmq.curve_keypair())
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = (
+            SERVER_PUBLIC.encode(), public.encode(), secret.encode())
+        stranger.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+        stranger.connect(address)
+        # the status goes out about once a second: two periods without a message for the stranger
+        assert not stranger.poll(int(2.5 * 1000 * period))
+    finally:
+        stranger.close(0)
+        ctx.term()
+        service.close()
+
+
 def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket(make_worker, monkeypatch,
                                                                                    sigint_as_in_a_cell):
     """A key list turned on starts the control channel and the info socket again (their

@@ -224,10 +224,16 @@ class RemoteService:
             except ControlChannelError:
                 self._set_quietly("zmq_client_keys", change["old"])
                 raise
+            failed: ControlChannelError | None = None
             if server is not None and not server.replace_client_keys(keys):
-                self._start(self.last_address, again=True)
+                try:
+                    self._start(self.last_address, again=True)
+                except ControlChannelError as exc:  # (the channel is off: the streams still
+                    failed = exc  # take the new list, or stay open to clients it shuts out)
             if info is not None and not info.replace_client_keys(keys):
                 self._start_info(info.address)
+            if failed is not None:
+                raise failed
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's
