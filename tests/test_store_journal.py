@@ -86,6 +86,45 @@ def db_rows(tmp_path: Path, sql: str, params=()) -> list:
 
 
 # ---- round trip, visibility, filters ----------------------------------------------------------------
+def test_lookups_of_waiting_records_read_only_their_lines(tmp_path, monkeypatch):
+    """A lookup merged what waits for the database by reading every waiting spool line:
+    0.2-0.6 s per lookup (get, find, a status) with 100,000 tasks waiting in a database
+    fault.  The spool now indexes its lines by uid as lookups ask (only what was appended
+    since), and a lookup reads only its uids' lines."""
+    from qmagic.store import segments as segments_module
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 64 << 10)  # (several segments)
+    read = [0]
+    pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        data = pread(fd, n, offset)
+        read[0] += len(data)
+        return data
+
+    with Journal(tmp_path, ENV) as j:
+        for i in range(300):
+            run_task(j, f"task-{i:04d}", status="failed" if i % 7 == 0 else "completed")
+        j.submitted(task("queued-one"))
+        assert len(j._spool.segments) >= 3
+        assert j.get("task-0100")["status"] == "completed"  # (the index is made)
+        monkeypatch.setattr(os, "pread", counting_pread)
+        assert j.get("task-0007")["status"] == "failed" and j.get("queued-one")["status"] == "queued"
+        assert j.statuses(["task-0003", "task-0014", "nowhere"]) == {
+            "task-0003": "completed", "task-0014": "failed", "nowhere": None}
+        assert j.find("task-0299")["uid"] == "task-0299" and j.find("task-029") is None
+        assert read[0] < 40_000, f"{read[0]} bytes read for a few lookups"
+        j.started("queued-one", time.time())
+        assert j.get("queued-one")["status"] == "running"  # (what was appended since: indexed)
+        monkeypatch.setattr(os, "pread", pread)
+        assert j.flush()
+        assert j.get("task-0007")["status"] == "failed" and j.get("queued-one")["status"] == "running"
+        assert j.statuses(["task-0003"]) == {"task-0003": "completed"}
+
+
 def test_health_counts_waiting_records_without_reading_them_again(tmp_path, monkeypatch):
     """``health()["pending"]`` read every waiting spool line at each call (0.28 s with
     100,000 tasks waiting in a long database fault, for every ``%tasks`` footer).  It now
@@ -1578,6 +1617,33 @@ def test_lines_written_after_the_spool_was_cut_are_seen_and_stored(tmp_path):
     with Journal(tmp_path, ENV) as j:
         found = j.statuses([f"before-{i}" for i in range(200)] + [f"after-{i}" for i in range(3)] + ["later"])
         assert set(found.values()) == {"completed"}, {u: s for u, s in found.items() if s != "completed"}
+
+
+def test_a_spool_cut_after_it_was_counted_and_indexed_is_counted_and_indexed_again(tmp_path, monkeypatch):
+    """The pending count and the lookup index go on from where they last read a segment.
+    Cut by another process, then written past that point again once the writer stored
+    what was left, the segment is read again from its start: no lookup misses a task, no
+    count is off."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    with Journal(tmp_path, ENV) as j:
+        for i in range(100):
+            run_task(j, f"before-{i}")
+        assert j.get("before-5")["status"] == "completed" and j.health()["pending"] == 300
+        assert j.flush()
+        (segment,) = tmp_path.glob("*.spool")
+        os.truncate(segment, 0)
+        run_task(j, "after-cut")
+        assert j.flush()  # (the writer finds the cut)
+        for i in range(300):  # (past where the count and the index had read to)
+            run_task(j, f"later-{i}")
+        assert j.health()["pending"] == 900
+        assert [j.get(f"later-{i}")["status"] for i in (0, 150, 299)] == ["completed"] * 3
+        assert j._spool.lines_of({b"later-0"})  # (found waiting in the spool, not in the database)
+        assert j.flush() and j.health()["pending"] == 0
+        assert j.statuses(["after-cut", "later-0"]) == {"after-cut": "completed", "later-0": "completed"}
 
 
 def test_truncating_the_spool_under_a_writing_process_never_crashes_it(tmp_path):

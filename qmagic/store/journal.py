@@ -78,12 +78,6 @@ _OPEN: weakref.WeakSet[Journal] = weakref.WeakSet()
 _FORK_LEFTOVERS: list[Any] = []  # objects a forked child must neither use nor close
 
 
-def _uid_bytes(line: bytes) -> bytes:
-    """The uid of a spool line (``[rank,"uid",...]``: its first string; uids hold no quote)."""
-    start = line.find(b'"') + 1
-    return line[start:line.find(b'"', start)]
-
-
 def _after_fork_in_child() -> None:
     for journal in list(_OPEN):
         journal._forked()
@@ -222,21 +216,20 @@ class Journal:
     def _pending(self, needle: str | None = None, wanted: Sequence[str] | None = None
                  ) -> dict[str, list[tuple]]:
         """Events of this session not in SQLite yet, per uid (only uids containing
-        ``needle``, or only the uids in ``wanted``, if given).  With ``wanted`` only the
-        lines of those uids are parsed: a lookup of a few uids while thousands of records
-        wait cost ~80 ms of parsing them all."""
+        ``needle``, or only the uids in ``wanted``, if given: then only their lines are
+        read, through the spool's index)."""
         if self._closed:
             return {}
-        raw = needle.encode("utf-8", "backslashreplace") if needle is not None else None
-        keys = None if wanted is None else {
-            u.encode("utf-8", "backslashreplace") for u in wanted if isinstance(u, str)}
+        if needle is None and wanted is None:
+            chunks = self._spool.uncommitted()
+        elif wanted is None:
+            chunks = self._spool.lines_of(needle=str(needle).encode("utf-8", "backslashreplace"))
+        else:
+            chunks = self._spool.lines_of({u.encode("utf-8", "backslashreplace") for u in wanted
+                                           if isinstance(u, str)})
         rows: dict[str, tuple] = {}
         started: dict[str, float] = {}
-        for data in self._spool.uncommitted(raw):
-            if raw is not None:
-                data = b"\n".join(line for line in data.split(b"\n") if raw in line)
-            if keys is not None:
-                data = b"\n".join(line for line in data.split(b"\n") if _uid_bytes(line) in keys)
+        for data in chunks:
             rows_from_lines(data, self.session, time.time(), rows, [], started)
         out = {uid: [row] for uid, row in rows.items() if needle is None or needle in uid}
         for uid, t in started.items():
@@ -272,7 +265,7 @@ class Journal:
         if not isinstance(uid, str) or not uid:
             return None
         self._wait_ready()
-        pending = self._pending(uid)
+        pending = self._pending(wanted=[uid])
         if uid in pending:
             return self._merged({uid: pending[uid]})[uid]
         return self._reader.get(uid)

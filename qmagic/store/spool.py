@@ -32,13 +32,14 @@ import os
 import select
 import threading
 import time
+from collections.abc import Collection
 from contextlib import suppress
 from pathlib import Path
 
 from ..errors import StateFileError
 from .files import ensure_state_dir, read_state_file
 from .records import warn_once
-from .segments import SEGMENT_BYTES, AppendFile, Segment, SessionFiles
+from .segments import SEGMENT_BYTES, AppendFile, Segment, SessionFiles, uid_of
 
 __all__ = ["SEGMENT_BYTES", "Segment", "SessionFiles", "Spool", "Waker", "read_whole"]
 
@@ -277,22 +278,22 @@ class Spool:
         with self.lock:
             return sum(seg.unstored_lines() for seg in self.segments if seg.fd >= 0) + len(self.held)
 
-    def uncommitted(self, needle: bytes | None = None) -> list[bytes]:
-        """Lines not yet in SQLite (spool and held); with ``needle``, only chunks that
-        contain it.  Reads under the lock (segments are closed under it too)."""
-        chunks = []
+    def uncommitted(self) -> list[bytes]:
+        """Lines not yet in SQLite (spool and held).  Reads under the lock (segments are
+        closed under it too)."""
         with self.lock:
-            for seg in self.segments:
-                if seg.fd >= 0:
-                    data = seg.read_new(seg.size)[0]
-                    if data and (needle is None or needle in data):
-                        chunks.append(data)
+            chunks = [seg.read_new(seg.size)[0] for seg in self.segments if seg.fd >= 0]
             held = list(self.held)
-        if held:
-            data = b"".join(held)
-            if needle is None or needle in data:
-                chunks.append(data)
-        return chunks
+        return [data for data in chunks if data] + ([b"".join(held)] if held else [])
+
+    def lines_of(self, uids: Collection[bytes] | None = None, needle: bytes = b"") -> list[bytes]:
+        """Lines not yet in SQLite of the uids in ``uids`` (else of the uids containing
+        ``needle``): indexed, see :meth:`Segment.lines_of`."""
+        with self.lock:
+            chunks = [seg.lines_of(uids, needle) for seg in self.segments if seg.fd >= 0]
+            held = [line for line in self.held
+                    if (uid_of(line) in uids if uids is not None else needle in uid_of(line))]
+        return [data for data in chunks if data] + ([b"".join(held)] if held else [])
 
     def close(self, unlink_spare: bool = True) -> None:
         """Close every segment (files stay) and the spare (deleted)."""
