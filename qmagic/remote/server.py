@@ -331,15 +331,15 @@ class ControlServer(SocketThread):
             return self._encoded(self._refused_unread(frames, busy_text(size)))
         started = time.monotonic()
         try:
-            return self._encoded(self._processed(frames))
+            return self._encoded(self._processed(frames, size))
         finally:
             if large and contended:  # (a request nobody waited behind is owed to nobody)
                 self._large.spend(time.monotonic() - started)
 
-    def _processed(self, frames: list) -> dict:
-        """The reply dict of one request (errors as replies)."""
+    def _processed(self, frames: list, size: int) -> dict:
+        """The reply dict of one request of ``size`` bytes (errors as replies)."""
         try:
-            reply = self._handle(frames)
+            reply = self._handle(frames, size)
         except BaseException:  # noqa: BLE001 - a bug must not cost the client its reply
             log.exception("qmagic: control channel failed to process a request")
             reply = {"success": False, "msg": failure_text()}
@@ -373,8 +373,7 @@ class ControlServer(SocketThread):
         head = frames[0].buffer[:_HEAD_BYTES].tobytes() if len(frames) == 1 else b""
         return self._refusal(head, msg)
 
-    def _handle(self, frames: list) -> dict:
-        size = sum(len(f) for f in frames)
+    def _handle(self, frames: list, size: int) -> dict:
         if size > self.max_message_bytes:
             self.malformed += 1
             return self._refused_unread(frames, (
