@@ -25,3 +25,17 @@ def sigint_at(code, line, fired):
             signal.raise_signal(signal.SIGINT)
         return local
     return lambda frame, event, arg: local if frame.f_code is code and not fired else None
+
+
+def interrupted_at(code, line, action):
+    """Run ``action()`` with ■ (a real SIGINT) the first time ``line`` of ``code`` runs on
+    this thread; True if it fired (the KeyboardInterrupt raised there is caught)."""
+    fired = []
+    sys.settrace(sigint_at(code, line, fired))
+    try:
+        action()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return bool(fired)

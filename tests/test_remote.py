@@ -1300,7 +1300,7 @@ def test_an_interrupt_anywhere_in_a_move_of_the_channel_leaves_it_as_the_setting
     channel off while zmq_control_address still named the old address, or a new channel
     serving that qmagic no longer knew (its port taken for good).  Now the channel is
     always the one the setting names, and exactly one serves."""
-    from interrupt_points import lines_of, sigint_at
+    from interrupt_points import interrupted_at, lines_of
 
     from qmagic.core.foreground import interrupts_held
     
@@ -1325,15 +1325,8 @@ def test_an_interrupt_anywhere_in_a_move_of_the_channel_leaves_it_as_the_setting
                 for line in lines_of(code):
                     before = service.server.address
                     target = before if again else ports[before == ports[0]]
-                    fired: list[int] = []
-                    sys.settrace(sigint_at(code, line, fired))
-                    try:
-                        service.start(target, again=again)
-                    except KeyboardInterrupt:
-                        pass
-                    finally:
-                        sys.settrace(None)
-                    fired_any += bool(fired)
+                    fired = interrupted_at(code, line, lambda: service.start(target, again=again))
+                    fired_any += fired
                     where = f"{code.co_name} line {line - code.co_firstlineno} (again={again})"
                     server = service.server
                     if server is None or not server.running:
@@ -1364,7 +1357,7 @@ def test_an_interrupt_anywhere_in_a_limit_change_leaves_the_channel_as_the_setti
     new limit); now ■ is held over the close and the bind and delivered once the channel
     serves again (the change stands), and before that the setting goes back.  (■ in
     traitlets, on the observer's first line or on that of the worker's rule is out of reach.)"""
-    from interrupt_points import lines_of, sigint_at
+    from interrupt_points import interrupted_at, lines_of
 
     from qmagic.core.foreground import interrupts_held
     from qmagic.remote.socket_thread import SocketThread
@@ -1386,15 +1379,9 @@ def test_an_interrupt_anywhere_in_a_limit_change_leaves_the_channel_as_the_setti
         for code in codes:
             for line in lines_of(code)[1:] if code in out_of_reach else lines_of(code):
                 before = worker.zmq_max_message_bytes
-                fired: list[int] = []
-                sys.settrace(sigint_at(code, line, fired))
-                try:
-                    worker.zmq_max_message_bytes = limits[before == limits[0]]
-                except KeyboardInterrupt:
-                    pass
-                finally:
-                    sys.settrace(None)
-                fired_any += bool(fired)
+                fired = interrupted_at(code, line, lambda: setattr(
+                    worker, "zmq_max_message_bytes", limits[before == limits[0]]))
+                fired_any += fired
                 where = f"{code.co_name} line {line - code.co_firstlineno}"
                 server, limit = service.server, worker.zmq_max_message_bytes
                 if server is None or not server.running:

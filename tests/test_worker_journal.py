@@ -14,7 +14,7 @@ import time
 
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
-from interrupt_points import lines_of, sigint_at
+from interrupt_points import interrupted_at, lines_of
 from polling import eventually
 from traitlets.config import Config
 
@@ -792,15 +792,8 @@ def test_an_interrupt_anywhere_in_a_setting_change_leaves_setting_log_and_locks_
         for line in lines[1:] if code is codes[0] else lines:
             for name, value in changes:
                 before = getattr(w, name)
-                fired: list[int] = []
-                sys.settrace(sigint_at(code, line, fired))
-                try:
-                    setattr(w, name, value())
-                except KeyboardInterrupt:
-                    pass
-                finally:
-                    sys.settrace(None)
-                fired_any += bool(fired)
+                fired = interrupted_at(code, line, lambda: setattr(w, name, value()))
+                fired_any += fired
                 where = f"{code.co_name} line {line - code.co_firstlineno} ({name})"
                 observer = w._log_observer
                 if w.journal_enabled != (w._journal is not None):
