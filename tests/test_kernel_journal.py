@@ -222,7 +222,8 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     expected = [f"error: {_orphan_reason(r)}" for r in reversed(newest) if r["journal"]["orphaned"]]
     assert [lines[i].strip() for i in errors] == expected, (lines, newest)
     assert all("  failed  " in lines[i - 1] for i in errors), lines
-    assert len(lines) == 4 + orphans and orphans > 0
+    assert len(lines) == 4 + orphans + 1 and orphans > 0
+    assert lines[-1].startswith("Older tasks are in the experiment log: %tasks --history N")
 
 
 # -- invariant 2 while the kernel lives ------------------------------------------------------------

@@ -7,9 +7,11 @@ test_kernel*.py files.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import uuid
 
 import pytest
 from IPython.core.error import UsageError
@@ -20,7 +22,10 @@ from qmagic import format as fmt
 from qmagic.core.engine import MSG_KERNEL_BUSY
 from qmagic.ipython.extension import get_session, load_ipython_extension, unload_ipython_extension
 from qmagic.ipython.magics.args import split_words, strip_comment
+from qmagic.ipython.magics.tasks import MAX_HISTORY_ROWS
 from qmagic.ipython.runner import MSG_NO_KERNEL_LOOP
+from qmagic.store.journal import Journal
+from store_helpers import task as log_record
 
 
 TIMEOUT = 10.0
@@ -620,6 +625,47 @@ def test_tasks_table(qm, ip, capsys):
         line(ip, "tasks", "--all --running")
     ip.user_ns["gate"].set()
     assert running.wait(TIMEOUT)
+
+
+def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):
+    """``%tasks --history N`` with a large log: the newest N rows, then one line saying that
+    older tasks are in the log and how to see them; an N beyond what a cell can take (a
+    cell's output of many MB freezes JupyterLab) prints the newest MAX_HISTORY_ROWS and says
+    how to get the rest outside the cell."""
+    count = MAX_HISTORY_ROWS + 5
+    with Journal(os.environ["QMAGIC_STATE_DIR"], "default") as journal:
+        for i in range(count):
+            journal.submitted(log_record(uuid.uuid4().hex, "completed", name=f"scan_{i}"))
+    load_ipython_extension(ip)
+    capsys.readouterr()
+    line(ip, "tasks", "--history 3")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 3 + 1 and "scan_1004" in out[1] and "scan_1002" in out[3]
+    assert out[-1] == ("Older tasks are in the experiment log: %tasks --history N lists the newest N "
+                       f"(up to {MAX_HISTORY_ROWS}); all of them: qmagic.history() or, in a "
+                       "terminal, qmagic-history.")
+    line(ip, "tasks", f"--history {count}")  # more than a cell shows
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + MAX_HISTORY_ROWS + 1 and "scan_5(" in out[-2]
+    assert out[-1] == (f"Only the newest {MAX_HISTORY_ROWS} are shown in a cell; for more: "
+                       f"qmagic.history(limit={count}) or, in a terminal, qmagic-history --limit {count}.")
+    line(ip, "tasks", f"--history {count + 1}")  # the whole log, capped: still says so
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"Only the newest {MAX_HISTORY_ROWS} ")
+    line(ip, "tasks", f"--history {MAX_HISTORY_ROWS}")
+    assert len(capsys.readouterr().out.splitlines()) == 1 + MAX_HISTORY_ROWS + 1
+    line(ip, "tasks", "--history 5000000")
+    assert len(capsys.readouterr().out.splitlines()) == 1 + MAX_HISTORY_ROWS + 1
+
+
+def test_tasks_history_of_a_small_log_has_no_more_line(ip, capsys):
+    with Journal(os.environ["QMAGIC_STATE_DIR"], "default") as journal:
+        for i in range(3):
+            journal.submitted(log_record(uuid.uuid4().hex, "completed", name=f"scan_{i}"))
+    load_ipython_extension(ip)
+    capsys.readouterr()
+    line(ip, "tasks", "--history 3")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 3 and "scan_0(" in out[-1]
 
 
 # =========================================================================================

@@ -21,10 +21,14 @@ from ...yamlfile import read_small_file
 from .args import call_arguments, parse_line, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
 
-__all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_SCRIPT_BYTES"]
+__all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_HISTORY_ROWS", "MAX_SCRIPT_BYTES"]
 
 #: Tasks shown by ``%tasks`` without ``--all`` (newest first).
 DEFAULT_TASK_ROWS = 10
+
+#: Most experiment-log rows ``%tasks --history N`` prints in a cell (about 150 kB; a cell's
+#: output of many MB freezes JupyterLab): a larger N shows these and says how to get more.
+MAX_HISTORY_ROWS = 1000
 
 #: Largest script file ``%script_upload PATH`` reads (a larger file is refused unread).
 MAX_SCRIPT_BYTES = 10_000_000
@@ -218,13 +222,14 @@ class TaskMagics(Magics):
     @argument("--all", action="store_true", dest="all", help="Every task kept in memory.")
     @argument("--running", action="store_true", help="Only queued and running tasks.")
     @argument("--history", nargs="?", const=20, type=int, default=None, metavar="N",
-              help="The newest N tasks of the experiment log (default 20), also of earlier "
-              "kernels, as qmagic-history prints them: when, how long, from which notebook "
-              "cell, the call and the uid.")
+              help=f"The newest N tasks of the experiment log (default 20, at most {MAX_HISTORY_ROWS} in a "
+              "cell), also of earlier kernels, as qmagic-history prints them: when, how long, "
+              "from which notebook cell, the call and the uid.")
     @line_magic
     def tasks(self, line: str) -> None:
         """Show tasks, newest first: the latest ones (default), --all, or only --running;
-        --history [N] lists the experiment log, also of earlier kernels.
+        --history [N] lists the experiment log, also of earlier kernels (at most 1000 rows
+        in a cell; a line under them says when older tasks are in the log).
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
         table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
@@ -236,12 +241,7 @@ class TaskMagics(Magics):
         if opts.history is not None:
             if opts.history < 1:
                 raise UsageError("--history N needs N >= 1 (the number of tasks to list).")
-            try:
-                records = self.worker.history(limit=opts.history)
-            except LogUnavailable as exc:
-                raise UsageError(str(exc)) from None
-            print(fmt.history_table(records))
-            self._log_note()
+            self._history(opts.history)
             return
         show = "running" if opts.running else "all"
         max_rows = None if (opts.all or opts.running) else DEFAULT_TASK_ROWS
@@ -258,6 +258,24 @@ class TaskMagics(Magics):
         if max_rows is not None and len(items) > max_rows:
             hidden, items = len(items) - max_rows, items[:max_rows]
         print(fmt.task_table(items, hidden=hidden))
+
+    def _history(self, wanted: int) -> None:
+        """The newest ``wanted`` log records (at most :data:`MAX_HISTORY_ROWS`), then a line
+        saying where the rest is when the log holds more."""
+        shown = min(wanted, MAX_HISTORY_ROWS)
+        try:
+            records = self.worker.history(limit=shown + 1)
+        except LogUnavailable as exc:
+            raise UsageError(str(exc)) from None
+        print(fmt.history_table(records[:shown]))
+        if len(records) > shown and wanted > shown:
+            print(f"Only the newest {shown} are shown in a cell; for more: qmagic.history(limit={wanted}) "
+                  f"or, in a terminal, qmagic-history --limit {wanted}.")
+        elif len(records) > shown:
+            print("Older tasks are in the experiment log: %tasks --history N lists the newest N "
+                  f"(up to {MAX_HISTORY_ROWS}); all of them: qmagic.history() or, in a terminal, "
+                  "qmagic-history.")
+        self._log_note()
 
     def _log_note(self) -> None:
         note = self.worker.log_note()
