@@ -60,6 +60,10 @@ __all__ = [
 #: Width of the call column in tables (the history table's is wider: no progress column).
 CALL_WIDTH = 40
 HISTORY_CALL_WIDTH = 48
+#: Most characters of a user name and of the progress (value/total and message) in a task
+#: line or table row (a remote client's user name may be 1000 characters long).
+USER_WIDTH = 24
+PROGRESS_WIDTH = 60
 
 
 def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,
@@ -145,12 +149,13 @@ def progress_amount(progress: Any) -> str:
     return f"{format_number(value)}/{format_number(total)}"
 
 
-def progress_text(progress: Any) -> str:
-    """``"2/5 message"``; ``""`` when no progress was reported."""
+def progress_text(progress: Any, limit: int = 200) -> str:
+    """``"2/5 message"`` as one :func:`printable` line of at most ``limit`` characters;
+    ``""`` when no progress was reported."""
     if progress is None:
         return ""
     message = progress.get("message") if isinstance(progress, Mapping) else progress.message
-    return " ".join(p for p in (progress_amount(progress), str(message or "")) if p)
+    return printable(" ".join(p for p in (progress_amount(progress), printable(message, limit)) if p), limit)
 
 
 def one_line(text: Any, limit: int = 200) -> str:
@@ -182,10 +187,10 @@ def _record_of(item: Any) -> dict:
 def _record_fields(rec: Mapping[str, Any], width: int) -> list[str]:
     return [
         record_call(rec, width),
-        printable(rec.get("user")),
+        printable(rec.get("user"), USER_WIDTH),
         "background" if rec.get("background") else "foreground",
-        printable(rec.get("status")),
-        progress_text(rec.get("progress")),
+        printable(rec.get("status"), 12),
+        progress_text(rec.get("progress"), PROGRESS_WIDTH),
     ]
 
 
@@ -319,7 +324,7 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
         rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
                      printable(rec.get("status"), 12),
                      "-" if duration is None else ("≥ " if meta.get("orphaned") else "") + format_elapsed(duration),
-                     printable(rec.get("user"), 24),
+                     printable(rec.get("user"), USER_WIDTH),
                      f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
                      cell_label(rec.get("provenance")) or "-",
                      record_call(rec, HISTORY_CALL_WIDTH),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import time
 from html.parser import HTMLParser
@@ -546,6 +547,80 @@ def test_details_show_output_log_result_and_traceback(probe, worker):
     panel.details_toggle(ok).value = False
     assert panel.flush()
     assert panel.details_html() == "" and len(panel._body.children) == 1
+
+
+#: What a careless colleague's task may report, print, log, raise or return: markup, an escape
+#: already escaped, a right-to-left override, a zero-width space, lone surrogates (a file
+#: name that is not UTF-8), a terminal escape code and a newline.
+HOSTILE = ("<img src=x onerror=alert(1)></style><script>x</script>&lt; \u202eRTL\u200b"
+           "\ud800|\udcff\x1b[31m\nline2")
+_ODD = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b\u202a-\u202e\ud800-\udfff]")
+
+
+class _Markup(HTMLParser):
+    """Every tag and attribute name of a piece of HTML, and its text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.attributes: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.attributes.update(name for name, _ in attrs)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_hostile_task_texts_are_shown_escaped_once_printable_and_bounded(probe, worker):
+    """A progress message, output, log, error and result full of markup and odd characters
+    show as their text (escaped once: no tag of theirs, ``&lt;`` reads ``&lt;``), one
+    printable line per field (a lone surrogate cannot be sent to the browser at all: the
+    panel could not update again), and a 100,000-character progress message costs a row
+    no more than a few hundred characters, in the panel and in ``%tasks``."""
+    from jupyter_client.session import json_packer
+
+    def hostile(fail: bool):
+        qmagic.report_progress(1, 2, HOSTILE + "M" * 100_000)
+        sys.stdout.write(HOSTILE.replace("\ud800", "").replace("\udcff", "") + "\n")
+        logging.getLogger("lab.hostile").warning(HOSTILE)
+        if fail:
+            raise RuntimeError(HOSTILE)
+        return HOSTILE
+
+    w = worker
+    w.namespace["hostile"] = hostile
+    tasks = [w.submit("hostile", (fail,)) for fail in (True, False)]
+    assert all(t.wait(5) for t in tasks)
+    assert [t.status.value for t in tasks] == ["failed", "completed"]
+    panel = panels.TaskPanel(w, show="all")
+    for task in tasks:
+        panel.details_toggle(task).value = True
+    assert panel.flush()
+    rows, details = panel.row_html(), panel.details_html()
+    for html in (rows, details):
+        markup = _Markup()
+        markup.feed(html)
+        assert markup.tags <= {"div", "span", "pre", "b", "br"}
+        assert markup.attributes <= {"class", "title", "style", "data-task", "data-status", "data-mode"}
+        text = "".join(markup.text)
+        assert "<img src=x onerror=alert(1)></style><script>x</script>&lt; " in text  # escaped once
+        assert not _ODD.search(text), _ODD.search(text)
+    for task in tasks:
+        row = _row(rows, task)
+        assert len(row) < 2500, len(row)
+        assert row_progress(rows, task).startswith("1/2 · <img src=x onerror=alert(1)>")
+    assert row_field(rows, tasks[0], "qm-end").startswith("RuntimeError: <img src=x")
+    assert panel.message == ""  # every update reached the frontend
+    for _, _, _, data in probe.messages:
+        json_packer(data).decode("utf-8")  # what ipykernel sends: valid UTF-8
+    for task in tasks:
+        line = fmt.task_line(task)
+        assert len(line) < 300 and not _ODD.search(line) and "\n" not in line
+    table = fmt.task_table(tasks).splitlines()
+    assert len(table) == 3 and all(len(r) < 300 for r in table)
 
 
 # -- lock panel -----------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ __all__ = [
 
 #: Most characters of output / log shown in an expanded row (the newest ones).
 DETAIL_TEXT_LIMIT = 20_000
+#: Most characters of a progress message, a user name and why a task ended in a row (a row
+#: is re-sent at every change: a 100,000-character message sent it ten times a second).
+ROW_TEXT_LIMIT = 300
 
 _e = html.escape
 
@@ -71,7 +74,7 @@ def _ending(task: Task) -> str:
         except BaseException:  # noqa: BLE001 - a display must never fail
             error = None
         name = type(error).__name__ if error is not None else "Error"
-        return f"{name}: {fmt.one_line(task.error or '', 300)}"
+        return f"{name}: {fmt.printable(fmt.one_line(task.error or '', ROW_TEXT_LIMIT), ROW_TEXT_LIMIT)}"
     return ""
 
 
@@ -93,8 +96,10 @@ def row_html(task: Task) -> str:
     key = task_key(task)
     mode = "background" if task.background else "foreground"
     where = fmt.cell_label(task.provenance)
-    who = " · ".join(p for p in (task.user, where) if p)
-    tooltip = f"{task.call_text(400)}\n{mode} task of {task.user} ({task.user_group}), from {task.origin}"
+    user = fmt.printable(task.user, ROW_TEXT_LIMIT)
+    who = " · ".join(p for p in (user, where) if p)
+    tooltip = (f"{task.call_text(400)}\n{mode} task of {user} ({fmt.printable(task.user_group, 100)}), "
+               f"from {fmt.printable(task.origin, 100)}")
     if where:
         tooltip += f", cell {where}"
     progress = task.progress
@@ -103,13 +108,13 @@ def row_html(task: Task) -> str:
         fraction = 1.0
     width = 0.0 if fraction is None else round(100.0 * fraction, 1)
     amount = fmt.progress_amount(progress)
-    message = (progress.message or "") if progress is not None else ""
+    message = fmt.printable(progress.message, ROW_TEXT_LIMIT) if progress is not None else ""
     progress_inner = _e(amount)
     if message:
         progress_inner += (" · " if amount else "") + _e(message)
     ending = _ending(task)
     classes = "qm-row qm-cr" if cancelling else "qm-row"
-    progress_title = fmt.progress_text(progress)
+    progress_title = fmt.progress_text(progress, ROW_TEXT_LIMIT)
     return (
         f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}">'
         '<div class="qm-h">'
@@ -171,9 +176,10 @@ def details_signature(task: Task) -> tuple:
 
 
 def _section(title: str, body: str, cls: str) -> str:
-    return (
-        f'<div class="qmagic-detail {cls}"><div class="qm-dt">{_e(title)}</div><pre>{_e(body)}</pre></div>'
-    )
+    """A titled block of text (printable: lines stay; a lone surrogate or a terminal code is
+    escaped, so the text can be sent to the browser and shows as written)."""
+    return (f'<div class="qmagic-detail {cls}"><div class="qm-dt">{_e(title)}</div>'
+            f'<pre>{_e(fmt.printable(body, lines=True))}</pre></div>')
 
 
 def details_html(task: Task) -> str:
@@ -182,6 +188,7 @@ def details_html(task: Task) -> str:
     mode = "background" if task.background else "foreground"
     where = fmt.cell_label(task.provenance)
     facts = [f"uid {task.uid}", f"{task.user} ({task.user_group})", f"from {task.origin}", mode]
+    facts = [fmt.printable(f, ROW_TEXT_LIMIT) for f in facts]
     if where:
         facts.append(f"cell {where}")
     facts += [f"submitted {_clock(task.submitted_at)}", f"started {_clock(task.started_at)}",
@@ -236,8 +243,8 @@ def _scope_badges(state: Any) -> str:
 
 def _holder(state: Any) -> str:
     info = state.to_lock_info()
-    return (f"Locked by <b>{_e(str(info.get('user') or '?'))}</b> since "
-            f"{_e(info.get('time_str') or '?')}")
+    return (f"Locked by <b>{_e(fmt.printable(info.get('user'), ROW_TEXT_LIMIT) or '?')}</b> since "
+            f"{_e(fmt.printable(info.get('time_str')) or '?')}")
 
 
 def lock_html(state: Any, holds_key: bool, problem: str = "", changed: bool = False) -> str:
@@ -254,7 +261,7 @@ def lock_html(state: Any, holds_key: bool, problem: str = "", changed: bool = Fa
     if state.locked:
         lines.append(_holder(state) + (" · this kernel holds the key" if holds_key
                                        else " · this kernel does not hold the key"))
-        lines.append(f"Note: {_e(state.note or '—')}")
+        lines.append(f"Note: {_e(fmt.printable(state.note) or '—')}")
     else:
         lines.append("Not locked: anyone may start tasks.")
     lines.append(f"Emergency unlock key: {'set' if state.emergency_key_set else 'not set'}")
@@ -272,7 +279,7 @@ def lock_then_html(state: Any, when: float, problem: str = "") -> str:
         text = _e(problem or "The lock could not be read.")
     elif state.locked:
         scopes = " and ".join(s for s in ("environment", "queue") if getattr(state, s))
-        text = f"{_holder(state)} ({_e(scopes)})" + (f" · note: {_e(state.note)}" if state.note else "")
+        text = f"{_holder(state)} ({_e(scopes)})" + (f" · note: {_e(fmt.printable(state.note))}" if state.note else "")
     else:
         text = "Not locked."
     return (
