@@ -59,7 +59,14 @@ class QMagicError(Exception):
 
 
 class TaskNotFound(QMagicError, KeyError):
-    """No task has this uid (or unique uid prefix): unknown, ambiguous or expired."""
+    """No task has this uid (or unique uid prefix): unknown, ambiguous or expired.
+
+    ``reason``: "unknown" (no task has it), "short" (a prefix of fewer than 4 characters),
+    "ambiguous" (several tasks have it) or "invalid" (not a uid at all)."""
+
+    def __init__(self, message: str = "", reason: str = "unknown") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestRefused(QMagicError, RuntimeError):

@@ -55,10 +55,16 @@ class LookupMixin:
         try:
             return self.engine.find(uid_or_prefix)
         except TaskNotFound as exc:
+            if exc.reason != "unknown":  # too short or ambiguous: the log cannot tell more
+                raise
             record = self._log_find(uid_or_prefix)
-            if record is None:
-                raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
-            return record
+            if record is not None:
+                return record
+            if self._log_shared(uid_or_prefix):
+                raise TaskNotFound(f"Task uid prefix {uid_or_prefix!r} matches several tasks in the "
+                                   "experiment log; give more characters (see %tasks --history).",
+                                   "ambiguous") from None
+            raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
 
     def lookup(self, uid: str) -> Task | dict[str, Any] | None:
         """The task with exactly this uid: in memory, else its record in the experiment log
@@ -122,6 +128,15 @@ class LookupMixin:
         except (StateFileError, OSError) as exc:
             log.warning("qmagic: the experiment log could not be read: %s", exc)
             return None
+
+    def _log_shared(self, prefix: str) -> bool:
+        journal = self._journal
+        if journal is None or not prefix.isascii():
+            return False
+        try:
+            return journal.shared_prefix(prefix)
+        except (StateFileError, OSError):  # (_log_find warned already)
+            return False
 
     def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         journal = self._journal

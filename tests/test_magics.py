@@ -657,6 +657,44 @@ def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + MAX_HISTORY_ROWS + 1
 
 
+def test_a_uid_prefix_says_whether_it_is_too_short_unknown_or_matches_several(ip, capsys):
+    """``%task_result`` / ``%task_status`` with a prefix: too short says so (and nothing
+    about the log, which was not asked); one that several tasks of the experiment log share
+    says to give more characters, not that the task is in neither place."""
+    twins = ["abcd1111-0000-4000-8000-000000000001", "abcd2222-0000-4000-8000-000000000002"]
+    with Journal(os.environ["QMAGIC_STATE_DIR"], "default") as journal:
+        for uid in twins:
+            journal.submitted(log_record(uid, "completed"))
+    load_ipython_extension(ip)
+    with pytest.raises(UsageError) as info:
+        line(ip, "task_result", "abc")
+    assert str(info.value) == ("Task uid prefix 'abc' is too short: give at least 4 characters of the "
+                               "uid (see %tasks).")
+    with pytest.raises(UsageError) as info:
+        line(ip, "task_result", "abcd")
+    assert str(info.value) == ("Task uid prefix 'abcd' matches several tasks in the experiment log; "
+                               "give more characters (see %tasks --history).")
+    with pytest.raises(UsageError) as info:
+        line(ip, "task_result", "ffff")
+    assert str(info.value) == ("No task with uid 'ffff' in this kernel's memory. It is not in the "
+                               "experiment log either.")
+    assert "completed" in line_output(ip, capsys, "task_result", "abcd1")
+    capsys.readouterr()
+    line(ip, "task_status", "abc abcd ffff abcd2")
+    assert capsys.readouterr().out.splitlines() == [
+        "abc: too short: give at least 4 characters of the uid",
+        "abcd: matches several tasks: give more characters",
+        "ffff: not found",
+        "abcd2: completed (from the experiment log)",
+    ]
+
+
+def line_output(ip, capsys, magic, arg):
+    capsys.readouterr()
+    line(ip, magic, arg)
+    return capsys.readouterr().out
+
+
 def test_tasks_history_of_a_small_log_has_no_more_line(ip, capsys):
     with Journal(os.environ["QMAGIC_STATE_DIR"], "default") as journal:
         for i in range(3):

@@ -257,7 +257,7 @@ class TaskRegistry:
     def find(self, uid_or_prefix: str) -> Task:
         """The task with this uid, or with this unique uid prefix (at least 4 characters)."""
         if not isinstance(uid_or_prefix, str) or not uid_or_prefix:
-            raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.")
+            raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.", "invalid")
         with self._lock:
             job = self._jobs.get(uid_or_prefix)
             if job is not None:
@@ -265,7 +265,7 @@ class TaskRegistry:
             if len(uid_or_prefix) < MIN_UID_PREFIX:
                 raise TaskNotFound(
                     f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
-                    f"{MIN_UID_PREFIX} characters of the uid (see %tasks)."
+                    f"{MIN_UID_PREFIX} characters of the uid (see %tasks).", "short"
                 )
             matches = [j.task for uid, j in list(self._jobs.items()) if uid.startswith(uid_or_prefix)]
         if len(matches) == 1:
@@ -273,7 +273,8 @@ class TaskRegistry:
         if not matches:
             raise TaskNotFound(f"No task with uid {uid_or_prefix!r} in this kernel's memory.")
         raise TaskNotFound(
-            f"Task uid prefix {uid_or_prefix!r} matches {len(matches)} tasks; give more characters."
+            f"Task uid prefix {uid_or_prefix!r} matches {len(matches)} tasks; give more characters.",
+            "ambiguous",
         )
 
     def get(self, uid: str) -> Task | None:

@@ -276,10 +276,18 @@ class Journal:
         found = self.get(uid_or_prefix)
         if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
             return found
-        # (what is pending first: a batch the writer stores meanwhile is then in the database)
-        uids = {u for u in self._pending(uid_or_prefix) if u.startswith(uid_or_prefix)}
-        uids |= {r["uid"] for r in self._reader.find_prefix(uid_or_prefix, 2)}
+        uids = self._prefix_uids(uid_or_prefix)
         return self.get(uids.pop()) if len(uids) == 1 else None
+
+    def shared_prefix(self, prefix: str) -> bool:
+        """True when two or more tasks of the log have a uid starting with ``prefix`` (so
+        :meth:`find` cannot tell which one is meant)."""
+        return isinstance(prefix, str) and len(prefix) >= MIN_UID_PREFIX and len(self._prefix_uids(prefix)) > 1
+
+    def _prefix_uids(self, prefix: str) -> set[str]:
+        # (what is pending first: a batch the writer stores meanwhile is then in the database)
+        uids = {u for u in self._pending(prefix) if u.startswith(prefix)}
+        return uids | {r["uid"] for r in self._reader.find_prefix(prefix, 2)}
 
     def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
         """``{uid: status or None}`` for every uid asked (one indexed query)."""

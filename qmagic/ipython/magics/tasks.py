@@ -15,6 +15,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ... import format as fmt
+from ...core.registry import MIN_UID_PREFIX
 from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from ...yamlfile import read_small_file
@@ -157,8 +158,10 @@ class TaskMagics(Magics):
         for uid in map(unquote, opts.uids):
             try:
                 found = self.worker.find(uid)
-            except TaskNotFound:
-                print(f"{uid}: not found")
+            except TaskNotFound as exc:
+                print(f"{uid}: " + {"short": f"too short: give at least {MIN_UID_PREFIX} characters of the uid",
+                                    "ambiguous": "matches several tasks: give more characters"}.get(
+                                        exc.reason, "not found"))
                 continue
             if isinstance(found, Task):
                 print(f"{uid}: {found.status.value}")
