@@ -218,13 +218,13 @@ def no_tasks_line(log_on: bool, start: bool = False) -> str:
                    "%tasks --history." if log_on else ".")
 
 
-def task_table(tasks: Iterable[Any], hidden: int = 0) -> str:
+def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all") -> str:
     """Aligned table of tasks (or records), one row each; ``hidden`` > 0 adds a line saying
-    how many were left out.  Without tasks: ``"No tasks."``."""
+    how many were left out and ``hint`` (how to see them).  Without tasks: ``"No tasks."``."""
     rows = [_record_fields(_record_of(t), CALL_WIDTH) for t in tasks]
     lines = _table(["task", "user", "mode", "status", "progress"], rows) if rows else ["No tasks."]
     if hidden > 0:
-        lines.append(f"({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; use --all)")
+        lines.append(f"({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; {hint})")
     return "\n".join(lines)
 
 

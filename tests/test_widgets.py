@@ -486,7 +486,8 @@ def test_ten_thousand_finished_tasks_show_the_newest_200_and_count_the_rest(prob
     assert keys == [t.uid[:8] for t in reversed(tasks[-200:])]
     assert panel.hidden == 9800
     assert "9800 older tasks not shown: this panel shows the newest 200" in panel._footer.value
-    assert panel.text().splitlines()[-1] == "(9800 more tasks not shown; use --all)"
+    assert panel.text().splitlines()[-1] == ("(9800 more tasks not shown; a panel shows the newest 200: "
+                                             "QMagic.panel_max_rows)")
     assert len(panel.text().splitlines()) == 1 + 200 + 1
     # widgets stay bounded: one Details toggle per shown row, no Cancel for finished rows,
     # a few widgets per segment of rows
@@ -500,6 +501,22 @@ def test_ten_thousand_finished_tasks_show_the_newest_200_and_count_the_rest(prob
     w.panel_max_rows = 50
     assert panel.flush(), "flush"
     eventually(lambda: len(re.findall(r'data-status=', panel.row_html())) == 50, 3.0, "50 rows")
+
+
+def test_text_of_a_panel_says_why_tasks_are_left_out(probe, worker):
+    """The text form (a terminal, nbval) of a panel that shows every task but not all of them
+    names the row limit, not --all (which it already is); a panel of the newest few, or of
+    running tasks, points to --all."""
+    w = worker
+    tasks = [w.submit("job", (i,)) for i in range(5)]
+    assert all(t.wait(5) for t in tasks)
+    w.panel_max_rows = 3
+    every = panels.TaskPanel(w, show="all")
+    assert every.text().splitlines()[-1] == ("(2 more tasks not shown; a panel shows the newest 3: "
+                                             "QMagic.panel_max_rows)")
+    assert panels.TaskPanel(w, show="all", max_rows=2).text().splitlines()[-1] == (
+        "(3 more tasks not shown; use --all)")
+    assert panels.TaskPanel(w, show="running").text() == "No tasks.\n(5 more tasks not shown; use --all)"
 
 
 def test_running_filter_keeps_finished_tasks_in_the_worker(probe, worker):

@@ -221,9 +221,13 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         tasks = self.worker.tasks()
         if not tasks:
             return fmt.no_tasks_line(self._log_on())
-        shown = tasks if self._filter.value == "all" else [t for t in tasks if not t.done()]
-        shown = list(reversed(shown))[: self._limit()]
-        return fmt.task_table(shown, len(tasks) - len(shown))
+        every = self._filter.value == "all"
+        listed = list(reversed(tasks if every else [t for t in tasks if not t.done()]))
+        limit = self._limit()
+        hint = "use --all"
+        if every and self.max_rows is None and len(listed) > limit:  # (it is --all already)
+            hint = f"a panel shows the newest {limit}: QMagic.panel_max_rows"
+        return fmt.task_table(listed[:limit], len(tasks) - min(len(listed), limit), hint)
 
 
 class TaskRow(_TaskViewMixin, W.VBox):
