@@ -577,6 +577,18 @@ def test_task_status_and_result(qm, ip, capsys):
     assert "qmagic/" not in detail and "threading" not in detail
 
 
+def test_the_value_example_in_task_result_help_runs(qm, ip):
+    """``%task_result?`` says how to get the value itself: that line runs in a notebook
+    that imported qmagic, with UID replaced by a task's uid."""
+    import re
+
+    task = line(ip, "function_execute", "add 1 b=5")
+    doc = ip.find_line_magic("task_result").__doc__
+    example = re.search(r"``([^`]*get_task\(UID\)[^`]*)``", doc).group(1)
+    result = ip.run_cell(example.replace("UID", repr(task.uid[:8])))
+    assert result.success and result.result == 6
+
+
 def test_task_cancel(qm, ip, capsys):
     task = line(ip, "function_execute", "-b blocked")
     capsys.readouterr()

@@ -175,7 +175,8 @@ class TaskMagics(Magics):
     def task_result(self, line: str) -> None:
         """Print a task's outcome: status, result (or traceback), output and log.
 
-        Without UID: the latest task.  The value itself: ``get_worker().get_task(UID).result()``.
+        Without UID: the latest task.  The value itself, of a task in memory:
+        ``qmagic.get_worker().get_task(UID).result()``.
         """
         opts = parse_line(self.task_result, line)
         found = self._find(unquote(opts.uid))
