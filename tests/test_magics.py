@@ -25,6 +25,7 @@ from qmagic.ipython.magics.args import split_words, strip_comment
 from qmagic.ipython.magics.tasks import MAX_HISTORY_ROWS
 from qmagic.ipython.runner import MSG_NO_KERNEL_LOOP
 from qmagic.store.journal import Journal
+
 from store_helpers import task as log_record
 
 
@@ -313,7 +314,8 @@ def test_foreground_keyboard_interrupt_is_recorded_and_ends_the_cell(qm, ip):
     [
         ("", "Give the function name"),
         ("-b", "Give the function name"),
-        ("--bogus add", "unrecognized"),
+        # (words it does not take are not repeated: they may be a lock key)
+        ("--bogus add", r"^Unexpected words after %function_execute \(not repeated here"),
         ("--user", "^--user needs a value: write --user USER[.]$"),
         ("--timeout", "^--timeout needs a value: write --timeout SECONDS[.]$"),
         ("-b --timeout= add", "^--timeout needs a value"),
@@ -860,6 +862,26 @@ def test_lock_magics(qm, ip, capsys):
     capsys.readouterr()
     line(ip, "unlock", "--default-key")
     assert capsys.readouterr().out == "Not locked.\n"
+
+
+@pytest.mark.parametrize("magic, arg, secret", [
+    ("unlock", "s3cret", "s3cret"),  # --key forgotten
+    ("lock", "--key my secret words", "secret"),  # a key with spaces, unquoted
+    ("unlock", "--keys s3cret", "s3cret"),  # a misspelt option
+    ("task_cancel", "--lock-key ab cd ef", "cd"),
+])
+def test_words_a_key_magic_does_not_take_are_not_repeated(qm, ip, capsys, magic, arg, secret):
+    """A magic that takes a lock key never repeats the words it does not take (argparse's
+    "unrecognized arguments: secret"): they may be the key, or part of it, and a cell's
+    output is kept in the notebook. One line says what the magic takes instead."""
+    with pytest.raises(UsageError) as info:
+        line(ip, magic, arg)
+    text = str(info.value)
+    assert secret not in text and "\n" not in text, text
+    assert text.startswith(f"Unexpected words after %{magic} "), text
+    assert f"; write %{magic} [" in text, text
+    assert "a key with spaces goes in quotes" in text
+    assert qm.lock_state().locked is False and secret not in capsys.readouterr().err
 
 
 def test_lock_again_with_another_key_says_what_to_do(qm, ip, capsys):

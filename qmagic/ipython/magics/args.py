@@ -158,7 +158,15 @@ def parse_line(magic: Any, line: str) -> Any:
     words = arg_split(line, strict=False)  # (as IPython splits it)
     for i in range(len(words)):
         _check_value(options, words, i)
-    return parse_argstring(magic, line)
+    try:
+        return parse_argstring(magic, line)
+    except UsageError as exc:
+        if not (str(exc).startswith("unrecognized arguments") and any("key" in a.dest for a in options.values())):
+            raise
+        # (argparse repeats the words: in a magic that takes a key, they may be the key)
+        usage = re.sub(r"^(usage:)?\s*(::)?\s*", "", " ".join(magic.parser.format_usage().split()))
+        raise UsageError(f"Unexpected words after %{magic.__name__} (not repeated here: they may hold a "
+                         f"key); write {usage} (a key with spaces goes in quotes).") from None
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
