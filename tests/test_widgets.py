@@ -640,6 +640,33 @@ def test_hostile_task_texts_are_shown_escaped_once_printable_and_bounded(probe, 
     assert len(table) == 3 and all(len(r) < 300 for r in table)
 
 
+def test_progress_values_that_do_not_compare_keep_the_panel_updating(probe, worker):
+    """A task reporting numpy arrays as progress (``report_progress(positions, n)``): the
+    panel compares what its rows show, not the values (two arrays compare element-wise, and
+    a row's change check raised: the panel stopped updating while the scan ran)."""
+    np = pytest.importorskip("numpy")
+    reported = [threading.Event() for _ in range(3)]
+    go_on = [threading.Event() for _ in range(3)]
+
+    def positions() -> None:
+        for i in range(3):
+            qmagic.report_progress(np.array([i, i + 1]), 10, f"point {i}")
+            reported[i].set()
+            assert go_on[i].wait(5)
+
+    worker.namespace["positions"] = positions
+    task = worker.submit("positions")
+    panel = panels.TaskPanel(worker, show="all")
+    panel.details_toggle(task).value = True
+    for i in range(3):
+        assert reported[i].wait(5)
+        assert panel.flush()
+        assert row_progress(panel.row_html(), task) == f"[{i} {i + 1}]/10 · point {i}"
+        assert panel.message == ""
+        go_on[i].set()
+    assert task.wait(5) and task.status.value == "completed"
+
+
 # -- lock panel -----------------------------------------------------------------------------------
 def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     w = worker

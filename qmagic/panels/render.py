@@ -78,9 +78,20 @@ def _ending(task: Task) -> str:
     return ""
 
 
+def _width(task: Task) -> float:
+    """The progress bar's width in percent (a completed task's bar is full)."""
+    progress = task.progress
+    fraction = progress.fraction if progress is not None else None
+    if fraction is None and task.status.value == "completed":
+        fraction = 1.0
+    return 0.0 if fraction is None or fraction != fraction else round(100.0 * fraction, 1)
+
+
 def row_signature(task: Task) -> tuple:
-    """Everything a row shows that can change; the row is re-rendered only when it does."""
-    return (task.status.value, task.progress, _elapsed(task), task.cancel_requested and not task.done())
+    """Everything a row shows that can change, as the texts and numbers shown (values a task
+    reported may not compare: numpy arrays); the row is re-rendered only when it changes."""
+    return (task.status.value, fmt.progress_text(task.progress, ROW_TEXT_LIMIT), _width(task),
+            _elapsed(task), task.cancel_requested and not task.done())
 
 
 def row_html(task: Task) -> str:
@@ -103,10 +114,7 @@ def row_html(task: Task) -> str:
     if where:
         tooltip += f", cell {where}"
     progress = task.progress
-    fraction = progress.fraction if progress is not None else None
-    if fraction is None and status == "completed":
-        fraction = 1.0
-    width = 0.0 if fraction is None else round(100.0 * fraction, 1)
+    width = _width(task)
     amount = fmt.progress_amount(progress)
     message = fmt.printable(progress.message, ROW_TEXT_LIMIT) if progress is not None else ""
     progress_inner = _e(amount)
@@ -172,7 +180,7 @@ def details_signature(task: Task) -> tuple:
     """What an expanded row shows; re-rendered only when this changes."""
     output = task.output
     log = task.log_text
-    return (task.status.value, task.progress, len(output), output[-64:], len(log), log[-64:])
+    return (task.status.value, fmt.progress_text(task.progress), len(output), output[-64:], len(log), log[-64:])
 
 
 def _section(title: str, body: str, cls: str) -> str:
