@@ -754,6 +754,40 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
         other.close()
 
 
+def test_lock_panel_shows_a_hostile_note_and_user_as_printable_text(probe, worker):
+    """Who locked and the note (anyone's text, also a remote client's) show escaped once and
+    as one printable line each, now and as they were when the cell ran."""
+    w = worker
+    w.emergency_lock_key = "EMERGENCY"
+    other = qmagic.Worker({}, emergency_lock_key="EMERGENCY")
+    note = "<b>beam</b> &lt;\u202e time\nuntil 18:00\x1b[2J"
+    try:
+        other.lock("their-key", environment=True, user="<img src=x onerror=alert(1)>\u202e", note=note)
+        panel = panels.LockPanel(w)
+        other.unlock("their-key")  # the panel then shows both: when its cell ran, and now
+        eventually(lambda: panel.changed, timeout=3.0, what="the panel to see the unlock")
+        assert panel.flush()
+        for html in (panel._then.value, render_lock(w, other, note)):
+            markup = _Markup()
+            markup.feed(html)
+            assert markup.tags <= {"div", "span", "b"}, markup.tags
+            text = "".join(markup.text)
+            assert "<img src=x onerror=alert(1)>\\u202e" in text, text
+            assert "<b>beam</b> &lt;\\u202e time\\nuntil 18:00\\x1b[2J" in text, text
+            assert not _ODD.search(text)
+    finally:
+        other.close()
+
+
+def render_lock(w, other, note: str) -> str:
+    """The live part of a lock panel under ``other``'s lock with ``note``."""
+    other.lock("their-key", environment=True, user="<img src=x onerror=alert(1)>\u202e", note=note)
+    try:
+        return panels.render.lock_html(w.lock_state(), holds_key=False)
+    finally:
+        other.unlock("their-key")
+
+
 # -- a single row; close; detach -------------------------------------------------------------------
 def test_task_row_follows_its_task_only(probe, worker):
     w = worker
