@@ -381,7 +381,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             value, why = _plain_json(value, rec["uid"], late) if task is not None else (value, None)
             if why is not None:
                 msg = (f"The result {why}; it stays in the kernel: "
-                       f"get_worker().get_task('{rec['uid']}').result()")
+                       f"qmagic.get_worker().get_task('{rec['uid']}').result()")
     elif not success:
         msg = failure_message(rec, status)
     return {"task_uid": rec["uid"], "success": success, "msg": msg,

@@ -297,6 +297,8 @@ def test_json_rule_for_remote_tasks(make_worker):
     res = qs.task_result(task_uid=loose.uid)["result"]
     assert res["success"] is True and res["return_value"] is None
     assert "stays in the kernel" in res["msg"] and loose.uid in res["msg"]
+    # (how to get it in a notebook: a name that exists there once qmagic is imported)
+    assert res["msg"].endswith(f": qmagic.get_worker().get_task('{loose.uid}').result()"), res["msg"]
     assert loose.result() is value
     nan = w.get_task(qs.function_execute("nan", run_in_background=True)["task_uid"])
     nan.wait(TIMEOUT)
