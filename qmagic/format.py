@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
-from .texts import SUMMARY_KEY, printable, safe_repr
+from .texts import SUMMARY_KEY, printable, safe_repr, valid_unicode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -237,6 +237,8 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
     """Several lines: the task line, then result or traceback, output and log.
 
     ``source`` (e.g. "from the log") is appended to the first line.  No uid, no times.
+    Traceback, output and log show as the task wrote them, but a lone surrogate (a file name
+    that is not UTF-8) reads U+FFFD: a kernel cannot send it, and showed nothing.
     """
     first = record_line(record)
     lines = [f"{first}  ({source})" if source else first]
@@ -258,7 +260,7 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
         lines += ["output:", _indent(output)]
     if log:
         lines += ["log:", _indent(log)]
-    return "\n".join(lines)
+    return valid_unicode("\n".join(lines))
 
 
 def task_detail(task: Task) -> str:

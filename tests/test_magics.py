@@ -591,6 +591,21 @@ def test_the_value_example_in_task_result_help_runs(qm, ip):
     assert result.success and result.result == 6
 
 
+def test_task_result_of_an_error_with_a_lone_surrogate_can_be_sent(qm, ip, capsys):
+    """A task whose error names a file that is not UTF-8 (``f"cannot read {name}"`` with a
+    name from os.listdir): ``%task_result`` showed nothing in the cell (the kernel could not
+    encode the text, and logged a traceback to its terminal); a lone surrogate now reads
+    U+FFFD, as a terminal shows it."""
+    ip.run_cell("def read_file(name):\n    raise OSError(f'cannot read {name}')\n").raise_error()
+    with pytest.raises(OSError):
+        line(ip, "function_execute", "read_file 'data_\\udcff.h5'")
+    capsys.readouterr()
+    line(ip, "task_result")
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # (what the kernel sends must be UTF-8)
+    assert "OSError: cannot read data_\ufffd.h5" in out, out
+
+
 def test_task_cancel(qm, ip, capsys):
     task = line(ip, "function_execute", "-b blocked")
     capsys.readouterr()
