@@ -606,6 +606,25 @@ def test_task_result_of_an_error_with_a_lone_surrogate_can_be_sent(qm, ip, capsy
     assert "OSError: cannot read data_\ufffd.h5" in out, out
 
 
+def test_task_cancel_without_uid_after_a_finished_task_points_to_the_running_ones(qm, ip):
+    """``%task_cancel`` (the latest task) when the latest task finished but an earlier one
+    still runs: the line says so and how to stop it, not only "nothing to cancel"."""
+    running = line(ip, "function_execute", "-b blocked")
+    line(ip, "function_execute", "add 1")
+    with pytest.raises(UsageError) as info:
+        line(ip, "task_cancel")
+    assert str(info.value) == (
+        "The latest task, add(1), has already finished (completed); 1 task is still queued or "
+        "running: %task_cancel --all stops it, %task_cancel UID one task (%tasks lists them).")
+    assert not running.done()
+    line(ip, "function_execute", "add 2")
+    ip.user_ns["gate"].set()
+    assert running.wait(TIMEOUT)
+    with pytest.raises(UsageError) as info:  # nothing runs: as before
+        line(ip, "task_cancel")
+    assert str(info.value) == "add(2) has already finished (completed); there is nothing to cancel."
+
+
 def test_task_cancel(qm, ip, capsys):
     task = line(ip, "function_execute", "-b blocked")
     capsys.readouterr()

@@ -216,10 +216,23 @@ class TaskMagics(Magics):
             target = self.worker.last_task if opts.uid is None else unquote(opts.uid)
             if target is None:
                 raise UsageError("No tasks to cancel.")
+            if isinstance(target, Task) and target.done():
+                self._latest_done(target)
             task = self.worker.cancel(target, force=opts.force, lock_key=lock_key, origin="magic")
         except (RequestRefused, TaskNotFound) as exc:
             refused(exc)
         print(f"Cancel requested{forced}: {fmt.task_line(task)}")
+
+    def _latest_done(self, latest: Task) -> None:
+        """``%task_cancel`` without UID when the latest task has finished: if others still
+        run, say so and how to stop them (else the worker's refusal says it)."""
+        active = len(self.worker.tasks(status=("queued", "running")))
+        if active:
+            those = "it" if active == 1 else "them"
+            raise UsageError(
+                f"The latest task, {latest.call_text(40)}, has already finished ({latest.status.value}); "
+                f"{active} task{' is' if active == 1 else 's are'} still queued or running: "
+                f"%task_cancel --all stops {those}, %task_cancel UID one task (%tasks lists them).")
 
     # -- %tasks ---------------------------------------------------------------------------------------
     @magic_arguments()
