@@ -640,6 +640,26 @@ def test_hostile_task_texts_are_shown_escaped_once_printable_and_bounded(probe, 
     assert len(table) == 3 and all(len(r) < 300 for r in table)
 
 
+def test_details_show_a_carriage_return_progress_bar_as_a_terminal_does(probe, worker):
+    """Output rewritten in place with carriage returns (tqdm, ``print(..., end="\\r")``)
+    shows its last state per line, and coloured text its text, as the cell's own output and
+    a terminal show them, not every state and code escaped."""
+    def bar() -> None:
+        for i in range(3):
+            sys.stdout.write(f"\r{i * 10}%|{'#' * i}")
+        sys.stdout.write("\ndone\r\n")
+        print("\x1b[31mred\x1b[0m text")  # (colour codes: shown as the text they colour)
+        print("saving", end="\r")  # (the last state stays)
+
+    worker.namespace["bar"] = bar
+    task = worker.submit("bar")
+    assert task.wait(5) and task.output.startswith("\r0%|")
+    panel = panels.TaskPanel(worker, show="all")
+    panel.details_toggle(task).value = True
+    assert panel.flush()
+    assert "<pre>20%|##\ndone\nred text\nsaving</pre>" in panel.details_html(), panel.details_html()
+
+
 def test_progress_values_that_do_not_compare_keep_the_panel_updating(probe, worker):
     """A task reporting numpy arrays as progress (``report_progress(positions, n)``): the
     panel compares what its rows show, not the values (two arrays compare element-wise, and

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import re
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
@@ -45,6 +46,8 @@ DETAIL_TEXT_LIMIT = 20_000
 ROW_TEXT_LIMIT = 300
 
 _e = html.escape
+#: A terminal's colour or style code (SGR: ``ESC [ 31 m``).
+_COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _badge(text: str, cls: str = "") -> str:
@@ -183,11 +186,23 @@ def details_signature(task: Task) -> tuple:
     return (task.status.value, fmt.progress_text(task.progress), len(output), output[-64:], len(log), log[-64:])
 
 
+def _as_terminal(text: str) -> str:
+    """Each line as a terminal leaves it: colour codes read as the text they colour, and a
+    carriage return (a progress bar redrawn in place, ``end="\\r"``) starts the line over:
+    the last text written on it shows."""
+    if "\x1b" in text:
+        text = _COLOUR_CODE.sub("", text)
+    if "\r" not in text:
+        return text
+    lines = text.replace("\r\n", "\n").split("\n")
+    return "\n".join(next((p for p in reversed(line.split("\r")) if p), "") for line in lines)
+
+
 def _section(title: str, body: str, cls: str) -> str:
     """A titled block of text (printable: lines stay; a lone surrogate or a terminal code is
     escaped, so the text can be sent to the browser and shows as written)."""
     return (f'<div class="qmagic-detail {cls}"><div class="qm-dt">{_e(title)}</div>'
-            f'<pre>{_e(fmt.printable(body, lines=True))}</pre></div>')
+            f'<pre>{_e(fmt.printable(_as_terminal(body), lines=True))}</pre></div>')
 
 
 def details_html(task: Task) -> str:
