@@ -9,7 +9,6 @@ not read as true); every rule is the worker's.  Refusals are in-band:
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Callable, Mapping
 
@@ -21,6 +20,7 @@ from .errors import PermissionsFormatError, RequestRefused
 from .format import SUMMARY_KEY
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
+from .result_copies import ResultCopies, plain_copy
 from .store.lockfile import MAX_USER_CHARS
 from .worker import json_error
 
@@ -41,8 +41,8 @@ class QueueserverProtocol(GuiMethods):
         self.worker = worker
         self.connection_info = connection_info or (lambda: {})
         self.described: dict[str, tuple[str, dict]] = {}
-        #: The last live result whose copy was ready only after its request gave up (uid -> copy).
-        self.late_results: dict[str, Any] = {}
+        #: Copies of the results read last, with their JSON (kept while unchanged).
+        self.result_copies = ResultCopies()
 
     # -- status ---------------------------------------------------------------------------------
     def status(self, params: dict, **who: Any) -> dict:
@@ -136,7 +136,7 @@ class QueueserverProtocol(GuiMethods):
         rec = found.to_dict() if task is not None else found
         status = TaskStatus(rec["status"])
         return {"success": True, "msg": "", "task_uid": uid, "status": status.wire,
-                "result": _result_dict(rec, status, task, self.late_results)}
+                "result": _result_dict(rec, status, task, self.result_copies)}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
@@ -297,54 +297,36 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
 #: How long task_result may spend reading a live result (its own code: a mapping's items(),
 #: a subclass's methods) before it answers without it (seconds).
 RESULT_READ_S = 1.0
-_WALK_DEPTH = 100
-_NOT_KEPT = object()
 
 
-def _plain_copy(value: Any, depth: int = 0) -> Any:
-    """``value`` as plain JSON data (a copy).  Exact lists, tuples, dicts with str keys and
-    scalars are walked in Python, so a large result never holds the GIL for long in one C
-    call (that made the control thread wait past its deadline: 2.9 s for 3 million floats);
-    anything else goes through ``json`` (its own code runs here, on the probe thread).
-    Raises what ``json.dumps`` raises."""
-    cls = type(value)
-    if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
-        return value
-    if depth < _WALK_DEPTH:
-        if cls is list or cls is tuple:
-            return [_plain_copy(item, depth + 1) for item in value]
-        if cls is dict and all(type(key) is str for key in value):
-            return {key: _plain_copy(item, depth + 1) for key, item in value.items()}
-    return json.loads(json.dumps(value))
-
-
-def _plain_json(value: Any, uid: str, late: dict[str, Any]) -> tuple[Any, str | None]:
-    """A live task's result as plain JSON data (a copy: encoding the reply then runs none of
-    the result's own code), or (None, why not).  Read through :mod:`qmagic.probe`, with a
-    deadline: the control thread never runs the result's code itself.  A copy that was not
-    ready in time is kept in ``late`` when it is (the last one only), for the next request,
-    which takes it: else a large result could never be read."""
-    kept = late.pop(uid, _NOT_KEPT)  # (answered once: the copy is not held for ever)
-    if kept is not _NOT_KEPT:
+def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | None]:
+    """A live task's result as plain JSON data with its JSON (a copy: encoding the reply
+    then runs none of the result's own code), or (None, why not).  A copy kept from an
+    earlier request answers while the result is unchanged (:mod:`qmagic.result_copies`);
+    else the copy is made through :mod:`qmagic.probe`, with a deadline: the control thread
+    never runs the result's code itself.  A copy that was not ready in time is kept when it
+    is, for the next request: else a large result could never be read."""
+    kept = copies.get(uid, value)
+    if kept is not None:
         return kept, None
     gave_up = threading.Event()
 
     def convert() -> tuple[Any, str | None]:
         try:
-            found: tuple[Any, str | None] = (_plain_copy(value), None)
+            found: tuple[Any, str | None] = (plain_copy(value), None)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             why = json_error(value) or exc  # (the rule's own words, for a value that fails)
-            found = (None, f"can not be serialized as JSON ({why})")
-        if gave_up.is_set() and found[1] is None:
-            late.clear()
-            late[uid] = found[0]
+            return None, f"can not be serialized as JSON ({why})"
+        if gave_up.is_set():  # (nobody waits for it: kept for the next request)
+            copies.put(uid, found[0])
         return found
     try:
-        return probe.read(convert, RESULT_READ_S)
+        copy, why = probe.read(convert, RESULT_READ_S)
     except probe.ProbeTimeout:
         gave_up.set()
         return None, (f"could not be read within {RESULT_READ_S:g} s (it is large, or its own code "
                       "is slow or blocked): ask again in a moment")
+    return (None, why) if why is not None else (copies.put(uid, copy), None)
 
 
 def failure_message(rec: Mapping[str, Any], status: TaskStatus) -> str:
@@ -363,9 +345,9 @@ def not_started_message(rec: Mapping[str, Any]) -> str:
 
 
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
-                 late: dict[str, Any]) -> dict[str, Any]:
+                 copies: ResultCopies) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log);
-    ``late``: see :func:`_plain_json`."""
+    ``copies``: see :func:`_plain_json`."""
     time_start = rec.get("started_at") or rec.get("submitted_at")
     if not status.finished:
         return {"task_uid": rec["uid"], "time_start": time_start,
@@ -378,7 +360,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            value, why = _plain_json(value, rec["uid"], late) if task is not None else (value, None)
+            value, why = _plain_json(value, rec["uid"], copies) if task is not None else (value, None)
             if why is not None:
                 msg = (f"The result {why}; it stays in the kernel: "
                        f"qmagic.get_worker().get_task('{rec['uid']}').result()")

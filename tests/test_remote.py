@@ -412,6 +412,87 @@ def test_a_large_result_is_readable_on_a_later_request(RM, worker, monkeypatch):
     assert result["return_value"] == [i * 0.5 for i in range(300_000)]
 
 
+def test_a_large_result_is_copied_once_and_never_shown_stale(RM, worker, monkeypatch):
+    """A large result's copy and its JSON are kept while the result is unchanged, so every
+    later request is answered from them (before: each request copied and encoded it anew,
+    ~0.5 s for a million floats, and four clients reading it made a status wait past 2 s;
+    with a copy slower than the deadline, every other request said to ask again).  A change
+    to the result -- also to an equal number of another type -- is shown, never the kept copy."""
+    from qmagic import protocol
+
+    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.001)  # (every fresh copy gives up)
+    worker.namespace["data"] = lambda n: [i * 0.5 for i in range(n)]
+    uid = RM.function_execute(BFunc("data", 300_000), run_in_background=True)["task_uid"]
+    assert RM.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
+    expected = [i * 0.5 for i in range(300_000)]
+
+    def value_when_read() -> list:
+        found: list = []
+        eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+                   or found[-1] is not None, timeout=WAIT, what="the result read", interval=0.01)
+        return found
+
+    assert value_when_read()[-1] == expected
+    for _ in range(5):  # (from the kept copy: within the deadline every time)
+        assert RM.task_result(uid)["result"]["return_value"] == expected
+    live = worker.get_task(uid).result()
+    live[0] = 0  # (== 0.0, the value kept: still a change, JSON's 0 is not 0.0)
+    seen = value_when_read()
+    assert all(v is None for v in seen[:-1]) and type(seen[-1][0]) is int
+    live.append("new")
+    seen = value_when_read()
+    assert all(v is None for v in seen[:-1]) and seen[-1] == [0, *expected[1:], "new"]
+
+
+_RESULT_READER = """
+import sys, zmq
+ctx = zmq.Context()
+sock = ctx.socket(zmq.REQ)
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.RCVTIMEO, 60_000)
+sock.connect(sys.argv[1])
+request = ('{"method": "task_result", "params": {"task_uid": "%s"}}' % sys.argv[2]).encode()
+print("ready", flush=True)
+while sys.stdin.readline():  # (one request per line; the reply's start, not decoded)
+    sock.send(request)
+    print(sock.recv()[:40].decode(), flush=True)
+"""
+
+
+def test_clients_reading_a_large_result_never_hold_up_a_status(tmp_path):
+    """Four clients (processes of their own) read a finished task's result of a million
+    floats again and again while a queueserver client, with its own 2 s timeout, asks
+    status.  Before, each read copied and encoded the result anew (~0.5 s, one at a time on
+    the serving thread): the status waited behind four of them and the client gave up."""
+    w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
+               foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    readers: list[subprocess.Popen] = []
+    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=2.0)  # (queueserver's timeout)
+    try:
+        uid = rm.function_execute(BFunc("data", 1_000_000), run_in_background=True)["task_uid"]
+        assert rm.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
+        for _ in range(4):
+            reader = subprocess.Popen([sys.executable, "-c", _RESULT_READER, srv.address, uid],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            readers.append(reader)
+            assert reader.stdout.readline() == "ready\n"
+        for _ in range(5):
+            for reader in readers:  # (all four ask, then the status waits behind them)
+                reader.stdin.write("go\n")
+                reader.stdin.flush()
+            assert rm.status()["manager_state"] == "idle"
+            for reader in readers:
+                assert reader.stdout.readline().startswith('{"success": true'), "a read failed"
+    finally:
+        rm.close()
+        for reader in readers:
+            reader.stdin.close()
+            reader.wait(WAIT * 3)
+        srv.stop()
+        w.close()
+
+
 def test_python_task_with_non_json_result_is_readable_remotely(RM, worker):
     task = worker.submit("not_json")  # a notebook user's task: not held to the JSON rule
     assert task.wait(WAIT)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import zmq
 
 from ..errors import ControlChannelError
-from ..texts import valid_unicode
+from ..jsonreply import reply_bytes
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
@@ -355,10 +355,7 @@ class ControlServer(SocketThread):
         try:
             if "success" not in reply and "time" in reply:
                 return self._status_json.encode(reply)
-            body = json.dumps(reply)
-            if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
-                body = valid_unicode(json.dumps(reply, ensure_ascii=False))
-            return body.encode("utf-8")
+            return reply_bytes(reply)  # (a large result's JSON made once, see qmagic.jsonreply)
         except Exception as exc:  # noqa: BLE001 - e.g. a value JSON cannot encode
             self.errors += 1
             return json.dumps({"success": False, "msg": (

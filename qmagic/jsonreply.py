@@ -1,0 +1,80 @@
+"""Replies as JSON bytes, with parts encoded once and sent many times.
+
+:func:`reply_bytes` encodes a reply dict for the wire.  A value in it that is
+:class:`Encoded` (a copy of a large task result that carries its own JSON, see
+:mod:`qmagic.result_copies`) is not encoded again: its bytes are put in place as they are.
+Lone surrogates, which no UTF-8 reader takes, are read as U+FFFD.
+
+No IPython, widgets or zmq here.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from .texts import valid_unicode
+
+__all__ = ["Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
+
+_SWAP_DEPTH = 4  # how deep in a reply's dicts an Encoded value is looked for
+
+
+class Encoded:
+    """A copy of plain JSON data that carries its own encoding (``json``: bytes)."""
+
+    json: bytes = b""
+
+
+class EncodedList(list, Encoded):
+    """A list of plain JSON data with its encoding (see :class:`Encoded`)."""
+
+
+class EncodedDict(dict, Encoded):
+    """A dict of plain JSON data with its encoding (see :class:`Encoded`)."""
+
+
+def _text(value: Any) -> str:
+    body = json.dumps(value)
+    if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
+        body = valid_unicode(json.dumps(value, ensure_ascii=False))
+    return body
+
+
+def encoded(copy: Any) -> Any:
+    """``copy`` (a list or dict of plain JSON data that nothing else changes) as an
+    :class:`Encoded` copy with its JSON; any other value as it is.  Raises what
+    ``json.dumps`` raises."""
+    cls = EncodedList if type(copy) is list else EncodedDict if type(copy) is dict else None
+    if cls is None:
+        return copy
+    kept = cls(copy)
+    kept.json = _text(copy).encode("utf-8")
+    return kept
+
+
+def _swapped(value: Any, pieces: dict[str, bytes], depth: int = 0) -> Any:
+    """``value`` with every :class:`Encoded` value of its dicts replaced by a unique token
+    (in ``pieces``, with its bytes); the dicts on the way are copied, nothing else."""
+    if type(value) is not dict or depth > _SWAP_DEPTH:
+        return value
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, Encoded):
+            token = f"qmagic-encoded-{secrets.token_hex(16)}"  # (no client can guess it)
+            pieces[json.dumps(token)] = item.json
+            out[key] = token
+        else:
+            out[key] = _swapped(item, pieces, depth + 1)
+    return out
+
+
+def reply_bytes(reply: dict) -> bytes:
+    """``reply`` as UTF-8 JSON bytes, :class:`Encoded` values spliced in as they are.
+    Raises what ``json.dumps`` raises."""
+    pieces: dict[str, bytes] = {}
+    data = _text(_swapped(reply, pieces)).encode("utf-8")
+    for token, piece in pieces.items():
+        data = data.replace(token.encode("ascii"), piece, 1)
+    return data

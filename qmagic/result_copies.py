@@ -1,0 +1,129 @@
+"""Finished tasks' results as plain JSON data for ``task_result``: copied once, kept with
+their JSON while unchanged.
+
+A large result (a million floats) took ~0.5 s to copy and encode for each request, so a
+few clients reading it at once made every other client wait past queueserver's 2 s (found
+by a hostile test).  :class:`ResultCopies` keeps the copies of the results read last, each
+with its JSON (:class:`qmagic.jsonreply.Encoded`), within a bound on their bytes.  A kept
+copy answers a later request only if the result still holds the very objects it held when
+copied: the same exact lists, tuples and dicts, the same keys in the same order, the same
+numbers and strings (by identity; these do not change).  That check runs none of the
+result's own code (exact built-in types only), so it needs no deadline; a result changed
+since, or not made of those types, is copied anew.  No stale value is ever shown.
+
+No IPython, widgets or zmq here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from operator import is_
+from typing import Any
+
+from . import probe
+from .jsonreply import Encoded, encoded
+
+__all__ = ["ResultCopies", "plain_copy"]
+
+#: Most JSON bytes kept for all results together (their copies take about as much again:
+#: a pointer per item; the numbers and strings are the result's own).
+KEEP_BYTES = 64 * 1024 * 1024
+#: A result whose JSON is smaller than this is cheap to copy again: not kept.
+KEEP_MIN_BYTES = 64 * 1024
+KEEP_MOST = 8  # results kept at most
+_WALK_DEPTH = 100
+
+
+def plain_copy(value: Any, depth: int = 0) -> Any:
+    """``value`` as plain JSON data (a copy; numbers and strings are shared).  Exact lists,
+    tuples, dicts with str keys and scalars are walked in Python, so a large result never
+    holds the GIL for long in one C call (that made the control thread wait past its
+    deadline: 2.9 s for 3 million floats); anything else goes through ``json`` (its own code
+    runs here: call this through :mod:`qmagic.probe`).  Raises what ``json.dumps`` raises."""
+    cls = type(value)
+    if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
+        return value
+    if depth < _WALK_DEPTH:
+        if cls is list or cls is tuple:
+            return [plain_copy(item, depth + 1) for item in value]
+        if cls is dict and all(type(key) is str for key in value):
+            return {key: plain_copy(item, depth + 1) for key, item in value.items()}
+    return json.loads(json.dumps(value))
+
+
+def _unchanged(value: Any, copy: Any, depth: int = 0) -> bool:
+    """True if ``value`` still holds the objects ``copy`` was made of (see the module
+    docstring); runs no code of ``value``'s own."""
+    if value is copy:  # (a number or string: shared with the copy)
+        return True
+    cls = type(value)
+    if depth > _WALK_DEPTH or not isinstance(copy, (list, dict)):
+        return False
+    if cls is list or cls is tuple:
+        items, copied = value, copy
+        if not isinstance(copy, list):
+            return False
+    elif cls is dict:
+        if not isinstance(copy, dict) or len(value) != len(copy) or not all(map(is_, value, copy)):
+            return False
+        items, copied = value.values(), copy.values()
+    else:
+        return False
+    if len(items) != len(copied):
+        return False
+    if all(map(is_, items, copied)):  # (numbers and strings: one C loop)
+        return True
+    return all(_unchanged(item, was, depth + 1) for item, was in zip(items, copied))
+
+
+class ResultCopies:
+    """The copies of the results read last, with their JSON (see the module docstring);
+    thread-safe (the control thread reads, the probe thread may keep a late copy)."""
+
+    def __init__(self, keep_bytes: int = KEEP_BYTES) -> None:
+        self.keep_bytes = keep_bytes
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, uid: str, value: Any) -> Any:
+        """The kept copy of task ``uid``'s result ``value`` if it is unchanged, else None
+        (and a changed one is dropped)."""
+        with self._lock:
+            kept = self._kept.get(uid)
+        if kept is None:
+            return None
+        try:
+            same = _unchanged(value, kept)
+        except RuntimeError:  # (a dict changed size while it was checked: changed)
+            same = False
+        with self._lock:
+            if same and self._kept.get(uid) is kept:
+                self._kept.move_to_end(uid)
+                return kept
+            if self._kept.get(uid) is kept:
+                del self._kept[uid]
+        return None
+
+    def put(self, uid: str, copy: Any) -> Any:
+        """``copy`` (made by :func:`plain_copy`) with its JSON (:func:`qmagic.jsonreply.encoded`),
+        kept for later requests if its size is within the bounds.  Raises what
+        ``json.dumps`` raises."""
+        kept = encoded(copy)
+        if not isinstance(kept, Encoded):
+            return kept
+        size = len(kept.json)
+        with self._lock:
+            self._kept.pop(uid, None)
+            if KEEP_MIN_BYTES <= size <= self.keep_bytes:
+                self._kept[uid] = kept
+                total = sum(len(k.json) for k in self._kept.values())
+                while total > self.keep_bytes or len(self._kept) > KEEP_MOST:
+                    _, dropped = self._kept.popitem(last=False)
+                    total -= len(dropped.json)
+        return kept
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
