@@ -27,8 +27,9 @@ from .jsonreply import Encoded, encoded
 
 __all__ = ["ResultCopies", "plain_copy"]
 
-#: Most JSON bytes kept for all results together (their copies take about as much again:
-#: a pointer per item; the numbers and strings are the result's own).
+#: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
+#: own and the last reply made with it (their copies take about as much again: a pointer
+#: per item; the numbers and strings are the result's own).
 KEEP_BYTES = 64 * 1024 * 1024
 #: A result whose JSON is smaller than this is cheap to copy again: not kept.
 KEEP_MIN_BYTES = 64 * 1024
@@ -116,12 +117,12 @@ class ResultCopies:
         size = len(kept.json)
         with self._lock:
             self._kept.pop(uid, None)
-            if KEEP_MIN_BYTES <= size <= self.keep_bytes:
+            if KEEP_MIN_BYTES <= size and 2 * size <= self.keep_bytes:
                 self._kept[uid] = kept
-                total = sum(len(k.json) for k in self._kept.values())
+                total = sum(2 * len(k.json) for k in self._kept.values())
                 while total > self.keep_bytes or len(self._kept) > KEEP_MOST:
                     _, dropped = self._kept.popitem(last=False)
-                    total -= len(dropped.json)
+                    total -= 2 * len(dropped.json)
         return kept
 
     def __len__(self) -> int:

@@ -459,6 +459,59 @@ while sys.stdin.readline():  # (one request per line; the reply's start, not dec
 """
 
 
+_SILENT_READERS = """
+import sys, zmq
+ctx = zmq.Context()
+socks = []
+for _ in range(int(sys.argv[3])):  # each asks once and never reads the reply
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)  # (takes nothing in: the reply waits in the kernel)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.connect(sys.argv[1])
+    sock.send(('{"method": "task_result", "params": {"task_uid": "%s"}}' % sys.argv[2]).encode())
+    socks.append(sock)
+print("sent", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_replies_of_a_large_result_to_clients_that_do_not_read_share_one_buffer(tmp_path):
+    """Fifty clients ask for a finished task's 10 MB result and never read the reply: the
+    replies waiting for them are one buffer.  Before, each was a copy of its own (the kernel
+    held 1.3 GB for 200 such clients; found by a hostile test)."""
+    w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
+               foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT)
+    readers = None
+    try:
+        uid = rm.function_execute(BFunc("data", 1_000_000), run_in_background=True)["task_uid"]
+        assert rm.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
+        assert len(rm.task_result(uid)["result"]["return_value"]) == 1_000_000
+        before, served = _rss_bytes(), srv.requests
+        readers = subprocess.Popen([sys.executable, "-c", _SILENT_READERS, srv.address, uid, "50"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert readers.stdout.readline() == "sent\n"
+        eventually(lambda: srv.requests >= served + 50, timeout=WAIT * 6, what="the 50 requests answered",
+                   interval=0.05)
+        assert rm.status()["manager_state"] == "idle"
+        grown = _rss_bytes() - before
+        assert grown < 100 * 1024 * 1024, f"{grown / 1e6:.0f} MB for the unread replies"  # (was 380; now ~2)
+    finally:
+        rm.close()
+        if readers is not None:
+            readers.stdin.close()
+            readers.wait(WAIT * 3)
+        srv.stop()
+        w.close()
+
+
 def test_clients_reading_a_large_result_never_hold_up_a_status(tmp_path):
     """Four clients (processes of their own) read a finished task's result of a million
     floats again and again while a queueserver client, with its own 2 s timeout, asks

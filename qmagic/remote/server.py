@@ -58,6 +58,7 @@ _HANDSHAKE_MS = 10_000
 #: queueserver's clients give up (found by a hostile test); small requests (status, a
 #: task's result, starting a task) are never refused for this.
 _LARGE_REQUEST_BYTES = 64 * 1024
+_ZERO_COPY_BYTES = 64 * 1024  # replies at least this large are sent from their buffer, not copied
 _LARGE_SHARE = 0.5
 _LARGE_BURST_S = 0.25
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -276,7 +277,7 @@ class ControlServer(SocketThread):
                 reply = self._reply_bytes(frames, contended=contended)
                 waiting, last = True, source
                 try:
-                    sock.send(reply)
+                    sock.send(reply, copy=len(reply) < _ZERO_COPY_BYTES)  # (a kept reply: shared)
                 except zmq.ZMQError as exc:
                     sock = self._recover(ctx, sock, exc, stop)
         except BaseException:  # noqa: BLE001 - never let the thread die with a traceback
