@@ -29,7 +29,8 @@ __all__ = ["ResultCopies", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
-#: per item; the numbers and strings are the result's own).
+#: per item; the numbers and strings are the result's own).  The newest copy is kept even
+#: if it alone is larger (the others are dropped).
 KEEP_BYTES = 64 * 1024 * 1024
 #: A result whose JSON is smaller than this is cheap to copy again: not kept.
 KEEP_MIN_BYTES = 64 * 1024
@@ -109,7 +110,7 @@ class ResultCopies:
 
     def put(self, uid: str, copy: Any) -> Any:
         """``copy`` (made by :func:`plain_copy`) with its JSON (:func:`qmagic.jsonreply.encoded`),
-        kept for later requests if its size is within the bounds.  Raises what
+        kept for later requests (see ``KEEP_BYTES``, ``KEEP_MIN_BYTES``).  Raises what
         ``json.dumps`` raises."""
         kept = encoded(copy)
         if not isinstance(kept, Encoded):
@@ -117,10 +118,12 @@ class ResultCopies:
         size = len(kept.json)
         with self._lock:
             self._kept.pop(uid, None)
-            if KEEP_MIN_BYTES <= size and 2 * size <= self.keep_bytes:
+            if size >= KEEP_MIN_BYTES:
                 self._kept[uid] = kept
                 total = sum(2 * len(k.json) for k in self._kept.values())
-                while total > self.keep_bytes or len(self._kept) > KEEP_MOST:
+                # The newest always stays, alone if need be: a result that takes longer to
+                # copy than a request waits is answered from its copy by the next request.
+                while len(self._kept) > 1 and (total > self.keep_bytes or len(self._kept) > KEEP_MOST):
                     _, dropped = self._kept.popitem(last=False)
                     total -= 2 * len(dropped.json)
         return kept

@@ -546,6 +546,23 @@ def test_clients_reading_a_large_result_never_hold_up_a_status(tmp_path):
         w.close()
 
 
+def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protocol, monkeypatch):
+    """A result whose JSON alone passes what is kept of result copies, and which takes
+    longer to copy than a request waits, is still answered by a later request: the newest
+    copy is always kept (alone, if need be)."""
+    from qmagic import protocol as protocol_module
+
+    monkeypatch.setattr(protocol_module, "RESULT_READ_S", 0.001)  # (every fresh copy gives up)
+    protocol.result_copies.keep_bytes = 100_000  # (the result's JSON: ~3 MB)
+    worker.namespace["data"] = lambda n: [i * 0.5 for i in range(n)]
+    uid = RM.function_execute(BFunc("data", 300_000), run_in_background=True)["task_uid"]
+    assert RM.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
+    found: list = []
+    eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+               or found[-1] is not None, timeout=WAIT, what="the result read", interval=0.01)
+    assert found[-1] == [i * 0.5 for i in range(300_000)]
+
+
 def test_python_task_with_non_json_result_is_readable_remotely(RM, worker):
     task = worker.submit("not_json")  # a notebook user's task: not held to the JSON rule
     assert task.wait(WAIT)
