@@ -18,9 +18,10 @@ from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
 from .format import SUMMARY_KEY
+from .jsonreply import Encoded
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
-from .result_copies import ResultCopies, plain_copy
+from .result_copies import UNSURE, ResultCopies, plain_copy
 from .store.lockfile import MAX_USER_CHARS
 from .worker import json_error
 
@@ -303,30 +304,40 @@ def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | 
     """A live task's result as plain JSON data with its JSON (a copy: encoding the reply
     then runs none of the result's own code), or (None, why not).  A copy kept from an
     earlier request answers while the result is unchanged (:mod:`qmagic.result_copies`);
-    else the copy is made through :mod:`qmagic.probe`, with a deadline: the control thread
-    never runs the result's code itself.  A copy that was not ready in time is kept when it
-    is, for the next request: else a large result could never be read."""
+    else the copy is made -- and a check the control thread could not make quickly is made
+    -- through :mod:`qmagic.probe`, with a deadline: the control thread never runs the
+    result's code, nor waits long.  What was not ready in time is kept when it is, for the
+    next request: else a large result could never be read."""
     kept = copies.get(uid, value)
-    if kept is not None:
+    if kept is not None and kept is not UNSURE:
         return kept, None
+    unsure = kept is UNSURE
     gave_up = threading.Event()
 
     def convert() -> tuple[Any, str | None]:
+        if unsure:
+            found = copies.get(uid, value, thorough=True)
+            if found is not None:
+                if gave_up.is_set():
+                    copies.refresh(uid, found)
+                return found, None
         try:
-            found: tuple[Any, str | None] = (plain_copy(value), None)
+            copy = plain_copy(value)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             why = json_error(value) or exc  # (the rule's own words, for a value that fails)
             return None, f"can not be serialized as JSON ({why})"
         if gave_up.is_set():  # (nobody waits for it: kept for the next request)
-            copies.put(uid, found[0])
-        return found
+            copies.put(uid, copy, fresh=True)
+        return copy, None
     try:
-        copy, why = probe.read(convert, RESULT_READ_S)
+        found, why = probe.read(convert, RESULT_READ_S)
     except probe.ProbeTimeout:
         gave_up.set()
         return None, (f"could not be read within {RESULT_READ_S:g} s (it is large, or its own code "
                       "is slow or blocked): ask again in a moment")
-    return (None, why) if why is not None else (copies.put(uid, copy), None)
+    if why is not None or isinstance(found, Encoded):
+        return found, why
+    return copies.put(uid, found), None
 
 
 def failure_message(rec: Mapping[str, Any], status: TaskStatus) -> str:

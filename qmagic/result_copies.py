@@ -25,7 +25,7 @@ from typing import Any
 from . import probe
 from .jsonreply import Encoded, encoded
 
-__all__ = ["ResultCopies", "plain_copy"]
+__all__ = ["UNSURE", "ResultCopies", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
@@ -55,11 +55,20 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _unchanged(value: Any, copy: Any, depth: int = 0) -> bool:
+class _TooLong(Exception):
+    """A check looked at more items than it may (see ``CHECK_STEPS``)."""
+
+
+def _unchanged(value: Any, copy: Any, steps: list[int] | None, depth: int = 0) -> bool:
     """True if ``value`` still holds the objects ``copy`` was made of (see the module
-    docstring); runs no code of ``value``'s own."""
+    docstring); runs no code of ``value``'s own.  ``steps``: how many more items it may look
+    into one by one (a one-item list, counted down; None: any), else raises _TooLong."""
     if value is copy:  # (a number or string: shared with the copy)
         return True
+    if steps is not None:
+        steps[0] -= 1
+        if steps[0] < 0:
+            raise _TooLong
     cls = type(value)
     if depth > _WALK_DEPTH or not isinstance(copy, (list, dict)):
         return False
@@ -77,7 +86,14 @@ def _unchanged(value: Any, copy: Any, depth: int = 0) -> bool:
         return False
     if all(map(is_, items, copied)):  # (numbers and strings: one C loop)
         return True
-    return all(_unchanged(item, was, depth + 1) for item, was in zip(items, copied))
+    return all(_unchanged(item, was, steps, depth + 1) for item, was in zip(items, copied))
+
+
+#: What :meth:`ResultCopies.get` answers when a quick check could not tell.
+UNSURE = object()
+#: Items a quick check may look into one by one (a few milliseconds); the numbers and
+#: strings of a list or dict that are all unchanged are one step in all.
+CHECK_STEPS = 10_000
 
 
 class ResultCopies:
@@ -88,45 +104,67 @@ class ResultCopies:
         self.keep_bytes = keep_bytes
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, Any] = OrderedDict()
+        self._fresh: set[str] = set()  # copies made after their request gave up
 
-    def get(self, uid: str, value: Any) -> Any:
+    def get(self, uid: str, value: Any, *, thorough: bool = False) -> Any:
         """The kept copy of task ``uid``'s result ``value`` if it is unchanged, else None
-        (and a changed one is dropped)."""
+        (a changed one is dropped).  The check is quick (``CHECK_STEPS``): where it cannot
+        tell, :data:`UNSURE`; ``thorough``: however long it takes (on the probe thread).
+        A copy made after its request gave up (``put(fresh=True)``) answers the next request
+        once unchecked: it is newer than that request, as a copy made for it would be."""
         with self._lock:
             kept = self._kept.get(uid)
+            if kept is not None and uid in self._fresh:
+                self._fresh.discard(uid)
+                self._kept.move_to_end(uid)
+                return kept
         if kept is None:
             return None
         try:
-            same = _unchanged(value, kept)
+            same = _unchanged(value, kept, None if thorough else [CHECK_STEPS])
+        except _TooLong:
+            return UNSURE
         except RuntimeError:  # (a dict changed size while it was checked: changed)
             same = False
         with self._lock:
-            if same and self._kept.get(uid) is kept:
+            if self._kept.get(uid) is not kept:
+                return None
+            if same:
                 self._kept.move_to_end(uid)
                 return kept
-            if self._kept.get(uid) is kept:
-                del self._kept[uid]
+            del self._kept[uid]
         return None
 
-    def put(self, uid: str, copy: Any) -> Any:
+    def put(self, uid: str, copy: Any, *, fresh: bool = False) -> Any:
         """``copy`` (made by :func:`plain_copy`) with its JSON (:func:`qmagic.jsonreply.encoded`),
-        kept for later requests (see ``KEEP_BYTES``, ``KEEP_MIN_BYTES``).  Raises what
-        ``json.dumps`` raises."""
+        kept for later requests (see ``KEEP_BYTES``, ``KEEP_MIN_BYTES``); ``fresh``: made
+        after its request gave up (see :meth:`get`).  Raises what ``json.dumps`` raises."""
         kept = encoded(copy)
         if not isinstance(kept, Encoded):
             return kept
         size = len(kept.json)
         with self._lock:
             self._kept.pop(uid, None)
+            self._fresh.discard(uid)
             if size >= KEEP_MIN_BYTES:
                 self._kept[uid] = kept
+                if fresh:
+                    self._fresh.add(uid)
                 total = sum(2 * len(k.json) for k in self._kept.values())
                 # The newest always stays, alone if need be: a result that takes longer to
                 # copy than a request waits is answered from its copy by the next request.
                 while len(self._kept) > 1 and (total > self.keep_bytes or len(self._kept) > KEEP_MOST):
-                    _, dropped = self._kept.popitem(last=False)
+                    dropped_uid, dropped = self._kept.popitem(last=False)
+                    self._fresh.discard(dropped_uid)
                     total -= 2 * len(dropped.json)
         return kept
+
+    def refresh(self, uid: str, kept: Any) -> None:
+        """``kept`` (task ``uid``'s kept copy) was found unchanged after its request gave
+        up: the next request takes it unchecked (see :meth:`get`)."""
+        with self._lock:
+            if self._kept.get(uid) is kept:
+                self._fresh.add(uid)
 
     def __len__(self) -> int:
         with self._lock:

@@ -412,6 +412,20 @@ def test_a_large_result_is_readable_on_a_later_request(RM, worker, monkeypatch):
     assert result["return_value"] == [i * 0.5 for i in range(300_000)]
 
 
+def wait_probe_free() -> None:
+    """Wait until the probe thread has finished what a test left it (a copy, a check) and
+    is free: while it is busy, the next test's reads would give up at once."""
+    from qmagic import probe
+
+    def free() -> bool:
+        try:
+            return probe.read(lambda: True, WAIT)
+        except probe.ProbeTimeout:
+            return False
+
+    eventually(free, timeout=WAIT * 3, what="the probe thread free again", interval=0.05)
+
+
 def test_a_large_result_is_copied_once_and_never_shown_stale(RM, worker, monkeypatch):
     """A large result's copy and its JSON are kept while the result is unchanged, so every
     later request is answered from them (before: each request copied and encoded it anew,
@@ -442,6 +456,7 @@ def test_a_large_result_is_copied_once_and_never_shown_stale(RM, worker, monkeyp
     live.append("new")
     seen = value_when_read()
     assert all(v is None for v in seen[:-1]) and seen[-1] == [0, *expected[1:], "new"]
+    wait_probe_free()
 
 
 _RESULT_READER = """
@@ -561,6 +576,32 @@ def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protoc
     eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
                or found[-1] is not None, timeout=WAIT, what="the result read", interval=0.01)
     assert found[-1] == [i * 0.5 for i in range(300_000)]
+    wait_probe_free()
+
+
+def test_checking_a_kept_copy_of_many_small_lists_never_holds_up_the_channel(RM, worker, monkeypatch):
+    """Whether a kept copy still matches its result is checked on the control thread only
+    where that is quick (a few thousand items one by one); a result of a million small lists
+    is checked on the probe thread, with task_result's deadline.  Before, the control thread
+    checked it whole (~0.5 s or more, no deadline) for every request."""
+    from qmagic import protocol
+
+    worker.namespace["rows"] = lambda n: [[i] for i in range(n)]
+    uid = RM.function_execute(BFunc("rows", 1_000_000), run_in_background=True)["task_uid"]
+    assert RM.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
+    found: list = []
+    eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+               or found[-1] is not None, timeout=WAIT * 3, what="the result read", interval=0.01)
+    assert found[-1][-1] == [999_999]
+    del found[:]
+    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.02)
+    took = []
+    for _ in range(3):
+        start = time.monotonic()
+        RM.task_result(uid)  # (its value or "ask again": either way within the deadline)
+        took.append(time.monotonic() - start)
+    wait_probe_free()
+    assert min(took) < 0.25, took
 
 
 def test_python_task_with_non_json_result_is_readable_remotely(RM, worker):
