@@ -137,26 +137,31 @@ class ResultCopies:
 
     def put(self, uid: str, copy: Any, *, fresh: bool = False) -> Any:
         """``copy`` (made by :func:`plain_copy`) with its JSON (:func:`qmagic.jsonreply.encoded`),
-        kept for later requests (see ``KEEP_BYTES``, ``KEEP_MIN_BYTES``); ``fresh``: made
-        after its request gave up (see :meth:`get`).  Raises what ``json.dumps`` raises."""
+        kept for later requests (see ``KEEP_BYTES``); a small one (``KEEP_MIN_BYTES``) as it
+        is, not kept.  ``fresh``: made after its request gave up (see :meth:`get`).  Raises
+        what ``json.dumps`` raises."""
         kept = encoded(copy)
         if not isinstance(kept, Encoded):
             return kept
         size = len(kept.json)
+        if size < KEEP_MIN_BYTES:  # (small: the plain copy, encoded with the reply)
+            with self._lock:
+                self._kept.pop(uid, None)
+                self._fresh.discard(uid)
+            return copy
         with self._lock:
             self._kept.pop(uid, None)
             self._fresh.discard(uid)
-            if size >= KEEP_MIN_BYTES:
-                self._kept[uid] = kept
-                if fresh:
-                    self._fresh.add(uid)
-                total = sum(2 * len(k.json) for k in self._kept.values())
-                # The newest always stays, alone if need be: a result that takes longer to
-                # copy than a request waits is answered from its copy by the next request.
-                while len(self._kept) > 1 and (total > self.keep_bytes or len(self._kept) > KEEP_MOST):
-                    dropped_uid, dropped = self._kept.popitem(last=False)
-                    self._fresh.discard(dropped_uid)
-                    total -= 2 * len(dropped.json)
+            self._kept[uid] = kept
+            if fresh:
+                self._fresh.add(uid)
+            total = sum(2 * len(k.json) for k in self._kept.values())
+            # The newest always stays, alone if need be: a result that takes longer to
+            # copy than a request waits is answered from its copy by the next request.
+            while len(self._kept) > 1 and (total > self.keep_bytes or len(self._kept) > KEEP_MOST):
+                dropped_uid, dropped = self._kept.popitem(last=False)
+                self._fresh.discard(dropped_uid)
+                total -= 2 * len(dropped.json)
         return kept
 
     def refresh(self, uid: str, kept: Any) -> None:
