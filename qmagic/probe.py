@@ -66,6 +66,9 @@ class Prober:
                 with self._lock:  # (with the caller's check below: never stuck while idle)
                     self._stuck = False
                     done.set()
+                # (not held while waiting for the next read: the read's function and value
+                # -- a task, a copy of its large result -- would live on until then)
+                fn = box = done = None
 
     def read(self, fn: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
         """``fn()`` run on this prober's thread: its value, or its exception raised here.

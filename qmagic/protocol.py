@@ -300,7 +300,7 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
 RESULT_READ_S = 1.0
 
 
-def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | None]:
+def _plain_json(value: Any, task: Task, copies: ResultCopies) -> tuple[Any, str | None]:
     """A live task's result as plain JSON data with its JSON (a copy: encoding the reply
     then runs none of the result's own code), or (None, why not).  A copy kept from an
     earlier request answers while the result is unchanged (:mod:`qmagic.result_copies`);
@@ -308,6 +308,7 @@ def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | 
     -- through :mod:`qmagic.probe`, with a deadline: the control thread never runs the
     result's code, nor waits long.  What was not ready in time is kept when it is, for the
     next request: else a large result could never be read."""
+    uid = task.uid
     kept = copies.get(uid, value)
     if kept is not None and kept is not UNSURE:
         return kept, None
@@ -327,7 +328,7 @@ def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | 
             why = json_error(value) or exc  # (the rule's own words, for a value that fails)
             return None, f"can not be serialized as JSON ({why})"
         if gave_up.is_set():  # (nobody waits for it: kept for the next request)
-            copies.put(uid, copy, fresh=True)
+            copies.put(task, copy, fresh=True)
         return copy, None
     try:
         found, why = probe.read(convert, RESULT_READ_S)
@@ -337,7 +338,7 @@ def _plain_json(value: Any, uid: str, copies: ResultCopies) -> tuple[Any, str | 
                       "is slow or blocked): ask again in a moment")
     if why is not None or isinstance(found, Encoded):
         return found, why
-    return copies.put(uid, found), None
+    return copies.put(task, found), None
 
 
 def failure_message(rec: Mapping[str, Any], status: TaskStatus) -> str:
@@ -371,7 +372,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            value, why = _plain_json(value, rec["uid"], copies) if task is not None else (value, None)
+            value, why = _plain_json(value, task, copies) if task is not None else (value, None)
             if why is not None:
                 msg = (f"The result {why}; it stays in the kernel: "
                        f"qmagic.get_worker().get_task('{rec['uid']}').result()")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from operator import is_
 from typing import Any
 
@@ -105,6 +106,8 @@ class ResultCopies:
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, Any] = OrderedDict()
         self._fresh: set[str] = set()  # copies made after their request gave up
+        self._owned: set[str] = set()  # uids whose task's end of life drops their copy
+        self._gone: deque[str] = deque()  # tasks gone whose copies are still to drop
 
     def get(self, uid: str, value: Any, *, thorough: bool = False) -> Any:
         """The kept copy of task ``uid``'s result ``value`` if it is unchanged, else None
@@ -113,6 +116,7 @@ class ResultCopies:
         A copy made after its request gave up (``put(fresh=True)``) answers the next request
         once unchecked: it is newer than that request, as a copy made for it would be."""
         with self._lock:
+            self._purge()
             kept = self._kept.get(uid)
             if kept is not None and uid in self._fresh:
                 self._fresh.discard(uid)
@@ -135,11 +139,13 @@ class ResultCopies:
             del self._kept[uid]
         return None
 
-    def put(self, uid: str, copy: Any, *, fresh: bool = False) -> Any:
-        """``copy`` (made by :func:`plain_copy`) with its JSON (:func:`qmagic.jsonreply.encoded`),
-        kept for later requests (see ``KEEP_BYTES``); a small one (``KEEP_MIN_BYTES``) as it
-        is, not kept.  ``fresh``: made after its request gave up (see :meth:`get`).  Raises
-        what ``json.dumps`` raises."""
+    def put(self, task: Any, copy: Any, *, fresh: bool = False) -> Any:
+        """``copy`` of ``task``'s result (made by :func:`plain_copy`) with its JSON
+        (:func:`qmagic.jsonreply.encoded`), kept for later requests (see ``KEEP_BYTES``)
+        until the task itself is forgotten (its retention time); a small one
+        (``KEEP_MIN_BYTES``) as it is, not kept.  ``fresh``: made after its request gave up
+        (see :meth:`get`).  Raises what ``json.dumps`` raises."""
+        uid = task.uid
         kept = encoded(copy)
         if not isinstance(kept, Encoded):
             return kept
@@ -150,11 +156,15 @@ class ResultCopies:
                 self._fresh.discard(uid)
             return copy
         with self._lock:
+            self._purge()
             self._kept.pop(uid, None)
             self._fresh.discard(uid)
             self._kept[uid] = kept
             if fresh:
                 self._fresh.add(uid)
+            if uid not in self._owned:  # (a copy never outlives its task: memory goes with it)
+                self._owned.add(uid)
+                weakref.finalize(task, self.discard, uid)
             total = sum(2 * len(k.json) for k in self._kept.values())
             # The newest always stays, alone if need be: a result that takes longer to
             # copy than a request waits is answered from its copy by the next request.
@@ -163,6 +173,25 @@ class ResultCopies:
                 self._fresh.discard(dropped_uid)
                 total -= 2 * len(dropped.json)
         return kept
+
+    def discard(self, uid: str) -> None:
+        """Forget task ``uid``'s copy (the task is gone).  Called by the garbage collector,
+        which may run inside this object's own lock (an allocation in :meth:`put`): then the
+        uid waits in ``_gone`` for the next :meth:`get` or :meth:`put`."""
+        self._gone.append(uid)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._purge()
+            finally:
+                self._lock.release()
+
+    def _purge(self) -> None:
+        """Drop the copies of tasks that are gone (the caller holds the lock)."""
+        while self._gone:
+            uid = self._gone.popleft()
+            self._kept.pop(uid, None)
+            self._fresh.discard(uid)
+            self._owned.discard(uid)
 
     def refresh(self, uid: str, kept: Any) -> None:
         """``kept`` (task ``uid``'s kept copy) was found unchanged after its request gave

@@ -531,3 +531,32 @@ def test_a_state_folder_failure_reaches_the_client_as_its_own_text(make_worker):
     assert str(flock) in reply["msg"] and "could not process this request" not in reply["msg"]
     flock.rmdir()
     assert qs.call("lock", lock_key="k", user="u", environment=True)["success"] is True
+
+
+def test_a_kept_result_copy_goes_with_its_task(make_worker):
+    """task_result keeps a large result's copy and JSON for the next requests; kept past the
+    task's own life (its retention), it held that memory until other large results pushed it
+    out.  It now goes when the task is forgotten."""
+    import gc
+
+    from qmagic import TaskNotFound
+
+    w = make_worker({"data": lambda n: [i * 0.5 for i in range(n)], "quick": lambda: 1},
+                    max_finished_tasks=1)
+    qs = QS(w)
+    uid = qs.function_execute({"name": "data", "args": [50_000]}, run_in_background=True)["task_uid"]
+    eventually(lambda: qs.task_result(task_uid=uid)["result"].get("return_value") is not None,
+               timeout=TIMEOUT, what="the result read")
+    assert len(qs.protocol.result_copies) == 1  # (~0.5 MB of JSON: kept)
+    for _ in range(2):  # (only one finished task is kept in memory)
+        w.submit("quick").wait(TIMEOUT)
+    def forgotten() -> bool:
+        try:
+            w.get_task(uid)
+        except TaskNotFound:
+            return True
+        return False
+
+    eventually(forgotten, timeout=TIMEOUT, what="the task forgotten")
+    eventually(lambda: gc.collect() is not None and len(qs.protocol.result_copies) == 0,
+               timeout=TIMEOUT, what="the kept copy dropped with its task")
