@@ -72,7 +72,7 @@ class LookupMixin:
         task = self.engine.get(uid)
         if task is not None:
             return task
-        return self._log_find(uid) if len(uid) >= UID_LENGTH else None
+        return self._log_find(uid, exact=True) if len(uid) >= UID_LENGTH else None
 
     def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         """Status of each uid (exact uids): memory first, then the experiment log (batched);
@@ -119,12 +119,14 @@ class LookupMixin:
         return self._journal.records(**filters)
 
     # -- the experiment log's side --------------------------------------------------------------
-    def _log_find(self, uid: str) -> dict[str, Any] | None:
+    def _log_find(self, uid: str, exact: bool = False) -> dict[str, Any] | None:
+        """The log's record of ``uid`` (else of the one task whose uid starts with it,
+        unless ``exact``: a remote lookup of an unknown uid then makes no prefix search)."""
         journal = self._journal
         if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
             return None  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
         try:
-            return journal.find(uid)
+            return journal.get(uid) if exact else journal.find(uid)
         except (StateFileError, OSError) as exc:
             log.warning("qmagic: the experiment log could not be read: %s", exc)
             return None
