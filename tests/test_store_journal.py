@@ -1646,6 +1646,27 @@ def test_a_spool_cut_after_it_was_counted_and_indexed_is_counted_and_indexed_aga
         assert j.statuses(["after-cut", "later-0"]) == {"after-cut": "completed", "later-0": "completed"}
 
 
+def test_lines_written_after_a_cut_are_counted_before_the_writer_stores_them(tmp_path, monkeypatch):
+    """Another process cuts the spool after the writer stored it; until the writer stores
+    again (a database fault: not for hours) what was written since waits and is counted.
+    The count subtracted the lines stored from the file before the cut: 0 pending."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    with Journal(tmp_path, ENV) as j:
+        for i in range(100):
+            run_task(j, f"before-{i}")
+        assert j.flush() and j.health()["pending"] == 0
+        (segment,) = tmp_path.glob("*.spool")
+        os.truncate(segment, 0)
+        for i in range(2):
+            run_task(j, f"after-{i}")
+        assert j.health()["pending"] == 6
+        assert j.get("after-1")["status"] == "completed"
+        assert j.flush() and j.health()["pending"] == 0
+
+
 def test_truncating_the_spool_under_a_writing_process_never_crashes_it(tmp_path):
     proc = child(tmp_path, TRUNCATE)
     out, _ = proc.communicate(timeout=60)

@@ -182,7 +182,8 @@ class Segment:
         data = _whole_lines(os.pread(self.fd, end - offset, offset)) if offset < end else b""
         offset, lines = offset + len(data), lines + data.count(b"\n")
         self.counted = (self.cuts, offset, lines)
-        stored = self.consumed_lines
+        # (a file cut below what was stored: all of it waits, as read_new reads it again)
+        stored = 0 if cut is not None or end < self.consumed else self.consumed_lines
         header = stored == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
         return max(0, lines - stored - header)
 
