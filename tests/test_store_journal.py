@@ -1667,6 +1667,58 @@ def test_lines_written_after_a_cut_are_counted_before_the_writer_stores_them(tmp
         assert j.flush() and j.health()["pending"] == 0
 
 
+def test_a_spool_cut_while_the_writer_stores_it_loses_no_line_written_after(tmp_path, monkeypatch):
+    """Another process cuts the spool while the writer stores what it read from it, and
+    lines written after the cut reach past where that store ended before the writer looks
+    again: it went on from there, and the lines before that point were never stored."""
+    import inspect
+
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    source, first = inspect.getsourcelines(writer_module.Writer._commit)
+    line = first + next(i for i, text in enumerate(source) if "in batch.reads:" in text)
+    armed, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and armed.is_set():
+            armed.clear()
+            paused.set()  # (stored, not yet advanced)
+            go.wait(10)
+        return local
+
+    threading.settrace(lambda frame, event, arg: local if frame.f_code is writer_module.Writer._commit.__code__
+                       else None)
+    try:
+        j = Journal(tmp_path, ENV)
+    finally:
+        threading.settrace(None)
+    with j:
+        for i in range(100):
+            run_task(j, f"before-{i}")
+        armed.set()
+        flusher = threading.Thread(target=j.flush, args=(10,))
+        flusher.start()
+        try:
+            assert paused.wait(10)
+            (segment,) = tmp_path.glob("*.spool")
+            size = segment.stat().st_size
+            os.truncate(segment, 0)
+            for i in range(150):
+                run_task(j, f"after-{i}")
+            assert segment.stat().st_size > size
+        finally:
+            go.set()
+            flusher.join(10)
+        assert j.flush()
+        pending = j.health()["pending"]
+    with Journal(tmp_path, ENV) as j:
+        found = j.statuses([f"after-{i}" for i in range(150)])
+        assert set(found.values()) == {"completed"}, sorted(u for u, s in found.items() if s != "completed")
+        assert pending == 0
+
+
 def test_truncating_the_spool_under_a_writing_process_never_crashes_it(tmp_path):
     proc = child(tmp_path, TRUNCATE)
     out, _ = proc.communicate(timeout=60)

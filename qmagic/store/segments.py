@@ -160,15 +160,22 @@ class Segment:
         more = offset < end and offset - begin >= limit
         return data[: data.rfind(b"\n") + 1], begin, more
 
-    def advance(self, begin: int, n: int, lines: int) -> None:
+    def advance(self, begin: int, n: int, lines: int) -> bool:
         """The writer thread stored the ``n`` bytes (``lines`` lines) read from ``begin``.
-        After a cut, what this process wrote is counted from the file's size again."""
+        After a cut, what this process wrote is counted from the file's size again, and the
+        file is read again from its start (True): the cut may have come after the read,
+        and the lines written since then may reach past what was stored."""
         self.consumed_lines = (self.consumed_lines if begin else 0) + lines
         self.consumed = begin + n
         end, cut = self._size()
-        if cut is not None:
-            cut.written = end  # (appends racing this store are under-counted: harmless)
-            self.cuts += 1  # (what was counted or indexed of the file is wrong from here on)
+        if cut is None:
+            return False
+        # (what was counted or indexed of the file is wrong from here on; counted before
+        # ``written`` is set: a reader that no longer sees the cut sees the new count)
+        self.cuts += 1
+        cut.written = end  # (appends racing this store are under-counted: harmless)
+        self.consumed = self.consumed_lines = 0  # (lines stored twice change nothing)
+        return True
 
     def unstored_lines(self) -> int:
         """How many complete lines are not in SQLite yet (the header line not counted).

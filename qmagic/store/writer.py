@@ -344,7 +344,8 @@ class Writer:
         for _ in range(batch.held):  # only this thread removes from the left
             self.spool.held.popleft()
         for seg, begin, n, lines in batch.reads:
-            seg.advance(begin, n, lines)
+            if seg.advance(begin, n, lines):  # (cut by another process: read it again)
+                batch.complete = False
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)
