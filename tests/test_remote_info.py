@@ -420,6 +420,24 @@ def test_a_task_cancelled_in_the_queue_says_it_never_started(make_worker):
         assert holding.wait(TIMEOUT) and holding.status.value == "completed"
 
 
+def test_a_task_that_failed_before_it_started_is_not_said_to_be_cancelled(make_worker):
+    """A task can fail without starting (a coroutine whose event loop cannot be had): the
+    console said that it "was cancelled before it started".  It says that it failed."""
+    from qmagic.core.loops import MSG_NO_BLUESKY_LOOP, bluesky_loop
+
+    async def acq():
+        return "ran"
+
+    assert bluesky_loop() is None, "a bluesky event loop leaked from another test"
+    worker = make_worker({"acq": acq}, async_loop="bluesky")
+    with _console_of(worker) as console:
+        task = worker.submit("acq")
+        assert task.wait(TIMEOUT) and task.status.value == "failed" and task.started_at is None
+        text = _console_until(console, "Error occurred while executing 'Execute function': "
+                              + MSG_NO_BLUESKY_LOOP)
+        assert "cancelled" not in text, text
+
+
 def test_a_thread_a_task_started_does_not_keep_the_task(make_worker):
     """A thread started by a task's work (a pool's, which lives on) notes the task weakly:
     the task and its result go when the worker forgets them."""

@@ -199,7 +199,8 @@ class InfoPublisher(SocketThread):
                 texts["final_progress"] = progress._asdict()
             if status != TaskStatus.COMPLETED.value and task is not None:  # as a queueserver
                 record = task.to_dict()  # worker logs a function stopped by an exception
-                if record.get("started_at") is None:  # (cancelled in the queue: it never ran)
+                if status == TaskStatus.CANCELLED.value and record.get("started_at") is None:
+                    # (cancelled in the queue: it never ran; one that failed to start failed)
                     self._on_output(task, f"{not_started_message(record)}\n")
                 else:
                     line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
