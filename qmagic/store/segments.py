@@ -140,7 +140,7 @@ class Segment:
         is read again from its start: what is left in it was written after the cut, or is
         in SQLite already (storing a line twice changes nothing)."""
         end, cut = self._size()
-        begin = 0 if cut is not None or end < self.consumed else self.consumed
+        begin = self._unstored_from(end, cut)
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
         chunks, offset, chunk_size = [], begin, 64 << 10
@@ -184,13 +184,12 @@ class Segment:
         caller holds the spool's lock (one counter per segment)."""
         cuts, offset, lines = self.counted
         end, cut = self._size()
-        if cut is not None or end < offset or cuts != self.cuts:  # (cut: count it again)
+        if self._read_again(cuts, offset, end, cut):
             offset, lines = 0, 0
         data = _whole_lines(os.pread(self.fd, end - offset, offset)) if offset < end else b""
         offset, lines = offset + len(data), lines + data.count(b"\n")
         self.counted = (self.cuts, offset, lines)
-        # (a file cut below what was stored: all of it waits, as read_new reads it again)
-        stored = 0 if cut is not None or end < self.consumed else self.consumed_lines
+        stored = self.consumed_lines if self._unstored_from(end, cut) else 0  # (after a cut: none)
         header = stored == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
         return max(0, lines - stored - header)
 
@@ -201,7 +200,7 @@ class Segment:
         in a database fault).  The caller holds the spool's lock (one index per segment)."""
         cuts, offset, index = self.index
         end, cut = self._size()
-        if cut is not None or end < offset or cuts != self.cuts:  # (cut: index it again)
+        if self._read_again(cuts, offset, end, cut):
             offset, index = 0, {}
         if offset < end:
             for line in _whole_lines(os.pread(self.fd, end - offset, offset)).split(b"\n")[:-1]:
@@ -212,7 +211,7 @@ class Segment:
                 offset += size
         self.index = (self.cuts, offset, index)
         keys = [u for u in uids if u in index] if uids is not None else [u for u in index if needle in u]
-        begin = 0 if cut is not None or end < self.consumed else self.consumed  # (as read_new)
+        begin = self._unstored_from(end, cut)
         lines = []
         for key in keys:
             packed, mine = index[key], []
@@ -223,6 +222,17 @@ class Segment:
                 packed >>= _LINE_BITS
             lines.extend(reversed(mine))  # (in the order they were written)
         return b"".join(lines)
+
+    def _unstored_from(self, end: int, cut: AppendFile | None) -> int:
+        """Where the lines not in SQLite yet start, for the file's size ``end`` and its
+        writer if it was cut (:meth:`_size`): ``consumed``, or 0 in a file another process
+        cut below it (what is left was written after the cut, or is in SQLite already)."""
+        return 0 if cut is not None or end < self.consumed else self.consumed
+
+    def _read_again(self, cuts: int, offset: int, end: int, cut: AppendFile | None) -> bool:
+        """True when a count or an index made of the file up to ``offset``, while the writer
+        had found ``cuts`` cuts, must start again: the file was cut since."""
+        return cut is not None or end < offset or cuts != self.cuts
 
     def _size(self) -> tuple[int, AppendFile | None]:
         """The file's size, and this segment's writer if another process cut the file below
