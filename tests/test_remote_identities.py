@@ -180,24 +180,38 @@ def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_
     could not start again (its port taken meanwhile), the info socket was not restarted
     either: its streams stayed open to any client while the setting said listed clients
     only.  The info socket now restarts with the list, and the channel's error is raised."""
+    import inspect
+    import sys
+
     from qmagic.errors import ControlChannelError
 
     monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
     worker = make_worker({})
     service = RemoteService(worker)
     ctx = zmq.Context()
-    stranger = ctx.socket(zmq.SUB)
+    stranger, squatter = ctx.socket(zmq.SUB), ctx.socket(zmq.REP)
     try:
         service.start("tcp://127.0.0.1:*")
         publisher = service.start_info("tcp://127.0.0.1:*")
         address, period = publisher.address, publisher.status_period
+        # Another program takes the channel's port while it starts again (once it let go of it)
+        code = RemoteService._start.__code__
+        source, first = inspect.getsourcelines(RemoteService._start)
+        line = first + next(i for i, text in enumerate(source) if "self._new_server(address)" in text)
+        channel = service.server.address
 
-        def port_taken(address):
-            raise ControlChannelError(f"Cannot listen on {address}: the port is taken.")
-        monkeypatch.setattr(service, "_new_server", port_taken)
-        with pytest.raises(ControlChannelError, match="the port is taken"):
-            worker.zmq_client_keys = {"clients": [
-                {"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+        def take_the_port(frame, event, arg):
+            if event == "line" and frame.f_lineno == line and not squatter.last_endpoint:
+                squatter.bind(channel)
+            return take_the_port
+        sys.settrace(lambda frame, event, arg: take_the_port if frame.f_code is code else None)
+        try:
+            with pytest.raises(ControlChannelError, match="already in use"):
+                worker.zmq_client_keys = {"clients": [
+                    {"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+        finally:
+            sys.settrace(None)
+        assert squatter.last_endpoint
         assert service.server is None or not service.server.running
         assert service.info is not None and service.info.running and service.info is not publisher
         public, secret = (k.decode() for k in zmq.curve_keypair())
@@ -210,6 +224,7 @@ def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_
         assert not stranger.poll(int(2.5 * 1000 * period))
     finally:
         stranger.close(0)
+        squatter.close(0)
         ctx.term()
         service.close()
 
