@@ -975,6 +975,92 @@ def test_find_by_prefix_sees_pending_records_and_refuses_ambiguity(journal):
     assert journal.find("abcd-1111")["uid"] == "abcd-1111" and journal.find(42) is None
 
 
+def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, monkeypatch):
+    """No segment can be made (disk full): lines wait in memory, and the writer stores them
+    and takes them off that queue while a lookup reads it.  The lookup went through the
+    queue line by line and raised "deque mutated during iteration"; it reads a copy."""
+    import inspect
+
+    from qmagic.store import spool as spool_module
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
+    real_new_segment = segments_module.SessionFiles.new_segment
+    refuse = threading.Event()
+
+    def new_segment(files):
+        if refuse.is_set():
+            raise OSError(28, "No space left on device")
+        return real_new_segment(files)
+
+    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    source, first = inspect.getsourcelines(writer_module.Writer._commit)
+    pop = first + next(i for i, text in enumerate(source) if "range(batch.held)" in text)
+    after = first + next(i for i, text in enumerate(source) if "in batch.reads:" in text)
+    at_pop, go_pop, popped = threading.Event(), threading.Event(), threading.Event()
+
+    def writer_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == pop and not at_pop.is_set():
+            at_pop.set()
+            go_pop.wait(10)
+        elif event == "line" and frame.f_lineno == after and at_pop.is_set():
+            popped.set()
+        return writer_lines
+
+    threading.settrace(lambda frame, event, arg: writer_lines
+                       if frame.f_code is writer_module.Writer._commit.__code__ else None)
+    try:
+        j = Journal(tmp_path, ENV)
+    finally:
+        threading.settrace(None)
+    in_lookup, go_lookup, outcome = threading.Event(), threading.Event(), []
+    source, first = inspect.getsourcelines(spool_module.Spool.lines_of)
+    held = first + next(i for i, text in enumerate(source) if "self.held" in text)
+
+    def lookup_lines(frame, event, arg):  # (paused in the middle of reading what waits in memory)
+        if event == "line" and not in_lookup.is_set() and frame.f_code.co_firstlineno == held:
+            lookup_lines.seen += 1
+            if lookup_lines.seen == 2:
+                in_lookup.set()
+                go_lookup.wait(10)
+        return lookup_lines
+    lookup_lines.seen = 0
+
+    def lookup() -> None:
+        sys.settrace(lambda frame, event, arg: lookup_lines if frame.f_code.co_name == "<listcomp>" else None)
+        try:
+            outcome.append(j.get("t-199"))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+        finally:
+            sys.settrace(None)
+
+    with j:
+        refuse.set()
+        for i in range(200):
+            run_task(j, f"t-{i}")
+        assert j.health()["in_memory"] >= 3
+        flusher = threading.Thread(target=j.flush, args=(10,))
+        reader = threading.Thread(target=lookup)
+        flusher.start()
+        try:
+            assert at_pop.wait(10)  # (the writer stored what waits in memory)
+            reader.start()  # (a lookup that copies the queue first never pauses in it)
+            eventually(lambda: in_lookup.is_set() or not reader.is_alive(), what="the lookup")
+            go_pop.set()
+            assert popped.wait(10)  # (and took it off the queue)
+        finally:
+            go_pop.set()
+            go_lookup.set()
+            flusher.join(10)
+            reader.join(10)
+        assert isinstance(outcome[0], dict) and outcome[0]["status"] == "completed", outcome
+        refuse.clear()
+        assert j.flush() and j.get("t-199")["status"] == "completed"
+
+
 @pytest.mark.parametrize("fault", ["none", "spool"])
 def test_lookups_racing_appends_see_every_returned_call(tmp_path, monkeypatch, fault):
     """Plain threads append tasks while others look them up: a task whose submitted()

@@ -291,8 +291,8 @@ class Spool:
         ``needle``): indexed, see :meth:`Segment.lines_of`."""
         with self.lock:
             chunks = [seg.lines_of(uids, needle) for seg in self.segments if seg.fd >= 0]
-            held = [line for line in self.held
-                    if (uid_of(line) in uids if uids is not None else needle in uid_of(line))]
+            held = list(self.held)  # (a copy in one C call: the writer takes lines off it unlocked)
+        held = [line for line in held if (uid_of(line) in uids if uids is not None else needle in uid_of(line))]
         return [data for data in chunks if data] + ([b"".join(held)] if held else [])
 
     def close(self, unlink_spare: bool = True) -> None:
