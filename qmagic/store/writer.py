@@ -343,9 +343,8 @@ class Writer:
                 self.faults.fixed("database")
         for _ in range(batch.held):  # only this thread removes from the left
             self.spool.held.popleft()
-        for seg, begin, n, lines in batch.reads:
-            if seg.advance(begin, n, lines):  # (cut by another process: read it again)
-                batch.complete = False
+        cuts = [seg.advance(begin, n, lines) for seg, begin, n, lines in batch.reads]
+        batch.complete = batch.complete and not any(cuts)  # (a cut: read the file again)
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)

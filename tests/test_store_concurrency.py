@@ -1,0 +1,157 @@
+"""The spool's readers and its writer thread at the worst moments: a lookup while the
+writer takes lines off the in-memory queue, a spool cut by another process while the
+writer stores it.  Each pauses the writer thread at one line (a trace hook set before the
+Journal starts it).  (A file of its own, run before test_store_journal.py: after that
+file's storm of asynchronous exceptions, a thread started with a trace hook never ran.)"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import threading
+
+from polling import eventually
+from store_helpers import task
+
+from qmagic.store import segments as segments_module
+from qmagic.store import spool as spool_module
+from qmagic.store import writer as writer_module
+from qmagic.store.journal import Journal
+
+ENV = "lab-1"
+
+
+def run_task(journal: Journal, uid: str) -> None:
+    journal.submitted(task(uid))
+    journal.started(uid, 1000.0)
+    journal.finished(task(uid, "completed"))
+
+
+def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, monkeypatch):
+    """No segment can be made (disk full): lines wait in memory, and the writer stores them
+    and takes them off that queue while a lookup reads it.  The lookup went through the
+    queue line by line and raised "deque mutated during iteration"; it reads a copy."""
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
+    real_new_segment = segments_module.SessionFiles.new_segment
+    refuse = threading.Event()
+
+    def new_segment(files):
+        if refuse.is_set():
+            raise OSError(28, "No space left on device")
+        return real_new_segment(files)
+
+    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    source, first = inspect.getsourcelines(writer_module.Writer._commit)
+    pop = first + next(i for i, text in enumerate(source) if "range(batch.held)" in text)
+    after = first + next(i for i, text in enumerate(source) if "in batch.reads" in text)
+    at_pop, go_pop, popped = threading.Event(), threading.Event(), threading.Event()
+
+    def writer_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == pop and not at_pop.is_set():
+            at_pop.set()
+            go_pop.wait(10)
+        elif event == "line" and frame.f_lineno == after and at_pop.is_set():
+            popped.set()
+        return writer_lines
+
+    threading.settrace(lambda frame, event, arg: writer_lines
+                       if frame.f_code is writer_module.Writer._commit.__code__ else None)
+    try:
+        j = Journal(tmp_path, ENV)
+    finally:
+        threading.settrace(None)
+    in_lookup, go_lookup, outcome = threading.Event(), threading.Event(), []
+    source, first = inspect.getsourcelines(spool_module.Spool.lines_of)
+    held = first + next(i for i, text in enumerate(source) if "self.held" in text)
+
+    def lookup_lines(frame, event, arg):  # (paused in the middle of reading what waits in memory)
+        if event == "line" and not in_lookup.is_set() and frame.f_code.co_firstlineno == held:
+            lookup_lines.seen += 1
+            if lookup_lines.seen == 2:
+                in_lookup.set()
+                go_lookup.wait(10)
+        return lookup_lines
+    lookup_lines.seen = 0
+
+    def lookup() -> None:
+        sys.settrace(lambda frame, event, arg: lookup_lines if frame.f_code.co_name == "<listcomp>" else None)
+        try:
+            outcome.append(j.get("t-199"))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+        finally:
+            sys.settrace(None)
+
+    with j:
+        refuse.set()
+        for i in range(200):
+            run_task(j, f"t-{i}")
+        assert j.health()["in_memory"] >= 3
+        flusher = threading.Thread(target=j.flush, args=(10,))
+        reader = threading.Thread(target=lookup)
+        flusher.start()
+        try:
+            assert at_pop.wait(10)  # (the writer stored what waits in memory)
+            reader.start()  # (a lookup that copies the queue first never pauses in it)
+            eventually(lambda: in_lookup.is_set() or not reader.is_alive(), what="the lookup")
+            go_pop.set()
+            assert popped.wait(10)  # (and took it off the queue)
+        finally:
+            go_pop.set()
+            go_lookup.set()
+            flusher.join(10)
+            reader.join(10)
+        assert isinstance(outcome[0], dict) and outcome[0]["status"] == "completed", outcome
+        refuse.clear()
+        assert j.flush() and j.get("t-199")["status"] == "completed"
+
+
+def test_a_spool_cut_while_the_writer_stores_it_loses_no_line_written_after(tmp_path, monkeypatch):
+    """Another process cuts the spool while the writer stores what it read from it, and
+    lines written after the cut reach past where that store ended before the writer looks
+    again: it went on from there, and the lines before that point were never stored."""
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    source, first = inspect.getsourcelines(writer_module.Writer._commit)
+    line = first + next(i for i, text in enumerate(source) if "in batch.reads" in text)
+    armed, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno == line and armed.is_set():
+            armed.clear()
+            paused.set()  # (stored, not yet advanced)
+            go.wait(10)
+        return local
+
+    threading.settrace(lambda frame, event, arg: local if frame.f_code is writer_module.Writer._commit.__code__
+                       else None)
+    try:
+        j = Journal(tmp_path, ENV)
+    finally:
+        threading.settrace(None)
+    with j:
+        for i in range(100):
+            run_task(j, f"before-{i}")
+        armed.set()
+        flusher = threading.Thread(target=j.flush, args=(10,))
+        flusher.start()
+        try:
+            assert paused.wait(10)
+            (segment,) = tmp_path.glob("*.spool")
+            size = segment.stat().st_size
+            os.truncate(segment, 0)
+            for i in range(150):
+                run_task(j, f"after-{i}")
+            assert segment.stat().st_size > size
+        finally:
+            go.set()
+            flusher.join(10)
+        assert j.flush()
+        pending = j.health()["pending"]
+    with Journal(tmp_path, ENV) as j:
+        found = j.statuses([f"after-{i}" for i in range(150)])
+        assert set(found.values()) == {"completed"}, sorted(u for u, s in found.items() if s != "completed")
+        assert pending == 0
