@@ -3,6 +3,7 @@ warning state per test."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -26,6 +27,23 @@ def task(uid: str, status: str = "queued", **fields) -> dict:
         rec["finished_at"] = now + 0.001
     rec.update(fields)
     return rec
+
+
+def refuse_new_segments(monkeypatch) -> threading.Event:
+    """While the event returned is set, no spool segment can be made ("No space left on
+    device": a full disk)."""
+    from qmagic.store import segments as segments_module
+
+    real_new_segment = segments_module.SessionFiles.new_segment
+    refuse = threading.Event()
+
+    def new_segment(files):
+        if refuse.is_set():
+            raise OSError(28, "No space left on device")
+        return real_new_segment(files)
+
+    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    return refuse
 
 
 @pytest.fixture(autouse=True)

@@ -175,6 +175,19 @@ def test_a_key_taken_out_of_the_list_is_refused_at_once(channel, monkeypatch):
         RM.close()
 
 
+def _shut_out(stranger, address: str, period: float) -> bool:
+    """True when ``stranger`` (a SUB socket with keys of its own, not in the list) gets no
+    status from the info socket at ``address``: the status goes out about once a ``period``,
+    so two periods without a message."""
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = (
+        SERVER_PUBLIC.encode(), public.encode(), secret.encode())
+    stranger.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+    stranger.connect(address)
+    return not stranger.poll(int(2.5 * 1000 * period))
+
+
 def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_socket(make_worker, monkeypatch):
     """A key list turned on starts the channel and the info socket again.  When the channel
     could not start again (its port taken meanwhile), the info socket was not restarted
@@ -214,14 +227,7 @@ def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_
         assert squatter.last_endpoint
         assert service.server is None or not service.server.running
         assert service.info is not None and service.info.running and service.info is not publisher
-        public, secret = (k.decode() for k in zmq.curve_keypair())
-        stranger.setsockopt(zmq.LINGER, 0)
-        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = (
-            SERVER_PUBLIC.encode(), public.encode(), secret.encode())
-        stranger.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
-        stranger.connect(address)
-        # the status goes out about once a second: two periods without a message for the stranger
-        assert not stranger.poll(int(2.5 * 1000 * period))
+        assert _shut_out(stranger, address, period)
     finally:
         stranger.close(0)
         squatter.close(0)
@@ -259,14 +265,7 @@ def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket
             sys.settrace(None)
         assert fired
         assert service.info is not None and service.info.address == address
-        public, secret = (k.decode() for k in zmq.curve_keypair())
-        stranger.setsockopt(zmq.LINGER, 0)
-        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = (
-            SERVER_PUBLIC.encode(), public.encode(), secret.encode())
-        stranger.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
-        stranger.connect(address)
-        # the status goes out about once a second: two periods without a message for the stranger
-        assert not stranger.poll(int(2.5 * 1000 * period))
+        assert _shut_out(stranger, address, period)
     finally:
         stranger.close(0)
         ctx.term()

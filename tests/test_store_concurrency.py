@@ -12,7 +12,7 @@ import sys
 import threading
 
 from polling import eventually
-from store_helpers import task
+from store_helpers import refuse_new_segments, task
 
 from qmagic.store import segments as segments_module
 from qmagic.store import spool as spool_module
@@ -35,15 +35,7 @@ def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, 
     monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
     monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
     monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
-    real_new_segment = segments_module.SessionFiles.new_segment
-    refuse = threading.Event()
-
-    def new_segment(files):
-        if refuse.is_set():
-            raise OSError(28, "No space left on device")
-        return real_new_segment(files)
-
-    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    refuse = refuse_new_segments(monkeypatch)
     source, first = inspect.getsourcelines(writer_module.Writer._commit)
     pop = first + next(i for i, text in enumerate(source) if "range(batch.held)" in text)
     after = first + next(i for i, text in enumerate(source) if "in batch.reads" in text)

@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 import pytest
 from polling import eventually
-from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
+from store_helpers import fresh_warnings, refuse_new_segments, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
@@ -86,32 +86,43 @@ def db_rows(tmp_path: Path, sql: str, params=()) -> list:
 
 
 # ---- round trip, visibility, filters ----------------------------------------------------------------
-def test_lookups_of_waiting_records_read_only_their_lines(tmp_path, monkeypatch):
-    """A lookup merged what waits for the database by reading every waiting spool line:
-    0.2-0.6 s per lookup (get, find, a status) with 100,000 tasks waiting in a database
-    fault.  The spool now indexes its lines by uid as lookups ask (only what was appended
-    since), and a lookup reads only its uids' lines."""
+@pytest.fixture
+def spool_reads(monkeypatch):
+    """A writer that stores on flush() only, spool segments of 64 kB (several), and
+    ``count()``/``stop()``: from then on (until then) the bytes ``os.pread`` reads add up in
+    ``read[0]``."""
+    from types import SimpleNamespace
+
     from qmagic.store import segments as segments_module
     from qmagic.store import writer as writer_module
 
-    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)
     monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
-    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 64 << 10)  # (several segments)
-    read = [0]
-    pread = os.pread
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 64 << 10)
+    read, pread = [0], os.pread
 
     def counting_pread(fd, n, offset):
         data = pread(fd, n, offset)
         read[0] += len(data)
         return data
 
+    return SimpleNamespace(read=read, count=lambda: monkeypatch.setattr(os, "pread", counting_pread),
+                           stop=lambda: monkeypatch.setattr(os, "pread", pread))
+
+
+def test_lookups_of_waiting_records_read_only_their_lines(tmp_path, spool_reads):
+    """A lookup merged what waits for the database by reading every waiting spool line:
+    0.2-0.6 s per lookup (get, find, a status) with 100,000 tasks waiting in a database
+    fault.  The spool now indexes its lines by uid as lookups ask (only what was appended
+    since), and a lookup reads only its uids' lines."""
+    read = spool_reads.read
     with Journal(tmp_path, ENV) as j:
         for i in range(300):
             run_task(j, f"task-{i:04d}", status="failed" if i % 7 == 0 else "completed")
         j.submitted(task("queued-one"))
         assert len(j._spool.segments) >= 3
         assert j.get("task-0100")["status"] == "completed"  # (the index is made)
-        monkeypatch.setattr(os, "pread", counting_pread)
+        spool_reads.count()
         assert j.get("task-0007")["status"] == "failed" and j.get("queued-one")["status"] == "queued"
         assert j.statuses(["task-0003", "task-0014", "nowhere"]) == {
             "task-0003": "completed", "task-0014": "failed", "nowhere": None}
@@ -119,43 +130,30 @@ def test_lookups_of_waiting_records_read_only_their_lines(tmp_path, monkeypatch)
         assert read[0] < 40_000, f"{read[0]} bytes read for a few lookups"
         j.started("queued-one", time.time())
         assert j.get("queued-one")["status"] == "running"  # (what was appended since: indexed)
-        monkeypatch.setattr(os, "pread", pread)
+        spool_reads.stop()
         assert j.flush()
         assert j.get("task-0007")["status"] == "failed" and j.get("queued-one")["status"] == "running"
         assert j.statuses(["task-0003"]) == {"task-0003": "completed"}
 
 
-def test_health_counts_waiting_records_without_reading_them_again(tmp_path, monkeypatch):
+def test_health_counts_waiting_records_without_reading_them_again(tmp_path, spool_reads):
     """``health()["pending"]`` read every waiting spool line at each call (0.28 s with
     100,000 tasks waiting in a long database fault, for every ``%tasks`` footer).  It now
     counts only what was appended since it last looked, and the count stays exact across
     segments, partial stores and new appends."""
-    from qmagic.store import segments as segments_module
-    from qmagic.store import writer as writer_module
-
-    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
-    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
-    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 64 << 10)  # (several segments)
-    read = [0]
-    pread = os.pread
-
-    def counting_pread(fd, n, offset):
-        data = pread(fd, n, offset)
-        read[0] += len(data)
-        return data
-
+    read = spool_reads.read
     with Journal(tmp_path, ENV) as j:
         for i in range(300):
             run_task(j, f"t-{i}")
         assert len(j._spool.segments) >= 3
         assert j.health()["pending"] == 900  # (three lines per task)
-        monkeypatch.setattr(os, "pread", counting_pread)
+        spool_reads.count()
         assert j.health()["pending"] == 900
         assert read[0] < 1000, f"{read[0]} bytes read again"
         run_task(j, "one-more")
         assert j.health()["pending"] == 903
         assert read[0] < 3000, f"{read[0]} bytes read for three new lines"
-        monkeypatch.setattr(os, "pread", pread)
+        spool_reads.stop()
         assert j.flush() and j.health()["pending"] == 0
         for i in range(5):
             run_task(j, f"u-{i}")
@@ -997,15 +995,7 @@ def test_lookups_racing_appends_see_every_returned_call(tmp_path, monkeypatch, f
     if fault == "spool":  # the writer stores on flush() only: what waits in memory stays there
         monkeypatch.setattr(writer_module, "QUIET_S", 600.0)
         monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
-    real_new_segment = segments_module.SessionFiles.new_segment
-    refuse = threading.Event()
-
-    def new_segment(files):
-        if refuse.is_set():
-            raise OSError(28, "No space left on device")
-        return real_new_segment(files)
-
-    monkeypatch.setattr(segments_module.SessionFiles, "new_segment", new_segment)
+    refuse = refuse_new_segments(monkeypatch)
     n, writers, readers = 600, 2, 2
     submitted: list[list[str]] = [[] for _ in range(writers)]  # uids whose submitted() returned
     finished: list[list[str]] = [[] for _ in range(writers)]  # ... whose finished() returned
