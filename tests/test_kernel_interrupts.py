@@ -60,8 +60,10 @@ def start_storm():
     spinning.clear()
     def storm():
         try:
-            if not spinning.wait(20):
-                return
+            deadline = time.monotonic() + 20
+            while not spinning.wait(0.01):  # (■ may end the cell before spin() sets it:
+                if not w.engine.foreground.user_busy() or time.monotonic() > deadline:
+                    return  # then the storm is over at once, not after 20 s)
             while w.engine.counts()["foreground"] is not None or w.engine.foreground.user_busy():
                 reply = qs.kernel_interrupt(interrupt_task=True)
                 out["sent"] += 1
