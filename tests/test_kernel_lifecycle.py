@@ -169,7 +169,7 @@ CYCLES = 50
 
 
 def test_unload_load_cycles_leave_nothing_behind(tmp_path):
-    """20 cycles of %load_ext, tasks (foreground, background, a script; every fifth cycle the
+    """50 cycles of %load_ext, tasks (foreground, background, a script; every fifth cycle the
     control channel), %unload_ext: file descriptors, qmagic mappings and threads come back to
     where they were."""
     k = KernelSession(tmp_path / "kernel").start()
