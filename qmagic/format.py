@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -74,8 +75,8 @@ def call_text(name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | N
         text = printable(name if name == "script" else f"{name} (script)")
         return text if len(text) <= width else text[: max(0, width - 3)] + "..."
     parts, size = [], len(name)
-    items = [*((None, a) for a in args or ()), *((kwargs or {}).items())]
-    for key, value in items:
+    items = itertools.chain(((None, a) for a in args or ()), (kwargs or {}).items())  # (lazily:
+    for key, value in items:  # a list of ten million arguments first took 3 s)
         parts.append(safe_repr(value, 24) if key is None else f"{key}={safe_repr(value, 24)}")
         size += len(parts[-1]) + 2
         if size > width:  # (the rest would be cut anyway: a huge call costs no time)

@@ -47,6 +47,9 @@ def test_one_call_text_for_tasks_and_records():
     assert record_call({"name": "s.py", "kind": "script"}) == "s.py (script)"
     huge = call_text("f", range(10**7), width=30)  # (stops early: no ten million reprs)
     assert huge == "f(0, 1, 2, 3, 4, 5, 6, 7, ...)" and len(huge) <= 30
+    taken = []  # (and reads no more arguments than it shows: it listed them all first, 3 s)
+    assert call_text("f", (taken.append(i) or i for i in range(10**5)), width=30).endswith("...)")
+    assert len(taken) < 20, len(taken)
 
 
 def test_a_duration_is_shown_only_when_it_can_be_true():
