@@ -231,10 +231,9 @@ class Journal:
         started: dict[str, float] = {}
         for data in chunks:
             rows_from_lines(data, self.session, time.time(), rows, [], started)
-        out = {uid: [row] for uid, row in rows.items() if needle is None or needle in uid}
+        out = {uid: [row] for uid, row in rows.items()}  # (the index chose the uids already)
         for uid, t in started.items():
-            if needle is None or needle in uid:
-                out.setdefault(uid, []).append((uid, t))
+            out.setdefault(uid, []).append((uid, t))
         return out
 
     def _merged(self, pending: dict[str, list[tuple]]) -> dict[str, dict[str, Any]]:
