@@ -143,6 +143,23 @@ def _expect_button_on_row(page, key: str, timeout_ms: float = 10_000) -> None:
         ) from None
 
 
+#: Per panel and segment: the task keys of its rows and the classes of its buttons (failure report).
+_PANELS_DRAWN = """() => [...document.querySelectorAll('.qmagic-task-panel')].map((panel, p) =>
+    [...panel.querySelectorAll('.qmagic-task-segment')].map((segment, s) => {
+        const rows = [...segment.querySelectorAll('.qm-row')].map(r => `${r.dataset.task}:${r.dataset.status}`);
+        const buttons = [...segment.querySelectorAll('.qmagic-task-controls > *')].map(
+            b => (b.className.match(/qmagic-(cancel|details-toggle|task-[0-9a-f]+)/g) || ['spacer']).join('.'));
+        return `panel ${p} segment ${s}: rows ${rows.join(' ')} | controls ${buttons.join(' ')}`;
+    })).flat()"""
+
+
+def _panels_drawn(page) -> list[str]:
+    try:
+        return page.evaluate(_PANELS_DRAWN)
+    except Exception as exc:  # noqa: BLE001 - a report, not a check
+        return [f"(could not read the page: {exc})"]
+
+
 def test_panels_in_jupyterlab(tmp_path):
     global ARTIFACTS
     require_browser()
@@ -159,11 +176,16 @@ def test_panels_in_jupyterlab(tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             counter = IOPubCounter()
             counter.attach(page)
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:500])
+                    if m.type in ("error", "warning") else None)
             try:
                 _scenario(page, counter, lab)
             except BaseException:
                 _shot(page, "failure.png")
                 print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
+                print("browser console (errors and warnings):", *console[-40:], sep="\n  ")
+                print("panels as drawn:", *_panels_drawn(page), sep="\n  ")
                 raise
             browser.close()
         assert "iopub messages resumed" not in lab.log()
