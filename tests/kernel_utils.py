@@ -190,18 +190,54 @@ class KernelSession:
         return {"transport": "ipc", "ip": prefix}
 
     def _connect(self, timeout: float) -> None:
+        """Connect, then wait until the kernel answers on shell *and* is heard on IOPub.
+
+        What jupyter_client's ``wait_for_ready`` checks, without its fixed pauses (at least
+        0.2 s per start, waiting for IOPub to fall silent): a ``kernel_info_request`` is sent
+        again until one has both its reply and its idle status back (IOPub drops what is
+        published before the subscription is in place).  The traffic of earlier tries is
+        filed by parent like any other, and never read.
+        """
         self.kc = self.km.blocking_client()
         self.kc.start_channels()
-        try:
-            self.kc.wait_for_ready(timeout=timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"kernel did not start within {timeout} s (argv {self.argv}): {exc}"
-            ) from exc
         self._iopub.clear()
         self._idle.clear()
         self._replies.clear()
-        # wait_for_ready leaves its kernel_info traffic on IOPub; it is filed when read.
+        deadline = time.monotonic() + timeout
+        asked: list[str] = []
+        while True:
+            asked.append(self.kc.kernel_info())
+            try:
+                reply = self._any_reply(asked, min(1.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                reply = None
+            if reply is not None:
+                heard = time.monotonic() + 0.25
+                while reply[0] not in self._idle and self._pump(heard - time.monotonic()):
+                    pass
+                if reply[0] in self._idle:
+                    self.kc._handle_kernel_info_reply({"content": reply[1]})
+                    return
+            if not self.km.is_alive():
+                raise RuntimeError(f"the kernel died before it answered (argv {self.argv})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kernel did not start within {timeout} s (argv {self.argv})")
+
+    def _any_reply(self, msg_ids: list[str], timeout: float) -> tuple[str, dict]:
+        """The first shell reply to any of ``msg_ids`` (oldest first): (msg_id, content)."""
+        end = time.monotonic() + timeout
+        while True:
+            for msg_id in msg_ids:
+                if msg_id in self._replies:
+                    return msg_id, self._replies[msg_id]
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply within {timeout} s")
+            try:
+                reply = self.kc.get_shell_msg(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
 
     def restart(self, timeout: float = START_TIMEOUT, *, now: bool = True) -> None:
         """Restart the kernel (same argv and env) and wait until it answers.  ``now=False``:
