@@ -675,6 +675,27 @@ def test_tasks_table(qm, ip, capsys):
     assert running.wait(TIMEOUT)
 
 
+def test_tasks_all_as_text_is_bounded_and_says_where_the_rest_is(qm, ip, capsys):
+    """Without widgets, ``%tasks --all`` / ``--running`` print a text table: at most
+    MAX_HISTORY_ROWS rows (the newest), then how many are left out and where they all are."""
+    qm.max_finished_tasks = MAX_HISTORY_ROWS + 10
+    count = MAX_HISTORY_ROWS + 3
+    tasks = [qm.submit("add", (i,)) for i in range(count)]
+    assert all(t.wait(TIMEOUT) for t in tasks)
+    capsys.readouterr()
+    line(ip, "tasks", "--all")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + MAX_HISTORY_ROWS + 1, len(out)
+    assert out[1].startswith(f"add({count - 1})") and out[-2].startswith("add(3)")
+    assert out[-1] == (f"(3 more tasks not shown; a cell shows the newest {MAX_HISTORY_ROWS}; "
+                       "all of them: qmagic.get_worker().tasks())")
+    running = [qm.submit("blocked") for _ in range(2)]
+    line(ip, "tasks", "--running")
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 2
+    ip.user_ns["gate"].set()
+    assert all(t.wait(TIMEOUT) for t in running)
+
+
 def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):
     """``%tasks --history N`` with a large log: the newest N rows, then one line saying that
     older tasks are in the log and how to see them; an N beyond what a cell can take (a

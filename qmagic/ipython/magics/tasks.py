@@ -246,7 +246,8 @@ class TaskMagics(Magics):
     def tasks(self, line: str) -> None:
         """Show tasks, newest first: the latest ones (default), --all, or only --running;
         --history [N] lists the experiment log, also of earlier kernels (at most 1000 rows
-        in a cell; a line under them says when older tasks are in the log).
+        in a cell, as a text table of --all or --running; a line under them says where the
+        rest is).
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
         table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
@@ -271,10 +272,12 @@ class TaskMagics(Magics):
             return
         if opts.running:
             items = [t for t in items if not t.done()]
-        hidden = 0
-        if max_rows is not None and len(items) > max_rows:
-            hidden, items = len(items) - max_rows, items[:max_rows]
-        print(fmt.task_table(items, hidden=hidden))
+        hint = "use --all"
+        if max_rows is None:  # --all, --running: as many as a cell takes (see --history)
+            max_rows = MAX_HISTORY_ROWS
+            hint = f"a cell shows the newest {MAX_HISTORY_ROWS}; all of them: qmagic.get_worker().tasks()"
+        hidden = max(0, len(items) - max_rows)
+        print(fmt.task_table(items[:max_rows], hidden=hidden, hint=hint))
 
     def _history(self, wanted: int) -> None:
         """The newest ``wanted`` log records (at most :data:`MAX_HISTORY_ROWS`), then a line
