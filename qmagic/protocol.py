@@ -21,7 +21,7 @@ from .format import SUMMARY_KEY
 from .jsonreply import Encoded
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
-from .result_copies import UNSURE, ResultCopies, plain_copy
+from .result_copies import BUSY, UNSURE, ResultCopies, plain_copy
 from .store.lockfile import MAX_USER_CHARS
 from .worker import json_error
 
@@ -121,8 +121,10 @@ class QueueserverProtocol(GuiMethods):
         return {"success": True, "msg": "", "task_uid": uids,
                 "status": {uid: _wire(found.get(uid)) for uid in uids}}
 
-    def task_result(self, params: dict, **who: Any) -> dict:
-        """queueserver ``task_result``: a task's status and result dict (memory, then the log)."""
+    def task_result(self, params: dict, *, large_work: Callable[[], bool] | None = None,
+                    **who: Any) -> dict:
+        """queueserver ``task_result``: a task's status and result dict (memory, then the log).
+        ``large_work``: asked before a large result is checked (see :func:`_plain_json`)."""
         uid = params.get("task_uid")
         if uid is None:
             return {**_task_error("Error: Required 'task_uid' parameter is missing in the API call.",
@@ -137,7 +139,7 @@ class QueueserverProtocol(GuiMethods):
         rec = found.to_dict() if task is not None else found
         status = TaskStatus(rec["status"])
         return {"success": True, "msg": "", "task_uid": uid, "status": status.wire,
-                "result": _result_dict(rec, status, task, self.result_copies)}
+                "result": _result_dict(rec, status, task, self.result_copies, large_work)}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
@@ -300,16 +302,23 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
 RESULT_READ_S = 1.0
 
 
-def _plain_json(value: Any, task: Task, copies: ResultCopies) -> tuple[Any, str | None]:
+def _plain_json(value: Any, task: Task, copies: ResultCopies,
+                large_work: Callable[[], bool] | None = None) -> tuple[Any, str | None]:
     """A live task's result as plain JSON data with its JSON (a copy: encoding the reply
     then runs none of the result's own code), or (None, why not).  A copy kept from an
     earlier request answers while the result is unchanged (:mod:`qmagic.result_copies`);
     else the copy is made -- and a check the control thread could not make quickly is made
     -- through :mod:`qmagic.probe`, with a deadline: the control thread never runs the
     result's code, nor waits long.  What was not ready in time is kept when it is, for the
-    next request: else a large result could never be read."""
+    next request: else a large result could never be read.  ``large_work`` is asked before
+    a kept copy (a large result) is checked: if it says no, the client is told to ask again
+    (many clients asking for a large result at once held up everyone else: the control
+    thread checked it for each of them in turn)."""
     uid = task.uid
-    kept = copies.get(uid, value)
+    kept = copies.get(uid, value, admit=large_work)
+    if kept is BUSY:
+        return None, ("was not sent (the kernel is busy answering other large requests): ask "
+                      "again in a second")
     if kept is not None and kept is not UNSURE:
         return kept, None
     unsure = kept is UNSURE
@@ -357,9 +366,9 @@ def not_started_message(rec: Mapping[str, Any]) -> str:
 
 
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
-                 copies: ResultCopies) -> dict[str, Any]:
+                 copies: ResultCopies, large_work: Callable[[], bool] | None = None) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log);
-    ``copies``: see :func:`_plain_json`."""
+    ``copies``, ``large_work``: see :func:`_plain_json`."""
     time_start = rec.get("started_at") or rec.get("submitted_at")
     if not status.finished:
         return {"task_uid": rec["uid"], "time_start": time_start,
@@ -372,7 +381,8 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it (see qmagic.history()).")
         else:
-            value, why = _plain_json(value, task, copies) if task is not None else (value, None)
+            value, why = (_plain_json(value, task, copies, large_work) if task is not None
+                          else (value, None))
             if why is not None:
                 msg = (f"The result {why}; it stays in the kernel: "
                        f"qmagic.get_worker().get_task('{rec['uid']}').result()")

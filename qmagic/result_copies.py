@@ -21,12 +21,12 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from operator import is_
-from typing import Any
+from typing import Any, Callable
 
 from . import probe
 from .jsonreply import Encoded, encoded
 
-__all__ = ["UNSURE", "ResultCopies", "plain_copy"]
+__all__ = ["BUSY", "UNSURE", "ResultCopies", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
@@ -92,6 +92,8 @@ def _unchanged(value: Any, copy: Any, steps: list[int] | None, depth: int = 0) -
 
 #: What :meth:`ResultCopies.get` answers when a quick check could not tell.
 UNSURE = object()
+#: What :meth:`ResultCopies.get` answers when a check may not be made now (its ``admit``).
+BUSY = object()
 #: Items a quick check may look into one by one (a few milliseconds); the numbers and
 #: strings of a list or dict that are all unchanged are one step in all.
 CHECK_STEPS = 10_000
@@ -109,10 +111,13 @@ class ResultCopies:
         self._owned: set[str] = set()  # uids whose task's end of life drops their copy
         self._gone: deque[str] = deque()  # tasks gone whose copies are still to drop
 
-    def get(self, uid: str, value: Any, *, thorough: bool = False) -> Any:
+    def get(self, uid: str, value: Any, *, thorough: bool = False,
+            admit: Callable[[], bool] | None = None) -> Any:
         """The kept copy of task ``uid``'s result ``value`` if it is unchanged, else None
         (a changed one is dropped).  The check is quick (``CHECK_STEPS``): where it cannot
         tell, :data:`UNSURE`; ``thorough``: however long it takes (on the probe thread).
+        ``admit`` is asked before a check (of a large result: ~50 ms per million items): if
+        it says no, :data:`BUSY`, unchecked.
         A copy made after its request gave up (``put(fresh=True)``) answers the next request
         once unchecked: it is newer than that request, as a copy made for it would be."""
         with self._lock:
@@ -124,6 +129,8 @@ class ResultCopies:
                 return kept
         if kept is None:
             return None
+        if admit is not None and not admit():
+            return BUSY
         try:
             same = _unchanged(value, kept, None if thorough else [CHECK_STEPS])
         except _TooLong:

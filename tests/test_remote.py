@@ -473,6 +473,10 @@ for _ in range(int(sys.argv[3])):  # each asks once and never reads the reply
     socks.append(sock)
 print("sent", flush=True)
 sys.stdin.readline()
+for sock in socks[::3]:  # told to (a line, or the end of stdin): a third go away unread
+    sock.close(0)
+print("closed", flush=True)
+sys.stdin.readline()
 """
 
 
@@ -508,6 +512,70 @@ def test_replies_of_a_large_result_to_clients_that_do_not_read_share_one_buffer(
         if readers is not None:
             readers.stdin.close()
             readers.wait(WAIT * 3)
+        srv.stop()
+        w.close()
+
+
+def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_path):
+    """A hundred and fifty clients ask at once for a finished task's result of a million
+    floats and never read it (a third go away meanwhile) while another client asks status.
+    Each of those requests checked the kept copy against the result, ~50 ms for a million
+    items on the serving thread, one after another: the status waited 4-18 s, past the 2 s
+    after which queueserver's clients give up (found by a hostile test).  Reading a large
+    result is large work now: while others wait, it takes at most half of the channel's time
+    and further such requests are answered at once, saying to ask again (clients that read
+    their replies get the value or that); a lone client is served."""
+    w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
+               foreground=ThreadForegroundRunner())
+    srv = serve(QueueserverProtocol(w))
+    rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT * 3)  # (the machine may be loaded)
+    ctx = zmq.Context()
+    askers = None
+    try:
+        uid = rm.function_execute(BFunc("data", 1_000_000), run_in_background=True)["task_uid"]
+        assert rm.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
+        eventually(lambda: rm.task_result(uid)["result"]["return_value"] is not None,
+                   timeout=WAIT * 3, what="the result read (and kept)", interval=0.01)
+        served = srv.requests
+        askers = subprocess.Popen([sys.executable, "-c", _SILENT_READERS, srv.address, uid, "150"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert askers.stdout.readline() == "sent\n"
+        eventually(lambda: srv.requests > served, timeout=WAIT * 3, what="the requests answered")
+        askers.stdin.write("\n")
+        askers.stdin.flush()
+        assert askers.stdout.readline() == "closed\n"
+        waits = []
+        for _ in range(3):
+            started = time.monotonic()
+            assert rm.status()["manager_state"] == "idle"
+            waits.append(time.monotonic() - started)
+        print(f"\nstatus while 150 clients ask for a large result: {max(waits):.2f} s")
+        assert max(waits) < 2.0, waits  # (before: 10-18 s here; now ~0.7 s)
+        eventually(lambda: srv.requests >= served + 100, timeout=WAIT * 6, what="the askers answered",
+                   interval=0.05)
+        assert srv.refused_busy > 0
+        # Thirty clients at once that read their replies: the value, or to ask again.
+        readers = [ctx.socket(zmq.REQ) for _ in range(30)]
+        for sock in readers:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 6 * 1000))
+            sock.connect(srv.address)
+        for sock in readers:
+            sock.send(json.dumps({"method": "task_result", "params": {"task_uid": uid}}).encode())
+        heads = [sock.recv()[:600] for sock in readers]  # (not decoded: the test's CPU is the kernel's)
+        sent = [h for h in heads if b'"msg": "", "traceback": "", "return_value": [0.0, 0.5, 1.0' in h]
+        told = [h for h in heads if b'"return_value": null' in h and b'"msg": "The result was not sent '
+                b'(the kernel is busy answering other large requests): ask again in a second;' in h]
+        assert sent and told and len(sent) + len(told) == len(heads), heads
+        assert all(b'"success": true, "msg": "", "task_uid": "' + uid.encode() + b'", "status": '
+                   b'"completed"' in h for h in heads), heads
+        assert len(rm.task_result(uid)["result"]["return_value"]) == 1_000_000  # (a lone client)
+    finally:
+        rm.close()
+        if askers is not None:
+            askers.stdin.close()
+            askers.wait(WAIT * 3)
+        ctx.destroy(linger=0)
         srv.stop()
         w.close()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import QMagicError, RequestRefused
 from ..format import safe_repr
@@ -117,14 +117,16 @@ def _unsupported_msg(names: list[str], spec: Method) -> str:
 
 
 def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None = None,
-             keys: Any = None, identity: Any = None, request_bytes: int = 0) -> dict:
+             keys: Any = None, identity: Any = None, request_bytes: int = 0,
+             large_work: Callable[[], bool] | None = None) -> dict:
     """Process one decoded request; returns the reply dict (errors in-band, never raises).
 
     ``keys``: the CurveZMQ client key list when one is configured; then ``identity`` is
     the sender's (None: not listed) and the request may only claim that identity's user
     and groups (:mod:`qmagic.remote.auth`).  ``request_bytes``: what the request's data
     takes in memory, passed to every method (those that start a task with what the client
-    sent give it to the task).
+    sent give it to the task).  ``large_work``: asked by a method before large work (True:
+    go ahead; see :mod:`qmagic.remote.large_work`), passed to every method; None: always.
     """
     if not isinstance(request, dict):  # queueserver's text
         return {"success": False, "msg": f"Incorrect request type: {type(request)}. Dictionary is expected"}
@@ -157,9 +159,9 @@ def dispatch(protocol: QueueserverProtocol, request: Any, *, client: str | None 
     try:
         if keys is not None:
             params = _authenticated(name, params, identity)
-        # (request_bytes: used by the methods whose task holds what the client sent; the
-        # others take it in **who)
-        return handler(params, client=client, request_bytes=request_bytes)
+        # (request_bytes: used by the methods whose task holds what the client sent;
+        # large_work: by task_result; the others take them in **who)
+        return handler(params, client=client, request_bytes=request_bytes, large_work=large_work)
     except RequestRefused as exc:
         return {"success": False, "msg": str(exc), **spec.error_keys}
     except QMagicError as exc:  # the state folder failed, the log is unavailable ...: its text

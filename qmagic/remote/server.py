@@ -27,6 +27,7 @@ import zmq
 
 from ..errors import ControlChannelError
 from ..jsonreply import reply_bytes
+from .large_work import LARGE_BYTES, LargeBudget
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
@@ -50,20 +51,11 @@ _REPLIES_PER_CLIENT = 16
 #: A connection that has not finished its handshake after this long is closed (libzmq's
 #: default, 30 s, let idle raw connections pile up until the kernel ran out of files).
 _HANDSHAKE_MS = 10_000
-#: A request larger than this (bytes) is *large*: decoding and answering it may take a
-#: while (a 50,000-uid ``task_status``: ~0.2 s).  Large requests may use at most
-#: ``_LARGE_SHARE`` of the serving thread's time (with bursts of ``_LARGE_BURST_S``) while
-#: other requests wait; beyond that they are refused at once, undecoded.  Ten clients
-#: repeating such lookups made every other client wait 1-3.6 s, past the 2 s after which
-#: queueserver's clients give up (found by a hostile test); small requests (status, a
-#: task's result, starting a task) are never refused for this.
-_LARGE_REQUEST_BYTES = 64 * 1024
 _ZERO_COPY_BYTES = 64 * 1024  # replies at least this large are sent from their buffer, not copied
-_LARGE_SHARE = 0.5
-_LARGE_BURST_S = 0.25
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
-#: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=...) -> reply dict``
+#: ``dispatch(request, client=..., keys=..., identity=..., request_bytes=..., large_work=...)
+#: -> reply dict`` (``large_work``: see :meth:`qmagic.remote.large_work.Turn.large_work`)
 Dispatcher = Callable[..., dict]
 #: ``refusal(head, msg) -> reply dict``: the reply to a request refused unread (``head``: its
 #: first bytes), e.g. :func:`qmagic.remote.dispatch.unread_refusal`.
@@ -133,34 +125,6 @@ class _StatusJSON:
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
 
 
-class _LargeBudget:
-    """How much serving time large requests may still use (see ``_LARGE_SHARE``): a token
-    bucket in seconds, refilled at ``_LARGE_SHARE`` seconds per second up to
-    ``_LARGE_BURST_S``, and full again whenever no request waits (:meth:`idle`).  Serving
-    thread only."""
-
-    def __init__(self) -> None:
-        self.allowance = _LARGE_BURST_S
-        self._at = time.monotonic()
-
-    def idle(self) -> None:
-        """A request came while none waited: nobody waited behind the time large requests
-        took so far, so none of it is owed (a request served while none waits costs
-        nothing: :meth:`ControlServer._reply_bytes`)."""
-        self.allowance, self._at = _LARGE_BURST_S, time.monotonic()
-
-    def admit(self) -> bool:
-        """True if a large request may be served now."""
-        now = time.monotonic()
-        self.allowance = min(_LARGE_BURST_S, self.allowance + (now - self._at) * _LARGE_SHARE)
-        self._at = now
-        return self.allowance > 0
-
-    def spend(self, seconds: float) -> None:
-        """A large request took ``seconds`` of serving time."""
-        self.allowance -= seconds
-
-
 def busy_text(size: int) -> str:
     """The reply to a large request refused because large requests took their share."""
     return (f"Error: The kernel is busy answering other large requests; this one ({size} bytes) "
@@ -204,11 +168,15 @@ class ControlServer(SocketThread):
         self.malformed = 0
         self.last_error: str | None = None
         self._status_json = _StatusJSON()
-        self._large = _LargeBudget()
-        #: Large requests refused because large requests had used their share of time.
-        self.refused_busy = 0
+        self._large = LargeBudget()  # (large work's share of time while others wait)
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    def refused_busy(self) -> int:
+        """Large requests (and reads of large results) refused because large work had used
+        its share of time (:mod:`qmagic.remote.large_work`)."""
+        return self._large.refused
+
     @property
     def uptime(self) -> float:
         """Seconds since the channel started (0 when stopped)."""
@@ -319,28 +287,25 @@ class ControlServer(SocketThread):
 
     # -- one request ------------------------------------------------------------------------------
     def _reply_bytes(self, frames: list, contended: bool = False) -> bytes:
-        """Decode, dispatch and encode one request; never raises.  A large request that
-        waited behind others (``contended``) is refused undecoded when large requests used
-        their share of time (``_LARGE_SHARE``); a lone client's are always served."""
+        """Decode, dispatch and encode one request; never raises.  Large work for a request
+        that waited behind others (``contended``) is refused when large work used its share
+        of time (:mod:`qmagic.remote.large_work`): a large request undecoded; a lone
+        client's is always served."""
         self.requests += 1
         size = sum(len(f) for f in frames)
-        large = _LARGE_REQUEST_BYTES < size <= self.max_message_bytes  # (larger: refused anyway)
-        if not contended:
-            self._large.idle()
-        elif large and not self._large.admit():
-            self.refused_busy += 1
-            return self._encoded(self._refused_unread(frames, busy_text(size)))
-        started = time.monotonic()
-        try:
-            return self._encoded(self._processed(frames, size))
-        finally:
-            if large and contended:  # (a request nobody waited behind is owed to nobody)
-                self._large.spend(time.monotonic() - started)
+        turn = self._large.turn(contended)
+        large = LARGE_BYTES < size <= self.max_message_bytes  # (larger: refused anyway)
+        if large and not turn.large_work():
+            reply = self._encoded(self._refused_unread(frames, busy_text(size)))
+        else:
+            reply = self._encoded(self._processed(frames, size, turn.large_work))
+        turn.end(len(reply))
+        return reply
 
-    def _processed(self, frames: list, size: int) -> dict:
+    def _processed(self, frames: list, size: int, large_work: Callable[[], bool]) -> dict:
         """The reply dict of one request of ``size`` bytes (errors as replies)."""
         try:
-            reply = self._handle(frames, size)
+            reply = self._handle(frames, size, large_work)
         except BaseException:  # noqa: BLE001 - a bug must not cost the client its reply
             log.exception("qmagic: control channel failed to process a request")
             reply = {"success": False, "msg": failure_text()}
@@ -371,7 +336,7 @@ class ControlServer(SocketThread):
         head = frames[0].buffer[:_HEAD_BYTES].tobytes() if len(frames) == 1 else b""
         return self._refusal(head, msg)
 
-    def _handle(self, frames: list, size: int) -> dict:
+    def _handle(self, frames: list, size: int, large_work: Callable[[], bool]) -> dict:
         if size > self.max_message_bytes:
             self.malformed += 1
             return self._refused_unread(frames, (
@@ -395,7 +360,8 @@ class ControlServer(SocketThread):
 
             identity = identity_of(frame, keys)
         return self._dispatch(request, client=_client_of(frame, identity), keys=keys,
-                              identity=identity, request_bytes=decoded_bytes(raw))
+                              identity=identity, request_bytes=decoded_bytes(raw),
+                              large_work=large_work)
 
 
 #: What the objects decoded from a JSON request take at most, per list, per dict and per item

@@ -304,7 +304,7 @@ class RemoteService:
             f"replies, {server.malformed} malformed",
         ]
         if server.refused_busy:
-            lines.append(f"  {server.refused_busy} large requests refused while large requests "
+            lines.append(f"  {server.refused_busy} large requests refused while large work "
                          "used half of the channel's time (clients were told to ask again)")
         if not is_loopback(server.requested_address) and not server.curve:
             lines.append("  WARNING: reachable from other machines without encryption: anyone who "
