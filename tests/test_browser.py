@@ -153,11 +153,79 @@ _PANELS_DRAWN = """() => [...document.querySelectorAll('.qmagic-task-panel')].ma
     })).flat()"""
 
 
-def _panels_drawn(page) -> list[str]:
+#: Per controls grid, the page's widget model: where its views are drawn and the buttons its
+#: ``children`` name (what the page was told, drawn or not), in the form of ``_PANELS_DRAWN``.
+_PANELS_TOLD = """async () => {
+    let found = null;
+    const find = (w) => {
+        if (found || !w) return;
+        if (w._manager && w._manager.promise) { found = w._manager.promise; return; }
+        for (const child of (w.widgets || (w.layout && w.layout.widgets) || [])) find(child);
+    };
+    for (const cell of window.jupyterapp.shell.currentWidget.content.widgets) find(cell.outputArea);
+    if (!found) return ['(no widget manager found in the notebook)'];
+    const manager = await found;
+    const panels = [...document.querySelectorAll('.qmagic-task-panel')];
+    const label = m => (m.get('_dom_classes') || []).filter(
+        c => /^qmagic-(cancel|details-toggle|task-[0-9a-f]+)$/.test(c)).join('.') || 'spacer';
+    const lines = [];
+    for (const promise of Object.values(manager._models)) {
+        const model = await promise.catch(() => null);
+        if (!model || !(model.get('_dom_classes') || []).includes('qmagic-task-controls')) continue;
+        const views = await Promise.all(Object.values(model.views || {}).map(v => v.catch(() => null)));
+        const where = views.filter(v => v && v.el).map(v => {
+            const p = panels.findIndex(panel => panel.contains(v.el));
+            const segments = p < 0 ? [] : [...panels[p].querySelectorAll('.qmagic-task-segment')];
+            return `panel ${p} segment ${segments.findIndex(s => s.contains(v.el))}`;
+        });
+        lines.push(`${where.join(', ') || 'not drawn'}: controls ${(model.get('children') || []).map(label).join(' ')}`);
+    }
+    return lines.sort();
+}"""
+
+#: Runs ``code`` in a new kernel subshell (it answers while a cell holds the main thread) and
+#: returns its output.
+_KERNEL_OUTPUT = """async (code) => {
+    const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+    const late = ms => new Promise(resolve => setTimeout(() => resolve(null), ms));
+    if (!kernel.supportsSubshells) return '(the kernel has no subshells)';
+    const created = await Promise.race([kernel.requestCreateSubshell({}).done, late(20000)]);
+    if (created === null) return '(the kernel did not create a subshell in 20 s)';
+    const subshell = kernel.clone({subshellId: created.content.subshell_id});
+    try {
+        const future = subshell.requestExecute({code, store_history: false});
+        const out = [];
+        future.onIOPub = m => {
+            if (m.header.msg_type === 'stream') out.push(m.content.text);
+            if (m.header.msg_type === 'error') out.push(`${m.content.ename}: ${m.content.evalue}`);
+        };
+        return (await Promise.race([future.done, late(20000)])) === null
+            ? '(the subshell did not answer in 20 s)' : out.join('');
+    } finally {
+        subshell.dispose();
+    }
+}"""
+
+#: Run in the kernel by the failure report: per panel segment, the buttons the kernel sent last.
+_KERNEL_SENT = """
+from qmagic.panels.pump import current_pump as _qm_pump
+def _qm_label(w):
+    return ".".join(c for c in w._dom_classes if c in ("qmagic-cancel", "qmagic-details-toggle")
+                    or c.startswith("qmagic-task-")) or "spacer"
+for _qm_p, _qm_v in enumerate(v for v in (_qm_pump().views() if _qm_pump() else []) if hasattr(v, "_table")):
+    for _qm_s, _qm_seg in enumerate(_qm_v._table.segments):
+        print(f"view {_qm_p} ({type(_qm_v).__name__}) segment {_qm_s}: controls",
+              " ".join(_qm_label(w) for w in _qm_seg.grid.children))
+"""
+
+
+def _report(page, script: str, *args) -> list[str]:
+    """The lines ``script`` returns (a failure report: never raises)."""
     try:
-        return page.evaluate(_PANELS_DRAWN)
+        result = page.evaluate(script, *args)
     except Exception as exc:  # noqa: BLE001 - a report, not a check
         return [f"(could not read the page: {exc})"]
+    return result.splitlines() if isinstance(result, str) else result
 
 
 def test_panels_in_jupyterlab(tmp_path):
@@ -185,7 +253,10 @@ def test_panels_in_jupyterlab(tmp_path):
                 _shot(page, "failure.png")
                 print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
                 print("browser console (errors and warnings):", *console[-40:], sep="\n  ")
-                print("panels as drawn:", *_panels_drawn(page), sep="\n  ")
+                print("panels as drawn:", *_report(page, _PANELS_DRAWN), sep="\n  ")
+                print("controls the page was told:", *_report(page, _PANELS_TOLD), sep="\n  ")
+                print("controls the kernel sent:",
+                      *_report(page, _KERNEL_OUTPUT, _KERNEL_SENT), sep="\n  ")
                 raise
             browser.close()
         assert "iopub messages resumed" not in lab.log()
