@@ -73,12 +73,14 @@ class Turn:
     def large_work(self) -> bool:
         """Large work is about to be done for this request: True if it may be (always when
         nobody waited behind the request, else while large work has time left in its
-        share) and its time is charged; False: the caller refuses it, saying to ask again."""
-        self.large = True
-        return not self.contended or self._budget.admit()
+        share) and its time is charged; False: the caller refuses it, saying to ask again (a
+        refusal is no large work: charged, retries could keep large work refused for good)."""
+        admitted = not self.contended or self._budget.admit()
+        self.large = self.large or admitted
+        return admitted
 
     def end(self, reply_bytes: int) -> None:
         """The request is answered with ``reply_bytes`` bytes: its time is charged if it was
-        large work that others waited behind."""
+        large work (admitted, or a large reply) that others waited behind."""
         if self.contended and (self.large or reply_bytes > LARGE_BYTES):
             self._budget.allowance -= time.monotonic() - self._started
