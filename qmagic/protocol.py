@@ -138,8 +138,12 @@ class QueueserverProtocol(GuiMethods):
         task = found if isinstance(found, Task) else None
         rec = found.to_dict() if task is not None else found
         status = TaskStatus(rec["status"])
-        return {"success": True, "msg": "", "task_uid": uid, "status": status.wire,
-                "result": _result_dict(rec, status, task, self.result_copies, large_work)}
+        result = _result_dict(rec, status, task, self.result_copies, large_work)
+        # A result not sent *this time* fails the request (its msg says to ask again): a
+        # client must not take its absence for a result of None.
+        again = isinstance(result.get("msg"), _AskAgain)
+        return {"success": not again, "msg": result["msg"] if again else "", "task_uid": uid,
+                "status": status.wire, "result": result}
 
     # -- locks --------------------------------------------------------------------------------------
     def lock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
@@ -302,6 +306,10 @@ def _lock_reply(worker: Any, success: bool, msg: str, state: Any = None) -> dict
 RESULT_READ_S = 1.0
 
 
+class _AskAgain(str):
+    """Why a result was not sent this time, while a later request may get it (a ``str``)."""
+
+
 def _plain_json(value: Any, task: Task, copies: ResultCopies,
                 large_work: Callable[[], bool] | None = None) -> tuple[Any, str | None]:
     """A live task's result as plain JSON data with its JSON (a copy: encoding the reply
@@ -317,8 +325,8 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
     uid = task.uid
     kept = copies.get(uid, value, admit=large_work)
     if kept is BUSY:
-        return None, ("was not sent (the kernel is busy answering other large requests): ask "
-                      "again in a second")
+        return None, _AskAgain("was not sent (the kernel is busy answering other large requests): "
+                               "ask again in a second")
     if kept is not None and kept is not UNSURE:
         return kept, None
     unsure = kept is UNSURE
@@ -343,8 +351,8 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
         found, why = probe.read(convert, RESULT_READ_S)
     except probe.ProbeTimeout:
         gave_up.set()
-        return None, (f"could not be read within {RESULT_READ_S:g} s (it is large, or its own code "
-                      "is slow or blocked): ask again in a moment")
+        return None, _AskAgain(f"could not be read within {RESULT_READ_S:g} s (it is large, or its "
+                               "own code is slow or blocked): ask again in a moment")
     if why is not None or isinstance(found, Encoded):
         return found, why
     return copies.put(task, found), None
@@ -384,8 +392,8 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             value, why = (_plain_json(value, task, copies, large_work) if task is not None
                           else (value, None))
             if why is not None:
-                msg = (f"The result {why}; it stays in the kernel: "
-                       f"qmagic.get_worker().get_task('{rec['uid']}').result()")
+                msg = type(why)(f"The result {why}; it stays in the kernel: "
+                                f"qmagic.get_worker().get_task('{rec['uid']}').result()")
     elif not success:
         msg = failure_message(rec, status)
     return {"task_uid": rec["uid"], "success": success, "msg": msg,

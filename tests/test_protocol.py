@@ -230,7 +230,9 @@ def test_task_result_never_runs_the_results_own_code_on_the_callers_thread(make_
     lazy, failed = w.submit("lazy"), w.submit("fails")
     assert lazy.wait(TIMEOUT) and failed.wait(TIMEOUT)
     before = list(calls)
-    res = qs.task_result(task_uid=lazy.uid)["result"]
+    reply = qs.task_result(task_uid=lazy.uid)
+    res = reply["result"]  # not sent this time: the request fails (a script never takes None for it)
+    assert reply["success"] is False and reply["status"] == "completed" and reply["msg"] == res["msg"]
     assert res["return_value"] is None and "could not be read within 0.2 s" in res["msg"]
     release.set()
     assert eventually(lambda: qs.task_result(task_uid=lazy.uid)["result"]["return_value"] == {"a": 1})

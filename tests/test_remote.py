@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -203,6 +204,19 @@ def rm_factory():
 @pytest.fixture
 def RM(server, rm_factory):
     return rm_factory(server.address)
+
+
+def _result_or_ask_again(rm, uid: str) -> tuple[Any, str]:
+    """``(return_value, "")`` from ``task_result``, or ``(None, msg)`` when the kernel says to
+    ask again: that reply fails the request (REManagerAPI raises), with the task's status."""
+    from bluesky_queueserver_api.comm_base import RequestFailedError
+
+    try:
+        return rm.task_result(uid)["result"]["return_value"], ""
+    except RequestFailedError as exc:
+        reply = exc.response
+        assert reply["status"] == "completed" and reply["result"]["return_value"] is None, reply
+        return None, reply["msg"]
 
 
 class Raw:
@@ -399,17 +413,16 @@ def test_a_large_result_is_readable_on_a_later_request(RM, worker, monkeypatch):
     worker.namespace["data"] = lambda n: [i * 0.5 for i in range(n)]
     uid = RM.function_execute(BFunc("data", 300_000), run_in_background=True)["task_uid"]
     assert RM.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
-    first = RM.task_result(uid)["result"]
-    assert first["return_value"] is None and "ask again in a moment" in first["msg"], first["msg"]
+    first, told = _result_or_ask_again(RM, uid)
+    assert first is None and "ask again in a moment" in told, told
     deadline = time.monotonic() + WAIT
     while True:
-        result = RM.task_result(uid)["result"]
-        if result["return_value"] is not None:
+        result, told = _result_or_ask_again(RM, uid)
+        if result is not None:
             break
-        assert time.monotonic() < deadline, result["msg"]
+        assert time.monotonic() < deadline, told
         time.sleep(0.01)  # polling a remote reply: nothing to wait on but the next one
-    assert result["success"] is True and result["msg"] == ""
-    assert result["return_value"] == [i * 0.5 for i in range(300_000)]
+    assert result == [i * 0.5 for i in range(300_000)]
 
 
 def wait_probe_free() -> None:
@@ -442,7 +455,7 @@ def test_a_large_result_is_copied_once_and_never_shown_stale(RM, worker, monkeyp
 
     def value_when_read() -> list:
         found: list = []
-        eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+        eventually(lambda: found.append(_result_or_ask_again(RM, uid)[0])
                    or found[-1] is not None, timeout=WAIT, what="the result read", interval=0.01)
         return found
 
@@ -564,11 +577,12 @@ def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_pat
             sock.send(json.dumps({"method": "task_result", "params": {"task_uid": uid}}).encode())
         heads = [sock.recv()[:600] for sock in readers]  # (not decoded: the test's CPU is the kernel's)
         sent = [h for h in heads if b'"msg": "", "traceback": "", "return_value": [0.0, 0.5, 1.0' in h]
-        told = [h for h in heads if b'"return_value": null' in h and b'"msg": "The result was not sent '
-                b'(the kernel is busy answering other large requests): ask again in a second;' in h]
+        told = [h for h in heads if h.startswith(b'{"success": false, "msg": "The result was not sent '
+                b'(the kernel is busy answering other large requests): ask again in a second;')]
         assert sent and told and len(sent) + len(told) == len(heads), heads
         assert all(b'"success": true, "msg": "", "task_uid": "' + uid.encode() + b'", "status": '
-                   b'"completed"' in h for h in heads), heads
+                   b'"completed"' in h for h in sent), sent
+        assert all(b'"task_uid": "' + uid.encode() + b'", "status": "completed"' in h for h in told), told
         assert len(rm.task_result(uid)["result"]["return_value"]) == 1_000_000  # (a lone client)
     finally:
         rm.close()
@@ -592,7 +606,7 @@ def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protoc
     uid = RM.function_execute(BFunc("data", 300_000), run_in_background=True)["task_uid"]
     assert RM.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
     found: list = []
-    eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+    eventually(lambda: found.append(_result_or_ask_again(RM, uid)[0])
                or found[-1] is not None, timeout=WAIT, what="the result read", interval=0.01)
     assert found[-1] == [i * 0.5 for i in range(300_000)]
     wait_probe_free()
@@ -610,12 +624,12 @@ def test_checking_a_kept_copy_of_many_small_lists_never_holds_up_the_channel(RM,
     uid = RM.function_execute(BFunc("rows", 200_000), run_in_background=True)["task_uid"]
     assert RM.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
     found: list = []
-    eventually(lambda: found.append(RM.task_result(uid)["result"]["return_value"])
+    eventually(lambda: found.append(_result_or_ask_again(RM, uid)[0])
                or found[-1] is not None, timeout=WAIT * 3, what="the result read", interval=0.01)
     assert found[-1][-1] == [199_999]
     del found[:]
     monkeypatch.setattr(protocol, "RESULT_READ_S", 0.001)  # (far less than the check takes)
-    msgs = [RM.task_result(uid)["result"]["msg"] for _ in range(3)]  # (counted, not timed)
+    msgs = [_result_or_ask_again(RM, uid)[1] for _ in range(3)]  # (counted, not timed)
     wait_probe_free()
     assert any("ask again in a moment" in msg for msg in msgs), msgs  # (before: never)
 
