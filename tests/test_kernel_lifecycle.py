@@ -148,10 +148,31 @@ def snapshot():
     return {"files": open_files(), "maps": qmagic_maps(), "threads": threading.active_count(),
             "qmagic_threads": qmagic_threads()}
 
+def sweep_event_pipes():
+    """Close the IOPub event pipes of ended threads now, as ipykernel's own sweep does every
+    10 s.  ipykernel gives each thread that publishes on IOPub a 0MQ socket of its own (an
+    eventfd); qmagic's panel thread publishes widget updates, so after an unload its ended
+    thread's socket stayed up to 10 s (the 0MQ context is the kernel's).  A live thread's
+    pipe is never closed here (and a live thread counts anyway)."""
+    iopub = get_ipython().kernel.iopub_thread
+    if not hasattr(iopub, "_event_pipe_gc"):  # another ipykernel: wait for its own sweep
+        return
+    done = threading.Event()
+
+    async def sweep():
+        try:
+            await iopub._event_pipe_gc()
+        finally:
+            done.set()
+
+    iopub.io_loop.add_callback(sweep)
+    assert done.wait(10), "the IOPub thread did not run the sweep"
+
 def settled(base, timeout=10):
     """Wait until nothing is left beyond ``base``; what is left."""
     deadline = time.monotonic() + timeout
     while True:
+        sweep_event_pipes()
         now = snapshot()
         extra = {"files": dict(Counter(now["files"]) - Counter(base["files"])),
                  "maps": sorted(set(now["maps"]) - set(base["maps"])),
