@@ -2009,6 +2009,26 @@ def test_start_stop_restart_and_bind_errors(protocol, server):
     assert not other.running
 
 
+def test_stop_ends_the_serving_thread_at_once_whatever_its_poll_period(protocol, monkeypatch):
+    """``stop()`` wakes the serving thread.  Before, the thread saw the stop flag only when
+    its blocking receive timed out (every 100 ms): each stop of the channel (an unload, a
+    move, a limit change, a new key list) waited up to 100 ms.  With a poll period of a
+    minute the stop must still end the thread at once, while the channel serves between."""
+    from qmagic.remote import server as server_module
+
+    monkeypatch.setattr(server_module, "_POLL_MS", 60_000)
+    for _ in range(3):
+        srv = serve(protocol)
+        serving = [t for t in threading.enumerate() if t.name == "qmagic-control" and t.is_alive()]
+        client = Raw(srv.address)
+        try:
+            assert "manager_state" in client.request("status")  # (then idle in its wait)
+        finally:
+            client.close()
+        srv.stop(timeout=WAIT)
+        assert serving and not [t for t in serving if t.is_alive()], "the thread still serves"
+
+
 def test_default_address_is_loopback():
     assert DEFAULT_ADDRESS.startswith("tcp://127.0.0.1:")
     for address in (DEFAULT_ADDRESS, "tcp://localhost:1", "tcp://[::1]:5", "ipc:///tmp/x",

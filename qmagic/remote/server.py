@@ -28,7 +28,7 @@ import zmq
 from ..errors import ControlChannelError
 from ..jsonreply import reply_bytes
 from .large_work import LARGE_BYTES, LargeBudget
-from .socket_thread import PRIVATE_KEY_ENV, SocketThread
+from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
            "server_secret_key"]
@@ -38,7 +38,7 @@ log = logging.getLogger("qmagic")
 #: Address used when none is given (queueserver's port, on loopback only).
 DEFAULT_ADDRESS = "tcp://127.0.0.1:60615"
 
-_POLL_MS = 100  # how often the serving thread looks at the stop flag
+_POLL_MS = 100  # how often an idle serving thread looks at the stop flag (stop() wakes it)
 _HARD_CAP_MIN = 64 * 1024 * 1024  # MAXMSGSIZE floor: larger frames drop the connection
 #: Requests and replies queued per client.  A client that sent requests and never read the
 #: replies made the kernel hold a thousand of each (libzmq's default: gigabytes for 9 MB
@@ -169,6 +169,7 @@ class ControlServer(SocketThread):
         self.last_error: str | None = None
         self._status_json = _StatusJSON()
         self._large = LargeBudget()  # (large work's share of time while others wait)
+        self._waker: Waker | None = None  # (the serving thread's, while it runs)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -208,6 +209,7 @@ class ControlServer(SocketThread):
         ctx = zmq.Context()
         sock: zmq.Socket | None = None
         auth = None
+        self._waker = waker = Waker()
         try:
             try:
                 auth = self._authenticator(ctx)
@@ -222,15 +224,18 @@ class ControlServer(SocketThread):
                 return
             finally:
                 ready.set()
-            waiting = True  # a request may be waiting: look first without blocking
+            waiting = True  # True: a request found at once came while the thread was busy
             last: int | None = None  # the connection of the request answered last
             while not stop.is_set():
                 try:
-                    frames = [sock.recv(zmq.NOBLOCK if waiting else 0, copy=False)]
+                    if not waiting and waker in zmq.select([sock, waker], [], [], _POLL_MS / 1e3)[0]:
+                        waker.clear()  # (stop() was called: the loop looks at the flag)
+                        continue
+                    frames = [sock.recv(zmq.NOBLOCK, copy=False)]
                     while sock.getsockopt(zmq.RCVMORE):
                         frames.append(sock.recv(copy=False))
                 except zmq.Again:
-                    waiting = False  # (then a blocking receive, RCVTIMEO at most)
+                    waiting = False  # (then a wait for a request, or for stop())
                     continue
                 except zmq.ZMQError as exc:
                     sock = self._recover(ctx, sock, exc, stop)
@@ -256,6 +261,12 @@ class ControlServer(SocketThread):
             if auth is not None:
                 auth.stop()
             ctx.term()
+            waker.close()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     def _recover(self, ctx: zmq.Context, sock: zmq.Socket, exc: zmq.ZMQError,
                  stop: threading.Event) -> zmq.Socket:

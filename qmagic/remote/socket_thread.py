@@ -5,18 +5,20 @@ info socket share.
 the error) before it serves; a failure raises :class:`qmagic.ControlChannelError` and leaves
 nothing running.  :meth:`SocketThread.stop` asks the thread to end and joins it
 (idempotent).  Subclasses implement ``_run(stop, ready, outcome)``: bind, put ``endpoint`` or
-``error`` in ``outcome``, set ``ready``, then serve until ``stop`` is set.
+``error`` in ``outcome``, set ``ready``, then serve until ``stop`` is set.  A thread that
+blocks on its socket waits on a :class:`Waker` beside it, which ``stop`` sets.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any
 
 from ..errors import ControlChannelError
 
-__all__ = ["PRIVATE_KEY_ENV", "SocketThread", "port_is_valid"]
+__all__ = ["PRIVATE_KEY_ENV", "SocketThread", "Waker", "port_is_valid"]
 
 log = logging.getLogger("qmagic")
 
@@ -47,6 +49,46 @@ def port_is_valid(address: str) -> bool:
     if port == "*":
         return True
     return port.isascii() and port.isdigit() and int(port) <= 65535
+
+
+class Waker:
+    """A self-pipe that wakes a thread waiting on 0MQ sockets: the thread passes it to
+    ``zmq.select`` with its socket (it has a ``fileno``); :meth:`wake` makes it readable from
+    any thread, :meth:`clear` (in the waiting thread) drains it.  The thread that made it
+    closes it; a wake after that does nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (no wake writes to a descriptor being closed)
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        """The descriptor that becomes readable on :meth:`wake`."""
+        return self._reader.fileno()
+
+    def wake(self) -> None:
+        """Make the waiting thread's ``select`` return (any thread; never blocks)."""
+        with self._lock:
+            if self._writer.fileno() >= 0:
+                try:
+                    self._writer.send(b"\0")
+                except OSError:  # full: a wake is pending anyway
+                    pass
+
+    def clear(self) -> None:
+        """Drain the pending wakes (the waiting thread)."""
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:  # (empty)
+            pass
+
+    def close(self) -> None:
+        """Close both ends (the thread that made it, as it ends)."""
+        with self._lock:
+            self._writer.close()
+        self._reader.close()
 
 
 class SocketThread:
