@@ -204,40 +204,34 @@ class KernelSession:
         self._idle.clear()
         self._replies.clear()
         deadline = time.monotonic() + timeout
-        asked: list[str] = []
+        asked: set[str] = set()
         while True:
-            asked.append(self.kc.kernel_info())
-            try:
-                reply = self._any_reply(asked, min(1.0, max(0.0, deadline - time.monotonic())))
-            except TimeoutError:
-                reply = None
-            if reply is not None:
-                heard = time.monotonic() + 0.25
-                while reply[0] not in self._idle and self._pump(heard - time.monotonic()):
-                    pass
-                if reply[0] in self._idle:
-                    self.kc._handle_kernel_info_reply({"content": reply[1]})
+            asked.add(self.kc.kernel_info())
+            again = min(deadline, time.monotonic() + 1.0)  # (then ask once more)
+            while time.monotonic() < again:
+                answered = next((m for m in asked if m in self._replies and m in self._idle), None)
+                if answered is not None:
+                    self.kc._handle_kernel_info_reply({"content": self._replies[answered]})
                     return
+                self._read_replies(0.02)
+                self._pump(0.02)
             if not self.km.is_alive():
                 raise RuntimeError(f"the kernel died before it answered (argv {self.argv})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kernel did not start within {timeout} s (argv {self.argv})")
 
-    def _any_reply(self, msg_ids: list[str], timeout: float) -> tuple[str, dict]:
-        """The first shell reply to any of ``msg_ids`` (oldest first): (msg_id, content)."""
-        end = time.monotonic() + timeout
+    def _read_replies(self, timeout: float) -> None:
+        """File the shell replies that come within ``timeout`` by their request's msg_id."""
+        try:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+        except queue.Empty:
+            return
         while True:
-            for msg_id in msg_ids:
-                if msg_id in self._replies:
-                    return msg_id, self._replies[msg_id]
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no reply within {timeout} s")
-            try:
-                reply = self.kc.get_shell_msg(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
             self._replies[reply["parent_header"].get("msg_id")] = reply["content"]
+            try:
+                reply = self.kc.get_shell_msg(timeout=0)
+            except queue.Empty:
+                return
 
     def restart(self, timeout: float = START_TIMEOUT, *, now: bool = True) -> None:
         """Restart the kernel (same argv and env) and wait until it answers.  ``now=False``:
