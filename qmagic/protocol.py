@@ -392,8 +392,10 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
             value, why = (_plain_json(value, task, copies, large_work) if task is not None
                           else (value, None))
             if why is not None:
-                msg = type(why)(f"The result {why}; it stays in the kernel: "
-                                f"qmagic.get_worker().get_task('{rec['uid']}').result()")
+                msg = (f"The result {why}; it stays in the kernel: "
+                       f"qmagic.get_worker().get_task('{rec['uid']}').result()")
+                if isinstance(why, _AskAgain):  # (task_result then fails the request)
+                    msg = _AskAgain(msg)
     elif not success:
         msg = failure_message(rec, status)
     return {"task_uid": rec["uid"], "success": success, "msg": msg,
