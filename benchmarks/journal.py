@@ -18,14 +18,18 @@ order alternates from round to round; medians over rounds):
   per 100k tasks, the mean of two measurements per worker (order off, on, on, off);
   ``log_mb`` = on - off is what the log adds                        [target: log_mb <= 15]
 
-``floor``: what the task path must pay at the least for the log's invariants with
-``write(2)``: a worker with the log off and, through the engine's observer hook (the engine
-then builds each task's final record), an observer that only appends three pre-encoded lines
-per task (queued, started, ended: uid durable before the caller sees it, the start before
-the code runs, the end before waiters wake) with the log's own one-``write`` append, and
-nothing else (no encoding, no SQLite).  Its latency and burst ratios against the same
-baseline bound what a log behind that hook that writes that way can reach on this machine;
-they are reported, not targets.
+``floor``: what any log behind the engine's observer hook must cost the task path at the
+least, three ways, each a worker with the log off plus one observer (the engine then builds
+each task's final record and tells it three events: queued, started, ended), against the same
+baseline; reported, not targets:
+
+- ``interface``: an observer that does nothing (the hook's own cost);
+- ``memory``: an observer that writes three fixed-size records (uid, event, time) into a
+  preallocated shared file mapping: what survives a SIGKILL with no system call, no encoding
+  and no SQLite (a design the log does not use: a file cut short by another program, or a full
+  disk, would end the kernel with SIGBUS);
+- ``write``: three pre-encoded lines with the log's own one-``write(2)`` append (uid durable
+  before the caller sees it, the start before the code runs, the end before waiters wake).
 
 The log of the "on" worker must hold every task, completed, once it is closed (``records``:
 nothing else, nothing dropped), and an idle log must store what waits within 10 s
@@ -39,10 +43,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import mmap
 import os
 import sqlite3
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -79,9 +86,55 @@ def make_worker(state_dir: str, log_on: bool, queue: int, **settings) -> Worker:
     return Worker({"noop": noop}, config=config)
 
 
-class AppendsOnly:
-    """The floor (see the module docstring): one durable append per task event, no more.
-    An observer of the engine (``qmagic.core.engine.TaskObserver``)."""
+class Interface:
+    """The ``interface`` floor: an observer (``qmagic.core.engine.TaskObserver``) doing nothing."""
+
+    def task_submitted(self, task) -> None:
+        pass
+
+    def task_started(self, task) -> None:
+        pass
+
+    def task_finished(self, task, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryOnly(Interface):
+    """The ``memory`` floor: three fixed-size records per task in a shared file mapping."""
+
+    SLOT = struct.Struct("<36sBd")  # uid, event (1 queued, 2 started, 3 ended), time
+
+    def __init__(self, path: str, slots: int = 1 << 18) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, 64 * slots)  # (allocated: writing can't hit a full disk)
+            self.map = mmap.mmap(fd, 64 * slots)
+        finally:
+            os.close(fd)
+        self.slots, self.next = slots, itertools.count()
+        self.pack = self.SLOT.pack_into
+
+    def put(self, uid: str, event: int, at: float | None) -> None:
+        self.pack(self.map, 64 * (next(self.next) % self.slots), uid.encode(), event, at or 0.0)
+
+    def task_submitted(self, task) -> None:
+        self.put(task.uid, 1, task.submitted_at)
+
+    def task_started(self, task) -> None:
+        self.put(task.uid, 2, task.started_at)
+
+    def task_finished(self, task, record) -> None:
+        self.put(task.uid, 3, record["finished_at"])
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class AppendsOnly(Interface):
+    """The ``write`` floor: one durable ``write(2)`` append per task event, no more."""
 
     def __init__(self, path: str, lines: tuple[bytes, bytes, bytes]) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -111,9 +164,13 @@ def record_lines(worker: Worker) -> tuple[bytes, bytes, bytes]:
     return queued, started, encoder.encode(record, final=True)
 
 
-def with_floor(worker: Worker, path: str) -> Worker:
-    """``worker`` (log off) with an :class:`AppendsOnly` observer; it closes with the worker."""
-    observer = AppendsOnly(path, record_lines(worker))
+FLOORS = ("interface", "memory", "write")
+
+
+def with_floor(worker: Worker, floor: str, path: str) -> Worker:
+    """``worker`` (log off) with the observer of ``floor``; it closes with the worker."""
+    observer = (Interface() if floor == "interface" else MemoryOnly(path) if floor == "memory"
+                else AppendsOnly(path, record_lines(worker)))
     worker.engine.observers.append(observer)
     close = worker.close
 
@@ -126,14 +183,14 @@ def with_floor(worker: Worker, path: str) -> Worker:
 
 def latency_side(root: str, mode: str) -> placement.Side:
     """A worker with one background thread and its own state folder, for placement.compare;
-    ``mode``: "off", "on" or "floor"."""
+    ``mode``: "off", "on" or one of FLOORS."""
     made = iter(range(10**6))
 
     def make():
         folder = os.path.join(root, f"{mode}-{next(made)}")
         worker = make_worker(folder, mode == "on", 1000, max_background_tasks=1)
-        if mode == "floor":
-            with_floor(worker, folder + ".floor")
+        if mode in FLOORS:
+            with_floor(worker, mode, folder + ".floor")
         return (lambda: worker.submit("noop").result(30)), worker.close
     return make
 
@@ -220,20 +277,22 @@ def main() -> int:
     queue = max(args.burst, 10_000) + 1000
     with tempfile.TemporaryDirectory(prefix="qmagic-bench-") as tmp:
         workers = {"off": make_worker(os.path.join(tmp, "off"), False, queue),
-                   "on": make_worker(os.path.join(tmp, "on"), True, queue),
-                   "floor": with_floor(make_worker(os.path.join(tmp, "floor"), False, queue),
-                                       os.path.join(tmp, "floor.lines"))}
+                   "on": make_worker(os.path.join(tmp, "on"), True, queue)}
+        for floor in FLOORS:
+            workers[floor] = with_floor(make_worker(os.path.join(tmp, floor), False, queue),
+                                        floor, os.path.join(tmp, floor + ".floor"))
         ran = 0  # tasks run by the "on" worker
         try:
             lat = placement.compare(latency_side(tmp, "off"), latency_side(tmp, "on"), args.latency)
-            floor_lat = placement.compare(latency_side(tmp, "off"), latency_side(tmp, "floor"),
-                                          args.latency, aa=False)
+            floor_lat = {floor: placement.compare(latency_side(tmp, "off"), latency_side(tmp, floor),
+                                                  args.latency, aa=False) for floor in FLOORS}
             for w in workers.values():  # warm up: threads, caches, the database
                 burst(w, 4 * THREADS * 20)
             ran += 4 * THREADS * 20
-            rate: dict[str, list[float]] = {"off": [], "on": [], "floor": []}
+            rate: dict[str, list[float]] = {mode: [] for mode in workers}
             for rnd in range(args.rounds):
-                order = ("off", "on", "floor") if rnd % 2 == 0 else ("floor", "on", "off")
+                order = ("off", "on", *FLOORS)
+                order = order if rnd % 2 == 0 else order[::-1]
                 for mode in order:
                     settle(workers[mode])  # (the previous burst's records stored first)
                     rate[mode].append(burst(workers[mode], args.burst))
@@ -269,9 +328,10 @@ def main() -> int:
         "records": {"ran": ran, "completed_in_log": records.get("completed", 0),
                     "other_in_log": sum(records.values()) - records.get("completed", 0),
                     "pending_before_close": health["pending"], "dropped": health["dropped"]},
-        "floor": {"latency_ratio": floor_lat.pop("ratio"),
-                  "latency": {p: floor_lat[p] for p in placement.PLACEMENTS},
-                  "burst_ratio": round(med_rate["floor"] / med_rate["off"], 3)},
+        "floor": {floor: {"latency_ratio": floor_lat[floor].pop("ratio"),
+                          "latency": {p: floor_lat[floor][p] for p in placement.PLACEMENTS},
+                          "burst_ratio": round(med_rate[floor] / med_rate["off"], 3)}
+                  for floor in FLOORS},
         "log_stalls": STALLS[0],
         "rounds": args.rounds,
         "load_average": round(os.getloadavg()[0], 1),
