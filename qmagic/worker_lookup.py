@@ -57,10 +57,10 @@ class LookupMixin:
         except TaskNotFound as exc:
             if exc.reason != "unknown":  # too short or ambiguous: the log cannot tell more
                 raise
-            record = self._log_find(uid_or_prefix)
+            record, several = self._log_match(uid_or_prefix)
             if record is not None:
                 return record
-            if self._log_shared(uid_or_prefix):
+            if several:
                 raise TaskNotFound(f"Task uid prefix {uid_or_prefix!r} matches several tasks in the "
                                    "experiment log; give more characters (see %tasks --history).",
                                    "ambiguous") from None
@@ -122,23 +122,23 @@ class LookupMixin:
     def _log_find(self, uid: str, exact: bool = False) -> dict[str, Any] | None:
         """The log's record of ``uid`` (else of the one task whose uid starts with it,
         unless ``exact``: a remote lookup of an unknown uid then makes no prefix search)."""
+        if exact:
+            return self._log_read(lambda journal: journal.get(uid), uid, None)
+        return self._log_match(uid)[0]
+
+    def _log_match(self, prefix: str) -> tuple[dict[str, Any] | None, bool]:
+        """The log's ``(record, several)`` for a uid or uid prefix (Journal.match)."""
+        return self._log_read(lambda journal: journal.match(prefix), prefix, (None, False))
+
+    def _log_read(self, read: Callable[[Any], Any], uid: Any, default: Any) -> Any:
         journal = self._journal
         if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
-            return None  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
+            return default  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
         try:
-            return journal.get(uid) if exact else journal.find(uid)
+            return read(journal)
         except (StateFileError, OSError) as exc:
             log.warning("qmagic: the experiment log could not be read: %s", exc)
-            return None
-
-    def _log_shared(self, prefix: str) -> bool:
-        journal = self._journal
-        if journal is None or not prefix.isascii():
-            return False
-        try:
-            return journal.shared_prefix(prefix)
-        except (StateFileError, OSError):  # (_log_find warned already)
-            return False
+            return default
 
     def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         journal = self._journal

@@ -16,11 +16,12 @@ import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 from interrupt_points import interrupted_at, lines_of
 from polling import eventually
+from store_helpers import task as log_record
 from traitlets.config import Config
 
 import qmagic
 from qmagic import TaskStatus, Worker, probe
-from qmagic.errors import LogUnavailable, TaskCancelled
+from qmagic.errors import LogUnavailable, TaskCancelled, TaskNotFound
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import VALUE_REPR_S
@@ -65,6 +66,25 @@ def test_results_survive_a_new_worker(journaled):
     assert records[0]["progress"] == {"value": 3, "total": 3, "message": "done"}
     assert records[0]["origin"] == "python" and records[0]["background"] is True
     assert records[0]["journal"]["orphaned"] is False
+
+
+def test_a_uid_prefix_the_log_does_not_know_or_shares_is_searched_for_once(journaled, monkeypatch):
+    """worker.find of a prefix not in memory: one prefix search of the log tells found,
+    several tasks and missing apart (it searched a second time for the "several" line)."""
+    w = journaled()
+    for uid in ("abcd1111-0000-4000-8000-000000000001", "abcd2222-0000-4000-8000-000000000002"):
+        w._journal.submitted(log_record(uid, "completed"))
+    reader = w._journal._reader
+    searches = []
+    search = reader.find_prefix
+    monkeypatch.setattr(reader, "find_prefix", lambda *a, **k: searches.append(a) or search(*a, **k))
+    with pytest.raises(TaskNotFound, match="not in the experiment log either"):
+        w.find("ffff0000")
+    assert len(searches) == 1
+    with pytest.raises(TaskNotFound, match="matches several tasks in the experiment log"):
+        w.find("abcd")
+    assert len(searches) == 2
+    assert w.find("abcd2")["uid"].startswith("abcd2222") and len(searches) == 3
 
 
 class _NoLen(list):

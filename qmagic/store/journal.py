@@ -272,16 +272,17 @@ class Journal:
     def find(self, uid_or_prefix: str) -> dict[str, Any] | None:
         """The record of the task with this uid, or with this uid prefix (at least
         ``MIN_UID_PREFIX`` characters) if exactly one task has it; else None."""
+        return self.match(uid_or_prefix)[0]
+
+    def match(self, uid_or_prefix: str) -> tuple[dict[str, Any] | None, bool]:
+        """``(record, several)``: :meth:`find`'s record, and whether two or more tasks of the
+        log have a uid starting with ``uid_or_prefix`` (then the record is None) — one
+        search answers both."""
         found = self.get(uid_or_prefix)
         if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
-            return found
+            return found, False
         uids = self._prefix_uids(uid_or_prefix)
-        return self.get(uids.pop()) if len(uids) == 1 else None
-
-    def shared_prefix(self, prefix: str) -> bool:
-        """True when two or more tasks of the log have a uid starting with ``prefix`` (so
-        :meth:`find` cannot tell which one is meant)."""
-        return isinstance(prefix, str) and len(prefix) >= MIN_UID_PREFIX and len(self._prefix_uids(prefix)) > 1
+        return (self.get(uids.pop()) if len(uids) == 1 else None), len(uids) > 1
 
     def _prefix_uids(self, prefix: str) -> set[str]:
         # (what is pending first: a batch the writer stores meanwhile is then in the database)
