@@ -939,6 +939,23 @@ def test_words_a_key_magic_does_not_take_are_not_repeated(qm, ip, capsys, magic,
     assert qm.lock_state().locked is False and secret not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arg", ["--lock-key my wordz add", "--lock-key my wordz add 1", "--lock-key=my wordz add",
+                                 "-b --lock-key my wordz --wait add"])
+def test_a_key_with_spaces_unquoted_is_never_shown_as_the_function_name(qm, ip, arg):
+    """``%function_execute --lock-key my wordz add``: the word after the key's first word
+    is not a function, so it is most likely the key's rest; it is not repeated (it was shown
+    as "Function 'wordz' is not found", and the task was started and logged under it)."""
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", arg)
+    text = str(info.value)
+    assert "wordz" not in text and "my" not in text.split() and "\n" not in text, text
+    assert text == ("No function of the namespace follows --lock-key's value (not repeated here: the words "
+                    "may hold the key); write %function_execute --lock-key KEY NAME ..., a key with spaces "
+                    "in quotes."), text
+    assert qm.tasks() == []
+    assert line(ip, "function_execute", "--lock-key 'my wordz' add 1").result() == 2  # quoted: the key
+
+
 def test_lock_again_with_another_key_says_what_to_do(qm, ip, capsys):
     """``%lock --key B`` while locked with key A: one line that says who locked, and what
     to do (it was queueserver's text joined by semicolons: "RE Manager was locked with a

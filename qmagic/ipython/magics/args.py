@@ -17,7 +17,7 @@ import argparse
 import ast
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
@@ -239,17 +239,21 @@ def value_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
     return {opt: action.nargs != 0 for opt, action in _options(parser).items()}
 
 
-def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str | None, list[str]]:
+def split_options(parser: argparse.ArgumentParser, line: str,
+                  known: Callable[[str], bool] | None = None) -> tuple[str, str | None, list[str]]:
     """Split ``[OPTIONS] NAME [ARG ...]`` into (the options and name text, NAME, ARG words).
 
     A trailing comment is dropped first.  An option written after NAME raises UsageError
-    saying that options come first; one without its value, that it needs one.
+    saying that options come first; one without its value, that it needs one.  ``known``
+    (is this a function's name?): a NAME right after a key that is not one is most likely
+    the rest of an unquoted key with spaces, so it is refused without repeating it.
     """
     options = _options(parser)
     line = strip_comment(line, options)
     words = split_words(line)
     texts = [w for w, _, _ in words]
     i = 0
+    key_before = ""  # the key option whose value the word at i follows
     while i < len(words):
         word = texts[i]
         if word == "--":
@@ -259,12 +263,18 @@ def split_options(parser: argparse.ArgumentParser, line: str) -> tuple[str, str 
             break
         _check_value(options, texts, i)
         opt = _resolve(options, word)
+        key_before = opt if opt is not None and "key" in options[opt].dest else ""
         if opt is not None and options[opt].nargs != 0 and "=" not in word:
             i += 1  # the option's value
         i += 1
     if i >= len(words):
         return line, None, []
     name, _, end = words[i]
+    if key_before and known is not None and not known(name):
+        usage = _usage(options, key_before)
+        raise UsageError(f"No function of the namespace follows {key_before}'s value (not repeated here: "
+                         f"the words may hold the key); write %function_execute {usage} NAME ..., "
+                         f"a key with spaces in quotes.")
     rest = texts[i + 1:]
     for j, word in enumerate(rest):
         opt = _resolve(options, word)  # (a unique prefix too, as before the name: ``--lock``

@@ -107,7 +107,9 @@ class TaskMagics(Magics):
             %function_execute -b --wait --timeout 60 scan start stop
         """
         __tracebackhide__ = True  # noqa: F841
-        prefix, name, words = split_options(self.function_execute.parser, line)
+        namespace = self.worker.namespace
+        prefix, name, words = split_options(self.function_execute.parser, line,
+                                            known=lambda word: callable(namespace.get(word)))
         if name is None:
             raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
         opts = parse_line(self.function_execute, prefix)
