@@ -956,6 +956,45 @@ def test_a_key_with_spaces_unquoted_is_never_shown_as_the_function_name(qm, ip, 
     assert line(ip, "function_execute", "--lock-key 'my wordz' add 1").result() == 2  # quoted: the key
 
 
+#: argparse's own words, which a magic's error never shows.
+ARGPARSE_WORDS = ("argument ", "invalid choice", "choose from", "unrecognized", "invalid int", "explicit argument",
+                  "[{", "[N]]", "usage")
+
+
+@pytest.mark.parametrize("magic, arg, message", [
+    ("tasks", "--history abc", "--history takes a whole number, not 'abc': write %tasks [--all] [--running] "
+                               "[--history N]."),
+    ("tasks", "--bogus", "%tasks does not take '--bogus': write %tasks [--all] [--running] [--history N]."),
+    ("tasks", "--history 5 6", "%tasks does not take '6': write %tasks [--all] [--running] [--history N]."),
+    ("control_channel", "bogus", "%control_channel takes start, stop or status, not 'bogus': write "
+                                 "%control_channel [start|stop|status] [ADDRESS]."),
+    ("control_channel", "start tcp://127.0.0.1:1 more", "%control_channel does not take 'more': write "
+                                                        "%control_channel [start|stop|status] [ADDRESS]."),
+    ("task_status", "--x", "%task_status does not take '--x': write %task_status [UID ...]."),
+    ("task_result", "abcd ef01", "%task_result does not take 'ef01': write %task_result [UID]."),
+    ("task_cancel", "--force=3 abcd", "--force takes no value: write %task_cancel [--all] [--force] "
+                                      "[--lock-key KEY] [UID]."),
+    ("function_execute", "--timeout soon add", "--timeout takes a number: write %function_execute [-b] [--wait] "
+                                               "[--timeout SECONDS] [--user USER] [--group GROUP] [--lock-key KEY] "
+                                               "NAME [ARG | KEY=VALUE ...]."),
+    ("function_execute", "--bogus add", "Unexpected words after %function_execute (not repeated here: they may "
+                                        "hold a key); write %function_execute [-b] [--wait] [--timeout SECONDS] "
+                                        "[--user USER] [--group GROUP] [--lock-key KEY] NAME [ARG | KEY=VALUE ...] "
+                                        "(a key with spaces goes in quotes)."),
+])
+def test_a_bad_option_is_one_line_of_what_happened_and_what_to_write(qm, ip, magic, arg, message):
+    """argparse's texts ("argument action: invalid choice: 'x' (choose from ...)",
+    "unrecognized arguments", usages like ``[--history [N]]``) never reach a magic's error:
+    one line says what was wrong and how to write it (a value is repeated only by a magic
+    that takes no key)."""
+    with pytest.raises(UsageError) as info:
+        line(ip, magic, arg)
+    text = str(info.value)
+    assert text == message
+    assert not any(word in text for word in ARGPARSE_WORDS), text
+    assert qm.tasks() == []
+
+
 def test_lock_again_with_another_key_says_what_to_do(qm, ip, capsys):
     """``%lock --key B`` while locked with key A: one line that says who locked, and what
     to do (it was queueserver's text joined by semicolons: "RE Manager was locked with a

@@ -27,7 +27,7 @@ from ...core.task import exception_text, one_line
 from ...texts import printable
 
 __all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help",
-           "strip_comment", "parse_line"]
+           "strip_comment", "parse_line", "usage_text"]
 
 _KWARG = re.compile(r"([^\W\d]\w*)=(?!=)(.*)\Z", re.DOTALL)  # (any identifier, énergie=3 too)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
@@ -160,13 +160,72 @@ def parse_line(magic: Any, line: str) -> Any:
         _check_value(options, words, i)
     try:
         return parse_argstring(magic, line)
-    except UsageError as exc:
-        if not (str(exc).startswith("unrecognized arguments") and any("key" in a.dest for a in options.values())):
-            raise
-        # (argparse repeats the words: in a magic that takes a key, they may be the key)
-        usage = re.sub(r"^(usage:)?\s*(::)?\s*", "", " ".join(magic.parser.format_usage().split()))
-        raise UsageError(f"Unexpected words after %{magic.__name__} (not repeated here: they may hold a "
-                         f"key); write {usage} (a key with spaces goes in quotes).") from None
+    except UsageError as exc:  # (argparse's own words: said again as one line of ours)
+        raise UsageError(_argparse_line(magic, str(exc), any("key" in a.dest for a in options.values()))) from None
+
+
+#: argparse's error texts that :func:`_argparse_line` says again in its own words.
+_INVALID_VALUE = re.compile(r"argument (\S+?)(?:/\S+)?: invalid (\w+)(?: value)?: (.*?)(?: \(choose from .*)?\Z",
+                            re.DOTALL)
+_NO_VALUE = re.compile(r"argument (\S+?)(?:/\S+)?: ignored explicit argument", re.DOTALL)
+_KINDS = {"int": "a whole number", "float": "a number"}
+
+
+def _argparse_line(magic: Any, text: str, takes_key: bool) -> str:
+    """argparse's error ``text`` for ``magic``'s line as one line: what was wrong and how to
+    write it, without argparse's words.  In a magic that takes a key, no word of the line is
+    repeated (it may be the key, or part of it)."""
+    name = f"%{magic.__name__}"
+    usage = usage_text(magic.parser, name)
+    if text.startswith("unrecognized arguments"):
+        if takes_key:
+            return (f"Unexpected words after {name} (not repeated here: they may hold a key); "
+                    f"write {usage} (a key with spaces goes in quotes).")
+        words = text.partition(":")[2].strip()
+        return f"{name} does not take {printable(words, 100)!r}: write {usage}."
+    invalid = _INVALID_VALUE.match(text)
+    if invalid:
+        opt, kind, value = invalid.groups()
+        action = _action(magic.parser, opt)
+        if action is not None and action.choices:
+            *most, last = map(str, action.choices)
+            what, need = name, f"{', '.join(most)} or {last}" if most else last
+        else:
+            what, need = opt, _KINDS.get(kind, f"a {kind} value")
+        given = "" if takes_key else f", not {printable(value.strip(), 100)}"
+        return f"{what} takes {need}{given}: write {usage}."
+    no_value = _NO_VALUE.match(text)
+    if no_value:
+        return f"{no_value.group(1)} takes no value: write {usage}."
+    return f"{name} cannot read its options: write {usage} (see {name}? for help)."
+
+
+def _action(parser: argparse.ArgumentParser, name: str) -> argparse.Action | None:
+    """The action of option or positional ``name`` (as argparse names it in its errors)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public view
+        if name in action.option_strings or name in (action.dest, action.metavar):
+            return action
+    return None
+
+
+def usage_text(parser: argparse.ArgumentParser, name: str) -> str:
+    """How ``name`` (``%magic``) is written, in words a scientist reads: ``[--history N]``,
+    ``[start|stop|status]`` (not argparse's ``[--history [N]]`` or ``[{start,stop,status}]``)."""
+    parts = [name]
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]  # noqa: SLF001
+    for action in sorted(actions, key=lambda a: not a.option_strings):  # (options first, as argparse)
+        if action.option_strings:
+            value = "" if action.nargs == 0 else f" {action.metavar or action.dest.upper()}"
+            parts.append(f"[{action.option_strings[0]}{value}]")
+            continue
+        word = "|".join(map(str, action.choices)) if action.choices else (action.metavar or action.dest.upper())
+        if action.nargs == "*":
+            parts.append(f"[{word} ...]")
+        elif action.nargs == "?":
+            parts.append(f"[{word}]")
+        else:
+            parts.append(word)
+    return " ".join(parts)
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
