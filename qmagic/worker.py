@@ -237,6 +237,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         then it is cancelled ("deadline of N s passed").  ``payload_bytes``: the remote request's
         size.  Refusals raise :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
         """
+        self._check_not_closed()
         if isinstance(target, str):
             name, func = check_name(target), None
         elif callable(target):
@@ -309,6 +310,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         if not isinstance(script, str):
             raise TypeError(f"run_script() needs the script's Python code as a str, got "
                             f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes) else "."))
+        self._check_not_closed()
         name = check_script_name(name)
         user, user_group = self._who(user, user_group, origin, defaults=True)
         self.check_lock(lock_key, origin=origin, client=client)
@@ -331,6 +333,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
                            origin: str = "python", client: str | None = None) -> Task:
         """Refresh the lists of functions, plans and devices as a task (queueserver's
         environment_update)."""
+        self._check_not_closed()
         self.check_lock(lock_key, origin=origin, client=client)
         self._check_open(origin)
         user, group = self._who(None, None, origin, defaults=True)
@@ -421,13 +424,6 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         :class:`qmagic.core.hooks.ContextHook`; the kernel pins a task's output to the cell
         that started it).  Returns the function that removes the hook."""
         return self.engine.context_hooks.add(hook)
-
-    # -- the end ------------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
-        """Stop every task and thread within ``timeout`` (queued ones cancelled; ``reason``: the cancel reason), then
-        close the experiment log (every task's end recorded first; within ``log_timeout``: see Journal.close) and locks."""
-        self.engine.close(timeout, *(() if reason is None else (reason,)))
-        self._close_state(log_timeout)
 
     def __repr__(self) -> str:
         counts = self.engine.counts()

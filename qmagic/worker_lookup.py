@@ -33,6 +33,9 @@ class LookupMixin:
     catalog: Any  # (the worker's)
     _permissions: Any  # (StateMixin)
     default_user_group: str  # (QMagic)
+    journal_enabled: bool  # (QMagic)
+    _state_dir: Any  # (StateMixin)
+    environment_name: str  # (QMagic)
 
     def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
                        client: str | None = None) -> None:
@@ -113,10 +116,16 @@ class LookupMixin:
         Filters: ``status``, ``user``, ``name`` and ``notebook`` (exact, or with the
         wildcards ``*`` and ``?``; brackets match themselves), ``since`` /
         ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
+        A closed worker reads its log as ``qmagic.history()`` does.
         """
-        if self._journal is None:
+        journal = self._journal
+        if journal is None and self.engine.closed and self.journal_enabled:  # (its log is closed, not off)
+            from .store.history import history
+
+            return history(state_dir=self._state_dir(), environment_name=self.environment_name, **filters)
+        if journal is None:
             raise LogUnavailable(LOG_OFF)
-        return self._journal.records(**filters)
+        return journal.records(**filters)
 
     # -- the experiment log's side --------------------------------------------------------------
     def _log_find(self, uid: str, exact: bool = False) -> dict[str, Any] | None:

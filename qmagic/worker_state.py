@@ -1,5 +1,5 @@
 """The worker's shared state: permissions, the lock store (opened and replaced here; its
-rules are :mod:`qmagic.worker_locks`), settings that follow the traits, and whether the
+rules are :mod:`qmagic.worker_locks`), settings that follow the traits, closing the worker, and whether the
 environment is open (the experiment log's part: :class:`qmagic.worker_log.LogMixin`).  A mix-in of :class:`qmagic.Worker` (the rules live in one class; this module keeps
 worker.py to one screenful per job).
 """
@@ -15,6 +15,8 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from traitlets import observe
 
+from .core.context import current_task
+from .core.engine import CLOSED_HINT, MSG_CLOSED
 from .core.foreground import interrupts_held
 from .core.permissions import Permissions
 from .core.task import Task
@@ -25,12 +27,17 @@ from .errors import (
 from .store.paths import default_state_dir
 from .worker_log import LogMixin, LogObserver
 
-__all__ = ["StateMixin", "MSG_ENV_CLOSED"]
+__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_WORKER_CLOSED", "MSG_CLOSE_IN_TASK"]
 
 log = logging.getLogger("qmagic")
 
 #: queueserver's text when a remote request needs the environment and it is closed.
 MSG_ENV_CLOSED = "RE Worker environment is not open"
+#: What every door says once the worker itself was closed (``worker.close()``).
+MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT}."
+#: ``worker.close()`` inside one of the worker's tasks (a script, a function) would wait for itself.
+MSG_CLOSE_IN_TASK = ("The qmagic worker cannot be closed from inside one of its tasks: run "
+                     "qmagic.get_worker().close() in a cell of its own.")
 
 
 class StateMixin(LogMixin):
@@ -51,6 +58,16 @@ class StateMixin(LogMixin):
         self.environment_uid = str(uuid.uuid4())
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
         self.static_uid = str(uuid.uuid4())
+
+    def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
+        """Stop every task and thread within ``timeout`` (queued ones cancelled; ``reason``: the cancel reason), then
+        close the experiment log (every task's end recorded first; within ``log_timeout``: see Journal.close) and locks.
+        From then on :attr:`closed` is True.  Refused inside one of its own tasks (it would wait for itself)."""
+        task = current_task()
+        if task is not None and self.engine.get(task.uid) is task and not self.engine.closed:
+            raise RequestRefused(MSG_CLOSE_IN_TASK)
+        self.engine.close(timeout, *(() if reason is None else (reason,)))
+        self._close_state(log_timeout)
 
     def _close_state(self, log_timeout: float | None = None) -> None:
         with self._state_lock:
@@ -191,19 +208,35 @@ class StateMixin(LogMixin):
 
     # -- the environment -----------------------------------------------------------------------------
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (``qmagic.get_worker().close()``, or qmagic unloaded):
+        every door refuses new tasks and scripts with one line saying to run
+        ``%reload_ext qmagic``; the tasks in memory and the experiment log stay readable."""
+        return self.engine.closed
+
+    @property
     def environment_is_open(self) -> bool:
-        """False after environment_close/destroy: remote tasks and scripts are refused."""
-        return self._environment_open
+        """False after environment_close/destroy, and once the worker is :attr:`closed`:
+        remote tasks and scripts are refused."""
+        return self._environment_open and not self.engine.closed
+
+    def _check_not_closed(self) -> None:
+        """The first check of every request that starts a task (before keys and permissions:
+        a key given would not help)."""
+        if self.engine.closed:
+            raise RequestRefused(MSG_CLOSED)
 
     def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:
         """The environment rule: a remote request needs it open (``refusal`` otherwise)."""
-        if origin == "remote" and not self._environment_open:
+        if origin == "remote" and not self.environment_is_open:
             raise RequestRefused(refusal)
 
     def environment_open(self, *, lock_key: str | None = None, origin: str = "python",
                          client: str | None = None) -> None:
         """Open the environment for remote tasks (``QMagic.environment_open_on_load``)."""
         self.check_lock(lock_key, origin=origin, client=client)
+        if self.engine.closed:  # (its threads are gone: only a new worker runs tasks)
+            raise RequestRefused(MSG_WORKER_CLOSED)
         with self._state_lock:  # (checked and changed at once: two doors never both succeed)
             if self._environment_open:
                 raise RequestRefused("RE Worker environment already exists.")
@@ -217,7 +250,7 @@ class StateMixin(LogMixin):
         namespace and its own tasks are untouched (the kernel is the user's)."""
         self.check_lock(lock_key, origin=origin, client=client)
         with self._state_lock:
-            if not self._environment_open:
+            if not self.environment_is_open:
                 raise RequestRefused("RE Worker environment does not exist.")
             if self.engine.counts()["foreground"] is not None:
                 raise RequestRefused("Foreground task execution is in progress.")
@@ -235,7 +268,7 @@ class StateMixin(LogMixin):
         interrupted like ■ — then close the environment."""
         self.check_lock(lock_key, origin=origin, client=client)
         with self._state_lock:
-            if not self._environment_open:
+            if not self.environment_is_open:
                 raise RequestRefused("RE environment does not exist")
             self._environment_open = False
             self.environment_uid = str(uuid.uuid4())

@@ -23,6 +23,7 @@ import qmagic
 from qmagic import format as fmt
 from qmagic import panels
 from qmagic.panels import pump as pump_module
+from qmagic.worker_state import MSG_WORKER_CLOSED
 
 from polling import eventually
 
@@ -517,6 +518,20 @@ def test_text_of_a_panel_says_why_tasks_are_left_out(probe, worker):
     assert panels.TaskPanel(w, show="all", max_rows=2).text().splitlines()[-1] == (
         "(3 more tasks not shown; use --all)")
     assert panels.TaskPanel(w, show="running").text() == "No tasks.\n(5 more tasks not shown; use --all)"
+
+
+def test_a_panel_of_a_closed_worker_says_it_was_closed_and_what_to_do(probe, worker):
+    """After ``worker.close()`` the panel keeps the tasks and says, under them, that no
+    task starts and how to start a new worker (it read as an open worker's panel)."""
+    done = worker.submit("job", (1,))
+    assert done.wait(5)
+    panel = panels.TaskPanel(worker, show="all")
+    assert "closed" not in panel._footer.value
+    worker.close()
+    assert panel.flush()
+    assert MSG_WORKER_CLOSED in panel._footer.value
+    assert row_status(panel.row_html(), done) == "completed"
+    assert MSG_WORKER_CLOSED in panels.TaskPanel(worker)._footer.value  # a new one too
 
 
 def test_running_filter_keeps_finished_tasks_in_the_worker(probe, worker):

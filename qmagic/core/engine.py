@@ -63,10 +63,11 @@ MSG_KERNEL_BUSY = "Error: Failed to start the task: IPython kernel (RE Worker) i
 #: At a close, events already queued (the tasks' last statuses) get at least this long to
 #: reach subscribers, even when the tasks took the whole close time.
 BUS_DRAIN_S = 0.5
-MSG_CLOSED = (
-    "Error: Failed to start the task: the qmagic worker was closed (extension unloaded). "
-    "Load it again with %load_ext qmagic."
-)
+#: What to do once the worker was closed (``worker.close()``, or qmagic unloaded): in a
+#: kernel, %reload_ext qmagic starts a new one (%load_ext is a no-op while IPython lists
+#: qmagic as loaded).
+CLOSED_HINT = "run %reload_ext qmagic in the kernel to start a new one"
+MSG_CLOSED = f"Error: Failed to start the task: the qmagic worker was closed; {CLOSED_HINT}."
 
 
 class TaskObserver(Protocol):
@@ -141,6 +142,11 @@ class Engine(TaskRegistry):
         self._on_cancel: CancelHook = on_cancel or self._cancel_hook
         self._pool = ThreadPool(self._runner.run_background, self.timers, max_background)
         capture.install()
+
+    @property
+    def closed(self) -> bool:
+        """True from :meth:`close` on: no task starts any more."""
+        return self._closed
 
     @property
     def max_background(self) -> int:

@@ -16,6 +16,7 @@ import ipywidgets as W
 
 from .. import format as fmt
 from ..errors import TaskNotFound
+from ..worker_state import MSG_WORKER_CLOSED
 from . import render, styles
 from .base import PanelBase, failed_line, set_traits
 from .pump import UNLIMITED, get_pump
@@ -176,7 +177,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         candidates.reverse()
         limit = self._limit()
         visible = candidates[:limit]
-        notes = []
+        notes = [MSG_WORKER_CLOSED] if getattr(self.worker, "closed", False) else []
         over = len(candidates) - len(visible)
         if over:
             notes.append(f"{over} older task{'s' if over != 1 else ''} not shown: this panel shows the "

@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 from ..core.foreground import interrupts_held
 from ..errors import ControlChannelError
 from ..protocol import QueueserverProtocol, status_reply
+from ..worker_state import MSG_WORKER_CLOSED
 from .dispatch import dispatch, unread_refusal
 from .info import InfoPublisher
 from .server import DEFAULT_ADDRESS, ControlServer, hard_cap, is_loopback
@@ -293,9 +294,10 @@ class RemoteService:
     def describe(self) -> str:
         """A few lines: address, encryption, counters, warnings, how a client connects."""
         server = self.server
+        closed = f"\n  {MSG_WORKER_CLOSED}" if self.worker.closed else ""
         if server is None or not server.running:
             return ("Control channel: off. Start it with %control_channel start [ADDRESS] "
-                    f"(default {DEFAULT_ADDRESS}), or set QMagic.zmq_control_address.")
+                    f"(default {DEFAULT_ADDRESS}), or set QMagic.zmq_control_address." + closed)
         lines = [
             f"Control channel: serving bluesky-queueserver clients on {server.address}",
             f"  encryption: {'CurveZMQ' if server.curve else 'none'}; largest request: "
@@ -309,6 +311,8 @@ class RemoteService:
         if not is_loopback(server.requested_address) and not server.curve:
             lines.append("  WARNING: reachable from other machines without encryption: anyone who "
                          "can reach this port can run code in this kernel.")
+        if closed:  # (clients are told so: status says the environment is closed)
+            lines.append(closed.lstrip("\n"))
         if server.last_error:
             lines.append(f"  last error: {server.last_error}")
         info = self.info

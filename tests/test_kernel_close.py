@@ -1,0 +1,107 @@
+"""``qmagic.get_worker().close()`` in a kernel, against a real kernel and queueserver's real
+client (``REManagerAPI``): every door says the worker is closed and what to do.
+
+Before, the worker closed for every client while ``status`` still said the environment
+existed and was idle, remote and magic submits said "Load it again with %load_ext qmagic"
+(a no-op while qmagic is loaded), ``%tasks --history`` said the log was off, and a close
+inside one of the worker's own tasks waited for itself (2 s in the foreground, 5 s and a
+thread left behind in the background).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from bluesky_queueserver_api import BFunc
+
+from kernel_helpers import assert_no_internals, error_text, one_line, start_kernel
+from remote_client import LoopClient
+
+from qmagic.core.engine import MSG_CLOSED
+from qmagic.worker_state import MSG_CLOSE_IN_TASK, MSG_WORKER_CLOSED
+
+pytestmark = pytest.mark.timeout(120)
+
+#: A refused request or a close inside a task answers at once: far below the close's own
+#: grace times (2 s foreground, 5 s background), so a wait for itself would show.
+PROMPT_S = 1.5
+
+
+@pytest.fixture
+def closed_kernel(tmp_path):
+    """A kernel serving a queueserver client, one task run, then ``w.close()`` in a cell."""
+    address = f"ipc://{tmp_path}/control"
+    k = start_kernel(tmp_path / "kernel", f"--QMagic.zmq_control_address={address}")
+    rm = LoopClient(zmq_control_addr=address, timeout_recv=10)
+    try:
+        assert rm.status(reload=True)["worker_environment_exists"] is True
+        k.execute("%function_execute add 1 2", check=True)
+        k.execute("w.close()", check=True)
+        yield k, rm
+    finally:
+        rm.close()
+        k.shutdown()
+
+
+def _prompt(k, code):
+    start = time.monotonic()
+    result = k.execute(code)
+    assert time.monotonic() - start < PROMPT_S, code
+    return result
+
+
+def test_a_closed_worker_says_so_to_remote_clients_and_refuses_their_requests(closed_kernel):
+    k, rm = closed_kernel
+    status = rm.status(reload=True)
+    assert status["worker_environment_exists"] is False  # as queueserver without a worker
+    assert status["worker_environment_state"] == "closed"
+    assert status["manager_state"] == "idle" and status["ip_kernel_state"] is None
+    requests = {
+        "foreground": lambda: rm.function_execute(BFunc("add", 1)),
+        "background": lambda: rm.function_execute(BFunc("add", 1), run_in_background=True),
+        "script": lambda: rm.script_upload("x = 1"),
+    }
+    for what, request in requests.items():
+        with pytest.raises(rm.RequestFailedError) as info:
+            request()
+        assert str(info.value) == f"Request failed: {MSG_CLOSED}", what
+    with pytest.raises(rm.RequestFailedError) as info:  # it would say "already exists"
+        rm.environment_open()
+    assert str(info.value) == f"Request failed: {MSG_WORKER_CLOSED}"
+    assert "%reload_ext qmagic" in MSG_CLOSED and "%reload_ext qmagic" in MSG_WORKER_CLOSED
+    assert rm.status(reload=True)["worker_environment_exists"] is False
+    assert k.eval("len(w.tasks())") == 1  # nothing was started
+
+
+def test_a_closed_worker_says_so_in_the_notebook_and_reload_starts_a_new_one(closed_kernel):
+    k, rm = closed_kernel
+    refusal = MSG_CLOSED.removeprefix("Error: ")
+    for code in ("%function_execute add 1 2", "%function_execute -b add 1 2", "%%script_upload\nx = 1\n"):
+        assert one_line(_prompt(k, code)) == f"UsageError: {refusal}", code
+    result = _prompt(k, "w.submit('add', (1,))")
+    assert result.error["evalue"] == MSG_CLOSED
+    assert k.eval("w.closed") is True
+    assert k.execute("%task_status", check=True).stdout.strip() == "add(1, 2)  qmagic user  foreground  completed"
+    history = _prompt(k, "%tasks --history").check().stdout  # (it said the log was off)
+    assert "add(1, 2)" in history and "completed" in history
+    assert f"  {MSG_WORKER_CLOSED}" in k.execute("%control_channel status", check=True).stdout.splitlines()
+    k.execute("%reload_ext qmagic\nw = qmagic.get_worker()", check=True)
+    assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
+    assert rm.status(reload=True)["worker_environment_exists"] is True
+    assert "add(2, 3)" in k.execute("%tasks --history", check=True).stdout
+
+
+@pytest.mark.parametrize("call", ["%%script_upload\nimport qmagic\nqmagic.get_worker().close()\n",
+                                  "%function_execute closer", "%function_execute -b --wait closer"])
+def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path, call):
+    k = start_kernel(tmp_path / "kernel")
+    try:
+        k.execute("def closer():\n    qmagic.get_worker().close()\n", check=True)
+        shown = error_text(_prompt(k, call))  # (the user's own frames, as any task's error)
+        assert shown[-1] == f"RequestRefused: {MSG_CLOSE_IN_TASK}"
+        assert_no_internals("\n".join(shown))
+        assert k.eval("w.closed") is False
+        assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
+    finally:
+        k.shutdown()
