@@ -152,7 +152,8 @@ def strip_comment(line: str, options: dict[str, argparse.Action] | None = None) 
 def parse_line(magic: Any, line: str) -> Any:
     """The options and arguments of ``magic``'s line (IPython's ``magic_arguments``), its
     trailing comment ignored (:func:`strip_comment`); an option given without its value
-    raises one UsageError line saying so."""
+    raises one UsageError line saying so, and any other error of argparse one line in our
+    words (:func:`_argparse_line`)."""
     options = _options(magic.parser)
     line = strip_comment(line, options)
     words = arg_split(line, strict=False)  # (as IPython splits it)
