@@ -15,7 +15,6 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from traitlets import observe
 
-from .core.context import current_task
 from .core.engine import CLOSED_HINT, MSG_CLOSED
 from .core.foreground import interrupts_held
 from .core.permissions import Permissions
@@ -27,7 +26,7 @@ from .errors import (
 from .store.paths import default_state_dir
 from .worker_log import LogMixin, LogObserver
 
-__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_WORKER_CLOSED", "MSG_CLOSE_IN_TASK"]
+__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_WORKER_CLOSED"]
 
 log = logging.getLogger("qmagic")
 
@@ -35,9 +34,6 @@ log = logging.getLogger("qmagic")
 MSG_ENV_CLOSED = "RE Worker environment is not open"
 #: What every door says once the worker itself was closed (``worker.close()``).
 MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT}."
-#: ``worker.close()`` inside one of the worker's tasks (a script, a function) would wait for itself.
-MSG_CLOSE_IN_TASK = ("The qmagic worker cannot be closed from inside one of its tasks: run "
-                     "qmagic.get_worker().close() in a cell of its own.")
 
 
 class StateMixin(LogMixin):
@@ -62,10 +58,8 @@ class StateMixin(LogMixin):
     def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
         """Stop every task and thread within ``timeout`` (queued ones cancelled; ``reason``: the cancel reason), then
         close the experiment log (every task's end recorded first; within ``log_timeout``: see Journal.close) and locks.
-        From then on :attr:`closed` is True.  Refused inside one of its own tasks (it would wait for itself)."""
-        task = current_task()
-        if task is not None and self.engine.get(task.uid) is task and not self.engine.closed:
-            raise RequestRefused(MSG_CLOSE_IN_TASK)
+        From then on :attr:`closed` is True.  Refused inside one of its own tasks (it would wait for itself:
+        :meth:`qmagic.core.engine.Engine.close`)."""
         self.engine.close(timeout, *(() if reason is None else (reason,)))
         self._close_state(log_timeout)
 

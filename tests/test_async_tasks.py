@@ -1252,6 +1252,41 @@ def test_close_with_thousands_of_waiting_coroutine_tasks_keeps_to_its_timeout(
     assert len(warnings) <= 3, f"{len(warnings)} warnings: {warnings[:3]}"
 
 
+def test_a_task_cannot_close_its_own_worker(make_worker, no_bluesky_loop):
+    """``close()`` of the worker called by one of its tasks (a coroutine on qmagic's loop, a
+    thread task) is refused at once in one line, and the worker stays whole.  The
+    coroutine's close stopped half way with "close() runs on the event loop that called
+    task.result() or wait()" (it waited for the tasks of its own loop); the thread task's
+    close forced a cancel into itself after the grace time and was cut by it; both left the
+    worker half closed: new tasks refused ("load it again"), the experiment log open, the
+    threads running (found by a hostile test)."""
+    from qmagic.core.engine import MSG_CLOSE_IN_TASK
+
+    def close_from_thread():
+        w.close(timeout=2)
+
+    async def close_from_loop():
+        w.close(timeout=2)
+
+    gate = Gate()
+    w = make_worker({"tclose": close_from_thread, "aclose": close_from_loop, "gate": gate,
+                     "add": lambda a: a + 1}, async_loop="qmagic", cancel_grace_s=0.2)
+    other = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    for name in ("aclose", "tclose"):
+        task = w.submit(name)
+        with pytest.raises(RuntimeError) as info:
+            task.result(TIMEOUT)
+        assert str(info.value) == MSG_CLOSE_IN_TASK
+        assert (task.status, task.error) == (TaskStatus.FAILED, MSG_CLOSE_IN_TASK)
+        assert w.submit("add", (1,)).result(TIMEOUT) == 2  # the worker is whole
+    assert other.running() and w.log_open
+    gate.release.set()
+    assert other.result(TIMEOUT) is None
+    w.close()  # from outside its tasks, as before
+    assert not w.log_open
+
+
 def test_tasks_cancelled_at_one_await_format_their_traceback_once(make_worker, no_bluesky_loop,
                                                                    monkeypatch):
     """Each of thousands of tasks cancelled by a close formatted its traceback (0.5 ms each,

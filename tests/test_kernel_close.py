@@ -14,12 +14,11 @@ import time
 
 import pytest
 from bluesky_queueserver_api import BFunc
-
 from kernel_helpers import assert_no_internals, error_text, one_line, start_kernel
 from remote_client import LoopClient
 
-from qmagic.core.engine import MSG_CLOSED
-from qmagic.worker_state import MSG_CLOSE_IN_TASK, MSG_WORKER_CLOSED
+from qmagic.core.engine import MSG_CLOSE_IN_TASK, MSG_CLOSED
+from qmagic.worker_state import MSG_WORKER_CLOSED
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -51,6 +51,7 @@ __all__ = [
     "MSG_NOT_IDLE",
     "MSG_KERNEL_BUSY",
     "MIN_UID_PREFIX",
+    "MSG_CLOSE_IN_TASK",
 ]
 
 log = logging.getLogger("qmagic")
@@ -68,6 +69,10 @@ BUS_DRAIN_S = 0.5
 #: qmagic as loaded).
 CLOSED_HINT = "run %reload_ext qmagic in the kernel to start a new one"
 MSG_CLOSED = f"Error: Failed to start the task: the qmagic worker was closed; {CLOSED_HINT}."
+#: ``close()`` called by one of the engine's own tasks (it would wait for itself).
+MSG_CLOSE_IN_TASK = ("The qmagic worker cannot be closed from inside one of its tasks (it would "
+                     "wait for itself): close it in a cell of its own (qmagic.get_worker().close() "
+                     "or %unload_ext qmagic).")
 
 
 class TaskObserver(Protocol):
@@ -368,7 +373,10 @@ class Engine(TaskRegistry):
         thread and qmagic's event loop, within ``timeout`` (events already queued get at
         least :data:`BUS_DRAIN_S` to reach subscribers); a task still running then is
         recorded cancelled and left to end on its own.  ``reason``: the tasks' cancel
-        reason.  Idempotent."""
+        reason.  Idempotent.  Refused (:class:`RequestRefused`, nothing changed) when one of
+        its own tasks calls it: it would wait for, and force, that task, or block its loop."""
+        if not self._closed and self.running_own_task() is not None:
+            raise one_line(RequestRefused(MSG_CLOSE_IN_TASK))
         with self._lock:
             if self._closed:
                 return

@@ -33,6 +33,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import RequestRefused, TaskNotFound
+from .context import current_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from .jobs import Job
@@ -281,6 +282,15 @@ class TaskRegistry:
         """The task with exactly this uid, or None."""
         job = self._jobs.get(uid)
         return job.task if job is not None else None
+
+    def running_own_task(self) -> Task | None:
+        """The running task of this engine whose code calls now (None: none; a task of
+        another engine, or one that has ended, as asyncio tasks it spawned may still run)."""
+        task = current_task()
+        if task is None or task.done():
+            return None
+        job = self._jobs.get(task.uid)
+        return task if job is not None and job.task is task else None
 
     def tasks(self) -> list[Task]:
         """Every task in memory, oldest submission first."""

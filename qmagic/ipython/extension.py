@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from .. import format as fmt
 from .. import tracebacks
-from ..core.context import current_task
 from ..core.task import Task
 from ..errors import NotLoaded
 from ..worker import Worker
@@ -267,7 +266,9 @@ def unload_ipython_extension(shell: Any) -> None:
     IPython's list of loaded extensions then no longer names qmagic (IPython drops it only
     when this returns), so ``%load_ext qmagic`` works again.
     """
-    if current_task() is not None and get_session(shell) is not None:
+    loaded = get_session(shell)
+    worker = loaded.worker if loaded is not None else None
+    if worker is not None and worker.engine.running_own_task() is not None:
         from IPython.core.error import UsageError
 
         raise UsageError(MSG_UNLOAD_IN_TASK)
