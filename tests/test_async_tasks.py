@@ -1287,6 +1287,42 @@ def test_a_task_cannot_close_its_own_worker(make_worker, no_bluesky_loop):
     assert not w.log_open
 
 
+def test_the_close_says_in_plain_words_which_tasks_it_left_running(make_worker, no_bluesky_loop,
+                                                                    caplog):
+    """A coroutine task that swallows every cancel outlives the close: the warning names it
+    in a sentence that reads right for one task ("1 task: ... still run ...; they are" before)
+    and for several."""
+    release, started = threading.Event(), threading.Event()
+
+    async def stubborn(label):
+        started.set()
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+
+    for count, said in ((1, "1 task: stubborn('s0') (task {}) still runs (blocked where nothing "
+                            "stops it); it is recorded as cancelled and left to end on its own."),
+                        (2, "2 tasks: stubborn('s0') (task {}), stubborn('s1') (task {}) still run "
+                            "(blocked where nothing stops them); they are recorded as cancelled "
+                            "and left to end on their own.")):
+        release.clear()
+        w = make_worker({"stubborn": stubborn}, journal_enabled=False, async_loop="qmagic",
+                        cancel_grace_s=0.1)
+        tasks = [w.submit("stubborn", (f"s{i}",)) for i in range(count)]
+        eventually(lambda: all(t.running() for t in tasks), what="the tasks running")
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="qmagic"):
+                w.close(timeout=0.4)
+        finally:
+            release.set()  # (then they end, and qmagic's loop thread with them)
+        assert all(t.status is TaskStatus.CANCELLED for t in tasks)
+        warnings = [r.getMessage() for r in caplog.records if "left to end" in r.getMessage()]
+        assert warnings == ["qmagic: " + said.format(*(t.uid[:8] for t in tasks))]
+
+
 def test_tasks_cancelled_at_one_await_format_their_traceback_once(make_worker, no_bluesky_loop,
                                                                    monkeypatch):
     """Each of thousands of tasks cancelled by a close formatted its traceback (0.5 ms each,

@@ -389,8 +389,9 @@ class Engine(TaskRegistry):
             task.wait(max(0.0, deadline - time.monotonic()))
         stuck = [t for t in active if not t.done()]  # blocked where nothing stops them:
         if stuck:  # (recorded now, while the log is open; Task and log agree)
-            log.warning("qmagic: %s still run (blocked where they cannot be stopped); they are "
-                        "recorded as cancelled and left to end on their own.", call_texts(stuck))
+            words = ("runs", "it", "it is", "its") if len(stuck) == 1 else ("run", "them", "they are", "their")
+            log.warning("qmagic: %s still %s (blocked where nothing stops %s); %s recorded as "
+                        "cancelled and left to end on %s own.", call_texts(stuck), *words)
         for task in stuck:
             self._end_now(self._jobs[task.uid], TaskCancelled(reason))
         self._pool.close()
