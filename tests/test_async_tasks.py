@@ -1323,6 +1323,55 @@ def test_the_close_says_in_plain_words_which_tasks_it_left_running(make_worker, 
         assert warnings == ["qmagic: " + said.format(*(t.uid[:8] for t in tasks))]
 
 
+def test_qmagics_loop_runs_on_when_code_on_it_stops_it_or_raises_system_exit(make_worker,
+                                                                             no_bluesky_loop, caplog):
+    """A careless coroutine task stops qmagic's own event loop (``loop.stop()``), or an asyncio
+    task it started raises SystemExit (asyncio lets it out of the loop): the loop thread
+    closed the loop, the running coroutine tasks were cancelled, and every later coroutine
+    task failed with "Event loop is closed" until the extension was reloaded (found by a
+    hostile test).  The loop runs on, the tasks on it are untouched, and a warning says what
+    happened."""
+    release = threading.Event()
+
+    async def stopper():
+        asyncio.get_running_loop().stop()
+        await asyncio.sleep(0.01)
+        return "stopped it"
+
+    async def exiter():
+        async def child():
+            sys.exit(4)
+        child_task = asyncio.ensure_future(child())
+        await asyncio.sleep(0.05)  # (its exception read: no "never retrieved" log at its end)
+        return child_task.done() and type(child_task.exception()).__name__
+
+    async def patient():
+        while not release.is_set():
+            await asyncio.sleep(0.005)
+        return "patient"
+
+    w = make_worker({"stopper": stopper, "exiter": exiter, "patient": patient, "acq": make_acq()},
+                    async_loop="qmagic")
+    other = w.submit("patient")
+    eventually(other.running, what="a task running on the loop")
+    loop = w.engine.loops.own_loop()
+    with caplog.at_level(logging.WARNING, logger="qmagic"):
+        assert w.submit("stopper").result(TIMEOUT) == "stopped it"
+        assert w.submit("exiter").result(TIMEOUT) == "SystemExit"
+    assert w.submit("acq", (2,)).result(TIMEOUT) == 4
+    assert w.engine.loops.own_loop() is loop and loop.is_running()
+    assert other.running()
+    release.set()
+    assert other.result(TIMEOUT) == "patient"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "qmagic"]
+    assert warnings == [
+        "qmagic: qmagic's event loop was stopped by code running on it (loop.stop()); it runs "
+        "on, as its coroutine tasks need it.",
+        "qmagic: SystemExit(4) raised on qmagic's event loop (in an asyncio task a coroutine "
+        "task started?) was dropped; the loop and its coroutine tasks run on.",
+    ]
+
+
 def test_tasks_cancelled_at_one_await_format_their_traceback_once(make_worker, no_bluesky_loop,
                                                                    monkeypatch):
     """Each of thousands of tasks cancelled by a close formatted its traceback (0.5 ms each,

@@ -12,10 +12,13 @@ always uses qmagic's own loop.  bluesky is never imported here.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 
 __all__ = ["EventLoops", "LOOP_POLICIES", "bluesky_loop"]
+
+log = logging.getLogger("qmagic")
 
 #: Values of ``QMagic.async_loop``.
 LOOP_POLICIES = ("auto", "bluesky", "qmagic")
@@ -50,6 +53,7 @@ class EventLoops:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._closing: threading.Event | None = None  # set by close(): the loop may end
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The loop a coroutine task starting now runs on (see the module docstring).
@@ -70,21 +74,38 @@ class EventLoops:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                ready = threading.Event()
+                ready, closing = threading.Event(), threading.Event()
                 thread = threading.Thread(
-                    target=self._run, args=(loop, ready), name="qmagic-asyncio", daemon=True
+                    target=self._run, args=(loop, ready, closing), name="qmagic-asyncio", daemon=True
                 )
                 thread.start()
                 ready.wait(10.0)
-                self._loop, self._thread = loop, thread
+                self._loop, self._thread, self._closing = loop, thread, closing
             return self._loop
 
     @staticmethod
-    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+    def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event, closing: threading.Event) -> None:
+        """The loop thread: runs the loop until :meth:`close`.  Code on the loop that stops
+        it (``loop.stop()``), or an asyncio task that raises SystemExit or KeyboardInterrupt
+        (asyncio lets those out of the loop), would end every coroutine task for good: the
+        loop runs on, with a warning."""
         asyncio.set_event_loop(loop)
         loop.call_soon(ready.set)
         try:
-            loop.run_forever()
+            while True:
+                try:
+                    loop.run_forever()
+                except (SystemExit, KeyboardInterrupt) as exc:
+                    if closing.is_set():  # (its stop may have been taken: it ends now)
+                        break
+                    log.warning("qmagic: %r raised on qmagic's event loop (in an asyncio task a "
+                                "coroutine task started?) was dropped; the loop and its coroutine "
+                                "tasks run on.", exc)
+                    continue
+                if closing.is_set():
+                    break
+                log.warning("qmagic: qmagic's event loop was stopped by code running on it "
+                            "(loop.stop()); it runs on, as its coroutine tasks need it.")
         finally:
             try:
                 pending = asyncio.all_tasks(loop)
@@ -99,8 +120,10 @@ class EventLoops:
     def close(self, timeout: float = 5.0) -> None:
         """Stop qmagic's own loop (its remaining asyncio tasks are cancelled) and its thread."""
         with self._lock:
-            loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
+            loop, thread, closing = self._loop, self._thread, self._closing
+            self._loop = self._thread = self._closing = None
+        if closing is not None:
+            closing.set()
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None and thread is not threading.current_thread():
