@@ -62,7 +62,7 @@ def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
             if label:
                 frame.filename = label
     te.stack[:] = frames
-    for nxt in (te.__cause__, te.__context__):
+    for nxt in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):  # (a group's too)
         if nxt is not None:
             _clean(nxt, seen)
 

@@ -1089,6 +1089,35 @@ def test_kernel_await_of_a_failed_task_shows_the_users_frames_only(ak):
     assert_no_internals("\n".join(again))
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="TaskGroup is Python 3.11+")
+def test_kernel_a_task_group_failing_in_a_foreground_task_shows_the_users_frames(ak):
+    """A coroutine task whose ``asyncio.TaskGroup`` fails raises an exception group: the cell
+    showed IPython's fallback for groups on stderr (every frame: IPython's, qmagic's, the
+    kernel's temporary files), and the kernel's reply carried no traceback at all (IPython
+    looks for a group before it asks the error how to show itself; found by a hostile
+    test); the task's own traceback showed each sub-error's frames unlabelled (the kernel's
+    temporary files).  The cell shows the group as ``%task_result`` does, in the reply."""
+    from kernel_helpers import assert_no_internals, error_text
+
+    ak.execute("async def grouped():\n"
+               "    async with asyncio.TaskGroup() as g:\n"
+               "        g.create_task(abad(1))\n"
+               "        g.create_task(forever('tg'))\n", check=True)
+    for cell in ("%function_execute grouped", "%function_execute -b --wait grouped"):
+        result = ak.execute(cell)
+        assert result.error["ename"] == "ExceptionGroup", result.error
+        lines = error_text(result)
+        shown = "\n".join(lines)
+        assert "ExceptionGroup: unhandled errors in a TaskGroup (1 sub-exception)" in shown
+        assert "ValueError: bad value 1" in shown and 'raise ValueError(f"bad value {x}")' in shown
+        assert_no_internals(shown)
+        assert result.stderr == "", result.stderr
+        assert result.stdout == "tg started\ntg cleanup ran\n"
+        kept = ak.eval("w.last_task.traceback")  # (%task_result, the log: the sub-errors too)
+        assert "ValueError: bad value 1" in kept and 'File "Cell In[' in kept
+        assert_no_internals(kept)
+
+
 def test_kernel_plans_and_the_bluesky_policy_give_one_line(ak):
     from kernel_helpers import one_line
 

@@ -293,8 +293,12 @@ def test_an_exception_group_shows_the_users_frames_only(qm, ip):
     """IPython cannot format an exception group and falls back to every frame (qmagic's and
     /tmp/ipykernel paths): the cell shows what %task_result shows (found by the notebook tester)."""
     ip.run_cell("def grouped():\n    raise ExceptionGroup('grp', [ValueError('a'), TypeError('b')])\n").raise_error()
-    with pytest.raises(ExceptionGroup) as info:  # noqa: F821 - Python 3.11+
+    from qmagic.ipython.magics.common import ShownGroup
+
+    with pytest.raises(ShownGroup) as info:  # (IPython would show the group itself: every frame)
         line(ip, "function_execute", "grouped")
+    assert type(info.value).__name__ == "ExceptionGroup"  # (the kernel's reply says so)
+    assert isinstance(info.value.error, ExceptionGroup)  # noqa: F821 - Python 3.11+
     shown = "\n".join(info.value._render_traceback_())
     assert "ExceptionGroup: grp" in shown and "ValueError: a" in shown and "TypeError: b" in shown
     assert "qmagic" not in shown and "interactiveshell" not in shown

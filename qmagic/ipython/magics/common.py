@@ -28,7 +28,7 @@ from ...core.task import Task, exception_text, one_line
 from ...errors import TaskCancelled
 from ...worker import cancelled_line
 
-__all__ = ["ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
+__all__ = ["ShownGroup", "ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
 
 
 def refused(exc: BaseException | str, key_option: str = "--lock-key KEY") -> NoReturn:
@@ -74,18 +74,35 @@ class ShownSyntaxError(Exception):
     error: SyntaxError
 
 
-_stand_ins: dict[type, type] = {}
+class ShownGroup(Exception):
+    """Stands in for a task's exception group (``asyncio.TaskGroup``'s) in the cell: IPython
+    shows a group itself — every frame (IPython's and qmagic's) on stderr, none in the
+    kernel's reply — and ignores ``_render_traceback_``.  Named as the group's type; ``error``
+    is the group."""
+
+    error: BaseException
+
+
+_stand_ins: dict[tuple[type, type], type] = {}
+
+
+def _stand_in(base: type, error: BaseException) -> Any:
+    """An instance of ``base`` standing in for ``error``: its class is named as the error's
+    type (the kernel's reply says ``SyntaxError``, ``ExceptionGroup``); ``.error`` is it."""
+    kind = type(error)
+    cls = _stand_ins.get((base, kind))
+    if cls is None:
+        cls = _stand_ins[(base, kind)] = type(kind.__name__, (base,), {"__qualname__": kind.__name__})
+    shown = cls(str(error))  # the kernel's reply: as the error's own
+    shown.error = error
+    return shown
 
 
 def _syntax_error(shell: Any, error: SyntaxError, tb: Any) -> ShownSyntaxError:
     """The stand-in of ``error``, shown as the script's error after the user's frames in
     ``tb`` (none for a script that did not compile)."""
     kind = type(error)
-    cls = _stand_ins.get(kind)
-    if cls is None:
-        cls = _stand_ins[kind] = type(kind.__name__, (ShownSyntaxError,), {"__qualname__": kind.__name__})
-    shown = cls(str(error))  # the kernel's reply: as the error's own
-    shown.error = error
+    shown = _stand_in(ShownSyntaxError, error)
     frames = [f for f in traceback.extract_tb(tb) if not tracebacks.is_internal_frame(f.filename)]
     formatter = getattr(shell, "SyntaxTB", None)
     if formatter is not None:
@@ -111,13 +128,15 @@ def settle(shell: Any, task: Task) -> Task:
         tb = tracebacks.user_traceback(error)
         if isinstance(error, SyntaxError):
             raise _syntax_error(shell, error, tb) from None
+        if isinstance(error, _GROUPS):  # (IPython shows a group itself, every frame, on stderr)
+            text = tracebacks.traceback_text(error)  # (the user's frames, as %task_result)
+            shown = _stand_in(ShownGroup, error)
+            _render_once(shown, lambda: text.rstrip("\n").split("\n"))
+            raise shown from None
         if tb is None or tracebacks.is_internal_frame(tb.tb_frame.f_code.co_filename):
             raise _one_line(error) from None
         formatter = getattr(shell, "InteractiveTB", None)
-        if isinstance(error, _GROUPS):  # (IPython falls back to showing every frame)
-            text = tracebacks.traceback_text(error)  # (the user's frames, as %task_result)
-            _render_once(error, lambda: text.rstrip("\n").split("\n"))
-        elif formatter is not None:
+        if formatter is not None:
             _render_once(error, lambda: formatter.structured_traceback(type(error), error, tb))
         raise error.with_traceback(tb)
     return task
