@@ -43,6 +43,7 @@ from .database import (
 from .files import open_state_file
 from .legacy import check_legacy_sessions
 from .records import warn_once
+from .segments import complete_lines
 from .spool import read_whole
 
 __all__ = ["SessionOnDisk", "list_sessions", "recover"]
@@ -123,10 +124,8 @@ def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
     bad: list[int] = []
     header: dict = {}
     for _, path in entry.spools:
-        data = read_whole(path, _MAX_SEGMENT) or b""
-        nul = data.find(b"\0")
-        data = data[: nul if nul >= 0 else len(data)]
-        data = data[: data.rfind(b"\n") + 1]  # not a line cut short by the death
+        # (complete lines only: not a line cut short by the death; zero bytes skipped)
+        data = b"".join([lines for _, lines in complete_lines(read_whole(path, _MAX_SEGMENT) or b"")[0]])
         if not header and data.startswith(b'{"spool"'):
             with suppress(orjson.JSONDecodeError, TypeError):
                 header = orjson.loads(data[: data.index(b"\n")]) or {}

@@ -11,6 +11,9 @@ spool file truncated or changed by another process can never crash the kernel (S
 what was cut away is lost at worst, and lines written after a cut are still read
 (:meth:`Segment.read_new` starts again from the file's start).  A short write (disk full)
 is followed by a newline, so the next line starts clean; readers skip what does not parse.
+Zero bytes another process added (``truncate -s +N``, a recovery tool's padding) are skipped
+with the half line before them, if any: the lines appended after them are read
+(:func:`complete_lines`, the one rule of every reader).
 The first line of each segment is a header naming the session (host, pid, versions).
 
 :class:`SessionFiles` holds the session's lock file (its flock says the session is alive)
@@ -24,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import re
 from collections.abc import Collection
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -36,7 +40,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 from .files import fsync_dir, open_state_file
 
-__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "uid_of"]
+__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "uid_of"]
 
 #: Size of one spool segment.  A line is at most a quarter of it (the encoder's limits).
 SEGMENT_BYTES = 4 << 20
@@ -109,10 +113,29 @@ def uid_of(line: bytes) -> bytes:
     return line[start:line.find(b'"', start)]
 
 
-def _whole_lines(data: bytes) -> bytes:
-    """``data`` up to its last complete line (before a NUL, if any)."""
-    nul = data.find(b"\0")
-    return data[: data.rfind(b"\n", 0, nul if nul >= 0 else len(data)) + 1]
+_ZEROS = re.compile(rb"\0+")
+
+
+def complete_lines(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The complete lines in ``data`` (read from a segment) as blocks ``(offset, lines)``,
+    and how many bytes of ``data`` they use up (the readers go on from there).
+
+    A run of zero bytes (added by another process) is skipped, with the half line before
+    it (cut short, never completed: our next line starts after the zeros); the bytes after
+    the last newline wait for the rest of their line."""
+    if b"\0" not in data:  # (the common case: one block)
+        end = data.rfind(b"\n") + 1
+        return [(0, data[:end])], end
+    blocks, at = [], 0
+    for zeros in _ZEROS.finditer(data):
+        end = data.rfind(b"\n", at, zeros.start()) + 1
+        if end > at:
+            blocks.append((at, data[at:end]))
+        at = zeros.end()
+    end = data.rfind(b"\n", at) + 1
+    if end > at:
+        blocks.append((at, data[at:end]))
+    return blocks, max(end, at)
 
 
 @dataclass(eq=False)
@@ -132,9 +155,10 @@ class Segment:
     #: (cuts, offset, {uid: its lines before offset, packed: see _LINE_BITS}): lines_of()'s index
     index: tuple[int, int, dict[bytes, int]] = field(default_factory=lambda: (0, 0, {}))
 
-    def read_new(self, limit: int) -> tuple[bytes, int, bool]:
+    def read_new(self, limit: int) -> tuple[bytes, int, int, bool]:
         """Complete lines not in SQLite yet, about ``limit`` bytes at most, as ``(lines,
-        begin, more)``: where they start in the file, and whether more lines follow them.
+        begin, n, more)``: where they start in the file, the ``n`` bytes they use up there
+        (zero bytes skipped too: see :func:`complete_lines`), and whether more lines follow.
 
         A file that another process cut (``truncate``) below what was stored or written
         is read again from its start: what is left in it was written after the cut, or is
@@ -148,17 +172,12 @@ class Segment:
             chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
             if not chunk:
                 break
-            nul = chunk.find(b"\0")
-            if nul >= 0:
-                chunk = chunk[:nul]
             chunks.append(chunk)
             offset += len(chunk)
-            if nul >= 0:
-                break
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        data = b"".join(chunks)
+        blocks, n = complete_lines(b"".join(chunks))
         more = offset < end and offset - begin >= limit
-        return data[: data.rfind(b"\n") + 1], begin, more
+        return b"".join([lines for _, lines in blocks]), begin, n, more
 
     def advance(self, begin: int, n: int, lines: int) -> bool:
         """The writer thread stored the ``n`` bytes (``lines`` lines) read from ``begin``.
@@ -186,8 +205,9 @@ class Segment:
         end, cut = self._size()
         if self._read_again(cuts, offset, end, cut):
             offset, lines = 0, 0
-        data = _whole_lines(os.pread(self.fd, end - offset, offset)) if offset < end else b""
-        offset, lines = offset + len(data), lines + data.count(b"\n")
+        if offset < end:
+            blocks, n = complete_lines(os.pread(self.fd, end - offset, offset))
+            offset, lines = offset + n, lines + sum(data.count(b"\n") for _, data in blocks)
         self.counted = (self.cuts, offset, lines)
         stored = self.consumed_lines if self._unstored_from(end, cut) else 0  # (after a cut: none)
         header = stored == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
@@ -203,12 +223,16 @@ class Segment:
         if self._read_again(cuts, offset, end, cut):
             offset, index = 0, {}
         if offset < end:
-            for line in _whole_lines(os.pread(self.fd, end - offset, offset)).split(b"\n")[:-1]:
-                size = len(line) + 1
-                if line[:1] == b"[":  # (not the header)
-                    uid = uid_of(line)
-                    index[uid] = (index.get(uid, 0) << _LINE_BITS) | (offset << _SIZE_BITS) | size
-                offset += size
+            blocks, n = complete_lines(os.pread(self.fd, end - offset, offset))
+            for at, data in blocks:
+                at += offset
+                for line in data.split(b"\n")[:-1]:
+                    size = len(line) + 1
+                    if line[:1] == b"[":  # (not the header)
+                        uid = uid_of(line)
+                        index[uid] = (index.get(uid, 0) << _LINE_BITS) | (at << _SIZE_BITS) | size
+                    at += size
+            offset += n
         self.index = (self.cuts, offset, index)
         keys = [u for u in uids if u in index] if uids is not None else [u for u in index if needle in u]
         begin = self._unstored_from(end, cut)
@@ -244,8 +268,8 @@ class Segment:
         return end, (out if end < written else None)
 
     def at_end(self) -> bool:
-        """True when nothing follows ``consumed`` (the next byte is NUL or the end)."""
-        return os.pread(self.fd, 1, self.consumed) in (b"", b"\0")
+        """True when nothing follows ``consumed`` (what :meth:`read_new` skips is used up)."""
+        return os.fstat(self.fd).st_size <= self.consumed
 
     def close(self) -> None:
         """Stop writing and close the descriptor (the file stays)."""

@@ -108,11 +108,12 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
         if budget <= 0:
             out.complete = False
             break
-        data, begin, more = seg.read_new(budget)
+        data, begin, n, more = seg.read_new(budget)
         if data:
             rows_from_lines(data, session, now, out.rows, out.bad, out.started)
-            out.reads.append((seg, begin, len(data), data.count(b"\n")))
-            budget -= len(data)
+        if n:  # (zero bytes, or a half line that never completes, are used up too)
+            out.reads.append((seg, begin, n, data.count(b"\n")))
+            budget -= n
         if more:  # more lines wait in this segment: this cycle is not complete
             out.complete, budget = False, 0
     return out

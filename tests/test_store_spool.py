@@ -1,0 +1,113 @@
+"""The spool's segment files under what other processes do to them (qmagic.store.segments,
+qmagic.store.spool): zero bytes added by another process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
+
+from qmagic.store import records as records_module
+from qmagic.store import writer as writer_module
+from qmagic.store.journal import Journal
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = "lab-1"
+
+
+def run_task(journal: Journal, uid: str) -> None:
+    journal.submitted(task(uid))
+    journal.started(uid, time.time())
+    journal.finished(task(uid, "completed"))
+
+
+@pytest.fixture
+def stores_on_flush(monkeypatch):
+    """The writer thread stores on flush() only (and deletes nothing by age meanwhile)."""
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+
+
+def segment_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.spool"), key=lambda p: int(p.name.split(".")[-2]))
+
+
+def append_as_another_process(path: Path, data: bytes = b"", zeros: int = 0) -> None:
+    """What another program does to a spool file: append ``data``, then extend the file
+    by ``zeros`` zero bytes (``truncate -s +N``, or a recovery tool's padding)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        if data:
+            os.write(fd, data)
+        if zeros:
+            os.ftruncate(fd, os.fstat(fd).st_size + zeros)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("garbage", [b"", b'[3,"half-a-line-of-anot'], ids=["zeros", "half-line-then-zeros"])
+def test_lines_appended_after_zero_bytes_another_process_added_are_seen_and_stored(
+        tmp_path, stores_on_flush, garbage):
+    """Another process extends the live segment with zero bytes (``truncate -s +4096``),
+    maybe after half a line: readers took the first zero byte for the end of the file, so
+    the lines appended after it were invisible, never stored and deleted at close.  They
+    are counted, found and stored now; the half line is never stored nor taken for damage."""
+    with Journal(tmp_path, ENV) as j:
+        for i in range(50):
+            run_task(j, f"before-{i}")
+        assert j.get("before-3")["status"] == "completed" and j.health()["pending"] == 150
+        (segment,) = segment_files(tmp_path)
+        append_as_another_process(segment, garbage, zeros=4096)
+        for i in range(5):
+            run_task(j, f"after-{i}")
+        assert j.health()["pending"] == 165
+        assert j.get("after-4")["status"] == "completed"
+        assert {r["uid"] for r in j.records()} >= {f"after-{i}" for i in range(5)}
+        assert j.flush() and j.health()["pending"] == 0
+        append_as_another_process(segment, zeros=1 << 20)  # (zeros at the end, then more lines)
+        for i in range(5):
+            run_task(j, f"later-{i}")
+        assert j.health()["pending"] == 15 and j.get("later-0")["status"] == "completed"
+    with Journal(tmp_path, ENV) as j:
+        found = j.statuses([f"{kind}-{i}" for kind in ("before", "after", "later") for i in range(5)])
+        assert set(found.values()) == {"completed"}, {u: s for u, s in found.items() if s != "completed"}
+    assert "spool-lines" not in records_module._warned  # (the half line was not taken for a line)
+
+
+KILLED_AFTER_ZEROS = """
+for i in range(3):
+    j.submitted(dict(task, uid=f"before-{i}"))
+spool = sorted(p for p in os.listdir(sys.argv[1]) if p.endswith(".spool"))[0]
+fd = os.open(os.path.join(sys.argv[1], spool), os.O_WRONLY | os.O_APPEND)
+os.ftruncate(fd, os.fstat(fd).st_size + 4096)
+for i in range(3):
+    j.submitted(dict(task, uid=f"after-{i}"))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dead_sessions_lines_after_zero_bytes_are_recovered(tmp_path):
+    """The recovery of a killed kernel's spool read it up to the first zero byte too."""
+    record = task("x")
+    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
+            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
+            f"task = {record!r}\n" + textwrap.dedent(KILLED_AFTER_ZEROS))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
+        found = j.statuses([f"{kind}-{i}" for kind in ("before", "after") for i in range(3)])
+        assert set(found.values()) == {"failed"}, found  # (queued when the kernel died: orphans)
+    assert not segment_files(tmp_path)
