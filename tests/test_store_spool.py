@@ -1,9 +1,12 @@
-"""The spool's segment files under what other processes do to them (qmagic.store.segments,
-qmagic.store.spool): zero bytes added by another process."""
+"""The spool's segment files under what other processes and a full disk do to them
+(qmagic.store.segments, qmagic.store.spool): zero bytes added by another process, a line
+cut short by the disk."""
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -111,3 +114,42 @@ def test_a_dead_sessions_lines_after_zero_bytes_are_recovered(tmp_path):
         found = j.statuses([f"{kind}-{i}" for kind in ("before", "after") for i in range(3)])
         assert set(found.values()) == {"failed"}, found  # (queued when the kernel died: orphans)
     assert not segment_files(tmp_path)
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)``: this process's writes end at ``n`` bytes into a file (a full disk, for
+    one file: the write that crosses it is cut short); ``limit(None)`` lifts it."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the kernel kills us)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(n: int | None) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft if n is None else n, hard))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_segment_ending_in_a_line_the_disk_cut_short_is_deleted_once_stored(
+        tmp_path, stores_on_flush, file_size_limit):
+    """A write cut short by a full disk ends the segment in half a line; the next lines go
+    to a new segment.  The old one was stored but never deleted (until the log closed):
+    its reader waited for the rest of that line, which never comes."""
+    with Journal(tmp_path, ENV) as j:
+        for i in range(20):
+            run_task(j, f"before-{i}")
+        assert j.flush()
+        (segment,) = segment_files(tmp_path)
+        file_size_limit(segment.stat().st_size + 40)
+        try:
+            j.submitted(task("cut-short"))  # (40 bytes of it reach the file; the line waits in memory)
+        finally:
+            file_size_limit(None)
+        assert j.health()["in_memory"] == 1
+        assert not segment.read_bytes().endswith(b"\n")  # (it ends in half a line)
+        run_task(j, "after")
+        assert j.flush() and j.health()["pending"] == 0
+        assert segment_files(tmp_path) == [j._spool.current.path] != [segment]
+        assert j.statuses(["cut-short", "after", "before-19"]) == {
+            "cut-short": "queued", "after": "completed", "before-19": "completed"}

@@ -93,9 +93,8 @@ def _shutdown(spool: Spool, writer: Writer, reader: LogReader, timeout: float | 
     with spool.lock:
         spool.closed = True
         spool.out = None
-        if spool.current is not None and spool.current.out is not None:
-            out, spool.current.out = spool.current.out, None
-            out.close()
+        if spool.current is not None:
+            spool.current.stop_writing()
     writer.stop(timeout)
     writer.wake.close()
     reader.close()

@@ -10,7 +10,8 @@ process (not a power cut: ``fsync=True`` adds an ``fsync``).  Nothing is memory-
 spool file truncated or changed by another process can never crash the kernel (SIGBUS);
 what was cut away is lost at worst, and lines written after a cut are still read
 (:meth:`Segment.read_new` starts again from the file's start).  A short write (disk full)
-is followed by a newline, so the next line starts clean; readers skip what does not parse.
+is followed by a newline, so the next line starts clean; readers skip what does not parse,
+and the half line a short write leaves at the end of a segment that takes no more lines.
 Zero bytes another process added (``truncate -s +N``, a recovery tool's padding) are skipped
 with the half line before them, if any: the lines appended after them are read
 (:func:`complete_lines`, the one rule of every reader).
@@ -116,16 +117,17 @@ def uid_of(line: bytes) -> bytes:
 _ZEROS = re.compile(rb"\0+")
 
 
-def complete_lines(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+def complete_lines(data: bytes, torn_end: bool = False) -> tuple[list[tuple[int, bytes]], int]:
     """The complete lines in ``data`` (read from a segment) as blocks ``(offset, lines)``,
     and how many bytes of ``data`` they use up (the readers go on from there).
 
     A run of zero bytes (added by another process) is skipped, with the half line before
     it (cut short, never completed: our next line starts after the zeros); the bytes after
-    the last newline wait for the rest of their line."""
+    the last newline wait for the rest of their line, unless ``torn_end`` says that this
+    is the file's end and no line ever completes it (then they are used up, never read)."""
     if b"\0" not in data:  # (the common case: one block)
         end = data.rfind(b"\n") + 1
-        return [(0, data[:end])], end
+        return [(0, data[:end])], len(data) if torn_end else end
     blocks, at = [], 0
     for zeros in _ZEROS.finditer(data):
         end = data.rfind(b"\n", at, zeros.start()) + 1
@@ -135,7 +137,7 @@ def complete_lines(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     end = data.rfind(b"\n", at) + 1
     if end > at:
         blocks.append((at, data[at:end]))
-    return blocks, max(end, at)
+    return blocks, len(data) if torn_end else max(end, at)
 
 
 @dataclass(eq=False)
@@ -150,6 +152,7 @@ class Segment:
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
     consumed_lines: int = 0  # the lines (newlines) in those bytes (the writer thread's too)
     cuts: int = 0  # how many times the writer found the file cut by another process
+    torn: bool = False  # closed for writing after a short write: the file ends in half a line
     #: (cuts, offset, lines before it): unstored_lines()' count so far
     counted: tuple[int, int, int] = (0, 0, 0)
     #: (cuts, offset, {uid: its lines before offset, packed: see _LINE_BITS}): lines_of()'s index
@@ -175,7 +178,7 @@ class Segment:
             chunks.append(chunk)
             offset += len(chunk)
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        blocks, n = complete_lines(b"".join(chunks))
+        blocks, n = complete_lines(b"".join(chunks), self.torn and offset >= end)
         more = offset < end and offset - begin >= limit
         return b"".join([lines for _, lines in blocks]), begin, n, more
 
@@ -271,11 +274,17 @@ class Segment:
         """True when nothing follows ``consumed`` (what :meth:`read_new` skips is used up)."""
         return os.fstat(self.fd).st_size <= self.consumed
 
-    def close(self) -> None:
-        """Stop writing and close the descriptor (the file stays)."""
+    def stop_writing(self) -> None:
+        """Refuse further lines (a late one raises ValueError); if the last one was cut
+        short (a full disk), the half line it left ends the file: readers skip it."""
         out, self.out = self.out, None
         if out is not None:
             out.close()
+            self.torn = out.torn
+
+    def close(self) -> None:
+        """Stop writing and close the descriptor (the file stays)."""
+        self.stop_writing()
         fd, self.fd = self.fd, -1
         if fd >= 0:
             with suppress(OSError):

@@ -129,9 +129,8 @@ class Spool:
         self.segments.append(seg)
         self.current = seg
         self.out = seg.out
-        if old is not None and old.out is not None:
-            out, old.out = old.out, None
-            out.close()
+        if old is not None:
+            old.stop_writing()
 
     def put_slow(self, line: bytes) -> None:
         """Append ``line`` when the fast ``out.write`` failed: rotate to the next segment (the
@@ -257,9 +256,8 @@ class Spool:
         """Close every segment that is not current for writing; return all segments."""
         with self.lock:
             for seg in self.segments:
-                if seg is not self.current and seg.out is not None:
-                    out, seg.out = seg.out, None
-                    out.close()
+                if seg is not self.current:
+                    seg.stop_writing()
             return list(self.segments)
 
     def retire(self, seg: Segment) -> None:
