@@ -57,7 +57,7 @@ def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, 
         threading.settrace(None)
     in_lookup, go_lookup, outcome = threading.Event(), threading.Event(), []
     source, first = inspect.getsourcelines(spool_module.Spool.lines_of)
-    held = first + next(i for i, text in enumerate(source) if "self.held" in text)
+    held = first + next(i for i, text in enumerate(source) if "for line in held" in text)
 
     def lookup_lines(frame, event, arg):  # (paused in the middle of reading what waits in memory)
         if event == "line" and not in_lookup.is_set() and frame.f_code.co_firstlineno == held:

@@ -1,15 +1,17 @@
 """The spool's segment files under what other processes and a full disk do to them
 (qmagic.store.segments, qmagic.store.spool): zero bytes added by another process, a line
-cut short by the disk."""
+cut short by the disk, and readers of a long backlog racing the task path."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.store import records as records_module
+from qmagic.store import segments as segments_module
 from qmagic.store import writer as writer_module
 from qmagic.store.journal import Journal
 
@@ -153,3 +156,55 @@ def test_a_segment_ending_in_a_line_the_disk_cut_short_is_deleted_once_stored(
         assert segment_files(tmp_path) == [j._spool.current.path] != [segment]
         assert j.statuses(["cut-short", "after", "before-19"]) == {
             "cut-short": "queued", "after": "completed", "before-19": "completed"}
+
+
+@pytest.mark.parametrize("reader", ["get", "health", "records"])
+def test_a_task_never_waits_for_a_first_read_of_the_backlog(tmp_path, stores_on_flush, monkeypatch, reader):
+    """The first count or lookup of a long backlog (a database locked for hours) reads the
+    whole spool (0.7 s for 100,000 tasks): it did so under the lock a task takes to switch
+    to the next segment, so a task could wait that long.  Here a lookup is paused inside
+    its read while tasks fill segments: they finish meanwhile."""
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 << 10)
+    with Journal(tmp_path, ENV) as j:
+        for i in range(100):
+            run_task(j, f"waiting-{i}")
+        reading, go = threading.Event(), threading.Event()
+        real_pread, looked = os.pread, []
+
+        def paused_pread(fd, n, offset):
+            if threading.current_thread() is lookup_thread and not reading.is_set():
+                reading.set()
+                go.wait(10)
+            return real_pread(fd, n, offset)
+
+        def lookup() -> None:
+            read = {"get": lambda: j.get("waiting-99"), "health": lambda: j.health()["pending"],
+                    "records": lambda: len(j.records(status="completed"))}[reader]
+            looked.append(read())
+
+        def tasks() -> None:
+            first = len(j._spool.segments)
+            for i in itertools.count():
+                run_task(j, f"meanwhile-{i}")
+                if len(j._spool.segments) > first + 1:  # (two switches to a new segment)
+                    return
+
+        lookup_thread = threading.Thread(target=lookup)
+        task_thread = threading.Thread(target=tasks)
+        monkeypatch.setattr(os, "pread", paused_pread)
+        lookup_thread.start()
+        try:
+            assert reading.wait(10)
+            task_thread.start()
+            task_thread.join(5)
+            assert not task_thread.is_alive(), "a task waited for a lookup's read of the spool"
+        finally:
+            go.set()
+            lookup_thread.join(10)
+            task_thread.join(10)
+            monkeypatch.setattr(os, "pread", real_pread)
+        if reader == "get":
+            assert looked[0]["status"] == "completed"
+        else:
+            assert looked[0] >= (300 if reader == "health" else 100)  # (and what the tasks added)
+        assert j.flush() and j.health()["pending"] == 0

@@ -363,7 +363,7 @@ class Journal:
         reads open their own connection; calls are dropped."""
         self._closed = True
         spool = self._spool
-        spool.lock = threading.Lock()
+        spool.lock, spool.read_lock = threading.Lock(), threading.Lock()
         spool.closed, spool.out = True, None
         for seg in [*spool.segments, spool.spare]:
             if seg is not None:

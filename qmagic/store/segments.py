@@ -203,7 +203,7 @@ class Segment:
         """How many complete lines are not in SQLite yet (the header line not counted).
         Counts only what was appended since the last call (a view asking during a long
         fault read every waiting line each time: 0.28 s with 100,000 tasks waiting).  The
-        caller holds the spool's lock (one counter per segment)."""
+        caller holds the spool's read lock (one counter per segment)."""
         cuts, offset, lines = self.counted
         end, cut = self._size()
         if self._read_again(cuts, offset, end, cut):
@@ -220,7 +220,7 @@ class Segment:
         """The lines not in SQLite yet of the uids in ``uids`` (else of every uid that
         contains ``needle``), joined.  Lines are indexed by uid as lookups ask, only what was
         appended since (a lookup read every waiting line: 0.6 s with 100,000 tasks waiting
-        in a database fault).  The caller holds the spool's lock (one index per segment)."""
+        in a database fault).  The caller holds the spool's read lock (one index per segment)."""
         cuts, offset, index = self.index
         end, cut = self._size()
         if self._read_again(cuts, offset, end, cut):

@@ -93,13 +93,18 @@ class Spool:
     next one (``spare``), segments not yet in SQLite, and the ``held`` queue.
 
     ``lock`` guards the segment bookkeeping; callers take it only when the current segment
-    is full or missing.  ``fault`` is the text of the latest failure to make a segment
-    (None when the spool works).
+    is full or missing, never for longer than a few system calls.  Counts and lookups read
+    the spool under ``read_lock`` (one at a time: each segment keeps one count and one
+    index), taking ``lock`` only to copy the list of segments: a first read of a long
+    backlog takes a second, and a task switching to the next segment never waits for it.
+    Descriptors are closed under both locks.  ``fault`` is the text of the latest failure
+    to make a segment (None when the spool works).
     """
 
     def __init__(self, files: SessionFiles, pending_limit: int) -> None:
         self.files = files
         self.lock = threading.Lock()
+        self.read_lock = threading.Lock()  # (taken before ``lock``, never while holding it)
         self.out: AppendFile | None = None
         self.current: Segment | None = None
         self.spare: Segment | None = None
@@ -262,7 +267,7 @@ class Spool:
 
     def retire(self, seg: Segment) -> None:
         """Delete a segment whose content is all in SQLite (not the current one)."""
-        with self.lock:
+        with self.read_lock, self.lock:
             if seg is self.current or seg not in self.segments:
                 return
             self.segments.remove(seg)
@@ -270,32 +275,40 @@ class Spool:
                 os.unlink(seg.path)
             seg.close()
 
+    def _readable(self) -> tuple[list[Segment], list[bytes]]:
+        """The open segments and a copy of ``held`` (one C call: the writer takes lines off
+        it unlocked), at one moment: a line moved from ``held`` into a segment is in one of
+        them.  The caller holds ``read_lock`` (no descriptor is closed meanwhile)."""
+        with self.lock:
+            return [seg for seg in self.segments if seg.fd >= 0], list(self.held)
+
     def unstored_lines(self) -> int:
         """How many lines are not in SQLite yet: in the spool (counted incrementally, see
-        :meth:`Segment.unstored_lines`) and in ``held``."""
-        with self.lock:
-            return sum(seg.unstored_lines() for seg in self.segments if seg.fd >= 0) + len(self.held)
+        :meth:`Segment.unstored_lines`) and in ``held`` (a line the writer moves from
+        ``held`` into the spool while this counts may be counted twice, once)."""
+        with self.read_lock:
+            segments, held = self._readable()
+            return sum(seg.unstored_lines() for seg in segments) + len(held)
 
     def uncommitted(self) -> list[bytes]:
-        """Lines not yet in SQLite (spool and held).  Reads under the lock (segments are
-        closed under it too)."""
-        with self.lock:
-            chunks = [seg.read_new(seg.size)[0] for seg in self.segments if seg.fd >= 0]
-            held = list(self.held)
+        """Lines not yet in SQLite (spool and held)."""
+        with self.read_lock:
+            segments, held = self._readable()
+            chunks = [seg.read_new(seg.size)[0] for seg in segments]
         return [data for data in chunks if data] + ([b"".join(held)] if held else [])
 
     def lines_of(self, uids: Collection[bytes] | None = None, needle: bytes = b"") -> list[bytes]:
         """Lines not yet in SQLite of the uids in ``uids`` (else of the uids containing
         ``needle``): indexed, see :meth:`Segment.lines_of`."""
-        with self.lock:
-            chunks = [seg.lines_of(uids, needle) for seg in self.segments if seg.fd >= 0]
-            held = list(self.held)  # (a copy in one C call: the writer takes lines off it unlocked)
+        with self.read_lock:
+            segments, held = self._readable()
+            chunks = [seg.lines_of(uids, needle) for seg in segments]
         held = [line for line in held if (uid_of(line) in uids if uids is not None else needle in uid_of(line))]
         return [data for data in chunks if data] + ([b"".join(held)] if held else [])
 
     def close(self, unlink_spare: bool = True) -> None:
         """Close every segment (files stay) and the spare (deleted)."""
-        with self.lock:
+        with self.read_lock, self.lock:
             segs, self.segments = self.segments, []
             spare, self.spare = self.spare, None
             self.current, self.out = None, None
