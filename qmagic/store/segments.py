@@ -117,15 +117,17 @@ def uid_of(line: bytes) -> bytes:
 _ZEROS = re.compile(rb"\0+")
 
 
-def complete_lines(data: bytes, torn_end: bool = False) -> tuple[list[tuple[int, bytes]], int]:
+def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
+                   ) -> tuple[list[tuple[int, bytes]], int]:
     """The complete lines in ``data`` (read from a segment) as blocks ``(offset, lines)``,
     and how many bytes of ``data`` they use up (the readers go on from there).
 
     A run of zero bytes (added by another process) is skipped, with the half line before
     it (cut short, never completed: our next line starts after the zeros); the bytes after
     the last newline wait for the rest of their line, unless ``torn_end`` says that this
-    is the file's end and no line ever completes it (then they are used up, never read)."""
-    if b"\0" not in data:  # (the common case: one block)
+    is the file's end and no line ever completes it (then they are used up, never read).
+    ``zeros=False``: the caller found none in ``data`` (looked for as it read)."""
+    if not zeros or b"\0" not in data:  # (the common case: one block)
         end = data.rfind(b"\n") + 1
         return [(0, data[:end])], len(data) if torn_end else end
     blocks, at = [], 0
@@ -170,15 +172,16 @@ class Segment:
         begin = self._unstored_from(end, cut)
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
-        chunks, offset, chunk_size = [], begin, 64 << 10
+        chunks, offset, chunk_size, zeros = [], begin, 64 << 10, False
         while offset < end and offset - begin < limit:
             chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
             if not chunk:
                 break
+            zeros = zeros or b"\0" in chunk  # (looked for while the chunk is in the cache)
             chunks.append(chunk)
             offset += len(chunk)
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        blocks, n = complete_lines(b"".join(chunks), self.torn and offset >= end)
+        blocks, n = complete_lines(b"".join(chunks), self.torn and offset >= end, zeros)
         more = offset < end and offset - begin >= limit
         return b"".join([lines for _, lines in blocks]), begin, n, more
 
