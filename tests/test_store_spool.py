@@ -22,6 +22,7 @@ from qmagic.store import records as records_module
 from qmagic.store import segments as segments_module
 from qmagic.store import writer as writer_module
 from qmagic.store.journal import Journal
+from qmagic.store.segments import Segment
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = "lab-1"
@@ -208,3 +209,37 @@ def test_a_task_never_waits_for_a_first_read_of_the_backlog(tmp_path, stores_on_
         else:
             assert looked[0] >= (300 if reader == "health" else 100)  # (and what the tasks added)
         assert j.flush() and j.health()["pending"] == 0
+
+
+def test_a_line_landing_in_an_old_segment_after_the_writer_checked_it_is_kept(
+        tmp_path, stores_on_flush, monkeypatch):
+    """A task thread that passed the segment's checks just before a rotation may write its
+    line into the old segment after the writer found that segment stored to its end: the
+    writer then deleted the segment, and the line with it.  The deletion now checks again,
+    under the spool's lock (no line can land after it: the segment is closed for writing)."""
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "first")
+        assert j.flush()
+        spool = j._spool
+        old = spool.current
+        line = next(raw for raw in old.path.read_bytes().splitlines(keepends=True)
+                    if raw.startswith(b"[") and b'"first"' in raw)
+        late = line.replace(b'"first"', b'"late1"')
+        with spool.lock:
+            assert spool._rotate(force=True)  # (what a full segment makes a task thread do)
+        checked = Segment.at_end
+        landed = threading.Event()
+
+        def at_end_then_a_late_line(seg):
+            found = checked(seg)
+            if found and seg is old and not landed.is_set():
+                landed.set()  # the late line lands right after the writer's check
+                os.write(seg.fd, late)
+            return found
+        monkeypatch.setattr(Segment, "at_end", at_end_then_a_late_line)
+        assert j.flush()
+        assert landed.is_set()
+        assert j.flush()
+        assert j.statuses(["late1", "first"]) == {"late1": "queued", "first": "completed"}
+        assert j.flush() and j.health()["pending"] == 0
+        assert old.path not in segment_files(tmp_path)  # (deleted once that line was stored)

@@ -75,8 +75,10 @@ class AppendFile:
             raise ValueError(f"the spool segment is {'closed' if self.closed else 'full'}")
         if self.torn:
             line, size = b"\n" + line, size + 1
-        n = _c_write(self.fd, line, size)
+        n = _c_write(self.fd, line, size)  # (-1 once closed: see close())
         if n != size:
+            if self.closed:  # (closed by a rotation since the check above)
+                raise ValueError("the spool segment is closed")
             self.torn = True
             if n < 0:
                 err = ctypes.get_errno()
@@ -97,7 +99,11 @@ class AppendFile:
             os.fsync(self.fd)
 
     def close(self) -> None:
-        """Refuse further writes (the descriptor belongs to the Segment)."""
+        """Refuse further writes (the descriptor belongs to the Segment).  A write that
+        passed its check before this then fails on descriptor -1 (no switch to another
+        thread can fall between reading ``fd`` and the GIL-holding call): it never lands in a
+        segment being deleted, nor in a file that took the descriptor's number after it."""
+        self.fd = -1
         self.closed = True
 
 

@@ -266,9 +266,12 @@ class Spool:
             return list(self.segments)
 
     def retire(self, seg: Segment) -> None:
-        """Delete a segment whose content is all in SQLite (not the current one)."""
+        """Delete a segment whose content is all in SQLite (not the current one).  Checked
+        again here: a task thread that passed the segment's checks before the rotation may
+        have written a line into it after the writer found it stored (none can now: under
+        the lock, a segment that is not current is closed for writing)."""
         with self.read_lock, self.lock:
-            if seg is self.current or seg not in self.segments:
+            if seg is self.current or seg not in self.segments or not seg.at_end():
                 return
             self.segments.remove(seg)
             with suppress(FileNotFoundError):
