@@ -16,7 +16,13 @@ from typing import Any
 
 from .texts import valid_unicode
 
-__all__ = ["Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
+__all__ = ["LARGE_BYTES", "Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
+
+#: JSON larger than this (bytes) is *large*: a request, a reply, or a task result's copy.
+#: The control channel rations the time it spends on large work while others wait
+#: (:mod:`qmagic.remote.large_work`), and a large result's copy is kept with its JSON
+#: (:mod:`qmagic.result_copies`); anything smaller is cheap to make again.
+LARGE_BYTES = 64 * 1024
 
 _SWAP_DEPTH = 4  # how deep in a reply's dicts an Encoded value is looked for
 

@@ -24,7 +24,7 @@ from operator import is_
 from typing import Any, Callable
 
 from . import probe
-from .jsonreply import Encoded, encoded
+from .jsonreply import LARGE_BYTES, Encoded, encoded
 
 __all__ = ["BUSY", "UNSURE", "ResultCopies", "plain_copy"]
 
@@ -33,8 +33,6 @@ __all__ = ["BUSY", "UNSURE", "ResultCopies", "plain_copy"]
 #: per item; the numbers and strings are the result's own).  The newest copy is kept even
 #: if it alone is larger (the others are dropped).
 KEEP_BYTES = 64 * 1024 * 1024
-#: A result whose JSON is smaller than this is cheap to copy again: not kept.
-KEEP_MIN_BYTES = 64 * 1024
 KEEP_MOST = 8  # results kept at most
 _WALK_DEPTH = 100
 
@@ -149,15 +147,15 @@ class ResultCopies:
     def put(self, task: Any, copy: Any, *, fresh: bool = False) -> Any:
         """``copy`` of ``task``'s result (made by :func:`plain_copy`) with its JSON
         (:func:`qmagic.jsonreply.encoded`), kept for later requests (see ``KEEP_BYTES``)
-        until the task itself is forgotten (its retention time); a small one
-        (``KEEP_MIN_BYTES``) as it is, not kept.  ``fresh``: made after its request gave up
-        (see :meth:`get`).  Raises what ``json.dumps`` raises."""
+        until the task itself is forgotten (its retention time); a small one (JSON of at
+        most :data:`qmagic.jsonreply.LARGE_BYTES`: cheap to make again) as it is, not kept.
+        ``fresh``: made after its request gave up (see :meth:`get`).  Raises what ``json.dumps`` raises."""
         uid = task.uid
         kept = encoded(copy)
         if not isinstance(kept, Encoded):
             return kept
         size = len(kept.json)
-        if size < KEEP_MIN_BYTES:  # (small: the plain copy, encoded with the reply)
+        if size <= LARGE_BYTES:  # (small: the plain copy, encoded with the reply)
             with self._lock:
                 self._kept.pop(uid, None)
                 self._fresh.discard(uid)

@@ -1,10 +1,11 @@
 """The share of the control channel's time that large work may take while others wait.
 
 One thread answers every request in turn, so a request that takes long holds up every
-client queued behind it.  *Large work* is a request over ``LARGE_BYTES`` (a 50,000-uid
-``task_status``: ~0.2 s), a reply over ``LARGE_BYTES``, or work a method announces as large
-before doing it (:meth:`Turn.large_work`: checking that the kept copy of a large result is
-still current, ~50 ms per million items).  While other requests wait, large work may take
+client queued behind it.  *Large work* is a request over ``LARGE_BYTES`` (64 kB, see
+:mod:`qmagic.jsonreply`; a 50,000-uid ``task_status``: ~0.2 s), a reply over
+``LARGE_BYTES``, or work a method announces as large before doing it
+(:meth:`Turn.large_work`: checking that the kept copy of a large result is still current,
+~50 ms per million items).  While other requests wait, large work may take
 at most ``SHARE`` of the serving thread's time (with bursts of ``BURST_S``); beyond that it
 is refused at once and the client is told to ask again.  Ten clients repeating large
 lookups made every other client wait 1-3.6 s, and 150 clients asking for a result of a
@@ -19,10 +20,10 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["BURST_S", "LARGE_BYTES", "SHARE", "LargeBudget", "Turn"]
+from ..jsonreply import LARGE_BYTES
 
-#: Requests and replies larger than this (bytes) are large work.
-LARGE_BYTES = 64 * 1024
+__all__ = ["BURST_S", "SHARE", "LargeBudget", "Turn"]
+
 #: The share of the serving thread's time large work may take while others wait.
 SHARE = 0.5
 #: The most serving time large work may take at once while others wait (seconds).

@@ -26,8 +26,8 @@ from typing import Any, Callable
 import zmq
 
 from ..errors import ControlChannelError
-from ..jsonreply import reply_bytes
-from .large_work import LARGE_BYTES, LargeBudget
+from ..jsonreply import LARGE_BYTES, reply_bytes
+from .large_work import LargeBudget
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
