@@ -124,7 +124,7 @@ class QueueserverProtocol(GuiMethods):
     def task_result(self, params: dict, *, large_work: Callable[[], bool] | None = None,
                     **who: Any) -> dict:
         """queueserver ``task_result``: a task's status and result dict (memory, then the log).
-        ``large_work``: asked before a large result is checked (see :func:`_plain_json`)."""
+        ``large_work``: asked before large work on a large result (see :func:`_plain_json`)."""
         uid = params.get("task_uid")
         if uid is None:
             return {**_task_error("Error: Required 'task_uid' parameter is missing in the API call.",
@@ -319,9 +319,10 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
     -- through :mod:`qmagic.probe`, with a deadline: the control thread never runs the
     result's code, nor waits long.  What was not ready in time is kept when it is, for the
     next request: else a large result could never be read.  ``large_work`` is asked before
-    a kept copy (a large result) is checked: if it says no, the client is told to ask again
-    (many clients asking for a large result at once held up everyone else: the control
-    thread checked it for each of them in turn)."""
+    large work on a large result (checking its kept copy, or making a new one; see
+    :meth:`ResultCopies.get`): if it says no, the client is told to ask again (many clients
+    asking for large results at once held up everyone else: the control thread checked or
+    copied them for each of them in turn)."""
     uid = task.uid
     kept = copies.get(uid, value, admit=large_work)
     if kept is BUSY:

@@ -10,6 +10,9 @@ copied: the same exact lists, tuples and dicts, the same keys in the same order,
 numbers and strings (by identity; these do not change).  That check runs none of the
 result's own code (exact built-in types only), so it needs no deadline; a result changed
 since, or not made of those types, is copied anew.  No stale value is ever shown.
+Checking a kept copy and making a new copy of a large result are both *large work*, asked
+for before they are done (``admit`` of :meth:`ResultCopies.get`): the control channel
+rations them while other clients wait (:mod:`qmagic.remote.large_work`).
 
 No IPython, widgets or zmq here.
 """
@@ -26,7 +29,7 @@ from typing import Any, Callable
 from . import probe
 from .jsonreply import LARGE_BYTES, Encoded, encoded
 
-__all__ = ["BUSY", "UNSURE", "ResultCopies", "plain_copy"]
+__all__ = ["BUSY", "UNSURE", "ResultCopies", "may_be_large", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
@@ -55,7 +58,55 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
 
 
 class _TooLong(Exception):
-    """A check looked at more items than it may (see ``CHECK_STEPS``)."""
+    """A check looked at more items than it may (see ``CHECK_STEPS``), or a value's JSON
+    passed ``LARGE_BYTES`` (see :func:`may_be_large`)."""
+
+
+_SMALL_INT = 1 << 64  # (ints below this in size: at most 20 digits, counted as 3 bytes)
+
+
+def may_be_large(value: Any) -> bool:
+    """True if the JSON of ``value``'s copy may be larger than
+    :data:`qmagic.jsonreply.LARGE_BYTES`: copying and encoding it is then large work, told
+    before it is done.  Counts the least each item adds (3 bytes: a character and ", "; a
+    string its characters and quotes), item by item only until that passes ``LARGE_BYTES``
+    (a long list at once, by its length; at most ~30,000 items one by one: milliseconds).
+    Runs none of the value's own code (subclasses of the built-in types are read through
+    the built-in type's methods), so a value holding anything but lists, tuples, dicts,
+    numbers and strings (its JSON is made by its own code) counts as large."""
+    try:
+        _count(value, [LARGE_BYTES], 0)
+    except (_TooLong, RuntimeError):  # (RuntimeError: a dict changed size meanwhile)
+        return True
+    return False
+
+
+def _count(value: Any, left: list[int], depth: int) -> None:
+    """Take the least JSON ``value`` makes (see :func:`may_be_large`) from ``left[0]``;
+    raises _TooLong once that is below 0, or for a value whose size its own code tells."""
+    cls = type(value)
+    if issubclass(cls, int):  # (and bool, and subclasses: JSON by int's own repr)
+        left[0] -= max(3, int.bit_length(value) // 4)
+    elif issubclass(cls, float) or value is None:
+        left[0] -= 3
+    elif issubclass(cls, str):
+        left[0] -= str.__len__(value) + 4
+    elif issubclass(cls, (list, tuple, dict)) and depth < _WALK_DEPTH:
+        base = list if issubclass(cls, list) else tuple if issubclass(cls, tuple) else dict
+        left[0] -= 2 + 3 * base.__len__(value)  # (each item's least, counted at once)
+        if left[0] < 0:
+            raise _TooLong
+        items = (*dict.keys(value), *dict.values(value)) if base is dict else base.__iter__(value)
+        for item in items:
+            kind = type(item)
+            if kind is float or (kind is int and -_SMALL_INT < item < _SMALL_INT):
+                continue  # (counted above)
+            left[0] += 3
+            _count(item, left, depth + 1)
+    else:
+        raise _TooLong
+    if left[0] < 0:
+        raise _TooLong
 
 
 def _unchanged(value: Any, copy: Any, steps: list[int] | None, depth: int = 0) -> bool:
@@ -112,10 +163,12 @@ class ResultCopies:
     def get(self, uid: str, value: Any, *, thorough: bool = False,
             admit: Callable[[], bool] | None = None) -> Any:
         """The kept copy of task ``uid``'s result ``value`` if it is unchanged, else None
-        (a changed one is dropped).  The check is quick (``CHECK_STEPS``): where it cannot
-        tell, :data:`UNSURE`; ``thorough``: however long it takes (on the probe thread).
-        ``admit`` is asked before a check (of a large result: ~50 ms per million items): if
-        it says no, :data:`BUSY`, unchecked.
+        (a changed one is dropped): the caller makes a new copy.  The check is quick
+        (``CHECK_STEPS``): where it cannot tell, :data:`UNSURE`; ``thorough``: however long
+        it takes (on the probe thread).  ``admit`` is asked before large work on a large
+        result: checking its kept copy (~50 ms per million items), or, with none kept, making
+        a new one (~0.5 s per million items; :func:`may_be_large`): if it says no,
+        :data:`BUSY`, neither done.
         A copy made after its request gave up (``put(fresh=True)``) answers the next request
         once unchecked: it is newer than that request, as a copy made for it would be."""
         with self._lock:
@@ -125,8 +178,8 @@ class ResultCopies:
                 self._fresh.discard(uid)
                 self._kept.move_to_end(uid)
                 return kept
-        if kept is None:
-            return None
+        if kept is None:  # (a new copy: large work if the value may be large)
+            return BUSY if admit is not None and may_be_large(value) and not admit() else None
         if admit is not None and not admit():
             return BUSY
         try:

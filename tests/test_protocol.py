@@ -562,3 +562,41 @@ def test_a_kept_result_copy_goes_with_its_task(make_worker):
     eventually(forgotten, timeout=TIMEOUT, what="the task forgotten")
     eventually(lambda: gc.collect() is not None and len(qs.protocol.result_copies) == 0,
                timeout=TIMEOUT, what="the kept copy dropped with its task")
+
+
+def test_a_result_is_told_large_before_it_is_copied_without_running_its_code():
+    """:func:`may_be_large` tells whether a result's copy may be large work (its JSON over
+    ``LARGE_BYTES``) before it is made, on the control thread: by the least each item adds,
+    reading subclasses of the built-in types through the built-in methods (their own code
+    never runs); a value holding anything else counts as large."""
+    from collections import namedtuple
+
+    from qmagic.jsonreply import LARGE_BYTES
+    from qmagic.result_copies import may_be_large
+
+    class Sly(list):  # (its own methods must never run)
+        def __iter__(self):
+            raise AssertionError("ran the result's own __iter__")
+
+        def __len__(self):
+            raise AssertionError("ran the result's own __len__")
+
+    class Number(float):
+        def __repr__(self):
+            raise AssertionError("ran the result's own __repr__")
+
+    point = namedtuple("point", "x y")
+    for small in (None, 1.5, "x" * 1000, [0.5] * 1000, {"a": 1, "b": [1, 2, "x"], 3: None},
+                  point(1, 2), Sly([Number(1.5)] * 1000), [[]] * 10_000, 2 ** 1000):
+        assert not may_be_large(small), small
+    for large in ("x" * LARGE_BYTES, [0] * 30_000, ["ab"] * 20_000, {str(i): i for i in range(10_000)},
+                  [[[1.5] * 1000] * 30], [0.5] * 10 ** 6, 7 ** 300_000,
+                  [object()], {1, 2}, _nested(200)):
+        assert may_be_large(large), type(large)
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import time
 
+from qmagic.jsonreply import reply_bytes
+from qmagic.protocol import QueueserverProtocol
+from qmagic.remote.dispatch import dispatch
 from qmagic.remote.large_work import SHARE, LargeBudget
+
+from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 
 
 def _serve_for(seconds: float) -> None:
@@ -48,3 +53,36 @@ def test_a_lone_request_is_always_served_and_owes_nothing():
     turn.end(10 ** 6)
     contended = budget.turn(contended=True)
     assert contended.large_work() and budget.refused == 0
+
+
+def test_a_new_copy_of_a_large_result_is_large_work_and_a_small_result_never_is(make_worker):
+    """Making a new copy of a large result (its first request, or one whose copy was no
+    longer kept) is large work, announced before it is made: a request that waited behind
+    others while large work has used its share is told to ask again, nothing copied, the
+    refusal not charged.  Before, only checking a kept copy was: clients asking in turn for
+    more large results than are kept held up everyone else (~10 s, a reviewer's find).  A
+    small result is served whatever the budget, and a lone request gets the large one."""
+    w = make_worker({"data": lambda n: [i * 0.5 for i in range(n)]})
+    protocol = QueueserverProtocol(w)
+    large, small = w.submit("data", [100_000]), w.submit("data", [1000])
+    large.wait(TIMEOUT), small.wait(TIMEOUT)
+    budget = LargeBudget()
+
+    def ask(task, contended: bool) -> dict:
+        turn = budget.turn(contended)
+        budget.allowance = -100.0 if contended else budget.allowance  # (the share used up)
+        reply = dispatch(protocol, {"method": "task_result", "params": {"task_uid": task.uid}},
+                         large_work=turn.large_work)
+        turn.end(len(reply_bytes(reply)))  # (as the server does)
+        return reply
+
+    reply = ask(small, contended=True)
+    assert reply["success"] and len(reply["result"]["return_value"]) == 1000, reply["msg"]
+    reply = ask(large, contended=True)
+    assert not reply["success"] and "ask again in a second" in reply["msg"], reply["msg"]
+    assert reply["result"]["return_value"] is None and reply["status"] == "completed"
+    assert len(protocol.result_copies) == 0 and budget.refused == 1  # (nothing copied)
+    assert budget.allowance >= -100.0  # (the refusal is not charged)
+    reply = ask(large, contended=False)  # (a lone client)
+    assert reply["success"] and reply["result"]["return_value"] == large.result(), reply["msg"]
+    assert len(protocol.result_copies) == 1 and budget.refused == 1

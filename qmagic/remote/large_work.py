@@ -5,13 +5,15 @@ client queued behind it.  *Large work* is a request over ``LARGE_BYTES`` (64 kB,
 :mod:`qmagic.jsonreply`; a 50,000-uid ``task_status``: ~0.2 s), a reply over
 ``LARGE_BYTES``, or work a method announces as large before doing it
 (:meth:`Turn.large_work`: checking that the kept copy of a large result is still current,
-~50 ms per million items).  While other requests wait, large work may take
-at most ``SHARE`` of the serving thread's time (with bursts of ``BURST_S``); beyond that it
-is refused at once and the client is told to ask again.  Ten clients repeating large
-lookups made every other client wait 1-3.6 s, and 150 clients asking for a result of a
-million floats 4-18 s, past the 2 s after which queueserver's clients give up (both found
-by a hostile test).  A request nobody waited behind is always served and owes nothing:
-small requests (status, a small result, starting a task) are never refused for this.
+~50 ms per million items, or making a new copy of one, ~0.5 s).  While other requests wait,
+large work may take at most ``SHARE`` of the serving thread's time (with bursts of
+``BURST_S``); beyond that it is refused at once and the client is told to ask again.  Ten
+clients repeating large lookups made every other client wait 1-3.6 s, 150 clients asking
+for a result of a million floats 4-18 s, and 50 clients asking in turn for more large
+results than are kept ~10 s, past the 2 s after which queueserver's clients give up (found
+by hostile tests and a reviewer).  A request nobody waited behind is always served and
+owes nothing: small requests (status, a small result, starting a task) are never refused
+for this.
 
 No zmq here: the server tells which requests waited behind others.
 """
