@@ -23,6 +23,7 @@ from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
 from .result_copies import BUSY, UNSURE, ResultCopies, plain_copy
 from .store.lockfile import MAX_USER_CHARS
+from .texts import LARGE_RESULT_NOT_SENT
 from .worker import json_error
 
 __all__ = ["MAX_REQUEST_ITEMS", "MAX_USER_CHARS", "QueueserverProtocol", "status_reply"]
@@ -326,8 +327,7 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
     uid = task.uid
     kept = copies.get(uid, value, admit=large_work)
     if kept is BUSY:
-        return None, _AskAgain("was not sent (the kernel is busy answering other large requests): "
-                               "ask again in a second")
+        return None, _AskAgain(LARGE_RESULT_NOT_SENT)
     if kept is not None and kept is not UNSURE:
         return kept, None
     unsure = kept is UNSURE

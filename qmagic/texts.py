@@ -1,8 +1,11 @@
-"""Any value as text fit to print: :func:`printable` and :func:`safe_repr`.
+"""Any value as text fit to print (:func:`printable`, :func:`safe_repr`), and the wordings
+that modules of different layers tell the same thing with.
 
 The one place that escapes and cuts a value for a message, a table or a panel, with one cut
 marker (``...``).  Only the standard library here, so every layer may use it (core/ and
-store/ too); :mod:`qmagic.format` re-exports both.
+store/ too); :mod:`qmagic.format` re-exports both.  A refusal told by both the control
+channel's transport and the protocol it carries (:func:`large_request_refused`,
+:data:`LARGE_RESULT_NOT_SENT`) is worded here once, as every door's modules may import it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["SUMMARY_KEY", "printable", "safe_repr", "valid_unicode"]
+__all__ = ["BUSY_WITH_LARGE_REQUESTS", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
+           "large_request_refused", "printable", "safe_repr", "valid_unicode"]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
 SUMMARY_KEY = "__qmagic_summary__"
@@ -77,3 +81,16 @@ def safe_repr(value: Any, limit: int = 2000, *, lines: bool = False) -> str:
     except Exception:  # noqa: BLE001
         text = f"<{type(value).__name__} with a failing repr>"
     return printable(str.__str__(text) if isinstance(text, str) else text, limit, lines=lines)
+
+
+#: Why the control channel did not do a request's large work this time: large work had
+#: used its share of the channel's time while others waited (qmagic.remote.large_work).
+BUSY_WITH_LARGE_REQUESTS = "the kernel is busy with large requests from several clients"
+#: How task_result tells a large result not sent for that reason (after "The result ").
+LARGE_RESULT_NOT_SENT = f"was not sent ({BUSY_WITH_LARGE_REQUESTS}): ask again in a second"
+
+
+def large_request_refused(size: int) -> str:
+    """The message of a large request (``size`` bytes) refused unread for that reason."""
+    return (f"Error: This request ({size} bytes) was not processed: {BUSY_WITH_LARGE_REQUESTS}. "
+            "Ask again in a second, or ask about fewer items per request.")

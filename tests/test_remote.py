@@ -579,7 +579,7 @@ def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_pat
         heads = [sock.recv()[:600] for sock in readers]  # (not decoded: the test's CPU is the kernel's)
         sent = [h for h in heads if b'"msg": "", "traceback": "", "return_value": [0.0, 0.5, 1.0' in h]
         told = [h for h in heads if h.startswith(b'{"success": false, "msg": "The result was not sent '
-                b'(the kernel is busy answering other large requests): ask again in a second;')]
+                b'(the kernel is busy with large requests from several clients): ask again in a second;')]
         assert sent and told and len(sent) + len(told) == len(heads), heads
         assert all(b'"success": true, "msg": "", "task_uid": "' + uid.encode() + b'", "status": '
                    b'"completed"' in h for h in sent), sent
@@ -1325,7 +1325,10 @@ def test_a_flood_of_large_lookups_never_holds_up_other_clients(tmp_path, rm_fact
         w.close()
     assert not failures, failures
     served = [a for a in answers if a.startswith(b'{"success": true')]
-    refused = [a for a in answers if b"busy answering other large requests" in a]
+    told = (b'{"success": false, "msg": "Error: This request (%d bytes) was not processed: the kernel '
+            b'is busy with large requests from several clients. Ask again in a second, or ask about '
+            b'fewer items per request."' % len(lookup))[:200]  # (the start of each reply is kept)
+    refused = [a for a in answers if a.startswith(told)]
     assert served and refused and len(served) + len(refused) == len(answers), answers[:3]
     assert srv.refused_busy == len(refused)
     assert max(served_meanwhile) <= 6, served_meanwhile
@@ -1342,7 +1345,7 @@ sock.connect(sys.argv[1])
 refused = 0
 for _ in range(int(sys.argv[2])):
     sock.send(lookup)
-    refused += b"busy answering" in sock.recv()[:200]
+    refused += b"busy with large requests" in sock.recv()[:200]
 print(refused)
 """
 

@@ -27,6 +27,7 @@ import zmq
 
 from ..errors import ControlChannelError
 from ..jsonreply import LARGE_BYTES, reply_bytes
+from ..texts import large_request_refused
 from .large_work import LargeBudget
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker
 
@@ -123,12 +124,6 @@ class _StatusJSON:
             body = json.dumps(rest).encode("utf-8")
             self._last, self._body = rest, (b", " + body[1:] if rest else b"}")
         return b'{"time": ' + json.dumps(stamp).encode("utf-8") + self._body
-
-
-def busy_text(size: int) -> str:
-    """The reply to a large request refused because large requests took their share."""
-    return (f"Error: The kernel is busy answering other large requests; this one ({size} bytes) "
-            "was not processed. Ask again in a second, or ask about fewer items per request.")
 
 
 def failure_text() -> str:
@@ -307,7 +302,7 @@ class ControlServer(SocketThread):
         turn = self._large.turn(contended)
         large = LARGE_BYTES < size <= self.max_message_bytes  # (larger: refused anyway)
         if large and not turn.large_work():
-            reply = self._encoded(self._refused_unread(frames, busy_text(size)))
+            reply = self._encoded(self._refused_unread(frames, large_request_refused(size)))
         else:
             reply = self._encoded(self._processed(frames, size, turn.large_work))
         turn.end(len(reply))
