@@ -33,9 +33,7 @@ class LookupMixin:
     catalog: Any  # (the worker's)
     _permissions: Any  # (StateMixin)
     default_user_group: str  # (QMagic)
-    journal_enabled: bool  # (QMagic)
-    _state_dir: Any  # (StateMixin)
-    environment_name: str  # (QMagic)
+    _closed_log: Any  # (StateMixin)
 
     def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
                        client: str | None = None) -> None:
@@ -88,7 +86,7 @@ class LookupMixin:
             out[uid] = task.status if task is not None else None
             if task is None:
                 missing.append(uid)
-        if missing and self._journal is not None:
+        if missing:
             for uid, status in self._log_statuses(missing).items():
                 out[uid] = status
         return out
@@ -116,16 +114,19 @@ class LookupMixin:
         Filters: ``status``, ``user``, ``name`` and ``notebook`` (exact, or with the
         wildcards ``*`` and ``?``; brackets match themselves), ``since`` /
         ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
-        A closed worker reads its log as ``qmagic.history()`` does.
+        A closed worker reads the log it closed (see :meth:`_readable_log`).
         """
-        journal = self._journal
-        if journal is None and self.engine.closed and self.journal_enabled:  # (its log is closed, not off)
-            from .store.history import history
-
-            return history(state_dir=self._state_dir(), environment_name=self.environment_name, **filters)
+        journal = self._readable_log()
         if journal is None:
             raise LogUnavailable(LOG_OFF)
         return journal.records(**filters)
+
+    def _readable_log(self) -> Any:
+        """The Journal that lookups and history read: the open one; once the worker is
+        closed, the one its close closed (its reads go to the database, where the close
+        stored every task's end).  None: the log is off."""
+        journal = self._journal
+        return journal if journal is not None or not self.engine.closed else self._closed_log
 
     # -- the experiment log's side --------------------------------------------------------------
     def _log_find(self, uid: str, exact: bool = False) -> dict[str, Any] | None:
@@ -140,7 +141,7 @@ class LookupMixin:
         return self._log_read(lambda journal: journal.match(prefix), prefix, (None, False))
 
     def _log_read(self, read: Callable[[Any], Any], uid: Any, default: Any) -> Any:
-        journal = self._journal
+        journal = self._readable_log()
         if journal is None or not isinstance(uid, str) or not uid or not uid.isascii():
             return default  # (uids are ASCII: a lone surrogate cannot even be looked up in SQLite)
         try:
@@ -150,7 +151,7 @@ class LookupMixin:
             return default
 
     def _log_statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
-        journal = self._journal
+        journal = self._readable_log()
         uids = [u for u in uids if isinstance(u, str) and u.isascii()]  # (as in _log_find)
         if journal is None or not uids:
             return {}

@@ -47,6 +47,7 @@ class StateMixin(LogMixin):
         self.permissions_uid = str(uuid.uuid4())
         self._locks = self._open_locks()
         self._journal: Any = None
+        self._closed_log: Any = None  # the log close() closed: lookups and history read it still
         self._log_observer: LogObserver | None = None
         self._draining: set[LogObserver] = set()  # logs switched off, closing once their tasks end
         self._swap_log(self._new_log())
@@ -66,6 +67,8 @@ class StateMixin(LogMixin):
     def _close_state(self, log_timeout: float | None = None) -> None:
         with self._state_lock:
             journal, self._journal = self._journal, None
+            if journal is not None:  # (a closed Journal reads the database)
+                self._closed_log = journal
             draining, self._draining = list(self._draining), set()
             locks = self._locks
         deadline = None if log_timeout is None else time.monotonic() + log_timeout

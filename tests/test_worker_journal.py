@@ -87,6 +87,24 @@ def test_a_uid_prefix_the_log_does_not_know_or_shares_is_searched_for_once(journ
     assert w.find("abcd2")["uid"].startswith("abcd2222") and len(searches) == 3
 
 
+def test_a_closed_worker_finds_in_its_log_what_its_history_lists(journaled):
+    """After ``worker.close()`` the log stays readable for every lookup, not for history
+    alone: %task_status UID of a task history listed said it was not in the log."""
+    first = journaled({"add": lambda a, b: a + b})
+    old = first.submit("add", (1, 2))
+    assert old.wait(TIMEOUT)
+    first.close()
+    w = journaled()  # (a new kernel: the task is in the log only)
+    w.close()
+    assert [r["uid"] for r in w.history()] == [old.uid]
+    assert w.find(old.uid)["status"] == "completed"
+    assert w.find(old.uid[:8])["uid"] == old.uid
+    assert w.lookup(old.uid)["uid"] == old.uid
+    assert w.statuses([old.uid]) == {old.uid: TaskStatus.COMPLETED}
+    with pytest.raises(TaskNotFound, match="not in the experiment log either"):
+        w.find("ffff0000")
+
+
 class _NoLen(list):
     def __len__(self):
         raise RuntimeError("no len")
