@@ -159,6 +159,40 @@ def test_a_segment_ending_in_a_line_the_disk_cut_short_is_deleted_once_stored(
             "cut-short": "queued", "after": "completed", "before-19": "completed"}
 
 
+def test_a_segment_a_rotation_closed_while_a_write_was_cut_short_is_deleted_once_stored(
+        tmp_path, stores_on_flush, file_size_limit, monkeypatch):
+    """Another thread may switch to the next segment between a write the disk cut short
+    and the writer noting it (a thread switch can fall right after the C call): the old
+    segment, closed for writing, then ended in half a line that its reader waited for,
+    and it was never deleted (until the log closed).  Here the switch falls there."""
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "before")
+        assert j.flush()
+        spool = j._spool
+        old = spool.current
+        real_write, rotated = segments_module._c_write, []
+
+        def write_then_a_rotation(fd, line, size):
+            n = real_write(fd, line, size)
+            if n != size and not rotated:  # (cut short: another thread rotates right now)
+                file_size_limit(None)
+                with spool.lock:
+                    rotated.append(spool._rotate(force=True))
+            return n
+        monkeypatch.setattr(segments_module, "_c_write", write_then_a_rotation)
+        file_size_limit(old.path.stat().st_size + 40)
+        try:
+            j.submitted(task("cut-short"))
+        finally:
+            file_size_limit(None)
+        assert rotated == [True] and spool.current is not old
+        assert not old.path.read_bytes().endswith(b"\n")  # (it ends in half a line)
+        run_task(j, "after")
+        assert j.flush() and j.flush() and j.health()["pending"] == 0
+        assert j.statuses(["cut-short", "after"]) == {"cut-short": "queued", "after": "completed"}
+        assert old.path not in segment_files(tmp_path)
+
+
 @pytest.mark.parametrize("reader", ["get", "health", "records"])
 def test_a_task_never_waits_for_a_first_read_of_the_backlog(tmp_path, stores_on_flush, monkeypatch, reader):
     """The first count or lookup of a long backlog (a database locked for hours) reads the

@@ -160,7 +160,9 @@ class Segment:
     consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
     consumed_lines: int = 0  # the lines (newlines) in those bytes (the writer thread's too)
     cuts: int = 0  # how many times the writer found the file cut by another process
-    torn: bool = False  # closed for writing after a short write: the file ends in half a line
+    #: Closed for writing, and no line can land any more: bytes after the last newline (half a
+    #: line a short write left, the disk full) never complete (see :meth:`stop_writing`).
+    final: bool = False
     #: (cuts, offset, lines before it): unstored_lines()' count so far
     counted: tuple[int, int, int] = (0, 0, 0)
     #: (cuts, offset, {uid: its lines before offset, packed: see _LINE_BITS}): lines_of()'s index
@@ -174,6 +176,7 @@ class Segment:
         A file that another process cut (``truncate``) below what was stored or written
         is read again from its start: what is left in it was written after the cut, or is
         in SQLite already (storing a line twice changes nothing)."""
+        final = self.final  # (read before the size: what that size shows is then all there is)
         end, cut = self._size()
         begin = self._unstored_from(end, cut)
         # The file's size, not the nominal one: appends from several threads may pass the
@@ -187,7 +190,7 @@ class Segment:
             chunks.append(chunk)
             offset += len(chunk)
             chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        blocks, n = complete_lines(b"".join(chunks), self.torn and offset >= end, zeros)
+        blocks, n = complete_lines(b"".join(chunks), final and offset >= end, zeros)
         more = offset < end and offset - begin >= limit
         return b"".join([lines for _, lines in blocks]), begin, n, more
 
@@ -284,12 +287,15 @@ class Segment:
         return os.fstat(self.fd).st_size <= self.consumed
 
     def stop_writing(self) -> None:
-        """Refuse further lines (a late one raises ValueError); if the last one was cut
-        short (a full disk), the half line it left ends the file: readers skip it."""
+        """Refuse further lines (a late one raises ValueError).  Once its appender is closed
+        no line lands any more (see :meth:`AppendFile.close`): half a line at the end of the
+        file (a write the disk cut short) stays half, and readers skip it.  (Not the
+        appender's own note of a short write: a thread switch may fall between that write
+        and the note, and another thread rotate then.)"""
         out, self.out = self.out, None
         if out is not None:
             out.close()
-            self.torn = out.torn
+            self.final = True
 
     def close(self) -> None:
         """Stop writing and close the descriptor (the file stays)."""
