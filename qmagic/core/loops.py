@@ -12,6 +12,7 @@ always uses qmagic's own loop.  bluesky is never imported here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -125,6 +126,7 @@ class EventLoops:
         if closing is not None:
             closing.set()
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
+            with contextlib.suppress(RuntimeError):  # (closed meanwhile by its own thread)
+                loop.call_soon_threadsafe(loop.stop)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)

@@ -288,7 +288,7 @@ class Spool:
     def unstored_lines(self) -> int:
         """How many lines are not in SQLite yet: in the spool (counted incrementally, see
         :meth:`Segment.unstored_lines`) and in ``held`` (a line the writer moves from
-        ``held`` into the spool while this counts may be counted twice, once)."""
+        ``held`` into the spool while this counts may be counted twice, that once)."""
         with self.read_lock:
             segments, held = self._readable()
             return sum(seg.unstored_lines() for seg in segments) + len(held)
