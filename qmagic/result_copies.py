@@ -62,18 +62,19 @@ class _TooLong(Exception):
     passed ``LARGE_BYTES`` (see :func:`may_be_large`)."""
 
 
-_SMALL_INT = 1 << 64  # (ints below this in size: at most 20 digits, counted as 3 bytes)
+#: The longest JSON of a float and its ", " (``repr`` of a float: at most 24 characters).
+_FLOAT_JSON = 26
 
 
 def may_be_large(value: Any) -> bool:
-    """True if the JSON of ``value``'s copy may be larger than
-    :data:`qmagic.jsonreply.LARGE_BYTES`: copying and encoding it is then large work, told
-    before it is done.  Counts the least each item adds (3 bytes: a character and ", "; a
-    string its characters and quotes), item by item only until that passes ``LARGE_BYTES``
-    (a long list at once, by its length; at most ~30,000 items one by one: milliseconds).
-    Runs none of the value's own code (subclasses of the built-in types are read through
-    the built-in type's methods), so a value holding anything but lists, tuples, dicts,
-    numbers and strings (its JSON is made by its own code) counts as large."""
+    """True if making ``value``'s copy and JSON may be large work, told before it is done:
+    its JSON may be larger than :data:`qmagic.jsonreply.LARGE_BYTES` (each number counted
+    at its longest: a list of more than ~2,500 numbers is large), or it is a subclass of
+    list, tuple or dict (``json`` reads it through its own methods, however long they take).
+    Exact lists, tuples and dicts are read item by item only until that passes
+    ``LARGE_BYTES`` (a long one at once, by its length: at most ~22,000 items, milliseconds);
+    runs none of the value's own code.  A value JSON cannot encode (a set, an array) is
+    not large: its copy fails at once."""
     try:
         _count(value, [LARGE_BYTES], 0)
     except (_TooLong, RuntimeError):  # (RuntimeError: a dict changed size meanwhile)
@@ -82,29 +83,33 @@ def may_be_large(value: Any) -> bool:
 
 
 def _count(value: Any, left: list[int], depth: int) -> None:
-    """Take the least JSON ``value`` makes (see :func:`may_be_large`) from ``left[0]``;
-    raises _TooLong once that is below 0, or for a value whose size its own code tells."""
+    """Take the most JSON ``value`` may make (see :func:`may_be_large`) from ``left[0]``;
+    raises _TooLong once that is below 0, or for a value whose JSON its own code makes."""
     cls = type(value)
-    if issubclass(cls, int):  # (and bool, and subclasses: JSON by int's own repr)
-        left[0] -= max(3, int.bit_length(value) // 4)
-    elif issubclass(cls, float) or value is None:
-        left[0] -= 3
+    if issubclass(cls, float):  # (a subclass too: json writes it with float.__repr__)
+        left[0] -= _FLOAT_JSON
+    elif issubclass(cls, int):  # (and bool; json writes them with int's own repr)
+        left[0] -= int.bit_length(value) * 77 // 256 + 4  # (digits: 0.301 per bit; sign, ", ")
     elif issubclass(cls, str):
         left[0] -= str.__len__(value) + 4
-    elif issubclass(cls, (list, tuple, dict)) and depth < _WALK_DEPTH:
-        base = list if issubclass(cls, list) else tuple if issubclass(cls, tuple) else dict
-        left[0] -= 2 + 3 * base.__len__(value)  # (each item's least, counted at once)
+    elif cls is list or cls is tuple or cls is dict:
+        if depth >= _WALK_DEPTH:
+            raise _TooLong
+        left[0] -= 2 + 3 * len(value)  # (at least 3 per item, counted at once)
         if left[0] < 0:
             raise _TooLong
-        items = (*dict.keys(value), *dict.values(value)) if base is dict else base.__iter__(value)
-        for item in items:
-            kind = type(item)
-            if kind is float or (kind is int and -_SMALL_INT < item < _SMALL_INT):
-                continue  # (counted above)
+        for item in ((*value.keys(), *value.values()) if cls is dict else value):
+            if type(item) is float:  # (the common case, inline)
+                left[0] -= _FLOAT_JSON - 3
+                if left[0] < 0:
+                    raise _TooLong
+                continue
             left[0] += 3
             _count(item, left, depth + 1)
+    elif issubclass(cls, (list, tuple, dict)):
+        raise _TooLong  # (json reads it through its own methods)
     else:
-        raise _TooLong
+        left[0] -= 6  # (None; or a value JSON cannot encode: its copy fails at once)
     if left[0] < 0:
         raise _TooLong
 

@@ -84,8 +84,9 @@ def safe_repr(value: Any, limit: int = 2000, *, lines: bool = False) -> str:
 
 
 #: Why the control channel did not do a request's large work this time: large work had
-#: used its share of the channel's time while others waited (qmagic.remote.large_work).
-BUSY_WITH_LARGE_REQUESTS = "the kernel is busy with large requests from several clients"
+#: used its share of the channel's time while others waited (qmagic.remote.large_work);
+#: whose large work it was is not said (it may be the asker's own).
+BUSY_WITH_LARGE_REQUESTS = "large requests have used their share of the kernel's time while other clients wait"
 #: How task_result tells a large result not sent for that reason (after "The result ").
 LARGE_RESULT_NOT_SENT = f"was not sent ({BUSY_WITH_LARGE_REQUESTS}): ask again in a second"
 

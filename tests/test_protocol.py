@@ -565,10 +565,12 @@ def test_a_kept_result_copy_goes_with_its_task(make_worker):
 
 
 def test_a_result_is_told_large_before_it_is_copied_without_running_its_code():
-    """:func:`may_be_large` tells whether a result's copy may be large work (its JSON over
-    ``LARGE_BYTES``) before it is made, on the control thread: by the least each item adds,
-    reading subclasses of the built-in types through the built-in methods (their own code
-    never runs); a value holding anything else counts as large."""
+    """:func:`may_be_large` tells whether a result's copy may be large work (its JSON may
+    pass ``LARGE_BYTES``, each number counted at its longest; or a subclass of list, tuple
+    or dict, which json reads through its own methods) before it is made, on the control
+    thread, running none of the value's own code.  (A reviewer's finds: counted at their
+    least, 21,000 floats, 426 kB of JSON, were small; a list subclass was read by list's
+    methods while json runs its own.)"""
     from collections import namedtuple
 
     from qmagic.jsonreply import LARGE_BYTES
@@ -587,11 +589,12 @@ def test_a_result_is_told_large_before_it_is_copied_without_running_its_code():
 
     point = namedtuple("point", "x y")
     for small in (None, 1.5, "x" * 1000, [0.5] * 1000, {"a": 1, "b": [1, 2, "x"], 3: None},
-                  point(1, 2), Sly([Number(1.5)] * 1000), [[]] * 10_000, 2 ** 1000):
+                  [Number(1.5)] * 1000, [[]] * 10_000, 2 ** 1000, [1.5] * 2400,
+                  [object()], {1, 2}):  # (JSON cannot encode the last two: their copy fails at once)
         assert not may_be_large(small), small
     for large in ("x" * LARGE_BYTES, [0] * 30_000, ["ab"] * 20_000, {str(i): i for i in range(10_000)},
-                  [[[1.5] * 1000] * 30], [0.5] * 10 ** 6, 7 ** 300_000,
-                  [object()], {1, 2}, _nested(200)):
+                  [[[1.5] * 1000] * 30], [0.5] * 10 ** 6, [0.5] * 3000, [10 ** 18] * 3000,
+                  7 ** 300_000, Sly([1.5]), point(1, 2), _nested(200)):  # (subclasses: their own code)
         assert may_be_large(large), type(large)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from qmagic.jsonreply import reply_bytes
+from qmagic.jsonreply import LARGE_BYTES, reply_bytes
 from qmagic.protocol import QueueserverProtocol
 from qmagic.remote.dispatch import dispatch
 from qmagic.remote.large_work import SHARE, LargeBudget
@@ -69,22 +69,29 @@ def test_a_new_copy_of_a_large_result_is_large_work_and_a_small_result_never_is(
     budget = LargeBudget()
 
     def ask(task, contended: bool) -> dict:
-        turn = budget.turn(contended)
+        turn = turns[-1] = budget.turn(contended)
         budget.allowance = -100.0 if contended else budget.allowance  # (the share used up)
         reply = dispatch(protocol, {"method": "task_result", "params": {"task_uid": task.uid}},
                          large_work=turn.large_work)
-        turn.end(len(reply_bytes(reply)))  # (as the server does)
+        sizes[-1] = len(reply_bytes(reply))
+        turn.end(sizes[-1])  # (as the server does)
         return reply
+
+    turns: list = [None]
+    sizes = [0]
 
     reply = ask(small, contended=True)
     assert reply["success"] and len(reply["result"]["return_value"]) == 1000, reply["msg"]
     reply = ask(large, contended=True)
     assert not reply["success"] and reply["msg"] == (
-        "The result was not sent (the kernel is busy with large requests from several clients): "
+        "The result was not sent (large requests have used their share of the kernel's time while "
+        "other clients wait): "
         f"ask again in a second; it stays in the kernel: qmagic.get_worker().get_task('{large.uid}').result()")
     assert reply["result"]["return_value"] is None and reply["status"] == "completed"
     assert len(protocol.result_copies) == 0 and budget.refused == 1  # (nothing copied)
-    assert budget.allowance >= -100.0  # (the refusal is not charged)
+    # (the refusal is not charged: Turn.end charges a turn that did large work or sent a
+    # large reply, and this one did neither)
+    assert not turns[-1].large and sizes[-1] <= LARGE_BYTES
     reply = ask(large, contended=False)  # (a lone client)
     assert reply["success"] and reply["result"]["return_value"] == large.result(), reply["msg"]
     assert len(protocol.result_copies) == 1 and budget.refused == 1
