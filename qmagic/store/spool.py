@@ -228,8 +228,12 @@ class Spool:
             deleted = True
             with self.lock:  # its file was deleted (by hand?): what is written there would not
                 self.out = None  # survive a crash; the next lines go to a new segment
-        need_spare = self.spare is None and (
-            self.current is None or self.out is None or self.out.tell() > self.current.size // 2)
+        out, current = self.out, self.current  # (read once: a task thread may rotate meanwhile)
+        try:
+            filling = out is None or current is None or out.tell() > current.size // 2
+        except ValueError:  # (closed by that rotation, which used the spare)
+            filling = True
+        need_spare = self.spare is None and filling
         if need_spare:
             seg = self.files.new_segment()
             with self.lock:
