@@ -278,3 +278,21 @@ def test_a_line_landing_in_an_old_segment_after_the_writer_checked_it_is_kept(
         assert j.statuses(["late1", "first"]) == {"late1": "queued", "first": "completed"}
         assert j.flush() and j.health()["pending"] == 0
         assert old.path not in segment_files(tmp_path)  # (deleted once that line was stored)
+
+
+def test_more_bytes_without_a_newline_than_any_line_are_skipped_not_read_forever(
+        tmp_path, stores_on_flush, fresh_warnings):
+    """Another program wrote more bytes without a newline into a segment than a whole
+    transaction reads (2 MiB): the writer read them again and again, looking for the end of
+    a line that no line of the log can be that long, spinning on a CPU with the lines after
+    them never stored (found by a helper).  Bytes past the longest line are skipped (a bad
+    line at worst, counted as one), and the lines after them are stored."""
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "before")
+        assert j.flush()
+        append_as_another_process(j._spool.current.path, b"x" * (3 << 20) + b"\n")
+        run_task(j, "after")
+        with pytest.warns(records_module.JournalWarning, match="skipped 1 damaged spool line"):
+            assert j.flush(timeout=10)
+        assert j.statuses(["before", "after"]) == {"before": "completed", "after": "completed"}
+        assert j.health()["pending"] == 0

@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .files import fsync_dir, open_state_file
+from .records import MAX_LINE
 
 __all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "uid_of"]
 
@@ -121,6 +122,9 @@ def uid_of(line: bytes) -> bytes:
 
 
 _ZEROS = re.compile(rb"\0+")
+#: More bytes than this after the last newline are no line of the log still being written
+#: (a line and the newline a short write may put before it).
+_LONGEST = MAX_LINE + 1
 
 
 def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
@@ -132,10 +136,13 @@ def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
     it (cut short, never completed: our next line starts after the zeros); the bytes after
     the last newline wait for the rest of their line, unless ``torn_end`` says that this
     is the file's end and no line ever completes it (then they are used up, never read).
-    ``zeros=False``: the caller found none in ``data`` (looked for as it read)."""
+    ``zeros=False``: the caller found none in ``data`` (looked for as it read).  Bytes after
+    the last newline longer than any line of the log (``MAX_LINE``, another program's) are
+    used up too: no newline to come would make them a line (read again and again, they held
+    the writer in a loop)."""
     if not zeros or b"\0" not in data:  # (the common case: one block)
         end = data.rfind(b"\n") + 1
-        return [(0, data[:end])], len(data) if torn_end else end
+        return [(0, data[:end])], len(data) if torn_end or len(data) - end > _LONGEST else end
     blocks, at = [], 0
     for zeros in _ZEROS.finditer(data):
         end = data.rfind(b"\n", at, zeros.start()) + 1
@@ -145,7 +152,8 @@ def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
     end = data.rfind(b"\n", at) + 1
     if end > at:
         blocks.append((at, data[at:end]))
-    return blocks, len(data) if torn_end else max(end, at)
+    end = max(end, at)
+    return blocks, len(data) if torn_end or len(data) - end > _LONGEST else end
 
 
 @dataclass(eq=False)
