@@ -1,7 +1,8 @@
 """The worker's shared state: permissions, the lock store (opened and replaced here; its
-rules are :mod:`qmagic.worker_locks`), settings that follow the traits, closing the worker, and whether the
-environment is open (the experiment log's part: :class:`qmagic.worker_log.LogMixin`).  A mix-in of :class:`qmagic.Worker` (the rules live in one class; this module keeps
-worker.py to one screenful per job).
+rules are :mod:`qmagic.worker_locks`), settings that follow the traits, closing the worker,
+and whether the environment is open (the experiment log's part:
+:class:`qmagic.worker_log.LogMixin`).  A mix-in of :class:`qmagic.Worker` (the rules live
+in one class; this module keeps worker.py to one screenful per job).
 """
 
 from __future__ import annotations
