@@ -592,23 +592,31 @@ def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_pat
         eventually(lambda: srv.requests >= served + 100, timeout=WAIT * 6, what="the askers answered",
                    interval=0.05)
         assert srv.refused_busy > 0
-        # Thirty clients at once that read their replies: the value, or to ask again.
+        # Thirty clients at once that read their replies: each gets the value, or is told to
+        # ask again, and gets it when it does (how many of one round are served depends on
+        # how much of the share the askers left: none, on a loaded machine).
         readers = [ctx.socket(zmq.REQ) for _ in range(30)]
         for sock in readers:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 6 * 1000))
             sock.connect(srv.address)
-        for sock in readers:
-            sock.send(json.dumps({"method": "task_result", "params": {"task_uid": uid}}).encode())
-        heads = [sock.recv()[:600] for sock in readers]  # (not decoded: the test's CPU is the kernel's)
-        sent = [h for h in heads if b'"msg": "", "traceback": "", "return_value": [0.0, 0.5, 1.0' in h]
-        told = [h for h in heads if h.startswith(b'{"success": false, "msg": "The result was not sent '
-                b"(large requests have used their share of the kernel's time while other clients "
-                b'wait): ask again in a second;')]
-        assert sent and told and len(sent) + len(told) == len(heads), heads
-        assert all(b'"success": true, "msg": "", "task_uid": "' + uid.encode() + b'", "status": '
-                   b'"completed"' in h for h in sent), sent
-        assert all(b'"task_uid": "' + uid.encode() + b'", "status": "completed"' in h for h in told), told
+        request = json.dumps({"method": "task_result", "params": {"task_uid": uid}}).encode()
+        deadline, rounds = time.monotonic() + WAIT * 6, 0
+        while readers:
+            assert time.monotonic() < deadline, f"{len(readers)} readers were never sent the value"
+            for sock in readers:
+                sock.send(request)
+            heads = [(sock, sock.recv()[:600]) for sock in readers]  # (not decoded: the CPU is the kernel's)
+            sent = [h for _, h in heads if b'"msg": "", "traceback": "", "return_value": [0.0, 0.5, 1.0' in h]
+            told = [(sock, h) for sock, h in heads if h.startswith(
+                b'{"success": false, "msg": "The result was not sent (large requests have used their '
+                b"share of the kernel's time while other clients wait): ask again in a second;")]
+            assert len(sent) + len(told) == len(heads), heads
+            assert all(b'"success": true, "msg": "", "task_uid": "' + uid.encode() + b'", "status": '
+                       b'"completed"' in h for h in sent), sent
+            assert all(b'"task_uid": "' + uid.encode() + b'", "status": "completed"' in h for _, h in told), told
+            readers, rounds = [sock for sock, _ in told], rounds + 1
+        print(f"30 readers asking again as told: all sent the value in {rounds} rounds")
         assert len(_value_when_sent(rm, uid)) == 1_000_000  # (a lone client)
     finally:
         rm.close()
@@ -619,7 +627,7 @@ def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_pat
 
 
 def test_many_clients_cycling_through_large_results_never_hold_up_the_others(tmp_path):
-    """Fifty clients ask at once for the results of ten finished tasks, 300,000 floats each,
+    """Fifty clients ask at once for the results of ten finished tasks, 150,000 floats each,
     in turn (more results than are kept: each request needs a new copy), and never read
     them (a third go away meanwhile) while another client asks status.  Checking a kept copy
     was large work, but making a new one (copy and JSON: ~0.2 s here, up to 1 s for a
@@ -633,21 +641,21 @@ def test_many_clients_cycling_through_large_results_never_hold_up_the_others(tmp
     rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT * 6)  # (the machine may be loaded)
     askers: list = []
     try:
-        uids = [rm.function_execute(BFunc("data", 300_000, k), run_in_background=True)["task_uid"]
+        uids = [rm.function_execute(BFunc("data", 150_000, k), run_in_background=True)["task_uid"]
                 for k in range(tasks)]
         for uid in uids:
             assert rm.wait_for_completed_task(uid, timeout=WAIT * 3) == {uid: "completed"}
         served = srv.requests
         waits = _status_while_silent_askers(rm, srv, ",".join(uids), 50, askers)
         print(f"\nstatus while 50 clients cycle through {tasks} large results: {max(waits):.2f} s")
-        assert max(waits) < 2.0, waits  # (before: 8-13 s here; now ~0.7-1.2 s)
+        assert max(waits) < 2.0, waits  # (before: 8-13 s with 300,000 floats, 9.1 s with these; now 0.4-0.8 s)
         # (the 33 askers that stayed; a request of one that went away may be dropped unread)
         eventually(lambda: srv.requests >= served + 33, timeout=WAIT * 6, what="the askers answered",
                    interval=0.05)
         assert srv.refused_busy > 0
         for k, uid in enumerate(uids):  # (a client that asks again as told gets each result)
             value = _value_when_sent(rm, uid, WAIT * 3)
-            assert len(value) == 300_000 and value[:2] == [k, k + 0.5], (k, value[:2])
+            assert len(value) == 150_000 and value[:2] == [k, k + 0.5], (k, value[:2])
     finally:
         rm.close()
         _end(askers)
