@@ -91,16 +91,18 @@ def test_a_closed_worker_says_so_in_the_notebook_and_reload_starts_a_new_one(clo
     assert "add(2, 3)" in k.execute("%tasks --history", check=True).stdout
 
 
-@pytest.mark.parametrize("call", ["%%script_upload\nimport qmagic\nqmagic.get_worker().close()\n",
-                                  "%function_execute closer", "%function_execute -b --wait closer"])
-def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path, call):
+def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path):
+    """From an uploaded script, a foreground task and a background one waited for: each
+    refused at once, the worker whole after each (one kernel for the three)."""
     k = start_kernel(tmp_path / "kernel")
     try:
         k.execute("def closer():\n    qmagic.get_worker().close()\n", check=True)
-        shown = error_text(_prompt(k, call))  # (the user's own frames, as any task's error)
-        assert shown[-1] == f"RequestRefused: {MSG_CLOSE_IN_TASK}"
-        assert_no_internals("\n".join(shown))
-        assert k.eval("w.closed") is False
-        assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
+        for call in ("%%script_upload\nimport qmagic\nqmagic.get_worker().close()\n",
+                     "%function_execute closer", "%function_execute -b --wait closer"):
+            shown = error_text(_prompt(k, call))  # (the user's own frames, as any task's error)
+            assert shown[-1] == f"RequestRefused: {MSG_CLOSE_IN_TASK}", call
+            assert_no_internals("\n".join(shown))
+            assert k.eval("w.closed") is False
+            assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
     finally:
         k.shutdown()
