@@ -177,7 +177,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         candidates.reverse()
         limit = self._limit()
         visible = candidates[:limit]
-        notes = [MSG_WORKER_CLOSED] if getattr(self.worker, "closed", False) else []
+        notes = [MSG_WORKER_CLOSED] if self.worker.closed else []
         over = len(candidates) - len(visible)
         if over:
             notes.append(f"{over} older task{'s' if over != 1 else ''} not shown: this panel shows the "

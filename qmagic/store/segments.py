@@ -144,11 +144,11 @@ def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
         end = data.rfind(b"\n") + 1
         return [(0, data[:end])], len(data) if torn_end or len(data) - end > _LONGEST else end
     blocks, at = [], 0
-    for zeros in _ZEROS.finditer(data):
-        end = data.rfind(b"\n", at, zeros.start()) + 1
+    for run in _ZEROS.finditer(data):
+        end = data.rfind(b"\n", at, run.start()) + 1
         if end > at:
             blocks.append((at, data[at:end]))
-        at = zeros.end()
+        at = run.end()
     end = data.rfind(b"\n", at) + 1
     if end > at:
         blocks.append((at, data[at:end]))
