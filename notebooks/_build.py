@@ -683,8 +683,8 @@ LOCKING = [
     """),
     md("""
     `%lock_info` shows the lock. In JupyterLab it is a live **lock panel**: it follows
-    every change, made anywhere (magics, panels, remote clients, other kernels), within
-    about a second; it says whether this kernel holds the key and whether an emergency key
+    every change, made anywhere (magics, panels, remote clients, other kernels), at
+    once; it says whether this kernel holds the key and whether an emergency key
     is set; and it has a *Key* field (left empty: this kernel's key), a *Note* field,
     *environment* and *queue* boxes, and *Lock* and *Unlock* buttons.
 
@@ -964,10 +964,10 @@ EXPERIMENT_LOG = [
 
     `%tasks` shows the tasks the kernel keeps in memory (finished ones for 10 minutes).
     `%tasks --history N` reads the newest N tasks of the experiment log (default 20), from
-    this kernel and from earlier ones. It is the one place where qmagic prints clock
+    this kernel and from earlier ones. Unlike the task tables above, it prints clock
     times: when each task was submitted, how long it ran, and its full uid. The *cell* column
     says which notebook cell started the task: the notebook's name and the cell's number
-    (`In [3]`); an error follows its task's row. The `qmagic-history` command prints the
+    (`06-experiment-log.ipynb [3]`); an error follows its task's row. The `qmagic-history` command prints the
     same table (below).
     """),
     code("""

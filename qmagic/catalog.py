@@ -22,7 +22,7 @@ from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
 from .format import safe_repr
 
-__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "is_plan",
+__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "is_plan", "plan_refusal",
            "is_coroutine_function"]
 
 
@@ -126,6 +126,13 @@ def describe(obj: Any) -> dict[str, str]:
     return {"signature": signature, "doc": doc[0] if doc else ""}
 
 
+
+def plan_refusal(name: str) -> str:
+    """Why a generator function (a bluesky plan) is not run as a task, by name or as an
+    object: one text for every door."""
+    return (f"{name!r} is a generator function (a bluesky plan), not a function: run it with the "
+            f"Run Engine, RE({name}(...)).")
+
 class Catalog:
     """The functions, plans and devices of one namespace (see the module docstring)."""
 
@@ -202,10 +209,7 @@ class Catalog:
         if checked is not None and checked[0] is obj:  # this very object passed before
             return checked
         if is_plan(obj):
-            raise TypeError(
-                f"Object {name!r} defined in worker namespace is a generator function: it is a "
-                f"bluesky plan, not a function. Run it with the Run Engine, RE({name}(...))."
-            )
+            raise TypeError(plan_refusal(name))
         if not callable(obj) or _is_class(obj):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
         if len(self._checked) >= _CHECKED_MAX:

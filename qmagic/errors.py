@@ -80,10 +80,14 @@ class RequestRefused(QMagicError, RuntimeError):
 class LockRefused(RequestRefused, PermissionError):
     """The environment or queue is locked and the request did not present the right key.
 
-    ``state`` (when known) is the lock that refused: who locked what, since when, the note.
+    ``state`` (when known) is the lock that refused: who locked what, since when, the note;
+    ``key_given`` is True when the caller gave a key (a wrong one, not a missing one);
+    ``unlocking`` when the request was an unlock (the emergency key would also open it).
     """
 
     state = None
+    key_given = False
+    unlocking = False
 
 
 class PermissionRefused(RequestRefused, PermissionError):

@@ -406,9 +406,10 @@ def lock_text(info: Mapping[str, Any]) -> str:
 def refusal_line(exc: BaseException | str, give_key: str) -> str:
     """A refused request (``RequestRefused``, ``StateFileError``, or its text) as one calm line.
 
-    A wrong or missing key for a healthy lock reads ``The environment is locked by Alice
-    (since ...; note: ...): GIVE_KEY, or ask them to unlock.`` — ``give_key`` says how the
-    key is given where the line is shown (a magic's option, a panel's field).  Any other
+    A missing key for a healthy lock reads ``The environment is locked by Alice (since ...;
+    note: ...): GIVE_KEY, or ask them to unlock.`` — ``give_key`` says how the key is given
+    where the line is shown (a magic's option, a panel's field); a wrong key given reads
+    ``...: the key given does not open it; check the key, or ask them to unlock.``  Any other
     refusal is its own text without the protocol's ``Error:`` prefix, queueserver's
     multi-line texts joined with ``; ``; all of it :func:`printable`.  Never shows a key.
     """
@@ -423,7 +424,12 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
         verb = "are" if state.environment and state.queue else "is"
         who = f"locked by {printable(info.get('user')) or 'someone'} (since {info.get('time_str') or '?'}{note})"
         if "Invalid lock key" in msg:
-            return f"The {scopes} {verb} {who}: {give_key}, or ask them to unlock."
+            if getattr(exc, "key_given", False):
+                wrong = ("is neither its lock key nor the emergency key" if getattr(exc, "unlocking", False)
+                         else "does not open it")
+                return f"The {scopes} {verb} {who}: the key given {wrong}; check the key, or ask them to unlock."
+            emergency = ", or the emergency key" if getattr(exc, "unlocking", False) else ""
+            return f"The {scopes} {verb} {who}: {give_key}{emergency}, or ask them to unlock."
         if "locked with a different key" in msg:  # (a lock asked for with another key)
             return (f"The {scopes} {verb} already {who} with another key: to change the lock, "
                     f"{give_key}; to lock with a new key, unlock first.")

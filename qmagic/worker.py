@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from traitlets import observe
 
-from .catalog import Catalog, check_name, is_coroutine_function, is_plan
+from .catalog import Catalog, check_name, is_coroutine_function, is_plan, plan_refusal
 from .config import QMagic
 from .core.awaiting import awaitable_result
 from .core.context import current_task
@@ -112,9 +112,7 @@ def json_error(value: Any) -> Exception | None:
 def cancelled_line(task: Task) -> str:
     """How a cancelled foreground task ends the call that ran it (a cell): one line that says
     how it was cancelled (■, a panel's Cancel, ``%task_cancel``, a deadline)."""
-    how = task.cancel_reason
-    how = how[len("Task was "):] if how.startswith("Task was ") else f"cancelled: {how}"
-    return f"{task.call_text(60)} was {how}; it is recorded as cancelled."
+    return f"{task.cancelled_text()}; it is recorded as cancelled."
 
 
 def _raise_if_interrupted(task: Task) -> Task:
@@ -266,10 +264,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         else:
             self._permissions.check_group(user_group)  # recorded as given: it must exist
             if is_plan(func):  # (the catalog's rule, as by name)
-                raise RequestRefused(
-                    f"Error: {name!r} is a generator function (a bluesky plan), not a function: run "
-                    f"it with the Run Engine, RE({name}(...))."
-                )
+                raise RequestRefused(f"Error: {plan_refusal(name)}")
             coroutine = is_coroutine_function(func)
         self._check_open(origin)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,

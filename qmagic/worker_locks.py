@@ -39,12 +39,15 @@ class LockMixin:
         try:
             self._locks.check(self._key(lock_key, origin), scope, client=client)
         except LockRefused as exc:
-            raise self._with_state(exc) from None
+            raise self._with_state(exc, lock_key) from None
 
-    def _with_state(self, exc: LockRefused) -> LockRefused:
-        """``exc`` with the lock that refused as its ``state`` (the doors word it from that)."""
+    def _with_state(self, exc: LockRefused, lock_key: Any = None, unlocking: bool = False) -> LockRefused:
+        """``exc`` with the lock that refused as its ``state``, whether the caller gave a key
+        (``lock_key``; not a remembered one) and whether it was an unlock: the doors word
+        the refusal from that."""
         if getattr(exc, "state", None) is None:
             exc.state = self._locks.state()
+        exc.key_given, exc.unlocking = lock_key is not None, unlocking
         return exc
 
     def lock(self, lock_key: str | None = None, *, environment: bool | None = None,
@@ -75,7 +78,7 @@ class LockMixin:
             try:
                 state = self._locks.lock(key, **scopes, note=note, user=user, client=client)
             except LockRefused as exc:
-                raise self._with_state(exc) from None
+                raise self._with_state(exc, lock_key) from None
             self._remembered_key = key
         return state
 
@@ -105,7 +108,7 @@ class LockMixin:
                 state = self._locks.unlock(key, client=client)
                 self._remembered_key = None
         except LockRefused as exc:
-            raise self._with_state(exc) from None
+            raise self._with_state(exc, lock_key, unlocking=True) from None
         return state
 
     def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:

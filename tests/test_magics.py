@@ -1027,10 +1027,22 @@ def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     assert "locked by qmagic user" in str(info.value) and "--lock-key KEY" in str(info.value)
     with pytest.raises(UsageError, match="does not hold the key"):
         line(ip, "unlock")
+    # a wrong key given is not a missing one (it said "give the key with ...": a reviewer)
     with pytest.raises(UsageError) as info:
         line(ip, "unlock", "--key wrong")
-    assert "\n" not in str(info.value)
-    assert "--lock-key" not in str(info.value) and "--key KEY" in str(info.value)  # its own option
+    assert "\n" not in str(info.value) and "wrong" not in str(info.value)
+    assert str(info.value).endswith(": the key given is neither its lock key nor the emergency key; "
+                                    "check the key, or ask them to unlock."), str(info.value)
+    with pytest.raises(UsageError) as info:
+        line(ip, "function_execute", "--lock-key wrong add 1")
+    assert str(info.value).endswith(": the key given does not open it; check the key, or ask them "
+                                    "to unlock."), str(info.value)
+    qm._remembered_key = "stale"  # a key this kernel remembers (not given) that no longer opens it
+    with pytest.raises(UsageError) as info:
+        line(ip, "unlock")
+    assert str(info.value).endswith(": give the key with --key KEY (or --prompt-key), or the "
+                                    "emergency key, or ask them to unlock."), str(info.value)
+    qm._remembered_key = None
     assert line(ip, "function_execute", "--lock-key secret-1 add 1").result() == 2
     # %task_cancel takes the key the refusal asks for
     task = qm.submit(lambda: qmagic.cancellable_sleep(60), lock_key="secret-1")

@@ -76,6 +76,24 @@ def test_history_and_dataframe(populated, monkeypatch):
         history(environment_name=ENV, status="done")
 
 
+def test_an_unknown_filter_or_a_status_of_a_wrong_type_is_a_one_line_value_error(populated):
+    """Every door reads its filters by one rule: a mistyped filter name or a status that is
+    neither a status nor a list of them says which filters exist (was a TypeError from
+    inside the log: "records() got an unexpected keyword argument", "'int' object is not
+    iterable"; found by a reviewer)."""
+    folder, journal = populated
+    for kw, expected in (({"foo": 1}, "Unknown history filter 'foo': use status, user, name, "
+                          "notebook, since, until, uid or limit."),
+                         ({"status": 3}, "status must be a task status or a list of them"),
+                         ({"status": ["failed", 2]}, "status must be a task status or a list")):
+        for read in (lambda: history(state_dir=folder, environment_name=ENV, **kw),
+                     lambda: journal.records(**kw)):
+            with pytest.raises(ValueError) as info:
+                read()
+            assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+    assert {r["status"] for r in journal.records(status=("failed", "cancelled"))} <= {"failed", "cancelled"}
+
+
 @pytest.mark.parametrize("key", ["uid", "name", "user", "notebook"])
 def test_a_text_filter_sqlite_cannot_take_is_a_one_line_value_error(populated, key, capsys):
     """A lone surrogate (or a non-str) in a text filter: one ValueError that says what to
@@ -182,7 +200,8 @@ def test_cli_csv(populated, capsys):
 
 
 def test_cli_errors_and_empty(tmp_path, capsys):
-    assert history_main(["--state-dir", str(tmp_path), "--environment", "nothing"]) == 0
+    # (exit 1: a shift script can tell a mistyped environment from an empty result)
+    assert history_main(["--state-dir", str(tmp_path), "--environment", "nothing"]) == 1
     assert "No experiment log for environment 'nothing'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # reading created nothing
     with pytest.raises(SystemExit) as exit_info:

@@ -724,8 +724,8 @@ def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     panel._key.value = "wrong"
     panel._unlock_button.click()
     assert panel.message.startswith("The environment and queue are locked by qmagic user (since ")
-    assert panel.message.endswith("note: changing samples): type the key in the Key field, or ask "
-                                  "them to unlock.")  # one calm line that says what to do
+    assert panel.message.endswith("note: changing samples): the key given is neither its lock key "
+                                  "nor the emergency key; check the key, or ask them to unlock.")
     assert w.lock_state().environment
     assert panel.flush() and "qmagic-message-error" in panel._message.value
     # nothing selected: the worker's refusal

@@ -23,7 +23,8 @@ _current: contextvars.ContextVar[Task | None] = contextvars.ContextVar(
 
 
 def current_task() -> Task | None:
-    """The :class:`qmagic.Task` whose code is running in this thread, or None."""
+    """The :class:`qmagic.Task` whose code is running here (in this thread, or in this
+    coroutine task on its event loop), or None outside any task."""
     return _current.get()
 
 

@@ -212,7 +212,7 @@ class Task(TaskState):
                 "wait longer, or cancel it with task.cancel()."
             ))
         if self._status is TaskStatus.CANCELLED:
-            raise one_line(CancelledError(f"{self.call_text()} was cancelled: {self._cancel_reason}"))
+            raise one_line(CancelledError(self.cancelled_text()))
 
     def cancel(self, force: bool = False) -> bool:
         """Ask the task to stop.  Returns False if it had already finished.
@@ -298,6 +298,13 @@ class Task(TaskState):
         with self._mutex:
             return self._record(self._status, self._result, self._error, self._traceback,
                                 self.finished_at)
+
+    def cancelled_text(self) -> str:
+        """How the task was cancelled, in one line: ``scan(100) was cancelled from Python``,
+        ``... was cancelled: time limit of 5 s reached`` (every door's wording)."""
+        how = self._cancel_reason or "Task was cancelled"
+        how = how[len("Task was "):] if how.startswith("Task was ") else f"cancelled: {how}"
+        return f"{self.call_text(60)} was {how}"
 
     def call_text(self, width: int = 60) -> str:
         """``name(arg, ..., key=value)`` shortened to about ``width`` characters; made once

@@ -346,15 +346,11 @@ class TaskState(Future):
         return self._status.finished
 
     # Future's own state setters would bypass the status table: runners use the protocol above.
-    def set_running_or_notify_cancel(self) -> bool:  # noqa: D102
-        raise RuntimeError("qmagic tasks are started by the qmagic engine only.")
+    def set_running_or_notify_cancel(self, *unused: Any) -> Any:
+        """Not for qmagic tasks (a ``Future`` method of executors): raises RuntimeError."""
+        raise RuntimeError("qmagic tasks are started and finished by the qmagic engine only.")
 
-    def set_result(self, result: Any) -> None:  # noqa: D102
-        raise RuntimeError("qmagic tasks are finished by the qmagic engine only.")
-
-    def set_exception(self, exception: BaseException | None) -> None:  # noqa: D102
-        raise RuntimeError("qmagic tasks are finished by the qmagic engine only.")
-
+    set_result = set_exception = set_running_or_notify_cancel
 
 def _user_traceback(error: BaseException) -> Any:
     from ..tracebacks import user_traceback

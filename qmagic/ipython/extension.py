@@ -262,7 +262,7 @@ def load_ipython_extension(shell: Any) -> None:
 def unload_ipython_extension(shell: Any) -> None:
     """Undo :func:`load_ipython_extension` (``%unload_ext qmagic``); a no-op if not loaded.
 
-    It always finishes; ■ meanwhile raises :class:`UnloadInterrupted` at the end, and
+    It always finishes; ■ meanwhile raises a one-line ``KeyboardInterrupt`` at the end, and
     IPython's list of loaded extensions then no longer names qmagic (IPython drops it only
     when this returns), so ``%load_ext qmagic`` works again.
     """

@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="qmagic-history",
         description="Print the experiment log of a qmagic environment, oldest first; --limit keeps "
                     "the newest N. Unfinished tasks of kernels that stopped show as failed "
-                    f"('{ORPHAN_REASON}').")
+                    f"('{ORPHAN_REASON}'). Exit status 1 when there is no log at all for the "
+                    "environment (a mistyped --environment or --state-dir).")
     parser.add_argument("--environment", "-e", default="default", help="environment name (default: %(default)s)")
     parser.add_argument("--state-dir", help="state folder (default: $QMAGIC_STATE_DIR or <jupyter data dir>/qmagic)")
     parser.add_argument("--since", help="only tasks active since: ISO date/time, or -30m, -2h, -7d")
@@ -218,7 +219,7 @@ def history_main(argv: list[str] | None = None) -> int:
     if found is None:
         print(f"No experiment log for environment {args.environment!r} in {state_dir}: nothing was "
               "recorded there yet (check --environment and --state-dir).", file=sys.stderr)
-        return 0
+        return 1
     records = found[::-1]
     if args.json:
         for rec in records:

@@ -303,26 +303,24 @@ class Journal:
                     found[uid] = rec["status"]
         return {u: found.get(u) if isinstance(u, str) else None for u in uids}
 
-    def records(self, *, status: Any = None, user: str | None = None, name: str | None = None,
-                notebook: str | None = None, since: Any = None, until: Any = None,
-                uid: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    def records(self, **filters: Any) -> list[dict[str, Any]]:
         """Task records, newest first.  ``status``: one or several; ``user``: exact;
         ``name``: exact or a pattern (``"scan_*"``); ``notebook``: a path, a file name or a
         pattern (in patterns ``*`` and ``?`` are wildcards, brackets are literal:
         :data:`~qmagic.store.reader.WILDCARDS`); ``uid``: a uid prefix; ``since``/``until``: anything
         :func:`~qmagic.store.records.parse_time` reads — a task matches if it was active at
-        some time in [since, until]; ``limit``: at most this many (the newest)."""
-        filters = Filters(status=status, user=user, name=name, notebook=notebook, since=since,
-                          until=until, uid=uid, limit=limit)
+        some time in [since, until]; ``limit``: at most this many (the newest).  Any other
+        filter, or one of a wrong type, raises a one-line ValueError (:class:`Filters`)."""
+        chosen = Filters(**filters)
         self._wait_ready()
         pending = self._pending()
         if not pending:
-            return self._reader.records(filters)
+            return self._reader.records(chosen)
         now = time.time()
-        extra = [r for r in self._merged(pending).values() if r is not None and filters.match(r, now)]
-        out = self._reader.records(filters, exclude=pending) + extra
+        extra = [r for r in self._merged(pending).values() if r is not None and chosen.match(r, now)]
+        out = self._reader.records(chosen, exclude=pending) + extra
         out.sort(key=sort_time, reverse=True)
-        return out if filters.limit is None else out[: filters.limit]
+        return out if chosen.limit is None else out[: chosen.limit]
 
     # ---- state ---------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
 
-__all__ = ["WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
+__all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
 
 #: The wildcards of the ``name`` and ``notebook`` filters: ``*`` matches any run of
 #: characters, ``?`` one character; every other character matches itself, brackets
@@ -78,6 +78,10 @@ def _check_text(key: str, value: Any) -> None:
                      f"lone surrogates (got {safe_repr(value, 40)}).")
 
 
+#: The filters every history door takes (:class:`Filters`).
+FILTER_NAMES = ("status", "user", "name", "notebook", "since", "until", "uid", "limit")
+
+
 class Filters:
     """The filters of :meth:`LogReader.records`, checked and turned into SQL (a bad one
     raises a one-line ValueError before anything is read), and matched in Python for
@@ -87,8 +91,18 @@ class Filters:
 
     def __init__(self, *, status: str | Iterable[str] | None = None, user: str | None = None,
                  name: str | None = None, notebook: str | None = None, since: Any = None,
-                 until: Any = None, uid: str | None = None, limit: int | None = None) -> None:
-        self.statuses = ({status} if isinstance(status, str) else set(status)) if status is not None else None
+                 until: Any = None, uid: str | None = None, limit: int | None = None,
+                 **unknown: Any) -> None:
+        if unknown:
+            raise ValueError(f"Unknown history filter {', '.join(map(repr, sorted(unknown)))}: use "
+                             f"{', '.join(FILTER_NAMES[:-1])} or {FILTER_NAMES[-1]}.")
+        if status is None or isinstance(status, str):
+            self.statuses = None if status is None else {status}
+        elif isinstance(status, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in status):
+            self.statuses = set(status)
+        else:
+            raise ValueError(f"status must be a task status or a list of them, like \"failed\" or "
+                             f"[\"failed\", \"cancelled\"] (got {status!r}).")
         if self.statuses is not None and not self.statuses <= set(RANKS):
             bad = sorted(str(s) for s in self.statuses - set(RANKS))
             raise ValueError(f"Unknown task status {', '.join(bad)}: use queued, running, completed, "

@@ -70,7 +70,9 @@ class LockMagics(Magics):
     @argument("--note", default=None, help="Why it is locked, shown to others.")
     @line_magic
     def lock(self, line: str) -> None:
-        """Lock the environment (and/or the queue): then only holders of the key can run tasks.
+        """Lock the environment (the default), the queue (-q) or both (-a): then only holders
+        of the key can run or cancel tasks (environment), or change permissions and clear
+        the history (queue).
 
         Without a key option: the key this kernel locked with last, else your default key
         (``qmagic.get_default_lock_key()``).  This kernel remembers the key, so its own magics

@@ -239,20 +239,20 @@ class TaskMagics(Magics):
     # -- %tasks ---------------------------------------------------------------------------------------
     @magic_arguments()
     @argument("--all", action="store_true", dest="all", help="Every task kept in memory.")
-    @argument("--running", action="store_true", help="Only queued and running tasks.")
+    @argument("--running", action="store_true",
+              help="Only queued and running tasks (a live panel also keeps, for a minute, those that just ended).")
     @argument("--history", nargs="?", const=20, type=int, default=None, metavar="N",
               help=f"The newest N tasks of the experiment log (default 20, at most {MAX_HISTORY_ROWS} in a "
               "cell), also of earlier kernels, as qmagic-history prints them: when, how long, "
               "from which notebook cell, the call and the uid.")
     @line_magic
     def tasks(self, line: str) -> None:
-        """Show tasks, newest first: the latest ones (default), --all, or only --running;
-        --history [N] lists the experiment log, also of earlier kernels (at most 1000 rows
-        in a cell, as a text table of --all or --running; a line under them says where the
-        rest is).
+        """Show tasks, newest first: the latest 10 (default), --all kept in memory, or only
+        --running; --history [N] lists the newest N tasks of the experiment log, also of
+        earlier kernels.
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
-        table.  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
+        table (at most 1000 rows; a line under it says how many more).  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
         log keeps them for QMagic.journal_max_age_s.
         """
         opts = parse_line(self.tasks, line)
