@@ -147,3 +147,65 @@ def test_a_spool_cut_while_the_writer_stores_it_loses_no_line_written_after(tmp_
         found = j.statuses([f"after-{i}" for i in range(150)])
         assert set(found.values()) == {"completed"}, sorted(u for u, s in found.items() if s != "completed")
         assert pending == 0
+
+
+def test_a_count_while_the_writer_moves_lines_waiting_in_memory_into_the_spool(tmp_path, monkeypatch):
+    """No segment could be made (disk full): lines waited in memory.  Once one can, the
+    writer installs it and moves those lines into it; a count (the pending figure of
+    ``%tasks``' footer, of the remote status) that copied the queue before the move and read
+    the new segment after it counted each moved line twice.  Here the writer pauses between
+    installing the segment and moving the lines, and the count between copying the queue
+    and reading the segments: the count is exact."""
+    monkeypatch.setattr(writer_module, "QUIET_S", 600.0)  # the writer stores on flush() only
+    monkeypatch.setattr(writer_module, "MAX_DELAY_S", 600.0)
+    monkeypatch.setattr(segments_module, "SEGMENT_BYTES", 32 * 1024)
+    refuse = refuse_new_segments(monkeypatch)
+    source, first = inspect.getsourcelines(spool_module.Spool.prepare)
+    move = first + next(i for i, text in enumerate(source) if "while self.held:" in text)
+    armed, paused, go = threading.Event(), threading.Event(), threading.Event()
+
+    def writer_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == move and armed.is_set() and frame.f_locals["self"].held:
+            armed.clear()
+            paused.set()  # (a new segment installed, the lines not moved yet)
+            go.wait(10)
+        return writer_lines
+
+    threading.settrace(lambda frame, event, arg: writer_lines
+                       if frame.f_code is spool_module.Spool.prepare.__code__ else None)
+    try:
+        j = Journal(tmp_path, ENV)
+    finally:
+        threading.settrace(None)
+    counting, go_count, counted = threading.Event(), threading.Event(), []
+    real_pread = os.pread
+
+    def paused_pread(fd, n, offset):
+        if threading.current_thread() is counter and not counting.is_set():
+            counting.set()  # (the queue copied, the segments not read yet)
+            go_count.wait(10)
+        return real_pread(fd, n, offset)
+    counter = threading.Thread(target=lambda: counted.append(j.health()["pending"]))
+    with j:
+        refuse.set()
+        tasks = 0
+        while len(j._spool.held) < 30:
+            run_task(j, f"t-{tasks}")
+            tasks += 1
+        armed.set()
+        refuse.clear()  # (the writer's next retry makes a segment)
+        try:
+            assert paused.wait(10)
+            monkeypatch.setattr(os, "pread", paused_pread)
+            counter.start()
+            assert counting.wait(10)
+            go.set()
+            eventually(lambda: not j._spool.held, what="the lines moved into the spool")
+        finally:
+            go.set()
+            go_count.set()
+            if counter.ident is not None:
+                counter.join(10)
+            monkeypatch.setattr(os, "pread", real_pread)
+        assert counted == [3 * tasks]
+        assert j.flush() and j.health()["pending"] == 0

@@ -296,3 +296,46 @@ def test_more_bytes_without_a_newline_than_any_line_are_skipped_not_read_forever
             assert j.flush(timeout=10)
         assert j.statuses(["before", "after"]) == {"before": "completed", "after": "completed"}
         assert j.health()["pending"] == 0
+
+
+@pytest.mark.parametrize("reader", ["health", "get"])
+def test_a_count_or_lookup_reads_what_another_process_added_in_bounded_pieces(
+        tmp_path, stores_on_flush, monkeypatch, reader):
+    """Another process extends the live segment by 64 MiB of zero bytes (``truncate -s
+    +64M``; +1G the same): the first count or lookup read all of it in one ``pread``, a
+    buffer as large in the kernel's memory (1 GiB: the OOM killer).  It reads in pieces of
+    at most 2 MiB now, with the same result."""
+    with Journal(tmp_path, ENV) as j:
+        for i in range(20):
+            run_task(j, f"before-{i}")
+        append_as_another_process(j._spool.current.path, zeros=64 << 20)
+        for i in range(5):
+            run_task(j, f"after-{i}")
+        real_pread, asked, me = os.pread, [], threading.current_thread()
+
+        def measured_pread(fd, n, offset):
+            if threading.current_thread() is me:
+                asked.append(n)
+            return real_pread(fd, n, offset)
+        monkeypatch.setattr(os, "pread", measured_pread)
+        try:
+            found = j.health()["pending"] if reader == "health" else j.get("after-4")["status"]
+        finally:
+            monkeypatch.setattr(os, "pread", real_pread)
+        assert found == (75 if reader == "health" else "completed")
+        assert asked and max(asked) <= 2 << 20, f"one read of {max(asked) >> 20} MiB"
+        assert j.flush() and j.health()["pending"] == 0
+
+
+def test_the_history_shows_lines_behind_more_zero_bytes_than_a_segment_holds(tmp_path, stores_on_flush):
+    """records() (the history's view of lines not in SQLite yet) read a segment up to its
+    nominal size (4 MiB): lines another process's zero bytes pushed beyond it were shown
+    only once the writer had stored them.  They show at once now."""
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "before")
+        append_as_another_process(j._spool.current.path, zeros=5 << 20)
+        run_task(j, "after")
+        assert {r["uid"]: r["status"] for r in j.records()} == {"before": "completed", "after": "completed"}
+        assert j.flush() and j.health()["pending"] == 0
+        assert {r["uid"] for r in j.records()} == {"before", "after"}
+

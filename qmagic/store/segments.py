@@ -14,7 +14,8 @@ is followed by a newline, so the next line starts clean; readers skip what does 
 and the half line a short write leaves at the end of a segment that takes no more lines.
 Zero bytes another process added (``truncate -s +N``, a recovery tool's padding) are skipped
 with the half line before them, if any: the lines appended after them are read
-(:func:`complete_lines`, the one rule of every reader).
+(:func:`complete_lines`, the one rule of every reader, applied by :func:`read_lines` in
+pieces of at most 2 MiB however large the padding).
 The first line of each segment is a header naming the session (host, pid, versions).
 
 :class:`SessionFiles` holds the session's lock file (its flock says the session is alive)
@@ -29,7 +30,7 @@ import ctypes
 import itertools
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from .files import fsync_dir, open_state_file
 from .records import MAX_LINE
 
-__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "uid_of"]
+__all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "read_lines", "uid_of"]
 
 #: Size of one spool segment.  A line is at most a quarter of it (the encoder's limits).
 SEGMENT_BYTES = 4 << 20
@@ -127,7 +128,7 @@ _ZEROS = re.compile(rb"\0+")
 _LONGEST = MAX_LINE + 1
 
 
-def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
+def complete_lines(data: bytes, torn_end: bool = False, run: int = 0
                    ) -> tuple[list[tuple[int, bytes]], int]:
     """The complete lines in ``data`` (read from a segment) as blocks ``(offset, lines)``,
     and how many bytes of ``data`` they use up (the readers go on from there).
@@ -136,24 +137,56 @@ def complete_lines(data: bytes, torn_end: bool = False, zeros: bool = True
     it (cut short, never completed: our next line starts after the zeros); the bytes after
     the last newline wait for the rest of their line, unless ``torn_end`` says that this
     is the file's end and no line ever completes it (then they are used up, never read).
-    ``zeros=False``: the caller found none in ``data`` (looked for as it read).  Bytes after
-    the last newline longer than any line of the log (``MAX_LINE``, another program's) are
-    used up too: no newline to come would make them a line (read again and again, they held
-    the writer in a loop)."""
-    if not zeros or b"\0" not in data:  # (the common case: one block)
+    Bytes after the last newline longer than any line of the log (``MAX_LINE``, another
+    program's; ``run``: how many of them, used up, came just before ``data``) are used up
+    too: no newline to come would make them a line (read again and again, they held the
+    writer in a loop)."""
+    if b"\0" not in data:  # (the common case: one block)
         end = data.rfind(b"\n") + 1
-        return [(0, data[:end])], len(data) if torn_end or len(data) - end > _LONGEST else end
-    blocks, at = [], 0
-    for run in _ZEROS.finditer(data):
-        end = data.rfind(b"\n", at, run.start()) + 1
+        blocks = [(0, data[:end])]
+    else:
+        blocks, at = [], 0
+        for zeros in _ZEROS.finditer(data):
+            end = data.rfind(b"\n", at, zeros.start()) + 1
+            if end > at:
+                blocks.append((at, data[at:end]))
+            at = zeros.end()
+        end = data.rfind(b"\n", at) + 1
         if end > at:
             blocks.append((at, data[at:end]))
-        at = run.end()
-    end = data.rfind(b"\n", at) + 1
-    if end > at:
-        blocks.append((at, data[at:end]))
-    end = max(end, at)
-    return blocks, len(data) if torn_end or len(data) - end > _LONGEST else end
+        end = max(end, at)
+    tail = len(data) - end + (run if end == 0 else 0)
+    return blocks, len(data) if torn_end or tail > _LONGEST else end
+
+
+def read_lines(fd: int, begin: int, end: int, torn_end: bool = False
+               ) -> Iterator[tuple[list[tuple[int, bytes]], int]]:
+    """The complete lines of the file ``fd`` between ``begin`` and ``end``, read in pieces
+    (64 KiB growing to 1 MiB; 2 MiB for a piece without a newline): per piece, its blocks
+    ``(offset in the file, lines)`` and where in the file the next piece starts (what they
+    use up).  The same lines as :func:`complete_lines` over one read of it all (``torn_end``:
+    ``end`` is the file's end for good), never a buffer as large: another process may
+    have added a gigabyte of zero bytes (one read of it took as much of the kernel's memory).
+    The one reader of every segment."""
+    at, size, run = begin, 64 << 10, 0
+    while at < end:
+        want = min(size, end - at)
+        data = os.pread(fd, want, at)
+        last = len(data) < want or at + len(data) >= end  # (a file cut meanwhile ends here)
+        blocks, n = complete_lines(data, torn_end and last, run)
+        if n == 0 and not last:  # (half a line longer than the piece: read it whole)
+            size *= 2
+            continue
+        before, run = run, 0
+        if n == len(data) and not last and data[-1:] not in (b"\n", b"\0"):
+            # A tail too long for a line, used up: its last byte starts the next piece (the
+            # newline that may end it then ends a damaged line, as in one read).
+            start = max(data.rfind(b"\n"), data.rfind(b"\0")) + 1
+            run, n = len(data) - start + (before if start == 0 else 0) - 1, n - 1
+        yield [(at + offset, lines) for offset, lines in blocks], at + n
+        if last or n == 0:
+            return
+        at, size = at + n, min(size * 2, _READ_CHUNK)
 
 
 @dataclass(eq=False)
@@ -165,8 +198,8 @@ class Segment:
     fd: int
     out: AppendFile | None
     size: int
-    consumed: int = 0  # bytes already in SQLite (advanced by the writer thread only)
-    consumed_lines: int = 0  # the lines (newlines) in those bytes (the writer thread's too)
+    #: (bytes already in SQLite, the lines in them): set at once by the writer thread only
+    stored: tuple[int, int] = (0, 0)
     cuts: int = 0  # how many times the writer found the file cut by another process
     #: Closed for writing, and no line can land any more: bytes after the last newline (half a
     #: line a short write left, the disk full) never complete (see :meth:`stop_writing`).
@@ -176,39 +209,35 @@ class Segment:
     #: (cuts, offset, {uid: its lines before offset, packed: see _LINE_BITS}): lines_of()'s index
     index: tuple[int, int, dict[bytes, int]] = field(default_factory=lambda: (0, 0, {}))
 
-    def read_new(self, limit: int) -> tuple[bytes, int, int, bool]:
-        """Complete lines not in SQLite yet, about ``limit`` bytes at most, as ``(lines,
-        begin, n, more)``: where they start in the file, the ``n`` bytes they use up there
-        (zero bytes skipped too: see :func:`complete_lines`), and whether more lines follow.
+    def read_new(self, limit: int | None = None) -> tuple[bytes, int, int, bool]:
+        """Complete lines not in SQLite yet, about ``limit`` bytes of them at most (None: all),
+        as ``(lines, begin, n, more)``: where they start in the file, the ``n`` bytes they use
+        up there (zero bytes skipped too: see :func:`complete_lines`), and whether more lines
+        follow.
 
         A file that another process cut (``truncate``) below what was stored or written
         is read again from its start: what is left in it was written after the cut, or is
         in SQLite already (storing a line twice changes nothing)."""
         final = self.final  # (read before the size: what that size shows is then all there is)
         end, cut = self._size()
-        begin = self._unstored_from(end, cut)
+        begin = used = self._unstored_from(end, cut, self.stored)
         # The file's size, not the nominal one: appends from several threads may pass the
         # "segment full" check together and end a segment a little past ``size``.
-        chunks, offset, chunk_size, zeros = [], begin, 64 << 10, False
-        while offset < end and offset - begin < limit:
-            chunk = os.pread(self.fd, min(chunk_size, end - offset), offset)
-            if not chunk:
+        found, size, more = [], 0, False
+        for blocks, used in read_lines(self.fd, begin, end, final):
+            found.extend(lines for _, lines in blocks)
+            size += sum(len(lines) for _, lines in blocks)
+            if limit is not None and size >= limit and used < end:
+                more = True
                 break
-            zeros = zeros or b"\0" in chunk  # (looked for while the chunk is in the cache)
-            chunks.append(chunk)
-            offset += len(chunk)
-            chunk_size = min(chunk_size * 2, _READ_CHUNK)
-        blocks, n = complete_lines(b"".join(chunks), final and offset >= end, zeros)
-        more = offset < end and offset - begin >= limit
-        return b"".join([lines for _, lines in blocks]), begin, n, more
+        return b"".join(found), begin, used - begin, more
 
     def advance(self, begin: int, n: int, lines: int) -> bool:
         """The writer thread stored the ``n`` bytes (``lines`` lines) read from ``begin``.
         After a cut, what this process wrote is counted from the file's size again, and the
         file is read again from its start (True): the cut may have come after the read,
         and the lines written since then may reach past what was stored."""
-        self.consumed_lines = (self.consumed_lines if begin else 0) + lines
-        self.consumed = begin + n
+        self.stored = (begin + n, (self.stored[1] if begin else 0) + lines)
         end, cut = self._size()
         if cut is None:
             return False
@@ -216,25 +245,31 @@ class Segment:
         # ``written`` is set: a reader that no longer sees the cut sees the new count)
         self.cuts += 1
         cut.written = end  # (appends racing this store are under-counted: harmless)
-        self.consumed = self.consumed_lines = 0  # (lines stored twice change nothing)
+        self.stored = (0, 0)  # (lines stored twice change nothing)
         return True
 
-    def unstored_lines(self) -> int:
-        """How many complete lines are not in SQLite yet (the header line not counted).
-        Counts only what was appended since the last call (a view asking during a long
-        fault read every waiting line each time: 0.28 s with 100,000 tasks waiting).  The
-        caller holds the spool's read lock (one counter per segment)."""
+    def view(self) -> tuple[int, AppendFile | None, tuple[int, int]]:
+        """The file's size, its writer if it was cut (see :meth:`_size`) and what was stored
+        of it, now: :meth:`unstored_lines` counts what this shows (what was stored is read
+        first: it never reaches past the size)."""
+        stored = self.stored
+        return (*self._size(), stored)
+
+    def unstored_lines(self, view: tuple[int, AppendFile | None, tuple[int, int]]) -> int:
+        """How many complete lines were not in SQLite yet at :meth:`view`'s moment (the
+        header line not counted).  Counts only what was appended since the last call (a view
+        asking during a long fault read every waiting line each time: 0.28 s with 100,000
+        tasks waiting).  The caller holds the spool's read lock (one counter per segment)."""
+        end, cut, stored = view
         cuts, offset, lines = self.counted
-        end, cut = self._size()
         if self._read_again(cuts, offset, end, cut):
             offset, lines = 0, 0
-        if offset < end:
-            blocks, n = complete_lines(os.pread(self.fd, end - offset, offset))
-            offset, lines = offset + n, lines + sum(data.count(b"\n") for _, data in blocks)
+        for blocks, used in read_lines(self.fd, offset, end):
+            lines, offset = lines + sum(data.count(b"\n") for _, data in blocks), used
         self.counted = (self.cuts, offset, lines)
-        stored = self.consumed_lines if self._unstored_from(end, cut) else 0  # (after a cut: none)
-        header = stored == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
-        return max(0, lines - stored - header)
+        before = stored[1] if self._unstored_from(end, cut, stored) else 0  # (after a cut: none)
+        header = before == 0 and lines > 0 and os.pread(self.fd, 8, 0) == b'{"spool"'
+        return max(0, lines - before - header)
 
     def lines_of(self, uids: Collection[bytes] | None = None, needle: bytes = b"") -> bytes:
         """The lines not in SQLite yet of the uids in ``uids`` (else of every uid that
@@ -245,20 +280,18 @@ class Segment:
         end, cut = self._size()
         if self._read_again(cuts, offset, end, cut):
             offset, index = 0, {}
-        if offset < end:
-            blocks, n = complete_lines(os.pread(self.fd, end - offset, offset))
+        for blocks, used in read_lines(self.fd, offset, end):
+            offset = used
             for at, data in blocks:
-                at += offset
                 for line in data.split(b"\n")[:-1]:
                     size = len(line) + 1
                     if line[:1] == b"[":  # (not the header)
                         uid = uid_of(line)
                         index[uid] = (index.get(uid, 0) << _LINE_BITS) | (at << _SIZE_BITS) | size
                     at += size
-            offset += n
         self.index = (self.cuts, offset, index)
         keys = [u for u in uids if u in index] if uids is not None else [u for u in index if needle in u]
-        begin = self._unstored_from(end, cut)
+        begin = self._unstored_from(end, cut, self.stored)
         lines = []
         for key in keys:
             packed, mine = index[key], []
@@ -270,11 +303,13 @@ class Segment:
             lines.extend(reversed(mine))  # (in the order they were written)
         return b"".join(lines)
 
-    def _unstored_from(self, end: int, cut: AppendFile | None) -> int:
-        """Where the lines not in SQLite yet start, for the file's size ``end`` and its
-        writer if it was cut (:meth:`_size`): ``consumed``, or 0 in a file another process
-        cut below it (what is left was written after the cut, or is in SQLite already)."""
-        return 0 if cut is not None or end < self.consumed else self.consumed
+    @staticmethod
+    def _unstored_from(end: int, cut: AppendFile | None, stored: tuple[int, int]) -> int:
+        """Where the lines not in SQLite yet start, for the file's size ``end``, its writer
+        if it was cut (:meth:`_size`) and ``stored``: where what was stored ends, or 0 in a
+        file another process cut below it (what is left was written after the cut, or is
+        in SQLite already)."""
+        return 0 if cut is not None or end < stored[0] else stored[0]
 
     def _read_again(self, cuts: int, offset: int, end: int, cut: AppendFile | None) -> bool:
         """True when a count or an index made of the file up to ``offset``, while the writer
@@ -291,8 +326,8 @@ class Segment:
         return end, (out if end < written else None)
 
     def at_end(self) -> bool:
-        """True when nothing follows ``consumed`` (what :meth:`read_new` skips is used up)."""
-        return os.fstat(self.fd).st_size <= self.consumed
+        """True when nothing follows what was stored (what :meth:`read_new` skips is used up)."""
+        return os.fstat(self.fd).st_size <= self.stored[0]
 
     def stop_writing(self) -> None:
         """Refuse further lines (a late one raises ValueError).  Once its appender is closed

@@ -291,17 +291,19 @@ class Spool:
 
     def unstored_lines(self) -> int:
         """How many lines are not in SQLite yet: in the spool (counted incrementally, see
-        :meth:`Segment.unstored_lines`) and in ``held`` (a line the writer moves from
-        ``held`` into the spool while this counts may be counted twice, that once)."""
+        :meth:`Segment.unstored_lines`) and in ``held``, at one moment (the writer moves lines
+        from ``held`` into a segment under the lock: each is counted in one place, once)."""
         with self.read_lock:
-            segments, held = self._readable()
-            return sum(seg.unstored_lines() for seg in segments) + len(held)
+            with self.lock:  # (one fstat per segment: no read under the lock)
+                views = [(seg, seg.view()) for seg in self.segments if seg.fd >= 0]
+                held = len(self.held)
+            return sum(seg.unstored_lines(view) for seg, view in views) + held
 
     def uncommitted(self) -> list[bytes]:
         """Lines not yet in SQLite (spool and held)."""
         with self.read_lock:
             segments, held = self._readable()
-            chunks = [seg.read_new(seg.size)[0] for seg in segments]
+            chunks = [seg.read_new()[0] for seg in segments]
         return [data for data in chunks if data] + ([b"".join(held)] if held else [])
 
     def lines_of(self, uids: Collection[bytes] | None = None, needle: bytes = b"") -> list[bytes]:
