@@ -339,3 +339,59 @@ def test_the_history_shows_lines_behind_more_zero_bytes_than_a_segment_holds(tmp
         assert j.flush() and j.health()["pending"] == 0
         assert {r["uid"] for r in j.records()} == {"before", "after"}
 
+
+FOREIGN = [b"a note without a newline ", b'[3,"half-a-line-of-anot', b'[1,"abc",{"x']
+
+
+@pytest.mark.parametrize("foreign", FOREIGN, ids=["text", "half-line", "half-record"])
+def test_our_line_glued_to_bytes_another_program_appended_is_kept(
+        tmp_path, stores_on_flush, fresh_warnings, foreign):
+    """Another program appends bytes without a newline to the live segment: our next line
+    is glued to them.  That line was damaged as a whole and lost (the task's record never
+    reached SQLite); our line at its end is kept now, the foreign bytes are one damaged
+    line."""
+    with Journal(tmp_path, ENV) as j:
+        run_task(j, "before")
+        append_as_another_process(j._spool.current.path, foreign)
+        j.submitted(task("glued"))
+        run_task(j, "after")
+        assert j.health()["pending"] == 7
+        if foreign != FOREIGN[2]:  # (bytes shaped like a line of ours: see segments.Segment.lines_of)
+            assert j.get("glued")["status"] == "queued"  # (a lookup: the index)
+        assert j.records(status="queued")[0]["uid"] == "glued"  # (the history)
+        with pytest.warns(records_module.JournalWarning, match="skipped 1 damaged spool line"):
+            assert j.flush()
+        assert j.health()["pending"] == 0
+        assert j.statuses(["before", "glued", "after"]) == {
+            "before": "completed", "glued": "queued", "after": "completed"}
+
+
+KILLED_AFTER_FOREIGN_BYTES = """
+j.submitted(dict(task, uid="before"))
+spool = sorted(p for p in os.listdir(sys.argv[1]) if p.endswith(".spool"))[0]
+fd = os.open(os.path.join(sys.argv[1], spool), os.O_WRONLY | os.O_APPEND)
+os.write(fd, b'[3,"half-a-line-of-anot')
+j.submitted(dict(task, uid="glued"))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dead_sessions_line_glued_to_foreign_bytes_is_recovered(tmp_path, fresh_warnings):
+    """The recovery of a killed kernel's spool lost such a line too."""
+    record = task("x")
+    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
+            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
+            f"task = {record!r}\n" + textwrap.dedent(KILLED_AFTER_FOREIGN_BYTES))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    with pytest.warns(records_module.JournalWarning, match="skipped 1 damaged line"):
+        with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
+            assert j.statuses(["before", "glued"]) == {"before": "failed", "glued": "failed"}
+    assert not segment_files(tmp_path)

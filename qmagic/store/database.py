@@ -46,6 +46,7 @@ import orjson
 
 from ..errors import StateFileError
 from .files import check_state_path, open_state_file
+from .lines import match_line, salvage
 from .records import RANKS
 
 __all__ = [
@@ -250,19 +251,26 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
     ``[2, "uid", time]`` make a queued row running; those of uids without a record line
     here go to ``started`` (uid -> time).  Other lines (segment headers, damage) are
     skipped; ``bad`` gets one item per damaged line.  A winning line that does not parse
-    (cut short by a full disk) gives way to the task's best other line."""
+    (cut short by a full disk) gives way to the task's best other line.  A damaged line that
+    ends with a line of ours (another program's bytes glued before it) keeps that line
+    (:func:`~qmagic.store.lines.salvage`)."""
     latest: dict[bytes, bytes] = {}
     starts: dict[bytes, bytes] = {}
+    salvaged: list[bytes] = []  # our lines at the end of damaged winners and start lines
     for line in data.split(b"\n"):
-        q = line.find(b'"', 4)
-        # b"[", b"1".."3", b",", b'"' ... b'"', b",": indexing bytes gives ints (no copies)
-        if (q < 0 or len(line) < q + 3 or line[0] != 91 or not 49 <= line[1] <= 51
-                or line[2] != 44 or line[3] != 34):
-            if line and not line.startswith(b'{"spool"'):
-                bad.append(1)
-            continue
+        shape = match_line(line)
+        if shape is None:
+            if not line or line.startswith(b'{"spool"'):
+                continue
+            bad.append(1)  # (another program's bytes, maybe glued to a line of ours)
+            at = salvage(line)
+            if at < 0:
+                continue
+            line = line[at:]
+            shape = match_line(line)
+        q = shape.end() - 2
         uid = line[4:q]
-        if line[q + 2] != 123:  # not "{": a start line
+        if line[q + 2:q + 3] != b"{":  # a start line
             starts[uid] = line
             continue
         old = latest.get(uid)
@@ -279,6 +287,9 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError):
             bad.append(1)
             torn.append((raw_uid, line))
+            at = salvage(line)
+            if at > 0:
+                salvaged.append(line[at:])
             continue
         old = rows.get(uid)
         if old is not None and old[1] > rank:
@@ -313,6 +324,9 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
             _, uid, t = loads(line)
         except (orjson.JSONDecodeError, ValueError):
             bad.append(1)
+            at = salvage(line)
+            if at > 0:
+                salvaged.append(line[at:])
             continue
         if _num(t) is None or uid.__class__ is not str:
             continue
@@ -324,6 +338,8 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
             rows[uid] = (*row[:1], 2, "running", *row[3:9], t, *row[10:])
         elif row[9] is None:
             rows[uid] = (*row[:9], t, *row[10:])
+    if salvaged:
+        rows_from_lines(b"\n".join(salvaged), session, now, rows, bad, started)
 
 
 def write_rows(conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:

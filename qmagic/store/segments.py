@@ -15,7 +15,9 @@ and the half line a short write leaves at the end of a segment that takes no mor
 Zero bytes another process added (``truncate -s +N``, a recovery tool's padding) are skipped
 with the half line before them, if any: the lines appended after them are read
 (:func:`complete_lines`, the one rule of every reader, applied by :func:`read_lines` in
-pieces of at most 2 MiB however large the padding).
+pieces of at most 2 MiB however large the padding).  Bytes without a newline another
+process appended glue themselves to our next line: readers keep our line at its end
+(:mod:`qmagic.store.lines`).
 The first line of each segment is a header naming the session (host, pid, versions).
 
 :class:`SessionFiles` holds the session's lock file (its flock says the session is alive)
@@ -41,6 +43,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .files import fsync_dir, open_state_file
+from .lines import match_line, salvage
 from .records import MAX_LINE
 
 __all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "read_lines", "uid_of"]
@@ -285,9 +288,12 @@ class Segment:
             for at, data in blocks:
                 for line in data.split(b"\n")[:-1]:
                     size = len(line) + 1
-                    if line[:1] == b"[":  # (not the header)
-                        uid = uid_of(line)
-                        index[uid] = (index.get(uid, 0) << _LINE_BITS) | (at << _SIZE_BITS) | size
+                    # (not the header; our line at the end of another program's bytes)
+                    glued = 0 if match_line(line) else -1 if line.startswith(b'{"spool"') else salvage(line)
+                    if glued >= 0:
+                        uid = uid_of(line[glued:] if glued else line)
+                        index[uid] = ((index.get(uid, 0) << _LINE_BITS) | ((at + glued) << _SIZE_BITS)
+                                      | (size - glued))
                     at += size
         self.index = (self.cuts, offset, index)
         keys = [u for u in uids if u in index] if uids is not None else [u for u in index if needle in u]
