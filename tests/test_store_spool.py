@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
@@ -394,4 +395,34 @@ def test_a_dead_sessions_line_glued_to_foreign_bytes_is_recovered(tmp_path, fres
     with pytest.warns(records_module.JournalWarning, match="skipped 1 damaged line"):
         with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
             assert j.statuses(["before", "glued"]) == {"before": "failed", "glued": "failed"}
+    assert not segment_files(tmp_path)
+
+
+def test_a_dead_sessions_padded_segment_is_recovered_in_bounded_pieces(tmp_path, monkeypatch):
+    """Another process padded a killed kernel's segment with 64 MiB of zero bytes (+1G the
+    same): the recovery, which every kernel opening the log runs, read it whole (16 MiB
+    reads into one buffer as large).  It reads in pieces of at most 2 MiB now."""
+    record = task("x")
+    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
+            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
+            f"task = {record!r}\nj.submitted(dict(task, uid='before'))\nprint('ready', flush=True)\n"
+            f"time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    (segment,) = segment_files(tmp_path)
+    append_as_another_process(segment, zeros=64 << 20)
+    append_as_another_process(segment, orjson.dumps([1, "after", task("after")]) + b"\n")
+    asked, real_read, real_pread = [], os.read, os.pread
+    monkeypatch.setattr(os, "read", lambda fd, n: asked.append(n) or real_read(fd, n))
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: asked.append(n) or real_pread(fd, n, at))
+    with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
+        assert j.statuses(["before", "after"]) == {"before": "failed", "after": "failed"}
+    monkeypatch.undo()
+    assert max(asked) <= 2 << 20, f"one read of {max(asked) >> 20} MiB"
     assert not segment_files(tmp_path)

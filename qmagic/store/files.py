@@ -26,6 +26,7 @@ from ..errors import StateFileError
 
 __all__ = [
     "read_fd",
+    "unusable",
     "ensure_state_dir",
     "open_state_file",
     "read_state_file",
@@ -84,12 +85,12 @@ def check_state_path(path: str | os.PathLike[str]) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise _unusable("access", path, exc) from exc
+        raise unusable("access", path, exc) from exc
     _check_stat(path, st)
     return st
 
 
-def _unusable(verb: str, path: str | os.PathLike[str], exc: OSError) -> StateFileError:
+def unusable(verb: str, path: str | os.PathLike[str], exc: OSError) -> StateFileError:
     """The error for a state file the system refused to ``verb``: what happened, what to do."""
     return StateFileError(
         f"Cannot {verb} the qmagic state file {str(path)!r}: {exc}. Check its permissions and "
@@ -127,7 +128,7 @@ def open_state_file(path: str | os.PathLike[str], flags: int, mode: int = 0o600)
     except OSError as exc:
         if os.path.islink(path):
             _check_stat(path, os.lstat(path))
-        raise _unusable("open", path, exc) from exc
+        raise unusable("open", path, exc) from exc
     try:
         _check_stat(path, os.fstat(fd))
     except BaseException:
@@ -158,7 +159,7 @@ def read_state_file(path: str | os.PathLike[str], limit: int) -> bytes | None:
     try:  # (never asks for more than the file holds: no huge buffer for a small file)
         return read_fd(fd, min(os.fstat(fd).st_size + 1, limit + 1))
     except OSError as exc:
-        raise _unusable("read", path, exc) from exc
+        raise unusable("read", path, exc) from exc
     finally:
         os.close(fd)
 

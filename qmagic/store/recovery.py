@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sqlite3
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +41,14 @@ from .database import (
     upsert_session,
     write_rows,
 )
-from .files import open_state_file
+from .files import open_state_file, unusable
 from .legacy import check_legacy_sessions
 from .records import warn_once
-from .segments import complete_lines
-from .spool import read_whole
+from .segments import read_lines
 
 __all__ = ["SessionOnDisk", "list_sessions", "recover"]
 
 _log = logging.getLogger(__name__)
-_MAX_SEGMENT = 1 << 30
 #: A temporary lock file younger than this may be a starting session's, not locked yet: it is
 #: left alone (taking one made that session start in a false fault; it makes its lock file
 #: again if its clock jumped and one is taken anyway).  An older one is a session's that died
@@ -118,18 +117,34 @@ def _claim(path: Path) -> int | None:
     return None
 
 
+def _segment_lines(path: Path) -> Iterator[bytes]:
+    """The complete lines of a dead session's segment, piece by piece (not a line cut short
+    by the death; zero bytes skipped; never a buffer as large as what another process may
+    have added: see :func:`~qmagic.store.segments.read_lines`).  Raises StateFileError."""
+    try:
+        fd = open_state_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        for blocks, _ in read_lines(fd, 0, os.fstat(fd).st_size):
+            yield b"".join([lines for _, lines in blocks])
+    except OSError as exc:
+        raise unusable("read", path, exc) from exc
+    finally:
+        os.close(fd)
+
+
 def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
     """Replay a dead session's segments and mark its unfinished tasks; one transaction."""
     rows: dict[str, tuple] = {}
     bad: list[int] = []
     header: dict = {}
     for _, path in entry.spools:
-        # (complete lines only: not a line cut short by the death; zero bytes skipped)
-        data = b"".join([lines for _, lines in complete_lines(read_whole(path, _MAX_SEGMENT) or b"")[0]])
-        if not header and data.startswith(b'{"spool"'):
-            with suppress(orjson.JSONDecodeError, TypeError):
-                header = orjson.loads(data[: data.index(b"\n")]) or {}
-        rows_from_lines(data, entry.session, now, rows, bad)
+        for data in _segment_lines(path):
+            if not header and data.startswith(b'{"spool"'):
+                with suppress(orjson.JSONDecodeError, TypeError):
+                    header = orjson.loads(data[: data.index(b"\n")]) or {}
+            rows_from_lines(data, entry.session, now, rows, bad)
     seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
     with transaction(conn):
         write_rows(conn, rows.values())
