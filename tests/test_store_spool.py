@@ -17,12 +17,16 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.store import records as records_module
 from qmagic.store import segments as segments_module
 from qmagic.store import writer as writer_module
 from qmagic.store.journal import Journal
+from qmagic.store.lines import match_line, salvage
 from qmagic.store.segments import Segment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,3 +430,67 @@ def test_a_dead_sessions_padded_segment_is_recovered_in_bounded_pieces(tmp_path,
     monkeypatch.undo()
     assert max(asked) <= 2 << 20, f"one read of {max(asked) >> 20} MiB"
     assert not segment_files(tmp_path)
+
+
+@pytest.fixture
+def tmp_fd(tmp_path):
+    fd = os.open(tmp_path / "segment", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+#: Sizes where a piece ends or a line stops being one of ours (64 KiB, 1 MiB, 2 MiB pieces).
+_EDGES = [1, 2, 65_535, 65_536, 65_537, records_module.MAX_LINE - 1, records_module.MAX_LINE,
+          records_module.MAX_LINE + 1, records_module.MAX_LINE + 2, (2 << 20) - 1, 2 << 20, (2 << 20) + 1,
+          2_500_000]
+_PART = st.one_of(
+    st.binary(min_size=0, max_size=300).map(lambda b: b.replace(b"\n", b"").replace(b"\0", b"") + b"\n"),
+    st.sampled_from(_EDGES).map(lambda n: b"\0" * n),  # another program's padding
+    st.sampled_from(_EDGES).map(lambda n: b"x" * n),  # bytes without a newline: a line, or past any
+    st.sampled_from(_EDGES).map(lambda n: b"y" * n + b"\n"),
+    st.sampled_from([b"\n", b"half a line", b'[2,"ab",1.5]\n', b'[3,"ab",{"uid":"ab","status":"failed"}]\n']),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(parts=st.lists(_PART, max_size=10), torn=st.booleans(), start=st.integers(0, 100))
+def test_reading_in_pieces_finds_the_lines_of_one_read(tmp_fd, parts, torn, start):
+    """segments.read_lines (every reader: counts, lookups, the writer, recovery) reads a file
+    in bounded pieces and finds what one read of it all finds (complete_lines): as many
+    lines, every line of ours at the same offset, and the same end of what is used up —
+    whatever zero runs and newline-less bytes another program put where a piece ends.  (Of
+    a damaged line longer than any of ours, a reader in pieces may see only its end: damage
+    either way, or the same line of ours at its end.)"""
+    data = b"".join(parts)
+    os.ftruncate(tmp_fd, 0)
+    os.pwrite(tmp_fd, data, 0)
+    begin = min(start, len(data))
+
+    def lines_at(blocks):
+        found = []
+        for at, chunk in blocks:
+            for line in chunk.split(b"\n")[:-1]:
+                found.append((at, line))
+                at += len(line) + 1
+        return found
+
+    whole, used = segments_module.complete_lines(data[begin:], torn)
+    expected = [(begin + at, line) for at, line in lines_at(whole)]
+    got, end = [], begin
+    for blocks, end in segments_module.read_lines(tmp_fd, begin, len(data), torn):
+        got += lines_at(blocks)
+    assert len(got) == len(expected)
+    assert ours(got) == ours(expected)
+    assert end == begin + used
+
+
+def ours(lines: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The lines of ours among ``lines`` (offset, line), as every reader takes them: whole,
+    or at the end of another program's bytes (store.lines.salvage)."""
+    found = []
+    for at, line in lines:
+        start = 0 if match_line(line) else salvage(line)
+        if start >= 0:
+            found.append((at + start, line[start:]))
+    return found
