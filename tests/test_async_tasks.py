@@ -479,14 +479,22 @@ def test_a_coroutine_task_whose_loop_was_stopped_under_it_ends_failed(run_engine
     from bluesky import run_engine as bre
 
     from qmagic.core.awaiting import MSG_LOOP_STOPPED
+    from qmagic.core.engine import MSG_CLOSE_IN_TASK
 
     started, cleaned = threading.Event(), threading.Event()
+
+    closing: list = []
 
     async def watch():
         started.set()
         try:
             await asyncio.Event().wait()
-        finally:
+        finally:  # (runs once the loop runs again: the task's code, though it has ended)
+            try:
+                w.close(timeout=2)
+                closing.append("closed")
+            except RequestRefused as exc:
+                closing.append(str(exc))
             cleaned.set()
 
     w = make_worker({"watch": watch})
@@ -503,6 +511,8 @@ def test_a_coroutine_task_whose_loop_was_stopped_under_it_ends_failed(run_engine
     try:
         assert cleaned.wait(TIMEOUT)  # cancelled as soon as the loop ran again
         assert task.status is TaskStatus.FAILED  # (recorded once)
+        # (its code cannot close the worker, as any task's: it closed it from the loop)
+        assert closing == [MSG_CLOSE_IN_TASK] and not w.closed
     finally:
         loop.call_soon_threadsafe(loop.stop)
         again.join(TIMEOUT)
@@ -1315,6 +1325,56 @@ def test_a_task_cannot_close_its_own_worker(make_worker, no_bluesky_loop):
     assert other.result(TIMEOUT) is None
     w.close()  # from outside its tasks, as before
     assert not w.log_open
+
+
+def test_code_a_task_left_running_after_its_end_cannot_close_its_worker(make_worker, no_bluesky_loop):
+    """An asyncio task a coroutine task spawned runs on after that task ended (completed,
+    and dropped from memory): its code is the task's still.  Its ``close()`` was taken for
+    one from outside: run on the loop it shares with another coroutine task, it stopped
+    half way ("other() runs on the event loop that called task.result() or wait()"), the
+    worker half closed (new tasks refused, the other task running, the log open).  It is
+    refused at once in one line, and the worker stays whole."""
+    from qmagic.core.engine import MSG_CLOSE_IN_TASK
+
+    done, outcome = threading.Event(), {}
+
+    async def spawner():
+        async def child():
+            await go.wait()
+            started = time.monotonic()
+            try:
+                w.close(timeout=2)
+                outcome["close"] = "closed"
+            except RequestRefused as exc:
+                outcome["close"] = str(exc)
+            except BaseException as exc:  # noqa: BLE001 - shown by the assert below
+                outcome["close"] = repr(exc)
+            finally:
+                outcome["took"] = time.monotonic() - started
+                done.set()
+        go = asyncio.Event()
+        outcome["child"] = asyncio.ensure_future(child())  # (a reference: never collected)
+        outcome["go"] = go
+        return "spawned"
+
+    never = asyncio.Event()
+
+    async def other():
+        await never.wait()
+
+    w = make_worker({"spawner": spawner, "other": other, "add": lambda a: a + 1}, async_loop="qmagic",
+                    cancel_grace_s=0.2)
+    running = w.submit("other")
+    eventually(running.running, what="another coroutine task running on the loop")
+    task = w.submit("spawner")
+    assert task.result(TIMEOUT) == "spawned"
+    assert w.engine.clear_finished() == 1  # (the task left memory too)
+    loop = w.engine.loops.own_loop()
+    loop.call_soon_threadsafe(outcome["go"].set)
+    assert done.wait(TIMEOUT)
+    assert outcome["close"] == MSG_CLOSE_IN_TASK and outcome["took"] < 1.0, outcome
+    assert not w.closed and w.log_open and running.running()
+    assert w.submit("add", (1,)).result(TIMEOUT) == 2  # the worker is whole
 
 
 def test_the_close_says_in_plain_words_which_tasks_it_left_running(make_worker, no_bluesky_loop,

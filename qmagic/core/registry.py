@@ -74,6 +74,7 @@ class TaskRegistry:
     _running_threads: dict
     _running_coros: dict
     _pool: Any
+    bus: Any  # (the engine's: every task of this engine carries it)
 
     def _init_registry(self) -> None:
         self._lock = threading.Lock()
@@ -284,13 +285,12 @@ class TaskRegistry:
         return job.task if job is not None else None
 
     def running_own_task(self) -> Task | None:
-        """The running task of this engine whose code calls now (None: none; a task of
-        another engine, or one that has ended, as asyncio tasks it spawned may still run)."""
+        """The task of this engine whose code calls now (None: none, or a task of another
+        engine).  Also one recorded as ended while its code runs on (left to end on its
+        own: a cancel it did not obey in time, its event loop stopped under it), an asyncio
+        task it spawned included, even once it left memory: that code is the task's still."""
         task = current_task()
-        if task is None or task.done():
-            return None
-        job = self._jobs.get(task.uid)
-        return task if job is not None and job.task is task else None
+        return task if task is not None and task._bus is self.bus else None
 
     def tasks(self) -> list[Task]:
         """Every task in memory, oldest submission first."""
