@@ -1413,6 +1413,56 @@ def test_the_close_says_in_plain_words_which_tasks_it_left_running(make_worker, 
         assert warnings == ["qmagic: " + said.format(*(t.uid[:8] for t in tasks))]
 
 
+@pytest.mark.parametrize("how", ["loop.stop()", "KeyboardInterrupt"])
+def test_the_close_of_qmagics_loop_ends_whatever_the_code_it_cancels_does(
+        how, make_worker, no_bluesky_loop, caplog, monkeypatch):
+    """A coroutine task that outlived the close (it swallowed its cancels) is cancelled again
+    as qmagic's loop closes, and its cleanup stops the loop (``loop.stop()``) or an asyncio
+    task it starts raises KeyboardInterrupt (asyncio lets it out of the loop).  The loop
+    thread died with "Event loop stopped before Future completed" (or the
+    KeyboardInterrupt) printed from it, the rest of the cleanup never ran ("Task was
+    destroyed but it is pending!").  The loop now runs until the cleanup has ended, and
+    nothing is said beyond the close's own warnings."""
+    import gc
+
+    died, cleaned = [], threading.Event()
+    monkeypatch.setattr(threading, "excepthook", died.append)
+
+    async def stubborn():
+        me = qmagic.current_task()
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if me.done():  # (the close recorded it: this cancel is the loop's closing)
+                    break
+        if how == "loop.stop()":
+            asyncio.get_running_loop().stop()
+        else:
+            async def interrupt():
+                raise KeyboardInterrupt
+            asyncio.ensure_future(interrupt())
+        await asyncio.sleep(0)  # (the loop stopped, or let the interrupt out, before this)
+        await asyncio.sleep(0)
+        cleaned.set()
+
+    w = make_worker({"stubborn": stubborn}, journal_enabled=False, async_loop="qmagic",
+                    cancel_grace_s=0.1)
+    task = w.submit("stubborn")
+    eventually(task.running, what="the task running")
+    thread = w.engine.loops._thread
+    with caplog.at_level(logging.DEBUG):
+        w.close(timeout=1)  # (ends it recorded cancelled, left to end on its own)
+        assert cleaned.wait(TIMEOUT), "its cleanup was cut short"
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        gc.collect()  # (asyncio reports tasks destroyed pending, and exceptions never read)
+    assert task.status is TaskStatus.CANCELLED
+    assert died == []
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2 and all("stubborn()" in m for m in said), said
+
+
 def test_qmagics_loop_runs_on_when_code_on_it_stops_it_or_raises_system_exit(make_worker,
                                                                              no_bluesky_loop, caplog):
     """A careless coroutine task stops qmagic's own event loop (``loop.stop()``), or an asyncio

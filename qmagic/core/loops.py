@@ -16,6 +16,7 @@ import contextlib
 import logging
 import sys
 import threading
+from typing import Any
 
 __all__ = ["EventLoops", "LOOP_POLICIES", "bluesky_loop"]
 
@@ -92,12 +93,14 @@ class EventLoops:
         loop runs on, with a warning."""
         asyncio.set_event_loop(loop)
         loop.call_soon(ready.set)
+        let_out: list[BaseException] = []  # (while closing: see _wind_up)
         try:
             while True:
                 try:
                     loop.run_forever()
                 except (SystemExit, KeyboardInterrupt) as exc:
                     if closing.is_set():  # (its stop may have been taken: it ends now)
+                        let_out.append(exc)
                         break
                     log.warning("qmagic: %r raised on qmagic's event loop (in an asyncio task a "
                                 "coroutine task started?) was dropped; the loop and its coroutine "
@@ -109,14 +112,35 @@ class EventLoops:
                             "(loop.stop()); it runs on, as its coroutine tasks need it.")
         finally:
             try:
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
+                EventLoops._wind_up(loop, let_out)
             finally:
                 loop.close()
+
+    @staticmethod
+    def _wind_up(loop: asyncio.AbstractEventLoop, let_out: list[BaseException]) -> None:
+        """The loop thread, closing: cancel the asyncio tasks left on the loop and run it
+        until they have ended (and those they start meanwhile), then its async generators'
+        cleanup.  Their code may stop the loop again, or an asyncio task raise SystemExit or
+        KeyboardInterrupt out of it: that cut this short ("Event loop stopped before Future
+        completed" from the thread, tasks destroyed pending); it goes on, saying nothing (the
+        loop is ending; ``let_out``: what tasks let out, which asyncio would report again as
+        "never retrieved").  Code that never ends keeps this daemon thread, as it would a task."""
+        default = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if any(context.get("exception") is exc for exc in let_out):
+                return
+            if default is not None:
+                default(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        while pending := asyncio.all_tasks(loop):
+            for task in pending:
+                task.cancel()
+            _run_to_end(loop, asyncio.gather(*pending, return_exceptions=True), let_out)
+        _run_to_end(loop, loop.shutdown_asyncgens(), let_out)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop qmagic's own loop (its remaining asyncio tasks are cancelled) and its thread."""
@@ -130,3 +154,20 @@ class EventLoops:
                 loop.call_soon_threadsafe(loop.stop)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+
+def _run_to_end(loop: asyncio.AbstractEventLoop, awaitable: Any, let_out: list[BaseException]) -> None:
+    """Run ``loop`` until ``awaitable`` is done, whatever stops the loop meanwhile (see
+    :meth:`EventLoops._wind_up`); ``let_out`` gets what asyncio tasks let out of it."""
+    future = asyncio.ensure_future(awaitable, loop=loop)
+    while not future.done():
+        try:
+            loop.run_until_complete(future)
+        except (RuntimeError, SystemExit, KeyboardInterrupt) as exc:  # (stopped, or let out of a task)
+            if loop.is_closed():  # (by another thread: nothing runs there again)
+                return
+            if not isinstance(exc, RuntimeError):
+                let_out.append(exc)
+            log.debug("qmagic: %r while qmagic's event loop was closing; it goes on.", exc)
+    if not future.cancelled():
+        future.exception()  # (read: never "exception was never retrieved")
