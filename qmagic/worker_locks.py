@@ -23,6 +23,7 @@ class LockMixin:
 
     _locks: Any
     _key_lock: Any
+    _check_not_closed: Any  # (StateMixin)
     _remembered_key: str | None
     default_user: str
 
@@ -59,8 +60,10 @@ class LockMixin:
         key means the key of this kernel's earlier lock, else
         :func:`qmagic.get_default_lock_key`; a missing user means ``QMagic.default_user``.
         The kernel remembers the key, so its own magics and Python calls keep working while
-        others need it.  Refusals raise LockRefused.
+        others need it.  Refusals raise LockRefused; a closed worker refuses (RequestRefused:
+        run ``%reload_ext qmagic``), as it does :meth:`unlock`.
         """
+        self._check_not_closed(task=False)
         if origin != "remote" and environment is None and queue is None:
             environment = True
         # (the scopes' types are checked by the store)
@@ -88,6 +91,7 @@ class LockMixin:
 
         Without a key, this kernel's remembered key is used; if it holds none while the
         environment is locked, the request is refused with what to do."""
+        self._check_not_closed(task=False)
         key = self._key(lock_key, origin)
         if origin == "remote":  # queueserver requires a key: none remembered stands in
             check_key(key)

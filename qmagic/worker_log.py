@@ -169,8 +169,8 @@ class LogObserver:
 class LogMixin(HasTraits):
     """The experiment log of :class:`qmagic.Worker`: opened for the settings, swapped when
     they change (the old log drains), and its health for the views.  A mix-in (with
-    :class:`qmagic.worker_state.StateMixin`, whose ``_apply_setting`` and ``_state_lock``
-    it uses)."""
+    :class:`qmagic.worker_state.StateMixin`, whose ``_apply_setting``, ``_state_lock`` and
+    ``_check_not_closed`` it uses)."""
 
     # -- opening and swapping ----------------------------------------------------------------------
     def _new_log(self) -> LogObserver | None:
@@ -230,6 +230,7 @@ class LogMixin(HasTraits):
              "journal_summary_chars", "journal_pending_limit")
     def _journal_setting(self, change: Mapping[str, Any]) -> None:
         def apply(commit: Callable[[], ContextManager[None]]) -> None:
+            self._check_not_closed(task=False)  # (no new log: the setting goes back)
             observer = self._new_log()
             try:
                 with commit():

@@ -141,6 +141,7 @@ class StateMixin(LogMixin):
         moves_log = change["name"] in ("state_dir", "environment_name")
 
         def apply(commit: Callable[[], ContextManager[None]]) -> None:
+            self._check_not_closed(task=False)  # (no new lock store, nor log: the setting goes back)
             new = self._open_locks()
             observer = old = None
             try:  # (the log's wait, the old log storing what it holds, comes before any swap)
@@ -218,11 +219,14 @@ class StateMixin(LogMixin):
         remote tasks and scripts are refused."""
         return self._environment_open and not self.engine.closed
 
-    def _check_not_closed(self) -> None:
+    def _check_not_closed(self, *, task: bool = True) -> None:
         """The first check of every request that starts a task (before keys and permissions:
-        a key given would not help)."""
+        a key given would not help), changes the lock, opens the environment, or changes a
+        setting that opens the lock store or the log: a closed worker starts and changes
+        nothing, and opens no file again (a new worker may own its state folder).  ``task``
+        False: said as :data:`MSG_WORKER_CLOSED` (for what starts no task)."""
         if self.engine.closed:
-            raise RequestRefused(MSG_CLOSED)
+            raise RequestRefused(MSG_CLOSED if task else MSG_WORKER_CLOSED)
 
     def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:
         """The environment rule: a remote request needs it open (``refusal`` otherwise)."""
@@ -233,8 +237,7 @@ class StateMixin(LogMixin):
                          client: str | None = None) -> None:
         """Open the environment for remote tasks (``QMagic.environment_open_on_load``)."""
         self.check_lock(lock_key, origin=origin, client=client)
-        if self.engine.closed:  # (its threads are gone: only a new worker runs tasks)
-            raise RequestRefused(MSG_WORKER_CLOSED)
+        self._check_not_closed(task=False)  # (its threads are gone: only a new worker runs tasks)
         with self._state_lock:  # (checked and changed at once: two doors never both succeed)
             if self._environment_open:
                 raise RequestRefused("RE Worker environment already exists.")

@@ -68,6 +68,12 @@ def test_a_closed_worker_says_so_to_remote_clients_and_refuses_their_requests(cl
     with pytest.raises(rm.RequestFailedError) as info:  # it would say "already exists"
         rm.environment_open()
     assert str(info.value) == f"Request failed: {MSG_WORKER_CLOSED}"
+    for change in (lambda: rm.lock(lock_key="remote-key", environment=True),
+                   lambda: rm.unlock(lock_key="remote-key")):  # (the closed lock store changed)
+        with pytest.raises(rm.RequestFailedError) as info:
+            change()
+        assert str(info.value) == f"Request failed: {MSG_WORKER_CLOSED}"
+    assert rm.lock_info()["lock_info"]["environment"] is False  # (it still reads)
     assert "%reload_ext qmagic" in MSG_CLOSED and "%reload_ext qmagic" in MSG_WORKER_CLOSED
     assert rm.status(reload=True)["worker_environment_exists"] is False
     assert k.eval("len(w.tasks())") == 1  # nothing was started
@@ -78,6 +84,8 @@ def test_a_closed_worker_says_so_in_the_notebook_and_reload_starts_a_new_one(clo
     refusal = MSG_CLOSED.removeprefix("Error: ")
     for code in ("%function_execute add 1 2", "%function_execute -b add 1 2", "%%script_upload\nx = 1\n"):
         assert one_line(_prompt(k, code)) == f"UsageError: {refusal}", code
+    for code in ("%lock --key key-of-this-test", "%unlock --key key-of-this-test"):
+        assert one_line(_prompt(k, code)) == f"UsageError: {MSG_WORKER_CLOSED}", code
     result = _prompt(k, "w.submit('add', (1,))")
     assert result.error["evalue"] == MSG_CLOSED
     assert k.eval("w.closed") is True

@@ -105,6 +105,45 @@ def test_a_closed_worker_finds_in_its_log_what_its_history_lists(journaled):
         w.find("ffff0000")
 
 
+def test_a_closed_worker_changes_no_lock_and_opens_no_file_again(journaled, tmp_path):
+    """After ``worker.close()`` the lock still changed through every door (``worker.lock``,
+    %lock, the panel, the remote lock and unlock) on the closed lock store: a lock made the
+    state folder again (deleted meanwhile by a cleanup) and wrote its files there, and a
+    change of the state folder or of a log setting opened a new log and lock watcher (a
+    closed worker with its threads running again, ``log_open`` True).  Each is refused in
+    one line saying to run %reload_ext qmagic, the setting goes back; the lock still reads."""
+    from qmagic import RequestRefused
+    from qmagic.worker_state import MSG_WORKER_CLOSED
+
+    w = journaled()
+    w.lock("key-of-this-test")
+    w.close()
+    state = tmp_path / "state"
+    assert w.lock_state().environment and w.current_lock().environment  # (reads answer)
+    for leftover in state.iterdir():  # (a cleanup of the folder)
+        leftover.unlink()
+    state.rmdir()
+    threads = set(threading.enumerate())
+    for change in (lambda: w.lock("key-of-this-test"), lambda: w.lock("another-key", queue=True),
+                   lambda: w.unlock("key-of-this-test"), w.unlock):
+        with pytest.raises(RequestRefused) as info:
+            change()
+        assert str(info.value) == MSG_WORKER_CLOSED
+    qs = QS(w)
+    assert qs.lock(lock_key="key-of-this-test", environment=True, user="u")["msg"] == MSG_WORKER_CLOSED
+    assert qs.unlock(lock_key="key-of-this-test")["msg"] == MSG_WORKER_CLOSED
+    for name, value in (("state_dir", str(tmp_path / "other")), ("environment_name", "other"),
+                        ("lock_backoff_s", 2.0), ("journal_max_bytes", 10_000_000),
+                        ("journal_enabled", False)):
+        old = getattr(w, name)
+        with pytest.raises(RequestRefused) as info:
+            setattr(w, name, value)
+        assert str(info.value) == MSG_WORKER_CLOSED and getattr(w, name) == old, name
+    assert not state.exists() and not (tmp_path / "other").exists()
+    assert not w.log_open and set(threading.enumerate()) <= threads
+    assert not w.current_lock().locked  # (its file is gone: read as unlocked)
+
+
 class _NoLen(list):
     def __len__(self):
         raise RuntimeError("no len")
