@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
@@ -142,6 +143,38 @@ def test_a_closed_worker_changes_no_lock_and_opens_no_file_again(journaled, tmp_
     assert not state.exists() and not (tmp_path / "other").exists()
     assert not w.log_open and set(threading.enumerate()) <= threads
     assert not w.current_lock().locked  # (its file is gone: read as unlocked)
+
+
+def _open_files(prefix: str) -> list[str]:
+    """The files of this process open under ``prefix`` (from /proc/self/fd)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (closed meanwhile, as the listing's own descriptor is)
+            continue
+        if target.startswith(prefix):
+            out.append(target)
+    return out
+
+
+def test_a_closed_worker_reads_its_log_with_no_file_kept_open(journaled):
+    """A closed worker's reads (history, find) opened a read-only SQLite connection that
+    stayed open until the worker was garbage collected: a descriptor of the database, and a
+    reader that may hold back the checkpoints of other kernels writing it.  Each read now
+    opens and closes its own; the reads still answer."""
+    first = journaled({"add": lambda a, b: a + b})
+    task = first.submit("add", (1, 2))
+    assert task.wait(TIMEOUT)
+    first.close()
+    w = journaled()  # (a new kernel: the task is in the log only)
+    w.close()
+    path = str(database_path(Path(w.state_dir), w.environment_name))
+    for _ in range(2):
+        assert [r["uid"] for r in w.history()] == [task.uid]
+        assert w.find(task.uid[:8])["status"] == "completed"
+        assert w.statuses([task.uid]) == {task.uid: TaskStatus.COMPLETED}
+        assert _open_files(path) == []
 
 
 class _NoLen(list):

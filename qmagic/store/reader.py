@@ -249,10 +249,14 @@ class LogReader:
         self._conn: sqlite3.Connection | None = None
         self._conn_id: tuple[int, int] | None = None  # the file self._conn reads
         self._lock = threading.Lock()
+        self._closed = False
 
     def close(self) -> None:
-        """Close the connection (a later query opens a new one)."""
+        """Close the connection; each later query opens one of its own and closes it as it
+        ends (a closed log, still read, holds no file open: no descriptor, and no reader that
+        holds back the checkpoints of other kernels writing the database)."""
         with self._lock:
+            self._closed = True
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -260,36 +264,45 @@ class LogReader:
     def _query(self, fn: Any) -> Any:
         with self._lock:
             try:
-                now = file_id(self.path)
-                if self._conn is not None and now != self._conn_id:  # deleted or replaced
-                    self._conn.close()
-                    self._conn = None
-                if self._conn is None:
-                    try:
-                        self._conn = connect(self.path, readonly=True)
-                    except FileNotFoundError:
-                        return fn(None)
-                    self._conn_id = now
+                return self._query_open(fn)
+            finally:
+                if self._closed and self._conn is not None:
+                    conn, self._conn = self._conn, None
+                    conn.close()
+
+    def _query_open(self, fn: Any) -> Any:
+        """:meth:`_query` with the lock held."""
+        try:
+            now = file_id(self.path)
+            if self._conn is not None and now != self._conn_id:  # deleted or replaced
+                self._conn.close()
+                self._conn = None
+            if self._conn is None:
                 try:
-                    return fn(self._conn)
-                except sqlite3.OperationalError as exc:
-                    if "decode" not in str(exc) or self._conn.text_factory is _lenient_text:
-                        raise
-                # Text that is not UTF-8 (a row edited by hand, another tool): read it with
-                # replacement characters from now on; such a row then fails to validate and
-                # is skipped with a warning, the others are shown.
-                self._conn.text_factory = _lenient_text
+                    self._conn = connect(self.path, readonly=True)
+                except FileNotFoundError:
+                    return fn(None)
+                self._conn_id = now
+            try:
                 return fn(self._conn)
-            except sqlite3.Error as exc:
-                if "no such table" in str(exc):
-                    return fn(None)  # a new database whose tables are being created
-                if damaged(exc):
-                    raise StateFileError(
-                        f"The experiment log {str(self.path)!r} is damaged ({exc}). The next kernel "
-                        "that writes to it moves it aside (its records stay in that file) and "
-                        "starts a new one.") from exc
-                raise StateFileError(f"Cannot read the experiment log {str(self.path)!r} ({exc}). "
-                                     "Check the file and the folder (QMagic.state_dir).") from exc
+            except sqlite3.OperationalError as exc:
+                if "decode" not in str(exc) or self._conn.text_factory is _lenient_text:
+                    raise
+            # Text that is not UTF-8 (a row edited by hand, another tool): read it with
+            # replacement characters from now on; such a row then fails to validate and
+            # is skipped with a warning, the others are shown.
+            self._conn.text_factory = _lenient_text
+            return fn(self._conn)
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc):
+                return fn(None)  # a new database whose tables are being created
+            if damaged(exc):
+                raise StateFileError(
+                    f"The experiment log {str(self.path)!r} is damaged ({exc}). The next kernel "
+                    "that writes to it moves it aside (its records stay in that file) and "
+                    "starts a new one.") from exc
+            raise StateFileError(f"Cannot read the experiment log {str(self.path)!r} ({exc}). "
+                                 "Check the file and the folder (QMagic.state_dir).") from exc
 
     @staticmethod
     def _records(rows: Iterable[tuple], limit: int | None = None) -> list[dict[str, Any]]:
