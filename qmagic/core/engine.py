@@ -67,7 +67,7 @@ BUS_DRAIN_S = 0.5
 #: What to do once the worker was closed (``worker.close()``, or qmagic unloaded): in a
 #: kernel, %reload_ext qmagic starts a new one (%load_ext is a no-op while IPython lists
 #: qmagic as loaded).
-CLOSED_HINT = "run %reload_ext qmagic in the kernel to start a new one"
+CLOSED_HINT = "run %reload_ext qmagic in the kernel (or make a new qmagic.Worker) to start a new one"
 MSG_CLOSED = f"Error: Failed to start the task: the qmagic worker was closed; {CLOSED_HINT}."
 #: ``close()`` called by one of the engine's own tasks (it would wait for itself).
 MSG_CLOSE_IN_TASK = ("The qmagic worker cannot be closed from inside one of its tasks (it would "
