@@ -718,10 +718,15 @@ def test_sys_exit_in_a_script_says_what_the_code_did(make_worker):
                           ("raise SystemExit", "the code called sys.exit()")):
         task = w.run_script(script)
         assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED and task.error == error
-    with pytest.raises(RequestRefused, match="user name must be text of at most 1000 characters"):
+    # one wording of the user rule for a task and a lock from this kernel (queueserver's
+    # "Incorrect request format: user name is not specified" only for remote clients)
+    with pytest.raises(RequestRefused, match="^Error: User name must be text of at most 1000 characters"):
         w.submit(lambda: 1, user="u" * 1001)
-    with pytest.raises(RequestRefused, match="User name must be text of at most 1000 characters"):
+    with pytest.raises(RequestRefused, match="^Error: User name must be text of at most 1000 characters"):
         w.lock("k", user="\udcff")
+    for door in (lambda: w.submit(lambda: 1, user=""), lambda: w.lock("k", user="")):
+        with pytest.raises(RequestRefused, match="^Error: User name must be a non-empty string: user = ''$"):
+            door()
 
 
 def test_run_script_says_what_it_needs(make_worker):
