@@ -452,7 +452,7 @@ _PART = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(parts=st.lists(_PART, max_size=10), torn=st.booleans(), start=st.integers(0, 100))
 def test_reading_in_pieces_finds_the_lines_of_one_read(tmp_fd, parts, torn, start):
