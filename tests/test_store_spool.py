@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
@@ -452,9 +452,13 @@ _PART = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(parts=st.lists(_PART, max_size=10), torn=st.booleans(), start=st.integers(0, 100))
+@example(parts=[b"x" * ((2 << 20) + 1)], torn=False, start=0)  # a tail too long for a line, carried
+@example(parts=[b"x" * ((1 << 20) - 1), b"x" * (1 << 20), b"\x01\n"], torn=False, start=0)
+@example(parts=[b"a\n", b"x" * 2_500_000, b'[3,"ab",{"uid":"ab","status":"failed"}]\n'], torn=True, start=0)
+@example(parts=[b"a\n", b"\0" * 65_535, b"b\n", b"\0" * ((2 << 20) + 1), b"half a line"], torn=False, start=1)
 def test_reading_in_pieces_finds_the_lines_of_one_read(tmp_fd, parts, torn, start):
     """segments.read_lines (every reader: counts, lookups, the writer, recovery) reads a file
     in bounded pieces and finds what one read of it all finds (complete_lines): as many
