@@ -309,6 +309,39 @@ def test_reading_stores_what_dead_kernels_left(tmp_path):
     assert not list(tmp_path.glob("*.spool")) and not list(tmp_path.glob("*.lock"))
 
 
+
+def test_a_log_of_a_newer_qmagic_is_read_never_written(tmp_path, capsys):
+    """Reading a newer qmagic's log leaves the spools of its dead kernels to that qmagic
+    (their lines may mean something else there), with one warning, and shows what it holds."""
+    proc = subprocess.Popen([sys.executable, "-c", DIES, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(30)
+    with Journal(tmp_path, "other") as j:  # (a database with its tables)
+        j.finished(task("kept"))
+    path = database_path(tmp_path, ENV)
+    database_path(tmp_path, "other").rename(path)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA user_version = 2")
+    finally:
+        conn.close()
+    spools = sorted(tmp_path.glob("*.spool"))
+    assert spools
+    assert history_main(["--state-dir", str(tmp_path), "-e", ENV, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["uid"] for line in out.splitlines()] == ["kept"]
+    assert err.count("newer qmagic") == 1 and "Traceback" not in err
+    assert sorted(tmp_path.glob("*.spool")) == spools
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT uid FROM tasks").fetchall() == [("kept",)]
+    finally:
+        conn.close()
+
+
 def test_render_functions_are_pure_and_safe():
     """qmagic-history's text forms (qmagic.format's, shared with %tasks --history) never
     fail on odd records."""

@@ -34,7 +34,7 @@ from ..format import (
     printable,
     record_duration,
 )
-from .database import connect, database_path, ensure_schema
+from .database import SCHEMA_VERSION, connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
 from .reader import Filters, LogReader
@@ -70,7 +70,12 @@ def _prepare(state_dir: Path, env: str) -> Path | None:
         conn = None
         try:
             conn = connect(path, create=True)
-            ensure_schema(conn)
+            version = ensure_schema(conn)
+            if version > SCHEMA_VERSION:  # (read, never written: its kernels store their own)
+                warnings.warn(f"The experiment log {str(path)!r} was made by a newer qmagic (schema "
+                              f"{version}); showing what it holds (upgrade qmagic to see the tasks of "
+                              "its kernels that stopped).", JournalWarning, stacklevel=3)
+                return path
             import_legacy(conn, state_dir, env, time.time())
             recover(conn, state_dir, env, None, time.time())
         except Exception as exc:  # noqa: BLE001 - read what is there
