@@ -84,8 +84,8 @@ def test_an_unknown_filter_or_a_status_of_a_wrong_type_is_a_one_line_value_error
     folder, journal = populated
     for kw, expected in (({"foo": 1}, "Unknown history filter 'foo': use status, user, name, "
                           "notebook, since, until, uid or limit."),
-                         ({"status": 3}, "status must be a task status or a list of them"),
-                         ({"status": ["failed", 2]}, "status must be a task status or a list")):
+                         ({"status": 3}, "The status filter must be a status or a list of them"),
+                         ({"status": ["failed", 2]}, "The status filter must be a status or a list")):
         for read in (lambda: history(state_dir=folder, environment_name=ENV, **kw),
                      lambda: journal.records(**kw)):
             with pytest.raises(ValueError) as info:
@@ -117,6 +117,28 @@ def test_a_text_filter_sqlite_cannot_take_is_a_one_line_value_error(populated, k
     with pytest.raises(SystemExit):
         history_main(["--state-dir", str(folder), "--environment", ENV, f"--{key}", "\udcff"])
     assert f"The {key} filter must be text: up to 4,096 characters" in capsys.readouterr().err
+
+
+
+def test_a_bad_status_or_time_filter_is_a_one_line_value_error(populated):
+    """README: a bad filter raises a one-line ValueError.  A status that is not text or a
+    list of texts raised TypeError ("'int' object is not iterable"), bytes listed their
+    codes as statuses, and an int beyond any float raised OverflowError (hostile test)."""
+    folder, journal = populated
+    for status in (5, [["failed"]], b"failed", ["failed", 3]):
+        for read in (journal.records, lambda **f: history(state_dir=folder, environment_name=ENV, **f)):
+            with pytest.raises(ValueError, match=r"^The status filter must be a status or a list of them") as info:
+                read(status=status)
+            assert "\n" not in str(info.value) and len(str(info.value)) < 140
+    with pytest.raises(ValueError, match=r"^Unknown task status x\\nxyy") as info:
+        history(state_dir=folder, environment_name=ENV, status=["failed", "x\nx" + "y" * 5000])
+    assert len(str(info.value)) < 200
+    for key in ("since", "until"):
+        with pytest.raises(ValueError, match="^Cannot read the time '1000") as info:
+            history(state_dir=folder, environment_name=ENV, **{key: 10**400})
+        assert len(str(info.value)) < 200
+    assert {r["uid"] for r in history(state_dir=folder, environment_name=ENV,
+                                      status=(s for s in ("failed", "running")))} == {"uid-bad", "uid-run"}
 
 
 def test_history_dataframe_without_pandas(populated, monkeypatch):

@@ -103,6 +103,8 @@ def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name
 def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Records of the log (None when nothing was ever logged there)."""
     chosen = Filters(**filters)  # (checked before anything is opened)
+    if chosen.statuses is not None:  # (read once: a generator is empty the second time)
+        filters = dict(filters, status=chosen.statuses)
     journal = _open_journal(folder, env)
     if journal is not None:
         return journal.records(**filters)

@@ -23,7 +23,14 @@ from ..errors import StateFileError
 from ..texts import safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
-from .records import FINAL_STATUSES, RANKS, parse_time, record_from_row, warn_once
+from .records import (
+    FINAL_STATUSES,
+    RANKS,
+    clean_name,
+    parse_time,
+    record_from_row,
+    warn_once,
+)
 
 __all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
 
@@ -82,6 +89,23 @@ def _check_text(key: str, value: Any) -> None:
 FILTER_NAMES = ("status", "user", "name", "notebook", "since", "until", "uid", "limit")
 
 
+def _statuses(status: Any) -> set[str] | None:
+    """The ``status`` filter as a set of str: one status, or several (a list, tuple, set
+    or other iterable of str); else a one-line ValueError."""
+    if status is None:
+        return None
+    if isinstance(status, str):
+        return {status}
+    try:
+        found = set(status) if not isinstance(status, (bytes, bytearray)) else None
+    except TypeError:  # (not iterable, or unhashable items)
+        found = None
+    if found is not None and all(isinstance(s, str) for s in found):
+        return found
+    raise ValueError(f"The status filter must be a status or a list of them, such as \"failed\" or "
+                     f"[\"failed\", \"cancelled\"] (got {safe_repr(status, 40)}).")
+
+
 class Filters:
     """The filters of :meth:`LogReader.records`, checked and turned into SQL (a bad one
     raises a one-line ValueError before anything is read), and matched in Python for
@@ -96,15 +120,9 @@ class Filters:
         if unknown:
             raise ValueError(f"Unknown history filter {', '.join(map(repr, sorted(unknown)))}: use "
                              f"{', '.join(FILTER_NAMES[:-1])} or {FILTER_NAMES[-1]}.")
-        if status is None or isinstance(status, str):
-            self.statuses = None if status is None else {status}
-        elif isinstance(status, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in status):
-            self.statuses = set(status)
-        else:
-            raise ValueError(f"status must be a task status or a list of them, like \"failed\" or "
-                             f"[\"failed\", \"cancelled\"] (got {status!r}).")
+        self.statuses = _statuses(status)
         if self.statuses is not None and not self.statuses <= set(RANKS):
-            bad = sorted(str(s) for s in self.statuses - set(RANKS))
+            bad = sorted(clean_name(s, 40) for s in self.statuses - set(RANKS))
             raise ValueError(f"Unknown task status {', '.join(bad)}: use queued, running, completed, "
                              "failed or cancelled.")
         for key, value in (("user", user), ("name", name), ("notebook", notebook), ("uid", uid)):

@@ -427,7 +427,10 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     if value is None or isinstance(value, bool):
         return None if value is None else _bad_time(value)
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else _bad_time(value)
+        try:
+            return float(value) if math.isfinite(value) else _bad_time(value)
+        except OverflowError:  # (an int beyond any float)
+            return _bad_time(value)
     if isinstance(value, datetime):
         return value.timestamp()
     if isinstance(value, str):
