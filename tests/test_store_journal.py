@@ -336,6 +336,23 @@ def test_nan_and_infinity_are_never_changed_silently(journal):
     assert rec["kwargs"]["x"][1]["repr"] == "-inf"
 
 
+
+def test_keys_that_read_the_same_as_text_lose_no_value(journal):
+    """A dict whose keys read the same once made text (1 and "1", None and "None", a lone
+    surrogate and its escape) kept one value and dropped the others without a marker (hostile
+    test): it is kept as its repr, marked."""
+    channels = {1: "first", "1": "second", "2": "third"}
+    journal.finished(task("k", "completed", result=channels, args=[{None: 0, "None": 1}],
+                          kwargs={"a": 1, "\ud800": 2, "\\ud800": 3}))
+    assert journal.flush()
+    rec = journal.get("k")
+    assert rec["result"][SUMMARY_KEY] == "repr" and rec["result"]["repr"] == repr(channels)
+    assert rec["args"][0][SUMMARY_KEY] == "repr" and rec["args"][0]["repr"] == "{None: 0, 'None': 1}"
+    assert rec["kwargs"][SUMMARY_KEY] == "repr" and rec["kwargs"]["items"] == 3
+    journal.finished(task("p", "completed", result={1: "a", "2": "b"}))  # (no two alike: kept)
+    assert journal.get("p")["result"] == {"1": "a", "2": "b"}
+
+
 def test_summary_chars_is_configurable(tmp_path):
     with Journal(tmp_path, ENV, summary_chars=10) as j:
         j.finished(task("c", "completed", args=[Opaque()]))

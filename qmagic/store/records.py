@@ -42,18 +42,8 @@ from typing import Any
 import orjson
 
 __all__ = [
-    "FINAL_STATUSES",
-    "ORPHAN_REASON",
-    "ORPHAN_QUEUED_REASON",
-    "ORPHAN_REASONS",
-    "RANKS",
-    "STATUSES",
-    "SUMMARY_KEY",
-    "JournalWarning",
-    "RecordEncoder",
-    "clean_name",
-    "parse_time",
-    "record_from_row",
+    "FINAL_STATUSES", "ORPHAN_REASON", "ORPHAN_QUEUED_REASON", "ORPHAN_REASONS", "RANKS", "STATUSES",
+    "SUMMARY_KEY", "JournalWarning", "RecordEncoder", "clean_name", "parse_time", "record_from_row",
     "warn_once",
 ]
 
@@ -330,6 +320,8 @@ class RecordEncoder:
                 keep = self.max_value_chars  # (a longer key makes the whole a summary anyway)
                 out: Any = {(_no_surrogates(k) if isinstance(k, str) else safe_repr(k, keep)): self.value(x, inner)
                             for k, x in v.items()}
+                if len(out) < len(v):  # (keys that read the same as text, 1 and "1": none is lost)
+                    return self.summary(v, "repr")
             else:
                 out = [self.value(x, inner) for x in v]
             text = orjson.dumps(out).decode()
@@ -426,11 +418,8 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     ``-7d``, ``-1w``, "now").  Raises ValueError with a hint for anything else."""
     if value is None or isinstance(value, bool):
         return None if value is None else _bad_time(value)
-    if isinstance(value, (int, float)):
-        try:
-            return float(value) if math.isfinite(value) else _bad_time(value)
-        except OverflowError:  # (an int beyond any float)
-            return _bad_time(value)
+    if isinstance(value, (int, float)):  # (not NaN, infinity or an int beyond any float)
+        return float(value) if abs(value) < 1e300 else _bad_time(value)
     if isinstance(value, datetime):
         return value.timestamp()
     if isinstance(value, str):
