@@ -1151,6 +1151,46 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
         wait_for(lambda: checkpointed_size() < 1_500_000, j)  # pages were given back to the system
 
 
+
+def test_retention_runs_while_a_long_backlog_is_stored(tmp_path, monkeypatch):
+    """The writer stored a backlog (a fault's, or a flood faster than it) in one loop of
+    commits: retention waited until it caught up, which a flood never lets it (a kernel with
+    journal_max_bytes=1 MB grew its log to 290 MB under 5 KB results; hostile test).  It now
+    commits a slice at a time: old tasks leave while the backlog is still being stored."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "COMMIT_SLICE_S", 0.02)
+    old = time.time() - 60 * 86400
+    with Journal(tmp_path, ENV, max_age_s=1e9) as j:  # (this log keeps them)
+        for i in range(100):
+            j.finished(task(f"old-{i}", "completed", submitted_at=old, started_at=old, finished_at=old))
+    path = database_path(tmp_path, ENV)
+    holder = sqlite3.connect(path, isolation_level=None)  # another process holding the database
+    holder.execute("BEGIN EXCLUSIVE")
+    j = Journal(tmp_path, ENV, max_age_s=30 * 86400)
+    try:
+        for i in range(40_000):
+            run_task(j, f"new-{i}", result="z" * 200)
+        assert j.health()["pending"] >= 80_000
+        holder.execute("ROLLBACK")
+        holder.close()
+
+        def old_left() -> int:
+            return db_rows(tmp_path, "SELECT count(*) FROM tasks WHERE uid LIKE 'old-%'")[0][0]
+        deadline, gone_while_storing = time.monotonic() + 60, None
+        while gone_while_storing is None:
+            assert time.monotonic() < deadline, "timed out"
+            if old_left() == 0:  # (then the backlog: still waiting, or stored before)
+                gone_while_storing = j.health()["pending"] > 0
+            else:
+                j.flush(0.01)
+        assert gone_while_storing, "retention waited until the whole backlog was stored"
+        assert j.flush(60)
+        assert db_rows(tmp_path, "SELECT count(*) FROM tasks")[0][0] == 40_000
+    finally:
+        j.close()
+
+
 def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
     """A system clock set a month ahead for a few seconds made age retention delete the
     whole log (found by a hostile test).  A wall clock that runs ahead of the elapsed time

@@ -62,6 +62,7 @@ MAX_DELAY_S = 2.0  # ... or this long after the first uncommitted event
 IDLE_POLL_S = 0.25  # how often an idle writer looks at the spool
 BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks for other kernels)
 RETENTION_EVERY_S = 10.0
+COMMIT_SLICE_S = 0.5  # commits at most this long in a row, then the periodic work
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 60.0
 CLOSE_TIMEOUT_S = 5.0
@@ -119,6 +120,15 @@ def _gather(spool: Spool, segments: list[Any], session: str, now: float, budget:
     return out
 
 
+def _position(spool: Spool) -> Any:
+    """Where the spool's writes are now: (segment number, offset), parts None if unknown."""
+    seg, out = spool.current, spool.out
+    try:
+        return (seg.number if seg else None, out.tell() if out is not None else None)
+    except ValueError:  # closed meanwhile
+        return (seg.number if seg else None, None)
+
+
 def _age_limit(max_age_s: float, clock_start: tuple[float, float], now: float) -> float:
     """``max_age_s``, lengthened by how far the wall clock ran ahead of the time elapsed since
     ``clock_start`` (wall, elapsed): a clock set ahead deletes nothing early, and deletion by
@@ -159,6 +169,7 @@ class Writer:
         self._last_pos: Any = None
         self._last_change = 0.0  # when the spool last grew (monotonic)
         self._committed_pos: Any = None
+        self._behind = False  # the last step's commits stopped at COMMIT_SLICE_S with more to do
         self._next_retention = time.monotonic() + 1.0
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
         self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
@@ -236,12 +247,15 @@ class Writer:
         # a transaction that fails for lack of room would grow the WAL into it, and keep it.
         if self.db_full and self.spool.held:
             return
-        if flush or self._due(now):
-            try:
+        if flush or self._behind or self._due(now):
+            try:  # (a slice at a time: behind a flood, the retention and scan below never ran)
                 while not self._commit() and not self.stopping:
-                    pass
-                self.db_full = False  # (nothing waits: whatever the episode, it is over)
-                self.faults.fixed("database")
+                    if time.monotonic() - now >= COMMIT_SLICE_S:
+                        self._behind = True  # (the rest in the next step, at once)
+                        break
+                else:
+                    self._behind = self.db_full = False  # (nothing waits: whatever the episode, it is over)
+                    self.faults.fixed("database")
             except _ERRORS as exc:
                 self.failed("database", exc)
                 return
@@ -256,15 +270,8 @@ class Writer:
             with transaction(self.conn):
                 upsert_session(self.conn, self.session, last_seen=time.time())
 
-    def _position(self) -> Any:
-        seg, out = self.spool.current, self.spool.out
-        try:
-            return (seg.number if seg else None, out.tell() if out is not None else None)
-        except ValueError:  # closed meanwhile
-            return (seg.number if seg else None, None)
-
     def _due(self, now: float) -> bool:
-        pos = self._position()
+        pos = _position(self.spool)
         pending = pos != self._committed_pos or self.spool.held
         if not pending:
             self._dirty_since = None
@@ -328,7 +335,7 @@ class Writer:
         self._same_database()
         assert self.conn is not None
         self.cycles += 1
-        cycle, pos, now = self.cycles, self._position(), time.time()
+        cycle, pos, now = self.cycles, _position(self.spool), time.time()
         segments = self.spool.close_full()
         batch = _gather(self.spool, segments, self.session, now, BATCH_BYTES)
         rows, late = batch.rows, list(batch.started.items())  # (late: rows stored already)
