@@ -1152,6 +1152,27 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
 
 
 
+
+def test_a_relative_state_folder_stays_where_the_log_was_opened(tmp_path, monkeypatch, caplog):
+    """QMAGIC_STATE_DIR=state (or QMagic.state_dir) relative, then a notebook's %cd: the log
+    followed the working folder ("deleted or replaced while this kernel ran", a second log,
+    spool and lock file in the new folder; hostile test).  It stays where it was opened."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with caplog.at_level(logging.WARNING, logger="qmagic"), Journal("state", ENV) as j:
+        run_task(j, "before")
+        assert j.flush()
+        monkeypatch.chdir(tmp_path / "b")
+        run_task(j, "after")
+        assert j.flush()
+        assert {r["uid"] for r in j.records()} == {"before", "after"}
+        assert j.health()["path"] == str(tmp_path / "a" / "state" / f"{ENV}.journal.sqlite3")
+    assert not (tmp_path / "b" / "state").exists()
+    assert db_rows(tmp_path / "a" / "state", "SELECT uid FROM tasks ORDER BY uid") == [("after",), ("before",)]
+    assert "deleted" not in caplog.text
+
+
 def test_retention_runs_while_a_long_backlog_is_stored(tmp_path, monkeypatch):
     """The writer stored a backlog (a fault's, or a flood faster than it) in one loop of
     commits: retention waited until it caught up, which a flood never lets it (a kernel with

@@ -102,6 +102,7 @@ def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name
 
 def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Records of the log (None when nothing was ever logged there)."""
+    folder = folder.absolute()  # (the folder an open Journal names, if it is that log)
     chosen = Filters(**filters)  # (checked before anything is opened)
     if chosen.statuses is not None:  # (read once: a generator is empty the second time)
         filters = dict(filters, status=chosen.statuses)

@@ -126,7 +126,7 @@ class Journal:
                              ("pending_limit", pending_limit)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"The experiment log's {label} must be a positive number (got {value!r}).")
-        self.state_dir = Path(state_dir).expanduser()
+        self.state_dir = Path(state_dir).expanduser().absolute()  # (a later chdir must not move the log)
         #: The SQLite database.
         self.path = database_path(self.state_dir, self.environment_name)
         #: Id of this writer session.
