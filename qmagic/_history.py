@@ -23,8 +23,9 @@ def _where(state_dir: Any, environment_name: str | None) -> tuple[Any, str]:
 
         session = get_session()
         worker = session.worker if session is not None else None
-    if state_dir is None and worker is not None:
-        state_dir = worker.state_dir
+    if state_dir is None and worker is not None:  # (the folder its log was opened in: a
+        log = worker._readable_log()  # relative QMAGIC_STATE_DIR names another after a %cd)
+        state_dir = log.state_dir if log is not None else worker.state_dir
     if environment_name is None:
         environment_name = worker.environment_name if worker is not None else "default"
     return state_dir, environment_name

@@ -700,6 +700,24 @@ def test_tasks_all_as_text_is_bounded_and_says_where_the_rest_is(qm, ip, capsys)
     assert all(t.wait(TIMEOUT) for t in running)
 
 
+
+def test_module_history_reads_the_kernels_log_after_a_cd(ip, tmp_path, monkeypatch):
+    """A relative QMAGIC_STATE_DIR, then a notebook's %cd: qmagic.history() read the folder
+    of that name in the new working folder (nothing) while %tasks --history listed the
+    kernel's tasks (hostile test).  It reads the log the kernel writes."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setenv("QMAGIC_STATE_DIR", "state")
+    load_ipython_extension(ip)
+    ip.user_ns["double"] = lambda x: 2 * x
+    task = qmagic.get_worker().submit("double", (2,), background=False)
+    ip.run_line_magic("cd", str(tmp_path / "b"))
+    assert [r["uid"] for r in qmagic.history()] == [task.uid]
+    assert [r["uid"] for r in qmagic.get_worker().history()] == [task.uid]
+    assert not (tmp_path / "b" / "state").exists()
+
+
 def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):
     """``%tasks --history N`` with a large log: the newest N rows, then one line saying that
     older tasks are in the log and how to see them; an N beyond what a cell can take (a
