@@ -1153,6 +1153,40 @@ def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monk
 
 
 
+
+def test_an_interrupted_read_leaves_no_stale_view(tmp_path, sigint_as_in_a_cell):
+    """■ during a history read whose traceback is kept (IPython keeps the last one) left the
+    read's cursor open: the reader's snapshot stayed at that moment, so %tasks --history,
+    qmagic.history() and lookups never showed a task stored later, and the WAL could not be
+    checkpointed past it (hostile test).  The read lets go of its cursor."""
+    import inspect
+
+    from interrupt_points import sigint_at
+
+    from qmagic.store.reader import LogReader
+
+    code = LogReader._records.__code__
+    source, first = inspect.getsourcelines(code)
+    line = first + next(i for i, text in enumerate(source) if "record_from_row(" in text)
+    with Journal(tmp_path, ENV) as j:
+        for i in range(20):
+            run_task(j, f"old-{i:02d}")
+        assert j.flush()
+        fired, kept = [], []
+        sys.settrace(sigint_at(code, line, fired))
+        try:
+            j.records()
+        except KeyboardInterrupt as exc:
+            kept.append(exc)  # (as IPython keeps sys.last_traceback)
+        finally:
+            sys.settrace(None)
+        assert fired == [line] and kept
+        run_task(j, "new")
+        assert j.flush()
+        assert [r["uid"] for r in j.records(limit=1)] == ["new"]
+        assert j.get("new")["status"] == "completed" and j.statuses(["new"]) == {"new": "completed"}
+
+
 def test_a_relative_state_folder_stays_where_the_log_was_opened(tmp_path, monkeypatch, caplog):
     """QMAGIC_STATE_DIR=state (or QMagic.state_dir) relative, then a notebook's %cd: the log
     followed the working folder ("deleted or replaced while this kernel ran", a second log,

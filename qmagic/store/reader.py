@@ -14,6 +14,7 @@ import fnmatch
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,10 @@ class LogReader:
             except sqlite3.OperationalError as exc:
                 if "decode" not in str(exc) or self._conn.text_factory is _lenient_text:
                     raise
+            except BaseException:  # (an interrupt: a cursor its traceback holds pins a snapshot)
+                self._conn, conn = None, self._conn  # (the next query reads a new one)
+                conn.close()
+                raise
             # Text that is not UTF-8 (a row edited by hand, another tool): read it with
             # replacement characters from now on; such a row then fails to validate and
             # is skipped with a warning, the others are shown.
@@ -323,23 +328,24 @@ class LogReader:
                                  "Check the file and the folder (QMagic.state_dir).") from exc
 
     @staticmethod
-    def _records(rows: Iterable[tuple], limit: int | None = None) -> list[dict[str, Any]]:
+    def _records(rows: sqlite3.Cursor, limit: int | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         infos: dict[Any, Any] = {}
-        for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
-            if limit is not None and len(out) >= limit:
-                break  # (checked before a record is added: limit=0 gives none)
-            session, host, pid = _meta_text(session), _meta_text(host), _meta_pid(pid)
-            if session not in infos:
-                try:
-                    infos[session] = orjson.loads(info) if info is not None else None
-                except orjson.JSONDecodeError:
-                    infos[session] = None
-            meta = {"session": session, "host": host, "pid": pid, "orphaned": bool(orphaned),
-                    "pending": False, "info": dict(infos[session]) if isinstance(infos[session], dict) else None}
-            rec = record_from_row(uid, status, started, finished, orphaned, record, meta)
-            if rec is not None:
-                out.append(rec)
+        with closing(rows):  # (an interrupt left the cursor in its traceback: a stale snapshot)
+            for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
+                if limit is not None and len(out) >= limit:
+                    break  # (checked before a record is added: limit=0 gives none)
+                session, host, pid = _meta_text(session), _meta_text(host), _meta_pid(pid)
+                if session not in infos:
+                    try:
+                        infos[session] = orjson.loads(info) if info is not None else None
+                    except orjson.JSONDecodeError:
+                        infos[session] = None
+                meta = {"session": session, "host": host, "pid": pid, "orphaned": bool(orphaned),
+                        "pending": False, "info": dict(infos[session]) if isinstance(infos[session], dict) else None}
+                rec = record_from_row(uid, status, started, finished, orphaned, record, meta)
+                if rec is not None:
+                    out.append(rec)
         return out
 
     def states(self, uids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -351,10 +357,11 @@ class LogReader:
                 "SELECT t.uid, t.rank, t.status, t.started_at, t.finished_at, t.orphaned, t.record, "
                 "t.session, s.host, s.pid FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session "
                 "WHERE t.uid IN (SELECT value FROM json_each(?))", (orjson.dumps(list(uids)).decode(),))
-            return {r[0]: {"uid": r[0], "rank": r[1] if r[1] in (1, 2, 3) else 0, "status": r[2],
-                           "started_at": r[3], "finished_at": r[4], "orphaned": r[5], "record": r[6],
-                           "session": _meta_text(r[7]), "host": _meta_text(r[8]), "pid": _meta_pid(r[9])}
-                    for r in rows}
+            with closing(rows):
+                return {r[0]: {"uid": r[0], "rank": r[1] if r[1] in (1, 2, 3) else 0, "status": r[2],
+                               "started_at": r[3], "finished_at": r[4], "orphaned": r[5], "record": r[6],
+                               "session": _meta_text(r[7]), "host": _meta_text(r[8]), "pid": _meta_pid(r[9])}
+                        for r in rows}
         return self._query(run)
 
     def get(self, uid: str) -> dict[str, Any] | None:
@@ -382,13 +389,14 @@ class LogReader:
                 return found
             rows = conn.execute("SELECT uid, status, orphaned FROM tasks WHERE uid IN "
                                 "(SELECT value FROM json_each(?))", (orjson.dumps(wanted).decode(),))
-            for uid, status, orphaned in rows:
-                if status not in RANKS:
-                    warn_once("row-status", f"qmagic experiment log: task {uid!r} has the status "
-                              f"{str(status)[:40]!r}, which is not a task status; it is reported as "
-                              "unknown (further such records silently).", stacklevel=5)
-                    continue
-                found[uid] = "failed" if orphaned else status
+            with closing(rows):
+                for uid, status, orphaned in rows:
+                    if status not in RANKS:
+                        warn_once("row-status", f"qmagic experiment log: task {uid!r} has the status "
+                                  f"{str(status)[:40]!r}, which is not a task status; it is reported as "
+                                  "unknown (further such records silently).", stacklevel=5)
+                        continue
+                    found[uid] = "failed" if orphaned else status
             return found
         return self._query(run)
 
