@@ -224,8 +224,9 @@ class Writer:
         now = time.monotonic()
         if self.faults.kinds:
             return max(0.005, min(self.faults.retry_at - now, IDLE_POLL_S))
-        busy = self._behind or self._dirty_since is not None or self.flush_wanted > self._flush_served
-        return QUIET_S if busy else IDLE_POLL_S
+        if self._behind:  # (a slice of commits left a backlog: the next slice at once)
+            return 0.0
+        return QUIET_S if self._dirty_since is not None or self.flush_wanted > self._flush_served else IDLE_POLL_S
 
     def _step(self) -> None:
         now = time.monotonic()
