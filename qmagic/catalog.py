@@ -126,12 +126,12 @@ def describe(obj: Any) -> dict[str, str]:
     return {"signature": signature, "doc": doc[0] if doc else ""}
 
 
-
 def plan_refusal(name: str) -> str:
     """Why a generator function (a bluesky plan) is not run as a task, by name or as an
     object: one text for every door."""
     return (f"{name!r} is a generator function (a bluesky plan), not a function: run it with the "
             f"Run Engine, RE({name}(...)).")
+
 
 class Catalog:
     """The functions, plans and devices of one namespace (see the module docstring)."""

@@ -201,10 +201,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         if origin != "remote" or defaults:
             user = self.default_user if user is None else user
             user_group = self.default_user_group if user_group is None else user_group
-        if origin != "remote" and user_problem(user) is not None:  # (the lock's words: no protocol here)
-            raise RequestRefused(f"Error: User name {user_problem(user)}")
-        require_caller(user, user_group)
         problem = user_problem(user)
+        if problem is not None and origin != "remote":  # (the lock's words: no protocol here)
+            raise RequestRefused(f"Error: User name {problem}")
+        require_caller(user, user_group)
         if problem is not None:
             raise RequestRefused(f"Error: Incorrect request format: user name {problem}")
         return user, user_group

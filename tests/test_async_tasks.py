@@ -1463,6 +1463,35 @@ def test_the_close_of_qmagics_loop_ends_whatever_the_code_it_cancels_does(
     assert len(said) == 2 and all("stubborn()" in m for m in said), said
 
 
+def test_the_close_of_qmagics_loop_ends_when_tasks_keep_starting_new_ones(make_worker, no_bluesky_loop, caplog):
+    """An asyncio task a coroutine task started restarts itself whenever it ends (a
+    keep-alive watcher): the loop's close cancelled the new one round after round, one CPU
+    busy for good and the close waiting out its timeout (a reviewer: 50,361 rounds in 4 s).
+    It gives up after a few rounds, says so in one warning, and the loop thread ends."""
+    started = threading.Event()
+
+    async def watcher():
+        await asyncio.sleep(3600)
+
+    def respawn(_):
+        asyncio.get_running_loop().create_task(watcher()).add_done_callback(respawn)
+
+    async def start_watcher():
+        asyncio.get_running_loop().create_task(watcher()).add_done_callback(respawn)
+        started.set()
+
+    w = make_worker({"start_watcher": start_watcher}, journal_enabled=False, async_loop="qmagic")
+    assert w.submit("start_watcher").result(TIMEOUT) is None and started.is_set()
+    thread = w.engine.loops._thread
+    with caplog.at_level(logging.WARNING, logger="qmagic"):
+        w.close(timeout=TIMEOUT)
+        thread.join(TIMEOUT)
+    assert not thread.is_alive(), "the loop thread still cancels new tasks"
+    said = [r.getMessage() for r in caplog.records if "kept starting new ones" in r.getMessage()]
+    assert said == ["qmagic: 1 asyncio task(s) kept starting new ones while qmagic's event loop "
+                    "closed; they are left behind, not run."]
+
+
 def test_qmagics_loop_runs_on_when_code_on_it_stops_it_or_raises_system_exit(make_worker,
                                                                              no_bluesky_loop, caplog):
     """A careless coroutine task stops qmagic's own event loop (``loop.stop()``), or an asyncio

@@ -136,11 +136,20 @@ class EventLoops:
                 loop.default_exception_handler(context)
 
         loop.set_exception_handler(handler)
-        while pending := asyncio.all_tasks(loop):
+        for _ in range(_WIND_UP_ROUNDS):  # (a task that starts a new one as it ends: not forever)
+            pending = asyncio.all_tasks(loop)
+            if not pending or loop.is_closed():
+                break
             for task in pending:
                 task.cancel()
             _run_to_end(loop, asyncio.gather(*pending, return_exceptions=True), let_out)
-        _run_to_end(loop, loop.shutdown_asyncgens(), let_out)
+        else:
+            left = len(asyncio.all_tasks(loop))
+            if left:
+                log.warning("qmagic: %d asyncio task(s) kept starting new ones while qmagic's event "
+                            "loop closed; they are left behind, not run.", left)
+        if not loop.is_closed():
+            _run_to_end(loop, loop.shutdown_asyncgens(), let_out)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop qmagic's own loop (its remaining asyncio tasks are cancelled) and its thread."""
@@ -154,6 +163,10 @@ class EventLoops:
                 loop.call_soon_threadsafe(loop.stop)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+
+#: Rounds of cancelling what is left on a closing loop (each round's tasks may start others).
+_WIND_UP_ROUNDS = 3
 
 
 def _run_to_end(loop: asyncio.AbstractEventLoop, awaitable: Any, let_out: list[BaseException]) -> None:

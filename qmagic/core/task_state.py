@@ -352,6 +352,7 @@ class TaskState(Future):
 
     set_result = set_exception = set_running_or_notify_cancel
 
+
 def _user_traceback(error: BaseException) -> Any:
     from ..tracebacks import user_traceback
 

@@ -252,8 +252,9 @@ class TaskMagics(Magics):
         earlier kernels.
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
-        table (at most 1000 rows; a line under it says how many more).  Finished tasks stay QMagic.task_retention_s seconds in memory; the experiment
-        log keeps them for QMagic.journal_max_age_s.
+        table (at most 1000 rows; a line under it says how many more).  Finished tasks stay
+        QMagic.task_retention_s seconds in memory; the experiment log keeps them for
+        QMagic.journal_max_age_s.
         """
         opts = parse_line(self.tasks, line)
         if sum(bool(x) for x in (opts.all, opts.running, opts.history is not None)) > 1:
