@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
-from .texts import SUMMARY_KEY, printable, safe_repr, valid_unicode
+from .texts import SUMMARY_KEY, notebook_file_name, printable, safe_repr, valid_unicode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -174,7 +174,7 @@ def cell_label(provenance: Mapping[str, Any] | None) -> str:
     if not isinstance(provenance, Mapping):
         return ""
     notebook, count = provenance.get("notebook"), provenance.get("execution_count")
-    parts = [printable(notebook.replace("\\", "/").rsplit("/", 1)[-1], 60)] if isinstance(notebook, str) else []
+    parts = [printable(notebook_file_name(notebook), 60)] if isinstance(notebook, str) else []
     if isinstance(count, int) and not isinstance(count, bool):
         parts.append(f"[{count}]")
     return " ".join(p for p in parts if p)

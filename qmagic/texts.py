@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 __all__ = ["BUSY_WITH_LARGE_REQUESTS", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
-           "large_request_refused", "printable", "safe_repr", "valid_unicode"]
+           "large_request_refused", "notebook_file_name", "printable", "safe_repr", "valid_unicode"]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
 SUMMARY_KEY = "__qmagic_summary__"
@@ -95,3 +95,10 @@ def large_request_refused(size: int) -> str:
     """The message of a large request (``size`` bytes) refused unread for that reason."""
     return (f"Error: This request ({size} bytes) was not processed: {BUSY_WITH_LARGE_REQUESTS}. "
             "Ask again in a second, or ask about fewer items per request.")
+
+
+def notebook_file_name(path: str) -> str:
+    """The file name of a notebook's path (``scan.ipynb`` of ``/home/a/scan.ipynb``, also of a
+    Windows path): the one rule of the log's notebook column, its ``notebook=`` filter and the
+    cell labels of every view."""
+    return path.replace("\\", "/").rsplit("/", 1)[-1]

@@ -45,6 +45,7 @@ from urllib.parse import quote
 import orjson
 
 from ..errors import StateFileError
+from ..texts import notebook_file_name
 from .files import check_state_path, open_state_file
 from .lines import match_line, salvage
 from .records import RANKS
@@ -231,12 +232,6 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _basename(path: Any) -> str | None:
-    if not isinstance(path, str):
-        return None
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
-
-
 def _num(v: Any) -> float | None:
     return v if v.__class__ is float or (v.__class__ is int) else None
 
@@ -304,7 +299,8 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
             sta = old[9]
         sort_time = sub if sub is not None else sta if sta is not None else fin if fin is not None else now
         rows[uid] = (uid, rank, status, name if name.__class__ is str else None,
-                     user if user.__class__ is str else None, notebook, _basename(notebook),
+                     user if user.__class__ is str else None, notebook,
+                     None if notebook is None else notebook_file_name(notebook),
                      sort_time, sub, sta, fin, session, body)
     if torn:  # the tasks' other record lines compete again, without the damaged winners
         winners = {raw_uid + b'",{': line for raw_uid, line in torn}

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from ..texts import safe_repr
+from ..texts import notebook_file_name, safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .records import (
@@ -153,9 +153,9 @@ class Filters:
             if _wild(self.notebook):
                 terms.append("(t.notebook GLOB ? OR t.notebook_name GLOB ?)")
                 params += [_glob(self.notebook)] * 2
-            elif "/" in self.notebook.replace("\\", "/"):
+            elif notebook_file_name(self.notebook) != self.notebook:  # (a path)
                 terms.append("t.notebook_name = ? AND t.notebook = ?")
-                params += [self.notebook.replace("\\", "/").rsplit("/", 1)[-1], self.notebook]
+                params += [notebook_file_name(self.notebook), self.notebook]
             else:
                 terms.append("t.notebook_name = ?")
                 params.append(self.notebook)
@@ -186,8 +186,7 @@ class Filters:
             nb = (rec.get("provenance") or {}).get("notebook") if isinstance(rec.get("provenance"), dict) else None
             if not isinstance(nb, str):
                 return False
-            base = nb.replace("\\", "/").rsplit("/", 1)[-1]
-            if not (_matches(nb, self.notebook) or _matches(base, self.notebook)):
+            if not (_matches(nb, self.notebook) or _matches(notebook_file_name(nb), self.notebook)):
                 return False
         if self.uid is not None and not str(rec.get("uid")).startswith(self.uid):
             return False
