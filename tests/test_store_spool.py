@@ -452,7 +452,7 @@ _PART = st.one_of(
 )
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(parts=st.lists(_PART, max_size=10), torn=st.booleans(), start=st.integers(0, 100))
 @example(parts=[b"x" * ((2 << 20) + 1)], torn=False, start=0)  # a tail too long for a line, carried
