@@ -44,7 +44,10 @@ def _is_ours(line: bytes) -> bool:
         rank, uid, body = orjson.loads(line)
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return False
-    if uid.__class__ is not str or line[4:5 + len(uid)] != uid.encode() + b'"':
+    if uid.__class__ is not str:
+        return False
+    name = uid.encode()  # (its bytes in the line: a uid of non-ASCII characters is longer there)
+    if line[4:5 + len(name)] != name + b'"':
         return False
     if body.__class__ is dict:
         status = body.get("status")
