@@ -17,7 +17,7 @@ import re
 
 import orjson
 
-from .records import RANKS
+from .records import MAX_LINE, RANKS
 
 __all__ = ["match_line", "salvage"]
 
@@ -29,25 +29,45 @@ _START = re.compile(rb'\[[123],"[^"]+",(?=.)', re.DOTALL)
 #: check, no parsing), ending after the uid's ``",``; else None.
 match_line = _START.match
 
+#: Read backwards (bytes reversed): a JSON string (its quotes not escaped: an even number of
+#: backslashes before them), a closing bracket (group 1) or an opening one (group 2).
+_BACKWARDS = re.compile(rb'"[^"]*(?:"(?=(?:\\\\)*\\(?!\\))[^"]*)*"|([\]}])|([\[{])')
+
 
 def salvage(line: bytes) -> int:
     """Where our complete line starts at the end of the damaged ``line`` (another program's
-    bytes before it), or -1 if it ends in none."""
-    for start in reversed([m.start() for m in _START.finditer(line, 1)]):  # (ours is the last)
-        if _is_ours(line[start:]):
-            return start
+    bytes before it), or -1 if it ends in none.
+
+    Our line at the end starts at the bracket that closes with the line's last ``]``: read
+    backwards from there (the only start that can be ours, parsed once: trying every start
+    of a look-alike from the right, 0.98 MB with 140,000 of them took 14.5 s; arguments
+    like ``[[1,"a",0.5], ...]`` of a line of ours cut short by a full disk get there).  Only
+    a line ending as ours do, and within its last ``MAX_LINE`` bytes."""
+    if line[-1:] != b"]":
+        return -1
+    first = max(1, len(line) - MAX_LINE)  # (a line of ours is shorter: see records.MAX_LINE)
+    depth = 0
+    for token in _BACKWARDS.finditer(line[:first - 1:-1]):
+        if token.lastindex == 1:
+            depth += 1
+        elif token.lastindex == 2:
+            depth -= 1
+            if depth <= 0:
+                start = len(line) - 1 - token.start()
+                return start if depth == 0 and match_line(line, start) and _is_ours(line, start) else -1
     return -1
 
 
-def _is_ours(line: bytes) -> bool:
+def _is_ours(line: bytes, start: int) -> bool:
+    """True if ``line`` from ``start`` is a line of ours (parsed without a copy of it)."""
     try:
-        rank, uid, body = orjson.loads(line)
+        rank, uid, body = orjson.loads(memoryview(line)[start:])
     except (orjson.JSONDecodeError, ValueError, TypeError):
         return False
     if uid.__class__ is not str:
         return False
     name = uid.encode()  # (its bytes in the line: a uid of non-ASCII characters is longer there)
-    if line[4:5 + len(name)] != name + b'"':
+    if line[start + 4:start + 5 + len(name)] != name + b'"':
         return False
     if body.__class__ is dict:
         status = body.get("status")
