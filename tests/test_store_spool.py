@@ -345,16 +345,17 @@ def test_the_history_shows_lines_behind_more_zero_bytes_than_a_segment_holds(tmp
         assert {r["uid"] for r in j.records()} == {"before", "after"}
 
 
-FOREIGN = [b"a note without a newline ", b'[3,"half-a-line-of-anot', b'[1,"abc",{"x']
+FOREIGN = [b"a note without a newline ", b'[3,"half-a-line-of-anot', b'[1,"abc",{"x', b"n" * 2_097_092]
 
 
-@pytest.mark.parametrize("foreign", FOREIGN, ids=["text", "half-line", "half-record"])
+@pytest.mark.parametrize("foreign", FOREIGN, ids=["text", "half-line", "half-record", "2 MiB"])
 def test_our_line_glued_to_bytes_another_program_appended_is_kept(
         tmp_path, stores_on_flush, fresh_warnings, foreign):
     """Another program appends bytes without a newline to the live segment: our next line
     is glued to them.  That line was damaged as a whole and lost (the task's record never
     reached SQLite); our line at its end is kept now, the foreign bytes are one damaged
-    line."""
+    line.  (Of 2 MiB without a newline, our line's start was read with a piece that used
+    them up: it was lost still.)"""
     with Journal(tmp_path, ENV) as j:
         run_task(j, "before")
         append_as_another_process(j._spool.current.path, foreign)
@@ -443,12 +444,13 @@ def tmp_fd(tmp_path):
 _EDGES = [1, 2, 65_535, 65_536, 65_537, records_module.MAX_LINE - 1, records_module.MAX_LINE,
           records_module.MAX_LINE + 1, records_module.MAX_LINE + 2, (2 << 20) - 1, 2 << 20, (2 << 20) + 1,
           2_500_000]
+_OURS = b'[3,"ab",{"uid":"ab","status":"failed"}]\n'
 _PART = st.one_of(
     st.binary(min_size=0, max_size=300).map(lambda b: b.replace(b"\n", b"").replace(b"\0", b"") + b"\n"),
     st.sampled_from(_EDGES).map(lambda n: b"\0" * n),  # another program's padding
     st.sampled_from(_EDGES).map(lambda n: b"x" * n),  # bytes without a newline: a line, or past any
     st.sampled_from(_EDGES).map(lambda n: b"y" * n + b"\n"),
-    st.sampled_from([b"\n", b"half a line", b'[2,"ab",1.5]\n', b'[3,"ab",{"uid":"ab","status":"failed"}]\n']),
+    st.sampled_from([b"\n", b"half a line", b'[2,"ab",1.5]\n', _OURS]),
 )
 
 
@@ -459,6 +461,13 @@ _PART = st.one_of(
 @example(parts=[b"x" * ((1 << 20) - 1), b"x" * (1 << 20), b"\x01\n"], torn=False, start=0)
 @example(parts=[b"a\n", b"x" * 2_500_000, b'[3,"ab",{"uid":"ab","status":"failed"}]\n'], torn=True, start=0)
 @example(parts=[b"a\n", b"\0" * 65_535, b"b\n", b"\0" * ((2 << 20) + 1), b"half a line"], torn=False, start=1)
+# Our line glued after about 2 MiB of bytes without a newline, its start before a piece's
+# edge: its first part was used up with them (only the piece's last byte was read again).
+@example(parts=[b"x" * ((2 << 20) - 2), _OURS], torn=False, start=0)
+@example(parts=[b"x" * ((2 << 20) - 20), _OURS], torn=False, start=0)
+@example(parts=[b"x" * ((2 << 20) - len(_OURS) + 1), _OURS], torn=True, start=0)
+@example(parts=[b"x" * (2 << 20), _OURS], torn=False, start=5)
+@example(parts=[b"a\n", b"x" * ((3 << 20) - 7), _OURS, b"b\n"], torn=False, start=0)
 def test_reading_in_pieces_finds_the_lines_of_one_read(tmp_fd, parts, torn, start):
     """segments.read_lines (every reader: counts, lookups, the writer, recovery) reads a file
     in bounded pieces and finds what one read of it all finds (complete_lines): as many

@@ -180,16 +180,19 @@ def read_lines(fd: int, begin: int, end: int, torn_end: bool = False
         if n == 0 and not last:  # (half a line longer than the piece: read it whole)
             size *= 2
             continue
-        before, run = run, 0
+        before, run, carry = run, 0, 0
         if n == len(data) and not last and data[-1:] not in (b"\n", b"\0"):
-            # A tail too long for a line, used up: its last byte starts the next piece (the
-            # newline that may end it then ends a damaged line, as in one read).
+            # A tail too long for a line, used up but for its last _LONGEST bytes: they start
+            # the next piece (a line of ours glued to the end of the tail, its first part
+            # here, is then read whole; only one byte again lost it).  Such a piece is 2 MiB
+            # (a longer tail needs more than _LONGEST bytes): the next one, as long, moves on.
             start = max(data.rfind(b"\n"), data.rfind(b"\0")) + 1
-            run, n = len(data) - start + (before if start == 0 else 0) - 1, n - 1
+            carry = min(_LONGEST, len(data) - start)
+            run, n = len(data) - start + (before if start == 0 else 0) - carry, n - carry
         yield [(at + offset, lines) for offset, lines in blocks], at + n
         if last or n == 0:
             return
-        at, size = at + n, min(size * 2, _READ_CHUNK)
+        at, size = at + n, size if carry else min(size * 2, _READ_CHUNK)
 
 
 @dataclass(eq=False)
