@@ -9,10 +9,14 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 from store_helpers import task
 
 from qmagic.store import lines as lines_module
-from qmagic.store.lines import salvage
+from qmagic.store.database import rows_from_lines
+from qmagic.store.lines import glued, our_line, salvage
 
 
 @pytest.mark.parametrize("uid", ["abc", "é-1", "測定-7", "🧪"])
@@ -76,3 +80,69 @@ def test_our_line_holding_look_alikes_is_found_behind_foreign_bytes_with_one_par
     attempts = _counting_parser(monkeypatch)
     assert salvage(b'[1,"a",{} junk' + OURS_WITH_LOOK_ALIKES) == 14
     assert len(attempts) == 1
+
+
+def _line(rank: int, uid: str, status: str = "queued") -> bytes:
+    return orjson.dumps([rank, uid, task(uid, status)] if rank != 2 or status != "start" else [2, uid, 7.5])
+
+
+def _fold(*lines: bytes) -> tuple[dict[str, tuple], int, dict[str, float]]:
+    rows: dict[str, tuple] = {}
+    bad: list[int] = []
+    started: dict[str, float] = {}
+    rows_from_lines(b"\n".join(lines) + b"\n", "s", 1.0, rows, bad, started)
+    return {uid: row[2] for uid, row in rows.items()}, len(bad), started
+
+
+def test_our_line_glued_to_half_a_line_of_ours_that_lost_is_kept():
+    """A ``truncate`` cut a segment in the middle of A's line, and our next line, B's, was
+    glued to A's half: the line starts like A's, lost to A's later line, was never parsed,
+    and B was dropped without a word (nothing counted damaged).  B is kept now, the line
+    counted damaged."""
+    a1, a3, b1 = _line(1, "A"), _line(3, "A", "completed"), _line(1, "B")
+    assert _fold(a1[:20] + b1, a3) == ({"A": "completed", "B": "queued"}, 1, {})
+    assert _fold(a1[:20] + _line(2, "B", "start"), a3) == ({"A": "completed"}, 1, {"B": 7.5})
+    assert _fold(b1, a1[:20] + _line(2, "B", "start"), a3) == ({"A": "completed", "B": "running"}, 1, {})
+
+
+def test_our_line_glued_to_half_a_start_line_not_read_is_kept():
+    """Half of A's start line, then B's line, then A's queued and completed lines: the start
+    line of a completed task is not read (its record has the time), and B was lost."""
+    a2 = _line(2, "A", "start")
+    for a_lines in ([_line(1, "A"), _line(3, "A", "completed")], [_line(3, "A", "completed")]):
+        assert _fold(a2[:9] + _line(1, "B"), *a_lines) == ({"A": "completed", "B": "queued"}, 1, {})
+    assert _fold(a2, a2[:9] + _line(1, "B"), _line(3, "A", "completed")) == (
+        {"A": "completed", "B": "queued"}, 1, {})
+
+
+def test_a_damaged_winner_and_a_damaged_loser_of_one_task_are_each_counted_once():
+    """A's winning line and a losing one both hold B's and C's lines glued to A's halves:
+    the loser is not brought back when A's lines compete again without the winner."""
+    a1, a3 = _line(1, "A"), _line(3, "A", "completed")
+    assert _fold(a1, a1[:25] + _line(1, "C"), a3[:30] + _line(1, "B")) == (
+        {"A": "queued", "B": "queued", "C": "queued"}, 2, {})
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text() | st.sampled_from(['[1,"a",{"uid":"a","status":"queued"}]', '[2,"a",1.5]', "\\", '"', '\\"', "[", "]"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rank=st.sampled_from([1, 2, 3]), uid=st.text(min_size=1, max_size=8).filter(lambda u: '"' not in u),
+       args=st.lists(_JSON, max_size=4), start=st.booleans())
+@example(rank=1, uid="t", args=[[1, "a", 0.5], [1, "a", {"uid": "a", "status": "queued"}]], start=False)
+@example(rank=1, uid="t", args=["[1,", ",x", '[1,"a",{"uid":"a","status":"queued"}]'], start=False)
+@example(rank=2, uid="[2,", args=[], start=True)
+def test_a_complete_line_of_ours_never_holds_one_to_salvage(rank, uid, args, start):
+    """Readers look for a line of ours glued inside every line that starts like one and is
+    not parsed: a complete line of ours (whatever its arguments and strings hold) yields
+    none, so it is never counted damaged nor split."""
+    status = {1: "queued", 2: "running", 3: "completed"}[rank]
+    line = orjson.dumps([2, uid, 1.5] if start else [rank, uid, task(uid, status, args=args)])
+    assert salvage(line) == -1
+    assert glued(line) == -1
+    assert our_line(line) == 0
+    assert _fold(line)[1] == 0

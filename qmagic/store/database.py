@@ -47,7 +47,7 @@ import orjson
 from ..errors import StateFileError
 from ..texts import notebook_file_name
 from .files import check_state_path, open_state_file
-from .lines import match_line, salvage
+from .lines import glued, match_line, salvage
 from .records import RANKS
 
 __all__ = [
@@ -247,11 +247,12 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
     here go to ``started`` (uid -> time).  Other lines (segment headers, damage) are
     skipped; ``bad`` gets one item per damaged line.  A winning line that does not parse
     (cut short by a full disk) gives way to the task's best other line.  A damaged line that
-    ends with a line of ours (another program's bytes glued before it) keeps that line
-    (:func:`~qmagic.store.lines.salvage`)."""
+    ends with a line of ours (another program's bytes, or half a line of ours, glued before
+    it) keeps that line (:mod:`~qmagic.store.lines`: also in a line not parsed, a loser)."""
     latest: dict[bytes, bytes] = {}
     starts: dict[bytes, bytes] = {}
-    salvaged: list[bytes] = []  # our lines at the end of damaged winners and start lines
+    salvaged: list[bytes] = []  # our lines at the end of damaged lines
+    halves: set[bytes] = set()  # lines that start like ours and end with another (see glued)
     for line in data.split(b"\n"):
         shape = match_line(line)
         if shape is None:
@@ -266,11 +267,15 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
         q = shape.end() - 2
         uid = line[4:q]
         if line[q + 2:q + 3] != b"{":  # a start line
-            starts[uid] = line
-            continue
-        old = latest.get(uid)
-        if old is None or old[1] <= line[1]:
-            latest[uid] = line
+            starts[uid], line = line, starts.get(uid)
+        else:
+            old = latest.get(uid)
+            if old is None or old[1] <= line[1]:
+                latest[uid], line = line, old
+        if line is not None and (at := glued(line)) > 0:  # a loser, not parsed
+            bad.append(1)
+            halves.add(line)
+            salvaged.append(line[at:])
     loads = orjson.loads
     torn: list[tuple[bytes, bytes]] = []
     for raw_uid, line in latest.items():
@@ -307,7 +312,7 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
         others = []
         for line in data.split(b"\n"):
             key = line[4:line.find(b'"', 4) + 3]
-            if key in winners and line != winners[key]:
+            if key in winners and line != winners[key] and line not in halves:
                 others.append(line)
         if others:
             rows_from_lines(b"\n".join(others), session, now, rows, bad)
@@ -315,6 +320,9 @@ def rows_from_lines(data: bytes, session: str, now: float, rows: dict[str, tuple
     for raw_uid, line in starts.items():
         final = latest.get(raw_uid)
         if final is not None and final[1] >= 50 and raw_uid not in damaged:  # it has its start
+            if (at := glued(line)) > 0:  # (not parsed)
+                bad.append(1)
+                salvaged.append(line[at:])
             continue
         try:
             _, uid, t = loads(line)

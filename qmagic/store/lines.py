@@ -19,7 +19,7 @@ import orjson
 
 from .records import MAX_LINE, RANKS
 
-__all__ = ["match_line", "salvage"]
+__all__ = ["glued", "match_line", "our_line", "salvage"]
 
 #: Where a line of ours may start: ``[1,"``, ``[2,"`` or ``[3,"``, a uid, ``",`` and more.
 _START = re.compile(rb'\[[123],"[^"]+",(?=.)', re.DOTALL)
@@ -42,7 +42,9 @@ def salvage(line: bytes) -> int:
     backwards from there (the only start that can be ours, parsed once: trying every start
     of a look-alike from the right, 0.98 MB with 140,000 of them took 14.5 s; arguments
     like ``[[1,"a",0.5], ...]`` of a line of ours cut short by a full disk get there).  Only
-    a line ending as ours do, and within its last ``MAX_LINE`` bytes."""
+    a line ending as ours do, and within its last ``MAX_LINE`` bytes.  Never in a complete
+    line of ours (whatever its strings hold): read backwards, its brackets close at its own
+    first byte."""
     if line[-1:] != b"]":
         return -1
     first = max(1, len(line) - MAX_LINE)  # (a line of ours is shorter: see records.MAX_LINE)
@@ -56,6 +58,27 @@ def salvage(line: bytes) -> int:
                 start = len(line) - 1 - token.start()
                 return start if depth == 0 and match_line(line, start) and _is_ours(line, start) else -1
     return -1
+
+
+def glued(line: bytes) -> int:
+    """Where our complete line starts after the start of ``line``, a line that starts like
+    one of ours but is not parsed (it lost to another line of its uid): the end of half a
+    line of ours (a ``truncate`` cut it) that our next line was glued to; -1 if none.  A
+    search for another start first (most lines hold none)."""
+    if line.find(b"[", 1) < 0 or _START.search(line, 1) is None:
+        return -1
+    return salvage(line)
+
+
+def our_line(line: bytes) -> int:
+    """Where the line of ours in the spool line ``line`` starts: 0 if it starts like one,
+    later if it comes after another program's bytes or half a line of ours, -1 if there is
+    none.  The rule of a reader that does not parse (lookups' index): rows_from_lines parses
+    the lines it takes, the same rule."""
+    if match_line(line) is None or len(line) >= MAX_LINE:  # (longer than any of ours)
+        return salvage(line)
+    at = glued(line)
+    return 0 if at < 0 else at
 
 
 def _is_ours(line: bytes, start: int) -> bool:

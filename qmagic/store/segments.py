@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from .files import fsync_dir, open_state_file
-from .lines import match_line, salvage
+from .lines import our_line
 from .records import MAX_LINE
 
 __all__ = ["SEGMENT_BYTES", "AppendFile", "Segment", "SessionFiles", "complete_lines", "read_lines", "uid_of"]
@@ -291,8 +291,7 @@ class Segment:
             for at, data in blocks:
                 for line in data.split(b"\n")[:-1]:
                     size = len(line) + 1
-                    # (not the header; our line at the end of another program's bytes)
-                    glued = 0 if match_line(line) else -1 if line.startswith(b'{"spool"') else salvage(line)
+                    glued = our_line(line)  # (not the header; ours after damage: its end)
                     if glued >= 0:
                         uid = uid_of(line[glued:] if glued else line)
                         index[uid] = ((index.get(uid, 0) << _LINE_BITS) | ((at + glued) << _SIZE_BITS)
