@@ -319,17 +319,22 @@ time.sleep(600)
 """
 
 
-def test_reading_stores_what_dead_kernels_left(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", DIES, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True)
+def kill_dies(folder: Path) -> None:
+    """Run DIES (a kernel's log with an unfinished task) in a child; SIGKILL it once ready."""
+    proc = subprocess.Popen([sys.executable, "-c", DIES, str(folder), str(REPO)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
     finally:
         proc.kill()
         proc.wait(30)
+        proc.stdout.close()
+
+
+def test_reading_stores_what_dead_kernels_left(tmp_path):
+    kill_dies(tmp_path)
     [rec] = history(state_dir=tmp_path, environment_name=ENV)
     assert rec["uid"] == "died" and rec["status"] == "failed" and rec["error"] == ORPHAN_REASON
     assert not list(tmp_path.glob("*.spool")) and not list(tmp_path.glob("*.lock"))
-
 
 
 def test_a_log_of_a_newer_qmagic_is_read_never_written(tmp_path, capsys):
@@ -337,12 +342,7 @@ def test_a_log_of_a_newer_qmagic_is_read_never_written(tmp_path, capsys):
     (their lines may mean something else there), with one warning, and shows what it holds."""
     with Journal(tmp_path, ENV) as j:
         j.finished(task("kept"))
-    proc = subprocess.Popen([sys.executable, "-c", DIES, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-    finally:
-        proc.kill()
-        proc.wait(30)
+    kill_dies(tmp_path)
     path = database_path(tmp_path, ENV)
     conn = sqlite3.connect(path)
     try:

@@ -38,6 +38,22 @@ def run_task(journal: Journal, uid: str) -> None:
     journal.started(uid, time.time())
     journal.finished(task(uid, "completed"))
 
+def kill_a_session(folder: Path, script: str) -> None:
+    """Run ``script`` in a child process with a Journal ``j`` of ``folder`` (the writer
+    stores nothing: QUIET_S long) and ``task`` a record; SIGKILL it once it says "ready"."""
+    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
+            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
+            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
+            f"task = {task('x')!r}\n" + textwrap.dedent(script))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+
+
 
 @pytest.fixture
 def stores_on_flush(monkeypatch):
@@ -107,18 +123,7 @@ time.sleep(600)
 
 def test_a_dead_sessions_lines_after_zero_bytes_are_recovered(tmp_path):
     """The recovery of a killed kernel's spool read it up to the first zero byte too."""
-    record = task("x")
-    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
-            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
-            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
-            f"task = {record!r}\n" + textwrap.dedent(KILLED_AFTER_ZEROS))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        proc.stdout.close()
+    kill_a_session(tmp_path, KILLED_AFTER_ZEROS)
     with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
         found = j.statuses([f"{kind}-{i}" for kind in ("before", "after") for i in range(3)])
         assert set(found.values()) == {"failed"}, found  # (queued when the kernel died: orphans)
@@ -388,18 +393,7 @@ time.sleep(600)
 
 def test_a_dead_sessions_line_glued_to_foreign_bytes_is_recovered(tmp_path, fresh_warnings):
     """The recovery of a killed kernel's spool lost such a line too."""
-    record = task("x")
-    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
-            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
-            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
-            f"task = {record!r}\n" + textwrap.dedent(KILLED_AFTER_FOREIGN_BYTES))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        proc.stdout.close()
+    kill_a_session(tmp_path, KILLED_AFTER_FOREIGN_BYTES)
     with pytest.warns(records_module.JournalWarning, match="skipped 1 damaged line"):
         with Journal(tmp_path, ENV) as j:  # (recovers the killed session)
             assert j.statuses(["before", "glued"]) == {"before": "failed", "glued": "failed"}
@@ -410,19 +404,7 @@ def test_a_dead_sessions_padded_segment_is_recovered_in_bounded_pieces(tmp_path,
     """Another process padded a killed kernel's segment with 64 MiB of zero bytes (+1G the
     same): the recovery, which every kernel opening the log runs, read it whole (16 MiB
     reads into one buffer as large).  It reads in pieces of at most 2 MiB now."""
-    record = task("x")
-    code = (f"import sys, time, os\nsys.path.insert(0, {str(REPO)!r})\n"
-            f"from qmagic.store import writer\nwriter.QUIET_S = writer.MAX_DELAY_S = 600.0\n"
-            f"from qmagic.store.journal import Journal\nj = Journal(sys.argv[1], {ENV!r})\n"
-            f"task = {record!r}\nj.submitted(dict(task, uid='before'))\nprint('ready', flush=True)\n"
-            f"time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"  # (pytest-timeout guards a hung child)
-    finally:
-        proc.kill()
-        proc.wait(30)
-        proc.stdout.close()
+    kill_a_session(tmp_path, "j.submitted(dict(task, uid='before'))\nprint('ready', flush=True)\ntime.sleep(600)\n")
     (segment,) = segment_files(tmp_path)
     append_as_another_process(segment, zeros=64 << 20)
     append_as_another_process(segment, orjson.dumps([1, "after", task("after")]) + b"\n")
