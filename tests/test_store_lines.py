@@ -117,7 +117,7 @@ _JSON = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(rank=st.sampled_from([1, 2, 3]), uid=st.text(min_size=1, max_size=8).filter(lambda u: '"' not in u),
        args=st.lists(_JSON, max_size=4), start=st.booleans())
 @example(rank=1, uid="t", args=[[1, "a", 0.5], [1, "a", {"uid": "a", "status": "queued"}]], start=False)
