@@ -28,6 +28,16 @@ def run_task(journal: Journal, uid: str) -> None:
     journal.finished(task(uid, "completed"))
 
 
+def journal_with_writer_traced(folder, function, tracer) -> Journal:
+    """A Journal of ``folder`` whose writer thread (started now) runs ``tracer`` as the
+    line tracer of ``function``'s frames (a pause at a chosen line)."""
+    threading.settrace(lambda frame, event, arg: tracer if frame.f_code is function.__code__ else None)
+    try:
+        return Journal(folder, ENV)
+    finally:
+        threading.settrace(None)
+
+
 def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, monkeypatch):
     """No segment can be made (disk full): lines wait in memory, and the writer stores them
     and takes them off that queue while a lookup reads it.  The lookup went through the
@@ -49,12 +59,7 @@ def test_a_lookup_while_the_writer_stores_the_lines_waiting_in_memory(tmp_path, 
             popped.set()
         return writer_lines
 
-    threading.settrace(lambda frame, event, arg: writer_lines
-                       if frame.f_code is writer_module.Writer._commit.__code__ else None)
-    try:
-        j = Journal(tmp_path, ENV)
-    finally:
-        threading.settrace(None)
+    j = journal_with_writer_traced(tmp_path, writer_module.Writer._commit, writer_lines)
     in_lookup, go_lookup, outcome = threading.Event(), threading.Event(), []
     source, first = inspect.getsourcelines(spool_module.Spool.lines_of)
     held = first + next(i for i, text in enumerate(source) if "for line in held" in text)
@@ -171,12 +176,7 @@ def test_a_count_while_the_writer_moves_lines_waiting_in_memory_into_the_spool(t
             go.wait(10)
         return writer_lines
 
-    threading.settrace(lambda frame, event, arg: writer_lines
-                       if frame.f_code is spool_module.Spool.prepare.__code__ else None)
-    try:
-        j = Journal(tmp_path, ENV)
-    finally:
-        threading.settrace(None)
+    j = journal_with_writer_traced(tmp_path, spool_module.Spool.prepare, writer_lines)
     counting, go_count, counted = threading.Event(), threading.Event(), []
     real_pread = os.pread
 

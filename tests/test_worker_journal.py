@@ -88,15 +88,21 @@ def test_a_uid_prefix_the_log_does_not_know_or_shares_is_searched_for_once(journ
     assert w.find("abcd2")["uid"].startswith("abcd2222") and len(searches) == 3
 
 
+def closed_worker_with_a_logged_task(journaled):
+    """A closed worker of a new kernel, and a task an earlier kernel logged (in the log only)."""
+    first = journaled({"add": lambda a, b: a + b})
+    task = first.submit("add", (1, 2))
+    assert task.wait(TIMEOUT)
+    first.close()
+    w = journaled()
+    w.close()
+    return w, task
+
+
 def test_a_closed_worker_finds_in_its_log_what_its_history_lists(journaled):
     """After ``worker.close()`` the log stays readable for every lookup, not for history
     alone: %task_status UID of a task history listed said it was not in the log."""
-    first = journaled({"add": lambda a, b: a + b})
-    old = first.submit("add", (1, 2))
-    assert old.wait(TIMEOUT)
-    first.close()
-    w = journaled()  # (a new kernel: the task is in the log only)
-    w.close()
+    w, old = closed_worker_with_a_logged_task(journaled)
     assert [r["uid"] for r in w.history()] == [old.uid]
     assert w.find(old.uid)["status"] == "completed"
     assert w.find(old.uid[:8])["uid"] == old.uid
@@ -163,12 +169,7 @@ def test_a_closed_worker_reads_its_log_with_no_file_kept_open(journaled):
     stayed open until the worker was garbage collected: a descriptor of the database, and a
     reader that may hold back the checkpoints of other kernels writing it.  Each read now
     opens and closes its own; the reads still answer."""
-    first = journaled({"add": lambda a, b: a + b})
-    task = first.submit("add", (1, 2))
-    assert task.wait(TIMEOUT)
-    first.close()
-    w = journaled()  # (a new kernel: the task is in the log only)
-    w.close()
+    w, task = closed_worker_with_a_logged_task(journaled)
     path = str(database_path(Path(w.state_dir), w.environment_name))
     for _ in range(2):
         assert [r["uid"] for r in w.history()] == [task.uid]

@@ -40,8 +40,8 @@ from .database import (
     upsert_session,
     write_rows,
 )
+from .files import read_state_file
 from .records import FINAL_STATUSES, RANKS, RecordEncoder
-from .spool import read_whole
 
 __all__ = ["import_legacy", "legacy_files", "legacy_writer_alive"]
 
@@ -122,7 +122,7 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
     last_seen: dict[str, float] = {}
     for path in files:
         try:
-            data = read_whole(path, _MAX_FILE) or b""
+            data = read_state_file(path, _MAX_FILE - 1) or b""  # (at most _MAX_FILE bytes)
         except StateFileError as exc:
             _log.warning("qmagic: skipped the old journal file %s: %s", path, exc)
             continue

@@ -34,21 +34,15 @@ import threading
 import time
 from collections.abc import Collection
 from contextlib import suppress
-from pathlib import Path
 
 from ..errors import StateFileError
-from .files import ensure_state_dir, read_state_file
+from .files import ensure_state_dir
 from .records import warn_once
 from .segments import SEGMENT_BYTES, AppendFile, Segment, SessionFiles, uid_of
 
-__all__ = ["SEGMENT_BYTES", "Segment", "SessionFiles", "Spool", "Waker", "read_whole"]
+__all__ = ["SEGMENT_BYTES", "Segment", "SessionFiles", "Spool", "Waker"]
 
 _SPOOL_RETRY_S = 0.5  # callers do not retry a failed segment creation more often than this
-
-
-def read_whole(path: Path, limit: int) -> bytes | None:
-    """The content of a state file, at most ``limit`` bytes (None if it does not exist)."""
-    return read_state_file(path, limit - 1)  # (which reads at most limit + 1)
 
 
 class Waker:
