@@ -5,7 +5,9 @@
     .venv/bin/python tests/repeat.py -n 3 -- -x tests/test_kernel.py   # pytest arguments
 
 Each run is the README's test command (``python -m pytest`` from the repository root, with
-this interpreter) plus the arguments after ``--``.  It stops at the first failing run and
+this interpreter) plus the arguments after ``--``, with ``--leak-check=fail`` as under CI
+(files the suite leaves in /tmp, the home folder or the checkout fail the run) unless those
+arguments choose another.  It stops at the first failing run and
 shows the end of its output; every run's full output is kept in
 ``test-artifacts/repeat/run-N.log``.  ``--busy`` starts one CPU-bound process per core
 for the whole time and stops them at the end; each also stops by itself once this script is
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     LOGS.mkdir(parents=True, exist_ok=True)
     for old in LOGS.glob("run-*.log"):
         old.unlink()
-    command = [sys.executable, "-m", "pytest", *args.pytest_args]
+    leak_check = [] if any(a.startswith("--leak-check") for a in args.pytest_args) else ["--leak-check=fail"]
+    command = [sys.executable, "-m", "pytest", *leak_check, *args.pytest_args]
     cores = os.cpu_count() or 1
     print(f"repeat: {args.count} x {' '.join(command)}"
           + (f" with {cores} busy processes" if args.busy else ""), flush=True)

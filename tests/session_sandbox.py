@@ -113,6 +113,8 @@ class SessionSandbox:
         "JUPYTER_RUNTIME_DIR": "jupyter-runtime",
         "QMAGIC_STATE_DIR": "qmagic-state",
         "TMPDIR": "tmp",
+        # Hypothesis's example database and caches (else ./.hypothesis in the checkout)
+        "HYPOTHESIS_STORAGE_DIRECTORY": "hypothesis",
     }
 
     #: set in the environment of every process of the session (finds leftover processes)

@@ -9,7 +9,6 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 
 from qmagic.core.patterns import (
     FAST_SLICE,

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 
 from qmagic.core.permissions import (
     DEFAULT_PERMISSIONS,

@@ -179,16 +179,6 @@ def _safe(request: object) -> object:
     return request
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _hypothesis_files_in_tmp(tmp_path_factory):
-    """Hypothesis caches data (e.g. Unicode tables) in its home folder: keep it out of the repo."""
-    from hypothesis.configuration import set_hypothesis_home_dir
-
-    set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
-    yield
-    set_hypothesis_home_dir(None)
-
-
 # -- the worker under test -------------------------------------------------------------------------
 class Target:
     """A worker with sentinel functions, and the bookkeeping of what the replies promised."""

@@ -43,6 +43,9 @@ def test_every_per_user_folder_is_inside_the_session_folder(tmp_path):
     assert Path(tempfile.gettempdir()) == root / "tmp"
     assert tmp_path.is_relative_to(root)
     assert Path.home() == root / "home"
+    from hypothesis.configuration import storage_directory  # its example database and caches
+
+    assert storage_directory("examples", intent_to_write=False).path.is_relative_to(root)
 
 
 def test_the_end_of_session_check_lists_and_stops_what_was_left(tmp_path):

@@ -10,7 +10,6 @@ import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 from store_helpers import task
 
 from qmagic.store import lines as lines_module

@@ -19,7 +19,6 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from hypothesis_home import remove_hypothesis_home  # noqa: F401 - keeps .hypothesis out of the checkout
 from store_helpers import fresh_warnings, task  # noqa: F401 - fresh_warnings: a fixture
 
 from qmagic.store import records as records_module
