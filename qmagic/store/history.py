@@ -38,8 +38,9 @@ from .database import SCHEMA_VERSION, connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
 from .reader import Filters, LogReader
-from .records import ORPHAN_REASON, JournalWarning, parse_time
+from .records import ORPHAN_REASON, JournalWarning
 from .recovery import list_sessions, recover
+from .times import parse_time
 
 __all__ = ["history", "history_dataframe", "history_main"]
 

@@ -308,7 +308,7 @@ class Journal:
         ``name``: exact or a pattern (``"scan_*"``); ``notebook``: a path, a file name or a
         pattern (in patterns ``*`` and ``?`` are wildcards, brackets are literal:
         :data:`~qmagic.store.reader.WILDCARDS`); ``uid``: a uid prefix; ``since``/``until``: anything
-        :func:`~qmagic.store.records.parse_time` reads — a task matches if it was active at
+        :func:`~qmagic.store.times.parse_time` reads — a task matches if it was active at
         some time in [since, until]; ``limit``: at most this many (the newest).  Any other
         filter, or one of a wrong type, raises a one-line ValueError (:class:`Filters`)."""
         chosen = Filters(**filters)

@@ -28,10 +28,10 @@ from .records import (
     FINAL_STATUSES,
     RANKS,
     clean_name,
-    parse_time,
     record_from_row,
     warn_once,
 )
+from .times import parse_time
 
 __all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
 
