@@ -566,6 +566,10 @@ def test_task_status_and_result(qm, ip, capsys):
     assert out[0] == f"{task.uid[:6]}: completed"
     assert out[1] == f"{task.uid}: completed"
     assert out[2].startswith("ffffffff: not found")
+    line(ip, "task_status", "' ' ''")  # (blank uids were shown as nothing before the colon)
+    assert capsys.readouterr().out.splitlines() == [
+        "' ': too short: give at least 4 characters of the uid",
+        "'': no uid: give a task uid (see %tasks)"]
     line(ip, "task_status")
     assert capsys.readouterr().out == "add(1, b=5)  qmagic user  foreground  completed\n"
     line(ip, "task_result")

@@ -158,17 +158,19 @@ class TaskMagics(Magics):
             print(fmt.task_line(task) if task is not None else fmt.no_tasks_line(self.worker.log_open))
             return
         for uid in map(unquote, opts.uids):
+            shown = uid if uid and uid.strip() == uid and uid.isprintable() else repr(uid)  # (' ', '')
             try:
                 found = self.worker.find(uid)
             except TaskNotFound as exc:
-                print(f"{uid}: " + {"short": f"too short: give at least {MIN_UID_PREFIX} characters of the uid",
-                                    "ambiguous": "matches several tasks: give more characters"}.get(
+                print(f"{shown}: " + {"short": f"too short: give at least {MIN_UID_PREFIX} characters of the uid",
+                                    "ambiguous": "matches several tasks: give more characters",
+                                    "invalid": "no uid: give a task uid (see %tasks)"}.get(
                                         exc.reason, "not found"))
                 continue
             if isinstance(found, Task):
-                print(f"{uid}: {found.status.value}")
+                print(f"{shown}: {found.status.value}")
             else:
-                print(f"{uid}: {found.get('status')} (from the experiment log)")
+                print(f"{shown}: {found.get('status')} (from the experiment log)")
 
     @magic_arguments()
     @argument("uid", nargs="?", default=None, metavar="UID",
