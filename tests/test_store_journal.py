@@ -376,6 +376,9 @@ def test_nan_and_infinity_are_never_changed_silently(journal):
     assert rec["result"]["items"] == 151 and rec["result"]["truncated"] is True
     assert rec["args"][0][SUMMARY_KEY] == "repr" and "inf" in rec["args"][0]["repr"]
     assert rec["kwargs"][SUMMARY_KEY] == "repr" and "-inf" in rec["kwargs"]["repr"]
+    readings_type = type("Readings", (list,), {})  # (orjson writes a list subclass as a list)
+    journal.finished(task("q2", "completed", result=readings_type([0.5] * 150 + [float("inf")])))
+    assert journal.get("q2")["result"][SUMMARY_KEY] == "repr"
     journal.finished(task("r", "completed", result=[1.5, None] * 100))  # (null for None: kept)
     assert journal.get("r")["result"] == [1.5, None] * 100
 

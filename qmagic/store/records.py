@@ -151,9 +151,9 @@ def _finite(v: Any, depth: int = 0) -> bool:
     for them) or nests too deep to look."""
     if isinstance(v, float):
         return v - v == 0.0
-    if v.__class__ is list or v.__class__ is tuple:
+    if isinstance(v, (list, tuple)):  # (orjson writes subclasses of list and dict too)
         return depth < 32 and all(_finite(x, depth + 1) for x in v)
-    if v.__class__ is dict:
+    if isinstance(v, dict):
         return depth < 32 and all(_finite(x, depth + 1) for x in v.values())
     return True
 
