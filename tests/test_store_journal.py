@@ -384,6 +384,50 @@ def test_nan_and_infinity_are_never_changed_silently(journal):
 
 
 
+
+def test_subclasses_of_json_types_are_kept_as_json_writes_them(journal):
+    """An OrderedDict, a defaultdict, a Counter or a list subclass holding a NaN, in a
+    container of more than 100 items, was stored with null for the NaN, silently (orjson
+    writes null for them in subclasses too; the NaN check looked into exact lists and dicts
+    only); a str Enum was stored as its str(), "Mode.FAST" (JSON writes "fast"), an int or
+    float subclass as its own __int__/__float__ (hostile test).  Each is now read as the
+    built-in type holds it, as JSON writes it."""
+    import collections
+    import enum
+
+    class Mode(str, enum.Enum):
+        FAST = "fast"
+
+    class Label(str):
+        def __str__(self) -> str:
+            return "not the label"
+
+    class Count(int):
+        def __int__(self) -> int:
+            return 99
+
+    class Reading(float):
+        def __float__(self) -> float:
+            return 2.0
+
+    class Points(list):
+        pass
+
+    nan = float("nan")
+    journal.finished(task("sub", "completed", result=collections.OrderedDict((f"ch{i}", 0.5) for i in range(150)),
+                          args=[[collections.defaultdict(float, x=nan)] * 120, Points([1.0] * 130 + [nan])],
+                          kwargs={"counts": [collections.Counter(a=1, b=float("inf"))] * 101, "mode": Mode.FAST,
+                                  "label": Label("x"), "n": Count(5), "r": Reading(1.5), "p": Points([1, 2])}))
+    rec = journal.get("sub")
+    assert rec["result"] == {f"ch{i}": 0.5 for i in range(150)}
+    assert rec["args"][0][SUMMARY_KEY] == "repr" and "nan" in rec["args"][0]["repr"]
+    assert rec["args"][1][SUMMARY_KEY] == "repr" and rec["args"][1]["repr"].endswith("nan]")
+    kwargs = rec["kwargs"]
+    assert kwargs["counts"][SUMMARY_KEY] == "repr" and "inf" in kwargs["counts"]["repr"]
+    assert kwargs["mode"] == "fast" and kwargs["label"] == "x" and kwargs["n"] == 5 and kwargs["r"] == 1.5
+    assert kwargs["p"] == [1, 2]
+
+
 def test_keys_that_read_the_same_as_text_lose_no_value(journal):
     """A dict whose keys read the same once made text (1 and "1", None and "None", a lone
     surrogate and its escape) kept one value and dropped the others without a marker (hostile

@@ -178,6 +178,11 @@ def test_a_closed_worker_reads_its_log_with_no_file_kept_open(journaled):
         assert _open_files(path) == []
 
 
+class _NoItems(dict):
+    def items(self):
+        raise RuntimeError("no items")
+
+
 class _NoLen(list):
     def __len__(self):
         raise RuntimeError("no len")
@@ -194,10 +199,11 @@ class _NoFloat(float):
 
 
 def test_values_that_cannot_be_read_are_summarised_never_lost(journaled):
-    """A result or argument whose len(), str() or float() raises still gets its record: the
-    value becomes a summary that says so (found by a hostile test: such a result used to
-    leave the task "running" in the log, then an orphan)."""
-    odd = {"list": _NoLen([1, 2]), "str": _NoStr("x"), "float": _NoFloat(1.5)}
+    """A result or argument whose items() raises still gets its record: the value becomes
+    a summary that says so (found by a hostile test: such a result used to leave the task
+    "running" in the log, then an orphan).  A subclass of list, str or float whose len(),
+    str() or float() raises is kept as the built-in type holds it, as JSON writes it."""
+    odd = {"dict": _NoItems(a=1), "list": _NoLen([1, 2]), "str": _NoStr("x"), "float": _NoFloat(1.5)}
     w = journaled({"make": lambda kind: odd[kind], "echo": lambda value: "ok"})
     tasks = [w.submit("make", (kind,)) for kind in odd] + [w.submit("echo", (value,)) for value in odd.values()]
     for t in tasks:
@@ -209,7 +215,59 @@ def test_values_that_cannot_be_read_are_summarised_never_lost(journaled):
         assert record["status"] == "completed", record
     made = after.find(tasks[0].uid)["result"]
     assert made["__qmagic_summary__"] == "repr" and "could not be read" in made["repr"]
-    assert "could not be read" in after.find(tasks[3].uid)["args"][0]["repr"]
+    assert "could not be read" in after.find(tasks[4].uid)["args"][0]["repr"]
+    assert [after.find(t.uid)["result"] for t in tasks[1:4]] == [[1, 2], "x", 1.5]
+    assert [after.find(t.uid)["args"][0] for t in tasks[5:]] == [[1, 2], "x", 1.5]
+
+
+def test_a_value_whose_own_methods_block_never_holds_up_the_task_end(journaled):
+    """A list subclass whose __len__ or __iter__ blocks, a str subclass whose __str__ does, a
+    dict subclass whose items() does, an object whose __getattr__ does (a proxy that asks a
+    device): the log ran that code on the task path with no deadline, so the task ended only
+    when it returned (found by a hostile test; only a repr had the deadline).  Such values
+    are now read as the built-in type holds them, or get the deadline of a repr."""
+    release = threading.Event()
+
+    class Length(list):
+        def __len__(self):
+            release.wait(60)
+            return 2
+
+    class Items(list):
+        def __iter__(self):
+            release.wait(60)
+            return iter([1, 2])
+
+    class Text(str):
+        def __str__(self):
+            release.wait(60)
+            return "text"
+
+    class Pairs(dict):
+        def items(self):
+            release.wait(60)
+            return dict.items(self)
+
+    class Proxy:
+        def __getattr__(self, name):
+            release.wait(60)
+            raise AttributeError(name)
+
+    values = {"len": Length([1, 2]), "iter": Items([1, 2]), "str": Text("a"), "items": Pairs(a=1), "attr": Proxy()}
+    w = journaled({"make": lambda kind: values[kind]})
+    try:
+        tasks = {}
+        for kind, value in values.items():
+            tasks[kind] = task = w.submit("make", (kind,))
+            assert task.wait(VALUE_REPR_S + 10), f"the task's end waited for its result's {kind}"
+            assert task.result() is value
+        records = {r["uid"]: r["result"] for r in w.history()}
+        logged = {kind: records[task.uid] for kind, task in tasks.items()}
+        assert [logged["len"], logged["iter"], logged["str"]] == [[1, 2], [1, 2], "a"], logged
+        assert "did not finish within 1 s" in logged["items"]["repr"]  # (then the deadline's thread is stuck:)
+        assert logged["attr"]["__qmagic_summary__"] == "repr" and "TimeoutError" in logged["attr"]["repr"]
+    finally:
+        release.set()
 
 
 def test_queued_and_cancelled_tasks_are_journaled(journaled):

@@ -58,6 +58,7 @@ ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
 ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
 from ..texts import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
+from .values import I64, U64, finite, members, no_surrogates, plain, size  # noqa: E402 - as above
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")
@@ -69,9 +70,8 @@ _FIELD_KEYS = ("uid", "status", "name", "user", "user_group", "args", "kwargs", 
 _FIELDS = operator.itemgetter(*_FIELD_KEYS)
 _UID_CHARS = 128
 _WALK_ITEMS = 100  # containers up to this size are summarised item by item
-_FAST_ITEMS = 64  # ... and checked by the fast path up to this size
-_I64, _U64 = -(2**63), 2**64
 _SCALARS = frozenset((type(None), str, int, bool))
+_KEY_TYPES = frozenset((*_SCALARS, float))
 #: A spool line is never longer than this (a quarter of a spool segment).
 MAX_LINE = 1 << 20
 _FAST_OPTIONS = (orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME
@@ -106,56 +106,6 @@ def clean_name(value: Any, limit: int = _NAME_CHARS) -> str | None:
     if value is None:
         return None
     return printable(value, limit) if isinstance(value, str) else safe_repr(value, limit)
-
-
-def _no_surrogates(text: str) -> str:
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _plain(v: Any, depth: int = 0) -> bool:
-    """True if ``v`` is small strict JSON made of builtin types (orjson may still refuse a
-    lone surrogate: the caller falls back to the careful path then)."""
-    cls = v.__class__
-    if cls is str or cls is bool or v is None:
-        return True
-    if cls is int:
-        return _I64 <= v < _U64
-    if cls is float:
-        return v - v == 0.0  # False for NaN and +-inf
-    if depth < 3:
-        if cls is list or cls is tuple:
-            if len(v) > _FAST_ITEMS:
-                return False
-            for x in v:
-                if not _plain(x, depth + 1):
-                    return False
-            return True
-        if cls is dict:
-            if len(v) > _FAST_ITEMS:
-                return False
-            for k, x in v.items():
-                if k.__class__ is not str or not _plain(x, depth + 1):
-                    return False
-            return True
-    return False
-
-
-def _finite(v: Any, depth: int = 0) -> bool:
-    """False if ``v`` holds a NaN or an infinity anywhere (JSON has none: orjson writes null
-    for them) or nests too deep to look."""
-    if isinstance(v, float):
-        return v - v == 0.0
-    if isinstance(v, (list, tuple)):  # (orjson writes subclasses of list and dict too)
-        return depth < 32 and all(_finite(x, depth + 1) for x in v)
-    if isinstance(v, dict):
-        return depth < 32 and all(_finite(x, depth + 1) for x in v.values())
-    return True
 
 
 class RecordEncoder:
@@ -222,9 +172,9 @@ class RecordEncoder:
         if ((n is None or n.__class__ is str) and (u is None or u.__class__ is str)
                 and (g is None or g.__class__ is str)
                 and (names in self._names_ok or self._check_names(names))
-                and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or _plain(a))
-                and (k.__class__ is dict and not k or k is None or _plain(k))
-                and (r.__class__ in _SCALARS or _plain(r)) and (p is None or _plain(p))):
+                and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or plain(a))
+                and (k.__class__ is dict and not k or k is None or plain(k))
+                and (r.__class__ in _SCALARS or plain(r)) and (p is None or plain(p))):
             try:
                 line = orjson.dumps([rank, uid, record], option=_FAST_OPTIONS)
             except (TypeError, ValueError):  # a lone surrogate, a datetime, a non-str key ...
@@ -281,13 +231,13 @@ class RecordEncoder:
         count = v.get("execution_count")
         return {"notebook": clean_name(v.get("notebook"), 4096),
                 "cell_id": clean_name(v.get("cell_id")),
-                "execution_count": count if type(count) is int and _I64 <= count < _U64 else None,
+                "execution_count": count if type(count) is int and I64 <= count < U64 else None,
                 "cell_hash": clean_name(v.get("cell_hash"))}
 
     def text(self, s: str) -> str:
         """``s`` without lone surrogates, or its head and tail around a marker when longer
         than max_text_chars."""
-        s = _no_surrogates(s)
+        s = no_surrogates(s)
         if len(s) <= self.max_text_chars:
             return s
         head = self.max_text_chars // 4
@@ -309,55 +259,78 @@ class RecordEncoder:
         cls = v.__class__
         if v is None or cls is bool:
             return v
+        # A subclass of str, int, float, list, tuple or dict is read as the built-in type
+        # holds it, as JSON writes it: none of its own code runs on the task path, where it
+        # has no deadline (a __len__ or __str__ that blocked held up the task's end; a str
+        # Enum was logged as its str(), "Mode.FAST", for "fast").
         if isinstance(v, str):
-            v = _no_surrogates(str(v))
-            return v if len(v) + 2 <= self.max_value_chars else self.summary(v, "json", orjson.dumps(v).decode())
+            s = no_surrogates(v if cls is str else str.__str__(v))
+            return s if len(s) + 2 <= self.max_value_chars else self.summary(v, "json", orjson.dumps(s).decode())
         if isinstance(v, float):
-            return float(v) if math.isfinite(v) else self.summary(v, "repr")
+            return (v if cls is float else float.__float__(v)) if math.isfinite(v) else self.summary(v, "repr")
         if isinstance(v, int):
-            return int(v) if _I64 <= v < _U64 else self.summary(v, "repr")
-        if _plain(v):
+            n = v if cls is int else int.__int__(v)
+            return n if I64 <= n < U64 else self.summary(v, "repr")
+        if plain(v):
             try:
                 text = orjson.dumps(v).decode()
             except (TypeError, ValueError):
                 text = None
             if text is not None:
                 return v if len(text) <= self.max_value_chars else self.summary(v, "json", text)
-        if (len(outer) < 3 and id(v) not in outer and isinstance(v, (list, tuple, dict))
-                and len(v) <= _WALK_ITEMS):
+        n_items = size(v)
+        if n_items is not None and n_items <= _WALK_ITEMS and len(outer) < 3 and id(v) not in outer:
             inner = (*outer, id(v))
             if isinstance(v, dict):
-                keep = self.max_value_chars  # (a longer key makes the whole a summary anyway)
-                out: Any = {(_no_surrogates(k) if isinstance(k, str) else safe_repr(k, keep)): self.value(x, inner)
-                            for k, x in v.items()}
-                if len(out) < len(v):  # (keys that read the same as text, 1 and "1": none is lost)
+                pairs = self._pairs(v)
+                out: Any = {k: self.value(x, inner) for k, (_, x) in zip(self._keys(pairs), pairs)}
+                if len(out) < len(pairs):  # (keys that read the same as text, 1 and "1": none is lost)
                     return self.summary(v, "repr")
             else:
-                out = [self.value(x, inner) for x in v]
+                out = [self.value(x, inner) for x in members(v)]
             text = orjson.dumps(out).decode()
             return out if len(text) <= self.max_value_chars else self.summary(v, "json", text)
-        if isinstance(v, (list, tuple, dict)) and len(v) > _WALK_ITEMS:
-            if len(v) > self.max_value_chars // 2:  # (its JSON, 2 characters an item or more, is too long)
+        if n_items is not None and n_items > _WALK_ITEMS:
+            if n_items > self.max_value_chars // 2:  # (its JSON, 2 characters an item or more, is too long)
                 return self._head_summary(v)
             try:  # a large container of plain values: summarised as JSON (with its length)
                 text = orjson.dumps(v).decode()
             except (TypeError, ValueError, RecursionError):
                 text = None
-            if text is not None and ("null" not in text or _finite(v)):  # (orjson writes NaN as null)
+            if text is not None and ("null" not in text or finite(v)):  # (orjson writes NaN as null)
                 return v if len(text) <= self.max_value_chars else self.summary(v, "json", text)
         return self.summary(v, "repr")
+
+    def _pairs(self, v: dict) -> list[tuple[Any, Any]]:
+        """The (key, value) pairs of a dict; a subclass with its own ``items`` (JSON reads
+        it through them) gets them with the deadline of a repr."""
+        if v.__class__.items is dict.items:  # (dict's own: the usual dict)
+            return list(dict.items(v))
+        return list(self._run_value_code(lambda: [(k, x) for k, x in v.items()]))
+
+    def _keys(self, pairs: list[tuple[Any, Any]]) -> list[str]:
+        """The keys of ``pairs`` as text: a str as it is (no lone surrogates), another key its
+        repr (with the deadline of a repr where the key's own code makes it)."""
+        keep = self.max_value_chars  # (a longer key makes the whole a summary anyway)
+        keys = [k for k, _ in pairs]
+        if all(map(_KEY_TYPES.__contains__, map(type, keys))):  # (their repr is Python's own)
+            return [no_surrogates(k) if k.__class__ is str else safe_repr(k, keep) for k in keys]
+
+        def texts() -> list[str]:
+            return [no_surrogates(str.__str__(k)) if isinstance(k, str) else safe_repr(k, keep) for k in keys]
+        return texts() if all(isinstance(k, str) for k in keys) else self._run_value_code(texts)
 
     def _head_summary(self, v: list | tuple | dict) -> dict[str, Any]:
         """The "json" summary of a container far too long to keep, from the JSON of its first
         items alone: a list of millions of numbers was encoded whole, 0.16 s a million on the
         task path (twice: when submitted and when it ended), for a summary of its start."""
         if isinstance(v, dict):
-            head: Any = dict(itertools.islice(v.items(), self.summary_chars))
-            plain = all(k.__class__ is str and _plain(x) for k, x in head.items())
+            head: Any = dict(itertools.islice(dict.items(v), self.summary_chars))
+            ok = all(k.__class__ is str and plain(x) for k, x in head.items())
         else:
-            head = list(itertools.islice(v, self.summary_chars))
-            plain = all(_plain(x) for x in head)
-        if not plain:  # (NaN, an object...: its repr, which reprlib keeps short)
+            head = list(itertools.islice(members(v), self.summary_chars))
+            ok = all(plain(x) for x in head)
+        if not ok:  # (NaN, an object...: its repr, which reprlib keeps short)
             return self.summary(v, "repr")
         try:
             text = orjson.dumps(head).decode()
@@ -367,31 +340,33 @@ class RecordEncoder:
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
-        try:
-            items = len(v) if isinstance(v, (list, tuple, dict, set, frozenset)) else None
-        except Exception:  # noqa: BLE001 - a container whose __len__ raises
-            items = None
+        items = size(v) if not isinstance(v, (set, frozenset)) else \
+            (set.__len__(v) if isinstance(v, set) else frozenset.__len__(v))
         big = text is None and items is not None and items > _WALK_ITEMS
+        extra: dict[str, Any] = {}
         if text is None:
+            def read() -> tuple[str, dict[str, Any]]:  # (the value's own code: with the deadline of a repr)
+                text, extra = self._reprlib.repr(v) if big else repr(v), {}
+                try:  # (its shape and dtype too: a __getattr__ may block as well)
+                    shape, dtype = getattr(v, "shape", None), getattr(v, "dtype", None)
+                    if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
+                        extra["shape"] = [int.__int__(n) for n in tuple.__iter__(shape)]
+                    if dtype is not None:
+                        extra["dtype"] = no_surrogates(str.__str__(str(dtype)))[:200]
+                except Exception:  # noqa: BLE001, S110 - attributes of odd objects may raise anything
+                    pass
+                return text, extra
             try:  # reprlib keeps the repr of a huge container short (and fast)
-                text = self._run_value_code((lambda: self._reprlib.repr(v)) if big else (lambda: repr(v)))
+                text, extra = self._run_value_code(read)
             except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
                 text = f"<{_type_name(v)} object; repr() failed: {safe_repr(exc, 200)}>"
-            text = _no_surrogates(str.__str__(text))
+            text = no_surrogates(str.__str__(text))
         out: dict[str, Any] = {SUMMARY_KEY: kind, "type": _type_name(v), "repr": text[: self.summary_chars],
                                "truncated": big or len(text) > self.summary_chars,
                                "length": None if big else len(text)}
         if items is not None:
             out["items"] = items
-        try:
-            shape, dtype = getattr(v, "shape", None), getattr(v, "dtype", None)
-            if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
-                out["shape"] = list(shape)
-            if dtype is not None:
-                out["dtype"] = _no_surrogates(str(dtype))[:200]
-        except Exception:  # noqa: BLE001, S110 - attributes of odd objects may raise anything
-            pass
-        return out
+        return {**out, **extra}
 
 
 # ---- reading back ---------------------------------------------------------------------------

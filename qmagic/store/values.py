@@ -1,0 +1,93 @@
+"""Reading task values as the built-in types hold them, for the experiment log's encoder
+(:mod:`qmagic.store.records`): which values are small strict JSON, which hold a NaN, the
+length and items of a list, tuple or dict.  None of these runs code of the value's own (a
+subclass's ``__len__``, ``__iter__``, ``items``): on the task path such code has no deadline,
+and it may block.
+
+Only the standard library here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["FAST_ITEMS", "I64", "U64", "finite", "members", "no_surrogates", "plain", "size"]
+
+FAST_ITEMS = 64  # containers up to this size are checked by the encoder's fast path
+I64, U64 = -(2**63), 2**64  # integers JSON readers take whole: [I64, U64)
+_LEAVES = frozenset((type(None), str, int, bool))
+
+
+def no_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate escaped (``\\udcff``): UTF-8 cannot hold them."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def plain(v: Any, depth: int = 0) -> bool:
+    """True if ``v`` is small strict JSON made of builtin types (orjson may still refuse a
+    lone surrogate: the caller falls back to the careful path then)."""
+    cls = v.__class__
+    if cls is str or cls is bool or v is None:
+        return True
+    if cls is int:
+        return I64 <= v < U64
+    if cls is float:
+        return v - v == 0.0  # False for NaN and +-inf
+    if depth < 3:
+        if cls is list or cls is tuple:
+            if len(v) > FAST_ITEMS:
+                return False
+            for x in v:
+                if not plain(x, depth + 1):
+                    return False
+            return True
+        if cls is dict:
+            if len(v) > FAST_ITEMS:
+                return False
+            for k, x in v.items():
+                if k.__class__ is not str or not plain(x, depth + 1):
+                    return False
+            return True
+    return False
+
+
+def finite(v: Any, depth: int = 0) -> bool:
+    """False if ``v`` holds a NaN or an infinity anywhere (JSON has none: orjson writes null
+    for them, in subclasses of list and dict too: an OrderedDict, a defaultdict) or nests
+    too deep to look; reads what the built-in types hold (no code of a subclass runs)."""
+    cls = v.__class__
+    if cls is float:
+        return v - v == 0.0
+    if cls in _LEAVES:
+        return True
+    if cls is list or cls is tuple:
+        items = v
+    elif cls is dict:
+        items = v.values()
+    elif isinstance(v, float):
+        return math.isfinite(v)
+    elif isinstance(v, (list, tuple, dict)):
+        items = members(v)
+    else:
+        return True
+    return depth < 32 and all(finite(x, depth + 1) for x in items)
+
+
+def size(v: Any) -> int | None:
+    """The length of a list, tuple or dict as the built-in type holds it (a subclass's own
+    ``__len__`` never runs: it may block), else None."""
+    return (list.__len__(v) if isinstance(v, list) else tuple.__len__(v) if isinstance(v, tuple)
+            else dict.__len__(v) if isinstance(v, dict) else None)
+
+
+def members(v: list | tuple | dict) -> Any:
+    """The items of a list or tuple, the values of a dict, as the built-in type holds them."""
+    return list.__iter__(v) if isinstance(v, list) else tuple.__iter__(v) if isinstance(v, tuple) \
+        else dict.values(v)
