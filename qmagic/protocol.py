@@ -21,7 +21,7 @@ from .format import SUMMARY_KEY
 from .jsonreply import Encoded
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
-from .result_copies import BUSY, UNSURE, ResultCopies, plain_copy
+from .result_copies import BUSY, UNSURE, ResultCopies, copied_at_once, plain_copy
 from .store.lockfile import MAX_USER_CHARS
 from .texts import LARGE_RESULT_NOT_SENT
 from .worker import json_error
@@ -325,6 +325,13 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
     asking for large results at once held up everyone else: the control thread checked or
     copied them for each of them in turn)."""
     uid = task.uid
+    if copied_at_once(value):  # (small, of exact built-in types: no deadline needed)
+        try:
+            return copies.put(task, plain_copy(value)), None
+        except (ValueError, RecursionError) as exc:  # (an int of more digits than JSON writes)
+            return None, f"can not be serialized as JSON ({json_error(value) or exc})"
+        except RuntimeError:  # (a dict changed size meanwhile: read as any other)
+            pass
     kept = copies.get(uid, value, admit=large_work)
     if kept is BUSY:
         return None, _AskAgain(LARGE_RESULT_NOT_SENT)

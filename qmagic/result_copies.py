@@ -29,7 +29,7 @@ from typing import Any, Callable
 from . import probe
 from .jsonreply import LARGE_BYTES, Encoded, encoded
 
-__all__ = ["BUSY", "UNSURE", "ResultCopies", "may_be_large", "plain_copy"]
+__all__ = ["BUSY", "UNSURE", "ResultCopies", "copied_at_once", "may_be_large", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
@@ -112,6 +112,54 @@ def _count(value: Any, left: list[int], depth: int) -> None:
         left[0] -= 6  # (None; or a value JSON cannot encode: its copy fails at once)
     if left[0] < 0:
         raise _TooLong
+
+
+def copied_at_once(value: Any) -> bool:
+    """True if ``value``'s copy may be made at once on the asking thread, without the probe
+    thread's deadline: it is made of exact str, int, float, bool and None, lists, tuples and
+    dicts with str keys only (no code of its own runs), nested less deep than
+    :func:`plain_copy` walks, and its JSON is not large (see :func:`may_be_large`: a
+    copy of milliseconds at most).  Such a result was read through the probe thread like
+    any other, so while that thread was busy with another (a large copy, a result whose
+    own code blocks), a small result was told it "could not be read" (a hostile test)."""
+    try:
+        return _exact(value, [LARGE_BYTES], 0)
+    except (_TooLong, RuntimeError):  # (RuntimeError: a dict changed size meanwhile)
+        return False
+
+
+def _exact(value: Any, left: list[int], depth: int) -> bool:
+    """False if ``value`` holds anything but the exact types of :func:`copied_at_once`;
+    takes what its JSON may make from ``left[0]`` (raises _TooLong once that is below 0)."""
+    cls = type(value)
+    if cls is float:
+        left[0] -= _FLOAT_JSON
+    elif cls is int or cls is bool:
+        left[0] -= value.bit_length() * 77 // 256 + 4
+    elif cls is str:
+        left[0] -= len(value) + 4
+    elif value is None:
+        left[0] -= 6
+    elif cls is list or cls is tuple or cls is dict:
+        if depth >= _WALK_DEPTH:
+            return False
+        left[0] -= 2 + 3 * len(value)
+        if left[0] < 0:
+            raise _TooLong
+        if cls is dict:
+            for key in value:
+                if type(key) is not str:
+                    return False
+                left[0] -= len(key) + 1
+        for item in (value.values() if cls is dict else value):
+            left[0] += 3
+            if not _exact(item, left, depth + 1):
+                return False
+    else:
+        return False
+    if left[0] < 0:
+        raise _TooLong
+    return True
 
 
 def _unchanged(value: Any, copy: Any, steps: list[int] | None, depth: int = 0) -> bool:

@@ -242,6 +242,36 @@ def test_task_result_never_runs_the_results_own_code_on_the_callers_thread(make_
     assert threading.current_thread().name not in calls[len(before):]  # (the channel's place)
 
 
+
+def test_a_small_result_is_sent_while_the_probe_thread_is_stuck_on_another(make_worker):
+    """A small result of exact built-in types was read through the probe thread like any
+    other: while that thread was busy with another result (the copy of a large one, a result
+    whose own code blocks), it was told it "could not be read within 1 s (it is large, or
+    its own code is slow or blocked)" (hostile test).  Its copy runs none of its own code
+    and takes milliseconds: it is made at once."""
+    import collections
+    import threading
+
+    from qmagic import probe
+
+    release = threading.Event()
+    with pytest.raises(probe.ProbeTimeout):
+        probe.read(lambda: release.wait(TIMEOUT), 0.01)  # the doors' probe thread is stuck now
+    try:
+        w = make_worker({"small": lambda: {"a": [1, 2.5, None, "x"], "b": (True,)},
+                         "odd": lambda: collections.OrderedDict(a=1)})
+        qs = QS(w)
+        small, odd = w.submit("small"), w.submit("odd")
+        assert small.wait(TIMEOUT) and odd.wait(TIMEOUT)
+        reply = qs.task_result(task_uid=small.uid)
+        assert reply["success"] is True, reply
+        assert reply["result"]["return_value"] == {"a": [1, 2.5, None, "x"], "b": [True]}
+        reply = qs.task_result(task_uid=odd.uid)  # (its own code may run: read with the deadline)
+        assert reply["success"] is False and "could not be read" in reply["msg"]
+    finally:
+        release.set()
+
+
 def test_task_result_while_running_and_task_status_list(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})
