@@ -98,10 +98,12 @@ def record_call(record: Mapping[str, Any], width: int = 60) -> str:
 def format_number(value: Any) -> str:
     """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts).
 
-    Never raises: an int beyond float range reads ``1e+400``, anything that is no number
-    its :func:`printable` text (``<BadValue with a failing str>`` if ``str()`` fails)."""
+    Never raises: an int beyond float range reads ``1e+400``, a value the experiment log
+    kept as a summary its repr (``nan``), anything that is no number its :func:`printable` text (``<BadValue with a failing str>`` if ``str()`` fails)."""
     if value is None:
         return "?"
+    if isinstance(value, Mapping) and SUMMARY_KEY in value:  # (the log's summary of a NaN, a numpy number)
+        return safe_repr(value, 40)
     try:
         number = float(value)
     except OverflowError:  # an int beyond float range

@@ -135,3 +135,9 @@ def test_progress_numbers_never_fail_to_format():
     assert format_number("x") == "x" and format_number(2.5) == "2.5" and format_number(4.0) == "4"
     assert progress_text({"value": 10**400, "total": BadNumber(), "message": "m"}) == (
         "1e+400/<BadNumber with a failing str> m")
+    # as the experiment log keeps a NaN, an infinity or a numpy number: a summary, shown by
+    # its repr (%tasks, a record's detail showed "{'__qmagic_summary__': 'repr', 'type'...")
+    from qmagic.store.records import RecordEncoder
+
+    logged = RecordEncoder().value({"value": float("nan"), "total": float("inf"), "message": "m"})
+    assert progress_text(logged) == "nan/inf m"
