@@ -58,7 +58,7 @@ ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
 ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
 from ..texts import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
-from .values import I64, U64, finite, members, no_surrogates, plain, size  # noqa: E402 - as above
+from .values import I64, U64, bulk, finite, members, no_surrogates, plain, size  # noqa: E402 - as above
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")
@@ -134,7 +134,7 @@ class RecordEncoder:
         self._reprlib = reprlib.Repr()
         self._reprlib.maxstring = self._reprlib.maxother = summary_chars
         self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
-        self._reprlib.maxset = self._reprlib.maxfrozenset = 50
+        self._reprlib.maxset = self._reprlib.maxfrozenset = self._reprlib.maxarray = self._reprlib.maxdeque = 50
 
     def encode(self, record: Mapping[str, Any], final: bool = False) -> bytes:
         """The spool line of ``record``: ``[rank, "uid", {record}]`` as strict JSON, ending
@@ -174,7 +174,7 @@ class RecordEncoder:
                 and (names in self._names_ok or self._check_names(names))
                 and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or plain(a))
                 and (k.__class__ is dict and not k or k is None or plain(k))
-                and (r.__class__ in _SCALARS or plain(r)) and (p is None or plain(p))):
+                and (r.__class__ in _SCALARS and r.__class__ is not str or plain(r)) and (p is None or plain(p))):
             try:
                 line = orjson.dumps([rank, uid, record], option=_FAST_OPTIONS)
             except (TypeError, ValueError):  # a lone surrogate, a datetime, a non-str key ...
@@ -264,8 +264,11 @@ class RecordEncoder:
         # has no deadline (a __len__ or __str__ that blocked held up the task's end; a str
         # Enum was logged as its str(), "Mode.FAST", for "fast").
         if isinstance(v, str):
-            s = no_surrogates(v if cls is str else str.__str__(v))
-            return s if len(s) + 2 <= self.max_value_chars else self.summary(v, "json", orjson.dumps(s).decode())
+            if str.__len__(v) + 2 <= self.max_value_chars:
+                return no_surrogates(v if cls is str else str.__str__(v))
+            head = no_surrogates(str.__getitem__(v, slice(0, self.summary_chars)))  # (a 100 MB text was
+            return {**self.summary(v, "json", orjson.dumps(head).decode()),  # encoded whole: 2.5 s, 2 GB)
+                    "truncated": True, "length": None}
         if isinstance(v, float):
             return (v if cls is float else float.__float__(v)) if math.isfinite(v) else self.summary(v, "repr")
         if isinstance(v, int):
@@ -340,13 +343,12 @@ class RecordEncoder:
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
-        items = size(v) if not isinstance(v, (set, frozenset)) else \
-            (set.__len__(v) if isinstance(v, set) else frozenset.__len__(v))
-        big = text is None and items is not None and items > _WALK_ITEMS
+        bulky, items = bulk(v) or (None, None)
+        big = text is None and items is not None and items > (self.summary_chars if bulky == "bytes" else _WALK_ITEMS)
         extra: dict[str, Any] = {}
         if text is None:
             def read() -> tuple[str, dict[str, Any]]:  # (the value's own code: with the deadline of a repr)
-                text, extra = self._reprlib.repr(v) if big else repr(v), {}
+                text, extra = self._short_repr(v, bulky) if big else repr(v), {}
                 try:  # (its shape and dtype too: a __getattr__ may block as well)
                     shape, dtype = getattr(v, "shape", None), getattr(v, "dtype", None)
                     if isinstance(shape, tuple) and all(isinstance(n, int) for n in shape):
@@ -364,9 +366,16 @@ class RecordEncoder:
         out: dict[str, Any] = {SUMMARY_KEY: kind, "type": _type_name(v), "repr": text[: self.summary_chars],
                                "truncated": big or len(text) > self.summary_chars,
                                "length": None if big else len(text)}
-        if items is not None:
+        if items is not None and bulky in ("list", "tuple", "dict", "set", "frozenset"):
             out["items"] = items
         return {**out, **extra}
+
+    def _short_repr(self, v: Any, kind: str) -> str:
+        """The repr of a long ``v`` (see values.bulk) cut after its first items: a repr of
+        all of them (5M numbers in an array: 14 s, on the task path) kept only its start."""
+        if kind == "bytes":
+            return repr(v[: self.summary_chars])  # (exact bytes and bytearray: no code of their own)
+        return getattr(self._reprlib, f"repr_{kind}")(v, self._reprlib.maxlevel)
 
 
 # ---- reading back ---------------------------------------------------------------------------

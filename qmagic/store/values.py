@@ -9,14 +9,22 @@ Only the standard library here.
 
 from __future__ import annotations
 
+import array
+import collections
 import math
 from typing import Any
 
-__all__ = ["FAST_ITEMS", "I64", "U64", "finite", "members", "no_surrogates", "plain", "size"]
+__all__ = ["FAST_ITEMS", "I64", "TEXT_CHARS", "U64", "bulk", "finite", "members", "no_surrogates", "plain", "size"]
 
 FAST_ITEMS = 64  # containers up to this size are checked by the encoder's fast path
 I64, U64 = -(2**63), 2**64  # integers JSON readers take whole: [I64, U64)
 _LEAVES = frozenset((type(None), str, int, bool))
+#: Longer strings are not small JSON (the encoder keeps the start of a string longer than
+#: its max_value_chars: such a string is not encoded whole on the fast path first).
+TEXT_CHARS = 1 << 16
+#: Built-in types whose repr grows with their length, as the reprlib method that keeps it short.
+_BULKY = {bytes: "bytes", bytearray: "bytes", array.array: "array", collections.deque: "deque",
+          type({}.keys()): "list", type({}.values()): "list", type({}.items()): "list"}
 
 
 def no_surrogates(text: str) -> str:
@@ -34,7 +42,9 @@ def plain(v: Any, depth: int = 0) -> bool:
     """True if ``v`` is small strict JSON made of builtin types (orjson may still refuse a
     lone surrogate: the caller falls back to the careful path then)."""
     cls = v.__class__
-    if cls is str or cls is bool or v is None:
+    if cls is str:
+        return len(v) <= TEXT_CHARS
+    if cls is bool or v is None:
         return True
     if cls is int:
         return I64 <= v < U64
@@ -91,3 +101,14 @@ def members(v: list | tuple | dict) -> Any:
     """The items of a list or tuple, the values of a dict, as the built-in type holds them."""
     return list.__iter__(v) if isinstance(v, list) else tuple.__iter__(v) if isinstance(v, tuple) \
         else dict.values(v)
+
+
+def bulk(v: Any) -> tuple[str, int] | None:
+    """(kind, length) of a value whose repr grows with its length -- a list, tuple, dict, set
+    or frozenset (a subclass too), bytes, bytearray, an array, a deque, a dict's view --
+    read without its own code (kind: the reprlib method that keeps its repr short); else None."""
+    for base in (list, tuple, dict, set, frozenset):
+        if isinstance(v, base):
+            return base.__name__, base.__len__(v)
+    kind = _BULKY.get(v.__class__)
+    return None if kind is None else (kind, len(v))
