@@ -381,6 +381,22 @@ def not_started_message(rec: Mapping[str, Any]) -> str:
     return f"{what} {rec.get('name')!r} was cancelled before it started: {rec.get('error') or 'cancelled'}"
 
 
+def _holds_summary(value: Any) -> bool:
+    """True if ``value``, a result read from the experiment log (plain JSON data), holds a
+    summary the log kept for a part JSON cannot hold: [1.5, NaN] was sent as [1.5, {summary}]
+    once the task had left the memory, as if it were the result (found by a hostile test)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if SUMMARY_KEY in item:
+                return True
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return False
+
+
 def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
                  copies: ResultCopies, large_work: Callable[[], bool] | None = None) -> dict[str, Any]:
     """task_result's ``result`` from a task's record (live or from the experiment log);
@@ -392,10 +408,10 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
     success, msg, value = status is TaskStatus.COMPLETED, "", None
     if success and rec.get("kind") != "script":
         value = rec.get("result")
-        if isinstance(value, dict) and SUMMARY_KEY in value:
+        if isinstance(value, dict) and SUMMARY_KEY in value or task is None and _holds_summary(value):
             value = None
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
-                   "of it (see qmagic.history()).")
+                   "of it or of part of it (see qmagic.history()).")
         else:
             value, why = (_plain_json(value, task, copies, large_work) if task is not None
                           else (value, None))

@@ -69,6 +69,28 @@ def test_results_survive_a_new_worker(journaled):
     assert records[0]["journal"]["orphaned"] is False
 
 
+
+def test_a_result_the_log_kept_in_part_is_never_sent_as_the_result(journaled):
+    """A result the log keeps with a summary in place of a part JSON cannot hold ([1.5, NaN],
+    a dict holding a datetime) was sent by task_result, once the task had left the memory,
+    with that summary as if it were the result, and no word of it (hostile test)."""
+    import datetime
+
+    first = journaled({"nan": lambda: [1.5, float("nan")], "when": lambda: {"at": datetime.datetime(2026, 1, 2)},
+                       "ok": lambda: [1.5, {"a": None}]})
+    tasks = [first.submit(name) for name in ("nan", "when", "ok")]
+    for t in tasks:
+        t.wait(TIMEOUT)
+    first.close()
+    qs = QS(journaled())
+    for t in tasks[:2]:
+        res = qs.task_result(task_uid=t.uid)["result"]
+        assert res["success"] is True and res["return_value"] is None, res
+        assert "holds only a summary of it or of part of it" in res["msg"]
+    res = qs.task_result(task_uid=tasks[2].uid)["result"]
+    assert res["return_value"] == [1.5, {"a": None}] and res["msg"] == ""
+
+
 def test_a_uid_prefix_the_log_does_not_know_or_shares_is_searched_for_once(journaled, monkeypatch):
     """worker.find of a prefix not in memory: one prefix search of the log tells found,
     several tasks and missing apart (it searched a second time for the "several" line)."""
