@@ -242,6 +242,32 @@ def test_values_that_cannot_be_read_are_summarised_never_lost(journaled):
     assert [after.find(t.uid)["args"][0] for t in tasks[5:]] == [[1, 2], "x", 1.5]
 
 
+
+def test_objects_posing_as_json_types_never_break_a_task_or_its_record(journaled):
+    """A unittest.mock.Mock(spec=list) passes for a list (its __class__ says list): the log
+    took it for one and raised ("object of type 'Mock' has no len()"), so a task taking one
+    could not be submitted, and a task returning one was recorded as failed, "kernel stopped
+    while the task was running"; a MagicMock(spec=dict) was stored as {}, one of spec=float
+    as 1.0, silently (hostile test).  Values are told by their real type: such an object is
+    summarised by its repr."""
+    from unittest import mock
+
+    fakes = [mock.Mock(spec=list), mock.MagicMock(spec=dict), mock.NonCallableMagicMock(spec=float),
+             mock.MagicMock(spec=str), [mock.Mock(spec=int)]]
+    w = journaled({"echo": lambda value: value})
+    tasks = [w.submit("echo", (fake,)) for fake in fakes]
+    for t in tasks:
+        assert t.wait(TIMEOUT)
+    w.close()
+    after = journaled()
+    for fake, t in zip(fakes, tasks):
+        record = after.find(t.uid)
+        assert record["status"] == "completed", record
+        for logged in (record["result"], record["args"][0]):
+            logged, one = (logged[0], fake[0]) if type(fake) is list else (logged, fake)
+            assert logged["__qmagic_summary__"] == "repr" and logged["repr"] == repr(one), logged
+
+
 def test_a_value_whose_own_methods_block_never_holds_up_the_task_end(journaled):
     """A list subclass whose __len__ or __iter__ blocks, a str subclass whose __str__ does, a
     dict subclass whose items() does, an object whose __getattr__ does (a proxy that asks a

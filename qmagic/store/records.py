@@ -169,12 +169,11 @@ class RecordEncoder:
         # that passed are remembered (a handful recur in every record); only exact str or
         # None is looked up among them: an object equal to one (an Enum) must not pass.
         names = (n, u, g)
-        if ((n is None or n.__class__ is str) and (u is None or u.__class__ is str)
-                and (g is None or g.__class__ is str)
+        if ((n is None or type(n) is str) and (u is None or type(u) is str) and (g is None or type(g) is str)
                 and (names in self._names_ok or self._check_names(names))
-                and ((a.__class__ is list or a.__class__ is tuple) and not a or a is None or plain(a))
-                and (k.__class__ is dict and not k or k is None or plain(k))
-                and (r.__class__ in _SCALARS and r.__class__ is not str or plain(r)) and (p is None or plain(p))):
+                and ((type(a) is list or type(a) is tuple) and not a or a is None or plain(a))
+                and (type(k) is dict and not k or k is None or plain(k))
+                and (type(r) in _SCALARS and type(r) is not str or plain(r)) and (p is None or plain(p))):
             try:
                 line = orjson.dumps([rank, uid, record], option=_FAST_OPTIONS)
             except (TypeError, ValueError):  # a lone surrogate, a datetime, a non-str key ...
@@ -256,22 +255,22 @@ class RecordEncoder:
             return self.summary(v, "repr", f"<{_type_name(v)} object that could not be read: {exc!r}>")
 
     def _value(self, v: Any, outer: tuple[int, ...]) -> Any:
-        cls = v.__class__
+        cls = type(v)  # (not v.__class__, which an object may fake: a Mock(spec=dict))
         if v is None or cls is bool:
             return v
         # A subclass of str, int, float, list, tuple or dict is read as the built-in type
         # holds it, as JSON writes it: none of its own code runs on the task path, where it
         # has no deadline (a __len__ or __str__ that blocked held up the task's end; a str
         # Enum was logged as its str(), "Mode.FAST", for "fast").
-        if isinstance(v, str):
+        if issubclass(cls, str):
             if str.__len__(v) + 2 <= self.max_value_chars:
                 return no_surrogates(v if cls is str else str.__str__(v))
             head = no_surrogates(str.__getitem__(v, slice(0, self.summary_chars)))  # (a 100 MB text was
             return {**self.summary(v, "json", orjson.dumps(head).decode()),  # encoded whole: 2.5 s, 2 GB)
                     "truncated": True, "length": None}
-        if isinstance(v, float):
+        if issubclass(cls, float):
             return (v if cls is float else float.__float__(v)) if math.isfinite(v) else self.summary(v, "repr")
-        if isinstance(v, int):
+        if issubclass(cls, int):
             n = v if cls is int else int.__int__(v)
             return n if I64 <= n < U64 else self.summary(v, "repr")
         if plain(v):
@@ -284,7 +283,7 @@ class RecordEncoder:
         n_items = size(v)
         if n_items is not None and n_items <= _WALK_ITEMS and len(outer) < 3 and id(v) not in outer:
             inner = (*outer, id(v))
-            if isinstance(v, dict):
+            if issubclass(cls, dict):
                 pairs = self._pairs(v)
                 out: Any = {k: self.value(x, inner) for k, (_, x) in zip(self._keys(pairs), pairs)}
                 if len(out) < len(pairs):  # (keys that read the same as text, 1 and "1": none is lost)
@@ -307,7 +306,7 @@ class RecordEncoder:
     def _pairs(self, v: dict) -> list[tuple[Any, Any]]:
         """The (key, value) pairs of a dict; a subclass with its own ``items`` (JSON reads
         it through them) gets them with the deadline of a repr."""
-        if v.__class__.items is dict.items:  # (dict's own: the usual dict)
+        if type(v).items is dict.items:  # (dict's own: the usual dict)
             return list(dict.items(v))
         return list(self._run_value_code(lambda: [(k, x) for k, x in v.items()]))
 
@@ -317,19 +316,19 @@ class RecordEncoder:
         keep = self.max_value_chars  # (a longer key makes the whole a summary anyway)
         keys = [k for k, _ in pairs]
         if all(map(_KEY_TYPES.__contains__, map(type, keys))):  # (their repr is Python's own)
-            return [no_surrogates(k) if k.__class__ is str else safe_repr(k, keep) for k in keys]
+            return [no_surrogates(k) if type(k) is str else safe_repr(k, keep) for k in keys]
 
         def texts() -> list[str]:
-            return [no_surrogates(str.__str__(k)) if isinstance(k, str) else safe_repr(k, keep) for k in keys]
-        return texts() if all(isinstance(k, str) for k in keys) else self._run_value_code(texts)
+            return [no_surrogates(str.__str__(k)) if issubclass(type(k), str) else safe_repr(k, keep) for k in keys]
+        return texts() if all(issubclass(type(k), str) for k in keys) else self._run_value_code(texts)
 
     def _head_summary(self, v: list | tuple | dict) -> dict[str, Any]:
         """The "json" summary of a container far too long to keep, from the JSON of its first
         items alone: a list of millions of numbers was encoded whole, 0.16 s a million on the
         task path (twice: when submitted and when it ended), for a summary of its start."""
-        if isinstance(v, dict):
+        if issubclass(type(v), dict):
             head: Any = dict(itertools.islice(dict.items(v), self.summary_chars))
-            ok = all(k.__class__ is str and plain(x) for k, x in head.items())
+            ok = all(type(k) is str and plain(x) for k, x in head.items())
         else:
             head = list(itertools.islice(members(v), self.summary_chars))
             ok = all(plain(x) for x in head)
@@ -343,7 +342,10 @@ class RecordEncoder:
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
-        bulky, items = bulk(v) or (None, None)
+        try:
+            bulky, items = bulk(v) or (None, None)
+        except Exception:  # noqa: BLE001 - (a len() that raises: an object posing as a bytearray)
+            bulky = items = None
         big = text is None and items is not None and items > (self.summary_chars if bulky == "bytes" else _WALK_ITEMS)
         extra: dict[str, Any] = {}
         if text is None:

@@ -41,7 +41,7 @@ def no_surrogates(text: str) -> str:
 def plain(v: Any, depth: int = 0) -> bool:
     """True if ``v`` is small strict JSON made of builtin types (orjson may still refuse a
     lone surrogate: the caller falls back to the careful path then)."""
-    cls = v.__class__
+    cls = type(v)  # (not v.__class__, which an object may fake: a Mock(spec=list))
     if cls is str:
         return len(v) <= TEXT_CHARS
     if cls is bool or v is None:
@@ -62,7 +62,7 @@ def plain(v: Any, depth: int = 0) -> bool:
             if len(v) > FAST_ITEMS:
                 return False
             for k, x in v.items():
-                if k.__class__ is not str or not plain(x, depth + 1):
+                if type(k) is not str or not plain(x, depth + 1):
                     return False
             return True
     return False
@@ -72,7 +72,7 @@ def finite(v: Any, depth: int = 0) -> bool:
     """False if ``v`` holds a NaN or an infinity anywhere (JSON has none: orjson writes null
     for them, in subclasses of list and dict too: an OrderedDict, a defaultdict) or nests
     too deep to look; reads what the built-in types hold (no code of a subclass runs)."""
-    cls = v.__class__
+    cls = type(v)
     if cls is float:
         return v - v == 0.0
     if cls in _LEAVES:
@@ -81,9 +81,9 @@ def finite(v: Any, depth: int = 0) -> bool:
         items = v
     elif cls is dict:
         items = v.values()
-    elif isinstance(v, float):
+    elif issubclass(cls, float):
         return math.isfinite(v)
-    elif isinstance(v, (list, tuple, dict)):
+    elif issubclass(cls, (list, tuple, dict)):
         items = members(v)
     else:
         return True
@@ -93,13 +93,15 @@ def finite(v: Any, depth: int = 0) -> bool:
 def size(v: Any) -> int | None:
     """The length of a list, tuple or dict as the built-in type holds it (a subclass's own
     ``__len__`` never runs: it may block), else None."""
-    return (list.__len__(v) if isinstance(v, list) else tuple.__len__(v) if isinstance(v, tuple)
-            else dict.__len__(v) if isinstance(v, dict) else None)
+    cls = type(v)
+    return (list.__len__(v) if issubclass(cls, list) else tuple.__len__(v) if issubclass(cls, tuple)
+            else dict.__len__(v) if issubclass(cls, dict) else None)
 
 
 def members(v: list | tuple | dict) -> Any:
     """The items of a list or tuple, the values of a dict, as the built-in type holds them."""
-    return list.__iter__(v) if isinstance(v, list) else tuple.__iter__(v) if isinstance(v, tuple) \
+    cls = type(v)
+    return list.__iter__(v) if issubclass(cls, list) else tuple.__iter__(v) if issubclass(cls, tuple) \
         else dict.values(v)
 
 
@@ -108,7 +110,7 @@ def bulk(v: Any) -> tuple[str, int] | None:
     or frozenset (a subclass too), bytes, bytearray, an array, a deque, a dict's view --
     read without its own code (kind: the reprlib method that keeps its repr short); else None."""
     for base in (list, tuple, dict, set, frozenset):
-        if isinstance(v, base):
+        if issubclass(type(v), base):
             return base.__name__, base.__len__(v)
-    kind = _BULKY.get(v.__class__)
+    kind = _BULKY.get(type(v))
     return None if kind is None else (kind, len(v))
