@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from . import probe
 from .jsonreply import LARGE_BYTES, Encoded, encoded
+from .texts import valid_unicode
 
 __all__ = ["BUSY", "UNSURE", "ResultCopies", "copied_at_once", "may_be_large", "plain_copy"]
 
@@ -45,7 +46,8 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
     tuples, dicts with str keys and scalars are walked in Python, so a large result never
     holds the GIL for long in one C call (that made the control thread wait past its
     deadline: 2.9 s for 3 million floats); anything else goes through ``json`` (its own code
-    runs here: call this through :mod:`qmagic.probe`).  Raises what ``json.dumps`` raises."""
+    runs here: call this through :mod:`qmagic.probe`).  Raises what ``json.dumps`` raises,
+    and ValueError for a dict whose keys read the same as JSON text (see :func:`_object`)."""
     cls = type(value)
     if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
         return value
@@ -53,8 +55,33 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
         if cls is list or cls is tuple:
             return [plain_copy(item, depth + 1) for item in value]
         if cls is dict and all(type(key) is str for key in value):
+            if not all(map(str.isascii, value)):
+                _distinct(value)
             return {key: plain_copy(item, depth + 1) for key, item in value.items()}
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value), object_pairs_hook=_object)
+
+
+#: Why a dict's copy fails when two of its keys read the same as JSON text.
+SAME_KEYS = "two keys of a dict read the same as JSON text (1 and '1', a lone surrogate and U+FFFD)"
+
+
+def _distinct(keys: Any) -> None:
+    """Raise ValueError if two of ``keys`` (str) read the same once their lone surrogates are
+    read as U+FFFD, as the reply's JSON writes them (:mod:`qmagic.jsonreply`)."""
+    if len(set(map(valid_unicode, keys))) < len(keys):
+        raise ValueError(SAME_KEYS)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object read back as a dict, refused (ValueError) if two of its keys are the
+    same: json writes {1: "a", "1": "b"} as two keys "1", and the client kept the last, one
+    value dropped without a word (found by a hostile test)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        raise ValueError(SAME_KEYS)
+    if not all(map(str.isascii, obj)):
+        _distinct(obj)
+    return obj
 
 
 class _TooLong(Exception):

@@ -272,6 +272,30 @@ def test_a_small_result_is_sent_while_the_probe_thread_is_stuck_on_another(make_
         release.set()
 
 
+
+def test_a_result_whose_keys_read_the_same_as_json_text_is_refused_not_cut(make_worker):
+    """json writes {1: "a", "1": "b"} with two keys "1" (and the reply a lone surrogate as
+    U+FFFD, the same key as a U+FFFD of its own): the client kept the last, a value dropped
+    without a word (hostile test).  Such a result is told that it cannot be sent, as the
+    log keeps it as a summary."""
+    import json
+
+    from qmagic.jsonreply import reply_bytes
+
+    w = make_worker({"ints": lambda: {1: "a", "1": "b"}, "nested": lambda: [{"x": {True: 1, "true": 2}}],
+                     "surrogate": lambda: {"\udcff": 1, "\ufffd": 2}, "ok": lambda: {1: "a", "2": "b", "\udcff": 3}})
+    qs = QS(w)
+    tasks = {name: w.submit(name) for name in ("ints", "nested", "surrogate", "ok")}
+    for name, task in tasks.items():
+        assert task.wait(TIMEOUT)
+        reply = qs.task_result(task_uid=task.uid)
+        res = reply["result"]
+        if name == "ok":
+            assert json.loads(reply_bytes(reply))["result"]["return_value"] == {"1": "a", "2": "b", "\ufffd": 3}
+        else:
+            assert res["return_value"] is None and "two keys of a dict read the same as JSON text" in res["msg"]
+
+
 def test_task_result_while_running_and_task_status_list(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})
