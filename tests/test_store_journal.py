@@ -374,9 +374,11 @@ def test_a_long_text_bytes_or_array_is_summarised_from_its_start_alone():
     values = [["é" * 5_000_000], b"\x01" * 5_000_000, bytearray(5_000_000), array.array("d", range(1_000_000)),
               collections.deque(range(1_000_000)), dict.fromkeys(range(1_000_000)).keys(), b"\x02" * 10]
     record = task("t", "completed", args=values, result=text)
+    encoder = RecordEncoder()
     tracemalloc.start()
     try:
-        line = RecordEncoder().encode(record, final=True)
+        line = encoder.encode(record, final=True)
+        small = encoder.summary(text, "repr")  # (a record still too long: its values' reprs)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -385,6 +387,7 @@ def test_a_long_text_bytes_or_array_is_summarised_from_its_start_alone():
     result, args = rec["result"], rec["args"]
     assert result[SUMMARY_KEY] == "json" and result["type"] == "str" and result["truncated"] is True
     assert result["repr"] == '"' + "x" * 1999 and args[0][0]["repr"].startswith('"ééé')
+    assert small["repr"].startswith("'xxxx") and "..." in small["repr"] and small["truncated"] is True
     for value, start in zip(args[1:6], ("b'\\x01\\x01", "bytearray(b'\\x00", "array('d', [0.0, 1.0,", "deque([0, 1,", "[0, 1, 2,")):
         assert value[SUMMARY_KEY] == "repr" and value["repr"].startswith(start), value
         assert value["truncated"] is True and value["length"] is None

@@ -106,10 +106,10 @@ def members(v: list | tuple | dict) -> Any:
 
 
 def bulk(v: Any) -> tuple[str, int] | None:
-    """(kind, length) of a value whose repr grows with its length -- a list, tuple, dict, set
-    or frozenset (a subclass too), bytes, bytearray, an array, a deque, a dict's view --
+    """(kind, length) of a value whose repr grows with its length -- a list, tuple, dict, set,
+    frozenset or str (a subclass too), bytes, bytearray, an array, a deque, a dict's view --
     read without its own code (kind: the reprlib method that keeps its repr short); else None."""
-    for base in (list, tuple, dict, set, frozenset):
+    for base in (list, tuple, dict, set, frozenset, str):
         if issubclass(type(v), base):
             return base.__name__, base.__len__(v)
     kind = _BULKY.get(type(v))
