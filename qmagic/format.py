@@ -99,7 +99,8 @@ def format_number(value: Any) -> str:
     """``3`` for 3.0, ``0.25`` for 0.25, ``?`` for None (progress amounts).
 
     Never raises: an int beyond float range reads ``1e+400``, a value the experiment log
-    kept as a summary its repr (``nan``), anything that is no number its :func:`printable` text (``<BadValue with a failing str>`` if ``str()`` fails)."""
+    kept as a summary its repr (``nan``), anything that is no number its :func:`printable`
+    text (``<BadValue with a failing str>`` if ``str()`` fails)."""
     if value is None:
         return "?"
     if isinstance(value, Mapping) and SUMMARY_KEY in value:  # (the log's summary of a NaN, a numpy number)

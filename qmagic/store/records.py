@@ -346,7 +346,8 @@ class RecordEncoder:
             bulky, items = bulk(v) or (None, None)
         except Exception:  # noqa: BLE001 - (a len() that raises: an object posing as a bytearray)
             bulky = items = None
-        big = text is None and items is not None and items > (self.summary_chars if bulky in ("bytes", "str") else _WALK_ITEMS)
+        long = self.summary_chars if bulky in ("bytes", "str") else _WALK_ITEMS  # (their repr: its start)
+        big = text is None and items is not None and items > long
         extra: dict[str, Any] = {}
         if text is None:
             def read() -> tuple[str, dict[str, Any]]:  # (the value's own code: with the deadline of a repr)
