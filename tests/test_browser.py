@@ -131,7 +131,7 @@ _BUTTON_ON_ROW = """(key) => {
 }"""
 
 
-def _expect_button_on_row(page, key: str, timeout_ms: float = 10_000) -> None:
+def _expect_button_on_row(page, key: str, timeout_ms: float = 15_000) -> None:
     """Wait until the Cancel button of task ``key`` sits on its row; fail with the positions."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -314,11 +314,11 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(cancel).to_be_visible()
     _expect_button_on_row(page, key)
     cancel.click()
-    expect(long_row).to_have_attribute("data-status", "cancelled", timeout=10_000)
+    expect(long_row).to_have_attribute("data-status", "cancelled")
     expect(panel.locator(".qmagic-panel-message")).to_contain_text("Cancel requested")
-    expect(panel.locator(f".qmagic-cancel.qmagic-task-{key}")).to_have_count(0, timeout=5_000)
+    expect(panel.locator(f".qmagic-cancel.qmagic-task-{key}")).to_have_count(0)
     panel.locator(f".qmagic-details-toggle.qmagic-task-{key}").click()
-    expect(panel.locator(".qmagic-task-details")).to_contain_text("TaskCancelled", timeout=5_000)
+    expect(panel.locator(".qmagic-task-details")).to_contain_text("TaskCancelled")
     _shot(panel, "02-task-panel-cancelled-details.png")
     _wait_cell_done(page, 1)
 
@@ -330,18 +330,18 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     lock.locator(".qmagic-lock-key input").fill("browser-key")
     lock.locator(".qmagic-lock-note input").fill("aligning the beam")
     lock.locator(".qmagic-lock-button").click()
-    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"), timeout=10_000)
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"))
     expect(lock.locator(".qmagic-lock-state")).to_contain_text("aligning the beam")
     expect(lock.locator(".qmagic-lock-key input")).to_have_value("")
     _shot(lock, "03-lock-panel-locked.png")
     lock.locator(".qmagic-lock-key input").fill("not-the-key")
     lock.locator(".qmagic-unlock-button").click()
-    expect(lock.locator(".qmagic-message-error")).to_contain_text("or ask them to unlock", timeout=10_000)
+    expect(lock.locator(".qmagic-message-error")).to_contain_text("or ask them to unlock")
     expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-locked"))
     _shot(lock, "04-lock-panel-wrong-key.png")
     lock.locator(".qmagic-lock-key input").fill("browser-key")
     lock.locator(".qmagic-unlock-button").click()
-    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-unlocked"), timeout=10_000)
+    expect(lock.locator(".qmagic-lock-state")).to_have_class(re.compile("qmagic-lock-unlocked"))
     expect(lock.locator(".qmagic-message-ok")).to_contain_text("Unlocked")
     _shot(lock, "05-lock-panel-unlocked.png")
 
@@ -356,9 +356,9 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
         "storm done: 100 completed, 300000 progress events")
     storm_panel = page.locator(".qmagic-task-panel").nth(1)
     storm_rows = storm_panel.locator(".qm-row", has_text="storm_task(")
-    expect(storm_rows).to_have_count(100, timeout=10_000)
+    expect(storm_rows).to_have_count(100)
     expect(storm_panel.locator(".qm-row[data-status='completed']", has_text="storm_task(")
-           ).to_have_count(100, timeout=5_000)
+           ).to_have_count(100)
     texts = storm_rows.locator(".qm-pt").all_text_contents()
     assert texts == ["3000/3000"] * 100, sorted(set(texts))
     storm_panel.evaluate("el => el.scrollIntoView({block: 'start'})")
@@ -384,15 +384,15 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     clicked = time.monotonic()
     cell5.locator(".qmagic-cancel").click()
     expect(cell5.locator(".jp-OutputArea")).to_contain_text("blocking cell ended: cancelled", timeout=15_000)
-    expect(row).to_have_attribute("data-status", "cancelled", timeout=5_000)
-    assert time.monotonic() - clicked < 15
+    assert time.monotonic() - clicked < 30  # handled while the cell blocked (bg.wait(60))
+    expect(row).to_have_attribute("data-status", "cancelled")
     _shot(cell5, "07-cancel-while-cell-blocks.png")
     _wait_cell_done(page, 5)
     # The panel of cell 1 shows it too (its updates are batched: it may come later than the
     # cell's own row; the next step must not take that task for cell 6's, still "running").
     bg_key = row.get_attribute("data-task")
     expect(panel.locator(f".qm-row[data-task='{bg_key}']")).to_have_attribute(
-        "data-status", "cancelled", timeout=5_000)
+        "data-status", "cancelled")
 
     # -- cell 6: a foreground task holds the main thread; Cancel it from the panel ---------
     _run_cell(page, 6)
@@ -403,12 +403,12 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(cell6.locator(".jp-InputPrompt")).to_contain_text("*")
     fg_key = fg_row.get_attribute("data-task")
     before = fg_row.locator(".qm-pt").text_content()
-    expect(fg_row.locator(".qm-pt")).not_to_have_text(before, timeout=5_000)
+    expect(fg_row.locator(".qm-pt")).not_to_have_text(before)
     panel.locator(f".qmagic-cancel.qmagic-task-{fg_key}").click()
     expect(cell6.locator(".jp-OutputArea")).to_contain_text("foreground task ended: cancelled",
                                                               timeout=15_000)
     expect(panel.locator(f".qm-row[data-task='{fg_key}']")).to_have_attribute(
-        "data-status", "cancelled", timeout=5_000)
+        "data-status", "cancelled")
     panel.evaluate("el => el.scrollIntoView({block: 'start'})")
     _shot(page, "08-foreground-task-cancelled.png")
     _shot(page, "09-whole-notebook.png")
