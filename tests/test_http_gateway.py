@@ -13,7 +13,7 @@ from bluesky_queueserver_api import BFunc
 from bluesky_queueserver_api.http import REManagerAPI
 from websockets.sync.client import connect
 
-from gateway import free_port, start_gateway
+from gateway import start_gateway
 from kernel_utils import KernelSession
 
 API_KEY = "qmagicTestApiKey0123"  # bluesky-httpserver refuses keys that are not alphanumeric
@@ -23,14 +23,19 @@ WAIT = 30.0
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     base = tmp_path_factory.mktemp("gateway")
-    control = f"tcp://127.0.0.1:{free_port()}"
-    info = f"tcp://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
+    # The kernel binds free ports itself and says which (two ports picked here and freed
+    # before the kernel binds them could be the same one, or taken meanwhile: the kernel's
+    # own channels and every connection draw from the same ephemeral range).
     kernel = KernelSession(base / "kernel", argv=[
-        "--ext=qmagic", f"--QMagic.zmq_control_address={control}",
-        f"--QMagic.zmq_info_address={info}"]).start()
+        "--ext=qmagic", "--QMagic.zmq_control_address=tcp://127.0.0.1:*",
+        "--QMagic.zmq_info_address=tcp://127.0.0.1:*"]).start()
     try:
         kernel.execute("def add(a, b):\n    print('adding', a, b)\n    return a + b\n", check=True)
+        control, info = kernel.eval(
+            "(lambda remote: (remote.server.address, remote.info.address))("
+            "__import__('qmagic.ipython.extension', fromlist=['get_session']).get_session(get_ipython()).remote)")
+        assert not control.endswith(":*") and not info.endswith(":*"), (control, info)
         t_kernel = time.monotonic() - t0
         gw = start_gateway(control, info, API_KEY, base)
         print(f"\nkernel start {t_kernel:.2f} s, gateway start {gw.start_seconds:.2f} s")
