@@ -2287,11 +2287,14 @@ KERNEL_CODE = (
 def remote_kernel(tmp_path_factory):
     from kernel_utils import KernelSession
 
-    address = f"tcp://127.0.0.1:{free_port()}"
+    # the kernel binds a free port itself (one picked here and freed could be taken by the
+    # kernel's own channels before the kernel binds it) and the setting then names it
     session = KernelSession(tmp_path_factory.mktemp("remote-kernel"), argv=[
-        "--ext=qmagic", f"--QMagic.zmq_control_address={address}"])
+        "--ext=qmagic", "--QMagic.zmq_control_address=tcp://127.0.0.1:*"])
     session.start()
     try:
+        address = session.eval("__import__('qmagic').get_worker().zmq_control_address")
+        assert not address.endswith(":*"), address
         session.execute(KERNEL_CODE, check=True)
         yield session, address
     finally:
