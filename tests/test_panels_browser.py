@@ -311,6 +311,10 @@ def test_panels_light_and_dark_in_jupyterlab(tmp_path):
 def _scenario(page, lab: Lab) -> list[str]:
     from playwright.sync_api import expect
 
+    # Panel updates go kernel -> server -> browser, batched: on a loaded 2-core machine that
+    # takes seconds.  (Playwright's default is 5 s; the setting is global, so without this
+    # line the waits below were 15 s after tests/test_browser.py had run, 5 s alone.)
+    expect.set_options(timeout=15_000)
     # Open the notebook once JupyterLab knows its kernel specs and sessions: opened any
     # earlier (a /lab/tree/... address) it may ask which kernel to use.
     page.goto(f"http://127.0.0.1:{lab.port}/lab?token={lab.token}")
@@ -372,7 +376,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     expect(cell8.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")).to_have_text(
         "TaskCancelled: scan(100000) was cancelled from the panel (Cancel button); it is recorded as cancelled.",
         timeout=15_000)
-    expect(row8).to_have_attribute("data-status", "cancelled", timeout=5_000)
+    expect(row8).to_have_attribute("data-status", "cancelled")
     _wait_done(page, 8)
     expect(row8).to_have_count(1)
     _shot(cell8, "light-3-foreground-cancelled.png")
@@ -418,7 +422,7 @@ def _foreground(page, index: int, theme: str) -> list[str]:
     _check_row_geometry(row)
     _shot(cell, f"{theme}-0-foreground-running.png")
     _wait_done(page, index)
-    expect(row).to_have_attribute("data-status", "completed", timeout=5_000)
+    expect(row).to_have_attribute("data-status", "completed")
     expect(row.locator(".qm-pt")).to_have_text("50/50 · point 50 of 50")
     expect(row.locator(".qm-el")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
     expect(cell.locator(".qm-row")).to_have_count(1)  # the returned Task: text only
