@@ -103,7 +103,8 @@ def format_number(value: Any) -> str:
     text (``<BadValue with a failing str>`` if ``str()`` fails)."""
     if value is None:
         return "?"
-    if isinstance(value, Mapping) and SUMMARY_KEY in value:  # (the log's summary of a NaN, a numpy number)
+    if type(value) is dict and SUMMARY_KEY in value:  # (the log's summary of a NaN, a numpy number; a
+        # live value's own __contains__ is not asked: it may raise)
         return safe_repr(value, 40)
     try:
         number = float(value)

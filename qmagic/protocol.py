@@ -21,7 +21,14 @@ from .format import SUMMARY_KEY
 from .jsonreply import Encoded
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
-from .result_copies import BUSY, UNSURE, ResultCopies, copied_at_once, plain_copy
+from .result_copies import (
+    BUSY,
+    NOT_AT_ONCE,
+    UNSURE,
+    ResultCopies,
+    copy_at_once,
+    plain_copy,
+)
 from .store.lockfile import MAX_USER_CHARS
 from .texts import LARGE_RESULT_NOT_SENT
 from .worker import json_error
@@ -325,13 +332,12 @@ def _plain_json(value: Any, task: Task, copies: ResultCopies,
     asking for large results at once held up everyone else: the control thread checked or
     copied them for each of them in turn)."""
     uid = task.uid
-    if copied_at_once(value):  # (small, of exact built-in types: no deadline needed)
-        try:
-            return copies.put(task, plain_copy(value)), None
-        except (ValueError, RecursionError) as exc:  # (an int of more digits than JSON writes)
-            return None, f"can not be serialized as JSON ({json_error(value) or exc})"
-        except RuntimeError:  # (a dict changed size meanwhile: read as any other)
-            pass
+    try:  # (small, of exact built-in types: no deadline needed)
+        copy = copy_at_once(value)
+    except ValueError as exc:  # (two keys that read the same)
+        return None, f"can not be serialized as JSON ({exc})"
+    if copy is not NOT_AT_ONCE:
+        return copies.put(task, copy), None
     kept = copies.get(uid, value, admit=large_work)
     if kept is BUSY:
         return None, _AskAgain(LARGE_RESULT_NOT_SENT)
@@ -408,7 +414,7 @@ def _result_dict(rec: Mapping[str, Any], status: TaskStatus, task: Task | None,
     success, msg, value = status is TaskStatus.COMPLETED, "", None
     if success and rec.get("kind") != "script":
         value = rec.get("result")
-        if isinstance(value, dict) and SUMMARY_KEY in value or task is None and _holds_summary(value):
+        if task is None and _holds_summary(value):  # (from the log; a live result's own code never runs here)
             value = None
             msg = ("The result could not be kept in full: the experiment log holds only a summary "
                    "of it or of part of it (see qmagic.history()).")

@@ -30,7 +30,7 @@ from . import probe
 from .jsonreply import LARGE_BYTES, Encoded, encoded
 from .texts import valid_unicode
 
-__all__ = ["BUSY", "UNSURE", "ResultCopies", "copied_at_once", "may_be_large", "plain_copy"]
+__all__ = ["BUSY", "NOT_AT_ONCE", "UNSURE", "ResultCopies", "copy_at_once", "may_be_large", "plain_copy"]
 
 #: Most bytes of JSON kept for all results together, counting each result's JSON twice: its
 #: own and the last reply made with it (their copies take about as much again: a pointer
@@ -39,6 +39,7 @@ __all__ = ["BUSY", "UNSURE", "ResultCopies", "copied_at_once", "may_be_large", "
 KEEP_BYTES = 64 * 1024 * 1024
 KEEP_MOST = 8  # results kept at most
 _WALK_DEPTH = 100
+_JSON_INT_BITS = 14_000  # (json refuses ints of more digits: sys.get_int_max_str_digits)
 
 
 def plain_copy(value: Any, depth: int = 0) -> Any:
@@ -49,7 +50,7 @@ def plain_copy(value: Any, depth: int = 0) -> Any:
     runs here: call this through :mod:`qmagic.probe`).  Raises what ``json.dumps`` raises,
     and ValueError for a dict whose keys read the same as JSON text (see :func:`_object`)."""
     cls = type(value)
-    if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > 14_000):  # (json's digit limit)
+    if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > _JSON_INT_BITS):
         return value
     if depth < _WALK_DEPTH:
         if cls is list or cls is tuple:
@@ -93,6 +94,18 @@ class _TooLong(Exception):
 _FLOAT_JSON = 26
 
 
+def _scalar_json(value: Any, cls: type) -> int | None:
+    """The most JSON a number or a text makes (read as the built-in type holds it: json
+    writes a subclass so too); None for any other value."""
+    if issubclass(cls, float):
+        return _FLOAT_JSON
+    if issubclass(cls, int):  # (and bool)
+        return int.bit_length(value) * 77 // 256 + 4  # (digits: 0.301 per bit; sign, ", ")
+    if issubclass(cls, str):
+        return str.__len__(value) + 4
+    return None
+
+
 def may_be_large(value: Any) -> bool:
     """True if making ``value``'s copy and JSON may be large work, told before it is done:
     its JSON may be larger than :data:`qmagic.jsonreply.LARGE_BYTES` (each number counted
@@ -113,12 +126,9 @@ def _count(value: Any, left: list[int], depth: int) -> None:
     """Take the most JSON ``value`` may make (see :func:`may_be_large`) from ``left[0]``;
     raises _TooLong once that is below 0, or for a value whose JSON its own code makes."""
     cls = type(value)
-    if issubclass(cls, float):  # (a subclass too: json writes it with float.__repr__)
-        left[0] -= _FLOAT_JSON
-    elif issubclass(cls, int):  # (and bool; json writes them with int's own repr)
-        left[0] -= int.bit_length(value) * 77 // 256 + 4  # (digits: 0.301 per bit; sign, ", ")
-    elif issubclass(cls, str):
-        left[0] -= str.__len__(value) + 4
+    scalar = _scalar_json(value, cls)
+    if scalar is not None:
+        left[0] -= scalar
     elif cls is list or cls is tuple or cls is dict:
         if depth >= _WALK_DEPTH:
             raise _TooLong
@@ -141,52 +151,64 @@ def _count(value: Any, left: list[int], depth: int) -> None:
         raise _TooLong
 
 
-def copied_at_once(value: Any) -> bool:
-    """True if ``value``'s copy may be made at once on the asking thread, without the probe
-    thread's deadline: it is made of exact str, int, float, bool and None, lists, tuples and
-    dicts with str keys only (no code of its own runs), nested less deep than
-    :func:`plain_copy` walks, and its JSON is not large (see :func:`may_be_large`: a
-    copy of milliseconds at most).  Such a result was read through the probe thread like
-    any other, so while that thread was busy with another (a large copy, a result whose
-    own code blocks), a small result was told it "could not be read" (a hostile test)."""
+#: What :func:`copy_at_once` returns for a value it leaves to the probe thread.
+NOT_AT_ONCE: Any = object()
+
+
+class _NotExact(Exception):
+    """A value :func:`copy_at_once` leaves to the probe thread."""
+
+
+def copy_at_once(value: Any) -> Any:
+    """``value``'s copy as :func:`plain_copy` makes it, made at once on the asking thread, or
+    :data:`NOT_AT_ONCE`.  Only for a value of exact str, int, float, bool and None, lists,
+    tuples and dicts with str keys (no code of its own runs), nested less deep than
+    :func:`plain_copy` walks, whose JSON is not large (counted as by :func:`may_be_large`: a
+    copy of milliseconds at most); read once, as it is copied (a task that changes it
+    meanwhile changes only what is copied).  Raises ValueError for a dict whose keys read the
+    same as JSON text.  Such a result was read through the probe thread like any other, so
+    while that thread was busy with another (a large copy, a result whose own code blocks),
+    a small result was told it "could not be read" (a hostile test)."""
     try:
-        return _exact(value, [LARGE_BYTES], 0)
-    except (_TooLong, RuntimeError):  # (RuntimeError: a dict changed size meanwhile)
-        return False
+        return _exact_copy(value, [LARGE_BYTES], 0)
+    except (_TooLong, _NotExact, RuntimeError):  # (RuntimeError: a dict changed size meanwhile)
+        return NOT_AT_ONCE
 
 
-def _exact(value: Any, left: list[int], depth: int) -> bool:
-    """False if ``value`` holds anything but the exact types of :func:`copied_at_once`;
-    takes what its JSON may make from ``left[0]`` (raises _TooLong once that is below 0)."""
+def _exact_copy(value: Any, left: list[int], depth: int) -> Any:
+    """The copy of :func:`copy_at_once`; takes what its JSON may make from ``left[0]``
+    (raises _TooLong once that is below 0, _NotExact for a value it leaves)."""
     cls = type(value)
-    if cls is float:
-        left[0] -= _FLOAT_JSON
-    elif cls is int or cls is bool:
-        left[0] -= value.bit_length() * 77 // 256 + 4
-    elif cls is str:
-        left[0] -= len(value) + 4
+    if cls is float or cls is str or (cls is int or cls is bool) and value.bit_length() <= _JSON_INT_BITS:
+        left[0] -= _scalar_json(value, cls)
+        copy = value
     elif value is None:
         left[0] -= 6
-    elif cls is list or cls is tuple or cls is dict:
-        if depth >= _WALK_DEPTH:
-            return False
-        left[0] -= 2 + 3 * len(value)
+        copy = None
+    elif (cls is list or cls is tuple or cls is dict) and depth < _WALK_DEPTH:
+        left[0] -= 2 + 3 * len(value)  # (at least 3 per item, counted at once)
         if left[0] < 0:
             raise _TooLong
         if cls is dict:
-            for key in value:
-                if type(key) is not str:
-                    return False
-                left[0] -= len(key) + 1
-        for item in (value.values() if cls is dict else value):
-            left[0] += 3
-            if not _exact(item, left, depth + 1):
-                return False
+            if not all(type(key) is str for key in value):
+                raise _NotExact
+            left[0] -= sum(map(len, value)) + len(value)  # (each key: its text and its ":")
+            if not all(map(str.isascii, value)):
+                _distinct(value)
+            copy = {}
+            for key, item in value.items():
+                left[0] += 3
+                copy[key] = _exact_copy(item, left, depth + 1)
+        else:
+            copy = []
+            for item in value:
+                left[0] += 3
+                copy.append(_exact_copy(item, left, depth + 1))
     else:
-        return False
+        raise _NotExact
     if left[0] < 0:
         raise _TooLong
-    return True
+    return copy
 
 
 def _unchanged(value: Any, copy: Any, steps: list[int] | None, depth: int = 0) -> bool:

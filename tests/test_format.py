@@ -141,3 +141,9 @@ def test_progress_numbers_never_fail_to_format():
 
     logged = RecordEncoder().value({"value": float("nan"), "total": float("inf"), "message": "m"})
     assert progress_text(logged) == "nan/inf m"
+
+    class Odd(dict):  # (a live value: its own __contains__ is not asked whether it is a summary)
+        def __contains__(self, key):
+            raise RuntimeError("no contains")
+
+    assert format_number(Odd(a=1)) == "{'a': 1}"

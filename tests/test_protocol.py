@@ -272,6 +272,26 @@ def test_a_small_result_is_sent_while_the_probe_thread_is_stuck_on_another(make_
         release.set()
 
 
+def test_a_live_results_own_code_never_runs_on_the_control_thread(make_worker):
+    """task_result asked a live result whether it was the log's summary (``SUMMARY_KEY in
+    value``): a dict subclass's own ``__contains__`` ran on the control thread (a reviewer);
+    one that raised failed the request.  Only a result read from the log can be a summary."""
+    import threading
+
+    asked: list[str] = []
+
+    class Reading(dict):
+        def __contains__(self, key):
+            asked.append(threading.current_thread().name)
+            raise RuntimeError("asked on the control thread")
+
+    w = make_worker({"reading": lambda: Reading(a=1)})
+    task = w.submit("reading")
+    assert task.wait(TIMEOUT)
+    reply = QS(w).task_result(task_uid=task.uid)
+    assert reply["success"] is True and reply["result"]["return_value"] == {"a": 1}, reply
+    assert asked == []
+
 
 def test_a_result_whose_keys_read_the_same_as_json_text_is_refused_not_cut(make_worker):
     """json writes {1: "a", "1": "b"} with two keys "1" (and the reply a lone surrogate as

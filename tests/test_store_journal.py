@@ -332,6 +332,40 @@ def test_values_that_are_not_json_are_summarised_with_a_marker(journal):
     assert tb.endswith("ZeroDivisionError: division by zero") and "characters omitted" in tb
 
 
+def test_summaries_keep_a_values_own_start_and_stop_at_what_they_keep():
+    """Reviewer's findings: a large dict or set was sorted whole by reprlib for its summary
+    (a million keys: 0.8 s, the start kept was not the value's own); the start of a long
+    container was encoded item by item up to 2,000 items whatever their size (2,000 texts of
+    60K characters: 120 MB for a summary of 2,000 characters); a small OrderedDict was read
+    through the repr's deadline thread (``items`` of its own), and stored as "not tried"
+    while that thread was busy."""
+    import collections
+    import tracemalloc
+
+    encoder = RecordEncoder()
+    channels = {f"ch{i}": float("nan") for i in reversed(range(300))}
+    summary = encoder.value(channels)
+    assert summary[SUMMARY_KEY] == "repr" and summary["repr"].startswith("{'ch299': nan, 'ch298': nan")
+    assert encoder.value({299, 3, 150} | set(range(1000, 1200)))["repr"].startswith("{")
+    text = "x" * 60_000
+    tracemalloc.start()
+    try:
+        summary = encoder.value([text] * 60_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary[SUMMARY_KEY] == "json" and summary["items"] == 60_000 and summary["repr"].startswith('["xxx')
+    assert peak < 5_000_000, peak
+
+    def stuck(fn):
+        raise TimeoutError("the repr's thread is busy")
+    busy = RecordEncoder(run_value_code=stuck)
+    ordered = collections.OrderedDict(b=1, a=2.5)
+    ordered.move_to_end("b")
+    assert busy.value(ordered) == {"a": 2.5, "b": 1}  # (its own order: OrderedDict's)
+    assert list(busy.value(ordered)) == ["a", "b"]
+
+
 def test_a_container_of_millions_of_items_is_summarised_from_its_start_alone():
     """A list of millions of numbers (an argument, a result) was encoded whole, into JSON of
     megabytes, for a summary of its start: 0.16 s a million on the task path, twice.  Its

@@ -31,9 +31,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-import reprlib
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,7 +58,17 @@ ORPHAN_QUEUED_REASON = "kernel stopped before the task started"
 ORPHAN_REASONS = (ORPHAN_REASON, ORPHAN_QUEUED_REASON)
 #: Key that marks a value the log replaced by a summary.
 from ..texts import SUMMARY_KEY, printable, safe_repr  # noqa: E402 - one definition, shared with the text forms
-from .values import I64, U64, bulk, finite, members, no_surrogates, plain, size  # noqa: E402 - as above
+from .values import (  # noqa: E402 - as above
+    I64,
+    U64,
+    HeadRepr,
+    bulk,
+    finite,
+    members,
+    no_surrogates,
+    plain,
+    size,
+)
 
 _TEXT_KEYS = ("error", "traceback")
 _NAME_KEYS = ("name", "user", "user_group")
@@ -131,7 +141,7 @@ class RecordEncoder:
         #: runs a value's own code (its repr) for a summary; the worker gives one with a
         #: deadline, so that a repr that blocks cannot hold up a task's end (and the kernel)
         self._run_value_code = run_value_code or (lambda fn: fn())
-        self._reprlib = reprlib.Repr()
+        self._reprlib = HeadRepr()
         self._reprlib.maxstring = self._reprlib.maxother = summary_chars
         self._reprlib.maxlist = self._reprlib.maxtuple = self._reprlib.maxdict = 50
         self._reprlib.maxset = self._reprlib.maxfrozenset = self._reprlib.maxarray = self._reprlib.maxdeque = 50
@@ -306,8 +316,9 @@ class RecordEncoder:
     def _pairs(self, v: dict) -> list[tuple[Any, Any]]:
         """The (key, value) pairs of a dict; a subclass with its own ``items`` (JSON reads
         it through them) gets them with the deadline of a repr."""
-        if type(v).items is dict.items:  # (dict's own: the usual dict)
-            return list(dict.items(v))
+        items = type(v).items
+        if items is dict.items or items is OrderedDict.items:  # (theirs: no code of the value's own)
+            return list(items(v))
         return list(self._run_value_code(lambda: [(k, x) for k, x in v.items()]))
 
     def _keys(self, pairs: list[tuple[Any, Any]]) -> list[str]:
@@ -326,26 +337,25 @@ class RecordEncoder:
         """The "json" summary of a container far too long to keep, from the JSON of its first
         items alone: a list of millions of numbers was encoded whole, 0.16 s a million on the
         task path (twice: when submitted and when it ended), for a summary of its start."""
-        if issubclass(type(v), dict):
-            head: Any = dict(itertools.islice(dict.items(v), self.summary_chars))
-            ok = all(type(k) is str and plain(x) for k, x in head.items())
-        else:
-            head = list(itertools.islice(members(v), self.summary_chars))
-            ok = all(plain(x) for x in head)
-        if not ok:  # (NaN, an object...: its repr, which reprlib keeps short)
-            return self.summary(v, "repr")
-        try:
-            text = orjson.dumps(head).decode()
-        except (TypeError, ValueError):  # (a lone surrogate)
-            return self.summary(v, "repr")
-        return {**self.summary(v, "json", text), "truncated": True, "length": None}
+        is_dict = issubclass(type(v), dict)
+        text = bytearray(b"{" if is_dict else b"[")
+        for item in itertools.islice(dict.items(v) if is_dict else members(v), self.summary_chars):
+            key, x = item if is_dict else (None, item)
+            if not plain(x) or is_dict and type(key) is not str:  # (NaN, an object...: its repr,
+                return self.summary(v, "repr")  # which reprlib keeps short)
+            try:  # (item by item, up to what the summary keeps: 2,000 texts of 64K were 130 MB)
+                text += (orjson.dumps(key) + b":" + orjson.dumps(x)) if is_dict else orjson.dumps(x)
+            except (TypeError, ValueError):  # (a lone surrogate)
+                return self.summary(v, "repr")
+            text += b","
+            if len(text) > self.summary_chars:
+                break
+        text[-1:] = b"}" if is_dict else b"]"
+        return {**self.summary(v, "json", text.decode()), "truncated": True, "length": None}
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""
-        try:
-            bulky, items = bulk(v) or (None, None)
-        except Exception:  # noqa: BLE001 - (a len() that raises: an object posing as a bytearray)
-            bulky = items = None
+        bulky, items = bulk(v) or (None, None)
         long = self.summary_chars if bulky in ("bytes", "str") else _WALK_ITEMS  # (their repr: its start)
         big = text is None and items is not None and items > long
         extra: dict[str, Any] = {}
