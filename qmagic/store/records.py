@@ -276,8 +276,7 @@ class RecordEncoder:
             if str.__len__(v) + 2 <= self.max_value_chars:
                 return no_surrogates(v if cls is str else str.__str__(v))
             head = no_surrogates(str.__getitem__(v, slice(0, self.summary_chars)))  # (a 100 MB text was
-            return {**self.summary(v, "json", orjson.dumps(head).decode()),  # encoded whole: 2.5 s, 2 GB)
-                    "truncated": True, "length": None}
+            return self._start_summary(v, orjson.dumps(head).decode())  # encoded whole: 2.5 s, 2 GB)
         if issubclass(cls, float):
             return (v if cls is float else float.__float__(v)) if math.isfinite(v) else self.summary(v, "repr")
         if issubclass(cls, int):
@@ -351,7 +350,12 @@ class RecordEncoder:
             if len(text) > self.summary_chars:
                 break
         text[-1:] = b"}" if is_dict else b"]"
-        return {**self.summary(v, "json", text.decode()), "truncated": True, "length": None}
+        return self._start_summary(v, text.decode())
+
+    def _start_summary(self, v: Any, text: str) -> dict[str, Any]:
+        """The "json" summary of ``v`` from ``text``, the JSON of its start alone (its whole
+        length unknown)."""
+        return {**self.summary(v, "json", text), "truncated": True, "length": None}
 
     def summary(self, v: Any, kind: str, text: str | None = None) -> dict[str, Any]:
         """The marker dict standing for ``v``: kind "json" (too large) or "repr" (not JSON)."""

@@ -16,14 +16,14 @@ import math
 import reprlib
 from typing import Any
 
-__all__ = ["FAST_ITEMS", "I64", "TEXT_CHARS", "U64", "HeadRepr", "bulk", "finite", "members", "no_surrogates", "plain", "size"]
+__all__ = ["I64", "U64", "HeadRepr", "bulk", "finite", "members", "no_surrogates", "plain", "size"]
 
-FAST_ITEMS = 64  # containers up to this size are checked by the encoder's fast path
+_FAST_ITEMS = 64  # containers up to this size are checked by the encoder's fast path
 I64, U64 = -(2**63), 2**64  # integers JSON readers take whole: [I64, U64)
 _LEAVES = frozenset((type(None), str, int, bool))
 #: Longer strings are not small JSON (the encoder keeps the start of a string longer than
 #: its max_value_chars: such a string is not encoded whole on the fast path first).
-TEXT_CHARS = 1 << 16
+_TEXT_CHARS = 1 << 16
 #: Built-in types whose repr grows with their length, as the reprlib method that keeps it short.
 _BULKY = {bytes: "bytes", bytearray: "bytes", array.array: "array", collections.deque: "deque",
           type({}.keys()): "list", type({}.values()): "list", type({}.items()): "list"}
@@ -45,7 +45,7 @@ def plain(v: Any, depth: int = 0) -> bool:
     lone surrogate: the caller falls back to the careful path then)."""
     cls = type(v)  # (not v.__class__, which an object may fake: a Mock(spec=list))
     if cls is str:
-        return len(v) <= TEXT_CHARS
+        return len(v) <= _TEXT_CHARS
     if cls is bool or v is None:
         return True
     if cls is int:
@@ -54,14 +54,14 @@ def plain(v: Any, depth: int = 0) -> bool:
         return v - v == 0.0  # False for NaN and +-inf
     if depth < 3:
         if cls is list or cls is tuple:
-            if len(v) > FAST_ITEMS:
+            if len(v) > _FAST_ITEMS:
                 return False
             for x in v:
                 if not plain(x, depth + 1):
                     return False
             return True
         if cls is dict:
-            if len(v) > FAST_ITEMS:
+            if len(v) > _FAST_ITEMS:
                 return False
             for k, x in v.items():
                 if type(k) is not str or not plain(x, depth + 1):
