@@ -355,6 +355,39 @@ def test_every_method_is_served_and_refuses_unsupported_params(raw, worker):
     assert_untouched(worker)
 
 
+def test_no_reply_is_lost_while_other_programs_load_the_cpus(server):
+    """A client that waits for each reply gets every one while the machine is loaded.
+
+    A REP socket drops a reply to a client it believes ``_REPLIES_PER_CLIENT`` replies
+    behind, and it learns only now and then that its replies were read: with the CPUs busy,
+    one client in a few hundred lost a reply and waited forever (seen in a busy run of the
+    suite).  Before the fix this test caught it in 5 runs of 6 here; fresh
+    connections of 18 requests each, as the loss came after 16 or 24 replies."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    ctx = zmq.Context()
+    try:
+        for _ in range(250):
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+            sock.connect(server.address)
+            try:
+                for name in METHODS:
+                    sock.send(json.dumps({"method": name, "params": {"not_a_param": 1}}).encode())
+                    try:
+                        assert json.loads(sock.recv()).get("success") is not True, name
+                    except zmq.Again:
+                        pytest.fail(f"no reply to {name!r} within {WAIT} s (the server said "
+                                    f"{server.requests} requests served)")
+            finally:
+                sock.close(0)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+        ctx.term()
+
+
 # =========================================================================================
 # function_execute, task_status, task_result
 # =========================================================================================
