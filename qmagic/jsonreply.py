@@ -3,7 +3,9 @@
 :func:`reply_bytes` encodes a reply dict for the wire.  A value in it that is
 :class:`Encoded` (a copy of a large task result that carries its own JSON, see
 :mod:`qmagic.result_copies`) is not encoded again: its bytes are put in place as they are.
-Lone surrogates, which no UTF-8 reader takes, are read as U+FFFD.
+Lone surrogates, which no UTF-8 reader takes, are read as U+FFFD.  The JSON is strict:
+NaN and infinities, which JSON has no words for (bluesky-httpserver answered 500 to a
+reply holding one), are sent as null, and the reply's ``msg`` says so (:data:`NONFINITE_NOTE`).
 
 No IPython, widgets or zmq here.
 """
@@ -11,12 +13,13 @@ No IPython, widgets or zmq here.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Any
 
 from .texts import valid_unicode
 
-__all__ = ["LARGE_BYTES", "Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
+__all__ = ["LARGE_BYTES", "NONFINITE_NOTE", "Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
 
 #: JSON larger than this (bytes) is *large*: a request, a reply, or a task result's copy.
 #: The control channel rations the time it spends on large work while others wait
@@ -25,6 +28,10 @@ __all__ = ["LARGE_BYTES", "Encoded", "EncodedDict", "EncodedList", "encoded", "r
 LARGE_BYTES = 64 * 1024
 
 _SWAP_DEPTH = 4  # how deep in a reply's dicts an Encoded value is looked for
+
+#: Said in a reply's ``msg`` when a value in it held NaN or an infinity.
+NONFINITE_NOTE = ("The reply holds NaN or infinity, which JSON cannot carry: each is sent as "
+                  "null (the kernel keeps the exact value).")
 
 
 class Encoded:
@@ -37,6 +44,7 @@ class Encoded:
     json: bytes = b""
     token: str = ""
     reply: tuple[str, bytes] | None = None
+    nonfinite: bool = False  # NaN or an infinity was sent as null
 
 
 class EncodedList(list, Encoded):
@@ -47,11 +55,30 @@ class EncodedDict(dict, Encoded):
     """A dict of plain JSON data with its encoding (see :class:`Encoded`)."""
 
 
-def _text(value: Any) -> str:
-    body = json.dumps(value)
+def _finite(value: Any) -> Any:
+    """``value`` (plain JSON data) with NaN and infinities as None; only the lists and dicts
+    on their way are copied."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
+
+
+def _text(value: Any) -> tuple[str, bool]:
+    """``value`` as strict JSON text, and whether NaN or an infinity was written as null."""
+    try:
+        body, nonfinite = json.dumps(value, allow_nan=False), False
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):  # (a circular reference)
+            raise
+        value, nonfinite = _finite(value), True
+        body = json.dumps(value, allow_nan=False)
     if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
-        body = valid_unicode(json.dumps(value, ensure_ascii=False))
-    return body
+        body = valid_unicode(json.dumps(value, ensure_ascii=False, allow_nan=False))
+    return body, nonfinite
 
 
 def encoded(copy: Any) -> Any:
@@ -62,7 +89,8 @@ def encoded(copy: Any) -> Any:
     if cls is None:
         return copy
     kept = cls(copy)
-    kept.json = _text(copy).encode("utf-8")
+    text, kept.nonfinite = _text(copy)
+    kept.json = text.encode("utf-8")
     kept.token = f"qmagic-encoded-{secrets.token_hex(16)}"  # (no client can guess it)
     return kept
 
@@ -83,10 +111,15 @@ def _swapped(value: Any, pieces: dict[str, Encoded], depth: int = 0) -> Any:
 
 
 def reply_bytes(reply: dict) -> bytes:
-    """``reply`` as UTF-8 JSON bytes, :class:`Encoded` values spliced in as they are.
-    Raises what ``json.dumps`` raises."""
+    """``reply`` as UTF-8 JSON bytes, :class:`Encoded` values spliced in as they are; NaN
+    and infinities as null, said in its ``msg``.  Raises what ``json.dumps`` raises."""
     pieces: dict[str, Encoded] = {}
-    text = _text(_swapped(reply, pieces))
+    swapped = _swapped(reply, pieces)
+    text, nonfinite = _text(swapped)
+    if nonfinite or any(piece.nonfinite for piece in pieces.values()):
+        msg = swapped.get("msg")
+        swapped = {**swapped, "msg": f"{msg} {NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
+        text, _ = _text(swapped)
     if len(pieces) == 1:
         (piece,) = pieces.values()
         last = piece.reply

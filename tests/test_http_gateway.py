@@ -227,3 +227,21 @@ def test_a_result_naming_a_file_that_is_not_utf8_reaches_the_gateway(rm):
     result = rm.task_result(uid)["result"]
     assert result["msg"] == "Error occurred while executing 'Execute function': cannot read caf\ufffd.dat"
     assert "ValueError: cannot read caf\ufffd.dat" in result["traceback"]
+
+
+def test_a_result_holding_nan_reaches_the_gateway_as_null_with_a_word(rm, gateway):
+    """A measurement that returns NaN or an infinity: the control channel's reply carried
+    Python's ``NaN`` tokens, which bluesky-httpserver cannot encode: /api/task/result
+    answered 500 Internal Server Error, with nothing to read.  It gets null for each, and
+    the reply's msg says why."""
+    from qmagic.jsonreply import NONFINITE_NOTE
+
+    reply = rm.script_upload("import math\ndef qs_nan():\n    return [1.5, math.nan, -math.inf]\n")
+    rm.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+    uid = rm.function_execute(BFunc("qs_nan"), run_in_background=True)["task_uid"]
+    rm.wait_for_completed_task(uid, timeout=WAIT)
+    r = httpx.request("GET", f"{gateway.uri}/api/task/result", json={"task_uid": uid}, headers=_headers())
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["return_value"] == [1.5, None, None]
+    assert r.json()["msg"] == NONFINITE_NOTE
+    assert rm.task_result(uid)["result"]["return_value"] == [1.5, None, None]  # (the client's way)

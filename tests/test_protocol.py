@@ -316,6 +316,41 @@ def test_a_result_whose_keys_read_the_same_as_json_text_is_refused_not_cut(make_
             assert res["return_value"] is None and "two keys of a dict read the same as JSON text" in res["msg"]
 
 
+def test_nan_and_infinity_go_out_as_null_with_a_word_never_as_broken_json(make_worker):
+    """JSON has no NaN or infinity: the replies carried Python's ``NaN`` tokens, which
+    bluesky-httpserver cannot pass on (its /api/task/result answered 500 Internal Server
+    Error for that task for good).  The reply is strict JSON: each is null, and ``msg`` says
+    so, for a small result and for a large one (copied once with its JSON)."""
+    import json
+    import math
+
+    from qmagic.jsonreply import LARGE_BYTES, NONFINITE_NOTE, reply_bytes
+
+    def strict(data: bytes):
+        def refuse(token):
+            raise AssertionError(f"not JSON: {token}")
+        return json.loads(data, parse_constant=refuse)
+
+    big = [0.5] * (LARGE_BYTES // 4) + [math.nan]
+    w = make_worker({"small": lambda: [1.5, math.nan, {"x": -math.inf}], "big": lambda: big,
+                     "fine": lambda: [1.5, 2.0]})
+    qs = QS(w)
+    tasks = {name: w.submit(name) for name in ("small", "big", "fine")}
+    for name, task in tasks.items():
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, name
+        for _ in range(2):  # (a large result's second reply is made from its kept copy)
+            reply = strict(reply_bytes(qs.task_result(task_uid=task.uid)))
+            value = reply["result"]["return_value"]
+            if name == "fine":
+                assert reply["msg"] == "" and value == [1.5, 2.0]
+                continue
+            assert reply["success"] is True and reply["msg"] == NONFINITE_NOTE, name
+            assert value == ([1.5, None, {"x": None}] if name == "small" else [0.5] * (LARGE_BYTES // 4) + [None])
+    assert math.isnan(tasks["small"].result()[1])  # (the kernel keeps the exact value)
+    refused = strict(reply_bytes({"success": False, "msg": "Error: no", "value": math.inf}))
+    assert refused["msg"] == f"Error: no {NONFINITE_NOTE}" and refused["value"] is None
+
+
 def test_task_result_while_running_and_task_status_list(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate})
