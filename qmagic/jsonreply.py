@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from .texts import valid_unicode
 
-__all__ = ["LARGE_BYTES", "NONFINITE_NOTE", "Encoded", "EncodedDict", "EncodedList", "encoded", "reply_bytes"]
+__all__ = ["LARGE_BYTES", "NONFINITE_NOTE", "Encoded", "EncodedDict", "EncodedList", "encoded", "json_text",
+           "reply_bytes"]
 
 #: JSON larger than this (bytes) is *large*: a request, a reply, or a task result's copy.
 #: The control channel rations the time it spends on large work while others wait
@@ -67,17 +68,19 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _text(value: Any) -> tuple[str, bool]:
-    """``value`` as strict JSON text, and whether NaN or an infinity was written as null."""
+def json_text(value: Any, default: Callable[[Any], Any] | None = None) -> tuple[str, bool]:
+    """``value`` as strict JSON text that any UTF-8 JSON reader takes, and whether NaN or
+    an infinity was written as null; lone surrogates read as U+FFFD.  ``default``: as
+    ``json.dumps``'s.  Raises what ``json.dumps`` raises."""
     try:
-        body, nonfinite = json.dumps(value, allow_nan=False), False
+        body, nonfinite = json.dumps(value, allow_nan=False, default=default), False
     except ValueError as exc:
         if "Out of range float" not in str(exc):  # (a circular reference)
             raise
         value, nonfinite = _finite(value), True
-        body = json.dumps(value, allow_nan=False)
+        body = json.dumps(value, allow_nan=False, default=default)
     if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
-        body = valid_unicode(json.dumps(value, ensure_ascii=False, allow_nan=False))
+        body = valid_unicode(json.dumps(value, ensure_ascii=False, allow_nan=False, default=default))
     return body, nonfinite
 
 
@@ -89,7 +92,7 @@ def encoded(copy: Any) -> Any:
     if cls is None:
         return copy
     kept = cls(copy)
-    text, kept.nonfinite = _text(copy)
+    text, kept.nonfinite = json_text(copy)
     kept.json = text.encode("utf-8")
     kept.token = f"qmagic-encoded-{secrets.token_hex(16)}"  # (no client can guess it)
     return kept
@@ -115,11 +118,11 @@ def reply_bytes(reply: dict) -> bytes:
     and infinities as null, said in its ``msg``.  Raises what ``json.dumps`` raises."""
     pieces: dict[str, Encoded] = {}
     swapped = _swapped(reply, pieces)
-    text, nonfinite = _text(swapped)
+    text, nonfinite = json_text(swapped)
     if nonfinite or any(piece.nonfinite for piece in pieces.values()):
         msg = swapped.get("msg")
         swapped = {**swapped, "msg": f"{msg} {NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
-        text, _ = _text(swapped)
+        text, _ = json_text(swapped)
     if len(pieces) == 1:
         (piece,) = pieces.values()
         last = piece.reply

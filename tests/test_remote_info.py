@@ -547,3 +547,34 @@ def test_a_progress_message_naming_a_file_that_is_not_utf8_is_published_as_valid
     pub._send(Socket(), b"QS_Info", {"task": pub._tasks[task.uid]})
     received = json.loads(sent[0][1])  # as a subscriber reads it, and passes it on as UTF-8
     assert received["msg"]["task"]["progress"]["message"] == "reading caf\ufffd.dat"
+
+
+def test_a_progress_of_nan_is_published_as_strict_json(make_worker):
+    """report_progress(math.nan, ...) (a reading that failed, used as the progress) went out
+    as Python's ``NaN`` token, which no strict JSON reader (a browser behind the gateway's
+    /api/info/ws) takes: it is null now, as in the control channel's replies."""
+    import math
+
+    import qmagic
+
+    def odd_progress():
+        qmagic.report_progress(math.nan, math.inf, "reading")
+
+    worker = make_worker({"odd_progress": odd_progress})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    task = worker.submit("odd_progress")
+    assert task.wait(TIMEOUT)
+    pub._on_event(task.uid, progress=task.progress)
+    sent = []
+
+    class Socket:  # (what the publishing thread's socket is given)
+        def send_multipart(self, frames, flags=0):
+            sent.append(frames)
+
+    pub._send(Socket(), b"QS_Info", {"task": pub._tasks[task.uid]})
+
+    def refuse(token):
+        raise AssertionError(f"not JSON: {token}")
+
+    progress = json.loads(sent[0][1], parse_constant=refuse)["msg"]["task"]["progress"]
+    assert progress == {"value": None, "total": None, "message": "reading"}

@@ -26,7 +26,6 @@ and goes out joined, up to :data:`CONSOLE_CHUNK_CHARS` a message.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -41,6 +40,7 @@ from .. import probe
 from ..core import capture
 from ..core.status import FINISHED_VALUES, TaskStatus
 from ..errors import TaskNotFound
+from ..jsonreply import json_text
 from ..protocol import failure_message, not_started_message
 from ..texts import valid_unicode
 from .server import is_loopback, server_secret_key
@@ -305,12 +305,10 @@ class InfoPublisher(SocketThread):
             self._send(sock, TOPIC_CONSOLE, text)  # (lone surrogates: see _send)
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
-        payload = json.dumps({"time": time.time(), "msg": msg}, default=str)
-        if "\\ud" in payload:  # (rare) perhaps a lone surrogate (a print, an error or a progress
-            # message naming a file that is not UTF-8): a subscriber that passes it on as UTF-8,
-            # bluesky-httpserver's replies and websockets, failed on it (500 until it scrolled out)
-            payload = valid_unicode(json.dumps({"time": time.time(), "msg": msg}, default=str,
-                                               ensure_ascii=False))
+        # Strict JSON: a lone surrogate (a print, an error or a progress message naming a
+        # file that is not UTF-8) made subscribers that pass it on as UTF-8 fail
+        # (bluesky-httpserver's replies and websockets: 500 until it scrolled out), as did NaN.
+        payload, _ = json_text({"time": time.time(), "msg": msg}, default=str)
         try:
             sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
             self.messages += 1
