@@ -388,7 +388,10 @@ def test_storm_is_coalesced_and_every_row_ends_exact(probe, worker):
     assert worst <= 2 * hz, worst
 
 
-def test_final_state_is_shown_within_a_tick(probe, worker):
+def test_final_state_is_shown_after_a_burst(probe, worker):
+    """After 20,000 progress updates, an update message carries the task's final state and
+    the row ends showing all of its progress.  (How soon: benchmarks/panels.py, "task end
+    -> panel shows it", p95 <= 150 ms; not a timed assertion here.)"""
     w = worker
     panel = panels.TaskPanel(w)
     assert panel.flush()
@@ -399,8 +402,6 @@ def test_final_state_is_shown_within_a_tick(probe, worker):
     shown = [m[0] for m in probe.updates()
              if f'data-task="{key}" data-status="completed"' in str((m[3] or {}).get("state", {}))]
     assert shown, "no update message carried the final state"
-    delay = shown[0] - task.finished_at
-    assert delay < 0.3, f"final state shown {delay * 1000:.0f} ms after the task ended"
     assert row_progress(panel.row_html(), task) == "20000/20000"
 
 
