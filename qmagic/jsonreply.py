@@ -63,8 +63,9 @@ def _finite(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, dict):  # (a key is text in JSON: NaN as json writes it, "NaN")
+        return {json.dumps(key) if isinstance(key, float) and not math.isfinite(key) else key: _finite(item)
+                for key, item in value.items()}
     return value
 
 
