@@ -13,7 +13,7 @@ No IPython, widgets or zmq here.
 from __future__ import annotations
 
 import json
-import math
+import re
 import secrets
 from typing import Any, Callable
 
@@ -56,32 +56,27 @@ class EncodedDict(dict, Encoded):
     """A dict of plain JSON data with its encoding (see :class:`Encoded`)."""
 
 
-def _finite(value: Any) -> Any:
-    """``value`` (plain JSON data) with NaN and infinities as None; only the lists and dicts
-    on their way are copied."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, dict):  # (a key is text in JSON: NaN as json writes it, "NaN")
-        return {json.dumps(key) if isinstance(key, float) and not math.isfinite(key) else key: _finite(item)
-                for key, item in value.items()}
-    return value
+#: A JSON string (skipped as it is), or a bare NaN or infinity of ``json.dumps``'s output.
+_NONFINITE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?Infinity|NaN')
+
+
+def _null(match: re.Match[str]) -> str:
+    word = match.group()
+    return word if word[0] == '"' else "null"
 
 
 def json_text(value: Any, default: Callable[[Any], Any] | None = None) -> tuple[str, bool]:
     """``value`` as strict JSON text that any UTF-8 JSON reader takes, and whether NaN or
-    an infinity was written as null; lone surrogates read as U+FFFD.  ``default``: as
-    ``json.dumps``'s.  Raises what ``json.dumps`` raises."""
-    try:
-        body, nonfinite = json.dumps(value, allow_nan=False, default=default), False
-    except ValueError as exc:
-        if "Out of range float" not in str(exc):  # (a circular reference)
-            raise
-        value, nonfinite = _finite(value), True
-        body = json.dumps(value, allow_nan=False, default=default)
+    an infinity was written as null (keys stay as ``json`` writes them: ``"NaN"``); lone
+    surrogates read as U+FFFD.  ``default``: as ``json.dumps``'s.  Raises what
+    ``json.dumps`` raises."""
+    body = json.dumps(value, default=default)
     if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
-        body = valid_unicode(json.dumps(value, ensure_ascii=False, allow_nan=False, default=default))
+        body = valid_unicode(json.dumps(value, ensure_ascii=False, default=default))
+    nonfinite = False
+    if "NaN" in body or "Infinity" in body:  # (one pass over the text, strings skipped)
+        strict = _NONFINITE.sub(_null, body)
+        nonfinite, body = strict != body, strict
     return body, nonfinite
 
 
@@ -122,8 +117,9 @@ def reply_bytes(reply: dict) -> bytes:
     text, nonfinite = json_text(swapped)
     if nonfinite or any(piece.nonfinite for piece in pieces.values()):
         msg = swapped.get("msg")
-        swapped = {**swapped, "msg": f"{msg} {NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
-        text, _ = json_text(swapped)
+        if msg is None or isinstance(msg, str):
+            swapped = {**swapped, "msg": f"{msg} {NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
+            text, _ = json_text(swapped)
     if len(pieces) == 1:
         (piece,) = pieces.values()
         last = piece.reply

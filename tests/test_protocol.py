@@ -351,6 +351,13 @@ def test_nan_and_infinity_go_out_as_null_with_a_word_never_as_broken_json(make_w
     assert refused["msg"] == f"Error: no {NONFINITE_NOTE}" and refused["value"] is None
     keyed = strict(reply_bytes({"success": True, "msg": "", "value": {math.nan: [math.inf]}}))
     assert keyed["value"] == {"NaN": [None]}  # (a key is text: as json always wrote it)
+    deep: object = math.nan
+    for _ in range(600):  # (json writes it; a walk of Python calls on it did not: reviewer)
+        deep = [deep]
+    reply = strict(reply_bytes({"success": True, "msg": "", "value": deep}))
+    assert reply["msg"] == NONFINITE_NOTE and str(reply["value"]).count("[") == 600
+    texts = strict(reply_bytes({"success": True, "msg": "", "value": ['"NaN"', "Infinity \\", 1.0]}))
+    assert texts == {"success": True, "msg": "", "value": ['"NaN"', "Infinity \\", 1.0]}
 
 
 def test_task_result_while_running_and_task_status_list(make_worker):

@@ -578,3 +578,38 @@ def test_a_progress_of_nan_is_published_as_strict_json(make_worker):
 
     progress = json.loads(sent[0][1], parse_constant=refuse)["msg"]["task"]["progress"]
     assert progress == {"value": None, "total": None, "message": "reading"}
+
+
+def _deep(levels: int, leaf: object) -> list:
+    value: object = leaf
+    for _ in range(levels):
+        value = [value]
+    return value  # type: ignore[return-value]
+
+
+def test_a_progress_value_json_cannot_write_never_stops_the_stream(make_worker):
+    """A progress value that holds itself, or one with NaN as a key or deep inside (700
+    lists: json writes that, a walk of Python calls did not) made the message's encoding
+    raise, and the publishing thread stopped: no more status, task or console messages
+    (a reviewer's finding).  Such a message goes out, strict JSON, with the value's text if
+    JSON cannot write it."""
+    import math
+
+    looped: list = [1]
+    looped.append(looped)
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    sent = []
+
+    class Socket:  # (what the publishing thread's socket is given)
+        def send_multipart(self, frames, flags=0):
+            sent.append(frames)
+
+    def refuse(token):
+        raise AssertionError(f"not JSON: {token}")
+
+    for value in ({math.nan: 1}, _deep(700, math.nan), looped):
+        pub._send(Socket(), b"QS_Info", {"task": {"progress": {"value": value}}})
+        json.loads(sent[-1][1], parse_constant=refuse)
+    assert json.loads(sent[0][1])["msg"]["task"]["progress"]["value"] == {"NaN": 1}
+    assert "[1, [...]]" in json.loads(sent[2][1])["msg"]

@@ -308,7 +308,11 @@ class InfoPublisher(SocketThread):
         # Strict JSON: a lone surrogate (a print, an error or a progress message naming a
         # file that is not UTF-8) made subscribers that pass it on as UTF-8 fail
         # (bluesky-httpserver's replies and websockets: 500 until it scrolled out), as did NaN.
-        payload, _ = json_text({"time": time.time(), "msg": msg}, default=str)
+        try:
+            payload, _ = json_text({"time": time.time(), "msg": msg}, default=str)
+        except Exception:  # noqa: BLE001 - a value JSON cannot write (one that holds itself,
+            # nested too deep): its text goes out, the stream goes on
+            payload, _ = json_text({"time": time.time(), "msg": fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS)})
         try:
             sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
             self.messages += 1
