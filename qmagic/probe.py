@@ -20,13 +20,60 @@ import queue
 import threading
 from typing import Any, Callable
 
-__all__ = ["PLAIN_TYPES", "ProbeTimeout", "Prober", "read"]
+__all__ = ["PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once"]
 
 #: Deadline of a read unless the caller gives one (seconds).
 DEFAULT_TIMEOUT_S = 0.5
 
 #: Exact types whose values run no code of their own when read (repr, JSON): no deadline needed.
 PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+#: What :func:`read_at_once` accepts in all: items of containers and characters of texts.
+AT_ONCE_BUDGET = 10_000
+_AT_ONCE_INT_BITS = 4096  # (a larger int's decimal text takes long to make)
+_EXCEPTION_READS = ("__str__", "__repr__", "__getattribute__", "args")
+
+
+def read_at_once(values: Any) -> bool:
+    """True when the repr and str of each of ``values`` run no code of their own and take
+    microseconds, so that a thread that must always answer may make them itself: exact str,
+    int, float, bool and None; lists, tuples and dicts of such values; exceptions whose class
+    keeps BaseException's str, repr and args, with such args; :data:`AT_ONCE_BUDGET` items
+    and characters in all.  Anything else goes through :func:`read` (a deadline): on a loaded
+    machine a small list's repr waited there past its deadline, or was given up at once
+    while the thread was busy with another read."""
+    left = AT_ONCE_BUDGET
+    todo = list(values)
+    try:
+        while todo:
+            value = todo.pop()
+            cls = type(value)
+            if cls is str:
+                left -= len(value) + 1
+            elif cls is int:
+                if value.bit_length() > _AT_ONCE_INT_BITS:
+                    return False
+                left -= 1
+            elif cls in PLAIN_TYPES:
+                left -= 1
+            elif cls is list or cls is tuple:
+                left -= len(value) + 1
+                if left >= 0:
+                    todo.extend(value)
+            elif cls is dict:
+                left -= 2 * len(value) + 1
+                if left >= 0:
+                    todo.extend(value.items())  # (key, value) tuples, checked as tuples
+            elif isinstance(value, BaseException) and all(
+                    getattr(cls, name) is getattr(BaseException, name) for name in _EXCEPTION_READS):
+                left -= 1
+                todo.append(value.args)
+            else:
+                return False
+            if left < 0:
+                return False
+    except RuntimeError:  # (a dict that its task changed meanwhile)
+        return False
+    return True
 
 
 class ProbeTimeout(Exception):

@@ -227,7 +227,7 @@ def describing_a_slow_result(make_worker):
     try:
         worker.submit(SlowRepr).result(TIMEOUT)
         assert entered.wait(TIMEOUT)  # the publisher is describing the result now
-        yield worker
+        yield worker, pub
     finally:
         release.set()
         pub.stop()
@@ -238,7 +238,8 @@ def test_a_result_with_a_slow_repr_never_holds_up_other_tasks_events(describing_
     delivers every task's events (to the panels too): a repr that blocked held up every
     other task's events until it returned.  Texts that run a task's own code now have a
     deadline (0.2 s; past it the message says the repr did not finish)."""
-    other = describing_a_slow_result.submit(lambda: 2)
+    worker, _ = describing_a_slow_result
+    other = worker.submit(lambda: 2)
     other.result(TIMEOUT)
     told = threading.Event()
     other.subscribe(lambda **event: told.set())  # (its current status comes first)
@@ -250,8 +251,74 @@ def test_a_result_with_a_slow_repr_never_holds_up_what_tasks_print(describing_a_
     its error's str).  It ran while the publisher held the lock that every print of every
     task takes: a result whose repr blocked froze every task that printed meanwhile (and a
     foreground task's print froze the kernel; found by a hostile test)."""
-    printer = describing_a_slow_result.submit(lambda: print("still printing"))
+    worker, _ = describing_a_slow_result
+    printer = worker.submit(lambda: print("still printing"))
     assert printer.wait(TIMEOUT / 4) and printer.result() is None
+
+
+def test_small_plain_values_are_described_while_the_probe_is_busy(describing_a_slow_result):
+    """Every text of a task event that was not a lone str, int, float, bool or None (a list
+    of three numbers, an exception's message, a call with a list argument) was made on the
+    probe thread, past a deadline of 0.2 s or at once given up while that thread was busy:
+    with the CPUs loaded and a few tasks computing, 4 final messages in 10 said the result
+    "<repr did not finish>" for good.  Small values of built-in types whose reading runs no
+    code of their own are now described at once (here: while the probe is held by a repr
+    that blocks)."""
+    import zmq
+
+    worker, pub = describing_a_slow_result
+
+    def fails(x, points):
+        raise ValueError(f"bad value {x}")
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+    sub.connect(pub.address)
+    try:
+        assert sub.poll(TIMEOUT * 1000), "no status within the timeout"  # (subscribed)
+        done = worker.submit(lambda n, points: [n, {"a": (1.5, None)}, points], (3, [1, 2]))
+        failed = worker.submit(fails, (5, [1, 2]))
+        text = worker.submit(lambda: "x" * 20_000)  # (a lone text: cut before its repr is made)
+        assert done.wait(TIMEOUT) and failed.wait(TIMEOUT) and text.wait(TIMEOUT)
+        final: dict = {}
+        while len(final) < 3:
+            assert sub.poll(TIMEOUT * 1000), f"final task messages missing: {final}"
+            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
+            if task.get("task_uid") in (done.uid, failed.uid, text.uid) and task["status"] in ("completed", "failed"):
+                final[task["task_uid"]] = task  # (the slow result's own may come meanwhile)
+        assert final[done.uid]["result"] == "[3, {'a': (1.5, None)}, [1, 2]]"
+        assert final[done.uid]["call"] == "<lambda>(3, [1, 2])"
+        assert final[failed.uid]["error"] == "bad value 5"
+        assert final[failed.uid]["call"] == "fails(5, [1, 2])"
+        assert final[text.uid]["result"].startswith("'xxxx")
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
+def test_only_small_values_of_builtin_types_are_described_at_once():
+    """What the publisher describes itself (else with the probe's deadline): nothing that runs
+    code of its own, nothing whose text takes long to make."""
+    from qmagic.probe import AT_ONCE_BUDGET, read_at_once
+
+    class Mine(Exception):
+        pass
+
+    class Worded(Exception):
+        def __str__(self):
+            return "runs code"
+
+    loop: list = []
+    loop.append(loop)
+    assert read_at_once([1, "a", 2.5, None, True, (1, [2]), {"k": {3: "v"}}, Mine("x", 2), ValueError(4)])
+    assert not read_at_once([[0] * AT_ONCE_BUDGET])
+    assert not read_at_once(["x" * AT_ONCE_BUDGET])
+    assert not read_at_once([2 ** 5000])
+    assert not read_at_once([loop])
+    for value in (object(), [1, object()], {1: type}, Worded(), Mine(object()), KeyError("k"), type("S", (str,), {})()):
+        assert not read_at_once([value]), value
 
 
 def _console_until(monitor, needle: str) -> str:

@@ -77,9 +77,11 @@ _NOT_READ = "<repr did not finish>"
 
 def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
     """``make()``, which reads ``values``: directly when they are plain (no code of theirs
-    runs), else on the probe thread with a deadline (``fallback`` past it): a repr that
-    blocks must not hold up the delivery of every task's events."""
-    if all(type(v) in probe.PLAIN_TYPES for v in values):
+    runs: lone str, int, float, bool or None, whose text :func:`qmagic.texts.safe_repr` cuts
+    early, or small values of them, :func:`qmagic.probe.read_at_once`), else on the probe
+    thread with a deadline (``fallback`` past it): a repr that blocks must not hold up the
+    delivery of every task's events."""
+    if all(type(v) in probe.PLAIN_TYPES for v in values) or probe.read_at_once(values):
         return make()
     try:
         return probe.read(make, _TEXT_READ_S)
