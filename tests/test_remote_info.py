@@ -593,27 +593,38 @@ def test_an_error_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make
 def test_a_progress_message_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make_worker):
     """As the error text above, for the message of report_progress (``f"reading {name}"``
     with a name from os.listdir): it went out with its lone surrogates."""
-    import qmagic
-
     name = b"caf\xe9.dat".decode("utf-8", "surrogateescape")
 
-    def read_odd():
-        qmagic.report_progress(1, 2, f"reading {name}")
+    received = json.loads(_published_progress(make_worker, 1, 2, f"reading {name}"))
+    assert received["msg"]["task"]["progress"]["message"] == "reading caf\ufffd.dat"  # (as UTF-8)
 
-    worker = make_worker({"read_odd": read_odd})
+
+class _Recorder:
+    """What the publishing thread's socket is given: keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send_multipart(self, frames, flags=0):
+        self.sent.append(frames)
+
+
+def _published_progress(make_worker, *progress) -> bytes:
+    """The info message of a task that reported ``progress`` (report_progress's arguments)."""
+    import qmagic
+
+    worker = make_worker({"report": lambda: qmagic.report_progress(*progress)})
     pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
-    task = worker.submit("read_odd")
+    task = worker.submit("report")
     assert task.wait(TIMEOUT)
     pub._on_event(task.uid, progress=task.progress)
-    sent = []
+    socket = _Recorder()
+    pub._send(socket, b"QS_Info", {"task": pub._tasks[task.uid]})
+    return socket.sent[0][1]
 
-    class Socket:  # (what the publishing thread's socket is given)
-        def send_multipart(self, frames, flags=0):
-            sent.append(frames)
 
-    pub._send(Socket(), b"QS_Info", {"task": pub._tasks[task.uid]})
-    received = json.loads(sent[0][1])  # as a subscriber reads it, and passes it on as UTF-8
-    assert received["msg"]["task"]["progress"]["message"] == "reading caf\ufffd.dat"
+def _refuse(token):
+    raise AssertionError(f"not JSON: {token}")
 
 
 def test_a_progress_of_nan_is_published_as_strict_json(make_worker):
@@ -622,28 +633,8 @@ def test_a_progress_of_nan_is_published_as_strict_json(make_worker):
     /api/info/ws) takes: it is null now, as in the control channel's replies."""
     import math
 
-    import qmagic
-
-    def odd_progress():
-        qmagic.report_progress(math.nan, math.inf, "reading")
-
-    worker = make_worker({"odd_progress": odd_progress})
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
-    task = worker.submit("odd_progress")
-    assert task.wait(TIMEOUT)
-    pub._on_event(task.uid, progress=task.progress)
-    sent = []
-
-    class Socket:  # (what the publishing thread's socket is given)
-        def send_multipart(self, frames, flags=0):
-            sent.append(frames)
-
-    pub._send(Socket(), b"QS_Info", {"task": pub._tasks[task.uid]})
-
-    def refuse(token):
-        raise AssertionError(f"not JSON: {token}")
-
-    progress = json.loads(sent[0][1], parse_constant=refuse)["msg"]["task"]["progress"]
+    sent = _published_progress(make_worker, math.nan, math.inf, "reading")
+    progress = json.loads(sent, parse_constant=_refuse)["msg"]["task"]["progress"]
     assert progress == {"value": None, "total": None, "message": "reading"}
 
 
@@ -664,19 +655,11 @@ def test_a_progress_value_json_cannot_write_never_stops_the_stream(make_worker):
 
     looped: list = [1]
     looped.append(looped)
-    worker = make_worker({})
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
-    sent = []
-
-    class Socket:  # (what the publishing thread's socket is given)
-        def send_multipart(self, frames, flags=0):
-            sent.append(frames)
-
-    def refuse(token):
-        raise AssertionError(f"not JSON: {token}")
-
+    pub = InfoPublisher(make_worker({}), "tcp://127.0.0.1:0", lambda: {})  # not started
+    socket = _Recorder()
+    sent = socket.sent
     for value in ({math.nan: 1}, _deep(700, math.nan), looped):
-        pub._send(Socket(), b"QS_Info", {"task": {"progress": {"value": value}}})
-        json.loads(sent[-1][1], parse_constant=refuse)
+        pub._send(socket, b"QS_Info", {"task": {"progress": {"value": value}}})
+        json.loads(sent[-1][1], parse_constant=_refuse)
     assert json.loads(sent[0][1])["msg"]["task"]["progress"]["value"] == {"NaN": 1}
     assert "[1, [...]]" in json.loads(sent[2][1])["msg"]
