@@ -611,8 +611,6 @@ class _Recorder:
 
 def _published_progress(make_worker, *progress) -> bytes:
     """The info message of a task that reported ``progress`` (report_progress's arguments)."""
-    import qmagic
-
     worker = make_worker({"report": lambda: qmagic.report_progress(*progress)})
     pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
     task = worker.submit("report")
