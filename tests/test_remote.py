@@ -1196,7 +1196,10 @@ def test_qserver_command_line(server, worker, tmp_path):
         capture_output=True, text=True, env=env, timeout=150, check=False)
     exe_out, _ = exe_proc.communicate(timeout=150)
     assert exe_proc.returncode == 0, exe_out
-    assert "'manager_state': 'idle'" in exe_out and "'lock_info_uid'" in exe_out
+    # (the executable's status runs beside the driver's commands: it may land while the
+    # driver's foreground script upload runs, as it did once under CPU load)
+    assert re.search(r"'manager_state': '(idle|executing_task)'", exe_out), exe_out
+    assert "'lock_info_uid'" in exe_out, exe_out
     outputs = driver.stdout.split("\n@@@ exit ")
     assert len(outputs) == len(commands) + 1, driver.stdout[-2000:] + driver.stderr[-2000:]
     for i, (argv, code, expected) in enumerate(commands):
