@@ -20,6 +20,23 @@ from qmagic.remote.info import InfoPublisher
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 
 
+@contextlib.contextmanager
+def _sub_socket(address: str, topic: bytes):
+    """A 0MQ SUB socket connected to ``address`` for ``topic``, closed on leaving."""
+    import zmq
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(address)
+    try:
+        yield sub
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
 @pytest.fixture
 def setup(make_worker):
     release = threading.Event()
@@ -264,19 +281,12 @@ def test_small_plain_values_are_described_while_the_probe_is_busy(describing_a_s
     "<repr did not finish>" for good.  Small values of built-in types whose reading runs no
     code of their own are now described at once (here: while the probe is held by a repr
     that blocks)."""
-    import zmq
-
     worker, pub = describing_a_slow_result
 
     def fails(x, points):
         raise ValueError(f"bad value {x}")
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
-    sub.connect(pub.address)
-    try:
+    with _sub_socket(pub.address, b"QS_Info") as sub:
         assert sub.poll(TIMEOUT * 1000), "no status within the timeout"  # (subscribed)
         done = worker.submit(lambda n, points: [n, {"a": (1.5, None)}, points], (3, [1, 2]))
         failed = worker.submit(fails, (5, [1, 2]))
@@ -293,9 +303,6 @@ def test_small_plain_values_are_described_while_the_probe_is_busy(describing_a_s
         assert final[failed.uid]["error"] == "bad value 5"
         assert final[failed.uid]["call"] == "fails(5, [1, 2])"
         assert final[text.uid]["result"].startswith("'xxxx")
-    finally:
-        sub.close(0)
-        ctx.term()
 
 
 def test_only_small_values_of_builtin_types_are_described_at_once():
@@ -372,8 +379,6 @@ def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
     once (a busy gateway, a GUI) lost all but the ~11,000 0MQ queues, silently — PUB drops
     at its high-water mark, no note.  Text waiting when the publisher wakes now goes out
     together (up to CONSOLE_CHUNK_CHARS a message)."""
-    import zmq
-
     def burst(n):
         for i in range(n):
             print(f"line {i:<6} " + "." * 70)
@@ -381,30 +386,24 @@ def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
 
     worker = make_worker({"burst": burst})
     pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: {}).start()
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Console")
-    sub.connect(pub.address)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not sub.poll(100):  # subscribed once a marker arrives
-            worker.submit(lambda: print("sync")).wait(TIMEOUT)
-            assert time.monotonic() < deadline, "never subscribed"
-        while sub.poll(300):
-            sub.recv_multipart()
-        worker.submit("burst", (30_000,)).result(TIMEOUT * 3)  # nothing is read meanwhile
-        text = []
-        while not "".join(text[-2:]).endswith("end of burst\n"):
-            assert sub.poll(TIMEOUT * 1000), "the end of the burst never arrived"
-            topic, payload = sub.recv_multipart()
-            text.append(json.loads(payload)["msg"])
-        lines = "".join(text).splitlines()
-        assert len(lines) == 30_001, f"{30_001 - len(lines)} lines lost"
-        assert lines == [f"line {i:<6} " + "." * 70 for i in range(30_000)] + ["end of burst"]
+        with _sub_socket(pub.address, b"QS_Console") as sub:
+            deadline = time.monotonic() + TIMEOUT
+            while not sub.poll(100):  # subscribed once a marker arrives
+                worker.submit(lambda: print("sync")).wait(TIMEOUT)
+                assert time.monotonic() < deadline, "never subscribed"
+            while sub.poll(300):
+                sub.recv_multipart()
+            worker.submit("burst", (30_000,)).result(TIMEOUT * 3)  # nothing is read meanwhile
+            text = []
+            while not "".join(text[-2:]).endswith("end of burst\n"):
+                assert sub.poll(TIMEOUT * 1000), "the end of the burst never arrived"
+                topic, payload = sub.recv_multipart()
+                text.append(json.loads(payload)["msg"])
+            lines = "".join(text).splitlines()
+            assert len(lines) == 30_001, f"{30_001 - len(lines)} lines lost"
+            assert lines == [f"line {i:<6} " + "." * 70 for i in range(30_000)] + ["end of burst"]
     finally:
-        sub.close(0)
-        ctx.term()
         pub.stop()
 
 
