@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-__all__ = ["PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once"]
+__all__ = ["NOT_READ", "PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once", "text"]
+
+T = TypeVar("T")
 
 #: Deadline of a read unless the caller gives one (seconds).
 DEFAULT_TIMEOUT_S = 0.5
 
 #: Exact types whose values run no code of their own when read (repr, JSON): no deadline needed.
 PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+#: What a text made with :meth:`Prober.text` reads when the value's code did not finish in time.
+NOT_READ = "<repr did not finish>"
+#: Deadline of a text a display makes (a panel row, a message of the info socket; seconds).
+TEXT_READ_S = 0.2
+#: numpy dtype kinds whose arrays and scalars print without code of their own: bool,
+#: signed and unsigned integers, floats, complex numbers
+_NUMPY_KINDS = frozenset("biufc")
 #: What :func:`read_at_once` accepts in all: items of containers and characters of texts.
 AT_ONCE_BUDGET = 10_000
 _AT_ONCE_INT_BITS = 4096  # (a larger int's decimal text takes long to make)
@@ -37,8 +47,9 @@ def read_at_once(values: Any) -> bool:
     """True when the repr and str of each of ``values`` run no code of their own and take
     microseconds, so that a thread that must always answer may make them itself: exact str,
     int, float, bool and None; lists, tuples and dicts of such values; exceptions whose class
-    keeps BaseException's str, repr and args, with such args; :data:`AT_ONCE_BUDGET` items
-    and characters in all.  Anything else goes through :func:`read` (a deadline): on a loaded
+    keeps BaseException's str, repr and args, with such args; numpy's own numbers and its
+    plain arrays of numbers (a scan's positions, a reading: what tasks report and return
+    most); :data:`AT_ONCE_BUDGET` items and characters in all.  Anything else goes through :func:`read` (a deadline): on a loaded
     machine a small list's repr waited there past its deadline, or was given up at once
     while the thread was busy with another read."""
     left = AT_ONCE_BUDGET
@@ -63,6 +74,8 @@ def read_at_once(values: Any) -> bool:
                 left -= 2 * len(value) + 1
                 if left >= 0:
                     todo.extend(value.items())  # (key, value) tuples, checked as tuples
+            elif (size := _numpy_size(value, cls)) is not None:
+                left -= size + 1
             elif isinstance(value, BaseException) and all(
                     getattr(cls, name) is getattr(BaseException, name) for name in _EXCEPTION_READS):
                 left -= 1
@@ -74,6 +87,21 @@ def read_at_once(values: Any) -> bool:
     except RuntimeError:  # (a dict that its task changed meanwhile)
         return False
     return True
+
+
+def _numpy_size(value: Any, cls: type) -> int | None:
+    """The number of items of a numpy number (1) or array (its size) whose text numpy makes
+    itself (exact numpy types of :data:`_NUMPY_KINDS`: no object items, no subclass with
+    code of its own); None for anything else.  numpy is not imported here: a value can be
+    numpy's only if the task's code imported it."""
+    np = sys.modules.get("numpy")
+    if np is None or cls.__module__ != "numpy":
+        return None
+    if cls is np.ndarray:
+        return value.size if value.dtype.kind in _NUMPY_KINDS else None
+    if issubclass(cls, (np.number, np.bool_)) and np.dtype(cls).kind in _NUMPY_KINDS:
+        return 1
+    return None
 
 
 class ProbeTimeout(Exception):
@@ -143,6 +171,29 @@ class Prober:
         raise value
 
 
+    @property
+    def stuck(self) -> bool:
+        """True while a read that a caller gave up on is still running (later reads give up
+        at once): a display that showed :data:`NOT_READ` meanwhile is made again once this
+        turns False."""
+        return self._stuck
+
+    def text(self, make: Callable[[], T], values: tuple, fallback: T = NOT_READ,  # type: ignore[assignment]
+             timeout: float = TEXT_READ_S) -> T:
+        """``make()``, a text that reads ``values`` (their repr or str): made here when they
+        run no code of their own (lone exact str, int, float, bool or None, whose text the
+        caller cuts; or :func:`read_at_once`), else on this prober's thread within
+        ``timeout``; ``fallback`` past it, or at once while an earlier read is stuck.  For
+        threads that show values to people and must never be held up by one (a ``__repr__``
+        that asks a device)."""
+        if all(type(v) in PLAIN_TYPES for v in values) or read_at_once(values):
+            return make()
+        try:
+            return self.read(make, timeout)
+        except ProbeTimeout:
+            return fallback
+
+
 _PROBERS: list[Prober] = []
 
 
@@ -161,3 +212,9 @@ _DOORS = Prober("qmagic-probe")
 def read(fn: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
     """``fn()`` run on the ``qmagic-probe`` thread (see :meth:`Prober.read`)."""
     return _DOORS.read(fn, timeout)
+
+
+def text(make: Callable[[], T], values: tuple, fallback: T = NOT_READ,  # type: ignore[assignment]
+         timeout: float = TEXT_READ_S) -> T:
+    """:meth:`Prober.text` on the ``qmagic-probe`` thread (the doors')."""
+    return _DOORS.text(make, values, fallback, timeout)

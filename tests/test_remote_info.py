@@ -9,11 +9,13 @@ import json
 import threading
 import time
 
+import numpy
 import pytest
 from bluesky_queueserver import ReceiveSystemInfo
 from bluesky_queueserver_api.zmq import REManagerAPI
 
 import qmagic
+from qmagic import probe
 from qmagic.protocol import status_reply
 from qmagic.remote.info import InfoPublisher
 
@@ -291,18 +293,21 @@ def test_small_plain_values_are_described_while_the_probe_is_busy(describing_a_s
         done = worker.submit(lambda n, points: [n, {"a": (1.5, None)}, points], (3, [1, 2]))
         failed = worker.submit(fails, (5, [1, 2]))
         text = worker.submit(lambda: "x" * 20_000)  # (a lone text: cut before its repr is made)
-        assert done.wait(TIMEOUT) and failed.wait(TIMEOUT) and text.wait(TIMEOUT)
+        scan = worker.submit(lambda: numpy.linspace(0.0, 1.0, 3))  # (numpy's own: at once too)
+        assert done.wait(TIMEOUT) and failed.wait(TIMEOUT) and text.wait(TIMEOUT) and scan.wait(TIMEOUT)
         final: dict = {}
-        while len(final) < 3:
+        while len(final) < 4:
             assert sub.poll(TIMEOUT * 1000), f"final task messages missing: {final}"
             task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
-            if task.get("task_uid") in (done.uid, failed.uid, text.uid) and task["status"] in ("completed", "failed"):
+            if (task.get("task_uid") in (done.uid, failed.uid, text.uid, scan.uid)
+                    and task["status"] in ("completed", "failed")):
                 final[task["task_uid"]] = task  # (the slow result's own may come meanwhile)
         assert final[done.uid]["result"] == "[3, {'a': (1.5, None)}, [1, 2]]"
         assert final[done.uid]["call"] == "<lambda>(3, [1, 2])"
         assert final[failed.uid]["error"] == "bad value 5"
         assert final[failed.uid]["call"] == "fails(5, [1, 2])"
         assert final[text.uid]["result"].startswith("'xxxx")
+        assert final[scan.uid]["result"] == "array([0. , 0.5, 1. ])"
 
 
 def test_only_small_values_of_builtin_types_are_described_at_once():
@@ -326,6 +331,14 @@ def test_only_small_values_of_builtin_types_are_described_at_once():
     assert not read_at_once([loop])
     for value in (object(), [1, object()], {1: type}, Worded(), Mine(object()), KeyError("k"), type("S", (str,), {})()):
         assert not read_at_once([value]), value
+    # numpy's own numbers and plain arrays of numbers (what scans report and return)
+    assert read_at_once([numpy.float64(2.5), numpy.int32(3), numpy.bool_(True), numpy.complex64(1j),
+                         numpy.arange(AT_ONCE_BUDGET // 2), [numpy.zeros((3, 3))]])
+    assert not read_at_once([numpy.arange(AT_ONCE_BUDGET)])  # (counted against the budget)
+    masked = numpy.ma.masked_array([1, 2], mask=[0, 1])  # (a subclass: its repr is its own code)
+    for value in (numpy.array([object()]), masked, numpy.array(["a"]), numpy.datetime64("2026-01-01"),
+                  type("Reading", (numpy.ndarray,), {})((2,)), type("F", (numpy.float64,), {})(1.0)):
+        assert not read_at_once([value]), type(value)
 
 
 def _console_until(monitor, needle: str) -> str:
@@ -640,6 +653,56 @@ def _deep(levels: int, leaf: object) -> list:
     for _ in range(levels):
         value = [value]
     return value  # type: ignore[return-value]
+
+
+class _Reading:
+    """A value whose ``str()`` waits until ``go`` is set (a device asked for its reading)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.go = text, threading.Event()
+
+    def __str__(self) -> str:
+        self.go.wait(3 * TIMEOUT)
+        return self.text
+
+
+def test_a_progress_value_whose_str_blocks_never_holds_up_the_stream(make_worker):
+    """``report_progress(stage_x, 10)``: JSON cannot write the object, and its text was made
+    with ``str()`` on the publishing thread with no deadline; a ``__str__`` that waits for a
+    device held every status, task and console message for as long as it waited (a
+    reviewer's finding).  Its text is made with a deadline now, like a result's repr."""
+    pub = InfoPublisher(make_worker({}), "tcp://127.0.0.1:0", lambda: {})  # not started
+    socket = _Recorder()
+    ready, stuck = _Reading("12.5 mm"), _Reading("never read")
+    ready.go.set()
+    pub._send(socket, b"QS_Info", {"task": {"progress": {"value": ready, "total": 10}}})
+    assert json.loads(socket.sent[0][1])["msg"]["task"]["progress"] == {"value": "12.5 mm", "total": 10}
+    sent = threading.Event()
+
+    def send() -> None:
+        pub._send(socket, b"QS_Info", {"task": {"progress": {"value": stuck, "total": 10}}})
+        sent.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    try:
+        assert sent.wait(TIMEOUT), "the publishing thread waited for the value's __str__"
+    finally:
+        stuck.go.set()
+        _probe_free()
+    progress = json.loads(socket.sent[1][1])["msg"]["task"]["progress"]
+    assert progress == {"value": "<repr did not finish>", "total": 10}
+
+
+def _probe_free() -> None:
+    """Wait until the shared probe thread has returned from what it was running."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            probe.read(lambda: None, TIMEOUT)
+            return
+        except probe.ProbeTimeout:
+            assert time.monotonic() < deadline, "the probe thread is still busy"
+            time.sleep(0.01)
 
 
 def test_a_progress_value_json_cannot_write_never_stops_the_stream(make_worker):

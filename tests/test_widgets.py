@@ -703,6 +703,67 @@ def test_progress_values_that_do_not_compare_keep_the_panel_updating(probe, work
     assert task.wait(5) and task.status.value == "completed"
 
 
+class _Device:
+    """A value whose repr, str and float wait until ``go`` is set (an object that asks a
+    device or a server when it is shown)."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+
+    def _wait(self):
+        self.go.wait(60)
+        return "_Device()"
+
+    __repr__ = __str__ = _wait
+
+    def __float__(self) -> float:
+        self.go.wait(60)
+        return 1.0
+
+
+def test_a_value_whose_repr_blocks_never_holds_up_the_panels(probe, worker):
+    """A task given an object whose repr blocks, reporting it as progress and returning it:
+    its row's call, progress and (expanded) result were made on the thread that updates
+    every panel of the kernel, which waited as long as the repr did (a result that asks a
+    server for its contents when shown froze all panels).  They are made with a deadline
+    now, and read "<repr did not finish>" past it; the other rows go on updating."""
+    device = _Device()
+
+    def hold(x: Any) -> Any:
+        qmagic.report_progress(x, 10, "moving")
+        return x
+
+    worker.namespace["hold"] = hold
+    worker.namespace["give"] = lambda x: x  # (no progress: nothing else of its row changes)
+    task = worker.submit("hold", (device,))
+    quiet = worker.submit("give", (device,))
+    assert task.wait(5) and quiet.wait(5) and task.status.value == "completed"
+    panel = panels.TaskPanel(worker, show="all")
+    try:
+        panel.details_toggle(task).value = True
+        panel.details_toggle(quiet).value = True
+        assert panel.flush(10), "the panels waited for the value's repr"
+        html = panel.row_html()
+        assert row_field(html, task, "qm-call") == "hold(...)"
+        assert row_field(html, quiet, "qm-call") == "give(...)"
+        assert row_progress(html, task) == "<repr did not finish> · moving"
+        assert panel.details_html().count("&lt;repr did not finish&gt;") == 2
+        other = worker.submit("job", (2,))
+        assert other.wait(5)
+        assert panel.flush(10)
+        assert row_field(panel.row_html(), other, "qm-call") == "job(2)"
+    finally:
+        device.go.set()
+    # once the repr returns, the texts are made again at the next update
+    eventually(lambda: panel.flush(5) and row_progress(panel.row_html(), task) == "1/10 · moving",
+               what="the row's progress made again")
+    eventually(lambda: panel.flush(5) and row_field(panel.row_html(), quiet, "qm-call") == "give(_Device())",
+               what="the call of a row whose task reported no progress made again")
+    assert row_field(panel.row_html(), task, "qm-call") == "hold(_Device())"
+    details = panel.details_html()
+    assert details.count("_Device()") >= 4 and "did not finish" not in details  # (calls and results)
+
+
 # -- lock panel -----------------------------------------------------------------------------------
 def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     w = worker

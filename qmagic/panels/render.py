@@ -10,6 +10,15 @@ inline only per-row data (a progress bar's width) and a row is about 0.5 kB.
 
 Every text a user reads here (calls, numbers, elapsed times, tracebacks) comes from
 :mod:`qmagic.format`; the ``text/plain`` forms of the panels are that module's too.
+
+A text that runs a value's own code (an argument's or a result's repr, a progress value's
+str) is made with a deadline, on the panels' own :class:`~qmagic.probe.Prober` thread, unless
+the value runs none (:func:`qmagic.probe.read_at_once`): one that blocked (a result that asks
+a server for its contents when shown) held the thread that updates every panel of the kernel
+for as long as it blocked.  Past :data:`~qmagic.probe.TEXT_READ_S` the text reads
+:data:`~qmagic.probe.NOT_READ`.  The signatures end with whether such a read is still stuck:
+a row or an expanded row made meanwhile differs from one made after it, so it is made again
+once the value's code returns (or when a read made while it was rendered got stuck).
 """
 
 from __future__ import annotations
@@ -20,12 +29,14 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .. import format as fmt
+from .. import probe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
 
 __all__ = [
     "task_key",
+    "call_text",
     "row_signature",
     "row_html",
     "rows_html",
@@ -45,6 +56,10 @@ DETAIL_TEXT_LIMIT = 20_000
 #: is re-sent at every change: a 100,000-character message sent it ten times a second).
 ROW_TEXT_LIMIT = 300
 
+#: The panels' deadline thread (see the module docstring): a value stuck there never makes
+#: the doors' reads give up, nor the other way round.
+_TEXTS = probe.Prober("qmagic-panel-text")
+
 _e = html.escape
 #: A terminal's colour or style code (SGR: ``ESC [ 31 m``).
 _COLOUR_CODE = re.compile(r"\x1b\[[0-9;]*m")
@@ -59,6 +74,33 @@ def _badge(text: str, cls: str = "") -> str:
 def task_key(task: Task) -> str:
     """Short stable key of a task used in CSS classes (``qmagic-task-<key>``)."""
     return task.uid[:8]
+
+
+def call_text(task: Task, width: int) -> str:
+    """``task.call_text(width)``, made with a deadline (module docstring); ``name(...)`` past it."""
+    return _TEXTS.text(lambda: task.call_text(width), (*task.args, *task.kwargs.values()),
+                       f"{fmt.printable(task.name, width)}(...)")
+
+
+def _progress(task: Task, limit: int = ROW_TEXT_LIMIT) -> tuple[str, str, float]:
+    """``(amount, text, width)`` of the task's progress: "2/5", "2/5 point 2" (at most
+    ``limit`` characters) and the bar's width in percent (a completed task's bar is full),
+    made with a deadline (module docstring)."""
+    progress = task.progress
+    completed = task.status.value == "completed"
+    if progress is None:
+        return "", "", 100.0 if completed else 0.0
+
+    def make() -> tuple[str, str, float]:
+        fraction = progress.fraction
+        if fraction is None and completed:
+            fraction = 1.0
+        width = 0.0 if fraction is None or fraction != fraction else round(100.0 * fraction, 1)
+        return fmt.progress_amount(progress), fmt.progress_text(progress, limit), width
+
+    message = fmt.printable(progress.message, limit)
+    return _TEXTS.text(make, (progress.value, progress.total),
+                       (probe.NOT_READ, f"{probe.NOT_READ} {message}".rstrip(), 0.0))
 
 
 def _elapsed(task: Task) -> str:
@@ -81,20 +123,12 @@ def _ending(task: Task) -> str:
     return ""
 
 
-def _width(task: Task) -> float:
-    """The progress bar's width in percent (a completed task's bar is full)."""
-    progress = task.progress
-    fraction = progress.fraction if progress is not None else None
-    if fraction is None and task.status.value == "completed":
-        fraction = 1.0
-    return 0.0 if fraction is None or fraction != fraction else round(100.0 * fraction, 1)
-
-
 def row_signature(task: Task) -> tuple:
     """Everything a row shows that can change, as the texts and numbers shown (values a task
     reported may not compare: numpy arrays); the row is re-rendered only when it changes."""
-    return (task.status.value, fmt.progress_text(task.progress, ROW_TEXT_LIMIT), _width(task),
-            _elapsed(task), task.cancel_requested and not task.done())
+    _amount, text, width = _progress(task)
+    return (task.status.value, text, width, _elapsed(task), task.cancel_requested and not task.done(),
+            _TEXTS.stuck)  # (last, after the reads above: module docstring)
 
 
 def row_html(task: Task) -> str:
@@ -112,25 +146,23 @@ def row_html(task: Task) -> str:
     where = fmt.cell_label(task.provenance)
     user = fmt.printable(task.user, ROW_TEXT_LIMIT)
     who = " · ".join(p for p in (user, where) if p)
-    tooltip = (f"{task.call_text(400)}\n{mode} task of {user} ({fmt.printable(task.user_group, 100)}), "
+    tooltip = (f"{call_text(task, 400)}\n{mode} task of {user} ({fmt.printable(task.user_group, 100)}), "
                f"from {fmt.printable(task.origin, 100)}")
     if where:
         tooltip += f", cell {where}"
     progress = task.progress
-    width = _width(task)
-    amount = fmt.progress_amount(progress)
+    amount, progress_title, width = _progress(task)
     message = fmt.printable(progress.message, ROW_TEXT_LIMIT) if progress is not None else ""
     progress_inner = _e(amount)
     if message:
         progress_inner += (" · " if amount else "") + _e(message)
     ending = _ending(task)
     classes = "qm-row qm-cr" if cancelling else "qm-row"
-    progress_title = fmt.progress_text(progress, ROW_TEXT_LIMIT)
     return (
         f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}">'
         '<div class="qm-h">'
         + _badge("cancelling" if cancelling else status)
-        + f'<span class="qm-call" title="{_e(tooltip)}">{_e(task.call_text(80))}</span>'
+        + f'<span class="qm-call" title="{_e(tooltip)}">{_e(call_text(task, 80))}</span>'
         f'<span class="qm-mode">{mode}</span>'
         f'<span class="qm-user" title="{_e(who)}">{_e(who)}</span>'
         f'<span class="qm-el" title="time running">{_e(_elapsed(task))}</span></div>'
@@ -183,7 +215,8 @@ def details_signature(task: Task) -> tuple:
     """What an expanded row shows; re-rendered only when this changes."""
     output = task.output
     log = task.log_text
-    return (task.status.value, fmt.progress_text(task.progress), len(output), output[-64:], len(log), log[-64:])
+    return (task.status.value, _progress(task, 200)[1], len(output), output[-64:], len(log), log[-64:],
+            _TEXTS.stuck)  # (last: module docstring)
 
 
 def _as_terminal(text: str) -> str:
@@ -218,7 +251,7 @@ def details_html(task: Task) -> str:
               f"finished {_clock(task.finished_at)}", f"elapsed {_elapsed(task)}"]
     parts = [
         f'<div class="qm-facts">{_e(" · ".join(facts))}</div>',
-        _section("Call", task.call_text(4000), "qmagic-detail-call"),
+        _section("Call", call_text(task, 4000), "qmagic-detail-call"),
     ]
     if status == "completed":
         if task.kind == "script":
@@ -226,7 +259,8 @@ def details_html(task: Task) -> str:
             lines = [f"{k}: {', '.join(v)}" for k, v in changes.items() if v] or ["(no names changed)"]
             parts.append(_section("Namespace changes", "\n".join(lines), "qmagic-detail-result"))
         else:
-            parts.append(_section("Result", fmt.safe_repr(task.result(timeout=0), 5000, lines=True),
+            result = task.result(timeout=0)
+            parts.append(_section("Result", _TEXTS.text(lambda: fmt.safe_repr(result, 5000, lines=True), (result,)),
                                   "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
         body = task.traceback or _ending(task)

@@ -38,7 +38,7 @@ class _TaskViewMixin(PanelBase):
 
     def _qm_cancel(self, task: Task, force: bool = False) -> None:
         """Cancel ``task`` for a click (runs in the thread that handles the click)."""
-        what = task.call_text(60)
+        what = render.call_text(task, 60)
         magic = f"%task_cancel {task.uid[:8]}{' --force' if force else ''}"
         try:
             self.worker.cancel(task, force=force, origin="panel")

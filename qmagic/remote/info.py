@@ -69,24 +69,16 @@ _STATUS_CHECK_S = 0.1
 
 #: task descriptions the publisher keeps at most (a task's is dropped when it ends)
 _INFOS_KEPT = 10_000
-#: How long a task event's text that runs the task's own code (a repr of its arguments or
-#: result, its error's str) may take on the thread that delivers every task's events
-_TEXT_READ_S = 0.2
-_NOT_READ = "<repr did not finish>"
+#: Longest text of a value JSON cannot write (a progress value: see _described)
+_VALUE_CHARS = 2000
 
 
-def _bounded(make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
-    """``make()``, which reads ``values``: directly when they are plain (no code of theirs
-    runs: lone str, int, float, bool or None, whose text :func:`qmagic.texts.safe_repr` cuts
-    early, or small values of them, :func:`qmagic.probe.read_at_once`), else on the probe
-    thread with a deadline (``fallback`` past it): a repr that blocks must not hold up the
-    delivery of every task's events."""
-    if all(type(v) in probe.PLAIN_TYPES for v in values) or probe.read_at_once(values):
-        return make()
-    try:
-        return probe.read(make, _TEXT_READ_S)
-    except probe.ProbeTimeout:
-        return fallback
+def _described(value: Any) -> str:
+    """``json``'s ``default``: the text of a value JSON cannot write (a numpy integer or array,
+    an object reported as progress), made with a deadline: its ``str()`` is its own code, and
+    a ``__str__`` that blocked (a device asked for its reading) held this thread, and with it
+    every status, task and console message, for as long as it blocked."""
+    return probe.text(lambda: fmt.printable(value, _VALUE_CHARS, lines=True), (value,))
 
 
 def _joined(texts: deque[str], limit: int) -> list[str]:
@@ -184,7 +176,7 @@ class InfoPublisher(SocketThread):
         """Worker events: merge into the task's pending state; wake the thread.  The texts
         that run the task's own code (its arguments' and result's repr, its error's str) are
         made before the lock: every print of every task takes it (_on_output), and a slow or
-        blocking repr must never hold them up; and with a deadline (:func:`_bounded`): this
+        blocking repr must never hold them up; and with a deadline (:func:`qmagic.probe.text`): this
         thread delivers every task's events."""
         info = self._infos.get(task_uid)
         if info is None:
@@ -209,10 +201,10 @@ class InfoPublisher(SocketThread):
                     self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
         if "result" in event:
             result = event["result"]
-            texts["result"] = _bounded(lambda: fmt.safe_repr(result, 200), (result,), _NOT_READ)
+            texts["result"] = probe.text(lambda: fmt.safe_repr(result, 200), (result,))
         if "error" in event:
             error = event["error"]
-            text = _bounded(lambda: fmt.one_line(error, 200), (error,), None) or type(error).__name__
+            text = probe.text(lambda: fmt.one_line(error, 200), (error,), "") or type(error).__name__
             texts["error"] = valid_unicode(text)  # (str(exc) may hold a file name)
         with self._pending_lock:
             state = self._tasks.get(task_uid)
@@ -236,7 +228,7 @@ class InfoPublisher(SocketThread):
         task = self._task(task_uid)
         if task is None:
             return {}
-        call = _bounded(lambda: task.call_text(80), (*task.args, *task.kwargs.values()), f"{task.name}(...)")
+        call = probe.text(lambda: task.call_text(80), (*task.args, *task.kwargs.values()), f"{task.name}(...)")
         return {"name": task.name, "call": call, "user": task.user,
                 "background": task.background, "origin": task.origin}
 
@@ -311,10 +303,11 @@ class InfoPublisher(SocketThread):
         # file that is not UTF-8) made subscribers that pass it on as UTF-8 fail
         # (bluesky-httpserver's replies and websockets: 500 until it scrolled out), as did NaN.
         try:
-            payload, _ = json_text({"time": time.time(), "msg": msg}, default=str)
+            payload, _ = json_text({"time": time.time(), "msg": msg}, default=_described)
         except Exception:  # noqa: BLE001 - a value JSON cannot write (one that holds itself,
             # nested too deep): its text goes out, the stream goes on
-            payload, _ = json_text({"time": time.time(), "msg": fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS)})
+            text = probe.text(lambda: fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS), (msg,))
+            payload, _ = json_text({"time": time.time(), "msg": text})
         try:
             sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
             self.messages += 1
