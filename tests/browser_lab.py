@@ -9,6 +9,7 @@ at the end (the suite leaves no files behind).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -54,6 +55,19 @@ def artifacts_dir(name: str) -> Path:
     for old in folder.glob("*.png"):
         old.unlink()
     return folder
+
+
+@contextlib.contextmanager
+def expect_timeout(ms: float):
+    """Playwright's ``expect()`` timeout set to ``ms`` within the block (a process-wide
+    setting: Playwright's default, 5 s, again after it, for the tests that come later)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=ms)
+    try:
+        yield
+    finally:
+        expect.set_options(timeout=None)
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_lab import CHROMIUM, CHROMIUM_ARGS, Lab, artifacts_dir, require_browser
+from browser_lab import CHROMIUM, CHROMIUM_ARGS, Lab, artifacts_dir, expect_timeout, require_browser
 
 NOTEBOOK = Path(__file__).resolve().parent / "browser" / "panels.ipynb"
 IOPUB_LIMIT = 1000.0  # the Jupyter server's default iopub_msg_rate_limit (msgs/s over 3 s)
@@ -248,7 +248,8 @@ def test_panels_in_jupyterlab(tmp_path):
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"[:500])
                     if m.type in ("error", "warning") else None)
             try:
-                _scenario(page, counter, lab)
+                with expect_timeout(15_000):  # (see _scenario)
+                    _scenario(page, counter, lab)
             except BaseException:
                 _shot(page, "failure.png")
                 print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
@@ -270,8 +271,8 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     from playwright.sync_api import expect
 
     # Every wait below is for a state the page must reach; on a loaded 2-core machine the
-    # kernel -> server -> browser round trips of a panel update can take seconds.
-    expect.set_options(timeout=15_000)
+    # kernel -> server -> browser round trips of a panel update can take seconds (expect()'s
+    # timeout is 15 s here: the caller sets it).
     page.set_default_timeout(30_000)
     page.goto(lab.url)
     page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=30_000)

@@ -38,6 +38,7 @@ from browser_lab import (
     REPO_ROOT,
     Lab,
     artifacts_dir,
+    expect_timeout,
     require_browser,
 )
 
@@ -296,7 +297,8 @@ def test_panels_light_and_dark_in_jupyterlab(tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             try:
-                report = _scenario(page, lab)
+                with expect_timeout(15_000):  # (see _scenario)
+                    report = _scenario(page, lab)
             except BaseException:  # noqa: BLE001
                 page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
                 print(f"failure screenshot: {ARTIFACTS / 'failure.png'}\nserver log tail:\n{lab.log()[-2000:]}")
@@ -312,9 +314,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     from playwright.sync_api import expect
 
     # Panel updates go kernel -> server -> browser, batched: on a loaded 2-core machine that
-    # takes seconds.  (Playwright's default is 5 s; the setting is global, so without this
-    # line the waits below were 15 s after tests/test_browser.py had run, 5 s alone.)
-    expect.set_options(timeout=15_000)
+    # takes seconds: expect()'s timeout is 15 s here (the caller sets it, and sets it back).
     # Open the notebook once JupyterLab knows its kernel specs and sessions: opened any
     # earlier (a /lab/tree/... address) it may ask which kernel to use.
     page.goto(f"http://127.0.0.1:{lab.port}/lab?token={lab.token}")
