@@ -53,7 +53,7 @@ def run_value_code(fn: Callable[[], Any]) -> Any:
         return _REPRS.read(fn, VALUE_REPR_S)
     except probe.ProbeTimeout as exc:
         raise TimeoutError(str(exc) if exc.tried else
-                           "not tried: an earlier value's repr is still blocked") from None
+                           "an earlier value's repr is still blocked") from None
 
 
 #: how long :meth:`LogObserver.close` waits for a close already under way (a log's close

@@ -377,6 +377,8 @@ class RecordEncoder:
                 return text, extra
             try:  # reprlib keeps the repr of a huge container short (and fast)
                 text, extra = self._run_value_code(read)
+            except TimeoutError as exc:  # (the deadline of run_value_code: the repr may block)
+                text = f"<{_type_name(v)} object; its repr was not read: {exc}>"
             except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not lose the record
                 text = f"<{_type_name(v)} object; repr() failed: {safe_repr(exc, 200)}>"
             text = no_surrogates(str.__str__(text))
