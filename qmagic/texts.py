@@ -35,6 +35,16 @@ def valid_unicode(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
+def _failing(value: Any, what: str) -> str:
+    """What a value whose ``str`` or ``repr`` raised reads: ``<Device with a failing repr>``;
+    an int too long for Python to write in decimal (``sys.set_int_max_str_digits``) reads
+    ``<int of about 5,000 digits>``."""
+    if isinstance(value, int) and getattr(type(value), f"__{what}__") is getattr(int, f"__{what}__"):
+        digits = int(abs(int.__index__(value)).bit_length() * 0.30103) + 1
+        return f"<{type(value).__name__} of about {digits:,} digits>"
+    return f"<{type(value).__name__} with a failing {what}>"
+
+
 def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> str:
     """``value`` as text fit to print anywhere: lone surrogates and control characters
     escaped (``\\udcff``, ``\\n``), cut to ``limit`` characters (ending in ``...``).
@@ -50,7 +60,7 @@ def printable(value: Any, limit: int | None = None, *, lines: bool = False) -> s
         try:
             text = str(value)
         except Exception:  # noqa: BLE001
-            text = f"<{type(value).__name__} with a failing str>"
+            text = _failing(value, "str")
     cut = limit is not None and len(text) > limit
     if cut:  # (escaping only lengthens: a huge text is cut first)
         text = text[:limit]
@@ -79,7 +89,7 @@ def safe_repr(value: Any, limit: int = 2000, *, lines: bool = False) -> str:
         else:
             text = repr(value)
     except Exception:  # noqa: BLE001
-        text = f"<{type(value).__name__} with a failing repr>"
+        text = _failing(value, "repr")
     return printable(str.__str__(text) if isinstance(text, str) else text, limit, lines=lines)
 
 

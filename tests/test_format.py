@@ -105,6 +105,9 @@ def test_safe_repr_is_one_printable_line_of_at_most_limit_characters_and_never_f
             return "a\nb\x1b[31m\udcff\u2028c"
 
     assert safe_repr(Raising()) == "<Raising with a failing repr>"
+    # an int longer than Python writes in decimal (4,300 digits) said its repr "failed"
+    assert safe_repr(10**5000) == printable(-(10**5000)) == "<int of about 5,001 digits>"
+    assert safe_repr(True) == "True" and safe_repr(10**4000, 50) == "1" + "0" * 46 + "..."
     assert safe_repr(NotText(), 10) == "<NotTex..."
     assert safe_repr(Odd()) == "a\\nb\\x1b[31m\\udcff\\u2028c"
     assert safe_repr("x\udcff") == "'x\\udcff'"
