@@ -49,9 +49,9 @@ def read_at_once(values: Any) -> bool:
     int, float, bool and None; lists, tuples and dicts of such values; exceptions whose class
     keeps BaseException's str, repr and args, with such args; numpy's own numbers and its
     plain arrays of numbers (a scan's positions, a reading: what tasks report and return
-    most); :data:`AT_ONCE_BUDGET` items and characters in all.  Anything else goes through :func:`read` (a deadline): on a loaded
-    machine a small list's repr waited there past its deadline, or was given up at once
-    while the thread was busy with another read."""
+    most); :data:`AT_ONCE_BUDGET` items and characters in all.  Anything else goes through
+    :func:`read` (a deadline): on a loaded machine a small list's repr waited there past its
+    deadline, or was given up at once while the thread was busy with another read."""
     left = AT_ONCE_BUDGET
     todo = list(values)
     try:
@@ -169,7 +169,6 @@ class Prober:
         if ok:
             return value
         raise value
-
 
     @property
     def stuck(self) -> bool:

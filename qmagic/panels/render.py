@@ -260,8 +260,8 @@ def details_html(task: Task) -> str:
             parts.append(_section("Namespace changes", "\n".join(lines), "qmagic-detail-result"))
         else:
             result = task.result(timeout=0)
-            parts.append(_section("Result", _TEXTS.text(lambda: fmt.safe_repr(result, 5000, lines=True), (result,)),
-                                  "qmagic-detail-result"))
+            text = _TEXTS.text(lambda: fmt.safe_repr(result, 5000, lines=True), (result,))
+            parts.append(_section("Result", text, "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
         body = task.traceback or _ending(task)
         parts.append(_section("Traceback" if task.traceback else status.title(), body,

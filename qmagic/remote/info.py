@@ -176,8 +176,8 @@ class InfoPublisher(SocketThread):
         """Worker events: merge into the task's pending state; wake the thread.  The texts
         that run the task's own code (its arguments' and result's repr, its error's str) are
         made before the lock: every print of every task takes it (_on_output), and a slow or
-        blocking repr must never hold them up; and with a deadline (:func:`qmagic.probe.text`): this
-        thread delivers every task's events."""
+        blocking repr must never hold them up; and with a deadline
+        (:func:`qmagic.probe.text`): this thread delivers every task's events."""
         info = self._infos.get(task_uid)
         if info is None:
             if len(self._infos) >= _INFOS_KEPT:  # (tasks whose end it never saw: made again if needed)
