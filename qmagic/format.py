@@ -154,13 +154,14 @@ def progress_amount(progress: Any) -> str:
     return f"{format_number(value)}/{format_number(total)}"
 
 
-def progress_text(progress: Any, limit: int = 200) -> str:
+def progress_text(progress: Any, limit: int = 200, amount: str | None = None) -> str:
     """``"2/5 message"`` as one :func:`printable` line of at most ``limit`` characters;
-    ``""`` when no progress was reported."""
+    ``""`` when no progress was reported.  ``amount``: its :func:`progress_amount`, if made."""
     if progress is None:
         return ""
     message = progress.get("message") if isinstance(progress, Mapping) else progress.message
-    return printable(" ".join(p for p in (progress_amount(progress), printable(message, limit)) if p), limit)
+    amount = progress_amount(progress) if amount is None else amount
+    return printable(" ".join(p for p in (amount, printable(message, limit)) if p), limit)
 
 
 def one_line(text: Any, limit: int = 200) -> str:

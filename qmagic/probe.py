@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Any, Callable, TypeVar
 
-__all__ = ["NOT_READ", "PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once", "text"]
+__all__ = ["NOT_READ", "PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once"]
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def read_at_once(values: Any) -> bool:
                     todo.extend(value.items())  # (key, value) tuples, checked as tuples
             elif (size := _numpy_size(value, cls)) is not None:
                 left -= size + 1
-            elif isinstance(value, BaseException) and all(
+            elif issubclass(cls, BaseException) and all(
                     getattr(cls, name) is getattr(BaseException, name) for name in _EXCEPTION_READS):
                 left -= 1
                 todo.append(value.args)
@@ -91,17 +91,37 @@ def read_at_once(values: Any) -> bool:
 
 def _numpy_size(value: Any, cls: type) -> int | None:
     """The number of items of a numpy number (1) or array (its size) whose text numpy makes
-    itself (exact numpy types of :data:`_NUMPY_KINDS`: no object items, no subclass with
-    code of its own); None for anything else.  numpy is not imported here: a value can be
-    numpy's only if the task's code imported it."""
+    itself, without code of the user's: exact numpy types of :data:`_NUMPY_KINDS` (no object
+    items, no subclass); an array only with numpy 2 or later and this thread's print options
+    plain (no ``formatter`` or ``override_repr``, ``threshold`` at most 1000: numpy 1's
+    options are global, and a notebook's ``threshold=sys.maxsize`` prints every item).  None
+    for anything else.  numpy is not imported here: a value can be numpy's only if the
+    task's code imported it."""
     np = sys.modules.get("numpy")
-    if np is None or cls.__module__ != "numpy":
+    if np is None:
         return None
     if cls is np.ndarray:
-        return value.size if value.dtype.kind in _NUMPY_KINDS else None
-    if issubclass(cls, (np.number, np.bool_)) and np.dtype(cls).kind in _NUMPY_KINDS:
-        return 1
-    return None
+        if value.dtype.kind not in _NUMPY_KINDS or not _plain_print_options(np):
+            return None
+        return value.size
+    plain = _NUMPY_SCALARS.get(cls)
+    if plain is None:  # (once per class: np.dtype() per value cost 0.3 µs)
+        plain = _NUMPY_SCALARS[cls] = (
+            cls.__module__ == "numpy" and issubclass(cls, (np.number, np.bool_))
+            and np.dtype(cls).type is cls and np.dtype(cls).kind in _NUMPY_KINDS)
+    return 1 if plain else None
+
+
+#: numpy scalar classes seen by :func:`_numpy_size`: whether numpy writes them itself
+_NUMPY_SCALARS: dict[type, bool] = {}
+
+
+def _plain_print_options(np: Any) -> bool:
+    if int(np.__version__.split(".", 1)[0]) < 2:
+        return False
+    options = np.get_printoptions()
+    return (options.get("formatter") is None and options.get("override_repr") is None
+            and options.get("threshold", 0) <= 1000)
 
 
 class ProbeTimeout(Exception):
@@ -121,6 +141,9 @@ class Prober:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: how many times :meth:`text` gave its fallback (a display made with it is made again later)
+        self.given_up = 0
+        self._when_free: list[Callable[[], None]] = []
         self._reset()
         _PROBERS.append(self)
 
@@ -139,11 +162,17 @@ class Prober:
                 box.append((False, exc))
             finally:
                 with self._lock:  # (with the caller's check below: never stuck while idle)
-                    self._stuck = False
+                    was_stuck, self._stuck = self._stuck, False
                     done.set()
                 # (not held while waiting for the next read: the read's function and value
                 # -- a task, a copy of its large result -- would live on until then)
                 fn = box = done = None
+            if was_stuck:
+                for callback in list(self._when_free):
+                    try:
+                        callback()
+                    except Exception:  # noqa: BLE001, S110 - a display's hook must not end the thread
+                        pass
 
     def read(self, fn: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
         """``fn()`` run on this prober's thread: its value, or its exception raised here.
@@ -170,12 +199,11 @@ class Prober:
             return value
         raise value
 
-    @property
-    def stuck(self) -> bool:
-        """True while a read that a caller gave up on is still running (later reads give up
-        at once): a display that showed :data:`NOT_READ` meanwhile is made again once this
-        turns False."""
-        return self._stuck
+    def when_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on this prober's thread; it must be quick) each time a read
+        that a caller gave up on has returned: displays made meanwhile with a fallback can be
+        made again."""
+        self._when_free.append(callback)
 
     def text(self, make: Callable[[], T], values: tuple, fallback: T = NOT_READ,  # type: ignore[assignment]
              timeout: float = TEXT_READ_S) -> T:
@@ -190,6 +218,7 @@ class Prober:
         try:
             return self.read(make, timeout)
         except ProbeTimeout:
+            self.given_up += 1
             return fallback
 
 
@@ -212,8 +241,3 @@ def read(fn: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S) -> Any:
     """``fn()`` run on the ``qmagic-probe`` thread (see :meth:`Prober.read`)."""
     return _DOORS.read(fn, timeout)
 
-
-def text(make: Callable[[], T], values: tuple, fallback: T = NOT_READ,  # type: ignore[assignment]
-         timeout: float = TEXT_READ_S) -> T:
-    """:meth:`Prober.text` on the ``qmagic-probe`` thread (the doors')."""
-    return _DOORS.text(make, values, fallback, timeout)

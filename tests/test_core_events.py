@@ -164,6 +164,23 @@ def test_helpers_are_noops_outside_a_task():
     qmagic.cancellable_sleep(0)
 
 
+def test_a_progress_message_is_kept_as_an_exact_str(make_worker):
+    """A str subclass whose __str__ returns itself stayed what it was: its own methods
+    (__len__, __getitem__ ...) then ran wherever the message was shown, on threads that must
+    never be held up (the panels', the info socket's; a reviewer's finding)."""
+    class Label(str):
+        def __str__(self):
+            return self
+
+        def __len__(self):
+            raise AssertionError("the message's own __len__ ran")
+
+    w = make_worker()
+    t = w.submit(lambda: qmagic.report_progress(1, 2, Label("point 1")))
+    t.result(TIMEOUT)
+    assert type(t.progress.message) is str and t.progress.message == "point 1"
+
+
 def test_current_task_inside(make_worker):
     w = make_worker()
     t = w.submit(lambda: qmagic.current_task())

@@ -17,6 +17,7 @@ from bluesky_queueserver_api.zmq import REManagerAPI
 import qmagic
 from qmagic import probe
 from qmagic.protocol import status_reply
+from qmagic.remote import info as info_module
 from qmagic.remote.info import InfoPublisher
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
@@ -337,8 +338,22 @@ def test_only_small_values_of_builtin_types_are_described_at_once():
     assert not read_at_once([numpy.arange(AT_ONCE_BUDGET)])  # (counted against the budget)
     masked = numpy.ma.masked_array([1, 2], mask=[0, 1])  # (a subclass: its repr is its own code)
     for value in (numpy.array([object()]), masked, numpy.array(["a"]), numpy.datetime64("2026-01-01"),
-                  type("Reading", (numpy.ndarray,), {})((2,)), type("F", (numpy.float64,), {})(1.0)):
+                  type("Reading", (numpy.ndarray,), {})((2,)), type("F", (numpy.float64,), {})(1.0),
+                  type("Faked", (numpy.float64,), {"__module__": "numpy"})(1.0)):
         assert not read_at_once([value]), type(value)
+    # print options that run code or print every item (threshold=sys.maxsize, a notebook's
+    # habit): an array's text is then made with the deadline (reviewer's findings)
+    with numpy.printoptions(threshold=10**9):
+        assert not read_at_once([numpy.arange(10)]) and read_at_once([numpy.float64(1.0)])
+    with numpy.printoptions(formatter={"float": lambda x: "?"}):
+        assert not read_at_once([numpy.zeros(2)])
+    assert read_at_once([numpy.zeros(2)])
+
+    class Proxy:  # (isinstance() asks an object's own __class__: code of its own)
+        def __getattribute__(self, name):
+            raise AssertionError(f"read_at_once ran the value's code ({name})")
+
+    assert not read_at_once([Proxy()])
 
 
 def _console_until(monitor, needle: str) -> str:
@@ -686,6 +701,8 @@ def test_a_progress_value_whose_str_blocks_never_holds_up_the_stream(make_worker
     threading.Thread(target=send, daemon=True).start()
     try:
         assert sent.wait(TIMEOUT), "the publishing thread waited for the value's __str__"
+        # the control channel's reads (RE.state, plans, results) have a thread of their own
+        assert probe.read(lambda: "answered", TIMEOUT) == "answered"
     finally:
         stuck.go.set()
         _probe_free()
@@ -693,12 +710,35 @@ def test_a_progress_value_whose_str_blocks_never_holds_up_the_stream(make_worker
     assert progress == {"value": "<repr did not finish>", "total": 10}
 
 
+def test_a_progress_value_that_is_a_dict_subclass_is_described_without_its_own_code(make_worker):
+    """json asks a dict subclass for its items(): its own code ran on the publishing thread
+    with no deadline (a reviewer's finding).  Progress values go out as plain data now:
+    numbers as numbers, anything else as its text (made with the deadline)."""
+    calls: list[str] = []
+
+    class Readings(dict):
+        def items(self):
+            calls.append(threading.current_thread().name)
+            return super().items()
+
+    class Counts(int):
+        pass
+
+    sent = _published_progress(make_worker, Readings(x=1.5), Counts(10), "reading")
+    progress = json.loads(sent, parse_constant=_refuse)["msg"]["task"]["progress"]
+    assert progress == {"value": "{'x': 1.5}", "total": 10, "message": "reading"}
+    assert threading.main_thread().name not in calls  # (the publisher's calls run here; the
+    # experiment log reads the value on its own deadline thread)
+    np_sent = _published_progress(make_worker, numpy.float64(2.5), numpy.int64(4), None)
+    assert json.loads(np_sent)["msg"]["task"]["progress"] == {"value": 2.5, "total": "4", "message": None}
+
+
 def _probe_free() -> None:
-    """Wait until the shared probe thread has returned from what it was running."""
+    """Wait until the info socket's deadline thread has returned from what it was running."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:
-            probe.read(lambda: None, TIMEOUT)
+            info_module._TEXTS.read(lambda: None, TIMEOUT)
             return
         except probe.ProbeTimeout:
             assert time.monotonic() < deadline, "the probe thread is still busy"

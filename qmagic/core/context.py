@@ -54,7 +54,8 @@ def report_progress(
 
     if task.cancel_requested:
         raise TaskCancelled(task.cancel_reason)
-    task._set_progress(Progress(value, total, None if message is None else str(message)))
+    # (an exact str: a subclass's own methods would run wherever the message is shown)
+    task._set_progress(Progress(value, total, None if message is None else str.__str__(str(message))))
 
 
 def cancellable_sleep(seconds: float) -> None:

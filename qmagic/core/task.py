@@ -320,6 +320,11 @@ class Task(TaskState):
             text = texts[width] = call_text(self.name, self.args, self.kwargs, width, kind=self.kind)
         return text
 
+    def _made_call_text(self, width: int) -> str | None:
+        """:meth:`call_text` of this width if it was made already (no code runs), else None."""
+        texts = self.__dict__.get("_call_texts")
+        return None if texts is None else texts.get(width)
+
     def __repr__(self) -> str:
         # Deterministic (no uid, no times): notebooks compare it with nbval.
         where = "background" if self.background else "foreground"

@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.status import FINISHED_VALUES
+from . import render
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.events import Subscription
@@ -371,6 +372,18 @@ _lock = threading.Lock()
 _pump: Pump | None = None
 _router: SubshellRouter | None = None
 _router_checked = False
+
+
+def _texts_free() -> None:
+    """A value's code that a panel's text gave up on has returned (on the panels' deadline
+    thread): the views make their rows again (those made with a fallback change)."""
+    pump = _pump
+    if pump is not None:
+        for view in pump.views():
+            view._qm_poke(flag="texts")
+
+
+render.when_texts_free(_texts_free)
 
 
 def get_pump() -> Pump:

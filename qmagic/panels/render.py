@@ -16,9 +16,8 @@ str) is made with a deadline, on the panels' own :class:`~qmagic.probe.Prober` t
 the value runs none (:func:`qmagic.probe.read_at_once`): one that blocked (a result that asks
 a server for its contents when shown) held the thread that updates every panel of the kernel
 for as long as it blocked.  Past :data:`~qmagic.probe.TEXT_READ_S` the text reads
-:data:`~qmagic.probe.NOT_READ`.  The signatures end with whether such a read is still stuck:
-a row or an expanded row made meanwhile differs from one made after it, so it is made again
-once the value's code returns (or when a read made while it was rendered got stuck).
+:data:`~qmagic.probe.NOT_READ`; the table makes such a row again (:func:`texts_given_up`
+tells it), and once the value's code returns it is told to (:func:`when_texts_free`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from __future__ import annotations
 import datetime
 import html
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import format as fmt
 from .. import probe
@@ -37,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "task_key",
     "call_text",
+    "texts_given_up",
+    "when_texts_free",
     "row_signature",
     "row_html",
     "rows_html",
@@ -76,8 +77,23 @@ def task_key(task: Task) -> str:
     return task.uid[:8]
 
 
+def texts_given_up() -> int:
+    """How many texts were made with their fallback so far (a row made while this changed
+    is made again at the next update)."""
+    return _TEXTS.given_up
+
+
+def when_texts_free(callback: Callable[[], None]) -> None:
+    """Call ``callback()`` (quick: on the panels' deadline thread) each time a value's code
+    that a text gave up on has returned."""
+    _TEXTS.when_free(callback)
+
+
 def call_text(task: Task, width: int) -> str:
     """``task.call_text(width)``, made with a deadline (module docstring); ``name(...)`` past it."""
+    made = task._made_call_text(width)
+    if made is not None:
+        return made
     return _TEXTS.text(lambda: task.call_text(width), (*task.args, *task.kwargs.values()),
                        f"{fmt.printable(task.name, width)}(...)")
 
@@ -87,20 +103,19 @@ def _progress(task: Task, limit: int = ROW_TEXT_LIMIT) -> tuple[str, str, float]
     ``limit`` characters) and the bar's width in percent (a completed task's bar is full),
     made with a deadline (module docstring)."""
     progress = task.progress
-    completed = task.status.value == "completed"
+    full = 100.0 if task.status.value == "completed" else 0.0
     if progress is None:
-        return "", "", 100.0 if completed else 0.0
+        return "", "", full
 
     def make() -> tuple[str, str, float]:
         fraction = progress.fraction
-        if fraction is None and completed:
-            fraction = 1.0
-        width = 0.0 if fraction is None or fraction != fraction else round(100.0 * fraction, 1)
-        return fmt.progress_amount(progress), fmt.progress_text(progress, limit), width
+        width = full if fraction is None else 0.0 if fraction != fraction else round(100.0 * fraction, 1)
+        amount = fmt.progress_amount(progress)
+        return amount, fmt.progress_text(progress, limit, amount), width
 
     message = fmt.printable(progress.message, limit)
     return _TEXTS.text(make, (progress.value, progress.total),
-                       (probe.NOT_READ, f"{probe.NOT_READ} {message}".rstrip(), 0.0))
+                       (probe.NOT_READ, f"{probe.NOT_READ} {message}".rstrip(), full))
 
 
 def _elapsed(task: Task) -> str:
@@ -127,8 +142,7 @@ def row_signature(task: Task) -> tuple:
     """Everything a row shows that can change, as the texts and numbers shown (values a task
     reported may not compare: numpy arrays); the row is re-rendered only when it changes."""
     _amount, text, width = _progress(task)
-    return (task.status.value, text, width, _elapsed(task), task.cancel_requested and not task.done(),
-            _TEXTS.stuck)  # (last, after the reads above: module docstring)
+    return (task.status.value, text, width, _elapsed(task), task.cancel_requested and not task.done())
 
 
 def row_html(task: Task) -> str:
@@ -215,8 +229,7 @@ def details_signature(task: Task) -> tuple:
     """What an expanded row shows; re-rendered only when this changes."""
     output = task.output
     log = task.log_text
-    return (task.status.value, _progress(task, 200)[1], len(output), output[-64:], len(log), log[-64:],
-            _TEXTS.stuck)  # (last: module docstring)
+    return (task.status.value, _progress(task, 200)[1], len(output), output[-64:], len(log), log[-64:])
 
 
 def _as_terminal(text: str) -> str:

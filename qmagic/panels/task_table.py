@@ -198,10 +198,12 @@ class TaskTable:
                 label = "Force stop" if task.cancel_requested else "Cancel"
                 if label != row.label:
                     later.append(lambda row=row, label=label: self._relabel(row, label))
+            given_up = render.texts_given_up()
             sig = render.row_signature(task)
             if sig != row.sig:
-                row.sig = sig
                 row.html = render.row_html(task)
+                # made with a fallback (a value's repr did not finish): made again next time
+                row.sig = sig if render.texts_given_up() == given_up else None
             runs[-1].append(row)
             if (row.toggle is not None and row.toggle.value) or len(runs[-1]) >= SEGMENT_ROWS:
                 runs.append([])
@@ -284,17 +286,21 @@ class TaskTable:
 
     def _new_details(self, row: _Row) -> None:
         task = row.task
-        row.details_sig = render.details_signature(task)
+        given_up = render.texts_given_up()
+        sig = render.details_signature(task)
         row.details = self.view._qm_own(
             W.HTML(value=render.details_html(task), layout=self._details_layout, style=self._html_style,
                    _dom_classes=("qmagic-task-details-box", f"qmagic-task-{row.key}"))
         )
+        row.details_sig = sig if render.texts_given_up() == given_up else None  # (as a row's: update)
 
     def _refresh_details(self, row: _Row) -> int:
         if row.details is None:
             return 0
+        given_up = render.texts_given_up()
         sig = render.details_signature(row.task)
         if sig == row.details_sig:
             return 0
-        row.details_sig = sig
-        return set_traits(row.details, value=render.details_html(row.task))
+        sent = set_traits(row.details, value=render.details_html(row.task))
+        row.details_sig = sig if render.texts_given_up() == given_up else None  # (as a row's: update)
+        return sent

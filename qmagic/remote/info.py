@@ -73,12 +73,34 @@ _INFOS_KEPT = 10_000
 _VALUE_CHARS = 2000
 
 
+#: The info socket's deadline thread for texts of values: one stuck there never makes the
+#: control channel's reads (``qmagic-probe``) give up, nor the other way round.
+_TEXTS = probe.Prober("qmagic-info-text")
+
+
 def _described(value: Any) -> str:
     """``json``'s ``default``: the text of a value JSON cannot write (a numpy integer or array,
     an object reported as progress), made with a deadline: its ``str()`` is its own code, and
     a ``__str__`` that blocked (a device asked for its reading) held this thread, and with it
     every status, task and console message, for as long as it blocked."""
-    return probe.text(lambda: fmt.printable(value, _VALUE_CHARS, lines=True), (value,))
+    return _TEXTS.text(lambda: fmt.printable(value, _VALUE_CHARS, lines=True), (value,))
+
+
+def _progress_data(progress: Any) -> dict[str, Any]:
+    """A task's progress as data JSON writes without code of its values' own: numbers as
+    numbers (a float or int subclass as the built-in number), plain values as they are, any
+    other value its text, made with the deadline (json asks a dict subclass for its items)."""
+    def plain(value: Any) -> Any:
+        cls = type(value)
+        if cls in probe.PLAIN_TYPES:
+            return value
+        if issubclass(cls, float):
+            return float.__float__(value)
+        if issubclass(cls, int):
+            return int.__index__(value)
+        return value if probe.read_at_once((value,)) else _described(value)
+
+    return {"value": plain(progress.value), "total": plain(progress.total), "message": progress.message}
 
 
 def _joined(texts: deque[str], limit: int) -> list[str]:
@@ -177,7 +199,7 @@ class InfoPublisher(SocketThread):
         that run the task's own code (its arguments' and result's repr, its error's str) are
         made before the lock: every print of every task takes it (_on_output), and a slow or
         blocking repr must never hold them up; and with a deadline
-        (:func:`qmagic.probe.text`): this thread delivers every task's events."""
+        (:meth:`qmagic.probe.Prober.text`): this thread delivers every task's events."""
         info = self._infos.get(task_uid)
         if info is None:
             if len(self._infos) >= _INFOS_KEPT:  # (tasks whose end it never saw: made again if needed)
@@ -190,7 +212,7 @@ class InfoPublisher(SocketThread):
             task = self._task(task_uid)
             progress = task.progress if task is not None else None
             if progress is not None:
-                texts["final_progress"] = progress._asdict()
+                texts["final_progress"] = _progress_data(progress)
             if status != TaskStatus.COMPLETED.value and task is not None:  # as a queueserver
                 record = task.to_dict()  # worker logs a function stopped by an exception
                 if status == TaskStatus.CANCELLED.value and record.get("started_at") is None:
@@ -199,12 +221,14 @@ class InfoPublisher(SocketThread):
                 else:
                     line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
                     self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
+        if event.get("progress") is not None:
+            texts["progress"] = _progress_data(event["progress"])
         if "result" in event:
             result = event["result"]
-            texts["result"] = probe.text(lambda: fmt.safe_repr(result, 200), (result,))
+            texts["result"] = _TEXTS.text(lambda: fmt.safe_repr(result, 200), (result,))
         if "error" in event:
             error = event["error"]
-            text = probe.text(lambda: fmt.one_line(error, 200), (error,), "") or type(error).__name__
+            text = _TEXTS.text(lambda: fmt.one_line(error, 200), (error,), "") or type(error).__name__
             texts["error"] = valid_unicode(text)  # (str(exc) may hold a file name)
         with self._pending_lock:
             state = self._tasks.get(task_uid)
@@ -214,8 +238,8 @@ class InfoPublisher(SocketThread):
                 state["status"] = status
                 if "final_progress" in texts and "progress" not in state:
                     state["progress"] = texts["final_progress"]
-            if "progress" in event and event["progress"] is not None:
-                state["progress"] = event["progress"]._asdict()
+            if "progress" in texts:
+                state["progress"] = texts["progress"]
             for key in ("result", "error"):
                 if key in texts:
                     state[key] = texts[key]
@@ -228,7 +252,7 @@ class InfoPublisher(SocketThread):
         task = self._task(task_uid)
         if task is None:
             return {}
-        call = probe.text(lambda: task.call_text(80), (*task.args, *task.kwargs.values()), f"{task.name}(...)")
+        call = _TEXTS.text(lambda: task.call_text(80), (*task.args, *task.kwargs.values()), f"{task.name}(...)")
         return {"name": task.name, "call": call, "user": task.user,
                 "background": task.background, "origin": task.origin}
 
@@ -306,7 +330,7 @@ class InfoPublisher(SocketThread):
             payload, _ = json_text({"time": time.time(), "msg": msg}, default=_described)
         except Exception:  # noqa: BLE001 - a value JSON cannot write (one that holds itself,
             # nested too deep): its text goes out, the stream goes on
-            text = probe.text(lambda: fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS), (msg,))
+            text = _TEXTS.text(lambda: fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS), (msg,))
             payload, _ = json_text({"time": time.time(), "msg": text})
         try:
             sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
