@@ -2095,6 +2095,36 @@ def test_a_port_out_of_range_is_refused_before_binding(protocol, worker, port):
         service.close()
 
 
+def test_a_refused_address_leaves_the_running_channel_and_info_socket_serving(worker):
+    """``%control_channel start tcp://localhost:99999`` (a typo) while the channel served:
+    the address was refused, and the channel had been stopped before it was checked, so every
+    remote client lost it ("Control channel: off").  The same for ``zmq_info_address``."""
+    service = RemoteService(worker, lambda: None)
+    try:
+        server = service.start("tcp://127.0.0.1:*")
+        worker.zmq_info_address = "tcp://127.0.0.1:*"
+        info = service.info
+        with pytest.raises(ControlChannelError, match="from 1 to 65535"):
+            service.start("tcp://127.0.0.1:99999")
+        assert service.server is server and server.running
+        assert worker.zmq_control_address == server.address
+        with pytest.raises(ControlChannelError, match="from 1 to 65535"):
+            worker.zmq_control_address = "tcp://127.0.0.1:99999"
+        assert service.server is server and server.running
+        assert worker.zmq_control_address == server.address
+        client = Raw(server.address)
+        try:
+            assert "manager_state" in client.request("status")
+        finally:
+            client.close()
+        with pytest.raises(ControlChannelError, match="Invalid info socket address"):
+            worker.zmq_info_address = "tcp://127.0.0.1:99999"
+        assert service.info is info and info.running
+        assert worker.zmq_info_address == "tcp://127.0.0.1:*"
+    finally:
+        service.close()
+
+
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:1", "tcp://127.0.0.1:65535", "tcp://127.0.0.1:0",
                                      "tcp://127.0.0.1:*", "tcp://[::1]:5", "tcp://eth0:60615",
                                      "ipc:///tmp/x", "inproc://x"])

@@ -75,7 +75,9 @@ class RemoteService:
         """Start (or move to a new address) the channel; the trait follows.  ``again``:
         start it again even where it already serves (new client keys).
 
-        Raises :class:`qmagic.ControlChannelError` (nothing left running) on failure.  ■
+        Raises :class:`qmagic.ControlChannelError` on failure: an address or keys it cannot
+        use change nothing (a running channel serves on); a bind that fails leaves nothing
+        running.  ■
         while the old channel stops and the new one starts is held until the new one
         serves (or failed), then raised: never a channel off while the trait names it, or a
         new one left serving unknown to qmagic."""
@@ -89,9 +91,14 @@ class RemoteService:
         if not again and current is not None and current.running and address in (
                 current.requested_address, current.address):
             return current
+        try:
+            server = self._new_server(address)  # (checked before the running one stops)
+        except ControlChannelError:  # (an address or keys it cannot use: nothing changes)
+            self._set_trait(self.last_address if current is not None and current.running else None)
+            raise
         self._stop_server()
         try:
-            server = self._new_server(address).start()
+            server.start()
         except ControlChannelError:
             self._set_trait(None)
             raise
@@ -137,10 +144,10 @@ class RemoteService:
     def _start_info(self, address: str | None) -> InfoPublisher:
         """:meth:`start_info`, with the lock held and ■ held by the caller."""
         address = address or self.worker.zmq_info_address
-        self.stop_info()
         publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
                                   all_output=self.worker.zmq_console_all_output,
-                                  client_keys=self._client_keys())
+                                  client_keys=self._client_keys())  # (checked before the running one stops)
+        self.stop_info()
         publisher.start()
         self.info = publisher
         return publisher
@@ -165,8 +172,9 @@ class RemoteService:
         else:
             try:
                 self.start_info(change["new"])
-            except ControlChannelError:  # the setting says what runs: nothing
-                self._set_quietly("zmq_info_address", None)
+            except ControlChannelError:  # the setting says what runs: the old socket (a new
+                running = self.info is not None and self.info.running  # one refused unbound)
+                self._set_quietly("zmq_info_address", change["old"] if running else None)
                 raise
 
     def close(self) -> None:
