@@ -959,7 +959,7 @@ def test_words_a_key_magic_does_not_take_are_not_repeated(qm, ip, capsys, magic,
         line(ip, magic, arg)
     text = str(info.value)
     assert secret not in text and "\n" not in text, text
-    assert text.startswith(f"Unexpected words after %{magic} "), text
+    assert text.startswith((f"Unexpected words after %{magic} ", f"Unexpected words after %{magic}: ")), text
     assert f"; write %{magic} [" in text, text
     assert "a key with spaces goes in quotes" in text
     assert qm.lock_state().locked is False and secret not in capsys.readouterr().err
@@ -1003,6 +1003,16 @@ ARGPARSE_WORDS = ("argument ", "invalid choice", "choose from", "unrecognized", 
     ("function_execute", "--timeout soon add", "--timeout takes a number: write %function_execute [-b] [--wait] "
                                                "[--timeout SECONDS] [--user USER] [--group GROUP] [--lock-key KEY] "
                                                "NAME [ARG | KEY=VALUE ...]."),
+    # a mistyped option is named, with the option meant (a near miss of an option is never a key)
+    ("function_execute", "--timout 5 add 1", "Unexpected words after %function_execute: there is no option "
+                                             "--timout (did you mean --timeout?); write %function_execute [-b] "
+                                             "[--wait] [--timeout SECONDS] [--user USER] [--group GROUP] [--lock-key "
+                                             "KEY] NAME [ARG | KEY=VALUE ...] (a key with spaces goes in quotes)."),
+    ("lock", "--nte 'changing samples'", "Unexpected words after %lock: there is no option --nte (did you mean "
+                                         "--note?); write %lock [-e] [-q] [-a] [--key KEY] [--prompt-key] [--user "
+                                         "USER] [--note NOTE] (a key with spaces goes in quotes)."),
+    ("tasks", "--histroy 5", "%tasks has no option --histroy (did you mean --history?): write %tasks [--all] "
+                             "[--running] [--history N]."),
     ("function_execute", "--bogus add", "Unexpected words after %function_execute (not repeated here: they may "
                                         "hold a key); write %function_execute [-b] [--wait] [--timeout SECONDS] "
                                         "[--user USER] [--group GROUP] [--lock-key KEY] NAME [ARG | KEY=VALUE ...] "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import re
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -162,7 +163,23 @@ def parse_line(magic: Any, line: str) -> Any:
     try:
         return parse_argstring(magic, line)
     except UsageError as exc:  # (argparse's own words: said again as one line of ours)
-        raise UsageError(_argparse_line(magic, str(exc), any("key" in a.dest for a in options.values()))) from None
+        raise UsageError(_argparse_line(magic, str(exc), any("key" in a.dest for a in options.values()),
+                                        _mistyped_option(options, words))) from None
+
+
+def _mistyped_option(options: dict[str, argparse.Action], words: list[str]) -> tuple[str, str] | None:
+    """``(word, option)`` for the first of ``words`` written as an option that is none of
+    ``options`` but close to one (``--timout``: ``--timeout``), else None.  Such a word is a
+    typo of the option, never a key, so a message may name it."""
+    long_options = [opt for opt in options if opt.startswith("--")]
+    for word in words:
+        typed = word.split("=", 1)[0]
+        if len(typed) < 3 or not typed.startswith("--") or _resolve(options, typed) is not None:
+            continue
+        close = difflib.get_close_matches(typed, long_options, n=1, cutoff=0.7)
+        if close:
+            return typed, close[0]
+    return None
 
 
 #: argparse's error texts that :func:`_argparse_line` says again in its own words.
@@ -172,13 +189,19 @@ _NO_VALUE = re.compile(r"argument (\S+?)(?:/\S+)?: ignored explicit argument", r
 _KINDS = {"int": "a whole number", "float": "a number"}
 
 
-def _argparse_line(magic: Any, text: str, takes_key: bool) -> str:
+def _argparse_line(magic: Any, text: str, takes_key: bool, typo: tuple[str, str] | None = None) -> str:
     """argparse's error ``text`` for ``magic``'s line as one line: what was wrong and how to
     write it, without argparse's words.  In a magic that takes a key, no word of the line is
-    repeated (it may be the key, or part of it)."""
+    repeated (it may be the key, or part of it), but for ``typo`` (:func:`_mistyped_option`)."""
     name = f"%{magic.__name__}"
     usage = usage_text(magic.parser, name)
     if text.startswith("unrecognized arguments"):
+        if typo is not None:
+            typed, option = typo
+            if takes_key:
+                return (f"Unexpected words after {name}: there is no option {typed} (did you mean "
+                        f"{option}?); write {usage} (a key with spaces goes in quotes).")
+            return f"{name} has no option {typed} (did you mean {option}?): write {usage}."
         if takes_key:
             return (f"Unexpected words after {name} (not repeated here: they may hold a key); "
                     f"write {usage} (a key with spaces goes in quotes).")
