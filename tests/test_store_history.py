@@ -141,6 +141,23 @@ def test_a_bad_status_or_time_filter_is_a_one_line_value_error(populated):
                                       status=(s for s in ("failed", "running")))} == {"uid-bad", "uid-run"}
 
 
+def test_a_bad_filter_shows_as_its_one_line_in_a_cell(populated):
+    """``qmagic.history(since="yesterday")`` in a cell showed the line under five frames of
+    qmagic's own code (_history.py, store/history.py, reader.py, times.py): IPython shows a
+    bad filter's ValueError as its one line, whichever door read it."""
+    folder, journal = populated
+    for filters, start in (({"since": "yesterday"}, "Cannot read the time 'yesterday'"),
+                           ({"status": "faild"}, "Unknown task status faild"),
+                           ({"limit": "5"}, "limit must be a whole number"),
+                           ({"nmae": "scan"}, "Unknown history filter 'nmae'"),
+                           ({"user": "\ud800"}, "The user filter must be text")):
+        for read in (journal.records, lambda **f: history(state_dir=folder, environment_name=ENV, **f)):
+            with pytest.raises(ValueError) as info:
+                read(**filters)
+            assert info.value._render_traceback_() == [f"ValueError: {info.value}"], filters
+            assert str(info.value).startswith(start), info.value
+
+
 def test_history_dataframe_without_pandas(populated, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` fail
     with pytest.raises(ImportError, match=r"pip install qmagic\[pandas\]"):

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from ..core.task import one_line
 from ..errors import StateFileError
 from ..texts import notebook_file_name, safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
@@ -118,6 +119,13 @@ class Filters:
                  name: str | None = None, notebook: str | None = None, since: Any = None,
                  until: Any = None, uid: str | None = None, limit: int | None = None,
                  **unknown: Any) -> None:
+        try:
+            self._take(status, user, name, notebook, since, until, uid, limit, unknown)
+        except ValueError as exc:  # (its own line in a cell, no frames of the log's code)
+            raise one_line(exc) from None
+
+    def _take(self, status: Any, user: Any, name: Any, notebook: Any, since: Any, until: Any,
+              uid: Any, limit: Any, unknown: dict[str, Any]) -> None:
         if unknown:
             raise ValueError(f"Unknown history filter {', '.join(map(repr, sorted(unknown)))}: use "
                              f"{', '.join(FILTER_NAMES[:-1])} or {FILTER_NAMES[-1]}.")
