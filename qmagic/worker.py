@@ -124,6 +124,18 @@ def _raise_if_interrupted(task: Task) -> Task:
     return task
 
 
+def _positional(args: Any) -> tuple:
+    """``submit``'s ``args`` as a tuple: a one-line TypeError for a lone value given in their
+    place (``submit("scan", 3)``; a text or a dict would be taken apart into arguments)."""
+    if isinstance(args, tuple):
+        return args
+    if isinstance(args, (str, bytes, bytearray, Mapping)) or not isinstance(args, Iterable):
+        raise one_line(TypeError(f"args must be a tuple or list of the function's arguments, such as "
+                                 f"submit(\"scan\", (3,)) for scan(3), not {type(args).__name__}; keyword "
+                                 "arguments go in kwargs."))
+    return tuple(args)
+
+
 def _busy_text(refusal: str, running: Task | None) -> str:
     """A busy foreground explained to notebook users (what runs, what to do)."""
     if refusal == MSG_NOT_IDLE:
@@ -243,10 +255,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         elif callable(target):
             name, func = getattr(target, "__name__", type(target).__name__), target
         else:
-            raise TypeError(f"submit() needs a function name or a callable, got {target!r}.")
-        args = tuple(args) if not isinstance(args, tuple) else args
+            raise one_line(TypeError(f"submit() needs a function name or a callable, got {target!r}."))
+        args = _positional(args)
         if kwargs is not None and not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}.")
+            raise one_line(TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}."))
         kwargs = dict(kwargs or {})
         if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool)
                                     or not 0 < timeout < math.inf):
@@ -305,8 +317,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver).
         ``payload_bytes``: the size of the remote request that sent the script."""
         if not isinstance(script, str):
-            raise TypeError(f"run_script() needs the script's Python code as a str, got "
-                            f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes) else "."))
+            raise one_line(TypeError(f"run_script() needs the script's Python code as a str, got "
+                                     f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes)
+                                                                   else ".")))
         self._check_not_closed()
         name = check_script_name(name)
         user, user_group = self._who(user, user_group, origin, defaults=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .core.registry import UID_LENGTH
 from .core.status import TaskStatus
-from .core.task import Task
+from .core.task import Task, one_line
 from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,7 +100,7 @@ class LookupMixin:
             wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
         except ValueError:
             names = ", ".join(repr(s.value) for s in TaskStatus)
-            raise ValueError(f"Unknown task status {status!r}: use one of {names}.") from None
+            raise one_line(ValueError(f"Unknown task status {status!r}: use one of {names}.")) from None
         return [t for t in items if t.status in wanted]
 
     @property

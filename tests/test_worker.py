@@ -185,6 +185,26 @@ def test_a_press_while_the_main_thread_waits_for_a_task_says_the_task_goes_on(ma
     assert task.result(TIMEOUT) is None  # (it went on)
 
 
+def test_a_lone_value_for_args_is_refused_in_one_line(make_worker):
+    """``w.submit("scan", 3)`` raised "TypeError: 'int' object is not iterable" from qmagic's
+    own frame, and ``w.submit("label", "Si111")`` ran label('S', 'i', '1', '1', '1'): a lone
+    value (a number, a text, a dict) in the place of the argument tuple is refused in one line
+    saying how to write it, and starts nothing; a bad ``status`` of ``tasks()`` is one line too."""
+    w = make_worker({"scan": lambda n: n})
+    for args in (3, "Si111", b"x", {"n": 1}, None):
+        with pytest.raises(TypeError) as info:
+            w.submit("scan", args)
+        assert info.value._render_traceback_() == [
+            f"TypeError: args must be a tuple or list of the function's arguments, such as submit(\"scan\", "
+            f"(3,)) for scan(3), not {type(args).__name__}; keyword arguments go in kwargs."]
+    assert w.tasks() == []
+    assert w.submit("scan", [3]).result(TIMEOUT) == 3
+    assert w.submit("scan", (n for n in (4,))).result(TIMEOUT) == 4
+    with pytest.raises(ValueError) as info:
+        w.tasks(status="runing")
+    assert len(info.value._render_traceback_()) == 1 and "Unknown task status 'runing'" in str(info.value)
+
+
 def test_polling_a_task_with_a_timeout_leaves_no_callback_behind(make_worker):
     """``await asyncio.wait_for(task, t)`` in a loop (a dashboard polling a long scan): each
     abandoned wait takes its done callback back, the task is never stopped."""
