@@ -381,7 +381,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         """
         self.check_lock(lock_key, origin=origin, client=client)
         if not isinstance(task, Task):
-            task = self.get_task(task)
+            task = self._task_to_cancel(task)  # (in memory; else what the log knows of it)
         where = {"panel": "from the panel (Cancel button)", "magic": "with %task_cancel",
                  "remote": "by a remote client", "python": "from Python"}.get(origin, origin)
         if not self.engine.cancel(task, force=force, reason=f"Task was cancelled {where}"):

@@ -13,6 +13,8 @@ from .core.registry import UID_LENGTH
 from .core.status import TaskStatus
 from .core.task import Task, one_line
 from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
+from .format import record_call
+from .texts import printable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
@@ -66,6 +68,21 @@ class LookupMixin:
                                    "experiment log; give more characters (see %tasks --history).",
                                    "ambiguous") from None
             raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
+
+    def _task_to_cancel(self, uid_or_prefix: str) -> Task:
+        """The task in memory that ``cancel(uid)`` names; else TaskNotFound saying what the
+        experiment log knows of it (it ended, or it runs in another kernel)."""
+        found = self.find(uid_or_prefix)
+        if isinstance(found, Task):
+            return found
+        status, call = found.get("status"), record_call(found, 40)
+        if status in ("completed", "failed", "cancelled"):
+            raise TaskNotFound(f"{call} has already finished ({status}; from the experiment log, it is no "
+                               "longer in this kernel's memory); there is nothing to cancel.")
+        meta = found.get("journal") if isinstance(found.get("journal"), dict) else {}
+        raise TaskNotFound(f"{call} is {status} in another kernel (process {meta.get('pid')} on "
+                           f"{printable(meta.get('host'), 60)}, from the experiment log): only that kernel can "
+                           "cancel it.")
 
     def lookup(self, uid: str) -> Task | dict[str, Any] | None:
         """The task with exactly this uid: in memory, else its record in the experiment log

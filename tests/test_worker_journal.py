@@ -70,6 +70,41 @@ def test_results_survive_a_new_worker(journaled):
 
 
 
+def test_cancelling_a_task_only_the_log_knows_says_what_it_knows(journaled):
+    """After a restart ``%task_cancel 0cc4`` said "No task with uid '0cc4' in this kernel's
+    memory." while ``%task_status 0cc4`` read it from the log: cancel says the task has
+    already finished, or that it runs in another kernel, which alone can cancel it."""
+    gate = Gate()
+    first = journaled({"scan": lambda n: n, "gate": gate})
+    done = first.submit("scan", (3,))
+    assert done.result(TIMEOUT) == 3
+    running = first.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    second = journaled()  # another kernel on the same log
+    try:
+        def logged() -> bool:  # (once the first worker's writer has stored its start)
+            try:
+                return second.find(running.uid[:8])["status"] == "running"
+            except TaskNotFound:
+                return False
+
+        eventually(logged)
+        with pytest.raises(TaskNotFound) as info:
+            second.cancel(done.uid[:8])
+        assert str(info.value) == ("scan(3) has already finished (completed; from the experiment log, it is no "
+                                   "longer in this kernel's memory); there is nothing to cancel.")
+        with pytest.raises(TaskNotFound) as info:
+            second.cancel(running.uid[:8])
+        assert str(info.value).startswith(f"gate() is running in another kernel (process {os.getpid()} on ")
+        assert str(info.value).endswith("from the experiment log): only that kernel can cancel it.")
+        with pytest.raises(TaskNotFound, match="It is not in the experiment log either"):
+            second.cancel("f" * 8)
+        assert running.status is TaskStatus.RUNNING
+    finally:
+        gate.release.set()
+    assert running.result(TIMEOUT) is None
+
+
 def test_a_result_the_log_kept_in_part_is_never_sent_as_the_result(journaled):
     """A result the log keeps with a summary in place of a part JSON cannot hold ([1.5, NaN],
     a dict holding a datetime) was sent by task_result, once the task had left the memory,
