@@ -7,6 +7,7 @@ and what to do about it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = [
@@ -22,7 +23,19 @@ __all__ = [
     "ControlChannelError",
     "LogUnavailable",
     "NotLoaded",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException) -> BaseException:
+    """``exc``, shown by IPython as one line (its traceback holds qmagic's frames only).
+    A partial of a module function, not a lambda: the exception stays picklable."""
+    exc._render_traceback_ = functools.partial(_lines, f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+    return exc
+
+
+def _lines(*lines: str) -> list[str]:
+    return list(lines)
 
 
 class _OneLineInCell:

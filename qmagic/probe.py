@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import sys
 import threading
 from typing import Any, Callable, TypeVar
 
-__all__ = ["NOT_READ", "PLAIN_TYPES", "ProbeTimeout", "Prober", "read", "read_at_once"]
+__all__ = ["NOT_READ", "PLAIN_TYPES", "ProbeTimeout", "Prober", "numpy_number", "read", "read_at_once"]
 
 T = TypeVar("T")
 
@@ -101,27 +102,48 @@ def _numpy_size(value: Any, cls: type) -> int | None:
     if np is None:
         return None
     if cls is np.ndarray:
-        if value.dtype.kind not in _NUMPY_KINDS or not _plain_print_options(np):
+        edge = _plain_print_edge(np) if value.dtype.kind in _NUMPY_KINDS else None
+        if edge is None:
             return None
-        return value.size
+        size = value.size  # (past 1000 items numpy prints 2 x edge items per axis)
+        return 10 * (size if size <= 1000 else min(size, (2 * edge) ** value.ndim))  # (~10 chars an item)
+    if cls.__module__ != "numpy":
+        return None
     plain = _NUMPY_SCALARS.get(cls)
     if plain is None:  # (once per class: np.dtype() per value cost 0.3 µs)
         plain = _NUMPY_SCALARS[cls] = (
-            cls.__module__ == "numpy" and issubclass(cls, (np.number, np.bool_))
-            and np.dtype(cls).type is cls and np.dtype(cls).kind in _NUMPY_KINDS)
+            issubclass(cls, (np.number, np.bool_)) and np.dtype(cls).type is cls
+            and np.dtype(cls).kind in _NUMPY_KINDS)
     return 1 if plain else None
 
 
-#: numpy scalar classes seen by :func:`_numpy_size`: whether numpy writes them itself
+def numpy_number(value: Any) -> bool:
+    """True for a number of numpy's own (``numpy.int64(3)``, not a subclass): its ``item()``
+    is the Python number, made by numpy."""
+    np = sys.modules.get("numpy")
+    return np is not None and type(value) is not np.ndarray and _numpy_size(value, type(value)) == 1
+
+
+#: numpy's scalar classes seen by :func:`_numpy_size`: whether numpy writes them itself
 _NUMPY_SCALARS: dict[type, bool] = {}
+_NUMPY_2: list[bool] = []  # (numpy 2 or later: learnt once)
 
 
-def _plain_print_options(np: Any) -> bool:
-    if int(np.__version__.split(".", 1)[0]) < 2:
-        return False
+def _plain_print_edge(np: Any) -> int | None:
+    """``edgeitems`` of this thread's print options when they are plain (numpy 2 or later:
+    options per thread; no code of the user's, a summary past 1000 items, short numbers);
+    else None."""
+    if not _NUMPY_2:
+        major = re.match(r"\d+", str(getattr(np, "__version__", "")))
+        _NUMPY_2.append(major is not None and int(major.group()) >= 2)
+    if not _NUMPY_2[0]:
+        return None
     options = np.get_printoptions()
-    return (options.get("formatter") is None and options.get("override_repr") is None
-            and options.get("threshold", 0) <= 1000)
+    edge = options.get("edgeitems")
+    plain = (options.get("formatter") is None and options.get("override_repr") is None
+             and options.get("threshold", 10**9) <= 1000 and type(edge) is int and 0 <= edge <= 10
+             and options.get("precision", 10**9) <= 20)
+    return edge if plain else None
 
 
 class ProbeTimeout(Exception):
@@ -206,20 +228,28 @@ class Prober:
         self._when_free.append(callback)
 
     def text(self, make: Callable[[], T], values: tuple, fallback: T = NOT_READ,  # type: ignore[assignment]
-             timeout: float = TEXT_READ_S) -> T:
+             timeout: float = TEXT_READ_S, keep: Callable[[T], None] | None = None) -> T:
         """``make()``, a text that reads ``values`` (their repr or str): made here when they
         run no code of their own (lone exact str, int, float, bool or None, whose text the
         caller cuts; or :func:`read_at_once`), else on this prober's thread within
         ``timeout``; ``fallback`` past it, or at once while an earlier read is stuck.  For
         threads that show values to people and must never be held up by one (a ``__repr__``
-        that asks a device)."""
+        that asks a device).  ``keep(text)``: called on this prober's thread with a text made
+        there (in time or late), so that a display made again need not run the value's code
+        again (a slow one would run at every remake)."""
         if all(type(v) in PLAIN_TYPES for v in values) or read_at_once(values):
             return make()
+        job = make if keep is None else lambda: _kept(make(), keep)
         try:
-            return self.read(make, timeout)
+            return self.read(job, timeout)
         except ProbeTimeout:
             self.given_up += 1
             return fallback
+
+
+def _kept(text: T, keep: Callable[[T], None]) -> T:
+    keep(text)
+    return text
 
 
 _PROBERS: list[Prober] = []

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Set
 from typing import Any, Callable, Iterable, Mapping
 
 from traitlets import observe
@@ -28,10 +29,11 @@ from .core.foreground import ForegroundRunner
 from .core.loops import EventLoops
 from .core.permissions import require_caller
 from .core.status import TaskStatus
-from .core.task import INTERRUPTED, Task, one_line
-from .errors import RequestRefused, TaskCancelled
+from .core.task import INTERRUPTED, Task
+from .errors import RequestRefused, TaskCancelled, one_line
 from .scripts import ScriptRunner, check_script_name
 from .store.lockfile import user_problem
+from .texts import safe_repr
 from .worker_locks import LockMixin
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
@@ -129,7 +131,9 @@ def _positional(args: Any) -> tuple:
     place (``submit("scan", 3)``; a text or a dict would be taken apart into arguments)."""
     if isinstance(args, tuple):
         return args
-    if isinstance(args, (str, bytes, bytearray, Mapping)) or not isinstance(args, Iterable):
+    if args is None:
+        return ()
+    if isinstance(args, (str, bytes, bytearray, Mapping, Set)) or not isinstance(args, Iterable):
         raise one_line(TypeError(f"args must be a tuple or list of the function's arguments, such as "
                                  f"submit(\"scan\", (3,)) for scan(3), not {type(args).__name__}; keyword "
                                  "arguments go in kwargs."))
@@ -255,7 +259,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         elif callable(target):
             name, func = getattr(target, "__name__", type(target).__name__), target
         else:
-            raise one_line(TypeError(f"submit() needs a function name or a callable, got {target!r}."))
+            raise one_line(TypeError(
+                f"submit() needs a function name or a callable, got {safe_repr(target, 80)}."))
         args = _positional(args)
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise one_line(TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}."))

@@ -10,11 +10,18 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable
 
 from .core.registry import UID_LENGTH
-from .core.status import TaskStatus
-from .core.task import Task, one_line
-from .errors import LOG_OFF, LogUnavailable, StateFileError, TaskNotFound
+from .core.status import FINISHED_VALUES, TaskStatus
+from .core.task import Task
+from .errors import (
+    LOG_OFF,
+    LogUnavailable,
+    RequestRefused,
+    StateFileError,
+    TaskNotFound,
+    one_line,
+)
 from .format import record_call
-from .texts import printable
+from .texts import printable, safe_repr
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
@@ -70,19 +77,21 @@ class LookupMixin:
             raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
 
     def _task_to_cancel(self, uid_or_prefix: str) -> Task:
-        """The task in memory that ``cancel(uid)`` names; else TaskNotFound saying what the
-        experiment log knows of it (it ended, or it runs in another kernel)."""
+        """The task in memory that ``cancel(uid)`` names; else what the experiment log knows
+        of it: RequestRefused when it ended (as for a task in memory), TaskNotFound when it
+        is another kernel's."""
         found = self.find(uid_or_prefix)
         if isinstance(found, Task):
             return found
-        status, call = found.get("status"), record_call(found, 40)
-        if status in ("completed", "failed", "cancelled"):
-            raise TaskNotFound(f"{call} has already finished ({status}; from the experiment log, it is no "
-                               "longer in this kernel's memory); there is nothing to cancel.")
+        status, call = printable(found.get("status"), 20), record_call(found, 40)
+        if status in FINISHED_VALUES:
+            raise RequestRefused(f"{call} has already finished ({status}; from the experiment log, it is "
+                                 "no longer in this kernel's memory); there is nothing to cancel.")
         meta = found.get("journal") if isinstance(found.get("journal"), dict) else {}
-        raise TaskNotFound(f"{call} is {status} in another kernel (process {meta.get('pid')} on "
-                           f"{printable(meta.get('host'), 60)}, from the experiment log): only that kernel can "
-                           "cancel it.")
+        pid, host = meta.get("pid"), meta.get("host")
+        where = f"process {pid} on {printable(host, 60)}, " if pid is not None and host else ""
+        raise TaskNotFound(f"{call} is {status} in another kernel ({where}from the experiment log): only "
+                           "that kernel can cancel it.")
 
     def lookup(self, uid: str) -> Task | dict[str, Any] | None:
         """The task with exactly this uid: in memory, else its record in the experiment log
@@ -115,9 +124,9 @@ class LookupMixin:
             return items
         try:
             wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
-        except ValueError:
+        except (TypeError, ValueError):  # (status=5: not a status, nor a list of them)
             names = ", ".join(repr(s.value) for s in TaskStatus)
-            raise one_line(ValueError(f"Unknown task status {status!r}: use one of {names}.")) from None
+            raise one_line(ValueError(f"Unknown task status {safe_repr(status, 80)}: use one of {names}.")) from None
         return [t for t in items if t.status in wanted]
 
     @property

@@ -1013,6 +1013,14 @@ ARGPARSE_WORDS = ("argument ", "invalid choice", "choose from", "unrecognized", 
                                          "USER] [--note NOTE] (a key with spaces goes in quotes)."),
     ("tasks", "--histroy 5", "%tasks has no option --histroy (did you mean --history?): write %tasks [--all] "
                              "[--running] [--history N]."),
+    # an option's value (a key) that looks like a near miss of an option is never repeated
+    ("task_cancel", "0cc4 extra --lock-key '--force ab'", "Unexpected words after %task_cancel (not repeated "
+                                                          "here: they may hold a key); write %task_cancel [--all] "
+                                                          "[--force] [--lock-key KEY] [UID] (a key with spaces "
+                                                          "goes in quotes)."),
+    ("task_cancel", "0cc4 extra --lock-key=--forse", "Unexpected words after %task_cancel (not repeated here: they "
+                                                     "may hold a key); write %task_cancel [--all] [--force] "
+                                                     "[--lock-key KEY] [UID] (a key with spaces goes in quotes)."),
     ("function_execute", "--bogus add", "Unexpected words after %function_execute (not repeated here: they may "
                                         "hold a key); write %function_execute [-b] [--wait] [--timeout SECONDS] "
                                         "[--user USER] [--group GROUP] [--lock-key KEY] NAME [ARG | KEY=VALUE ...] "

@@ -2121,6 +2121,18 @@ def test_a_refused_address_leaves_the_running_channel_and_info_socket_serving(wo
             worker.zmq_info_address = "tcp://127.0.0.1:99999"
         assert service.info is info and info.running
         assert worker.zmq_info_address == "tcp://127.0.0.1:*"
+        # a port that is taken is found only by binding, once the channel let go of its own:
+        # the error says that the channel that served is off now, and how to start it again
+        served, squatter = server.address, zmq.Context.instance().socket(zmq.REP)
+        try:
+            port = squatter.bind_to_random_port("tcp://127.0.0.1")
+            with pytest.raises(ControlChannelError) as refused:
+                service.start(f"tcp://127.0.0.1:{port}")
+        finally:
+            squatter.close(0)
+        assert str(refused.value).endswith(f"The control channel that served on {served} is off now: "
+                                           f"start it again with %control_channel start {served}")
+        assert not server.running and worker.zmq_control_address is None
     finally:
         service.close()
 

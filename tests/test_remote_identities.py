@@ -210,7 +210,7 @@ def test_a_channel_that_cannot_start_again_for_a_key_list_still_closes_the_info_
         # Another program takes the channel's port while it starts again (once it let go of it)
         code = RemoteService._start.__code__
         source, first = inspect.getsourcelines(RemoteService._start)
-        line = first + next(i for i, text in enumerate(source) if "self._new_server(address)" in text)
+        line = first + next(i for i, text in enumerate(source) if "server.start()" in text)
         channel = service.server.address
 
         def take_the_port(frame, event, arg):

@@ -334,8 +334,11 @@ def test_only_small_values_of_builtin_types_are_described_at_once():
         assert not read_at_once([value]), value
     # numpy's own numbers and plain arrays of numbers (what scans report and return)
     assert read_at_once([numpy.float64(2.5), numpy.int32(3), numpy.bool_(True), numpy.complex64(1j),
-                         numpy.arange(AT_ONCE_BUDGET // 2), [numpy.zeros((3, 3))]])
-    assert not read_at_once([numpy.arange(AT_ONCE_BUDGET)])  # (counted against the budget)
+                         numpy.arange(500.0), [numpy.zeros((3, 3))], numpy.zeros((1000, 1000))])
+    # (counted against the budget, about 10 characters an item; past 1000 items numpy prints
+    # 2 x 3 items per axis)
+    assert not read_at_once([numpy.arange(999), numpy.arange(999)])
+    assert not read_at_once([numpy.zeros((10,) * 8)])
     masked = numpy.ma.masked_array([1, 2], mask=[0, 1])  # (a subclass: its repr is its own code)
     for value in (numpy.array([object()]), masked, numpy.array(["a"]), numpy.datetime64("2026-01-01"),
                   type("Reading", (numpy.ndarray,), {})((2,)), type("F", (numpy.float64,), {})(1.0),
@@ -346,6 +349,8 @@ def test_only_small_values_of_builtin_types_are_described_at_once():
     with numpy.printoptions(threshold=10**9):
         assert not read_at_once([numpy.arange(10)]) and read_at_once([numpy.float64(1.0)])
     with numpy.printoptions(formatter={"float": lambda x: "?"}):
+        assert not read_at_once([numpy.zeros(2)])
+    with numpy.printoptions(edgeitems=5000):
         assert not read_at_once([numpy.zeros(2)])
     assert read_at_once([numpy.zeros(2)])
 
@@ -644,7 +649,7 @@ def _published_progress(make_worker, *progress) -> bytes:
     assert task.wait(TIMEOUT)
     pub._on_event(task.uid, progress=task.progress)
     socket = _Recorder()
-    pub._send(socket, b"QS_Info", {"task": pub._tasks[task.uid]})
+    pub._publish_tasks(socket, time.monotonic() + 60)  # (what the thread sends: the task is due)
     return socket.sent[0][1]
 
 
@@ -730,7 +735,7 @@ def test_a_progress_value_that_is_a_dict_subclass_is_described_without_its_own_c
     assert threading.main_thread().name not in calls  # (the publisher's calls run here; the
     # experiment log reads the value on its own deadline thread)
     np_sent = _published_progress(make_worker, numpy.float64(2.5), numpy.int64(4), None)
-    assert json.loads(np_sent)["msg"]["task"]["progress"] == {"value": 2.5, "total": "4", "message": None}
+    assert json.loads(np_sent)["msg"]["task"]["progress"] == {"value": 2.5, "total": 4, "message": None}
 
 
 def _probe_free() -> None:

@@ -22,6 +22,7 @@ import pytest
 import qmagic
 from qmagic import format as fmt
 from qmagic import panels
+from qmagic import probe as probe_module
 from qmagic.panels import pump as pump_module
 from qmagic.worker_state import MSG_WORKER_CLOSED
 
@@ -771,6 +772,29 @@ def test_a_value_whose_repr_blocks_never_holds_up_the_panels(probe, worker):
     eventually(made_again, what="the rows made with a fallback made again")
     assert row_field(panel.row_html(), task, "qm-call") == "hold(_Device())"
     assert (panel.details_html() + own_row.details_html()).count("_Device()") >= 6  # (calls and results)
+
+
+def test_a_value_slower_than_the_deadline_is_read_once_and_shown(probe, worker):
+    """A result whose repr always takes longer than the panels' deadline (a server that
+    answers in 0.3 s): its expanded row read "<repr did not finish>", was made again when the
+    repr returned, ran the repr again, fell back again, and so on for as long as it was open
+    (a reviewer's finding).  The text made late is kept: the repr runs once, and shows."""
+    calls: list[str] = []
+
+    class Slow:
+        def __repr__(self) -> str:
+            calls.append(threading.current_thread().name)
+            threading.Event().wait(3 * probe_module.TEXT_READ_S)  # (the value's own slowness)
+            return "Slow()"
+
+    task = worker.submit(lambda: Slow())
+    assert task.wait(5)
+    row = panels.TaskRow(worker, task)
+    row.details_toggle(task).value = True
+    assert row.flush(10)
+    eventually(lambda: "Slow()" in row.details_html(), what="the late text shown")
+    assert row.flush(10) and "did not finish" not in row.details_html()
+    assert calls.count("qmagic-panel-text") == 1, calls  # (the experiment log reads it too)
 
 
 # -- lock panel -----------------------------------------------------------------------------------

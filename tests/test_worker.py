@@ -190,8 +190,8 @@ def test_a_lone_value_for_args_is_refused_in_one_line(make_worker):
     own frame, and ``w.submit("label", "Si111")`` ran label('S', 'i', '1', '1', '1'): a lone
     value (a number, a text, a dict) in the place of the argument tuple is refused in one line
     saying how to write it, and starts nothing; a bad ``status`` of ``tasks()`` is one line too."""
-    w = make_worker({"scan": lambda n: n})
-    for args in (3, "Si111", b"x", {"n": 1}, None):
+    w = make_worker({"scan": lambda n: n, "home": lambda: "home"})
+    for args in (3, "Si111", b"x", {"n": 1}, {3, 1}):  # (a set: its order is no order of arguments)
         with pytest.raises(TypeError) as info:
             w.submit("scan", args)
         assert info.value._render_traceback_() == [
@@ -200,9 +200,11 @@ def test_a_lone_value_for_args_is_refused_in_one_line(make_worker):
     assert w.tasks() == []
     assert w.submit("scan", [3]).result(TIMEOUT) == 3
     assert w.submit("scan", (n for n in (4,))).result(TIMEOUT) == 4
-    with pytest.raises(ValueError) as info:
-        w.tasks(status="runing")
-    assert len(info.value._render_traceback_()) == 1 and "Unknown task status 'runing'" in str(info.value)
+    assert w.submit("home", None).result(TIMEOUT) == "home"  # (no arguments, as kwargs=None)
+    for status, shown in (("runing", "'runing'"), (5, "5")):
+        with pytest.raises(ValueError) as info:
+            w.tasks(status=status)
+        assert len(info.value._render_traceback_()) == 1 and f"Unknown task status {shown}:" in str(info.value)
 
 
 def test_polling_a_task_with_a_timeout_leaves_no_callback_behind(make_worker):

@@ -22,7 +22,7 @@ from traitlets.config import Config
 
 import qmagic
 from qmagic import TaskStatus, Worker, probe
-from qmagic.errors import LogUnavailable, TaskCancelled, TaskNotFound
+from qmagic.errors import LogUnavailable, RequestRefused, TaskCancelled, TaskNotFound
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import VALUE_REPR_S
@@ -89,7 +89,7 @@ def test_cancelling_a_task_only_the_log_knows_says_what_it_knows(journaled):
                 return False
 
         eventually(logged)
-        with pytest.raises(TaskNotFound) as info:
+        with pytest.raises(RequestRefused) as info:
             second.cancel(done.uid[:8])
         assert str(info.value) == ("scan(3) has already finished (completed; from the experiment log, it is no "
                                    "longer in this kernel's memory); there is nothing to cancel.")

@@ -13,10 +13,10 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import TaskCancelled
+from ..errors import TaskCancelled, one_line
 from .context import _current
 from .status import TaskStatus
-from .task import INTERRUPTED, Task, call_texts, one_line
+from .task import INTERRUPTED, Task, call_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine

@@ -31,7 +31,7 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
-from ..errors import RequestRefused, TaskCancelled
+from ..errors import RequestRefused, TaskCancelled, one_line
 from . import capture
 from .events import EventBus
 from .foreground import ForegroundRunner, ThreadForegroundRunner
@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import CancelHook, Task, call_texts, one_line
+from .task import CancelHook, Task, call_texts
 from .timers import Timers
 
 __all__ = [

@@ -12,20 +12,20 @@ which thread or event loop, and what it costs, is the engine's business
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import one_line
 from .status import Progress, TaskStatus
 from .task_state import INTERRUPTED, CancelHook, TaskState, exception_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .events import Subscription
 
-__all__ = ["INTERRUPTED", "CancelHook", "Task", "call_texts", "exception_text", "one_line"]
+__all__ = ["INTERRUPTED", "CancelHook", "Task", "call_texts", "exception_text"]
 
 #: Longest single lock wait of the main thread (see :meth:`Task._wait_until`).
 MAIN_THREAD_WAIT_SLICE = 0.05
@@ -349,17 +349,6 @@ def call_texts(tasks: list[Task], shown: int = 3) -> str:
     names = ", ".join(f"{task.call_text(40)} (task {task.uid[:8]})" for task in tasks[:shown])
     more = f" and {len(tasks) - shown} more" if len(tasks) > shown else ""
     return f"{len(tasks)} task{'s' if len(tasks) != 1 else ''}: {names}{more}"
-
-
-def one_line(exc: BaseException) -> BaseException:
-    """``exc``, shown by IPython as one line (its traceback holds qmagic's frames only).
-    A partial of a module function, not a lambda: the exception stays picklable."""
-    exc._render_traceback_ = functools.partial(_lines, f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
-    return exc
-
-
-def _lines(*lines: str) -> list[str]:
-    return list(lines)
 
 
 class _Beat:

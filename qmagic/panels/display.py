@@ -15,7 +15,8 @@ import logging
 import threading
 from typing import Any
 
-from ..core.task import Task, one_line
+from ..core.task import Task
+from ..errors import one_line
 from .cell_rows import CellRows
 
 log = logging.getLogger("qmagic")

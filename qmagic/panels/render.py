@@ -89,6 +89,27 @@ def when_texts_free(callback: Callable[[], None]) -> None:
     _TEXTS.when_free(callback)
 
 
+#: Texts of slow values made on the deadline thread, by (task uid, what): ``(token, text)``,
+#: used while the task's value is still ``token`` (its result, its Progress), so that making
+#: a row again (after its value's code returned late) does not run that code again.
+_MADE: dict[tuple, tuple[Any, Any]] = {}
+_MADE_KEPT = 1000  # (then forgotten all at once: they are made again if needed)
+
+
+def _slow_text(task: Task, what: tuple, token: Any, make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
+    """``_TEXTS.text(make, values, fallback)``, or the text made for ``token`` before."""
+    key = (task.uid, *what)
+    made = _MADE.get(key)
+    if made is not None and made[0] is token:
+        return made[1]
+
+    def keep(text: Any) -> None:
+        if len(_MADE) >= _MADE_KEPT:
+            _MADE.clear()
+        _MADE[key] = (token, text)
+    return _TEXTS.text(make, values, fallback, keep=keep)
+
+
 def call_text(task: Task, width: int) -> str:
     """``task.call_text(width)``, made with a deadline (module docstring); ``name(...)`` past it."""
     made = task._made_call_text(width)
@@ -114,8 +135,8 @@ def _progress(task: Task, limit: int = ROW_TEXT_LIMIT) -> tuple[str, str, float]
         return amount, fmt.progress_text(progress, limit, amount), width
 
     message = fmt.printable(progress.message, limit)
-    return _TEXTS.text(make, (progress.value, progress.total),
-                       (probe.NOT_READ, f"{probe.NOT_READ} {message}".rstrip(), full))
+    return _slow_text(task, ("progress", limit, full), progress, make, (progress.value, progress.total),
+                      (probe.NOT_READ, f"{probe.NOT_READ} {message}".rstrip(), full))
 
 
 def _elapsed(task: Task) -> str:
@@ -273,7 +294,8 @@ def details_html(task: Task) -> str:
             parts.append(_section("Namespace changes", "\n".join(lines), "qmagic-detail-result"))
         else:
             result = task.result(timeout=0)
-            text = _TEXTS.text(lambda: fmt.safe_repr(result, 5000, lines=True), (result,))
+            text = _slow_text(task, ("result",), None, lambda: fmt.safe_repr(result, 5000, lines=True),
+                              (result,), probe.NOT_READ)
             parts.append(_section("Result", text, "qmagic-detail-result"))
     elif status in ("failed", "cancelled"):
         body = task.traceback or _ending(task)

@@ -75,6 +75,14 @@ class _TaskViewMixin(PanelBase):
         return "".join(r.details.value for r in self._table.rows.values() if r.details is not None)
 
 
+def _remake_if_given_up(view: PanelBase, given_up: int) -> None:
+    """After a view's first rows, made before the pump knew it: if a text fell back meanwhile,
+    the pump makes them again (the value's code may have returned before the view was
+    registered, and a finished task's row has no periodic update)."""
+    if render.texts_given_up() != given_up:
+        view._qm_poke(flag="texts")
+
+
 def _summary(tasks: Iterable[Task], log_on: bool) -> str:
     counts = Counter(t.status.value for t in tasks)
     parts = [f"{counts[s]} {s}" for s in ("running", "queued", "completed", "failed", "cancelled") if counts[s]]
@@ -143,9 +151,11 @@ class TaskPanel(_TaskViewMixin, W.VBox):
             _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel"),
         )
         self._qm_own(self.layout)
+        given_up = render.texts_given_up()
         with self._qm_apply_lock:
             self._qm_apply(set(), {"members"}, True, UNLIMITED)
         get_pump().register(self)
+        _remake_if_given_up(self, given_up)
 
     # -- options -------------------------------------------------------------------------------
     @property
@@ -257,9 +267,11 @@ class TaskRow(_TaskViewMixin, W.VBox):
             _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel", "qmagic-task-single"),
         )
         self._qm_own(self.layout)
+        given_up = render.texts_given_up()
         with self._qm_apply_lock:
             self._qm_apply(set(), set(), True, UNLIMITED)
         get_pump().register(self, task)
+        _remake_if_given_up(self, given_up)
 
     def _qm_period(self) -> float | None:
         return None if self.task.done() else 1.0  # the elapsed time, while it runs

@@ -45,7 +45,8 @@ _FORCE_TIP = ("The task has not stopped yet: raise TaskCancelled inside it "
 
 
 class _Row:
-    __slots__ = ("task", "key", "toggle", "cancel", "details", "sig", "html", "details_sig", "label")
+    __slots__ = ("task", "key", "toggle", "cancel", "details", "sig", "html", "details_sig", "label",
+                 "remake", "details_remake")
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -57,6 +58,8 @@ class _Row:
         self.html = ""
         self.details_sig: tuple | None = None
         self.label = ""
+        #: made with a fallback (a value's text did not finish in time): made again next time
+        self.remake = self.details_remake = False
 
 
 class _Segment:
@@ -200,10 +203,10 @@ class TaskTable:
                     later.append(lambda row=row, label=label: self._relabel(row, label))
             given_up = render.texts_given_up()
             sig = render.row_signature(task)
-            if sig != row.sig:
+            if sig != row.sig or row.remake:
+                row.sig = sig
                 row.html = render.row_html(task)
-                # made with a fallback (a value's repr did not finish): made again next time
-                row.sig = sig if render.texts_given_up() == given_up else None
+                row.remake = render.texts_given_up() != given_up
             runs[-1].append(row)
             if (row.toggle is not None and row.toggle.value) or len(runs[-1]) >= SEGMENT_ROWS:
                 runs.append([])
@@ -287,20 +290,21 @@ class TaskTable:
     def _new_details(self, row: _Row) -> None:
         task = row.task
         given_up = render.texts_given_up()
-        sig = render.details_signature(task)
+        row.details_sig = render.details_signature(task)
         row.details = self.view._qm_own(
             W.HTML(value=render.details_html(task), layout=self._details_layout, style=self._html_style,
                    _dom_classes=("qmagic-task-details-box", f"qmagic-task-{row.key}"))
         )
-        row.details_sig = sig if render.texts_given_up() == given_up else None  # (as a row's: update)
+        row.details_remake = render.texts_given_up() != given_up  # (as a row's: see update)
 
     def _refresh_details(self, row: _Row) -> int:
         if row.details is None:
             return 0
         given_up = render.texts_given_up()
         sig = render.details_signature(row.task)
-        if sig == row.details_sig:
+        if sig == row.details_sig and not row.details_remake:
             return 0
+        row.details_sig = sig
         sent = set_traits(row.details, value=render.details_html(row.task))
-        row.details_sig = sig if render.texts_given_up() == given_up else None  # (as a row's: update)
+        row.details_remake = render.texts_given_up() != given_up  # (as a row's: see update)
         return sent

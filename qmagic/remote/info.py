@@ -98,6 +98,8 @@ def _progress_data(progress: Any) -> dict[str, Any]:
             return float.__float__(value)
         if issubclass(cls, int):
             return int.__index__(value)
+        if probe.numpy_number(value):
+            return value.item()  # (numpy's own code: a Python bool, int, float or complex)
         return value if probe.read_at_once((value,)) else _described(value)
 
     return {"value": plain(progress.value), "total": plain(progress.total), "message": progress.message}
@@ -212,7 +214,7 @@ class InfoPublisher(SocketThread):
             task = self._task(task_uid)
             progress = task.progress if task is not None else None
             if progress is not None:
-                texts["final_progress"] = _progress_data(progress)
+                texts["final_progress"] = progress  # (as data when sent: _publish_tasks)
             if status != TaskStatus.COMPLETED.value and task is not None:  # as a queueserver
                 record = task.to_dict()  # worker logs a function stopped by an exception
                 if status == TaskStatus.CANCELLED.value and record.get("started_at") is None:
@@ -222,7 +224,7 @@ class InfoPublisher(SocketThread):
                     line, tb = failure_message(record, TaskStatus(status)), record.get("traceback")
                     self._on_output(task, f"{line}:\n{tb}\n" if tb else f"{line}\n")
         if event.get("progress") is not None:
-            texts["progress"] = _progress_data(event["progress"])
+            texts["progress"] = event["progress"]
         if "result" in event:
             result = event["result"]
             texts["result"] = _TEXTS.text(lambda: fmt.safe_repr(result, 200), (result,))
@@ -367,5 +369,8 @@ class InfoPublisher(SocketThread):
                         self._sent_at.pop(uid, None)
                     else:
                         self._sent_at[uid] = now
-        for state in due:
+        for state in due:  # (a progress as data here, at most TASK_EVENTS_HZ times per task: its
+            # values' text may take the deadline, and the events thread feeds the panels too)
+            if state.get("progress") is not None:
+                state["progress"] = _progress_data(state["progress"])
             self._send(sock, TOPIC_INFO, {"task": state})

@@ -77,7 +77,7 @@ class RemoteService:
 
         Raises :class:`qmagic.ControlChannelError` on failure: an address or keys it cannot
         use change nothing (a running channel serves on); a bind that fails leaves nothing
-        running.  ■
+        running (the message then says that the channel that served is off).  ■
         while the old channel stops and the new one starts is held until the new one
         serves (or failed), then raised: never a channel off while the trait names it, or a
         new one left serving unknown to qmagic."""
@@ -96,12 +96,16 @@ class RemoteService:
         except ControlChannelError:  # (an address or keys it cannot use: nothing changes)
             self._set_trait(self.last_address if current is not None and current.running else None)
             raise
+        was = current.address if current is not None and current.running else None
         self._stop_server()
         try:
             server.start()
-        except ControlChannelError:
+        except ControlChannelError as exc:
             self._set_trait(None)
-            raise
+            if was is None:
+                raise
+            raise ControlChannelError(f"{exc} The control channel that served on {was} is off now: "
+                                      f"start it again with %control_channel start {was}") from None
         self.server = server
         if address.endswith((":*", ":0")):
             address = server.address  # keep the port the system chose

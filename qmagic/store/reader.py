@@ -20,8 +20,7 @@ from typing import Any
 
 import orjson
 
-from ..core.task import one_line
-from ..errors import StateFileError
+from ..errors import StateFileError, one_line
 from ..texts import notebook_file_name, safe_repr
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged

@@ -24,7 +24,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
 from IPython.utils.process import arg_split
 
-from ...core.task import exception_text, one_line
+from ...core.task import exception_text
+from ...errors import one_line
 from ...texts import printable
 
 __all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help",
@@ -167,18 +168,29 @@ def parse_line(magic: Any, line: str) -> Any:
                                         _mistyped_option(options, words))) from None
 
 
+#: A word that can only be meant as an option (``--timout``): letters, digits and hyphens.
+_OPTION_WORD = re.compile(r"--[A-Za-z][A-Za-z0-9-]*")
+
+
 def _mistyped_option(options: dict[str, argparse.Action], words: list[str]) -> tuple[str, str] | None:
     """``(word, option)`` for the first of ``words`` written as an option that is none of
     ``options`` but close to one (``--timout``: ``--timeout``), else None.  Such a word is a
-    typo of the option, never a key, so a message may name it."""
+    typo of the option, never a key, so a message may name it; the value of an option (the
+    word after ``--key``, which may look like an option: ``"--force ab"``) is never looked at."""
     long_options = [opt for opt in options if opt.startswith("--")]
+    value_next = False
     for word in words:
-        typed = word.split("=", 1)[0]
-        if len(typed) < 3 or not typed.startswith("--") or _resolve(options, typed) is not None:
+        if value_next:
+            value_next = False
             continue
-        close = difflib.get_close_matches(typed, long_options, n=1, cutoff=0.7)
-        if close:
-            return typed, close[0]
+        typed = word.split("=", 1)[0]
+        opt = _resolve(options, typed)
+        if opt is not None:
+            value_next = options[opt].nargs is None and "=" not in word
+        elif _OPTION_WORD.fullmatch(typed):
+            close = difflib.get_close_matches(typed, long_options, n=1, cutoff=0.7)
+            if close:
+                return typed, close[0]
     return None
 
 

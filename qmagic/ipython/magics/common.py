@@ -24,8 +24,8 @@ from IPython.core.error import UsageError
 from ... import format as fmt
 from ... import tracebacks
 from ...core.status import TaskStatus
-from ...core.task import Task, exception_text, one_line
-from ...errors import TaskCancelled
+from ...core.task import Task, exception_text
+from ...errors import TaskCancelled, one_line
 from ...worker import cancelled_line
 
 __all__ = ["ShownGroup", "ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
