@@ -7,8 +7,9 @@ milliseconds whatever the namespace holds, so they read through :func:`read`: th
 runs on one helper thread, ``qmagic-probe``; past the deadline the caller goes on without
 the value (:class:`ProbeTimeout`).  While one read is stuck, later reads give up at once:
 a blocking object never piles up threads, and the next read after it returns works again.
-The experiment log reads its values' reprs through a :class:`Prober` of its own, so that a
-stuck read of either never makes the other give up.
+The experiment log, the info socket and the panels read values through a :class:`Prober`
+each (:meth:`Prober.text` for texts people read), so that a stuck read of one never makes
+another give up.
 
 No IPython, widgets or zmq here.
 """
@@ -91,13 +92,13 @@ def read_at_once(values: Any) -> bool:
 
 
 def _numpy_size(value: Any, cls: type) -> int | None:
-    """The number of items of a numpy number (1) or array (its size) whose text numpy makes
-    itself, without code of the user's: exact numpy types of :data:`_NUMPY_KINDS` (no object
-    items, no subclass); an array only with numpy 2 or later and this thread's print options
-    plain (no ``formatter`` or ``override_repr``, ``threshold`` at most 1000: numpy 1's
-    options are global, and a notebook's ``threshold=sys.maxsize`` prints every item).  None
-    for anything else.  numpy is not imported here: a value can be numpy's only if the
-    task's code imported it."""
+    """What a numpy number (1) or array (about 10 characters per item it prints) costs of
+    :func:`read_at_once`'s budget, when numpy makes its text itself, without code of the
+    user's: exact numpy types of :data:`_NUMPY_KINDS` (no object items, no subclass); an
+    array only with numpy 2 or later and this thread's print options plain
+    (:func:`_plain_print_edge`: numpy 1's options are global, and a notebook's
+    ``threshold=sys.maxsize`` prints every item).  None for anything else.  numpy is not
+    imported here: a value can be numpy's only if the task's code imported it."""
     np = sys.modules.get("numpy")
     if np is None:
         return None

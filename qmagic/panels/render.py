@@ -17,7 +17,8 @@ the value runs none (:func:`qmagic.probe.read_at_once`): one that blocked (a res
 a server for its contents when shown) held the thread that updates every panel of the kernel
 for as long as it blocked.  Past :data:`~qmagic.probe.TEXT_READ_S` the text reads
 :data:`~qmagic.probe.NOT_READ`; the table makes such a row again (:func:`texts_given_up`
-tells it), and once the value's code returns it is told to (:func:`when_texts_free`).
+tells it), and once the value's code returns it is told to (:func:`when_texts_free`); the
+text made late is kept for that (a value slower than the deadline runs its code once).
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ _MADE: dict[tuple, tuple[Any, Any]] = {}
 _MADE_KEPT = 1000  # (then forgotten all at once: they are made again if needed)
 
 
-def _slow_text(task: Task, what: tuple, token: Any, make: Callable[[], Any], values: tuple, fallback: Any) -> Any:
-    """``_TEXTS.text(make, values, fallback)``, or the text made for ``token`` before."""
+def _slow_text(task: Task, what: tuple, token: Any, make: Callable[[], Any], values: tuple,
+               fallback: Any) -> Any:
+    """``_TEXTS.text(make, values, fallback)``, or the text made late for ``token`` before."""
     key = (task.uid, *what)
     made = _MADE.get(key)
     if made is not None and made[0] is token:
