@@ -146,9 +146,14 @@ def strip_comment(line: str, options: dict[str, argparse.Action] | None = None) 
         word = line[start:end]
         if word.startswith("#") and not (value_next and word != "#"):
             return line[:start].rstrip()
-        opt = _resolve(options, word)
-        value_next = opt is not None and options[opt].nargs is None and "=" not in word
+        value_next = _value_next(options, word)
     return line
+
+
+def _value_next(options: dict[str, argparse.Action], word: str) -> bool:
+    """True when ``word`` is an option of ``options`` whose value is the next word."""
+    opt = _resolve(options, word)
+    return opt is not None and options[opt].nargs is None and "=" not in word
 
 
 def parse_line(magic: Any, line: str) -> Any:
@@ -184,9 +189,8 @@ def _mistyped_option(options: dict[str, argparse.Action], words: list[str]) -> t
             value_next = False
             continue
         typed = word.split("=", 1)[0]
-        opt = _resolve(options, typed)
-        if opt is not None:
-            value_next = options[opt].nargs is None and "=" not in word
+        if _resolve(options, typed) is not None:
+            value_next = _value_next(options, word)
         elif _OPTION_WORD.fullmatch(typed):
             close = difflib.get_close_matches(typed, long_options, n=1, cutoff=0.7)
             if close:
