@@ -11,6 +11,7 @@ dictionary reads.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import threading
@@ -195,10 +196,18 @@ class Catalog:
             self._checked.clear()  # drop references to objects the namespace let go
         return True
 
-    def function(self, name: str) -> Any:
+    def function(self, name: str, allowed: Callable[[list[str]], list[str]] | None = None) -> Any:
         """The callable named ``name``, or raise with queueserver's texts: NameError when it is
-        not a function of the namespace, TypeError when it is a plan or not callable."""
-        return self.resolve(name)[0]
+        not a function of the namespace, TypeError when it is a plan or not callable.
+        ``allowed(names)``: which of the namespace's functions the caller may run; the
+        NameError then names the closest of them, if one is close (a typo: ``scna``)."""
+        try:
+            return self.resolve(name)[0]
+        except NameError as exc:
+            near = difflib.get_close_matches(name, allowed(list(self.functions())), n=1) if allowed else []
+            if not near:
+                raise
+            raise NameError(f"{exc} (did you mean {near[0]!r}?)") from None
 
     def resolve(self, name: str) -> tuple[Any, bool]:
         """:meth:`function`'s callable and whether it is an ``async def`` function."""

@@ -78,7 +78,8 @@ class _TaskCall:
             return self._run_coroutine()
         if self.by_name:
             self.worker._permissions.check(self.name, self.user, self.group)
-        func = self.func if self.func is not None else self.worker.catalog.function(self.name)
+        func = self.func if self.func is not None else self.worker.catalog.function(
+            self.name, lambda names: self.worker._permissions.allowed_names(names, self.group))
         result = func(*self.args, **self.kwargs)
         if not self.strict_json:
             return result  # an awaitable is awaited on the loop by the engine

@@ -107,6 +107,10 @@ def test_unknown_names_and_wrong_arguments_are_one_line(ck):
         "NameError: Function 'scna' is not found in the worker namespace"
     )
     _last_traceback(ck)
+    assert one_line(ck.execute("%function_execute ad 5")) == (
+        "NameError: Function 'ad' is not found in the worker namespace (did you mean 'add'?)"
+    )
+    _last_traceback(ck)
     assert one_line(ck.execute("%function_execute add")) == (
         "TypeError: add() missing 1 required positional argument: 'a'"
     )

@@ -153,6 +153,30 @@ def test_missing_name_is_accepted_then_fails(make_worker):
     assert "NameError" in result["traceback"] and result["return_value"] is None
 
 
+def test_a_mistyped_name_fails_naming_the_closest_function_the_caller_may_run(make_worker):
+    w = make_worker({"scan": lambda n: n, "scan_secret": lambda n: n, "count": lambda: 1})
+    w.user_group_permissions = {"user_groups": {
+        "root": {"allowed_functions": [None]},
+        "primary": {"allowed_functions": [None]},
+        "guest": {"allowed_functions": ["count", "scna", "scan_secrte"]}}}
+    qs = QS(w)
+
+    def error(name, group="primary"):
+        reply = qs.function_execute({"name": name, "args": [3]}, run_in_background=True, user_group=group)
+        assert reply["success"] is True, reply
+        task = w.get_task(reply["task_uid"])
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+        return task.error
+
+    assert error("scna") == "Function 'scna' is not found in the worker namespace (did you mean 'scan'?)"
+    assert error("scan_secrte") == ("Function 'scan_secrte' is not found in the worker namespace "
+                                     "(did you mean 'scan_secret'?)")
+    assert error("zzz") == "Function 'zzz' is not found in the worker namespace"
+    # a function the caller's group may not run is never named
+    assert error("scna", "guest") == "Function 'scna' is not found in the worker namespace"
+    assert error("scan_secrte", "guest") == "Function 'scan_secrte' is not found in the worker namespace"
+
+
 @pytest.mark.parametrize("name", ["exit", "quit", "get_ipython", "In"])
 def test_hidden_names_never_run(make_worker, name):
     ran = []
