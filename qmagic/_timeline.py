@@ -12,7 +12,8 @@ import time
 from datetime import datetime
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from .format import finite, local_time
+from .format import finite
+from .history_text import local_time
 from .store.records import ORPHAN_REASONS
 
 __all__ = ["timeline", "STATUS_COLOURS"]

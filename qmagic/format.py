@@ -1,8 +1,8 @@
 """Every text form a user sees: calls, values, progress, tables, details, locks, refusals.
 
-One module, so each form exists once: magics, reprs, panels (for their plain-text form) and
-the history views (``%tasks --history`` and ``qmagic-history`` print the same table) all
-come from here; tracebacks from :mod:`qmagic.tracebacks`.
+One module, so each form exists once: magics, reprs and panels (for their plain-text form)
+all come from here; the experiment log's own forms (the history table and CSV, its health
+note) from :mod:`qmagic.history_text`, built on these; tracebacks from :mod:`qmagic.tracebacks`.
 
 - Task lines, tables and details show no uid, clock time or duration: the same run of a
   notebook gives the same text, so nbval can compare it.  (The history table is the
@@ -17,11 +17,8 @@ Pure functions of plain data and Task objects; no IPython, widgets or zmq here.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
@@ -31,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
 
 __all__ = [
-    "log_health_note",
     "SUMMARY_KEY",
     "printable",
     "call_text",
@@ -47,11 +43,9 @@ __all__ = [
     "task_detail",
     "record_line",
     "record_detail",
-    "history_table",
-    "history_csv",
+    "error_note",
+    "table_with_notes",
     "cell_label",
-    "local_time",
-    "record_duration",
     "lock_text",
     "refusal_line",
     "no_tasks_line",
@@ -200,9 +194,22 @@ def _record_fields(rec: Mapping[str, Any], width: int) -> list[str]:
     ]
 
 
-def record_line(record: Mapping[str, Any]) -> str:
-    """One line: ``add(1, b=5)  qmagic user  background  completed  2/2 half``."""
-    return "  ".join(field for field in _record_fields(record, 60) if field)
+def error_note(record: Mapping[str, Any]) -> str:
+    """What went wrong, as one line of at most 100 characters, for a record that holds an
+    error (``ZeroDivisionError: division by zero``); else ``""``."""
+    error, kind = record.get("error"), record.get("error_type")
+    if not isinstance(error, str) or not error.strip():
+        return ""
+    if isinstance(kind, str) and kind and not error.startswith(kind):
+        error = f"{kind}: {error}"
+    return printable(one_line(error, 100), 100)
+
+
+def record_line(record: Mapping[str, Any], error: bool = True) -> str:
+    """One line: ``add(1, b=5)  qmagic user  background  completed  2/2 half``; a failed
+    task's ends with its :func:`error_note` (unless ``error`` is False)."""
+    note = error_note(record) if error else ""
+    return "  ".join(field for field in [*_record_fields(record, 60), note and f"error: {note}"] if field)
 
 
 def task_line(task: Task) -> str:
@@ -216,6 +223,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
 
 
+def table_with_notes(header: list[str], rows: list[list[str]], notes: Iterable[str]) -> list[str]:
+    """Aligned ``rows`` under ``header``; a row's note, if any, on an indented line under it
+    (``    error: ...``)."""
+    table = _table(header, rows)
+    lines = table[:1]
+    for line, note in zip(table[1:], notes):
+        lines += [line, f"    error: {note}"] if note else [line]
+    return lines
+
+
 def no_tasks_line(log_on: bool, start: bool = False) -> str:
     """What a view of the tasks in memory says when there are none: where earlier ones are
     (a restart, a reload or the retention took them from memory, never from the log)."""
@@ -227,8 +244,10 @@ def no_tasks_line(log_on: bool, start: bool = False) -> str:
 def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all") -> str:
     """Aligned table of tasks (or records), one row each; ``hidden`` > 0 adds a line saying
     how many were left out and ``hint`` (how to see them).  Without tasks: ``"No tasks."``."""
-    rows = [_record_fields(_record_of(t), CALL_WIDTH) for t in tasks]
-    lines = _table(["task", "user", "mode", "status", "progress"], rows) if rows else ["No tasks."]
+    records = [_record_of(t) for t in tasks]
+    rows = [_record_fields(rec, CALL_WIDTH) for rec in records]
+    lines = table_with_notes(["task", "user", "mode", "status", "progress"], rows,
+                             map(error_note, records)) if rows else ["No tasks."]
     if hidden > 0:
         lines.append(f"({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; {hint})")
     return "\n".join(lines)
@@ -246,7 +265,7 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
     Traceback, output and log show as the task wrote them, but a lone surrogate (a file name
     that is not UTF-8) reads U+FFFD: a kernel cannot send it, and showed nothing.
     """
-    first = record_line(record)
+    first = record_line(record, error=False)  # (the traceback or the error follows)
     lines = [f"{first}  ({source})" if source else first]
     status = record.get("status")
     if status == "completed":
@@ -274,12 +293,7 @@ def task_detail(task: Task) -> str:
     return record_detail(task.to_dict(), output=task.output, log=task.log_text)
 
 
-# -- the experiment log ------------------------------------------------------------------------
-_CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin", "submitted_at",
-                "started_at", "finished_at", "duration_s", "notebook", "cell_id", "execution_count",
-                "cell_hash", "call", "error", "error_type", "host", "pid", "session", "orphaned")
-
-
+# -- numbers of records ------------------------------------------------------------------------
 def finite(value: Any) -> float | None:
     """A finite number as float, else None (a time or duration that cannot be shown)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -289,106 +303,6 @@ def finite(value: Any) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
-
-
-def local_time(t: Any) -> datetime | None:
-    """The local time of an epoch in a record; None for a missing or impossible one."""
-    value = finite(t)
-    try:
-        return datetime.fromtimestamp(value) if value is not None else None
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def _clock(t: Any, iso: bool = False) -> str | None:
-    stamp = local_time(t)
-    if stamp is None:
-        return None
-    return stamp.isoformat(timespec="milliseconds") if iso else stamp.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def record_duration(rec: Mapping[str, Any]) -> float | None:
-    """Seconds from a record's start to its end; None when either is missing or impossible
-    (also an end before the start: the clock was set back while the task ran)."""
-    start, stop = finite(rec.get("started_at")), finite(rec.get("finished_at"))
-    return stop - start if start is not None and stop is not None and stop >= start else None
-
-
-def history_table(records: Iterable[Mapping[str, Any]]) -> str:
-    """Experiment-log records as a table, in the order given (``%tasks --history``: newest
-    first; ``qmagic-history``: oldest first): when submitted (local time), status, duration,
-    user, where (``bg``/``fg`` and origin), the notebook cell, the call and the uid; the
-    first line of an error follows its row as ``    error: ...`` (a task of a kernel that
-    died reads "kernel stopped while the task was running", its duration ``≥ 2.5 s``: up to
-    the kernel's last sign of life).
-
-    Odd values (lone surrogates, control characters, None, huge texts, wrong types) are
-    escaped, cut or read as missing: a bad record never breaks the table."""
-    head = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
-    rows, notes = [], []
-    for rec in records:
-        duration = record_duration(rec)
-        meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
-        rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
-                     printable(rec.get("status"), 12),
-                     "-" if duration is None else ("≥ " if meta.get("orphaned") else "") + format_elapsed(duration),
-                     printable(rec.get("user"), USER_WIDTH),
-                     f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
-                     cell_label(rec.get("provenance")) or "-",
-                     record_call(rec, HISTORY_CALL_WIDTH),
-                     printable(rec.get("uid"), 64)])
-        error = rec.get("error")
-        notes.append(printable(one_line(error, 100), 100) if isinstance(error, str) else "")
-    table = _table(head, rows)
-    lines = table[:1]
-    for line, note in zip(table[1:], notes):
-        lines += [line, f"    error: {note}"] if note else [line]
-    return "\n".join(lines)
-
-
-def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
-    """Experiment-log records as CSV, in the order given: a header line, then one row each
-    (times in local ISO format, ``duration_s``, provenance, the call as in the table, the
-    writer's host, pid and session, ``orphaned``); every value printable."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_CSV_COLUMNS)
-    for rec in records:
-        meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
-        prov = rec.get("provenance") if isinstance(rec.get("provenance"), Mapping) else {}
-        duration = record_duration(rec)
-        values = {**{k: rec.get(k) for k in ("uid", "name", "status", "user", "user_group", "background",
-                                              "origin", "error", "error_type")},
-                  **{k: _clock(rec.get(k), iso=True) for k in ("submitted_at", "started_at", "finished_at")},
-                  **{k: prov.get(k) for k in ("notebook", "cell_id", "execution_count", "cell_hash")},
-                  "duration_s": None if duration is None else f"{duration:.6f}",
-                  "call": record_call(rec, 200), "host": meta.get("host"), "pid": meta.get("pid"),
-                  "session": meta.get("session"), "orphaned": bool(meta.get("orphaned"))}
-        writer.writerow([printable(values[c]) for c in _CSV_COLUMNS])
-    return out.getvalue()
-
-
-def log_health_note(health: Mapping[str, Any]) -> str | None:
-    """One line when the experiment log needs attention (a fault, or records lost); None
-    while it is healthy — records waiting a moment for the writer are normal.  A log that
-    logs no new task (``open`` False) but still records how earlier ones end says so."""
-    ok, pending, dropped = health.get("ok", True), int(health.get("pending") or 0), int(health.get("dropped") or 0)
-    if ok and not dropped:
-        return None
-
-    def entries(n: int) -> str:  # (a task makes about three: submitted, started, finished)
-        return f"{n} entr{'ies' if n != 1 else 'y'}"
-
-    parts, held = [], int(health.get("in_memory") or 0)  # (held: a SIGKILL would lose them)
-    if not ok:
-        held_text = f", {held} only in memory" if held else ""
-        parts.append("cannot write" + (f" ({entries(pending)} waiting{held_text})" if pending else ""))
-    if dropped:
-        parts.append(f"lost {entries(dropped)}")
-    why = health.get("last_error")
-    which = ", off for new tasks but still recording earlier ones," if health.get("open") is False else ""
-    return (f"Note: the experiment log{which} {' and '.join(parts)}" + (f": {why}" if why else "")
-            + ". See worker.log_health().")
 
 
 def lock_text(info: Mapping[str, Any]) -> str:

@@ -25,10 +25,10 @@ from typing import Any, ContextManager, Mapping
 
 from traitlets import HasTraits, observe
 
-from . import format as fmt
 from . import probe
 from .core.task import Task
 from .errors import LOG_OFF, LogUnavailable, StateFileError
+from .history_text import log_health_note
 
 __all__ = ["LogMixin", "LogObserver", "VALUE_REPR_S", "run_value_code"]
 
@@ -278,10 +278,10 @@ class LogMixin(HasTraits):
 
     def log_note(self) -> str | None:
         """One line when the experiment log needs attention (a fault, or records lost; see
-        :func:`qmagic.format.log_health_note`), for the views that mention it; None while it
+        :func:`qmagic.history_text.log_health_note`), for the views that mention it; None while it
         is healthy or off."""
         try:
             health = self.log_health()
         except LogUnavailable:  # the log is off: nothing to say
             return None
-        return fmt.log_health_note(health)
+        return log_health_note(health)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qmagic.format import SUMMARY_KEY, call_text, log_health_note, printable, record_call, safe_repr
+from qmagic.format import SUMMARY_KEY, call_text, printable, record_call, safe_repr
+from qmagic.history_text import log_health_note
 
 
 def test_a_healthy_log_says_nothing_even_with_records_waiting_for_the_writer():
@@ -53,7 +54,7 @@ def test_one_call_text_for_tasks_and_records():
 
 
 def test_a_duration_is_shown_only_when_it_can_be_true():
-    from qmagic.format import record_duration
+    from qmagic.history_text import record_duration
 
     assert record_duration({"started_at": 10.0, "finished_at": 12.5}) == 2.5
     for rec in ({"started_at": 10.0}, {"started_at": 10.0, "finished_at": float("inf")},
@@ -66,7 +67,8 @@ def test_a_lock_holders_text_cannot_add_lines_or_terminal_codes():
     """A remote client's lock user and note (and a task's user) are anyone's text: every view
     shows them escaped, so a newline or an escape code cannot fake a line or a colour."""
     from qmagic.errors import LockRefused
-    from qmagic.format import history_table, lock_text, refusal_line, task_table
+    from qmagic.format import lock_text, refusal_line, task_table
+    from qmagic.history_text import history_table
     from qmagic.store.lockfile import LockState
 
     user = "robot\nEnvironment is locked: False\n\x1b[31mall clear\x1b[0m"

@@ -1127,6 +1127,35 @@ def test_completion_offers_namespace_functions_after_the_options(qm, ip):
 # =========================================================================================
 # text forms (qmagic.format)
 # =========================================================================================
+def test_a_failed_task_says_why_in_its_line_and_under_its_row(qm, ip, capsys):
+    ip.run_cell("def calibrate(offset):\n    return 100 / offset\n").raise_error()
+    with pytest.raises(ZeroDivisionError):
+        line(ip, "function_execute", "calibrate 0")
+    task = qm.last_task
+    assert fmt.task_line(task) == (
+        "calibrate(0)  qmagic user  foreground  failed  error: ZeroDivisionError: division by zero")
+    done = line(ip, "function_execute", "calibrate 4")
+    assert fmt.task_table([task, done]) == (
+        "task          user         mode        status     progress\n"
+        "calibrate(0)  qmagic user  foreground  failed\n"
+        "    error: ZeroDivisionError: division by zero\n"
+        "calibrate(4)  qmagic user  foreground  completed"
+    )
+    capsys.readouterr()
+    line(ip, "task_status", task.uid[:8])
+    assert capsys.readouterr().out == f"{task.uid[:8]}: failed  error: ZeroDivisionError: division by zero\n"
+    detail = fmt.task_detail(task).splitlines()  # (the traceback follows: not said twice)
+    assert detail[0] == "calibrate(0)  qmagic user  foreground  failed"
+    assert detail[-1].strip() == "ZeroDivisionError: division by zero"
+    # a record whose error names no type, or already starts with it; a long one is cut
+    rec = {**task.to_dict(), "error": "kernel stopped while the task was running", "error_type": None}
+    assert fmt.record_line(rec).endswith("failed  error: kernel stopped while the task was running")
+    rec.update(error="ValueError: bad\nsecond line", error_type="ValueError")
+    assert fmt.record_line(rec).endswith("failed  error: ValueError: bad")
+    rec.update(error="x" * 500)
+    assert len(fmt.error_note(rec)) == 100 and len(fmt.task_table([rec]).splitlines()) == 3
+
+
 def test_text_forms_show_progress_script_changes_and_no_key(qm, ip, capsys):
     ip.run_cell("def half():\n    qmagic.report_progress(2, 4, 'half')\n").raise_error()
     task = line(ip, "function_execute", "half")

@@ -17,7 +17,8 @@ import pytest
 from store_helpers import fresh_warnings  # noqa: F401 - a fixture
 from store_helpers import task as record
 
-from qmagic.format import cell_label, history_csv, history_table
+from qmagic.format import cell_label
+from qmagic.history_text import history_csv, history_table
 from qmagic.store.database import database_path
 from qmagic.store.history import history, history_dataframe, history_main
 from qmagic.store.journal import ORPHAN_REASON, SUMMARY_KEY, Journal

@@ -654,7 +654,8 @@ def test_hostile_task_texts_are_shown_escaped_once_printable_and_bounded(probe, 
         line = fmt.task_line(task)
         assert len(line) < 300 and not _ODD.search(line) and "\n" not in line
     table = fmt.task_table(tasks).splitlines()
-    assert len(table) == 3 and all(len(r) < 300 for r in table)
+    assert len(table) == 4 and all(len(r) < 300 and not _ODD.search(r) for r in table)
+    assert table[2].startswith("    error: RuntimeError: <img src=x")  # (under the failed task's row)
 
 
 def test_details_show_a_carriage_return_progress_bar_as_a_terminal_does(probe, worker):

@@ -4,9 +4,9 @@ Any process can read an environment's log while kernels write it.  Opening it fi
 what kernels that died left in their spools (:mod:`qmagic.store.recovery`) and imports a
 journal of qmagic 0.1; a Journal open in this process on the same log answers itself, so
 its newest records show too.  The text forms are those of :mod:`qmagic.format`:
-``qmagic-history`` prints :func:`~qmagic.format.history_table` (the table ``%tasks --history``
+``qmagic-history`` prints :func:`~qmagic.history_text.history_table` (the table ``%tasks --history``
 shows: when, how long, which notebook cell ran what, e.g. ``01-getting-started.ipynb [12]``)
-and :func:`~qmagic.format.history_csv`.
+and :func:`~qmagic.history_text.history_csv`.
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
 """
@@ -26,14 +26,8 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
-from ..format import (
-    cell_label,
-    history_csv,
-    history_table,
-    local_time,
-    printable,
-    record_duration,
-)
+from ..format import cell_label, printable
+from ..history_text import history_csv, history_table, local_time, record_duration
 from .database import SCHEMA_VERSION, connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name

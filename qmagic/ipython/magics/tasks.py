@@ -18,6 +18,7 @@ from ... import format as fmt
 from ...core.registry import MIN_UID_PREFIX
 from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
+from ...history_text import history_table
 from ...yamlfile import read_small_file
 from .args import call_arguments, parse_line, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
@@ -167,10 +168,11 @@ class TaskMagics(Magics):
                                     "invalid": "no uid: give a task uid (see %tasks)"}.get(
                                         exc.reason, "not found"))
                 continue
-            if isinstance(found, Task):
-                print(f"{shown}: {found.status.value}")
-            else:
-                print(f"{shown}: {found.get('status')} (from the experiment log)")
+            record = found.to_dict() if isinstance(found, Task) else found
+            note = fmt.error_note(record)
+            print(f"{shown}: {fmt.printable(record.get('status'), 12)}"
+                  + ("" if isinstance(found, Task) else " (from the experiment log)")
+                  + (f"  error: {note}" if note else ""))
 
     @magic_arguments()
     @argument("uid", nargs="?", default=None, metavar="UID",
@@ -292,7 +294,7 @@ class TaskMagics(Magics):
             records = self.worker.history(limit=shown + 1)
         except LogUnavailable as exc:
             raise UsageError(str(exc)) from None
-        print(fmt.history_table(records[:shown]))
+        print(history_table(records[:shown]))
         if len(records) > shown and wanted > shown:
             print(f"Only the newest {shown} are shown in a cell; for more: qmagic.history(limit={wanted}) "
                   f"or, in a terminal, qmagic-history --limit {wanted}.")
