@@ -204,7 +204,7 @@ class Catalog:
         try:
             return self.resolve(name)[0]
         except NameError as exc:
-            near = difflib.get_close_matches(name, allowed(list(self.functions())), n=1) if allowed else []
+            near = difflib.get_close_matches(name, allowed(list(self.functions())), 1, 0.75) if allowed else []
             if not near:
                 raise
             raise NameError(f"{exc} (did you mean {near[0]!r}?)") from None

@@ -305,14 +305,15 @@ def finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def lock_text(info: Mapping[str, Any]) -> str:
+def lock_text(info: Mapping[str, Any], unlocked: bool = False) -> str:
     """Text of a queueserver ``lock_info`` dict; never a key, no time.
 
     Locked: ``"Locked by USER: environment, queue\\nNote: NOTE"`` (both :func:`printable`:
-    anyone's text adds no line or colour); else ``"Not locked."``."""
+    anyone's text adds no line or colour); else ``"Not locked."`` (``"Unlocked."`` with
+    ``unlocked``: the lock was just released)."""
     scopes = [name for name in ("environment", "queue") if info.get(name)]
     if not scopes:
-        text = "Not locked."
+        text = "Unlocked." if unlocked else "Not locked."
     else:
         text = f"Locked by {printable(info.get('user')) or '?'}: {', '.join(scopes)}"
         if info.get("note"):

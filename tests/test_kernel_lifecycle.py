@@ -259,7 +259,7 @@ def test_lock_with_a_hidden_prompt_keeps_the_key_out_of_history(tmp_path):
         assert "locked by Alice" in one_line(k.execute("%function_execute add 1"))
         assert k.execute(f"%function_execute --lock-key {KEY[:-1]}X add 1").status == "error"
         _, unlocked = _with_prompt(k, "%unlock --prompt-key", KEY)
-        assert unlocked.check().stdout == "Not locked.\n"
+        assert unlocked.check().stdout == "Unlocked.\n"
 
         # Nowhere in IPython's history: the database, In / _ih, %history.
         k.execute("get_ipython().history_manager.writeout_cache()", check=True)

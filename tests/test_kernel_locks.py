@@ -134,7 +134,8 @@ def test_lock_survives_a_restart_and_a_wrong_key_gets_the_full_message(kernel_fa
     _refusal(k.execute("%unlock --key wrong"), "Alice", key="wrong")
     assert k.eval("run('K')") == 42  # the right key passes without unlocking
     assert k.eval("run()") == expected
-    assert _shown(k.execute("%unlock --key K")) == "Not locked.\n"
+    assert _shown(k.execute("%unlock --key K")) == "Unlocked.\n"
+    assert _shown(k.execute("%unlock --key K")) == "Not locked.\n"  # (it was not locked any more)
     assert k.eval("run()") == 42
     assert k.eval("info()['environment']") is False
     assert "Not locked." in _shown(k.execute("%lock_info"))
@@ -153,7 +154,7 @@ def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory
     hint = "%unlock --default-key"
     assert line.endswith(f"It was locked with your default key: {hint}"), line
     k.execute("del qmagic")  # (the line needs nothing in the namespace)
-    assert _shown(k.execute(hint)) == "Not locked.\n"  # the line works as written
+    assert _shown(k.execute(hint)) == "Unlocked.\n"  # the line works as written
     _setup(k)
     # a lock with another key gets no such hint
     _shown(k.execute("%lock --key K2"))
@@ -161,7 +162,7 @@ def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory
     _setup(k)
     line = _refusal(k.execute("%unlock"), "does not hold the key", key="K2")
     assert "default key" not in line, line
-    assert _shown(k.execute("%unlock --key K2")) == "Not locked.\n"
+    assert _shown(k.execute("%unlock --key K2")) == "Unlocked.\n"
 
 
 def test_a_key_that_starts_with_a_hash_is_typed_in_a_cell_as_it_is(kernel_factory, tmp_path):
@@ -174,7 +175,7 @@ def test_a_key_that_starts_with_a_hash_is_typed_in_a_cell_as_it_is(kernel_factor
         "Cancel requested for 0 tasks.\n")
     k.execute("t = %function_execute --lock-key #secret double 21 # as Bob", check=True)
     assert k.eval("t.result()") == 42
-    assert _shown(k.execute("%unlock --key #secret")) == "Not locked.\n"
+    assert _shown(k.execute("%unlock --key #secret")) == "Unlocked.\n"
 
 
 def test_emergency_key_unlocks_from_another_kernel(kernel_factory, tmp_path):
@@ -192,7 +193,7 @@ def test_emergency_key_unlocks_from_another_kernel(kernel_factory, tmp_path):
     assert b.eval("qs.history_clear()['msg']") == expected  # the queue scope is locked too
     _refusal(b.execute("%unlock --key wrong"), "Alice", key="wrong")
     assert _shown(b.execute(f"%unlock --key {EMERGENCY_KEY}")) == (
-        "Not locked.\n(An emergency unlock key is set.)\n")
+        "Unlocked.\n(An emergency unlock key is set.)\n")
     assert b.eval("run()") == 42
     assert a.eval("run()") == 42
     assert a.eval("info()['environment']") is False
@@ -220,14 +221,14 @@ def test_two_kernels_share_one_environment(kernel_factory, tmp_path):
                                      "RE Manager is locked by Alice at ")
     _refusal(b.execute("%lock --key KB"), "Alice", key="KB")
 
-    assert _shown(a.execute("%unlock --key KA")) == "Not locked.\n"
+    assert _shown(a.execute("%unlock --key KA")) == "Unlocked.\n"
     assert b.eval("run()") == 42
     assert _shown(b.execute("%lock --key KB -e --note 'Bob aligns the laser'")) == (
         "Locked by Bob: environment\nNote: Bob aligns the laser\n")
     assert a.eval("run()") == _invalid_key(a.eval("info()"))
     assert "Bob aligns the laser" in a.eval("run()")
     _refusal(a.execute("%function_execute double 21"), "Bob", "Bob aligns the laser", key="KB")
-    assert _shown(b.execute("%unlock")) == "Not locked.\n"  # B's remembered key
+    assert _shown(b.execute("%unlock")) == "Unlocked.\n"  # B's remembered key
     assert a.eval("run()") == 42
     assert a.eval("qs.status()['lock']") == {"environment": False, "queue": False}
 

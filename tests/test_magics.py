@@ -409,7 +409,7 @@ def test_a_trailing_comment_is_ignored_by_every_magic(qm, ip, capsys, tmp_path):
     line(ip, "control_channel", "status  # is it on?")
     capsys.readouterr()
     line(ip, "unlock", "--key K#1  # the key holds its '#'")
-    assert capsys.readouterr().out == "Not locked.\n"
+    assert capsys.readouterr().out == "Unlocked.\n"
 
 
 def test_a_key_that_starts_with_a_hash_is_the_options_value_not_a_comment(qm, ip, capsys):
@@ -430,7 +430,7 @@ def test_a_key_that_starts_with_a_hash_is_the_options_value_not_a_comment(qm, ip
     with pytest.raises(UsageError, match="^--lock-key needs a value: write --lock-key KEY[.]$"):
         line(ip, "task_cancel", "--all --lock-key # the key")
     line(ip, "unlock", "--key #secret # released")
-    assert capsys.readouterr().out.endswith("Not locked.\n")
+    assert capsys.readouterr().out.endswith("Unlocked.\n")
     line(ip, "lock", "--note #3 --key #k#2 # a note and a key, both with '#'")
     assert capsys.readouterr().out == "Locked by qmagic user: environment\nNote: #3\n"
     line(ip, "unlock", "--key #k#2")
@@ -928,11 +928,13 @@ def test_lock_magics(qm, ip, capsys):
     assert line(ip, "function_execute", "add 1").result() == 2
     capsys.readouterr()
     line(ip, "unlock")
+    assert capsys.readouterr().out == "Unlocked.\n"
+    line(ip, "unlock")  # (nothing to unlock: it says so)
     assert capsys.readouterr().out == "Not locked.\n"
     line(ip, "lock", "-a --key K2")
     assert capsys.readouterr().out == "Locked by qmagic user: environment, queue\n"
     line(ip, "unlock")
-    assert capsys.readouterr().out == "Not locked.\n"
+    assert capsys.readouterr().out == "Unlocked.\n"
     with pytest.raises(UsageError, match="not both"):
         line(ip, "lock", "--key K --prompt-key")
     with pytest.raises(UsageError, match="Give one of --key KEY, --prompt-key or --default-key"):
@@ -942,7 +944,7 @@ def test_lock_magics(qm, ip, capsys):
     line(ip, "lock")  # without a key: the default key (made now)
     capsys.readouterr()
     line(ip, "unlock", "--default-key")
-    assert capsys.readouterr().out == "Not locked.\n"
+    assert capsys.readouterr().out == "Unlocked.\n"
 
 
 @pytest.mark.parametrize("magic, arg, secret", [
@@ -1099,7 +1101,7 @@ def test_lock_with_another_key_refuses_tasks_in_one_line(qm, ip, capsys):
     line(ip, "task_cancel", "--all --lock-key 'secret-1'")
     assert task.wait(10) and task.status.value == "cancelled"
     line(ip, "unlock", "--key secret-1")
-    assert capsys.readouterr().out.endswith("Not locked.\n")
+    assert capsys.readouterr().out.endswith("Unlocked.\n")
     with pytest.raises(UsageError, match="no arguments"):
         line(ip, "lock_info", "extra")
 

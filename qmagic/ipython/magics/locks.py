@@ -100,13 +100,14 @@ class LockMagics(Magics):
     @line_magic
     def unlock(self, line: str) -> None:
         """Unlock the environment and queue: with this kernel's remembered key, or the lock key or
-        emergency key given."""
+        emergency key given.  Prints "Unlocked." (or "Not locked." when it was not locked)."""
         opts = parse_line(self.unlock, line)
         try:
+            was = self.worker.lock_state()
             state = self.worker.unlock(_key(opts), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc, _KEY_OPTIONS)
-        print(fmt.lock_text(state.to_lock_info()))
+        print(fmt.lock_text(state.to_lock_info(), unlocked=bool(was.environment or was.queue)))
 
     @line_magic
     def lock_info(self, line: str) -> None:
