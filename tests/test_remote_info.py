@@ -352,6 +352,8 @@ def test_only_small_values_of_builtin_types_are_described_at_once():
         assert not read_at_once([numpy.zeros(2)])
     with numpy.printoptions(edgeitems=5000):
         assert not read_at_once([numpy.zeros(2)])
+    with numpy.printoptions(precision=500):  # (500 digits a number: past the budget's 10 an item)
+        assert not read_at_once([numpy.zeros(2)])
     assert read_at_once([numpy.zeros(2)])
 
     class Proxy:  # (isinstance() asks an object's own __class__: code of its own)

@@ -97,6 +97,16 @@ def test_cancelling_a_task_only_the_log_knows_says_what_it_knows(journaled):
             second.cancel(running.uid[:8])
         assert str(info.value).startswith(f"gate() is running in another kernel (process {os.getpid()} on ")
         assert str(info.value).endswith("from the experiment log): only that kernel can cancel it.")
+        record = second.find(running.uid[:8])  # a record that does not say where it runs
+        bare = {**record, "journal": {**record["journal"], "pid": None, "host": None}}
+        second.find = lambda uid: bare  # type: ignore[method-assign]
+        try:
+            with pytest.raises(TaskNotFound) as info:
+                second.cancel(running.uid[:8])
+        finally:
+            del second.find
+        assert str(info.value) == ("gate() is running in another kernel (from the experiment log): only that "
+                                   "kernel can cancel it.")
         with pytest.raises(TaskNotFound, match="It is not in the experiment log either"):
             second.cancel("f" * 8)
         assert running.status is TaskStatus.RUNNING
