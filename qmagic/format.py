@@ -217,16 +217,11 @@ def task_line(task: Task) -> str:
     return record_line(_record_of(task))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
-
-
 def table_with_notes(header: list[str], rows: list[list[str]], notes: Iterable[str]) -> list[str]:
-    """Aligned ``rows`` under ``header``; a row's note, if any, on an indented line under it
-    (``    error: ...``)."""
-    table = _table(header, rows)
+    """The lines of a table: ``header`` and ``rows`` in aligned columns, each row's note
+    (its :func:`error_note`, ``""`` for none) on an indented line under it: ``    error: ...``."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    table = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
     lines = table[:1]
     for line, note in zip(table[1:], notes):
         lines += [line, f"    error: {note}"] if note else [line]
