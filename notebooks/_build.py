@@ -234,7 +234,8 @@ GETTING_STARTED = [
     %tasks
     """),
     md("""
-    `%task_status` gives the status of the latest task, or of the uids you list:
+    `%task_status` gives the status of the latest task, or of the uids you list (and for a
+    failed task, its error):
     """),
     code("""
     %task_status

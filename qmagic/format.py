@@ -194,21 +194,24 @@ def _record_fields(rec: Mapping[str, Any], width: int) -> list[str]:
     ]
 
 
-def error_note(record: Mapping[str, Any]) -> str:
-    """What went wrong, as one line of at most 100 characters, for a record that holds an
-    error (``ZeroDivisionError: division by zero``); else ``""``."""
-    error, kind = record.get("error"), record.get("error_type")
-    if not isinstance(error, str) or not error.strip():
+def error_note(record: Mapping[str, Any], failed_only: bool = False) -> str:
+    """A record's error as one line of at most 100 characters, a failed task's with its
+    exception's type (``ZeroDivisionError: division by zero``), a cancelled one's as it is
+    (``Task was cancelled: the kernel was shut down``); ``""`` when it holds none (or, with
+    ``failed_only``, when the task did not fail: the task views say why a task failed, the
+    history also why one was cancelled)."""
+    error, kind, failed = record.get("error"), record.get("error_type"), record.get("status") == "failed"
+    if not isinstance(error, str) or not error.strip() or failed_only and not failed:
         return ""
-    if isinstance(kind, str) and kind and not error.startswith(kind):
+    if failed and isinstance(kind, str) and kind and not error.startswith(kind):
         error = f"{kind}: {error}"
     return printable(one_line(error, 100), 100)
 
 
 def record_line(record: Mapping[str, Any], error: bool = True) -> str:
     """One line: ``add(1, b=5)  qmagic user  background  completed  2/2 half``; a failed
-    task's ends with its :func:`error_note` (unless ``error`` is False)."""
-    note = error_note(record) if error else ""
+    task's ends with ``error: `` and its :func:`error_note` (unless ``error`` is False)."""
+    note = error_note(record, failed_only=True) if error else ""
     return "  ".join(field for field in [*_record_fields(record, 60), note and f"error: {note}"] if field)
 
 
@@ -242,7 +245,7 @@ def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all") -
     records = [_record_of(t) for t in tasks]
     rows = [_record_fields(rec, CALL_WIDTH) for rec in records]
     lines = table_with_notes(["task", "user", "mode", "status", "progress"], rows,
-                             map(error_note, records)) if rows else ["No tasks."]
+                             [error_note(rec, failed_only=True) for rec in records]) if rows else ["No tasks."]
     if hidden > 0:
         lines.append(f"({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; {hint})")
     return "\n".join(lines)

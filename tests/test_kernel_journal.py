@@ -209,7 +209,7 @@ def test_sigkill_under_load_every_uid_handed_out_is_found(kernel_factory, tmp_pa
     orphan_msg = f"Error occurred while executing 'Execute function': {_orphan_reason(records[magic_uid])}"
     assert result == [(False, None, orphan_msg), (True, 0, "")]
     assert k2.execute(f"%task_status {magic_uid[:8]}", check=True).stdout == (
-        f"{magic_uid[:8]}: failed (from the experiment log)\n")
+        f"{magic_uid[:8]}: failed (from the experiment log)  error: {_orphan_reason(records[magic_uid])}\n")
     detail = k2.execute(f"%task_result {magic_uid[:8]}", check=True).stdout
     assert detail.startswith("hang()") and "(from the experiment log)" in detail
     assert f"failed: {_orphan_reason(records[magic_uid])}" in detail

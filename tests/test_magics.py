@@ -1156,6 +1156,10 @@ def test_a_failed_task_says_why_in_its_line_and_under_its_row(qm, ip, capsys):
     assert fmt.record_line(rec).endswith("failed  error: ValueError: bad")
     rec.update(error="x" * 500)
     assert len(fmt.error_note(rec)) == 100 and len(fmt.task_table([rec]).splitlines()) == 3
+    # a cancelled task's line and row say no "error" (the history says why, without a type)
+    rec.update(status="cancelled", error="Task was cancelled with %task_cancel", error_type="TaskCancelled")
+    assert fmt.record_line(rec).endswith("  cancelled") and len(fmt.task_table([rec]).splitlines()) == 2
+    assert fmt.error_note(rec) == "Task was cancelled with %task_cancel"
 
 
 def test_text_forms_show_progress_script_changes_and_no_key(qm, ip, capsys):
