@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import socket
 import threading
 import time
 
@@ -770,3 +771,45 @@ def test_a_progress_value_json_cannot_write_never_stops_the_stream(make_worker):
         json.loads(sent[-1][1], parse_constant=_refuse)
     assert json.loads(sent[0][1])["msg"]["task"]["progress"]["value"] == {"NaN": 1}
     assert "[1, [...]]" in json.loads(sent[2][1])["msg"]
+
+
+def _zmtp_subscriber(address: str) -> socket.socket:
+    """A bare TCP connection to ``address`` that greets as a 0MQ SUB (ZMTP 3.0, NULL): what
+    it sends next is read as its messages.  (No 0MQ socket: libzmq's own SUB and XSUB keep
+    what they send, and one that sent a huge message crashed the test process at exit.)"""
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    conn.sendall(b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32))
+    ready = b"\x05READY" + b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB"
+    conn.sendall(bytes([0x04, len(ready)]) + ready)
+    return conn
+
+
+def test_a_subscriber_sending_a_huge_message_is_disconnected_unread(make_worker):
+    """0MQ's PUB read a subscription whole, however long, and kept it: a client that sent one
+    of 300 MB grew the kernel by 2 GB (a hostile test).  A message over the info socket's
+    limit drops the sender's connection before it is read; other subscribers are served."""
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker),
+                        status_period=0.05).start()
+    try:
+        with _zmtp_subscriber(pub.address) as conn:
+            greeting = b""
+            while b"READY" not in greeting:  # (the kernel's greeting and READY: a 0MQ peer)
+                chunk = conn.recv(4096)
+                assert chunk, f"the handshake failed: {greeting!r}"
+                greeting += chunk
+            size = 300_000_000
+            conn.sendall(bytes([0x02]) + size.to_bytes(8, "big") + b"\x01" + b"a" * 1000)  # (the rest never comes)
+            try:
+                while conn.recv(65536):
+                    pass
+            except socket.timeout:
+                pytest.fail("a subscriber that announced a 300 MB message was kept connected")
+            except ConnectionResetError:
+                pass
+        with _sub_socket(pub.address, info_module.TOPIC_INFO) as sub:  # the others are served
+            assert sub.poll(TIMEOUT * 1000), "no status reached a subscriber"
+            assert sub.recv_multipart()[0] == info_module.TOPIC_INFO
+    finally:
+        pub.stop()

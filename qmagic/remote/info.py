@@ -62,6 +62,11 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
+#: The longest message a subscriber may send (its subscriptions; the CurveZMQ handshake's
+#: take a few hundred bytes): a longer one drops its connection unread.  0MQ's PUB kept
+#: each subscription whole, however long: one of 300 MB grew the kernel by 2 GB (found by
+#: a hostile test).  (Each subscription still costs about 40 bytes per byte of its topic.)
+_SUBSCRIBER_MAX_BYTES = 1024
 #: How often the status is compared with the last one sent, and sent when it changed (a
 #: status reply takes some 20 microseconds); queueserver publishes on every change
 _STATUS_CHECK_S = 0.1
@@ -264,6 +269,9 @@ class InfoPublisher(SocketThread):
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIBER_MAX_BYTES)
+        # (as the control channel's: raw connections that never finish a handshake are closed)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
         auth = None
         try:
             auth = self._authenticator(ctx)  # with client keys: only listed clients subscribe
