@@ -813,3 +813,43 @@ def test_a_subscriber_sending_a_huge_message_is_disconnected_unread(make_worker)
             assert sub.recv_multipart()[0] == info_module.TOPIC_INFO
     finally:
         pub.stop()
+
+
+def test_a_subscriber_holding_too_many_topics_is_disconnected(make_worker, caplog):
+    """0MQ keeps every subscription in memory while its subscriber is connected: a client
+    making 300,000 of them grew the kernel to 3.9 GB in 20 s (a hostile test).  Past
+    _MAX_TOPICS topics the socket is made again at its address, dropping every connection;
+    subscribers reconnect on their own and are served."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker),
+                        status_period=0.05).start()
+    address = pub.address
+    ctx = zmq.Context()
+    greedy = ctx.socket(zmq.SUB)
+    greedy.setsockopt(zmq.LINGER, 0)
+    greedy.setsockopt(zmq.RECONNECT_IVL, 60_000)  # (it does not come back during the test)
+    events = greedy.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    try:
+        greedy.connect(address)
+        for i in range(info_module._MAX_TOPICS * 4):
+            greedy.setsockopt(zmq.SUBSCRIBE, b"topic-%06d" % i)
+        seen = []
+        deadline = time.monotonic() + TIMEOUT
+        while zmq.EVENT_DISCONNECTED not in seen and time.monotonic() < deadline:
+            if events.poll(100):
+                seen.append(recv_monitor_message(events)["event"])
+        assert zmq.EVENT_DISCONNECTED in seen, f"a subscriber of {info_module._MAX_TOPICS * 4} topics was kept"
+        assert pub.renewals >= 1 and pub.address == address and pub.running
+        assert sum("subscribed to more than" in r.getMessage() for r in caplog.records) == 1
+        with _sub_socket(address, info_module.TOPIC_INFO) as sub:  # the others are served
+            assert sub.poll(TIMEOUT * 1000), "no status reached a subscriber"
+            assert sub.recv_multipart()[0] == info_module.TOPIC_INFO
+    finally:
+        greedy.disable_monitor()
+        events.close(0)
+        greedy.close(0)
+        ctx.term()
+        pub.stop()

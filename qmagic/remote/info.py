@@ -1,7 +1,8 @@
 """The info socket: bluesky-queueserver's live streams, published by this kernel.
 
-One ``zmq.PUB`` socket (queueserver's default port is 60625; qmagic binds loopback), two
-topics, each message two frames ``[topic, JSON payload]`` with the payload
+One publishing socket (queueserver's default port is 60625; qmagic binds loopback; an XPUB
+where queueserver has a PUB, so that this kernel counts the topics subscribed: :data:`_MAX_TOPICS`),
+two topics, each message two frames ``[topic, JSON payload]`` with the payload
 ``{"time": <epoch s>, "msg": ...}``, as queueserver's ``output_streaming.py``:
 
 - ``QS_Console``: text a remote operator would see on the worker's console — what tasks and
@@ -26,6 +27,7 @@ and goes out joined, up to :data:`CONSOLE_CHUNK_CHARS` a message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -65,8 +67,15 @@ _STATUS_PERIOD_S = 1.0
 #: The longest message a subscriber may send (its subscriptions; the CurveZMQ handshake's
 #: take a few hundred bytes): a longer one drops its connection unread.  0MQ's PUB kept
 #: each subscription whole, however long: one of 300 MB grew the kernel by 2 GB (found by
-#: a hostile test).  (Each subscription still costs about 40 bytes per byte of its topic.)
+#: a hostile test).
 _SUBSCRIBER_MAX_BYTES = 1024
+#: The most topics subscribers may hold at once.  0MQ keeps every subscription in memory
+#: while its subscriber is connected (about 13 kB for one of 320 bytes): a client making
+#: 300,000 of them grew the kernel to 3.9 GB in 20 s (a hostile test).  Past this many the
+#: socket is made again at the same address, which drops every connection (a subscriber
+#: reconnects and subscribes again on its own; queueserver's clients use two topics).
+_MAX_TOPICS = 256
+_REBIND_ATTEMPTS = 50  # every 20 ms: the port is let go by 0MQ's own thread
 #: How often the status is compared with the last one sent, and sent when it changed (a
 #: status reply takes some 20 microseconds); queueserver publishes on every change
 _STATUS_CHECK_S = 0.1
@@ -129,6 +138,36 @@ def _joined(texts: deque[str], limit: int) -> list[str]:
     return messages
 
 
+def _bound(ctx: zmq.Context, address: str, secure: Callable[[zmq.Socket], None]) -> zmq.Socket:
+    """The publishing socket, made secure by ``secure``, bound at ``address`` (raises, leaving
+    none, on failure): an XPUB, which passes each new topic subscribed (and each topic no
+    one holds any more) up to the publishing thread, which counts them (:func:`_too_many_topics`)."""
+    sock = ctx.socket(zmq.XPUB)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIBER_MAX_BYTES)
+        # (as the control channel's: raw connections that never finish a handshake are closed)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
+        secure(sock)
+        sock.bind(address)
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock
+
+
+def _too_many_topics(sock: zmq.Socket, topics: list[int]) -> bool:
+    """Read the subscriptions waiting on ``sock``; ``topics[0]``: how many topics are held
+    now.  True past :data:`_MAX_TOPICS`."""
+    while True:
+        try:
+            note = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return topics[0] > _MAX_TOPICS
+        topics[0] += 1 if note[:1] == b"\x01" else -1 if note[:1] == b"\x00" else 0
+
+
 class InfoPublisher(SocketThread):
     """Publishes console text, status and task events on ``address`` (module docstring).
 
@@ -158,6 +197,8 @@ class InfoPublisher(SocketThread):
         self._console_dropped = 0  # characters dropped since the last send
         self._wake_pending = False
         self.messages = 0
+        #: times the socket was made again to drop a client that subscribed to too many topics
+        self.renewals = 0
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
     def _started(self) -> None:
@@ -264,30 +305,50 @@ class InfoPublisher(SocketThread):
                 "background": task.background, "origin": task.origin}
 
     # -- the publishing thread ---------------------------------------------------------------------
+    def _renewed(self, ctx: zmq.Context, sock: zmq.Socket, stop: threading.Event) -> zmq.Socket | None:
+        """A new socket at the same address in place of ``sock`` (closed: every subscriber's
+        connection drops); None if the address cannot be bound again within a second, or
+        the publisher stops meanwhile (said in the log)."""
+        address = self.address
+        with contextlib.suppress(zmq.ZMQError):
+            sock.unbind(address)
+        sock.close(0)
+        self.renewals += 1
+        (log.warning if self.renewals == 1 else log.debug)(
+            "qmagic: a client of the info socket (%s) subscribed to more than %d topics; every "
+            "subscriber was disconnected (they reconnect on their own).", address, _MAX_TOPICS)
+        error = None
+        for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
+            try:
+                return _bound(ctx, address, self._secure)
+            except zmq.ZMQError as exc:
+                error = exc
+                if exc.errno != zmq.EADDRINUSE:
+                    break
+            if stop.wait(0.02):
+                return None
+        log.error("qmagic: the info socket is off: it could not be opened again at %s (%s). To start it "
+                  "again, set QMagic.zmq_info_address to None and back, or to another address.", address, error)
+        return None
+
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIBER_MAX_BYTES)
-        # (as the control channel's: raw connections that never finish a handshake are closed)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
+        sock: zmq.Socket | None = None
         auth = None
         try:
             auth = self._authenticator(ctx)  # with client keys: only listed clients subscribe
-            self._secure(sock)
-            sock.bind(self.requested_address)
+            sock = _bound(ctx, self.requested_address, self._secure)
             outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except Exception as exc:  # noqa: BLE001 - reported to start(), nothing left running
             outcome["error"] = (f"Cannot start the info socket on {self.requested_address}: {exc}. "
                                 "Choose another address (QMagic.zmq_info_address).")
-            sock.close(0)
             if auth is not None:
                 auth.stop()
             ctx.term()
             ready.set()
             return
         ready.set()
+        topics = [0]
         last_status: dict | None = None
         next_status = next_check = 0.0
         try:
@@ -308,6 +369,10 @@ class InfoPublisher(SocketThread):
                     item = "tick"
                 if item is None:
                     break
+                if _too_many_topics(sock, topics):
+                    sock, topics[0] = self._renewed(ctx, sock, stop), 0
+                    if sock is None:
+                        break
                 if item == "new":
                     self._publish_console(sock)
                     last_status = self._publish_status(sock, last_status, force=False)
@@ -315,7 +380,8 @@ class InfoPublisher(SocketThread):
         except Exception:  # noqa: BLE001 - never let the thread die with a traceback
             log.exception("qmagic: the info socket stopped on an unexpected error")
         finally:
-            sock.close(0)
+            if sock is not None:
+                sock.close(0)
             if auth is not None:
                 auth.stop()
             ctx.term()
