@@ -450,3 +450,21 @@ def test_brackets_in_a_notebook_or_name_filter_match_themselves(tmp_path, capsys
     with pytest.raises(SystemExit):
         history_main(["--help"])
     assert "brackets match themselves" in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_piped_into_a_reader_that_stops(populated):
+    """`qmagic-history | head -1`: the reader closes the pipe before the log is written out.
+    The command ends quietly (status 0, nothing on stderr); it printed a BrokenPipeError
+    traceback of its own code."""
+    folder, _ = populated
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for form in ([], ["--json"], ["--csv"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone: every write meets a closed pipe
+        try:
+            done = subprocess.run([sys.executable, "-m", "qmagic.store.history", "--state-dir",
+                                   str(folder), "-e", ENV, *form], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, env=env, timeout=60, check=False)
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (0, ""), form

@@ -193,6 +193,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's last flush at exit meets no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout: nothing to flush there
+        pass
+
+
 def history_main(argv: list[str] | None = None) -> int:
     """Console script ``qmagic-history``: print an environment's experiment log."""
     parser = _parser()
@@ -224,13 +234,18 @@ def history_main(argv: list[str] | None = None) -> int:
               "recorded there yet (check --environment and --state-dir).", file=sys.stderr)
         return 1
     records = found[::-1]
-    if args.json:
-        for rec in records:
-            sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode())
-    elif args.csv:
-        sys.stdout.write(history_csv(records))
-    elif records:
-        print(history_table(records))
+    try:
+        if args.json:
+            for rec in records:
+                sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode())
+        elif args.csv:
+            sys.stdout.write(history_csv(records))
+        elif records:
+            print(history_table(records))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `qmagic-history | head`: the reader took what it wanted
+        _silence_stdout()
+        return 0
     if not records and not args.csv:
         print("No task matches.", file=sys.stderr)
     return 0
