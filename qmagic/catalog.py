@@ -127,9 +127,13 @@ def describe(obj: Any) -> dict[str, str]:
     return {"signature": signature, "doc": doc[0] if doc else ""}
 
 
-def plan_refusal(name: str) -> str:
+def plan_refusal(name: str, obj: Any = None) -> str:
     """Why a generator function (a bluesky plan) is not run as a task, by name or as an
-    object: one text for every door."""
+    object: one text for every door.  An async generator function ``obj`` is no plan either
+    (the Run Engine refuses it too), so its text says what to write instead."""
+    if obj is not None and _is_function(obj) and inspect.isasyncgenfunction(obj):
+        return (f"{name!r} is an async generator function (it yields values), not a function: a "
+                "task runs a function to its result; write an async def function that returns it.")
     return (f"{name!r} is a generator function (a bluesky plan), not a function: run it with the "
             f"Run Engine, RE({name}(...)).")
 
@@ -218,7 +222,7 @@ class Catalog:
         if checked is not None and checked[0] is obj:  # this very object passed before
             return checked
         if is_plan(obj):
-            raise TypeError(plan_refusal(name))
+            raise TypeError(plan_refusal(name, obj))
         if not callable(obj) or _is_class(obj):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
         if len(self._checked) >= _CHECKED_MAX:

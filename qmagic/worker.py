@@ -284,7 +284,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         else:
             self._permissions.check_group(user_group)  # recorded as given: it must exist
             if is_plan(func):  # (the catalog's rule, as by name)
-                raise RequestRefused(f"Error: {plan_refusal(name)}")
+                raise RequestRefused(f"Error: {plan_refusal(name, func)}")
             coroutine = is_coroutine_function(func)
         self._check_open(origin)
         call = _TaskCall(self, name, func, args, kwargs, user, user_group, strict_json,
