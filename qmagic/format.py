@@ -43,6 +43,7 @@ __all__ = [
     "task_detail",
     "record_line",
     "record_detail",
+    "counted",
     "error_note",
     "table_with_notes",
     "cell_label",
@@ -158,6 +159,11 @@ def progress_text(progress: Any, limit: int = 200, amount: str | None = None) ->
     return printable(" ".join(p for p in (amount, printable(message, limit)) if p), limit)
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """``n`` and a noun in its number: ``"1 request"``, ``"3 requests"``, ``"2 error replies"``."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def one_line(text: Any, limit: int = 200) -> str:
     """The first non-empty line of ``text``, cut to ``limit`` characters."""
     for line in str(text).splitlines():
@@ -247,7 +253,7 @@ def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all") -
     lines = table_with_notes(["task", "user", "mode", "status", "progress"], rows,
                              [error_note(rec, failed_only=True) for rec in records]) if rows else ["No tasks."]
     if hidden > 0:
-        lines.append(f"({hidden} more {'task' if hidden == 1 else 'tasks'} not shown; {hint})")
+        lines.append(f"({counted(hidden, 'more task', 'more tasks')} not shown; {hint})")
     return "\n".join(lines)
 
 

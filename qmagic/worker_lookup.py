@@ -74,7 +74,8 @@ class LookupMixin:
                 raise TaskNotFound(f"Task uid prefix {uid_or_prefix!r} matches several tasks in the "
                                    "experiment log; give more characters (see %tasks --history).",
                                    "ambiguous") from None
-            raise TaskNotFound(f"{exc} It is not in the experiment log either.") from None
+            raise TaskNotFound(f"{exc} It is not in the experiment log either (%tasks --history lists "
+                               "the tasks it holds).") from None
 
     def _task_to_cancel(self, uid_or_prefix: str) -> Task:
         """The task in memory that ``cancel(uid)`` names; else what the experiment log knows

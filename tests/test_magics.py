@@ -772,14 +772,14 @@ def test_a_uid_prefix_says_whether_it_is_too_short_unknown_or_matches_several(ip
     with pytest.raises(UsageError) as info:
         line(ip, "task_result", "ffff")
     assert str(info.value) == ("No task with uid 'ffff' in this kernel's memory. It is not in the "
-                               "experiment log either.")
+                               "experiment log either (%tasks --history lists the tasks it holds).")
     assert "completed" in line_output(ip, capsys, "task_result", "abcd1")
     capsys.readouterr()
     line(ip, "task_status", "abc abcd ffff abcd2")
     assert capsys.readouterr().out.splitlines() == [
         "abc: too short: give at least 4 characters of the uid",
         "abcd: matches several tasks: give more characters",
-        "ffff: not found",
+        "ffff: not found (see %tasks --history)",
         "abcd2: completed (from the experiment log)",
     ]
 

@@ -2211,7 +2211,7 @@ def test_service_follows_the_traits(worker):
         client = Raw(server.address)
         assert "manager_state" in client.request("status")
         client.close()
-        assert "1 requests" in service.describe()
+        assert "1 request," in service.describe()
         worker.zmq_max_message_bytes = 2048
         assert server.max_message_bytes == 2048
         new_address = f"tcp://127.0.0.1:{free_port()}"
@@ -2301,7 +2301,7 @@ def test_magic_start_status_stop(ip, loaded, capsys):
     assert client.request("status")["manager_state"] == "idle"
     client.close()
     ip.run_line_magic("control_channel", "status")
-    assert "1 requests" in capsys.readouterr().out
+    assert "1 request," in capsys.readouterr().out
     with pytest.raises(UsageError):
         ip.run_line_magic("control_channel", "launch")
     with pytest.raises(UsageError, match="takes no address"):

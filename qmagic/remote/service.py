@@ -18,6 +18,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from ..core.foreground import interrupts_held
 from ..errors import ControlChannelError
+from ..format import counted
 from ..protocol import QueueserverProtocol, status_reply
 from ..worker_state import MSG_WORKER_CLOSED
 from .dispatch import dispatch, unread_refusal
@@ -314,8 +315,8 @@ class RemoteService:
             f"Control channel: serving bluesky-queueserver clients on {server.address}",
             f"  encryption: {'CurveZMQ' if server.curve else 'none'}; largest request: "
             f"{server.max_message_bytes} bytes",
-            f"  up {server.uptime:.0f} s; {server.requests} requests, {server.errors} error "
-            f"replies, {server.malformed} malformed",
+            f"  up {server.uptime:.0f} s; {counted(server.requests, 'request')}, "
+            f"{counted(server.errors, 'error reply', 'error replies')}, {server.malformed} malformed",
         ]
         if server.refused_busy:
             lines.append(f"  {server.refused_busy} large requests refused while large work "

@@ -166,7 +166,8 @@ class TaskMagics(Magics):
                 print(f"{shown}: " + {"short": f"too short: give at least {MIN_UID_PREFIX} characters of the uid",
                                     "ambiguous": "matches several tasks: give more characters",
                                     "invalid": "no uid: give a task uid (see %tasks)"}.get(
-                                        exc.reason, "not found"))
+                                        exc.reason, "not found (see %tasks --history)" if self.worker.log_open
+                                        else "not found (see %tasks)"))
                 continue
             record = found.to_dict() if isinstance(found, Task) else found
             note = fmt.error_note(record)
@@ -181,8 +182,9 @@ class TaskMagics(Magics):
     def task_result(self, line: str) -> None:
         """Print a task's outcome: status, result (or traceback), output and log.
 
-        Without UID: the latest task.  The value itself, of a task in memory:
-        ``qmagic.get_worker().get_task(UID).result()``.
+        Without UID: the latest task.  A UID may be any unique prefix of at least 4 characters;
+        tasks no longer in memory are looked up in the experiment log.  The value itself, of a
+        task in memory: ``qmagic.get_worker().get_task(UID).result()``.
         """
         opts = parse_line(self.task_result, line)
         found = self._find(unquote(opts.uid))
