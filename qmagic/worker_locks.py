@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .core.foreground import interrupt_after
 from .errors import LockRefused, RequestRefused
 from .store.lockfile import check_key
 
@@ -72,7 +73,9 @@ class LockMixin:
         if origin == "remote":
             return self._locks.lock(lock_key, **scopes, note=note, user=user, client=client)
         user = self.default_user if user is None else user
-        with self._key_lock:  # (this kernel's own changes: one at a time, see the module doc)
+        # (this kernel's own changes: one at a time, see the module doc; ■ lands after the
+        # change, never inside the lock file's writing: it left temporary files behind)
+        with self._key_lock, interrupt_after():
             key = self._remembered_key if lock_key is None else lock_key
             if key is None:
                 from .store.keys import get_default_lock_key
@@ -108,7 +111,7 @@ class LockMixin:
         try:
             if origin == "remote":
                 return self._locks.unlock(key, client=client)
-            with self._key_lock:
+            with self._key_lock, interrupt_after():
                 state = self._locks.unlock(key, client=client)
                 self._remembered_key = None
         except LockRefused as exc:

@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 __all__ = [
     "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock",
-    "force_step", "LOCK_FRAMES", "interrupts_held",
+    "force_step", "LOCK_FRAMES", "interrupts_held", "interrupt_after",
 ]
 
 log = logging.getLogger("qmagic")
@@ -250,3 +250,14 @@ def interrupts_held() -> Iterator[list[int]]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Hold ■ (SIGINT on the main thread) during the block and raise it (KeyboardInterrupt)
+    once the block is done: a short change of state (files, sockets, a setting) is made
+    whole or not at all, never cut half-way."""
+    with interrupts_held() as held:
+        yield
+    if held:
+        raise KeyboardInterrupt

@@ -10,13 +10,12 @@ connection info (for ``config_get``) as a callable.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import threading
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
-from ..core.foreground import interrupts_held
+from ..core.foreground import interrupt_after
 from ..errors import ControlChannelError
 from ..format import counted
 from ..protocol import QueueserverProtocol, status_reply
@@ -29,16 +28,6 @@ from .socket_thread import keys_problem
 __all__ = ["RemoteService"]
 
 log = logging.getLogger("qmagic")
-
-
-@contextlib.contextmanager
-def _interrupt_after() -> Iterator[None]:
-    """■ meanwhile is held, and raised once the block is done (the sockets are as the
-    settings say by then)."""
-    with interrupts_held() as held:
-        yield
-    if held:
-        raise KeyboardInterrupt
 
 
 class RemoteService:
@@ -82,7 +71,7 @@ class RemoteService:
         while the old channel stops and the new one starts is held until the new one
         serves (or failed), then raised: never a channel off while the trait names it, or a
         new one left serving unknown to qmagic."""
-        with self._lock, _interrupt_after():
+        with self._lock, interrupt_after():
             return self._start(address, again)
 
     def _start(self, address: str | None, again: bool) -> ControlServer:
@@ -143,7 +132,7 @@ class RemoteService:
     def start_info(self, address: str | None = None) -> InfoPublisher:
         """Start (or move) the info socket; raises ControlChannelError on failure (■ as in
         :meth:`start`)."""
-        with self._lock, _interrupt_after():
+        with self._lock, interrupt_after():
             return self._start_info(address)
 
     def _start_info(self, address: str | None) -> InfoPublisher:
@@ -226,7 +215,7 @@ class RemoteService:
         setting keeps its old value: nothing changes."""
         if self._syncing:
             return
-        with self._lock, _interrupt_after():  # (■ in a restart: the other restarts too)
+        with self._lock, interrupt_after():  # (■ in a restart: the other restarts too)
             server = self.server if self.server is not None and self.server.running else None
             info = self.info if self.info is not None and self.info.running else None
             try:
