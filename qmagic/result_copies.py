@@ -42,23 +42,34 @@ _WALK_DEPTH = 100
 _JSON_INT_BITS = 14_000  # (json refuses ints of more digits: sys.get_int_max_str_digits)
 
 
-def plain_copy(value: Any, depth: int = 0) -> Any:
+def plain_copy(value: Any) -> Any:
     """``value`` as plain JSON data (a copy; numbers and strings are shared).  Exact lists,
     tuples, dicts with str keys and scalars are walked in Python, so a large result never
     holds the GIL for long in one C call (that made the control thread wait past its
     deadline: 2.9 s for 3 million floats); anything else goes through ``json`` (its own code
     runs here: call this through :mod:`qmagic.probe`).  Raises what ``json.dumps`` raises,
-    and ValueError for a dict whose keys read the same as JSON text (see :func:`_object`)."""
+    and ValueError for a dict whose keys read the same as JSON text (see :func:`_object`).
+    A value nested too deeply for the walk's frames (900 lists in one another) goes through
+    ``json`` whole, as the rule for remote results checked it when its task ended: a task
+    that completed never reads "can not be serialized" here (a hostile test)."""
+    try:
+        return _walked(value, 0)
+    except RecursionError:
+        return json.loads(json.dumps(value), object_pairs_hook=_object)
+
+
+def _walked(value: Any, depth: int) -> Any:
+    """:func:`plain_copy`'s walk, ``depth`` levels down."""
     cls = type(value)
     if cls in probe.PLAIN_TYPES and not (cls is int and value.bit_length() > _JSON_INT_BITS):
         return value
     if depth < _WALK_DEPTH:
         if cls is list or cls is tuple:
-            return [plain_copy(item, depth + 1) for item in value]
+            return [_walked(item, depth + 1) for item in value]
         if cls is dict and all(type(key) is str for key in value):
             if not all(map(str.isascii, value)):
                 _distinct(value)
-            return {key: plain_copy(item, depth + 1) for key, item in value.items()}
+            return {key: _walked(item, depth + 1) for key, item in value.items()}
     return json.loads(json.dumps(value), object_pairs_hook=_object)
 
 

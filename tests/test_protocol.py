@@ -427,6 +427,22 @@ def test_a_result_nested_too_deeply_is_refused_with_the_reason(make_worker):
     assert remote.error == "Task result can not be serialized as JSON: it is nested too deeply"
 
 
+def test_a_deep_result_that_passed_the_json_rule_is_sent(make_worker):
+    """900 lists in one another pass the rule for remote results when the task ends (json
+    writes them), but task_result's copy walked 100 levels in Python frames before handing
+    the rest to json, and answered "can not be serialized as JSON (maximum recursion depth
+    exceeded)" for a task that had completed (a hostile test)."""
+    deep: list = [1]
+    for _ in range(900):
+        deep = [deep]
+    w = make_worker({"deep": lambda: deep})
+    qs = QS(w)
+    task = w.get_task(qs.function_execute("deep", run_in_background=True)["task_uid"])
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED
+    res = qs.task_result(task_uid=task.uid)["result"]
+    assert res["success"] is True and res["msg"] == "" and res["return_value"] == deep
+
+
 def test_json_rule_for_remote_tasks(make_worker):
     w = make_worker({"obj": lambda: object(), "nan": lambda: float("nan")})
     qs = QS(w)
