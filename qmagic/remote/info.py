@@ -310,13 +310,13 @@ class InfoPublisher(SocketThread):
         connection drops); None if the address cannot be bound again within a second, or
         the publisher stops meanwhile (said in the log)."""
         address = self.address
-        with contextlib.suppress(zmq.ZMQError):
-            sock.unbind(address)
-        sock.close(0)
         self.renewals += 1
         (log.warning if self.renewals == 1 else log.debug)(
             "qmagic: a client of the info socket (%s) subscribed to more than %d topics; every "
             "subscriber was disconnected (they reconnect on their own).", address, _MAX_TOPICS)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.unbind(address)
+        sock.close(0)
         error = None
         for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
             try:
