@@ -1640,14 +1640,13 @@ def test_an_interrupt_anywhere_in_a_move_of_the_channel_leaves_it_as_the_setting
     always the one the setting names, and exactly one serves."""
     from interrupt_points import interrupted_at, lines_of
 
-    from qmagic.core.foreground import interrupts_held
+    from qmagic.core.foreground import interrupt_after, interrupts_held
     
     assert threading.current_thread() is threading.main_thread()
-    from qmagic.remote.service import _interrupt_after
 
     # (the lines of the hold and around it; inside it, deeper code holds ■ just the same)
     codes = [RemoteService.start.__code__, RemoteService._start.__code__,
-             _interrupt_after.__wrapped__.__code__, RemoteService._stop_server.__code__,
+             interrupt_after.__wrapped__.__code__, RemoteService._stop_server.__code__,
              interrupts_held.__wrapped__.__code__]
     ports = [f"tcp://127.0.0.1:{port}" for port in free_ports(2)]
     service = RemoteService(worker)
