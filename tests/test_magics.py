@@ -1160,6 +1160,12 @@ def test_a_failed_task_says_why_in_its_line_and_under_its_row(qm, ip, capsys):
     rec.update(status="cancelled", error="Task was cancelled with %task_cancel", error_type="TaskCancelled")
     assert fmt.record_line(rec).endswith("  cancelled") and len(fmt.task_table([rec]).splitlines()) == 2
     assert fmt.error_note(rec) == "Task was cancelled with %task_cancel"
+    stopped = qm.submit(lambda: qmagic.cancellable_sleep(60))
+    line(ip, "task_cancel", stopped.uid[:8])
+    assert stopped.wait(TIMEOUT) and stopped.status.value == "cancelled"
+    capsys.readouterr()
+    line(ip, "task_status", stopped.uid[:8])  # (by uid as without: no "error" for a cancel)
+    assert capsys.readouterr().out == f"{stopped.uid[:8]}: cancelled\n"
 
 
 def test_text_forms_show_progress_script_changes_and_no_key(qm, ip, capsys):

@@ -256,8 +256,11 @@ def interrupts_held() -> Iterator[list[int]]:
 def interrupt_after() -> Iterator[None]:
     """Hold ■ (SIGINT on the main thread) during the block and raise it (KeyboardInterrupt)
     once the block is done: a short change of state (files, sockets, a setting) is made
-    whole or not at all, never cut half-way."""
+    whole or not at all, never cut half-way.  Also when the block fails: the ■ then ends the
+    call, the block's error as its context (a loop that retries on that error stops)."""
     with interrupts_held() as held:
-        yield
-    if held:
-        raise KeyboardInterrupt
+        try:
+            yield
+        finally:
+            if held:
+                raise KeyboardInterrupt  # noqa: B012 - the interrupt wins over the block's error

@@ -170,7 +170,7 @@ class TaskMagics(Magics):
                                         else "not found (see %tasks)"))
                 continue
             record = found.to_dict() if isinstance(found, Task) else found
-            note = fmt.error_note(record)
+            note = fmt.error_note(record, failed_only=True)
             print(f"{shown}: {fmt.printable(record.get('status'), 12)}"
                   + ("" if isinstance(found, Task) else " (from the experiment log)")
                   + (f"  error: {note}" if note else ""))
