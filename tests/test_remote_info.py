@@ -20,6 +20,7 @@ from qmagic import probe
 from qmagic.protocol import status_reply
 from qmagic.remote import info as info_module
 from qmagic.remote.info import InfoPublisher
+from qmagic.remote.pub_socket import MAX_TOPICS
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 
@@ -834,15 +835,16 @@ def test_a_subscriber_holding_too_many_topics_is_disconnected(make_worker, caplo
     events = greedy.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     try:
         greedy.connect(address)
-        for i in range(info_module._MAX_TOPICS * 4):
+        for i in range(MAX_TOPICS * 4):
             greedy.setsockopt(zmq.SUBSCRIBE, b"topic-%06d" % i)
         seen = []
         deadline = time.monotonic() + TIMEOUT
         while zmq.EVENT_DISCONNECTED not in seen and time.monotonic() < deadline:
             if events.poll(100):
                 seen.append(recv_monitor_message(events)["event"])
-        assert zmq.EVENT_DISCONNECTED in seen, f"a subscriber of {info_module._MAX_TOPICS * 4} topics was kept"
+        assert zmq.EVENT_DISCONNECTED in seen, f"a subscriber of {MAX_TOPICS * 4} topics was kept"
         assert pub.renewals >= 1 and pub.address == address and pub.running
+        assert f"made again {pub.renewals} time" in "\n".join(pub.describe())  # (in %control_channel)
         assert sum("subscribed to more than" in r.getMessage() for r in caplog.records) == 1
         with _sub_socket(address, info_module.TOPIC_INFO) as sub:  # the others are served
             assert sub.poll(TIMEOUT * 1000), "no status reached a subscriber"
@@ -852,4 +854,48 @@ def test_a_subscriber_holding_too_many_topics_is_disconnected(make_worker, caplo
         events.close(0)
         greedy.close(0)
         ctx.term()
+        pub.stop()
+
+
+def _dropped(conn: socket.socket) -> bool:
+    """True once the kernel closes ``conn`` (within TIMEOUT); what it sends is read and let go."""
+    try:
+        while conn.recv(65536):
+            pass
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("sends", ["cancels, then as many topics", "what no subscriber sends"])
+def test_a_raw_peer_cannot_get_around_the_topic_limit(make_worker, sends):
+    """A reviewer's findings on the first version of the limit: cancels of topics never
+    subscribed (which 0MQ passes up too) took one each off a count, so a raw peer sending N
+    of them, then N topics, held them all (+720 MB for 50,000); and messages that are no
+    subscription (which a PUB dropped) were all passed up, the publishing thread read them
+    for as long as they came: nothing was published, a CPU was busy, memory grew.  Topics
+    are a set now, and a peer that sends what no subscriber sends is disconnected."""
+    worker = make_worker({})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker),
+                        status_period=0.05).start()
+    try:
+        with _zmtp_subscriber(pub.address) as conn:
+            greeting = b""
+            while b"READY" not in greeting:
+                chunk = conn.recv(4096)
+                assert chunk, f"the handshake failed: {greeting!r}"
+                greeting += chunk
+            if sends == "what no subscriber sends":
+                notes = [b"hello"] * 3
+            else:
+                topics = [b"topic-%06d" % i for i in range(MAX_TOPICS + 44)]  # (fewer than one look reads)
+                notes = [b"\x00" + t for t in topics] + [b"\x01" + t for t in topics]
+            conn.sendall(b"".join(bytes([0x00, len(note)]) + note for note in notes))
+            assert _dropped(conn), f"a peer sending {sends} was kept connected"
+        assert pub.renewals >= 1 and pub.running
+        with _sub_socket(pub.address, info_module.TOPIC_INFO) as sub:  # the others are served
+            assert sub.poll(TIMEOUT * 1000), "no status reached a subscriber"
+    finally:
         pub.stop()

@@ -1,7 +1,7 @@
 """The info socket: bluesky-queueserver's live streams, published by this kernel.
 
 One publishing socket (queueserver's default port is 60625; qmagic binds loopback; an XPUB
-where queueserver has a PUB, so that this kernel counts the topics subscribed: :data:`_MAX_TOPICS`),
+where queueserver has a PUB, so that this kernel bounds what subscribers hold: :mod:`.pub_socket`),
 two topics, each message two frames ``[topic, JSON payload]`` with the payload
 ``{"time": <epoch s>, "msg": ...}``, as queueserver's ``output_streaming.py``:
 
@@ -45,6 +45,7 @@ from ..errors import TaskNotFound
 from ..jsonreply import json_text
 from ..protocol import failure_message, not_started_message
 from ..texts import valid_unicode
+from .pub_socket import MAX_TOPICS, bound, too_many_topics
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -64,17 +65,8 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
-#: The longest message a subscriber may send (its subscriptions; the CurveZMQ handshake's
-#: take a few hundred bytes): a longer one drops its connection unread.  0MQ's PUB kept
-#: each subscription whole, however long: one of 300 MB grew the kernel by 2 GB (found by
-#: a hostile test).
-_SUBSCRIBER_MAX_BYTES = 1024
-#: The most topics subscribers may hold at once.  0MQ keeps every subscription in memory
-#: while its subscriber is connected (about 13 kB for one of 320 bytes): a client making
-#: 300,000 of them grew the kernel to 3.9 GB in 20 s (a hostile test).  Past this many the
-#: socket is made again at the same address, which drops every connection (a subscriber
-#: reconnects and subscribes again on its own; queueserver's clients use two topics).
-_MAX_TOPICS = 256
+#: A renewal is said as a warning at most this often (else in the debug log).
+_RENEWAL_WARN_S = 60.0
 _REBIND_ATTEMPTS = 50  # every 20 ms: the port is let go by 0MQ's own thread
 #: How often the status is compared with the last one sent, and sent when it changed (a
 #: status reply takes some 20 microseconds); queueserver publishes on every change
@@ -138,36 +130,6 @@ def _joined(texts: deque[str], limit: int) -> list[str]:
     return messages
 
 
-def _bound(ctx: zmq.Context, address: str, secure: Callable[[zmq.Socket], None]) -> zmq.Socket:
-    """The publishing socket, made secure by ``secure``, bound at ``address`` (raises, leaving
-    none, on failure): an XPUB, which passes each new topic subscribed (and each topic no
-    one holds any more) up to the publishing thread, which counts them (:func:`_too_many_topics`)."""
-    sock = ctx.socket(zmq.XPUB)
-    try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, _SUBSCRIBER_MAX_BYTES)
-        # (as the control channel's: raw connections that never finish a handshake are closed)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
-        secure(sock)
-        sock.bind(address)
-    except BaseException:
-        sock.close(0)
-        raise
-    return sock
-
-
-def _too_many_topics(sock: zmq.Socket, topics: list[int]) -> bool:
-    """Read the subscriptions waiting on ``sock``; ``topics[0]``: how many topics are held
-    now.  True past :data:`_MAX_TOPICS`."""
-    while True:
-        try:
-            note = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return topics[0] > _MAX_TOPICS
-        topics[0] += 1 if note[:1] == b"\x01" else -1 if note[:1] == b"\x00" else 0
-
-
 class InfoPublisher(SocketThread):
     """Publishes console text, status and task events on ``address`` (module docstring).
 
@@ -199,6 +161,7 @@ class InfoPublisher(SocketThread):
         self.messages = 0
         #: times the socket was made again to drop a client that subscribed to too many topics
         self.renewals = 0
+        self._warned_at = -_RENEWAL_WARN_S
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
     def _started(self) -> None:
@@ -305,22 +268,39 @@ class InfoPublisher(SocketThread):
                 "background": task.background, "origin": task.origin}
 
     # -- the publishing thread ---------------------------------------------------------------------
-    def _renewed(self, ctx: zmq.Context, sock: zmq.Socket, stop: threading.Event) -> zmq.Socket | None:
-        """A new socket at the same address in place of ``sock`` (closed: every subscriber's
-        connection drops); None if the address cannot be bound again within a second, or
-        the publisher stops meanwhile (said in the log)."""
-        address = self.address
+    def describe(self) -> list[str]:
+        """Its lines in ``%control_channel``: the address, and how often the socket was made
+        again; or that it is off (it could not be bound again: the log says why)."""
+        if not self.running:
+            return ["  info socket: off (see the kernel's log); to start it again, set "
+                    "QMagic.zmq_info_address to None and back"]
+        lines = [f"  info socket (console output, status, task events): {self.address}"]
+        if self.renewals:
+            lines.append(f"  info socket made again {fmt.counted(self.renewals, 'time')}: a client subscribed "
+                         f"to more than {MAX_TOPICS} topics, or sent what no subscriber sends")
+        return lines
+
+    def _renewed(self, ctx: zmq.Context, sock: zmq.Socket, address: str,
+                 stop: threading.Event) -> zmq.Socket | None:
+        """A new socket bound at ``address`` (the endpoint bound first) in place of ``sock``
+        (closed: every subscriber's connection drops); None if the address cannot be bound
+        again within a second, or the publisher stops meanwhile (said in the log)."""
         self.renewals += 1
-        (log.warning if self.renewals == 1 else log.debug)(
-            "qmagic: a client of the info socket (%s) subscribed to more than %d topics; every "
-            "subscriber was disconnected (they reconnect on their own).", address, _MAX_TOPICS)
+        now = time.monotonic()
+        warn = now >= self._warned_at + _RENEWAL_WARN_S
+        if warn:
+            self._warned_at = now
+        (log.warning if warn else log.debug)(
+            "qmagic: a client of the info socket (%s) subscribed to more than %d topics, or sent what "
+            "no subscriber sends; every subscriber was disconnected (they reconnect on their own; "
+            "%d times so far).", address, MAX_TOPICS, self.renewals)
         with contextlib.suppress(zmq.ZMQError):
             sock.unbind(address)
         sock.close(0)
         error = None
         for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
             try:
-                return _bound(ctx, address, self._secure)
+                return bound(ctx, address, self._secure)
             except zmq.ZMQError as exc:
                 error = exc
                 if exc.errno != zmq.EADDRINUSE:
@@ -337,7 +317,7 @@ class InfoPublisher(SocketThread):
         auth = None
         try:
             auth = self._authenticator(ctx)  # with client keys: only listed clients subscribe
-            sock = _bound(ctx, self.requested_address, self._secure)
+            sock = bound(ctx, self.requested_address, self._secure)
             outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except Exception as exc:  # noqa: BLE001 - reported to start(), nothing left running
             outcome["error"] = (f"Cannot start the info socket on {self.requested_address}: {exc}. "
@@ -348,7 +328,7 @@ class InfoPublisher(SocketThread):
             ready.set()
             return
         ready.set()
-        topics = [0]
+        topics: set[bytes] = set()
         last_status: dict | None = None
         next_status = next_check = 0.0
         try:
@@ -369,8 +349,9 @@ class InfoPublisher(SocketThread):
                     item = "tick"
                 if item is None:
                     break
-                if _too_many_topics(sock, topics):
-                    sock, topics[0] = self._renewed(ctx, sock, stop), 0
+                if too_many_topics(sock, topics):
+                    sock = self._renewed(ctx, sock, outcome["endpoint"], stop)
+                    topics.clear()
                     if sock is None:
                         break
                 if item == "new":

@@ -317,9 +317,8 @@ class RemoteService:
             lines.append(closed.lstrip("\n"))
         if server.last_error:
             lines.append(f"  last error: {server.last_error}")
-        info = self.info
-        if info is not None and info.running:
-            lines.append(f"  info socket (console output, status, task events): {info.address}")
+        if self.info is not None:
+            lines += self.info.describe()
         note = self.worker.log_note()
         if note:
             lines.append(f"  {note}")
