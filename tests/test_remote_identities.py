@@ -270,3 +270,51 @@ def test_an_interrupt_while_a_key_list_is_turned_on_still_closes_the_info_socket
         stranger.close(0)
         ctx.term()
         service.close()
+
+
+def test_a_key_taken_out_of_the_list_no_longer_receives_the_streams(make_worker, monkeypatch):
+    """0MQ checks a client key only at the handshake: a subscriber whose key was taken out of
+    QMagic.zmq_client_keys kept receiving the status, task events and console output over the
+    connection it had, for as long as it stayed connected.  The info socket now drops its
+    connections when a key is revoked; the listed subscribers reconnect, the revoked one is
+    refused at the handshake."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    keys = {"clients": [{"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]},
+                        {"public_key": ALICE[0], "user": "alice", "groups": ["primary"]}]}
+    worker = make_worker({}, zmq_client_keys=keys)
+    service = RemoteService(worker)
+    publisher = service.start_info("tcp://127.0.0.1:*")
+    ctx = zmq.Context()
+    subs, monitor = {}, None
+    try:
+        for name, (public, secret) in (("robot", ROBOT), ("alice", ALICE)):
+            sub = subs[name] = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.curve_serverkey, sub.curve_publickey, sub.curve_secretkey = (
+                SERVER_PUBLIC.encode(), public.encode(), secret.encode())
+            sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+            sub.connect(publisher.address)
+        robot, alice = subs["robot"], subs["alice"]
+        assert robot.poll(10_000) and alice.poll(10_000), "a listed client received no status within 10 s"
+        monitor = robot.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor.setsockopt(zmq.LINGER, 0)
+        worker.zmq_client_keys = {"clients": [keys["clients"][1]]}  # robot out
+        assert service.info is publisher and publisher.running  # (the same socket thread)
+        assert monitor.poll(10_000), "the revoked subscriber's connection was not dropped within 10 s"
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        while robot.poll(0):  # (what came before the connection dropped)
+            robot.recv_multipart()
+        while alice.poll(0):
+            alice.recv_multipart()
+        assert alice.poll(10_000), "the listed client did not receive the status again within 10 s"
+        assert not robot.poll(int(2.5 * 1000 * publisher.status_period))  # two periods: nothing
+    finally:
+        if monitor is not None:
+            subs["robot"].disable_monitor()
+            monitor.close(0)
+        for sub in subs.values():
+            sub.close(0)
+        ctx.term()
+        service.close()

@@ -27,7 +27,6 @@ and goes out joined, up to :data:`CONSOLE_CHUNK_CHARS` a message.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -45,7 +44,7 @@ from ..errors import TaskNotFound
 from ..jsonreply import json_text
 from ..protocol import failure_message, not_started_message
 from ..texts import valid_unicode
-from .pub_socket import MAX_TOPICS, bound, too_many_topics
+from .pub_socket import MAX_TOPICS, Renewals, bound, too_many_topics
 from .server import is_loopback, server_secret_key
 from .socket_thread import SocketThread
 
@@ -65,9 +64,6 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
 _STATUS_PERIOD_S = 1.0
-#: A renewal is said as a warning at most this often (else in the debug log).
-_RENEWAL_WARN_S = 60.0
-_REBIND_ATTEMPTS = 50  # every 20 ms: the port is let go by 0MQ's own thread
 #: How often the status is compared with the last one sent, and sent when it changed (a
 #: status reply takes some 20 microseconds); queueserver publishes on every change
 _STATUS_CHECK_S = 0.1
@@ -160,8 +156,7 @@ class InfoPublisher(SocketThread):
         self._wake_pending = False
         self.messages = 0
         #: times the socket was made again to drop a client that subscribed to too many topics
-        self.renewals = 0
-        self._warned_at = -_RENEWAL_WARN_S
+        self._renewals = Renewals()
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
     def _started(self) -> None:
@@ -178,6 +173,9 @@ class InfoPublisher(SocketThread):
 
     def _wake(self) -> None:
         self._queue.put(None)
+
+    def _revoked(self) -> None:
+        self._queue.put("revoked")  # (the thread makes the socket again)
 
     # -- producers (any thread) -----------------------------------------------------------------
     def _on_output(self, task: Any, text: str) -> None:
@@ -268,6 +266,11 @@ class InfoPublisher(SocketThread):
                 "background": task.background, "origin": task.origin}
 
     # -- the publishing thread ---------------------------------------------------------------------
+    @property
+    def renewals(self) -> int:
+        """Times the socket was made again to drop a client (:mod:`.pub_socket`)."""
+        return self._renewals.count
+
     def describe(self) -> list[str]:
         """Its lines in ``%control_channel``: the address, and how often the socket was made
         again; or that it is off (it could not be bound again: the log says why)."""
@@ -279,37 +282,6 @@ class InfoPublisher(SocketThread):
             lines.append(f"  info socket made again {fmt.counted(self.renewals, 'time')}: a client subscribed "
                          f"to more than {MAX_TOPICS} topics, or sent what no subscriber sends")
         return lines
-
-    def _renewed(self, ctx: zmq.Context, sock: zmq.Socket, address: str,
-                 stop: threading.Event) -> zmq.Socket | None:
-        """A new socket bound at ``address`` (the endpoint bound first) in place of ``sock``
-        (closed: every subscriber's connection drops); None if the address cannot be bound
-        again within a second, or the publisher stops meanwhile (said in the log)."""
-        self.renewals += 1
-        now = time.monotonic()
-        warn = now >= self._warned_at + _RENEWAL_WARN_S
-        if warn:
-            self._warned_at = now
-        (log.warning if warn else log.debug)(
-            "qmagic: a client of the info socket (%s) subscribed to more than %d topics, or sent what "
-            "no subscriber sends; every subscriber was disconnected (they reconnect on their own; "
-            "%d times so far).", address, MAX_TOPICS, self.renewals)
-        with contextlib.suppress(zmq.ZMQError):
-            sock.unbind(address)
-        sock.close(0)
-        error = None
-        for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
-            try:
-                return bound(ctx, address, self._secure)
-            except zmq.ZMQError as exc:
-                error = exc
-                if exc.errno != zmq.EADDRINUSE:
-                    break
-            if stop.wait(0.02):
-                return None
-        log.error("qmagic: the info socket is off: it could not be opened again at %s (%s). To start it "
-                  "again, set QMagic.zmq_info_address to None and back, or to another address.", address, error)
-        return None
 
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         ctx = zmq.Context()
@@ -349,8 +321,9 @@ class InfoPublisher(SocketThread):
                     item = "tick"
                 if item is None:
                     break
-                if too_many_topics(sock, topics):
-                    sock = self._renewed(ctx, sock, outcome["endpoint"], stop)
+                if item == "revoked" or too_many_topics(sock, topics):
+                    sock = self._renewals.renew(ctx, sock, outcome["endpoint"], self._secure, stop,
+                                                item == "revoked")
                     topics.clear()
                     if sock is None:
                         break

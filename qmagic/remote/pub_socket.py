@@ -6,18 +6,25 @@ subscriptions grew it to 3.9 GB in 20 s (hostile tests).  So the socket refuses 
 over :data:`SUBSCRIBER_MAX_BYTES` (the connection drops unread), and it is an XPUB, which
 passes the topics subscribed up to the publishing thread: :func:`too_many_topics` tells it
 when subscribers hold more than :data:`MAX_TOPICS`, or send what no subscriber sends; the
-publisher then makes the socket again at its address (:mod:`qmagic.remote.info`).
+publisher then makes the socket again at its address (:class:`Renewals`), as it does when a
+client key is taken out of the list (0MQ checks a key only at the handshake).
 
 This module does not import IPython or ipywidgets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
 from typing import Callable
 
 import zmq
 
-__all__ = ["MAX_TOPICS", "NOTES_PER_WAKE", "SUBSCRIBER_MAX_BYTES", "bound", "too_many_topics"]
+__all__ = ["MAX_TOPICS", "NOTES_PER_WAKE", "SUBSCRIBER_MAX_BYTES", "Renewals", "bound", "too_many_topics"]
+
+log = logging.getLogger("qmagic")
 
 #: The longest message a subscriber may send (its subscriptions; the CurveZMQ handshake's
 #: take a few hundred bytes): a longer one drops its connection unread.  0MQ's PUB kept
@@ -32,6 +39,9 @@ SUBSCRIBER_MAX_BYTES = 1024
 MAX_TOPICS = 256
 #: Subscriptions read at one look (the publishing thread looks every 0.1 s at least).
 NOTES_PER_WAKE = 4 * MAX_TOPICS
+#: A renewal is said as a warning at most this often (else in the debug log).
+_RENEWAL_WARN_S = 60.0
+_REBIND_ATTEMPTS = 50  # every 20 ms: the port is let go by 0MQ's own thread
 
 
 def bound(ctx: zmq.Context, address: str, secure: Callable[[zmq.Socket], None]) -> zmq.Socket:
@@ -71,3 +81,47 @@ def too_many_topics(sock: zmq.Socket, topics: set[bytes]) -> bool:
         else:
             return True
     return True
+
+
+class Renewals:
+    """Makes the socket again (the publishing thread's), and counts how often it had to."""
+
+    def __init__(self) -> None:
+        self.count = 0  #: times a client's subscriptions made it
+        self._warned_at = -_RENEWAL_WARN_S
+
+    def renew(self, ctx: zmq.Context, sock: zmq.Socket, address: str, secure: Callable[[zmq.Socket], None],
+              stop: threading.Event, revoked: bool = False) -> zmq.Socket | None:
+        """A new socket bound at ``address`` (the endpoint bound first) in place of ``sock``
+        (closed: every subscriber's connection drops; ``revoked``: because a client key was
+        taken out of the list, else a client's subscriptions); None if the address cannot be
+        bound again within a second, or the publisher stops meanwhile (said in the log)."""
+        if revoked:
+            log.info("qmagic: a client key was taken out of the list: every subscriber of the info "
+                     "socket (%s) was disconnected (listed ones reconnect on their own).", address)
+        else:
+            self.count += 1
+            now = time.monotonic()
+            warn = now >= self._warned_at + _RENEWAL_WARN_S
+            if warn:
+                self._warned_at = now
+            (log.warning if warn else log.debug)(
+                "qmagic: a client of the info socket (%s) subscribed to more than %d topics, or sent "
+                "what no subscriber sends; every subscriber was disconnected (they reconnect on their "
+                "own; %d times so far).", address, MAX_TOPICS, self.count)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.unbind(address)
+        sock.close(0)
+        error = None
+        for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
+            try:
+                return bound(ctx, address, secure)
+            except zmq.ZMQError as exc:
+                error = exc
+                if exc.errno != zmq.EADDRINUSE:
+                    break
+            if stop.wait(0.02):
+                return None
+        log.error("qmagic: the info socket is off: it could not be opened again at %s (%s). To start it "
+                  "again, set QMagic.zmq_info_address to None and back, or to another address.", address, error)
+        return None

@@ -194,10 +194,12 @@ class SocketThread:
         turned on or off: the socket must then start again (its security is set at bind)."""
         if (keys is None) != (self._client_keys is None):
             return False
-        self._client_keys = keys
+        old, self._client_keys = self._client_keys, keys
         auth = self._auth
         if auth is not None:
             auth.keys = keys
+        if old is not None and any(keys.lookup(identity.public_key) is None for identity in old):
+            self._revoked()
         return True
 
     def _secure(self, sock: Any) -> None:
@@ -223,3 +225,8 @@ class SocketThread:
 
     def _wake(self) -> None:
         """Wake the thread if it may be waiting on something other than its socket."""
+
+    def _revoked(self) -> None:
+        """A key was taken out of the list (any thread).  0MQ checks a key only at the
+        handshake: a socket that does not check each message (the info socket) must drop
+        the connections it has (its listed clients reconnect on their own)."""
