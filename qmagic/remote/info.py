@@ -155,8 +155,7 @@ class InfoPublisher(SocketThread):
         self._console_dropped = 0  # characters dropped since the last send
         self._wake_pending = False
         self.messages = 0
-        #: times the socket was made again to drop a client that subscribed to too many topics
-        self._renewals = Renewals()
+        self._renewals = Renewals()  # (the socket made again: a client's subscriptions, a key revoked)
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
     def _started(self) -> None:
