@@ -888,3 +888,45 @@ def test_a_raw_peer_cannot_get_around_the_topic_limit(make_worker, sends):
             assert sub.poll(TIMEOUT * 1000), "no status reached a subscriber"
     finally:
         pub.stop()
+
+
+def test_renewals_warn_once_a_minute_and_an_address_that_cannot_be_bound_again_says_so(caplog, tmp_path):
+    """The making-again of the info socket (qmagic.remote.pub_socket.Renewals), alone: a
+    client that keeps subscribing too much is warned about once a minute (then the debug
+    log), every renewal counted; a socket that cannot be bound again leaves the stream off,
+    said in the log with what to do."""
+    import logging
+
+    import zmq
+
+    from qmagic.remote.pub_socket import Renewals, bound
+
+    ctx = zmq.Context()
+    renewals, stop = Renewals(), threading.Event()
+    address = f"ipc://{tmp_path}/info"
+    sock = bound(ctx, address, lambda s: None)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="qmagic"):
+            for _ in range(3):
+                sock = renewals.renew(ctx, sock, address, lambda s: None, stop)
+                assert sock is not None
+            renewals._warned_at -= 60  # (a minute later: warned again)
+            sock = renewals.renew(ctx, sock, address, lambda s: None, stop)
+            warned = [r for r in caplog.records if "subscribed to more than" in r.getMessage()]
+            assert renewals.count == 4 and [r.levelno for r in warned] == [
+                logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING]
+            assert warned[-1].getMessage().endswith("(they reconnect on their own; 4 times so far).")
+            sock.close(0)
+            sock = bound(ctx, f"inproc://info-{id(renewals)}", lambda s: None)
+            gone = f"ipc://{tmp_path}/no-such-folder/info"  # (cannot be bound: not a port in use)
+            assert renewals.renew(ctx, sock, gone, lambda s: None, stop) is None
+            sock = None
+        off = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(off) == 1 and off[0].startswith(f"qmagic: the info socket is off: it could not be "
+                                                   f"opened again at {gone} (")
+        assert off[0].endswith("To start it again, set QMagic.zmq_info_address to None and back, or to "
+                               "another address.")
+    finally:
+        if sock is not None:
+            sock.close(0)
+        ctx.term()
