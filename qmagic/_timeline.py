@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from .format import finite
+from .format import counted, finite
 from .history_text import local_time
 from .store.records import ORPHAN_REASONS
 
@@ -129,7 +129,7 @@ def timeline(
                              label="still running, or\nits kernel died"))
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.set_title(title or f"{len(rows)} task{'s' if len(rows) != 1 else ''}"
+    ax.set_title(title or counted(len(rows), "task")
                  + (f" from {notebook}" if notebook else ""))
     if not rows:
         ax.text(0.5, 0.5, "No tasks in this period.", transform=ax.transAxes, ha="center")

@@ -229,10 +229,11 @@ def task_line(task: Task) -> str:
 def table_with_notes(header: list[str], rows: list[list[str]], notes: Iterable[str]) -> list[str]:
     """The lines of a table: ``header`` and ``rows`` in aligned columns, each row's note
     (its :func:`error_note`, ``""`` for none) on an indented line under it: ``    error: ...``."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    table = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *rows]]
-    lines = table[:1]
-    for line, note in zip(table[1:], notes):
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    aligned = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
+    lines = aligned[:1]
+    for line, note in zip(aligned[1:], notes):
         lines += [line, f"    error: {note}"] if note else [line]
     return lines
 

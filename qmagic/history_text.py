@@ -18,6 +18,7 @@ from .format import (
     HISTORY_CALL_WIDTH,
     USER_WIDTH,
     cell_label,
+    counted,
     error_note,
     finite,
     format_elapsed,
@@ -114,7 +115,7 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
         return None
 
     def entries(n: int) -> str:  # (a task makes about three: submitted, started, finished)
-        return f"{n} entr{'ies' if n != 1 else 'y'}"
+        return counted(n, "entry", "entries")
 
     parts, held = [], int(health.get("in_memory") or 0)  # (held: a SIGKILL would lose them)
     if not ok:

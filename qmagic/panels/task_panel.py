@@ -190,11 +190,11 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         notes = [MSG_WORKER_CLOSED] if self.worker.closed else []
         over = len(candidates) - len(visible)
         if over:
-            notes.append(f"{over} older task{'s' if over != 1 else ''} not shown: this panel shows the "
+            notes.append(f"{fmt.counted(over, 'older task')} not shown: this panel shows the "
                          f"newest {limit} (QMagic.panel_max_rows).")
         finished_hidden = len(tasks) - len(candidates)
         if finished_hidden:
-            notes.append(f"{finished_hidden} finished task{'s' if finished_hidden != 1 else ''} not "
+            notes.append(f"{fmt.counted(finished_hidden, 'finished task')} not "
                          "shown: choose “All” to see them.")
         return visible, _summary(tasks, self._log_on()), render.footer_html(notes)
 

@@ -22,6 +22,8 @@ from typing import Callable
 
 import zmq
 
+from .server import HANDSHAKE_MS
+
 __all__ = ["MAX_TOPICS", "NOTES_PER_WAKE", "SUBSCRIBER_MAX_BYTES", "Renewals", "bound", "too_many_topics"]
 
 log = logging.getLogger("qmagic")
@@ -53,8 +55,7 @@ def bound(ctx: zmq.Context, address: str, secure: Callable[[zmq.Socket], None]) 
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIBER_MAX_BYTES)
-        # (as the control channel's: raw connections that never finish a handshake are closed)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, 10_000)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)  # (as the control channel's)
         secure(sock)
         sock.bind(address)
     except BaseException:

@@ -31,7 +31,7 @@ from ..texts import large_request_refused
 from .large_work import LargeBudget
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker
 
-__all__ = ["ControlServer", "DEFAULT_ADDRESS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
+__all__ = ["ControlServer", "DEFAULT_ADDRESS", "HANDSHAKE_MS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
            "server_secret_key"]
 
 log = logging.getLogger("qmagic")
@@ -52,7 +52,7 @@ _REQUESTS_PER_CLIENT = 2
 _REPLIES_PER_CLIENT = 16
 #: A connection that has not finished its handshake after this long is closed (libzmq's
 #: default, 30 s, let idle raw connections pile up until the kernel ran out of files).
-_HANDSHAKE_MS = 10_000
+HANDSHAKE_MS = 10_000
 _ZERO_COPY_BYTES = 64 * 1024  # replies at least this large are sent from their buffer, not copied
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
@@ -194,7 +194,7 @@ class ControlServer(SocketThread):
         sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         sock.setsockopt(zmq.SNDHWM, _REPLIES_PER_CLIENT)
         sock.setsockopt(zmq.RCVHWM, _REQUESTS_PER_CLIENT)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, _HANDSHAKE_MS)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
         self.socket_cap = hard_cap(self.max_message_bytes)
         sock.setsockopt(zmq.MAXMSGSIZE, self.socket_cap)

@@ -219,7 +219,7 @@ class TaskMagics(Magics):
         try:
             if opts.all:
                 tasks = self.worker.cancel_all(force=opts.force, lock_key=lock_key, origin="magic")
-                print(f"Cancel requested for {len(tasks)} {'task' if len(tasks) == 1 else 'tasks'}{forced}.")
+                print(f"Cancel requested for {fmt.counted(len(tasks), 'task')}{forced}.")
                 return
             target = self.worker.last_task if opts.uid is None else unquote(opts.uid)
             if target is None:
