@@ -911,7 +911,7 @@ def test_a_remote_change_right_after_the_kernel_s_own_does_not_make_it_forget(ma
     assert w.unlock().locked is False and not w.holds_lock_key
 
 
-def test_an_interrupt_anywhere_in_a_lock_change_lands_after_it(make_worker):
+def test_an_interrupt_anywhere_in_a_lock_change_lands_after_it(make_worker, sigint_as_in_a_cell):
     """■ landing inside the lock file's writing (in ``tempfile.mkstemp``, between an
     ``os.open`` and its ``try``) left empty ``.default.lock.json.*.tmp`` files and open
     descriptors behind, and could leave the lock store's own lock held (every later change of
@@ -959,7 +959,7 @@ def test_an_interrupt_anywhere_in_a_lock_change_lands_after_it(make_worker):
     assert w.unlock("kk").environment is False
 
 
-def test_an_interrupt_held_during_a_change_that_fails_still_stops_the_call():
+def test_an_interrupt_held_during_a_change_that_fails_still_stops_the_call(sigint_as_in_a_cell):
     """A ■ held during a lock change that then failed (refused, or the lock file held by
     another process for 2 s) was dropped with it: a loop retrying on that error could not be
     stopped with ■ (a reviewer's finding).  The ■ ends the call, the error as its context."""
