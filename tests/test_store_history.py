@@ -256,6 +256,16 @@ def test_cli_errors_and_empty(tmp_path, capsys):
     assert "Unknown task status bogus" in capsys.readouterr().err
 
 
+def test_a_mistyped_environment_reads_nothing_and_says_so(populated):
+    folder, _ = populated
+    with pytest.warns(JournalWarning) as caught:
+        assert history(state_dir=folder, environment_name="hutch") == []
+    assert str(caught[0].message) == (f"No experiment log for environment 'hutch' in {folder}: "
+                                       "nothing was recorded there yet (check environment_name "
+                                       "and state_dir).")
+    assert not list(folder.glob("*hutch*"))  # reading created nothing
+
+
 def test_cli_unreadable_log_exits_1(tmp_path, capsys):
     database_path(tmp_path, ENV).write_bytes(b"this is not a database" * 100)
     assert history_main(["--state-dir", str(tmp_path), "-e", ENV]) == 1

@@ -89,10 +89,22 @@ def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name
     ``filters`` are those of :meth:`qmagic.store.journal.Journal.records`: ``status``,
     ``user``, ``name``, ``notebook``, ``since``, ``until``, ``uid``, ``limit``.
     ``state_dir`` defaults to :func:`~qmagic.store.paths.default_state_dir`.  Raises
-    StateFileError when the log cannot be read, ValueError for a bad filter.
+    StateFileError when the log cannot be read, ValueError for a bad filter.  Where nothing
+    was ever logged (a mistyped environment or folder), a JournalWarning says so and the
+    list is empty.
     """
     folder = Path(default_state_dir() if state_dir is None else state_dir).expanduser()
-    return _read(folder, validate_environment_name(environment_name), filters) or []
+    found = _read(folder, validate_environment_name(environment_name), filters)
+    if found is None:  # (not an empty log: a mistyped name or folder reads nothing, says so)
+        warnings.warn(_no_log(environment_name, folder, "environment_name and state_dir"),
+                      JournalWarning, stacklevel=3)
+        return []
+    return found
+
+
+def _no_log(env: str, folder: Path, check: str) -> str:
+    return (f"No experiment log for environment {env!r} in {folder}: nothing was recorded there "
+            f"yet (check {check}).")
 
 
 def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -230,8 +242,7 @@ def history_main(argv: list[str] | None = None) -> int:
     for warning in caught:
         print(f"warning: {printable(warning.message)}", file=sys.stderr)
     if found is None:
-        print(f"No experiment log for environment {args.environment!r} in {state_dir}: nothing was "
-              "recorded there yet (check --environment and --state-dir).", file=sys.stderr)
+        print(_no_log(args.environment, state_dir, "--environment and --state-dir"), file=sys.stderr)
         return 1
     records = found[::-1]
     try:
