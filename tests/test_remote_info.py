@@ -851,6 +851,41 @@ def test_a_subscriber_holding_too_many_topics_is_disconnected(make_worker, caplo
         pub.stop()
 
 
+def test_an_info_socket_that_cannot_be_made_again_says_it_is_off(make_worker, tmp_path, caplog):
+    """A renewal that cannot bind the address again (here its folder is gone) ends the info
+    socket's thread: %control_channel's lines then say it is off and how to start it again;
+    stopping it afterwards is quiet and the worker goes on."""
+    import zmq
+
+    worker = make_worker({"f": lambda: 1})
+    (tmp_path / "gone").mkdir()
+    pub = InfoPublisher(worker, f"ipc://{tmp_path}/gone/info", lambda: status_reply(worker),
+                        status_period=0.05).start()
+    ctx = zmq.Context()
+    greedy = ctx.socket(zmq.SUB)
+    greedy.setsockopt(zmq.LINGER, 0)
+    try:
+        greedy.connect(pub.address)
+        greedy.setsockopt(zmq.SUBSCRIBE, info_module.TOPIC_INFO)
+        assert greedy.poll(TIMEOUT * 1000), "the subscriber was not served"  # (connected)
+        (tmp_path / "gone" / "info").unlink()
+        (tmp_path / "gone").rmdir()
+        for i in range(MAX_TOPICS * 2):
+            greedy.setsockopt(zmq.SUBSCRIBE, b"topic-%06d" % i)
+        deadline = time.monotonic() + TIMEOUT
+        while pub.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not pub.running, "the info socket was still running at an address that is gone"
+        assert pub.describe() == ["  info socket: off (see the kernel's log); to start it again, set "
+                                  "QMagic.zmq_info_address to None and back"]
+        assert any(r.getMessage().startswith("qmagic: the info socket is off") for r in caplog.records)
+    finally:
+        greedy.close(0)
+        ctx.term()
+        pub.stop()
+    assert worker.submit("f").result(TIMEOUT) == 1
+
+
 def _dropped(conn: socket.socket) -> bool:
     """True once the kernel closes ``conn`` (within TIMEOUT); what it sends is read and let go."""
     try:
