@@ -188,6 +188,15 @@ class QMagic(Configurable):
         help="Address of the 0MQ info socket (PUB: console output and status, as queueserver's "
         "port 60625), e.g. tcp://127.0.0.1:60625. None: off.",
     ).tag(config=True)
+    zmq_info_encrypted = Bool(
+        True,
+        help="With CurveZMQ on ($QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER), encrypt the info socket with "
+        "the control channel's key too: only clients holding the server's public key (listed ones, "
+        "with zmq_client_keys) receive the streams. False: publish them unencrypted, as "
+        "bluesky-queueserver does, so that its own subscribers, which set no keys (bluesky-httpserver's "
+        "console and status routes, qserver-console-monitor, REManagerAPI.console_monitor), receive "
+        "them; anyone who can reach the address then reads console output and status.",
+    ).tag(config=True)
     zmq_console_all_output = Bool(
         False,
         help="Publish everything the kernel prints on the info socket's QS_Console topic; "

@@ -4,6 +4,8 @@ asyncio REManagerAPI through remote_client.LoopClient: that file says why)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import zmq
 from bluesky_queueserver.manager import comms
@@ -123,6 +125,59 @@ def test_the_info_socket_admits_only_listed_clients(make_worker, monkeypatch):
         for sub in subs:
             sub.close(0)
         ctx.term()
+        service.close()
+
+
+def test_an_unencrypted_info_socket_beside_an_encrypted_channel_serves_queueservers_subscribers(
+        make_worker, monkeypatch):
+    """QMagic.zmq_info_encrypted = False: queueserver's own console monitor (no keys) receives
+    what tasks print while the control channel stays encrypted and keyed; turned on again,
+    the socket is made again encrypted and a plain subscriber receives nothing."""
+    from bluesky_queueserver_api.zmq import REManagerAPI
+
+    monkeypatch.setenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", SERVER_SECRET)
+    keys = {"clients": [{"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+    worker = make_worker({"say": lambda text: print(text)}, zmq_client_keys=keys,
+                         zmq_info_encrypted=False)
+    service = RemoteService(worker)
+    service.start("tcp://127.0.0.1:*")
+    service.start_info("tcp://127.0.0.1:*")
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=service.info.address,
+                      console_monitor_poll_timeout=0.05)
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.SUB)
+    plain.setsockopt(zmq.LINGER, 0)
+    try:
+        assert "(not encrypted: QMagic.zmq_info_encrypted is False)" in service.info.describe()[0]
+        rm.console_monitor.enable()
+        deadline, seen = time.monotonic() + TIMEOUT, ""
+        while "beamline" not in seen and time.monotonic() < deadline:  # (PUB drops what is sent
+            worker.submit("say", ("beamline",)).wait(TIMEOUT)  # before the subscription arrives)
+            try:
+                seen += rm.console_monitor.next_msg(timeout=0.2)["msg"]
+            except TimeoutError:
+                pass
+        assert "beamline" in seen, "queueserver's console monitor received nothing"
+        stranger = _client(service.server.address, tuple(k.decode() for k in zmq.curve_keypair()),
+                           monkeypatch, timeout_recv=0.3)
+        try:  # (the channel still admits only listed keys)
+            with pytest.raises(Exception, match="(?i)timeout"):
+                stranger.status()
+        finally:
+            stranger.close()
+
+        address = service.info.address
+        worker.zmq_info_encrypted = True  # made again at its address, encrypted
+        assert service.info.running and service.info.address == address and service.info.curve
+        assert "not encrypted" not in "\n".join(service.info.describe())
+        plain.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+        plain.connect(address)
+        assert not plain.poll(int(2.5 * 1000 * service.info.status_period))
+    finally:
+        plain.close(0)
+        ctx.term()
+        rm.console_monitor.disable_wait(timeout=2)
+        rm.close()
         service.close()
 
 

@@ -129,7 +129,10 @@ def _joined(texts: deque[str], limit: int) -> list[str]:
 class InfoPublisher(SocketThread):
     """Publishes console text, status and task events on ``address`` (module docstring).
 
-    ``status`` returns the current status dict; ``worker`` gives the task events.
+    ``status`` returns the current status dict; ``worker`` gives the task events.  With
+    CurveZMQ on (``secret_key`` or the environment) it is encrypted and admits only
+    ``client_keys``'s clients when given; ``encrypted=False`` publishes unencrypted whatever
+    the key, as queueserver's publisher does (its subscribers set no keys).
     """
 
     what = "info socket"
@@ -137,9 +140,12 @@ class InfoPublisher(SocketThread):
 
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
                  all_output: bool = False, secret_key: str | None = None, client_keys: Any = None,
-                 status_period: float = _STATUS_PERIOD_S) -> None:
+                 encrypted: bool = True, status_period: float = _STATUS_PERIOD_S) -> None:
         super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address",
-                         secret_key=server_secret_key(secret_key), client_keys=client_keys)
+                         secret_key=server_secret_key(secret_key) if encrypted else None,
+                         client_keys=client_keys if encrypted else None)
+        #: False: published unencrypted whatever the key (QMagic.zmq_info_encrypted), as queueserver's.
+        self.encrypted = encrypted
         self.worker = worker
         self.all_output = all_output
         self.status_period = status_period
@@ -276,7 +282,8 @@ class InfoPublisher(SocketThread):
         if not self.running:
             return ["  info socket: off (see the kernel's log); to start it again, set "
                     "QMagic.zmq_info_address to None and back"]
-        lines = [f"  info socket (console output, status, task events): {self.address}"]
+        plain = "" if self.encrypted else " (not encrypted: QMagic.zmq_info_encrypted is False)"
+        lines = [f"  info socket (console output, status, task events): {self.address}{plain}"]
         if self.renewals:
             lines.append(f"  info socket made again {fmt.counted(self.renewals, 'time')}: a client subscribed "
                          f"to more than {MAX_TOPICS} topics, or sent what no subscriber sends")

@@ -29,6 +29,15 @@ __all__ = ["RemoteService"]
 
 log = logging.getLogger("qmagic")
 
+_INFO_SETTINGS = ["zmq_info_address", "zmq_console_all_output", "zmq_info_encrypted"]
+
+
+def _client_keys(worker: Any) -> Any:
+    """The client key list of ``worker``'s setting (None: no list)."""
+    from .auth import ClientKeys
+
+    return ClientKeys.from_config(worker.zmq_client_keys or None)
+
 
 class RemoteService:
     """Owns the control channel of ``worker`` (see the module docstring)."""
@@ -44,7 +53,7 @@ class RemoteService:
         self._syncing = False
         worker.observe(self._on_address, names="zmq_control_address")
         worker.observe(self._on_limit, names="zmq_max_message_bytes")
-        worker.observe(self._on_info, names=["zmq_info_address", "zmq_console_all_output"])
+        worker.observe(self._on_info, names=_INFO_SETTINGS)
         worker.observe(self._on_keys, names="zmq_client_keys")
         if worker.zmq_control_address:
             try:
@@ -107,12 +116,7 @@ class RemoteService:
         """A channel for ``address`` with the settings in force, not started (raises
         ControlChannelError for an address or keys it cannot use)."""
         return ControlServer(self._dispatch, address, max_message_bytes=self.worker.zmq_max_message_bytes,
-                             client_keys=self._client_keys(), refusal=unread_refusal)
-
-    def _client_keys(self) -> Any:
-        from .auth import ClientKeys
-
-        return ClientKeys.from_config(self.worker.zmq_client_keys or None)
+                             client_keys=_client_keys(self.worker), refusal=unread_refusal)
 
     def stop(self) -> bool:
         """Stop the channel; False if it was not running."""
@@ -138,9 +142,10 @@ class RemoteService:
     def _start_info(self, address: str | None) -> InfoPublisher:
         """:meth:`start_info`, with the lock held and ■ held by the caller."""
         address = address or self.worker.zmq_info_address
+        encrypted = self.worker.zmq_info_encrypted  # (checked before the running one stops:)
         publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
-                                  all_output=self.worker.zmq_console_all_output,
-                                  client_keys=self._client_keys())  # (checked before the running one stops)
+                                  all_output=self.worker.zmq_console_all_output, encrypted=encrypted,
+                                  client_keys=_client_keys(self.worker) if encrypted else None)
         self.stop_info()
         publisher.start()
         self.info = publisher
@@ -156,27 +161,31 @@ class RemoteService:
         return True
 
     def _on_info(self, change: Mapping[str, Any]) -> None:
-        if self._syncing:
+        name, info = change["name"], self.info
+        if self._syncing or (name == "zmq_console_all_output" and info is None):
             return
-        if change["name"] == "zmq_console_all_output":
-            if self.info is not None:
-                self.info.all_output = bool(change["new"])
-        elif change["new"] is None:
+        if name == "zmq_console_all_output":
+            info.all_output = bool(change["new"])
+            return
+        running = info is not None and info.running  # (encryption is set as the socket is made)
+        address = change["new"] if name == "zmq_info_address" else info.address if running else None
+        if address is None:
             self.stop_info()
-        else:
-            try:
-                self.start_info(change["new"])
-            except ControlChannelError:  # the setting says what runs: the old socket (a new
-                running = self.info is not None and self.info.running  # one refused unbound)
-                self._set_quietly("zmq_info_address", change["old"] if running else None)
-                raise
+            return
+        try:
+            self.start_info(address)
+        except ControlChannelError:  # the setting says what runs: the old socket (a new
+            running = self.info is not None and self.info.running  # one refused unbound)
+            old = change["old"] if name == "zmq_info_address" else address
+            self._set_quietly("zmq_info_address", old if running else None)
+            raise
 
     def close(self) -> None:
         """Stop the channel and the info socket and stop following the traits (the traits
         keep their values, so a new service starts them again)."""
         for handler, names in ((self._on_address, "zmq_control_address"),
                                (self._on_limit, "zmq_max_message_bytes"),
-                               (self._on_info, ["zmq_info_address", "zmq_console_all_output"]),
+                               (self._on_info, _INFO_SETTINGS),
                                (self._on_keys, "zmq_client_keys")):
             try:
                 self.worker.unobserve(handler, names=names)
@@ -218,8 +227,9 @@ class RemoteService:
         with self._lock, interrupt_after():  # (■ in a restart: the other restarts too)
             server = self.server if self.server is not None and self.server.running else None
             info = self.info if self.info is not None and self.info.running else None
+            info = info if info is not None and info.encrypted else None  # (keys: not for a plain one)
             try:
-                keys = self._client_keys()
+                keys = _client_keys(self.worker)
                 for sock in (server, info):
                     problem = keys_problem(keys, curve=sock.curve) if sock is not None else None
                     if problem:
