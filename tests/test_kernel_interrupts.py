@@ -573,6 +573,27 @@ def test_a_press_during_a_foreground_task_started_from_python_stops_the_cell(sk)
         _healthy(sk)
 
 
+def test_a_press_in_a_foreground_tasks_cancellable_sleep_is_recorded_as_an_interrupt(sk):
+    """■ while a foreground task waits in ``cancellable_sleep`` (on the main thread): its
+    traceback ends with the bare KeyboardInterrupt, as anywhere else in its code, not with
+    the line of a cell that waits for a task ("stopped waiting; the task ... keeps running"),
+    which a remote client's task_result and %task_result showed although it had ended
+    (found driving the kernel remotely from the README)."""
+    sk.execute("def nap():\n    print('nap started', flush=True)\n    qmagic.cancellable_sleep(60)\n",
+               check=True)
+    cell = sk.execute_async("%function_execute nap")
+    sk.wait_for_output(cell, "nap started")
+    sk.interrupt()
+    result = sk.wait(cell)
+    assert one_line(result) == ("TaskCancelled: nap() was interrupted (■ or KeyboardInterrupt); it is "
+                                "recorded as cancelled.")
+    assert sk.eval("(w.last_task.status.value, w.last_task.error,"
+                   " w.last_task.traceback.strip().splitlines()[-1])") == (
+        "cancelled", "Task was interrupted (■ or KeyboardInterrupt)", "KeyboardInterrupt")
+    assert_no_internals(sk.eval("w.last_task.traceback"))
+    _healthy(sk)
+
+
 def test_storms_of_remote_interrupts_and_presses_during_a_foreground_task(sk):
     """7 rounds: a remote storm (from the task's start until its cell has ended) and 50 ■
     presses at once — the presses first, or once the remote storm has begun; each time the

@@ -142,13 +142,15 @@ class Task(TaskState):
     def _is_done(self) -> bool:
         return self._status.finished
 
-    def _wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+    def _wait_until(self, predicate: Callable[[], bool], timeout: float | None, *,
+                    for_end: bool = True) -> bool:
         """Wait on the task's condition until ``predicate()`` or ``timeout``.
 
         On the main thread the wait is cut into slices of :data:`MAIN_THREAD_WAIT_SLICE`:
         CPython can record a SIGINT (■) while the main thread goes to sleep on a lock and
         then not act on it until the lock wait returns; a short slice acts on it at once.
-        """
+        ■ stops a wait for the end with one line; else (``for_end`` False: the foreground
+        task's own ``cancellable_sleep``) it is the KeyboardInterrupt that stops the task."""
         deadline = None if timeout is None else time.monotonic() + timeout
         on_main = threading.current_thread() is threading.main_thread()
         with self._mutex:
@@ -163,6 +165,8 @@ class Task(TaskState):
                     self._condition.wait(MAIN_THREAD_WAIT_SLICE if left is None
                                          else min(left, MAIN_THREAD_WAIT_SLICE))
                 except KeyboardInterrupt:  # ■: one line that says the task goes on
+                    if not for_end:
+                        raise
                     raise one_line(KeyboardInterrupt(self._stopped_waiting())) from None
             return True
 

@@ -305,7 +305,7 @@ class TaskState(Future):
 
     def _wait_cancel(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for a cancel request; True if one came."""
-        return self._wait_until(lambda: self._cancel_requested, timeout)
+        return self._wait_until(lambda: self._cancel_requested, timeout, for_end=False)
 
     def _set_progress(self, progress: Progress) -> None:
         with self._mutex:
