@@ -41,8 +41,12 @@ def history(*, state_dir: str | os.PathLike[str] | None = None,
     ``"scan[2].ipynb"`` is that file),
     ``since`` / ``until`` (epoch, datetime, ISO text, ``"-2h"``, ``"-7d"``), ``uid`` (a
     prefix), ``limit`` (the newest N).  Tasks of a kernel that died while they ran read as
-    failed ("kernel stopped while the task was running").  Where nothing was ever logged (a
-    mistyped ``environment_name`` or ``state_dir``), a warning says so and the list is empty.
+    failed ("kernel stopped while the task was running").  Each record has the keys of
+    ``Task.to_dict()`` (``uid``, ``status`` as text, ``error``, ``result``, ``traceback``,
+    times in epoch seconds, ...; a value JSON cannot store is a ``__qmagic_summary__``
+    marker), plus ``journal`` (the session, host and process that logged it, ``orphaned``, ``pending``).
+    Where nothing was ever logged (a mistyped ``environment_name`` or ``state_dir``), a
+    warning says so and the list is empty.
     """
     state_dir, environment_name = _where(state_dir, environment_name)
     return _store.history(state_dir=state_dir, environment_name=environment_name, **filters)

@@ -141,7 +141,8 @@ class LookupMixin:
         Filters: ``status``, ``user``, ``name`` and ``notebook`` (exact, or with the
         wildcards ``*`` and ``?``; brackets match themselves), ``since`` /
         ``until`` (epoch, datetime, ISO text, or "-2h"/"-7d"), ``uid`` (a prefix), ``limit``.
-        A closed worker reads the log it closed (see :meth:`_readable_log`).
+        Records are those of :func:`qmagic.history` (``Task.to_dict()``'s keys, times in
+        epoch seconds, plus ``journal``).  A closed worker reads the log it closed.
         """
         journal = self._readable_log()
         if journal is None:
