@@ -204,7 +204,7 @@ class Task(TaskState):
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The exception of a failed task (None if it completed); waits like ``result``."""
+        """A failed task's exception (None if it completed); waits and raises like ``result``."""
         self._wait_or_raise(timeout)
         return self._exception
 
@@ -219,7 +219,7 @@ class Task(TaskState):
             raise one_line(CancelledError(self.cancelled_text()))
 
     def cancel(self, force: bool = False) -> bool:
-        """Ask the task to stop.  Returns False if it had already finished.
+        """Ask the task to stop: False if it had finished; True if asked (``cancelled()`` once it stops).
 
         A queued task is cancelled at once without running.  A running task stops at its
         next ``qmagic.report_progress()``, ``raise_if_cancelled()`` or
