@@ -248,11 +248,11 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         ``target`` is the name of a function of the namespace (checked against the
         permissions) or a callable (your own code, run as given; its ``__name__`` labels the
         task, and ``user_group`` must still be a known group).  ``background=True`` runs it on a
-        worker thread; ``False`` in the foreground (inline when called on the foreground
-        owner thread, i.e. in a cell; otherwise handed to it).  ``async def`` functions run
-        on the event loop (``QMagic.async_loop``).  ``timeout``: seconds the task may run;
-        then it is cancelled ("deadline of N s passed").  ``payload_bytes``: the remote request's
-        size.  Refusals raise :class:`qmagic.RequestRefused` (or a subclass) and change nothing.
+        worker thread; ``False`` in the foreground (inline on the foreground owner thread, i.e.
+        in a cell; from another thread handed to it, and refused while a cell runs).  ``async
+        def`` functions run on ``QMagic.async_loop``.  ``timeout``: seconds the task may run,
+        then it is cancelled ("deadline of N s passed").  Refusals raise :class:`RequestRefused`
+        (or a subclass) and change nothing.  The keywords after ``timeout`` are qmagic's own.
         """
         self._check_not_closed()
         if isinstance(target, str):
