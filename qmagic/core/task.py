@@ -232,8 +232,8 @@ class Task(TaskState):
         cleanup is never cut short); with ``force=True`` a second one after
         ``cancel_grace_s`` if it still runs.
 
-        A task of a worker follows the worker's rules, as ``Worker.cancel(task)`` does: while
-        another kernel has locked the environment, this raises :class:`qmagic.LockRefused`.
+        A task follows its worker's rules, as ``Worker.cancel(task)`` does: while another kernel
+        or a remote client holds the lock, :class:`qmagic.LockRefused` (pass ``lock_key`` there).
 
         Unlike a plain ``Future``, a running task is asked to stop too; so is one awaited
         through ``asyncio.wrap_future(task)`` when that wrapper is cancelled (asyncio passes
