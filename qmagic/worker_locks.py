@@ -17,6 +17,13 @@ from .store.lockfile import check_key
 
 __all__ = ["LockMixin"]
 
+#: How each door gives the key an unlock without one lacked (the lock key, the default key).
+_HOW_TO_GIVE_A_KEY = {
+    "magic": ("%unlock --key KEY", "%unlock --default-key"),
+    "panel": ("type it in the Key field", "run %unlock --default-key in a cell"),
+    "python": ("unlock(lock_key=KEY)", "unlock(lock_key=qmagic.get_default_lock_key())"),
+}
+
 
 class LockMixin:
     """``lock``, ``unlock``, ``lock_state``, ``current_lock``, ``holds_lock_key`` and
@@ -101,11 +108,12 @@ class LockMixin:
         if key is None:
             state = self._locks.state()
             if state.environment or state.queue:
-                hint = (" It was locked with your default key: %unlock --default-key"
+                give, default = _HOW_TO_GIVE_A_KEY.get(origin, _HOW_TO_GIVE_A_KEY["python"])
+                hint = (f" It was locked with your default key: {default}"
                         if self._locks.opens_with_default_key() else "")
                 raise RequestRefused(
                     "This kernel does not hold the key of the current lock: give the lock key "
-                    f"or the emergency key (%unlock --key KEY).{hint}"
+                    f"or the emergency key ({give}).{hint}"
                 )
             return state
         try:

@@ -864,7 +864,8 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
         text = panel.text()
         assert text == "Locked by Alice: environment\nNote: beam time\n(An emergency unlock key is set.)"
         panel._unlock_button.click()  # no key typed, none held: the worker says what to do
-        assert panel.message.startswith("This kernel does not hold the key of the current lock")
+        assert panel.message == ("This kernel does not hold the key of the current lock: give the lock "
+                                 "key or the emergency key (type it in the Key field).")
         other.unlock("their-key")  # e.g. a later cell of the notebook
         eventually(lambda: panel.changed and "qmagic-lock-unlocked" in panel._state.value, timeout=3.0,
                    what="the panel to see the unlock")
