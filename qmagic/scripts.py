@@ -5,7 +5,7 @@ is as before (objects it mutated in place cannot be restored); what cells or oth
 meanwhile is left alone: the script's module-level writes are recorded as they happen
 (:class:`_Writes`, ``exec``'s locals) and a name is put back only while it still holds what
 the script stored; names bound through ``global`` statements are judged by their values
-(:func:`bound_names`); a star import, or
+(:func:`_binding_names`); a star import, or
 code that reaches the namespace itself in the usual ways — ``globals()``, ``vars()``,
 ``locals()``, ``exec``, ``eval``, a ``__dict__``, ``__globals__``, ``sys._getframe`` — makes
 every name the script's, even when it only reads; a name built at run time,
@@ -55,17 +55,11 @@ _DYNAMIC_NAMES = {"globals", "vars", "locals", "exec", "eval"}
 _DYNAMIC_ATTRS = _DYNAMIC_NAMES | {"__dict__", "__globals__", "f_globals", "f_locals", "_getframe"}
 
 
-def bound_names(code: CodeType) -> set[str] | None:
-    """The namespace names a script's code can bind or delete: its module-level assignments,
-    definitions and imports, and ``global`` statements in its functions.  None when any name
-    may change: a star import, or code that reaches the namespace dict itself."""
-    found = _binding_names(code)
-    return None if found is None else found[0] | found[1]
-
-
 def _binding_names(code: CodeType) -> tuple[set[str], set[str]] | None:
-    """(names bound by the module's own code, names bound through ``global`` statements), or
-    None (see :func:`bound_names`)."""
+    """The namespace names a script's code can bind or delete: (names bound by the module's
+    own code — assignments, definitions, imports —, names bound through ``global``
+    statements in its functions).  None when any name may change: a star import, or code
+    that reaches the namespace dict itself."""
     local: set[str] = set()
     global_: set[str] = set()
     stack = [(code, True)]
