@@ -72,9 +72,6 @@ class PanelView:
         self._qm_tokens = TOKEN_CAPACITY
         self._qm_token_time = time.monotonic()
         self._qm_closed = False
-        #: Messages (updates and closes; not comm opens) sent by this view's applications.
-        self.messages_sent = 0
-        self.applications = 0
 
     # -- called from any thread ------------------------------------------------------------
     def _qm_touch(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> bool:
@@ -306,8 +303,6 @@ class Pump:
             view._qm_last_apply = now
             if periodic:
                 view._qm_last_periodic = now
-            view.messages_sent += sent
-            view.applications += 1
             for event in waiters:
                 event.set()
 

@@ -163,7 +163,6 @@ class Writer:
         self.stopping = False
         self.faults = Faults(path, spool.pending_limit)
         self.lost = 0  # lines that were only in memory when the log closed
-        self.rows_written = 0
         self.cpu = 0.0  # CPU seconds this thread used
         self._dirty_since: float | None = None
         self._last_pos: Any = None
@@ -358,7 +357,6 @@ class Writer:
         for seg in segments:
             if seg is not self.spool.current and seg.fd >= 0 and seg.at_end():
                 self.spool.retire(seg)
-        self.rows_written += len(rows)
         if batch.bad:
             warn_once("spool-lines", f"qmagic experiment log: skipped {len(batch.bad)} damaged spool line(s).")
         if batch.complete:
