@@ -29,10 +29,12 @@ from typing import Any
 
 from .errors import RequestRefused
 
-__all__ = ["ScriptRunner", "check_script_name", "DEFAULT_SCRIPT_NAME"]
+__all__ = ["ScriptRunner", "check_script_name", "script_name_of_file", "DEFAULT_SCRIPT_NAME"]
 
 DEFAULT_SCRIPT_NAME = "script"
-_NAME = re.compile(r"[\w.\-]{1,100}\Z")
+_NAME_MAX = 100
+_NAME = re.compile(rf"[\w.\-]{{1,{_NAME_MAX}}}\Z")
+_NOT_IN_NAME = re.compile(r"[^\w.\-]")
 _MISSING = object()
 
 
@@ -43,9 +45,16 @@ def check_script_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise RequestRefused(
             f"Error: Invalid script name {name!r}: use letters, digits, '_', '.' or '-' "
-            "(at most 100 characters), e.g. --name calibration."
+            f"(at most {_NAME_MAX} characters), e.g. --name calibration."
         )
     return name
+
+
+def script_name_of_file(file_name: str) -> str:
+    """A script's name from its file name, as :func:`check_script_name` accepts it: characters
+    a name may not hold become ``_`` (``setup script.py`` -> ``setup_script.py``), at most
+    100 of them."""
+    return _NOT_IN_NAME.sub("_", file_name)[:_NAME_MAX] or DEFAULT_SCRIPT_NAME
 
 
 _BINDING_OPS = {"STORE_NAME", "DELETE_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}

@@ -6,7 +6,6 @@ uids only as the short prefixes you can type back."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from ...core.registry import MIN_UID_PREFIX
 from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from ...history_text import history_table
+from ...scripts import script_name_of_file
 from ...yamlfile import read_small_file
 from .args import call_arguments, parse_line, split_options, unquote
 from .common import refused, settle, show_panel, wait_interruptibly
@@ -34,12 +34,6 @@ MAX_HISTORY_ROWS = 1000
 
 #: Largest script file ``%script_upload PATH`` reads (a larger file is refused unread).
 MAX_SCRIPT_BYTES = 10_000_000
-
-
-def _file_label(file_name: str) -> str:
-    """A script's name from its file name: characters a script name may not hold become
-    ``_`` (``setup script.py`` -> ``setup_script.py``), at most 100 of them."""
-    return re.sub(r"[^\w.\-]", "_", file_name)[:100] or "script"
 
 
 def _read_script(path: Path) -> str:
@@ -341,7 +335,7 @@ class TaskMagics(Magics):
                 raise UsageError("Give the script file: %script_upload [-b] PATH (or use %%script_upload).")
             path = Path(os.path.expanduser(unquote(opts.path)))
             script = _read_script(path)
-            name = name or _file_label(path.name)
+            name = name or script_name_of_file(path.name)
         else:
             if opts.path is not None:
                 raise UsageError("%%script_upload runs the cell body; it takes no PATH.")
