@@ -14,7 +14,7 @@ It knows nothing about namespaces, protocols or IPython.  It owns
 
 Every task is announced to the observers (the experiment log) before its uid leaves
 :meth:`Engine.submit`, and its final record is told to them before anyone waiting for the
-task wakes up.  Per-task bookkeeping lives in a :class:`_Job` here, not in the Task.
+task wakes up.  Per-task bookkeeping lives in a :class:`~qmagic.core.jobs.Job`, not in the Task.
 
 Locks.  The engine lock guards the foreground slot, closing and the registry's sweeps; a
 background task never waits for it.  Submitters and pool threads share no lock on a
