@@ -57,7 +57,6 @@ def script_name_of_file(file_name: str) -> str:
     return _NOT_IN_NAME.sub("_", file_name)[:_NAME_MAX] or DEFAULT_SCRIPT_NAME
 
 
-_BINDING_OPS = {"STORE_NAME", "DELETE_NAME", "STORE_GLOBAL", "DELETE_GLOBAL"}
 #: Names through which code can bind any name of the namespace (``globals()["x"] = 1``,
 #: ``builtins.exec``, ``sys._getframe().f_globals``, ``func.__globals__``).
 _DYNAMIC_NAMES = {"globals", "vars", "locals", "exec", "eval"}
