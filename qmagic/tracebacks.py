@@ -7,7 +7,6 @@ Part of the formatting layer, beside :mod:`qmagic.format`: a traceback never sho
 
 from __future__ import annotations
 
-import builtins
 import os
 import sys
 import threading
@@ -30,7 +29,6 @@ _labeler: Callable[[str], str | None] | None = None
 #: fell seconds behind its timeout).  Emptied when full.
 _TEXTS: dict[tuple, str] = {}
 _TEXTS_MAX = 256
-_GROUPS = getattr(builtins, "BaseExceptionGroup", ())  # (Python 3.11 on)
 
 
 def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
@@ -92,7 +90,7 @@ def _shown_as(exc: BaseException) -> tuple | None:
     each frame, (the texts are forgotten when the file labels change); None (not kept) for a chained exception, one with
     notes, a group, or one whose message cannot be read."""
     if (exc.__cause__ is not None or exc.__context__ is not None or getattr(exc, "__notes__", None)
-            or isinstance(exc, _GROUPS)):
+            or isinstance(exc, BaseExceptionGroup)):
         return None
     try:
         message = str(exc)

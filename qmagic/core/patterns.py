@@ -34,16 +34,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from re import _parser as _sre  # type: ignore[attr-defined]  # the parser behind re.compile
 from typing import Any
 
 import regex
 
 from ..errors import PermissionsFormatError
-
-try:  # the parser behind re.compile: Python 3.11+ ...
-    from re import _parser as _sre  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - ... and Python 3.10
-    import sre_parse as _sre  # type: ignore[no-redef]
 
 __all__ = [
     "FAST_SLICE",
@@ -68,8 +64,8 @@ FAST_SLICE = 0.005
 
 _MAXREPEAT = _sre.MAXREPEAT
 _REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT)
-_POSSESSIVE = getattr(_sre, "POSSESSIVE_REPEAT", object())  # Python 3.11+
-_ATOMIC = getattr(_sre, "ATOMIC_GROUP", object())  # Python 3.11+
+_POSSESSIVE = _sre.POSSESSIVE_REPEAT
+_ATOMIC = _sre.ATOMIC_GROUP
 _GROUPREFS = tuple(getattr(_sre, n) for n in ("GROUPREF", "GROUPREF_EXISTS") if hasattr(_sre, n))
 
 # ---- character sets over the characters of function names ---------------------------------
@@ -192,22 +188,18 @@ def _all_chars(seq: Any) -> _Chars:
 
 
 # ---- the checks ---------------------------------------------------------------------------
-_HAS_ATOMIC = hasattr(_sre, "ATOMIC_GROUP")  # '(?>...)' needs Python 3.11
 _NESTED = (
     "a repetition inside a repetition can split a name in many ways (like '(a+)+' or "
     "'(\\w+_)+'), which takes exponential time on a name that almost matches; write the "
-    "repetition once (':^a+$' instead of ':^(a+)+$')"
-    + (", start each iteration with a character the inner repetition cannot match "
-       "(':^[a-z]+(_[a-z]+)*$'), or make the inner part atomic with '(?>...)'" if _HAS_ATOMIC else
-       " or start each iteration with a character the inner repetition cannot match "
-       "(':^[a-z]+(_[a-z]+)*$')")
+    "repetition once (':^a+$' instead of ':^(a+)+$'), start each iteration with a character "
+    "the inner repetition cannot match (':^[a-z]+(_[a-z]+)*$'), or make the inner part atomic "
+    "with '(?>...)'"
 )
 _ALTERNATIVES = (
     "alternatives inside a repetition can start the same way or be empty (like '(a|ab)+', "
     "'(\\w+|_)+' or '(a|)+'), which takes exponential time on a name that almost matches; use "
-    "a character set ('[a-z_]+')"
-    + (", alternatives that start with different characters, or an atomic group ('(?>a|ab)+')"
-       if _HAS_ATOMIC else " or alternatives that start with different characters")
+    "a character set ('[a-z_]+'), alternatives that start with different characters, or an "
+    "atomic group ('(?>a|ab)+')"
 )
 
 

@@ -14,7 +14,6 @@ waiting, and showing a panel.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import traceback
 from typing import Any, Callable, NoReturn
@@ -112,10 +111,6 @@ def _syntax_error(shell: Any, error: SyntaxError, tb: Any) -> ShownSyntaxError:
     return shown
 
 
-#: Exception groups (Python 3.11+), which IPython's formatter cannot show.
-_GROUPS: tuple[type, ...] = tuple(t for t in (getattr(builtins, "BaseExceptionGroup", None),) if t)
-
-
 def settle(shell: Any, task: Task) -> Task:
     """After a foreground task (or ``--wait``): end the cell as calling the function would."""
     __tracebackhide__ = True  # noqa: F841
@@ -128,7 +123,7 @@ def settle(shell: Any, task: Task) -> Task:
         tb = tracebacks.user_traceback(error)
         if isinstance(error, SyntaxError):
             raise _syntax_error(shell, error, tb) from None
-        if isinstance(error, _GROUPS):  # (IPython shows a group itself, every frame, on stderr)
+        if isinstance(error, BaseExceptionGroup):  # (IPython's formatter cannot: every frame, on stderr)
             text = tracebacks.traceback_text(error)  # (the user's frames, as %task_result)
             shown = _stand_in(ShownGroup, error)
             _render_once(shown, lambda: text.rstrip("\n").split("\n"))
