@@ -13,6 +13,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, 
 from traitlets.config import Configurable
 
 from .core.loops import LOOP_POLICIES
+from .core.permissions import DEFAULT_MATCH_TIMEOUT
 from .store.lockfile import user_problem
 
 __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
@@ -105,7 +106,7 @@ class QMagic(Configurable):
     ).tag(config=True)
 
     permissions_match_timeout = Float(
-        0.05, min=0.001, max=10.0,
+        DEFAULT_MATCH_TIMEOUT, min=0.001, max=10.0,
         help="CPU seconds that deciding whether one function name is allowed may take; a slower "
         "decision (a pathological ':regex' pattern) refuses the call and names the pattern.",
     ).tag(config=True)
