@@ -19,6 +19,7 @@ import types
 import uuid
 from typing import Any, Callable, Mapping
 
+from .core.memo import Memo
 from .core.permissions import MAX_NAME_LENGTH, function_name_error
 from .errors import RequestRefused
 from .format import safe_repr
@@ -151,7 +152,7 @@ class Catalog:
         #: name -> (the object that last passed :meth:`function`, whether it is a coroutine
         #: function): saves inspecting the same function on every request; an object rebound
         #: to the name is checked anew.
-        self._checked: dict[str, tuple[Any, bool]] = {}
+        self._checked: Memo[tuple[Any, bool]] = Memo(_CHECKED_MAX)  # name -> (object, async?)
         self._key: Any = None
         self._refreshes = 0  # refreshes begun (numbered under the lock)
         self._installed = 0  # the number of the refresh whose tables are in place
@@ -225,9 +226,8 @@ class Catalog:
             raise TypeError(plan_refusal(name, obj))
         if not callable(obj) or _is_class(obj):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
-        if len(self._checked) >= _CHECKED_MAX:
-            self._checked.clear()
-        checked = self._checked[name] = (obj, is_coroutine_function(obj))
+        checked = (obj, is_coroutine_function(obj))
+        self._checked.put(name, checked)
         return checked
 
     def functions(self) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import traceback as _tb
 import types
 from typing import Any, Callable
 
+from .core.memo import Memo
+
 __all__ = ["is_internal_frame", "set_filename_labeler", "traceback_text", "user_traceback"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -24,11 +26,10 @@ _INTERNAL_DIRS = tuple(
     if m is not None and getattr(m, "__file__", None)
 )
 _labeler: Callable[[str], str | None] | None = None
-#: Texts of recent plain tracebacks, by what they show (:func:`_shown_as`): thousands of tasks
-#: cancelled at one ``await`` (a worker's close) format one (0.5 ms each: a close of 10,000
-#: fell seconds behind its timeout).  Emptied when full.
-_TEXTS: dict[tuple, str] = {}
-_TEXTS_MAX = 256
+#: Texts of recent plain tracebacks, by the labeler and what they show (:func:`_shown_as`):
+#: thousands of tasks cancelled at one ``await`` (a worker's close) format one (0.5 ms each: a
+#: close of 10,000 fell seconds behind its timeout).  Emptied when full.
+_TEXTS: Memo[str] = Memo(256)
 
 
 def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
@@ -36,7 +37,7 @@ def set_filename_labeler(labeler: Callable[[str], str | None] | None) -> None:
     files to ``Cell In[12]``); None removes it."""
     global _labeler
     _labeler = labeler
-    _TEXTS.clear()
+    _TEXTS.clear()  # (a text made meanwhile under the old labeler is kept under its key)
 
 
 def is_internal_frame(filename: str) -> bool:
@@ -48,12 +49,11 @@ def is_internal_frame(filename: str) -> bool:
             or path.endswith(("/threading.py", "/concurrent/futures/_base.py")))
 
 
-def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
+def _clean(te: _tb.TracebackException, seen: set[int], labeler: Callable[[str], str | None] | None) -> None:
     if id(te) in seen:
         return
     seen.add(id(te))
     frames = [f for f in te.stack if not is_internal_frame(f.filename)]
-    labeler = _labeler
     if labeler is not None:
         for frame in frames:
             label = labeler(frame.filename)
@@ -62,26 +62,25 @@ def _clean(te: _tb.TracebackException, seen: set[int]) -> None:
     te.stack[:] = frames
     for nxt in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):  # (a group's too)
         if nxt is not None:
-            _clean(nxt, seen)
+            _clean(nxt, seen, labeler)
 
 
 def traceback_text(exc: BaseException) -> str:
     """The traceback of ``exc`` as text, with the user's frames only (see the module
     docstring); the exception line(s) at the end, chained exceptions kept."""
-    key = _shown_as(exc)
+    labeler, shown = _labeler, _shown_as(exc)
+    key = None if shown is None else (labeler, *shown)
     text = _TEXTS.get(key) if key is not None else None
     if text is not None:
         return text
     try:
         te = _tb.TracebackException(type(exc), exc, exc.__traceback__, capture_locals=False)
-        _clean(te, set())
+        _clean(te, set(), labeler)
         text = "".join(te.format())
     except Exception:  # noqa: BLE001 - never lose the error itself
         return f"{type(exc).__name__}: {exc!r}\n"
     if key is not None:
-        if len(_TEXTS) >= _TEXTS_MAX:
-            _TEXTS.clear()
-        _TEXTS[key] = text
+        _TEXTS.put(key, text)
     return text
 
 

@@ -152,3 +152,61 @@ def test_progress_numbers_never_fail_to_format():
             raise RuntimeError("no contains")
 
     assert format_number(Odd(a=1)) == "{'a': 1}"
+
+
+def test_a_traceback_made_while_the_file_labels_change_is_not_kept_for_the_new_labels():
+    """Traceback texts are kept by what they show (thousands of tasks cancelled at one place
+    format one).  A text being made while the kernel installed other file labels was stored
+    after the change emptied the memo, and shown from then on with the old labels."""
+    from qmagic import tracebacks
+
+    def fails():
+        raise ValueError("out of range")
+
+    try:
+        fails()
+    except ValueError as caught:
+        exc = caught
+
+    def new_labels(filename: str) -> str | None:
+        return "Cell In[2]" if filename == __file__ else None
+
+    def old_labels(filename: str) -> str | None:
+        tracebacks.set_filename_labeler(new_labels)  # (the labels change meanwhile)
+        return "Cell In[1]" if filename == __file__ else None
+
+    tracebacks.set_filename_labeler(old_labels)
+    try:
+        assert "Cell In[1]" in tracebacks.traceback_text(exc)
+        again = tracebacks.traceback_text(exc)
+        assert "Cell In[2]" in again and "Cell In[1]" not in again, again
+    finally:
+        tracebacks.set_filename_labeler(None)
+
+
+def test_a_memo_shared_by_threads_stays_bounded_and_whole():
+    import threading
+
+    from qmagic.core.memo import Memo
+
+    memo: Memo[int] = Memo(64)
+    start = threading.Barrier(4)
+
+    def fill(base: int) -> None:
+        start.wait(10)
+        for i in range(20_000):
+            memo.put((base, i), i)
+            got = memo.get((base, i))
+            assert got in (i, None)  # (another thread may have emptied it since)
+            if i % 5000 == 0:
+                memo.clear()
+
+    threads = [threading.Thread(target=fill, args=(b,)) for b in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert 0 < len(memo) <= 64
+    memo.put("x", 1)
+    assert memo.get("x") == 1 and memo.get("y", 2) == 2

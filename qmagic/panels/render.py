@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import format as fmt
 from .. import probe
+from ..core.memo import Memo
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
@@ -93,8 +94,7 @@ def when_texts_free(callback: Callable[[], None]) -> None:
 #: Texts of slow values made on the deadline thread, by (task uid, what): ``(token, text)``,
 #: used while the task's value is still ``token`` (its result, its Progress), so that making
 #: a row again (after its value's code returned late) does not run that code again.
-_MADE: dict[tuple, tuple[Any, Any]] = {}
-_MADE_KEPT = 1000  # (then forgotten all at once: they are made again if needed)
+_MADE: Memo[tuple[Any, Any]] = Memo(1000)  # (then forgotten all at once: made again if needed)
 
 
 def _slow_text(task: Task, what: tuple, token: Any, make: Callable[[], Any], values: tuple,
@@ -106,9 +106,7 @@ def _slow_text(task: Task, what: tuple, token: Any, make: Callable[[], Any], val
         return made[1]
 
     def keep(text: Any) -> None:
-        if len(_MADE) >= _MADE_KEPT:
-            _MADE.clear()
-        _MADE[key] = (token, text)
+        _MADE.put(key, (token, text))
     return _TEXTS.text(make, values, fallback, keep=keep)
 
 
