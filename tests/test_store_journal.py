@@ -718,24 +718,14 @@ def test_async_exceptions_anywhere_corrupt_nothing(tmp_path, monkeypatch):
     assert db_rows(tmp_path, "SELECT count(*), min(status), max(status) FROM tasks") == [(n, "completed", "completed")]
 
 
-# ---- faults: calls keep their speed, one warning, nothing lost -----------------------------------------
-def call_times(journal: Journal, prefix: str, n: int) -> list[float]:
-    """Seconds of this thread's CPU per submitted()+started()+finished() of ``n`` tasks
-    (what the calls cost: the writer thread's fault handling, which may hold the GIL
-    meanwhile, is not the calls' work and made the figure flaky on a slow machine)."""
-    out = []
+# ---- faults: calls keep their way (benchmarks/journal_faults.py times them), one warning, nothing lost --
+def log_tasks(journal: Journal, prefix: str, n: int) -> None:
+    """submitted() + started() + finished() of ``n`` tasks, as the worker calls them."""
     for i in range(n):
         first, last = task(f"{prefix}-{i}"), task(f"{prefix}-{i}", "completed", result=i)
-        t0 = time.thread_time()
         journal.submitted(first)
         journal.started(first["uid"], time.time())
         journal.finished(last)
-        out.append(time.thread_time() - t0)
-    return out
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def fault_warnings(caplog) -> list[str]:
@@ -804,14 +794,14 @@ c.execute("COMMIT")
 def test_database_locked_by_another_process(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOG)
     with Journal(tmp_path, ENV) as j:
-        before = call_times(j, "before", 300)
+        log_tasks(j, "before", 300)
         assert j.flush()
         locker = subprocess.Popen(
             [sys.executable, "-c", LOCKER, str(database_path(tmp_path, ENV))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             expect(locker, "locked")
-            during = call_times(j, "during", 2000)
+            log_tasks(j, "during", 2000)
             assert not j.flush(0.5)  # the writer cannot commit ...
             deadline = time.monotonic() + 30
             while j.health()["ok"] and time.monotonic() < deadline:  # (it waits 2 s for the lock)
@@ -820,8 +810,9 @@ def test_database_locked_by_another_process(tmp_path, caplog):
             assert not health["ok"] and health["pending"] >= 4000 and health["dropped"] == 0
             assert "locked" in health["last_error"]
             assert j.get("during-1999")["status"] == "completed"  # ... but this process sees it all
-            assert median(during) < 3 * median(before) + 20e-6, (median(before), median(during))
-            assert sorted(during)[-20] < 0.05  # no call waits for the database
+            # no call waited for the database: each line went into the spool (one write),
+            # none waits in memory (the slow path)
+            assert health["in_memory"] == 0 and j._spool.out is not None, health
         finally:
             locker.communicate("\n", timeout=30)
         assert j.flush(30)
@@ -835,9 +826,9 @@ def test_database_locked_by_another_process(tmp_path, caplog):
 
 
 NAMESPACE_SCRIPT = """
-import json, logging, os, subprocess, sys, time
+import json, logging, os, subprocess, sys, threading, time
 sys.path.insert(0, %(repo)r)
-from qmagic.store import spool
+from qmagic.store import segments, spool
 spool.SEGMENT_BYTES = 128 * 1024
 from qmagic.store.journal import Journal
 folder = sys.argv[1]
@@ -848,18 +839,38 @@ class Keep(logging.Handler):
         messages.append((record.levelname, record.getMessage()))
 logging.getLogger("qmagic.store.journal").addHandler(Keep())
 logging.getLogger("qmagic.store.journal").setLevel(logging.INFO)
+# What the calling thread asks of the disk and of the writer (not the writer's own retries):
+# during a fault the calls must not try the disk again for every line (each attempt then took
+# 213-248 ms), nor wake the writer for every line (3-6x the calls' CPU).
+tally = {"refused": 0, "wakes": 0}
+def tallied(cls, name, key):
+    original = getattr(cls, name)
+    def wrapper(*args, **kwargs):
+        mine = threading.current_thread() is threading.main_thread()
+        try:
+            result = original(*args, **kwargs)
+        except Exception:
+            if mine and key == "refused":
+                tally[key] += 1
+            raise
+        if mine and key == "wakes":
+            tally[key] += 1
+        return result
+    setattr(cls, name, wrapper)
+tallied(segments.AppendFile, "write", "refused")
+tallied(segments.SessionFiles, "new_segment", "refused")
+tallied(spool.Waker, "set", "wakes")
 def calls(j, prefix, n):
-    out = []
+    tally.update(refused=0, wakes=0)
+    t0 = time.monotonic()
     for i in range(n):
         uid = "%%s-%%d" %% (prefix, i)
         now = time.time()
-        t0 = time.thread_time()  # (the calls' own CPU: the writer's fault handling is not theirs)
         j.submitted({"uid": uid, "name": "scan", "status": "queued", "submitted_at": now, "args": [i]})
         j.started(uid, now)
         j.finished({"uid": uid, "name": "scan", "status": "completed", "submitted_at": now,
                     "started_at": now, "finished_at": now, "args": [i], "result": "x" * 100})
-        out.append(time.thread_time() - t0)
-    return sorted(out)
+    return dict(tally, seconds=time.monotonic() - t0, retry_s=spool._SPOOL_RETRY_S)
 def fill(path):
     with open(path, "wb") as f:
         try:
@@ -882,12 +893,10 @@ print(json.dumps(out))
 
 DISK_FULL = """
 j = Journal(folder, "lab-1")
-before = calls(j, "before", 200)
+calls(j, "before", 200)
 out["stored_before"] = j.flush(10)
 out["fill_error"] = fill(os.path.join(folder, "filler"))
-during = calls(j, "during", 3000)
-out["median_before"], out["median_during"] = before[len(before) // 2], during[len(during) // 2]
-out["slowest_during"] = during[-10]
+out["during"] = calls(j, "during", 3000)
 out["health_during"] = wait_unhealthy(j)
 out["visible_during"] = j.get("during-2999")["status"]
 os.remove(os.path.join(folder, "filler"))
@@ -926,9 +935,8 @@ READ_ONLY = """
 subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
 j = Journal(folder, "lab-1")
 small = Journal(folder, "small", pending_limit=100)
-during = calls(j, "during", 1000)
+out["during"] = calls(j, "during", 1000)
 calls(small, "x", 100)
-out["median_during"], out["slowest_during"] = during[len(during) // 2], during[-10]
 out["health_during"] = wait_unhealthy(j)
 out["small_health"] = small.health()
 out["visible_during"] = j.get("during-999")["status"]
@@ -942,6 +950,13 @@ small = Journal(folder, "small")
 out["small_records"] = sorted({r["status"] for r in small.records()}), len(small.records())
 small.close()
 """
+
+
+def assert_calls_spared_the_disk(during: dict) -> None:
+    """During a fault the calling thread tried the disk (and woke the writer) at most about
+    once per back-off period of the spool, not once per line (3 lines a task)."""
+    periods = 2 + during["seconds"] / during["retry_s"]
+    assert during["refused"] <= periods and during["wakes"] <= 2 * periods, during
 
 
 def in_namespace(tmp_path: Path, body: str, size: str) -> dict:
@@ -967,8 +982,7 @@ def shutil_which(name: str) -> str | None:
 def test_disk_full_keeps_calls_fast_then_stores_everything(tmp_path):
     out = in_namespace(tmp_path, DISK_FULL, "6m")
     assert out["stored_before"] and out["fill_error"] == 28  # ENOSPC
-    assert out["median_during"] < 3 * out["median_before"] + 20e-6, out
-    assert out["slowest_during"] < 0.05, out
+    assert_calls_spared_the_disk(out["during"])
     during = out["health_during"]
     assert not during["ok"] and during["pending"] > 0 and during["dropped"] == 0, during
     assert out["visible_during"] == "completed"
@@ -998,7 +1012,7 @@ def test_room_freed_during_a_disk_full_goes_first_to_what_only_memory_holds(tmp_
 
 def test_read_only_folder_keeps_calls_fast_then_stores_everything(tmp_path):
     out = in_namespace(tmp_path, READ_ONLY, "8m")
-    assert out["slowest_during"] < 0.05, out
+    assert_calls_spared_the_disk(out["during"])
     during = out["health_during"]
     assert not during["ok"] and during["pending"] >= 2000 and during["dropped"] == 0, during
     assert "Read-only" in during["last_error"]
