@@ -123,7 +123,7 @@ def log_health_note(health: Mapping[str, Any]) -> str | None:
         parts.append("cannot write" + (f" ({entries(pending)} waiting{held_text})" if pending else ""))
     if dropped:
         parts.append(f"lost {entries(dropped)}")
-    why = health.get("last_error")
+    why = str(health.get("last_error") or "").rstrip(". ")  # (an error's own text may end with a period)
     which = ", off for new tasks but still recording earlier ones," if health.get("open") is False else ""
     return (f"Note: the experiment log{which} {' and '.join(parts)}" + (f": {why}" if why else "")
             + ". See worker.log_health().")

@@ -27,6 +27,15 @@ def test_a_faulty_or_lossy_log_says_so_in_one_line():
     assert "\n" not in note
 
 
+def test_a_note_whose_error_ends_with_a_period_ends_with_one_period():
+    why = ("StateFileError: The experiment log '/x/default.journal.sqlite3' was made by a newer "
+           "qmagic (schema 99); upgrade qmagic to write to it.")
+    note = log_health_note({"ok": False, "pending": 60, "dropped": 0, "last_error": why})
+    assert note == (f"Note: the experiment log cannot write (60 entries waiting): {why} "
+                    "See worker.log_health().")
+    assert ".." not in note
+
+
 def test_printable_escapes_and_cuts_without_failing():
     assert printable("plain text") == "plain text" and printable(None) == "" and printable(3) == "3"
     assert printable("a\ud800b\n\x00") == "a\\ud800b\\n\\x00"
