@@ -33,7 +33,7 @@ from store_helpers import fresh_warnings, refuse_new_segments, task  # noqa: F40
 
 from qmagic.errors import StateFileError
 from qmagic.store import segments as segments_module
-from qmagic.store.database import database_path
+from qmagic.store.database import connect, database_path, ensure_schema
 from qmagic.store.history import history_main
 from qmagic.store.journal import (
     ORPHAN_QUEUED_REASON,
@@ -41,6 +41,7 @@ from qmagic.store.journal import (
     SUMMARY_KEY,
     Journal,
 )
+from qmagic.store.legacy import import_legacy
 from qmagic.store.records import JournalWarning, RecordEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1565,6 +1566,31 @@ def test_the_earlier_jsonl_journal_is_imported_once_with_its_orphan_rule(tmp_pat
     finally:
         sleeper.kill()
         sleeper.wait(30)
+
+
+def test_the_earlier_journal_read_by_kernels_opening_at_once_is_imported_once(tmp_path, caplog):
+    """Kernels that open the log at the same moment all read the old files before the first one
+    renames them; the ones that write after it find them imported (the same files: a hard link
+    stands for the name not yet renamed) and only rename them."""
+    caplog.set_level(logging.INFO, logger="qmagic.store.legacy")
+    dead = {"host": "elsewhere", "pid": 1, "boot": None, "start": None, "session": "d" * 32}
+    old = tmp_path / f"{ENV}.journal.jsonl"
+    old.write_text(legacy_line("end", task("old-done", "completed", result=42), dead, time.time() - 100))
+    first, second = (connect(database_path(tmp_path, ENV), create=True) for _ in range(2))
+    try:
+        ensure_schema(first)
+        assert import_legacy(first, tmp_path, ENV, time.time()) == 1
+        os.link(tmp_path / f"{ENV}.journal.jsonl.imported", old)  # (as the second one read it)
+        assert import_legacy(second, tmp_path, ENV, time.time()) == 0
+        assert len([r for r in caplog.records if "imported" in r.getMessage()]) == 1
+        assert sorted(p.name for p in tmp_path.glob(f"{ENV}.journal.*jsonl*")) == [
+            f"{ENV}.journal.jsonl.imported", f"{ENV}.journal.jsonl.imported.2"]
+        old.write_text(legacy_line("end", task("new-done", "completed"), dead, time.time()))
+        assert import_legacy(second, tmp_path, ENV, time.time()) == 1  # another file: imported
+        assert second.execute("SELECT count(*) FROM tasks").fetchone()[0] == 2
+    finally:
+        first.close()
+        second.close()
 
 
 # ---- files ----------------------------------------------------------------------------------------------

@@ -120,12 +120,19 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
     encoder = RecordEncoder()
     latest: dict[str, dict[str, Any]] = {}
     last_seen: dict[str, float] = {}
+    ids: list[list[Any]] = []  # (which files these are: another process may import them too)
     for path in files:
         try:
-            data = read_state_file(path, _MAX_FILE - 1) or b""  # (at most _MAX_FILE bytes)
+            st = os.stat(path, follow_symlinks=False)
+            data = read_state_file(path, _MAX_FILE - 1)  # (at most _MAX_FILE bytes)
+        except FileNotFoundError:
+            continue  # (renamed by another process that imported it)
         except StateFileError as exc:
             _log.warning("qmagic: skipped the old journal file %s: %s", path, exc)
             continue
+        if data is None:
+            continue
+        ids.append([path.name, st.st_ino, st.st_size, st.st_mtime_ns])
         for raw in data.splitlines():
             obj = _parse(raw, encoder) if raw.strip() else None
             if obj is None:
@@ -146,7 +153,15 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
             task["status"] = "running"  # (an old "start" line never carries a final status)
         by_session.setdefault(session, []).append(orjson.dumps([RANKS[task["status"]], task["uid"], task]))
     with transaction(conn):
-        for session, lines in by_session.items():
+        # Kernels opening the log at once all read the files before the first renames them:
+        # the first to write imports them, the others find them in its note and only rename.
+        done = conn.execute("SELECT value FROM meta WHERE key = 'legacy_import'").fetchone()
+        try:
+            known = (orjson.loads(done[0]).get("ids") or []) if done else []
+        except (orjson.JSONDecodeError, AttributeError):
+            known = []
+        imported = not all(i in known for i in ids)
+        for session, lines in by_session.items() if imported else ():
             rows: dict[str, tuple] = {}
             rows_from_lines(b"\n".join(lines), session, now, rows, [])
             write_rows(conn, rows.values())
@@ -158,9 +173,10 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
                            info={"legacy": True, "boot": writer.get("boot"), "start": writer.get("start")})
             if alive is False:
                 mark_orphans(conn, session, seen)
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_import', ?)",
-                     (orjson.dumps({"time": now, "files": [p.name for p in files],
-                                    "tasks": len(latest)}).decode(),))
+        if imported:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_import', ?)",
+                         (orjson.dumps({"time": now, "files": [p.name for p in files],
+                                        "tasks": len(latest), "ids": ids}).decode(),))
     for path in files:
         target = path.with_name(path.name + ".imported")
         n = 1
@@ -171,6 +187,8 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
             os.rename(path, target)
         except FileNotFoundError:  # renamed by another process that imported it too
             pass
+    if not imported:
+        return 0
     _log.info("qmagic: imported %d tasks of the earlier journal (%s)", len(latest),
               ", ".join(p.name for p in files))
     return len(latest)
