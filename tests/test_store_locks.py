@@ -252,9 +252,12 @@ def test_a_folder_at_the_lock_path_counts_as_locked(store):
     store.path.mkdir()
     with pytest.raises(LockRefused, match="cannot be read"):
         store.check(None, "queue")
-    with pytest.raises(StateFileError, match="Failed to save the lock file"):
+    with pytest.raises(StateFileError, match="Failed to save the lock file") as info:
         store.clear()  # cannot replace a folder: says so, changes nothing
     assert store.path.is_dir()
+    # what to do (qmagic-clear-lock prints it), not the name of a temporary file
+    assert "a folder of that name is in its place" in str(info.value) and "remove that folder" in str(info.value)
+    assert ".tmp" not in str(info.value)
 
 
 def test_emergency_key_resets_a_damaged_file(tmp_path, stores):

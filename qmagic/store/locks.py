@@ -370,7 +370,12 @@ class LockStore:
         try:
             replace_state_file(self.path, data)
         except OSError as exc:
-            raise StateFileError(f"Failed to save the lock file {self.path}: {exc}. Nothing was "
+            if self.path.is_dir() and not self.path.is_symlink():  # (no file can replace it)
+                raise StateFileError(f"Failed to save the lock file {self.path}: a folder of that name "
+                                     "is in its place. Nothing was changed; remove that folder, then "
+                                     "try again.") from exc
+            why = exc.strerror if exc.filename and exc.strerror else exc  # (not our temporary file's name)
+            raise StateFileError(f"Failed to save the lock file {self.path}: {why}. Nothing was "
                                  "changed; check that the folder exists and is writable.") from exc
         finally:
             self._shared.bump()  # this process reads its own write back at the next check
