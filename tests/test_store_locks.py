@@ -647,6 +647,43 @@ def test_a_stuck_flock_gives_a_clear_failure_within_the_bound(tmp_path, stores):
     assert not store.state().locked
 
 
+def test_behind_a_stuck_flock_only_the_first_change_waits_the_whole_bound(tmp_path, stores, monkeypatch):
+    """A stopped process holding the flock: each change one after another (a remote client's
+    are served in turn) waited the whole bound, so eight clients held up a status for 14 s.
+    After one wait ran out the next ones look briefly, until the flock is seen free again."""
+    from types import SimpleNamespace
+
+    from qmagic.store import locks
+
+    clock, tries, held = [0.0], [], [True]
+
+    def flock(fd, op):  # (a clock of our own: no timing in the test)
+        tries.append(clock[0])
+        if held[0] and op & locks.fcntl.LOCK_NB:
+            raise BlockingIOError
+
+    def sleep(s):
+        clock[0] += s
+
+    store = stores(tmp_path, flock_timeout_s=2.0)
+    monkeypatch.setattr(locks, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=2, LOCK_NB=4, LOCK_UN=8))
+    monkeypatch.setattr(locks, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=time.time))
+
+    def waited() -> float:
+        tries.clear()
+        with pytest.raises(StateFileError, match="Another process has held .* for over 2 s"):
+            store.lock("k", environment=True, user="Me")
+        return tries[-1] - tries[0]
+
+    assert waited() >= 2.0
+    assert waited() <= 0.2 and waited() <= 0.2
+    held[0] = False
+    store.lock("k", environment=True, user="Me")  # free again: the next stuck wait is whole
+    store.unlock("k")
+    held[0] = True
+    assert waited() >= 2.0
+
+
 def test_info_always_looks_at_the_file_and_sees_racy_rewrites(tmp_path, stores):
     store = stores(tmp_path, watch=False)
     store.lock("k", environment=True, note="AAAA", user="Alice")

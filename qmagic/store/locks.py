@@ -81,6 +81,7 @@ __all__ = ["EMERGENCY_KEY_ENVS", "SCOPES", "LockState", "LockStore", "emergency_
 EMERGENCY_KEY_ENVS = ("QMAGIC_EMERGENCY_LOCK_KEY", "QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER")
 SCOPES = ("environment", "queue")
 _MAX_TRIES = 5
+_STUCK_RETRY_S = 0.1  # how long a change looks for the flock while the last wait ran out
 
 
 class _Shared(ChangeSignal):
@@ -144,6 +145,7 @@ class LockStore:
         self.path = self._file.path
         self._flock_path = self.state_dir / f"{environment_name}.lock.json.flock"
         self._flock_timeout_s = flock_timeout_s
+        self._flock_stuck = False  # the last wait for the flock ran out (see _exclusive)
         self._emergency_set = self._keys.emergency_key_set
         self._writing = threading.Lock()
         self._shared = _Shared()
@@ -391,13 +393,18 @@ class LockStore:
             ensure_state_dir(self.state_dir)  # deleted meanwhile (a cleanup): made again
             fd = open_state_file(self._flock_path, os.O_RDWR | os.O_CREAT)
             try:
-                deadline = time.monotonic() + wait
+                # Once a wait ran out, the next ones look only briefly until the flock is seen
+                # free: behind a stopped process, requests one after another (a remote client's,
+                # served in turn with every other client's) each waited the whole bound.
+                deadline = time.monotonic() + (min(wait, _STUCK_RETRY_S) if self._flock_stuck else wait)
                 while fcntl is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        self._flock_stuck = False
                         break
                     except BlockingIOError:
                         if time.monotonic() > deadline:
+                            self._flock_stuck = True
                             raise StateFileError(
                                 f"Another process has held {self._flock_path} for over {wait:g} s; "
                                 "nothing was changed. Try again; if it persists, look for a stopped "
