@@ -260,6 +260,21 @@ def test_a_folder_at_the_lock_path_counts_as_locked(store):
     assert ".tmp" not in str(info.value)
 
 
+def test_unlocking_a_damaged_file_again_and_again_keeps_saying_what_to_do(tmp_path, stores):
+    """Without an emergency key no key opens a damaged file: trying one is no wrong key. (The
+    fourth %unlock said "Too many wrong lock keys" instead of how to clear the file, and the
+    back-off then refused the right key of the next lock.)"""
+    store = stores(tmp_path)
+    store.path.write_text("garbage")
+    for _ in range(6):
+        with pytest.raises(LockRefused) as err:
+            store.unlock("my-key", client="remote")
+        assert str(err.value) == store.state().damaged and "qmagic-clear-lock" in str(err.value)
+    store.clear()
+    store.lock("k1", environment=True, user="Other")
+    assert not store.unlock("k1", client="remote").locked
+
+
 def test_emergency_key_resets_a_damaged_file(tmp_path, stores):
     store = stores(tmp_path, emergency_key="EMERGENCY")
     store.path.write_text("{")

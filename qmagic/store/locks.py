@@ -353,6 +353,8 @@ class LockStore:
             raise LockRefused(self._file.different_key_msg(state))
 
     def _refuse_unlock(self, key: str, snap: Snapshot, client: str | None) -> None:
+        if snap.state.damaged is not None and not self._emergency_set:
+            raise LockRefused(snap.state.damaged)  # (no key opens it: nothing to guess, no wrong key)
         if not self._keys.matches(key, snap.record, client=client, emergency=True):
             state = snap.state
             raise LockRefused(state.damaged if state.damaged is not None else self._file.invalid_key_msg(state))
