@@ -699,6 +699,20 @@ def test_behind_a_stuck_flock_only_the_first_change_waits_the_whole_bound(tmp_pa
     assert waited() >= 2.0
 
 
+def test_the_temporary_file_of_a_write_killed_before_its_rename_is_removed(tmp_path, stores):
+    """A process killed between writing its new lock file and renaming it (2 of 15 SIGKILLs of
+    a kernel locking and unlocking) left ``.default.lock.json.XXXXXXXX.tmp`` for good; the
+    next change removes it (holding the flock: no other write is under way)."""
+    store = stores(tmp_path)
+    dead = tmp_path / f".{store.path.name}.0es__bt5.tmp"
+    dead.write_text("{}")
+    other = tmp_path / ".default.x.lock.json.kvfuah0j.tmp"  # another environment's
+    other.write_text("{}")
+    store.lock("k", environment=True, user="Me")
+    assert not dead.exists() and other.exists()
+    assert store.state().locked
+
+
 def test_info_always_looks_at_the_file_and_sees_racy_rewrites(tmp_path, stores):
     store = stores(tmp_path, watch=False)
     store.lock("k", environment=True, note="AAAA", user="Alice")

@@ -17,6 +17,7 @@ and says what to do.  This module does not import IPython, ipykernel, ipywidgets
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from contextlib import suppress
@@ -31,6 +32,7 @@ __all__ = [
     "open_state_file",
     "read_state_file",
     "replace_state_file",
+    "remove_dead_replacements",
     "check_state_path",
     "fsync_dir",
 ]
@@ -172,6 +174,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_dead_replacements(path: str | os.PathLike[str]) -> None:
+    """Remove the temporary files that :func:`replace_state_file` left for ``path`` when its
+    process was killed before the rename (they stay for good otherwise).  Call it only while
+    no other process can be replacing ``path`` (holding the lock that serialises its writers)."""
+    target = Path(path)
+    dead = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}\.tmp")  # (mkstemp's names)
+    with suppress(OSError):
+        for name in os.listdir(target.parent):
+            if dead.fullmatch(name):
+                with suppress(OSError):
+                    os.unlink(target.parent / name)
 
 
 def replace_state_file(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:

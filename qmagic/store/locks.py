@@ -59,7 +59,12 @@ except ImportError:  # pragma: no cover - not POSIX: only the thread lock serial
 
 from ..errors import LockRefused, RequestRefused, StateFileError
 from ..texts import safe_repr
-from .files import ensure_state_dir, open_state_file, replace_state_file
+from .files import (
+    ensure_state_dir,
+    open_state_file,
+    remove_dead_replacements,
+    replace_state_file,
+)
 from .keys import KeyChecker, KeyRecord, Throttle, hash_key, read_default_lock_key
 from .lockfile import (
     MAX_NOTE_CHARS,
@@ -371,6 +376,7 @@ class LockStore:
     def _write(self, state: LockState, record: KeyRecord | None) -> None:
         """Replace the lock file atomically with ``state`` (inside :meth:`_exclusive`)."""
         data = self._file.encode(state, record)
+        remove_dead_replacements(self.path)  # (no other write is under way: see _exclusive)
         try:
             replace_state_file(self.path, data)
         except OSError as exc:
