@@ -1226,3 +1226,32 @@ def test_panel_cancels_a_foreground_magic_task_and_unload_closes_everything(kern
             k.execute("%load_ext qmagic", check=True)
             r = k.execute("%function_execute measure 2").check()
             assert len([d for d in r.displayed if WIDGET in d]) == 1
+
+
+def _execute_in_cell(kernel, code: str, cell_id: str):
+    """Run ``code`` as JupyterLab runs a notebook cell: with the cell's id in the metadata."""
+    msg = kernel.kc.session.msg("execute_request", {
+        "code": code, "silent": False, "store_history": True, "user_expressions": {},
+        "allow_stdin": False, "stop_on_error": True})
+    msg["metadata"]["cellId"] = cell_id
+    kernel.kc.shell_channel.send(msg)
+    return kernel.wait(msg["header"]["msg_id"]).check()
+
+
+def test_a_cell_run_again_closes_the_panels_its_earlier_run_showed(kernel_factory):
+    """JupyterLab clears a cell's output when it runs again: the panels of the earlier run
+    are closed (left open, each went on sending updates nobody saw: thirty re-runs of
+    %tasks during a scan sent 300 messages per second); other cells' panels stay."""
+    k = kernel_factory(argv=EXT)
+    k.execute(FUNCTIONS + "t = qmagic.get_worker().submit('long_measurement', (2000,))", check=True)
+    runs = [_execute_in_cell(k, "%tasks\n%lock_info\nt", "cell-a")]
+    other = _execute_in_cell(k, "%tasks", "cell-b")
+    runs += [_execute_in_cell(k, "%tasks\n%lock_info\nt", "cell-a") for _ in range(3)]
+    shown = {r.msg_id: [d[WIDGET]["model_id"] for d in r.displayed if WIDGET in d] for r in (*runs, other)}
+    assert [len(shown[r.msg_id]) for r in runs] == [3, 3, 3, 3] and len(shown[other.msg_id]) == 1
+    views = k.eval("sorted(type(v).__name__ for v in qmagic.panels.pump.current_pump().views())")
+    assert views == ["LockPanel", "TaskPanel", "TaskPanel", "TaskRow"], views
+    open_ids = set(k.eval("list(get_ipython().kernel.comm_manager.comms)"))
+    assert set(shown[runs[-1].msg_id]) <= open_ids and set(shown[other.msg_id]) <= open_ids
+    assert not any(set(shown[r.msg_id]) & open_ids for r in runs[:-1])
+    k.execute("t.cancel()", check=True)

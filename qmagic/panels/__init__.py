@@ -24,6 +24,7 @@ from .display import (
     cell_row_hook,
     detach,
     is_attached,
+    shown_by_cell,
     subshell_cancel_available,
     widgets_available,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "detach",
     "cell_row_hook",
     "is_attached",
+    "shown_by_cell",
     "widgets_available",
     "subshell_cancel_available",
     "TaskPanel",

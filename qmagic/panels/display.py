@@ -22,7 +22,7 @@ from .cell_rows import CellRows
 log = logging.getLogger("qmagic")
 
 __all__ = ["widgets_available", "subshell_cancel_available", "attach", "detach", "cell_row_hook",
-           "is_attached"]
+           "is_attached", "shown_by_cell"]
 
 
 class _Attachment:
@@ -39,6 +39,8 @@ class _Attachment:
 
 _lock = threading.Lock()
 _attachments: dict[int, _Attachment] = {}
+#: notebook cell id -> (the execute request that showed them, the panels it showed)
+_by_cell: dict[str, tuple[str, list[Any]]] = {}
 
 
 def widgets_available(shell: Any) -> bool:
@@ -95,6 +97,32 @@ def _owner(workers: list[Any], task: Task) -> Any:
     return None
 
 
+def shown_by_cell(shell: Any, panel: Any) -> None:
+    """Remember ``panel`` as shown by the running cell, and close the panels an earlier run
+    of that cell showed: the frontend cleared them when the cell ran again, and left open
+    each would go on sending updates nobody sees (thirty re-runs of ``%tasks`` during a
+    scan sent 300 messages per second).  Cells are known by the id JupyterLab sends
+    (``metadata.cellId``); without one nothing is closed."""
+    from ..ipython.context import execute_request
+
+    request = execute_request(shell)
+    cell = ((request or {}).get("metadata") or {}).get("cellId")
+    run = ((request or {}).get("header") or {}).get("msg_id")
+    if not isinstance(cell, str) or not run:
+        return
+    with _lock:
+        previous = _by_cell.get(cell)
+        if previous is not None and previous[0] == run:
+            previous[1].append(panel)
+            return
+        _by_cell[cell] = (run, [panel])
+    for old in previous[1] if previous is not None else ():
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - a panel nobody sees: never fail the new one
+            log.debug("qmagic: could not close a panel of an earlier run", exc_info=True)
+
+
 def _stopped_showing(task: Task) -> str:
     return task._goes_on(f"stopped showing {task.call_text(40)}")
 
@@ -131,6 +159,8 @@ def _bundle_printer(entry: _Attachment) -> Any:
                     with interrupts_held():
                         row.close()
                 raise one_line(KeyboardInterrupt(_stopped_showing(task)))
+            if row is not None:
+                shown_by_cell(entry.shell, row)
             return bundle
         except Exception:  # noqa: BLE001 - a display must never fail
             log.exception("qmagic: could not build the live row of %r", task)
@@ -189,6 +219,8 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
                     if entry.previous is not None:
                         entry.formatter.for_type(Task, entry.previous)
         last_worker = not any(e.workers for e in _attachments.values())
+        if last_worker:
+            _by_cell.clear()  # (their panels are closed below)
     pump = _pump.current_pump()
     if pump is not None:
         pump.close_views(worker)

@@ -186,5 +186,6 @@ def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
                 panel.close()
         raise one_line(KeyboardInterrupt("stopped showing the panel; nothing else was changed."))
     display(panel)
+    panels.shown_by_cell(shell, panel)
     return True
 
