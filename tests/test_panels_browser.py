@@ -61,7 +61,9 @@ CELLS = [
     '        qmagic.cancellable_sleep(dt)\n'
     '    return n\n'
     'def broken():\n'
-    '    raise ValueError("the sample holder is empty")\n'
+    '    for slot in range(1, 41):\n'
+    '        print(f"slot {slot}: no sample")\n'
+    '    raise ValueError("the sample holder is empty") from LookupError("all 40 slots are empty")\n'
     'print("ready")',
     # 1-3: tutorial 04's story: Alice's lock, the lock panel, a later unlock
     '%lock --user Alice --note "beam time until 18:00"',
@@ -252,6 +254,36 @@ def _check_row_geometry(row) -> None:
     assert not found["callCut"], f"the call is cut: {row.locator('.qm-call').text_content()!r}"
 
 
+_ENDS_JS = """
+(details) => [...details.querySelectorAll('.qmagic-detail pre')].map((el) => {
+  const text = el.firstChild, n = text.textContent.trimEnd().length, range = document.createRange();
+  range.setStart(text, n - 1);
+  range.setEnd(text, n);
+  const last = range.getBoundingClientRect(), box = el.getBoundingClientRect();
+  return {section: el.parentElement.className.split(' ').pop(), overflows: el.scrollHeight > el.clientHeight + 4,
+          endShown: last.top >= box.top - 1 && last.bottom <= box.bottom + 1};
+})
+"""
+
+
+def _check_details_show_their_end(panel) -> None:
+    """The failed row's Details show the end of its traceback and of its output (the
+    exception, the newest lines) without scrolling, though they are taller than their boxes."""
+    from playwright.sync_api import expect
+
+    key = panel.locator(".qm-row[data-status='failed']").get_attribute("data-task")
+    toggle = panel.locator(f".qmagic-task-controls .qmagic-task-{key}").last
+    toggle.click()
+    details = panel.locator(f".qmagic-task-details[data-task='{key}']")
+    expect(details.locator(".qmagic-detail-output pre")).to_contain_text("slot 40: no sample")
+    found = {r["section"]: r for r in details.evaluate(_ENDS_JS)}
+    assert found["qmagic-detail-output"]["overflows"], found  # (else the check below says nothing)
+    for section in ("qmagic-detail-traceback", "qmagic-detail-output"):
+        assert found[section]["endShown"], f"the end of {section} is hidden below its box: {found}"
+    toggle.click()
+    expect(details).to_have_count(0)
+
+
 _STYLED_JS = """
 (scope) => {
   const css = (el) => getComputedStyle(el);
@@ -361,6 +393,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     expect(panel.locator(".qm-row[data-status='failed'] .qm-end")).to_have_text(
         "ValueError: the sample holder is empty")
     _check_not_cut(panel)
+    _check_details_show_their_end(panel)
     running = panel.locator(".qm-row[data-status='running']", has_text="scan(100000, 0.2)")
     expect(running.locator(".qm-pt")).to_contain_text("point")
     _check_row_geometry(running)

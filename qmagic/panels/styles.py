@@ -121,6 +121,10 @@ def _rules() -> list[tuple[str, str]]:
         (".qm-facts", f"font-size:12px;color:{FONT2};margin-bottom:6px"),
         (".qm-dt", f"font-weight:600;font-size:12px;color:{FONT2}"),
         (".qmagic-detail pre", _PRE),
+        # what matters is at the end (the exception, the newest output): the box shows its
+        # end, also after each update (the text is sent again whole, the scroll reset)
+        (".qmagic-detail-traceback pre, .qmagic-detail-output pre, .qmagic-detail-log pre",
+         "display:flex;flex-direction:column-reverse"),
         (".qmagic-message", "white-space:pre-wrap;font-size:12.5px;line-height:1.35;padding:4px 8px;"
                             f"border-radius:3px;color:{FONT1};border-left:3px solid var(--qm-c);{_tint(12)}"),
         (".qmagic-lock-scope", "margin-right:6px"),
