@@ -314,9 +314,12 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(long_row).to_be_visible()
     expect(cancel).to_be_visible()
     _expect_button_on_row(page, key)
+    top = long_row.bounding_box()["y"]
     cancel.click()
     expect(long_row).to_have_attribute("data-status", "cancelled")
     expect(panel.locator(".qmagic-panel-message")).to_contain_text("Cancel requested")
+    # the message that appeared moved no row under the pointer (a second click would hit another)
+    assert long_row.bounding_box()["y"] == top, "the rows moved when the panel's message appeared"
     expect(panel.locator(f".qmagic-cancel.qmagic-task-{key}")).to_have_count(0)
     panel.locator(f".qmagic-details-toggle.qmagic-task-{key}").click()
     expect(panel.locator(".qmagic-task-details")).to_contain_text("TaskCancelled")

@@ -146,7 +146,9 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         self._listing: tuple[list[Task], str, str] | None = None
         W.VBox.__init__(
             self,
-            children=(self._style, self._toolbar, self._message, self._body, self._footer),
+            # the message under the rows (as in a row and the lock panel): one that appears
+            # after a click moves no row under the pointer
+            children=(self._style, self._toolbar, self._body, self._message, self._footer),
             layout=W.Layout(border=_BORDER, padding="6px", width="100%"),
             _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel"),
         )
