@@ -596,6 +596,31 @@ def test_sigkill_at_any_moment_loses_no_uid(tmp_path):
     assert db_rows(tmp_path, "SELECT count(*) FROM tasks WHERE rank < 3") == [(0,)]
 
 
+def test_a_kernel_that_died_shows_in_the_kernels_still_running_within_seconds(tmp_path, journal):
+    """Another kernel of the environment, open all along, finds the dead kernel's tasks (its
+    spooled records, the one that was running as failed) at its next look for dead
+    kernels: every few seconds (a once-a-minute look left "not found" for up to 60 s)."""
+    proc = child(tmp_path, """
+        now = time.time()
+        for uid, status in (("done-1", "completed"), ("running-1", "running")):
+            j.submitted({"uid": uid, "name": "scan", "status": "queued", "submitted_at": now})
+            j.started(uid, now)
+        j.finished({"uid": "done-1", "name": "scan", "status": "completed", "submitted_at": now,
+                    "started_at": now, "finished_at": now, "result": 1})
+        print("logged", flush=True)
+        time.sleep(600)
+    """)
+    try:
+        expect(proc, "logged")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    wait_for(lambda: journal.statuses(["done-1", "running-1"]) == {"done-1": "completed",
+                                                                  "running-1": "failed"},
+             journal, timeout=20)
+    assert journal.get("running-1")["error"] == ORPHAN_REASON
+
+
 def test_a_kernel_that_dies_idle_or_closes_with_running_tasks(tmp_path):
     proc = child(tmp_path, """
         j.submitted({"uid": "q1", "name": "later", "status": "queued", "submitted_at": time.time()})

@@ -9,7 +9,7 @@ It owns the session's write connection and does all the slow work off the task p
   or at once for :meth:`Writer.flush`.  A burst of tasks is therefore stored after the
   burst, in a few large transactions, with the events of each task folded into one row;
 - retention (by age and size, :data:`RETENTION_BATCH` tasks per transaction) and the scan
-  for sessions of dead kernels (:mod:`qmagic.store.recovery`), now and then.
+  for sessions of dead kernels (:mod:`qmagic.store.recovery`), every few seconds.
 
 **Faults** (disk full, read-only folder, the database locked by another process, a file
 that is not ours) never reach the callers: the first failure of an episode logs ONE
@@ -64,7 +64,8 @@ BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks 
 RETENTION_EVERY_S = 10.0
 COMMIT_SLICE_S = 0.5  # commits at most this long in a row, then the periodic work
 RETENTION_BATCH = 500
-RECOVERY_EVERY_S = 60.0
+RECOVERY_EVERY_S = 3.0  # a kernel that died: its tasks read failed in the others within seconds
+HEARTBEAT_EVERY_S = 60.0  # this session's last_seen (an orphan's end time if it dies)
 CLOSE_TIMEOUT_S = 5.0
 _NOT_CLOSED = ("qmagic: the experiment log was not closed in time; the next kernel that opens it "
                "stores the rest.")
@@ -171,6 +172,7 @@ class Writer:
         self._behind = False  # the last step's commits stopped at COMMIT_SLICE_S with more to do
         self._next_retention = time.monotonic() + 1.0
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
         self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
@@ -265,9 +267,11 @@ class Writer:
             deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start, wall),
                                 self.max_bytes, RETENTION_BATCH, now=wall)
             self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
-        if now >= self._next_recovery:  # other kernels that died; and our heartbeat
+        if now >= self._next_recovery:  # other kernels that died (a few flocks tried)
             self._next_recovery = now + RECOVERY_EVERY_S
             recover(self.conn, self.path.parent, self.env, self.session, time.time())
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_EVERY_S
             with transaction(self.conn):
                 upsert_session(self.conn, self.session, last_seen=time.time())
 
