@@ -151,7 +151,8 @@ def import_legacy(conn: sqlite3.Connection, state_dir: Path, env: str, now: floa
         task = obj["task"]
         if obj["event"] != "end" and task["status"] in FINAL_STATUSES:
             task["status"] = "running"  # (an old "start" line never carries a final status)
-        by_session.setdefault(session, []).append(orjson.dumps([RANKS[task["status"]], task["uid"], task]))
+        line = orjson.dumps([RANKS[task["status"]], task["uid"], task])
+        by_session.setdefault(session, []).append(memoryview(line).tobytes())  # (see Spool.put_slow)
     with transaction(conn):
         # Kernels opening the log at once all read the files before the first renames them:
         # the first to write imports them, the others find them in its note and only rename.
