@@ -155,12 +155,14 @@ class QMagic(Configurable):
     journal_max_bytes = Int(
         200_000_000, min=1_000_000, max=10**15,
         help="Size of the experiment log database kept at least; beyond it the oldest finished "
-        "tasks are deleted in small batches.",
+        "tasks are deleted in small batches. The log is the environment's: this kernel applies "
+        "it to every kernel's tasks (the smallest setting among them wins).",
     ).tag(config=True)
     journal_max_age_s = Float(
         30 * 86400.0, min=60.0, max=100 * 365 * 86400.0,
         help="Finished tasks older than this many seconds leave the experiment log "
-        "(unfinished tasks are always kept).",
+        "(unfinished tasks are always kept), every kernel's of the environment: the smallest "
+        "setting among them wins.",
     ).tag(config=True)
     journal_fsync = Bool(
         False,
