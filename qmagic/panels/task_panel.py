@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import ipywidgets as W
 
 from .. import format as fmt
-from ..errors import TaskNotFound
+from ..errors import RequestRefused, TaskNotFound
 from ..worker_state import MSG_WORKER_CLOSED
 from . import render, styles
 from .base import PanelBase, failed_line, set_traits
@@ -45,8 +45,12 @@ class _TaskViewMixin(PanelBase):
         except TaskNotFound as exc:
             self._qm_set_message(str(exc), "error")
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never silent
-            self._qm_set_message(failed_line(f"cancel {what}", exc, magic,
-                                             f"give the key with {magic} --lock-key KEY"), "error")
+            # (a second click, or one on a row not yet redrawn, after the task ended: nothing
+            # went wrong, so no red line that reads as if the cancel had failed)
+            late = type(exc) is RequestRefused and task.done()
+            self._qm_set_message(str(exc) if late else failed_line(
+                f"cancel {what}", exc, magic, f"give the key with {magic} --lock-key KEY"),
+                "info" if late else "error")
         else:
             self._qm_set_message(f"{'Force stop' if force else 'Cancel'} requested: {what}", "info")
         self._qm_poke(task.uid)
