@@ -1256,3 +1256,35 @@ def test_a_cell_run_again_closes_the_panels_its_earlier_run_showed(kernel_factor
     assert set(shown[runs[-1].msg_id]) <= open_ids and set(shown[other.msg_id]) <= open_ids
     assert not any(set(shown[r.msg_id]) & open_ids for r in runs[:-1])
     k.execute("t.cancel()", check=True)
+
+
+def test_many_live_views_share_one_budget_of_update_messages(probe, worker):
+    """Each view sends about panel_update_hz messages a second; sixty live task rows (a loop
+    that displays its tasks) sent 580 a second, and past 1,000 the Jupyter server drops
+    IOPub messages and every panel freezes.  The views that want updates share
+    pump.TOTAL_MSGS_HZ: each gets the lesser of its rate and its share, its period too."""
+    w = worker
+    w.max_background_tasks = 64
+    names = [f"r{i}" for i in range(60)]
+    tasks = [w.submit("wait_gate", (name,)) for name in names]
+    for name in names:
+        started(w, name)
+    rows = [panels.TaskRow(w, task) for task in tasks]
+    try:
+        pump = rows[0]._qm_pump
+        eventually(lambda: pump.share_hz <= pump_module.TOTAL_MSGS_HZ / 60, timeout=10,
+                   what="the views to share the budget")
+        assert all(row._qm_hz() == pump.share_hz < w.panel_update_hz for row in rows)
+        # (a view's period stretches to its share: 60 views at 1 per second would be 60/s alone)
+        now = time.monotonic()
+        row = rows[0]
+        row._qm_last_periodic = row._qm_last_apply = now
+        row._qm_tokens, row._qm_token_time = 1.0, now
+        assert row._qm_due(now) >= now + 1.0 / pump.share_hz - 1e-6
+    finally:
+        for event in (w.test_gates.setdefault(name, threading.Event()) for name in names):
+            event.set()
+        for row in rows:
+            row.close()
+    eventually(lambda: pump.share_hz > pump_module.TOTAL_MSGS_HZ / 60, timeout=10,
+               what="the budget to be shared by fewer views once the rows closed")

@@ -15,7 +15,10 @@ button, an expanded row's output, closing widgets; they get a message anyway aft
 applications without one).  A task reaching its final state may borrow a token, so it is
 shown at the next tick (within about ``1/panel_update_hz`` seconds) and the applications
 after it wait for the bucket to refill.  So a view sends about ``panel_update_hz`` update
-messages per second however many events arrive.
+messages per second however many events arrive; and all views of the process together about
+:data:`TOTAL_MSGS_HZ` at most: with more views than that allows (sixty live task rows), each
+gets its share (the Jupyter server drops IOPub traffic above 1,000 messages per second, and
+every panel then freezes).
 
 Views read the current task state when applied (events only say "look again"), so the
 state shown after the last application is exact however many events were coalesced.
@@ -46,6 +49,9 @@ PERIODIC_S = 1.0
 TOKEN_CAPACITY = 1.0
 #: Budget of a forced application (``flush()``): everything pending is applied.
 UNLIMITED = 1_000_000
+#: Update messages per second that all views of the process send together at most: each
+#: view's rate (and its period) is ``panel_update_hz`` or its share of this, the lesser.
+TOTAL_MSGS_HZ = 200.0
 
 
 class PanelView:
@@ -120,11 +126,13 @@ class PanelView:
 
     # -- pump side ---------------------------------------------------------------------------
     def _qm_hz(self) -> float:
+        """This view's update rate: the setting, or its share of the process's budget."""
         try:
             hz = float(getattr(self.worker, "panel_update_hz", 10.0) or 10.0)
         except (TypeError, ValueError):
             hz = 10.0
-        return max(0.1, hz)
+        pump = self._qm_pump
+        return max(0.1, min(hz, pump.share_hz) if pump is not None else hz)
 
     def _qm_refill(self, now: float) -> float:
         """Tokens available at ``now`` (the bucket is not changed)."""
@@ -144,7 +152,7 @@ class PanelView:
             period = self._qm_period()
             if period is None:
                 return None
-            want = self._qm_last_periodic + period
+            want = self._qm_last_periodic + max(period, 1.0 / hz)
         # a final state may borrow one token: it is shown at the next tick, and the
         # applications after it wait for the bucket to refill
         need = 0.0 if urgent else 1.0
@@ -186,6 +194,9 @@ class Pump:
         self._kicked = False
         self._stopping = False
         self.thread: threading.Thread | None = None
+        #: Messages per second each view may send now: TOTAL_MSGS_HZ shared by the views that
+        #: want applications (counted at each look; only the pump thread writes it).
+        self.share_hz = TOTAL_MSGS_HZ
 
     # -- registration ------------------------------------------------------------------------
     def register(self, view: PanelView, task: Task | None = None, *, events: bool = True) -> None:
@@ -315,6 +326,7 @@ class Pump:
                 views = self._views
             now = time.monotonic()
             wake = now + PERIODIC_S
+            wanting = 0
             for view in views:
                 due = view._qm_due(now)
                 if due is not None and due <= now:
@@ -322,6 +334,8 @@ class Pump:
                     due = view._qm_due(time.monotonic())
                 if due is not None:
                     wake = min(wake, due)
+                    wanting += 1
+            self.share_hz = TOTAL_MSGS_HZ / max(1, wanting)
             with self._cond:
                 while not self._kicked and not self._stopping:
                     left = wake - time.monotonic()
