@@ -18,3 +18,22 @@ def eventually(condition: Callable[[], object], timeout: float = 10.0, what: str
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def until_free(prober: object, timeout: float = 10.0) -> None:
+    """Wait until ``prober`` (a :class:`qmagic.probe.Prober`) has returned from the value's
+    code a test left it running (a repr that blocked until the test released it): while it
+    is busy, the next test's reads through it give up at once.  A released thread that the
+    machine runs ~50 ms late made the next test read "<repr did not finish>" or "an earlier
+    value's repr is still blocked" (seen by delaying that thread)."""
+    from qmagic.probe import ProbeTimeout
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            prober.read(lambda: None, timeout)  # type: ignore[attr-defined]
+            return
+        except ProbeTimeout:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the {prober.name} thread is still busy after {timeout} s") from None  # type: ignore[attr-defined]
+            time.sleep(0.01)

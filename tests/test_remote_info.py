@@ -253,6 +253,7 @@ def describing_a_slow_result(make_worker):
     finally:
         release.set()
         pub.stop()
+        _probe_free()  # (else the next one's SlowRepr is given up at once: `entered` never set)
 
 
 def test_a_result_with_a_slow_repr_never_holds_up_other_tasks_events(describing_a_slow_result):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import QS, TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
 from interrupt_points import interrupted_at, lines_of
-from polling import eventually
+from polling import eventually, until_free
 from store_helpers import task as log_record
 from traitlets.config import Config
 
@@ -25,7 +25,7 @@ from qmagic import TaskStatus, Worker, probe
 from qmagic.errors import LogUnavailable, RequestRefused, TaskCancelled, TaskNotFound
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
-from qmagic.worker_log import VALUE_REPR_S
+from qmagic.worker_log import _REPRS, VALUE_REPR_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -362,6 +362,7 @@ def test_a_value_whose_own_methods_block_never_holds_up_the_task_end(journaled):
         assert "its repr was not read: an earlier value's repr is still blocked" in logged["attr"]["repr"]
     finally:
         release.set()
+        until_free(_REPRS)  # (else the next test's reprs are given up at once)
 
 
 def test_queued_and_cancelled_tasks_are_journaled(journaled):
@@ -782,6 +783,7 @@ def test_a_result_whose_repr_blocks_never_holds_up_the_task_end(journaled):
             ".<locals>.Blocking object; its repr was not read: it did not finish within 1 s>")
     finally:
         release.set()
+        until_free(_REPRS)  # (else the next test's reprs are given up at once)
 
 
 def test_a_read_stuck_in_the_remote_door_never_empties_a_logged_repr(journaled):
@@ -798,6 +800,7 @@ def test_a_read_stuck_in_the_remote_door_never_empties_a_logged_repr(journaled):
         assert record["result"]["repr"] == "{1, 2}"
     finally:
         release.set()
+        until_free(probe._DOORS)
 
 
 def test_module_history_reads_a_given_state_dir(journaled, tmp_path):
