@@ -23,6 +23,7 @@ from qmagic.remote.info import InfoPublisher
 from qmagic.remote.pub_socket import MAX_TOPICS
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+from polling import until_free
 
 
 @contextlib.contextmanager
@@ -745,14 +746,7 @@ def test_a_progress_value_that_is_a_dict_subclass_is_described_without_its_own_c
 
 def _probe_free() -> None:
     """Wait until the info socket's deadline thread has returned from what it was running."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            info_module._TEXTS.read(lambda: None, TIMEOUT)
-            return
-        except probe.ProbeTimeout:
-            assert time.monotonic() < deadline, "the probe thread is still busy"
-            time.sleep(0.01)
+    until_free(info_module._TEXTS, TIMEOUT)
 
 
 def test_a_progress_value_json_cannot_write_never_stops_the_stream(make_worker):
