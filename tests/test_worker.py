@@ -160,6 +160,15 @@ def test_cancel_reason_is_none_unless_a_cancel_was_asked_for(make_worker):
     assert sleepy.wait(TIMEOUT) and sleepy.cancel_reason == "Task was cancelled from Python"
 
 
+def _code_names(thread) -> set[str]:
+    """Names of the functions ``thread`` is in now."""
+    frame, names = sys._current_frames().get(thread.ident), set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
 def test_a_press_while_the_main_thread_waits_for_a_task_says_the_task_goes_on(make_worker, sigint_as_in_a_cell):
     """■ during ``task.result()`` / ``task.wait()`` in a cell: one line that says the waiting
     stopped and how to stop the task, not frames of qmagic and threading (found by the
@@ -171,7 +180,14 @@ def test_a_press_while_the_main_thread_waits_for_a_task_says_the_task_goes_on(ma
     w = make_worker({"gate": gate})
     task = w.submit("gate")
     assert gate.started.wait(TIMEOUT)
-    press = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    main = threading.main_thread()
+
+    def press_once_it_waits() -> None:  # (a press on a timer could land before the wait began)
+        eventually(lambda: "_wait_until" in _code_names(main), timeout=TIMEOUT, interval=0.005,
+                   what="the main thread to wait for the task")
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    press = threading.Thread(target=press_once_it_waits)
     press.start()
     try:
         with pytest.raises(KeyboardInterrupt) as info:
