@@ -978,6 +978,25 @@ small.close()
 """
 
 
+READ_ONLY_ARCHIVE = """
+from qmagic.store.history import history
+j = Journal(folder, "lab-1")
+calls(j, "shift", 3)
+j.close()
+subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+out["uids"] = sorted(r["uid"] for r in history(state_dir=folder, environment_name="lab-1"))
+out["statuses"] = sorted({r["status"] for r in history(state_dir=folder, environment_name="lab-1")})
+"""
+
+
+def test_a_log_in_a_folder_nothing_can_write_is_read_as_it_is(tmp_path):
+    """A beamtime's log read from a read-only mount (an archive): SQLite reads a WAL database
+    only through a shared-memory file it makes next to it, so every view said "Cannot read
+    the experiment log (unable to open database file)" (found by a hostile test)."""
+    out = in_namespace(tmp_path, READ_ONLY_ARCHIVE, "8m")
+    assert out["uids"] == ["shift-0", "shift-1", "shift-2"] and out["statuses"] == ["completed"], out
+
+
 def assert_calls_spared_the_disk(during: dict) -> None:
     """During a fault the calling thread tried the disk (and woke the writer) at most about
     once per back-off period of the spool, not once per line (3 lines a task)."""

@@ -184,6 +184,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False,
         conn.execute(f"PRAGMA busy_timeout = {busy}")
         if readonly:
             conn.execute("PRAGMA query_only = 1")
+            conn = _readable(conn, path)
         else:
             conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
             conn.execute("PRAGMA cache_size = -8000")
@@ -192,6 +193,23 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False,
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def _readable(conn: sqlite3.Connection, path: Path) -> sqlite3.Connection:
+    """``conn``, or, for a log in a folder nothing can write (a read-only mount, an archive),
+    a connection that reads the file as it is: SQLite reads a WAL database only through a
+    shared-memory file it must be able to make next to it ("unable to open database file")."""
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        if "unable to open" not in str(exc) or os.access(path.parent, os.W_OK):
+            raise
+    conn.close()  # (immutable: no other process can be writing through a read-only folder)
+    conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro&immutable=1", uri=True,
+                           isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only = 1")
     return conn
 
 
