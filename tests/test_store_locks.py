@@ -215,6 +215,8 @@ DAMAGED = {
     "infinite time": json.dumps({**_LOCKED, "time": float("inf")}).encode(),
     "huge time": json.dumps({**_LOCKED, "time": 1e300}).encode(),
     "lone surrogate": json.dumps({**_LOCKED, "user": "\udc80"}).encode(),
+    "long user": json.dumps({**_LOCKED, "user": "u" * 5000}).encode(),
+    "long note": json.dumps({**_LOCKED, "note": "n" * 20000}).encode(),
     "deep nesting": b"[" * 30000 + b"]" * 30000,
     "too large": b" " * 70000 + b"{}",
     "empty": b"",
@@ -246,6 +248,18 @@ def test_damaged_file_counts_as_locked_and_clear_fixes_it(tmp_path, stores, cont
     assert not store.state().locked
     store.check(None)
     store.lock("k", environment=True, user="A")
+
+
+def test_a_damaged_file_says_what_is_wrong_in_it(tmp_path, stores):
+    """A hand-edited lock file whose user name had 5,000 characters read "the user name is
+    missing" (found by a hostile test)."""
+    store = stores(tmp_path, "bench")
+    for content, says in ((DAMAGED["long user"], "the user name must be text of at most"),
+                          (DAMAGED["long note"], "the note is longer than 10000 characters"),
+                          (json.dumps({**_LOCKED, "user": ""}).encode(), "the user name is missing"),
+                          (json.dumps({**_LOCKED, "note": 3}).encode(), "the note is not a string")):
+        store.path.write_bytes(content)
+        assert says in store.state().damaged, (says, store.state().damaged)
 
 
 def test_a_folder_at_the_lock_path_counts_as_locked(store):

@@ -286,12 +286,13 @@ class LockFile:
             return LockState(uid, emergency_key_set=self.emergency_key_set), None
         user, stamp, note = doc.get("user"), doc.get("time"), doc.get("note")
         if not text_ok(user, MAX_USER_CHARS):
-            raise ValueError("the user name is missing")
+            raise ValueError("the user name is missing" if not user else f"the user name {user_problem(user)}")
+        if not note_ok(note):
+            raise ValueError("the note is not a string" if not isinstance(note, str)
+                             else f"the note is longer than {MAX_NOTE_CHARS} characters or not valid text")
         if (not isinstance(stamp, (int, float)) or isinstance(stamp, bool)
                 or not math.isfinite(stamp) or not 0 <= stamp < _MAX_TIME):
             raise ValueError("the lock time is missing or impossible")
-        if not note_ok(note):
-            raise ValueError("the note is not a string")
         record = KeyRecord.from_json(doc.get("key_hash"))
         return LockState(uid, env, queue, user, float(stamp), note, self.emergency_key_set), record
 
