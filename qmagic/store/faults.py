@@ -114,11 +114,12 @@ class Faults:
                              "at normal speed; their records wait in memory (at most %d) until the "
                              "folder can be written again: check disk space and permissions "
                              "(QMagic.state_dir).", self.path.parent, self.last_error, self.pending_limit)
-            else:
+            else:  # (qmagic's own errors say what to do; SQLite's get the usual causes)
+                causes = "" if isinstance(exc, StateFileError) else (
+                    " (disk full? read-only folder? another program holding the database?)")
                 _log.warning("qmagic could not write the experiment log %s (%s). Tasks run at normal "
                              "speed; their records are kept and written when the database can be "
-                             "written again (disk full? read-only folder? another program holding "
-                             "the database?).", self.path, self.last_error)
+                             "written again%s.", self.path, self.last_error, causes)
         else:
             _log.debug("experiment log: %s still failing: %s", kind, self.last_error)
         self._backoff = min(max(self._backoff * 2, _BACKOFF[0]), _BACKOFF[1])
