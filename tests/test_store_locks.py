@@ -679,7 +679,7 @@ def test_a_stuck_flock_gives_a_clear_failure_within_the_bound(tmp_path, stores):
 def test_behind_a_stuck_flock_only_the_first_change_waits_the_whole_bound(tmp_path, stores, monkeypatch):
     """A stopped process holding the flock: each change one after another (a remote client's
     are served in turn) waited the whole bound, so eight clients held up a status for 14 s.
-    After one wait ran out the next ones look briefly, until the flock is seen free again."""
+    After one wait ran out the next ones look briefly for 10 s, or until the flock is seen free."""
     from types import SimpleNamespace
 
     from qmagic.store import locks
@@ -700,12 +700,15 @@ def test_behind_a_stuck_flock_only_the_first_change_waits_the_whole_bound(tmp_pa
 
     def waited() -> float:
         tries.clear()
-        with pytest.raises(StateFileError, match="Another process has held .* for over 2 s"):
+        with pytest.raises(StateFileError, match="Another process (has held|still holds) .* for over 2 s"):
             store.lock("k", environment=True, user="Me")
         return tries[-1] - tries[0]
 
     assert waited() >= 2.0
     assert waited() <= 0.2 and waited() <= 0.2
+    clock[0] += 11.0  # (long after the whole wait ran out: another holder may have it briefly)
+    assert waited() >= 2.0  # ... so a whole wait again (a reviewer: a 0.5 s holder was refused)
+    assert waited() <= 0.2
     held[0] = False
     store.lock("k", environment=True, user="Me")  # free again: the next stuck wait is whole
     store.unlock("k")

@@ -86,7 +86,8 @@ __all__ = ["EMERGENCY_KEY_ENVS", "SCOPES", "LockState", "LockStore", "emergency_
 EMERGENCY_KEY_ENVS = ("QMAGIC_EMERGENCY_LOCK_KEY", "QSERVER_EMERGENCY_LOCK_KEY_FOR_SERVER")
 SCOPES = ("environment", "queue")
 _MAX_TRIES = 5
-_STUCK_RETRY_S = 0.1  # how long a change looks for the flock while the last wait ran out
+_STUCK_RETRY_S = 0.1  # how long a change looks for the flock shortly after a wait ran out
+_STUCK_FOR_S = 10.0  # ... within this many seconds of it (then a whole wait again)
 
 
 class _Shared(ChangeSignal):
@@ -150,7 +151,7 @@ class LockStore:
         self.path = self._file.path
         self._flock_path = self.state_dir / f"{environment_name}.lock.json.flock"
         self._flock_timeout_s = flock_timeout_s
-        self._flock_stuck = False  # the last wait for the flock ran out (see _exclusive)
+        self._flock_stuck_at: float | None = None  # when a whole wait for the flock ran out
         self._emergency_set = self._keys.emergency_key_set
         self._writing = threading.Lock()
         self._shared = _Shared()
@@ -401,22 +402,30 @@ class LockStore:
             ensure_state_dir(self.state_dir)  # deleted meanwhile (a cleanup): made again
             fd = open_state_file(self._flock_path, os.O_RDWR | os.O_CREAT)
             try:
-                # Once a wait ran out, the next ones look only briefly until the flock is seen
-                # free: behind a stopped process, requests one after another (a remote client's,
-                # served in turn with every other client's) each waited the whole bound.
-                deadline = time.monotonic() + (min(wait, _STUCK_RETRY_S) if self._flock_stuck else wait)
+                # Shortly after a wait ran out, the next ones look only briefly unless the
+                # flock is seen free: behind a stopped process, requests one after another (a
+                # remote client's, served in turn with every other client's) each waited the
+                # whole bound.
+                start = time.monotonic()
+                stuck_at = self._flock_stuck_at
+                short = stuck_at is not None and start - stuck_at < _STUCK_FOR_S
+                deadline = start + (min(wait, _STUCK_RETRY_S) if short else wait)
                 while fcntl is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        self._flock_stuck = False
+                        self._flock_stuck_at = None
                         break
                     except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            self._flock_stuck = True
+                        now = time.monotonic()
+                        if now > deadline:
+                            held = (f"still holds {self._flock_path} (it held it for over {wait:g} s at "
+                                    "an earlier try)" if short else
+                                    f"has held {self._flock_path} for over {wait:g} s")
+                            if not short:
+                                self._flock_stuck_at = now
                             raise StateFileError(
-                                f"Another process has held {self._flock_path} for over {wait:g} s; "
-                                "nothing was changed. Try again; if it persists, look for a stopped "
-                                "qmagic process.") from None
+                                f"Another process {held}; nothing was changed. Try again; if it "
+                                "persists, look for a stopped qmagic process.") from None
                         time.sleep(0.005)
                 yield
             finally:
