@@ -373,3 +373,23 @@ def test_a_key_taken_out_of_the_list_no_longer_receives_the_streams(make_worker,
             sub.close(0)
         ctx.term()
         service.close()
+
+
+def test_an_encryption_the_info_socket_cannot_take_leaves_the_settings_as_it_runs(make_worker, monkeypatch):
+    """No CurveZMQ key, the info socket plain, a client key list set (it applies to the
+    channel only): asking for encryption is refused and the settings keep saying what runs
+    (a reviewer: zmq_info_encrypted stayed True over a plain socket)."""
+    from qmagic import ControlChannelError
+
+    monkeypatch.delenv("QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER", raising=False)
+    worker = make_worker({}, zmq_info_encrypted=False)
+    service = RemoteService(worker)
+    try:
+        info = service.start_info("tcp://127.0.0.1:*")
+        worker.zmq_client_keys = {"clients": [{"public_key": ROBOT[0], "user": "robot", "groups": ["primary"]}]}
+        with pytest.raises(ControlChannelError, match="needs CurveZMQ"):
+            worker.zmq_info_encrypted = True
+        assert worker.zmq_info_encrypted is False and service.info is info and info.running
+        assert worker.zmq_info_address == info.address
+    finally:
+        service.close()

@@ -93,14 +93,15 @@ class RemoteService:
         try:
             server = self._new_server(address)  # (checked before the running one stops)
         except ControlChannelError:  # (an address or keys it cannot use: nothing changes)
-            self._set_trait(self.last_address if current is not None and current.running else None)
+            running = current is not None and current.running
+            self._set_quietly("zmq_control_address", self.last_address if running else None)
             raise
         was = current.address if current is not None and current.running else None
         self._stop_server()
         try:
             server.start()
         except ControlChannelError as exc:
-            self._set_trait(None)
+            self._set_quietly("zmq_control_address", None)
             if was is None:
                 raise
             raise ControlChannelError(f"{exc} The control channel that served on {was} is off now: "
@@ -109,7 +110,7 @@ class RemoteService:
         if address.endswith((":*", ":0")):
             address = server.address  # keep the port the system chose
         self.last_address = address
-        self._set_trait(address)
+        self._set_quietly("zmq_control_address", address)
         return server
 
     def _new_server(self, address: str) -> ControlServer:
@@ -122,7 +123,7 @@ class RemoteService:
         """Stop the channel; False if it was not running."""
         with self._lock:
             was_running = self._stop_server()
-            self._set_trait(None)
+            self._set_quietly("zmq_control_address", None)
             return was_running
 
     def _stop_server(self) -> bool:
@@ -174,10 +175,12 @@ class RemoteService:
             return
         try:
             self.start_info(address)
-        except ControlChannelError:  # the setting says what runs: the old socket (a new
+        except ControlChannelError:  # the settings say what runs: the old socket (a new
             running = self.info is not None and self.info.running  # one refused unbound)
             old = change["old"] if name == "zmq_info_address" else address
             self._set_quietly("zmq_info_address", old if running else None)
+            if name == "zmq_info_encrypted" and running:
+                self._set_quietly(name, change["old"])
             raise
 
     def close(self) -> None:
@@ -196,9 +199,6 @@ class RemoteService:
         self.stop_info()
 
     # -- traits ---------------------------------------------------------------------------------
-    def _set_trait(self, value: str | None) -> None:
-        self._set_quietly("zmq_control_address", value)
-
     def _set_quietly(self, name: str, value: Any) -> None:
         """Set the worker's trait ``name`` to what runs, without reacting to the change."""
         if getattr(self.worker, name) == value:

@@ -90,6 +90,29 @@ _STUCK_RETRY_S = 0.1  # how long a change looks for the flock shortly after a wa
 _STUCK_FOR_S = 10.0  # ... within this many seconds of it (then a whole wait again)
 
 
+def _take_flock(fd: int, path: Path, wait: float, stuck_at: float | None) -> tuple[str | None, float | None]:
+    """Take the flock of ``fd`` within ``wait`` s: ``(None, None)``, else ``(what to say, when a
+    whole wait ran out)``.  Shortly after a whole wait ran out (``stuck_at``), a look is brief
+    unless the flock is seen free: behind a stopped process, requests one after another (a
+    remote client's, served in turn with every other client's) each waited the whole bound."""
+    start = time.monotonic()
+    short = stuck_at is not None and start - stuck_at < _STUCK_FOR_S
+    deadline = start + (min(wait, _STUCK_RETRY_S) if short else wait)
+    while fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None, None
+        except BlockingIOError:
+            now = time.monotonic()
+            if now > deadline:
+                held = (f"still holds {path} (it held it for over {wait:g} s at an earlier try)" if short
+                        else f"has held {path} for over {wait:g} s")
+                return (f"Another process {held}; nothing was changed. Try again; if it persists, "
+                        "look for a stopped qmagic process.", stuck_at if short else now)
+            time.sleep(0.005)
+    return None, None
+
+
 class _Shared(ChangeSignal):
     """The change signal plus the current snapshot: what the store and its watcher share."""
 
@@ -402,31 +425,9 @@ class LockStore:
             ensure_state_dir(self.state_dir)  # deleted meanwhile (a cleanup): made again
             fd = open_state_file(self._flock_path, os.O_RDWR | os.O_CREAT)
             try:
-                # Shortly after a wait ran out, the next ones look only briefly unless the
-                # flock is seen free: behind a stopped process, requests one after another (a
-                # remote client's, served in turn with every other client's) each waited the
-                # whole bound.
-                start = time.monotonic()
-                stuck_at = self._flock_stuck_at
-                short = stuck_at is not None and start - stuck_at < _STUCK_FOR_S
-                deadline = start + (min(wait, _STUCK_RETRY_S) if short else wait)
-                while fcntl is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        self._flock_stuck_at = None
-                        break
-                    except BlockingIOError:
-                        now = time.monotonic()
-                        if now > deadline:
-                            held = (f"still holds {self._flock_path} (it held it for over {wait:g} s at "
-                                    "an earlier try)" if short else
-                                    f"has held {self._flock_path} for over {wait:g} s")
-                            if not short:
-                                self._flock_stuck_at = now
-                            raise StateFileError(
-                                f"Another process {held}; nothing was changed. Try again; if it "
-                                "persists, look for a stopped qmagic process.") from None
-                        time.sleep(0.005)
+                problem, self._flock_stuck_at = _take_flock(fd, self._flock_path, wait, self._flock_stuck_at)
+                if problem is not None:
+                    raise StateFileError(problem)
                 yield
             finally:
                 os.close(fd)  # releases the flock
