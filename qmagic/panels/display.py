@@ -11,6 +11,7 @@ subshell deleted).  Nothing here reaches into the engine: the worker is passed i
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from typing import Any
@@ -39,8 +40,8 @@ class _Attachment:
 
 _lock = threading.Lock()
 _attachments: dict[int, _Attachment] = {}
-#: notebook cell id -> (the execute request that showed them, the panels it showed)
-_by_cell: dict[str, tuple[str, list[Any]]] = {}
+#: (frontend session, notebook cell id) -> its latest run and the panels that run showed
+_by_cell: dict[tuple[str, str], _CellRuns] = {}
 
 
 def widgets_available(shell: Any) -> bool:
@@ -97,30 +98,55 @@ def _owner(workers: list[Any], task: Task) -> Any:
     return None
 
 
+class _CellRuns:
+    """The latest run of one notebook cell (its execute request) and the panels it showed;
+    the ids of its earlier runs (the last :data:`_EARLIER_KEPT`)."""
+
+    def __init__(self, run: str, panel: Any) -> None:
+        self.run, self.panels = run, [panel]
+        self.earlier: collections.deque[str] = collections.deque(maxlen=_EARLIER_KEPT)
+
+
+_EARLIER_KEPT = 32
+
+
 def shown_by_cell(shell: Any, panel: Any) -> None:
     """Remember ``panel`` as shown by the running cell, and close the panels an earlier run
     of that cell showed: the frontend cleared them when the cell ran again, and left open
     each would go on sending updates nobody sees (thirty re-runs of ``%tasks`` during a
-    scan sent 300 messages per second).  Cells are known by the id JupyterLab sends
-    (``metadata.cellId``); without one nothing is closed."""
+    scan sent 300 messages per second).  A panel shown late for an earlier run (a task it
+    started displays itself) is closed at once: the frontend drops it.  Cells are known by
+    the frontend's session and the id JupyterLab sends (``metadata.cellId``; two tabs of one
+    notebook are two sessions); without one nothing is closed."""
     from ..ipython.context import execute_request
+    from ..ipython.runner import interrupts_held
 
-    request = execute_request(shell)
-    cell = ((request or {}).get("metadata") or {}).get("cellId")
-    run = ((request or {}).get("header") or {}).get("msg_id")
+    request = execute_request(shell) or {}
+    header = request.get("header") or {}
+    cell, run = (request.get("metadata") or {}).get("cellId"), header.get("msg_id")
     if not isinstance(cell, str) or not run:
         return
+    key = (str(header.get("session") or ""), cell)
     with _lock:
-        previous = _by_cell.get(cell)
-        if previous is not None and previous[0] == run:
-            previous[1].append(panel)
+        runs = _by_cell.get(key)
+        if runs is None:
+            _by_cell[key] = _CellRuns(run, panel)
             return
-        _by_cell[cell] = (run, [panel])
-    for old in previous[1] if previous is not None else ():
-        try:
-            old.close()
-        except Exception:  # noqa: BLE001 - a panel nobody sees: never fail the new one
-            log.debug("qmagic: could not close a panel of an earlier run", exc_info=True)
+        if runs.run == run:
+            runs.panels.append(panel)
+            return
+        if run in runs.earlier:
+            unseen = [panel]
+        else:
+            unseen, runs.panels = runs.panels, [panel]
+            runs.earlier.append(runs.run)
+            runs.run = run
+    with interrupts_held():  # (■ amid the closes would leave the rest open for good)
+        for old in unseen:
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - a panel nobody sees: never fail the new one
+                log.debug("qmagic: could not close a panel of an earlier run", exc_info=True)
 
 
 def _stopped_showing(task: Task) -> str:

@@ -63,6 +63,9 @@ class PanelView:
     """
 
     _qm_pump: Pump | None = None
+    #: Updates per second this view keeps however many views share the budget (a panel of
+    #: many tasks, the lock: few of them; a task's row: as many as tasks shown).
+    _qm_min_hz = 2.0
 
     def _qm_init_view(self, worker: Any) -> None:
         self.worker = worker
@@ -132,7 +135,7 @@ class PanelView:
         except (TypeError, ValueError):
             hz = 10.0
         pump = self._qm_pump
-        return max(0.1, min(hz, pump.share_hz) if pump is not None else hz)
+        return max(self._qm_min_hz, min(hz, pump.share_hz) if pump is not None else hz)
 
     def _qm_refill(self, now: float) -> float:
         """Tokens available at ``now`` (the bucket is not changed)."""

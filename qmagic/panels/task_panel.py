@@ -257,6 +257,8 @@ class TaskRow(_TaskViewMixin, W.VBox):
     line from :func:`qmagic.format.task_line` as it reads when the row is displayed.
     """
 
+    _qm_min_hz = 0.1  # (rows share the budget: sixty of them, a loop's, must not exceed it)
+
     def __init__(self, worker: Any, task: Task) -> None:
         self._qm_init_base(worker)
         self.task = task
