@@ -159,9 +159,12 @@ def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
     return count
 
 
-def recover(conn: sqlite3.Connection, folder: Path, env: str, own_session: str | None, now: float) -> int:
+def recover(conn: sqlite3.Connection, folder: Path, env: str, own_session: str | None, now: float,
+            *, legacy: bool = True) -> int:
     """Recover every session that is gone (see the module docstring); return how many.
-    Raises sqlite3.Error when the database cannot be written (files are kept then)."""
+    ``legacy``: also check the writers of an imported journal (a write transaction whenever
+    there are any: not at every look of a running kernel).  Raises sqlite3.Error when the
+    database cannot be written (files are kept then)."""
     recovered = 0
     for entry in list_sessions(folder, env).values():
         if entry.session == own_session:
@@ -195,17 +198,18 @@ def recover(conn: sqlite3.Connection, folder: Path, env: str, own_session: str |
         finally:
             if fd is not None:
                 os.close(fd)
-    recovered += _lost_sessions(conn, folder, env, own_session, now)
+    recovered += _lost_sessions(conn, folder, env, own_session, now, legacy)
     return recovered
 
 
-def _lost_sessions(conn: sqlite3.Connection, folder: Path, env: str, own: str | None, now: float) -> int:
+def _lost_sessions(conn: sqlite3.Connection, folder: Path, env: str, own: str | None, now: float,
+                   legacy: bool = True) -> int:
     """Sessions marked live whose lock file is gone, and imported writers that are gone."""
     live = conn.execute("SELECT session, last_seen FROM sessions WHERE state = 'live'").fetchall()
     lost = [(s, seen) for s, seen in live
             if s != own and re.fullmatch(r"[0-9a-f]{32}", s or "")
             and not (folder / f"{env}.journal.{s}.lock").exists()]
-    has_legacy = conn.execute("SELECT 1 FROM sessions WHERE state = 'legacy' LIMIT 1").fetchone()
+    has_legacy = legacy and conn.execute("SELECT 1 FROM sessions WHERE state = 'legacy' LIMIT 1").fetchone()
     if not lost and not has_legacy:
         return 0
     with transaction(conn):

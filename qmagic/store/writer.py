@@ -267,9 +267,10 @@ class Writer:
             deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start, wall),
                                 self.max_bytes, RETENTION_BATCH, now=wall)
             self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
-        if now >= self._next_recovery:  # other kernels that died (a few flocks tried)
-            self._next_recovery = now + RECOVERY_EVERY_S
-            recover(self.conn, self.path.parent, self.env, self.session, time.time())
+        if now >= self._next_recovery:  # other kernels that died (a few flocks tried); the
+            self._next_recovery = now + RECOVERY_EVERY_S  # imported writers at the heartbeat's pace
+            recover(self.conn, self.path.parent, self.env, self.session, time.time(),
+                    legacy=now >= self._next_heartbeat)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_EVERY_S
             with transaction(self.conn):
@@ -335,8 +336,7 @@ class Writer:
             raise StateFileError(f"Cannot start a new experiment log at {str(self.path)!r}.")
 
     def _commit(self) -> bool:
-        """One transaction of what is uncommitted (at most BATCH_BYTES); True if it left
-        nothing behind.  Raises on failure (everything stays to be retried)."""
+        """One transaction of what waits (BATCH_BYTES at most): True if none is left; raises, all kept."""
         self._same_database()
         assert self.conn is not None
         self.cycles += 1
