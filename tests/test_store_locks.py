@@ -253,11 +253,12 @@ def test_damaged_file_counts_as_locked_and_clear_fixes_it(tmp_path, stores, cont
 def test_a_damaged_file_says_what_is_wrong_in_it(tmp_path, stores):
     """A hand-edited lock file whose user name had 5,000 characters read "the user name is
     missing" (found by a hostile test)."""
-    store = stores(tmp_path, "bench")
-    for content, says in ((DAMAGED["long user"], "the user name must be text of at most"),
-                          (DAMAGED["long note"], "the note is longer than 10000 characters"),
-                          (json.dumps({**_LOCKED, "user": ""}).encode(), "the user name is missing"),
-                          (json.dumps({**_LOCKED, "note": 3}).encode(), "the note is not a string")):
+    for i, (content, says) in enumerate((
+            (DAMAGED["long user"], "the user name must be text of at most"),
+            (DAMAGED["long note"], "the note is longer than 10000 characters"),
+            (json.dumps({**_LOCKED, "user": ""}).encode(), "the user name is missing"),
+            (json.dumps({**_LOCKED, "note": 3}).encode(), "the note is not a string"))):
+        store = stores(tmp_path / str(i), "bench")  # (a file of its own: no rewrite to notice)
         store.path.write_bytes(content)
         assert says in store.state().damaged, (says, store.state().damaged)
 
