@@ -135,7 +135,8 @@ class PanelView:
         except (TypeError, ValueError):
             hz = 10.0
         pump = self._qm_pump
-        return max(self._qm_min_hz, min(hz, pump.share_hz) if pump is not None else hz)
+        share = max(pump.share_hz, self._qm_min_hz) if pump is not None else hz
+        return max(0.1, min(hz, share))  # (the setting stays the most, also below the floor)
 
     def _qm_refill(self, now: float) -> float:
         """Tokens available at ``now`` (the bucket is not changed)."""
