@@ -176,12 +176,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+_REPLACEMENT_SUFFIX = ".tmp"
+
+
+def _replacement_prefix(target: Path) -> str:
+    """The start of the temporary file's name that :func:`replace_state_file` renames over ``target``."""
+    return f".{target.name}."
+
+
 def remove_dead_replacements(path: str | os.PathLike[str]) -> None:
     """Remove the temporary files that :func:`replace_state_file` left for ``path`` when its
     process was killed before the rename (they stay for good otherwise).  Call it only while
     no other process can be replacing ``path`` (holding the lock that serialises its writers)."""
-    target = Path(path)
-    dead = re.compile(re.escape(f".{target.name}.") + r"[a-z0-9_]{8}\.tmp")  # (mkstemp's names)
+    target = Path(path)  # (mkstemp's names: the prefix, 8 characters, the suffix)
+    dead = re.compile(re.escape(_replacement_prefix(target)) + r"[a-z0-9_]{8}" + re.escape(_REPLACEMENT_SUFFIX))
     with suppress(OSError):
         for name in os.listdir(target.parent):
             if dead.fullmatch(name):
@@ -195,7 +203,7 @@ def replace_state_file(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     A symlink at ``path`` is replaced by the file, never followed.  The new file has mode 0600.
     """
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_replacement_prefix(target), suffix=_REPLACEMENT_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
