@@ -2055,3 +2055,24 @@ def test_every_write_transaction_rolls_back_on_any_error(tmp_path):
         conn.execute("INSERT INTO t VALUES (2)")
     assert conn.execute("SELECT x FROM t").fetchall() == [(2,)] and not conn.in_transaction
     conn.close()
+
+
+def test_the_frequent_look_for_dead_kernels_writes_nothing_for_an_imported_journals_writers(tmp_path):
+    """Looks for dead kernels run every 3 s; checking the writers of an imported old journal
+    takes a write transaction each time (a reviewer counted 10 in 10 looks), so the writer
+    asks for it only at the heartbeat's pace (legacy=True)."""
+    from qmagic.store.database import upsert_session
+    from qmagic.store.recovery import recover
+
+    conn = connect(database_path(tmp_path, ENV), create=True)
+    try:
+        ensure_schema(conn)
+        upsert_session(conn, "legacy-old", host="elsewhere", pid=1, last_seen=time.time(), state="legacy")
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+        recover(conn, tmp_path, ENV, "mine", time.time(), legacy=False)
+        assert not any(s.startswith("BEGIN") for s in statements), statements
+        recover(conn, tmp_path, ENV, "mine", time.time())
+        assert any(s.startswith("BEGIN") for s in statements), statements  # (at the heartbeat)
+    finally:
+        conn.close()

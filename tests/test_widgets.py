@@ -1330,3 +1330,26 @@ def test_many_live_views_share_one_budget_of_update_messages(probe, worker):
             row.close()
     eventually(lambda: pump.share_hz > pump_module.TOTAL_MSGS_HZ / 60, timeout=10,
                what="the budget to be shared by fewer views once the rows closed")
+
+
+def test_under_a_crowded_budget_panels_keep_two_updates_a_second_and_never_exceed_the_setting(probe, worker):
+    """Hundreds of live rows share the budget down to a fraction of an update a second; a task
+    or lock panel keeps 2 a second (a reviewer: 500 rows left the %tasks panel 2.5 s behind),
+    rows go down to 0.1, and no view goes above panel_update_hz (a 0.5 setting stays 0.5)."""
+    w = worker
+    panel, lock = panels.TaskPanel(w), panels.LockPanel(w)
+    task = w.submit("wait_gate", ("crowd",))
+    started(w, "crowd")
+    row = panels.TaskRow(w, task)
+    crowded = type("Crowded", (), {"share_hz": pump_module.TOTAL_MSGS_HZ / 2000})()
+    try:
+        for view in (panel, lock, row):
+            view._qm_pump = crowded  # (as if 2,000 views wanted updates)
+        assert panel._qm_hz() == lock._qm_hz() == 2.0 and row._qm_hz() == 0.1
+        w.panel_update_hz = 0.5
+        assert panel._qm_hz() == lock._qm_hz() == 0.5 and row._qm_hz() == 0.1
+    finally:
+        w.test_gates.setdefault("crowd", threading.Event()).set()
+        for view in (panel, lock, row):
+            view._qm_pump = pump_module.current_pump()
+            view.close()
