@@ -131,6 +131,16 @@ _BUTTON_ON_ROW = """(key) => {
 }"""
 
 
+def _top_of(locator, timeout_s: float = 15.0) -> float:
+    """The y of ``locator``'s box once it has one (the panel re-renders its rows: between two
+    renderings the element is briefly gone and has no box)."""
+    deadline = time.monotonic() + timeout_s
+    while (box := locator.bounding_box()) is None:
+        assert time.monotonic() < deadline, "the row never had a box"
+        time.sleep(0.02)
+    return box["y"]
+
+
 def _expect_button_on_row(page, key: str, timeout_ms: float = 15_000) -> None:
     """Wait until the Cancel button of task ``key`` sits on its row; fail with the positions."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -314,12 +324,12 @@ def _scenario(page, counter: IOPubCounter, lab: Lab) -> None:
     expect(long_row).to_be_visible()
     expect(cancel).to_be_visible()
     _expect_button_on_row(page, key)
-    top = long_row.bounding_box()["y"]
+    top = _top_of(long_row)
     cancel.click()
     expect(long_row).to_have_attribute("data-status", "cancelled")
     expect(panel.locator(".qmagic-panel-message")).to_contain_text("Cancel requested")
     # the message that appeared moved no row under the pointer (a second click would hit another)
-    assert long_row.bounding_box()["y"] == top, "the rows moved when the panel's message appeared"
+    assert _top_of(long_row) == top, "the rows moved when the panel's message appeared"
     expect(panel.locator(f".qmagic-cancel.qmagic-task-{key}")).to_have_count(0)
     panel.locator(f".qmagic-details-toggle.qmagic-task-{key}").click()
     expect(panel.locator(".qmagic-task-details")).to_contain_text("TaskCancelled")
