@@ -660,8 +660,58 @@ def test_blocking_on_a_task_of_the_same_loop_says_to_await_it(make_worker, no_bl
     assert task.result(TIMEOUT) == 3
     line = ("step(3) runs on the event loop that called task.result() or wait(), which would "
             "block it for good: use `await task` there instead.")
-    assert seen["errors"][:3] == [line] * 3 and seen["errors"][3].startswith("scan() runs on")
+    assert seen["errors"] == [line] * 3 + [  # (its own: awaiting itself would not end either)
+        "scan() cannot wait for its own end (it would wait for good)."]
     assert w.submit("thread_side").result(TIMEOUT) == 4
+
+
+def test_a_task_that_waits_for_itself_is_told_at_once(make_worker, no_bluesky_loop):
+    """A task's code that waits for its own task (``await qmagic.current_task()``, or
+    ``w.last_task`` when that is the task itself) would never see it end.  asyncio refuses
+    that for its own tasks ("Task cannot await on itself"); a coroutine task awaiting its
+    qmagic Task used to wait for good, and a thread task calling ``result()`` on itself
+    held its thread (for good without a timeout).  Now the wait raises at once; code the
+    task started (an asyncio task, a thread) may still wait for the task's end."""
+    later: list = []
+
+    async def self_await():
+        return await qmagic.current_task()
+
+    def self_result():
+        return qmagic.current_task().result(TIMEOUT)
+
+    def self_wait():
+        return qmagic.current_task().wait()
+
+    def hands_over():  # (its coroutine is awaited on the loop, for the thread task)
+        me = qmagic.current_task()
+
+        async def inner():
+            return await me
+        return inner()
+
+    async def parent():
+        me = qmagic.current_task()
+
+        async def child():
+            later.append(await me)
+
+        def thread_child():
+            later.append(me.result(TIMEOUT))
+
+        later.append(asyncio.get_running_loop().create_task(child()))
+        threading.Thread(target=thread_child, daemon=True).start()
+        return 5
+
+    w = make_worker({})
+    for func in (self_await, self_result, self_wait, hands_over):
+        task = w.submit(func)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED, (func, task.status)
+        assert task.error == f"{func.__name__}() cannot wait for its own end (it would wait for good)."
+        assert isinstance(task.exception(), RuntimeError)
+    assert w.submit(parent).result(TIMEOUT) == 5
+    assert eventually(lambda: len(later) == 3)
+    assert later[1:] == [5, 5]
 
 
 def test_blocking_on_a_thread_task_that_hands_its_coroutine_to_the_same_loop(make_worker,

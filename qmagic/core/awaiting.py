@@ -96,10 +96,12 @@ class CoroutineJobs:
                 if job.task.cancel_requested or "stopped" in box:  # (before it could start)
                     _close(awaitable)
                     raise TaskCancelled(job.task.cancel_reason or INTERRUPTED)
+                job.task._own_code = asyncio.current_task()  # (its thread only waits now)
                 box["result"] = await awaitable
             except BaseException as exc:  # noqa: BLE001
                 box["error"] = exc
             finally:
+                job.task._own_code = None
                 done.set()
 
         handed = False
@@ -165,6 +167,7 @@ class CoroutineJobs:
         result: Any = None
         error: BaseException | None = None
         token = _current.set(task)
+        task._own_code = asyncio.current_task()
         # (``job.in_user_code`` is the owner thread's alone: it marks its wait, where ■ may
         # land; the loop thread only says when the code is done.)
         try:
@@ -178,6 +181,7 @@ class CoroutineJobs:
             error = cancel_error(task, exc)
         finally:
             job.code_done = True
+            task._own_code = None
             _current.reset(token)
         if task._claim_end():
             self.end(job, result, error)

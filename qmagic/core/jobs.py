@@ -161,13 +161,14 @@ class JobRunner(CoroutineJobs):
         error: BaseException | None = None
         capture.ensure_streams()
         token = _current.set(job.task)
-        job.ident = threading.get_ident()
+        job.ident = job.task._own_code = threading.get_ident()
         try:
             with self._hooks(job):
                 result, error = self._run_user_code(job)
         except BaseException as exc:  # noqa: BLE001 - a hook failed: recorded, never lost
             if error is None:
                 result, error = None, exc
+        job.task._own_code = None
         _current.reset(token)
         return result, error
 

@@ -116,10 +116,10 @@ class Task(TaskState):
         Raises RuntimeError when called on the event loop the task runs on (from a coroutine
         task): that loop would wait for good; ``await task`` there instead.  So too, the
         moment a thread task waited for there hands the coroutine it returned to that loop
-        (:meth:`_run_on`)."""
+        (:meth:`_run_on`); and at once when the task's own code waits for it."""
         if self._status.finished:
             return True
-        here = _running_loop()
+        here = _waiter_loop(self)
         if here is None:
             return self._wait_until(self._is_done, timeout)
         if self._loop is not here:
@@ -256,7 +256,7 @@ class Task(TaskState):
         if not self._status.finished:
             import asyncio
 
-            loop = asyncio.get_running_loop()
+            loop = _waiter_loop(self) or asyncio.get_running_loop()
             waiter = loop.create_future()
 
             def wake(_: Task) -> None:  # any thread
@@ -341,10 +341,19 @@ def _wake_waiter(waiter: Any) -> None:
         waiter.set_result(None)
 
 
-def _running_loop() -> Any:
+def _waiter_loop(task: Task) -> Any:
+    """The running event loop of the code about to wait for ``task`` (None: a plain thread).
+    RuntimeError (one line) when that code is the task's own (``_own_code``): it would wait
+    for good (asyncio refuses ``await`` of the running task itself too).  Code the task
+    started (an asyncio task, a thread) may wait for its end."""
     import asyncio
 
-    return asyncio._get_running_loop()
+    loop = asyncio._get_running_loop()
+    own = task._own_code
+    if own is not None and (own == threading.get_ident() if isinstance(own, int)
+                            else loop is not None and asyncio.current_task(loop) is own):
+        raise one_line(RuntimeError(f"{task.call_text()} cannot wait for its own end (it would wait for good)."))
+    return loop
 
 
 def call_texts(tasks: list[Task], shown: int = 3) -> str:
