@@ -2,8 +2,8 @@
 
 Each method takes the request's ``params`` (already checked for unsupported names by
 :mod:`qmagic.remote.dispatch`) and returns queueserver's reply dict.  Parameter types are
-checked here with queueserver-style messages (``"run_in_background": "false"`` is refused,
-not read as true); every rule is the worker's.  Refusals are in-band:
+checked here with queueserver-style messages; true/false parameters are read as queueserver
+reads them (their truth value: see ``_flag``); every rule is the worker's.  Refusals are in-band:
 ``{"success": False, "msg": ...}`` plus the method's other keys.
 """
 
@@ -161,9 +161,9 @@ class QueueserverProtocol(GuiMethods):
                 raise RequestRefused("Error: User name is not specified: 'user' is a required parameter")
             if "lock_key" not in params:
                 raise RequestRefused("Error: Lock key is not specified: 'lock_key' is a required parameter")
-            state = self.worker.lock(
-                params["lock_key"], environment=params.get("environment", False),
-                queue=params.get("queue", False), note=params.get("note"), user=params["user"],
+            state = self.worker.lock(  # (the scopes: their truth value, as queueserver's)
+                params["lock_key"], environment=_flag(params, "environment", False),
+                queue=_flag(params, "queue", False), note=params.get("note"), user=params["user"],
                 origin="remote", client=client,
             )
         except RequestRefused as exc:  # queueserver: no lock info with a refused lock
@@ -194,7 +194,6 @@ class QueueserverProtocol(GuiMethods):
     def kernel_interrupt(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """queueserver ``kernel_interrupt``: ■ for the kernel (the foreground task with ``interrupt_task``)."""
         try:
-            _flag(params, "interrupt_plan", False)
             self.worker.interrupt(interrupt_task=_flag(params, "interrupt_task", False),
                                   lock_key=_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:
@@ -259,7 +258,6 @@ class QueueserverProtocol(GuiMethods):
     def permissions_reload(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """queueserver ``permissions_reload``: read the permissions file (or the defaults) again."""
         try:
-            _flag(params, "restore_plans_devices", False)
             self.worker.reload_permissions(restore=_flag(params, "restore_permissions", True),
                                            lock_key=_lock_key(params), origin="remote", client=client)
         except RequestRefused as exc:

@@ -1,5 +1,5 @@
-"""What the queueserver methods share: the ``status`` reply and checks of request parameters
-(queueserver-style messages; a string "false" is refused, not read as true).
+"""What the queueserver methods share: the ``status`` reply and the reading of request
+parameters as queueserver reads them (queueserver-style messages).
 """
 
 from __future__ import annotations
@@ -12,22 +12,17 @@ from typing import Any
 
 from . import __version__, probe
 from .core.task import Task
-from .errors import RequestRefused
 from .store.lockfile import check_key
 
 __all__ = ["status_reply"]
 
 
 def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = params.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestRefused(
-            f"Error: Incorrect request format: parameter {name!r} must be true or false, "
-            f"got {value!r} ({type(value).__name__})"
-        )
-    return value
+    """A true/false parameter as queueserver reads it: ``default`` when absent, else its
+    truth value (``bool()``: ``"yes"``, ``1`` and even ``"false"`` are true; ``null``, ``0``
+    and ``""`` false).  queueserver's handlers apply ``bool()`` or test the value's truth, and
+    its clients send what their caller gave: a stricter reading refused their requests."""
+    return bool(params[name]) if name in params else default
 
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:

@@ -1741,17 +1741,13 @@ def test_an_interrupt_anywhere_in_a_limit_change_leaves_the_channel_as_the_setti
 
 # =========================================================================================
 # issue 14 item 4: loose request types are refused, with queueserver-style messages
+# (true/false parameters excepted: their truth value, as queueserver's; see below)
 # =========================================================================================
 ITEM = {"item_type": "function", "name": "add", "args": [1]}
 FE = {"item": ITEM, "user": "u", "user_group": "primary", "run_in_background": True}
 
 LOOSE = [
     # function_execute: every field
-    ("function_execute", {**FE, "run_in_background": "false"}, "'run_in_background' must be true or false"),
-    ("function_execute", {**FE, "run_in_background": "true"}, "'run_in_background' must be true or false"),
-    ("function_execute", {**FE, "run_in_background": 1}, "'run_in_background' must be true or false"),
-    ("function_execute", {**FE, "run_in_background": 0}, "'run_in_background' must be true or false"),
-    ("function_execute", {**FE, "run_in_background": [True]}, "'run_in_background' must be true or false"),
     ("function_execute", {**FE, "item": ["add"]}, "item parameter must have type 'dict'"),
     ("function_execute", {**FE, "item": None}, "item parameter must have type 'dict'"),
     ("function_execute", {**FE, "item": {**ITEM, "item_type": "plan"}}, "unsupported 'item_type'"),
@@ -1784,9 +1780,6 @@ LOOSE = [
     # script_upload
     ("script_upload", {"script": 5}, "Type of the 'script' parameter in API call is incorrect"),
     ("script_upload", {"script": ["x = 1"]}, "Type of the 'script' parameter in API call is incorrect"),
-    ("script_upload", {"script": "x = 1", "run_in_background": "false"}, "'run_in_background' must be"),
-    ("script_upload", {"script": "x = 1", "update_lists": "no"}, "'update_lists' must be true or false"),
-    ("script_upload", {"script": "x = 1", "update_re": 1}, "'update_re' must be true or false"),
     ("script_upload", {"script": "x = 1", "lock_key": 5}, "Lock key must be a non-empty string"),
     # task_status / task_result
     ("task_status", {"task_uid": 5}, "'task_uid' must be a string or a list of strings"),
@@ -1798,9 +1791,6 @@ LOOSE = [
     ("task_result", {"task_uid": ["a"]}, "'task_uid' must be a string"),
     ("task_result", {"task_uid": False}, "'task_uid' must be a string"),
     # lock / unlock / lock_info
-    ("lock", {"lock_key": "k", "user": "u", "environment": "true"}, "must be True or False"),
-    ("lock", {"lock_key": "k", "user": "u", "environment": 1}, "must be True or False"),
-    ("lock", {"lock_key": "k", "user": "u", "queue": "yes"}, "must be True or False"),
     ("lock", {"lock_key": "k", "user": "u", "environment": True, "note": 5}, "Note must be a string"),
     ("lock", {"lock_key": "k", "user": "u", "environment": True, "note": "\udcff"},
      "Note must be a string"),
@@ -1818,9 +1808,6 @@ LOOSE = [
     ("lock_info", {"lock_key": 5}, "Lock key must be a non-empty string or None"),
     ("lock_info", {"lock_key": ["k"]}, "Lock key must be a non-empty string or None"),
     # kernel_interrupt, environment_*
-    ("kernel_interrupt", {"interrupt_task": "yes"}, "'interrupt_task' must be true or false"),
-    ("kernel_interrupt", {"interrupt_task": 1}, "'interrupt_task' must be true or false"),
-    ("kernel_interrupt", {"interrupt_plan": "no"}, "'interrupt_plan' must be true or false"),
     ("kernel_interrupt", {"lock_key": 5}, "Lock key must be a non-empty string or None"),
     ("environment_open", {"lock_key": 5}, "Lock key must be a non-empty string or None"),
     ("environment_close", {"lock_key": [1]}, "Lock key must be a non-empty string or None"),
@@ -1838,8 +1825,6 @@ LOOSE = [
      "is not a valid function name"),
     ("permissions_set", {}, "Parameter 'user_group_permissions' is missing"),
     ("permissions_set", {"user_group_permissions": RULES, "lock_key": 5}, "Lock key must be"),
-    ("permissions_reload", {"restore_permissions": "yes"}, "'restore_permissions' must be true or false"),
-    ("permissions_reload", {"restore_plans_devices": 0}, "'restore_plans_devices' must be true or false"),
     ("permissions_reload", {"lock_key": 5}, "Lock key must be a non-empty string or None"),
     # history_clear
     ("history_clear", {"lock_key": 5}, "Lock key must be a non-empty string or None"),
@@ -1871,6 +1856,35 @@ def test_loose_request_types_are_refused(door):
             assert reply["task_uid"] is None, where
     assert_untouched(worker)
     assert worker.permissions.to_dict() == permissions
+
+
+def test_true_false_parameters_are_read_as_queueserver_reads_them(RM, server, worker):
+    """queueserver's handlers take these parameters' truth value (``bool()`` in
+    function_execute and kernel_interrupt, ``if value`` elsewhere) and REManagerAPI sends
+    what its caller gave: ``run_in_background=1`` or ``"yes"`` was refused here."""
+    for value in (1, "yes", "false"):  # ("false" too: queueserver's bool())
+        uid = RM.function_execute(BFunc("add", 1, 1), run_in_background=value)["task_uid"]
+        assert worker.get_task(uid).background is True and result_of(RM, uid)["return_value"] == 2
+    uid = RM.script_upload("flag_x = 1", run_in_background="yes", update_lists=0,
+                           update_re="no")["task_uid"]
+    assert worker.get_task(uid).background is True and result_of(RM, uid)["success"] is True
+    uid = RM.environment_update(run_in_background=1)["task_uid"]
+    assert worker.get_task(uid).background is True and result_of(RM, uid)["success"] is True
+    assert RM.permissions_reload(restore_permissions=0, restore_plans_devices="yes")["success"]
+    raw = Raw(server.address)
+    try:  # (REManagerAPI applies bool() to lock's scopes itself: a raw client)
+        uid = raw.request("function_execute", {**FE, "item": {**ITEM, "args": [5]},
+                                               "run_in_background": None})["task_uid"]
+        assert worker.get_task(uid).background is False and result_of(RM, uid)["return_value"] == 5
+        reply = raw.request("lock", {"lock_key": "k", "user": "u", "environment": 1, "queue": "yes"})
+        assert reply["success"] is True, reply
+        assert reply["lock_info"]["environment"] is True and reply["lock_info"]["queue"] is True
+        assert raw.request("unlock", {"lock_key": "k"})["success"] is True
+        reply = raw.request("lock", {"lock_key": "k", "user": "u", "environment": 0, "queue": ""})
+        assert "environment and/or queue must be selected" in reply["msg"]
+    finally:
+        raw.close()
+    assert not worker.lock_state().locked
 
 
 def test_lone_surrogates_never_break_a_reply(door):
