@@ -29,7 +29,7 @@ from .result_copies import (
     copy_at_once,
     plain_copy,
 )
-from .store.lockfile import MAX_USER_CHARS
+from .store.lockfile import MAX_USER_CHARS, check_key
 from .texts import LARGE_RESULT_NOT_SENT
 from .worker import json_error
 
@@ -172,11 +172,15 @@ class QueueserverProtocol(GuiMethods):
 
     def unlock(self, params: dict, *, client: str | None = None, **who: Any) -> dict:
         """queueserver ``unlock``: unlock with the lock key or the emergency key."""
-        try:
+        try:  # (a request refused for its key's form: no lock info, as queueserver's)
             if "lock_key" not in params:
                 raise RequestRefused("Error: Request contains no lock key: 'lock_key' parameter is required")
-            state = self.worker.unlock(params["lock_key"], origin="remote", client=client)
+            check_key(params["lock_key"])
         except RequestRefused as exc:
+            return {"success": False, "msg": str(exc), "lock_info": {}, "lock_info_uid": None}
+        try:
+            state = self.worker.unlock(params["lock_key"], origin="remote", client=client)
+        except RequestRefused as exc:  # (a key that does not open it: the lock that refused)
             return _lock_reply(self.worker, False, str(exc))
         return _lock_reply(self.worker, True, "", state)
 

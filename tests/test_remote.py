@@ -1887,6 +1887,26 @@ def test_true_false_parameters_are_read_as_queueserver_reads_them(RM, server, wo
     assert not worker.lock_state().locked
 
 
+def test_lock_replies_carry_lock_info_as_queueserver_does(raw, worker):
+    """queueserver's unlock sets lock_info only once the key's form is accepted (a wrong key
+    gets it; a missing, empty or non-text key gets {} and null), lock_info always sets it,
+    lock never on a refusal."""
+    uid = raw.request("lock", {"lock_key": "k", "user": "Ann", "environment": True})["lock_info_uid"]
+    for params in ({}, {"lock_key": ""}, {"lock_key": 5}, {"lock_key": None}, {"lock_key": ["k"]}):
+        reply = raw.request("unlock", params)
+        assert reply["success"] is False and reply["msg"].startswith("Error: "), (params, reply)
+        assert reply["lock_info"] == {} and reply["lock_info_uid"] is None, (params, reply)
+    for method, params in (("unlock", {"lock_key": "wrong"}), ("lock_info", {"lock_key": "wrong"}),
+                           ("lock_info", {"lock_key": 5})):
+        reply = raw.request(method, params)
+        assert reply["success"] is False and reply["msg"].startswith("Error: "), (method, params, reply)
+        assert reply["lock_info"]["user"] == "Ann" and reply["lock_info_uid"] == uid, (method, reply)
+    reply = raw.request("lock", {"lock_key": "other", "user": "Bob", "environment": True})
+    assert reply["msg"].startswith("Error: RE Manager was locked with a different key: ")
+    assert reply["lock_info"] == {} and reply["lock_info_uid"] is None
+    assert raw.request("unlock", {"lock_key": "k"})["lock_info"]["environment"] is False
+
+
 def test_lone_surrogates_never_break_a_reply(door):
     worker, client = door
     reply = client.request("task_status", {"task_uid": ["\udcff", "ok"]})
