@@ -26,8 +26,8 @@ _HOW_TO_GIVE_A_KEY = {
 
 
 class LockMixin:
-    """``lock``, ``unlock``, ``lock_state``, ``current_lock``, ``holds_lock_key`` and
-    ``check_lock``."""
+    """``lock``, ``unlock`` (``release_lock``), ``lock_state``, ``current_lock``,
+    ``holds_lock_key`` and ``check_lock``."""
 
     _locks: Any
     _key_lock: Any
@@ -101,6 +101,13 @@ class LockMixin:
 
         Without a key, this kernel's remembered key is used; if it holds none while the
         environment is locked, the request is refused with what to do."""
+        return self.release_lock(lock_key, origin=origin, client=client)[0]
+
+    def release_lock(self, lock_key: str | None = None, *, origin: str = "python",
+                     client: str | None = None) -> tuple[Any, bool]:
+        """:meth:`unlock`: (the new LockState, True if this call released a lock; False when
+        nothing was locked as it unlocked).  Words such as "Unlocked." come from this, never
+        from a reading before the unlock: another client may lock or unlock in between."""
         self._check_not_closed(task=False)
         key = self._key(lock_key, origin)
         if origin == "remote":  # queueserver requires a key: none remembered stands in
@@ -115,16 +122,16 @@ class LockMixin:
                     "This kernel does not hold the key of the current lock: give the lock key "
                     f"or the emergency key ({give}).{hint}"
                 )
-            return state
+            return state, False
         try:
             if origin == "remote":
-                return self._locks.unlock(key, client=client)
+                return self._locks.release(key, client=client)
             with self._key_lock, interrupt_after():
-                state = self._locks.unlock(key, client=client)
+                found = self._locks.release(key, client=client)
                 self._remembered_key = None
         except LockRefused as exc:
             raise self._with_state(exc, lock_key, unlocking=True) from None
-        return state
+        return found
 
     def lock_state(self, lock_key: str | None = None, *, client: str | None = None) -> Any:
         """The current LockState, read now; with ``lock_key`` given, LockRefused if it is wrong.

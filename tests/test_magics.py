@@ -947,6 +947,26 @@ def test_lock_magics(qm, ip, capsys):
     assert capsys.readouterr().out == "Unlocked.\n"
 
 
+def test_unlock_says_what_the_unlock_itself_did(qm, ip, capsys, monkeypatch):
+    """%unlock read the lock, then unlocked, and chose its word from the reading: when
+    another client unlocked in between, it said "Unlocked." for a lock it did not release."""
+    line(ip, "lock", "--key K")
+    capsys.readouterr()
+    store, real, fired = qm._locks, qm._locks._refresh, []
+
+    def refresh():  # the magic's first reading of the lock file; then another client unlocks
+        snap = real()
+        if not fired and threading.current_thread() is threading.main_thread():
+            fired.append(True)
+            qm.unlock("K", origin="remote")
+        return snap
+
+    monkeypatch.setattr(store, "_refresh", refresh)
+    line(ip, "unlock")
+    assert fired and capsys.readouterr().out == "Not locked.\n"
+    assert not qm.lock_state().locked
+
+
 @pytest.mark.parametrize("magic, arg, secret", [
     ("unlock", "s3cret", "s3cret"),  # --key forgotten
     ("lock", "--key my secret words", "secret"),  # a key with spaces, unquoted

@@ -329,12 +329,18 @@ class LockStore:
         """Unlock with the lock key or the emergency key; return the new state.
 
         Unlocking an unlocked store succeeds and changes nothing.  The emergency key also
-        resets a damaged lock file.
+        resets a damaged lock file.  :meth:`release` also says whether it released a lock.
         """
+        return self.release(key, client=client)[0]
+
+    def release(self, key: str, *, client: str | None = None) -> tuple[LockState, bool]:
+        """:meth:`unlock`: (the new state, True if this call released a lock; False when it
+        found none, e.g. another process unlocked first)."""
         check_key(key)
         pre = self._refresh()
         if not pre.state.locked:
-            return pre.state
+            return pre.state, False
+        released: list[bool] = []
 
         def verify(snap: Snapshot) -> None:
             if snap.state.locked:
@@ -345,9 +351,10 @@ class LockStore:
                 return now.state
             new = LockState(str(uuid.uuid4()), emergency_key_set=self._emergency_set)
             self._write(new, None)
+            released.append(True)
             return new
 
-        return self._change(pre, verify, change)
+        return self._change(pre, verify, change), bool(released)
 
     def clear(self) -> LockState:
         """Remove the lock without a key (also a damaged file); return the previous state.

@@ -103,11 +103,11 @@ class LockMagics(Magics):
         emergency key given.  Prints "Unlocked." (or "Not locked." when it was not locked)."""
         opts = parse_line(self.unlock, line)
         try:
-            was = self.worker.lock_state()
-            state = self.worker.unlock(_key(opts), origin="magic")
+            # (the word comes from the unlock itself: a reading before it could be stale)
+            state, released = self.worker.release_lock(_key(opts), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc, _KEY_OPTIONS)
-        print(fmt.lock_text(state.to_lock_info(), unlocked=bool(was.environment or was.queue)))
+        print(fmt.lock_text(state.to_lock_info(), unlocked=released))
 
     @line_magic
     def lock_info(self, line: str) -> None:
