@@ -835,6 +835,8 @@ def test_lock_panel_locks_unlocks_and_shows_the_workers_refusals(probe, worker):
     panel._unlock_button.click()
     assert panel.message == "Unlocked." and not w.lock_state().environment
     assert panel.flush() and "qmagic-lock-unlocked" in panel._state.value
+    panel._unlock_button.click()  # nothing to release: it says so
+    assert panel.message == "Not locked." and not w.lock_state().locked
 
 
 def test_lock_panel_shows_an_unexpected_error_as_one_line_that_says_what_to_do(probe, worker, monkeypatch):
@@ -844,7 +846,7 @@ def test_lock_panel_shows_an_unexpected_error_as_one_line_that_says_what_to_do(p
     def broken(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(worker, "unlock", broken)
+    monkeypatch.setattr(worker, "release_lock", broken)
     panel._unlock_button.click()
     assert panel.message == ("Could not unlock: an unexpected error (logged by the kernel). Try "
                              "again; if it persists, run %unlock in a cell to see the error.")

@@ -138,12 +138,12 @@ class LockPanel(PanelBase, W.VBox):
 
     def _on_unlock(self) -> None:
         try:
-            self.worker.unlock(self._key.value or None, origin="panel")
+            _, released = self.worker.release_lock(self._key.value or None, origin="panel")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
             self._qm_set_message(_failed("unlock", exc, "%unlock"), "error")
         else:
             self._clear_key = True
-            self._qm_set_message("Unlocked.", "ok")
+            self._qm_set_message("Unlocked." if released else "Not locked.", "ok")
         self._qm_poke(flag="lock")
 
     # -- pump side --------------------------------------------------------------------------------
