@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__, probe
 from .core.task import Task
+from .errors import RequestRefused
 from .store.lockfile import check_key
 
 __all__ = ["status_reply"]
@@ -19,10 +20,25 @@ __all__ = ["status_reply"]
 
 def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
     """A true/false parameter as queueserver reads it: ``default`` when absent, else its
-    truth value (``bool()``: ``"yes"``, ``1`` and even ``"false"`` are true; ``null``, ``0``
-    and ``""`` false).  queueserver's handlers apply ``bool()`` or test the value's truth, and
-    its clients send what their caller gave: a stricter reading refused their requests."""
-    return bool(params[name]) if name in params else default
+    truth value (``bool()``: ``"yes"`` and ``1`` are true; ``null``, ``0`` and ``""`` false).
+    queueserver's handlers apply ``bool()`` or test the value's truth, and its clients send
+    what their caller gave: a stricter reading refused their requests.  One exception: a text
+    that says false (``"false"``, ``"no"``, ``"0"``...), which ``bool()`` makes true, is
+    refused: doing the opposite of what the sender wrote (run in the background, lock) is
+    worse than a refusal that says what to send."""
+    if name not in params:
+        return default
+    value = params[name]
+    if isinstance(value, str) and value.strip().lower() in _FALSE_TEXTS:
+        raise RequestRefused(
+            f"Error: Incorrect request format: parameter {name!r} is the text {value!r}, which "
+            f"would read as true: send false (JSON, not in quotes)"
+        )
+    return bool(value)
+
+
+#: Texts that say false (``_flag`` refuses them rather than read them as true).
+_FALSE_TEXTS = frozenset({"false", "no", "off", "0", "none", "null", "f", "n"})
 
 
 def _lock_key(params: Mapping[str, Any]) -> str | None:

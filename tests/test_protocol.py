@@ -99,15 +99,26 @@ def test_names_must_be_identifiers(make_worker, name):
     assert reply["success"] is False and w.tasks() == []
 
 
-@pytest.mark.parametrize("value", ["false", "yes", 0, 1, "", [], [0], {"a": 1}, None])
+@pytest.mark.parametrize("value", ["yes", 0, 1, "", [], [0], {"a": 1}, None])
 def test_flags_are_read_as_queueserver_reads_them(make_worker, value):
     """queueserver's function_execute takes ``bool(run_in_background)`` (a client sending
-    "yes" or 1 was refused here): any JSON value is its truth value ("false" too)."""
+    "yes" or 1 was refused here): a JSON value is its truth value."""
     w = make_worker({"f": lambda: 1})
     reply = QS(w).function_execute("f", run_in_background=value)
     assert reply["success"] is True, reply
     task = w.get_task(reply["task_uid"])
     assert task.result(TIMEOUT) == 1 and task.background is bool(value)
+
+
+@pytest.mark.parametrize("value", ["false", "False", " no ", "0", "off", "null"])
+def test_a_text_saying_false_is_refused_not_read_as_true(make_worker, value):
+    """``bool("false")`` is true: queueserver would run the task in the background; a
+    refusal saying what to send is better than the opposite of what the sender wrote."""
+    w = make_worker({"f": lambda: 1})
+    reply = QS(w).function_execute("f", run_in_background=value)
+    assert reply["success"] is False and w.tasks() == []
+    assert reply["msg"] == (f"Error: Incorrect request format: parameter 'run_in_background' is the "
+                            f"text {value!r}, which would read as true: send false (JSON, not in quotes)")
 
 
 def test_unsupported_parameters_and_unknown_methods(make_worker):

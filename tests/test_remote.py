@@ -1862,11 +1862,14 @@ def test_true_false_parameters_are_read_as_queueserver_reads_them(RM, server, wo
     """queueserver's handlers take these parameters' truth value (``bool()`` in
     function_execute and kernel_interrupt, ``if value`` elsewhere) and REManagerAPI sends
     what its caller gave: ``run_in_background=1`` or ``"yes"`` was refused here."""
-    for value in (1, "yes", "false"):  # ("false" too: queueserver's bool())
+    for value in (1, "yes"):
         uid = RM.function_execute(BFunc("add", 1, 1), run_in_background=value)["task_uid"]
         assert worker.get_task(uid).background is True and result_of(RM, uid)["return_value"] == 2
+    for value in ("false", " No", "0"):  # (bool() makes them true: refused, saying what to send)
+        with pytest.raises(RM.RequestFailedError, match="is the text .*send false"):
+            RM.function_execute(BFunc("add", 1, 1), run_in_background=value)
     uid = RM.script_upload("flag_x = 1", run_in_background="yes", update_lists=0,
-                           update_re="no")["task_uid"]
+                           update_re="")["task_uid"]
     assert worker.get_task(uid).background is True and result_of(RM, uid)["success"] is True
     uid = RM.environment_update(run_in_background=1)["task_uid"]
     assert worker.get_task(uid).background is True and result_of(RM, uid)["success"] is True
