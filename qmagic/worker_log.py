@@ -9,9 +9,13 @@ one of its settings, while a scan ran.  So the worker does not close the old log
 *drains* it.  Its observer stays with the engine; new tasks are no longer logged there (the
 new log, if any, takes them), the tasks it logged go on being logged there until they end,
 then it closes (on a thread of its own: never on a task's thread before its waiters wake).
-A worker that closes meanwhile closes it too.  (The new log records their ends as well: in
-one database the two records of a task agree.  Not their starts: a start alone makes a row of
-the new log's session, which its close would mark "kernel stopped".)
+A worker that closes meanwhile closes it too.  A task belongs to the log it was submitted in:
+its start and end go there, once; a log opened later (another ``environment_name`` or
+``state_dir``) never gets a partial copy (an end alone reads as a task it had), nor a task
+submitted while the log was off.  Within one database (another retention or size setting)
+the new log records the end too: its reads (the worker's lookups) see it at once, as the
+old log's writer may not have stored it yet.  Never the start: a start alone makes a row of
+the new log's session, which its close would mark "kernel stopped".
 """
 
 from __future__ import annotations
@@ -107,10 +111,20 @@ class LogObserver:
         uid = task.uid
         try:  # (a closing log has none of its tasks left: the task's uid was noted for the
             # drain's race by a submit cut short, and the log never had it)
-            if (not self.draining or uid in self.live) and not self._once.locked():
+            if uid in self.live and not self._once.locked():
                 self.journal.finished(record)
+                if self.draining:  # (the log in force reads the same database: it sees the end)
+                    newest = self._newest()
+                    if newest is not None and newest is not self:
+                        newest._same_database_end(self.journal, record)
         finally:
             self._forget(uid)
+
+    def _same_database_end(self, journal: Any, record: dict) -> None:
+        """Record the end of a task ``journal`` (a draining log's) logged, if this log writes
+        to the same database and is not closing; a log elsewhere never gets a partial copy."""
+        if self.journal.path == journal.path and not self.draining and not self._once.locked():
+            self.journal.finished(record)
 
     # -- draining -----------------------------------------------------------------------------
     def drain(self, closed: Callable[[LogObserver], None],

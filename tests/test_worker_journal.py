@@ -615,6 +615,34 @@ def test_a_new_state_folder_while_a_task_runs_leaves_its_record_true_in_the_old(
     w.close()
 
 
+@pytest.mark.parametrize("setting", ["environment_name", "state_dir"])
+def test_a_task_running_while_the_log_moves_is_recorded_in_its_own_log_only(journaled, tmp_path, setting):
+    """A task submitted before environment_name or state_dir changed was recorded in both
+    logs: the old one to its end (it drains), and the new one got a copy of its end alone
+    (a "completed" task it never had).  A task belongs to the log it was submitted in."""
+    gate = Gate()
+    w = journaled({"hold": gate, "quick": lambda: 1}, max_background_tasks=1)
+    old = {"state_dir": str(tmp_path / "state"), "environment_name": w.environment_name}
+    running = w.submit("hold")
+    assert gate.started.wait(TIMEOUT)
+    queued = w.submit("quick")  # (waits for the one thread: it starts after the move)
+    setattr(w, setting, "moved" if setting == "environment_name" else str(tmp_path / "moved"))
+    new = {"state_dir": w.state_dir, "environment_name": w.environment_name}
+    try:
+        gate.release.set()
+        assert running.wait(TIMEOUT) and queued.result(TIMEOUT) == 1
+        eventually(lambda: _drained(w), TIMEOUT, "the old log to close")
+        assert w._journal.flush(TIMEOUT)
+        records = {r["uid"]: r for r in qmagic.history(**old)}
+        assert {uid: (r["status"], r["journal"]["orphaned"]) for uid, r in records.items()} == {
+            running.uid: ("completed", False), queued.uid: ("completed", False)}
+        assert records[queued.uid]["started_at"] == queued.started_at
+        assert qmagic.history(**new) == [] and w.history() == []
+    finally:
+        gate.release.set()
+        w.close()
+
+
 def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tmp_path):
     """A log switched off while its tasks ran, whose records could not be written, said so
     only in a warning: log_health() raised "the log is off" and log_note() (the %tasks and
