@@ -621,6 +621,54 @@ def test_a_kernel_that_died_shows_in_the_kernels_still_running_within_seconds(tm
     assert journal.get("running-1")["error"] == ORPHAN_REASON
 
 
+def test_a_dead_kernels_tasks_are_found_while_another_process_holds_the_database(tmp_path, journal):
+    """While another process held the database's write lock, no process could store what a
+    killed kernel left in its spool: its tasks read "not found" in the other kernels (the
+    README promises every uid is found after a SIGKILL).  A lookup that misses the database
+    now reads the spools other sessions left: the task as recovery will store it (pending)."""
+    run_task(journal, "before")
+    assert journal.flush()
+    holder = sqlite3.connect(database_path(tmp_path, ENV), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # (another process's long transaction)
+    try:
+        proc = child(tmp_path, """
+            now = time.time()
+            for uid in ("done-1", "running-1", "queued-1"):
+                j.submitted({"uid": uid, "name": "scan", "status": "queued", "submitted_at": now})
+            for uid in ("done-1", "running-1"):
+                j.started(uid, now)
+            j.finished({"uid": "done-1", "name": "scan", "status": "completed", "submitted_at": now,
+                        "started_at": now, "finished_at": now, "result": 1})
+            print("logged", flush=True)
+            time.sleep(600)
+        """)
+        try:
+            expect(proc, "logged")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        spools = {p.name for p in tmp_path.glob("*.spool")}
+        assert len(spools) == 2 and journal.statuses(["before"]) == {"before": "completed"}
+        uids = ["done-1", "running-1", "queued-1", "unknown-1"]
+        assert journal.statuses(uids) == {"done-1": "completed", "running-1": "failed",
+                                          "queued-1": "failed", "unknown-1": None}
+        done, running, queued = (journal.get(u) for u in uids[:3])
+        assert (done["status"], done["result"], done["journal"]["pending"]) == ("completed", 1, True)
+        assert (running["error"], running["journal"]["orphaned"]) == (ORPHAN_REASON, True)
+        assert queued["error"] == ORPHAN_QUEUED_REASON and journal.get("unknown-1") is None
+        assert journal.find("runn")["uid"] == "running-1"  # (a uid prefix too)
+        assert running["journal"]["pid"] == proc.pid
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: db_rows(tmp_path, "SELECT count(*) FROM tasks") == [(4,)], journal)  # recovery
+    assert journal.statuses(uids) == {"done-1": "completed", "running-1": "failed",
+                                      "queued-1": "failed", "unknown-1": None}
+    stored = journal.get("running-1")
+    assert stored["error"] == ORPHAN_REASON and stored["journal"]["pending"] is False
+    assert stored["finished_at"] == running["finished_at"]
+
+
 def test_a_kernel_that_dies_idle_or_closes_with_running_tasks(tmp_path):
     proc = child(tmp_path, """
         j.submitted({"uid": "q1", "name": "later", "status": "queued", "submitted_at": time.time()})

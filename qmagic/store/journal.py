@@ -69,6 +69,7 @@ from .paths import validate_environment_name
 from .reader import Filters, LogReader, merge_state, sort_time, state_record
 from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
+from .waiting import waiting_records
 from .writer import Writer
 
 __all__ = ["ORPHAN_REASON", "ORPHAN_QUEUED_REASON", "SUMMARY_KEY", "Journal"]
@@ -255,6 +256,12 @@ class Journal:
             out[uid] = state_record(state, meta) if state is not None else None
         return out
 
+    def _waiting(self, uids: Sequence[str] = (), prefix: str | None = None) -> dict[str, dict[str, Any]]:
+        """Records that other sessions' spools hold and the database lacks (a lookup that
+        missed: a killed kernel's, while another process holds the database; see
+        :mod:`qmagic.store.waiting`)."""
+        return waiting_records(self._reader, self.state_dir, self.environment_name, self.session, uids, prefix)
+
     def _wait_ready(self) -> None:
         self._writer.ready.wait(_READY_WAIT_S)
 
@@ -267,7 +274,8 @@ class Journal:
         pending = self._pending(wanted=[uid])
         if uid in pending:
             return self._merged({uid: pending[uid]})[uid]
-        return self._reader.get(uid)
+        # (a miss: another session's spool may hold it; else read again: stored meanwhile?)
+        return self._reader.get(uid) or self._waiting([uid]).get(uid) or self._reader.get(uid)
 
     def find(self, uid_or_prefix: str) -> dict[str, Any] | None:
         """The record of the task with this uid, or with this uid prefix (at least
@@ -287,7 +295,8 @@ class Journal:
     def _prefix_uids(self, prefix: str) -> set[str]:
         # (what is pending first: a batch the writer stores meanwhile is then in the database)
         uids = {u for u in self._pending(prefix) if u.startswith(prefix)}
-        return uids | {r["uid"] for r in self._reader.find_prefix(prefix, 2)}
+        uids |= {r["uid"] for r in self._reader.find_prefix(prefix, 2)}
+        return uids or set(self._waiting(prefix=prefix))
 
     def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
         """``{uid: status or None}`` for every uid asked (one indexed query)."""
@@ -302,6 +311,10 @@ class Journal:
             for uid, rec in self._merged(mine).items():
                 if rec is not None:
                     found[uid] = rec["status"]
+        missing = [u for u in wanted if found.get(u) is None]
+        if missing:  # (as in get(): other sessions' spools, then the database again)
+            found.update({u: rec["status"] for u, rec in self._waiting(missing).items()})
+            found.update(self._reader.statuses([u for u in missing if found.get(u) is None]))
         return {u: found.get(u) if isinstance(u, str) else None for u in uids}
 
     def records(self, **filters: Any) -> list[dict[str, Any]]:

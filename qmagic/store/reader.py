@@ -370,6 +370,14 @@ class LogReader:
                         for r in rows}
         return self._query(run)
 
+    def last_seen(self, session: str) -> float | None:
+        """When the writer ``session`` was last seen (its heartbeat), or None."""
+        def run(conn: sqlite3.Connection | None) -> float | None:
+            row = None if conn is None else conn.execute(
+                "SELECT last_seen FROM sessions WHERE session = ?", (session,)).fetchone()
+            return row[0] if row and isinstance(row[0], (int, float)) else None
+        return self._query(run)
+
     def get(self, uid: str) -> dict[str, Any] | None:
         """The record of task ``uid`` (exact), or None."""
         if not isinstance(uid, str):
