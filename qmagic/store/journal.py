@@ -66,7 +66,8 @@ from ..errors import StateFileError
 from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
 from .paths import validate_environment_name
-from .reader import Filters, LogReader, merge_state, sort_time, state_record
+from .pending import PendingFold, merged_states, newest
+from .reader import Filters, LogReader, sort_time, state_record
 from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
 from .waiting import waiting_records
@@ -143,6 +144,7 @@ class Journal:
                               option=orjson.OPT_APPEND_NEWLINE)
         files = SessionFiles(self.state_dir, self.environment_name, self.session, header, fsync=self.fsync)
         self._spool = Spool(files, int(pending_limit))
+        self._fold = PendingFold(self.session)  # (records(): what waits, folded once)
         self._reader = LogReader(self.path)
         self._writer = Writer(self._spool, self.path, self.environment_name, self.session,
                               identity, max_age_s=float(max_age_s), max_bytes=int(max_bytes), fsync=self.fsync)
@@ -228,10 +230,12 @@ class Journal:
         else:
             chunks = self._spool.lines_of({u.encode("utf-8", "backslashreplace") for u in wanted
                                            if isinstance(u, str)})
-        rows: dict[str, tuple] = {}
-        started: dict[str, float] = {}
-        for data in chunks:
-            rows_from_lines(data, self.session, time.time(), rows, [], started)
+        if needle is None and wanted is None:  # (all of them: the fold kept, extended)
+            rows, started = self._fold.fold(chunks)
+        else:
+            rows, started = {}, {}
+            for data in chunks:
+                rows_from_lines(data, self.session, time.time(), rows, [], started)
         out = {uid: [row] for uid, row in rows.items()}  # (the index chose the uids already)
         for uid, t in started.items():
             out.setdefault(uid, []).append((uid, t))
@@ -239,22 +243,19 @@ class Journal:
 
     def _merged(self, pending: dict[str, list[tuple]]) -> dict[str, dict[str, Any]]:
         """Records (or None) of pending uids, merged over their rows in the database."""
-        try:
-            bases = self._reader.states(list(pending))
-        except StateFileError:  # (what this session holds is still known)
-            bases = {}
-        out = {}
-        for uid, events in pending.items():
-            base = bases.get(uid)
-            state = base
-            for event in events:
-                state = merge_state(state, event)
-            own = state is not None and state.get("session") in (None, self.session)
-            meta = dict(self._meta, info=dict(self._meta["info"])) if own or base is None else {
-                "session": base.get("session"), "host": base.get("host"), "pid": base.get("pid"),
-                "orphaned": bool(state.get("orphaned")), "pending": False, "info": None}
-            out[uid] = state_record(state, meta) if state is not None else None
-        return out
+        states = merged_states(self._reader, pending)
+        return {uid: self._record(state) for uid, state in states.items()}
+
+    def _record(self, found: tuple[dict | None, dict | None]) -> dict[str, Any] | None:
+        """The record of a merged state of :func:`~qmagic.store.pending.merged_states` (None: none yet)."""
+        state, base = found
+        if state is None:
+            return None
+        own = state.get("session") in (None, self.session)
+        meta = dict(self._meta, info=dict(self._meta["info"])) if own or base is None else {
+            "session": base.get("session"), "host": base.get("host"), "pid": base.get("pid"),
+            "orphaned": bool(state.get("orphaned")), "pending": False, "info": None}
+        return state_record(state, meta)
 
     def _waiting(self, uids: Sequence[str] = (), prefix: str | None = None) -> dict[str, dict[str, Any]]:
         """Records that other sessions' spools hold and the database lacks (a lookup that
@@ -330,9 +331,8 @@ class Journal:
         pending = self._pending()
         if not pending:
             return self._reader.records(chosen)
-        now = time.time()
-        extra = [r for r in self._merged(pending).values() if r is not None and chosen.match(r, now)]
-        out = self._reader.records(chosen, exclude=pending) + extra
+        out = self._reader.records(chosen, exclude=pending) + newest(merged_states(self._reader, pending), self._record, chosen,
+                                                                     time.time())
         out.sort(key=sort_time, reverse=True)
         return out if chosen.limit is None else out[: chosen.limit]
 

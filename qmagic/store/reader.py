@@ -242,7 +242,7 @@ def merge_state(old: dict[str, Any] | None, row: tuple) -> dict[str, Any]:
         uid, t = row
         if old is None:
             return {"uid": uid, "rank": 2, "status": "running", "started_at": t, "finished_at": None,
-                    "orphaned": 0, "record": None, "session": None}
+                    "orphaned": 0, "record": None, "session": None, "submitted_at": None}
         if old["rank"] < 2:
             return dict(old, rank=2, status="running", started_at=t)
         return old
@@ -250,9 +250,10 @@ def merge_state(old: dict[str, Any] | None, row: tuple) -> dict[str, Any]:
     if old is None or rank >= old["rank"]:
         started = sta if sta is not None else (old or {}).get("started_at")
         return {"uid": row[0], "rank": rank, "status": status, "started_at": started,
-                "finished_at": fin, "orphaned": 0, "record": line, "session": session}
+                "finished_at": fin, "orphaned": 0, "record": line, "session": session, "submitted_at": row[8]}
     if old["record"] is None:
-        return dict(old, record=line, started_at=old["started_at"] if old["started_at"] is not None else sta)
+        return dict(old, record=line, started_at=old["started_at"] if old["started_at"] is not None else sta,
+                    submitted_at=row[8])
     return old
 
 
@@ -361,12 +362,13 @@ class LogReader:
                 return {}
             rows = conn.execute(
                 "SELECT t.uid, t.rank, t.status, t.started_at, t.finished_at, t.orphaned, t.record, "
-                "t.session, s.host, s.pid FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session "
+                "t.session, s.host, s.pid, t.submitted_at FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session "
                 "WHERE t.uid IN (SELECT value FROM json_each(?))", (orjson.dumps(list(uids)).decode(),))
             with closing(rows):
                 return {r[0]: {"uid": r[0], "rank": r[1] if r[1] in (1, 2, 3) else 0, "status": r[2],
                                "started_at": r[3], "finished_at": r[4], "orphaned": r[5], "record": r[6],
-                               "session": _meta_text(r[7]), "host": _meta_text(r[8]), "pid": _meta_pid(r[9])}
+                               "session": _meta_text(r[7]), "host": _meta_text(r[8]), "pid": _meta_pid(r[9]),
+                               "submitted_at": r[10]}
                         for r in rows}
         return self._query(run)
 
