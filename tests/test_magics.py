@@ -462,6 +462,16 @@ def test_help_shows_every_option_without_rst_markup(qm, ip):
         assert doc.strip() and "::" not in doc, name
 
 
+def test_help_reads_as_plain_text(qm, ip):
+    """%tasks? showed "--history <[N]>" (IPython wraps a value that is not a plain name in
+    <> for reStructuredText), and %lock_info? its docstring's indentation."""
+    assert "--history [N]  " in ip.find_line_magic("tasks").__doc__
+    for name in MAGIC_NAMES:
+        doc = ip.find_line_magic(name).__doc__
+        assert "<[" not in doc and "]>" not in doc, name
+    assert not [line for line in ip.find_line_magic("lock_info").__doc__.splitlines() if line.startswith(" ")]
+
+
 def test_refusals_are_one_line_usage_errors(qm, ip):
     qm.user_group_permissions = {
         "user_groups": {"root": {"allowed_functions": [None]},

@@ -11,7 +11,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from .args import split_words, tidy_help, value_options
+from .args import split_words, value_options
+from .helptext import tidy_help
 from .locks import LockMagics
 from .remote import RemoteMagics
 from .tasks import DEFAULT_TASK_ROWS, TaskMagics
@@ -19,7 +20,7 @@ from .tasks import DEFAULT_TASK_ROWS, TaskMagics
 __all__ = ["TaskMagics", "LockMagics", "RemoteMagics", "DEFAULT_TASK_ROWS", "function_name_matcher"]
 
 for _magics in (TaskMagics, LockMagics, RemoteMagics):
-    tidy_help(_magics)  # %magic? without the stray '::' line
+    tidy_help(_magics)  # %magic? as plain text
 del _magics
 
 

@@ -28,7 +28,7 @@ from ...core.task import exception_text
 from ...errors import one_line
 from ...texts import printable
 
-__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options", "tidy_help",
+__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options",
            "strip_comment", "parse_line", "usage_text"]
 
 _KWARG = re.compile(r"([^\W\d]\w*)=(?!=)(.*)\Z", re.DOTALL)  # (any identifier, énergie=3 too)
@@ -430,12 +430,3 @@ def _eval(shell: Any, expr: str, word: str, name: str) -> Any:
             "expressions (write strings in quotes; put expressions with spaces in brackets)."
         ) from None
 
-
-def tidy_help(magics_class: type) -> type:
-    """``%magic?`` shows each magic's ``__doc__``, which IPython's ``magic_arguments`` starts
-    with a reStructuredText ``::`` line before the usage; drop that line."""
-    for func in vars(magics_class).values():
-        doc = getattr(func, "__doc__", None)
-        if getattr(func, "parser", None) is not None and isinstance(doc, str) and doc.startswith("::"):
-            func.__doc__ = doc[2:].lstrip("\n")
-    return magics_class
