@@ -46,7 +46,7 @@ from .legacy import check_legacy_sessions
 from .records import warn_once
 from .segments import read_lines
 
-__all__ = ["SessionOnDisk", "list_sessions", "recover"]
+__all__ = ["SessionOnDisk", "list_sessions", "recover", "segment_lines"]
 
 _log = logging.getLogger(__name__)
 #: A temporary lock file younger than this may be a starting session's, not locked yet: it is
@@ -117,7 +117,7 @@ def _claim(path: Path) -> int | None:
     return None
 
 
-def _segment_lines(path: Path) -> Iterator[bytes]:
+def segment_lines(path: Path) -> Iterator[bytes]:
     """The complete lines of a dead session's segment, piece by piece (not a line cut short
     by the death; zero bytes skipped; never a buffer as large as what another process may
     have added: see :func:`~qmagic.store.segments.read_lines`).  Raises StateFileError."""
@@ -140,7 +140,7 @@ def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
     bad: list[int] = []
     header: dict = {}
     for _, path in entry.spools:
-        for data in _segment_lines(path):
+        for data in segment_lines(path):
             if not header and data.startswith(b'{"spool"'):
                 with suppress(orjson.JSONDecodeError, TypeError):
                     header = orjson.loads(data[: data.index(b"\n")]) or {}

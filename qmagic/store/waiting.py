@@ -35,17 +35,19 @@ except ImportError:  # pragma: no cover - not POSIX
 
 import orjson
 
+from ..core.memo import Memo
 from ..errors import StateFileError
 from .database import rows_from_lines
 from .files import open_state_file
 from .reader import LogReader, merge_state, state_record
-from .recovery import SessionOnDisk, _segment_lines, list_sessions
+from .recovery import SessionOnDisk, list_sessions, segment_lines
 from .segments import uid_of
 
 __all__ = ["waiting_records"]
 
-_SEEN: dict[tuple, float | None] = {}  # a gone session's files (name, size, mtime) -> last seen
-_SEEN_KEPT = 64
+#: A gone session's files (name, size, mtime) -> the time it was last seen (threads share it).
+_SEEN: Memo[float | None] = Memo(64)
+_UNSEEN = object()
 _SEARCHED = 16  # more uids than this: each line's uid is looked up in a set instead
 
 
@@ -78,7 +80,7 @@ def _lines(entry: SessionOnDisk, uids: Collection[bytes], prefix: bytes | None) 
     search = len(needles) <= _SEARCHED
     for _, path in entry.spools:
         with suppress(StateFileError):
-            for data in _segment_lines(path):
+            for data in segment_lines(path):
                 if not header and data.startswith(b'{"spool"'):
                     with suppress(orjson.JSONDecodeError, TypeError, ValueError):
                         header = orjson.loads(data[: data.index(b"\n")]) or {}
@@ -96,17 +98,17 @@ def _last_seen(entry: SessionOnDisk, now: float) -> float | None:
         with suppress(OSError):
             st = os.lstat(path)
             key.append((path.name, st.st_size, st.st_mtime_ns))
-    if tuple(key) in _SEEN:
-        return _SEEN[tuple(key)]
+    kept = _SEEN.get(tuple(key), _UNSEEN)
+    if kept is not _UNSEEN:
+        return kept
     rows: dict[str, tuple] = {}
     for _, path in entry.spools:
         with suppress(StateFileError):
-            for data in _segment_lines(path):
+            for data in segment_lines(path):
                 rows_from_lines(data, entry.session, now, rows, [])
     seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
-    if len(_SEEN) >= _SEEN_KEPT:
-        _SEEN.clear()
-    _SEEN[tuple(key)] = last = max(seen) if seen else None
+    last = max(seen) if seen else None
+    _SEEN.put(tuple(key), last)
     return last
 
 
