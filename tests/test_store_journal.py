@@ -670,6 +670,27 @@ def test_a_dead_kernels_tasks_are_found_while_another_process_holds_the_database
     assert stored["finished_at"] == running["finished_at"]
 
 
+def test_a_large_lookup_reads_only_the_spools_of_kernels_that_are_gone(tmp_path, journal, monkeypatch):
+    """A miss of many uids (a remote task_status of 20,000) read every running kernel's spool
+    too: 0.1 s per 4 MB of spools.  A running kernel stores its own within seconds, so such a
+    lookup reads only the spools of kernels that are gone, unless this log is in a fault; a
+    few uids still read them all (a task just submitted in another notebook is found)."""
+    from qmagic.store import waiting
+
+    read: list[str] = []
+    real = waiting._lines
+    monkeypatch.setattr(waiting, "_lines", lambda entry, *a: (read.append(entry.session), real(entry, *a))[1])
+    with Journal(tmp_path, ENV) as other:  # (running: it holds its session's lock)
+        run_task(other, "theirs")
+        many = [f"unknown-{i}" for i in range(waiting.SEARCHED + 1)]
+        assert journal.statuses(many) == dict.fromkeys(many) and read == []
+        assert journal.statuses(many[:2]) == dict.fromkeys(many[:2]) and read == [other.session]
+        read.clear()
+        monkeypatch.setitem(journal._writer.faults.kinds, "database", time.monotonic())  # (a fault)
+        assert journal.statuses(many) == dict.fromkeys(many) and read == [other.session]
+        assert journal.statuses(["theirs"] + many) == {"theirs": "completed", **dict.fromkeys(many)}
+
+
 def test_a_kernel_that_dies_idle_or_closes_with_running_tasks(tmp_path):
     proc = child(tmp_path, """
         j.submitted({"uid": "q1", "name": "later", "status": "queued", "submitted_at": time.time()})

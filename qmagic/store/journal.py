@@ -70,7 +70,7 @@ from .pending import PendingFold, merged_states, newest
 from .reader import Filters, LogReader, sort_time, state_record
 from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
-from .waiting import waiting_records
+from .waiting import SEARCHED, waiting_records
 from .writer import Writer
 
 __all__ = ["ORPHAN_REASON", "ORPHAN_QUEUED_REASON", "SUMMARY_KEY", "Journal"]
@@ -260,8 +260,13 @@ class Journal:
     def _waiting(self, uids: Sequence[str] = (), prefix: str | None = None) -> dict[str, dict[str, Any]]:
         """Records that other sessions' spools hold and the database lacks (a lookup that
         missed: a killed kernel's, while another process holds the database; see
-        :mod:`qmagic.store.waiting`)."""
-        return waiting_records(self._reader, self.state_dir, self.environment_name, self.session, uids, prefix)
+        :mod:`qmagic.store.waiting`).  Running kernels' spools too for a few uids, or
+        during a fault of this log (another process holding the database, say); for many
+        uids else only those of kernels that are gone (a running kernel stores its own
+        within seconds): a lookup of 20,000 unknown uids stays quick."""
+        live = prefix is not None or len(uids) <= SEARCHED or bool(self._writer.faults.kinds)
+        return waiting_records(self._reader, self.state_dir, self.environment_name, self.session, uids, prefix,
+                               live=live)
 
     def _wait_ready(self) -> None:
         self._writer.ready.wait(_READY_WAIT_S)
