@@ -11,6 +11,7 @@ dictionary reads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -21,10 +22,10 @@ from typing import Any, Callable, Mapping
 
 from .core.memo import Memo
 from .core.permissions import MAX_NAME_LENGTH, function_name_error
-from .errors import RequestRefused
+from .errors import RequestRefused, one_line
 from .format import safe_repr
 
-__all__ = ["Catalog", "check_name", "describe", "describe_plan", "describe_device", "is_plan", "plan_refusal",
+__all__ = ["Catalog", "check_name", "submit_target", "describe", "describe_plan", "describe_device", "is_plan", "plan_refusal",
            "is_coroutine_function"]
 
 
@@ -35,12 +36,38 @@ def check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise RequestRefused("Error: Incorrect request format: function name is not specified")
     if function_name_error(name) is not None:
+        head = name.split("(", 1)[0].strip()
+        if head != name and function_name_error(head) is None:  # a call written as the name
+            raise RequestRefused(
+                f"Error: Incorrect request format: {safe_repr(name, 42)} is not a function name: give "
+                f"the name alone ({head!r}) and the arguments apart")
         raise RequestRefused(
             f"Error: Incorrect request format: {safe_repr(name, 42)} is not a function name: use the "
             f"name of a function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} "
             "characters)"
         )
     return name
+
+
+def submit_target(target: Any) -> tuple[str, Callable[..., Any] | None]:
+    """``submit()``'s target as ``(name, function)``: a namespace name (checked by
+    :func:`check_name`; function None, resolved later) or a callable (named by its
+    ``__name__``).  Anything else is a one-line TypeError; a coroutine object (``acq(3)``
+    given for ``acq``) says how to pass the call, and is closed (no "never awaited" warning
+    follows)."""
+    if isinstance(target, str):
+        return check_name(target), None
+    if callable(target):
+        return getattr(target, "__name__", type(target).__name__), target
+    if inspect.iscoroutine(target):
+        name = getattr(target, "__name__", None)
+        name = name if type(name) is str and name.isidentifier() else "acq"
+        with contextlib.suppress(Exception):  # (never started: its code does not run)
+            target.close()
+        raise one_line(TypeError(
+            f"submit() got {name}(...) already called (a coroutine): pass the function and its "
+            f"arguments instead, e.g. submit({name}, (3,)), not submit({name}(3))."))
+    raise one_line(TypeError(f"submit() needs a function name or a callable, got {safe_repr(target, 80)}."))
 
 
 _CHECKED_MAX = 10_000  # entries of Catalog._checked

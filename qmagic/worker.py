@@ -20,7 +20,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 from traitlets import observe
 
-from .catalog import Catalog, check_name, is_coroutine_function, is_plan, plan_refusal
+from .catalog import (
+    Catalog,
+    is_coroutine_function,
+    is_plan,
+    plan_refusal,
+    submit_target,
+)
 from .config import QMagic
 from .core.awaiting import awaitable_result
 from .core.context import current_task
@@ -33,7 +39,6 @@ from .core.task import INTERRUPTED, Task
 from .errors import RequestRefused, TaskCancelled, one_line
 from .scripts import ScriptRunner, check_script_name
 from .store.lockfile import user_problem
-from .texts import safe_repr
 from .worker_locks import LockMixin
 from .worker_lookup import LookupMixin
 from .worker_state import StateMixin
@@ -255,13 +260,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         (or a subclass) and change nothing.  The keywords after ``timeout`` are qmagic's own.
         """
         self._check_not_closed()
-        if isinstance(target, str):
-            name, func = check_name(target), None
-        elif callable(target):
-            name, func = getattr(target, "__name__", type(target).__name__), target
-        else:
-            raise one_line(TypeError(
-                f"submit() needs a function name or a callable, got {safe_repr(target, 80)}."))
+        name, func = submit_target(target)
         args = _positional(args)
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise one_line(TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}."))

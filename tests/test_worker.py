@@ -553,6 +553,37 @@ def test_submit_callable_and_bad_target(make_worker):
         w.submit(42)
 
 
+def test_a_coroutine_object_as_target_says_how_to_pass_the_call(make_worker):
+    """``w.submit(acq(3))`` (the coroutine an ``async def`` returns, instead of the function)
+    said "needs a function name or a callable, got <coroutine object acq at 0x...>", and a
+    "coroutine 'acq' was never awaited" warning followed: one line says how to pass the call,
+    the coroutine is closed (no warning), nothing starts.  A call written as a name
+    (``"acq(3)"``, from any door) says to give the name alone."""
+    import gc
+    import warnings
+
+    async def acq(n):
+        return n
+
+    w = make_worker({"acq": acq})
+    coro = acq(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError) as info:
+            w.submit(coro)
+        del coro
+        gc.collect()
+    assert info.value._render_traceback_() == [
+        "TypeError: submit() got acq(...) already called (a coroutine): pass the function and its "
+        "arguments instead, e.g. submit(acq, (3,)), not submit(acq(3))."]
+    assert [str(c.message) for c in caught if "never awaited" in str(c.message)] == []
+    with pytest.raises(RequestRefused, match=r"'acq\(3\)' is not a function name: give the name alone "
+                                            r"\('acq'\) and the arguments apart"):
+        w.submit("acq(3)")
+    assert w.tasks() == []
+    assert w.submit(acq, (3,)).result(TIMEOUT) == 3
+
+
 def test_task_repr_is_deterministic(make_worker):
     w = make_worker({"add": lambda a, b=0: a + b})
     t = w.submit("add", (1,), {"b": 5})
