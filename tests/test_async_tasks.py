@@ -413,6 +413,53 @@ def test_deadlines_cancel_coroutine_and_thread_tasks_and_say_why(make_worker, no
     assert fast.result(TIMEOUT) == "in time" and fast.status is TaskStatus.COMPLETED
 
 
+def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesky_loop):
+    """A coroutine that caught the deadline's CancelledError ran on to its end and was
+    recorded ``completed`` (``Engine._deadline`` sent coroutines one cancel only): past its
+    deadline it gets a second CancelledError after ``cancel_grace_s`` and ends cancelled with
+    the deadline's reason, as a forced cancel does.  Code that swallows every cancel and
+    returns anyway (a coroutine, or a thread task that never raises) is recorded cancelled
+    too, in memory and in the log: a task never reads ``completed`` past its deadline."""
+    swallowed: dict = {}
+
+    async def swallow_once():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            swallowed.setdefault("once", threading.Event()).set()
+        await asyncio.sleep(60)
+        return 1
+
+    async def swallow_all():
+        for _ in range(2):
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass
+        return 2
+
+    def thread_returns():  # sees the cancel, and returns a result all the same
+        task = qmagic.current_task()
+        while not task.cancel_requested:
+            time.sleep(0.005)
+        return 3
+
+    swallowed["once"] = threading.Event()
+    w = make_worker({"swallow_once": swallow_once, "swallow_all": swallow_all,
+                     "thread_returns": thread_returns}, cancel_grace_s=0.1)
+    tasks = [w.submit(name, timeout=0.2) for name in ("swallow_once", "swallow_all", "thread_returns")]
+    for task in tasks:
+        assert task.wait(TIMEOUT), task.name
+        assert (task.status, task.error) == (TaskStatus.CANCELLED, "deadline of 0.2 s passed"), task.name
+        with pytest.raises(cf.CancelledError, match="was cancelled: deadline of 0.2 s passed"):
+            task.result()
+    assert swallowed["once"].is_set()
+    records = {r["name"]: r for r in w.history()}
+    assert {name: (r["status"], r["error"], r["result"]) for name, r in records.items()} == {
+        name: ("cancelled", "deadline of 0.2 s passed", None)
+        for name in ("swallow_once", "swallow_all", "thread_returns")}
+
+
 def test_interrupting_a_foreground_coroutine_task_cancels_it(make_worker, no_bluesky_loop):
     started, inside = threading.Event(), []
     w = make_worker({"wait_forever": make_wait_forever(started, inside)})

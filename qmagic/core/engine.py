@@ -349,11 +349,11 @@ class Engine(TaskRegistry):
         """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
         return self._runner.cancel([task], force, reason)[0]
 
-    def _deadline(self, job: Job) -> None:
+    def _deadline(self, job: Job) -> None:  # (forced as by cancel(force=True); a late result: JobRunner.end)
         task = job.task
         if not task.done():
-            self.cancel(task, force=not job.coroutine,
-                        reason=f"deadline of {task.timeout:g} s passed")
+            job.deadline_passed = True
+            self.cancel(task, force=True, reason=f"deadline of {task.timeout:g} s passed")
 
     def interrupt_foreground(self) -> str:
         """Interrupt the running foreground task (KeyboardInterrupt in its code).

@@ -62,6 +62,7 @@ class Job:
         "task", "call", "coroutine", "tokens", "ident", "in_user_code", "handed_over",
         "deadline", "atask", "loop", "interrupt_sent", "gate", "code_done", "force_planned",
         "exception_sent", "recorded", "interrupted_early", "lock_wait_since", "cancel_sent", "cancel_delivered",
+        "deadline_passed",
     )
 
     def __init__(self, task: Task, call: Callable[[], Any], coroutine: bool) -> None:
@@ -89,6 +90,8 @@ class Job:
         #: asyncio's first cancel reached the task's coroutine (on its loop; ``CoroutineJobs``).
         self.cancel_delivered = False
         self.recorded = False  # every observer (the log) was told of the submit
+        #: Its deadline passed while it ran (a result that comes later is dropped: ``end``).
+        self.deadline_passed = False
         #: ■ came before the task's code started: it never starts (read as it would).
         self.interrupted_early = False
         #: Since when every forced-cancel try found the thread in a lock's code (or None).
@@ -226,6 +229,11 @@ class JobRunner(CoroutineJobs):
         if (isinstance(error, TaskCancelled) and task.cancel_requested
                 and str(error) != task.cancel_reason):  # a forced stop raised the bare class
             error = TaskCancelled(task.cancel_reason).with_traceback(error.__traceback__)
+        if error is None and job.deadline_passed:  # it caught every cancel, and returned late
+            log.warning("qmagic: %s (task %s) returned after its deadline of %g s instead of stopping; "
+                        "it is recorded as cancelled and its result is dropped.", task.call_text(40),
+                        task.uid[:8], task.timeout)
+            error = TaskCancelled(task.cancel_reason)
         if error is None:
             status, tb = TaskStatus.COMPLETED, None
         else:
