@@ -413,6 +413,44 @@ def test_deadlines_cancel_coroutine_and_thread_tasks_and_say_why(make_worker, no
     assert fast.result(TIMEOUT) == "in time" and fast.status is TaskStatus.COMPLETED
 
 
+def test_an_asyncio_task_it_started_never_writes_into_a_finished_task(make_worker, no_bluesky_loop, capsys):
+    """An asyncio task created by a coroutine task inherits its context: what it printed
+    after its parent completed went on into the parent's ``output`` ('child sees
+    current_task: completed\norphan print\n'), so a finished task's output changed.  Now
+    the finished task's output and log stay as they were; the later print reaches stdout as
+    prints outside tasks do; ``current_task()`` there is still the (ended) parent, by design
+    (documented): ``raise_if_cancelled()`` in such a child stops once its parent was
+    cancelled."""
+    go, printed = threading.Event(), threading.Event()
+    seen: dict = {}
+    children: list = []
+
+    async def child():
+        print("child before")
+        while not go.is_set():
+            await asyncio.sleep(0.005)
+        seen["task"] = qmagic.current_task()
+        print("orphan print")
+        logging.getLogger("beamline").warning("orphan log")
+        printed.set()
+
+    async def parent():
+        children.append(asyncio.create_task(child()))
+        await asyncio.sleep(0)  # (the child runs up to its wait, inside the parent's time)
+        print("parent done")
+        return 1
+
+    w = make_worker({"parent": parent})
+    task = w.submit("parent")
+    assert task.result(TIMEOUT) == 1
+    go.set()
+    assert printed.wait(TIMEOUT)
+    assert seen["task"] is task and task.done()
+    assert task.output == "child before\nparent done\n"
+    assert "orphan" not in task.log_text and [r["message"] for r in task.log] == []
+    assert "orphan print\n" in capsys.readouterr().out
+
+
 def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesky_loop):
     """A coroutine that caught the deadline's CancelledError ran on to its end and was
     recorded ``completed`` (``Engine._deadline`` sent coroutines one cancel only): past its

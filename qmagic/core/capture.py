@@ -3,7 +3,9 @@
 ``sys.stdout`` / ``sys.stderr`` are wrapped once (reference counted over workers) by a thin
 tee that copies writes made in a task's thread to that task, and a handler on the root
 logger copies log records emitted in a task's thread.  Outside tasks both are
-pass-through.
+pass-through, and so once the task's end was claimed (code it started that inherited
+its context -- an asyncio task it created -- may print after it ended: a finished task's
+output and log never change).
 
 Listeners (the info socket) are told which task's work wrote a text: the task running in
 the writing thread, else the task whose work started that thread (or the thread that
@@ -38,16 +40,15 @@ _left_in_chain = False
 
 def work_of() -> Any:
     """The task whose work runs in this thread: the current task, else the one whose work
-    started this thread while that one runs (see the module docstring), else None.  (Once
+    started this thread, while that task runs (see the module docstring), else None.  (Once
     it has ended, a thread it happened to start -- a pool's, an event loop's -- runs other
-    work: the notebook's, the next task's.)"""
+    work: the notebook's, the next task's; and code it started that inherited its context,
+    an asyncio task it created, is on its own.)"""
     task = _current.get()
     if task is None:
         started_by = getattr(threading.current_thread(), "_qmagic_started_by", None)
         task = started_by() if started_by is not None else None
-        if task is not None and task.done():
-            return None
-    return task
+    return None if task is None or task._ending else task
 
 
 def _start_noting_the_task(thread: threading.Thread) -> None:
@@ -160,8 +161,8 @@ def _run_waiting(pending: deque) -> None:
 def _keep_text(text: str) -> None:
     """A write to stdout/stderr: to the current task's output, and to the listeners."""
     task = _current.get()
-    if task is not None:
-        task._write_output(text)
+    if task is not None and not task._write_output(text):
+        task = None  # (it has ended: its output stays as it was; the text goes where others go)
     if _listeners:
         origin = task if task is not None else work_of()
         for listener in _listeners:
@@ -202,7 +203,7 @@ class _TaskLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         task = _current.get()
-        if task is not None:
+        if task is not None and not task._ending:  # (an ended task's log never changes)
             try:
                 message = record.getMessage()
                 line = self.format(record) + "\n"

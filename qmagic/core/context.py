@@ -24,7 +24,13 @@ _current: contextvars.ContextVar[Task | None] = contextvars.ContextVar(
 
 def current_task() -> Task | None:
     """The :class:`qmagic.Task` whose code is running here (in this thread, or in this
-    coroutine task on its event loop), or None outside any task."""
+    coroutine task on its event loop), or None outside any task.
+
+    Code the task started that inherits its context -- an asyncio task it created with
+    ``asyncio.create_task``, a thread of ``asyncio.to_thread`` -- gets that task too, also
+    once it has ended (check ``task.done()``): so ``raise_if_cancelled()`` there still stops
+    when the task was cancelled.  What such code prints or logs after the task ended goes
+    where output goes outside tasks, never into the finished task's ``output`` or ``log``."""
     return _current.get()
 
 

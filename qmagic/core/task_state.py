@@ -54,7 +54,42 @@ def exception_text(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-class TaskState(Future):
+class _Captured:
+    """What a task's code printed and logged (:mod:`qmagic.core.capture` keeps it), bounded
+    to ``_output_limit`` characters each; kept only until the task's end is claimed: a
+    finished task's output and log never change (code it started that inherited its context,
+    an asyncio task it created, may print after it ended)."""
+
+    _mutex: threading.Lock
+    _output_limit: int
+    _ending: bool
+    _output: TextBuffer | None = None
+    _log: TextBuffer | None = None
+    _log_records: deque | None = None
+
+    def _write_output(self, text: str) -> bool:
+        """Keep printed ``text``; False (not kept) once the end was claimed."""
+        with self._mutex:
+            if self._ending:
+                return False
+            if self._output is None:
+                self._output = TextBuffer(self._output_limit)
+            self._output.write(text)
+            return True
+
+    def _add_log_record(self, record: dict, line: str) -> None:
+        """Keep a log record and its text line (not once the end was claimed)."""
+        with self._mutex:
+            if self._ending:
+                return
+            if self._log is None:
+                self._log = TextBuffer(self._output_limit)
+                self._log_records = deque(maxlen=1000)
+            self._log_records.append(record)
+            self._log.write(line)
+
+
+class TaskState(_Captured, Future):
     """The fields of a task and the runner protocol (see the module docstring); the
     user-facing handle is :class:`~qmagic.core.task.Task`."""
 
@@ -114,12 +149,9 @@ class TaskState(Future):
     _error_text: str | None = None
     _exception_tb: Any = None  # a failed task's traceback from the user's first frame on
     _progress: Progress | None = None
-    _output: TextBuffer | None = None
-    _log: TextBuffer | None = None
-    _log_records: deque | None = None
     _cancel_requested = False
     _cancel_reason = "Task was cancelled"
-    _ending = False  # a runner claimed the right to finish the task
+    _ending = False  # a runner claimed the right to finish the task (never reset)
     #: While the task's code runs: its thread's ident (a thread task), or the asyncio task
     #: running its coroutine (or its function's awaitable result): ``task._waiter_loop``.
     _own_code: Any = None
@@ -317,20 +349,6 @@ class TaskState(Future):
             self._progress = progress
             if self._bus is not None:
                 self._bus.emit(self, progress=progress)
-
-    def _write_output(self, text: str) -> None:
-        with self._mutex:
-            if self._output is None:
-                self._output = TextBuffer(self._output_limit)
-            self._output.write(text)
-
-    def _add_log_record(self, record: dict, line: str) -> None:
-        with self._mutex:
-            if self._log is None:
-                self._log = TextBuffer(self._output_limit)
-                self._log_records = deque(maxlen=1000)
-            self._log_records.append(record)
-            self._log.write(line)
 
     # Future's state questions, without the lock: one read of the status, which _finish sets
     # last.  (Future's own take the lock, and concurrent.futures.wait(...,
