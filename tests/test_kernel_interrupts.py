@@ -498,6 +498,79 @@ def test_a_press_before_the_tasks_code_started_stops_the_task(_shell, sigint_as_
         w.close()
 
 
+def test_a_press_in_a_magics_own_code_ends_it_in_one_line(_shell, sigint_as_in_a_cell):
+    """■ at every line of a magic's own code before its task exists (reading the line,
+    checking the name, Worker.submit and Engine.submit up to the task's record, its
+    provenance) and after it ended (settle): the magic ends with one KeyboardInterrupt line
+    saying what became of the request, which still stops the cell (a KeyboardInterrupt);
+    before, the traceback went through qmagic's frames (found by the hostile tester: 7 of 40
+    presses during a loop of short %function_execute calls).  One that reaches the task is
+    the task's (one TaskCancelled line, recorded), as before; the kernel stays healthy."""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic import TaskCancelled, get_worker
+    from qmagic.catalog import check_name
+    from qmagic.core.engine import Engine
+    from qmagic.ipython.extension import load_ipython_extension, unload_ipython_extension
+    from qmagic.ipython.magics import args, common
+    from qmagic.worker import Worker
+
+    load_ipython_extension(_shell)
+    try:
+        _shell.run_cell("def sshort(i):\n    return i\n").raise_error()
+        w = get_worker()
+        points = [(f, line) for f in (args.parse_line, check_name, Worker.submit, Engine.submit,
+                                      w.provenance_source, common.settle) for line in lines_of(f)]
+        shown: dict = {}
+        for func, line in points:
+            known = {t.uid for t in w.tasks()}
+            fired: list = []
+            sys.settrace(sigint_at(func.__code__, line, fired))
+            try:
+                _shell.run_line_magic("function_execute", "sshort 3")
+            except (KeyboardInterrupt, TaskCancelled) as exc:
+                assert fired, (func.__name__, line)
+                rendered = exc._render_traceback_()
+                assert len(rendered) == 1, (func.__name__, line, rendered)
+                new = [t for t in w.tasks() if t.uid not in known]
+                text = rendered[0]
+                if "no task was started" in text:
+                    assert new == [], (func.__name__, line)
+                elif isinstance(exc, TaskCancelled):  # (it reached the task: recorded)
+                    assert [(t.status.value, t.error) for t in new] == [
+                        ("cancelled", "Task was interrupted (■ or KeyboardInterrupt)")], (func.__name__, line)
+                else:
+                    assert len(new) == 1 and new[0].uid[:8] in text, (func.__name__, line, text)
+                    text = text.replace(new[0].uid[:8], "UID")
+                shown.setdefault(text, []).append((func.__name__, line))
+            else:
+                assert not fired, (func.__name__, line)  # (a press is never lost)
+            finally:
+                sys.settrace(None)
+            assert w.engine.counts()["foreground"] is None
+        assert {
+            "KeyboardInterrupt: stopped %function_execute before it started a task: no task was started.",
+            "KeyboardInterrupt: stopped %function_execute: its task sshort(3) has ended (completed); see "
+            "%task_result UID.",
+            "TaskCancelled: sshort(3) was interrupted (■ or KeyboardInterrupt); it is recorded as cancelled.",
+        } <= set(shown), shown
+        assert _shell.run_line_magic("function_execute", "sshort 4").result() == 4  # (healthy)
+        for magic, line, said in (("task_status", "", "stopped %task_status; nothing was changed."),
+                                  ("task_cancel", "--all", "stopped %task_cancel; it may have taken "
+                                   "effect: %tasks shows what holds now.")):
+            fired = []
+            sys.settrace(sigint_at(args.parse_line.__code__, lines_of(args.parse_line)[0], fired))
+            try:
+                with pytest.raises(KeyboardInterrupt) as info:
+                    _shell.run_line_magic(magic, line)
+            finally:
+                sys.settrace(None)
+            assert fired and info.value._render_traceback_() == [f"KeyboardInterrupt: {said}"]
+    finally:
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")
+
+
 @pytest.fixture(scope="module")
 def sk(tmp_path_factory):
     session = start_kernel(tmp_path_factory.mktemp("storm"))

@@ -306,7 +306,7 @@ class Engine(TaskRegistry):
             observer.task_submitted(task)  # may raise: then the task never existed
         job.recorded = True
         self._jobs[task.uid] = job
-        self._last = task
+        self._last, self._here.uid = task, task.uid
         if self.bus.listening(task):  # (a subscriber that comes later is told "queued" anyway)
             with task._mutex:
                 self.bus.emit(task, status="queued")

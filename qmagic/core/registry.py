@@ -92,6 +92,7 @@ class TaskRegistry:
         self._results_seq = itertools.count(1)
         self._results_count = 0  # tasks finished so far (read without the lock: one int)
         self._last: Task | None = None
+        self._here = threading.local()  # .uid: of the last task each thread submitted
         self._sweep_at: float | None = None
         #: Called with the tasks dropped from memory (retention), outside locks.
         self.on_expire: Callable[[list[Task]], None] | None = None
@@ -303,6 +304,11 @@ class TaskRegistry:
         """The most recently submitted task still in memory."""
         last = self._last
         return last if last is not None and last.uid in self._jobs else None
+
+    def submitted_here(self) -> str | None:
+        """The uid of the last task submitted on this thread (announced: the log may hold
+        it), or None; what a caller interrupted midway compares (the magics)."""
+        return getattr(self._here, "uid", None)
 
     def clear_finished(self) -> int:
         """Forget every finished task kept in memory; returns how many."""

@@ -12,6 +12,7 @@ from typing import Any
 from IPython.core.error import UsageError
 
 from .args import split_words, value_options
+from .common import interrupts_in_one_line
 from .helptext import tidy_help
 from .locks import LockMagics
 from .remote import RemoteMagics
@@ -21,7 +22,9 @@ __all__ = ["TaskMagics", "LockMagics", "RemoteMagics", "DEFAULT_TASK_ROWS", "fun
 
 for _magics in (TaskMagics, LockMagics, RemoteMagics):
     tidy_help(_magics)  # %magic? as plain text
-del _magics
+    for _method in {**_magics.magics["line"], **_magics.magics["cell"]}.values():
+        setattr(_magics, _method, interrupts_in_one_line(getattr(_magics, _method)))
+del _magics, _method
 
 
 def function_name_matcher(worker: Any) -> Any:

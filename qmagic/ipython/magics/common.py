@@ -10,11 +10,16 @@ waiting, and showing a panel.
   with one ``TaskCancelled`` line saying how.
 - A SyntaxError (a script with a typo) shows the script's line and caret, and the user's
   own frames if any; never IPython's or qmagic's.
+- ■ that lands in a magic's own code (reading its line, checking the request, before its
+  task exists or after it ended) ends the magic with one KeyboardInterrupt line saying what
+  became of the request (:func:`interrupts_in_one_line`, around every magic); one that
+  reaches a task is the task's (recorded), as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import traceback
 from typing import Any, Callable, NoReturn
 
@@ -27,13 +32,68 @@ from ...core.task import Task, exception_text
 from ...errors import TaskCancelled, one_line
 from ...worker import cancelled_line
 
-__all__ = ["ShownGroup", "ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted"]
+__all__ = ["ShownGroup", "ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted",
+           "interrupts_in_one_line"]
 
 
 def refused(exc: BaseException | str, key_option: str = "--lock-key KEY") -> NoReturn:
     """Stop the cell with the refusal as one UsageError line; ``key_option`` is how this
     magic takes a key."""
     raise UsageError(fmt.refusal_line(exc, f"give the key with {key_option}"))
+
+
+#: Magics that start tasks, and what to look at after ■ stopped one of those that change
+#: something (it may have taken effect); the others only read.
+_STARTS_TASKS = frozenset({"function_execute", "script_upload"})
+_LOOK_AT = {"lock": "%lock_info", "unlock": "%lock_info", "task_cancel": "%tasks",
+            "control_channel": "%control_channel status"}
+
+
+def interrupts_in_one_line(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a magic: a KeyboardInterrupt (■) that lands in its own code ends it with one line
+    saying what became of the request -- no task started, or its task's state -- never
+    qmagic's frames; it still propagates (the cell's loop stops).  One already shown in one
+    line (a task's, a wait's, one held while a task was recorded) passes unchanged."""
+    magic = method.__name__
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # noqa: F841
+        engine = getattr(getattr(self, "worker", None), "engine", None)
+        before = engine.submitted_here() if engine is not None else None
+        try:
+            return method(self, *args, **kwargs)
+        except KeyboardInterrupt as exc:
+            if hasattr(exc, "_render_traceback_"):
+                raise
+            while True:  # (another ■ while the line is made: made again)
+                try:
+                    line = _stopped_line(magic, engine, before)
+                    break
+                except KeyboardInterrupt:
+                    continue
+            raise one_line(KeyboardInterrupt(line)) from None
+
+    return run
+
+
+def _stopped_line(magic: str, engine: Any, before: str | None) -> str:
+    """What ■ in ``%magic``'s own code left: its task (submitted on this thread since
+    ``before``), or none; what to look at for magics that change something."""
+    uid = engine.submitted_here() if engine is not None else None
+    task = engine.get(uid) if uid is not None and uid != before else None
+    if task is not None:
+        call, uid = task.call_text(40), task.uid[:8]
+        if task.done():
+            return f"stopped %{magic}: its task {call} has ended ({task.status.value}); see %task_result {uid}."
+        return f"stopped %{magic}: its task {call} runs on; stop it with %task_cancel {uid}."
+    if uid is not None and uid != before:  # (it has left memory already)
+        return f"stopped %{magic} after it started a task; %tasks --history lists it."
+    if magic in _STARTS_TASKS:
+        return f"stopped %{magic} before it started a task: no task was started."
+    if magic in _LOOK_AT:
+        return f"stopped %{magic}; it may have taken effect: {_LOOK_AT[magic]} shows what holds now."
+    return f"stopped %{magic}; nothing was changed."
 
 
 class WaitInterrupted(KeyboardInterrupt):
