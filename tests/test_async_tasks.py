@@ -451,20 +451,20 @@ def test_an_asyncio_task_it_started_never_writes_into_a_finished_task(make_worke
     assert "orphan print\n" in capsys.readouterr().out
 
 
-def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesky_loop):
+def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesky_loop, caplog):
     """A coroutine that caught the deadline's CancelledError ran on to its end and was
     recorded ``completed`` (``Engine._deadline`` sent coroutines one cancel only): past its
     deadline it gets a second CancelledError after ``cancel_grace_s`` and ends cancelled with
-    the deadline's reason, as a forced cancel does.  Code that swallows every cancel and
-    returns anyway (a coroutine, or a thread task that never raises) is recorded cancelled
-    too, in memory and in the log: a task never reads ``completed`` past its deadline."""
-    swallowed: dict = {}
+    the deadline's reason, as a forced cancel does.  Code that catches every cancel and
+    returns a result anyway (a coroutine, or a thread task that sees the cancel and returns)
+    keeps it, as ``asyncio.wait_for`` does, with a warning in the log."""
+    swallowed = threading.Event()
 
     async def swallow_once():
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            swallowed.setdefault("once", threading.Event()).set()
+            swallowed.set()
         await asyncio.sleep(60)
         return 1
 
@@ -482,20 +482,23 @@ def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesk
             time.sleep(0.005)
         return 3
 
-    swallowed["once"] = threading.Event()
     w = make_worker({"swallow_once": swallow_once, "swallow_all": swallow_all,
                      "thread_returns": thread_returns}, cancel_grace_s=0.1)
-    tasks = [w.submit(name, timeout=0.2) for name in ("swallow_once", "swallow_all", "thread_returns")]
-    for task in tasks:
-        assert task.wait(TIMEOUT), task.name
-        assert (task.status, task.error) == (TaskStatus.CANCELLED, "deadline of 0.2 s passed"), task.name
-        with pytest.raises(cf.CancelledError, match="was cancelled: deadline of 0.2 s passed"):
-            task.result()
-    assert swallowed["once"].is_set()
+    with caplog.at_level(logging.WARNING, logger="qmagic"):
+        once, every, thread = (w.submit(name, timeout=0.2) for name in ("swallow_once", "swallow_all", "thread_returns"))
+        for task in (once, every, thread):
+            assert task.wait(TIMEOUT), task.name
+    assert swallowed.is_set()
+    assert (once.status, once.error) == (TaskStatus.CANCELLED, "deadline of 0.2 s passed")
+    with pytest.raises(cf.CancelledError, match="was cancelled: deadline of 0.2 s passed"):
+        once.result()
+    assert (every.result(), thread.result()) == (2, 3)
+    late = [r.getMessage() for r in caplog.records if "returned after its deadline" in r.getMessage()]
+    assert len(late) == 2 and all("its result is kept" in m for m in late), late
     records = {r["name"]: r for r in w.history()}
     assert {name: (r["status"], r["error"], r["result"]) for name, r in records.items()} == {
-        name: ("cancelled", "deadline of 0.2 s passed", None)
-        for name in ("swallow_once", "swallow_all", "thread_returns")}
+        "swallow_once": ("cancelled", "deadline of 0.2 s passed", None),
+        "swallow_all": ("completed", None, 2), "thread_returns": ("completed", None, 3)}
 
 
 def test_interrupting_a_foreground_coroutine_task_cancels_it(make_worker, no_bluesky_loop):

@@ -90,7 +90,7 @@ class Job:
         #: asyncio's first cancel reached the task's coroutine (on its loop; ``CoroutineJobs``).
         self.cancel_delivered = False
         self.recorded = False  # every observer (the log) was told of the submit
-        #: Its deadline passed while it ran (a result that comes later is dropped: ``end``).
+        #: Its deadline passed while it ran (a result that comes later is kept, said: ``end``).
         self.deadline_passed = False
         #: ■ came before the task's code started: it never starts (read as it would).
         self.interrupted_early = False
@@ -231,9 +231,8 @@ class JobRunner(CoroutineJobs):
             error = TaskCancelled(task.cancel_reason).with_traceback(error.__traceback__)
         if error is None and job.deadline_passed:  # it caught every cancel, and returned late
             log.warning("qmagic: %s (task %s) returned after its deadline of %g s instead of stopping; "
-                        "it is recorded as cancelled and its result is dropped.", task.call_text(40),
+                        "its result is kept (as asyncio.wait_for keeps it).", task.call_text(40),
                         task.uid[:8], task.timeout)
-            error = TaskCancelled(task.cancel_reason)
         if error is None:
             status, tb = TaskStatus.COMPLETED, None
         else:
