@@ -10,7 +10,7 @@ panel has a deterministic ``text/plain`` form (no uids, no clock times).
 
 Parts: ``display`` (attach / detach, the Task formatter), ``cell_rows`` (the in-cell row
 hook), ``render`` (HTML, no widgets), ``styles`` (its stylesheet, sent once per panel),
-``pump`` (the writer thread), ``subshell`` (clicks while a cell blocks), ``base`` (shared widget plumbing), ``task_table``, ``task_panel`` and
+``pump`` (the writer thread) and ``view`` (a view's side of it), ``subshell`` (clicks while a cell blocks), ``base`` (shared widget plumbing), ``task_table``, ``task_panel`` and
 ``lock_panel``.  Importing this package does not import ipywidgets; the widget classes load
 when first asked for.
 """

@@ -74,6 +74,20 @@ class PanelBase(PanelView):
             self._qm_route(widget)
         return widget
 
+    def _qm_opened(self) -> None:
+        """After ``VBox.__init__`` (the panel's comm is open): own its layout, and when the
+        frontend closes the comm, have the pump close the panel (its widgets and its place
+        in the pump: nobody sees it any more)."""
+        self._qm_own(self.layout)
+        comm = getattr(self, "comm", None)
+        if comm is not None and hasattr(comm, "on_close"):
+            comm.on_close(lambda _msg: self._qm_comm_closed())
+
+    def _qm_comm_closed(self) -> None:
+        pump = self._qm_pump
+        if pump is not None:
+            pump.kick(self)
+
     def _qm_route(self, widget: W.Widget) -> None:
         if not bool(getattr(self.worker, "panel_cancel_subshell", True)):
             return

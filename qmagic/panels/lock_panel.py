@@ -95,7 +95,7 @@ class LockPanel(PanelBase, W.VBox):
             layout=W.Layout(border=f"1px solid {styles.BORDER2}", padding="6px", width="auto"),
             _dom_classes=(styles.PANEL_CLASS, "qmagic-lock-panel"),
         )
-        self._qm_own(self.layout)
+        self._qm_opened()
         self._draw()
         get_pump().register(self, events=False)
 

@@ -22,6 +22,13 @@ every panel then freezes).
 
 Views read the current task state when applied (events only say "look again"), so the
 state shown after the last application is exact however many events were coalesced.
+
+A view with nothing pending and no period (a finished task's row once it has shown its
+final state) *rests*: the pump thread no longer looks at it on each pass, and a row of a
+finished task no longer follows the task's events (it has none left).  Anything that can
+still change it wakes it (a click on Details, a message, a text made late, ``flush()``); it
+rests again afterwards.  A view whose comm the frontend closed is closed with its widgets
+(:meth:`Pump.forget_closed`).  Two thousand finished rows cost the thread nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.status import FINISHED_VALUES
 from . import render
+from .view import PERIODIC_S, TOKEN_CAPACITY, TOTAL_MSGS_HZ, UNLIMITED, PanelView
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.events import Subscription
@@ -41,154 +49,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("qmagic")
 
-__all__ = ["PanelView", "Pump", "get_pump", "current_pump", "get_router", "shutdown"]
-
-#: Seconds between applications of a view without events (elapsed time, membership, lock).
-PERIODIC_S = 1.0
-#: Most update-message tokens a view saves up (its largest burst).
-TOKEN_CAPACITY = 1.0
-#: Budget of a forced application (``flush()``): everything pending is applied.
-UNLIMITED = 1_000_000
-#: Update messages per second that all views of the process send together at most: each
-#: view's rate (and its period) is ``panel_update_hz`` or its share of this, the lesser.
-TOTAL_MSGS_HZ = 200.0
-
-
-class PanelView:
-    """Mix-in of every panel widget: dirty marks, rate limiting, flush, close.
-
-    Subclasses implement :meth:`_qm_apply` (write widget traits within a message budget;
-    return the number of messages sent), :meth:`_qm_period` and :meth:`_qm_close_widgets`.
-    Only the pump thread calls ``_qm_apply`` after construction.
-    """
-
-    _qm_pump: Pump | None = None
-    #: Updates per second this view keeps however many views share the budget (a panel of
-    #: many tasks, the lock: few of them; a task's row: as many as tasks shown).
-    _qm_min_hz = 2.0
-
-    def _qm_init_view(self, worker: Any) -> None:
-        self.worker = worker
-        self._qm_state = threading.Lock()
-        self._qm_apply_lock = threading.RLock()
-        self._qm_dirty: set[str] = set()
-        self._qm_flags: set[str] = set()
-        self._qm_urgent = False
-        self._qm_force = False
-        self._qm_waiters: list[threading.Event] = []
-        self._qm_last_apply = 0.0
-        self._qm_last_periodic = time.monotonic()
-        self._qm_tokens = TOKEN_CAPACITY
-        self._qm_token_time = time.monotonic()
-        self._qm_closed = False
-
-    # -- called from any thread ------------------------------------------------------------
-    def _qm_touch(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> bool:
-        """Mark something to look at again; True if the pump should wake up."""
-        with self._qm_state:
-            was_clean = not (self._qm_dirty or self._qm_flags)
-            was_urgent = self._qm_urgent
-            if uid is not None:
-                self._qm_dirty.add(uid)
-            if flag is not None:
-                self._qm_flags.add(flag)
-            if final:
-                self._qm_urgent = True
-        return was_clean or (final and not was_urgent)
-
-    def _qm_poke(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> None:
-        """``_qm_touch`` and wake the pump (for clicks and other rare changes)."""
-        self._qm_touch(uid, final=final, flag=flag or "poke")
-        with self._qm_state:
-            self._qm_urgent = True
-        pump = self._qm_pump
-        if pump is not None:
-            pump.kick()
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Apply everything now (membership, every row, messages), without waiting for a tick.
-
-        Views read the tasks' current state when applied, so after ``flush()`` the panel
-        shows everything that happened before the call.  Returns False on timeout or for a
-        closed panel.  Mostly for tests and scripts.
-        """
-        pump = self._qm_pump
-        if self._qm_closed or pump is None:
-            return False
-        if threading.current_thread() is pump.thread:
-            with self._qm_state:
-                self._qm_force = True
-            pump.apply_view(self, time.monotonic())
-            return True
-        done = threading.Event()
-        with self._qm_state:
-            self._qm_waiters.append(done)
-            self._qm_force = True
-        pump.kick()
-        return done.wait(timeout)
-
-    # -- pump side ---------------------------------------------------------------------------
-    def _qm_hz(self) -> float:
-        """This view's update rate: the setting, or its share of the process's budget."""
-        try:
-            hz = float(getattr(self.worker, "panel_update_hz", 10.0) or 10.0)
-        except (TypeError, ValueError):
-            hz = 10.0
-        pump = self._qm_pump
-        share = max(pump.share_hz, self._qm_min_hz) if pump is not None else hz
-        return max(0.1, min(hz, share))  # (the setting stays the most, also below the floor)
-
-    def _qm_refill(self, now: float) -> float:
-        """Tokens available at ``now`` (the bucket is not changed)."""
-        return min(TOKEN_CAPACITY, self._qm_tokens + (now - self._qm_token_time) * self._qm_hz())
-
-    def _qm_due(self, now: float) -> float | None:
-        """Monotonic time at which this view wants its next application (None: never)."""
-        with self._qm_state:
-            if self._qm_force:
-                return now
-            pending = bool(self._qm_dirty or self._qm_flags)
-            urgent = self._qm_urgent
-        hz = self._qm_hz()
-        if pending:
-            want = self._qm_last_apply + 1.0 / hz
-        else:
-            period = self._qm_period()
-            if period is None:
-                return None
-            want = self._qm_last_periodic + max(period, 1.0 / hz)
-        # a final state may borrow one token: it is shown at the next tick, and the
-        # applications after it wait for the bucket to refill
-        need = 0.0 if urgent else 1.0
-        tokens = self._qm_refill(now)
-        if tokens < need:
-            want = max(want, now + (need - tokens) / hz)
-        return want
-
-    def _qm_period(self) -> float | None:
-        """Seconds between applications without events (None: only on events)."""
-        return PERIODIC_S
-
-    def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
-        """Write pending changes; spend at most about ``budget`` messages on what can wait.
-
-        ``flags`` holds "force" for a :meth:`flush` (look at everything again)."""
-        raise NotImplementedError
-
-    def _qm_close_widgets(self) -> None:
-        raise NotImplementedError
-
-    def _qm_report_error(self, exc: BaseException) -> None:
-        """Show an error of the pump itself in the panel (never silent)."""
-        log.error("qmagic: panel update failed", exc_info=exc)
-
+__all__ = ["PanelView", "Pump", "get_pump", "current_pump", "get_router", "shutdown", "PERIODIC_S",
+           "TOKEN_CAPACITY", "UNLIMITED", "TOTAL_MSGS_HZ"]
 
 class Pump:
     """One writer thread for every panel of the process (see the module docstring)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
+        #: views the thread looks at on each pass
         self._views: tuple[PanelView, ...] = ()
+        #: id(view) -> a resting view (see the module docstring): woken by kick(view)
+        self._resting: dict[int, PanelView] = {}
         #: id(worker) -> views that follow every task of that worker
         self._all: dict[int, tuple[PanelView, ...]] = {}
         #: task uid -> views that follow that task only
@@ -214,16 +86,19 @@ class Pump:
             if self._stopping:
                 raise RuntimeError("the qmagic panel pump was stopped (extension unloaded)")
             view._qm_pump = self
-            view._qm_uid = task.uid if task is not None else None
+            view._qm_follows = None
+            view._qm_resting = False
             self._views = self._views + (view,)
             if events and task is not None:
                 key: Any = task.uid
                 self._by_uid[key] = self._by_uid.get(key, ()) + (view,)
+                view._qm_follows = (self._by_uid, key)
                 if key not in self._subs:
                     subscribe = lambda: task.subscribe(self._task_callback(task.uid))
             elif events and worker is not None:
                 key = id(worker)
                 self._all[key] = self._all.get(key, ()) + (view,)
+                view._qm_follows = (self._all, key)
                 if key not in self._subs:
                     subscribe = lambda: worker.subscribe(self._worker_callback(key))
             if subscribe is not None:
@@ -256,39 +131,85 @@ class Pump:
 
     def _touch(self, views: tuple[PanelView, ...], task_uid: str, event: dict) -> None:
         final = event.get("status") in FINISHED_VALUES
-        wake = False
-        for view in views:
-            if view._qm_touch(task_uid, final=final):
-                wake = True
+        wake = [view for view in views if view._qm_touch(task_uid, final=final)]
         if wake:
-            self.kick()
+            self.kick(*wake)
+
+    def _unfollow(self, view: PanelView) -> Any:
+        """End ``view``'s place in the event tables (pump's lock held); returns the
+        subscription to end (outside the lock), if no view follows its key any more."""
+        follows, view._qm_follows = getattr(view, "_qm_follows", None), None
+        if follows is None:
+            return None
+        table, key = follows
+        if key in table:
+            table[key] = tuple(v for v in table[key] if v is not view)
+            if not table[key]:
+                del table[key]
+                return self._subs.pop(key, None)
+        return None
 
     def unregister(self, view: PanelView) -> None:
         """Stop following ``view`` (its widgets are not closed here)."""
-        worker = view.worker
-        sub = None
         with self._cond:
             self._views = tuple(v for v in self._views if v is not view)
-            uid = getattr(view, "_qm_uid", None)
-            table, key = (self._by_uid, uid) if uid is not None else (self._all, id(worker))
-            if key in table:
-                table[key] = tuple(v for v in table[key] if v is not view)
-                if not table[key]:
-                    del table[key]
-                    sub = self._subs.pop(key, None)
-        if isinstance(sub, _Pending) or sub is None:
-            return
-        sub.unsubscribe()
+            self._resting.pop(id(view), None)
+            view._qm_resting = False
+            sub = self._unfollow(view)
+        _end(sub)
 
     def views(self, worker: Any = None) -> list[PanelView]:
-        """Registered views (of ``worker`` only, if given)."""
-        return [v for v in self._views if worker is None or v.worker is worker]
-
-    def kick(self) -> None:
-        """Wake the pump thread to look at its views now."""
+        """Registered views, resting ones too (of ``worker`` only, if given)."""
         with self._cond:
+            every = self._views + tuple(self._resting.values())
+        return [v for v in every if worker is None or v.worker is worker]
+
+    def awake(self) -> list[PanelView]:
+        """The views the pump thread looks at on each pass (the others rest)."""
+        return list(self._views)
+
+    def kick(self, *views: PanelView) -> None:
+        """Wake the pump thread to look at its views now (and at ``views`` if they rest)."""
+        with self._cond:
+            for view in views:
+                if self._resting.pop(id(view), None) is not None:
+                    view._qm_resting = False
+                    self._views = self._views + (view,)
             self._kicked = True
             self._cond.notify()
+
+    def _rest(self, views: list[PanelView]) -> None:
+        """Let ``views`` rest (pump thread): those with nothing pending leave the pass, and a
+        row of a finished task its subscription (the task sends no more events)."""
+        subs = []
+        with self._cond:
+            for view in views:
+                with view._qm_state:  # (a touch after this sees _qm_resting and wakes it)
+                    if (view._qm_dirty or view._qm_flags or view._qm_force or view._qm_waiters
+                            or view._qm_closed):
+                        continue
+                    view._qm_resting = True
+                self._views = tuple(v for v in self._views if v is not view)
+                self._resting[id(view)] = view
+                follows = view._qm_follows
+                if follows is not None and follows[0] is self._by_uid:
+                    sub = self._subs.get(follows[1])
+                    task = getattr(sub, "task", None)
+                    if task is not None and task.done():
+                        subs.append(self._unfollow(view))
+        for sub in subs:
+            _end(sub)
+
+    def forget_closed(self, views: list[PanelView]) -> None:
+        """Close the views whose own comm was closed (by the frontend, or by ``Widget.close``
+        past the view's ``close()``): they and their widgets leave (pump thread)."""
+        for view in views:
+            if not view._qm_closed and view._qm_comm_gone():
+                try:
+                    view.close()
+                except Exception:  # noqa: BLE001 - it leaves all the same
+                    log.debug("qmagic: closing a panel whose comm was closed failed", exc_info=True)
+                    self.unregister(view)
 
     # -- the thread --------------------------------------------------------------------------
     def apply_view(self, view: PanelView, now: float) -> None:
@@ -331,7 +252,12 @@ class Pump:
             now = time.monotonic()
             wake = now + PERIODIC_S
             wanting = 0
+            resting: list[PanelView] = []
+            gone: list[PanelView] = []
             for view in views:
+                if view._qm_comm_gone():
+                    gone.append(view)
+                    continue
                 due = view._qm_due(now)
                 if due is not None and due <= now:
                     self.apply_view(view, now)
@@ -339,7 +265,13 @@ class Pump:
                 if due is not None:
                     wake = min(wake, due)
                     wanting += 1
+                else:
+                    resting.append(view)
             self.share_hz = TOTAL_MSGS_HZ / max(1, wanting)
+            if gone:
+                self.forget_closed(gone)
+            if resting:
+                self._rest(resting)
             with self._cond:
                 while not self._kicked and not self._stopping:
                     left = wake - time.monotonic()
@@ -367,8 +299,7 @@ class Pump:
             thread = self.thread
             self._cond.notify_all()
         for sub in subs:
-            if not isinstance(sub, _Pending):
-                sub.unsubscribe()
+            _end(sub)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -378,6 +309,12 @@ class _Pending:
 
 
 _PENDING = _Pending()
+
+
+def _end(sub: Any) -> None:
+    """End a subscription (nothing for None or one still being made)."""
+    if sub is not None and not isinstance(sub, _Pending):
+        sub.unsubscribe()
 
 
 # -- process-wide machinery ------------------------------------------------------------------

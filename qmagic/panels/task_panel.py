@@ -156,7 +156,7 @@ class TaskPanel(_TaskViewMixin, W.VBox):
             layout=W.Layout(border=_BORDER, padding="6px", width="100%"),
             _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel"),
         )
-        self._qm_own(self.layout)
+        self._qm_opened()
         given_up = render.texts_given_up()
         with self._qm_apply_lock:
             self._qm_apply(set(), {"members"}, True, UNLIMITED)
@@ -274,24 +274,31 @@ class TaskRow(_TaskViewMixin, W.VBox):
                             border_right=_BORDER),
             _dom_classes=(styles.PANEL_CLASS, "qmagic-task-panel", "qmagic-task-single"),
         )
-        self._qm_own(self.layout)
+        self._qm_opened()
+        #: The row has shown its task's final state: no period, and it rests (pump module).
+        self._final_shown = False
         given_up = render.texts_given_up()
+        follow = not task.done()  # (a finished task sends no more events)
         with self._qm_apply_lock:
             self._qm_apply(set(), set(), True, UNLIMITED)
-        get_pump().register(self, task)
+        get_pump().register(self, task, events=follow)
         _remake_if_given_up(self, given_up)
 
     def _qm_period(self) -> float | None:
-        return None if self.task.done() else 1.0  # the elapsed time, while it runs
+        # the elapsed time, while it runs; then once more if the task ended after a look
+        return None if self._final_shown else 1.0
 
     def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
+        final = self.task.done()  # (read first: what the table reads after is final too)
         later: list[Callable[[], int]] = []
         sent, body = self._table.update([self.task], later)
         message = self._qm_message_html()
         sent += set_traits(self._message, value=message)
         sent += set_traits(self, children=(self._style, *body) + ((self._message,) if message else ()))
         self._table.closing_work(later)
-        return self._qm_spend(sent, budget, later)
+        sent = self._qm_spend(sent, budget, later)
+        self._final_shown = final
+        return sent
 
     def text(self) -> str:
         """Deterministic one-line text of the task (no uid, no times)."""

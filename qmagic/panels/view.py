@@ -1,0 +1,167 @@
+"""What every panel view is to the pump: dirty marks, a message budget, flush, resting.
+
+The pump (:mod:`qmagic.panels.pump`) applies views; this module holds the view's side of that
+contract and the numbers the two share.  See the pump's docstring for the whole story.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pump import Pump
+
+log = logging.getLogger("qmagic")
+
+__all__ = ["PanelView", "PERIODIC_S", "TOKEN_CAPACITY", "UNLIMITED", "TOTAL_MSGS_HZ"]
+
+#: Seconds between applications of a view without events (elapsed time, membership, lock).
+PERIODIC_S = 1.0
+#: Most update-message tokens a view saves up (its largest burst).
+TOKEN_CAPACITY = 1.0
+#: Budget of a forced application (``flush()``): everything pending is applied.
+UNLIMITED = 1_000_000
+#: Update messages per second that all views of the process send together at most: each
+#: view's rate (and its period) is ``panel_update_hz`` or its share of this, the lesser.
+TOTAL_MSGS_HZ = 200.0
+
+
+class PanelView:
+    """Mix-in of every panel widget: dirty marks, rate limiting, flush, close.
+
+    Subclasses implement :meth:`_qm_apply` (write widget traits within a message budget;
+    return the number of messages sent), :meth:`_qm_period` and :meth:`_qm_close_widgets`.
+    Only the pump thread calls ``_qm_apply`` after construction.
+    """
+
+    _qm_pump: Pump | None = None
+    #: Updates per second this view keeps however many views share the budget (a panel of
+    #: many tasks, the lock: few of them; a task's row: as many as tasks shown).
+    _qm_min_hz = 2.0
+
+    def _qm_init_view(self, worker: Any) -> None:
+        self.worker = worker
+        self._qm_state = threading.Lock()
+        self._qm_apply_lock = threading.RLock()
+        self._qm_dirty: set[str] = set()
+        self._qm_flags: set[str] = set()
+        self._qm_urgent = False
+        self._qm_force = False
+        self._qm_waiters: list[threading.Event] = []
+        self._qm_last_apply = 0.0
+        self._qm_last_periodic = time.monotonic()
+        self._qm_tokens = TOKEN_CAPACITY
+        self._qm_token_time = time.monotonic()
+        self._qm_closed = False
+        #: Resting: not looked at by the pump thread until something wakes it (pump's lock).
+        self._qm_resting = False
+
+    # -- called from any thread ------------------------------------------------------------
+    def _qm_touch(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> bool:
+        """Mark something to look at again; True if the pump should wake up."""
+        with self._qm_state:
+            was_clean = not (self._qm_dirty or self._qm_flags)
+            was_urgent = self._qm_urgent
+            if uid is not None:
+                self._qm_dirty.add(uid)
+            if flag is not None:
+                self._qm_flags.add(flag)
+            if final:
+                self._qm_urgent = True
+        return was_clean or (final and not was_urgent) or self._qm_resting
+
+    def _qm_poke(self, uid: str | None = None, *, final: bool = False, flag: str | None = None) -> None:
+        """``_qm_touch`` and wake the pump (for clicks and other rare changes)."""
+        self._qm_touch(uid, final=final, flag=flag or "poke")
+        with self._qm_state:
+            self._qm_urgent = True
+        pump = self._qm_pump
+        if pump is not None:
+            pump.kick(self)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Apply everything now (membership, every row, messages), without waiting for a tick.
+
+        Views read the tasks' current state when applied, so after ``flush()`` the panel
+        shows everything that happened before the call.  Returns False on timeout or for a
+        closed panel.  Mostly for tests and scripts.
+        """
+        pump = self._qm_pump
+        if self._qm_closed or pump is None:
+            return False
+        if threading.current_thread() is pump.thread:
+            with self._qm_state:
+                self._qm_force = True
+            pump.apply_view(self, time.monotonic())
+            return True
+        done = threading.Event()
+        with self._qm_state:
+            self._qm_waiters.append(done)
+            self._qm_force = True
+        pump.kick(self)
+        return done.wait(timeout)
+
+    # -- pump side ---------------------------------------------------------------------------
+    def _qm_hz(self) -> float:
+        """This view's update rate: the setting, or its share of the process's budget."""
+        try:
+            hz = float(getattr(self.worker, "panel_update_hz", 10.0) or 10.0)
+        except (TypeError, ValueError):
+            hz = 10.0
+        pump = self._qm_pump
+        share = max(pump.share_hz, self._qm_min_hz) if pump is not None else hz
+        return max(0.1, min(hz, share))  # (the setting stays the most, also below the floor)
+
+    def _qm_refill(self, now: float) -> float:
+        """Tokens available at ``now`` (the bucket is not changed)."""
+        return min(TOKEN_CAPACITY, self._qm_tokens + (now - self._qm_token_time) * self._qm_hz())
+
+    def _qm_due(self, now: float) -> float | None:
+        """Monotonic time at which this view wants its next application (None: never)."""
+        with self._qm_state:
+            if self._qm_force:
+                return now
+            pending = bool(self._qm_dirty or self._qm_flags)
+            urgent = self._qm_urgent
+        hz = self._qm_hz()
+        if pending:
+            want = self._qm_last_apply + 1.0 / hz
+        else:
+            period = self._qm_period()
+            if period is None:
+                return None
+            want = self._qm_last_periodic + max(period, 1.0 / hz)
+        # a final state may borrow one token: it is shown at the next tick, and the
+        # applications after it wait for the bucket to refill
+        need = 0.0 if urgent else 1.0
+        tokens = self._qm_refill(now)
+        if tokens < need:
+            want = max(want, now + (need - tokens) / hz)
+        return want
+
+    def _qm_period(self) -> float | None:
+        """Seconds between applications without events (None: only on events and pokes; a
+        view without a period rests once nothing is pending: see the module docstring)."""
+        return PERIODIC_S
+
+    def _qm_comm_gone(self) -> bool:
+        """True when the view's own comm was closed (by the frontend, or by
+        ``Widget.close`` without the view's :meth:`close`)."""
+        comm = getattr(self, "comm", None)
+        return comm is None or bool(getattr(comm, "_closed", False))
+
+    def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
+        """Write pending changes; spend at most about ``budget`` messages on what can wait.
+
+        ``flags`` holds "force" for a :meth:`flush` (look at everything again)."""
+        raise NotImplementedError
+
+    def _qm_close_widgets(self) -> None:
+        raise NotImplementedError
+
+    def _qm_report_error(self, exc: BaseException) -> None:
+        """Show an error of the pump itself in the panel (never silent)."""
+        log.error("qmagic: panel update failed", exc_info=exc)
