@@ -215,8 +215,8 @@ def test_rows_show_status_mode_progress_and_cancel_only_for_active_tasks(probe, 
         assert f"qmagic-task-{task.uid[:8]}" in button._dom_classes
     for task in (done, failed, cancelled):
         assert panel.cancel_button(task) is None
-    grid = panel._table.segments[0].grid
-    assert len(grid.children) == 2 * 6
+    # (segments hold rows that change together: the finished and the active ones apart)
+    assert sum(len(s.grid.children) for s in panel._table.segments) == 2 * 6
     assert "2 running · 1 queued · 1 completed · 1 failed · 1 cancelled" in panel.row_html()
 
     w.test_gates["a"].set()
@@ -388,6 +388,78 @@ def test_storm_is_coalesced_and_every_row_ends_exact(probe, worker):
     times = sorted(m[0] for m in sent)
     worst = max(sum(1 for t in times if s <= t < s + 1.0) for s in times) if times else 0
     assert worst <= 2 * hz, worst
+
+
+def test_running_rows_change_together_in_one_message_a_tick(probe, worker):
+    """A storm of a hundred running tasks sent five segment messages a tick (twenty rows
+    each), so a panel's ticks came every half second and the final states of the last rows
+    later still; over a storm the panel sent 12.3 messages a second against its 10
+    (benchmarks/panels.py).  The rows of queued and running tasks share one segment (they
+    change together), and a task that ends keeps its place: its final state is that same
+    message."""
+    w = worker
+    w.max_background_tasks = 64
+    done = [w.submit("job", (1,)) for _ in range(25)]
+    assert all(task.wait(10) for task in done)
+
+    def spin(name: str) -> str:
+        i = 0
+        while not w.test_gates.setdefault(name, threading.Event()).is_set():
+            i += 1
+            qmagic.report_progress(i, None, "spinning")
+            qmagic.cancellable_sleep(0.001)
+        return name
+
+    w.namespace["spin"] = spin
+    tasks = [w.submit("spin", ("storm",)) for _ in range(60)]
+    eventually(lambda: all(t.progress is not None for t in tasks), 10, "every task to report")
+    panel = panels.TaskPanel(w, show="all")
+    assert panel.flush()
+    table = panel._table
+    assert [len(s.uids) for s in table.segments] == [60, 20, 5]  # (the running ones, newest, first)
+    sends: list[int] = []
+    apply = panel._qm_apply
+
+    def counted(*args):
+        sent = apply(*args)
+        sends.append(sent)
+        return sent
+
+    panel._qm_apply = counted
+    before = {s.html.comm.comm_id: s.html.value for s in table.segments}
+    eventually(lambda: len([n for n in sends if n]) >= 3, 10, "three ticks of the storm")
+    w.test_gates["storm"].set()
+    assert all(task.wait(10) for task in tasks)
+    eventually(lambda: all(row_status(panel.row_html(), t) == "completed" for t in tasks), 5,
+               "the final states")
+    assert max(sends) == 1, sends  # one message a tick: the running rows' segment
+    sent = {m[2] for m in probe.updates() if "value" in ((m[3] or {}).get("state") or {})}
+    assert sent == {table.segments[0].html.comm.comm_id}, "finished rows were sent again"
+    assert [s.html.value for s in table.segments[1:]] == list(before.values())[1:]
+
+
+def test_an_application_is_charged_when_its_messages_leave(probe, worker):
+    """A slow application (a hundred new rows, two hundred buttons: 0.1 s) was charged at
+    its start: its refill time was spent building rows, and the next tick's messages followed
+    its own sooner than 1/panel_update_hz."""
+    w = worker
+    panel = panels.TaskPanel(w)
+    pump = panel._qm_pump
+    pump.unregister(panel)  # (out of the pump thread's hands: the test applies it)
+    apply, ended = panel._qm_apply, []
+
+    def slow(*args):
+        threading.Event().wait(0.05)  # (the application's own slowness, not a wait on anything)
+        sent = apply(*args)
+        ended.append(time.monotonic())
+        return sent
+
+    panel._qm_apply = slow
+    w.submit("job", (1,)).wait(5)
+    panel._qm_touch(flag="members")
+    pump.apply_view(panel, time.monotonic())
+    assert panel._qm_last_apply >= ended[-1] and panel._qm_token_time >= ended[-1]
+    panel.close()
 
 
 def test_final_state_is_shown_after_a_burst(probe, worker):

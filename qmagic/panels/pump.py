@@ -234,9 +234,12 @@ class Pump:
         except Exception as exc:  # noqa: BLE001 - one broken panel must not stop the others
             view._qm_report_error(exc)
         finally:
+            # charged when its messages left, at the end: a slow application (a hundred new
+            # rows and their buttons) was charged at its start, and the next one's messages
+            # followed its own sooner than 1/hz (its time to refill was spent building rows)
+            end = time.monotonic()
             view._qm_tokens = tokens - sent
-            view._qm_token_time = now
-            view._qm_last_apply = now
+            view._qm_token_time = view._qm_last_apply = end
             if periodic:
                 view._qm_last_periodic = now
             for event in waiters:

@@ -3,11 +3,17 @@
 Layout, chosen so that a panel sends a few update messages per tick (one per changed segment)
 however many tasks change (every widget is its own comm, every trait change one message):
 
-- the rows of a view are drawn as HTML in one ``HTML`` widget per *segment*; a segment is
-  a run of at most :data:`SEGMENT_ROWS` rows, ended early by an expanded row (a tick sends
-  only the segments whose rows changed: a running scan's row among a hundred finished ones
-  sent the whole table, ~250 kB, ten times a second, and JupyterLab fell seconds behind on a
-  loaded machine);
+- the rows of a view are drawn as HTML in one ``HTML`` widget per *segment*, and a segment
+  holds rows that change together: the queued and running tasks next to each other (at most
+  :data:`ACTIVE_SEGMENT_ROWS`), or at most :data:`SEGMENT_ROWS` finished ones; an expanded
+  row ends its segment.  A tick sends only the segments whose rows changed: a running scan's
+  row among a hundred finished ones sent the whole table, ~250 kB, ten times a second, and
+  JupyterLab fell seconds behind on a loaded machine; and a storm of a hundred running tasks
+  sends one segment a tick, not five (at ``panel_update_hz`` messages a second, five made
+  each row wait half a second, and the final states of the last ones later still);
+- segments are laid out again only when rows come, go, move or expand (a task that ends
+  keeps its place, so its final state is one message), and a segment whose rows are the
+  same keeps its widgets; a new segment opens with its rows (no message after its opening);
 - each segment is a one-cell ``GridBox``: the HTML fills the cell, and a ``GridBox`` of
   buttons (Cancel / Force stop for queued and running tasks, Details for every row; one line
   per row, exactly as tall as a row) sits in the same cell at its right end, over the part
@@ -34,12 +40,14 @@ from .base import PanelBase, set_traits
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
 
-__all__ = ["TaskTable", "CLOSE_BUDGET", "SEGMENT_ROWS"]
+__all__ = ["TaskTable", "CLOSE_BUDGET", "SEGMENT_ROWS", "ACTIVE_SEGMENT_ROWS"]
 
 #: Widgets closed per application at most (closing is a message too); the rest wait.
 CLOSE_BUDGET = 10
-#: Most rows drawn in one segment (one HTML widget; a row is about 0.5 kB of HTML).
+#: Most finished rows drawn in one segment (one HTML widget; a row is about 0.5 kB of HTML).
 SEGMENT_ROWS = 20
+#: Most rows of queued and running tasks in one segment (they change together: a storm's).
+ACTIVE_SEGMENT_ROWS = 100
 _FORCE_TIP = ("The task has not stopped yet: raise TaskCancelled inside it "
               "(after QMagic.cancel_grace_s seconds)")
 
@@ -87,6 +95,9 @@ class TaskTable:
         self.rows: dict[str, _Row] = {}
         self.order: list[str] = []
         self.segments: list[_Segment] = []
+        #: (order, expanded rows) the segments were laid out for, and the runs of uids
+        self._laid_out: tuple | None = None
+        self._runs: list[tuple[str, ...]] = []
         self._closing: list[W.Widget] = []
         own = view._qm_own
         h = f"{styles.ROW_HEIGHT_PX - 16}px"
@@ -193,7 +204,6 @@ class TaskTable:
                 self.rows[task.uid] = self._new_row(task)
         self.order = order
 
-        runs: list[list[_Row]] = [[]]
         for uid in order:
             row = self.rows[uid]
             task = row.task
@@ -207,24 +217,30 @@ class TaskTable:
                 row.sig = sig
                 row.html = render.row_html(task)
                 row.remake = render.texts_given_up() != given_up
-            runs[-1].append(row)
-            if (row.toggle is not None and row.toggle.value) or len(runs[-1]) >= SEGMENT_ROWS:
-                runs.append([])
-        if len(runs) > 1 and not runs[-1]:
-            runs.pop()
+        expanded = tuple(u for u in order if self.rows[u].toggle is not None and self.rows[u].toggle.value)
+        if (order, expanded) != self._laid_out:
+            self._laid_out = (order, expanded)
+            self._runs = self._lay_out(order)
+        runs = [[self.rows[u] for u in uids] for uids in self._runs] or [[]]
+        segments = self._segments_for(self._runs or [()])
 
         children: list[W.Widget] = []
         for index, run in enumerate(runs):
-            segment = self._segment(index)
             html = "".join(r.html for r in run) if run else render.empty_html()
             if index == 0 and self.header:
                 html = render.header_html(self.summary) + html
-            sent += set_traits(segment.html, value=render.rows_html(html))
             uids = tuple(r.task.uid for r in run)
             controls: list[W.Widget] = []
             for r in run:
                 controls.append(self._spacer if r.task.done() or r.cancel is None else r.cancel)
                 controls.append(r.toggle)
+            segment = segments[index]
+            if segment is None:  # (opened with its rows and buttons: no message after)
+                segment = self._new_segment(index, render.rows_html(html), tuple(controls))
+                self._set_controls(segment, uids, tuple(controls), run)
+                segments[index] = segment
+            else:
+                sent += set_traits(segment.html, value=render.rows_html(html))
             if uids != segment.uids:
                 sent += self._set_controls(segment, uids, tuple(controls), run)
             elif tuple(controls) != segment.grid.children:
@@ -243,10 +259,50 @@ class TaskTable:
                 self._release(row.details)
                 row.details = None
                 row.details_sig = None
-        while len(self.segments) > len(runs):
-            segment = self.segments.pop()
-            self._release(segment.box, segment.html, segment.grid)
+        kept = {id(segment) for segment in segments}
+        for segment in self.segments:
+            if id(segment) not in kept:
+                self._release(segment.box, segment.html, segment.grid)
+        self.segments = [segment for segment in segments if segment is not None]
         return sent, tuple(children)
+
+    def _lay_out(self, order: list[str]) -> list[tuple[str, ...]]:
+        """The rows of each segment: queued and running tasks together (at most
+        ACTIVE_SEGMENT_ROWS), finished ones SEGMENT_ROWS at most; an expanded row ends one."""
+        runs: list[list[str]] = [[]]
+        active = False
+        for uid in order:
+            row = self.rows[uid]
+            now_active = not row.task.done()
+            run = runs[-1]
+            if run and (now_active != active
+                        or len(run) >= (ACTIVE_SEGMENT_ROWS if active else SEGMENT_ROWS)):
+                runs.append([])
+            runs[-1].append(uid)
+            active = now_active
+            if row.toggle is not None and row.toggle.value:
+                runs.append([])
+        if len(runs) > 1 and not runs[-1]:
+            runs.pop()
+        return [tuple(run) for run in runs if run]
+
+    def _segments_for(self, runs: list[tuple[str, ...]]) -> list[_Segment | None]:
+        """A segment for each run: the first one stays first (it carries the header); one
+        that shows the same rows keeps them; the others are reused, or None (make one)."""
+        old = list(self.segments)
+        out: list[_Segment | None] = [None] * len(runs)
+        if old:
+            out[0] = old.pop(0)
+        same = {segment.uids: segment for segment in old}
+        for index in range(1, len(runs)):
+            segment = same.pop(runs[index], None)
+            if segment is not None:
+                out[index] = segment
+                old.remove(segment)
+        for index in range(1, len(runs)):
+            if out[index] is None and old:
+                out[index] = old.pop(0)
+        return out
 
     def closing_work(self, later: list[Callable[[], int]]) -> None:
         """Append one callable per widget waiting to be closed (lowest priority)."""
@@ -275,17 +331,15 @@ class TaskTable:
         tip = _FORCE_TIP if label == "Force stop" else "Ask this task to stop"
         return set_traits(row.cancel, description=label, tooltip=tip)
 
-    def _segment(self, index: int) -> _Segment:
-        while len(self.segments) <= index:
-            own = self.view._qm_own
-            html = own(W.HTML(value="", layout=self._html_layout, style=self._html_style,
-                              _dom_classes=("qmagic-task-table",)))
-            layout = self._first_grid_layout if not self.segments else self._grid_layout
-            grid = own(W.GridBox(children=(), layout=layout, _dom_classes=("qmagic-task-controls",)))
-            box = own(W.GridBox(children=(html, grid), layout=self._segment_layout,
-                                _dom_classes=("qmagic-task-segment",)))
-            self.segments.append(_Segment(box, html, grid))
-        return self.segments[index]
+    def _new_segment(self, index: int, html_value: str, controls: tuple) -> _Segment:
+        own = self.view._qm_own
+        html = own(W.HTML(value=html_value, layout=self._html_layout, style=self._html_style,
+                          _dom_classes=("qmagic-task-table",)))
+        layout = self._first_grid_layout if index == 0 else self._grid_layout
+        grid = own(W.GridBox(children=controls, layout=layout, _dom_classes=("qmagic-task-controls",)))
+        box = own(W.GridBox(children=(html, grid), layout=self._segment_layout,
+                            _dom_classes=("qmagic-task-segment",)))
+        return _Segment(box, html, grid)
 
     def _new_details(self, row: _Row) -> None:
         task = row.task
