@@ -438,6 +438,34 @@ def test_running_rows_change_together_in_one_message_a_tick(probe, worker):
     assert [s.html.value for s in table.segments[1:]] == list(before.values())[1:]
 
 
+def test_a_finished_row_is_not_looked_at_again_at_each_tick(probe, worker, monkeypatch):
+    """Every tick made every row's signature again (its progress text, its elapsed time), the
+    two hundred finished rows of an "All" panel too, ten times a second during a storm; a
+    row drawn in its final state is left as it is."""
+    from qmagic.panels import task_table
+
+    w = worker
+    done = [w.submit("job", (2,)) for _ in range(30)]
+    assert all(task.wait(10) for task in done)
+    w.submit("wait_gate", ("sig",))
+    started(w, "sig")
+    panel = panels.TaskPanel(w, show="all")
+    assert panel.flush()
+    looked: list[str] = []
+    signature = task_table.render.row_signature
+
+    def counted(task):
+        looked.append(task.uid)
+        return signature(task)
+
+    monkeypatch.setattr(task_table.render, "row_signature", counted)
+    for _ in range(3):
+        assert panel.flush()
+    finished = {task.uid for task in done}
+    assert looked and not finished & set(looked), "finished rows were made again"
+    assert all(row_progress(panel.row_html(), t) == "2/2 · step 2" for t in done)
+
+
 def test_an_application_is_charged_when_its_messages_leave(probe, worker):
     """A slow application (a hundred new rows, two hundred buttons: 0.1 s) was charged at
     its start: its refill time was spent building rows, and the next tick's messages followed

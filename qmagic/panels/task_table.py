@@ -34,6 +34,7 @@ import ipywidgets as W
 from ipywidgets.widgets.widget_bool import ToggleButtonStyle
 from ipywidgets.widgets.widget_string import HTMLStyle
 
+from ..core.status import FINISHED_VALUES
 from . import render, styles
 from .base import PanelBase, set_traits
 
@@ -211,6 +212,8 @@ class TaskTable:
                 label = "Force stop" if task.cancel_requested else "Cancel"
                 if label != row.label:
                     later.append(lambda row=row, label=label: self._relabel(row, label))
+            elif row.sig is not None and row.sig[0] in FINISHED_VALUES and not row.remake:
+                continue  # drawn in its final state: nothing of it changes any more
             given_up = render.texts_given_up()
             sig = render.row_signature(task)
             if sig != row.sig or row.remake:
