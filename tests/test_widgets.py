@@ -215,8 +215,8 @@ def test_rows_show_status_mode_progress_and_cancel_only_for_active_tasks(probe, 
         assert f"qmagic-task-{task.uid[:8]}" in button._dom_classes
     for task in (done, failed, cancelled):
         assert panel.cancel_button(task) is None
-    # (segments hold rows that change together: the finished and the active ones apart)
-    assert sum(len(s.grid.children) for s in panel._table.segments) == 2 * 6
+    grid = panel._table.segments[0].grid
+    assert len(grid.children) == 2 * 6
     assert "2 running · 1 queued · 1 completed · 1 failed · 1 cancelled" in panel.row_html()
 
     w.test_gates["a"].set()
@@ -436,6 +436,26 @@ def test_running_rows_change_together_in_one_message_a_tick(probe, worker):
     sent = {m[2] for m in probe.updates() if "value" in ((m[3] or {}).get("state") or {})}
     assert sent == {table.segments[0].html.comm.comm_id}, "finished rows were sent again"
     assert [s.html.value for s in table.segments[1:]] == list(before.values())[1:]
+
+
+def test_running_and_finished_rows_mixed_stay_twenty_to_a_segment(probe, worker):
+    """Only running rows next to each other share a segment past SEGMENT_ROWS: running and
+    finished rows taking turns make segments of twenty, not one per row."""
+    from qmagic.panels.task_table import SEGMENT_ROWS
+
+    w = worker
+    w.max_background_tasks = 64
+    names = [f"mix{i}" for i in range(30)]
+    try:
+        for name in names:
+            assert w.submit("job", (1,)).wait(10)
+            w.submit("wait_gate", (name,))
+            started(w, name)
+        panel = panels.TaskPanel(w, show="all")
+        assert [len(s.uids) for s in panel._table.segments] == [SEGMENT_ROWS] * 3
+    finally:
+        for name in names:
+            w.test_gates.setdefault(name, threading.Event()).set()
 
 
 def test_a_finished_row_is_not_looked_at_again_at_each_tick(probe, worker, monkeypatch):

@@ -3,9 +3,9 @@
 Layout, chosen so that a panel sends a few update messages per tick (one per changed segment)
 however many tasks change (every widget is its own comm, every trait change one message):
 
-- the rows of a view are drawn as HTML in one ``HTML`` widget per *segment*, and a segment
-  holds rows that change together: the queued and running tasks next to each other (at most
-  :data:`ACTIVE_SEGMENT_ROWS`), or at most :data:`SEGMENT_ROWS` finished ones; an expanded
+- the rows of a view are drawn as HTML in one ``HTML`` widget per *segment* of at most
+  :data:`SEGMENT_ROWS` rows, except that rows of queued and running tasks next to each other
+  stay together (they change together; at most :data:`ACTIVE_SEGMENT_ROWS`); an expanded
   row ends its segment.  A tick sends only the segments whose rows changed: a running scan's
   row among a hundred finished ones sent the whole table, ~250 kB, ten times a second, and
   JupyterLab fell seconds behind on a loaded machine; and a storm of a hundred running tasks
@@ -270,16 +270,16 @@ class TaskTable:
         return sent, tuple(children)
 
     def _lay_out(self, order: list[str]) -> list[tuple[str, ...]]:
-        """The rows of each segment: queued and running tasks together (at most
-        ACTIVE_SEGMENT_ROWS), finished ones SEGMENT_ROWS at most; an expanded row ends one."""
+        """The rows of each segment: SEGMENT_ROWS at most, but queued and running tasks next
+        to each other stay together (ACTIVE_SEGMENT_ROWS at most); an expanded row ends one."""
         runs: list[list[str]] = [[]]
         active = False
         for uid in order:
             row = self.rows[uid]
             now_active = not row.task.done()
             run = runs[-1]
-            if run and (now_active != active
-                        or len(run) >= (ACTIVE_SEGMENT_ROWS if active else SEGMENT_ROWS)):
+            if run and (len(run) >= ACTIVE_SEGMENT_ROWS
+                        or (len(run) >= SEGMENT_ROWS and not (active and now_active))):
                 runs.append([])
             runs[-1].append(uid)
             active = now_active
