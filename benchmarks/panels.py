@@ -15,6 +15,9 @@ numbers are the messages a browser would receive, without a kernel.  Prints one 
   ``baseline_msgs_per_s``; ``msgs_ratio`` = panel / baseline (the coalescing);
   ``panel_msgs_max_1s``: the busiest one-second window of any panel round (target <= 20: a
   final state may borrow one tick);
+- ``panel_kb_per_s``: the data those messages carry (target <= 200 kB/s: the Jupyter server
+  stops a kernel's output past 1 MB/s, shared by every panel and print of the notebook; a
+  message is charged one more update per ``qmagic.panels.base.MESSAGE_CHARS`` of text);
 - ``final_delay_ms_p95`` / ``_max``: from a task's end to the first panel message showing
   its final state (target p95 <= 150: one tick of 100 ms plus scheduling);
 - ``rows_exact``: every panel round ended with every row's exact final status and value/total;
@@ -45,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TARGETS = {"panel_msgs_per_s_max": 10.0, "panel_msgs_max_1s_max": 20, "final_delay_ms_p95_max": 150.0,
+TARGETS = {"panel_msgs_per_s_max": 10.0, "panel_kb_per_s_max": 200.0, "panel_msgs_max_1s_max": 20, "final_delay_ms_p95_max": 150.0,
            "many_rows_msgs_per_s_max": 220.0}
 ROWS = 60
 
@@ -192,6 +195,8 @@ def one_round(worker, recorder: Recorder, args, naive: bool) -> dict:
         delays = sorted(1000.0 * (shown[k] - t.finished_at) for k, t in keys.items() if k in shown)
         window_end = max(shown.values()) if len(shown) == len(keys) else end
         result["msgs_per_s"], result["max_1s"] = _window(updates, start, window_end)
+        result["kb_per_s"] = sum(len(json.dumps(m[2])) for m in updates if start <= m[0] <= window_end
+                                 ) / 1000.0 / max(window_end - start, 1e-9)
         result["final_delay_ms_p95"] = delays[int(0.95 * (len(delays) - 1))] if delays else float("inf")
         result["final_delay_ms_max"] = delays[-1] if delays else float("inf")
         result["rows_exact"] = bool(exact and len(delays) == len(keys))
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         "events_per_s": round(med(ours, "events_per_s")),
         "baseline_msgs_per_s": round(med(base, "msgs_per_s"), 1),
         "panel_msgs_per_s": round(med(ours, "msgs_per_s"), 1),
+        "panel_kb_per_s": round(med(ours, "kb_per_s"), 1),
         "msgs_ratio": round(med(ours, "msgs_per_s") / med(base, "msgs_per_s"), 5),
         "panel_msgs_max_1s": max(r["max_1s"] for r in ours),
         "final_delay_ms_p95": round(med(ours, "final_delay_ms_p95"), 1),
@@ -284,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["targets_met"] = bool(
         result["panel_msgs_per_s"] <= TARGETS["panel_msgs_per_s_max"]
+        and result["panel_kb_per_s"] <= TARGETS["panel_kb_per_s_max"]
         and result["panel_msgs_max_1s"] <= TARGETS["panel_msgs_max_1s_max"]
         and result["final_delay_ms_p95"] <= TARGETS["final_delay_ms_p95_max"]
         and result["rows_exact"] and result["row_cap_ok"]

@@ -420,9 +420,10 @@ def test_running_rows_change_together_in_one_message_a_tick(probe, worker):
     sends: list[int] = []
     apply = panel._qm_apply
 
-    def counted(*args):
+    def counted(*args):  # (messages a tick: their cost counts their size too)
+        before = len(probe.updates())
         sent = apply(*args)
-        sends.append(sent)
+        sends.append(len(probe.updates()) - before)
         return sent
 
     panel._qm_apply = counted
@@ -436,6 +437,35 @@ def test_running_rows_change_together_in_one_message_a_tick(probe, worker):
     sent = {m[2] for m in probe.updates() if "value" in ((m[3] or {}).get("state") or {})}
     assert sent == {table.segments[0].html.comm.comm_id}, "finished rows were sent again"
     assert [s.html.value for s in table.segments[1:]] == list(before.values())[1:]
+
+
+def test_a_large_message_costs_more_updates_and_a_final_state_still_goes_at_the_next_tick(probe, worker):
+    """Rows of running tasks share one segment, sent as one message a tick: a hundred rows
+    are ~55 kB, ten times a second 550 kB/s (the Jupyter server stops a kernel's output past
+    1 MB/s).  A message costs one update more per MESSAGE_CHARS of text, so a panel's data
+    is bounded too; a final state still goes at the next tick (it borrows, a second's worth
+    of debt at most)."""
+    import ipywidgets as W
+
+    from qmagic.panels.base import MESSAGE_CHARS, set_traits
+
+    html = W.HTML()
+    assert set_traits(html, value="x" * 10) == 1 and set_traits(html, value="x" * 10) == 0
+    assert set_traits(html, value="y" * (3 * MESSAGE_CHARS + 5)) == 4
+    panel = panels.TaskPanel(worker, show="all")
+    assert panel.flush()
+    hz = panel._qm_hz()
+    pump = panel._qm_pump
+    panel._qm_apply = lambda *args: 1000  # (a huge message)
+    panel._qm_touch("x")
+    pump.apply_view(panel, time.monotonic())
+    assert panel._qm_tokens == -hz  # (a second's debt at most)
+    now = time.monotonic()
+    panel._qm_touch("x")
+    assert panel._qm_due(now) >= now + 1.0  # (progress waits for the bucket)
+    panel._qm_touch("x", final=True)
+    assert panel._qm_due(now) <= panel._qm_last_apply + 1.0 / hz + 1e-6  # (a final state: the next tick)
+    panel.close()
 
 
 def test_running_and_finished_rows_mixed_stay_twenty_to_a_segment(probe, worker):

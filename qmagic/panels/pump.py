@@ -238,7 +238,7 @@ class Pump:
             # rows and their buttons) was charged at its start, and the next one's messages
             # followed its own sooner than 1/hz (its time to refill was spent building rows)
             end = time.monotonic()
-            view._qm_tokens = tokens - sent
+            view._qm_tokens = max(tokens - sent, -view._qm_hz())  # (a second's debt at most)
             view._qm_token_time = view._qm_last_apply = end
             if periodic:
                 view._qm_last_periodic = now

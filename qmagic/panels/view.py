@@ -134,12 +134,13 @@ class PanelView:
             if period is None:
                 return None
             want = self._qm_last_periodic + max(period, 1.0 / hz)
-        # a final state may borrow one token: it is shown at the next tick, and the
-        # applications after it wait for the bucket to refill
-        need = 0.0 if urgent else 1.0
-        tokens = self._qm_refill(now)
-        if tokens < need:
-            want = max(want, now + (need - tokens) / hz)
+        # a final state borrows: it is shown at the next tick whatever the bucket holds (a
+        # large message leaves it in debt, at most a second's worth: see Pump.apply_view),
+        # and the applications after it wait for the bucket to refill
+        if not urgent:
+            tokens = self._qm_refill(now)
+            if tokens < 1.0:
+                want = max(want, now + (1.0 - tokens) / hz)
         return want
 
     def _qm_period(self) -> float | None:
