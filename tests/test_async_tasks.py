@@ -451,29 +451,31 @@ def test_an_asyncio_task_it_started_never_writes_into_a_finished_task(make_worke
     assert "orphan print\n" in capsys.readouterr().out
 
 
-def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesky_loop, caplog):
-    """A coroutine that caught the deadline's CancelledError ran on to its end and was
-    recorded ``completed`` (``Engine._deadline`` sent coroutines one cancel only): past its
-    deadline it gets a second CancelledError after ``cancel_grace_s`` and ends cancelled with
-    the deadline's reason, as a forced cancel does.  Code that catches every cancel and
-    returns a result anyway (a coroutine, or a thread task that sees the cancel and returns)
-    keeps it, as ``asyncio.wait_for`` does, with a warning in the log."""
-    swallowed = threading.Event()
+def test_a_deadline_lets_a_cleanup_finish_and_keeps_a_late_result(make_worker, no_bluesky_loop, caplog):
+    """A deadline gives a coroutine one CancelledError: a cleanup that awaits (parking a
+    motor) longer than ``cancel_grace_s`` runs whole (a version that sent a second one cut
+    it short), and the task ends cancelled with the deadline's reason.  Code that catches
+    the cancel and returns a result anyway (a coroutine, or a thread task that sees the
+    cancel and returns) keeps it, as ``asyncio.wait_for`` does, with a warning in the log."""
+    parked, cut = threading.Event(), threading.Event()
 
-    async def swallow_once():
+    async def scan():
+        try:
+            await asyncio.sleep(60)
+        finally:  # (parking a motor: longer than cancel_grace_s)
+            try:
+                await asyncio.sleep(0.8)
+            except asyncio.CancelledError:
+                cut.set()
+                raise
+            parked.set()
+
+    async def swallow():
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
-            swallowed.set()
-        await asyncio.sleep(60)
-        return 1
-
-    async def swallow_all():
-        for _ in range(2):
-            try:
-                await asyncio.sleep(60)
-            except asyncio.CancelledError:
-                pass
+            pass
+        await asyncio.sleep(0.01)
         return 2
 
     def thread_returns():  # sees the cancel, and returns a result all the same
@@ -482,23 +484,22 @@ def test_a_deadline_stops_a_task_that_swallows_the_cancel(make_worker, no_bluesk
             time.sleep(0.005)
         return 3
 
-    w = make_worker({"swallow_once": swallow_once, "swallow_all": swallow_all,
-                     "thread_returns": thread_returns}, cancel_grace_s=0.1)
+    w = make_worker({"scan": scan, "swallow": swallow, "thread_returns": thread_returns}, cancel_grace_s=0.4)
     with caplog.at_level(logging.WARNING, logger="qmagic"):
-        once, every, thread = (w.submit(name, timeout=0.2) for name in ("swallow_once", "swallow_all", "thread_returns"))
-        for task in (once, every, thread):
+        parking, every, thread = (w.submit(name, timeout=0.2) for name in ("scan", "swallow", "thread_returns"))
+        for task in (parking, every, thread):
             assert task.wait(TIMEOUT), task.name
-    assert swallowed.is_set()
-    assert (once.status, once.error) == (TaskStatus.CANCELLED, "deadline of 0.2 s passed")
+    assert parked.is_set() and not cut.is_set(), "the deadline cut the cleanup short"
+    assert (parking.status, parking.error) == (TaskStatus.CANCELLED, "deadline of 0.2 s passed")
     with pytest.raises(cf.CancelledError, match="was cancelled: deadline of 0.2 s passed"):
-        once.result()
+        parking.result()
     assert (every.result(), thread.result()) == (2, 3)
     late = [r.getMessage() for r in caplog.records if "returned after its deadline" in r.getMessage()]
     assert len(late) == 2 and all("its result is kept" in m for m in late), late
     records = {r["name"]: r for r in w.history()}
     assert {name: (r["status"], r["error"], r["result"]) for name, r in records.items()} == {
-        "swallow_once": ("cancelled", "deadline of 0.2 s passed", None),
-        "swallow_all": ("completed", None, 2), "thread_returns": ("completed", None, 3)}
+        "scan": ("cancelled", "deadline of 0.2 s passed", None),
+        "swallow": ("completed", None, 2), "thread_returns": ("completed", None, 3)}
 
 
 def test_interrupting_a_foreground_coroutine_task_cancels_it(make_worker, no_bluesky_loop):

@@ -790,3 +790,36 @@ def test_a_storm_across_thousands_of_short_foreground_tasks(sk, storm):
     # The experiment log (on) holds every task's correct final record: none lost or wrong.
     assert sk.eval("log_mismatches(run)") == (SHORT_TASKS, 0, [], True, 0)
     _healthy(sk)
+
+
+def test_a_press_after_a_magic_names_its_own_task_not_one_its_code_started(_shell, sigint_as_in_a_cell, tmp_path):
+    """■ in %function_execute's settle after ``parent`` (which submits ``child``) named the
+    child's task (the magic compared the last task submitted on its thread, and the
+    foreground task's code runs on the same thread): the user was told to cancel the wrong
+    task.  Only a submit by code that is no task's is the magic's."""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic.ipython.extension import load_ipython_extension, unload_ipython_extension
+    from qmagic.ipython.magics import common
+
+    load_ipython_extension(_shell)
+    try:
+        _shell.run_cell(
+            "import threading, qmagic\n"
+            "release = threading.Event()\n"
+            "def child():\n    release.wait(30)\n"
+            "def parent():\n    qmagic.get_worker().submit(child, background=True)\n    return 1\n").raise_error()
+        fired: list = []
+        text = None
+        sys.settrace(sigint_at(common.settle.__code__, lines_of(common.settle)[-1], fired))
+        try:
+            _shell.run_line_magic("function_execute", "parent")
+        except KeyboardInterrupt as exc:
+            text = exc._render_traceback_()
+        finally:
+            sys.settrace(None)
+            _shell.user_ns["release"].set()
+        assert fired and text is not None and "parent()" in text[0], text
+    finally:
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")

@@ -306,7 +306,7 @@ class Engine(TaskRegistry):
             observer.task_submitted(task)  # may raise: then the task never existed
         job.recorded = True
         self._jobs[task.uid] = job
-        self._last, self._here.uid = task, task.uid
+        self._note_last(task)
         if self.bus.listening(task):  # (a subscriber that comes later is told "queued" anyway)
             with task._mutex:
                 self.bus.emit(task, status="queued")
@@ -349,11 +349,11 @@ class Engine(TaskRegistry):
         """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
         return self._runner.cancel([task], force, reason)[0]
 
-    def _deadline(self, job: Job) -> None:  # (forced as by cancel(force=True); a late result: JobRunner.end)
+    def _deadline(self, job: Job) -> None:  # (a late result: JobRunner.end)
         task = job.task
-        if not task.done():
+        if not task.done() and not job.code_done:  # (a coroutine gets one CancelledError: its cleanup runs whole)
             job.deadline_passed = True
-            self.cancel(task, force=True, reason=f"deadline of {task.timeout:g} s passed")
+            self.cancel(task, force=not job.coroutine, reason=f"deadline of {task.timeout:g} s passed")
 
     def interrupt_foreground(self) -> str:
         """Interrupt the running foreground task (KeyboardInterrupt in its code).

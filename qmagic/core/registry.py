@@ -306,9 +306,16 @@ class TaskRegistry:
         return last if last is not None and last.uid in self._jobs else None
 
     def submitted_here(self) -> str | None:
-        """The uid of the last task submitted on this thread (announced: the log may hold
-        it), or None; what a caller interrupted midway compares (the magics)."""
+        """The uid of the last task submitted on this thread by code that is no task's
+        (announced: the log may hold it), or None; what a caller interrupted midway compares
+        (the magics: a foreground task's code, on the same thread, may submit its own)."""
         return getattr(self._here, "uid", None)
+
+    def _note_last(self, task: Task) -> None:
+        """``task`` was just announced: the last task, and this thread's (:meth:`submitted_here`)."""
+        self._last = task
+        if current_task() is None:
+            self._here.uid = task.uid
 
     def clear_finished(self) -> int:
         """Forget every finished task kept in memory; returns how many."""
