@@ -1525,6 +1525,7 @@ def test_the_history_of_a_long_backlog_makes_only_the_records_it_shows(tmp_path,
             for i in range(2000):
                 run_task(j, f"w-{i:04d}", "failed" if i % 100 == 0 else "completed",
                          submitted_at=1000.0 + i)
+            eventually(lambda: not j.health()["ok"], 30.0, "the writer to see the fault")
             everything = j.records()
             monkeypatch.setattr(reader_module, "record_from_row", record_from_row)
             for name in ("rows_from_lines",):  # (the fold, wherever the journal's reads do it)
@@ -1542,7 +1543,14 @@ def test_the_history_of_a_long_backlog_makes_only_the_records_it_shows(tmp_path,
             holder.execute("ROLLBACK")
             holder.close()
         assert j.flush(30)
+        assert j._fold._rows, "kept during the fault"
+        eventually(lambda: j.health()["ok"], 30.0, "the fault to end")
         assert [r["uid"] for r in j.records(limit=3)] == ["w-late", "stored", "w-1999"]
+        assert not j._fold._rows, "the fold of a stored backlog was kept (its memory)"
+        run_task(j, "w-after", submitted_at=time.time() + 120)  # (outside a fault: folded, not kept)
+        assert j.records(limit=1)[0]["uid"] == "w-after" and not j._fold._rows
+        j._fold.fold([b"x"])
+    assert not j._fold._rows and not j._fold._seen  # (close forgets it)
 
 
 def test_retention_runs_while_a_long_backlog_is_stored(tmp_path, monkeypatch):

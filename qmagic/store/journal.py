@@ -230,8 +230,8 @@ class Journal:
         else:
             chunks = self._spool.lines_of({u.encode("utf-8", "backslashreplace") for u in wanted
                                            if isinstance(u, str)})
-        if needle is None and wanted is None:  # (all of them: the fold kept, extended)
-            rows, started = self._fold.fold(chunks)
+        if needle is None and wanted is None:  # (all of them: the fold kept during a fault, extended)
+            rows, started = self._fold.fold(chunks, keep=bool(self._writer.faults.kinds))
         else:
             rows, started = {}, {}
             for data in chunks:
@@ -370,6 +370,7 @@ class Journal:
             return
         self._closed = True
         _OPEN.discard(self)
+        self._fold.clear()
         found = self._finalizer.detach()  # (None: it ran already)
         if found is not None:
             _shutdown(*found[2], timeout)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from ..errors import StateFileError
 from .database import rows_from_lines
-from .reader import Filters, LogReader, merge_state
+from .reader import Filters, LogReader, merge_state, sort_time
 
 __all__ = ["PendingFold", "merged_states", "newest"]
 
@@ -40,8 +40,15 @@ class PendingFold:
         self._rows: dict[str, tuple] = {}
         self._started: dict[str, float] = {}
 
-    def fold(self, chunks: list[bytes]) -> tuple[dict[str, tuple], dict[str, float]]:
-        """``(rows, started)`` of ``chunks`` (the caller must not change them)."""
+    def clear(self) -> None:
+        """Forget the fold kept (its memory: ~0.9 kB a waiting task)."""
+        with self._lock:
+            self._seen, self._rows, self._started = [], {}, {}
+
+    def fold(self, chunks: list[bytes], keep: bool = True) -> tuple[dict[str, tuple], dict[str, float]]:
+        """``(rows, started)`` of ``chunks`` (the caller must not change them); ``keep``
+        False: forget it after (a backlog that does not grow, outside a fault, is stored
+        within seconds: its fold would only hold memory)."""
         with self._lock:
             old = self._seen
             grown = len(chunks) >= len(old) and all(
@@ -56,8 +63,11 @@ class PendingFold:
             for data in parts:
                 if data:
                     rows_from_lines(data, self.session, now, rows, [], started)
-            self._seen = [(len(c), c[:_EDGE], c[max(0, len(c) - _EDGE):]) for c in chunks]
-            self._rows, self._started = rows, started
+            if keep:
+                self._seen = [(len(c), c[:_EDGE], c[max(0, len(c) - _EDGE):]) for c in chunks]
+                self._rows, self._started = rows, started
+            else:
+                self._seen, self._rows, self._started = [], {}, {}
             return rows, started
 
 
@@ -78,15 +88,6 @@ def merged_states(reader: LogReader, pending: dict[str, list[tuple]]
     return out
 
 
-def _sort_key(state: dict[str, Any]) -> float:
-    """The time its record sorts by (:func:`~qmagic.store.reader.sort_time`), unmade."""
-    for key in ("submitted_at", "started_at", "finished_at"):
-        v = state.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    return 0.0
-
-
 def newest(states: dict[str, tuple[dict[str, Any] | None, Any]],
            record: Callable[[tuple[dict[str, Any] | None, Any]], dict[str, Any] | None],
            chosen: Filters, now: float) -> list[dict[str, Any]]:
@@ -101,7 +102,7 @@ def newest(states: dict[str, tuple[dict[str, Any] | None, Any]],
             continue
         if chosen.uid is not None and not uid.startswith(chosen.uid):
             continue
-        keyed.append((_sort_key(state), uid))
+        keyed.append((sort_time(state), uid))  # (the state holds the record's times)
     keyed.sort(reverse=True)
     out: list[dict[str, Any]] = []
     for _, uid in keyed:
