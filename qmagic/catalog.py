@@ -52,21 +52,23 @@ def check_name(name: Any) -> str:
 def submit_target(target: Any) -> tuple[str, Callable[..., Any] | None]:
     """``submit()``'s target as ``(name, function)``: a namespace name (checked by
     :func:`check_name`; function None, resolved later) or a callable (named by its
-    ``__name__``).  Anything else is a one-line TypeError; a coroutine object (``acq(3)``
-    given for ``acq``) says how to pass the call, and is closed (no "never awaited" warning
-    follows)."""
+    ``__name__``).  Anything else is a one-line TypeError; a coroutine or generator object
+    (``acq(3)`` given for ``acq``, a plan already called) says how to pass the call, and is
+    closed (no "never awaited" warning follows)."""
     if isinstance(target, str):
         return check_name(target), None
     if callable(target):
         return getattr(target, "__name__", type(target).__name__), target
-    if inspect.iscoroutine(target):
+    kind = ("a coroutine" if inspect.iscoroutine(target) else "a generator: a plan?"
+            if inspect.isgenerator(target) else None)
+    if kind is not None:
         name = getattr(target, "__name__", None)
-        name = name if type(name) is str and name.isidentifier() else "acq"
+        name = name if type(name) is str and name.isidentifier() else "f"
         with contextlib.suppress(Exception):  # (never started: its code does not run)
             target.close()
         raise one_line(TypeError(
-            f"submit() got {name}(...) already called (a coroutine): pass the function and its "
-            f"arguments instead, e.g. submit({name}, (3,)), not submit({name}(3))."))
+            f"submit() got {name}(...) already called ({kind}): pass the function and its "
+            f"arguments instead, submit({name}, args), not submit({name}(...))."))
     raise one_line(TypeError(f"submit() needs a function name or a callable, got {safe_repr(target, 80)}."))
 
 

@@ -750,7 +750,7 @@ def test_blocking_on_a_task_of_the_same_loop_says_to_await_it(make_worker, no_bl
     line = ("step(3) runs on the event loop that called task.result() or wait(), which would "
             "block it for good: use `await task` there instead.")
     assert seen["errors"] == [line] * 3 + [  # (its own: awaiting itself would not end either)
-        "scan() cannot wait for its own end (it would wait for good)."]
+        "scan() cannot wait for its own end (it would wait for good): wait for it from the notebook or another task."]
     assert w.submit("thread_side").result(TIMEOUT) == 4
 
 
@@ -796,7 +796,7 @@ def test_a_task_that_waits_for_itself_is_told_at_once(make_worker, no_bluesky_lo
     for func in (self_await, self_result, self_wait, hands_over):
         task = w.submit(func)
         assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED, (func, task.status)
-        assert task.error == f"{func.__name__}() cannot wait for its own end (it would wait for good)."
+        assert task.error == f"{func.__name__}() cannot wait for its own end (it would wait for good): wait for it from the notebook or another task."
         assert isinstance(task.exception(), RuntimeError)
     assert w.submit(parent).result(TIMEOUT) == 5
     assert eventually(lambda: len(later) == 3)

@@ -575,8 +575,17 @@ def test_a_coroutine_object_as_target_says_how_to_pass_the_call(make_worker):
         gc.collect()
     assert info.value._render_traceback_() == [
         "TypeError: submit() got acq(...) already called (a coroutine): pass the function and its "
-        "arguments instead, e.g. submit(acq, (3,)), not submit(acq(3))."]
+        "arguments instead, submit(acq, args), not submit(acq(...))."]
     assert [str(c.message) for c in caught if "never awaited" in str(c.message)] == []
+
+    def plan(n):  # (a bluesky plan already called: a generator)
+        yield n
+
+    with pytest.raises(TypeError) as info:
+        w.submit(plan(3))
+    assert info.value._render_traceback_() == [
+        "TypeError: submit() got plan(...) already called (a generator: a plan?): pass the function "
+        "and its arguments instead, submit(plan, args), not submit(plan(...))."]
     with pytest.raises(RequestRefused, match=r"'acq\(3\)' is not a function name: give the name alone "
                                             r"\('acq'\) and the arguments apart"):
         w.submit("acq(3)")

@@ -352,7 +352,7 @@ def _waiter_loop(task: Task) -> Any:
     own = task._own_code
     if own is not None and (own == threading.get_ident() if isinstance(own, int)
                             else loop is not None and asyncio.current_task(loop) is own):
-        raise one_line(RuntimeError(f"{task.call_text()} cannot wait for its own end (it would wait for good)."))
+        raise one_line(RuntimeError(f"{task.call_text()} cannot wait for its own end (it would wait for good): wait for it from the notebook or another task."))
     return loop
 
 

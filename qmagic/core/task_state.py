@@ -153,7 +153,7 @@ class TaskState(_Captured, Future):
     _cancel_reason = "Task was cancelled"
     _ending = False  # a runner claimed the right to finish the task (never reset)
     #: While the task's code runs: its thread's ident (a thread task), or the asyncio task
-    #: running its coroutine (or its function's awaitable result): ``task._waiter_loop``.
+    #: running its coroutine (or its function's awaitable result): see ``qmagic.core.task._waiter_loop``.
     _own_code: Any = None
     _subscribers: tuple[Subscription, ...] = ()
     _progress_waiting: list | None = None  # the bus's undelivered progress, if it is the last event

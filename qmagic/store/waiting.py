@@ -154,6 +154,7 @@ def waiting_records(reader: LogReader, folder: Path, env: str, own: str,
     except StateFileError:
         bases = {}
     out = {}
+    last_seen: dict[str, list[float]] = {}
     for uid, rows in found.items():
         state = base = bases.get(uid)
         meta, gone = None, None
@@ -165,7 +166,10 @@ def waiting_records(reader: LogReader, folder: Path, env: str, own: str,
             continue
         meta = dict(meta)
         if gone is not None and state["rank"] < 3 and state["session"] == gone.session:  # recovery's mark
-            seen = [t for t in (_last_seen(gone, now), reader.last_seen(gone.session)) if t is not None]
+            if gone.session not in last_seen:  # (once per session, not per task)
+                last_seen[gone.session] = [t for t in (_last_seen(gone, now), reader.last_seen(gone.session))
+                                           if t is not None]
+            seen = last_seen[gone.session]
             end = state["finished_at"] if state["finished_at"] is not None else max(seen) if seen else now
             state, meta["orphaned"] = dict(state, orphaned=1, finished_at=end), True
         record = state_record(state, meta)
