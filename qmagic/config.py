@@ -209,6 +209,12 @@ class QMagic(Configurable):
         10_000_000, min=1024, max=1_000_000_000,
         help="Largest request the control channel accepts, in bytes.",
     ).tag(config=True)
+    zmq_max_connections = Int(
+        64, min=1, max=100_000,
+        help="Most connections the control channel holds open at once (each may hold a few "
+        "requests in memory); further ones are refused until some close. queueserver's clients "
+        "and the HTTP gateway hold one each. A change applies to new connections.",
+    ).tag(config=True)
     zmq_client_keys = Union(
         [Dict(), Unicode()], default_value=None, allow_none=True,
         help="With CurveZMQ on: the clients allowed to connect to the control channel and the "

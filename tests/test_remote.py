@@ -623,7 +623,7 @@ def test_many_clients_asking_for_a_large_result_never_hold_up_the_others(tmp_pat
     their replies get the value or that); a lone client is served."""
     w = Worker({"data": lambda n: [i * 0.5 for i in range(n)]}, config=worker_config(tmp_path),
                foreground=ThreadForegroundRunner())
-    srv = serve(QueueserverProtocol(w))
+    srv = serve(QueueserverProtocol(w), max_connections=200)  # (180 clients at once)
     rm = LoopClient(zmq_control_addr=srv.address, timeout_recv=WAIT * 3)  # (the machine may be loaded)
     ctx = zmq.Context()
     askers: list = []

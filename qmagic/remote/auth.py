@@ -19,10 +19,10 @@ With a list, each client public key is bound to a user name and the groups it ma
 
 How it holds together:
 
-- :class:`CurveAuthenticator` runs pyzmq's ZAP handler (a ``ThreadAuthenticator`` with a
-  CURVE credentials callback) for the zmq context of the control socket: a connection whose
-  client key is not in the list is refused during the handshake, so the client times out
-  exactly as with a wrong server key.
+- :class:`CurveAuthenticator` is the ZAP handler (:mod:`qmagic.remote.zap`) of the zmq
+  context of the control socket: a connection whose client key is not in the list is
+  refused during the handshake, so the client times out exactly as with a wrong server key
+  (the same handler bounds the open connections: :mod:`qmagic.remote.connections`).
 - :func:`secure_server_socket` makes the server socket a CURVE server in the ZAP domain
   :data:`ZAP_DOMAIN` with ``ZAP_ENFORCE_DOMAIN``: if no authenticator runs, *every*
   connection is refused (libzmq would otherwise let all clients in, and it ignores the
@@ -45,19 +45,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.auth.base import Authenticator
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from ..errors import ControlChannelError, RequestRefused
 from ..format import safe_repr
 from ..yamlfile import load_yaml_file
+from .connections import ConnectionLimit
+from .zap import ZapThread
 
 __all__ = [
     "QUEUESERVER_CLIENT_PUBLIC_KEY",
@@ -224,49 +223,11 @@ class ClientKeys:
         return f"<ClientKeys {len(self)} clients>"
 
 
-_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-
-
-class _Unbind(Authenticator):
-    def stop(self) -> None:
-        # Unbind first: it frees the endpoint at once, while close() frees it later (in
-        # libzmq's reaper thread), so that a start() right after stop() could not bind.
-        if self.zap_socket is not None:
-            try:
-                self.zap_socket.unbind(_ZAP_ENDPOINT)
-            except zmq.ZMQError:  # never bound (the bind failed)
-                pass
-        super().stop()
-
-
-class _ThreadAuthenticator(ThreadAuthenticator, _Unbind):
-    """pyzmq's ThreadAuthenticator whose stop() releases the ZAP endpoint synchronously
-    (its stop() joins the thread, closes the pipe, then calls _Unbind.stop()), with a pipe
-    endpoint name of its own (pyzmq derives it from id(), which a new object may reuse while
-    the old endpoint is still being released)."""
-
-    def __init__(self, context: zmq.Context, log: Any = None) -> None:
-        super().__init__(context, log=log)
-        self.pipe_endpoint = f"inproc://qmagic-zap-pipe-{uuid.uuid4().hex}"
-
-
-class _Provider:
-    """ZAP CURVE credentials callback; runs on the authenticator's thread."""
-
-    def __init__(self, owner: CurveAuthenticator) -> None:
-        self._owner = owner
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        try:
-            return self._owner._admit(key)
-        except Exception:
-            log.exception("qmagic: the client key check failed; the connection is refused")
-            return False
-
-
 class CurveAuthenticator:
-    """The ZAP handler of one zmq context: admits only connections whose CURVE client key
-    is in ``keys``.
+    """The ZAP handler of one zmq context: admits CURVE connections whose client key is in
+    ``keys`` (any key when ``keys`` is None) and NULL ones; with a ``limit``
+    (:class:`~qmagic.remote.connections.ConnectionLimit`), only while fewer than its limit
+    are open, counted from the monitor handed to :meth:`watch`.
 
     One per context (ZAP binds ``inproc://zeromq.zap.01`` in it): give the control socket a
     context of its own.  :meth:`start` before binding the socket, :meth:`stop` after closing
@@ -274,13 +235,15 @@ class CurveAuthenticator:
     running (new connections use the new list; pass the same list to :func:`identity_of`).
     """
 
-    def __init__(self, context: zmq.Context, keys: ClientKeys, *, domain: str = ZAP_DOMAIN) -> None:
+    def __init__(self, context: zmq.Context, keys: ClientKeys | None, *, domain: str = ZAP_DOMAIN,
+                 limit: ConnectionLimit | None = None) -> None:
         if not domain:
             raise ValueError("the ZAP domain must not be empty (libzmq would not enforce it)")
         self._context = context
-        self._domain = domain
+        self._domain = domain.encode("utf-8")
         self.keys = keys
-        self._auth: _ThreadAuthenticator | None = None
+        self.limit = limit
+        self._zap: ZapThread | None = None
         self._lock = threading.Lock()
         self._refused = 0
         self._last_refused: str | None = None
@@ -289,42 +252,70 @@ class CurveAuthenticator:
         """Start the ZAP thread (no-op if running).  ControlChannelError if the context
         already has a ZAP handler."""
         with self._lock:
-            if self._auth is not None:
+            if self._zap is not None:
                 return
-            auth = _ThreadAuthenticator(self._context, log=log)
-            auth.configure_curve_callback(self._domain, credentials_provider=_Provider(self))
+            limit = self.limit
+            zap = ZapThread(self._context, self._decide, name="qmagic-zap",
+                            on_event=limit.event if limit is not None else None,
+                            on_watch=limit.reset if limit is not None else None)
             try:
-                auth.start()
+                zap.start()
             except zmq.ZMQError as exc:
-                auth.stop()
                 raise ControlChannelError(
                     f"Cannot start the client key check: {exc} (another ZAP handler already runs in "
                     "this zmq context; give the control socket a context of its own)."
                 ) from None
-            auth.thread.name = "qmagic-zap"
-            self._auth = auth
+            self._zap = zap
 
     def stop(self) -> None:
         """Stop the ZAP thread and close its sockets (no-op if stopped)."""
         with self._lock:
-            auth, self._auth = self._auth, None
-            if auth is not None:
-                auth.stop()
+            zap, self._zap = self._zap, None
+            if zap is not None:
+                zap.stop()
+
+    def watch(self, monitor: zmq.Socket | None) -> bool:
+        """Count the connections of the socket whose monitor is ``monitor`` (the previous
+        socket's monitor disabled first; None: none); False if the thread does not run."""
+        zap = self._zap
+        return zap.watch(monitor) if zap is not None else False
 
     def is_alive(self) -> bool:
         """Whether the ZAP thread runs."""
-        auth = self._auth
-        return bool(auth is not None and auth.is_alive())
+        zap = self._zap
+        return bool(zap is not None and zap.is_alive())
 
     @property
     def refused(self) -> int:
-        """Handshakes refused so far (a refused client retries: several per client)."""
+        """Handshakes refused for an unknown key so far (a refused client retries: several
+        per client)."""
         return self._refused
 
     @property
     def last_refused_key(self) -> str | None:
         """The z85 public key of the last refused client (to add it to the list if wanted)."""
         return self._last_refused
+
+    def _decide(self, domain: bytes, mechanism: bytes, credentials: list,
+                waited: float = 0.0) -> tuple[bytes, bytes, bytes] | None:
+        """A ZAP request's ``(status code, text, user id)``, or None to decide it again later
+        (the ZAP thread; ``waited``: the seconds it has waited)."""
+        if domain != self._domain:
+            return b"400", b"Unknown domain", b""
+        user_id = b""
+        if mechanism == b"CURVE" and len(credentials) == 1 and len(credentials[0]) == 32:
+            user_id = z85.encode(credentials[0])
+            if self.keys is not None and not self._admit(user_id):
+                return b"400", b"Unknown key", b""
+        elif mechanism != b"NULL":
+            return b"400", b"Unsupported mechanism", b""
+        if self.limit is not None:
+            admitted = self.limit.admit(waited)
+            if admitted is None:
+                return None
+            if not admitted:
+                return b"400", b"Too many connections", b""
+        return b"200", b"OK", user_id
 
     def _admit(self, key: bytes) -> bool:
         if self.keys.lookup(key) is not None:
@@ -342,16 +333,20 @@ class CurveAuthenticator:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<CurveAuthenticator {'running' if self.is_alive() else 'stopped'} {len(self.keys)} keys>"
+        keys = f"{len(self.keys)} keys" if self.keys is not None else "any key"
+        return f"<CurveAuthenticator {'running' if self.is_alive() else 'stopped'} {keys}>"
 
 
-def secure_server_socket(sock: zmq.Socket, secret_key: str | bytes, *, domain: str = ZAP_DOMAIN) -> None:
-    """Make ``sock`` (before ``bind``) a CurveZMQ server that refuses every connection the
-    ZAP handler of its context does not admit — all of them if no handler runs."""
+def secure_server_socket(sock: zmq.Socket, secret_key: str | bytes | None, *, domain: str = ZAP_DOMAIN) -> None:
+    """Make ``sock`` (before ``bind``) a CurveZMQ server (with ``secret_key``; None: NULL,
+    no encryption) that refuses every connection the ZAP handler of its context does not
+    admit — all of them if no handler runs (libzmq asks ZAP about NULL connections too when
+    the socket has a domain)."""
     if not domain:
         raise ValueError("the ZAP domain must not be empty (libzmq would not enforce it)")
-    sock.setsockopt(zmq.CURVE_SERVER, 1)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode("ascii") if isinstance(secret_key, str) else secret_key)
+    if secret_key is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode("ascii") if isinstance(secret_key, str) else secret_key)
     sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode("utf-8"))
     sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 

@@ -8,8 +8,10 @@ leaves within milliseconds whatever a cell is doing (queueserver's client gives 
 
 CurveZMQ is on when a secret key is given (``$QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER``, as
 queueserver); with a client key list (:mod:`qmagic.remote.auth`) only listed clients get
-through (a ZAP handler in the channel's own 0MQ context), and each request may claim only
-its key's user and groups.
+through, and each request may claim only its key's user and groups.  The ZAP handler in the
+channel's own 0MQ context sees every new connection (encrypted or not) and refuses it while
+``max_connections`` are open (:mod:`qmagic.remote.connections`); 0MQ heartbeats close the
+connections of clients gone without a word (a crashed machine, a cut network).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import zmq
 from ..errors import ControlChannelError
 from ..jsonreply import LARGE_BYTES, reply_bytes
 from ..texts import large_request_refused
+from .connections import DEFAULT_MAX_CONNECTIONS, ConnectionLimit
 from .large_work import LargeBudget
-from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker
+from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker, close_socket
 
 __all__ = ["ControlServer", "DEFAULT_ADDRESS", "HANDSHAKE_MS", "PRIVATE_KEY_ENV", "hard_cap", "is_loopback",
            "server_secret_key"]
@@ -53,6 +56,10 @@ _REPLIES_PER_CLIENT = 16
 #: A connection that has not finished its handshake after this long is closed (libzmq's
 #: default, 30 s, let idle raw connections pile up until the kernel ran out of files).
 HANDSHAKE_MS = 10_000
+#: A connection whose client answers no heartbeat within HEARTBEAT_TIMEOUT_MS of a ping
+#: (sent every HEARTBEAT_IVL_MS) is closed: a client gone without closing frees its place.
+#: (Generous: a large request being received delays the client's answer.)
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 60_000
 _ZERO_COPY_BYTES = 64 * 1024  # replies at least this large are sent from their buffer, not copied
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
@@ -149,7 +156,7 @@ class ControlServer(SocketThread):
 
     def __init__(self, dispatch: Dispatcher, address: str, *, max_message_bytes: int = 10_000_000,
                  secret_key: str | None = None, client_keys: Any = None,
-                 refusal: Refusal | None = None) -> None:
+                 refusal: Refusal | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address",
                          secret_key=server_secret_key(secret_key), client_keys=client_keys)
         self._dispatch = dispatch
@@ -166,6 +173,7 @@ class ControlServer(SocketThread):
         self._status_json = _StatusJSON()
         self._large = LargeBudget()  # (large work's share of time while others wait)
         self._waker: Waker | None = None  # (the serving thread's, while it runs)
+        self.connections = ConnectionLimit(max_connections, HANDSHAKE_MS / 1000)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -173,6 +181,16 @@ class ControlServer(SocketThread):
         """Large requests (and reads of large results) refused because large work had used
         its share of time (:mod:`qmagic.remote.large_work`)."""
         return self._large.refused
+
+    @property
+    def max_connections(self) -> int:
+        """Most connections open at once (QMagic.zmq_max_connections; a change applies to
+        new connections)."""
+        return self.connections.limit
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:
+        self.connections.limit = value
 
     @property
     def uptime(self) -> float:
@@ -195,10 +213,13 @@ class ControlServer(SocketThread):
         sock.setsockopt(zmq.SNDHWM, _REPLIES_PER_CLIENT)
         sock.setsockopt(zmq.RCVHWM, _REQUESTS_PER_CLIENT)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         # A hard cap far above the configured limit: only absurd frames drop the connection.
         self.socket_cap = hard_cap(self.max_message_bytes)
         sock.setsockopt(zmq.MAXMSGSIZE, self.socket_cap)
         self._secure(sock)
+        self._watch(sock)
         return sock
 
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
@@ -258,7 +279,7 @@ class ControlServer(SocketThread):
             log.exception("qmagic: the control channel stopped on an unexpected error")
         finally:
             if sock is not None:
-                sock.close(0)
+                close_socket(sock)
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -274,7 +295,7 @@ class ControlServer(SocketThread):
         """A socket error (should not happen): rebuild the socket on the same endpoint."""
         self.last_error = f"0MQ error: {exc}"
         log.warning("qmagic: control channel socket error (%s); rebuilding the socket", exc)
-        sock.close(0)
+        close_socket(sock)
         endpoint = self._endpoint or self.requested_address
         while not stop.is_set():
             new = self._new_socket(ctx)
@@ -282,7 +303,7 @@ class ControlServer(SocketThread):
                 new.bind(endpoint)
                 return new
             except zmq.ZMQError:
-                new.close(0)
+                close_socket(new)
                 stop.wait(0.1)
         return ctx.socket(zmq.REP)  # stopping: a dummy that the loop will close
 

@@ -55,6 +55,7 @@ class RemoteService:
         worker.observe(self._on_limit, names="zmq_max_message_bytes")
         worker.observe(self._on_info, names=_INFO_SETTINGS)
         worker.observe(self._on_keys, names="zmq_client_keys")
+        worker.observe(self._on_max_connections, names="zmq_max_connections")
         if worker.zmq_control_address:
             try:
                 self.start(worker.zmq_control_address)
@@ -117,7 +118,8 @@ class RemoteService:
         """A channel for ``address`` with the settings in force, not started (raises
         ControlChannelError for an address or keys it cannot use)."""
         return ControlServer(self._dispatch, address, max_message_bytes=self.worker.zmq_max_message_bytes,
-                             client_keys=_client_keys(self.worker), refusal=unread_refusal)
+                             client_keys=_client_keys(self.worker), refusal=unread_refusal,
+                             max_connections=self.worker.zmq_max_connections)
 
     def stop(self) -> bool:
         """Stop the channel; False if it was not running."""
@@ -189,7 +191,8 @@ class RemoteService:
         for handler, names in ((self._on_address, "zmq_control_address"),
                                (self._on_limit, "zmq_max_message_bytes"),
                                (self._on_info, _INFO_SETTINGS),
-                               (self._on_keys, "zmq_client_keys")):
+                               (self._on_keys, "zmq_client_keys"),
+                               (self._on_max_connections, "zmq_max_connections")):
             try:
                 self.worker.unobserve(handler, names=names)
             except ValueError:
@@ -248,6 +251,12 @@ class RemoteService:
             if failed is not None:
                 raise failed
 
+    def _on_max_connections(self, change: Mapping[str, Any]) -> None:
+        """The connection limit applies to the next connection (open ones stay)."""
+        server = self.server
+        if server is not None:
+            server.max_connections = change["new"]
+
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's
         own, set as it is made), the channel starts again with the new one.  All or nothing:
@@ -305,36 +314,41 @@ class RemoteService:
     # -- text for %control_channel ------------------------------------------------------------------
     def describe(self) -> str:
         """A few lines: address, encryption, counters, warnings, how a client connects."""
-        server = self.server
-        closed = f"\n  {MSG_WORKER_CLOSED}" if self.worker.closed else ""
-        if server is None or not server.running:
-            return ("Control channel: off. Start it with %control_channel start [ADDRESS] "
-                    f"(default {DEFAULT_ADDRESS}), or set QMagic.zmq_control_address." + closed)
-        lines = [
-            f"Control channel: serving bluesky-queueserver clients on {server.address}",
-            f"  encryption: {'CurveZMQ' if server.curve else 'none'}; largest request: "
-            f"{server.max_message_bytes} bytes",
-            f"  up {server.uptime:.0f} s; {counted(server.requests, 'request')}, "
-            f"{counted(server.errors, 'error reply', 'error replies')}, {server.malformed} malformed",
-        ]
-        if server.refused_busy:
-            lines.append(f"  {server.refused_busy} large requests refused while large work "
-                         "used half of the channel's time (clients were told to ask again)")
-        if not is_loopback(server.requested_address) and not server.curve:
-            lines.append("  WARNING: reachable from other machines without encryption: anyone who "
-                         "can reach this port can run code in this kernel.")
-        if closed:  # (clients are told so: status says the environment is closed)
-            lines.append(closed.lstrip("\n"))
-        if server.last_error:
-            lines.append(f"  last error: {server.last_error}")
-        if self.info is not None:
-            lines += self.info.describe()
-        note = self.worker.log_note()
-        if note:
-            lines.append(f"  {note}")
-        address = server.address
-        if address.startswith(("tcp://0.0.0.0:", "tcp://*:")):
-            address = "tcp://localhost:" + address.rsplit(":", 1)[1]
-        lines.append(f"  client: REManagerAPI(zmq_control_addr={address!r}"
-                     + (", zmq_public_key=<server public key>)" if server.curve else ")"))
-        return "\n".join(lines)
+        return _describe_channel(self.server, self.info, self.worker)
+
+
+def _describe_channel(server: ControlServer | None, info: InfoPublisher | None, worker: Any) -> str:
+    """The text of :meth:`RemoteService.describe`."""
+    closed = f"\n  {MSG_WORKER_CLOSED}" if worker.closed else ""
+    if server is None or not server.running:
+        return ("Control channel: off. Start it with %control_channel start [ADDRESS] "
+                f"(default {DEFAULT_ADDRESS}), or set QMagic.zmq_control_address." + closed)
+    lines = [
+        f"Control channel: serving bluesky-queueserver clients on {server.address}",
+        f"  encryption: {'CurveZMQ' if server.curve else 'none'}; largest request: "
+        f"{server.max_message_bytes} bytes",
+        f"  up {server.uptime:.0f} s; {counted(server.requests, 'request')}, "
+        f"{counted(server.errors, 'error reply', 'error replies')}, {server.malformed} malformed",
+    ]
+    lines.append(server.connections.describe())
+    if server.refused_busy:
+        lines.append(f"  {server.refused_busy} large requests refused while large work "
+                     "used half of the channel's time (clients were told to ask again)")
+    if not is_loopback(server.requested_address) and not server.curve:
+        lines.append("  WARNING: reachable from other machines without encryption: anyone who "
+                     "can reach this port can run code in this kernel.")
+    if closed:  # (clients are told so: status says the environment is closed)
+        lines.append(closed.lstrip("\n"))
+    if server.last_error:
+        lines.append(f"  last error: {server.last_error}")
+    if info is not None:
+        lines += info.describe()
+    note = worker.log_note()
+    if note:
+        lines.append(f"  {note}")
+    address = server.address
+    if address.startswith(("tcp://0.0.0.0:", "tcp://*:")):
+        address = "tcp://localhost:" + address.rsplit(":", 1)[1]
+    lines.append(f"  client: REManagerAPI(zmq_control_addr={address!r}"
+                 + (", zmq_public_key=<server public key>)" if server.curve else ")"))
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ControlChannelError
 
-__all__ = ["PRIVATE_KEY_ENV", "SocketThread", "Waker", "port_is_valid"]
+__all__ = ["PRIVATE_KEY_ENV", "SocketThread", "Waker", "close_socket", "port_is_valid"]
 
 log = logging.getLogger("qmagic")
 
@@ -49,6 +49,18 @@ def port_is_valid(address: str) -> bool:
     if port == "*":
         return True
     return port.isascii() and port.isdigit() and int(port) <= 65535
+
+
+def close_socket(sock: Any) -> None:
+    """Close a 0MQ socket, its monitor first (a monitor left unread would block libzmq's
+    I/O thread: :mod:`qmagic.remote.zap`)."""
+    import zmq
+
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    sock.close(0)
 
 
 class Waker:
@@ -116,7 +128,9 @@ class SocketThread:
         self.requested_address = address
         self._secret_key = secret_key
         self._client_keys = client_keys
-        self._auth: Any = None  # the running ZAP handler (with a key list)
+        self._auth: Any = None  # the running ZAP handler (with a key list or a limit)
+        #: The bound on open connections (:mod:`qmagic.remote.connections`), or None.
+        self.connections: Any = None
         self._endpoint: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -177,16 +191,28 @@ class SocketThread:
 
     # -- for subclasses ---------------------------------------------------------------------
     def _authenticator(self, ctx: Any) -> Any:
-        """With a client key list: start the ZAP handler of ``ctx`` (before binding) and
-        return it (stop it after closing the socket); else None."""
-        if self._client_keys is None:
+        """With a client key list or a connection limit: start the ZAP handler of ``ctx``
+        (before binding) and return it (stop it after closing the socket); else None."""
+        if self._client_keys is None and self.connections is None:
             return None
         from .auth import CurveAuthenticator
 
-        auth = CurveAuthenticator(ctx, self._client_keys)
+        auth = CurveAuthenticator(ctx, self._client_keys, limit=self.connections)
         auth.start()
         self._auth = auth
         return auth
+
+    def _watch(self, sock: Any) -> None:
+        """After :meth:`_secure`, before binding: with a connection limit, its count follows
+        ``sock`` (close it with :func:`close_socket`)."""
+        auth = self._auth
+        if self.connections is None or auth is None:
+            return
+        from .connections import MONITOR_EVENTS
+
+        if not auth.watch(sock.get_monitor_socket(MONITOR_EVENTS)):
+            close_socket(sock)
+            raise ControlChannelError(f"The {self.what}'s connection check does not run.")
 
     def replace_client_keys(self, keys: Any) -> bool:
         """Use the key list ``keys`` from the next connection and the next message on (a
@@ -203,8 +229,9 @@ class SocketThread:
         return True
 
     def _secure(self, sock: Any) -> None:
-        """Before binding: CurveZMQ as configured — only listed client keys with a list."""
-        if self._client_keys is not None:
+        """Before binding: CurveZMQ as configured — only listed client keys with a list; with
+        a list or a connection limit, the ZAP handler decides on every connection."""
+        if self._client_keys is not None or self.connections is not None:
             from .auth import secure_server_socket
 
             secure_server_socket(sock, self._secret_key)
