@@ -131,6 +131,27 @@ def test_a_connection_beyond_the_limit_is_refused_until_one_closes(channel, capl
     assert all(served(sock) for sock in first[1:])
 
 
+def test_the_connection_check_sleeps_while_nothing_happens(channel, monkeypatch):
+    """The ZAP thread's waker stayed readable once woken (0MQ's poller names a descriptor
+    by its number, and the thread looked for the object): it polled ~78,000 times a second,
+    a whole CPU, from the channel's start.  Counted: a few polls for a few round trips."""
+    from qmagic.remote import zap
+
+    polls = [0]
+
+    class Counted(zmq.Poller):
+        def poll(self, timeout=None):
+            polls[0] += 1
+            return super().poll(timeout)
+
+    monkeypatch.setattr(zap.zmq, "Poller", Counted)
+    srv, clients = channel(4)
+    sock = clients.connect()
+    for _ in range(4):
+        assert served(sock)
+    assert polls[0] <= 20, polls[0]  # (927 before: spinning)
+
+
 def test_unknown_keys_take_no_place():
     keys = ClientKeys.from_config(KEYS)
     srv = ControlServer(echo, "tcp://127.0.0.1:*", max_connections=1, secret_key=SERVER_SECRET,

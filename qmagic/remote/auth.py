@@ -307,7 +307,7 @@ class CurveAuthenticator:
             user_id = z85.encode(credentials[0])
             if self.keys is not None and not self._admit(user_id):
                 return b"400", b"Unknown key", b""
-        elif mechanism != b"NULL":
+        elif mechanism != b"NULL" or self.keys is not None:  # (a key list: CurveZMQ only)
             return b"400", b"Unsupported mechanism", b""
         if self.limit is not None:
             admitted = self.limit.admit(waited)

@@ -58,8 +58,10 @@ _REPLIES_PER_CLIENT = 16
 HANDSHAKE_MS = 10_000
 #: A connection whose client answers no heartbeat within HEARTBEAT_TIMEOUT_MS of a ping
 #: (sent every HEARTBEAT_IVL_MS) is closed: a client gone without closing frees its place.
-#: (Generous: a large request being received delays the client's answer.)
-HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 60_000
+#: Generous: libzmq counts a heartbeat answered only once a whole message has come, so a
+#: request arriving slowly (10 MB at 50 kB/s: 200 s) must not be cut; a client whose
+#: process ended closes its connection itself (this is for a machine or network gone).
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 10_000, 300_000
 _ZERO_COPY_BYTES = 64 * 1024  # replies at least this large are sent from their buffer, not copied
 _Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 
