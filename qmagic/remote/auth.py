@@ -322,7 +322,7 @@ class CurveAuthenticator:
             return True
         self._refused += 1  # one writer: the ZAP thread
         self._last_refused = key.decode("ascii", "replace")
-        log.debug("qmagic: refused a control connection with the unknown client key %s", self._last_refused)
+        log.debug("qmagic: refused a connection with the unknown client key %s", self._last_refused)
         return False
 
     def __enter__(self) -> CurveAuthenticator:  # noqa: PYI034 - Python 3.10 has no typing.Self

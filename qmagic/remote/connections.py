@@ -1,4 +1,6 @@
-"""The bound on how many connections the control channel holds open.
+"""The bound on how many connections the control channel holds open (and the info socket:
+its subscribers, each holding up to 64 MiB that it has not read, :mod:`.pub_socket`; a
+limit of its own, the same machinery in its own 0MQ context).
 
 Each connection may hold a few requests in the kernel's memory (0MQ's queues, each request
 up to the socket's size cap): without a bound on connections, a program that opened
@@ -51,12 +53,14 @@ PATIENCE_S = 2.0
 
 
 class ConnectionLimit:
-    """Counts the connections of one control socket and decides admissions (see the module
-    docstring).  Thread-safe: the ZAP thread feeds and asks it, others read its counters."""
+    """Counts the connections of one socket (the control channel's, the info socket's) and
+    decides admissions (see the module docstring).  Thread-safe: the ZAP thread feeds and
+    asks it, others read its counters."""
 
-    def __init__(self, limit: int, handshake_s: float, *,
+    def __init__(self, limit: int, handshake_s: float, *, what: str = "control channel",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._what = what  # (named in the warning)
         self._clock = clock
         self._settle = handshake_s + _SETTLE_MARGIN_S
         self._limit = int(limit)
@@ -170,7 +174,7 @@ class ConnectionLimit:
             self.last_refused_at = time.time()
             warn, self._warned = not self._warned, True
         if warn:
-            log.warning("qmagic: the control channel refused a connection: %d are open, the most "
-                        "allowed; it refuses new ones until some close (raise "
-                        "QMagic.zmq_max_connections or find the program opening them)", held)
+            log.warning("qmagic: the %s refused a connection: %d are open, the most allowed; it "
+                        "refuses new ones until some close (raise QMagic.zmq_max_connections or "
+                        "find the program opening them)", self._what, held)
         return False

@@ -22,7 +22,9 @@ events merge per task; one write longer than :data:`CONSOLE_CHUNK_CHARS` is cut 
 tail, after a marker as a task's own output has (``[... N earlier characters dropped:
 the text was too long to send whole ...]``); console text waiting to be sent is kept
 up to :data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much,
-and goes out joined, up to :data:`CONSOLE_CHUNK_CHARS` a message.
+and goes out joined, in messages of a bounded size (:func:`.pub_socket.pieces`).  What
+0MQ holds for a subscriber that does not read is bounded too (64 MiB at worst:
+:mod:`.pub_socket`), and so is the number of subscribers (``QMagic.zmq_max_connections``).
 """
 
 from __future__ import annotations
@@ -44,9 +46,17 @@ from ..errors import TaskNotFound
 from ..jsonreply import json_text
 from ..protocol import failure_message, not_started_message
 from ..texts import valid_unicode
-from .pub_socket import MAX_TOPICS, Renewals, bound, too_many_topics
-from .server import is_loopback, server_secret_key
-from .socket_thread import SocketThread
+from .connections import DEFAULT_MAX_CONNECTIONS, ConnectionLimit
+from .pub_socket import (
+    MAX_TOPICS,
+    MESSAGE_MAX_BYTES,
+    Renewals,
+    bound,
+    pieces,
+    too_many_topics,
+)
+from .server import HANDSHAKE_MS, is_loopback, server_secret_key
+from .socket_thread import SocketThread, close_socket
 
 __all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "CONSOLE_CHUNK_CHARS", "DEFAULT_INFO_ADDRESS",
            "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
@@ -104,26 +114,10 @@ def _progress_data(progress: Any) -> dict[str, Any]:
             return value.item()  # (numpy's own code: a Python bool, int, float or complex)
         return value if probe.read_at_once((value,)) else _described(value)
 
-    return {"value": plain(progress.value), "total": plain(progress.total), "message": progress.message}
-
-
-def _joined(texts: deque[str], limit: int) -> list[str]:
-    """``texts`` in order, joined into as few messages as hold at most ``limit`` characters
-    each (one text longer than that is a message of its own): a write per message made a
-    burst of prints many thousands of messages, which a subscriber that did not read them
-    at once lost silently (PUB drops at its high-water mark)."""
-    messages: list[str] = []
-    group: list[str] = []
-    size = 0
-    for text in texts:
-        if group and size + len(text) > limit:
-            messages.append("".join(group))
-            group, size = [], 0
-        group.append(text)
-        size += len(text)
-    if group:
-        messages.append("".join(group))
-    return messages
+    message = progress.message
+    if message is not None and len(message) > _VALUE_CHARS:  # (each message's size is bounded)
+        message = message[:_VALUE_CHARS] + "..."
+    return {"value": plain(progress.value), "total": plain(progress.total), "message": message}
 
 
 class InfoPublisher(SocketThread):
@@ -140,7 +134,8 @@ class InfoPublisher(SocketThread):
 
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
                  all_output: bool = False, secret_key: str | None = None, client_keys: Any = None,
-                 encrypted: bool = True, status_period: float = _STATUS_PERIOD_S) -> None:
+                 encrypted: bool = True, status_period: float = _STATUS_PERIOD_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address",
                          secret_key=server_secret_key(secret_key) if encrypted else None,
                          client_keys=client_keys if encrypted else None)
@@ -161,6 +156,8 @@ class InfoPublisher(SocketThread):
         self._console_dropped = 0  # characters dropped since the last send
         self._wake_pending = False
         self.messages = 0
+        #: Subscribers beyond ``max_connections`` are refused (as the control channel's clients).
+        self.connections = ConnectionLimit(max_connections, HANDSHAKE_MS / 1000, what="info socket")
         self._renewals = Renewals()  # (the socket made again: a client's subscriptions, a key revoked)
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------
@@ -284,6 +281,7 @@ class InfoPublisher(SocketThread):
                     "QMagic.zmq_info_address to None and back"]
         plain = "" if self.encrypted else " (not encrypted: QMagic.zmq_info_encrypted is False)"
         lines = [f"  info socket (console output, status, task events): {self.address}{plain}"]
+        lines.append(f"  info socket:{self.connections.describe()[1:]}")
         if self.renewals:
             lines.append(f"  info socket made again {fmt.counted(self.renewals, 'time')}: a client subscribed "
                          f"to more than {MAX_TOPICS} topics, or sent what no subscriber sends")
@@ -294,8 +292,8 @@ class InfoPublisher(SocketThread):
         sock: zmq.Socket | None = None
         auth = None
         try:
-            auth = self._authenticator(ctx)  # with client keys: only listed clients subscribe
-            sock = bound(ctx, self.requested_address, self._secure)
+            auth = self._authenticator(ctx)  # only listed clients (with keys), so many at most
+            sock = bound(ctx, self.requested_address, self._secured)
             outcome["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except Exception as exc:  # noqa: BLE001 - reported to start(), nothing left running
             outcome["error"] = (f"Cannot start the info socket on {self.requested_address}: {exc}. "
@@ -328,7 +326,7 @@ class InfoPublisher(SocketThread):
                 if item is None:
                     break
                 if item == "revoked" or too_many_topics(sock, topics):
-                    sock = self._renewals.renew(ctx, sock, outcome["endpoint"], self._secure, stop,
+                    sock = self._renewals.renew(ctx, sock, outcome["endpoint"], self._secured, stop,
                                                 item == "revoked")
                     topics.clear()
                     if sock is None:
@@ -341,10 +339,14 @@ class InfoPublisher(SocketThread):
             log.exception("qmagic: the info socket stopped on an unexpected error")
         finally:
             if sock is not None:
-                sock.close(0)
+                close_socket(sock)
             if auth is not None:
                 auth.stop()
             ctx.term()
+
+    def _secured(self, sock: zmq.Socket) -> None:
+        self._secure(sock)
+        self._watch(sock)
 
     def _publish_console(self, sock: zmq.Socket) -> None:
         """Send the console text that waits (after a note of what was dropped, if any)."""
@@ -355,7 +357,7 @@ class InfoPublisher(SocketThread):
         if dropped:
             texts.appendleft(f"\n[qmagic: {dropped} characters of console output were dropped: "
                              "they came faster than they could be sent]\n")
-        for text in _joined(texts, CONSOLE_CHUNK_CHARS):
+        for text in pieces(texts):
             self._send(sock, TOPIC_CONSOLE, text)  # (lone surrogates: see _send)
 
     def _send(self, sock: zmq.Socket, topic: bytes, msg: Any) -> None:
@@ -368,8 +370,13 @@ class InfoPublisher(SocketThread):
             # nested too deep): its text goes out, the stream goes on
             text = _TEXTS.text(lambda: fmt.safe_repr(msg, CONSOLE_CHUNK_CHARS), (msg,))
             payload, _ = json_text({"time": time.time(), "msg": text})
+        data = payload.encode("utf-8")
+        if len(data) > MESSAGE_MAX_BYTES:  # (a task's texts of absurd size: see pub_socket)
+            log.debug("qmagic: an info socket message of %d bytes was not sent (the most: %d)",
+                      len(data), MESSAGE_MAX_BYTES)
+            return
         try:
-            sock.send_multipart([topic, payload.encode("utf-8")], flags=zmq.NOBLOCK)
+            sock.send_multipart([topic, data], flags=zmq.NOBLOCK)
             self.messages += 1
         except zmq.Again:  # a slow subscriber: PUB drops, as queueserver's does
             pass

@@ -9,22 +9,37 @@ when subscribers hold more than :data:`MAX_TOPICS`, or send what no subscriber s
 publisher then makes the socket again at its address (:class:`Renewals`), as it does when a
 client key is taken out of the list (0MQ checks a key only at the handshake).
 
+What the kernel holds for a subscriber that does not read is bounded in bytes: 0MQ queues up
+to :data:`SUBSCRIBER_HWM` messages per subscriber (its high-water mark counts messages),
+and no message is longer than :data:`MESSAGE_MAX_BYTES` (console text goes out in pieces of
+at most :data:`CONSOLE_MESSAGE_BYTES` of JSON: :func:`pieces`); worst case per subscriber,
+``SUBSCRIBER_HWM * MESSAGE_MAX_BYTES`` = 64 MiB (plus the system's socket buffers).  A
+message is shared by the subscribers it is queued for (measured: 50 subscribers that stopped
+reading together held what one holds); ``QMagic.zmq_max_connections`` bounds how many
+subscribers hold messages of their own (ones that stopped reading at different times).
+Before, each held up to 10,000 messages of up to 100,000 characters (1.2 MB of JSON for
+characters JSON escapes): a subscriber that stopped reading while a task printed 50 MB of
+non-ASCII text grew the kernel by 290 MB, and up to 12 GB.
+
 This module does not import IPython or ipywidgets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import zmq
 
-from .server import HANDSHAKE_MS
+from .server import HANDSHAKE_MS, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
+from .socket_thread import close_socket
 
-__all__ = ["MAX_TOPICS", "NOTES_PER_WAKE", "SUBSCRIBER_MAX_BYTES", "Renewals", "bound", "too_many_topics"]
+__all__ = ["CONSOLE_MESSAGE_BYTES", "MAX_TOPICS", "MESSAGE_MAX_BYTES", "NOTES_PER_WAKE", "SUBSCRIBER_HWM",
+           "SUBSCRIBER_MAX_BYTES", "Renewals", "bound", "pieces", "too_many_topics"]
 
 log = logging.getLogger("qmagic")
 
@@ -39,6 +54,14 @@ SUBSCRIBER_MAX_BYTES = 1024
 #: socket is made again at the same address, which drops every connection (a subscriber
 #: reconnects and subscribes again on its own; queueserver's clients use two topics).
 MAX_TOPICS = 256
+#: Messages 0MQ queues for one subscriber (its high-water mark); more are dropped for it.
+SUBSCRIBER_HWM = 1000
+#: The longest message sent (bytes of its JSON): one a task made longer (a huge progress
+#: text of characters JSON escapes) is not sent (said in the debug log).
+MESSAGE_MAX_BYTES = 64 * 1024
+#: Console text goes out in messages of at most this much JSON text (bytes): a burst of
+#: prints fills few messages, and no message comes near :data:`MESSAGE_MAX_BYTES`.
+CONSOLE_MESSAGE_BYTES = MESSAGE_MAX_BYTES // 2
 #: Subscriptions read at one look (the publishing thread looks every 0.1 s at least).
 NOTES_PER_WAKE = 4 * MAX_TOPICS
 #: A renewal is said as a warning at most this often (else in the debug log).
@@ -47,21 +70,53 @@ _REBIND_ATTEMPTS = 50  # every 20 ms: the port is let go by 0MQ's own thread
 
 
 def bound(ctx: zmq.Context, address: str, secure: Callable[[zmq.Socket], None]) -> zmq.Socket:
-    """The publishing socket, made secure by ``secure``, bound at ``address`` (raises, leaving
-    none, on failure): an XPUB, which passes each new topic subscribed (and each topic no
-    one holds any more) up to the publishing thread, which counts them (:func:`too_many_topics`)."""
+    """The publishing socket, made secure (and watched: its connections counted) by
+    ``secure``, bound at ``address`` (raises, leaving none, on failure; close it with
+    :func:`~.socket_thread.close_socket`): an XPUB, which passes each new topic subscribed
+    (and each topic no one holds any more) up to the publishing thread, which counts them
+    (:func:`too_many_topics`)."""
     sock = ctx.socket(zmq.XPUB)
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, SUBSCRIBER_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIBER_MAX_BYTES)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)  # (as the control channel's)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)  # (as the control channel's; heartbeats:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)  # a subscriber gone without a
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)  # word frees its place)
         secure(sock)
         sock.bind(address)
     except BaseException:
-        sock.close(0)
+        close_socket(sock)
         raise
     return sock
+
+
+def pieces(texts: Iterable[str], limit: int = CONSOLE_MESSAGE_BYTES) -> list[str]:
+    """``texts`` in order, joined into as few messages as hold at most ``limit`` bytes of
+    JSON each (as ``json.dumps`` writes a string: an upper bound of what is sent); a text
+    longer than that is cut into pieces.  A write per message made a burst of prints many
+    thousands of messages, which a subscriber that did not read them at once lost silently
+    (a PUB drops at its high-water mark)."""
+    messages: list[str] = []
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        start, step = 0, limit  # (characters tried at once: a piece is cut until its JSON fits)
+        while start < len(text):
+            piece = text[start:start + step]
+            cost = len(json.dumps(piece)) - 2
+            if cost > limit and len(piece) > 1:
+                step = max(1, len(piece) * limit // cost)
+                continue
+            if group and size + cost > limit:
+                messages.append("".join(group))
+                group, size = [], 0
+            group.append(piece)
+            size += cost
+            start += len(piece)
+    if group:
+        messages.append("".join(group))
+    return messages
 
 
 def too_many_topics(sock: zmq.Socket, topics: set[bytes]) -> bool:
@@ -112,7 +167,7 @@ class Renewals:
                 "own; %d times so far).", address, MAX_TOPICS, self.count)
         with contextlib.suppress(zmq.ZMQError):
             sock.unbind(address)
-        sock.close(0)
+        close_socket(sock)  # (its monitor first: qmagic.remote.zap)
         error = None
         for _ in range(_REBIND_ATTEMPTS):  # (0MQ lets go of the port in its own thread)
             try:

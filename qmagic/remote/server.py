@@ -185,16 +185,6 @@ class ControlServer(SocketThread):
         return self._large.refused
 
     @property
-    def max_connections(self) -> int:
-        """Most connections open at once (QMagic.zmq_max_connections; a change applies to
-        new connections)."""
-        return self.connections.limit
-
-    @max_connections.setter
-    def max_connections(self, value: int) -> None:
-        self.connections.limit = value
-
-    @property
     def uptime(self) -> float:
         """Seconds since the channel started (0 when stopped)."""
         return time.time() - self._started_at if self._started_at and self.running else 0.0

@@ -148,7 +148,8 @@ class RemoteService:
         encrypted = self.worker.zmq_info_encrypted  # (checked before the running one stops:)
         publisher = InfoPublisher(self.worker, address, lambda: status_reply(self.worker),
                                   all_output=self.worker.zmq_console_all_output, encrypted=encrypted,
-                                  client_keys=_client_keys(self.worker) if encrypted else None)
+                                  client_keys=_client_keys(self.worker) if encrypted else None,
+                                  max_connections=self.worker.zmq_max_connections)
         self.stop_info()
         publisher.start()
         self.info = publisher
@@ -252,10 +253,11 @@ class RemoteService:
                 raise failed
 
     def _on_max_connections(self, change: Mapping[str, Any]) -> None:
-        """The connection limit applies to the next connection (open ones stay)."""
-        server = self.server
-        if server is not None:
-            server.max_connections = change["new"]
+        """The connection limit applies to the next connection (open ones stay), on the
+        control channel and the info socket alike (each counts its own)."""
+        for sock in (self.server, self.info):
+            if sock is not None:
+                sock.max_connections = change["new"]
 
     def _on_limit(self, change: Mapping[str, Any]) -> None:
         """The request limit applies at once; when 0MQ's hard cap for it changes (a socket's

@@ -185,6 +185,16 @@ class SocketThread:
                 log.warning("qmagic: the %s thread did not stop within %.1f s", self.what, timeout)
 
     @property
+    def max_connections(self) -> int:
+        """Most connections open at once (QMagic.zmq_max_connections; a change applies to
+        new connections)."""
+        return self.connections.limit
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:
+        self.connections.limit = value
+
+    @property
     def curve(self) -> bool:
         """True when CurveZMQ encryption is on."""
         return self._secret_key is not None
