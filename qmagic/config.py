@@ -213,7 +213,7 @@ class QMagic(Configurable):
         64, min=1, max=100_000,
         help="Most connections the control channel holds open at once (each may hold a few "
         "requests in memory), and the info socket too, counted apart (a subscriber that does not "
-        "read may hold up to 64 MiB); further ones are refused until some close. queueserver's "
+        "read may hold up to 16 MiB); further ones are refused until some close. queueserver's "
         "clients and the HTTP gateway hold one each. A change applies to new connections.",
     ).tag(config=True)
     zmq_client_keys = Union(

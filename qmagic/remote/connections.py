@@ -1,5 +1,5 @@
 """The bound on how many connections the control channel holds open (and the info socket:
-its subscribers, each holding up to 64 MiB that it has not read, :mod:`.pub_socket`; a
+its subscribers, each holding up to 16 MiB that it has not read, :mod:`.pub_socket`; a
 limit of its own, the same machinery in its own 0MQ context).
 
 Each connection may hold a few requests in the kernel's memory (0MQ's queues, each request

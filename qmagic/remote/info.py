@@ -23,7 +23,7 @@ tail, after a marker as a task's own output has (``[... N earlier characters dro
 the text was too long to send whole ...]``); console text waiting to be sent is kept
 up to :data:`CONSOLE_BACKLOG_CHARS`, the oldest dropped first with a note saying how much,
 and goes out joined, in messages of a bounded size (:func:`.pub_socket.pieces`).  What
-0MQ holds for a subscriber that does not read is bounded too (64 MiB at worst:
+0MQ holds for a subscriber that does not read is bounded too (16 MiB at worst:
 :mod:`.pub_socket`), and so is the number of subscribers (``QMagic.zmq_max_connections``).
 """
 

@@ -13,7 +13,8 @@ What the kernel holds for a subscriber that does not read is bounded in bytes: 0
 to :data:`SUBSCRIBER_HWM` messages per subscriber (its high-water mark counts messages),
 and no message is longer than :data:`MESSAGE_MAX_BYTES` (console text goes out in pieces of
 at most :data:`CONSOLE_MESSAGE_BYTES` of JSON: :func:`pieces`); worst case per subscriber,
-``SUBSCRIBER_HWM * MESSAGE_MAX_BYTES`` = 64 MiB (plus the system's socket buffers).  A
+``SUBSCRIBER_HWM * MESSAGE_MAX_BYTES`` = 16 MiB (plus the system's socket buffers; 1 GiB for
+the 64 subscribers ``QMagic.zmq_max_connections`` lets in).  A
 message is shared by the subscribers it is queued for (measured: 50 subscribers that stopped
 reading together held what one holds); ``QMagic.zmq_max_connections`` bounds how many
 subscribers hold messages of their own (ones that stopped reading at different times).
@@ -55,7 +56,7 @@ SUBSCRIBER_MAX_BYTES = 1024
 #: reconnects and subscribes again on its own; queueserver's clients use two topics).
 MAX_TOPICS = 256
 #: Messages 0MQ queues for one subscriber (its high-water mark); more are dropped for it.
-SUBSCRIBER_HWM = 1000
+SUBSCRIBER_HWM = 256  # (8 MB of console text in pieces of 32 kB: a burst reaches a slow reader whole)
 #: The longest message sent (bytes of its JSON): one a task made longer (a huge progress
 #: text of characters JSON escapes) is not sent (said in the debug log).
 MESSAGE_MAX_BYTES = 64 * 1024
