@@ -31,6 +31,7 @@ from polling import eventually
 from qs_helpers import QS
 
 import qmagic
+from qmagic.core.foreground import frame_of  # (not sys._current_frames(): it can deadlock 3.11)
 from qmagic import Progress, RequestRefused, TaskCancelled, TaskStatus
 from qmagic.core.loops import MSG_NO_BLUESKY_LOOP
 
@@ -841,7 +842,7 @@ def test_blocking_on_a_thread_task_that_hands_its_coroutine_to_the_same_loop(mak
 
 
 def _stack(thread):
-    frame = sys._current_frames().get(thread.ident)
+    frame = frame_of(thread.ident)
     while frame is not None:
         yield frame
         frame = frame.f_back

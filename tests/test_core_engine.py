@@ -519,3 +519,31 @@ def test_a_thread_blocked_where_a_forced_cancel_cannot_reach_is_left_to_it(make_
     assert returned.wait(TIMEOUT) and stuck.wait(TIMEOUT) and stuck.status is TaskStatus.CANCELLED
     eventually(lambda: not w.engine._pool._stuck, what="the thread counts again")
     assert w.submit("add", (2, 3)).result(TIMEOUT) == 5
+
+
+def test_looking_at_a_threads_frame_keeps_the_collector_out(monkeypatch):
+    """A forced cancel looks at the task thread's frame (``in_lock_frame``) with
+    ``sys._current_frames()``, which on CPython 3.11 makes frame objects while it holds the
+    runtime's thread lock: a collection starting there that frees a ``threading.local``
+    takes that lock again, and every thread of the process stops for good
+    (python/cpython#106883; it froze the suite once: reproduced in a separate process with
+    cyclic garbage holding locals and a collection at almost every allocation).  The look
+    runs with the collector off, and leaves it as it was."""
+    import gc
+    import sys
+
+    from qmagic.core import foreground
+
+    seen = []
+    real = sys._current_frames
+    monkeypatch.setattr(sys, "_current_frames", lambda: (seen.append(gc.isenabled()), real())[1])
+    main = threading.main_thread().ident
+    assert gc.isenabled()
+    assert foreground.frame_of(main) is not None and foreground.in_lock_frame(main) is False
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        foreground.in_lock_frame(main)
+        assert not gc.isenabled()  # (left off by whoever turned it off)
+    finally:
+        gc.enable()

@@ -23,9 +23,11 @@ AUTOLOAD_SOURCE = REPO_ROOT / "jupyter-config" / "qmagic-autoload.py"
 
 #: Extra helpers of this module's kernel.
 MORE = r'''
+from qmagic.core.foreground import frame_of  # (sys._current_frames() can deadlock 3.11: see it)
+
 def main_thread_waits_for(task):
     """True once the main thread blocks in the wait for ``task`` (a --wait cell)."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
+    frame = frame_of(threading.main_thread().ident)
     while frame is not None:
         if frame.f_code.co_name == "wait" and frame.f_locals.get("self") is task:
             return True

@@ -98,7 +98,9 @@ def patient_wait():
     qmagic.cancellable_sleep(60)
 
 def _stack(thread):
-    frame = sys._current_frames().get(thread.ident)
+    from qmagic.core.foreground import frame_of  # (sys._current_frames() can deadlock 3.11: see it)
+
+    frame = frame_of(thread.ident)
     while frame is not None:
         yield frame
         frame = frame.f_back

@@ -11,6 +11,7 @@ import time
 import pytest
 
 import qmagic
+from qmagic.core.foreground import frame_of  # (not sys._current_frames(): it can deadlock 3.11)
 from qmagic import LockRefused, PermissionRefused, RequestRefused, TaskNotFound, TaskStatus
 
 from engine_helpers import TIMEOUT, Gate, make_worker  # noqa: F401 - fixture
@@ -162,7 +163,7 @@ def test_cancel_reason_is_none_unless_a_cancel_was_asked_for(make_worker):
 
 def _code_names(thread) -> set[str]:
     """Names of the functions ``thread`` is in now."""
-    frame, names = sys._current_frames().get(thread.ident), set()
+    frame, names = frame_of(thread.ident), set()
     while frame is not None:
         names.add(frame.f_code.co_name)
         frame = frame.f_back

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import queue
 import signal
@@ -22,7 +23,7 @@ import time
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 __all__ = [
-    "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock",
+    "ForegroundRunner", "ThreadForegroundRunner", "raise_in_thread", "in_lock_frame", "breaks_a_lock", "frame_of",
     "force_step", "LOCK_FRAMES", "interrupts_held", "interrupt_after",
 ]
 
@@ -110,10 +111,27 @@ def _taken_here(frame: Any) -> bool:
     return bool(locked()) if locked is not None else True
 
 
+def frame_of(ident: int) -> Any:
+    """The frame thread ``ident`` runs now (None: no such thread), read with the garbage
+    collector off.  ``sys._current_frames()`` makes frame objects while it holds the
+    runtime's list of threads; on CPython 3.11 a collection that starts there and frees a
+    ``threading.local`` (whose deallocation takes that lock again) stops every thread of the
+    process for good (python/cpython#106883, not fixed in 3.11; seen once in the suite: the
+    main thread waited forever for a thread that had started)."""
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        return sys._current_frames().get(ident)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def in_lock_frame(ident: int) -> bool:
     """True while thread ``ident`` runs code where an asynchronous exception raised now
     could break a lock (see :func:`breaks_a_lock`)."""
-    frame = sys._current_frames().get(ident)
+    frame = frame_of(ident)
     return frame is not None and breaks_a_lock(frame)
 
 
