@@ -23,6 +23,7 @@ from qmagic.remote.connections import ConnectionLimit
 from qmagic.remote.server import ControlServer
 from qmagic.remote.service import RemoteService
 
+from child_process import end_child, memory_kb
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 from polling import eventually
 
@@ -338,13 +339,6 @@ worker.close()
 """
 
 
-def _memory_kb(pid: int, field: str) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(field)
-
-
 def test_many_connections_sending_large_requests_keep_the_kernel_bounded(tmp_path):
     """40 clients each send three 9 MB requests at once: the kernel held them all (its peak
     memory grew ~470 MB here; 1.6 GB for 100 clients).  Now 4 connections are served and the other 36
@@ -362,7 +356,7 @@ def test_many_connections_sending_large_requests_keep_the_kernel_bounded(tmp_pat
             requests, refused = map(int, child.stdout.readline().split())
             return requests, refused
 
-        before = _memory_kb(child.pid, "VmRSS")
+        before = memory_kb(child.pid, "VmRSS")
         body = json.dumps({"method": "status", "params": {"pad": "x" * (9 * 1_000_000)}}).encode()
         clients, per_client = 40, 3
         socks = []
@@ -381,16 +375,11 @@ def test_many_connections_sending_large_requests_keep_the_kernel_bounded(tmp_pat
 
         eventually(settled, timeout=4 * TIMEOUT, what="every client served or refused", interval=0.05)
         requests, refused = progress()
-        grown_mb = (_memory_kb(child.pid, "VmHWM") - before) / 1024
+        grown_mb = (memory_kb(child.pid, "VmHWM") - before) / 1024
         print(f"\n{clients} clients x {per_client} x 9 MB: {refused} refused, {requests} requests "
               f"served, the kernel's peak memory grew {grown_mb:.0f} MB")
         assert grown_mb < 250, grown_mb  # (4 x 3 x 9 MB and their decoding; before: ~470 MB)
         assert refused == clients - 4, (requests, refused)
     finally:
         ctx.destroy(0)
-        child.stdin.close()
-        try:
-            child.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(TIMEOUT)
+        end_child(child, TIMEOUT)

@@ -23,6 +23,7 @@ from qmagic.protocol import QueueserverProtocol
 from qmagic.remote.dispatch import dispatch
 from qmagic.remote.server import ControlServer
 
+from child_process import end_child, memory_kb
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
 from remote_client import LoopClient
 
@@ -181,13 +182,6 @@ worker.close()
 """
 
 
-def _memory_kb(pid: int, field: str) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(field)
-
-
 def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
     """A client sent 9 MB requests (echoed in the replies) and never read: the kernel kept
     every reply, +9.5 MB per request up to a thousand of them (found by a hostile test).
@@ -208,7 +202,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
             return rm.task_result(uid)["result"]["return_value"]
 
         assert handled() == 0
-        before = _memory_kb(child.pid, "VmRSS")
+        before = memory_kb(child.pid, "VmRSS")
         greedy = ctx.socket(zmq.DEALER)  # sends, never reads
         greedy.setsockopt(zmq.RCVHWM, 1)
         greedy.setsockopt(zmq.RCVBUF, 4096)
@@ -221,7 +215,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
         deadline = time.monotonic() + 4 * TIMEOUT
         while (done := handled()) < n:
             assert time.monotonic() < deadline, f"the kernel handled {done} of {n} requests"
-        grown_mb = (_memory_kb(child.pid, "VmHWM") - before) / 1024
+        grown_mb = (memory_kb(child.pid, "VmHWM") - before) / 1024
         print(f"\n{n} unread replies of 8 MB: the kernel's peak memory grew {grown_mb:.0f} MB")
         assert grown_mb < 300, grown_mb  # (16 x 8 MB and what is in flight; the old code: 580 MB)
         assert rm.status()["manager_state"] == "idle"  # still serving everyone else
@@ -229,9 +223,4 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_kernel(tmp_path):
         rm.close()
     finally:
         ctx.term()
-        child.stdin.close()
-        try:
-            child.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(TIMEOUT)
+        end_child(child, TIMEOUT)

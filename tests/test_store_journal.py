@@ -620,6 +620,10 @@ def test_a_kernel_that_died_shows_in_the_kernels_still_running_within_seconds(tm
                                                                   "running-1": "failed"},
              journal, timeout=20)
     assert journal.get("running-1")["error"] == ORPHAN_REASON
+    # (a lookup finds them in the dead kernel's spool at once: the look for dead kernels
+    # stores them in the database within seconds too)
+    wait_for(lambda: db_rows(tmp_path, "SELECT count(*) FROM tasks WHERE uid IN ('done-1', 'running-1')")
+             == [(2,)], journal, timeout=20)
 
 
 def test_a_dead_kernels_tasks_are_found_while_another_process_holds_the_database(tmp_path, journal):
