@@ -138,7 +138,8 @@ class InfoPublisher(SocketThread):
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address",
                          secret_key=server_secret_key(secret_key) if encrypted else None,
-                         client_keys=client_keys if encrypted else None)
+                         client_keys=client_keys if encrypted else None,
+                         connections=ConnectionLimit(max_connections, HANDSHAKE_MS / 1000, what=self.what))
         #: False: published unencrypted whatever the key (QMagic.zmq_info_encrypted), as queueserver's.
         self.encrypted = encrypted
         self.worker = worker
@@ -156,8 +157,6 @@ class InfoPublisher(SocketThread):
         self._console_dropped = 0  # characters dropped since the last send
         self._wake_pending = False
         self.messages = 0
-        #: Subscribers beyond ``max_connections`` are refused (as the control channel's clients).
-        self.connections = ConnectionLimit(max_connections, HANDSHAKE_MS / 1000, what="info socket")
         self._renewals = Renewals()  # (the socket made again: a client's subscriptions, a key revoked)
 
     # -- start / stop (see SocketThread) ----------------------------------------------------------

@@ -160,7 +160,8 @@ class ControlServer(SocketThread):
                  secret_key: str | None = None, client_keys: Any = None,
                  refusal: Refusal | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         super().__init__(address, DEFAULT_ADDRESS, "zmq_control_address",
-                         secret_key=server_secret_key(secret_key), client_keys=client_keys)
+                         secret_key=server_secret_key(secret_key), client_keys=client_keys,
+                         connections=ConnectionLimit(max_connections, HANDSHAKE_MS / 1000, what=self.what))
         self._dispatch = dispatch
         self._refusal = refusal or _bare_refusal
         #: Largest request accepted, in bytes; larger ones get an error reply (up to
@@ -175,7 +176,6 @@ class ControlServer(SocketThread):
         self._status_json = _StatusJSON()
         self._large = LargeBudget()  # (large work's share of time while others wait)
         self._waker: Waker | None = None  # (the serving thread's, while it runs)
-        self.connections = ConnectionLimit(max_connections, HANDSHAKE_MS / 1000)
 
     # -- state ------------------------------------------------------------------------------
     @property

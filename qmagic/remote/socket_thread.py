@@ -111,7 +111,7 @@ class SocketThread:
     thread_name = "qmagic-socket"
 
     def __init__(self, address: Any, example: str, setting: str, *, secret_key: str | None,
-                 client_keys: Any = None) -> None:
+                 client_keys: Any = None, connections: Any) -> None:
         if not isinstance(address, str) or "://" not in address:
             raise ControlChannelError(
                 f"Invalid {self.what} address {address!r}: use a 0MQ endpoint such as "
@@ -128,9 +128,9 @@ class SocketThread:
         self.requested_address = address
         self._secret_key = secret_key
         self._client_keys = client_keys
-        self._auth: Any = None  # the running ZAP handler (with a key list or a limit)
-        #: The bound on open connections (:mod:`qmagic.remote.connections`), or None.
-        self.connections: Any = None
+        self._auth: Any = None  # the running ZAP handler (it decides on every connection)
+        #: The bound on open connections (a :class:`~qmagic.remote.connections.ConnectionLimit`).
+        self.connections = connections
         self._endpoint: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -201,10 +201,8 @@ class SocketThread:
 
     # -- for subclasses ---------------------------------------------------------------------
     def _authenticator(self, ctx: Any) -> Any:
-        """With a client key list or a connection limit: start the ZAP handler of ``ctx``
-        (before binding) and return it (stop it after closing the socket); else None."""
-        if self._client_keys is None and self.connections is None:
-            return None
+        """Start the ZAP handler of ``ctx`` (before binding: the client key list, if any, and
+        the connection limit) and return it (stop it after closing the socket)."""
         from .auth import CurveAuthenticator
 
         auth = CurveAuthenticator(ctx, self._client_keys, limit=self.connections)
@@ -213,10 +211,10 @@ class SocketThread:
         return auth
 
     def _watch(self, sock: Any) -> None:
-        """After :meth:`_secure`, before binding: with a connection limit, its count follows
+        """After :meth:`_secure`, before binding: the connection limit's count follows
         ``sock`` (close it with :func:`close_socket`)."""
         auth = self._auth
-        if self.connections is None or auth is None:
+        if auth is None:
             return
         from .connections import MONITOR_EVENTS
 
@@ -239,17 +237,11 @@ class SocketThread:
         return True
 
     def _secure(self, sock: Any) -> None:
-        """Before binding: CurveZMQ as configured — only listed client keys with a list; with
-        a list or a connection limit, the ZAP handler decides on every connection."""
-        if self._client_keys is not None or self.connections is not None:
-            from .auth import secure_server_socket
+        """Before binding: CurveZMQ as configured (only listed client keys with a list), and
+        the ZAP handler deciding on every connection (the connection limit)."""
+        from .auth import secure_server_socket
 
-            secure_server_socket(sock, self._secret_key)
-        elif self._secret_key is not None:
-            import zmq
-
-            sock.setsockopt(zmq.CURVE_SERVER, 1)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key.encode("ascii"))
+        secure_server_socket(sock, self._secret_key)
 
     def _run(self, stop: threading.Event, ready: threading.Event, outcome: dict) -> None:
         raise NotImplementedError

@@ -46,7 +46,7 @@ from .legacy import check_legacy_sessions
 from .records import warn_once
 from .segments import read_lines
 
-__all__ = ["SessionOnDisk", "list_sessions", "recover", "segment_lines"]
+__all__ = ["SessionOnDisk", "list_sessions", "recover", "segment_lines", "session_gone"]
 
 _log = logging.getLogger(__name__)
 #: A temporary lock file younger than this may be a starting session's, not locked yet: it is
@@ -115,6 +115,27 @@ def _claim(path: Path) -> int | None:
         pass
     os.close(fd)
     return None
+
+
+def session_gone(lock: Path) -> bool:
+    """True if nobody holds the session's lock file (its process died, or it closed with
+    records left): a look, a shared flock released at once (:func:`_claim` takes it
+    exclusively, to recover the session)."""
+    if fcntl is None:  # pragma: no cover
+        return False
+    try:
+        fd = open_state_file(lock, os.O_RDONLY)
+    except FileNotFoundError:  # (recovered meanwhile: the database has it now)
+        return True
+    except StateFileError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing releases the flock)
 
 
 def segment_lines(path: Path) -> Iterator[bytes]:

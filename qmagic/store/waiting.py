@@ -28,19 +28,13 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 import orjson
 
 from ..core.memo import Memo
 from ..errors import StateFileError
 from .database import rows_from_lines
-from .files import open_state_file
 from .reader import LogReader, merge_state, state_record
-from .recovery import SessionOnDisk, list_sessions, segment_lines
+from .recovery import SessionOnDisk, list_sessions, segment_lines, session_gone
 from .segments import uid_of
 
 __all__ = ["SEARCHED", "waiting_records"]
@@ -52,26 +46,6 @@ _UNSEEN = object()
 #: reads running kernels' spools only during a fault of this kernel's log: 20,000 uids took
 #: 0.1 s per 4 MB of spools, against 0.035 s for the database alone).
 SEARCHED = 16
-
-
-def _gone(lock: Path) -> bool:
-    """True if nobody holds the session's lock file (its process died, or it closed with
-    records left).  A shared flock, released at once: recovery takes an exclusive one."""
-    if fcntl is None:  # pragma: no cover
-        return False
-    try:
-        fd = open_state_file(lock, os.O_RDONLY)
-    except FileNotFoundError:  # (recovered meanwhile: the database has it now)
-        return True
-    except StateFileError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # (closing releases the flock)
 
 
 def _lines(entry: SessionOnDisk, uids: Collection[bytes], prefix: bytes | None) -> tuple[bytes, dict]:
@@ -132,7 +106,7 @@ def waiting_records(reader: LogReader, folder: Path, env: str, own: str,
     for entry in list_sessions(folder, env).values():
         if entry.session == own or not entry.spools:
             continue
-        gone = entry if entry.lock is None or _gone(entry.lock) else None
+        gone = entry if entry.lock is None or session_gone(entry.lock) else None
         if gone is None and not live:
             continue
         data, header = _lines(entry, wanted, head)
