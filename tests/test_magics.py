@@ -8,6 +8,7 @@ test_kernel*.py files.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -255,6 +256,33 @@ def test_arguments_are_python_expressions(qm, ip):
     args, kwargs = task.result()
     assert args == ("a b", "c", [1, 2], 7, {"k": 1}, -1)
     assert kwargs == {"s": "x y", "d": {"q": 1}}
+
+
+def test_the_call_may_be_written_as_in_python(qm, ip):
+    """``%function_execute echo(1, k=2)`` is ``%function_execute echo 1 k=2`` (it was refused:
+    "not a function name"); unpacking as in a call; a mistake is one line; ■ never reaches it."""
+    ip.user_ns.update(v={"k": 1}, items=[3, 4])
+    task = line(ip, "function_execute", "echo('a b', [1, 2], (3 + 4), v, s='x y', d={'q': 1})")
+    assert task.name == "echo" and task.status.value == "completed"
+    assert task.result() == (("a b", [1, 2], 7, {"k": 1}), {"s": "x y", "d": {"q": 1}})
+    task = line(ip, "function_execute", "-b --wait echo(0, *items, **{'k': 5})")
+    assert task.background and task.result() == ((0, 3, 4), {"k": 5})
+    task = line(ip, "function_execute", "echo()")
+    assert task.result() == ((), {})
+    for call, says in (("echo(1) 2", "Write the call echo(1) alone, or the name and its arguments apart"),
+                       ("echo(1, k=2, k=3)", "Keyword argument k is given twice."),
+                       ("echo(*3)", "Cannot unpack *3: 'int' object is not iterable."),
+                       ("echo(**[1])", "Cannot unpack **[1]: a mapping is needed, not list."),
+                       ("echo(**{1: 2})", "Keywords must be text"),
+                       ("echo(nowhere)", "Cannot evaluate argument 'nowhere': NameError"),
+                       ("echo(1 +)", "Cannot read the call echo(1 +): invalid syntax."),
+                       ("echo(a#b)", "'#' inside the argument"),
+                       ("echo(1) --timeout 3", "Options go before the function name")):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            line(ip, "function_execute", call)
+    assert qm.last_task is task  # (none of them started a task)
+    with pytest.raises(NameError, match="Function 'nowhere' is not found"):
+        line(ip, "function_execute", "nowhere(1)")
 
 
 def test_options_are_parsed(qm, ip):

@@ -24,14 +24,11 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
 from IPython.utils.process import arg_split
 
-from ...core.task import exception_text
-from ...errors import one_line
 from ...texts import printable
 
-__all__ = ["split_words", "split_options", "call_arguments", "unquote", "value_options",
-           "strip_comment", "parse_line", "usage_text"]
+__all__ = ["split_words", "split_options", "unquote", "value_options",
+           "strip_comment", "parse_line", "usage_text", "unquoted_hashes"]
 
-_KWARG = re.compile(r"([^\W\d]\w*)=(?!=)(.*)\Z", re.DOTALL)  # (any identifier, énergie=3 too)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 
 
@@ -94,7 +91,7 @@ def _skip_string(line: str, i: int) -> int:
     raise UsageError(f"Unterminated string starting at position {i + 1}: {line[i:].strip()}")
 
 
-def _unquoted_hashes(text: str) -> Iterator[int]:
+def unquoted_hashes(text: str) -> Iterator[int]:
     """Indices of the ``#`` characters of ``text`` outside string literals (an unclosed
     quote runs to the end of the text)."""
     i, n = 0, len(text)
@@ -384,49 +381,3 @@ def split_options(parser: argparse.ArgumentParser, line: str,
                 f"{name} ... ({word.split('=', 1)[0]!r} came after {name!r})."
             )
     return line[:end], name, rest
-
-
-def call_arguments(shell: Any, words: list[str], name: str) -> tuple[list[Any], dict[str, Any]]:
-    """Evaluate the ARG and KEY=VALUE words of a call of ``name`` in the shell's namespace
-    (■ meanwhile: one line saying that no task was started)."""
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for word in words:
-        if next(_unquoted_hashes(word), None) is not None:  # (Python would drop the rest)
-            raise UsageError(
-                f"'#' inside the argument {word!r} would start a Python comment: put a space "
-                "before a comment (# ...), or write the text in quotes."
-            )
-        match = _KWARG.match(word)
-        if match and match.group(1).isidentifier():
-            key, expr = match.groups()
-            if not expr:
-                raise UsageError(f"Missing value after {key}= (write {key}=VALUE without spaces).")
-            if key in kwargs:
-                raise UsageError(f"Keyword argument {key} is given twice.")
-            kwargs[key] = _eval(shell, expr, word, name)
-        else:
-            if kwargs:
-                raise UsageError(
-                    f"Positional argument {word!r} follows a keyword argument; put ARGs before "
-                    "KEY=VALUE pairs."
-                )
-            args.append(_eval(shell, word, word, name))
-    return args, kwargs
-
-
-def _eval(shell: Any, expr: str, word: str, name: str) -> Any:
-    try:
-        return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
-    except KeyboardInterrupt:
-        raise one_line(KeyboardInterrupt(f"stopped evaluating the argument {printable(word, 100)} of "
-                                         f"{name}; no task was started.")) from None
-    except Exception as exc:  # noqa: BLE001 - reported as a usage error
-        name = type(exc).__name__
-        text = exception_text(exc)  # (never raises: a broken __str__ reads as the class name)
-        what = name if text == name else f"{name}: {printable(text, 300)}"
-        raise UsageError(
-            f"Cannot evaluate argument {expr!r}: {what}. Arguments are Python "
-            "expressions (write strings in quotes; put expressions with spaces in brackets)."
-        ) from None
-

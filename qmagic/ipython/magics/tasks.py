@@ -20,7 +20,8 @@ from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from ...history_text import history_table
 from ...scripts import script_name_of_file
 from ...yamlfile import read_small_file
-from .args import call_arguments, parse_line, split_options, unquote
+from .args import parse_line, split_options, unquote
+from .calls import called_name, function_call
 from .common import refused, settle, show_panel, wait_interruptibly
 
 __all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_HISTORY_ROWS", "MAX_SCRIPT_BYTES"]
@@ -81,7 +82,7 @@ class TaskMagics(Magics):
     @argument("--group", default=None,
               help="User group whose permissions apply (default: QMagic.default_user_group).")
     @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
-    @argument("name", help="Name of a function in the namespace.")
+    @argument("name", help="Name of a function in the namespace, or the whole call: NAME(ARG, KEY=VALUE, ...).")
     @argument("args", nargs="*", metavar="ARG | KEY=VALUE",
               help="Arguments: Python expressions evaluated in the namespace (variables and literals; "
               "quotes and brackets may contain spaces; KEY=VALUE without spaces around =).")
@@ -93,24 +94,26 @@ class TaskMagics(Magics):
         a live row (status, progress, elapsed, Cancel); its output appears here; an exception it
         raises stops the cell with its traceback; ■ or Cancel stop it (the cell then ends with
         one TaskCancelled line). Background (-b): it runs in a thread and the Task is returned at
-        once; output still appears under this cell. Options come before NAME.
+        once; output still appears under this cell. Options come before NAME. The call may
+        also be written as in Python, alone after the options: NAME(ARG, ..., KEY=VALUE).
 
         Examples:
 
             %function_execute count_to 5
+            %function_execute scan(1, 2, step=0.1)
             t = %function_execute -b scan 1 2 step=0.1 label="run 3"
             %function_execute -b --wait --timeout 60 scan start stop
         """
         __tracebackhide__ = True  # noqa: F841
         namespace = self.worker.namespace
         prefix, name, words = split_options(self.function_execute.parser, line,
-                                            known=lambda word: callable(namespace.get(word)))
+                                            known=lambda word: callable(namespace.get(called_name(word))))
         if name is None:
             raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
         opts = parse_line(self.function_execute, prefix)
         if opts.wait and not opts.background:
             raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
-        args, kwargs = call_arguments(self.shell, words, name)
+        name, args, kwargs = function_call(self.shell, name, words)
         try:
             task = self.worker.submit(
                 name, args, kwargs, background=opts.background, user=unquote(opts.user),
