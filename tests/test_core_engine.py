@@ -242,6 +242,11 @@ def test_future_api(make_worker):
     t = w.submit("gate", ("v",))
     with pytest.raises(FutureTimeout, match="still"):
         t.result(timeout=0.01)
+    for wrong in ("1", float("nan"), True, [1]):  # (a text once raised "unsupported operand type(s)")
+        for wait in (t.result, t.exception, t.wait):
+            with pytest.raises(TypeError, match=r"^timeout must be a number of seconds or None, not "):
+                wait(timeout=wrong)
+    assert not t.wait(0) and not t.wait(-1) and not t.done()
     seen = []
     t.add_done_callback(lambda task: seen.append(("before", task.status)))
     gate.release.set()

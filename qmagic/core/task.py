@@ -12,6 +12,8 @@ which thread or event loop, and what it costs, is the engine's business
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -19,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import one_line
+from ..texts import safe_repr
 from .status import Progress, TaskStatus
 from .task_state import INTERRUPTED, CancelHook, TaskState, exception_text
 
@@ -151,7 +154,7 @@ class Task(TaskState):
         then not act on it until the lock wait returns; a short slice acts on it at once.
         ■ stops a wait for the end with one line; else (``for_end`` False: the foreground
         task's own ``cancellable_sleep``) it is the KeyboardInterrupt that stops the task."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         on_main = threading.current_thread() is threading.main_thread()
         with self._mutex:
             while not predicate():
@@ -333,6 +336,16 @@ class Task(TaskState):
         # Deterministic (no uid, no times): notebooks compare it with nbval.
         where = "background" if self.background else "foreground"
         return f"<Task {self.call_text()} {where} {self._status.value}>"
+
+
+def _deadline(timeout: Any) -> float | None:
+    """The monotonic time a wait of ``timeout`` seconds ends (None: no end; an infinite
+    timeout too); a timeout that is not a number is one line saying what to give."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or math.isnan(timeout):
+        raise one_line(TypeError(f"timeout must be a number of seconds or None, not {safe_repr(timeout, 40)}."))
+    return None if math.isinf(timeout) and timeout > 0 else time.monotonic() + float(timeout)
 
 
 def _wake_waiter(waiter: Any) -> None:
