@@ -373,6 +373,9 @@ def test_foreground_inline_on_owner_thread(make_worker):
 
 def test_closed_worker_refuses_clearly(make_worker):
     w = make_worker({"f": lambda: 1})
+    with pytest.raises(TypeError, match=r"^timeout must be a number of seconds, not '5'\.$"):
+        w.close("5")  # (it raised "unsupported operand type(s) for /" from inside, closing nothing)
+    assert not w.closed
     w.close()
     with pytest.raises(RequestRefused, match="load_ext qmagic"):
         w.submit("f")

@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import CancelHook, Task, call_texts
+from .task import CancelHook, Task, call_texts, seconds
 from .timers import Timers
 
 __all__ = [
@@ -375,6 +375,7 @@ class Engine(TaskRegistry):
         recorded cancelled and left to end on its own.  ``reason``: the tasks' cancel
         reason.  Idempotent.  Refused (:class:`RequestRefused`, nothing changed) when one of
         its own tasks calls it: it would wait for, and force, that task, or block its loop."""
+        timeout = max(0.0, seconds(timeout, none=False))
         if not self._closed and self.running_own_task() is not None:
             raise one_line(RequestRefused(MSG_CLOSE_IN_TASK))
         with self._lock:

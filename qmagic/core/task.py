@@ -338,14 +338,22 @@ class Task(TaskState):
         return f"<Task {self.call_text()} {where} {self._status.value}>"
 
 
-def _deadline(timeout: Any) -> float | None:
-    """The monotonic time a wait of ``timeout`` seconds ends (None: no end; an infinite
-    timeout too); a timeout that is not a number is one line saying what to give."""
-    if timeout is None:
+def seconds(timeout: Any, none: bool = True) -> float | None:
+    """``timeout`` as a float number of seconds (None stays None where ``none``); anything
+    else (a text, NaN, True) is one line saying what to give."""
+    if timeout is None and none:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or math.isnan(timeout):
-        raise one_line(TypeError(f"timeout must be a number of seconds or None, not {safe_repr(timeout, 40)}."))
-    return None if math.isinf(timeout) and timeout > 0 else time.monotonic() + float(timeout)
+        allowed = " or None" if none else ""
+        raise one_line(TypeError(f"timeout must be a number of seconds{allowed}, not {safe_repr(timeout, 40)}."))
+    return float(timeout)
+
+
+def _deadline(timeout: Any) -> float | None:
+    """The monotonic time a wait of ``timeout`` seconds ends (None: no end; an infinite
+    timeout too)."""
+    timeout = seconds(timeout)
+    return None if timeout is None or timeout == math.inf else time.monotonic() + timeout
 
 
 def _wake_waiter(waiter: Any) -> None:
