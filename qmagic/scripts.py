@@ -12,6 +12,10 @@ every name the script's, even when it only reads; a name built at run time,
 ``getattr(builtins, "glo" + "bals")``, is beyond what can be seen).  On success the names it
 added, changed and removed are reported.
 
+A script may ``await`` at its top level, as a notebook cell may: it is then compiled as a
+coroutine (``ast.PyCF_ALLOW_TOP_LEVEL_AWAIT``, as IPython does for cells) that the task
+awaits on the coroutine tasks' event loop, all or nothing as well.
+
 Scripts never wait for each other: a background script runs while a foreground one does, as
 in queueserver, so a script that never ends (``time.sleep(3600)``) stalls no later upload
 and hangs no cell.  (Two scripts failing at the same moment may each restore the names the
@@ -20,16 +24,18 @@ other changed: run scripts that change the same names one after the other.)
 
 from __future__ import annotations
 
+import ast
 import dis
+import inspect
 import linecache
 import re
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Coroutine, Iterator, MutableMapping
 from types import CodeType
 from typing import Any
 
-from .errors import RequestRefused
+from .errors import RequestRefused, one_line
 
-__all__ = ["ScriptRunner", "check_script_name", "script_name_of_file", "DEFAULT_SCRIPT_NAME"]
+__all__ = ["ScriptRunner", "check_script_name", "check_script_text", "script_name_of_file", "DEFAULT_SCRIPT_NAME"]
 
 DEFAULT_SCRIPT_NAME = "script"
 _NAME_MAX = 100
@@ -48,6 +54,14 @@ def check_script_name(name: Any) -> str:
             f"(at most {_NAME_MAX} characters), e.g. --name calibration."
         )
     return name
+
+
+def check_script_text(script: Any) -> None:
+    """A script is Python code as a str: anything else is one line (bytes: decode them first)."""
+    if not isinstance(script, str):
+        hint = " (decode it first)." if isinstance(script, bytes) else "."
+        raise one_line(TypeError(f"run_script() needs the script's Python code as a str, got "
+                                 f"{type(script).__name__}{hint}"))
 
 
 def script_name_of_file(file_name: str) -> str:
@@ -139,39 +153,70 @@ class ScriptRunner:
     def __init__(self, namespace: dict) -> None:
         self.namespace = namespace
 
-    def run(self, script: str, *, name: str, keep: tuple[str, ...] = ()) -> dict[str, list[str]]:
-        """Execute ``script``; returns {"added", "changed", "removed"} name lists.
+    def run(self, script: str, *, name: str, keep: tuple[str, ...] = (),
+            done: Callable[[dict[str, list[str]]], None] | None = None) -> Coroutine[Any, Any, None] | None:
+        """Execute ``script``; ``done`` gets the {"added", "changed", "removed"} name lists.
 
         Raises what the script raised, the namespace restored.  Names in ``keep`` are put
         back as they were even when the script succeeds (queueserver's ``update_re=False``
-        keeps ``RE`` and ``db``).
+        keeps ``RE`` and ``db``).  A script with a top-level ``await`` (as a notebook cell may
+        have: ``await motor.set(1)``) is compiled here (a SyntaxError changes nothing) and
+        returned as a coroutine that runs it all or nothing when awaited.
         """
         filename = "<script>" if name == DEFAULT_SCRIPT_NAME else f"<script {name}>"
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
-        ns = self.namespace
-        code = compile(script, filename, "exec")  # a SyntaxError changes nothing
-        found = _binding_names(code)  # None: a star import, any name may change
-        by_global = set(ns) if found is None else found[1]  # (seen only by their values)
-        before = {k: ns[k] for k in by_global if k in ns}
-        kept = {k: ns.get(k, _MISSING) for k in keep}  # (however the script reaches them)
-        writes = _Writes(ns)
+        code = compile(script, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        run = _Run(self.namespace, code, keep, done)
+        if code.co_flags & inspect.CO_COROUTINE:
+            return run.awaited()
         try:
-            if found is None:
-                exec(code, ns)  # noqa: S102 - running the user's script is the purpose
-            else:
-                exec(code, ns, writes)  # noqa: S102
+            exec(code, *run.scopes)  # noqa: S102 - running the user's script is the purpose
         except BaseException:
-            writes.undo()
-            for key in (set(ns) | set(before)) if found is None else by_global:
-                old = before.get(key, _MISSING)  # (what it can bind: others' work stays)
-                if old is _MISSING:
-                    ns.pop(key, None)
-                elif ns.get(key, _MISSING) is not old:
-                    ns[key] = old
+            run.undo()
             raise
-        touched = (set(ns) | set(before)) if found is None else by_global | set(writes.last)
-        before = {**before, **writes.before}
-        for key, old in kept.items():
+        run.finish()
+        return None
+
+
+class _Run:
+    """One run of a compiled script: what it may bind, what those names held before."""
+
+    def __init__(self, ns: dict, code: CodeType, keep: tuple[str, ...],
+                 done: Callable[[dict[str, list[str]]], None] | None) -> None:
+        self.ns, self.code, self.done = ns, code, done
+        self.found = _binding_names(code)  # None: a star import, any name may change
+        self.by_global = set(ns) if self.found is None else self.found[1]  # (seen only by their values)
+        self.before = {k: ns[k] for k in self.by_global if k in ns}
+        self.kept = {k: ns.get(k, _MISSING) for k in keep}  # (however the script reaches them)
+        self.writes = _Writes(ns)
+        self.scopes: tuple[dict, ...] = (ns,) if self.found is None else (ns, self.writes)
+
+    async def awaited(self) -> None:
+        """The script with a top-level ``await``, run (on the event loop that awaits this)."""
+        try:
+            await eval(self.code, *self.scopes)  # noqa: S307 - running the user's script is the purpose
+        except BaseException:
+            self.undo()
+            raise
+        self.finish()
+
+    def undo(self) -> None:
+        """The script failed: every name it bound is put back (what others bound stays)."""
+        ns, before = self.ns, self.before
+        self.writes.undo()
+        for key in (set(ns) | set(before)) if self.found is None else self.by_global:
+            old = before.get(key, _MISSING)  # (what it can bind: others' work stays)
+            if old is _MISSING:
+                ns.pop(key, None)
+            elif ns.get(key, _MISSING) is not old:
+                ns[key] = old
+
+    def finish(self) -> None:
+        """The script succeeded: the kept names back, ``done`` told what changed."""
+        ns = self.ns
+        touched = (set(ns) | set(self.before)) if self.found is None else self.by_global | set(self.writes.last)
+        before = {**self.before, **self.writes.before}
+        for key, old in self.kept.items():
             if key not in touched:
                 continue  # the script did not bind it: a cell's change meanwhile stays
             if old is _MISSING:
@@ -183,4 +228,5 @@ class ScriptRunner:
         removed = sorted(k for k in keys if before.get(k, _MISSING) is not _MISSING and k not in ns)
         changed = sorted(k for k in keys if k in ns and before.get(k, _MISSING) is not _MISSING
                          and ns[k] is not before[k])
-        return {"added": added, "changed": changed, "removed": removed}
+        if self.done is not None:
+            self.done({"added": added, "changed": changed, "removed": removed})

@@ -11,6 +11,7 @@ queueserver's reply dicts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from .core.permissions import require_caller
 from .core.status import TaskStatus
 from .core.task import INTERRUPTED, Task
 from .errors import RequestRefused, TaskCancelled, one_line
-from .scripts import ScriptRunner, check_script_name
+from .scripts import ScriptRunner, check_script_name, check_script_text
 from .store.lockfile import user_problem
 from .worker_locks import LockMixin
 from .worker_lookup import LookupMixin
@@ -321,10 +322,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         the function catalog is refreshed unless ``update_lists`` is False.  Unless
         ``update_re``, the namespace's ``RE`` and ``db`` stay as they were (queueserver).
         ``payload_bytes``: the size of the remote request that sent the script."""
-        if not isinstance(script, str):
-            raise one_line(TypeError(f"run_script() needs the script's Python code as a str, got "
-                                     f"{type(script).__name__}" + (" (decode it first)." if isinstance(script, bytes)
-                                                                   else ".")))
+        check_script_text(script)
         self._check_not_closed()
         name = check_script_name(name)
         user, user_group = self._who(user, user_group, origin, defaults=True)
@@ -332,12 +330,13 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self._check_open(origin)
         keep = () if update_re else ("RE", "db")
 
-        def call() -> None:
-            task = current_task()  # this task: its uid and name label the script
-            task.namespace_changes = self.scripts.run(script, name=name, keep=keep)
+        def done(changes: dict[str, list[str]]) -> None:
+            current_task().namespace_changes = changes  # this task: its uid and name label the script
             if update_lists:
                 self.catalog.refresh()
 
+        # (a script with a top-level await returns a coroutine: the engine awaits it)
+        call = functools.partial(self.scripts.run, script, name=name, keep=keep, done=done)
         return self._start(
             call, name=name, kind="script", user=user, user_group=user_group,
             background=bool(background), origin=origin, provenance=self.provenance_source(),

@@ -1004,6 +1004,64 @@ def test_uploaded_scripts_define_coroutine_functions(make_worker, no_bluesky_loo
     assert w.submit("acquire2", (2,)).result(TIMEOUT)["frames"] == 2
 
 
+AWAITING_SCRIPT = """
+import asyncio
+kept = "the script's"
+async def settle(n):
+    await asyncio.sleep(0)
+    return n
+reading = await settle(7)
+print("read", reading, flush=True)
+await asyncio.wait_for(gate.wait(), 30)
+if fail:
+    raise ValueError("motor stuck")
+"""
+
+
+def test_a_script_with_a_top_level_await_runs_on_the_loop_all_or_nothing(make_worker, no_bluesky_loop):
+    """``await`` at a script's top level, as in a notebook cell (``await motor.set(1)``), was a
+    SyntaxError.  It runs on the coroutine tasks' loop now, by every door; failing or
+    cancelled after an await, it leaves the namespace as it was."""
+    w = make_worker()
+    gate = asyncio.Event()
+    w.namespace.update(gate=gate, fail=False, kept="before")
+    loop = w.engine.loops.loop()  # (qmagic's own: no bluesky loop here)
+    task = w.run_script(AWAITING_SCRIPT, name="setup.py", background=True)
+    eventually(lambda: "read 7" in task.output, TIMEOUT, "the script's first await")
+    assert w.namespace["reading"] == 7 and not task.done()
+    loop.call_soon_threadsafe(gate.set)
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.COMPLETED, task.traceback
+    assert task.kind == "script" and task.output == "read 7\n"
+    assert task.namespace_changes == {"added": ["asyncio", "reading", "settle"], "changed": ["kept"],
+                                      "removed": []}
+    assert "settle" in w.functions_available()
+    # failing after its awaits: nothing of it stays
+    w.namespace.update(gate=asyncio.Event(), fail=True, kept="before")
+    for name in ("asyncio", "reading", "settle"):
+        del w.namespace[name]
+    task = w.run_script(AWAITING_SCRIPT, background=True)
+    eventually(lambda: "read 7" in task.output, TIMEOUT, "the script's first await")
+    loop.call_soon_threadsafe(w.namespace["gate"].set)
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED and task.error == "motor stuck"
+    assert w.namespace["kept"] == "before" and not {"asyncio", "reading", "settle"} & set(w.namespace)
+    # cancelled while it awaits: asyncio's cancel, and nothing of it stays
+    w.namespace["gate"] = asyncio.Event()
+    task = w.run_script(AWAITING_SCRIPT, background=True)
+    eventually(lambda: "read 7" in task.output, TIMEOUT, "the script's first await")
+    task.cancel()
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+    assert w.namespace["kept"] == "before" and "reading" not in w.namespace
+    # the remote door; a misplaced await is still a SyntaxError that changes nothing
+    w.namespace.update(gate=asyncio.Event(), fail=False)
+    loop.call_soon_threadsafe(w.namespace["gate"].set)
+    reply = QS(w).script_upload(script=AWAITING_SCRIPT, run_in_background=True)
+    assert reply["success"] is True, reply
+    assert w.get_task(reply["task_uid"]).result(TIMEOUT) is None and w.namespace["reading"] == 7
+    bad = w.run_script("late = 1\ndef f():\n    await settle(1)\n", background=True)
+    assert bad.wait(TIMEOUT) and bad.status is TaskStatus.FAILED
+    assert "SyntaxError: 'await' outside async function" in bad.traceback and "late" not in w.namespace
+
+
 def test_a_real_remote_client_runs_coroutine_tasks(make_worker, no_bluesky_loop):
     import bluesky_queueserver_api  # noqa: F401 - a test dependency
     from bluesky_queueserver_api import BFunc
@@ -1132,6 +1190,23 @@ def test_kernel_interrupt_cancels_a_foreground_coroutine_task(ak):
         "cancelled", "Task was interrupted (■ or KeyboardInterrupt)", "coroutine")
     assert_no_internals(ak.eval("w.last_task.traceback"))
     assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
+
+
+def test_kernel_a_cell_script_with_a_top_level_await(ak):
+    """``%%script_upload`` of a cell that awaits, as the notebook's own cells may: its output in
+    the cell, its names in the namespace; ■ while it awaits cancels it, and none of its names stay."""
+    from kernel_helpers import one_line
+
+    result = ak.execute("%%script_upload\nvalue = await acq(2, label='s')\nprint('value', value)\n", check=True)
+    assert result.stdout == "acq s started\nacq s done\nvalue 4\n"
+    assert ak.eval("(value, w.last_task.kind, w.last_task.status.value)") == (4, "script", "completed")
+    cell = ak.execute_async("%%script_upload\nhalf = 1\nawait forever('s2')\n")
+    ak.wait_for_output(cell, "s2 started")
+    ak.interrupt()
+    result = ak.wait(cell)
+    assert one_line(result).startswith("TaskCancelled: script was interrupted"), one_line(result)
+    assert result.stdout == "s2 started\ns2 cleanup ran\n"
+    assert ak.eval("('half' in globals(), w.last_task.status.value)") == (False, "cancelled")
 
 
 SHRUG = r'''
