@@ -300,6 +300,21 @@ CELLS: list[tuple[str, str]] = [
     await w.submit(stage_x.locate)
     """),
     _md("""
+    ## A script that awaits
+
+    An uploaded script may `await` at its top level, as a cell may: a set-up script that
+    parks the stage, say. It runs on bluesky's loop like the tasks above, and all or
+    nothing: should it fail or be cancelled at an `await`, none of its names stay.
+    """),
+    _code("""
+    %%script_upload --name park_stage
+    await stage_x.set(0.5)
+    parked_at = await stage_x.user_readback.get_value()
+    """),
+    _code("""
+    parked_at, w.last_task.namespace_changes
+    """),
+    _md("""
     ## From a remote client
 
     Coroutine functions are functions for remote clients too: a bluesky-queueserver client
@@ -328,7 +343,7 @@ CELLS: list[tuple[str, str]] = [
 
     - `async def` functions (and functions returning an awaitable) run as tasks, on
       bluesky's event loop once a RunEngine runs it, else on qmagic's own loop
-      (`QMagic.async_loop`).
+      (`QMagic.async_loop`); so do scripts that `await` at their top level.
     - Foreground and background coroutine tasks share the loop; the cell waits for a
       foreground one, never for a background one.
     - Cancel — `task.cancel()`, ■, a panel's *Cancel*, `%task_cancel` — is asyncio
