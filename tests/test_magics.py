@@ -684,6 +684,9 @@ def test_task_cancel(qm, ip, capsys):
         line(ip, "task_cancel", f"{task.uid} --all")
     with pytest.raises(UsageError, match="No task"):
         line(ip, "task_cancel", "ffffffff")
+    for word in ("all", "ALL", "'all'", "*"):  # (it said "prefix 'all' is too short")
+        with pytest.raises(UsageError, match=r"^To cancel every queued and running task, write %task_cancel --all\.$"):
+            line(ip, "task_cancel", word)
     # without UID: the latest task
     latest = line(ip, "function_execute", "-b blocked")
     capsys.readouterr()
