@@ -29,7 +29,7 @@ from .catalog import (
     submit_target,
 )
 from .config import QMagic
-from .core.awaiting import awaitable_result
+from .core.awaiting import awaitable_result, awaited_value, coroutine_name
 from .core.context import current_task
 from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
 from .core.foreground import ForegroundRunner
@@ -91,13 +91,14 @@ class _TaskCall:
             return result  # an awaitable is awaited on the loop by the engine
         return self._awaited(result) if awaitable_result(result) else self._checked(result)
 
+    # (a coroutine returned by a coroutine fails before the JSON rule names its type)
     async def _run_coroutine(self) -> Any:
         if self.by_name:
             self.worker._permissions.check(self.name, self.user, self.group)
-        return self._checked(await self.func(*self.args, **self.kwargs))
+        return self._checked(awaited_value(await self.func(*self.args, **self.kwargs), self.name))
 
     async def _awaited(self, awaitable: Any) -> Any:
-        return self._checked(await awaitable)
+        return self._checked(awaited_value(await awaitable, coroutine_name(awaitable, self.name)))
 
     def _checked(self, result: Any) -> Any:
         error = json_error(result) if self.strict_json else None

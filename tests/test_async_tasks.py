@@ -172,6 +172,62 @@ def test_a_function_returning_an_awaitable_is_awaited_on_the_loop(make_worker, n
     assert w.submit(AsyncCallable(), (5,)).result(TIMEOUT) == 50
 
 
+def test_a_coroutine_that_returns_a_coroutine_fails_saying_to_await_it(make_worker, no_bluesky_loop):
+    """``async def forgot(): return measure()`` (``return await measure()`` meant): the task
+    completed with an un-awaited coroutine as its result; measure never ran, and Python's
+    "never awaited" warning came later, pointing at qmagic.  It fails with one line saying
+    so, the coroutine is closed (no warning), the log records it failed; the remote reply
+    says it too (it said "can not be serialized as JSON").  A plain function's coroutine is
+    its work, awaited (documented): what that coroutine returns is looked at the same way."""
+    import inspect
+
+    made, ran = [], []
+
+    async def measure(x):
+        ran.append(x)
+        return x
+
+    async def forgot(x):
+        made.append(measure(x))
+        return made[-1]
+
+    def plain(x):
+        return forgot(x)
+
+    w = make_worker({"forgot": forgot, "plain": plain})
+    line = ("forgot() returned a coroutine instead of its value (measure was never run): "
+            "write `return await measure(...)`.")
+    tasks = []
+    for name, background in (("forgot", True), ("forgot", False), ("plain", True), ("plain", False)):
+        task = w.submit(name, (1,), background=background)
+        tasks.append(task)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED, task.status
+        assert task.error == line and task.traceback == f"TypeError: {line}\n"
+        with pytest.raises(TypeError) as raised:
+            task.result()
+        assert str(raised.value) == line
+    reply = QS(w).function_execute({"name": "forgot", "args": [2]}, run_in_background=True)
+    assert w.get_task(reply["task_uid"]).wait(TIMEOUT)
+    result = QS(w).task_result(task_uid=reply["task_uid"])["result"]
+    assert result["success"] is False and result["msg"].endswith(line), result
+    from qmagic.core.engine import Engine  # (the engine's own rule, without a worker's call)
+
+    engine = Engine()
+    try:
+        for coroutine in (True, False):
+            task = engine.submit(lambda: forgot(3), name="forgot", user="u", user_group="g",
+                                 background=True, coroutine=coroutine)
+            with pytest.raises(TypeError) as raised:
+                task.result(TIMEOUT)
+            assert str(raised.value) == line
+    finally:
+        engine.close()
+    assert ran == [] and len(made) == 7
+    assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in made)
+    records = w.history(uid=tasks[0].uid)
+    assert [(r["status"], r["error"]) for r in records] == [("failed", line)], records
+
+
 # =========================================================================================
 # cancel and deadlines
 # =========================================================================================
@@ -1345,6 +1401,35 @@ def test_kernel_a_task_group_failing_in_a_foreground_task_shows_the_users_frames
         kept = ak.eval("w.last_task.traceback")  # (%task_result, the log: the sub-errors too)
         assert "ValueError: bad value 1" in kept and 'File "Cell In[' in kept
         assert_no_internals(kept)
+
+
+def test_kernel_a_coroutine_that_returns_a_coroutine_fails_in_one_line(ak):
+    """``return measure()`` in an ``async def`` (``return await`` meant): the cell showed the
+    task completed, measure never ran, and a "coroutine ... was never awaited" warning
+    named qmagic's code.  Every door now says it in one line, with no warning."""
+    from kernel_helpers import assert_no_internals, one_line
+
+    ak.execute("import inspect\n"
+               "made = []\n"
+               "async def measure(x):\n"
+               "    print('measured', flush=True)\n"
+               "    return x\n"
+               "async def forgot(x):\n"
+               "    made.append(measure(x))\n"
+               "    return made[-1]\n", check=True)
+    line = ("TypeError: forgot() returned a coroutine instead of its value (measure was never run): "
+            "write `return await measure(...)`.")
+    for cell in ("%function_execute forgot 1", "w.last_task.result()", "%function_execute -b --wait forgot 2",
+                 "t5 = %function_execute -b forgot 3\nt5.result(10)", "await t5"):
+        result = ak.execute(cell)
+        assert one_line(result) == line, cell
+        assert result.stdout == "" and result.stderr == "", (cell, result.stderr)
+    shown = ak.execute("%task_result {t5.uid}").check().stdout
+    assert "failed" in shown and line in shown, shown
+    assert_no_internals(shown)
+    assert ak.eval("{(r['status'], r['error']) for r in w.history(name='forgot')}") == {
+        ("failed", line.removeprefix("TypeError: "))}
+    assert ak.eval("[inspect.getcoroutinestate(c) for c in made]") == ["CORO_CLOSED"] * 3
 
 
 def test_kernel_plans_and_the_bluesky_policy_give_one_line(ak):

@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .jobs import Job
 
-__all__ = ["LOOP_CHECK_S", "MSG_LOOP_STOPPED", "CoroutineJobs", "LoopWatch", "awaitable_result", "cancel_atask",
-           "cancel_atasks", "cancel_error", "wait_uninterrupted"]
+__all__ = ["LOOP_CHECK_S", "MSG_LOOP_STOPPED", "CoroutineJobs", "LoopWatch", "awaitable_result", "awaited_value",
+           "cancel_atask", "cancel_atasks", "cancel_error", "coroutine_name", "returned_coroutine",
+           "wait_uninterrupted"]
 
 log = logging.getLogger("qmagic")
 
@@ -97,7 +98,9 @@ class CoroutineJobs:
                     _close(awaitable)
                     raise TaskCancelled(job.task.cancel_reason or INTERRUPTED)
                 job.task._own_code = asyncio.current_task()  # (its thread only waits now)
-                box["result"] = await awaitable
+                value = await awaitable
+                missed = returned_coroutine(value, coroutine_name(awaitable, job.task.name))
+                box["error" if missed is not None else "result"] = missed or value
             except BaseException as exc:  # noqa: BLE001
                 box["error"] = exc
             finally:
@@ -183,6 +186,10 @@ class CoroutineJobs:
             job.code_done = True
             task._own_code = None
             _current.reset(token)
+        if error is None:
+            error = returned_coroutine(result, task.name)
+            if error is not None:
+                result = None
         if task._claim_end():
             self.end(job, result, error)
 
@@ -308,6 +315,37 @@ def awaitable_result(value: Any) -> bool:
     if type(value) in _PLAIN_RESULTS:
         return False
     return inspect.isawaitable(value) and not isinstance(value, Future)
+
+
+def returned_coroutine(value: Any, outer: str) -> BaseException | None:
+    """``value``, what the coroutine ``outer`` returned, is a coroutine (``return g()`` meant
+    as ``return await g()``): g never ran, and a task that "completed" with it would hide
+    that.  It is closed (no "never awaited" warning) and the TypeError the task fails with is
+    returned, shown in one line wherever it is raised (its frames are qmagic's); None for any
+    other value.  (A plain function that returns a coroutine is not this mistake: that
+    coroutine is the function's work, awaited once; what *it* returns is looked at here.)"""
+    if type(value) in _PLAIN_RESULTS or not inspect.iscoroutine(value):
+        return None
+    inner = coroutine_name(value, "the coroutine")
+    value.close()
+    return one_line(TypeError(f"{outer}() returned a coroutine instead of its value ({inner} was never run): "
+                              f"write `return await {inner}(...)`."))
+
+
+def awaited_value(value: Any, outer: str) -> Any:
+    """``value``, what the coroutine ``outer`` returned; raises :func:`returned_coroutine`'s
+    error for a coroutine."""
+    error = returned_coroutine(value, outer)
+    if error is not None:
+        raise error
+    return value
+
+
+def coroutine_name(awaitable: Any, default: str) -> str:
+    """The name of a coroutine's function as its code spells it (``Scan.run``, ``f`` for a
+    function defined in another one), or ``default``."""
+    name = getattr(awaitable, "__qualname__", None)
+    return name.rsplit("<locals>.", 1)[-1] if isinstance(name, str) and name else default
 
 
 def _close(awaitable: Any) -> None:

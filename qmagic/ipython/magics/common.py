@@ -118,7 +118,10 @@ def _render_once(exc: BaseException, render: Callable[[], list[str]]) -> None:
 
 
 def _one_line(exc: BaseException) -> BaseException:
-    """``exc`` shown as one line, ``Type: message``."""
+    """``exc`` shown as one line, ``Type: message`` (as it is, if qmagic made it so for good:
+    it stays so for a later ``task.result()``)."""
+    if "_render_traceback_" in getattr(exc, "__dict__", ()):
+        return exc
     line = f"{type(exc).__name__}: {exception_text(exc)}"
     _render_once(exc, lambda: [line])
     return exc
