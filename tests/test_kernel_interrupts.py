@@ -573,6 +573,81 @@ def test_a_press_in_a_magics_own_code_ends_it_in_one_line(_shell, sigint_as_in_a
         _shell.extension_manager.loaded.discard("qmagic")
 
 
+def test_a_second_press_while_a_magic_makes_its_line_is_the_same_stop(_shell, sigint_as_in_a_cell):
+    """■ again at every line of a magic's own handling of a first ■ (making its one line):
+    it showed a raw traceback through qmagic's frames.  Now the magic ends with its one
+    KeyboardInterrupt line (the cell stops), whether the first came with its line (an
+    argument's evaluation) or not (a task started, or none); so does a first ■ at the
+    magic's first lines.  A press after the stop is the handler's it replaced, as before.
+    Not landed: the lines from ``except`` to the hold's install, where the trace hook can
+    raise but CPython takes no signal (only at a call, a function's start or a jump back:
+    the install is the first call)."""
+    import inspect
+
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic import get_worker
+    from qmagic.ipython.extension import load_ipython_extension, unload_ipython_extension
+    from qmagic.ipython.magics import common
+    from qmagic.ipython.runner import COALESCE_S, StopHold
+
+    class Fake:
+        """A magic whose own code is stopped (a plain KeyboardInterrupt, as ■ raises it),
+        after it started a task or not."""
+
+        def __init__(self, worker, submit):
+            self.worker, self.submit = worker, submit
+
+        def function_execute(self):
+            if self.submit:
+                self.worker.submit("sshort", (1,), background=True)
+            raise KeyboardInterrupt
+
+    load_ipython_extension(_shell)
+    try:
+        _shell.run_cell("def sshort(i):\n    return i\ndef boom():\n    raise KeyboardInterrupt\n").raise_error()
+        w = get_worker()
+        wrapped = common.interrupts_in_one_line(Fake.function_execute)
+        code = wrapped.__code__
+        source, first = inspect.getsourcelines(code)
+        text = {first + i: line.strip() for i, line in enumerate(source)}
+        start = next(n for n, t in text.items() if t.startswith("except KeyboardInterrupt as"))
+        install = next(n for n, t in text.items() if "signal.signal(" in t)
+        unreachable = {n for n in lines_of(code) if start <= n <= install or text[n] == "try:" and n < start}
+        assert len(unreachable) <= 5, unreachable
+        calls = {"argument": lambda: _shell.run_line_magic("function_execute", "sshort boom()"),
+                 "no task": lambda: wrapped(Fake(w, False)), "a task": lambda: wrapped(Fake(w, True))}
+        fired_at = set()
+        for what, call in calls.items():
+            for line in sorted(set(lines_of(code)) - unreachable):
+                fired: list = []
+                sys.settrace(sigint_at(code, line, fired))
+                try:
+                    with pytest.raises(KeyboardInterrupt) as info:
+                        call()
+                finally:
+                    sys.settrace(None)
+                    StopHold.release()  # (as the kernel puts its handler back as the cell ends)
+                shown = getattr(info.value, "_render_traceback_", None)
+                assert shown is not None, (what, line, text[line], info.value.__context__)
+                assert len(shown()) == 1 and shown()[0].startswith("KeyboardInterrupt: stopped "), shown()
+                if fired:
+                    fired_at.add(line)
+            assert w.engine.counts()["foreground"] is None
+        assert len(fired_at) >= 12, fired_at  # (the handling's lines too, not only the first ones)
+        with pytest.raises(KeyboardInterrupt):  # (a press right after a stop is the same stop; a later one is not)
+            wrapped(Fake(w, False))
+        signal.raise_signal(signal.SIGINT)  # (dropped: within COALESCE_S)
+        StopHold.last -= COALESCE_S
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert _shell.run_line_magic("function_execute", "sshort 4").result() == 4  # (healthy)
+    finally:
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")
+
+
 @pytest.fixture(scope="module")
 def sk(tmp_path_factory):
     session = start_kernel(tmp_path_factory.mktemp("storm"))

@@ -37,7 +37,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from ..core.foreground import NO_GUARD, breaks_a_lock, interrupts_held
 
-__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "interrupts_held"]
+__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "StopHold", "held_sigint",
+           "interrupts_held"]
 
 log = logging.getLogger("qmagic")
 
@@ -248,6 +249,54 @@ class KernelForegroundRunner:
             log.debug("qmagic: an interrupt after a handed-over foreground task was dropped")
         except BaseException:  # noqa: BLE001 - the kernel's loop must survive anything
             log.exception("qmagic: error while running a foreground task on the main thread")
+
+
+class StopHold:
+    """The SIGINT handler (:func:`held_sigint`) while a magic makes the one line that ends it
+    after ■ (:func:`qmagic.ipython.magics.common.interrupts_in_one_line`): another ■ then,
+    or within :data:`COALESCE_S` of the last one, is the same stop (the magic ends with a
+    KeyboardInterrupt all the same), never one raised in qmagic's frames or, right after,
+    in IPython's.  ``active`` is set before it is installed, and the install is the first
+    call the magic's handling makes: CPython takes a signal only at a call, a function's
+    start or a jump back, so none comes between the first ■ and the hold.  It stays
+    installed afterwards, and puts the handler it replaced back at the next SIGINT after the
+    storm (which that handler then takes) or at the next magic: putting it back before the
+    ``raise`` would let a ■ taken right after it land in qmagic's frame."""
+
+    active = False  # a magic is making its line
+    last = 0.0  # when the last SIGINT (or stop) was
+    _NONE: Any = object()
+    previous: Any = _NONE  # the handler it replaced (None: not Python's; _NONE: none)
+
+    @classmethod
+    def release(cls) -> None:
+        """Put the replaced handler back (main thread, not while a magic makes its line)."""
+        previous = cls.previous
+        if cls.active or previous is cls._NONE or signal.getsignal(signal.SIGINT) is not held_sigint:
+            return
+        try:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        except ValueError:  # (not the main thread)
+            return
+        cls.previous = cls._NONE
+
+
+def held_sigint(signum: int, frame: Any) -> None:
+    """SIGINT handler of :class:`StopHold`: the same stop while a magic makes its line or
+    within :data:`COALESCE_S` of the last SIGINT; else the replaced handler is put back and
+    takes it, as it would have."""
+    now = time.monotonic()
+    if StopHold.active or now - StopHold.last < COALESCE_S:
+        StopHold.last = now
+        return
+    previous = StopHold.previous
+    StopHold.release()
+    if callable(previous):
+        previous(signum, frame)
+    elif previous is None or previous is StopHold._NONE:  # (a handler not Python's: as Python's own)
+        raise KeyboardInterrupt
+    else:  # SIG_IGN, SIG_DFL: as they would have
+        signal.raise_signal(signum)
 
 
 def _interrupted_frame(frame: Any) -> Any:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
+import time
 import traceback
 from typing import Any, Callable, NoReturn
 
@@ -31,6 +33,7 @@ from ...core.status import TaskStatus
 from ...core.task import Task, exception_text
 from ...errors import TaskCancelled, one_line
 from ...worker import cancelled_line
+from ..runner import StopHold, held_sigint
 
 __all__ = ["ShownGroup", "ShownSyntaxError", "refused", "settle", "wait_interruptibly", "show_panel", "WaitInterrupted",
            "interrupts_in_one_line"]
@@ -53,34 +56,49 @@ def interrupts_in_one_line(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a magic: a KeyboardInterrupt (■) that lands in its own code ends it with one line
     saying what became of the request -- no task started, or its task's state -- never
     qmagic's frames; it still propagates (the cell's loop stops).  One already shown in one
-    line (a task's, a wait's, one held while a task was recorded) passes unchanged."""
+    line (a task's, a wait's, one held while a task was recorded) passes unchanged.  Another
+    ■ while the line is made, or right after, is the same stop (:class:`StopHold`)."""
     magic = method.__name__
 
     @functools.wraps(method)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        __tracebackhide__ = True  # noqa: F841
-        engine = getattr(getattr(self, "worker", None), "engine", None)
-        before = engine.submitted_here() if engine is not None else None
         try:
+            __tracebackhide__ = True  # noqa: F841
+            StopHold.release()
+            engine = getattr(getattr(self, "worker", None), "engine", None)
+            before = engine.submitted_here() if engine is not None else None
             return method(self, *args, **kwargs)
         except KeyboardInterrupt as exc:
-            if hasattr(exc, "_render_traceback_"):
-                raise
-            while True:  # (another ■ while the line is made: made again)
-                try:
-                    line = _stopped_line(magic, engine, before)
-                    break
-                except KeyboardInterrupt:
-                    continue
-            raise one_line(KeyboardInterrupt(line)) from None
+            # (no signal is taken from the ■ to the end of the hold's install: see StopHold)
+            StopHold.active = True
+            try:
+                previous = signal.signal(signal.SIGINT, held_sigint)
+                if previous is not held_sigint:
+                    StopHold.previous = previous
+            except ValueError:  # not the main thread: no SIGINT comes here
+                pass
+            try:
+                if hasattr(exc, "_render_traceback_"):
+                    shown = exc
+                else:
+                    seen = locals()  # (engine and before: unset if ■ came before the method)
+                    shown = one_line(KeyboardInterrupt(_stopped_line(
+                        magic, seen.get("engine"), seen.get("before"), "before" not in seen)))
+            finally:
+                StopHold.last = time.monotonic()
+                StopHold.active = False
+            raise shown from None
 
     return run
 
 
-def _stopped_line(magic: str, engine: Any, before: str | None) -> str:
+def _stopped_line(magic: str, engine: Any, before: str | None, first: bool = False) -> str:
     """What ■ in ``%magic``'s own code left: its task (submitted on this thread since
-    ``before``), or none; what to look at for magics that change something."""
+    ``before``), or none (``first``: ■ came before the magic looked); what to look at for
+    magics that change something."""
     uid = engine.submitted_here() if engine is not None else None
+    if first:
+        before = uid
     task = engine.get(uid) if uid is not None and uid != before else None
     if task is not None:
         call, uid = task.call_text(40), task.uid[:8]
