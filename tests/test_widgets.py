@@ -1151,6 +1151,24 @@ def test_rows_of_finished_tasks_rest_until_something_can_change_them(probe, work
     assert panel._body.comm is None and rows[2]._style.comm is None and len(closed) > 10
 
 
+def test_a_resting_view_closed_past_its_close_leaves_the_pump(probe, worker):
+    """``ipywidgets.Widget.close(row)`` drops the row's comm without the row's close() and
+    without the comm's close callback: a resting row stayed in the pump's resting set, its
+    widgets open, until something woke it.  Closing by any path
+    closes the view and it leaves the pump."""
+    import ipywidgets
+
+    task = worker.submit("job", (1,))
+    assert task.wait(10)
+    row = panels.TaskRow(worker, task)
+    pump = row._qm_pump
+    eventually(lambda: row not in pump.awake(), 5.0, "the finished row to rest")
+    ipywidgets.Widget.close(row)
+    eventually(lambda: row.closed and row not in pump.views(), 5.0,
+               "the row closed past its close() to leave the pump")
+    assert row._style.comm is None and row._table.segments[0].html.comm is None
+
+
 def test_detach_closes_every_comm_and_stops_the_thread(probe, worker):
     w = worker
     task = w.submit("wait_gate", ("g",))

@@ -90,10 +90,13 @@ class PanelBase(PanelView):
         comm = getattr(self, "comm", None)
         if comm is not None and hasattr(comm, "on_close"):
             comm.on_close(lambda _msg: self._qm_comm_closed())
+        # ``Widget.close(panel)`` past the panel's close() drops the comm without that callback
+        self.observe(lambda change: self._qm_comm_closed() if change["new"] is None else None, "comm")
 
     def _qm_comm_closed(self) -> None:
+        """The panel's comm was closed: wake it (resting too), so the pump closes it."""
         pump = self._qm_pump
-        if pump is not None:
+        if pump is not None and not self._qm_closed:
             pump.kick(self)
 
     def _qm_route(self, widget: W.Widget) -> None:
