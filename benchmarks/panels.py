@@ -109,7 +109,10 @@ class NaiveView:
         import ipywidgets as W
 
         self.html = W.HTML()
-        self.seen = 0
+        #: tasks whose last progress event arrived (the event bus merges progress a callback
+        #: has not taken yet, so counting events never reached tasks x updates: each round
+        #: waited its whole 120 s timeout)
+        self.ended: set[str] = set()
         self.all_seen = threading.Event()
         self.expected = -1
         self.sub = worker.subscribe(self._on_event)
@@ -118,9 +121,10 @@ class NaiveView:
         progress = event.get("progress")
         if progress is not None:
             self.html.value = f"{task_uid[:8]} {progress.value}/{progress.total}"
-            self.seen += 1  # one dispatcher thread calls this
-            if self.seen == self.expected:
-                self.all_seen.set()
+            if progress.value == progress.total:  # (one dispatcher thread calls this)
+                self.ended.add(task_uid)
+                if len(self.ended) == self.expected:
+                    self.all_seen.set()
 
     def close(self) -> None:
         """End the subscription and close the widget."""
@@ -166,8 +170,8 @@ def one_round(worker, recorder: Recorder, args, naive: bool) -> dict:
     n = int(args.seconds * args.rate)
     result: dict = {}
     if naive:
-        view.expected = n * args.tasks  # the naive view may still be writing a backlog of events
-        if view.seen == view.expected:
+        view.expected = args.tasks  # the naive view may still be writing a backlog of events
+        if len(view.ended) == view.expected:
             view.all_seen.set()
         view.all_seen.wait(120)
         messages = recorder.take()
