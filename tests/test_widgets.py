@@ -1562,6 +1562,67 @@ def test_many_live_views_share_one_budget_of_update_messages(probe, worker):
                what="the budget to be shared by fewer views once the rows closed")
 
 
+def test_all_panels_together_keep_one_data_budget_and_busy_ones_take_turns(probe, worker):
+    """The bytes were budgeted per panel only: one panel of a hundred running rows sends
+    ~200 kB/s, and five of them (%tasks shown in several cells during a storm) sent 1 MB/s.
+    Every view of the process shares one budget of bytes (pump.TOTAL_BYTES_S; here 100 kB/s):
+    busy panels take turns, and a panel that sends little keeps its own pace beside them."""
+    import json
+
+    from qmagic.panels.base import set_traits
+    from qmagic.panels.view import DATA_BORROW_S, DATA_BURST_S, DataBudget
+
+    rate, chars = 100_000.0, 12_000  # (12 kB: one update each, 10 a second: 120 kB/s a panel)
+    busy = [panels.TaskPanel(worker) for _ in range(4)]
+    small = panels.TaskPanel(worker)
+    views = busy + [small]
+    pump = small._qm_pump
+    pump.data = DataBudget(rate)
+
+    def always_more(view: Any, size: int) -> Callable[..., int]:
+        sends = iter(range(1, 1_000_000))
+
+        def apply(*args: Any) -> int:
+            view._qm_touch("more")  # (it always has more to send)
+            return set_traits(view._footer, value=f"{next(sends):08d}" + "x" * size)
+
+        return apply
+
+    for view in views:
+        view._qm_apply = always_more(view, 200 if view is small else chars)
+    start = time.time()
+    for view in views:
+        view._qm_poke("go")
+    of = {view._footer.comm.comm_id: view for view in views}
+
+    def busy_sent() -> list:
+        return [m for m in probe.updates(start) if of.get(m[2]) in busy]
+
+    try:  # (after half a second: the first messages went at once, the budget's burst)
+        eventually(lambda: sum(len(m[3]["state"]["value"]) for m in busy_sent()
+                               if m[0] > start + 0.5) >= 2 * rate, 30,
+                   "the busy panels to send two seconds' worth", interval=0.02)
+        sent = [m for m in busy_sent() if m[0] > start + 0.5]
+        first, last = start + 0.5, sent[-1][0]
+        size = sum(len(json.dumps(m[3])) for m in sent)
+        counts = {view: sum(1 for m in probe.updates(start) if first <= m[0] <= last and of.get(m[2]) is view)
+                  for view in views}
+    finally:
+        for view in views:
+            view.close()
+    slack = rate * DATA_BURST_S + 2 * (chars + 1_000)  # (the burst saved up, a message in debt)
+    assert size <= rate * (last - first) + slack, (size, last - first)
+    assert min(counts[view] for view in busy) >= max(counts[view] for view in busy) // 2, counts
+    assert counts[small] >= 2 * max(counts[view] for view in busy), counts
+    # a debt is paid, never forgiven; a final state borrows down to DATA_BORROW_S
+    bucket = DataBudget(1_000.0)
+    now = bucket.time
+    bucket.charge(bucket.level(now) + 1_000 + DATA_BORROW_S * 1_000, now)
+    assert bucket.wait(now, borrow=False) == pytest.approx(1.0 + DATA_BORROW_S)
+    assert bucket.wait(now, borrow=True) == pytest.approx(1.0)
+    assert bucket.wait(now + 1.0, borrow=True) == 0.0
+
+
 def test_under_a_crowded_budget_panels_keep_two_updates_a_second_and_never_exceed_the_setting(probe, worker):
     """Hundreds of live rows share the budget down to a fraction of an update a second; a task
     or lock panel keeps 2 a second (a reviewer: 500 rows left the %tasks panel 2.5 s behind),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any, Callable
@@ -12,6 +13,7 @@ from .. import format as fmt
 from ..errors import RequestRefused, StateFileError
 from . import render, styles
 from .pump import PanelView, current_pump, get_router
+from .view import ENVELOPE_BYTES, count_sent
 
 log = logging.getLogger("qmagic")
 
@@ -23,20 +25,36 @@ STARVE_LIMIT = 3
 
 #: A message is charged one more update per this many characters of text it carries:
 #: the rate limits bound the data a panel sends, not only its messages (one segment of a
-#: hundred running rows, ~55 kB, ten times a second was 550 kB/s; the server stops a
-#: kernel's output past 1 MB/s).
+#: hundred running rows, ~55 kB, ten times a second was 550 kB/s).  The bytes of every
+#: panel together have a budget of their own (:data:`~qmagic.panels.view.TOTAL_BYTES_S`).
 MESSAGE_CHARS = 16_384
+
+
+def _state_bytes(state: dict[str, Any]) -> int:
+    """About the bytes of a message carrying ``state`` (its envelope included)."""
+    size = ENVELOPE_BYTES
+    for name, value in state.items():
+        size += len(name) + 4
+        if isinstance(value, str):
+            size += len(json.dumps(value, ensure_ascii=False))
+        elif isinstance(value, (tuple, list)):  # (children: "IPY_MODEL_" and a model id each)
+            size += 2 + 46 * len(value)
+        else:
+            size += 16
+    return size
 
 
 def set_traits(widget: W.Widget, **traits: Any) -> int:
     """Assign the traits that differ inside ``hold_sync()``; returns what the message costs
-    in updates: 0 (none sent), else 1 plus one per :data:`MESSAGE_CHARS` of text in it."""
+    in updates: 0 (none sent), else 1 plus one per :data:`MESSAGE_CHARS` of text in it.
+    Its bytes count against the process's data budget (:func:`~qmagic.panels.view.count_sent`)."""
     changed = {k: v for k, v in traits.items() if getattr(widget, k) != v}
     if not changed:
         return 0
     with widget.hold_sync():
         for name, value in changed.items():
             setattr(widget, name, value)
+    count_sent(_state_bytes(changed))
     return 1 + sum(len(v) for v in changed.values() if isinstance(v, str)) // MESSAGE_CHARS
 
 
@@ -73,11 +91,13 @@ class PanelBase(PanelView):
 
     def _qm_own(self, widget: W.Widget, *, interactive: bool = False) -> W.Widget:
         """Remember ``widget`` and its layout and style (closed with the panel); route its
-        clicks if it takes input."""
+        clicks if it takes input.  Its opening counts against the data budget (its text)."""
         for part in (widget, getattr(widget, "layout", None), getattr(widget, "style", None)):
             if isinstance(part, W.Widget) and id(part) not in self._qm_owned_ids:
                 self._qm_owned_ids.add(id(part))
                 self._qm_owned.append(part)
+                value = getattr(part, "value", None)
+                count_sent(_state_bytes({"value": value} if isinstance(value, str) else {}))
         if interactive:
             self._qm_route(widget)
         return widget
@@ -114,6 +134,8 @@ class PanelBase(PanelView):
                 self._qm_owned.remove(widget)
             except ValueError:
                 pass
+        if widget.comm is not None:
+            count_sent(ENVELOPE_BYTES)
         widget.close()
 
     def _qm_spend(self, sent: int, budget: int, later: list[Callable[[], int]]) -> int:

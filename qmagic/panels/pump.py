@@ -20,6 +20,16 @@ messages per second however many events arrive; and all views of the process tog
 gets its share (the Jupyter server drops IOPub traffic above 1,000 messages per second, and
 every panel then freezes).
 
+The bytes those messages carry have one budget for the whole process too (a
+:class:`~qmagic.panels.view.DataBudget` of :data:`TOTAL_BYTES_S`): five panels of a hundred
+running rows each sent 1 MB/s, each within its own budget.  An application is charged the
+bytes it sent (:func:`~qmagic.panels.view.count_sent`); while the bucket is in debt, a view
+waits, except one that borrows, down to a bounded debt (a final state, a click's answer, a
+view sending less than half its fair share, the budget divided by the views that want
+updates, or one that waited a second).  Views that may go together go in the order of their
+recent bytes per second, the least first: a busy panel does not hold up a lock panel, and
+busy panels take turns.  A lone panel is as fast as before (it sends half the budget).
+
 Views read the current task state when applied (events only say "look again"), so the
 state shown after the last application is exact however many events were coalesced.
 
@@ -40,7 +50,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.status import FINISHED_VALUES
 from . import render
-from .view import PERIODIC_S, TOKEN_CAPACITY, TOTAL_MSGS_HZ, UNLIMITED, PanelView
+from .view import (
+    PERIODIC_S,
+    TOKEN_CAPACITY,
+    TOTAL_BYTES_S,
+    TOTAL_MSGS_HZ,
+    UNLIMITED,
+    DataBudget,
+    PanelView,
+    bytes_sent,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.events import Subscription
@@ -50,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("qmagic")
 
 __all__ = ["PanelView", "Pump", "get_pump", "current_pump", "get_router", "shutdown", "PERIODIC_S",
-           "TOKEN_CAPACITY", "UNLIMITED", "TOTAL_MSGS_HZ"]
+           "TOKEN_CAPACITY", "UNLIMITED", "TOTAL_MSGS_HZ", "TOTAL_BYTES_S"]
 
 class Pump:
     """One writer thread for every panel of the process (see the module docstring)."""
@@ -73,6 +92,10 @@ class Pump:
         #: Messages per second each view may send now: TOTAL_MSGS_HZ shared by the views that
         #: want applications (counted at each look; only the pump thread writes it).
         self.share_hz = TOTAL_MSGS_HZ
+        #: The bytes all views send together (only the pump thread charges it), and each
+        #: wanting view's fair share of it (bytes per second).
+        self.data = DataBudget()
+        self.share_bytes_s = self.data.rate
 
     # -- registration ------------------------------------------------------------------------
     def register(self, view: PanelView, task: Task | None = None, *, events: bool = True) -> None:
@@ -227,6 +250,7 @@ class Pump:
         tokens = view._qm_refill(now)
         budget = UNLIMITED if forced else max(1, int(tokens))
         sent = 0
+        data_before = bytes_sent()
         try:
             with view._qm_apply_lock:
                 if not view._qm_closed:
@@ -239,6 +263,9 @@ class Pump:
             # followed its own sooner than 1/hz (its time to refill was spent building rows)
             end = time.monotonic()
             view._qm_tokens = max(tokens - sent, -view._qm_hz())  # (a second's debt at most)
+            size = bytes_sent() - data_before
+            self.data.charge(size, end)
+            view._qm_sent_data(size, end)
             view._qm_token_time = view._qm_last_apply = end
             if periodic:
                 view._qm_last_periodic = now
@@ -257,20 +284,35 @@ class Pump:
             wanting = 0
             resting: list[PanelView] = []
             gone: list[PanelView] = []
+            ready: list[PanelView] = []
             for view in views:
                 if view._qm_comm_gone():
                     gone.append(view)
                     continue
                 due = view._qm_due(now)
                 if due is not None and due <= now:
+                    ready.append(view)
+                elif due is not None:
+                    wake = min(wake, due)
+                    wanting += 1
+                else:
+                    resting.append(view)
+            # the least busy first: while data is short, busy panels take turns after the others
+            ready.sort(key=lambda v: v._qm_data_rate(now))
+            for view in ready:
+                wait = self._data_wait(view, time.monotonic())
+                if wait <= 0.0:
                     self.apply_view(view, now)
                     due = view._qm_due(time.monotonic())
+                else:
+                    due = time.monotonic() + wait
                 if due is not None:
                     wake = min(wake, due)
                     wanting += 1
                 else:
                     resting.append(view)
             self.share_hz = TOTAL_MSGS_HZ / max(1, wanting)
+            self.share_bytes_s = self.data.rate / max(1, wanting)
             if gone:
                 self.forget_closed(gone)
             if resting:
@@ -281,6 +323,15 @@ class Pump:
                     if left <= 0:
                         break
                     self._cond.wait(left)
+
+    def _data_wait(self, view: PanelView, now: float) -> float:
+        """Seconds ``view`` waits for the data budget (0: it may go now; a flush never waits)."""
+        if view._qm_force:
+            return 0.0
+        wait = self.data.wait(now, view._qm_borrows(now, self.share_bytes_s))
+        if wait > 0.0 and view._qm_data_waiting is None:
+            view._qm_data_waiting = now
+        return wait
 
     def close_views(self, worker: Any = None) -> int:
         """Close (widgets and comms) every view of ``worker`` (all views if None)."""
