@@ -53,12 +53,15 @@ pytestmark = pytest.mark.timeout(180)
 CELLS = [
     # 0: set-up
     '%load_ext qmagic\n'
+    'import os\n'
     'import qmagic\n'
     'def scan(n, dt=0.05):\n'
-    '    """A measurement with n points."""\n'
+    '    """A measurement with n points (the middle one waits while a file "pause" exists)."""\n'
     '    for i in range(n):\n'
     '        qmagic.report_progress(i + 1, n, f"point {i + 1} of {n}")\n'
     '        qmagic.cancellable_sleep(dt)\n'
+    '        while i + 1 == n // 2 and os.path.exists("pause"):\n'
+    '            qmagic.cancellable_sleep(0.02)\n'
     '    return n\n'
     'def broken():\n'
     '    for slot in range(1, 41):\n'
@@ -80,8 +83,9 @@ CELLS = [
     'w.cancel(stopped)\n'
     'done.wait(10), bad.wait(10), stopped.wait(10)\n'
     'print("tasks started")',
-    # 7: a foreground task with its live row in its cell
-    '%function_execute scan 50 0.1',
+    # 7: a foreground task with its live row in its cell (held at its middle point while
+    # the test looks at the running row: see _foreground)
+    '%function_execute scan 50 0.02',
     # 8: a foreground task cancelled from its row (dark theme run re-uses cell 7)
     '%function_execute scan 100000',
 ]
@@ -399,7 +403,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     _check_row_geometry(running)
 
     # -- a foreground task: its live row in its own cell ----------------------------------------
-    report = _foreground(page, 7, "light")
+    report = _foreground(page, lab, 7, "light")
     _run_cell(page, 8)
     cell8 = _cell(page, 8)
     row8 = cell8.locator(".qm-row")
@@ -428,7 +432,7 @@ def _scenario(page, lab: Lab) -> list[str]:
                   "{theme: 'JupyterLab Dark'})")
     expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false", timeout=15_000)
     expect(page.locator("body")).to_have_attribute("data-jp-theme-name", "JupyterLab Dark")
-    report += _foreground(page, 7, "dark")
+    report += _foreground(page, lab, 7, "dark")
     report += _check_legible(page, "dark")
     report += [_check_styled(panel, "dark"), _check_styled(_cell(page, 7), "dark")]
     _check_not_cut(panel)
@@ -439,11 +443,14 @@ def _scenario(page, lab: Lab) -> list[str]:
     return report
 
 
-def _foreground(page, index: int, theme: str) -> list[str]:
+def _foreground(page, lab: Lab, index: int, theme: str) -> list[str]:
     """Run the foreground cell: a live row in it while it runs, its final state, no second
-    widget from the returned Task."""
+    widget from the returned Task.  The scan holds at its middle point until the running row
+    was checked (a file "pause" in the notebook's folder: see ``scan``)."""
     from playwright.sync_api import expect
 
+    pause = lab.root / "pause"
+    pause.touch()
     _run_cell(page, index)
     cell = _cell(page, index)
     row = cell.locator(".qm-row")
@@ -454,12 +461,13 @@ def _foreground(page, index: int, theme: str) -> list[str]:
     expect(cell.locator(".jp-InputPrompt")).to_have_text("[*]:")
     _check_row_geometry(row)
     _shot(cell, f"{theme}-0-foreground-running.png")
+    pause.unlink()
     _wait_done(page, index)
     expect(row).to_have_attribute("data-status", "completed")
     expect(row.locator(".qm-pt")).to_have_text("50/50 · point 50 of 50")
     expect(row.locator(".qm-el")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
     expect(cell.locator(".qm-row")).to_have_count(1)  # the returned Task: text only
     expect(cell.locator(".jp-OutputArea-output").last).to_have_text(
-        "scan(50, 0.1)  qmagic user  foreground  completed  50/50 point 50 of 50")
+        "scan(50, 0.02)  qmagic user  foreground  completed  50/50 point 50 of 50")
     _shot(cell, f"{theme}-0-foreground-completed.png")
     return [f"{theme} foreground row ok"]
