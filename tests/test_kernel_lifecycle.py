@@ -186,11 +186,13 @@ def ident(x):
     return x
 '''
 
-CYCLES = 50
+#: (A leak of a file, mapping or thread per cycle, or per control-channel cycle, shows in
+#: any number of cycles; twenty repeat each kind of cycle, every-fifth ones four times.)
+CYCLES = 20
 
 
 def test_unload_load_cycles_leave_nothing_behind(tmp_path):
-    """50 cycles of %load_ext, tasks (foreground, background, a script; every fifth cycle the
+    """20 cycles of %load_ext, tasks (foreground, background, a script; every fifth cycle the
     control channel), %unload_ext: file descriptors, qmagic mappings and threads come back to
     where they were."""
     k = KernelSession(tmp_path / "kernel").start()
