@@ -59,7 +59,7 @@ from .server import HANDSHAKE_MS, is_loopback, server_secret_key
 from .socket_thread import SocketThread, close_socket
 
 __all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "CONSOLE_CHUNK_CHARS", "DEFAULT_INFO_ADDRESS",
-           "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
+           "STATUS_PERIOD_S", "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
 
 log = logging.getLogger("qmagic")
 
@@ -73,7 +73,9 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: Longest text of one write sent whole (characters); a longer one is cut to its tail, so
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
-_STATUS_PERIOD_S = 1.0
+#: Seconds between statuses sent unchanged (a subscriber that joined receives one within
+#: this; read when an info socket is made).
+STATUS_PERIOD_S = 1.0
 #: How often the status is compared with the last one sent, and sent when it changed (a
 #: status reply takes some 20 microseconds); queueserver publishes on every change
 _STATUS_CHECK_S = 0.1
@@ -134,7 +136,7 @@ class InfoPublisher(SocketThread):
 
     def __init__(self, worker: Any, address: str, status: Callable[[], dict], *,
                  all_output: bool = False, secret_key: str | None = None, client_keys: Any = None,
-                 encrypted: bool = True, status_period: float = _STATUS_PERIOD_S,
+                 encrypted: bool = True, status_period: float | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         super().__init__(address, DEFAULT_INFO_ADDRESS, "zmq_info_address",
                          secret_key=server_secret_key(secret_key) if encrypted else None,
@@ -144,7 +146,7 @@ class InfoPublisher(SocketThread):
         self.encrypted = encrypted
         self.worker = worker
         self.all_output = all_output
-        self.status_period = status_period
+        self.status_period = STATUS_PERIOD_S if status_period is None else status_period
         self._status = status
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # wake-ups (None: stop)
         self._subscription: Any = None
