@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from qmagic.protocol import status_reply
-from qmagic.remote import connections
+from qmagic.remote import connections, info
 from qmagic.remote.service import RemoteService
 
 from child_process import end_child
@@ -31,8 +31,10 @@ SILENCE_MS = 300  # how long a refused subscriber is watched for a message that 
 @pytest.fixture(autouse=True)
 def patience(monkeypatch):
     """A connection at the limit waits less for the count to fall before it is refused (2 s
-    in use): the refusals here come sooner."""
+    in use): the refusals here come sooner.  The status goes out every 0.25 s, not every
+    second: a subscriber is known to be in once it arrives."""
     monkeypatch.setattr(connections, "PATIENCE_S", 0.5)
+    monkeypatch.setattr(info, "STATUS_PERIOD_S", 0.25)
 
 
 class Subscribers:
