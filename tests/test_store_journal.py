@@ -70,6 +70,17 @@ def journal(tmp_path):
         yield j
 
 
+@pytest.fixture
+def journal_looking_often(tmp_path, monkeypatch):
+    """A log that looks for dead kernels every 0.2 s (3 s in use; the test of that period
+    uses ``journal``): for tests that wait for the look, not about how often it comes."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "RECOVERY_EVERY_S", 0.2)
+    with Journal(tmp_path, ENV) as j:
+        yield j
+
+
 def child(state_dir: Path, body: str, env: dict | None = None) -> subprocess.Popen:
     """A Python process running ``body`` with ``j`` = Journal(state_dir, ENV)."""
     code = (f"import sys, time, os, uuid\nsys.path.insert(0, {str(REPO)!r})\n"
@@ -626,11 +637,12 @@ def test_a_kernel_that_died_shows_in_the_kernels_still_running_within_seconds(tm
              == [(2,)], journal, timeout=20)
 
 
-def test_a_dead_kernels_tasks_are_found_while_another_process_holds_the_database(tmp_path, journal):
+def test_a_dead_kernels_tasks_are_found_while_another_process_holds_the_database(tmp_path, journal_looking_often):
     """While another process held the database's write lock, no process could store what a
     killed kernel left in its spool: its tasks read "not found" in the other kernels (the
     README promises every uid is found after a SIGKILL).  A lookup that misses the database
     now reads the spools other sessions left: the task as recovery will store it (pending)."""
+    journal = journal_looking_often
     run_task(journal, "before")
     assert journal.flush()
     holder = sqlite3.connect(database_path(tmp_path, ENV), isolation_level=None)
