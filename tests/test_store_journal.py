@@ -65,6 +65,25 @@ def short_close(monkeypatch):
 
 
 @pytest.fixture
+def short_busy(monkeypatch):
+    """A log's writer waits 0.3 s for another process's lock before it is a fault (2 s in
+    use): for tests of what a fault does, not of how long a lock is waited for."""
+    from qmagic.store import database
+
+    monkeypatch.setattr(database, "_WRITER_BUSY_MS", 300)
+
+
+@pytest.fixture
+def retention_at_once(monkeypatch):
+    """Retention passes one after another from the log's open on (the first 1 s after it,
+    then every 10 s, in use): for tests of what a pass deletes, not of when it comes."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "RETENTION_FIRST_S", 0.0)
+    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
+
+
+@pytest.fixture
 def journal(tmp_path):
     with Journal(tmp_path, ENV) as j:
         yield j
@@ -903,7 +922,7 @@ c.execute("COMMIT")
 """
 
 
-def test_database_locked_by_another_process(tmp_path, caplog):
+def test_database_locked_by_another_process(tmp_path, caplog, short_busy):
     caplog.set_level(logging.INFO, logger=LOG)
     with Journal(tmp_path, ENV) as j:
         log_tasks(j, "before", 300)
@@ -916,7 +935,7 @@ def test_database_locked_by_another_process(tmp_path, caplog):
             log_tasks(j, "during", 2000)
             assert not j.flush(0.5)  # the writer cannot commit ...
             deadline = time.monotonic() + 30
-            while j.health()["ok"] and time.monotonic() < deadline:  # (it waits 2 s for the lock)
+            while j.health()["ok"] and time.monotonic() < deadline:  # (it waits 0.3 s for the lock)
                 j.flush(0.1)
             health = j.health()
             assert not health["ok"] and health["pending"] >= 4000 and health["dropped"] == 0
@@ -1406,10 +1425,9 @@ def wait_for(predicate, journal: Journal, timeout: float = 30.0) -> None:
         journal.flush(0.2)
 
 
-def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monkeypatch):
+def test_retention_by_age_and_size_never_deletes_unfinished_tasks(tmp_path, monkeypatch, retention_at_once):
     from qmagic.store import writer as writer_module
 
-    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
     monkeypatch.setattr(writer_module, "RETENTION_BATCH", 100)  # (several small transactions)
     old = time.time() - 7200
     with Journal(tmp_path, ENV, max_age_s=3600) as j:
@@ -1513,7 +1531,7 @@ def test_a_relative_state_folder_stays_where_the_log_was_opened(tmp_path, monkey
     assert "deleted" not in caplog.text
 
 
-def test_the_history_of_a_long_backlog_makes_only_the_records_it_shows(tmp_path, monkeypatch):
+def test_the_history_of_a_long_backlog_makes_only_the_records_it_shows(tmp_path, monkeypatch, short_busy):
     """With 100,000 records waiting in a fault, records(limit=50) (%tasks --history,
     qmagic.history()) took 0.9-1.6 s (/tmp/log24/records_bench.py): each call folded every
     waiting line again and made the record of every waiting task.  Now the fold is kept and
@@ -1608,7 +1626,7 @@ def test_retention_runs_while_a_long_backlog_is_stored(tmp_path, monkeypatch):
         j.close()
 
 
-def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
+def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch, retention_at_once):
     """A system clock set a month ahead for a few seconds made age retention delete the
     whole log (found by a hostile test).  A wall clock that runs ahead of the elapsed time
     lengthens the age limit by as much (one warning): nothing is deleted early, and age
@@ -1617,7 +1635,6 @@ def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
     from qmagic.store import writer as writer_module
     from qmagic.store.records import JournalWarning
 
-    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
     now = time.time()
     with Journal(tmp_path, ENV, max_age_s=3600) as j:
         wall, elapsed = j._writer._clock_start
@@ -1638,7 +1655,7 @@ def test_a_clock_that_jumped_deletes_nothing_by_age(tmp_path, monkeypatch):
         wait_for(lambda: len(j.records()) == 0, j)
 
 
-def test_retention_reads_the_wall_clock_once_per_pass(tmp_path, monkeypatch):
+def test_retention_reads_the_wall_clock_once_per_pass(tmp_path, monkeypatch, retention_at_once):
     """The age limit (lengthened by how far the wall clock ran ahead) and the deletion's
     cutoff came from two readings of the clock: a jump between them deleted records early,
     a task 10 days old with a limit of 30 (found by a hostile test).  Here every reading
@@ -1656,7 +1673,6 @@ def test_retention_reads_the_wall_clock_once_per_pass(tmp_path, monkeypatch):
         def time():
             return time.time() + 25 * 86400 * next(jumps)
 
-    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
     passes = []
     real_retention = writer_module.retention
 
@@ -1681,12 +1697,11 @@ def test_retention_reads_the_wall_clock_once_per_pass(tmp_path, monkeypatch):
             assert len(j.records()) == 20
 
 
-def test_a_log_just_over_its_size_loses_only_about_the_excess(tmp_path, monkeypatch):
+def test_a_log_just_over_its_size_loses_only_about_the_excess(tmp_path, monkeypatch, retention_at_once):
     """Size retention deleted up to a whole batch (500 tasks) whatever the excess: a log
     10 % over its size lost all of its 400 tasks (found by a hostile test)."""
     from qmagic.store import writer as writer_module
 
-    monkeypatch.setattr(writer_module, "RETENTION_EVERY_S", 0.0)
     old, big = time.time() - 600, "z" * 20_000
     with Journal(tmp_path, ENV) as j:
         for i in range(400):

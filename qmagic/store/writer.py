@@ -62,6 +62,7 @@ MAX_DELAY_S = 2.0  # ... or this long after the first uncommitted event
 IDLE_POLL_S = 0.25  # how often an idle writer looks at the spool
 BATCH_BYTES = 2 << 20  # spool bytes per transaction at most (short write locks for other kernels)
 RETENTION_EVERY_S = 10.0
+RETENTION_FIRST_S = 1.0  # the first retention pass this long after the log opens (opening stays quick)
 COMMIT_SLICE_S = 0.5  # commits at most this long in a row, then the periodic work
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 3.0  # a kernel that died: its tasks read failed in the others within seconds
@@ -170,7 +171,7 @@ class Writer:
         self._last_change = 0.0  # when the spool last grew (monotonic)
         self._committed_pos: Any = None
         self._behind = False  # the last step's commits stopped at COMMIT_SLICE_S with more to do
-        self._next_retention = time.monotonic() + 1.0
+        self._next_retention = time.monotonic() + RETENTION_FIRST_S
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
         self._next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
         self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
