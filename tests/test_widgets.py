@@ -1349,7 +1349,9 @@ def test_without_subshell_routing_a_click_waits_for_the_cell(kernel_factory):
         check=True,
     )
     model_id = r.stdout.strip()
-    blocking = k.execute_async("ok = t.wait(2.0); print('waited', t.status)")
+    # (with the routing on, the click is handled 0-6 ms after the cell starts: half a second
+    # of the cell is long enough to show it waits)
+    blocking = k.execute_async("ok = t.wait(0.5); print('waited', t.status)")
     _click(k, model_id)
     result = k.wait(blocking, timeout=15).check()
     assert result.stdout.strip() == "waited running"  # the click could not run meanwhile
