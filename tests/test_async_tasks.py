@@ -617,16 +617,18 @@ def test_with_a_run_engine_coroutine_tasks_run_on_bluesky_loop(run_engine, make_
     assert w.submit("where").result(TIMEOUT) == (True, "bluesky-run-engine")
 
 
-def test_a_coroutine_task_whose_loop_was_stopped_under_it_ends_failed(run_engine, make_worker):
+def test_a_coroutine_task_whose_loop_was_stopped_under_it_ends_failed(run_engine, make_worker, monkeypatch):
     """bluesky's event loop stopped (not closed) while a coroutine task ran on it: nothing
     would ever run the task again, and it stayed ``running`` for good (in %tasks, the panel,
     the remote status; a foreground one held its cell).  It now ends failed with one line;
     should the loop run again, its coroutine is cancelled there (its ``finally`` runs)."""
     from bluesky import run_engine as bre
 
+    from qmagic.core import awaiting
     from qmagic.core.awaiting import MSG_LOOP_STOPPED
     from qmagic.core.engine import MSG_CLOSE_IN_TASK
 
+    monkeypatch.setattr(awaiting, "LOOP_CHECK_S", 0.1)  # (found stopped at two looks: 1-2 s in use)
     started, cleaned = threading.Event(), threading.Event()
 
     closing: list = []
