@@ -31,6 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
+def short_busy(monkeypatch):
+    """A log's writer waits 0.3 s for another process's lock before it is a fault (2 s in
+    use): for tests of what a fault shows or spares, not of how long a lock is waited for."""
+    from qmagic.store import database
+
+    monkeypatch.setattr(database, "_WRITER_BUSY_MS", 300)
+
+
+@pytest.fixture
 def journaled(make_worker):
     """Workers with the log on, all on one state folder (like restarts of one kernel)."""
     return lambda namespace=None, **settings: make_worker(namespace, journal_enabled=True, **settings)
@@ -643,7 +652,7 @@ def test_a_task_running_while_the_log_moves_is_recorded_in_its_own_log_only(jour
         w.close()
 
 
-def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tmp_path):
+def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tmp_path, short_busy):
     """A log switched off while its tasks ran, whose records could not be written, said so
     only in a warning: log_health() raised "the log is off" and log_note() (the %tasks and
     %control_channel line) said nothing, records waiting.  Now they count until it closes.
@@ -679,7 +688,7 @@ def test_a_draining_logs_faults_show_in_the_health_until_it_closes(journaled, tm
     assert w.log_note() is None
 
 
-def test_a_log_setting_changed_during_a_fault_of_the_log_does_not_wait_for_it(journaled, tmp_path):
+def test_a_log_setting_changed_during_a_fault_of_the_log_does_not_wait_for_it(journaled, tmp_path, short_busy):
     """A log setting changed while the log could not write (here another program holds the
     database) held the cell up to 5 s: the old log first stored what it held, which it
     could not.  Now the cell does not wait for a log in a fault; the old log, draining,
