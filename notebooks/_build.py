@@ -140,7 +140,8 @@ GETTING_STARTED = [
     Without options it runs in the **foreground**: here, in this cell, exactly like calling
     `measure("silicon")` would — its output appears below, and ■ (interrupt) stops it. The
     arguments are Python expressions (strings need quotes); options such as `-b` go before
-    the function's name.
+    the function's name. The call may also be written as in Python, alone after the options:
+    `%function_execute measure("silicon")`.
 
     While the task runs, the cell shows its **live row**: status, progress, elapsed time and
     a *Cancel* button. The cell's value is the **task**; its line reads: the call, who
