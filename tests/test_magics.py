@@ -285,6 +285,18 @@ def test_the_call_may_be_written_as_in_python(qm, ip):
         line(ip, "function_execute", "nowhere(1)")
 
 
+def test_the_call_form_reads_every_argument_python_reads(qm, ip):
+    """An argument that needs the call's brackets, ``echo(y := 3)``, was evaluated from its
+    text alone (``y := 3``: a SyntaxError, a usage error); a call nested past Python's parser
+    (a long sum) raised RecursionError through qmagic's frames, and the kernel rendered its
+    400-kB line for minutes.  Now the first runs as in Python, the second is one line."""
+    task = line(ip, "function_execute", "echo(y := 3, (z := 4), k=(q := 5))")
+    assert task.result() == ((3, 4), {"k": 5}) and (ip.user_ns["y"], ip.user_ns["z"], ip.user_ns["q"]) == (3, 4, 5)
+    with pytest.raises(UsageError, match="^Cannot read the call echo.*: it is too long or too deeply nested"):
+        line(ip, "function_execute", "echo(" + "+".join(["1"] * 20_000) + ")")
+    assert qm.last_task is task
+
+
 def test_options_are_parsed(qm, ip):
     task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' --group primary echo 1")
     assert task.background and task.done()

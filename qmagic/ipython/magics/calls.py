@@ -46,17 +46,20 @@ def function_call(shell: Any, word: str, words: list[str]) -> tuple[str, list[An
         call = ast.parse(word, mode="eval").body
     except SyntaxError as exc:
         raise UsageError(f"Cannot read the call {printable(word, 100)}: {exc.msg}.") from None
+    except (ValueError, RecursionError, MemoryError):  # (a NUL character; nested past the parser's depth)
+        raise UsageError(f"Cannot read the call {printable(word, 60)}: it is too long or too deeply nested; "
+                         "put its arguments in variables first.") from None
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == name):
         return word, [], {}  # (not one call: the name check says what to write)
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for node in call.args:
         if isinstance(node, ast.Starred):
-            args.extend(_unpacked(_eval(shell, _source(word, node.value), name), word, node, list))
+            args.extend(_unpacked(_eval_node(shell, word, node.value, name), word, node, list))
         else:
-            args.append(_eval(shell, _source(word, node), name))
+            args.append(_eval_node(shell, word, node, name))
     for node in call.keywords:
-        value = _eval(shell, _source(word, node.value), name)
+        value = _eval_node(shell, word, node.value, name)
         items = _unpacked(value, word, node, dict) if node.arg is None else {node.arg: value}
         for key, item in items.items():
             if not isinstance(key, str):
@@ -121,11 +124,19 @@ def call_arguments(shell: Any, words: list[str], name: str) -> tuple[list[Any], 
     return args, kwargs
 
 
-def _eval(shell: Any, expr: str, name: str, word: str | None = None) -> Any:
-    """``expr`` evaluated in the namespace (``word``: the argument as written, if longer)."""
+def _eval_node(shell: Any, word: str, node: ast.expr, name: str) -> Any:
+    """The argument ``node`` of the call ``word`` evaluated in the namespace (compiled from
+    the node itself: its source alone may need the call's brackets, as ``y := 3`` does)."""
+    return _eval(shell, _source(word, node), name, code=ast.Expression(node))
+
+
+def _eval(shell: Any, expr: str, name: str, word: str | None = None, code: ast.Expression | None = None) -> Any:
+    """``expr`` evaluated in the namespace (``word``: the argument as written, if longer;
+    ``code``: its parsed form, if read already)."""
     word = expr if word is None else word
     try:
-        return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
+        source: Any = expr if code is None else compile(code, "<string>", "eval")
+        return eval(source, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the magic's purpose
     except KeyboardInterrupt:
         raise one_line(KeyboardInterrupt(f"stopped evaluating the argument {printable(word, 100)} of "
                                          f"{name}; no task was started.")) from None
