@@ -13,6 +13,7 @@ life: inside its code, in its bookkeeping, in the cell's aftermath, between task
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -900,3 +901,33 @@ def test_a_press_after_a_magic_names_its_own_task_not_one_its_code_started(_shel
     finally:
         unload_ipython_extension(_shell)
         _shell.extension_manager.loaded.discard("qmagic")
+
+
+def test_a_press_passed_on_by_qmagics_handlers_shows_the_users_frames_only(_shell, sigint_as_in_a_cell, capsys):
+    """A magic stopped by ■ leaves its hold (StopHold) installed to the end of the cell, as
+    an interrupted foreground task leaves its storm absorber; a later ■ in the same cell
+    (one that caught the stop and went on) is passed to the handler they replaced, and its
+    KeyboardInterrupt showed qmagic's handlers (runner.py: held_sigint, absorb) after the
+    user's line.  Now it shows the user's frames only."""
+    from qmagic.ipython.magics import common
+    from qmagic.ipython.runner import COALESCE_S, StopHold, _storm_absorber
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    wrapped = common.interrupts_in_one_line(stopped)
+    cell = "import signal\ndef users_code():\n    signal.raise_signal(signal.SIGINT)\nusers_code()\n"
+    for install in ("hold", "absorber", "absorber under the hold"):
+        if "absorber" in install:
+            signal.signal(signal.SIGINT, _storm_absorber([0.0], signal.default_int_handler))
+        if "hold" in install:
+            with pytest.raises(KeyboardInterrupt):
+                wrapped(None)
+            StopHold.last -= COALESCE_S
+        capsys.readouterr()
+        _shell.run_cell(cell)
+        shown = capsys.readouterr()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", shown.out + shown.err)
+        assert "KeyboardInterrupt" in text and "users_code()" in text, (install, text)
+        assert "qmagic" not in text and "held_sigint" not in text and "absorb" not in text, (install, text)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

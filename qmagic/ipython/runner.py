@@ -29,10 +29,12 @@ from __future__ import annotations
 import _thread
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
 import time
+import traceback
 from typing import Any, Callable, ContextManager, Iterator
 
 from ..core.foreground import NO_GUARD, breaks_a_lock, interrupts_held
@@ -292,7 +294,7 @@ def held_sigint(signum: int, frame: Any) -> None:
     previous = StopHold.previous
     StopHold.release()
     if callable(previous):
-        previous(signum, frame)
+        _pass_on(previous, signum, frame)
     elif previous is None or previous is StopHold._NONE:  # (a handler not Python's: as Python's own)
         raise KeyboardInterrupt
     else:  # SIG_IGN, SIG_DFL: as they would have
@@ -331,6 +333,34 @@ def _storm_absorber(last: list[float], previous: Any) -> Callable[[int, Any], No
         if _in_storm(last):
             return
         signal.signal(signal.SIGINT, previous)
-        previous(signum, frame)
+        _pass_on(previous, signum, frame)
 
     return absorb
+
+
+def _pass_on(handler: Callable[[int, Any], Any], signum: int, frame: Any) -> None:
+    """``handler``, the one a qmagic handler replaced, takes the SIGINT: the KeyboardInterrupt
+    it raises stops the user's code, shown with the user's frames only (it passed through
+    qmagic's handler, whose frames IPython would show after the user's line)."""
+    try:
+        handler(signum, frame)
+    except KeyboardInterrupt as exc:
+        if not hasattr(exc, "_render_traceback_"):
+            try:
+                exc._render_traceback_ = functools.partial(_users_frames, exc)  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):  # (no __dict__: shown as it is)
+                pass
+        raise
+
+
+def _users_frames(exc: BaseException) -> list[str]:
+    """The traceback of ``exc`` as IPython shows it, without qmagic's frames."""
+    from IPython import get_ipython
+
+    from ..tracebacks import user_traceback
+
+    formatter = getattr(get_ipython(), "InteractiveTB", None)
+    tb = user_traceback(exc)
+    if formatter is None:
+        return traceback.format_exception(type(exc), exc, tb)
+    return formatter.structured_traceback(type(exc), exc, tb)
