@@ -283,6 +283,12 @@ def test_the_call_may_be_written_as_in_python(qm, ip):
     assert qm.last_task is task  # (none of them started a task)
     with pytest.raises(NameError, match="Function 'nowhere' is not found"):
         line(ip, "function_execute", "nowhere(1)")
+    # as in Python, a name not defined has no argument evaluated (side() ran, then "not found")
+    ip.user_ns.update(calls=[], side=lambda: ip.user_ns["calls"].append(1))
+    for call in ("nowhere(side())", "nowhere side()", "-b --wait nowhere(side(), k=side())"):
+        with pytest.raises(NameError, match="Function 'nowhere' is not found"):
+            line(ip, "function_execute", call)
+    assert ip.user_ns["calls"] == []
 
 
 def test_the_call_form_reads_every_argument_python_reads(qm, ip):

@@ -262,7 +262,8 @@ class StopHold:
     call the magic's handling makes: CPython takes a signal only at a call, a function's
     start or a jump back, so none comes between the first ■ and the hold.  It stays
     installed afterwards, and puts the handler it replaced back at the next SIGINT after the
-    storm (which that handler then takes) or at the next magic: putting it back before the
+    storm (which that handler then takes) or at the next magic, whichever comes first
+    (ipykernel also puts its own back when the cell ends): putting it back before the
     ``raise`` would let a ■ taken right after it land in qmagic's frame."""
 
     active = False  # a magic is making its line

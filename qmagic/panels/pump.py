@@ -212,6 +212,7 @@ class Pump:
                             or view._qm_closed):
                         continue
                     view._qm_resting = True
+                    view._qm_data_waiting = None  # (woken later, it has not waited meanwhile)
                 self._views = tuple(v for v in self._views if v is not view)
                 self._resting[id(view)] = view
                 follows = view._qm_follows

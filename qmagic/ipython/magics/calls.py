@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -32,10 +32,14 @@ def called_name(word: str) -> str:
     return head if paren and word.endswith(")") and head.isidentifier() else word
 
 
-def function_call(shell: Any, word: str, words: list[str]) -> tuple[str, list[Any], dict[str, Any]]:
+def function_call(shell: Any, word: str, words: list[str],
+                  defined: Callable[[str], bool] = lambda name: True) -> tuple[str, list[Any], dict[str, Any]]:
     """``(name, args, kwargs)`` of the NAME word and the ARG words after it: ``scan 1 2
-    step=0.1`` and ``scan(1, 2, step=0.1)`` alike."""
+    step=0.1`` and ``scan(1, 2, step=0.1)`` alike.  As in Python, a name that is not
+    ``defined`` has no arguments evaluated (the task then fails, saying so)."""
     name = called_name(word)
+    if not defined(name):
+        return name, [], {}
     if name == word:
         return name, *call_arguments(shell, words, name)
     if words:

@@ -113,7 +113,7 @@ class TaskMagics(Magics):
         opts = parse_line(self.function_execute, prefix)
         if opts.wait and not opts.background:
             raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
-        name, args, kwargs = function_call(self.shell, name, words)
+        name, args, kwargs = function_call(self.shell, name, words, lambda word: word in namespace)
         try:
             task = self.worker.submit(
                 name, args, kwargs, background=opts.background, user=unquote(opts.user),
