@@ -53,6 +53,9 @@ DATA_RATE_S = 1.0
 #: A view that waited this long for the data budget borrows (a busy panel beside others
 #: whose final states keep the budget in debt is never starved).
 DATA_WAIT_S = 1.0
+#: The deepest debt kept, in seconds of the budget: what a flush (which never waits) or a
+#: very large message sends beyond it is not paid back.
+DATA_DEBT_MAX_S = 3.0
 
 _tally = threading.local()
 
@@ -73,7 +76,8 @@ class DataBudget:
     by the pump's thread.  An application is charged what it sent when it ends, so it may
     leave the bucket in debt; the next one waits until the debt is paid, except one that
     *borrows* (:meth:`PanelView._qm_borrows`): it goes while the debt is below
-    :data:`DATA_BORROW_S`.  A debt is paid, never forgiven: over any time the views send the
+    :data:`DATA_BORROW_S`.  A debt is paid, never forgiven (down to :data:`DATA_DEBT_MAX_S`,
+    which only a flush or a very large message reaches): over any time the views send the
     budget and at most that debt and a burst more."""
 
     def __init__(self, rate: float | None = None) -> None:
@@ -93,7 +97,7 @@ class DataBudget:
 
     def charge(self, size: int, now: float) -> None:
         """Take ``size`` bytes sent (a flush goes whatever the debt: a few seconds' at most)."""
-        self.tokens = max(self.level(now) - size, -3.0 * self.rate)
+        self.tokens = max(self.level(now) - size, -DATA_DEBT_MAX_S * self.rate)
         self.time = now
 
 

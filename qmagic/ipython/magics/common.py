@@ -69,7 +69,8 @@ def interrupts_in_one_line(method: Callable[..., Any]) -> Callable[..., Any]:
             before = engine.submitted_here() if engine is not None else None
             return method(self, *args, **kwargs)
         except KeyboardInterrupt as exc:
-            # (no signal is taken from the ■ to the end of the hold's install: see StopHold)
+            # (no signal is taken from the ■ to the end of the hold's install: see StopHold; the
+            # install stays inline: a Python function's start is where a pending signal is taken)
             StopHold.active = True
             try:
                 previous = signal.signal(signal.SIGINT, held_sigint)
