@@ -294,7 +294,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         try:  # (not through _start: one keyword repacking less per task)
             task = self.engine.submit(
                 call, name=name, args=args, kwargs=kwargs, user=user, user_group=user_group,
-                background=bool(background), origin=origin, timeout=timeout,
+                background=background, origin=origin, timeout=timeout,
                 provenance=self.provenance_source(), coroutine=coroutine,
                 payload_bytes=payload_bytes,
             )
@@ -340,7 +340,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         call = functools.partial(self.scripts.run, script, name=name, keep=keep, done=done)
         return self._start(
             call, name=name, kind="script", user=user, user_group=user_group,
-            background=bool(background), origin=origin, provenance=self.provenance_source(),
+            background=background, origin=origin, provenance=self.provenance_source(),
             payload_bytes=payload_bytes,
         )
 
@@ -354,7 +354,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         user, group = self._who(None, None, origin, defaults=True)
         return self._start(self._refresh_catalog,
                            name="environment_update", kind="script", user=user,
-                           user_group=group, background=bool(background), origin=origin)
+                           user_group=group, background=background, origin=origin)
 
     def _refresh_catalog(self) -> None:  # (environment_update's task: its result is None)
         self.catalog.refresh(force=True)

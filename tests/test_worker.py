@@ -224,6 +224,25 @@ def test_a_lone_value_for_args_is_refused_in_one_line(make_worker):
         assert len(info.value._render_traceback_()) == 1 and f"Unknown task status {shown}:" in str(info.value)
 
 
+def test_a_text_for_background_is_refused_in_one_line(make_worker):
+    """``w.submit("scan", background="no")`` ran scan in the background: every text but ""
+    reads as true.  A text is refused in one line by every kind of task the Python API
+    starts, and starts nothing; what Python reads as true or false is taken as before."""
+    w = make_worker({"scan": lambda: "done"})
+    starts = (lambda b: w.submit("scan", background=b), lambda b: w.run_script("x = 1", background=b),
+              lambda b: w.update_environment(background=b))
+    for start in starts:
+        for text in ("no", "False", "", b"yes"):
+            with pytest.raises(TypeError) as info:
+                start(text)
+            assert info.value._render_traceback_() == [
+                f"TypeError: background must be True or False, not the text {text!r}."]
+    assert w.tasks() == [] and "x" not in w.namespace
+    for value, background in ((1, True), (0, False), (None, False)):
+        task = w.submit("scan", background=value)
+        assert task.result(TIMEOUT) == "done" and task.background is background
+
+
 def test_polling_a_task_with_a_timeout_leaves_no_callback_behind(make_worker):
     """``await asyncio.wait_for(task, t)`` in a loop (a dashboard polling a long scan): each
     abandoned wait takes its done callback back, the task is never stopped."""

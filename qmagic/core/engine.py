@@ -41,7 +41,7 @@ from .loops import EventLoops
 from .pool import ThreadPool
 from .registry import MIN_UID_PREFIX, TaskRegistry, new_uid
 from .status import TaskStatus
-from .task import CancelHook, Task, call_texts, seconds
+from .task import CancelHook, Task, call_texts, seconds, switch
 from .timers import Timers
 
 __all__ = [
@@ -189,6 +189,7 @@ class Engine(TaskRegistry):
         Refusals raise :class:`qmagic.RequestRefused` and leave no trace.  A foreground task
         started on the owner thread has finished when this returns.
         """
+        background = switch(background, "background")  # (before anything is reserved)
         task = Task(
             new_uid(), name, args=args, kwargs=kwargs, user=user, user_group=user_group,
             background=background, origin=origin, kind="coroutine" if coroutine else kind,

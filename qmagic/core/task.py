@@ -349,6 +349,16 @@ def seconds(timeout: Any, none: bool = True) -> float | None:
     return float(timeout)
 
 
+def switch(value: Any, name: str) -> bool:
+    """``value`` as True or False, as Python reads it (``1``, ``0``, None, a numpy bool);
+    a text is one line saying what to give: every text but ``""`` reads as true, so
+    ``background="no"`` would do the opposite of what it says (the remote door refuses the
+    texts that say false, for queueserver's clients; Python code has True and False)."""
+    if isinstance(value, (str, bytes)):
+        raise one_line(TypeError(f"{name} must be True or False, not the text {safe_repr(value, 40)}."))
+    return bool(value)
+
+
 def _deadline(timeout: Any) -> float | None:
     """The monotonic time a wait of ``timeout`` seconds ends (None: no end; an infinite
     timeout too)."""
