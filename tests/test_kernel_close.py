@@ -20,6 +20,9 @@ from qmagic.worker_state import MSG_WORKER_CLOSED
 
 pytestmark = pytest.mark.timeout(120)
 
+#: qmagic's session in the kernel (its remote door)
+SESSION = "__import__('qmagic.ipython.extension', fromlist=['get_session']).get_session(get_ipython())"
+
 
 
 @pytest.fixture
@@ -103,4 +106,51 @@ def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path):
             assert k.eval("w.closed") is False
             assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
     finally:
+        k.shutdown()
+
+
+def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
+    """A shutdown request (JupyterLab's shut down or restart) cancels the running tasks and
+    records them so; a remote operator watching the info socket (qserver-console-monitor,
+    the HTTP gateway) sees the scan cancelled, with the reason.  The exit stops the info
+    socket after the tasks' close, and it sends what waits before it goes, within its
+    linger: before, it was never stopped at the exit, and the final states reached a
+    subscriber only if 0MQ happened to write them before the process ended (behind a
+    backlog they never did: test_remote_info's stop test shows that part)."""
+    import json
+
+    import zmq
+
+    from qmagic.ipython.extension import MSG_SHUT_DOWN
+
+    k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+    sub.connect(k.eval(f"{SESSION}.remote.info.address"))
+    try:
+        assert sub.poll(30_000), "no status from the info socket"  # (one a second)
+        k.execute("import time\n"
+                  "def scan():\n"
+                  "    while True:\n"
+                  "        time.sleep(0.01)\n"
+                  "t = %function_execute -b scan\n"
+                  "wait_until(lambda: t.running())", check=True)
+        uid = k.eval("t.uid")
+        kernel = k.km.provisioner.process
+        k.kc.stop_channels()
+        k.kc = None
+        k.km.shutdown_kernel(now=False)  # the kernel exits on its own
+        final = None
+        while final is None:
+            assert sub.poll(30_000), "the cancelled task's final state never arrived"
+            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
+            if task.get("task_uid") == uid and task.get("status") not in (None, "queued", "running"):
+                final = task
+        assert (final["status"], final.get("error")) == ("cancelled", MSG_SHUT_DOWN), final
+        assert kernel.wait(30) == 0
+    finally:
+        sub.close(0)
+        ctx.term()
         k.shutdown()

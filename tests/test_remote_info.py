@@ -23,7 +23,7 @@ from qmagic.remote.info import InfoPublisher
 from qmagic.remote.pub_socket import MAX_TOPICS
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
-from polling import until_free
+from polling import eventually, until_free
 
 
 @contextlib.contextmanager
@@ -445,6 +445,63 @@ def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
             assert len(lines) == 30_001, f"{30_001 - len(lines)} lines lost"
             assert lines == [f"line {i:<6} " + "." * 70 for i in range(30_000)] + ["end of burst"]
     finally:
+        pub.stop()
+
+
+def test_what_was_sent_as_the_publisher_stops_still_reaches_a_subscriber(make_worker):
+    """The socket was closed with 0MQ's linger 0: what 0MQ had not written yet when the
+    publisher stopped (the kernel exiting, qmagic unloaded) was dropped — the last lines a
+    task printed, the final states of the tasks the exit cancelled — and so was what waited
+    to be sent when the stop came as the publisher was busy.  A subscriber that reads slower
+    than the task prints (here it reads only once the stop began) now gets everything, up to
+    the last line and the task's final state."""
+    import zmq
+
+    def talk(n):  # (each line handed to 0MQ before the next: none waits in qmagic's backlog)
+        for i in range(n):
+            sent = pub.messages
+            print(f"{i:<4}" + "." * 30_000 + "\n", end="")
+            eventually(lambda: pub.messages > sent, TIMEOUT, "the line sent")
+        print("the last line")
+
+    worker = make_worker({"talk": talk})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: {}).start()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 1)  # (a subscriber that does not read holds little: what is
+    sub.setsockopt(zmq.RCVBUF, 4096)  # sent after that waits in the kernel's 0MQ queue)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(pub.address)
+    received: list[tuple[bytes, dict]] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not sub.poll(100):  # subscribed once a marker arrives
+            worker.submit(lambda: print("sync")).wait(TIMEOUT)
+            assert time.monotonic() < deadline, "never subscribed"
+        while sub.poll(300):
+            sub.recv_multipart()
+        task = worker.submit("talk", (200,))  # 6 MB: more than the system's socket buffers hold
+        assert task.result(TIMEOUT) is None
+        assert worker.engine.bus.flush(TIMEOUT)  # (its final state reached the publisher)
+        stopping = threading.Thread(target=pub.stop)
+        stopping.start()
+
+        def final(item):
+            return item[0] == b"QS_Info" and item[1]["msg"].get("task", {}).get("status") == "completed"
+
+        while not (any(final(item) for item in received)
+                   and "the last line" in "".join(m["msg"] for t, m in received if t == b"QS_Console")):
+            assert sub.poll(TIMEOUT * 1000), "the last messages were dropped at the stop"
+            topic, payload = sub.recv_multipart()
+            received.append((topic, json.loads(payload)))
+        stopping.join(TIMEOUT)
+        assert not stopping.is_alive()
+        text = "".join(m["msg"] for t, m in received if t == b"QS_Console")
+        assert text.count("." * 30_000) == 200 and text.endswith("the last line\n")
+    finally:
+        sub.close(0)
+        ctx.term()
         pub.stop()
 
 

@@ -45,7 +45,9 @@ MSG_SHUT_DOWN = "Task was cancelled: the kernel was shut down"
 #: swallowed the first), recorded cancelled at its end if still running; then the
 #: experiment log gets EXIT_LOG_S to store what is pending.  What it could not store by then
 #: (another kernel holds the database) stays in its spool, and the next kernel that opens
-#: the log stores it.  The rest (threads, locks) takes well under the remaining second.
+#: the log stores it.  Then the info socket gets up to FINAL_LINGER_S (0.5 s) to send its
+#: last messages (the cancelled tasks' final states).  The rest (threads, locks) takes well
+#: under the remaining second.
 EXIT_TASKS_S, EXIT_LOG_S = 2.0, 1.0
 
 _sessions: dict[int, Session] = {}
@@ -132,6 +134,11 @@ class Session:
             self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S)
         except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
             log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
+        try:  # (then the remote door: the info socket sends what the close told it, the
+            if self.remote is not None:  # cancelled tasks' final states, within its linger)
+                self.remote.close()
+        except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
+            log.warning("qmagic: closing the remote door as the kernel exits failed", exc_info=True)
 
     def _event(self, name: str, callback: Callable[..., Any]) -> None:
         self.shell.events.register(name, callback)

@@ -58,7 +58,7 @@ from .pub_socket import (
 from .server import HANDSHAKE_MS, is_loopback, server_secret_key
 from .socket_thread import SocketThread, close_socket
 
-__all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "CONSOLE_CHUNK_CHARS", "DEFAULT_INFO_ADDRESS",
+__all__ = ["InfoPublisher", "CONSOLE_BACKLOG_CHARS", "CONSOLE_CHUNK_CHARS", "DEFAULT_INFO_ADDRESS", "FINAL_LINGER_S",
            "STATUS_PERIOD_S", "TOPIC_CONSOLE", "TOPIC_INFO", "TASK_EVENTS_HZ"]
 
 log = logging.getLogger("qmagic")
@@ -73,6 +73,12 @@ CONSOLE_BACKLOG_CHARS = 1_000_000
 #: Longest text of one write sent whole (characters); a longer one is cut to its tail, so
 #: one huge print neither fills the backlog nor pushes out the lines before it.
 CONSOLE_CHUNK_CHARS = CONSOLE_BACKLOG_CHARS // 10
+#: Longest wait, as the info socket stops (the kernel exits, qmagic is unloaded, the
+#: address changes), for its last messages to reach the subscribers (0MQ's linger): the
+#: final states of the tasks the exit cancelled, the last lines they printed.  Before,
+#: 0MQ dropped what it had not written yet.  A subscriber that does not read costs this
+#: much at most.
+FINAL_LINGER_S = 0.5
 #: Seconds between statuses sent unchanged (a subscriber that joined receives one within
 #: this; read when an info socket is made).
 STATUS_PERIOD_S = 1.0
@@ -308,6 +314,7 @@ class InfoPublisher(SocketThread):
         topics: set[bytes] = set()
         last_status: dict | None = None
         next_status = next_check = 0.0
+        linger_ms = 0
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -336,14 +343,24 @@ class InfoPublisher(SocketThread):
                     self._publish_console(sock)
                     last_status = self._publish_status(sock, last_status, force=False)
                 self._publish_tasks(sock, time.monotonic())
+            if sock is not None:  # stopping: what waits goes out, and 0MQ gets time to send it
+                self._publish_all(sock, last_status)
+                linger_ms = int(FINAL_LINGER_S * 1000)
         except Exception:  # noqa: BLE001 - never let the thread die with a traceback
             log.exception("qmagic: the info socket stopped on an unexpected error")
         finally:
             if sock is not None:
-                close_socket(sock)
+                close_socket(sock, linger_ms)
             if auth is not None:
                 auth.stop()
-            ctx.term()
+            ctx.term()  # (waits up to the linger)
+
+    def _publish_all(self, sock: zmq.Socket, last_status: dict | None) -> None:
+        """Everything that waits (console text, task states not yet due) and the status if it
+        changed: the publisher stops."""
+        self._publish_console(sock)
+        self._publish_tasks(sock, float("inf"))
+        self._publish_status(sock, last_status, force=False)
 
     def _secured(self, sock: zmq.Socket) -> None:
         self._secure(sock)

@@ -51,16 +51,17 @@ def port_is_valid(address: str) -> bool:
     return port.isascii() and port.isdigit() and int(port) <= 65535
 
 
-def close_socket(sock: Any) -> None:
+def close_socket(sock: Any, linger_ms: int = 0) -> None:
     """Close a 0MQ socket, its monitor first (a monitor left unread would block libzmq's
-    I/O thread: :mod:`qmagic.remote.zap`)."""
+    I/O thread: :mod:`qmagic.remote.zap`).  ``linger_ms``: how long the context's end may
+    wait for messages sent but not yet delivered (0: they are dropped)."""
     import zmq
 
     try:
         sock.disable_monitor()
     except zmq.ZMQError:
         pass
-    sock.close(0)
+    sock.close(linger_ms)
 
 
 class Waker:
