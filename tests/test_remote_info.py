@@ -43,6 +43,17 @@ def _sub_socket(address: str, topic: bytes):
         ctx.term()
 
 
+def _sub_subscribed(sub, worker) -> None:
+    """A raw SUB socket's subscription is in place: markers printed by tasks until one
+    arrives, then everything received so far read."""
+    deadline = time.monotonic() + TIMEOUT
+    while not sub.poll(100):
+        worker.submit(lambda: print("sync")).wait(TIMEOUT)
+        assert time.monotonic() < deadline, "never subscribed"
+    while sub.poll(300):
+        sub.recv_multipart()
+
+
 @pytest.fixture
 def setup(make_worker):
     release = threading.Event()
@@ -429,12 +440,7 @@ def test_a_burst_of_prints_reaches_a_slow_subscriber_whole(make_worker):
     pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: {}).start()
     try:
         with _sub_socket(pub.address, b"QS_Console") as sub:
-            deadline = time.monotonic() + TIMEOUT
-            while not sub.poll(100):  # subscribed once a marker arrives
-                worker.submit(lambda: print("sync")).wait(TIMEOUT)
-                assert time.monotonic() < deadline, "never subscribed"
-            while sub.poll(300):
-                sub.recv_multipart()
+            _sub_subscribed(sub, worker)
             worker.submit("burst", (30_000,)).result(TIMEOUT * 3)  # nothing is read meanwhile
             text = []
             while not "".join(text[-2:]).endswith("end of burst\n"):
@@ -475,12 +481,7 @@ def test_what_was_sent_as_the_publisher_stops_still_reaches_a_subscriber(make_wo
     sub.connect(pub.address)
     received: list[tuple[bytes, dict]] = []
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not sub.poll(100):  # subscribed once a marker arrives
-            worker.submit(lambda: print("sync")).wait(TIMEOUT)
-            assert time.monotonic() < deadline, "never subscribed"
-        while sub.poll(300):
-            sub.recv_multipart()
+        _sub_subscribed(sub, worker)
         task = worker.submit("talk", (200,))  # 6 MB: more than the system's socket buffers hold
         assert task.result(TIMEOUT) is None
         assert worker.engine.bus.flush(TIMEOUT)  # (its final state reached the publisher)
