@@ -189,11 +189,10 @@ class Engine(TaskRegistry):
         Refusals raise :class:`qmagic.RequestRefused` and leave no trace.  A foreground task
         started on the owner thread has finished when this returns.
         """
-        background = switch(background, "background")  # (before anything is reserved)
-        task = Task(
+        task = Task(  # (background: a text is refused, before anything is reserved)
             new_uid(), name, args=args, kwargs=kwargs, user=user, user_group=user_group,
-            background=background, origin=origin, kind="coroutine" if coroutine else kind,
-            timeout=timeout, provenance=provenance, output_limit=self.output_limit,
+            background=switch(background, "background"), origin=origin, timeout=timeout,
+            kind="coroutine" if coroutine else kind, provenance=provenance, output_limit=self.output_limit,
             bus=self.bus, on_cancel=self._on_cancel,
         )
         job = Job(task, call, coroutine)
@@ -202,7 +201,7 @@ class Engine(TaskRegistry):
         try:
             if payload_bytes:  # (refused if the tasks waiting and running hold too much already)
                 self._hold_size(job, payload_bytes)
-            if background:
+            if task.background:
                 self._reserve_background(job)
             else:
                 inline = self._reserve_foreground(job)
@@ -216,7 +215,7 @@ class Engine(TaskRegistry):
             with task_guard(self.foreground, job) if inline else self.foreground.guard(_never):
                 entered = True
                 self._announce(job)
-                if background:
+                if task.background:
                     self._runner.start_background(job)
                 elif not inline:
                     self._runner.hand_over(job)
@@ -226,7 +225,7 @@ class Engine(TaskRegistry):
         except BaseException as exc:
             if not handed:
                 self._abandon(job, exc, entered)
-            elif background and isinstance(exc, KeyboardInterrupt):  # (held while it started)
+            elif task.background and isinstance(exc, KeyboardInterrupt):  # (held while it started)
                 raise one_line(KeyboardInterrupt(_started_anyway(task))) from None
             raise
         return task

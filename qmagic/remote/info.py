@@ -343,8 +343,10 @@ class InfoPublisher(SocketThread):
                     self._publish_console(sock)
                     last_status = self._publish_status(sock, last_status, force=False)
                 self._publish_tasks(sock, time.monotonic())
-            if sock is not None:  # stopping: what waits goes out, and 0MQ gets time to send it
-                self._publish_all(sock, last_status)
+            if sock is not None:  # stopping: what waits goes out (task states not yet due too,
+                self._publish_console(sock)  # a changed status), and 0MQ gets time to send it
+                self._publish_tasks(sock, float("inf"))
+                self._publish_status(sock, last_status, force=False)
                 linger_ms = int(FINAL_LINGER_S * 1000)
         except Exception:  # noqa: BLE001 - never let the thread die with a traceback
             log.exception("qmagic: the info socket stopped on an unexpected error")
@@ -354,13 +356,6 @@ class InfoPublisher(SocketThread):
             if auth is not None:
                 auth.stop()
             ctx.term()  # (waits up to the linger)
-
-    def _publish_all(self, sock: zmq.Socket, last_status: dict | None) -> None:
-        """Everything that waits (console text, task states not yet due) and the status if it
-        changed: the publisher stops."""
-        self._publish_console(sock)
-        self._publish_tasks(sock, float("inf"))
-        self._publish_status(sock, last_status, force=False)
 
     def _secured(self, sock: zmq.Socket) -> None:
         self._secure(sock)
