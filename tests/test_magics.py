@@ -303,6 +303,24 @@ def test_the_call_form_reads_every_argument_python_reads(qm, ip):
     assert qm.last_task is task
 
 
+def test_the_call_form_takes_negative_arguments_after_the_first(qm, ip):
+    """``%function_execute scan(5, -5)``: its line was split as a shell splits it to read
+    the options, so ``-5)`` read as an option: refused with "Unexpected words after
+    %function_execute", and ``echo(1, -b)`` with "-b takes no value" (b a variable).  The
+    call's own words are never read as options now; the options before it still are."""
+    ip.user_ns.update(b=3)
+    for call, expected in (("echo(5, -5)", ((5, -5), {})),
+                           ("echo(1, -b, 2)", ((1, -3, 2), {})),
+                           ("echo(1, --b)", ((1, 3), {})),
+                           ("echo(0, -b, k=-1)", ((0, -3), {"k": -1}))):
+        assert line(ip, "function_execute", call).result() == expected, call
+    task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' echo(2, -b)")
+    assert task.background and task.user == "Ann Lee" and task.result() == ((2, -3), {})
+    with pytest.raises(UsageError, match="--timeout takes a number"):
+        line(ip, "function_execute", "--timeout soon echo(1, -1)")
+    assert qm.last_task is task
+
+
 def test_options_are_parsed(qm, ip):
     task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' --group primary echo 1")
     assert task.background and task.done()

@@ -337,7 +337,10 @@ def value_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
 
 def split_options(parser: argparse.ArgumentParser, line: str,
                   known: Callable[[str], bool] | None = None) -> tuple[str, str | None, list[str]]:
-    """Split ``[OPTIONS] NAME [ARG ...]`` into (the options and name text, NAME, ARG words).
+    """Split ``[OPTIONS] NAME [ARG ...]`` into (the options' text, NAME, ARG words).
+
+    NAME may be a whole call (``scan(5, -5)``): it is not part of the options' text, so
+    that a word of the call that looks like an option (``-5)``) is never read as one.
 
     A trailing comment is dropped first.  An option written after NAME raises UsageError
     saying that options come first; one without its value, that it needs one.  ``known``
@@ -365,7 +368,7 @@ def split_options(parser: argparse.ArgumentParser, line: str,
         i += 1
     if i >= len(words):
         return line, None, []
-    name, _, end = words[i]
+    name, start, _ = words[i]
     if key_before and known is not None and not known(name):
         usage = _usage(options, key_before)
         raise UsageError(f"No function of the namespace follows {key_before}'s value (not repeated here: "
@@ -380,4 +383,4 @@ def split_options(parser: argparse.ArgumentParser, line: str,
                 f"Options go before the function name: %function_execute {_usage(options, opt)} "
                 f"{name} ... ({word.split('=', 1)[0]!r} came after {name!r})."
             )
-    return line[:end], name, rest
+    return line[:start], name, rest

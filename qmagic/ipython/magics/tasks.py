@@ -110,7 +110,9 @@ class TaskMagics(Magics):
                                             known=lambda word: callable(namespace.get(called_name(word))))
         if name is None:
             raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
-        opts = parse_line(self.function_execute, prefix)
+        # (NAME, found above, stands as one plain word: argparse must not split a call
+        # such as scan(5, -5) and read its -5 as an option)
+        opts = parse_line(self.function_execute, f"{prefix} _")
         if opts.wait and not opts.background:
             raise UsageError("--wait goes with -b (a foreground task always holds the cell).")
         name, args, kwargs = function_call(self.shell, name, words, lambda word: word in namespace)
