@@ -22,7 +22,14 @@ import math
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import LockRefused
-from .texts import SUMMARY_KEY, notebook_file_name, printable, safe_repr, valid_unicode
+from .texts import (
+    SUMMARY_KEY,
+    carriage_returns,
+    notebook_file_name,
+    printable,
+    safe_repr,
+    valid_unicode,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.task import Task
@@ -268,7 +275,8 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
 
     ``source`` (e.g. "from the log") is appended to the first line.  No uid, no times.
     Traceback, output and log show as the task wrote them, but a lone surrogate (a file name
-    that is not UTF-8) reads U+FFFD: a kernel cannot send it, and showed nothing.
+    that is not UTF-8) reads U+FFFD: a kernel cannot send it, and showed nothing; and the
+    output as a terminal leaves it: a line redrawn with carriage returns shows its last text.
     """
     first = record_line(record, error=False)  # (the traceback or the error follows)
     lines = [f"{first}  ({source})" if source else first]
@@ -286,8 +294,8 @@ def record_detail(record: Mapping[str, Any], *, output: str = "", log: str = "",
             lines += ["traceback:", _indent(str(record["traceback"]))]
         else:
             lines.append(f"{status}: {record.get('error') or status}")
-    if output:
-        lines += ["output:", _indent(output)]
+    if output:  # (a progress line redrawn with "\r" reads as its last state, as in the cell)
+        lines += ["output:", _indent(carriage_returns(output))]
     if log:
         lines += ["log:", _indent(log)]
     return valid_unicode("\n".join(lines))

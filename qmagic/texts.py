@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 __all__ = ["BUSY_WITH_LARGE_REQUESTS", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
-           "large_request_refused", "notebook_file_name", "printable", "safe_repr", "valid_unicode"]
+           "carriage_returns", "large_request_refused", "notebook_file_name", "printable", "safe_repr", "valid_unicode"]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
 SUMMARY_KEY = "__qmagic_summary__"
@@ -33,6 +33,16 @@ def valid_unicode(text: str) -> str:
     U+FFFD, as a terminal shows it: for text handed to other programs as it is (console
     output, the control channel's replies), which must encode it as UTF-8."""
     return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def carriage_returns(text: str) -> str:
+    """``text`` with each line as a terminal leaves it after its carriage returns: a line
+    redrawn in place (a progress bar printed with ``end="\\r"``) reads as the last text
+    written on it, not as every step (``\\r\\n`` is a newline)."""
+    if "\r" not in text:
+        return text
+    lines = text.replace("\r\n", "\n").split("\n")
+    return "\n".join(next((p for p in reversed(line.split("\r")) if p), "") for line in lines)
 
 
 def _failing(value: Any, what: str) -> str:

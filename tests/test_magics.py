@@ -661,6 +661,27 @@ def test_task_status_and_result(qm, ip, capsys):
     assert "qmagic/" not in detail and "threading" not in detail
 
 
+def test_task_result_shows_a_progress_line_redrawn_in_place_as_its_last_state(qm, ip, capsys):
+    """A task that redraws a progress line with ``end="\\r"`` (as tqdm does): the cell shows
+    one line, but ``%task_result`` split the output at every carriage return, so it listed
+    each step on a line of its own (a thousand lines for a thousand points; the panel's
+    Details showed the last state).  It now reads as the terminal and the cell leave it."""
+    ip.run_cell(
+        "def progress_bar(n):\n"
+        "    print('scan')\n"
+        "    for i in range(n):\n"
+        "        print(f'\\r{i + 1}/{n} points', end='')\n"
+        "    print('\\r\\ndone', end='\\r\\n')\n"
+        "    return n\n").raise_error()
+    task = line(ip, "function_execute", "-b --wait progress_bar 500")
+    assert task.output.count("\r") > 500  # (the task keeps what it wrote)
+    capsys.readouterr()
+    line(ip, "task_result")
+    assert capsys.readouterr().out == (
+        "progress_bar(500)  qmagic user  background  completed\nresult: 500\n"
+        "output:\n    scan\n    500/500 points\n    done\n")
+
+
 def test_the_value_example_in_task_result_help_runs(qm, ip):
     """``%task_result?`` says how to get the value itself: that line runs in a notebook
     that imported qmagic, with UID replaced by a task's uid."""

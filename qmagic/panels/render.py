@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import format as fmt
 from .. import probe
 from ..core.memo import Memo
+from ..texts import carriage_returns
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.task import Task
@@ -259,10 +260,7 @@ def _as_terminal(text: str) -> str:
     the last text written on it shows."""
     if "\x1b" in text:
         text = _COLOUR_CODE.sub("", text)
-    if "\r" not in text:
-        return text
-    lines = text.replace("\r\n", "\n").split("\n")
-    return "\n".join(next((p for p in reversed(line.split("\r")) if p), "") for line in lines)
+    return carriage_returns(text)
 
 
 def _section(title: str, body: str, cls: str) -> str:
