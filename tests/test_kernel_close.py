@@ -153,4 +153,24 @@ def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     finally:
         sub.close(0)
         ctx.term()
+
+
+def test_tasks_an_unload_cancels_keep_the_cell_in_their_tracebacks(tmp_path):
+    """``%reload_ext qmagic`` (or ``%unload_ext``) while a background task runs: the task is
+    cancelled, but its traceback -- in memory and in the experiment log, what %task_result
+    shows -- named the kernel's temporary file (``/tmp/ipykernel_1/123.py``), not the cell:
+    the cell labels were taken away before the worker was closed.  Now ``Cell In[N]``."""
+    k = start_kernel(tmp_path / "kernel")
+    try:
+        k.execute("def wait_here():\n"
+                  "    while True:\n"
+                  "        qmagic.cancellable_sleep(0.05)\n", check=True)
+        k.execute("t = %function_execute -b wait_here", check=True)
+        k.execute("%reload_ext qmagic", check=True)
+        assert k.eval("t.status.value") == "cancelled"
+        in_memory = k.eval("t.traceback")
+        shown = k.execute("%task_result {t.uid}", check=True).stdout
+        for text in (in_memory, shown):
+            assert 'File "Cell In[' in text and "ipykernel_" not in text, text
+    finally:
         k.shutdown()

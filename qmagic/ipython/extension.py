@@ -100,14 +100,16 @@ class Session:
         shell = self.shell
         self.runner = runner = KernelForegroundRunner(shell)
         self._step("foreground runner", runner.close)
+        # (before the worker, so undone after it: the tasks an unload cancels keep their
+        # tracebacks' Cell In[12], not the kernel's /tmp/ipykernel_1/123.py)
+        tracebacks.set_filename_labeler(cell_labeler(shell))
+        self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
         self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner,
                                       hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
         atexit.register(self._close_at_exit)  # (before IPython's own exit operations)
         self._step("close at exit", lambda: atexit.unregister(self._close_at_exit))
         worker.provenance_source = provenance_source(shell)
-        tracebacks.set_filename_labeler(cell_labeler(shell))
-        self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
         hook = CellOutputHook(shell)
         self._step("output routing", worker.add_context_hook(hook))
         self._event("pre_run_cell", runner.cell_started)
