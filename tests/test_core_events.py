@@ -395,3 +395,44 @@ def test_a_pool_thread_a_finished_task_started_is_not_that_tasks_work(make_worke
         assert pool.submit(capture.work_of).result(TIMEOUT) is None
     finally:
         pool.shutdown()
+
+
+def test_what_threads_a_task_starts_print_and_log_is_kept_on_the_task(make_worker, capsys):
+    """A scan that reads its detectors in a thread pool (or a thread of its own): their prints
+    and log records reached the cell and remote clients, but not the task -- %task_result and
+    ``task.output`` showed the task's own thread only.  They are kept on it now, while it
+    runs; a thread it started that prints after it ended changes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    later, printed_late = threading.Event(), threading.Event()
+    log = logging.getLogger("qmagic-test-detectors")
+
+    def read(name):
+        print(f"read {name}")
+        log.warning("%s saturated", name)
+        return name
+
+    def late():
+        later.wait(TIMEOUT)
+        print("after the end")
+        printed_late.set()
+
+    def scan():
+        with ThreadPoolExecutor(2) as pool:
+            names = list(pool.map(read, ["det1", "det2"]))
+        thread = threading.Thread(target=read, args=("det3",))
+        thread.start()
+        thread.join(TIMEOUT)
+        threading.Thread(target=late, daemon=True).start()
+        return names
+
+    task = make_worker({"scan": scan}).submit("scan")
+    assert task.result(TIMEOUT) == ["det1", "det2"]
+    kept = task.output
+    assert sorted(kept.splitlines()) == ["read det1", "read det2", "read det3"], kept
+    assert sorted(record["message"] for record in task.log) == [
+        "det1 saturated", "det2 saturated", "det3 saturated"]
+    later.set()
+    assert printed_late.wait(TIMEOUT)
+    assert task.output == kept  # (a finished task's output never changes)
+    assert "after the end" in capsys.readouterr().out  # (it still reaches its destination)

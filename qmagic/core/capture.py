@@ -1,15 +1,16 @@
 """Keep what a task prints and logs on the task, while it still reaches its usual place.
 
 ``sys.stdout`` / ``sys.stderr`` are wrapped once (reference counted over workers) by a thin
-tee that copies writes made in a task's thread to that task, and a handler on the root
-logger copies log records emitted in a task's thread.  Outside tasks both are
-pass-through, and so once the task's end was claimed (code it started that inherited
-its context -- an asyncio task it created -- may print after it ended: a finished task's
-output and log never change).
+tee that copies writes made by a task's work to that task, and a handler on the root
+logger copies log records emitted by it.  A task's work is the task running in the
+writing thread, else the task whose work started that thread (or the thread that started
+it ...) while that task runs: while installed, ``threading.Thread.start`` notes it on the
+new thread (a scan reading detectors in a thread pool keeps their prints and logs).
+Outside tasks both are pass-through, and so once the task's end was claimed (code it
+started that inherited its context -- an asyncio task it created -- may print after it
+ended: a finished task's output and log never change).
 
-Listeners (the info socket) are told which task's work wrote a text: the task running in
-the writing thread, else the task whose work started that thread (or the thread that
-started it ...) while that task runs: while installed, ``threading.Thread.start`` notes it on the new thread, as
+Listeners (the info socket) are told which task's work wrote a text, by the same rule, as
 a queueserver worker publishes whatever its threads print.
 """
 
@@ -159,14 +160,14 @@ def _run_waiting(pending: deque) -> None:
 
 
 def _keep_text(text: str) -> None:
-    """A write to stdout/stderr: to the current task's output, and to the listeners."""
-    task = _current.get()
+    """A write to stdout/stderr: to the output of the task whose work wrote it (:func:`work_of`:
+    also a thread that work started, while the task runs), and to the listeners."""
+    task = work_of()
     if task is not None and not task._write_output(text):
         task = None  # (it has ended: its output stays as it was; the text goes where others go)
     if _listeners:
-        origin = task if task is not None else work_of()
         for listener in _listeners:
-            listener(origin, text)
+            listener(task, text)
 
 
 class _TaskTee:
@@ -202,7 +203,7 @@ class _TaskLogHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        task = _current.get()
+        task = work_of()  # (also a thread its work started: a pool reading detectors)
         if task is not None and not task._ending:  # (an ended task's log never changes)
             try:
                 message = record.getMessage()
