@@ -125,6 +125,31 @@ def test_background_output_goes_to_the_cell_that_started_it(qk):
     assert qk.eval("bg_c.output") == "c started\nc finished\n"
 
 
+def test_what_a_thread_of_a_background_task_prints_goes_to_the_cell_that_started_it(qk):
+    """A background scan that reads a detector in a thread of its own: what that thread
+    printed (or logged to stderr) landed in whichever cell ran at that moment -- the next
+    cell the scientist ran -- and was not kept on the task.  It now goes where the task's
+    own output goes, and the task keeps it."""
+    first = qk.execute(
+        "def reader(tag):\n"
+        "    events.setdefault(tag, threading.Event()).wait(10)\n"
+        "    print(tag, 'from the thread')\n"
+        "    sys.stderr.write(tag + ' on stderr\\n')\n"
+        "def threaded(tag):\n"
+        "    th = threading.Thread(target=reader, args=(tag,))\n"
+        "    th.start(); th.join(10)\n"
+        "    return tag\n"
+        "import sys\n"
+        "th_t = %function_execute -b threaded 't'\n"
+        "print('first cell')", check=True)
+    second = qk.execute("events['t'].set(); th_t.wait(10); print('second cell')", check=True)
+    assert qk.stream_text(second.msg_id) == "second cell\n"  # (it ended after the thread's prints)
+    assert qk.stream_text(second.msg_id, "stderr") == ""
+    qk.wait_for_output(first.msg_id, "t from the thread")
+    qk.wait_for_output(first.msg_id, "t on stderr", name="stderr")
+    assert qk.eval("th_t.output") == "t from the thread\nt on stderr\n"
+
+
 def test_output_of_a_background_task_no_cell_started_goes_to_no_cell(qk):
     """A remote client's background task (started on another thread, as the control channel
     does) prints while a scientist runs a cell: none of it lands in that cell; the task

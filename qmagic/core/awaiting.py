@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import threading
@@ -179,12 +180,14 @@ class CoroutineJobs:
             if job.interrupted_early:  # ■ before it started: it never starts
                 raise TaskCancelled(INTERRUPTED)
             with self._hooks(job):
+                if job.tokens:
+                    task._work_context = contextvars.copy_context()
                 result = await job.call()
         except BaseException as exc:  # noqa: BLE001 - every outcome is recorded
             error = cancel_error(task, exc)
         finally:
             job.code_done = True
-            task._own_code = None
+            task._own_code = task._work_context = None
             _current.reset(token)
         if error is None:
             error = returned_coroutine(result, task.name)

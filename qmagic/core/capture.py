@@ -5,7 +5,9 @@ tee that copies writes made by a task's work to that task, and a handler on the 
 logger copies log records emitted by it.  A task's work is the task running in the
 writing thread, else the task whose work started that thread (or the thread that started
 it ...) while that task runs: while installed, ``threading.Thread.start`` notes it on the
-new thread (a scan reading detectors in a thread pool keeps their prints and logs).
+new thread (a scan reading detectors in a thread pool keeps their prints and logs), and
+such a thread's prints are written in the context the task's code runs in
+(``Task._work_context``), so they reach the task's cell, not whichever cell runs then.
 Outside tasks both are pass-through, and so once the task's end was claimed (code it
 started that inherited its context -- an asyncio task it created -- may print after it
 ended: a finished task's output and log never change).
@@ -159,15 +161,17 @@ def _run_waiting(pending: deque) -> None:
         raise interrupt
 
 
-def _keep_text(text: str) -> None:
+def _keep_text(text: str) -> Any:
     """A write to stdout/stderr: to the output of the task whose work wrote it (:func:`work_of`:
-    also a thread that work started, while the task runs), and to the listeners."""
+    also a thread that work started, while the task runs), and to the listeners.  Returns
+    that task (None: no task's work, or it has ended)."""
     task = work_of()
     if task is not None and not task._write_output(text):
         task = None  # (it has ended: its output stays as it was; the text goes where others go)
     if _listeners:
         for listener in _listeners:
             listener(task, text)
+    return task
 
 
 class _TaskTee:
@@ -184,7 +188,11 @@ class _TaskTee:
         return len(text) if written is None else written
 
     def _keep_and_write(self, text: str) -> int:
-        _keep_text(text)
+        task = _keep_text(text)
+        if task is not None and _current.get() is None:  # a thread the task's work started:
+            context = task._work_context  # its text goes where the task's goes (its cell),
+            if context is not None:  # not to whichever cell runs now (a copy: a context is
+                return context.copy().run(self._qmagic_wrapped.write, text)  # entered by one thread)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -167,11 +168,13 @@ class JobRunner(CoroutineJobs):
         job.ident = job.task._own_code = threading.get_ident()
         try:
             with self._hooks(job):
+                if job.tokens:
+                    job.task._work_context = contextvars.copy_context()
                 result, error = self._run_user_code(job)
         except BaseException as exc:  # noqa: BLE001 - a hook failed: recorded, never lost
             if error is None:
                 result, error = None, exc
-        job.task._own_code = None
+        job.task._own_code = job.task._work_context = None
         _current.reset(token)
         return result, error
 

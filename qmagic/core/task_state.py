@@ -66,6 +66,9 @@ class _Captured:
     _output: TextBuffer | None = None
     _log: TextBuffer | None = None
     _log_records: deque | None = None
+    #: The context the task's code runs in (its output's cell), while it runs: what the
+    #: threads its work starts print goes to the same cell (:mod:`qmagic.core.capture`).
+    _work_context: Any = None
 
     def _write_output(self, text: str) -> bool:
         """Keep printed ``text``; False (not kept) once the end was claimed."""
