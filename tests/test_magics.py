@@ -321,6 +321,17 @@ def test_the_call_form_takes_negative_arguments_after_the_first(qm, ip):
     assert qm.last_task is task
 
 
+def test_a_trailing_semicolon_ends_the_call_as_in_python(qm, ip):
+    """``%function_execute scan 3;`` -- a notebook habit (a semicolon hides a cell's result)
+    -- was refused ("Cannot evaluate argument '3;'"), and ``scan(3);`` with "Incorrect
+    request format".  It ends the call, as in Python."""
+    for call in ("echo 3;", "echo(3);", "echo 3 ;  # the edge", "-b --wait echo(3);"):
+        assert line(ip, "function_execute", call).result() == ((3,), {}), call
+    assert line(ip, "function_execute", "echo ';'").result() == ((";",), {})
+    with pytest.raises(UsageError, match="Cannot evaluate argument"):
+        line(ip, "function_execute", "echo 3;;")
+
+
 def test_options_are_parsed(qm, ip):
     task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' --group primary echo 1")
     assert task.background and task.done()

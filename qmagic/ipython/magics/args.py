@@ -342,13 +342,15 @@ def split_options(parser: argparse.ArgumentParser, line: str,
     NAME may be a whole call (``scan(5, -5)``): it is not part of the options' text, so
     that a word of the call that looks like an option (``-5)``) is never read as one.
 
-    A trailing comment is dropped first.  An option written after NAME raises UsageError
+    A trailing comment is dropped first, then a trailing ``;``.  An option written after NAME raises UsageError
     saying that options come first; one without its value, that it needs one.  ``known``
     (is this a function's name?): a NAME right after a key that is not one is most likely
     the rest of an unquoted key with spaces, so it is refused without repeating it.
     """
     options = _options(parser)
-    line = strip_comment(line, options)
+    line = strip_comment(line, options).rstrip()
+    if line.endswith(";") and not line.endswith(";;"):  # ``scan(3);`` (a notebook habit): the
+        line = line[:-1]  # statement's end, as in Python
     words = split_words(line)
     texts = [w for w, _, _ in words]
     i = 0
