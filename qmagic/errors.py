@@ -95,12 +95,15 @@ class LockRefused(RequestRefused, PermissionError):
 
     ``state`` (when known) is the lock that refused: who locked what, since when, the note;
     ``key_given`` is True when the caller gave a key (a wrong one, not a missing one);
-    ``unlocking`` when the request was an unlock (the emergency key would also open it).
+    ``unlocking`` when the request was an unlock (the emergency key would also open it);
+    ``default_key`` how the request's door releases a lock that your default key opens, when
+    the request gave no key and it does (a kernel restarted after ``%lock`` without a key).
     """
 
     state = None
     key_given = False
     unlocking = False
+    default_key = ""
 
 
 class PermissionRefused(RequestRefused, PermissionError):

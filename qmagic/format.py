@@ -362,7 +362,9 @@ def refusal_line(exc: BaseException | str, give_key: str) -> str:
                          else "does not open it")
                 return f"The {scopes} {verb} {who}: the key given {wrong}; check the key, or ask them to unlock."
             emergency = ", or the emergency key" if getattr(exc, "unlocking", False) else ""
-            return f"The {scopes} {verb} {who}: {give_key}{emergency}, or ask them to unlock."
+            default = getattr(exc, "default_key", "")
+            mine = f" It was locked with your default key; to release it: {default}." if default else ""
+            return f"The {scopes} {verb} {who}: {give_key}{emergency}, or ask them to unlock.{mine}"
         if "locked with a different key" in msg:  # (a lock asked for with another key)
             return (f"The {scopes} {verb} already {who} with another key: to change the lock, "
                     f"{give_key}; to lock with a new key, unlock first.")

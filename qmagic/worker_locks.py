@@ -48,7 +48,10 @@ class LockMixin:
         try:
             self._locks.check(self._key(lock_key, origin), scope, client=client)
         except LockRefused as exc:
-            raise self._with_state(exc, lock_key) from None
+            exc = self._with_state(exc, lock_key)
+            if lock_key is None and origin in _HOW_TO_GIVE_A_KEY and self._locks.opens_with_default_key():
+                exc.default_key = _HOW_TO_GIVE_A_KEY[origin][1]  # (this kernel's own lock, of
+            raise exc from None  # before a restart: say how to release it)
 
     def _with_state(self, exc: LockRefused, lock_key: Any = None, unlocking: bool = False) -> LockRefused:
         """``exc`` with the lock that refused as its ``state``, whether the caller gave a key

@@ -144,12 +144,19 @@ def test_lock_survives_a_restart_and_a_wrong_key_gets_the_full_message(kernel_fa
 def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory, tmp_path):
     """``%lock`` without a key takes your default key, which you never saw; after a restart
     (the lock survives it) ``%unlock`` said only "give the lock key or the emergency key".
-    Now it says that your default key opens it, and how to give it without ever showing it."""
+    Now it says that your default key opens it, and how to give it without ever showing it.
+    So does a refused task: it said only "give the key with --lock-key KEY, or ask them to
+    unlock" -- a key the scientist never saw, and "them" is themselves."""
     k = _start(kernel_factory, tmp_path / "state", "Alice")
     _shown(k.execute("%lock --note 'Changing samples'"))
     key = k.eval("qmagic.get_default_lock_key()")
     k.restart()
     _setup(k)
+    mine = "It was locked with your default key; to release it: %unlock --default-key."
+    for code in ("%function_execute double 21", "%%script_upload\nx = 1\n"):
+        line = _refusal(k.execute(code), "Alice", "Changing samples", "--lock-key KEY", key=key)
+        assert line.endswith(mine), line
+    assert k.eval("run()") == _invalid_key(k.eval("info()"))  # (the protocol's text is as before)
     line = _refusal(k.execute("%unlock"), "does not hold the key", key=key)
     hint = "%unlock --default-key"
     assert line.endswith(f"It was locked with your default key: {hint}"), line
@@ -161,6 +168,8 @@ def test_a_lock_taken_without_a_key_can_be_undone_after_a_restart(kernel_factory
     k.restart()
     _setup(k)
     line = _refusal(k.execute("%unlock"), "does not hold the key", key="K2")
+    assert "default key" not in line, line
+    line = _refusal(k.execute("%function_execute double 21"), "Alice", key="K2")
     assert "default key" not in line, line
     assert _shown(k.execute("%unlock --key K2")) == "Unlocked.\n"
 
