@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -23,8 +24,10 @@ from .core.task import Task
 from .errors import (
     PermissionsFormatError,
     RequestRefused,
+    one_line,
 )
 from .store.paths import default_state_dir
+from .tracebacks import is_internal_frame
 from .worker_log import LogMixin, LogObserver
 
 __all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_WORKER_CLOSED"]
@@ -40,6 +43,18 @@ MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT
 class StateMixin(LogMixin):
     """Permissions, the lock store, settings and environment state of a worker (with the
     experiment log of :class:`~qmagic.worker_log.LogMixin`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A setting refused in a cell's own line (``w.state_dir = "/no/such"``, ``w.max_background_tasks
+        = 0``) shows as the one line that says why, not traitlets' and qmagic's frames; set
+        in a function, the usual traceback shows where."""
+        try:
+            super().__setattr__(name, value)
+        except Exception as exc:
+            caller = sys._getframe(1).f_code
+            if caller.co_name == "<module>" and not is_internal_frame(caller.co_filename) and self.has_trait(name):
+                raise one_line(exc) from None
+            raise
 
     # -- set up and tear down ------------------------------------------------------------------
     def _init_state(self) -> None:

@@ -150,6 +150,24 @@ def test_what_a_thread_of_a_background_task_prints_goes_to_the_cell_that_started
     assert qk.eval("th_t.output") == "t from the thread\nt on stderr\n"
 
 
+def test_a_setting_refused_in_a_cell_shows_one_line(qk):
+    """``w.state_dir = "/no/such/folder"`` (or ``w.max_background_tasks = 0``) in a cell:
+    the message said what to do, under 50-140 lines of traitlets' and qmagic's frames (and
+    the chained OS errors).  A cell's own line now shows the one line; set in a function,
+    the usual traceback shows where; the setting is unchanged."""
+    before = qk.eval("(w.state_dir, w.max_background_tasks)")
+    for code, said in (
+            ("w.state_dir = '/proc/no/such/folder'", "StateFileError: Cannot create the qmagic state folder"),
+            ("w.max_background_tasks = 0", "TraitError: The value of the 'max_background_tasks' trait"),
+            ("w.environment_name = 'a/b'", "ValueError: Invalid environment name 'a/b'")):
+        line = one_line(qk.execute(code))
+        assert line.startswith(said), (code, line)
+    assert qk.eval("(w.state_dir, w.max_background_tasks)") == before
+    result = qk.execute("def configure():\n    w.max_background_tasks = 0\nconfigure()")
+    assert result.error["ename"] == "TraitError"
+    assert "configure()" in "\n".join(result.error["traceback"])  # (where: the function)
+
+
 def test_output_of_a_background_task_no_cell_started_goes_to_no_cell(qk):
     """A remote client's background task (started on another thread, as the control channel
     does) prints while a scientist runs a cell: none of it lands in that cell; the task
