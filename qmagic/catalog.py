@@ -41,6 +41,12 @@ def check_name(name: Any) -> str:
             raise RequestRefused(
                 f"Error: Incorrect request format: {safe_repr(name, 42)} is not a function name: give "
                 f"the name alone ({head!r}) and the arguments apart")
+        parts = head.split(".")
+        if len(parts) > 1 and all(function_name_error(p) is None for p in parts):  # motor.move
+            raise RequestRefused(
+                f"Error: Incorrect request format: {safe_repr(head, 42)} is not a function name: only "
+                f"the namespace's own functions run by name; give it a name there first "
+                f"({parts[-1]} = {head}) and run {parts[-1]!r}")
         raise RequestRefused(
             f"Error: Incorrect request format: {safe_repr(name, 42)} is not a function name: use the "
             f"name of a function of the namespace (a Python identifier of at most {MAX_NAME_LENGTH} "

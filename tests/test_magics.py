@@ -332,6 +332,21 @@ def test_a_trailing_semicolon_ends_the_call_as_in_python(qm, ip):
         line(ip, "function_execute", "echo 3;;")
 
 
+def test_a_method_given_as_the_name_says_how_to_run_it(qm, ip):
+    """``%function_execute motor.move 3`` (a device's method: what a scientist tries next) was
+    refused with "use the name of a function of the namespace (a Python identifier ...)",
+    which does not say how to run it.  The line now says to name it first."""
+    ip.run_cell("class Motor:\n    def move(self, x):\n        return x\nmotor = Motor()\n").raise_error()
+    said = ("Incorrect request format: 'motor.move' is not a function name: only the namespace's own "
+            "functions run by name; give it a name there first (move = motor.move) and run 'move'")
+    for call in ("motor.move 3", "motor.move(3)", "-b motor.move"):
+        with pytest.raises(UsageError) as info:
+            line(ip, "function_execute", call)
+        assert str(info.value) == said, call
+    ip.run_cell("move = motor.move").raise_error()
+    assert line(ip, "function_execute", "move(3)").result() == 3  # (the line works as written)
+
+
 def test_options_are_parsed(qm, ip):
     task = line(ip, "function_execute", "-b --wait --user 'Ann Lee' --group primary echo 1")
     assert task.background and task.done()
