@@ -259,7 +259,10 @@ class Catalog:
             return checked
         if is_plan(obj):
             raise TypeError(plan_refusal(name, obj))
-        if not callable(obj) or _is_class(obj):
+        if _is_class(obj):  # (callable, but making an object is no task: it said "not callable")
+            raise TypeError(f"Object {name!r} defined in worker namespace is a class, not a function: "
+                            f"run a function that uses it")
+        if not callable(obj):
             raise TypeError(f"Object {name!r} defined in worker namespace is not callable")
         checked = (obj, is_coroutine_function(obj))
         self._checked.put(name, checked)

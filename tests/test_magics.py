@@ -345,6 +345,10 @@ def test_a_method_given_as_the_name_says_how_to_run_it(qm, ip):
         assert str(info.value) == said, call
     ip.run_cell("move = motor.move").raise_error()
     assert line(ip, "function_execute", "move(3)").result() == 3  # (the line works as written)
+    with pytest.raises(UsageError) as info:  # (a class is callable: it said "not callable")
+        line(ip, "function_execute", "Motor")
+    assert str(info.value) == ("Object 'Motor' defined in worker namespace is a class, not a function: "
+                               "run a function that uses it")
 
 
 def test_options_are_parsed(qm, ip):
