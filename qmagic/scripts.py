@@ -35,7 +35,8 @@ from typing import Any
 
 from .errors import RequestRefused, one_line
 
-__all__ = ["ScriptRunner", "check_script_name", "check_script_text", "script_name_of_file", "DEFAULT_SCRIPT_NAME"]
+__all__ = ["ScriptRunner", "check_script_name", "check_script_text", "script_name_of_file", "DEFAULT_SCRIPT_NAME",
+           "MSG_IPYTHON_LINE"]
 
 DEFAULT_SCRIPT_NAME = "script"
 _NAME_MAX = 100
@@ -147,6 +148,11 @@ class _Writes(MutableMapping):
                     self.ns[name] = old
 
 
+#: Said under a script's SyntaxError at a ``%magic`` or ``!command`` line.
+MSG_IPYTHON_LINE = ("A script is plain Python: IPython's %magic and !command lines do not run in it "
+                    "(run them in a cell).")
+
+
 class ScriptRunner:
     """Executes scripts in ``namespace`` (see the module docstring)."""
 
@@ -165,7 +171,12 @@ class ScriptRunner:
         """
         filename = "<script>" if name == DEFAULT_SCRIPT_NAME else f"<script {name}>"
         linecache.cache[filename] = (len(script), None, script.splitlines(True), filename)
-        code = compile(script, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        try:
+            code = compile(script, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        except SyntaxError as exc:
+            if (exc.text or "").lstrip().startswith(("%", "!")):  # a notebook cell's line pasted
+                exc.add_note(MSG_IPYTHON_LINE)
+            raise
         run = _Run(self.namespace, code, keep, done)
         if code.co_flags & inspect.CO_COROUTINE:
             return run.awaited()

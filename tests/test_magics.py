@@ -962,6 +962,23 @@ def test_failing_script_leaves_the_namespace_unchanged(qm, ip):
     assert qm.last_task.status.value == "failed"
 
 
+def test_a_script_with_a_notebook_magic_line_says_scripts_are_plain_python(qm, ip, capsys):
+    """A cell pasted into ``%%script_upload`` with ``%matplotlib inline`` or ``!ls`` in it
+    failed with a bare "SyntaxError: invalid syntax" at that line; it now also says that a
+    script is plain Python and where such lines run.  Other syntax errors say nothing more."""
+    MSG_IPYTHON_LINE = ("A script is plain Python: IPython's %magic and !command lines do not run "
+                        "in it (run them in a cell).")
+    for body in ("not_bound_here = 1\n%matplotlib inline\n", "not_bound_here = 1\n  !ls -l\n"):
+        result = ip.run_cell("%%script_upload\n" + body)
+        error = result.error_in_exec.error  # (the cell's stand-in shows the script's SyntaxError)
+        assert isinstance(error, SyntaxError) and error.__notes__ == [MSG_IPYTHON_LINE], body
+        assert MSG_IPYTHON_LINE in capsys.readouterr().out  # (the cell shows it)
+        assert "not_bound_here" not in ip.user_ns
+        assert MSG_IPYTHON_LINE in qm.last_task.traceback  # (%task_result too)
+    result = ip.run_cell("%%script_upload\nx = 1 +\n")
+    assert not getattr(result.error_in_exec.error, "__notes__", None)
+
+
 @pytest.mark.parametrize("source, kind, shown", [
     ("x = 1\ndef f(:\n", "SyntaxError", "def f(:"),
     ("x = 1\n  y = 2\n", "IndentationError", "y = 2"),
