@@ -56,6 +56,7 @@ __all__ = [
     "cell_label",
     "lock_text",
     "refusal_line",
+    "busy_text",
     "no_tasks_line",
     "one_line",
 ]
@@ -334,6 +335,22 @@ def lock_text(info: Mapping[str, Any], unlocked: bool = False) -> str:
     if info.get("emergency_lock_key_is_set"):
         text += "\n(An emergency unlock key is set.)"
     return text
+
+
+def busy_text(not_idle: bool, running: Any = None, own: bool = False) -> str:
+    """A busy foreground explained to notebook users (what runs, what to do): ``not_idle``, a
+    foreground task (``running``, None if unknown) holds it; ``own``, the request comes from
+    that task's own code (waiting for its end would never end); else a cell runs."""
+    if not_idle and own:
+        return (f"Error: {running.call_text(40)} runs in the foreground, so its code cannot start another "
+                "foreground task: call the function directly, or start it in the background (-b, or "
+                "background=True).")
+    if not_idle:
+        what = f" ({running.call_text(40)})" if running is not None else ""
+        return (f"Error: A foreground task is running{what}: wait for it to end, start this one in "
+                "the background (-b, or background=True), or cancel the running one (%task_cancel).")
+    return ("Error: The kernel is running a cell: a foreground task can start once it ends; start "
+            "this one in the background instead (-b, or background=True).")
 
 
 def refusal_line(exc: BaseException | str, give_key: str) -> str:

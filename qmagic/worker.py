@@ -38,6 +38,7 @@ from .core.permissions import require_caller
 from .core.status import TaskStatus
 from .core.task import INTERRUPTED, Task
 from .errors import RequestRefused, TaskCancelled, one_line
+from .format import busy_text
 from .scripts import ScriptRunner, check_script_name, check_script_text
 from .store.lockfile import user_problem
 from .worker_locks import LockMixin
@@ -146,16 +147,6 @@ def _positional(args: Any) -> tuple:
                                  f"submit(\"scan\", (3,)) for scan(3), not {type(args).__name__}; keyword "
                                  "arguments go in kwargs."))
     return tuple(args)
-
-
-def _busy_text(refusal: str, running: Task | None) -> str:
-    """A busy foreground explained to notebook users (what runs, what to do)."""
-    if refusal == MSG_NOT_IDLE:
-        what = f" ({running.call_text(40)})" if running is not None else ""
-        return (f"Error: A foreground task is running{what}: wait for it to end, start this one in "
-                "the background (-b, or background=True), or cancel the running one (%task_cancel).")
-    return ("Error: The kernel is running a cell: a foreground task can start once it ends; start "
-            "this one in the background instead (-b, or background=True).")
 
 
 class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
@@ -374,7 +365,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         notebook users in their terms (remote clients get queueserver's texts)."""
         if origin == "remote" or str(exc) not in (MSG_NOT_IDLE, MSG_KERNEL_BUSY):
             return exc
-        return RequestRefused(_busy_text(str(exc), self.engine.counts()["foreground"]))
+        running = self.engine.counts()["foreground"]
+        return RequestRefused(busy_text(str(exc) == MSG_NOT_IDLE, running, running is not None
+                                        and running is current_task()))
 
     # -- cancelling and interrupting ---------------------------------------------------------------
     def cancel(self, task: Task | str, *, force: bool = False, lock_key: str | None = None,

@@ -886,6 +886,26 @@ def test_a_busy_foreground_is_explained_in_notebook_terms(make_worker):
     assert running.wait(TIMEOUT)
 
 
+def test_a_foreground_task_starting_another_in_the_foreground_is_told_not_to_wait(make_worker):
+    """A foreground "macro" whose code starts another foreground task (a magic inside it): it
+    was told "A foreground task is running (macro()): wait for it to end ... or cancel the
+    running one" -- itself.  It now says why it cannot, and what to do instead."""
+    seen = {}
+
+    def macro():
+        try:
+            w.submit("f", background=False)
+        except RequestRefused as exc:
+            seen["refused"] = str(exc)
+        return w.submit("f").result(TIMEOUT)  # (the background is free)
+
+    w = make_worker({"macro": macro, "f": lambda: 1})
+    assert w.submit("macro", background=False).result(TIMEOUT) == 1
+    assert seen["refused"] == (
+        "Error: macro() runs in the foreground, so its code cannot start another foreground task: "
+        "call the function directly, or start it in the background (-b, or background=True).")
+
+
 def test_lock_calls_never_wait_for_each_other_s_key_derivation(make_worker, monkeypatch):
     # Found by a review: the worker held its key lock across the store's key derivation
     # (tens of ms) and file I/O (up to flock_timeout_s), so a remote lock request on the
