@@ -153,6 +153,7 @@ def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     finally:
         sub.close(0)
         ctx.term()
+        k.shutdown()
 
 
 def test_tasks_an_unload_cancels_keep_the_cell_in_their_tracebacks(tmp_path):
