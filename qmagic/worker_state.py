@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -204,8 +205,10 @@ class StateMixin(LogMixin):
         the configured rules)."""
         self.check_lock(lock_key, "queue", origin=origin, client=client)
         if not isinstance(rules, dict):  # (Permissions(None) means the defaults: never silently)
+            hint = (": to read the rules from a file, set QMagic.user_group_permissions_file and call "
+                    "reload_permissions()" if isinstance(rules, (str, os.PathLike)) and origin == "python" else "")
             raise PermissionsFormatError(f"User group permissions: Invalid type '{type(rules)}', "
-                                         "must be 'dict'")  # (queueserver's text)
+                                         f"must be 'dict'{hint}")  # (queueserver's text, remotely)
         new = Permissions(rules, match_timeout=self.permissions_match_timeout)  # validates first
         if new.to_dict() != self._permissions.to_dict():  # the same rules change nothing
             self._set_rules(new)

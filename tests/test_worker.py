@@ -316,6 +316,10 @@ def test_set_and_reload_permissions(make_worker, tmp_path):
         w.submit("g")
     with pytest.raises(qmagic.PermissionsFormatError, match="root"):
         w.set_permissions({"user_groups": {"primary": {}}})
+    for where in (str(path), path):  # (a file's name said only "must be 'dict'")
+        with pytest.raises(qmagic.PermissionsFormatError, match=r"must be 'dict': to read the rules from a file, "
+                           r"set QMagic.user_group_permissions_file and call reload_permissions\(\)$"):
+            w.set_permissions(where)
     assert w.submit("f").result(TIMEOUT) == 1  # bad rules changed nothing
 
 
