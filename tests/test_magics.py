@@ -1023,6 +1023,25 @@ def test_control_channel_takes_a_quoted_address(qm, ip, capsys, tmp_path, quote)
         line(ip, "control_channel", "stop")
 
 
+def test_control_channel_says_when_it_moves(qm, ip, capsys, tmp_path):
+    """``%control_channel start ADDRESS2`` while it served on ADDRESS1 moved it without a
+    word: the clients of the first address were dropped.  The magic says so; a start on the
+    address it serves on changes nothing and says nothing of a move."""
+    first, second = f"ipc://{tmp_path}/cc-1", f"ipc://{tmp_path}/cc-2"
+    try:
+        line(ip, "control_channel", f"start {first}")
+        assert "moved" not in capsys.readouterr().out
+        line(ip, "control_channel", f"start {first}")
+        assert "moved" not in capsys.readouterr().out
+        line(ip, "control_channel", f"start {second}")
+        out = capsys.readouterr().out
+        assert out.startswith(f"Control channel moved from {first}: its clients were disconnected; they "
+                              f"connect to {second} now.\nControl channel: serving bluesky-queueserver "
+                              f"clients on {second}\n"), out
+    finally:
+        line(ip, "control_channel", "stop")
+
+
 @pytest.mark.parametrize("port", ["99999", "-5"])
 def test_control_channel_refuses_a_port_out_of_range(qm, ip, port):
     with pytest.raises(UsageError, match=r"^Invalid control channel address 'tcp://127\.0\.0\.1:"

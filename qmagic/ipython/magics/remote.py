@@ -58,10 +58,15 @@ class RemoteMagics(Magics):
         if args.action != "start" and args.address is not None:
             raise UsageError(f"%control_channel {args.action} takes no address.")
         if args.action == "start":
+            server = self.service.server
+            was = server.address if server is not None and server.running else None
             try:
-                self.service.start(unquote(args.address))
+                new = self.service.start(unquote(args.address)).address
             except ControlChannelError as exc:
                 raise UsageError(str(exc)) from None
+            if was is not None and new != was:  # (clients of the old address lose the kernel)
+                print(f"Control channel moved from {was}: its clients were disconnected; "
+                      f"they connect to {new} now.")
             print(self.service.describe())
         elif args.action == "stop":
             print("Control channel stopped." if self.service.stop() else "Control channel was not running.")
