@@ -1310,6 +1310,27 @@ def test_completion_offers_namespace_functions_after_the_options(qm, ip):
     assert "scan_fast" not in _completions(ip, "%tasks scan_")
 
 
+def test_completion_offers_task_uids_after_the_task_magics(qm, ip):
+    """``%task_cancel <TAB>`` offered nothing (a scientist copied uids from %tasks by hand):
+    the uids of the tasks in memory are offered, as %tasks shows them (8 characters), newest
+    first; a cancel offers unfinished tasks only."""
+    gate = threading.Event()
+    ip.user_ns["hold"] = lambda: gate.wait(TIMEOUT)
+    done = line(ip, "function_execute", "add 1")
+    running = line(ip, "function_execute", "-b hold")
+    try:
+        both = {done.uid[:8], running.uid[:8]}
+        for magic in ("task_status", "task_result"):
+            assert both <= _completions(ip, f"%{magic} ")
+            assert _completions(ip, f"%{magic} {done.uid[:3]}") >= {done.uid[:8]}
+        assert running.uid[:8] in _completions(ip, "%task_cancel ")
+        assert done.uid[:8] not in _completions(ip, "%task_cancel ")
+        assert not both & _completions(ip, "%tasks ") and not both & _completions(ip, "%task_cancel --")
+    finally:
+        gate.set()
+        assert running.wait(TIMEOUT)
+
+
 # =========================================================================================
 # text forms (qmagic.format)
 # =========================================================================================

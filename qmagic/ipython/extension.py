@@ -167,16 +167,16 @@ class Session:
         completer = getattr(self.shell, "Completer", None)
         if completer is None or not hasattr(completer, "custom_matchers"):
             return
-        from .magics import function_name_matcher
+        from .magics import function_name_matcher, task_uid_matcher
 
-        matcher = function_name_matcher(self.worker)
-        completer.custom_matchers.append(matcher)
+        for matcher in (function_name_matcher(self.worker), task_uid_matcher(self.worker)):
+            completer.custom_matchers.append(matcher)
 
-        def undo() -> None:
-            if matcher in completer.custom_matchers:
-                completer.custom_matchers.remove(matcher)
+            def undo(matcher: Any = matcher) -> None:
+                if matcher in completer.custom_matchers:
+                    completer.custom_matchers.remove(matcher)
 
-        self._step("completer", undo)
+            self._step("completer", undo)
 
     def _formatter(self) -> None:
         formatters = getattr(getattr(self.shell, "display_formatter", None), "formatters", {})

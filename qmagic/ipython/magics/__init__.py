@@ -18,7 +18,8 @@ from .locks import LockMagics
 from .remote import RemoteMagics
 from .tasks import DEFAULT_TASK_ROWS, TaskMagics
 
-__all__ = ["TaskMagics", "LockMagics", "RemoteMagics", "DEFAULT_TASK_ROWS", "function_name_matcher"]
+__all__ = ["TaskMagics", "LockMagics", "RemoteMagics", "DEFAULT_TASK_ROWS", "function_name_matcher",
+           "task_uid_matcher"]
 
 for _magics in (TaskMagics, LockMagics, RemoteMagics):
     tidy_help(_magics)  # %magic? as plain text
@@ -69,3 +70,30 @@ def function_name_matcher(worker: Any) -> Any:
         return {"completions": completions, "suppress": bool(completions)}
 
     return qmagic_function_matcher
+
+
+#: The magics that take task uids, and whether they take unfinished tasks only (a cancel).
+_UID_MAGICS = {"%task_status": False, "%task_result": False, "%task_cancel": True}
+
+
+def task_uid_matcher(worker: Any) -> Any:
+    """A completer matcher offering the uids (their first 8 characters, as ``%tasks``
+    shows them) of the tasks in this kernel's memory after ``%task_status``,
+    ``%task_result`` and ``%task_cancel`` (unfinished tasks only), newest first."""
+    from IPython.core.completer import SimpleCompletion, context_matcher
+
+    @context_matcher(identifier="qmagic.task_uid")
+    def qmagic_uid_matcher(context: Any) -> dict:
+        magic, space, _ = context.text_until_cursor.lstrip().partition(" ")
+        token = context.token
+        if magic not in _UID_MAGICS or not space or token.startswith("-"):
+            return {"completions": [], "suppress": False}
+        try:
+            tasks = worker.tasks()
+        except Exception:  # noqa: BLE001 - completion must never raise
+            return {"completions": [], "suppress": False}
+        uids = [t.uid[:8] for t in reversed(tasks)
+                if t.uid.startswith(token) and not (_UID_MAGICS[magic] and t.done())]
+        return {"completions": [SimpleCompletion(u, type="task") for u in uids], "suppress": bool(uids)}
+
+    return qmagic_uid_matcher
