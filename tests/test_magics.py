@@ -1097,6 +1097,14 @@ def test_lock_magics(qm, ip, capsys):
     assert capsys.readouterr().out == "Not locked.\n"
     line(ip, "lock", "-a --key K2")
     assert capsys.readouterr().out == "Locked by qmagic user: environment, queue\n"
+    line(ip, "lock", "-a")  # (the same scopes again: nothing more to say)
+    assert capsys.readouterr().out == "Locked by qmagic user: environment, queue\n"
+    line(ip, "lock", "-q")  # (meant "the queue too": it said only what is locked now)
+    assert capsys.readouterr().out == ("Locked by qmagic user: queue\nThe environment is no longer locked: a new "
+                                       "lock replaces the scopes of the one before (-a locks both).\n")
+    line(ip, "lock", "-e")
+    assert capsys.readouterr().out == ("Locked by qmagic user: environment\nThe queue is no longer locked: a new "
+                                       "lock replaces the scopes of the one before (-a locks both).\n")
     line(ip, "unlock")
     assert capsys.readouterr().out == "Unlocked.\n"
     with pytest.raises(UsageError, match="not both"):

@@ -83,11 +83,17 @@ class LockMagics(Magics):
         environment = (opts.environment or opts.all) if chosen else None
         queue = (opts.queue or opts.all) if chosen else None
         try:
-            state = self.worker.lock(_key(opts), environment=environment, queue=queue,
+            key, before = _key(opts), self.worker.current_lock().to_lock_info()
+            state = self.worker.lock(key, environment=environment, queue=queue,
                                      note=unquote(opts.note), user=unquote(opts.user), origin="magic")
         except (RequestRefused, StateFileError) as exc:  # one line, what to do
             refused(exc, _KEY_OPTIONS)
-        print(fmt.lock_text(state.to_lock_info()))
+        after = state.to_lock_info()
+        print(fmt.lock_text(after))
+        dropped = [scope for scope in ("environment", "queue") if before.get(scope) and not after.get(scope)]
+        if dropped:  # (%lock -q after %lock: the new lock's scopes replace the old one's)
+            print(f"The {' and the '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} no longer locked: a new "
+                  "lock replaces the scopes of the one before (-a locks both).")
 
     @magic_arguments()
     @argument("--key", default=None,
