@@ -1,5 +1,5 @@
-"""The queueserver methods GUIs ask for (plans, devices, RE metadata, queue, history),
-answered for a kernel: it has no plan queue, so queue and history are empty; plans, devices
+"""The queueserver methods GUIs ask for (plans, devices, RE metadata, queue, history, runs),
+answered for a kernel: it has no plan queue, so queue, history and runs are empty; plans, devices
 and the Run Engine's metadata are those of the namespace.  A mix-in of
 :class:`qmagic.protocol.QueueserverProtocol`.
 """
@@ -20,7 +20,7 @@ __all__ = ["GuiMethods"]
 
 class GuiMethods:
     """``history_clear``, ``plans_existing``/``allowed``, ``devices_existing``/``allowed``,
-    ``re_metadata``, ``queue_get`` and ``history_get``."""
+    ``re_metadata``, ``queue_get``, ``history_get`` and ``re_runs``."""
 
     worker: Any
     #: kind ("plans"/"devices") -> (the catalog's uid, descriptions) last made
@@ -138,6 +138,21 @@ class GuiMethods:
     def history_get(self, params: dict, **who: Any) -> dict:
         """queueserver ``history_get``: a kernel has no plan history (always empty)."""
         return {"success": True, "msg": "", "items": [], "plan_history_uid": self.worker.static_uid}
+
+    def re_runs(self, params: dict, **who: Any) -> dict:
+        """queueserver ``re_runs``: the runs of the plan the queue runs -- none, a kernel runs no
+        plan from a queue (plans run in the notebook, ``RE(plan(...))``); ``option`` is checked
+        as queueserver does.  GUIs ask for it whenever ``run_list_uid`` is new to them."""
+        option = params.get("option", "active")
+        if option not in _RUN_LIST_OPTIONS:
+            return {"success": False, "msg": (f"Error: Option '{option}' is not supported. "
+                                              f"Available options: {_RUN_LIST_OPTIONS}"),
+                    "run_list": [], "run_list_uid": ""}
+        return {"success": True, "msg": "", "run_list": [], "run_list_uid": self.worker.static_uid}
+
+
+#: queueserver's ``re_runs`` options.
+_RUN_LIST_OPTIONS = ("active", "open", "closed")
 
 
 #: How long re_metadata waits for ``RE.md`` (seconds).

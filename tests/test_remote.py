@@ -1079,6 +1079,24 @@ def test_re_metadata_is_the_namespace_run_engines(RM, raw, worker):
         "re_metadata": {}}
 
 
+def test_re_runs_is_an_empty_run_list(RM, raw):
+    """queueserver answers re_runs (the runs of the plan its queue runs) in any state; a
+    kernel refused it as "not available", so RM.re_runs() raised, bluesky-httpserver's
+    /api/re/runs answered a failure and bluesky-widgets' queue monitor, which asks whenever
+    run_list_uid is new to it, printed the failure at every status poll (found by a hostile
+    test).  It is an empty run list under the status's run_list_uid."""
+    uid = RM.status(reload=True)["run_list_uid"]
+    for option in (None, "active", "open", "closed"):
+        assert RM.re_runs(option, reload=True) == {
+            "success": True, "msg": "", "run_list": [], "run_list_uid": uid}
+    assert raw.request("re_runs", {"option": "open"})["run_list"] == []
+    assert raw.request("re_runs", {"option": "all"}) == {
+        "success": False, "run_list": [], "run_list_uid": "",
+        "msg": "Error: Option 'all' is not supported. Available options: ('active', 'open', 'closed')"}
+    assert raw.request("re_runs", {"option": "open", "x": 1})["msg"] == (
+        "Error: API request contains unsupported parameters: 'x'. Supported parameters: ['option']")
+
+
 def test_async_client(server, worker):
     from bluesky_queueserver_api.zmq.aio import REManagerAPI as AsyncREManagerAPI
 

@@ -63,6 +63,7 @@ METHODS: dict[str, Method] = {
     "re_metadata": Method((), {"re_metadata": {}}),
     "queue_get": Method((), {"items": [], "running_item": {}, "plan_queue_uid": None}),
     "history_get": Method((), {"items": [], "plan_history_uid": None}),
+    "re_runs": Method(("option",), {"run_list": [], "run_list_uid": ""}),
     "plans_existing": Method((), {"plans_existing": {}, "plans_existing_uid": None}, prefix=""),
     "plans_allowed": Method(("user_group",), {"plans_allowed": {}, "plans_allowed_uid": None}, prefix=""),
     "devices_existing": Method((), {"devices_existing": {}, "devices_existing_uid": None}, prefix=""),
@@ -77,7 +78,7 @@ UNAVAILABLE = frozenset({
     "queue_item_get", "queue_item_remove", "queue_item_remove_batch", "queue_item_move",
     "queue_item_move_batch", "queue_item_execute", "queue_clear", "queue_start", "queue_stop",
     "queue_stop_cancel", "queue_autostart", "re_pause", "re_resume", "re_stop", "re_abort",
-    "re_halt", "re_runs", "manager_stop", "manager_kill", "manager_test", "kernel_interrupt_plan",
+    "re_halt", "manager_stop", "manager_kill", "manager_test", "kernel_interrupt_plan",
     "function_execute_plan",
 })
 
