@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from . import probe
 from .catalog import check_name
+from .core.engine import MSG_NOT_IDLE
 from .core.status import TaskStatus
 from .core.task import Task
 from .errors import PermissionsFormatError, RequestRefused
@@ -106,7 +107,7 @@ class QueueserverProtocol(GuiMethods):
                 origin="remote", client=client, payload_bytes=request_bytes,
             )
         except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "task_uid": None}
+            return {"success": False, "msg": _script_refusal(exc), "task_uid": None}
         return {"success": True, "msg": "", "task_uid": task.uid}
 
     def task_status(self, params: dict, **who: Any) -> dict:
@@ -223,7 +224,7 @@ class QueueserverProtocol(GuiMethods):
                 background=_flag(params, "run_in_background", False), lock_key=_lock_key(params),
                 origin="remote", client=client)
         except RequestRefused as exc:
-            return {"success": False, "msg": str(exc), "task_uid": None}
+            return {"success": False, "msg": _script_refusal(exc), "task_uid": None}
         return {"success": True, "msg": "", "task_uid": task.uid}
 
     def unavailable(self, method: str) -> dict:
@@ -294,6 +295,13 @@ def _function_item(params: Mapping[str, Any]) -> tuple[str, list, dict]:
         raise RequestRefused(f"Error: Parameter 'kwargs' is not a dictionary: {type(item['kwargs'])}")
     name = check_name(item["name"])  # a string naming a function, with queueserver's texts
     return name, list(item.get("args") or []), dict(item.get("kwargs") or {})
+
+
+def _script_refusal(exc: RequestRefused) -> str:
+    """A refused script_upload / environment_update as queueserver words it: its handlers
+    return the busy foreground's text as it is, without the "Error: " of function_execute's."""
+    msg = str(exc)
+    return msg.removeprefix("Error: ") if msg == MSG_NOT_IDLE else msg
 
 
 def _wire(status: TaskStatus | None) -> str:
