@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from itertools import islice
 from typing import Any, Callable
 
 from .texts import valid_unicode
 
-__all__ = ["LARGE_BYTES", "NONFINITE_NOTE", "Encoded", "EncodedDict", "EncodedList", "encoded", "json_text",
-           "reply_bytes"]
+__all__ = ["LARGE_BYTES", "NONFINITE_NOTE", "Encoded", "EncodedDict", "EncodedList", "check_json", "encoded",
+           "json_text", "reply_bytes"]
 
 #: JSON larger than this (bytes) is *large*: a request, a reply, or a task result's copy.
 #: The control channel rations the time it spends on large work while others wait
@@ -88,10 +89,109 @@ def encoded(copy: Any) -> Any:
     if cls is None:
         return copy
     kept = cls(copy)
-    text, kept.nonfinite = json_text(copy)
-    kept.json = text.encode("utf-8")
+    pieces: list[bytes] = []
+    kept.nonfinite = _pieces(copy, pieces, 0)
+    kept.json = b"".join(pieces)
     kept.token = f"qmagic-encoded-{secrets.token_hex(16)}"  # (no client can guess it)
     return kept
+
+
+#: Most values one ``json.dumps`` call writes when a large copy is encoded (a few ms): the
+#: GIL is held through each call, so between calls the control channel, the info socket and
+#: the cells run.  One call for a result of 10 million floats held it ~4-8 s, and every
+#: client timed out (found by a hostile test).
+_BATCH = 8192
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+#: Deeper than this a value is written by one call (large results are shallow; each level
+#: walked here is a frame more under json's own, which a value nested ~900 deep needs).
+_DEPTH = 8
+
+
+def check_json(value: Any) -> None:
+    """Raise what ``json.dumps(value)`` raises, if anything: the same check, made in batches
+    for plain data (exact lists, tuples and dicts), so that a large value never holds the
+    GIL for long (one call took ~1 s for 3 million floats at a remote task's end)."""
+    _pieces(value, _Sink(), 0)
+
+
+def _piece(value: Any, out: list[bytes], prefix: str = "") -> bool:
+    """``prefix`` and ``value``'s strict JSON (:func:`json_text`) appended to ``out``; True if
+    NaN or an infinity was written as null."""
+    text, nonfinite = json_text(value)
+    out.append((prefix + text).encode("utf-8"))
+    return nonfinite
+
+
+def _pieces(value: Any, out: list[bytes], depth: int) -> bool:
+    """``json_text(value)``'s text, appended to ``out`` as UTF-8 pieces;
+    exact lists, tuples and dicts with str keys are written in pieces, each by one
+    ``json.dumps`` call of at most about :data:`_BATCH` values (x16 in small containers),
+    anything else by one call.  True if NaN or an infinity was written as null."""
+    cls = type(value)
+    if cls is tuple:
+        cls = list
+    elif cls is not list and (cls is not dict or not all(type(key) is str for key in value)):
+        return _piece(value, out)
+    if depth > _DEPTH or (len(value) <= _BATCH and _light([value])):
+        return _piece(value, out)
+    nonfinite, sep = False, ""
+    out.append(b"[" if cls is list else b"{")
+    if cls is list:
+        for start in range(0, len(value), _BATCH):
+            part = value[start:start + _BATCH]
+            if _light(part):
+                nonfinite |= _part(part, out, sep)
+                sep = ", "
+                continue
+            for item in part:
+                out.append(sep.encode())
+                sep = ", "
+                nonfinite |= _pieces(item, out, depth + 1)
+    else:
+        items = iter(value.items())
+        while batch := dict(islice(items, _BATCH)):
+            if _light(batch.values()):
+                nonfinite |= _part(batch, out, sep)
+                sep = ", "
+                continue
+            for key, item in batch.items():
+                nonfinite |= _piece(key, out, sep)
+                out.append(b": ")
+                sep = ", "
+                nonfinite |= _pieces(item, out, depth + 1)
+    out.append(b"]" if cls is list else b"}")
+    return nonfinite
+
+
+class _Sink(list):
+    """Where the pieces of a value only checked (:func:`check_json`) go: nowhere."""
+
+    def append(self, piece: Any) -> None:
+        pass
+
+
+def _light(items: Any) -> bool:
+    """True if ``items`` are scalars and lists or dicts of scalars, :data:`_BATCH` x 16
+    values in all at most: one ``json.dumps`` call writes them in a few ms."""
+    budget = _BATCH * 16
+    for item in items:
+        cls = type(item)
+        if cls in _SCALARS:
+            continue
+        if cls is not list and cls is not tuple and cls is not dict:
+            return False
+        budget -= len(item)
+        if budget < 0 or not set(map(type, item.values() if cls is dict else item)) <= _SCALARS:
+            return False
+    return True
+
+
+def _part(part: Any, out: list[bytes], sep: str) -> bool:
+    """A batch of a list's items (a list) or of a dict's (a dict) as JSON text without its
+    brackets, after ``sep``; True if NaN or an infinity was written as null."""
+    text, nonfinite = json_text(part)
+    out.append((sep + text[1:-1]).encode("utf-8"))
+    return nonfinite
 
 
 def _swapped(value: Any, pieces: dict[str, Encoded], depth: int = 0) -> Any:

@@ -282,7 +282,7 @@ class ResultCopies:
         result: checking its kept copy (~50 ms per million items), or, with none kept, making
         a new one (~0.5 s per million items; :func:`may_be_large`): if it says no,
         :data:`BUSY`, neither done.
-        A copy made after its request gave up (``put(fresh=True)``) answers the next request
+        A copy made after its request gave up (``put(fresh=True)`` or ``refresh``) answers the next request
         once unchecked: it is newer than that request, as a copy made for it would be."""
         with self._lock:
             self._purge()

@@ -714,6 +714,51 @@ def test_many_clients_cycling_through_large_results_never_hold_up_the_others(tmp
         wait_probe_free()
 
 
+def test_a_large_result_never_holds_up_other_clients(worker, server, rm_factory):
+    """A remote task's large result was checked at its end by one json.dumps call, and its
+    copy for task_result encoded by another, on the control thread: each holds the GIL from
+    start to end (~1 s for 2-3 million floats, 4-8 s for 10 million), while no other client
+    got a reply (queueserver's client gives up after 2 s) and the kernel stood still (found
+    by a hostile test).  Both now write the JSON in batches of a few thousand values, the
+    copy's under task_result's deadline (RESULT_READ_S), on the probe thread."""
+    from qmagic.protocol import RESULT_READ_S
+
+    worker.namespace["floats"] = lambda n: [i * 0.5 for i in range(n)]
+    rm, other = rm_factory(server.address), rm_factory(server.address)
+    latencies: list[tuple[float, float]] = []  # (when asked, how long it took)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            start = time.monotonic()
+            other.status(reload=True)
+            latencies.append((start, time.monotonic() - start))
+            done.wait(0.01)
+
+    poller = threading.Thread(target=poll, name="status-poller")
+    poller.start()
+    reader = Raw(server.address, timeout=WAIT * 6)  # (its reply is not decoded here: the
+    try:  # decoding would hold this process's GIL, which the channel's thread shares)
+        uid = rm.function_execute(BFunc("floats", 2_000_000), run_in_background=True)["task_uid"]
+        assert rm.wait_for_completed_task(uid, timeout=WAIT) == {uid: "completed"}
+        asked = time.monotonic()
+        deadline = asked + WAIT * 6
+        while True:  # "ask again" until the copy is made, then the result itself
+            reader.sock.send(json.dumps({"method": "task_result", "params": {"task_uid": uid}}).encode())
+            if reader.sock.recv().startswith(b'{"success": true'):
+                break
+            assert time.monotonic() < deadline, "the result was never sent"
+            time.sleep(0.05)  # (the kernel asked to ask again in a moment)
+    finally:
+        done.set()
+        poller.join(WAIT)
+        reader.close()
+    running = [took for start, took in latencies if start < asked]  # the task, its end's check
+    reading = [took for start, took in latencies if start >= asked]  # the copy, its JSON
+    assert max(running) < 0.5 and len(running) > 5, sorted(running)[-3:]
+    assert max(reading) < RESULT_READ_S + 0.6 and len(reading) > 5, sorted(reading)[-3:]
+
+
 def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protocol, monkeypatch):
     """A result whose JSON alone passes what is kept of result copies, and which takes
     longer to copy than a request waits, is still answered by a later request: the newest
