@@ -168,6 +168,38 @@ def test_system_info_monitor_receives_status_and_task_events(setup):
     assert len(mine) < 20  # 200 progress events coalesced (at most ~10/s per task)
 
 
+def test_a_large_result_never_holds_up_the_stream(make_worker):
+    """A task event's result text was repr(result) cut to 200 characters: for 5 million
+    floats one C call, which held the GIL ~1.3 s at the task's end (on the text thread, past
+    its deadline), so the status stream paused and no remote client had a reply (found by a
+    hostile test).  The text is now made from the first items, as repr begins."""
+    worker = make_worker({"floats": lambda n: [i * 0.5 for i in range(n)]})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:*", lambda: status_reply(worker),
+                        status_period=0.1).start()
+    rm = REManagerAPI(zmq_control_addr="tcp://127.0.0.1:1", zmq_info_addr=pub.address,
+                      system_info_monitor_poll_timeout=0.05)
+    try:
+        rm.system_info_monitor.enable()
+        rm.system_info_monitor.next_msg(timeout=TIMEOUT)  # (subscribed)
+        task = worker.submit("floats", (5_000_000,))
+        statuses, result, deadline = [], None, time.monotonic() + TIMEOUT
+        while result is None or statuses[-1] < done + 0.5:  # (and half a second after)
+            assert time.monotonic() < deadline, (result, statuses[-3:])
+            msg = rm.system_info_monitor.next_msg(timeout=TIMEOUT)
+            if "status" in msg["msg"]:
+                statuses.append(msg["time"])
+            event = msg["msg"].get("task", {})
+            if event.get("task_uid") == task.uid and event.get("status") == "completed":
+                result, done = event["result"], msg["time"]
+    finally:
+        rm.system_info_monitor.disable_wait(timeout=2)
+        rm.close()
+        pub.stop()
+    assert result.startswith("[0.0, 0.5, 1.0, 1.5, ") and result.endswith("...") and len(result) == 200
+    gaps = [b - a for a, b in itertools.pairwise(statuses)]
+    assert max(gaps) < 0.6, sorted(gaps)[-3:]
+
+
 def test_queueserver_receiver_reads_the_periodic_status(setup):
     worker, pub, rm, release = setup
     rsi = ReceiveSystemInfo(zmq_subscribe_addr=pub.address, timeout=5000)
