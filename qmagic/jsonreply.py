@@ -102,6 +102,7 @@ def encoded(copy: Any) -> Any:
 #: client timed out (found by a hostile test).
 _BATCH = 8192
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_ALWAYS = frozenset({str, float, bool, type(None)})  # json.dumps never refuses these (ints: huge ones)
 #: Deeper than this a value is written by one call (large results are shallow; each level
 #: walked here is a frame more under json's own, which a value nested ~900 deep needs).
 _DEPTH = 8
@@ -189,6 +190,8 @@ def _light(items: Any) -> bool:
 def _part(part: Any, out: list[bytes], sep: str) -> bool:
     """A batch of a list's items (a list) or of a dict's (a dict) as JSON text without its
     brackets, after ``sep``; True if NaN or an infinity was written as null."""
+    if type(out) is _Sink and set(map(type, part.values() if type(part) is dict else part)) <= _ALWAYS:
+        return False  # (only checked: these always pass)
     text, nonfinite = json_text(part)
     out.append((sep + text[1:-1]).encode("utf-8"))
     return nonfinite
