@@ -72,7 +72,8 @@ class LockMagics(Magics):
     def lock(self, line: str) -> None:
         """Lock the environment (the default), the queue (-q) or both (-a): then only holders
         of the key can run or cancel tasks (environment), or change permissions and clear
-        the history (queue).
+        the history (queue).  Locking again replaces the scopes (``%lock -q`` after ``%lock``
+        leaves the environment unlocked, and says so).
 
         Without a key option: the key this kernel locked with last, else your default key
         (``qmagic.get_default_lock_key()``).  This kernel remembers the key, so its own magics
