@@ -436,3 +436,41 @@ def test_what_threads_a_task_starts_print_and_log_is_kept_on_the_task(make_worke
     assert printed_late.wait(TIMEOUT)
     assert task.output == kept  # (a finished task's output never changes)
     assert "after the end" in capsys.readouterr().out  # (it still reaches its destination)
+
+
+def test_progress_and_cancel_checks_in_threads_a_task_starts_act_for_the_task(make_worker):
+    """A scan whose detectors are read in a thread pool calls ``report_progress`` and
+    ``raise_if_cancelled`` there: both did nothing (no task in that thread), so the panel's
+    bar never moved and a cancel never reached the readings.  While the task runs they act
+    for it; once it has ended, the pool's thread (which lives on) is nobody's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    step, go_on = threading.Event(), threading.Event()
+
+    def read(i):
+        qmagic.report_progress(i, 2, f"detector {i}")
+        step.set()
+        go_on.wait(TIMEOUT)
+        qmagic.raise_if_cancelled()
+        return i
+
+    def scan():
+        return pool.submit(read, 1).result()
+
+    w = make_worker({"scan": scan})
+    try:
+        task = w.submit("scan")
+        assert step.wait(TIMEOUT)
+        assert (task.progress.value, task.progress.total, task.progress.message) == (1, 2, "detector 1")
+        task.cancel()
+        go_on.set()
+        assert task.wait(TIMEOUT)  # (the reading stopped: else it returned 1 and completed)
+        assert task.status == TaskStatus.CANCELLED and task.traceback and "raise_if_cancelled" in task.traceback
+        # the task has ended: the same pool thread, now working for nobody
+        assert pool.submit(lambda: (qmagic.report_progress(2, 2), qmagic.raise_if_cancelled(), "done")[2]
+                           ).result(TIMEOUT) == "done"
+        assert task.progress.value == 1
+    finally:
+        go_on.set()
+        pool.shutdown(wait=True)

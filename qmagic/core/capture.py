@@ -25,7 +25,7 @@ import weakref
 from collections import deque
 from typing import Any, TextIO
 
-from .context import _current
+from .context import _current, task_here
 
 __all__ = ["TextBuffer", "install", "uninstall", "ensure_streams", "add_listener", "remove_listener",
            "work_of"]
@@ -47,10 +47,7 @@ def work_of() -> Any:
     it has ended, a thread it happened to start -- a pool's, an event loop's -- runs other
     work: the notebook's, the next task's; and code it started that inherited its context,
     an asyncio task it created, is on its own.)"""
-    task = _current.get()
-    if task is None:
-        started_by = getattr(threading.current_thread(), "_qmagic_started_by", None)
-        task = started_by() if started_by is not None else None
+    task = task_here()
     return None if task is None or task._ending else task
 
 

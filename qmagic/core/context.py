@@ -7,6 +7,7 @@ when called directly in a cell and when started as a tracked task.
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -34,12 +35,26 @@ def current_task() -> Task | None:
     return _current.get()
 
 
+def task_here() -> Task | None:
+    """The task the helpers below act for: the current task, else the task whose work
+    started this thread (a ``ThreadPoolExecutor`` reading detectors for a scan), while that
+    task runs (a pool's thread lives on and later runs other work); else None.  The note on
+    the thread is made by :mod:`qmagic.core.capture` while it is installed."""
+    task = _current.get()
+    if task is not None:
+        return task
+    started_by = getattr(threading.current_thread(), "_qmagic_started_by", None)
+    task = started_by() if started_by is not None else None
+    return None if task is None or task._ending else task
+
+
 def raise_if_cancelled() -> None:
     """Raise :class:`qmagic.TaskCancelled` if the current task was asked to stop.
 
-    Call it between steps of a long loop.  Outside a task it does nothing.
+    Call it between steps of a long loop (also in threads the task's code started, while
+    it runs: :func:`task_here`).  Outside a task it does nothing.
     """
-    task = _current.get()
+    task = task_here()
     if task is not None and task.cancel_requested:
         raise TaskCancelled(task.cancel_reason)
 
@@ -50,10 +65,11 @@ def report_progress(
     """Report how far the current task got (e.g. ``report_progress(i, n, "point 3 of 10")``).
 
     Panels and subscribers see it live.  It also checks for a cancel request, raising
-    :class:`qmagic.TaskCancelled` if the task was asked to stop.  Outside a task it does
-    nothing.
+    :class:`qmagic.TaskCancelled` if the task was asked to stop.  In a thread the task's
+    code started (a pool reading detectors) it reports for the task while the task runs
+    (:func:`task_here`).  Outside a task it does nothing.
     """
-    task = _current.get()
+    task = task_here()
     if task is None:
         return
     from .status import Progress
@@ -67,11 +83,12 @@ def report_progress(
 def cancellable_sleep(seconds: float) -> None:
     """Sleep ``seconds``, waking at once with :class:`qmagic.TaskCancelled` on cancel.
 
-    Outside a task it is ``time.sleep``.  In a coroutine (``async def``) task use
+    Outside a task it is ``time.sleep`` (a thread the task's code started counts as the
+    task's while it runs: :func:`task_here`).  In a coroutine (``async def``) task use
     ``await asyncio.sleep(seconds)`` instead: it is cancelled at once too, and does not
     block the event loop.
     """
-    task = _current.get()
+    task = task_here()
     if task is None:
         time.sleep(seconds)
         return
