@@ -474,3 +474,42 @@ def test_progress_and_cancel_checks_in_threads_a_task_starts_act_for_the_task(ma
     finally:
         go_on.set()
         pool.shutdown(wait=True)
+
+
+def test_a_pool_thread_runs_the_work_of_whoever_submitted_to_it(make_worker):
+    """A pool that tasks share (asyncio's default executor serves every coroutine task of its
+    loop; a module's pool made on first use): its thread, started by the first task's work,
+    ran every later submission as that task's work while it ran -- another task's prints
+    kept on the first task (and written to its cell), none on their own; the notebook's
+    too.  A pool's thread now runs each submission as the work of whoever submitted it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qmagic.core import capture
+
+    pools, used, release = [], threading.Event(), threading.Event()
+
+    def first():
+        pools.append(ThreadPoolExecutor(1))  # (its one thread starts in this task's work)
+        pools[0].submit(print, "first's").result(TIMEOUT)
+        used.set()
+        release.wait(TIMEOUT)
+        return "first"
+
+    def second():
+        pools[0].submit(qmagic.report_progress, 1, 2, "second's reading").result(TIMEOUT)
+        return pools[0].submit(print, "second's").result(TIMEOUT)
+
+    worker = make_worker({"first": first, "second": second})
+    a = worker.submit("first", background=True)
+    try:
+        assert used.wait(TIMEOUT)
+        b = worker.submit("second", background=True)
+        b.result(TIMEOUT)
+        assert b.output == "second's\n"
+        assert b.progress.message == "second's reading" and a.progress is None  # (task_here too)
+        assert pools[0].submit(capture.work_of).result(TIMEOUT) is None  # (the notebook's)
+    finally:
+        release.set()
+        a.result(TIMEOUT)
+        pools[0].shutdown()
+    assert a.output == "first's\n"

@@ -5,8 +5,10 @@ tee that copies writes made by a task's work to that task, and a handler on the 
 logger copies log records emitted by it.  A task's work is the task running in the
 writing thread, else the task whose work started that thread (or the thread that started
 it ...) while that task runs: while installed, ``threading.Thread.start`` notes it on the
-new thread (a scan reading detectors in a thread pool keeps their prints and logs), and
-such a thread's prints are written in the context the task's code runs in
+new thread (a scan reading detectors in a thread pool keeps their prints and logs) -- and
+``ThreadPoolExecutor.submit`` notes it on what a pool's thread runs for it, so a pool that
+tasks share (asyncio's default executor) runs each submission as its submitter's work,
+whoever started its thread -- and such a thread's prints are written in the context the task's code runs in
 (``Task._work_context``), so they reach the task's cell, not whichever cell runs then.
 Outside tasks both are pass-through, and so once the task's end was claimed (code it
 started that inherited its context -- an asyncio task it created -- may print after it
@@ -23,6 +25,7 @@ import sys
 import threading
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 from .context import _current, task_here
@@ -35,15 +38,38 @@ _users = 0
 #: Called as ``listener(task or None, text)`` for every text written to stdout/stderr
 #: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
 _listeners: tuple = ()
-_thread_start: Any = None  # ``threading.Thread.start`` as install() found it
-#: uninstall() found another library's wrapper around ours (it calls ours): ours stays in
-#: that chain, passing through while not installed, and is never wrapped around it again
-_left_in_chain = False
+
+
+class _Patch:
+    """A method replaced by ours while installed (under ``_lock``), such as another library's
+    patch found then keeps working."""
+
+    def __init__(self, owner: type, name: str, ours: Any) -> None:
+        self.owner, self.name, self.ours = owner, name, ours
+        self.found: Any = None  # the method as install() found it (ours calls it)
+        #: uninstall() found another library's wrapper around ours (it calls ours): ours stays
+        #: in that chain, passing through while not installed, and is never wrapped around it again
+        self.left_in_chain = False
+
+    def install(self) -> None:
+        current = self.owner.__dict__.get(self.name)
+        if self.left_in_chain and current is self.found:
+            self.left_in_chain = False  # (the wrapper that held ours is gone: ours is in no chain)
+        if not self.left_in_chain and current is not self.ours:
+            self.found = current  # (as found: another library's patch keeps working)
+            setattr(self.owner, self.name, self.ours)
+
+    def uninstall(self) -> None:
+        if self.owner.__dict__.get(self.name) is self.ours:  # (unless replaced since)
+            setattr(self.owner, self.name, self.found)
+        else:  # (a wrapper around ours: taking that as "the original" would recurse)
+            self.left_in_chain = True
 
 
 def work_of() -> Any:
     """The task whose work runs in this thread: the current task, else the one whose work
-    started this thread, while that task runs (see the module docstring), else None.  (Once
+    started this thread (in a pool's thread: submitted what it runs), while that task runs
+    (see the module docstring), else None.  (Once
     it has ended, a thread it happened to start -- a pool's, an event loop's -- runs other
     work: the notebook's, the next task's; and code it started that inherited its context,
     an asyncio task it created, is on its own.)"""
@@ -59,7 +85,42 @@ def _start_noting_the_task(thread: threading.Thread) -> None:
             thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
         except AttributeError:  # (a Thread subclass with __slots__: it starts all the same)
             pass
-    _thread_start(thread)
+    _THREAD_START.found(thread)
+
+
+def _submit_noting_the_task(pool: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """``ThreadPoolExecutor.submit`` that notes whose work submits ``fn``: the pool's thread
+    runs it as that work (or as no task's), whichever task's work happened to start that
+    thread -- a pool outlives the submission that started its threads (asyncio's default
+    executor serves every coroutine task of its loop)."""
+    task = work_of() if _users else None
+    return _POOL_SUBMIT.found(pool, _Submitted(fn, task), *args, **kwargs)
+
+
+class _Submitted:
+    """``fn``, run in a pool's thread as the work of the task that submitted it (None: none's)."""
+
+    __slots__ = ("fn", "by")
+
+    def __init__(self, fn: Any, task: Any) -> None:
+        self.fn = fn
+        self.by = weakref.ref(task) if task is not None else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        thread = threading.current_thread()
+        before = getattr(thread, "_qmagic_started_by", None)
+        try:
+            thread._qmagic_started_by = self.by  # type: ignore[attr-defined]
+        except AttributeError:  # (a Thread subclass with __slots__: it runs all the same)
+            return self.fn(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            thread._qmagic_started_by = before  # type: ignore[attr-defined]
+
+
+_THREAD_START = _Patch(threading.Thread, "start", _start_noting_the_task)
+_POOL_SUBMIT = _Patch(ThreadPoolExecutor, "submit", _submit_noting_the_task)
 
 
 def add_listener(listener: Any) -> None:
@@ -256,16 +317,13 @@ def ensure_streams() -> None:
 
 def install() -> None:
     """Start copying task output and logs (one call per worker; reference counted)."""
-    global _users, _thread_start, _left_in_chain
+    global _users
     with _lock:
         _users += 1
         _wrap("stdout")
         _wrap("stderr")
-        if _left_in_chain and threading.Thread.start is _thread_start:
-            _left_in_chain = False  # (the wrapper that held ours is gone: ours is in no chain)
-        if not _left_in_chain and threading.Thread.start is not _start_noting_the_task:
-            _thread_start = threading.Thread.start  # (as found: another library's patch keeps
-            threading.Thread.start = _start_noting_the_task  # type: ignore[method-assign]  working)
+        _THREAD_START.install()
+        _POOL_SUBMIT.install()
         root = logging.getLogger()
         if _handler not in root.handlers:
             root.addHandler(_handler)
@@ -273,7 +331,7 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo one :func:`install`; the last one restores the streams and the logger."""
-    global _users, _left_in_chain
+    global _users
     with _lock:
         if _users == 0:
             return
@@ -284,8 +342,6 @@ def uninstall() -> None:
             stream = getattr(sys, name)
             if isinstance(stream, _TaskTee):
                 setattr(sys, name, stream._qmagic_wrapped)
-        if threading.Thread.start is _start_noting_the_task:  # (unless replaced since)
-            threading.Thread.start = _thread_start  # type: ignore[method-assign]
-        else:  # (a wrapper around ours: taking that as "the original" would recurse)
-            _left_in_chain = True
+        _THREAD_START.uninstall()
+        _POOL_SUBMIT.uninstall()
         logging.getLogger().removeHandler(_handler)
