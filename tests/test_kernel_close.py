@@ -175,3 +175,41 @@ def test_tasks_an_unload_cancels_keep_the_cell_in_their_tracebacks(tmp_path):
             assert 'File "Cell In[' in text and "ipykernel_" not in text, text
     finally:
         k.shutdown()
+
+
+def test_a_remote_watcher_sees_the_tasks_an_unload_cancelled(tmp_path):
+    """``%unload_ext qmagic`` (or ``%reload_ext``) while a background scan runs: the scan is
+    cancelled, but a remote operator watching the info socket never saw it end -- the
+    unload stopped the remote door before it closed the worker, so the final state was
+    published to no socket, and the scan stayed 'running' in the operator's monitor."""
+    import json
+
+    import zmq
+
+    k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+    sub.connect(k.eval(f"{SESSION}.remote.info.address"))
+    try:
+        assert sub.poll(30_000), "no status from the info socket"  # (one a second)
+        k.execute("def scan():\n"
+                  "    while True:\n"
+                  "        qmagic.cancellable_sleep(0.05)\n"
+                  "t = %function_execute -b scan\n"
+                  "wait_until(lambda: t.running())", check=True)
+        uid = k.eval("t.uid")
+        k.execute("%unload_ext qmagic", check=True)
+        assert k.eval("t.status.value") == "cancelled"
+        final = None
+        while final is None:
+            assert sub.poll(10_000), "the cancelled task's final state never arrived"
+            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
+            if task.get("task_uid") == uid and task.get("status") not in (None, "queued", "running"):
+                final = task
+        assert final["status"] == "cancelled", final
+    finally:
+        sub.close(0)
+        ctx.term()
+        k.shutdown()

@@ -104,6 +104,9 @@ class Session:
         # tracebacks' Cell In[12], not the kernel's /tmp/ipykernel_1/123.py)
         tracebacks.set_filename_labeler(cell_labeler(shell))
         self._step("traceback labels", lambda: tracebacks.set_filename_labeler(None))
+        # (the remote door, made below, is also undone after the worker: its info socket
+        # publishes the final states of the tasks an unload cancels, as at the kernel's exit)
+        self._step("remote door", lambda: self.remote.close() if self.remote is not None else None)
         self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner,
                                       hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
@@ -117,8 +120,7 @@ class Session:
         from ..remote.service import RemoteService
         from .magics import LockMagics, RemoteMagics, TaskMagics
 
-        self.remote = RemoteService(worker, kernel_connection_info)
-        self._step("remote door", self.remote.close)
+        self.remote = RemoteService(worker, kernel_connection_info)  # (undone after the worker)
         for magics in (TaskMagics(shell, worker), LockMagics(shell, worker),
                        RemoteMagics(shell, self.remote)):
             shell.register_magics(magics)
