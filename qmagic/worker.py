@@ -29,6 +29,7 @@ from .catalog import (
 )
 from .config import QMagic
 from .core.awaiting import awaitable_result, awaited_value, coroutine_name
+from .core.capture import work_of
 from .core.context import current_task
 from .core.engine import MSG_KERNEL_BUSY, MSG_NOT_IDLE, Engine
 from .core.foreground import ForegroundRunner
@@ -365,9 +366,9 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         notebook users in their terms (remote clients get queueserver's texts)."""
         if origin == "remote" or str(exc) not in (MSG_NOT_IDLE, MSG_KERNEL_BUSY):
             return exc
-        running = self.engine.counts()["foreground"]
+        running = self.engine.counts()["foreground"]  # (own: its code, or a thread it started)
         return RequestRefused(busy_text(str(exc) == MSG_NOT_IDLE, running, running is not None
-                                        and running is current_task()))
+                                        and running is work_of()))
 
     # -- cancelling and interrupting ---------------------------------------------------------------
     def cancel(self, task: Task | str, *, force: bool = False, lock_key: str | None = None,

@@ -910,6 +910,28 @@ def test_a_foreground_task_starting_another_in_the_foreground_is_told_not_to_wai
         "call the function directly, or start it in the background (-b, or background=True).")
 
 
+def test_a_foreground_task_s_thread_starting_a_foreground_task_is_told_not_to_wait(make_worker):
+    """The same from a thread the foreground macro started (its detectors' pool): it was told
+    to wait for the macro to end -- which waits for that thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = {}
+
+    def in_thread():
+        try:
+            w.submit("f", background=False)
+        except RequestRefused as exc:
+            seen["refused"] = str(exc)
+
+    def macro():
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(in_thread).result(TIMEOUT)
+
+    w = make_worker({"macro": macro, "f": lambda: 1})
+    w.submit("macro", background=False).result(TIMEOUT)
+    assert seen["refused"].startswith("Error: macro() runs in the foreground, so its code cannot start"), seen
+
+
 def test_lock_calls_never_wait_for_each_other_s_key_derivation(make_worker, monkeypatch):
     # Found by a review: the worker held its key lock across the store's key derivation
     # (tens of ms) and file I/O (up to flock_timeout_s), so a remote lock request on the
