@@ -14,6 +14,7 @@ import qmagic
 from qmagic import TaskCancelled, TaskStatus
 
 from engine_helpers import TIMEOUT, make_worker  # noqa: F401 - fixture
+from polling import eventually
 
 #: These tests are about the engine alone (its rules, races and timings): the experiment log
 #: stays off here (make_worker reads this); it is tested in test_worker_journal.py and
@@ -513,3 +514,35 @@ def test_a_pool_thread_runs_the_work_of_whoever_submitted_to_it(make_worker):
         a.result(TIMEOUT)
         pools[0].shutdown()
     assert a.output == "first's\n"
+
+
+def test_qmagic_s_own_threads_are_no_task_s_work(make_worker):
+    """qmagic starts some of its threads on first use: its event loop's on the first coroutine
+    task, which a task's work may submit (a macro starting an async scan).  That thread was
+    noted as the macro's work: what ran on the loop outside a coroutine task (a callback
+    another thread scheduled) counted as the macro's -- kept on it, written to its cell."""
+    import asyncio
+
+    from qmagic.core import capture
+
+    release, seen = threading.Event(), {}
+
+    async def tick():
+        return 1
+
+    def macro():
+        worker.submit("tick").result(TIMEOUT)  # (qmagic's event loop starts here)
+        seen["loop"] = worker.engine.loops.own_loop()
+        release.wait(TIMEOUT)
+
+    async def work_of():
+        return capture.work_of()
+
+    worker = make_worker({"macro": macro, "tick": tick})
+    task = worker.submit("macro", background=True)
+    try:
+        eventually(lambda: "loop" in seen, TIMEOUT, "the loop started")
+        assert asyncio.run_coroutine_threadsafe(work_of(), seen["loop"]).result(TIMEOUT) is None
+    finally:
+        release.set()
+        task.result(TIMEOUT)

@@ -38,6 +38,8 @@ _users = 0
 #: Called as ``listener(task or None, text)`` for every text written to stdout/stderr
 #: (in the writing thread: listeners must be quick, e.g. put the text on a queue).
 _listeners: tuple = ()
+#: How the names of qmagic's own threads start ("qmagic-asyncio", "qmagic-task", ...).
+_OWN_THREADS = "qmagic-"
 
 
 class _Patch:
@@ -78,9 +80,11 @@ def work_of() -> Any:
 
 
 def _start_noting_the_task(thread: threading.Thread) -> None:
-    """``threading.Thread.start`` that first notes on the thread whose work starts it."""
+    """``threading.Thread.start`` that first notes on the thread whose work starts it (not on
+    qmagic's own threads, started on first use: an event loop, a pool, serve every task)."""
     task = work_of() if _users else None
-    if task is not None:  # (weakly: a pool's thread lives on, the task and its result need not)
+    if task is not None and not thread.name.startswith(_OWN_THREADS):  # (weakly: a pool's
+        # thread lives on, the task and its result need not)
         try:
             thread._qmagic_started_by = weakref.ref(task)  # type: ignore[attr-defined]
         except AttributeError:  # (a Thread subclass with __slots__: it starts all the same)
