@@ -321,6 +321,18 @@ def test_the_call_form_takes_negative_arguments_after_the_first(qm, ip):
     assert qm.last_task is task
 
 
+def test_an_option_written_without_its_value_before_the_call_says_so(qm, ip):
+    """``%function_execute --timeout scan(1)`` (the value forgotten): the call was read as the
+    timeout and the line refused with "Give the function name", which it had.  It now says
+    what --timeout takes, as ``--timeout scan 1`` does."""
+    for words in ("--timeout echo(1)", "-b --timeout echo(1, -1)"):
+        with pytest.raises(UsageError, match="--timeout takes a number"):
+            line(ip, "function_execute", words)
+    for words in ("", "-b", "--timeout 5"):
+        with pytest.raises(UsageError, match="Give the function name"):
+            line(ip, "function_execute", words)
+
+
 def test_a_trailing_semicolon_ends_the_call_as_in_python(qm, ip):
     """``%function_execute scan 3;`` -- a notebook habit (a semicolon hides a cell's result)
     -- was refused ("Cannot evaluate argument '3;'"), and ``scan(3);`` with "Incorrect

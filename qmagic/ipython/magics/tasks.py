@@ -108,7 +108,8 @@ class TaskMagics(Magics):
         namespace = self.worker.namespace
         prefix, name, words = split_options(self.function_execute.parser, line,
                                             known=lambda word: callable(namespace.get(called_name(word))))
-        if name is None:
+        if name is None:  # (an option that took the call as its value says so: --timeout scan(1))
+            parse_line(self.function_execute, f"{prefix} _")
             raise UsageError("Give the function name: %function_execute [OPTIONS] NAME [ARG ...]")
         # (NAME, found above, stands as one plain word: argparse must not split a call
         # such as scan(5, -5) and read its -5 as an option)
