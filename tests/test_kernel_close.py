@@ -114,9 +114,11 @@ def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     records them so; a remote operator watching the info socket (qserver-console-monitor,
     the HTTP gateway) sees the scan cancelled, with the reason.  The exit stops the info
     socket after the tasks' close, and it sends what waits before it goes, within its
-    linger: before, it was never stopped at the exit, and the final states reached a
-    subscriber only if 0MQ happened to write them before the process ended (behind a
-    backlog they never did: test_remote_info's stop test shows that part)."""
+    linger.  Before, it was never stopped at the exit, and the final states reached a
+    subscriber only if 0MQ happened to write them before the process ended: this test
+    passed then too (nothing waits here); behind a backlog they never did, which
+    test_remote_info's stop test shows.  What this one catches is a socket stopped before
+    the tasks' close (as %unload_ext did: the next test)."""
     import json
 
     import zmq
