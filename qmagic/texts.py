@@ -95,12 +95,24 @@ def safe_repr(value: Any, limit: int = 2000, *, lines: bool = False) -> str:
         if isinstance(value, dict) and SUMMARY_KEY in value:
             text = value.get("repr") or f"<{value.get('type', 'value')}>"
         elif type(value) is str and len(value) > limit:  # (a huge text is cut before its repr)
-            text = repr(value[:limit])
+            text = _str_head(value, limit)
         else:
             text = _repr_head(value, limit, set()) if limit is not None else repr(value)
     except Exception:  # noqa: BLE001
         text = _failing(value, "repr")
     return printable(str.__str__(text) if isinstance(text, str) else text, limit, lines=lines)
+
+
+def _str_head(value: str, size: int) -> str:
+    """``repr(value[:size])`` in the quotes that ``repr(value)`` uses: a text that starts
+    as ``repr(value)`` does, for as long as its first ``size`` characters' repr (repr takes
+    double quotes for a text with a ' and no ", and its start may have neither)."""
+    head = repr(value[:size])
+    quote = '"' if "'" in value and '"' not in value else "'"
+    if head[0] == quote:
+        return head
+    body = head[1:-1]  # (in double quotes: its ' are not escaped; in single ones: it has none)
+    return quote + (body.replace("'", "\\'") if quote == "'" else body) + quote
 
 
 _NUMBERS = frozenset({int, float, bool, type(None)})
@@ -115,7 +127,7 @@ def _repr_head(value: Any, limit: int, active: set[int], depth: int = 0) -> str:
     ``active``: the containers being written (one met again reads ``[...]``, as in repr)."""
     cls = type(value)
     if cls is str:
-        return repr(value[:limit + 1]) if len(value) > limit else repr(value)
+        return _str_head(value, limit + 1) if len(value) > limit else repr(value)
     brackets = _BRACKETS.get(cls)
     if brackets is None or depth > 20 or (len(value) <= 256 and set(
             map(type, value.values() if cls is dict else value)) <= _NUMBERS):

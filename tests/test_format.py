@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from qmagic.format import SUMMARY_KEY, call_text, printable, record_call, safe_repr
 from qmagic.history_text import log_health_note
 
@@ -132,6 +135,26 @@ def test_safe_repr_is_one_printable_line_of_at_most_limit_characters_and_never_f
     for value in (Raising(), NotText(), Odd(), "\n" * 100, b"\x00" * 100):
         text = safe_repr(value, 20)
         assert len(text) <= 20 and text.isprintable() and len(text.splitlines()) == 1
+
+
+# (texts whose quotes may come late: repr takes double quotes for a text with a ' and no ")
+_TEXTS = st.builds(str.__add__, st.text(alphabet="ab\\\né\udcff", max_size=30),
+                   st.sampled_from(["", "'", '"', "'\"", "\"'", "a'b'"]))
+_VALUES = st.recursive(
+    st.one_of(_TEXTS, st.integers(), st.floats(), st.booleans(), st.none()),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.lists(inner, max_size=3).map(tuple),
+                            st.dictionaries(st.one_of(_TEXTS, st.integers()), inner, max_size=4)),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_VALUES, _TEXTS, st.integers(5, 40))
+def test_safe_repr_of_a_container_reads_as_its_repr_cut(value, text, limit):
+    # safe_repr writes a list, tuple or dict an item at a time (the repr of 5 million floats
+    # held the GIL ~1.3 s); a text in it longer than the limit was written as the repr of its
+    # start, whose quotes differ when only the rest has a ' ("ab...'" read 'ab...)
+    for shown in (value, text, [text, value], {text: value, 1: text}, (value,)):
+        assert safe_repr(shown, limit) == printable(repr(shown), limit)
 
 
 def test_progress_numbers_never_fail_to_format():
