@@ -172,19 +172,39 @@ class _Sink(list):
 
 
 def _light(items: Any) -> bool:
-    """True if ``items`` are scalars and lists or dicts of scalars, :data:`_BATCH` x 16
-    values in all at most: one ``json.dumps`` call writes them in a few ms."""
-    budget = _BATCH * 16
+    """True if ``items`` are scalars and lists or dicts (a few levels deep) of scalars,
+    :data:`_BATCH` x 16 values in all at most: one ``json.dumps`` call writes them in a few
+    ms.  (Records such as ``{"pos": [x, y]}`` count: written one by one, a million of them
+    took ~10x one ``json.dumps`` call.)"""
+    return _budget_left(items, _BATCH * 16, 0) >= 0
+
+
+def _budget_left(items: Any, budget: int, depth: int) -> int:
+    """``budget`` less the values in ``items``' containers; -1 if that goes below 0, or
+    if one of them is neither a scalar nor an exact list, tuple or dict of light ones."""
     for item in items:
         cls = type(item)
         if cls in _SCALARS:
             continue
         if cls is not list and cls is not tuple and cls is not dict:
-            return False
+            return -1
         budget -= len(item)
-        if budget < 0 or not set(map(type, item.values() if cls is dict else item)) <= _SCALARS:
-            return False
-    return True
+        if budget < 0:
+            return -1
+        values = item.values() if cls is dict else item
+        kinds = set(map(type, values))
+        if kinds <= _SCALARS:
+            continue
+        if depth >= _LIGHT_DEPTH or not kinds <= _NESTED:
+            return -1
+        budget = _budget_left(values, budget, depth + 1)
+        if budget < 0:
+            return -1
+    return budget
+
+
+_LIGHT_DEPTH = 3  # (how deep a light batch's containers go)
+_NESTED = _SCALARS | {list, tuple, dict}
 
 
 def _part(part: Any, out: list[bytes], sep: str) -> bool:

@@ -1,0 +1,62 @@
+"""The JSON of large task results, written in batches (qmagic.jsonreply): the same data and
+the same errors as one json.dumps call, never one long call, and not many more calls."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qmagic import jsonreply
+from qmagic.jsonreply import check_json, encoded, json_text
+
+_SCALARS = st.one_of(st.text(max_size=6), st.integers(), st.floats(), st.booleans(), st.none(),
+                     st.builds(pow, st.just(10), st.just(5000)), st.sampled_from([-0.0, "\udcff", "NaN", "\U0001f600"]))
+_KEYS = st.one_of(st.text(max_size=4), st.integers(-2, 2), st.floats(), st.booleans(), st.none())
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.lists(inner, max_size=3).map(tuple),
+    st.dictionaries(st.text(max_size=4), inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=3),
+    st.sets(st.integers(), max_size=2)), max_leaves=25)
+
+
+def _error(write, value):
+    try:
+        write(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_VALUES, st.sampled_from([1, 1, 1, 8192 + 1, 8192 * 3 + 5]))
+def test_batched_json_reads_as_one_json_dumps_and_fails_as_it_does(value, copies):
+    value = [value] * copies if copies > 1 else value
+    error = _error(json.dumps, value)
+    assert _error(check_json, value) == error
+    if type(value) in (list, dict):
+        assert _error(encoded, value) == error
+    if error is None and type(value) in (list, dict):
+        text, nonfinite = json_text(value)
+        kept = encoded(value)
+        assert json.loads(kept.json) == json.loads(text) and kept.nonfinite == nonfinite
+
+
+def test_records_holding_lists_are_written_a_batch_at_a_time(monkeypatch):
+    # A result of records such as {"pos": [x, y]} was written one json.dumps call per record
+    # (a million of them took ~7-16x one json.dumps call of it all, at the task's end and
+    # again for its copy's JSON), not a batch of 8192 records per call
+    calls, dumps = [], json.dumps
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return dumps(*args, **kwargs)
+
+    records = [{"pos": [i, 0.5], "t": 1.5, "tags": {"ok": True}} for i in range(50_000)]
+    text, _ = json_text(records)
+    monkeypatch.setattr(jsonreply.json, "dumps", counted)
+    assert encoded(records).json == text.encode()
+    assert len(calls) <= 20, len(calls)
+    calls.clear()
+    check_json(records)
+    assert len(calls) <= 10, len(calls)
