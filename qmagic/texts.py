@@ -116,11 +116,12 @@ def _str_head(value: str, size: int) -> str:
 
 
 _NUMBERS = frozenset({int, float, bool, type(None)})
-_BRACKETS = {list: "[]", tuple: "()", dict: "{}"}
+_BRACKETS = {list: ("[", "]"), tuple: ("(", ")"), dict: ("{", "}"), set: ("{", "}"),
+             frozenset: ("frozenset({", "})")}  # (an empty set: repr, "set()")
 
 
 def _repr_head(value: Any, limit: int, active: set[int], depth: int = 0) -> str:
-    """``repr(value)``, or for an exact list, tuple or dict a text that starts with its first
+    """``repr(value)``, or for an exact list, tuple, dict, set or frozenset a text that starts with its first
     ``limit`` characters (what :func:`safe_repr` keeps), made an item at a time: the repr of
     a list of 5 million floats, one C call, held the GIL 1.3 s (the info socket wrote it for
     a task's result event: no remote client had a reply meanwhile; found by a hostile test).

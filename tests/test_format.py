@@ -143,7 +143,9 @@ _TEXTS = st.builds(str.__add__, st.text(alphabet="ab\\\né\udcff", max_size=30),
 _VALUES = st.recursive(
     st.one_of(_TEXTS, st.integers(), st.floats(), st.booleans(), st.none()),
     lambda inner: st.one_of(st.lists(inner, max_size=5), st.lists(inner, max_size=3).map(tuple),
-                            st.dictionaries(st.one_of(_TEXTS, st.integers()), inner, max_size=4)),
+                            st.dictionaries(st.one_of(_TEXTS, st.integers()), inner, max_size=4),
+                            st.sets(st.one_of(_TEXTS, st.integers()), max_size=5),
+                            st.frozensets(st.one_of(_TEXTS, st.floats()), max_size=4)),
     max_leaves=20)
 
 
@@ -155,6 +157,24 @@ def test_safe_repr_of_a_container_reads_as_its_repr_cut(value, text, limit):
     # start, whose quotes differ when only the rest has a ' ("ab...'" read 'ab...)
     for shown in (value, text, [text, value], {text: value, 1: text}, (value,)):
         assert safe_repr(shown, limit) == printable(repr(shown), limit)
+
+
+def test_safe_repr_of_a_large_set_writes_only_its_start():
+    # the repr of a set of 5 million floats, one C call, held the GIL ~1 s (as a list's did
+    # before cec8450): a task's result event held up the info socket and the control channel
+    written = []
+
+    class Item:
+        def __repr__(self):
+            written.append(1)
+            return "Item()"
+
+    for cls in (set, frozenset):
+        value = cls(Item() for _ in range(10_000))
+        assert safe_repr(value, 50) == printable(repr(value), 50)
+        written.clear()
+        safe_repr(value, 50)
+        assert len(written) < 20, len(written)
 
 
 def test_progress_numbers_never_fail_to_format():
