@@ -66,13 +66,15 @@ def _null(match: re.Match[str]) -> str:
     return word if word[0] == '"' else "null"
 
 
-def json_text(value: Any, default: Callable[[Any], Any] | None = None) -> tuple[str, bool]:
+def json_text(value: Any, default: Callable[[Any], Any] | None = None, *,
+              unescaped: bool = False) -> tuple[str, bool]:
     """``value`` as strict JSON text that any UTF-8 JSON reader takes, and whether NaN or
     an infinity was written as null (keys stay as ``json`` writes them: ``"NaN"``); lone
     surrogates read as U+FFFD.  ``default``: as ``json.dumps``'s.  Raises what
-    ``json.dumps`` raises."""
-    body = json.dumps(value, default=default)
-    if "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
+    ``json.dumps`` raises.  ``unescaped``: non-ASCII text written as it is, as it is
+    anyway when the value holds a lone surrogate or a character past U+FFFF."""
+    body = "" if unescaped else json.dumps(value, default=default)
+    if unescaped or "\\ud" in body:  # (rare) perhaps a lone surrogate, which no UTF-8 reader takes
         body = valid_unicode(json.dumps(value, ensure_ascii=False, default=default))
     nonfinite = False
     if "NaN" in body or "Infinity" in body:  # (one pass over the text, strings skipped)
@@ -92,6 +94,10 @@ def encoded(copy: Any) -> Any:
     pieces: list[bytes] = []
     kept.nonfinite = _pieces(copy, pieces, 0)
     kept.json = b"".join(pieces)
+    if b"\\ud" in kept.json or not kept.json.isascii():  # (a piece was written unescaped:
+        pieces = _Unescaped()                             # json_text writes all of it so)
+        _pieces(copy, pieces, 0)
+        kept.json = b"".join(pieces)
     kept.token = f"qmagic-encoded-{secrets.token_hex(16)}"  # (no client can guess it)
     return kept
 
@@ -118,7 +124,7 @@ def check_json(value: Any) -> None:
 def _piece(value: Any, out: list[bytes], prefix: str = "") -> bool:
     """``prefix`` and ``value``'s strict JSON (:func:`json_text`) appended to ``out``; True if
     NaN or an infinity was written as null."""
-    text, nonfinite = json_text(value)
+    text, nonfinite = json_text(value, unescaped=type(out) is _Unescaped)
     out.append((prefix + text).encode("utf-8"))
     return nonfinite
 
@@ -162,6 +168,10 @@ def _pieces(value: Any, out: list[bytes], depth: int) -> bool:
                 nonfinite |= _pieces(item, out, depth + 1)
     out.append(b"]" if cls is list else b"}")
     return nonfinite
+
+
+class _Unescaped(list):
+    """Pieces written with their non-ASCII text as it is (``json_text(unescaped=True)``)."""
 
 
 class _Sink(list):
@@ -212,7 +222,7 @@ def _part(part: Any, out: list[bytes], sep: str) -> bool:
     brackets, after ``sep``; True if NaN or an infinity was written as null."""
     if type(out) is _Sink and set(map(type, part.values() if type(part) is dict else part)) <= _ALWAYS:
         return False  # (only checked: these always pass)
-    text, nonfinite = json_text(part)
+    text, nonfinite = json_text(part, unescaped=type(out) is _Unescaped)
     out.append((sep + text[1:-1]).encode("utf-8"))
     return nonfinite
 
