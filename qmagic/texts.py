@@ -11,6 +11,7 @@ channel's transport and the protocol it carries (:func:`large_request_refused`,
 from __future__ import annotations
 
 import re
+from itertools import islice
 from typing import Any
 
 __all__ = ["BUSY_WITH_LARGE_REQUESTS", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
@@ -138,7 +139,9 @@ def _repr_head(value: Any, limit: int, active: set[int], depth: int = 0) -> str:
     active.add(id(value))
     try:
         parts, size = [], 1
-        for item in (value.items() if cls is dict else value):
+        # (its first items at once, in one C call: a dict or set changed meanwhile, by a
+        # thread or an item's repr, made the walk raise; each item writes 2 characters or more)
+        for item in list(islice(value.items() if cls is dict else value, limit // 2 + 2)):
             if cls is dict:
                 text = (f"{_repr_head(item[0], limit, active, depth + 1)}: "
                         f"{_repr_head(item[1], limit, active, depth + 1)}")

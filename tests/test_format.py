@@ -177,6 +177,18 @@ def test_safe_repr_of_a_large_set_writes_only_its_start():
         assert len(written) < 20, len(written)
 
 
+def test_safe_repr_of_a_dict_changed_while_it_is_written_shows_its_items():
+    # written an item at a time (cec8450), a dict changed meanwhile -- by a task's thread, or
+    # by an item's own repr -- read "<dict with a failing repr>" (repr itself never fails so)
+    class Grows:
+        def __repr__(self):
+            value[len(value)] = 0
+            return "Grows()"
+
+    value = {"a": Grows(), "b": "x" * 300}
+    assert safe_repr(value, 40) == "{'a': Grows(), 'b': '" + "x" * 16 + "..."
+
+
 def test_progress_numbers_never_fail_to_format():
     from qmagic.format import format_number, progress_text
 
