@@ -118,7 +118,12 @@ def check_json(value: Any) -> None:
     """Raise what ``json.dumps(value)`` raises, if anything: the same check, made in batches
     for plain data (exact lists, tuples and dicts), so that a large value never holds the
     GIL for long (one call took ~1 s for 3 million floats at a remote task's end)."""
-    _pieces(value, _Sink(), 0)
+    try:
+        _pieces(value, _Sink(), 0)
+    except RecursionError:
+        raise
+    except RuntimeError:  # (a dict changed size between two batches -- a live value, which a
+        json.dumps(value)  # thread may change: read at once, as json reads a dict's items)
 
 
 def _piece(value: Any, out: list[bytes], prefix: str = "") -> bool:
