@@ -136,13 +136,14 @@ def _piece(value: Any, out: list[bytes], prefix: str = "") -> bool:
 
 def _pieces(value: Any, out: list[bytes], depth: int) -> bool:
     """``json_text(value)``'s text, appended to ``out`` as UTF-8 pieces;
-    exact lists, tuples and dicts with str keys are written in pieces, each by one
+    exact lists, tuples and dicts (keys: str, int, float, bool or None, which json writes as
+    texts) are written in pieces, each by one
     ``json.dumps`` call of at most about :data:`_BATCH` values (x16 in small containers),
     anything else by one call.  True if NaN or an infinity was written as null."""
     cls = type(value)
     if cls is tuple:
         cls = list
-    elif cls is not list and (cls is not dict or not all(type(key) is str for key in value)):
+    elif cls is not list and (cls is not dict or not set(map(type, value)) <= _SCALARS):
         return _piece(value, out)
     if depth > _DEPTH or (len(value) <= _BATCH and _light([value])):
         return _piece(value, out)
@@ -167,12 +168,20 @@ def _pieces(value: Any, out: list[bytes], depth: int) -> bool:
                 sep = ", "
                 continue
             for key, item in batch.items():
-                nonfinite |= _piece(key, out, sep)
+                _key(key, out, sep)
                 out.append(b": ")
                 sep = ", "
                 nonfinite |= _pieces(item, out, depth + 1)
     out.append(b"]" if cls is list else b"}")
     return nonfinite
+
+
+def _key(key: Any, out: list[bytes], sep: str) -> None:
+    """``sep`` and a dict's key as ``json.dumps`` writes it: a text, also for a number, True,
+    False or None (``"1"``, ``"true"``); a huge int raises as it does."""
+    text = json_text({key: 0}, unescaped=type(out) is _Unescaped)[0] if type(key) is not str else (
+        json_text(key, unescaped=type(out) is _Unescaped)[0])
+    out.append((sep + (text[1:text.rindex(":")] if type(key) is not str else text)).encode("utf-8"))
 
 
 class _Unescaped(list):
@@ -225,7 +234,8 @@ _NESTED = _SCALARS | {list, tuple, dict}
 def _part(part: Any, out: list[bytes], sep: str) -> bool:
     """A batch of a list's items (a list) or of a dict's (a dict) as JSON text without its
     brackets, after ``sep``; True if NaN or an infinity was written as null."""
-    if type(out) is _Sink and set(map(type, part.values() if type(part) is dict else part)) <= _ALWAYS:
+    if type(out) is _Sink and set(map(type, part.values() if type(part) is dict else part)) <= _ALWAYS and (
+            type(part) is not dict or set(map(type, part)) <= _ALWAYS):
         return False  # (only checked: these always pass)
     text, nonfinite = json_text(part, unescaped=type(out) is _Unescaped)
     out.append((sep + text[1:-1]).encode("utf-8"))

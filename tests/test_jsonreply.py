@@ -81,3 +81,26 @@ def test_a_dict_changed_while_it_is_checked_is_checked_as_json_reads_it():
     assert json_error(value) is None
     refused = {"first": Changes(a=1), "set": {1}, **{str(i): [i] for i in range(20_000)}}
     assert str(json_error(refused)) == "Object of type set is not JSON serializable"
+
+
+def test_a_large_dict_with_number_keys_is_checked_a_batch_at_a_time(monkeypatch):
+    # only dicts whose keys were all str were read in batches: {i: x for i in range(3M)}, a
+    # usual result, was checked at its task's end by one json.dumps call (3.6 s holding the
+    # GIL), so no remote client had a reply meanwhile
+    sizes, dumps = [], json.dumps
+
+    def measured(value, *args, **kwargs):
+        sizes.append(len(value) if type(value) in (list, dict) else 1)
+        return dumps(value, *args, **kwargs)
+
+    value = {**{i: [i, 0.5] for i in range(30_000)}, 1.5: float("nan"), True: "x", None: [None]}
+    refused = {**{i: [i] for i in range(30_000)}, 10**5000: [1]}
+    text, _ = json_text(value)
+    error = str(_error(json.dumps, refused)[1])
+    monkeypatch.setattr(jsonreply.json, "dumps", measured)
+    check_json(value)
+    assert max(sizes) <= 8192, max(sizes)
+    assert _error(check_json, refused) == (ValueError, error)
+    out = []
+    jsonreply._pieces(value, out, 0)  # (a copy's JSON: the same text as json_text's)
+    assert b"".join(out) == text.encode()
