@@ -753,10 +753,13 @@ def test_a_large_result_never_holds_up_other_clients(worker, server, rm_factory)
         done.set()
         poller.join(WAIT)
         reader.close()
-    running = [took for start, took in latencies if start < asked]  # the task, its end's check
-    reading = [took for start, took in latencies if start >= asked]  # the copy, its JSON
+    # (a status asked just before the first task_result waits for its probe too: it is reading's)
+    running = [took for start, took in latencies if start + took < asked]  # the task, its end's check
+    reading = [took for start, took in latencies if start + took >= asked]  # the copy, its JSON
     assert max(running) < 0.5 and len(running) > 5, sorted(running)[-3:]
-    assert max(reading) < RESULT_READ_S + 0.6 and len(reading) > 5, sorted(reading)[-3:]
+    # (while task_result waits for its probe, up to RESULT_READ_S, status waits too; the read
+    # may then end at once: as few as 2 polls fall in it, so their number is not asked)
+    assert reading and max(reading) < RESULT_READ_S + 0.6, sorted(reading)[-3:]
 
 
 def test_a_result_larger_than_the_copies_kept_is_readable_too(RM, worker, protocol, monkeypatch):
