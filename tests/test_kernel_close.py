@@ -10,6 +10,9 @@ thread left behind in the background).
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import pytest
 from bluesky_queueserver_api import BFunc
 from kernel_helpers import assert_no_internals, error_text, one_line, start_kernel
@@ -109,6 +112,33 @@ def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path):
         k.shutdown()
 
 
+@contextlib.contextmanager
+def _watching_tasks(k):
+    """A SUB socket on the kernel's info socket (QS_Info), with a status received (so
+    subscribed); yields a function that returns a task's final state as published."""
+    import zmq
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
+    sub.connect(k.eval(f"{SESSION}.remote.info.address"))
+
+    def final_state(uid: str) -> dict:
+        while True:
+            assert sub.poll(30_000), "the cancelled task's final state never arrived"
+            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
+            if task.get("task_uid") == uid and task.get("status") not in (None, "queued", "running"):
+                return task
+
+    try:
+        assert sub.poll(30_000), "no status from the info socket"  # (one a second)
+        yield final_state
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
 def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     """A shutdown request (JupyterLab's shut down or restart) cancels the running tasks and
     records them so; a remote operator watching the info socket (qserver-console-monitor,
@@ -119,42 +149,26 @@ def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     passed then too (nothing waits here); behind a backlog they never did, which
     test_remote_info's stop test shows.  What this one catches is a socket stopped before
     the tasks' close (as %unload_ext did: the next test)."""
-    import json
-
-    import zmq
-
     from qmagic.ipython.extension import MSG_SHUT_DOWN
 
     k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
-    sub.connect(k.eval(f"{SESSION}.remote.info.address"))
     try:
-        assert sub.poll(30_000), "no status from the info socket"  # (one a second)
-        k.execute("import time\n"
-                  "def scan():\n"
-                  "    while True:\n"
-                  "        time.sleep(0.01)\n"
-                  "t = %function_execute -b scan\n"
-                  "wait_until(lambda: t.running())", check=True)
-        uid = k.eval("t.uid")
-        kernel = k.km.provisioner.process
-        k.kc.stop_channels()
-        k.kc = None
-        k.km.shutdown_kernel(now=False)  # the kernel exits on its own
-        final = None
-        while final is None:
-            assert sub.poll(30_000), "the cancelled task's final state never arrived"
-            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
-            if task.get("task_uid") == uid and task.get("status") not in (None, "queued", "running"):
-                final = task
+        with _watching_tasks(k) as final_state:
+            k.execute("import time\n"
+                      "def scan():\n"
+                      "    while True:\n"
+                      "        time.sleep(0.01)\n"
+                      "t = %function_execute -b scan\n"
+                      "wait_until(lambda: t.running())", check=True)
+            uid = k.eval("t.uid")
+            kernel = k.km.provisioner.process
+            k.kc.stop_channels()
+            k.kc = None
+            k.km.shutdown_kernel(now=False)  # the kernel exits on its own
+            final = final_state(uid)
         assert (final["status"], final.get("error")) == ("cancelled", MSG_SHUT_DOWN), final
         assert kernel.wait(30) == 0
     finally:
-        sub.close(0)
-        ctx.term()
         k.shutdown()
 
 
@@ -184,34 +198,17 @@ def test_a_remote_watcher_sees_the_tasks_an_unload_cancelled(tmp_path):
     cancelled, but a remote operator watching the info socket never saw it end -- the
     unload stopped the remote door before it closed the worker, so the final state was
     published to no socket, and the scan stayed 'running' in the operator's monitor."""
-    import json
-
-    import zmq
-
     k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"QS_Info")
-    sub.connect(k.eval(f"{SESSION}.remote.info.address"))
     try:
-        assert sub.poll(30_000), "no status from the info socket"  # (one a second)
-        k.execute("def scan():\n"
-                  "    while True:\n"
-                  "        qmagic.cancellable_sleep(0.05)\n"
-                  "t = %function_execute -b scan\n"
-                  "wait_until(lambda: t.running())", check=True)
-        uid = k.eval("t.uid")
-        k.execute("%unload_ext qmagic", check=True)
-        assert k.eval("t.status.value") == "cancelled"
-        final = None
-        while final is None:
-            assert sub.poll(10_000), "the cancelled task's final state never arrived"
-            task = json.loads(sub.recv_multipart()[1])["msg"].get("task", {})
-            if task.get("task_uid") == uid and task.get("status") not in (None, "queued", "running"):
-                final = task
-        assert final["status"] == "cancelled", final
+        with _watching_tasks(k) as final_state:
+            k.execute("def scan():\n"
+                      "    while True:\n"
+                      "        qmagic.cancellable_sleep(0.05)\n"
+                      "t = %function_execute -b scan\n"
+                      "wait_until(lambda: t.running())", check=True)
+            uid = k.eval("t.uid")
+            k.execute("%unload_ext qmagic", check=True)
+            assert k.eval("t.status.value") == "cancelled"
+            assert final_state(uid)["status"] == "cancelled"
     finally:
-        sub.close(0)
-        ctx.term()
         k.shutdown()
