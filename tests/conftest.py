@@ -71,6 +71,51 @@ def _check_outside(config: pytest.Config) -> str:
     return mode
 
 
+#: Files that take longest (queueserver's selection: two minutes; the browsers: half a minute
+#: each): a parallel run starts them first, so no worker is left with one of them at the end.
+_LONGEST_FIRST = ("tests/test_queueserver_suite.py", "tests/test_browser.py", "tests/test_panels_browser.py")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (pyproject's addopts): two workers, or one run in this process where
+    queueserver's selection cannot have a network namespace of its own (its helpers
+    hard-code 127.0.0.1:60615, which tutorial 05 serves too).  PYTEST_XDIST_AUTO_NUM_WORKERS
+    still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    import netns  # tests/queueserver: on sys.path above
+
+    return 2 if (os.cpu_count() or 1) >= 2 and netns.command_prefix() is not None else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a parallel run (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``): the
+    longest files first, then files with more tests before files with fewer, each file's
+    tests in their own order (a module's kernel and a notebook's cells stay on one worker)."""
+    if not hasattr(config, "workerinput"):
+        return
+    count: dict[str, int] = {}
+    for item in items:
+        count[item.nodeid.split("::")[0]] = count.get(item.nodeid.split("::")[0], 0) + 1
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        first = _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+        return first, -count[path]
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Captured output and logs holding a lone surrogate (tests of hostile texts print them)
+    are kept with it escaped: an xdist worker sends reports as UTF-8 and would stop there."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                       for title, text in report.sections]
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """bluesky-queueserver's selection starts now if its test was collected, and goes on
     while the other tests run (tests/queueserver/qs_background.py)."""

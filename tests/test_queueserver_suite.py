@@ -8,9 +8,10 @@ replaces queueserver's manager start/stop fixtures by real qmagic kernels (never
 Every selected test must pass, and the selection may not shrink silently.
 
 queueserver's helpers hard-code 127.0.0.1:60615.  Where a private network namespace is
-available, the run starts in one as soon as this test is collected and goes on while the
-rest of the suite runs (tests/queueserver/qs_background.py); otherwise it runs here, and
-nothing else may use that port meanwhile.
+available, the run has one and goes on while the rest of the suite runs: started as soon as
+this test is collected in one process (tests/queueserver/qs_background.py), or by this test,
+first on a worker of its own, in a parallel run (tests/conftest.py); otherwise the suite
+runs in one process and the selection here, and nothing else may use that port meanwhile.
 ``QMAGIC_QS_SELECTION=suite`` runs all in-scope tests (about half an hour).
 """
 
@@ -33,7 +34,8 @@ FAST_COUNT = 53
 @pytest.mark.timeout(960)  # (the run's own limit is 900 s; the suite's default, 300 s)
 def test_queueserver_selection_passes(request):
     name, env = qs_background.selection()
-    run = qs_background.take(request.config) or run_qs_tests.start_selection(name, env=env)
+    run = qs_background.take(request.config) or run_qs_tests.start_selection(
+        name, env=env, isolated=run_qs_tests.netns.command_prefix() is not None)
     result = run.finish(timeout=900)
     assert result["tests"], f"no test ran (rc {result['returncode']}):\n{result['tail']}"
     failed = [t for t in result["tests"] if t["outcome"] != "PASS"]

@@ -144,3 +144,35 @@ def test_session_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path)
     # and this session's own folder is locked: a run starting now would leave it alone
     own = Path(os.environ[SessionSandbox.MARKER])
     assert own.is_dir() and not session_sandbox._lock_is_free(own / session_sandbox.LOCK_NAME)
+
+
+def test_a_parallel_run_starts_the_longest_files_first_and_keeps_each_file_together(monkeypatch, pytestconfig):
+    """pyproject's ``-n auto --dist loadfile --no-loadscope-reorder``: conftest orders the
+    items a worker collects -- queueserver's selection and the browsers first, then files
+    with more tests before files with fewer, each file's tests in their own order -- and
+    chooses two workers, or none (one process) where the selection would need port 60615
+    alone (no private network namespace) or the machine has one core."""
+    import types
+
+    import netns
+
+    here = str(Path(__file__).with_name("conftest.py"))  # (notebooks/ has a conftest.py too)
+    conftest = next(m for m in pytestconfig.pluginmanager.get_plugins() if getattr(m, "__file__", None) == here)
+
+    ids = ["tests/test_a.py::one", "tests/test_b.py::one", "tests/test_b.py::two",
+           "tests/test_browser.py::lab", "notebooks/01.ipynb::Cell 0", "notebooks/01.ipynb::Cell 1",
+           "notebooks/01.ipynb::Cell 2", "tests/test_queueserver_suite.py::test_queueserver_selection_passes"]
+    items = [types.SimpleNamespace(nodeid=i) for i in ids]
+    conftest.pytest_collection_modifyitems(types.SimpleNamespace(), items)  # one process: kept
+    assert [i.nodeid for i in items] == ids
+    conftest.pytest_collection_modifyitems(types.SimpleNamespace(workerinput={}), items)
+    assert [i.nodeid for i in items] == [ids[7], ids[3], *ids[4:7], ids[1], ids[2], ids[0]]
+
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    for prefix, cpus, workers in ((("unshare", "-n"), 2, 2), (("unshare", "-n"), 16, 2),
+                                  (None, 2, 0), (("unshare", "-n"), 1, 0)):
+        monkeypatch.setattr(netns, "command_prefix", lambda prefix=prefix: prefix)
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert conftest.pytest_xdist_auto_num_workers(None) == workers, (prefix, cpus)
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert conftest.pytest_xdist_auto_num_workers(None) is None  # xdist reads it

@@ -2,10 +2,12 @@
 
 tests/test_queueserver_suite.py asserts on bluesky-queueserver's selection (two minutes of
 mostly waiting: kernels starting, queueserver's polling).  When a private network namespace
-is available (tests/queueserver/netns.py: root, or unprivileged user namespaces), the run
-starts right after collection, in its own namespace -- its 127.0.0.1:60615 is not the
-suite's -- and goes on while the other tests run; the test then waits for its result.
-Without one it runs in the test itself, alone, as before.  A run nobody took (the session
+is available (tests/queueserver/netns.py: root, or unprivileged user namespaces), a run in
+one process (``-n 0``) starts it right after collection, in its own namespace -- its
+127.0.0.1:60615 is not the suite's -- and it goes on while the other tests run; the test
+then waits for its result.  A parallel run (pytest-xdist) needs none of this: the test runs
+first on a worker of its own (tests/conftest.py), in a namespace too.  Without one it runs
+in the test itself, alone.  A run nobody took (the session
 ended first) is stopped at the end of the session, with everything it started.
 """
 
@@ -43,6 +45,8 @@ def selection() -> tuple[str, dict[str, str]]:
 def start_if_collected(session: pytest.Session) -> None:
     """Start the run in the background if the test is among the session's items and a
     private network namespace is available."""
+    if hasattr(session.config, "workerinput"):
+        return  # a parallel run: the test runs it on its worker, started first (conftest)
     if session.config.option.collectonly or not any(item.nodeid == NODE_ID for item in session.items):
         return  # (--collect-only runs no test: nothing would take the run)
     if netns.command_prefix() is None:
