@@ -16,19 +16,25 @@ from .store import history as _store
 __all__ = ["history", "history_dataframe"]
 
 
-def _where(state_dir: Any, environment_name: str | None) -> tuple[Any, str]:
+def _where(state_dir: Any, environment_name: str | None) -> dict[str, Any]:
+    """The log to read: ``state_dir``, ``environment_name`` and what to ``check`` if there is
+    none (the kernel's own log being off is the likely reason when nothing was named)."""
     worker = None
     if "IPython" in sys.modules:  # a loaded extension can only exist under IPython
         from .ipython.extension import get_session
 
         session = get_session()
         worker = session.worker if session is not None else None
+    check = "check environment_name and state_dir"
     if state_dir is None and worker is not None:  # (the folder its log was opened in: a
         log = worker._readable_log()  # relative QMAGIC_STATE_DIR names another after a %cd)
         state_dir = log.state_dir if log is not None else worker.state_dir
+        if not worker.journal_enabled and environment_name in (None, worker.environment_name):
+            check = ("this kernel's log is off (QMagic.journal_enabled = False): turn it on to keep a "
+                     "record of every task")
     if environment_name is None:
         environment_name = worker.environment_name if worker is not None else "default"
-    return state_dir, environment_name
+    return {"state_dir": state_dir, "environment_name": environment_name, "check": check}
 
 
 def history(*, state_dir: str | os.PathLike[str] | None = None,
@@ -45,16 +51,15 @@ def history(*, state_dir: str | os.PathLike[str] | None = None,
     ``Task.to_dict()`` (``uid``, ``status`` as text, ``error``, ``result``, ``traceback``,
     times in epoch seconds, ...; a value JSON cannot store is a ``__qmagic_summary__``
     marker), plus ``journal`` (the session, host and process that logged it, ``orphaned``, ``pending``).
-    Where nothing was ever logged (a mistyped ``environment_name`` or ``state_dir``), a
-    warning says so and the list is empty.
+    Where nothing was ever logged (a mistyped ``environment_name`` or ``state_dir``, or this
+    kernel's log switched off: ``QMagic.journal_enabled``), a warning says so and the list is
+    empty.
     """
-    state_dir, environment_name = _where(state_dir, environment_name)
-    return _store.history(state_dir=state_dir, environment_name=environment_name, **filters)
+    return _store.history(**_where(state_dir, environment_name), **filters)
 
 
 def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
                       environment_name: str | None = None, **filters: Any) -> Any:
     """:func:`history` as a pandas DataFrame (one row per task, times as datetimes,
     ``duration_s``, provenance columns, ``orphaned``).  Needs pandas."""
-    state_dir, environment_name = _where(state_dir, environment_name)
-    return _store.history_dataframe(state_dir=state_dir, environment_name=environment_name, **filters)
+    return _store.history_dataframe(**_where(state_dir, environment_name), **filters)

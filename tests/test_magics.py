@@ -862,6 +862,26 @@ def test_module_history_reads_the_kernels_log_after_a_cd(ip, tmp_path, monkeypat
     assert not (tmp_path / "b" / "state").exists()
 
 
+def test_module_history_with_the_kernels_log_off_says_so(ip):
+    """The log switched off from the start: qmagic.history() said "nothing was recorded there
+    yet (check environment_name and state_dir)", names the scientist never changed; it names
+    the setting that is off.  Another environment asked for by name keeps the usual words."""
+    from qmagic.store.records import JournalWarning
+
+    ip.config.QMagic.journal_enabled = False
+    load_ipython_extension(ip)
+    ip.user_ns["double"] = lambda x: 2 * x
+    qmagic.get_worker().submit("double", (2,), background=False)
+    for ask in (qmagic.history, qmagic.history_dataframe):
+        with pytest.warns(JournalWarning) as caught:
+            assert len(ask()) == 0
+        assert [str(w.message).split(": nothing was recorded there yet ")[1] for w in caught] == [
+            "(this kernel's log is off (QMagic.journal_enabled = False): turn it on to keep a record "
+            "of every task)."]
+    with pytest.warns(JournalWarning, match=r"yet \(check environment_name and state_dir\)\.$"):
+        assert qmagic.history(environment_name="hutch") == []
+
+
 def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):
     """``%tasks --history N`` with a large log: the newest N rows, then one line saying that
     older tasks are in the log and how to see them; an N beyond what a cell can take (a

@@ -83,28 +83,27 @@ def _prepare(state_dir: Path, env: str) -> Path | None:
 
 
 def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name: str = "default",
-            **filters: Any) -> list[dict[str, Any]]:
+            check: str = "check environment_name and state_dir", **filters: Any) -> list[dict[str, Any]]:
     """Task records of an environment's experiment log, newest first.
 
     ``filters`` are those of :meth:`qmagic.store.journal.Journal.records`: ``status``,
     ``user``, ``name``, ``notebook``, ``since``, ``until``, ``uid``, ``limit``.
     ``state_dir`` defaults to :func:`~qmagic.store.paths.default_state_dir`.  Raises
     StateFileError when the log cannot be read, ValueError for a bad filter.  Where nothing
-    was ever logged (a mistyped environment or folder), a JournalWarning says so and the
-    list is empty.
+    was ever logged (a mistyped environment or folder), a JournalWarning says so, ending with
+    ``check`` (what to do), and the list is empty.
     """
     folder = Path(default_state_dir() if state_dir is None else state_dir).expanduser()
     found = _read(folder, validate_environment_name(environment_name), filters)
     if found is None:  # (not an empty log: a mistyped name or folder reads nothing, says so)
-        warnings.warn(_no_log(environment_name, folder, "environment_name and state_dir"),
-                      JournalWarning, stacklevel=3)
+        warnings.warn(_no_log(environment_name, folder, check), JournalWarning, stacklevel=3)
         return []
     return found
 
 
 def _no_log(env: str, folder: Path, check: str) -> str:
     return (f"No experiment log for environment {env!r} in {folder}: nothing was recorded there "
-            f"yet (check {check}).")
+            f"yet ({check}).")
 
 
 def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -132,7 +131,8 @@ def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
-                      environment_name: str = "default", **filters: Any) -> Any:
+                      environment_name: str = "default", check: str = "check environment_name and state_dir",
+                      **filters: Any) -> Any:
     """:func:`history` as a pandas DataFrame, one row per task, newest first.
 
     Times are local ``datetime64`` columns, ``duration_s`` is finished - started; the
@@ -147,7 +147,7 @@ def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
                           "`pip install pandas` (or `pip install qmagic[pandas]`), or use "
                           "qmagic.history() for a list of dicts.") from exc
     rows = []
-    for rec in history(state_dir=state_dir, environment_name=environment_name, **filters):
+    for rec in history(state_dir=state_dir, environment_name=environment_name, check=check, **filters):
         meta = rec.pop("journal")
         prov = _provenance(rec)
         rec["cell"] = cell_label(prov) or "-"
@@ -242,7 +242,7 @@ def history_main(argv: list[str] | None = None) -> int:
     for warning in caught:
         print(f"warning: {printable(warning.message)}", file=sys.stderr)
     if found is None:
-        print(_no_log(args.environment, state_dir, "--environment and --state-dir"), file=sys.stderr)
+        print(_no_log(args.environment, state_dir, "check --environment and --state-dir"), file=sys.stderr)
         return 1
     records = found[::-1]
     try:
