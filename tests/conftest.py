@@ -77,12 +77,15 @@ _LONGEST_FIRST = ("tests/test_queueserver_suite.py", "tests/test_browser.py", "t
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` (pyproject's addopts): two workers, or one run in this process where
-    queueserver's selection cannot have a network namespace of its own (its helpers
-    hard-code 127.0.0.1:60615, which tutorial 05 serves too).  PYTEST_XDIST_AUTO_NUM_WORKERS
-    still decides when set."""
+    """``-n auto`` (pyproject's addopts): two workers for the suite or a folder of it; one run
+    in this process for named files or tests (starting workers would cost more than they
+    save), on one core, or where queueserver's selection cannot have a network namespace of
+    its own (its helpers hard-code 127.0.0.1:60615, which tutorial 05 serves too).
+    ``-n N`` or PYTEST_XDIST_AUTO_NUM_WORKERS still decide."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
+    if not any(Path(arg.split("::")[0]).is_dir() for arg in config.args):
+        return 0
     import netns  # tests/queueserver: on sys.path above
 
     return 2 if (os.cpu_count() or 1) >= 2 and netns.command_prefix() is not None else 0

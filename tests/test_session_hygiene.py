@@ -150,8 +150,9 @@ def test_a_parallel_run_starts_the_longest_files_first_and_keeps_each_file_toget
     """pyproject's ``-n auto --dist loadfile --no-loadscope-reorder``: conftest orders the
     items a worker collects -- queueserver's selection and the browsers first, then files
     with more tests before files with fewer, each file's tests in their own order -- and
-    chooses two workers, or none (one process) where the selection would need port 60615
-    alone (no private network namespace) or the machine has one core."""
+    chooses two workers for the suite or a folder, or none (one process) for named files or
+    tests, where the selection would need port 60615 alone (no private network namespace) or
+    on one core."""
     import types
 
     import netns
@@ -169,10 +170,17 @@ def test_a_parallel_run_starts_the_longest_files_first_and_keeps_each_file_toget
     assert [i.nodeid for i in items] == [ids[7], ids[3], *ids[4:7], ids[1], ids[2], ids[0]]
 
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    monkeypatch.chdir(REPO_ROOT)
+    suite = types.SimpleNamespace(args=["tests", "notebooks"])  # (pyproject's testpaths)
     for prefix, cpus, workers in ((("unshare", "-n"), 2, 2), (("unshare", "-n"), 16, 2),
                                   (None, 2, 0), (("unshare", "-n"), 1, 0)):
         monkeypatch.setattr(netns, "command_prefix", lambda prefix=prefix: prefix)
         monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
-        assert conftest.pytest_xdist_auto_num_workers(None) == workers, (prefix, cpus)
+        assert conftest.pytest_xdist_auto_num_workers(suite) == workers, (prefix, cpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(netns, "command_prefix", lambda: ("unshare", "-n"))
+    for args, workers in ((["notebooks"], 2), (["tests/queueserver", "tests/test_kernel.py"], 2),
+                          (["tests/test_kernel.py"], 0), (["tests/test_kernel.py::test_x", "notebooks/x.ipynb"], 0)):
+        assert conftest.pytest_xdist_auto_num_workers(types.SimpleNamespace(args=args)) == workers, args
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
-    assert conftest.pytest_xdist_auto_num_workers(None) is None  # xdist reads it
+    assert conftest.pytest_xdist_auto_num_workers(suite) is None  # xdist reads it
