@@ -150,6 +150,43 @@ def test_what_a_thread_of_a_background_task_prints_goes_to_the_cell_that_started
     assert qk.eval("th_t.output") == "t from the thread\nt on stderr\n"
 
 
+def test_what_a_thread_of_a_task_displays_goes_to_the_cell_that_started_it(qk):
+    """A background scan whose pool thread shows a table or a plot (``display()``,
+    ``clear_output``): it landed in whichever cell ran at that moment, while the same
+    thread's prints went to the task's cell.  Displays now follow the prints; once the task
+    has ended, a thread it left behind displays where others do, as its prints."""
+    first = qk.execute(
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from IPython.display import Markdown, clear_output, display\n"
+        "def shower(tag):\n"
+        "    events.setdefault(tag, threading.Event()).wait(10)\n"
+        "    display(Markdown(tag + ' table'))\n"
+        "    clear_output(wait=True)\n"
+        "    display(Markdown(tag + ' plot'), display_id=tag + '-plot')\n"
+        "def shown(tag):\n"
+        "    with ThreadPoolExecutor(1) as pool:\n"
+        "        pool.submit(shower, tag).result(10)\n"
+        "sh_d = %function_execute -b shown 'd'\n", check=True)
+    second = qk.execute("events['d'].set(); sh_d.wait(10); print('second cell')", check=True)
+    kinds = [m["msg_type"] for m in qk.messages(second.msg_id)]
+    assert "display_data" not in kinds and "clear_output" not in kinds, kinds
+    shown = [(m["msg_type"], m["content"].get("data", {}).get("text/markdown"))
+             for m in qk.messages(first.msg_id) if m["msg_type"] != "stream"]
+    assert shown == [("display_data", "d table"), ("clear_output", None), ("display_data", "d plot")]
+    # a thread that outlives its task: after the end, what it shows goes where others' does
+    left = qk.execute(
+        "def leaver(tag):\n"
+        "    global late\n"
+        "    late = threading.Thread(target=shower, args=(tag,))\n"
+        "    late.start()\n"
+        "lv = %function_execute -b leaver 'late'\n"
+        "lv.wait(10)", check=True)
+    third = qk.execute("events['late'].set(); late.join(10)", check=True)
+    assert [m["content"]["data"]["text/markdown"] for m in qk.messages(third.msg_id)
+            if m["msg_type"] == "display_data"] == ["late table", "late plot"]
+    assert not [m for m in qk.messages(left.msg_id) if m["msg_type"] == "display_data"]
+
+
 def test_a_setting_refused_in_a_cell_shows_one_line(qk):
     """``w.state_dir = "/no/such/folder"`` (or ``w.max_background_tasks = 0``) in a cell:
     the message said what to do, under 50-140 lines of traitlets' and qmagic's frames (and

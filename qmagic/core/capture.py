@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from .context import _current, task_here
 
 __all__ = ["TextBuffer", "install", "uninstall", "ensure_streams", "add_listener", "remove_listener",
-           "work_of"]
+           "thread_work_context", "work_of"]
 
 _lock = threading.Lock()
 _users = 0
@@ -77,6 +77,19 @@ def work_of() -> Any:
     an asyncio task it created, is on its own.)"""
     task = task_here()
     return None if task is None or task._ending else task
+
+
+def thread_work_context() -> Any:
+    """Where what this thread shows goes, when it is a thread a task's work started (a pool's
+    reading detectors) and that task runs: the context the task's code runs in
+    (``Task._work_context``), to run a display call in (a copy: a context is entered by one
+    thread at a time).  None elsewhere: the task's own thread has it already; other threads,
+    and one the task left behind after its end, show where everyone's output goes."""
+    return _work_context(work_of())
+
+
+def _work_context(task: Any) -> Any:
+    return task._work_context if task is not None and _current.get() is None else None
 
 
 def _start_noting_the_task(thread: threading.Thread) -> None:
@@ -250,11 +263,11 @@ class _TaskTee:
         return len(text) if written is None else written
 
     def _keep_and_write(self, text: str) -> int:
-        task = _keep_text(text)
-        if task is not None and _current.get() is None:  # a thread the task's work started:
-            context = task._work_context  # its text goes where the task's goes (its cell),
-            if context is not None:  # not to whichever cell runs now (a copy: a context is
-                return context.copy().run(self._qmagic_wrapped.write, text)  # entered by one thread)
+        # (a thread the task's work started: its text goes where the task's goes, its cell,
+        # not to whichever cell runs now; see thread_work_context)
+        context = _work_context(_keep_text(text))
+        if context is not None:
+            return context.copy().run(self._qmagic_wrapped.write, text)
         return self._qmagic_wrapped.write(text)
 
     def writelines(self, lines: Any) -> None:

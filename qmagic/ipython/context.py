@@ -7,6 +7,8 @@ it, how cell file names read, and the kernel's connection info.
   click's) prints into no cell: its output stays on the task (``%task_output``, the info
   socket's console), never in a cell the scientist happens to be running.  Output written at
   the file-descriptor level (C code, subprocesses) still goes to whatever cell runs then.
+- :func:`route_thread_displays`: what a thread a task's work started displays goes to the
+  task's cell too, as its prints do.
 - :func:`provenance` reads the running request: the notebook (``JPY_SESSION_NAME`` /
   ``__session__``), the cell id and execution count, a short hash of the cell's source.
 - :func:`cell_labeler` turns the kernel's temporary cell file names into ``Cell In[12]``.
@@ -24,7 +26,10 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["CellOutputHook", "cell_labeler", "execute_request", "kernel_connection_info", "provenance_source"]
+from ..core.capture import thread_work_context
+
+__all__ = ["CellOutputHook", "cell_labeler", "execute_request", "kernel_connection_info", "provenance_source",
+           "route_thread_displays"]
 
 
 def execute_request(shell: Any) -> dict | None:
@@ -75,6 +80,48 @@ class CellOutputHook:
 
 #: The parent of a background task's output when no cell started it: no cell shows it.
 _NO_CELL: dict = {}
+
+
+def route_thread_displays(shell: Any) -> Callable[[], None]:
+    """What a thread a task's work started shows (``display()``, ``clear_output``: a pool
+    reading detectors plots as it goes) goes to the task's cell, as its prints do
+    (:func:`qmagic.core.capture.thread_work_context`), not to whichever cell runs then.
+    Wraps the shell's display publisher; returns the undo."""
+    publisher = getattr(shell, "display_pub", None)
+    if publisher is None:
+        return lambda: None
+    wrapped: list[tuple[str, Any, Any]] = []  # (name, what the instance had, our wrapper)
+    for name in ("publish", "clear_output"):
+        method = getattr(publisher, name, None)
+        if callable(method):
+            ours = _in_the_tasks_context(method)
+            wrapped.append((name, publisher.__dict__.get(name, _MISSING), ours))
+            setattr(publisher, name, ours)
+
+    def undo() -> None:
+        for name, before, ours in wrapped:
+            if publisher.__dict__.get(name) is not ours:
+                continue  # (wrapped again since, by someone else: theirs stays)
+            if before is _MISSING:
+                del publisher.__dict__[name]  # (the class's method again)
+            else:
+                setattr(publisher, name, before)
+
+    return undo
+
+
+_MISSING = object()
+
+
+def _in_the_tasks_context(method: Callable[..., Any]) -> Callable[..., Any]:
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        context = thread_work_context()
+        if context is None:
+            return method(*args, **kwargs)
+        return context.copy().run(method, *args, **kwargs)
+
+    routed.__wrapped__ = method  # type: ignore[attr-defined]
+    return routed
 
 
 @contextlib.contextmanager

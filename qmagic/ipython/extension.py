@@ -30,6 +30,7 @@ from .context import (
     cell_labeler,
     kernel_connection_info,
     provenance_source,
+    route_thread_displays,
 )
 from .runner import KernelForegroundRunner, interrupts_held
 
@@ -115,6 +116,7 @@ class Session:
         worker.provenance_source = provenance_source(shell)
         hook = CellOutputHook(shell)
         self._step("output routing", worker.add_context_hook(hook))
+        self._step("displays of tasks' threads", route_thread_displays(shell))
         self._event("pre_run_cell", runner.cell_started)
         self._event("post_run_cell", self._post_run_cell)
         from ..remote.service import RemoteService
