@@ -187,6 +187,58 @@ def test_what_a_thread_of_a_task_displays_goes_to_the_cell_that_started_it(qk):
     assert not [m for m in qk.messages(left.msg_id) if m["msg_type"] == "display_data"]
 
 
+def test_what_a_thread_of_a_task_fails_to_display_goes_to_the_cell_that_started_it(qk):
+    """A scan's pool thread shows an object whose display raises (a plot with a bad label):
+    IPython shows the formatter's traceback, and it landed under whichever cell ran then, a
+    red error in a cell that did nothing wrong, while the rest of the plot went to the
+    task's cell.  It goes to the task's cell too."""
+    first = qk.execute(
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from IPython.display import HTML, display\n"
+        "class BadPlot:\n"
+        "    def _repr_html_(self):\n"
+        "        raise ValueError('bad label')\n"
+        "def bad_shower(tag):\n"
+        "    events.setdefault(tag, threading.Event()).wait(10)\n"
+        "    display(BadPlot())\n"
+        "def bad_shown(tag):\n"
+        "    with ThreadPoolExecutor(1) as pool:\n"
+        "        pool.submit(bad_shower, tag).result(10)\n"
+        "bs = %function_execute -b bad_shown 'bad'\n", check=True)
+    second = qk.execute("events['bad'].set(); bs.wait(10); print(bs.status.value)", check=True)
+    assert second.stdout == "completed\n"
+    assert [m["msg_type"] for m in qk.messages(second.msg_id)] == ["stream"]
+    errors = [m["content"]["evalue"] for m in qk.messages(first.msg_id) if m["msg_type"] == "error"]
+    assert errors == ["bad label"]
+
+
+def test_an_output_widget_a_thread_of_a_task_fills_is_the_tasks_cells(qk):
+    """A live plot into an ``ipywidgets.Output`` from a scan's pool thread (``with out:
+    display(fig)``): the widget took the parent of whichever cell ran then while the plot
+    went to the task's cell, so the plot landed below the widget and the other cell's
+    output inside it.  Both are the task's cell's now."""
+    first = qk.execute(
+        "import ipywidgets\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from IPython.display import HTML, display\n"
+        "live = ipywidgets.Output()\n"
+        "live_ids = []\n"
+        "def into_widget(tag):\n"
+        "    events.setdefault(tag, threading.Event()).wait(10)\n"
+        "    with live:\n"
+        "        live_ids.append(live.msg_id)\n"
+        "        display(HTML('in the widget'))\n"
+        "def widget_scan(tag):\n"
+        "    with ThreadPoolExecutor(1) as pool:\n"
+        "        pool.submit(into_widget, tag).result(10)\n"
+        "ws = %function_execute -b widget_scan 'widget'\n", check=True)
+    qk.execute("events['widget'].set(); ws.wait(10)", check=True)
+    assert qk.eval("live_ids") == [first.msg_id]
+    shown = [m["content"]["data"]["text/html"] for m in qk.messages(first.msg_id)
+             if m["msg_type"] == "display_data"]
+    assert shown == ["in the widget"]
+
+
 def test_a_setting_refused_in_a_cell_shows_one_line(qk):
     """``w.state_dir = "/no/such/folder"`` (or ``w.max_background_tasks = 0``) in a cell:
     the message said what to do, under 50-140 lines of traitlets' and qmagic's frames (and

@@ -85,27 +85,31 @@ _NO_CELL: dict = {}
 def route_thread_displays(shell: Any) -> Callable[[], None]:
     """What a thread a task's work started shows (``display()``, ``clear_output``: a pool
     reading detectors plots as it goes) goes to the task's cell, as its prints do
-    (:func:`qmagic.core.capture.thread_work_context`), not to whichever cell runs then.
-    Wraps the shell's display publisher; returns the undo."""
+    (:func:`qmagic.core.capture.thread_work_context`), not to whichever cell runs then: also
+    the traceback IPython shows when a display raises (a plot with a bad label), and the
+    request such a thread reads (``get_parent``: an ``ipywidgets.Output`` it fills takes
+    the cell its displays go to) or sets (``set_parent``, in a copy: the pool's thread
+    keeps no task's cell after the task).  Wraps the shell's display publisher and those
+    shell methods; returns the undo."""
+    wrapped: list[tuple[Any, str, Any, Any]] = []  # (owner, name, what it had, our wrapper)
     publisher = getattr(shell, "display_pub", None)
-    if publisher is None:
-        return lambda: None
-    wrapped: list[tuple[str, Any, Any]] = []  # (name, what the instance had, our wrapper)
-    for name in ("publish", "clear_output"):
-        method = getattr(publisher, name, None)
-        if callable(method):
-            ours = _in_the_tasks_context(method)
-            wrapped.append((name, publisher.__dict__.get(name, _MISSING), ours))
-            setattr(publisher, name, ours)
+    for owner, names in ((publisher, ("publish", "clear_output")),
+                         (shell, ("_showtraceback", "get_parent", "set_parent"))):
+        for name in names if owner is not None else ():
+            method = getattr(owner, name, None)
+            if callable(method):
+                ours = _in_the_tasks_context(method)
+                wrapped.append((owner, name, owner.__dict__.get(name, _MISSING), ours))
+                setattr(owner, name, ours)
 
     def undo() -> None:
-        for name, before, ours in wrapped:
-            if publisher.__dict__.get(name) is not ours:
+        for owner, name, before, ours in reversed(wrapped):
+            if owner.__dict__.get(name) is not ours:
                 continue  # (wrapped again since, by someone else: theirs stays)
             if before is _MISSING:
-                del publisher.__dict__[name]  # (the class's method again)
+                del owner.__dict__[name]  # (the class's method again)
             else:
-                setattr(publisher, name, before)
+                setattr(owner, name, before)
 
     return undo
 
