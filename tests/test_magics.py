@@ -862,6 +862,32 @@ def test_module_history_reads_the_kernels_log_after_a_cd(ip, tmp_path, monkeypat
     assert not (tmp_path / "b" / "state").exists()
 
 
+def test_task_result_shows_a_rich_result_below_its_text(qm, ip):
+    """A scan returning a DataFrame or a figure: %task_result showed only its text
+    ("result: <Figure size 640x480 with 1 Axes>").  A result with a rich form is shown so,
+    below the text; plain results, failed and running tasks show their text only."""
+    from IPython.utils.capture import capture_output
+
+    ip.run_cell("class Table:\n"
+                "    def _repr_html_(self):\n"
+                "        return '<table><tr><td>1</td></tr></table>'\n"
+                "    def __repr__(self):\n"
+                "        return 'Table()'\n"
+                "def tabulate():\n"
+                "    return Table()\n").raise_error()
+    task = line(ip, "function_execute", "tabulate")
+    with capture_output() as shown:
+        line(ip, "task_result", task.uid)
+    assert "result: Table()" in shown.stdout
+    assert [o.data.get("text/html") for o in shown.outputs] == ["<table><tr><td>1</td></tr></table>"]
+    for plain in (line(ip, "function_execute", "add 1"),
+                  qm.submit("boom", (1,), background=True)):
+        plain.wait(10)
+        with capture_output() as shown:
+            line(ip, "task_result", plain.uid)
+        assert shown.outputs == [] and shown.stdout.startswith(("add(1)", "boom(1)")), shown.stdout
+
+
 def test_module_history_with_the_kernels_log_off_says_so(ip):
     """The log switched off from the start: qmagic.history() said "nothing was recorded there
     yet (check environment_name and state_dir)", names the scientist never changed; it names

@@ -234,6 +234,22 @@ def wait_interruptibly(task: Task, runner: Any = None) -> None:
         raise WaitInterrupted(task._stopped_waiting(magic=True)) from None
 
 
+def show_rich_result(shell: Any, task: Task) -> None:
+    """A completed task's result, when it has a form richer than text (a DataFrame's table,
+    a figure, an image): displayed as IPython would show it at the end of a cell.  A result
+    whose rich form fails is left to its text (IPython shows the formatter's error)."""
+    if task.status is not TaskStatus.COMPLETED:
+        return
+    formatter = getattr(shell, "display_formatter", None)
+    if formatter is None:
+        return
+    data, metadata = formatter.format(task.result())
+    if set(data) - {"text/plain"}:
+        from IPython.display import publish_display_data
+
+        publish_display_data(data, metadata)
+
+
 def show_panel(shell: Any, make: Callable[[Any], Any]) -> bool:
     """Display ``make(panels)`` where widgets work; False to fall back to text.
 

@@ -22,7 +22,7 @@ from ...scripts import script_name_of_file
 from ...yamlfile import read_small_file
 from .args import parse_line, split_options, unquote
 from .calls import called_name, function_call
-from .common import refused, settle, show_panel, wait_interruptibly
+from .common import refused, settle, show_panel, show_rich_result, wait_interruptibly
 
 __all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_HISTORY_ROWS", "MAX_SCRIPT_BYTES"]
 
@@ -183,13 +183,15 @@ class TaskMagics(Magics):
         """Print a task's outcome: status, result (or traceback), output and log.
 
         Without UID: the latest task.  A UID may be any unique prefix of at least 4 characters;
-        tasks no longer in memory are looked up in the experiment log.  The value itself, of a
-        task in memory: ``qmagic.get_worker().get_task(UID).result()``.
+        tasks no longer in memory are looked up in the experiment log.  A result with a rich
+        form (a DataFrame's table, a figure) of a task in memory is also shown so, below.  The
+        value itself: ``qmagic.get_worker().get_task(UID).result()``.
         """
         opts = parse_line(self.task_result, line)
         found = self._find(unquote(opts.uid))
         if isinstance(found, Task):
             print(fmt.task_detail(found))
+            show_rich_result(self.shell, found)
         else:
             print(fmt.record_detail(found, source="from the experiment log"))
 
