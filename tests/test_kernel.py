@@ -239,6 +239,39 @@ def test_an_output_widget_a_thread_of_a_task_fills_is_the_tasks_cells(qk):
     assert shown == ["in the widget"]
 
 
+def test_an_output_widget_a_thread_of_a_task_fills_leaves_other_threads_output_alone(qk):
+    """A scan's pool thread fills an ``ipywidgets.Output`` (its ``__enter__`` calls the
+    shell's ``set_parent`` with the task's cell): ipykernel's set_parent also sets the
+    kernel-wide parent that every thread without one of its own writes under, so a plain
+    thread the next cell started printed and displayed into the task's cell, far above.
+    Only the task's thread takes the task's cell; the others' output stays in their cell."""
+    first = qk.execute(
+        "import ipywidgets\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from IPython.display import HTML, display\n"
+        "live2 = ipywidgets.Output()\n"
+        "def into_widget2(tag):\n"
+        "    events.setdefault(tag, threading.Event()).wait(10)\n"
+        "    with live2:\n"
+        "        display(HTML('in the widget'))\n"
+        "def widget_scan2(tag):\n"
+        "    with ThreadPoolExecutor(1) as pool:\n"
+        "        pool.submit(into_widget2, tag).result(10)\n"
+        "ws2 = %function_execute -b widget_scan2 'widget2'\n", check=True)
+    second = qk.execute(
+        "events['widget2'].set(); ws2.wait(10)\n"
+        "def plain():\n"
+        "    print('plain thread')\n"
+        "    display(HTML('plain display'))\n"
+        "plain_t = threading.Thread(target=plain); plain_t.start(); plain_t.join(10)\n"
+        "sys.stdout.flush()", check=True)
+    assert "plain thread" in second.stdout
+    assert [m["content"]["data"]["text/html"] for m in qk.messages(second.msg_id)
+            if m["msg_type"] == "display_data"] == ["plain display"]
+    assert [m["content"]["data"]["text/html"] for m in qk.messages(first.msg_id)
+            if m["msg_type"] == "display_data"] == ["in the widget"]
+
+
 def test_a_setting_refused_in_a_cell_shows_one_line(qk):
     """``w.state_dir = "/no/such/folder"`` (or ``w.max_background_tasks = 0``) in a cell:
     the message said what to do, under 50-140 lines of traitlets' and qmagic's frames (and

@@ -88,9 +88,11 @@ def route_thread_displays(shell: Any) -> Callable[[], None]:
     (:func:`qmagic.core.capture.thread_work_context`), not to whichever cell runs then: also
     the traceback IPython shows when a display raises (a plot with a bad label), and the
     request such a thread reads (``get_parent``: an ``ipywidgets.Output`` it fills takes
-    the cell its displays go to) or sets (``set_parent``, in a copy: the pool's thread
-    keeps no task's cell after the task).  Wraps the shell's display publisher and those
-    shell methods; returns the undo."""
+    the cell its displays go to) or sets (``set_parent``: ignored there, as its output
+    follows the task's cell already; ipykernel's would also move the kernel-wide parent every
+    thread without one of its own writes under, so a plain thread of the cell running then
+    would print into the task's cell).  Wraps the shell's display publisher and those shell
+    methods; returns the undo."""
     wrapped: list[tuple[Any, str, Any, Any]] = []  # (owner, name, what it had, our wrapper)
     publisher = getattr(shell, "display_pub", None)
     for owner, names in ((publisher, ("publish", "clear_output")),
@@ -98,7 +100,7 @@ def route_thread_displays(shell: Any) -> Callable[[], None]:
         for name in names if owner is not None else ():
             method = getattr(owner, name, None)
             if callable(method):
-                ours = _in_the_tasks_context(method)
+                ours = _in_the_tasks_context(method, run=name != "set_parent")
                 wrapped.append((owner, name, owner.__dict__.get(name, _MISSING), ours))
                 setattr(owner, name, ours)
 
@@ -117,12 +119,14 @@ def route_thread_displays(shell: Any) -> Callable[[], None]:
 _MISSING = object()
 
 
-def _in_the_tasks_context(method: Callable[..., Any]) -> Callable[..., Any]:
+def _in_the_tasks_context(method: Callable[..., Any], run: bool = True) -> Callable[..., Any]:
+    """``method`` in a copy of the task's context in a thread its work started (not
+    ``run``: not at all there), as it is elsewhere."""
     def routed(*args: Any, **kwargs: Any) -> Any:
         context = thread_work_context()
         if context is None:
             return method(*args, **kwargs)
-        return context.copy().run(method, *args, **kwargs)
+        return context.copy().run(method, *args, **kwargs) if run else None
 
     routed.__wrapped__ = method  # type: ignore[attr-defined]
     return routed
