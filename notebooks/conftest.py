@@ -18,6 +18,7 @@ cells the same way, or the outputs differ for reasons that have nothing to do wi
 
 from __future__ import annotations
 
+import os
 import runpy
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,15 @@ _run_folder: str | None = None  # made when the first notebook's kernel starts
 # (run as a module of its own: its dataclasses find it in sys.modules while it runs)
 _build = SimpleNamespace(**runpy.run_path(str(_HERE / "_build.py"), run_name="_qmagic_notebooks_build"))
 _scratch = _build.load_scratch()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (pyproject's addopts) with only notebooks named runs in this process, as
+    named tests do: tests/conftest.py, which decides that, is not loaded then (and starting
+    workers costs more than they save).  Folders: tests/conftest.py (or pytest-xdist) decides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return None if any(Path(arg.split("::")[0]).is_dir() for arg in config.args) else 0
 
 
 def session_name(notebook: Path) -> str:

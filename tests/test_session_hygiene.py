@@ -184,3 +184,16 @@ def test_a_parallel_run_starts_the_longest_files_first_and_keeps_each_file_toget
         assert conftest.pytest_xdist_auto_num_workers(types.SimpleNamespace(args=args)) == workers, args
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
     assert conftest.pytest_xdist_auto_num_workers(suite) is None  # xdist reads it
+
+
+def test_a_named_notebook_runs_in_one_process():
+    """``pytest notebooks/01-getting-started.ipynb``: pyproject's ``-n auto`` started a
+    worker per core (tests/conftest.py, which runs named tests in one process, is not loaded
+    for a notebook), 20 s of starting workers for one notebook.  It runs in this process."""
+    notebook = next(NOTEBOOKS.glob("01-*.ipynb")).relative_to(REPO_ROOT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_AUTO_NUM_WORKERS"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(notebook),
+                          "-k", "no_such_cell"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert "workers" not in run.stdout, run.stdout
+    assert "deselected" in run.stdout, run.stdout + run.stderr
