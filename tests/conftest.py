@@ -31,6 +31,7 @@ if str(_TESTS / "queueserver") not in sys.path:
 import qs_background  # noqa: E402
 from kernel_utils import kernel, kernel_factory  # noqa: E402, F401 - fixtures re-exported
 from session_sandbox import LeakReport, SessionSandbox  # noqa: E402
+from xdist_reports import pytest_runtest_makereport  # noqa: E402, F401 - a lone surrogate in a report
 
 #: pytest runs with --nbval (pyproject): the browser test's notebook is driven by that test
 #: in JupyterLab, not compared by nbval.
@@ -107,16 +108,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return first, -count[path]
 
     items.sort(key=rank)  # stable: a file's tests keep their order
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """Captured output and logs holding a lone surrogate (tests of hostile texts print them)
-    are kept with it escaped: an xdist worker sends reports as UTF-8 and would stop there."""
-    outcome = yield
-    report = outcome.get_result()
-    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
-                       for title, text in report.sections]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -197,3 +197,21 @@ def test_a_named_notebook_runs_in_one_process():
                          text=True, timeout=120)
     assert "workers" not in run.stdout, run.stdout
     assert "deselected" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_failure_showing_a_lone_surrogate_is_reported_by_a_worker(tmp_path):
+    """A parallel run's test failing on a hostile text (``assert name == "a\\udc80"``): the
+    worker could not send the failure (UTF-8) and stopped; the run ended with pytest-xdist's
+    "Unexpectedly no active workers available", the failure and the tests after it unseen.
+    The failure is reported, the character escaped, and the next test runs."""
+    (tmp_path / "test_hostile.py").write_text(
+        "def test_hostile():\n    print('out \\udc80')\n    assert 'a\\udc80' == 'b'\n\n"
+        "def test_next():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("PYTEST_XDIST_AUTO_NUM_WORKERS", None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "xdist_reports",
+                          "-n", "1", "-c", os.devnull, "--rootdir", str(tmp_path), "--basetemp", str(tmp_path / "base"),
+                          str(tmp_path / "test_hostile.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "1 failed, 1 passed" in run.stdout, run.stdout + run.stderr
+    assert "\\udc80" in run.stdout
