@@ -81,7 +81,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` (pyproject's addopts): two workers for the suite or a folder of it; one run
     in this process for named files or tests (starting workers would cost more than they
     save), on one core, or where queueserver's selection cannot have a network namespace of
-    its own (its helpers hard-code 127.0.0.1:60615, which tutorial 05 serves too).
+    its own (its helpers hard-code 127.0.0.1:60615, qmagic's default control address).
     ``-n N`` or PYTEST_XDIST_AUTO_NUM_WORKERS still decide."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
