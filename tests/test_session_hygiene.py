@@ -186,17 +186,34 @@ def test_a_parallel_run_starts_the_longest_files_first_and_keeps_each_file_toget
     assert conftest.pytest_xdist_auto_num_workers(suite) is None  # xdist reads it
 
 
-def test_a_named_notebook_runs_in_one_process():
+#: A pytest run in a subprocess with pytest-xdist and no other installed plugin (loading every
+#: one, Hypothesis, anyio, nbval..., took 16 s of such a test here; 1.3 s so).
+_ONLY_PLUGINS = ("-p", "no:cacheprovider", "-p", "xdist.plugin", "-p", "xdist.looponfail")
+
+
+def _plugins_named() -> dict[str, str]:
+    """This environment, plugins loaded only when named (``-p``), -n auto left to the hooks."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_AUTO_NUM_WORKERS"}
+    return {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+def test_a_named_notebook_runs_in_one_process(monkeypatch):
     """``pytest notebooks/01-getting-started.ipynb``: pyproject's ``-n auto`` started a
     worker per core (tests/conftest.py, which runs named tests in one process, is not loaded
-    for a notebook), 20 s of starting workers for one notebook.  It runs in this process."""
-    notebook = next(NOTEBOOKS.glob("01-*.ipynb")).relative_to(REPO_ROOT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_XDIST_AUTO_NUM_WORKERS"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(notebook),
-                          "-k", "no_such_cell"], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert "workers" not in run.stdout, run.stdout
-    assert "deselected" in run.stdout, run.stdout + run.stderr
+    for a notebook: notebooks/conftest.py is), 20 s of starting workers for one notebook.
+    It runs in this process; a folder is left to tests/conftest.py (or pytest-xdist)."""
+    import runpy
+    import types
+
+    hook = runpy.run_path(str(NOTEBOOKS / "conftest.py"))["pytest_xdist_auto_num_workers"]
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    for args, workers in ((["notebooks/01-getting-started.ipynb"], 0),
+                          (["notebooks/01-getting-started.ipynb::Cell 0", "notebooks/02-progress-cancel-output.ipynb"], 0),
+                          (["notebooks"], None), (["tests", "notebooks"], None)):
+        assert hook(types.SimpleNamespace(args=args)) == workers, args
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert hook(types.SimpleNamespace(args=["notebooks/01-getting-started.ipynb"])) is None
 
 
 def test_a_failure_showing_a_lone_surrogate_is_reported_by_a_worker(tmp_path):
@@ -207,9 +224,8 @@ def test_a_failure_showing_a_lone_surrogate_is_reported_by_a_worker(tmp_path):
     (tmp_path / "test_hostile.py").write_text(
         "def test_hostile():\n    print('out \\udc80')\n    assert 'a\\udc80' == 'b'\n\n"
         "def test_next():\n    pass\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    env.pop("PYTEST_XDIST_AUTO_NUM_WORKERS", None)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "xdist_reports",
+    env = {**_plugins_named(), "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", *_ONLY_PLUGINS, "-p", "xdist_reports",
                           "-n", "1", "-c", os.devnull, "--rootdir", str(tmp_path), "--basetemp", str(tmp_path / "base"),
                           str(tmp_path / "test_hostile.py")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
