@@ -25,7 +25,7 @@ def _where(state_dir: Any, environment_name: str | None) -> dict[str, Any]:
 
         session = get_session()
         worker = session.worker if session is not None else None
-    check = "check environment_name and state_dir"
+    check = _store.CHECK_NAMES
     if state_dir is None and worker is not None:  # (the folder its log was opened in: a
         log = worker._readable_log()  # relative QMAGIC_STATE_DIR names another after a %cd)
         state_dir = log.state_dir if log is not None else worker.state_dir

@@ -112,6 +112,18 @@ def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path):
         k.shutdown()
 
 
+def _start_endless_scan(k, step: str) -> str:
+    """Start ``scan`` (``step`` in an endless loop) in the background as ``t``, wait until it
+    runs; its uid."""
+    k.execute("import time\n"
+              "def scan():\n"
+              "    while True:\n"
+              f"        {step}\n"
+              "t = %function_execute -b scan\n"
+              "wait_until(lambda: t.running())", check=True)
+    return k.eval("t.uid")
+
+
 @contextlib.contextmanager
 def _watching_tasks(k):
     """A SUB socket on the kernel's info socket (QS_Info), with a status received (so
@@ -154,13 +166,7 @@ def test_a_remote_watcher_sees_the_tasks_the_exit_cancelled(tmp_path):
     k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
     try:
         with _watching_tasks(k) as final_state:
-            k.execute("import time\n"
-                      "def scan():\n"
-                      "    while True:\n"
-                      "        time.sleep(0.01)\n"
-                      "t = %function_execute -b scan\n"
-                      "wait_until(lambda: t.running())", check=True)
-            uid = k.eval("t.uid")
+            uid = _start_endless_scan(k, "time.sleep(0.01)")
             kernel = k.km.provisioner.process
             k.kc.stop_channels()
             k.kc = None
@@ -201,12 +207,7 @@ def test_a_remote_watcher_sees_the_tasks_an_unload_cancelled(tmp_path):
     k = start_kernel(tmp_path / "kernel", "--QMagic.zmq_info_address=tcp://127.0.0.1:*")
     try:
         with _watching_tasks(k) as final_state:
-            k.execute("def scan():\n"
-                      "    while True:\n"
-                      "        qmagic.cancellable_sleep(0.05)\n"
-                      "t = %function_execute -b scan\n"
-                      "wait_until(lambda: t.running())", check=True)
-            uid = k.eval("t.uid")
+            uid = _start_endless_scan(k, "qmagic.cancellable_sleep(0.05)")
             k.execute("%unload_ext qmagic", check=True)
             assert k.eval("t.status.value") == "cancelled"
             assert final_state(uid)["status"] == "cancelled"

@@ -890,6 +890,15 @@ def test_a_busy_foreground_is_explained_in_notebook_terms(make_worker):
     assert running.wait(TIMEOUT)
 
 
+def _refusal_of_a_foreground_start(w) -> str | None:
+    """The refusal's text when ``f`` is started in the foreground from here, else None."""
+    try:
+        w.submit("f", background=False)
+    except RequestRefused as exc:
+        return str(exc)
+    return None
+
+
 def test_a_foreground_task_starting_another_in_the_foreground_is_told_not_to_wait(make_worker):
     """A foreground "macro" whose code starts another foreground task (a magic inside it): it
     was told "A foreground task is running (macro()): wait for it to end ... or cancel the
@@ -897,10 +906,7 @@ def test_a_foreground_task_starting_another_in_the_foreground_is_told_not_to_wai
     seen = {}
 
     def macro():
-        try:
-            w.submit("f", background=False)
-        except RequestRefused as exc:
-            seen["refused"] = str(exc)
+        seen["refused"] = _refusal_of_a_foreground_start(w)
         return w.submit("f").result(TIMEOUT)  # (the background is free)
 
     w = make_worker({"macro": macro, "f": lambda: 1})
@@ -918,10 +924,7 @@ def test_a_foreground_task_s_thread_starting_a_foreground_task_is_told_not_to_wa
     seen = {}
 
     def in_thread():
-        try:
-            w.submit("f", background=False)
-        except RequestRefused as exc:
-            seen["refused"] = str(exc)
+        seen["refused"] = _refusal_of_a_foreground_start(w)
 
     def macro():
         with ThreadPoolExecutor(1) as pool:

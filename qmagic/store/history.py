@@ -82,8 +82,12 @@ def _prepare(state_dir: Path, env: str) -> Path | None:
     return path
 
 
+#: What a history() that found no log says to check (the folder and environment it was given).
+CHECK_NAMES = "check environment_name and state_dir"
+
+
 def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name: str = "default",
-            check: str = "check environment_name and state_dir", **filters: Any) -> list[dict[str, Any]]:
+            check: str = CHECK_NAMES, **filters: Any) -> list[dict[str, Any]]:
     """Task records of an environment's experiment log, newest first.
 
     ``filters`` are those of :meth:`qmagic.store.journal.Journal.records`: ``status``,
@@ -131,7 +135,7 @@ def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def history_dataframe(*, state_dir: str | os.PathLike[str] | None = None,
-                      environment_name: str = "default", check: str = "check environment_name and state_dir",
+                      environment_name: str = "default", check: str = CHECK_NAMES,
                       **filters: Any) -> Any:
     """:func:`history` as a pandas DataFrame, one row per task, newest first.
 
