@@ -1104,9 +1104,12 @@ def test_a_log_in_a_folder_nothing_can_write_is_read_as_it_is(tmp_path):
 
 def assert_calls_spared_the_disk(during: dict) -> None:
     """During a fault the calling thread tried the disk (and woke the writer) at most about
-    once per back-off period of the spool, not once per line (3 lines a task)."""
+    twice per back-off period of the spool -- once when its own back-off ends, once on a
+    segment the writer installed on its own clock (each refused by the full disk) -- not once
+    per line (3 lines a task).  (Once per period was the bound: a loop slowed past one period
+    by a busy machine saw 4 refusals in 0.52 s.)"""
     periods = 2 + during["seconds"] / during["retry_s"]
-    assert during["refused"] <= periods and during["wakes"] <= 2 * periods, during
+    assert during["refused"] <= 2 * periods and during["wakes"] <= 2 * periods, during
 
 
 def in_namespace(tmp_path: Path, body: str, size: str) -> dict:
