@@ -14,6 +14,11 @@ cells the same way, or the outputs differ for reasons that have nothing to do wi
   cell becomes ``In [n]``, tracebacks say ``Cell In[n]``, the experiment log records the
   cell's number); nbval 0.11 runs them with ``store_history=False``, so every cell would
   be ``In [1]``.  Its ``RunningKernel.execute_cell_input`` is replaced by one that counts.
+- **Updated displays**: JupyterLab and nbclient apply ``update_display_data`` to the output
+  with its display id (a foreground task's live row becomes its static final row when the
+  cell ends); nbval 0.11 ignores the message and would compare the first version.  The
+  updates a cell's kernel sends are applied to its outputs before nbval compares them
+  (:func:`_apply_display_updates`).
 """
 
 from __future__ import annotations
@@ -66,6 +71,50 @@ def _count_cells() -> None:
 
 
 _count_cells()
+
+
+#: display id -> (data first shown, data of its latest update), for the outputs of the cell
+#: nbval is running (nbval keeps an output's data, not its display id)
+_displays: dict[str, list] = {}
+
+
+def _apply_display_updates() -> None:
+    """nbval sees what a notebook shows: ``update_display_data`` replaces the data of the
+    output shown with that display id (see the module docstring)."""
+    try:
+        import nbval.plugin as plugin
+        from nbval.kernel import RunningKernel
+    except ImportError:  # nbval not installed: nothing runs notebooks
+        return
+    if getattr(RunningKernel.get_message, "_qmagic_updates", False):
+        return
+    get_message, coalesce = RunningKernel.get_message, plugin.coalesce_streams
+
+    def get_message_noting_displays(self, stream, timeout=None):
+        msg = get_message(self, stream, timeout=timeout)
+        kind, content = msg.get("msg_type"), msg.get("content") or {}
+        display_id = (content.get("transient") or {}).get("display_id")
+        if display_id and kind == "display_data":
+            _displays[display_id] = [content.get("data"), None]
+        elif display_id and kind == "update_display_data" and display_id in _displays:
+            _displays[display_id][1] = content.get("data")
+        return msg
+
+    def coalesce_with_updates(outputs):  # (called on the cell's outputs, then on the reference's)
+        updates = [(shown, latest) for shown, latest in _displays.values() if latest is not None]
+        _displays.clear()
+        for out in outputs:
+            for shown, latest in updates:
+                if out.get("output_type") == "display_data" and out.get("data") == shown:
+                    out["data"] = latest
+        return coalesce(outputs)
+
+    get_message_noting_displays._qmagic_updates = True
+    RunningKernel.get_message = get_message_noting_displays
+    plugin.coalesce_streams = coalesce_with_updates
+
+
+_apply_display_updates()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -45,6 +45,7 @@ from browser_lab import (
 DOCS = REPO_ROOT / "docs"
 ARTIFACTS: Path | None = None  # set by the test (browser_lab.artifacts_dir)
 NOTEBOOK = "panels-experience.ipynb"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 #: Least WCAG contrast ratio of any text in a panel (AA for normal text).
 MIN_CONTRAST = 4.5
 
@@ -417,6 +418,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     _wait_done(page, 8)
     expect(row8).to_have_count(1)
     _shot(cell8, "light-3-foreground-cancelled.png")
+    report.append(_check_saved_rows(page, lab))
 
     report += _check_legible(page, "light")
     report += [_check_styled(panel, "light"), _check_styled(_cell(page, 7), "light")]
@@ -441,6 +443,20 @@ def _scenario(page, lab: Lab) -> list[str]:
     _shot(lock, "dark-2-lock-panel.png")
     _shot(cell8, "dark-3-foreground-cancelled.png")
     return report
+
+
+def _check_saved_rows(page, lab: Lab) -> str:
+    """The notebook JupyterLab saves holds the foreground rows as static final rows (HTML and
+    text, no widget view): reopened without a kernel, or read anywhere, they still say how
+    each task ended (a live row's widget model is gone then)."""
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")  # (awaited)
+    cells = json.loads((lab.root / NOTEBOOK).read_text())["cells"]
+    for index, status in ((7, "completed"), (8, "cancelled")):
+        rows = [out["data"] for out in cells[index]["outputs"] if "text/html" in out.get("data", {})]
+        assert len(rows) == 1, cells[index]["outputs"]
+        assert WIDGET_MIME not in rows[0] and f'data-status="{status}"' in "".join(rows[0]["text/html"]), rows
+        assert f"foreground  {status}" in "".join(rows[0]["text/plain"]), rows
+    return "saved notebook: the foreground rows are static final rows"
 
 
 def _foreground(page, lab: Lab, index: int, theme: str) -> list[str]:
@@ -469,5 +485,8 @@ def _foreground(page, lab: Lab, index: int, theme: str) -> list[str]:
     expect(cell.locator(".qm-row")).to_have_count(1)  # the returned Task: text only
     expect(cell.locator(".jp-OutputArea-output").last).to_have_text(
         "scan(50, 0.02)  qmagic user  foreground  completed  50/50 point 50 of 50")
+    # the cell ended: the row is a static copy of its final state (no buttons, no widget)
+    expect(cell.locator(".qm-static .qm-row[data-status='completed']")).to_have_count(1)
+    expect(cell.locator(".qmagic-cancel")).to_have_count(0)
     _shot(cell, f"{theme}-0-foreground-completed.png")
     return [f"{theme} foreground row ok"]

@@ -1387,20 +1387,42 @@ def test_a_foreground_task_shows_its_live_row_in_its_own_cell(kernel_factory):
         result = [o for o in r.outputs if o["msg_type"] == "execute_result"]
         assert [o["content"]["data"] for o in result] == [
             {"text/plain": "measure(5)  qmagic user  foreground  completed  5/5 point 5 of 5"}]
-        assert _comm_opens(k, "qmagic-task-single", parent=r.msg_id)
+        row_id = _comm_opens(k, "qmagic-task-single", parent=r.msg_id)
+        assert len(row_id) == 1
         key = k.eval("qmagic.get_worker().last_task.uid[:8]")
-        # the row's final state reaches the frontend by itself
-        _wait_for(k, lambda key=key: "completed" in _shown_status(k, key), 5.0, "the row's final state")
         assert _shown_status(k, key)[0] == "running"
+        # when the cell ends, the row becomes a static copy of its final state, its widgets close
+        final = _static_row(r, "measure(5)  qmagic user  foreground  completed  5/5 point 5 of 5")
+        assert f'data-task="{key}" data-status="completed"' in final["text/html"]
+        assert row_id[0] in _comm_closes(k, r.msg_id)
         texts.append([o["content"]["data"]["text/plain"] for o in r.outputs
-                      if o["msg_type"] in ("display_data", "execute_result")])
+                      if o["msg_type"] in ("display_data", "execute_result", "update_display_data")])
     assert texts[0] == texts[1]
-    # an async def task runs on the event loop: its row still lands in its cell
+    # an async def task runs on the event loop: its row still lands in its cell, and rests there
     r = k.execute("%function_execute ameasure 3").check()
     assert [d["text/plain"] for d in r.displayed if WIDGET in d] == ["ameasure(3)  qmagic user  foreground  running"]
-    # a background task's Task displays as a live row (it is the only widget of its cell)
+    _static_row(r, "ameasure(3)  qmagic user  foreground  completed  3/3")
+    # a background task's Task displays as a live row (it is the only widget of its cell) and
+    # stays live after its cell (it follows the task)
     r = k.execute("t = %function_execute -b measure 3\nt").check()
     assert len([d for d in r.displayed if WIDGET in d]) == 1
+    assert not [o for o in r.outputs if o["msg_type"] == "update_display_data"]
+
+
+def _static_row(r, text: str) -> dict:
+    """The cell's one live row was replaced (same display id) by its static final row."""
+    shown = [o["content"] for o in r.outputs if o["msg_type"] == "display_data" and WIDGET in o["content"]["data"]]
+    updates = [o["content"] for o in r.outputs if o["msg_type"] == "update_display_data"]
+    assert len(shown) == 1 and len(updates) == 1, r.outputs
+    assert updates[0]["transient"]["display_id"] == shown[0]["transient"]["display_id"]
+    data = updates[0]["data"]
+    assert set(data) == {"text/html", "text/plain"} and data["text/plain"] == text, data
+    assert data["text/html"].startswith('<style class="qmagic-style">'), data["text/html"][:80]
+    return data
+
+
+def _comm_closes(kernel, parent: str) -> set[str]:
+    return {m["content"]["comm_id"] for p, m in _iopub(kernel) if p == parent and m["msg_type"] == "comm_close"}
 
 
 def test_cancel_in_the_cells_row_ends_the_cell_like_an_interrupt(kernel_factory):

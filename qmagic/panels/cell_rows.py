@@ -14,6 +14,14 @@ foreground  running``: no uid, no time, no live value), so a terminal or nbval s
 same text on every run.  The Task the magic then returns displays as text only in that
 cell (:meth:`CellRows.shown_here`), never as a second live widget.
 
+**When the cell ends** (``post_run_cell``: :meth:`CellRows.rest`), the row of a task that has
+ended is replaced in the cell by a static copy of its final state (``update_display``:
+``text/html`` with the row's own stylesheet, and the final ``text/plain`` line), and its
+widgets are closed.  The saved notebook is then an experiment log that reads anywhere:
+reopened without a kernel (a live widget's model is gone then: JupyterLab showed "Error
+displaying widget: model not found"), in nbconvert's HTML, on GitHub.  Nothing is lost: the
+cell holds the task's output and error itself, and ``%tasks`` and ``%task_result`` the rest.
+
 At most :data:`MAX_ROWS_PER_CELL` rows per cell execution: a loop of foreground tasks in
 one cell shows rows for the first ones only (``%tasks`` shows them all).
 """
@@ -23,16 +31,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from typing import Any, Callable, Iterator
 
+from .. import format as fmt
 from ..ipython.context import execute_request
+from . import render, styles
 
 log = logging.getLogger("qmagic")
 
-__all__ = ["CellRows", "MAX_ROWS_PER_CELL"]
+__all__ = ["CellRows", "MAX_ROWS_PER_CELL", "static_row"]
 
 #: Most live rows one cell execution shows (one per foreground task it starts).
 MAX_ROWS_PER_CELL = 10
+
+
+def static_row(task: Any) -> dict[str, str]:
+    """The mime bundle of ``task``'s row as a static record: the row's HTML with its own
+    stylesheet, and its ``text/plain`` line (:func:`qmagic.format.task_line`)."""
+    inner = render.rows_html(render.row_html(task))
+    html = (f'{styles.row_style_html()}<div class="{styles.PANEL_CLASS} qmagic-task-panel qmagic-task-single">'
+            f'<div class="{styles.STATIC_CLASS}">{inner}</div></div>')
+    return {"text/html": html, "text/plain": fmt.task_line(task)}
 
 
 def _msg_id(parent: dict | None) -> str | None:
@@ -52,6 +72,7 @@ class CellRows:
         self._lock = threading.Lock()
         self._cell: str | None = None  # msg_id of the cell execution the uids belong to
         self._uids: set[str] = set()
+        self._shown: list[tuple[Any, str]] = []  # (row, display id) of that cell's live rows
 
     # -- the ContextHook protocol ---------------------------------------------------------------
     def capture(self, task: Any) -> dict | None:
@@ -65,7 +86,7 @@ class CellRows:
             return None
         with self._lock:
             if msg_id != self._cell:
-                self._cell, self._uids = msg_id, set()
+                self._cell, self._uids, self._shown = msg_id, set(), []
             if len(self._uids) >= MAX_ROWS_PER_CELL:
                 return None
             self._uids.add(task.uid)
@@ -84,6 +105,31 @@ class CellRows:
         with self._lock:
             return msg_id is not None and msg_id == self._cell and task.uid in self._uids
 
+    def rest(self, *_: Any) -> None:
+        """``post_run_cell``: the rows of this cell whose task has ended become static copies
+        of their final state (:func:`static_row`) and their widgets close; a row whose task
+        still runs (left running by an interrupt) stays live."""
+        from IPython.display import update_display
+
+        from ..ipython.runner import interrupts_held
+
+        msg_id = _msg_id(execute_request(self.shell))
+        with self._lock:
+            if msg_id is None or msg_id != self._cell or not self._shown:
+                return
+            shown, self._shown = self._shown, []
+        with interrupts_held():  # (■ now would leave a row replaced but its widgets open)
+            for row, display_id in shown:
+                if not row.task.done():
+                    continue
+                try:
+                    update_display(static_row(row.task), raw=True, display_id=display_id)
+                except Exception:  # noqa: BLE001 - the live row stays: a cell's end must not fail
+                    log.warning("qmagic: could not keep the final row of %s", row.task.call_text(40),
+                                exc_info=True)
+                    continue
+                row.close()
+
     # -- internals ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _showing(self, task: Any, parent: dict) -> Iterator[None]:
@@ -99,17 +145,17 @@ class CellRows:
         from .task_panel import TaskRow
 
         row = TaskRow(self.worker, task)
-        if threading.current_thread() is threading.main_thread():
-            display(row)
-            return
-        # a coroutine task runs on an event loop thread: pin the display to the cell
+        display_id = uuid.uuid4().hex
         setter = getattr(self.shell, "set_thread_parent", None)
         resetter = getattr(self.shell, "reset_thread_parent", None)
-        if setter is None or resetter is None:
-            display(row)
-            return
-        tokens = setter(parent)
-        try:
-            display(row)
-        finally:
-            resetter(tokens)
+        if threading.current_thread() is threading.main_thread() or setter is None or resetter is None:
+            display(row, display_id=display_id)
+        else:  # a coroutine task runs on an event loop thread: pin the display to the cell
+            tokens = setter(parent)
+            try:
+                display(row, display_id=display_id)
+            finally:
+                resetter(tokens)
+        with self._lock:
+            if _msg_id(parent) == self._cell:
+                self._shown.append((row, display_id))

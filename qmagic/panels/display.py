@@ -12,6 +12,7 @@ subshell deleted).  Nothing here reaches into the engine: the worker is passed i
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -209,7 +210,10 @@ def attach(shell: Any, worker: Any) -> None:
         entry.workers.append(worker)
         if not widgets_available(shell):
             return
-        entry.cells[id(worker)] = CellRows(shell, worker, lambda: is_attached(shell, worker))
+        rows = entry.cells[id(worker)] = CellRows(shell, worker, lambda: is_attached(shell, worker))
+        events = getattr(shell, "events", None)
+        if events is not None:  # (a finished task's row becomes a static record at the cell's end)
+            events.register("post_run_cell", rows.rest)
         if entry.formatter is None:
             formatter = shell.display_formatter.mimebundle_formatter
             entry.previous = formatter.type_printers.get(Task)
@@ -237,7 +241,10 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
         entry = _attachments.get(id(shell))
         if entry is not None:
             entry.workers = [w for w in entry.workers if w is not worker]
-            entry.cells.pop(id(worker), None)
+            rows = entry.cells.pop(id(worker), None)
+            if rows is not None:
+                with contextlib.suppress(AttributeError, ValueError):  # (a shell without events)
+                    shell.events.unregister("post_run_cell", rows.rest)
             if not entry.workers:
                 del _attachments[id(shell)]
                 if entry.formatter is not None:

@@ -30,8 +30,10 @@ __all__ = [
     "CONTROLS_MARGIN_PX",
     "STATUS_COLOURS",
     "BORDER2",
+    "STATIC_CLASS",
     "stylesheet",
     "style_html",
+    "row_style_html",
 ]
 
 #: The class every qmagic panel carries; every rule of the stylesheet is scoped under it.
@@ -138,17 +140,39 @@ def _rules() -> list[tuple[str, str]]:
     return rules
 
 
-@functools.lru_cache(maxsize=None)
-def stylesheet() -> str:
-    """The CSS of every panel, each rule scoped under ``.qmagic-panel``."""
+#: Class of a finished row's static copy (:func:`row_style_html`): no buttons to make room for.
+STATIC_CLASS = "qm-static"
+
+#: The selectors a task row uses (its static copy carries only their rules).
+_ROW_SELECTORS = frozenset({".qm-tbl", ".qm-row", ".qm-h, .qm-p", ".qm-b", ".qm-call", ".qm-mode", ".qm-user",
+                            ".qm-el", ".qm-bar", ".qm-fill", ".qm-pt", ".qm-end"})
+
+
+def _scoped(rules: list[tuple[str, str]]) -> str:
     scope = f".{PANEL_CLASS}"
     out = []
-    for selector, body in _rules():
+    for selector, body in rules:
         scoped = ", ".join(f"{scope} {part.strip()}" for part in selector.split(","))
         out.append(f"{scoped}{{{body}}}")
     return "\n".join(out)
 
 
+@functools.lru_cache(maxsize=None)
+def stylesheet() -> str:
+    """The CSS of every panel, each rule scoped under ``.qmagic-panel``."""
+    return _scoped(_rules())
+
+
 def style_html() -> str:
     """The value of a panel's style widget: the stylesheet in a ``<style>`` element."""
     return f'<style class="qmagic-style">\n{stylesheet()}\n</style>'
+
+
+@functools.lru_cache(maxsize=None)
+def row_style_html() -> str:
+    """The ``<style>`` of a finished row's static copy: the row's rules only (status colours
+    included), its right end not kept for buttons (``.qm-static``)."""
+    rules = [(sel, body) for sel, body in _rules() if sel in _ROW_SELECTORS or sel.startswith("[data-status=")]
+    rules += [(f".{STATIC_CLASS}", f"margin:2px 0;border:1px solid {BORDER2};border-bottom:none"),
+              (f".{STATIC_CLASS} .qm-row", "padding-right:8px")]
+    return f'<style class="qmagic-style">\n{_scoped(rules)}\n</style>'
