@@ -16,8 +16,9 @@ cell (:meth:`CellRows.shown_here`), never as a second live widget.
 
 **When the cell ends** (``post_run_cell``: :meth:`CellRows.rest`), the row of a task that has
 ended is replaced in the cell by a static copy of its final state (``update_display``:
-``text/html`` with the row's own stylesheet, and the final ``text/plain`` line), and its
-widgets are closed.  The saved notebook is then an experiment log that reads anywhere:
+``text/html`` with the row's own stylesheet, and the final ``text/plain`` line).  Its
+widgets are left open, as before: a frontend that does not apply the update (an
+``ipywidgets.Output`` that captured the row) keeps showing the live row.  The saved notebook is then an experiment log that reads anywhere:
 reopened without a kernel (a live widget's model is gone then: JupyterLab showed "Error
 displaying widget: model not found"), in nbconvert's HTML, on GitHub.  Nothing is lost: the
 cell holds the task's output and error itself, and ``%tasks`` and ``%task_result`` the rest.
@@ -72,7 +73,7 @@ class CellRows:
         self._lock = threading.Lock()
         self._cell: str | None = None  # msg_id of the cell execution the uids belong to
         self._uids: set[str] = set()
-        self._shown: list[tuple[Any, str]] = []  # (row, display id) of that cell's live rows
+        self._shown: list[tuple[Any, str]] = []  # (task, display id) of that cell's live rows
 
     # -- the ContextHook protocol ---------------------------------------------------------------
     def capture(self, task: Any) -> dict | None:
@@ -107,8 +108,8 @@ class CellRows:
 
     def rest(self, *_: Any) -> None:
         """``post_run_cell``: the rows of this cell whose task has ended become static copies
-        of their final state (:func:`static_row`) and their widgets close; a row whose task
-        still runs (left running by an interrupt) stays live."""
+        of their final state (:func:`static_row`); a row whose task still runs (left running
+        by an interrupt) stays live."""
         from IPython.display import update_display
 
         from ..ipython.runner import interrupts_held
@@ -118,17 +119,14 @@ class CellRows:
             if msg_id is None or msg_id != self._cell or not self._shown:
                 return
             shown, self._shown = self._shown, []
-        with interrupts_held():  # (■ now would leave a row replaced but its widgets open)
-            for row, display_id in shown:
-                if not row.task.done():
+        with interrupts_held():  # (■ after the cell's end would show as an error of the cell)
+            for task, display_id in shown:
+                if not task.done():
                     continue
                 try:
-                    update_display(static_row(row.task), raw=True, display_id=display_id)
+                    update_display(static_row(task), raw=True, display_id=display_id)
                 except Exception:  # noqa: BLE001 - the live row stays: a cell's end must not fail
-                    log.warning("qmagic: could not keep the final row of %s", row.task.call_text(40),
-                                exc_info=True)
-                    continue
-                row.close()
+                    log.warning("qmagic: could not keep the final row of %s", task.call_text(40), exc_info=True)
 
     # -- internals ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -158,4 +156,4 @@ class CellRows:
                 resetter(tokens)
         with self._lock:
             if _msg_id(parent) == self._cell:
-                self._shown.append((row, display_id))
+                self._shown.append((task, display_id))
