@@ -74,10 +74,11 @@ class StateMixin(LogMixin):
         self.static_uid = str(uuid.uuid4())
 
     def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
-        """Stop every task and thread within ``timeout`` (queued ones cancelled; ``reason``: the cancel reason), then
-        close the experiment log (every task's end recorded first; within ``log_timeout``: see Journal.close) and locks.
-        From then on :attr:`closed` is True.  Refused inside one of its own tasks (it would wait for itself:
-        :meth:`qmagic.core.engine.Engine.close`)."""
+        """Stop every task and thread within ``timeout`` seconds (queued ones cancelled; ``reason``: the cancel
+        reason), then close the experiment log (every task's end recorded first; ``log_timeout``: the most seconds
+        it waits to store what is pending; what is left is stored by the next process that opens the log) and the
+        lock.  From then on :attr:`closed` is True.  Refused (:class:`qmagic.RequestRefused`) inside one of its own
+        tasks: it would wait for itself."""
         self.engine.close(timeout, *(() if reason is None else (reason,)))
         self._close_state(log_timeout)
 

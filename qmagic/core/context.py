@@ -51,8 +51,9 @@ def task_here() -> Task | None:
 def raise_if_cancelled() -> None:
     """Raise :class:`qmagic.TaskCancelled` if the current task was asked to stop.
 
-    Call it between steps of a long loop (also in threads the task's code started, while
-    it runs: :func:`task_here`).  Outside a task it does nothing.
+    Call it between steps of a long loop (also in threads the task's code started, such as
+    a ``ThreadPoolExecutor`` reading detectors, while the task runs).  Outside a task it does
+    nothing.
     """
     task = task_here()
     if task is not None and task.cancel_requested:
@@ -66,8 +67,8 @@ def report_progress(
 
     Panels and subscribers see it live.  It also checks for a cancel request, raising
     :class:`qmagic.TaskCancelled` if the task was asked to stop.  In a thread the task's
-    code started (a pool reading detectors) it reports for the task while the task runs
-    (:func:`task_here`).  Outside a task it does nothing.
+    code started (a pool reading detectors) it reports for the task while the task runs.
+    Outside a task it does nothing.
     """
     task = task_here()
     if task is None:
@@ -84,7 +85,7 @@ def cancellable_sleep(seconds: float) -> None:
     """Sleep ``seconds``, waking at once with :class:`qmagic.TaskCancelled` on cancel.
 
     Outside a task it is ``time.sleep`` (a thread the task's code started counts as the
-    task's while it runs: :func:`task_here`).  In a coroutine (``async def``) task use
+    task's while the task runs).  In a coroutine (``async def``) task use
     ``await asyncio.sleep(seconds)`` instead: it is cancelled at once too, and does not
     block the event loop.
     """

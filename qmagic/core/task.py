@@ -118,8 +118,8 @@ class Task(TaskState):
 
         Raises RuntimeError when called on the event loop the task runs on (from a coroutine
         task): that loop would wait for good; ``await task`` there instead.  So too, the
-        moment a thread task waited for there hands the coroutine it returned to that loop
-        (:meth:`_run_on`); and at once when the task's own code waits for it."""
+        moment a thread task waited for there hands the coroutine it returned to that loop;
+        and at once when the task's own code waits for it."""
         if self._status.finished:
             return True
         here = _waiter_loop(self)
