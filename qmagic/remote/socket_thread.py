@@ -121,7 +121,7 @@ class SocketThread:
         if not port_is_valid(address):
             raise ControlChannelError(
                 f"Invalid {self.what} address {address!r}: the port must be a number from 1 to "
-                f"65535 (or * for any free port), e.g. {example!r}."
+                f"65535 (or * or 0 for any free port), e.g. {example!r}."
             )
         problem = keys_problem(client_keys, curve=secret_key is not None)
         if problem:
