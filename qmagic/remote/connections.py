@@ -71,8 +71,6 @@ class ConnectionLimit:
         self._admitted: deque[float] = deque(maxlen=self._limit)  # when, the last admissions
         #: Connections refused because ``limit`` were open.
         self.refused = 0
-        #: When the last one was refused (time.time()), or None.
-        self.last_refused_at: float | None = None
         self._warned = False
 
     # -- the setting ------------------------------------------------------------------------
@@ -171,7 +169,6 @@ class ConnectionLimit:
             if self._old_count < self._limit and waited < PATIENCE_S:
                 return None
             self.refused += 1
-            self.last_refused_at = time.time()
             warn, self._warned = not self._warned, True
         if warn:
             log.warning("qmagic: the %s refused a connection: %d are open, the most allowed; it "
