@@ -218,9 +218,11 @@ class LookupMixin:
 
     def functions_available(self, user_group: str | None = None) -> dict[str, dict[str, str]]:
         """{name: {signature, doc}} of the namespace functions ``user_group`` (default:
-        ``QMagic.default_user_group``) may call; an unknown group is refused as by submit."""
+        ``QMagic.default_user_group``) may call, as the namespace holds them now; an unknown
+        group is refused as by submit."""
         group = self.default_user_group if user_group is None else user_group
         self._permissions.check_group(group)
-        functions = self.catalog.functions()
+        self.catalog.refresh()  # (a kernel's catalog follows each cell; a namespace dict given
+        functions = self.catalog.functions()  # to Worker() changes under it unseen)
         allowed = set(self._permissions.allowed_names(functions, group))
         return self.catalog.describe_functions({n: f for n, f in functions.items() if n in allowed})

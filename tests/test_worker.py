@@ -417,6 +417,25 @@ def test_scripts_apply_names_and_report_changes(make_worker):
         w.run_script("x = 1", name="../etc")
 
 
+def test_functions_available_follows_the_namespace_it_was_given(make_worker):
+    """README: ``w = qmagic.Worker(namespace_dict)``; functions defined there afterwards run by
+    name, and functions_available() lists them too (it listed the names the dict held when
+    the worker was made: {} here, while submit("scan") ran)."""
+    ns = {}
+    w = make_worker(ns)
+    assert w.functions_available() == {}
+
+    def scan(n):
+        """Scan n points."""
+        return n
+
+    ns["scan"] = scan
+    assert w.functions_available() == {"scan": {"signature": "(n)", "doc": "Scan n points."}}
+    assert w.submit("scan", (3,)).result(TIMEOUT) == 3
+    del ns["scan"]
+    assert w.functions_available() == {}
+
+
 def test_failing_script_leaves_namespace_exactly_as_it_was(make_worker):
     ns = {"a": 1, "b": [1, 2]}
     w = make_worker(ns)
