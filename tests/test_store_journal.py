@@ -1536,7 +1536,7 @@ def test_a_relative_state_folder_stays_where_the_log_was_opened(tmp_path, monkey
 
 def test_the_history_of_a_long_backlog_makes_only_the_records_it_shows(tmp_path, monkeypatch, short_busy):
     """With 100,000 records waiting in a fault, records(limit=50) (%tasks --history,
-    qmagic.history()) took 0.9-1.6 s (/tmp/log24/records_bench.py): each call folded every
+    qmagic.history()) took 0.9-1.6 s (measured on 2 vCPUs): each call folded every
     waiting line again and made the record of every waiting task.  Now the fold is kept and
     extended, and records are made newest first until the limit is met."""
     import qmagic.store.journal as journal_module

@@ -1,14 +1,15 @@
 """What a session has not stored yet, for its own reads (:class:`qmagic.store.journal.Journal`):
 its waiting lines folded per task, kept between reads, and the newest of them for the history.
 
-Measured (``/tmp/log24/records_bench.py``, 2 vCPUs): with 100,000 records waiting in a fault
-(disk full, or another process holding the database), ``records(limit=50)`` -- the history
+Measured on 2 vCPUs: with 100,000 records waiting in a fault (disk full, or another process
+holding the database), ``records(limit=50)`` -- the history
 views, ``%tasks --history`` and ``qmagic.history()`` -- took 0.9-1.3 s: every call folded every
 waiting line again (0.4-0.5 s) and made the record of every waiting task (0.5-0.8 s) to keep 50.
 The fold is now kept and extended by what was appended since (during a fault the waiting
 lines only grow; when the writer stores some, or lines move from memory into the spool, it is
 made afresh), and records are made newest first until the limit is met, the tasks whose
-status or uid the filters rule out skipped unmade.
+status or uid the filters rule out skipped unmade (tests/test_store_journal.py::
+test_the_history_of_a_long_backlog_makes_only_the_records_it_shows counts that work).
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
 """
