@@ -28,6 +28,13 @@ STATUS_COLOURS = {
 }
 
 
+class _Default(str):
+    """``timeline()``'s default ``since`` ("-12h"), told apart from a "-12h" given."""
+
+
+_LAST_12H = _Default("-12h")
+
+
 class _Bar(NamedTuple):
     rec: Mapping[str, Any]
     start: float  # epoch seconds
@@ -59,7 +66,7 @@ def _bar(rec: Any, now: float) -> _Bar | None:
 def timeline(
     records: Iterable[Mapping[str, Any]] | None = None,
     *,
-    since: Any = "-12h",
+    since: Any = _LAST_12H,
     until: Any = None,
     notebook: str | None = None,
     lanes: str = "name",
@@ -69,12 +76,22 @@ def timeline(
 ) -> Any:
     """Draw tasks of the experiment log as a timeline; returns the matplotlib Figure.
 
-    ``records``: task records (``qmagic.history()`` form); None reads the experiment log with
-    ``since``, ``until``, ``notebook`` and the other ``qmagic.history`` filters.  ``lanes``:
-    "name" (one lane per function) or "user".  ``ax``: draw into these axes.
+    ``records``: task records (``qmagic.history()`` form), drawn as given; None reads the
+    experiment log with ``since`` (default: the last 12 hours), ``until``, ``notebook`` and the
+    other ``qmagic.history`` filters (with ``records`` they are refused: they select from the
+    log).  ``lanes``: "name" (one lane per function) or "user".  ``ax``: draw into these axes.
     """
     if lanes not in ("name", "user"):
         raise ValueError(f"lanes must be 'name' or 'user', not {lanes!r}.")
+    if records is not None:
+        given = [name for name, value in (("since", since is not _LAST_12H), ("until", until is not None),
+                                          ("notebook", notebook is not None)) if value] + list(filters)
+        if given:  # (drawn all the same, they were ignored: a title said "from NOTEBOOK" of any tasks)
+            one = len(given) == 1
+            raise ValueError(f"timeline() draws the records given as they are; {', '.join(given)} "
+                             f"{'selects' if one else 'select'} tasks from the experiment log: pass "
+                             f"{'it' if one else 'them'} to qmagic.history(...) and give timeline() its "
+                             "records, or leave out records=.")
     try:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch

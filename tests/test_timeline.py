@@ -67,3 +67,16 @@ def test_a_bad_record_never_breaks_the_timeline():
     names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert names == ["epoch", "good", "progress"]
     assert fig.axes[0].get_title() == "3 tasks"
+
+
+def test_filters_with_records_are_refused_not_ignored():
+    """timeline(records, notebook=..., status=...) drew every record given and titled them
+    "N tasks from NOTEBOOK" (the filters select from the log; they were silently dropped)."""
+    t0 = time.time() - 60
+    records = [_rec("scan", "completed", t0, t0 + 5), _rec("scan", "failed", t0, t0 + 5)]
+    for filters in ({"notebook": "other.ipynb"}, {"status": "failed"}, {"since": "-1h"},
+                    {"since": "-12h"}, {"until": t0, "name": "scan"}):
+        with pytest.raises(ValueError, match="qmagic.history") as err:
+            timeline(records, **filters)
+        assert str(err.value).count("\n") == 0 and all(name in str(err.value) for name in filters)
+    assert timeline(records, lanes="user", title="mine").axes[0].get_title() == "mine"
