@@ -244,6 +244,8 @@ class Catalog:
         try:
             return self.resolve(name)[0]
         except NameError as exc:
+            if allowed:  # (the names as the namespace holds them now: a Worker's dict changes unseen)
+                self.refresh()
             near = difflib.get_close_matches(name, allowed(list(self.functions())), 1, 0.75) if allowed else []
             if not near:
                 raise

@@ -430,9 +430,13 @@ def test_functions_available_follows_the_namespace_it_was_given(make_worker):
         return n
 
     ns["scan"] = scan
-    assert w.functions_available() == {"scan": {"signature": "(n)", "doc": "Scan n points."}}
+    typo = w.submit("scna")  # (the NameError names the closest function: one put there since)
+    assert typo.wait(TIMEOUT) and "(did you mean 'scan'?)" in str(typo.exception())
+    ns["scan_fast"] = scan
+    assert w.functions_available() == {name: {"signature": "(n)", "doc": "Scan n points."}
+                                       for name in ("scan", "scan_fast")}
     assert w.submit("scan", (3,)).result(TIMEOUT) == 3
-    del ns["scan"]
+    del ns["scan"], ns["scan_fast"]
     assert w.functions_available() == {}
 
 
