@@ -192,7 +192,7 @@ def test_missing_file_is_unlocked_with_a_uid_all_processes_share(tmp_path, store
 def test_state_dir_is_created_and_names_are_validated(tmp_path, stores):
     s = stores(tmp_path / "a" / "b", "x")
     assert s.state_dir.is_dir() and s.path == s.state_dir / "x.lock.json"
-    for name in ["", ".", "..", "a/b", "a\\b", "nul\0"]:
+    for name in ["", ".", "..", "a/b", "a\\b", "nul\0", "x" * 151, "é" * 76, "lone\ud800"]:
         with pytest.raises(ValueError, match="Invalid environment name"):
             LockStore(tmp_path, name)
 

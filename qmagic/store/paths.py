@@ -28,12 +28,28 @@ def default_state_dir() -> Path:
     return Path(jupyter_data_dir()) / "qmagic"
 
 
+#: Longest environment name, in UTF-8 bytes: its longest file name (a spool segment,
+#: ``<name>.journal.<session>.<n>.spool``, or a lock file's temporary copy) adds up to 70
+#: bytes, and a file name holds at most 255 (a longer name left the log unwritable: the
+#: kernel said the folder could not be written, and kept every record in memory).
+MAX_ENVIRONMENT_NAME_BYTES = 150
+
+
+def _encodes(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_environment_name(name: object) -> str:
     """Return ``name`` if it can name an environment's files, else raise ``ValueError``.
 
-    A valid name is a non-empty string without path separators, control characters or a
-    leading dot (``default``, ``beamline-1``, ``lab 3``), because it becomes part of file
-    names in the state folder.
+    A valid name is a non-empty string without path separators, control characters, lone
+    surrogates or a leading dot, of at most :data:`MAX_ENVIRONMENT_NAME_BYTES` bytes in UTF-8
+    (``default``, ``beamline-1``, ``lab 3``), because it becomes part of file names in the
+    state folder.
     """
     bad = None
     if not isinstance(name, str) or not name.strip():
@@ -44,6 +60,11 @@ def validate_environment_name(name: object) -> str:
         bad = "it must not start with '.'"
     elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         bad = "it must not contain control characters"
+    elif not _encodes(name):
+        bad = "it must be text a file name can hold (it holds a lone surrogate)"
+    elif len(name.encode("utf-8")) > MAX_ENVIRONMENT_NAME_BYTES:
+        bad = (f"it is too long: at most {MAX_ENVIRONMENT_NAME_BYTES} bytes in UTF-8 (its files' "
+               "names add up to 70 more, and a file name holds 255)")
     if bad is not None:
         raise ValueError(
             f"Invalid environment name {name!r}: {bad}. Use a plain name such as "
