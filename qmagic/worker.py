@@ -371,7 +371,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
                                         and running is work_of()))
 
     # -- cancelling and interrupting ---------------------------------------------------------------
-    def cancel(self, task: Task | str, *, force: bool = False, lock_key: str | None = None,
+    def cancel(self, task: Task | str, force: bool = False, *, lock_key: str | None = None,
                origin: str = "python", client: str | None = None) -> Task:
         """Cancel one task (a Task or a uid / unique prefix); returns it.
 

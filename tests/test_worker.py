@@ -568,6 +568,22 @@ def test_find_and_cancel_by_prefix(make_worker):
         w.find("ffff0000")
 
 
+def test_worker_cancel_takes_force_as_the_task_handle_does(make_worker):
+    """README: ``cancel(task_or_uid, force=False)``; ``task.cancel(True)`` forces, and so does
+    ``w.cancel(task, True)`` now (it was keyword-only: a TypeError).  The task ignores
+    cooperative cancels: only the forced one stops it."""
+    import time
+
+    def stubborn():
+        while True:
+            time.sleep(0.01)
+
+    w = make_worker({"stubborn": stubborn}, cancel_grace_s=0.1)
+    task = w.submit("stubborn")
+    assert w.cancel(task, True) is task
+    assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
+
+
 def test_cancel_all(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate}, max_background_tasks=1)
