@@ -118,8 +118,9 @@ class LockMagics(Magics):
 
     @line_magic
     def lock_info(self, line: str) -> None:
-        """Show the lock: who locked what, since when, and the note (a live panel with widgets,
-        where the lock can also be taken and released)."""
+        """Show the lock: who locked what, the note, whether an emergency key is set; with
+        widgets as a live panel, which also says since when and where the lock can be taken
+        and released (the text shows no clock time: a notebook's stored output stays the same)."""
         if strip_comment(line).strip():
             raise UsageError("%lock_info takes no arguments.")
         if show_panel(self.shell, lambda p: p.LockPanel(self.worker)):
