@@ -18,10 +18,10 @@ from .errors import (
     RequestRefused,
     StateFileError,
     TaskNotFound,
-    one_line,
 )
 from .format import record_call
-from .texts import printable, safe_repr
+from .store.reader import Filters
+from .texts import printable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.engine import Engine
@@ -123,12 +123,8 @@ class LookupMixin:
         items = self.engine.tasks()
         if status is None:
             return items
-        try:
-            wanted = {TaskStatus(status)} if isinstance(status, str) else {TaskStatus(s) for s in status}
-        except (TypeError, ValueError):  # (status=5: not a status, nor a list of them)
-            names = ", ".join(repr(s.value) for s in TaskStatus)
-            raise one_line(ValueError(f"Unknown task status {safe_repr(status, 80)}: use one of {names}.")) from None
-        return [t for t in items if t.status in wanted]
+        wanted = Filters(status=status).statuses  # (the history's rule and words: one line)
+        return [t for t in items if t.status.value in wanted]
 
     @property
     def last_task(self) -> Task | None:

@@ -218,10 +218,14 @@ def test_a_lone_value_for_args_is_refused_in_one_line(make_worker):
     assert w.submit("scan", [3]).result(TIMEOUT) == 3
     assert w.submit("scan", (n for n in (4,))).result(TIMEOUT) == 4
     assert w.submit("home", None).result(TIMEOUT) == "home"  # (no arguments, as kwargs=None)
-    for status, shown in (("runing", "'runing'"), (5, "5")):
+    for status in ("runing", 5, ["completed", "bogus"], b"failed"):  # (the history's rule and words)
         with pytest.raises(ValueError) as info:
             w.tasks(status=status)
-        assert len(info.value._render_traceback_()) == 1 and f"Unknown task status {shown}:" in str(info.value)
+        with pytest.raises(ValueError) as in_history:
+            w.history(status=status)
+        assert len(info.value._render_traceback_()) == 1 and str(info.value) == str(in_history.value)
+    assert "Unknown task status runing: use queued, running" in str(pytest.raises(ValueError, w.tasks,
+                                                                                  status="runing").value)
 
 
 def test_a_text_for_background_is_refused_in_one_line(make_worker):
