@@ -823,6 +823,22 @@ def test_tasks_table(qm, ip, capsys):
     assert running.wait(TIMEOUT)
 
 
+def test_tasks_of_a_closed_worker_say_it_was_closed(qm, ip, capsys):
+    """README: after ``close()`` the tasks in memory stay readable and the task panel says the
+    worker is closed; %tasks' text (a terminal, and the panel's text/plain) listed them as an
+    open worker's, though every new task is refused.  The line is under the table now."""
+    from qmagic.worker_state import MSG_WORKER_CLOSED
+
+    line(ip, "function_execute", "add 1")
+    qm.close()
+    capsys.readouterr()
+    for options in ("", "--all", "--running"):
+        line(ip, "tasks", options)
+        out = capsys.readouterr().out.splitlines()
+        assert out[-1] == MSG_WORKER_CLOSED, (options, out)
+    assert MSG_WORKER_CLOSED not in fmt.task_table([])  # (an open worker's says nothing of it)
+
+
 def test_tasks_all_as_text_is_bounded_and_says_where_the_rest_is(qm, ip, capsys):
     """Without widgets, ``%tasks --all`` / ``--running`` print a text table: at most
     MAX_HISTORY_ROWS rows (the newest), then how many are left out and where they all are."""

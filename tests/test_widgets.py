@@ -685,6 +685,7 @@ def test_a_panel_of_a_closed_worker_says_it_was_closed_and_what_to_do(probe, wor
     assert MSG_WORKER_CLOSED in panel._footer.value
     assert row_status(panel.row_html(), done) == "completed"
     assert MSG_WORKER_CLOSED in panels.TaskPanel(worker)._footer.value  # a new one too
+    assert panel.text().splitlines()[-1] == MSG_WORKER_CLOSED  # (its text/plain says it too)
 
 
 def test_running_filter_keeps_finished_tasks_in_the_worker(probe, worker):

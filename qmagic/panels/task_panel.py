@@ -234,7 +234,12 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         return self._qm_spend(sent, budget, later)
 
     def text(self) -> str:
-        """Deterministic text: the table of the tasks this filter shows (running: active only)."""
+        """Deterministic text: the table of the tasks this filter shows (running: active only),
+        and under it, as in the panel, that the worker was closed."""
+        table = self._table_text()
+        return f"{table}\n{MSG_WORKER_CLOSED}" if self.worker.closed else table
+
+    def _table_text(self) -> str:
         tasks = self.worker.tasks()
         if not tasks:
             return fmt.no_tasks_line(self._log_on())

@@ -19,6 +19,7 @@ from ...core.task import Task
 from ...errors import LogUnavailable, RequestRefused, TaskNotFound
 from ...history_text import history_table
 from ...scripts import script_name_of_file
+from ...worker_state import MSG_WORKER_CLOSED
 from ...yamlfile import read_small_file
 from .args import parse_line, split_options, unquote
 from .calls import called_name, function_call
@@ -279,18 +280,24 @@ class TaskMagics(Magics):
         self._log_note()  # above the panel or table: the log needs attention
         if show_panel(self.shell, lambda p: p.TaskPanel(self.worker, show=show, max_rows=max_rows)):
             return
+        print(self._table(opts.running, max_rows))
+        if self.worker.closed:  # (under the table, as the panel says it under its rows)
+            print(MSG_WORKER_CLOSED)
+
+    def _table(self, running: bool, max_rows: int | None) -> str:
+        """``%tasks``' text without widgets: the newest ``max_rows`` (None: as many as a cell
+        takes) of the tasks in memory, the queued and running ones only if ``running``."""
         items = list(reversed(self.worker.tasks()))
         if not items:
-            print(fmt.no_tasks_line(self.worker.log_open))
-            return
-        if opts.running:
+            return fmt.no_tasks_line(self.worker.log_open)
+        if running:
             items = [t for t in items if not t.done()]
         hint = "use --all"
         if max_rows is None:  # --all, --running: as many as a cell takes (see --history)
             max_rows = MAX_HISTORY_ROWS
             hint = f"a cell shows the newest {MAX_HISTORY_ROWS}; all of them: qmagic.get_worker().tasks()"
         hidden = max(0, len(items) - max_rows)
-        print(fmt.task_table(items[:max_rows], hidden=hidden, hint=hint))
+        return fmt.task_table(items[:max_rows], hidden=hidden, hint=hint)
 
     def _history(self, wanted: int) -> None:
         """The newest ``wanted`` log records (at most :data:`MAX_HISTORY_ROWS`), then a line
