@@ -30,6 +30,7 @@ from typing import Any, ContextManager, Mapping
 from traitlets import HasTraits, observe
 
 from . import probe
+from .core.engine import CLOSED_HINT
 from .core.task import Task
 from .errors import LOG_OFF, LogUnavailable, StateFileError
 from .history_text import log_health_note
@@ -37,6 +38,15 @@ from .history_text import log_health_note
 __all__ = ["LogMixin", "LogObserver", "VALUE_REPR_S", "run_value_code"]
 
 log = logging.getLogger("qmagic")
+
+#: Why there is no log, when the worker was closed (its records stay readable).
+LOG_CLOSED = ("The experiment log was closed with the qmagic worker: it records no new task (what it "
+              f"holds stays readable: %tasks --history, qmagic.history()); {CLOSED_HINT}.")
+#: Why there is no log, when it is on but could not be opened (a warning said why).
+LOG_NOT_OPENED = ("The experiment log could not be opened (a warning in the kernel's log said why: a "
+                  "state folder that cannot be written, say): choose a folder you can write "
+                  "(QMagic.state_dir or $QMAGIC_STATE_DIR).")
+
 
 #: How long the log waits for a value's repr (a result JSON cannot hold) before it records
 #: that it did not finish: a repr that blocks (an object asking a device) must not hold up
@@ -281,7 +291,7 @@ class LogMixin(HasTraits):
             except Exception:  # noqa: BLE001 - it closed meanwhile: nothing of it to count
                 continue
         if not healths:
-            raise LogUnavailable(LOG_OFF)
+            raise self._log_unavailable()
         health = dict(healths[0], draining=len(draining), open=journal is not None)
         for other in healths[1:]:
             health["ok"] = health["ok"] and other["ok"]
@@ -289,6 +299,13 @@ class LogMixin(HasTraits):
                 health[key] += other[key]
             health["last_error"] = health["last_error"] or other["last_error"]
         return health
+
+    def _log_unavailable(self) -> LogUnavailable:
+        """Why no log answers, and what to do: it is off, it closed with the worker, or it
+        could not be opened."""
+        if not self.journal_enabled:
+            return LogUnavailable(LOG_OFF)
+        return LogUnavailable(LOG_CLOSED if self.engine.closed else LOG_NOT_OPENED)
 
     def log_note(self) -> str | None:
         """One line when the experiment log needs attention (a fault, or records lost; see

@@ -13,8 +13,6 @@ from .core.registry import UID_LENGTH
 from .core.status import FINISHED_VALUES, TaskStatus
 from .core.task import Task
 from .errors import (
-    LOG_OFF,
-    LogUnavailable,
     RequestRefused,
     StateFileError,
     TaskNotFound,
@@ -43,6 +41,7 @@ class LookupMixin:
     _permissions: Any  # (StateMixin)
     default_user_group: str  # (QMagic)
     _closed_log: Any  # (StateMixin)
+    _log_unavailable: Any  # (LogMixin: why no log answers)
 
     def clear_finished(self, *, lock_key: str | None = None, origin: str = "python",
                        client: str | None = None) -> None:
@@ -142,7 +141,7 @@ class LookupMixin:
         """
         journal = self._readable_log()
         if journal is None:
-            raise LogUnavailable(LOG_OFF)
+            raise self._log_unavailable()
         return journal.records(**filters)
 
     def _readable_log(self) -> Any:

@@ -23,6 +23,7 @@ from traitlets.config import Config
 import qmagic
 from qmagic import TaskStatus, Worker, probe
 from qmagic.errors import LogUnavailable, RequestRefused, TaskCancelled, TaskNotFound
+from qmagic.worker_log import LOG_CLOSED
 from qmagic.store.database import database_path
 from qmagic.store.journal import ORPHAN_QUEUED_REASON, ORPHAN_REASON
 from qmagic.worker_log import _REPRS, VALUE_REPR_S
@@ -186,6 +187,9 @@ def test_a_closed_worker_finds_in_its_log_what_its_history_lists(journaled):
     assert w.statuses([old.uid]) == {old.uid: TaskStatus.COMPLETED}
     with pytest.raises(TaskNotFound, match="not in the experiment log either"):
         w.find("ffff0000")
+    with pytest.raises(LogUnavailable) as health:  # (it said the log was off: turn on journal_enabled)
+        w.log_health()
+    assert str(health.value) == LOG_CLOSED and w.journal_enabled
 
 
 def test_a_closed_worker_changes_no_lock_and_opens_no_file_again(journaled, tmp_path):
