@@ -83,11 +83,13 @@ class QMagic(Configurable):
         "and scripts are refused until a client sends environment_open, as an RE Manager "
         "starts (the notebook itself works either way).",
     ).tag(config=True)
-    default_user = Unicode("qmagic user", help="User name of requests that do not name one.").tag(
-        config=True
-    )
+    default_user = Unicode(
+        "qmagic user",
+        help="User name of requests that do not name one: magics, Python calls, panels and remote "
+        "script_upload (a remote function_execute must name its user and group, as queueserver's).",
+    ).tag(config=True)
     default_user_group = Unicode(
-        "primary", help="User group of requests that do not name one."
+        "primary", help="User group of requests that do not name one (as for default_user)."
     ).tag(config=True)
 
     # -- permissions -------------------------------------------------------------------------
