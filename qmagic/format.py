@@ -254,12 +254,18 @@ def no_tasks_line(log_on: bool, start: bool = False) -> str:
                    "%tasks --history." if log_on else ".")
 
 
-def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all") -> str:
+def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all", *, uids: bool = False) -> str:
     """Aligned table of tasks (or records), one row each; ``hidden`` > 0 adds a line saying
-    how many were left out and ``hint`` (how to see them).  Without tasks: ``"No tasks."``."""
+    how many were left out and ``hint`` (how to see them).  Without tasks: ``"No tasks."``.
+    ``uids``: a first column with each task's short uid (what ``%task_cancel UID`` takes),
+    for a table that is the only view (a terminal); deterministic forms leave it out."""
     records = [_record_of(t) for t in tasks]
     rows = [_record_fields(rec, CALL_WIDTH) for rec in records]
-    lines = table_with_notes(["task", "user", "mode", "status", "progress"], rows,
+    header = ["task", "user", "mode", "status", "progress"]
+    if uids:
+        header = ["uid", *header]
+        rows = [[printable(rec.get("uid"), 40)[:8], *row] for rec, row in zip(records, rows)]
+    lines = table_with_notes(header, rows,
                              [error_note(rec, failed_only=True) for rec in records]) if rows else ["No tasks."]
     if hidden > 0:
         lines.append(f"({counted(hidden, 'more task', 'more tasks')} not shown; {hint})")

@@ -808,15 +808,19 @@ def test_tasks_table(qm, ip, capsys):
     capsys.readouterr()
     line(ip, "tasks")
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["task", "user", "mode", "status", "progress"]
-    assert out[1].startswith("blocked()") and ("running" in out[1] or "queued" in out[1])
-    assert out[2].startswith("add(11)")
+    # without widgets the table is the only view: each row shows the short uid that
+    # %task_cancel UID takes (a terminal had no way to name the task to stop)
+    assert out[0].split() == ["uid", "task", "user", "mode", "status", "progress"]
+    assert out[1].startswith(f"{running.uid[:8]}  blocked()") and ("running" in out[1] or "queued" in out[1])
+    assert out[2].split()[1] == "add(11)"
     assert len(out) == 1 + 10 + 1 and out[-1] == "(3 more tasks not shown; use --all)"
     line(ip, "tasks", "--all")
     assert len(capsys.readouterr().out.splitlines()) == 1 + 13
     line(ip, "tasks", "--running")
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[1].startswith("blocked()")
+    assert len(out) == 2 and out[1].split()[1] == "blocked()"
+    line(ip, "task_cancel", out[1].split()[0])  # the uid as the table shows it
+    assert running.wait(TIMEOUT) and running.status.value == "cancelled"
     with pytest.raises(UsageError):
         line(ip, "tasks", "--all --running")
     ip.user_ns["gate"].set()
@@ -850,7 +854,7 @@ def test_tasks_all_as_text_is_bounded_and_says_where_the_rest_is(qm, ip, capsys)
     line(ip, "tasks", "--all")
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 + MAX_HISTORY_ROWS + 1, len(out)
-    assert out[1].startswith(f"add({count - 1})") and out[-2].startswith("add(3)")
+    assert out[1].split()[1] == f"add({count - 1})" and out[-2].split()[1] == "add(3)"
     assert out[-1] == (f"(3 more tasks not shown; a cell shows the newest {MAX_HISTORY_ROWS}; "
                        "all of them: qmagic.get_worker().tasks())")
     running = [qm.submit("blocked") for _ in range(2)]

@@ -263,7 +263,8 @@ class TaskMagics(Magics):
         earlier kernels.
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
-        table (at most 1000 rows; a line under it says how many more).  Finished tasks stay
+        table with each task's short uid, for %task_cancel UID (at most 1000 rows; a line
+        under it says how many more).  Finished tasks stay
         QMagic.task_retention_s seconds in memory; the experiment log keeps them for
         QMagic.journal_max_age_s.
         """
@@ -297,7 +298,7 @@ class TaskMagics(Magics):
             max_rows = MAX_HISTORY_ROWS
             hint = f"a cell shows the newest {MAX_HISTORY_ROWS}; all of them: qmagic.get_worker().tasks()"
         hidden = max(0, len(items) - max_rows)
-        return fmt.task_table(items[:max_rows], hidden=hidden, hint=hint)
+        return fmt.task_table(items[:max_rows], hidden=hidden, hint=hint, uids=True)
 
     def _history(self, wanted: int) -> None:
         """The newest ``wanted`` log records (at most :data:`MAX_HISTORY_ROWS`), then a line
