@@ -250,6 +250,18 @@ class QMagic(Configurable):
             raise TraitError(f"QMagic.default_user {problem}")
         return proposal["value"]
 
+    @validate("state_dir", "user_group_permissions_file")
+    def _check_path(self, proposal):
+        value = proposal["value"]
+        if value:
+            try:  # (the lock's and the log's records carry the path as UTF-8 text)
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise TraitError(f"QMagic.{proposal['trait'].name} must be a path in UTF-8 text; "
+                                 f"{ascii(value)[1:-1][:80]!r} is not: choose a folder or file whose "
+                                 "name is.") from None
+        return value
+
     @validate("default_user_group")
     def _check_default_group(self, proposal):
         if not proposal["value"]:

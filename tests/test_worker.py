@@ -682,7 +682,12 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
             setattr(w, name, bad)
     for name, bad, says in (("default_user", "", "QMagic.default_user must be a non-empty string"),
                             ("default_user", "\udcff", "without lone surrogates"),
-                            ("default_user_group", "", "QMagic.default_user_group must be the name")):
+                            ("default_user_group", "", "QMagic.default_user_group must be the name"),
+                            # (a raw UnicodeEncodeError came from deep in the lock store)
+                            ("state_dir", "/x/\ud800", "QMagic.state_dir must be a path in UTF-8 text"),
+                            ("state_dir", "/x/\udcff", "QMagic.state_dir must be a path in UTF-8 text"),
+                            ("user_group_permissions_file", "/x/\ud800.yaml",
+                             "QMagic.user_group_permissions_file must be a path in UTF-8 text")):
         with pytest.raises(TraitError, match=says):
             setattr(w, name, bad)
     # settings each within bounds always combine: a first wait above the longest is the longest
