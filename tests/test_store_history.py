@@ -478,3 +478,55 @@ def test_cli_piped_into_a_reader_that_stops(populated):
         finally:
             os.close(write_end)
         assert (done.returncode, done.stderr) == (0, ""), form
+
+
+DIES_STARTED = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from qmagic.store.journal import Journal
+j = Journal(sys.argv[1], "bench-1")
+t = time.time()
+j.submitted({"uid": "died-ü", "name": "mesure_é", "status": "running", "submitted_at": t, "started_at": t,
+             "provenance": {"notebook": "/lab/Messung ü.ipynb", "cell_id": "c", "execution_count": 4,
+                            "cell_hash": "ab"}, "args": ["Größe 😀"]})
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_cli_on_a_terminal_without_utf8(tmp_path):
+    """`LANG=en_US.ISO-8859-1 qmagic-history` (or PYTHONIOENCODING=ascii): a notebook named
+    'Messung ü.ipynb' and the '≥' of a task whose kernel died ended the command with a
+    UnicodeEncodeError traceback and no table.  Now the table and CSV show what the terminal
+    cannot encode as backslash escapes, and --json is the same JSON in ASCII."""
+    proc = subprocess.Popen([sys.executable, "-c", DIES_STARTED, str(tmp_path), str(REPO)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+
+    def run(encoding: str, *form: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONIOENCODING=encoding)
+        return subprocess.run([sys.executable, "-m", "qmagic.store.history", "--state-dir", str(tmp_path),
+                               "-e", ENV, *form], capture_output=True, env=env, timeout=60, check=False)
+
+    utf8 = run("utf-8", "--json")
+    assert utf8.returncode == 0, utf8.stderr
+    [expected] = [json.loads(line) for line in utf8.stdout.decode().splitlines()]
+    assert expected["provenance"]["notebook"] == "/lab/Messung ü.ipynb" and expected["journal"]["orphaned"]
+    for encoding in ("ascii", "latin-1"):
+        table = run(encoding)
+        assert (table.returncode, table.stderr) == (0, b""), (encoding, table.stderr.decode())
+        text = table.stdout.decode(encoding)
+        assert "Messung " in text and "\\u2265 " in text and "kernel stopped" in text, text
+        assert ("ü.ipynb [4]" if encoding == "latin-1" else "\\xfc.ipynb [4]") in text, text
+        rows = run(encoding, "--csv")
+        assert (rows.returncode, rows.stderr) == (0, b""), (encoding, rows.stderr.decode())
+        [row] = list(csv.DictReader(io.StringIO(rows.stdout.decode(encoding))))
+        assert row["uid"] in ("died-ü", "died-\\xfc") and row["status"] == "failed"
+        lines = run(encoding, "--json")
+        assert (lines.returncode, lines.stderr) == (0, b""), (encoding, lines.stderr.decode())
+        assert lines.stdout.isascii() and [json.loads(line) for line in lines.stdout.decode().splitlines()] == [expected]

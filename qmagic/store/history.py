@@ -14,6 +14,7 @@ This module does not import IPython, ipykernel, ipywidgets or zmq.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import re
 import sys
@@ -219,6 +220,36 @@ def _silence_stdout() -> None:
         pass
 
 
+def _utf8_out() -> bool:
+    """Whether stdout takes any text (UTF-8); else lines are made to fit its encoding."""
+    try:
+        return codecs.lookup(getattr(sys.stdout, "encoding", None) or "utf-8").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def _ascii_json(line: str) -> str:
+    """A JSON line with every non-ASCII character as its ``\\uXXXX`` escape (the same JSON)."""
+    def escape(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        if code > 0xFFFF:  # (a surrogate pair, as JSON writes such a character)
+            code -= 0x10000
+            return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+        return f"\\u{code:04x}"
+    return re.sub(r"[^\x00-\x7f]", escape, line)
+
+
+def _fit_stdout() -> None:
+    """A terminal without UTF-8 (LANG=en_US.ISO-8859-1, PYTHONIOENCODING=ascii) shows what it
+    cannot encode as backslash escapes (``\\xfc``) instead of a UnicodeEncodeError traceback."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):  # (a stream that cannot change now: written as it is)
+            pass
+
+
 def history_main(argv: list[str] | None = None) -> int:
     """Console script ``qmagic-history``: print an environment's experiment log."""
     parser = _parser()
@@ -249,10 +280,14 @@ def history_main(argv: list[str] | None = None) -> int:
         print(_no_log(args.environment, state_dir, "check --environment and --state-dir"), file=sys.stderr)
         return 1
     records = found[::-1]
+    utf8 = _utf8_out()
+    if not utf8:
+        _fit_stdout()
     try:
-        if args.json:
+        if args.json:  # (on a terminal without UTF-8: the same JSON, in ASCII)
             for rec in records:
-                sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode())
+                line = orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode()
+                sys.stdout.write(line if utf8 else _ascii_json(line))
         elif args.csv:
             sys.stdout.write(history_csv(records))
         elif records:
