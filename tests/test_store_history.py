@@ -530,3 +530,34 @@ def test_cli_on_a_terminal_without_utf8(tmp_path):
         lines = run(encoding, "--json")
         assert (lines.returncode, lines.stderr) == (0, b""), (encoding, lines.stderr.decode())
         assert lines.stdout.isascii() and [json.loads(line) for line in lines.stdout.decode().splitlines()] == [expected]
+
+
+def test_a_notebook_path_relative_to_the_jupyter_root_matches_the_recorded_path(tmp_path, capsys):
+    """JupyterLab shows a notebook's path relative to its root (``2026-12/scan.ipynb``); the
+    kernel records the full path (JPY_SESSION_NAME).  ``--notebook 2026-12/scan.ipynb`` matched
+    nothing ("No task matches."), though the file name alone did.  Now a relative path with
+    folders matches a recorded path that ends with it, at a folder boundary; an absolute path
+    stays exact.  The same answers pending, from the database, from the file and the CLI."""
+    names = {"u-dec": "/home/ana/beam/2026-12/scan.ipynb", "u-nov": "/home/ana/beam/2026-11/scan.ipynb",
+             "u-x": "/home/ana/beam/x2026-12/scan.ipynb", "u-win": "C:\\beam\\2026-12\\scan.ipynb",
+             "u-rel": "2026-12/scan.ipynb"}
+    with Journal(tmp_path, ENV) as j:
+        for uid, nb in names.items():
+            j.finished(task(uid, name="scan", provenance={"notebook": nb, "execution_count": 1}))
+        cases = [("2026-12/scan.ipynb", ["u-dec", "u-rel", "u-win"]),
+                 ("./2026-12/scan.ipynb", ["u-dec", "u-rel", "u-win"]),
+                 ("beam/2026-11/scan.ipynb", ["u-nov"]), ("12/scan.ipynb", []),
+                 ("/home/ana/beam/2026-12/scan.ipynb", ["u-dec"]), ("/beam/2026-12/scan.ipynb", []),
+                 ("scan.ipynb", sorted(names)), ("*/2026-12/scan.ipynb", ["u-dec"])]
+
+        def check(read):
+            for notebook, expected in cases:
+                assert sorted(r["uid"] for r in read(notebook=notebook)) == expected, notebook
+
+        check(j.records)  # pending
+        assert j.flush()
+        check(j.records)  # from the database
+    check(lambda **f: history(state_dir=tmp_path, environment_name=ENV, **f))  # the file alone
+    assert cli(tmp_path, "--json", "--notebook", "2026-12/scan.ipynb") == 0
+    assert sorted(json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()) == ["u-dec", "u-rel",
+                                                                                               "u-win"]

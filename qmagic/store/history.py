@@ -200,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", help="only tasks of this user")
     parser.add_argument("--name", help="only this function name; * and ? are wildcards, "
                         "brackets match themselves (quote patterns: 'scan_*')")
-    parser.add_argument("--notebook", help="only tasks started from this notebook: path or file name; "
+    parser.add_argument("--notebook", help="only tasks started from this notebook: path (a relative one, as JupyterLab "
+                        "shows it, matches the end of the recorded path) or file name; "
                         "* and ? are wildcards, brackets match themselves ('scan[2].ipynb')")
     parser.add_argument("--uid", help="only the task with this uid (or uid prefix)")
     parser.add_argument("--limit", type=_limit, help="show only the newest N tasks (N >= 0)")

@@ -11,6 +11,7 @@ This module does not import IPython, ipykernel, ipywidgets or zmq.
 from __future__ import annotations
 
 import fnmatch
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,8 +162,14 @@ class Filters:
                 terms.append("(t.notebook GLOB ? OR t.notebook_name GLOB ?)")
                 params += [_glob(self.notebook)] * 2
             elif notebook_file_name(self.notebook) != self.notebook:  # (a path)
-                terms.append("t.notebook_name = ? AND t.notebook = ?")
-                params += [notebook_file_name(self.notebook), self.notebook]
+                tail = _relative_tail(self.notebook)
+                if tail is None:
+                    terms.append("t.notebook_name = ? AND t.notebook = ?")
+                    params += [notebook_file_name(self.notebook), self.notebook]
+                else:  # (also the end of a recorded path: the folders above the one named)
+                    terms.append("t.notebook_name = ? AND (t.notebook = ? OR "
+                                 "substr('/' || replace(t.notebook, '\\', '/'), -?) = ?)")
+                    params += [notebook_file_name(self.notebook), self.notebook, len(tail), tail]
             else:
                 terms.append("t.notebook_name = ?")
                 params.append(self.notebook)
@@ -194,7 +201,9 @@ class Filters:
             if not isinstance(nb, str):
                 return False
             if not (_matches(nb, self.notebook) or _matches(notebook_file_name(nb), self.notebook)):
-                return False
+                tail = None if _wild(self.notebook) else _relative_tail(self.notebook)
+                if tail is None or not ("/" + nb.replace("\\", "/")).endswith(tail):
+                    return False
         if self.uid is not None and not str(rec.get("uid")).startswith(self.uid):
             return False
         begin = sort_time(rec)
@@ -212,6 +221,18 @@ class Filters:
 def _wild(pattern: str) -> bool:
     """True if ``pattern`` has a wildcard (see :data:`WILDCARDS`)."""
     return not WILDCARDS.isdisjoint(pattern)
+
+
+def _relative_tail(path: str) -> str | None:
+    """For a relative notebook path with folders (``2026-12/scan.ipynb``, as JupyterLab shows
+    it, relative to its root), the end a recorded path must have to match it:
+    ``/2026-12/scan.ipynb`` (kernels record the full path); None for an absolute path."""
+    path = path.replace("\\", "/")
+    if path.startswith(("/", "~")) or re.match(r"[A-Za-z]:/", path):
+        return None
+    while path.startswith("./"):
+        path = path[2:]
+    return "/" + path
 
 
 def _glob(pattern: str) -> str:
