@@ -209,7 +209,8 @@ def _record_fields(rec: Mapping[str, Any], width: int) -> list[str]:
 
 
 def error_note(record: Mapping[str, Any], failed_only: bool = False) -> str:
-    """A record's error as one line of at most 100 characters, a failed task's with its
+    """A record's error as one line of at most 100 characters (ending ``...`` when it is cut
+    or more lines follow: ``%task_result`` and ``--json`` show all), a failed task's with its
     exception's type (``ZeroDivisionError: division by zero``), a cancelled one's as it is
     (``Task was cancelled: the kernel was shut down``); ``""`` when it holds none (or, with
     ``failed_only``, when the task did not fail: the task views say why a task failed, the
@@ -219,7 +220,10 @@ def error_note(record: Mapping[str, Any], failed_only: bool = False) -> str:
         return ""
     if failed and isinstance(kind, str) and kind and not error.startswith(kind):
         error = f"{kind}: {error}"
-    return printable(one_line(error, 100), 100)
+    note = one_line(error, 100)
+    if not note.endswith("...") and sum(1 for line in error.splitlines() if line.strip()) > 1:
+        note = note + " ..." if len(note) <= 96 else note[:97] + "..."  # (more lines follow)
+    return printable(note, 100)
 
 
 def record_line(record: Mapping[str, Any], error: bool = True) -> str:

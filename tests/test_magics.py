@@ -1448,7 +1448,14 @@ def test_a_failed_task_says_why_in_its_line_and_under_its_row(qm, ip, capsys):
     rec = {**task.to_dict(), "error": "kernel stopped while the task was running", "error_type": None}
     assert fmt.record_line(rec).endswith("failed  error: kernel stopped while the task was running")
     rec.update(error="ValueError: bad\nsecond line", error_type="ValueError")
-    assert fmt.record_line(rec).endswith("failed  error: ValueError: bad")
+    # (a message of several lines: its first, and "..." says more follows; it read as complete)
+    assert fmt.record_line(rec).endswith("failed  error: ValueError: bad ...")
+    rec.update(error="ValueError: " + "y" * 200 + "\nsecond line")
+    assert fmt.error_note(rec).endswith("y...") and len(fmt.error_note(rec)) == 100
+    rec.update(error="ValueError: " + "y" * 84 + "\nsecond line")  # (a first line of 96: room for " ...")
+    assert fmt.error_note(rec) == "ValueError: " + "y" * 84 + " ..."
+    rec.update(error="ValueError: " + "y" * 86 + "\nsecond line")
+    assert fmt.error_note(rec) == "ValueError: " + "y" * 85 + "..." and len(fmt.error_note(rec)) == 100
     rec.update(error="x" * 500)
     assert len(fmt.error_note(rec)) == 100 and len(fmt.task_table([rec]).splitlines()) == 3
     # a cancelled task's line and row say no "error" (the history says why, without a type)
