@@ -451,10 +451,12 @@ def test_closing_with_a_task_blocked_where_nothing_stops_it_records_it_truly(tmp
     """Unload/close while a task is blocked in C: the worker cannot stop it; its record and
     the Task agree — cancelled, the worker was closed, its code left to end — written before
     the log closes (the log said 'kernel stopped while the task was running' although the
-    kernel lived on, and the Task said something else) (found by the notebook tester)."""
+    kernel lived on, and the Task said something else) (found by the notebook tester).
+    The reason says its code ran on: it read as if the scan had stopped there (an
+    %unload_ext mid-scan; the scan went on to its end, unlogged)."""
     import threading
 
-    from qmagic.core.jobs import CLOSED_REASON
+    from qmagic.core.jobs import CLOSED_REASON, STILL_RUNNING
 
     blocked, release, returned = threading.Event(), threading.Event(), threading.Event()
 
@@ -473,13 +475,15 @@ def test_closing_with_a_task_blocked_where_nothing_stops_it_records_it_truly(tmp
     task = w.submit("stuck")
     assert blocked.wait(TIMEOUT)
     w.close(timeout=0.5)
-    assert task.status is TaskStatus.CANCELLED and task.error == CLOSED_REASON
+    said = CLOSED_REASON + STILL_RUNNING
+    assert said.endswith("its code ran on, unlogged (nothing could stop it)")
+    assert task.status is TaskStatus.CANCELLED and task.error == said
     [rec] = qmagic.history(state_dir=tmp_path)
-    assert rec["uid"] == task.uid and rec["status"] == "cancelled" and rec["error"] == CLOSED_REASON
+    assert rec["uid"] == task.uid and rec["status"] == "cancelled" and rec["error"] == said
     assert not rec["journal"]["orphaned"]
     release.set()  # its code ends later: nothing changes, nothing breaks
     assert returned.wait(TIMEOUT)
-    assert task.status is TaskStatus.CANCELLED and task.error == CLOSED_REASON
+    assert task.status is TaskStatus.CANCELLED and task.error == said
 
 
 def test_journal_off_then_switched_on(make_worker):
@@ -737,7 +741,7 @@ def test_a_bounded_close_bounds_a_draining_log_too_while_the_database_is_locked(
     records while another process held its database.  Every log the close closes now
     shares the bound; what the locked database kept out stays in the spool, and the next
     worker that opens the log stores it."""
-    from qmagic.core.jobs import CLOSED_REASON
+    from qmagic.core.jobs import CLOSED_REASON, STILL_RUNNING
 
     w, gate, running = _holding(journaled)
     w.journal_enabled = False
@@ -758,7 +762,8 @@ def test_a_bounded_close_bounds_a_draining_log_too_while_the_database_is_locked(
     writer.join(TIMEOUT)
     assert not writer.is_alive()
     (record,) = journaled().history()
-    assert (record["uid"], record["status"], record["error"]) == (running.uid, "cancelled", CLOSED_REASON)
+    assert (record["uid"], record["status"], record["error"]) == (running.uid, "cancelled",
+                                                                 CLOSED_REASON + STILL_RUNNING)
 
 
 def test_switching_the_log_off_and_on_while_tasks_stream_never_writes_a_wrong_record(journaled):

@@ -394,7 +394,7 @@ class Engine(TaskRegistry):
             log.warning("qmagic: %s still %s (blocked where nothing stops %s); %s recorded as "
                         "cancelled and left to end on %s own.", call_texts(stuck), *words)
         for task in stuck:
-            self._end_now(self._jobs[task.uid], TaskCancelled(reason))
+            self._runner.end_left_running(self._jobs[task.uid], _never)
         self._pool.close()
         left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
         self.timers.close(left())  # (a timer callback or a subscriber that blocks is left behind:

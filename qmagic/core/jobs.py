@@ -40,12 +40,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["CLOSED_REASON", "STOPPED_BEFORE_START", "Job", "JobRunner"]
+__all__ = ["CLOSED_REASON", "STILL_RUNNING", "STOPPED_BEFORE_START", "Job", "JobRunner"]
 
 log = logging.getLogger("qmagic")
 
 #: Why the tasks still queued or running when the worker closes are cancelled.
 CLOSED_REASON = "Task was cancelled: the qmagic worker was closed"
+#: Added to the reason of a task whose code could not be stopped (blocked in C) when the
+#: worker closed: the log must not read as if the scan stopped there (after an %unload_ext
+#: mid-scan it ran on to its end).
+STILL_RUNNING = "; its code ran on, unlogged (nothing could stop it)"
 #: Why a task ends when the call that started it was stopped (a forced cancel of the task
 #: that called ``submit``, or an interrupt) after the log may have recorded it.
 STOPPED_BEFORE_START = "Task was cancelled: the call that started it was stopped before it could start"
@@ -250,6 +254,14 @@ class JobRunner(CoroutineJobs):
         task._finish(status, result=result if error is None else None, error=error, tb=tb,
                      finished_at=finished_at)
         self.engine._finished_one()
+
+    def end_left_running(self, job: Job, never: Callable[[], bool]) -> None:
+        """End, cancelled, a task whose code the closing worker could not stop (blocked in C),
+        unless its code ended it first: its reason says the code ran on (STILL_RUNNING)."""
+        if job.task._claim_end():
+            job.task._add_to_cancel_reason(STILL_RUNNING)
+            with self.engine.foreground.guard(never):
+                self.end(job, None, TaskCancelled(job.task.cancel_reason))
 
     # -- cancel and interrupt ---------------------------------------------------------------
     def cancel(self, tasks: list[Task], force: bool, reason: str) -> list[bool]:

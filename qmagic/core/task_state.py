@@ -330,6 +330,12 @@ class TaskState(_Captured, Future):
                 self._notify_waiters()  # wakes cancellable_sleep
             return self._status
 
+    def _add_to_cancel_reason(self, text: str) -> None:
+        """Add ``text`` to the reason of a task whose cancel was asked for, unless it ended."""
+        with self._mutex:
+            if self._cancel_requested and not self._status.finished:
+                self._cancel_reason += text
+
     def _reason_for(self, error: BaseException | None) -> str:
         """Why a task ending with ``error`` was cancelled: the reason asked for, else ■ (a
         KeyboardInterrupt), else what stopped it (the record and the task agree)."""
