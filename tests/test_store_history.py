@@ -561,3 +561,34 @@ def test_a_notebook_path_relative_to_the_jupyter_root_matches_the_recorded_path(
     assert cli(tmp_path, "--json", "--notebook", "2026-12/scan.ipynb") == 0
     assert sorted(json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()) == ["u-dec", "u-rel",
                                                                                                "u-win"]
+
+
+def test_the_tasks_a_killed_kernel_left_show_while_they_cannot_be_stored(tmp_path):
+    """What ran when a kernel died is in its spool until a reader stores it.  When that
+    cannot be done -- another process holds the database's write lock, or the folder is a
+    read-only copy of the beamtime (checked by hand: a read-only bind mount) -- history() and
+    qmagic-history showed only what the database held, with a warning: the very tasks the
+    scientist asks about were missing.  Now they are read from the spool (failed, "kernel
+    stopped while the task was running", journal.pending), filtered and limited like the rest."""
+    with Journal(tmp_path, ENV) as j:
+        j.finished(task("uid-old", name="calibrate", submitted_at=time.time() - 60))
+    kill_dies(tmp_path)  # (its task "died" is in its spool only)
+    locker = sqlite3.connect(database_path(tmp_path, ENV), isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        with pytest.warns(JournalWarning, match="could not store what earlier kernels left"):
+            found = history(state_dir=tmp_path, environment_name=ENV)
+        assert [r["uid"] for r in found] == ["died", "uid-old"]  # (newest first)
+        assert (found[0]["status"], found[0]["error"], found[0]["journal"]["pending"]) == (
+            "failed", ORPHAN_REASON, True)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        done = subprocess.run([sys.executable, "-m", "qmagic.store.history", "--state-dir", str(tmp_path),
+                               "-e", ENV, "--json", "--status", "failed", "--status", "completed", "--limit", "1"],
+                              capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert done.returncode == 0 and "could not store" in done.stderr, done.stderr  # (filtered and
+        assert [json.loads(line)["uid"] for line in done.stdout.splitlines()] == ["died"]  # limited alike)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    [rec] = history(state_dir=tmp_path, environment_name=ENV, uid="died")  # stored now
+    assert rec["status"] == "failed" and not rec["journal"]["pending"]

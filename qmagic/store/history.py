@@ -32,10 +32,11 @@ from ..history_text import history_csv, history_table, local_time, record_durati
 from .database import SCHEMA_VERSION, connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
-from .reader import Filters, LogReader
+from .reader import Filters, LogReader, sort_time
 from .records import ORPHAN_REASON, JournalWarning
 from .recovery import list_sessions, recover
 from .times import parse_time
+from .waiting import waiting_records
 
 __all__ = ["history", "history_dataframe", "history_main"]
 
@@ -54,14 +55,14 @@ def _open_journal(state_dir: Path, env: str) -> Any:
     return next((j for j in list(_OPEN) if j.path == path), None)
 
 
-def _prepare(state_dir: Path, env: str) -> Path | None:
+def _prepare(state_dir: Path, env: str) -> tuple[Path | None, bool]:
     """Recover dead sessions, import an old journal; return the database path, or None
-    when nothing was ever logged there."""
+    when nothing was ever logged there, and whether its spools are this qmagic's to read."""
     path = database_path(state_dir, env)
     sessions = list_sessions(state_dir, env)
     legacy = legacy_files(state_dir, env)
     if not path.exists() and not sessions and not legacy:
-        return None
+        return None, False
     if sessions or legacy:
         conn = None
         try:
@@ -71,16 +72,17 @@ def _prepare(state_dir: Path, env: str) -> Path | None:
                 warnings.warn(f"The experiment log {str(path)!r} was made by a newer qmagic (schema "
                               f"{version}); showing what it holds (upgrade qmagic to see the tasks of "
                               "its kernels that stopped).", JournalWarning, stacklevel=3)
-                return path
+                return path, False
             import_legacy(conn, state_dir, env, time.time())
             recover(conn, state_dir, env, None, time.time())
         except Exception as exc:  # noqa: BLE001 - read what is there
             warnings.warn(f"qmagic could not store what earlier kernels left in {state_dir} ({exc}); "
-                          "showing what the experiment log holds.", JournalWarning, stacklevel=3)
+                          "showing what the experiment log holds and, from their spool files, the tasks they left.",
+                          JournalWarning, stacklevel=3)
         finally:
             if conn is not None:
                 conn.close()
-    return path
+    return path, True
 
 
 #: What a history() that found no log says to check (the folder and environment it was given).
@@ -120,14 +122,29 @@ def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any
     journal = _open_journal(folder, env)
     if journal is not None:
         return journal.records(**filters)
-    path = _prepare(folder, env)
+    path, ours = _prepare(folder, env)
     if path is None:
         return None
     reader = LogReader(path)
     try:
-        return reader.records(chosen)
+        left = _left_in_spools(reader, folder, env, chosen) if ours else {}
+        if not left:
+            return reader.records(chosen)
+        found = sorted([*reader.records(chosen, exclude=left), *left.values()], key=sort_time, reverse=True)
+        return found if chosen.limit is None else found[:chosen.limit]
     finally:
         reader.close()
+
+
+def _left_in_spools(reader: LogReader, folder: Path, env: str, chosen: Filters) -> dict[str, dict[str, Any]]:
+    """Records that kernels which are gone left in their spools and the database does not
+    hold: recovery could not store them (a read-only copy of a beamtime's folder, another
+    process holding the write lock), and they are the tasks that ran when a kernel died."""
+    if not any(entry.spools for entry in list_sessions(folder, env).values()):
+        return {}
+    now = time.time()
+    found = waiting_records(reader, folder, env, "", prefix="", live=False)
+    return {uid: rec for uid, rec in found.items() if chosen.match(rec, now)}
 
 
 def _provenance(rec: Mapping[str, Any]) -> dict[str, Any]:
