@@ -1102,6 +1102,42 @@ def test_a_log_in_a_folder_nothing_can_write_is_read_as_it_is(tmp_path):
     assert out["uids"] == ["shift-0", "shift-1", "shift-2"] and out["statuses"] == ["completed"], out
 
 
+READ_ONLY_KILLED = """
+import warnings
+from qmagic.store.history import history
+j = Journal(folder, "lab-1")
+calls(j, "shift", 2)
+j.close()
+dies = ("import sys, time\\nsys.path.insert(0, sys.argv[2])\\nfrom qmagic.store.journal import Journal\\n"
+        "j = Journal(sys.argv[1], 'lab-1')\\nj.submitted({'uid': 'died', 'name': 'scan', 'status': 'running', "
+        "'submitted_at': time.time(), 'started_at': time.time()})\\nprint('ready', flush=True)\\ntime.sleep(600)")
+child = subprocess.Popen([sys.executable, "-c", dies, folder, sys.path[0]], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+child.kill()
+child.wait()
+child.stdout.close()
+subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    found = history(state_dir=folder, environment_name="lab-1")
+out["found"] = [(r["uid"], r["status"], r.get("error")) for r in found]
+out["warnings"] = [str(w.message) for w in caught]
+"""
+
+
+def test_a_read_only_copy_of_a_log_shows_what_ran_when_its_kernel_died(tmp_path):
+    """The archive of a beamtime whose last kernel was killed (SIGKILL): its last tasks are
+    only in that kernel's spool, and a read-only folder cannot store them.  history() showed
+    the database alone, with a warning that named a lock file and told to choose another
+    QMagic.state_dir; the tasks that ran when the kernel died were missing.  Now they are
+    read from the spool, and one warning says the folder cannot be written."""
+    out = in_namespace(tmp_path, READ_ONLY_KILLED, "8m")
+    assert out["found"] == [["died", "failed", "kernel stopped while the task was running"],
+                            ["shift-1", "completed", None], ["shift-0", "completed", None]], out
+    assert len(out["warnings"]) == 1 and "cannot be written (a read-only copy?)" in out["warnings"][0], out
+    assert "state_dir" not in out["warnings"][0]
+
+
 def assert_calls_spared_the_disk(during: dict) -> None:
     """During a fault the calling thread tried the disk (and woke the writer) at most about
     twice per back-off period of the spool -- once when its own back-off ends, once on a

@@ -63,6 +63,10 @@ def _prepare(state_dir: Path, env: str) -> tuple[Path | None, bool]:
     legacy = legacy_files(state_dir, env)
     if not path.exists() and not sessions and not legacy:
         return None, False
+    if sessions and not os.access(state_dir, os.W_OK):  # (a read-only copy: nothing is stored)
+        warnings.warn(f"{state_dir} cannot be written (a read-only copy?): the tasks of kernels that stopped "
+                      "are read from the spool files they left.", JournalWarning, stacklevel=3)
+        return path, True
     if sessions or legacy:
         conn = None
         try:
