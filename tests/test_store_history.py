@@ -197,7 +197,7 @@ def test_limit_zero_gives_no_record_and_a_negative_limit_is_refused(populated, c
     assert len(history(state_dir=folder, environment_name=ENV, limit=2)) == 2
     assert cli(folder, "--json", "--limit", "0") == 0
     out = capsys.readouterr()
-    assert out.out == "" and "No task matches." in out.err
+    assert out.out == "" and "No task matches --limit 0;" in out.err
     for bad in (-1, -5):
         with pytest.raises(ValueError, match=rf"^limit must be 0 or more: .*\(got {bad}\)\.$"):
             history(state_dir=folder, environment_name=ENV, limit=bad)
@@ -592,3 +592,22 @@ def test_the_tasks_a_killed_kernel_left_show_while_they_cannot_be_stored(tmp_pat
         locker.close()
     [rec] = history(state_dir=tmp_path, environment_name=ENV, uid="died")  # stored now
     assert rec["status"] == "failed" and not rec["journal"]["pending"]
+
+
+def test_an_empty_answer_says_which_filters_left_everything_out(populated, capsys, tmp_path):
+    """`qmagic-history --uid abc` said "No task matches." -- the same words for a log with
+    no task at all and for a uid mistyped at 3 a.m.  A uid is matched by its first characters
+    (``--uid uid-o`` finds ``uid-old``); an empty answer now names the filters that left every
+    task out and says the log holds others, or that it holds none yet."""
+    folder, j = populated
+    assert j.flush()
+    assert cli(folder, "--json", "--uid", "uid-o") == 0  # (a prefix)
+    assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == ["uid-old"]
+    assert cli(folder, "--uid", "abc", "--status", "failed", "--name", "scan *") == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ("No task matches --status failed --name 'scan *' --uid abc; the log holds "
+                                         "other tasks (qmagic-history --limit 20 lists the newest).\n")
+    with Journal(tmp_path / "empty", ENV):
+        pass
+    assert cli(tmp_path / "empty") == 0
+    assert capsys.readouterr().err == "No task matches: the experiment log holds no task yet.\n"

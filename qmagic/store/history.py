@@ -17,6 +17,7 @@ import argparse
 import codecs
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -319,8 +320,29 @@ def history_main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 0
     if not records and not args.csv:
-        print("No task matches.", file=sys.stderr)
+        print(_none_matches(args, state_dir), file=sys.stderr)
     return 0
+
+
+def _none_matches(args: argparse.Namespace, state_dir: Path) -> str:
+    """What an empty answer means: which filters left everything out when the log holds
+    tasks (``--uid abc``: no uid starts with abc), or that it holds none yet."""
+    given = [f"--{key} {printable(shlex.quote(str(value)), 80)}" for key in ("since", "until", "status", "user",
+                                                                            "name", "notebook", "uid", "limit")
+             for value in (getattr(args, key) if key == "status" and args.status else [getattr(args, key)])
+             if value is not None]
+    with warnings.catch_warnings():  # (said once already, by the read that found nothing)
+        warnings.simplefilter("ignore")
+        try:
+            some = bool(_read(state_dir, args.environment, {"limit": 1}))
+        except StateFileError:
+            some = True  # (cannot tell: say only what matched)
+    if not some:
+        return "No task matches: the experiment log holds no task yet."
+    if not given:
+        return "No task matches."
+    return (f"No task matches {' '.join(given)}; the log holds other tasks (qmagic-history --limit 20 "
+            "lists the newest).")
 
 
 if __name__ == "__main__":  # pragma: no cover
