@@ -611,3 +611,22 @@ def test_an_empty_answer_says_which_filters_left_everything_out(populated, capsy
         pass
     assert cli(tmp_path / "empty") == 0
     assert capsys.readouterr().err == "No task matches: the experiment log holds no task yet.\n"
+
+
+def test_a_notebook_path_is_kept_alike_whatever_else_the_record_holds(tmp_path):
+    """A notebook path with a control or format character (``evil\\n\\x1b[31mred\\u202e.ipynb``)
+    was stored as it is by a plain record, but escaped (``\\n``, ``\\u202e``) by one that took
+    the careful path (an argument JSON cannot hold, a lone surrogate ...): the same notebook
+    was then two, and the escaped one's file name was cut at its last backslash, taken for a
+    Windows folder (the CELL column read ``u202e.ipynb [3]``).  Now both keep the path."""
+    nb = "/lab/evil\n\x1b[31mred\u202e.ipynb"
+    prov = {"notebook": nb, "cell_id": "c", "execution_count": 3, "cell_hash": "ab"}
+    with Journal(tmp_path, ENV) as j:
+        j.finished(task("u-plain", name="scan", args=[1], provenance=prov))
+        j.finished(task("u-odd", name="scan", args=[Opaque()], provenance=prov))  # (the careful path)
+        assert j.flush()
+    found = history(state_dir=tmp_path, environment_name=ENV, notebook=nb)
+    assert sorted(r["uid"] for r in found) == ["u-odd", "u-plain"]
+    assert {r["provenance"]["notebook"] for r in found} == {nb}
+    assert {cell_label(r["provenance"]) for r in found} == {"evil\\n\\x1b[31mred\\u202e.ipynb [3]"}
+    assert len(history(state_dir=tmp_path, environment_name=ENV, notebook="evil*")) == 2

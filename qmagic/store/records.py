@@ -237,8 +237,10 @@ class RecordEncoder:
     def _provenance(self, v: Any) -> dict[str, Any] | None:
         if not isinstance(v, Mapping):
             return None
-        count = v.get("execution_count")
-        return {"notebook": clean_name(v.get("notebook"), 4096),
+        count, nb = v.get("execution_count"), v.get("notebook")
+        # (the path as the fast path keeps it, whatever else the record holds: escaped here,
+        # a path with a control character was another notebook, named after its last '\\')
+        return {"notebook": no_surrogates(nb)[:4096] if type(nb) is str else clean_name(nb, 4096),
                 "cell_id": clean_name(v.get("cell_id")),
                 "execution_count": count if type(count) is int and I64 <= count < U64 else None,
                 "cell_hash": clean_name(v.get("cell_hash"))}
