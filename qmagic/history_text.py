@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .format import (
     HISTORY_CALL_WIDTH,
@@ -57,7 +57,7 @@ def record_duration(rec: Mapping[str, Any]) -> float | None:
     return stop - start if start is not None and stop is not None and stop >= start else None
 
 
-def history_table(records: Iterable[Mapping[str, Any]]) -> str:
+def history_table(records: Iterable[Mapping[str, Any]], fit: Callable[[str], str] | None = None) -> str:
     """Experiment-log records as a table, in the order given (``%tasks --history``: newest
     first; ``qmagic-history``: oldest first): when submitted (local time), status, duration,
     user, where (``bg``/``fg`` and origin), the notebook cell, the call and the uid; the
@@ -66,7 +66,8 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
     the kernel's last sign of life).
 
     Odd values (lone surrogates, control characters, None, huge texts, wrong types) are
-    escaped, cut or read as missing: a bad record never breaks the table."""
+    escaped, cut or read as missing: a bad record never breaks the table.  ``fit``: what
+    each cell becomes before the columns are aligned (a terminal without UTF-8: escapes)."""
     head = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
     rows, notes = [], []
     for rec in records:
@@ -81,6 +82,8 @@ def history_table(records: Iterable[Mapping[str, Any]]) -> str:
                      record_call(rec, HISTORY_CALL_WIDTH),
                      printable(rec.get("uid"), 64)])
         notes.append(error_note(rec))
+    if fit is not None:
+        rows, notes = [[fit(cell) for cell in row] for row in rows], [fit(note) for note in notes]
     return "\n".join(table_with_notes(head, rows, notes))
 
 

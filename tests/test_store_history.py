@@ -523,6 +523,8 @@ def test_cli_on_a_terminal_without_utf8(tmp_path):
         text = table.stdout.decode(encoding)
         assert "Messung " in text and "\\u2265 " in text and "kernel stopped" in text, text
         assert ("ü.ipynb [4]" if encoding == "latin-1" else "\\xfc.ipynb [4]") in text, text
+        head, row = text.splitlines()[:2]  # (the columns stay aligned: escapes are made first)
+        assert row.index("died-") == head.index("UID") and row.index("mesure_") == head.index("CALL"), text
         rows = run(encoding, "--csv")
         assert (rows.returncode, rows.stderr) == (0, b""), (encoding, rows.stderr.decode())
         [row] = list(csv.DictReader(io.StringIO(rows.stdout.decode(encoding))))

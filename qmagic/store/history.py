@@ -314,7 +314,9 @@ def history_main(argv: list[str] | None = None) -> int:
         elif args.csv:
             sys.stdout.write(history_csv(records))
         elif records:
-            print(history_table(records))
+            encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # (escapes widen a cell: made first)
+            print(history_table(records, None if utf8 else
+                                lambda s: s.encode(encoding, "backslashreplace").decode(encoding)))
         sys.stdout.flush()
     except BrokenPipeError:  # `qmagic-history | head`: the reader took what it wanted
         _silence_stdout()
