@@ -263,8 +263,7 @@ class TaskMagics(Magics):
         earlier kernels.
 
         With widgets: a live panel with progress bars and Cancel buttons; otherwise a text
-        table with each task's short uid, for %task_cancel UID (at most 1000 rows; a line
-        under it says how many more).  Finished tasks stay
+        table with short uids (at most 1000 rows; a line under it says how many more).  Finished tasks stay
         QMagic.task_retention_s seconds in memory; the experiment log keeps them for
         QMagic.journal_max_age_s.
         """
