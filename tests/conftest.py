@@ -201,9 +201,7 @@ def ip(_shell, sigint_as_in_a_cell):
     """An in-process IPython shell, SIGINT as in a cell; qmagic (if a test loaded it) is
     unloaded afterwards."""
     yield _shell
-    try:
-        from qmagic.extension import unload_ipython_extension
-    except ImportError:  # pragma: no cover - before the extension exists
-        return
+    from qmagic.ipython.extension import unload_ipython_extension  # (an ImportError must fail)
+
     unload_ipython_extension(_shell)
     _shell.extension_manager.loaded.discard("qmagic")

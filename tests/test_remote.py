@@ -2442,6 +2442,22 @@ def test_magic_reports_bind_errors_as_usage_errors(ip, loaded, server):
     assert loaded.remote.server is None and loaded.worker.zmq_control_address is None
 
 
+def test_a_test_of_the_shell_loads_qmagic(ip, loaded):
+    from qmagic.ipython.extension import get_session
+
+    assert get_session(ip) is loaded and loaded.worker is not None
+
+
+def test_the_next_test_finds_the_shell_without_qmagic(ip):
+    """The ``ip`` fixture unloads qmagic after each test.  It imported the extension from a
+    module that no longer exists and took the ImportError for "nothing to unload": a loaded
+    qmagic stayed for the following tests of the process, and its worker's log, still
+    open at the session's end, made the session folder again after it was removed."""
+    from qmagic.ipython.extension import get_session
+
+    assert get_session(ip) is None
+
+
 def test_unload_stops_the_channel(ip, loaded):
     from qmagic.ipython.extension import unload_ipython_extension
 
