@@ -83,6 +83,9 @@ def timeline(
     """
     if lanes not in ("name", "user"):
         raise ValueError(f"lanes must be 'name' or 'user', not {lanes!r}.")
+    if ax is not None and not callable(getattr(ax, "barh", None)):
+        raise TypeError(f"ax must be matplotlib Axes to draw into (fig, ax = plt.subplots()), "
+                        f"not {type(ax).__name__}.")
     if records is not None:
         given = [name for name, value in (("since", since is not _LAST_12H), ("until", until is not None),
                                           ("notebook", notebook is not None)) if value] + list(filters)

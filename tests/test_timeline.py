@@ -80,3 +80,10 @@ def test_filters_with_records_are_refused_not_ignored():
             timeline(records, **filters)
         assert str(err.value).count("\n") == 0 and all(name in str(err.value) for name in filters)
     assert timeline(records, lanes="user", title="mine").axes[0].get_title() == "mine"
+
+
+def test_axes_that_are_not_axes_are_refused_in_one_line():
+    """timeline(ax=5) ended in "AttributeError: 'int' object has no attribute 'figure'"."""
+    t0 = time.time() - 60
+    with pytest.raises(TypeError, match=r"^ax must be matplotlib Axes to draw into .* not int\.$"):
+        timeline([_rec("scan", "completed", t0, t0 + 5)], ax=5)
