@@ -1260,3 +1260,30 @@ def test_trying_the_default_key_never_counts_as_a_wrong_key(store, tmp_path, mon
     store.unlock("another-key")
     store.lock(get_default_lock_key(), environment=True, user="Alice")
     assert store.opens_with_default_key() is True
+
+
+def test_a_state_folder_from_the_environment_that_is_not_utf8_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """``$QMAGIC_STATE_DIR`` holding a byte UTF-8 cannot read (Python gives ``\\udcff``) is
+    refused as ``QMagic.state_dir`` is: one line, before any file is made.  It raised a bare
+    UnicodeEncodeError from deep in the lock store (qmagic.Worker(), %load_ext qmagic) and
+    tracebacks in qmagic-history and qmagic-clear-lock, after making the folder."""
+    import qmagic
+    from qmagic.store.clear_lock import clear_lock_main
+    from qmagic.store.history import history_main
+    from qmagic.store.paths import STATE_DIR_ENV, default_state_dir
+
+    bad = str(tmp_path / "st\udcff")
+    monkeypatch.setenv(STATE_DIR_ENV, bad)
+    want = f"${STATE_DIR_ENV} must be a folder's path in UTF-8 text"
+    with pytest.raises(ValueError, match=want.replace("$", r"\$")) as info:
+        default_state_dir()
+    assert "\n" not in str(info.value) and "\\udcff" in str(info.value)
+    with pytest.raises(ValueError, match=want.replace("$", r"\$")):
+        qmagic.Worker({})
+    with pytest.raises(SystemExit):
+        history_main([])
+    assert want in capsys.readouterr().err
+    assert clear_lock_main([]) == 1
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # (refused before anything was made)

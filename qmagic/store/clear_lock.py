@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
 def clear_lock_main(argv: list[str] | None = None) -> int:
     """Run ``qmagic-clear-lock`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args = _parser().parse_args(argv)
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
+    try:
+        state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
+    except ValueError as exc:  # ($QMAGIC_STATE_DIR is not UTF-8 text)
+        print(f"qmagic-clear-lock: error: {exc}", file=sys.stderr)
+        return 1
     if not state_dir.is_dir():
         print(f"Nothing to do: the state folder {state_dir} does not exist, so environment "
               f"{args.environment!r} is not locked there.")

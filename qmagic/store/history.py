@@ -287,9 +287,9 @@ def history_main(argv: list[str] | None = None) -> int:
                    "notebook": args.notebook, "since": parse_time(args.since),
                    "until": parse_time(args.until), "uid": args.uid, "limit": args.limit}
         Filters(**filters)
+        state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
     except ValueError as exc:
         parser.error(str(exc))
-    state_dir = Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", JournalWarning)
         try:

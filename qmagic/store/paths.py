@@ -19,9 +19,15 @@ def default_state_dir() -> Path:
 
     ``$QMAGIC_STATE_DIR`` when set (``~`` is expanded), else a ``qmagic`` folder in the
     Jupyter data directory (``jupyter --data-dir``).  The folder is not created here.
+    Raises ValueError (one line) when ``$QMAGIC_STATE_DIR`` is not UTF-8 text (a byte
+    that cannot be read as UTF-8 reaches Python as a lone surrogate): the lock's and the
+    log's records carry the folder's path as UTF-8 text, as ``QMagic.state_dir`` requires.
     """
     env = os.environ.get(STATE_DIR_ENV)
     if env:
+        if not _encodes(env):
+            raise ValueError(f"${STATE_DIR_ENV} must be a folder's path in UTF-8 text; "
+                             f"{ascii(env)[1:-1][:80]} is not: choose a folder whose name is.")
         return Path(env).expanduser()
     from jupyter_core.paths import jupyter_data_dir
 
