@@ -47,6 +47,7 @@ __all__ = [
     "progress_text",
     "task_line",
     "task_table",
+    "first_line",
     "task_detail",
     "record_line",
     "record_detail",
@@ -181,6 +182,16 @@ def one_line(text: Any, limit: int = 200) -> str:
     return ""
 
 
+def first_line(text: Any, limit: int) -> str:
+    """:func:`one_line` of ``text``, ending ``" ..."`` when more non-empty lines follow (as
+    a line cut at ``limit`` ends ``...``): a line that reads as the whole text must be it."""
+    text = str(text)
+    line = one_line(text, limit)
+    if not line.endswith("...") and sum(1 for part in text.splitlines() if part.strip()) > 1:
+        line = line + " ..." if len(line) <= limit - 4 else line[: limit - 3] + "..."
+    return line
+
+
 def cell_label(provenance: Mapping[str, Any] | None) -> str:
     """Which notebook cell started a task: ``01-getting-started.ipynb [12]``, ``[12]`` or
     ``""`` from its provenance (the notebook's file name, also of a Windows path)."""
@@ -220,10 +231,7 @@ def error_note(record: Mapping[str, Any], failed_only: bool = False) -> str:
         return ""
     if failed and isinstance(kind, str) and kind and not error.startswith(kind):
         error = f"{kind}: {error}"
-    note = one_line(error, 100)
-    if not note.endswith("...") and sum(1 for line in error.splitlines() if line.strip()) > 1:
-        note = note + " ..." if len(note) <= 96 else note[:97] + "..."  # (more lines follow)
-    return printable(note, 100)
+    return printable(first_line(error, 100), 100)
 
 
 def record_line(record: Mapping[str, Any], error: bool = True) -> str:

@@ -175,6 +175,26 @@ def row_progress(html: str, task) -> str:
 
 
 # -- statuses, progress, cancel buttons ---------------------------------------------------------
+def test_a_row_says_when_more_lines_of_its_error_follow(probe, worker):
+    """A failed task's row (the live one and the static copy a cell keeps) shows the first
+    line of its error, ending ' ...' when more lines follow, as every text view of the task
+    does (format.error_note): it read as the whole message, and the saved notebook kept it so."""
+    from qmagic.panels.cell_rows import static_row
+
+    def saturated():
+        raise RuntimeError("detector saturated at\n channel 7 (raw 65535)")
+
+    worker.namespace["saturated"] = saturated
+    task = worker.submit("saturated")
+    assert task.wait(5) and task.status.value == "failed"
+    panel = panels.TaskPanel(worker, show="all")
+    assert panel.flush()
+    expected = "RuntimeError: detector saturated at ..."
+    assert row_field(panel.row_html(), task, "qm-end") == expected
+    assert row_field(static_row(task)["text/html"], task, "qm-end") == expected
+    assert static_row(task)["text/plain"].endswith(f"error: {expected}")
+
+
 def test_rows_show_status_mode_progress_and_cancel_only_for_active_tasks(probe, worker):
     w = worker
     w.max_background_tasks = 2

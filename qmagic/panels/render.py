@@ -156,7 +156,7 @@ def _ending(task: Task) -> str:
         except BaseException:  # noqa: BLE001 - a display must never fail
             error = None
         name = type(error).__name__ if error is not None else "Error"
-        return f"{name}: {fmt.printable(fmt.one_line(task.error or '', ROW_TEXT_LIMIT), ROW_TEXT_LIMIT)}"
+        return f"{name}: {fmt.printable(fmt.first_line(task.error or '', ROW_TEXT_LIMIT), ROW_TEXT_LIMIT)}"
     return ""
 
 
