@@ -588,6 +588,26 @@ def test_worker_cancel_takes_force_as_the_task_handle_does(make_worker):
     assert task.wait(TIMEOUT) and task.status is TaskStatus.CANCELLED
 
 
+def test_a_text_for_force_is_refused_not_read_as_true(make_worker):
+    """Since force may be given in its place, ``w.cancel(uid, "my-key")`` (a lock key put
+    where force goes) read the text as True: a forced cancel, without a word.  A text is
+    refused in one line, as for ``background`` (every text but "" is true in Python), and
+    the task goes on untouched; True, 1 and a numpy bool still force."""
+    gate = Gate()
+    w = make_worker({"gate": gate})
+    task = w.submit("gate")
+    assert gate.started.wait(TIMEOUT)
+    for call in (lambda: w.cancel(task, "my-key"), lambda: w.cancel(task.uid, force="no"),
+                 lambda: w.cancel_all(force="false"), lambda: task.cancel("yes")):
+        with pytest.raises(TypeError, match="^force must be True or False, not the text '") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert not task.cancel_requested and not task.done()
+    assert w.cancel(task, 1) is task and task.cancel_requested
+    gate.release.set()
+    assert task.wait(TIMEOUT)
+
+
 def test_cancel_all(make_worker):
     gate = Gate()
     w = make_worker({"gate": gate}, max_background_tasks=1)

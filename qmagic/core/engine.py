@@ -346,8 +346,8 @@ class Engine(TaskRegistry):
         return self.cancel(task, force=force, reason=reason)
 
     def cancel(self, task: Task, *, force: bool = False, reason: str = "Task was cancelled") -> bool:
-        """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished."""
-        return self._runner.cancel([task], force, reason)[0]
+        """Cancel ``task`` (see :meth:`Task.cancel`); False if it had already finished (a text force: TypeError)."""
+        return self._runner.cancel([task], switch(force, "force"), reason)[0]
 
     def _deadline(self, job: Job) -> None:  # (a late result: JobRunner.end)
         task = job.task
