@@ -1440,6 +1440,19 @@ def _static_row(r, text: str) -> dict:
     return data
 
 
+def test_a_row_rests_in_its_cell_when_qmagic_is_unloaded_or_reloaded_there(kernel_factory):
+    """``%function_execute measure 2`` then ``%unload_ext qmagic`` (or ``%reload_ext``) in one
+    cell: the unload closes the row's widgets before the cell ends, and the cell's end no longer
+    reaches the old worker's rows, so the finished task's row stayed a closed widget (nothing, or
+    "model not found", in the saved notebook).  It becomes its static final row at the unload."""
+    k = kernel_factory(argv=EXT)
+    k.execute(FUNCTIONS, check=True)
+    for reload in ("%unload_ext qmagic\n%load_ext qmagic", "%reload_ext qmagic"):
+        r = k.execute(f"%function_execute measure 2\n{reload}").check()
+        _static_row(r, "measure(2)  qmagic user  foreground  completed  2/2 point 2 of 2")
+        assert not r.stderr, r.stderr
+
+
 def test_cancel_in_the_cells_row_ends_the_cell_like_an_interrupt(kernel_factory):
     """Cancel on the live row while the foreground task holds the cell: the cell fails with
     one TaskCancelled line and the next queued cell (Run All) does not run."""

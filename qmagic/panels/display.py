@@ -237,6 +237,7 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
     the pump thread and delete the panel subshell."""
     from . import pump as _pump
 
+    rows = None
     with _lock:
         entry = _attachments.get(id(shell))
         if entry is not None:
@@ -254,6 +255,8 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
         last_worker = not any(e.workers for e in _attachments.values())
         if last_worker:
             _by_cell.clear()  # (their panels are closed below)
+    if rows is not None:  # (unloaded in a cell: its finished rows rest now, their cell's end will not reach them)
+        rows.rest()
     pump = _pump.current_pump()
     if pump is not None:
         pump.close_views(worker)
