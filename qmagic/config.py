@@ -258,7 +258,7 @@ class QMagic(Configurable):
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise TraitError(f"QMagic.{proposal['trait'].name} must be a path in UTF-8 text; "
-                                 f"{ascii(value)[1:-1][:80]!r} is not: choose a folder or file whose "
+                                 f"'{ascii(value)[1:-1][:80]}' is not: choose a folder or file whose "
                                  "name is.") from None
         return value
 

@@ -706,6 +706,8 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
                             # (a raw UnicodeEncodeError came from deep in the lock store)
                             ("state_dir", "/x/\ud800", "QMagic.state_dir must be a path in UTF-8 text"),
                             ("state_dir", "/x/\udcff", "QMagic.state_dir must be a path in UTF-8 text"),
+                            # (the name as escapes, each backslash once: '/x/\\udcff' read as two)
+                            ("state_dir", "/x/\udcff", r"; '/x/\\udcff' is not: "),
                             ("user_group_permissions_file", "/x/\ud800.yaml",
                              "QMagic.user_group_permissions_file must be a path in UTF-8 text")):
         with pytest.raises(TraitError, match=says):

@@ -27,7 +27,7 @@ def default_state_dir() -> Path:
     if env:
         if not _encodes(env):
             raise ValueError(f"${STATE_DIR_ENV} must be a folder's path in UTF-8 text; "
-                             f"{ascii(env)[1:-1][:80]} is not: choose a folder whose name is.")
+                             f"'{ascii(env)[1:-1][:80]}' is not: choose a folder whose name is.")
         return Path(env).expanduser()
     from jupyter_core.paths import jupyter_data_dir
 
