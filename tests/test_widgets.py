@@ -1696,3 +1696,18 @@ def test_under_a_crowded_budget_panels_keep_two_updates_a_second_and_never_excee
         for view in (panel, lock, row):
             view._qm_pump = pump_module.current_pump()
             view.close()
+
+
+def test_a_static_rows_stylesheet_styles_only_static_rows():
+    """A saved notebook's static row carries a <style>, which a browser applies to the whole
+    page: scoped like the live panels' sheet, a notebook's static rows made by another
+    qmagic version would restyle the live panels shown beside them.  Every selector of the
+    static sheet names the static copy's own class."""
+    import re
+
+    from qmagic.panels import styles
+
+    sheet = styles.row_style_html()
+    selectors = [sel.strip() for rule in re.findall(r"^([^{\n]+)\{", sheet, re.M) for sel in rule.split(",")]
+    assert selectors and all(sel.startswith(f".{styles.PANEL_CLASS} .{styles.STATIC_CLASS}") for sel in selectors), selectors
+    assert len(sheet) < 4000  # (a row's rules only: a notebook keeps one per foreground task)

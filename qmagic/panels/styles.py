@@ -148,8 +148,7 @@ _ROW_SELECTORS = frozenset({".qm-tbl", ".qm-row", ".qm-h, .qm-p", ".qm-b", ".qm-
                             ".qm-el", ".qm-bar", ".qm-fill", ".qm-pt", ".qm-end"})
 
 
-def _scoped(rules: list[tuple[str, str]]) -> str:
-    scope = f".{PANEL_CLASS}"
+def _scoped(rules: list[tuple[str, str]], scope: str = f".{PANEL_CLASS}") -> str:
     out = []
     for selector, body in rules:
         scoped = ", ".join(f"{scope} {part.strip()}" for part in selector.split(","))
@@ -171,8 +170,11 @@ def style_html() -> str:
 @functools.lru_cache(maxsize=None)
 def row_style_html() -> str:
     """The ``<style>`` of a finished row's static copy: the row's rules only (status colours
-    included), its right end not kept for buttons (``.qm-static``)."""
+    included), its right end not kept for buttons.  Every rule is scoped under
+    ``.qmagic-panel .qm-static`` (:data:`STATIC_CLASS`): a saved notebook's static rows, made
+    by any version of qmagic, style only themselves, never the live panels on the same page
+    (a ``<style>`` in an output applies to the whole page)."""
     rules = [(sel, body) for sel, body in _rules() if sel in _ROW_SELECTORS or sel.startswith("[data-status=")]
-    rules += [(f".{STATIC_CLASS}", f"margin:2px 0;border:1px solid {BORDER2};border-bottom:none"),
-              (f".{STATIC_CLASS} .qm-row", "padding-right:8px")]
-    return f'<style class="qmagic-style">\n{_scoped(rules)}\n</style>'
+    rules.append((".qm-row", "padding-right:8px"))
+    box = _scoped([(f".{STATIC_CLASS}", f"margin:2px 0;border:1px solid {BORDER2};border-bottom:none")])
+    return f'<style class="qmagic-style">\n{box}\n{_scoped(rules, f".{PANEL_CLASS} .{STATIC_CLASS}")}\n</style>'
