@@ -1058,3 +1058,18 @@ def test_renewals_warn_once_a_minute_and_an_address_that_cannot_be_bound_again_s
         if sock is not None:
             sock.close(0)
         ctx.term()
+
+
+def test_an_error_of_several_lines_is_published_saying_more_follows(make_worker):
+    """A task's error of several lines ('detector saturated at\\n channel 7 ...') was
+    published as its first line, read as the whole message; it ends ' ...' as in every
+    other view of the task (format.first_line)."""
+    def saturate():
+        raise RuntimeError("detector saturated at\n channel 7, 4.2e6 counts/s")
+
+    worker = make_worker({"saturate": saturate})
+    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
+    task = worker.submit("saturate")
+    assert task.wait(TIMEOUT)
+    pub._on_event(task.uid, error=task.exception(), status="failed")
+    assert pub._tasks[task.uid]["error"] == "detector saturated at ..."

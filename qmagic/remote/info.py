@@ -246,7 +246,7 @@ class InfoPublisher(SocketThread):
             texts["result"] = _TEXTS.text(lambda: fmt.safe_repr(result, 200), (result,))
         if "error" in event:
             error = event["error"]
-            text = _TEXTS.text(lambda: fmt.one_line(error, 200), (error,), "") or type(error).__name__
+            text = _TEXTS.text(lambda: fmt.first_line(error, 200), (error,), "") or type(error).__name__
             texts["error"] = valid_unicode(text)  # (str(exc) may hold a file name)
         with self._pending_lock:
             state = self._tasks.get(task_uid)
