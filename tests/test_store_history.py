@@ -347,9 +347,11 @@ time.sleep(600)
 """
 
 
-def kill_dies(folder: Path) -> None:
-    """Run DIES (a kernel's log with an unfinished task) in a child; SIGKILL it once ready."""
-    proc = subprocess.Popen([sys.executable, "-c", DIES, str(folder), str(REPO)], stdout=subprocess.PIPE, text=True)
+def kill_dies(folder: Path, script: str | None = None) -> None:
+    """Run DIES (a kernel's log with an unfinished task), or ``script``, in a child; SIGKILL
+    it once ready."""
+    proc = subprocess.Popen([sys.executable, "-c", script or DIES, str(folder), str(REPO)],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
     finally:
@@ -499,14 +501,7 @@ def test_cli_on_a_terminal_without_utf8(tmp_path):
     'Messung ü.ipynb' and the '≥' of a task whose kernel died ended the command with a
     UnicodeEncodeError traceback and no table.  Now the table and CSV show what the terminal
     cannot encode as backslash escapes, and --json is the same JSON in ASCII."""
-    proc = subprocess.Popen([sys.executable, "-c", DIES_STARTED, str(tmp_path), str(REPO)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-    finally:
-        proc.kill()
-        proc.wait(30)
-        proc.stdout.close()
+    kill_dies(tmp_path, DIES_STARTED)
 
     def run(encoding: str, *form: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONIOENCODING=encoding)
