@@ -15,6 +15,7 @@ from traitlets.config import Configurable
 from .core.loops import LOOP_POLICIES
 from .core.permissions import DEFAULT_MATCH_TIMEOUT
 from .store.lockfile import user_problem
+from .store.paths import not_utf8
 
 __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
 
@@ -252,14 +253,11 @@ class QMagic(Configurable):
 
     @validate("state_dir", "user_group_permissions_file")
     def _check_path(self, proposal):
-        value = proposal["value"]
-        if value:
-            try:  # (the lock's and the log's records carry the path as UTF-8 text)
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise TraitError(f"QMagic.{proposal['trait'].name} must be a path in UTF-8 text; "
-                                 f"'{ascii(value)[1:-1][:80]}' is not: choose a folder or file whose "
-                                 "name is.") from None
+        value = proposal["value"]  # (the lock's and the log's records carry the path as UTF-8 text)
+        shown = not_utf8(value) if value else None
+        if shown is not None:
+            raise TraitError(f"QMagic.{proposal['trait'].name} must be a path in UTF-8 text; '{shown}' is not: "
+                             "choose a folder or file whose name is.")
         return value
 
     @validate("default_user_group")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["STATE_DIR_ENV", "default_state_dir", "validate_environment_name"]
+__all__ = ["STATE_DIR_ENV", "default_state_dir", "not_utf8", "validate_environment_name"]
 
 #: Environment variable that overrides the default state folder.
 STATE_DIR_ENV = "QMAGIC_STATE_DIR"
@@ -25,9 +25,10 @@ def default_state_dir() -> Path:
     """
     env = os.environ.get(STATE_DIR_ENV)
     if env:
-        if not _encodes(env):
+        shown = not_utf8(env)
+        if shown is not None:
             raise ValueError(f"${STATE_DIR_ENV} must be a folder's path in UTF-8 text; "
-                             f"'{ascii(env)[1:-1][:80]}' is not: choose a folder whose name is.")
+                             f"'{shown}' is not: choose a folder whose name is.")
         return Path(env).expanduser()
     from jupyter_core.paths import jupyter_data_dir
 
@@ -39,6 +40,12 @@ def default_state_dir() -> Path:
 #: bytes, and a file name holds at most 255 (a longer name left the log unwritable: the
 #: kernel said the folder could not be written, and kept every record in memory).
 MAX_ENVIRONMENT_NAME_BYTES = 150
+
+
+def not_utf8(path: str) -> str | None:
+    """None when ``path`` is UTF-8 text; else the path as a message shows it, whole, each lone
+    surrogate (a byte UTF-8 cannot read) as its escape: ``/data/st\\udcff``."""
+    return None if _encodes(path) else path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _encodes(name: str) -> bool:
