@@ -717,13 +717,19 @@ def test_an_error_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make
     def open_odd():
         raise ValueError(f"cannot read {name}")
 
-    worker = make_worker({"open_odd": open_odd})
+    published = _published_error(make_worker, open_odd)
+    assert published == "cannot read caf\ufffd.dat"
+    published.encode("utf-8")
+
+
+def _published_error(make_worker, fails) -> str:
+    """The ``error`` text the info publisher keeps for a task of ``fails`` that failed."""
+    worker = make_worker({"fails": fails})
     pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
-    task = worker.submit("open_odd")
+    task = worker.submit("fails")
     assert task.wait(TIMEOUT)
     pub._on_event(task.uid, error=task.exception(), status="failed")
-    assert pub._tasks[task.uid]["error"] == "cannot read caf\ufffd.dat"
-    pub._tasks[task.uid]["error"].encode("utf-8")
+    return pub._tasks[task.uid]["error"]
 
 
 def test_a_progress_message_naming_a_file_that_is_not_utf8_is_published_as_valid_text(make_worker):
@@ -1067,9 +1073,4 @@ def test_an_error_of_several_lines_is_published_saying_more_follows(make_worker)
     def saturate():
         raise RuntimeError("detector saturated at\n channel 7, 4.2e6 counts/s")
 
-    worker = make_worker({"saturate": saturate})
-    pub = InfoPublisher(worker, "tcp://127.0.0.1:0", lambda: {})  # not started: nothing drains
-    task = worker.submit("saturate")
-    assert task.wait(TIMEOUT)
-    pub._on_event(task.uid, error=task.exception(), status="failed")
-    assert pub._tasks[task.uid]["error"] == "detector saturated at ..."
+    assert _published_error(make_worker, saturate) == "detector saturated at ..."

@@ -71,9 +71,9 @@ class CellRows:
         self.worker = worker
         self._active = active
         self._lock = threading.Lock()
-        self._cell: str | None = None  # msg_id of the cell execution the uids belong to
-        self._uids: set[str] = set()
-        self._shown: list[tuple[Any, str]] = []  # (task, display id) of that cell's live rows
+        self._cell: str | None = None  # msg_id of the cell execution the rows belong to
+        #: uid -> (task, display id of its live row; None before it shows, or once it rested)
+        self._rows: dict[str, tuple[Any, str | None]] = {}
 
     # -- the ContextHook protocol ---------------------------------------------------------------
     def capture(self, task: Any) -> dict | None:
@@ -87,10 +87,10 @@ class CellRows:
             return None
         with self._lock:
             if msg_id != self._cell:
-                self._cell, self._uids, self._shown = msg_id, set(), []
-            if len(self._uids) >= MAX_ROWS_PER_CELL:
+                self._cell, self._rows = msg_id, {}
+            if len(self._rows) >= MAX_ROWS_PER_CELL:
                 return None
-            self._uids.add(task.uid)
+            self._rows[task.uid] = (task, None)
         return parent
 
     def apply(self, task: Any, token: dict | None) -> contextlib.AbstractContextManager:
@@ -104,7 +104,7 @@ class CellRows:
         """True when ``task``'s live row is already in the cell that runs now."""
         msg_id = _msg_id(execute_request(self.shell))
         with self._lock:
-            return msg_id is not None and msg_id == self._cell and task.uid in self._uids
+            return msg_id is not None and msg_id == self._cell and task.uid in self._rows
 
     def rest(self, *_: Any) -> None:
         """``post_run_cell``: the rows of this cell whose task has ended become static copies
@@ -116,9 +116,10 @@ class CellRows:
 
         msg_id = _msg_id(execute_request(self.shell))
         with self._lock:
-            if msg_id is None or msg_id != self._cell or not self._shown:
+            if msg_id is None or msg_id != self._cell:
                 return
-            shown, self._shown = self._shown, []
+            shown = [(task, did) for task, did in self._rows.values() if did is not None]
+            self._rows = {uid: (task, None) for uid, (task, _) in self._rows.items()}
         with interrupts_held():  # (■ after the cell's end would show as an error of the cell)
             for task, display_id in shown:
                 if not task.done():
@@ -155,5 +156,5 @@ class CellRows:
             finally:
                 resetter(tokens)
         with self._lock:
-            if _msg_id(parent) == self._cell:
-                self._shown.append((task, display_id))
+            if _msg_id(parent) == self._cell and task.uid in self._rows:
+                self._rows[task.uid] = (task, display_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import os
 import re
 import shlex
@@ -251,17 +252,6 @@ def _utf8_out() -> bool:
         return False
 
 
-def _ascii_json(line: str) -> str:
-    """A JSON line with every non-ASCII character as its ``\\uXXXX`` escape (the same JSON)."""
-    def escape(match: re.Match[str]) -> str:
-        code = ord(match.group())
-        if code > 0xFFFF:  # (a surrogate pair, as JSON writes such a character)
-            code -= 0x10000
-            return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-        return f"\\u{code:04x}"
-    return re.sub(r"[^\x00-\x7f]", escape, line)
-
-
 def _fit_stdout() -> None:
     """A terminal without UTF-8 (LANG=en_US.ISO-8859-1, PYTHONIOENCODING=ascii) shows what it
     cannot encode as backslash escapes (``\\xfc``) instead of a UnicodeEncodeError traceback."""
@@ -309,8 +299,8 @@ def history_main(argv: list[str] | None = None) -> int:
     try:
         if args.json:  # (on a terminal without UTF-8: the same JSON, in ASCII)
             for rec in records:
-                line = orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode()
-                sys.stdout.write(line if utf8 else _ascii_json(line))
+                sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode() if utf8 else
+                                 json.dumps(rec, ensure_ascii=True, separators=(",", ":")) + "\n")
         elif args.csv:
             sys.stdout.write(history_csv(records))
         elif records:
@@ -329,10 +319,12 @@ def history_main(argv: list[str] | None = None) -> int:
 def _none_matches(args: argparse.Namespace, state_dir: Path) -> str:
     """What an empty answer means: which filters left everything out when the log holds
     tasks (``--uid abc``: no uid starts with abc), or that it holds none yet."""
-    given = [f"--{key} {printable(shlex.quote(str(value)), 80)}" for key in ("since", "until", "status", "user",
-                                                                            "name", "notebook", "uid", "limit")
-             for value in (getattr(args, key) if key == "status" and args.status else [getattr(args, key)])
-             if value is not None]
+    given = []
+    for key in ("since", "until", "status", "user", "name", "notebook", "uid", "limit"):
+        value = getattr(args, key)
+        for one in value if key == "status" and value else [value]:  # (--status may be given again)
+            if one is not None:
+                given.append(f"--{key} {printable(shlex.quote(str(one)), 80)}")
     with warnings.catch_warnings():  # (said once already, by the read that found nothing)
         warnings.simplefilter("ignore")
         try:
