@@ -4,7 +4,8 @@ One notebook, generated here, run cell by cell with the qmagic extension loaded:
 
 - a lock taken "by Alice", ``%lock_info``, then unlocked by a later cell: the lock panel tells
   both truths (what it was when its cell ran, and "Now (live)");
-- ``%tasks --all`` with completed, failed, cancelled, running and script rows;
+- ``%tasks --all`` with completed, failed, cancelled, running and script rows; a background
+  scan's row shown by a cell, which becomes a static row once the scan ends after that cell;
 - ``%function_execute scan ...`` in the foreground: its live row appears in its own cell,
   advances, ends completed, and the returned Task adds no second widget; a second one is
   cancelled with the row's Cancel button while it holds the cell: the cell ends with the one
@@ -83,6 +84,7 @@ CELLS = [
     'running = w.submit("scan", (100_000, 0.2))\n'
     'w.cancel(stopped)\n'
     'done.wait(10), bad.wait(10), stopped.wait(10)\n'
+    'display(w.submit("scan", (30, 0.05)))  # its live row, static once it ends (after the cell)\n'
     'print("tasks started")',
     # 7: a foreground task with its live row in its cell (held at its middle point while
     # the test looks at the running row: see _foreground)
@@ -387,6 +389,10 @@ def _scenario(page, lab: Lab) -> list[str]:
         _run_cell(page, index)
         _wait_done(page, index)
     expect(_cell(page, 6).locator(".jp-OutputArea")).to_contain_text("tasks started")
+    # the background scan shown by cell 6 outlives it: its row becomes static when it ends
+    expect(_cell(page, 6).locator(".qm-static .qm-row")).to_have_attribute("data-status", "completed",
+                                                                           timeout=20_000)
+    expect(_cell(page, 6).locator(".qmagic-cancel")).to_have_count(0)
     panel = _cell(page, 4).locator(".qmagic-task-panel")
     for call, status in (("scan(20, 0.01)", "completed"), ("broken()", "failed"),
                          ("scan(100000)", "cancelled"), ("scan(100000, 0.2)", "running")):
@@ -451,12 +457,13 @@ def _check_saved_rows(page, lab: Lab) -> str:
     each task ended (a live row's widget model is gone then)."""
     page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")  # (awaited)
     cells = json.loads((lab.root / NOTEBOOK).read_text())["cells"]
-    for index, status in ((7, "completed"), (8, "cancelled")):
+    for index, mode, status in ((6, "background", "completed"), (7, "foreground", "completed"),
+                                (8, "foreground", "cancelled")):
         rows = [out["data"] for out in cells[index]["outputs"] if "text/html" in out.get("data", {})]
         assert len(rows) == 1, cells[index]["outputs"]
         assert WIDGET_MIME not in rows[0] and f'data-status="{status}"' in "".join(rows[0]["text/html"]), rows
-        assert f"foreground  {status}" in "".join(rows[0]["text/plain"]), rows
-    return "saved notebook: the foreground rows are static final rows"
+        assert f"{mode}  {status}" in "".join(rows[0]["text/plain"]), rows
+    return "saved notebook: the rows of ended tasks are static final rows (foreground and background)"
 
 
 def _foreground(page, lab: Lab, index: int, theme: str) -> list[str]:

@@ -10,6 +10,7 @@ real kernels to check what only a kernel shows: Cancel while a cell blocks the m
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -1421,11 +1422,70 @@ def test_a_foreground_task_shows_its_live_row_in_its_own_cell(kernel_factory):
     r = k.execute("%function_execute ameasure 3").check()
     assert [d["text/plain"] for d in r.displayed if WIDGET in d] == ["ameasure(3)  qmagic user  foreground  running"]
     _static_row(r, "ameasure(3)  qmagic user  foreground  completed  3/3")
-    # a background task's Task displays as a live row (it is the only widget of its cell) and
-    # stays live after its cell (it follows the task)
+    # a background task's Task displays as a live row (it is the only widget of its cell)
     r = k.execute("t = %function_execute -b measure 3\nt").check()
     assert len([d for d in r.displayed if WIDGET in d]) == 1
-    assert not [o for o in r.outputs if o["msg_type"] == "update_display_data"]
+
+
+def test_a_tasks_row_shown_by_a_cell_becomes_static_once_cell_and_task_are_over(kernel_factory):
+    """``t`` (a Task as a cell's result, or ``display(t)``) shows a live row, which a notebook
+    reopened without its kernel showed as "model not found".  It is replaced (its display
+    id) by the static final row once both its cell and its task are over: at the cell's end
+    for a task already over when shown; at the task's end for one that outlives its cell;
+    when the next cell starts for one that ended while its cell ran (never within that cell:
+    its outputs must not depend on timing).  Each update is one of the showing cell's."""
+    k = kernel_factory(argv=EXT)
+    k.execute(FUNCTIONS + "import os\nw = qmagic.get_worker()\n"
+              "def held(path):\n"
+              "    while os.path.exists(path):\n"
+              "        qmagic.cancellable_sleep(0.01)\n"
+              "    return path\n", check=True)
+
+    def shown_id(r) -> str:
+        rows = [o["content"] for o in r.outputs if o["msg_type"] == "display_data" and WIDGET in o["content"]["data"]]
+        assert len(rows) == 1, r.outputs
+        assert not [o for o in r.outputs if o["msg_type"] == "execute_result"], r.outputs
+        return rows[0]["transient"]["display_id"]
+
+    def update_of(display_id: str, parent: str) -> dict:
+        found = _wait_for(k, lambda: [m["content"] for p, m in _iopub(k) if m["msg_type"] == "update_display_data"
+                                      and m["content"]["transient"]["display_id"] == display_id], 15.0,
+                          f"the static row of display {display_id}")
+        assert len(found) == 1, found
+        assert [p for p, m in _iopub(k) if m["msg_type"] == "update_display_data"
+                and m["content"]["transient"]["display_id"] == display_id] == [parent]
+        data = found[0]["data"]
+        assert set(data) == {"text/html", "text/plain"}, data
+        assert data["text/html"].startswith('<style class="qmagic-style">'), data["text/html"][:80]
+        return data
+
+    # 1. over when shown: static when its cell ends (in that cell)
+    r = k.execute("done = w.submit('measure', (2,))\ndone.wait(10)\ndone").check()
+    final = update_of(shown_id(r), r.msg_id)
+    assert final["text/plain"] == "measure(2)  qmagic user  background  completed  2/2 point 2 of 2"
+    assert [o["msg_type"] for o in r.outputs].count("update_display_data") == 1
+
+    # 2. outlives its cell: static when it ends, an update of the cell that showed it
+    flag = k.eval("str(__import__('tempfile').mkstemp(prefix='qmagic-held-')[1])")
+    try:
+        r = k.execute(f"long = w.submit('held', ({flag!r},))\nlong").check()
+        display_id = shown_id(r)
+        assert not [o for o in r.outputs if o["msg_type"] == "update_display_data"]
+        later = k.execute("print('another cell')").check()
+        assert not [o for o in later.outputs if o["msg_type"] == "update_display_data"]
+    finally:
+        os.unlink(flag)
+    final = update_of(display_id, r.msg_id)
+    assert final["text/plain"].startswith("held(") and "background  completed" in final["text/plain"]
+
+    # 3. ended while its cell ran: static when the next cell starts, as an update of its own cell
+    flag = k.eval("str(__import__('tempfile').mkstemp(prefix='qmagic-held-')[1])")
+    r = k.execute(f"quick = w.submit('held', ({flag!r},))\ndisplay(quick)\nos.unlink({flag!r})\n"
+                  "assert quick.wait(10)").check()
+    display_id = shown_id(r)
+    assert not [o for o in r.outputs if o["msg_type"] == "update_display_data"], r.outputs
+    k.execute("print('next')").check()
+    update_of(display_id, r.msg_id)
 
 
 def _static_row(r, text: str) -> dict:
@@ -1503,7 +1563,7 @@ def test_panel_cancels_a_foreground_magic_task_and_unload_closes_everything(kern
         assert not any(n.startswith(("qmagic", "subshell-")) for n in names), names
         left = k.eval("[c.comm_id for c in get_ipython().kernel.comm_manager.comms.values()]")
         assert left == [], f"{len(left)} widget comms still open after unload"
-        assert k.eval("qmagic.Task in get_ipython().display_formatter.mimebundle_formatter.type_printers"
+        assert k.eval("qmagic.Task in get_ipython().display_formatter.ipython_display_formatter.type_printers"
                       ) is False
         if attempt == 0:
             k.execute("%load_ext qmagic", check=True)

@@ -41,7 +41,7 @@ from . import render, styles
 
 log = logging.getLogger("qmagic")
 
-__all__ = ["CellRows", "MAX_ROWS_PER_CELL", "static_row"]
+__all__ = ["CellRows", "MAX_ROWS_PER_CELL", "static_row", "update_row"]
 
 #: Most live rows one cell execution shows (one per foreground task it starts).
 MAX_ROWS_PER_CELL = 10
@@ -56,8 +56,27 @@ def static_row(task: Any) -> dict[str, str]:
     return {"text/html": html, "text/plain": fmt.task_line(task)}
 
 
-def _msg_id(parent: dict | None) -> str | None:
-    return (parent.get("header") or {}).get("msg_id") if parent is not None else None
+def update_row(shell: Any, task: Any, display_id: str, parent: dict | None) -> None:
+    """Replace the row shown under ``display_id`` by ``task``'s static row, as an update of
+    the cell request ``parent`` (from any thread).  Never raises: the live row stays."""
+    from IPython.display import update_display
+
+    setter = getattr(shell, "set_thread_parent", None)
+    resetter = getattr(shell, "reset_thread_parent", None)
+    try:
+        tokens = setter(parent) if parent and setter is not None and resetter is not None else None
+        try:
+            update_display(static_row(task), raw=True, display_id=display_id)
+        finally:
+            if tokens is not None:
+                resetter(tokens)
+    except Exception:  # noqa: BLE001 - the live row stays; a task's end or a cell must not fail
+        log.warning("qmagic: could not keep the final row of %s", task.call_text(40), exc_info=True)
+
+
+def msg_id_of(parent: dict | None) -> str | None:
+    """The ``msg_id`` of a request's header (None without one)."""
+    return (parent.get("header") or {}).get("msg_id") if parent else None
 
 
 class CellRows:
@@ -82,7 +101,7 @@ class CellRows:
         if task.background or threading.current_thread() is not threading.main_thread():
             return None
         parent = execute_request(self.shell)
-        msg_id = _msg_id(parent)
+        msg_id = msg_id_of(parent)
         if msg_id is None or not self._active():
             return None
         with self._lock:
@@ -102,7 +121,7 @@ class CellRows:
     # -- the formatter asks -------------------------------------------------------------------------
     def shown_here(self, task: Any) -> bool:
         """True when ``task``'s live row is already in the cell that runs now."""
-        msg_id = _msg_id(execute_request(self.shell))
+        msg_id = msg_id_of(execute_request(self.shell))
         with self._lock:
             return msg_id is not None and msg_id == self._cell and task.uid in self._rows
 
@@ -110,11 +129,9 @@ class CellRows:
         """``post_run_cell``: the rows of this cell whose task has ended become static copies
         of their final state (:func:`static_row`); a row whose task still runs (left running
         by an interrupt) stays live."""
-        from IPython.display import update_display
-
         from ..ipython.runner import interrupts_held
 
-        msg_id = _msg_id(execute_request(self.shell))
+        msg_id = msg_id_of(execute_request(self.shell))
         with self._lock:
             if msg_id is None or msg_id != self._cell:
                 return
@@ -122,12 +139,8 @@ class CellRows:
             self._rows = {uid: (task, None) for uid, (task, _) in self._rows.items()}
         with interrupts_held():  # (■ after the cell's end would show as an error of the cell)
             for task, display_id in shown:
-                if not task.done():
-                    continue
-                try:
-                    update_display(static_row(task), raw=True, display_id=display_id)
-                except Exception:  # noqa: BLE001 - the live row stays: a cell's end must not fail
-                    log.warning("qmagic: could not keep the final row of %s", task.call_text(40), exc_info=True)
+                if task.done():
+                    update_row(self.shell, task, display_id, None)
 
     # -- internals ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -156,5 +169,5 @@ class CellRows:
             finally:
                 resetter(tokens)
         with self._lock:
-            if _msg_id(parent) == self._cell and task.uid in self._rows:
+            if msg_id_of(parent) == self._cell and task.uid in self._rows:
                 self._rows[task.uid] = (task, display_id)

@@ -2,7 +2,9 @@
 the in-cell rows of foreground tasks.
 
 The extension calls :func:`attach` when it loads (a :class:`qmagic.Task` then displays as a
-live :class:`~qmagic.panels.TaskRow`, bound to the worker that runs it), installs the hook
+live :class:`~qmagic.panels.TaskRow`, bound to the worker that runs it, under a display id:
+:class:`~qmagic.panels.shown_rows.ShownRows` makes it static once its cell and its task are
+over), installs the hook
 from :func:`cell_row_hook` in the worker's engine (a foreground task started from a cell
 shows its live row in that cell), and calls :func:`detach` when it unloads (every panel of
 the worker closed; with the last worker gone, the pump thread stopped and the panel
@@ -15,11 +17,13 @@ import collections
 import contextlib
 import logging
 import threading
+import uuid
 from typing import Any
 
 from ..core.task import Task
 from ..errors import one_line
 from .cell_rows import CellRows
+from .shown_rows import ShownRows
 
 log = logging.getLogger("qmagic")
 
@@ -35,8 +39,9 @@ class _Attachment:
         self.workers: list[Any] = []
         #: id(worker) -> the in-cell rows of that worker's foreground tasks
         self.cells: dict[int, CellRows] = {}
-        self.formatter: Any = None  # the mimebundle formatter we registered with
+        self.formatter: Any = None  # the display formatter we registered with
         self.previous: Any = None  # the Task printer we replaced there
+        self.shown: ShownRows | None = None  # rows that Task displays showed
 
 
 _lock = threading.Lock()
@@ -154,46 +159,58 @@ def _stopped_showing(task: Task) -> str:
     return task._goes_on(f"stopped showing {task.call_text(40)}")
 
 
-def _bundle_printer(entry: _Attachment) -> Any:
-    def task_bundle(task: Task) -> dict | None:
-        """A live TaskRow plus deterministic text/plain; text only (None: the text/plain
-        printer answers) when the task's live row is already in this cell, when no
-        attached worker runs the task, or when the row cannot be built."""
+def _row_printer(entry: _Attachment) -> Any:
+    def show_task(task: Task) -> None:
+        """Display ``task`` as a live TaskRow (with deterministic text/plain) under a display
+        id, which :class:`~qmagic.panels.shown_rows.ShownRows` makes static once the cell
+        and the task are over.  NotImplementedError (the text/plain printer answers, as the
+        cell's result) when the task's live row is already in this cell, when no attached
+        worker runs the task, or when the row cannot be built."""
         try:
             with _lock:
                 cells, workers = list(entry.cells.values()), list(entry.workers)
             if any(rows.shown_here(task) for rows in cells):
-                return None
+                raise NotImplementedError
             worker = _owner(workers, task)
             if worker is None:
-                return None
+                raise NotImplementedError
+            from IPython.display import display
+
+            from ..ipython.context import execute_request
             from ..ipython.runner import interrupts_held
             from .task_panel import TaskRow
 
             row = error = None
+            shown = False
             with interrupts_held() as held:  # (■ amid the widgets would leave a half-built row)
                 try:
                     row = TaskRow(worker, task)
                     bundle = row._repr_mimebundle_()
                 except Exception as exc:  # noqa: BLE001 - logged below; a held ■ still counts
                     error = exc
+                if error is None and not held:
+                    display_id = uuid.uuid4().hex
+                    display(bundle, raw=True, display_id=display_id)
+                    shown = True
+                    shown_by_cell(entry.shell, row)
+                    if entry.shown is not None:
+                        entry.shown.shown(task, display_id, execute_request(entry.shell))
             if error is not None:
                 log.error("qmagic: could not build the live row of %r", task, exc_info=error)
                 if not held:
-                    return None
-            if held:  # the cell stops, as ■ asked: no row
-                if row is not None:
+                    raise NotImplementedError
+            if held:  # the cell stops, as ■ asked
+                if row is not None and not shown:
                     with interrupts_held():
                         row.close()
                 raise one_line(KeyboardInterrupt(_stopped_showing(task)))
-            if row is not None:
-                shown_by_cell(entry.shell, row)
-            return bundle
+        except (NotImplementedError, KeyboardInterrupt):
+            raise
         except Exception:  # noqa: BLE001 - a display must never fail
             log.exception("qmagic: could not build the live row of %r", task)
-            return None
+            raise NotImplementedError from None
 
-    return task_bundle
+    return show_task
 
 
 def attach(shell: Any, worker: Any) -> None:
@@ -215,10 +232,14 @@ def attach(shell: Any, worker: Any) -> None:
         if events is not None:  # (a finished task's row becomes a static record at the cell's end)
             events.register("post_run_cell", rows.rest)
         if entry.formatter is None:
-            formatter = shell.display_formatter.mimebundle_formatter
+            formatter = shell.display_formatter.ipython_display_formatter
             entry.previous = formatter.type_printers.get(Task)
-            formatter.for_type(Task, _bundle_printer(entry))
+            formatter.for_type(Task, _row_printer(entry))
             entry.formatter = formatter
+            entry.shown = ShownRows(shell)
+            if events is not None:
+                events.register("pre_run_cell", entry.shown.pre_run_cell)
+                events.register("post_run_cell", entry.shown.post_run_cell)
 
 
 def cell_row_hook(shell: Any, worker: Any) -> CellRows | None:
@@ -237,7 +258,7 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
     the pump thread and delete the panel subshell."""
     from . import pump as _pump
 
-    rows = None
+    rows = shown = None
     with _lock:
         entry = _attachments.get(id(shell))
         if entry is not None:
@@ -252,11 +273,19 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
                     entry.formatter.type_printers.pop(Task, None)
                     if entry.previous is not None:
                         entry.formatter.for_type(Task, entry.previous)
+                shown = entry.shown
+                if shown is not None:
+                    for event, callback in (("pre_run_cell", shown.pre_run_cell),
+                                            ("post_run_cell", shown.post_run_cell)):
+                        with contextlib.suppress(AttributeError, ValueError):
+                            shell.events.unregister(event, callback)
         last_worker = not any(e.workers for e in _attachments.values())
         if last_worker:
             _by_cell.clear()  # (their panels are closed below)
     if rows is not None:  # (unloaded in a cell: its finished rows rest now, their cell's end will not reach them)
         rows.rest()
+    if shown is not None:  # (likewise; the rows of running tasks still rest when their task ends)
+        shown.finish()
     pump = _pump.current_pump()
     if pump is not None:
         pump.close_views(worker)
