@@ -1771,3 +1771,61 @@ def test_a_static_rows_stylesheet_styles_only_static_rows():
     selectors = [sel.strip() for rule in re.findall(r"^([^{\n]+)\{", sheet, re.M) for sel in rule.split(",")]
     assert selectors and all(sel.startswith(f".{styles.PANEL_CLASS} .{styles.STATIC_CLASS}") for sel in selectors), selectors
     assert len(sheet) < 4000  # (a row's rules only: a notebook keeps one per foreground task)
+
+
+def test_shown_rows_become_static_once_whatever_the_order_of_cell_end_and_task_end(ip, worker, monkeypatch):
+    """The race of a task's end (its own thread) against its cell's end (the main thread),
+    landing anywhere: every row shown for a running task gets exactly one static update,
+    once its task is over: from the task's end when the cell ended first, at the next cell's
+    start when the task ended first (never at its own cell's end, nor before); both orders
+    happen.
+    (What the shell's display publisher is handed is recorded; the parent of each update is
+    checked in a real kernel, above.)"""
+    import collections
+    import random
+    import uuid
+
+    from qmagic.panels.shown_rows import ShownRows
+
+    sent: list[tuple[str, str, bool]] = []  # (display id, phase, task done)
+    state: dict[str, Any] = {"phase": "cell", "task": None}
+
+    def publish(data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
+        assert update and "text/html" in data
+        sent.append((transient["display_id"], state["phase"], state["task"].done()))
+
+    monkeypatch.setattr(ip.display_pub, "publish", publish)
+    rows = ShownRows(ip)
+    rng = random.Random(29)
+    orders = {"task first": 0, "cell first": 0}
+    for round_ in range(150):
+        gate = worker.test_gates.setdefault(f"r{round_}", threading.Event())
+        task = worker.submit("wait_gate", (f"r{round_}",))
+        state["task"], state["phase"] = task, "cell"
+        display_id = uuid.uuid4().hex
+        rows.shown(task, display_id, {"header": {"msg_id": f"cell-{round_}"}})
+        # a third each: the task ends first, the cell ends first, the two race
+        ender = threading.Timer(rng.uniform(0, 0.004) if round_ % 3 == 2 else 0, gate.set)
+        if round_ % 3 != 1:
+            ender.start()
+        if round_ % 3 == 0:
+            assert task.wait(10)
+        threading.Event().wait(rng.uniform(0, 0.004))  # (the cell runs on a while: the other side)
+        state["phase"] = "cell end"
+        order = "task first" if task.done() else "cell first"  # (a task may still end before
+        orders[order] += 1  # post_run_cell looks: then it too waits for the next cell)
+        rows.post_run_cell()
+        state["phase"] = "between"
+        if round_ % 3 == 1:
+            ender.start()
+        assert task.wait(10)
+        state["phase"] = "next cell"
+        rows.pre_run_cell()
+        ender.join(10)
+        eventually(lambda: any(s[0] == display_id for s in sent), 10, "the row's static update")
+        mine = [s for s in sent if s[0] == display_id]
+        assert mine[0][2], (round_, order, mine)
+        assert mine[0][1] == "next cell" if order == "task first" else mine[0][1] != "cell", (round_, order, mine)
+    assert min(orders.values()) >= 50, orders
+    shown = collections.Counter(s[0] for s in sent)
+    assert len(shown) == 150 and set(shown.values()) == {1}, shown.most_common(3)
