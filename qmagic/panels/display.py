@@ -186,23 +186,22 @@ def _row_printer(entry: _Attachment) -> Any:
                 try:
                     row = TaskRow(worker, task)
                     bundle = row._repr_mimebundle_()
+                    if not held:
+                        display_id = uuid.uuid4().hex
+                        display(bundle, raw=True, display_id=display_id)
+                        shown = True
+                        shown_by_cell(entry.shell, row)
+                        if entry.shown is not None:
+                            entry.shown.shown(task, display_id, execute_request(entry.shell))
                 except Exception as exc:  # noqa: BLE001 - logged below; a held ■ still counts
                     error = exc
-                if error is None and not held:
-                    display_id = uuid.uuid4().hex
-                    display(bundle, raw=True, display_id=display_id)
-                    shown = True
-                    shown_by_cell(entry.shell, row)
-                    if entry.shown is not None:
-                        entry.shown.shown(task, display_id, execute_request(entry.shell))
+                if row is not None and not shown:  # (never shown: nobody would see it)
+                    row.close()
             if error is not None:
-                log.error("qmagic: could not build the live row of %r", task, exc_info=error)
-                if not held:
+                log.error("qmagic: could not show the live row of %r", task, exc_info=error)
+                if not held and not shown:
                     raise NotImplementedError
             if held:  # the cell stops, as ■ asked
-                if row is not None and not shown:
-                    with interrupts_held():
-                        row.close()
                 raise one_line(KeyboardInterrupt(_stopped_showing(task)))
         except (NotImplementedError, KeyboardInterrupt):
             raise
