@@ -47,6 +47,7 @@ __all__ = [
     "progress_text",
     "task_line",
     "task_table",
+    "tasks_text",
     "first_line",
     "task_detail",
     "record_line",
@@ -282,6 +283,24 @@ def task_table(tasks: Iterable[Any], hidden: int = 0, hint: str = "use --all", *
     if hidden > 0:
         lines.append(f"({counted(hidden, 'more task', 'more tasks')} not shown; {hint})")
     return "\n".join(lines)
+
+
+def tasks_text(tasks: list[Any], *, running: bool, limit: int, hint: str = "use --all",
+               uids: bool = False, log_on: bool = False) -> str:
+    """The text of a view of the tasks in memory (``tasks`` oldest first, as the worker lists
+    them): newest first, only the queued and running ones if ``running``, at most ``limit``
+    rows; under the table how many it leaves out and how to see them: beyond ``limit``,
+    ``hint``; the finished ones a ``running`` view leaves out, ``--all``.  The one rule of
+    ``%tasks``' text and of its panel's text form.  No task at all: :func:`no_tasks_line`."""
+    if not tasks:
+        return no_tasks_line(log_on)
+    listed = [t for t in reversed(tasks) if not (running and t.done())]
+    shown = listed[:max(1, limit)]
+    text = task_table(shown, len(listed) - len(shown), hint, uids=uids) if shown else "No queued or running tasks."
+    finished = len(tasks) - len(listed)
+    if finished:
+        text += f"\n({counted(finished, 'finished task')} not shown; use --all)"
+    return text
 
 
 def _indent(text: str, prefix: str = "    ") -> str:

@@ -818,13 +818,25 @@ def test_tasks_table(qm, ip, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + 13
     line(ip, "tasks", "--running")
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[1].split()[1] == "blocked()"
+    assert len(out) == 3 and out[1].split()[1] == "blocked()"
+    assert out[2] == "(12 finished tasks not shown; use --all)"  # (as the panel's text form says it)
     line(ip, "task_cancel", out[1].split()[0])  # the uid as the table shows it
     assert running.wait(TIMEOUT) and running.status.value == "cancelled"
     with pytest.raises(UsageError):
         line(ip, "tasks", "--all --running")
     ip.user_ns["gate"].set()
     assert running.wait(TIMEOUT)
+
+
+def test_tasks_running_without_a_running_task_says_how_many_others_and_how_to_see_them(qm, ip, capsys):
+    """``%tasks --running`` with none running printed "No tasks." (as if the kernel had
+    none) while its panel's text form added "(12 more tasks not shown; use --all)": both
+    say it by one rule (format.tasks_text; test_widgets checks the panel's)."""
+    tasks = [qm.submit("add", (i,)) for i in range(12)]
+    assert all(t.wait(TIMEOUT) for t in tasks)
+    capsys.readouterr()
+    line(ip, "tasks", "--running")
+    assert capsys.readouterr().out == "No queued or running tasks.\n(12 finished tasks not shown; use --all)\n"
 
 
 def test_tasks_of_a_closed_worker_say_it_was_closed(qm, ip, capsys):
@@ -859,7 +871,8 @@ def test_tasks_all_as_text_is_bounded_and_says_where_the_rest_is(qm, ip, capsys)
                        "all of them: qmagic.get_worker().tasks())")
     running = [qm.submit("blocked") for _ in range(2)]
     line(ip, "tasks", "--running")
-    assert len(capsys.readouterr().out.splitlines()) == 1 + 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 2 + 1 and out[-1] == f"({count} finished tasks not shown; use --all)"
     ip.user_ns["gate"].set()
     assert all(t.wait(TIMEOUT) for t in running)
 

@@ -240,16 +240,10 @@ class TaskPanel(_TaskViewMixin, W.VBox):
         return f"{table}\n{MSG_WORKER_CLOSED}" if self.worker.closed else table
 
     def _table_text(self) -> str:
-        tasks = self.worker.tasks()
-        if not tasks:
-            return fmt.no_tasks_line(self._log_on())
-        every = self._filter.value == "all"
-        listed = list(reversed(tasks if every else [t for t in tasks if not t.done()]))
-        limit = self._limit()
-        hint = "use --all"
-        if every and self.max_rows is None and len(listed) > limit:  # (it is --all already)
-            hint = f"a panel shows the newest {limit}: QMagic.panel_max_rows"
-        return fmt.task_table(listed[:limit], len(tasks) - min(len(listed), limit), hint)
+        limit = self._limit()  # (no max_rows: --all or --running, limited by the setting alone)
+        hint = "use --all" if self.max_rows is not None else f"a panel shows the newest {limit}: QMagic.panel_max_rows"
+        return fmt.tasks_text(self.worker.tasks(), running=self._filter.value == "running", limit=limit,
+                              hint=hint, log_on=self._log_on())
 
 
 class TaskRow(_TaskViewMixin, W.VBox):

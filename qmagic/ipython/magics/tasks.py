@@ -287,17 +287,12 @@ class TaskMagics(Magics):
     def _table(self, running: bool, max_rows: int | None) -> str:
         """``%tasks``' text without widgets: the newest ``max_rows`` (None: as many as a cell
         takes) of the tasks in memory, the queued and running ones only if ``running``."""
-        items = list(reversed(self.worker.tasks()))
-        if not items:
-            return fmt.no_tasks_line(self.worker.log_open)
-        if running:
-            items = [t for t in items if not t.done()]
         hint = "use --all"
         if max_rows is None:  # --all, --running: as many as a cell takes (see --history)
             max_rows = MAX_HISTORY_ROWS
             hint = f"a cell shows the newest {MAX_HISTORY_ROWS}; all of them: qmagic.get_worker().tasks()"
-        hidden = max(0, len(items) - max_rows)
-        return fmt.task_table(items[:max_rows], hidden=hidden, hint=hint, uids=True)
+        return fmt.tasks_text(self.worker.tasks(), running=running, limit=max_rows, hint=hint, uids=True,
+                              log_on=self.worker.log_open)
 
     def _history(self, wanted: int) -> None:
         """The newest ``wanted`` log records (at most :data:`MAX_HISTORY_ROWS`), then a line
