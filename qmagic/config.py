@@ -90,7 +90,8 @@ class QMagic(Configurable):
         "script_upload (a remote function_execute must name its user and group, as queueserver's).",
     ).tag(config=True)
     default_user_group = Unicode(
-        "primary", help="User group of requests that do not name one (as for default_user)."
+        "primary", help="User group of requests that do not name one (as for default_user); a group of the "
+        "permission rules (when it is not, a warning says so and such requests are refused naming this setting)."
     ).tag(config=True)
 
     # -- permissions -------------------------------------------------------------------------

@@ -263,8 +263,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
                                     or not 0 < timeout < math.inf):
             raise RequestRefused(f"Error: Invalid timeout {timeout!r}: give a finite number of seconds > 0, "
                                  "or none for no deadline.")
+        defaulted = user_group is None
         user, user_group = self._who(user, user_group, origin)
         self.check_lock(lock_key, origin=origin, client=client)
+        self._check_group(user_group, defaulted)  # (a callable's is recorded as given: it must exist)
         coroutine = False
         if func is None:  # permissions are about names; a callable is run as given
             self._permissions.check(name, user, user_group)
@@ -275,7 +277,6 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
             except TypeError as exc:  # a plan, or not callable
                 raise RequestRefused(f"Error: {exc}") from None
         else:
-            self._permissions.check_group(user_group)  # recorded as given: it must exist
             if is_plan(func):  # (the catalog's rule, as by name)
                 raise RequestRefused(f"Error: {plan_refusal(name, func)}")
             coroutine = is_coroutine_function(func)
@@ -318,8 +319,10 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         check_script_text(script)
         self._check_not_closed()
         name = check_script_name(name)
+        defaulted = user_group is None
         user, user_group = self._who(user, user_group, origin, defaults=True)
         self.check_lock(lock_key, origin=origin, client=client)
+        self._check_group(user_group, defaulted)  # (recorded on the task: it must exist)
         self._check_open(origin)
         keep = () if update_re else ("RE", "db")
 
@@ -344,6 +347,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         self.check_lock(lock_key, origin=origin, client=client)
         self._check_open(origin)
         user, group = self._who(None, None, origin, defaults=True)
+        self._check_group(group, True)
         return self._start(self._refresh_catalog,
                            name="environment_update", kind="script", user=user,
                            user_group=group, background=background, origin=origin)

@@ -23,11 +23,13 @@ from .core.foreground import interrupts_held
 from .core.permissions import Permissions
 from .core.task import Task
 from .errors import (
+    PermissionRefused,
     PermissionsFormatError,
     RequestRefused,
     one_line,
 )
 from .store.paths import default_state_dir
+from .texts import printable
 from .tracebacks import is_internal_frame
 from .worker_log import LogMixin, LogObserver
 
@@ -72,6 +74,8 @@ class StateMixin(LogMixin):
         self.environment_uid = str(uuid.uuid4())
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
         self.static_uid = str(uuid.uuid4())
+        self._default_group_warned: tuple | None = None
+        self._warn_default_group()  # (every trait of the configuration is set by now, in any order)
 
     def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
         """Stop every task and thread within ``timeout`` seconds (queued ones cancelled; ``reason``: the cancel
@@ -193,6 +197,44 @@ class StateMixin(LogMixin):
         with self._state_lock:  # (one writer at a time: rules and uid always change together)
             self._permissions = rules
             self.permissions_uid = str(uuid.uuid4())
+        self._warn_default_group()
+
+    # -- the default group and the rules: one line when they disagree ------------------------------
+    def _default_group_problem(self) -> str | None:
+        """What is wrong when ``QMagic.default_user_group`` is no group of the rules in force
+        (every request that names no group is then refused), and what to do; else None."""
+        group, known = self.default_user_group, self._permissions.groups()
+        if group in known:
+            return None
+        listed = ", ".join(printable(g, 40) for g in known[:6]) + (f" and {len(known) - 6} more" if len(known) > 6
+                                                                   else "")
+        shown = printable(group, 100)
+        return (f"(the group of requests that name none) is not a group of the permission rules ({listed}): "
+                f"set it to one of them, or add '{shown}' to the rules")
+
+    @observe("default_user_group")
+    def _default_group_setting(self, change: Mapping[str, Any]) -> None:
+        if "_default_group_warned" in self.__dict__:  # (set up: the rules are there)
+            self._warn_default_group()
+
+    def _warn_default_group(self) -> None:
+        """One warning when the setting or the rules change so that they disagree (not again
+        while the same setting and the same groups stand)."""
+        problem = self._default_group_problem()
+        seen = None if problem is None else (self.default_user_group, tuple(self._permissions.groups()))
+        if seen is not None and seen != self._default_group_warned:
+            log.warning("qmagic: QMagic.default_user_group '%s' %s; until then every request that names no "
+                        "group is refused.", printable(self.default_user_group, 100), problem)
+        self._default_group_warned = seen
+
+    def _check_group(self, group: str, defaulted: bool) -> None:
+        """A request's group must be one of the rules' (queueserver's refusal); a group that
+        came from ``QMagic.default_user_group`` names that setting and what to do."""
+        problem = self._default_group_problem() if defaulted and group == self.default_user_group else None
+        if problem is not None:
+            raise PermissionRefused(f"Error: Unknown user group: '{printable(group, 100)}': QMagic.default_user_group "
+                                    f"{problem}.")
+        self._permissions.check_group(group)
 
     @property
     def permissions(self) -> Permissions:

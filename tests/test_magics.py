@@ -839,6 +839,20 @@ def test_tasks_running_without_a_running_task_says_how_many_others_and_how_to_se
     assert capsys.readouterr().out == "No queued or running tasks.\n(12 finished tasks not shown; use --all)\n"
 
 
+def test_a_request_in_the_default_group_the_rules_lack_names_the_setting_in_one_line(qm, ip):
+    """``QMagic.default_user_group = "students"`` without a rule for it: %function_execute
+    and %%script_upload said "Unknown user group: 'students'" (or, for a script, nothing),
+    naming no setting; now one line names it and what to do."""
+    qm.default_user_group = "students"
+    for call in (lambda: line(ip, "function_execute", "add 1"),
+                 lambda: ip.run_cell_magic("script_upload", "", "students_x = 1\n")):
+        with pytest.raises(UsageError) as info:
+            call()
+        assert str(info.value).startswith("Unknown user group: 'students': QMagic.default_user_group (the group "
+                                          "of requests that name none) is not a group of the permission rules")
+    assert "students_x" not in ip.user_ns
+
+
 def test_tasks_of_a_closed_worker_say_it_was_closed(qm, ip, capsys):
     """README: after ``close()`` the tasks in memory stay readable and the task panel says the
     worker is closed; %tasks' text (a terminal, and the panel's text/plain) listed them as an

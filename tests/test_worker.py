@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import sys
 import threading
 import time
@@ -1170,3 +1171,58 @@ def test_an_interrupt_held_during_a_change_that_fails_still_stops_the_call(sigin
     assert isinstance(info.value.__context__, LockRefused)
     with interrupt_after():  # (no ■: nothing raised)
         pass
+
+
+# -- the default user group and the permission rules ------------------------------------------------
+STUDENTS = {"user_groups": {"root": {"allowed_functions": [None]}, "students": {"allowed_functions": [None]}}}
+
+
+def _default_group_warnings(caplog) -> list[str]:
+    found = [r.getMessage() for r in caplog.records if "QMagic.default_user_group" in r.getMessage()]
+    caplog.clear()
+    return found
+
+
+def test_a_default_group_the_rules_do_not_define_is_said_once_and_named_in_the_refusal(make_worker, tmp_path,
+                                                                                      caplog):
+    """``QMagic.default_user_group = "students"`` without a rule for it was taken silently;
+    every request naming no group then failed "Unknown user group: 'students'", which named
+    no setting.  The worker warns once when the setting or the rules (a file read again too)
+    come to disagree, and the refusal names the setting and what to do; the configuration's
+    order does not matter (both set at once: no warning)."""
+    caplog.set_level(logging.WARNING, logger="qmagic")
+    rules_file = tmp_path / "permissions.yaml"
+    rules_file.write_text("user_groups:\n  root:\n    allowed_functions: [null]\n"
+                          "  students:\n    allowed_functions: [null]\n")
+    w = make_worker({"f": lambda: 1}, default_user_group="students", user_group_permissions_file=str(rules_file))
+    assert w.submit("f").result(TIMEOUT) == 1 and w.run_script("x = 1").wait(TIMEOUT)
+    assert _default_group_warnings(caplog) == []
+    rules_file.write_text("user_groups:\n  root:\n    allowed_functions: [null]\n"
+                          "  primary:\n    allowed_functions: [null]\n")
+    w.reload_permissions()  # (the file changed under it: students is gone)
+    (warning,) = _default_group_warnings(caplog)
+    assert warning == ("qmagic: QMagic.default_user_group 'students' (the group of requests that name none) is "
+                       "not a group of the permission rules (root, primary): set it to one of them, or add "
+                       "'students' to the rules; until then every request that names no group is refused.")
+    w.reload_permissions()
+    assert _default_group_warnings(caplog) == []  # (the same disagreement: said once)
+    refusal = ("Error: Unknown user group: 'students': QMagic.default_user_group (the group of requests that name "
+               "none) is not a group of the permission rules (root, primary): set it to one of them, or add "
+               "'students' to the rules.")
+    for request in (lambda: w.submit("f"), lambda: w.submit(lambda: 1), lambda: w.run_script("x = 2")):
+        with pytest.raises(PermissionRefused) as info:
+            request()
+        assert str(info.value) == refusal
+    with pytest.raises(PermissionRefused, match=r"^Error: Unknown user group: 'students'$"):
+        w.submit("f", user_group="students")  # (named by the request: queueserver's text alone)
+    w.default_user_group = "primary"
+    assert w.submit("f").result(TIMEOUT) == 1 and _default_group_warnings(caplog) == []
+    w.default_user_group = "visitors"  # the setting itself
+    assert "QMagic.default_user_group 'visitors'" in _default_group_warnings(caplog)[0]
+    for order in (("default_user_group", "user_group_permissions"), ("user_group_permissions", "default_user_group")):
+        settings = {"default_user_group": "students", "user_group_permissions": STUDENTS}
+        other = make_worker({"f": lambda: 2}, **{name: settings[name] for name in order})
+        assert other.submit("f").result(TIMEOUT) == 2
+    assert _default_group_warnings(caplog) == []
+    make_worker({}, default_user_group="students")
+    assert len(_default_group_warnings(caplog)) == 1  # (a worker made so says it at once)
