@@ -853,6 +853,28 @@ def test_a_request_in_the_default_group_the_rules_lack_names_the_setting_in_one_
     assert "students_x" not in ip.user_ns
 
 
+def test_script_upload_takes_user_and_group_as_function_execute_does(qm, ip, tmp_path):
+    """``run_script`` (and a remote script_upload) take a user and a group; %%script_upload
+    had neither option.  It has both now, passed to run_script: the same rule (an unknown
+    group refused in the same line as %function_execute's)."""
+    qm.set_permissions({"user_groups": {"root": {"allowed_functions": [None]},
+                                        "students": {"allowed_functions": [None]}}})
+    task = ip.run_cell_magic("script_upload", "-b --user Bob --group students", "su_first = 1\n")
+    assert task.wait(TIMEOUT) and task.status.value == "completed"
+    assert (task.user, task.user_group) == ("Bob", "students")
+    script = tmp_path / "su.py"
+    script.write_text("su_second = 2\n")
+    task = line(ip, "script_upload", f"--user 'Ann Lee' --group students {script}")
+    assert (task.user, task.user_group, ip.user_ns["su_second"]) == ("Ann Lee", "students", 2)
+    refusals = []
+    for call in (lambda: ip.run_cell_magic("script_upload", "--group visitors", "su_third = 3\n"),
+                 lambda: line(ip, "function_execute", "--group visitors add 1")):
+        with pytest.raises(UsageError) as info:
+            call()
+        refusals.append(str(info.value))
+    assert refusals == ["Unknown user group: 'visitors'"] * 2 and "su_third" not in ip.user_ns
+
+
 def test_tasks_of_a_closed_worker_say_it_was_closed(qm, ip, capsys):
     """README: after ``close()`` the tasks in memory stay readable and the task panel says the
     worker is closed; %tasks' text (a terminal, and the panel's text/plain) listed them as an

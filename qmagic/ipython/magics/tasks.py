@@ -325,15 +325,19 @@ class TaskMagics(Magics):
               "name, or 'script').")
     @argument("--no-update-lists", dest="no_update_lists", action="store_true",
               help="Do not refresh the list of available functions afterwards.")
+    @argument("--user", default=None, help="User name of the request (default: QMagic.default_user).")
+    @argument("--group", default=None,
+              help="User group of the request, recorded on the task: a group of the permission rules "
+              "(default: QMagic.default_user_group); a script is not checked against their function lists.")
     @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
     @argument("path", nargs="?", default=None, metavar="PATH", help="Script file (line magic only).")
     @line_cell_magic
     def script_upload(self, line: str, cell: str | None = None) -> Task:
         """Run a script in the namespace as a tracked task; returns its Task.
 
-        ``%script_upload [-b] [--name N] PATH`` runs a file (named by its file name; UTF-8
-        text of at most 10 MB, never a FIFO or device);
-        ``%%script_upload [-b] [--name N]`` runs the cell body.  If the script raises, every
+        ``%script_upload [OPTIONS] PATH`` runs a file (named by its file name; UTF-8 text of
+        at most 10 MB, never a FIFO or device); ``%%script_upload [OPTIONS]`` runs the cell
+        body.  --user and --group say who runs it, as for %function_execute.  If the script raises, every
         name it added, changed or removed is restored (the namespace is unchanged) and the cell
         stops with the traceback; on success ``task.namespace_changes`` lists the names added,
         changed and removed.  Scripts never wait for each other: a background script runs
@@ -355,7 +359,8 @@ class TaskMagics(Magics):
         try:
             task = self.worker.run_script(
                 script, name=name, update_lists=not opts.no_update_lists,
-                background=opts.background, lock_key=unquote(opts.lock_key), origin="magic",
+                background=opts.background, lock_key=unquote(opts.lock_key), user=unquote(opts.user),
+                user_group=unquote(opts.group), origin="magic",
             )
         except RequestRefused as exc:
             refused(exc)
