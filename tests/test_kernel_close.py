@@ -18,7 +18,7 @@ from bluesky_queueserver_api import BFunc
 from kernel_helpers import assert_no_internals, error_text, one_line, start_kernel
 from remote_client import LoopClient
 
-from qmagic.core.engine import MSG_CLOSE_IN_TASK, MSG_CLOSED
+from qmagic.core.engine import CLOSED_HINT, MSG_CLOSE_IN_TASK, MSG_CLOSED
 from qmagic.worker_state import MSG_WORKER_CLOSED
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,6 +92,23 @@ def test_a_closed_worker_says_so_in_the_notebook_and_reload_starts_a_new_one(clo
     assert k.execute("%function_execute add 2 3", check=True).result.startswith("add(2, 3)")
     assert rm.status(reload=True)["worker_environment_exists"] is True
     assert "add(2, 3)" in k.execute("%tasks --history", check=True).stdout
+
+
+def test_a_closed_worker_starts_no_control_channel_nor_info_socket(closed_kernel, tmp_path):
+    """``%control_channel start`` on a closed worker started a channel (its status then said
+    the worker was closed) while every other door refuses in one line; so did the settings.
+    Refused the same way now, the settings back to off; a channel that served on serves on."""
+    k, rm = closed_kernel
+    assert rm.status(reload=True)["worker_environment_exists"] is False  # (it served on)
+    k.execute("%control_channel stop", check=True)
+    refusal = f"The control channel was not started: the qmagic worker was closed; {CLOSED_HINT}."
+    for line in ("%control_channel start", f"%control_channel start ipc://{tmp_path}/other"):
+        assert one_line(k.execute(line)) == f"UsageError: {refusal}", line
+    for setting, what in (("zmq_control_address", "control channel"), ("zmq_info_address", "info socket")):
+        result = k.execute(f"w.{setting} = 'ipc://{tmp_path}/{setting}'")
+        assert result.error["evalue"] == refusal.replace("control channel", what), setting
+        assert k.eval(f"w.{setting}") is None, setting
+    assert k.execute("%control_channel status", check=True).stdout.startswith("Control channel: off.")
 
 
 def test_closing_the_worker_inside_its_own_task_is_refused_at_once(tmp_path):

@@ -15,6 +15,7 @@ import logging
 import threading
 from typing import Any, Callable, ContextManager, Mapping
 
+from ..core.engine import CLOSED_HINT
 from ..core.foreground import interrupt_after
 from ..errors import ControlChannelError
 from ..format import counted
@@ -30,6 +31,13 @@ __all__ = ["RemoteService"]
 log = logging.getLogger("qmagic")
 
 _INFO_SETTINGS = ["zmq_info_address", "zmq_console_all_output", "zmq_info_encrypted"]
+
+
+def _refuse_if_closed(worker: Any, what: str) -> None:
+    """A closed worker starts no socket (one already serving serves on, saying it is closed):
+    one line, as its other doors refuse (ControlChannelError)."""
+    if worker.closed:
+        raise ControlChannelError(f"The {what} was not started: the qmagic worker was closed; {CLOSED_HINT}.")
 
 
 def _client_keys(worker: Any) -> Any:
@@ -92,6 +100,8 @@ class RemoteService:
                 current.requested_address, current.address):
             return current
         try:
+            if not again:  # (new keys for one that serves: not a new door)
+                _refuse_if_closed(self.worker, "control channel")  # (as every door of a closed worker)
             server = self._new_server(address)  # (checked before the running one stops)
         except ControlChannelError:  # (an address or keys it cannot use: nothing changes)
             running = current is not None and current.running
@@ -139,6 +149,7 @@ class RemoteService:
     def start_info(self, address: str | None = None) -> InfoPublisher:
         """Start (or move) the info socket; raises ControlChannelError on failure (■ as in
         :meth:`start`)."""
+        _refuse_if_closed(self.worker, "info socket")
         with self._lock, interrupt_after():
             return self._start_info(address)
 
