@@ -7,6 +7,7 @@ kernel message (or, inside the kernel, on an event or condition) with a timeout.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_helpers import QMAGIC_ARGV, SETUP, assert_no_internals, one_line, start_kernel
+from kernel_helpers import QMAGIC_ARGV, SETUP, assert_no_internals, one_line, plain, start_kernel
 from kernel_utils import REPO_ROOT, isolated_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -570,3 +571,53 @@ def test_the_installed_startup_file_autoloads_in_every_kernel(kernel_factory, tm
     assert k.eval(LOADED) == (True, True, [])
     off = kernel_factory(base=tmp_path_factory.mktemp("installed-off"))
     assert off.eval(LOADED) == (False, False, [])
+
+
+def _usage_words(line: str) -> tuple[set[str], set[str]]:
+    """The options and the placeholders (NAME, UID, start, ...) of a usage line, the value
+    name after an option left out (the README may abbreviate it)."""
+    words = re.sub(r"[\[\]|{}(),]|\.\.\.", " ", line).split()[1:]
+    options, places, value_next = set(), set(), False
+    for word, after in zip(words, [*words[1:], ""]):
+        if value_next:
+            value_next = False
+        elif word.startswith("-"):
+            options.add(word)
+            value_next = after.isupper()
+        else:
+            places.add(word)
+    return options, places
+
+
+def test_every_magics_help_and_the_readme_write_it_alike(qk):
+    """Each registered magic's %magic? (read in the kernel, as a user reads it) against the
+    README's usage line: the same options and placeholders.  %control_channel? showed
+    argparse's '[{start,stop,status}] [address]' and %function_execute? 'name' where the
+    README and the magics' own errors write 'start|stop|status', ADDRESS and NAME; the help
+    said a start without address took QMagic.zmq_control_address, else the default port,
+    where it takes the address it last served on."""
+    names = qk.eval("sorted({('%%' if kind == 'cell' else '%') + name for kind, table in "
+                    "get_ipython().magics_manager.magics.items() for name, f in table.items() "
+                    "if type(getattr(f, '__self__', None)).__module__.startswith('qmagic.')})")
+    assert len(names) == 11, names
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## Magics\n", 1)[1].split("\n## ", 1)[0]
+    usages = [re.split(r"\s{2,}", line)[0] for line in section.splitlines() if re.match(r"%%?[a-z_]+( |$)", line)]
+    helps = {}
+    for name in names:
+        reply = qk.execute(f"{name}?", check=True).reply
+        helps[name] = plain("".join(p["data"]["text/plain"] for p in reply["payload"]))
+        text = helps[name].split("Docstring:", 1)[1].strip()
+        written = [u for u in usages if u.split()[0] == name]
+        assert written, f"README has no usage line of {name}"
+        if not text.startswith(f"%{name.lstrip('%')} "):  # (%%script_upload? shows %script_upload's line)
+            assert name == "%lock_info" and written == ["%lock_info"], (name, text.splitlines()[0])
+            continue
+        help_options, help_places = _usage_words(text.splitlines()[0])
+        for usage in written:
+            options, places = _usage_words(usage)
+            assert help_options <= options | ({"-b"} & help_options), (name, usage)
+            assert all(o in help_options or f", {o}" in text for o in options), (name, usage)
+            assert places <= help_places and (name.startswith("%%") or places == help_places), (name, usage)
+    for text in (helps["%control_channel"], readme):
+        assert "else the address it last served on" in " ".join(text.split())

@@ -247,7 +247,8 @@ def _action(parser: argparse.ArgumentParser, name: str) -> argparse.Action | Non
 
 def usage_text(parser: argparse.ArgumentParser, name: str) -> str:
     """How ``name`` (``%magic``) is written, in words a scientist reads: ``[--history N]``,
-    ``[start|stop|status]`` (not argparse's ``[--history [N]]`` or ``[{start,stop,status}]``)."""
+    ``[start|stop|status]`` (not argparse's ``[--history [N]]`` or ``[{start,stop,status}]``);
+    the first line of every ``%magic?`` too."""
     parts = [name]
     actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]  # noqa: SLF001
     for action in sorted(actions, key=lambda a: not a.option_strings):  # (options first, as argparse)

@@ -13,6 +13,8 @@ import inspect
 
 from IPython.core.magic_arguments import MagicHelpFormatter
 
+from .args import usage_text
+
 __all__ = ["tidy_help"]
 
 
@@ -27,10 +29,13 @@ class _PlainHelpFormatter(MagicHelpFormatter):
 
 
 def tidy_help(magics_class: type) -> type:
-    """Make the ``__doc__`` of each magic of ``magics_class`` plain text (module docstring)."""
+    """Make the ``__doc__`` of each magic of ``magics_class`` plain text (module docstring),
+    its first line written as the magics' own errors write it (:func:`usage_text`:
+    ``[start|stop|status]``, not argparse's ``[{start,stop,status}]``)."""
     table = getattr(magics_class, "magics", {})
-    for name in {*table.get("line", {}).values(), *table.get("cell", {}).values()}:
-        func = vars(magics_class).get(name)
+    magics = {method: magic for kind in ("cell", "line") for magic, method in table.get(kind, {}).items()}
+    for method, magic in magics.items():
+        func = vars(magics_class).get(method)
         doc = getattr(func, "__doc__", None)
         if not isinstance(doc, str):
             continue
@@ -38,7 +43,8 @@ def tidy_help(magics_class: type) -> type:
         if parser is not None:
             parser.formatter_class = _PlainHelpFormatter
             doc = parser.format_help()
-            func.__doc__ = doc[2:].lstrip("\n") if doc.startswith("::") else doc
+            doc = doc[2:].lstrip("\n") if doc.startswith("::") else doc
+            func.__doc__ = usage_text(parser, f"%{magic}") + "\n\n" + doc.partition("\n\n")[2]
         else:
             func.__doc__ = inspect.cleandoc(doc)
     return magics_class

@@ -24,11 +24,13 @@ class RemoteMagics(Magics):
 
     @magic_arguments()
     @argument("action", nargs="?", default="status", choices=["start", "stop", "status"],
+              metavar="start|stop|status",
               help="start: serve queueserver clients; stop: close the channel; status (default): "
-              "address, encryption, counters.")
-    @argument("address", nargs="?", default=None,
+              "address, encryption, counters, the info socket, how a client connects.")
+    @argument("address", nargs="?", default=None, metavar="ADDRESS",
               help="0MQ address for start, e.g. tcp://127.0.0.1:60615 (default: "
-              "QMagic.zmq_control_address, else tcp://127.0.0.1:60615). Use a loopback address "
+              "QMagic.zmq_control_address, else the address it last served on, else tcp://127.0.0.1:60615). "
+              "Use a loopback address "
               "unless CurveZMQ is on ($QSERVER_ZMQ_PRIVATE_KEY_FOR_SERVER).")
     @line_magic
     def control_channel(self, line: str) -> None:

@@ -64,6 +64,20 @@ def _read_script(path: Path) -> str:
                      "save it as UTF-8.") from None
 
 
+def _request_options(magic: Any) -> Any:
+    """Who asks and with which key: the same options of every magic that starts a task
+    (``%function_execute``, ``%script_upload``), passed as given to the worker's rule."""
+    for option in (
+        argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment."),
+        argument("--group", default=None, help="User group of the request, recorded on the task: a group of the "
+                 "permission rules, whose function lists a function it runs by name must pass (default: "
+                 "QMagic.default_user_group)."),
+        argument("--user", default=None, help="User name of the request (default: QMagic.default_user)."),
+    ):
+        magic = option(magic)
+    return magic
+
+
 @magics_class
 class TaskMagics(Magics):
     """Task magics; each delegates to ``self.worker``."""
@@ -75,15 +89,14 @@ class TaskMagics(Magics):
     # -- %function_execute ----------------------------------------------------------------------
     @magic_arguments()
     @argument("-b", "--background", action="store_true",
-              help="Run in a background thread and return at once (default: foreground, in this cell).")
+              help="Run in the background and return at once: in a thread (an async def function on the event "
+              "loop of coroutine tasks); default: foreground, in this cell.")
     @argument("--wait", action="store_true", help="With -b: block until the task ends.")
     @argument("--timeout", type=float, default=None, metavar="SECONDS",
               help="Deadline: cancel the task if it runs longer than this many seconds.")
-    @argument("--user", default=None, help="User name of the request (default: QMagic.default_user).")
-    @argument("--group", default=None,
-              help="User group whose permissions apply (default: QMagic.default_user_group).")
-    @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
-    @argument("name", help="Name of a function in the namespace, or the whole call: NAME(ARG, KEY=VALUE, ...).")
+    @_request_options
+    @argument("name", metavar="NAME",
+              help="Name of a function in the namespace, or the whole call: NAME(ARG, KEY=VALUE, ...).")
     @argument("args", nargs="*", metavar="ARG | KEY=VALUE",
               help="Arguments: Python expressions evaluated in the namespace (variables and literals; "
               "quotes and brackets may contain spaces; KEY=VALUE without spaces around =).")
@@ -94,8 +107,9 @@ class TaskMagics(Magics):
         Foreground (default): the function runs in this cell, on the kernel's main thread, with
         a live row (status, progress, elapsed, Cancel); its output appears here; an exception it
         raises stops the cell with its traceback; ■ or Cancel stop it (the cell then ends with
-        one TaskCancelled line). Background (-b): it runs in a thread and the Task is returned at
-        once; output still appears under this cell. Options come before NAME. The call may
+        one TaskCancelled line). Background (-b): it runs in a thread (an ``async def`` function on
+        the event loop of coroutine tasks) and the Task is returned at once; output still
+        appears under this cell. Options come before NAME. The call may
         also be written as in Python, alone after the options: NAME(ARG, ..., KEY=VALUE).
 
         Examples:
@@ -203,7 +217,7 @@ class TaskMagics(Magics):
     @argument("--all", action="store_true", dest="all", help="Cancel every queued and running task.")
     @argument("--force", action="store_true",
               help="If the task has not stopped after QMagic.cancel_grace_s seconds, raise "
-              "TaskCancelled inside its thread.")
+              "TaskCancelled inside its thread (a coroutine task gets a second CancelledError).")
     @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
     @line_magic
     def task_cancel(self, line: str) -> None:
@@ -319,17 +333,15 @@ class TaskMagics(Magics):
 
     # -- %script_upload ----------------------------------------------------------------------------------
     @magic_arguments()
-    @argument("-b", "--background", action="store_true", help="Run the script in a background thread.")
+    @argument("-b", "--background", action="store_true",
+              help="Run the script in the background and return at once: in a thread (a script with a "
+              "top-level await on the event loop of coroutine tasks).")
     @argument("--name", default=None,
               help="Name shown for this script in tables, panels and the log (default: the file "
               "name, or 'script').")
     @argument("--no-update-lists", dest="no_update_lists", action="store_true",
               help="Do not refresh the list of available functions afterwards.")
-    @argument("--user", default=None, help="User name of the request (default: QMagic.default_user).")
-    @argument("--group", default=None,
-              help="User group of the request, recorded on the task: a group of the permission rules "
-              "(default: QMagic.default_user_group); a script is not checked against their function lists.")
-    @argument("--lock-key", dest="lock_key", default=None, metavar="KEY", help="Key of a locked environment.")
+    @_request_options
     @argument("path", nargs="?", default=None, metavar="PATH", help="Script file (line magic only).")
     @line_cell_magic
     def script_upload(self, line: str, cell: str | None = None) -> Task:
@@ -337,10 +349,10 @@ class TaskMagics(Magics):
 
         ``%script_upload [OPTIONS] PATH`` runs a file (named by its file name; UTF-8 text of
         at most 10 MB, never a FIFO or device); ``%%script_upload [OPTIONS]`` runs the cell
-        body.  --user and --group say who runs it, as for %function_execute.  If the script raises, every
-        name it added, changed or removed is restored (the namespace is unchanged) and the cell
-        stops with the traceback; on success ``task.namespace_changes`` lists the names added,
-        changed and removed.  Scripts never wait for each other: a background script runs
+        body; --user and --group say who runs it, as for %function_execute.  If the script
+        raises, every name it added, changed or removed is restored (the namespace is
+        unchanged) and the cell stops with the traceback; on success
+        ``task.namespace_changes`` lists the names added, changed and removed.  Scripts never wait for each other: a background script runs
         while another script runs, so a script that never ends stalls no later upload.
         """
         __tracebackhide__ = True  # noqa: F841
