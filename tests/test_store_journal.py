@@ -276,6 +276,9 @@ def test_filters(journal):
         assert uids(since=t0 + 1150, until=t0 + 1250) == ["uid-2", "uid-run"]
         assert uids(since=datetime.fromtimestamp(t0 + 1250), status="completed") == ["uid-3"]
         assert uids(since="-10m") == ["uid-run"]
+        # a `since` in the future: no task was active then, not even one still running (the
+        # database kept uid-run, the records still pending dropped it: one rule now)
+        assert uids(since=time.time() + 3600) == []
     with pytest.raises(ValueError, match="Unknown task status bogus"):
         journal.records(status="bogus")
     with pytest.raises(ValueError, match="-30m, -2h, -7d"):

@@ -14,6 +14,7 @@ import fnmatch
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -181,8 +182,11 @@ class Filters:
             terms.append("t.sort_time <= ?")
             params.append(self.until)
         if self.since is not None:  # active at some time after `since` (three index lookups)
+            # (an unfinished task is active until now, as in match(): a `since` in the future
+            # keeps none of them)
+            unfinished = " UNION SELECT id FROM tasks WHERE rank < 3" if self.since <= time.time() else ""
             terms.append("t.id IN (SELECT id FROM tasks WHERE sort_time >= ? UNION SELECT id FROM "
-                         "tasks WHERE finished_at >= ? UNION SELECT id FROM tasks WHERE rank < 3)")
+                         f"tasks WHERE finished_at >= ?{unfinished})")
             params += [self.since, self.since]
         return "WHERE " + " AND ".join(terms), params
 
