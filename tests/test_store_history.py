@@ -610,6 +610,27 @@ def test_an_empty_answer_says_which_filters_left_everything_out(populated, capsy
     assert capsys.readouterr().err == "No task matches: the experiment log holds no task yet.\n"
 
 
+def test_an_empty_answer_asks_the_database_once_whether_it_holds_tasks(tmp_path, capsys, monkeypatch):
+    """The empty answer's "the log holds other tasks" read the whole log a second time:
+    recovery again (seconds while a kernel holds the database's write lock) and the query
+    of every record.  It is now one indexed row (``LogReader.holds_tasks``) once the log
+    has been read: recovery runs once per command (counted around the real one)."""
+    from qmagic.store import history as history_module
+
+    with Journal(tmp_path, ENV) as j:
+        j.finished(record("uid-one", "completed"))
+    prepared = []
+    real = history_module._prepare
+    monkeypatch.setattr(history_module, "_prepare", lambda *a: prepared.append(a) or real(*a))
+    assert cli(tmp_path, "--uid", "abc") == 0
+    assert "the log holds other tasks" in capsys.readouterr().err
+    assert len(prepared) == 1
+    with Journal(tmp_path / "open", ENV) as live:  # (nothing stored yet: its own records answer)
+        live.finished(record("uid-two", "completed"))
+        assert cli(tmp_path / "open", "--uid", "abc") == 0
+        assert "the log holds other tasks" in capsys.readouterr().err
+
+
 def test_a_notebook_path_is_kept_alike_whatever_else_the_record_holds(tmp_path):
     """A notebook path with a control or format character (``evil\\n\\x1b[31mred\\u202e.ipynb``)
     was stored as it is by a plain record, but escaped (``\\n``, ``\\u202e``) by one that took

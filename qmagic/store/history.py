@@ -316,6 +316,23 @@ def history_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _holds_tasks(folder: Path, env: str) -> bool:
+    """Whether the log holds any task: one indexed row of the database (the read that found
+    none stored what kernels that are gone left; no second recovery, which waits seconds for
+    a kernel holding the database), else a read of the spools, as that read made."""
+    reader = LogReader(database_path(folder, env))
+    try:
+        if reader.holds_tasks():
+            return True
+    finally:
+        reader.close()
+    if _open_journal(folder, env) is None and not any(e.spools for e in list_sessions(folder, env).values()):
+        return False
+    with warnings.catch_warnings():  # (said once already, by the read that found nothing)
+        warnings.simplefilter("ignore")
+        return bool(_read(folder, env, {"limit": 1}))
+
+
 def _none_matches(args: argparse.Namespace, state_dir: Path) -> str:
     """What an empty answer means: which filters left everything out when the log holds
     tasks (``--uid abc``: no uid starts with abc), or that it holds none yet."""
@@ -325,12 +342,10 @@ def _none_matches(args: argparse.Namespace, state_dir: Path) -> str:
         for one in value if key == "status" and value else [value]:  # (--status may be given again)
             if one is not None:
                 given.append(f"--{key} {printable(shlex.quote(str(one)), 80)}")
-    with warnings.catch_warnings():  # (said once already, by the read that found nothing)
-        warnings.simplefilter("ignore")
-        try:
-            some = bool(_read(state_dir, args.environment, {"limit": 1}))
-        except StateFileError:
-            some = True  # (cannot tell: say only what matched)
+    try:
+        some = _holds_tasks(state_dir.absolute(), args.environment)
+    except StateFileError:
+        some = True  # (cannot tell: say only what matched)
     if not some:
         return "No task matches: the experiment log holds no task yet."
     if not given:

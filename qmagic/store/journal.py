@@ -66,8 +66,8 @@ from ..errors import StateFileError
 from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
 from .paths import validate_environment_name
-from .pending import PendingFold, merged_states, newest
-from .reader import Filters, LogReader, sort_time, state_record
+from .pending import PendingFold, merged_states, newest, state_record
+from .reader import Filters, LogReader, sort_time
 from .records import ORPHAN_QUEUED_REASON, ORPHAN_REASON, SUMMARY_KEY, RecordEncoder
 from .spool import SessionFiles, Spool
 from .waiting import SEARCHED, waiting_records

@@ -18,15 +18,47 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from ..errors import StateFileError
 from .database import rows_from_lines
-from .reader import Filters, LogReader, merge_state, sort_time
+from .reader import Filters, LogReader, sort_time
+from .records import record_from_row
 
-__all__ = ["PendingFold", "merged_states", "newest"]
+__all__ = ["PendingFold", "merge_state", "merged_states", "newest", "state_record"]
 
 _EDGE = 256  # bytes of each chunk's start and end that say it is the same chunk, grown
+
+
+def merge_state(old: dict[str, Any] | None, row: tuple) -> dict[str, Any]:
+    """A task's state after one folded spool row (the upsert parameters of
+    :func:`qmagic.store.database.rows_from_lines`) or a started item ``(uid, time)``."""
+    if len(row) == 2:  # started
+        uid, t = row
+        if old is None:
+            return {"uid": uid, "rank": 2, "status": "running", "started_at": t, "finished_at": None,
+                    "orphaned": 0, "record": None, "session": None, "submitted_at": None}
+        if old["rank"] < 2:
+            return dict(old, rank=2, status="running", started_at=t)
+        return old
+    rank, status, sta, fin, session, line = row[1], row[2], row[9], row[10], row[11], row[12]
+    if old is None or rank >= old["rank"]:
+        started = sta if sta is not None else (old or {}).get("started_at")
+        return {"uid": row[0], "rank": rank, "status": status, "started_at": started,
+                "finished_at": fin, "orphaned": 0, "record": line, "session": session, "submitted_at": row[8]}
+    if old["record"] is None:
+        return dict(old, record=line, started_at=old["started_at"] if old["started_at"] is not None else sta,
+                    submitted_at=row[8])
+    return old
+
+
+def state_record(state: Mapping[str, Any], journal: dict[str, Any]) -> dict[str, Any] | None:
+    """The task dict of a merged state (None if it has no record yet or does not validate)."""
+    if state.get("record") is None:
+        return None
+    return record_from_row(state["uid"], state["status"], state["started_at"], state["finished_at"],
+                           state["orphaned"], state["record"], journal)
 
 
 class PendingFold:

@@ -2,8 +2,7 @@
 
 :class:`LogReader` answers from the SQLite database alone (indexed queries; rows that do not
 validate are skipped with one warning); :class:`~qmagic.store.journal.Journal` adds what its
-own session has not committed yet.  :func:`merge_state` is the merge rule of the database
-(see :mod:`qmagic.store.database`) in Python, for those pending records.
+own session has not committed yet (merged by :func:`qmagic.store.pending.merge_state`).
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
 """
@@ -35,7 +34,7 @@ from .records import (
 )
 from .times import parse_time
 
-__all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader", "merge_state", "state_record"]
+__all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader"]
 
 #: The wildcards of the ``name`` and ``notebook`` filters: ``*`` matches any run of
 #: characters, ``?`` one character; every other character matches itself, brackets
@@ -43,8 +42,7 @@ __all__ = ["FILTER_NAMES", "WILDCARDS", "Filters", "LogReader", "merge_state", "
 WILDCARDS = frozenset("*?")
 
 
-def _lenient_text(value: bytes) -> str:
-    """A TEXT value of the database as str, invalid UTF-8 replaced (U+FFFD)."""
+def _lenient_text(value: bytes) -> str:  # (a TEXT value as str, invalid UTF-8 replaced: U+FFFD)
     return value.decode("utf-8", "replace")
 
 
@@ -181,9 +179,8 @@ class Filters:
         if self.until is not None:
             terms.append("t.sort_time <= ?")
             params.append(self.until)
-        if self.since is not None:  # active at some time after `since` (three index lookups)
-            # (an unfinished task is active until now, as in match(): a `since` in the future
-            # keeps none of them)
+        if self.since is not None:  # active at some time after `since` (three index lookups;
+            # an unfinished task is active until now, as in match(): a future `since` keeps none)
             unfinished = " UNION SELECT id FROM tasks WHERE rank < 3" if self.since <= time.time() else ""
             terms.append("t.id IN (SELECT id FROM tasks WHERE sort_time >= ? UNION SELECT id FROM "
                          f"tasks WHERE finished_at >= ?{unfinished})")
@@ -257,37 +254,6 @@ def sort_time(rec: Mapping[str, Any]) -> float:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
     return 0.0
-
-
-# ---- merging pending records --------------------------------------------------------------------
-def merge_state(old: dict[str, Any] | None, row: tuple) -> dict[str, Any]:
-    """A task's state after one folded spool row (the upsert parameters of
-    :func:`qmagic.store.database.rows_from_lines`) or a started item ``(uid, time)``."""
-    if len(row) == 2:  # started
-        uid, t = row
-        if old is None:
-            return {"uid": uid, "rank": 2, "status": "running", "started_at": t, "finished_at": None,
-                    "orphaned": 0, "record": None, "session": None, "submitted_at": None}
-        if old["rank"] < 2:
-            return dict(old, rank=2, status="running", started_at=t)
-        return old
-    rank, status, sta, fin, session, line = row[1], row[2], row[9], row[10], row[11], row[12]
-    if old is None or rank >= old["rank"]:
-        started = sta if sta is not None else (old or {}).get("started_at")
-        return {"uid": row[0], "rank": rank, "status": status, "started_at": started,
-                "finished_at": fin, "orphaned": 0, "record": line, "session": session, "submitted_at": row[8]}
-    if old["record"] is None:
-        return dict(old, record=line, started_at=old["started_at"] if old["started_at"] is not None else sta,
-                    submitted_at=row[8])
-    return old
-
-
-def state_record(state: Mapping[str, Any], journal: dict[str, Any]) -> dict[str, Any] | None:
-    """The task dict of a merged state (None if it has no record yet or does not validate)."""
-    if state.get("record") is None:
-        return None
-    return record_from_row(state["uid"], state["status"], state["started_at"], state["finished_at"],
-                           state["orphaned"], state["record"], journal)
 
 
 # ---- the database -----------------------------------------------------------------------------------
@@ -419,6 +385,11 @@ class LogReader:
         return self._query(lambda c: [] if c is None else self._records(
             select_rows(c, "WHERE t.uid >= ? AND t.uid < ? AND t.record IS NOT NULL",
                         (low, high, int(limit) + 5), "ORDER BY t.uid LIMIT ?"), limit))
+
+    def holds_tasks(self) -> bool:
+        """Whether the database holds any task record (one row read, not a query of them all)."""
+        return self._query(lambda c: c is not None and c.execute(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE record IS NOT NULL)").fetchone()[0] == 1)
 
     def statuses(self, uids: Sequence[str]) -> dict[str, str | None]:
         """Status of each uid (None: unknown), in one indexed query."""

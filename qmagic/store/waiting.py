@@ -33,7 +33,8 @@ import orjson
 from ..core.memo import Memo
 from ..errors import StateFileError
 from .database import rows_from_lines
-from .reader import LogReader, merge_state, state_record
+from .pending import merge_state, state_record
+from .reader import LogReader
 from .recovery import SessionOnDisk, list_sessions, segment_lines, session_gone
 from .segments import uid_of
 
