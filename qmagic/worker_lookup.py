@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core.registry import UID_LENGTH
+from .core.registry import UID_LENGTH, uid_spellings
 from .core.status import FINISHED_VALUES, TaskStatus
 from .core.task import Task
 from .errors import (
@@ -96,10 +96,11 @@ class LookupMixin:
     def lookup(self, uid: str) -> Task | dict[str, Any] | None:
         """The task with exactly this uid: in memory, else its record in the experiment log
         (full uids only); None when neither knows it."""
-        task = self.engine.get(uid)
-        if task is not None:
-            return task
-        return self._log_find(uid, exact=True) if len(uid) >= UID_LENGTH else None
+        for typed in uid_spellings(uid):  # (as typed, then a hex uid in capitals in lower case)
+            found = self.engine.get(typed) or (self._log_find(typed, exact=True) if len(typed) >= UID_LENGTH else None)
+            if found is not None:
+                return found
+        return None
 
     def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         """Status of each uid (exact uids): memory first, then the experiment log (batched);

@@ -284,6 +284,21 @@ def test_lookup_by_prefix(make_worker):
         w.get_task("nope-nope")
 
 
+def test_a_uid_typed_in_capitals_finds_its_task(make_worker):
+    """Views print uids in lower case (uuid4), but a scientist may type one from a screen or
+    a paper log in capitals: ``get_task('A5ED0265')`` found nothing.  A hex uid or prefix
+    in any case now finds its task; other text is matched as typed."""
+    w = make_worker({"f": lambda: 1})
+    t = w.submit("f")
+    t.wait(TIMEOUT)
+    assert w.get_task(t.uid.upper()) is t
+    assert w.get_task(t.uid[:8].upper()) is t
+    assert w.find(t.uid[:6].upper()) is t
+    assert w.lookup(t.uid.upper()) is t  # (the remote door: full uids)
+    with pytest.raises(TaskNotFound, match="at least 4"):
+        w.get_task(t.uid[:3].upper())
+
+
 def test_ambiguous_prefix(make_worker):
     w = make_worker({"f": lambda: 1})
     tasks = [w.submit("f") for _ in range(200)]

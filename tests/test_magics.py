@@ -1039,6 +1039,24 @@ def test_a_uid_prefix_says_whether_it_is_too_short_unknown_or_matches_several(ip
     ]
 
 
+def test_a_uid_typed_in_capitals_finds_its_task_in_the_log(ip, capsys):
+    """``%task_result A5ED0265`` (a uid read off a screen or a paper log) found nothing: uids
+    were matched case-sensitively.  Now a hex uid or prefix in any case finds its task; a
+    remote client's uid is kept exactly, and its exact spelling wins (not ambiguous)."""
+    own, remote = "a5ed0265-0000-4000-8000-000000000001", "A5ED0265-REMOTE"
+    with Journal(os.environ["QMAGIC_STATE_DIR"], "default") as journal:
+        journal.submitted(log_record(own, "completed"))
+        journal.submitted(log_record(remote, "failed"))
+    load_ipython_extension(ip)
+    assert "completed" in line_output(ip, capsys, "task_result", own.upper())
+    assert "completed" in line_output(ip, capsys, "task_result", "A5ED0265-0")
+    assert "failed" in line_output(ip, capsys, "task_result", "A5ED0265")  # (the remote uid, exactly)
+    line(ip, "task_status", "A5ED0265-00 a5ed0265")
+    assert capsys.readouterr().out.splitlines() == ["A5ED0265-00: completed (from the experiment log)",
+                                                    "a5ed0265: completed (from the experiment log)"]
+    assert [r["uid"] for r in qmagic.history(uid="A5ED02")] == [remote, own]
+
+
 def line_output(ip, capsys, magic, arg):
     capsys.readouterr()
     line(ip, magic, arg)

@@ -610,6 +610,25 @@ def test_an_empty_answer_says_which_filters_left_everything_out(populated, capsy
     assert capsys.readouterr().err == "No task matches: the experiment log holds no task yet.\n"
 
 
+def test_a_uid_filter_typed_in_capitals_finds_its_task(tmp_path, capsys):
+    """``qmagic-history --uid A5ED0265`` found nothing: every view prints uids in lower case
+    (uuid4), a scientist types them from a paper log in capitals.  A hex uid filter now
+    matches in any case, pending or stored; other text as typed."""
+    uid = "a5ed0265-0000-4000-8000-000000000001"
+    with Journal(tmp_path, ENV) as j:
+        j.finished(record(uid, "completed"))
+        j.finished(record("uid-Other", "completed"))
+        for stored in (False, True):
+            if stored:
+                assert j.flush()
+            assert [r["uid"] for r in j.records(uid="A5ED0265")] == [uid]
+            assert [r["uid"] for r in j.records(uid=uid.upper())] == [uid]
+            assert j.records(uid="UID-O") == []  # (not hex: as typed)
+    assert [r["uid"] for r in history(state_dir=tmp_path, environment_name=ENV, uid="A5ED")] == [uid]
+    assert cli(tmp_path, "--json", "--uid", "A5ED0265") == 0
+    assert [json.loads(line)["uid"] for line in capsys.readouterr().out.splitlines()] == [uid]
+
+
 def test_an_empty_answer_asks_the_database_once_whether_it_holds_tasks(tmp_path, capsys, monkeypatch):
     """The empty answer's "the log holds other tasks" read the whole log a second time:
     recovery again (seconds while a kernel holds the database's write lock) and the query

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .task import Task
     from .timers import Timers
 
-__all__ = ["MIN_UID_PREFIX", "UID_LENGTH", "TaskRegistry", "new_uid"]
+__all__ = ["MIN_UID_PREFIX", "UID_LENGTH", "TaskRegistry", "new_uid", "uid_spellings"]
 
 log = logging.getLogger("qmagic")
 
@@ -49,9 +49,21 @@ MIN_UID_PREFIX = 4
 #: Length of a uid made by :func:`new_uid` (a UUID string); shorter strings are prefixes.
 UID_LENGTH = 36
 
+_HEX_TEXT = frozenset("0123456789abcdefABCDEF-")  # (the characters of a uid qmagic makes, any case)
 _uid_random = random.Random(os.urandom(32))
 _UUID4_CLEAR = ~(0xF000 << 64 | 0xC000 << 48) & (1 << 128) - 1
 _UUID4_SET = 0x4000 << 64 | 0x8000 << 48
+
+
+def uid_spellings(typed: str) -> tuple[str, ...]:
+    """The uids (or uid prefixes) a typed one may mean, in the order lookups try them: as
+    typed, then -- for hexadecimal text with capitals (a uid read off a screen or a paper
+    log: ``A5ED0265``) -- in lower case, as :func:`new_uid` makes them.  Stored uids are
+    never changed: a remote client's uid is kept exactly and its exact spelling wins, so
+    two tasks that differ only in case are not made ambiguous by one lookup."""
+    if typed != typed.lower() and _HEX_TEXT.issuperset(typed):
+        return typed, typed.lower()
+    return (typed,)
 
 
 def new_uid() -> str:
@@ -261,16 +273,20 @@ class TaskRegistry:
         """The task with this uid, or with this unique uid prefix (at least 4 characters)."""
         if not isinstance(uid_or_prefix, str) or not uid_or_prefix:
             raise TaskNotFound(f"Task uid must be a non-empty string, got {uid_or_prefix!r}.", "invalid")
+        spellings = uid_spellings(uid_or_prefix)
         with self._lock:
-            job = self._jobs.get(uid_or_prefix)
-            if job is not None:
-                return job.task
+            for typed in spellings:  # (an exact uid first, in any of its spellings)
+                job = self._jobs.get(typed)
+                if job is not None:
+                    return job.task
             if len(uid_or_prefix) < MIN_UID_PREFIX:
                 raise TaskNotFound(
                     f"Task uid prefix {uid_or_prefix!r} is too short: give at least "
                     f"{MIN_UID_PREFIX} characters of the uid (see %tasks).", "short"
                 )
-            matches = [j.task for uid, j in list(self._jobs.items()) if uid.startswith(uid_or_prefix)]
+            items, matches = list(self._jobs.items()), []
+            for typed in spellings:  # (the first spelling that some uid starts with)
+                matches = matches or [j.task for uid, j in items if uid.startswith(typed)]
         if len(matches) == 1:
             return matches[0]
         if not matches:

@@ -61,7 +61,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..core.registry import MIN_UID_PREFIX
+from ..core.registry import MIN_UID_PREFIX, uid_spellings
 from ..errors import StateFileError
 from .database import database_path, rows_from_lines
 from .files import ensure_state_dir
@@ -292,10 +292,11 @@ class Journal:
         """``(record, several)``: :meth:`find`'s record, and whether two or more tasks of the
         log have a uid starting with ``uid_or_prefix`` (then the record is None) — one
         search answers both."""
-        found = self.get(uid_or_prefix)
-        if found is not None or not isinstance(uid_or_prefix, str) or len(uid_or_prefix) < MIN_UID_PREFIX:
+        spellings = uid_spellings(uid_or_prefix) if isinstance(uid_or_prefix, str) else ()
+        found = next(filter(None, map(self.get, spellings)), None)  # (exact first, in any spelling)
+        if found is not None or not spellings or len(uid_or_prefix) < MIN_UID_PREFIX:
             return found, False
-        uids = self._prefix_uids(uid_or_prefix)
+        uids = next(filter(None, map(self._prefix_uids, spellings)), set())  # (then prefixes)
         return (self.get(uids.pop()) if len(uids) == 1 else None), len(uids) > 1
 
     def _prefix_uids(self, prefix: str) -> set[str]:

@@ -133,7 +133,7 @@ def newest(states: dict[str, tuple[dict[str, Any] | None, Any]],
         status = "failed" if state.get("orphaned") else state.get("status")
         if chosen.statuses is not None and status not in chosen.statuses:
             continue
-        if chosen.uid is not None and not uid.startswith(chosen.uid):
+        if not chosen.uid_matches(uid):
             continue
         keyed.append((sort_time(state), uid))  # (the state holds the record's times)
     keyed.sort(reverse=True)
