@@ -54,6 +54,7 @@ __all__ = [
     "record_detail",
     "counted",
     "error_note",
+    "column_widths",
     "table_with_notes",
     "cell_label",
     "lock_text",
@@ -247,16 +248,24 @@ def task_line(task: Task) -> str:
     return record_line(_record_of(task))
 
 
-def table_with_notes(header: list[str], rows: list[list[str]], notes: Iterable[str]) -> list[str]:
+def table_with_notes(header: list[str], rows: list[list[str]], notes: Iterable[str],
+                     widths: list[int] | None = None) -> list[str]:
     """The lines of a table: ``header`` and ``rows`` in aligned columns, each row's note
-    (its :func:`error_note`, ``""`` for none) on an indented line under it: ``    error: ...``."""
+    (its :func:`error_note`, ``""`` for none) on an indented line under it: ``    error: ...``.
+    ``widths``: the columns' (a table printed page by page); a wider cell pushes the rest
+    of its own line right."""
     table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    widths = widths or column_widths(table)
     aligned = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table]
     lines = aligned[:1]
     for line, note in zip(aligned[1:], notes):
         lines += [line, f"    error: {note}"] if note else [line]
     return lines
+
+
+def column_widths(rows: list[list[str]]) -> list[int]:
+    """The width of each column of ``rows`` (the widest cell)."""
+    return [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
 
 def no_tasks_line(log_on: bool, start: bool = False) -> str:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 from datetime import datetime
-from typing import Any, Callable, Iterable, Mapping
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .format import (
     HISTORY_CALL_WIDTH,
     USER_WIDTH,
     cell_label,
+    column_widths,
     counted,
     error_note,
     finite,
@@ -27,7 +29,8 @@ from .format import (
     table_with_notes,
 )
 
-__all__ = ["history_csv", "history_table", "local_time", "log_health_note", "record_duration"]
+__all__ = ["PAGE_ROWS", "history_csv", "history_csv_lines", "history_table", "history_table_lines", "local_time",
+           "log_health_note", "record_duration"]
 
 _CSV_COLUMNS = ("uid", "name", "status", "user", "user_group", "background", "origin", "submitted_at",
                 "started_at", "finished_at", "duration_s", "notebook", "cell_id", "execution_count",
@@ -57,6 +60,13 @@ def record_duration(rec: Mapping[str, Any]) -> float | None:
     return stop - start if start is not None and stop is not None and stop >= start else None
 
 
+#: Rows whose cells set the column widths of a table printed as it is read (``qmagic-history``
+#: on a long log): the first page's; a wider cell later pushes the rest of its own line right.
+PAGE_ROWS = 200
+
+_HEAD = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
+
+
 def history_table(records: Iterable[Mapping[str, Any]], fit: Callable[[str], str] | None = None) -> str:
     """Experiment-log records as a table, in the order given (``%tasks --history``: newest
     first; ``qmagic-history``: oldest first): when submitted (local time), status, duration,
@@ -68,29 +78,54 @@ def history_table(records: Iterable[Mapping[str, Any]], fit: Callable[[str], str
     Odd values (lone surrogates, control characters, None, huge texts, wrong types) are
     escaped, cut or read as missing: a bad record never breaks the table.  ``fit``: what
     each cell becomes before the columns are aligned (a terminal without UTF-8: escapes)."""
-    head = ["SUBMITTED", "STATUS", "DURATION", "USER", "WHERE", "CELL", "CALL", "UID"]
-    rows, notes = [], []
-    for rec in records:
-        duration = record_duration(rec)
-        meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
-        rows.append([_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
-                     printable(rec.get("status"), 12),
-                     "-" if duration is None else ("≥ " if meta.get("orphaned") else "") + format_elapsed(duration),
-                     printable(rec.get("user"), USER_WIDTH),
-                     f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
-                     cell_label(rec.get("provenance")) or "-",
-                     record_call(rec, HISTORY_CALL_WIDTH),
-                     printable(rec.get("uid"), 64)])
-        notes.append(error_note(rec))
-    if fit is not None:
-        rows, notes = [[fit(cell) for cell in row] for row in rows], [fit(note) for note in notes]
-    return "\n".join(table_with_notes(head, rows, notes))
+    return "\n".join(history_table_lines(records, fit, page=None) or [])
+
+
+def history_table_lines(records: Iterable[Mapping[str, Any]], fit: Callable[[str], str] | None = None,
+                        page: int | None = PAGE_ROWS) -> Iterator[str]:
+    """:func:`history_table`'s lines as the records come, ``page`` records at a time (the
+    first page sets the column widths): a log of any length in bounded memory, its first
+    lines at once.  No records: no lines (``page=None``: the whole table at once, the header
+    alone when there are no records)."""
+    source, widths = iter(records), None
+    while True:
+        chunk = list(islice(source, page)) if page else list(source)
+        if not chunk and (widths is not None or page):
+            return
+        rows, notes = [_table_row(rec) for rec in chunk], [error_note(rec) for rec in chunk]
+        if fit is not None:
+            rows, notes = [[fit(cell) for cell in row] for row in rows], [fit(note) for note in notes]
+        lines = table_with_notes(_HEAD, rows, notes, widths)
+        if widths is None:
+            widths = column_widths([_HEAD, *rows])
+            yield lines[0]
+        yield from lines[1:]
+        if not page or len(chunk) < page:
+            return
+
+
+def _table_row(rec: Mapping[str, Any]) -> list[str]:
+    duration = record_duration(rec)
+    meta = rec.get("journal") if isinstance(rec.get("journal"), Mapping) else {}
+    return [_clock(rec.get("submitted_at") or rec.get("started_at")) or "-",
+            printable(rec.get("status"), 12),
+            "-" if duration is None else ("≥ " if meta.get("orphaned") else "") + format_elapsed(duration),
+            printable(rec.get("user"), USER_WIDTH),
+            f"{'bg' if rec.get('background') else 'fg'}/{printable(rec.get('origin') or '?', 12)}",
+            cell_label(rec.get("provenance")) or "-",
+            record_call(rec, HISTORY_CALL_WIDTH),
+            printable(rec.get("uid"), 64)]
 
 
 def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
     """Experiment-log records as CSV, in the order given: a header line, then one row each
     (times in local ISO format, ``duration_s``, provenance, the call as in the table, the
     writer's host, pid and session, ``orphaned``); every value printable."""
+    return "".join(history_csv_lines(records))
+
+
+def history_csv_lines(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
+    """:func:`history_csv`'s lines, each as its record comes (the header first)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(_CSV_COLUMNS)
@@ -105,8 +140,11 @@ def history_csv(records: Iterable[Mapping[str, Any]]) -> str:
                   "duration_s": None if duration is None else f"{duration:.6f}",
                   "call": record_call(rec, 200), "host": meta.get("host"), "pid": meta.get("pid"),
                   "session": meta.get("session"), "orphaned": bool(meta.get("orphaned"))}
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
         writer.writerow([printable(values[c]) for c in _CSV_COLUMNS])
-    return out.getvalue()
+    yield out.getvalue()
 
 
 def log_health_note(health: Mapping[str, Any]) -> str | None:

@@ -435,7 +435,7 @@ def retention(conn: sqlite3.Connection, max_age_s: float, max_bytes: int, batch:
 
 # ---- reading ------------------------------------------------------------------------------------
 _SELECT = ("SELECT t.uid, t.status, t.started_at, t.finished_at, t.orphaned, t.record, t.session, "
-           "s.host, s.pid, s.info FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session")
+           "s.host, s.pid, s.info, t.sort_time, t.id FROM tasks AS t LEFT JOIN sessions AS s ON s.session = t.session")
 
 
 def select_rows(conn: sqlite3.Connection, where: str = "", params: Sequence[Any] = (),

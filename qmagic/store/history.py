@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import heapq
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ import orjson
 
 from ..errors import StateFileError
 from ..format import cell_label, printable
-from ..history_text import history_csv, history_table, local_time, record_duration
+from ..history_text import (
+    history_csv_lines,
+    history_table_lines,
+    local_time,
+    record_duration,
+)
 from .database import SCHEMA_VERSION, connect, database_path, ensure_schema
 from .legacy import import_legacy, legacy_files
 from .paths import default_state_dir, validate_environment_name
@@ -138,6 +144,37 @@ def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any
             return reader.records(chosen)
         found = sorted([*reader.records(chosen, exclude=left), *left.values()], key=sort_time, reverse=True)
         return found if chosen.limit is None else found[:chosen.limit]
+    finally:
+        reader.close()
+
+
+def _oldest_first(folder: Path, env: str, filters: dict[str, Any]) -> Iterable[dict[str, Any]] | None:
+    """The records ``qmagic-history`` prints, oldest first (None: nothing was ever logged
+    there): a ``--limit``'s newest N, else the whole log as it is read, page by page
+    (bounded memory; the first lines at once, as ``| head`` wants them)."""
+    folder = folder.absolute()
+    chosen = Filters(**filters)
+    if chosen.limit is not None or _open_journal(folder, env) is not None:
+        found = _read(folder, env, filters)
+        return None if found is None else found[::-1]
+    path, ours = _prepare(folder, env)
+    if path is None:
+        return None
+    reader = LogReader(path)
+    try:
+        left = _left_in_spools(reader, folder, env, chosen) if ours else {}
+    except BaseException:
+        reader.close()
+        raise
+    return _stored_and_left(reader, chosen, left)
+
+
+def _stored_and_left(reader: LogReader, chosen: Filters, left: dict[str, dict[str, Any]]
+                     ) -> Iterator[dict[str, Any]]:
+    """The database's records page by page and those ``left`` in spools, merged oldest first."""
+    try:
+        stored = (rec for page in reader.pages(chosen, exclude=left) for rec in page)
+        yield from heapq.merge(stored, sorted(left.values(), key=sort_time), key=sort_time)
     finally:
         reader.close()
 
@@ -282,38 +319,64 @@ def history_main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", JournalWarning)
+        found: Any = None
         try:
-            found = _read(state_dir, args.environment, filters)
+            found = _oldest_first(state_dir, args.environment, filters)
+            _say(caught)  # (before the records: what the read could not do)
+            if found is None:
+                print(_no_log(args.environment, state_dir, "check --environment and --state-dir"), file=sys.stderr)
+                return 1
+            shown = _write(args, found)
         except StateFileError as exc:
             print(f"qmagic-history: {exc}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # `qmagic-history | head`: the reader took what it wanted
+            _silence_stdout()
+            return 0
+        finally:
+            if hasattr(found, "close"):  # (a generator cut short: its database connection closes now)
+                found.close()
+        _say(caught)  # (a record skipped on a later page)
+    if not shown and not args.csv:
+        print(_none_matches(args, state_dir), file=sys.stderr)
+    return 0
+
+
+def _say(caught: list[warnings.WarningMessage]) -> None:
+    """Print the warnings caught so far, one line each, and forget them."""
     for warning in caught:
         print(f"warning: {printable(warning.message)}", file=sys.stderr)
-    if found is None:
-        print(_no_log(args.environment, state_dir, "check --environment and --state-dir"), file=sys.stderr)
-        return 1
-    records = found[::-1]
+    caught.clear()
+
+
+def _write(args: argparse.Namespace, records: Iterable[dict[str, Any]]) -> int:
+    """Print ``records`` as they come, in the form asked; returns how many."""
     utf8 = _utf8_out()
     if not utf8:
         _fit_stdout()
-    try:
-        if args.json:  # (on a terminal without UTF-8: the same JSON, in ASCII)
-            for rec in records:
-                sys.stdout.write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode() if utf8 else
-                                 json.dumps(rec, ensure_ascii=True, separators=(",", ":")) + "\n")
-        elif args.csv:
-            sys.stdout.write(history_csv(records))
-        elif records:
-            encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # (escapes widen a cell: made first)
-            print(history_table(records, None if utf8 else
-                                lambda s: s.encode(encoding, "backslashreplace").decode(encoding)))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `qmagic-history | head`: the reader took what it wanted
-        _silence_stdout()
-        return 0
-    if not records and not args.csv:
-        print(_none_matches(args, state_dir), file=sys.stderr)
-    return 0
+    count = 0
+
+    def counted() -> Iterator[dict[str, Any]]:
+        nonlocal count
+        for rec in records:
+            count += 1
+            yield rec
+
+    write = sys.stdout.write
+    if args.json:  # (on a terminal without UTF-8: the same JSON, in ASCII)
+        for rec in counted():
+            write(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE).decode() if utf8 else
+                  json.dumps(rec, ensure_ascii=True, separators=(",", ":")) + "\n")
+    elif args.csv:
+        for line in history_csv_lines(counted()):
+            write(line)
+    else:
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # (escapes widen a cell: made first)
+        fit = None if utf8 else lambda s: s.encode(encoding, "backslashreplace").decode(encoding)
+        for line in history_table_lines(counted(), fit):
+            write(line + "\n")
+    sys.stdout.flush()
+    return count
 
 
 def _holds_tasks(folder: Path, env: str) -> bool:

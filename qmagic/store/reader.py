@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from ..errors import StateFileError
+from ..history_text import PAGE_ROWS
 from .database import connect, file_id, select_rows, uid_bounds
 from .faults import damaged
 from .filters import FILTER_NAMES, WILDCARDS, Filters, sort_time
@@ -120,13 +121,16 @@ class LogReader:
                                  "Check the file and the folder (QMagic.state_dir).") from exc
 
     @staticmethod
-    def _records(rows: sqlite3.Cursor, limit: int | None = None) -> list[dict[str, Any]]:
+    def _records(rows: sqlite3.Cursor, limit: int | None = None, keys: list | None = None) -> list[dict[str, Any]]:
+        """The records of ``rows``; ``keys`` gets each row's (sort_time, id), valid or not."""
         out: list[dict[str, Any]] = []
         infos: dict[Any, Any] = {}
         with closing(rows):  # (an interrupt left the cursor in its traceback: a stale snapshot)
-            for uid, status, started, finished, orphaned, record, session, host, pid, info in rows:
+            for uid, status, started, finished, orphaned, record, session, host, pid, info, *key in rows:
                 if limit is not None and len(out) >= limit:
                     break  # (checked before a record is added: limit=0 gives none)
+                if keys is not None:
+                    keys.append(key)
                 session, host, pid = _meta_text(session), _meta_text(host), _meta_pid(pid)
                 if session not in infos:
                     try:
@@ -209,10 +213,35 @@ class LogReader:
     def records(self, filters: Filters, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Records matching ``filters``, newest first (at most ``filters.limit``); uids in
         ``exclude`` are left out."""
-        where, params = filters.sql()
-        skip = list(exclude)
-        if skip:
-            where += " AND t.uid NOT IN (SELECT value FROM json_each(?))"
-            params.append(orjson.dumps(skip).decode())
+        where, params = _where(filters, exclude)
         return self._query(lambda c: [] if c is None else self._records(
             select_rows(c, where, params, "ORDER BY t.sort_time DESC, t.id DESC"), filters.limit))
+
+    def pages(self, filters: Filters, exclude: Iterable[str] = (), size: int = 2000) -> Iterator[list[dict[str, Any]]]:
+        """Records matching ``filters`` (all: not its limit), oldest first, a page per query
+        of ``size`` rows (the first of PAGE_ROWS: shown at once), each after the last row of
+        the one before (an index range; no cursor held between pages): a log of any length
+        in bounded memory (``qmagic-history``).  Uids in ``exclude`` are left out."""
+        where, params = _where(filters, exclude)
+        after, rows = None, PAGE_ROWS
+        while True:
+            keys: list[list[Any]] = []
+            page_where = where if after is None else where + " AND (t.sort_time, t.id) > (?, ?)"
+            page_params = [*params, *(after or ()), rows]
+            page = self._query(lambda c: [] if c is None else self._records(select_rows(
+                c, page_where, page_params, "ORDER BY t.sort_time, t.id LIMIT ?"), keys=keys))
+            if page:
+                yield page
+            if len(keys) < rows:
+                return
+            after, rows = keys[-1], size
+
+
+def _where(filters: Filters, exclude: Iterable[str]) -> tuple[str, list[Any]]:
+    """The WHERE clause and parameters of ``filters``, uids in ``exclude`` left out."""
+    where, params = filters.sql()
+    skip = list(exclude)
+    if skip:
+        where += " AND t.uid NOT IN (SELECT value FROM json_each(?))"
+        params.append(orjson.dumps(skip).decode())
+    return where, params
