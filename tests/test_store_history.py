@@ -367,6 +367,45 @@ def test_reading_stores_what_dead_kernels_left(tmp_path):
     assert not list(tmp_path.glob("*.spool")) and not list(tmp_path.glob("*.lock"))
 
 
+DIES_STORED = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from qmagic.store.journal import Journal
+j = Journal(sys.argv[1], "bench-1")
+t = time.time()
+j.submitted({"uid": "died", "name": "scan", "status": "running", "submitted_at": t, "started_at": t})
+assert j.flush()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("spool", ["written 1 s after the start", "stored and gone"])
+def test_a_killed_kernels_task_ends_at_its_latest_sign_of_life(tmp_path, spool):
+    """A task of a kernel killed with SIGKILL ended at the session's last heartbeat, up to
+    60 s old: before the task's start ('-') or at it ('≥ 0.0 s') for a task that ran on.
+    Its end is now the latest sign of life known: the heartbeat, the spool's last write, the
+    task's own start.  (A killed kernel's files; its heartbeat set 60 s back.)"""
+    kill_dies(tmp_path, DIES_STORED)
+    db = sqlite3.connect(database_path(tmp_path, ENV))
+    try:
+        [(started,)] = db.execute("SELECT started_at FROM tasks WHERE uid = 'died'").fetchall()
+        with db:
+            db.execute("UPDATE sessions SET last_seen = ?", (started - 60,))
+    finally:
+        db.close()
+    for path in tmp_path.glob("*.spool"):
+        if spool == "stored and gone":
+            path.unlink()
+        else:
+            os.utime(path, (started + 1, started + 1))
+    [rec] = history(state_dir=tmp_path, environment_name=ENV)
+    assert rec["error"] == ORPHAN_REASON
+    assert rec["finished_at"] == (started + 1 if spool.startswith("written") else started)
+    row = history_table([rec]).splitlines()[1]
+    assert ("≥ 1.0 s" if spool.startswith("written") else "≥ 0.0 s") in row, row
+
+
 def test_a_log_of_a_newer_qmagic_is_read_never_written(tmp_path, capsys):
     """Reading a newer qmagic's log leaves the spools of its dead kernels to that qmagic
     (their lines may mean something else there), with one warning, and shows what it holds."""

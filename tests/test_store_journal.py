@@ -1785,7 +1785,7 @@ def test_the_earlier_jsonl_journal_is_imported_once_with_its_orphan_rule(tmp_pat
             + legacy_line("end", task("old-done", "completed", result=42), dead, t + 2))
         (tmp_path / f"{ENV}.journal.jsonl").write_text(
             '{"v":1,"event":"carry","time":1,"writer":{},"carried":0,"previous":"x"}\n'
-            + legacy_line("start", task("old-orphan", "running"), dead, t + 3)
+            + legacy_line("start", task("old-orphan", "running", submitted_at=t + 3, started_at=t + 3), dead, t + 3)
             + legacy_line("start", task("old-alive", "running"), alive, t + 4)
             + "{not json\n"
             + legacy_line("end", task("old-odd", "failed", name="bad\udcff", error="E"), dead, t + 5))

@@ -375,10 +375,11 @@ def write_started(conn: sqlite3.Connection, items: Iterable[tuple[str, float]], 
 
 
 def mark_orphans(conn: sqlite3.Connection, session: str, when: float | None) -> int:
-    """Unfinished tasks of ``session`` become failed (orphaned); return how many."""
-    cur = conn.execute("UPDATE tasks SET rank = 3, status = 'failed', orphaned = 1, "
-                       "finished_at = coalesce(finished_at, ?) WHERE session = ? AND rank < 3",
-                       (when, session))
+    """Unfinished tasks of ``session`` become failed (orphaned), ended at the latest sign of
+    life known: ``when`` (the session's), or the task's own start if later; return how many."""
+    cur = conn.execute("UPDATE tasks SET rank = 3, status = 'failed', orphaned = 1, finished_at = "
+                       "coalesce(finished_at, max(coalesce(?, started_at), coalesce(started_at, ?))) "
+                       "WHERE session = ? AND rank < 3", (when, when, session))
     return cur.rowcount
 
 

@@ -3,7 +3,8 @@
 A session is gone when its lock file's flock can be taken (its process died, or it closed
 without finishing), or when it left spool segments but no lock file.  Its segments are
 replayed into SQLite, its unfinished tasks become failed with
-:data:`~qmagic.store.records.ORPHAN_REASON` (ended when the session was last seen), its
+:data:`~qmagic.store.records.ORPHAN_REASON` (ended at its latest sign of life: the session's last
+commit or heartbeat, its spool's last write, or the task's own start if later), its
 session row is marked dead — all in one transaction — and only then are its files deleted.
 A process killed in the middle leaves the files; the next one does it again (every write
 is an idempotent upsert).  Sessions whose row says "live" but that have no lock file any
@@ -46,7 +47,7 @@ from .legacy import check_legacy_sessions
 from .records import warn_once
 from .segments import read_lines
 
-__all__ = ["SessionOnDisk", "list_sessions", "recover", "segment_lines", "session_gone"]
+__all__ = ["SessionOnDisk", "list_sessions", "recover", "segment_lines", "session_gone", "spool_writes"]
 
 _log = logging.getLogger(__name__)
 #: A temporary lock file younger than this may be a starting session's, not locked yet: it is
@@ -155,6 +156,15 @@ def segment_lines(path: Path) -> Iterator[bytes]:
         os.close(fd)
 
 
+def spool_writes(entry: SessionOnDisk) -> list[float]:
+    """When each of a session's spool segments was last written (signs of its life)."""
+    times = []
+    for _, path in entry.spools:
+        with suppress(OSError):
+            times.append(os.lstat(path).st_mtime)
+    return times
+
+
 def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
     """Replay a dead session's segments and mark its unfinished tasks; one transaction."""
     rows: dict[str, tuple] = {}
@@ -167,6 +177,7 @@ def _replay(conn: sqlite3.Connection, entry: SessionOnDisk, now: float) -> int:
                     header = orjson.loads(data[: data.index(b"\n")]) or {}
             rows_from_lines(data, entry.session, now, rows, bad)
     seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
+    seen += spool_writes(entry)
     with transaction(conn):
         write_rows(conn, rows.values())
         upsert_session(conn, entry.session, host=header.get("host"), pid=header.get("pid"),

@@ -35,7 +35,13 @@ from ..errors import StateFileError
 from .database import rows_from_lines
 from .pending import merge_state, state_record
 from .reader import LogReader
-from .recovery import SessionOnDisk, list_sessions, segment_lines, session_gone
+from .recovery import (
+    SessionOnDisk,
+    list_sessions,
+    segment_lines,
+    session_gone,
+    spool_writes,
+)
 from .segments import uid_of
 
 __all__ = ["SEARCHED", "waiting_records"]
@@ -85,6 +91,7 @@ def _last_seen(entry: SessionOnDisk, now: float) -> float | None:
             for data in segment_lines(path):
                 rows_from_lines(data, entry.session, now, rows, [])
     seen = [t for row in rows.values() for t in (row[8], row[9], row[10]) if t is not None]
+    seen += spool_writes(entry)  # (recovery's rule)
     last = max(seen) if seen else None
     _SEEN.put(tuple(key), last)
     return last
@@ -145,7 +152,8 @@ def waiting_records(reader: LogReader, folder: Path, env: str, own: str,
                 last_seen[gone.session] = [t for t in (_last_seen(gone, now), reader.last_seen(gone.session))
                                            if t is not None]
             seen = last_seen[gone.session]
-            end = state["finished_at"] if state["finished_at"] is not None else max(seen) if seen else now
+            start = [state["started_at"]] if isinstance(state["started_at"], (int, float)) else []
+            end = state["finished_at"] if state["finished_at"] is not None else max(seen + start) if seen else now
             state, meta["orphaned"] = dict(state, orphaned=1, finished_at=end), True
         record = state_record(state, meta)
         if record is not None:
