@@ -2275,3 +2275,33 @@ def test_the_frequent_look_for_dead_kernels_writes_nothing_for_an_imported_journ
         assert any(s.startswith("BEGIN") for s in statements), statements  # (at the heartbeat)
     finally:
         conn.close()
+
+
+def test_the_heartbeat_beats_often_only_while_a_task_of_the_session_is_unfinished(tmp_path, monkeypatch):
+    """A killed kernel's unfinished task ends at the session's last sign of life; with a
+    heartbeat once a minute, a scan killed after 30 s read "≥ 0.1 s".  While a task of the
+    session is unfinished the heartbeat beats every BUSY_HEARTBEAT_S (here 0.2 s); with none
+    it keeps its minute (an idle kernel writes nothing)."""
+    from qmagic.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "BUSY_HEARTBEAT_S", 0.2)
+    with Journal(tmp_path, "env") as j:
+        db = sqlite3.connect(database_path(tmp_path, "env"))
+        try:
+            def last_seen() -> float:
+                return db.execute("SELECT last_seen FROM sessions WHERE session = ?", (j.session,)).fetchone()[0]
+
+            j.submitted(task("scan", "queued"))
+            j.started("scan", time.time())
+            assert j.flush(10)
+            first = last_seen()
+            eventually(lambda: last_seen() > first + 0.5, 10, "heartbeats while the scan runs")
+            j.finished(task("scan", "completed", started_at=time.time() - 1, finished_at=time.time()))
+            assert j.flush(10)
+            idle = last_seen()  # (flush() returned after the step that stored the end)
+            for _ in range(3):  # three busy checks later: no heartbeat
+                checked = j._writer._next_busy
+                eventually(lambda c=checked: j._writer._next_busy > c, 10, "a busy check")
+            assert last_seen() == idle
+        finally:
+            db.close()

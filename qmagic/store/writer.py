@@ -8,8 +8,12 @@ It owns the session's write connection and does all the slow work off the task p
   :data:`QUIET_S`, at the latest :data:`MAX_DELAY_S` after the first uncommitted event,
   or at once for :meth:`Writer.flush`.  A burst of tasks is therefore stored after the
   burst, in a few large transactions, with the events of each task folded into one row;
-- retention (by age and size, :data:`RETENTION_BATCH` tasks per transaction) and the scan
-  for sessions of dead kernels (:mod:`qmagic.store.recovery`), every few seconds.
+- retention (by age and size, :data:`RETENTION_BATCH` tasks per transaction; ages by
+  :mod:`qmagic.store.clock`) and the scan for sessions of dead kernels
+  (:mod:`qmagic.store.recovery`), every few seconds;
+- the session's heartbeat, its last sign of life (a killed kernel's unfinished tasks end
+  there): every :data:`HEARTBEAT_EVERY_S`, every :data:`BUSY_HEARTBEAT_S` while a task of
+  it is unfinished (a scan killed after an hour reads that it ran an hour).
 
 **Faults** (disk full, read-only folder, the database locked by another process, a file
 that is not ours) never reach the callers: the first failure of an episode logs ONE
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StateFileError
+from .clock import age_limit, clock_start
 from .database import (
     SCHEMA_VERSION,
     connect,
@@ -50,7 +55,7 @@ from .faults import Faults, check_intact, damaged, disk_full, moved_aside, spool
 from .files import ensure_state_dir
 from .legacy import import_legacy
 from .records import warn_once
-from .recovery import recover
+from .recovery import recover, session_busy
 from .spool import Spool, Waker
 
 __all__ = ["MAX_DELAY_S", "QUIET_S", "Writer"]
@@ -66,17 +71,12 @@ RETENTION_FIRST_S = 1.0  # the first retention pass this long after the log open
 COMMIT_SLICE_S = 0.5  # commits at most this long in a row, then the periodic work
 RETENTION_BATCH = 500
 RECOVERY_EVERY_S = 3.0  # a kernel that died: its tasks read failed in the others within seconds
-HEARTBEAT_EVERY_S = 60.0  # this session's last_seen (an orphan's end time if it dies)
+HEARTBEAT_EVERY_S = 60.0  # this session's last_seen (an orphan's end time if it dies) ...
+BUSY_HEARTBEAT_S = 5.0  # ... while a task of it is unfinished (a killed scan reads how long it ran)
 CLOSE_TIMEOUT_S = 5.0
 _NOT_CLOSED = ("qmagic: the experiment log was not closed in time; the next kernel that opens it "
                "stores the rest.")
 FINISH_MARGIN_S = 0.2  # a bounded stop's last commits end this long before it returns
-#: A wall clock that ran this much ahead of the time elapsed since the writer started is
-#: warned about (once); deletion by age then counts by the elapsed time: a clock set a month
-#: ahead for a few seconds deleted the whole log (found by a hostile test).  Elapsed time
-#: counts suspend (CLOCK_BOOTTIME).
-CLOCK_JUMP_S = 3600.0
-_ELAPSED_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 _ERRORS = (sqlite3.Error, OSError, StateFileError)
 
 
@@ -131,21 +131,6 @@ def _position(spool: Spool) -> Any:
         return (seg.number if seg else None, None)
 
 
-def _age_limit(max_age_s: float, clock_start: tuple[float, float], now: float) -> float:
-    """``max_age_s``, lengthened by how far the wall clock ran ahead of the time elapsed since
-    ``clock_start`` (wall, elapsed): a clock set ahead deletes nothing early, and deletion by
-    age goes on after a real correction, late by at most its size.  A clock set back needs
-    nothing: it makes every record younger.  ``now`` is the wall time the deletion's cutoff
-    counts from (one reading: a jump between two readings deleted records early)."""
-    wall, elapsed = clock_start
-    ahead = (now - wall) - (time.clock_gettime(_ELAPSED_CLOCK) - elapsed)
-    if ahead > CLOCK_JUMP_S:
-        warn_once("clock", f"qmagic: the system clock moved {ahead / 3600:.1f} h ahead while this kernel "
-                  "ran; the experiment log counts its records' age by the time elapsed instead "
-                  "(a wrong clock would delete the records it holds).")
-    return max_age_s + max(0.0, ahead)
-
-
 class Writer:
     """See the module docstring.  ``identity`` has host, pid, started_at and info."""
 
@@ -173,8 +158,8 @@ class Writer:
         self._behind = False  # the last step's commits stopped at COMMIT_SLICE_S with more to do
         self._next_retention = time.monotonic() + RETENTION_FIRST_S
         self._next_recovery = time.monotonic() + RECOVERY_EVERY_S
-        self._next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
-        self._clock_start = (time.time(), time.clock_gettime(_ELAPSED_CLOCK))
+        self._next_heartbeat, self._next_busy = time.monotonic() + HEARTBEAT_EVERY_S, 0.0
+        self._clock_start = clock_start()
         self.thread = threading.Thread(target=self._run, name=f"qmagic-log-writer-{env}", daemon=True)
 
     def failed(self, kind: str, exc: BaseException, db_id: tuple[int, int] | None = None) -> None:
@@ -265,14 +250,16 @@ class Writer:
                 return
         if now >= self._next_retention:
             wall = time.time()
-            deleted = retention(self.conn, _age_limit(self.max_age_s, self._clock_start, wall),
+            deleted = retention(self.conn, age_limit(self.max_age_s, self._clock_start, wall),
                                 self.max_bytes, RETENTION_BATCH, now=wall)
             self._next_retention = now + (0.05 if deleted >= RETENTION_BATCH else RETENTION_EVERY_S)
         if now >= self._next_recovery:  # other kernels that died (a few flocks tried); the
             self._next_recovery = now + RECOVERY_EVERY_S  # imported writers at the heartbeat's pace
             recover(self.conn, self.path.parent, self.env, self.session, time.time(),
                     legacy=now >= self._next_heartbeat)
-        if now >= self._next_heartbeat:
+        busy = now >= self._next_busy and session_busy(self.conn, self.session)  # (then a heartbeat now)
+        self._next_busy = now + BUSY_HEARTBEAT_S if now >= self._next_busy else self._next_busy
+        if now >= self._next_heartbeat or busy:
             self._next_heartbeat = now + HEARTBEAT_EVERY_S
             with transaction(self.conn):
                 upsert_session(self.conn, self.session, last_seen=time.time())
@@ -372,11 +359,9 @@ class Writer:
     # ---- flush and close ----------------------------------------------------------------------
     def _take_flush(self) -> bool:
         """True (once per request) when flush() asked for a commit."""
-        requested = self.flush_wanted
-        if requested > self._flush_served:
-            self._flush_served = requested
-            return True
-        return False
+        requested, served = self.flush_wanted, self._flush_served
+        self._flush_served = max(requested, served)
+        return requested > served
 
     def flush(self, timeout: float, stop_at_fault: bool = False) -> bool:
         """Wait until everything written before this call is in SQLite (or ``timeout``; or,
@@ -437,11 +422,11 @@ class Writer:
         if drained:
             files.remove_segments()
         elif files.lock_fd is not None:
-            _log.warning("qmagic: the experiment log could not store everything before closing (%s); "
-                         "the next kernel that opens it will.", self.faults.last_error)
+            _log.warning("qmagic: the experiment log could not store everything before closing (%s); the "
+                         "next kernel that opens it will.", self.faults.last_error)
         if self.lost:
-            _log.error("qmagic: %d task records that could not be written anywhere are lost "
-                       "(%s).", self.lost, self.faults.last_error)
+            _log.error("qmagic: %d task records that could not be written anywhere are lost (%s).",
+                       self.lost, self.faults.last_error)
         files.unlock(remove=drained)
         if self.conn is not None:
             self.conn.close()
