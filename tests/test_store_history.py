@@ -81,12 +81,14 @@ def test_an_unknown_filter_or_a_status_of_a_wrong_type_is_a_one_line_value_error
     """Every door reads its filters by one rule: a mistyped filter name or a status that is
     neither a status nor a list of them says which filters exist (was a TypeError from
     inside the log: "records() got an unexpected keyword argument", "'int' object is not
-    iterable"; found by a reviewer)."""
+    iterable"; found by a reviewer), and a window whose since is after its until says so."""
     folder, journal = populated
     for kw, expected in (({"foo": 1}, "Unknown history filter 'foo': use status, user, name, "
                           "notebook, since, until, uid or limit."),
                          ({"status": 3}, "The status filter must be a status or a list of them"),
-                         ({"status": ["failed", 2]}, "The status filter must be a status or a list")):
+                         ({"status": ["failed", 2]}, "The status filter must be a status or a list"),
+                         # (a reversed window matched nothing, and the answer blamed the log)
+                         ({"since": "-1h", "until": "-2h"}, "since (")):
         for read in (lambda: history(state_dir=folder, environment_name=ENV, **kw),
                      lambda: journal.records(**kw)):
             with pytest.raises(ValueError) as info:

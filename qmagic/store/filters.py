@@ -103,6 +103,10 @@ class Filters:
         self.user, self.name, self.notebook, self.uid = user, name, notebook, uid
         self.uids = uid_spellings(uid) if uid else ()  # (a hex uid typed in capitals: lower case too)
         self.since, self.until = parse_time(since), parse_time(until)
+        if self.since is not None and self.until is not None and self.since > self.until:
+            shown = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (self.since, self.until))
+            raise ValueError("since ({}) is later than until ({}): no task can match; give the earlier "
+                             "time as since.".format(*shown))
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
             raise ValueError(f"limit must be a whole number (got {limit!r}).")
         if limit is not None and limit < 0:
