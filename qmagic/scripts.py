@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine, Iterator, MutableMapping
 from types import CodeType
 from typing import Any
 
+from .core.jobs import own_code_ended
 from .errors import RequestRefused, one_line
 
 __all__ = ["ScriptRunner", "check_script_name", "check_script_text", "script_name_of_file", "DEFAULT_SCRIPT_NAME",
@@ -183,6 +184,14 @@ class ScriptRunner:
         try:
             exec(code, *run.scopes)  # noqa: S102 - running the user's script is the purpose
         except BaseException:
+            try:
+                own_code_ended()  # (no ■ lands in the undo: it would leave the script's names)
+            finally:
+                run.undo()
+            raise
+        try:
+            own_code_ended()  # (nor in finish: a cancelled script's names would stay)
+        except BaseException:  # a ■ or forced cancel aimed at the script: it changes nothing
             run.undo()
             raise
         run.finish()

@@ -574,6 +574,69 @@ def test_a_press_in_a_magics_own_code_ends_it_in_one_line(_shell, sigint_as_in_a
         _shell.extension_manager.loaded.discard("qmagic")
 
 
+def test_a_press_as_a_script_ends_never_leaves_half_its_names(_shell, sigint_as_in_a_cell):
+    """■ at every line of qmagic's work after a script's own code ended -- putting back the
+    names of a script that failed, or reporting those of one that succeeded (the function
+    list refreshed).  It landed there as in the script: a failed script left its names
+    (found by the hostile tester: a real ■ during a failing %%script_upload with a star
+    import left 1 name added and 421 changed, recorded as cancelled), a successful one kept
+    them while recorded as cancelled.  Now the ■ waits for the record: the task keeps its
+    true status, the namespace is all or nothing, and the cell stops in one line."""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic import get_worker
+    from qmagic.catalog import Catalog
+    from qmagic.ipython.extension import load_ipython_extension, unload_ipython_extension
+    from qmagic.scripts import _Run, _Writes
+
+    load_ipython_extension(_shell)
+    try:
+        w = get_worker()
+        ns = _shell.user_ns
+        ns["kept_name"] = "before"
+        scripts = {
+            "failed": ("from math import *\nhalf_a = 1\nkept_name = 2\nraise ValueError('boom')\n",
+                       [_Run.undo, _Writes.undo]),
+            "completed": ("half_a = 1\nkept_name = 2\n", [_Run.finish, Catalog.refresh]),
+        }
+        pressed = 0
+        for outcome, (script, funcs) in scripts.items():
+            for func in funcs:
+                for line in lines_of(func):
+                    ns.pop("half_a", None)
+                    ns["kept_name"] = "before"
+                    fired: list = []
+                    raised = None
+                    sys.settrace(sigint_at(func.__code__, line, fired))
+                    try:
+                        _shell.run_cell_magic("script_upload", "", script)
+                    except (KeyboardInterrupt, ValueError) as exc:
+                        raised = exc
+                    finally:
+                        sys.settrace(None)
+                    where = (outcome, func.__qualname__, line, fired, repr(raised))
+                    task = w.last_task
+                    assert task.status.value == outcome, where + (task.error,)
+                    if outcome == "failed":
+                        assert "half_a" not in ns and ns["kept_name"] == "before", where
+                    else:
+                        assert ns["half_a"] == 1 and ns["kept_name"] == 2, where
+                    if fired:
+                        pressed += 1
+                        assert isinstance(raised, KeyboardInterrupt), where  # (never lost)
+                        assert raised._render_traceback_() == [
+                            "KeyboardInterrupt: the interrupt came as the foreground task was ending; its "
+                            "record is complete (see %task_result)."], where
+        assert pressed >= 10, pressed
+        ns.pop("half_a", None)
+        ns.pop("kept_name", None)
+        assert _shell.run_cell_magic("script_upload", "", "half_b = 1\n").result() is None  # (healthy)
+        assert ns.pop("half_b") == 1 and w.engine.counts()["foreground"] is None
+    finally:
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")
+
+
 def test_a_second_press_while_a_magic_makes_its_line_is_the_same_stop(_shell, sigint_as_in_a_cell):
     """■ again at every line of a magic's own handling of a first ■ (making its one line):
     it showed a raw traceback through qmagic's frames.  Now the magic ends with its one

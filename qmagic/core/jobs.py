@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
     from .timers import TimerHandle
 
-__all__ = ["CLOSED_REASON", "STILL_RUNNING", "STOPPED_BEFORE_START", "Job", "JobRunner"]
+__all__ = ["CLOSED_REASON", "STILL_RUNNING", "STOPPED_BEFORE_START", "Job", "JobRunner", "own_code_ended"]
 
 log = logging.getLogger("qmagic")
 
@@ -58,6 +58,23 @@ STOPPED_BEFORE_START = "Task was cancelled: the call that started it was stopped
 #: and after this long (or the grace time) there on every try, the thread waits for a lock:
 #: it is left to it, like code blocked in C.
 FORCE_RETRY_S, FORCE_GIVE_UP_S = 0.001, 0.5
+
+#: The job whose call runs on this thread (``job``), while it runs (:func:`own_code_ended`).
+_here = threading.local()
+
+
+def own_code_ended() -> None:
+    """Called by a thread task's call once the user's code in it has ended, before qmagic's
+    own work that follows (a script's restoring or reporting of the namespace): from here on
+    no ■ or forced cancel lands in the call, as after it returns -- a ■ is held until the
+    task is recorded, then reported in one line.  One already sent raises here, before
+    that work (the caller treats it as the code's own).  Elsewhere (a coroutine task,
+    outside a task) nothing happens."""
+    job = getattr(_here, "job", None)
+    if job is not None:
+        with job.gate:
+            job.in_user_code = False
+            job.code_done = True
 
 
 class Job:
@@ -170,6 +187,7 @@ class JobRunner(CoroutineJobs):
         capture.ensure_streams()
         token = _current.set(job.task)
         job.ident = job.task._own_code = threading.get_ident()
+        outer, _here.job = getattr(_here, "job", None), job
         try:
             with self._hooks(job):
                 if job.tokens:
@@ -178,6 +196,7 @@ class JobRunner(CoroutineJobs):
         except BaseException as exc:  # noqa: BLE001 - a hook failed: recorded, never lost
             if error is None:
                 result, error = None, exc
+        _here.job = outer
         job.task._own_code = job.task._work_context = None
         _current.reset(token)
         return result, error
