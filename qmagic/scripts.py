@@ -44,6 +44,7 @@ _NAME_MAX = 100
 _NAME = re.compile(rf"[\w.\-]{{1,{_NAME_MAX}}}\Z")
 _NOT_IN_NAME = re.compile(r"[^\w.\-]")
 _MISSING = object()
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_script_name(name: Any) -> str:
@@ -59,11 +60,20 @@ def check_script_name(name: Any) -> str:
 
 
 def check_script_text(script: Any) -> None:
-    """A script is Python code as a str: anything else is one line (bytes: decode them first)."""
+    """A script is Python code as a str: anything else is one line (bytes: decode them first);
+    so is a lone surrogate in it (a remote client's JSON ``\\ud800``, bytes decoded with
+    ``surrogateescape``), which Python cannot compile: refused before any task exists."""
     if not isinstance(script, str):
         hint = " (decode it first)." if isinstance(script, bytes) else "."
         raise one_line(TypeError(f"run_script() needs the script's Python code as a str, got "
                                  f"{type(script).__name__}{hint}"))
+    bad = _LONE_SURROGATE.search(script)
+    if bad is not None:
+        line = script.count("\n", 0, bad.start()) + 1
+        raise RequestRefused(
+            f"Error: The script is not valid text: line {line} holds a lone surrogate "
+            f"({ascii(bad.group())[1:-1]}), which Python cannot compile; send it as UTF-8 text "
+            "(bytes decoded with errors='surrogateescape' make such characters).")
 
 
 def script_name_of_file(file_name: str) -> str:
