@@ -11,10 +11,11 @@ channel's transport and the protocol it carries (:func:`large_request_refused`,
 from __future__ import annotations
 
 import re
+import sys
 from itertools import islice
 from typing import Any
 
-__all__ = ["BUSY_WITH_LARGE_REQUESTS", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
+__all__ = ["BUSY_WITH_LARGE_REQUESTS", "json_decode_error", "LARGE_RESULT_NOT_SENT", "SUMMARY_KEY",
            "carriage_returns", "large_request_refused", "notebook_file_name", "printable", "safe_repr", "valid_unicode"]
 
 #: Key that marks a value the experiment log replaced by a summary (see qmagic.store).
@@ -170,6 +171,19 @@ def large_request_refused(size: int) -> str:
     """The message of a large request (``size`` bytes) refused unread for that reason."""
     return (f"Error: This request ({size} bytes) was not processed: {BUSY_WITH_LARGE_REQUESTS}. "
             "Ask again in a second, or ask about fewer items per request.")
+
+
+def json_decode_error(exc: BaseException) -> str:
+    """Why a request's JSON could not be read, for the client that sent it: Python's own words,
+    except where they name a remedy inside the kernel (``sys.set_int_max_str_digits()``, the
+    recursion limit) that a remote client cannot apply."""
+    if isinstance(exc, RecursionError):
+        return "its lists or objects nest too deeply for the kernel to read: send them less deeply nested."
+    text = str(exc)
+    if "integer string conversion" in text:
+        return ("an integer in it has more digits than the kernel reads (Python reads at most "
+                f"{sys.get_int_max_str_digits()}): send such a number as a string.")
+    return text
 
 
 def notebook_file_name(path: str) -> str:

@@ -29,7 +29,7 @@ import zmq
 
 from ..errors import ControlChannelError
 from ..jsonreply import LARGE_BYTES, reply_bytes
-from ..texts import large_request_refused
+from ..texts import json_decode_error, large_request_refused
 from .connections import DEFAULT_MAX_CONNECTIONS, ConnectionLimit
 from .large_work import LargeBudget
 from .socket_thread import PRIVATE_KEY_ENV, SocketThread, Waker, close_socket
@@ -377,7 +377,7 @@ class ControlServer(SocketThread):
         try:
             request = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            return self._malformed(f"Failed to decode the request: JSON decode error: {exc}")
+            return self._malformed(f"Failed to decode the request: JSON decode error: {json_decode_error(exc)}")
         keys = self._client_keys
         identity = None
         if keys is not None:
