@@ -348,6 +348,8 @@ def test_lock_state_and_lock_info_have_the_protocol_shape(store):
     ({"lock_key": "\udc80", "queue": True, "user": "A"}, "Error: Lock key must be a non-empty string"),
     ({"lock_key": "k", "queue": True, "user": "A", "note": 5}, "Error: Note must be a string or None"),
     ({"lock_key": "k", "queue": True, "user": "A", "note": "n" * 10001}, "Error: Note must be a string"),
+    ({"lock_key": "k", "queue": True, "user": "A", "note": "\udc80"},  # (it said "a string" of a str)
+     "Error: Note must be a string or None (at most 10000 characters, without lone surrogates): note = '\\udc80'"),
     ({"lock_key": "k", "user": "A"},
      "Error: Invalid option: environment and/or queue must be selected: environment=False queue=False"),
     ({"lock_key": "k", "user": "A", "environment": None, "queue": None},

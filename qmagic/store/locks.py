@@ -299,7 +299,7 @@ class LockStore:
         check_key(key, new=True)
         if not note_ok(note):
             raise RequestRefused(f"Error: Note must be a string or None (at most {MAX_NOTE_CHARS} "
-                                 f"characters): note = {safe_repr(note, 80)}")
+                                 f"characters, without lone surrogates): note = {safe_repr(note, 80)}")
         if not all(isinstance(v, (bool, type(None))) for v in (environment, queue)):
             raise RequestRefused("Error: Invalid option: 'environment' and 'queue' must be True or False: "
                                  f"environment={safe_repr(environment, 80)} queue={safe_repr(queue, 80)}")
