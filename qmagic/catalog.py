@@ -226,14 +226,15 @@ class Catalog:
         with self._lock:
             if mine < self._installed:  # a refresh that read the namespace later got here first
                 return False
-            self._installed = mine
-            self._key = key
             for attr, new, old in (("uid", functions, self._functions), ("plans_uid", plans, self._plans),
                                    ("devices_uid", devices, self._devices)):
                 if new.keys() != old.keys() or any(new[n] is not old.get(n) for n in new):
                     setattr(self, attr, str(uuid.uuid4()))
             self._functions, self._plans, self._devices = functions, plans, devices
             self._checked.clear()  # drop references to objects the namespace let go
+            # The key last: a refresh cut short before it (■ in a remote environment_update)
+            # is made again by the next one (set first, it kept the old lists for good).
+            self._installed, self._key = mine, key
         return True
 
     def function(self, name: str, allowed: Callable[[list[str]], list[str]] | None = None) -> Any:

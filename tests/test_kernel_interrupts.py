@@ -637,6 +637,44 @@ def test_a_press_as_a_script_ends_never_leaves_half_its_names(_shell, sigint_as_
         _shell.extension_manager.loaded.discard("qmagic")
 
 
+def test_a_press_in_an_environment_update_never_leaves_the_function_list_stale(_shell, sigint_as_in_a_cell):
+    """■ at every line of the function catalog's refresh (a remote environment_update runs it
+    as a foreground task, ■ reaching it): the catalog marked the namespace as seen before it
+    installed the new lists, so a ■ between left them old for good -- every later refresh
+    found nothing new, and the function stayed out of functions_available() (remote
+    clients' lists, completion, "did you mean") until the namespace changed again (found by
+    the hostile tester).  Now the next refresh makes it whole."""
+    from interrupt_points import lines_of, sigint_at
+
+    from qmagic import TaskCancelled, get_worker
+    from qmagic.catalog import Catalog
+    from qmagic.ipython.extension import load_ipython_extension, unload_ipython_extension
+
+    load_ipython_extension(_shell)
+    try:
+        w = get_worker()
+        pressed = 0
+        for i, line in enumerate(lines_of(Catalog.refresh)):
+            name = f"added_by_update_{i}"
+            w.namespace[name] = lambda: 1  # (no cell ran: only the update's refresh sees it)
+            fired: list = []
+            sys.settrace(sigint_at(Catalog.refresh.__code__, line, fired))
+            try:
+                w.update_environment()
+            except (KeyboardInterrupt, TaskCancelled):  # (the update's, recorded as cancelled)
+                pass
+            finally:
+                sys.settrace(None)
+            pressed += bool(fired)
+            w.catalog.refresh()  # (the next one: after the next cell, say)
+            assert name in w.functions_available(), (line, fired)
+            del w.namespace[name]
+        assert pressed >= 10, pressed
+    finally:
+        unload_ipython_extension(_shell)
+        _shell.extension_manager.loaded.discard("qmagic")
+
+
 def test_a_second_press_while_a_magic_makes_its_line_is_the_same_stop(_shell, sigint_as_in_a_cell):
     """■ again at every line of a magic's own handling of a first ■ (making its one line):
     it showed a raw traceback through qmagic's frames.  Now the magic ends with its one
