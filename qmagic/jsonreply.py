@@ -266,7 +266,8 @@ def reply_bytes(reply: dict) -> bytes:
     if nonfinite or any(piece.nonfinite for piece in pieces.values()):
         msg = swapped.get("msg")
         if msg is None or isinstance(msg, str):
-            swapped = {**swapped, "msg": f"{msg} {NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
+            joint = " " if not msg or msg.endswith((".", "!", "?")) else ". "  # (two sentences)
+            swapped = {**swapped, "msg": f"{msg}{joint}{NONFINITE_NOTE}" if msg else NONFINITE_NOTE}
             text, _ = json_text(swapped)
     if len(pieces) == 1:
         (piece,) = pieces.values()

@@ -384,7 +384,7 @@ def test_nan_and_infinity_go_out_as_null_with_a_word_never_as_broken_json(make_w
             assert value == ([1.5, None, {"x": None}] if name == "small" else [0.5] * (LARGE_BYTES // 4) + [None])
     assert math.isnan(tasks["small"].result()[1])  # (the kernel keeps the exact value)
     refused = strict(reply_bytes({"success": False, "msg": "Error: no", "value": math.inf}))
-    assert refused["msg"] == f"Error: no {NONFINITE_NOTE}" and refused["value"] is None
+    assert refused["msg"] == f"Error: no. {NONFINITE_NOTE}" and refused["value"] is None  # (two sentences)
     keyed = strict(reply_bytes({"success": True, "msg": "", "value": {math.nan: [math.inf]}}))
     assert keyed["value"] == {"NaN": [None]}  # (a key is text: as json always wrote it)
     deep: object = math.nan
