@@ -134,18 +134,31 @@ def _read(folder: Path, env: str, filters: dict[str, Any]) -> list[dict[str, Any
     journal = _open_journal(folder, env)
     if journal is not None:
         return journal.records(**filters)
-    path, ours = _prepare(folder, env)
-    if path is None:
+    opened = _open_reader(folder, env, chosen)
+    if opened is None:
         return None
-    reader = LogReader(path)
+    reader, left = opened
     try:
-        left = _left_in_spools(reader, folder, env, chosen) if ours else {}
         if not left:
             return reader.records(chosen)
         found = sorted([*reader.records(chosen, exclude=left), *left.values()], key=sort_time, reverse=True)
         return found if chosen.limit is None else found[:chosen.limit]
     finally:
         reader.close()
+
+
+def _open_reader(folder: Path, env: str, chosen: Filters) -> tuple[LogReader, dict[str, dict[str, Any]]] | None:
+    """The log's reader (the caller closes it) and the records :func:`_left_in_spools`;
+    None when nothing was ever logged there."""
+    path, ours = _prepare(folder, env)
+    if path is None:
+        return None
+    reader = LogReader(path)
+    try:
+        return reader, (_left_in_spools(reader, folder, env, chosen) if ours else {})
+    except BaseException:
+        reader.close()
+        raise
 
 
 def _oldest_first(folder: Path, env: str, filters: dict[str, Any]) -> Iterable[dict[str, Any]] | None:
@@ -157,16 +170,8 @@ def _oldest_first(folder: Path, env: str, filters: dict[str, Any]) -> Iterable[d
     if chosen.limit is not None or _open_journal(folder, env) is not None:
         found = _read(folder, env, filters)
         return None if found is None else found[::-1]
-    path, ours = _prepare(folder, env)
-    if path is None:
-        return None
-    reader = LogReader(path)
-    try:
-        left = _left_in_spools(reader, folder, env, chosen) if ours else {}
-    except BaseException:
-        reader.close()
-        raise
-    return _stored_and_left(reader, chosen, left)
+    opened = _open_reader(folder, env, chosen)
+    return None if opened is None else _stored_and_left(opened[0], chosen, opened[1])
 
 
 def _stored_and_left(reader: LogReader, chosen: Filters, left: dict[str, dict[str, Any]]
