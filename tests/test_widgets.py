@@ -1436,7 +1436,8 @@ def test_a_tasks_row_shown_by_a_cell_becomes_static_once_cell_and_task_are_over(
     id) by the static final row once both its cell and its task are over: at the cell's end
     for a task already over when shown; at the task's end for one that outlives its cell;
     when the next cell starts for one that ended while its cell ran (never within that cell:
-    its outputs must not depend on timing).  Each update is one of the showing cell's."""
+    its outputs must not depend on timing).  Each update is one of the showing cell's.  A
+    display id given to ``display``/``update_display`` is the row's."""
     k = kernel_factory(argv=EXT)
     k.execute(FUNCTIONS + "import os\nw = qmagic.get_worker()\n"
               "def held(path):\n"
@@ -1489,6 +1490,16 @@ def test_a_tasks_row_shown_by_a_cell_becomes_static_once_cell_and_task_are_over(
     assert not [o for o in r.outputs if o["msg_type"] == "update_display_data"], r.outputs
     k.execute("print('next')").check()
     update_of(display_id, r.msg_id)
+
+    # 4. a display id given to display() / update_display() is the row's, as for any object
+    r = k.execute("h = display(done, display_id=True)\nprint(h.display_id)").check()
+    given = r.stdout.strip()
+    assert shown_id(r) == given
+    r = k.execute(f"from IPython.display import update_display\nupdate_display(quick, display_id={given!r})").check()
+    updates = [o["content"] for o in r.outputs if o["msg_type"] == "update_display_data"]
+    assert [u["transient"]["display_id"] for u in updates] == [given, given], r.outputs
+    assert WIDGET in updates[0]["data"] and "text/html" in updates[1]["data"]  # (live, then static)
+    assert updates[1]["data"]["text/plain"].startswith("held(")  # (the display now shows quick)
 
 
 def _static_row(r, text: str) -> dict:
@@ -1780,8 +1791,8 @@ def test_shown_rows_become_static_once_whatever_the_order_of_cell_end_and_task_e
     """The race of a task's end (its own thread) against its cell's end (the main thread),
     landing anywhere: every row shown for a running task gets exactly one static update,
     once its task is over: from the task's end when the cell ended first, at the next cell's
-    start when the task ended first (never at its own cell's end, nor before); both orders
-    happen.
+    start when the task ended first (never at its own cell's end, nor before; from a thread
+    of its own, not the next cell's); both orders happen.
     (What the shell's display publisher is handed is recorded; the parent of each update is
     checked in a real kernel, above.)"""
     import collections
@@ -1790,12 +1801,13 @@ def test_shown_rows_become_static_once_whatever_the_order_of_cell_end_and_task_e
 
     from qmagic.panels.shown_rows import ShownRows
 
-    sent: list[tuple[str, str, bool]] = []  # (display id, phase, task done)
+    sent: list[tuple[str, str, bool, bool]] = []  # (display id, phase, task done, on the main thread)
     state: dict[str, Any] = {"phase": "cell", "task": None}
 
     def publish(data, metadata=None, source=None, *, transient=None, update=False, **kwargs):
         assert update and "text/html" in data
-        sent.append((transient["display_id"], state["phase"], state["task"].done()))
+        sent.append((transient["display_id"], state["phase"], state["task"].done(),
+                     threading.current_thread() is threading.main_thread()))
 
     monkeypatch.setattr(ip.display_pub, "publish", publish)
     rows = ShownRows(ip)
@@ -1829,6 +1841,8 @@ def test_shown_rows_become_static_once_whatever_the_order_of_cell_end_and_task_e
         mine = [s for s in sent if s[0] == display_id]
         assert mine[0][2], (round_, order, mine)
         assert mine[0][1] == "next cell" if order == "task first" else mine[0][1] != "cell", (round_, order, mine)
+        if mine[0][1] == "next cell":  # (sent by a thread: the next cell is neither held up nor loses its ■)
+            assert not mine[0][3], (round_, order, mine)
     assert min(orders.values()) >= 50, orders
     shown = collections.Counter(s[0] for s in sent)
     assert len(shown) == 150 and set(shown.values()) == {1}, shown.most_common(3)

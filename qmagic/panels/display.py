@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import sys
 import threading
 import uuid
 from typing import Any
@@ -159,6 +160,27 @@ def _stopped_showing(task: Task) -> str:
     return task._goes_on(f"stopped showing {task.call_text(40)}")
 
 
+def _display_call() -> tuple[str | None, bool]:
+    """The display id and ``update`` flag of the ``IPython.display.display`` call showing a
+    Task now (``display(t, display_id=...)``, ``update_display(t, display_id=...)``, a
+    DisplayHandle's ``update``): the row keeps them, as any object's display does.  (None,
+    False) for a cell's result or a plain ``display(t)``.  (A formatter is not told them:
+    they are read from that call's frame.)"""
+    from IPython.core import display_functions
+
+    code = display_functions.display.__code__
+    frame = sys._getframe(1)
+    for _ in range(40):  # (the formatter's own frames lie between)
+        if frame is None:
+            break
+        if frame.f_code is code:
+            local = frame.f_locals
+            given = (local.get("transient") or {}).get("display_id")
+            return (given if isinstance(given, str) else None), bool((local.get("kwargs") or {}).get("update"))
+        frame = frame.f_back
+    return None, False
+
+
 def _row_printer(entry: _Attachment) -> Any:
     def show_task(task: Task) -> None:
         """Display ``task`` as a live TaskRow (with deterministic text/plain) under a display
@@ -187,8 +209,9 @@ def _row_printer(entry: _Attachment) -> Any:
                     row = TaskRow(worker, task)
                     bundle = row._repr_mimebundle_()
                     if not held:
-                        display_id = uuid.uuid4().hex
-                        display(bundle, raw=True, display_id=display_id)
+                        given, update = _display_call()
+                        display_id = given or uuid.uuid4().hex
+                        display(bundle, raw=True, display_id=display_id, update=update)
                         shown = True
                         shown_by_cell(entry.shell, row)
                         if entry.shown is not None:

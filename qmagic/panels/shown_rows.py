@@ -22,7 +22,8 @@ cell's messages at a time (nbclient, nbval) leave a later cell's outputs alone. 
 widgets stay open, as foreground rows' do (:mod:`~qmagic.panels.cell_rows`).  At most
 :data:`MAX_WAITING` rows wait for their task; beyond that the oldest stays live.
 
-This module does not start threads; it is driven by the shell's events and the tasks' ends.
+It is driven by the shell's events and the tasks' ends; a short thread sends the rows due
+when a cell starts.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ShownRows:
         self._waiting: collections.OrderedDict[str, tuple[Any, dict]] = collections.OrderedDict()
         #: rows whose task ended while their cell ran: updated when the next cell starts
         self._due: list[tuple[Any, str, dict]] = []
+        self._sender: threading.Thread | None = None  # (the latest thread sending them)
 
     def shown(self, task: Any, display_id: str, parent: dict | None) -> None:
         """A live row of ``task`` was displayed under ``display_id`` by the cell request
@@ -64,17 +66,21 @@ class ShownRows:
         if msg_id_of(parent) is None:
             return
         done = task.done()
-        with self._lock:
+        with self._lock:  # (a display id shown again belongs to its latest task)
             self._in_cell[display_id] = (task, parent, done)
+            self._waiting.pop(display_id, None)
+            self._due = [row for row in self._due if row[1] != display_id]
         if not done:
             task.add_done_callback(lambda t, did=display_id: self._ended(t, did))
 
     def _ended(self, task: Any, display_id: str) -> None:
         """A task whose row was shown has ended (on the thread that ended it)."""
         with self._lock:
-            waiting = self._waiting.pop(display_id, None)
-        if waiting is not None:  # (still in its cell: post_run_cell sees it done)
-            update_row(self.shell, task, display_id, waiting[1])
+            waiting = self._waiting.get(display_id)
+            if waiting is None or waiting[0] is not task:  # (in its cell still: post_run_cell
+                return  # sees it done; or its display now shows another task)
+            del self._waiting[display_id]
+        update_row(self.shell, task, display_id, waiting[1])
 
     def post_run_cell(self, *_: Any) -> None:
         """The cell ended: the rows of tasks that had ended when shown become static now,
@@ -95,10 +101,24 @@ class ShownRows:
         self._update(now)
 
     def pre_run_cell(self, *_: Any) -> None:
-        """A cell starts: the rows whose task ended while their own cell ran become static."""
+        """A cell starts: the rows whose task ended while their own cell ran become static,
+        sent from a thread of their own (each an update of its own, earlier, cell: when it is
+        sent does not matter, and hundreds of them must not hold up this cell, nor take a ■
+        aimed at it: IPython drops a ■ that lands in a cell event)."""
         with self._lock:
             due, self._due = self._due, []
-        self._update(due)
+            if not due:
+                return
+            before = self._sender
+            self._sender = threading.Thread(target=self._send, args=(due, before), daemon=True,
+                                            name="qmagic-static-rows")
+            self._sender.start()
+
+    def _send(self, rows: list[tuple[Any, str, dict]], before: threading.Thread | None) -> None:
+        if before is not None:
+            before.join()  # (in order: a later update of a display comes last)
+        for task, display_id, parent in rows:
+            update_row(self.shell, task, display_id, parent)
 
     def finish(self) -> None:
         """qmagic leaves this shell: every row whose task has ended becomes static now;
@@ -111,10 +131,13 @@ class ShownRows:
                     due.append((task, display_id, parent))
                 else:
                     self._waiting[display_id] = (task, parent)
+            sender = self._sender
+        if sender is not None:
+            sender.join(5.0)
         self._update(due)
 
     def _update(self, rows: list[tuple[Any, str, dict]]) -> None:
-        """Make ``rows`` static, on the main thread at a cell's edge (■ held meanwhile: it
+        """Make ``rows`` static, on the main thread at a cell's end (■ held meanwhile: it
         would show as an error of the cell)."""
         if not rows:
             return
