@@ -117,8 +117,7 @@ class ShownRows:
     def _send(self, rows: list[tuple[Any, str, dict]], before: threading.Thread | None) -> None:
         if before is not None:
             before.join()  # (in order: a later update of a display comes last)
-        for task, display_id, parent in rows:
-            update_row(self.shell, task, display_id, parent)
+        self._send_rows(rows)
 
     def finish(self) -> None:
         """qmagic leaves this shell: every row whose task has ended becomes static now;
@@ -144,5 +143,8 @@ class ShownRows:
         from ..ipython.runner import interrupts_held
 
         with interrupts_held():
-            for task, display_id, parent in rows:
-                update_row(self.shell, task, display_id, parent)
+            self._send_rows(rows)
+
+    def _send_rows(self, rows: list[tuple[Any, str, dict]]) -> None:
+        for task, display_id, parent in rows:
+            update_row(self.shell, task, display_id, parent)

@@ -139,11 +139,6 @@ def session_gone(lock: Path) -> bool:
         os.close(fd)  # (closing releases the flock)
 
 
-def session_busy(conn: sqlite3.Connection, session: str) -> bool:
-    """True while a task of ``session`` is stored unfinished (queued or running)."""
-    return conn.execute("SELECT 1 FROM tasks WHERE rank < 3 AND session = ? LIMIT 1", (session,)).fetchone() is not None
-
-
 def segment_lines(path: Path) -> Iterator[bytes]:
     """The complete lines of a dead session's segment, piece by piece (not a line cut short
     by the death; zero bytes skipped; never a buffer as large as what another process may
