@@ -5,7 +5,8 @@ One notebook, generated here, run cell by cell with the qmagic extension loaded:
 - a lock taken "by Alice", ``%lock_info``, then unlocked by a later cell: the lock panel tells
   both truths (what it was when its cell ran, and "Now (live)");
 - ``%tasks --all`` with completed, failed, cancelled, running and script rows; a background
-  scan's row shown by a cell, which becomes a static row once the scan ends after that cell;
+  scan's row shown by a cell, which becomes a static row once the scan ends after that cell
+  (the widgets of all but the newest static row are closed then: their static copies stay);
 - ``%function_execute scan ...`` in the foreground: its live row appears in its own cell,
   advances, ends completed, and the returned Task adds no second widget; a second one is
   cancelled with the row's Cancel button while it holds the cell: the cell ends with the one
@@ -56,6 +57,8 @@ CELLS = [
     # 0: set-up
     '%load_ext qmagic\n'
     'import os\n'
+    'from qmagic.panels import rested\n'
+    'rested.KEEP_OPEN = 1  # (older static rows close their widgets; their static copies stay)\n'
     'import qmagic\n'
     'def scan(n, dt=0.05):\n'
     '    """A measurement with n points (the middle one waits while a file "pause" exists)."""\n'
@@ -425,6 +428,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     expect(row8).to_have_count(1)
     _shot(cell8, "light-3-foreground-cancelled.png")
     report.append(_check_saved_rows(page, lab))
+    expect(page.get_by_text("Error displaying widget")).to_have_count(0)  # (rows closed once static)
 
     report += _check_legible(page, "light")
     report += [_check_styled(panel, "light"), _check_styled(_cell(page, 7), "light")]
@@ -448,6 +452,7 @@ def _scenario(page, lab: Lab) -> list[str]:
     _shot(panel, "dark-1-task-panel.png")
     _shot(lock, "dark-2-lock-panel.png")
     _shot(cell8, "dark-3-foreground-cancelled.png")
+    expect(page.get_by_text("Error displaying widget")).to_have_count(0)
     return report
 
 

@@ -1502,6 +1502,46 @@ def test_a_tasks_row_shown_by_a_cell_becomes_static_once_cell_and_task_are_over(
     assert updates[1]["data"]["text/plain"].startswith("held(")  # (the display now shows quick)
 
 
+def test_static_rows_close_their_widgets_beyond_the_newest_few_unless_an_output_holds_them(kernel_factory):
+    """Every row that became static kept its two dozen widgets open: a beamtime's scans grew
+    the kernel by ~100 kB each (300 foreground tasks: 7,200 widgets, +28 MB, and as many
+    models in the browser), for good.  Once static, only the newest ``rested.KEEP_OPEN`` rows
+    keep their widgets (a tab reopened while the kernel runs draws them); older ones are
+    closed, after their static copy was sent.  A row an ``ipywidgets.Output`` captured is
+    never closed: the Output ignores display updates and goes on showing the live row."""
+    k = kernel_factory(argv=EXT)
+    k.execute(FUNCTIONS + "import ipywidgets\nfrom qmagic.panels import TaskRow, rested\n"
+              "from ipywidgets.widgets import widget as _widget\n"
+              "rested.KEEP_OPEN = 2\nw = qmagic.get_worker()\n", check=True)
+
+    def row_of(r) -> str:
+        rows = [o["content"] for o in r.outputs if o["msg_type"] == "display_data" and WIDGET in o["content"]["data"]
+                and o["content"]["data"]["text/plain"].startswith("measure(")]
+        assert len(rows) == 1, r.outputs
+        assert [o for o in r.outputs if o["msg_type"] == "update_display_data"
+                and o["content"]["transient"]["display_id"] == rows[0]["transient"]["display_id"]], r.outputs
+        return rows[0]["data"][WIDGET]["model_id"]
+
+    def closed() -> list[str]:
+        return [m["content"]["comm_id"] for _, m in _iopub(k) if m["msg_type"] == "comm_close"]
+
+    captured = row_of(k.execute("out = ipywidgets.Output()\ndisplay(out)\n"
+                                "with out:\n    %function_execute measure 1").check())
+    cells = [k.execute("%function_execute measure 1").check() for _ in range(2)]
+    assert closed() == [], "no row closes while the newest two are all that rested"
+    cells.append(k.execute("t = w.submit('measure', (1,))\nt.wait(10)\nt").check())  # (a Task's display)
+    cells += [k.execute("%function_execute measure 1").check() for _ in range(2)]
+    rows, gone = [row_of(r) for r in cells], closed()
+    assert [row in gone for row in rows] == [True, True, True, False, False], (rows, gone)
+    assert captured not in gone
+    opened = [m["content"]["comm_id"] for p, m in _iopub(k) if m["msg_type"] == "comm_open"
+              and p in {r.msg_id for r in cells[:3]}]  # (those cells opened their row's widgets only)
+    assert sorted(gone) == sorted(opened), "the oldest rows' widgets, all of them, once each"
+    open_rows = k.eval("sorted(r.model_id for r in list(_widget._instances.values()) if isinstance(r, TaskRow))")
+    assert open_rows == sorted([captured, *rows[3:]])
+    # (300 more cells held 2,400 widgets instead of 9,600: not run here)
+
+
 def _static_row(r, text: str) -> dict:
     """The cell's one live row was replaced (same display id) by its static final row."""
     shown = [o["content"] for o in r.outputs if o["msg_type"] == "display_data" and WIDGET in o["content"]["data"]]

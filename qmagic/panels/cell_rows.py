@@ -17,8 +17,9 @@ cell (:meth:`CellRows.shown_here`), never as a second live widget.
 **When the cell ends** (``post_run_cell``: :meth:`CellRows.rest`), the row of a task that has
 ended is replaced in the cell by a static copy of its final state (``update_display``:
 ``text/html`` with the row's own stylesheet, and the final ``text/plain`` line).  Its
-widgets are left open, as before: a frontend that does not apply the update (an
-``ipywidgets.Output`` that captured the row) keeps showing the live row.  The saved notebook is then an experiment log that reads anywhere:
+widgets are closed once enough newer rows have become static, unless an
+``ipywidgets.Output`` captured it (it ignores the update and keeps showing the live row):
+:mod:`~qmagic.panels.rested`.  The saved notebook is then an experiment log that reads anywhere:
 reopened without a kernel (a live widget's model is gone then: JupyterLab showed "Error
 displaying widget: model not found"), in nbconvert's HTML, on GitHub.  Nothing is lost: the
 cell holds the task's output and error itself, and ``%tasks`` and ``%task_result`` the rest.
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 from .. import format as fmt
 from ..ipython.context import execute_request
-from . import render, styles
+from . import render, rested, styles
 
 log = logging.getLogger("qmagic")
 
@@ -56,9 +57,11 @@ def static_row(task: Any) -> dict[str, str]:
     return {"text/html": html, "text/plain": fmt.task_line(task)}
 
 
-def update_row(shell: Any, task: Any, display_id: str, parent: dict | None) -> None:
+def update_row(shell: Any, task: Any, display_id: str, parent: dict | None, row: Any = None) -> None:
     """Replace the row shown under ``display_id`` by ``task``'s static row, as an update of
-    the cell request ``parent`` (from any thread).  Never raises: the live row stays."""
+    the cell request ``parent`` (from any thread); the live ``row`` shown there then
+    retires (:func:`qmagic.panels.rested.retire`: its widgets are closed once newer static
+    rows are enough; None: it stays open).  Never raises: on failure the live row stays."""
     from IPython.display import update_display
 
     setter = getattr(shell, "set_thread_parent", None)
@@ -72,6 +75,8 @@ def update_row(shell: Any, task: Any, display_id: str, parent: dict | None) -> N
                 resetter(tokens)
     except Exception:  # noqa: BLE001 - the live row stays; a task's end or a cell must not fail
         log.warning("qmagic: could not keep the final row of %s", task.call_text(40), exc_info=True)
+        return
+    rested.retire(row)
 
 
 def msg_id_of(parent: dict | None) -> str | None:
@@ -91,8 +96,9 @@ class CellRows:
         self._active = active
         self._lock = threading.Lock()
         self._cell: str | None = None  # msg_id of the cell execution the rows belong to
-        #: uid -> (task, display id of its live row; None before it shows, or once it rested)
-        self._rows: dict[str, tuple[Any, str | None]] = {}
+        #: uid -> (task, display id of its live row, the row; None before it shows, or once
+        #: it rested; the row None as well when it must stay open: :mod:`~qmagic.panels.rested`)
+        self._rows: dict[str, tuple[Any, str | None, Any]] = {}
 
     # -- the ContextHook protocol ---------------------------------------------------------------
     def capture(self, task: Any) -> dict | None:
@@ -109,7 +115,7 @@ class CellRows:
                 self._cell, self._rows = msg_id, {}
             if len(self._rows) >= MAX_ROWS_PER_CELL:
                 return None
-            self._rows[task.uid] = (task, None)
+            self._rows[task.uid] = (task, None, None)
         return parent
 
     def apply(self, task: Any, token: dict | None) -> contextlib.AbstractContextManager:
@@ -135,12 +141,12 @@ class CellRows:
         with self._lock:
             if msg_id is None or msg_id != self._cell:
                 return
-            shown = [(task, did) for task, did in self._rows.values() if did is not None]
-            self._rows = {uid: (task, None) for uid, (task, _) in self._rows.items()}
+            shown = [entry for entry in self._rows.values() if entry[1] is not None]
+            self._rows = {uid: (task, None, None) for uid, (task, _, _) in self._rows.items()}
         with interrupts_held():  # (■ after the cell's end would show as an error of the cell)
-            for task, display_id in shown:
+            for task, display_id, row in shown:
                 if task.done():
-                    update_row(self.shell, task, display_id, None)
+                    update_row(self.shell, task, display_id, None, row)
 
     # -- internals ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -168,6 +174,7 @@ class CellRows:
                 display(row, display_id=display_id)
             finally:
                 resetter(tokens)
+        keep = None if rested.captured(msg_id_of(parent)) else row
         with self._lock:
             if msg_id_of(parent) == self._cell and task.uid in self._rows:
-                self._rows[task.uid] = (task, display_id)
+                self._rows[task.uid] = (task, display_id, keep)

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..core.task import Task
 from ..errors import one_line
-from .cell_rows import CellRows
+from . import rested
+from .cell_rows import CellRows, msg_id_of
 from .shown_rows import ShownRows
 
 log = logging.getLogger("qmagic")
@@ -215,7 +216,9 @@ def _row_printer(entry: _Attachment) -> Any:
                         shown = True
                         shown_by_cell(entry.shell, row)
                         if entry.shown is not None:
-                            entry.shown.shown(task, display_id, execute_request(entry.shell))
+                            request = execute_request(entry.shell)
+                            keep = None if rested.captured(msg_id_of(request)) else row
+                            entry.shown.shown(task, display_id, request, keep)
                 except Exception as exc:  # noqa: BLE001 - logged below; a held ■ still counts
                     error = exc
                 if row is not None and not shown:  # (never shown: nobody would see it)
@@ -315,3 +318,4 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
             _pump.shutdown(timeout)
     elif last_worker:
         _pump.shutdown(timeout)  # a router may exist without a pump
+    rested.forget_closed()  # (those of this worker's rows that rested are closed now)
