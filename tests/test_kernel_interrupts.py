@@ -971,6 +971,28 @@ def test_a_storm_across_thousands_of_short_foreground_tasks(sk, storm):
     _healthy(sk)
 
 
+def test_presses_as_short_cells_start_and_end_never_lose_their_reply(sk):
+    """■ pressed while the kernel reads a cell's request or answers it (not in the cell's
+    code) raised KeyboardInterrupt in ipykernel's own code: the reply was lost ("KeyboardInterrupt
+    caught in kernel"; the cell showed [*]), 26 of 80 presses within 10 ms of ``x = 1``, and
+    one cut a reply in two (the client failed on "Invalid Signature").  Each of 60 presses,
+    0 to 12 ms after such a cell is sent: the cell is answered (ok, or KeyboardInterrupt when
+    the press found its code running), and a long cell is still stopped by ■."""
+    outcomes = set()
+    for i in range(60):
+        cell = sk.execute_async(f"x = {i}")
+        time.sleep(i % 13 / 1000)  # (where the press lands: 0 to 12 ms into the request)
+        sk.interrupt()
+        result = sk.wait(cell, timeout=10)  # (a lost reply times out here)
+        outcomes.add(result.status if result.status == "ok" else result.error["ename"])
+    assert outcomes <= {"ok", "KeyboardInterrupt"}, outcomes
+    cell = sk.execute_async("print('long cell', flush=True)\nwhile True:\n    pass")
+    sk.wait_for_output(cell, "long cell")
+    sk.interrupt()
+    assert sk.wait(cell).error["ename"] == "KeyboardInterrupt"
+    _healthy(sk)
+
+
 def test_a_press_after_a_magic_names_its_own_task_not_one_its_code_started(_shell, sigint_as_in_a_cell, tmp_path):
     """■ in %function_execute's settle after ``parent`` (which submits ``child``) named the
     child's task (the magic compared the last task submitted on its thread, and the

@@ -32,6 +32,7 @@ from .context import (
     provenance_source,
     route_thread_displays,
 )
+from .request_interrupts import RequestInterrupts
 from .runner import KernelForegroundRunner, interrupts_held
 
 __all__ = ["Session", "UnloadInterrupted", "get_session", "get_worker", "load_ipython_extension", "unload_ipython_extension"]
@@ -101,6 +102,11 @@ class Session:
         shell = self.shell
         self.runner = runner = KernelForegroundRunner(shell)
         self._step("foreground runner", runner.close)
+        interrupts = RequestInterrupts.install(shell)  # (its events first: ■ after a cell's
+        if interrupts is not None:  # code is ignored in the other post_run_cell callbacks too)
+            self._step("interrupts outside cells", interrupts.uninstall)
+            self._event("pre_run_cell", interrupts.cell_started)
+            self._event("post_run_cell", interrupts.cell_finished)
         # (before the worker, so undone after it: the tasks an unload cancels keep their
         # tracebacks' Cell In[12], not the kernel's /tmp/ipykernel_1/123.py)
         tracebacks.set_filename_labeler(cell_labeler(shell))

@@ -39,8 +39,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from ..core.foreground import NO_GUARD, breaks_a_lock, interrupts_held
 
-__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "StopHold", "held_sigint",
-           "interrupts_held"]
+__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "StopHold", "held_sigint", "pass_on",
+           "interrupts_held", "REQUEST_HANDLERS", "is_request_handler"]
 
 log = logging.getLogger("qmagic")
 
@@ -63,6 +63,15 @@ REDELIVER_MAX_S = 0.05
 
 #: Code of the guard's SIGINT handler (see :func:`_interrupted_frame`).
 _HANDLER_CODES: set[Any] = set()
+
+#: SIGINT handlers a kernel has while it handles a request, besides Python's default one
+#: (:class:`qmagic.ipython.request_interrupts.RequestInterrupts` adds its own).
+REQUEST_HANDLERS: list[Callable[[int, Any], Any]] = []
+
+
+def is_request_handler(handler: Any) -> bool:
+    """True for the SIGINT handler a kernel has while it handles a request (a cell)."""
+    return handler is signal.default_int_handler or handler in REQUEST_HANDLERS
 
 
 class _RedeliveryWindow:
@@ -185,7 +194,7 @@ class KernelForegroundRunner:
             window.open = False
             with window.lock:  # (waits for a redelivery being sent now)
                 pass
-            if last and previous is signal.default_int_handler and self._kernel_loop() is not None:
+            if last and is_request_handler(previous) and self._kernel_loop() is not None:
                 # In a kernel's cell: the rest of a storm must not land in the kernel's own
                 # code.  (The kernel restores its own handler when the request ends.)
                 signal.signal(signal.SIGINT, _storm_absorber(last, previous))
@@ -295,7 +304,7 @@ def held_sigint(signum: int, frame: Any) -> None:
     previous = StopHold.previous
     StopHold.release()
     if callable(previous):
-        _pass_on(previous, signum, frame)
+        pass_on(previous, signum, frame)
     elif previous is None or previous is StopHold._NONE:  # (a handler not Python's: as Python's own)
         raise KeyboardInterrupt
     else:  # SIG_IGN, SIG_DFL: as they would have
@@ -334,12 +343,12 @@ def _storm_absorber(last: list[float], previous: Any) -> Callable[[int, Any], No
         if _in_storm(last):
             return
         signal.signal(signal.SIGINT, previous)
-        _pass_on(previous, signum, frame)
+        pass_on(previous, signum, frame)
 
     return absorb
 
 
-def _pass_on(handler: Callable[[int, Any], Any], signum: int, frame: Any) -> None:
+def pass_on(handler: Callable[[int, Any], Any], signum: int, frame: Any) -> None:
     """``handler``, the one a qmagic handler replaced, takes the SIGINT: the KeyboardInterrupt
     it raises stops the user's code, shown with the user's frames only (it passed through
     qmagic's handler, whose frames IPython would show after the user's line)."""

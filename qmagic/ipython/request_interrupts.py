@@ -1,0 +1,89 @@
+"""■ stops a cell's code, never the kernel's handling of a request.
+
+ipykernel installs Python's default SIGINT handler around every shell request it handles
+(``pre_handler_hook``; ``post_handler_hook`` puts the idle kernel's SIG_IGN back).  A ■
+that lands while the kernel reads a request or answers it — before a cell's code starts,
+after it has ended, during a completion or a widget's message — raised KeyboardInterrupt in
+ipykernel's own code: the request's reply was lost ("KeyboardInterrupt caught in kernel";
+the cell showed ``[*]`` until another one ended: 26 of 80 ■ pressed within 10 ms of running
+``x = 1``), and one landing while a reply was being sent cut that message in two (the
+client then failed on "Invalid Signature").
+
+While qmagic is loaded in a kernel, the handler around a request raises KeyboardInterrupt
+only while a cell's code runs on the main thread (from its ``pre_run_cell`` event to its
+``post_run_cell``); elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is
+running then (a cell that has ended has nothing left to stop, and in a "run all" the next
+cell takes the next ■).  Handlers qmagic installs within a cell (the foreground task guard,
+held interrupts) hand SIGINTs on to this one as they did to the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from .runner import REQUEST_HANDLERS, pass_on
+
+__all__ = ["RequestInterrupts"]
+
+log = logging.getLogger("qmagic")
+
+
+class RequestInterrupts:
+    """Installed on one ipykernel kernel (see the module docstring).  ``cell_started`` and
+    ``cell_finished`` are the shell's ``pre_run_cell`` and ``post_run_cell`` events; only
+    the main thread's cells count (a subshell's run on their own threads, ■ never reaches
+    them).  The count of cells running is the main thread's own (no lock)."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._cells = 0  # cells whose code runs on the main thread now (nested: %run)
+        self._replaced: Any = None  # the instance attribute it replaced, if any
+
+    @classmethod
+    def install(cls, shell: Any) -> RequestInterrupts | None:
+        """Install on ``shell``'s kernel; None where there is no ipykernel kernel."""
+        kernel = getattr(shell, "kernel", None)
+        original = getattr(kernel, "pre_handler_hook", None)
+        if kernel is None or not callable(original):
+            return None
+        self = cls(kernel)
+        self._replaced = vars(kernel).get("pre_handler_hook")
+        self._original = original
+        REQUEST_HANDLERS.append(self._sigint)  # (the guard's storm absorber keeps a cell's ■ in it)
+        kernel.pre_handler_hook = self._pre_handler_hook
+        return self
+
+    def uninstall(self) -> None:
+        """Put the kernel's own hook back (the handler of a request under way stays until
+        its end: ipykernel then restores the idle handler)."""
+        if vars(self.kernel).get("pre_handler_hook") == self._pre_handler_hook:
+            if self._replaced is None:
+                del self.kernel.pre_handler_hook
+            else:
+                self.kernel.pre_handler_hook = self._replaced
+        if self._sigint in REQUEST_HANDLERS:  # (a request under way keeps it until its end)
+            REQUEST_HANDLERS.remove(self._sigint)
+
+    # -- the kernel's hook and the shell's events ----------------------------------------------
+    def _pre_handler_hook(self) -> None:
+        self._original()  # (ipykernel's: saves the idle handler, installs the default one)
+        self._cells = 0
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._sigint)
+
+    def cell_started(self, *_: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._cells += 1
+
+    def cell_finished(self, *_: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._cells = max(0, self._cells - 1)
+
+    def _sigint(self, signum: int, frame: Any) -> None:
+        if self._cells > 0:  # a cell's code runs: it stops, as with the default handler
+            pass_on(signal.default_int_handler, signum, frame)
+        else:
+            log.debug("qmagic: an interrupt outside a cell's code was ignored (nothing to stop)")
