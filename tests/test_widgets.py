@@ -1531,7 +1531,11 @@ def test_static_rows_close_their_widgets_beyond_the_newest_few_unless_an_output_
     assert closed() == [], "no row closes while the newest two are all that rested"
     cells.append(k.execute("t = w.submit('measure', (1,))\nt.wait(10)\nt").check())  # (a Task's display)
     cells += [k.execute("%function_execute measure 1").check() for _ in range(2)]
-    rows, gone = [row_of(r) for r in cells], closed()
+    rows = [row_of(r) for r in cells]
+    gone = _wait_for(k, lambda: (lambda c: c if set(rows[:3]) <= set(c) else None)(closed()), 15.0,
+                     "the oldest rows closed (by the closer thread)")
+    k.execute("assert rested.wait_closed(10)", check=True)
+    gone = closed()
     assert [row in gone for row in rows] == [True, True, True, False, False], (rows, gone)
     assert captured not in gone
     opened = [m["content"]["comm_id"] for p, m in _iopub(k) if m["msg_type"] == "comm_open"

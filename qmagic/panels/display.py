@@ -318,4 +318,5 @@ def detach(shell: Any, worker: Any, timeout: float = 5.0) -> None:
             _pump.shutdown(timeout)
     elif last_worker:
         _pump.shutdown(timeout)  # a router may exist without a pump
+    rested.wait_closed(timeout)  # (no qmagic thread outlives the extension)
     rested.forget_closed()  # (those of this worker's rows that rested are closed now)
