@@ -144,12 +144,31 @@ def test_a_bad_status_or_time_filter_is_a_one_line_value_error(populated):
                                       status=(s for s in ("failed", "running")))} == {"uid-bad", "uid-run"}
 
 
+def test_clock_times_today_and_yesterday_read_as_a_scientist_means_them():
+    """``qmagic-history --since 22:00`` at 3 a.m. (last night's scans) or ``--since yesterday``
+    were refused ("Cannot read the time"): a clock time is the latest one not in the future,
+    "today" and "yesterday" local midnights; the refusal names them."""
+    from datetime import datetime
+
+    from qmagic.store.times import parse_time
+
+    now = datetime(2026, 12, 4, 3, 0, 0).timestamp()  # (local time)
+    for text, meant in (("22:00", datetime(2026, 12, 3, 22, 0)), ("02:30", datetime(2026, 12, 4, 2, 30)),
+                        ("03:00", datetime(2026, 12, 4, 3, 0)), (" 7:05:30 ", datetime(2026, 12, 3, 7, 5, 30)),
+                        ("today", datetime(2026, 12, 4)), ("Yesterday", datetime(2026, 12, 3))):
+        assert parse_time(text, now=now) == meant.timestamp(), text
+    for bad in ("24:00", "7:5", "22:60", "tomorrow"):
+        with pytest.raises(ValueError, match=f"^Cannot read the time '{bad}': .*a clock time such as 22:00, "
+                                             "today, yesterday"):
+            parse_time(bad, now=now)
+
+
 def test_a_bad_filter_shows_as_its_one_line_in_a_cell(populated):
     """``qmagic.history(since="yesterday")`` in a cell showed the line under five frames of
     qmagic's own code (_history.py, store/history.py, reader.py, times.py): IPython shows a
     bad filter's ValueError as its one line, whichever door read it."""
     folder, journal = populated
-    for filters, start in (({"since": "yesterday"}, "Cannot read the time 'yesterday'"),
+    for filters, start in (({"since": "tomorrow"}, "Cannot read the time 'tomorrow'"),
                            ({"status": "faild"}, "Unknown task status faild"),
                            ({"limit": "5"}, "limit must be a whole number"),
                            ({"nmae": "scan"}, "Unknown history filter 'nmae'"),

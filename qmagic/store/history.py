@@ -258,7 +258,8 @@ def _parser() -> argparse.ArgumentParser:
                     "environment (a mistyped --environment or --state-dir).")
     parser.add_argument("--environment", "-e", default="default", help="environment name (default: %(default)s)")
     parser.add_argument("--state-dir", help="state folder (default: $QMAGIC_STATE_DIR or <jupyter data dir>/qmagic)")
-    parser.add_argument("--since", help="only tasks active since: ISO date/time, or -30m, -2h, -7d")
+    parser.add_argument("--since", help="only tasks active since: ISO date/time, a clock time (22:00: "
+                        "the latest past), today, yesterday, or -30m, -2h, -7d")
     parser.add_argument("--until", help="only tasks active until: same formats as --since")
     parser.add_argument("--status", action="append", help="only this status (repeatable): "
                         "queued, running, completed, failed, cancelled")
