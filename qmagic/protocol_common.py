@@ -71,7 +71,10 @@ def status_reply(worker: Any) -> dict[str, Any]:
     state = "executing_task" if fg is not None else "idle"
     lock = worker.current_lock()
     env_open = worker.environment_is_open
-    if not env_open:  # as an RE Manager without a worker
+    env_state = state if env_open else "closed"
+    if worker.environment_starting:  # as an RE Manager whose worker runs its start-up code
+        state, env_state, kernel_state, captured, background = "creating_environment", "initializing", "starting", None, 0
+    elif not env_open:  # as an RE Manager without a worker
         kernel_state, captured, background = None, None, 0
     elif fg is not None:
         kernel_state, captured = "busy", bool(counts["foreground_handed_over"])
@@ -94,7 +97,7 @@ def status_reply(worker: Any) -> dict[str, Any]:
         "queue_autostart_enabled": False,
         "pause_pending": False,
         "worker_environment_exists": env_open,
-        "worker_environment_state": (state if env_open else "closed"),
+        "worker_environment_state": env_state,
         "worker_background_tasks": background,
         "re_state": re_state,
         "ip_kernel_state": kernel_state,

@@ -33,12 +33,17 @@ from .texts import printable
 from .tracebacks import is_internal_frame
 from .worker_log import LogMixin, LogObserver
 
-__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_WORKER_CLOSED"]
+__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_ENV_STARTING", "MSG_WORKER_CLOSED"]
 
 log = logging.getLogger("qmagic")
 
 #: queueserver's text when a remote request needs the environment and it is closed.
 MSG_ENV_CLOSED = "RE Worker environment is not open"
+#: Why, while the kernel still runs its start-up code (after :data:`MSG_ENV_CLOSED`).
+MSG_ENV_STARTING = (
+    "the kernel is still starting (running its start-up code); ask again once status says "
+    "manager_state 'idle'"
+)
 #: What every door says once the worker itself was closed (``worker.close()``).
 MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT}."
 
@@ -276,9 +281,17 @@ class StateMixin(LogMixin):
 
     @property
     def environment_is_open(self) -> bool:
-        """False after environment_close/destroy, and once the worker is :attr:`closed`:
-        remote tasks and scripts are refused."""
-        return self._environment_open and not self.engine.closed
+        """False after environment_close/destroy, once the worker is :attr:`closed`, and
+        while :attr:`environment_starting`: remote tasks and scripts are refused."""
+        return self._environment_open and not self.engine.closed and not self.engine.foreground.starting()
+
+    @property
+    def environment_starting(self) -> bool:
+        """True while the kernel runs its start-up code (qmagic is loaded, its startup files
+        and ``exec_lines`` still run) with the environment set to open: it opens for remote
+        requests once the kernel is ready, as an RE Manager's opens once its worker's
+        start-up code ran (status: ``creating_environment``)."""
+        return self._environment_open and not self.engine.closed and self.engine.foreground.starting()
 
     def _check_not_closed(self, *, task: bool = True) -> None:
         """The first check of every request that starts a task (before keys and permissions:
@@ -292,7 +305,7 @@ class StateMixin(LogMixin):
     def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:
         """The environment rule: a remote request needs it open (``refusal`` otherwise)."""
         if origin == "remote" and not self.environment_is_open:
-            raise RequestRefused(refusal)
+            raise RequestRefused(f"{refusal}: {MSG_ENV_STARTING}" if self.environment_starting else refusal)
 
     def environment_open(self, *, lock_key: str | None = None, origin: str = "python",
                          client: str | None = None) -> None:
@@ -300,6 +313,8 @@ class StateMixin(LogMixin):
         self.check_lock(lock_key, origin=origin, client=client)
         self._check_not_closed(task=False)  # (its threads are gone: only a new worker runs tasks)
         with self._state_lock:  # (checked and changed at once: two doors never both succeed)
+            if self.environment_starting:
+                raise RequestRefused("Manager is already in the process of creating the RE Worker environment.")
             if self._environment_open:
                 raise RequestRefused("RE Worker environment already exists.")
             self._environment_open = True

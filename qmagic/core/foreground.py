@@ -174,6 +174,9 @@ class ForegroundRunner(Protocol):
     def user_busy(self) -> bool:
         """True while a user's own code (a cell) occupies the owner thread."""
 
+    def starting(self) -> bool:
+        """True while the owner is not ready yet (a kernel running its start-up code)."""
+
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code the owner thread runs now."""
 
@@ -214,6 +217,9 @@ class ThreadForegroundRunner:
         self._queue.put(fn)
 
     def user_busy(self) -> bool:
+        return False
+
+    def starting(self) -> bool:
         return False
 
     def interrupt(self) -> None:

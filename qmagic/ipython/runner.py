@@ -39,8 +39,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from ..core.foreground import NO_GUARD, breaks_a_lock, interrupts_held
 
-__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_NO_KERNEL_LOOP", "COALESCE_S", "StopHold", "held_sigint", "pass_on",
-           "interrupts_held", "REQUEST_HANDLERS", "is_request_handler"]
+__all__ = ["KernelForegroundRunner", "HeldInterrupt", "MSG_KERNEL_STARTING", "MSG_NO_KERNEL_LOOP", "COALESCE_S",
+           "StopHold", "held_sigint", "pass_on", "interrupts_held", "REQUEST_HANDLERS", "is_request_handler"]
 
 log = logging.getLogger("qmagic")
 
@@ -48,6 +48,12 @@ MSG_NO_KERNEL_LOOP = (
     "Error: Failed to start the task: this IPython session has no kernel event loop, so a "
     "foreground task cannot be started from another thread (only from a cell). Start it in "
     "the background (run_in_background=True), or use a Jupyter kernel."
+)
+
+MSG_KERNEL_STARTING = (
+    "Error: Failed to start the task: the kernel is still starting (running its start-up code), "
+    "so a foreground task cannot be handed to it yet. Ask again once it is ready, or start it in "
+    "the background."
 )
 
 #: SIGINTs closer than this (seconds) to the previous one are one interrupt (a storm of ■
@@ -107,6 +113,7 @@ class KernelForegroundRunner:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._started = False  # (once the kernel's loop runs: see starting())
         self._remember_running_loop()
 
     # -- the ForegroundRunner protocol ------------------------------------------------------------
@@ -122,9 +129,29 @@ class KernelForegroundRunner:
         """Why a foreground task cannot be handed to the kernel now (None: it can)."""
         if self._closed:
             return "Error: Failed to start the task: the qmagic extension was unloaded."
+        if self.starting():
+            return MSG_KERNEL_STARTING
         if self._kernel_loop() is None:
             return MSG_NO_KERNEL_LOOP
         return None
+
+    def starting(self) -> bool:
+        """True while the kernel this shell belongs to runs its start-up code (extensions,
+        startup files, ``exec_lines``): ipykernel's application has made the kernel but not
+        yet started its event loop, so nothing can be handed to the main thread, and the
+        namespace is still being made.  False for good once the loop is there, and for a
+        shell without an ipykernel application's kernel (a terminal, an in-process kernel)."""
+        if self._started:
+            return False
+        kernel = getattr(self.shell, "kernel", None)
+        if kernel is None or getattr(kernel, "io_loop", None) is not None:
+            self._started = True
+            return False
+        try:
+            from ipykernel.kernelapp import IPKernelApp
+        except ImportError:  # pragma: no cover - a shell with a kernel has ipykernel
+            return False
+        return IPKernelApp.initialized() and getattr(IPKernelApp.instance(), "kernel", None) is kernel
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on the main thread as soon as the kernel is free."""
