@@ -33,7 +33,7 @@ from .texts import printable
 from .tracebacks import is_internal_frame
 from .worker_log import LogMixin, LogObserver
 
-__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_ENV_STARTING", "MSG_WORKER_CLOSED"]
+__all__ = ["StateMixin", "MSG_ENV_CLOSED", "MSG_ENV_STARTING", "MSG_EXITING", "MSG_WORKER_CLOSED"]
 
 log = logging.getLogger("qmagic")
 
@@ -44,6 +44,8 @@ MSG_ENV_STARTING = (
     "the kernel is still starting (running its start-up code); ask again once status says "
     "manager_state 'idle'"
 )
+#: What requests refused while the kernel shuts down or restarts say (its exit closed the worker).
+MSG_EXITING = "the kernel is shutting down (or restarting); ask again once it is back"
 #: What every door says once the worker itself was closed (``worker.close()``).
 MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT}."
 
@@ -76,18 +78,22 @@ class StateMixin(LogMixin):
         self._draining: set[LogObserver] = set()  # logs switched off, closing once their tasks end
         self._swap_log(self._new_log())
         self._environment_open = bool(self.environment_open_on_load)
+        self._exiting = False  # (closed by the kernel's exit: see close)
         self.environment_uid = str(uuid.uuid4())
         #: For queueserver uids of things a kernel does not have (plan queue, plan history).
         self.static_uid = str(uuid.uuid4())
         self._default_group_warned: tuple | None = None
         self._warn_default_group()  # (every trait of the configuration is set by now, in any order)
 
-    def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None) -> None:
+    def close(self, timeout: float = 5.0, *, reason: str | None = None, log_timeout: float | None = None,
+              exiting: bool = False) -> None:
         """Stop every task and thread within ``timeout`` seconds (queued ones cancelled; ``reason``: the cancel
         reason), then close the experiment log (every task's end recorded first; ``log_timeout``: the most seconds
         it waits to store what is pending; what is left is stored by the next process that opens the log) and the
         lock.  From then on :attr:`closed` is True.  Refused (:class:`qmagic.RequestRefused`) inside one of its own
-        tasks: it would wait for itself."""
+        tasks: it would wait for itself.  ``exiting``: the kernel is shutting down or restarting;
+        requests refused from then on say so (:data:`MSG_EXITING`), not to load qmagic again."""
+        self._exiting = exiting
         self.engine.close(timeout, *(() if reason is None else (reason,)))
         self._close_state(log_timeout)
 
@@ -300,6 +306,9 @@ class StateMixin(LogMixin):
         nothing, and opens no file again (a new worker may own its state folder).  ``task``
         False: said as :data:`MSG_WORKER_CLOSED` (for what starts no task)."""
         if self.engine.closed:
+            if self._exiting:
+                raise RequestRefused(f"Error: Failed to start the task: {MSG_EXITING}." if task
+                                     else f"The {MSG_EXITING[4:]}.")
             raise RequestRefused(MSG_CLOSED if task else MSG_WORKER_CLOSED)
 
     def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:

@@ -1,5 +1,5 @@
-"""A kernel that is still running its start-up code, seen by a remote operator (a real
-kernel, queueserver's real client).
+"""A kernel that is still running its start-up code, or already shutting down, seen by a
+remote operator (a real kernel, queueserver's real client).
 
 qmagic loads before a profile's startup files and ``exec_lines`` run (``--ext=qmagic``;
 the auto-load's startup file sorts among the others), so its control channel answers
@@ -9,19 +9,25 @@ foreground request was refused with "this IPython session has no kernel event lo
 use a Jupyter kernel", and a background one ran on the half-made namespace (the function
 not yet defined: NameError; or one whose devices were not yet made).  An RE Manager says
 ``creating_environment`` until its worker's start-up code ran, and refuses tasks meanwhile.
+
+As the kernel shuts down or restarts, its tasks get seconds to stop while the channel still
+answers; requests were refused meanwhile with "the qmagic worker was closed; run %reload_ext
+qmagic in the kernel", which a remote operator cannot do and need not: the kernel is coming
+back (or going).
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 from bluesky_queueserver_api import BFunc
 from kernel_utils import KernelSession
 from remote_client import LoopClient
 
-from qmagic.worker_state import MSG_ENV_CLOSED, MSG_ENV_STARTING
+from qmagic.worker_state import MSG_ENV_CLOSED, MSG_ENV_STARTING, MSG_EXITING
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,3 +94,32 @@ def test_a_kernel_running_its_startup_code_says_so_and_starts_no_task(tmp_path):
             rm.close()
             k.shutdown()
 
+
+def test_requests_while_the_kernel_shuts_down_say_so(tmp_path):
+    address = f"ipc://{tmp_path}/control"
+    k = KernelSession(tmp_path / "kernel", argv=["--ext=qmagic", f"--QMagic.zmq_control_address={address}"])
+    k.start()
+    rm = LoopClient(zmq_control_addr=address, timeout_recv=2)
+    try:
+        # a measurement blocked in a C call: the exit's cancel waits for it (up to 2 s)
+        k.execute("import time\ndef stubborn():\n    time.sleep(4)\n", check=True)
+        rm.function_execute(BFunc("stubborn"), run_in_background=True)
+        deadline = time.monotonic() + WAIT
+        while rm.status(reload=True)["worker_background_tasks"] != 1:
+            assert time.monotonic() < deadline, "the task did not start"
+        k.km.request_shutdown()  # as JupyterLab's Shut Down Kernel
+        deadline = time.monotonic() + WAIT
+        while True:  # accepted until the kernel takes the request, then refused while it exits
+            assert time.monotonic() < deadline, "never refused"
+            try:
+                rm.function_execute(BFunc("stubborn"), run_in_background=True)
+            except rm.RequestFailedError as exc:
+                msg = exc.response["msg"]
+                break
+        assert msg == f"Error: Failed to start the task: {MSG_EXITING}.", msg
+        with pytest.raises(rm.RequestFailedError) as info:
+            rm.lock_environment("k1")
+        assert MSG_EXITING[4:] in info.value.response["msg"] and "reload_ext" not in info.value.response["msg"]
+    finally:
+        rm.close()
+        k.shutdown()

@@ -143,7 +143,7 @@ class Session:
         manager waits for a kernel to exit (see :data:`EXIT_TASKS_S`)."""
         _ignore_sigterm()
         try:
-            self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S)
+            self.worker.close(EXIT_TASKS_S, reason=MSG_SHUT_DOWN, log_timeout=EXIT_LOG_S, exiting=True)
         except BaseException:  # noqa: BLE001 - the exit goes on whatever happens
             log.warning("qmagic: closing the worker as the kernel exits failed", exc_info=True)
         try:  # (then the remote door: the info socket sends what the close told it, the
