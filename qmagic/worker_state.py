@@ -50,6 +50,18 @@ MSG_EXITING = "the kernel is shutting down (or restarting); ask again once it is
 MSG_WORKER_CLOSED = f"The qmagic worker was closed: no task starts; {CLOSED_HINT}."
 
 
+def default_group_problem(group: str, known: list[str]) -> str | None:
+    """What is wrong when ``QMagic.default_user_group`` (``group``) is none of the groups of
+    the rules in force (``known``): every request that names no group is then refused; and
+    what to do.  None when it is one of them."""
+    if group in known:
+        return None
+    listed = ", ".join(printable(g, 40) for g in known[:6]) + (f" and {len(known) - 6} more" if len(known) > 6
+                                                               else "")
+    return (f"(the group of requests that name none) is not a group of the permission rules ({listed}): "
+            f"set it to one of them, or add '{printable(group, 100)}' to the rules")
+
+
 class StateMixin(LogMixin):
     """Permissions, the lock store, settings and environment state of a worker (with the
     experiment log of :class:`~qmagic.worker_log.LogMixin`)."""
@@ -212,16 +224,7 @@ class StateMixin(LogMixin):
 
     # -- the default group and the rules: one line when they disagree ------------------------------
     def _default_group_problem(self) -> str | None:
-        """What is wrong when ``QMagic.default_user_group`` is no group of the rules in force
-        (every request that names no group is then refused), and what to do; else None."""
-        group, known = self.default_user_group, self._permissions.groups()
-        if group in known:
-            return None
-        listed = ", ".join(printable(g, 40) for g in known[:6]) + (f" and {len(known) - 6} more" if len(known) > 6
-                                                                   else "")
-        shown = printable(group, 100)
-        return (f"(the group of requests that name none) is not a group of the permission rules ({listed}): "
-                f"set it to one of them, or add '{shown}' to the rules")
+        return default_group_problem(self.default_user_group, self._permissions.groups())
 
     @observe("default_user_group")
     def _default_group_setting(self, change: Mapping[str, Any]) -> None:
@@ -280,9 +283,8 @@ class StateMixin(LogMixin):
     # -- the environment -----------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` ran (``qmagic.get_worker().close()``, or qmagic unloaded):
-        every door refuses new tasks and scripts with one line saying to run
-        ``%reload_ext qmagic``; the tasks in memory and the experiment log stay readable."""
+        """True once :meth:`close` ran (``qmagic.get_worker().close()``, or qmagic unloaded): every door
+        refuses new tasks and scripts in one line; the tasks in memory and the log stay readable."""
         return self.engine.closed
 
     @property
@@ -293,10 +295,9 @@ class StateMixin(LogMixin):
 
     @property
     def environment_starting(self) -> bool:
-        """True while the kernel runs its start-up code (qmagic is loaded, its startup files
-        and ``exec_lines`` still run) with the environment set to open: it opens for remote
-        requests once the kernel is ready, as an RE Manager's opens once its worker's
-        start-up code ran (status: ``creating_environment``)."""
+        """True while the kernel runs its start-up code (startup files, ``exec_lines``) with
+        the environment set to open: it opens for remote requests once the kernel is ready, as
+        an RE Manager's once its worker's start-up code ran (``creating_environment``)."""
         return self._environment_open and not self.engine.closed and self.engine.foreground.starting()
 
     def _check_not_closed(self, *, task: bool = True) -> None:
@@ -306,10 +307,8 @@ class StateMixin(LogMixin):
         nothing, and opens no file again (a new worker may own its state folder).  ``task``
         False: said as :data:`MSG_WORKER_CLOSED` (for what starts no task)."""
         if self.engine.closed:
-            if self._exiting:
-                raise RequestRefused(f"Error: Failed to start the task: {MSG_EXITING}." if task
-                                     else f"The {MSG_EXITING[4:]}.")
-            raise RequestRefused(MSG_CLOSED if task else MSG_WORKER_CLOSED)
+            exiting = f"Error: Failed to start the task: {MSG_EXITING}." if task else f"The {MSG_EXITING[4:]}."
+            raise RequestRefused(exiting if self._exiting else MSG_CLOSED if task else MSG_WORKER_CLOSED)
 
     def _check_open(self, origin: str, refusal: str = MSG_ENV_CLOSED) -> None:
         """The environment rule: a remote request needs it open (``refusal`` otherwise)."""
