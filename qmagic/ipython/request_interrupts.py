@@ -31,6 +31,15 @@ __all__ = ["RequestInterrupts"]
 log = logging.getLogger("qmagic")
 
 
+def _kernel_hook() -> Any:
+    """ipykernel's own ``Kernel.pre_handler_hook`` (None where it cannot be imported)."""
+    try:
+        from ipykernel.kernelbase import Kernel
+    except ImportError:  # pragma: no cover - ipykernel is what runs this
+        return None
+    return Kernel.pre_handler_hook
+
+
 class RequestInterrupts:
     """Installed on one ipykernel kernel (see the module docstring).  ``cell_started`` and
     ``cell_finished`` are the shell's ``pre_run_cell`` and ``post_run_cell`` events; only
@@ -69,8 +78,14 @@ class RequestInterrupts:
 
     # -- the kernel's hook and the shell's events ----------------------------------------------
     def _pre_handler_hook(self) -> None:
-        self._original()  # (ipykernel's: saves the idle handler, installs the default one)
         self._cells = 0
+        if getattr(self._original, "__func__", None) is _kernel_hook():
+            # ipykernel's own hook saves the idle handler (for post_handler_hook to put back)
+            # and installs the default one: done here in one call, installing this one (a ■
+            # between the two would land in the kernel's code, the case this module is for)
+            self.kernel.saved_sigint_handler = signal.signal(signal.SIGINT, self._sigint)
+            return
+        self._original()  # (another's hook: this one replaces the default handler it installs)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, self._sigint)
 
