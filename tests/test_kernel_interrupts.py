@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from kernel_helpers import assert_no_internals, one_line, start_kernel
+from kernel_helpers import assert_no_internals, error_text, one_line, start_kernel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -914,6 +914,21 @@ def test_a_press_while_a_cell_awaits_a_background_task_ends_the_cell_at_once(sk)
         assert sk.eval("t.status.value, t.cancel_reason") == ("running", None)
         sk.execute("t.cancel()", check=True)
         assert sk.eval("t.wait(10), t.status.value") == (True, "cancelled")
+        _healthy(sk)
+
+
+def test_a_press_while_a_cell_awaits_anything_ends_the_cell_at_once(sk):
+    """■ during a top-level ``await`` (``await asyncio.sleep(60)``, a motor's move) took
+    effect only when that await ended by itself: ipykernel's handler schedules the cell's
+    cancellation without waking its event loop.  The cell now ends at once, with the
+    CancelledError ipykernel gives it, shown at the cell's line; the kernel stays healthy."""
+    for round_ in range(2):
+        cell = sk.execute_async("import asyncio\nprint('awaiting', flush=True)\nawait asyncio.sleep(60)")
+        sk.wait_for_output(cell, "awaiting")
+        sk.interrupt()
+        result = sk.wait(cell, timeout=10)  # (it ended only after the 60 s)
+        assert result.error["ename"] == "CancelledError", f"round {round_}: {result.error}"
+        assert "await asyncio.sleep(60)" in "\n".join(error_text(result))
         _healthy(sk)
 
 

@@ -19,6 +19,7 @@ held interrupts) hand SIGINTs on to this one as they did to the default.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -29,6 +30,32 @@ from .runner import REQUEST_HANDLERS, pass_on
 __all__ = ["RequestInterrupts"]
 
 log = logging.getLogger("qmagic")
+
+
+def _wake_after_cancel_on_sigint() -> None:
+    """A cell with a top-level ``await`` runs under ipykernel's own SIGINT handler, which
+    schedules the cell's cancellation on the event loop without waking it: ■ during
+    ``await asyncio.sleep(15)`` (or a motor's move) took effect only once that await ended
+    by itself.  That handler is wrapped here, for this cell, so that the loop wakes at once
+    to cancel the cell (the cell then ends with its CancelledError, as ipykernel means it to).
+    ipykernel puts back its own handler's predecessor when the cell ends."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or "_cancel_on_sigint" not in getattr(handler, "__qualname__", ""):
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # (no loop runs this cell: the handler's callback has none to wake)
+        return
+
+    def cancel_on_sigint(signum: int, frame: Any) -> None:
+        handler(signum, frame)
+        loop.call_soon_threadsafe(_nothing)  # (wakes the loop: the cancellation runs now)
+
+    signal.signal(signal.SIGINT, cancel_on_sigint)
+
+
+def _nothing() -> None:
+    """A callback that only wakes an event loop."""
 
 
 def _kernel_hook() -> Any:
@@ -92,6 +119,7 @@ class RequestInterrupts:
     def cell_started(self, *_: Any) -> None:
         if threading.current_thread() is threading.main_thread():
             self._cells += 1
+            _wake_after_cancel_on_sigint()
 
     def cell_finished(self, *_: Any) -> None:
         if threading.current_thread() is threading.main_thread():
