@@ -1064,6 +1064,41 @@ def test_lock_panel_tells_what_it_was_when_its_cell_ran_and_what_it_is_now(probe
         other.close()
 
 
+def test_lock_panel_clears_a_message_about_a_lock_that_has_changed_since(probe, worker):
+    """Found in JupyterLab at 3 a.m.: a wrong key typed in the panel, then ``%unlock`` in a
+    later cell; the panel showed "Not locked" and, under it, the red "The environment is
+    locked by ... the key given is neither its lock key ..." for good. A message is about
+    the lock it answered: once the lock changes, it goes; the panel's own Lock/Unlock
+    answers stay (they are about the lock they made)."""
+    w = worker
+    other = qmagic.Worker({})
+    try:
+        other.lock("their-key", environment=True, user="Alice", note="changing samples")
+        panel = panels.LockPanel(w)
+        panel._key.value = "wrong"
+        panel._unlock_button.click()
+        assert "the key given is neither its lock key nor the emergency key" in panel.message
+        assert panel.flush() and "qmagic-message-error" in panel._message.value
+        assert panel.flush() and panel.message, "kept while the lock is the same"
+        other.unlock("their-key")  # a later cell
+        eventually(lambda: "qmagic-lock-unlocked" in panel._state.value, timeout=3.0,
+                   what="the panel to see the unlock")
+        assert panel.flush()
+        assert panel.message == "", panel.message
+        assert "locked by" not in panel._message.value, panel._message.value
+        # the panel's own answers stay beside the state they made
+        panel._key.value = "mine"
+        panel._lock_button.click()
+        assert panel.message == "Locked: environment."
+        panel.flush()
+        assert panel.message == "Locked: environment." and "Locked: environment." in panel._message.value
+        panel._unlock_button.click()
+        panel.flush()
+        assert panel.message == "Unlocked."
+    finally:
+        other.close()
+
+
 def test_lock_panel_shows_a_hostile_note_and_user_as_printable_text(probe, worker):
     """Who locked and the note (anyone's text, also a remote client's) show escaped once and
     as one printable line each, now and as they were when the cell ran."""

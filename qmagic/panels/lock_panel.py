@@ -52,6 +52,10 @@ class LockPanel(PanelBase, W.VBox):
         self._text = self._plain(self._state_then, self._problem_then)
         self._sig: tuple | None = None
         self._clear_key = False
+        #: The lock's uid when the message line was written (under the message lock): a
+        #: message about an earlier lock ("locked by Alice: the key given is ...") is
+        #: cleared once the lock changed, never left beside a live state it contradicts.
+        self._said_at: str | None = None
         self._then = own(W.HTML(value="", layout=own(W.Layout(display="none", margin="0")),
                                 _dom_classes=("qmagic-lock-then-box",)))
         self._state = own(W.HTML(value="", layout=own(W.Layout(margin="0 0 6px 0")),
@@ -126,25 +130,42 @@ class LockPanel(PanelBase, W.VBox):
     def _on_lock(self) -> None:
         environment, queue = bool(self._environment.value), bool(self._queue.value)
         try:
-            self.worker.lock(self._key.value or None, environment=environment, queue=queue,
+            state = self.worker.lock(self._key.value or None, environment=environment, queue=queue,
                              note=self._note.value or None, origin="panel")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            self._qm_set_message(_failed("lock", exc, "%lock"), "error")
+            self._say(_failed("lock", exc, "%lock"), "error", getattr(exc, "state", None))
         else:
             scopes = " and ".join(s for s, on in (("environment", environment), ("queue", queue)) if on)
             self._clear_key = True
-            self._qm_set_message(f"Locked: {scopes}.", "ok")
+            self._say(f"Locked: {scopes}.", "ok", state)
         self._qm_poke(flag="lock")
 
     def _on_unlock(self) -> None:
         try:
-            _, released = self.worker.release_lock(self._key.value or None, origin="panel")
+            state, released = self.worker.release_lock(self._key.value or None, origin="panel")
         except Exception as exc:  # noqa: BLE001 - shown, never silent
-            self._qm_set_message(_failed("unlock", exc, "%unlock"), "error")
+            self._say(_failed("unlock", exc, "%unlock"), "error", getattr(exc, "state", None))
         else:
             self._clear_key = True
-            self._qm_set_message("Unlocked." if released else "Not locked.", "ok")
+            self._say("Unlocked." if released else "Not locked.", "ok", state)
         self._qm_poke(flag="lock")
+
+    def _say(self, text: str, kind: str, state: Any) -> None:
+        """The message line for a click, about ``state`` (the lock the worker answered
+        about; None: the lock as it is now)."""
+        if state is None:
+            state = self._read()[0]
+        with self._qm_message_lock:
+            self._qm_message_state = (text, kind)
+            self._said_at = state.uid if state is not None else None
+        self._qm_poke(flag="message")
+
+    def _forget_stale_message(self) -> None:
+        """Clear the message line when it was about a lock that has changed since."""
+        now = self._state_now.uid if self._state_now is not None else None
+        with self._qm_message_lock:
+            if self._qm_message_state[0] and self._said_at is not None and self._said_at != now:
+                self._qm_message_state, self._said_at = ("", "info"), None
 
     # -- pump side --------------------------------------------------------------------------------
     def _draw(self) -> int:
@@ -165,6 +186,7 @@ class LockPanel(PanelBase, W.VBox):
     def _qm_apply(self, dirty: set[str], flags: set[str], periodic: bool, budget: int) -> int:
         if periodic or flags & {"lock", "poke", "force"}:
             self._state_now, self._problem = self._read()
+            self._forget_stale_message()
         sent = self._draw()
         if self._clear_key:
             self._clear_key = False
