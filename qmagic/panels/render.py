@@ -194,18 +194,21 @@ def row_html(task: Task) -> str:
         progress_inner += (" · " if amount else "") + _e(message)
     ending = _ending(task)
     classes = "qm-row qm-cr" if cancelling else "qm-row"
+    # (a space between the fields: the rows' flex lines ignore it, and a static row whose
+    # stylesheet a viewer strips -- an untrusted notebook in JupyterLab, GitHub -- reads
+    # "cancelled scan(400) background ...", not "cancelledscan(400)background...")
     return (
         f'<div class="{classes}" data-task="{key}" data-status="{status}" data-mode="{mode}">'
         '<div class="qm-h">'
         + _badge("cancelling" if cancelling else status)
-        + f'<span class="qm-call" title="{_e(tooltip)}">{_e(call_text(task, 80))}</span>'
-        f'<span class="qm-mode">{mode}</span>'
-        f'<span class="qm-user" title="{_e(who)}">{_e(who)}</span>'
-        f'<span class="qm-el" title="time running">{_e(_elapsed(task))}</span></div>'
+        + f' <span class="qm-call" title="{_e(tooltip)}">{_e(call_text(task, 80))}</span>'
+        f' <span class="qm-mode">{mode}</span>'
+        f' <span class="qm-user" title="{_e(who)}">{_e(who)}</span>'
+        f' <span class="qm-el" title="time running">{_e(_elapsed(task))}</span></div>'
         f'<div class="qm-p"><span class="qm-bar"><span class="qm-fill" style="width:{width}%"></span></span>'
-        + (f'<span class="qm-pt" title="{_e(progress_title)}">' if progress_title else '<span class="qm-pt">')
+        + (f' <span class="qm-pt" title="{_e(progress_title)}">' if progress_title else ' <span class="qm-pt">')
         + f'{progress_inner}</span>'
-        + (f'<span class="qm-end" title="{_e(ending)}">{_e(ending)}</span>' if ending else "")
+        + (f' <span class="qm-end" title="{_e(ending)}">{_e(ending)}</span>' if ending else "")
         + "</div></div>"
     )
 
