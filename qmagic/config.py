@@ -9,6 +9,8 @@ worker (nothing is copied by hand).  Bounds are declared with ``min=`` / ``max=`
 
 from __future__ import annotations
 
+import math
+
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, validate
 from traitlets.config import Configurable
 
@@ -23,6 +25,16 @@ __all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
 MIN_TASK_RETENTION_S = 120.0
 
 
+class Number(Float):
+    """A float setting within its bounds, never NaN (which no ``min=``/``max=`` refuses)."""
+
+    def validate(self, obj, value):
+        value = super().validate(obj, value)
+        if math.isnan(value):
+            self.error(obj, value, info="a number")
+        return value
+
+
 class QMagic(Configurable):
     """All qmagic settings (the ``QMagic`` config section)."""
 
@@ -35,7 +47,7 @@ class QMagic(Configurable):
         1000, min=1, max=10_000_000,
         help="How many background tasks may wait as 'queued'; further requests are refused.",
     ).tag(config=True)
-    task_retention_s = Float(
+    task_retention_s = Number(
         600.0, min=MIN_TASK_RETENTION_S, max=365 * 86400.0,
         help="Seconds a finished task stays in memory for task_status/task_result "
         f"(at least {MIN_TASK_RETENTION_S:.0f}, as queueserver clients expect); the "
@@ -65,7 +77,7 @@ class QMagic(Configurable):
         help="Characters of captured output (and of captured log text) kept per task; "
         "the oldest text is dropped first, with a marker.",
     ).tag(config=True)
-    cancel_grace_s = Float(
+    cancel_grace_s = Number(
         2.0, min=0.0, max=3600.0,
         help="Seconds a forced cancel (or a deadline) waits for a thread task to stop "
         "cooperatively before raising TaskCancelled inside the task's thread (a coroutine "
@@ -109,7 +121,7 @@ class QMagic(Configurable):
         "user_group_permissions is not set, and read again by permissions_reload.",
     ).tag(config=True)
 
-    permissions_match_timeout = Float(
+    permissions_match_timeout = Number(
         DEFAULT_MATCH_TIMEOUT, min=0.001, max=10.0,
         help="CPU seconds that deciding whether one function name is allowed may take; a slower "
         "decision (a pathological ':regex' pattern) refuses the call and names the pattern.",
@@ -138,15 +150,15 @@ class QMagic(Configurable):
         "(other clients are not slowed down; without client keys, clients are told apart by "
         "address only).",
     ).tag(config=True)
-    lock_backoff_s = Float(
+    lock_backoff_s = Number(
         1.0, min=0.01, max=3600.0,
         help="First wait after too many wrong lock keys from one client (at most "
         "lock_backoff_max_s); each further wrong key doubles it.",
     ).tag(config=True)
-    lock_backoff_max_s = Float(
+    lock_backoff_max_s = Number(
         300.0, min=1.0, max=86400.0, help="Longest wait after wrong lock keys from one client.",
     ).tag(config=True)
-    lock_recheck_s = Float(
+    lock_recheck_s = Number(
         0.5, min=0.05, max=60.0,
         help="Seconds between safety checks of the lock file (changes are normally seen at once "
         "through a file watcher; this catches network filesystems).",
@@ -162,7 +174,7 @@ class QMagic(Configurable):
         "tasks are deleted in small batches. The log is the environment's: this kernel applies "
         "it to every kernel's tasks (the smallest setting among them wins).",
     ).tag(config=True)
-    journal_max_age_s = Float(
+    journal_max_age_s = Number(
         30 * 86400.0, min=60.0, max=100 * 365 * 86400.0,
         help="Finished tasks older than this many seconds leave the experiment log "
         "(unfinished tasks are always kept), every kernel's of the environment: the smallest "
@@ -234,7 +246,7 @@ class QMagic(Configurable):
         200, min=1, max=10_000,
         help="A task panel shows at most this many tasks (newest first) and counts the rest.",
     ).tag(config=True)
-    panel_update_hz = Float(
+    panel_update_hz = Number(
         10.0, min=0.5, max=50.0,
         help="Most widget updates per second a panel sends (changes are coalesced).",
     ).tag(config=True)

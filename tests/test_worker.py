@@ -721,6 +721,12 @@ def test_settings_reach_the_engine_and_have_bounds(make_worker):
     for name, trait in type(w).class_traits(config=True).items():  # every number is bounded
         if isinstance(trait, (Int, Float)):
             assert trait.min is not None and trait.max is not None, name
+        if isinstance(trait, Float):  # and NaN passes no bound: refused as a TraitError, kept
+            old = getattr(w, name)    # (cancel_grace_s = nan made every forced cancel raise)
+            with pytest.raises(TraitError, match=f"The '{name}' trait of a Worker instance expected "
+                               "a number, not the float nan"):
+                setattr(w, name, float("nan"))
+            assert getattr(w, name) == old, name
 
 
 def test_a_worker_that_cannot_start_leaves_the_streams_as_they_were(tmp_path):
