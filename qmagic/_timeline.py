@@ -86,6 +86,10 @@ def timeline(
     if ax is not None and not callable(getattr(ax, "barh", None)):
         raise TypeError(f"ax must be matplotlib Axes to draw into (fig, ax = plt.subplots()), "
                         f"not {type(ax).__name__}.")
+    if isinstance(records, (Mapping, str, bytes)) or (records is not None and not isinstance(records, Iterable)):
+        # (a record alone, ``history(limit=1)[0]``, was read as its keys: "0 tasks", no word why)
+        raise TypeError(f"records must be a list of task records, as qmagic.history() returns, not "
+                        f"{type(records).__name__}: for one record write timeline([record]).")
     if records is not None:
         given = [name for name, value in (("since", since is not _LAST_12H), ("until", until is not None),
                                           ("notebook", notebook is not None)) if value] + list(filters)

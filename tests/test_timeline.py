@@ -69,6 +69,19 @@ def test_a_bad_record_never_breaks_the_timeline():
     assert fig.axes[0].get_title() == "3 tasks"
 
 
+def test_one_record_or_a_text_as_records_is_refused_not_drawn_as_nothing():
+    """timeline(record) with one record (``qmagic.history(limit=1)[0]``) iterated its keys,
+    none a record, and drew an empty "0 tasks" figure without a word; a text likewise."""
+    t0 = time.time() - 60
+    one = _rec("scan", "completed", t0, t0 + 5)
+    for records in (one, "scan", b"scan", 3):
+        with pytest.raises(TypeError, match=r"records must be a list of task records, as "
+                           r"qmagic.history\(\) returns, not \w+: for one record write timeline\(\[record\]\)"):
+            timeline(records)
+    assert timeline([one]).axes[0].get_title() == "1 task"
+    assert timeline(iter([one, one])).axes[0].get_title() == "2 tasks"
+
+
 def test_filters_with_records_are_refused_not_ignored():
     """timeline(records, notebook=..., status=...) drew every record given and titled them
     "N tasks from NOTEBOOK" (the filters select from the log; they were silently dropped)."""
