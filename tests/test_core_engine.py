@@ -436,6 +436,38 @@ def test_blocking_tasks_run_in_parallel_up_to_the_limit(make_worker):
     assert w.engine.counts()["threads"] == 8
 
 
+def test_raising_max_background_tasks_starts_the_tasks_that_wait(make_worker):
+    """w.max_background_tasks = 3 with one task running and two queued left them queued
+    until the first ended (or another submit came): a raised limit now starts the waiting
+    tasks it makes room for.  A lowered one stops none that run, and from then on no more
+    than it run (the threads beyond it took the next tasks: as many ran as before)."""
+    barrier = threading.Barrier(3)
+    gates = [Gate()]
+    w = make_worker({"meet": lambda: barrier.wait(TIMEOUT), "gate": lambda: gates[-1]()},
+                    max_background_tasks=1)
+    first, second, third = (w.submit("meet") for _ in range(3))
+    assert first.wait(0) is False and second.status is TaskStatus.QUEUED
+    w.max_background_tasks = 3  # all three meet: no BrokenBarrierError
+    assert all(isinstance(t.result(TIMEOUT), int) for t in (first, second, third))
+    # lowered: the tasks that run go on; then no more than the new limit run, although the
+    # pool's threads of the earlier limit were there (each took the next task: 3 ran at once)
+    gate = gates[-1]
+    running = [w.submit("gate") for _ in range(2)]
+    eventually(lambda: all(t.status is TaskStatus.RUNNING for t in running), TIMEOUT, "two running")
+    w.max_background_tasks = 1
+    assert all(t.status is TaskStatus.RUNNING for t in running)
+    gate.release.set()
+    assert [t.result(TIMEOUT) for t in running] == [None, None]
+    eventually(lambda: w.engine.counts()["threads"] == 1, TIMEOUT, "the threads beyond the limit to leave")
+    gate = Gate()
+    gates.append(gate)
+    later = [w.submit("gate") for _ in range(3)]
+    assert gate.started.wait(TIMEOUT)
+    assert [t.status for t in later] == [TaskStatus.RUNNING, TaskStatus.QUEUED, TaskStatus.QUEUED]
+    gate.release.set()
+    assert [t.result(TIMEOUT) for t in later] == [None, None, None]
+
+
 def test_thread_accounting_stays_exact_under_a_mixed_load(make_worker):
     """Short, long and cancelled tasks in a small pool: every queued task gets a thread, and
     afterwards every thread is free again (three long tasks run at once in a pool of three)."""

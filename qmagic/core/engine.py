@@ -160,7 +160,7 @@ class Engine(TaskRegistry):
 
     @max_background.setter
     def max_background(self, value: int) -> None:
-        self._pool.max_threads = value
+        self._pool.resize(value)
 
     # -- starting tasks --------------------------------------------------------------------
     def submit(

@@ -152,6 +152,10 @@ class ThreadPool:
                     return
             if job is None:  # close()
                 return
+            if job is _SHRINK:  # resize() lowered the limit while this thread was idle
+                if self._leave_if_beyond_limit():
+                    return
+                continue
             self._taken = next(taken)
             try:
                 self._run(job)
@@ -160,6 +164,35 @@ class ThreadPool:
             if self._stuck:
                 self._stuck.pop(job, None)  # (back: counted again)
             del job
+            if self._threads > self.max_threads and self._leave_if_beyond_limit():  # (stuck: fewer)
+                return
+
+    def _leave_if_beyond_limit(self) -> bool:
+        """Whether this thread leaves: more threads than ``max_threads`` take jobs (the limit
+        was lowered).  At least ``max_threads`` (>= 1) stay, so no queued job is stranded."""
+        with self._lock:
+            if self._closed or self._threads - len(self._stuck) <= max(self.max_threads, 1):
+                return False
+            self._threads -= 1
+            return True
+
+    def resize(self, max_threads: int) -> None:
+        """Let at most ``max_threads`` threads run jobs from now on.  A raised limit starts
+        threads for the jobs that wait (they waited for a job to end, or a submit); a
+        lowered one stops no job: the threads beyond it leave, a busy one once its job
+        returns, an idle one at once (else each took the next job, and as many ran as
+        before for as long as jobs came)."""
+        with self._lock:
+            self.max_threads = max_threads
+            beyond = self._threads - len(self._stuck) - max_threads
+            arm = (not self._closed and not self._check_pending and self._jobs.qsize() > 0
+                   and beyond < 0)
+            self._check_pending = self._check_pending or arm
+            shrink = min(beyond, len(self._idle)) if not self._closed else 0
+        for _ in range(shrink):  # (each put wakes one idle thread; one that is no longer
+            self._jobs.put(_SHRINK)  # beyond the limit takes it and goes on)
+        if arm:
+            self._schedule_check(self._last_put)
 
     def leave_to(self, job: Any) -> None:
         """``job``'s thread is blocked where nothing can stop it (a forced cancel did not
@@ -203,6 +236,7 @@ class ThreadPool:
 
 
 _LEAVE = object()
+_SHRINK = object()  # queued by resize(): an idle thread beyond the limit leaves
 
 
 def _exists(thread: threading.Thread, wait_s: float = 0.05) -> bool:
