@@ -199,6 +199,8 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         engine = getattr(self, "engine", None)
         if engine is not None:
             setattr(engine, _ENGINE_SETTINGS[change["name"]], change["new"])
+            if change["name"] in ("max_finished_tasks", "max_finished_task_bytes"):
+                engine.apply_limits()
 
     @observe("async_loop")
     def _loop_setting(self, change: Mapping[str, Any]) -> None:

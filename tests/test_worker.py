@@ -1232,3 +1232,20 @@ def test_a_default_group_the_rules_do_not_define_is_said_once_and_named_in_the_r
     assert _default_group_warnings(caplog) == []
     make_worker({}, default_user_group="students")
     assert len(_default_group_warnings(caplog)) == 1  # (a worker made so says it at once)
+
+
+def test_lowered_memory_limits_let_finished_tasks_leave_at_once(make_worker):
+    """w.max_finished_tasks = 3 (or a lower max_finished_task_bytes) kept every finished task
+    in memory until the next task ended, which after a beamtime may never come: the tasks
+    beyond the new limit now leave at once (the experiment log keeps them)."""
+    w = make_worker({"f": lambda: 1})
+    tasks = [w.submit("f") for _ in range(10)]
+    assert all(t.wait(TIMEOUT) for t in tasks)
+    w.max_finished_tasks = 3
+    assert w.tasks() == tasks[-3:]
+    w.max_finished_tasks = 1000
+    sized = [w.submit("f", payload_bytes=1000) for _ in range(3)]
+    assert all(t.wait(TIMEOUT) for t in sized)
+    w.max_finished_task_bytes = 1500  # the oldest sized ones leave; the others have no size
+    assert w.tasks() == tasks[-3:] + sized[-1:]
+    assert isinstance(w.find(sized[0].uid), dict)  # (from the log now)

@@ -165,6 +165,13 @@ class TaskRegistry:
                 self._lock.release()
             self._expired(expired)
 
+    def apply_limits(self) -> None:
+        """``max_finished`` or ``max_finished_bytes`` changed: the finished tasks beyond them
+        leave memory now (they waited for the next task's end, which may never come)."""
+        with self._lock:
+            expired = self._trim()
+        self._expired(expired)
+
     def _over_limits(self) -> bool:
         """Whether a trim has work (read without the lock; each read is atomic)."""
         return (len(self._finished) > self.max_finished or bool(self._sized_inbox)
