@@ -779,7 +779,9 @@ def test_task_cancel(qm, ip, capsys):
     with pytest.raises(UsageError, match="already finished") as info:
         line(ip, "task_cancel", task.uid)
     assert task.uid not in str(info.value)
-    with pytest.raises(UsageError, match="UID or --all"):
+    # (the usage it gave left out --lock-key, which a locked environment needs)
+    with pytest.raises(UsageError, match=r"^Give a UID or --all, not both: write %task_cancel "
+                       r"\[UID \| --all\] \[--force\] \[--lock-key KEY\]\.$"):
         line(ip, "task_cancel", f"{task.uid} --all")
     with pytest.raises(UsageError, match="No task"):
         line(ip, "task_cancel", "ffffffff")

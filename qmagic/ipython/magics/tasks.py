@@ -230,7 +230,8 @@ class TaskMagics(Magics):
         """
         opts = parse_line(self.task_cancel, line)
         if opts.all and opts.uid is not None:
-            raise UsageError("Give a UID or --all, not both: %task_cancel [UID|--all] [--force]")
+            raise UsageError("Give a UID or --all, not both: write %task_cancel [UID | --all] [--force] "
+                             "[--lock-key KEY].")
         if str(unquote(opts.uid)).lower() in ("all", "*"):  # (a uid is hexadecimal: never these)
             raise UsageError("To cancel every queued and running task, write %task_cancel --all.")
         forced = " (forced if it does not stop)" if opts.force else ""
