@@ -9,7 +9,9 @@ worker (nothing is copied by hand).  Bounds are declared with ``min=`` / ``max=`
 
 from __future__ import annotations
 
+import difflib
 import math
+from typing import Any
 
 from traitlets import Bool, Dict, Enum, Float, Int, TraitError, Unicode, Union, validate
 from traitlets.config import Configurable
@@ -256,6 +258,17 @@ class QMagic(Configurable):
         "qmagic's own, so they work while a cell blocks the main thread (ipykernel >= 7.4; "
         "ignored otherwise). False: clicks wait for the running cell; use ■ to interrupt.",
     ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        # (traitlets takes an unknown keyword with a DeprecationWarning nobody sees: a typo
+        # such as Worker(ns, max_background_task=8) was dropped and the default applied)
+        for name in kwargs:
+            if name not in ("parent", "config") and not self.has_trait(name):
+                close = difflib.get_close_matches(name, self.class_trait_names(config=True), 1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise TypeError(f"{type(self).__name__}() has no setting {name!r}: {hint}the settings "
+                                "are listed by qmagic.QMagic.class_get_help().")
+        super().__init__(**kwargs)
 
     @validate("default_user")
     def _check_default_user(self, proposal):

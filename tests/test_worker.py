@@ -1249,3 +1249,20 @@ def test_lowered_memory_limits_let_finished_tasks_leave_at_once(make_worker):
     w.max_finished_task_bytes = 1500  # the oldest sized ones leave; the others have no size
     assert w.tasks() == tasks[-3:] + sized[-1:]
     assert isinstance(w.find(sized[0].uid), dict)  # (from the log now)
+
+
+def test_a_misspelt_setting_is_refused_not_dropped(tmp_path):
+    """Worker(ns, max_background_task=8) was taken (traitlets drops an unknown keyword with a
+    DeprecationWarning nobody sees) and the default of 32 applied: refused, naming the
+    setting meant; nothing is left running."""
+    import threading
+
+    before = set(threading.enumerate())
+    with pytest.raises(TypeError, match=r"^Worker\(\) has no setting 'max_background_task': did you "
+                       r"mean 'max_background_tasks'\? the settings are listed by "
+                       r"qmagic\.QMagic\.class_get_help\(\)\.$"):
+        qmagic.Worker({}, max_background_task=8, state_dir=str(tmp_path))
+    with pytest.raises(TypeError, match=r"^QMagic\(\) has no setting 'zzz': the settings"):
+        qmagic.QMagic(zzz=1)
+    assert set(threading.enumerate()) <= before | {t for t in threading.enumerate() if t.name == "qmagic-timer"}
+    assert qmagic.QMagic(max_background_tasks=8).max_background_tasks == 8
