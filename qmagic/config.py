@@ -21,10 +21,22 @@ from .core.permissions import DEFAULT_MATCH_TIMEOUT
 from .store.lockfile import user_problem
 from .store.paths import not_utf8
 
-__all__ = ["QMagic", "MIN_TASK_RETENTION_S"]
+__all__ = ["QMagic", "MIN_TASK_RETENTION_S", "closest_setting", "no_such_setting"]
 
 #: Queueserver clients rely on results staying at least this long after a task ends.
 MIN_TASK_RETENTION_S = 120.0
+
+
+def closest_setting(name: str, cutoff: float = 0.6) -> str | None:
+    """The setting whose name is closest to ``name`` (a misspelling of it), or None."""
+    close = difflib.get_close_matches(name, QMagic.class_trait_names(config=True), 1, cutoff)
+    return close[0] if close else None
+
+
+def no_such_setting(owner: str, name: str, meant: str | None) -> str:
+    """The one line refusing ``name``, which is no setting (one text for every door)."""
+    hint = f"did you mean {meant!r}? " if meant else ""
+    return f"{owner} has no setting {name!r}: {hint}the settings are listed by qmagic.QMagic.class_get_help()."
 
 
 class Number(Float):
@@ -264,10 +276,7 @@ class QMagic(Configurable):
         # such as Worker(ns, max_background_task=8) was dropped and the default applied)
         for name in kwargs:
             if name not in ("parent", "config") and not self.has_trait(name):
-                close = difflib.get_close_matches(name, self.class_trait_names(config=True), 1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise TypeError(f"{type(self).__name__}() has no setting {name!r}: {hint}the settings "
-                                "are listed by qmagic.QMagic.class_get_help().")
+                raise TypeError(no_such_setting(f"{type(self).__name__}()", name, closest_setting(name)))
         super().__init__(**kwargs)
 
     @validate("default_user")

@@ -18,6 +18,7 @@ from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from traitlets import observe
 
+from .config import closest_setting, no_such_setting
 from .core.engine import CLOSED_HINT, MSG_CLOSED
 from .core.foreground import interrupts_held
 from .core.permissions import Permissions
@@ -69,7 +70,11 @@ class StateMixin(LogMixin):
     def __setattr__(self, name: str, value: Any) -> None:
         """A setting refused in a cell's own line (``w.state_dir = "/no/such"``, ``w.max_background_tasks
         = 0``) shows as the one line that says why, not traitlets' and qmagic's frames; set
-        in a function, the usual traceback shows where."""
+        in a function, the usual traceback shows where.  A new name like a setting's is refused."""
+        if not name.startswith("_") and name not in self.__dict__ and not hasattr(type(self), name):
+            meant = closest_setting(name, 0.8)
+            if meant is not None:
+                raise one_line(AttributeError(no_such_setting(type(self).__name__, name, meant)))
         try:
             super().__setattr__(name, value)
         except Exception as exc:

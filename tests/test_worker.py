@@ -1266,3 +1266,15 @@ def test_a_misspelt_setting_is_refused_not_dropped(tmp_path):
         qmagic.QMagic(zzz=1)
     assert set(threading.enumerate()) <= before | {t for t in threading.enumerate() if t.name == "qmagic-timer"}
     assert qmagic.QMagic(max_background_tasks=8).max_background_tasks == 8
+    # on a live worker, likewise: the attribute was kept, and did nothing
+    w = qmagic.Worker({}, state_dir=str(tmp_path))
+    try:
+        with pytest.raises(AttributeError, match=r"^Worker has no setting 'max_background_task': did "
+                           r"you mean 'max_background_tasks'\? the settings are listed by "):
+            w.max_background_task = 8
+        assert "max_background_task" not in vars(w) and w.max_background_tasks == 32
+        w.my_note = "beamtime 7"  # (a name like no setting's is the caller's own)
+        w.max_background_tasks = 8
+        assert w.engine.max_background == 8
+    finally:
+        w.close()
