@@ -199,7 +199,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
         engine = getattr(self, "engine", None)
         if engine is not None:
             setattr(engine, _ENGINE_SETTINGS[change["name"]], change["new"])
-            if change["name"] in ("max_finished_tasks", "max_finished_task_bytes"):
+            if change["name"] in ("max_finished_tasks", "max_finished_task_bytes", "task_retention_s"):
                 engine.apply_limits()
 
     @observe("async_loop")

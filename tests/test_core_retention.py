@@ -300,3 +300,21 @@ def test_an_interrupt_inside_the_size_check_takes_the_size_back(engine_factory, 
     with pytest.raises(KeyboardInterrupt):
         held(engine, 6, threading.Event())
     assert engine._live_sizes == {} and engine.tasks() == []
+
+
+def test_a_lowered_retention_lets_the_tasks_past_it_leave_without_waiting_for_the_old_one(engine_factory):
+    """task_retention_s lowered (600 s -> 120 s: here 600 -> 0.2) left the finished tasks in
+    memory until the sweep planned at the old retention, ten minutes on: they now leave once
+    past the new one, and one chain of sweeps goes on (the planned sweep ends the early ones)."""
+    from polling import eventually
+
+    engine, expired = engine_factory(retention_s=600.0)
+    tasks = [run(engine) for _ in range(3)]
+    assert retained(engine) == tasks
+    engine.retention_s = 0.2
+    engine.apply_limits()  # (what the worker's task_retention_s does)
+    eventually(lambda: retained(engine) == [], TIMEOUT, "the tasks past the new retention to leave")
+    assert expired == tasks
+    later = run(engine)  # a task that ends now is kept its 0.2 s, then leaves too
+    eventually(lambda: retained(engine) == [], TIMEOUT, "the later task to leave")
+    assert expired == tasks + [later]

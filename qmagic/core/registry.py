@@ -156,8 +156,8 @@ class TaskRegistry:
         if size:
             self._sized_inbox.append((uid, size))  # after the job: a drain finds it retained
         if self._sweep_at is None:
-            self._sweep_at = time.time() + self.retention_s
-            self.timers.schedule(self.retention_s, self._sweep)
+            self._sweep_at = at = time.time() + self.retention_s
+            self.timers.schedule(self.retention_s, lambda: self._sweep(at))
         while self._over_limits() and self._lock.acquire(False):
             try:
                 expired = self._trim()
@@ -166,10 +166,14 @@ class TaskRegistry:
             self._expired(expired)
 
     def apply_limits(self) -> None:
-        """``max_finished`` or ``max_finished_bytes`` changed: the finished tasks beyond them
-        leave memory now (they waited for the next task's end, which may never come)."""
+        """``max_finished``, ``max_finished_bytes`` or ``retention_s`` changed: the finished
+        tasks beyond them leave memory now (they waited for the next task's end, which may
+        never come, or for the sweep planned at the old ``retention_s``)."""
         with self._lock:
             expired = self._trim()
+            if self._sweep_at is not None:  # sweep now, at this retention (the sweep planned
+                self._sweep_at = at = time.time()  # at the old one is then stale)
+                self.timers.schedule(0, lambda: self._sweep(at))
         self._expired(expired)
 
     def _over_limits(self) -> bool:
@@ -228,12 +232,17 @@ class TaskRegistry:
         except KeyError:
             return None
 
-    def _sweep(self) -> None:
-        """Timer: forget the jobs finished more than ``retention_s`` ago."""
+    def _sweep(self, at: float | None = None) -> None:
+        """Timer: forget the jobs finished more than ``retention_s`` ago.  ``at``: the time
+        this sweep was planned for; one planned since in its place (``_sweep_at`` changed:
+        :meth:`apply_limits`, or a second task's end racing the first) makes it stale: it
+        does nothing, so one chain of sweeps goes on."""
         now = time.time()
         expired: list[Task] = []
         nxt = None
         with self._lock:
+            if at is not None and self._sweep_at is not None and self._sweep_at != at:
+                return
             self._sweep_at = None
             self._count_sizes()
             while (oldest := self._take_oldest()) is not None:
@@ -250,7 +259,7 @@ class TaskRegistry:
             if nxt is not None:
                 self._sweep_at = nxt
         if nxt is not None:
-            self.timers.schedule(nxt - now, self._sweep)
+            self.timers.schedule(nxt - now, lambda: self._sweep(nxt))
         self._expired(expired)
 
     def _expired(self, tasks: list[Task]) -> None:
