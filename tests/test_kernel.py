@@ -464,7 +464,13 @@ def test_a_task_that_gets_qmagics_error_shows_its_own_frames_only(qk):
 
 def test_unload_removes_everything_and_reload_works(qk):
     assert qk.eval("bool([t for t in threading.enumerate() if t.name.startswith('qmagic')])") is True
+    # %config reaches the live worker (it set the shell's config only: the next load read it)
+    qk.execute("%config QMagic.task_output_limit = 100001", check=True)
+    assert qk.eval("(w.task_output_limit, w.engine.output_limit)") == (100001, 100001)
+    workers = "[type(c).__name__ for c in get_ipython().configurables].count('Worker')"
+    assert qk.eval(workers) == 1
     qk.execute("%unload_ext qmagic", check=True)
+    assert qk.eval(workers) == 0  # (the unloaded worker is not kept alive by %config's list)
     gone = qk.execute("%function_execute add 1")
     assert gone.status == "error" and "not found" in gone.error["evalue"]
     assert qk.execute("qmagic.get_worker()").error["ename"] == "NotLoaded"  # (a RuntimeError)
@@ -480,6 +486,7 @@ def test_unload_removes_everything_and_reload_works(qk):
     qk.execute("%load_ext qmagic", check=True)
     again = qk.execute("w = qmagic.get_worker(); qs = QS(w)\n%function_execute add 5", check=True)
     assert again.result.startswith("add(5)")
+    assert qk.eval(f"({workers}, w.task_output_limit)") == (1, 100001)
     bg = qk.execute("bg_d = %function_execute -b bg_wait 'd'", check=True)
     qk.wait_for_output(bg.msg_id, "d started")
     assert qk.eval("events['d'].set() or bg_d.result(10)") == "d"

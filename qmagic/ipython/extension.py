@@ -117,6 +117,9 @@ class Session:
         self.worker = worker = Worker(shell.user_ns, parent=shell, foreground=runner,
                                       hidden_names=getattr(shell, "user_ns_hidden", None))
         self._step("worker", worker.close)
+        if isinstance(getattr(shell, "configurables", None), list):  # %config QMagic.x = v reaches it
+            shell.configurables.append(worker)
+            self._step("%config", lambda: _drop_configurable(shell, worker))
         atexit.register(self._close_at_exit)  # (before IPython's own exit operations)
         self._step("close at exit", lambda: atexit.unregister(self._close_at_exit))
         worker.provenance_source = provenance_source(shell)
@@ -247,9 +250,7 @@ def _unregister_magics(shell: Any, magics: Any) -> None:
     """IPython has no public 'unregister': remove our names from the manager's tables, and
     the instance from ``shell.configurables`` (``register_magics`` appends it there; it
     holds the worker, which would otherwise live as long as the kernel)."""
-    configurables = getattr(shell, "configurables", None)
-    if isinstance(configurables, list):
-        configurables[:] = [c for c in configurables if c is not magics]
+    _drop_configurable(shell, magics)
     manager = shell.magics_manager
     for kind, table in magics.magics.items():
         registered = manager.magics.get(kind, {})
@@ -259,6 +260,13 @@ def _unregister_magics(shell: Any, magics: Any) -> None:
                 del registered[name]
     if manager.registry.get(type(magics).__name__) is magics:
         del manager.registry[type(magics).__name__]
+
+
+def _drop_configurable(shell: Any, obj: Any) -> None:
+    """Take ``obj`` out of ``shell.configurables`` (where ``%config`` finds what it sets)."""
+    configurables = getattr(shell, "configurables", None)
+    if isinstance(configurables, list):
+        configurables[:] = [c for c in configurables if c is not obj]
 
 
 def load_ipython_extension(shell: Any) -> None:
