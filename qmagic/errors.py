@@ -58,8 +58,20 @@ class _OneLineInCell:
             tb = tb.tb_next
         if innermost not in (None, "<module>"):
             raise AttributeError("_render_traceback_")
-        line = f"{type(exc).__name__}: {exc}"
+        line = f"{type(exc).__name__}: {_cell_text(exc)}"
         return lambda: [line]
+
+
+def _cell_text(exc: BaseException) -> str:
+    """A refusal reads as the magics word it (:func:`qmagic.format.refusal_line`): one line,
+    control characters escaped.  Its ``str`` is queueserver's multi-line text, with a lock
+    note as written: a note holding ``\x1b[2J`` or ``\u202e`` reached the cell raw."""
+    if isinstance(exc, RequestRefused):
+        from .format import refusal_line
+
+        return refusal_line(exc, "give the key with lock_key=KEY (a Task's cancel(): "
+                                 "qmagic.get_worker().cancel(task, lock_key=KEY))")
+    return str(exc)
 
 
 class QMagicError(Exception):

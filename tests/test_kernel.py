@@ -446,6 +446,30 @@ def test_refusals_of_the_python_api_show_one_line_in_a_cell(qk):
     assert result.error["ename"] == "TaskNotFound" and "look_up" in "\n".join(result.error["traceback"])
 
 
+def test_a_lock_refusal_of_the_python_api_shows_one_line_with_the_note_escaped(qk):
+    """``w.submit(..., lock_key="wrong")`` in a cell showed queueserver's six-line text,
+    the lock's note as written: an escape sequence in it coloured (or cleared) what
+    followed, a newline made a line of its own (found by the beamtime tester).  The cell
+    shows the line the magics show, control characters escaped; ``str(exc)`` stays
+    queueserver's text."""
+    qk.execute("w.lock('k-note', note='sample\\x1b[31m change\\nline 2 \\u202e')", check=True)
+    try:
+        for code, said in (
+                ("w.submit('add', (1,), lock_key='wrong')", "the key given does not open it"),
+                ("w.unlock('wrong')", "the key given is neither its lock key nor the emergency key")):
+            result = qk.execute(code)
+            assert result.status == "error" and result.error["ename"] == "LockRefused", result.error
+            [shown] = result.error["traceback"]
+            assert "\n" not in shown and "\x1b" not in shown and "\u202e" not in shown, shown
+            assert shown.startswith("LockRefused: The environment is locked by ") and said in shown
+            assert "note: sample\\x1b[31m change\\nline 2 \\u202e)" in shown
+        qk.execute("try:\n    w.submit('add', (1,), lock_key='wrong')\n"
+                   "except qmagic.LockRefused as exc:\n    refused_text = str(exc)\n", check=True)
+        assert qk.eval("refused_text.splitlines()[0]") == "Error: Invalid lock key: "
+    finally:
+        qk.execute("w.unlock('k-note')", check=True)
+
+
 def test_a_task_that_gets_qmagics_error_shows_its_own_frames_only(qk):
     """A foreground task whose code waited on another task and timed out showed qmagic's
     frames after its own (core/task.py; found by a hostile test)."""
