@@ -1250,6 +1250,37 @@ def test_kernel_interrupt_cancels_a_foreground_coroutine_task(ak):
     assert ak.execute("%function_execute acq 1", check=True).stdout == "acq x started\nacq x done\n"
 
 
+def test_kernel_interrupt_of_a_coroutine_that_holds_its_loop_says_why_the_cell_goes_on(ak):
+    """A foreground coroutine that blocks its event loop (``time.sleep``, a blocking read,
+    ``RE(...)`` called in a coroutine) cannot take ■'s cancel until that call returns: the
+    cell went on, ■ after ■, with no word (a deadlock held it for good; the beamtime
+    tester).  One line on the cell's stderr now says why, and what to do if it never ends."""
+    ak.execute("import os\n"
+               "def hold_loop(name):\n"
+               "    print(f'{name} holds', flush=True)\n"
+               "    wait_until(lambda: os.path.exists(name))  # (blocks the loop: no await)\n"
+               "async def holder(name):\n"
+               "    hold_loop(name)\n"
+               "    return 'held'\n", check=True)
+    release = ak.base / "work" / "h1"  # (the kernel's working folder: the test frees it)
+    cell = ak.execute_async("%function_execute holder 'h1'")
+    try:
+        ak.wait_for_output(cell, "h1 holds")
+        ak.interrupt()
+        said = ak.wait_for_output(cell, "restart the kernel", timeout=10, name="stderr").strip()
+        assert said == (
+            "qmagic: holder('h1') waits for its event loop, which code on it holds (a call that does "
+            "not await: time.sleep, a blocking read, RE(...) in a coroutine); the interrupt lands once "
+            "that call returns. If it never does, restart the kernel.")
+        ak.interrupt()  # (■ again: said once)
+    finally:
+        release.touch()
+    result = ak.wait(cell)
+    release.unlink()
+    assert result.error["ename"] == "KeyboardInterrupt" and result.stderr.strip() == said
+    assert ak.eval("(w.last_task.status.value, w.last_task.result())") == ("completed", "held")
+
+
 def test_kernel_a_cell_script_with_a_top_level_await(ak):
     """``%%script_upload`` of a cell that awaits, as the notebook's own cells may: its output in
     the cell, its names in the namespace; ■ while it awaits cancels it, and none of its names stay."""

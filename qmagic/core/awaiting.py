@@ -11,6 +11,7 @@ import contextvars
 import inspect
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +34,35 @@ log = logging.getLogger("qmagic")
 #: found stopped at two looks in a row, the task ends failed (:class:`LoopWatch`).
 LOOP_CHECK_S = 1.0
 MSG_LOOP_STOPPED = "The event loop this task ran on was stopped, so it could not go on: run it again."
+
+
+#: Said once when an interrupted foreground coroutine task's event loop has not run for
+#: :data:`LOOP_HELD_S` (a cell that ■ could not end, and no word why; the beamtime tester).
+LOOP_HELD_S = 1.0
+MSG_LOOP_HELD = ("qmagic: %s waits for its event loop, which code on it holds (a call that does not "
+                 "await: time.sleep, a blocking read, RE(...) in a coroutine); the interrupt lands "
+                 "once that call returns. If it never does, restart the kernel.")
+
+
+class _LoopProbe:
+    """Whether ``loop`` runs: a callback sent to it, not run within :data:`LOOP_HELD_S`,
+    means code on it holds it.  :meth:`held` is True once, then never again."""
+
+    def __init__(self, loop: Any) -> None:
+        self._ran = threading.Event()
+        self._sent = time.monotonic()
+        self._told = loop is None
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._ran.set)
+            except RuntimeError:  # (closed: the loop watch ends its tasks)
+                self._told = True
+
+    def held(self) -> bool:
+        if self._told or self._ran.is_set() or time.monotonic() - self._sent < LOOP_HELD_S:
+            return False
+        self._told = True
+        return True
 
 
 class LoopWatch:
@@ -204,11 +234,14 @@ class CoroutineJobs:
         self._schedule_coroutine(job)
         task = job.task
         interrupted = False
+        probe: _LoopProbe | None = None
         while not task.done():
             if job.interrupted_early:  # (■ before the wait began: taken by the guard)
                 interrupted = True  # (the cancel flag first: the coroutine reads one as it starts)
                 self.engine.cancel(task, reason=INTERRUPTED)
                 job.interrupted_early = False
+            if interrupted and probe is None:
+                probe = _LoopProbe(job.loop)
             try:
                 job.in_user_code = True  # the interrupt guard lets ■ through while waiting
                 task.wait(0.5)
@@ -219,6 +252,8 @@ class CoroutineJobs:
                     self._send_cancel(job)
             finally:
                 job.in_user_code = False
+            if probe is not None and probe.held() and not task.done():
+                log.warning(MSG_LOOP_HELD, task.call_text(60))
         if job.interrupted_early:  # (■ taken before it started, but it had ended by then)
             job.interrupted_early, interrupted = False, True
         if interrupted and task.status is TaskStatus.COMPLETED:  # (a failure shows itself)
