@@ -69,8 +69,7 @@ def _cell_text(exc: BaseException) -> str:
     if isinstance(exc, RequestRefused):
         from .format import refusal_line
 
-        return refusal_line(exc, "give the key with lock_key=KEY (a Task's cancel(): "
-                                 "qmagic.get_worker().cancel(task, lock_key=KEY))")
+        return refusal_line(exc, getattr(exc, "give_key", "") or "give the key with lock_key=KEY")
     return str(exc)
 
 
@@ -109,13 +108,15 @@ class LockRefused(RequestRefused, PermissionError):
     ``key_given`` is True when the caller gave a key (a wrong one, not a missing one);
     ``unlocking`` when the request was an unlock (the emergency key would also open it);
     ``default_key`` how the request's door releases a lock that your default key opens, when
-    the request gave no key and it does (a kernel restarted after ``%lock`` without a key).
+    the request gave no key and it does (a kernel restarted after ``%lock`` without a key);
+    ``give_key`` how a call that takes no key gives one (``task.cancel()``), when it does not.
     """
 
     state = None
     key_given = False
     unlocking = False
     default_key = ""
+    give_key = ""
 
 
 class PermissionRefused(RequestRefused, PermissionError):

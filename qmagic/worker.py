@@ -400,7 +400,7 @@ class Worker(StateMixin, LockMixin, LookupMixin, QMagic):
     def _cancel_from_handle(self, task: Task, force: bool, reason: str) -> bool:
         """``task.cancel()``: the lock rule of :meth:`cancel` (this kernel's key stands in),
         then the engine; False if the task had already finished."""
-        self.check_lock()
+        self.check_lock(origin="handle")
         return self.engine.cancel(task, force=force, reason=reason)
 
     def cancel_all(self, *, force: bool = False, lock_key: str | None = None,

@@ -49,6 +49,8 @@ class LockMixin:
             self._locks.check(self._key(lock_key, origin), scope, client=client)
         except LockRefused as exc:
             exc = self._with_state(exc, lock_key)
+            if origin == "handle":  # (``task.cancel()``, which takes no key: say how to give one)
+                exc.give_key, origin = "give the key with qmagic.get_worker().cancel(task, lock_key=KEY)", "python"
             if lock_key is None and origin in _HOW_TO_GIVE_A_KEY and self._locks.opens_with_default_key():
                 exc.default_key = _HOW_TO_GIVE_A_KEY[origin][1]  # (this kernel's own lock, of
             raise exc from None  # before a restart: say how to release it)

@@ -273,3 +273,29 @@ def test_clear_lock_tool_frees_running_kernels(kernel_factory, tmp_path):
     assert done.returncode == 0 and "was damaged" in done.stdout, done.stdout + done.stderr
     assert other.eval("run()") == 42
     assert json.loads((state / f"{env}.lock.json").read_text())["environment"] is False
+
+
+def test_a_refused_cancel_of_a_task_handle_says_how_to_give_the_key(kernel_factory, tmp_path):
+    """Bob's ``t.cancel()`` while Alice holds the lock is refused (cancelling is in the
+    environment's scope); the line said "give the key with lock_key=KEY", which
+    ``task.cancel()`` does not take (a TypeError next; the beamtime tester).  It names the
+    call that takes it; a refused ``w.submit`` keeps its own words."""
+    state = tmp_path / "state"
+    a = _start(kernel_factory, state, "Alice")
+    b = _start(kernel_factory, state, "Bob")
+    started = b.execute("t = %function_execute -b bg_wait 'held'", check=True)
+    b.wait_for_output(started.msg_id, "held started")
+    try:
+        a.execute("%lock --key KA --note 'hutch'", check=True)
+        refused = b.execute("t.cancel()")
+        assert refused.error["ename"] == "LockRefused"
+        [line] = refused.error["traceback"]
+        assert line.startswith("LockRefused: The environment is locked by Alice (since ")
+        assert line.endswith("; note: hutch): give the key with qmagic.get_worker().cancel(task, "
+                             "lock_key=KEY), or ask them to unlock.")
+        [submitted] = b.execute("w.submit('double', (1,))").error["traceback"]
+        assert submitted.endswith("): give the key with lock_key=KEY, or ask them to unlock.")
+        assert b.eval("w.cancel(t, lock_key='KA') is t and t.cancel_requested") is True
+    finally:
+        a.execute("%unlock --key KA", check=True)
+        b.execute("events.setdefault('held', threading.Event()).set()", check=True)
