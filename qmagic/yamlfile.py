@@ -79,4 +79,15 @@ def load_yaml_file(path: str | os.PathLike, what: str, error: type[Exception], *
     except UnicodeDecodeError as exc:
         raise error(f"{what} is not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
-        raise error(f"{what} is not valid YAML{hint}: {exc}") from None
+        raise error(f"{what} is not valid YAML{hint}: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML syntax error in one line: ``did not find expected node content at line 3,
+    column 1 (while parsing a flow node)``.  Its ``str`` is three lines, the mark of a
+    ``<unicode string>`` among them, which a cell showed under a one-line error."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem or mark is None:
+        return " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" + (f" ({context})" if context else "")

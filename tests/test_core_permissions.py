@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import threading
 import time
 
@@ -443,6 +444,10 @@ def test_from_file_errors(tmp_path):
     with pytest.raises(PermissionsFormatError) as info:
         Permissions.from_file(str(broken))
     assert f"'{broken}' is not valid YAML" in str(info.value) and "line " in str(info.value)
+    # one line, the place as a person counts it (YAML's own text: three lines, "<unicode string>")
+    # (libyaml and PyYAML word the problem apart)
+    assert re.fullmatch(rf"User group permissions file '{re.escape(str(broken))}' is not valid YAML: "
+                        r"[^\n]+ at line 4, column \d+ \(while parsing a flow sequence\)", str(info.value)), info.value
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
     with pytest.raises(PermissionsFormatError, match="is empty: it must contain a 'user_groups' mapping"):
