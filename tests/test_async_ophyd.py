@@ -209,6 +209,35 @@ def test_the_run_engine_runs_plans_with_the_same_devices(beamline, make_worker):
     assert in_loop(beamline.loop, beamline.motor.locate()) == {"setpoint": 0.0, "readback": 0.0}
 
 
+def test_a_run_engine_called_by_a_background_or_coroutine_task_says_what_to_do(beamline, make_worker):
+    """``RE(plan)`` in a ``-b`` function, or in an ``async def`` one, fails as bluesky sets
+    its SIGINT handler: the task's error read "signal only works in main thread of the
+    main interpreter", which does not say what to do (the beamtime tester).  It says so;
+    the RunEngine is untouched and runs the plan from the main thread."""
+    from bluesky import RunEngine
+    from bluesky.plans import count
+
+    RE = RunEngine({}, call_returns_result=True)  # (bluesky's default: its SIGINT handler)
+
+    def scan_bg():
+        return RE(count([beamline.det]))
+
+    async def scan_async():
+        return RE(count([beamline.det]))
+
+    w = make_worker({"scan_bg": scan_bg, "scan_async": scan_async})
+    for name in ("scan_bg", "scan_async"):
+        task = w.submit(name)
+        assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
+        assert task.error == (
+            "signal only works in main thread of the main interpreter: the code set a signal handler, "
+            "which only the kernel's main thread may (bluesky's RE(...) does): run it in the "
+            "foreground (without -b, from a plain def), or RE(plan) in a cell")
+        assert task.traceback.rstrip().endswith(
+            "ValueError: signal only works in main thread of the main interpreter")
+    assert RE.state == "idle" and RE(count([beamline.det])).exit_status == "success"
+
+
 # =========================================================================================
 # a real kernel
 # =========================================================================================

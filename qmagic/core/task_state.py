@@ -51,7 +51,17 @@ def exception_text(exc: BaseException) -> str:
         text = str(exc)
     except Exception:  # noqa: BLE001 - a broken __str__ must not lose the record
         text = ""
+    if text == _SIGNAL_OFF_MAIN and isinstance(exc, ValueError):
+        return f"{text}: {_SIGNAL_HINT}"
     return text or type(exc).__name__
+
+
+#: Python's words for a signal handler set by a thread other than the main one -- what
+#: bluesky's ``RE(plan)`` does in a background (or coroutine) task, a common mistake that the
+#: words alone do not explain (the beamtime tester).
+_SIGNAL_OFF_MAIN = "signal only works in main thread of the main interpreter"
+_SIGNAL_HINT = ("the code set a signal handler, which only the kernel's main thread may (bluesky's "
+                "RE(...) does): run it in the foreground (without -b, from a plain def), or RE(plan) in a cell")
 
 
 class _Captured:
