@@ -1193,6 +1193,14 @@ async def abad(x):
 
 def count_plan():
     yield "msg"
+
+import os
+
+async def holder(name):
+    """Holds its event loop (no await) until a file ``name`` exists in the working folder."""
+    print(f"{name} holds", flush=True)
+    wait_until(lambda: os.path.exists(name))
+    return "held"
 '''
 
 
@@ -1255,13 +1263,6 @@ def test_kernel_interrupt_of_a_coroutine_that_holds_its_loop_says_why_the_cell_g
     ``RE(...)`` called in a coroutine) cannot take ■'s cancel until that call returns: the
     cell went on, ■ after ■, with no word (a deadlock held it for good; the beamtime
     tester).  One line on the cell's stderr now says why, and what to do if it never ends."""
-    ak.execute("import os\n"
-               "def hold_loop(name):\n"
-               "    print(f'{name} holds', flush=True)\n"
-               "    wait_until(lambda: os.path.exists(name))  # (blocks the loop: no await)\n"
-               "async def holder(name):\n"
-               "    hold_loop(name)\n"
-               "    return 'held'\n", check=True)
     release = ak.base / "work" / "h1"  # (the kernel's working folder: the test frees it)
     cell = ak.execute_async("%function_execute holder 'h1'")
     try:
@@ -1279,6 +1280,27 @@ def test_kernel_interrupt_of_a_coroutine_that_holds_its_loop_says_why_the_cell_g
     release.unlink()
     assert result.error["ename"] == "KeyboardInterrupt" and result.stderr.strip() == said
     assert ak.eval("(w.last_task.status.value, w.last_task.result())") == ("completed", "held")
+
+
+def test_kernel_a_forced_cancel_of_a_coroutine_that_holds_its_loop_says_why_nothing_happens(ak):
+    """A background coroutine holding its loop: Force stop did nothing, and its warning
+    ("did not stop; cancelling again") is made on that loop, so nothing was said at all.
+    The timer that forces it says why, once the loop has not run for a second."""
+    release = ak.base / "work" / "h2"
+    started = ak.execute("t = %function_execute -b holder 'h2'\nw.cancel_grace_s = 0.1", check=True)
+    try:
+        ak.wait_for_output(started.msg_id, "h2 holds")
+        cancel = ak.execute("%task_cancel --force", check=True)
+        said = ak.wait_for_output(cancel.msg_id, "restart the kernel", timeout=10, name="stderr").strip()
+        assert said == (
+            "qmagic: holder('h2') waits for its event loop, which code on it holds (a call that does "
+            "not await: time.sleep, a blocking read, RE(...) in a coroutine); the cancel lands once "
+            "that call returns. If it never does, restart the kernel.")
+    finally:
+        release.touch()
+        ak.execute("w.cancel_grace_s = 2.0", check=True)
+    assert ak.eval("t.wait(10)") is True
+    release.unlink()
 
 
 def test_kernel_a_cell_script_with_a_top_level_await(ak):

@@ -37,10 +37,11 @@ MSG_LOOP_STOPPED = "The event loop this task ran on was stopped, so it could not
 
 
 #: Said once when an interrupted foreground coroutine task's event loop has not run for
-#: :data:`LOOP_HELD_S` (a cell that ■ could not end, and no word why; the beamtime tester).
+#: :data:`LOOP_HELD_S` (a cell that ■ could not end, and no word why; the beamtime tester),
+#: and when a forced cancel finds it so (a Force stop that did nothing, and no word why).
 LOOP_HELD_S = 1.0
 MSG_LOOP_HELD = ("qmagic: %s waits for its event loop, which code on it holds (a call that does not "
-                 "await: time.sleep, a blocking read, RE(...) in a coroutine); the interrupt lands "
+                 "await: time.sleep, a blocking read, RE(...) in a coroutine); the %s lands "
                  "once that call returns. If it never does, restart the kernel.")
 
 
@@ -58,8 +59,8 @@ class _LoopProbe:
             except RuntimeError:  # (closed: the loop watch ends its tasks)
                 self._told = True
 
-    def held(self) -> bool:
-        if self._told or self._ran.is_set() or time.monotonic() - self._sent < LOOP_HELD_S:
+    def held(self, after: float = LOOP_HELD_S) -> bool:
+        if self._told or self._ran.is_set() or time.monotonic() - self._sent < after:
             return False
         self._told = True
         return True
@@ -253,7 +254,7 @@ class CoroutineJobs:
             finally:
                 job.in_user_code = False
             if probe is not None and probe.held() and not task.done():
-                log.warning(MSG_LOOP_HELD, task.call_text(60))
+                log.warning(MSG_LOOP_HELD, task.call_text(60), "interrupt")
         if job.interrupted_early:  # (■ taken before it started, but it had ended by then)
             job.interrupted_early, interrupted = False, True
         if interrupted and task.status is TaskStatus.COMPLETED:  # (a failure shows itself)
@@ -300,6 +301,8 @@ class CoroutineJobs:
             by_loop.setdefault(job.loop, []).append(job)
         for loop, batch in by_loop.items():
             _send(loop, self._cancel_again_on_loop, batch)
+            probe = _LoopProbe(loop)  # (held: that second cancel, and its warning, wait; say so)
+            self.engine.timers.schedule(LOOP_HELD_S, lambda b=batch, p=probe: _warn_if_held(b, p))
 
     def _cancel_again_on_loop(self, jobs: list[Job]) -> None:
         """On the loop: one step later (a first cancel delivered just now, by a hop queued
@@ -335,6 +338,13 @@ class CoroutineJobs:
     def _send_cancel(job: Job) -> None:
         if job.loop is not None:
             job.loop.call_soon_threadsafe(cancel_atask, job, job.task.cancel_reason)
+
+
+def _warn_if_held(jobs: list[Job], probe: _LoopProbe) -> None:
+    """Timer: the forced cancel of ``jobs`` found their loop held (:data:`MSG_LOOP_HELD`)."""
+    left = [job.task for job in jobs if not job.task.done()]
+    if left and probe.held(0.0):
+        log.warning(MSG_LOOP_HELD, left[0].call_text(60) if len(left) == 1 else call_texts(left), "cancel")
 
 
 def _send(loop: Any, fn: Callable[[list[Job]], None], jobs: list[Job]) -> None:
