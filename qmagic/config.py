@@ -279,6 +279,18 @@ class QMagic(Configurable):
                 raise TypeError(no_such_setting(f"{type(self).__name__}()", name, closest_setting(name)))
         super().__init__(**kwargs)
 
+    def update_config(self, config) -> None:
+        """traitlets' ``update_config``, as IPython's ``%config QMagic.x = v`` calls it on the
+        live worker.  A value refused leaves every setting as it was, and is also taken out of
+        ``config``: %config hands the same object on to the shell, whose configuration the
+        next ``%reload_ext qmagic`` reads (kept there, it failed every later load)."""
+        try:
+            super().update_config(config)
+        except Exception:
+            for section in self.section_names():
+                config.pop(section, None)
+            raise
+
     @validate("default_user")
     def _check_default_user(self, proposal):
         problem = user_problem(proposal["value"])

@@ -291,6 +291,27 @@ def test_a_setting_refused_in_a_cell_shows_one_line(qk):
     assert "configure()" in "\n".join(result.error["traceback"])  # (where: the function)
 
 
+def test_config_magic_changes_a_setting_of_the_live_worker(tmp_path):
+    """``%config QMagic.default_user = "Alice"`` (IPython's way to set a setting in a cell)
+    was silently ignored: the worker was not among the shell's configurables.  It was kept
+    for the next ``%reload_ext`` only, a refused value too, which then failed every load
+    (found by the beamtime tester).  Now it applies at once; a refused value says why in one
+    line, changes nothing, and is not kept for a later load."""
+    k = start_kernel(tmp_path)
+    try:
+        k.execute("%config QMagic.default_user = 'Alice'", check=True)
+        assert k.eval("(w.default_user, w.submit('add', (1,)).user)") == ("Alice", "Alice")
+        refused = k.execute("%config QMagic.max_background_tasks = 0", check=True)
+        assert refused.stderr.strip().startswith("The value of the 'max_background_tasks' trait")
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert k.eval("w.max_background_tasks") == 32
+        k.execute("%reload_ext qmagic", check=True)
+        assert k.eval("(qmagic.get_worker().default_user, qmagic.get_worker().max_background_tasks)") == (
+            "Alice", 32)
+    finally:
+        k.shutdown()
+
+
 def test_output_of_a_background_task_no_cell_started_goes_to_no_cell(qk):
     """A remote client's background task (started on another thread, as the control channel
     does) prints while a scientist runs a cell: none of it lands in that cell; the task
