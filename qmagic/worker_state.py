@@ -63,6 +63,15 @@ def default_group_problem(group: str, known: list[str]) -> str | None:
             f"set it to one of them, or add '{printable(group, 100)}' to the rules")
 
 
+def _refuse_misspelt_setting(worker: Any, name: str) -> None:
+    """AttributeError in one line for a new public attribute of ``worker`` whose name is close
+    to a setting's (``w.max_background_task = 8`` would do nothing)."""
+    if not name.startswith("_") and name not in worker.__dict__ and not hasattr(type(worker), name):
+        meant = closest_setting(name, 0.8)
+        if meant is not None:
+            raise one_line(AttributeError(no_such_setting(type(worker).__name__, name, meant)))
+
+
 class StateMixin(LogMixin):
     """Permissions, the lock store, settings and environment state of a worker (with the
     experiment log of :class:`~qmagic.worker_log.LogMixin`)."""
@@ -71,10 +80,7 @@ class StateMixin(LogMixin):
         """A setting refused in a cell's own line (``w.state_dir = "/no/such"``, ``w.max_background_tasks
         = 0``) shows as the one line that says why, not traitlets' and qmagic's frames; set
         in a function, the usual traceback shows where.  A new name like a setting's is refused."""
-        if not name.startswith("_") and name not in self.__dict__ and not hasattr(type(self), name):
-            meant = closest_setting(name, 0.8)
-            if meant is not None:
-                raise one_line(AttributeError(no_such_setting(type(self).__name__, name, meant)))
+        _refuse_misspelt_setting(self, name)
         try:
             super().__setattr__(name, value)
         except Exception as exc:
@@ -228,9 +234,6 @@ class StateMixin(LogMixin):
         self._warn_default_group()
 
     # -- the default group and the rules: one line when they disagree ------------------------------
-    def _default_group_problem(self) -> str | None:
-        return default_group_problem(self.default_user_group, self._permissions.groups())
-
     @observe("default_user_group")
     def _default_group_setting(self, change: Mapping[str, Any]) -> None:
         if "_default_group_warned" in self.__dict__:  # (set up: the rules are there)
@@ -239,7 +242,7 @@ class StateMixin(LogMixin):
     def _warn_default_group(self) -> None:
         """One warning when the setting or the rules change so that they disagree (not again
         while the same setting and the same groups stand)."""
-        problem = self._default_group_problem()
+        problem = default_group_problem(self.default_user_group, self._permissions.groups())
         seen = None if problem is None else (self.default_user_group, tuple(self._permissions.groups()))
         if seen is not None and seen != self._default_group_warned:
             log.warning("qmagic: QMagic.default_user_group '%s' %s; until then every request that names no "
@@ -249,7 +252,8 @@ class StateMixin(LogMixin):
     def _check_group(self, group: str, defaulted: bool) -> None:
         """A request's group must be one of the rules' (queueserver's refusal); a group that
         came from ``QMagic.default_user_group`` names that setting and what to do."""
-        problem = self._default_group_problem() if defaulted and group == self.default_user_group else None
+        problem = (default_group_problem(group, self._permissions.groups())
+                   if defaulted and group == self.default_user_group else None)
         if problem is not None:
             raise PermissionRefused(f"Error: Unknown user group: '{printable(group, 100)}': QMagic.default_user_group "
                                     f"{problem}.")
