@@ -282,7 +282,7 @@ def test_filters(journal):
     with pytest.raises(ValueError, match="Unknown task status bogus"):
         journal.records(status="bogus")
     with pytest.raises(ValueError, match="-30m, -2h, -7d"):
-        journal.records(since="yesterday")
+        journal.records(since="last week")
 
 
 def test_records_are_idempotent_and_merge_by_rank(journal, tmp_path):
