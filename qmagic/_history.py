@@ -45,7 +45,8 @@ def history(*, state_dir: str | os.PathLike[str] | None = None,
     ``"scan_*"``), ``notebook`` (path or file name of the notebook that started them, or a
     pattern; in patterns ``*`` and ``?`` are wildcards and brackets match themselves, so
     ``"scan[2].ipynb"`` is that file),
-    ``since`` / ``until`` (epoch, datetime, ISO text, ``"-2h"``, ``"-7d"``), ``uid`` (a
+    ``since`` / ``until`` (epoch, datetime, ISO text, ``"-2h"``, ``"-7d"``, a clock time such
+    as ``"22:00"``: the latest one past, ``"today"``, ``"yesterday"``), ``uid`` (a
     prefix), ``limit`` (the newest N).  Tasks of a kernel that died while they ran read as
     failed ("kernel stopped while the task was running").  Each record has the keys of
     ``Task.to_dict()`` (``uid``, ``status`` as text, ``error``, ``result``, ``traceback``,

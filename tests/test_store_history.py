@@ -178,6 +178,13 @@ def test_a_bad_filter_shows_as_its_one_line_in_a_cell(populated):
                 read(**filters)
             assert info.value._render_traceback_() == [f"ValueError: {info.value}"], filters
             assert str(info.value).startswith(start), info.value
+    # where to read (state_dir=3 raised Python's "expected str, bytes or os.PathLike object")
+    for where, start in (({"state_dir": 3}, "state_dir must be a folder's path (text or a Path), not int"),
+                         ({"environment_name": ""}, "Invalid environment name")):
+        with pytest.raises(ValueError) as info:
+            history(**{"state_dir": folder, "environment_name": ENV, **where})
+        assert info.value._render_traceback_() == [f"ValueError: {info.value}"], where
+        assert str(info.value).startswith(start), info.value
 
 
 def test_history_dataframe_without_pandas(populated, monkeypatch):

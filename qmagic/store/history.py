@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import StateFileError
+from ..errors import StateFileError, one_line
 from ..format import cell_label, printable
 from ..history_text import (
     history_csv_lines,
@@ -112,8 +112,15 @@ def history(*, state_dir: str | os.PathLike[str] | None = None, environment_name
     was ever logged (a mistyped environment or folder), a JournalWarning says so, ending with
     ``check`` (what to do), and the list is empty.
     """
+    if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
+        raise one_line(ValueError(f"state_dir must be a folder's path (text or a Path), not "
+                                  f"{type(state_dir).__name__}: leave it out to read this kernel's log."))
+    try:
+        environment_name = validate_environment_name(environment_name)
+    except ValueError as exc:
+        raise one_line(exc) from None
     folder = Path(default_state_dir() if state_dir is None else state_dir).expanduser()
-    found = _read(folder, validate_environment_name(environment_name), filters)
+    found = _read(folder, environment_name, filters)
     if found is None:  # (not an empty log: a mistyped name or folder reads nothing, says so)
         warnings.warn(_no_log(environment_name, folder, check), JournalWarning, stacklevel=3)
         return []
