@@ -16,6 +16,7 @@ from .errors import (
     RequestRefused,
     StateFileError,
     TaskNotFound,
+    one_line,
 )
 from .format import record_call
 from .store.reader import Filters
@@ -105,6 +106,9 @@ class LookupMixin:
     def statuses(self, uids: list[str]) -> dict[str, TaskStatus | None]:
         """Status of each uid (exact uids): memory first, then the experiment log (batched);
         None for unknown uids."""
+        if isinstance(uids, (str, bytes)):  # (its characters were looked up one by one)
+            raise one_line(TypeError("statuses() takes a list of uids: statuses([uid]) for one task "
+                                     "(or get_task(uid).status)."))
         out: dict[str, TaskStatus | None] = {}
         missing = []
         get = self.engine.get

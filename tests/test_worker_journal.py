@@ -185,6 +185,8 @@ def test_a_closed_worker_finds_in_its_log_what_its_history_lists(journaled):
     assert w.find(old.uid[:8])["uid"] == old.uid
     assert w.lookup(old.uid)["uid"] == old.uid
     assert w.statuses([old.uid]) == {old.uid: TaskStatus.COMPLETED}
+    with pytest.raises(TypeError, match=r"^statuses\(\) takes a list of uids: statuses\(\[uid\]\) for one"):
+        w.statuses(old.uid)  # (each character was looked up: {'a': None, ...})
     with pytest.raises(TaskNotFound, match="not in the experiment log either"):
         w.find("ffff0000")
     with pytest.raises(LogUnavailable) as health:  # (it said the log was off: turn on journal_enabled)
