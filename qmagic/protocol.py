@@ -17,7 +17,7 @@ from .catalog import check_name
 from .core.engine import MSG_NOT_IDLE
 from .core.status import TaskStatus
 from .core.task import Task
-from .errors import PermissionsFormatError, RequestRefused
+from .errors import LockRefused, PermissionsFormatError, RequestRefused
 from .format import SUMMARY_KEY
 from .protocol_common import _flag, _lock_key, status_reply
 from .protocol_gui import GuiMethods
@@ -69,9 +69,10 @@ class QueueserverProtocol(GuiMethods):
         """queueserver ``function_execute``: start a namespace function as a task; returns its
         uid.  ``request_bytes``: what the request's data takes in memory (finished tasks'
         memory is bounded by it)."""
-        item = params.get("item")
+        item, key_read = params.get("item"), False
         try:
             lock_key = _lock_key(params)
+            key_read = True
             name, args, kwargs = _function_item(params)
             task = self.worker.submit(
                 name, args, kwargs, background=_flag(params, "run_in_background", False),
@@ -81,6 +82,8 @@ class QueueserverProtocol(GuiMethods):
         except RequestRefused as exc:
             msg = str(exc)  # queueserver's handler prefixes every refusal of this method
             msg = msg if msg.startswith("Error: ") else f"Error: {msg}"
+            if not key_read or isinstance(exc, LockRefused):  # (queueserver checks the key before
+                item = None  # it reads the item: a refusal of the key answers no item)
             return {"success": False, "msg": msg, "item": item, "task_uid": None}
         reply_item = {"name": task.name, "args": list(task.args), "kwargs": dict(task.kwargs),
                       "user": task.user, "user_group": task.user_group, "item_uid": task.uid}

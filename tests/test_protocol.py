@@ -489,6 +489,7 @@ def test_lock_replies_and_texts(make_worker, monkeypatch):
     assert qs.status()["lock_info_uid"] != uid0
     refused = qs.function_execute("f", run_in_background=True)
     assert refused["success"] is False
+    assert refused["item"] is None  # (queueserver checks the key before it reads the item)
     assert refused["msg"].startswith("Error: Invalid lock key: \nRE Manager is locked by Alice at ")
     assert ("Environment is locked: True\nQueue is locked:       False\nEmergency lock key:    set\n"
             "Note: Changing samples") in refused["msg"]
