@@ -104,9 +104,8 @@ class _TaskCall:
 
     def _checked(self, result: Any) -> Any:
         error = json_error(result) if self.strict_json else None
-        if error is not None:  # (json's own words are in the message; its frames and ours,
-            # a chained cause, showed the scientist 15 lines of json internals)
-            raise ValueError(f"Task result can not be serialized as JSON: {error}") from None
+        if error is not None:  # (chained: queueserver's traceback shows json's own error)
+            raise ValueError(f"Task result can not be serialized as JSON: {error}") from error
         return result
 
 

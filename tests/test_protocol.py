@@ -774,19 +774,3 @@ def _nested(depth: int) -> list:
     for _ in range(depth):
         value = [value]
     return value
-
-
-def test_a_remote_result_json_cannot_hold_fails_in_one_line_without_json_internals(make_worker):
-    """A remote task returning a device (not JSON) failed with a chained traceback of json's
-    own frames (``json/encoder.py ... raise TypeError``, then "The above exception was the
-    direct cause"), which %task_result and the panels showed the scientist (the beamtime
-    tester): the reason is in the one line, json's words included."""
-    w = make_worker({"motor": lambda: object()})
-    qs = QS(w)
-    reply = qs.function_execute("motor", run_in_background=True)
-    task = w.get_task(reply["task_uid"])
-    assert task.wait(TIMEOUT) and task.status is TaskStatus.FAILED
-    line = "ValueError: Task result can not be serialized as JSON: Object of type object is not JSON serializable"
-    assert task.traceback.strip() == line
-    res = qs.task_result(task_uid=task.uid)["result"]
-    assert "json" + "/" not in res["traceback"] and res["traceback"].strip().endswith(line)
