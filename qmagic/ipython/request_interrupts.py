@@ -15,6 +15,10 @@ only while a cell's code runs on the main thread (from its ``pre_run_cell`` even
 running then (a cell that has ended has nothing left to stop, and in a "run all" the next
 cell takes the next ■).  Handlers qmagic installs within a cell (the foreground task guard,
 held interrupts) hand SIGINTs on to this one as they did to the default.
+
+A cell with a top-level ``await`` runs under ipykernel's own handler, which cancels the cell
+at its ``await`` but did not wake the event loop to do it (■ took effect only when the await
+ended by itself): it is wrapped for that cell to wake the loop.
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ def _wake_after_cancel_on_sigint() -> None:
 
     def cancel_on_sigint(signum: int, frame: Any) -> None:
         handler(signum, frame)
-        loop.call_soon_threadsafe(_nothing)  # (wakes the loop: the cancellation runs now)
+        try:
+            loop.call_soon_threadsafe(_nothing)  # (wakes the loop: the cancellation runs now)
+        except RuntimeError:  # (closed: nothing to wake; never raise into the cell)
+            pass
 
     signal.signal(signal.SIGINT, cancel_on_sigint)
 
