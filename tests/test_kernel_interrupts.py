@@ -1008,6 +1008,31 @@ def test_presses_as_short_cells_start_and_end_never_lose_their_reply(sk):
     _healthy(sk)
 
 
+def test_a_press_after_a_panel_click_during_the_cell_still_stops_it(sk):
+    """A panel click while a cell runs is handled in qmagic's kernel subshell, on its own
+    thread; its request reset the main thread's count of running cells, so every later ■
+    in that cell was ignored (the cell ran on, ``[*]``, until the kernel was restarted)."""
+    model_id = sk.execute(
+        "from qmagic import panels\n"
+        "def spin_bg(n):\n"
+        "    for i in range(n):\n"
+        "        qmagic.cancellable_sleep(0.05)\n"
+        "w.namespace['spin_bg'] = spin_bg\n"
+        "t = w.submit('spin_bg', (2000,))\n"
+        "row = panels.TaskRow(w, t)\n"
+        "print(row.cancel_button(t).model_id)", check=True).stdout.strip()
+    cell = sk.execute_async("print('long cell', flush=True)\nt.wait(20)\n"
+                            "print('clicked', t.status.value, flush=True)\nwhile True:\n    time.sleep(0.01)")
+    sk.wait_for_output(cell, "long cell")
+    content = {"comm_id": model_id, "data": {"method": "custom", "content": {"event": "click"}}}
+    sk.kc.shell_channel.send(sk.kc.session.msg("comm_msg", content))  # (handled in the subshell)
+    sk.wait_for_output(cell, "clicked cancelled")
+    sk.interrupt()
+    assert sk.wait(cell, timeout=15).error["ename"] == "KeyboardInterrupt"
+    sk.execute("row.close()", check=True)
+    _healthy(sk)
+
+
 def test_a_press_after_a_magic_names_its_own_task_not_one_its_code_started(_shell, sigint_as_in_a_cell, tmp_path):
     """■ in %function_execute's settle after ``parent`` (which submits ``child``) named the
     child's task (the magic compared the last task submitted on its thread, and the

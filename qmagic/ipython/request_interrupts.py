@@ -78,7 +78,8 @@ class RequestInterrupts:
     """Installed on one ipykernel kernel (see the module docstring).  ``cell_started`` and
     ``cell_finished`` are the shell's ``pre_run_cell`` and ``post_run_cell`` events; only
     the main thread's cells count (a subshell's run on their own threads, ■ never reaches
-    them).  The count of cells running is the main thread's own (no lock)."""
+    them, and their requests leave it alone).  The count of cells running is the main
+    thread's own (no lock)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
@@ -112,6 +113,11 @@ class RequestInterrupts:
 
     # -- the kernel's hook and the shell's events ----------------------------------------------
     def _pre_handler_hook(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # A subshell's request (a panel click while a cell runs): SIGINT never reaches its
+            # thread, and the main thread's cell, if one runs, keeps its count and its ■.
+            self._original()
+            return
         self._cells = 0
         if getattr(self._original, "__func__", None) is _kernel_hook():
             # ipykernel's own hook saves the idle handler (for post_handler_hook to put back)
