@@ -1033,6 +1033,37 @@ def test_a_press_after_a_panel_click_during_the_cell_still_stops_it(sk):
     _healthy(sk)
 
 
+def test_a_press_stops_a_widgets_callback(sk):
+    """A button's ``on_click`` that blocks (a move that waits) runs outside any cell, in the
+    kernel's handling of the widget's message: ■ was ignored there ("nothing of the user's
+    runs"), so the callback and the kernel stayed busy until a restart.  ■ stops it, as
+    without qmagic."""
+    model_id = sk.execute(
+        "import ipywidgets\n"
+        "clicks = {'started': 0, 'stopped': 0}\n"
+        "def on_click(button):\n"
+        "    clicks['started'] += 1\n"
+        "    try:\n"
+        "        print('move started', flush=True)\n"
+        "        while True:\n"
+        "            time.sleep(0.01)\n"
+        "    except KeyboardInterrupt:\n"
+        "        clicks['stopped'] += 1\n"
+        "        raise\n"
+        "button = ipywidgets.Button(description='move')\n"
+        "button.on_click(on_click)\n"
+        "print(button.model_id)", check=True).stdout.strip()
+    content = {"comm_id": model_id, "data": {"method": "custom", "content": {"event": "click"}}}
+    click = sk.kc.session.msg("comm_msg", content)
+    sk.kc.shell_channel.send(click)
+    sk.wait_for_output(click["header"]["msg_id"], "move started")
+    sk.interrupt()
+    sk._wait(lambda: click["header"]["msg_id"] in sk._idle, 15, "the click's end")
+    assert sk.eval("clicks") == {"started": 1, "stopped": 1}
+    sk.execute("button.close()", check=True)
+    _healthy(sk)
+
+
 def test_a_press_after_a_magic_names_its_own_task_not_one_its_code_started(_shell, sigint_as_in_a_cell, tmp_path):
     """■ in %function_execute's settle after ``parent`` (which submits ``child``) named the
     child's task (the magic compared the last task submitted on its thread, and the

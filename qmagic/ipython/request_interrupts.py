@@ -11,10 +11,12 @@ client then failed on "Invalid Signature").
 
 While qmagic is loaded in a kernel, the handler around a request raises KeyboardInterrupt
 only while a cell's code runs on the main thread (from its ``pre_run_cell`` event to its
-``post_run_cell``); elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is
-running then (a cell that has ended has nothing left to stop, and in a "run all" the next
-cell takes the next ■).  Handlers qmagic installs within a cell (the foreground task guard,
-held interrupts) hand SIGINTs on to this one as they did to the default.
+``post_run_cell``), and throughout a widget's message (``comm_msg``: a button's ``on_click``,
+a slider's observer -- the user's code, which ■ stops as before; such a message has no reply
+to lose); elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is running
+then (a cell that has ended has nothing left to stop, and in a "run all" the next cell takes
+the next ■).  Handlers qmagic installs within a cell (the foreground task guard, held
+interrupts) hand SIGINTs on to this one as they did to the default.
 
 A cell with a top-level ``await`` runs under ipykernel's own handler, which cancels the cell
 at its ``await`` but did not wake the event loop to do it (■ took effect only when the await
@@ -65,6 +67,18 @@ def _nothing() -> None:
     """A callback that only wakes an event loop."""
 
 
+#: Requests whose handling runs the user's code outside any cell (widgets' callbacks).
+_CALLBACK_REQUESTS = frozenset({"comm_open", "comm_msg", "comm_close"})
+
+
+def _request_type(kernel: Any) -> str | None:
+    """The type of the shell request ``kernel`` handles now (None if it cannot be told)."""
+    try:
+        return kernel.get_parent("shell")["header"]["msg_type"]
+    except Exception:  # noqa: BLE001 - another kernel's API: as a request that runs no callback
+        return None
+
+
 def _kernel_hook() -> Any:
     """ipykernel's own ``Kernel.pre_handler_hook`` (None where it cannot be imported)."""
     try:
@@ -84,6 +98,7 @@ class RequestInterrupts:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self._cells = 0  # cells whose code runs on the main thread now (nested: %run)
+        self._callbacks = False  # the main thread's request runs widgets' callbacks
         self._replaced: Any = None  # the instance attribute it replaced, if any
 
     @classmethod
@@ -119,6 +134,7 @@ class RequestInterrupts:
             self._original()
             return
         self._cells = 0
+        self._callbacks = _request_type(self.kernel) in _CALLBACK_REQUESTS
         if getattr(self._original, "__func__", None) is _kernel_hook():
             # ipykernel's own hook saves the idle handler (for post_handler_hook to put back)
             # and installs the default one: done here in one call, installing this one (a ■
@@ -139,7 +155,7 @@ class RequestInterrupts:
             self._cells = max(0, self._cells - 1)
 
     def _sigint(self, signum: int, frame: Any) -> None:
-        if self._cells > 0:  # a cell's code runs: it stops, as with the default handler
+        if self._cells > 0 or self._callbacks:  # the user's code runs: it stops, as with the default handler
             pass_on(signal.default_int_handler, signum, frame)
         else:
             log.debug("qmagic: an interrupt outside a cell's code was ignored (nothing to stop)")
