@@ -39,6 +39,19 @@ def no_such_setting(owner: str, name: str, meant: str | None) -> str:
     return f"{owner} has no setting {name!r}: {hint}the settings are listed by qmagic.QMagic.class_get_help()."
 
 
+def _put_back(target: Any, before: Any, section: str, keys: list[str]) -> None:
+    """``keys`` of ``section`` in the configuration ``target`` as they are in ``before`` (a
+    key ``before`` lacks is taken out)."""
+    if section not in target:
+        return
+    was = before[section] if section in before else {}
+    for key in keys:
+        if key in was:
+            target[section][key] = was[key]
+        else:
+            target[section].pop(key, None)
+
+
 class Number(Float):
     """A float setting within its bounds, never NaN (which no ``min=``/``max=`` refuses)."""
 
@@ -281,14 +294,20 @@ class QMagic(Configurable):
 
     def update_config(self, config) -> None:
         """traitlets' ``update_config``, as IPython's ``%config QMagic.x = v`` calls it on the
-        live worker.  A value refused leaves every setting as it was, and is also taken out of
-        ``config``: %config hands the same object on to the shell, whose configuration the
-        next ``%reload_ext qmagic`` reads (kept there, it failed every later load)."""
+        live worker.  A value refused leaves every setting as it was, and is not kept in the
+        shell's configuration, which the next ``%reload_ext qmagic`` reads (kept there, it
+        failed every later load): it is taken out of ``config``, which %config hands on to
+        the configurables after this one, and the shell, when it took it before this one (in
+        order of class names: ``TerminalInteractiveShell``, ``InteractiveShell``), gets back
+        the values it had."""
         try:
             super().update_config(config)
         except Exception:
+            shell_config = getattr(self.parent, "config", None)
             for section in self.section_names():
-                config.pop(section, None)
+                refused = config.pop(section, None)
+                if refused and shell_config is not None and shell_config is not self.config:
+                    _put_back(shell_config, self.config, section, list(refused))
             raise
 
     @validate("default_user")

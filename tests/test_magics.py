@@ -236,6 +236,28 @@ def test_worker_is_configured_from_the_shell_config(ip):
     assert qmagic.get_worker().default_user == "Alice"
 
 
+def test_a_refused_config_line_in_a_terminal_shell_is_not_kept_for_the_next_load(ip):
+    """``%config QMagic.max_background_tasks = 0`` in terminal IPython: refused, but %config
+    hands the line to the configurables in order of class name, and the shell's
+    (``TerminalInteractiveShell``, here ``InteractiveShell``) comes before ``Worker``: the
+    shell kept the refused value, and every later ``%reload_ext qmagic`` failed (TraitError,
+    qmagic unloaded).  The shell gets back the value it had; a value taken stays."""
+    saved = ip.config.get("QMagic")
+    try:
+        load_ipython_extension(ip)
+        ip.run_line_magic("config", "QMagic.max_background_tasks = 8")
+        ip.run_line_magic("config", "QMagic.max_background_tasks = 0")
+        ip.run_line_magic("config", "QMagic.cancel_grace_s = -1")  # (a key the shell had not)
+        assert (qmagic.get_worker().max_background_tasks, qmagic.get_worker().cancel_grace_s) == (8, 2.0)
+        assert ip.config.QMagic.max_background_tasks == 8 and "cancel_grace_s" not in ip.config.QMagic
+        ip.run_line_magic("reload_ext", "qmagic")
+        assert get_session(ip) is not None and qmagic.get_worker().max_background_tasks == 8
+    finally:
+        ip.config.pop("QMagic", None)
+        if saved is not None:
+            ip.config.QMagic = saved
+
+
 # =========================================================================================
 # %function_execute
 # =========================================================================================
