@@ -245,3 +245,59 @@ def test_a_result_holding_nan_reaches_the_gateway_as_null_with_a_word(rm, gatewa
     assert r.json()["result"]["return_value"] == [1.5, None, None]
     assert r.json()["msg"] == NONFINITE_NOTE
     assert rm.task_result(uid)["result"]["return_value"] == [1.5, None, None]  # (the client's way)
+
+
+def test_a_fresh_gateway_passes_on_the_first_output_of_a_quiet_kernel(tmp_path):
+    """bluesky-httpserver's console buffer answers /api/console_output_update with nothing for
+    as long as it holds no message (the first ``last_msg_uid`` it hands out is in no buffer),
+    and an RE Manager fills it with its own log lines; a qmagic kernel that had printed
+    nothing since the gateway started left it empty, so the HTTP console monitor (which polls
+    with that first uid) lost the first output it should have shown.  The info socket now
+    sends an empty console message to its console topic's first subscriber."""
+    from traitlets.config import Config
+
+    from qmagic import Worker
+    from qmagic.remote.service import RemoteService
+
+    config = Config()
+    config.QMagic.state_dir = str(tmp_path / "state")
+
+    def say(text):
+        print(text)
+
+    worker = Worker({"say": say}, config=config)
+    service = RemoteService(worker)
+    gateway = api = None
+    try:
+        service.start("tcp://127.0.0.1:*")
+        info = service.start_info("tcp://127.0.0.1:*")
+        gateway = start_gateway(service.server.address, info.address, API_KEY, tmp_path)
+        with httpx.Client(base_url=gateway.uri, headers=_headers(), timeout=WAIT) as http:
+            def update(uid):
+                reply = http.request("GET", "/api/console_output_update", json={"last_msg_uid": uid})
+                reply.raise_for_status()
+                return reply.json()
+
+            deadline = time.monotonic() + WAIT  # (the gateway subscribes as it starts)
+            while not update("ALL")["console_output_msgs"]:
+                assert time.monotonic() < deadline, "the gateway's console buffer stayed empty"
+                time.sleep(0.05)
+            uid = update("")["last_msg_uid"]  # what the HTTP console monitor's first poll gets
+            api = REManagerAPI(http_server_uri=gateway.uri)
+            api.set_authorization_key(api_key=API_KEY)
+            reply = api.function_execute(BFunc("say", "first words"), run_in_background=True)
+            api.wait_for_completed_task(reply["task_uid"], timeout=WAIT)
+            text, deadline = "", time.monotonic() + WAIT
+            while "first words" not in text:
+                assert time.monotonic() < deadline, f"the first output never arrived: {text!r}"
+                msgs = update(uid)
+                text += "".join(m["msg"] for m in msgs["console_output_msgs"])
+                uid = msgs["last_msg_uid"]
+                time.sleep(0.05)
+    finally:
+        if api is not None:
+            api.close()
+        if gateway is not None:
+            gateway.stop()
+        service.close()
+        worker.close()

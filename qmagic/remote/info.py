@@ -333,7 +333,7 @@ class InfoPublisher(SocketThread):
                     item = "tick"
                 if item is None:
                     break
-                if item == "revoked" or too_many_topics(sock, topics):
+                if item == "revoked" or too_many_topics(sock, topics, greet=TOPIC_CONSOLE):
                     sock = self._renewals.renew(ctx, sock, outcome["endpoint"], self._secured, stop,
                                                 item == "revoked")
                     topics.clear()

@@ -120,12 +120,35 @@ def pieces(texts: Iterable[str], limit: int = CONSOLE_MESSAGE_BYTES) -> list[str
     return messages
 
 
-def too_many_topics(sock: zmq.Socket, topics: set[bytes]) -> bool:
+def too_many_topics(sock: zmq.Socket, topics: set[bytes], *, greet: bytes | None = None) -> bool:
     """Read the subscriptions waiting on ``sock`` into ``topics`` (the topics held now: 0MQ
     passes up a topic's first subscription and the cancel of its last subscriber only).
     True past :data:`MAX_TOPICS`, and for what no subscriber sends: a message that is no
     subscription, or more than :data:`NOTES_PER_WAKE` since the last look (a flood kept
-    the publishing thread reading while nothing was published)."""
+    the publishing thread reading while nothing was published).
+
+    When topic ``greet`` gets its first subscriber, an empty message (``"msg": ""``) is sent
+    on it: bluesky-httpserver's console buffer answers ``/api/console_output_update`` with
+    nothing for as long as it holds no message (the first ``last_msg_uid`` it hands out is in
+    no buffer), so its HTTP console monitor lost the first output of a kernel that had printed
+    nothing since the gateway started (an RE Manager fills that buffer with its log lines)."""
+    def held() -> bool:
+        return greet is not None and any(greet.startswith(topic) for topic in topics)
+
+    before = held()
+    if _read_topics(sock, topics):
+        return True
+    if not before and held():
+        payload = json.dumps({"time": time.time(), "msg": ""}).encode("utf-8")
+        try:
+            sock.send_multipart([greet, payload], flags=zmq.NOBLOCK)
+        except zmq.Again:  # (no subscriber reads yet: nothing is lost)
+            pass
+    return False
+
+
+def _read_topics(sock: zmq.Socket, topics: set[bytes]) -> bool:
+    """:func:`too_many_topics`' reading of the subscriptions."""
     for _ in range(NOTES_PER_WAKE):
         try:
             note = sock.recv(zmq.NOBLOCK)
