@@ -120,10 +120,15 @@ class QueueserverProtocol(GuiMethods):
         if isinstance(uids, str):
             status = self.worker.statuses([uids])[uids]
             return {"success": True, "msg": "", "task_uid": uids, "status": _wire(status)}
-        if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+        if not isinstance(uids, list):
             return _task_error(
                 f"Error: 'task_uid' must be a string or a list of strings: type(task_uid)={type(uids)!r}",
                 uids)
+        wrong = next((i for i, u in enumerate(uids) if not isinstance(u, str)), None)
+        if wrong is not None:  # (the list's own type said nothing: name the item that is no string)
+            return _task_error(
+                "Error: 'task_uid' must be a string or a list of strings: "
+                f"type(task_uid[{wrong}])={type(uids[wrong])!r}", uids)
         if len(uids) > MAX_REQUEST_ITEMS:
             return _task_error(
                 f"Error: Too many task uids in one request ({len(uids)}); ask for at most "

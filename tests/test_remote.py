@@ -1934,6 +1934,17 @@ def test_loose_request_types_are_refused(door):
     assert worker.permissions.to_dict() == permissions
 
 
+def test_a_task_status_list_with_an_item_that_is_no_string_names_that_item(door):
+    """``task_status`` with ``["a", 1]`` was refused with "type(task_uid)=<class 'list'>":
+    the client had sent a list, as asked, and read nothing of what was wrong with it."""
+    _, client = door
+    for uids, item, kind in ((["a", 1], 1, "int"), ([None], 0, "NoneType"), (["a", "b", ["c"]], 2, "list")):
+        reply = client.request("task_status", {"task_uid": uids})
+        assert reply["success"] is False and reply["task_uid"] == uids, reply
+        assert reply["msg"] == ("Error: 'task_uid' must be a string or a list of strings: "
+                                f"type(task_uid[{item}])=<class '{kind}'>"), reply
+
+
 def test_true_false_parameters_are_read_as_queueserver_reads_them(RM, server, worker):
     """queueserver's handlers take these parameters' truth value (``bool()`` in
     function_execute and kernel_interrupt, ``if value`` elsewhere) and REManagerAPI sends
