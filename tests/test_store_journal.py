@@ -2115,6 +2115,59 @@ def test_a_database_deleted_by_hand_is_started_again_and_said_so(journal, tmp_pa
     assert journal.health()["ok"]
 
 
+def test_a_database_replaced_by_hand_never_gets_the_old_ones_wal(journal, tmp_path, caplog):
+    """Someone moves the log aside (``mv``) and puts another database in its place (an older
+    backup, a file of another tool) while a kernel writes it: the old file keeps what was
+    stored in it, and the new one never gets the old file's WAL applied to it (SQLite
+    would, through the ``-wal``/``-shm`` of the same name: the backup got records it never
+    had, and a file that was not the old one's read as damaged and was moved aside with
+    every record stored since — found by the hostile tester in a live kernel)."""
+    for i in range(10):
+        run_task(journal, f"early{i}")
+    assert journal.flush()
+    path = Path(journal.path)
+    backup = tmp_path / "backup.sqlite3"
+    src, dst = sqlite3.connect(path), sqlite3.connect(backup)
+    try:
+        src.backup(dst)
+    finally:
+        src.close(), dst.close()
+    for i in range(30):
+        run_task(journal, f"before{i}")
+    assert journal.flush() and journal.get("before29") is not None
+    journal.records()  # (the reader holds the old file open too, as a kernel's lookups do)
+    os.rename(path, tmp_path / "moved.sqlite3")
+    os.rename(backup, path)
+    early, before, after = ({f"{kind}{i}" for i in range(n)} for kind, n in (("early", 10), ("before", 30), ("after", 5)))
+    assert {r["uid"] for r in journal.records()} == early  # (read before the writer notices)
+    with caplog.at_level("WARNING", logger="qmagic.store.journal"):
+        for i in range(5):
+            run_task(journal, f"after{i}")
+        assert journal.flush()
+    assert caplog.text.count("was deleted or replaced while this kernel ran") == 1
+    assert "damaged" not in caplog.text
+    assert {r["uid"] for r in journal.records()} == early | after
+    assert db_rows(tmp_path, "PRAGMA integrity_check") == [("ok",)]
+    moved = sqlite3.connect(tmp_path / "moved.sqlite3")  # (alone: its -wal did not move with it)
+    try:
+        assert {uid for (uid,) in moved.execute("SELECT uid FROM tasks")} == early | before
+    finally:
+        moved.close()
+
+    # a file that is no database at all: moved aside as damaged, and what is stored from
+    # then on stays in the log
+    os.rename(path, tmp_path / "moved-2.sqlite3")
+    (tmp_path / "junk").write_bytes(b"junk" * 1000)
+    os.rename(tmp_path / "junk", path)
+    for i in range(5):
+        run_task(journal, f"later{i}")
+    assert journal.flush()
+    later = {f"later{i}" for i in range(5)}
+    assert {r["uid"] for r in journal.records()} == later
+    assert {uid for (uid,) in db_rows(tmp_path, "SELECT uid FROM tasks")} == later
+    assert journal.health()["ok"]
+
+
 def test_fsync_option(tmp_path):
     with Journal(tmp_path, ENV, fsync=True) as j:
         run_task(j, "durable")

@@ -4,6 +4,8 @@
   never heals: :func:`moved_aside` moves it aside, with its records, and a new one starts);
 - :func:`disk_full`: no room left (the fault episode then lasts until all that waited is
   stored: room freed goes to the spool first, see :meth:`~qmagic.store.spool.Spool.prepare`);
+- :func:`forget_old_wal`: the database was replaced under a running kernel (``mv``): the
+  old file keeps its records, and its ``-wal``/``-shm`` are never applied to the new one;
 - :class:`Faults`: fault episodes, back-off between retries, ONE warning per episode.
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
@@ -22,8 +24,8 @@ from pathlib import Path
 from ..errors import StateFileError
 from .database import file_id
 
-__all__ = ["DatabaseDamaged", "Faults", "check_intact", "damaged", "disk_full", "moved_aside",
-           "set_aside", "spool_deleted"]
+__all__ = ["DatabaseDamaged", "Faults", "check_intact", "damaged", "disk_full", "forget_old_wal",
+           "moved_aside", "set_aside", "spool_deleted", "wal_ids"]
 
 _log = logging.getLogger("qmagic.store.journal")  # (the log's messages, under one name)
 _BACKOFF = (0.05, 5.0)
@@ -132,6 +134,26 @@ class Faults:
             self.last_error = None
         if not self.kinds:
             self._backoff = 0.0
+
+
+def wal_ids(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Which files the ``-wal`` and ``-shm`` of ``path`` name now (see :func:`file_id`)."""
+    return file_id(Path(f"{path}-wal")), file_id(Path(f"{path}-shm"))
+
+
+def forget_old_wal(conn: sqlite3.Connection, path: Path, ids: tuple) -> None:
+    """The database at ``path`` was replaced under ``conn``: store ``conn``'s WAL into its own
+    file (moved aside, it keeps its records) and remove the ``-wal``/``-shm`` it used, ``ids``
+    (:func:`wal_ids` while it was open), if they are still there: SQLite would apply that WAL
+    to whatever file now has the name (records it never had; a file that was not the old
+    one's read as damaged).  Best effort: files another process made since are left."""
+    with suppress(sqlite3.Error):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for suffix, old in zip(("-wal", "-shm"), ids):
+        name = Path(f"{path}{suffix}")
+        if old is not None and file_id(name) == old:  # (conn holds it open: no reused inode)
+            with suppress(OSError):
+                os.unlink(name)
 
 
 def spool_deleted(folder: Path) -> bool:

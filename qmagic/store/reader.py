@@ -21,7 +21,7 @@ import orjson
 from ..errors import StateFileError
 from ..history_text import PAGE_ROWS
 from .database import connect, file_id, select_rows, uid_bounds
-from .faults import damaged
+from .faults import damaged, forget_old_wal, wal_ids
 from .filters import FILTER_NAMES, WILDCARDS, Filters, sort_time
 from .records import RANKS, record_from_row, warn_once
 
@@ -60,6 +60,7 @@ class LogReader:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._conn_id: tuple[int, int] | None = None  # the file self._conn reads
+        self._wal_ids: tuple = (None, None)  # its -wal and -shm (database.wal_ids)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -87,6 +88,7 @@ class LogReader:
         try:
             now = file_id(self.path)
             if self._conn is not None and now != self._conn_id:  # deleted or replaced
+                forget_old_wal(self._conn, self.path, self._wal_ids)  # (never read with the new one)
                 self._conn.close()
                 self._conn = None
             if self._conn is None:
@@ -94,7 +96,7 @@ class LogReader:
                     self._conn = connect(self.path, readonly=True)
                 except FileNotFoundError:
                     return fn(None)
-                self._conn_id = now
+                self._conn_id, self._wal_ids = now, wal_ids(self.path)
             try:
                 return fn(self._conn)
             except sqlite3.OperationalError as exc:

@@ -51,7 +51,16 @@ from .database import (
     write_rows,
     write_started,
 )
-from .faults import Faults, check_intact, damaged, disk_full, moved_aside, spool_deleted
+from .faults import (
+    Faults,
+    check_intact,
+    damaged,
+    disk_full,
+    forget_old_wal,
+    moved_aside,
+    spool_deleted,
+    wal_ids,
+)
 from .files import ensure_state_dir
 from .legacy import import_legacy
 from .records import warn_once
@@ -146,6 +155,7 @@ class Writer:
         self.identity, self.max_age_s, self.max_bytes, self.fsync = identity, max_age_s, max_bytes, fsync
         self.conn: sqlite3.Connection | None = None
         self._db_id: tuple[int, int] | None = None  # the file self.conn writes to
+        self._wal_ids: tuple = (None, None)  # its -wal and -shm (faults.wal_ids)
         self.wake = Waker()
         self.ready = threading.Event()
         self.cycles, self._store_by = 0, float("inf")  # commit cycles started; a stop's deadline
@@ -307,23 +317,22 @@ class Writer:
                 self.failed("database", exc, db_id)
                 return
             raise
-        self.conn, self._db_id = conn, db_id
+        self.conn, self._db_id, self._wal_ids = conn, db_id, wal_ids(self.path)
         if not self.db_full:  # (after a disk-full, the episode ends once what waits is stored)
             self.faults.fixed("database")
 
     def _same_database(self) -> None:
-        """Reopen (a new database) when the file was deleted or replaced since it was opened:
-        rows written to the old one would be lost with it.  Raises StateFileError if the new
-        one cannot be opened (a fault: retried with back-off)."""
+        """Reopen (a new database, never given the old one's WAL) when the file was deleted or replaced
+        since it was opened.  StateFileError: the new one cannot be opened (retried with back-off)."""
         if self.conn is None:
             return
         if file_id(self.path) == self._db_id:
             check_intact(self.path)  # (raises DatabaseDamaged: moved aside, a new one started)
             return
-        _log.warning("qmagic: the experiment log %s was deleted or replaced while this kernel ran; "
-                     "a new one is started (records stored before that went with the old file).",
-                     self.path)
+        _log.warning("qmagic: the experiment log %s was deleted or replaced while this kernel ran; a "
+                     "new one is started (records stored before that went with the old file).", self.path)
         conn, self.conn = self.conn, None
+        forget_old_wal(conn, self.path, self._wal_ids)  # (its records stay in the old file)
         conn.close()
         self._open_db()
         if self.conn is None:
