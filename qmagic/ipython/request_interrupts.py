@@ -11,9 +11,10 @@ client then failed on "Invalid Signature").
 
 While qmagic is loaded in a kernel, the handler around a request raises KeyboardInterrupt
 only while a cell's code runs on the main thread (from its ``pre_run_cell`` event to its
-``post_run_cell``), and throughout a widget's message (``comm_msg``: a button's ``on_click``,
-a slider's observer -- the user's code, which ■ stops as before; such a message has no reply
-to lose); elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is running
+``post_run_cell``), and while a widget message's handler runs on the main thread (a
+button's ``on_click``, a slider's observer: the user's code, which ■ stops as in a kernel
+without qmagic; a press in ipykernel's own code around that handler's call is ignored);
+elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is running
 then (a cell that has ended has nothing left to stop, and in a "run all" the next cell takes
 the next ■).  Handlers qmagic installs within a cell (the foreground task guard, held
 interrupts) hand SIGINTs on to this one as they did to the default.
@@ -68,15 +69,28 @@ def _nothing() -> None:
 
 
 #: Requests whose handling runs the user's code outside any cell (widgets' callbacks).
-_CALLBACK_REQUESTS = frozenset({"comm_open", "comm_msg", "comm_close"})
+_COMM_REQUESTS = frozenset({"comm_open", "comm_msg", "comm_close"})
 
 
-def _request_type(kernel: Any) -> str | None:
-    """The type of the shell request ``kernel`` handles now (None if it cannot be told)."""
+def _comm_handler(kernel: Any) -> Any:
+    """The code of the handler of the request ``kernel`` is about to handle if that is a comm
+    message (its handler runs the user's callbacks, a button's ``on_click``), else None."""
     try:
-        return kernel.get_parent("shell")["header"]["msg_type"]
-    except Exception:  # noqa: BLE001 - another kernel's API: as a request that runs no callback
+        msg_type = kernel.get_parent("shell")["header"]["msg_type"]
+        return kernel.shell_handlers[msg_type].__func__.__code__ if msg_type in _COMM_REQUESTS else None
+    except Exception:  # noqa: BLE001 - (no parent, another kernel's shape: none)
         return None
+
+
+def _within(frame: Any, code: Any) -> bool:
+    """Whether ``frame`` runs within a call of ``code`` (a KeyboardInterrupt raised there ends
+    that call, which ipykernel catches; the kernel's own reading and answering of the request
+    around it are outside)."""
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _kernel_hook() -> Any:
@@ -98,8 +112,9 @@ class RequestInterrupts:
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
         self._cells = 0  # cells whose code runs on the main thread now (nested: %run)
-        self._callbacks = False  # the main thread's request runs widgets' callbacks
+        self._comm: Any = None  # the code of the comm message's handler running now, if any
         self._replaced: Any = None  # the instance attribute it replaced, if any
+        self._shell: Any = None
 
     @classmethod
     def install(cls, shell: Any) -> RequestInterrupts | None:
@@ -109,6 +124,7 @@ class RequestInterrupts:
         if kernel is None or not callable(original):
             return None
         self = cls(kernel)
+        self._shell = shell
         self._replaced = vars(kernel).get("pre_handler_hook")
         self._original = original
         REQUEST_HANDLERS.append(self._sigint)  # (the guard's storm absorber keeps a cell's ■ in it)
@@ -125,6 +141,25 @@ class RequestInterrupts:
                 self.kernel.pre_handler_hook = self._replaced
         if self._sigint in REQUEST_HANDLERS:  # (a request under way keeps it until its end)
             REQUEST_HANDLERS.remove(self._sigint)
+        if self._cells > 0:  # (the cell running unloads qmagic: %unload_ext, %reload_ext)
+            self._count_until_the_cell_ends()
+
+    def _count_until_the_cell_ends(self) -> None:
+        """This cell's request keeps this handler until its end, and it counted the cell as
+        running until its ``post_run_cell``, gone with the unload: a ■ after the cell's code
+        then raised in the kernel's answer.  A callback of this cell's end (removed as it
+        runs) ends the count."""
+        events = self._shell.events
+
+        def ended(*_: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                self._cells = 0
+                try:
+                    events.unregister("post_run_cell", ended)
+                except ValueError:
+                    pass
+
+        events.register("post_run_cell", ended)
 
     # -- the kernel's hook and the shell's events ----------------------------------------------
     def _pre_handler_hook(self) -> None:
@@ -134,7 +169,7 @@ class RequestInterrupts:
             self._original()
             return
         self._cells = 0
-        self._callbacks = _request_type(self.kernel) in _CALLBACK_REQUESTS
+        self._comm = _comm_handler(self.kernel)
         if getattr(self._original, "__func__", None) is _kernel_hook():
             # ipykernel's own hook saves the idle handler (for post_handler_hook to put back)
             # and installs the default one: done here in one call, installing this one (a ■
@@ -155,7 +190,8 @@ class RequestInterrupts:
             self._cells = max(0, self._cells - 1)
 
     def _sigint(self, signum: int, frame: Any) -> None:
-        if self._cells > 0 or self._callbacks:  # the user's code runs: it stops, as with the default handler
+        if self._cells > 0 or _within(frame, self._comm):
+            # a cell's code runs, or a widget's callback: it stops, as with the default handler
             pass_on(signal.default_int_handler, signum, frame)
         else:
             log.debug("qmagic: an interrupt outside a cell's code was ignored (nothing to stop)")
