@@ -1,9 +1,9 @@
 """The SQLite database of the experiment log: schema, writes and queries.
 
-One database per environment, ``<state_dir>/<environment>.journal.sqlite3``, in WAL mode so
-that readers never block the writers of several kernels (each writes in short
-``BEGIN IMMEDIATE`` transactions).  The schema is versioned with ``PRAGMA user_version``
-(:data:`SCHEMA_VERSION`); a database of a newer qmagic is read but never written.
+One database per environment, ``<state_dir>/<environment>.journal.sqlite3``, in WAL mode so that
+readers never block the writers of several kernels (each in short ``BEGIN IMMEDIATE``
+transactions).  The schema is versioned with ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`);
+a database of a newer qmagic is read but never written.
 
 Table ``tasks``: one row per task; ``record`` is the task record as JSON (a BLOB), and the
 columns ``status``, ``started_at``, ``finished_at`` and ``orphaned`` override it (a task's
@@ -11,22 +11,20 @@ row is updated in place as it moves on).  ``rank`` (1 queued, 2 running, 3 ended
 merges: a later rank always wins, an equal rank replaces (the same event written again
 changes nothing), a lower rank only fills a row that has no record yet.  Indexes: uid
 (unique), time, end time, (status, time), (name, time), (notebook file name, time) and
-the unfinished tasks.  Table ``sessions``: one row per writer session (host,
-pid, qmagic and Python versions).
+the unfinished tasks.  Table ``sessions``: one row per writer session (host, pid, versions).
 
-SQLite opens the database itself: Python's ``sqlite3.connect`` cannot pass
-``SQLITE_OPEN_NOFOLLOW`` (SQLite 3.40 has no URI parameter for it; ``?nofollow=1`` is
-ignored), so the database, ``-wal`` and ``-shm`` paths are checked with
-:func:`~qmagic.store.files.check_state_path` before connecting and the database is created
-by :func:`~qmagic.store.files.open_state_file` (mode 0600), never by SQLite.
+SQLite opens the database itself: Python's ``sqlite3.connect`` cannot pass ``SQLITE_OPEN_NOFOLLOW``
+(SQLite 3.40 has no URI parameter for it; ``?nofollow=1`` is ignored), so the database, ``-wal``
+and ``-shm`` paths are checked with :func:`~qmagic.store.files.check_state_path` before
+connecting and the database is created by :func:`~qmagic.store.files.open_state_file` (mode
+0600), never by SQLite.
 
 A damaged database (SQLite's "malformed" or "not a database", or a file cut short under a
-running kernel) never heals: the writer moves it aside (:func:`~qmagic.store.faults.set_aside`, kept with its
-records) and starts a new one.  Nothing here opens the database file other than through
-SQLite: closing another descriptor of it would drop this process's POSIX locks on it.
-SQLite maps the WAL index (``-shm``) into memory, shared by the kernels of the log: a
-``-shm`` made unwritable under a running kernel can end it with SIGBUS (the spool, which
-the tasks write, is never mapped).
+running kernel) never heals: the writer moves it aside (:func:`~qmagic.store.faults.set_aside`,
+kept with its records) and starts a new one.  Nothing here opens the database file other than
+through SQLite: closing another descriptor of it would drop this process's POSIX locks on it.
+SQLite maps the WAL index (``-shm``) into memory, shared by the kernels of the log: a ``-shm``
+made unwritable under a running kernel can end it with SIGBUS (the spool is never mapped).
 
 This module does not import IPython, ipykernel, ipywidgets or zmq.
 """
@@ -50,19 +48,8 @@ from .files import check_state_path, open_state_file
 from .lines import glued, match_line, salvage
 from .records import RANKS
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "connect",
-    "database_path",
-    "file_id",
-    "ensure_schema",
-    "mark_orphans",
-    "retention",
-    "rows_from_lines",
-    "upsert_session",
-    "write_rows",
-    "write_started",
-]
+__all__ = ["SCHEMA_VERSION", "connect", "database_path", "file_id", "ensure_schema", "mark_orphans",
+           "retention", "rows_from_lines", "upsert_session", "write_rows", "write_started"]
 
 SCHEMA_VERSION = 1
 _BUSY_MS = 250  # readers wait this long for a lock (WAL readers rarely need one)
@@ -239,14 +226,27 @@ def ensure_schema(conn: sqlite3.Connection) -> int:
         with transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
-    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-        conn.execute("PRAGMA journal_mode = WAL")
+    _use_wal(conn)
     return version
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL.  SQLite refuses it at once, busy timeout or not, while another kernel
+    writes to the new log (opening it too): retried for a writer's busy time, as a lock is."""
+    deadline = time.monotonic() + _WRITER_BUSY_MS / 1000
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)  # (the writer's thread opening the log: no task waits on it)
 
 
 # ---- writing ------------------------------------------------------------------------------------
