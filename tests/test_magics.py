@@ -23,7 +23,7 @@ from qmagic import format as fmt
 from qmagic.core.engine import MSG_KERNEL_BUSY
 from qmagic.ipython.extension import get_session, load_ipython_extension, unload_ipython_extension
 from qmagic.ipython.magics.args import split_words, strip_comment
-from qmagic.ipython.magics.tasks import MAX_HISTORY_ROWS
+from qmagic.ipython.magics.tasks import MAX_HISTORY_ROWS, MSG_HISTORY_EMPTY
 from qmagic.ipython.runner import MSG_NO_KERNEL_LOOP
 from qmagic.store.journal import Journal
 
@@ -999,6 +999,22 @@ def test_module_history_with_the_kernels_log_off_says_so(ip):
             "of every task)."]
     with pytest.warns(JournalWarning, match=r"yet \(check environment_name and state_dir\)\.$"):
         assert qmagic.history(environment_name="hutch") == []
+
+
+def test_tasks_history_of_an_empty_log_says_it_is_empty(ip, capsys):
+    """``%tasks --history`` before any task printed the table's header alone (SUBMITTED
+    STATUS ... UID), which reads as a table that failed to fill: it says the log is empty."""
+    load_ipython_extension(ip)
+    capsys.readouterr()
+    line(ip, "tasks", "--history")
+    assert capsys.readouterr().out.splitlines() == [MSG_HISTORY_EMPTY]
+    ip.run_cell("def count(x):\n    return len(x)")
+    task = qmagic.get_worker().submit("count", ("abc",), background=True)
+    assert task.result(timeout=TIMEOUT) == 3
+    capsys.readouterr()
+    line(ip, "tasks", "--history")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("SUBMITTED") and "count('abc')" in out[1] and MSG_HISTORY_EMPTY not in out
 
 
 def test_tasks_history_is_bounded_and_says_where_the_rest_is(ip, capsys):

@@ -30,6 +30,9 @@ __all__ = ["TaskMagics", "DEFAULT_TASK_ROWS", "MAX_HISTORY_ROWS", "MAX_SCRIPT_BY
 #: Tasks shown by ``%tasks`` without ``--all`` (newest first).
 DEFAULT_TASK_ROWS = 10
 
+#: What ``%tasks --history`` prints when the experiment log holds no task yet.
+MSG_HISTORY_EMPTY = "The experiment log holds no tasks yet (each task is recorded as it starts)."
+
 #: Most experiment-log rows ``%tasks --history N`` prints in a cell (about 150 kB; a cell's
 #: output of many MB freezes JupyterLab): a larger N shows these and says how to get more.
 MAX_HISTORY_ROWS = 1000
@@ -317,7 +320,7 @@ class TaskMagics(Magics):
             records = self.worker.history(limit=shown + 1)
         except LogUnavailable as exc:
             raise UsageError(str(exc)) from None
-        print(history_table(records[:shown]))
+        print(history_table(records[:shown]) if records else MSG_HISTORY_EMPTY)  # (not a bare header)
         if len(records) > shown and wanted > shown:
             print(f"Only the newest {shown} are shown in a cell; for more: qmagic.history(limit={wanted}) "
                   f"or, in a terminal, qmagic-history --limit {wanted}.")
