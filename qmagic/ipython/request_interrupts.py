@@ -11,12 +11,13 @@ client then failed on "Invalid Signature").
 
 While qmagic is loaded in a kernel, the handler around a request raises KeyboardInterrupt
 only while a cell's code runs on the main thread (from its ``pre_run_cell`` event to its
-``post_run_cell``), and while a widget message's handler runs on the main thread (a
-button's ``on_click``, a slider's observer: the user's code, which ■ stops as in a kernel
-without qmagic; a press in ipykernel's own code around that handler's call is ignored);
-elsewhere a ■ is ignored, as on an idle kernel: nothing of the user's is running
-then (a cell that has ended has nothing left to stop, and in a "run all" the next cell takes
-the next ■).  Handlers qmagic installs within a cell (the foreground task guard, held
+``post_run_cell``, within IPython's run of the cell, which catches it: not in the triggering
+of the cell's end events after that run, where it escaped and the reply was lost), and while
+a widget message's handler runs on the main thread (a button's ``on_click``, a slider's
+observer: the user's code, which ■ stops as in a kernel without qmagic; a press in
+ipykernel's own code around that handler's call is ignored); elsewhere a ■ is ignored, as on
+an idle kernel: nothing of the user's is running then (a cell that has ended has nothing
+left to stop, and in a "run all" the next cell takes the next ■).  Handlers qmagic installs within a cell (the foreground task guard, held
 interrupts) hand SIGINTs on to this one as they did to the default.
 
 A cell with a top-level ``await`` runs under ipykernel's own handler, which cancels the cell
@@ -93,6 +94,17 @@ def _within(frame: Any, code: Any) -> bool:
     return False
 
 
+def _cell_run() -> Any:
+    """The code of IPython's ``InteractiveShell.run_cell_async``, a cell's run: IPython catches
+    whatever it raises (a KeyboardInterrupt there is the cell's error, its reply sent), but not
+    what is raised after it, as the cell's end events are triggered (the reply was lost)."""
+    try:
+        from IPython.core.interactiveshell import InteractiveShell
+    except ImportError:  # pragma: no cover - IPython is what runs this
+        return None
+    return InteractiveShell.run_cell_async.__code__
+
+
 def _kernel_hook() -> Any:
     """ipykernel's own ``Kernel.pre_handler_hook`` (None where it cannot be imported)."""
     try:
@@ -113,6 +125,7 @@ class RequestInterrupts:
         self.kernel = kernel
         self._cells = 0  # cells whose code runs on the main thread now (nested: %run)
         self._comm: Any = None  # the code of the comm message's handler running now, if any
+        self._cell_run = _cell_run()
         self._replaced: Any = None  # the instance attribute it replaced, if any
         self._shell: Any = None
 
@@ -190,7 +203,8 @@ class RequestInterrupts:
             self._cells = max(0, self._cells - 1)
 
     def _sigint(self, signum: int, frame: Any) -> None:
-        if self._cells > 0 or _within(frame, self._comm):
+        in_cell = self._cells > 0 and (self._cell_run is None or _within(frame, self._cell_run))
+        if in_cell or _within(frame, self._comm):
             # a cell's code runs, or a widget's callback: it stops, as with the default handler
             pass_on(signal.default_int_handler, signum, frame)
         else:
