@@ -17,8 +17,10 @@ a widget message's handler runs on the main thread (a button's ``on_click``, a s
 observer: the user's code, which ■ stops as in a kernel without qmagic; a press in
 ipykernel's own code around that handler's call is ignored); elsewhere a ■ is ignored, as on
 an idle kernel: nothing of the user's is running then (a cell that has ended has nothing
-left to stop, and in a "run all" the next cell takes the next ■).  Handlers qmagic installs within a cell (the foreground task guard, held
-interrupts) hand SIGINTs on to this one as they did to the default.
+left to stop, and in a "run all" the next cell takes the next ■; a cell that unloads qmagic
+keeps this handler to its end, its end event gone, and is no exception).  Handlers qmagic
+installs within a cell (the foreground task guard, held interrupts) hand SIGINTs on to this
+one as they did to the default.
 
 A cell with a top-level ``await`` runs under ipykernel's own handler, which cancels the cell
 at its ``await`` but did not wake the event loop to do it (■ took effect only when the await
@@ -127,7 +129,6 @@ class RequestInterrupts:
         self._comm: Any = None  # the code of the comm message's handler running now, if any
         self._cell_run = _cell_run()
         self._replaced: Any = None  # the instance attribute it replaced, if any
-        self._shell: Any = None
 
     @classmethod
     def install(cls, shell: Any) -> RequestInterrupts | None:
@@ -137,7 +138,6 @@ class RequestInterrupts:
         if kernel is None or not callable(original):
             return None
         self = cls(kernel)
-        self._shell = shell
         self._replaced = vars(kernel).get("pre_handler_hook")
         self._original = original
         REQUEST_HANDLERS.append(self._sigint)  # (the guard's storm absorber keeps a cell's ■ in it)
@@ -154,25 +154,6 @@ class RequestInterrupts:
                 self.kernel.pre_handler_hook = self._replaced
         if self._sigint in REQUEST_HANDLERS:  # (a request under way keeps it until its end)
             REQUEST_HANDLERS.remove(self._sigint)
-        if self._cells > 0:  # (the cell running unloads qmagic: %unload_ext, %reload_ext)
-            self._count_until_the_cell_ends()
-
-    def _count_until_the_cell_ends(self) -> None:
-        """This cell's request keeps this handler until its end, and it counted the cell as
-        running until its ``post_run_cell``, gone with the unload: a ■ after the cell's code
-        then raised in the kernel's answer.  A callback of this cell's end (removed as it
-        runs) ends the count."""
-        events = self._shell.events
-
-        def ended(*_: Any) -> None:
-            if threading.current_thread() is threading.main_thread():
-                self._cells = 0
-                try:
-                    events.unregister("post_run_cell", ended)
-                except ValueError:
-                    pass
-
-        events.register("post_run_cell", ended)
 
     # -- the kernel's hook and the shell's events ----------------------------------------------
     def _pre_handler_hook(self) -> None:
